@@ -1,0 +1,41 @@
+"""The one description of "which rows go to which expert", shared by every stage.
+
+Pairs are the flattened (token, slot) entries of the top-k ids: pair p = m*k + j. The
+plan lays them out grouped by expert, each expert's run padded to a multiple of
+`block_m` (the GEMM's row tile), so one GEMM program serves exactly one expert:
+
+    sorted_pairs   int32 [capacity]          pair index per slot; the sentinel M*k in padding
+    block_experts  int32 [capacity/block_m]  expert of each block; −1 past the last run
+    expert_offsets int32 [E + 1]             start slot of each expert's run; [E] = slots used
+
+`capacity` depends only on (M*k, E, block_m), never on the routing, so the plan is
+built on the GPU without a host synchronisation and its shapes are CUDA-graph safe.
+The same layout is the "contiguous grouped" layout of permute/unpermute.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Slots needed in the worst case: every non-empty expert adds < block_m of padding."""
+    worst = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return -(-worst // block_m) * block_m
+
+
+class DispatchPlan(NamedTuple):
+    """Pairs grouped by expert and padded to `block_m` (see the module docstring)."""
+
+    sorted_pairs: torch.Tensor
+    block_experts: torch.Tensor
+    expert_offsets: torch.Tensor
+    num_pairs: int
+    block_m: int
+
+    @property
+    def capacity(self) -> int:
+        """Length of `sorted_pairs`: the slots reserved for the worst-case routing."""
+        return self.sorted_pairs.numel()

@@ -1,0 +1,12 @@
+"""Pure-PyTorch oracles for every moekit op: correct on any device, never fast.
+
+Each fast path is tested against these. They compute in float32 (or float64 when
+given float64) and return the dtype the fast path returns.
+"""
+
+from moekit.reference.activation import apply_activation
+from moekit.reference.dispatch import dispatch_plan
+from moekit.reference.experts import fused_experts, fused_moe
+from moekit.reference.routing import route
+
+__all__ = ["apply_activation", "dispatch_plan", "fused_experts", "fused_moe", "route"]

@@ -1,0 +1,46 @@
+"""Shared test helpers: one tolerance table and an assert_close that says where it fails."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative L2 error bounds by output dtype (DESIGN.md, "Accuracy").
+REL_L2_TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5, torch.float64: 1e-12}
+
+POISON = float("nan")
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so elements a kernel fails to write are caught."""
+    if t.is_floating_point():
+        return t.fill_(POISON)
+    return t.fill_(-7777)
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖₂ / ‖expected‖₂ in float64 (0 when both are zero)."""
+    a, e = actual.double(), expected.double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float | None = None,
+                 name: str = "output") -> None:
+    """Fail unless the relative L2 error is within `tol` (default: by dtype); report where."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if tol is None:
+        tol = REL_L2_TOL[actual.dtype]
+    a, e = actual.double().cpu(), expected.double().cpu()
+    if not torch.isfinite(a).all():
+        bad = (~torch.isfinite(a)).nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: non-finite values (first at {bad}); unwritten output?")
+    err = rel_l2(a, e)
+    if err > tol:
+        diff = (a - e).abs()
+        where = divmod(int(diff.argmax()), a.shape[-1]) if a.dim() >= 2 else int(diff.argmax())
+        scale = e.abs().max().item() or 1.0
+        raise AssertionError(
+            f"{name}: relative L2 {err:.3e} > {tol:.1e}; max abs diff {diff.max().item():.3e} "
+            f"(max relative to peak {diff.max().item() / scale:.3e}) at {where}"
+        )
