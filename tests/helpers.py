@@ -44,3 +44,35 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float | None
             f"{name}: relative L2 {err:.3e} > {tol:.1e}; max abs diff {diff.max().item():.3e} "
             f"(max relative to peak {diff.max().item() / scale:.3e}) at {where}"
         )
+
+
+def poison_cuda_cache(nbytes: int = 1 << 28) -> None:
+    """Leave NaN in the CUDA caching allocator's free blocks, so buffers a kernel pipeline
+    allocates start poisoned and unwritten elements that are read show up as NaN."""
+    if torch.cuda.is_available():
+        torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").fill_(POISON)
+        torch.cuda.synchronize()
+
+
+def random_experts(num_experts, hidden, inter, *, gated=True, bias=False, dtype=torch.float32,
+                   device="cpu", seed=0):
+    """Weights (w13, w2, b13, b2) scaled like a trained layer, so outputs stay O(1)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows = 2 * inter if gated else inter
+    w13 = torch.randn(num_experts, rows, hidden, generator=g, device=device) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g, device=device) / inter**0.5
+    b13 = torch.randn(num_experts, rows, generator=g, device=device) * 0.1 if bias else None
+    b2 = torch.randn(num_experts, hidden, generator=g, device=device) * 0.1 if bias else None
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(w13), cast(w2), cast(b13), cast(b2)
+
+
+def random_routing(num_tokens, num_experts, top_k, *, skew=0.0, device="cpu", seed=0):
+    """Softmax-top-k routing of random logits; `skew` > 0 sends most tokens to few experts."""
+    from moekit import reference
+
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    logits = torch.randn(num_tokens, num_experts, generator=g, device=device)
+    if skew:
+        logits = logits + skew * torch.linspace(1, 0, num_experts, device=device) ** 4
+    return reference.route(logits, top_k, renormalize=True)

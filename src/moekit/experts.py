@@ -1,16 +1,249 @@
-"""Placeholder: replaced by the Triton pipeline (being written)."""
+"""The fused experts pipeline: dispatch plan → GEMM1 + activation → GEMM2 × weight → combine.
+
+    hidden [M, H] ─► plan (pairs grouped by expert, padded to block_m)
+                 ─► _gemm1_kernel: gathered rows × w13[e]ᵀ (+b13), activation ─► inter [cap, I]
+                 ─► _gemm2_kernel: inter × w2[e]ᵀ (+b2), × router weight      ─► pair_out [M*k, H]
+                 ─► _combine_kernel: Σ over the k slots of each token          ─► out [M, H]
+
+Four launches, no host synchronisation and no fills, so a CUDA graph captures it; the
+combine sums slots in a fixed order, so the result is bitwise deterministic. The
+launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile`
+traces it as one node.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
 
 from moekit import reference
+from moekit._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
+from moekit.activation import Activation
+from moekit.backend import resolve_backend
+from moekit.dispatch import dispatch_plan
+from moekit.topk import TopK
+from moekit.tuning import ExpertsConfig, default_config
+
+_COMBINE_BLOCK_H = 1024
+_INT_IDS = (torch.int32, torch.int64)
 
 
-def fused_experts(hidden, w13, w2, topk_ids, topk_weights, *, activation="silu", b13=None,
-                  b2=None, apply_router_weight_on_input=False, backend="auto"):
-    return reference.fused_experts(hidden, w13, w2, topk_ids, topk_weights,
-                                   activation=activation, b13=b13, b2=b2,
-                                   apply_router_weight_on_input=apply_router_weight_on_input)
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    activation: str | Activation = "silu",
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
+    config: ExpertsConfig | None = None,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """out[m] = Σ_j weights[m, j] · expert_{ids[m, j]}(hidden[m]).
+
+    Args:
+        hidden: [M, H] bf16/fp16 (fp32 also runs, slowly, through exact fp32 dots).
+        w13: [E, 2I, H] (gate rows, then up rows), or [E, I, H] for `relu2`; hidden's dtype.
+        w2: [E, H, I], hidden's dtype.
+        topk_ids: [M, k] int32 (int64 is converted); ids outside [0, E) contribute nothing.
+        topk_weights: [M, k] float32 (other float dtypes are converted).
+        activation: name or `Activation`.
+        b13: optional [E, 2I] (or [E, I]) bias of GEMM1; b2: optional [E, H] bias of GEMM2.
+        apply_router_weight_on_input: scale each expert's input instead of its output.
+        config: tile configuration; default from `moekit.tuning.default_config`.
+        out: optional [M, H] contiguous buffer of hidden's dtype to write the result into.
+        backend: "auto", "triton" or "reference" (see `moekit.backend`).
+    Returns:
+        [M, H] in hidden's dtype (`out` when given).
+    """
+    act = Activation.parse(activation)
+    topk_ids, topk_weights = _check_experts_args(
+        hidden, w13, w2, topk_ids, topk_weights, act, b13, b2
+    )
+    if out is None:
+        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
+        check_shape("out", out, tuple(hidden.shape), "the shape of hidden")
+        if not out.is_contiguous():
+            raise ValueError("out: expected a contiguous tensor")
+    if resolve_backend(backend, hidden) == "reference":
+        return out.copy_(reference.fused_experts(
+            hidden, w13, w2, topk_ids, topk_weights, activation=act, b13=b13, b2=b2,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+        ))
+    if config is None:
+        config = default_config(
+            hidden.shape[0], w13.shape[0], topk_ids.shape[1], hidden.shape[1], w2.shape[2],
+            hidden.element_size(),
+        )
+    torch.ops.moekit.fused_experts(
+        hidden.contiguous(), w13.contiguous(), w2.contiguous(), topk_ids.contiguous(),
+        topk_weights.contiguous(), b13, b2, act.kind, act.alpha, act.limit,
+        apply_router_weight_on_input, _config_to_list(config), out,
+    )
+    return out
 
 
-def fused_moe(hidden, router_logits, w13, w2, top_k, *, renormalize=True, activation="silu",
-              b13=None, b2=None, backend="auto"):
-    return reference.fused_moe(hidden, router_logits, w13, w2, top_k, renormalize=renormalize,
-                               activation=activation, b13=b13, b2=b2)
+def fused_moe(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    *,
+    renormalize: bool = True,
+    activation: str | Activation = "silu",
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    config: ExpertsConfig | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax → top-k routing (renormalised if asked) followed by `fused_experts`.
+
+    Args:
+        hidden: [M, H]; router_logits: [M, E]; w13, w2, b13, b2: as in `fused_experts`.
+        top_k: experts per token, 1 ≤ top_k ≤ E.
+    Returns:
+        [M, H] in hidden's dtype.
+    """
+    check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("w13", w13, ndim=3)
+    num_experts = w13.shape[0]
+    if router_logits.shape[1] != num_experts:
+        raise ValueError(
+            f"router_logits: expected {num_experts} columns (E of w13), "
+            f"got shape {tuple(router_logits.shape)}"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k: expected an int in [1, {num_experts}] (E), got {top_k!r}")
+    topk = _route(router_logits, top_k, renormalize, backend)
+    return fused_experts(
+        hidden, w13, w2, topk.ids, topk.weights, activation=activation, b13=b13, b2=b2,
+        config=config, backend=backend,
+    )
+
+
+def _route(router_logits: torch.Tensor, top_k: int, renormalize: bool, backend: str) -> TopK:
+    """Softmax top-k through the routing module (its kernel on CUDA)."""
+    from moekit.routing import route
+
+    return route(router_logits, top_k, renormalize=renormalize, backend=backend)
+
+
+def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
+    """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    device = hidden.device
+    check_tensor("w13", w13, ndim=3, dtypes=(hidden.dtype,), device=device)
+    check_tensor("w2", w2, ndim=3, dtypes=(hidden.dtype,), device=device)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_INT_IDS, device=device)
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    num_tokens, hidden_size = hidden.shape
+    num_experts, _, inter = w2.shape
+    check_shape("w2", w2, (num_experts, hidden_size, inter), "[E, H, I] with H of hidden")
+    check_shape(
+        "w13", w13, (num_experts, act.gemm1_rows(inter), hidden_size),
+        f"[E, {'2I' if act.gated else 'I'}, H] with E and I of w2 and H of hidden",
+    )
+    if topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+        raise ValueError(
+            f"topk_ids: expected shape ({num_tokens}, k) with k ≥ 1, got {tuple(topk_ids.shape)}"
+        )
+    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "the shape of topk_ids")
+    if b13 is not None:
+        check_tensor("b13", b13, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+        check_shape("b13", b13, (num_experts, w13.shape[1]), "[E, rows of w13]")
+    if b2 is not None:
+        check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+        check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
+    if topk_ids.dtype != torch.int32:
+        topk_ids = topk_ids.to(torch.int32)
+    if topk_weights.dtype != torch.float32:
+        topk_weights = topk_weights.float()
+    return topk_ids, topk_weights
+
+
+def _config_to_list(config: ExpertsConfig) -> list[int]:
+    g1, g2 = config.gemm1, config.gemm2
+    return [
+        config.block_m,
+        g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
+        g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
+    ]
+
+
+@torch.library.custom_op("moekit::fused_experts", mutates_args=("out",))
+def _fused_experts_op(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    apply_router_weight_on_input: bool,
+    config: list[int],
+    out: torch.Tensor,
+) -> None:
+    num_tokens, hidden_size = hidden.shape
+    if num_tokens == 0:
+        return
+    num_experts, _, inter = w2.shape
+    top_k = topk_ids.shape[1]
+    block_m = config[0]
+    c1, c2 = config[1:6], config[6:11]
+    plan = dispatch_plan(topk_ids, num_experts, block_m, backend="triton")
+    num_blocks = plan.capacity // block_m
+    precision = "ieee" if hidden.dtype == torch.float32 else None
+    dummy = topk_weights  # stands in for absent biases; never read
+
+    inter_act = torch.empty((plan.capacity, inter), dtype=hidden.dtype, device=hidden.device)
+    grid1 = (num_blocks * triton.cdiv(inter, c1[0]),)
+    _gemm1_kernel[grid1](
+        hidden, w13, dummy if b13 is None else b13, topk_weights, inter_act,
+        plan.sorted_pairs, plan.block_experts,
+        plan.num_pairs, num_blocks, hidden_size, inter, top_k,
+        hidden.stride(0), w13.stride(0), w13.stride(1),
+        0 if b13 is None else b13.stride(0), inter_act.stride(0),
+        float(alpha), float(limit),
+        ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
+        WEIGHT_ON_INPUT=apply_router_weight_on_input, EVEN_K=hidden_size % c1[1] == 0,
+        DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
+        num_warps=c1[3], num_stages=c1[4],
+    )
+
+    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
+    grid2 = (num_blocks * triton.cdiv(hidden_size, c2[0]),)
+    _gemm2_kernel[grid2](
+        inter_act, w2, dummy if b2 is None else b2, topk_weights, pair_out,
+        plan.sorted_pairs, plan.block_experts,
+        plan.num_pairs, num_blocks, hidden_size, inter,
+        inter_act.stride(0), w2.stride(0), w2.stride(1),
+        0 if b2 is None else b2.stride(0), pair_out.stride(0),
+        WEIGHT_ON_OUTPUT=not apply_router_weight_on_input, HAS_BIAS=b2 is not None,
+        EVEN_K=inter % c2[1] == 0, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
+        num_warps=c2[3], num_stages=c2[4],
+    )
+
+    grid3 = (num_tokens, triton.cdiv(hidden_size, _COMBINE_BLOCK_H))
+    _combine_kernel[grid3](
+        pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
+        TOP_K=top_k, BLOCK_H=_COMBINE_BLOCK_H,
+    )
+
+
+@_fused_experts_op.register_fake
+def _(hidden, w13, w2, topk_ids, topk_weights, b13, b2, activation, alpha, limit,
+      apply_router_weight_on_input, config, out):
+    return None

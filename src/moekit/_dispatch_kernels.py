@@ -1,0 +1,129 @@
+"""Triton kernels that build the dispatch plan (see `moekit.dispatch_plan`).
+
+Two launches, no host synchronisation:
+
+    _count_pairs_kernel   grid (chunks,)   per-chunk histogram of expert ids
+    _place_pairs_kernel   grid (programs,) every program derives the global per-expert
+                                           totals and padded offsets from the histograms,
+                                           scatters its own chunk's pairs to their slots
+                                           (stable: pair order within an expert), and
+                                           fills its share of blocks with expert ids and
+                                           padding sentinels.
+
+When the pairs fit one chunk (decode), the count is folded into the second kernel and
+only one launch runs. Ids outside [0, E) fall into an extra "dropped" bin, bin E.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _count_pairs_kernel(
+    topk_ids_ptr,  # [M*k] int32
+    counts_ptr,  # [chunks, BINS] int32, out
+    num_pairs,
+    num_experts,
+    CHUNK: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    """Grid (chunks,): one program histograms CHUNK consecutive pairs by expert."""
+    chunk = tl.program_id(0)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    bins = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    hist = tl.histogram(bins, BINS)
+    tl.store(counts_ptr + chunk * BINS + tl.arange(0, BINS), hist)
+
+
+@triton.jit
+def _place_pairs_kernel(
+    topk_ids_ptr,  # [M*k] int32
+    counts_ptr,  # [chunks, BINS] int32 (unused when SINGLE_CHUNK)
+    bases_ptr,  # [programs, BINS] int32 scratch: slot base per expert of this program's chunk
+    sorted_pairs_ptr,  # [capacity] int32, out
+    block_experts_ptr,  # [capacity / BLOCK_M] int32, out
+    expert_offsets_ptr,  # [E + 1] int32, out
+    num_pairs,
+    num_experts,
+    num_chunks,
+    num_blocks,
+    blocks_per_program,
+    CHUNK: tl.constexpr,
+    BINS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_TILE: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    """Grid (programs,): program p places chunk p's pairs and fills its blocks.
+
+    Every program recomputes the per-expert totals (a few KB read from L2) instead of
+    waiting for a separate scan launch.
+    """
+    pid = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    is_expert = bins < num_experts
+
+    # This chunk's ids and histogram; the totals over all chunks and the pairs before us.
+    # With a single chunk every program reads it: all need its totals, program 0 places it.
+    chunk = 0 if SINGLE_CHUNK else pid
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    if SINGLE_CHUNK:
+        own = tl.histogram(ids, BINS)
+        totals = own
+        before = tl.zeros([BINS], dtype=tl.int32)
+    else:
+        own = tl.load(counts_ptr + pid * BINS + bins, mask=pid < num_chunks, other=0)
+        totals = tl.zeros([BINS], dtype=tl.int32)
+        before = tl.zeros([BINS], dtype=tl.int32)
+        for c in range(0, num_chunks):
+            row = tl.load(counts_ptr + c * BINS + bins)
+            totals += row
+            before += tl.where(c < pid, row, 0)
+
+    padded = tl.where(is_expert, (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)  # end slot of each expert's padded run
+    starts = ends - padded
+    if pid == 0:
+        tl.store(expert_offsets_ptr + bins, starts, mask=bins <= num_experts)
+
+    # Scatter: sorting (expert, position) keys gives each pair its rank within its
+    # expert in this chunk; the slot is the expert's start + pairs in earlier chunks +
+    # that rank. The per-expert base goes through scratch memory to be gathered by key.
+    if pid < num_chunks:
+        local_starts = tl.cumsum(own, 0) - own
+        tl.store(bases_ptr + pid * BINS + bins, starts + before - local_starts)
+        tl.debug_barrier()
+        keys = tl.sort(ids * CHUNK + tl.arange(0, CHUNK))
+        expert = keys // CHUNK
+        pair = pid * CHUNK + keys % CHUNK
+        rank = tl.arange(0, CHUNK)  # position in the sorted chunk
+        keep = expert < num_experts
+        slot = tl.load(bases_ptr + pid * BINS + expert, mask=keep, other=0) + rank
+        tl.store(sorted_pairs_ptr + slot, pair, mask=keep)
+
+    # Blocks: the expert owning each block is the number of runs that end at or before
+    # the block's first slot; slots past that expert's real pairs get the sentinel.
+    real_ends = tl.where(is_expert, starts + totals, 0)
+    used = tl.sum(padded, 0)
+    first_block = pid * blocks_per_program
+    for t in range(0, blocks_per_program, BLOCK_TILE):
+        block = first_block + t + tl.arange(0, BLOCK_TILE)
+        in_range = (block < num_blocks) & (t + tl.arange(0, BLOCK_TILE) < blocks_per_program)
+        block_start = block * BLOCK_M
+        owner = tl.sum(
+            ((ends[None, :] <= block_start[:, None]) & is_expert[None, :]).to(tl.int32), 1
+        )
+        live = block_start < used
+        tl.store(block_experts_ptr + block, tl.where(live, owner, -1), mask=in_range)
+        owner_end = tl.sum(tl.where(bins[None, :] == owner[:, None], real_ends[None, :], 0), 1)
+        owner_end = tl.where(live, owner_end, 0)
+        slots = block_start[:, None] + tl.arange(0, BLOCK_M)[None, :]
+        is_padding = slots >= owner_end[:, None]
+        tl.store(
+            sorted_pairs_ptr + slots,
+            tl.full([BLOCK_TILE, BLOCK_M], 0, tl.int32) + num_pairs,
+            mask=in_range[:, None] & is_padding,
+        )

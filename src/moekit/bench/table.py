@@ -1,0 +1,270 @@
+"""The kernel table: every preset × token count × implementation, timed and checked.
+
+For each preset the weights are drawn once on the device and freed before the next
+(deepseek-v3 bf16 is ~22 GB). For each token count M the runner draws tokens and
+routing, computes the float32 reference once (on a row sample for large M), counts
+the experts hit, and derives the roofline cost; then for each implementation it
+
+    1. calls it once (compiles kernels; a failure becomes a note and the run goes on),
+    2. checks the output against the reference (rel_err),
+    3. times eager calls, and for M ≤ graph_max_m the replay of a captured CUDA graph,
+    4. yields one row per timing mode (PERF.md's row schema plus extra keys).
+
+Rows are yielded as they are measured so a caller can write partial results if the
+run dies (`CudaContextLost`).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import TextIO
+
+import torch
+
+import moekit
+from moekit.bench.baselines import BASELINES
+from moekit.bench.ceilings import Ceilings
+from moekit.bench.inputs import (
+    experts_hit,
+    make_tokens,
+    make_weights,
+    reference_output,
+    reference_rows,
+    rel_err,
+)
+from moekit.bench.presets import Preset
+from moekit.bench.roofline import Cost, achieved, moe_cost
+from moekit.bench.timing import (
+    CaptureFailed,
+    CudaContextLost,
+    Timing,
+    check_cuda_alive,
+    short_error,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# DESIGN.md, "Accuracy": relative L2 error bounds against the float32 reference.
+REL_ERR_TOL = {"bf16": 1e-2, "fp16": 5e-3}
+
+
+@dataclass(frozen=True)
+class Impl:
+    """An implementation of fused_experts in the table.
+
+    Attributes:
+        name: the row's `impl` ("moekit", "torch_loop", "torch_grouped_mm").
+        fn: fused_experts-compatible callable (hidden, w13, w2, ids, weights, *,
+            activation, b13, b2) -> [M, H].
+        capturable: False when it is known to synchronise with the host, so no graph
+            capture is attempted; `why_not` says why.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    capturable: bool = True
+    why_not: str = ""
+
+
+def _moekit_fused_experts(hidden, w13, w2, topk_ids, topk_weights, *, activation, b13, b2):
+    return moekit.fused_experts(hidden, w13, w2, topk_ids, topk_weights,
+                                activation=activation, b13=b13, b2=b2)
+
+
+def implementations(baselines: bool = True) -> list[Impl]:
+    """moekit first, then (optionally) the plain-PyTorch baselines."""
+    impls = [Impl("moekit", _moekit_fused_experts)]
+    if baselines:
+        impls.append(Impl("torch_grouped_mm", BASELINES["torch_grouped_mm"]))
+        impls.append(Impl("torch_loop", BASELINES["torch_loop"], capturable=False,
+                          why_not="not graph-captured: it synchronises (nonzero → host list)"))
+    return impls
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """What to run. `graph_max_m`: largest M also timed as CUDA-graph replay."""
+
+    presets: tuple[Preset, ...]
+    tokens: tuple[int, ...]
+    dtype: str = "bf16"
+    routing: str = "balanced"
+    graph: bool = True
+    graph_max_m: int = 512
+    ref_rows: int = 256
+    seed: int = 0
+
+    def graph_planned(self, impl: Impl, num_tokens: int, device: torch.device) -> bool:
+        return impl.capturable and self.graph_wanted(num_tokens, device)
+
+    def graph_wanted(self, num_tokens: int, device: torch.device) -> bool:
+        """Whether cells of this M get a CUDA-graph row (for capturable impls)."""
+        return self.graph and device.type == "cuda" and num_tokens <= self.graph_max_m
+
+    def planned(self, impls: list[Impl], device: torch.device) -> int:
+        """Number of timings the run will report (progress counter total)."""
+        return sum(1 + self.graph_planned(impl, m, device)
+                   for _ in self.presets for m in self.tokens for impl in impls)
+
+
+class Progress:
+    """One line per timing on stderr: count, cell, result, and a rough ETA."""
+
+    def __init__(self, total: int, stream: TextIO | None = None):
+        self.total = total
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = time.perf_counter()
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        eta = f"eta {int(left // 60)}m{int(left % 60):02d}s" if self.done < self.total else "done"
+        width = len(str(self.total))
+        print(f"[{self.done:>{width}}/{self.total}] {text}  ({eta})", file=self.stream, flush=True)
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    """Round to `digits` significant digits; None for missing or non-finite values."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def make_row(preset: Preset, num_tokens: int, config: TableConfig, impl: str, graph: bool,
+             timing: Timing | None, cost: Cost, ceilings: Ceilings, err: float | None,
+             hit: int, checked_rows: int, note: str | None) -> dict:
+    """One result row: PERF.md's required keys first, then the extra keys.
+
+    Args:
+        timing: None when the implementation failed (times and rates are then null).
+        err: rel_err of this mode's output, None when not computed.
+    """
+    peak = ceilings.matmul_TFLOPs(config.dtype)
+    floor = cost.floor_us(ceilings.mem_GBps, peak)
+    time_us = timing.median_us if timing else None
+    gbps, tflops = achieved(cost, time_us) if time_us else (None, None)
+    notes = [n for n in (timing.note if timing else None, note) if n]
+    return {
+        "preset": preset.name, "E": preset.num_experts, "topk": preset.top_k,
+        "H": preset.hidden, "I": preset.inter, "M": num_tokens, "dtype": config.dtype,
+        "impl": impl, "graph": graph,
+        "time_us": _round(time_us), "floor_us": _round(floor),
+        "roofline_pct": _round(floor / time_us * 100, 3) if time_us else None,
+        "GBps": _round(gbps), "TFLOPs": _round(tflops), "rel_err": _round(err, 3),
+        # extra keys
+        "activation": preset.activation, "bias": preset.bias, "routing": config.routing,
+        "experts_hit": hit, "bytes": int(cost.bytes), "flops": int(cost.flops),
+        "bound": cost.bound(ceilings.mem_GBps, peak),
+        "p20_us": _round(timing.p20_us) if timing else None,
+        "p80_us": _round(timing.p80_us) if timing else None,
+        "reps": timing.reps if timing else 0,
+        "back_to_back_us": _round(timing.back_to_back_us) if timing else None,
+        "rel_err_rows": checked_rows,
+        "rel_err_ok": None if err is None else bool(err <= REL_ERR_TOL[config.dtype]),
+        "note": "; ".join(notes) or None,
+    }
+
+
+def _describe(row: dict) -> str:
+    mode = "graph" if row["graph"] else "eager"
+    head = f"{row['preset']} M={row['M']} {row['impl']} {mode}"
+    if row["time_us"] is None:
+        return f"{head} FAILED: {row['note']}"
+    err = row["rel_err"]
+    flag = "" if row["rel_err_ok"] is not False else "  REL_ERR OVER TOLERANCE"
+    return (f"{head} {row['time_us']:.1f} µs {row['roofline_pct']:.0f}% roofline "
+            f"rel_err {err if err is not None else float('nan'):.1e}{flag}")
+
+
+def run_table(config: TableConfig, impls: list[Impl], timer, ceilings: Ceilings,
+              device: torch.device, progress: Progress | None = None) -> Iterator[dict]:
+    """Measure every cell; yield rows as they are measured.
+
+    Args:
+        timer: `CudaTimer` or `CpuTimer` (moekit.bench.timing).
+        ceilings: measured in this run; the floors use them.
+    Raises:
+        CudaContextLost: the device is unusable; rows yielded so far are valid.
+    """
+    progress = progress or Progress(config.planned(impls, device))
+    dtype = DTYPES[config.dtype]
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    elt = torch.empty((), dtype=dtype).element_size()
+    for preset in config.presets:
+        weights = make_weights(preset, dtype, device, config.seed)
+        try:
+            for m in config.tokens:
+                hidden, topk = make_tokens(preset, m, dtype, device, config.routing, config.seed)
+                rows = reference_rows(m, config.ref_rows, config.seed)
+                ref = reference_output(hidden, weights, topk, preset.activation, rows)
+                hit = experts_hit(topk.ids, preset.num_experts)
+                cost = moe_cost(m, preset.top_k, preset.hidden, preset.inter, preset.gemm1_rows,
+                                hit, weight_bytes=elt, act_bytes=elt, bias=preset.bias)
+                checked = m if rows is None else len(rows)
+                row = partial(make_row, preset, m, config, cost=cost, ceilings=ceilings,
+                              hit=hit, checked_rows=checked)
+                check = partial(rel_err, ref=ref, rows=rows)
+                for impl in impls:
+                    call = partial(impl.fn, hidden, weights.w13, weights.w2, topk.ids,
+                                   topk.weights, activation=preset.activation,
+                                   b13=weights.b13, b2=weights.b2)
+                    graph = config.graph_planned(impl, m, device)
+                    results = _measure(impl, call, check, timer, graph, cuda, sync, row,
+                                       uncaptured=config.graph_wanted(m, device))
+                    for result in results:
+                        progress.step(_describe(result))
+                        yield result
+                    progress.done += 1 + graph - len(results)  # steps that gave no row
+                del hidden, topk, ref
+        finally:
+            del weights
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def _measure(impl: Impl, call, check, timer, graph: bool, cuda: bool, sync,
+             row: Callable[..., dict], uncaptured: bool) -> list[dict]:
+    """Eager (and graph) rows of one implementation on one cell.
+
+    Args:
+        graph: capture and time a CUDA graph too.
+        uncaptured: a graph row was wanted for this M; when `graph` is False the eager
+            row says why there is none.
+    """
+    try:
+        out = call()
+        sync()
+        err = check(out)
+        del out
+        eager = timer.eager(call)
+    except Exception as exc:  # any failure of the implementation becomes a note
+        if cuda:
+            check_cuda_alive()
+        return [row(impl=impl.name, graph=False, timing=None, err=None,
+                    note=f"failed: {short_error(exc)}")]
+    note = None
+    rows = []
+    if graph:
+        try:
+            timing, graph_err = timer.graph(call, check)
+            rows.append(row(impl=impl.name, graph=True, timing=timing, err=graph_err, note=None))
+        except CaptureFailed as exc:
+            note = f"graph capture failed: {exc}"
+        except CudaContextLost:
+            raise
+        except Exception as exc:
+            if cuda:
+                check_cuda_alive()
+            note = f"graph timing failed: {short_error(exc)}"
+    elif uncaptured:
+        note = impl.why_not or None
+    return [row(impl=impl.name, graph=False, timing=eager, err=err, note=note), *rows]

@@ -1,0 +1,83 @@
+"""Build the dispatch plan on the GPU: pairs grouped by expert, padded to the GEMM tile.
+
+See `moekit.dispatch_plan` for the layout. The plan's shapes depend only on
+(M*k, E, block_m), so building it never synchronises with the host and a CUDA graph
+can capture it. Within an expert, pairs keep their order (stable), so the plan — and
+every output computed through it — is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from moekit import reference
+from moekit._checks import check_tensor
+from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel
+from moekit.backend import resolve_backend
+from moekit.dispatch_plan import DispatchPlan, max_padded_pairs
+
+_BLOCKS_PER_PROGRAM = 64
+_BLOCK_TILE = 16
+
+
+def _chunk_size(num_pairs: int, bins: int) -> int:
+    """Pairs per program: one chunk for decode, ~64 chunks for large batches."""
+    chunk = triton.next_power_of_2(max(1, -(-num_pairs // 64)))
+    chunk = max(256, min(chunk, 4096))
+    # Sort keys are expert * chunk + position and must stay within int32.
+    while chunk > 256 and bins * chunk >= 2**31:
+        chunk //= 2
+    return chunk
+
+
+def dispatch_plan(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, *, backend: str = "auto"
+) -> DispatchPlan:
+    """Group the M*k token–expert pairs by expert, each run padded to `block_m` slots.
+
+    Args:
+        topk_ids: [M, k] int32 expert ids; ids outside [0, E) are dropped.
+        num_experts: E.
+        block_m: the row tile of the GEMMs that consume the plan (a power of two ≥ 16).
+    Returns:
+        A `DispatchPlan` on topk_ids' device.
+    """
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32,))
+    if num_experts <= 0:
+        raise ValueError(f"num_experts: expected a positive count, got {num_experts}")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m: expected a power of two ≥ 16, got {block_m}")
+    if resolve_backend(backend, topk_ids) == "reference":
+        return reference.dispatch_plan(topk_ids, num_experts, block_m)
+
+    device = topk_ids.device
+    num_pairs = topk_ids.numel()
+    capacity = max_padded_pairs(num_pairs, num_experts, block_m)
+    num_blocks = capacity // block_m
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
+    block_experts = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    plan = DispatchPlan(sorted_pairs, block_experts, expert_offsets, num_pairs, block_m)
+
+    bins = triton.next_power_of_2(num_experts + 1)
+    if num_experts + 1 > 2**16:
+        raise ValueError(f"num_experts: at most {2**16 - 1} experts are supported, got {num_experts}")
+    chunk = _chunk_size(num_pairs, bins)
+    num_chunks = max(1, -(-num_pairs // chunk))
+    programs = max(num_chunks, -(-num_blocks // _BLOCKS_PER_PROGRAM), 1)
+    blocks_per_program = -(-num_blocks // programs) if num_blocks else 0
+    flat_ids = topk_ids.reshape(-1)
+    single = num_chunks == 1
+    counts = torch.empty((1 if single else num_chunks, bins), dtype=torch.int32, device=device)
+    bases = torch.empty((num_chunks, bins), dtype=torch.int32, device=device)
+    if not single:
+        _count_pairs_kernel[(num_chunks,)](
+            flat_ids, counts, num_pairs, num_experts, CHUNK=chunk, BINS=bins
+        )
+    _place_pairs_kernel[(programs,)](
+        flat_ids, counts, bases, sorted_pairs, block_experts, expert_offsets,
+        num_pairs, num_experts, num_chunks, num_blocks, blocks_per_program,
+        CHUNK=chunk, BINS=bins, BLOCK_M=block_m, BLOCK_TILE=_BLOCK_TILE, SINGLE_CHUNK=single,
+    )
+    return plan

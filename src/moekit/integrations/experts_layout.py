@@ -1,0 +1,267 @@
+"""Reading a transformers experts module as moekit operands, converted once.
+
+transformers (≥ 5.7) describes an experts module by flags that its
+`@use_experts_implementation` decorator sets on the instance, and by code:
+
+    has_gate          gate_up_proj (gated) or up_proj (no gate) holds GEMM1's weights
+    is_transposed     weights stored [E, in, out] instead of [E, out, in]
+    is_concatenated   gate/up halves stacked [gate; up] (moekit's layout) or interleaved
+                      [g0, u0, g1, u1, ...] (gpt-oss)
+    has_bias          gate_up_proj_bias / down_proj_bias exist
+    has_post_expert_norm   a norm between the expert and the router weight (not servable:
+                      moekit applies the weight inside GEMM2's epilogue)
+    _apply_gate / act_fn   the activation, as code
+
+moekit wants w13 [E, 2I, H] (gate rows first), w2 [E, H, I], b13 [E, 2I], b2 [E, H] and
+an `Activation` value. This module makes that translation in two steps:
+
+1. A *plan*, once per module: which transforms the weights need and which moekit
+   activation the module computes. The activation is identified by evaluating the
+   module's own `_apply_gate` (or `act_fn`) on a probe tensor and comparing it with each
+   candidate moekit activation: transformers states activations as code, not values, and
+   a probe catches what reading class names would miss (gpt-oss's interleaved clamped
+   SwiGLU, a sibling model's concatenated copy of it, gelu vs. its tanh approximation).
+   A module that matches no candidate, or has flags moekit cannot serve, gets a plan
+   with a reason instead, and the caller falls back to transformers.
+2. *Operands*: when the module's storage already is moekit's layout (Mixtral, Qwen3-MoE,
+   OLMoE, DeepSeek-V3) they alias the live parameters, at no cost and never stale.
+   Otherwise (gpt-oss: transposed and interleaved) the converted copies are made once and
+   cached on the module with a key of (data_ptr, version counter, shape, dtype, device)
+   per source parameter, so loading new weights, `.to()`, or an in-place update is
+   noticed and triggers exactly one reconversion. The copies double the experts' memory
+   for such modules; they are made under `no_grad` (this path is for inference).
+
+Under `torch.compile` the key cannot be read (`data_ptr` is not traceable): a cached
+conversion is used as is, or, if none exists yet, the conversion is traced into the
+graph. Call `prepare_experts` (or `moekit.integrations.transformers.prepare_model`)
+before compiling so that compiled graphs read the cached copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.activation import Activation
+from moekit.reference.activation import apply_activation
+
+# Attributes moekit keeps on the transformers module (plain attributes: not parameters
+# or buffers, so they stay out of state_dict and `.to()`; the cache key notices moves).
+PLAN_ATTR = "_moekit_plan"
+CACHE_ATTR = "_moekit_operands"
+
+# Gated activations a transformers `_apply_gate` may compute, tried in this order;
+# swigluoai is added with the module's own constants when it has `alpha`/`limit`.
+_GATED_CANDIDATES = ("silu", "gelu", "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class ExpertsPlan:
+    """What one experts module needs, decided once.
+
+    `activation` is None when the module cannot be served; `reason` then says why.
+    """
+
+    activation: Activation | None
+    gated: bool = True
+    transposed: bool = False
+    interleaved: bool = False
+    has_bias: bool = False
+    reason: str = ""
+
+    @property
+    def supported(self) -> bool:
+        return self.activation is not None
+
+    @property
+    def converts(self) -> bool:
+        """True when the weights need a copy into moekit's layout (else they are aliased)."""
+        return self.transposed or self.interleaved
+
+
+@dataclass(frozen=True)
+class ExpertsOperands:
+    """An experts module's weights in moekit's layout.
+
+    w13: [E, 2I, H] (gate rows first) or [E, I, H] without a gate. w2: [E, H, I].
+    b13: [E, 2I] or None. b2: [E, H] or None. `key` identifies the source parameters
+    the copies were made from (empty when the operands alias them).
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    b13: torch.Tensor | None
+    b2: torch.Tensor | None
+    key: tuple = ()
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+
+def experts_plan(module: torch.nn.Module) -> ExpertsPlan:
+    """The module's cached plan, made on first use (see the module docstring)."""
+    plan = getattr(module, PLAN_ATTR, None)
+    if plan is None:
+        plan = make_plan(module)
+        setattr(module, PLAN_ATTR, plan)
+    return plan
+
+
+def make_plan(module: torch.nn.Module) -> ExpertsPlan:
+    """Read the module's flags and identify its activation; never raises."""
+    gated = bool(getattr(module, "has_gate", True))
+    transposed = bool(getattr(module, "is_transposed", False))
+    # Interleaving only means something for the two halves of a gated GEMM1.
+    interleaved = gated and not bool(getattr(module, "is_concatenated", True))
+    has_bias = bool(getattr(module, "has_bias", False))
+
+    def unsupported(reason: str) -> ExpertsPlan:
+        return ExpertsPlan(activation=None, reason=reason)
+
+    if getattr(module, "has_post_expert_norm", False):
+        return unsupported("has_post_expert_norm=True (a norm between expert and router weight)")
+    weight_name = "gate_up_proj" if gated else "up_proj"
+    for name in (weight_name, "down_proj"):
+        weight = getattr(module, name, None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+            return unsupported(f"no 3-d `{name}` tensor")
+        if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return unsupported(f"`{name}` has dtype {weight.dtype} (quantised experts)")
+    if has_bias:
+        for name in (weight_name + "_bias", "down_proj_bias"):
+            if not isinstance(getattr(module, name, None), torch.Tensor):
+                return unsupported(f"has_bias=True but no `{name}` tensor")
+    activation = identify_activation(module, gated=gated, interleaved=interleaved)
+    if activation is None:
+        what = "_apply_gate" if gated else "act_fn"
+        return unsupported(f"its `{what}` matches no moekit activation")
+    return ExpertsPlan(activation, gated, transposed, interleaved, has_bias)
+
+
+def identify_activation(
+    module: torch.nn.Module, *, gated: bool, interleaved: bool
+) -> Activation | None:
+    """Find the moekit activation that the module's gate computes, by evaluating it.
+
+    Args:
+        module: a transformers experts module (its `_apply_gate` or `act_fn` is probed).
+        gated: the module has gate and up halves.
+        interleaved: the halves are interleaved column by column in GEMM1's output.
+    Returns:
+        The matching `Activation`, or None when no candidate agrees within float32 tolerance.
+    """
+    device = getattr(module, "gate_up_proj" if gated else "up_proj").device
+    gen = torch.Generator().manual_seed(0)
+    # Wide enough a range to cross gpt-oss's clamp (limit 7) and the gelu/tanh gap.
+    probe = (torch.randn(32, 16, generator=gen) * 6).to(device)  # [n, 2*8] in module layout
+    if gated:
+        candidates = [Activation(kind) for kind in _GATED_CANDIDATES]
+        alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+        if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
+            candidates.insert(0, Activation("swigluoai", alpha=float(alpha), limit=float(limit)))
+        # moekit reads [gate | up]; an interleaved module reads [g0, u0, g1, u1, ...].
+        probe_moekit = torch.cat([probe[:, 0::2], probe[:, 1::2]], 1) if interleaved else probe
+    else:
+        candidates = [Activation("relu2")]
+        probe_moekit = probe
+    try:
+        with torch.no_grad():
+            actual = module._apply_gate(probe) if gated else module.act_fn(probe)
+    except Exception:  # any failure means "not servable", never a crash
+        return None
+    actual = actual.float()
+    for act in candidates:
+        expected = apply_activation(probe_moekit, act).float()
+        if actual.shape == expected.shape and torch.allclose(actual, expected, rtol=1e-5,
+                                                             atol=1e-5):
+            return act
+    return None
+
+
+def experts_operands(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOperands:
+    """The module's weights in moekit's layout: aliases, or cached converted copies.
+
+    Args:
+        module: a transformers experts module with a supported `plan`.
+        plan: `experts_plan(module)`.
+    Returns:
+        ExpertsOperands (see its docstring for shapes).
+    """
+    if not plan.converts:
+        return _source_operands(module, plan)
+    cached = getattr(module, CACHE_ATTR, None)
+    if torch.compiler.is_compiling():
+        # The key is not traceable; trust a cache made before compiling (see docstring).
+        return cached if cached is not None else convert(module, plan)
+    key = source_key(module, plan)
+    if cached is None or cached.key != key:
+        cached = convert(module, plan)
+        cached = ExpertsOperands(cached.w13, cached.w2, cached.b13, cached.b2, key)
+        setattr(module, CACHE_ATTR, cached)
+    return cached
+
+
+def prepare_experts(module: torch.nn.Module) -> ExpertsPlan:
+    """Plan and (where needed) convert the module now, instead of on its first forward."""
+    plan = experts_plan(module)
+    if plan.supported:
+        experts_operands(module, plan)
+    return plan
+
+
+def _source_names(plan: ExpertsPlan) -> tuple[str, ...]:
+    first = "gate_up_proj" if plan.gated else "up_proj"
+    names = (first, "down_proj")
+    if plan.has_bias:
+        names += (first + "_bias", "down_proj_bias")
+    return names
+
+
+def source_key(module: torch.nn.Module, plan: ExpertsPlan) -> tuple:
+    """Identity of the source parameters: changes when they are replaced, moved or updated."""
+    key = []
+    for name in _source_names(plan):
+        t = getattr(module, name)
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = None
+        key.append((name, t.data_ptr(), version, tuple(t.shape), t.dtype, t.device))
+    return tuple(key)
+
+
+def _source_operands(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOperands:
+    """The source tensors themselves, for modules stored in moekit's layout."""
+    w13 = module.gate_up_proj if plan.gated else module.up_proj  # [E, 2I, H] or [E, I, H]
+    b13 = b2 = None
+    if plan.has_bias:
+        b13 = module.gate_up_proj_bias if plan.gated else module.up_proj_bias
+        b2 = module.down_proj_bias
+    return ExpertsOperands(w13, module.down_proj, b13, b2)
+
+
+def convert(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOperands:
+    """Copy the module's weights into moekit's layout (contiguous, detached).
+
+    Transposed storage is w13 [E, H, 2I] and w2 [E, I, H]; interleaved storage puts gate
+    column/row j at 2j and up at 2j+1, for the weight and its bias alike.
+    """
+    src = _source_operands(module, plan)
+    with torch.no_grad():
+        w13, w2 = src.w13, src.w2
+        if plan.transposed:
+            w13 = w13.transpose(1, 2)  # [E, 2I, H]
+            w2 = w2.transpose(1, 2)  # [E, H, I]
+        b13 = src.b13
+        if plan.interleaved:
+            w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)  # [E, 2I, H], gate rows first
+            if b13 is not None:
+                b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)  # [E, 2I]
+        return ExpertsOperands(
+            w13.contiguous(),
+            w2.contiguous(),
+            None if b13 is None else b13.contiguous(),
+            None if src.b2 is None else src.b2.contiguous(),
+        )

@@ -1,0 +1,173 @@
+"""moekit as a transformers experts implementation: `register()`, then pick "moekit".
+
+transformers ≥ 5.7 sends every MoE experts computation through a registry,
+`transformers.integrations.moe.ExpertsInterface`: an experts class decorated with
+`@use_experts_implementation` looks up `config._experts_implementation` on each forward
+and calls `fn(self, hidden_states [T, H], top_k_index [T, k] int64, top_k_weights [T, k])`.
+Registering there, rather than patching model classes, serves every model family that
+uses the decorator, and transformers keeps owning routing, shared experts and the rest:
+
+    from moekit.integrations import transformers as moekit_tf
+    moekit_tf.register()
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moekit")
+    # or, on a loaded model: model.set_experts_implementation("moekit")
+
+transformers validates the name against the registry when the model is built or the
+implementation is set, so `register()` must run first. It is idempotent.
+
+Each module's weights are read into moekit's layout once (`moekit.integrations.
+experts_layout`): aliased when already in it (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3),
+converted and cached when not (gpt-oss: [E, H, 2I] interleaved gate/up, biases, clamped
+SwiGLU with the module's alpha/limit). Top-k ids arrive int64 and go to moekit as int32;
+weights arrive fp32 or bf16 and go as fp32. Under expert parallelism
+(`_is_expert_parallel`), ids ≥ E are the sentinels of experts on other ranks; they are
+turned into −1 ("no expert") explicitly rather than relying on the op's range check.
+
+A module moekit cannot serve (a post-expert norm, an activation it does not have,
+quantised weights) runs transformers' own eager forward, with one warning per class.
+
+fp8: transformers routes fp8 checkpoints through the sibling `FP8ExpertsInterface`.
+moekit does not serve fp8 experts yet (out of scope for now); `register()` also
+registers the name there, as an eager fallback with one warning, so that choosing
+"moekit" for an fp8 model runs correctly instead of failing at its first forward.
+
+This path is for inference: converted copies are detached from autograd.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+import moekit
+from moekit.integrations.experts_layout import (
+    ExpertsPlan,
+    experts_operands,
+    experts_plan,
+    prepare_experts,
+)
+
+NAME = "moekit"
+
+_warned: set[str] = set()
+
+
+def register(name: str = NAME) -> None:
+    """Register moekit's experts forward in transformers' registries under `name`.
+
+    Raises:
+        ImportError: transformers is missing or older than 5.7 (no `ExpertsInterface`).
+    """
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError as exc:
+        raise ImportError(
+            "moekit's transformers integration needs transformers >= 5.7 "
+            "(transformers.integrations.moe.ExpertsInterface); install moekit[transformers]"
+        ) from exc
+    ExpertsInterface.register(name, experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+    except ImportError:
+        return
+    FP8ExpertsInterface.register(name, fp8_fallback_forward)
+
+
+def experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The experts computation of a transformers experts module, run by `moekit.fused_experts`.
+
+    Args:
+        self: the experts module (flags and weights as set by `@use_experts_implementation`).
+        hidden_states: [T, H].
+        top_k_index: [T, k] integer expert ids (int64 from transformers).
+        top_k_weights: [T, k] router weights, fp32 or bf16.
+    Returns:
+        [T, H] in hidden_states' dtype.
+    """
+    plan = experts_plan(self)
+    if not plan.supported:
+        _warn_once(self, plan.reason)
+        return eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    ops = experts_operands(self, plan)
+    ids = top_k_index.to(torch.int32)  # [T, k]
+    if getattr(self, "_is_expert_parallel", False):
+        ids = ids.masked_fill(ids >= ops.num_experts, -1)
+    # moekit computes in the weights' dtype; autocast can hand us fp32 activations.
+    x = hidden_states if hidden_states.dtype == ops.w13.dtype else hidden_states.to(ops.w13.dtype)
+    out = moekit.fused_experts(
+        x,
+        ops.w13,
+        ops.w2,
+        ids,
+        top_k_weights.to(torch.float32),  # [T, k]
+        activation=plan.activation,
+        b13=ops.b13,
+        b2=ops.b2,
+    )  # [T, H]
+    return out.to(hidden_states.dtype)
+
+
+def fp8_fallback_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """fp8 experts are not served by moekit yet: run transformers' eager fp8 forward."""
+    _warn_once(self, "fp8 experts (FP8ExpertsInterface) are not supported by moekit yet")
+    return eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+
+
+def prepare_model(model: torch.nn.Module) -> dict[str, ExpertsPlan]:
+    """Plan and convert every experts module of `model` now, before the first forward.
+
+    Useful before `torch.compile` (compiled graphs then read the cached copies) and to
+    learn up front which modules fall back to transformers.
+
+    Returns:
+        {module name: its ExpertsPlan} for each experts module found.
+    """
+    plans = {}
+    for name, module in model.named_modules():
+        if is_experts_module(module):
+            plans[name] = prepare_experts(module)
+    return plans
+
+
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """True for modules decorated with transformers' `@use_experts_implementation`."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+
+
+def eager_forward(module: torch.nn.Module) -> Callable:
+    """transformers' own forward of the module's class, as written before decoration.
+
+    `@use_experts_implementation` wraps the class's forward with functools.wraps, which
+    keeps the original as `__wrapped__`. Without it, calling the decorated forward would
+    dispatch back here, so transformers' generic `batched_mm` (which honours every flag
+    and the module's own gate) stands in.
+    """
+    wrapped = getattr(type(module).forward, "__wrapped__", None)
+    if wrapped is not None:
+        return wrapped
+    from transformers.integrations.moe import batched_mm_experts_forward
+
+    return batched_mm_experts_forward
+
+
+def _warn_once(module: torch.nn.Module, reason: str) -> None:
+    name = type(module).__name__
+    if name in _warned:
+        return
+    _warned.add(name)
+    warnings.warn(
+        f"moekit cannot serve {name}: {reason}; it runs transformers' eager experts forward",
+        stacklevel=3,
+    )

@@ -1,0 +1,105 @@
+"""The dispatch plan: exact equality with the reference and the layout's invariants."""
+
+import pytest
+import torch
+
+from moekit import reference
+from moekit.dispatch import dispatch_plan
+from moekit.dispatch_plan import max_padded_pairs
+
+
+def check_invariants(plan, topk_ids, num_experts):
+    """What every consumer relies on, independent of the reference."""
+    flat = topk_ids.reshape(-1).long().cpu()
+    num_pairs = flat.numel()
+    sorted_pairs = plan.sorted_pairs.long().cpu()
+    blocks = plan.block_experts.long().cpu()
+    offsets = plan.expert_offsets.long().cpu()
+    real = sorted_pairs[sorted_pairs < num_pairs]
+    valid = ((flat >= 0) & (flat < num_experts)).nonzero().flatten()
+    # Every valid pair appears exactly once; dropped pairs never appear.
+    assert torch.equal(real.sort().values, valid)
+    assert (sorted_pairs <= num_pairs).all()
+    # Offsets are padded to the block and ordered; blocks name their run's expert.
+    assert offsets[0] == 0 and (offsets.diff() >= 0).all()
+    assert (offsets % plan.block_m == 0).all()
+    for e in range(num_experts):
+        run = sorted_pairs[offsets[e] : offsets[e + 1]]
+        pairs = run[run < num_pairs]
+        assert (flat[pairs] == e).all()
+        assert (pairs.diff() > 0).all(), "pairs of one expert keep their order"
+        assert (blocks[offsets[e] // plan.block_m : offsets[e + 1] // plan.block_m] == e).all()
+    assert (blocks[offsets[-1] // plan.block_m :] == -1).all()
+
+
+CASES = [
+    # (M, k, E, block_m, why)
+    (1, 1, 1, 16, "one token, one expert"),
+    (1, 8, 128, 16, "decode: a few experts of many"),
+    (3, 2, 4, 16, "more slots than pairs"),
+    (64, 8, 60, 16, "E not a power of two"),
+    (40, 2, 1, 32, "all tokens on one expert"),
+    (200, 4, 7, 64, "several chunks: the multi-launch path"),
+    (20, 3, 1100, 16, "E > 1024"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,k,E,block_m,why", CASES)
+def test_plan_matches_reference_interpreter(M, k, E, block_m, why):
+    g = torch.Generator().manual_seed(M * 31 + E)
+    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32)
+    if why == "all tokens on one expert":
+        ids.zero_()
+    plan = dispatch_plan(ids, E, block_m, backend="triton")
+    expected = reference.dispatch_plan(ids, E, block_m)
+    assert torch.equal(plan.sorted_pairs, expected.sorted_pairs)
+    assert torch.equal(plan.block_experts, expected.block_experts)
+    assert torch.equal(plan.expert_offsets, expected.expert_offsets)
+    check_invariants(plan, ids, E)
+
+
+def test_capacity_depends_only_on_sizes():
+    # Shapes must not depend on the routing, or CUDA graphs could not capture the plan.
+    assert max_padded_pairs(8, 128, 16) == 8 * 16
+    assert max_padded_pairs(1000, 4, 64) == 1280  # 1000 + 4·63, rounded up to 64
+    assert max_padded_pairs(0, 4, 16) == 0
+
+
+def test_sentinel_ids_are_dropped():
+    # Expert-parallel sentinels (≥ E) and −1 both mean "no expert".
+    ids = torch.tensor([[0, 5], [-1, 1]], dtype=torch.int32)
+    plan = reference.dispatch_plan(ids, 2, 16)
+    check_invariants(plan, ids, 2)
+    assert plan.expert_offsets.tolist() == [0, 16, 32]
+
+
+def test_bad_arguments():
+    ids = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="topk_ids"):
+        dispatch_plan(ids.float(), 4, 16)
+    with pytest.raises(ValueError, match="block_m"):
+        dispatch_plan(ids, 4, 24)
+    with pytest.raises(ValueError, match="num_experts"):
+        dispatch_plan(ids, 0, 16)
+
+
+GPU_CASES = [
+    (1, 8, 256, 16),
+    (4096, 8, 128, 128),
+    (16384, 8, 256, 128),
+    (3000, 6, 2048, 64),  # E > 1024 with many chunks
+    (512, 1, 3, 32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,k,E,block_m", GPU_CASES)
+def test_plan_matches_reference_gpu(M, k, E, block_m):
+    g = torch.Generator(device="cuda").manual_seed(M + E)
+    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32, device="cuda")
+    plan = dispatch_plan(ids, E, block_m)
+    expected = reference.dispatch_plan(ids, E, block_m)
+    assert torch.equal(plan.sorted_pairs, expected.sorted_pairs)
+    assert torch.equal(plan.block_experts, expected.block_experts)
+    assert torch.equal(plan.expert_offsets, expected.expert_offsets)

@@ -1,0 +1,278 @@
+"""fused_experts: the Triton pipeline against the reference, its edge cases and errors."""
+
+import pytest
+import torch
+from helpers import (
+    REL_L2_TOL,
+    assert_close,
+    poison_,
+    poison_cuda_cache,
+    random_experts,
+    random_routing,
+)
+
+import moekit
+from moekit import reference
+from moekit.tuning import ExpertsConfig, GemmConfig
+
+
+def run_case(M, E, k, H, I, activation, *, bias=False, dtype=torch.float32, device="cpu",
+             skew=0.0, weight_on_input=False, ids_transform=None, config=None, seed=0):
+    """Run the Triton path with a poisoned output and compare with the float64 reference."""
+    gated = activation != "relu2"
+    w13, w2, b13, b2 = random_experts(E, H, I, gated=gated, bias=bias, dtype=dtype,
+                                      device=device, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed + 7)
+    hidden = torch.randn(M, H, generator=g, device=device).to(dtype)
+    ids, weights = random_routing(M, E, k, skew=skew, device=device, seed=seed)
+    if ids_transform is not None:
+        ids = ids_transform(ids)
+    out = poison_(torch.empty_like(hidden))
+    if device == "cuda":
+        poison_cuda_cache()
+    result = moekit.fused_experts(
+        hidden, w13, w2, ids, weights, activation=activation, b13=b13, b2=b2,
+        apply_router_weight_on_input=weight_on_input, config=config, out=out, backend="triton",
+    )
+    assert result is out
+    f64 = lambda t: None if t is None else t.double()
+    expected = reference.fused_experts(
+        f64(hidden), f64(w13), f64(w2), ids, weights, activation=activation, b13=f64(b13),
+        b2=f64(b2), apply_router_weight_on_input=weight_on_input,
+    )
+    return out, expected
+
+
+def drop_some(ids):
+    """Mark every third slot as 'no expert' (−1) and one as an EP sentinel (≥ E)."""
+    ids = ids.clone()
+    ids.view(-1)[::3] = -1
+    ids.view(-1)[1] = 10_000
+    return ids
+
+
+SMALL_TILES = ExpertsConfig(16, GemmConfig(16, 16, 2, 1, 1), GemmConfig(32, 16, 1, 1, 1))
+
+INTERPRETER_CASES = [
+    # (M, E, k, H, I, activation, bias, dtype, extra, why)
+    (5, 4, 2, 64, 32, "silu", False, torch.float32, {}, "basic SwiGLU"),
+    (33, 8, 3, 96, 48, "swigluoai", True, torch.float16, {}, "gpt-oss activation with biases, fp16"),
+    (1, 3, 1, 128, 64, "relu2", False, torch.float32, {}, "no gate; one token; k = 1"),
+    (20, 6, 2, 64, 40, "gelu", True, torch.float32, {}, "I not a multiple of the tile"),
+    (20, 6, 2, 64, 40, "gelu_tanh", False, torch.float16, {}, "tanh GELU"),
+    (17, 5, 2, 72, 24, "silu", False, torch.float32, {"config": SMALL_TILES},
+     "H and I not multiples of block_k; E not a power of two; several K steps"),
+    (24, 4, 2, 64, 32, "silu", False, torch.float32, {"ids_transform": drop_some},
+     "−1 and sentinel ids contribute nothing"),
+    (30, 8, 2, 64, 32, "silu", False, torch.float32,
+     {"ids_transform": lambda ids: torch.full_like(ids, 3)}, "all tokens on one expert"),
+    (12, 4, 1, 64, 32, "silu", False, torch.float32, {"weight_on_input": True},
+     "router weight on the input (Llama-4)"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,E,k,H,I,activation,bias,dtype,extra,why", INTERPRETER_CASES)
+def test_matches_reference_interpreter(M, E, k, H, I, activation, bias, dtype, extra, why):
+    out, expected = run_case(M, E, k, H, I, activation, bias=bias, dtype=dtype, **extra)
+    assert_close(out, expected)
+
+
+@pytest.mark.interpreter
+def test_unrouted_token_gives_zero_row():
+    # A token whose slots are all dropped receives nothing, not garbage.
+    out, expected = run_case(6, 4, 2, 64, 32, "silu",
+                             ids_transform=lambda ids: ids.index_fill(0, torch.tensor([2]), -1))
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert_close(out, expected)
+
+
+@pytest.mark.interpreter
+def test_opcheck_interpreter():
+    # Schema, fake implementation and mutation annotations are consistent for torch.compile.
+    w13, w2, _, _ = random_experts(4, 32, 16)
+    hidden = torch.randn(3, 32)
+    ids, weights = random_routing(3, 4, 2)
+    config = [16, 32, 32, 1, 1, 1, 32, 16, 1, 1, 1]
+    args = (hidden, w13, w2, ids, weights, None, None, "silu", 1.702, 7.0, False, config,
+            torch.empty_like(hidden))
+    torch.library.opcheck(torch.ops.moekit.fused_experts.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_zero_tokens():
+    w13, w2, _, _ = random_experts(4, 32, 16)
+    hidden = torch.empty(0, 32)
+    ids = torch.empty(0, 2, dtype=torch.int32)
+    out = moekit.fused_experts(hidden, w13, w2, ids, torch.empty(0, 2))
+    assert out.shape == (0, 32)
+
+
+def test_cpu_auto_backend_is_reference():
+    out, expected = None, None
+    w13, w2, _, _ = random_experts(4, 32, 16)
+    hidden = torch.randn(5, 32)
+    ids, weights = random_routing(5, 4, 2)
+    out = moekit.fused_experts(hidden, w13, w2, ids, weights)
+    expected = reference.fused_experts(hidden, w13, w2, ids, weights)
+    assert torch.equal(out, expected)
+
+
+def test_triton_backend_without_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    w13, w2, _, _ = random_experts(2, 16, 16)
+    ids, weights = random_routing(1, 2, 1)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        moekit.fused_experts(torch.randn(1, 16), w13, w2, ids, weights, backend="triton")
+
+
+def _args():
+    w13, w2, _, _ = random_experts(4, 32, 16)
+    hidden = torch.randn(5, 32)
+    ids, weights = random_routing(5, 4, 2)
+    return dict(hidden=hidden, w13=w13, w2=w2, topk_ids=ids, topk_weights=weights)
+
+
+BAD_INPUTS = [
+    # (change, error, message fragment, why)
+    ({"hidden": torch.randn(5, 32).to(torch.int8)}, TypeError, "hidden", "integer activations"),
+    ({"hidden": torch.randn(5, 2, 32)}, ValueError, "hidden", "3-d hidden"),
+    ({"w13": torch.randn(4, 32, 32).half()}, TypeError, "w13", "dtype differs from hidden"),
+    ({"w13": torch.randn(4, 30, 32)}, ValueError, "w13", "rows not 2I"),
+    ({"w13": torch.randn(3, 32, 32)}, ValueError, "w13", "E differs from w2"),
+    ({"w2": torch.randn(4, 31, 16)}, ValueError, "w2", "H differs from hidden"),
+    ({"topk_ids": torch.zeros(5, 2)}, TypeError, "topk_ids", "float ids"),
+    ({"topk_ids": torch.zeros(4, 2, dtype=torch.int32)}, ValueError, "topk_ids", "wrong M"),
+    ({"topk_weights": torch.ones(5, 3)}, ValueError, "topk_weights", "shape differs from ids"),
+    ({"b2": torch.zeros(4, 31)}, ValueError, "b2", "bias of the wrong width"),
+    ({"activation": "swish"}, ValueError, "activation", "unknown activation"),
+]
+
+
+@pytest.mark.parametrize("change,error,fragment,why", BAD_INPUTS)
+def test_bad_inputs(change, error, fragment, why):
+    args = _args()
+    args.update(change)
+    with pytest.raises(error, match=fragment):
+        moekit.fused_experts(**args)
+
+
+def test_fused_moe_checks_top_k():
+    w13, w2, _, _ = random_experts(4, 32, 16)
+    hidden, logits = torch.randn(3, 32), torch.randn(3, 4)
+    for bad in (0, 5, 2.0):
+        with pytest.raises(ValueError, match="top_k"):
+            moekit.fused_moe(hidden, logits, w13, w2, bad)
+    with pytest.raises(ValueError, match="router_logits"):
+        moekit.fused_moe(hidden, torch.randn(3, 5), w13, w2, 2)
+
+
+def test_fused_moe_reference_on_cpu():
+    w13, w2, _, _ = random_experts(6, 32, 16)
+    hidden, logits = torch.randn(7, 32), torch.randn(7, 6)
+    out = moekit.fused_moe(hidden, logits, w13, w2, 2)
+    expected = reference.fused_moe(hidden, logits, w13, w2, 2)
+    assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------- GPU
+
+PRESETS = {  # (E, k, H, I, activation, bias) — PERF.md's presets
+    "mixtral-8x7b": (8, 2, 4096, 14336, "silu", False),
+    "deepseek-v2-lite": (64, 6, 2048, 1408, "silu", False),
+    "qwen3-30b-a3b": (128, 8, 2048, 768, "silu", False),
+    "olmoe-1b-7b": (64, 8, 2048, 1024, "silu", False),
+    "granite-3.0-3b-a800m": (40, 8, 1536, 512, "silu", False),
+    "gpt-oss-120b": (128, 4, 2880, 2880, "swigluoai", True),
+    "deepseek-v3": (256, 8, 7168, 2048, "silu", False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_presets_gpu(preset, dtype):
+    E, k, H, I, activation, bias = PRESETS[preset]
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda")
+    f32 = lambda t: None if t is None else t.float()
+    for M, skew in [(1, 0.0), (37, 0.0), (512, 0.0), (512, 8.0), (4096, 0.0)]:
+        hidden = torch.randn(M, H, device="cuda", dtype=dtype)
+        ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, activation=activation, b13=b13,
+                             b2=b2, out=out)
+        rows = slice(0, min(M, 256))  # the reference is row-independent: check a slice
+        expected = reference.fused_experts(  # converts one expert's weights at a time
+            hidden[rows].float(), w13, w2, ids[rows], weights[rows], activation=activation,
+            b13=f32(b13), b2=f32(b2),
+        )
+        assert_close(out[rows], expected.float(), REL_L2_TOL[dtype], f"{preset} M={M} skew={skew}")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_inputs():
+    E, k, H, I = 16, 4, 512, 256
+    w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
+    hidden = torch.randn(64, H, device="cuda", dtype=torch.bfloat16)
+    ids, weights = random_routing(64, E, k, device="cuda")
+    call = lambda: moekit.fused_experts(hidden, w13, w2, ids, weights)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for seed in (1, 2):
+        new_ids, new_weights = random_routing(64, E, k, device="cuda", seed=seed, skew=4.0 * seed)
+        hidden.copy_(torch.randn_like(hidden))
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = reference.fused_experts(hidden, w13, w2, ids, weights)
+        assert_close(out, expected, name=f"replay {seed}")
+
+
+@pytest.mark.gpu
+def test_torch_compile_gpu():
+    E, k, H, I = 8, 2, 256, 128
+    w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
+    hidden = torch.randn(32, H, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(32, E, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def layer(x, router_logits):
+        return moekit.fused_moe(x * 2, router_logits, w13, w2, k) + 1
+
+    out = layer(hidden, logits)
+    expected = reference.fused_moe(hidden * 2, logits, w13, w2, k) + 1
+    assert_close(out, expected)
+
+
+@pytest.mark.gpu
+def test_deterministic_gpu():
+    E, k, H, I = 64, 8, 1024, 512
+    w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
+    hidden = torch.randn(2048, H, device="cuda", dtype=torch.bfloat16)
+    ids, weights = random_routing(2048, E, k, device="cuda")
+    first = moekit.fused_experts(hidden, w13, w2, ids, weights)
+    for _ in range(3):
+        assert torch.equal(moekit.fused_experts(hidden, w13, w2, ids, weights), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_index_arithmetic_beyond_int32_gpu():
+    # M·k·H > 2^31 and M·H·2 bytes > 2^31: row offsets must be 64-bit.
+    M, E, k, H, I = 36_000, 4, 8, 8192, 64
+    assert M * k * H > 2**31
+    w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
+    hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    ids, weights = random_routing(M, E, k, device="cuda")
+    out = moekit.fused_experts(hidden, w13, w2, ids, weights)
+    for rows in (slice(0, 64), slice(M - 64, M)):
+        expected = reference.fused_experts(hidden[rows], w13, w2, ids[rows], weights[rows])
+        assert_close(out[rows], expected, name=f"rows {rows}")
