@@ -267,7 +267,7 @@ def test_deterministic_gpu():
 @pytest.mark.slow
 def test_index_arithmetic_beyond_int32_gpu():
     # M·k·H > 2^31 and M·H·2 bytes > 2^31: row offsets must be 64-bit.
-    M, E, k, H, I = 36_000, 4, 8, 8192, 64
+    M, E, k, H, I = 36_000, 8, 8, 8192, 64
     assert M * k * H > 2**31
     w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
     hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)

@@ -1,12 +1,23 @@
 """The default tile configuration: an analytic guess that is good without tables.
 
-The row tile follows the expected rows per active expert (M·k spread over
-min(E, M·k) experts): small tiles for decode, where every program streams its own
-weight tile and padding rows are wasted work; large tiles for prefill, where the GEMMs
-are compute-bound and need big tiles to feed the tensor cores.
+The row tile `block_m` follows the rows an active expert receives (M·k spread over
+min(E, M·k) experts). While the layer is memory-bound (decode up to a few hundred
+tokens), every extra block of an expert re-streams that expert's weight tiles, so
+`block_m` is chosen to hold the *busiest* expert's rows in one block — the mean plus
+about two standard deviations of a balanced (Poisson-like) count — and padding rows,
+which cost only idle tensor-core time, are accepted. Past ~64 rows per expert the
+GEMMs become compute-bound and take the large 128-row tile.
+
+`group_m` = 8 orders programs so that consecutive ones share a weight column tile,
+which then comes from L2 for an expert's second and later blocks.
+
+Tile shapes were picked from a sweep on an H100 (bench/scripts/sweep_tiles.py,
+bench/NOTES.md); the sweep is the evidence, this function the rule.
 """
 
 from __future__ import annotations
+
+import math
 
 from moekit.tuning.config import ExpertsConfig, GemmConfig
 
@@ -17,22 +28,26 @@ def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
     return pairs / max(1, min(num_experts, pairs))
 
 
+def pick_block_m(num_tokens: int, num_experts: int, top_k: int) -> int:
+    """Row tile: the busiest expert's expected rows in one block, 16..128."""
+    rows = rows_per_expert(num_tokens, num_experts, top_k)
+    if rows >= 64:
+        return 128
+    busiest = rows + 2.0 * math.sqrt(rows)
+    return max(16, min(128, 1 << math.ceil(math.log2(max(busiest, 1.0)))))
+
+
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2
 ) -> ExpertsConfig:
     """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I."""
-    rows = rows_per_expert(num_tokens, num_experts, top_k)
-    block_k = 128 if dtype_bytes <= 2 else 64
-    if rows <= 16:
-        return ExpertsConfig(
-            16, GemmConfig(64, block_k, 1, 4, 4), GemmConfig(64, block_k, 1, 4, 4)
-        )
-    if rows <= 32:
-        return ExpertsConfig(
-            32, GemmConfig(64, block_k, 1, 4, 4), GemmConfig(64, block_k, 1, 4, 4)
-        )
-    if rows <= 96:
-        return ExpertsConfig(
-            64, GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4)
-        )
-    return ExpertsConfig(128, GemmConfig(64, 64, 8, 8, 4), GemmConfig(128, 64, 8, 8, 4))
+    block_m = pick_block_m(num_tokens, num_experts, top_k)
+    if block_m <= 32:
+        # Memory-bound: long reduction tiles keep many bytes in flight per program.
+        block_k = 128 if dtype_bytes <= 2 else 64
+        tile = GemmConfig(64, block_k, 8, 4, 4)
+        return ExpertsConfig(block_m, tile, tile)
+    if block_m == 64:
+        return ExpertsConfig(64, GemmConfig(64, 128, 8, 4, 3), GemmConfig(64, 64, 8, 4, 4))
+    # Compute-bound: GEMM1 computes two 128-wide accumulators (gate and up) per program.
+    return ExpertsConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3))
