@@ -1,0 +1,133 @@
+"""`MoE`: the Mixture-of-Experts layer as an `nn.Module` — prepare once, run many.
+
+    hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
+
+`prepare()` does everything that depends only on the weights (checks, contiguous
+layouts) once; `forward` then only launches kernels, so the layer can be captured in a
+CUDA graph or compiled. Parameters keep moekit's layout (DESIGN.md): `w13` [E, 2I, H]
+with gate rows first, `w2` [E, H, I]. Loading a state dict writes into the same
+(contiguous) parameters, so a prepared layer sees new weights; call `prepare()` again
+only after replacing a parameter object.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.activation import Activation
+from moekit.experts import fused_experts
+from moekit.routing import route
+
+
+class MoE(nn.Module):
+    """A routed MoE layer: router, k-of-E experts with a gated (or relu2) MLP each.
+
+    Args:
+        num_experts: E. top_k: experts per token. hidden_size: H. intermediate_size: I.
+        activation: name or `Activation` (default SwiGLU, "silu").
+        bias: whether the expert GEMMs have biases (gpt-oss).
+        renormalize: renormalise the k routing weights to sum to 1.
+        backend: "auto", "triton" or "reference" (see `moekit.backend`).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str | Activation = "silu",
+        bias: bool = False,
+        renormalize: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                            ("intermediate_size", intermediate_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
+        self.activation = Activation.parse(activation)
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.backend = backend
+        kw = {"device": device, "dtype": dtype}
+        rows = self.activation.gemm1_rows(intermediate_size)
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, **kw)
+        self.w13 = nn.Parameter(torch.empty(num_experts, rows, hidden_size, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.b13 = nn.Parameter(torch.empty(num_experts, rows, **kw)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **kw)) if bias else None
+        self._prepared: dict[str, torch.Tensor | None] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise like nn.Linear (uniform ±1/sqrt(fan_in)); biases to zero."""
+        with torch.no_grad():
+            for w in (self.w13, self.w2):
+                bound = w.shape[-1] ** -0.5
+                w.uniform_(-bound, bound)
+            for b in (self.b13, self.b2):
+                if b is not None:
+                    b.zero_()
+        self.router.reset_parameters()
+        self._prepared = None
+
+    @classmethod
+    def from_weights(
+        cls,
+        router_weight: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        top_k: int,
+        *,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MoE:
+        """Build a layer around existing weights (router [E, H], w13, w2 as in DESIGN.md)."""
+        num_experts, hidden_size, inter = w2.shape
+        layer = cls(num_experts, top_k, hidden_size, inter, bias=b13 is not None,
+                    device=w2.device, dtype=w2.dtype, **kwargs)
+        with torch.no_grad():
+            layer.router.weight.copy_(router_weight)
+            layer.w13.copy_(w13)
+            layer.w2.copy_(w2)
+            if b13 is not None:
+                layer.b13.copy_(b13)
+                layer.b2.copy_(b2 if b2 is not None else torch.zeros_like(layer.b2))
+        return layer
+
+    def prepare(self) -> MoE:
+        """Check the weights once and hold them in the layout the kernels read."""
+        contiguous = lambda t: None if t is None else t.detach().contiguous()
+        self._prepared = {
+            "w13": contiguous(self.w13), "w2": contiguous(self.w2),
+            "b13": contiguous(self.b13), "b2": contiguous(self.b2),
+        }
+        return self
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] → [..., H] in hidden's dtype."""
+        if self._prepared is None:
+            self.prepare()
+        weights = self._prepared
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [M, H]
+        logits = self.router(flat)  # [M, E]
+        topk = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
+        out = fused_experts(
+            flat, weights["w13"], weights["w2"], topk.ids, topk.weights,
+            activation=self.activation, b13=weights["b13"], b2=weights["b2"],
+            backend=self.backend,
+        )
+        return out.reshape(hidden.shape)
+
+    def extra_repr(self) -> str:
+        e, rows, h = self.w13.shape
+        return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={self.w2.shape[2]}, "
+                f"activation={self.activation.kind}, bias={self.b13 is not None}")
