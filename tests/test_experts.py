@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+import moekit
 from helpers import (
     REL_L2_TOL,
     assert_close,
@@ -10,8 +12,6 @@ from helpers import (
     random_experts,
     random_routing,
 )
-
-import moekit
 from moekit import reference
 from moekit.tuning import ExpertsConfig, GemmConfig
 
@@ -56,7 +56,7 @@ SMALL_TILES = ExpertsConfig(16, GemmConfig(16, 16, 2, 1, 1), GemmConfig(32, 16, 
 INTERPRETER_CASES = [
     # (M, E, k, H, I, activation, bias, dtype, extra, why)
     (5, 4, 2, 64, 32, "silu", False, torch.float32, {}, "basic SwiGLU"),
-    (33, 8, 3, 96, 48, "swigluoai", True, torch.float16, {}, "gpt-oss activation with biases, fp16"),
+    (33, 8, 3, 96, 48, "swigluoai", True, torch.float16, {}, "gpt-oss act. + biases, fp16"),
     (1, 3, 1, 128, 64, "relu2", False, torch.float32, {}, "no gate; one token; k = 1"),
     (20, 6, 2, 64, 40, "gelu", True, torch.float32, {}, "I not a multiple of the tile"),
     (20, 6, 2, 64, 40, "gelu_tanh", False, torch.float16, {}, "tanh GELU"),

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import assert_close
 
+from helpers import assert_close
 from moekit import reference
 from moekit.layer import MoE
 
@@ -19,7 +19,9 @@ def expected_output(layer, hidden):
     return out.reshape(hidden.shape)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
 def test_layer_matches_reference(backend):
     torch.manual_seed(0)
     layer = MoE(6, 2, 64, 32, activation="swigluoai", bias=True, backend=backend)

@@ -74,7 +74,8 @@ def main():
             ids, weights = reference.route(torch.randn(M, E, device="cuda"), k)
             base = default_config(M, E, k, H, I)
 
-            def run(cfg):
+            def run(cfg, hidden=hidden, ids=ids, weights=weights, act=act, b13=b13, b2=b2,
+                    w13=w13, w2=w2):
                 def fn():
                     moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act,
                                          b13=b13, b2=b2, config=cfg)

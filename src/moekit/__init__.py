@@ -2,15 +2,35 @@
 
 The data path of one MoE layer:
 
-    router_logits ─► route() ─► TopK(ids, weights)
+    router_logits ─► route() ─► TopK(ids, weights)          (or the packed int32 format)
     hidden ─► fused_experts(): dispatch plan ─► GEMM1 + activation ─► GEMM2 × weight ─► combine
 
 On CUDA tensors the ops run Triton kernels; elsewhere they run `moekit.reference`.
+`MoE` wraps it all as an `nn.Module` that prepares its weights once.
 """
 
 from moekit.activation import Activation
+from moekit.dispatch import dispatch_plan
+from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import fused_experts, fused_moe
-from moekit.topk import TopK
+from moekit.layer import MoE
+from moekit.routing import Routing, route
+from moekit.topk import TopK, pack_topk, unpack_topk
+from moekit.tuning import ExpertsConfig, GemmConfig
 
-__all__ = ["Activation", "TopK", "fused_experts", "fused_moe"]
+__all__ = [
+    "Activation",
+    "DispatchPlan",
+    "ExpertsConfig",
+    "GemmConfig",
+    "MoE",
+    "Routing",
+    "TopK",
+    "dispatch_plan",
+    "fused_experts",
+    "fused_moe",
+    "pack_topk",
+    "route",
+    "unpack_topk",
+]
 __version__ = "0.1.0"

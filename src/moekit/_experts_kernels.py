@@ -133,7 +133,8 @@ def _gemm1_kernel(
     result = _activate(gate, up, ACTIVATION, alpha, limit)
 
     out_ptrs = inter_ptr + slots.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
-    tl.store(out_ptrs, result.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptrs, result.to(inter_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -200,7 +201,8 @@ def _gemm2_kernel(
         acc = acc * w[:, None]
     safe_pairs = tl.where(row_ok, pairs, 0).to(tl.int64)
     out_ptrs = pair_out_ptr + safe_pairs[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit

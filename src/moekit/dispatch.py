@@ -62,7 +62,7 @@ def dispatch_plan(
 
     bins = triton.next_power_of_2(num_experts + 1)
     if num_experts + 1 > 2**16:
-        raise ValueError(f"num_experts: at most {2**16 - 1} experts are supported, got {num_experts}")
+        raise ValueError(f"num_experts: at most {2**16 - 1} experts, got {num_experts}")
     chunk = _chunk_size(num_pairs, bins)
     num_chunks = max(1, -(-num_pairs // chunk))
     programs = max(num_chunks, -(-num_blocks // _BLOCKS_PER_PROGRAM), 1)

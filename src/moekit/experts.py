@@ -22,7 +22,7 @@ from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kerne
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
-from moekit.topk import TopK
+from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 
 _COMBINE_BLOCK_H = 1024
@@ -122,18 +122,11 @@ def fused_moe(
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k: expected an int in [1, {num_experts}] (E), got {top_k!r}")
-    topk = _route(router_logits, top_k, renormalize, backend)
+    topk = route(router_logits, top_k, renormalize=renormalize, backend=backend)
     return fused_experts(
         hidden, w13, w2, topk.ids, topk.weights, activation=activation, b13=b13, b2=b2,
         config=config, backend=backend,
     )
-
-
-def _route(router_logits: torch.Tensor, top_k: int, renormalize: bool, backend: str) -> TopK:
-    """Softmax top-k through the routing module (its kernel on CUDA)."""
-    from moekit.routing import route
-
-    return route(router_logits, top_k, renormalize=renormalize, backend=backend)
 
 
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):

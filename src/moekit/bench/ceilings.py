@@ -49,9 +49,20 @@ class Ceilings:
             raise ValueError(f"no matmul peak measured for {dtype}")
         return peak
 
+    def summary(self) -> str:
+        """One line for the terminal."""
+        fmt = lambda x: "n/a" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.3g}")
+        line = (f"copy {fmt(self.copy_GBps)} GB/s, read {fmt(self.read_GBps)} GB/s, "
+                f"bf16 {fmt(self.bf16_TFLOPs)} TFLOP/s")
+        if self.fp16_TFLOPs is not None:
+            line += f", fp16 {fmt(self.fp16_TFLOPs)} TFLOP/s"
+        return line + f", fp8 {fmt(self.fp8_TFLOPs)}" + (" TFLOP/s" if self.fp8_TFLOPs else "")
+
     def to_json(self) -> dict:
-        doc = asdict(self)
-        doc["mem_GBps"] = self.mem_GBps
+        """The JSON `ceilings` object, four significant digits (PERF.md keys + notes)."""
+        doc = {k: (float(f"{v:.4g}") if isinstance(v, float) else v)
+               for k, v in asdict(self).items()}
+        doc["mem_GBps"] = max(doc["copy_GBps"], doc["read_GBps"])
         return doc
 
 

@@ -84,7 +84,7 @@ def get_preset(name: str) -> Preset:
 
 
 def cpu_preset(preset: Preset) -> Preset:
-    """A small copy of `preset` for the CPU table: E ≤ 16, H and I about 1/16 (multiples of 16).
+    """A small copy of `preset` for the CPU table: E ≤ 16, H and I about 1/32 (multiples of 16).
 
     The activation, bias and top-k (capped at E) are kept, so every code path of the
     full preset still runs; only the sizes shrink.
@@ -92,7 +92,7 @@ def cpu_preset(preset: Preset) -> Preset:
     experts = min(preset.num_experts, 16)
 
     def shrink(n: int) -> int:
-        return max(16, -(-(n // 16) // 16) * 16)
+        return max(16, -(-(n // 32) // 16) * 16)
 
     return replace(
         preset,

@@ -31,6 +31,7 @@ import moekit
 from moekit.bench.baselines import BASELINES
 from moekit.bench.ceilings import Ceilings
 from moekit.bench.inputs import (
+    ExpertWeights,
     experts_hit,
     make_tokens,
     make_weights,
@@ -39,6 +40,7 @@ from moekit.bench.inputs import (
     rel_err,
 )
 from moekit.bench.presets import Preset
+from moekit.bench.probe import probe_grouped_mm
 from moekit.bench.roofline import Cost, achieved, moe_cost
 from moekit.bench.timing import (
     CaptureFailed,
@@ -63,12 +65,15 @@ class Impl:
             activation, b13, b2) -> [M, H].
         capturable: False when it is known to synchronise with the host, so no graph
             capture is attempted; `why_not` says why.
+        probe: optional canary `probe(dtype) -> reason | None` run in a child process
+            before a CUDA table (see `moekit.bench.probe`).
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
     capturable: bool = True
     why_not: str = ""
+    probe: Callable[[str], str | None] | None = None
 
 
 def _moekit_fused_experts(hidden, w13, w2, topk_ids, topk_weights, *, activation, b13, b2):
@@ -80,10 +85,23 @@ def implementations(baselines: bool = True) -> list[Impl]:
     """moekit first, then (optionally) the plain-PyTorch baselines."""
     impls = [Impl("moekit", _moekit_fused_experts)]
     if baselines:
-        impls.append(Impl("torch_grouped_mm", BASELINES["torch_grouped_mm"]))
+        impls.append(Impl("torch_grouped_mm", BASELINES["torch_grouped_mm"],
+                          probe=probe_grouped_mm))
         impls.append(Impl("torch_loop", BASELINES["torch_loop"], capturable=False,
                           why_not="not graph-captured: it synchronises (nonzero → host list)"))
     return impls
+
+
+def screen(impls: list[Impl], dtype: str) -> tuple[list[Impl], list[str]]:
+    """Run each implementation's probe; drop those that fail. Returns (kept, notes)."""
+    kept, notes = [], []
+    for impl in impls:
+        reason = impl.probe(dtype) if impl.probe is not None else None
+        if reason is None:
+            kept.append(impl)
+        else:
+            notes.append(f"{impl.name} left out: {reason}")
+    return kept, notes
 
 
 @dataclass(frozen=True)
@@ -139,7 +157,8 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 
 def make_row(preset: Preset, num_tokens: int, config: TableConfig, impl: str, graph: bool,
              timing: Timing | None, cost: Cost, ceilings: Ceilings, err: float | None,
-             hit: int, checked_rows: int, note: str | None) -> dict:
+             hit: int, checked_rows: int, note: str | None,
+             extra_note: str | None = None) -> dict:
     """One result row: PERF.md's required keys first, then the extra keys.
 
     Args:
@@ -150,7 +169,7 @@ def make_row(preset: Preset, num_tokens: int, config: TableConfig, impl: str, gr
     floor = cost.floor_us(ceilings.mem_GBps, peak)
     time_us = timing.median_us if timing else None
     gbps, tflops = achieved(cost, time_us) if time_us else (None, None)
-    notes = [n for n in (timing.note if timing else None, note) if n]
+    notes = [n for n in (timing.note if timing else None, note, extra_note) if n]
     return {
         "preset": preset.name, "E": preset.num_experts, "topk": preset.top_k,
         "H": preset.hidden, "I": preset.inter, "M": num_tokens, "dtype": config.dtype,
@@ -194,41 +213,54 @@ def run_table(config: TableConfig, impls: list[Impl], timer, ceilings: Ceilings,
         CudaContextLost: the device is unusable; rows yielded so far are valid.
     """
     progress = progress or Progress(config.planned(impls, device))
+    for preset in config.presets:
+        weights = make_weights(preset, DTYPES[config.dtype], device, config.seed)
+        try:
+            yield from _preset_rows(preset, weights, config, impls, timer, ceilings, device,
+                                    progress)
+        finally:
+            # Nothing else may hold the weights here, or the next preset runs out of memory.
+            del weights
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _preset_rows(preset: Preset, weights: ExpertWeights, config: TableConfig,
+                 impls: list[Impl], timer, ceilings: Ceilings, device: torch.device,
+                 progress: Progress) -> Iterator[dict]:
+    """Rows of one preset, token count by token count."""
     dtype = DTYPES[config.dtype]
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     elt = torch.empty((), dtype=dtype).element_size()
-    for preset in config.presets:
-        weights = make_weights(preset, dtype, device, config.seed)
+    for m in config.tokens:
+        hidden, topk = make_tokens(preset, m, dtype, device, config.routing, config.seed)
+        rows = reference_rows(m, config.ref_rows, config.seed)
         try:
-            for m in config.tokens:
-                hidden, topk = make_tokens(preset, m, dtype, device, config.routing, config.seed)
-                rows = reference_rows(m, config.ref_rows, config.seed)
-                ref = reference_output(hidden, weights, topk, preset.activation, rows)
-                hit = experts_hit(topk.ids, preset.num_experts)
-                cost = moe_cost(m, preset.top_k, preset.hidden, preset.inter, preset.gemm1_rows,
-                                hit, weight_bytes=elt, act_bytes=elt, bias=preset.bias)
-                checked = m if rows is None else len(rows)
-                row = partial(make_row, preset, m, config, cost=cost, ceilings=ceilings,
-                              hit=hit, checked_rows=checked)
-                check = partial(rel_err, ref=ref, rows=rows)
-                for impl in impls:
-                    call = partial(impl.fn, hidden, weights.w13, weights.w2, topk.ids,
-                                   topk.weights, activation=preset.activation,
-                                   b13=weights.b13, b2=weights.b2)
-                    graph = config.graph_planned(impl, m, device)
-                    results = _measure(impl, call, check, timer, graph, cuda, sync, row,
-                                       uncaptured=config.graph_wanted(m, device))
-                    for result in results:
-                        progress.step(_describe(result))
-                        yield result
-                    progress.done += 1 + graph - len(results)  # steps that gave no row
-                del hidden, topk, ref
-        finally:
-            del weights
-            gc.collect()
+            ref = reference_output(hidden, weights, topk, preset.activation, rows)
+            check = partial(rel_err, ref=ref, rows=rows)
+            ref_note = None
+        except Exception as exc:  # keep timing; the rows say the check is missing
             if cuda:
-                torch.cuda.empty_cache()
+                check_cuda_alive()
+            check = lambda out: None
+            ref_note = f"reference failed: {short_error(exc)}"
+        hit = experts_hit(topk.ids, preset.num_experts)
+        cost = moe_cost(m, preset.top_k, preset.hidden, preset.inter, preset.gemm1_rows,
+                        hit, weight_bytes=elt, act_bytes=elt, bias=preset.bias)
+        row = partial(make_row, preset, m, config, cost=cost, ceilings=ceilings, hit=hit,
+                      checked_rows=m if rows is None else len(rows), extra_note=ref_note)
+        for impl in impls:
+            call = partial(impl.fn, hidden, weights.w13, weights.w2, topk.ids, topk.weights,
+                           activation=preset.activation, b13=weights.b13, b2=weights.b2)
+            graph = config.graph_planned(impl, m, device)
+            results = _measure(impl, call, check, timer, graph, cuda, sync, row,
+                               uncaptured=config.graph_wanted(m, device))
+            for result in results:
+                progress.step(_describe(result))
+                yield result
+            progress.done += 1 + graph - len(results)  # planned steps that gave no row
 
 
 def _measure(impl: Impl, call, check, timer, graph: bool, cuda: bool, sync,
@@ -246,6 +278,8 @@ def _measure(impl: Impl, call, check, timer, graph: bool, cuda: bool, sync,
         err = check(out)
         del out
         eager = timer.eager(call)
+    except CudaContextLost:
+        raise
     except Exception as exc:  # any failure of the implementation becomes a note
         if cuda:
             check_cuda_alive()

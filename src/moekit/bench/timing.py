@@ -6,7 +6,8 @@ CUDA (PERF.md, "Timing rules"):
   the median (plus the 20th/80th percentiles). The L2 flush matters: at small M only
   a few experts are read and their weights can fit in the 50 MB L2. The flush also
   keeps the GPU busy while the host launches, so the eager time is GPU time; launch
-  cost shows in `back_to_back_us`, the mean of N calls issued back to back.
+  cost shows in `back_to_back_us`, the mean of N calls issued back to back (for
+  calls under 2 ms, where launch cost can matter).
 - graph: static inputs, the call warmed on a side stream, captured once with
   `torch.cuda.graph`, and `graph.replay` timed exactly like an eager call.
 - a hard cap per cell: when one call is so slow that do_bench's minimum of eight calls
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+BACK_TO_BACK_MAX_US = 2000.0  # eager calls slower than this skip the back-to-back figure
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,28 @@ def check_cuda_alive() -> None:
         torch.ones(1, device="cuda").add_(1).item()
     except Exception as exc:  # any failure here means the context is gone
         raise CudaContextLost(short_error(exc)) from exc
+
+
+def _refuse_host_syncs(fn: Callable[[], object]) -> None:
+    """Call `fn` with torch's sync debug mode on "error"; CaptureFailed if it synchronises.
+
+    A synchronising call (`.item()`, `nonzero`, a pageable copy) cannot be captured, and
+    a capture that fails half-way leaves the allocator with a stale capture filter. So
+    syncs are caught here, outside any capture, and most capture failures never happen.
+    """
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as exc:  # torch raises "called a synchronizing CUDA operation"
+        if "synchroniz" not in str(exc):
+            raise
+        reason = short_error(exc, 100)
+    else:
+        return
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+    raise CaptureFailed(f"synchronises with the host ({reason})")
 
 
 class CudaTimer:
@@ -126,7 +151,8 @@ class CudaTimer:
         """Time `fn` (already warmed up, e.g. compiled by a first call)."""
         samples, note = self._samples(fn)
         timing = Timing.from_samples(samples, note=note)
-        if note is None and self.back_to_back_ms > 0:
+        # Launch overhead only matters next to short calls; skip it for long ones.
+        if note is None and self.back_to_back_ms > 0 and timing.median_us < BACK_TO_BACK_MAX_US:
             b2b = self._back_to_back_us(fn, timing.median_us)
             timing = Timing.from_samples(samples, back_to_back_us=b2b)
         return timing
@@ -141,18 +167,20 @@ class CudaTimer:
         Returns:
             (Timing of `graph.replay`, check(output)).
         Raises:
-            CaptureFailed when capture (or the first replay) fails; CudaContextLost when
-            the context did not survive it.
+            CaptureFailed when `fn` synchronises with the host or capture (or the first
+            replay) fails; CudaContextLost when the context did not survive it.
         """
         caller = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):  # warm-up allocations off the capture stream
+            try:
+                _refuse_host_syncs(fn)
+                fn()
+            finally:
+                caller.wait_stream(side)
         graph = None
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(caller)
-            with torch.cuda.stream(side):  # warm-up allocations off the capture stream
-                for _ in range(2):
-                    fn()
-            caller.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = fn()
@@ -188,7 +216,7 @@ class CpuTimer:
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e6)
-        return Timing.from_samples(samples, note="CPU wall clock")
+        return Timing.from_samples(samples)
 
     def graph(self, fn, check):  # same interface as CudaTimer
         raise CaptureFailed("no CUDA graphs on the CPU")

@@ -1,0 +1,107 @@
+"""Tests of the `moekit` command line: option parsing, clear errors, and a tiny CPU run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moekit.bench.command import NO_CUDA_LINE
+from moekit.bench.presets import PRESETS
+from moekit.bench.results import REQUIRED_ROW_KEYS
+from moekit.cli import COMMANDS, build_parser, main
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+def test_bench_defaults():
+    args = parse("bench")
+    assert args.presets is None and args.tokens is None  # resolved per device at run time
+    assert (args.dtype, args.routing, args.graph, args.baselines) == ("bf16", "balanced", True,
+                                                                     True)
+    assert args.out == "bench/results" and args.graph_max_m == 512
+
+
+def test_bench_options():
+    args = parse("bench", "--presets", "qwen3-30b-a3b,olmoe-1b-7b", "deepseek-v3",
+                 "--tokens", "1,8", "64", "--dtype", "fp16", "--no-graph", "--no-baselines",
+                 "--routing", "skewed", "--out", "/tmp/x", "--rep-ms", "50")
+    assert args.presets == [["qwen3-30b-a3b", "olmoe-1b-7b"], ["deepseek-v3"]]
+    assert args.tokens == [[1, 8], [64]]
+    assert (args.dtype, args.graph, args.baselines, args.routing) == ("fp16", False, False,
+                                                                     "skewed")
+    assert args.out == "/tmp/x" and args.rep_ms == 50.0
+
+
+# Each case: argv, a fragment of the error message, and why.
+ERROR_CASES = [
+    (["bench", "--presets", "mixtral-8x22b"], "unknown preset 'mixtral-8x22b'", "typo'd preset"),
+    (["bench", "--dtype", "fp8"], "invalid choice: 'fp8'", "dtype not supported yet"),
+    (["bench", "--tokens", "0"], "token count must be ≥ 1", "M = 0 is not a table cell"),
+    (["bench", "--tokens", "eight"], "is not an integer", "not a number"),
+    (["bench", "--routing", "zipf"], "invalid choice: 'zipf'", "unknown routing"),
+    (["frobnicate"], "invalid choice: 'frobnicate'", "unknown command"),
+    ([], "required", "no command at all"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment,why", ERROR_CASES, ids=[c[2] for c in ERROR_CASES])
+def test_bad_options_exit_with_a_clear_message(argv, fragment, why, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_unknown_preset_lists_known_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--presets", "nope"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in PRESETS)
+
+
+def test_commands_table_has_bench():
+    assert "bench" in COMMANDS and COMMANDS["bench"].help
+
+
+def test_broken_subcommand_module_only_disables_itself(monkeypatch, capsys):
+    from moekit.cli import Command
+
+    monkeypatch.setitem(COMMANDS, "tune", Command("tune kernels", "moekit._no_such_module"))
+    assert main(["tune"]) == 1
+    assert "moekit tune: unavailable (ModuleNotFoundError" in capsys.readouterr().err
+    assert parse("bench").dtype == "bf16"  # bench still parses
+
+
+def test_cpu_bench_end_to_end_writes_both_files(tmp_path, capsys):
+    status = main(["bench", "--cpu", "--presets", "granite-3.0-3b-a800m", "--tokens", "1,4",
+                   "--rep-ms", "2", "--out", str(tmp_path)])
+    assert status == 0
+    captured = capsys.readouterr()
+    assert "not a performance result" in captured.err
+    assert "[6/6]" in captured.err  # 2 token counts × 3 implementations, one line each
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("cpu-")
+    assert files[0].endswith("-kernels-bf16.json") and files[1].endswith("-kernels-bf16.md")
+    doc = json.loads((tmp_path / files[0]).read_text())
+    assert doc["command"].startswith("moekit bench --cpu") and doc["cpu"] is True
+    assert {"read_GBps", "mem_GBps", "copy_GBps", "bf16_TFLOPs", "fp8_TFLOPs"} <= doc[
+        "ceilings"].keys()
+    assert len(doc["rows"]) == 6 and all(set(REQUIRED_ROW_KEYS) <= r.keys() for r in doc["rows"])
+    md = (tmp_path / files[1]).read_text()
+    assert "not a performance result" in md and "| granite-3.0-3b-a800m |" in md
+    assert md.strip() in captured.out  # the table is also printed
+
+
+def test_out_dash_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--cpu", "--presets", "olmoe-1b-7b", "--tokens", "2",
+                 "--no-baselines", "--rep-ms", "1", "--out", "-"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "| olmoe-1b-7b |" in capsys.readouterr().out
+
+
+def test_no_cuda_line_is_one_line():
+    assert "\n" not in NO_CUDA_LINE and "not a performance result" in NO_CUDA_LINE
