@@ -26,19 +26,25 @@ an `Activation` value. This module makes that translation in two steps:
 2. *Operands*: when the module's storage already is moekit's layout (Mixtral, Qwen3-MoE,
    OLMoE, DeepSeek-V3) they alias the live parameters, at no cost and never stale.
    Otherwise (gpt-oss: transposed and interleaved) the converted copies are made once and
-   cached on the module with a key of (data_ptr, version counter, shape, dtype, device)
-   per source parameter, so loading new weights, `.to()`, or an in-place update is
-   noticed and triggers exactly one reconversion. The copies double the experts' memory
-   for such modules; they are made under `no_grad` (this path is for inference).
+   cached on the module, keyed by each source parameter's identity (a weak reference,
+   so a replaced parameter is noticed even when the allocator hands its address to the
+   new one, and the old one is not kept alive), storage address and version counter.
+   Loading new weights (`load_state_dict`), `.to()`, assigning a new parameter, or an
+   in-place update such as `p.mul_(2)` under `no_grad` each trigger exactly one
+   reconversion. Writes through `p.data` bypass the version counter and are not seen.
+   The copies double the experts' memory for such modules; they are made under
+   `no_grad` (this path is for inference).
 
 Under `torch.compile` the key cannot be read (`data_ptr` is not traceable): a cached
-conversion is used as is, or, if none exists yet, the conversion is traced into the
-graph. Call `prepare_experts` (or `moekit.integrations.transformers.prepare_model`)
-before compiling so that compiled graphs read the cached copies.
+conversion is used as is, and changes to the weights after compiling are not seen. A
+missing plan or conversion is made eagerly, outside the graph (a graph break for that
+trace). Call `prepare_experts` (or `moekit.integrations.transformers.prepare_model`)
+before compiling so that compiled graphs read the cached copies without a break.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -80,20 +86,47 @@ class ExpertsPlan:
         return self.transposed or self.interleaved
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class SourceId:
+    """Which tensor a converted copy came from, and in which state.
+
+    Compared with `matches`, not `==`: a weak reference compares its referents, and
+    tensors compare element-wise.
+    """
+
+    ref: weakref.ref
+    data_ptr: int
+    version: int | None
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> SourceId:
+        return cls(weakref.ref(t), t.data_ptr(), _version(t))
+
+    def matches(self, t: torch.Tensor) -> bool:
+        return self.ref() is t and self.data_ptr == t.data_ptr() and self.version == _version(t)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+@dataclass(frozen=True, eq=False)
 class ExpertsOperands:
     """An experts module's weights in moekit's layout.
 
     w13: [E, 2I, H] (gate rows first) or [E, I, H] without a gate. w2: [E, H, I].
-    b13: [E, 2I] or None. b2: [E, H] or None. `key` identifies the source parameters
-    the copies were made from (empty when the operands alias them).
+    b13: [E, 2I] or None. b2: [E, H] or None. `sources` identifies the parameters the
+    copies were made from (empty when the operands alias them).
     """
 
     w13: torch.Tensor
     w2: torch.Tensor
     b13: torch.Tensor | None
     b2: torch.Tensor | None
-    key: tuple = ()
+    sources: tuple[SourceId, ...] = ()
 
     @property
     def num_experts(self) -> int:
@@ -103,10 +136,21 @@ class ExpertsOperands:
 def experts_plan(module: torch.nn.Module) -> ExpertsPlan:
     """The module's cached plan, made on first use (see the module docstring)."""
     plan = getattr(module, PLAN_ATTR, None)
-    if plan is None:
-        plan = make_plan(module)
-        setattr(module, PLAN_ATTR, plan)
+    if plan is not None:
+        return plan
+    if torch.compiler.is_compiling():
+        return _store_plan_eagerly(module)
+    return _store_plan(module)
+
+
+def _store_plan(module: torch.nn.Module) -> ExpertsPlan:
+    plan = make_plan(module)
+    setattr(module, PLAN_ATTR, plan)
     return plan
+
+
+# The probe and the attribute store are one-time eager work, not graph material.
+_store_plan_eagerly = torch.compiler.disable(_store_plan)
 
 
 def make_plan(module: torch.nn.Module) -> ExpertsPlan:
@@ -191,16 +235,29 @@ def experts_operands(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOpera
     """
     if not plan.converts:
         return _source_operands(module, plan)
-    cached = getattr(module, CACHE_ATTR, None)
     if torch.compiler.is_compiling():
-        # The key is not traceable; trust a cache made before compiling (see docstring).
-        return cached if cached is not None else convert(module, plan)
-    key = source_key(module, plan)
-    if cached is None or cached.key != key:
-        cached = convert(module, plan)
-        cached = ExpertsOperands(cached.w13, cached.w2, cached.b13, cached.b2, key)
+        # The key is not traceable; trust a cache made before compiling (see docstring),
+        # or make one outside the graph.
+        cached = getattr(module, CACHE_ATTR, None)
+        return cached if cached is not None else _refresh_eagerly(module, plan)
+    return _refresh(module, plan)
+
+
+def _refresh(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOperands:
+    """The cached copies, converted again first if any source parameter changed."""
+    cached = getattr(module, CACHE_ATTR, None)
+    sources = [getattr(module, name) for name in _source_names(plan)]
+    if cached is None or len(cached.sources) != len(sources) or not all(
+        sid.matches(t) for sid, t in zip(cached.sources, sources, strict=True)
+    ):
+        ops = convert(module, plan)
+        ids = tuple(SourceId.of(t) for t in sources)
+        cached = ExpertsOperands(ops.w13, ops.w2, ops.b13, ops.b2, ids)
         setattr(module, CACHE_ATTR, cached)
     return cached
+
+
+_refresh_eagerly = torch.compiler.disable(_refresh)
 
 
 def prepare_experts(module: torch.nn.Module) -> ExpertsPlan:
@@ -217,19 +274,6 @@ def _source_names(plan: ExpertsPlan) -> tuple[str, ...]:
     if plan.has_bias:
         names += (first + "_bias", "down_proj_bias")
     return names
-
-
-def source_key(module: torch.nn.Module, plan: ExpertsPlan) -> tuple:
-    """Identity of the source parameters: changes when they are replaced, moved or updated."""
-    key = []
-    for name in _source_names(plan):
-        t = getattr(module, name)
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors have no version counter
-            version = None
-        key.append((name, t.data_ptr(), version, tuple(t.shape), t.dtype, t.device))
-    return tuple(key)
 
 
 def _source_operands(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOperands:
@@ -249,7 +293,9 @@ def convert(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOperands:
     column/row j at 2j and up at 2j+1, for the weight and its bias alike.
     """
     src = _source_operands(module, plan)
-    with torch.no_grad():
+    # Plain tensors even when the first forward runs under inference_mode: the cache
+    # outlives that region, and inference tensors cannot be used outside one.
+    with torch.inference_mode(False), torch.no_grad():
         w13, w2 = src.w13, src.w2
         if plan.transposed:
             w13 = w13.transpose(1, 2)  # [E, 2I, H]

@@ -1,0 +1,14 @@
+"""End-to-end model runs: a real-width MoE model with transformers' experts vs moekit's.
+
+    families.py   the model families and the widths of their published checkpoints
+    model.py      building one with random weights on the device
+    decode.py     timed prefill + greedy decode, and the token checks between two runs
+    results.py    JSON + Markdown result files with device, versions, date, command
+    command.py    `moekit run`: `add_run_arguments(parser)` and `run_command(args)`
+
+Needs transformers (`moekit[transformers]`); only `run_command` imports it.
+"""
+
+from moekit.e2e.command import add_run_arguments, run_command
+
+__all__ = ["add_run_arguments", "run_command"]

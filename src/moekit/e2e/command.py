@@ -1,0 +1,231 @@
+"""`moekit run`: a real-width MoE model, transformers' experts vs moekit, end to end.
+
+    moekit run --model mixtral [--layers N] [--batch B] [--prompt-len P] [--new-tokens T]
+
+builds the family's model with its published widths, a few layers and random weights
+(`moekit.e2e.families`, `moekit.e2e.model`), then on one prompt runs prefill + greedy
+decode (`moekit.e2e.decode`) with transformers' own experts implementation (its default
+unless `--baseline` names one) and with moekit, alternating the two for each repeat so
+that clock drift hits both alike. It reports prefill tokens/s, time per output token and
+moekit's speedup, checks that both produce the same tokens, and writes JSON + Markdown
+(`moekit.e2e.results`).
+
+On a machine without CUDA it runs the same pipeline at tiny widths (`--scale tiny`, the
+default there) and says so: that checks the wiring, not the speed.
+
+The exit status is 1 when moekit's teacher-forced agreement with the baseline falls below
+`--min-agreement` (or the logits are not finite), so the command doubles as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from typing import Any
+
+import torch
+
+from moekit.e2e.families import FAMILIES, get_family
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Default shapes per scale: (batch, prompt length, new tokens).
+DEFAULT_SHAPE = {"real": (4, 512, 64), "tiny": (2, 32, 16)}
+TINY_LAYERS = 2
+WARMUP_TOKENS = 3
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of `moekit run` to `parser`."""
+    parser.add_argument("--model", required=True, choices=sorted(FAMILIES),
+                        help="model family (widths of its published checkpoint)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers to build (default: per family at real scale, "
+                             f"{TINY_LAYERS} at tiny scale)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per batch")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens to generate")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--scale", choices=("real", "tiny"), default=None,
+                        help="real widths (default on CUDA) or tiny ones (default on CPU)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument("--baseline", default=None,
+                        help="transformers experts implementation to compare with "
+                             "(default: transformers' default for the model)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and prompt")
+    parser.add_argument("--min-agreement", type=float, default=0.9,
+                        help="fail below this teacher-forced token agreement")
+    parser.add_argument("--out-dir", default="bench/results",
+                        help="where to write the JSON and Markdown results ('' to skip)")
+
+
+def _log(message: str) -> None:
+    print(f"[moekit run] {message}", file=sys.stderr, flush=True)
+
+
+def _progress(label: str):
+    """A decode progress callback that redraws one line on a terminal, silent otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def report(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r[moekit run]   {label}: token {done}/{total}", end=end, file=sys.stderr,
+              flush=True)
+
+    return report
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run `moekit run` with parsed `args`; returns the exit status."""
+    try:
+        from moekit.integrations import transformers as moekit_transformers
+
+        moekit_transformers.register()
+    except ImportError as exc:
+        print(f"moekit run: {exc}", file=sys.stderr)
+        return 2
+    from moekit.e2e.decode import compare_runs, greedy_decode, teacher_forced_agreement
+    from moekit.e2e.model import build_model
+    from moekit.e2e.results import environment, write_results
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scale = args.scale or ("real" if device.type == "cuda" else "tiny")
+    if scale == "real" and device.type != "cuda":
+        print("moekit run: real widths need a CUDA device; use --scale tiny on the CPU",
+              file=sys.stderr)
+        return 2
+    family = get_family(args.model)
+    layers = args.layers or (family.default_layers if scale == "real" else TINY_LAYERS)
+    default_batch, default_prompt, default_new = DEFAULT_SHAPE[scale]
+    batch = args.batch or default_batch
+    prompt_len = args.prompt_len or default_prompt
+    new_tokens = args.new_tokens or default_new
+    dtype = DTYPES[args.dtype]
+    if scale == "tiny":
+        _log("TINY widths (no CUDA or --scale tiny): this checks the wiring, it does not "
+             "measure the real model")
+
+    config = family.build_config(scale, layers)
+    _log(f"building {family.name} ({family.checkpoint} widths, {scale}), {layers} layers, "
+         f"{args.dtype}, random weights, on {device}")
+    model = build_model(config, dtype=dtype, device=device, seed=args.seed)
+    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    _log(f"model built: {weight_gb * 1e3:.1f} MB of weights" if weight_gb < 1
+         else f"model built: {weight_gb:.1f} GB of weights")
+    baseline = args.baseline or model.config._experts_implementation
+    if baseline == moekit_transformers.NAME:
+        print("moekit run: --baseline must be a transformers implementation", file=sys.stderr)
+        return 2
+
+    model.set_experts_implementation(moekit_transformers.NAME)
+    plans = moekit_transformers.prepare_model(model)
+    served = [name for name, plan in plans.items() if plan.supported]
+    converted = [name for name, plan in plans.items() if plan.supported and plan.converts]
+    _log(f"moekit serves {len(served)}/{len(plans)} experts modules "
+         f"({len(converted)} converted to moekit's layout once)")
+    for name, plan in plans.items():
+        if not plan.supported:
+            _log(f"  falls back to transformers: {name}: {plan.reason}")
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=gen)
+    prompt = prompt.to(device)  # [B, P]
+    implementations = (baseline, moekit_transformers.NAME)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for impl in implementations:
+        _log(f"warmup {impl} (first calls compile kernels)")
+        model.set_experts_implementation(impl)
+        greedy_decode(model, prompt, min(WARMUP_TOKENS, new_tokens))
+
+    runs: dict[str, list] = {impl: [] for impl in implementations}
+    for repeat in range(args.repeats):
+        for impl in implementations:
+            model.set_experts_implementation(impl)
+            label = f"repeat {repeat + 1}/{args.repeats} {impl}"
+            run = greedy_decode(model, prompt, new_tokens, progress=_progress(label))
+            runs[impl].append(run)
+            _log(f"{label}: prefill {run.prefill_s * 1e3:.2f} ms, "
+                 f"TPOT {run.tpot_s() * 1e3:.3f} ms")
+
+    base_run, moe_run = runs[baseline][0], runs[moekit_transformers.NAME][0]
+    match = compare_runs(base_run, moe_run)
+    _log("checking tokens (teacher-forced on the baseline's continuation)")
+    match["teacher_forced_agreement"] = teacher_forced_agreement(model, prompt, base_run.tokens)
+    # The same check for the baseline itself (one full forward against its own cached
+    # decode): the agreement that numerics alone allow at this dtype.
+    model.set_experts_implementation(baseline)
+    match["baseline_self_agreement"] = teacher_forced_agreement(model, prompt, base_run.tokens)
+    finite = all(torch.isfinite(r.prefill_logits).all().item() for rs in runs.values() for r in rs)
+
+    summary = {impl: _summarise(rs, batch, prompt_len) for impl, rs in runs.items()}
+    base, moe = summary[baseline], summary[moekit_transformers.NAME]
+    record: dict[str, Any] = {
+        **environment(device, getattr(args, "command_line", None)),
+        "family": family.name,
+        "checkpoint": family.checkpoint,
+        "scale": scale,
+        "shape": {"layers": layers, "batch": batch, "prompt_len": prompt_len,
+                  "new_tokens": new_tokens, "dtype": args.dtype},
+        "config": {k: v for k, v in family.config_kwargs(scale, layers).items()
+                   if isinstance(v, (int, float, str, bool)) or v is None},
+        "experts": {"baseline": baseline, "modules": len(plans), "served": len(served),
+                    "converted": len(converted),
+                    "fallback": {n: p.reason for n, p in plans.items() if not p.supported}},
+        "weights_gb": weight_gb,
+        "repeats": args.repeats,
+        "runs": summary,
+        "speedup": {"prefill": base["prefill_ms"] / moe["prefill_ms"],
+                    "decode": base["tpot_ms"] / moe["tpot_ms"]},
+        "match": match,
+        "finite": finite,
+    }
+    if device.type == "cuda":
+        record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+
+    _print_summary(record)
+    if args.out_dir:
+        json_path, md_path = write_results(record, args.out_dir, family.name)
+        _log(f"wrote {json_path} and {md_path}")
+    if not finite or match["teacher_forced_agreement"] < args.min_agreement:
+        _log(f"FAILED: teacher-forced agreement {match['teacher_forced_agreement']:.1%} "
+             f"(minimum {args.min_agreement:.0%}), finite logits: {finite}")
+        return 1
+    return 0
+
+
+def _summarise(runs: list, batch: int, prompt_len: int) -> dict[str, float]:
+    """Median timings over repeats, in the units the report uses."""
+    prefill_s = statistics.median(r.prefill_s for r in runs)
+    tpot_s = statistics.median(r.tpot_s() for r in runs)
+    return {
+        "prefill_ms": prefill_s * 1e3,
+        "prefill_tok_s": batch * prompt_len / prefill_s,
+        "tpot_ms": tpot_s * 1e3,
+        "decode_tok_s": batch / tpot_s if tpot_s > 0 and not math.isnan(tpot_s) else 0.0,
+        "prefill_ms_all": [r.prefill_s * 1e3 for r in runs],
+        "tpot_ms_all": [r.tpot_s() * 1e3 for r in runs],
+    }
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    shape = record["shape"]
+    scale_note = "" if record["scale"] == "real" else "  [TINY widths: not a benchmark]"
+    print(f"{record['family']} ({record['checkpoint']} widths, {shape['layers']} layers, "
+          f"{shape['dtype']}), batch {shape['batch']}, prompt {shape['prompt_len']}, "
+          f"{shape['new_tokens']} new tokens{scale_note}")
+    print(f"{'experts':<12} {'prefill ms':>11} {'prefill tok/s':>14} {'TPOT ms':>9}")
+    for name, run in record["runs"].items():
+        print(f"{name:<12} {run['prefill_ms']:>11.2f} {run['prefill_tok_s']:>14.0f} "
+              f"{run['tpot_ms']:>9.3f}")
+    speed, match = record["speedup"], record["match"]
+    print(f"moekit speedup: prefill x{speed['prefill']:.2f}, decode x{speed['decode']:.2f}")
+    print(f"tokens: teacher-forced agreement {match['teacher_forced_agreement']:.1%} "
+          f"(baseline vs itself {match['baseline_self_agreement']:.1%}), free-running match "
+          f"{match['token_match']:.1%}, identical sequences {match['exact_match']:.1%}, "
+          f"prefill logits rel L2 {match['prefill_logits_rel_l2']:.2e}")

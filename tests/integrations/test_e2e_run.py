@@ -1,0 +1,83 @@
+"""`moekit run` pieces: the family registry's widths and the CPU (tiny) end-to-end run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "transformers", reason="`moekit run` needs transformers (moekit[transformers])"
+)
+pytest.importorskip("transformers.integrations.moe", reason="needs transformers >= 5.7")
+
+from moekit.e2e import add_run_arguments, run_command  # noqa: E402
+from moekit.e2e.families import FAMILIES  # noqa: E402
+
+# (family, H, expert I, E, k) from each checkpoint's config.json: the registry must
+# keep these, since `moekit run` claims to time one real MoE layer of each.
+PUBLISHED = [
+    ("mixtral", 4096, 14336, 8, 2),  # Mixtral-8x7B: few huge experts, k=2
+    ("qwen3-moe", 2048, 768, 128, 8),  # Qwen3-30B-A3B: many small experts
+    ("olmoe", 2048, 1024, 64, 8),  # OLMoE-1B-7B
+    ("deepseek-v3", 7168, 2048, 256, 8),  # DeepSeek-V3: the largest layer
+    ("gpt-oss", 2880, 2880, 128, 4),  # gpt-oss-120b
+]
+
+_KEYS = {
+    "expert_i": ("moe_intermediate_size", "intermediate_size"),
+    "experts": ("n_routed_experts", "num_local_experts", "num_experts"),
+}
+
+
+def _first(config, names):
+    return next(getattr(config, n) for n in names if getattr(config, n, None) is not None)
+
+
+@pytest.mark.parametrize("family,hidden,inter,experts,top_k", PUBLISHED,
+                         ids=[p[0] for p in PUBLISHED])
+def test_real_widths_are_the_published_ones(family, hidden, inter, experts, top_k):
+    config = FAMILIES[family].build_config("real", layers=2)
+    assert config.hidden_size == hidden
+    assert _first(config, _KEYS["expert_i"]) == inter
+    assert _first(config, _KEYS["experts"]) == experts
+    assert config.num_experts_per_tok == top_k
+    assert config.num_hidden_layers == 2
+
+
+def test_every_built_layer_is_moe():
+    # DeepSeek-V3's checkpoint starts with dense layers; a 2-layer cut must not.
+    assert FAMILIES["deepseek-v3"].build_config("real", 2).first_k_dense_replace == 0
+    assert FAMILIES["gpt-oss"].build_config("tiny", 3).layer_types == [
+        "sliding_attention", "full_attention", "sliding_attention"]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="moekit run")
+    add_run_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_run_cpu_tiny_writes_results(tmp_path):
+    args = _parse(["--model", "olmoe", "--scale", "tiny", "--device", "cpu", "--batch", "2",
+                   "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+                   "--out-dir", str(tmp_path)])
+    args.command_line = "moekit run --model olmoe (test)"
+    assert run_command(args) == 0
+    (json_path,) = tmp_path.glob("cpu-*-e2e-olmoe.json")
+    record = json.loads(json_path.read_text())
+    for key in ("device", "torch", "triton", "transformers", "date", "command"):
+        assert key in record, key
+    assert record["command"] == "moekit run --model olmoe (test)"
+    assert record["scale"] == "tiny" and record["experts"]["served"] == 2
+    assert record["match"]["teacher_forced_agreement"] >= 0.9
+    assert record["runs"].keys() == {record["experts"]["baseline"], "moekit"}
+    md = json_path.with_suffix(".md").read_text()
+    assert "tiny widths" in md and "TPOT" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_real_scale_needs_cuda():
+    assert run_command(_parse(["--model", "mixtral", "--scale", "real"])) == 2
