@@ -39,7 +39,7 @@ CASES = [
     (3, 2, 4, 16, "more slots than pairs"),
     (64, 8, 60, 16, "E not a power of two"),
     (40, 2, 1, 32, "all tokens on one expert"),
-    (200, 4, 7, 64, "several chunks: the multi-launch path"),
+    (1100, 4, 7, 64, "more than 4096 pairs: several chunks, two launches"),
     (20, 3, 1100, 16, "E > 1024"),
 ]
 

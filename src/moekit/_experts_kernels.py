@@ -76,6 +76,7 @@ def _gemm1_kernel(
     HAS_BIAS: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -102,17 +103,24 @@ def _gemm1_kernel(
 
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Padding rows read token 0 (a valid row) unmasked: a dot's output row depends only on
+    # its own input row, and padding rows are never stored.
     for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        if EVEN_K and EVEN_N:
+            a = tl.load(a_ptrs)
+            g = tl.load(g_ptrs)
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
             g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             k_ok = offs_k + k0 < H
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         gate = tl.dot(a, g, gate, input_precision=DOT_PRECISION)
         if GATED:
-            if EVEN_K:
+            if EVEN_K and EVEN_N:
+                u = tl.load(u_ptrs)
+            elif EVEN_K:
                 u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
             else:
                 u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
@@ -158,6 +166,7 @@ def _gemm2_kernel(
     WEIGHT_ON_OUTPUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -181,13 +190,18 @@ def _gemm2_kernel(
     b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Padding slots of `inter` hold whatever was there; as in GEMM1 they only reach their
+    # own (unstored) output rows, so the loads stay unmasked along M.
     for k0 in range(0, I, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        if EVEN_K and EVEN_N:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             k_ok = offs_k + k0 < I
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K

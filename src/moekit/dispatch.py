@@ -19,16 +19,30 @@ from moekit.dispatch_plan import DispatchPlan, max_padded_pairs
 
 _BLOCKS_PER_PROGRAM = 64
 _BLOCK_TILE = 16
+# Up to this many pairs one program sorts them all and the count launch is skipped:
+# launches cost far more host time than sorting 4096 keys costs the GPU.
+_SINGLE_CHUNK_PAIRS = 4096
 
 
-def _chunk_size(num_pairs: int, bins: int) -> int:
-    """Pairs per program: one chunk for decode, ~64 chunks for large batches."""
-    chunk = triton.next_power_of_2(max(1, -(-num_pairs // 64)))
-    chunk = max(256, min(chunk, 4096))
-    # Sort keys are expert * chunk + position and must stay within int32.
-    while chunk > 256 and bins * chunk >= 2**31:
-        chunk //= 2
-    return chunk
+def _chunk_size(num_pairs: int) -> int:
+    """Pairs per program: one chunk (one launch) up to 4096 pairs, ~64 chunks beyond.
+
+    Sort keys are expert * chunk + position: with E < 2^16 and chunk ≤ 4096 they stay
+    below 2^28, inside int32.
+    """
+    if num_pairs <= _SINGLE_CHUNK_PAIRS:
+        return max(16, triton.next_power_of_2(num_pairs))
+    return max(256, min(triton.next_power_of_2(-(-num_pairs // 64)), 4096))
+
+
+def _int32_views(device: torch.device, sizes: list[int]) -> list[torch.Tensor]:
+    """Carve int32 tensors of these sizes out of one allocation, each 64-byte aligned."""
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += -(-n // 16) * 16
+    buffer = torch.empty(total, dtype=torch.int32, device=device)
+    return [buffer[a : a + n] for a, n in zip(starts, sizes, strict=True)]
 
 
 def dispatch_plan(
@@ -51,27 +65,29 @@ def dispatch_plan(
     if resolve_backend(backend, topk_ids) == "reference":
         return reference.dispatch_plan(topk_ids, num_experts, block_m)
 
-    device = topk_ids.device
+    if num_experts + 1 > 2**16:
+        raise ValueError(f"num_experts: at most {2**16 - 1} experts, got {num_experts}")
     num_pairs = topk_ids.numel()
     capacity = max_padded_pairs(num_pairs, num_experts, block_m)
     num_blocks = capacity // block_m
-    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
-    block_experts = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-    plan = DispatchPlan(sorted_pairs, block_experts, expert_offsets, num_pairs, block_m)
-
     bins = triton.next_power_of_2(num_experts + 1)
-    if num_experts + 1 > 2**16:
-        raise ValueError(f"num_experts: at most {2**16 - 1} experts, got {num_experts}")
-    chunk = _chunk_size(num_pairs, bins)
+    chunk = _chunk_size(num_pairs)
     num_chunks = max(1, -(-num_pairs // chunk))
+    single = num_chunks == 1
     programs = max(num_chunks, -(-num_blocks // _BLOCKS_PER_PROGRAM), 1)
     blocks_per_program = -(-num_blocks // programs) if num_blocks else 0
+
+    # One allocation for the plan and the kernels' scratch (each allocation costs host time).
+    sorted_pairs, block_experts, expert_offsets, bases, counts = _int32_views(
+        topk_ids.device,
+        [capacity, num_blocks, num_experts + 1, num_chunks * bins,
+         0 if single else num_chunks * bins],
+    )
+    plan = DispatchPlan(sorted_pairs, block_experts, expert_offsets, num_pairs, block_m)
     flat_ids = topk_ids.reshape(-1)
-    single = num_chunks == 1
-    counts = torch.empty((1 if single else num_chunks, bins), dtype=torch.int32, device=device)
-    bases = torch.empty((num_chunks, bins), dtype=torch.int32, device=device)
-    if not single:
+    if single:
+        counts = bases  # not read when SINGLE_CHUNK
+    else:
         _count_pairs_kernel[(num_chunks,)](
             flat_ids, counts, num_pairs, num_experts, CHUNK=chunk, BINS=bins
         )

@@ -215,6 +215,7 @@ def _launch_fused_experts(
         float(alpha), float(limit),
         ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=apply_router_weight_on_input, EVEN_K=hidden_size % c1[1] == 0,
+        EVEN_N=inter % c1[0] == 0,
         DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
         num_warps=c1[3], num_stages=c1[4],
@@ -229,7 +230,7 @@ def _launch_fused_experts(
         inter_act.stride(0), w2.stride(0), w2.stride(1),
         0 if b2 is None else b2.stride(0), pair_out.stride(0),
         WEIGHT_ON_OUTPUT=not apply_router_weight_on_input, HAS_BIAS=b2 is not None,
-        EVEN_K=inter % c2[1] == 0, DOT_PRECISION=precision,
+        EVEN_K=inter % c2[1] == 0, EVEN_N=hidden_size % c2[0] == 0, DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
         num_warps=c2[3], num_stages=c2[4],
     )
