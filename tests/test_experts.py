@@ -13,6 +13,7 @@ from helpers import (
     random_routing,
 )
 from moekit import reference
+from moekit.bench.presets import PRESETS
 from moekit.tuning import ExpertsConfig, GemmConfig
 
 
@@ -177,22 +178,12 @@ def test_fused_moe_reference_on_cpu():
 
 # ---------------------------------------------------------------------------- GPU
 
-PRESETS = {  # (E, k, H, I, activation, bias) — PERF.md's presets
-    "mixtral-8x7b": (8, 2, 4096, 14336, "silu", False),
-    "deepseek-v2-lite": (64, 6, 2048, 1408, "silu", False),
-    "qwen3-30b-a3b": (128, 8, 2048, 768, "silu", False),
-    "olmoe-1b-7b": (64, 8, 2048, 1024, "silu", False),
-    "granite-3.0-3b-a800m": (40, 8, 1536, 512, "silu", False),
-    "gpt-oss-120b": (128, 4, 2880, 2880, "swigluoai", True),
-    "deepseek-v3": (256, 8, 7168, 2048, "silu", False),
-}
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_presets_gpu(preset, dtype):
-    E, k, H, I, activation, bias = PRESETS[preset]
+    p = PRESETS[preset]
+    E, k, H, I, activation, bias = p.num_experts, p.top_k, p.hidden, p.inter, p.activation, p.bias
     w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda")
     f32 = lambda t: None if t is None else t.float()
     for M, skew in [(1, 0.0), (37, 0.0), (512, 0.0), (512, 8.0), (4096, 0.0)]:

@@ -9,17 +9,14 @@ and reports the best of each against the heuristic. Usage:
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
 import moekit
 from moekit import reference
+from moekit.bench.presets import PRESETS
 from moekit.tuning import ExpertsConfig, GemmConfig, default_config
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
-from test_experts import PRESETS  # noqa: E402
 
 CANDIDATES = {
     16: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 4, 3),
@@ -64,7 +61,8 @@ def main():
     args = ap.parse_args()
     rows = []
     for preset in args.presets.split(","):
-        E, k, H, I, act, bias = PRESETS[preset]
+        p = PRESETS[preset]
+        E, k, H, I, act, bias = p.num_experts, p.top_k, p.hidden, p.inter, p.activation, p.bias
         w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
         w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I**0.5
         b13 = torch.randn(E, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.1 if bias else None
