@@ -24,10 +24,11 @@ from moekit.bench.inputs import (
     skew_offsets,
 )
 from moekit.bench.presets import ALL_PRESETS, PRESETS, TOKEN_COUNTS, Preset, cpu_preset
-from moekit.bench.results import device_slug, render_markdown, result_paths, validate
+from moekit.bench.results import render_markdown, result_paths, validate
 from moekit.bench.roofline import Cost, achieved, expert_bytes, moe_cost
 from moekit.bench.table import TableConfig, implementations, make_row, run_table
 from moekit.bench.timing import CpuTimer, Timing
+from moekit.device import device_slug
 
 CPU = torch.device("cpu")
 

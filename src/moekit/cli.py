@@ -30,6 +30,10 @@ COMMANDS: dict[str, Command] = {
         "time fused_experts against the roofline and PyTorch baselines (PERF.md's kernel table)",
         "moekit.bench.command",
     ),
+    "tune": Command(
+        "search tile configurations on this GPU; write the tuned table fused_experts reads",
+        "moekit.tuning.command",
+    ),
     "run": Command(
         "end-to-end: a real-architecture model with random weights, transformers vs moekit",
         "moekit.e2e",

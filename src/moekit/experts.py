@@ -24,9 +24,11 @@ from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
+from moekit.tuning.tables import tuned_config
 
 _COMBINE_BLOCK_H = 1024
 _INT_IDS = (torch.int32, torch.int64)
+_TABLE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def fused_experts(
@@ -78,10 +80,7 @@ def fused_experts(
             apply_router_weight_on_input=apply_router_weight_on_input,
         ))
     if config is None:
-        config = default_config(
-            hidden.shape[0], w13.shape[0], topk_ids.shape[1], hidden.shape[1], w2.shape[2],
-            hidden.element_size(),
-        )
+        config = _select_config(hidden, w13.shape[0], topk_ids.shape[1], w2.shape[2])
     # Eager calls skip the custom-op dispatcher (tens of µs of host time per call);
     # torch.compile sees the registered op.
     launch = (
@@ -132,6 +131,22 @@ def fused_moe(
         hidden, w13, w2, topk.ids, topk.weights, activation=activation, b13=b13, b2=b2,
         config=config, backend=backend,
     )
+
+
+def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int):
+    """A tuned table's entry for this device and shape where one won, else the heuristic.
+
+    Under torch.compile only the heuristic is consulted (pure arithmetic, traceable).
+    """
+    num_tokens, hidden_size = hidden.shape
+    dtype = _TABLE_DTYPES.get(hidden.dtype)
+    if hidden.is_cuda and dtype is not None and not torch.compiler.is_compiling():
+        index = hidden.device.index if hidden.device.index is not None else 0
+        tuned = tuned_config(index, dtype, num_experts, top_k, hidden_size, inter, num_tokens)
+        if tuned is not None:
+            return tuned
+    return default_config(num_tokens, num_experts, top_k, hidden_size, inter,
+                          hidden.element_size())
 
 
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):

@@ -137,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
     import moekit
     from moekit.bench import ceilings as measure
     from moekit.bench.results import (
-        device_slug,
         render_markdown,
         result_paths,
         validate,
@@ -145,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from moekit.bench.table import TableConfig, implementations, run_table, screen
     from moekit.bench.timing import CpuTimer, CudaContextLost, CudaTimer
+    from moekit.device import device_slug
 
     names = list(dict.fromkeys(_flatten(args.presets) or PRESETS))
     presets = [get_preset(n) for n in names]

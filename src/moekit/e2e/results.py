@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from moekit.bench.results import device_slug, result_paths
+from moekit.bench.results import result_paths
+from moekit.device import device_slug
 
 
 def device_name(device: torch.device) -> str:

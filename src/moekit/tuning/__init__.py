@@ -1,4 +1,4 @@
-"""Kernel configurations: the value types, the default heuristic, and (later) tuned tables."""
+"""Kernel configurations: the value types, the default heuristic, tuned tables, the tuner."""
 
 from moekit.tuning.config import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import default_config

@@ -11,8 +11,9 @@ GEMMs become compute-bound and take the large 128-row tile.
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
 
-Tile shapes were picked from a sweep on an H100 (bench/scripts/sweep_tiles.py,
-bench/NOTES.md); the sweep is the evidence, this function the rule.
+Tile shapes were picked from sweeps on an H100 (bench/NOTES.md, the results
+`bench/results/h100-sxm-20261123-sweep-tiles-*.json`); the sweeps are the evidence,
+this function the rule. `moekit tune` repeats such a sweep on any GPU.
 """
 
 from __future__ import annotations
@@ -37,11 +38,8 @@ def pick_block_m(num_tokens: int, num_experts: int, top_k: int) -> int:
     return max(16, min(128, 1 << math.ceil(math.log2(max(busiest, 1.0)))))
 
 
-def default_config(
-    num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2
-) -> ExpertsConfig:
-    """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I."""
-    block_m = pick_block_m(num_tokens, num_experts, top_k)
+def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
+    """The GEMM tiles the heuristic pairs with a row tile."""
     if block_m <= 32:
         # Memory-bound: long reduction tiles keep many bytes in flight per program.
         block_k = 128 if dtype_bytes <= 2 else 64
@@ -51,3 +49,10 @@ def default_config(
         return ExpertsConfig(64, GemmConfig(64, 128, 8, 4, 3), GemmConfig(64, 64, 8, 4, 4))
     # Compute-bound: GEMM1 computes two 128-wide accumulators (gate and up) per program.
     return ExpertsConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3))
+
+
+def default_config(
+    num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2
+) -> ExpertsConfig:
+    """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I."""
+    return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes)

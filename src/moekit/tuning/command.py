@@ -1,0 +1,104 @@
+"""`moekit tune`: search tile configurations on this GPU and write its tuned table.
+
+    moekit tune [--presets NAME ...] [--tokens M ...] [--dtype bf16|fp16] [--margin 0.05]
+                [--out PATH] [--fresh]
+
+Times CUDA-graph replays of `fused_experts` per candidate (inputs as in `moekit bench`),
+prints one line per cell, saves after every cell and resumes an interrupted run (use
+`--fresh` to start over). The default output is the table `fused_experts` reads on
+this device, `src/moekit/tuning/tables/<device-slug>-fused_experts-<dtype>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+
+from moekit.bench.presets import PRESETS, TOKEN_COUNTS, get_preset
+
+DTYPES = ("bf16", "fp16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), metavar="NAME")
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKEN_COUNTS), metavar="M")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="keep a tuned entry only if it beats the heuristic by this fraction")
+    parser.add_argument("--out", default=None, help="table path (default: the shipped table)")
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing table")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("moekit tune: needs a CUDA device (it times kernels); none found", file=sys.stderr)
+        return 2
+    try:
+        presets = [get_preset(name) for name in args.presets]
+    except KeyError as exc:
+        print(f"moekit tune: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if any(m < 1 for m in args.tokens):
+        print("moekit tune: --tokens must be positive", file=sys.stderr)
+        return 2
+
+    import triton
+
+    from moekit.device import device_slug
+    from moekit.tuning.tables import load_table, table_path
+    from moekit.tuning.tuner import new_table, tune
+
+    name = torch.cuda.get_device_name()
+    path = args.out or table_path(device_slug(name), args.dtype)
+    table = None if args.fresh else load_table(path)
+    if table is None:
+        command = "moekit tune " + shlex.join(sys.argv[2:])
+        table = new_table(name, args.dtype, command,
+                          {"torch": torch.__version__, "triton": triton.__version__})
+    else:
+        print(f"resuming {path}: {len(table['entries'])} cells done", file=sys.stderr)
+    tune(table, path, presets, args.tokens, _graph_measure(args.dtype), margin=args.margin,
+         progress=lambda line: print(line, file=sys.stderr, flush=True))
+    used = sum(e["use"] for e in table["entries"])
+    print(f"wrote {path}: {len(table['entries'])} cells, {used} beat the heuristic by "
+          f"{args.margin:.0%} or more")
+    return 0
+
+
+def _graph_measure(dtype: str):
+    """µs of one CUDA-graph replay of fused_experts for (preset, M, config)."""
+    import torch
+
+    import moekit
+    from moekit.bench.inputs import make_tokens, make_weights
+    from moekit.bench.timing import CaptureFailed, CudaTimer
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    timer = CudaTimer(warmup_ms=5, rep_ms=40)
+    cache: dict = {}
+
+    def measure(preset, m, config) -> float:
+        if cache.get("preset") is not preset:
+            cache.clear()
+            torch.cuda.empty_cache()
+            cache.update(preset=preset, weights=make_weights(preset, torch_dtype, "cuda"))
+        if cache.get("m") != m:
+            cache.update(m=m, tokens=make_tokens(preset, m, torch_dtype, torch.device("cuda")))
+        w, (hidden, topk) = cache["weights"], cache["tokens"]
+
+        def call():
+            return moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                        activation=preset.activation, b13=w.b13, b2=w.b2,
+                                        config=config)
+        try:
+            timing, _ = timer.graph(call, check=lambda out: 0.0)
+        except (CaptureFailed, RuntimeError) as exc:  # e.g. a tile that exceeds shared memory
+            print(f"  {config}: {type(exc).__name__}", file=sys.stderr)
+            return math.inf
+        return timing.median_us
+
+    return measure

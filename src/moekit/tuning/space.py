@@ -1,0 +1,39 @@
+"""The search space of the experts GEMMs' tiles, and the hook that narrows it.
+
+Candidates are grouped by the plan's row tile `block_m`; each is a `GemmConfig` that
+either GEMM may use. A constraint — any `GemmConfig -> bool` — removes candidates
+(tests use it to keep sweeps tiny; a user can use it to respect a register budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from moekit.tuning.config import GemmConfig
+
+Constraint = Callable[[GemmConfig], bool]
+
+# (block_n, block_k, num_warps, num_stages); group_m is 8 throughout (see heuristic.py).
+_SHAPES = {
+    16: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 4, 3),
+         (32, 256, 4, 3), (128, 128, 4, 3)],
+    32: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 4, 3),
+         (128, 128, 4, 3)],
+    64: [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3),
+         (256, 64, 8, 3)],
+    128: [(64, 64, 8, 4), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 8, 3),
+          (128, 64, 4, 4), (128, 64, 8, 3), (128, 32, 8, 5), (256, 32, 8, 4), (64, 64, 4, 5)],
+}
+
+BLOCK_MS = tuple(_SHAPES)
+
+
+def candidates(block_m: int, constraint: Constraint | None = None) -> list[GemmConfig]:
+    """Tile candidates for one GEMM at this row tile, after the constraint."""
+    configs = [GemmConfig(n, k, 8, w, s) for n, k, w, s in _SHAPES[block_m]]
+    return [c for c in configs if constraint is None or constraint(c)]
+
+
+def neighbour_block_ms(block_m: int) -> list[int]:
+    """The heuristic's row tile first, then half and double it where they exist."""
+    return [block_m] + [b for b in (block_m // 2, block_m * 2) if b in _SHAPES]

@@ -1,0 +1,121 @@
+"""Tile configuration: the heuristic, the search space, the tuner and tuned tables."""
+
+import json
+
+import pytest
+
+from moekit.bench.presets import PRESETS
+from moekit.tuning import ExpertsConfig, GemmConfig, default_config
+from moekit.tuning.heuristic import pick_block_m, tiles_for_block_m
+from moekit.tuning.space import BLOCK_MS, candidates, neighbour_block_ms
+from moekit.tuning.tables import config_from_dict, config_to_dict, load_table, lookup
+from moekit.tuning.tuner import new_table, search, tune
+
+BLOCK_M_CASES = [
+    # (M, E, k, block_m, why)
+    (1, 128, 8, 16, "decode: one row per expert"),
+    (64, 8, 2, 32, "16 rows per expert on average; the busiest needs 32"),
+    (512, 128, 8, 64, "32 rows on average"),
+    (4096, 128, 8, 128, "prefill: compute-bound tiles"),
+    (10, 1, 1, 32, "one expert takes every row"),
+]
+
+
+@pytest.mark.parametrize("M,E,k,block_m,why", BLOCK_M_CASES)
+def test_block_m_holds_the_busiest_expert(M, E, k, block_m, why):
+    assert pick_block_m(M, E, k) == block_m
+    assert default_config(M, E, k, 2048, 768).block_m == block_m
+
+
+def test_every_row_tile_has_tiles_and_candidates():
+    for block_m in BLOCK_MS:
+        assert tiles_for_block_m(block_m).block_m == block_m
+        assert candidates(block_m)
+    # The constraint hook narrows the space (tests and users keep sweeps small with it).
+    assert all(c.block_n <= 64 for c in candidates(128, lambda c: c.block_n <= 64))
+    assert neighbour_block_ms(16) == [16, 32] and neighbour_block_ms(128) == [128, 64]
+
+
+def test_config_values_are_checked():
+    with pytest.raises(ValueError, match="block_n"):
+        GemmConfig(48, 64)
+    with pytest.raises(ValueError, match="block_m"):
+        ExpertsConfig(8, GemmConfig(64, 64), GemmConfig(64, 64))
+
+
+def fake_cost(config: ExpertsConfig) -> float:
+    """A deterministic cost with a unique optimum: block_m 64, GEMM1 n=128, GEMM2 n=256."""
+    cost = 100.0 + abs(config.block_m - 64) / 8
+    cost += abs(config.gemm1.block_n - 128) / 64 + abs(config.gemm2.block_n - 256) / 64
+    return cost + config.gemm1.num_stages * 0.01
+
+
+def test_search_finds_a_better_configuration():
+    heuristic = default_config(4096, 128, 8, 2048, 768)  # block_m 128
+    best, best_us, heuristic_us = search(heuristic, fake_cost)
+    assert best.block_m == 64 and best.gemm1.block_n == 128 and best.gemm2.block_n == 256
+    assert best_us == fake_cost(best) < heuristic_us == fake_cost(heuristic)
+
+
+def test_search_survives_configurations_that_cannot_run():
+    heuristic = default_config(1, 128, 8, 2048, 768)
+    best, best_us, _ = search(heuristic, lambda c: float("inf") if c != heuristic else 50.0)
+    assert best == heuristic and best_us == 50.0
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_tune_saves_every_cell_and_resumes(tmp_path):
+    path = tmp_path / "table.json"
+    presets = [PRESETS["qwen3-30b-a3b"], PRESETS["mixtral-8x7b"]]
+    calls, interrupt = [], [True]
+
+    def measure(preset, m, config):
+        calls.append((preset.name, m))
+        if len(calls) == 40 and interrupt and interrupt.pop():
+            raise Interrupted  # an interrupted run, once
+        return fake_cost(config) * (2.0 if config == default_config(
+            m, preset.num_experts, preset.top_k, preset.hidden, preset.inter) else 1.0)
+
+    table = new_table("test", "bf16", "moekit tune", {})
+    with pytest.raises(Interrupted):
+        tune(table, path, presets, [1, 4096], measure, progress=lambda _: None)
+    saved = load_table(path)
+    assert 1 <= len(saved["entries"]) < 4, "cells finished before the interrupt are on disk"
+    done = {(e["preset"], e["M"]) for e in saved["entries"]}
+    calls.clear()
+    tune(saved, path, presets, [1, 4096], measure, progress=lambda _: None)
+    assert not done & set(calls), "finished cells are not measured again"
+    final = load_table(path)
+    assert len(final["entries"]) == 4
+    assert all(e["use"] for e in final["entries"]), "2× faster than the heuristic beats 5%"
+
+
+def test_tune_keeps_the_heuristic_within_the_margin(tmp_path):
+    table = new_table("test", "bf16", "moekit tune", {})
+    tune(table, tmp_path / "t.json", [PRESETS["granite-3.0-3b-a800m"]], [64],
+         lambda p, m, c: 100.0 - (0 if c == default_config(m, 40, 8, 1536, 512) else 1.0),
+         margin=0.05, progress=lambda _: None)
+    assert not table["entries"][0]["use"], "a 1% win is noise: the heuristic stays"
+
+
+def test_lookup_takes_the_nearest_token_count_and_respects_use():
+    tuned = ExpertsConfig(64, GemmConfig(128, 64), GemmConfig(256, 64))
+    entry = lambda m, use: {"E": 8, "topk": 2, "H": 4096, "I": 14336, "M": m, "use": use,
+                            "config": config_to_dict(tuned)}
+    table = {"entries": [entry(64, True), entry(4096, False)]}
+    assert config_from_dict(config_to_dict(tuned)) == tuned
+    assert lookup(table, 8, 2, 4096, 14336, 100) == tuned
+    assert lookup(table, 8, 2, 4096, 14336, 8192) is None  # nearest entry lost to the heuristic
+    assert lookup(table, 8, 2, 4096, 1024, 100) is None  # another shape
+    assert lookup(None, 8, 2, 4096, 14336, 100) is None
+    json.dumps(table)  # entries are plain JSON
+
+
+def test_tune_command_needs_cuda(capsys):
+    from moekit.cli import main
+
+    assert main(["tune", "--presets", "qwen3-30b-a3b"]) == 2
+    assert "CUDA" in capsys.readouterr().err
