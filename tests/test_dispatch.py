@@ -30,6 +30,13 @@ def check_invariants(plan, topk_ids, num_experts):
         assert (pairs.diff() > 0).all(), "pairs of one expert keep their order"
         assert (blocks[offsets[e] // plan.block_m : offsets[e + 1] // plan.block_m] == e).all()
     assert (blocks[offsets[-1] // plan.block_m :] == -1).all()
+    # pair_slots inverts sorted_pairs; dropped pairs have no slot.
+    slots = plan.pair_slots.long().cpu()
+    assert slots.shape == (num_pairs,)
+    assert torch.equal(slots[real], (sorted_pairs < num_pairs).nonzero().flatten())
+    dropped = torch.ones(num_pairs, dtype=torch.bool)
+    dropped[valid] = False
+    assert (slots[dropped] == -1).all()
 
 
 CASES = [
@@ -41,6 +48,7 @@ CASES = [
     (40, 2, 1, 32, "all tokens on one expert"),
     (1100, 4, 7, 64, "more than 4096 pairs: several chunks, two launches"),
     (20, 3, 1100, 16, "E > 1024"),
+    (0, 4, 8, 16, "no tokens: empty plan, nothing to place"),
 ]
 
 
@@ -56,6 +64,7 @@ def test_plan_matches_reference_interpreter(M, k, E, block_m, why):
     assert torch.equal(plan.sorted_pairs, expected.sorted_pairs)
     assert torch.equal(plan.block_experts, expected.block_experts)
     assert torch.equal(plan.expert_offsets, expected.expert_offsets)
+    assert torch.equal(plan.pair_slots, expected.pair_slots)
     check_invariants(plan, ids, E)
 
 
@@ -103,3 +112,79 @@ def test_plan_matches_reference_gpu(M, k, E, block_m):
     assert torch.equal(plan.sorted_pairs, expected.sorted_pairs)
     assert torch.equal(plan.block_experts, expected.block_experts)
     assert torch.equal(plan.expert_offsets, expected.expert_offsets)
+    assert torch.equal(plan.pair_slots, expected.pair_slots)
+
+
+def half_remote_map(num_global, rank, device="cpu"):
+    """Expert map of `rank` of two: it holds every other expert (odd/even ids), locally
+    numbered 0, 1, …; the others map to −1. Interleaved so the local ids are a
+    non-trivial relabelling of the global ones."""
+    table = torch.full((num_global,), -1, dtype=torch.int32)
+    mine = torch.arange(rank, num_global, 2)
+    table[mine] = torch.arange(mine.numel(), dtype=torch.int32)
+    return table.to(device), mine.numel()
+
+
+def check_expert_map_plan(plan, ids, table, local_experts):
+    """The plan of global ids through a map equals the plan of the mapped (local) ids."""
+    flat = ids.long().cpu()
+    known = (flat >= 0) & (flat < table.numel())
+    local = torch.where(known, table.long().cpu()[flat.clamp(0, table.numel() - 1)], -1)
+    local_plan = reference.dispatch_plan(local.to(torch.int32), local_experts, plan.block_m)
+    for field in ("sorted_pairs", "block_experts", "expert_offsets", "pair_slots"):
+        assert torch.equal(getattr(plan, field).cpu(), getattr(local_plan, field)), field
+    check_invariants(plan, local.to(torch.int32), local_experts)
+
+
+MAP_CASES = [
+    # (M, k, E_global, block_m, why)
+    (9, 4, 16, 16, "one launch (single chunk)"),
+    (1100, 4, 10, 32, "several chunks: the count kernel maps ids too"),
+    (5, 2, 7, 16, "odd global E: the two ranks hold 4 and 3 experts"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,k,E,block_m,why", MAP_CASES)
+def test_expert_map_interpreter(M, k, E, block_m, why):
+    g = torch.Generator().manual_seed(M + 7 * E)
+    # −1 and ids ≥ E_global (sentinels) are dropped before the map is consulted.
+    ids = torch.randint(-1, E + 2, (M, k), generator=g, dtype=torch.int32)
+    # Both ranks where it is cheap; the multi-chunk case costs ~13 s per run in the
+    # interpreter, so it checks one rank.
+    for rank in (1,) if M * k > 4096 else (0, 1):
+        table, local = half_remote_map(E, rank)
+        plan = dispatch_plan(ids, local, block_m, expert_map=table, backend="triton")
+        expected = reference.dispatch_plan(ids, local, block_m, expert_map=table)
+        for field in ("sorted_pairs", "block_experts", "expert_offsets", "pair_slots"):
+            assert torch.equal(getattr(plan, field), getattr(expected, field)), field
+        check_expert_map_plan(plan, ids, table, local)
+
+
+def test_expert_map_reference_small():
+    # Global experts 0..3; this rank holds 1 (local 0) and 3 (local 1).
+    table = torch.tensor([-1, 0, -1, 1], dtype=torch.int32)
+    ids = torch.tensor([[3, 0], [1, 3], [2, 9]], dtype=torch.int32)
+    plan = reference.dispatch_plan(ids, 2, 16, expert_map=table)
+    assert plan.sorted_pairs[:16].tolist() == [2] + [6] * 15
+    assert plan.sorted_pairs[16:18].tolist() == [0, 3]
+    assert plan.expert_offsets.tolist() == [0, 16, 32]
+    assert plan.pair_slots.tolist() == [16, -1, 0, 17, -1, -1]
+
+
+def test_expert_map_bad_arguments():
+    ids = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="expert_map"):
+        dispatch_plan(ids, 2, 16, expert_map=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="expert_map"):
+        dispatch_plan(ids, 2, 16, expert_map=torch.zeros(2, 2, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,k,E,block_m", [(1, 8, 256, 16), (16384, 8, 256, 128)])
+def test_expert_map_gpu(M, k, E, block_m):
+    g = torch.Generator(device="cuda").manual_seed(M + E)
+    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32, device="cuda")
+    table, local = half_remote_map(E, 1, device="cuda")
+    plan = dispatch_plan(ids, local, block_m, expert_map=table)
+    check_expert_map_plan(plan, ids, table, local)

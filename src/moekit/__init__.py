@@ -14,6 +14,7 @@ from moekit.dispatch import dispatch_plan
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import fused_experts, fused_moe
 from moekit.layer import MoE
+from moekit.permute import permute, unpermute
 from moekit.routing import Routing, route
 from moekit.topk import TopK, pack_topk, unpack_topk
 from moekit.tuning import ExpertsConfig, GemmConfig
@@ -30,7 +31,9 @@ __all__ = [
     "fused_experts",
     "fused_moe",
     "pack_topk",
+    "permute",
     "route",
     "unpack_topk",
+    "unpermute",
 ]
 __version__ = "0.1.0"

@@ -11,7 +11,10 @@ Two launches, no host synchronisation:
                                            padding sentinels.
 
 When the pairs fit one chunk (decode), the count is folded into the second kernel and
-only one launch runs. Ids outside [0, E) fall into an extra "dropped" bin, bin E.
+only one launch runs. Ids outside [0, E) fall into an extra "dropped" bin, bin E. With
+an expert map (expert parallelism) each global id is first mapped to its local id, so
+pairs routed to other ranks' experts land in the dropped bin too. The place kernel also
+writes the inverse map pair → slot (−1 for dropped pairs) that unpermute reads.
 """
 
 import triton
@@ -19,19 +22,32 @@ import triton.language as tl
 
 
 @triton.jit
+def _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP: tl.constexpr):
+    """Bin of each id: its (local) expert, or num_experts when the pair is dropped."""
+    if HAS_MAP:
+        # Global → local id; −1 (or any value outside [0, E)) means "not on this rank".
+        known = (ids >= 0) & (ids < num_global)
+        ids = tl.load(expert_map_ptr + ids, mask=known, other=-1)
+    return tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+
+
+@triton.jit
 def _count_pairs_kernel(
     topk_ids_ptr,  # [M*k] int32
+    expert_map_ptr,  # [E_global] int32 global → local id (read only when HAS_MAP)
     counts_ptr,  # [chunks, BINS] int32, out
     num_pairs,
     num_experts,
+    num_global,
     CHUNK: tl.constexpr,
     BINS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
 ):
     """Grid (chunks,): one program histograms CHUNK consecutive pairs by expert."""
     chunk = tl.program_id(0)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1)
-    bins = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    bins = _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP)
     hist = tl.histogram(bins, BINS)
     tl.store(counts_ptr + chunk * BINS + tl.arange(0, BINS), hist)
 
@@ -39,13 +55,16 @@ def _count_pairs_kernel(
 @triton.jit
 def _place_pairs_kernel(
     topk_ids_ptr,  # [M*k] int32
+    expert_map_ptr,  # [E_global] int32 global → local id (read only when HAS_MAP)
     counts_ptr,  # [chunks, BINS] int32 (unused when SINGLE_CHUNK)
     bases_ptr,  # [programs, BINS] int32 scratch: slot base per expert of this program's chunk
     sorted_pairs_ptr,  # [capacity] int32, out
     block_experts_ptr,  # [capacity / BLOCK_M] int32, out
     expert_offsets_ptr,  # [E + 1] int32, out
+    pair_slots_ptr,  # [M*k] int32, out: slot of each pair, −1 when dropped
     num_pairs,
     num_experts,
+    num_global,
     num_chunks,
     num_blocks,
     blocks_per_program,
@@ -54,6 +73,7 @@ def _place_pairs_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_TILE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
+    HAS_MAP: tl.constexpr,
 ):
     """Grid (programs,): program p places chunk p's pairs and fills its blocks.
 
@@ -69,7 +89,7 @@ def _place_pairs_kernel(
     chunk = 0 if SINGLE_CHUNK else pid
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1)
-    ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    ids = _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP)
     if SINGLE_CHUNK:
         own = tl.histogram(ids, BINS)
         totals = own
@@ -103,6 +123,9 @@ def _place_pairs_kernel(
         keep = expert < num_experts
         slot = tl.load(bases_ptr + pid * BINS + expert, mask=keep, other=0) + rank
         tl.store(sorted_pairs_ptr + slot, pair, mask=keep)
+        # The inverse map, written while the slots are at hand: every pair of the chunk
+        # (padding lanes past M*k are masked out), dropped ones with −1.
+        tl.store(pair_slots_ptr + pair, tl.where(keep, slot, -1), mask=pair < num_pairs)
 
     # Blocks: the expert owning each block is the number of runs that end at or before
     # the block's first slot; slots past that expert's real pairs get the sentinel.

@@ -30,6 +30,12 @@ COMMANDS: dict[str, Command] = {
         "time fused_experts against the roofline and PyTorch baselines (PERF.md's kernel table)",
         "moekit.bench.command",
     ),
+    "bench-routing": Command(
+        "time route, dispatch plan, permute and unpermute against the copy bandwidth",
+        "moekit.bench.routing_table",
+        "add_routing_arguments",
+        "run_routing_bench",
+    ),
     "tune": Command(
         "search tile configurations on this GPU; write the tuned table fused_experts reads",
         "moekit.tuning.command",

@@ -4,6 +4,11 @@ See `moekit.dispatch_plan` for the layout. The plan's shapes depend only on
 (M*k, E, block_m), so building it never synchronises with the host and a CUDA graph
 can capture it. Within an expert, pairs keep their order (stable), so the plan — and
 every output computed through it — is deterministic.
+
+Expert parallelism: with an `expert_map` (global id → local id, −1 = on another rank)
+the kernels map each id before binning, so pairs of remote experts are dropped by the
+plan itself, and every consumer of the plan (GEMMs, permute, unpermute) skips them
+without looking at ids again. E is then the local expert count.
 """
 
 from __future__ import annotations
@@ -46,24 +51,39 @@ def _int32_views(device: torch.device, sizes: list[int]) -> list[torch.Tensor]:
 
 
 def dispatch_plan(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int, *, backend: str = "auto"
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    expert_map: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> DispatchPlan:
     """Group the M*k token–expert pairs by expert, each run padded to `block_m` slots.
 
     Args:
         topk_ids: [M, k] int32 expert ids; ids outside [0, E) are dropped.
-        num_experts: E.
+        num_experts: E (the local count when `expert_map` is given).
         block_m: the row tile of the GEMMs that consume the plan (a power of two ≥ 16).
+        expert_map: optional int32 [E_global] on topk_ids' device: local id of each
+            global expert, −1 (any value outside [0, E)) for experts of other ranks.
+            `topk_ids` then holds global ids; ids outside [0, E_global) are dropped.
+        backend: "auto", "triton" or "reference" (see `moekit.backend`).
     Returns:
-        A `DispatchPlan` on topk_ids' device.
+        A `DispatchPlan` on topk_ids' device, `pair_slots` filled.
     """
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32,))
     if num_experts <= 0:
         raise ValueError(f"num_experts: expected a positive count, got {num_experts}")
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m: expected a power of two ≥ 16, got {block_m}")
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, ndim=1, dtypes=(torch.int32,),
+                     device=topk_ids.device)
+        if expert_map.numel() == 0:
+            raise ValueError("expert_map: expected one entry per global expert, got none")
+        expert_map = expert_map.contiguous()
     if resolve_backend(backend, topk_ids) == "reference":
-        return reference.dispatch_plan(topk_ids, num_experts, block_m)
+        return reference.dispatch_plan(topk_ids, num_experts, block_m, expert_map=expert_map)
 
     if num_experts + 1 > 2**16:
         raise ValueError(f"num_experts: at most {2**16 - 1} experts, got {num_experts}")
@@ -78,22 +98,29 @@ def dispatch_plan(
     blocks_per_program = -(-num_blocks // programs) if num_blocks else 0
 
     # One allocation for the plan and the kernels' scratch (each allocation costs host time).
-    sorted_pairs, block_experts, expert_offsets, bases, counts = _int32_views(
+    sorted_pairs, block_experts, expert_offsets, pair_slots, bases, counts = _int32_views(
         topk_ids.device,
-        [capacity, num_blocks, num_experts + 1, num_chunks * bins,
+        [capacity, num_blocks, num_experts + 1, num_pairs, num_chunks * bins,
          0 if single else num_chunks * bins],
     )
-    plan = DispatchPlan(sorted_pairs, block_experts, expert_offsets, num_pairs, block_m)
+    plan = DispatchPlan(
+        sorted_pairs, block_experts, expert_offsets, num_pairs, block_m, pair_slots
+    )
     flat_ids = topk_ids.reshape(-1)
+    has_map = expert_map is not None
+    id_map = expert_map if has_map else flat_ids  # placeholder pointer, never read
+    num_global = expert_map.numel() if has_map else num_experts
     if single:
         counts = bases  # not read when SINGLE_CHUNK
     else:
         _count_pairs_kernel[(num_chunks,)](
-            flat_ids, counts, num_pairs, num_experts, CHUNK=chunk, BINS=bins
+            flat_ids, id_map, counts, num_pairs, num_experts, num_global,
+            CHUNK=chunk, BINS=bins, HAS_MAP=has_map,
         )
     _place_pairs_kernel[(programs,)](
-        flat_ids, counts, bases, sorted_pairs, block_experts, expert_offsets,
-        num_pairs, num_experts, num_chunks, num_blocks, blocks_per_program,
-        CHUNK=chunk, BINS=bins, BLOCK_M=block_m, BLOCK_TILE=_BLOCK_TILE, SINGLE_CHUNK=single,
+        flat_ids, id_map, counts, bases, sorted_pairs, block_experts, expert_offsets,
+        pair_slots, num_pairs, num_experts, num_global, num_chunks, num_blocks,
+        blocks_per_program, CHUNK=chunk, BINS=bins, BLOCK_M=block_m, BLOCK_TILE=_BLOCK_TILE,
+        SINGLE_CHUNK=single, HAS_MAP=has_map,
     )
     return plan

@@ -7,10 +7,15 @@ plan lays them out grouped by expert, each expert's run padded to a multiple of
     sorted_pairs   int32 [capacity]          pair index per slot; the sentinel M*k in padding
     block_experts  int32 [capacity/block_m]  expert of each block; −1 past the last run
     expert_offsets int32 [E + 1]             start slot of each expert's run; [E] = slots used
+    pair_slots     int32 [M*k]               the inverse map: slot of each pair; −1 if dropped
 
 `capacity` depends only on (M*k, E, block_m), never on the routing, so the plan is
 built on the GPU without a host synchronisation and its shapes are CUDA-graph safe.
-The same layout is the "contiguous grouped" layout of permute/unpermute.
+The same layout is the "contiguous grouped" layout of permute/unpermute: permute
+reads `sorted_pairs` (slot → pair), unpermute reads `pair_slots` (pair → slot), so the
+combine gathers in a fixed order without atomics. A pair is dropped when its id is
+outside [0, E) — or, with an `expert_map` (expert parallelism), when its global id maps
+to no local expert — and then has no slot at all.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class DispatchPlan(NamedTuple):
     expert_offsets: torch.Tensor
     num_pairs: int
     block_m: int
+    # Last, with a default, so plans built by hand before it existed stay valid; the
+    # plan builders always fill it.
+    pair_slots: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:

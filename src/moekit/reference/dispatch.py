@@ -7,14 +7,32 @@ import torch
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs
 
 
-def dispatch_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> DispatchPlan:
+def dispatch_plan(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    expert_map: torch.Tensor | None = None,
+) -> DispatchPlan:
     """Group the flattened pairs (index m*k + j) by expert, in pair order within an expert.
 
     Each expert's run is padded with the sentinel M*k to a multiple of `block_m`; ids
     outside [0, E) are dropped. Slots past the last expert's run hold the sentinel, and
     blocks there hold expert −1, so the shapes depend only on (M*k, E, block_m).
+    `pair_slots` inverts `sorted_pairs`: the slot of each pair, −1 for dropped pairs.
+
+    Args:
+        topk_ids: [M, k] integer expert ids (global ids when `expert_map` is given).
+        num_experts: E, the local expert count.
+        block_m: run padding (the GEMM row tile).
+        expert_map: optional integer [E_global]: local id of each global expert, values
+            outside [0, E) for experts held elsewhere; ids outside [0, E_global) drop.
     """
-    flat = topk_ids.reshape(-1).long()
+    flat = topk_ids.reshape(-1).long().cpu()
+    if expert_map is not None:
+        table = expert_map.long().cpu()
+        known = (flat >= 0) & (flat < table.numel())
+        flat = torch.where(known, table[flat.clamp(0, table.numel() - 1)], -1)
     num_pairs = flat.numel()
     capacity = max_padded_pairs(num_pairs, num_experts, block_m)
     sorted_pairs = torch.full((capacity,), num_pairs, dtype=torch.int32)
@@ -22,13 +40,16 @@ def dispatch_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Dis
     expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
     pos = 0
     for e in range(num_experts):
-        pairs = torch.nonzero(flat.cpu() == e).flatten()
+        pairs = torch.nonzero(flat == e).flatten()
         n = pairs.numel()
         padded = -(-n // block_m) * block_m
         sorted_pairs[pos : pos + n] = pairs.to(torch.int32)
         block_experts[pos // block_m : (pos + padded) // block_m] = e
         pos += padded
         expert_offsets[e + 1] = pos
+    pair_slots = torch.full((num_pairs,), -1, dtype=torch.int32)
+    real = sorted_pairs < num_pairs
+    pair_slots[sorted_pairs[real].long()] = torch.nonzero(real).flatten().to(torch.int32)
     device = topk_ids.device
     return DispatchPlan(
         sorted_pairs=sorted_pairs.to(device),
@@ -36,4 +57,5 @@ def dispatch_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Dis
         expert_offsets=expert_offsets.to(device),
         num_pairs=num_pairs,
         block_m=block_m,
+        pair_slots=pair_slots.to(device),
     )
