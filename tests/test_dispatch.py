@@ -46,7 +46,7 @@ CASES = [
     (3, 2, 4, 16, "more slots than pairs"),
     (64, 8, 60, 16, "E not a power of two"),
     (40, 2, 1, 32, "all tokens on one expert"),
-    (1100, 4, 7, 64, "more than 4096 pairs: several chunks, two launches"),
+    (300, 4, 7, 64, "more than 1024 pairs: several chunks, two launches"),
     (20, 3, 1100, 16, "E > 1024"),
     (0, 4, 8, 16, "no tokens: empty plan, nothing to place"),
 ]
@@ -139,7 +139,7 @@ def check_expert_map_plan(plan, ids, table, local_experts):
 MAP_CASES = [
     # (M, k, E_global, block_m, why)
     (9, 4, 16, 16, "one launch (single chunk)"),
-    (1100, 4, 10, 32, "several chunks: the count kernel maps ids too"),
+    (300, 4, 10, 32, "several chunks: the count kernel maps ids too"),
     (5, 2, 7, 16, "odd global E: the two ranks hold 4 and 3 experts"),
 ]
 
