@@ -18,6 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from moekit.bench.args import preset_names, token_counts
 from moekit.bench.inputs import ROUTINGS
 from moekit.bench.presets import (
     CPU_TOKEN_COUNTS,
@@ -35,35 +36,6 @@ FORCED_CPU_LINE = ("--cpu: running a small CPU table of the reference implementa
                    "— not a performance result")
 
 
-def _split(text: str) -> list[str]:
-    return [part for part in text.replace(",", " ").split() if part]
-
-
-def _preset_names(text: str) -> list[str]:
-    """argparse type: one or more comma-separated preset names, checked against the registry."""
-    names = _split(text)
-    for name in names:
-        try:
-            get_preset(name)
-        except KeyError as exc:
-            raise argparse.ArgumentTypeError(exc.args[0]) from None
-    return names
-
-
-def _token_counts(text: str) -> list[int]:
-    """argparse type: one or more comma-separated positive token counts."""
-    counts = []
-    for part in _split(text):
-        try:
-            m = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"token count {part!r} is not an integer") from None
-        if m < 1:
-            raise argparse.ArgumentTypeError(f"token count must be ≥ 1, got {m}")
-        counts.append(m)
-    return counts
-
-
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -76,11 +48,11 @@ def _positive(kind):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `moekit bench`."""
     what = parser.add_argument_group("what to run")
-    what.add_argument("--presets", nargs="+", type=_preset_names, action="extend",
+    what.add_argument("--presets", nargs="+", type=preset_names, action="extend",
                       metavar="NAME", help="presets, space- or comma-separated "
                       f"(default: all of PERF.md: {', '.join(PRESETS)}; "
                       f"also: {', '.join(EXTRA_PRESETS)})")
-    what.add_argument("--tokens", nargs="+", type=_token_counts, action="extend", metavar="M",
+    what.add_argument("--tokens", nargs="+", type=token_counts, action="extend", metavar="M",
                       help="token counts (default: 1 2 4 … 16384; on the CPU: 1 16 64)")
     what.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
                       help="weight and activation dtype (default: bf16)")

@@ -38,6 +38,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from moekit.bench.args import preset_names, token_counts
 from moekit.bench.presets import PRESETS, get_preset
 
 ROUTING_TOKEN_COUNTS = (1, 64, 1024, 4096, 16384)
@@ -46,35 +47,11 @@ DEFAULT_OUT = "bench/results"
 NO_CUDA_LINE = "moekit bench-routing: no CUDA device, nothing to time (the table is GPU-only)"
 
 
-def _split(text: str) -> list[str]:
-    return [part for part in text.replace(",", " ").split() if part]
-
-
-def _presets(text: str) -> list[str]:
-    names = _split(text)
-    for name in names:
-        try:
-            get_preset(name)
-        except KeyError as exc:
-            raise argparse.ArgumentTypeError(exc.args[0]) from None
-    return names
-
-
-def _tokens(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in _split(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"token counts must be integers: {text!r}") from None
-    if any(m < 1 for m in counts):
-        raise argparse.ArgumentTypeError(f"token counts must be ≥ 1: {text!r}")
-    return counts
-
-
 def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the routing/permute table."""
-    parser.add_argument("--presets", nargs="+", type=_presets, action="extend", metavar="NAME",
+    parser.add_argument("--presets", nargs="+", type=preset_names, action="extend", metavar="NAME",
                         help=f"presets, space- or comma-separated (default: {', '.join(PRESETS)})")
-    parser.add_argument("--tokens", nargs="+", type=_tokens, action="extend", metavar="M",
+    parser.add_argument("--tokens", nargs="+", type=token_counts, action="extend", metavar="M",
                         help="token counts (default: "
                         f"{' '.join(map(str, ROUTING_TOKEN_COUNTS))})")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=None,
