@@ -94,8 +94,7 @@ def _routing(scoring, order, renormalize, n_group, topk_group, routed_scaling_fa
     return Routing(scoring, order, renormalize, n_group, topk_group, routed_scaling_factor)
 
 
-@torch.library.custom_op("moekit::route", mutates_args=())
-def _route_op(
+def _route_impl(
     router_logits: torch.Tensor,
     e_score_correction_bias: torch.Tensor | None,
     top_k: int,
@@ -106,12 +105,16 @@ def _route_op(
     topk_group: int,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate ids [M, k] int32 and weights [M, k] fp32 and launch the routing kernel."""
     routing = _routing(scoring, order, renormalize, n_group, topk_group, routed_scaling_factor)
     m = router_logits.shape[0]
     ids = torch.empty((m, top_k), dtype=torch.int32, device=router_logits.device)  # [M, k]
     weights = torch.empty((m, top_k), dtype=torch.float32, device=router_logits.device)
     launch_route(router_logits, e_score_correction_bias, top_k, routing, ids=ids, weights=weights)
     return ids, weights
+
+
+_route_op = torch.library.custom_op("moekit::route", _route_impl, mutates_args=())
 
 
 @_route_op.register_fake
@@ -123,8 +126,7 @@ def _route_fake(router_logits, e_score_correction_bias, top_k, *routing_fields):
     )
 
 
-@torch.library.custom_op("moekit::route_packed", mutates_args=())
-def _route_packed_op(
+def _route_packed_impl(
     router_logits: torch.Tensor,
     e_score_correction_bias: torch.Tensor | None,
     top_k: int,
@@ -135,11 +137,17 @@ def _route_packed_op(
     topk_group: int,
     routed_scaling_factor: float,
 ) -> torch.Tensor:
+    """Allocate the packed [M, k] int32 output and launch the routing kernel."""
     routing = _routing(scoring, order, renormalize, n_group, topk_group, routed_scaling_factor)
     m = router_logits.shape[0]
     packed = torch.empty((m, top_k), dtype=torch.int32, device=router_logits.device)  # [M, k]
     launch_route(router_logits, e_score_correction_bias, top_k, routing, packed=packed)
     return packed
+
+
+_route_packed_op = torch.library.custom_op(
+    "moekit::route_packed", _route_packed_impl, mutates_args=()
+)
 
 
 @_route_packed_op.register_fake
@@ -185,7 +193,12 @@ def route(
         result = reference_routing.route(router_logits, top_k, method=routing,
                                          e_score_correction_bias=bias)
         return pack_topk(result) if packed else result
-    op = _route_packed_op if packed else _route_op
+    # Eager calls skip the custom-op dispatcher (tens of µs of host time per call);
+    # torch.compile sees the registered ops.
+    if torch.compiler.is_compiling():
+        op = _route_packed_op if packed else _route_op
+    else:
+        op = _route_packed_impl if packed else _route_impl
     out = op(router_logits, bias, top_k, routing.scoring, routing.order, routing.renormalize,
              routing.n_group, routing.topk_group, float(routing.routed_scaling_factor))
     return out if packed else TopK(*out)
