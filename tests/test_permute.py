@@ -13,7 +13,7 @@ from helpers import assert_close, poison_
 from moekit import reference
 from moekit.dispatch import dispatch_plan
 from moekit.dispatch_plan import DispatchPlan
-from moekit.permute import permute, unpermute
+from moekit.permute import permute, row_config, run_permute, run_unpermute, unpermute
 
 BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
@@ -146,6 +146,50 @@ def test_no_tokens_interpreter():
     assert out.shape == (0, 32)
 
 
+CONFIGS = [
+    # (BLOCK_H, ROWS, num_warps, why)
+    (64, 2, 1, "two tokens per program, M odd: the last program is half empty"),
+    (32, 4, 2, "four tokens per program, several H tiles, the last one partial"),
+    (256, 1, 4, "one tile wider than the row: masked columns"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("block_h,rows,warps,why", CONFIGS)
+def test_explicit_configs_interpreter(block_h, rows, warps, why):
+    # The sweep's candidate configs must all be correct, not only the heuristic's.
+    M, k, E, H = 13, 3, 5, 100
+    ids, weights, hidden = make_case(M, k, E, H, torch.float16, drop=0.2)
+    plan = dispatch_plan(ids, E, 16, backend="triton")
+    scales = make_scales("group", M, H)
+    config = {"BLOCK_H": block_h, "ROWS": rows, "num_warps": warps}
+    grouped = poison_(torch.empty((plan.capacity, H), dtype=torch.float16))
+    grouped_scales = poison_(torch.empty((plan.capacity, scales.shape[1])))
+    run_permute(hidden, plan.sorted_pairs, plan.expert_offsets, plan.pair_slots, scales, k, 16,
+                grouped, grouped_scales, config)
+    expected, expected_scales = reference.permute(hidden, plan, top_k=k, row_scales=scales)
+    used = int(plan.expert_offsets[-1])
+    assert torch.equal(bits(grouped[:used]), bits(expected[:used])), "rows differ"
+    assert torch.equal(grouped_scales[:used], expected_scales[:used]), "scales differ"
+    assert grouped[used:].isnan().all(), "the unused tail was written"
+    out = poison_(torch.empty((M, H), dtype=torch.float16))
+    run_unpermute(poison_unused_rows(grouped, plan), plan.pair_slots, weights, out, config)
+    assert_close(out, reference.unpermute(grouped, plan, weights), tol=1e-5)
+
+
+@pytest.mark.parametrize("M", [1, 64, 4096, 16384])
+@pytest.mark.parametrize("H,elem", [(7168, 2), (2880, 2), (1536, 2), (2048, 1), (64, 4)])
+def test_row_config_moves_whole_vectors(M, H, elem):
+    # Every thread holds whole 16-byte vectors (unless the row is narrower than one warp
+    # of them), and a tile stays within 8 KB.
+    cfg = row_config(M, H, elem)
+    vec = 16 // elem
+    per_thread = cfg["ROWS"] * cfg["BLOCK_H"] // (32 * cfg["num_warps"])
+    if cfg["ROWS"] * cfg["BLOCK_H"] >= 32 * vec:
+        assert per_thread >= vec and per_thread % vec == 0, cfg
+    assert cfg["ROWS"] * cfg["BLOCK_H"] * elem <= 8192 or cfg["BLOCK_H"] == vec, cfg
+
+
 def test_reference_backend_matches_reference():
     # backend="reference" writes the reference into the caller's buffers (CPU default).
     ids, weights, hidden = make_case(9, 2, 3, 40, torch.float32, drop=0.3)
@@ -189,6 +233,8 @@ def test_bad_arguments():
         unpermute(grouped[1:], plan, torch.ones(2, 2))
     with pytest.raises(ValueError, match="pair_slots"):
         unpermute(grouped, DispatchPlan(*plan[:5]), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="pair_slots"):
+        permute(hidden, DispatchPlan(*plan[:5]), top_k=2)
 
 
 # --------------------------------------------------------------------------------- GPU

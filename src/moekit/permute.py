@@ -16,11 +16,15 @@ back to back. Decisions:
   up to E·(block_m − 1) rows of pure traffic.
 - permute copies bits, so any 1-, 2- or 4-byte element type moves (fp8 activations
   with their per-row or per-group scales included) and the copy is exact.
-- unpermute takes each pair's slot from `plan.pair_slots`, the inverse map the plan
-  builder writes alongside `sorted_pairs`. A dropped pair (id outside [0, E), or an
-  expert of another rank under an `expert_map`) has slot −1 and contributes nothing:
-  neither its row nor its weight is read. The k terms are summed in slot order in fp32,
-  so the result is deterministic (no atomics).
+- Both ops walk tokens and find slots through `plan.pair_slots`, the inverse map the
+  plan builder writes alongside `sorted_pairs`: permute reads each hidden row once and
+  stores it to its k slots (a slot-major gather reads it k times from DRAM at prefill),
+  unpermute gathers a token's k slots. A dropped pair (id outside [0, E), or an expert
+  of another rank under an `expert_map`) has slot −1 and moves nothing: permute skips
+  it, unpermute reads neither its row nor its weight. The k terms are summed in slot
+  order in fp32, so the result is deterministic (no atomics).
+- Tiling (`row_config`) depends on (M, H, element size) only; `run_permute` /
+  `run_unpermute` take an explicit one (`bench/scripts/sweep_permute.py` times them).
 
 Each launcher is a `torch.library.custom_op` (namespace `moekit`) with a fake
 implementation, so `torch.compile` traces through it; eager calls skip the dispatcher.
@@ -48,22 +52,30 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
 _TILE_BYTES = 8192  # largest row tile per program: two 16-byte vectors per thread at 8 warps
 _MIN_PROGRAMS = 512  # ≈ 4 per SM on an H100: below it, smaller tiles buy parallelism
+_MAX_ROWS = 4  # tokens per program at most
 
 
-def _row_tiling(rows: int, hidden_size: int, elem_bytes: int) -> dict[str, int]:
-    """BLOCK_H and warps from the row count and width (nothing routing-dependent).
+def row_config(num_tokens: int, hidden_size: int, elem_bytes: int) -> dict[str, int]:
+    """BLOCK_H, ROWS (tokens per program) and warps from (M, H, element size) only.
 
-    A tile is at most 8 KB. While the grid would have fewer than ~512 programs (decode),
-    tiles halve — down to one 16-byte vector per thread of one warp — so the copy is
-    spread over more SMs. Every thread always holds whole 16-byte vectors.
+    A [ROWS, BLOCK_H] tile is at most 8 KB. While the grid would have fewer than ~512
+    programs (decode), tiles halve — down to one 16-byte vector per thread of one warp —
+    so the copy is spread over more SMs. With many programs, up to 4 tokens share one
+    (more bytes in flight per program, fewer programs to schedule). Every thread always
+    holds whole 16-byte vectors. `bench/scripts/sweep_permute.py` times alternatives.
     """
     vec = 16 // elem_bytes
     block_h = min(triton.next_power_of_2(max(hidden_size, 1)), _TILE_BYTES // elem_bytes)
     block_h = max(block_h, vec)
-    while block_h > 32 * vec and rows * triton.cdiv(hidden_size, block_h) < _MIN_PROGRAMS:
+    tiles = lambda b: triton.cdiv(hidden_size, b)  # noqa: E731
+    while block_h > 32 * vec and num_tokens * tiles(block_h) < _MIN_PROGRAMS:
         block_h //= 2
-    num_warps = max(1, min(8, block_h // (32 * vec)))
-    return {"BLOCK_H": block_h, "num_warps": num_warps}
+    rows = 1
+    while (rows < _MAX_ROWS and 2 * rows * block_h * elem_bytes <= _TILE_BYTES
+           and triton.cdiv(num_tokens, 2 * rows) * tiles(block_h) >= 8 * _MIN_PROGRAMS):
+        rows *= 2
+    num_warps = max(1, min(8, rows * block_h // (32 * vec)))
+    return {"BLOCK_H": block_h, "ROWS": rows, "num_warps": num_warps}
 
 
 def _check_plan(plan: object, device: torch.device) -> DispatchPlan:
@@ -71,6 +83,11 @@ def _check_plan(plan: object, device: torch.device) -> DispatchPlan:
         raise TypeError(f"plan: expected a DispatchPlan, got {type(plan).__name__}")
     check_tensor("plan.sorted_pairs", plan.sorted_pairs, ndim=1, dtypes=(torch.int32,),
                  device=device)
+    if plan.pair_slots is None:
+        raise ValueError(
+            "plan: has no pair_slots (the pair → slot map); build it with "
+            "moekit.dispatch_plan or moekit.reference.dispatch_plan"
+        )
     return plan
 
 
@@ -100,7 +117,7 @@ def permute(
 
     Args:
         hidden: [M, H] bf16/fp16/fp32/fp8 (e4m3fn, e5m2); rows copied bit for bit.
-        plan: the `DispatchPlan` of the routing, num_pairs = M·top_k.
+        plan: the `DispatchPlan` of the routing (with `pair_slots`), num_pairs = M·top_k.
         top_k: k, slots per token.
         row_scales: optional float32 [M] (per row) or [M, G] (per group) activation
             scales; they travel with their rows.
@@ -158,7 +175,8 @@ def permute(
     if row_scales is not None:
         row_scales = row_scales.contiguous()
     launch = torch.ops.moekit.permute if torch.compiler.is_compiling() else _launch_permute
-    launch(hidden, plan.sorted_pairs, plan.expert_offsets, row_scales, top_k, out, out_scales)
+    launch(hidden, plan.sorted_pairs, plan.expert_offsets, plan.pair_slots, row_scales, top_k,
+           plan.block_m, out, out_scales)
     return out, out_scales
 
 
@@ -172,33 +190,47 @@ def _launch_permute(
     hidden: torch.Tensor,
     sorted_pairs: torch.Tensor,
     expert_offsets: torch.Tensor,
+    pair_slots: torch.Tensor,
     row_scales: torch.Tensor | None,
     top_k: int,
+    block_m: int,
     grouped: torch.Tensor,
     grouped_scales: torch.Tensor | None,
 ) -> None:
-    """Launch `_permute_kernel` over every slot (programs past the used slots exit)."""
+    """Launch `_permute_kernel` with the heuristic's tiling (see `run_permute`)."""
+    config = row_config(hidden.shape[0], hidden.shape[1], hidden.element_size())
+    run_permute(hidden, sorted_pairs, expert_offsets, pair_slots, row_scales, top_k, block_m,
+                grouped, grouped_scales, config)
+
+
+def run_permute(hidden, sorted_pairs, expert_offsets, pair_slots, row_scales, top_k, block_m,
+                grouped, grouped_scales, config: dict[str, int]) -> None:
+    """Launch `_permute_kernel` with an explicit `config` (BLOCK_H, ROWS, num_warps).
+
+    Token programs first, then one program per plan block for the padding; programs of
+    blocks without padding (or past the used slots) exit after one small load.
+    """
     capacity = sorted_pairs.numel()
     num_tokens, hidden_size = hidden.shape
-    if capacity == 0:
+    if capacity == 0 or hidden_size == 0:
         return
     bits = _BITS[hidden.element_size()]
-    tiling = _row_tiling(capacity, hidden_size, hidden.element_size())
-    block_h = tiling["BLOCK_H"]
+    block_h, rows = config["BLOCK_H"], config["ROWS"]
     has_scales = row_scales is not None
     groups = 1 if not has_scales or row_scales.dim() == 1 else row_scales.shape[1]
-    grid = (capacity, max(1, triton.cdiv(hidden_size, block_h)))
+    grid = (triton.cdiv(num_tokens, rows) + capacity // block_m, triton.cdiv(hidden_size, block_h))
     _permute_kernel[grid](
         hidden.view(bits), row_scales if has_scales else sorted_pairs,  # placeholder, never read
-        sorted_pairs, expert_offsets, grouped.view(bits),
+        pair_slots, sorted_pairs, expert_offsets, grouped.view(bits),
         grouped_scales if has_scales else sorted_pairs,  # placeholder, never written
-        num_tokens * top_k, expert_offsets.numel() - 1, hidden_size, groups,
+        num_tokens, expert_offsets.numel() - 1, hidden_size, groups,
         hidden.stride(0), grouped.stride(0),
         row_scales.stride(0) if has_scales else 0,
         grouped_scales.stride(0) if has_scales else 0,
-        TOP_K=top_k, BLOCK_H=block_h, BLOCK_G=triton.next_power_of_2(groups),
-        HAS_SCALES=has_scales, EVEN_H=hidden_size > 0 and hidden_size % block_h == 0,
-        num_warps=tiling["num_warps"],
+        TOP_K=top_k, ROWS=rows, BLOCK_H=block_h, BLOCK_M=block_m,
+        PAD_ROWS=max(1, min(block_m, _TILE_BYTES // (block_h * hidden.element_size()))),
+        BLOCK_G=triton.next_power_of_2(groups), HAS_SCALES=has_scales,
+        EVEN_H=hidden_size % block_h == 0, num_warps=config["num_warps"],
     )
 
 
@@ -208,7 +240,8 @@ _permute_op = torch.library.custom_op(
 
 
 @_permute_op.register_fake
-def _(hidden, sorted_pairs, expert_offsets, row_scales, top_k, grouped, grouped_scales):
+def _(hidden, sorted_pairs, expert_offsets, pair_slots, row_scales, top_k, block_m, grouped,
+      grouped_scales):
     return None
 
 
@@ -242,11 +275,6 @@ def unpermute(
     check_tensor("grouped", grouped, ndim=2, dtypes=UNPERMUTE_DTYPES)
     device = grouped.device
     plan = _check_plan(plan, device)
-    if plan.pair_slots is None:
-        raise ValueError(
-            "plan: has no pair_slots (the pair → slot map); build it with "
-            "moekit.dispatch_plan or moekit.reference.dispatch_plan"
-        )
     check_tensor("topk_weights", topk_weights, ndim=2, device=device)
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights: expected a float dtype, got {topk_weights.dtype}")
@@ -281,19 +309,25 @@ def _launch_unpermute(
     topk_weights: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """Launch `_unpermute_kernel`, one program per (token, row tile)."""
+    """Launch `_unpermute_kernel` with the heuristic's tiling (see `run_unpermute`)."""
+    config = row_config(out.shape[0], out.shape[1], grouped.element_size())
+    run_unpermute(grouped, pair_slots, topk_weights, out, config)
+
+
+def run_unpermute(grouped, pair_slots, topk_weights, out, config: dict[str, int]) -> None:
+    """Launch `_unpermute_kernel` with an explicit `config`: one program per ROWS tokens
+    and BLOCK_H columns."""
     num_tokens, top_k = topk_weights.shape
     hidden_size = out.shape[1]
     if num_tokens == 0 or hidden_size == 0:
         return
-    tiling = _row_tiling(num_tokens, hidden_size, grouped.element_size())
-    block_h = tiling["BLOCK_H"]
-    grid = (num_tokens, triton.cdiv(hidden_size, block_h))
+    block_h, rows = config["BLOCK_H"], config["ROWS"]
+    grid = (triton.cdiv(num_tokens, rows), triton.cdiv(hidden_size, block_h))
     _unpermute_kernel[grid](
         grouped, topk_weights, pair_slots, out,
-        hidden_size, grouped.stride(0), topk_weights.stride(0), out.stride(0),
-        TOP_K=top_k, BLOCK_H=block_h, EVEN_H=hidden_size % block_h == 0,
-        num_warps=tiling["num_warps"],
+        num_tokens, hidden_size, grouped.stride(0), topk_weights.stride(0), out.stride(0),
+        TOP_K=top_k, ROWS=rows, BLOCK_H=block_h, EVEN_H=hidden_size % block_h == 0,
+        num_warps=config["num_warps"],
     )
 
 
