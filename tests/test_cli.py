@@ -105,3 +105,44 @@ def test_out_dash_writes_nothing(tmp_path, monkeypatch, capsys):
 
 def test_no_cuda_line_is_one_line():
     assert "\n" not in NO_CUDA_LINE and "not a performance result" in NO_CUDA_LINE
+
+
+# `moekit bench routing` is a two-word command; `bench-routing` stays as an alias.
+ROUTING_ARGV = [
+    (["bench", "routing"], "the issue's spelling"),
+    (["bench-routing"], "the old spelling, kept as an alias"),
+]
+
+
+@pytest.mark.parametrize("words,why", ROUTING_ARGV, ids=[c[1] for c in ROUTING_ARGV])
+def test_bench_routing_parses(words, why):
+    from moekit.bench.routing_table import run_routing_bench
+    from moekit.cli import join_command_words
+
+    args = build_parser().parse_args(join_command_words(
+        [*words, "--presets", "olmoe-1b-7b", "--ops", "permute", "unpermute", "--sets", "4"]))
+    assert args._run is run_routing_bench
+    assert args.presets == [["olmoe-1b-7b"]] and args.ops == ["permute", "unpermute"]
+    assert args.sets == 4 and args.out == "bench/results"
+
+
+def test_bench_options_still_reach_the_kernel_table():
+    # Joining words must not steal `bench`'s own options, even a value named like a command.
+    from moekit.bench.command import run
+    from moekit.cli import join_command_words
+
+    args = build_parser().parse_args(join_command_words(["bench", "--presets", "deepseek-v3"]))
+    assert args._run is run and args.presets == [["deepseek-v3"]]
+    with pytest.raises(SystemExit):
+        main(["bench", "--presets", "routing"])  # a preset named "routing" does not exist
+
+
+def test_bench_routing_without_cuda_says_so(capsys):
+    import torch
+
+    from moekit.bench.routing_table import NO_CUDA_LINE
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the command times the table")
+    assert main(["bench", "routing", "--tokens", "1"]) == 0
+    assert NO_CUDA_LINE in capsys.readouterr().err
