@@ -79,6 +79,31 @@ def test_matches_reference_interpreter(M, E, k, H, I, activation, bias, dtype, e
     assert_close(out, expected)
 
 
+TMA_TILES = ExpertsConfig(128, GemmConfig(32, 32, 2, 4, 2), GemmConfig(32, 32, 2, 4, 2))
+
+TMA_CASES = [
+    # (M, E, k, H, I, activation, bias, extra, why)
+    (150, 5, 2, 72, 40, "swigluoai", True, {}, "biases; H and I not multiples of the tiles"),
+    (90, 4, 2, 64, 48, "relu2", False, {}, "no gate: the w13 view has I rows per expert"),
+    (70, 3, 1, 64, 32, "silu", False, {"weight_on_input": True}, "router weight on input"),
+    (64, 6, 2, 64, 32, "silu", False, {"ids_transform": drop_some}, "dropped and sentinel ids"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,E,k,H,I,activation,bias,extra,why", TMA_CASES)
+def test_tma_path_interpreter(monkeypatch, M, E, k, H, I, activation, bias, extra, why):
+    # The Hopper path (TMA descriptors, persistent GEMM2) run by the interpreter, which
+    # implements descriptors: the test pretends the CPU has TMA.
+    monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
+    assert moekit.experts.use_tma(torch.empty(1, H, dtype=torch.float16),
+                                  torch.empty(E, 2 * I, H, dtype=torch.float16),
+                                  torch.empty(E, H, I, dtype=torch.float16), 128)
+    out, expected = run_case(M, E, k, H, I, activation, bias=bias, dtype=torch.float16,
+                             config=TMA_TILES, **extra)
+    assert_close(out, expected)
+
+
 @pytest.mark.interpreter
 def test_unrouted_token_gives_zero_row():
     # A token whose slots are all dropped receives nothing, not garbage.
@@ -199,6 +224,26 @@ def test_presets_gpu(preset, dtype):
             b13=f32(b13), b2=f32(b2),
         )
         assert_close(out[rows], expected.float(), REL_L2_TOL[dtype], f"{preset} M={M} skew={skew}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "gpt-oss-120b", "mixtral-8x7b"])
+def test_tma_path_equals_pointer_path_gpu(monkeypatch, preset):
+    # TMA only changes how tiles reach shared memory, not the arithmetic: bitwise equal.
+    p = PRESETS[preset]
+    E, k, H, I = p.num_experts, p.top_k, p.hidden, p.inter
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
+    M = 2048
+    hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    ids, weights = random_routing(M, E, k, skew=2.0, device="cuda", seed=3)
+    config = moekit.tuning.default_config(M, E, k, H, I)
+    assert moekit.experts.use_tma(hidden, w13, w2, config.block_m)
+    run = lambda: moekit.fused_experts(hidden, w13, w2, ids, weights, activation=p.activation,
+                                       b13=b13, b2=b2, config=config,
+                                       out=poison_(torch.empty_like(hidden)))
+    with_tma = run()
+    monkeypatch.setattr("moekit.experts.use_tma", lambda *args: False)
+    assert torch.equal(with_tma, run())
 
 
 @pytest.mark.gpu

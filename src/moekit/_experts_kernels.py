@@ -3,14 +3,21 @@
     _gemm1_kernel     grid (blocks × I-tiles): rows of `hidden` gathered through the
                       dispatch plan, times w13[e]ᵀ, + bias, activation in the epilogue;
                       writes `inter` [capacity, I] in plan-slot order (contiguous per expert)
-    _gemm2_kernel     grid (blocks × H-tiles): inter rows × w2[e]ᵀ, + bias, × router weight;
-                      writes one row per pair, `pair_out` [M*k, H]
+    _gemm2_kernel     grid (blocks × H-tiles), or persistent: inter rows × w2[e]ᵀ, + bias,
+                      × router weight; writes one row per pair, `pair_out` [M*k, H]
     _combine_kernel   grid (M, H-tiles): out[m] = Σ_j pair_out[m*k + j] over valid slots,
                       in slot order, so the result is deterministic
 
 A program whose block holds no expert (−1: past the last run) exits at once. Row
 offsets into `hidden`, `pair_out` and the per-expert weight bases are 64-bit (M·k·H and
 E·2I·H can exceed 2^31); offsets inside a tile stay 32-bit.
+
+On Hopper the weight tiles (and GEMM2's `inter` tiles, which are contiguous) can come
+through TMA descriptors instead of pointers (`W_TMA`, `TMA`): the copy engine fetches
+whole tiles into shared memory, which measured 5–14% faster on prefill GEMMs
+(bench/NOTES.md, v2). Descriptors see the weights as one 2-D matrix [E·N, K], so a tile
+may run past its expert's last row into the next expert's; those columns are never
+stored. Rows are still gathered by pointer: Hopper's TMA has no row gather.
 """
 
 import triton
@@ -39,8 +46,13 @@ def _activate(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
 
 @triton.jit
 def _tile_coords(num_m, num_n, GROUP_M: tl.constexpr):
-    """Program id → (row block, column tile), GROUP_M row blocks sharing columns in L2."""
-    pid = tl.program_id(0)
+    """This program's (row block, column tile): `_tile_of` of the program id."""
+    return _tile_of(tl.program_id(0), num_m, num_n, GROUP_M)
+
+
+@triton.jit
+def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile id → (row block, column tile), GROUP_M row blocks sharing columns in L2."""
     per_group = GROUP_M * num_n
     group = pid // per_group
     first_m = group * GROUP_M
@@ -51,9 +63,24 @@ def _tile_coords(num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(ptrs, desc, row, k0, col_ok, offs_k, K, EVEN_K: tl.constexpr,
+                 EVEN_N: tl.constexpr, W_TMA: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile of a weight stored [N, K]: by TMA from `row`, or by pointer."""
+    if W_TMA:
+        return desc.load([row, k0]).T
+    elif EVEN_K and EVEN_N:
+        return tl.load(ptrs)
+    elif EVEN_K:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs, mask=col_ok[None, :] & (offs_k + k0 < K)[:, None], other=0.0)
+
+
+@triton.jit
 def _gemm1_kernel(
     hidden_ptr,  # [M, H]
     w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
+    w13_desc,  # TMA descriptor of w13 as [E*N1, H] (used only when W_TMA)
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
     topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_INPUT)
     inter_ptr,  # [capacity, I], out
@@ -77,6 +104,7 @@ def _gemm1_kernel(
     WEIGHT_ON_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    W_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -100,30 +128,23 @@ def _gemm1_kernel(
     w_base = w13_ptr + expert.to(tl.int64) * stride_we
     g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     u_ptrs = g_ptrs + I * stride_wn
+    g_row = expert * (I * 2 if GATED else I) + pid_n * BLOCK_N  # rows of the [E*N1, H] view
+    u_row = g_row + I
 
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Padding rows read token 0 (a valid row) unmasked: a dot's output row depends only on
     # its own input row, and padding rows are never stored.
     for k0 in range(0, H, BLOCK_K):
-        if EVEN_K and EVEN_N:
+        if EVEN_K:
             a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs)
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
         else:
-            k_ok = offs_k + k0 < H
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=(offs_k + k0 < H)[None, :], other=0.0)
+        g = _weight_tile(g_ptrs, w13_desc, g_row, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, W_TMA)
         gate = tl.dot(a, g, gate, input_precision=DOT_PRECISION)
         if GATED:
-            if EVEN_K and EVEN_N:
-                u = tl.load(u_ptrs)
-            elif EVEN_K:
-                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            u = _weight_tile(u_ptrs, w13_desc, u_row, k0, col_ok, offs_k, H, EVEN_K, EVEN_N,
+                             W_TMA)
             up = tl.dot(a, u, up, input_precision=DOT_PRECISION)
             u_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
@@ -146,14 +167,66 @@ def _gemm1_kernel(
 
 
 @triton.jit
+def _gemm2_tile(
+    inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
+    sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we, stride_wn,
+    stride_be, stride_om,
+    WEIGHT_ON_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """BLOCK_M plan slots of `expert` × BLOCK_N hidden columns, written to their pairs' rows."""
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + slots.to(tl.int64)[:, None] * stride_im + offs_k[None, :]
+    w_base = w2_ptr + expert.to(tl.int64) * stride_we
+    b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    w_row = expert * H + pid_n * BLOCK_N  # rows of the [E*H, I] view
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Padding slots of `inter` hold whatever was there; as in GEMM1 they only reach their
+    # own (unstored) output rows, so the loads stay unmasked along M.
+    for k0 in range(0, I, BLOCK_K):
+        if TMA:
+            a = inter_desc.load([pid_m * BLOCK_M, k0])
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_k + k0 < I)[None, :], other=0.0)
+        b = _weight_tile(b_ptrs, w2_desc, w_row, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, TMA)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    pairs = tl.load(sorted_pairs_ptr + slots)
+    row_ok = pairs < num_pairs
+    if HAS_BIAS:
+        b_base = b2_ptr + expert.to(tl.int64) * stride_be
+        acc += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if WEIGHT_ON_OUTPUT:
+        w = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0)
+        acc = acc * w[:, None]
+    safe_pairs = tl.where(row_ok, pairs, 0).to(tl.int64)
+    out_ptrs = pair_out_ptr + safe_pairs[:, None] * stride_om + offs_n[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _gemm2_kernel(
     inter_ptr,  # [capacity, I]
+    inter_desc,  # TMA descriptor of inter (used only when TMA)
     w2_ptr,  # [E, H, I]
+    w2_desc,  # TMA descriptor of w2 as [E*H, I] (used only when TMA)
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
     topk_weights_ptr,  # [M*k] fp32
     pair_out_ptr,  # [M*k, H], out
     sorted_pairs_ptr,  # [capacity] int32
     block_experts_ptr,  # [capacity / BLOCK_M] int32
+    expert_offsets_ptr,  # [E + 1] int32 (read only when PERSISTENT)
+    num_experts,
     num_pairs,
     num_blocks,
     H,
@@ -167,56 +240,44 @@ def _gemm2_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One program: BLOCK_M plan slots (one expert) × BLOCK_N hidden columns."""
-    pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
-    expert = tl.load(block_experts_ptr + pid_m)
-    if expert < 0:
-        return
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + slots)
-    row_ok = pairs < num_pairs
+    """Tiles of BLOCK_M plan slots (one expert) × BLOCK_N hidden columns.
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = inter_ptr + slots.to(tl.int64)[:, None] * stride_im + offs_k[None, :]
-    w_base = w2_ptr + expert.to(tl.int64) * stride_we
-    b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Padding slots of `inter` hold whatever was there; as in GEMM1 they only reach their
-    # own (unstored) output rows, so the loads stay unmasked along M.
-    for k0 in range(0, I, BLOCK_K):
-        if EVEN_K and EVEN_N:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + k0 < I
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
-    if HAS_BIAS:
-        b_base = b2_ptr + expert.to(tl.int64) * stride_be
-        acc += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if WEIGHT_ON_OUTPUT:
-        w = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0)
-        acc = acc * w[:, None]
-    safe_pairs = tl.where(row_ok, pairs, 0).to(tl.int64)
-    out_ptrs = pair_out_ptr + safe_pairs[:, None] * stride_om + offs_n[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty), mask=out_mask)
+    One tile per program, or (PERSISTENT) NUM_PROGRAMS programs striding over the tiles
+    of the blocks in use, which lets the compiler overlap a tile's epilogue with the next
+    tile's loads; the tile count comes from the plan on the GPU, so no host sync.
+    """
+    num_n = tl.cdiv(H, BLOCK_N)
+    if PERSISTENT:
+        used_blocks = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
+        for tile in tl.range(tl.program_id(0), used_blocks * num_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, used_blocks, num_n, GROUP_M)
+            expert = tl.load(block_experts_ptr + pid_m)
+            _gemm2_tile(
+                inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
+                sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we,
+                stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N,
+                TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+    else:
+        pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
+        expert = tl.load(block_experts_ptr + pid_m)
+        if expert < 0:
+            return
+        _gemm2_tile(
+            inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
+            sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we,
+            stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N,
+            TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
 
 @triton.jit

@@ -19,6 +19,7 @@ import triton
 from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
+from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
@@ -219,10 +220,13 @@ def _launch_fused_experts(
     precision = "ieee" if hidden.dtype == torch.float32 else None
     dummy = topk_weights  # stands in for absent biases; never read
 
+    tma = use_tma(hidden, w13, w2, block_m)
+
     inter_act = torch.empty((plan.capacity, inter), dtype=hidden.dtype, device=hidden.device)
     grid1 = (num_blocks * triton.cdiv(inter, c1[0]),)
     _gemm1_kernel[grid1](
-        hidden, w13, dummy if b13 is None else b13, topk_weights, inter_act,
+        hidden, w13, matrix_descriptor(w13, c1[0], c1[1]) if tma else None,
+        dummy if b13 is None else b13, topk_weights, inter_act,
         plan.sorted_pairs, plan.block_experts,
         plan.num_pairs, num_blocks, hidden_size, inter, top_k,
         hidden.stride(0), w13.stride(0), w13.stride(1),
@@ -230,22 +234,27 @@ def _launch_fused_experts(
         float(alpha), float(limit),
         ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=apply_router_weight_on_input, EVEN_K=hidden_size % c1[1] == 0,
-        EVEN_N=inter % c1[0] == 0,
+        EVEN_N=inter % c1[0] == 0, W_TMA=tma,
         DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
         num_warps=c1[3], num_stages=c1[4],
     )
 
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
-    grid2 = (num_blocks * triton.cdiv(hidden_size, c2[0]),)
+    # With TMA, GEMM2 is persistent (one program per SM): measured better on every cell.
+    programs = persistent_programs(hidden.device) if tma else 0
+    grid2 = (programs or num_blocks * triton.cdiv(hidden_size, c2[0]),)
     _gemm2_kernel[grid2](
-        inter_act, w2, dummy if b2 is None else b2, topk_weights, pair_out,
-        plan.sorted_pairs, plan.block_experts,
+        inter_act, matrix_descriptor(inter_act, block_m, c2[1]) if tma else None,
+        w2, matrix_descriptor(w2, c2[0], c2[1]) if tma else None,
+        dummy if b2 is None else b2, topk_weights, pair_out,
+        plan.sorted_pairs, plan.block_experts, plan.expert_offsets, num_experts,
         plan.num_pairs, num_blocks, hidden_size, inter,
         inter_act.stride(0), w2.stride(0), w2.stride(1),
         0 if b2 is None else b2.stride(0), pair_out.stride(0),
         WEIGHT_ON_OUTPUT=not apply_router_weight_on_input, HAS_BIAS=b2 is not None,
-        EVEN_K=inter % c2[1] == 0, EVEN_N=hidden_size % c2[0] == 0, DOT_PRECISION=precision,
+        EVEN_K=inter % c2[1] == 0, EVEN_N=hidden_size % c2[0] == 0, TMA=tma,
+        PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
         num_warps=c2[3], num_stages=c2[4],
     )
