@@ -188,3 +188,31 @@ def test_expert_map_gpu(M, k, E, block_m):
     table, local = half_remote_map(E, 1, device="cuda")
     plan = dispatch_plan(ids, local, block_m, expert_map=table)
     check_expert_map_plan(plan, ids, table, local)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [100, 4096], ids=["one launch", "count + place launches"])
+@pytest.mark.parametrize("mapped", [False, True], ids=["plain", "expert_map"])
+def test_plan_cuda_graph_gpu(M, mapped):
+    # The plan captured once and replayed on new ids equals the reference every time.
+    k, E = 8, 64
+    table, local = half_remote_map(E, 0, device="cuda") if mapped else (None, E)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dispatch_plan(ids, local, 64, expert_map=table)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan = dispatch_plan(ids, local, 64, expert_map=table)
+    for seed in (1, 2):
+        g.manual_seed(seed)
+        ids.copy_(torch.randint(-1, E + 2, ids.shape, generator=g, dtype=torch.int32,
+                                device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.dispatch_plan(ids, local, 64, expert_map=table)
+        for field in ("sorted_pairs", "block_experts", "expert_offsets", "pair_slots"):
+            assert torch.equal(getattr(plan, field), getattr(expected, field)), field

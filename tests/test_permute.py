@@ -307,3 +307,83 @@ def test_cuda_graph_gpu():
         torch.cuda.synchronize()
         assert torch.equal(out, step()), "replay differs from an eager call"
         assert_close(out, identity_combine(hidden, ids, weights, E).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_routing_to_combine_with_expert_map_gpu():
+    # The whole expert-parallel path in one graph: route → plan through an expert_map →
+    # permute with per-group scales → unpermute; replayed on new logits and rows.
+    from moekit.routing import route
+
+    M, E_global, k, H = 300, 64, 6, 2880
+    table = torch.full((E_global,), -1, dtype=torch.int32)
+    table[1::2] = torch.arange(E_global // 2, dtype=torch.int32)
+    table = table.cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn((M, E_global), generator=g, device="cuda")
+    hidden = torch.randn((M, H), generator=g, device="cuda").to(torch.bfloat16)
+    scales = make_scales("group", M, H, device="cuda")
+
+    def step():
+        topk = route(logits, k)
+        plan = dispatch_plan(topk.ids, E_global // 2, 32, expert_map=table)
+        grouped, grouped_scales = permute(hidden, plan, top_k=k, row_scales=scales)
+        return topk, plan, grouped, grouped_scales, unpermute(grouped, plan, topk.weights)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up off the capture stream
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        topk, plan, grouped, grouped_scales, out = step()
+    for seed in (1, 2):
+        g.manual_seed(seed)
+        logits.copy_(torch.randn(logits.shape, generator=g, device="cuda"))
+        hidden.copy_(torch.randn(hidden.shape, generator=g, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected_topk = reference.route(logits, k)
+        assert torch.equal(topk.ids, expected_topk.ids)
+        check_expert_map_fields(plan, topk.ids, table, E_global // 2)
+        used = int(plan.expert_offsets[-1])
+        ref, ref_scales = reference.permute(hidden, plan, top_k=k, row_scales=scales)
+        assert torch.equal(bits(grouped[:used]), bits(ref[:used]))
+        assert torch.equal(grouped_scales[:used], ref_scales[:used])
+        expected = identity_combine(hidden, topk.ids, topk.weights, E_global // 2, table)
+        assert_close(out, expected.to(torch.bfloat16))
+
+
+def check_expert_map_fields(plan, ids, table, local_experts):
+    """The replayed plan equals the reference plan of the same ids through the map."""
+    expected = reference.dispatch_plan(ids, local_experts, plan.block_m, expert_map=table)
+    for field in ("sorted_pairs", "block_experts", "expert_offsets", "pair_slots"):
+        assert torch.equal(getattr(plan, field), getattr(expected, field)), field
+
+
+GPU_CONFIGS = [
+    # (BLOCK_H, ROWS, num_warps): the sweep's candidates, so any default it picks is correct
+    (4096, 1, 8), (4096, 2, 8), (2048, 4, 8), (1024, 1, 4), (1024, 2, 4), (1024, 4, 8),
+    (512, 4, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_h,rows,warps", GPU_CONFIGS)
+def test_explicit_configs_gpu(block_h, rows, warps):
+    # H = 2880 is not a multiple of any tile; M = 4095 leaves the last program part-empty.
+    M, k, E, H, block_m = 4095, 4, 128, 2880, 128
+    ids, weights, hidden = make_case(M, k, E, H, torch.bfloat16, drop=0.05, device="cuda")
+    plan = dispatch_plan(ids, E, block_m)
+    config = {"BLOCK_H": block_h, "ROWS": rows, "num_warps": warps}
+    grouped = poison_(torch.empty((plan.capacity, H), dtype=torch.bfloat16, device="cuda"))
+    run_permute(hidden, plan.sorted_pairs, plan.expert_offsets, plan.pair_slots, None, k,
+                block_m, grouped, None, config)
+    expected, _ = reference.permute(hidden, plan, top_k=k)
+    used = int(plan.expert_offsets[-1])
+    assert torch.equal(bits(grouped[:used]), bits(expected[:used]))
+    assert grouped[used:].float().isnan().all()
+    out = poison_(torch.empty((M, H), dtype=torch.bfloat16, device="cuda"))
+    run_unpermute(poison_unused_rows(grouped, plan), plan.pair_slots, weights, out, config)
+    assert_close(out, reference.unpermute(grouped, plan, weights), tol=1e-3)

@@ -17,7 +17,7 @@ from helpers import poison_
 from moekit import reference
 from moekit.routing import Routing, route
 from moekit.routing.ops import launch_route
-from moekit.topk import pack_topk, unpack_topk
+from moekit.topk import TopK, pack_topk, unpack_topk
 
 INF, NAN = float("inf"), float("nan")
 # Triton tests run on the GPU when there is one, else on the CPU through the interpreter.
@@ -479,9 +479,25 @@ def test_gpu_bf16_matches_reference(case, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["softmax-E128-k8", "grouped-E256-k8-deepseek"])
+@pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
+def test_gpu_fp32_weights_within_1e6_of_float64(case):
+    # The bar: fp32 logits, weights within 1e-6 relative of the exact (float64)
+    # reference, ids exact on every row that does not hinge on a near-tie.
+    logits, bias = _inputs(case, 4096, device="cuda", seed=3)
+    kw = dict(case.kwargs, e_score_correction_bias=bias)
+    exact = reference.route(logits.double(), case.top_k, **dict(
+        kw, e_score_correction_bias=None if bias is None else bias.double()))
+    expected = TopK(exact.ids, exact.weights.float())
+    rows = _determined_rows(logits, case.top_k, _routing(case), bias)
+    got = route(logits, case.top_k, **kw)
+    _assert_same_routes(got, expected, rows, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
 @pytest.mark.parametrize("packed", [False, True], ids=["topk", "packed"])
 def test_gpu_cuda_graph_replay_with_new_inputs(name, packed):
+    # Every method, both outputs: captured once, replayed on new logits in place.
     case = GPU_CASES[name]
     static, bias = _inputs(case, 333, dtype=torch.bfloat16, device="cuda")
     kw = dict(case.kwargs, e_score_correction_bias=bias, packed=packed)

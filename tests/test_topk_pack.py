@@ -73,3 +73,31 @@ def test_empty_and_wrong_dtype():
     assert empty.shape == (0, 4) and unpack_topk(empty).weights.shape == (0, 4)
     with pytest.raises(TypeError, match="packed"):
         unpack_topk(torch.zeros(2, 2, dtype=torch.int64))
+
+
+@pytest.mark.gpu
+def test_pack_unpack_cuda_graph_gpu():
+    # pack_topk/unpack_topk are plain tensor ops: capturable, and replays see new inputs.
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(-1, 300, (512, 8), generator=g, device="cuda", dtype=torch.int32)
+    weights = torch.randn((512, 8), generator=g, device="cuda")
+    topk = TopK(ids, weights)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        unpack_topk(pack_topk(topk))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        packed = pack_topk(topk)
+        back = unpack_topk(packed)
+    for seed in (1, 2):
+        g.manual_seed(seed)
+        ids.copy_(torch.randint(-1, 300, ids.shape, generator=g, device="cuda",
+                                dtype=torch.int32))
+        weights.copy_(-torch.rand(weights.shape, generator=g, device="cuda"))  # sign bits set
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(packed, pack_topk(topk))
+        assert torch.equal(back.ids, ids)
+        assert torch.equal(back.weights, weights.to(torch.bfloat16).float())
