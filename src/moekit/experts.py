@@ -208,62 +208,85 @@ def _launch_fused_experts(
     out: torch.Tensor,
 ) -> None:
     """Launch plan, GEMM1, GEMM2 and combine; `config` is `_config_to_list`'s flat form."""
-    num_tokens, hidden_size = hidden.shape
-    if num_tokens == 0:
+    if hidden.shape[0] == 0:
         return
-    num_experts, _, inter = w2.shape
-    top_k = topk_ids.shape[1]
     block_m = config[0]
-    c1, c2 = config[1:6], config[6:11]
-    plan = dispatch_plan(topk_ids, num_experts, block_m, backend="triton")
-    num_blocks = plan.capacity // block_m
-    precision = "ieee" if hidden.dtype == torch.float32 else None
-    dummy = topk_weights  # stands in for absent biases; never read
-
+    plan = dispatch_plan(topk_ids, w2.shape[0], block_m, backend="triton")
     tma = use_tma(hidden, w13, w2, block_m)
+    inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
+                         apply_router_weight_on_input, config[1:6], tma)
+    pair_out = launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
+                            config[6:11], tma)
+    launch_combine(pair_out, topk_ids, w2.shape[0], out)
 
-    inter_act = torch.empty((plan.capacity, inter), dtype=hidden.dtype, device=hidden.device)
-    grid1 = (num_blocks * triton.cdiv(inter, c1[0]),)
-    _gemm1_kernel[grid1](
-        hidden, w13, matrix_descriptor(w13, c1[0], c1[1]) if tma else None,
-        dummy if b13 is None else b13, topk_weights, inter_act,
-        plan.sorted_pairs, plan.block_experts,
-        plan.num_pairs, num_blocks, hidden_size, inter, top_k,
+
+def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
+                 weight_on_input, tiles, tma) -> torch.Tensor:
+    """GEMM1 + activation over the plan's slots; returns `inter` [capacity, I].
+
+    `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`.
+    """
+    num_tokens, hidden_size = hidden.shape
+    num_blocks = plan.capacity // plan.block_m
+    gated = activation != "relu2"
+    inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
+    block_n, block_k, group_m, warps, stages = tiles
+    bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
+    inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
+    _gemm1_kernel[(num_blocks * triton.cdiv(inter_size, block_n),)](
+        hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
+        bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
+        plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
         hidden.stride(0), w13.stride(0), w13.stride(1),
-        0 if b13 is None else b13.stride(0), inter_act.stride(0),
-        float(alpha), float(limit),
-        ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
-        WEIGHT_ON_INPUT=apply_router_weight_on_input, EVEN_K=hidden_size % c1[1] == 0,
-        EVEN_N=inter % c1[0] == 0, W_TMA=tma,
-        DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
-        num_warps=c1[3], num_stages=c1[4],
+        0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
+        ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
+        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
+        EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=_dot_precision(hidden),
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        num_warps=warps, num_stages=stages,
     )
+    return inter
 
-    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
-    # With TMA, GEMM2 is persistent (one program per SM): measured better on every cell.
-    programs = persistent_programs(hidden.device) if tma else 0
-    grid2 = (programs or num_blocks * triton.cdiv(hidden_size, c2[0]),)
-    _gemm2_kernel[grid2](
-        inter_act, matrix_descriptor(inter_act, block_m, c2[1]) if tma else None,
-        w2, matrix_descriptor(w2, c2[0], c2[1]) if tma else None,
-        dummy if b2 is None else b2, topk_weights, pair_out,
-        plan.sorted_pairs, plan.block_experts, plan.expert_offsets, num_experts,
-        plan.num_pairs, num_blocks, hidden_size, inter,
-        inter_act.stride(0), w2.stride(0), w2.stride(1),
-        0 if b2 is None else b2.stride(0), pair_out.stride(0),
-        WEIGHT_ON_OUTPUT=not apply_router_weight_on_input, HAS_BIAS=b2 is not None,
-        EVEN_K=inter % c2[1] == 0, EVEN_N=hidden_size % c2[0] == 0, TMA=tma,
-        PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
-        num_warps=c2[3], num_stages=c2[4],
+
+def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma) -> torch.Tensor:
+    """GEMM2 (+bias, × router weight) of `inter`; returns one row per pair [M*k, H].
+
+    With TMA the grid is persistent (one program per SM), measured better on every cell.
+    """
+    num_experts, hidden_size, inter_size = w2.shape
+    num_blocks = plan.capacity // plan.block_m
+    block_n, block_k, group_m, warps, stages = tiles
+    bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
+    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
+    programs = persistent_programs(inter.device) if tma else 0
+    _gemm2_kernel[(programs or num_blocks * triton.cdiv(hidden_size, block_n),)](
+        inter, matrix_descriptor(inter, plan.block_m, block_k) if tma else None,
+        w2, matrix_descriptor(w2, block_n, block_k) if tma else None,
+        bias, topk_weights, pair_out, plan.sorted_pairs, plan.block_experts,
+        plan.expert_offsets, num_experts, plan.num_pairs, num_blocks, hidden_size, inter_size,
+        inter.stride(0), w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0),
+        pair_out.stride(0),
+        WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
+        EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TMA=tma,
+        PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=_dot_precision(inter),
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        num_warps=warps, num_stages=stages,
     )
+    return pair_out
 
-    grid3 = (num_tokens, triton.cdiv(hidden_size, _COMBINE_BLOCK_H))
-    _combine_kernel[grid3](
+
+def launch_combine(pair_out, topk_ids, num_experts, out) -> None:
+    """out[m] = Σ_j pair_out[m*k + j] over the valid slots, in slot order."""
+    num_tokens, hidden_size = out.shape
+    _combine_kernel[(num_tokens, triton.cdiv(hidden_size, _COMBINE_BLOCK_H))](
         pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
-        TOP_K=top_k, BLOCK_H=_COMBINE_BLOCK_H,
+        TOP_K=topk_ids.shape[1], BLOCK_H=_COMBINE_BLOCK_H,
     )
+
+
+def _dot_precision(t: torch.Tensor) -> str | None:
+    """fp32 inputs take exact fp32 dots (no TF32); 16-bit ones the default."""
+    return "ieee" if t.dtype == torch.float32 else None
 
 
 _fused_experts_op = torch.library.custom_op(
