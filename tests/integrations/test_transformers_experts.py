@@ -238,15 +238,21 @@ def test_register_is_idempotent_and_visible():
     assert fp8.FP8ExpertsInterface()["moekit"] is moekit_tf.fp8_fallback_forward
 
 
-@pytest.mark.parametrize("prepared", [
-    pytest.param(True, id="prepared"),  # the documented way: compiled graphs read the cache
-    pytest.param(False, id="unprepared"),  # plan and conversion happen eagerly mid-trace
-])
-def test_torch_compile_cpu(prepared):
+@pytest.mark.parametrize("family,prepared", [
     # gpt-oss takes the converted path, the one with cached state to get right under
-    # dynamo. aot_eager traces through dynamo and AOTAutograd without inductor's C++
-    # build, which is what the integration must survive; inductor runs on the GPU.
-    model = tiny_model("gpt-oss", layers=1)
+    # dynamo: the documented way (prepared: compiled graphs read the cache) and not.
+    pytest.param("gpt-oss", True, id="gpt-oss-prepared"),
+    pytest.param("gpt-oss", False, id="gpt-oss-unprepared"),  # plan + conversion mid-trace
+    # The aliased families: each compiles its own router and shared-expert code around us.
+    pytest.param("mixtral", False, id="mixtral"),
+    pytest.param("qwen3-moe", False, id="qwen3-moe"),
+    pytest.param("olmoe", False, id="olmoe"),
+    pytest.param("deepseek-v3", False, id="deepseek-v3"),
+])
+def test_torch_compile_cpu(family, prepared):
+    # aot_eager traces through dynamo and AOTAutograd without inductor's C++ build,
+    # which is what the integration must survive; inductor runs on the GPU.
+    model = tiny_model(family, layers=1)
     ids = prompt()
     expected = logits(model, ids, "eager")
     model.set_experts_implementation("moekit")
@@ -261,8 +267,7 @@ def test_torch_compile_cpu(prepared):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", [pytest.param("gpt-oss", id="gpt-oss-converted"),
-                                    pytest.param("mixtral", id="mixtral-aliased")])
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_torch_compile_gpu_bf16(family):
     model = tiny_model(family, dtype=torch.bfloat16, device="cuda")
     ids = prompt("cuda", batch=4, length=64)

@@ -2,7 +2,8 @@
 
     families.py   the model families and the widths of their published checkpoints
     model.py      building one with random weights on the device
-    decode.py     timed prefill + greedy decode, and the token checks between two runs
+    decode.py     timed prefill + greedy decode, and token agreement between two runs
+    check.py      the accuracy check: bf16 implementations against a float32 run
     results.py    JSON + Markdown result files with device, versions, date, command
     command.py    `moekit run`: `add_run_arguments(parser)` and `run_command(args)`
 

@@ -7,14 +7,18 @@ builds the family's model with its published widths, a few layers and random wei
 decode (`moekit.e2e.decode`) with transformers' own experts implementation (its default
 unless `--baseline` names one) and with moekit, alternating the two for each repeat so
 that clock drift hits both alike. It reports prefill tokens/s, time per output token and
-moekit's speedup, checks that both produce the same tokens, and writes JSON + Markdown
-(`moekit.e2e.results`).
+moekit's speedup, checks that moekit computes the same model (`moekit.e2e.check`: both
+implementations' teacher-forced logits against a float32 run of the same weights, so
+that the bound is the bf16 noise measured in this run), and writes JSON + Markdown
+(`moekit.e2e.results`). Token agreement with the baseline is reported, not gated on:
+with random weights, correct bf16 implementations flip near-tied tokens.
 
 On a machine without CUDA it runs the same pipeline at tiny widths (`--scale tiny`, the
 default there) and says so: that checks the wiring, not the speed.
 
-The exit status is 1 when moekit's teacher-forced agreement with the baseline falls below
-`--min-agreement` (or the logits are not finite), so the command doubles as a check.
+The exit status is 1 when that check fails or the logits are not finite, so the command
+doubles as a test. Where the device has no room for the float32 run the check is
+reported as skipped (DeepSeek-V3 defaults to one layer so that it has room).
 """
 
 from __future__ import annotations
@@ -56,8 +60,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: transformers' default for the model)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and prompt")
-    parser.add_argument("--min-agreement", type=float, default=0.9,
-                        help="fail below this teacher-forced token agreement")
     parser.add_argument("--out-dir", default="bench/results",
                         help="where to write the JSON and Markdown results ('' to skip)")
 
@@ -88,7 +90,7 @@ def run_command(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"moekit run: {exc}", file=sys.stderr)
         return 2
-    from moekit.e2e.decode import compare_runs, greedy_decode, teacher_forced_agreement
+    from moekit.e2e.decode import compare_runs, greedy_decode
     from moekit.e2e.model import build_model
     from moekit.e2e.results import environment, write_results
 
@@ -153,15 +155,13 @@ def run_command(args: argparse.Namespace) -> int:
             _log(f"{label}: prefill {run.prefill_s * 1e3:.2f} ms, "
                  f"TPOT {run.tpot_s() * 1e3:.3f} ms")
 
+    peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     base_run, moe_run = runs[baseline][0], runs[moekit_transformers.NAME][0]
     match = compare_runs(base_run, moe_run)
-    _log("checking tokens (teacher-forced on the baseline's continuation)")
-    match["teacher_forced_agreement"] = teacher_forced_agreement(model, prompt, base_run.tokens)
-    # The same check for the baseline itself (one full forward against its own cached
-    # decode): the agreement that numerics alone allow at this dtype.
-    model.set_experts_implementation(baseline)
-    match["baseline_self_agreement"] = teacher_forced_agreement(model, prompt, base_run.tokens)
     finite = all(torch.isfinite(r.prefill_logits).all().item() for rs in runs.values() for r in rs)
+    check = _check(model, prompt, base_run.tokens, baseline, device)
+    match["teacher_forced_agreement"] = check.pop("agreement_with_baseline")
+    match["baseline_self_agreement"] = check.pop("baseline_self_agreement")
 
     summary = {impl: _summarise(rs, batch, prompt_len) for impl, rs in runs.items()}
     base, moe = summary[baseline], summary[moekit_transformers.NAME]
@@ -183,20 +183,64 @@ def run_command(args: argparse.Namespace) -> int:
         "speedup": {"prefill": base["prefill_ms"] / moe["prefill_ms"],
                     "decode": base["tpot_ms"] / moe["tpot_ms"]},
         "match": match,
+        "check": check,
         "finite": finite,
     }
-    if device.type == "cuda":
-        record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if peak_gb is not None:
+        record["peak_memory_gb"] = peak_gb
 
     _print_summary(record)
     if args.out_dir:
         json_path, md_path = write_results(record, args.out_dir, family.name)
         _log(f"wrote {json_path} and {md_path}")
-    if not finite or match["teacher_forced_agreement"] < args.min_agreement:
-        _log(f"FAILED: teacher-forced agreement {match['teacher_forced_agreement']:.1%} "
-             f"(minimum {args.min_agreement:.0%}), finite logits: {finite}")
+    if not finite or check.get("passed") is False:
+        _log(f"FAILED: {_check_line(check)}; finite logits: {finite}")
         return 1
     return 0
+
+
+def _check(model, prompt, tokens, baseline: str, device: torch.device) -> dict[str, Any]:
+    """Teacher-forced logits of both implementations and the float32 oracle's verdict."""
+    from moekit.e2e import check as oracle_check
+    from moekit.integrations import transformers as moekit_transformers
+
+    _log("check: teacher-forced logits of both implementations on the baseline's tokens")
+    logits = {}
+    for impl in (baseline, moekit_transformers.NAME):
+        model.set_experts_implementation(impl)
+        logits[impl] = oracle_check.teacher_forced_logits(model, prompt, tokens)  # [B, T, V]
+    result: dict[str, Any] = {
+        # moekit fed the baseline's tokens predicts them; and the baseline itself (one
+        # forward vs. its cached decode): what numerics alone allow at this dtype.
+        "agreement_with_baseline":
+            (logits[moekit_transformers.NAME].argmax(-1) == tokens).float().mean().item(),
+        "baseline_self_agreement": (logits[baseline].argmax(-1) == tokens).float().mean().item(),
+    }
+    # The converted copies (gpt-oss) are made again on next use; free them for the oracle.
+    moekit_transformers.release_converted(model)
+    if not oracle_check.oracle_fits(model, device):
+        need = oracle_check.fp32_bytes(model) / 1e9
+        result["skipped"] = f"no room for the float32 oracle (+{need:.1f} GB); not checked"
+        _log(f"check SKIPPED: {result['skipped']}")
+        return result
+    _log("check: the same weights in float32 (the oracle)")
+    oracle = oracle_check.fp32_oracle_logits(model, prompt, tokens)
+    verdict = oracle_check.judge(logits[baseline], logits[moekit_transformers.NAME], oracle)
+    model.set_experts_implementation(moekit_transformers.NAME)
+    result.update(verdict.as_dict())
+    _log(f"check: {_check_line(result)}")
+    return result
+
+
+def _check_line(check: dict[str, Any]) -> str:
+    if "skipped" in check:
+        return f"SKIPPED ({check['skipped']})"
+    base, cand = check["baseline"], check["candidate"]
+    return (f"{'passed' if check['passed'] else 'FAILED'}: median logits rel L2 to float32 "
+            f"moekit {cand['median_rel_l2']:.2e} vs baseline {base['median_rel_l2']:.2e} "
+            f"(bound {check['bound']:.2e}); overall rel L2 {cand['rel_l2']:.2e} vs "
+            f"{base['rel_l2']:.2e}; argmax agreement with float32 {cand['agreement']:.1%} vs "
+            f"{base['agreement']:.1%}")
 
 
 def _summarise(runs: list, batch: int, prompt_len: int) -> dict[str, float]:
@@ -229,3 +273,4 @@ def _print_summary(record: dict[str, Any]) -> None:
           f"(baseline vs itself {match['baseline_self_agreement']:.1%}), free-running match "
           f"{match['token_match']:.1%}, identical sequences {match['exact_match']:.1%}, "
           f"prefill logits rel L2 {match['prefill_logits_rel_l2']:.2e}")
+    print(f"check against float32: {_check_line(record['check'])}")

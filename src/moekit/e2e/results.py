@@ -109,5 +109,23 @@ def markdown(record: dict[str, Any]) -> str:
         f"identical sequences {match['exact_match']:.1%}; "
         f"prefill logits relative L2 {match['prefill_logits_rel_l2']:.2e}.",
         "",
+        _check_markdown(record.get("check", {})),
+        "",
     ]
     return "\n".join(lines)
+
+
+def _check_markdown(check: dict[str, Any]) -> str:
+    """The float32-oracle check (`moekit.e2e.check`) as one paragraph."""
+    if "skipped" in check:
+        return f"Check against float32: skipped ({check['skipped']})."
+    if "passed" not in check:
+        return "Check against float32: not run."
+    base, cand = check["baseline"], check["candidate"]
+    return (
+        f"Check against the same weights in float32 (teacher-forced logits): "
+        f"**{'passed' if check['passed'] else 'FAILED'}**. Median per-position relative L2: "
+        f"moekit {cand['median_rel_l2']:.2e}, baseline {base['median_rel_l2']:.2e} "
+        f"(bound {check['bound']:.2e}); overall {cand['rel_l2']:.2e} vs {base['rel_l2']:.2e}; "
+        f"argmax agreement with float32 {cand['agreement']:.1%} vs {base['agreement']:.1%}."
+    )

@@ -43,6 +43,7 @@ import torch
 
 import moekit
 from moekit.integrations.experts_layout import (
+    CACHE_ATTR,
     ExpertsPlan,
     experts_operands,
     experts_plan,
@@ -139,6 +140,13 @@ def prepare_model(model: torch.nn.Module) -> dict[str, ExpertsPlan]:
         if is_experts_module(module):
             plans[name] = prepare_experts(module)
     return plans
+
+
+def release_converted(model: torch.nn.Module) -> None:
+    """Free the converted weight copies (gpt-oss) of `model`; they are made again on next use."""
+    for module in model.modules():
+        if is_experts_module(module) and hasattr(module, CACHE_ATTR):
+            delattr(module, CACHE_ATTR)
 
 
 def is_experts_module(module: torch.nn.Module) -> bool:
