@@ -5,6 +5,9 @@ The data path of one MoE layer:
     router_logits ─► route() ─► TopK(ids, weights)          (or the packed int32 format)
     hidden ─► fused_experts(): dispatch plan ─► GEMM1 + activation ─► GEMM2 × weight ─► combine
 
+`fused_experts_fp8` runs the same pipeline on fp8 weights (`moekit.quant`) with fp8 GEMM
+inputs quantised on the fly.
+
 On CUDA tensors the ops run Triton kernels; elsewhere they run `moekit.reference`.
 `MoE` wraps it all as an `nn.Module` that prepares its weights once.
 """
@@ -13,6 +16,7 @@ from moekit.activation import Activation
 from moekit.dispatch import dispatch_plan
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import fused_experts, fused_moe
+from moekit.experts_fp8 import fused_experts_fp8
 from moekit.layer import MoE
 from moekit.permute import permute, unpermute
 from moekit.routing import Routing, route
@@ -29,6 +33,7 @@ __all__ = [
     "TopK",
     "dispatch_plan",
     "fused_experts",
+    "fused_experts_fp8",
     "fused_moe",
     "pack_topk",
     "permute",

@@ -213,6 +213,25 @@ def test_spec_values_and_presets():
     assert QuantSpec().fmax == E4M3_MAX
 
 
+GEMM2_INPUTS = [
+    # (scheme, GEMM2 input group, why)
+    (QuantScheme.fp8_tensor(), (1, 128), "dynamic per-tensor cannot be computed in an epilogue"),
+    (QuantScheme.fp8_channel(), (1, 128), "nor can per-token over a whole row of I"),
+    (QuantScheme.fp8_block(), (1, 128), "block: the scheme's own 1×128 groups"),
+    (QuantScheme.fp8_block((64, 64)), (1, 64), "groups follow the scheme's K group"),
+    (QuantScheme(QuantSpec(group=(128, 32)), QuantSpec(group="token")), (1, 32),
+     "the weights' K group when only they group K"),
+    (QuantScheme.fp8_tensor(dynamic=False), (-1, -1), "static: the calibrated scale"),
+]
+
+
+@pytest.mark.parametrize("scheme, group, why", GEMM2_INPUTS)
+def test_gemm2_input_spec(scheme, group, why):
+    spec = scheme.gemm2_input
+    assert spec.group == group
+    assert spec.dynamic == scheme.activation.dynamic
+
+
 fp8 = torch.float8_e4m3fn
 W = quantize_weight(spread(2, 16, 8), QuantSpec(group="channel"))
 

@@ -48,7 +48,7 @@ def per_pair_oracle(hidden, w13, w2, ids, weights, scheme, act, b13, b2):
     act = Activation.parse(act)
     a1 = scheme.activation if scheme.activation.dynamic else scheme.activation.with_scale(
         w13.input_scale)
-    a2 = scheme.activation if scheme.activation.dynamic else scheme.activation.with_scale(
+    a2 = scheme.gemm2_input if scheme.activation.dynamic else scheme.activation.with_scale(
         w2.input_scale)
     x = fake_quant(hidden.float(), a1)
     num_experts = w13.shape[0]
@@ -63,7 +63,7 @@ def per_pair_oracle(hidden, w13, w2, ids, weights, scheme, act, b13, b2):
         if b13 is not None:
             h = h + b13[e].float()
         inter.append(apply_activation(h, act))
-    # GEMM2's input is quantised as one [P, I] tensor (per-tensor scales span all pairs).
+    # GEMM2's input is quantised as one [P, I] tensor (dynamic: 1×g groups of each row).
     inter = fake_quant(torch.stack(inter), a2)
     for p, (m, j, e) in enumerate(pairs):
         y = inter[p] @ w2.dequantize(expert=e).T
@@ -112,7 +112,7 @@ def make_case(scheme, M, E, k, H, I, act, bias, *, dtype=torch.float32, static_m
 
 CASES = [
     # (scheme, M, E, k, H, I, activation, bias, why)
-    ("fp8_tensor", 16, 4, 2, 64, 32, "silu", False, "per-tensor: GEMM2 scale spans all pairs"),
+    ("fp8_tensor", 16, 4, 2, 64, 32, "silu", False, "per-tensor GEMM1 input; GEMM2 in groups"),
     ("fp8_channel", 33, 8, 3, 96, 48, "swigluoai", True, "per-channel/token, gpt-oss + biases"),
     ("fp8_block", 20, 5, 2, 200, 136, "silu", True, "blocks with partial edges on H and I"),
     ("fp8_block", 7, 3, 1, 128, 64, "relu2", False, "no gate; k = 1; exactly one K block"),

@@ -43,6 +43,15 @@ Presets (`QuantScheme`), for the two GEMMs of an MoE layer alike:
 A scheme describes the format only. Scales are data: a weight's scales live in its
 `QuantizedWeight`, and so do the static input scales of the GEMM it feeds, because
 GEMM1's and GEMM2's inputs have a calibrated scale each.
+
+GEMM2's input — the activation's output, [pairs, I] — is quantised where it is made, in
+GEMM1's epilogue, and a tile there sees BLOCK_N columns of a row, never a whole row or
+the whole tensor. So `QuantScheme.gemm2_input` is the scheme's activation spec only when
+that is static (one calibrated scale); a dynamic one becomes 1×g groups, g the K group
+of the activations or weights if either groups K (128 for fp8_block), else
+`GEMM2_INPUT_GROUP`. A per-token or per-tensor amax of that tensor would need a second
+pass over it, or a grid-wide reduction, before a single value could be quantised; 1×128
+groups cost nothing extra and are finer (more accurate) than either.
 """
 
 from __future__ import annotations
@@ -64,6 +73,10 @@ AMAX_FLOOR = 1e-10
 GROUP_ALIASES = {"tensor": (-1, -1), "channel": (1, -1), "token": (1, -1)}
 
 FULL = -1
+
+#: The K group of GEMM2's input when it is quantised dynamically and neither operand of a
+#: scheme groups K: 128 columns, one fp8 K tile (see the module doc).
+GEMM2_INPUT_GROUP = 128
 
 
 @dataclass(frozen=True)
@@ -153,7 +166,8 @@ class QuantScheme:
     """The quantisation of an MoE layer: one spec for the weights, one for GEMM inputs.
 
     Both GEMMs use the same pair: `weight` for `w13` and `w2`, `activation` for hidden
-    (GEMM1's input) and for the activation's output (GEMM2's input).
+    (GEMM1's input) and, when static, for the activation's output (GEMM2's input);
+    `gemm2_input` gives that operand's spec (dynamic: 1×g groups, see the module doc).
 
     Attributes:
         weight: a dynamic spec (weight scales are computed once, when the weights load).
@@ -191,6 +205,19 @@ class QuantScheme:
                 f"activation: K group {ka} must equal the weight's K group {kw} when both "
                 "group K, so each K tile of a kernel has one scale of each"
             )
+
+    @property
+    def gemm2_input(self) -> QuantSpec:
+        """The spec of GEMM2's input [pairs, I]: static as `activation`, else 1×g groups.
+
+        g is the K group of `activation` if it has one, else the weights' K group if they
+        have one, else `GEMM2_INPUT_GROUP`; GEMM1's epilogue computes these scales.
+        """
+        if not self.activation.dynamic:
+            return self.activation
+        ka, kw = self.activation.group[1], self.weight.group[1]
+        k_group = ka if ka != FULL else kw if kw != FULL else GEMM2_INPUT_GROUP
+        return QuantSpec(self.activation.dtype, (1, k_group))
 
     @classmethod
     def fp8_tensor(cls, *, dynamic: bool = True) -> QuantScheme:

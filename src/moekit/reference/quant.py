@@ -9,9 +9,12 @@ P counts the valid token–expert pairs. Everything is computed in float32 on de
 values, which equals the kernels' fp8 dot products with the scales applied afterwards up
 to float32 rounding, so a kernel is tested against this to float32-accumulation accuracy.
 
-GEMM1's input is quantised per token, once, before the dispatch (every pair of a token
-reads the same row). GEMM2's input is quantised per pair row; a dynamic per-tensor scale
-there spans all P valid pairs, never the padding rows a kernel's buffer may hold.
+GEMM1's input is quantised per `scheme.activation`, once, before the dispatch (every
+pair of a token reads the same row). GEMM2's input is quantised per
+`scheme.gemm2_input`: with dynamic activations in 1×128 groups of each pair row (the
+weights' K group if they group K), whatever the scheme's activation granularity, because
+the kernels quantise it in GEMM1's epilogue, which sees 128-column pieces of a row
+(`moekit.quant.scheme` says why); with static activations by w2.input_scale.
 
 `moekit.reference.fused_experts` cannot be reused whole because GEMM2's input is
 quantised between its two GEMMs; this keeps its structure (a loop over the active
@@ -60,7 +63,7 @@ def fused_experts_quantized(
     act = Activation.parse(activation)
     _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2)
     a1_spec = _input_spec(scheme.activation, w13, "w13")
-    a2_spec = _input_spec(scheme.activation, w2, "w2")
+    a2_spec = _input_spec(scheme.gemm2_input, w2, "w2")
 
     num_experts = w13.shape[0]
     ids = topk_ids.long()

@@ -1,0 +1,418 @@
+"""fp8 W8A8 fused experts: fp8 weights × fp8 activations, fp32 accumulation, scales per scheme.
+
+    hidden [M, H] ─► _quantize_rows_kernel: xq fp8 [M, H] + scales      (once per token)
+                 ─► plan (pairs grouped by expert, padded to block_m)
+                 ─► _gemm1_fp8_kernel: gathered xq rows × w13[e]ᵀ, scales, bias, activation,
+                    quantised again ─► inter fp8 [capacity, I] + scales [capacity, I/g]
+                 ─► _gemm2_fp8_kernel: inter × w2[e]ᵀ, scales, bias, × router weight
+                                                                    ─► pair_out [M*k, H]
+                 ─► _combine_kernel (the bf16 pipeline's): Σ over slots ─► out [M, H]
+
+The formats are a `QuantScheme`; `moekit.reference.fused_experts_quantized` is the
+oracle, and the two agree on every choice below.
+
+GEMM1's input: hidden is quantised by one small kernel before the GEMM (two when a
+dynamic per-tensor scale first needs the amax of all of hidden) — a pass over M×H,
+not M·k×H, since all k pairs of a token read its one fp8 row. Quantising inside GEMM1's
+loads instead would redo it in every one of the I/BLOCK_N column programs, and a
+per-token or per-tensor scale needs the whole row, or tensor, before the first value.
+
+GEMM2's input is quantised in GEMM1's epilogue, where a tile holds BLOCK_N columns of
+its rows: dynamically in 1×g groups (`QuantScheme.gemm2_input`: g = 128 for the
+presets), so GEMM1's BLOCK_N is a multiple of g; statically by w2.input_scale.
+
+Everything that depends only on the weights — fp8 values, their scales, static input
+scales — is prepared once in `QuantizedWeight`; a forward pass reads them through
+pointers and strides and allocates only activations, so a captured CUDA graph stays
+valid for as long as the weights live. No fills, no host synchronisation.
+
+Not here yet: apply_router_weight_on_input and expert maps (the bf16 path has both).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from moekit import reference
+from moekit._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moekit._experts_fp8_kernels import (
+    _amax_partials_kernel,
+    _gemm1_fp8_kernel,
+    _gemm2_fp8_kernel,
+    _quantize_rows_kernel,
+)
+from moekit._experts_kernels import _combine_kernel
+from moekit.activation import Activation
+from moekit.backend import resolve_backend
+from moekit.dispatch import dispatch_plan
+from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
+from moekit.quant.scheme import FULL
+from moekit.tuning import ExpertsConfig, GemmConfig
+from moekit.tuning.heuristic import pick_block_m
+
+_COMBINE_BLOCK_H = 1024
+_QUANT_BLOCK_K = 1024
+_AMAX_BLOCK = 1024
+_MAX_AMAX_PROGRAMS = 256
+_INT_IDS = (torch.int32, torch.int64)
+
+
+def fused_experts_fp8(
+    hidden: torch.Tensor,
+    w13: QuantizedWeight,
+    w2: QuantizedWeight,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    scheme: str | QuantScheme,
+    activation: str | Activation = "silu",
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    config: ExpertsConfig | None = None,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """out[m] = Σ_j weights[m, j] · expert_{ids[m, j]}(hidden[m]), fp8 weights and GEMM inputs.
+
+    Args:
+        hidden: [M, H] bf16/fp16 (fp32 also runs); quantised per `scheme.activation`.
+        w13: quantised [E, 2I, H] (gate rows, then up), or [E, I, H] for `relu2`.
+        w2: quantised [E, H, I].
+        topk_ids: [M, k] int32 (int64 is converted); ids outside [0, E) contribute nothing.
+        topk_weights: [M, k] float32 (other float dtypes are converted).
+        scheme: a `QuantScheme` or a preset's name ("fp8_tensor", "fp8_channel",
+            "fp8_block"); w13 and w2 must be in its weight format, and with static
+            activations carry `input_scale`.
+        activation: name or `Activation`.
+        b13: optional [E, 2I] (or [E, I]); b2: optional [E, H]; added in float32.
+        config: tile configuration; default `default_fp8_config`.
+        out: optional [M, H] contiguous buffer of hidden's dtype to write the result into.
+        backend: "auto", "triton" or "reference" (see `moekit.backend`).
+    Returns:
+        [M, H] in hidden's dtype (`out` when given).
+    """
+    scheme = QuantScheme.parse(scheme)
+    act = Activation.parse(activation)
+    topk_ids, topk_weights = _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act,
+                                         b13, b2)
+    if out is None:
+        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
+        check_shape("out", out, tuple(hidden.shape), "the shape of hidden")
+        if not out.is_contiguous():
+            raise ValueError("out: expected a contiguous tensor")
+    if resolve_backend(backend, hidden) == "reference":
+        return out.copy_(reference.fused_experts_quantized(
+            hidden, w13, w2, topk_ids, topk_weights, scheme=scheme, activation=act, b13=b13,
+            b2=b2,
+        ))
+    _check_kernel_scheme(scheme)
+    num_tokens, hidden_size = hidden.shape
+    num_experts, _, inter = w2.shape
+    if config is None:
+        config = default_fp8_config(num_tokens, num_experts, topk_ids.shape[1], hidden_size,
+                                    inter, scheme)
+    else:
+        _check_config(config, scheme)
+    static = not scheme.activation.dynamic
+    # Eager calls skip the custom-op dispatcher (tens of µs of host time per call);
+    # torch.compile sees the registered op.
+    launch = (torch.ops.moekit.fused_experts_fp8 if torch.compiler.is_compiling()
+              else _launch_fused_experts_fp8)
+    launch(
+        hidden.contiguous(), w13.q.contiguous(), w13.scale, w2.q.contiguous(), w2.scale,
+        w13.input_scale if static else None, w2.input_scale if static else None,
+        topk_ids.contiguous(), topk_weights.contiguous(), b13, b2,
+        act.kind, act.alpha, act.limit, _groups_to_list(scheme), _config_to_list(config), out,
+    )
+    return out
+
+
+def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
+                       scheme: str | QuantScheme) -> ExpertsConfig:
+    """Tiles for `fused_experts_fp8`: the bf16 heuristic's row tile, fp8-sized tiles.
+
+    block_m follows `moekit.tuning.heuristic.pick_block_m`, capped at 64: at 128 rows
+    GEMM1 holds two 128×128 fp32 accumulators (gate, up) — four with the per-K partial
+    products of block scales — and spills registers (seen compiling for sm_90). With
+    1-byte elements a 128-wide K tile is one 128-byte line per row and one group of block
+    scales; GEMM1's column tile holds whole groups of GEMM2's input when that is
+    quantised dynamically. First guesses, checked for spills, not yet swept on a GPU.
+    """
+    scheme = QuantScheme.parse(scheme)
+    k1, k2, inter_group = _k_groups(scheme)
+    block_m = min(64, pick_block_m(num_tokens, num_experts, top_k))
+    block_n1 = max(64, inter_group or 0)
+    if block_m <= 32:
+        warps1 = 8 if block_m == 32 and block_n1 >= 128 else 4
+        g1, g2 = GemmConfig(block_n1, 128, 8, warps1, 4), GemmConfig(64, 128, 8, 4, 4)
+    elif pick_block_m(num_tokens, num_experts, top_k) == 64:
+        g1, g2 = GemmConfig(max(128, block_n1), 128, 8, 8, 4), GemmConfig(128, 128, 8, 4, 3)
+    else:  # compute-bound
+        g1, g2 = GemmConfig(max(128, block_n1), 128, 8, 8, 4), GemmConfig(256, 128, 8, 8, 3)
+    g1 = GemmConfig(g1.block_n, min([g1.block_k, *k1]), g1.group_m, g1.num_warps, g1.num_stages)
+    g2 = GemmConfig(g2.block_n, min([g2.block_k, *k2]), g2.group_m, g2.num_warps, g2.num_stages)
+    return ExpertsConfig(block_m, g1, g2)
+
+
+def _k_groups(scheme: QuantScheme) -> tuple[list[int], list[int], int | None]:
+    """Finite K groups of GEMM1's and GEMM2's operands, and GEMM2's dynamic input group."""
+    finite = lambda *groups: [g for g in groups if g != FULL]
+    k1 = finite(scheme.activation.group[1], scheme.weight.group[1])
+    inter = scheme.gemm2_input
+    inter_group = None if not inter.dynamic else inter.group[1]
+    k2 = finite(inter.group[1], scheme.weight.group[1])
+    return k1, k2, inter_group
+
+
+def _check_kernel_scheme(scheme: QuantScheme) -> None:
+    """The kernels' limits on a scheme: token rows, power-of-two K groups of 16..512."""
+    if scheme.activation.group[0] == FULL and scheme.activation.group[1] != FULL:
+        raise ValueError(
+            f"scheme: activation group {scheme.activation.group} spans tokens along K groups; "
+            "the kernels take per-tensor, per-token or 1×g activation scales"
+        )
+    k1, k2, _ = _k_groups(scheme)
+    for g in {*k1, *k2}:
+        if g < 16 or g > 512 or g & (g - 1):
+            raise ValueError(
+                f"scheme: K group {g} is not a power of two in [16, 512]; the kernels need a "
+                "K tile that divides it"
+            )
+
+
+def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
+    """A K tile must lie inside one scale group; GEMM1's column tile must hold whole groups
+    of GEMM2's dynamically quantised input."""
+    if not isinstance(config, ExpertsConfig):
+        raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
+    k1, k2, inter_group = _k_groups(scheme)
+    for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
+        if groups and gemm.block_k > min(groups):
+            raise ValueError(
+                f"config: {name}.block_k {gemm.block_k} exceeds the K group {min(groups)} of "
+                "the scheme; each K tile needs one scale per operand row"
+            )
+    if inter_group is not None and config.gemm1.block_n % inter_group:
+        raise ValueError(
+            f"config: gemm1.block_n {config.gemm1.block_n} must be a multiple of {inter_group}, "
+            "the group in which GEMM1's epilogue quantises GEMM2's input"
+        )
+
+
+def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
+    """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    device = hidden.device
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, QuantizedWeight):
+            raise TypeError(
+                f"{name}: expected a QuantizedWeight (see moekit.quant.quantize_weight), "
+                f"got {type(w).__name__}"
+            )
+        if w.spec != scheme.weight:
+            raise ValueError(
+                f"{name}: quantised with group {w.spec.group}, but the scheme's weights use "
+                f"group {scheme.weight.group}"
+            )
+        if w.q.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, got one on {w.q.device}")
+        if not scheme.activation.dynamic and w.input_scale is None:
+            raise ValueError(
+                f"{name}: the scheme's activations are static, so {name}.input_scale is needed"
+            )
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_INT_IDS, device=device)
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    num_tokens, hidden_size = hidden.shape
+    num_experts, _, inter = w2.shape
+    check_shape("w2", w2.q, (num_experts, hidden_size, inter), "[E, H, I] with H of hidden")
+    check_shape(
+        "w13", w13.q, (num_experts, act.gemm1_rows(inter), hidden_size),
+        f"[E, {'2I' if act.gated else 'I'}, H] with E and I of w2 and H of hidden",
+    )
+    if topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+        raise ValueError(
+            f"topk_ids: expected shape ({num_tokens}, k) with k ≥ 1, got {tuple(topk_ids.shape)}"
+        )
+    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "the shape of topk_ids")
+    if b13 is not None:
+        check_tensor("b13", b13, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+        check_shape("b13", b13, (num_experts, w13.shape[1]), "[E, rows of w13]")
+    if b2 is not None:
+        check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+        check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
+    if topk_ids.dtype != torch.int32:
+        topk_ids = topk_ids.to(torch.int32)
+    if topk_weights.dtype != torch.float32:
+        topk_weights = topk_weights.float()
+    return topk_ids, topk_weights
+
+
+def _groups_to_list(scheme: QuantScheme) -> list[int]:
+    """The scheme as the custom op's ints: weight (n, k) group, activation (m, k) group,
+    GEMM2 input's K group (−1: static, or whole dimension)."""
+    inter = scheme.gemm2_input
+    return [*scheme.weight.group, *scheme.activation.group,
+            inter.group[1] if inter.dynamic else FULL]
+
+
+def _config_to_list(config: ExpertsConfig) -> list[int]:
+    g1, g2 = config.gemm1, config.gemm2
+    return [
+        config.block_m,
+        g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
+        g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
+    ]
+
+
+def _weight_scale_layout(scale: torch.Tensor, group_n: int, group_k: int):
+    """(stride_e, stride_n, stride_k, GROUP_N, GROUP_K) of a weight scale laid out by
+    `QuantSpec.scale_shape`: strides 0 (and groups 1) on axes the group spans."""
+    axes = iter(range(1, scale.dim()))
+    stride_n = scale.stride(next(axes)) if group_n != FULL else 0
+    stride_k = scale.stride(next(axes)) if group_k != FULL else 0
+    return (scale.stride(0), stride_n, stride_k,
+            group_n if group_n != FULL else 1, group_k if group_k != FULL else 1)
+
+
+def _quantize_hidden(hidden: torch.Tensor, group_m: int, group_k: int,
+                     static_scale: torch.Tensor | None):
+    """hidden [M, H] → (fp8 [M, H], scale, stride_m, stride_k, GROUP_K) for GEMM1."""
+    num_tokens, hidden_size = hidden.shape
+    xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
+    partials = num_partials = None
+    if static_scale is not None:
+        mode, scale, strides = "static", static_scale, (0, 0)
+    elif group_m == FULL:
+        mode = "tensor"
+        scale = torch.empty(1, dtype=torch.float32, device=hidden.device)
+        strides = (0, 0)
+        numel = hidden.numel()
+        programs = min(_MAX_AMAX_PROGRAMS, triton.cdiv(numel, 8 * _AMAX_BLOCK))
+        chunk = triton.cdiv(triton.cdiv(numel, programs), _AMAX_BLOCK) * _AMAX_BLOCK
+        num_partials = triton.cdiv(numel, chunk)
+        partials = torch.empty(num_partials, dtype=torch.float32, device=hidden.device)
+        _amax_partials_kernel[(num_partials,)](hidden, partials, numel, chunk,
+                                               BLOCK=_AMAX_BLOCK)
+    elif group_k == FULL:
+        mode = "token"
+        scale = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        strides = (1, 0)
+    else:
+        mode = "group"
+        scale = torch.empty((num_tokens, triton.cdiv(hidden_size, group_k)),
+                            dtype=torch.float32, device=hidden.device)
+        strides = (scale.stride(0), 1)
+    group = group_k if mode == "group" else 1
+    _quantize_rows_kernel[(num_tokens,)](
+        hidden, xq, scale, scale if partials is None else partials,
+        num_partials or 0, hidden_size, hidden.stride(0), xq.stride(0), strides[0],
+        MODE=mode, GROUP=group, FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
+        BLOCK_K=max(_QUANT_BLOCK_K, group),
+        BLOCK_P=max(16, triton.next_power_of_2(num_partials or 1)),
+    )
+    return xq, scale, strides[0], strides[1], group
+
+
+def _launch_fused_experts_fp8(
+    hidden: torch.Tensor,
+    w13_q: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_q: torch.Tensor,
+    w2_scale: torch.Tensor,
+    input_scale13: torch.Tensor | None,
+    input_scale2: torch.Tensor | None,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    groups: list[int],
+    config: list[int],
+    out: torch.Tensor,
+) -> None:
+    """Launch quantise, plan, GEMM1, GEMM2 and combine.
+
+    `groups` is `_groups_to_list`'s form of the scheme, `config` `_config_to_list`'s;
+    the input scales are given exactly when the scheme's activations are static.
+    """
+    num_tokens, hidden_size = hidden.shape
+    if num_tokens == 0:
+        return
+    num_experts, _, inter = w2_q.shape
+    top_k = topk_ids.shape[1]
+    w_group_n, w_group_k, a_group_m, a_group_k, inter_group = groups
+    block_m = config[0]
+    c1, c2 = config[1:6], config[6:11]
+    w_per_k = w_group_k != FULL
+    dummy = topk_weights  # stands in for absent biases; never read
+
+    xq, xs, stride_xsm, stride_xsk, x_group_k = _quantize_hidden(
+        hidden, a_group_m, a_group_k, input_scale13)
+    plan = dispatch_plan(topk_ids, num_experts, block_m, backend="triton")
+    num_blocks = plan.capacity // block_m
+
+    inter_static = input_scale2 is not None
+    inter_q = torch.empty((plan.capacity, inter), dtype=torch.float8_e4m3fn, device=hidden.device)
+    if inter_static:
+        inter_scale, stride_ism, stride_isk, inter_group = input_scale2, 0, 0, 1
+    else:
+        inter_scale = torch.empty((plan.capacity, triton.cdiv(inter, inter_group)),
+                                  dtype=torch.float32, device=hidden.device)
+        stride_ism, stride_isk = inter_scale.stride(0), 1
+    ws1 = _weight_scale_layout(w13_scale, w_group_n, w_group_k)
+    grid1 = (num_blocks * triton.cdiv(inter, c1[0]),)
+    _gemm1_fp8_kernel[grid1](
+        xq, xs, w13_q, w13_scale, dummy if b13 is None else b13, inter_q, inter_scale,
+        plan.sorted_pairs, plan.block_experts,
+        plan.num_pairs, num_blocks, hidden_size, inter, top_k,
+        xq.stride(0), stride_xsm, stride_xsk, w13_q.stride(0), w13_q.stride(1), *ws1[:3],
+        0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
+        float(alpha), float(limit),
+        ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
+        EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0,
+        X_PER_K=a_group_k != FULL, X_GROUP_K=x_group_k,
+        W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
+        INTER_STATIC=inter_static, INTER_GROUP=inter_group,
+        FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
+        BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
+        num_warps=c1[3], num_stages=c1[4],
+    )
+
+    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
+    ws2 = _weight_scale_layout(w2_scale, w_group_n, w_group_k)
+    grid2 = (num_blocks * triton.cdiv(hidden_size, c2[0]),)
+    _gemm2_fp8_kernel[grid2](
+        inter_q, inter_scale, w2_q, w2_scale, dummy if b2 is None else b2, topk_weights,
+        pair_out, plan.sorted_pairs, plan.block_experts,
+        plan.num_pairs, num_blocks, hidden_size, inter,
+        inter_q.stride(0), stride_ism, stride_isk, w2_q.stride(0), w2_q.stride(1), *ws2[:3],
+        0 if b2 is None else b2.stride(0), pair_out.stride(0),
+        HAS_BIAS=b2 is not None, EVEN_K=inter % c2[1] == 0, EVEN_N=hidden_size % c2[0] == 0,
+        A_PER_K=not inter_static, A_GROUP_K=inter_group,
+        W_PER_K=w_per_k, W_GROUP_N=ws2[3], W_GROUP_K=ws2[4],
+        BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
+        num_warps=c2[3], num_stages=c2[4],
+    )
+
+    grid3 = (num_tokens, triton.cdiv(hidden_size, _COMBINE_BLOCK_H))
+    _combine_kernel[grid3](
+        pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
+        TOP_K=top_k, BLOCK_H=_COMBINE_BLOCK_H,
+    )
+
+
+_fused_experts_fp8_op = torch.library.custom_op(
+    "moekit::fused_experts_fp8", _launch_fused_experts_fp8, mutates_args=("out",)
+)
+
+
+@_fused_experts_fp8_op.register_fake
+def _(hidden, w13_q, w13_scale, w2_q, w2_scale, input_scale13, input_scale2, topk_ids,
+      topk_weights, b13, b2, activation, alpha, limit, groups, config, out):
+    return None
+

@@ -1,0 +1,347 @@
+"""fused_experts_fp8: the fp8 kernels against the quantised reference, edge cases, errors.
+
+The oracle is `moekit.reference.fused_experts_quantized` on the same `QuantizedWeight`s,
+so a test measures the kernels, not the format. Interpreter tests run the GPU kernels
+unchanged inside `exact_fp8_casts` (tests/fp8_interpreter.py): Triton 3.6's interpreter
+rounds float → fp8 casts wrongly, and that one cast is emulated correctly there.
+
+Tolerances. With float32 hidden the kernels and the oracle differ only in float32
+summation order; where that flips an fp8 rounding of GEMM2's input the output moves by
+≈ 1e-3 at these shapes (tests/quant/test_reference_quant.py), so KERNEL_TOL = 3e-3 while
+a plumbing bug (wrong expert, scale group or row) costs ≥ 1e-2. On the GPU the bound is
+DESIGN.md's 1e-2 (bf16 outputs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from fp8_interpreter import exact_fp8_casts
+from helpers import assert_close, poison_, poison_cuda_cache, random_experts, random_routing
+from moekit.activation import Activation
+from moekit.bench.presets import PRESETS
+from moekit.experts_fp8 import default_fp8_config
+from moekit.quant import QuantScheme, QuantSpec, quantize_weight
+from moekit.reference import apply_activation, fused_experts_quantized
+from moekit.tuning import ExpertsConfig, GemmConfig
+
+# Padding rows of the plan compute on uninitialised memory (never stored); the interpreter
+# warns when that overflows.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+KERNEL_TOL = 3e-3
+GPU_TOL = 1e-2
+STATIC = QuantScheme.fp8_tensor(dynamic=False)
+SMALL_BLOCKS = QuantScheme.fp8_block((32, 32))
+# Tiles small enough that 32-wide groups span several K tiles' worth of programs.
+SMALL_TILES = ExpertsConfig(16, GemmConfig(32, 32, 2, 1, 1), GemmConfig(32, 16, 1, 1, 1))
+
+
+def calibrate(hidden, w13, ids, act, b13, mult=1.0):
+    """Static per-tensor input scales: amax of hidden and of the activation output / 448."""
+    rows, slots = torch.nonzero((ids >= 0) & (ids < w13.shape[0]), as_tuple=True)
+    experts = ids[rows, slots].long()
+    h = torch.einsum("ph,pnh->pn", hidden[rows].float(), w13[experts].float())
+    if b13 is not None:
+        h = h + b13[experts].float()
+    inter = apply_activation(h, Activation.parse(act))
+    return (hidden.abs().max().float().reshape(1) / 448 * mult,
+            inter.abs().max().reshape(1) / 448 * mult)
+
+
+def make_case(scheme, M, E, k, H, I, act="silu", *, bias=False, dtype=torch.float32,
+              device="cpu", skew=0.0, ids_transform=None, static_mult=1.0, seed=0):
+    """Quantised weights, tokens and routing of one case, on `device`."""
+    scheme = QuantScheme.parse(scheme)
+    gated = Activation.parse(act).gated
+    w13, w2, b13, b2 = random_experts(E, H, I, gated=gated, bias=bias, device=device, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed + 7)
+    hidden = torch.randn(M, H, generator=g, device=device).to(dtype)
+    ids, weights = random_routing(M, E, k, skew=skew, device=device, seed=seed)
+    if ids_transform is not None:
+        ids = ids_transform(ids)
+    s1 = s2 = None
+    if not scheme.activation.dynamic:
+        s1, s2 = calibrate(hidden, w13, ids, act, b13, static_mult)
+    q13 = quantize_weight(w13, scheme.weight, input_scale=s1)
+    q2 = quantize_weight(w2, scheme.weight, input_scale=s2)
+    return scheme, hidden, q13, q2, ids, weights, b13, b2
+
+
+def run_triton(scheme, hidden, q13, q2, ids, weights, b13, b2, act="silu", config=None):
+    """The kernels with a poisoned output buffer, and the oracle."""
+    out = poison_(torch.empty_like(hidden))
+    if hidden.is_cuda:
+        poison_cuda_cache()
+    with exact_fp8_casts():
+        result = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                          activation=act, b13=b13, b2=b2, config=config,
+                                          out=out, backend="triton")
+    assert result is out
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                       activation=act, b13=b13, b2=b2)
+    return out, expected
+
+
+def drop_some(ids):
+    """Every third slot 'no expert' (−1), one an expert-parallel sentinel (≥ E)."""
+    ids = ids.clone()
+    ids.view(-1)[::3] = -1
+    ids.view(-1)[1] = 10_000
+    return ids
+
+
+INTERPRETER_CASES = [
+    # (scheme, M, E, k, H, I, activation, bias, dtype, extra, why)
+    ("fp8_tensor", 10, 4, 2, 256, 192, "silu", False, torch.float32, {},
+     "dynamic per-tensor: amax partials; GEMM2 input in 1×128 groups, I a partial group"),
+    ("fp8_channel", 9, 5, 2, 160, 128, "swigluoai", True, torch.float16, {},
+     "per-channel weights, per-token inputs; gpt-oss activation + biases; H a partial K tile"),
+    ("fp8_block", 12, 4, 3, 300, 200, "silu", True, torch.float16, {},
+     "128×128 blocks with partial edges: per-K scales in both GEMMs"),
+    (STATIC, 11, 4, 2, 128, 128, "silu", True, torch.float32, {},
+     "static calibrated per-tensor input scales for both GEMMs"),
+    (STATIC, 11, 4, 2, 128, 128, "silu", False, torch.float32, {"static_mult": 0.25},
+     "static scales 4× too small: values past ±448 clamp (saturate), never NaN"),
+    (SMALL_BLOCKS, 17, 5, 2, 96, 72, "gelu", False, torch.float32, {"config": SMALL_TILES},
+     "32×32 blocks: several K groups and column tiles per program; E not a power of two"),
+    (SMALL_BLOCKS, 7, 3, 1, 64, 64, "relu2", False, torch.float32, {"config": SMALL_TILES},
+     "no gate (w13 holds I rows); k = 1"),
+    ("fp8_block", 24, 6, 2, 128, 128, "silu", False, torch.float32,
+     {"ids_transform": drop_some}, "−1 and sentinel ids contribute nothing"),
+    ("fp8_channel", 20, 8, 2, 128, 128, "silu", False, torch.float32, {"skew": 8.0},
+     "skewed routing: a few experts take most pairs (several blocks per expert)"),
+    ("fp8_tensor", 16, 4, 2, 128, 128, "silu", False, torch.float32,
+     {"ids_transform": lambda ids: torch.full_like(ids, 2)}, "all tokens on one expert"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,M,E,k,H,I,act,bias,dtype,extra,why", INTERPRETER_CASES)
+def test_matches_quantised_reference_interpreter(scheme, M, E, k, H, I, act, bias, dtype, extra,
+                                                 why):
+    extra = dict(extra)
+    config = extra.pop("config", None)
+    case = make_case(scheme, M, E, k, H, I, act, bias=bias, dtype=dtype, **extra)
+    out, expected = run_triton(*case, act=act, config=config)
+    assert_close(out, expected, KERNEL_TOL, name=why)
+
+
+@pytest.mark.interpreter
+def test_saturation_is_exercised_interpreter():
+    # The too-small static scale of the saturation case really clips GEMM1's input.
+    scheme, hidden, q13, *_ = make_case(STATIC, 11, 4, 2, 128, 128, static_mult=0.25)
+    assert (hidden.float() / q13.input_scale).abs().max() > 448 * 3
+
+
+@pytest.mark.interpreter
+def test_unrouted_token_gives_zero_row_interpreter():
+    # A token whose slots are all dropped receives nothing, not garbage.
+    case = make_case("fp8_block", 6, 4, 2, 128, 128,
+                     ids_transform=lambda ids: ids.index_fill(0, torch.tensor([2]), -1))
+    out, expected = run_triton(*case)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert_close(out, expected, KERNEL_TOL)
+
+
+@pytest.mark.interpreter
+def test_opcheck_interpreter():
+    # The fake implementation agrees with the kernels for torch.compile, and only `out` is
+    # mutated. (opcheck's test_schema compares fp8 tensors with arithmetic that torch's CPU
+    # backend lacks for Float8_e4m3fn, so the schema's mutation is checked directly.)
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case("fp8_channel", 3, 4, 2, 128, 128)
+    config = [16, 128, 128, 1, 1, 1, 32, 128, 1, 1, 1]
+    groups = [1, -1, 1, -1, 128]
+    args = (hidden, q13.q, q13.scale, q2.q, q2.scale, None, None, ids, weights, None, None,
+            "silu", 1.702, 7.0, groups, config, torch.empty_like(hidden))
+    with exact_fp8_casts():
+        torch.library.opcheck(torch.ops.moekit.fused_experts_fp8.default, args,
+                              test_utils=("test_faketensor",))
+    schema = torch.ops.moekit.fused_experts_fp8.default._schema
+    assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == ["out"]
+
+
+def test_zero_tokens():
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case("fp8_block", 0, 4, 2, 128, 128)
+    for backend in ("auto", "triton"):
+        out = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                       backend=backend)
+        assert out.shape == (0, 128)
+
+
+def test_cpu_auto_backend_is_reference():
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case("fp8_channel", 5, 4, 2, 64, 32,
+                                                               bias=True)
+    out = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme="fp8_channel",
+                                   b13=b13, b2=b2)
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
+                                       b2=b2)
+    assert torch.equal(out, expected)
+
+
+CONFIGS = [
+    # (M, E, k, H, I, scheme, why)
+    (1, 256, 8, 7168, 2048, "fp8_block", "decode: the 16-row tile"),
+    (8192, 8, 2, 4096, 14336, "fp8_tensor", "prefill: capped at 64 rows (128 spills)"),
+    (64, 64, 6, 2048, 1408, "fp8_channel", "middle"),
+    (1, 8, 2, 4096, 14336, STATIC, "static: GEMM1's column tile need not hold a group"),
+    (64, 8, 2, 4096, 14336, QuantScheme.fp8_block((64, 64)), "64-wide groups cap block_k"),
+]
+
+
+@pytest.mark.parametrize("M,E,k,H,I,scheme,why", CONFIGS)
+def test_default_config_fits_the_scheme(M, E, k, H, I, scheme, why):
+    from moekit.experts_fp8 import _check_config
+
+    scheme = QuantScheme.parse(scheme)
+    config = default_fp8_config(M, E, k, H, I, scheme)
+    _check_config(config, scheme)  # raises when a tile straddles a scale group
+    assert config.block_m <= 64
+
+
+_CASE = make_case("fp8_channel", 5, 4, 2, 128, 64)
+_S, _HID, _Q13, _Q2, _IDS, _WTS, _, _ = _CASE
+_B13 = quantize_weight(torch.randn(4, 128, 128), QuantSpec(group=(128, 128)))
+_B2 = quantize_weight(torch.randn(4, 128, 64), QuantSpec(group=(128, 128)))
+_C2_OTHER_H = quantize_weight(torch.randn(4, 96, 64), QuantSpec(group="channel"))
+_ODD = QuantScheme(QuantSpec(group=(96, 96)), QuantSpec(group=(1, 96)))
+_O13 = quantize_weight(torch.randn(4, 128, 128), _ODD.weight)
+_O2 = quantize_weight(torch.randn(4, 128, 64), _ODD.weight)
+_T13 = quantize_weight(torch.randn(4, 128, 128), STATIC.weight)
+_T2 = quantize_weight(torch.randn(4, 128, 64), STATIC.weight)
+
+
+def _call(**change):
+    args = dict(hidden=_HID, w13=_Q13, w2=_Q2, topk_ids=_IDS, topk_weights=_WTS, scheme=_S)
+    args.update(change)
+    return lambda: moekit.fused_experts_fp8(**args)
+
+
+BAD_INPUTS = [
+    # (call, error, argument named, why)
+    (_call(hidden=_HID.to(torch.int8)), TypeError, "hidden", "integer activations"),
+    (_call(hidden=_HID[None]), ValueError, "hidden", "3-d hidden"),
+    (_call(w13=_Q13.dequantize()), TypeError, "w13", "an unquantised weight"),
+    (_call(scheme="fp8_block"), ValueError, "w13", "weights in another format than the scheme's"),
+    (_call(w13=_T13, w2=_T2, scheme=STATIC), ValueError, "w13", "static scheme, no input_scale"),
+    (_call(w2=_C2_OTHER_H), ValueError, "w2", "w2 [E, H, I] of another H"),
+    (_call(activation="relu2"), ValueError, "w13", "2I rows where relu2 needs I"),
+    (_call(topk_ids=_IDS.float()), TypeError, "topk_ids", "float ids"),
+    (_call(topk_ids=_IDS[:3]), ValueError, "topk_ids", "ids for another token count"),
+    (_call(topk_weights=_WTS[:, :1]), ValueError, "topk_weights", "weights of another shape"),
+    (_call(b2=torch.zeros(4, 31)), ValueError, "b2", "bias of the wrong width"),
+    (_call(out=torch.empty(5, 64)), ValueError, "out", "out of another shape"),
+    (_call(out=torch.empty(5, 128).half()), TypeError, "out", "out of another dtype"),
+    (_call(scheme="int8"), ValueError, "scheme", "unknown scheme"),
+    (_call(activation="swish"), ValueError, "activation", "unknown activation"),
+    (_call(backend="cuda"), ValueError, "backend", "unknown backend"),
+    (_call(config=ExpertsConfig(16, GemmConfig(64, 128), GemmConfig(64, 128)), backend="triton"),
+     ValueError, "config", "GEMM1's column tile holds half a group of GEMM2's input"),
+    (_call(w13=_B13, w2=_B2, scheme="fp8_block", backend="triton",
+           config=ExpertsConfig(16, GemmConfig(128, 256), GemmConfig(64, 128))),
+     ValueError, "config", "a K tile straddling two block scales"),
+    (_call(w13=_O13, w2=_O2, scheme=_ODD, backend="triton"), ValueError, "scheme",
+     "a K group that no power-of-two K tile divides (the reference takes it)"),
+]
+
+
+@pytest.mark.parametrize("call,error,name,why", BAD_INPUTS)
+def test_bad_inputs_name_the_argument(call, error, name, why):
+    with pytest.raises(error, match=rf"^({name}): "):
+        call()
+
+
+def test_kernel_limits_on_schemes():
+    from moekit.experts_fp8 import _check_kernel_scheme
+
+    odd = QuantScheme(QuantSpec(group=(96, 96)), QuantSpec(group=(1, 96)))
+    with pytest.raises(ValueError, match="^scheme: K group 96"):
+        _check_kernel_scheme(odd)
+    with pytest.raises(ValueError, match="^config: gemm2.block_k"):
+        from moekit.experts_fp8 import _check_config
+        _check_config(ExpertsConfig(16, GemmConfig(128, 128), GemmConfig(64, 256)),
+                      QuantScheme.fp8_block())
+
+
+# ---------------------------------------------------------------------------- GPU
+
+GPU_SCHEMES = ["fp8_tensor", "fp8_channel", "fp8_block"]
+
+
+def quantize_by_chunks(w, spec, chunk=16):
+    """quantize_weight over slices of experts: its float32 temporaries stay small even for
+    deepseek-v3 (7.5 G elements in w13)."""
+    parts = [quantize_weight(w[e : e + chunk], spec) for e in range(0, w.shape[0], chunk)]
+    q = torch.cat([p.q for p in parts])
+    scale = torch.cat([p.scale for p in parts])
+    return type(parts[0])(q, scale, spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_gpu(preset):
+    p = PRESETS[preset]
+    E, k, H, I, act = p.num_experts, p.top_k, p.hidden, p.inter, p.activation
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
+    for name in GPU_SCHEMES:
+        scheme = QuantScheme.parse(name)
+        q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
+        for M, skew in [(1, 0.0), (77, 0.0), (512, 4.0)]:
+            hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+            ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
+            out = poison_(torch.empty_like(hidden))
+            poison_cuda_cache()
+            moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                     activation=act, b13=b13, b2=b2, out=out)
+            # All rows: a dynamic per-tensor scale depends on every row of hidden.
+            expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                               activation=act, b13=b13, b2=b2)
+            assert_close(out, expected, GPU_TOL, f"{preset} {name} M={M} skew={skew}")
+        del q13, q2
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [*GPU_SCHEMES, STATIC])
+def test_cuda_graph_replay_with_new_inputs_gpu(scheme):
+    E, k, H, I, M = 16, 4, 512, 256, 64
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, bias=True, dtype=torch.bfloat16, device="cuda")
+    call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                            b13=b13, b2=b2)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for seed in (1, 2):
+        new_ids, new_weights = random_routing(M, E, k, device="cuda", seed=seed, skew=4.0 * seed)
+        hidden.copy_(torch.randn_like(hidden) * seed)  # new amax: dynamic scales must follow
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                           b13=b13, b2=b2)
+        assert_close(out, expected, GPU_TOL, name=f"replay {seed}")
+
+
+@pytest.mark.gpu
+def test_accuracy_against_bf16_weights_gpu():
+    # The format's own error, not the kernels': activations and weights quantised
+    # (≈ √6·ε ≈ 0.064 for random data; tests/quant/test_reference_quant.py derives it).
+    E, k, H, I, M = 16, 4, 1024, 512, 256
+    w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
+    hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    ids, weights = random_routing(M, E, k, device="cuda")
+    full = moekit.reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights)
+    for name in GPU_SCHEMES:
+        scheme = QuantScheme.parse(name)
+        q13, q2 = quantize_weight(w13, scheme.weight), quantize_weight(w2, scheme.weight)
+        out = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme)
+        assert_close(out.float(), full, 9e-2, name=name)
