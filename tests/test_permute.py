@@ -13,7 +13,14 @@ from helpers import assert_close, poison_
 from moekit import reference
 from moekit.dispatch import dispatch_plan
 from moekit.dispatch_plan import DispatchPlan
-from moekit.permute import permute, row_config, run_permute, run_unpermute, unpermute
+from moekit.permute import (
+    permute,
+    permute_row_config,
+    row_config,
+    run_permute,
+    run_unpermute,
+    unpermute,
+)
 
 BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
@@ -179,10 +186,11 @@ def test_explicit_configs_interpreter(block_h, rows, warps, why):
 
 @pytest.mark.parametrize("M", [1, 64, 4096, 16384])
 @pytest.mark.parametrize("H,elem", [(7168, 2), (2880, 2), (1536, 2), (2048, 1), (64, 4)])
-def test_row_config_moves_whole_vectors(M, H, elem):
+@pytest.mark.parametrize("config_of", [row_config, permute_row_config])
+def test_row_config_moves_whole_vectors(M, H, elem, config_of):
     # Every thread holds whole 16-byte vectors (unless the row is narrower than one warp
     # of them), and a tile stays within 8 KB.
-    cfg = row_config(M, H, elem)
+    cfg = config_of(M, H, elem)
     vec = 16 // elem
     per_thread = cfg["ROWS"] * cfg["BLOCK_H"] // (32 * cfg["num_warps"])
     if cfg["ROWS"] * cfg["BLOCK_H"] >= 32 * vec:

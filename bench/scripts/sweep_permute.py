@@ -30,7 +30,7 @@ from moekit.bench.ceilings import _bandwidths
 from moekit.bench.presets import PRESETS, get_preset
 from moekit.bench.routing_table import op_bytes, replay_time_us, sets_needed
 from moekit.dispatch import dispatch_plan
-from moekit.permute import permute, row_config, run_permute, run_unpermute
+from moekit.permute import permute, permute_row_config, row_config, run_permute, run_unpermute
 from moekit.routing import route
 from moekit.tuning.heuristic import pick_block_m
 
@@ -42,10 +42,11 @@ CANDIDATES = [
 MAX_TILE_ELEMENTS = 8192  # larger [ROWS, BLOCK_H] tiles spill in unpermute's fp32 sum
 
 
-def candidates(m: int, hidden: int, elem: int) -> list[dict]:
-    """The heuristic's config first, then every distinct candidate that fits."""
+def candidates(op: str, m: int, hidden: int, elem: int) -> list[dict]:
+    """The op's heuristic config first, then every distinct candidate that fits."""
     row = min(triton.next_power_of_2(hidden), 8192 // elem)
-    out = [dict(row_config(m, hidden, elem), heuristic=True)]
+    heuristic = permute_row_config if op == "permute" else row_config
+    out = [dict(heuristic(m, hidden, elem), heuristic=True)]
     for block_h, rows, warps in CANDIDATES:
         block_h = row if block_h == "row" else min(block_h, row)
         cfg = {"BLOCK_H": block_h, "ROWS": rows, "num_warps": warps, "heuristic": False}
@@ -80,7 +81,7 @@ def sweep_cell(preset, m: int, ops: list[str], args, copy_GBps: float, l2: int) 
     rows = []
     for op in ops:
         nbytes = op_bytes(op, **size)
-        for cfg in candidates(m, H, 2):
+        for cfg in candidates(op, m, H, 2):
             launch = {key: cfg[key] for key in ("BLOCK_H", "ROWS", "num_warps")}
             if op == "permute":
                 calls = [partial(run_permute, s[2], s[1].sorted_pairs,

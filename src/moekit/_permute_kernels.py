@@ -53,11 +53,13 @@ def _scatter_rows(
             smask = tok_ok[:, None] & (g < G)[None, :]
             scales = tl.load(row_scales_ptr + tokens.to(tl.int64)[:, None] * stride_sm
                              + g[None, :], mask=smask, other=0.0)
+            # Own names: Triton types a variable once per scope, and `dst` above points
+            # at hidden's dtype, these at the scales' fp32.
             for j in tl.static_range(TOP_K):
-                slots = tl.load(pair_slots_ptr + tokens * TOP_K + j, mask=tok_ok, other=-1)
-                dst = (grouped_scales_ptr + tl.maximum(slots, 0).to(tl.int64)[:, None]
-                       * stride_gsm + g[None, :])
-                tl.store(dst, scales, mask=smask & (slots >= 0)[:, None])
+                scale_slots = tl.load(pair_slots_ptr + tokens * TOP_K + j, mask=tok_ok, other=-1)
+                scale_dst = (grouped_scales_ptr + tl.maximum(scale_slots, 0).to(tl.int64)[:, None]
+                             * stride_gsm + g[None, :])
+                tl.store(scale_dst, scales, mask=smask & (scale_slots >= 0)[:, None])
 
 
 @triton.jit
