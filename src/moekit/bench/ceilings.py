@@ -43,8 +43,11 @@ class Ceilings:
         return max(self.copy_GBps, self.read_GBps)
 
     def matmul_TFLOPs(self, dtype: str) -> float:
-        """Peak for a weight dtype name ("bf16", "fp16")."""
-        peak = self.fp16_TFLOPs if dtype == "fp16" else self.bf16_TFLOPs
+        """Peak for a weight dtype name ("bf16", "fp16", "fp8_tensor", "fp8_channel", …)."""
+        if dtype.startswith("fp8"):
+            peak = self.fp8_TFLOPs
+        else:
+            peak = self.fp16_TFLOPs if dtype == "fp16" else self.bf16_TFLOPs
         if peak is None:
             raise ValueError(f"no matmul peak measured for {dtype}")
         return peak
@@ -135,7 +138,10 @@ def measure_cpu(dtype: str = "bf16") -> Ceilings:
     copy, read = _bandwidths(16 << 20, "cpu", reps=5)
     bf16 = _matmul_TFLOPs(256, torch.bfloat16, "cpu", reps=5)
     fp16 = _matmul_TFLOPs(256, torch.float16, "cpu", reps=5) if dtype == "fp16" else None
-    return Ceilings(
-        copy_GBps=copy, read_GBps=read, bf16_TFLOPs=bf16, fp16_TFLOPs=fp16,
-        notes=["CPU: 64 MiB buffers and a 256^3 matmul; rough, not the PERF.md protocol"],
-    )
+    notes = ["CPU: 64 MiB buffers and a 256^3 matmul; rough, not the PERF.md protocol"]
+    fp8 = None
+    if dtype.startswith("fp8"):  # no fp8 matmul on the CPU: the bf16 one stands in
+        fp8 = bf16
+        notes.append("CPU: the fp8 peak is the bf16 matmul's (no fp8 matmul on the CPU)")
+    return Ceilings(copy_GBps=copy, read_GBps=read, bf16_TFLOPs=bf16, fp16_TFLOPs=fp16,
+                    fp8_TFLOPs=fp8, notes=notes)

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from moekit.bench.args import preset_names, token_counts
+from moekit.bench.fp8 import FP8_DTYPES, is_fp8
 from moekit.bench.inputs import ROUTINGS
 from moekit.bench.presets import (
     CPU_TOKEN_COUNTS,
@@ -54,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       f"also: {', '.join(EXTRA_PRESETS)})")
     what.add_argument("--tokens", nargs="+", type=token_counts, action="extend", metavar="M",
                       help="token counts (default: 1 2 4 … 16384; on the CPU: 1 16 64)")
-    what.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
-                      help="weight and activation dtype (default: bf16)")
+    what.add_argument("--dtype", choices=("bf16", "fp16", *FP8_DTYPES), default="bf16",
+                      help="weight and activation dtype; fp8_*: fp8 weights in that "
+                      "moekit.quant scheme with bf16 tokens, no baselines (default: bf16)")
     what.add_argument("--routing", choices=ROUTINGS, default="balanced",
                       help="balanced: softmax over random logits; skewed: a few experts "
                       "take most tokens (default: balanced)")
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = _flatten(args.tokens)
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.cpu
-    impls, screen_notes = implementations(args.baselines), []
+    impls, screen_notes = implementations(args.baselines, args.dtype), []
     if cuda:
         # Before this process creates its CUDA context: a probe runs in a child process,
         # which an exclusive-process GPU would refuse while we hold one.
@@ -184,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
             "graph": bool(args.graph and cuda), "graph_max_m": args.graph_max_m,
         },
         "reference": {
-            "impl": "moekit.reference.fused_experts", "dtype": "float32",
+            "impl": ("moekit.reference.fused_experts_quantized" if is_fp8(args.dtype)
+                     else "moekit.reference.fused_experts"),
+            "dtype": "float32",
             "rows": args.ref_rows,
             "note": f"rel_err on {args.ref_rows} random token rows when M > {args.ref_rows} "
                     "(rows are independent); rel_err_rows gives the count per row",
@@ -248,6 +252,18 @@ def _notes(args: argparse.Namespace, presets: list, cuda: bool) -> list[str]:
         f"rel_err = ‖out − ref‖₂ ÷ ‖ref‖₂ against moekit.reference.fused_experts in float32 "
         f"(on {args.ref_rows} random tokens when M > {args.ref_rows})",
     ]
+    if is_fp8(args.dtype):
+        notes[1:] = [
+            f"fp8: bf16 weights quantised once per preset by QuantScheme.{args.dtype}, bf16 "
+            "tokens; bytes count fp8 weights + float32 scales, the peak is fp8 "
+            "(torch._scaled_mm); baselines left out (no fp8 path)",
+            "floor = max(bytes ÷ memory GB/s, flops ÷ fp8 matmul peak); bytes = experts hit × "
+            "expert weights and scales (+ bf16 biases) + hidden read once + out written once",
+            f"rel_err against moekit.reference.fused_experts_quantized on the same fp8 weights "
+            f"(the kernels' error); rel_err_bf16 against moekit.reference.fused_experts on "
+            f"the bf16 weights (the format's error); float32, on {args.ref_rows} random "
+            f"tokens when M > {args.ref_rows}",
+        ]
     if cuda:
         notes.append(f"timing: median of triton.testing.do_bench samples (L2 flushed before each "
                      f"call); CUDA-graph replay also for M ≤ {args.graph_max_m}"

@@ -162,6 +162,7 @@ def _notes_section(rows: list[dict]) -> list[str]:
             worst[r["impl"]] = max(worst.get(r["impl"], 0.0), r["rel_err"])
     lines = ["## Accuracy and notes", ""]
     lines += [f"- worst rel_err of {impl}: {err:.2e}" for impl, err in worst.items()]
+    lines += _format_error_lines(rows)
     seen = set()
     for r in rows:
         note = r.get("note")
@@ -170,3 +171,14 @@ def _notes_section(rows: list[dict]) -> list[str]:
             mode = "graph" if r["graph"] else "eager"
             lines.append(f"- {r['preset']} M={r['M']} {r['impl']} {mode}: {note}")
     return lines
+
+
+def _format_error_lines(rows: list[dict]) -> list[str]:
+    """fp8 tables: the range of rel_err_bf16 (the format's own error) per preset."""
+    by_preset: dict[str, list[float]] = {}
+    for r in rows:
+        err = r.get("rel_err_bf16")
+        if err is not None and math.isfinite(err):
+            by_preset.setdefault(r["preset"], []).append(err)
+    return [f"- {preset}: rel_err_bf16 (against the bf16 weights) {min(e):.2e}–{max(e):.2e}"
+            for preset, e in by_preset.items()]

@@ -58,19 +58,22 @@ class Cost:
 
 def moe_cost(num_tokens: int, top_k: int, hidden: int, inter: int, gemm1_rows: int,
              experts_hit: int, weight_bytes: float, act_bytes: float,
-             bias: bool = False) -> Cost:
+             bias: bool = False, bias_bytes: float | None = None) -> Cost:
     """The roofline cost of `fused_experts` for one routing.
 
     Args:
         num_tokens: M. top_k: k. hidden: H. inter: I. gemm1_rows: rows of w13 per expert.
         experts_hit: distinct experts that at least one (token, slot) pair uses.
-        weight_bytes: bytes per weight element; act_bytes: bytes per hidden/out element.
-        bias: whether the experts carry b13 and b2 (stored like the weights).
+        weight_bytes: bytes per weight element (scales of quantised formats spread over
+            the elements); act_bytes: bytes per hidden/out element.
+        bias: whether the experts carry b13 and b2; bias_bytes: bytes per bias element
+            (default: weight_bytes, biases stored like the weights).
     Returns:
         Cost(bytes, flops).
     """
+    bias_bytes = weight_bytes if bias_bytes is None else bias_bytes
     weights = experts_hit * expert_bytes(hidden, inter, gemm1_rows, weight_bytes, bias,
-                                         bias_bytes=weight_bytes)
+                                         bias_bytes=bias_bytes)
     activations = 2 * num_tokens * hidden * act_bytes  # hidden read once, out written once
     flops = 2 * num_tokens * top_k * (gemm1_rows * hidden + inter * hidden)
     return Cost(bytes=weights + activations, flops=float(flops))

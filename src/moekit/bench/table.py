@@ -30,6 +30,14 @@ import torch
 import moekit
 from moekit.bench.baselines import BASELINES
 from moekit.bench.ceilings import Ceilings
+from moekit.bench.fp8 import (
+    FP8_DTYPES,
+    is_fp8,
+    moekit_fp8,
+    quantised_reference,
+    quantize_experts,
+    weight_bytes_per_element,
+)
 from moekit.bench.inputs import (
     ExpertWeights,
     experts_hit,
@@ -50,9 +58,12 @@ from moekit.bench.timing import (
     short_error,
 )
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# DESIGN.md, "Accuracy": relative L2 error bounds against the float32 reference.
-REL_ERR_TOL = {"bf16": 1e-2, "fp16": 5e-3}
+# The dtype of hidden and out per table dtype; fp8 tables quantise bf16 weights.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16,
+          **{name: torch.bfloat16 for name in FP8_DTYPES}}
+# DESIGN.md, "Accuracy": relative L2 error bounds against the float32 reference (for fp8,
+# the reference on the same quantised weights).
+REL_ERR_TOL = {"bf16": 1e-2, "fp16": 5e-3, **{name: 1e-2 for name in FP8_DTYPES}}
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,10 @@ def _moekit_fused_experts(hidden, w13, w2, topk_ids, topk_weights, *, activation
                                 activation=activation, b13=b13, b2=b2)
 
 
-def implementations(baselines: bool = True) -> list[Impl]:
-    """moekit first, then (optionally) the plain-PyTorch baselines."""
+def implementations(baselines: bool = True, dtype: str = "bf16") -> list[Impl]:
+    """moekit first, then (optionally) the plain-PyTorch baselines, which have no fp8 path."""
+    if is_fp8(dtype):
+        return [Impl("moekit", moekit_fp8(dtype))]
     impls = [Impl("moekit", _moekit_fused_experts)]
     if baselines:
         impls.append(Impl("torch_grouped_mm", BASELINES["torch_grouped_mm"],
@@ -158,12 +171,13 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 def make_row(preset: Preset, num_tokens: int, config: TableConfig, impl: str, graph: bool,
              timing: Timing | None, cost: Cost, ceilings: Ceilings, err: float | None,
              hit: int, checked_rows: int, note: str | None,
-             extra_note: str | None = None) -> dict:
+             extra_note: str | None = None, extra: dict | None = None) -> dict:
     """One result row: PERF.md's required keys first, then the extra keys.
 
     Args:
         timing: None when the implementation failed (times and rates are then null).
         err: rel_err of this mode's output, None when not computed.
+        extra: more keys for the row (fp8: rel_err_bf16).
     """
     peak = ceilings.matmul_TFLOPs(config.dtype)
     floor = cost.floor_us(ceilings.mem_GBps, peak)
@@ -188,6 +202,7 @@ def make_row(preset: Preset, num_tokens: int, config: TableConfig, impl: str, gr
         "rel_err_rows": checked_rows,
         "rel_err_ok": None if err is None else bool(err <= REL_ERR_TOL[config.dtype]),
         "note": "; ".join(notes) or None,
+        **(extra or {}),
     }
 
 
@@ -234,11 +249,19 @@ def _preset_rows(preset: Preset, weights: ExpertWeights, config: TableConfig,
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     elt = torch.empty((), dtype=dtype).element_size()
+    fp8 = is_fp8(config.dtype)
+    # The weights the implementations run on: fp8 tables quantise once per preset.
+    run_weights = quantize_experts(weights, config.dtype) if fp8 else weights
+    weight_bytes = weight_bytes_per_element(preset, config.dtype) if fp8 else elt
     for m in config.tokens:
         hidden, topk = make_tokens(preset, m, dtype, device, config.routing, config.seed)
         rows = reference_rows(m, config.ref_rows, config.seed)
+        ref_bf16 = None
         try:
             ref = reference_output(hidden, weights, topk, preset.activation, rows)
+            if fp8:
+                ref_bf16, ref = ref, quantised_reference(hidden, run_weights, topk,
+                                                         config.dtype, preset.activation, rows)
             check = partial(rel_err, ref=ref, rows=rows)
             ref_note = None
         except Exception as exc:  # keep timing; the rows say the check is missing
@@ -248,19 +271,41 @@ def _preset_rows(preset: Preset, weights: ExpertWeights, config: TableConfig,
             ref_note = f"reference failed: {short_error(exc)}"
         hit = experts_hit(topk.ids, preset.num_experts)
         cost = moe_cost(m, preset.top_k, preset.hidden, preset.inter, preset.gemm1_rows,
-                        hit, weight_bytes=elt, act_bytes=elt, bias=preset.bias)
+                        hit, weight_bytes=weight_bytes, act_bytes=elt, bias=preset.bias,
+                        bias_bytes=elt)
         row = partial(make_row, preset, m, config, cost=cost, ceilings=ceilings, hit=hit,
                       checked_rows=m if rows is None else len(rows), extra_note=ref_note)
         for impl in impls:
-            call = partial(impl.fn, hidden, weights.w13, weights.w2, topk.ids, topk.weights,
-                           activation=preset.activation, b13=weights.b13, b2=weights.b2)
+            call = partial(impl.fn, hidden, run_weights.w13, run_weights.w2, topk.ids,
+                           topk.weights, activation=preset.activation, b13=run_weights.b13,
+                           b2=run_weights.b2)
             graph = config.graph_planned(impl, m, device)
-            results = _measure(impl, call, check, timer, graph, cuda, sync, row,
+            impl_row = row
+            if fp8:
+                impl_row = partial(row, extra={"rel_err_bf16": _error_vs_bf16(
+                    call, ref_bf16, rows, sync)})
+            results = _measure(impl, call, check, timer, graph, cuda, sync, impl_row,
                                uncaptured=config.graph_wanted(m, device))
             for result in results:
                 progress.step(_describe(result))
                 yield result
             progress.done += 1 + graph - len(results)  # planned steps that gave no row
+
+
+def _error_vs_bf16(call, ref_bf16: torch.Tensor | None, rows, sync) -> float | None:
+    """rel_err of one call's output against the bf16 weights' reference (fp8 tables):
+    the format's own error. None when the reference or the call failed (the timing
+    that follows reports the failure)."""
+    if ref_bf16 is None:
+        return None
+    try:
+        out = call()
+        sync()
+        return _round(rel_err(out, ref_bf16, rows), 3)
+    except CudaContextLost:
+        raise
+    except Exception:
+        return None
 
 
 def _measure(impl: Impl, call, check, timer, graph: bool, cuda: bool, sync,
