@@ -279,28 +279,42 @@ def quantize_by_chunks(w, spec, chunk=16):
     return type(parts[0])(q, scale, spec)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_presets_gpu(preset):
-    p = PRESETS[preset]
-    E, k, H, I, act = p.num_experts, p.top_k, p.hidden, p.inter, p.activation
-    w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
-    for name in GPU_SCHEMES:
-        scheme = QuantScheme.parse(name)
-        q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
-        for M, skew in [(1, 0.0), (77, 0.0), (512, 4.0)]:
-            hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
-            ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
-            out = poison_(torch.empty_like(hidden))
-            poison_cuda_cache()
-            moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
-                                     activation=act, b13=b13, b2=b2, out=out)
-            # All rows: a dynamic per-tensor scale depends on every row of hidden.
-            expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
-                                               activation=act, b13=b13, b2=b2)
-            assert_close(out, expected, GPU_TOL, f"{preset} {name} M={M} skew={skew}")
-        del q13, q2
+_BF16_EXPERTS: dict[str, tuple] = {}
+
+
+def bf16_experts(preset):
+    """The preset's bf16 weights, kept while its schemes run (one preset at a time: the
+    deepseek-v3 layer is 22 GB)."""
+    if preset not in _BF16_EXPERTS:
+        _BF16_EXPERTS.clear()
         torch.cuda.empty_cache()
+        p = PRESETS[preset]
+        _BF16_EXPERTS[preset] = random_experts(p.num_experts, p.hidden, p.inter, bias=p.bias,
+                                               dtype=torch.bfloat16, device="cuda")
+    return _BF16_EXPERTS[preset]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_SCHEMES)
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_gpu(preset, name):
+    p = PRESETS[preset]
+    E, k, H, act = p.num_experts, p.top_k, p.hidden, p.activation
+    w13, w2, b13, b2 = bf16_experts(preset)
+    scheme = QuantScheme.parse(name)
+    q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
+    # Decode (16-row tiles) and a skewed batch whose busiest experts span several blocks.
+    for M, skew in [(1, 0.0), (512, 4.0)]:
+        hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+        ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                 activation=act, b13=b13, b2=b2, out=out)
+        # All rows: a dynamic per-tensor scale depends on every row of hidden.
+        expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                           activation=act, b13=b13, b2=b2)
+        assert_close(out, expected, GPU_TOL, f"{preset} {name} M={M} skew={skew}")
 
 
 @pytest.mark.gpu

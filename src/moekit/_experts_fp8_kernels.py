@@ -126,7 +126,14 @@ def _quantize_rows_kernel(
 
 @triton.jit
 def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.constexpr):
-    """acc + a·b, the partial product scaled first by whichever scale varies along K."""
+    """acc + a·b, the partial product scaled first by whichever scale varies along K.
+
+    Hopper's fp8 MMA adds into its accumulator at reduced precision (≈ 14 bits kept,
+    DeepSeek-V3 §3.3.2), and Triton's default on sm_90 never promotes, so over H or I of
+    several thousand the error grows with K. Every K tile's product is therefore added
+    to the fp32 accumulator in full precision: explicitly where a scale varies along K,
+    through max_num_imprecise_acc = BLOCK_K otherwise.
+    """
     if A_PER_K and B_PER_K:
         return acc + tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
     elif A_PER_K:
@@ -134,7 +141,8 @@ def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.
     elif B_PER_K:
         return acc + tl.dot(a, b) * b_scale[None, :]
     else:
-        return tl.dot(a, b, acc)
+        BLOCK_K: tl.constexpr = a.shape[1]
+        return tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
 
 
 @triton.jit
