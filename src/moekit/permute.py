@@ -63,16 +63,18 @@ def permute_row_config(num_tokens: int, hidden_size: int, elem_bytes: int) -> di
     """permute's tiling: `row_config`, except at prefill, where 4 tokens × 1 KB tiles won.
 
     permute stores each loaded tile k times at scattered slots; shorter row pieces of more
-    tokens per program kept more stores in flight (sweep_permute on an H100, M = 4096 and
-    16384: within 0.3% of the best config of every cell, against 9.5% off for the 8 KB
-    one-token tiles unpermute prefers).
+    tokens per program kept more stores in flight. On an H100 (sweep_permute, M = 4096 and
+    16384, `bench/results/h100-sxm-20261123-sweep-permute.json`) BLOCK_H 512 × 4 tokens ×
+    4 warps was within 0.3% of the best config of every cell (79.9–91.2% of the copy
+    bandwidth), against 9.5% off for the 8 KB one-token tiles unpermute prefers.
     """
     config = row_config(num_tokens, hidden_size, elem_bytes)
     if num_tokens < _PERMUTE_PREFILL_TOKENS:
         return config
     block_h = max(16 // elem_bytes, _PERMUTE_TILE_BYTES // (_MAX_ROWS * elem_bytes))
     block_h = min(block_h, triton.next_power_of_2(max(hidden_size, 1)))
-    num_warps = max(1, min(8, _MAX_ROWS * block_h * elem_bytes // (32 * 16)))
+    # Two 16-byte vectors per thread: 4 warps for the 4 KB tile, as measured.
+    num_warps = max(1, min(8, _MAX_ROWS * block_h * elem_bytes // (32 * 2 * 16)))
     return {"BLOCK_H": block_h, "ROWS": _MAX_ROWS, "num_warps": num_warps}
 
 
