@@ -1,0 +1,54 @@
+#!/bin/bash
+# The GPU checks and measurements of one device call, by stage, each under its own time
+# limit so one slow stage cannot take the rest down; everything lands under $OUT.
+#
+#   bench/scripts/device_check.sh tests routing kernels pdl     (≈ 6 min on an H100)
+#   bench/scripts/device_check.sh e2e                           (≈ 5 min)
+#   bench/scripts/device_check.sh fp8                           (≈ 3 min)
+#
+# Stages:
+#   tests     every GPU test except the slow ones (pytest -m "gpu and not slow")
+#   slow      the slow GPU tests (> 2^31-element index arithmetic)
+#   routing   `moekit bench routing` (routing, plan, permute, unpermute table)
+#   kernels   `moekit bench` at every token count, graph replay, both baselines
+#   prefill   `moekit bench` at M = 4096 and 16384 only, no baselines (quick v-check)
+#   e2e       the transformers integration GPU tests and `moekit run` for the five families
+#   pdl       bench/scripts/pdl_experiment.py (decode with programmatic dependent launch)
+#   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
+set -u
+export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+out=${OUT:-.out}
+mkdir -p "$out"
+
+step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its tail
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "== $name: rc=$? (limit ${limit}s)"
+  grep -v -i warn "$out/$name.log" | tail -4
+}
+
+for stage in "$@"; do
+  case $stage in
+    tests) step pytest-gpu 240 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE tests ;;
+    slow) step pytest-gpu-slow 120 python3 -m pytest -m "gpu and slow" -q -p no:cacheprovider tests ;;
+    routing) step bench-routing 90 python3 -m moekit.cli bench routing --out "$out" ;;
+    kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
+    prefill) step bench-prefill 90 python3 -m moekit.cli bench --tokens 4096 16384 --no-baselines \
+               --what kernels-bf16-prefill --out "$out" ;;
+    pdl) step pdl-experiment 60 python3 bench/scripts/pdl_experiment.py --rounds 2 --out "$out" ;;
+    e2e)
+      step pytest-gpu-integrations 100 python3 -m pytest tests/integrations -m gpu -q -p no:cacheprovider
+      for family in gpt-oss deepseek-v3 mixtral olmoe qwen3-moe; do
+        step "run-$family" 75 python3 -m moekit.cli run --model "$family" --repeats 1 \
+          --new-tokens 8 --out-dir "$out"
+      done ;;
+    fp8)
+      step pytest-gpu-fp8 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_experts_fp8.py
+      for scheme in fp8_tensor fp8_channel fp8_block; do
+        step "bench-$scheme" 90 python3 -m moekit.cli bench --dtype "$scheme" \
+          --tokens 1 8 64 256 1024 4096 16384 --no-baselines --out "$out"
+      done ;;
+    *) echo "unknown stage: $stage" >&2; exit 2 ;;
+  esac
+done
