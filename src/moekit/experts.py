@@ -8,7 +8,10 @@
 Four launches, no host synchronisation and no fills, so a CUDA graph captures it; the
 combine sums slots in a fixed order, so the result is bitwise deterministic. The
 launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile`
-traces it as one node.
+traces it as one node. Each stage has its own launcher (`launch_gemm1`, `launch_gemm2`,
+`launch_combine`) so that benchmarks can time them apart. On sm_90+ the 128-row
+(compute-bound) tiles take their weights through TMA descriptors and GEMM2 runs
+persistent (`moekit._tma`).
 """
 
 from __future__ import annotations
