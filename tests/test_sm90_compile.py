@@ -1,0 +1,521 @@
+"""Every kernel the library launches, compiled for sm_90 (Hopper) ahead of time, on the CPU.
+
+The interpreter (TRITON_INTERPRET=1) that runs the other tests is not type-strict, so a
+kernel can pass them and still fail to compile for the GPU (a variable holding pointers
+of two dtypes in two branches, a tensor-descriptor misuse, a constexpr branch never
+taken on the CPU). Triton's wheel bundles ptxas, so a real sm_90 compile needs no GPU:
+
+    case table ─► worker subprocess (TRITON_INTERPRET unset, so kernels are JITFunctions)
+               ─► the public op runs on small CPU tensors with every launch recorded,
+                  not run (`_recording_launches`)
+               ─► each recorded launch is bound and specialised by Triton's own launch
+                  path (`create_function_from_signature`, `JITFunction._pack_args`) for
+                  an sm_90 target, exactly as `kernel[grid](...)` would on an H100
+               ─► triton.compile → TTIR → TTGIR → LLIR → PTX → cubin (ptxas)
+
+So the signatures, constexprs, num_warps/num_stages and launch options come from the
+launchers themselves (the heuristics pick the tiles): a launcher passing an argument its
+kernel does not take fails here as it would on the GPU. Two things only a GPU checks at
+launch are checked too: shared memory within sm_90's 227 KB per block, and that TMA and
+PDL variants really emit their instructions.
+
+Coverage is a covering set, not the cross-product (that would be hundreds of compiles):
+every dtype each op accepts, every activation, every boolean constexpr both ways, the
+decode (block_m 16/32), mid (64) and prefill (128, TMA + persistent GEMM2) tiles, every
+fp8 scheme and quantisation mode. Each row says why it is there.
+
+The workers compile in parallel (one per core, at most 4) and start when the module's
+first test does; each test waits for its own case. Cold (empty TRITON_CACHE_DIR) the
+module takes ~45 s on 2 cores (~75 s of compiling); with Triton's cache warm, ~4 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+import moekit
+import moekit._tma
+import moekit.backend
+import moekit.experts
+from moekit.quant import QuantScheme, quantize_weight
+
+_SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use on sm_90
+_TMA_PTX = "cp.async.bulk.tensor"
+_PDL_PTX = "griddepcontrol"
+_WAIT_S = 600  # per case, while the workers are busy with the ones before it
+
+
+def _ptxas_missing() -> str | None:
+    try:
+        knobs.nvidia.ptxas  # noqa: B018 - the knob looks the binary up and runs it
+    except (RuntimeError, AttributeError) as e:
+        return f"no ptxas to compile for sm_90 ({e})"
+    return None
+
+
+_NO_PTXAS = _ptxas_missing()
+pytestmark = [
+    pytest.mark.sm90_compile,
+    pytest.mark.skipif(_NO_PTXAS is not None, reason=str(_NO_PTXAS)),
+]
+
+
+# ---------------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of a public op; every launch of `kernels` it makes is compiled."""
+
+    op: str  # a key of _BUILDERS
+    params: dict
+    why: str
+    kernels: tuple[str, ...] = ()
+    known_failure: str | None = None  # a GPU-only error found here, not yet fixed in src/
+    slow: float | None = None  # compile seconds, where far above the op's usual
+
+    @property
+    def id(self) -> str:
+        """op-value-value-flag: e.g. experts-bf16-silu-bm128-tma-bias."""
+        parts = [self.op]
+        for key, value in self.params.items():
+            if value is True:
+                parts.append(key)
+            elif value is not False and value is not None:
+                parts.append(_ID_PREFIX.get(key, "") + str(value))
+        return "-".join(parts)
+
+    @property
+    def cost(self) -> float:
+        """Rough compile seconds on one core, to balance the workers."""
+        return self.slow or _OP_COST.get(self.op, 0.5)
+
+
+_ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k"}
+_OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
+
+
+_EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
+_FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
+
+
+def _experts(why, dtype, act, block_m, **flags):
+    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), pdl."""
+    return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, _EXPERTS)
+
+
+def _fp8(why, scheme, dtype, act, block_m, **flags):
+    """fused_experts_fp8; flags: bias, odd_h, odd_i."""
+    kernels = _FP8 + (("_amax_partials_kernel",) if scheme == "tensor" else ())
+    return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
+                kernels)
+
+
+CASES = [
+    # fused_experts: GEMM1 + GEMM2 + combine of one call. `tma` is what `use_tma` must pick.
+    _experts("decode baseline: 16-row tile, 128-wide K tiles, all loads unmasked",
+             "bf16", "silu", 16),
+    _experts("prefill baseline: 128-row tile, TMA weight tiles, persistent GEMM2",
+             "bf16", "silu", 128, tma=True),
+    _experts("fp16; masked K and N loads in both GEMMs; biases in both epilogues",
+             "fp16", "gelu", 16, bias=True, odd_h=True, odd_i=True),
+    _experts("32-row tile; ungated GEMM1 (one accumulator); GEMM1 masks N only",
+             "bf16", "relu2", 32, odd_i=True),
+    _experts("64-row tile; router weight on GEMM1's input (not GEMM2's output); "
+             "GEMM2 masks N only", "bf16", "gelu_tanh", 64, weight_on_input=True, odd_h=True),
+    _experts("TMA with ragged K and N (descriptor zero-fill); alpha/limit; biases",
+             "bf16", "swigluoai", 128, tma=True, bias=True, odd_h=True, odd_i=True),
+    _experts("fp16 TMA, ungated GEMM1", "fp16", "relu2", 128, tma=True, bias=True),
+    _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
+             odd_h=True),
+    _experts("fp32 at 64 rows: the largest fp32 tiles that fit (192 KB of shared memory)",
+             "fp32", "swigluoai", 64, weight_on_input=True),
+    Case("experts", dict(dtype="fp32", act="gelu", block_m=128, bias=True),
+         "fp32 prefill: no TMA (16-bit only), non-persistent GEMM2 at 128 rows", _EXPERTS,
+         known_failure="GEMM1's heuristic tiles for 4-byte elements (128×128, K 64, 4 stages) "
+                       "need 288 KB of shared memory; sm_90 has 227 KB", slow=20),
+    _experts("PDL chain (decode): gdc wait/launch, GEMM2's L2 prefetch of w2",
+             "bf16", "silu", 16, pdl=True),
+    _experts("PDL with masked tiles and biases", "fp16", "swigluoai", 16, pdl=True, bias=True,
+             odd_h=True, odd_i=True),
+    # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
+    _fp8("dynamic per-tensor: amax partials, MODE tensor; GEMM2 input in 1×128 groups",
+         "tensor", "bf16", "silu", 16),
+    _fp8("static per-tensor input scales for both GEMMs (INTER_STATIC), biases",
+         "static", "fp16", "gelu", 64, bias=True),
+    _fp8("per-channel weights, per-token inputs (MODE token); gpt-oss activation",
+         "channel", "bf16", "swigluoai", 16, odd_i=True),
+    _fp8("128×128 weight blocks, 1×128 input groups: per-K scales in both GEMMs",
+         "block", "bf16", "silu", 64),
+    _fp8("block scales from fp32 hidden, ungated, ragged H and I", "block", "fp32", "relu2",
+         16, odd_h=True, odd_i=True),
+    # dispatch_plan
+    Case("dispatch", dict(block_m=16, pairs=8),
+         "decode: one chunk, count folded into the place kernel (SINGLE_CHUNK)",
+         ("_place_pairs_kernel",)),
+    Case("dispatch", dict(block_m=128, pairs=32768),
+         "prefill: count + place over 512-pair chunks", ("_count_pairs_kernel",
+                                                          "_place_pairs_kernel")),
+    Case("dispatch", dict(block_m=64, pairs=24, expert_map=True),
+         "expert map (HAS_MAP), one chunk", ("_place_pairs_kernel",)),
+    Case("dispatch", dict(block_m=32, pairs=262144, expert_map=True, experts=96),
+         "largest chunk (4096-key sort), expert map, E not a power of two",
+         ("_count_pairs_kernel", "_place_pairs_kernel"), slow=9),
+    # permute (bits of 1, 2 or 4 bytes) / unpermute
+    Case("permute", dict(dtype="bf16", tokens=4), "decode tiling, 16-bit rows",
+         ("_permute_kernel",)),
+    Case("permute", dict(dtype="fp16", tokens=4096, odd_h=True),
+         "prefill tiling (4 rows × 1 KB), ragged H (EVEN_H off)", ("_permute_kernel",)),
+    Case("permute", dict(dtype="fp8", tokens=4, scales="row"),
+         "fp8 rows (int8 bits) with per-row scales (HAS_SCALES)", ("_permute_kernel",)),
+    Case("permute", dict(dtype="fp8", tokens=4096, scales="group", odd_h=True),
+         "fp8 with 1×128 group scales at prefill", ("_permute_kernel",)),
+    Case("permute", dict(dtype="fp32", tokens=64), "fp32 rows (int32 bits)",
+         ("_permute_kernel",)),
+    Case("unpermute", dict(dtype="bf16", tokens=4), "decode tiling", ("_unpermute_kernel",)),
+    Case("unpermute", dict(dtype="fp16", tokens=4096, odd_h=True),
+         "prefill tiling (several rows per program), ragged H", ("_unpermute_kernel",)),
+    Case("unpermute", dict(dtype="fp32", tokens=16, top_k=8), "fp32 rows, k = 8",
+         ("_unpermute_kernel",)),
+    # route (and its packed output)
+    Case("route", dict(method="softmax", dtype="bf16", experts=64, top_k=8),
+         "softmax over E, renormalised (Qwen-MoE)", ("_route_kernel",)),
+    Case("route", dict(method="topk_softmax", dtype="fp16", experts=8, top_k=2),
+         "top-k of the logits, softmax over k (Mixtral)", ("_route_kernel",)),
+    Case("route", dict(method="sigmoid", dtype="fp32", experts=16, top_k=1,
+                       renormalize=False), "sigmoid top-1, not renormalised (Llama-4)",
+         ("_route_kernel",)),
+    Case("route", dict(method="sigmoid", dtype="fp32", experts=256, top_k=8, groups=True,
+                       bias=True), "grouped sigmoid + correction bias + scaling (DeepSeek-V3)",
+         ("_route_kernel",)),
+    Case("route", dict(method="softmax", dtype="bf16", experts=60, top_k=4, bias=True),
+         "bias without groups: selection on biased scores; E not a power of two",
+         ("_route_kernel",)),
+    Case("route", dict(method="softmax", dtype="bf16", experts=128, top_k=8, packed=True),
+         "packed (id << 16 | bf16 weight) output", ("_route_kernel",)),
+    Case("route", dict(method="softmax", dtype="bf16", experts=2048, top_k=4),
+         "E = 2048: one row per program (BLOCK_M 1), 8 warps", ("_route_kernel",)),
+]
+_BY_ID = {case.id: case for case in CASES}
+assert len(_BY_ID) == len(CASES), "two cases share an id"
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def _param(case: Case):
+    known = case.known_failure
+    marks = [pytest.mark.xfail(strict=True, reason=known)] if known else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+def test_compiles_for_sm90(case, sm90_compiler):
+    result = sm90_compiler.result(case.id)
+    if result["error"]:
+        pytest.fail(f"{case.id} ({case.why}):\n{result['error']}", pytrace=False)
+    compiled = result["kernels"]
+    launched = {k["name"] for k in compiled}
+    missing = set(case.kernels) - launched
+    assert not missing, f"the op no longer launches {sorted(missing)}"
+    for kernel in compiled:
+        where = f"{kernel['name']} {kernel['constexprs']}"
+        assert kernel["shared"] <= _SM90_SHARED_BYTES, (
+            f"{where}: {kernel['shared']} bytes of shared memory; sm_90 allows "
+            f"{_SM90_SHARED_BYTES} per block, so the launch would fail"
+        )
+        gemm = kernel["name"] in ("_gemm1_kernel", "_gemm2_kernel")
+        if gemm:
+            assert kernel["tma"] == bool(case.params.get("tma")), f"{where}: TMA use"
+        assert kernel["pdl"] == bool(case.params.get("pdl")), f"{where}: PDL use"
+
+
+# ------------------------------------------------------------- parent side: the workers
+
+
+class _Workers:
+    """Worker subprocesses compiling the selected cases; results arrive as JSON lines."""
+
+    def __init__(self, case_ids: list[str]):
+        self._results: dict[str, dict] = {}
+        self._done = threading.Condition()
+        self._procs = []
+        self._threads = []
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        shares = _share_out(case_ids, max(1, min(4, cores, len(case_ids))))
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)  # the workers compile; they never interpret
+        src = str(Path(moekit.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+        for ids in shares:
+            log = tempfile.TemporaryFile()
+            proc = subprocess.Popen([sys.executable, __file__, *ids], env=env,
+                                    stdout=subprocess.PIPE, stderr=log, text=True)
+            self._procs.append((proc, log))
+            thread = threading.Thread(target=self._read, args=(proc, log, ids), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _read(self, proc, log, ids):
+        for line in proc.stdout:
+            result = json.loads(line)
+            with self._done:
+                self._results[result["case"]] = result
+                self._done.notify_all()
+        proc.wait()
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-4000:]
+        with self._done:
+            for case_id in ids:
+                self._results.setdefault(case_id, {
+                    "case": case_id, "kernels": [],
+                    "error": f"worker exited ({proc.returncode}) before this case:\n{tail}",
+                })
+            self._done.notify_all()
+
+    def result(self, case_id: str) -> dict:
+        with self._done:
+            if not self._done.wait_for(lambda: case_id in self._results, timeout=_WAIT_S):
+                pytest.fail(f"no result for {case_id} after {_WAIT_S} s")
+            return self._results[case_id]
+
+    def close(self):
+        for proc, _ in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+        for thread in self._threads:
+            thread.join()
+        for _, log in self._procs:
+            log.close()
+
+
+def _share_out(case_ids: list[str], workers: int) -> list[list[str]]:
+    """Split the cases over the workers, longest first, each to the least loaded one."""
+    loads = [[0.0, []] for _ in range(workers)]
+    for case_id in sorted(case_ids, key=lambda c: -_BY_ID[c].cost):
+        share = min(loads, key=lambda s: s[0])
+        share[0] += _BY_ID[case_id].cost
+        share[1].append(case_id)
+    return [ids for _, ids in loads if ids]
+
+
+@pytest.fixture(scope="module")
+def sm90_compiler(request):
+    selected = [item.callspec.params["case"].id for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
+    workers = _Workers(selected or [c.id for c in CASES])
+    yield workers
+    workers.close()
+
+
+# ---------------------------------------------------- worker side: record, then compile
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+           "fp8": torch.float8_e4m3fn}
+_E, _TOP_K = 8, 2
+# Tokens for which the heuristic (E = 8, k = 2) picks each row tile.
+_TOKENS_FOR_BLOCK_M = {16: 4, 32: 48, 64: 128, 128: 256}
+_H100_SMS = 132
+
+
+@contextlib.contextmanager
+def _recording_launches(launches: list):
+    """Launch path of an sm_90 GPU on CPU tensors: `kernel[grid](...)` records, runs nothing.
+
+    The ops check their backend (`interpreter_enabled` lets them take the Triton path on
+    CPU tensors) and ask whether the device has TMA and how many SMs it has; the
+    answers are an H100's.
+    """
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    saved = [(JITFunction, "run"), (moekit.backend, "interpreter_enabled"),
+             (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
+    JITFunction.run = record
+    moekit.backend.interpreter_enabled = lambda: True
+    moekit._tma.device_has_tma = lambda device: True
+    moekit.experts.persistent_programs = lambda device: _H100_SMS
+    try:
+        yield launches
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _run_experts(p):
+    dtype = _DTYPES[p["dtype"]]
+    H, I = 1000 if p.get("odd_h") else 1024, 264 if p.get("odd_i") else 512
+    M = _TOKENS_FOR_BLOCK_M[p["block_m"]]
+    act = moekit.Activation.parse(p["act"])
+    config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
+    assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
+    bias = p.get("bias")
+    real_use_pdl = moekit.experts.use_pdl
+    if p.get("pdl"):  # experimental and off by default; on the GPU `use_pdl` gates it
+        moekit.experts.use_pdl = lambda hidden, block_m, block_k2, tma: not tma
+    try:
+        moekit.fused_experts(
+            torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
+            torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
+            torch.empty(M, _TOP_K), activation=act,
+            b13=torch.empty(_E, act.gemm1_rows(I), dtype=dtype) if bias else None,
+            b2=torch.empty(_E, H, dtype=dtype) if bias else None,
+            apply_router_weight_on_input=bool(p.get("weight_on_input")), backend="triton",
+        )
+    finally:
+        moekit.experts.use_pdl = real_use_pdl
+
+
+def _run_fp8(p):
+    scheme = {"tensor": QuantScheme.fp8_tensor(), "static": QuantScheme.fp8_tensor(dynamic=False),
+              "channel": QuantScheme.fp8_channel(), "block": QuantScheme.fp8_block()}[p["scheme"]]
+    dtype = _DTYPES[p["dtype"]]
+    H, I = 520 if p.get("odd_h") else 512, 200 if p.get("odd_i") else 256
+    M = _TOKENS_FOR_BLOCK_M[p["block_m"]]
+    act = moekit.Activation.parse(p["act"])
+    static = None if scheme.activation.dynamic else torch.full((1,), 0.01)
+    w13 = quantize_weight(torch.randn(_E, act.gemm1_rows(I), H) * 0.05, scheme.weight,
+                          input_scale=static)
+    w2 = quantize_weight(torch.randn(_E, H, I) * 0.05, scheme.weight, input_scale=static)
+    bias = p.get("bias")
+    moekit.fused_experts_fp8(
+        torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),
+        torch.empty(M, _TOP_K), scheme=scheme, activation=act,
+        b13=torch.empty(_E, act.gemm1_rows(I)) if bias else None,
+        b2=torch.empty(_E, H) if bias else None, backend="triton",
+    )
+
+
+def _run_dispatch(p):
+    experts = p.get("experts", _E)
+    ids = torch.zeros(p["pairs"] // _TOP_K, _TOP_K, dtype=torch.int32)
+    expert_map = torch.arange(2 * experts, dtype=torch.int32) if p.get("expert_map") else None
+    moekit.dispatch_plan(ids, experts, p["block_m"], expert_map=expert_map, backend="triton")
+
+
+def _plan(tokens, top_k, block_m=16):
+    # The plan's tensors are only passed on; launches are recorded, so they stay unset.
+    ids = torch.zeros(tokens, top_k, dtype=torch.int32)
+    return moekit.dispatch_plan(ids, _E, block_m, backend="triton")
+
+
+def _run_permute(p):
+    M, H = p["tokens"], 2000 if p.get("odd_h") else 2048
+    hidden = torch.empty(M, H, dtype=_DTYPES[p["dtype"]])
+    scales = {None: None, "row": torch.empty(M), "group": torch.empty(M, -(-H // 128))}
+    moekit.permute(hidden, _plan(M, _TOP_K), top_k=_TOP_K,
+                   row_scales=scales[p.get("scales")], backend="triton")
+
+
+def _run_unpermute(p):
+    M, H, k = p["tokens"], 2000 if p.get("odd_h") else 2048, p.get("top_k", _TOP_K)
+    plan = _plan(M, k)
+    moekit.unpermute(torch.empty(plan.capacity, H, dtype=_DTYPES[p["dtype"]]), plan,
+                     torch.empty(M, k), backend="triton")
+
+
+def _run_route(p):
+    E = p["experts"]
+    grouped = dict(n_group=8, topk_group=4, routed_scaling_factor=2.5) if p.get("groups") else {}
+    moekit.route(
+        torch.empty(4, E, dtype=_DTYPES[p["dtype"]]), p["top_k"], method=p["method"],
+        renormalize=p.get("renormalize"),
+        e_score_correction_bias=torch.empty(E) if p.get("bias") else None,
+        packed=bool(p.get("packed")), backend="triton", **grouped,
+    )
+
+
+_BUILDERS = {"experts": _run_experts, "fp8": _run_fp8, "dispatch": _run_dispatch,
+             "permute": _run_permute, "unpermute": _run_unpermute, "route": _run_route}
+
+
+def _compile_sm90(fn, args, kwargs) -> dict:
+    """Bind and specialise one recorded launch as `JITFunction.run` does, for sm_90; compile."""
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                            options=options.__dict__)
+    ptx = kernel.asm["ptx"]
+    names = fn.arg_names
+    return {
+        "name": fn.__name__,
+        "constexprs": {names[path[0]]: str(value) for path, value in constexprs.items()
+                       if value is not None and not names[path[0]].endswith("_desc")},
+        "num_warps": kernel.metadata.num_warps,
+        "num_stages": kernel.metadata.num_stages,
+        "shared": kernel.metadata.shared,
+        "tma": _TMA_PTX in ptx,
+        "pdl": _PDL_PTX in ptx,
+    }
+
+
+def _describe(error: BaseException, limit: int = 3000) -> str:
+    """The error and its causes, innermost (Triton's own message) last, each trimmed."""
+    chain = []
+    while error is not None and len(chain) < 4:
+        text = "".join(traceback.format_exception_only(type(error), error)).strip()
+        chain.append(text if len(text) <= limit else text[:limit] + " [...]")
+        error = error.__cause__ or error.__context__
+    return "\n\ncaused by: ".join(chain)
+
+
+def _worker(case_ids: list[str]) -> None:
+    """Compile the given cases (all when none); one JSON line per case on the original stdout.
+
+    Run by hand (`python tests/test_sm90_compile.py [ids]`) it shows each case's compile
+    seconds, by which `Case.slow` and `_OP_COST` balance the workers.
+    """
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # Triton prints whole PTX listings on ptxas errors: keep them off the pipe
+    for case_id in case_ids or list(_BY_ID):
+        case = _BY_ID[case_id]
+        result = {"case": case_id, "kernels": [], "error": None}
+        start = time.perf_counter()
+        try:
+            launches = []
+            with _recording_launches(launches):
+                _BUILDERS[case.op](case.params)
+            seen = set()
+            for fn, args, kwargs in launches:
+                if fn.__name__ in case.kernels:
+                    compiled = _compile_sm90(fn, args, kwargs)
+                    key = json.dumps(compiled, sort_keys=True)
+                    if key not in seen:
+                        seen.add(key)
+                        result["kernels"].append(compiled)
+        except Exception as e:  # reported by the test of this case
+            result["error"] = _describe(e)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
