@@ -48,6 +48,10 @@ def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
     if block_m == 64:
         return ExpertsConfig(64, GemmConfig(64, 128, 8, 4, 3), GemmConfig(64, 64, 8, 4, 4))
     # Compute-bound: GEMM1 computes two 128-wide accumulators (gate and up) per program.
+    if dtype_bytes > 2:
+        # fp32 (the exact, slow path): 4 stages of 16-bit tiles would need 288 KB of shared
+        # memory; K 32 × 3 stages needs 144 KB (an H100 block may use 227 KB).
+        return ExpertsConfig(128, GemmConfig(128, 32, 8, 8, 3), GemmConfig(256, 64, 8, 8, 3))
     return ExpertsConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3))
 
 
