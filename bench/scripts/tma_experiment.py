@@ -31,7 +31,13 @@ import triton.language as tl
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moekit._experts_kernels import _activate, _combine_kernel, _gemm1_kernel, _gemm2_kernel
+from moekit._experts_kernels import (
+    _activate,
+    _combine_kernel,
+    _gemm1_kernel,
+    _gemm2_kernel,
+    _tile_of,
+)
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import get_preset
 from moekit.dispatch import dispatch_plan
@@ -39,17 +45,6 @@ from moekit.tuning.heuristic import default_config
 
 CELLS = [("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 16384), ("mixtral-8x7b", 16384),
          ("olmoe-1b-7b", 4096), ("deepseek-v2-lite", 4096), ("deepseek-v3", 16384)]
-
-
-@triton.jit
-def _coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    per_group = GROUP_M * num_n
-    group = tile // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % size_m
-    pid_n = (tile % per_group) // size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -91,14 +86,14 @@ def _g1_tma_kernel(hidden_ptr, w_desc, inter_ptr, sorted_pairs_ptr, block_expert
     num_n = tl.cdiv(I, BLOCK_N)
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), used_blocks * num_n, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _coords(tile, used_blocks, num_n, GROUP_M)
+            pid_m, pid_n = _tile_of(tile, used_blocks, num_n, GROUP_M)
             _g1_tile(hidden_ptr, w_desc, inter_ptr, sorted_pairs_ptr, block_experts_ptr,
                      num_pairs, H, I, N1, top_k, stride_hm, stride_im, pid_m, pid_n,
                      BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         tile = tl.program_id(0)
         if tile < used_blocks * num_n:
-            pid_m, pid_n = _coords(tile, used_blocks, num_n, GROUP_M)
+            pid_m, pid_n = _tile_of(tile, used_blocks, num_n, GROUP_M)
             _g1_tile(hidden_ptr, w_desc, inter_ptr, sorted_pairs_ptr, block_experts_ptr,
                      num_pairs, H, I, N1, top_k, stride_hm, stride_im, pid_m, pid_n,
                      BLOCK_M, BLOCK_N, BLOCK_K)
@@ -137,14 +132,14 @@ def _g2_tma_kernel(a_desc, w_desc, topk_weights_ptr, pair_out_ptr, sorted_pairs_
     num_n = tl.cdiv(H, BLOCK_N)
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), used_blocks * num_n, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _coords(tile, used_blocks, num_n, GROUP_M)
+            pid_m, pid_n = _tile_of(tile, used_blocks, num_n, GROUP_M)
             _g2_tile(a_desc, w_desc, topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr,
                      block_experts_ptr, num_pairs, H, I, stride_om, pid_m, pid_n,
                      BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         tile = tl.program_id(0)
         if tile < used_blocks * num_n:
-            pid_m, pid_n = _coords(tile, used_blocks, num_n, GROUP_M)
+            pid_m, pid_n = _tile_of(tile, used_blocks, num_n, GROUP_M)
             _g2_tile(a_desc, w_desc, topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr,
                      block_experts_ptr, num_pairs, H, I, stride_om, pid_m, pid_n,
                      BLOCK_M, BLOCK_N, BLOCK_K)

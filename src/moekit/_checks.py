@@ -38,3 +38,41 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], what: s
         raise ValueError(
             f"{name}: expected shape {tuple(expected)} ({what}), got {tuple(value.shape)}"
         )
+
+
+INT_IDS = (torch.int32, torch.int64)
+
+
+def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
+    """Shapes shared by the experts ops, routing dtypes, biases; ids → int32, weights → fp32.
+
+    `w13` [E, 2I or I, H] and `w2` [E, H, I] are the weight tensors themselves (their
+    dtypes are the caller's to check: 16-bit for `fused_experts`, fp8 for the fp8 path);
+    `act` is the `Activation`, which says whether w13 holds a gate.
+    """
+    device = hidden.device
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INT_IDS, device=device)
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    num_tokens, hidden_size = hidden.shape
+    num_experts, _, inter = w2.shape
+    check_shape("w2", w2, (num_experts, hidden_size, inter), "[E, H, I] with H of hidden")
+    check_shape(
+        "w13", w13, (num_experts, act.gemm1_rows(inter), hidden_size),
+        f"[E, {'2I' if act.gated else 'I'}, H] with E and I of w2 and H of hidden",
+    )
+    if topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+        raise ValueError(
+            f"topk_ids: expected shape ({num_tokens}, k) with k ≥ 1, got {tuple(topk_ids.shape)}"
+        )
+    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "the shape of topk_ids")
+    if b13 is not None:
+        check_tensor("b13", b13, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+        check_shape("b13", b13, (num_experts, w13.shape[1]), "[E, rows of w13]")
+    if b2 is not None:
+        check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+        check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
+    if topk_ids.dtype != torch.int32:
+        topk_ids = topk_ids.to(torch.int32)
+    if topk_weights.dtype != torch.float32:
+        topk_weights = topk_weights.float()
+    return topk_ids, topk_weights

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from moekit import reference
-from moekit._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_shape, check_tensor
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moekit._pdl import use_pdl
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
@@ -32,7 +32,6 @@ from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.tables import tuned_config
 
 _COMBINE_BLOCK_H = 1024
-_INT_IDS = (torch.int32, torch.int64)
 _TABLE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -157,34 +156,9 @@ def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: in
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
     """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
-    device = hidden.device
-    check_tensor("w13", w13, ndim=3, dtypes=(hidden.dtype,), device=device)
-    check_tensor("w2", w2, ndim=3, dtypes=(hidden.dtype,), device=device)
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_INT_IDS, device=device)
-    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    num_tokens, hidden_size = hidden.shape
-    num_experts, _, inter = w2.shape
-    check_shape("w2", w2, (num_experts, hidden_size, inter), "[E, H, I] with H of hidden")
-    check_shape(
-        "w13", w13, (num_experts, act.gemm1_rows(inter), hidden_size),
-        f"[E, {'2I' if act.gated else 'I'}, H] with E and I of w2 and H of hidden",
-    )
-    if topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
-        raise ValueError(
-            f"topk_ids: expected shape ({num_tokens}, k) with k ≥ 1, got {tuple(topk_ids.shape)}"
-        )
-    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "the shape of topk_ids")
-    if b13 is not None:
-        check_tensor("b13", b13, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-        check_shape("b13", b13, (num_experts, w13.shape[1]), "[E, rows of w13]")
-    if b2 is not None:
-        check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-        check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
-    if topk_ids.dtype != torch.int32:
-        topk_ids = topk_ids.to(torch.int32)
-    if topk_weights.dtype != torch.float32:
-        topk_weights = topk_weights.float()
-    return topk_ids, topk_weights
+    check_tensor("w13", w13, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
+    check_tensor("w2", w2, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
+    return check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2)
 
 
 def _config_to_list(config: ExpertsConfig) -> list[int]:

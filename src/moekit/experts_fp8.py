@@ -35,7 +35,7 @@ import torch
 import triton
 
 from moekit import reference
-from moekit._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_shape, check_tensor
 from moekit._experts_fp8_kernels import (
     _amax_partials_kernel,
     _gemm1_fp8_kernel,
@@ -55,7 +55,6 @@ _COMBINE_BLOCK_H = 1024
 _QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
-_INT_IDS = (torch.int32, torch.int64)
 
 
 def fused_experts_fp8(
@@ -223,31 +222,7 @@ def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
             raise ValueError(
                 f"{name}: the scheme's activations are static, so {name}.input_scale is needed"
             )
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=_INT_IDS, device=device)
-    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    num_tokens, hidden_size = hidden.shape
-    num_experts, _, inter = w2.shape
-    check_shape("w2", w2.q, (num_experts, hidden_size, inter), "[E, H, I] with H of hidden")
-    check_shape(
-        "w13", w13.q, (num_experts, act.gemm1_rows(inter), hidden_size),
-        f"[E, {'2I' if act.gated else 'I'}, H] with E and I of w2 and H of hidden",
-    )
-    if topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
-        raise ValueError(
-            f"topk_ids: expected shape ({num_tokens}, k) with k ≥ 1, got {tuple(topk_ids.shape)}"
-        )
-    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "the shape of topk_ids")
-    if b13 is not None:
-        check_tensor("b13", b13, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-        check_shape("b13", b13, (num_experts, w13.shape[1]), "[E, rows of w13]")
-    if b2 is not None:
-        check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-        check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
-    if topk_ids.dtype != torch.int32:
-        topk_ids = topk_ids.to(torch.int32)
-    if topk_weights.dtype != torch.float32:
-        topk_weights = topk_weights.float()
-    return topk_ids, topk_weights
+    return check_routed_experts(hidden, w13.q, w2.q, topk_ids, topk_weights, act, b13, b2)
 
 
 def _groups_to_list(scheme: QuantScheme) -> list[int]:
