@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 from moekit.bench.inputs import experts_hit, make_tokens, make_weights
 from moekit.bench.presets import get_preset
+from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
 from moekit.experts import fused_experts, launch_combine, launch_gemm1, launch_gemm2, use_tma
 from moekit.tuning.heuristic import default_config
@@ -32,16 +32,6 @@ CELLS = ["qwen3-30b-a3b:1", "qwen3-30b-a3b:8", "qwen3-30b-a3b:64", "qwen3-30b-a3
          "granite-3.0-3b-a800m:1", "granite-3.0-3b-a800m:8", "granite-3.0-3b-a800m:64",
          "granite-3.0-3b-a800m:512", "olmoe-1b-7b:1", "olmoe-1b-7b:8",
          "deepseek-v2-lite:1", "deepseek-v2-lite:8", "gpt-oss-120b:1", "mixtral-8x7b:1024"]
-
-
-def graph_us(fn) -> float:
-    """Median µs of CUDA-graph replay of `fn`, L2 flushed before each replay."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return float(do_bench(graph.replay, warmup=10, rep=50, return_mode="median")) * 1e3
 
 
 def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
@@ -75,15 +65,17 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
         log(f"{name} M={num_tokens} bm={cfg.block_m} {stage}: {us:.1f} µs"
             + ("" if gbps is None else f", {gbps:.0f} GB/s of weights"))
 
-    total = graph_us(lambda: fused_experts(hidden, w.w13, w.w2, ids, weights, activation=act,
-                                           b13=w.b13, b2=w.b2, out=out))
+    total = graph_replay_us(lambda: fused_experts(hidden, w.w13, w.w2, ids, weights,
+                                                  activation=act, b13=w.b13, b2=w.b2, out=out))
     record("total", total)
+    gemm1 = lambda: launch_gemm1(hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0,  # noqa: E731
+                                 False, g1, tma)
+    gemm2 = lambda: launch_gemm2(inter, w.w2, w.b2, weights, plan, True, g2, tma)  # noqa: E731
     parts = {
-        "plan": graph_us(lambda: dispatch_plan(ids, E, cfg.block_m, backend="triton")),
-        "gemm1": graph_us(lambda: launch_gemm1(hidden, w.w13, w.b13, weights, plan, act, 1.702,
-                                               7.0, False, g1, tma)),
-        "gemm2": graph_us(lambda: launch_gemm2(inter, w.w2, w.b2, weights, plan, True, g2, tma)),
-        "combine": graph_us(lambda: launch_combine(pair_out, ids, E, out)),
+        "plan": graph_replay_us(lambda: dispatch_plan(ids, E, cfg.block_m, backend="triton")),
+        "gemm1": graph_replay_us(gemm1),
+        "gemm2": graph_replay_us(gemm2),
+        "combine": graph_replay_us(lambda: launch_combine(pair_out, ids, E, out)),
     }
     for stage, us in parts.items():
         record(stage, us, {"gemm1": bytes1, "gemm2": bytes2}.get(stage))
@@ -95,11 +87,11 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
                     t1 = (bn, bk, 1, warps, 3 if bk == 256 else 4)
                     try:
                         record(f"gemm1[{bn}x{bk} w{warps}]",
-                               graph_us(lambda t1=t1: launch_gemm1(
+                               graph_replay_us(lambda t1=t1: launch_gemm1(
                                    hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False,
                                    t1, False)), bytes1)
                         record(f"gemm2[{bn}x{bk} w{warps}]",
-                               graph_us(lambda t1=t1: launch_gemm2(
+                               graph_replay_us(lambda t1=t1: launch_gemm2(
                                    inter, w.w2, w.b2, weights, plan, True, t1, False)), bytes2)
                     except Exception as exc:  # out of resources etc.: report and go on
                         log(f"{name} M={num_tokens} tiles {t1}: {str(exc)[:200]}")

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moekit._experts_kernels import (
@@ -40,11 +39,14 @@ from moekit._experts_kernels import (
 )
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import get_preset
+from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
 from moekit.tuning.heuristic import default_config
 
 CELLS = [("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 16384), ("mixtral-8x7b", 16384),
          ("olmoe-1b-7b", 4096), ("deepseek-v2-lite", 4096), ("deepseek-v3", 16384)]
+
+REP_MS = 60  # do_bench budget per timing
 
 
 @triton.jit
@@ -145,16 +147,6 @@ def _g2_tma_kernel(a_desc, w_desc, topk_weights_ptr, pair_out_ptr, sorted_pairs_
                      BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-def graph_us(fn) -> float:
-    """Median µs of CUDA-graph replay of `fn` (L2 flushed between replays by do_bench)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return float(do_bench(graph.replay, warmup=10, rep=60, return_mode="median")) * 1e3
-
-
 def run_cell(name: str, num_tokens: int, log) -> list[dict]:
     preset = get_preset(name)
     dev = torch.device("cuda")
@@ -213,12 +205,12 @@ def run_cell(name: str, num_tokens: int, log) -> list[dict]:
         _combine_kernel[(num_tokens, triton.cdiv(H, 1024))](
             pair_out, ids, out, H, E, pair_out.stride(0), out.stride(0), TOP_K=k, BLOCK_H=1024)
 
-    record("plan", graph_us(lambda: dispatch_plan(ids, E, bm, backend="triton")))
-    record("gemm1.ptr", graph_us(g1_ptr), flops1)
+    record("plan", graph_replay_us(lambda: dispatch_plan(ids, E, bm, backend="triton"), REP_MS))
+    record("gemm1.ptr", graph_replay_us(g1_ptr, REP_MS), flops1)
     ref_inter = inter.clone()
-    record("gemm2.ptr", graph_us(g2_ptr), flops2)
+    record("gemm2.ptr", graph_replay_us(g2_ptr, REP_MS), flops2)
     ref_pair = pair_out.clone()
-    record("combine", graph_us(combine))
+    record("combine", graph_replay_us(combine, REP_MS))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     # TMA variants: silu without biases only (the experiment's kernels are minimal).
@@ -242,7 +234,7 @@ def run_cell(name: str, num_tokens: int, log) -> list[dict]:
             label = f"gemm1.tmaB{'.pers' if persistent else ''}[{bn}x{bk} w{warps} s{stages}]"
             try:
                 inter.fill_(float("nan"))
-                us = graph_us(g1_tma)
+                us = graph_replay_us(g1_tma, REP_MS)
                 valid = plan.sorted_pairs < plan.num_pairs
                 err = (inter[valid].float() - ref_inter[valid].float()).abs().max().item()
                 record(label, us, flops1, err)
@@ -266,7 +258,7 @@ def run_cell(name: str, num_tokens: int, log) -> list[dict]:
             label = f"gemm2.tma{'.pers' if persistent else ''}[{bn}x{bk} w{warps} s{stages}]"
             try:
                 pair_out.fill_(float("nan"))
-                us = graph_us(g2_tma)
+                us = graph_replay_us(g2_tma, REP_MS)
                 err = (pair_out.float() - ref_pair.float()).abs().max().item()
                 record(label, us, flops2, err)
             except Exception as exc:

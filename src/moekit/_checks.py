@@ -43,6 +43,17 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], what: s
 INT_IDS = (torch.int32, torch.int64)
 
 
+def output_like(hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` checked to be a contiguous tensor like `hidden`, or a new one."""
+    if out is None:
+        return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    check_tensor("out", out, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
+    check_shape("out", out, tuple(hidden.shape), "the shape of hidden")
+    if not out.is_contiguous():
+        raise ValueError("out: expected a contiguous tensor")
+    return out
+
+
 def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
     """Shapes shared by the experts ops, routing dtypes, biases; ids → int32, weights → fp32.
 

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from moekit import reference
-from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_shape, check_tensor
+from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moekit._pdl import use_pdl
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
@@ -71,13 +71,7 @@ def fused_experts(
     topk_ids, topk_weights = _check_experts_args(
         hidden, w13, w2, topk_ids, topk_weights, act, b13, b2
     )
-    if out is None:
-        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    else:
-        check_tensor("out", out, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
-        check_shape("out", out, tuple(hidden.shape), "the shape of hidden")
-        if not out.is_contiguous():
-            raise ValueError("out: expected a contiguous tensor")
+    out = output_like(hidden, out)
     if resolve_backend(backend, hidden) == "reference":
         return out.copy_(reference.fused_experts(
             hidden, w13, w2, topk_ids, topk_weights, activation=act, b13=b13, b2=b2,

@@ -35,7 +35,12 @@ import torch
 import triton
 
 from moekit import reference
-from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_shape, check_tensor
+from moekit._checks import (
+    FLOAT_DTYPES,
+    check_routed_experts,
+    check_tensor,
+    output_like,
+)
 from moekit._experts_fp8_kernels import (
     _amax_partials_kernel,
     _gemm1_fp8_kernel,
@@ -48,6 +53,7 @@ from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
+from moekit.quant.weight import check_quantized_weights
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import pick_block_m
 
@@ -95,13 +101,7 @@ def fused_experts_fp8(
     act = Activation.parse(activation)
     topk_ids, topk_weights = _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act,
                                          b13, b2)
-    if out is None:
-        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    else:
-        check_tensor("out", out, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
-        check_shape("out", out, tuple(hidden.shape), "the shape of hidden")
-        if not out.is_contiguous():
-            raise ValueError("out: expected a contiguous tensor")
+    out = output_like(hidden, out)
     if resolve_backend(backend, hidden) == "reference":
         return out.copy_(reference.fused_experts_quantized(
             hidden, w13, w2, topk_ids, topk_weights, scheme=scheme, activation=act, b13=b13,
@@ -205,19 +205,8 @@ def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
     """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     device = hidden.device
+    check_quantized_weights(w13, w2, scheme.weight, device)
     for name, w in (("w13", w13), ("w2", w2)):
-        if not isinstance(w, QuantizedWeight):
-            raise TypeError(
-                f"{name}: expected a QuantizedWeight (see moekit.quant.quantize_weight), "
-                f"got {type(w).__name__}"
-            )
-        if w.spec != scheme.weight:
-            raise ValueError(
-                f"{name}: quantised with group {w.spec.group}, but the scheme's weights use "
-                f"group {scheme.weight.group}"
-            )
-        if w.q.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device}, got one on {w.q.device}")
         if not scheme.activation.dynamic and w.input_scale is None:
             raise ValueError(
                 f"{name}: the scheme's activations are static, so {name}.input_scale is needed"

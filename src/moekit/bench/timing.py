@@ -220,3 +220,19 @@ class CpuTimer:
 
     def graph(self, fn, check):  # same interface as CudaTimer
         raise CaptureFailed("no CUDA graphs on the CPU")
+
+
+def graph_replay_us(fn: Callable[[], object], rep_ms: float = 50) -> float:
+    """Median µs of CUDA-graph replay of `fn` alone, L2 flushed before each replay.
+
+    For the studies under bench/scripts, which time single stages or variants of them;
+    the kernel table uses `CudaTimer.graph` (side-stream warm-up, capture checks).
+    """
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")) * 1e3

@@ -92,3 +92,21 @@ def quantize_weight(
         raise ValueError("spec: expected a weight format (dynamic); weight scales come from w")
     q, scale = quantize(w, spec)
     return QuantizedWeight(q, scale, spec, input_scale)
+
+
+def check_quantized_weights(w13: object, w2: object, weight_spec: QuantSpec,
+                            device: torch.device) -> None:
+    """Raise unless w13 and w2 are `QuantizedWeight`s in `weight_spec`'s format on `device`."""
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, QuantizedWeight):
+            raise TypeError(
+                f"{name}: expected a QuantizedWeight (see moekit.quant.quantize_weight), "
+                f"got {type(w).__name__}"
+            )
+        if w.spec != weight_spec:
+            raise ValueError(
+                f"{name}: quantised with group {w.spec.group}, but the scheme's weights use "
+                f"group {weight_spec.group}"
+            )
+        if w.q.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, got one on {w.q.device}")

@@ -28,6 +28,7 @@ import torch
 from moekit._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moekit.activation import Activation
 from moekit.quant import QuantizedWeight, QuantScheme, QuantSpec, dequantize, quantize
+from moekit.quant.weight import check_quantized_weights
 from moekit.reference.activation import apply_activation
 
 
@@ -119,19 +120,7 @@ def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
     """Validate types and shapes; errors name the argument."""
     check_tensor("hidden", hidden, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
     device = hidden.device
-    for name, w in (("w13", w13), ("w2", w2)):
-        if not isinstance(w, QuantizedWeight):
-            raise TypeError(
-                f"{name}: expected a QuantizedWeight (see moekit.quant.quantize_weight), "
-                f"got {type(w).__name__}"
-            )
-        if w.spec != scheme.weight:
-            raise ValueError(
-                f"{name}: quantised with group {w.spec.group}, but the scheme's weights use "
-                f"group {scheme.weight.group}"
-            )
-        if w.q.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device}, got one on {w.q.device}")
+    check_quantized_weights(w13, w2, scheme.weight, device)
     num_tokens, hidden_size = hidden.shape
     num_experts, _, inter = w2.shape
     check_shape("w2", w2.q, (num_experts, hidden_size, inter), "[E, H, I] with H of hidden")
