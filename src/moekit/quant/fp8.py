@@ -37,7 +37,10 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     xg = _to_groups(x.float(), spec)  # [..., nr, gr, nc, gc]
     if spec.dynamic:
         amax = xg.abs().amax(dim=(-3, -1))  # [..., nr, nc]
-        grid_scale = amax.clamp(min=AMAX_FLOOR) / spec.fmax
+        # A tensor divisor, not a Python number: CUDA divides by a scalar as a multiply
+        # by its reciprocal, which is 1 ulp off at times, and a kernel's correctly
+        # rounded scale must equal this one bit for bit (else whole groups round apart).
+        grid_scale = amax.clamp(min=AMAX_FLOOR) / torch.full_like(amax, spec.fmax)
     elif spec.scale is None:
         raise ValueError(
             "spec: a static spec needs its scale (spec.with_scale(scale)) to quantise"
