@@ -34,6 +34,27 @@ moekit_tf.register()
 # experts' output once more than DESIGN's per-op bound, and attention and norms amplify
 # it a little: 3e-2 leaves room for that, and a routing flip would exceed it.
 LOGITS_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+# In bf16 a router near-tie can resolve the other way once the hidden state carries a
+# different rounding (layer 2's input, or compiled attention): that token then runs
+# another expert and its logits move far (seen on the H100 for DeepSeek-V3's grouped
+# sigmoid routing, 1 position of 256). A few such positions are allowed; a broken path
+# moves every position.
+MAX_FLIPPED_POSITIONS = 0.05
+
+
+def assert_logits_close(actual, expected, tol, name="logits"):
+    """Each position's logits within `tol` (relative L2 over the vocabulary), but for at
+    most MAX_FLIPPED_POSITIONS of them; together the others within `tol` too."""
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite logits"
+    per_position = ((a - e).norm(dim=-1) / e.norm(dim=-1)).flatten()  # [B·T]
+    off = per_position > tol
+    assert off.float().mean() <= MAX_FLIPPED_POSITIONS, (
+        f"{name}: {int(off.sum())} of {off.numel()} positions beyond relative L2 {tol:.0e} "
+        f"(worst {per_position.max():.3e}, median {per_position.median():.3e})"
+    )
+    keep = ~off.reshape(a.shape[:-1])
+    assert_close(a[keep], e[keep], tol, name=f"{name} (positions within tolerance)")
 
 # Each family exercises a different path through the integration.
 FAMILY_CASES = [
@@ -65,6 +86,16 @@ def experts_modules(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if moekit_tf.is_experts_module(m)]
 
 
+def test_logits_check_allows_a_flip_but_not_a_broken_path():
+    gen = torch.Generator().manual_seed(0)
+    expected = torch.randn(4, 64, 128, generator=gen)
+    flipped = expected.clone()
+    flipped[1, 7] = torch.randn(128, generator=gen)  # one token routed elsewhere
+    assert_logits_close(flipped, expected, 3e-2)
+    with pytest.raises(AssertionError, match="positions beyond"):
+        assert_logits_close(expected * 1.05, expected, 3e-2)  # every position off by 5%
+
+
 @pytest.mark.parametrize("family", FAMILY_CASES)
 def test_logits_match_eager_cpu(family):
     model = tiny_model(family)
@@ -83,7 +114,7 @@ def test_logits_match_eager_gpu_bf16(family):
     ids = prompt("cuda", batch=4, length=64)
     expected = logits(model, ids, "eager")
     actual = logits(model, ids, "moekit")
-    assert_close(actual, expected, LOGITS_TOL[torch.bfloat16], name=f"{family} logits")
+    assert_logits_close(actual, expected, LOGITS_TOL[torch.bfloat16], name=f"{family} logits")
 
 
 def test_activation_identified_from_module():
@@ -278,4 +309,4 @@ def test_torch_compile_gpu_bf16(family):
     compiled = torch.compile(model)
     with torch.no_grad():
         actual = compiled(input_ids=ids).logits.float()
-    assert_close(actual, expected, LOGITS_TOL[torch.bfloat16])
+    assert_logits_close(actual, expected, LOGITS_TOL[torch.bfloat16], name=f"{family} logits")
