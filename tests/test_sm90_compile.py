@@ -16,8 +16,8 @@ taken on the CPU). Triton's wheel bundles ptxas, so a real sm_90 compile needs n
 So the signatures, constexprs, num_warps/num_stages and launch options come from the
 launchers themselves (the heuristics pick the tiles): a launcher passing an argument its
 kernel does not take fails here as it would on the GPU. Two things only a GPU checks at
-launch are checked too: shared memory within sm_90's 227 KB per block, and that TMA and
-PDL variants really emit their instructions.
+launch are checked too: shared memory within sm_90's 227 KB per block, and that TMA
+variants really emit their instructions.
 
 Coverage is a covering set, not the cross-product (that would be hundreds of compiles):
 every dtype each op accepts, every activation, every boolean constexpr both ways, the
@@ -59,7 +59,6 @@ from moekit.quant import QuantScheme, quantize_weight
 
 _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use on sm_90
 _TMA_PTX = "cp.async.bulk.tensor"
-_PDL_PTX = "griddepcontrol"
 _WAIT_S = 600  # per case, while the workers are busy with the ones before it
 
 
@@ -118,7 +117,7 @@ _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 
 
 def _experts(why, dtype, act, block_m, **flags):
-    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), pdl."""
+    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected)."""
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, _EXPERTS)
 
 
@@ -151,10 +150,6 @@ CASES = [
     Case("experts", dict(dtype="fp32", act="gelu", block_m=128, bias=True),
          "fp32 prefill: no TMA (16-bit only), non-persistent GEMM2 at 128 rows; GEMM1's "
          "K-32 tiles (the 16-bit ones need 288 KB of shared memory)", _EXPERTS, slow=20),
-    _experts("PDL chain (decode): gdc wait/launch, GEMM2's L2 prefetch of w2",
-             "bf16", "silu", 16, pdl=True),
-    _experts("PDL with masked tiles and biases", "fp16", "swigluoai", 16, pdl=True, bias=True,
-             odd_h=True, odd_i=True),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
     _fp8("dynamic per-tensor: amax partials, MODE tensor; GEMM2 input in 1×128 groups",
          "tensor", "bf16", "silu", 16),
@@ -244,7 +239,6 @@ def test_compiles_for_sm90(case, sm90_compiler):
         gemm = kernel["name"] in ("_gemm1_kernel", "_gemm2_kernel")
         if gemm:
             assert kernel["tma"] == bool(case.params.get("tma")), f"{where}: TMA use"
-        assert kernel["pdl"] == bool(case.params.get("pdl")), f"{where}: PDL use"
 
 
 # ------------------------------------------------------------- parent side: the workers
@@ -369,20 +363,14 @@ def _run_experts(p):
     config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     bias = p.get("bias")
-    real_use_pdl = moekit.experts.use_pdl
-    if p.get("pdl"):  # experimental and off by default; on the GPU `use_pdl` gates it
-        moekit.experts.use_pdl = lambda hidden, block_m, block_k2, tma: not tma
-    try:
-        moekit.fused_experts(
-            torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
-            torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
-            torch.empty(M, _TOP_K), activation=act,
-            b13=torch.empty(_E, act.gemm1_rows(I), dtype=dtype) if bias else None,
-            b2=torch.empty(_E, H, dtype=dtype) if bias else None,
-            apply_router_weight_on_input=bool(p.get("weight_on_input")), backend="triton",
-        )
-    finally:
-        moekit.experts.use_pdl = real_use_pdl
+    moekit.fused_experts(
+        torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
+        torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
+        torch.empty(M, _TOP_K), activation=act,
+        b13=torch.empty(_E, act.gemm1_rows(I), dtype=dtype) if bias else None,
+        b2=torch.empty(_E, H, dtype=dtype) if bias else None,
+        apply_router_weight_on_input=bool(p.get("weight_on_input")), backend="triton",
+    )
 
 
 def _run_fp8(p):
@@ -471,7 +459,6 @@ def _compile_sm90(fn, args, kwargs) -> dict:
         "num_stages": kernel.metadata.num_stages,
         "shared": kernel.metadata.shared,
         "tma": _TMA_PTX in ptx,
-        "pdl": _PDL_PTX in ptx,
     }
 
 

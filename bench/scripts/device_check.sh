@@ -2,7 +2,7 @@
 # The GPU checks and measurements of one device call, by stage, each under its own time
 # limit so one slow stage cannot take the rest down; everything lands under $OUT.
 #
-#   bench/scripts/device_check.sh tests routing kernels pdl     (≈ 6 min on an H100)
+#   bench/scripts/device_check.sh tests routing kernels         (≈ 6 min on an H100)
 #   bench/scripts/device_check.sh e2e                           (≈ 5 min)
 #   bench/scripts/device_check.sh fp8                           (≈ 7 min: compiles dominate)
 #
@@ -13,7 +13,6 @@
 #   kernels   `moekit bench` at every token count, graph replay, both baselines
 #   prefill   `moekit bench` at M = 4096 and 16384 only, no baselines (quick v-check)
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
-#   pdl       bench/scripts/pdl_experiment.py (decode with programmatic dependent launch)
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -36,7 +35,6 @@ for stage in "$@"; do
     kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
     prefill) step bench-prefill 90 python3 -m moekit.cli bench --tokens 4096 16384 --no-baselines \
                --what kernels-bf16-prefill --out "$out" ;;
-    pdl) step pdl-experiment 60 python3 bench/scripts/pdl_experiment.py --rounds 2 --out "$out" ;;
     e2e)
       step pytest-gpu-integrations 100 python3 -m pytest tests/integrations -m gpu -q -p no:cacheprovider
       for family in gpt-oss deepseek-v3 mixtral olmoe qwen3-moe; do

@@ -18,16 +18,10 @@ whole tiles into shared memory, which measured 5–14% faster on prefill GEMMs
 (bench/NOTES.md, v2). Descriptors see the weights as one 2-D matrix [E·N, K], so a tile
 may run past its expert's last row into the next expert's; those columns are never
 stored. Rows are still gathered by pointer: Hopper's TMA has no row gather.
-
-`PDL` (experimental, off by default: `moekit/_pdl.py`) chains the decode launches with
-programmatic dependent launch: GEMM1 releases GEMM2 as soon as it has started, and
-GEMM2's programs, on SMs GEMM1 leaves idle, ask L2 for their weight tiles before they
-wait for `inter`, so GEMM2's weight stream overlaps GEMM1's instead of following it.
 """
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -66,13 +60,6 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines under `ptrs`; returns nothing useful and holds no registers."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -118,7 +105,6 @@ def _gemm1_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     W_TMA: tl.constexpr,
-    PDL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -126,9 +112,6 @@ def _gemm1_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One program: BLOCK_M plan slots (one expert) × BLOCK_N intermediate columns."""
-    if PDL:
-        gdc_wait()  # the plan is complete and visible
-        gdc_launch_dependents()  # GEMM2 may start prefetching on idle SMs
     pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert = tl.load(block_experts_ptr + pid_m)
     if expert < 0:
@@ -181,20 +164,6 @@ def _gemm1_kernel(
     out_ptrs = inter_ptr + slots.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
     tl.store(out_ptrs, result.to(inter_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _prefetch_weight_tile(w_ptr, expert, pid_n, N, K, stride_we, stride_wn,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """L2 prefetch of rows [pid_n·BLOCK_N, +BLOCK_N) × all K of w[expert], one per line."""
-    line: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    base = w_ptr + expert.to(tl.int64) * stride_we + rows[:, None] * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K // line) * line
-        ptrs = base + cols[None, :]
-        ptrs = tl.where((rows < N)[:, None] & (cols < K)[None, :], ptrs, w_ptr)
-        _prefetch_l2(ptrs)
 
 
 @triton.jit
@@ -274,7 +243,6 @@ def _gemm2_kernel(
     TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
-    PDL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -301,16 +269,6 @@ def _gemm2_kernel(
             )
     else:
         pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
-        if PDL:
-            # Still inside GEMM1: the plan is complete (GEMM1 waited for it before releasing
-            # this grid), but read past L1 and only to prefetch; the expert is read again
-            # after the wait.
-            early = tl.load(block_experts_ptr + pid_m, cache_modifier=".cg")
-            if early >= 0:
-                _prefetch_weight_tile(w2_ptr, early, pid_n, H, I, stride_we, stride_wn,
-                                      BLOCK_N, BLOCK_K)
-            gdc_wait()  # `inter` is complete and visible
-            gdc_launch_dependents()
         expert = tl.load(block_experts_ptr + pid_m)
         if expert < 0:
             return
@@ -333,11 +291,8 @@ def _combine_kernel(
     stride_om,
     TOP_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """Grid (M, H-tiles): one token's BLOCK_H output columns, summed over its k slots."""
-    if PDL:
-        gdc_wait()  # pair_out is complete and visible
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = offs < H

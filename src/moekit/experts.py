@@ -22,7 +22,6 @@ import triton
 from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
-from moekit._pdl import use_pdl
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -185,20 +184,18 @@ def _launch_fused_experts(
     block_m = config[0]
     plan = dispatch_plan(topk_ids, w2.shape[0], block_m, backend="triton")
     tma = use_tma(hidden, w13, w2, block_m)
-    pdl = use_pdl(hidden, block_m, config[7], tma)
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                         apply_router_weight_on_input, config[1:6], tma, pdl)
+                         apply_router_weight_on_input, config[1:6], tma)
     pair_out = launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
-                            config[6:11], tma, pdl)
-    launch_combine(pair_out, topk_ids, w2.shape[0], out, pdl)
+                            config[6:11], tma)
+    launch_combine(pair_out, topk_ids, w2.shape[0], out)
 
 
 def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                 weight_on_input, tiles, tma, pdl=False) -> torch.Tensor:
+                 weight_on_input, tiles, tma) -> torch.Tensor:
     """GEMM1 + activation over the plan's slots; returns `inter` [capacity, I].
 
-    `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`,
-    `pdl` from `use_pdl`.
+    `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`.
     """
     num_tokens, hidden_size = hidden.shape
     num_blocks = plan.capacity // plan.block_m
@@ -215,16 +212,14 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
-        EVEN_N=inter_size % block_n == 0, W_TMA=tma, PDL=pdl,
-        DOT_PRECISION=_dot_precision(hidden),
+        EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=_dot_precision(hidden),
         BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=warps, num_stages=stages, **_pdl_launch(pdl),
+        num_warps=warps, num_stages=stages,
     )
     return inter
 
 
-def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma,
-                 pdl=False) -> torch.Tensor:
+def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma) -> torch.Tensor:
     """GEMM2 (+bias, × router weight) of `inter`; returns one row per pair [M*k, H].
 
     With TMA the grid is persistent (one program per SM), measured better on every cell.
@@ -244,26 +239,20 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
         pair_out.stride(0),
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TMA=tma,
-        PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), PDL=pdl,
-        DOT_PRECISION=_dot_precision(inter),
+        PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=_dot_precision(inter),
         BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=warps, num_stages=stages, **_pdl_launch(pdl),
+        num_warps=warps, num_stages=stages,
     )
     return pair_out
 
 
-def launch_combine(pair_out, topk_ids, num_experts, out, pdl=False) -> None:
+def launch_combine(pair_out, topk_ids, num_experts, out) -> None:
     """out[m] = Σ_j pair_out[m*k + j] over the valid slots, in slot order."""
     num_tokens, hidden_size = out.shape
     _combine_kernel[(num_tokens, triton.cdiv(hidden_size, _COMBINE_BLOCK_H))](
         pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
-        TOP_K=topk_ids.shape[1], BLOCK_H=_COMBINE_BLOCK_H, PDL=pdl, **_pdl_launch(pdl),
+        TOP_K=topk_ids.shape[1], BLOCK_H=_COMBINE_BLOCK_H,
     )
-
-
-def _pdl_launch(pdl: bool) -> dict:
-    """The launch option of a PDL launch; none otherwise (the interpreter knows no PDL)."""
-    return {"launch_pdl": True} if pdl else {}
 
 
 def _dot_precision(t: torch.Tensor) -> str | None:
