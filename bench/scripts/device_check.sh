@@ -7,7 +7,7 @@
 #   bench/scripts/device_check.sh fp8                           (≈ 7 min: compiles dominate)
 #
 # Stages:
-#   tests     every GPU test except the slow ones (pytest -m "gpu and not slow")
+#   tests     every GPU test except the slow ones and fp8's (pytest -m "gpu and not slow")
 #   slow      the slow GPU tests (> 2^31-element index arithmetic)
 #   routing   `moekit bench routing` (routing, plan, permute, unpermute table)
 #   kernels   `moekit bench` at every token count, graph replay, both baselines
@@ -29,9 +29,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its t
 
 for stage in "$@"; do
   case $stage in
-    tests) step pytest-gpu 240 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE tests ;;
+    tests) step pytest-gpu 300 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE \
+             --ignore=tests/test_experts_fp8.py tests ;;
     slow) step pytest-gpu-slow 120 python3 -m pytest -m "gpu and slow" -q -p no:cacheprovider tests ;;
-    routing) step bench-routing 90 python3 -m moekit.cli bench routing --out "$out" ;;
+    routing) step bench-routing 150 python3 -m moekit.cli bench routing --out "$out" ;;
     kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
     prefill) step bench-prefill 90 python3 -m moekit.cli bench --tokens 4096 16384 --no-baselines \
                --what kernels-bf16-prefill --out "$out" ;;
