@@ -9,7 +9,7 @@ from moekit.tuning import ExpertsConfig, GemmConfig, default_config
 from moekit.tuning.heuristic import pick_block_m, tiles_for_block_m
 from moekit.tuning.space import BLOCK_MS, candidates, neighbour_block_ms
 from moekit.tuning.tables import config_from_dict, config_to_dict, load_table, lookup
-from moekit.tuning.tuner import new_table, search, tune
+from moekit.tuning.tuner import cliffs, new_table, report, same_tiles_at, search, tune
 
 BLOCK_M_CASES = [
     # (M, E, k, block_m, why)
@@ -119,3 +119,49 @@ def test_tune_command_needs_cuda(capsys):
 
     assert main(["tune", "--presets", "qwen3-30b-a3b"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_tune_starts_from_the_given_heuristic_and_its_tiles(tmp_path):
+    # A kernel family with its own default (fp8's): the search starts there and, at the
+    # other row tiles, from the same GEMM tiles rather than the bf16 heuristic's.
+    own = ExpertsConfig(32, GemmConfig(128, 128, 8, 4, 4), GemmConfig(64, 128, 8, 4, 4))
+    seen = []
+
+    def measure(preset, m, config):
+        seen.append(config)
+        return fake_cost(config)
+
+    table = new_table("test", "fp8_block", "moekit tune", {})
+    tune(table, tmp_path / "t.json", [PRESETS["qwen3-30b-a3b"]], [64], measure,
+         heuristic_for=lambda p, m: own, start_at=same_tiles_at, progress=lambda _: None)
+    assert seen[0] == own, "the family's heuristic is timed first"
+    assert same_tiles_at(own, 64) in seen and same_tiles_at(own, 16) in seen
+    assert table["entries"][0]["heuristic_us"] == fake_cost(own)
+
+
+def cliff_table():
+    entry = lambda m, h, b: {"preset": "qwen3-30b-a3b", "E": 128, "topk": 8, "H": 2048,
+                             "I": 768, "M": m, "heuristic_us": h, "best_us": b, "use": h > b,
+                             "config": config_to_dict(default_config(m, 128, 8, 2048, 768))}
+    return {"device": "H100", "dtype": "bf16",
+            "entries": [entry(1, 50.0, 49.0), entry(64, 120.0, 100.0),
+                        entry(4096, 109.0, 100.0), entry(8192, 5.0, float("inf"))]}
+
+
+def test_cliffs_are_cells_over_ten_percent_from_the_best():
+    table = cliff_table()
+    assert [e["M"] for e in cliffs(table)] == [64]  # 1.20×; 1.09× is within the bound
+    lines = report(table)
+    assert "4 cells" in lines[0] and "worst 1.200" in lines[1]
+    assert "over 10% slower than the best: 1" in lines[2] and "M=64" in lines[3]
+
+
+def test_tune_report_reads_a_table_without_cuda(tmp_path, capsys):
+    from moekit.cli import main
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(cliff_table()))
+    assert main(["tune", "--report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "qwen3-30b-a3b M=64" in out and "1.20×" in out
+    assert main(["tune", "--report", str(tmp_path / "missing.json")]) == 2

@@ -1,12 +1,16 @@
 """`moekit tune`: search tile configurations on this GPU and write its tuned table.
 
-    moekit tune [--presets NAME ...] [--tokens M ...] [--dtype bf16|fp16] [--margin 0.05]
+    moekit tune [--presets NAME ...] [--tokens M ...] [--dtype DTYPE] [--margin 0.05]
                 [--out PATH] [--fresh]
+    moekit tune --report PATH
 
-Times CUDA-graph replays of `fused_experts` per candidate (inputs as in `moekit bench`),
-prints one line per cell, saves after every cell and resumes an interrupted run (use
-`--fresh` to start over). The default output is the table `fused_experts` reads on
-this device, `src/moekit/tuning/tables/<device-slug>-fused_experts-<dtype>.json`.
+Times CUDA-graph replays of `fused_experts` (or `fused_experts_fp8` for an fp8 scheme)
+per candidate (inputs as in `moekit bench`), prints one line per cell, saves after every
+cell and resumes an interrupted run (use `--fresh` to start over). The default output is
+the table the op reads on this device,
+`src/moekit/tuning/tables/<device-slug>-fused_experts-<dtype>.json`. At the end, and with
+`--report` for any table (no GPU needed), it lists the cells where the heuristic is over
+10% slower than the best configuration found.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 
 from moekit.bench.presets import PRESETS, TOKEN_COUNTS, get_preset
 
-DTYPES = ("bf16", "fp16")
+DTYPES = ("bf16", "fp16", "fp8_tensor", "fp8_channel", "fp8_block")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +33,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep a tuned entry only if it beats the heuristic by this fraction")
     parser.add_argument("--out", default=None, help="table path (default: the shipped table)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing table")
+    parser.add_argument("--report", metavar="PATH", default=None,
+                        help="summarise an existing table (cells, cliffs) and exit")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from moekit.tuning.tuner import report
+
+    if args.report is not None:
+        from moekit.tuning.tables import load_table
+
+        table = load_table(args.report)
+        if table is None:
+            print(f"moekit tune: no table at {args.report}", file=sys.stderr)
+            return 2
+        print("\n".join(report(table)))
+        return 0
     if not torch.cuda.is_available():
         print("moekit tune: needs a CUDA device (it times kernels); none found", file=sys.stderr)
         return 2
@@ -61,12 +78,72 @@ def run(args: argparse.Namespace) -> int:
                           {"torch": torch.__version__, "triton": triton.__version__})
     else:
         print(f"resuming {path}: {len(table['entries'])} cells done", file=sys.stderr)
-    tune(table, path, presets, args.tokens, _graph_measure(args.dtype), margin=args.margin,
-         progress=lambda line: print(line, file=sys.stderr, flush=True))
+    progress = lambda line: print(line, file=sys.stderr, flush=True)
+    if args.dtype.startswith("fp8"):
+        from moekit.tuning.tuner import same_tiles_at
+
+        tune(table, path, presets, args.tokens, _fp8_graph_measure(args.dtype),
+             margin=args.margin, heuristic_for=_fp8_heuristic(args.dtype),
+             start_at=same_tiles_at, progress=progress)
+    else:
+        tune(table, path, presets, args.tokens, _graph_measure(args.dtype), margin=args.margin,
+             progress=progress)
     used = sum(e["use"] for e in table["entries"])
     print(f"wrote {path}: {len(table['entries'])} cells, {used} beat the heuristic by "
           f"{args.margin:.0%} or more")
+    print("\n".join(report(table)))
     return 0
+
+
+def _fp8_heuristic(scheme: str):
+    """`fused_experts_fp8`'s default configuration for (preset, M)."""
+    from moekit.experts_fp8 import default_fp8_config
+
+    return lambda preset, m: default_fp8_config(m, preset.num_experts, preset.top_k,
+                                                preset.hidden, preset.inter, scheme)
+
+
+def _fp8_graph_measure(scheme: str):
+    """µs of one CUDA-graph replay of fused_experts_fp8 for (preset, M, config); inf for a
+    configuration the scheme does not allow (e.g. a K tile wider than its scale group)."""
+    import torch
+
+    import moekit
+    from moekit.bench.fp8 import quantize_experts
+    from moekit.bench.inputs import make_tokens, make_weights
+    from moekit.bench.timing import CaptureFailed, CudaTimer
+    from moekit.quant import QuantScheme
+
+    parsed = QuantScheme.parse(scheme)
+    timer = CudaTimer(warmup_ms=5, rep_ms=40)
+    cache: dict = {}
+
+    def measure(preset, m, config) -> float:
+        if cache.get("preset") is not preset:
+            cache.clear()
+            torch.cuda.empty_cache()
+            weights = make_weights(preset, torch.bfloat16, "cuda")
+            cache.update(preset=preset, weights=quantize_experts(weights, scheme))
+            del weights
+        if cache.get("m") != m:
+            cache.update(m=m, tokens=make_tokens(preset, m, torch.bfloat16,
+                                                 torch.device("cuda")))
+        w, (hidden, topk) = cache["weights"], cache["tokens"]
+
+        def call():
+            return moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                            scheme=parsed, activation=preset.activation,
+                                            b13=w.b13, b2=w.b2, config=config)
+        try:
+            timing, _ = timer.graph(call, check=lambda out: 0.0)
+        except ValueError:  # the scheme rules the configuration out, before any launch
+            return math.inf
+        except (CaptureFailed, RuntimeError) as exc:  # e.g. shared memory or registers
+            print(f"  {config}: {type(exc).__name__}", file=sys.stderr)
+            return math.inf
+        return timing.median_us
+
+    return measure
 
 
 def _graph_measure(dtype: str):

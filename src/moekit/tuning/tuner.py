@@ -3,7 +3,11 @@
 For each (preset, M) cell it times the heuristic's configuration, then searches the
 row tile (the heuristic's, half and double), GEMM1's tiles with GEMM2 at the default
 for that row tile, then GEMM2's tiles with GEMM1 at its best — a coordinate search of
-a few dozen timings instead of the full product. An entry is marked `use` only when
+a few dozen timings instead of the full product. For a fixed row tile the two GEMMs are
+separate launches whose times add, so GEMM1's best tile does not depend on GEMM2's:
+the coordinate search then finds the best of the whole product of candidates (up to
+timing noise and L2 effects between the launches), which is what the "heuristic within
+10% of an exhaustive sweep" check needs (`cliffs`). An entry is marked `use` only when
 the best beats the heuristic by `margin`, so tables never replace the heuristic on
 noise. The table is saved after every cell, and cells already in it are skipped, so an
 interrupted run resumes where it stopped.
@@ -25,16 +29,20 @@ Measure = Callable[[Preset, int, ExpertsConfig], float]  # → µs (inf when it 
 
 
 def search(heuristic: ExpertsConfig, time_us: Callable[[ExpertsConfig], float],
-           constraint: Constraint | None = None) -> tuple[ExpertsConfig, float, float]:
+           constraint: Constraint | None = None,
+           tiles_for: Callable[[int], ExpertsConfig] = tiles_for_block_m,
+           ) -> tuple[ExpertsConfig, float, float]:
     """Coordinate search around the heuristic.
 
+    Args:
+        tiles_for: the starting tiles at another row tile (the bf16 heuristic's by default).
     Returns:
         (best configuration, its µs, the heuristic's µs).
     """
     heuristic_us = time_us(heuristic)
     best, best_us = heuristic, heuristic_us
     for block_m in neighbour_block_ms(heuristic.block_m):
-        first = heuristic if block_m == heuristic.block_m else tiles_for_block_m(block_m)
+        first = heuristic if block_m == heuristic.block_m else tiles_for(block_m)
         g1_best, g1_us = first, (heuristic_us if first is heuristic else time_us(first))
         for tile in candidates(block_m, constraint):
             trial = ExpertsConfig(block_m, tile, first.gemm2)
@@ -57,8 +65,27 @@ def new_table(device: str, dtype: str, command: str, versions: dict) -> dict:
             **versions, "entries": []}
 
 
+def bf16_heuristic(preset: Preset, num_tokens: int) -> ExpertsConfig:
+    """`fused_experts`' default configuration for a preset's shape."""
+    return default_config(num_tokens, preset.num_experts, preset.top_k, preset.hidden,
+                          preset.inter)
+
+
+def bf16_tiles_at(heuristic: ExpertsConfig, block_m: int) -> ExpertsConfig:
+    """The bf16 heuristic's tiles for another row tile."""
+    return tiles_for_block_m(block_m)
+
+
+def same_tiles_at(heuristic: ExpertsConfig, block_m: int) -> ExpertsConfig:
+    """The heuristic's own GEMM tiles at another row tile (kernels without a per-row-tile
+    rule, e.g. fp8's)."""
+    return ExpertsConfig(block_m, heuristic.gemm1, heuristic.gemm2)
+
+
 def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], measure: Measure,
          *, margin: float = 0.05, constraint: Constraint | None = None,
+         heuristic_for: Callable[[Preset, int], ExpertsConfig] = bf16_heuristic,
+         start_at: Callable[[ExpertsConfig, int], ExpertsConfig] = bf16_tiles_at,
          progress: Callable[[str], None] = print) -> dict:
     """Fill `table` cell by cell (saving to `path` after each), skipping cells it holds.
 
@@ -66,6 +93,9 @@ def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], me
         table: a table document (`new_table`, or a loaded one to resume).
         measure: times one configuration of one cell, in µs.
         margin: the fraction by which the best must beat the heuristic to be used.
+        heuristic_for: the kernel family's default configuration for (preset, M).
+        start_at: (the cell's heuristic, another row tile) → where the search starts at
+            that row tile.
     Returns:
         The table.
     """
@@ -79,10 +109,10 @@ def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], me
             if key in done:
                 progress(f"[{n}/{total}] {preset.name} M={m}: in the table already, skipped")
                 continue
-            heuristic = default_config(m, preset.num_experts, preset.top_k, preset.hidden,
-                                       preset.inter)
+            heuristic = heuristic_for(preset, m)
             best, best_us, heuristic_us = search(
-                heuristic, lambda cfg, p=preset, m=m: measure(p, m, cfg), constraint
+                heuristic, lambda cfg, p=preset, m=m: measure(p, m, cfg), constraint,
+                lambda block_m, h=heuristic: start_at(h, block_m),
             )
             use = math.isfinite(best_us) and best_us < (1 - margin) * heuristic_us
             table["entries"].append({
@@ -95,3 +125,31 @@ def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], me
             progress(f"[{n}/{total}] {preset.name} M={m}: heuristic {heuristic_us:.1f} µs, "
                      f"best {best_us:.1f} µs {config_from_dict(config_to_dict(best))} → {verdict}")
     return table
+
+
+CLIFF = 0.10  # the performance issue's bound: heuristic within 10% of the best found
+
+
+def cliffs(table: dict, bound: float = CLIFF) -> list[dict]:
+    """Entries where the heuristic is more than `bound` slower than the best found."""
+    return [e for e in table.get("entries", ())
+            if math.isfinite(e["best_us"]) and e["heuristic_us"] > (1 + bound) * e["best_us"]]
+
+
+def report(table: dict, bound: float = CLIFF) -> list[str]:
+    """Lines summarising a table: cells, entries used, and the heuristic's cliffs."""
+    entries = table.get("entries", ())
+    ratios = [e["heuristic_us"] / e["best_us"] for e in entries
+              if math.isfinite(e["best_us"]) and e["best_us"] > 0]
+    lines = [f"{table.get('device', '?')} {table.get('dtype', '?')}: {len(entries)} cells, "
+             f"{sum(bool(e.get('use')) for e in entries)} table entries used"]
+    if ratios:
+        lines.append(f"heuristic ÷ best: median {sorted(ratios)[len(ratios) // 2]:.3f}, "
+                     f"worst {max(ratios):.3f}")
+    bad = cliffs(table, bound)
+    lines.append(f"cells where the heuristic is over {bound:.0%} slower than the best: "
+                 f"{len(bad)}" + (":" if bad else ""))
+    lines += [f"  {e['preset']} M={e['M']}: heuristic {e['heuristic_us']:.1f} µs, best "
+              f"{e['best_us']:.1f} µs ({e['heuristic_us'] / e['best_us']:.2f}×) "
+              f"{config_from_dict(e['config'])}" for e in bad]
+    return lines
