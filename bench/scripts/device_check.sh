@@ -14,6 +14,7 @@
 #   prefill   `moekit bench` at M = 4096 and 16384 only, no baselines (quick v-check)
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
+#   decode    bench/scripts/decode_experiment.py (the block_m = 1 decode path against the plan)
 #   tune      `moekit tune` on the cells furthest from vLLM (bf16) and on fp8 decode/prefill
 #             cells; tables and their cliff reports under $OUT (never the shipped tables)
 set -u
@@ -50,6 +51,7 @@ for stage in "$@"; do
         step "bench-$scheme" 85 python3 -m moekit.cli bench --dtype "$scheme" --rep-ms 50 \
           --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 1 64 4096 --out "$out"
       done ;;
+    decode) step decode-experiment 150 python3 bench/scripts/decode_experiment.py --out "$out" ;;
     tune)
       step tune-bf16 280 python3 -m moekit.cli tune --fresh --out "$out/tune-bf16.json" \
         --presets granite-3.0-3b-a800m olmoe-1b-7b qwen3-30b-a3b --tokens 8 256 4096
