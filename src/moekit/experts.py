@@ -213,49 +213,44 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
 
     `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`.
     """
-    num_tokens, hidden_size = hidden.shape
-    num_blocks = plan.capacity // plan.block_m
-    gated = activation != "relu2"
-    inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
-    block_n, block_k, group_m, warps, stages = tiles
-    bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
-    inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
-    _gemm1_kernel[(num_blocks * triton.cdiv(inter_size, block_n),)](
-        hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
-        bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts, w13.shape[0],
-        plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
-        hidden.stride(0), w13.stride(0), w13.stride(1),
-        0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
-        ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
-        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
-        EVEN_N=inter_size % block_n == 0, W_TMA=tma, PAIR_MAJOR=False,
-        DOT_PRECISION=_dot_precision(hidden),
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=warps, num_stages=stages,
-    )
-    return inter
+    return _launch_gemm1(hidden, w13, b13, topk_weights, activation, alpha, limit,
+                         weight_on_input, tiles, rows=plan.capacity, block_m=plan.block_m,
+                         blocks=plan.capacity // plan.block_m, sorted_pairs=plan.sorted_pairs,
+                         block_experts=plan.block_experts, num_pairs=plan.num_pairs, tma=tma,
+                         pair_major=False)
 
 
 def launch_pair_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha, limit,
                       weight_on_input, tiles) -> torch.Tensor:
     """The decode path's GEMM1: one pair per block, no plan; returns `inter` [M*k, I]."""
-    num_tokens, hidden_size = hidden.shape
     num_pairs = topk_ids.numel()
+    return _launch_gemm1(hidden, w13, b13, topk_weights, activation, alpha, limit,
+                         weight_on_input, tiles, rows=num_pairs, block_m=PAIR_TILE_ROWS,
+                         blocks=num_pairs, sorted_pairs=topk_ids, block_experts=topk_ids,
+                         num_pairs=num_pairs, tma=False, pair_major=True)
+
+
+def _launch_gemm1(hidden, w13, b13, topk_weights, activation, alpha, limit, weight_on_input,
+                  tiles, *, rows, block_m, blocks, sorted_pairs, block_experts, num_pairs, tma,
+                  pair_major) -> torch.Tensor:
+    """`_gemm1_kernel` over `blocks` row blocks into a new `inter` [rows, I]."""
+    num_tokens, hidden_size = hidden.shape
     gated = activation != "relu2"
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
-    inter = torch.empty((num_pairs, inter_size), dtype=hidden.dtype, device=hidden.device)
-    _gemm1_kernel[(num_pairs * triton.cdiv(inter_size, block_n),)](
-        hidden, w13, None, bias, topk_weights, inter, topk_ids, topk_ids, w13.shape[0],
-        num_pairs, num_pairs, hidden_size, inter_size, topk_ids.shape[1],
+    inter = torch.empty((rows, inter_size), dtype=hidden.dtype, device=hidden.device)
+    _gemm1_kernel[(blocks * triton.cdiv(inter_size, block_n),)](
+        hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
+        bias, topk_weights, inter, sorted_pairs, block_experts, w13.shape[0],
+        num_pairs, blocks, hidden_size, inter_size, num_pairs // num_tokens,
         hidden.stride(0), w13.stride(0), w13.stride(1),
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
-        EVEN_N=inter_size % block_n == 0, W_TMA=False, PAIR_MAJOR=True,
+        EVEN_N=inter_size % block_n == 0, W_TMA=tma, PAIR_MAJOR=pair_major,
         DOT_PRECISION=_dot_precision(hidden),
-        BLOCK_M=PAIR_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
     return inter

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype.startswith("fp8"):
         from moekit.tuning.tuner import same_tiles_at
 
-        tune(table, path, presets, args.tokens, _fp8_graph_measure(args.dtype),
+        tune(table, path, presets, args.tokens, _graph_measure(args.dtype),
              margin=args.margin, heuristic_for=_fp8_heuristic(args.dtype),
              start_at=same_tiles_at, progress=progress)
     else:
@@ -103,9 +103,10 @@ def _fp8_heuristic(scheme: str):
                                                 preset.hidden, preset.inter, scheme)
 
 
-def _fp8_graph_measure(scheme: str):
-    """µs of one CUDA-graph replay of fused_experts_fp8 for (preset, M, config); inf for a
-    configuration the scheme does not allow (e.g. a K tile wider than its scale group)."""
+def _graph_measure(dtype: str):
+    """µs of one CUDA-graph replay of the op for (preset, M, config): `fused_experts`, or
+    `fused_experts_fp8` for an fp8 scheme; inf for a configuration that cannot run (one the
+    scheme rules out, or that exceeds shared memory or registers)."""
     import torch
 
     import moekit
@@ -114,66 +115,34 @@ def _fp8_graph_measure(scheme: str):
     from moekit.bench.timing import CaptureFailed, CudaTimer
     from moekit.quant import QuantScheme
 
-    parsed = QuantScheme.parse(scheme)
+    scheme = QuantScheme.parse(dtype) if dtype.startswith("fp8") else None
+    torch_dtype = {"fp16": torch.float16}.get(dtype, torch.bfloat16)
     timer = CudaTimer(warmup_ms=5, rep_ms=40)
     cache: dict = {}
+
+    def weights_for(preset):
+        weights = make_weights(preset, torch_dtype, "cuda")
+        return weights if scheme is None else quantize_experts(weights, dtype)
 
     def measure(preset, m, config) -> float:
         if cache.get("preset") is not preset:
             cache.clear()
             torch.cuda.empty_cache()
-            weights = make_weights(preset, torch.bfloat16, "cuda")
-            cache.update(preset=preset, weights=quantize_experts(weights, scheme))
-            del weights
+            cache.update(preset=preset, weights=weights_for(preset))
         if cache.get("m") != m:
-            cache.update(m=m, tokens=make_tokens(preset, m, torch.bfloat16,
-                                                 torch.device("cuda")))
+            cache.update(m=m, tokens=make_tokens(preset, m, torch_dtype, torch.device("cuda")))
         w, (hidden, topk) = cache["weights"], cache["tokens"]
+        op = moekit.fused_experts if scheme is None else moekit.fused_experts_fp8
+        options = {} if scheme is None else {"scheme": scheme}
 
         def call():
-            return moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
-                                            scheme=parsed, activation=preset.activation,
-                                            b13=w.b13, b2=w.b2, config=config)
+            return op(hidden, w.w13, w.w2, topk.ids, topk.weights, activation=preset.activation,
+                      b13=w.b13, b2=w.b2, config=config, **options)
         try:
             timing, _ = timer.graph(call, check=lambda out: 0.0)
         except ValueError:  # the scheme rules the configuration out, before any launch
             return math.inf
         except (CaptureFailed, RuntimeError) as exc:  # e.g. shared memory or registers
-            print(f"  {config}: {type(exc).__name__}", file=sys.stderr)
-            return math.inf
-        return timing.median_us
-
-    return measure
-
-
-def _graph_measure(dtype: str):
-    """µs of one CUDA-graph replay of fused_experts for (preset, M, config)."""
-    import torch
-
-    import moekit
-    from moekit.bench.inputs import make_tokens, make_weights
-    from moekit.bench.timing import CaptureFailed, CudaTimer
-
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    timer = CudaTimer(warmup_ms=5, rep_ms=40)
-    cache: dict = {}
-
-    def measure(preset, m, config) -> float:
-        if cache.get("preset") is not preset:
-            cache.clear()
-            torch.cuda.empty_cache()
-            cache.update(preset=preset, weights=make_weights(preset, torch_dtype, "cuda"))
-        if cache.get("m") != m:
-            cache.update(m=m, tokens=make_tokens(preset, m, torch_dtype, torch.device("cuda")))
-        w, (hidden, topk) = cache["weights"], cache["tokens"]
-
-        def call():
-            return moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
-                                        activation=preset.activation, b13=w.b13, b2=w.b2,
-                                        config=config)
-        try:
-            timing, _ = timer.graph(call, check=lambda out: 0.0)
-        except (CaptureFailed, RuntimeError) as exc:  # e.g. a tile that exceeds shared memory
             print(f"  {config}: {type(exc).__name__}", file=sys.stderr)
             return math.inf
         return timing.median_us
