@@ -1,6 +1,7 @@
 """fp8 W8A8 fused experts: fp8 weights × fp8 activations, fp32 accumulation, scales per scheme.
 
-    hidden [M, H] ─► _quantize_rows_kernel: xq fp8 [M, H] + scales      (once per token)
+    hidden [M, H] ─► _quantize_rows_kernel: xq fp8 [M, H] + scales      (once per token;
+                                                      at decode GEMM1 does it instead)
                  ─► plan (pairs grouped by expert, padded to block_m)
                  ─► _gemm1_fp8_kernel: gathered xq rows × w13[e]ᵀ, scales, bias, activation,
                     quantised again ─► inter fp8 [capacity, I] + scales [capacity, I/g]
@@ -13,9 +14,13 @@ oracle, and the two agree on every choice below.
 
 GEMM1's input: hidden is quantised by one small kernel before the GEMM (two when a
 dynamic per-tensor scale first needs the amax of all of hidden) — a pass over M×H,
-not M·k×H, since all k pairs of a token read its one fp8 row. Quantising inside GEMM1's
-loads instead would redo it in every one of the I/BLOCK_N column programs, and a
-per-token or per-tensor scale needs the whole row, or tensor, before the first value.
+not M·k×H, since all k pairs of a token read its one fp8 row. Or GEMM1 quantises the
+hidden rows it gathers itself, bitwise alike (`_gemm1_fp8_kernel`'s QUANTIZE_X): no fp8
+copy and one launch fewer, but the work is redone in every one of the I/BLOCK_N column
+programs, and a per-token scale costs a pre-pass over the row (a dynamic per-tensor
+one still needs the amax kernel). That pays where launches dominate — decode — so it
+is the default up to FUSED_INPUT_QUANT_MAX_TOKENS tokens; `fuse_input_quant` forces
+either way.
 
 GEMM2's input is quantised in GEMM1's epilogue, where a tile holds BLOCK_N columns of
 its rows: dynamically in 1×g groups (`QuantScheme.gemm2_input`: g = 128 for the
@@ -30,6 +35,8 @@ Not here yet: apply_router_weight_on_input and expert maps (the bf16 path has bo
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -62,6 +69,14 @@ _QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
 
+#: Up to this many tokens GEMM1 quantises hidden itself (`fuse_input_quant=None`). At
+#: decode the separate quantiser is a whole launch (of a 42 µs qwen3 step, 6 launches)
+#: for a few rows, while GEMM1's column programs re-quantising their rows add little to
+#: the weight tiles they stream; at prefill that redundant work — I/BLOCK_N times the
+#: M×H pass, twice the bytes of fp8 rows — outweighs one launch. 64 is a first guess, to
+#: be measured on the GPU (`fuse_input_quant` True/False gives the A/B).
+FUSED_INPUT_QUANT_MAX_TOKENS = 64
+
 
 def fused_experts_fp8(
     hidden: torch.Tensor,
@@ -77,6 +92,7 @@ def fused_experts_fp8(
     config: ExpertsConfig | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    fuse_input_quant: bool | None = None,
 ) -> torch.Tensor:
     """out[m] = Σ_j weights[m, j] · expert_{ids[m, j]}(hidden[m]), fp8 weights and GEMM inputs.
 
@@ -94,6 +110,10 @@ def fused_experts_fp8(
         config: tile configuration; default `default_fp8_config`.
         out: optional [M, H] contiguous buffer of hidden's dtype to write the result into.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
+        fuse_input_quant: whether GEMM1 quantises hidden itself rather than a separate
+            kernel before it (the results are bitwise equal); None: up to
+            `FUSED_INPUT_QUANT_MAX_TOKENS` tokens where the config allows it. True needs,
+            for 1×g activation groups, gemm1.block_k == g. Ignored by the reference.
     Returns:
         [M, H] in hidden's dtype (`out` when given).
     """
@@ -115,6 +135,7 @@ def fused_experts_fp8(
                                     inter, scheme)
     else:
         _check_config(config, scheme)
+    fuse = _fuses_input_quant(fuse_input_quant, num_tokens, scheme, config)
     static = not scheme.activation.dynamic
     # Eager calls skip the custom-op dispatcher (tens of µs of host time per call);
     # torch.compile sees the registered op.
@@ -124,7 +145,8 @@ def fused_experts_fp8(
         hidden.contiguous(), w13.q.contiguous(), w13.scale, w2.q.contiguous(), w2.scale,
         w13.input_scale if static else None, w2.input_scale if static else None,
         topk_ids.contiguous(), topk_weights.contiguous(), b13, b2,
-        act.kind, act.alpha, act.limit, _groups_to_list(scheme), _config_to_list(config), out,
+        act.kind, act.alpha, act.limit, _groups_to_list(scheme), _config_to_list(config), fuse,
+        out,
     )
     return out
 
@@ -201,6 +223,24 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
         )
 
 
+def _fuses_input_quant(requested: bool | None, num_tokens: int, scheme: QuantScheme,
+                       config: ExpertsConfig) -> bool:
+    """Whether GEMM1 quantises hidden itself: `requested`, or by default up to
+    FUSED_INPUT_QUANT_MAX_TOKENS tokens. With 1×g groups only where gemm1's K tile is one
+    whole group: a narrower tile's group amax would need tiles not yet loaded."""
+    group_m, group_k = scheme.activation.group
+    grouped = scheme.activation.dynamic and group_m != FULL and group_k != FULL
+    possible = not grouped or config.gemm1.block_k == group_k
+    if requested is None:
+        return possible and num_tokens <= FUSED_INPUT_QUANT_MAX_TOKENS
+    if requested and not possible:
+        raise ValueError(
+            f"fuse_input_quant: GEMM1 quantises 1×{group_k} groups of hidden only with "
+            f"gemm1.block_k == {group_k}, the config has {config.gemm1.block_k}"
+        )
+    return bool(requested)
+
+
 def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
     """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
@@ -241,43 +281,78 @@ def _weight_scale_layout(scale: torch.Tensor, group_n: int, group_k: int):
             group_n if group_n != FULL else 1, group_k if group_k != FULL else 1)
 
 
-def _quantize_hidden(hidden: torch.Tensor, group_m: int, group_k: int,
-                     static_scale: torch.Tensor | None):
-    """hidden [M, H] → (fp8 [M, H], scale, stride_m, stride_k, GROUP_K) for GEMM1."""
-    num_tokens, hidden_size = hidden.shape
-    xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
-    partials = num_partials = None
+class _Gemm1Input(NamedTuple):
+    """What `_gemm1_fp8_kernel` reads of hidden, and how (its x, xs and QUANTIZE_X)."""
+
+    x: torch.Tensor  # [M, H]: fp8, or hidden itself when GEMM1 quantises it
+    scale: torch.Tensor  # xs: scales, or the static scale / amax partials (QUANTIZE_X)
+    stride_sm: int
+    stride_sk: int
+    group_k: int
+    quantize_in_gemm1: str  # QUANTIZE_X: "" or the mode GEMM1 quantises hidden in
+    num_partials: int  # amax partials ("tensor" mode), else 0
+
+
+def _activation_mode(group_m: int, group_k: int, static_scale: torch.Tensor | None) -> str:
+    """The quantisers' MODE for hidden: "static", "tensor", "token" or "group"."""
     if static_scale is not None:
-        mode, scale, strides = "static", static_scale, (0, 0)
-    elif group_m == FULL:
-        mode = "tensor"
+        return "static"
+    if group_m == FULL:
+        return "tensor"
+    return "token" if group_k == FULL else "group"
+
+
+def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
+    """Launch `_amax_partials_kernel`: [P] fp32 maxima of |hidden| over P chunks."""
+    numel = hidden.numel()
+    programs = min(_MAX_AMAX_PROGRAMS, triton.cdiv(numel, 8 * _AMAX_BLOCK))
+    chunk = triton.cdiv(triton.cdiv(numel, programs), _AMAX_BLOCK) * _AMAX_BLOCK
+    partials = torch.empty(triton.cdiv(numel, chunk), dtype=torch.float32,
+                           device=hidden.device)
+    _amax_partials_kernel[(partials.numel(),)](hidden, partials, numel, chunk,
+                                               BLOCK=_AMAX_BLOCK)
+    return partials
+
+
+def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
+                 static_scale: torch.Tensor | None, fuse: bool) -> _Gemm1Input:
+    """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`),
+    or, with `fuse`, as it is, with what GEMM1 needs to quantise it."""
+    num_tokens, hidden_size = hidden.shape
+    mode = _activation_mode(group_m, group_k, static_scale)
+    partials = _amax_partials(hidden) if mode == "tensor" else None
+    num_partials = 0 if partials is None else partials.numel()
+    group = group_k if mode == "group" else 1
+    if fuse:
+        # Token and group scales are made in GEMM1; its xs is then never read.
+        given = {"static": static_scale, "tensor": partials}.get(mode, hidden)
+        return _Gemm1Input(hidden, given, 0, 0, group, mode, num_partials)
+
+    xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
+    if mode == "static":
+        scale, strides = static_scale, (0, 0)
+    elif mode == "tensor":
         scale = torch.empty(1, dtype=torch.float32, device=hidden.device)
         strides = (0, 0)
-        numel = hidden.numel()
-        programs = min(_MAX_AMAX_PROGRAMS, triton.cdiv(numel, 8 * _AMAX_BLOCK))
-        chunk = triton.cdiv(triton.cdiv(numel, programs), _AMAX_BLOCK) * _AMAX_BLOCK
-        num_partials = triton.cdiv(numel, chunk)
-        partials = torch.empty(num_partials, dtype=torch.float32, device=hidden.device)
-        _amax_partials_kernel[(num_partials,)](hidden, partials, numel, chunk,
-                                               BLOCK=_AMAX_BLOCK)
-    elif group_k == FULL:
-        mode = "token"
+    elif mode == "token":
         scale = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         strides = (1, 0)
     else:
-        mode = "group"
         scale = torch.empty((num_tokens, triton.cdiv(hidden_size, group_k)),
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
-    group = group_k if mode == "group" else 1
     _quantize_rows_kernel[(num_tokens,)](
         hidden, xq, scale, scale if partials is None else partials,
-        num_partials or 0, hidden_size, hidden.stride(0), xq.stride(0), strides[0],
+        num_partials, hidden_size, hidden.stride(0), xq.stride(0), strides[0],
         MODE=mode, GROUP=group, FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
-        BLOCK_K=max(_QUANT_BLOCK_K, group),
-        BLOCK_P=max(16, triton.next_power_of_2(num_partials or 1)),
+        BLOCK_K=max(_QUANT_BLOCK_K, group), BLOCK_P=_block_p(num_partials),
     )
-    return xq, scale, strides[0], strides[1], group
+    return _Gemm1Input(xq, scale, strides[0], strides[1], group, "", 0)
+
+
+def _block_p(num_partials: int) -> int:
+    """The power-of-two width in which a kernel reads all amax partials at once."""
+    return max(16, triton.next_power_of_2(max(num_partials, 1)))
 
 
 def _launch_fused_experts_fp8(
@@ -297,9 +372,11 @@ def _launch_fused_experts_fp8(
     limit: float,
     groups: list[int],
     config: list[int],
+    fuse_input_quant: bool,
     out: torch.Tensor,
 ) -> None:
-    """Launch quantise, plan, GEMM1, GEMM2 and combine.
+    """Launch quantise (unless GEMM1 quantises hidden: `fuse_input_quant`), plan, GEMM1,
+    GEMM2 and combine.
 
     `groups` is `_groups_to_list`'s form of the scheme, `config` `_config_to_list`'s;
     the input scales are given exactly when the scheme's activations are static.
@@ -315,8 +392,7 @@ def _launch_fused_experts_fp8(
     w_per_k = w_group_k != FULL
     dummy = topk_weights  # stands in for absent biases; never read
 
-    xq, xs, stride_xsm, stride_xsk, x_group_k = _quantize_hidden(
-        hidden, a_group_m, a_group_k, input_scale13)
+    hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13, fuse_input_quant)
     plan = dispatch_plan(topk_ids, num_experts, block_m, backend="triton")
     num_blocks = plan.capacity // block_m
 
@@ -331,20 +407,22 @@ def _launch_fused_experts_fp8(
     ws1 = _weight_scale_layout(w13_scale, w_group_n, w_group_k)
     grid1 = (num_blocks * triton.cdiv(inter, c1[0]),)
     _gemm1_fp8_kernel[grid1](
-        xq, xs, w13_q, w13_scale, dummy if b13 is None else b13, inter_q, inter_scale,
-        plan.sorted_pairs, plan.block_experts,
-        plan.num_pairs, num_blocks, hidden_size, inter, top_k,
-        xq.stride(0), stride_xsm, stride_xsk, w13_q.stride(0), w13_q.stride(1), *ws1[:3],
+        hidden_in.x, hidden_in.scale, w13_q, w13_scale, dummy if b13 is None else b13,
+        inter_q, inter_scale, plan.sorted_pairs, plan.block_experts,
+        plan.num_pairs, num_blocks, hidden_in.num_partials, hidden_size, inter, top_k,
+        hidden_in.x.stride(0), hidden_in.stride_sm, hidden_in.stride_sk,
+        w13_q.stride(0), w13_q.stride(1), *ws1[:3],
         0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
         float(alpha), float(limit),
         ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
         EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0,
-        X_PER_K=a_group_k != FULL, X_GROUP_K=x_group_k,
+        QUANTIZE_X=hidden_in.quantize_in_gemm1, X_PER_K=a_group_k != FULL,
+        X_GROUP_K=hidden_in.group_k,
         W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
         INTER_STATIC=inter_static, INTER_GROUP=inter_group,
         FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
-        num_warps=c1[3], num_stages=c1[4],
+        BLOCK_P=_block_p(hidden_in.num_partials), num_warps=c1[3], num_stages=c1[4],
     )
 
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
@@ -377,6 +455,6 @@ _fused_experts_fp8_op = torch.library.custom_op(
 
 @_fused_experts_fp8_op.register_fake
 def _(hidden, w13_q, w13_scale, w2_q, w2_scale, input_scale13, input_scale2, topk_ids,
-      topk_weights, b13, b2, activation, alpha, limit, groups, config, out):
+      topk_weights, b13, b2, activation, alpha, limit, groups, config, fuse_input_quant, out):
     return None
 
