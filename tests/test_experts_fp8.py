@@ -340,6 +340,9 @@ BAD_INPUTS = [
     (_call(w13=_B13, w2=_B2, scheme="fp8_block", backend="triton",
            config=ExpertsConfig(16, GemmConfig(128, 256), GemmConfig(64, 128))),
      ValueError, "config", "a K tile straddling two block scales"),
+    (_call(config=ExpertsConfig(1, GemmConfig(128, 128), GemmConfig(64, 128)),
+           backend="triton"),
+     ValueError, "config", "the bf16 decode path's row tile (1) is not an fp8 one"),
     (_call(w13=_O13, w2=_O2, scheme=_ODD, backend="triton"), ValueError, "scheme",
      "a K group that no power-of-two K tile divides (the reference takes it)"),
     (_call(w13=_B13, w2=_B2, scheme="fp8_block", backend="triton", fuse_input_quant=True,
@@ -481,3 +484,29 @@ def test_presets_gpu(preset, name):
         expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                            activation=act, b13=b13, b2=b2)
         assert_close(out, expected, GPU_TOL, f"{preset} {name} M={M} skew={skew}")
+
+
+def test_tuned_table_entry_is_used_where_it_won(monkeypatch):
+    # `moekit tune --dtype fp8_block` writes a table; fused_experts_fp8 takes its entry for
+    # the shape (and falls back to the heuristic for schemes without tables).
+    import moekit.experts_fp8 as experts_fp8
+
+    tuned = ExpertsConfig(32, GemmConfig(128, 128, 8, 4, 3), GemmConfig(128, 128, 8, 4, 3))
+    asked = []
+
+    def fake_table(index, dtype, *shape):
+        asked.append((dtype, *shape))
+        return tuned if dtype == "fp8_block" else None
+
+    monkeypatch.setattr(experts_fp8, "tuned_config", fake_table)
+    hidden = torch.empty(8, 256, dtype=torch.bfloat16)
+    # The lookup runs for CUDA tensors only: pretend this one is.
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert experts_fp8._select_fp8_config(hidden, 16, 4, 128, QuantScheme.fp8_block()) == tuned
+    assert asked == [("fp8_block", 16, 4, 256, 128, 8)]
+    heuristic = default_fp8_config(8, 16, 4, 256, 128, QuantScheme.fp8_channel())
+    assert experts_fp8._select_fp8_config(hidden, 16, 4, 128, QuantScheme.fp8_channel()) \
+        == heuristic
+    static = QuantScheme.fp8_tensor(dynamic=False)
+    assert experts_fp8._select_fp8_config(hidden, 16, 4, 128, static) == \
+        default_fp8_config(8, 16, 4, 256, 128, static), "no table for static scales"

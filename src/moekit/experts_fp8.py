@@ -63,9 +63,12 @@ from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import pick_block_m
+from moekit.tuning.tables import tuned_config
 
 _COMBINE_BLOCK_H = 1024
 _QUANT_BLOCK_K = 1024
+# The presets `moekit tune --dtype` writes tables for; other schemes use the heuristic.
+_SCHEME_NAMES = {QuantScheme.parse(n): n for n in ("fp8_tensor", "fp8_channel", "fp8_block")}
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
 
@@ -131,8 +134,7 @@ def fused_experts_fp8(
     num_tokens, hidden_size = hidden.shape
     num_experts, _, inter = w2.shape
     if config is None:
-        config = default_fp8_config(num_tokens, num_experts, topk_ids.shape[1], hidden_size,
-                                    inter, scheme)
+        config = _select_fp8_config(hidden, num_experts, topk_ids.shape[1], inter, scheme)
     else:
         _check_config(config, scheme)
     fuse = _fuses_input_quant(fuse_input_quant, num_tokens, scheme, config)
@@ -149,6 +151,20 @@ def fused_experts_fp8(
         out,
     )
     return out
+
+
+def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int,
+                       scheme: QuantScheme) -> ExpertsConfig:
+    """This device's tuned table entry (`moekit tune --dtype fp8_…`) where one beat the
+    heuristic, else `default_fp8_config`. Under torch.compile only the heuristic."""
+    num_tokens, hidden_size = hidden.shape
+    name = _SCHEME_NAMES.get(scheme)
+    if hidden.is_cuda and name is not None and not torch.compiler.is_compiling():
+        index = hidden.device.index if hidden.device.index is not None else 0
+        tuned = tuned_config(index, name, num_experts, top_k, hidden_size, inter, num_tokens)
+        if tuned is not None:
+            return tuned
+    return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme)
 
 
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
@@ -209,6 +225,9 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
     of GEMM2's dynamically quantised input."""
     if not isinstance(config, ExpertsConfig):
         raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
+    if config.block_m == 1:
+        raise ValueError("config: block_m 1 (the decode path) exists for bf16/fp16 "
+                         "fused_experts only; fp8 takes a row tile of 16 or more")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if groups and gemm.block_k > min(groups):
