@@ -196,6 +196,7 @@ def test_fused_input_quant_skips_the_quantiser_interpreter(monkeypatch, scheme, 
 
     for name in ("_quantize_rows_kernel", "_amax_partials_kernel"):
         monkeypatch.setattr(fp8, name, Recorder(getattr(fp8, name)))
+    monkeypatch.setattr(fp8, "FUSED_INPUT_QUANT_MAX_TOKENS", 64)  # the rule's first guess
     case = make_case(scheme, 3, 4, 2, 128, 64)
     out, expected = run_triton(*case)  # the rule's default at 3 tokens
     assert launched == ["_amax_partials_kernel"] * amax_launches
@@ -240,10 +241,16 @@ def test_opcheck_interpreter():
     assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == ["out"]
 
 
-def test_fused_input_quant_rule():
+def test_fused_input_quant_rule(monkeypatch):
     # Fused up to FUSED_INPUT_QUANT_MAX_TOKENS tokens, where gemm1's K tile is a whole group.
-    from moekit.experts_fp8 import FUSED_INPUT_QUANT_MAX_TOKENS as MAX_TOKENS
+    # The shipped bound is 0 (off) until the fused path is measured on a GPU; the rule is
+    # checked at the first guess, 64.
+    import moekit.experts_fp8 as experts_fp8
     from moekit.experts_fp8 import _fuses_input_quant
+
+    assert experts_fp8.FUSED_INPUT_QUANT_MAX_TOKENS == 0, "off until measured"
+    MAX_TOKENS = 64
+    monkeypatch.setattr(experts_fp8, "FUSED_INPUT_QUANT_MAX_TOKENS", MAX_TOKENS)
 
     block = QuantScheme.fp8_block()
     whole = ExpertsConfig(16, GemmConfig(128, 128), GemmConfig(64, 128))

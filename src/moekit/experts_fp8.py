@@ -18,9 +18,9 @@ not M·k×H, since all k pairs of a token read its one fp8 row. Or GEMM1 quantis
 hidden rows it gathers itself, bitwise alike (`_gemm1_fp8_kernel`'s QUANTIZE_X): no fp8
 copy and one launch fewer, but the work is redone in every one of the I/BLOCK_N column
 programs, and a per-token scale costs a pre-pass over the row (a dynamic per-tensor
-one still needs the amax kernel). That pays where launches dominate — decode — so it
-is the default up to FUSED_INPUT_QUANT_MAX_TOKENS tokens; `fuse_input_quant` forces
-either way.
+one still needs the amax kernel). That should pay where launches dominate — decode —
+so it becomes the default up to FUSED_INPUT_QUANT_MAX_TOKENS tokens once measured (off
+for now); `fuse_input_quant` forces either way.
 
 GEMM2's input is quantised in GEMM1's epilogue, where a tile holds BLOCK_N columns of
 its rows: dynamically in 1×g groups (`QuantScheme.gemm2_input`: g = 128 for the
@@ -76,9 +76,10 @@ _MAX_AMAX_PROGRAMS = 256
 #: decode the separate quantiser is a whole launch (of a 42 µs qwen3 step, 6 launches)
 #: for a few rows, while GEMM1's column programs re-quantising their rows add little to
 #: the weight tiles they stream; at prefill that redundant work — I/BLOCK_N times the
-#: M×H pass, twice the bytes of fp8 rows — outweighs one launch. 64 is a first guess, to
-#: be measured on the GPU (`fuse_input_quant` True/False gives the A/B).
-FUSED_INPUT_QUANT_MAX_TOKENS = 64
+#: M×H pass, twice the bytes of fp8 rows — outweighs one launch. 0 (off) until the fused
+#: path has run on a GPU: its bitwise test and the A/B
+#: (`bench/scripts/fp8_fused_quant_experiment.py`) set it; 64 is the first guess.
+FUSED_INPUT_QUANT_MAX_TOKENS = 0
 
 
 def fused_experts_fp8(
