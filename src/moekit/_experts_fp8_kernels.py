@@ -40,7 +40,7 @@ yet loaded).
 import triton
 import triton.language as tl
 
-from moekit._experts_kernels import _activate, _tile_coords
+from moekit._experts_kernels import _activate, _row_tile, _tile_coords, _weight_tile
 
 
 @triton.jit
@@ -159,10 +159,7 @@ def _row_scales(a_ptrs, K, EVEN_K: tl.constexpr, FMAX: tl.constexpr,
     offs_k = tl.arange(0, BLOCK_K)
     amax = tl.zeros([R, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(a_ptrs)
-        else:
-            x = tl.load(a_ptrs, mask=(offs_k + k0 < K)[None, :], other=0.0)
+        x = _row_tile(a_ptrs, k0, offs_k, K, EVEN_K)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
         a_ptrs += BLOCK_K
     return _scale_from_amax(tl.max(amax, axis=1), FMAX, AMAX_FLOOR)
@@ -281,16 +278,8 @@ def _gemm1_fp8_kernel(
     # Padding rows read token 0 (a valid row) unmasked: a dot's output row depends only on
     # its own input row (and scale), and padding rows are never stored.
     for k0 in range(0, H, BLOCK_K):
-        if EVEN_K and EVEN_N:
-            a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs)
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + k0 < H
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        a = _row_tile(a_ptrs, k0, offs_k, H, EVEN_K)
+        g = _weight_tile(g_ptrs, None, 0, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, False)
         x_scale = 1.0
         if QUANTIZE_X == "group":
             x = a.to(tl.float32)
@@ -305,12 +294,7 @@ def _gemm1_fp8_kernel(
             g_scale = tl.load(ws_gate + (k0 // W_GROUP_K) * stride_wsk, mask=col_ok, other=0.0)
         gate = _scaled_dot(gate, a, g, x_scale, g_scale, X_PER_K, W_PER_K)
         if GATED:
-            if EVEN_K and EVEN_N:
-                u = tl.load(u_ptrs)
-            elif EVEN_K:
-                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            u = _weight_tile(u_ptrs, None, 0, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, False)
             u_scale = 1.0
             if W_PER_K:
                 u_scale = tl.load(ws_up + (k0 // W_GROUP_K) * stride_wsk, mask=col_ok,
@@ -415,16 +399,8 @@ def _gemm2_fp8_kernel(
     # Padding slots of `inter` (and of its scales) hold whatever was there; they only
     # reach their own, unstored output rows, so the loads stay unmasked along M.
     for k0 in range(0, I, BLOCK_K):
-        if EVEN_K and EVEN_N:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + k0 < I
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        a = _row_tile(a_ptrs, k0, offs_k, I, EVEN_K)
+        b = _weight_tile(b_ptrs, None, 0, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, False)
         a_scale = 1.0
         if A_PER_K:
             a_scale = tl.load(as_rows + (k0 // A_GROUP_K) * stride_ask)

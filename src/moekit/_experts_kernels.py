@@ -68,6 +68,16 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] tile of row-major rows (activations), masked only where K is
+    ragged; rows are never masked (padding rows only reach unstored outputs)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(offs_k + k0 < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _weight_tile(ptrs, desc, row, k0, col_ok, offs_k, K, EVEN_K: tl.constexpr,
                  EVEN_N: tl.constexpr, W_TMA: tl.constexpr):
     """A [BLOCK_K, BLOCK_N] tile of a weight stored [N, K]: by TMA from `row`, or by pointer."""
@@ -153,10 +163,7 @@ def _gemm1_kernel(
     # Padding rows read token 0 (a valid row) unmasked: a dot's output row depends only on
     # its own input row, and padding rows are never stored.
     for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(offs_k + k0 < H)[None, :], other=0.0)
+        a = _row_tile(a_ptrs, k0, offs_k, H, EVEN_K)
         g = _weight_tile(g_ptrs, w13_desc, g_row, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, W_TMA)
         gate = tl.dot(a, g, gate, input_precision=DOT_PRECISION)
         if GATED:
@@ -208,10 +215,8 @@ def _gemm2_tile(
     for k0 in range(0, I, BLOCK_K):
         if TMA:
             a = inter_desc.load([pid_m * BLOCK_M, k0])
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=(offs_k + k0 < I)[None, :], other=0.0)
+            a = _row_tile(a_ptrs, k0, offs_k, I, EVEN_K)
         b = _weight_tile(b_ptrs, w2_desc, w_row, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, TMA)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
