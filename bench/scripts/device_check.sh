@@ -22,6 +22,10 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
 mkdir -p "$out"
+# Compiles dominate the GPU tests: 4 pytest-xdist workers (installed on the device), one
+# test file each at a time so two memory-hungry files rarely meet; a hung test fails alone.
+PARALLEL="-n 4 --dist loadfile --timeout 200"
+python3 -c "import xdist, pytest_timeout" 2>/dev/null || PARALLEL=""
 
 step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its tail
   local name=$1 limit=$2
@@ -34,7 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its t
 for stage in "$@"; do
   case $stage in
     tests) step pytest-gpu 300 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE \
-             --ignore=tests/test_experts_fp8.py tests ;;
+             $PARALLEL --ignore=tests/test_experts_fp8.py tests ;;
     slow) step pytest-gpu-slow 120 python3 -m pytest -m "gpu and slow" -q -p no:cacheprovider tests ;;
     routing) step bench-routing 150 python3 -m moekit.cli bench routing --out "$out" ;;
     kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
@@ -47,7 +51,8 @@ for stage in "$@"; do
           --new-tokens 8 --out-dir "$out"
       done ;;
     fp8)
-      step pytest-gpu-fp8 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider tests/test_experts_fp8.py
+      step pytest-gpu-fp8 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
+        tests/test_experts_fp8.py tests/quant
       for scheme in fp8_tensor fp8_channel fp8_block; do
         step "bench-$scheme" 85 python3 -m moekit.cli bench --dtype "$scheme" --rep-ms 50 \
           --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 1 64 4096 --out "$out"
