@@ -36,6 +36,7 @@ Not here yet: apply_router_weight_on_input and expert maps (the bf16 path has bo
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -168,6 +169,7 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
     return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
                        scheme: str | QuantScheme) -> ExpertsConfig:
     """Tiles for `fused_experts_fp8`: the bf16 heuristic's row tile, fp8-sized tiles.

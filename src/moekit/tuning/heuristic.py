@@ -18,6 +18,7 @@ this function the rule. `moekit tune` repeats such a sweep on any GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from moekit.tuning.config import ExpertsConfig, GemmConfig
@@ -60,6 +61,7 @@ def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
     return ExpertsConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3))
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2
 ) -> ExpertsConfig:
