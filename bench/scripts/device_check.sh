@@ -16,7 +16,7 @@
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
 #   decode    bench/scripts/decode_experiment.py (the block_m = 1 decode path against the plan)
 #   fp8quant  bench/scripts/fp8_fused_quant_experiment.py (fp8 GEMM1 quantising its input)
-#   tune      `moekit tune` on the cells furthest from vLLM (bf16) and on fp8 decode/prefill
+#   tune      `moekit tune` on the bf16 cells furthest from vLLM and on fp8 decode/prefill
 #             cells; tables and their cliff reports under $OUT (never the shipped tables)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -60,11 +60,14 @@ for stage in "$@"; do
     decode) step decode-experiment 150 python3 bench/scripts/decode_experiment.py --out "$out" ;;
     fp8quant) step fp8-fused-quant 150 python3 bench/scripts/fp8_fused_quant_experiment.py \
                 --out "$out" ;;
-    tune)
+    tune)  # the two cells furthest behind vLLM (bf16) and fp8's weakest decode/prefill cells;
+           # the tuner saves after every cell, so a timeout keeps the finished ones
       step tune-bf16 280 python3 -m moekit.cli tune --fresh --out "$out/tune-bf16.json" \
-        --presets granite-3.0-3b-a800m olmoe-1b-7b qwen3-30b-a3b --tokens 8 256 4096
+        --presets granite-3.0-3b-a800m olmoe-1b-7b --tokens 256
+      step tune-bf16-report 20 python3 -m moekit.cli tune --report "$out/tune-bf16.json"
       step tune-fp8 280 python3 -m moekit.cli tune --fresh --dtype fp8_tensor \
-        --out "$out/tune-fp8_tensor.json" --presets qwen3-30b-a3b mixtral-8x7b --tokens 1 64 4096 ;;
+        --out "$out/tune-fp8_tensor.json" --presets qwen3-30b-a3b --tokens 1 4096
+      step tune-fp8-report 20 python3 -m moekit.cli tune --report "$out/tune-fp8_tensor.json" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done
