@@ -6,6 +6,9 @@
 #   bench/scripts/device_check.sh e2e                           (≈ 5 min)
 #   bench/scripts/device_check.sh fp8                           (≈ 7 min: compiles dominate)
 #
+# The device returns at most 8 files from $OUT, and a stage writes several: run as
+#   O=$OUT; OUT=/tmp/o bash bench/scripts/device_check.sh STAGE...; tar czf $O/r.tgz -C /tmp/o .
+#
 # Stages:
 #   tests     every GPU test except the slow ones and fp8's (pytest -m "gpu and not slow")
 #   slow      the slow GPU tests (> 2^31-element index arithmetic)
