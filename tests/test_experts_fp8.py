@@ -505,7 +505,7 @@ def test_tuned_table_entry_is_used_where_it_won(monkeypatch):
         asked.append((dtype, *shape))
         return tuned if dtype == "fp8_block" else None
 
-    monkeypatch.setattr(experts_fp8, "tuned_config", fake_table)
+    monkeypatch.setattr("moekit.tuning.tables.tuned_config", fake_table)
     hidden = torch.empty(8, 256, dtype=torch.bfloat16)
     # The lookup runs for CUDA tensors only: pretend this one is.
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))

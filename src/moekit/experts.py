@@ -36,7 +36,7 @@ from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
-from moekit.tuning.tables import tuned_config
+from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
 PAIR_MAJOR = 1  # the row tile `block_m` that selects the decode path
@@ -145,13 +145,10 @@ def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: in
 
     Under torch.compile only the heuristic is consulted (pure arithmetic, traceable).
     """
+    tuned = tuned_for(hidden, _TABLE_DTYPES.get(hidden.dtype), num_experts, top_k, inter)
+    if tuned is not None:
+        return tuned
     num_tokens, hidden_size = hidden.shape
-    dtype = _TABLE_DTYPES.get(hidden.dtype)
-    if hidden.is_cuda and dtype is not None and not torch.compiler.is_compiling():
-        index = hidden.device.index if hidden.device.index is not None else 0
-        tuned = tuned_config(index, dtype, num_experts, top_k, hidden_size, inter, num_tokens)
-        if tuned is not None:
-            return tuned
     return default_config(num_tokens, num_experts, top_k, hidden_size, inter,
                           hidden.element_size())
 

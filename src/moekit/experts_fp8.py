@@ -64,12 +64,10 @@ from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import pick_block_m
-from moekit.tuning.tables import tuned_config
+from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
 _QUANT_BLOCK_K = 1024
-# The presets `moekit tune --dtype` writes tables for; other schemes use the heuristic.
-_SCHEME_NAMES = {QuantScheme.parse(n): n for n in ("fp8_tensor", "fp8_channel", "fp8_block")}
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
 
@@ -159,13 +157,10 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
                        scheme: QuantScheme) -> ExpertsConfig:
     """This device's tuned table entry (`moekit tune --dtype fp8_…`) where one beat the
     heuristic, else `default_fp8_config`. Under torch.compile only the heuristic."""
+    tuned = tuned_for(hidden, scheme.preset_name, num_experts, top_k, inter)
+    if tuned is not None:
+        return tuned
     num_tokens, hidden_size = hidden.shape
-    name = _SCHEME_NAMES.get(scheme)
-    if hidden.is_cuda and name is not None and not torch.compiler.is_compiling():
-        index = hidden.device.index if hidden.device.index is not None else 0
-        tuned = tuned_config(index, name, num_experts, top_k, hidden_size, inter, num_tokens)
-        if tuned is not None:
-            return tuned
     return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme)
 
 

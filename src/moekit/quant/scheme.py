@@ -56,6 +56,7 @@ groups cost nothing extra and are finer (more accurate) than either.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -161,6 +162,10 @@ class QuantSpec:
         return QuantSpec(self.dtype, self.group, scale=scale, dynamic=False)
 
 
+# The named schemes: `QuantScheme.parse` takes these names (each a constructor below).
+PRESET_NAMES = ("fp8_tensor", "fp8_channel", "fp8_block")
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """The quantisation of an MoE layer: one spec for the weights, one for GEMM inputs.
@@ -246,11 +251,14 @@ class QuantScheme:
             return value
         if not isinstance(value, str):
             raise TypeError(f"scheme: expected a str or QuantScheme, got {type(value).__name__}")
-        presets = {"fp8_tensor": cls.fp8_tensor, "fp8_channel": cls.fp8_channel,
-                   "fp8_block": cls.fp8_block}
-        if value not in presets:
-            raise ValueError(f"scheme: expected one of {tuple(presets)}, got {value!r}")
-        return presets[value]()
+        if value not in PRESET_NAMES:
+            raise ValueError(f"scheme: expected one of {PRESET_NAMES}, got {value!r}")
+        return getattr(cls, value)()
+
+    @property
+    def preset_name(self) -> str | None:
+        """The preset this scheme is ("fp8_block", ...), or None; tuned tables are per preset."""
+        return _preset_schemes().get(self)
 
 
 def _parse_group(group: object) -> tuple[int, int]:
@@ -282,3 +290,9 @@ def _check_static_scale(name: str, scale: object) -> None:
         raise ValueError(
             f"{name}: expected one per-tensor scale (shape [] or [1]), got {tuple(scale.shape)}"
         )
+
+
+@functools.cache
+def _preset_schemes() -> dict[QuantScheme, str]:
+    """Each named scheme → its name, built once (`preset_name` runs on every fp8 call)."""
+    return {QuantScheme.parse(name): name for name in PRESET_NAMES}

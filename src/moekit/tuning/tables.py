@@ -87,3 +87,14 @@ def tuned_config(device_index: int, dtype: str, num_experts: int, top_k: int, hi
     """Cached `lookup` in the shipped table of this CUDA device (None if it has none)."""
     return lookup(_device_table(device_index, dtype), num_experts, top_k, hidden, inter,
                   num_tokens)
+
+
+def tuned_for(hidden: torch.Tensor, table_dtype: str | None, num_experts: int, top_k: int,
+              inter: int) -> ExpertsConfig | None:
+    """The tuned entry for a call on `hidden` [M, H], or None: no table dtype, not CUDA, or
+    under torch.compile (where only the heuristic, pure arithmetic, is traced)."""
+    if table_dtype is None or not hidden.is_cuda or torch.compiler.is_compiling():
+        return None
+    num_tokens, hidden_size = hidden.shape
+    index = hidden.device.index if hidden.device.index is not None else 0
+    return tuned_config(index, table_dtype, num_experts, top_k, hidden_size, inter, num_tokens)
