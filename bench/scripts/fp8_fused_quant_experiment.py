@@ -23,8 +23,9 @@ from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 from moekit.quant import QuantScheme
+from moekit.quant.scheme import PRESET_NAMES
 
-SCHEMES = ("fp8_tensor", "fp8_channel", "fp8_block")
+SCHEMES = PRESET_NAMES
 TOKENS = (1, 8, 64, 256, 1024)
 
 

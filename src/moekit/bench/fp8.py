@@ -21,10 +21,11 @@ import torch
 from moekit.bench.inputs import ExpertWeights
 from moekit.bench.presets import Preset
 from moekit.quant import QuantizedWeight, QuantScheme, QuantSpec, quantize_weight
+from moekit.quant.scheme import PRESET_NAMES
 from moekit.reference import fused_experts_quantized
 from moekit.topk import TopK
 
-FP8_DTYPES = ("fp8_tensor", "fp8_channel", "fp8_block")
+FP8_DTYPES = PRESET_NAMES
 SCALE_BYTES = 4  # float32
 _QUANTIZE_CHUNK = 16  # experts quantised at a time: float32 temporaries stay small
 

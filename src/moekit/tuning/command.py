@@ -21,8 +21,9 @@ import shlex
 import sys
 
 from moekit.bench.presets import PRESETS, TOKEN_COUNTS, get_preset
+from moekit.quant.scheme import PRESET_NAMES
 
-DTYPES = ("bf16", "fp16", "fp8_tensor", "fp8_channel", "fp8_block")
+DTYPES = ("bf16", "fp16", *PRESET_NAMES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
