@@ -16,6 +16,7 @@ BLOCK_M_CASES = [
     (1, 128, 8, 16, "decode: one row per expert"),
     (64, 8, 2, 32, "16 rows per expert on average; the busiest needs 32"),
     (512, 128, 8, 64, "32 rows on average"),
+    (256, 40, 8, 64, "51 rows on average: the busiest needs 66, but 64 stays the cap"),
     (4096, 128, 8, 128, "prefill: compute-bound tiles"),
     (10, 1, 1, 32, "one expert takes every row"),
 ]
@@ -93,6 +94,10 @@ def test_tune_saves_every_cell_and_resumes(tmp_path):
     final = load_table(path)
     assert len(final["entries"]) == 4
     assert all(e["use"] for e in final["entries"]), "2× faster than the heuristic beats 5%"
+    for e in final["entries"]:  # every timing is kept, the best and the heuristic's among them
+        timed = {json.dumps(t["config"]): t["us"] for t in e["trials"]}
+        assert timed[json.dumps(e["config"])] == e["best_us"]
+        assert e["heuristic_us"] in timed.values() and len(timed) > 10
 
 
 def test_tune_keeps_the_heuristic_within_the_margin(tmp_path):
@@ -109,8 +114,11 @@ def test_lookup_takes_the_nearest_token_count_and_respects_use():
                             "config": config_to_dict(tuned)}
     table = {"entries": [entry(64, True), entry(4096, False)]}
     assert config_from_dict(config_to_dict(tuned)) == tuned
-    assert lookup(table, 8, 2, 4096, 14336, 100) == tuned
-    assert lookup(table, 8, 2, 4096, 14336, 8192) is None  # nearest entry lost to the heuristic
+    assert lookup(table, 8, 2, 4096, 14336, 64) == tuned
+    assert lookup(table, 8, 2, 4096, 14336, 80) == tuned  # within a factor √2 of 64
+    assert lookup(table, 8, 2, 4096, 14336, 100) is None, "too far from 64: the heuristic's"
+    assert lookup(table, 8, 2, 4096, 14336, 1) is None, "a partial table does not stretch"
+    assert lookup(table, 8, 2, 4096, 14336, 5000) is None  # nearest entry lost to the heuristic
     assert lookup(table, 8, 2, 4096, 1024, 100) is None  # another shape
     assert lookup(None, 8, 2, 4096, 14336, 100) is None
     json.dumps(table)  # entries are plain JSON

@@ -109,6 +109,7 @@ def _graph_measure(dtype: str):
     `fused_experts_fp8` for an fp8 scheme; inf for a configuration that cannot run (one the
     scheme rules out, or that exceeds shared memory or registers)."""
     import torch
+    from triton.runtime.errors import OutOfResources  # not a RuntimeError
 
     import moekit
     from moekit.bench.fp8 import quantize_experts
@@ -143,7 +144,7 @@ def _graph_measure(dtype: str):
             timing, _ = timer.graph(call, check=lambda out: 0.0)
         except ValueError:  # the scheme rules the configuration out, before any launch
             return math.inf
-        except (CaptureFailed, RuntimeError) as exc:  # e.g. shared memory or registers
+        except (CaptureFailed, RuntimeError, OutOfResources) as exc:  # shared memory, registers
             print(f"  {config}: {type(exc).__name__}", file=sys.stderr)
             return math.inf
         return timing.median_us

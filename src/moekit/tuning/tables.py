@@ -5,8 +5,9 @@
 Each entry records a shape (E, k, H, I, M), the heuristic's time, the best time found
 and its configuration, and `use`: true only when the best beat the heuristic by the
 tuner's margin. A lookup takes the entry of the same (E, k, H, I) whose M is nearest
-on a log scale and returns its configuration only when `use` is set, so a table never
-overrides the heuristic where it did not measurably win. `moekit tune` writes them.
+on a log scale, within a factor √2, and returns its configuration only when `use` is
+set, so a table never overrides the heuristic where it did not measurably win.
+`moekit tune` writes them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from moekit.tuning.config import ExpertsConfig, GemmConfig
 
 TABLE_DIR = Path(__file__).parent / "tables"
 KERNEL = "fused_experts"
+#: An entry stands for token counts within a factor √2 of its own: a table tuned at every
+#: power of two covers every M, one tuned at a few never stretches to distant ones.
+NEAREST_LOG2 = 0.5
 
 
 def table_path(slug: str, dtype: str, directory: Path = TABLE_DIR) -> Path:
@@ -71,6 +75,8 @@ def lookup(table: dict | None, num_experts: int, top_k: int, hidden: int, inter:
         return None
     target = math.log2(max(num_tokens, 1))
     nearest = min(same, key=lambda e: (abs(math.log2(e["M"]) - target), e["M"]))
+    if abs(math.log2(nearest["M"]) - target) > NEAREST_LOG2:
+        return None  # a table tuned at other token counts says nothing about this one
     return config_from_dict(nearest["config"]) if nearest.get("use") else None
 
 

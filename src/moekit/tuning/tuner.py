@@ -9,8 +9,9 @@ the coordinate search then finds the best of the whole product of candidates (up
 timing noise and L2 effects between the launches), which is what the "heuristic within
 10% of an exhaustive sweep" check needs (`cliffs`). An entry is marked `use` only when
 the best beats the heuristic by `margin`, so tables never replace the heuristic on
-noise. The table is saved after every cell, and cells already in it are skipped, so an
-interrupted run resumes where it stopped.
+noise. Every configuration timed is kept with the entry (`trials`: the evidence a
+heuristic rule is drawn from). The table is saved after every cell, and cells already
+in it are skipped, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -110,15 +111,20 @@ def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], me
                 progress(f"[{n}/{total}] {preset.name} M={m}: in the table already, skipped")
                 continue
             heuristic = heuristic_for(preset, m)
+            trials: list[dict] = []
+
+            def timed(cfg, p=preset, m=m, trials=trials):
+                us = measure(p, m, cfg)
+                trials.append({"config": config_to_dict(cfg),
+                               "us": us if math.isfinite(us) else None})  # None: cannot run
+                return us
             best, best_us, heuristic_us = search(
-                heuristic, lambda cfg, p=preset, m=m: measure(p, m, cfg), constraint,
-                lambda block_m, h=heuristic: start_at(h, block_m),
-            )
+                heuristic, timed, constraint, lambda block_m, h=heuristic: start_at(h, block_m))
             use = math.isfinite(best_us) and best_us < (1 - margin) * heuristic_us
             table["entries"].append({
                 "preset": preset.name, "E": key[0], "topk": key[1], "H": key[2], "I": key[3],
                 "M": m, "heuristic_us": heuristic_us, "best_us": best_us,
-                "config": config_to_dict(best), "use": use,
+                "config": config_to_dict(best), "use": use, "trials": trials,
             })
             save_table(table, path)
             verdict = "table entry used" if use else "heuristic kept"
