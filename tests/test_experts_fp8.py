@@ -70,24 +70,16 @@ def make_case(scheme, M, E, k, H, I, act="silu", *, bias=False, dtype=torch.floa
     return scheme, hidden, q13, q2, ids, weights, b13, b2
 
 
-def kernels(scheme, hidden, q13, q2, ids, weights, b13, b2, act="silu", config=None,
-            fuse=None):
-    """The kernels' output, written into a poisoned buffer."""
+def run_triton(scheme, hidden, q13, q2, ids, weights, b13, b2, act="silu", config=None):
+    """The kernels with a poisoned output buffer, and the oracle."""
     out = poison_(torch.empty_like(hidden))
     if hidden.is_cuda:
         poison_cuda_cache()
     with exact_fp8_casts():
         result = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                           activation=act, b13=b13, b2=b2, config=config,
-                                          out=out, backend="triton", fuse_input_quant=fuse)
+                                          out=out, backend="triton")
     assert result is out
-    return out
-
-
-def run_triton(scheme, hidden, q13, q2, ids, weights, b13, b2, act="silu", config=None,
-               fuse=None):
-    """The kernels with a poisoned output buffer, and the oracle."""
-    out = kernels(scheme, hidden, q13, q2, ids, weights, b13, b2, act, config, fuse)
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation=act, b13=b13, b2=b2)
     return out, expected
@@ -105,6 +97,8 @@ INTERPRETER_CASES = [
     # (scheme, M, E, k, H, I, activation, bias, dtype, extra, why)
     ("fp8_tensor", 10, 4, 2, 256, 192, "silu", False, torch.float32, {},
      "dynamic per-tensor: amax partials; GEMM2 input in 1×128 groups, I a partial group"),
+    ("fp8_tensor", 40, 4, 2, 320, 128, "silu", False, torch.float32, {},
+     "dynamic per-tensor: two amax partials reduced by the quantiser; H a partial K tile"),
     ("fp8_channel", 9, 5, 2, 160, 128, "swigluoai", True, torch.float16, {},
      "per-channel weights, per-token inputs; gpt-oss activation + biases; H a partial K tile"),
     ("fp8_block", 12, 4, 3, 300, 200, "silu", True, torch.float16, {},
@@ -127,80 +121,14 @@ INTERPRETER_CASES = [
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("fuse", [False, True], ids=["quantiser", "fused-input-quant"])
 @pytest.mark.parametrize("scheme,M,E,k,H,I,act,bias,dtype,extra,why", INTERPRETER_CASES)
 def test_matches_quantised_reference_interpreter(scheme, M, E, k, H, I, act, bias, dtype, extra,
-                                                 why, fuse):
-    # Both ways of quantising GEMM1's input: the separate quantiser and GEMM1's own.
+                                                 why):
     extra = dict(extra)
     config = extra.pop("config", None)
     case = make_case(scheme, M, E, k, H, I, act, bias=bias, dtype=dtype, **extra)
-    out, expected = run_triton(*case, act=act, config=config, fuse=fuse)
+    out, expected = run_triton(*case, act=act, config=config)
     assert_close(out, expected, KERNEL_TOL, name=why)
-
-
-FUSED_INPUT_CASES = [
-    # (scheme, M, E, k, H, I, activation, bias, dtype, extra, why)
-    ("fp8_tensor", 40, 4, 2, 320, 128, "silu", False, torch.float32, {},
-     "dynamic per-tensor: two amax partials reduced in GEMM1; H a partial K tile"),
-    (STATIC, 11, 4, 2, 128, 128, "silu", True, torch.float16, {},
-     "static per-tensor scale read by GEMM1"),
-    (STATIC, 11, 4, 2, 128, 128, "silu", False, torch.float32, {"static_mult": 0.25},
-     "static scale 4× too small: GEMM1's own quantisation saturates alike"),
-    ("fp8_channel", 9, 5, 2, 160, 128, "swigluoai", True, torch.float16, {},
-     "per-token: the amax pre-pass over a ragged H; gpt-oss activation + biases"),
-    ("fp8_channel", 6, 4, 2, 128, 64, "silu", False, torch.bfloat16, {},
-     "bf16 hidden, the dtype GEMM1 reads at decode"),
-    ("fp8_block", 12, 4, 3, 300, 200, "silu", True, torch.float16, {},
-     "1×128 groups, one per K tile; the last group partial"),
-    (SMALL_BLOCKS, 17, 5, 2, 96, 72, "gelu", False, torch.float32, {"config": SMALL_TILES},
-     "32-wide groups with 32-wide K tiles: several groups per row"),
-    ("fp8_block", 24, 6, 2, 128, 128, "silu", False, torch.float32,
-     {"ids_transform": drop_some}, "−1 and sentinel ids"),
-    ("fp8_tensor", 7, 3, 1, 64, 64, "relu2", False, torch.float32, {},
-     "ungated, k = 1"),
-]
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("scheme,M,E,k,H,I,act,bias,dtype,extra,why", FUSED_INPUT_CASES)
-def test_fused_input_quant_is_bitwise_the_quantiser_interpreter(scheme, M, E, k, H, I, act,
-                                                                bias, dtype, extra, why):
-    # Same formulas on the same fp32 values: not close, equal.
-    extra = dict(extra)
-    config = extra.pop("config", None)
-    case = make_case(scheme, M, E, k, H, I, act, bias=bias, dtype=dtype, **extra)
-    fused, expected = run_triton(*case, act=act, config=config, fuse=True)
-    unfused = kernels(*case, act=act, config=config, fuse=False)
-    assert torch.equal(fused, unfused), why
-    # bf16 outputs (pair rows rounded before the combine) get the GPU's bound.
-    assert_close(fused, expected, GPU_TOL if dtype == torch.bfloat16 else KERNEL_TOL, name=why)
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("scheme,amax_launches", [
-    ("fp8_tensor", 1), (STATIC, 0), ("fp8_channel", 0), ("fp8_block", 0)])
-def test_fused_input_quant_skips_the_quantiser_interpreter(monkeypatch, scheme, amax_launches):
-    # The point of the mode: no quantiser launch; only a dynamic per-tensor amax remains.
-    import moekit.experts_fp8 as fp8
-
-    launched = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launched.append(self.kernel.__name__)
-            return self.kernel[grid]
-
-    for name in ("_quantize_rows_kernel", "_amax_partials_kernel"):
-        monkeypatch.setattr(fp8, name, Recorder(getattr(fp8, name)))
-    monkeypatch.setattr(fp8, "FUSED_INPUT_QUANT_MAX_TOKENS", 64)  # the rule's first guess
-    case = make_case(scheme, 3, 4, 2, 128, 64)
-    out, expected = run_triton(*case)  # the rule's default at 3 tokens
-    assert launched == ["_amax_partials_kernel"] * amax_launches
-    assert_close(out, expected, KERNEL_TOL)
 
 
 @pytest.mark.interpreter
@@ -229,43 +157,12 @@ def test_opcheck_interpreter():
     config = [16, 128, 128, 1, 1, 1, 32, 128, 1, 1, 1]
     groups = [1, -1, 1, -1, 128]
     args = (hidden, q13.q, q13.scale, q2.q, q2.scale, None, None, ids, weights, None, None,
-            "silu", 1.702, 7.0, groups, config, False, torch.empty_like(hidden))
-    with exact_fp8_casts():
-        torch.library.opcheck(torch.ops.moekit.fused_experts_fp8.default, args,
-                              test_utils=("test_faketensor",))
-    args = args[:-2] + (True, torch.empty_like(hidden))  # GEMM1 quantising hidden itself
+            "silu", 1.702, 7.0, groups, config, torch.empty_like(hidden))
     with exact_fp8_casts():
         torch.library.opcheck(torch.ops.moekit.fused_experts_fp8.default, args,
                               test_utils=("test_faketensor",))
     schema = torch.ops.moekit.fused_experts_fp8.default._schema
     assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == ["out"]
-
-
-def test_fused_input_quant_rule(monkeypatch):
-    # Fused up to FUSED_INPUT_QUANT_MAX_TOKENS tokens, where gemm1's K tile is a whole group.
-    # The shipped bound is 0 (off) until the fused path is measured on a GPU; the rule is
-    # checked at the first guess, 64.
-    import moekit.experts_fp8 as experts_fp8
-    from moekit.experts_fp8 import _fuses_input_quant
-
-    assert experts_fp8.FUSED_INPUT_QUANT_MAX_TOKENS == 0, "off until measured"
-    MAX_TOKENS = 64
-    monkeypatch.setattr(experts_fp8, "FUSED_INPUT_QUANT_MAX_TOKENS", MAX_TOKENS)
-
-    block = QuantScheme.fp8_block()
-    whole = ExpertsConfig(16, GemmConfig(128, 128), GemmConfig(64, 128))
-    half = ExpertsConfig(16, GemmConfig(128, 64), GemmConfig(64, 128))
-    for scheme in ("fp8_tensor", STATIC, "fp8_channel", block):
-        scheme = QuantScheme.parse(scheme)
-        assert _fuses_input_quant(None, 1, scheme, whole)
-        assert _fuses_input_quant(None, MAX_TOKENS, scheme, whole)
-        assert not _fuses_input_quant(None, MAX_TOKENS + 1, scheme, whole)
-        assert not _fuses_input_quant(False, 1, scheme, whole)
-        assert _fuses_input_quant(True, 4096, scheme, whole)
-    assert not _fuses_input_quant(None, 1, block, half)
-    assert _fuses_input_quant(None, 1, QuantScheme.fp8_channel(), half)  # no K groups
-    for M in (1, MAX_TOKENS):  # the default tiles take the fused path at decode
-        assert _fuses_input_quant(None, M, block, default_fp8_config(M, 64, 8, 2048, 768, block))
 
 
 def test_zero_tokens():
@@ -352,9 +249,6 @@ BAD_INPUTS = [
      ValueError, "config", "the bf16 decode path's row tile (1) is not an fp8 one"),
     (_call(w13=_O13, w2=_O2, scheme=_ODD, backend="triton"), ValueError, "scheme",
      "a K group that no power-of-two K tile divides (the reference takes it)"),
-    (_call(w13=_B13, w2=_B2, scheme="fp8_block", backend="triton", fuse_input_quant=True,
-           config=ExpertsConfig(16, GemmConfig(128, 64), GemmConfig(64, 128))),
-     ValueError, "fuse_input_quant", "GEMM1 quantising 1×128 groups from 64-wide K tiles"),
 ]
 
 
@@ -416,21 +310,6 @@ def test_cuda_graph_replay_with_new_inputs_gpu(scheme):
         expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                            b13=b13, b2=b2)
         assert_close(out, expected, GPU_TOL, name=f"replay {seed}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 64])
-@pytest.mark.parametrize("scheme", [*GPU_SCHEMES, STATIC])
-def test_fused_input_quant_is_bitwise_the_quantiser_gpu(scheme, M):
-    # GEMM1 quantising hidden itself gives the quantiser's fp8 tiles and scales bit for
-    # bit, so the outputs are equal (the MMA reading them from registers, not memory).
-    E, k, H, I = 64, 8, 2048, 768
-    case = make_case(scheme, M, E, k, H, I, "swigluoai", bias=True, dtype=torch.bfloat16,
-                     device="cuda")
-    fused = kernels(*case, act="swigluoai", fuse=True)
-    unfused = kernels(*case, act="swigluoai", fuse=False)
-    torch.cuda.synchronize()
-    assert torch.equal(fused, unfused), f"max |diff| {(fused - unfused).abs().max().item()}"
 
 
 @pytest.mark.gpu

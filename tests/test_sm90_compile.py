@@ -126,10 +126,8 @@ def _experts(why, dtype, act, block_m, **flags):
 
 
 def _fp8(why, scheme, dtype, act, block_m, **flags):
-    """fused_experts_fp8; flags: bias, odd_h, odd_i, fused_input (GEMM1 quantises hidden
-    itself: no quantiser launch; without it the separate quantiser, forced)."""
-    kernels = _FP8[1:] if flags.get("fused_input") else _FP8  # [0]: _quantize_rows_kernel
-    kernels += ("_amax_partials_kernel",) if scheme == "tensor" else ()
+    """fused_experts_fp8; flags: bias, odd_h, odd_i."""
+    kernels = _FP8 + (("_amax_partials_kernel",) if scheme == "tensor" else ())
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
                 kernels)
 
@@ -171,17 +169,6 @@ CASES = [
          "block", "bf16", "silu", 64),
     _fp8("block scales from fp32 hidden, ungated, ragged H and I", "block", "fp32", "relu2",
          16, odd_h=True, odd_i=True),
-    # GEMM1 quantising hidden itself (QUANTIZE_X), one case per mode.
-    _fp8("fused dynamic per-tensor: GEMM1 reduces the amax partials", "tensor", "bf16",
-         "silu", 16, fused_input=True),
-    _fp8("fused static scale at 64 rows (the rule's largest M), biases", "static", "fp16",
-         "gelu", 64, bias=True, fused_input=True),
-    _fp8("fused per-token: the amax pre-loop over a ragged H; gpt-oss activation", "channel",
-         "bf16", "swigluoai", 16, odd_h=True, odd_i=True, fused_input=True),
-    _fp8("fused 1×128 groups at 32 rows: per-K scales made from the loaded tile", "block",
-         "bf16", "silu", 32, fused_input=True),
-    _fp8("fused 1×128 groups from fp32 hidden, ungated, ragged H", "block", "fp32", "relu2",
-         16, odd_h=True, fused_input=True),
     # dispatch_plan
     Case("dispatch", dict(block_m=16, pairs=8),
          "decode: one chunk, count folded into the place kernel (SINGLE_CHUNK)",
@@ -415,7 +402,6 @@ def _run_fp8(p):
         torch.empty(M, _TOP_K), scheme=scheme, activation=act,
         b13=torch.empty(_E, act.gemm1_rows(I)) if bias else None,
         b2=torch.empty(_E, H) if bias else None, backend="triton",
-        fuse_input_quant=bool(p.get("fused_input")),
     )
 
 

@@ -18,7 +18,6 @@
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
 #   decode    bench/scripts/decode_experiment.py (the block_m = 1 decode path against the plan)
-#   fp8quant  bench/scripts/fp8_fused_quant_experiment.py (fp8 GEMM1 quantising its input)
 #   tune      `moekit tune` on the bf16 cells furthest from vLLM and on fp8 decode/prefill
 #             cells; tables and their cliff reports under $OUT (never the shipped tables)
 set -u
@@ -61,8 +60,6 @@ for stage in "$@"; do
           --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 1 64 4096 --out "$out"
       done ;;
     decode) step decode-experiment 150 python3 bench/scripts/decode_experiment.py --out "$out" ;;
-    fp8quant) step fp8-fused-quant 150 python3 bench/scripts/fp8_fused_quant_experiment.py \
-                --out "$out" ;;
     tune)  # the two cells furthest behind vLLM (bf16) and fp8's weakest decode/prefill cells;
            # the tuner saves after every cell, so a timeout keeps the finished ones
       step tune-bf16 280 python3 -m moekit.cli tune --fresh --out "$out/tune-bf16.json" \

@@ -7,9 +7,7 @@
     _gemm1_fp8_kernel       grid (blocks × I-tiles): fp8 rows gathered through the dispatch
                             plan × w13[e]ᵀ (fp8), fp32 accumulation, scales, bias,
                             activation; the tile is then quantised again — GEMM2's input —
-                            with one scale per (row, g columns), or the static scale.
-                            With QUANTIZE_X it gathers hidden's own rows instead and
-                            quantises each K tile itself (no fp8 copy, no quantiser launch)
+                            with one scale per (row, g columns), or the static scale
     _gemm2_fp8_kernel       grid (blocks × H-tiles): fp8 `inter` × w2[e]ᵀ (fp8), scales,
                             bias, × router weight; writes one row per pair
     combine                 `_combine_kernel` of the bf16 pipeline, unchanged
@@ -25,16 +23,6 @@ it is added (DeepSeek-V3's promotion), so BLOCK_K divides every K group.
 Quantisation follows `moekit.quant.fp8`: scale = max(amax, AMAX_FLOOR) / FMAX and
 q = fp8(clamp(x / scale, ±FMAX)), with IEEE divisions (div_rn) as in the reference, so
 the fp8 values equal the reference's wherever the fp32 values quantised do.
-
-GEMM1's input quantised inside GEMM1 (QUANTIZE_X, for decode) runs the quantiser's
-formulas through the same helpers on the same fp32 values; an amax is a max, exact in
-any order, so the fp8 tile and its scales — and hence the output — are bitwise those
-of the separate pass. Per mode: "static" reads the scale; "tensor" reduces the
-`_amax_partials_kernel` partials (that launch stays: the amax spans every token);
-"token" first takes each row's amax over all of H in a loop of its own; "group" takes
-each row's amax of the loaded K tile, which is one whole group (BLOCK_K == the group,
-required by the host: a tile narrower than its group would need the amax of tiles not
-yet loaded).
 """
 
 import triton
@@ -150,22 +138,6 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _row_scales(a_ptrs, K, EVEN_K: tl.constexpr, FMAX: tl.constexpr,
-                AMAX_FLOOR: tl.constexpr):
-    """Per-token scales [R] of the R rows of length K whose first [R, BLOCK_K] tile
-    `a_ptrs` addresses: a loop of its own, since a row's scale precedes its first value."""
-    R: tl.constexpr = a_ptrs.shape[0]
-    BLOCK_K: tl.constexpr = a_ptrs.shape[1]
-    offs_k = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _row_tile(a_ptrs, k0, offs_k, K, EVEN_K)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        a_ptrs += BLOCK_K
-    return _scale_from_amax(tl.max(amax, axis=1), FMAX, AMAX_FLOOR)
-
-
-@triton.jit
 def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.constexpr):
     """acc + a·b, the partial product scaled first by whichever scale varies along K.
 
@@ -188,9 +160,8 @@ def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.
 
 @triton.jit
 def _gemm1_fp8_kernel(
-    x_ptr,  # [M, H] fp8: hidden, quantised; with QUANTIZE_X hidden itself (bf16/fp16/fp32)
-    xs_ptr,  # hidden's scales: xs[token * stride_xsm + (k // X_GROUP_K) * stride_xsk];
-    #          with QUANTIZE_X "static" the [1] scale, "tensor" [num_partials] amax partials
+    x_ptr,  # [M, H] fp8: hidden, quantised
+    xs_ptr,  # hidden's scales: xs[token * stride_xsm + (k // X_GROUP_K) * stride_xsk]
     w13_ptr,  # [E, N1, H] fp8; N1 = 2I (gate rows, then up rows) or I (relu2)
     ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
@@ -200,7 +171,6 @@ def _gemm1_fp8_kernel(
     block_experts_ptr,  # [capacity / BLOCK_M] int32
     num_pairs,
     num_blocks,
-    num_partials,  # QUANTIZE_X "tensor" only
     H,
     I,
     top_k,
@@ -222,9 +192,8 @@ def _gemm1_fp8_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
-    QUANTIZE_X: tl.constexpr,  # "" (x is fp8), or "static", "tensor", "token", "group"
     X_PER_K: tl.constexpr,
-    X_GROUP_K: tl.constexpr,  # = BLOCK_K for QUANTIZE_X "group"
+    X_GROUP_K: tl.constexpr,
     W_PER_K: tl.constexpr,
     W_GROUP_N: tl.constexpr,
     W_GROUP_K: tl.constexpr,
@@ -236,7 +205,6 @@ def _gemm1_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    BLOCK_P: tl.constexpr,  # ≥ num_partials (QUANTIZE_X "tensor")
 ):
     """One program: BLOCK_M plan slots (one expert) × BLOCK_N intermediate columns."""
     pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
@@ -261,18 +229,6 @@ def _gemm1_fp8_kernel(
     ws_gate = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     ws_up = ws_base + ((offs_n + I) // W_GROUP_N) * stride_wsn
 
-    fp8: tl.constexpr = w13_ptr.dtype.element_ty
-    # Hidden's scale where it is constant along K and GEMM1 quantises hidden itself: needed
-    # before the first tile. ([BLOCK_M, 1] per token; one value per tensor.)
-    if QUANTIZE_X == "static":
-        row_scale = tl.load(xs_ptr)
-    elif QUANTIZE_X == "tensor":
-        row_scale = _tensor_scale(xs_ptr, num_partials, FMAX, AMAX_FLOOR, BLOCK_P)
-    elif QUANTIZE_X == "token":
-        row_scale = _row_scales(a_ptrs, H, EVEN_K, FMAX, AMAX_FLOOR)[:, None]
-    elif QUANTIZE_X == "group":
-        tl.static_assert(BLOCK_K == X_GROUP_K, "a K tile must be one whole group")
-
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Padding rows read token 0 (a valid row) unmasked: a dot's output row depends only on
@@ -281,13 +237,7 @@ def _gemm1_fp8_kernel(
         a = _row_tile(a_ptrs, k0, offs_k, H, EVEN_K)
         g = _weight_tile(g_ptrs, None, 0, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, False)
         x_scale = 1.0
-        if QUANTIZE_X == "group":
-            x = a.to(tl.float32)
-            x_scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), FMAX, AMAX_FLOOR)
-            a = _quantize(x, x_scale[:, None], FMAX).to(fp8)
-        elif QUANTIZE_X != "":
-            a = _quantize(a.to(tl.float32), row_scale, FMAX).to(fp8)
-        elif X_PER_K:
+        if X_PER_K:
             x_scale = tl.load(xs_rows + (k0 // X_GROUP_K) * stride_xsk)
         g_scale = 1.0
         if W_PER_K:
@@ -306,8 +256,7 @@ def _gemm1_fp8_kernel(
 
     # Scales constant along K, applied once.
     if not X_PER_K:
-        if QUANTIZE_X == "":
-            row_scale = tl.load(xs_rows)[:, None]
+        row_scale = tl.load(xs_rows)[:, None]
         gate = gate * row_scale
         up = up * row_scale
     if not W_PER_K:

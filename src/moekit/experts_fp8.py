@@ -1,7 +1,6 @@
 """fp8 W8A8 fused experts: fp8 weights × fp8 activations, fp32 accumulation, scales per scheme.
 
-    hidden [M, H] ─► _quantize_rows_kernel: xq fp8 [M, H] + scales      (once per token;
-                                                      at decode GEMM1 does it instead)
+    hidden [M, H] ─► _quantize_rows_kernel: xq fp8 [M, H] + scales      (once per token)
                  ─► plan (pairs grouped by expert, padded to block_m)
                  ─► _gemm1_fp8_kernel: gathered xq rows × w13[e]ᵀ, scales, bias, activation,
                     quantised again ─► inter fp8 [capacity, I] + scales [capacity, I/g]
@@ -14,13 +13,11 @@ oracle, and the two agree on every choice below.
 
 GEMM1's input: hidden is quantised by one small kernel before the GEMM (two when a
 dynamic per-tensor scale first needs the amax of all of hidden) — a pass over M×H,
-not M·k×H, since all k pairs of a token read its one fp8 row. Or GEMM1 quantises the
-hidden rows it gathers itself, bitwise alike (`_gemm1_fp8_kernel`'s QUANTIZE_X): no fp8
-copy and one launch fewer, but the work is redone in every one of the I/BLOCK_N column
-programs, and a per-token scale costs a pre-pass over the row (a dynamic per-tensor
-one still needs the amax kernel). That should pay where launches dominate — decode —
-so it becomes the default up to FUSED_INPUT_QUANT_MAX_TOKENS tokens once measured (off
-for now); `fuse_input_quant` forces either way.
+not M·k×H, since all k pairs of a token read its one fp8 row. Quantising inside GEMM1's
+loads instead would redo it in every one of the I/BLOCK_N column programs, and a
+per-token or per-tensor scale needs the whole row, or tensor, before the first value.
+Tried for decode (one launch fewer), it measured 0.28–0.99× on an H100 at every token
+count (bench/results/h100-sxm-20261123-fp8-fused-quant-experiment.json).
 
 GEMM2's input is quantised in GEMM1's epilogue, where a tile holds BLOCK_N columns of
 its rows: dynamically in 1×g groups (`QuantScheme.gemm2_input`: g = 128 for the
@@ -71,15 +68,6 @@ _QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
 
-#: Up to this many tokens GEMM1 quantises hidden itself (`fuse_input_quant=None`). At
-#: decode the separate quantiser is a whole launch (of a 42 µs qwen3 step, 6 launches)
-#: for a few rows, while GEMM1's column programs re-quantising their rows add little to
-#: the weight tiles they stream; at prefill that redundant work — I/BLOCK_N times the
-#: M×H pass, twice the bytes of fp8 rows — outweighs one launch. 0 (off) until the fused
-#: path has run on a GPU: its bitwise test and the A/B
-#: (`bench/scripts/fp8_fused_quant_experiment.py`) set it; 64 is the first guess.
-FUSED_INPUT_QUANT_MAX_TOKENS = 0
-
 
 def fused_experts_fp8(
     hidden: torch.Tensor,
@@ -95,7 +83,6 @@ def fused_experts_fp8(
     config: ExpertsConfig | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
-    fuse_input_quant: bool | None = None,
 ) -> torch.Tensor:
     """out[m] = Σ_j weights[m, j] · expert_{ids[m, j]}(hidden[m]), fp8 weights and GEMM inputs.
 
@@ -113,10 +100,6 @@ def fused_experts_fp8(
         config: tile configuration; default `default_fp8_config`.
         out: optional [M, H] contiguous buffer of hidden's dtype to write the result into.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
-        fuse_input_quant: whether GEMM1 quantises hidden itself rather than a separate
-            kernel before it (the results are bitwise equal); None: up to
-            `FUSED_INPUT_QUANT_MAX_TOKENS` tokens where the config allows it. True needs,
-            for 1×g activation groups, gemm1.block_k == g. Ignored by the reference.
     Returns:
         [M, H] in hidden's dtype (`out` when given).
     """
@@ -131,13 +114,11 @@ def fused_experts_fp8(
             b2=b2,
         ))
     _check_kernel_scheme(scheme)
-    num_tokens, hidden_size = hidden.shape
     num_experts, _, inter = w2.shape
     if config is None:
         config = _select_fp8_config(hidden, num_experts, topk_ids.shape[1], inter, scheme)
     else:
         _check_config(config, scheme)
-    fuse = _fuses_input_quant(fuse_input_quant, num_tokens, scheme, config)
     static = not scheme.activation.dynamic
     # Eager calls skip the custom-op dispatcher (tens of µs of host time per call);
     # torch.compile sees the registered op.
@@ -147,8 +128,7 @@ def fused_experts_fp8(
         hidden.contiguous(), w13.q.contiguous(), w13.scale, w2.q.contiguous(), w2.scale,
         w13.input_scale if static else None, w2.input_scale if static else None,
         topk_ids.contiguous(), topk_weights.contiguous(), b13, b2,
-        act.kind, act.alpha, act.limit, _groups_to_list(scheme), _config_to_list(config), fuse,
-        out,
+        act.kind, act.alpha, act.limit, _groups_to_list(scheme), _config_to_list(config), out,
     )
     return out
 
@@ -240,24 +220,6 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
         )
 
 
-def _fuses_input_quant(requested: bool | None, num_tokens: int, scheme: QuantScheme,
-                       config: ExpertsConfig) -> bool:
-    """Whether GEMM1 quantises hidden itself: `requested`, or by default up to
-    FUSED_INPUT_QUANT_MAX_TOKENS tokens. With 1×g groups only where gemm1's K tile is one
-    whole group: a narrower tile's group amax would need tiles not yet loaded."""
-    group_m, group_k = scheme.activation.group
-    grouped = scheme.activation.dynamic and group_m != FULL and group_k != FULL
-    possible = not grouped or config.gemm1.block_k == group_k
-    if requested is None:
-        return possible and num_tokens <= FUSED_INPUT_QUANT_MAX_TOKENS
-    if requested and not possible:
-        raise ValueError(
-            f"fuse_input_quant: GEMM1 quantises 1×{group_k} groups of hidden only with "
-            f"gemm1.block_k == {group_k}, the config has {config.gemm1.block_k}"
-        )
-    return bool(requested)
-
-
 def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
     """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
@@ -299,15 +261,13 @@ def _weight_scale_layout(scale: torch.Tensor, group_n: int, group_k: int):
 
 
 class _Gemm1Input(NamedTuple):
-    """What `_gemm1_fp8_kernel` reads of hidden, and how (its x, xs and QUANTIZE_X)."""
+    """What `_gemm1_fp8_kernel` reads of hidden (its x and xs)."""
 
-    x: torch.Tensor  # [M, H]: fp8, or hidden itself when GEMM1 quantises it
-    scale: torch.Tensor  # xs: scales, or the static scale / amax partials (QUANTIZE_X)
+    x: torch.Tensor  # [M, H] fp8
+    scale: torch.Tensor  # xs: hidden's scales (the static scale as given)
     stride_sm: int
     stride_sk: int
     group_k: int
-    quantize_in_gemm1: str  # QUANTIZE_X: "" or the mode GEMM1 quantises hidden in
-    num_partials: int  # amax partials ("tensor" mode), else 0
 
 
 def _activation_mode(group_m: int, group_k: int, static_scale: torch.Tensor | None) -> str:
@@ -332,19 +292,13 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
-                 static_scale: torch.Tensor | None, fuse: bool) -> _Gemm1Input:
-    """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`),
-    or, with `fuse`, as it is, with what GEMM1 needs to quantise it."""
+                 static_scale: torch.Tensor | None) -> _Gemm1Input:
+    """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`)."""
     num_tokens, hidden_size = hidden.shape
     mode = _activation_mode(group_m, group_k, static_scale)
     partials = _amax_partials(hidden) if mode == "tensor" else None
     num_partials = 0 if partials is None else partials.numel()
     group = group_k if mode == "group" else 1
-    if fuse:
-        # Token and group scales are made in GEMM1; its xs is then never read.
-        given = {"static": static_scale, "tensor": partials}.get(mode, hidden)
-        return _Gemm1Input(hidden, given, 0, 0, group, mode, num_partials)
-
     xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
     if mode == "static":
         scale, strides = static_scale, (0, 0)
@@ -364,7 +318,7 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
         MODE=mode, GROUP=group, FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
         BLOCK_K=max(_QUANT_BLOCK_K, group), BLOCK_P=_block_p(num_partials),
     )
-    return _Gemm1Input(xq, scale, strides[0], strides[1], group, "", 0)
+    return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
 
 def _block_p(num_partials: int) -> int:
@@ -389,11 +343,9 @@ def _launch_fused_experts_fp8(
     limit: float,
     groups: list[int],
     config: list[int],
-    fuse_input_quant: bool,
     out: torch.Tensor,
 ) -> None:
-    """Launch quantise (unless GEMM1 quantises hidden: `fuse_input_quant`), plan, GEMM1,
-    GEMM2 and combine.
+    """Launch quantise, plan, GEMM1, GEMM2 and combine.
 
     `groups` is `_groups_to_list`'s form of the scheme, `config` `_config_to_list`'s;
     the input scales are given exactly when the scheme's activations are static.
@@ -409,7 +361,7 @@ def _launch_fused_experts_fp8(
     w_per_k = w_group_k != FULL
     dummy = topk_weights  # stands in for absent biases; never read
 
-    hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13, fuse_input_quant)
+    hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
     plan = dispatch_plan(topk_ids, num_experts, block_m, backend="triton")
     num_blocks = plan.capacity // block_m
 
@@ -426,20 +378,19 @@ def _launch_fused_experts_fp8(
     _gemm1_fp8_kernel[grid1](
         hidden_in.x, hidden_in.scale, w13_q, w13_scale, dummy if b13 is None else b13,
         inter_q, inter_scale, plan.sorted_pairs, plan.block_experts,
-        plan.num_pairs, num_blocks, hidden_in.num_partials, hidden_size, inter, top_k,
+        plan.num_pairs, num_blocks, hidden_size, inter, top_k,
         hidden_in.x.stride(0), hidden_in.stride_sm, hidden_in.stride_sk,
         w13_q.stride(0), w13_q.stride(1), *ws1[:3],
         0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
         float(alpha), float(limit),
         ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
         EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0,
-        QUANTIZE_X=hidden_in.quantize_in_gemm1, X_PER_K=a_group_k != FULL,
-        X_GROUP_K=hidden_in.group_k,
+        X_PER_K=a_group_k != FULL, X_GROUP_K=hidden_in.group_k,
         W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
         INTER_STATIC=inter_static, INTER_GROUP=inter_group,
         FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
-        BLOCK_P=_block_p(hidden_in.num_partials), num_warps=c1[3], num_stages=c1[4],
+        num_warps=c1[3], num_stages=c1[4],
     )
 
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
@@ -472,6 +423,6 @@ _fused_experts_fp8_op = torch.library.custom_op(
 
 @_fused_experts_fp8_op.register_fake
 def _(hidden, w13_q, w13_scale, w2_q, w2_scale, input_scale13, input_scale2, topk_ids,
-      topk_weights, b13, b2, activation, alpha, limit, groups, config, fuse_input_quant, out):
+      topk_weights, b13, b2, activation, alpha, limit, groups, config, out):
     return None
 
