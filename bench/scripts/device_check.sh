@@ -17,9 +17,13 @@
 #   prefill   `moekit bench` at M = 4096 and 16384 only, no baselines (quick v-check)
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
+#   fp8tests  only the fp8 GPU tests
 #   decode    bench/scripts/decode_experiment.py (the block_m = 1 decode path against the plan)
-#   tune      `moekit tune` on the bf16 cells furthest from vLLM and on fp8 decode/prefill
-#             cells; tables and their cliff reports under $OUT (never the shipped tables)
+#   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
+#             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
+#             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
+#   fp8tiles  bench/scripts/fp8_tile_experiment.py (fp8 tiles at M = 1024, 4096)
+#   host      bench/scripts/host_overhead.py (host µs per eager call, by piece)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -52,22 +56,30 @@ for stage in "$@"; do
         step "run-$family" 75 python3 -m moekit.cli run --model "$family" --repeats 1 \
           --new-tokens 8 --out-dir "$out"
       done ;;
-    fp8)
+    fp8|fp8tests)
       step pytest-gpu-fp8 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
         tests/test_experts_fp8.py tests/quant
+      [ "$stage" = fp8tests ] && continue
       for scheme in fp8_tensor fp8_channel fp8_block; do
         step "bench-$scheme" 85 python3 -m moekit.cli bench --dtype "$scheme" --rep-ms 50 \
           --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 1 64 4096 --out "$out"
       done ;;
     decode) step decode-experiment 150 python3 bench/scripts/decode_experiment.py --out "$out" ;;
-    tune)  # the two cells furthest behind vLLM (bf16) and fp8's weakest decode/prefill cells;
-           # the tuner saves after every cell, so a timeout keeps the finished ones
-      step tune-bf16 280 python3 -m moekit.cli tune --fresh --out "$out/tune-bf16.json" \
-        --presets granite-3.0-3b-a800m olmoe-1b-7b --tokens 256
-      step tune-bf16-report 20 python3 -m moekit.cli tune --report "$out/tune-bf16.json"
+    tune|tune-bf16|tune-fp8)  # the bf16 cells furthest from their roofline at mid M, and fp8's
+           # weakest decode/prefill cells; the tuner saves after every cell and resumes
+      [ "$stage" = tune-fp8 ] || {
+      step tune-bf16 120 python3 -m moekit.cli tune --fresh --out "$out/tune-bf16.json" \
+        --presets granite-3.0-3b-a800m --tokens 256 1024
+      step tune-bf16-mid 150 python3 -m moekit.cli tune --out "$out/tune-bf16.json" \
+        --presets mixtral-8x7b olmoe-1b-7b --tokens 1024 2048
+      step tune-bf16-report 20 python3 -m moekit.cli tune --report "$out/tune-bf16.json"; }
+      [ "$stage" = tune-bf16 ] && continue
       step tune-fp8 280 python3 -m moekit.cli tune --fresh --dtype fp8_tensor \
         --out "$out/tune-fp8_tensor.json" --presets qwen3-30b-a3b --tokens 1 4096
       step tune-fp8-report 20 python3 -m moekit.cli tune --report "$out/tune-fp8_tensor.json" ;;
+    fp8tiles) step fp8-tile-experiment 170 python3 bench/scripts/fp8_tile_experiment.py \
+                --out "$out" ;;
+    host) step host-overhead 60 python3 bench/scripts/host_overhead.py ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done
