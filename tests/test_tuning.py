@@ -175,3 +175,18 @@ def test_tune_report_reads_a_table_without_cuda(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "qwen3-30b-a3b M=64" in out and "1.20×" in out
     assert main(["tune", "--report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_shipped_tables_are_valid_and_only_used_where_they_won():
+    from moekit.quant import QuantScheme
+    from moekit.tuning.tables import TABLE_DIR
+
+    for path in sorted(TABLE_DIR.glob("*.json")):
+        table = load_table(path)
+        slug, dtype = path.stem.split("-fused_experts-")
+        assert dtype in ("bf16", "fp16") or QuantScheme.parse(dtype).preset_name == dtype, path
+        assert table["dtype"] == dtype and table["device"] and table["command"], path
+        for e in table["entries"]:
+            config_from_dict(e["config"])  # a valid configuration
+            if e["use"]:
+                assert e["best_us"] < 0.95 * e["heuristic_us"], (path.name, e["preset"], e["M"])
