@@ -56,7 +56,6 @@ import moekit._tma
 import moekit.backend
 import moekit.experts
 from moekit.quant import QuantScheme, quantize_weight
-from moekit.tuning.heuristic import tiles_for_block_m
 
 _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use on sm_90
 _TMA_PTX = "cp.async.bulk.tensor"
@@ -114,15 +113,12 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
-_DECODE = ("_gemm1_kernel", "_gemm2_combine_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 
 
 def _experts(why, dtype, act, block_m, **flags):
-    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected). block_m 1
-    is the decode path (no plan, GEMM2 and combine in one kernel)."""
-    kernels = _DECODE if block_m == 1 else _EXPERTS
-    return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
+    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected)."""
+    return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, _EXPERTS)
 
 
 def _fp8(why, scheme, dtype, act, block_m, **flags):
@@ -149,10 +145,6 @@ CASES = [
     _experts("fp16 TMA, ungated GEMM1", "fp16", "relu2", 128, tma=True, bias=True),
     _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
              odd_h=True),
-    _experts("decode path: pair-major GEMM1, GEMM2 + combine fused, unmasked tiles",
-             "bf16", "silu", 1),
-    _experts("decode path: ragged H and I, biases, router weight on the input, fp16",
-             "fp16", "swigluoai", 1, bias=True, odd_h=True, odd_i=True, weight_on_input=True),
     _experts("fp32 at 64 rows: the largest fp32 tiles that fit (192 KB of shared memory)",
              "fp32", "swigluoai", 64, weight_on_input=True),
     Case("experts", dict(dtype="fp32", act="gelu", block_m=128, bias=True),
@@ -334,7 +326,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
            "fp8": torch.float8_e4m3fn}
 _E, _TOP_K = 8, 2
 # Tokens for which the heuristic (E = 8, k = 2) picks each row tile.
-_TOKENS_FOR_BLOCK_M = {1: 4, 16: 4, 32: 48, 64: 128, 128: 256}
+_TOKENS_FOR_BLOCK_M = {16: 4, 32: 48, 64: 128, 128: 256}
 _H100_SMS = 132
 
 
@@ -368,11 +360,8 @@ def _run_experts(p):
     H, I = 1000 if p.get("odd_h") else 1024, 264 if p.get("odd_i") else 512
     M = _TOKENS_FOR_BLOCK_M[p["block_m"]]
     act = moekit.Activation.parse(p["act"])
-    if p["block_m"] == 1:  # the decode path is chosen by configuration, not the heuristic
-        config = tiles_for_block_m(1)
-    else:
-        config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
-        assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
+    config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
+    assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     bias = p.get("bias")
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),

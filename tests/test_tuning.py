@@ -34,9 +34,8 @@ def test_every_row_tile_has_tiles_and_candidates():
         assert candidates(block_m)
     # The constraint hook narrows the space (tests and users keep sweeps small with it).
     assert all(c.block_n <= 64 for c in candidates(128, lambda c: c.block_n <= 64))
-    assert neighbour_block_ms(16) == [16, 1, 32], "decode cells also try the decode path"
-    assert neighbour_block_ms(128) == [128, 64]
-    assert tiles_for_block_m(1).block_m == 1 and default_config(1, 128, 8, 2048, 768).block_m == 16
+    assert neighbour_block_ms(16) == [16, 32] and neighbour_block_ms(128) == [128, 64]
+    assert min(BLOCK_MS) == 16 and default_config(1, 128, 8, 2048, 768).block_m == 16
 
 
 def test_config_values_are_checked():
@@ -44,6 +43,8 @@ def test_config_values_are_checked():
         GemmConfig(48, 64)
     with pytest.raises(ValueError, match="block_m"):
         ExpertsConfig(8, GemmConfig(64, 64), GemmConfig(64, 64))
+    with pytest.raises(ValueError, match=r"^block_m: expected a power of two ≥ 16, got 1$"):
+        ExpertsConfig(1, GemmConfig(64, 64), GemmConfig(64, 64))
 
 
 def fake_cost(config: ExpertsConfig) -> float:

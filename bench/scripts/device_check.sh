@@ -18,7 +18,6 @@
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
 #   fp8tests  only the fp8 GPU tests
-#   decode    bench/scripts/decode_experiment.py (the block_m = 1 decode path against the plan)
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
@@ -64,7 +63,6 @@ for stage in "$@"; do
         step "bench-$scheme" 85 python3 -m moekit.cli bench --dtype "$scheme" --rep-ms 50 \
           --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 1 64 4096 --out "$out"
       done ;;
-    decode) step decode-experiment 150 python3 bench/scripts/decode_experiment.py --out "$out" ;;
     tune|tune-bf16|tune-fp8)  # the bf16 cells furthest from their roofline at mid M, and fp8's
            # weakest decode/prefill cells; the tuner saves after every cell and resumes
       [ "$stage" = tune-fp8 ] || {

@@ -8,11 +8,6 @@
     _combine_kernel   grid (M, H-tiles): out[m] = Σ_j pair_out[m*k + j] over valid slots,
                       in slot order, so the result is deterministic
 
-The decode path (row tile `block_m` = 1: a few tokens, nearly every pair its own expert)
-skips the plan and the combine launch: `_gemm1_kernel` with PAIR_MAJOR takes one pair per
-block straight from topk_ids, and `_gemm2_combine_kernel` (grid M × H-tiles) sums each
-token's k slots itself — two launches instead of four.
-
 A program whose block holds no expert (−1: past the last run) exits at once. Row
 offsets into `hidden`, `pair_out` and the per-expert weight bases are 64-bit (M·k·H and
 E·2I·H can exceed 2^31); offsets inside a tile stay 32-bit.
@@ -99,9 +94,8 @@ def _gemm1_kernel(
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
     topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_INPUT)
     inter_ptr,  # [capacity, I], out
-    sorted_pairs_ptr,  # [capacity] int32 (not read when PAIR_MAJOR)
-    block_experts_ptr,  # [capacity / BLOCK_M] int32; PAIR_MAJOR: topk_ids [M*k] int32
-    num_experts,
+    sorted_pairs_ptr,  # [capacity] int32
+    block_experts_ptr,  # [capacity / BLOCK_M] int32
     num_pairs,
     num_blocks,
     H,
@@ -121,30 +115,19 @@ def _gemm1_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     W_TMA: tl.constexpr,
-    PAIR_MAJOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One program: BLOCK_M plan slots (one expert) × BLOCK_N intermediate columns.
-
-    PAIR_MAJOR (the decode path, no plan): block b is pair b alone — its expert read from
-    topk_ids, its one row in the tile's first row, `inter` indexed by pair.
-    """
+    """One program: BLOCK_M plan slots (one expert) × BLOCK_N intermediate columns."""
     pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert = tl.load(block_experts_ptr + pid_m)
-    if PAIR_MAJOR:
-        if (expert < 0) | (expert >= num_experts):
-            return
-        slots = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
-        pairs = slots
-    else:
-        if expert < 0:
-            return
-        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pairs = tl.load(sorted_pairs_ptr + slots)
+    if expert < 0:
+        return
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + slots)
     row_ok = pairs < num_pairs
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
 
@@ -300,75 +283,6 @@ def _gemm2_kernel(
             stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N,
             TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-
-
-@triton.jit
-def _gemm2_combine_kernel(
-    inter_ptr,  # [M*k, I], one row per pair (the PAIR_MAJOR GEMM1's output)
-    w2_ptr,  # [E, H, I]
-    b2_ptr,  # [E, H] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32
-    topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_OUTPUT)
-    out_ptr,  # [M, H], out
-    num_experts,
-    H,
-    I,
-    stride_im,
-    stride_we,
-    stride_wn,
-    stride_be,
-    stride_om,
-    TOP_K: tl.constexpr,
-    WEIGHT_ON_OUTPUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Grid (M, H-tiles), the decode path's GEMM2 and combine in one launch: one token's
-    BLOCK_N output columns, Σ over its k slots in slot order of weight × (inter · w2ᵀ + b2),
-    in fp32 and rounded once. No pair_out round trip and no atomics, so deterministic.
-
-    The token's inter row sits in the tile's first row (a dot needs BLOCK_M ≥ 16 rows;
-    the others load as zeros and are dropped).
-    """
-    token = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.arange(0, BLOCK_M)
-    first_row = (rows == 0)[:, None]
-    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for j in range(TOP_K):
-        pair = token * TOP_K + j
-        expert = tl.load(topk_ids_ptr + pair)
-        if (expert >= 0) & (expert < num_experts):
-            a_ptrs = (inter_ptr + pair.to(tl.int64) * stride_im + rows[:, None] * 0
-                      + offs_k[None, :])  # [BLOCK_M, BLOCK_K], every row at the pair's row
-            b_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
-                      + offs_k[:, None])  # [BLOCK_K, BLOCK_N]
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=first_row, other=0.0)
-                else:
-                    a = tl.load(a_ptrs, mask=first_row & (offs_k + k0 < I)[None, :], other=0.0)
-                b = _weight_tile(b_ptrs, None, 0, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, False)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-            if HAS_BIAS:
-                b_base = b2_ptr + expert.to(tl.int64) * stride_be
-                acc += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if WEIGHT_ON_OUTPUT:
-                acc = acc * tl.load(topk_weights_ptr + pair)
-            total += acc
-    row = tl.sum(tl.where(first_row, total, 0.0), axis=0)  # [BLOCK_N]
-    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + offs_n
-    tl.store(out_ptrs, row.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit

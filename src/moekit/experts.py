@@ -6,10 +6,7 @@
                  ─► _combine_kernel: Σ over the k slots of each token          ─► out [M, H]
 
 Four launches, no host synchronisation and no fills, so a CUDA graph captures it; the
-combine sums slots in a fixed order, so the result is bitwise deterministic. With the
-row tile `block_m` = 1 (`ExpertsConfig`: the decode path) there is no plan: GEMM1 runs one
-pair per block and GEMM2 sums each token's slots itself (`_gemm2_combine_kernel`), two
-launches in all. The
+combine sums slots in a fixed order, so the result is bitwise deterministic. The
 launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile`
 traces it as one node. Each stage has its own launcher (`launch_gemm1`, `launch_gemm2`,
 `launch_combine`) so that benchmarks can time them apart. On sm_90+ the 128-row
@@ -24,12 +21,7 @@ import triton
 
 from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
-from moekit._experts_kernels import (
-    _combine_kernel,
-    _gemm1_kernel,
-    _gemm2_combine_kernel,
-    _gemm2_kernel,
-)
+from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -39,8 +31,6 @@ from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
-PAIR_MAJOR = 1  # the row tile `block_m` that selects the decode path
-PAIR_TILE_ROWS = 16  # the decode path's dots hold one row in a 16-row tile (a dot's minimum)
 _TABLE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -189,12 +179,6 @@ def _launch_fused_experts(
     if hidden.shape[0] == 0:
         return
     block_m = config[0]
-    if block_m == PAIR_MAJOR:
-        inter = launch_pair_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha,
-                                  limit, apply_router_weight_on_input, config[1:6])
-        launch_gemm2_combine(inter, w2, b2, topk_ids, topk_weights,
-                             not apply_router_weight_on_input, config[6:11], out)
-        return
     plan = dispatch_plan(topk_ids, w2.shape[0], block_m, backend="triton")
     tma = use_tma(hidden, w13, w2, block_m)
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
@@ -210,65 +194,26 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
 
     `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`.
     """
-    return _launch_gemm1(hidden, w13, b13, topk_weights, activation, alpha, limit,
-                         weight_on_input, tiles, rows=plan.capacity, block_m=plan.block_m,
-                         blocks=plan.capacity // plan.block_m, sorted_pairs=plan.sorted_pairs,
-                         block_experts=plan.block_experts, num_pairs=plan.num_pairs, tma=tma,
-                         pair_major=False)
-
-
-def launch_pair_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha, limit,
-                      weight_on_input, tiles) -> torch.Tensor:
-    """The decode path's GEMM1: one pair per block, no plan; returns `inter` [M*k, I]."""
-    num_pairs = topk_ids.numel()
-    return _launch_gemm1(hidden, w13, b13, topk_weights, activation, alpha, limit,
-                         weight_on_input, tiles, rows=num_pairs, block_m=PAIR_TILE_ROWS,
-                         blocks=num_pairs, sorted_pairs=topk_ids, block_experts=topk_ids,
-                         num_pairs=num_pairs, tma=False, pair_major=True)
-
-
-def _launch_gemm1(hidden, w13, b13, topk_weights, activation, alpha, limit, weight_on_input,
-                  tiles, *, rows, block_m, blocks, sorted_pairs, block_experts, num_pairs, tma,
-                  pair_major) -> torch.Tensor:
-    """`_gemm1_kernel` over `blocks` row blocks into a new `inter` [rows, I]."""
     num_tokens, hidden_size = hidden.shape
+    num_blocks = plan.capacity // plan.block_m
     gated = activation != "relu2"
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
-    inter = torch.empty((rows, inter_size), dtype=hidden.dtype, device=hidden.device)
-    _gemm1_kernel[(blocks * triton.cdiv(inter_size, block_n),)](
+    inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
+    _gemm1_kernel[(num_blocks * triton.cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
-        bias, topk_weights, inter, sorted_pairs, block_experts, w13.shape[0],
-        num_pairs, blocks, hidden_size, inter_size, num_pairs // num_tokens,
+        bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
+        plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
         hidden.stride(0), w13.stride(0), w13.stride(1),
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
-        EVEN_N=inter_size % block_n == 0, W_TMA=tma, PAIR_MAJOR=pair_major,
-        DOT_PRECISION=_dot_precision(hidden),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=_dot_precision(hidden),
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
     return inter
-
-
-def launch_gemm2_combine(inter, w2, b2, topk_ids, topk_weights, weight_on_output, tiles,
-                         out) -> None:
-    """The decode path's GEMM2 and combine in one launch, straight into `out` [M, H]."""
-    num_experts, hidden_size, inter_size = w2.shape
-    block_n, block_k, _, warps, stages = tiles
-    bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
-    _gemm2_combine_kernel[(out.shape[0], triton.cdiv(hidden_size, block_n))](
-        inter, w2, bias, topk_ids, topk_weights, out, num_experts, hidden_size, inter_size,
-        inter.stride(0), w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0),
-        out.stride(0),
-        TOP_K=topk_ids.shape[1], WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
-        EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0,
-        DOT_PRECISION=_dot_precision(inter),
-        BLOCK_M=PAIR_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
-    )
 
 
 def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma) -> torch.Tensor:

@@ -203,9 +203,6 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
     of GEMM2's dynamically quantised input."""
     if not isinstance(config, ExpertsConfig):
         raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
-    if config.block_m == 1:
-        raise ValueError("config: block_m 1 (the decode path) exists for bf16/fp16 "
-                         "fused_experts only; fp8 takes a row tile of 16 or more")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if groups and gemm.block_k > min(groups):

@@ -24,19 +24,12 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """Both GEMMs of the experts pipeline; they share the row tile `block_m` of the plan.
-
-    `block_m` = 1 selects the decode path: no plan, one (token, expert) pair per GEMM1
-    block, GEMM2 and the combine in one launch (`moekit.experts`); its `gemm2` tile is
-    that fused kernel's.
-    """
+    """Both GEMMs of the experts pipeline; they share the row tile `block_m` of the plan."""
 
     block_m: int
     gemm1: GemmConfig
     gemm2: GemmConfig
 
     def __post_init__(self) -> None:
-        if self.block_m != 1 and (self.block_m < 16 or self.block_m & (self.block_m - 1)):
-            raise ValueError(
-                f"block_m: expected 1 (the decode path) or a power of two ≥ 16, got {self.block_m}"
-            )
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"block_m: expected a power of two ≥ 16, got {self.block_m}")

@@ -45,11 +45,6 @@ def pick_block_m(num_tokens: int, num_experts: int, top_k: int) -> int:
 
 def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
     """The GEMM tiles the heuristic pairs with a row tile."""
-    if block_m == 1:
-        # The decode path (not chosen by `pick_block_m` until measured: `moekit tune` tries
-        # it beside 16). GEMM2 + combine runs one program per (token, 16 columns) so a
-        # single token still spreads over H/16 programs.
-        return ExpertsConfig(1, GemmConfig(64, 128, 8, 4, 4), GemmConfig(16, 128, 8, 4, 4))
     if block_m <= 32:
         # Memory-bound: long reduction tiles keep many bytes in flight per program.
         block_k = 128 if dtype_bytes <= 2 else 64

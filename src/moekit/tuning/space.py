@@ -15,9 +15,6 @@ Constraint = Callable[[GemmConfig], bool]
 
 # (block_n, block_k, num_warps, num_stages); group_m is 8 throughout (see heuristic.py).
 _SHAPES = {
-    # The decode path: GEMM1 one pair per block; its `gemm2` is GEMM2 + combine per token.
-    1: [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (16, 128, 4, 4), (16, 256, 4, 3),
-        (128, 64, 4, 4)],
     16: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 4, 3),
          (32, 256, 4, 3), (128, 128, 4, 3)],
     32: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 4, 3),
@@ -38,7 +35,5 @@ def candidates(block_m: int, constraint: Constraint | None = None) -> list[GemmC
 
 
 def neighbour_block_ms(block_m: int) -> list[int]:
-    """The heuristic's row tile first, then half and double it where they exist; the
-    smallest plan tile (16) also tries the decode path (1)."""
-    near = [b for b in (block_m // 2, block_m * 2) if b in _SHAPES]
-    return [block_m] + ([1] if block_m == 16 else []) + near
+    """The heuristic's row tile first, then half and double it where they exist."""
+    return [block_m] + [b for b in (block_m // 2, block_m * 2) if b in _SHAPES]
