@@ -14,11 +14,11 @@ without looking at ids again. E is then the local expert count.
 from __future__ import annotations
 
 import torch
-import triton
 
 from moekit import reference
 from moekit._checks import check_tensor
 from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel
+from moekit._intmath import next_power_of_2
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs
 
@@ -37,8 +37,8 @@ def _chunk_size(num_pairs: int) -> int:
     below 2^28, inside int32.
     """
     if num_pairs <= _SINGLE_CHUNK_PAIRS:
-        return max(16, triton.next_power_of_2(num_pairs))
-    return max(256, min(triton.next_power_of_2(-(-num_pairs // 64)), 4096))
+        return max(16, next_power_of_2(num_pairs))
+    return max(256, min(next_power_of_2(-(-num_pairs // 64)), 4096))
 
 
 def _int32_views(device: torch.device, sizes: list[int]) -> list[torch.Tensor]:
@@ -91,7 +91,7 @@ def dispatch_plan(
     num_pairs = topk_ids.numel()
     capacity = max_padded_pairs(num_pairs, num_experts, block_m)
     num_blocks = capacity // block_m
-    bins = triton.next_power_of_2(num_experts + 1)
+    bins = next_power_of_2(num_experts + 1)
     chunk = _chunk_size(num_pairs)
     num_chunks = max(1, -(-num_pairs // chunk))
     single = num_chunks == 1

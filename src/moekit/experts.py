@@ -17,11 +17,11 @@ persistent (`moekit._tma`).
 from __future__ import annotations
 
 import torch
-import triton
 
 from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
+from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -201,7 +201,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
-    _gemm1_kernel[(num_blocks * triton.cdiv(inter_size, block_n),)](
+    _gemm1_kernel[(num_blocks * cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
         bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
         plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
@@ -227,7 +227,7 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
     programs = persistent_programs(inter.device) if tma else 0
-    _gemm2_kernel[(programs or num_blocks * triton.cdiv(hidden_size, block_n),)](
+    _gemm2_kernel[(programs or num_blocks * cdiv(hidden_size, block_n),)](
         inter, matrix_descriptor(inter, plan.block_m, block_k) if tma else None,
         w2, matrix_descriptor(w2, block_n, block_k) if tma else None,
         bias, topk_weights, pair_out, plan.sorted_pairs, plan.block_experts,
@@ -246,7 +246,7 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
 def launch_combine(pair_out, topk_ids, num_experts, out) -> None:
     """out[m] = Σ_j pair_out[m*k + j] over the valid slots, in slot order."""
     num_tokens, hidden_size = out.shape
-    _combine_kernel[(num_tokens, triton.cdiv(hidden_size, _COMBINE_BLOCK_H))](
+    _combine_kernel[(num_tokens, cdiv(hidden_size, _COMBINE_BLOCK_H))](
         pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
         TOP_K=topk_ids.shape[1], BLOCK_H=_COMBINE_BLOCK_H,
     )

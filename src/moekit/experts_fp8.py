@@ -37,7 +37,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-import triton
 
 from moekit import reference
 from moekit._checks import (
@@ -53,6 +52,7 @@ from moekit._experts_fp8_kernels import (
     _quantize_rows_kernel,
 )
 from moekit._experts_kernels import _combine_kernel
+from moekit._intmath import cdiv, next_power_of_2
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
@@ -279,9 +279,9 @@ def _activation_mode(group_m: int, group_k: int, static_scale: torch.Tensor | No
 def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
     """Launch `_amax_partials_kernel`: [P] fp32 maxima of |hidden| over P chunks."""
     numel = hidden.numel()
-    programs = min(_MAX_AMAX_PROGRAMS, triton.cdiv(numel, 8 * _AMAX_BLOCK))
-    chunk = triton.cdiv(triton.cdiv(numel, programs), _AMAX_BLOCK) * _AMAX_BLOCK
-    partials = torch.empty(triton.cdiv(numel, chunk), dtype=torch.float32,
+    programs = min(_MAX_AMAX_PROGRAMS, cdiv(numel, 8 * _AMAX_BLOCK))
+    chunk = cdiv(cdiv(numel, programs), _AMAX_BLOCK) * _AMAX_BLOCK
+    partials = torch.empty(cdiv(numel, chunk), dtype=torch.float32,
                            device=hidden.device)
     _amax_partials_kernel[(partials.numel(),)](hidden, partials, numel, chunk,
                                                BLOCK=_AMAX_BLOCK)
@@ -306,7 +306,7 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
         scale = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         strides = (1, 0)
     else:
-        scale = torch.empty((num_tokens, triton.cdiv(hidden_size, group_k)),
+        scale = torch.empty((num_tokens, cdiv(hidden_size, group_k)),
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
     _quantize_rows_kernel[(num_tokens,)](
@@ -320,7 +320,7 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
 
 def _block_p(num_partials: int) -> int:
     """The power-of-two width in which a kernel reads all amax partials at once."""
-    return max(16, triton.next_power_of_2(max(num_partials, 1)))
+    return max(16, next_power_of_2(max(num_partials, 1)))
 
 
 def _launch_fused_experts_fp8(
@@ -367,11 +367,11 @@ def _launch_fused_experts_fp8(
     if inter_static:
         inter_scale, stride_ism, stride_isk, inter_group = input_scale2, 0, 0, 1
     else:
-        inter_scale = torch.empty((plan.capacity, triton.cdiv(inter, inter_group)),
+        inter_scale = torch.empty((plan.capacity, cdiv(inter, inter_group)),
                                   dtype=torch.float32, device=hidden.device)
         stride_ism, stride_isk = inter_scale.stride(0), 1
     ws1 = _weight_scale_layout(w13_scale, w_group_n, w_group_k)
-    grid1 = (num_blocks * triton.cdiv(inter, c1[0]),)
+    grid1 = (num_blocks * cdiv(inter, c1[0]),)
     _gemm1_fp8_kernel[grid1](
         hidden_in.x, hidden_in.scale, w13_q, w13_scale, dummy if b13 is None else b13,
         inter_q, inter_scale, plan.sorted_pairs, plan.block_experts,
@@ -392,7 +392,7 @@ def _launch_fused_experts_fp8(
 
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
     ws2 = _weight_scale_layout(w2_scale, w_group_n, w_group_k)
-    grid2 = (num_blocks * triton.cdiv(hidden_size, c2[0]),)
+    grid2 = (num_blocks * cdiv(hidden_size, c2[0]),)
     _gemm2_fp8_kernel[grid2](
         inter_q, inter_scale, w2_q, w2_scale, dummy if b2 is None else b2, topk_weights,
         pair_out, plan.sorted_pairs, plan.block_experts,
@@ -406,7 +406,7 @@ def _launch_fused_experts_fp8(
         num_warps=c2[3], num_stages=c2[4],
     )
 
-    grid3 = (num_tokens, triton.cdiv(hidden_size, _COMBINE_BLOCK_H))
+    grid3 = (num_tokens, cdiv(hidden_size, _COMBINE_BLOCK_H))
     _combine_kernel[grid3](
         pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
         TOP_K=top_k, BLOCK_H=_COMBINE_BLOCK_H,

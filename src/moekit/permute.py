@@ -35,10 +35,10 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import triton
 
 from moekit import reference
 from moekit._checks import check_shape, check_tensor
+from moekit._intmath import cdiv, next_power_of_2
 from moekit._permute_kernels import _permute_kernel, _unpermute_kernel
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan
@@ -72,7 +72,7 @@ def permute_row_config(num_tokens: int, hidden_size: int, elem_bytes: int) -> di
     if num_tokens < _PERMUTE_PREFILL_TOKENS:
         return config
     block_h = max(16 // elem_bytes, _PERMUTE_TILE_BYTES // (_MAX_ROWS * elem_bytes))
-    block_h = min(block_h, triton.next_power_of_2(max(hidden_size, 1)))
+    block_h = min(block_h, next_power_of_2(max(hidden_size, 1)))
     # Two 16-byte vectors per thread: 4 warps for the 4 KB tile, as measured.
     num_warps = max(1, min(8, _MAX_ROWS * block_h * elem_bytes // (32 * 2 * 16)))
     return {"BLOCK_H": block_h, "ROWS": _MAX_ROWS, "num_warps": num_warps}
@@ -88,14 +88,14 @@ def row_config(num_tokens: int, hidden_size: int, elem_bytes: int) -> dict[str, 
     holds whole 16-byte vectors. `bench/scripts/sweep_permute.py` times alternatives.
     """
     vec = 16 // elem_bytes
-    block_h = min(triton.next_power_of_2(max(hidden_size, 1)), _TILE_BYTES // elem_bytes)
+    block_h = min(next_power_of_2(max(hidden_size, 1)), _TILE_BYTES // elem_bytes)
     block_h = max(block_h, vec)
-    tiles = lambda b: triton.cdiv(hidden_size, b)  # noqa: E731
+    tiles = lambda b: cdiv(hidden_size, b)  # noqa: E731
     while block_h > 32 * vec and num_tokens * tiles(block_h) < _MIN_PROGRAMS:
         block_h //= 2
     rows = 1
     while (rows < _MAX_ROWS and 2 * rows * block_h * elem_bytes <= _TILE_BYTES
-           and triton.cdiv(num_tokens, 2 * rows) * tiles(block_h) >= 8 * _MIN_PROGRAMS):
+           and cdiv(num_tokens, 2 * rows) * tiles(block_h) >= 8 * _MIN_PROGRAMS):
         rows *= 2
     num_warps = max(1, min(8, rows * block_h // (32 * vec)))
     return {"BLOCK_H": block_h, "ROWS": rows, "num_warps": num_warps}
@@ -241,7 +241,7 @@ def run_permute(hidden, sorted_pairs, expert_offsets, pair_slots, row_scales, to
     block_h, rows = config["BLOCK_H"], config["ROWS"]
     has_scales = row_scales is not None
     groups = 1 if not has_scales or row_scales.dim() == 1 else row_scales.shape[1]
-    grid = (triton.cdiv(num_tokens, rows) + capacity // block_m, triton.cdiv(hidden_size, block_h))
+    grid = (cdiv(num_tokens, rows) + capacity // block_m, cdiv(hidden_size, block_h))
     _permute_kernel[grid](
         hidden.view(bits), row_scales if has_scales else sorted_pairs,  # placeholder, never read
         pair_slots, sorted_pairs, expert_offsets, grouped.view(bits),
@@ -252,7 +252,7 @@ def run_permute(hidden, sorted_pairs, expert_offsets, pair_slots, row_scales, to
         grouped_scales.stride(0) if has_scales else 0,
         TOP_K=top_k, ROWS=rows, BLOCK_H=block_h, BLOCK_M=block_m,
         PAD_ROWS=max(1, min(block_m, _TILE_BYTES // (block_h * hidden.element_size()))),
-        BLOCK_G=triton.next_power_of_2(groups), HAS_SCALES=has_scales,
+        BLOCK_G=next_power_of_2(groups), HAS_SCALES=has_scales,
         EVEN_H=hidden_size % block_h == 0, num_warps=config["num_warps"],
     )
 
@@ -345,7 +345,7 @@ def run_unpermute(grouped, pair_slots, topk_weights, out, config: dict[str, int]
     if num_tokens == 0 or hidden_size == 0:
         return
     block_h, rows = config["BLOCK_H"], config["ROWS"]
-    grid = (triton.cdiv(num_tokens, rows), triton.cdiv(hidden_size, block_h))
+    grid = (cdiv(num_tokens, rows), cdiv(hidden_size, block_h))
     _unpermute_kernel[grid](
         grouped, topk_weights, pair_slots, out,
         num_tokens, hidden_size, grouped.stride(0), topk_weights.stride(0), out.stride(0),

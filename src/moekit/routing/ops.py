@@ -7,8 +7,8 @@ be captured in a CUDA graph.
 """
 
 import torch
-import triton
 
+from moekit._intmath import cdiv, next_power_of_2
 from moekit.backend import resolve_backend
 from moekit.reference import routing as reference_routing
 from moekit.routing._kernels import _route_kernel
@@ -25,15 +25,15 @@ def _launch_config(num_experts: int, n_group: int, top_k: int) -> dict[str, int]
 
     BLOCK_M does not depend on M, so decode and prefill batches share one compiled kernel.
     """
-    block_g = triton.next_power_of_2(n_group)
-    block_s = triton.next_power_of_2(num_experts // n_group)
+    block_g = next_power_of_2(n_group)
+    block_s = next_power_of_2(num_experts // n_group)
     row = block_g * block_s
     block_m = max(1, min(16, _TILE_ELEMENTS // row))
     return {
         "BLOCK_M": block_m,
         "BLOCK_G": block_g,
         "BLOCK_S": block_s,
-        "BLOCK_K": triton.next_power_of_2(top_k),
+        "BLOCK_K": next_power_of_2(top_k),
         "num_warps": min(16, max(4, block_m * row // 256)),
     }
 
@@ -62,7 +62,7 @@ def launch_route(
     block_m = cfg.pop("BLOCK_M")
     num_warps = cfg.pop("num_warps")
     out = packed if packed is not None else ids
-    grid = (triton.cdiv(num_tokens, block_m),)
+    grid = (cdiv(num_tokens, block_m),)
     _route_kernel[grid](
         router_logits,
         bias if bias is not None else router_logits,  # placeholder pointer, never read
