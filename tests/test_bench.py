@@ -391,3 +391,12 @@ def test_markdown_graph_eager_and_speedups():
     assert "| p | 60.0 (3.00×) | failed |" in md  # grouped_mm: graph vs graph
     assert "| p | 400ᵉ (10.00×) | 3,000ᵉ (3.00×) |" in md  # torch_loop: eager vs eager
     assert "failed: boom" in md and "memory 3,080 GB/s" in md
+
+
+def test_results_name_the_commit_given_in_the_environment(monkeypatch):
+    # A copied working tree (a lent GPU machine) may carry a stale .git: the caller's
+    # commit wins.
+    from moekit.bench.command import _git_commit
+
+    monkeypatch.setenv("MOEKIT_GIT_COMMIT", "f04c259")
+    assert _git_commit() == "f04c259"

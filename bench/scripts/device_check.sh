@@ -8,6 +8,8 @@
 #
 # The device returns at most 8 files from $OUT, and a stage writes several: run as
 #   O=$OUT; OUT=/tmp/o bash bench/scripts/device_check.sh STAGE...; tar czf $O/r.tgz -C /tmp/o .
+# The copied tree's .git there can be stale: prefix MOEKIT_GIT_COMMIT=<this commit> so the
+# result files name the commit that ran.
 #
 # Stages:
 #   tests     every GPU test except the slow ones and fp8's (pytest -m "gpu and not slow")

@@ -9,6 +9,7 @@ options, rows, files — can be exercised anywhere in seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import signal
@@ -91,6 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _git_commit() -> str | None:
+    """The commit the results come from: $MOEKIT_GIT_COMMIT when set (a copied working tree,
+    as on a lent GPU machine, may carry a stale .git), else `git rev-parse HEAD`."""
+    if os.environ.get("MOEKIT_GIT_COMMIT"):
+        return os.environ["MOEKIT_GIT_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                               capture_output=True, text=True, timeout=5, check=True)
