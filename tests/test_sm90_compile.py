@@ -32,7 +32,6 @@ module takes ~45 s on 2 cores (~75 s of compiling); with Triton's cache warm, ~4
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import subprocess
@@ -118,8 +117,7 @@ _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 
 
 def _experts(why, dtype, act, block_m, **flags):
-    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
-    tiles on; every other case has them off, whatever the heuristic's default)."""
+    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected)."""
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, _EXPERTS)
 
 
@@ -145,9 +143,6 @@ CASES = [
     _experts("TMA with ragged K and N (descriptor zero-fill); alpha/limit; biases",
              "bf16", "swigluoai", 128, tma=True, bias=True, odd_h=True, odd_i=True),
     _experts("fp16 TMA, ungated GEMM1", "fp16", "relu2", 128, tma=True, bias=True),
-    _experts("tail tiles: 128-row TMA pairs over 64-row plan blocks (ROLE pairs, persistent "
-             "GEMM2 skipping blocks), 64-row pointer tails (ROLE tail)", "bf16", "swigluoai",
-             128, tma=True, tail=True, bias=True, odd_i=True),
     _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
              odd_h=True),
     _experts("fp32 at 64 rows: the largest fp32 tiles that fit (192 KB of shared memory)",
@@ -242,10 +237,8 @@ def test_compiles_for_sm90(case, sm90_compiler):
             f"{_SM90_SHARED_BYTES} per block, so the launch would fail"
         )
         gemm = kernel["name"] in ("_gemm1_kernel", "_gemm2_kernel")
-        if gemm:  # tail tiles (ROLE "tail", 64 rows) always go by pointer
-            tail = kernel["constexprs"].get("ROLE") == "tail"
-            expected = bool(case.params.get("tma")) and not tail
-            assert kernel["tma"] == expected, f"{where}: TMA use"
+        if gemm:
+            assert kernel["tma"] == bool(case.params.get("tma")), f"{where}: TMA use"
 
 
 # ------------------------------------------------------------- parent side: the workers
@@ -369,7 +362,6 @@ def _run_experts(p):
     act = moekit.Activation.parse(p["act"])
     config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
-    config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),

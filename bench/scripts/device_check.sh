@@ -25,8 +25,6 @@
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
 #   fp8tiles  bench/scripts/fp8_tile_experiment.py (fp8 tiles at M = 1024, 4096)
 #   host      bench/scripts/host_overhead.py (host µs per eager call, by piece)
-#   tail      the experts GPU tests and bench/scripts/tail_tiles_experiment.py (tail tiles
-#             against plain 128-row tiles wherever the heuristic takes 128)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -82,10 +80,6 @@ for stage in "$@"; do
     fp8tiles) step fp8-tile-experiment 170 python3 bench/scripts/fp8_tile_experiment.py \
                 --out "$out" ;;
     host) step host-overhead 60 python3 bench/scripts/host_overhead.py ;;
-    tail)
-      step pytest-gpu-experts 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
-        tests/test_experts.py tests/test_layer.py
-      step tail-tiles-experiment 200 python3 bench/scripts/tail_tiles_experiment.py --out "$out" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

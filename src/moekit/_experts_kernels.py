@@ -8,13 +8,6 @@
     _combine_kernel   grid (M, H-tiles): out[m] = Σ_j pair_out[m*k + j] over valid slots,
                       in slot order, so the result is deterministic
 
-Tail tiles (ROLE): with 128-row tiles an expert's last block is partly padding — at 256
-rows per expert on average about 20% of all rows computed. The plan can instead pad
-runs to PLAN_M = 64 rows; then a launch with ROLE "pairs" computes 128-row tiles over
-each run's 64-row blocks two at a time, and one with ROLE "tail" computes the odd last
-block of a run, if any, with 64-row tiles. Programs of blocks the launch does not take
-exit at once. ROLE "all" (every block, PLAN_M = BLOCK_M) is the plain pipeline.
-
 A program whose block holds no expert (−1: past the last run) exits at once. Row
 offsets into `hidden`, `pair_out` and the per-expert weight bases are 64-bit (M·k·H and
 E·2I·H can exceed 2^31); offsets inside a tile stay 32-bit.
@@ -70,20 +63,6 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _takes_block(expert_offsets_ptr, expert, block, ROLE: tl.constexpr, PLAN_M: tl.constexpr):
-    """Whether a launch of ROLE "pairs" or "tail" computes the run's PLAN_M-row block
-    `block`: "pairs" takes each even block with a successor in the run (and the
-    successor with it), "tail" the run's last block when the run has an odd count."""
-    first = tl.load(expert_offsets_ptr + expert) // PLAN_M
-    count = tl.load(expert_offsets_ptr + expert + 1) // PLAN_M - first
-    local = block - first
-    if ROLE == "pairs":
-        return (local % 2 == 0) & (local + 1 < count)
-    else:
-        return (local % 2 == 0) & (local + 1 == count)
-
-
-@triton.jit
 def _row_tile(ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
     """A [BLOCK_M, BLOCK_K] tile of row-major rows (activations), masked only where K is
     ragged; rows are never masked (padding rows only reach unstored outputs)."""
@@ -116,8 +95,7 @@ def _gemm1_kernel(
     topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_INPUT)
     inter_ptr,  # [capacity, I], out
     sorted_pairs_ptr,  # [capacity] int32
-    block_experts_ptr,  # [capacity / PLAN_M] int32
-    expert_offsets_ptr,  # [E + 1] int32 (read only when ROLE is not "all")
+    block_experts_ptr,  # [capacity / BLOCK_M] int32
     num_pairs,
     num_blocks,
     H,
@@ -138,8 +116,6 @@ def _gemm1_kernel(
     EVEN_N: tl.constexpr,
     W_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROLE: tl.constexpr,  # "all", "pairs" or "tail" (module docstring)
-    PLAN_M: tl.constexpr,  # the plan's block: BLOCK_M, or BLOCK_M / 2 for "pairs"
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -150,10 +126,7 @@ def _gemm1_kernel(
     expert = tl.load(block_experts_ptr + pid_m)
     if expert < 0:
         return
-    if ROLE != "all":
-        if not _takes_block(expert_offsets_ptr, expert, pid_m, ROLE, PLAN_M):
-            return
-    slots = pid_m * PLAN_M + tl.arange(0, BLOCK_M)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + slots)
     row_ok = pairs < num_pairs
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
@@ -207,11 +180,10 @@ def _gemm2_tile(
     stride_be, stride_om,
     WEIGHT_ON_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PLAN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BLOCK_M plan slots of `expert` from its block `pid_m` × BLOCK_N hidden columns,
-    written to their pairs' rows."""
-    slots = pid_m * PLAN_M + tl.arange(0, BLOCK_M)
+    """BLOCK_M plan slots of `expert` × BLOCK_N hidden columns, written to their pairs' rows."""
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -225,7 +197,7 @@ def _gemm2_tile(
     # own (unstored) output rows, so the loads stay unmasked along M.
     for k0 in range(0, I, BLOCK_K):
         if TMA:
-            a = inter_desc.load([pid_m * PLAN_M, k0])
+            a = inter_desc.load([pid_m * BLOCK_M, k0])
         else:
             a = _row_tile(a_ptrs, k0, offs_k, I, EVEN_K)
         b = _weight_tile(b_ptrs, w2_desc, w_row, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, TMA)
@@ -257,8 +229,8 @@ def _gemm2_kernel(
     topk_weights_ptr,  # [M*k] fp32
     pair_out_ptr,  # [M*k, H], out
     sorted_pairs_ptr,  # [capacity] int32
-    block_experts_ptr,  # [capacity / PLAN_M] int32
-    expert_offsets_ptr,  # [E + 1] int32 (read only when PERSISTENT or ROLE is not "all")
+    block_experts_ptr,  # [capacity / BLOCK_M] int32
+    expert_offsets_ptr,  # [E + 1] int32 (read only when PERSISTENT)
     num_experts,
     num_pairs,
     num_blocks,
@@ -277,8 +249,6 @@ def _gemm2_kernel(
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROLE: tl.constexpr,  # "all", "pairs" or "tail" (module docstring)
-    PLAN_M: tl.constexpr,  # the plan's block: BLOCK_M, or BLOCK_M / 2 for "pairs"
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -292,39 +262,26 @@ def _gemm2_kernel(
     """
     num_n = tl.cdiv(H, BLOCK_N)
     if PERSISTENT:
-        used_blocks = tl.load(expert_offsets_ptr + num_experts) // PLAN_M
+        used_blocks = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
         for tile in tl.range(tl.program_id(0), used_blocks * num_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = _tile_of(tile, used_blocks, num_n, GROUP_M)
             expert = tl.load(block_experts_ptr + pid_m)
-            if ROLE == "all":
-                _gemm2_tile(
-                    inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr,
-                    pair_out_ptr, sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I,
-                    stride_im, stride_we, stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT,
-                    HAS_BIAS, EVEN_K, EVEN_N, TMA, DOT_PRECISION, PLAN_M, BLOCK_M, BLOCK_N,
-                    BLOCK_K,
-                )
-            elif _takes_block(expert_offsets_ptr, expert, pid_m, ROLE, PLAN_M):
-                _gemm2_tile(
-                    inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr,
-                    pair_out_ptr, sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I,
-                    stride_im, stride_we, stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT,
-                    HAS_BIAS, EVEN_K, EVEN_N, TMA, DOT_PRECISION, PLAN_M, BLOCK_M, BLOCK_N,
-                    BLOCK_K,
-                )
+            _gemm2_tile(
+                inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
+                sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we,
+                stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N,
+                TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
     else:
         pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
         expert = tl.load(block_experts_ptr + pid_m)
         if expert < 0:
             return
-        if ROLE != "all":
-            if not _takes_block(expert_offsets_ptr, expert, pid_m, ROLE, PLAN_M):
-                return
         _gemm2_tile(
             inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
             sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we,
             stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N,
-            TMA, DOT_PRECISION, PLAN_M, BLOCK_M, BLOCK_N, BLOCK_K,
+            TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
 

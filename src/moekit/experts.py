@@ -28,7 +28,6 @@ from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
-from moekit.tuning.heuristic import tiles_for_block_m
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -158,12 +157,7 @@ def _config_to_list(config: ExpertsConfig) -> list[int]:
         config.block_m,
         g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
         g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
-        config.tail_block_m,
     ]
-
-
-def _tiles_to_list(gemm) -> list[int]:
-    return [gemm.block_n, gemm.block_k, gemm.group_m, gemm.num_warps, gemm.num_stages]
 
 
 def _launch_fused_experts(
@@ -184,33 +178,21 @@ def _launch_fused_experts(
     """Launch plan, GEMM1, GEMM2 and combine; `config` is `_config_to_list`'s flat form."""
     if hidden.shape[0] == 0:
         return
-    block_m, tail_m = config[0], config[11]
-    plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m, backend="triton")
+    block_m = config[0]
+    plan = dispatch_plan(topk_ids, w2.shape[0], block_m, backend="triton")
     tma = use_tma(hidden, w13, w2, block_m)
-    role = "pairs" if tail_m else "all"
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                         apply_router_weight_on_input, config[1:6], tma, role, block_m)
+                         apply_router_weight_on_input, config[1:6], tma)
     pair_out = launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
-                            config[6:11], tma, role, block_m)
-    if tail_m:  # each run's odd last block, in the heuristic's tiles for that row tile
-        tail = tiles_for_block_m(tail_m)
-        tail_tma = use_tma(hidden, w13, w2, tail_m)
-        launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                     apply_router_weight_on_input, _tiles_to_list(tail.gemm1), tail_tma,
-                     "tail", tail_m, inter)
-        launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
-                     _tiles_to_list(tail.gemm2), tail_tma, "tail", tail_m, pair_out)
+                            config[6:11], tma)
     launch_combine(pair_out, topk_ids, w2.shape[0], out)
 
 
 def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                 weight_on_input, tiles, tma, role="all", block_m=None,
-                 inter=None) -> torch.Tensor:
+                 weight_on_input, tiles, tma) -> torch.Tensor:
     """GEMM1 + activation over the plan's slots; returns `inter` [capacity, I].
 
     `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`.
-    `role` and the tile's rows `block_m` (default: the plan's) select the blocks computed
-    ("all"; "pairs" or "tail" for tail tiles, which write into the same `inter`).
     """
     num_tokens, hidden_size = hidden.shape
     num_blocks = plan.capacity // plan.block_m
@@ -218,42 +200,35 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
-    if inter is None:
-        inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype,
-                            device=hidden.device)
+    inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     _gemm1_kernel[(num_blocks * cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
-        bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts, plan.expert_offsets,
+        bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
         plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
         hidden.stride(0), w13.stride(0), w13.stride(1),
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
         EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=_dot_precision(hidden),
-        ROLE=role, PLAN_M=plan.block_m, BLOCK_M=block_m or plan.block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages,
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        num_warps=warps, num_stages=stages,
     )
     return inter
 
 
-def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma, role="all",
-                 block_m=None, pair_out=None) -> torch.Tensor:
+def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma) -> torch.Tensor:
     """GEMM2 (+bias, × router weight) of `inter`; returns one row per pair [M*k, H].
 
     With TMA the grid is persistent (one program per SM), measured better on every cell.
-    `role` and `block_m` as in `launch_gemm1` (a "tail" launch writes into `pair_out`).
     """
     num_experts, hidden_size, inter_size = w2.shape
     num_blocks = plan.capacity // plan.block_m
-    block_m = block_m or plan.block_m
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
-    if pair_out is None:
-        pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype,
-                               device=inter.device)
+    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
     programs = persistent_programs(inter.device) if tma else 0
     _gemm2_kernel[(programs or num_blocks * cdiv(hidden_size, block_n),)](
-        inter, matrix_descriptor(inter, block_m, block_k) if tma else None,
+        inter, matrix_descriptor(inter, plan.block_m, block_k) if tma else None,
         w2, matrix_descriptor(w2, block_n, block_k) if tma else None,
         bias, topk_weights, pair_out, plan.sorted_pairs, plan.block_experts,
         plan.expert_offsets, num_experts, plan.num_pairs, num_blocks, hidden_size, inter_size,
@@ -262,8 +237,8 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TMA=tma,
         PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=_dot_precision(inter),
-        ROLE=role, PLAN_M=plan.block_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=group_m, num_warps=warps, num_stages=stages,
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        num_warps=warps, num_stages=stages,
     )
     return pair_out
 

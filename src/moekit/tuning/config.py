@@ -24,29 +24,12 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """Both GEMMs of the experts pipeline; they share the row tile `block_m` of the plan.
-
-    `tail_block_m` = block_m / 2 pads the plan's runs to that many rows instead, computes
-    each run in block_m-row tiles two plan blocks at a time, and its odd last block, if
-    any, in tail_block_m-row tiles with the heuristic's tiles for that row tile: less
-    padding per expert for two more launches. 0 (the default) turns it off.
-    """
+    """Both GEMMs of the experts pipeline; they share the row tile `block_m` of the plan."""
 
     block_m: int
     gemm1: GemmConfig
     gemm2: GemmConfig
-    tail_block_m: int = 0
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m: expected a power of two ≥ 16, got {self.block_m}")
-        if self.tail_block_m not in (0, self.block_m // 2) or self.tail_block_m == 8:
-            raise ValueError(
-                f"tail_block_m: expected 0 or block_m / 2 = {self.block_m // 2} (≥ 16), "
-                f"got {self.tail_block_m}"
-            )
-
-    @property
-    def plan_block_m(self) -> int:
-        """The row granularity of the dispatch plan this configuration needs."""
-        return self.tail_block_m or self.block_m
