@@ -7,7 +7,8 @@
 #   bench/scripts/device_check.sh fp8                           (≈ 7 min: compiles dominate)
 #
 # The device returns at most 8 files from $OUT, and a stage writes several: run as
-#   O=$OUT; OUT=/tmp/o bash bench/scripts/device_check.sh STAGE...; tar czf $O/r.tgz -C /tmp/o .
+#   rm -rf /tmp/o; O=$OUT; OUT=/tmp/o bash bench/scripts/device_check.sh STAGE...; tar czf $O/r.tgz -C /tmp/o .
+# (a machine may keep an earlier session's /tmp: clear it first)
 # The copied tree's .git there can be stale: prefix MOEKIT_GIT_COMMIT=<this commit> so the
 # result files name the commit that ran.
 #
