@@ -18,7 +18,7 @@ import torch
 from moekit import reference
 from moekit._checks import check_tensor
 from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel
-from moekit._intmath import next_power_of_2
+from moekit._intmath import cdiv, next_power_of_2
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs
 
@@ -38,7 +38,7 @@ def _chunk_size(num_pairs: int) -> int:
     """
     if num_pairs <= _SINGLE_CHUNK_PAIRS:
         return max(16, next_power_of_2(num_pairs))
-    return max(256, min(next_power_of_2(-(-num_pairs // 64)), 4096))
+    return max(256, min(next_power_of_2(cdiv(num_pairs, 64)), 4096))
 
 
 def _int32_views(device: torch.device, sizes: list[int]) -> list[torch.Tensor]:
@@ -46,7 +46,7 @@ def _int32_views(device: torch.device, sizes: list[int]) -> list[torch.Tensor]:
     starts, total = [], 0
     for n in sizes:
         starts.append(total)
-        total += -(-n // 16) * 16
+        total += cdiv(n, 16) * 16
     buffer = torch.empty(total, dtype=torch.int32, device=device)
     return [buffer[a : a + n] for a, n in zip(starts, sizes, strict=True)]
 
@@ -93,10 +93,10 @@ def dispatch_plan(
     num_blocks = capacity // block_m
     bins = next_power_of_2(num_experts + 1)
     chunk = _chunk_size(num_pairs)
-    num_chunks = max(1, -(-num_pairs // chunk))
+    num_chunks = max(1, cdiv(num_pairs, chunk))
     single = num_chunks == 1
-    programs = max(num_chunks, -(-num_blocks // _BLOCKS_PER_PROGRAM), 1)
-    blocks_per_program = -(-num_blocks // programs) if num_blocks else 0
+    programs = max(num_chunks, cdiv(num_blocks, _BLOCKS_PER_PROGRAM), 1)
+    blocks_per_program = cdiv(num_blocks, programs) if num_blocks else 0
 
     # One allocation for the plan and the kernels' scratch (each allocation costs host time).
     sorted_pairs, block_experts, expert_offsets, pair_slots, bases, counts = _int32_views(

@@ -24,11 +24,13 @@ from typing import NamedTuple
 
 import torch
 
+from moekit._intmath import cdiv
+
 
 def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Slots needed in the worst case: every non-empty expert adds < block_m of padding."""
     worst = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    return -(-worst // block_m) * block_m
+    return cdiv(worst, block_m) * block_m
 
 
 class DispatchPlan(NamedTuple):
