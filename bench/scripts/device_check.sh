@@ -26,7 +26,8 @@
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
 #   fp8tiles  bench/scripts/fp8_tile_experiment.py (fp8 tiles at M = 1024, 4096)
 #   host      bench/scripts/host_overhead.py (host µs per eager call, by piece)
-#   decodetma bench/scripts/decode_tma_experiment.py (TMA tiles at decode row tiles; not yet run)
+#   decodetma bench/scripts/decode_tma_experiment.py (TMA tiles at decode row tiles)
+#   padding   bench/scripts/padding_ceiling_experiment.py (prefill: random vs exactly even routing)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -83,6 +84,8 @@ for stage in "$@"; do
                 --out "$out" ;;
     host) step host-overhead 60 python3 bench/scripts/host_overhead.py ;;
     decodetma) step decode-tma 150 python3 bench/scripts/decode_tma_experiment.py --out "$out" ;;
+    padding) step padding-ceiling 150 python3 bench/scripts/padding_ceiling_experiment.py \
+               --out "$out" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done
