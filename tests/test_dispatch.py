@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moekit import reference
-from moekit.dispatch import dispatch_plan
+from moekit.dispatch import dispatch_plan, tile_list
 from moekit.dispatch_plan import max_padded_pairs
 
 
@@ -50,6 +50,51 @@ CASES = [
     (20, 3, 1100, 16, "E > 1024"),
     (0, 4, 8, 16, "no tokens: empty plan, nothing to place"),
 ]
+
+
+def check_tile_list(tiles, plan):
+    """Tiles cover every used plan block exactly once, two of one expert or a run's last."""
+    tiles = tiles.long().cpu()
+    offsets = plan.expert_offsets.long().cpu()
+    count = int(tiles[-1])
+    entries = tiles[:count]
+    assert (tiles[count:-1] == -1).all() and (entries >= 0).all()
+    covered = []
+    for entry in entries.tolist():
+        block, is_tail = entry >> 1, entry & 1
+        covered += [block] if is_tail else [block, block + 1]
+        start = block * plan.block_m
+        run_end = offsets[offsets > start].min()
+        assert bool(is_tail) == (start + plan.block_m == run_end), "tail ⇔ the run's odd last block"
+    assert covered == list(range(int(offsets[-1]) // plan.block_m))
+
+
+TILE_LIST_CASES = [
+    # (M, k, E, plan_m, why)
+    (1, 1, 1, 16, "one pair: one tail"),
+    (200, 1, 3, 64, "a few long runs"),
+    (64, 8, 60, 16, "E not a power of two, runs of 1-3 blocks"),
+    (300, 4, 7, 32, "several plan chunks"),
+    (20, 3, 1100, 16, "E > 1024: the work list kernel's BINS"),
+    (0, 4, 8, 16, "no tokens: an empty list"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,k,E,plan_m,why", TILE_LIST_CASES)
+def test_tile_list_matches_reference_interpreter(M, k, E, plan_m, why):
+    g = torch.Generator().manual_seed(M * 7 + E)
+    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32)
+    plan = dispatch_plan(ids, E, plan_m, backend="triton")
+    tiles = tile_list(plan, 2 * plan_m, backend="triton")
+    assert torch.equal(tiles, reference.tile_list(plan, 2 * plan_m))
+    check_tile_list(tiles, plan)
+
+
+def test_tile_list_needs_twice_the_plan_rows():
+    plan = reference.dispatch_plan(torch.zeros(4, 1, dtype=torch.int32), 2, 16)
+    with pytest.raises(ValueError, match="tile_m"):
+        tile_list(plan, 64)
 
 
 @pytest.mark.interpreter

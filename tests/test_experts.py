@@ -104,6 +104,64 @@ def test_tma_path_interpreter(monkeypatch, M, E, k, H, I, activation, bias, extr
     assert_close(out, expected)
 
 
+def exact_counts(counts):
+    """ids_transform for k = 1: expert e receives exactly counts[e] tokens, shuffled."""
+    def transform(ids):
+        chosen = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        assert chosen.numel() == ids.numel(), "M must be the sum of counts"
+        perm = torch.randperm(chosen.numel(), generator=torch.Generator().manual_seed(5))
+        return chosen[perm].to(ids.dtype).reshape(ids.shape).to(ids.device)
+    return transform
+
+
+TAIL_TILES = ExpertsConfig(32, GemmConfig(16, 16, 2, 1, 1), GemmConfig(32, 16, 1, 1, 1),
+                           tail_block_m=16)
+TAIL_TMA_TILES = ExpertsConfig(128, GemmConfig(32, 32, 2, 4, 2), GemmConfig(32, 32, 2, 4, 2),
+                               tail_block_m=64)
+
+TAIL_CASES = [
+    # (M, E, k, H, I, activation, bias, dtype, config, extra, why)
+    (97, 5, 1, 48, 40, "silu", False, torch.float32, TAIL_TILES,
+     {"ids_transform": exact_counts([0, 16, 33, 48, 0])},
+     "runs of 0, 1, 3 and 3 blocks: empty, tail only, pair + tail, pair + full tail"),
+    (60, 4, 2, 64, 32, "swigluoai", True, torch.float16, TAIL_TILES, {"skew": 2.0},
+     "random skewed routing, biases, fp16"),
+    (40, 6, 2, 64, 24, "relu2", False, torch.float32, TAIL_TILES,
+     {"ids_transform": drop_some}, "no gate; dropped and sentinel ids"),
+    (36, 3, 2, 64, 32, "silu", False, torch.float32, TAIL_TILES, {"weight_on_input": True},
+     "router weight on the input"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,E,k,H,I,activation,bias,dtype,config,extra,why", TAIL_CASES)
+def test_tail_tiles_interpreter(M, E, k, H, I, activation, bias, dtype, config, extra, why):
+    # Each expert's run in pairs of plan blocks plus its odd last block: every row written
+    # exactly as the reference says, whatever the run lengths.
+    out, expected = run_case(M, E, k, H, I, activation, bias=bias, dtype=dtype,
+                             config=config, **extra)
+    assert_close(out, expected)
+
+
+@pytest.mark.interpreter
+def test_tail_tiles_on_the_tma_path_interpreter(monkeypatch):
+    # 128- and 64-row tiles through TMA (two inter descriptors) in the persistent GEMM2.
+    monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
+    out, expected = run_case(330, 3, 1, 64, 32, "silu", bias=True, dtype=torch.float16,
+                             config=TAIL_TMA_TILES,
+                             ids_transform=exact_counts([200, 130, 0]))  # 2 pairs; pair + tail
+    assert_close(out, expected)
+
+
+def test_tail_block_m_is_half_the_row_tile():
+    tiles = GemmConfig(32, 32)
+    assert ExpertsConfig(128, tiles, tiles, 64).plan_block_m == 64
+    assert ExpertsConfig(128, tiles, tiles).plan_block_m == 128
+    for block_m, tail in [(128, 32), (64, 64), (16, 8)]:
+        with pytest.raises(ValueError, match="tail_block_m"):
+            ExpertsConfig(block_m, tiles, tiles, tail)
+
+
 @pytest.mark.interpreter
 def test_unrouted_token_gives_zero_row():
     # A token whose slots are all dropped receives nothing, not garbage.
@@ -119,7 +177,7 @@ def test_opcheck_interpreter():
     w13, w2, _, _ = random_experts(4, 32, 16)
     hidden = torch.randn(3, 32)
     ids, weights = random_routing(3, 4, 2)
-    config = [16, 32, 32, 1, 1, 1, 32, 16, 1, 1, 1]
+    config = moekit.experts._config_to_list(TAIL_TILES)  # the op's flat form, tail tiles on
     args = (hidden, w13, w2, ids, weights, None, None, "silu", 1.702, 7.0, False, config,
             torch.empty_like(hidden))
     torch.library.opcheck(torch.ops.moekit.fused_experts.default, args,
@@ -224,6 +282,32 @@ def test_presets_gpu(preset, dtype):
             b13=f32(b13), b2=f32(b2),
         )
         assert_close(out[rows], expected.float(), REL_L2_TOL[dtype], f"{preset} M={M} skew={skew}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "gpt-oss-120b", "granite-3.0-3b-a800m"])
+def test_tail_tiles_gpu(preset):
+    # The prefill tiles with tail tiles (TMA pairs, pointer tails) against the reference.
+    p = PRESETS[preset]
+    E, k, H, I = p.num_experts, p.top_k, p.hidden, p.inter
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
+    f32 = lambda t: None if t is None else t.float()
+    for M, skew in [(1024, 0.0), (4096, 0.0), (4096, 4.0)]:
+        base = moekit.tuning.default_config(M, E, k, H, I)
+        config = ExpertsConfig(128, base.gemm1, base.gemm2, tail_block_m=64)
+        hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+        ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, activation=p.activation, b13=b13,
+                             b2=b2, config=config, out=out)
+        rows = slice(0, 256)
+        expected = reference.fused_experts(
+            hidden[rows].float(), w13, w2, ids[rows], weights[rows], activation=p.activation,
+            b13=f32(b13), b2=f32(b2),
+        )
+        assert_close(out[rows], expected.float(), REL_L2_TOL[torch.bfloat16],
+                     f"{preset} M={M} skew={skew}")
 
 
 @pytest.mark.gpu

@@ -32,6 +32,7 @@ module takes ~45 s on 2 cores (~75 s of compiling); with Triton's cache warm, ~4
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -117,7 +118,8 @@ _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 
 
 def _experts(why, dtype, act, block_m, **flags):
-    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected)."""
+    """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
+    tiles on; every other case has them off, whatever the heuristic's default)."""
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, _EXPERTS)
 
 
@@ -143,6 +145,10 @@ CASES = [
     _experts("TMA with ragged K and N (descriptor zero-fill); alpha/limit; biases",
              "bf16", "swigluoai", 128, tma=True, bias=True, odd_h=True, odd_i=True),
     _experts("fp16 TMA, ungated GEMM1", "fp16", "relu2", 128, tma=True, bias=True),
+    Case("experts", dict(dtype="bf16", act="swigluoai", block_m=128, tma=True, tail=True,
+                         bias=True, odd_i=True),
+         "tail tiles: 128- and 64-row tiles in one program (both TMA; two inter descriptors "
+         "in the persistent GEMM2), the work list kernel", _EXPERTS + ("_tile_list_kernel",)),
     _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
              odd_h=True),
     _experts("fp32 at 64 rows: the largest fp32 tiles that fit (192 KB of shared memory)",
@@ -362,6 +368,7 @@ def _run_experts(p):
     act = moekit.Activation.parse(p["act"])
     config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
+    config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),

@@ -61,6 +61,15 @@ def test_search_finds_a_better_configuration():
     assert best_us == fake_cost(best) < heuristic_us == fake_cost(heuristic)
 
 
+def test_search_tries_tail_tiles_last():
+    heuristic = default_config(4096, 128, 8, 2048, 768)  # block_m 128, no tail tiles
+    cost = lambda c: fake_cost(c) - (5.0 if c.tail_block_m else 0.0)
+    best, best_us, _ = search(heuristic, cost)
+    assert best.tail_block_m == best.block_m // 2 and best_us == cost(best)
+    best, _, _ = search(heuristic, fake_cost)
+    assert best.tail_block_m == 0, "kept off where it does not win"
+
+
 def test_search_survives_configurations_that_cannot_run():
     heuristic = default_config(1, 128, 8, 2048, 768)
     best, best_us, _ = search(heuristic, lambda c: float("inf") if c != heuristic else 50.0)

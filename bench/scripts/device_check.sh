@@ -28,6 +28,7 @@
 #   host      bench/scripts/host_overhead.py (host µs per eager call, by piece)
 #   decodetma bench/scripts/decode_tma_experiment.py (TMA tiles at decode row tiles)
 #   padding   bench/scripts/padding_ceiling_experiment.py (prefill: random vs exactly even routing)
+#   tail      bench/scripts/tail_tiles_experiment.py (tail tiles against the heuristic, prefill)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -84,6 +85,7 @@ for stage in "$@"; do
                 --out "$out" ;;
     host) step host-overhead 60 python3 bench/scripts/host_overhead.py ;;
     decodetma) step decode-tma 150 python3 bench/scripts/decode_tma_experiment.py --out "$out" ;;
+    tail) step tail-tiles 300 python3 bench/scripts/tail_tiles_experiment.py --out "$out" ;;
     padding) step padding-ceiling 150 python3 bench/scripts/padding_ceiling_experiment.py \
                --out "$out" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;

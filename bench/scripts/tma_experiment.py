@@ -179,25 +179,27 @@ def run_cell(name: str, num_tokens: int, log) -> list[dict]:
     def g1_ptr():
         _gemm1_kernel[(nblocks * triton.cdiv(I, c1.block_n),)](
             hidden, wts.w13, None, dummy if wts.b13 is None else wts.b13, weights, inter,
-            plan.sorted_pairs, plan.block_experts, plan.num_pairs, nblocks, H, I, k,
+            plan.sorted_pairs, plan.block_experts, plan.block_experts, plan.num_pairs, nblocks,
+            H, I, k,
             hidden.stride(0), wts.w13.stride(0), wts.w13.stride(1),
             0 if wts.b13 is None else wts.b13.stride(0), inter.stride(0), 1.702, 7.0,
             ACTIVATION=act, GATED=True, HAS_BIAS=has_bias, WEIGHT_ON_INPUT=False,
             EVEN_K=H % c1.block_k == 0, EVEN_N=I % c1.block_n == 0, W_TMA=False,
-            DOT_PRECISION=None,
+            DOT_PRECISION=None, TAIL_M=0,
             BLOCK_M=bm, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k, GROUP_M=c1.group_m,
             num_warps=c1.num_warps, num_stages=c1.num_stages)
 
     def g2_ptr():
         _gemm2_kernel[(nblocks * triton.cdiv(H, c2.block_n),)](
-            inter, None, wts.w2, None, dummy if wts.b2 is None else wts.b2, weights, pair_out,
-            plan.sorted_pairs, plan.block_experts, plan.expert_offsets, E, plan.num_pairs,
+            inter, None, None, wts.w2, None, dummy if wts.b2 is None else wts.b2, weights,
+            pair_out, plan.sorted_pairs, plan.block_experts, plan.expert_offsets,
+            plan.expert_offsets, E, plan.num_pairs,
             nblocks, H, I,
             inter.stride(0), wts.w2.stride(0), wts.w2.stride(1),
             0 if wts.b2 is None else wts.b2.stride(0), pair_out.stride(0),
             WEIGHT_ON_OUTPUT=True, HAS_BIAS=wts.b2 is not None, EVEN_K=I % c2.block_k == 0,
             EVEN_N=H % c2.block_n == 0, TMA=False, PERSISTENT=False, NUM_PROGRAMS=1,
-            DOT_PRECISION=None, BLOCK_M=bm, BLOCK_N=c2.block_n,
+            DOT_PRECISION=None, TAIL_M=0, BLOCK_M=bm, BLOCK_N=c2.block_n,
             BLOCK_K=c2.block_k, GROUP_M=c2.group_m, num_warps=c2.num_warps,
             num_stages=c2.num_stages)
 

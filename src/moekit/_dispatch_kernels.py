@@ -10,6 +10,9 @@ Two launches, no host synchronisation:
                                            fills its share of blocks with expert ids and
                                            padding sentinels.
 
+A third kernel, `_tile_list_kernel`, derives the work list of tail tiles from a plan
+(`moekit.dispatch.tile_list`).
+
 When the pairs fit one chunk (decode), the count is folded into the second kernel and
 only one launch runs. Ids outside [0, E) fall into an extra "dropped" bin, bin E. With
 an expert map (expert parallelism) each global id is first mapped to its local id, so
@@ -150,3 +153,43 @@ def _place_pairs_kernel(
             tl.full([BLOCK_TILE, BLOCK_M], 0, tl.int32) + num_pairs,
             mask=in_range[:, None] & is_padding,
         )
+
+
+@triton.jit
+def _tile_list_kernel(
+    expert_offsets_ptr,  # [E + 1] int32: the plan's runs, padded to PLAN_M
+    tiles_ptr,  # [max_tiles + 1] int32, out: the work list, then its length
+    num_experts,
+    max_tiles,
+    BINS: tl.constexpr,
+    PLAN_M: tl.constexpr,
+    TILE_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Grid (cdiv(max_tiles, BLOCK_T),): entries t of the work list of TILE_M-row tiles.
+
+    Each expert's run (a multiple of PLAN_M = TILE_M / 2 slots) becomes ⌈run / TILE_M⌉
+    tiles, in expert order; tile t is entry (first plan block · 2 + is_tail), where
+    is_tail marks a run's odd last plan block. Entries past the total are −1; program 0
+    also stores the total after the list.
+    """
+    bins = tl.arange(0, BINS)
+    is_expert = bins < num_experts
+    starts = tl.load(expert_offsets_ptr + bins, mask=is_expert, other=0)
+    ends = tl.load(expert_offsets_ptr + bins + 1, mask=is_expert, other=0)
+    counts = (ends - starts + TILE_M - 1) // TILE_M
+    tile_ends = tl.cumsum(counts, 0)
+    total = tl.sum(counts, 0)
+    if tl.program_id(0) == 0:
+        tl.store(tiles_ptr + max_tiles, total)
+
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    owner = tl.sum(((tile_ends[None, :] <= t[:, None]) & is_expert[None, :]).to(tl.int32), 1)
+    mine = bins[None, :] == owner[:, None]
+    run_start = tl.sum(tl.where(mine, starts, 0), 1)
+    run_end = tl.sum(tl.where(mine, ends, 0), 1)
+    first_tile = tl.sum(tl.where(mine, tile_ends - counts, 0), 1)
+    first_slot = run_start + (t - first_tile) * TILE_M
+    is_tail = (first_slot + TILE_M > run_end).to(tl.int32)
+    entry = tl.where(t < total, first_slot // PLAN_M * 2 + is_tail, -1)
+    tl.store(tiles_ptr + t, entry, mask=t < max_tiles)

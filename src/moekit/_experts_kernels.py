@@ -1,14 +1,18 @@
 """Triton kernels of the fused experts pipeline.
 
-    _gemm1_kernel     grid (blocks × I-tiles): rows of `hidden` gathered through the
+    _gemm1_kernel     grid (row tiles × I-tiles): rows of `hidden` gathered through the
                       dispatch plan, times w13[e]ᵀ, + bias, activation in the epilogue;
                       writes `inter` [capacity, I] in plan-slot order (contiguous per expert)
-    _gemm2_kernel     grid (blocks × H-tiles), or persistent: inter rows × w2[e]ᵀ, + bias,
+    _gemm2_kernel     grid (row tiles × H-tiles), or persistent: inter rows × w2[e]ᵀ, + bias,
                       × router weight; writes one row per pair, `pair_out` [M*k, H]
     _combine_kernel   grid (M, H-tiles): out[m] = Σ_j pair_out[m*k + j] over valid slots,
                       in slot order, so the result is deterministic
 
-A program whose block holds no expert (−1: past the last run) exits at once. Row
+A row tile is one plan block, or with tail tiles (TAIL_M = BLOCK_M / 2) an entry of the
+plan's work list (`moekit.dispatch.tile_list`): two TAIL_M-row plan blocks of one expert,
+or a run's odd last block, which the same program computes with TAIL_M-row tiles, so an
+expert's run is padded to TAIL_M rows instead of BLOCK_M. A program whose row tile holds
+no expert (−1: past the last run) exits at once. Row
 offsets into `hidden`, `pair_out` and the per-expert weight bases are 64-bit (M·k·H and
 E·2I·H can exceed 2^31); offsets inside a tile stay 32-bit.
 
@@ -87,46 +91,35 @@ def _weight_tile(ptrs, desc, row, k0, col_ok, offs_k, K, EVEN_K: tl.constexpr,
 
 
 @triton.jit
-def _gemm1_kernel(
-    hidden_ptr,  # [M, H]
-    w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
-    w13_desc,  # TMA descriptor of w13 as [E*N1, H] (used only when W_TMA)
-    b13_ptr,  # [E, N1] (read only when HAS_BIAS)
-    topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_INPUT)
-    inter_ptr,  # [capacity, I], out
-    sorted_pairs_ptr,  # [capacity] int32
-    block_experts_ptr,  # [capacity / BLOCK_M] int32
-    num_pairs,
-    num_blocks,
-    H,
-    I,
-    top_k,
-    stride_hm,
-    stride_we,
-    stride_wn,
-    stride_be,
-    stride_im,
-    alpha,
-    limit,
-    ACTIVATION: tl.constexpr,
-    GATED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    W_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
+    """Row tile `pid_m` → (first plan slot, expert or −1, whether it is a TAIL_M-row tail).
+
+    Without tail tiles row tile i is plan block i. With them (TAIL_M = BLOCK_M / 2, the
+    plan padded to TAIL_M) it is entry i of the work list (`moekit.dispatch.tile_list`):
+    plan block · 2 + 1 if the tile is its run's odd last block, −1 past the list's end.
+    """
+    if TAIL_M:
+        entry = tl.load(tiles_ptr + pid_m)
+        block = entry >> 1
+        expert = tl.load(block_experts_ptr + block, mask=entry >= 0, other=-1)
+        return block * TAIL_M, expert, (entry & 1) == 1
+    else:
+        expert = tl.load(block_experts_ptr + pid_m)
+        return pid_m * BLOCK_M, expert, expert < -1  # never a tail
+
+
+@triton.jit
+def _gemm1_tile(
+    hidden_ptr, w13_ptr, w13_desc, b13_ptr, topk_weights_ptr, inter_ptr, sorted_pairs_ptr,
+    first_slot, expert, pid_n, num_pairs, H, I, top_k, stride_hm, stride_we, stride_wn,
+    stride_be, stride_im, alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program: BLOCK_M plan slots (one expert) × BLOCK_N intermediate columns."""
-    pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
-    expert = tl.load(block_experts_ptr + pid_m)
-    if expert < 0:
-        return
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns."""
+    slots = first_slot + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + slots)
     row_ok = pairs < num_pairs
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
@@ -174,16 +167,80 @@ def _gemm1_kernel(
 
 
 @triton.jit
+def _gemm1_kernel(
+    hidden_ptr,  # [M, H]
+    w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
+    w13_desc,  # TMA descriptor of w13 as [E*N1, H] (used only when W_TMA)
+    b13_ptr,  # [E, N1] (read only when HAS_BIAS)
+    topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_INPUT)
+    inter_ptr,  # [capacity, I], out
+    sorted_pairs_ptr,  # [capacity] int32
+    block_experts_ptr,  # [capacity / plan rows] int32
+    tiles_ptr,  # [num_blocks + 1] int32 work list (read only when TAIL_M)
+    num_pairs,
+    num_blocks,  # row tiles of the grid: plan blocks, or the work list's length
+    H,
+    I,
+    top_k,
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_im,
+    alpha,
+    limit,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    W_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
+    (TAIL_M) computes only its TAIL_M rows."""
+    pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
+                                             TAIL_M)
+    if expert < 0:
+        return
+    # The same tile code at two heights; a constexpr TAIL_M = 0 compiles only the first.
+    if TAIL_M and is_tail:
+        _gemm1_tile(
+            hidden_ptr, w13_ptr, w13_desc, b13_ptr, topk_weights_ptr, inter_ptr,
+            sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k, stride_hm,
+            stride_we, stride_wn, stride_be, stride_im, alpha, limit, ACTIVATION, GATED,
+            HAS_BIAS, WEIGHT_ON_INPUT, EVEN_K, EVEN_N, W_TMA, DOT_PRECISION, TAIL_M,
+            BLOCK_N, BLOCK_K,
+        )
+    else:
+        _gemm1_tile(
+            hidden_ptr, w13_ptr, w13_desc, b13_ptr, topk_weights_ptr, inter_ptr,
+            sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k, stride_hm,
+            stride_we, stride_wn, stride_be, stride_im, alpha, limit, ACTIVATION, GATED,
+            HAS_BIAS, WEIGHT_ON_INPUT, EVEN_K, EVEN_N, W_TMA, DOT_PRECISION, BLOCK_M,
+            BLOCK_N, BLOCK_K,
+        )
+
+
+@triton.jit
 def _gemm2_tile(
     inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
-    sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we, stride_wn,
-    stride_be, stride_om,
+    sorted_pairs_ptr, expert, first_slot, pid_n, num_pairs, H, I, stride_im, stride_we,
+    stride_wn, stride_be, stride_om,
     WEIGHT_ON_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BLOCK_M plan slots of `expert` × BLOCK_N hidden columns, written to their pairs' rows."""
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """BLOCK_M plan slots of `expert` from `first_slot` × BLOCK_N hidden columns, written to
+    their pairs' rows; `inter_desc` (TMA) has BLOCK_M-row boxes."""
+    slots = first_slot + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -197,7 +254,7 @@ def _gemm2_tile(
     # own (unstored) output rows, so the loads stay unmasked along M.
     for k0 in range(0, I, BLOCK_K):
         if TMA:
-            a = inter_desc.load([pid_m * BLOCK_M, k0])
+            a = inter_desc.load([first_slot, k0])
         else:
             a = _row_tile(a_ptrs, k0, offs_k, I, EVEN_K)
         b = _weight_tile(b_ptrs, w2_desc, w_row, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, TMA)
@@ -220,20 +277,53 @@ def _gemm2_tile(
 
 
 @triton.jit
+def _gemm2_work_tile(
+    inter_ptr, inter_desc, inter_tail_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr,
+    pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n, num_pairs, H,
+    I, stride_im, stride_we, stride_wn, stride_be, stride_om,
+    WEIGHT_ON_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL_M: tl.constexpr, MAY_BE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Row tile `pid_m` (`_work_tile`) × column tile `pid_n`, at its height; a row tile
+    past the last run (MAY_BE_EMPTY: a grid sized for the worst case) does nothing."""
+    first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
+                                             TAIL_M)
+    if not MAY_BE_EMPTY or expert >= 0:
+        if TAIL_M and is_tail:
+            _gemm2_tile(
+                inter_ptr, inter_tail_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr,
+                pair_out_ptr, sorted_pairs_ptr, expert, first_slot, pid_n, num_pairs, H, I,
+                stride_im, stride_we, stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT,
+                HAS_BIAS, EVEN_K, EVEN_N, TMA, DOT_PRECISION, TAIL_M, BLOCK_N, BLOCK_K,
+            )
+        else:
+            _gemm2_tile(
+                inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr,
+                pair_out_ptr, sorted_pairs_ptr, expert, first_slot, pid_n, num_pairs, H, I,
+                stride_im, stride_we, stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT,
+                HAS_BIAS, EVEN_K, EVEN_N, TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+
+
+@triton.jit
 def _gemm2_kernel(
     inter_ptr,  # [capacity, I]
-    inter_desc,  # TMA descriptor of inter (used only when TMA)
+    inter_desc,  # TMA descriptor of inter, BLOCK_M-row boxes (used only when TMA)
+    inter_tail_desc,  # the same with TAIL_M-row boxes (used only when TMA and TAIL_M)
     w2_ptr,  # [E, H, I]
     w2_desc,  # TMA descriptor of w2 as [E*H, I] (used only when TMA)
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
     topk_weights_ptr,  # [M*k] fp32
     pair_out_ptr,  # [M*k, H], out
     sorted_pairs_ptr,  # [capacity] int32
-    block_experts_ptr,  # [capacity / BLOCK_M] int32
+    block_experts_ptr,  # [capacity / plan rows] int32
     expert_offsets_ptr,  # [E + 1] int32 (read only when PERSISTENT)
+    tiles_ptr,  # [num_blocks + 1] int32 work list, then its length (read only when TAIL_M)
     num_experts,
     num_pairs,
-    num_blocks,
+    num_blocks,  # row tiles of the grid: plan blocks, or the work list's length
     H,
     I,
     stride_im,
@@ -249,39 +339,42 @@ def _gemm2_kernel(
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Tiles of BLOCK_M plan slots (one expert) × BLOCK_N hidden columns.
+    """Row tiles (one expert each) × BLOCK_N hidden columns.
 
     One tile per program, or (PERSISTENT) NUM_PROGRAMS programs striding over the tiles
-    of the blocks in use, which lets the compiler overlap a tile's epilogue with the next
-    tile's loads; the tile count comes from the plan on the GPU, so no host sync.
+    of the row tiles in use, which lets the compiler overlap a tile's epilogue with the
+    next tile's loads; the count comes from the plan (or the work list) on the GPU, so no
+    host sync.
     """
     num_n = tl.cdiv(H, BLOCK_N)
     if PERSISTENT:
-        used_blocks = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
-        for tile in tl.range(tl.program_id(0), used_blocks * num_n, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _tile_of(tile, used_blocks, num_n, GROUP_M)
-            expert = tl.load(block_experts_ptr + pid_m)
-            _gemm2_tile(
-                inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
-                sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we,
-                stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N,
-                TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        if TAIL_M:
+            used = tl.load(tiles_ptr + num_blocks)
+        else:
+            used = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
+        for tile in tl.range(tl.program_id(0), used * num_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, used, num_n, GROUP_M)
+            _gemm2_work_tile(
+                inter_ptr, inter_desc, inter_tail_desc, w2_ptr, w2_desc, b2_ptr,
+                topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr,
+                pid_m, pid_n, num_pairs, H, I, stride_im, stride_we, stride_wn, stride_be,
+                stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N, TMA, DOT_PRECISION,
+                TAIL_M, False, BLOCK_M, BLOCK_N, BLOCK_K,
             )
     else:
         pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
-        expert = tl.load(block_experts_ptr + pid_m)
-        if expert < 0:
-            return
-        _gemm2_tile(
-            inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr, pair_out_ptr,
-            sorted_pairs_ptr, expert, pid_m, pid_n, num_pairs, H, I, stride_im, stride_we,
-            stride_wn, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N,
-            TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        _gemm2_work_tile(
+            inter_ptr, inter_desc, inter_tail_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr,
+            pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n,
+            num_pairs, H, I, stride_im, stride_we, stride_wn, stride_be, stride_om,
+            WEIGHT_ON_OUTPUT, HAS_BIAS, EVEN_K, EVEN_N, TMA, DOT_PRECISION, TAIL_M, True,
+            BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
 

@@ -17,13 +17,14 @@ import torch
 
 from moekit import reference
 from moekit._checks import check_tensor
-from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel
+from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel, _tile_list_kernel
 from moekit._intmath import cdiv, next_power_of_2
 from moekit.backend import resolve_backend
-from moekit.dispatch_plan import DispatchPlan, max_padded_pairs
+from moekit.dispatch_plan import DispatchPlan, max_padded_pairs, max_tiles
 
 _BLOCKS_PER_PROGRAM = 64
 _BLOCK_TILE = 16
+_TILE_LIST_BLOCK = 64
 # Up to this many pairs one program sorts them all and the count launch is skipped (a
 # launch costs ~70 µs of host time on the lent H100 VM). Measured there: ~6 µs of GPU time
 # at 1024 pairs, ~100 µs at 4096 (serial work in one program), so the cut is at 1024.
@@ -125,3 +126,30 @@ def dispatch_plan(
         SINGLE_CHUNK=single, HAS_MAP=has_map,
     )
     return plan
+
+
+def tile_list(plan: DispatchPlan, tile_m: int, *, backend: str = "auto") -> torch.Tensor:
+    """The work list of tail tiles: `tile_m`-row tiles over a plan padded to tile_m / 2.
+
+    Each expert's run becomes ⌈run / tile_m⌉ tiles, in expert order: entry t is
+    (first plan block · 2 + is_tail), is_tail marking the run's odd last plan block that
+    the GEMMs compute with tile_m / 2-row tiles; −1 past the last tile. Built on the GPU
+    from `expert_offsets` (no host synchronisation; its length depends only on the plan's
+    shapes).
+
+    Returns:
+        int32 [max_tiles + 1] on the plan's device: the list, then the number of tiles.
+    """
+    if tile_m != 2 * plan.block_m:
+        raise ValueError(f"tile_m: expected twice the plan's block_m ({2 * plan.block_m}), "
+                         f"got {tile_m}")
+    if resolve_backend(backend, plan.expert_offsets) == "reference":
+        return reference.tile_list(plan, tile_m)
+    num_experts = plan.expert_offsets.numel() - 1
+    size = max_tiles(plan.capacity // plan.block_m, num_experts, plan.num_pairs)
+    tiles = torch.empty(size + 1, dtype=torch.int32, device=plan.expert_offsets.device)
+    _tile_list_kernel[(max(1, cdiv(size, _TILE_LIST_BLOCK)),)](
+        plan.expert_offsets, tiles, num_experts, size, BINS=max(16, next_power_of_2(num_experts)),
+        PLAN_M=plan.block_m, TILE_M=tile_m, BLOCK_T=_TILE_LIST_BLOCK,
+    )
+    return tiles

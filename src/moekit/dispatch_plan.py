@@ -9,6 +9,10 @@ plan lays them out grouped by expert, each expert's run padded to a multiple of
     expert_offsets int32 [E + 1]             start slot of each expert's run; [E] = slots used
     pair_slots     int32 [M*k]               the inverse map: slot of each pair; −1 if dropped
 
+With tail tiles the GEMMs take 2·block_m-row tiles over a plan padded to block_m, each
+covering two of an expert's blocks or its run's odd last one, from a work list derived
+from `expert_offsets` (`moekit.dispatch.tile_list`).
+
 `capacity` depends only on (M*k, E, block_m), never on the routing, so the plan is
 built on the GPU without a host synchronisation and its shapes are CUDA-graph safe.
 The same layout is the "contiguous grouped" layout of permute/unpermute: permute
@@ -31,6 +35,12 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Slots needed in the worst case: every non-empty expert adds < block_m of padding."""
     worst = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
     return cdiv(worst, block_m) * block_m
+
+
+def max_tiles(num_blocks: int, num_experts: int, num_pairs: int) -> int:
+    """Length of the tail-tile work list over a plan of `num_blocks` blocks: a run of b
+    plan blocks takes ⌈b / 2⌉ tiles, so at most (blocks + non-empty runs) / 2 in all."""
+    return min(num_blocks, (num_blocks + min(num_experts, num_pairs) + 1) // 2)
 
 
 class DispatchPlan(NamedTuple):

@@ -25,7 +25,7 @@ from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
-from moekit.dispatch import dispatch_plan
+from moekit.dispatch import dispatch_plan, tile_list
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.tables import tuned_for
@@ -157,6 +157,7 @@ def _config_to_list(config: ExpertsConfig) -> list[int]:
         config.block_m,
         g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
         g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
+        config.tail_block_m,
     ]
 
 
@@ -178,24 +179,34 @@ def _launch_fused_experts(
     """Launch plan, GEMM1, GEMM2 and combine; `config` is `_config_to_list`'s flat form."""
     if hidden.shape[0] == 0:
         return
-    block_m = config[0]
-    plan = dispatch_plan(topk_ids, w2.shape[0], block_m, backend="triton")
+    block_m, tail_m = config[0], config[11]
+    plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m, backend="triton")
+    tiles = tile_list(plan, block_m, backend="triton") if tail_m else None
     tma = use_tma(hidden, w13, w2, block_m)
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                         apply_router_weight_on_input, config[1:6], tma)
+                         apply_router_weight_on_input, config[1:6], tma, tiles)
     pair_out = launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
-                            config[6:11], tma)
+                            config[6:11], tma, tiles)
     launch_combine(pair_out, topk_ids, w2.shape[0], out)
 
 
+def _row_tiles(plan, work_list) -> tuple[int, int, int]:
+    """(row tiles of the grid, their rows, TAIL_M): the plan's blocks, or with tail tiles
+    (`work_list` from `tile_list`) the list's entries, each two plan blocks high."""
+    if work_list is None:
+        return plan.capacity // plan.block_m, plan.block_m, 0
+    return work_list.numel() - 1, 2 * plan.block_m, plan.block_m
+
+
 def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                 weight_on_input, tiles, tma) -> torch.Tensor:
+                 weight_on_input, tiles, tma, work_list=None) -> torch.Tensor:
     """GEMM1 + activation over the plan's slots; returns `inter` [capacity, I].
 
-    `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`.
+    `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`;
+    `work_list` (from `tile_list`) turns tail tiles on.
     """
     num_tokens, hidden_size = hidden.shape
-    num_blocks = plan.capacity // plan.block_m
+    num_blocks, block_m, tail_m = _row_tiles(plan, work_list)
     gated = activation != "relu2"
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles
@@ -204,40 +215,45 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     _gemm1_kernel[(num_blocks * cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
         bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
+        plan.block_experts if work_list is None else work_list,
         plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
         hidden.stride(0), w13.stride(0), w13.stride(1),
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
         EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=_dot_precision(hidden),
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        TAIL_M=tail_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
     return inter
 
 
-def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma) -> torch.Tensor:
+def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma,
+                 work_list=None) -> torch.Tensor:
     """GEMM2 (+bias, × router weight) of `inter`; returns one row per pair [M*k, H].
 
     With TMA the grid is persistent (one program per SM), measured better on every cell.
+    `work_list` as in `launch_gemm1`.
     """
     num_experts, hidden_size, inter_size = w2.shape
-    num_blocks = plan.capacity // plan.block_m
+    num_blocks, block_m, tail_m = _row_tiles(plan, work_list)
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
     programs = persistent_programs(inter.device) if tma else 0
     _gemm2_kernel[(programs or num_blocks * cdiv(hidden_size, block_n),)](
-        inter, matrix_descriptor(inter, plan.block_m, block_k) if tma else None,
+        inter, matrix_descriptor(inter, block_m, block_k) if tma else None,
+        matrix_descriptor(inter, tail_m, block_k) if tma and tail_m else None,
         w2, matrix_descriptor(w2, block_n, block_k) if tma else None,
         bias, topk_weights, pair_out, plan.sorted_pairs, plan.block_experts,
-        plan.expert_offsets, num_experts, plan.num_pairs, num_blocks, hidden_size, inter_size,
+        plan.expert_offsets, plan.expert_offsets if work_list is None else work_list,
+        num_experts, plan.num_pairs, num_blocks, hidden_size, inter_size,
         inter.stride(0), w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0),
         pair_out.stride(0),
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TMA=tma,
         PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=_dot_precision(inter),
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        TAIL_M=tail_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
     return pair_out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.dispatch_plan import DispatchPlan, max_padded_pairs
+from moekit.dispatch_plan import DispatchPlan, max_padded_pairs, max_tiles
 
 
 def dispatch_plan(
@@ -59,3 +59,19 @@ def dispatch_plan(
         block_m=block_m,
         pair_slots=pair_slots.to(device),
     )
+
+
+def tile_list(plan: DispatchPlan, tile_m: int) -> torch.Tensor:
+    """The work list of `tile_m`-row tiles over a plan padded to tile_m / 2 (see
+    `moekit.dispatch.tile_list`): int32 [max_tiles + 1], the last entry the list's length."""
+    plan_m = plan.block_m
+    offsets = plan.expert_offsets.tolist()
+    entries = []
+    for start, end in zip(offsets[:-1], offsets[1:], strict=False):
+        for first in range(start, end, tile_m):
+            entries.append(first // plan_m * 2 + int(first + tile_m > end))
+    size = max_tiles(plan.capacity // plan_m, len(offsets) - 1, plan.num_pairs)
+    listed = torch.full((size + 1,), -1, dtype=torch.int32)
+    listed[: len(entries)] = torch.tensor(entries, dtype=torch.int32)
+    listed[size] = len(entries)
+    return listed.to(plan.expert_offsets.device)

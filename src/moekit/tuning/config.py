@@ -24,12 +24,30 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """Both GEMMs of the experts pipeline; they share the row tile `block_m` of the plan."""
+    """Both GEMMs of the experts pipeline; they share the row tile `block_m` of the plan.
+
+    `tail_block_m` = block_m / 2 (tail tiles) pads the plan's runs to that many rows
+    instead: each GEMM program takes two plan blocks of one expert as a block_m-row tile,
+    or a run's odd last block as a tail_block_m-row tile (same column tiles), from a work
+    list the plan derives on the GPU. Half the padding per expert, for one small launch;
+    0 turns it off.
+    """
 
     block_m: int
     gemm1: GemmConfig
     gemm2: GemmConfig
+    tail_block_m: int = 0
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m: expected a power of two ≥ 16, got {self.block_m}")
+        if self.tail_block_m not in (0, self.block_m // 2) or self.tail_block_m == 8:
+            raise ValueError(
+                f"tail_block_m: expected 0 or block_m / 2 = {self.block_m // 2} (≥ 16), "
+                f"got {self.tail_block_m}"
+            )
+
+    @property
+    def plan_block_m(self) -> int:
+        """The row granularity of the dispatch plan this configuration needs."""
+        return self.tail_block_m or self.block_m

@@ -36,12 +36,16 @@ def table_path(slug: str, dtype: str, directory: Path = TABLE_DIR) -> Path:
 def config_to_dict(config: ExpertsConfig) -> dict:
     """A JSON-ready form of a configuration."""
     g = lambda c: [c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages]
-    return {"block_m": config.block_m, "gemm1": g(config.gemm1), "gemm2": g(config.gemm2)}
+    data = {"block_m": config.block_m, "gemm1": g(config.gemm1), "gemm2": g(config.gemm2)}
+    if config.tail_block_m:
+        data["tail_block_m"] = config.tail_block_m
+    return data
 
 
 def config_from_dict(data: dict) -> ExpertsConfig:
     """Inverse of `config_to_dict`."""
-    return ExpertsConfig(data["block_m"], GemmConfig(*data["gemm1"]), GemmConfig(*data["gemm2"]))
+    return ExpertsConfig(data["block_m"], GemmConfig(*data["gemm1"]), GemmConfig(*data["gemm2"]),
+                         data.get("tail_block_m", 0))
 
 
 def load_table(path: Path) -> dict | None:

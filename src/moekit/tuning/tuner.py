@@ -3,7 +3,8 @@
 For each (preset, M) cell it times the heuristic's configuration, then searches the
 row tile (the heuristic's, half and double), GEMM1's tiles with GEMM2 at the default
 for that row tile, then GEMM2's tiles with GEMM1 at its best — a coordinate search of
-a few dozen timings instead of the full product. For a fixed row tile the two GEMMs are
+a few dozen timings instead of the full product, and last the best with tail tiles
+toggled (`ExpertsConfig.tail_block_m`). For a fixed row tile the two GEMMs are
 separate launches whose times add, so GEMM1's best tile does not depend on GEMM2's:
 the coordinate search then finds the best of the whole product of candidates (up to
 timing noise and L2 effects between the launches), which is what the "heuristic within
@@ -16,6 +17,7 @@ in it are skipped, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 from collections.abc import Callable, Iterable
@@ -56,6 +58,11 @@ def search(heuristic: ExpertsConfig, time_us: Callable[[ExpertsConfig], float],
                 cell_best, cell_us = trial, t
         if cell_us < best_us:
             best, best_us = cell_best, cell_us
+    if best.block_m >= 32:  # last, the best with tail tiles toggled (ExpertsConfig)
+        toggled = 0 if best.tail_block_m else best.block_m // 2
+        trial = dataclasses.replace(best, tail_block_m=toggled)
+        if (t := time_us(trial)) < best_us:
+            best, best_us = trial, t
     return best, best_us, heuristic_us
 
 
