@@ -191,7 +191,7 @@ def run_cell(name: str, num_tokens: int, log) -> list[dict]:
 
     def g2_ptr():
         _gemm2_kernel[(nblocks * triton.cdiv(H, c2.block_n),)](
-            inter, None, None, wts.w2, None, dummy if wts.b2 is None else wts.b2, weights,
+            inter, None, wts.w2, None, dummy if wts.b2 is None else wts.b2, weights,
             pair_out, plan.sorted_pairs, plan.block_experts, plan.expert_offsets,
             plan.expert_offsets, E, plan.num_pairs,
             nblocks, H, I,

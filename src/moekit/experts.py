@@ -243,7 +243,6 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
     programs = persistent_programs(inter.device) if tma else 0
     _gemm2_kernel[(programs or num_blocks * cdiv(hidden_size, block_n),)](
         inter, matrix_descriptor(inter, block_m, block_k) if tma else None,
-        matrix_descriptor(inter, tail_m, block_k) if tma and tail_m else None,
         w2, matrix_descriptor(w2, block_n, block_k) if tma else None,
         bias, topk_weights, pair_out, plan.sorted_pairs, plan.block_experts,
         plan.expert_offsets, plan.expert_offsets if work_list is None else work_list,
