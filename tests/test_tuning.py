@@ -62,12 +62,15 @@ def test_search_finds_a_better_configuration():
 
 
 def test_search_tries_tail_tiles_last():
-    heuristic = default_config(4096, 128, 8, 2048, 768)  # block_m 128, no tail tiles
-    cost = lambda c: fake_cost(c) - (5.0 if c.tail_block_m else 0.0)
+    heuristic = default_config(4096, 128, 8, 2048, 768)  # block_m 128, tail tiles on
+    assert heuristic.tail_block_m == 64
+    at_128 = lambda c: fake_cost(c) - (20.0 if c.block_m == 128 else 0.0)
+    cost = lambda c: at_128(c) + (5.0 if c.tail_block_m else 0.0)
     best, best_us, _ = search(heuristic, cost)
-    assert best.tail_block_m == best.block_m // 2 and best_us == cost(best)
-    best, _, _ = search(heuristic, fake_cost)
-    assert best.tail_block_m == 0, "kept off where it does not win"
+    assert best.block_m == 128 and best.tail_block_m == 0 and best_us == cost(best), (
+        "toggled off where that wins")
+    best, _, _ = search(heuristic, at_128)
+    assert best.block_m == 128 and best.tail_block_m == 64, "kept where toggling does not win"
 
 
 def test_search_survives_configurations_that_cannot_run():

@@ -48,12 +48,12 @@ def search(heuristic: ExpertsConfig, time_us: Callable[[ExpertsConfig], float],
         first = heuristic if block_m == heuristic.block_m else tiles_for(block_m)
         g1_best, g1_us = first, (heuristic_us if first is heuristic else time_us(first))
         for tile in candidates(block_m, constraint):
-            trial = ExpertsConfig(block_m, tile, first.gemm2)
+            trial = dataclasses.replace(first, gemm1=tile)
             if trial != first and (t := time_us(trial)) < g1_us:
                 g1_best, g1_us = trial, t
         cell_best, cell_us = g1_best, g1_us
         for tile in candidates(block_m, constraint):
-            trial = ExpertsConfig(block_m, g1_best.gemm1, tile)
+            trial = dataclasses.replace(g1_best, gemm2=tile)
             if trial != g1_best and (t := time_us(trial)) < cell_us:
                 cell_best, cell_us = trial, t
         if cell_us < best_us:
