@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moekit import reference
-from moekit.dispatch import dispatch_plan, tile_list
+from moekit.dispatch import dispatch_plan
 from moekit.dispatch_plan import max_padded_pairs
 
 
@@ -75,7 +75,8 @@ TILE_LIST_CASES = [
     (200, 1, 3, 64, "a few long runs"),
     (64, 8, 60, 16, "E not a power of two, runs of 1-3 blocks"),
     (300, 4, 7, 32, "several plan chunks"),
-    (20, 3, 1100, 16, "E > 1024: the work list kernel's BINS"),
+    (20, 3, 1100, 16, "E > 1024"),
+    (2000, 4, 16, 16, "~500 blocks: several place programs fill the list"),
     (0, 4, 8, 16, "no tokens: an empty list"),
 ]
 
@@ -85,16 +86,17 @@ TILE_LIST_CASES = [
 def test_tile_list_matches_reference_interpreter(M, k, E, plan_m, why):
     g = torch.Generator().manual_seed(M * 7 + E)
     ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32)
-    plan = dispatch_plan(ids, E, plan_m, backend="triton")
-    tiles = tile_list(plan, 2 * plan_m, backend="triton")
-    assert torch.equal(tiles, reference.tile_list(plan, 2 * plan_m))
-    check_tile_list(tiles, plan)
+    plan = dispatch_plan(ids, E, plan_m, tile_m=2 * plan_m, backend="triton")
+    expected = reference.dispatch_plan(ids, E, plan_m, tile_m=2 * plan_m)
+    assert torch.equal(plan.tiles, expected.tiles)
+    assert torch.equal(plan.sorted_pairs, expected.sorted_pairs), "the list leaves the plan be"
+    check_tile_list(plan.tiles, plan)
 
 
-def test_tile_list_needs_twice_the_plan_rows():
-    plan = reference.dispatch_plan(torch.zeros(4, 1, dtype=torch.int32), 2, 16)
+def test_tile_m_must_be_twice_the_plan_rows():
     with pytest.raises(ValueError, match="tile_m"):
-        tile_list(plan, 64)
+        dispatch_plan(torch.zeros(4, 1, dtype=torch.int32), 2, 16, tile_m=64)
+    assert dispatch_plan(torch.zeros(4, 1, dtype=torch.int32), 2, 16).tiles is None
 
 
 @pytest.mark.interpreter

@@ -145,10 +145,9 @@ CASES = [
     _experts("TMA with ragged K and N (descriptor zero-fill); alpha/limit; biases",
              "bf16", "swigluoai", 128, tma=True, bias=True, odd_h=True, odd_i=True),
     _experts("fp16 TMA, ungated GEMM1", "fp16", "relu2", 128, tma=True, bias=True),
-    Case("experts", dict(dtype="bf16", act="swigluoai", block_m=128, tma=True, tail=True,
-                         bias=True, odd_i=True),
-         "tail tiles: 128- and 64-row tiles in one program (both TMA; two inter descriptors "
-         "in the persistent GEMM2), the work list kernel", _EXPERTS + ("_tile_list_kernel",)),
+    _experts("tail tiles: GEMM1 at 128 and 64 rows in one program (TMA weights); the "
+             "persistent GEMM2 masking a tail's rows", "bf16", "swigluoai", 128, tma=True,
+             tail=True, bias=True, odd_i=True),
     _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
              odd_h=True),
     _experts("fp32 at 64 rows: the largest fp32 tiles that fit (192 KB of shared memory)",
@@ -174,6 +173,9 @@ CASES = [
     Case("dispatch", dict(block_m=128, pairs=32768),
          "prefill: count + place over 512-pair chunks", ("_count_pairs_kernel",
                                                           "_place_pairs_kernel")),
+    Case("dispatch", dict(block_m=64, pairs=32768, tile_m=128),
+         "prefill with tail tiles: the place kernel writes the work list (TILE_M)",
+         ("_count_pairs_kernel", "_place_pairs_kernel")),
     Case("dispatch", dict(block_m=64, pairs=24, expert_map=True),
          "expert map (HAS_MAP), one chunk", ("_place_pairs_kernel",)),
     Case("dispatch", dict(block_m=32, pairs=262144, expert_map=True, experts=96),
@@ -405,7 +407,8 @@ def _run_dispatch(p):
     experts = p.get("experts", _E)
     ids = torch.zeros(p["pairs"] // _TOP_K, _TOP_K, dtype=torch.int32)
     expert_map = torch.arange(2 * experts, dtype=torch.int32) if p.get("expert_map") else None
-    moekit.dispatch_plan(ids, experts, p["block_m"], expert_map=expert_map, backend="triton")
+    moekit.dispatch_plan(ids, experts, p["block_m"], expert_map=expert_map,
+                         tile_m=p.get("tile_m"), backend="triton")
 
 
 def _plan(tokens, top_k, block_m=16):

@@ -25,7 +25,7 @@ from moekit import reference
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
-from moekit.dispatch import dispatch_plan, tile_list
+from moekit.dispatch import dispatch_plan
 from moekit.experts import launch_gemm1, launch_gemm2, use_tma
 from moekit.tuning import default_config
 
@@ -43,17 +43,17 @@ def gemm_times(preset, w, hidden, topk, config) -> tuple[float, float]:
     """GEMM1 and GEMM2 alone (graph replay) on this configuration's plan."""
     E = preset.num_experts
     tail = config.tail_block_m
-    plan = dispatch_plan(topk.ids, E, tail or config.block_m)
-    work = tile_list(plan, config.block_m) if tail else None
+    plan = dispatch_plan(topk.ids, E, tail or config.block_m,
+                         tile_m=config.block_m if tail else None)
     tma = use_tma(hidden, w.w13, w.w2, config.block_m)
     act = moekit.Activation.parse(preset.activation)
 
     def gemm1():
         return launch_gemm1(hidden, w.w13, w.b13, topk.weights, plan, act.kind, act.alpha,
-                            act.limit, False, _tiles(config.gemm1), tma, work)
+                            act.limit, False, _tiles(config.gemm1), tma)
     inter = gemm1()
     gemm2 = lambda: launch_gemm2(inter, w.w2, w.b2, topk.weights, plan, True,  # noqa: E731
-                                 _tiles(config.gemm2), tma, work)
+                                 _tiles(config.gemm2), tma)
     return graph_replay_us(gemm1), graph_replay_us(gemm2)
 
 

@@ -10,8 +10,8 @@ Two launches, no host synchronisation:
                                            fills its share of blocks with expert ids and
                                            padding sentinels.
 
-A third kernel, `_tile_list_kernel`, derives the work list of tail tiles from a plan
-(`moekit.dispatch.tile_list`).
+With tail tiles (TILE_M = 2·BLOCK_M) the place kernel also writes the GEMMs' work list:
+each expert's run in TILE_M-row tiles, a run's odd last block marked as a tail.
 
 When the pairs fit one chunk (decode), the count is folded into the second kernel and
 only one launch runs. Ids outside [0, E) fall into an extra "dropped" bin, bin E. With
@@ -32,6 +32,26 @@ def _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP: tl.conste
         known = (ids >= 0) & (ids < num_global)
         ids = tl.load(expert_map_ptr + ids, mask=known, other=-1)
     return tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+
+
+@triton.jit
+def _fill_tiles(tiles_ptr, t, in_range, starts, ends, is_expert, bins, PLAN_M: tl.constexpr,
+                TILE_M: tl.constexpr):
+    """Work-list entries t: each expert's run (a multiple of PLAN_M = TILE_M / 2 slots) in
+    ⌈run / TILE_M⌉ tiles, in expert order; entry = first plan block · 2 + is_tail, where
+    is_tail marks a run's odd last block; −1 past the last tile."""
+    counts = (ends - starts + TILE_M - 1) // TILE_M
+    tile_ends = tl.cumsum(counts, 0)
+    total = tl.sum(counts, 0)
+    owner = tl.sum(((tile_ends[None, :] <= t[:, None]) & is_expert[None, :]).to(tl.int32), 1)
+    mine = bins[None, :] == owner[:, None]
+    run_start = tl.sum(tl.where(mine, starts[None, :], 0), 1)
+    run_end = tl.sum(tl.where(mine, ends[None, :], 0), 1)
+    first_tile = tl.sum(tl.where(mine, (tile_ends - counts)[None, :], 0), 1)
+    first_slot = run_start + (t - first_tile) * TILE_M
+    is_tail = (first_slot + TILE_M > run_end).to(tl.int32)
+    entry = tl.where(t < total, first_slot // PLAN_M * 2 + is_tail, -1)
+    tl.store(tiles_ptr + t, entry, mask=in_range)
 
 
 @triton.jit
@@ -65,20 +85,24 @@ def _place_pairs_kernel(
     block_experts_ptr,  # [capacity / BLOCK_M] int32, out
     expert_offsets_ptr,  # [E + 1] int32, out
     pair_slots_ptr,  # [M*k] int32, out: slot of each pair, −1 when dropped
+    tiles_ptr,  # [max_tiles + 1] int32, out: the work list, then its length (when TILE_M)
     num_pairs,
     num_experts,
     num_global,
     num_chunks,
     num_blocks,
     blocks_per_program,
+    max_tiles,
     CHUNK: tl.constexpr,
     BINS: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    TILE_M: tl.constexpr,  # 0, or 2·BLOCK_M: write the tail-tile work list
     BLOCK_TILE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     HAS_MAP: tl.constexpr,
 ):
-    """Grid (programs,): program p places chunk p's pairs and fills its blocks.
+    """Grid (programs,): program p places chunk p's pairs and fills its blocks (and the
+    work-list entries of the same indices: there are fewer tiles than blocks).
 
     Every program recomputes the per-expert totals (a few KB read from L2) instead of
     waiting for a separate scan launch.
@@ -134,6 +158,9 @@ def _place_pairs_kernel(
     # the block's first slot; slots past that expert's real pairs get the sentinel.
     real_ends = tl.where(is_expert, starts + totals, 0)
     used = tl.sum(padded, 0)
+    if TILE_M:
+        if pid == 0:  # the work list's length, after the list
+            tl.store(tiles_ptr + max_tiles, tl.sum((padded + TILE_M - 1) // TILE_M, 0))
     first_block = pid * blocks_per_program
     for t in range(0, blocks_per_program, BLOCK_TILE):
         block = first_block + t + tl.arange(0, BLOCK_TILE)
@@ -153,43 +180,7 @@ def _place_pairs_kernel(
             tl.full([BLOCK_TILE, BLOCK_M], 0, tl.int32) + num_pairs,
             mask=in_range[:, None] & is_padding,
         )
+        if TILE_M:
+            _fill_tiles(tiles_ptr, block, in_range & (block < max_tiles), starts, ends,
+                        is_expert, bins, BLOCK_M, TILE_M)
 
-
-@triton.jit
-def _tile_list_kernel(
-    expert_offsets_ptr,  # [E + 1] int32: the plan's runs, padded to PLAN_M
-    tiles_ptr,  # [max_tiles + 1] int32, out: the work list, then its length
-    num_experts,
-    max_tiles,
-    BINS: tl.constexpr,
-    PLAN_M: tl.constexpr,
-    TILE_M: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    """Grid (cdiv(max_tiles, BLOCK_T),): entries t of the work list of TILE_M-row tiles.
-
-    Each expert's run (a multiple of PLAN_M = TILE_M / 2 slots) becomes ⌈run / TILE_M⌉
-    tiles, in expert order; tile t is entry (first plan block · 2 + is_tail), where
-    is_tail marks a run's odd last plan block. Entries past the total are −1; program 0
-    also stores the total after the list.
-    """
-    bins = tl.arange(0, BINS)
-    is_expert = bins < num_experts
-    starts = tl.load(expert_offsets_ptr + bins, mask=is_expert, other=0)
-    ends = tl.load(expert_offsets_ptr + bins + 1, mask=is_expert, other=0)
-    counts = (ends - starts + TILE_M - 1) // TILE_M
-    tile_ends = tl.cumsum(counts, 0)
-    total = tl.sum(counts, 0)
-    if tl.program_id(0) == 0:
-        tl.store(tiles_ptr + max_tiles, total)
-
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    owner = tl.sum(((tile_ends[None, :] <= t[:, None]) & is_expert[None, :]).to(tl.int32), 1)
-    mine = bins[None, :] == owner[:, None]
-    run_start = tl.sum(tl.where(mine, starts, 0), 1)
-    run_end = tl.sum(tl.where(mine, ends, 0), 1)
-    first_tile = tl.sum(tl.where(mine, tile_ends - counts, 0), 1)
-    first_slot = run_start + (t - first_tile) * TILE_M
-    is_tail = (first_slot + TILE_M > run_end).to(tl.int32)
-    entry = tl.where(t < total, first_slot // PLAN_M * 2 + is_tail, -1)
-    tl.store(tiles_ptr + t, entry, mask=t < max_tiles)

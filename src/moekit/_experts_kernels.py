@@ -9,7 +9,7 @@
                       in slot order, so the result is deterministic
 
 A row tile is one plan block, or with tail tiles (TAIL_M = BLOCK_M / 2) an entry of the
-plan's work list (`moekit.dispatch.tile_list`): two TAIL_M-row plan blocks of one expert,
+plan's work list (`DispatchPlan.tiles`): two TAIL_M-row plan blocks of one expert,
 or a run's odd last block, which the same program computes with TAIL_M-row tiles, so an
 expert's run is padded to TAIL_M rows instead of BLOCK_M. A program whose row tile holds
 no expert (−1: past the last run) exits at once. Row
@@ -95,7 +95,7 @@ def _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M: tl.constexpr, TAIL_
     """Row tile `pid_m` → (first plan slot, expert or −1, whether it is a TAIL_M-row tail).
 
     Without tail tiles row tile i is plan block i. With them (TAIL_M = BLOCK_M / 2, the
-    plan padded to TAIL_M) it is entry i of the work list (`moekit.dispatch.tile_list`):
+    plan padded to TAIL_M) it is entry i of the plan's work list (`DispatchPlan.tiles`):
     plan block · 2 + 1 if the tile is its run's odd last block, −1 past the list's end.
     """
     if TAIL_M:

@@ -17,14 +17,13 @@ import torch
 
 from moekit import reference
 from moekit._checks import check_tensor
-from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel, _tile_list_kernel
+from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel
 from moekit._intmath import cdiv, next_power_of_2
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs, max_tiles
 
 _BLOCKS_PER_PROGRAM = 64
 _BLOCK_TILE = 16
-_TILE_LIST_BLOCK = 64
 # Up to this many pairs one program sorts them all and the count launch is skipped (a
 # launch costs ~70 µs of host time on the lent H100 VM). Measured there: ~6 µs of GPU time
 # at 1024 pairs, ~100 µs at 4096 (serial work in one program), so the cut is at 1024.
@@ -58,6 +57,7 @@ def dispatch_plan(
     block_m: int,
     *,
     expert_map: torch.Tensor | None = None,
+    tile_m: int | None = None,
     backend: str = "auto",
 ) -> DispatchPlan:
     """Group the M*k token–expert pairs by expert, each run padded to `block_m` slots.
@@ -69,15 +69,19 @@ def dispatch_plan(
         expert_map: optional int32 [E_global] on topk_ids' device: local id of each
             global expert, −1 (any value outside [0, E)) for experts of other ranks.
             `topk_ids` then holds global ids; ids outside [0, E_global) are dropped.
+        tile_m: 2·block_m to also build the tail-tile work list `tiles` (layout in
+            `moekit.dispatch_plan`), in the same launch; None for none.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
     Returns:
-        A `DispatchPlan` on topk_ids' device, `pair_slots` filled.
+        A `DispatchPlan` on topk_ids' device, `pair_slots` filled (and `tiles` when asked).
     """
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32,))
     if num_experts <= 0:
         raise ValueError(f"num_experts: expected a positive count, got {num_experts}")
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m: expected a power of two ≥ 16, got {block_m}")
+    if tile_m is not None and tile_m != 2 * block_m:
+        raise ValueError(f"tile_m: expected None or 2·block_m = {2 * block_m}, got {tile_m}")
     if expert_map is not None:
         check_tensor("expert_map", expert_map, ndim=1, dtypes=(torch.int32,),
                      device=topk_ids.device)
@@ -85,7 +89,8 @@ def dispatch_plan(
             raise ValueError("expert_map: expected one entry per global expert, got none")
         expert_map = expert_map.contiguous()
     if resolve_backend(backend, topk_ids) == "reference":
-        return reference.dispatch_plan(topk_ids, num_experts, block_m, expert_map=expert_map)
+        return reference.dispatch_plan(topk_ids, num_experts, block_m, expert_map=expert_map,
+                                       tile_m=tile_m)
 
     if num_experts + 1 > 2**16:
         raise ValueError(f"num_experts: at most {2**16 - 1} experts, got {num_experts}")
@@ -98,15 +103,19 @@ def dispatch_plan(
     single = num_chunks == 1
     programs = max(num_chunks, cdiv(num_blocks, _BLOCKS_PER_PROGRAM), 1)
     blocks_per_program = cdiv(num_blocks, programs) if num_blocks else 0
+    tiles_len = max_tiles(num_blocks, num_experts, num_pairs) if tile_m else 0
 
     # One allocation for the plan and the kernels' scratch (each allocation costs host time).
-    sorted_pairs, block_experts, expert_offsets, pair_slots, bases, counts = _int32_views(
-        topk_ids.device,
-        [capacity, num_blocks, num_experts + 1, num_pairs, num_chunks * bins,
-         0 if single else num_chunks * bins],
+    sorted_pairs, block_experts, expert_offsets, pair_slots, tiles, bases, counts = (
+        _int32_views(
+            topk_ids.device,
+            [capacity, num_blocks, num_experts + 1, num_pairs, tiles_len + 1 if tile_m else 0,
+             num_chunks * bins, 0 if single else num_chunks * bins],
+        )
     )
     plan = DispatchPlan(
-        sorted_pairs, block_experts, expert_offsets, num_pairs, block_m, pair_slots
+        sorted_pairs, block_experts, expert_offsets, num_pairs, block_m, pair_slots,
+        tiles if tile_m else None,
     )
     flat_ids = topk_ids.reshape(-1)
     has_map = expert_map is not None
@@ -121,35 +130,9 @@ def dispatch_plan(
         )
     _place_pairs_kernel[(programs,)](
         flat_ids, id_map, counts, bases, sorted_pairs, block_experts, expert_offsets,
-        pair_slots, num_pairs, num_experts, num_global, num_chunks, num_blocks,
-        blocks_per_program, CHUNK=chunk, BINS=bins, BLOCK_M=block_m, BLOCK_TILE=_BLOCK_TILE,
-        SINGLE_CHUNK=single, HAS_MAP=has_map,
+        pair_slots, tiles, num_pairs, num_experts, num_global, num_chunks, num_blocks,
+        blocks_per_program, tiles_len, CHUNK=chunk, BINS=bins, BLOCK_M=block_m,
+        TILE_M=tile_m or 0, BLOCK_TILE=_BLOCK_TILE, SINGLE_CHUNK=single, HAS_MAP=has_map,
     )
     return plan
 
-
-def tile_list(plan: DispatchPlan, tile_m: int, *, backend: str = "auto") -> torch.Tensor:
-    """The work list of tail tiles: `tile_m`-row tiles over a plan padded to tile_m / 2.
-
-    Each expert's run becomes ⌈run / tile_m⌉ tiles, in expert order: entry t is
-    (first plan block · 2 + is_tail), is_tail marking the run's odd last plan block that
-    the GEMMs compute with tile_m / 2-row tiles; −1 past the last tile. Built on the GPU
-    from `expert_offsets` (no host synchronisation; its length depends only on the plan's
-    shapes).
-
-    Returns:
-        int32 [max_tiles + 1] on the plan's device: the list, then the number of tiles.
-    """
-    if tile_m != 2 * plan.block_m:
-        raise ValueError(f"tile_m: expected twice the plan's block_m ({2 * plan.block_m}), "
-                         f"got {tile_m}")
-    if resolve_backend(backend, plan.expert_offsets) == "reference":
-        return reference.tile_list(plan, tile_m)
-    num_experts = plan.expert_offsets.numel() - 1
-    size = max_tiles(plan.capacity // plan.block_m, num_experts, plan.num_pairs)
-    tiles = torch.empty(size + 1, dtype=torch.int32, device=plan.expert_offsets.device)
-    _tile_list_kernel[(max(1, cdiv(size, _TILE_LIST_BLOCK)),)](
-        plan.expert_offsets, tiles, num_experts, size, BINS=max(16, next_power_of_2(num_experts)),
-        PLAN_M=plan.block_m, TILE_M=tile_m, BLOCK_T=_TILE_LIST_BLOCK,
-    )
-    return tiles

@@ -8,10 +8,13 @@ plan lays them out grouped by expert, each expert's run padded to a multiple of
     block_experts  int32 [capacity/block_m]  expert of each block; −1 past the last run
     expert_offsets int32 [E + 1]             start slot of each expert's run; [E] = slots used
     pair_slots     int32 [M*k]               the inverse map: slot of each pair; −1 if dropped
+    tiles          int32 [max_tiles + 1]     with tail tiles only: the GEMMs' work list, then
+                                             its length (below)
 
-With tail tiles the GEMMs take 2·block_m-row tiles over a plan padded to block_m, each
-covering two of an expert's blocks or its run's odd last one, from a work list derived
-from `expert_offsets` (`moekit.dispatch.tile_list`).
+With tail tiles (`tile_m` = 2·block_m) the GEMMs take tile_m-row tiles over a plan
+padded to block_m: each expert's run becomes ⌈run / tile_m⌉ tiles, in expert order,
+entry t = (first plan block · 2 + is_tail), is_tail marking the run's odd last block,
+which the GEMMs compute block_m rows high; −1 past the last tile.
 
 `capacity` depends only on (M*k, E, block_m), never on the routing, so the plan is
 built on the GPU without a host synchronisation and its shapes are CUDA-graph safe.
@@ -51,9 +54,10 @@ class DispatchPlan(NamedTuple):
     expert_offsets: torch.Tensor
     num_pairs: int
     block_m: int
-    # Last, with a default, so plans built by hand before it existed stay valid; the
-    # plan builders always fill it.
+    # Last, with defaults, so plans built by hand before they existed stay valid; the
+    # plan builders always fill pair_slots, and tiles when asked for tail tiles.
     pair_slots: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:

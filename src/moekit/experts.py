@@ -25,7 +25,7 @@ from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
-from moekit.dispatch import dispatch_plan, tile_list
+from moekit.dispatch import dispatch_plan
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.tables import tuned_for
@@ -180,33 +180,33 @@ def _launch_fused_experts(
     if hidden.shape[0] == 0:
         return
     block_m, tail_m = config[0], config[11]
-    plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m, backend="triton")
-    tiles = tile_list(plan, block_m, backend="triton") if tail_m else None
+    plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m,
+                         tile_m=block_m if tail_m else None, backend="triton")
     tma = use_tma(hidden, w13, w2, block_m)
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                         apply_router_weight_on_input, config[1:6], tma, tiles)
+                         apply_router_weight_on_input, config[1:6], tma)
     pair_out = launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
-                            config[6:11], tma, tiles)
+                            config[6:11], tma)
     launch_combine(pair_out, topk_ids, w2.shape[0], out)
 
 
-def _row_tiles(plan, work_list) -> tuple[int, int, int]:
+def _row_tiles(plan) -> tuple[int, int, int]:
     """(row tiles of the grid, their rows, TAIL_M): the plan's blocks, or with tail tiles
-    (`work_list` from `tile_list`) the list's entries, each two plan blocks high."""
-    if work_list is None:
+    (a plan with `tiles`) the work list's entries, each two plan blocks high."""
+    if plan.tiles is None:
         return plan.capacity // plan.block_m, plan.block_m, 0
-    return work_list.numel() - 1, 2 * plan.block_m, plan.block_m
+    return plan.tiles.numel() - 1, 2 * plan.block_m, plan.block_m
 
 
 def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
-                 weight_on_input, tiles, tma, work_list=None) -> torch.Tensor:
+                 weight_on_input, tiles, tma) -> torch.Tensor:
     """GEMM1 + activation over the plan's slots; returns `inter` [capacity, I].
 
     `tiles` is (block_n, block_k, group_m, num_warps, num_stages); `tma` from `use_tma`;
-    `work_list` (from `tile_list`) turns tail tiles on.
+    a plan with a work list (`plan.tiles`) runs tail tiles.
     """
     num_tokens, hidden_size = hidden.shape
-    num_blocks, block_m, tail_m = _row_tiles(plan, work_list)
+    num_blocks, block_m, tail_m = _row_tiles(plan)
     gated = activation != "relu2"
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles
@@ -215,7 +215,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     _gemm1_kernel[(num_blocks * cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
         bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
-        plan.block_experts if work_list is None else work_list,
+        plan.block_experts if plan.tiles is None else plan.tiles,
         plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
         hidden.stride(0), w13.stride(0), w13.stride(1),
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
@@ -228,15 +228,14 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     return inter
 
 
-def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma,
-                 work_list=None) -> torch.Tensor:
+def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma) -> torch.Tensor:
     """GEMM2 (+bias, × router weight) of `inter`; returns one row per pair [M*k, H].
 
     With TMA the grid is persistent (one program per SM), measured better on every cell.
-    `work_list` as in `launch_gemm1`.
+    Tail tiles as in `launch_gemm1`.
     """
     num_experts, hidden_size, inter_size = w2.shape
-    num_blocks, block_m, tail_m = _row_tiles(plan, work_list)
+    num_blocks, block_m, tail_m = _row_tiles(plan)
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
@@ -245,7 +244,7 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
         inter, matrix_descriptor(inter, block_m, block_k) if tma else None,
         w2, matrix_descriptor(w2, block_n, block_k) if tma else None,
         bias, topk_weights, pair_out, plan.sorted_pairs, plan.block_experts,
-        plan.expert_offsets, plan.expert_offsets if work_list is None else work_list,
+        plan.expert_offsets, plan.expert_offsets if plan.tiles is None else plan.tiles,
         num_experts, plan.num_pairs, num_blocks, hidden_size, inter_size,
         inter.stride(0), w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0),
         pair_out.stride(0),

@@ -5,7 +5,7 @@ given float64) and return the dtype the fast path returns.
 """
 
 from moekit.reference.activation import apply_activation
-from moekit.reference.dispatch import dispatch_plan, tile_list
+from moekit.reference.dispatch import dispatch_plan
 from moekit.reference.experts import fused_experts, fused_moe
 from moekit.reference.permute import permute, unpermute
 from moekit.reference.quant import fused_experts_quantized
@@ -19,6 +19,5 @@ __all__ = [
     "fused_moe",
     "permute",
     "route",
-    "tile_list",
     "unpermute",
 ]

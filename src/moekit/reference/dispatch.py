@@ -13,6 +13,7 @@ def dispatch_plan(
     block_m: int,
     *,
     expert_map: torch.Tensor | None = None,
+    tile_m: int | None = None,
 ) -> DispatchPlan:
     """Group the flattened pairs (index m*k + j) by expert, in pair order within an expert.
 
@@ -27,6 +28,7 @@ def dispatch_plan(
         block_m: run padding (the GEMM row tile).
         expert_map: optional integer [E_global]: local id of each global expert, values
             outside [0, E) for experts held elsewhere; ids outside [0, E_global) drop.
+        tile_m: 2·block_m for the tail-tile work list `tiles` (`moekit.dispatch_plan`).
     """
     flat = topk_ids.reshape(-1).long().cpu()
     if expert_map is not None:
@@ -50,6 +52,10 @@ def dispatch_plan(
     pair_slots = torch.full((num_pairs,), -1, dtype=torch.int32)
     real = sorted_pairs < num_pairs
     pair_slots[sorted_pairs[real].long()] = torch.nonzero(real).flatten().to(torch.int32)
+    tiles = None
+    if tile_m:
+        size = max_tiles(capacity // block_m, num_experts, num_pairs)
+        tiles = _tile_list(expert_offsets.tolist(), block_m, size).to(topk_ids.device)
     device = topk_ids.device
     return DispatchPlan(
         sorted_pairs=sorted_pairs.to(device),
@@ -58,20 +64,18 @@ def dispatch_plan(
         num_pairs=num_pairs,
         block_m=block_m,
         pair_slots=pair_slots.to(device),
+        tiles=tiles,
     )
 
 
-def tile_list(plan: DispatchPlan, tile_m: int) -> torch.Tensor:
-    """The work list of `tile_m`-row tiles over a plan padded to tile_m / 2 (see
-    `moekit.dispatch.tile_list`): int32 [max_tiles + 1], the last entry the list's length."""
-    plan_m = plan.block_m
-    offsets = plan.expert_offsets.tolist()
+def _tile_list(expert_offsets: list[int], plan_m: int, size: int) -> torch.Tensor:
+    """The tail-tile work list of runs padded to plan_m (layout in `moekit.dispatch_plan`)."""
+    tile_m = 2 * plan_m
     entries = []
-    for start, end in zip(offsets[:-1], offsets[1:], strict=False):
+    for start, end in zip(expert_offsets[:-1], expert_offsets[1:], strict=False):
         for first in range(start, end, tile_m):
             entries.append(first // plan_m * 2 + int(first + tile_m > end))
-    size = max_tiles(plan.capacity // plan_m, len(offsets) - 1, plan.num_pairs)
     listed = torch.full((size + 1,), -1, dtype=torch.int32)
     listed[: len(entries)] = torch.tensor(entries, dtype=torch.int32)
     listed[size] = len(entries)
-    return listed.to(plan.expert_offsets.device)
+    return listed
