@@ -157,8 +157,8 @@ def test_tail_tiles_on_the_tma_path_interpreter(monkeypatch, counts):
 
 def test_tail_block_m_is_half_the_row_tile():
     tiles = GemmConfig(32, 32)
-    assert ExpertsConfig(128, tiles, tiles, 64).plan_block_m == 64
-    assert ExpertsConfig(128, tiles, tiles).plan_block_m == 128
+    assert ExpertsConfig(128, tiles, tiles, 64).tail_block_m == 64
+    assert ExpertsConfig(128, tiles, tiles).tail_block_m == 0
     for block_m, tail in [(128, 32), (64, 64), (16, 8)]:
         with pytest.raises(ValueError, match="tail_block_m"):
             ExpertsConfig(block_m, tiles, tiles, tail)

@@ -183,4 +183,3 @@ def _place_pairs_kernel(
         if TILE_M:
             _fill_tiles(tiles_ptr, block, in_range & (block < max_tiles), starts, ends,
                         is_expert, bins, BLOCK_M, TILE_M)
-

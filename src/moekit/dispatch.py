@@ -135,4 +135,3 @@ def dispatch_plan(
         TILE_M=tile_m or 0, BLOCK_TILE=_BLOCK_TILE, SINGLE_CHUNK=single, HAS_MAP=has_map,
     )
     return plan
-

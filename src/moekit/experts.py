@@ -11,7 +11,9 @@ launcher is a `torch.library.custom_op` with a fake implementation, so `torch.co
 traces it as one node. Each stage has its own launcher (`launch_gemm1`, `launch_gemm2`,
 `launch_combine`) so that benchmarks can time them apart. On sm_90+ the 128-row
 (compute-bound) tiles take their weights through TMA descriptors and GEMM2 runs
-persistent (`moekit._tma`).
+persistent (`moekit._tma`). With tail tiles (`ExpertsConfig.tail_block_m`, the
+heuristic's choice at 128 rows) the plan is padded to 64 rows and carries the GEMMs'
+work list (`DispatchPlan.tiles`).
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ class ExpertsConfig:
     `tail_block_m` = block_m / 2 (tail tiles) pads the plan's runs to that many rows
     instead: each GEMM program takes two plan blocks of one expert as a block_m-row tile,
     or a run's odd last block as a tail_block_m-row tile (same column tiles), from a work
-    list the plan derives on the GPU. Half the padding per expert, for one small launch;
-    0 turns it off.
+    list the plan's place kernel writes (`DispatchPlan.tiles`). Half the padding per
+    expert; 0 turns it off.
     """
 
     block_m: int
@@ -46,8 +46,3 @@ class ExpertsConfig:
                 f"tail_block_m: expected 0 or block_m / 2 = {self.block_m // 2} (≥ 16), "
                 f"got {self.tail_block_m}"
             )
-
-    @property
-    def plan_block_m(self) -> int:
-        """The row granularity of the dispatch plan this configuration needs."""
-        return self.tail_block_m or self.block_m
