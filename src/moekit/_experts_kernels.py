@@ -9,12 +9,13 @@
                       in slot order, so the result is deterministic
 
 A row tile is one plan block, or with tail tiles (TAIL_M = BLOCK_M / 2) an entry of the
-plan's work list (`DispatchPlan.tiles`): two TAIL_M-row plan blocks of one expert,
-or a run's odd last block, which the same program computes with TAIL_M-row tiles, so an
-expert's run is padded to TAIL_M rows instead of BLOCK_M. A program whose row tile holds
-no expert (−1: past the last run) exits at once. Row
-offsets into `hidden`, `pair_out` and the per-expert weight bases are 64-bit (M·k·H and
-E·2I·H can exceed 2^31); offsets inside a tile stay 32-bit.
+plan's work list (`DispatchPlan.tiles`): two TAIL_M-row plan blocks of one expert, or a
+run's odd last block, which GEMM1 computes with the same code at TAIL_M rows (GEMM2's
+persistent loop at full height, stores masked: `_gemm2_work_tile`), so an expert's run
+is padded to TAIL_M rows instead of BLOCK_M. A program whose row tile holds no expert
+(−1: past the last run) exits at once. Row offsets into `hidden`, `pair_out` and the
+per-expert weight bases are 64-bit (M·k·H and E·2I·H can exceed 2^31); offsets inside a
+tile stay 32-bit.
 
 On Hopper the weight tiles (and GEMM2's `inter` tiles, which are contiguous) can come
 through TMA descriptors instead of pointers (`W_TMA`, `TMA`): the copy engine fetches
