@@ -35,14 +35,12 @@ def _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP: tl.conste
 
 
 @triton.jit
-def _fill_tiles(tiles_ptr, t, in_range, starts, ends, is_expert, bins, PLAN_M: tl.constexpr,
-                TILE_M: tl.constexpr):
+def _fill_tiles(tiles_ptr, t, in_range, starts, ends, counts, tile_ends, total, is_expert,
+                bins, PLAN_M: tl.constexpr, TILE_M: tl.constexpr):
     """Work-list entries t: each expert's run (a multiple of PLAN_M = TILE_M / 2 slots) in
-    ⌈run / TILE_M⌉ tiles, in expert order; entry = first plan block · 2 + is_tail, where
-    is_tail marks a run's odd last block; −1 past the last tile."""
-    counts = (ends - starts + TILE_M - 1) // TILE_M
-    tile_ends = tl.cumsum(counts, 0)
-    total = tl.sum(counts, 0)
+    `counts` = ⌈run / TILE_M⌉ tiles (`tile_ends` their running sum, `total` their sum), in
+    expert order; entry = first plan block · 2 + is_tail, where is_tail marks a run's odd
+    last block; −1 past the last tile."""
     owner = tl.sum(((tile_ends[None, :] <= t[:, None]) & is_expert[None, :]).to(tl.int32), 1)
     mine = bins[None, :] == owner[:, None]
     run_start = tl.sum(tl.where(mine, starts[None, :], 0), 1)
@@ -158,9 +156,12 @@ def _place_pairs_kernel(
     # the block's first slot; slots past that expert's real pairs get the sentinel.
     real_ends = tl.where(is_expert, starts + totals, 0)
     used = tl.sum(padded, 0)
-    if TILE_M:
+    if TILE_M:  # per-expert tile counts of the work list, for every block tile below
+        tile_counts = (padded + TILE_M - 1) // TILE_M
+        tile_ends = tl.cumsum(tile_counts, 0)
+        num_tiles = tl.sum(tile_counts, 0)
         if pid == 0:  # the work list's length, after the list
-            tl.store(tiles_ptr + max_tiles, tl.sum((padded + TILE_M - 1) // TILE_M, 0))
+            tl.store(tiles_ptr + max_tiles, num_tiles)
     first_block = pid * blocks_per_program
     for t in range(0, blocks_per_program, BLOCK_TILE):
         block = first_block + t + tl.arange(0, BLOCK_TILE)
@@ -182,4 +183,4 @@ def _place_pairs_kernel(
         )
         if TILE_M:
             _fill_tiles(tiles_ptr, block, in_range & (block < max_tiles), starts, ends,
-                        is_expert, bins, BLOCK_M, TILE_M)
+                        tile_counts, tile_ends, num_tiles, is_expert, bins, BLOCK_M, TILE_M)
