@@ -76,3 +76,13 @@ def random_routing(num_tokens, num_experts, top_k, *, skew=0.0, device="cpu", se
     if skew:
         logits = logits + skew * torch.linspace(1, 0, num_experts, device=device) ** 4
     return reference.route(logits, top_k, renormalize=True)
+
+
+def exact_counts(counts):
+    """ids_transform for k = 1: expert e receives exactly counts[e] tokens, shuffled."""
+    def transform(ids):
+        chosen = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        assert chosen.numel() == ids.numel(), "M must be the sum of counts"
+        perm = torch.randperm(chosen.numel(), generator=torch.Generator().manual_seed(5))
+        return chosen[perm].to(ids.dtype).reshape(ids.shape).to(ids.device)
+    return transform

@@ -7,6 +7,7 @@ import moekit
 from helpers import (
     REL_L2_TOL,
     assert_close,
+    exact_counts,
     poison_,
     poison_cuda_cache,
     random_experts,
@@ -104,16 +105,6 @@ def test_tma_path_interpreter(monkeypatch, M, E, k, H, I, activation, bias, extr
     assert_close(out, expected)
 
 
-def exact_counts(counts):
-    """ids_transform for k = 1: expert e receives exactly counts[e] tokens, shuffled."""
-    def transform(ids):
-        chosen = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        assert chosen.numel() == ids.numel(), "M must be the sum of counts"
-        perm = torch.randperm(chosen.numel(), generator=torch.Generator().manual_seed(5))
-        return chosen[perm].to(ids.dtype).reshape(ids.shape).to(ids.device)
-    return transform
-
-
 TAIL_TILES = ExpertsConfig(32, GemmConfig(16, 16, 2, 1, 1), GemmConfig(32, 16, 1, 1, 1),
                            tail_block_m=16)
 TAIL_TMA_TILES = ExpertsConfig(128, GemmConfig(32, 32, 2, 4, 2), GemmConfig(32, 32, 2, 4, 2),
@@ -179,7 +170,7 @@ def test_opcheck_interpreter():
     w13, w2, _, _ = random_experts(4, 32, 16)
     hidden = torch.randn(3, 32)
     ids, weights = random_routing(3, 4, 2)
-    config = moekit.experts._config_to_list(TAIL_TILES)  # the op's flat form, tail tiles on
+    config = TAIL_TILES.as_ints()  # the op's flat form, tail tiles on
     args = (hidden, w13, w2, ids, weights, None, None, "silu", 1.702, 7.0, False, config,
             torch.empty_like(hidden))
     torch.library.opcheck(torch.ops.moekit.fused_experts.default, args,

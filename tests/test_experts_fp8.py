@@ -19,7 +19,14 @@ import torch
 
 import moekit
 from fp8_interpreter import exact_fp8_casts
-from helpers import assert_close, poison_, poison_cuda_cache, random_experts, random_routing
+from helpers import (
+    assert_close,
+    exact_counts,
+    poison_,
+    poison_cuda_cache,
+    random_experts,
+    random_routing,
+)
 from moekit.activation import Activation
 from moekit.bench.presets import PRESETS
 from moekit.experts_fp8 import default_fp8_config
@@ -131,6 +138,50 @@ def test_matches_quantised_reference_interpreter(scheme, M, E, k, H, I, act, bia
     assert_close(out, expected, KERNEL_TOL, name=why)
 
 
+# GEMM1's column tile holds whole 1×128 groups of GEMM2's input, so it is 128 wide.
+TAIL_TILES = ExpertsConfig(32, GemmConfig(128, 32, 2, 1, 1), GemmConfig(32, 32, 1, 1, 1),
+                           tail_block_m=16)
+TMA_TAIL_TILES = ExpertsConfig(128, GemmConfig(128, 32, 2, 4, 2), GemmConfig(32, 32, 2, 4, 2),
+                               tail_block_m=64)
+
+TAIL_CASES = [
+    # (scheme, M, E, k, H, I, activation, bias, config, extra, why)
+    ("fp8_tensor", 97, 5, 1, 64, 128, "silu", False, TAIL_TILES,
+     {"ids_transform": exact_counts([0, 16, 33, 48, 0])},
+     "runs of 0, 1, 3 and 3 blocks: empty, tail only, pair + tail, pair + full tail"),
+    (SMALL_BLOCKS, 40, 4, 2, 96, 128, "swigluoai", True, TAIL_TILES, {"skew": 2.0},
+     "32×32 blocks (per-K scales at both heights), biases, skewed routing"),
+    (STATIC, 30, 6, 2, 64, 128, "relu2", False, TAIL_TILES, {"ids_transform": drop_some},
+     "static scales, no gate; dropped and sentinel ids"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,M,E,k,H,I,act,bias,config,extra,why", TAIL_CASES)
+def test_tail_tiles_interpreter(scheme, M, E, k, H, I, act, bias, config, extra, why):
+    # Each expert's run in pairs of plan blocks plus its odd last block, by pointer.
+    case = make_case(scheme, M, E, k, H, I, act, bias=bias, **extra)
+    out, expected = run_triton(*case, act=act, config=config)
+    assert_close(out, expected, KERNEL_TOL, name=why)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,counts", [("fp8_channel", [200, 130, 0]),
+                                           ("fp8_block", [60, 70, 200]),
+                                           ("fp8_tensor", [130, 200, 0])])
+def test_tma_path_with_tail_tiles_interpreter(monkeypatch, scheme, counts):
+    # The prefill path: TMA weight tiles, GEMM1 at 128 and 64 rows, the persistent GEMM2
+    # reading `inter` by TMA and storing only a tail's own rows (and reading only its
+    # rows' scales) when it computes the tail at full height. The test pretends the CPU
+    # has TMA; the interpreter implements descriptors.
+    monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
+    case = make_case(scheme, sum(counts), 3, 1, 64, 128, "silu", bias=True,
+                     ids_transform=exact_counts(counts))
+    assert moekit.experts_fp8.use_tma(case[1], case[2].q, case[3].q, 128)
+    out, expected = run_triton(*case, config=TMA_TAIL_TILES)
+    assert_close(out, expected, KERNEL_TOL, name=f"{scheme} {counts}")
+
+
 @pytest.mark.interpreter
 def test_saturation_is_exercised_interpreter():
     # The too-small static scale of the saturation case really clips GEMM1's input.
@@ -154,7 +205,7 @@ def test_opcheck_interpreter():
     # mutated. (opcheck's test_schema compares fp8 tensors with arithmetic that torch's CPU
     # backend lacks for Float8_e4m3fn, so the schema's mutation is checked directly.)
     scheme, hidden, q13, q2, ids, weights, _, _ = make_case("fp8_channel", 3, 4, 2, 128, 128)
-    config = [16, 128, 128, 1, 1, 1, 32, 128, 1, 1, 1]
+    config = [16, 128, 128, 1, 1, 1, 32, 128, 1, 1, 1, 0]
     groups = [1, -1, 1, -1, 128]
     args = (hidden, q13.q, q13.scale, q2.q, q2.scale, None, None, ids, weights, None, None,
             "silu", 1.702, 7.0, groups, config, torch.empty_like(hidden))
@@ -184,23 +235,26 @@ def test_cpu_auto_backend_is_reference():
 
 
 CONFIGS = [
-    # (M, E, k, H, I, scheme, why)
-    (1, 256, 8, 7168, 2048, "fp8_block", "decode: the 16-row tile"),
-    (8192, 8, 2, 4096, 14336, "fp8_tensor", "prefill: capped at 64 rows (128 spills)"),
-    (64, 64, 6, 2048, 1408, "fp8_channel", "middle"),
-    (1, 8, 2, 4096, 14336, STATIC, "static: GEMM1's column tile need not hold a group"),
-    (64, 8, 2, 4096, 14336, QuantScheme.fp8_block((64, 64)), "64-wide groups cap block_k"),
+    # (M, E, k, H, I, scheme, block_m, why)
+    (1, 256, 8, 7168, 2048, "fp8_block", 16, "decode: the 16-row tile"),
+    (8192, 8, 2, 4096, 14336, "fp8_tensor", 128, "prefill: 128-row tiles with tail tiles"),
+    (8192, 8, 2, 4096, 14336, "fp8_block", 64,
+     "prefill with block scales: 64 rows (128 spills)"),
+    (64, 64, 6, 2048, 1408, "fp8_channel", 16, "middle"),
+    (1, 8, 2, 4096, 14336, STATIC, 16, "static: GEMM1's column tile need not hold a group"),
+    (64, 8, 2, 4096, 14336, QuantScheme.fp8_block((64, 64)), 32, "64-wide groups cap block_k"),
 ]
 
 
-@pytest.mark.parametrize("M,E,k,H,I,scheme,why", CONFIGS)
-def test_default_config_fits_the_scheme(M, E, k, H, I, scheme, why):
+@pytest.mark.parametrize("M,E,k,H,I,scheme,block_m,why", CONFIGS)
+def test_default_config_fits_the_scheme(M, E, k, H, I, scheme, block_m, why):
     from moekit.experts_fp8 import _check_config
 
     scheme = QuantScheme.parse(scheme)
     config = default_fp8_config(M, E, k, H, I, scheme)
     _check_config(config, scheme)  # raises when a tile straddles a scale group
-    assert config.block_m <= 64
+    assert config.block_m == block_m, why
+    assert config.tail_block_m == (64 if block_m == 128 else 0), why
 
 
 _CASE = make_case("fp8_channel", 5, 4, 2, 128, 64)

@@ -124,7 +124,8 @@ def _experts(why, dtype, act, block_m, **flags):
 
 
 def _fp8(why, scheme, dtype, act, block_m, **flags):
-    """fused_experts_fp8; flags: bias, odd_h, odd_i."""
+    """fused_experts_fp8 with the heuristic's tiles; flags: bias, odd_h, odd_i, tma
+    (expected)."""
     kernels = _FP8 + (("_amax_partials_kernel",) if scheme == "tensor" else ())
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
                 kernels)
@@ -166,6 +167,12 @@ CASES = [
          "block", "bf16", "silu", 64),
     _fp8("block scales from fp32 hidden, ungated, ragged H and I", "block", "fp32", "relu2",
          16, odd_h=True, odd_i=True),
+    _fp8("prefill: 128-row tiles with tail tiles, TMA weight and inter tiles, persistent "
+         "GEMM2 (1×128 input groups: per-K scales in GEMM2)", "tensor", "bf16", "silu", 128,
+         tma=True),
+    _fp8("prefill, per-channel, I = 200 (rows not 16-byte multiples): pointer tiles, one-tile-"
+         "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
+         "bf16", "swigluoai", 128, bias=True, odd_i=True),
     # dispatch_plan
     Case("dispatch", dict(block_m=16, pairs=8),
          "decode: one chunk, count folded into the place kernel (SINGLE_CHUNK)",
@@ -244,7 +251,8 @@ def test_compiles_for_sm90(case, sm90_compiler):
             f"{where}: {kernel['shared']} bytes of shared memory; sm_90 allows "
             f"{_SM90_SHARED_BYTES} per block, so the launch would fail"
         )
-        gemm = kernel["name"] in ("_gemm1_kernel", "_gemm2_kernel")
+        gemm = kernel["name"] in ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel",
+                                  "_gemm2_fp8_kernel")
         if gemm:
             assert kernel["tma"] == bool(case.params.get("tma")), f"{where}: TMA use"
 
@@ -350,12 +358,14 @@ def _recording_launches(launches: list):
         launches.append((self, args, kwargs))
 
     saved = [(JITFunction, "run"), (moekit.backend, "interpreter_enabled"),
-             (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs")]
+             (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs"),
+             (moekit.experts_fp8, "persistent_programs")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run = record
     moekit.backend.interpreter_enabled = lambda: True
     moekit._tma.device_has_tma = lambda device: True
     moekit.experts.persistent_programs = lambda device: _H100_SMS
+    moekit.experts_fp8.persistent_programs = lambda device: _H100_SMS
     try:
         yield launches
     finally:
@@ -395,9 +405,11 @@ def _run_fp8(p):
                           input_scale=static)
     w2 = quantize_weight(torch.randn(_E, H, I) * 0.05, scheme.weight, input_scale=static)
     bias = p.get("bias")
+    config = moekit.experts_fp8.default_fp8_config(M, _E, _TOP_K, H, I, scheme)
+    assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),
-        torch.empty(M, _TOP_K), scheme=scheme, activation=act,
+        torch.empty(M, _TOP_K), scheme=scheme, activation=act, config=config,
         b13=torch.empty(_E, act.gemm1_rows(I)) if bias else None,
         b2=torch.empty(_E, H) if bias else None, backend="triton",
     )

@@ -25,6 +25,7 @@
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
 #   fp8tiles  bench/scripts/fp8_tile_experiment.py (fp8 tiles at M = 1024, 4096)
+#   fp8prefill bench/scripts/fp8_prefill_experiment.py (128- against 64-row fp8 tiles, promotion)
 #   host      bench/scripts/host_overhead.py (host µs per eager call, by piece)
 #   decodetma bench/scripts/decode_tma_experiment.py (TMA tiles at decode row tiles)
 #   padding   bench/scripts/padding_ceiling_experiment.py (prefill: random vs exactly even routing)
@@ -83,6 +84,8 @@ for stage in "$@"; do
       step tune-fp8-report 20 python3 -m moekit.cli tune --report "$out/tune-fp8_tensor.json" ;;
     fp8tiles) step fp8-tile-experiment 170 python3 bench/scripts/fp8_tile_experiment.py \
                 --out "$out" ;;
+    fp8prefill) step fp8-prefill-experiment 560 python3 bench/scripts/fp8_prefill_experiment.py \
+                  --out "$out" ;;
     host) step host-overhead 60 python3 bench/scripts/host_overhead.py ;;
     decodetma) step decode-tma 150 python3 bench/scripts/decode_tma_experiment.py --out "$out" ;;
     tail) step tail-tiles 300 python3 bench/scripts/tail_tiles_experiment.py --out "$out" ;;

@@ -4,12 +4,12 @@
                             dynamic per-tensor scales (the quantiser reduces the P partials)
     _quantize_rows_kernel   grid (M,): one row of hidden → fp8 and its scales (per tensor,
                             per token or per 1×g group); a pass over M×H, not M·k×H
-    _gemm1_fp8_kernel       grid (blocks × I-tiles): fp8 rows gathered through the dispatch
-                            plan × w13[e]ᵀ (fp8), fp32 accumulation, scales, bias,
+    _gemm1_fp8_kernel       grid (row tiles × I-tiles): fp8 rows gathered through the
+                            dispatch plan × w13[e]ᵀ (fp8), fp32 accumulation, scales, bias,
                             activation; the tile is then quantised again — GEMM2's input —
                             with one scale per (row, g columns), or the static scale
-    _gemm2_fp8_kernel       grid (blocks × H-tiles): fp8 `inter` × w2[e]ᵀ (fp8), scales,
-                            bias, × router weight; writes one row per pair
+    _gemm2_fp8_kernel       grid (row tiles × H-tiles), or persistent: fp8 `inter` × w2[e]ᵀ
+                            (fp8), scales, bias, × router weight; writes one row per pair
     combine                 `_combine_kernel` of the bf16 pipeline, unchanged
 
 Scales are addressed as scale[e * s_e + (n // GROUP_N) * s_n + (k // GROUP_K) * s_k]
@@ -23,12 +23,23 @@ it is added (DeepSeek-V3's promotion), so BLOCK_K divides every K group.
 Quantisation follows `moekit.quant.fp8`: scale = max(amax, AMAX_FLOOR) / FMAX and
 q = fp8(clamp(x / scale, ±FMAX)), with IEEE divisions (div_rn) as in the reference, so
 the fp8 values equal the reference's wherever the fp32 values quantised do.
+
+Row tiles, tail tiles, TMA weight (and `inter`) tiles and the persistent GEMM2 work as in
+the 16-bit pipeline (`moekit._experts_kernels`, whose tile helpers these kernels share);
+only the arithmetic of a K step and the epilogues differ.
 """
 
 import triton
 import triton.language as tl
 
-from moekit._experts_kernels import _activate, _row_tile, _tile_coords, _weight_tile
+from moekit._experts_kernels import (
+    _activate,
+    _row_tile,
+    _tile_coords,
+    _tile_of,
+    _weight_tile,
+    _work_tile,
+)
 
 
 @triton.jit
@@ -138,81 +149,60 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.constexpr):
+def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.constexpr,
+                B_UNIFORM: tl.constexpr):
     """acc + a·b, the partial product scaled first by whichever scale varies along K.
 
-    Hopper's fp8 MMA adds into its accumulator at reduced precision (≈ 14 bits kept,
-    DeepSeek-V3 §3.3.2), and Triton's default on sm_90 never promotes, so over H or I of
-    several thousand the error grows with K. Every K tile's product is therefore added
-    to the fp32 accumulator in full precision: explicitly where a scale varies along K,
-    through max_num_imprecise_acc = BLOCK_K otherwise.
+    a_scale is [BLOCK_M, 1]; b_scale [1, BLOCK_N], or a scalar when one scale covers the
+    tile's columns (B_UNIFORM). The scales are never multiplied into a [BLOCK_M, BLOCK_N]
+    matrix of their own: in the MMA's layout that is a second accumulator's registers.
+
+    Where no scale varies along K the MMA accumulates into `acc` directly, in Hopper's
+    fp8 accumulation (Triton's default on sm_90: no promotion to a second fp32
+    accumulator, which would double the accumulator registers and make 128-row tiles
+    spill). Its error against promoting every MMA measured ≤ 2e-4 relative at every
+    preset's K, next to fp8's 2–4e-3 (bench/NOTES.md, fp8 prefill).
     """
     if A_PER_K and B_PER_K:
-        return acc + tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+        if B_UNIFORM:
+            return acc + tl.dot(a, b) * (a_scale * b_scale)
+        else:
+            return acc + tl.dot(a, b) * a_scale * b_scale
     elif A_PER_K:
-        return acc + tl.dot(a, b) * a_scale[:, None]
+        return acc + tl.dot(a, b) * a_scale
     elif B_PER_K:
-        return acc + tl.dot(a, b) * b_scale[None, :]
+        return acc + tl.dot(a, b) * b_scale
     else:
-        BLOCK_K: tl.constexpr = a.shape[1]
-        return tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _gemm1_fp8_kernel(
-    x_ptr,  # [M, H] fp8: hidden, quantised
-    xs_ptr,  # hidden's scales: xs[token * stride_xsm + (k // X_GROUP_K) * stride_xsk]
-    w13_ptr,  # [E, N1, H] fp8; N1 = 2I (gate rows, then up rows) or I (relu2)
-    ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
-    b13_ptr,  # [E, N1] (read only when HAS_BIAS)
-    inter_ptr,  # [capacity, I] fp8, out
-    inter_scale_ptr,  # [capacity, ceil(I / INTER_GROUP)] fp32 out; static: [1], read
-    sorted_pairs_ptr,  # [capacity] int32
-    block_experts_ptr,  # [capacity / BLOCK_M] int32
-    num_pairs,
-    num_blocks,
-    H,
-    I,
-    top_k,
-    stride_xm,
-    stride_xsm,
-    stride_xsk,
-    stride_we,
-    stride_wn,
-    stride_wse,
-    stride_wsn,
-    stride_wsk,
-    stride_be,
-    stride_im,
-    stride_ism,
-    alpha,
-    limit,
-    ACTIVATION: tl.constexpr,
-    GATED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    X_PER_K: tl.constexpr,
-    X_GROUP_K: tl.constexpr,
-    W_PER_K: tl.constexpr,
-    W_GROUP_N: tl.constexpr,
-    W_GROUP_K: tl.constexpr,
+def _col_scales(ptrs, first_ptr, col_ok, UNIFORM: tl.constexpr):
+    """A weight tile's scales along N: [1, BLOCK_N] from `ptrs`, or with UNIFORM (the tile
+    inside one N group) the one scalar at `first_ptr`."""
+    if UNIFORM:
+        return tl.load(first_ptr)
+    else:
+        return tl.load(ptrs, mask=col_ok, other=0.0)[None, :]
+
+
+@triton.jit
+def _gemm1_fp8_tile(
+    x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr,
+    sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k,
+    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
+    stride_wsk, stride_be, stride_im, stride_ism, alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
+    X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
+    W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
     INTER_STATIC: tl.constexpr,
-    INTER_GROUP: tl.constexpr,  # divides BLOCK_N (dynamic)
-    FMAX: tl.constexpr,
-    AMAX_FLOOR: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    INTER_GROUP: tl.constexpr, FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program: BLOCK_M plan slots (one expert) × BLOCK_N intermediate columns."""
-    pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
-    expert = tl.load(block_experts_ptr + pid_m)
-    if expert < 0:
-        return
-    expert = expert.to(tl.int64)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns."""
+    expert64 = expert.to(tl.int64)
+    slots = first_slot + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + slots)
     row_ok = pairs < num_pairs
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
@@ -221,13 +211,17 @@ def _gemm1_fp8_kernel(
     col_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]
-    w_base = w13_ptr + expert * stride_we
+    w_base = w13_ptr + expert64 * stride_we
     g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     u_ptrs = g_ptrs + I * stride_wn
+    g_row = expert * (I * 2 if GATED else I) + pid_n * BLOCK_N  # rows of the [E*N1, H] view
+    u_row = g_row + I
     xs_rows = xs_ptr + tokens * stride_xsm  # [BLOCK_M]
-    ws_base = ws_ptr + expert * stride_wse
+    ws_base = ws_ptr + expert64 * stride_wse
     ws_gate = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     ws_up = ws_base + ((offs_n + I) // W_GROUP_N) * stride_wsn
+    ws_gate0 = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
+    ws_up0 = ws_base + ((pid_n * BLOCK_N + I) // W_GROUP_N) * stride_wsn
 
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -235,21 +229,22 @@ def _gemm1_fp8_kernel(
     # its own input row (and scale), and padding rows are never stored.
     for k0 in range(0, H, BLOCK_K):
         a = _row_tile(a_ptrs, k0, offs_k, H, EVEN_K)
-        g = _weight_tile(g_ptrs, None, 0, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, False)
+        g = _weight_tile(g_ptrs, w13_desc, g_row, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, W_TMA)
         x_scale = 1.0
         if X_PER_K:
-            x_scale = tl.load(xs_rows + (k0 // X_GROUP_K) * stride_xsk)
+            x_scale = tl.load(xs_rows + (k0 // X_GROUP_K) * stride_xsk)[:, None]
+        k_step = (k0 // W_GROUP_K) * stride_wsk
         g_scale = 1.0
         if W_PER_K:
-            g_scale = tl.load(ws_gate + (k0 // W_GROUP_K) * stride_wsk, mask=col_ok, other=0.0)
-        gate = _scaled_dot(gate, a, g, x_scale, g_scale, X_PER_K, W_PER_K)
+            g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok, W_UNIFORM_N)
+        gate = _scaled_dot(gate, a, g, x_scale, g_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
         if GATED:
-            u = _weight_tile(u_ptrs, None, 0, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, False)
+            u = _weight_tile(u_ptrs, w13_desc, u_row, k0, col_ok, offs_k, H, EVEN_K, EVEN_N,
+                             W_TMA)
             u_scale = 1.0
             if W_PER_K:
-                u_scale = tl.load(ws_up + (k0 // W_GROUP_K) * stride_wsk, mask=col_ok,
-                                  other=0.0)
-            up = _scaled_dot(up, a, u, x_scale, u_scale, X_PER_K, W_PER_K)
+                u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, W_UNIFORM_N)
+            up = _scaled_dot(up, a, u, x_scale, u_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
             u_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
@@ -260,11 +255,11 @@ def _gemm1_fp8_kernel(
         gate = gate * row_scale
         up = up * row_scale
     if not W_PER_K:
-        gate = gate * tl.load(ws_gate, mask=col_ok, other=0.0)[None, :]
+        gate = gate * _col_scales(ws_gate, ws_gate0, col_ok, W_UNIFORM_N)
         if GATED:
-            up = up * tl.load(ws_up, mask=col_ok, other=0.0)[None, :]
+            up = up * _col_scales(ws_up, ws_up0, col_ok, W_UNIFORM_N)
     if HAS_BIAS:
-        b_base = b13_ptr + expert * stride_be
+        b_base = b13_ptr + expert64 * stride_be
         gate += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
             up += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -287,18 +282,240 @@ def _gemm1_fp8_kernel(
 
 
 @triton.jit
+def _gemm1_fp8_kernel(
+    x_ptr,  # [M, H] fp8: hidden, quantised
+    xs_ptr,  # hidden's scales: xs[token * stride_xsm + (k // X_GROUP_K) * stride_xsk]
+    w13_ptr,  # [E, N1, H] fp8; N1 = 2I (gate rows, then up rows) or I (relu2)
+    w13_desc,  # TMA descriptor of w13 as [E*N1, H] (used only when W_TMA)
+    ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
+    b13_ptr,  # [E, N1] (read only when HAS_BIAS)
+    inter_ptr,  # [capacity, I] fp8, out
+    inter_scale_ptr,  # [capacity, ceil(I / INTER_GROUP)] fp32 out; static: [1], read
+    sorted_pairs_ptr,  # [capacity] int32
+    block_experts_ptr,  # [capacity / plan rows] int32
+    tiles_ptr,  # [num_blocks + 1] int32 work list (read only when TAIL_M)
+    num_pairs,
+    num_blocks,  # row tiles of the grid: plan blocks, or the work list's length
+    H,
+    I,
+    top_k,
+    stride_xm,
+    stride_xsm,
+    stride_xsk,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_wsk,
+    stride_be,
+    stride_im,
+    stride_ism,
+    alpha,
+    limit,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    W_TMA: tl.constexpr,
+    X_PER_K: tl.constexpr,
+    X_GROUP_K: tl.constexpr,
+    W_PER_K: tl.constexpr,
+    W_GROUP_N: tl.constexpr,
+    W_GROUP_K: tl.constexpr,
+    W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
+    INTER_STATIC: tl.constexpr,
+    INTER_GROUP: tl.constexpr,  # divides BLOCK_N (dynamic)
+    FMAX: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
+    (TAIL_M) computes only its TAIL_M rows."""
+    pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
+                                             TAIL_M)
+    if expert < 0:
+        return
+    # The same tile code at two heights; a constexpr TAIL_M = 0 compiles only the second.
+    if TAIL_M and is_tail:
+        _gemm1_fp8_tile(
+            x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr,
+            sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k,
+            stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
+            stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
+            HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
+            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, FMAX, AMAX_FLOOR, TAIL_M, BLOCK_N,
+            BLOCK_K,
+        )
+    else:
+        _gemm1_fp8_tile(
+            x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr,
+            sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k,
+            stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
+            stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
+            HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
+            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, FMAX, AMAX_FLOOR, BLOCK_M, BLOCK_N,
+            BLOCK_K,
+        )
+
+
+@triton.jit
+def _row_scales(ptrs, rows, MASK_ROWS: tl.constexpr):
+    """Per-row scales [BLOCK_M]; with MASK_ROWS only the first `rows` are read (a tail
+    tile at full height may reach past the plan's last slot)."""
+    if MASK_ROWS:
+        BLOCK_M: tl.constexpr = ptrs.shape[0]
+        return tl.load(ptrs, mask=tl.arange(0, BLOCK_M) < rows, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _gemm2_fp8_tile(
+    inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
+    pair_out_ptr, sorted_pairs_ptr, expert, first_slot, rows, pid_n, num_pairs, H, I,
+    stride_im, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn,
+    stride_wsk, stride_be, stride_om,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA: tl.constexpr,
+    A_PER_K: tl.constexpr, A_GROUP_K: tl.constexpr,
+    W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr,
+    W_UNIFORM_N: tl.constexpr,
+    MASK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """BLOCK_M plan slots of `expert` from `first_slot` × BLOCK_N hidden columns, written to
+    their pairs' rows; `inter_desc` (TMA) has BLOCK_M-row boxes. With MASK_ROWS only the
+    first `rows` slots are the tile's (TMA only: the descriptor bounds the other loads)."""
+    expert64 = expert.to(tl.int64)
+    slots = first_slot + tl.arange(0, BLOCK_M)
+    slots64 = slots.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + slots64[:, None] * stride_im + offs_k[None, :]
+    w_base = w2_ptr + expert64 * stride_we
+    b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    w_row = expert * H + pid_n * BLOCK_N  # rows of the [E*H, I] view
+    as_rows = as_ptr + slots64 * stride_asm  # [BLOCK_M]
+    ws_base = ws_ptr + expert64 * stride_wse
+    ws_cols = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
+    ws_cols0 = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Padding slots of `inter` (and of its scales) hold whatever was there; they only
+    # reach their own, unstored output rows, so the loads stay unmasked along M.
+    for k0 in range(0, I, BLOCK_K):
+        if TMA:
+            a = inter_desc.load([first_slot, k0])
+        else:
+            a = _row_tile(a_ptrs, k0, offs_k, I, EVEN_K)
+        b = _weight_tile(b_ptrs, w2_desc, w_row, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, TMA)
+        a_scale = 1.0
+        if A_PER_K:
+            a_scale = _row_scales(as_rows + (k0 // A_GROUP_K) * stride_ask, rows,
+                                  MASK_ROWS)[:, None]
+        w_scale = 1.0
+        if W_PER_K:
+            k_step = (k0 // W_GROUP_K) * stride_wsk
+            w_scale = _col_scales(ws_cols + k_step, ws_cols0 + k_step, col_ok, W_UNIFORM_N)
+        acc = _scaled_dot(acc, a, b, a_scale, w_scale, A_PER_K, W_PER_K, W_UNIFORM_N)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if MASK_ROWS:
+        pairs = tl.load(sorted_pairs_ptr + slots, mask=tl.arange(0, BLOCK_M) < rows,
+                        other=num_pairs)
+    else:
+        pairs = tl.load(sorted_pairs_ptr + slots)
+    row_ok = pairs < num_pairs
+    if not A_PER_K:
+        acc = acc * _row_scales(as_rows, rows, MASK_ROWS)[:, None]
+    if not W_PER_K:
+        acc = acc * _col_scales(ws_cols, ws_cols0, col_ok, W_UNIFORM_N)
+    if HAS_BIAS:
+        b_base = b2_ptr + expert64 * stride_be
+        acc += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    w = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0)
+    acc = acc * w[:, None]
+    safe_pairs = tl.where(row_ok, pairs, 0).to(tl.int64)
+    out_ptrs = pair_out_ptr + safe_pairs[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gemm2_fp8_work_tile(
+    inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
+    pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n, num_pairs, H,
+    I, stride_im, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn,
+    stride_wsk, stride_be, stride_om,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA: tl.constexpr,
+    A_PER_K: tl.constexpr, A_GROUP_K: tl.constexpr,
+    W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr,
+    W_UNIFORM_N: tl.constexpr,
+    TAIL_M: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Row tile `pid_m` (`_work_tile`) × column tile `pid_n`, with the tail handling of
+    the 16-bit pipeline's `_gemm2_work_tile`: full height with masked rows in the
+    persistent loop, TAIL_M rows by pointer elsewhere."""
+    first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
+                                             TAIL_M)
+    if PERSISTENT or expert >= 0:
+        if TAIL_M and PERSISTENT:
+            tl.static_assert(TMA, "the persistent loop reads inter through TMA")
+            rows = tl.where(is_tail, TAIL_M, BLOCK_M)
+            _gemm2_fp8_tile(
+                inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
+                topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, expert, first_slot, rows,
+                pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
+                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
+                EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
+                W_GROUP_K, W_UNIFORM_N, True, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+        elif TAIL_M and is_tail:
+            _gemm2_fp8_tile(
+                inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
+                topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, expert, first_slot, TAIL_M,
+                pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
+                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
+                EVEN_K, EVEN_N, False, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
+                W_GROUP_K, W_UNIFORM_N, False, TAIL_M, BLOCK_N, BLOCK_K,
+            )
+        else:
+            _gemm2_fp8_tile(
+                inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
+                topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, expert, first_slot, BLOCK_M,
+                pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
+                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
+                EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
+                W_GROUP_K, W_UNIFORM_N, False, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+
+
+@triton.jit
 def _gemm2_fp8_kernel(
     inter_ptr,  # [capacity, I] fp8
+    inter_desc,  # TMA descriptor of inter, BLOCK_M-row boxes (used only when TMA)
     as_ptr,  # inter's scales: as[slot * stride_asm + (k // A_GROUP_K) * stride_ask]
     w2_ptr,  # [E, H, I] fp8
+    w2_desc,  # TMA descriptor of w2 as [E*H, I] (used only when TMA)
     ws_ptr,  # w2's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
     topk_weights_ptr,  # [M*k] fp32
     pair_out_ptr,  # [M*k, H], out
     sorted_pairs_ptr,  # [capacity] int32
-    block_experts_ptr,  # [capacity / BLOCK_M] int32
+    block_experts_ptr,  # [capacity / plan rows] int32
+    expert_offsets_ptr,  # [E + 1] int32 (read only when PERSISTENT)
+    tiles_ptr,  # [num_blocks + 1] int32 work list, then its length (read only when TAIL_M)
+    num_experts,
     num_pairs,
-    num_blocks,
+    num_blocks,  # row tiles of the grid: plan blocks, or the work list's length
     H,
     I,
     stride_im,
@@ -314,62 +531,47 @@ def _gemm2_fp8_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
     A_PER_K: tl.constexpr,
     A_GROUP_K: tl.constexpr,
     W_PER_K: tl.constexpr,
     W_GROUP_N: tl.constexpr,
     W_GROUP_K: tl.constexpr,
+    W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
+    TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One program: BLOCK_M plan slots (one expert) × BLOCK_N hidden columns."""
-    pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
-    expert = tl.load(block_experts_ptr + pid_m)
-    if expert < 0:
-        return
-    expert = expert.to(tl.int64)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + slots)
-    row_ok = pairs < num_pairs
-    slots64 = slots.to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = inter_ptr + slots64[:, None] * stride_im + offs_k[None, :]
-    w_base = w2_ptr + expert * stride_we
-    b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-    as_rows = as_ptr + slots64 * stride_asm  # [BLOCK_M]
-    ws_cols = ws_ptr + expert * stride_wse + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Padding slots of `inter` (and of its scales) hold whatever was there; they only
-    # reach their own, unstored output rows, so the loads stay unmasked along M.
-    for k0 in range(0, I, BLOCK_K):
-        a = _row_tile(a_ptrs, k0, offs_k, I, EVEN_K)
-        b = _weight_tile(b_ptrs, None, 0, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, False)
-        a_scale = 1.0
-        if A_PER_K:
-            a_scale = tl.load(as_rows + (k0 // A_GROUP_K) * stride_ask)
-        w_scale = 1.0
-        if W_PER_K:
-            w_scale = tl.load(ws_cols + (k0 // W_GROUP_K) * stride_wsk, mask=col_ok, other=0.0)
-        acc = _scaled_dot(acc, a, b, a_scale, w_scale, A_PER_K, W_PER_K)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
-    if not A_PER_K:
-        acc = acc * tl.load(as_rows)[:, None]
-    if not W_PER_K:
-        acc = acc * tl.load(ws_cols, mask=col_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        b_base = b2_ptr + expert * stride_be
-        acc += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    w = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0)
-    acc = acc * w[:, None]
-    safe_pairs = tl.where(row_ok, pairs, 0).to(tl.int64)
-    out_ptrs = pair_out_ptr + safe_pairs[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    """Row tiles (one expert each) × BLOCK_N hidden columns: one tile per program, or
+    (PERSISTENT) NUM_PROGRAMS programs striding over the row tiles in use, counted on the
+    GPU, as in the 16-bit pipeline's `_gemm2_kernel`."""
+    num_n = tl.cdiv(H, BLOCK_N)
+    if PERSISTENT:
+        if TAIL_M:
+            used = tl.load(tiles_ptr + num_blocks)
+        else:
+            used = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
+        for tile in tl.range(tl.program_id(0), used * num_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, used, num_n, GROUP_M)
+            _gemm2_fp8_work_tile(
+                inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
+                topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr,
+                pid_m, pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
+                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
+                EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
+                W_GROUP_K, W_UNIFORM_N, TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+    else:
+        pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
+        _gemm2_fp8_work_tile(
+            inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
+            pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n,
+            num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we, stride_wn,
+            stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS, EVEN_K, EVEN_N,
+            TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, TAIL_M,
+            False, BLOCK_M, BLOCK_N, BLOCK_K,
+        )

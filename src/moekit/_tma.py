@@ -2,7 +2,7 @@
 
 TMA (the Tensor Memory Accelerator of sm_90+) copies whole tiles from global to shared
 memory. The prefill GEMMs measured 5–14% faster with it (bench/NOTES.md, v2), so it
-is used where that was measured: 16-bit dtypes and the 128-row tile of the
+is used where that was measured: 16-bit and fp8 weights at the 128-row tile of the
 compute-bound regime. A descriptor needs a 16-byte-aligned base and row strides; the
 weights are viewed as one matrix [E·N, K], so they must be contiguous.
 """
@@ -15,7 +15,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 TMA_BLOCK_M = 128  # the row tile the TMA path was measured with
-_TMA_DTYPES = (torch.bfloat16, torch.float16)
+_TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 _ALIGN = 16
 _INTERPRETER_PROGRAMS = 4  # persistent programs when there is no GPU to size the grid
 
@@ -30,13 +30,15 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def use_tma(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, block_m: int) -> bool:
-    """Whether `fused_experts` can and should run its GEMMs through TMA descriptors."""
+    """Whether the experts GEMMs can and should take their weight tiles (and GEMM2 its
+    `inter` tiles, of the weights' dtype) through TMA descriptors; `hidden` names the device."""
     row_bytes_ok = all(
-        (n * hidden.element_size()) % _ALIGN == 0 for n in (w13.shape[2], w2.shape[2])
+        (n * w13.element_size()) % _ALIGN == 0 for n in (w13.shape[2], w2.shape[2])
     )
     return (
         block_m == TMA_BLOCK_M
-        and hidden.dtype in _TMA_DTYPES
+        and w13.dtype in _TMA_DTYPES
+        and w2.dtype == w13.dtype
         and row_bytes_ok
         and _aligned(w13)
         and _aligned(w2)

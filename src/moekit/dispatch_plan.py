@@ -63,3 +63,10 @@ class DispatchPlan(NamedTuple):
     def capacity(self) -> int:
         """Length of `sorted_pairs`: the slots reserved for the worst-case routing."""
         return self.sorted_pairs.numel()
+
+    def row_tiles(self) -> tuple[int, int, int]:
+        """(row tiles of a GEMM grid, their rows, TAIL_M): the plan's blocks, or with tail
+        tiles (`tiles` built) the work list's entries, each two plan blocks high."""
+        if self.tiles is None:
+            return self.capacity // self.block_m, self.block_m, 0
+        return self.tiles.numel() - 1, 2 * self.block_m, self.block_m

@@ -88,7 +88,7 @@ def fused_experts(
     launch(
         hidden.contiguous(), w13.contiguous(), w2.contiguous(), topk_ids.contiguous(),
         topk_weights.contiguous(), b13, b2, act.kind, act.alpha, act.limit,
-        apply_router_weight_on_input, _config_to_list(config), out,
+        apply_router_weight_on_input, config.as_ints(), out,
     )
     return out
 
@@ -153,16 +153,6 @@ def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
     return check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2)
 
 
-def _config_to_list(config: ExpertsConfig) -> list[int]:
-    g1, g2 = config.gemm1, config.gemm2
-    return [
-        config.block_m,
-        g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
-        g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
-        config.tail_block_m,
-    ]
-
-
 def _launch_fused_experts(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -178,7 +168,7 @@ def _launch_fused_experts(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch plan, GEMM1, GEMM2 and combine; `config` is `_config_to_list`'s flat form."""
+    """Launch plan, GEMM1, GEMM2 and combine; `config` is `ExpertsConfig.as_ints`'s flat form."""
     if hidden.shape[0] == 0:
         return
     block_m, tail_m = config[0], config[11]
@@ -192,14 +182,6 @@ def _launch_fused_experts(
     launch_combine(pair_out, topk_ids, w2.shape[0], out)
 
 
-def _row_tiles(plan) -> tuple[int, int, int]:
-    """(row tiles of the grid, their rows, TAIL_M): the plan's blocks, or with tail tiles
-    (a plan with `tiles`) the work list's entries, each two plan blocks high."""
-    if plan.tiles is None:
-        return plan.capacity // plan.block_m, plan.block_m, 0
-    return plan.tiles.numel() - 1, 2 * plan.block_m, plan.block_m
-
-
 def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
                  weight_on_input, tiles, tma) -> torch.Tensor:
     """GEMM1 + activation over the plan's slots; returns `inter` [capacity, I].
@@ -208,7 +190,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     a plan with a work list (`plan.tiles`) runs tail tiles.
     """
     num_tokens, hidden_size = hidden.shape
-    num_blocks, block_m, tail_m = _row_tiles(plan)
+    num_blocks, block_m, tail_m = plan.row_tiles()
     gated = activation != "relu2"
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles
@@ -237,7 +219,7 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
     Tail tiles as in `launch_gemm1`.
     """
     num_experts, hidden_size, inter_size = w2.shape
-    num_blocks, block_m, tail_m = _row_tiles(plan)
+    num_blocks, block_m, tail_m = plan.row_tiles()
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)

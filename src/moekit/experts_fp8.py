@@ -33,6 +33,7 @@ Not here yet: apply_router_weight_on_input and expert maps (the bf16 path has bo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -53,6 +54,7 @@ from moekit._experts_fp8_kernels import (
 )
 from moekit._experts_kernels import _combine_kernel
 from moekit._intmath import cdiv, next_power_of_2
+from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
@@ -128,7 +130,7 @@ def fused_experts_fp8(
         hidden.contiguous(), w13.q.contiguous(), w13.scale, w2.q.contiguous(), w2.scale,
         w13.input_scale if static else None, w2.input_scale if static else None,
         topk_ids.contiguous(), topk_weights.contiguous(), b13, b2,
-        act.kind, act.alpha, act.limit, _groups_to_list(scheme), _config_to_list(config), out,
+        act.kind, act.alpha, act.limit, _groups_to_list(scheme), config.as_ints(), out,
     )
     return out
 
@@ -149,27 +151,35 @@ def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: in
                        scheme: str | QuantScheme) -> ExpertsConfig:
     """Tiles for `fused_experts_fp8`: the bf16 heuristic's row tile, fp8-sized tiles.
 
-    block_m follows `moekit.tuning.heuristic.pick_block_m`, capped at 64: at 128 rows
-    GEMM1 holds two 128×128 fp32 accumulators (gate, up) — four with the per-K partial
-    products of block scales — and spills registers (seen compiling for sm_90). With
-    1-byte elements a 128-wide K tile is one 128-byte line per row and one group of block
-    scales; GEMM1's column tile holds whole groups of GEMM2's input when that is
-    quantised dynamically. First guesses, checked for spills, not yet swept on a GPU.
+    block_m follows `moekit.tuning.heuristic.pick_block_m`. At 128 rows (compute-bound)
+    the tiles are the 16-bit pipeline's prefill shape with 128-deep K tiles (one 128-byte
+    line per row, one group of block scales): TMA weight tiles, the persistent GEMM2 and
+    tail tiles. Block scales stay at 64 rows there: scaling every K tile's partial
+    product keeps a second pair of accumulators live, and GEMM1 at 128 rows spills
+    (1.3 KB per thread, sm_90 ptxas). GEMM1's column tile holds whole groups of GEMM2's
+    input when that is quantised dynamically.
     """
     scheme = QuantScheme.parse(scheme)
     k1, k2, inter_group = _k_groups(scheme)
-    block_m = min(64, pick_block_m(num_tokens, num_experts, top_k))
+    row_tile = pick_block_m(num_tokens, num_experts, top_k)
     block_n1 = max(64, inter_group or 0)
+    if row_tile == 128 and scheme.weight.group[1] == FULL:
+        g1, g2 = GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4)
+        return ExpertsConfig(128, _fit_k(g1, k1), _fit_k(g2, k2), tail_block_m=64)
+    block_m = min(64, row_tile)
     if block_m <= 32:
         warps1 = 8 if block_m == 32 and block_n1 >= 128 else 4
         g1, g2 = GemmConfig(block_n1, 128, 8, warps1, 4), GemmConfig(64, 128, 8, 4, 4)
-    elif pick_block_m(num_tokens, num_experts, top_k) == 64:
+    elif row_tile == 64:
         g1, g2 = GemmConfig(max(128, block_n1), 128, 8, 8, 4), GemmConfig(128, 128, 8, 4, 3)
-    else:  # compute-bound
+    else:  # compute-bound, block scales
         g1, g2 = GemmConfig(max(128, block_n1), 128, 8, 8, 4), GemmConfig(256, 128, 8, 8, 3)
-    g1 = GemmConfig(g1.block_n, min([g1.block_k, *k1]), g1.group_m, g1.num_warps, g1.num_stages)
-    g2 = GemmConfig(g2.block_n, min([g2.block_k, *k2]), g2.group_m, g2.num_warps, g2.num_stages)
-    return ExpertsConfig(block_m, g1, g2)
+    return ExpertsConfig(block_m, _fit_k(g1, k1), _fit_k(g2, k2))
+
+
+def _fit_k(tile: GemmConfig, k_groups: list[int]) -> GemmConfig:
+    """`tile` with its K tile cut to the smallest K group, so no K tile straddles two."""
+    return dataclasses.replace(tile, block_k=min([tile.block_k, *k_groups]))
 
 
 def _k_groups(scheme: QuantScheme) -> tuple[list[int], list[int], int | None]:
@@ -203,8 +213,6 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
     of GEMM2's dynamically quantised input."""
     if not isinstance(config, ExpertsConfig):
         raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
-    if config.tail_block_m:
-        raise ValueError("config: tail_block_m: the fp8 kernels take no tail tiles yet; use 0")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if groups and gemm.block_k > min(groups):
@@ -240,13 +248,6 @@ def _groups_to_list(scheme: QuantScheme) -> list[int]:
             inter.group[1] if inter.dynamic else FULL]
 
 
-def _config_to_list(config: ExpertsConfig) -> list[int]:
-    g1, g2 = config.gemm1, config.gemm2
-    return [
-        config.block_m,
-        g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
-        g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
-    ]
 
 
 def _weight_scale_layout(scale: torch.Tensor, group_n: int, group_k: int):
@@ -257,6 +258,14 @@ def _weight_scale_layout(scale: torch.Tensor, group_n: int, group_k: int):
     stride_k = scale.stride(next(axes)) if group_k != FULL else 0
     return (scale.stride(0), stride_n, stride_k,
             group_n if group_n != FULL else 1, group_k if group_k != FULL else 1)
+
+
+def _uniform_along_n(layout, block_n: int, row_offset: int) -> bool:
+    """Whether one weight scale covers every column tile's columns (along N), so a tile
+    reads it as a scalar: a group spanning N, or whole tiles inside each group. GEMM1's up
+    tile starts `row_offset` = I rows further, so I must keep to the groups as well."""
+    stride_n, group_n = layout[1], layout[3]
+    return stride_n == 0 or (group_n % block_n == 0 and row_offset % group_n == 0)
 
 
 class _Gemm1Input(NamedTuple):
@@ -346,7 +355,7 @@ def _launch_fused_experts_fp8(
 ) -> None:
     """Launch quantise, plan, GEMM1, GEMM2 and combine.
 
-    `groups` is `_groups_to_list`'s form of the scheme, `config` `_config_to_list`'s;
+    `groups` is `_groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
     the input scales are given exactly when the scheme's activations are static.
     """
     num_tokens, hidden_size = hidden.shape
@@ -355,14 +364,16 @@ def _launch_fused_experts_fp8(
     num_experts, _, inter = w2_q.shape
     top_k = topk_ids.shape[1]
     w_group_n, w_group_k, a_group_m, a_group_k, inter_group = groups
-    block_m = config[0]
+    block_m, tail_m = config[0], config[11]
     c1, c2 = config[1:6], config[6:11]
     w_per_k = w_group_k != FULL
     dummy = topk_weights  # stands in for absent biases; never read
 
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
-    plan = dispatch_plan(topk_ids, num_experts, block_m, backend="triton")
-    num_blocks = plan.capacity // block_m
+    plan = dispatch_plan(topk_ids, num_experts, tail_m or block_m,
+                         tile_m=block_m if tail_m else None, backend="triton")
+    num_tiles, _, tail_m = plan.row_tiles()
+    tma = use_tma(hidden, w13_q, w2_q, block_m)
 
     inter_static = input_scale2 is not None
     inter_q = torch.empty((plan.capacity, inter), dtype=torch.float8_e4m3fn, device=hidden.device)
@@ -372,38 +383,47 @@ def _launch_fused_experts_fp8(
         inter_scale = torch.empty((plan.capacity, cdiv(inter, inter_group)),
                                   dtype=torch.float32, device=hidden.device)
         stride_ism, stride_isk = inter_scale.stride(0), 1
+    work_list = plan.block_experts if plan.tiles is None else plan.tiles
     ws1 = _weight_scale_layout(w13_scale, w_group_n, w_group_k)
-    grid1 = (num_blocks * cdiv(inter, c1[0]),)
+    grid1 = (num_tiles * cdiv(inter, c1[0]),)
     _gemm1_fp8_kernel[grid1](
-        hidden_in.x, hidden_in.scale, w13_q, w13_scale, dummy if b13 is None else b13,
-        inter_q, inter_scale, plan.sorted_pairs, plan.block_experts,
-        plan.num_pairs, num_blocks, hidden_size, inter, top_k,
+        hidden_in.x, hidden_in.scale, w13_q,
+        matrix_descriptor(w13_q, c1[0], c1[1]) if tma else None,
+        w13_scale, dummy if b13 is None else b13,
+        inter_q, inter_scale, plan.sorted_pairs, plan.block_experts, work_list,
+        plan.num_pairs, num_tiles, hidden_size, inter, top_k,
         hidden_in.x.stride(0), hidden_in.stride_sm, hidden_in.stride_sk,
         w13_q.stride(0), w13_q.stride(1), *ws1[:3],
         0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
         float(alpha), float(limit),
         ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
-        EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0,
+        EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0, W_TMA=tma,
         X_PER_K=a_group_k != FULL, X_GROUP_K=hidden_in.group_k,
         W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
+        W_UNIFORM_N=_uniform_along_n(ws1, c1[0], inter),
         INTER_STATIC=inter_static, INTER_GROUP=inter_group,
-        FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
+        FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
         num_warps=c1[3], num_stages=c1[4],
     )
 
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
     ws2 = _weight_scale_layout(w2_scale, w_group_n, w_group_k)
-    grid2 = (num_blocks * cdiv(hidden_size, c2[0]),)
+    programs = persistent_programs(hidden.device) if tma else 0
+    grid2 = (programs or num_tiles * cdiv(hidden_size, c2[0]),)
     _gemm2_fp8_kernel[grid2](
-        inter_q, inter_scale, w2_q, w2_scale, dummy if b2 is None else b2, topk_weights,
-        pair_out, plan.sorted_pairs, plan.block_experts,
-        plan.num_pairs, num_blocks, hidden_size, inter,
+        inter_q, matrix_descriptor(inter_q, block_m, c2[1]) if tma else None, inter_scale,
+        w2_q, matrix_descriptor(w2_q, c2[0], c2[1]) if tma else None, w2_scale,
+        dummy if b2 is None else b2, topk_weights, pair_out, plan.sorted_pairs,
+        plan.block_experts, plan.expert_offsets, work_list,
+        num_experts, plan.num_pairs, num_tiles, hidden_size, inter,
         inter_q.stride(0), stride_ism, stride_isk, w2_q.stride(0), w2_q.stride(1), *ws2[:3],
         0 if b2 is None else b2.stride(0), pair_out.stride(0),
         HAS_BIAS=b2 is not None, EVEN_K=inter % c2[1] == 0, EVEN_N=hidden_size % c2[0] == 0,
+        TMA=tma, PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1),
         A_PER_K=not inter_static, A_GROUP_K=inter_group,
         W_PER_K=w_per_k, W_GROUP_N=ws2[3], W_GROUP_K=ws2[4],
+        W_UNIFORM_N=_uniform_along_n(ws2, c2[0], 0), TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
         num_warps=c2[3], num_stages=c2[4],
     )

@@ -46,3 +46,14 @@ class ExpertsConfig:
                 f"tail_block_m: expected 0 or block_m / 2 = {self.block_m // 2} (≥ 16), "
                 f"got {self.tail_block_m}"
             )
+
+    def as_ints(self) -> list[int]:
+        """The flat form the experts custom ops take (a list of ints is a schema type;
+        a dataclass is not): block_m, GEMM1's five fields, GEMM2's five, tail_block_m."""
+        g1, g2 = self.gemm1, self.gemm2
+        return [
+            self.block_m,
+            g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
+            g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
+            self.tail_block_m,
+        ]
