@@ -166,20 +166,25 @@ def test_tail_tiles_interpreter(scheme, M, E, k, H, I, act, bias, config, extra,
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("scheme,counts", [("fp8_channel", [200, 130, 0]),
-                                           ("fp8_block", [60, 70, 200]),
-                                           ("fp8_tensor", [130, 200, 0])])
+@pytest.mark.parametrize("scheme,counts", [
+    ("fp8_channel", [200, 130, 0]),
+    ("fp8_block", [60, 70, 200]),
+    ("fp8_tensor", [130, 200, 0]),
+    (SMALL_BLOCKS, [130, 70, 0]),  # groups of 32: each column half holds whole groups
+    (STATIC, [64, 0, 200]),
+])
 def test_tma_path_with_tail_tiles_interpreter(monkeypatch, scheme, counts):
-    # The prefill path: TMA weight tiles, GEMM1 at 128 and 64 rows, the persistent GEMM2
-    # reading `inter` by TMA and storing only a tail's own rows (and reading only its
-    # rows' scales) when it computes the tail at full height. The test pretends the CPU
-    # has TMA; the interpreter implements descriptors.
+    # The prefill path: TMA weight tiles, GEMM1 at 128 and 64 rows in two column halves
+    # (a 1×128 group of GEMM2's input spanning both), the persistent GEMM2 reading `inter`
+    # by TMA and storing only a tail's own rows (and reading only its rows' scales) when
+    # it computes the tail at full height. The test pretends the CPU has TMA; the
+    # interpreter implements descriptors.
     monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
     case = make_case(scheme, sum(counts), 3, 1, 64, 128, "silu", bias=True,
                      ids_transform=exact_counts(counts))
     assert moekit.experts_fp8.use_tma(case[1], case[2].q, case[3].q, 128)
     out, expected = run_triton(*case, config=TMA_TAIL_TILES)
-    assert_close(out, expected, KERNEL_TOL, name=f"{scheme} {counts}")
+    assert_close(out, expected, KERNEL_TOL, name=f"{QuantScheme.parse(scheme)} {counts}")
 
 
 @pytest.mark.interpreter
@@ -238,8 +243,8 @@ CONFIGS = [
     # (M, E, k, H, I, scheme, block_m, why)
     (1, 256, 8, 7168, 2048, "fp8_block", 16, "decode: the 16-row tile"),
     (8192, 8, 2, 4096, 14336, "fp8_tensor", 128, "prefill: 128-row tiles with tail tiles"),
-    (8192, 8, 2, 4096, 14336, "fp8_block", 64,
-     "prefill with block scales: 64 rows (128 spills)"),
+    (8192, 8, 2, 4096, 14336, "fp8_block", 128,
+     "prefill with block scales: 128 rows too (GEMM1 in column halves)"),
     (64, 64, 6, 2048, 1408, "fp8_channel", 16, "middle"),
     (1, 8, 2, 4096, 14336, STATIC, 16, "static: GEMM1's column tile need not hold a group"),
     (64, 8, 2, 4096, 14336, QuantScheme.fp8_block((64, 64)), 32, "64-wide groups cap block_k"),

@@ -151,17 +151,20 @@ def _quantize_rows_kernel(
 @triton.jit
 def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.constexpr,
                 B_UNIFORM: tl.constexpr):
-    """acc + a·b, the partial product scaled first by whichever scale varies along K.
+    """acc + a·b, each K tile's product added to `acc` in full fp32 precision.
+
+    Hopper's fp8 MMA adds into its accumulator at reduced precision (≈ 14 bits kept,
+    DeepSeek-V3 §3.3.2), and Triton's default on sm_90 never promotes: measured on an
+    H100 that left 1.0–1.5e-2 relative error at the presets' K instead of 2–4e-3
+    (bench/NOTES.md, fp8 prefill). So every K tile's product is computed into a fresh
+    accumulator and added in fp32 — scaled first by whichever scale varies along K. (The
+    same promotion through `max_num_imprecise_acc` makes ptxas serialise the wgmma
+    pipeline; the explicit add does not.)
 
     a_scale is [BLOCK_M, 1]; b_scale [1, BLOCK_N], or a scalar when one scale covers the
     tile's columns (B_UNIFORM). The scales are never multiplied into a [BLOCK_M, BLOCK_N]
-    matrix of their own: in the MMA's layout that is a second accumulator's registers.
-
-    Where no scale varies along K the MMA accumulates into `acc` directly, in Hopper's
-    fp8 accumulation (Triton's default on sm_90: no promotion to a second fp32
-    accumulator, which would double the accumulator registers and make 128-row tiles
-    spill). Its error against promoting every MMA measured ≤ 2e-4 relative at every
-    preset's K, next to fp8's 2–4e-3 (bench/NOTES.md, fp8 prefill).
+    matrix of their own: in the MMA's layout that would cost another accumulator's
+    registers.
     """
     if A_PER_K and B_PER_K:
         if B_UNIFORM:
@@ -173,7 +176,7 @@ def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.
     elif B_PER_K:
         return acc + tl.dot(a, b) * b_scale
     else:
-        return tl.dot(a, b, acc)
+        return acc + tl.dot(a, b)
 
 
 @triton.jit
@@ -187,41 +190,33 @@ def _col_scales(ptrs, first_ptr, col_ok, UNIFORM: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_fp8_tile(
-    x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr,
-    sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k,
-    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
-    stride_wsk, stride_be, stride_im, stride_ism, alpha, limit,
+def _gate_up(
+    a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, first_n, H, I, stride_xsk,
+    stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
     W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
-    INTER_STATIC: tl.constexpr,
-    INTER_GROUP: tl.constexpr, FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns."""
-    expert64 = expert.to(tl.int64)
-    slots = first_slot + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + slots)
-    row_ok = pairs < num_pairs
-    tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """activation(x·gateᵀ, x·upᵀ) in fp32 for BLOCK_N columns from `first_n`, all scales
+    and biases applied; columns past I are 0. `a_base` points at the gathered fp8 rows'
+    first K tile [BLOCK_M, BLOCK_K]."""
+    BLOCK_M: tl.constexpr = a_base.shape[0]
+    offs_n = first_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]
-    w_base = w13_ptr + expert64 * stride_we
-    g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    expert64 = expert.to(tl.int64)
+    g_ptrs = (w13_ptr + expert64 * stride_we + offs_n[None, :] * stride_wn
+              + offs_k[:, None])  # [BLOCK_K, BLOCK_N]
     u_ptrs = g_ptrs + I * stride_wn
-    g_row = expert * (I * 2 if GATED else I) + pid_n * BLOCK_N  # rows of the [E*N1, H] view
+    g_row = expert * (I * 2 if GATED else I) + first_n  # rows of the [E*N1, H] view
     u_row = g_row + I
-    xs_rows = xs_ptr + tokens * stride_xsm  # [BLOCK_M]
-    ws_base = ws_ptr + expert64 * stride_wse
     ws_gate = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     ws_up = ws_base + ((offs_n + I) // W_GROUP_N) * stride_wsn
-    ws_gate0 = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
-    ws_up0 = ws_base + ((pid_n * BLOCK_N + I) // W_GROUP_N) * stride_wsn
+    ws_gate0 = ws_base + (first_n // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
+    ws_up0 = ws_base + ((first_n + I) // W_GROUP_N) * stride_wsn
+    a_ptrs = a_base
 
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -263,22 +258,96 @@ def _gemm1_fp8_tile(
         gate += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
             up += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    result = _activate(gate, up, ACTIVATION, alpha, limit)
+    # Columns past I (a partial last tile) must not raise a group's amax.
+    return tl.where(col_ok[None, :], _activate(gate, up, ACTIVATION, alpha, limit), 0.0)
 
-    # GEMM2's input, quantised here: the tile holds whole 1×INTER_GROUP groups of its rows.
-    slots64 = slots.to(tl.int64)
+
+@triton.jit
+def _store_inter(result, scale, first_n, slots64, row_ok, inter_ptr, inter_scale_ptr, I,
+                 stride_im, stride_ism, INTER_STATIC: tl.constexpr, INTER_GROUP: tl.constexpr,
+                 SHARED_SCALE: tl.constexpr, FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    """GEMM2's input: `result` [BLOCK_M, C] (C columns from `first_n`) quantised and stored
+    with its scales — the static one, its own 1×INTER_GROUP groups, or with SHARED_SCALE
+    the given [BLOCK_M, 1] scale of a group this run of columns is half of (stored by the
+    caller)."""
+    C: tl.constexpr = result.shape[1]
+    offs_n = first_n + tl.arange(0, C)
     if INTER_STATIC:
         q = _quantize(result, tl.load(inter_scale_ptr), FMAX)
+    elif SHARED_SCALE:
+        q = _quantize(result, scale, FMAX)
     else:
-        # Columns past I (a partial last tile) must not raise a group's amax.
-        result = tl.where(col_ok[None, :], result, 0.0)
-        q, scale = _group_scales(result, INTER_GROUP, FMAX, AMAX_FLOOR)
-        groups = pid_n * (BLOCK_N // INTER_GROUP) + tl.arange(0, BLOCK_N // INTER_GROUP)
+        q, scales = _group_scales(result, INTER_GROUP, FMAX, AMAX_FLOOR)
+        groups = first_n // INTER_GROUP + tl.arange(0, C // INTER_GROUP)
         s_ptrs = inter_scale_ptr + slots64[:, None] * stride_ism + groups[None, :]
-        tl.store(s_ptrs, scale, mask=row_ok[:, None] & (groups * INTER_GROUP < I)[None, :])
+        tl.store(s_ptrs, scales, mask=row_ok[:, None] & (groups * INTER_GROUP < I)[None, :])
     out_ptrs = inter_ptr + slots64[:, None] * stride_im + offs_n[None, :]
     tl.store(out_ptrs, q.to(inter_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+             mask=row_ok[:, None] & (offs_n < I)[None, :])
+
+
+@triton.jit
+def _gemm1_fp8_tile(
+    x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr,
+    sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k,
+    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
+    stride_wsk, stride_be, stride_im, stride_ism, alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
+    X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
+    W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
+    INTER_STATIC: tl.constexpr, INTER_GROUP: tl.constexpr, SPLIT_N: tl.constexpr,
+    FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns;
+    with SPLIT_N as two column halves, one K loop each (see `_gemm1_fp8_kernel`)."""
+    slots = first_slot + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + slots)
+    row_ok = pairs < num_pairs
+    tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
+    slots64 = slots.to(tl.int64)
+    a_base = x_ptr + tokens[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    xs_rows = xs_ptr + tokens * stride_xsm  # [BLOCK_M]
+    ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+    if SPLIT_N:
+        HALF: tl.constexpr = BLOCK_N // 2
+        n0 = pid_n * BLOCK_N
+        first = _gate_up(
+            a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, n0, H, I,
+            stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
+            ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K,
+        )
+        second = _gate_up(
+            a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, n0 + HALF, H, I,
+            stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
+            ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K,
+        )
+        shared: tl.constexpr = not INTER_STATIC and INTER_GROUP == BLOCK_N
+        scale = 1.0
+        if shared:  # one group spans both halves: its amax over both
+            amax = tl.maximum(tl.max(tl.abs(first), axis=1), tl.max(tl.abs(second), axis=1))
+            scale = _scale_from_amax(amax, FMAX, AMAX_FLOOR)
+            tl.store(inter_scale_ptr + slots64 * stride_ism + pid_n, scale, mask=row_ok)
+            scale = scale[:, None]
+        _store_inter(first, scale, n0, slots64, row_ok, inter_ptr, inter_scale_ptr, I,
+                     stride_im, stride_ism, INTER_STATIC, INTER_GROUP, shared, FMAX,
+                     AMAX_FLOOR)
+        _store_inter(second, scale, n0 + HALF, slots64, row_ok, inter_ptr,
+                     inter_scale_ptr, I, stride_im, stride_ism, INTER_STATIC, INTER_GROUP,
+                     shared, FMAX, AMAX_FLOOR)
+    else:
+        result = _gate_up(
+            a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, pid_n * BLOCK_N, H, I,
+            stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
+            ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, BLOCK_N, BLOCK_K,
+        )
+        _store_inter(result, 1.0, pid_n * BLOCK_N, slots64, row_ok, inter_ptr, inter_scale_ptr, I,
+                     stride_im, stride_ism, INTER_STATIC, INTER_GROUP, False, FMAX,
+                     AMAX_FLOOR)
 
 
 @triton.jit
@@ -326,6 +395,7 @@ def _gemm1_fp8_kernel(
     W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
     INTER_STATIC: tl.constexpr,
     INTER_GROUP: tl.constexpr,  # divides BLOCK_N (dynamic)
+    SPLIT_N: tl.constexpr,  # two column halves, one K loop each (below)
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
     TAIL_M: tl.constexpr,
@@ -335,7 +405,14 @@ def _gemm1_fp8_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
-    (TAIL_M) computes only its TAIL_M rows."""
+    (TAIL_M) computes only its TAIL_M rows.
+
+    Every K step keeps two fp32 accumulators per product (the promoted sum and the MMA's
+    partial, or the partial a per-K scale multiplies), and GEMM1 has two products (gate
+    and up): at 128 × 128 that is 256 registers per thread, which spill. SPLIT_N computes
+    the tile as two column halves, one K loop each (the gathered rows are read twice,
+    from L2), so GEMM2's input is still quantised in whole 1×128 groups of a row.
+    """
     pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
                                              TAIL_M)
@@ -349,8 +426,8 @@ def _gemm1_fp8_kernel(
             stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
             stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
             HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
-            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, FMAX, AMAX_FLOOR, TAIL_M, BLOCK_N,
-            BLOCK_K,
+            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, FMAX, AMAX_FLOOR, TAIL_M,
+            BLOCK_N, BLOCK_K,
         )
     else:
         _gemm1_fp8_tile(
@@ -359,8 +436,8 @@ def _gemm1_fp8_kernel(
             stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
             stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
             HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
-            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, FMAX, AMAX_FLOOR, BLOCK_M, BLOCK_N,
-            BLOCK_K,
+            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, FMAX, AMAX_FLOOR, BLOCK_M,
+            BLOCK_N, BLOCK_K,
         )
 
 

@@ -69,6 +69,7 @@ _COMBINE_BLOCK_H = 1024
 _QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
+_SPLIT_BLOCK_M = 128  # GEMM1's gated tiles from this height on run as two column halves
 
 
 def fused_experts_fp8(
@@ -153,27 +154,23 @@ def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: in
 
     block_m follows `moekit.tuning.heuristic.pick_block_m`. At 128 rows (compute-bound)
     the tiles are the 16-bit pipeline's prefill shape with 128-deep K tiles (one 128-byte
-    line per row, one group of block scales): TMA weight tiles, the persistent GEMM2 and
-    tail tiles. Block scales stay at 64 rows there: scaling every K tile's partial
-    product keeps a second pair of accumulators live, and GEMM1 at 128 rows spills
-    (1.3 KB per thread, sm_90 ptxas). GEMM1's column tile holds whole groups of GEMM2's
-    input when that is quantised dynamically.
+    line per row, one group of block scales): TMA weight tiles, the persistent GEMM2,
+    tail tiles, and GEMM1 in two column halves (`_gemm1_fp8_kernel`: its promoted
+    accumulators would spill at 128 × 128). GEMM1's column tile holds whole groups of
+    GEMM2's input when that is quantised dynamically.
     """
     scheme = QuantScheme.parse(scheme)
     k1, k2, inter_group = _k_groups(scheme)
-    row_tile = pick_block_m(num_tokens, num_experts, top_k)
+    block_m = pick_block_m(num_tokens, num_experts, top_k)
     block_n1 = max(64, inter_group or 0)
-    if row_tile == 128 and scheme.weight.group[1] == FULL:
-        g1, g2 = GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4)
+    if block_m == 128:
+        g1, g2 = GemmConfig(max(128, block_n1), 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4)
         return ExpertsConfig(128, _fit_k(g1, k1), _fit_k(g2, k2), tail_block_m=64)
-    block_m = min(64, row_tile)
     if block_m <= 32:
         warps1 = 8 if block_m == 32 and block_n1 >= 128 else 4
         g1, g2 = GemmConfig(block_n1, 128, 8, warps1, 4), GemmConfig(64, 128, 8, 4, 4)
-    elif row_tile == 64:
+    else:
         g1, g2 = GemmConfig(max(128, block_n1), 128, 8, 8, 4), GemmConfig(128, 128, 8, 4, 3)
-    else:  # compute-bound, block scales
-        g1, g2 = GemmConfig(max(128, block_n1), 128, 8, 8, 4), GemmConfig(256, 128, 8, 8, 3)
     return ExpertsConfig(block_m, _fit_k(g1, k1), _fit_k(g2, k2))
 
 
@@ -385,10 +382,12 @@ def _launch_fused_experts_fp8(
         stride_ism, stride_isk = inter_scale.stride(0), 1
     work_list = plan.block_experts if plan.tiles is None else plan.tiles
     ws1 = _weight_scale_layout(w13_scale, w_group_n, w_group_k)
+    gated = activation != "relu2"
+    split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
     _gemm1_fp8_kernel[grid1](
         hidden_in.x, hidden_in.scale, w13_q,
-        matrix_descriptor(w13_q, c1[0], c1[1]) if tma else None,
+        matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma else None,
         w13_scale, dummy if b13 is None else b13,
         inter_q, inter_scale, plan.sorted_pairs, plan.block_experts, work_list,
         plan.num_pairs, num_tiles, hidden_size, inter, top_k,
@@ -396,12 +395,12 @@ def _launch_fused_experts_fp8(
         w13_q.stride(0), w13_q.stride(1), *ws1[:3],
         0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
         float(alpha), float(limit),
-        ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
+        ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0, W_TMA=tma,
         X_PER_K=a_group_k != FULL, X_GROUP_K=hidden_in.group_k,
         W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
         W_UNIFORM_N=_uniform_along_n(ws1, c1[0], inter),
-        INTER_STATIC=inter_static, INTER_GROUP=inter_group,
+        INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split,
         FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
         num_warps=c1[3], num_stages=c1[4],
