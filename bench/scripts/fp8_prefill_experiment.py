@@ -51,10 +51,14 @@ def candidates(scheme: QuantScheme) -> dict[str, ExpertsConfig]:
         "128 rows, no tails": cfg(128, (128, 128, 8, 8, 3), (128, 128, 8, 8, 4), 0),
         "128 + tails, g1 4 stages": cfg(128, (128, 128, 8, 8, 4), (128, 128, 8, 8, 4), 64),
         "128 + tails, g2 3 stages": cfg(128, (128, 128, 8, 8, 3), (128, 128, 8, 8, 3), 64),
+        # K tiles of 256 where no scale groups K: GEMM1 promotes every 256, not every 128.
+        "128 + tails, g1 k256": cfg(128, (128, 256, 8, 8, 3), (128, 128, 8, 8, 4), 64),
+        "128 + tails, g1 k256 s2": cfg(128, (128, 256, 8, 8, 2), (128, 128, 8, 8, 4), 64),
+        "64 rows, g1 k256": cfg(64, (128, 256, 8, 8, 3), (256, 128, 8, 8, 3), 0),
     }
 
 
-def time_cell(name, preset, weights, scheme_name, m, peak) -> dict:
+def time_cell(name, preset, weights, scheme_name, m, peak, only=None) -> dict:
     scheme = QuantScheme.parse(scheme_name)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, torch.device("cuda"))
     rows = reference_rows(m, 256)
@@ -69,7 +73,8 @@ def time_cell(name, preset, weights, scheme_name, m, peak) -> dict:
                                         b13=weights.b13, b2=weights.b2, config=config)
     default = default_fp8_config(m, preset.num_experts, preset.top_k, preset.hidden,
                                  preset.inter, scheme)
-    configs = {"heuristic": default, **candidates(scheme)}
+    configs = {"heuristic": default, **{k: c for k, c in candidates(scheme).items()
+                                         if only is None or k in only}}
     row = {"preset": name, "scheme": scheme_name, "M": m, "fp8_peak_TFLOPs": round(peak, 1)}
     for label, config in configs.items():
         try:
@@ -91,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
     parser.add_argument("--presets", nargs="+", default=[name for name, _ in CELLS])
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="time only these candidate labels (and the heuristic)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     peak = _fp8_TFLOPs(8192)
@@ -108,7 +115,7 @@ def main() -> None:
         for scheme in args.schemes:
             weights = quantize_experts(bf16, scheme)
             for m in tokens:
-                row = time_cell(name, preset, weights, scheme, m, peak)
+                row = time_cell(name, preset, weights, scheme, m, peak, args.only)
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")
             del weights
