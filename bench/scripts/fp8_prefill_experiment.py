@@ -23,7 +23,6 @@ import torch
 import triton
 
 import moekit
-from moekit import experts_fp8
 from moekit.bench.ceilings import _fp8_TFLOPs
 from moekit.bench.fp8 import quantised_reference, quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights, reference_rows, rel_err
@@ -86,17 +85,6 @@ def time_cell(name, preset, weights, scheme_name, m, peak, only=None) -> dict:
             continue
         row[label] = {"us": round(us, 1), "pct_peak": round(100 * flops / us / 1e6 / peak, 1),
                       "rel_err": float(f"{err:.3g}"), "config": dataclasses.asdict(config)}
-    # The default tiles with GEMM1's halves as two dots each (TMA weight tiles), the
-    # alternative to `_gate_up_one_dot`.
-    experts_fp8._ONE_DOT = False
-    try:
-        row["heuristic, two dots"] = {"us": round(graph_replay_us(lambda: run(default)), 1)}
-        row["heuristic, two dots"]["rel_err"] = float(f"{rel_err(run(default), ref, rows):.3g}")
-        row["heuristic, two dots"]["pct_peak"] = round(
-            100 * flops / row["heuristic, two dots"]["us"] / 1e6 / peak, 1)
-    finally:
-        experts_fp8._ONE_DOT = True
-    configs["heuristic, two dots"] = default
     timed = [k for k in configs if "us" in row[k]]
     print(f"{name} {scheme_name} M={m}: " + ", ".join(
         f"{k} {row[k]['us']} µs ({row[k]['pct_peak']}%, err {row[k]['rel_err']})" for k in timed),

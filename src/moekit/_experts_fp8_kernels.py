@@ -190,25 +190,34 @@ def _col_scales(ptrs, first_ptr, col_ok, UNIFORM: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_two_dots(
-    a_base, xs_rows, w13_ptr, w13_desc, ws_gate, ws_up, ws_gate0, ws_up0, expert, first_n,
-    col_ok, H, I, stride_xsk, stride_we, stride_wn, stride_wsk,
-    GATED: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
+def _gate_up(
+    a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, first_n, H, I, stride_xsk,
+    stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
-    W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The K loop of `_gate_up` as a gate dot and an up dot per K step; returns both
-    [BLOCK_M, BLOCK_N] accumulators (scales that vary along K applied)."""
+    """activation(x·gateᵀ, x·upᵀ) in fp32 for BLOCK_N columns from `first_n`, all scales
+    and biases applied; columns past I are 0. `a_base` points at the gathered fp8 rows'
+    first K tile [BLOCK_M, BLOCK_K]."""
     BLOCK_M: tl.constexpr = a_base.shape[0]
     offs_n = first_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
-    g_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+    expert64 = expert.to(tl.int64)
+    g_ptrs = (w13_ptr + expert64 * stride_we + offs_n[None, :] * stride_wn
               + offs_k[:, None])  # [BLOCK_K, BLOCK_N]
     u_ptrs = g_ptrs + I * stride_wn
     g_row = expert * (I * 2 if GATED else I) + first_n  # rows of the [E*N1, H] view
     u_row = g_row + I
+    ws_gate = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
+    ws_up = ws_base + ((offs_n + I) // W_GROUP_N) * stride_wsn
+    ws_gate0 = ws_base + (first_n // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
+    ws_up0 = ws_base + ((first_n + I) // W_GROUP_N) * stride_wsn
     a_ptrs = a_base
+
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Padding rows read token 0 (a valid row) unmasked: a dot's output row depends only on
@@ -234,84 +243,6 @@ def _gate_up_two_dots(
             u_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
-    return gate, up
-
-
-@triton.jit
-def _gate_up_one_dot(
-    a_base, xs_rows, w13_ptr, ws_base, expert, first_n, H, I, stride_xsk, stride_we,
-    stride_wn, stride_wsn, stride_wsk,
-    EVEN_K: tl.constexpr, X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr,
-    W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The K loop of `_gate_up` as one dot per K step over 2·BLOCK_N weight rows — these
-    BLOCK_N gate rows, then their up rows — split into gate and up after the loop.
-
-    One MMA twice as wide instead of two (fp8 MMAs 64 wide are bound by shared-memory
-    reads), and one promoted partial product live per K step instead of two. The weight
-    rows come by pointer: one TMA box cannot hold two row ranges.
-    """
-    BLOCK_M: tl.constexpr = a_base.shape[0]
-    j = tl.arange(0, 2 * BLOCK_N)
-    n = first_n + j % BLOCK_N
-    rows = n + (j // BLOCK_N) * I  # rows of w13[e]: gate, then up
-    n_ok = n < I
-    offs_k = tl.arange(0, BLOCK_K)
-    b_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + rows[None, :] * stride_wn
-              + offs_k[:, None])  # [BLOCK_K, 2 * BLOCK_N]
-    ws_rows = ws_base + (rows // W_GROUP_N) * stride_wsn
-    a_ptrs = a_base
-    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        a = _row_tile(a_ptrs, k0, offs_k, H, EVEN_K)
-        b = _weight_tile(b_ptrs, None, 0, k0, n_ok, offs_k, H, EVEN_K, False, False)
-        x_scale = 1.0
-        if X_PER_K:
-            x_scale = tl.load(xs_rows + (k0 // X_GROUP_K) * stride_xsk)[:, None]
-        w_scale = 1.0
-        if W_PER_K:
-            w_scale = tl.load(ws_rows + (k0 // W_GROUP_K) * stride_wsk, mask=n_ok,
-                              other=0.0)[None, :]
-        acc = _scaled_dot(acc, a, b, x_scale, w_scale, X_PER_K, W_PER_K, False)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
-    return gate, up
-
-
-@triton.jit
-def _gate_up(
-    a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, first_n, H, I, stride_xsk,
-    stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
-    X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
-    W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
-    ONE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """activation(x·gateᵀ, x·upᵀ) in fp32 for BLOCK_N columns from `first_n`, all scales
-    and biases applied; columns past I are 0. `a_base` points at the gathered fp8 rows'
-    first K tile [BLOCK_M, BLOCK_K]. ONE_DOT (gated only): `_gate_up_one_dot`."""
-    offs_n = first_n + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < I
-    ws_gate = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
-    ws_up = ws_base + ((offs_n + I) // W_GROUP_N) * stride_wsn
-    ws_gate0 = ws_base + (first_n // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
-    ws_up0 = ws_base + ((first_n + I) // W_GROUP_N) * stride_wsn
-    if ONE_DOT:
-        gate, up = _gate_up_one_dot(
-            a_base, xs_rows, w13_ptr, ws_base, expert, first_n, H, I, stride_xsk, stride_we,
-            stride_wn, stride_wsn, stride_wsk, EVEN_K, X_PER_K, X_GROUP_K, W_PER_K,
-            W_GROUP_N, W_GROUP_K, BLOCK_N, BLOCK_K,
-        )
-    else:
-        gate, up = _gate_up_two_dots(
-            a_base, xs_rows, w13_ptr, w13_desc, ws_gate, ws_up, ws_gate0, ws_up0, expert,
-            first_n, col_ok, H, I, stride_xsk, stride_we, stride_wn, stride_wsk, GATED,
-            EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_K, W_UNIFORM_N,
-            BLOCK_N, BLOCK_K,
-        )
 
     # Scales constant along K, applied once.
     if not X_PER_K:
@@ -323,7 +254,7 @@ def _gate_up(
         if GATED:
             up = up * _col_scales(ws_up, ws_up0, col_ok, W_UNIFORM_N)
     if HAS_BIAS:
-        b_base = b13_ptr + expert.to(tl.int64) * stride_be
+        b_base = b13_ptr + expert64 * stride_be
         gate += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
             up += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -366,7 +297,7 @@ def _gemm1_fp8_tile(
     X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
     W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
     INTER_STATIC: tl.constexpr, INTER_GROUP: tl.constexpr, SPLIT_N: tl.constexpr,
-    ONE_DOT: tl.constexpr, FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns;
@@ -386,13 +317,13 @@ def _gemm1_fp8_tile(
             a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, n0, H, I,
             stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
-            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, ONE_DOT, HALF, BLOCK_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K,
         )
         second = _gate_up(
             a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, n0 + HALF, H, I,
             stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
-            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, ONE_DOT, HALF, BLOCK_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K,
         )
         shared: tl.constexpr = not INTER_STATIC and INTER_GROUP == BLOCK_N
         scale = 1.0
@@ -412,7 +343,7 @@ def _gemm1_fp8_tile(
             a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, pid_n * BLOCK_N, H, I,
             stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
-            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, False, BLOCK_N, BLOCK_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, BLOCK_N, BLOCK_K,
         )
         _store_inter(result, 1.0, pid_n * BLOCK_N, slots64, row_ok, inter_ptr, inter_scale_ptr, I,
                      stride_im, stride_ism, INTER_STATIC, INTER_GROUP, False, FMAX,
@@ -465,7 +396,6 @@ def _gemm1_fp8_kernel(
     INTER_STATIC: tl.constexpr,
     INTER_GROUP: tl.constexpr,  # divides BLOCK_N (dynamic)
     SPLIT_N: tl.constexpr,  # two column halves, one K loop each (below)
-    ONE_DOT: tl.constexpr,  # with SPLIT_N: a half's gate and up in one dot (`_gate_up_one_dot`)
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
     TAIL_M: tl.constexpr,
@@ -496,8 +426,8 @@ def _gemm1_fp8_kernel(
             stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
             stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
             HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
-            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, ONE_DOT, FMAX, AMAX_FLOOR,
-            TAIL_M, BLOCK_N, BLOCK_K,
+            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, FMAX, AMAX_FLOOR, TAIL_M,
+            BLOCK_N, BLOCK_K,
         )
     else:
         _gemm1_fp8_tile(
@@ -506,8 +436,8 @@ def _gemm1_fp8_kernel(
             stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
             stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
             HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
-            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, ONE_DOT, FMAX, AMAX_FLOOR,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+            W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, FMAX, AMAX_FLOOR, BLOCK_M,
+            BLOCK_N, BLOCK_K,
         )
 
 

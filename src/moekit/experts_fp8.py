@@ -70,7 +70,6 @@ _QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
 _SPLIT_BLOCK_M = 128  # GEMM1's gated tiles from this height on run as two column halves
-_ONE_DOT = True  # ... each half's gate and up as one dot (`_gate_up_one_dot`), by pointer
 
 
 def fused_experts_fp8(
@@ -387,12 +386,10 @@ def _launch_fused_experts_fp8(
     ws1 = _weight_scale_layout(w13_scale, w_group_n, w_group_k)
     gated = activation != "relu2"
     split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
-    one_dot = split and _ONE_DOT
-    tma1 = tma and not one_dot
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
     _gemm1_fp8_kernel[grid1](
         hidden_in.x, hidden_in.scale, w13_q,
-        matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma1 else None,
+        matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma else None,
         w13_scale, dummy if b13 is None else b13,
         inter_q, inter_scale, plan.sorted_pairs, plan.block_experts, work_list,
         plan.num_pairs, num_tiles, hidden_size, inter, top_k,
@@ -401,11 +398,11 @@ def _launch_fused_experts_fp8(
         0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
         float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
-        EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0, W_TMA=tma1,
+        EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0, W_TMA=tma,
         X_PER_K=a_group_k != FULL, X_GROUP_K=hidden_in.group_k,
         W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
         W_UNIFORM_N=_uniform_along_n(ws1, c1[0], inter),
-        INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split, ONE_DOT=one_dot,
+        INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split,
         FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
         num_warps=c1[3], num_stages=c1[4],
