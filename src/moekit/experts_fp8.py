@@ -157,7 +157,7 @@ def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: in
     GEMM2, tail tiles, and GEMM1 in two column halves (`_gemm1_fp8_kernel`: its promoted
     accumulators would spill at 128 × 128). K tiles are 128 deep (one 128-byte line per
     row, one group of block scales), GEMM1's 256 where no scale groups K: it then promotes
-    every 256 products, not 128, measured 1.01–1.13× faster on the H100 at a relative
+    every 256 products, not 128: measured 1.05–1.13× faster on the H100 at a relative
     error of 4.5–5.0e-3 instead of 3.8–4.1e-3 (bench/NOTES.md, fp8 prefill). GEMM1's column
     tile holds whole groups of GEMM2's input when that is quantised dynamically.
     """
