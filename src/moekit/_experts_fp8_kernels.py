@@ -158,8 +158,8 @@ def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.
     H100 that left 1.0–1.5e-2 relative error at the presets' K instead of 2–4e-3
     (bench/NOTES.md, fp8 prefill). So every K tile's product is computed into a fresh
     accumulator and added in fp32 — scaled first by whichever scale varies along K. (The
-    same promotion through `max_num_imprecise_acc` makes ptxas serialise the wgmma
-    pipeline; the explicit add does not.)
+    same promotion through `max_num_imprecise_acc` draws ptxas's warning that it
+    serialises the wgmma pipeline; the explicit add does not.)
 
     a_scale is [BLOCK_M, 1]; b_scale [1, BLOCK_N], or a scalar when one scale covers the
     tile's columns (B_UNIFORM). The scales are never multiplied into a [BLOCK_M, BLOCK_N]
@@ -411,7 +411,8 @@ def _gemm1_fp8_kernel(
     partial, or the partial a per-K scale multiplies), and GEMM1 has two products (gate
     and up): at 128 × 128 that is 256 registers per thread, which spill. SPLIT_N computes
     the tile as two column halves, one K loop each (the gathered rows are read twice,
-    from L2), so GEMM2's input is still quantised in whole 1×128 groups of a row.
+    from L2), so GEMM2's input is still quantised in whole 1×128 groups of a row. A tail
+    tile splits too: the TMA descriptor's boxes are half a column tile wide.
     """
     pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,

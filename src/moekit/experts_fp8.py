@@ -23,6 +23,11 @@ GEMM2's input is quantised in GEMM1's epilogue, where a tile holds BLOCK_N colum
 its rows: dynamically in 1×g groups (`QuantScheme.gemm2_input`: g = 128 for the
 presets), so GEMM1's BLOCK_N is a multiple of g; statically by w2.input_scale.
 
+At the 128-row tile of the compute-bound regime the GEMMs take the 16-bit pipeline's
+prefill path (`moekit._tma`): TMA weight tiles, the persistent GEMM2 (reading `inter`
+through TMA too) and tail tiles (`ExpertsConfig.tail_block_m`); GEMM1 there runs in two
+column halves, so that its promoted fp8 accumulators fit in registers.
+
 Everything that depends only on the weights — fp8 values, their scales, static input
 scales — is prepared once in `QuantizedWeight`; a forward pass reads them through
 pointers and strides and allocates only activations, so a captured CUDA graph stays
@@ -245,8 +250,6 @@ def _groups_to_list(scheme: QuantScheme) -> list[int]:
     inter = scheme.gemm2_input
     return [*scheme.weight.group, *scheme.activation.group,
             inter.group[1] if inter.dynamic else FULL]
-
-
 
 
 def _weight_scale_layout(scale: torch.Tensor, group_n: int, group_k: int):
