@@ -262,6 +262,34 @@ def test_default_config_fits_the_scheme(M, E, k, H, I, scheme, block_m, why):
     assert config.tail_block_m == (64 if block_m == 128 else 0), why
 
 
+@pytest.mark.parametrize("group,block_n,inter,uniform,why", [
+    ((-1, -1), 128, 200, True, "per-tensor: one scale per expert covers every tile"),
+    ((1, -1), 128, 256, False, "per-channel: a scale per column"),
+    ((128, 128), 128, 256, True, "128-row blocks, 128-column tiles: one block row per tile"),
+    ((128, 128), 64, 256, True, "64-column tiles inside 128-row blocks"),
+    ((128, 128), 256, 512, False, "a 256-column tile spans two block rows"),
+    ((128, 128), 128, 200, False, "I = 200: GEMM1's up tiles straddle two block rows"),
+])
+def test_weight_scale_read_as_a_scalar_only_where_uniform(group, block_n, inter, uniform, why):
+    from moekit.experts_fp8 import _uniform_along_n, _weight_scale_layout
+
+    w13 = quantize_weight(torch.randn(2, 2 * inter, 256), QuantSpec(group=group))
+    layout = _weight_scale_layout(w13.scale, *QuantSpec(group=group).group)
+    assert _uniform_along_n(layout, block_n, inter) is uniform, why
+
+
+def test_tma_takes_fp8_weights_with_16_byte_rows(monkeypatch):
+    from moekit._tma import use_tma
+
+    monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
+    hidden = torch.empty(1, 256, dtype=torch.bfloat16)
+    fp8 = lambda *shape: torch.empty(shape, dtype=torch.float8_e4m3fn)  # noqa: E731
+    assert use_tma(hidden, fp8(2, 512, 256), fp8(2, 256, 256), 128)
+    assert not use_tma(hidden, fp8(2, 512, 256), fp8(2, 256, 200), 128), "I = 200 bytes"
+    assert not use_tma(hidden, fp8(2, 512, 256), fp8(2, 256, 256), 64), "64-row tiles"
+    assert not use_tma(hidden, fp8(2, 512, 256), torch.empty(2, 256, 256), 128), "dtypes"
+
+
 _CASE = make_case("fp8_channel", 5, 4, 2, 128, 64)
 _S, _HID, _Q13, _Q2, _IDS, _WTS, _, _ = _CASE
 _B13 = quantize_weight(torch.randn(4, 128, 128), QuantSpec(group=(128, 128)))
