@@ -146,6 +146,53 @@ def test_tail_tiles_on_the_tma_path_interpreter(monkeypatch, counts):
     assert_close(out, expected)
 
 
+DIRECT_TILES = ExpertsConfig(1, GemmConfig(16, 32, 1, 1, 1), GemmConfig(16, 16, 1, 1, 1))
+
+DIRECT_CASES = [
+    # (M, E, k, H, I, activation, bias, dtype, extra, why)
+    (1, 8, 3, 64, 32, "silu", False, torch.float32, {}, "one token: the decode shape"),
+    (5, 4, 2, 96, 48, "swigluoai", True, torch.float16, {},
+     "tokens sharing experts; gpt-oss act. + biases, fp16"),
+    (3, 3, 1, 128, 64, "relu2", False, torch.float32, {}, "no gate; k = 1"),
+    (4, 6, 2, 72, 40, "gelu", True, torch.float32, {},
+     "H and I not multiples of block_n / block_k; several K steps"),
+    (6, 4, 2, 64, 32, "silu", True, torch.float32, {"ids_transform": drop_some},
+     "−1 and sentinel ids contribute nothing, biases included"),
+    (4, 4, 2, 64, 32, "silu", True, torch.float32, {"weight_on_input": True},
+     "router weight on the input: GEMM2 sums unweighted"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,E,k,H,I,activation,bias,dtype,extra,why", DIRECT_CASES)
+def test_direct_path_interpreter(M, E, k, H, I, activation, bias, dtype, extra, why):
+    # No plan, one pair (GEMM1) or one token (GEMM2) per program, the combine fused in.
+    out, expected = run_case(M, E, k, H, I, activation, bias=bias, dtype=dtype,
+                             config=DIRECT_TILES, **extra)
+    assert_close(out, expected)
+
+
+@pytest.mark.interpreter
+def test_direct_path_unrouted_token_gives_zero_row():
+    # GEMM2 writes a token's row even when none of its slots has an expert (GEMM1 wrote
+    # none of their `inter` rows, which may hold NaN: they must not be read).
+    out, expected = run_case(
+        5, 4, 2, 64, 32, "silu", config=DIRECT_TILES,
+        ids_transform=lambda ids: ids.index_fill(0, torch.tensor([1, 4]), -1))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+    assert_close(out, expected)
+
+
+def test_direct_block_m():
+    tiles = GemmConfig(32, 32)
+    assert ExpertsConfig(1, tiles, tiles).direct
+    assert not ExpertsConfig(16, tiles, tiles).direct
+    for block_m in (2, 8, 24):
+        with pytest.raises(ValueError, match="block_m"):
+            ExpertsConfig(block_m, tiles, tiles)
+
+
 def test_tail_block_m_is_half_the_row_tile():
     tiles = GemmConfig(32, 32)
     assert ExpertsConfig(128, tiles, tiles, 64).tail_block_m == 64
@@ -301,6 +348,45 @@ def test_tail_tiles_gpu(preset):
         )
         assert_close(out[rows], expected.float(), REL_L2_TOL[torch.bfloat16],
                      f"{preset} M={M} skew={skew}")
+
+
+GPU_DIRECT_TILES = ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_direct_path_gpu(preset):
+    # The direct path forced at decode token counts, bf16, against the reference; then
+    # replayed in a CUDA graph on new inputs, bitwise equal to an eager call.
+    p = PRESETS[preset]
+    E, k, H, I = p.num_experts, p.top_k, p.hidden, p.inter
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
+    f32 = lambda t: None if t is None else t.float()
+    run = lambda h, i, w, out: moekit.fused_experts(
+        h, w13, w2, i, w, activation=p.activation, b13=b13, b2=b2, config=GPU_DIRECT_TILES,
+        out=out)
+    for M in (1, 3, 16):
+        hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+        ids, weights = random_routing(M, E, k, device="cuda", seed=M)
+        poison_cuda_cache()
+        out = run(hidden, ids, weights, poison_(torch.empty_like(hidden)))
+        expected = reference.fused_experts(hidden.float(), w13, w2, ids, weights,
+                                           activation=p.activation, b13=f32(b13), b2=f32(b2))
+        assert_close(out, expected.float(), REL_L2_TOL[torch.bfloat16], f"{preset} M={M}")
+
+    hidden = torch.randn(2, H, device="cuda", dtype=torch.bfloat16)
+    ids, weights = random_routing(2, E, k, device="cuda", seed=5)
+    out = torch.empty_like(hidden)
+    run(hidden, ids, weights, out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(hidden, ids, weights, out)
+    new_ids, new_weights = random_routing(2, E, k, device="cuda", seed=6)
+    hidden.normal_()
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    graph.replay()
+    assert torch.equal(out, run(hidden, ids, weights, torch.empty_like(hidden)))
 
 
 @pytest.mark.gpu

@@ -30,6 +30,7 @@
 #   decodetma bench/scripts/decode_tma_experiment.py (TMA tiles at decode row tiles)
 #   padding   bench/scripts/padding_ceiling_experiment.py (prefill: random vs exactly even routing)
 #   tail      bench/scripts/tail_tiles_experiment.py (tail tiles against the heuristic, prefill)
+#   direct    the direct path's GPU tests and bench/scripts/direct_path_experiment.py (decode)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -52,6 +53,10 @@ for stage in "$@"; do
     tests) step pytest-gpu 300 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE \
              $PARALLEL --ignore=tests/test_experts_fp8.py tests ;;
     slow) step pytest-gpu-slow 120 python3 -m pytest -m "gpu and slow" -q -p no:cacheprovider tests ;;
+    direct)
+      step pytest-gpu-direct 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_experts.py -k direct
+      step direct-experiment 330 python3 bench/scripts/direct_path_experiment.py --out "$out" ;;
     routing) step bench-routing 150 python3 -m moekit.cli bench routing --out "$out" ;;
     kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
     prefill) step bench-prefill 90 python3 -m moekit.cli bench --tokens 4096 16384 --no-baselines \

@@ -5,7 +5,8 @@
                  ─► _gemm2_kernel: inter × w2[e]ᵀ (+b2), × router weight      ─► pair_out [M*k, H]
                  ─► _combine_kernel: Σ over the k slots of each token          ─► out [M, H]
 
-Four launches, no host synchronisation and no fills, so a CUDA graph captures it; the
+Four launches (two on the direct path for a handful of tokens, `moekit.experts_direct`),
+no host synchronisation and no fills, so a CUDA graph captures it; the
 combine sums slots in a fixed order, so the result is bitwise deterministic. The
 launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile`
 traces it as one node. Each stage has its own launcher (`launch_gemm1`, `launch_gemm2`,
@@ -28,8 +29,10 @@ from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
+from moekit.experts_direct import launch_direct_experts
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
+from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -168,10 +171,15 @@ def _launch_fused_experts(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch plan, GEMM1, GEMM2 and combine; `config` is `ExpertsConfig.as_ints`'s flat form."""
+    """Launch plan, GEMM1, GEMM2 and combine (or the direct path's two GEMMs); `config` is
+    `ExpertsConfig.as_ints`'s flat form."""
     if hidden.shape[0] == 0:
         return
     block_m, tail_m = config[0], config[11]
+    if block_m == DIRECT_BLOCK_M:
+        launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation,
+                              alpha, limit, apply_router_weight_on_input, config, out)
+        return
     plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m,
                          tile_m=block_m if tail_m else None, backend="triton")
     tma = use_tma(hidden, w13, w2, block_m)

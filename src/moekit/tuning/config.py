@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# `ExpertsConfig.block_m` of the direct path: one pair (GEMM1) or one token (GEMM2) per
+# program, ids read straight from topk_ids, no plan and no separate combine
+# (`moekit.experts_direct`).
+DIRECT_BLOCK_M = 1
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -31,6 +36,9 @@ class ExpertsConfig:
     or a run's odd last block as a tail_block_m-row tile (same column tiles), from a work
     list the plan's place kernel writes (`DispatchPlan.tiles`). Half the padding per
     expert; 0 turns it off.
+
+    `block_m` = `DIRECT_BLOCK_M` (1) selects the direct path for a handful of tokens:
+    no plan, GEMM tiles of one activation row; `group_m` is then unused.
     """
 
     block_m: int
@@ -39,13 +47,22 @@ class ExpertsConfig:
     tail_block_m: int = 0
 
     def __post_init__(self) -> None:
-        if self.block_m < 16 or self.block_m & (self.block_m - 1):
-            raise ValueError(f"block_m: expected a power of two ≥ 16, got {self.block_m}")
-        if self.tail_block_m not in (0, self.block_m // 2) or self.tail_block_m == 8:
+        if self.block_m != DIRECT_BLOCK_M and (self.block_m < 16
+                                               or self.block_m & (self.block_m - 1)):
+            raise ValueError(
+                f"block_m: expected a power of two ≥ 16, or {DIRECT_BLOCK_M} (the direct "
+                f"path), got {self.block_m}"
+            )
+        if self.tail_block_m not in (0, self.block_m // 2) or 0 < self.tail_block_m < 16:
             raise ValueError(
                 f"tail_block_m: expected 0 or block_m / 2 = {self.block_m // 2} (≥ 16), "
                 f"got {self.tail_block_m}"
             )
+
+    @property
+    def direct(self) -> bool:
+        """Whether this configuration runs the direct (plan-free) path."""
+        return self.block_m == DIRECT_BLOCK_M
 
     def as_ints(self) -> list[int]:
         """The flat form the experts custom ops take (a list of ints is a schema type;

@@ -1,0 +1,73 @@
+"""The direct experts path: decode without a dispatch plan or a separate combine.
+
+    hidden [M, H] ─► _direct_gemm1_kernel: per pair, token row × w13[e]ᵀ (+b13), activation
+                                                                    ─► inter [M*k, I]
+                  ─► _direct_gemm2_kernel: per token, Σ_j w_j·(inter row × w2[e_j]ᵀ + b2)
+                                                                    ─► out [M, H]
+
+With one or two rows per expert the plan path's four launches (plan, GEMM1, GEMM2,
+combine) cost more than the GEMMs' row tiles save: each launch is a few µs of a
+layer that streams its weights in tens. Here the ids are read straight from topk_ids
+and GEMM2 sums a token's k slots itself, in slot order (deterministic), so the layer
+is two launches and `pair_out` never exists. Chosen by `ExpertsConfig.block_m` =
+`DIRECT_BLOCK_M`; the heuristic takes it where it measured faster.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._direct_kernels import _direct_gemm1_kernel, _direct_gemm2_kernel
+from moekit._intmath import cdiv
+
+
+def launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
+                          limit, weight_on_input, config, out) -> None:
+    """Both direct launches; `config` is `ExpertsConfig.as_ints`'s flat form."""
+    inter = launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha,
+                                limit, weight_on_input, config[1:6])
+    launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, not weight_on_input,
+                        config[6:11], out)
+
+
+def launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha, limit,
+                        weight_on_input, tiles) -> torch.Tensor:
+    """GEMM1 + activation of every pair; returns `inter` [M*k, I] in pair order.
+
+    `tiles` is (block_n, block_k, group_m, num_warps, num_stages); group_m is unused.
+    """
+    num_tokens, hidden_size = hidden.shape
+    top_k = topk_ids.shape[1]
+    gated = activation != "relu2"
+    inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
+    block_n, block_k, _, warps, stages = tiles
+    bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
+    inter = torch.empty((num_tokens * top_k, inter_size), dtype=hidden.dtype,
+                        device=hidden.device)
+    _direct_gemm1_kernel[(num_tokens * top_k, cdiv(inter_size, block_n))](
+        hidden, w13, bias, topk_ids, topk_weights, inter, w13.shape[0], hidden_size,
+        inter_size, top_k, hidden.stride(0), w13.stride(0), w13.stride(1),
+        0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
+        ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
+        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
+        EVEN_N=inter_size % block_n == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
+    )
+    return inter
+
+
+def launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_output, tiles,
+                        out) -> None:
+    """GEMM2 (+bias, × router weight) of every token's k slots, summed into `out` [M, H]."""
+    num_experts, hidden_size, inter_size = w2.shape
+    num_tokens, top_k = topk_ids.shape
+    block_n, block_k, _, warps, stages = tiles
+    bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
+    _direct_gemm2_kernel[(num_tokens, cdiv(hidden_size, block_n))](
+        inter, w2, bias, topk_ids, topk_weights, out, num_experts, hidden_size, inter_size,
+        inter.stride(0), w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0),
+        out.stride(0),
+        WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
+        EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TOP_K=top_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )
