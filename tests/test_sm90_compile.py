@@ -61,10 +61,12 @@ import moekit._tma
 import moekit.backend
 import moekit.experts
 from moekit.quant import QuantScheme, quantize_weight
+from moekit.tuning import ExpertsConfig, GemmConfig
 
 _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use on sm_90
 _TMA_PTX = "cp.async.bulk.tensor"
-_GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
+_GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
+          "_direct_gemm1_kernel", "_direct_gemm2_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and 16-bit/fp8 rows of a length that is
 # not a multiple of 16 elements (H = 1000, I = 264 or 200: loads Triton cannot prove
@@ -80,6 +82,7 @@ _KNOWN_SPILL_BYTES = {
     ("experts-fp32-gelu-bm128-bias", "_gemm1_kernel"): 320,
     ("experts-fp32-gelu-bm128-bias", "_gemm2_kernel"): 2980,
     ("fp8-block-fp32-relu2-bm16-odd_h-odd_i", "_gemm1_fp8_kernel"): 1072,
+    ("experts-fp16-swigluoai-bm1-bias-odd_h-odd_i", "_direct_gemm1_kernel"): 808,
     ("fp8-channel-bf16-swigluoai-bm128-bias-odd_i", "_gemm1_fp8_kernel"): 152,
     ("fp8-channel-bf16-swigluoai-bm128-bias-odd_i", "_gemm2_fp8_kernel"): 952,
 }
@@ -137,6 +140,7 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
+_DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 
 
@@ -179,6 +183,14 @@ CASES = [
     Case("experts", dict(dtype="fp32", act="gelu", block_m=128, bias=True),
          "fp32 prefill: no TMA (16-bit only), non-persistent GEMM2 at 128 rows; GEMM1's "
          "K-32 tiles (the 16-bit ones need 288 KB of shared memory)", _EXPERTS, slow=20),
+    # the direct path (block_m 1): two launches, no plan, no combine
+    Case("experts", dict(dtype="bf16", act="silu", block_m=1), "direct path: unmasked "
+         "tiles, slots and K steps in one loop", _DIRECT),
+    Case("experts", dict(dtype="fp16", act="swigluoai", block_m=1, bias=True, odd_h=True,
+                         odd_i=True), "direct path: masked K and N tiles, biases (GEMM2's "
+         "summed over the slots)", _DIRECT),
+    Case("experts", dict(dtype="bf16", act="relu2", block_m=1, weight_on_input=True),
+         "direct path: ungated, router weight on GEMM1's input", _DIRECT),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
     _fp8("dynamic per-tensor: amax partials, MODE tensor; GEMM2 input in 1×128 groups",
          "tensor", "bf16", "silu", 16),
@@ -368,7 +380,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
            "fp8": torch.float8_e4m3fn}
 _E, _TOP_K = 8, 2
 # Tokens for which the heuristic (E = 8, k = 2) picks each row tile.
-_TOKENS_FOR_BLOCK_M = {16: 4, 32: 48, 64: 128, 128: 256}
+_TOKENS_FOR_BLOCK_M = {1: 2, 16: 4, 32: 48, 64: 128, 128: 256}
 _H100_SMS = 132
 
 
@@ -405,6 +417,8 @@ def _run_experts(p):
     M = _TOKENS_FOR_BLOCK_M[p["block_m"]]
     act = moekit.Activation.parse(p["act"])
     config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
+    if p["block_m"] == 1:  # the direct path, at a tile of each GEMM
+        config = ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 4))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")

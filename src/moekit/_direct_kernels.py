@@ -37,15 +37,10 @@ def _weight_rows(ptrs, k0, col_ok, offs_k, K, valid, EVEN_K: tl.constexpr,
                  EVEN_N: tl.constexpr, CHECK: tl.constexpr):
     """A [BLOCK_N, BLOCK_K] tile of a weight stored [N, K] (rows are output columns), as
     fp32; with CHECK the scalar `valid` masks the whole tile."""
-    mask = None
-    if not EVEN_N:
-        mask = col_ok[:, None]
-    if not EVEN_K:
-        k_ok = (offs_k + k0 < K)[None, :]
-        mask = k_ok if mask is None else mask & k_ok
+    mask = (col_ok[:, None] | EVEN_N) & ((offs_k + k0 < K)[None, :] | EVEN_K)
     if CHECK:
-        mask = valid if mask is None else mask & valid
-    if mask is None:
+        mask = mask & valid
+    if EVEN_K and EVEN_N and not CHECK:
         return tl.load(ptrs).to(tl.float32)
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
