@@ -82,7 +82,6 @@ _KNOWN_SPILL_BYTES = {
     ("experts-fp32-gelu-bm128-bias", "_gemm1_kernel"): 320,
     ("experts-fp32-gelu-bm128-bias", "_gemm2_kernel"): 2980,
     ("fp8-block-fp32-relu2-bm16-odd_h-odd_i", "_gemm1_fp8_kernel"): 1072,
-    ("experts-fp16-swigluoai-bm1-bias-odd_h-odd_i", "_direct_gemm1_kernel"): 808,
     ("fp8-channel-bf16-swigluoai-bm128-bias-odd_i", "_gemm1_fp8_kernel"): 152,
     ("fp8-channel-bf16-swigluoai-bm128-bias-odd_i", "_gemm2_fp8_kernel"): 952,
 }

@@ -5,11 +5,13 @@
     _direct_gemm2_kernel  grid (M, H-tiles): Σ_j weight_j · (inter[m*k + j] × w2[e_j]ᵀ + b2),
                           the k slots in order, so the combine is fused and deterministic
 
-At decode a token reaches k experts with one row each, so the GEMMs are matrix-vector
-products that stream weights: each program reduces a [BLOCK_N, BLOCK_K] weight tile
-against one activation row with CUDA-core FMAs into an fp32 tile, summed across K once
-at the end. Ids are read straight from `topk_ids`, so no dispatch plan is built, and no
-`pair_out` is written and re-read by a combine: two launches instead of four.
+At decode a token reaches k experts with one row each, so the GEMMs stream weights for
+single rows. They still run as tensor-core dots on a ROWS-row tile whose first row is the
+real one (the rest are zeros and never stored): a load that feeds a dot is software-
+pipelined through shared memory, many tiles in flight, where CUDA-core products of
+register tiles measured 1.3–2.5× slower per GEMM on an H100 (bench/NOTES.md, direct path).
+Ids are read straight from `topk_ids`, so no dispatch plan is built, and no `pair_out` is
+written and re-read by a combine: two launches instead of four.
 
 Pairs that share an expert read its weights once per pair; consecutive programs of the
 grid are the pairs (or tokens) of one column tile, so such re-reads mostly come from
@@ -23,26 +25,31 @@ import triton.language as tl
 
 from moekit._experts_kernels import _activate
 
-
-@triton.jit
-def _row_chunk(ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
-    """BLOCK_K values of one activation row from column k0, as fp32."""
-    if EVEN_K:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=offs_k + k0 < K, other=0.0).to(tl.float32)
+ROWS = tl.constexpr(16)  # the dot's row tile: the smallest tensor-core M; row 0 is real
 
 
 @triton.jit
-def _weight_rows(ptrs, k0, col_ok, offs_k, K, valid, EVEN_K: tl.constexpr,
+def _first_row(ptrs, k0, offs_k, K, valid, EVEN_K: tl.constexpr):
+    """A [ROWS, BLOCK_K] tile whose row 0 holds BLOCK_K values of the row at `ptrs` from
+    column k0 (zeros where K ends or not `valid`), the other rows zeros."""
+    rows = tl.arange(0, ROWS)[:, None]
+    mask = (rows == 0) & valid
+    if not EVEN_K:
+        mask = mask & (offs_k + k0 < K)[None, :]
+    return tl.load(ptrs + rows * 0 + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _weight_cols(ptrs, k0, col_ok, offs_k, K, valid, EVEN_K: tl.constexpr,
                  EVEN_N: tl.constexpr, CHECK: tl.constexpr):
-    """A [BLOCK_N, BLOCK_K] tile of a weight stored [N, K] (rows are output columns), as
-    fp32; with CHECK the scalar `valid` masks the whole tile."""
-    mask = (col_ok[:, None] | EVEN_N) & ((offs_k + k0 < K)[None, :] | EVEN_K)
+    """A [BLOCK_K, BLOCK_N] tile of a weight stored [N, K]; with CHECK the scalar `valid`
+    masks the whole tile."""
+    mask = (col_ok[None, :] | EVEN_N) & ((offs_k + k0 < K)[:, None] | EVEN_K)
     if CHECK:
         mask = mask & valid
     if EVEN_K and EVEN_N and not CHECK:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -70,6 +77,7 @@ def _direct_gemm1_kernel(
     WEIGHT_ON_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -83,36 +91,36 @@ def _direct_gemm1_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = hidden_ptr + token * stride_hm + offs_k
-    g_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None] * stride_wn
-              + offs_k[None, :])
+    x_ptr = hidden_ptr + token * stride_hm
+    g_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+              + offs_k[:, None])  # [BLOCK_K, BLOCK_N]
     u_ptrs = g_ptrs + I * stride_wn
 
-    gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    gate = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        x = _row_chunk(x_ptrs, k0, offs_k, H, EVEN_K)[None, :]
-        gate += _weight_rows(g_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False) * x
+        x = _first_row(x_ptr + k0, k0, offs_k, H, True, EVEN_K)
+        g = _weight_cols(g_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False)
+        gate = tl.dot(x, g, gate, input_precision=DOT_PRECISION)
         if GATED:
-            up += _weight_rows(u_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False) * x
+            u = _weight_cols(u_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False)
+            up = tl.dot(x, u, up, input_precision=DOT_PRECISION)
             u_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
-    gate_n = tl.sum(gate, axis=1)
-    up_n = tl.sum(up, axis=1)
 
     if WEIGHT_ON_INPUT:
         w = tl.load(topk_weights_ptr + pair)
-        gate_n = gate_n * w
-        up_n = up_n * w
+        gate = gate * w
+        up = up * w
     if HAS_BIAS:
         b_base = b13_ptr + expert.to(tl.int64) * stride_be
-        gate_n += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+        gate += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            up_n += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)
-    result = _activate(gate_n, up_n, ACTIVATION, alpha, limit)
-    out_ptrs = inter_ptr + pair.to(tl.int64) * stride_im + offs_n
-    tl.store(out_ptrs, result.to(inter_ptr.dtype.element_ty), mask=col_ok)
+            up += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    result = _activate(gate, up, ACTIVATION, alpha, limit)
+    rows = tl.arange(0, ROWS)[:, None]
+    out_ptrs = inter_ptr + pair.to(tl.int64) * stride_im + rows * 0 + offs_n[None, :]
+    tl.store(out_ptrs, result.to(inter_ptr.dtype.element_ty), mask=(rows == 0) & col_ok[None, :])
 
 
 @triton.jit
@@ -135,15 +143,16 @@ def _direct_gemm2_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program: one token × BLOCK_N hidden columns, summed over its k slots.
 
-    The slot and K loops are one loop (slot = step // K-steps), so loads of the next
-    slot's weights are in flight while this slot finishes. Router weights scale the
-    activation chunk before the product; a skipped slot's weight and loads are zero.
+    The slot and K loops are one loop (slot = step // K-steps), so the next slot's weight
+    tiles are in flight while this slot finishes. Each step's product is scaled by its
+    slot's router weight in fp32 and added; a skipped slot's weight and loads are zero.
     """
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -151,27 +160,23 @@ def _direct_gemm2_kernel(
     col_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     k_steps = tl.cdiv(I, BLOCK_K)
-    rows = offs_n[:, None] * stride_wn + offs_k[None, :]
+    cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
 
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for step in range(0, TOP_K * k_steps):
         slot = step // k_steps
         k0 = (step - slot * k_steps) * BLOCK_K
         pair = token * TOP_K + slot
         expert = tl.load(topk_ids_ptr + pair)
         valid = (expert >= 0) & (expert < num_experts)
-        scale = 1.0
+        a = _first_row(inter_ptr + pair.to(tl.int64) * stride_im + k0, k0, offs_k, I, valid,
+                       EVEN_K)
+        b_ptrs = w2_ptr + tl.where(valid, expert, 0).to(tl.int64) * stride_we + k0 + cols
+        b = _weight_cols(b_ptrs, k0, col_ok, offs_k, I, valid, EVEN_K, EVEN_N, True)
+        part = tl.dot(a, b, input_precision=DOT_PRECISION)
         if WEIGHT_ON_OUTPUT:
-            scale = tl.load(topk_weights_ptr + pair)
-        a_ptrs = inter_ptr + pair.to(tl.int64) * stride_im + k0 + offs_k
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=valid, other=0.0).to(tl.float32)
-        else:
-            a = tl.load(a_ptrs, mask=valid & (offs_k + k0 < I), other=0.0).to(tl.float32)
-        b_ptrs = w2_ptr + tl.where(valid, expert, 0).to(tl.int64) * stride_we + k0 + rows
-        b = _weight_rows(b_ptrs, k0, col_ok, offs_k, I, valid, EVEN_K, EVEN_N, True)
-        acc += b * (a * scale)[None, :]
-    result = tl.sum(acc, axis=1)
+            part = part * tl.load(topk_weights_ptr + pair)
+        acc += part
 
     if HAS_BIAS:
         for slot in tl.static_range(TOP_K):
@@ -183,6 +188,7 @@ def _direct_gemm2_kernel(
                 scale = tl.load(topk_weights_ptr + pair)
             b_ptrs = b2_ptr + tl.where(valid, expert, 0).to(tl.int64) * stride_be + offs_n
             bias = tl.load(b_ptrs, mask=col_ok & valid, other=0.0).to(tl.float32)
-            result += bias * scale
-    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + offs_n
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=col_ok)
+            acc += (bias * scale)[None, :]
+    rows = tl.arange(0, ROWS)[:, None]
+    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + rows * 0 + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows == 0) & col_ok[None, :])

@@ -29,7 +29,7 @@ from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
-from moekit.experts_direct import launch_direct_experts
+from moekit.experts_direct import dot_precision, launch_direct_experts
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
@@ -213,7 +213,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
-        EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=_dot_precision(hidden),
+        EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=dot_precision(hidden),
         TAIL_M=tail_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
@@ -242,7 +242,7 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
         pair_out.stride(0),
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TMA=tma,
-        PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=_dot_precision(inter),
+        PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=dot_precision(inter),
         TAIL_M=tail_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
@@ -256,11 +256,6 @@ def launch_combine(pair_out, topk_ids, num_experts, out) -> None:
         pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
         TOP_K=topk_ids.shape[1], BLOCK_H=_COMBINE_BLOCK_H,
     )
-
-
-def _dot_precision(t: torch.Tensor) -> str | None:
-    """fp32 inputs take exact fp32 dots (no TF32); 16-bit ones the default."""
-    return "ieee" if t.dtype == torch.float32 else None
 
 
 _fused_experts_op = torch.library.custom_op(

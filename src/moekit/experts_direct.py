@@ -21,6 +21,11 @@ from moekit._direct_kernels import _direct_gemm1_kernel, _direct_gemm2_kernel
 from moekit._intmath import cdiv
 
 
+def dot_precision(t: torch.Tensor) -> str | None:
+    """fp32 inputs take exact fp32 dots (no TF32); 16-bit ones the default."""
+    return "ieee" if t.dtype == torch.float32 else None
+
+
 def launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
                           limit, weight_on_input, config, out) -> None:
     """Both direct launches; `config` is `ExpertsConfig.as_ints`'s flat form."""
@@ -50,7 +55,8 @@ def launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, al
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
-        EVEN_N=inter_size % block_n == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_N=inter_size % block_n == 0, DOT_PRECISION=dot_precision(hidden),
+        BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages,
     )
     return inter
@@ -68,6 +74,7 @@ def launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_output,
         inter.stride(0), w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0),
         out.stride(0),
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
-        EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TOP_K=top_k,
+        EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0,
+        DOT_PRECISION=dot_precision(inter), TOP_K=top_k,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
