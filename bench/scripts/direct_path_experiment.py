@@ -33,7 +33,7 @@ PRESET_NAMES = ["qwen3-30b-a3b", "granite-3.0-3b-a800m", "olmoe-1b-7b", "deepsee
                 "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"]
 # (block_n, block_k, num_warps, num_stages)
 TILES = [(16, 512, 4, 3), (16, 256, 4, 5), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4),
-         (16, 1024, 4, 2), (16, 512, 8, 3)]
+         (16, 128, 4, 8), (16, 256, 4, 7)]
 
 
 def _gemm(tile) -> GemmConfig:

@@ -145,6 +145,7 @@ def _direct_gemm2_kernel(
     EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TOP_K: tl.constexpr,
+    SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -161,22 +162,31 @@ def _direct_gemm2_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k_steps = tl.cdiv(I, BLOCK_K)
     cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    # The token's ids and weights, read once: inside the loop a weight tile's address
+    # then depends on no load, so the pipeliner can issue tiles of later slots early.
+    slots = tl.arange(0, SLOTS)
+    slot_ok = slots < TOP_K
+    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1)
+    slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)
+    if WEIGHT_ON_OUTPUT:
+        slot_scales = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+    else:
+        slot_scales = tl.where(slot_ok, 1.0, 0.0)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for step in range(0, TOP_K * k_steps):
         slot = step // k_steps
         k0 = (step - slot * k_steps) * BLOCK_K
+        this = slots == slot
+        expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
+        valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
         pair = token * TOP_K + slot
-        expert = tl.load(topk_ids_ptr + pair)
-        valid = (expert >= 0) & (expert < num_experts)
         a = _first_row(inter_ptr + pair.to(tl.int64) * stride_im + k0, k0, offs_k, I, valid,
                        EVEN_K)
-        b_ptrs = w2_ptr + tl.where(valid, expert, 0).to(tl.int64) * stride_we + k0 + cols
+        b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + k0 + cols
         b = _weight_cols(b_ptrs, k0, col_ok, offs_k, I, valid, EVEN_K, EVEN_N, True)
         part = tl.dot(a, b, input_precision=DOT_PRECISION)
-        if WEIGHT_ON_OUTPUT:
-            part = part * tl.load(topk_weights_ptr + pair)
-        acc += part
+        acc += part * tl.sum(tl.where(this, slot_scales, 0.0))
 
     if HAS_BIAS:
         for slot in tl.static_range(TOP_K):

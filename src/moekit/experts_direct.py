@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from moekit._direct_kernels import _direct_gemm1_kernel, _direct_gemm2_kernel
-from moekit._intmath import cdiv
+from moekit._intmath import cdiv, next_power_of_2
 
 
 def dot_precision(t: torch.Tensor) -> str | None:
@@ -75,6 +75,6 @@ def launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_output,
         out.stride(0),
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0,
-        DOT_PRECISION=dot_precision(inter), TOP_K=top_k,
+        DOT_PRECISION=dot_precision(inter), TOP_K=top_k, SLOTS=next_power_of_2(top_k),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
