@@ -6,7 +6,12 @@ import pytest
 
 from moekit.bench.presets import PRESETS
 from moekit.tuning import ExpertsConfig, GemmConfig, default_config
-from moekit.tuning.heuristic import pick_block_m, tiles_for_block_m
+from moekit.tuning.heuristic import (
+    direct_tiles,
+    pick_block_m,
+    tiles_for_block_m,
+    use_direct_path,
+)
 from moekit.tuning.space import BLOCK_MS, candidates, neighbour_block_ms
 from moekit.tuning.tables import config_from_dict, config_to_dict, load_table, lookup
 from moekit.tuning.tuner import cliffs, new_table, report, same_tiles_at, search, tune
@@ -25,7 +30,34 @@ BLOCK_M_CASES = [
 @pytest.mark.parametrize("M,E,k,block_m,why", BLOCK_M_CASES)
 def test_block_m_holds_the_busiest_expert(M, E, k, block_m, why):
     assert pick_block_m(M, E, k) == block_m
-    assert default_config(M, E, k, 2048, 768).block_m == block_m
+    if not use_direct_path(M, E, k):
+        assert default_config(M, E, k, 2048, 768).block_m == block_m
+
+
+DIRECT_CASES = [
+    # (M, E, k, direct, why)
+    (1, 128, 8, True, "one token: no pair shares an expert"),
+    (1, 8, 2, True, "one token on few, large experts (mixtral) still"),
+    (4, 128, 8, True, "32 pairs on 128 experts"),
+    (5, 128, 8, False, "40 pairs: the plan path"),
+    (2, 8, 2, False, "few experts: pairs share ones too large for L2"),
+    (8, 128, 4, True, "gpt-oss: 32 pairs"),
+]
+
+
+@pytest.mark.parametrize("M,E,k,direct,why", DIRECT_CASES)
+def test_direct_path_for_a_handful_of_tokens(M, E, k, direct, why):
+    assert use_direct_path(M, E, k) == direct
+    assert default_config(M, E, k, 2048, 768).direct == direct
+    assert not use_direct_path(M, E, k, dtype_bytes=4)  # fp32: the plan path
+    assert not default_config(M, E, k, 2048, 768, dtype_bytes=4).direct
+
+
+def test_direct_gemm2_tiles_by_program_count():
+    # M × H/32 programs at 32-wide tiles: below 192, 16-wide tiles (twice the programs).
+    assert direct_tiles(1, 2048).gemm2.block_n == 16
+    assert direct_tiles(4, 2048).gemm2.block_n == 32
+    assert direct_tiles(1, 7168).gemm2.block_n == 32
 
 
 def test_every_row_tile_has_tiles_and_candidates():
@@ -34,8 +66,9 @@ def test_every_row_tile_has_tiles_and_candidates():
         assert candidates(block_m)
     # The constraint hook narrows the space (tests and users keep sweeps small with it).
     assert all(c.block_n <= 64 for c in candidates(128, lambda c: c.block_n <= 64))
-    assert neighbour_block_ms(16) == [16, 32] and neighbour_block_ms(128) == [128, 64]
-    assert min(BLOCK_MS) == 16 and default_config(1, 128, 8, 2048, 768).block_m == 16
+    assert neighbour_block_ms(16) == [16, 1, 32] and neighbour_block_ms(128) == [128, 64]
+    assert neighbour_block_ms(1) == [1, 16] and neighbour_block_ms(16, direct=False) == [16, 32]
+    assert min(BLOCK_MS) == 1 and default_config(1, 128, 8, 2048, 768).block_m == 1
 
 
 def test_config_values_are_checked():
@@ -43,8 +76,8 @@ def test_config_values_are_checked():
         GemmConfig(48, 64)
     with pytest.raises(ValueError, match="block_m"):
         ExpertsConfig(8, GemmConfig(64, 64), GemmConfig(64, 64))
-    with pytest.raises(ValueError, match=r"^block_m: expected a power of two ≥ 16, got 1$"):
-        ExpertsConfig(1, GemmConfig(64, 64), GemmConfig(64, 64))
+    with pytest.raises(ValueError, match=r"^block_m: expected a power of two ≥ 16, or 1"):
+        ExpertsConfig(2, GemmConfig(64, 64), GemmConfig(64, 64))
 
 
 def fake_cost(config: ExpertsConfig) -> float:

@@ -18,6 +18,7 @@
 #   routing   `moekit bench routing` (routing, plan, permute, unpermute table)
 #   kernels   `moekit bench` at every token count, graph replay, both baselines
 #   prefill   `moekit bench` at M = 4096 and 16384 only, no baselines (quick v-check)
+#   decode    `moekit bench` at M = 1 … 64 only, with the baselines
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
 #   fp8tests  only the fp8 GPU tests
@@ -53,6 +54,8 @@ for stage in "$@"; do
     tests) step pytest-gpu 300 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE \
              $PARALLEL --ignore=tests/test_experts_fp8.py tests ;;
     slow) step pytest-gpu-slow 120 python3 -m pytest -m "gpu and slow" -q -p no:cacheprovider tests ;;
+    decode) step bench-decode 200 python3 -m moekit.cli bench --tokens 1 2 4 8 16 32 64 \
+              --what kernels-bf16-decode --out "$out" ;;
     direct)
       step pytest-gpu-direct 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         tests/test_experts.py -k direct

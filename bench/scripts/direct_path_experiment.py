@@ -1,8 +1,9 @@
 """Experiment: the direct (plan-free, combine-fused) experts path against the plan path.
 
-For each preset and small token count: the heuristic's plan-path configuration, then
-each direct GEMM alone over a few tiles (CUDA-graph replay, L2 flushed), then the layer
-with the best tile of each GEMM; both layers' relative error against the float32
+For each preset and small token count: the plan path at the heuristic's row tile for
+it (`pick_block_m`), the direct path at the heuristic's direct tiles (`direct_tiles`),
+each direct GEMM alone over a few tiles (CUDA-graph replay, L2 flushed), and the layer
+with the best tile of each GEMM; the layers' relative error against the float32
 reference, and the memory floor (hit experts' bytes over the read bandwidth measured
 here). Each cell is printed and appended to direct-path-experiment.jsonl under --out as
 soon as it is measured.
@@ -27,7 +28,8 @@ from moekit.bench.presets import PRESETS
 from moekit.bench.roofline import moe_cost
 from moekit.bench.timing import graph_replay_us
 from moekit.experts_direct import launch_direct_gemm1, launch_direct_gemm2
-from moekit.tuning import ExpertsConfig, GemmConfig, default_config
+from moekit.tuning import ExpertsConfig, GemmConfig
+from moekit.tuning.heuristic import direct_tiles, pick_block_m, tiles_for_block_m
 
 PRESET_NAMES = ["qwen3-30b-a3b", "granite-3.0-3b-a800m", "olmoe-1b-7b", "deepseek-v2-lite",
                 "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"]
@@ -51,9 +53,11 @@ def time_cell(preset, w, m, rep_ms, read_GBps) -> dict:
                                             activation=act, b13=w.b13, b2=w.b2, config=config,
                                             out=out)
 
-    plan_cfg = default_config(m, preset.num_experts, preset.top_k, preset.hidden, preset.inter)
+    plan_cfg = tiles_for_block_m(pick_block_m(m, preset.num_experts, preset.top_k))
     plan_us = graph_replay_us(layer(plan_cfg), rep_ms)
     plan_out = out.clone()
+    heuristic_us = graph_replay_us(layer(direct_tiles(m, preset.hidden)), rep_ms)
+    heuristic_out = out.clone()
 
     g1 = lambda t: launch_direct_gemm1(hidden, w.w13, w.b13, topk.ids, topk.weights, act.kind,
                                        act.alpha, act.limit, False, dataclasses.astuple(_gemm(t)))
@@ -81,12 +85,16 @@ def time_cell(preset, w, m, rep_ms, read_GBps) -> dict:
             "git_commit": os.environ.get("MOEKIT_GIT_COMMIT"), "experts_hit": hit,
             "floor_us": round(floor, 2), "plan_us": round(plan_us, 2),
             "direct_us": round(direct_us, 2), "speedup": round(plan_us / direct_us, 3),
+            "direct_heuristic_us": round(heuristic_us, 2),
+            "heuristic_speedup": round(plan_us / heuristic_us, 3),
             "plan_roofline": round(floor / plan_us, 3),
             "direct_roofline": round(floor / direct_us, 3),
+            "heuristic_roofline": round(floor / heuristic_us, 3),
             "best_gemm1": best1, "best_gemm2": best2,
             "gemm1_us": {k: round(v, 2) for k, v in gemm1_us.items()},
             "gemm2_us": {k: round(v, 2) for k, v in gemm2_us.items()},
-            "plan_rel_err": err(plan_out), "direct_rel_err": err(direct_out)}
+            "plan_rel_err": err(plan_out), "direct_rel_err": err(direct_out),
+            "heuristic_rel_err": err(heuristic_out)}
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         tune(table, path, presets, args.tokens, _graph_measure(args.dtype),
              margin=args.margin, heuristic_for=_fp8_heuristic(args.dtype),
-             start_at=same_tiles_at, progress=progress)
+             start_at=same_tiles_at, direct=False, progress=progress)
     else:
         tune(table, path, presets, args.tokens, _graph_measure(args.dtype), margin=args.margin,
              progress=progress)

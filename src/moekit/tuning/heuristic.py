@@ -17,6 +17,12 @@ Padding to 128 cost 14–38% on the cells with ~256 rows per expert (random agai
 exactly even routing); tail tiles measured 0.99–1.10× on every 128-row cell swept
 (faster on 15 of 17; GEMM1 gains, GEMM2 keeps its time).
 
+For a handful of tokens on many experts the direct path (`ExpertsConfig.block_m` = 1,
+`moekit.experts_direct`) skips the plan and the separate combine: 1.06–1.15× faster on
+the H100 at M = 1 on every preset and at M·k ≤ 32 on presets with 32 or more experts,
+slower (0.93–0.96×) on mixtral at M = 2–4, where a token's two pairs often share one
+of 8 experts too large for L2 to serve the second read (bench/NOTES.md, direct path).
+
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
 
@@ -30,7 +36,13 @@ from __future__ import annotations
 import functools
 import math
 
-from moekit.tuning.config import ExpertsConfig, GemmConfig
+from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
+
+_DIRECT_MAX_PAIRS = 32
+_DIRECT_MIN_EXPERTS = 32
+# GEMM2 of the direct path runs M × H/block_n programs; below this many at 32-wide
+# column tiles, 16-wide ones (twice the programs) measured faster.
+_DIRECT_WIDE_PROGRAMS = 192
 
 
 def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
@@ -49,8 +61,27 @@ def pick_block_m(num_tokens: int, num_experts: int, top_k: int) -> int:
     return max(16, min(64, 1 << math.ceil(math.log2(max(busiest, 1.0)))))
 
 
+def use_direct_path(num_tokens: int, num_experts: int, top_k: int, dtype_bytes: int = 2) -> bool:
+    """Whether the direct path beats the plan path (16-bit inputs; see the module doc)."""
+    if dtype_bytes > 2:
+        return False
+    pairs = num_tokens * top_k
+    return num_tokens == 1 or (pairs <= _DIRECT_MAX_PAIRS and num_experts >= _DIRECT_MIN_EXPERTS)
+
+
+def direct_tiles(num_tokens: int, hidden: int) -> ExpertsConfig:
+    """The direct path's tiles: GEMM1 32 × 128 (within 3% of the best of 7 tiles on every
+    cell measured); GEMM2 16 or 32 columns wide by how many programs M × H/32 makes."""
+    gemm1 = GemmConfig(32, 128, 1, 4, 5)
+    if num_tokens * hidden // 32 >= _DIRECT_WIDE_PROGRAMS:
+        return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(32, 128, 1, 4, 5))
+    return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(16, 256, 1, 4, 5))
+
+
 def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
-    """The GEMM tiles the heuristic pairs with a row tile."""
+    """The GEMM tiles the heuristic pairs with a row tile (the direct path's at one token)."""
+    if block_m == DIRECT_BLOCK_M:
+        return direct_tiles(1, 0)
     if block_m <= 32:
         # Memory-bound: long reduction tiles keep many bytes in flight per program.
         block_k = 128 if dtype_bytes <= 2 else 64
@@ -73,4 +104,6 @@ def default_config(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2
 ) -> ExpertsConfig:
     """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I."""
+    if use_direct_path(num_tokens, num_experts, top_k, dtype_bytes):
+        return direct_tiles(num_tokens, hidden)
     return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes)

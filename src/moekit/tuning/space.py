@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from moekit.tuning.config import GemmConfig
+from moekit.tuning.config import DIRECT_BLOCK_M, GemmConfig
 
 Constraint = Callable[[GemmConfig], bool]
 
 # (block_n, block_k, num_warps, num_stages); group_m is 8 throughout (see heuristic.py).
 _SHAPES = {
+    DIRECT_BLOCK_M: [(32, 128, 4, 5), (16, 256, 4, 5), (32, 256, 4, 4), (64, 128, 4, 4),
+                     (16, 512, 4, 3), (16, 128, 4, 8)],
     16: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 4, 3),
          (32, 256, 4, 3), (128, 128, 4, 3)],
     32: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 4, 3),
@@ -34,6 +36,13 @@ def candidates(block_m: int, constraint: Constraint | None = None) -> list[GemmC
     return [c for c in configs if constraint is None or constraint(c)]
 
 
-def neighbour_block_ms(block_m: int) -> list[int]:
-    """The heuristic's row tile first, then half and double it where they exist."""
-    return [block_m] + [b for b in (block_m // 2, block_m * 2) if b in _SHAPES]
+def neighbour_block_ms(block_m: int, direct: bool = True) -> list[int]:
+    """The heuristic's row tile first, then half and double it where they exist; the
+    direct path and the 16-row tile are each other's neighbours (`direct`: whether the
+    kernel family has a direct path)."""
+    if block_m == DIRECT_BLOCK_M:
+        return [DIRECT_BLOCK_M, 16]
+    near = [b for b in (block_m // 2, block_m * 2) if b in _SHAPES]
+    if block_m == 16 and direct:
+        near.insert(0, DIRECT_BLOCK_M)
+    return [block_m] + near

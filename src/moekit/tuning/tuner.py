@@ -34,17 +34,18 @@ Measure = Callable[[Preset, int, ExpertsConfig], float]  # → µs (inf when it 
 def search(heuristic: ExpertsConfig, time_us: Callable[[ExpertsConfig], float],
            constraint: Constraint | None = None,
            tiles_for: Callable[[int], ExpertsConfig] = tiles_for_block_m,
-           ) -> tuple[ExpertsConfig, float, float]:
+           direct: bool = True) -> tuple[ExpertsConfig, float, float]:
     """Coordinate search around the heuristic.
 
     Args:
         tiles_for: the starting tiles at another row tile (the bf16 heuristic's by default).
+        direct: whether the kernel family has the direct path (block_m 1) to try.
     Returns:
         (best configuration, its µs, the heuristic's µs).
     """
     heuristic_us = time_us(heuristic)
     best, best_us = heuristic, heuristic_us
-    for block_m in neighbour_block_ms(heuristic.block_m):
+    for block_m in neighbour_block_ms(heuristic.block_m, direct):
         first = heuristic if block_m == heuristic.block_m else tiles_for(block_m)
         g1_best, g1_us = first, (heuristic_us if first is heuristic else time_us(first))
         for tile in candidates(block_m, constraint):
@@ -94,7 +95,7 @@ def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], me
          *, margin: float = 0.05, constraint: Constraint | None = None,
          heuristic_for: Callable[[Preset, int], ExpertsConfig] = bf16_heuristic,
          start_at: Callable[[ExpertsConfig, int], ExpertsConfig] = bf16_tiles_at,
-         progress: Callable[[str], None] = print) -> dict:
+         direct: bool = True, progress: Callable[[str], None] = print) -> dict:
     """Fill `table` cell by cell (saving to `path` after each), skipping cells it holds.
 
     Args:
@@ -126,7 +127,8 @@ def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], me
                                "us": us if math.isfinite(us) else None})  # None: cannot run
                 return us
             best, best_us, heuristic_us = search(
-                heuristic, timed, constraint, lambda block_m, h=heuristic: start_at(h, block_m))
+                heuristic, timed, constraint, lambda block_m, h=heuristic: start_at(h, block_m),
+                direct)
             use = math.isfinite(best_us) and best_us < (1 - margin) * heuristic_us
             table["entries"].append({
                 "preset": preset.name, "E": key[0], "topk": key[1], "H": key[2], "I": key[3],
