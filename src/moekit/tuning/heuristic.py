@@ -17,11 +17,12 @@ Padding to 128 cost 14–38% on the cells with ~256 rows per expert (random agai
 exactly even routing); tail tiles measured 0.99–1.10× on every 128-row cell swept
 (faster on 15 of 17; GEMM1 gains, GEMM2 keeps its time).
 
-For a handful of tokens on many experts the direct path (`ExpertsConfig.block_m` = 1,
-`moekit.experts_direct`) skips the plan and the separate combine: 1.06–1.15× faster on
-the H100 at M = 1 on every preset and at M·k ≤ 32 on presets with 32 or more experts,
-slower (0.93–0.96×) on mixtral at M = 2–4, where a token's two pairs often share one
-of 8 experts too large for L2 to serve the second read (bench/NOTES.md, direct path).
+For a handful of tokens the direct path (`ExpertsConfig.block_m` = 1,
+`moekit.experts_direct`) skips the plan and the separate combine. On the H100 it
+measured 1.00–1.15× the plan path at M = 1 on every preset and 0.99–1.15× at M = 2–4
+on the presets with 32 or more experts; slower on mixtral at M = 2–4 (0.92–0.96×: its
+tokens' pairs often share one of 8 experts too large for L2 to serve the second read)
+and at M = 8 (0.81–0.97×) (bench/NOTES.md, direct path).
 
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
@@ -38,7 +39,7 @@ import math
 
 from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 
-_DIRECT_MAX_PAIRS = 32
+_DIRECT_MAX_TOKENS = 4
 _DIRECT_MIN_EXPERTS = 32
 # GEMM2 of the direct path runs M × H/block_n programs; below this many at 32-wide
 # column tiles, 16-wide ones (twice the programs) measured faster.
@@ -65,8 +66,8 @@ def use_direct_path(num_tokens: int, num_experts: int, top_k: int, dtype_bytes: 
     """Whether the direct path beats the plan path (16-bit inputs; see the module doc)."""
     if dtype_bytes > 2:
         return False
-    pairs = num_tokens * top_k
-    return num_tokens == 1 or (pairs <= _DIRECT_MAX_PAIRS and num_experts >= _DIRECT_MIN_EXPERTS)
+    return num_tokens == 1 or (num_tokens <= _DIRECT_MAX_TOKENS
+                               and num_experts >= _DIRECT_MIN_EXPERTS)
 
 
 def direct_tiles(num_tokens: int, hidden: int) -> ExpertsConfig:
