@@ -23,7 +23,7 @@ matter. Row offsets are 64-bit, offsets within a weight tile 32-bit.
 import triton
 import triton.language as tl
 
-from moekit._experts_kernels import _activate
+from moekit._experts_kernels import _bias_and_activate
 
 ROWS = tl.constexpr(16)  # the dot's row tile: the smallest tensor-core M; row 0 is real
 
@@ -112,12 +112,8 @@ def _direct_gemm1_kernel(
         w = tl.load(topk_weights_ptr + pair)
         gate = gate * w
         up = up * w
-    if HAS_BIAS:
-        b_base = b13_ptr + expert.to(tl.int64) * stride_be
-        gate += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            up += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    result = _activate(gate, up, ACTIVATION, alpha, limit)
+    result = _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, alpha,
+                                limit, ACTIVATION, GATED, HAS_BIAS)
     rows = tl.arange(0, ROWS)[:, None]
     out_ptrs = inter_ptr + pair.to(tl.int64) * stride_im + rows * 0 + offs_n[None, :]
     tl.store(out_ptrs, result.to(inter_ptr.dtype.element_ty), mask=(rows == 0) & col_ok[None, :])

@@ -50,6 +50,19 @@ def _activate(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, alpha, limit,
+                       ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """GEMM1's epilogue on fp32 [rows, BLOCK_N] tiles: + b13[expert] (gate, then up), then
+    the activation."""
+    if HAS_BIAS:
+        b_base = b13_ptr + expert.to(tl.int64) * stride_be
+        gate += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            up += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return _activate(gate, up, ACTIVATION, alpha, limit)
+
+
+@triton.jit
 def _tile_coords(num_m, num_n, GROUP_M: tl.constexpr):
     """This program's (row block, column tile): `_tile_of` of the program id."""
     return _tile_of(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -155,12 +168,8 @@ def _gemm1_tile(
         w = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0)
         gate = gate * w[:, None]
         up = up * w[:, None]
-    if HAS_BIAS:
-        b_base = b13_ptr + expert.to(tl.int64) * stride_be
-        gate += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            up += tl.load(b_base + I + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    result = _activate(gate, up, ACTIVATION, alpha, limit)
+    result = _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, alpha,
+                                limit, ACTIVATION, GATED, HAS_BIAS)
 
     out_ptrs = inter_ptr + slots.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
