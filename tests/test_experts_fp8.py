@@ -352,6 +352,9 @@ def test_kernel_limits_on_schemes():
         from moekit.experts_fp8 import _check_config
         _check_config(ExpertsConfig(16, GemmConfig(128, 128), GemmConfig(64, 256)),
                       QuantScheme.fp8_block())
+    with pytest.raises(ValueError, match="^config: the direct path"):
+        _check_config(ExpertsConfig(1, GemmConfig(128, 128), GemmConfig(64, 128)),
+                      QuantScheme.fp8_tensor())
 
 
 # ---------------------------------------------------------------------------- GPU

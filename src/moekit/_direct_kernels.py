@@ -7,9 +7,9 @@
 
 At decode a token reaches k experts with one row each, so the GEMMs stream weights for
 single rows. They still run as tensor-core dots on a ROWS-row tile whose first row is the
-real one (the rest are zeros and never stored): a load that feeds a dot is software-
-pipelined through shared memory, many tiles in flight, where CUDA-core products of
-register tiles measured 1.3–2.5× slower per GEMM on an H100 (bench/NOTES.md, direct path).
+real one (the rest are zeros and never stored), so their loads go through the
+pipeliner's shared-memory stages: CUDA-core products of register tiles measured up to
+1.13× (GEMM1) and 1.36× (GEMM2) slower on an H100 (bench/NOTES.md, direct path).
 Ids are read straight from `topk_ids`, so no dispatch plan is built, and no `pair_out` is
 written and re-read by a combine: two launches instead of four.
 

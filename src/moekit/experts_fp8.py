@@ -217,6 +217,9 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
     of GEMM2's dynamically quantised input."""
     if not isinstance(config, ExpertsConfig):
         raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
+    if config.direct:
+        raise ValueError("config: the direct path (block_m 1) runs 16-bit weights only; "
+                         "fp8 takes block_m ≥ 16")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if groups and gemm.block_k > min(groups):

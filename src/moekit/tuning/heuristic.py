@@ -22,7 +22,7 @@ For a handful of tokens the direct path (`ExpertsConfig.block_m` = 1,
 measured 1.00–1.15× the plan path at M = 1 on every preset and 0.99–1.15× at M = 2–4
 on the presets with 32 or more experts; slower on mixtral at M = 2–4 (0.92–0.96×: its
 tokens' pairs often share one of 8 experts too large for L2 to serve the second read)
-and at M = 8 (0.81–0.97×) (bench/NOTES.md, direct path).
+and at M = 8 on five of the seven presets (0.81–0.98×) (bench/NOTES.md, direct path).
 
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
