@@ -23,13 +23,14 @@ import torch
 
 from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
+from moekit._dot_precision import dot_precision
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
-from moekit.experts_direct import dot_precision, launch_direct_experts
+from moekit.experts_direct import launch_direct_experts
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M

@@ -18,12 +18,8 @@ from __future__ import annotations
 import torch
 
 from moekit._direct_kernels import _direct_gemm1_kernel, _direct_gemm2_kernel
+from moekit._dot_precision import dot_precision
 from moekit._intmath import cdiv, next_power_of_2
-
-
-def dot_precision(t: torch.Tensor) -> str | None:
-    """fp32 inputs take exact fp32 dots (no TF32); 16-bit ones the default."""
-    return "ieee" if t.dtype == torch.float32 else None
 
 
 def launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
