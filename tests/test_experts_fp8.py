@@ -29,7 +29,7 @@ from helpers import (
 )
 from moekit.activation import Activation
 from moekit.bench.presets import PRESETS
-from moekit.experts_fp8 import default_fp8_config
+from moekit.experts_fp8 import default_fp8_config, direct_fp8_config
 from moekit.quant import QuantScheme, QuantSpec, quantize_weight
 from moekit.reference import apply_activation, fused_experts_quantized
 from moekit.tuning import ExpertsConfig, GemmConfig
@@ -138,6 +138,38 @@ def test_matches_quantised_reference_interpreter(scheme, M, E, k, H, I, act, bia
     assert_close(out, expected, KERNEL_TOL, name=why)
 
 
+def direct(n1, k1, n2, k2):
+    """A direct-path configuration (block_m 1) with these (block_n, block_k) tiles."""
+    return ExpertsConfig(1, GemmConfig(n1, k1, 1, 4, 2), GemmConfig(n2, k2, 1, 4, 2))
+
+
+DIRECT_CASES = [
+    # (scheme, M, E, k, H, I, activation, bias, dtype, config, extra, why)
+    ("fp8_tensor", 3, 4, 2, 256, 192, "silu", False, torch.float32, direct(32, 128, 32, 128),
+     {}, "per-tensor: every GEMM1 program reads all 3 rows' amax; I a partial group"),
+    ("fp8_tensor", 1, 4, 2, 320, 128, "silu", False, torch.float32, direct(32, 256, 16, 64),
+     {}, "K tiles of 256 (H a partial one); GEMM2's 64-wide K tiles read their group's amax"),
+    ("fp8_channel", 2, 5, 2, 160, 128, "swigluoai", True, torch.float16,
+     direct(32, 64, 32, 128), {}, "per-channel weights, per-token rows; biases"),
+    ("fp8_block", 3, 4, 3, 300, 200, "silu", True, torch.float16, direct(16, 64, 16, 64),
+     {"ids_transform": drop_some}, "128×128 blocks, groups read apart from 64-wide K tiles; "
+     "−1 and sentinel ids"),
+    (STATIC, 2, 4, 2, 128, 128, "silu", False, torch.float32, direct(32, 64, 32, 64),
+     {"static_mult": 0.25}, "static scales 4× too small: both GEMMs' inputs saturate"),
+    (SMALL_BLOCKS, 2, 3, 1, 64, 64, "relu2", False, torch.float32, direct(16, 32, 16, 32),
+     {}, "32×32 blocks; no gate; k = 1"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,M,E,k,H,I,act,bias,dtype,config,extra,why", DIRECT_CASES)
+def test_direct_path_matches_quantised_reference_interpreter(scheme, M, E, k, H, I, act, bias,
+                                                             dtype, config, extra, why):
+    case = make_case(scheme, M, E, k, H, I, act, bias=bias, dtype=dtype, **extra)
+    out, expected = run_triton(*case, act=act, config=config)
+    assert_close(out, expected, KERNEL_TOL, name=why)
+
+
 # GEMM1's column tile holds whole 1×128 groups of GEMM2's input, so it is 128 wide.
 TAIL_TILES = ExpertsConfig(32, GemmConfig(128, 32, 2, 1, 1), GemmConfig(32, 32, 1, 1, 1),
                            tail_block_m=16)
@@ -241,12 +273,14 @@ def test_cpu_auto_backend_is_reference():
 
 CONFIGS = [
     # (M, E, k, H, I, scheme, block_m, why)
-    (1, 256, 8, 7168, 2048, "fp8_block", 16, "decode: the 16-row tile"),
+    (1, 256, 8, 7168, 2048, "fp8_block", 1, "decode: the direct path"),
+    (4, 128, 8, 2048, 768, "fp8_tensor", 1, "4 tokens on 128 experts: the direct path"),
+    (4, 8, 2, 4096, 14336, "fp8_channel", 16, "4 tokens on 8 experts: the 16-row tile"),
     (8192, 8, 2, 4096, 14336, "fp8_tensor", 128, "prefill: 128-row tiles with tail tiles"),
     (8192, 8, 2, 4096, 14336, "fp8_block", 128,
      "prefill with block scales: 128 rows too (GEMM1 in column halves)"),
     (64, 64, 6, 2048, 1408, "fp8_channel", 16, "middle"),
-    (1, 8, 2, 4096, 14336, STATIC, 16, "static: GEMM1's column tile need not hold a group"),
+    (2, 8, 2, 4096, 14336, STATIC, 16, "static: GEMM1's column tile need not hold a group"),
     (64, 8, 2, 4096, 14336, QuantScheme.fp8_block((64, 64)), 32, "64-wide groups cap block_k"),
 ]
 
@@ -271,11 +305,11 @@ def test_default_config_fits_the_scheme(M, E, k, H, I, scheme, block_m, why):
     ((128, 128), 128, 200, False, "I = 200: GEMM1's up tiles straddle two block rows"),
 ])
 def test_weight_scale_read_as_a_scalar_only_where_uniform(group, block_n, inter, uniform, why):
-    from moekit.experts_fp8 import _uniform_along_n, _weight_scale_layout
+    from moekit._fp8_scales import uniform_along_n, weight_scale_layout
 
     w13 = quantize_weight(torch.randn(2, 2 * inter, 256), QuantSpec(group=group))
-    layout = _weight_scale_layout(w13.scale, *QuantSpec(group=group).group)
-    assert _uniform_along_n(layout, block_n, inter) is uniform, why
+    layout = weight_scale_layout(w13.scale, *QuantSpec(group=group).group)
+    assert uniform_along_n(layout, block_n, inter) is uniform, why
 
 
 def test_tma_takes_fp8_weights_with_16_byte_rows(monkeypatch):
@@ -352,8 +386,12 @@ def test_kernel_limits_on_schemes():
         from moekit.experts_fp8 import _check_config
         _check_config(ExpertsConfig(16, GemmConfig(128, 128), GemmConfig(64, 256)),
                       QuantScheme.fp8_block())
-    with pytest.raises(ValueError, match="^config: the direct path"):
-        _check_config(ExpertsConfig(1, GemmConfig(128, 128), GemmConfig(64, 128)),
+    # The direct path quantises GEMM2's input in GEMM2: GEMM1's columns need not hold a group,
+    # but GEMM2's K tile must lie in one.
+    _check_config(ExpertsConfig(1, GemmConfig(32, 256), GemmConfig(32, 128)),
+                  QuantScheme.fp8_tensor())
+    with pytest.raises(ValueError, match="^config: gemm2.block_k"):
+        _check_config(ExpertsConfig(1, GemmConfig(32, 256), GemmConfig(32, 256)),
                       QuantScheme.fp8_tensor())
 
 
@@ -372,13 +410,15 @@ def quantize_by_chunks(w, spec, chunk=16):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M,path", [(64, "plan"), (3, "direct")])
 @pytest.mark.parametrize("scheme", [*GPU_SCHEMES, STATIC])
-def test_cuda_graph_replay_with_new_inputs_gpu(scheme):
-    E, k, H, I, M = 16, 4, 512, 256, 64
+def test_cuda_graph_replay_with_new_inputs_gpu(scheme, M, path):
+    E, k, H, I = 16, 4, 512, 256
     scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
         scheme, M, E, k, H, I, dtype=torch.bfloat16, device="cuda")
+    config = direct_fp8_config(M, H, scheme) if path == "direct" else None
     call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
-                                            b13=b13, b2=b2)
+                                            b13=b13, b2=b2, config=config)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -445,8 +485,9 @@ def test_presets_gpu(preset, name):
     E, k, H, act = w13.shape[0], p.top_k, p.hidden, p.activation
     scheme = QuantScheme.parse(name)
     q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
-    # Decode (16-row tiles) and a skewed batch whose busiest experts span several blocks.
-    for M, skew in [(1, 0.0), (512, 4.0)]:
+    # Decode (the direct path; at M = 3 the 16-row tile on mixtral's 8 experts) and a skewed
+    # batch whose busiest experts span several blocks.
+    for M, skew in [(1, 0.0), (3, 0.0), (512, 4.0)]:
         hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
         ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
         out = poison_(torch.empty_like(hidden))

@@ -66,7 +66,8 @@ from moekit.tuning import ExpertsConfig, GemmConfig
 _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use on sm_90
 _TMA_PTX = "cp.async.bulk.tensor"
 _GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
-          "_direct_gemm1_kernel", "_direct_gemm2_kernel")
+          "_direct_gemm1_kernel", "_direct_gemm2_kernel", "_direct_gemm1_fp8_kernel",
+          "_direct_gemm2_fp8_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and 16-bit/fp8 rows of a length that is
 # not a multiple of 16 elements (H = 1000, I = 264 or 200: loads Triton cannot prove
@@ -84,6 +85,8 @@ _KNOWN_SPILL_BYTES = {
     ("fp8-block-fp32-relu2-bm16-odd_h-odd_i", "_gemm1_fp8_kernel"): 1072,
     ("fp8-channel-bf16-swigluoai-bm128-bias-odd_i", "_gemm1_fp8_kernel"): 152,
     ("fp8-channel-bf16-swigluoai-bm128-bias-odd_i", "_gemm2_fp8_kernel"): 952,
+    # session 8, the same cause: the direct fp8 GEMM1 reading 520-element rows
+    ("fp8-block-bf16-silu-bm1-odd_h", "_direct_gemm1_fp8_kernel"): 84,
 }
 _WAIT_S = 600  # per case, while the workers are busy with the ones before it
 
@@ -141,6 +144,7 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
+_DIRECT_FP8 = ("_direct_gemm1_fp8_kernel", "_direct_gemm2_fp8_kernel")
 
 
 def _experts(why, dtype, act, block_m, **flags):
@@ -150,9 +154,12 @@ def _experts(why, dtype, act, block_m, **flags):
 
 
 def _fp8(why, scheme, dtype, act, block_m, **flags):
-    """fused_experts_fp8 with the heuristic's tiles; flags: bias, odd_h, odd_i, tma
-    (expected)."""
-    kernels = _FP8 + (("_amax_partials_kernel",) if scheme == "tensor" else ())
+    """fused_experts_fp8 with the heuristic's tiles (the direct path's at block_m 1); flags:
+    bias, odd_h, odd_i, tma (expected)."""
+    if block_m == 1:
+        kernels = _DIRECT_FP8
+    else:
+        kernels = _FP8 + (("_amax_partials_kernel",) if scheme == "tensor" else ())
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
                 kernels)
 
@@ -207,6 +214,19 @@ CASES = [
     _fp8("prefill, per-channel, I = 200 (rows not 16-byte multiples): pointer tiles, one-tile-"
          "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
          "bf16", "swigluoai", 128, bias=True, odd_i=True),
+    # the fp8 direct path: quantisation inside both GEMMs, two launches
+    _fp8("direct fp8, per-tensor: all rows' amax before GEMM1's K loop; GEMM2's 1×128 "
+         "groups from its own K tiles", "tensor", "bf16", "silu", 1),
+    _fp8("direct fp8, block scales: per-K scales on both operands; biases", "block", "fp16",
+         "swigluoai", 1, bias=True),
+    _fp8("direct fp8, block scales, masked N (I = 200: a scale per column tile)", "block",
+         "bf16", "silu", 1, odd_i=True),
+    _fp8("direct fp8, block scales, masked K (H = 520)", "block", "bf16", "silu", 1,
+         odd_h=True),
+    _fp8("direct fp8, per-channel weights (a scale per column), per-token inputs; ungated",
+         "channel", "bf16", "relu2", 1),
+    _fp8("direct fp8, static input scales for both GEMMs; biases", "static", "bf16", "gelu", 1,
+         bias=True),
     # dispatch_plan
     Case("dispatch", dict(block_m=16, pairs=8),
          "decode: one chunk, count folded into the place kernel (SINGLE_CHUNK)",
@@ -445,6 +465,8 @@ def _run_fp8(p):
     w2 = quantize_weight(torch.randn(_E, H, I) * 0.05, scheme.weight, input_scale=static)
     bias = p.get("bias")
     config = moekit.experts_fp8.default_fp8_config(M, _E, _TOP_K, H, I, scheme)
+    if p["block_m"] == 1:  # the direct path's tiles (the heuristic takes it from 32 experts)
+        config = moekit.experts_fp8.direct_fp8_config(M, H, scheme)
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),

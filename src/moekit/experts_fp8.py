@@ -58,16 +58,19 @@ from moekit._experts_fp8_kernels import (
     _quantize_rows_kernel,
 )
 from moekit._experts_kernels import _combine_kernel
+from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
 from moekit._intmath import cdiv, next_power_of_2
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan
+from moekit.experts_direct_fp8 import launch_direct_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
 from moekit.tuning import ExpertsConfig, GemmConfig
-from moekit.tuning.heuristic import pick_block_m
+from moekit.tuning.config import DIRECT_BLOCK_M
+from moekit.tuning.heuristic import direct_tiles, pick_block_m, use_direct_path
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -155,7 +158,25 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
                        scheme: str | QuantScheme) -> ExpertsConfig:
-    """Tiles for `fused_experts_fp8`: the bf16 heuristic's row tile, fp8-sized tiles.
+    """Tiles for `fused_experts_fp8`: the direct path where the 16-bit heuristic takes it
+    (`use_direct_path`), else the plan path's (`plan_fp8_config`)."""
+    if use_direct_path(num_tokens, num_experts, top_k):
+        return direct_fp8_config(num_tokens, hidden, scheme)
+    return plan_fp8_config(num_tokens, num_experts, top_k, scheme)
+
+
+def direct_fp8_config(num_tokens: int, hidden: int, scheme: str | QuantScheme) -> ExpertsConfig:
+    """The direct path's tiles: the 16-bit rule's column tiles (`direct_tiles`), K tiles
+    of 256 one-byte values where no scale groups K, else one group."""
+    k1, k2, _ = _k_groups(QuantScheme.parse(scheme))
+    tiles = direct_tiles(num_tokens, hidden)
+    g1 = dataclasses.replace(tiles.gemm1, block_k=256, num_stages=4)
+    return ExpertsConfig(DIRECT_BLOCK_M, _fit_k(g1, k1), _fit_k(tiles.gemm2, k2))
+
+
+def plan_fp8_config(num_tokens: int, num_experts: int, top_k: int,
+                    scheme: str | QuantScheme) -> ExpertsConfig:
+    """The plan path's tiles: the bf16 heuristic's row tile, fp8-sized tiles.
 
     block_m follows `moekit.tuning.heuristic.pick_block_m`. At 128 rows (compute-bound)
     the tiles are the 16-bit pipeline's prefill shape: TMA weight tiles, the persistent
@@ -213,13 +234,11 @@ def _check_kernel_scheme(scheme: QuantScheme) -> None:
 
 
 def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
-    """A K tile must lie inside one scale group; GEMM1's column tile must hold whole groups
-    of GEMM2's dynamically quantised input."""
+    """A K tile must lie inside one scale group; on the plan path GEMM1's column tile must
+    hold whole groups of GEMM2's dynamically quantised input (the direct path quantises it
+    in GEMM2)."""
     if not isinstance(config, ExpertsConfig):
         raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
-    if config.direct:
-        raise ValueError("config: the direct path (block_m 1) runs 16-bit weights only; "
-                         "fp8 takes block_m ≥ 16")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if groups and gemm.block_k > min(groups):
@@ -227,7 +246,7 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
                 f"config: {name}.block_k {gemm.block_k} exceeds the K group {min(groups)} of "
                 "the scheme; each K tile needs one scale per operand row"
             )
-    if inter_group is not None and config.gemm1.block_n % inter_group:
+    if inter_group is not None and not config.direct and config.gemm1.block_n % inter_group:
         raise ValueError(
             f"config: gemm1.block_n {config.gemm1.block_n} must be a multiple of {inter_group}, "
             "the group in which GEMM1's epilogue quantises GEMM2's input"
@@ -255,24 +274,6 @@ def _groups_to_list(scheme: QuantScheme) -> list[int]:
             inter.group[1] if inter.dynamic else FULL]
 
 
-def _weight_scale_layout(scale: torch.Tensor, group_n: int, group_k: int):
-    """(stride_e, stride_n, stride_k, GROUP_N, GROUP_K) of a weight scale laid out by
-    `QuantSpec.scale_shape`: strides 0 (and groups 1) on axes the group spans."""
-    axes = iter(range(1, scale.dim()))
-    stride_n = scale.stride(next(axes)) if group_n != FULL else 0
-    stride_k = scale.stride(next(axes)) if group_k != FULL else 0
-    return (scale.stride(0), stride_n, stride_k,
-            group_n if group_n != FULL else 1, group_k if group_k != FULL else 1)
-
-
-def _uniform_along_n(layout, block_n: int, row_offset: int) -> bool:
-    """Whether one weight scale covers every column tile's columns (along N), so a tile
-    reads it as a scalar: a group spanning N, or whole tiles inside each group. GEMM1's up
-    tile starts `row_offset` = I rows further, so I must keep to the groups as well."""
-    stride_n, group_n = layout[1], layout[3]
-    return stride_n == 0 or (group_n % block_n == 0 and row_offset % group_n == 0)
-
-
 class _Gemm1Input(NamedTuple):
     """What `_gemm1_fp8_kernel` reads of hidden (its x and xs)."""
 
@@ -281,15 +282,6 @@ class _Gemm1Input(NamedTuple):
     stride_sm: int
     stride_sk: int
     group_k: int
-
-
-def _activation_mode(group_m: int, group_k: int, static_scale: torch.Tensor | None) -> str:
-    """The quantisers' MODE for hidden: "static", "tensor", "token" or "group"."""
-    if static_scale is not None:
-        return "static"
-    if group_m == FULL:
-        return "tensor"
-    return "token" if group_k == FULL else "group"
 
 
 def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
@@ -308,7 +300,7 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
                  static_scale: torch.Tensor | None) -> _Gemm1Input:
     """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`)."""
     num_tokens, hidden_size = hidden.shape
-    mode = _activation_mode(group_m, group_k, static_scale)
+    mode = activation_mode(group_m, group_k, static_scale)
     partials = _amax_partials(hidden) if mode == "tensor" else None
     num_partials = 0 if partials is None else partials.numel()
     group = group_k if mode == "group" else 1
@@ -358,13 +350,18 @@ def _launch_fused_experts_fp8(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch quantise, plan, GEMM1, GEMM2 and combine.
+    """Launch quantise, plan, GEMM1, GEMM2 and combine (or the direct path's two GEMMs).
 
     `groups` is `_groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
     the input scales are given exactly when the scheme's activations are static.
     """
     num_tokens, hidden_size = hidden.shape
     if num_tokens == 0:
+        return
+    if config[0] == DIRECT_BLOCK_M:
+        launch_direct_experts_fp8(hidden, w13_q, w13_scale, w2_q, w2_scale, input_scale13,
+                                  input_scale2, topk_ids, topk_weights, b13, b2, activation,
+                                  alpha, limit, groups, config, out)
         return
     num_experts, _, inter = w2_q.shape
     top_k = topk_ids.shape[1]
@@ -389,7 +386,7 @@ def _launch_fused_experts_fp8(
                                   dtype=torch.float32, device=hidden.device)
         stride_ism, stride_isk = inter_scale.stride(0), 1
     work_list = plan.block_experts if plan.tiles is None else plan.tiles
-    ws1 = _weight_scale_layout(w13_scale, w_group_n, w_group_k)
+    ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     gated = activation != "relu2"
     split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
@@ -407,7 +404,7 @@ def _launch_fused_experts_fp8(
         EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0, W_TMA=tma,
         X_PER_K=a_group_k != FULL, X_GROUP_K=hidden_in.group_k,
         W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
-        W_UNIFORM_N=_uniform_along_n(ws1, c1[0], inter),
+        W_UNIFORM_N=uniform_along_n(ws1, c1[0], inter),
         INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split,
         FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
@@ -415,7 +412,7 @@ def _launch_fused_experts_fp8(
     )
 
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
-    ws2 = _weight_scale_layout(w2_scale, w_group_n, w_group_k)
+    ws2 = weight_scale_layout(w2_scale, w_group_n, w_group_k)
     programs = persistent_programs(hidden.device) if tma else 0
     grid2 = (programs or num_tiles * cdiv(hidden_size, c2[0]),)
     _gemm2_fp8_kernel[grid2](
@@ -430,7 +427,7 @@ def _launch_fused_experts_fp8(
         TMA=tma, PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1),
         A_PER_K=not inter_static, A_GROUP_K=inter_group,
         W_PER_K=w_per_k, W_GROUP_N=ws2[3], W_GROUP_K=ws2[4],
-        W_UNIFORM_N=_uniform_along_n(ws2, c2[0], 0), TAIL_M=tail_m,
+        W_UNIFORM_N=uniform_along_n(ws2, c2[0], 0), TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
         num_warps=c2[3], num_stages=c2[4],
     )
