@@ -158,6 +158,9 @@ DIRECT_CASES = [
      {"static_mult": 0.25}, "static scales 4× too small: both GEMMs' inputs saturate"),
     (SMALL_BLOCKS, 2, 3, 1, 64, 64, "relu2", False, torch.float32, direct(16, 32, 16, 32),
      {}, "32×32 blocks; no gate; k = 1"),
+    (SMALL_BLOCKS, 2, 5, 2, 96, 72, "gelu", False, torch.float32, direct(16, 32, 64, 32),
+     {}, "32×32 blocks: GEMM2's 64-wide column tile spans two N groups (its scales read per "
+     "step); GEMM1's up rows start off the groups (I = 72)"),
 ]
 
 

@@ -27,7 +27,14 @@ from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.roofline import moe_cost
 from moekit.bench.timing import graph_replay_us
-from moekit.experts_fp8 import _fit_k, _k_groups, direct_fp8_config, plan_fp8_config
+from moekit.experts_direct_fp8 import launch_direct_gemm1_fp8, launch_direct_gemm2_fp8
+from moekit.experts_fp8 import (
+    _fit_k,
+    _groups_to_list,
+    _k_groups,
+    direct_fp8_config,
+    plan_fp8_config,
+)
 from moekit.quant import QuantScheme
 from moekit.reference import fused_experts_quantized
 from moekit.tuning import GemmConfig
@@ -74,6 +81,18 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
             if us < best_us:
                 best, best_us = trial, us
 
+    # Each GEMM of the best configuration alone (GEMM2 on GEMM1's float32 output).
+    groups, static = _groups_to_list(scheme), not scheme.activation.dynamic
+    tiles = best.as_ints()
+    gemm1 = lambda: launch_direct_gemm1_fp8(
+        hidden, weights.w13.q, weights.w13.scale, weights.w13.input_scale if static else None,
+        weights.b13, topk.ids, preset.inter, act.kind, act.alpha, act.limit, groups, tiles[1:6])
+    inter = gemm1()
+    gemm2 = lambda: launch_direct_gemm2_fp8(
+        inter, weights.w2.q, weights.w2.scale, weights.w2.input_scale if static else None,
+        weights.b2, topk.ids, topk.weights, groups, tiles[6:11], out)
+    gemm1_us, gemm2_us = graph_replay_us(gemm1, rep_ms), graph_replay_us(gemm2, rep_ms)
+
     expected = fused_experts_quantized(hidden, weights.w13, weights.w2, topk.ids, topk.weights,
                                        scheme=scheme, activation=act, b13=weights.b13,
                                        b2=weights.b2).float()
@@ -92,6 +111,7 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
             "heuristic_roofline": round(floor / heuristic_us, 3),
             "best_roofline": round(floor / best_us, 3),
             "heuristic_over_best": round(heuristic_us / best_us, 3),
+            "best_gemm1_us": round(gemm1_us, 2), "best_gemm2_us": round(gemm2_us, 2),
             "heuristic": str(heuristic), "best": str(best),
             "trials_us": {k: round(v, 2) for k, v in trials.items()},
             "plan_rel_err": err(plan_out), "direct_rel_err": err(heuristic_out)}

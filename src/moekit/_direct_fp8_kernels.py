@@ -54,13 +54,29 @@ def _rows_amax(first_row_ptr, num_rows, stride_row, K, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _tile_scale(a, row_ptr, k0, K, valid, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
-    """The dynamic scale of the 1×GROUP group holding K tile `a` [ROWS, BLOCK_K] (row 0
-    real, other rows 0): from the tile itself when it is the group, else from the group's
-    values in the row at `row_ptr`, read again (all zeros unless `valid`)."""
+def _real_row(tile):
+    """Row 0 of a [ROWS, BLOCK_K] tile whose other rows are zeros, as [BLOCK_K] (a sum over
+    the rows: exact). Quantising this row, not the tile, puts the correctly rounded
+    divisions on BLOCK_K values instead of ROWS × BLOCK_K: dividing the zero rows as well
+    made the kernels several times slower on an H200 (bench/NOTES.md, fp8 direct path)."""
+    return tl.sum(tile, axis=0)
+
+
+@triton.jit
+def _as_first_row(q, dtype: tl.constexpr):
+    """[BLOCK_K] quantised values → the dot's [ROWS, BLOCK_K] tile in `dtype`, row 0 `q`."""
+    rows = tl.arange(0, ROWS)[:, None]
+    return tl.where(rows == 0, q[None, :], 0.0).to(dtype)
+
+
+@triton.jit
+def _group_scale(row, row_ptr, k0, K, valid, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    """The dynamic scale of the 1×GROUP group holding K tile `row` [BLOCK_K]: from the tile
+    itself when it is the group, else from the group's values in the row at `row_ptr`,
+    read again (all zeros unless `valid`)."""
     if BLOCK_K == GROUP:
-        amax = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
+        amax = tl.max(tl.abs(row), axis=0)
     else:
         offs = (k0 // GROUP) * GROUP + tl.arange(0, GROUP)
         x = tl.load(row_ptr + offs, mask=(offs < K) & valid, other=0.0)
@@ -143,12 +159,13 @@ def _direct_gemm1_fp8_kernel(
     gate = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        x = _first_row(x_ptr + k0, k0, offs_k, H, True, EVEN_K).to(tl.float32)
+        x = _real_row(_first_row(x_ptr + k0, k0, offs_k, H, True, EVEN_K).to(tl.float32))
         if X_PER_K:
-            tile_scale = _tile_scale(x, x_ptr, k0, H, True, X_GROUP_K, BLOCK_K, FMAX, AMAX_FLOOR)
+            tile_scale = _group_scale(x, x_ptr, k0, H, True, X_GROUP_K, BLOCK_K, FMAX,
+                                      AMAX_FLOOR)
         else:
             tile_scale = x_scale
-        xq = _quantize(x, tile_scale, FMAX).to(w13_ptr.dtype.element_ty)
+        xq = _as_first_row(_quantize(x, tile_scale, FMAX), w13_ptr.dtype.element_ty)
         k_step = (k0 // W_GROUP_K) * stride_wsk
         g = _weight_cols(g_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False)
         g_scale = 1.0
@@ -180,6 +197,49 @@ def _direct_gemm1_fp8_kernel(
 
 
 @triton.jit
+def _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I, stride_wse,
+                        stride_wsk, W_PER_K: tl.constexpr, W_GROUP_K: tl.constexpr,
+                        W_UNIFORM_N: tl.constexpr, K_GROUPS: tl.constexpr):
+    """Every slot's w2 scales for this column tile, read once before the K loop (a scale
+    read inside it is a load no dot consumes, so the pipeliner leaves it exposed, one
+    round trip per step): [SLOTS] (one scale per expert), [SLOTS, BLOCK_N] (per column)
+    or [SLOTS, K_GROUPS] (per K group, the tile inside one N group); a placeholder when
+    both vary (read per step instead)."""
+    experts = slot_ids.to(tl.int64) * stride_wse
+    if not W_PER_K:
+        if W_UNIFORM_N:
+            return tl.load(ws_ptr + experts + scale_col0)
+        else:
+            return tl.load(ws_ptr + experts[:, None] + scale_cols[None, :],
+                           mask=col_ok[None, :], other=0.0)
+    elif W_UNIFORM_N:
+        groups = tl.arange(0, K_GROUPS)
+        return tl.load(ws_ptr + experts[:, None] + scale_col0 + groups[None, :] * stride_wsk,
+                       mask=(groups * W_GROUP_K < I)[None, :], other=0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0, col_ok,
+                       stride_wse, stride_wsk, W_PER_K: tl.constexpr, W_GROUP_K: tl.constexpr,
+                       W_UNIFORM_N: tl.constexpr, K_GROUPS: tl.constexpr):
+    """This step's w2 scale from `_slot_weight_scales`' values (slot `this`, K tile k0): a
+    scalar, or [1, BLOCK_N] where it varies along N."""
+    if not W_PER_K:
+        if W_UNIFORM_N:
+            return tl.sum(tl.where(this, slot_ws, 0.0))
+        else:
+            return tl.sum(tl.where(this[:, None], slot_ws, 0.0), axis=0)[None, :]
+    elif W_UNIFORM_N:
+        group = tl.arange(0, K_GROUPS)[None, :] == k0 // W_GROUP_K
+        return tl.sum(tl.sum(tl.where(this[:, None] & group, slot_ws, 0.0), axis=1), axis=0)
+    else:
+        ws = ws_ptr + expert.to(tl.int64) * stride_wse + (k0 // W_GROUP_K) * stride_wsk
+        return _col_scales(ws + scale_cols, ws + scale_col0, col_ok, False)
+
+
+@triton.jit
 def _direct_gemm2_fp8_kernel(
     inter_ptr,  # [M*k, I] fp32
     inter_scale_ptr,  # [1] the static scale of GEMM2's input (read only when INTER_STATIC)
@@ -205,9 +265,11 @@ def _direct_gemm2_fp8_kernel(
     EVEN_N: tl.constexpr,
     INTER_STATIC: tl.constexpr,
     INTER_GROUP: tl.constexpr,  # the K group of GEMM2's dynamically quantised input
+    W_PER_K: tl.constexpr,
     W_GROUP_N: tl.constexpr,
     W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,
+    K_GROUPS: tl.constexpr,  # ≥ the K groups of w2's scales (W_PER_K), a power of two
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -218,9 +280,9 @@ def _direct_gemm2_fp8_kernel(
     """One program: one token × BLOCK_N hidden columns, summed over its k slots.
 
     As `_direct_gemm2_kernel`: one flattened slot × K loop, the token's ids and router
-    weights read once before it. Each step's product is multiplied by its activation
-    scale, its weight scales and its router weight in fp32 and added; a skipped slot's
-    router weight and loads are zero.
+    weights — and here its experts' weight scales — read once before it. Each step's
+    product is multiplied by its activation scale, its weight scale and its router weight
+    in fp32 and added; a skipped slot's router weight and loads are zero.
     """
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -235,7 +297,11 @@ def _direct_gemm2_fp8_kernel(
     slot_ok = slots < TOP_K
     slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1)
     slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)
+    slot_ids = tl.where(slot_ok, slot_ids, 0)  # a skipped slot reads expert 0's scales
     router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+    slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
+                                  stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
+                                  K_GROUPS)
     a_scale = 1.0
     if INTER_STATIC:
         a_scale = tl.load(inter_scale_ptr)
@@ -245,28 +311,28 @@ def _direct_gemm2_fp8_kernel(
         slot = step // k_steps
         k0 = (step - slot * k_steps) * BLOCK_K
         this = slots == slot
-        expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
+        expert = tl.sum(tl.where(this, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
         row_ptr = inter_ptr + (token * TOP_K + slot).to(tl.int64) * stride_im
-        a = _first_row(row_ptr + k0, k0, offs_k, I, valid, EVEN_K)
+        a = _real_row(_first_row(row_ptr + k0, k0, offs_k, I, valid, EVEN_K))
         if INTER_STATIC:
             tile_scale = a_scale
         else:
-            tile_scale = _tile_scale(a, row_ptr, k0, I, valid, INTER_GROUP, BLOCK_K, FMAX,
-                                     AMAX_FLOOR)
-        aq = _quantize(a, tile_scale, FMAX).to(w2_ptr.dtype.element_ty)
-        expert64 = expert.to(tl.int64)
-        b = _weight_cols(w2_ptr + expert64 * stride_we + k0 + cols, k0, col_ok, offs_k, I, valid,
-                         EVEN_K, EVEN_N, True)
-        ws = ws_ptr + expert64 * stride_wse + (k0 // W_GROUP_K) * stride_wsk
-        w_scale = _col_scales(ws + scale_cols, ws + scale_col0, col_ok, W_UNIFORM_N)
+            tile_scale = _group_scale(a, row_ptr, k0, I, valid, INTER_GROUP, BLOCK_K, FMAX,
+                                      AMAX_FLOOR)
+        aq = _as_first_row(_quantize(a, tile_scale, FMAX), w2_ptr.dtype.element_ty)
+        b = _weight_cols(w2_ptr + expert.to(tl.int64) * stride_we + k0 + cols, k0, col_ok,
+                         offs_k, I, valid, EVEN_K, EVEN_N, True)
+        w_scale = _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0,
+                                     col_ok, stride_wse, stride_wsk, W_PER_K, W_GROUP_K,
+                                     W_UNIFORM_N, K_GROUPS)
         step_scale = tile_scale * tl.sum(tl.where(this, router, 0.0))
         acc += tl.dot(aq, b) * (w_scale * step_scale)
 
     if HAS_BIAS:
         for slot in tl.static_range(TOP_K):
             this = slots == slot
-            expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
+            expert = tl.sum(tl.where(this, slot_ids, 0))
             b_ptrs = b2_ptr + expert.to(tl.int64) * stride_be + offs_n
             bias = tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)
             acc += (bias * tl.sum(tl.where(this, router, 0.0)))[None, :]
