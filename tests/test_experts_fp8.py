@@ -103,7 +103,8 @@ def drop_some(ids):
 INTERPRETER_CASES = [
     # (scheme, M, E, k, H, I, activation, bias, dtype, extra, why)
     ("fp8_tensor", 10, 4, 2, 256, 192, "silu", False, torch.float32, {},
-     "dynamic per-tensor: amax partials; GEMM2 input in 1×128 groups, I a partial group"),
+     "dynamic per-tensor over 10 rows: every quantiser program reads them all (no partials); "
+     "GEMM2 input in 1×128 groups, I a partial group"),
     ("fp8_tensor", 40, 4, 2, 320, 128, "silu", False, torch.float32, {},
      "dynamic per-tensor: two amax partials reduced by the quantiser; H a partial K tile"),
     ("fp8_channel", 9, 5, 2, 160, 128, "swigluoai", True, torch.float16, {},
@@ -146,9 +147,9 @@ def direct(n1, k1, n2, k2):
 DIRECT_CASES = [
     # (scheme, M, E, k, H, I, activation, bias, dtype, config, extra, why)
     ("fp8_tensor", 3, 4, 2, 256, 192, "silu", False, torch.float32, direct(32, 128, 32, 128),
-     {}, "per-tensor: every GEMM1 program reads all 3 rows' amax; I a partial group"),
+     {}, "per-tensor over 3 rows; GEMM2's input in 1×128 groups, I a partial group"),
     ("fp8_tensor", 1, 4, 2, 320, 128, "silu", False, torch.float32, direct(32, 256, 16, 64),
-     {}, "K tiles of 256 (H a partial one); GEMM2's 64-wide K tiles read their group's amax"),
+     {}, "K tiles of 256 (H a partial one); GEMM2's 64-wide K tiles pick their group's scale"),
     ("fp8_channel", 2, 5, 2, 160, 128, "swigluoai", True, torch.float16,
      direct(32, 64, 32, 128), {}, "per-channel weights, per-token rows; biases"),
     ("fp8_block", 3, 4, 3, 300, 200, "silu", True, torch.float16, direct(16, 64, 16, 64),

@@ -144,7 +144,7 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
-_DIRECT_FP8 = ("_direct_gemm1_fp8_kernel", "_direct_gemm2_fp8_kernel")
+_DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gemm2_fp8_kernel")
 
 
 def _experts(why, dtype, act, block_m, **flags):
@@ -159,7 +159,9 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
-        kernels = _FP8 + (("_amax_partials_kernel",) if scheme == "tensor" else ())
+        # A per-tensor amax over more than 16 rows takes a partials launch first.
+        partials = scheme == "tensor" and block_m >= 32
+        kernels = _FP8 + (("_amax_partials_kernel",) if partials else ())
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
                 kernels)
 
@@ -198,7 +200,8 @@ CASES = [
     Case("experts", dict(dtype="bf16", act="relu2", block_m=1, weight_on_input=True),
          "direct path: ungated, router weight on GEMM1's input", _DIRECT),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
-    _fp8("dynamic per-tensor: amax partials, MODE tensor; GEMM2 input in 1×128 groups",
+    _fp8("dynamic per-tensor over 4 rows: MODE tensor_rows (no partials); GEMM2 input in "
+         "1×128 groups",
          "tensor", "bf16", "silu", 16),
     _fp8("static per-tensor input scales for both GEMMs (INTER_STATIC), biases",
          "static", "fp16", "gelu", 64, bias=True),
@@ -215,15 +218,15 @@ CASES = [
          "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
          "bf16", "swigluoai", 128, bias=True, odd_i=True),
     # the fp8 direct path: quantisation inside both GEMMs, two launches
-    _fp8("direct fp8, per-tensor: all rows' amax before GEMM1's K loop; GEMM2's 1×128 "
-         "groups from its own K tiles", "tensor", "bf16", "silu", 1),
-    _fp8("direct fp8, block scales: per-K scales on both operands; biases", "block", "fp16",
-         "swigluoai", 1, bias=True),
+    _fp8("direct fp8, per-tensor: the quantiser reads every row's amax (no partials); "
+         "GEMM2's 1×128 input groups' scales picked per step", "tensor", "bf16", "silu", 1),
+    _fp8("direct fp8, block scales: per-K scales on both operands, read before the loop; "
+         "biases", "block", "fp16", "swigluoai", 1, bias=True),
     _fp8("direct fp8, block scales, masked N (I = 200: a scale per column tile)", "block",
          "bf16", "silu", 1, odd_i=True),
     _fp8("direct fp8, block scales, masked K (H = 520)", "block", "bf16", "silu", 1,
          odd_h=True),
-    _fp8("direct fp8, per-channel weights (a scale per column), per-token inputs; ungated",
+    _fp8("direct fp8, per-channel weights ([slots, columns] scales), per-token inputs; ungated",
          "channel", "bf16", "relu2", 1),
     _fp8("direct fp8, static input scales for both GEMMs; biases", "static", "bf16", "gelu", 1,
          bias=True),

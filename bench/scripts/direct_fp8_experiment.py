@@ -27,9 +27,14 @@ from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.roofline import moe_cost
 from moekit.bench.timing import graph_replay_us
-from moekit.experts_direct_fp8 import launch_direct_gemm1_fp8, launch_direct_gemm2_fp8
+from moekit.experts_direct_fp8 import (
+    launch_direct_gemm1_fp8,
+    launch_direct_gemm2_fp8,
+    quantize_inter,
+)
 from moekit.experts_fp8 import (
     _fit_k,
+    _gemm1_input,
     _groups_to_list,
     _k_groups,
     direct_fp8_config,
@@ -41,7 +46,7 @@ from moekit.tuning import GemmConfig
 
 PRESET_NAMES = ["qwen3-30b-a3b", "granite-3.0-3b-a800m", "olmoe-1b-7b", "deepseek-v2-lite",
                 "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"]
-SCHEMES = ["fp8_tensor", "fp8_channel", "fp8_block"]
+SCHEMES = ["fp8_tensor", "fp8_channel", "fp8_block"]  # dynamic: the experiment's launches
 # (block_n, block_k, num_warps, num_stages); K tiles are cut to the scheme's groups.
 GEMM1_TILES = [(32, 256, 4, 4), (32, 128, 4, 6), (16, 256, 4, 5), (64, 128, 4, 4),
                (16, 512, 4, 3)]
@@ -81,17 +86,24 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
             if us < best_us:
                 best, best_us = trial, us
 
-    # Each GEMM of the best configuration alone (GEMM2 on GEMM1's float32 output).
-    groups, static = _groups_to_list(scheme), not scheme.activation.dynamic
+    # Each launch of the best configuration alone: quantise hidden, GEMM1, quantise its
+    # output, GEMM2.
+    groups = _groups_to_list(scheme)
     tiles = best.as_ints()
+    quant1 = lambda: _gemm1_input(hidden, groups[2], groups[3], None)
+    x = quant1()
     gemm1 = lambda: launch_direct_gemm1_fp8(
-        hidden, weights.w13.q, weights.w13.scale, weights.w13.input_scale if static else None,
-        weights.b13, topk.ids, preset.inter, act.kind, act.alpha, act.limit, groups, tiles[1:6])
+        x.x, x.scale, x.stride_sm, weights.w13.q, weights.w13.scale, weights.b13, topk.ids,
+        preset.inter, act.kind, act.alpha, act.limit, groups, tiles[1:6])
     inter = gemm1()
+    quant2 = lambda: quantize_inter(inter, None, groups[4])
+    inter_q, inter_scale = quant2()
     gemm2 = lambda: launch_direct_gemm2_fp8(
-        inter, weights.w2.q, weights.w2.scale, weights.w2.input_scale if static else None,
-        weights.b2, topk.ids, topk.weights, groups, tiles[6:11], out)
-    gemm1_us, gemm2_us = graph_replay_us(gemm1, rep_ms), graph_replay_us(gemm2, rep_ms)
+        inter_q, inter_scale, False, weights.w2.q, weights.w2.scale, weights.b2, topk.ids,
+        topk.weights, groups, tiles[6:11], out)
+    stage_us = {name: round(graph_replay_us(fn, rep_ms), 2) for name, fn in
+                (("quantize1", quant1), ("gemm1", gemm1), ("quantize2", quant2),
+                 ("gemm2", gemm2))}
 
     expected = fused_experts_quantized(hidden, weights.w13, weights.w2, topk.ids, topk.weights,
                                        scheme=scheme, activation=act, b13=weights.b13,
@@ -111,7 +123,7 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
             "heuristic_roofline": round(floor / heuristic_us, 3),
             "best_roofline": round(floor / best_us, 3),
             "heuristic_over_best": round(heuristic_us / best_us, 3),
-            "best_gemm1_us": round(gemm1_us, 2), "best_gemm2_us": round(gemm2_us, 2),
+            "best_stage_us": stage_us,
             "heuristic": str(heuristic), "best": str(best),
             "trials_us": {k: round(v, 2) for k, v in trials.items()},
             "plan_rel_err": err(plan_out), "direct_rel_err": err(heuristic_out)}

@@ -3,7 +3,9 @@
     _amax_partials_kernel   grid (P,): amax of one contiguous chunk of hidden; only for
                             dynamic per-tensor scales (the quantiser reduces the P partials)
     _quantize_rows_kernel   grid (M,): one row of hidden → fp8 and its scales (per tensor,
-                            per token or per 1×g group); a pass over M×H, not M·k×H
+                            per token or per 1×g group); a pass over M×H, not M·k×H. For a
+                            few rows each program reads all of them for a per-tensor amax
+                            ("tensor_rows"), so no partials launch is needed
     _gemm1_fp8_kernel       grid (row tiles × I-tiles): fp8 rows gathered through the
                             dispatch plan × w13[e]ᵀ (fp8), fp32 accumulation, scales, bias,
                             activation; the tile is then quantised again — GEMM2's input —
@@ -100,14 +102,15 @@ def _group_scales(x, GROUP: tl.constexpr, FMAX: tl.constexpr, AMAX_FLOOR: tl.con
 def _quantize_rows_kernel(
     x_ptr,  # [M, K] bf16/fp16/fp32
     q_ptr,  # [M, K] fp8, out
-    scale_ptr,  # "static": [1] read; "tensor": [1] out; "token": [M] out; "group": [M, nG] out
+    scale_ptr,  # static: [1] read; tensor(_rows): [1] out; token: [M] out; group: [M, nG] out
     partials_ptr,  # [num_partials] fp32 ("tensor" only)
     num_partials,
+    num_rows,  # M ("tensor_rows" only)
     K,
     stride_xm,
     stride_qm,
     stride_sm,
-    MODE: tl.constexpr,  # "static", "tensor", "token" or "group"
+    MODE: tl.constexpr,  # "static", "tensor", "tensor_rows", "token" or "group"
     GROUP: tl.constexpr,  # the K group of "group"
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
@@ -123,6 +126,16 @@ def _quantize_rows_kernel(
         scale = tl.load(scale_ptr)
     elif MODE == "tensor":
         scale = _tensor_scale(partials_ptr, num_partials, FMAX, AMAX_FLOOR, BLOCK_P)
+        if row == 0:
+            tl.store(scale_ptr, scale)
+    elif MODE == "tensor_rows":  # a few rows: every program reads them all, no partials
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for r in range(0, num_rows):
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + r * stride_xm + offs, mask=offs < K, other=0.0)
+                acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+        scale = _scale_from_amax(tl.max(acc, axis=0), FMAX, AMAX_FLOOR)
         if row == 0:
             tl.store(scale_ptr, scale)
     elif MODE == "token":

@@ -77,6 +77,9 @@ _COMBINE_BLOCK_H = 1024
 _QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
+# Up to this many tokens a per-tensor amax is read by the quantiser's every program (one
+# launch), not reduced by a partials launch first.
+_TENSOR_ROWS_MAX = 16
 _SPLIT_BLOCK_M = 128  # GEMM1's gated tiles from this height on run as two column halves
 
 
@@ -298,10 +301,12 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
 
 def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
                  static_scale: torch.Tensor | None) -> _Gemm1Input:
-    """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`)."""
+    """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`;
+    first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows)."""
     num_tokens, hidden_size = hidden.shape
     mode = activation_mode(group_m, group_k, static_scale)
-    partials = _amax_partials(hidden) if mode == "tensor" else None
+    few_rows = mode == "tensor" and num_tokens <= _TENSOR_ROWS_MAX
+    partials = _amax_partials(hidden) if mode == "tensor" and not few_rows else None
     num_partials = 0 if partials is None else partials.numel()
     group = group_k if mode == "group" else 1
     xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
@@ -319,9 +324,10 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
         strides = (scale.stride(0), 1)
     _quantize_rows_kernel[(num_tokens,)](
         hidden, xq, scale, scale if partials is None else partials,
-        num_partials, hidden_size, hidden.stride(0), xq.stride(0), strides[0],
-        MODE=mode, GROUP=group, FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR,
-        BLOCK_K=max(_QUANT_BLOCK_K, group), BLOCK_P=_block_p(num_partials),
+        num_partials, num_tokens, hidden_size, hidden.stride(0), xq.stride(0), strides[0],
+        MODE="tensor_rows" if few_rows else mode, GROUP=group, FMAX=448.0,
+        AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=max(_QUANT_BLOCK_K, group),
+        BLOCK_P=_block_p(num_partials),
     )
     return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
@@ -358,20 +364,21 @@ def _launch_fused_experts_fp8(
     num_tokens, hidden_size = hidden.shape
     if num_tokens == 0:
         return
+    w_group_n, w_group_k, a_group_m, a_group_k, inter_group = groups
+    hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
     if config[0] == DIRECT_BLOCK_M:
-        launch_direct_experts_fp8(hidden, w13_q, w13_scale, w2_q, w2_scale, input_scale13,
-                                  input_scale2, topk_ids, topk_weights, b13, b2, activation,
-                                  alpha, limit, groups, config, out)
+        launch_direct_experts_fp8(hidden_in.x, hidden_in.scale, hidden_in.stride_sm, w13_q,
+                                  w13_scale, w2_q, w2_scale, input_scale2, topk_ids,
+                                  topk_weights, b13, b2, activation, alpha, limit, groups,
+                                  config, out)
         return
     num_experts, _, inter = w2_q.shape
     top_k = topk_ids.shape[1]
-    w_group_n, w_group_k, a_group_m, a_group_k, inter_group = groups
     block_m, tail_m = config[0], config[11]
     c1, c2 = config[1:6], config[6:11]
     w_per_k = w_group_k != FULL
     dummy = topk_weights  # stands in for absent biases; never read
 
-    hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
     plan = dispatch_plan(topk_ids, num_experts, tail_m or block_m,
                          tile_m=block_m if tail_m else None, backend="triton")
     num_tiles, _, tail_m = plan.row_tiles()
