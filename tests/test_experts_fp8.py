@@ -105,8 +105,9 @@ INTERPRETER_CASES = [
     ("fp8_tensor", 10, 4, 2, 256, 192, "silu", False, torch.float32, {},
      "dynamic per-tensor over 10 rows: every quantiser program reads them all (no partials); "
      "GEMM2 input in 1×128 groups, I a partial group"),
-    ("fp8_tensor", 40, 4, 2, 320, 128, "silu", False, torch.float32, {},
-     "dynamic per-tensor: two amax partials reduced by the quantiser; H a partial K tile"),
+    ("fp8_tensor", 64, 4, 2, 320, 128, "silu", False, torch.float32, {},
+     "dynamic per-tensor over 20480 values: three amax partials reduced by the quantiser; H "
+     "a partial K tile"),
     ("fp8_channel", 9, 5, 2, 160, 128, "swigluoai", True, torch.float16, {},
      "per-channel weights, per-token inputs; gpt-oss activation + biases; H a partial K tile"),
     ("fp8_block", 12, 4, 3, 300, 200, "silu", True, torch.float16, {},
@@ -159,6 +160,10 @@ DIRECT_CASES = [
      {"static_mult": 0.25}, "static scales 4× too small: both GEMMs' inputs saturate"),
     (SMALL_BLOCKS, 2, 3, 1, 64, 64, "relu2", False, torch.float32, direct(16, 32, 16, 32),
      {}, "32×32 blocks; no gate; k = 1"),
+    ("fp8_block", 1, 3, 2, 2176, 128, "silu", False, torch.float32, direct(32, 128, 32, 128),
+     {}, "H = 2176: the quantiser's row in three programs (1024-value chunks, one partial)"),
+    ("fp8_tensor", 2, 3, 1, 8320, 64, "silu", False, torch.float32, direct(32, 256, 32, 64),
+     {}, "per-tensor over 16640 values: amax partials first"),
     (SMALL_BLOCKS, 2, 5, 2, 96, 72, "gelu", False, torch.float32, direct(16, 32, 64, 32),
      {}, "32×32 blocks: GEMM2's 64-wide column tile spans two N groups (its scales read per "
      "step); GEMM1's up rows start off the groups (I = 72)"),

@@ -48,9 +48,10 @@ PRESET_NAMES = ["qwen3-30b-a3b", "granite-3.0-3b-a800m", "olmoe-1b-7b", "deepsee
                 "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"]
 SCHEMES = ["fp8_tensor", "fp8_channel", "fp8_block"]  # dynamic: the experiment's launches
 # (block_n, block_k, num_warps, num_stages); K tiles are cut to the scheme's groups.
-GEMM1_TILES = [(32, 256, 4, 4), (32, 128, 4, 6), (16, 256, 4, 5), (64, 128, 4, 4),
-               (16, 512, 4, 3)]
-GEMM2_TILES = [(32, 128, 4, 5), (16, 128, 4, 6), (64, 128, 4, 4), (32, 64, 4, 8)]
+GEMM1_TILES = [(32, 256, 4, 4), (32, 128, 4, 8), (64, 128, 4, 6), (16, 256, 4, 6)]
+# GEMM2 streams BLOCK_N × 128 bytes per step: deep pipelines keep enough of them in flight.
+GEMM2_TILES = [(16, 128, 4, 8), (16, 128, 4, 12), (32, 128, 4, 8), (32, 128, 4, 12),
+               (64, 128, 4, 6)]
 
 
 def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:

@@ -87,11 +87,11 @@ def quantize_inter(inter: torch.Tensor, static_scale: torch.Tensor | None,
         scale = torch.empty((rows, cdiv(inter_size, group)), dtype=torch.float32,
                             device=inter.device)
         mode = "group"
-    _quantize_rows_kernel[(rows,)](
-        inter, q, scale, scale, 0, rows, inter_size, inter.stride(0), q.stride(0),
+    block_k = max(_QUANT_BLOCK_K, group)  # also the chunk of a program: rows are split
+    _quantize_rows_kernel[(rows, cdiv(inter_size, block_k))](
+        inter, q, scale, scale, 0, rows, inter_size, block_k, inter.stride(0), q.stride(0),
         scale.stride(0) if mode == "group" else 0,
-        MODE=mode, GROUP=group, FMAX=_FMAX, AMAX_FLOOR=AMAX_FLOOR,
-        BLOCK_K=max(_QUANT_BLOCK_K, group), BLOCK_P=16,
+        MODE=mode, GROUP=group, FMAX=_FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k, BLOCK_P=16,
     )
     return q, scale
 

@@ -77,9 +77,9 @@ _COMBINE_BLOCK_H = 1024
 _QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
-# Up to this many tokens a per-tensor amax is read by the quantiser's every program (one
-# launch), not reduced by a partials launch first.
-_TENSOR_ROWS_MAX = 16
+# Up to this many values of hidden a per-tensor amax is read by the quantiser's every
+# program (one launch, a serial loop over them), not reduced by a partials launch first.
+_TENSOR_ROWS_MAX = 16384
 _SPLIT_BLOCK_M = 128  # GEMM1's gated tiles from this height on run as two column halves
 
 
@@ -305,7 +305,7 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
     first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows)."""
     num_tokens, hidden_size = hidden.shape
     mode = activation_mode(group_m, group_k, static_scale)
-    few_rows = mode == "tensor" and num_tokens <= _TENSOR_ROWS_MAX
+    few_rows = mode == "tensor" and num_tokens * hidden_size <= _TENSOR_ROWS_MAX
     partials = _amax_partials(hidden) if mode == "tensor" and not few_rows else None
     num_partials = 0 if partials is None else partials.numel()
     group = group_k if mode == "group" else 1
@@ -322,12 +322,13 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
         scale = torch.empty((num_tokens, cdiv(hidden_size, group_k)),
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
-    _quantize_rows_kernel[(num_tokens,)](
-        hidden, xq, scale, scale if partials is None else partials,
-        num_partials, num_tokens, hidden_size, hidden.stride(0), xq.stride(0), strides[0],
+    block_k = max(_QUANT_BLOCK_K, group)
+    chunk = block_k if mode in ("static", "group") else cdiv(hidden_size, block_k) * block_k
+    _quantize_rows_kernel[(num_tokens, cdiv(hidden_size, chunk))](
+        hidden, xq, scale, scale if partials is None else partials, num_partials, num_tokens,
+        hidden_size, chunk, hidden.stride(0), xq.stride(0), strides[0],
         MODE="tensor_rows" if few_rows else mode, GROUP=group, FMAX=448.0,
-        AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=max(_QUANT_BLOCK_K, group),
-        BLOCK_P=_block_p(num_partials),
+        AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k, BLOCK_P=_block_p(num_partials),
     )
     return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
