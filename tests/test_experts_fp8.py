@@ -282,14 +282,12 @@ def test_cpu_auto_backend_is_reference():
 
 CONFIGS = [
     # (M, E, k, H, I, scheme, block_m, why)
-    (1, 256, 8, 7168, 2048, "fp8_block", 1, "decode: the direct path"),
-    (4, 128, 8, 2048, 768, "fp8_tensor", 1, "4 tokens on 128 experts: the direct path"),
-    (4, 8, 2, 4096, 14336, "fp8_channel", 16, "4 tokens on 8 experts: the 16-row tile"),
+    (1, 256, 8, 7168, 2048, "fp8_block", 16, "decode: the 16-row tile (the plan path)"),
     (8192, 8, 2, 4096, 14336, "fp8_tensor", 128, "prefill: 128-row tiles with tail tiles"),
     (8192, 8, 2, 4096, 14336, "fp8_block", 128,
      "prefill with block scales: 128 rows too (GEMM1 in column halves)"),
     (64, 64, 6, 2048, 1408, "fp8_channel", 16, "middle"),
-    (2, 8, 2, 4096, 14336, STATIC, 16, "static: GEMM1's column tile need not hold a group"),
+    (1, 8, 2, 4096, 14336, STATIC, 16, "static: GEMM1's column tile need not hold a group"),
     (64, 8, 2, 4096, 14336, QuantScheme.fp8_block((64, 64)), 32, "64-wide groups cap block_k"),
 ]
 
@@ -303,6 +301,18 @@ def test_default_config_fits_the_scheme(M, E, k, H, I, scheme, block_m, why):
     _check_config(config, scheme)  # raises when a tile straddles a scale group
     assert config.block_m == block_m, why
     assert config.tail_block_m == (64 if block_m == 128 else 0), why
+
+
+@pytest.mark.parametrize("M,H", [(1, 2048), (4, 7168)])
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_channel", "fp8_block", STATIC,
+                                    SMALL_BLOCKS])
+def test_direct_config_fits_the_scheme(scheme, M, H):
+    from moekit.experts_fp8 import _check_config
+
+    scheme = QuantScheme.parse(scheme)
+    config = direct_fp8_config(M, H, scheme)
+    _check_config(config, scheme)  # raises when a K tile straddles a scale group
+    assert config.direct
 
 
 @pytest.mark.parametrize("group,block_n,inter,uniform,why", [
@@ -494,19 +504,20 @@ def test_presets_gpu(preset, name):
     E, k, H, act = w13.shape[0], p.top_k, p.hidden, p.activation
     scheme = QuantScheme.parse(name)
     q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
-    # Decode (the direct path; at M = 3 the 16-row tile on mixtral's 8 experts) and a skewed
-    # batch whose busiest experts span several blocks.
-    for M, skew in [(1, 0.0), (3, 0.0), (512, 4.0)]:
+    # Decode (16-row tiles; the direct path at M = 3) and a skewed batch whose busiest
+    # experts span several blocks.
+    for M, skew, config in [(1, 0.0, None), (3, 0.0, direct_fp8_config(3, H, scheme)),
+                            (512, 4.0, None)]:
         hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
         ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
         out = poison_(torch.empty_like(hidden))
         poison_cuda_cache()
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
-                                 activation=act, b13=b13, b2=b2, out=out)
+                                 activation=act, b13=b13, b2=b2, config=config, out=out)
         # All rows: a dynamic per-tensor scale depends on every row of hidden.
         expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                            activation=act, b13=b13, b2=b2)
-        assert_close(out, expected, GPU_TOL, f"{preset} {name} M={M} skew={skew}")
+        assert_close(out, expected, GPU_TOL, f"{preset} {name} M={M} skew={skew} {config}")
 
 
 def test_tuned_table_entry_is_used_where_it_won(monkeypatch):

@@ -195,6 +195,16 @@ def test_tune_starts_from_the_given_heuristic_and_its_tiles(tmp_path):
     assert table["entries"][0]["heuristic_us"] == fake_cost(own)
 
 
+def test_fp8_search_starts_at_the_direct_tiles_for_block_m_1():
+    from moekit.experts_fp8 import direct_fp8_config
+    from moekit.tuning.command import _fp8_tiles_at
+
+    own = ExpertsConfig(16, GemmConfig(128, 128, 8, 4, 4), GemmConfig(64, 128, 8, 4, 4))
+    start_at = _fp8_tiles_at("fp8_block")
+    assert start_at(own, 1) == direct_fp8_config(1, 0, "fp8_block")
+    assert start_at(own, 32) == same_tiles_at(own, 32)
+
+
 def cliff_table():
     entry = lambda m, h, b: {"preset": "qwen3-30b-a3b", "E": 128, "topk": 8, "H": 2048,
                              "I": 768, "M": m, "heuristic_us": h, "best_us": b, "use": h > b,

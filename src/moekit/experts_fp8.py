@@ -70,7 +70,7 @@ from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.config import DIRECT_BLOCK_M
-from moekit.tuning.heuristic import direct_tiles, pick_block_m, use_direct_path
+from moekit.tuning.heuristic import direct_tiles, pick_block_m
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -161,20 +161,25 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
                        scheme: str | QuantScheme) -> ExpertsConfig:
-    """Tiles for `fused_experts_fp8`: the direct path where the 16-bit heuristic takes it
-    (`use_direct_path`), else the plan path's (`plan_fp8_config`)."""
-    if use_direct_path(num_tokens, num_experts, top_k):
-        return direct_fp8_config(num_tokens, hidden, scheme)
+    """Tiles for `fused_experts_fp8`: the plan path's (`plan_fp8_config`) at every token
+    count. The fp8 direct path (`direct_fp8_config`) measured slower than the plan path
+    in 40 of 56 decode cells on an H200 — up to 1.6× on mixtral and deepseek-v3, whose
+    per-token GEMM2 streams w2 at a third of the bandwidth — and at most 1.19× faster
+    (granite with block scales) (bench/NOTES.md, fp8 direct path); `moekit tune --dtype
+    fp8_…` tries it at the 16-row tile's cells and keeps it where it wins."""
     return plan_fp8_config(num_tokens, num_experts, top_k, scheme)
 
 
 def direct_fp8_config(num_tokens: int, hidden: int, scheme: str | QuantScheme) -> ExpertsConfig:
-    """The direct path's tiles: the 16-bit rule's column tiles (`direct_tiles`), K tiles
-    of 256 one-byte values where no scale groups K, else one group."""
+    """Tiles for the fp8 direct path (`ExpertsConfig.block_m` = 1): the 16-bit rule's
+    column tiles (`direct_tiles`); GEMM1's K tiles 256 one-byte values deep where no scale
+    groups K, else one group; GEMM2's pipeline 8 deep, since its steps stream only
+    block_n × 128 bytes each."""
     k1, k2, _ = _k_groups(QuantScheme.parse(scheme))
     tiles = direct_tiles(num_tokens, hidden)
     g1 = dataclasses.replace(tiles.gemm1, block_k=256, num_stages=4)
-    return ExpertsConfig(DIRECT_BLOCK_M, _fit_k(g1, k1), _fit_k(tiles.gemm2, k2))
+    g2 = dataclasses.replace(tiles.gemm2, block_k=128, num_stages=8)
+    return ExpertsConfig(DIRECT_BLOCK_M, _fit_k(g1, k1), _fit_k(g2, k2))
 
 
 def plan_fp8_config(num_tokens: int, num_experts: int, top_k: int,

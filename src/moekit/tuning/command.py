@@ -81,11 +81,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming {path}: {len(table['entries'])} cells done", file=sys.stderr)
     progress = lambda line: print(line, file=sys.stderr, flush=True)
     if args.dtype.startswith("fp8"):
-        from moekit.tuning.tuner import same_tiles_at
-
         tune(table, path, presets, args.tokens, _graph_measure(args.dtype),
              margin=args.margin, heuristic_for=_fp8_heuristic(args.dtype),
-             start_at=same_tiles_at, direct=False, progress=progress)
+             start_at=_fp8_tiles_at(args.dtype), progress=progress)
     else:
         tune(table, path, presets, args.tokens, _graph_measure(args.dtype), margin=args.margin,
              progress=progress)
@@ -102,6 +100,20 @@ def _fp8_heuristic(scheme: str):
 
     return lambda preset, m: default_fp8_config(m, preset.num_experts, preset.top_k,
                                                 preset.hidden, preset.inter, scheme)
+
+
+def _fp8_tiles_at(scheme: str):
+    """Where the fp8 search starts at another row tile: the heuristic's own GEMM tiles, or
+    the direct path's (`direct_fp8_config`) at block_m 1."""
+    from moekit.experts_fp8 import direct_fp8_config
+    from moekit.tuning.config import DIRECT_BLOCK_M
+    from moekit.tuning.tuner import same_tiles_at
+
+    def start_at(heuristic, block_m):
+        if block_m == DIRECT_BLOCK_M:
+            return direct_fp8_config(1, 0, scheme)
+        return same_tiles_at(heuristic, block_m)
+    return start_at
 
 
 def _graph_measure(dtype: str):
