@@ -163,7 +163,7 @@ def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: in
                        scheme: str | QuantScheme) -> ExpertsConfig:
     """Tiles for `fused_experts_fp8`: the plan path's (`plan_fp8_config`) at every token
     count. The fp8 direct path (`direct_fp8_config`) measured slower than the plan path
-    in 40 of 56 decode cells on an H200 — up to 1.6× on mixtral and deepseek-v3, whose
+    in 45 of 56 decode cells on an H200 even at its best tiles — up to 2× on mixtral, whose
     per-token GEMM2 streams w2 at a third of the bandwidth — and at most 1.19× faster
     (granite with block scales) (bench/NOTES.md, fp8 direct path); `moekit tune --dtype
     fp8_…` tries it at the 16-row tile's cells and keeps it where it wins."""
