@@ -25,7 +25,13 @@ of GEMM1's float32 output (GEMM1's 32-column tiles never see a whole group of a 
 import triton
 import triton.language as tl
 
-from moekit._direct_kernels import ROWS, _first_row, _weight_cols
+from moekit._direct_kernels import (
+    ROWS,
+    _first_row,
+    _gate_up_cols,
+    _token_slots,
+    _weight_cols,
+)
 from moekit._experts_fp8_kernels import _col_scales, _scaled_dot
 from moekit._experts_kernels import _bias_and_activate
 
@@ -95,9 +101,7 @@ def _direct_gemm1_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + token * stride_xm
     xs_row = xs_ptr + token * stride_xsm
-    g_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
-              + offs_k[:, None])  # [BLOCK_K, BLOCK_N]
-    u_ptrs = g_ptrs + I * stride_wn
+    g_ptrs, u_ptrs = _gate_up_cols(w13_ptr, expert, offs_n, offs_k, I, stride_we, stride_wn)
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     ws_gate = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     ws_up = ws_base + ((offs_n + I) // W_GROUP_N) * stride_wsn
@@ -247,11 +251,7 @@ def _direct_gemm2_fp8_kernel(
     cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     scale_cols = (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
-    slots = tl.arange(0, SLOTS)
-    slot_ok = slots < TOP_K
-    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1)
-    slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)
-    slot_ids = tl.where(slot_ok, slot_ids, 0)  # a skipped slot reads expert 0's scales
+    slots, slot_ok, slot_ids = _token_slots(topk_ids_ptr, token, num_experts, TOP_K, SLOTS)
     router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
                                   stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,

@@ -53,6 +53,26 @@ def _weight_cols(ptrs, k0, col_ok, offs_k, K, valid, EVEN_K: tl.constexpr,
 
 
 @triton.jit
+def _gate_up_cols(w13_ptr, expert, offs_n, offs_k, I, stride_we, stride_wn):
+    """Pointers of an expert's gate and up weight tiles [BLOCK_K, BLOCK_N] at K = 0 (the up
+    rows start I rows after the gate rows)."""
+    g_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+              + offs_k[:, None])
+    return g_ptrs, g_ptrs + I * stride_wn
+
+
+@triton.jit
+def _token_slots(topk_ids_ptr, token, num_experts, TOP_K: tl.constexpr, SLOTS: tl.constexpr):
+    """A token's k slots: (slot numbers [SLOTS], valid [SLOTS], expert ids [SLOTS]); a slot
+    past k or with an id outside [0, E) is not valid and reads id 0."""
+    slots = tl.arange(0, SLOTS)
+    slot_ok = slots < TOP_K
+    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1)
+    slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)
+    return slots, slot_ok, tl.where(slot_ok, slot_ids, 0)
+
+
+@triton.jit
 def _direct_gemm1_kernel(
     hidden_ptr,  # [M, H]
     w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
@@ -92,9 +112,7 @@ def _direct_gemm1_kernel(
     col_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     x_ptr = hidden_ptr + token * stride_hm
-    g_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
-              + offs_k[:, None])  # [BLOCK_K, BLOCK_N]
-    u_ptrs = g_ptrs + I * stride_wn
+    g_ptrs, u_ptrs = _gate_up_cols(w13_ptr, expert, offs_n, offs_k, I, stride_we, stride_wn)
 
     gate = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
@@ -160,10 +178,7 @@ def _direct_gemm2_kernel(
     cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     # The token's ids and weights, read once: inside the loop a weight tile's address
     # then depends on no load, so the pipeliner can issue tiles of later slots early.
-    slots = tl.arange(0, SLOTS)
-    slot_ok = slots < TOP_K
-    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1)
-    slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)
+    slots, slot_ok, slot_ids = _token_slots(topk_ids_ptr, token, num_experts, TOP_K, SLOTS)
     if WEIGHT_ON_OUTPUT:
         slot_scales = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     else:
