@@ -14,10 +14,12 @@ from `topk_ids`, the combine fused into GEMM2 in slot order (deterministic).
 A K step here is only the tiles' loads and the dot: every scale a step needs — the
 token's 1×g group scales, each slot's expert's weight scales, its router weight — is read
 before the K loop into a short vector (or a [slots, groups] matrix) and picked out per
-step. Quantising inside the loop, or reading a scale there, measured 3–7× slower than the
-plan path on an H200: a step streams only a few KB of weights, and a load no dot consumes
-is not pipelined, so its round trip, or the reductions and the division of quantising,
-stall every step (bench/NOTES.md, fp8 direct path). So both GEMM inputs arrive quantised:
+step. Quantising inside the loop, or reading a scale there, measured 2.5–10× slower than
+the plan path on an H200 (bench/NOTES.md, fp8 direct path): a step streams only a few KB
+of weights, so any fixed cost per step — the reductions across warps and the divisions of
+quantising, the layout round trip of a dot operand made in registers, a scale's round
+trip to memory (in the compiled loop only the dot's tiles are copied asynchronously) —
+sets the pace. So both GEMM inputs arrive quantised:
 hidden by the quantiser the plan path uses, GEMM2's input by the same kernel in 1×g groups
 of GEMM1's float32 output (GEMM1's 32-column tiles never see a whole group of a row).
 """

@@ -12,8 +12,8 @@ The formats are a `QuantScheme`; `moekit.reference.fused_experts_quantized` is t
 oracle, and the two agree on every choice below.
 
 GEMM1's input: hidden is quantised by one small kernel before the GEMM (two when a
-dynamic per-tensor scale first needs the amax of all of hidden) — a pass over M×H,
-not M·k×H, since all k pairs of a token read its one fp8 row. Quantising inside GEMM1's
+dynamic per-tensor scale over more than 16,384 values first needs amax partials) — a pass
+over M×H, not M·k×H, since all k pairs of a token read its one fp8 row. Quantising inside GEMM1's
 loads instead would redo it in every one of the I/BLOCK_N column programs, and a
 per-token or per-tensor scale needs the whole row, or tensor, before the first value.
 Tried for decode (one launch fewer), it measured 0.28–0.99× on an H100 at every token
@@ -32,6 +32,10 @@ Everything that depends only on the weights — fp8 values, their scales, static
 scales — is prepared once in `QuantizedWeight`; a forward pass reads them through
 pointers and strides and allocates only activations, so a captured CUDA graph stays
 valid for as long as the weights live. No fills, no host synchronisation.
+
+A configuration with `block_m` = 1 takes the direct path instead (`moekit.experts_direct_fp8`:
+no plan, the combine fused into GEMM2, four launches); the heuristic does not choose it
+(`default_fp8_config` says why), tuned tables may.
 
 Not here yet: apply_router_weight_on_input and expert maps (the bf16 path has both).
 """
