@@ -154,8 +154,8 @@ DIRECT_CASES = [
     ("fp8_channel", 2, 5, 2, 160, 128, "swigluoai", True, torch.float16,
      direct(32, 64, 32, 128), {}, "per-channel weights, per-token rows; biases"),
     ("fp8_block", 3, 4, 3, 300, 200, "silu", True, torch.float16, direct(16, 64, 16, 64),
-     {"ids_transform": drop_some}, "128×128 blocks, groups read apart from 64-wide K tiles; "
-     "−1 and sentinel ids"),
+     {"ids_transform": drop_some}, "128×128 blocks, 64-wide K tiles picking their group's "
+     "scales; −1 and sentinel ids"),
     (STATIC, 2, 4, 2, 128, 128, "silu", False, torch.float32, direct(32, 64, 32, 64),
      {"static_mult": 0.25}, "static scales 4× too small: both GEMMs' inputs saturate"),
     (SMALL_BLOCKS, 2, 3, 1, 64, 64, "relu2", False, torch.float32, direct(16, 32, 16, 32),
