@@ -239,8 +239,9 @@ def _direct_gemm2_fp8_kernel(
     """One program: one token × BLOCK_N hidden columns, summed over its k slots.
 
     As `_direct_gemm2_kernel`: one flattened slot × K loop, the token's ids read once
-    before it — and here every scale too: the slots' input group scales times their
-    router weights ([SLOTS, A_GROUPS]) and their experts' weight scales. Each step's
+    before it — and here every scale too: the slots' input scales times their router
+    weights ([SLOTS, A_GROUPS], or [SLOTS] for a static scale) and their experts' weight
+    scales. Each step's
     product is multiplied by its scales in fp32 and added; a skipped slot's router
     weight and loads are zero.
     """
@@ -259,7 +260,7 @@ def _direct_gemm2_fp8_kernel(
                                   stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
                                   W_GROUPS)
     if A_STATIC:
-        router = router * tl.load(inter_scale_ptr)
+        slot_as = router * tl.load(inter_scale_ptr)  # [SLOTS]
     else:
         groups = tl.arange(0, A_GROUPS)
         pairs = (token * TOP_K + slots).to(tl.int64)
@@ -282,7 +283,7 @@ def _direct_gemm2_fp8_kernel(
                                      col_ok, stride_wse, stride_wsk, W_PER_K, W_GROUP_K,
                                      W_UNIFORM_N, W_GROUPS)
         if A_STATIC:
-            a_scale = tl.sum(tl.where(this, router, 0.0))
+            a_scale = tl.sum(tl.where(this, slot_as, 0.0))
         else:
             group = tl.arange(0, A_GROUPS)[None, :] == k0 // A_GROUP_K
             a_scale = tl.sum(tl.sum(tl.where(this[:, None] & group, slot_as, 0.0), axis=1),
@@ -290,8 +291,6 @@ def _direct_gemm2_fp8_kernel(
         acc += tl.dot(a, b) * (w_scale * a_scale)
 
     if HAS_BIAS:
-        if A_STATIC:  # router was scaled by the static input scale above
-            router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
         for slot in tl.static_range(TOP_K):
             this = slots == slot
             expert = tl.sum(tl.where(this, slot_ids, 0))

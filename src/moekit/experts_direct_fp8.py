@@ -19,14 +19,10 @@ from __future__ import annotations
 import torch
 
 from moekit._direct_fp8_kernels import _direct_gemm1_fp8_kernel, _direct_gemm2_fp8_kernel
-from moekit._experts_fp8_kernels import _quantize_rows_kernel
+from moekit._fp8_quantize import launch_quantize_rows
 from moekit._fp8_scales import uniform_along_n, weight_scale_layout
 from moekit._intmath import cdiv, next_power_of_2
-from moekit.quant import AMAX_FLOOR
 from moekit.quant.scheme import FULL
-
-_FMAX = 448.0
-_QUANT_BLOCK_K = 1024
 
 
 def launch_direct_experts_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, w2_q, w2_scale,
@@ -87,12 +83,8 @@ def quantize_inter(inter: torch.Tensor, static_scale: torch.Tensor | None,
         scale = torch.empty((rows, cdiv(inter_size, group)), dtype=torch.float32,
                             device=inter.device)
         mode = "group"
-    block_k = max(_QUANT_BLOCK_K, group)  # also the chunk of a program: rows are split
-    _quantize_rows_kernel[(rows, cdiv(inter_size, block_k))](
-        inter, q, scale, scale, 0, rows, inter_size, block_k, inter.stride(0), q.stride(0),
-        scale.stride(0) if mode == "group" else 0,
-        MODE=mode, GROUP=group, FMAX=_FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k, BLOCK_P=16,
-    )
+    launch_quantize_rows(inter, q, scale, scale.stride(0) if mode == "group" else 0, mode,
+                         group)
     return q, scale
 
 

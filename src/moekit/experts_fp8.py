@@ -59,11 +59,11 @@ from moekit._experts_fp8_kernels import (
     _amax_partials_kernel,
     _gemm1_fp8_kernel,
     _gemm2_fp8_kernel,
-    _quantize_rows_kernel,
 )
 from moekit._experts_kernels import _combine_kernel
+from moekit._fp8_quantize import FMAX, launch_quantize_rows
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
-from moekit._intmath import cdiv, next_power_of_2
+from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -78,7 +78,6 @@ from moekit.tuning.heuristic import direct_tiles, pick_block_m
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
-_QUANT_BLOCK_K = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
 # Up to this many values of hidden a per-tensor amax is read by the quantiser's every
@@ -316,7 +315,6 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
     mode = activation_mode(group_m, group_k, static_scale)
     few_rows = mode == "tensor" and num_tokens * hidden_size <= _TENSOR_ROWS_MAX
     partials = _amax_partials(hidden) if mode == "tensor" and not few_rows else None
-    num_partials = 0 if partials is None else partials.numel()
     group = group_k if mode == "group" else 1
     xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
     if mode == "static":
@@ -331,20 +329,9 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
         scale = torch.empty((num_tokens, cdiv(hidden_size, group_k)),
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
-    block_k = max(_QUANT_BLOCK_K, group)
-    chunk = block_k if mode in ("static", "group") else cdiv(hidden_size, block_k) * block_k
-    _quantize_rows_kernel[(num_tokens, cdiv(hidden_size, chunk))](
-        hidden, xq, scale, scale if partials is None else partials, num_partials, num_tokens,
-        hidden_size, chunk, hidden.stride(0), xq.stride(0), strides[0],
-        MODE="tensor_rows" if few_rows else mode, GROUP=group, FMAX=448.0,
-        AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k, BLOCK_P=_block_p(num_partials),
-    )
+    launch_quantize_rows(hidden, xq, scale, strides[0], "tensor_rows" if few_rows else mode,
+                         group, partials)
     return _Gemm1Input(xq, scale, strides[0], strides[1], group)
-
-
-def _block_p(num_partials: int) -> int:
-    """The power-of-two width in which a kernel reads all amax partials at once."""
-    return max(16, next_power_of_2(max(num_partials, 1)))
 
 
 def _launch_fused_experts_fp8(
@@ -423,7 +410,7 @@ def _launch_fused_experts_fp8(
         W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
         W_UNIFORM_N=uniform_along_n(ws1, c1[0], inter),
         INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split,
-        FMAX=448.0, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
+        FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
         num_warps=c1[3], num_stages=c1[4],
     )

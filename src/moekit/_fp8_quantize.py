@@ -1,0 +1,32 @@
+"""The launch of the fp8 row quantiser, shared by the plan and direct fp8 paths."""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._experts_fp8_kernels import _quantize_rows_kernel
+from moekit._intmath import cdiv, next_power_of_2
+from moekit.quant import AMAX_FLOOR
+
+FMAX = 448.0  # e4m3fn's largest finite magnitude
+_QUANT_BLOCK_K = 1024
+
+
+def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stride_sm: int,
+                         mode: str, group: int, partials: torch.Tensor | None = None) -> None:
+    """`_quantize_rows_kernel` over x [M, K] into q, writing (or, "static", reading) `scale`.
+
+    Static and 1×g group rows are spread over programs 1024 values (or one group) at a
+    time; the other modes need the whole row (or tensor) per program. `partials` are
+    `_amax_partials_kernel`'s, for "tensor".
+    """
+    rows, cols = x.shape
+    block_k = max(_QUANT_BLOCK_K, group)
+    chunk = block_k if mode in ("static", "group") else cdiv(cols, block_k) * block_k
+    num_partials = 0 if partials is None else partials.numel()
+    _quantize_rows_kernel[(rows, cdiv(cols, chunk))](
+        x, q, scale, scale if partials is None else partials, num_partials, rows, cols, chunk,
+        x.stride(0), q.stride(0), stride_sm,
+        MODE=mode, GROUP=group, FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k,
+        BLOCK_P=max(16, next_power_of_2(max(num_partials, 1))),
+    )
