@@ -146,7 +146,7 @@ def test_tail_tiles_on_the_tma_path_interpreter(monkeypatch, counts):
     assert_close(out, expected)
 
 
-DIRECT_TILES = ExpertsConfig(1, GemmConfig(16, 32, 1, 1, 1), GemmConfig(16, 16, 1, 1, 1))
+DIRECT_TILES = ExpertsConfig(1, GemmConfig(16, 32, 1, 1, 1), GemmConfig(16, 16, 8, 1, 1))
 
 DIRECT_CASES = [
     # (M, E, k, H, I, activation, bias, dtype, extra, why)
@@ -172,12 +172,70 @@ def test_direct_path_interpreter(M, E, k, H, I, activation, bias, dtype, extra, 
     assert_close(out, expected)
 
 
+def split_tiles(slots_per_program: int) -> ExpertsConfig:
+    """DIRECT_TILES with GEMM2 summing this many of a token's slots per program."""
+    return ExpertsConfig(1, DIRECT_TILES.gemm1, GemmConfig(16, 16, slots_per_program, 1, 1))
+
+
+DIRECT_SPLIT_CASES = [
+    # (M, E, k, H, I, activation, bias, dtype, slots per program, extra, why)
+    (1, 8, 3, 64, 32, "silu", True, torch.float32, 1, {}, "a program per slot; biases"),
+    (5, 4, 3, 96, 48, "swigluoai", True, torch.float16, 2, {},
+     "two slots per program: parts of 2 and 1; fp16"),
+    (6, 4, 2, 72, 40, "gelu", True, torch.float32, 1, {"ids_transform": drop_some},
+     "dropped and sentinel ids; ragged H and I"),
+    (4, 4, 2, 64, 32, "silu", False, torch.float32, 1, {"weight_on_input": True},
+     "router weight on the input"),
+]
+
+
 @pytest.mark.interpreter
-def test_direct_path_unrouted_token_gives_zero_row():
+@pytest.mark.parametrize("M,E,k,H,I,activation,bias,dtype,per,extra,why", DIRECT_SPLIT_CASES)
+def test_direct_path_split_slots_interpreter(M, E, k, H, I, activation, bias, dtype, per, extra,
+                                             why):
+    # GEMM2 over (token, part of its slots) programs: each part's float32 sum to a buffer,
+    # the token's last program to arrive adds them and writes the row.
+    out, expected = run_case(M, E, k, H, I, activation, bias=bias, dtype=dtype,
+                             config=split_tiles(per), **extra)
+    assert_close(out, expected)
+
+
+@pytest.mark.interpreter
+def test_direct_gemm1_zeroes_gemm2_arrivals():
+    # The counters come from torch.empty: GEMM1 must zero them, or GEMM2's last program
+    # never sees its count and the output stays unwritten.
+    from moekit.experts_direct import (
+        gemm2_arrivals,
+        launch_direct_gemm1,
+        launch_direct_gemm2,
+    )
+
+    M, E, k, H, I = 3, 4, 2, 64, 32
+    w13, w2, _, _ = random_experts(E, H, I, gated=True, bias=False, dtype=torch.float32)
+    hidden = torch.randn(M, H, generator=torch.Generator().manual_seed(3))
+    ids, weights = random_routing(M, E, k, seed=3)
+    tiles = split_tiles(1)
+    arrivals = gemm2_arrivals(ids, H, tiles.as_ints()[6:11])
+    assert arrivals.shape == (M, H // 16)
+    arrivals.fill_(7)
+    inter = launch_direct_gemm1(hidden, w13, None, ids, weights, "silu", 1.0, 0.0, False,
+                                tiles.as_ints()[1:6], arrivals)
+    assert torch.equal(arrivals, torch.zeros_like(arrivals))
+    out = poison_(torch.empty_like(hidden))
+    launch_direct_gemm2(inter, w2, None, ids, weights, True, tiles.as_ints()[6:11], out,
+                        arrivals)
+    expected = reference.fused_experts(hidden.double(), w13.double(), w2.double(), ids, weights)
+    assert_close(out, expected)
+    assert torch.equal(arrivals, torch.full_like(arrivals, k))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("per", [8, 1])
+def test_direct_path_unrouted_token_gives_zero_row(per):
     # GEMM2 writes a token's row even when none of its slots has an expert (GEMM1 wrote
     # none of their `inter` rows, which may hold NaN: they must not be read).
     out, expected = run_case(
-        5, 4, 2, 64, 32, "silu", config=DIRECT_TILES,
+        5, 4, 2, 64, 32, "silu", config=split_tiles(per),
         ids_transform=lambda ids: ids.index_fill(0, torch.tensor([1, 4]), -1))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.equal(out[4], torch.zeros_like(out[4]))
@@ -350,21 +408,25 @@ def test_tail_tiles_gpu(preset):
                      f"{preset} M={M} skew={skew}")
 
 
-GPU_DIRECT_TILES = ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 4))
+def gpu_direct_tiles(slots_per_program: int) -> ExpertsConfig:
+    return ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3),
+                         GemmConfig(16, 256, slots_per_program, 4, 4))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("per", [8, 1], ids=["token-per-program", "slot-per-program"])
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_direct_path_gpu(preset):
+def test_direct_path_gpu(preset, per):
     # The direct path forced at decode token counts, bf16, against the reference; then
-    # replayed in a CUDA graph on new inputs, bitwise equal to an eager call.
+    # replayed in a CUDA graph on new inputs, bitwise equal to an eager call. With a
+    # program per slot, GEMM2's programs race to finish a token: the sum must not care.
     p = PRESETS[preset]
     E, k, H, I = p.num_experts, p.top_k, p.hidden, p.inter
     w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
     f32 = lambda t: None if t is None else t.float()
     run = lambda h, i, w, out: moekit.fused_experts(
-        h, w13, w2, i, w, activation=p.activation, b13=b13, b2=b2, config=GPU_DIRECT_TILES,
-        out=out)
+        h, w13, w2, i, w, activation=p.activation, b13=b13, b2=b2,
+        config=gpu_direct_tiles(per), out=out)
     for M in (1, 3, 16):
         hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
         ids, weights = random_routing(M, E, k, device="cuda", seed=M)
@@ -387,6 +449,8 @@ def test_direct_path_gpu(preset):
     weights.copy_(new_weights)
     graph.replay()
     assert torch.equal(out, run(hidden, ids, weights, torch.empty_like(hidden)))
+    for _ in range(10):
+        assert torch.equal(out, run(hidden, ids, weights, poison_(torch.empty_like(hidden))))
 
 
 @pytest.mark.gpu

@@ -14,6 +14,8 @@ DESIGN.md's 1e-2 (bf16 outputs).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -140,9 +142,10 @@ def test_matches_quantised_reference_interpreter(scheme, M, E, k, H, I, act, bia
     assert_close(out, expected, KERNEL_TOL, name=why)
 
 
-def direct(n1, k1, n2, k2):
-    """A direct-path configuration (block_m 1) with these (block_n, block_k) tiles."""
-    return ExpertsConfig(1, GemmConfig(n1, k1, 1, 4, 2), GemmConfig(n2, k2, 1, 4, 2))
+def direct(n1, k1, n2, k2, per=8):
+    """A direct-path configuration (block_m 1) with these (block_n, block_k) tiles, GEMM2
+    summing `per` of a token's slots per program."""
+    return ExpertsConfig(1, GemmConfig(n1, k1, 1, 4, 2), GemmConfig(n2, k2, per, 4, 2))
 
 
 DIRECT_CASES = [
@@ -152,12 +155,14 @@ DIRECT_CASES = [
     ("fp8_tensor", 1, 4, 2, 320, 128, "silu", False, torch.float32, direct(32, 256, 16, 64),
      {}, "K tiles of 256 (H a partial one); GEMM2's 64-wide K tiles pick their group's scale"),
     ("fp8_channel", 2, 5, 2, 160, 128, "swigluoai", True, torch.float16,
-     direct(32, 64, 32, 128), {}, "per-channel weights, per-token rows; biases"),
-    ("fp8_block", 3, 4, 3, 300, 200, "silu", True, torch.float16, direct(16, 64, 16, 64),
+     direct(32, 64, 32, 128, per=1), {},
+     "per-channel weights, per-token rows; biases; GEMM2 a program per slot"),
+    ("fp8_block", 3, 4, 3, 300, 200, "silu", True, torch.float16, direct(16, 64, 16, 64, per=2),
      {"ids_transform": drop_some}, "128×128 blocks, 64-wide K tiles picking their group's "
-     "scales; −1 and sentinel ids"),
-    (STATIC, 2, 4, 2, 128, 128, "silu", False, torch.float32, direct(32, 64, 32, 64),
-     {"static_mult": 0.25}, "static scales 4× too small: both GEMMs' inputs saturate"),
+     "scales; −1 and sentinel ids; GEMM2's slots in parts of 2 and 1"),
+    (STATIC, 2, 4, 2, 128, 128, "silu", False, torch.float32, direct(32, 64, 32, 64, per=1),
+     {"static_mult": 0.25}, "static scales 4× too small: both GEMMs' inputs saturate; "
+     "GEMM2 a program per slot"),
     (SMALL_BLOCKS, 2, 3, 1, 64, 64, "relu2", False, torch.float32, direct(16, 32, 16, 32),
      {}, "32×32 blocks; no gate; k = 1"),
     ("fp8_block", 1, 3, 2, 2176, 128, "silu", False, torch.float32, direct(32, 128, 32, 128),
@@ -429,13 +434,17 @@ def quantize_by_chunks(w, spec, chunk=16):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,path", [(64, "plan"), (3, "direct")])
+@pytest.mark.parametrize("M,path", [(64, "plan"), (3, "direct"), (3, "direct-split")])
 @pytest.mark.parametrize("scheme", [*GPU_SCHEMES, STATIC])
 def test_cuda_graph_replay_with_new_inputs_gpu(scheme, M, path):
+    # direct-split: GEMM2 a program per slot, its arrival counters zeroed by GEMM1 on
+    # every replay.
     E, k, H, I = 16, 4, 512, 256
     scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
         scheme, M, E, k, H, I, dtype=torch.bfloat16, device="cuda")
-    config = direct_fp8_config(M, H, scheme) if path == "direct" else None
+    config = direct_fp8_config(M, H, scheme) if path.startswith("direct") else None
+    if path == "direct-split":
+        config = dataclasses.replace(config, gemm2=dataclasses.replace(config.gemm2, group_m=1))
     call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                             b13=b13, b2=b2, config=config)
     stream = torch.cuda.Stream()

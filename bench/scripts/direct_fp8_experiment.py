@@ -3,7 +3,8 @@
 For each preset, fp8 scheme and small token count: the plan path (`plan_fp8_config`: five
 or six launches), the direct path at its heuristic tiles (`direct_fp8_config`), then a
 coordinate search over direct tiles (GEMM1's with GEMM2 at the heuristic's, then GEMM2's
-with GEMM1 at its best), each a whole layer in CUDA-graph replay; the relative error of
+tiles × how many of a token's slots one GEMM2 program sums, with GEMM1 at its best), each
+a whole layer in CUDA-graph replay; the relative error of
 plan and direct against the quantised reference, and the memory floor (hit experts' fp8
 bytes and scales over the read bandwidth measured here). Each cell is printed and
 appended to direct-fp8-experiment.jsonl under --out as soon as it is measured.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 
@@ -27,6 +29,7 @@ from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.roofline import moe_cost
 from moekit.bench.timing import graph_replay_us
+from moekit.experts_direct import gemm2_arrivals
 from moekit.experts_direct_fp8 import (
     launch_direct_gemm1_fp8,
     launch_direct_gemm2_fp8,
@@ -52,6 +55,7 @@ GEMM1_TILES = [(32, 256, 4, 4), (32, 128, 4, 8), (64, 128, 4, 6), (16, 256, 4, 6
 # GEMM2 streams BLOCK_N × 128 bytes per step: deep pipelines keep enough of them in flight.
 GEMM2_TILES = [(16, 128, 4, 8), (16, 128, 4, 12), (32, 128, 4, 8), (32, 128, 4, 12),
                (64, 128, 4, 6)]
+SLOTS_PER_PROGRAM = [0, 2, 1]  # GEMM2's group_m; 0: all k (one program per token)
 
 
 def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
@@ -77,10 +81,13 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
     heuristic_out = out.clone()
     trials = {}
     best, best_us = heuristic, heuristic_us
-    for gemm, tiles, groups in (("gemm1", GEMM1_TILES, k1), ("gemm2", GEMM2_TILES, k2)):
+    pers = sorted({min(p or preset.top_k, preset.top_k) for p in SLOTS_PER_PROGRAM})
+    for gemm, tiles, groups, group_ms in (("gemm1", GEMM1_TILES, k1, [1]),
+                                          ("gemm2", GEMM2_TILES, k2, pers)):
         start = best
-        for n, k, w, s in tiles:
-            trial = dataclasses.replace(start, **{gemm: _fit_k(GemmConfig(n, k, 1, w, s), groups)})
+        for (n, k, w, s), group_m in itertools.product(tiles, group_ms):
+            trial = dataclasses.replace(
+                start, **{gemm: _fit_k(GemmConfig(n, k, group_m, w, s), groups)})
             if trial == start or str(trial) in trials:
                 continue
             us = trials[str(trial)] = timed(trial)
@@ -88,20 +95,25 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
                 best, best_us = trial, us
 
     # Each launch of the best configuration alone: quantise hidden, GEMM1, quantise its
-    # output, GEMM2.
+    # output, GEMM2 (with a memset of its arrival counters when it splits a token's slots).
     groups = _groups_to_list(scheme)
     tiles = best.as_ints()
     quant1 = lambda: _gemm1_input(hidden, groups[2], groups[3], None)
     x = quant1()
+    arrivals = gemm2_arrivals(topk.ids, preset.hidden, tiles[6:11])
     gemm1 = lambda: launch_direct_gemm1_fp8(
         x.x, x.scale, x.stride_sm, weights.w13.q, weights.w13.scale, weights.b13, topk.ids,
-        preset.inter, act.kind, act.alpha, act.limit, groups, tiles[1:6])
+        preset.inter, act.kind, act.alpha, act.limit, groups, tiles[1:6], arrivals)
     inter = gemm1()
     quant2 = lambda: quantize_inter(inter, None, groups[4])
     inter_q, inter_scale = quant2()
-    gemm2 = lambda: launch_direct_gemm2_fp8(
-        inter_q, inter_scale, False, weights.w2.q, weights.w2.scale, weights.b2, topk.ids,
-        topk.weights, groups, tiles[6:11], out)
+
+    def gemm2():
+        if arrivals is not None:
+            arrivals.zero_()
+        launch_direct_gemm2_fp8(inter_q, inter_scale, False, weights.w2.q, weights.w2.scale,
+                                weights.b2, topk.ids, topk.weights, groups, tiles[6:11], out,
+                                arrivals)
     stage_us = {name: round(graph_replay_us(fn, rep_ms), 2) for name, fn in
                 (("quantize1", quant1), ("gemm1", gemm1), ("quantize2", quant2),
                  ("gemm2", gemm2))}

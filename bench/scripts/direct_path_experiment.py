@@ -2,11 +2,13 @@
 
 For each preset and small token count: the plan path at the heuristic's row tile for
 it (`pick_block_m`), the direct path at the heuristic's direct tiles (`direct_tiles`),
-each direct GEMM alone over a few tiles (CUDA-graph replay, L2 flushed), and the layer
-with the best tile of each GEMM; the layers' relative error against the float32
-reference, and the memory floor (hit experts' bytes over the read bandwidth measured
-here). Each cell is printed and appended to direct-path-experiment.jsonl under --out as
-soon as it is measured.
+and the direct path's layer with GEMM1 at the heuristic's tile and GEMM2 over a few
+tiles × how many of a token's k slots one GEMM2 program sums (k: one program per token;
+fewer: the parts' float32 sums added by the token's last program, `_sum_parts`), all in
+CUDA-graph replay with L2 flushed; the layers' relative error against the float32
+reference, whether the best split layer is bitwise the same on a second run, and the
+memory floor (hit experts' bytes over the read bandwidth measured here). Each cell is
+printed and appended to direct-path-experiment.jsonl under --out as soon as it is measured.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/direct_path_experiment.py --out $OUT
 """
@@ -27,20 +29,15 @@ from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.roofline import moe_cost
 from moekit.bench.timing import graph_replay_us
-from moekit.experts_direct import launch_direct_gemm1, launch_direct_gemm2
-from moekit.tuning import ExpertsConfig, GemmConfig
+from moekit.tuning import GemmConfig
 from moekit.tuning.heuristic import direct_tiles, pick_block_m, tiles_for_block_m
 
 PRESET_NAMES = ["qwen3-30b-a3b", "granite-3.0-3b-a800m", "olmoe-1b-7b", "deepseek-v2-lite",
                 "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"]
-# (block_n, block_k, num_warps, num_stages)
-TILES = [(16, 512, 4, 3), (16, 256, 4, 5), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4),
-         (16, 128, 4, 8), (16, 256, 4, 7)]
-
-
-def _gemm(tile) -> GemmConfig:
-    n, k, w, s = tile
-    return GemmConfig(n, k, 1, w, s)
+# GEMM2's (block_n, block_k, num_warps, num_stages)
+TILES = [(16, 256, 4, 5), (32, 128, 4, 5), (32, 256, 4, 4), (64, 128, 4, 4), (16, 128, 4, 8),
+         (64, 256, 4, 3)]
+SLOTS_PER_PROGRAM = [0, 2, 1]  # 0: all k
 
 
 def time_cell(preset, w, m, rep_ms, read_GBps) -> dict:
@@ -56,22 +53,23 @@ def time_cell(preset, w, m, rep_ms, read_GBps) -> dict:
     plan_cfg = tiles_for_block_m(pick_block_m(m, preset.num_experts, preset.top_k))
     plan_us = graph_replay_us(layer(plan_cfg), rep_ms)
     plan_out = out.clone()
-    heuristic_us = graph_replay_us(layer(direct_tiles(m, preset.hidden)), rep_ms)
+    heuristic = direct_tiles(m, preset.hidden)
+    heuristic_us = graph_replay_us(layer(heuristic), rep_ms)
     heuristic_out = out.clone()
 
-    g1 = lambda t: launch_direct_gemm1(hidden, w.w13, w.b13, topk.ids, topk.weights, act.kind,
-                                       act.alpha, act.limit, False, dataclasses.astuple(_gemm(t)))
-    inter = g1(TILES[0])
-    gemm1_us = {str(t): graph_replay_us(lambda t=t: g1(t), rep_ms) for t in TILES}
-    gemm2_us = {str(t): graph_replay_us(
-        lambda t=t: launch_direct_gemm2(inter, w.w2, w.b2, topk.ids, topk.weights, True,
-                                        dataclasses.astuple(_gemm(t)), out), rep_ms)
-        for t in TILES}
-    best1 = min(TILES, key=lambda t: gemm1_us[str(t)])
-    best2 = min(TILES, key=lambda t: gemm2_us[str(t)])
-    direct_cfg = ExpertsConfig(1, _gemm(best1), _gemm(best2))
-    direct_us = graph_replay_us(layer(direct_cfg), rep_ms)
-    direct_out = out.clone()
+    trials = {}
+    for n, k, warps, stages in TILES:
+        for per in SLOTS_PER_PROGRAM:
+            gemm2 = GemmConfig(n, k, min(per or preset.top_k, preset.top_k), warps, stages)
+            config = dataclasses.replace(heuristic, gemm2=gemm2)
+            if config in trials:
+                continue
+            trials[config] = graph_replay_us(layer(config), rep_ms)
+    best = min(trials, key=trials.get)
+    layer(best)()
+    best_out = out.clone()
+    layer(best)()
+    deterministic = bool(torch.equal(out, best_out))
 
     f32 = lambda t: None if t is None else t.float()
     ref = reference.fused_experts(hidden.float(), w.w13.float(), w.w2.float(), topk.ids,
@@ -81,20 +79,22 @@ def time_cell(preset, w, m, rep_ms, read_GBps) -> dict:
     cost = moe_cost(m, preset.top_k, preset.hidden, preset.inter, preset.gemm1_rows, hit, 2, 2,
                     bias=preset.bias)
     floor = cost.memory_us(read_GBps)
+    best_whole = min((c for c in trials if c.gemm2.group_m >= preset.top_k), key=trials.get)
+    gemm2 = lambda c: list(dataclasses.astuple(c.gemm2))
     return {"device": torch.cuda.get_device_name(), "preset": preset.name, "M": m,
             "git_commit": os.environ.get("MOEKIT_GIT_COMMIT"), "experts_hit": hit,
             "floor_us": round(floor, 2), "plan_us": round(plan_us, 2),
-            "direct_us": round(direct_us, 2), "speedup": round(plan_us / direct_us, 3),
-            "direct_heuristic_us": round(heuristic_us, 2),
-            "heuristic_speedup": round(plan_us / heuristic_us, 3),
+            "heuristic_us": round(heuristic_us, 2), "best_us": round(trials[best], 2),
+            "best_whole_token_us": round(trials[best_whole], 2),
+            "best_gemm2": gemm2(best), "best_whole_token_gemm2": gemm2(best_whole),
+            "split_gain": round(trials[best_whole] / trials[best], 3),
             "plan_roofline": round(floor / plan_us, 3),
-            "direct_roofline": round(floor / direct_us, 3),
             "heuristic_roofline": round(floor / heuristic_us, 3),
-            "best_gemm1": best1, "best_gemm2": best2,
-            "gemm1_us": {k: round(v, 2) for k, v in gemm1_us.items()},
-            "gemm2_us": {k: round(v, 2) for k, v in gemm2_us.items()},
-            "plan_rel_err": err(plan_out), "direct_rel_err": err(direct_out),
-            "heuristic_rel_err": err(heuristic_out)}
+            "best_roofline": round(floor / trials[best], 3),
+            "best_deterministic": deterministic,
+            "gemm2_trials_us": {str(gemm2(c)): round(v, 2) for c, v in trials.items()},
+            "plan_rel_err": err(plan_out), "heuristic_rel_err": err(heuristic_out),
+            "best_rel_err": err(best_out)}
 
 
 def main() -> None:
@@ -113,7 +113,8 @@ def main() -> None:
         for m in args.tokens:
             row = time_cell(preset, weights, m, args.rep_ms, max(read_GBps, copy_GBps))
             row["read_GBps"] = round(max(read_GBps, copy_GBps))
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "gemm2_trials_us"}),
+                  flush=True)
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         del weights

@@ -29,9 +29,11 @@ import triton.language as tl
 
 from moekit._direct_kernels import (
     ROWS,
+    _clear_arrivals,
     _first_row,
     _gate_up_cols,
-    _token_slots,
+    _part_slots,
+    _sum_parts,
     _weight_cols,
 )
 from moekit._experts_fp8_kernels import _col_scales, _scaled_dot
@@ -60,10 +62,12 @@ def _direct_gemm1_fp8_kernel(
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
     topk_ids_ptr,  # [M*k] int32
     inter_ptr,  # [M*k, I] fp32, out
+    arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
     num_experts,
     H,
     I,
     top_k,
+    tiles_per_token,
     stride_xm,
     stride_xsm,
     stride_we,
@@ -88,12 +92,17 @@ def _direct_gemm1_fp8_kernel(
     W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
     W_GROUPS: tl.constexpr,  # ≥ H's weight K groups (W_PER_K), a power of two
+    CLEAR_ARRIVALS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: one pair × BLOCK_N intermediate columns."""
+    """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
+    `_direct_gemm1_kernel`)."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if CLEAR_ARRIVALS:
+        if (pid_n == 0) & (pair % top_k == 0):
+            _clear_arrivals(arrivals_ptr, pair // top_k, tiles_per_token)
     expert = tl.load(topk_ids_ptr + pair)
     if (expert < 0) | (expert >= num_experts):
         return
@@ -208,6 +217,8 @@ def _direct_gemm2_fp8_kernel(
     topk_ids_ptr,  # [M*k] int32
     topk_weights_ptr,  # [M*k] fp32
     out_ptr,  # [M, H], out
+    partials_ptr,  # [M*PARTS, H] fp32 (PARTS > 1)
+    arrivals_ptr,  # [M, H-tiles] int32, zeroed by GEMM1 (PARTS > 1)
     num_experts,
     H,
     I,
@@ -233,10 +244,13 @@ def _direct_gemm2_fp8_kernel(
     W_GROUPS: tl.constexpr,  # ≥ I's weight K groups (W_PER_K), a power of two
     TOP_K: tl.constexpr,
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
+    PER_PART: tl.constexpr,  # slots one program sums
+    PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: one token × BLOCK_N hidden columns, summed over its k slots.
+    """One program: one token × BLOCK_N hidden columns, summed over PER_PART of its slots
+    (`_sum_parts` adds the PARTS programs' sums).
 
     As `_direct_gemm2_kernel`: one flattened slot × K loop, the token's ids read once
     before it — and here every scale too: the slots' input scales times their router
@@ -245,7 +259,8 @@ def _direct_gemm2_fp8_kernel(
     product is multiplied by its scales in fp32 and added; a skipped slot's router
     weight and loads are zero.
     """
-    token = tl.program_id(0)
+    token = tl.program_id(0) // PARTS
+    part = tl.program_id(0) - token * PARTS
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < H
@@ -254,7 +269,8 @@ def _direct_gemm2_fp8_kernel(
     cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     scale_cols = (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
-    slots, slot_ok, slot_ids = _token_slots(topk_ids_ptr, token, num_experts, TOP_K, SLOTS)
+    slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
+                                                  TOP_K, SLOTS, PER_PART)
     router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
                                   stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
@@ -269,9 +285,9 @@ def _direct_gemm2_fp8_kernel(
         slot_as = slot_as * router[:, None]  # [SLOTS, A_GROUPS]
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for step in range(0, TOP_K * k_steps):
-        slot = step // k_steps
-        k0 = (step - slot * k_steps) * BLOCK_K
+    for step in range(0, PER_PART * k_steps):
+        slot = first + step // k_steps
+        k0 = (step - (slot - first) * k_steps) * BLOCK_K
         this = slots == slot
         expert = tl.sum(tl.where(this, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
@@ -291,12 +307,11 @@ def _direct_gemm2_fp8_kernel(
         acc += tl.dot(a, b) * (w_scale * a_scale)
 
     if HAS_BIAS:
-        for slot in tl.static_range(TOP_K):
-            this = slots == slot
+        for j in tl.static_range(PER_PART):
+            this = slots == first + j
             expert = tl.sum(tl.where(this, slot_ids, 0))
             b_ptrs = b2_ptr + expert.to(tl.int64) * stride_be + offs_n
             bias = tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)
             acc += (bias * tl.sum(tl.where(this, router, 0.0)))[None, :]
-    rows = tl.arange(0, ROWS)[:, None]
-    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + rows * 0 + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows == 0) & col_ok[None, :])
+    _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
+               H, stride_om, PARTS)

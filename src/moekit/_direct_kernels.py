@@ -73,6 +73,55 @@ def _token_slots(topk_ids_ptr, token, num_experts, TOP_K: tl.constexpr, SLOTS: t
 
 
 @triton.jit
+def _clear_arrivals(arrivals_ptr, token, tiles_per_token):
+    """Zero a token's arrival counters (`_sum_parts`) for the GEMM2 that follows."""
+    row = arrivals_ptr + token * tiles_per_token
+    for t0 in range(0, tiles_per_token, 128):
+        offs = t0 + tl.arange(0, 128)
+        tl.store(row + offs, tl.zeros([128], dtype=tl.int32), mask=offs < tiles_per_token)
+
+
+@triton.jit
+def _part_slots(topk_ids_ptr, token, part, num_experts, TOP_K: tl.constexpr,
+                SLOTS: tl.constexpr, PER_PART: tl.constexpr):
+    """`_token_slots` with only part `part`'s PER_PART slots valid; also its first slot."""
+    slots, slot_ok, slot_ids = _token_slots(topk_ids_ptr, token, num_experts, TOP_K, SLOTS)
+    first = part * PER_PART
+    slot_ok = slot_ok & (slots >= first) & (slots < first + PER_PART)
+    return slots, slot_ok, tl.where(slot_ok, slot_ids, 0), first
+
+
+@triton.jit
+def _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
+               H, stride_om, PARTS: tl.constexpr):
+    """Store row 0 of `acc` — the token's sum over one part of its slots — as its output.
+
+    With one part that is the whole sum. Otherwise the part goes to `partials`
+    [M*PARTS, H] (float32) and the token's arrival counter for this column tile is
+    bumped; the program that arrives last adds the PARTS rows in part order, so the sum
+    is the same whatever the order the programs ran in (bitwise deterministic).
+    """
+    rows = tl.arange(0, ROWS)[:, None]
+    first_row = (rows == 0) & col_ok[None, :]
+    out_row = out_ptr + token.to(tl.int64) * stride_om
+    if PARTS == 1:
+        tl.store(out_row + rows * 0 + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=first_row)
+    else:
+        parts_row = partials_ptr + (token * PARTS).to(tl.int64) * H + offs_n
+        tl.store(parts_row[None, :] + part * H + rows * 0, acc, mask=first_row)
+        # Every thread's stores are issued before the (acquire-release, GPU-scope) arrival.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + token * tl.num_programs(1) + pid_n, 1)
+        if arrived == PARTS - 1:
+            total = tl.load(parts_row, mask=col_ok, other=0.0, cache_modifier=".cg")
+            for p in tl.static_range(1, PARTS):
+                total += tl.load(parts_row + p * H, mask=col_ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_row + offs_n, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _direct_gemm1_kernel(
     hidden_ptr,  # [M, H]
     w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
@@ -80,10 +129,12 @@ def _direct_gemm1_kernel(
     topk_ids_ptr,  # [M*k] int32
     topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_INPUT)
     inter_ptr,  # [M*k, I], out
+    arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
     num_experts,
     H,
     I,
     top_k,
+    tiles_per_token,
     stride_hm,
     stride_we,
     stride_wn,
@@ -98,12 +149,18 @@ def _direct_gemm1_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CLEAR_ARRIVALS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: one pair × BLOCK_N intermediate columns."""
+    """One program: one pair × BLOCK_N intermediate columns. With CLEAR_ARRIVALS a
+    token's first program also zeroes GEMM2's arrival counters of that token (a launch
+    fewer than a separate memset)."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if CLEAR_ARRIVALS:
+        if (pid_n == 0) & (pair % top_k == 0):
+            _clear_arrivals(arrivals_ptr, pair // top_k, tiles_per_token)
     expert = tl.load(topk_ids_ptr + pair)
     if (expert < 0) | (expert >= num_experts):
         return
@@ -145,6 +202,8 @@ def _direct_gemm2_kernel(
     topk_ids_ptr,  # [M*k] int32
     topk_weights_ptr,  # [M*k] fp32
     out_ptr,  # [M, H], out
+    partials_ptr,  # [M*PARTS, H] fp32 (PARTS > 1)
+    arrivals_ptr,  # [M, H-tiles] int32, zeroed by GEMM1 (PARTS > 1)
     num_experts,
     H,
     I,
@@ -160,34 +219,39 @@ def _direct_gemm2_kernel(
     DOT_PRECISION: tl.constexpr,
     TOP_K: tl.constexpr,
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
+    PER_PART: tl.constexpr,  # slots one program sums
+    PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: one token × BLOCK_N hidden columns, summed over its k slots.
+    """One program: one token × BLOCK_N hidden columns, summed over PER_PART of its slots
+    (`_sum_parts` adds the PARTS programs' sums).
 
     The slot and K loops are one loop (slot = step // K-steps), so the next slot's weight
     tiles are in flight while this slot finishes. Each step's product is scaled by its
     slot's router weight in fp32 and added; a skipped slot's weight and loads are zero.
     """
-    token = tl.program_id(0)
+    token = tl.program_id(0) // PARTS
+    part = tl.program_id(0) - token * PARTS
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     k_steps = tl.cdiv(I, BLOCK_K)
     cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-    # The token's ids and weights, read once: inside the loop a weight tile's address
+    # The part's ids and weights, read once: inside the loop a weight tile's address
     # then depends on no load, so the pipeliner can issue tiles of later slots early.
-    slots, slot_ok, slot_ids = _token_slots(topk_ids_ptr, token, num_experts, TOP_K, SLOTS)
+    slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
+                                                  TOP_K, SLOTS, PER_PART)
     if WEIGHT_ON_OUTPUT:
         slot_scales = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     else:
         slot_scales = tl.where(slot_ok, 1.0, 0.0)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for step in range(0, TOP_K * k_steps):
-        slot = step // k_steps
-        k0 = (step - slot * k_steps) * BLOCK_K
+    for step in range(0, PER_PART * k_steps):
+        slot = first + step // k_steps
+        k0 = (step - (slot - first) * k_steps) * BLOCK_K
         this = slots == slot
         expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
@@ -196,20 +260,16 @@ def _direct_gemm2_kernel(
                        EVEN_K)
         b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + k0 + cols
         b = _weight_cols(b_ptrs, k0, col_ok, offs_k, I, valid, EVEN_K, EVEN_N, True)
-        part = tl.dot(a, b, input_precision=DOT_PRECISION)
-        acc += part * tl.sum(tl.where(this, slot_scales, 0.0))
+        part_dot = tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc += part_dot * tl.sum(tl.where(this, slot_scales, 0.0))
 
     if HAS_BIAS:
-        for slot in tl.static_range(TOP_K):
-            pair = token * TOP_K + slot
-            expert = tl.load(topk_ids_ptr + pair)
-            valid = (expert >= 0) & (expert < num_experts)
-            scale = 1.0
-            if WEIGHT_ON_OUTPUT:
-                scale = tl.load(topk_weights_ptr + pair)
-            b_ptrs = b2_ptr + tl.where(valid, expert, 0).to(tl.int64) * stride_be + offs_n
+        for j in tl.static_range(PER_PART):
+            this = slots == first + j
+            expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
+            valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
+            b_ptrs = b2_ptr + expert.to(tl.int64) * stride_be + offs_n
             bias = tl.load(b_ptrs, mask=col_ok & valid, other=0.0).to(tl.float32)
-            acc += (bias * scale)[None, :]
-    rows = tl.arange(0, ROWS)[:, None]
-    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + rows * 0 + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows == 0) & col_ok[None, :])
+            acc += (bias * tl.sum(tl.where(this, slot_scales, 0.0)))[None, :]
+    _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
+               H, stride_om, PARTS)

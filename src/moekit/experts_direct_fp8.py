@@ -22,6 +22,7 @@ from moekit._direct_fp8_kernels import _direct_gemm1_fp8_kernel, _direct_gemm2_f
 from moekit._fp8_quantize import launch_quantize_rows
 from moekit._fp8_scales import uniform_along_n, weight_scale_layout
 from moekit._intmath import cdiv, next_power_of_2
+from moekit.experts_direct import gemm2_arrivals, gemm2_parts
 from moekit.quant.scheme import FULL
 
 
@@ -32,18 +33,20 @@ def launch_direct_experts_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, w2_q, 
     `experts_fp8._gemm1_input` quantised it; `groups` is `experts_fp8._groups_to_list`'s
     form of the scheme, `config` `ExpertsConfig.as_ints`'s; `input_scale2` is GEMM2's
     static input scale, or None when it is quantised dynamically."""
+    arrivals = gemm2_arrivals(topk_ids, w2_q.shape[1], config[6:11])
     inter = launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids,
                                     w2_q.shape[2], activation, alpha, limit, groups,
-                                    config[1:6])
+                                    config[1:6], arrivals)
     inter_q, inter_scale = quantize_inter(inter, input_scale2, groups[4])
     launch_direct_gemm2_fp8(inter_q, inter_scale, input_scale2 is not None, w2_q, w2_scale, b2,
-                            topk_ids, topk_weights, groups, config[6:11], out)
+                            topk_ids, topk_weights, groups, config[6:11], out, arrivals)
 
 
 def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids,
-                            inter_size, activation, alpha, limit, groups,
-                            tiles) -> torch.Tensor:
-    """GEMM1 + activation of every pair; returns `inter` [M*k, I] float32 in pair order.
+                            inter_size, activation, alpha, limit, groups, tiles,
+                            arrivals=None) -> torch.Tensor:
+    """GEMM1 + activation of every pair; returns `inter` [M*k, I] float32 in pair order,
+    and zeroes `arrivals` (`experts_direct.gemm2_arrivals`) when given.
 
     `tiles` is (block_n, block_k, group_m, num_warps, num_stages); group_m is unused.
     """
@@ -57,7 +60,8 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
                         device=x_q.device)
     _direct_gemm1_fp8_kernel[(num_tokens * top_k, cdiv(inter_size, block_n))](
         x_q, x_scale, w13_q, w13_scale, w13_scale if b13 is None else b13, topk_ids, inter,
-        w13_q.shape[0], hidden_size, inter_size, top_k, x_q.stride(0), stride_xsm,
+        topk_ids if arrivals is None else arrivals, w13_q.shape[0], hidden_size, inter_size,
+        top_k, 0 if arrivals is None else arrivals.shape[1], x_q.stride(0), stride_xsm,
         w13_q.stride(0), w13_q.stride(1), *ws[:3], 0 if b13 is None else b13.stride(0),
         inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
@@ -65,7 +69,7 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         X_PER_K=x_per_k, X_GROUP_K=a_group_k if x_per_k else 1,
         X_GROUPS=_groups(hidden_size, a_group_k), W_PER_K=w_group_k != FULL,
         W_GROUP_N=ws[3], W_GROUP_K=ws[4], W_UNIFORM_N=uniform_along_n(ws, block_n, inter_size),
-        W_GROUPS=_groups(hidden_size, w_group_k),
+        W_GROUPS=_groups(hidden_size, w_group_k), CLEAR_ARRIVALS=arrivals is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return inter
@@ -89,17 +93,20 @@ def quantize_inter(inter: torch.Tensor, static_scale: torch.Tensor | None,
 
 
 def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, topk_ids,
-                            topk_weights, groups, tiles, out) -> None:
+                            topk_weights, groups, tiles, out, arrivals=None) -> None:
     """GEMM2 (+bias, × router weight) of every token's k slots, summed into `out` [M, H];
-    `inter_q`, `inter_scale` are `quantize_inter`'s (`static`: one scale)."""
+    `inter_q`, `inter_scale` are `quantize_inter`'s (`static`: one scale); `tiles` and
+    `arrivals` as `experts_direct.launch_direct_gemm2`'s."""
     num_experts, hidden_size, inter_size = w2_q.shape
     num_tokens, top_k = topk_ids.shape
     w_group_n, w_group_k, _, _, inter_group = groups
-    block_n, block_k, _, warps, stages = tiles
+    block_n, block_k, slots_per_program, warps, stages = tiles
+    per_part, parts, partials = gemm2_parts(top_k, slots_per_program, out)
     ws = weight_scale_layout(w2_scale, w_group_n, w_group_k)
-    _direct_gemm2_fp8_kernel[(num_tokens, cdiv(hidden_size, block_n))](
+    _direct_gemm2_fp8_kernel[(num_tokens * parts, cdiv(hidden_size, block_n))](
         inter_q, inter_scale, w2_q, w2_scale, w2_scale if b2 is None else b2, topk_ids,
-        topk_weights, out, num_experts, hidden_size, inter_size, inter_q.stride(0),
+        topk_weights, out, partials, topk_ids if arrivals is None else arrivals, num_experts,
+        hidden_size, inter_size, inter_q.stride(0),
         0 if static else inter_scale.stride(0), w2_q.stride(0), w2_q.stride(1), *ws[:3],
         0 if b2 is None else b2.stride(0), out.stride(0),
         HAS_BIAS=b2 is not None, EVEN_K=inter_size % block_k == 0,
@@ -108,7 +115,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
         A_GROUPS=1 if static else _groups(inter_size, inter_group),
         W_PER_K=w_group_k != FULL, W_GROUP_N=ws[3], W_GROUP_K=ws[4],
         W_UNIFORM_N=uniform_along_n(ws, block_n, 0), W_GROUPS=_groups(inter_size, w_group_k),
-        TOP_K=top_k, SLOTS=next_power_of_2(top_k),
+        TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, PARTS=parts,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
 

@@ -75,8 +75,8 @@ def direct_tiles(num_tokens: int, hidden: int) -> ExpertsConfig:
     cell measured); GEMM2 16 or 32 columns wide by how many programs M × H/32 makes."""
     gemm1 = GemmConfig(32, 128, 1, 4, 5)
     if num_tokens * hidden // 32 >= _DIRECT_WIDE_PROGRAMS:
-        return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(32, 128, 1, 4, 5))
-    return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(16, 256, 1, 4, 5))
+        return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(32, 128, 8, 4, 5))
+    return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(16, 256, 8, 4, 5))
 
 
 def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
