@@ -31,7 +31,7 @@ from helpers import (
 )
 from moekit.activation import Activation
 from moekit.bench.presets import PRESETS
-from moekit.experts_fp8 import default_fp8_config, direct_fp8_config
+from moekit.experts_fp8 import default_fp8_config, direct_fp8_config, plan_fp8_config
 from moekit.quant import QuantScheme, QuantSpec, quantize_weight
 from moekit.reference import apply_activation, fused_experts_quantized
 from moekit.tuning import ExpertsConfig, GemmConfig
@@ -287,7 +287,9 @@ def test_cpu_auto_backend_is_reference():
 
 CONFIGS = [
     # (M, E, k, H, I, scheme, block_m, why)
-    (1, 256, 8, 7168, 2048, "fp8_block", 16, "decode: the 16-row tile (the plan path)"),
+    (1, 256, 8, 7168, 2048, "fp8_block", 1, "decode on many experts: the direct path"),
+    (8, 256, 8, 7168, 2048, "fp8_block", 16, "8 tokens: the plan path's 16-row tile"),
+    (1, 8, 2, 4096, 14336, "fp8_tensor", 16, "one token on 8 large experts: the plan path"),
     (8192, 8, 2, 4096, 14336, "fp8_tensor", 128, "prefill: 128-row tiles with tail tiles"),
     (8192, 8, 2, 4096, 14336, "fp8_block", 128,
      "prefill with block scales: 128 rows too (GEMM1 in column halves)"),
@@ -315,7 +317,7 @@ def test_direct_config_fits_the_scheme(scheme, M, H):
     from moekit.experts_fp8 import _check_config
 
     scheme = QuantScheme.parse(scheme)
-    config = direct_fp8_config(M, H, scheme)
+    config = direct_fp8_config(M, 8, H, scheme)
     _check_config(config, scheme)  # raises when a K tile straddles a scale group
     assert config.direct
 
@@ -442,7 +444,7 @@ def test_cuda_graph_replay_with_new_inputs_gpu(scheme, M, path):
     E, k, H, I = 16, 4, 512, 256
     scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
         scheme, M, E, k, H, I, dtype=torch.bfloat16, device="cuda")
-    config = direct_fp8_config(M, H, scheme) if path.startswith("direct") else None
+    config = direct_fp8_config(M, k, H, scheme) if path.startswith("direct") else None
     if path == "direct-split":
         config = dataclasses.replace(config, gemm2=dataclasses.replace(config.gemm2, group_m=1))
     call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
@@ -513,10 +515,10 @@ def test_presets_gpu(preset, name):
     E, k, H, act = w13.shape[0], p.top_k, p.hidden, p.activation
     scheme = QuantScheme.parse(name)
     q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
-    # Decode (16-row tiles; the direct path at M = 3) and a skewed batch whose busiest
-    # experts span several blocks.
-    for M, skew, config in [(1, 0.0, None), (3, 0.0, direct_fp8_config(3, H, scheme)),
-                            (512, 4.0, None)]:
+    # Decode (the heuristic's path at M = 1, the direct path at M = 3, 16-row tiles at
+    # M = 4) and a skewed batch whose busiest experts span several blocks.
+    for M, skew, config in [(1, 0.0, None), (3, 0.0, direct_fp8_config(3, k, H, scheme)),
+                            (4, 0.0, plan_fp8_config(4, E, k, scheme)), (512, 4.0, None)]:
         hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
         ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
         out = poison_(torch.empty_like(hidden))

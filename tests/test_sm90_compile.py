@@ -469,7 +469,7 @@ def _run_fp8(p):
     bias = p.get("bias")
     config = moekit.experts_fp8.default_fp8_config(M, _E, _TOP_K, H, I, scheme)
     if p["block_m"] == 1:  # the direct path's tiles (the heuristic takes it from 32 experts)
-        config = moekit.experts_fp8.direct_fp8_config(M, H, scheme)
+        config = moekit.experts_fp8.direct_fp8_config(M, _TOP_K, H, scheme)
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),

@@ -7,12 +7,13 @@ import pytest
 from moekit.bench.presets import PRESETS
 from moekit.tuning import ExpertsConfig, GemmConfig, default_config
 from moekit.tuning.heuristic import (
+    direct_slots_per_program,
     direct_tiles,
     pick_block_m,
     tiles_for_block_m,
     use_direct_path,
 )
-from moekit.tuning.space import BLOCK_MS, candidates, neighbour_block_ms
+from moekit.tuning.space import BLOCK_MS, candidates, gemm2_candidates, neighbour_block_ms
 from moekit.tuning.tables import config_from_dict, config_to_dict, load_table, lookup
 from moekit.tuning.tuner import cliffs, new_table, report, same_tiles_at, search, tune
 
@@ -39,9 +40,10 @@ DIRECT_CASES = [
     (1, 128, 8, True, "one token: no pair shares an expert"),
     (1, 8, 2, True, "one token on few, large experts (mixtral) still"),
     (4, 128, 8, True, "4 tokens on 128 experts"),
-    (5, 128, 8, False, "5 tokens: the plan path"),
+    (5, 64, 8, False, "5 tokens on 64 experts: the plan path"),
+    (8, 128, 4, True, "8 tokens on 128 experts (gpt-oss)"),
+    (9, 128, 8, False, "9 tokens: the plan path"),
     (2, 8, 2, False, "few experts: pairs share ones too large for L2"),
-    (8, 128, 4, False, "8 tokens (gpt-oss: 32 pairs, measured slower)"),
 ]
 
 
@@ -53,11 +55,19 @@ def test_direct_path_for_a_handful_of_tokens(M, E, k, direct, why):
     assert not default_config(M, E, k, 2048, 768, dtype_bytes=4).direct
 
 
-def test_direct_gemm2_tiles_by_program_count():
-    # M × H/32 programs at 32-wide tiles: below 192, 16-wide tiles (twice the programs).
-    assert direct_tiles(1, 2048).gemm2.block_n == 16
-    assert direct_tiles(4, 2048).gemm2.block_n == 32
-    assert direct_tiles(1, 7168).gemm2.block_n == 32
+@pytest.mark.parametrize("M,k,H,dtype_bytes,per,why", [
+    (1, 8, 2048, 2, 1, "32 column tiles: a program per slot (256 programs)"),
+    (2, 8, 2048, 2, 2, "64 column tiles: four parts of two slots"),
+    (8, 8, 2048, 2, 8, "256 column tiles: a program per token"),
+    (4, 6, 2048, 2, 3, "128 column tiles: two parts of three slots"),
+    (4, 8, 2048, 1, 2, "fp8: twice the programs, four parts"),
+    (2, 2, 4096, 2, 1, "k = 2: at most two parts"),
+    (1, 8, 0, 2, 1, "no H (the tuner's start at block_m 1): a program per slot"),
+])
+def test_direct_gemm2_splits_slots_by_program_count(M, k, H, dtype_bytes, per, why):
+    assert direct_slots_per_program(M, k, H, dtype_bytes) == per, why
+    tiles = direct_tiles(M, k, H, dtype_bytes)
+    assert (tiles.gemm2.block_n, tiles.gemm2.group_m) == (64, per), why
 
 
 def test_every_row_tile_has_tiles_and_candidates():
@@ -69,6 +79,16 @@ def test_every_row_tile_has_tiles_and_candidates():
     assert neighbour_block_ms(16) == [16, 1, 32] and neighbour_block_ms(128) == [128, 64]
     assert neighbour_block_ms(1) == [1, 16] and neighbour_block_ms(16, direct=False) == [16, 32]
     assert min(BLOCK_MS) == 1 and default_config(1, 128, 8, 2048, 768).block_m == 1
+
+
+def test_direct_gemm2_candidates_split_slots():
+    # The direct GEMM2's candidates try each tile whole-token and split; the plan path's
+    # are the shared ones.
+    split = gemm2_candidates(1)
+    assert {c.group_m for c in split} == {8, 2, 1}
+    assert len(split) == 3 * len(candidates(1))
+    assert gemm2_candidates(16) == candidates(16)
+    assert all(c.group_m == 1 for c in gemm2_candidates(1, lambda c: c.group_m == 1))
 
 
 def test_config_values_are_checked():
@@ -201,7 +221,7 @@ def test_fp8_search_starts_at_the_direct_tiles_for_block_m_1():
 
     own = ExpertsConfig(16, GemmConfig(128, 128, 8, 4, 4), GemmConfig(64, 128, 8, 4, 4))
     start_at = _fp8_tiles_at("fp8_block")
-    assert start_at(own, 1) == direct_fp8_config(1, 0, "fp8_block")
+    assert start_at(own, 1) == direct_fp8_config(1, 1, 0, "fp8_block")
     assert start_at(own, 32) == same_tiles_at(own, 32)
 
 

@@ -76,7 +76,7 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
 
     plan_us = timed(plan_fp8_config(m, preset.num_experts, preset.top_k, scheme))
     plan_out = out.clone()
-    heuristic = direct_fp8_config(m, preset.hidden, scheme)
+    heuristic = direct_fp8_config(m, preset.top_k, preset.hidden, scheme)
     heuristic_us = timed(heuristic)
     heuristic_out = out.clone()
     trials = {}

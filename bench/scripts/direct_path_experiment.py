@@ -53,7 +53,7 @@ def time_cell(preset, w, m, rep_ms, read_GBps) -> dict:
     plan_cfg = tiles_for_block_m(pick_block_m(m, preset.num_experts, preset.top_k))
     plan_us = graph_replay_us(layer(plan_cfg), rep_ms)
     plan_out = out.clone()
-    heuristic = direct_tiles(m, preset.hidden)
+    heuristic = direct_tiles(m, preset.top_k, preset.hidden)
     heuristic_us = graph_replay_us(layer(heuristic), rep_ms)
     heuristic_out = out.clone()
 

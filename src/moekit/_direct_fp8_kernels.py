@@ -3,9 +3,10 @@
     _direct_gemm1_fp8_kernel  grid (M*k pairs, I-tiles): the pair's fp8 token row × w13[e]ᵀ
                               (fp8), scales, bias, activation; writes `inter` [M*k, I] in
                               float32 (GEMM2's input is quantised from it by a row kernel)
-    _direct_gemm2_fp8_kernel  grid (M, H-tiles): each slot's fp8 `inter` row × w2[e]ᵀ (fp8),
-                              activation, weight and router scales, bias, Σ over the k slots
-                              in order into `out` [M, H]
+    _direct_gemm2_fp8_kernel  grid (M × parts, H-tiles): each slot's fp8 `inter` row ×
+                              w2[e]ᵀ (fp8), weight and router scales, bias, Σ over a part
+                              of the token's slots in order; the parts added in order into
+                              `out` [M, H] by the token's last program (`_sum_parts`)
 
 The 16-bit direct path (`moekit._direct_kernels`) with the fp8 formats of
 `moekit._experts_fp8_kernels`: the same one-real-row tensor-core tiles, ids read straight

@@ -2,8 +2,10 @@
 
     _direct_gemm1_kernel  grid (M*k pairs, I-tiles): the pair's token row × w13[e]ᵀ, + bias,
                           activation; writes `inter` [M*k, I] in pair order
-    _direct_gemm2_kernel  grid (M, H-tiles): Σ_j weight_j · (inter[m*k + j] × w2[e_j]ᵀ + b2),
-                          the k slots in order, so the combine is fused and deterministic
+    _direct_gemm2_kernel  grid (M × parts, H-tiles): Σ_j weight_j · (inter[m*k + j] ×
+                          w2[e_j]ᵀ + b2) over a part of the token's slots, in order; the
+                          parts added in order by the token's last program (`_sum_parts`),
+                          so the combine is fused and deterministic
 
 At decode a token reaches k experts with one row each, so the GEMMs stream weights for
 single rows. They still run as tensor-core dots on a ROWS-row tile whose first row is the

@@ -2,15 +2,20 @@
 
     hidden [M, H] ─► _direct_gemm1_kernel: per pair, token row × w13[e]ᵀ (+b13), activation
                                                                     ─► inter [M*k, I]
-                  ─► _direct_gemm2_kernel: per token, Σ_j w_j·(inter row × w2[e_j]ᵀ + b2)
-                                                                    ─► out [M, H]
+                  ─► _direct_gemm2_kernel: per token (or part of its slots),
+                     Σ_j w_j·(inter row × w2[e_j]ᵀ + b2)             ─► out [M, H]
 
 With one or two rows per expert the plan path's four launches (plan, GEMM1, GEMM2,
 combine) cost more than the GEMMs' row tiles save: each launch is a few µs of a
 layer that streams its weights in tens. Here the ids are read straight from topk_ids
 and GEMM2 sums a token's k slots itself, in slot order (deterministic), so the layer
-is two launches and `pair_out` never exists. Chosen by `ExpertsConfig.block_m` =
-`DIRECT_BLOCK_M`; the heuristic takes it where it measured faster.
+is two launches and `pair_out` never exists. At one or two tokens a program per token
+leaves GEMM2 with too few programs (M × H/64), so GEMM2's `group_m` may split a token's
+slots into parts, one program each: each part's float32 sum goes to a small buffer and
+the token's last program to arrive (a counter per token and column tile, zeroed by
+GEMM1) adds the parts in order — still deterministic, still no combine launch
+(measured 1.05–1.19× faster on the layer at M = 1, H200; bench/NOTES.md). Chosen by
+`ExpertsConfig.block_m` = `DIRECT_BLOCK_M`; the heuristic takes it where it measured faster.
 """
 
 from __future__ import annotations

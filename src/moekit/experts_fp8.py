@@ -34,8 +34,8 @@ pointers and strides and allocates only activations, so a captured CUDA graph st
 valid for as long as the weights live. No fills, no host synchronisation.
 
 A configuration with `block_m` = 1 takes the direct path instead (`moekit.experts_direct_fp8`:
-no plan, the combine fused into GEMM2, four launches); the heuristic does not choose it
-(`default_fp8_config` says why), tuned tables may.
+no plan, the combine fused into GEMM2, four launches); the heuristic chooses it for up to
+four tokens on 32 or more experts (`default_fp8_config`).
 
 Not here yet: apply_router_weight_on_input and expert maps (the bf16 path has both).
 """
@@ -74,7 +74,7 @@ from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.config import DIRECT_BLOCK_M
-from moekit.tuning.heuristic import direct_tiles, pick_block_m
+from moekit.tuning.heuristic import direct_tiles, pick_block_m, use_direct_fp8_path
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -164,24 +164,25 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
                        scheme: str | QuantScheme) -> ExpertsConfig:
-    """Tiles for `fused_experts_fp8`: the plan path's (`plan_fp8_config`) at every token
-    count. The fp8 direct path (`direct_fp8_config`) measured slower than the plan path
-    in 45 of 56 decode cells on an H200 even at its best tiles — up to 2× on mixtral, whose
-    per-token GEMM2 streams w2 at a third of the bandwidth — and at most 1.19× faster
-    (granite with block scales) (bench/NOTES.md, fp8 direct path); `moekit tune --dtype
-    fp8_…` tries it at the 16-row tile's cells and keeps it where it wins."""
+    """Tiles for `fused_experts_fp8`: the direct path's (`direct_fp8_config`) for up to
+    four tokens on 32 or more experts (`use_direct_fp8_path`), else the plan path's
+    (`plan_fp8_config`)."""
+    if use_direct_fp8_path(num_tokens, num_experts):
+        return direct_fp8_config(num_tokens, top_k, hidden, scheme)
     return plan_fp8_config(num_tokens, num_experts, top_k, scheme)
 
 
-def direct_fp8_config(num_tokens: int, hidden: int, scheme: str | QuantScheme) -> ExpertsConfig:
+def direct_fp8_config(num_tokens: int, top_k: int, hidden: int,
+                      scheme: str | QuantScheme) -> ExpertsConfig:
     """Tiles for the fp8 direct path (`ExpertsConfig.block_m` = 1): the 16-bit rule's
-    column tiles (`direct_tiles`); GEMM1's K tiles 256 one-byte values deep where no scale
-    groups K, else one group; GEMM2's pipeline 8 deep, since its steps stream only
-    block_n × 128 bytes each."""
+    (`direct_tiles`) with GEMM2's slots split until there are twice as many programs
+    (a step streams half the bytes); GEMM1's K tiles 256 one-byte values deep where no
+    scale groups K, else one group; GEMM2's pipeline 6 deep, since its steps stream only
+    block_n × 128 bytes each (H200, bench/NOTES.md)."""
     k1, k2, _ = _k_groups(QuantScheme.parse(scheme))
-    tiles = direct_tiles(num_tokens, hidden)
+    tiles = direct_tiles(num_tokens, top_k, hidden, dtype_bytes=1)
     g1 = dataclasses.replace(tiles.gemm1, block_k=256, num_stages=4)
-    g2 = dataclasses.replace(tiles.gemm2, block_k=128, num_stages=8)
+    g2 = dataclasses.replace(tiles.gemm2, block_k=128, num_stages=6)
     return ExpertsConfig(DIRECT_BLOCK_M, _fit_k(g1, k1), _fit_k(g2, k2))
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# `ExpertsConfig.block_m` of the direct path: one pair (GEMM1) or one token (GEMM2) per
-# program, ids read straight from topk_ids, no plan and no separate combine
-# (`moekit.experts_direct`).
+# `ExpertsConfig.block_m` of the direct path: one pair (GEMM1) or one token's slots, or
+# part of them (GEMM2), per program, ids read straight from topk_ids, no plan and no
+# separate combine (`moekit.experts_direct`).
 DIRECT_BLOCK_M = 1
 
 
@@ -38,7 +38,9 @@ class ExpertsConfig:
     expert; 0 turns it off.
 
     `block_m` = `DIRECT_BLOCK_M` (1) selects the direct path for a handful of tokens:
-    no plan, GEMM tiles of one activation row; `group_m` is then unused.
+    no plan, GEMM tiles of one activation row. GEMM1's `group_m` is then unused; GEMM2's
+    is how many of a token's k slots one program sums (k or more: one program per token;
+    fewer: the parts' float32 sums are added by the token's last program).
     """
 
     block_m: int

@@ -23,6 +23,9 @@ measured 1.00–1.15× the plan path at M = 1 on every preset and 0.99–1.15× 
 on the presets with 32 or more experts; slower on mixtral at M = 2–4 (0.92–0.96×: its
 tokens' pairs often share one of 8 experts too large for L2 to serve the second read)
 and at M = 8 on five of the seven presets (0.81–0.98×) (bench/NOTES.md, direct path).
+With GEMM2 splitting a token's slots over programs (`direct_slots_per_program`) it
+measured 1.10× and 1.14× the plan path at M = 8 on the H200 on the 128-expert presets
+(qwen3, gpt-oss), so there it runs up to 8 tokens.
 
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
@@ -41,10 +44,14 @@ from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 
 _DIRECT_MAX_TOKENS = 4
 _DIRECT_MIN_EXPERTS = 32
-# GEMM2 of the direct path runs M × H/block_n programs; below this many at 32-wide
-# column tiles, 16-wide ones (twice the programs) measured faster.
-_DIRECT_WIDE_PROGRAMS = 192
-
+# From this many experts the direct path also wins at up to 8 tokens (H200: qwen3 and
+# gpt-oss 1.10× and 1.14× at M = 8; olmoe, deepseek-v2-lite, granite within 2%).
+_DIRECT_MANY_EXPERTS = 128
+_DIRECT_MANY_TOKENS = 8
+# GEMM2 of the direct path runs M × parts × H/64 programs: a token's k slots are split
+# into parts until there are at least this many (16-bit; an fp8 step carries half the
+# bytes, and twice as many programs measured best).
+_DIRECT_GEMM2_PROGRAMS = 256
 
 def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
     """Average rows an active expert receives under balanced routing."""
@@ -66,23 +73,45 @@ def use_direct_path(num_tokens: int, num_experts: int, top_k: int, dtype_bytes: 
     """Whether the direct path beats the plan path (16-bit inputs; see the module doc)."""
     if dtype_bytes > 2:
         return False
+    if num_experts >= _DIRECT_MANY_EXPERTS:
+        return num_tokens <= _DIRECT_MANY_TOKENS
     return num_tokens == 1 or (num_tokens <= _DIRECT_MAX_TOKENS
                                and num_experts >= _DIRECT_MIN_EXPERTS)
 
 
-def direct_tiles(num_tokens: int, hidden: int) -> ExpertsConfig:
+def use_direct_fp8_path(num_tokens: int, num_experts: int) -> bool:
+    """Whether the fp8 direct path beats the fp8 plan path: up to 4 tokens on 32 or more
+    experts (H200: 1.03–1.42× on qwen3, granite, olmoe at M = 1 and 4; mixtral's 8
+    experts 0.85–0.96×, bench/NOTES.md, GEMM2 split over slots)."""
+    return num_tokens <= _DIRECT_MAX_TOKENS and num_experts >= _DIRECT_MIN_EXPERTS
+
+
+def direct_slots_per_program(num_tokens: int, top_k: int, hidden: int,
+                             dtype_bytes: int = 2) -> int:
+    """How many of a token's k slots one direct GEMM2 program sums (its `group_m`): k,
+    unless M × H/64 programs are fewer than `_DIRECT_GEMM2_PROGRAMS` (twice that for
+    fp8); then the slots are split into as many parts as make up the difference (at
+    most k parts: a program per slot)."""
+    programs = _DIRECT_GEMM2_PROGRAMS * 2 // min(2, dtype_bytes)
+    tiles = max(1, num_tokens * math.ceil(hidden / 64))
+    parts = min(top_k, max(1, math.ceil(programs / tiles)))
+    return math.ceil(top_k / parts)
+
+
+def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2) -> ExpertsConfig:
     """The direct path's tiles: GEMM1 32 × 128 (within 3% of the best of 7 tiles on every
-    cell measured); GEMM2 16 or 32 columns wide by how many programs M × H/32 makes."""
-    gemm1 = GemmConfig(32, 128, 1, 4, 5)
-    if num_tokens * hidden // 32 >= _DIRECT_WIDE_PROGRAMS:
-        return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(32, 128, 8, 4, 5))
-    return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(16, 256, 8, 4, 5))
+    cell measured on the H100); GEMM2 64 × 128, a token's slots split over programs by
+    `direct_slots_per_program` (on the H200 within 2% of the best of 6 tiles × 3 splits
+    on every direct-path cell timed at the rule's split, bench/NOTES.md)."""
+    per = direct_slots_per_program(num_tokens, top_k, hidden, dtype_bytes)
+    return ExpertsConfig(DIRECT_BLOCK_M, GemmConfig(32, 128, 1, 4, 5),
+                         GemmConfig(64, 128, per, 4, 4))
 
 
 def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
     """The GEMM tiles the heuristic pairs with a row tile (the direct path's at one token)."""
     if block_m == DIRECT_BLOCK_M:
-        return direct_tiles(1, 0)
+        return direct_tiles(1, 1, 0)
     if block_m <= 32:
         # Memory-bound: long reduction tiles keep many bytes in flight per program.
         block_k = 128 if dtype_bytes <= 2 else 64
@@ -106,5 +135,5 @@ def default_config(
 ) -> ExpertsConfig:
     """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I."""
     if use_direct_path(num_tokens, num_experts, top_k, dtype_bytes):
-        return direct_tiles(num_tokens, hidden)
+        return direct_tiles(num_tokens, top_k, hidden)
     return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from moekit.bench.presets import Preset
 from moekit.tuning.config import ExpertsConfig
 from moekit.tuning.heuristic import default_config, tiles_for_block_m
-from moekit.tuning.space import Constraint, candidates, neighbour_block_ms
+from moekit.tuning.space import Constraint, candidates, gemm2_candidates, neighbour_block_ms
 from moekit.tuning.tables import config_from_dict, config_to_dict, save_table
 
 Measure = Callable[[Preset, int, ExpertsConfig], float]  # → µs (inf when it cannot run)
@@ -53,7 +53,7 @@ def search(heuristic: ExpertsConfig, time_us: Callable[[ExpertsConfig], float],
             if trial != first and (t := time_us(trial)) < g1_us:
                 g1_best, g1_us = trial, t
         cell_best, cell_us = g1_best, g1_us
-        for tile in candidates(block_m, constraint):
+        for tile in gemm2_candidates(block_m, constraint):
             trial = dataclasses.replace(g1_best, gemm2=tile)
             if trial != g1_best and (t := time_us(trial)) < cell_us:
                 cell_best, cell_us = trial, t
