@@ -23,9 +23,8 @@ measured 1.00–1.15× the plan path at M = 1 on every preset and 0.99–1.15× 
 on the presets with 32 or more experts; slower on mixtral at M = 2–4 (0.92–0.96×: its
 tokens' pairs often share one of 8 experts too large for L2 to serve the second read)
 and at M = 8 on five of the seven presets (0.81–0.98×) (bench/NOTES.md, direct path).
-With GEMM2 splitting a token's slots over programs (`direct_slots_per_program`) it
-measured 1.10× and 1.14× the plan path at M = 8 on the H200 on the 128-expert presets
-(qwen3, gpt-oss), so there it runs up to 8 tokens.
+At one or two tokens its GEMM2 splits a token's slots over programs
+(`direct_slots_per_program`): 1.04–1.20× faster on the H200.
 
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
@@ -44,13 +43,13 @@ from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 
 _DIRECT_MAX_TOKENS = 4
 _DIRECT_MIN_EXPERTS = 32
-# From this many experts the direct path also wins at up to 8 tokens (H200: qwen3 and
-# gpt-oss 1.10× and 1.14× at M = 8; olmoe, deepseek-v2-lite, granite within 2%).
-_DIRECT_MANY_EXPERTS = 128
-_DIRECT_MANY_TOKENS = 8
-# GEMM2 of the direct path runs M × parts × H/64 programs: a token's k slots are split
-# into parts until there are at least this many (16-bit; an fp8 step carries half the
-# bytes, and twice as many programs measured best).
+# 16-bit direct GEMM2: with at least this many programs at 32-wide column tiles, one
+# program per token (H100: 32 × 128 tiles within 3.7% of the best of 7 on every cell;
+# H200: 64-wide tiles with split slots up to 7% slower on deepseek-v3 at M = 1–4).
+_DIRECT_WIDE_PROGRAMS = 192
+# Below it, 64-wide tiles and a token's k slots split into parts until M × parts × H/64
+# programs reach this many (an fp8 step carries half the bytes: twice as many measured
+# best, and at every token count of the fp8 direct path).
 _DIRECT_GEMM2_PROGRAMS = 256
 
 def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
@@ -73,8 +72,6 @@ def use_direct_path(num_tokens: int, num_experts: int, top_k: int, dtype_bytes: 
     """Whether the direct path beats the plan path (16-bit inputs; see the module doc)."""
     if dtype_bytes > 2:
         return False
-    if num_experts >= _DIRECT_MANY_EXPERTS:
-        return num_tokens <= _DIRECT_MANY_TOKENS
     return num_tokens == 1 or (num_tokens <= _DIRECT_MAX_TOKENS
                                and num_experts >= _DIRECT_MIN_EXPERTS)
 
@@ -100,12 +97,16 @@ def direct_slots_per_program(num_tokens: int, top_k: int, hidden: int,
 
 def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2) -> ExpertsConfig:
     """The direct path's tiles: GEMM1 32 × 128 (within 3% of the best of 7 tiles on every
-    cell measured on the H100); GEMM2 64 × 128, a token's slots split over programs by
-    `direct_slots_per_program` (on the H200 within 2% of the best of 6 tiles × 3 splits
-    on every direct-path cell timed at the rule's split, bench/NOTES.md)."""
+    cell measured on the H100). GEMM2 32 × 128, a program per token, where that makes
+    `_DIRECT_WIDE_PROGRAMS` (16-bit); else 64 × 128 with a token's slots split over
+    programs by `direct_slots_per_program` (H200: within 2% of the best of 6 tiles × 3
+    splits on every direct-path cell timed at the rule's split, 1.04–1.20× faster than a
+    program per token at M = 1–2; bench/NOTES.md)."""
+    gemm1 = GemmConfig(32, 128, 1, 4, 5)
+    if dtype_bytes >= 2 and num_tokens * hidden // 32 >= _DIRECT_WIDE_PROGRAMS:
+        return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(32, 128, top_k, 4, 5))
     per = direct_slots_per_program(num_tokens, top_k, hidden, dtype_bytes)
-    return ExpertsConfig(DIRECT_BLOCK_M, GemmConfig(32, 128, 1, 4, 5),
-                         GemmConfig(64, 128, per, 4, 4))
+    return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(64, 128, per, 4, 4))
 
 
 def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
