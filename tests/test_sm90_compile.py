@@ -199,6 +199,9 @@ CASES = [
          "summed over the slots)", _DIRECT),
     Case("experts", dict(dtype="bf16", act="relu2", block_m=1, weight_on_input=True),
          "direct path: ungated, router weight on GEMM1's input", _DIRECT),
+    Case("experts", dict(dtype="bf16", act="silu", block_m=1, bias=True, split=True),
+         "direct path, GEMM2 a program per slot: GEMM1 zeroes the arrival counters, the "
+         "last program of a token adds the parts' float32 sums", _DIRECT),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
     _fp8("dynamic per-tensor over 4 rows: MODE tensor_rows (no partials); GEMM2 input in "
          "1×128 groups",
@@ -230,6 +233,9 @@ CASES = [
          "channel", "bf16", "relu2", 1),
     _fp8("direct fp8, static input scales for both GEMMs; biases", "static", "bf16", "gelu", 1,
          bias=True),
+    _fp8("direct fp8, block scales, GEMM2 a program per token (the other direct cases: a "
+         "program per slot, the parts added by a token's last program)", "block", "bf16",
+         "silu", 1, whole=True),
     # dispatch_plan
     Case("dispatch", dict(block_m=16, pairs=8),
          "decode: one chunk, count folded into the place kernel (SINGLE_CHUNK)",
@@ -440,7 +446,8 @@ def _run_experts(p):
     act = moekit.Activation.parse(p["act"])
     config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
     if p["block_m"] == 1:  # the direct path, at a tile of each GEMM
-        config = ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 4))
+        per = 1 if p.get("split") else _TOP_K  # GEMM2's slots per program
+        config = ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, per, 4, 4))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")
@@ -470,6 +477,9 @@ def _run_fp8(p):
     config = moekit.experts_fp8.default_fp8_config(M, _E, _TOP_K, H, I, scheme)
     if p["block_m"] == 1:  # the direct path's tiles (the heuristic takes it from 32 experts)
         config = moekit.experts_fp8.direct_fp8_config(M, _TOP_K, H, scheme)
+        if p.get("whole"):  # GEMM2 a program per token, not per slot (the heuristic's here)
+            config = dataclasses.replace(
+                config, gemm2=dataclasses.replace(config.gemm2, group_m=_TOP_K))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),
