@@ -102,8 +102,7 @@ def _direct_gemm1_fp8_kernel(
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
-        if (pid_n == 0) & (pair % top_k == 0):
-            _clear_arrivals(arrivals_ptr, pair // top_k, tiles_per_token)
+        _clear_arrivals(arrivals_ptr, pair, pid_n, top_k, tiles_per_token)
     expert = tl.load(topk_ids_ptr + pair)
     if (expert < 0) | (expert >= num_experts):
         return

@@ -75,12 +75,14 @@ def _token_slots(topk_ids_ptr, token, num_experts, TOP_K: tl.constexpr, SLOTS: t
 
 
 @triton.jit
-def _clear_arrivals(arrivals_ptr, token, tiles_per_token):
-    """Zero a token's arrival counters (`_sum_parts`) for the GEMM2 that follows."""
-    row = arrivals_ptr + token * tiles_per_token
-    for t0 in range(0, tiles_per_token, 128):
-        offs = t0 + tl.arange(0, 128)
-        tl.store(row + offs, tl.zeros([128], dtype=tl.int32), mask=offs < tiles_per_token)
+def _clear_arrivals(arrivals_ptr, pair, pid_n, top_k, tiles_per_token):
+    """In a token's first GEMM1 program (its slot 0, column tile 0), zero the token's
+    arrival counters (`_sum_parts`) for the GEMM2 that follows."""
+    if (pid_n == 0) & (pair % top_k == 0):
+        row = arrivals_ptr + (pair // top_k) * tiles_per_token
+        for t0 in range(0, tiles_per_token, 128):
+            offs = t0 + tl.arange(0, 128)
+            tl.store(row + offs, tl.zeros([128], dtype=tl.int32), mask=offs < tiles_per_token)
 
 
 @triton.jit
@@ -161,8 +163,7 @@ def _direct_gemm1_kernel(
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
-        if (pid_n == 0) & (pair % top_k == 0):
-            _clear_arrivals(arrivals_ptr, pair // top_k, tiles_per_token)
+        _clear_arrivals(arrivals_ptr, pair, pid_n, top_k, tiles_per_token)
     expert = tl.load(topk_ids_ptr + pair)
     if (expert < 0) | (expert >= num_experts):
         return
