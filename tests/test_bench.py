@@ -291,6 +291,28 @@ def test_validate_reports_missing_keys():
     assert "row 0: missing key 'roofline_pct'" in problems
 
 
+@pytest.mark.parametrize("kind", ["read", "zero"])
+def test_l2_flush_touches_its_whole_buffer(kind):
+    from moekit.bench.l2_flush import L2Flush
+
+    flush = L2Flush(kind, device="cpu")
+    flush._buffer[::4096] = 7  # a flush must reach every part of the 256 MB
+    flush()
+    if kind == "read":
+        assert flush._sum.item() == flush._buffer.numel() + 6 * math.ceil(
+            flush._buffer.numel() / 4096)
+    else:
+        assert not flush._buffer.any()
+    assert flush._buffer.numel() * flush._buffer.element_size() == 256 * 2**20
+
+
+def test_l2_flush_refuses_unknown_kinds():
+    from moekit.bench.l2_flush import L2Flush
+
+    with pytest.raises(ValueError, match="expected one of"):
+        L2Flush("none", device="cpu")
+
+
 # ------------------------------------------------------------------------------ GPU only
 
 
@@ -304,6 +326,8 @@ def test_cuda_timer_eager_and_graph():
     assert eager.median_us > 0 and eager.reps >= 1 and eager.back_to_back_us > 0
     timing, err = timer.graph(lambda: x * 2, lambda out: rel_err(out, x * 2, None))
     assert timing.median_us > 0 and err == 0.0
+    zero = CudaTimer(warmup_ms=2, rep_ms=5, back_to_back_ms=0, l2_flush="zero")
+    assert zero.eager(lambda: x * 2).median_us > 0
 
 
 @pytest.mark.gpu

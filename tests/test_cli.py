@@ -22,17 +22,18 @@ def test_bench_defaults():
     assert (args.dtype, args.routing, args.graph, args.baselines) == ("bf16", "balanced", True,
                                                                      True)
     assert args.out == "bench/results" and args.graph_max_m == 512
+    assert args.l2_flush == "read"  # clean lines; "zero" is do_bench's dirty memset
 
 
 def test_bench_options():
     args = parse("bench", "--presets", "qwen3-30b-a3b,olmoe-1b-7b", "deepseek-v3",
                  "--tokens", "1,8", "64", "--dtype", "fp16", "--no-graph", "--no-baselines",
-                 "--routing", "skewed", "--out", "/tmp/x", "--rep-ms", "50")
+                 "--routing", "skewed", "--out", "/tmp/x", "--rep-ms", "50", "--l2-flush", "zero")
     assert args.presets == [["qwen3-30b-a3b", "olmoe-1b-7b"], ["deepseek-v3"]]
     assert args.tokens == [[1, 8], [64]]
     assert (args.dtype, args.graph, args.baselines, args.routing) == ("fp16", False, False,
                                                                      "skewed")
-    assert args.out == "/tmp/x" and args.rep_ms == 50.0
+    assert args.out == "/tmp/x" and args.rep_ms == 50.0 and args.l2_flush == "zero"
 
 
 # Each case: argv, a fragment of the error message, and why.
@@ -42,6 +43,7 @@ ERROR_CASES = [
     (["bench", "--tokens", "0"], "token count must be ≥ 1", "M = 0 is not a table cell"),
     (["bench", "--tokens", "eight"], "is not an integer", "not a number"),
     (["bench", "--routing", "zipf"], "invalid choice: 'zipf'", "unknown routing"),
+    (["bench", "--l2-flush", "none"], "invalid choice: 'none'", "a flush that keeps weights in L2"),
     (["frobnicate"], "invalid choice: 'frobnicate'", "unknown command"),
     ([], "required", "no command at all"),
 ]
@@ -87,6 +89,7 @@ def test_cpu_bench_end_to_end_writes_both_files(tmp_path, capsys):
     assert files[0].endswith("-kernels-bf16.json") and files[1].endswith("-kernels-bf16.md")
     doc = json.loads((tmp_path / files[0]).read_text())
     assert doc["command"].startswith("moekit bench --cpu") and doc["cpu"] is True
+    assert doc["timing"]["l2_flush"] is None  # nothing is flushed on the CPU
     assert {"read_GBps", "mem_GBps", "copy_GBps", "bf16_TFLOPs", "fp8_TFLOPs"} <= doc[
         "ceilings"].keys()
     assert len(doc["rows"]) == 6 and all(set(REQUIRED_ROW_KEYS) <= r.keys() for r in doc["rows"])

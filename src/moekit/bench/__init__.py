@@ -11,7 +11,8 @@ How the benchmark works
 3. Each implementation — moekit's `fused_experts` and two plain-PyTorch baselines
    (`baselines`: transformers-style per-expert loop, `torch._grouped_mm`) — is called
    once, checked against `moekit.reference.fused_experts` in float32 (rel_err), then
-   timed eager with `triton.testing.do_bench` (L2 flushed, median) and, for M ≤ 512,
+   timed eager on `triton.testing.do_bench`'s schedule (L2 emptied before each call by
+   a read, `l2_flush`, or do_bench's memset with --l2-flush zero; median) and, for M ≤ 512,
    as CUDA-graph replay (`timing`; calls that synchronise with the host are not
    captured). `torch._grouped_mm` is first tried on its edge cases in a child process
    (`probe`), so a library fault cannot take the run's CUDA context down with it.

@@ -16,11 +16,13 @@ has a floor; they are not a statement about the machine.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from moekit.bench.l2_flush import L2Flush, flushed_samples_ms
 from moekit.bench.timing import short_error
 
 GiB = 1 << 30
@@ -70,11 +72,10 @@ class Ceilings:
 
 
 def _median_ms(fn, reps: int | None = None, rep_ms: float = 200) -> float:
-    """Median time of `fn` in ms: do_bench on CUDA, perf_counter on the CPU."""
+    """Median time of `fn` in ms: do_bench's schedule with a read flush of L2 on CUDA
+    (`l2_flush`), perf_counter on the CPU."""
     if reps is None:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+        return statistics.median(flushed_samples_ms(fn, L2Flush("read"), 25, rep_ms))
     fn()
     samples = []
     for _ in range(reps):
@@ -127,7 +128,8 @@ def measure_cuda(dtype: str = "bf16", buffer_bytes: int = 4 * GiB, n: int = 8192
         ceilings.notes.append(f"fp8 peak unavailable: {short_error(exc)}")
     ceilings.notes.append(
         f"copy/read over {buffer_bytes / GiB:g} GiB float32; matmul {n}^3 random data, "
-        "median of do_bench reps; fp8 via torch._scaled_mm e4m3 per-tensor scales"
+        "median of do_bench-schedule reps (L2 read-flushed); fp8 via torch._scaled_mm e4m3 "
+        "per-tensor scales"
     )
     torch.cuda.empty_cache()
     return ceilings

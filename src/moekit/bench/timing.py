@@ -1,10 +1,12 @@
 """How a cell is timed: eager calls, CUDA-graph replay, and a CPU stand-in.
 
 CUDA (PERF.md, "Timing rules"):
-- eager: `triton.testing.do_bench`, which flushes L2 (a 256 MB memset) before every
-  repetition and brackets each call with CUDA events; we keep every sample and report
-  the median (plus the 20th/80th percentiles). The L2 flush matters: at small M only
-  a few experts are read and their weights can fit in the 50 MB L2. The flush also
+- eager: `triton.testing.do_bench`'s schedule, L2 emptied before every repetition
+  (`moekit.bench.l2_flush`: by default a 256 MB read, which leaves clean lines; do_bench's
+  own memset leaves dirty ones and measured 6.5–8.5 µs slower per call) and each call
+  bracketed with CUDA events; we keep every sample and report the median (plus the
+  20th/80th percentiles). The flush matters: at small M only a few experts are read and
+  their weights can fit in the 50 MB L2. The flush also
   keeps the GPU busy while the host launches, so the eager time is GPU time; launch
   cost shows in `back_to_back_us`, the mean of N calls issued back to back (for
   calls under 2 ms, where launch cost can matter).
@@ -28,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from moekit.bench.l2_flush import L2Flush, flushed_samples_ms
 
 BACK_TO_BACK_MAX_US = 2000.0  # eager calls slower than this skip the back-to-back figure
 
@@ -103,12 +107,14 @@ class CudaTimer:
         warmup_ms, rep_ms: do_bench's warm-up and measurement budgets per timing.
         cell_cap_s: above this (estimated) cost a timing falls back to three calls.
         back_to_back_ms: budget of the back-to-back launch measurement of eager calls.
+        l2_flush: how L2 is emptied before each timed call (`moekit.bench.l2_flush`).
     """
 
     device = "cuda"
 
     def __init__(self, warmup_ms: float = 10, rep_ms: float = 100, cell_cap_s: float = 4.0,
-                 back_to_back_ms: float = 20):
+                 back_to_back_ms: float = 20, l2_flush: str = "read"):
+        self.flush = L2Flush(l2_flush)
         self.warmup_ms = warmup_ms
         self.rep_ms = rep_ms
         self.cell_cap_ms = cell_cap_s * 1e3
@@ -125,15 +131,13 @@ class CudaTimer:
         return start.elapsed_time(end)
 
     def _samples(self, fn: Callable[[], object]) -> tuple[list[float], str | None]:
-        """Per-call times in µs: do_bench's samples, or three calls for a slow cell."""
-        from triton.testing import do_bench
-
+        """Per-call times in µs: do_bench's schedule, or three calls for a slow cell."""
         one = self._one_call_ms(fn)
         # do_bench runs at least 1 + 5 + 1 + 1 calls plus its warm-up budget.
         if 8 * one + self.warmup_ms > self.cell_cap_ms:
             samples = [one] + [self._one_call_ms(fn) for _ in range(2)]
             return [t * 1e3 for t in samples], f"slow cell ({one:.0f} ms/call): median of 3 calls"
-        samples = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="all")
+        samples = flushed_samples_ms(fn, self.flush, self.warmup_ms, self.rep_ms)
         return [t * 1e3 for t in samples], None
 
     def _back_to_back_us(self, fn: Callable[[], object], median_us: float) -> float:
@@ -222,17 +226,22 @@ class CpuTimer:
         raise CaptureFailed("no CUDA graphs on the CPU")
 
 
-def graph_replay_us(fn: Callable[[], object], rep_ms: float = 50) -> float:
-    """Median µs of CUDA-graph replay of `fn` alone, L2 flushed before each replay.
+def graph_replay_us(fn: Callable[[], object], rep_ms: float = 50, l2_flush: str = "read") -> float:
+    """Median µs of CUDA-graph replay of `fn` alone, L2 emptied (`l2_flush`) before each
+    replay.
 
     For the studies under bench/scripts, which time single stages or variants of them;
     the kernel table uses `CudaTimer.graph` (side-stream warm-up, capture checks).
     """
-    from triton.testing import do_bench
-
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return float(do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")) * 1e3
+    if l2_flush not in _FLUSHES:
+        _FLUSHES[l2_flush] = L2Flush(l2_flush)
+    samples = flushed_samples_ms(graph.replay, _FLUSHES[l2_flush], 10, rep_ms)
+    return statistics.median(samples) * 1e3
+
+
+_FLUSHES: dict[str, L2Flush] = {}  # graph_replay_us's, made on first use
