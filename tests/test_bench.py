@@ -306,6 +306,17 @@ def test_l2_flush_touches_its_whole_buffer(kind):
     assert flush._buffer.numel() * flush._buffer.element_size() == 256 * 2**20
 
 
+def test_stream_read_reads_every_element_once():
+    from moekit.bench.stream_read import BLOCK, UNROLL, stream_read
+
+    x = torch.randn(3 * BLOCK * UNROLL, generator=torch.Generator().manual_seed(1))
+    partials = torch.full((3,), float("nan"))
+    stream_read(x, partials)  # interpreted on the CPU
+    torch.testing.assert_close(partials, x.view(3, -1).sum(1), atol=1e-3, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of"):
+        stream_read(x[:-1])
+
+
 def test_l2_flush_refuses_unknown_kinds():
     from moekit.bench.l2_flush import L2Flush
 

@@ -4,7 +4,8 @@ Clocks move under power limits, so a floor computed from a datasheet or from las
 week's run would mis-state roofline %. PERF.md fixes the recipe:
 
 - copy_GBps: device-to-device copy of a 4 GiB buffer, bytes read + written ÷ time;
-- read_GBps: float32 `torch.sum` over 4 GiB (a load-bound reduction), bytes read ÷ time;
+- read_GBps: a load-bound pass over 4 GiB of float32, bytes read ÷ time: the faster of
+  `torch.sum` and `stream_read` (a Triton kernel of 16-byte loads; CUDA only);
 - mem_GBps = max(copy, read): MoE weights are read, not copied;
 - matmul peaks: an 8192³ product on random data — bf16 (and fp16 when the table is
   fp16) through `torch.mm` with B stored [N, K] like expert weights, fp8 e4m3 through
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from moekit.bench.l2_flush import L2Flush, flushed_samples_ms
+from moekit.bench.stream_read import stream_read
 from moekit.bench.timing import short_error
 
 GiB = 1 << 30
@@ -91,6 +93,9 @@ def _bandwidths(numel: int, device: str, reps: int | None) -> tuple[float, float
     nbytes = src.numel() * src.element_size()
     copy_ms = _median_ms(lambda: dst.copy_(src), reps)
     read_ms = _median_ms(lambda: torch.sum(src), reps)
+    if device != "cpu":
+        partials = stream_read(src)
+        read_ms = min(read_ms, _median_ms(lambda: stream_read(src, partials), reps))
     return 2 * nbytes / copy_ms / 1e6, nbytes / read_ms / 1e6
 
 
@@ -127,7 +132,8 @@ def measure_cuda(dtype: str = "bf16", buffer_bytes: int = 4 * GiB, n: int = 8192
     except Exception as exc:  # fp8 needs sm89+ and a recent torch; record why not
         ceilings.notes.append(f"fp8 peak unavailable: {short_error(exc)}")
     ceilings.notes.append(
-        f"copy/read over {buffer_bytes / GiB:g} GiB float32; matmul {n}^3 random data, "
+        f"copy/read over {buffer_bytes / GiB:g} GiB float32 (read: the faster of torch.sum and "
+        f"a Triton stream of 16-byte loads); matmul {n}^3 random data, "
         "median of do_bench-schedule reps (L2 read-flushed); fp8 via torch._scaled_mm e4m3 "
         "per-tensor scales"
     )
