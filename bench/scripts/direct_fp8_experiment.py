@@ -58,7 +58,7 @@ GEMM2_TILES = [(16, 128, 4, 8), (16, 128, 4, 12), (32, 128, 4, 8), (32, 128, 4, 
 SLOTS_PER_PROGRAM = [0, 2, 1]  # GEMM2's group_m; 0: all k (one program per token)
 
 
-def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
+def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -> dict:
     scheme = QuantScheme.parse(scheme_name)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, torch.device("cuda"))
     act = moekit.Activation.parse(preset.activation)
@@ -82,8 +82,8 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
     trials = {}
     best, best_us = heuristic, heuristic_us
     pers = sorted({min(p or preset.top_k, preset.top_k) for p in SLOTS_PER_PROGRAM})
-    for gemm, tiles, groups, group_ms in (("gemm1", GEMM1_TILES, k1, [1]),
-                                          ("gemm2", GEMM2_TILES, k2, pers)):
+    searches = (("gemm1", GEMM1_TILES, k1, [1]), ("gemm2", GEMM2_TILES, k2, pers))
+    for gemm, tiles, groups, group_ms in searches if search else ():
         start = best
         for (n, k, w, s), group_m in itertools.product(tiles, group_ms):
             trial = dataclasses.replace(
@@ -95,7 +95,9 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
                 best, best_us = trial, us
 
     # Each launch of the best configuration alone: quantise hidden, GEMM1, quantise its
-    # output, GEMM2 (with a memset of its arrival counters when it splits a token's slots).
+    # output, GEMM2 (with a memset of its arrival counters when it splits a token's slots);
+    # and the two GEMMs chained on already quantised inputs: what the layer would cost if
+    # both quantisers were free (the bound on folding them into the GEMMs).
     groups = _groups_to_list(scheme)
     tiles = best.as_ints()
     quant1 = lambda: _gemm1_input(hidden, groups[2], groups[3], None)
@@ -108,15 +110,18 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps) -> dict:
     quant2 = lambda: quantize_inter(inter, None, groups[4])
     inter_q, inter_scale = quant2()
 
-    def gemm2():
-        if arrivals is not None:
-            arrivals.zero_()
+    def gemm2_alone():  # arrivals zeroed by the GEMM1 before it
         launch_direct_gemm2_fp8(inter_q, inter_scale, False, weights.w2.q, weights.w2.scale,
                                 weights.b2, topk.ids, topk.weights, groups, tiles[6:11], out,
                                 arrivals)
+
+    def gemm2():
+        if arrivals is not None:
+            arrivals.zero_()
+        gemm2_alone()
     stage_us = {name: round(graph_replay_us(fn, rep_ms), 2) for name, fn in
                 (("quantize1", quant1), ("gemm1", gemm1), ("quantize2", quant2),
-                 ("gemm2", gemm2))}
+                 ("gemm2", gemm2), ("gemm1+gemm2", lambda: (gemm1(), gemm2_alone())))}
 
     expected = fused_experts_quantized(hidden, weights.w13, weights.w2, topk.ids, topk.weights,
                                        scheme=scheme, activation=act, b13=weights.b13,
@@ -149,6 +154,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=PRESET_NAMES)
     parser.add_argument("--schemes", nargs="+", default=SCHEMES)
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--no-search", action="store_true",
+                        help="time the heuristic's direct tiles only (stages included)")
     args = parser.parse_args()
     copy_GBps, read_GBps = _bandwidths(1 << 28, "cuda", None)
     print(f"read {read_GBps:.0f} GB/s, copy {copy_GBps:.0f} GB/s", flush=True)
@@ -160,7 +167,7 @@ def main() -> None:
             weights = quantize_experts(bf16, scheme_name)
             for m in args.tokens:
                 row = time_cell(preset, weights, scheme_name, m, args.rep_ms,
-                                max(read_GBps, copy_GBps))
+                                max(read_GBps, copy_GBps), search=not args.no_search)
                 row["read_GBps"] = round(max(read_GBps, copy_GBps))
                 print(json.dumps({k: v for k, v in row.items() if k != "trials_us"}),
                       flush=True)
