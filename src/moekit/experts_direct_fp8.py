@@ -4,8 +4,8 @@
                   ─► _direct_gemm1_fp8_kernel: per pair, fp8 row × w13[e]ᵀ, scales, bias,
                      activation                                   ─► inter fp32 [M*k, I]
                   ─► _quantize_rows_kernel: 1×g groups (or the static scale) ─► fp8 inter
-                  ─► _direct_gemm2_fp8_kernel: per token, Σ_j w_j·(fp8 inter row × w2[e_j]ᵀ,
-                     scales, + b2)                                 ─► out [M, H]
+                  ─► _direct_gemm2_fp8_kernel: per token (or part of its slots),
+                     Σ_j w_j·(fp8 inter row × w2[e_j]ᵀ, scales, + b2) ─► out [M, H]
 
 The plan path's fp8 decode is five or six launches (amax, quantise, plan, GEMM1, GEMM2,
 combine); this is four, the GEMMs as lean as the 16-bit direct path's

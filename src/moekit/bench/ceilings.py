@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moekit.bench.l2_flush import L2Flush, flushed_samples_ms
+from moekit.bench.l2_flush import flushed_samples_ms, shared_flush
 from moekit.bench.stream_read import stream_read
 from moekit.bench.timing import short_error
 
@@ -77,7 +77,7 @@ def _median_ms(fn, reps: int | None = None, rep_ms: float = 200) -> float:
     """Median time of `fn` in ms: do_bench's schedule with a read flush of L2 on CUDA
     (`l2_flush`), perf_counter on the CPU."""
     if reps is None:
-        return statistics.median(flushed_samples_ms(fn, L2Flush("read"), 25, rep_ms))
+        return statistics.median(flushed_samples_ms(fn, shared_flush("read"), 25, rep_ms))
     fn()
     samples = []
     for _ in range(reps):

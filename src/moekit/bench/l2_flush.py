@@ -19,6 +19,7 @@ never touched. `read` is the default; `zero` reproduces numbers measured with do
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,17 @@ class L2Flush:
             torch.sum(self._buffer, dim=0, out=self._sum)
         else:
             self._buffer.zero_()
+
+
+def shared_flush(kind: str = "read") -> L2Flush:
+    """One `L2Flush` of each kind per CUDA device, made on first use and kept (its 256 MB
+    buffer is allocated once, not per timing)."""
+    return _flush_on(kind, torch.cuda.current_device())
+
+
+@functools.cache
+def _flush_on(kind: str, device_index: int) -> L2Flush:
+    return L2Flush(kind, torch.device("cuda", device_index))
 
 
 def flushed_samples_ms(fn: Callable[[], object], flush: L2Flush, warmup_ms: float,

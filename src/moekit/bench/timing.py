@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.bench.l2_flush import L2Flush, flushed_samples_ms
+from moekit.bench.l2_flush import flushed_samples_ms, shared_flush
 
 BACK_TO_BACK_MAX_US = 2000.0  # eager calls slower than this skip the back-to-back figure
 
@@ -114,7 +114,7 @@ class CudaTimer:
 
     def __init__(self, warmup_ms: float = 10, rep_ms: float = 100, cell_cap_s: float = 4.0,
                  back_to_back_ms: float = 20, l2_flush: str = "read"):
-        self.flush = L2Flush(l2_flush)
+        self.flush = shared_flush(l2_flush)
         self.warmup_ms = warmup_ms
         self.rep_ms = rep_ms
         self.cell_cap_ms = cell_cap_s * 1e3
@@ -238,10 +238,5 @@ def graph_replay_us(fn: Callable[[], object], rep_ms: float = 50, l2_flush: str 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    if l2_flush not in _FLUSHES:
-        _FLUSHES[l2_flush] = L2Flush(l2_flush)
-    samples = flushed_samples_ms(graph.replay, _FLUSHES[l2_flush], 10, rep_ms)
+    samples = flushed_samples_ms(graph.replay, shared_flush(l2_flush), 10, rep_ms)
     return statistics.median(samples) * 1e3
-
-
-_FLUSHES: dict[str, L2Flush] = {}  # graph_replay_us's, made on first use

@@ -52,6 +52,7 @@ _DIRECT_WIDE_PROGRAMS = 192
 # best, and at every token count of the fp8 direct path).
 _DIRECT_GEMM2_PROGRAMS = 256
 
+
 def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
     """Average rows an active expert receives under balanced routing."""
     pairs = num_tokens * top_k
