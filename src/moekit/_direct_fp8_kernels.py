@@ -37,7 +37,7 @@ from moekit._direct_kernels import (
     _sum_parts,
     _weight_cols,
 )
-from moekit._experts_fp8_kernels import _col_scales, _scaled_dot
+from moekit._experts_fp8_kernels import _col_scales, _quantize_row, _scaled_dot
 from moekit._experts_kernels import _bias_and_activate
 
 
@@ -56,7 +56,8 @@ def _k_group_scales(ptr, stride_k, K, GROUP_K: tl.constexpr, GROUPS: tl.constexp
 
 @triton.jit
 def _direct_gemm1_fp8_kernel(
-    x_ptr,  # [M, H] fp8: hidden, quantised
+    hidden_ptr,  # [M, H] 16-bit: hidden (read only when QUANTIZE_X)
+    x_ptr,  # [M, H] fp8: hidden, quantised (QUANTIZE_X: scratch this kernel writes)
     xs_ptr,  # hidden's scales: xs[token * stride_xsm (+ k // X_GROUP_K when X_PER_K)]
     w13_ptr,  # [E, N1, H] fp8; N1 = 2I (gate rows, then up rows) or I (relu2)
     ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
@@ -65,10 +66,12 @@ def _direct_gemm1_fp8_kernel(
     inter_ptr,  # [M*k, I] fp32, out
     arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
     num_experts,
+    num_tokens,
     H,
     I,
     top_k,
     tiles_per_token,
+    stride_hm,
     stride_xm,
     stride_xsm,
     stride_we,
@@ -94,11 +97,16 @@ def _direct_gemm1_fp8_kernel(
     W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
     W_GROUPS: tl.constexpr,  # ≥ H's weight K groups (W_PER_K), a power of two
     CLEAR_ARRIVALS: tl.constexpr,
+    QUANTIZE_X: tl.constexpr,  # quantise hidden here, in X_MODE (`_quantize_row`)
+    X_MODE: tl.constexpr,
+    FMAX: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr,
+    QUANT_BLOCK: tl.constexpr,  # `_quantize_row`'s BLOCK_K: a multiple of X_GROUP_K
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
-    `_direct_gemm1_kernel`)."""
+    `_direct_gemm1_kernel`; QUANTIZE_X: see the module doc)."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
@@ -107,6 +115,11 @@ def _direct_gemm1_fp8_kernel(
     if (expert < 0) | (expert >= num_experts):
         return
     token = (pair // top_k).to(tl.int64)
+    if QUANTIZE_X:
+        _quantize_row(hidden_ptr, x_ptr, xs_ptr, xs_ptr, 0, token, 0, H, num_tokens, H,
+                      stride_hm, stride_xm, stride_xsm, X_MODE, X_GROUP_K, FMAX, AMAX_FLOOR,
+                      QUANT_BLOCK, 16)
+        tl.debug_barrier()  # this program's stores, before its threads load them back
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
@@ -209,7 +222,8 @@ def _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0
 
 @triton.jit
 def _direct_gemm2_fp8_kernel(
-    inter_ptr,  # [M*k, I] fp8: GEMM2's input, quantised
+    inter_f32_ptr,  # [M*k, I] fp32: GEMM1's output (read only when QUANTIZE_A)
+    inter_ptr,  # [M*k, I] fp8: GEMM2's input, quantised (QUANTIZE_A: scratch written here)
     inter_scale_ptr,  # [M*k, ceil(I / A_GROUP_K)] fp32; static: [1]
     w2_ptr,  # [E, H, I] fp8
     ws_ptr,  # w2's scales, addressed like GEMM1's
@@ -222,6 +236,7 @@ def _direct_gemm2_fp8_kernel(
     num_experts,
     H,
     I,
+    stride_fm,
     stride_im,
     stride_ism,
     stride_we,
@@ -246,6 +261,10 @@ def _direct_gemm2_fp8_kernel(
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
     PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
+    QUANTIZE_A: tl.constexpr,  # quantise this part's rows of GEMM1's output here
+    FMAX: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr,
+    QUANT_BLOCK: tl.constexpr,  # `_quantize_row`'s BLOCK_K: a multiple of A_GROUP_K
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -271,6 +290,14 @@ def _direct_gemm2_fp8_kernel(
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
     slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
+    if QUANTIZE_A:
+        for j in tl.static_range(PER_PART):
+            if tl.sum(tl.where(slots == first + j, slot_ok, False).to(tl.int32)) > 0:
+                _quantize_row(inter_f32_ptr, inter_ptr, inter_scale_ptr, inter_scale_ptr, 0,
+                              token * TOP_K + first + j, 0, I, 1, I, stride_fm, stride_im,
+                              stride_ism, "static" if A_STATIC else "group", A_GROUP_K, FMAX,
+                              AMAX_FLOOR, QUANT_BLOCK, 16)
+        tl.debug_barrier()  # as in GEMM1
     router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
                                   stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
