@@ -39,6 +39,7 @@ from moekit._direct_kernels import (
 )
 from moekit._experts_fp8_kernels import _col_scales, _quantize_row, _scaled_dot
 from moekit._experts_kernels import _bias_and_activate
+from moekit._l2_prefetch import _prefetch_rows_l2
 
 
 @triton.jit
@@ -102,6 +103,7 @@ def _direct_gemm1_fp8_kernel(
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
     QUANT_BLOCK: tl.constexpr,  # `_quantize_row`'s BLOCK_K: a multiple of X_GROUP_K
+    PREFETCH_W: tl.constexpr,  # the program's weight rows into L2 first (`_l2_prefetch`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -115,13 +117,18 @@ def _direct_gemm1_fp8_kernel(
     if (expert < 0) | (expert >= num_experts):
         return
     token = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < I
+    if PREFETCH_W:
+        rows = w13_ptr + expert.to(tl.int64) * stride_we + tl.where(col_ok, offs_n, 0) * stride_wn
+        _prefetch_rows_l2(rows, H)
+        if GATED:
+            _prefetch_rows_l2(rows + I * stride_wn, H)
     if QUANTIZE_X:
         _quantize_row(hidden_ptr, x_ptr, xs_ptr, xs_ptr, 0, token, 0, H, num_tokens, H,
                       stride_hm, stride_xm, stride_xsm, X_MODE, X_GROUP_K, FMAX, AMAX_FLOOR,
                       QUANT_BLOCK, 16)
         tl.debug_barrier()  # this program's stores, before its threads load them back
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + token * stride_xm
     xs_row = xs_ptr + token * stride_xsm
@@ -265,6 +272,7 @@ def _direct_gemm2_fp8_kernel(
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
     QUANT_BLOCK: tl.constexpr,  # `_quantize_row`'s BLOCK_K: a multiple of A_GROUP_K
+    PREFETCH_W: tl.constexpr,  # as GEMM1's
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -290,6 +298,11 @@ def _direct_gemm2_fp8_kernel(
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
     slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
+    if PREFETCH_W:
+        for j in tl.static_range(PER_PART):
+            expert = tl.sum(tl.where(slots == first + j, slot_ids, 0))
+            _prefetch_rows_l2(w2_ptr + expert.to(tl.int64) * stride_we
+                              + tl.where(col_ok, offs_n, 0) * stride_wn, I)
     if QUANTIZE_A:
         for j in tl.static_range(PER_PART):
             if tl.sum(tl.where(slots == first + j, slot_ok, False).to(tl.int32)) > 0:

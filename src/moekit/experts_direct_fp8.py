@@ -35,7 +35,8 @@ from moekit.quant.scheme import FULL
 
 def launch_direct_experts_fp8(hidden, input_scale13, w13_q, w13_scale, w2_q, w2_scale,
                               input_scale2, topk_ids, topk_weights, b13, b2, activation, alpha,
-                              limit, groups, config, out, fold_quantizers=True) -> None:
+                              limit, groups, config, out, fold_quantizers=True,
+                              prefetch=False) -> None:
     """GEMM1 and GEMM2, each quantising its own input (`fold_quantizers`, the default), or
     each input quantised by a launch of its own first. `groups` is
     `experts_fp8._groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
@@ -46,12 +47,12 @@ def launch_direct_experts_fp8(hidden, input_scale13, w13_q, w13_scale, w2_q, w2_
         quantize_rows(hidden, x)
     inter = launch_direct_gemm1_fp8(hidden, x, fold_quantizers, w13_q, w13_scale, b13,
                                     topk_ids, w2_q.shape[2], activation, alpha, limit, groups,
-                                    config[1:6], arrivals)
+                                    config[1:6], arrivals, prefetch)
     inter_q = gemm2_input_rows(inter, groups, input_scale2)
     if not fold_quantizers:
         quantize_rows(inter, inter_q)
     launch_direct_gemm2_fp8(inter, inter_q, fold_quantizers, w2_q, w2_scale, b2, topk_ids,
-                            topk_weights, groups, config[6:11], out, arrivals)
+                            topk_weights, groups, config[6:11], out, arrivals, prefetch)
 
 
 def gemm1_input_rows(hidden: torch.Tensor, groups, static_scale) -> Fp8Rows:
@@ -74,8 +75,8 @@ def quantize_rows(x: torch.Tensor, rows: Fp8Rows) -> None:
 
 
 def launch_direct_gemm1_fp8(hidden, x, quantize, w13_q, w13_scale, b13, topk_ids, inter_size,
-                            activation, alpha, limit, groups, tiles,
-                            arrivals=None) -> torch.Tensor:
+                            activation, alpha, limit, groups, tiles, arrivals=None,
+                            prefetch=False) -> torch.Tensor:
     """GEMM1 + activation of every pair; returns `inter` [M*k, I] float32 in pair order,
     and zeroes `arrivals` (`experts_direct.gemm2_arrivals`) when given. `x`
     (`gemm1_input_rows`) holds hidden quantised, or is written from `hidden` by each
@@ -106,13 +107,15 @@ def launch_direct_gemm1_fp8(hidden, x, quantize, w13_q, w13_scale, b13, topk_ids
         W_GROUPS=_groups(hidden_size, w_group_k), CLEAR_ARRIVALS=arrivals is not None,
         QUANTIZE_X=quantize, X_MODE=x.mode, FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR,
         QUANT_BLOCK=quant_block(hidden_size, x.group_k),
+        PREFETCH_W=prefetch and hidden_size % 16 == 0,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return inter
 
 
 def launch_direct_gemm2_fp8(inter, inter_q, quantize, w2_q, w2_scale, b2, topk_ids,
-                            topk_weights, groups, tiles, out, arrivals=None) -> None:
+                            topk_weights, groups, tiles, out, arrivals=None,
+                            prefetch=False) -> None:
     """GEMM2 (+bias, × router weight) of every token's k slots, summed into `out` [M, H].
     `inter_q` (`gemm2_input_rows`) holds GEMM1's float32 output `inter` quantised, or is
     written from it by each program first (its slots' rows) when `quantize`; `tiles` and
@@ -138,6 +141,7 @@ def launch_direct_gemm2_fp8(inter, inter_q, quantize, w2_q, w2_scale, b2, topk_i
         TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, PARTS=parts,
         QUANTIZE_A=quantize, FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR,
         QUANT_BLOCK=quant_block(inter_size, inter_q.group_k),
+        PREFETCH_W=prefetch and inter_size % 16 == 0,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
 
