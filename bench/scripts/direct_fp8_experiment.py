@@ -1,8 +1,7 @@
 """Experiment: the fp8 direct path (quantisation inside two GEMMs) against the fp8 plan path.
 
 Also the direct path's best tiles with each GEMM input quantised by a launch of its own
-(`fold_quantizers=False`) against the library's folded GEMMs, each with and without the
-weight rows prefetched into L2 first (`prefetch=True`), and each launch alone.
+(`fold_quantizers=False`) against the library's folded GEMMs, and each launch alone.
 
 For each preset, fp8 scheme and small token count: the plan path (`plan_fp8_config`: five
 or six launches), the direct path at its heuristic tiles (`direct_fp8_config`), then a
@@ -110,44 +109,37 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
     tiles = best.as_ints()
     w13, w2 = weights.w13, weights.w2
 
-    def variant(fold, prefetch):
-        return lambda: launch_direct_experts_fp8(
-            hidden, None, w13.q, w13.scale, w2.q, w2.scale, None, topk.ids, topk.weights,
-            weights.b13, weights.b2, act.kind, act.alpha, act.limit, groups, tiles, out,
-            fold_quantizers=fold, prefetch=prefetch)
-    unfolded_us = graph_replay_us(variant(False, False), rep_ms)
+    def unfolded():
+        launch_direct_experts_fp8(hidden, None, w13.q, w13.scale, w2.q, w2.scale, None,
+                                  topk.ids, topk.weights, weights.b13, weights.b2, act.kind,
+                                  act.alpha, act.limit, groups, tiles, out,
+                                  fold_quantizers=False)
+    unfolded_us = graph_replay_us(unfolded, rep_ms)
     unfolded_out = out.clone()
-    prefetch_us = {f"{'folded' if fold else 'unfolded'}_prefetch":
-                   round(graph_replay_us(variant(fold, True), rep_ms), 2)
-                   for fold in (True, False)}
-    prefetch_out = out.clone()
     x = gemm1_input_rows(hidden, groups, None)
     quant1 = lambda: quantize_rows(hidden, x)
     quant1()
     arrivals = gemm2_arrivals(topk.ids, preset.hidden, tiles[6:11])
-    gemm1 = lambda fold=False, prefetch=False: launch_direct_gemm1_fp8(
+    gemm1 = lambda fold=False: launch_direct_gemm1_fp8(
         hidden, x, fold, w13.q, w13.scale, weights.b13, topk.ids, preset.inter, act.kind,
-        act.alpha, act.limit, groups, tiles[1:6], arrivals, prefetch)
+        act.alpha, act.limit, groups, tiles[1:6], arrivals)
     inter = gemm1()
     inter_q = gemm2_input_rows(inter, groups, None)
     quant2 = lambda: quantize_rows(inter, inter_q)
     quant2()
 
-    def gemm2_alone(fold=False, prefetch=False):  # arrivals zeroed by the GEMM1 before it
+    def gemm2_alone(fold=False):  # arrivals zeroed by the GEMM1 before it
         launch_direct_gemm2_fp8(inter, inter_q, fold, w2.q, w2.scale, weights.b2, topk.ids,
-                                topk.weights, groups, tiles[6:11], out, arrivals, prefetch)
+                                topk.weights, groups, tiles[6:11], out, arrivals)
 
-    def gemm2(fold=False, prefetch=False):
+    def gemm2(fold=False):
         if arrivals is not None:
             arrivals.zero_()
-        gemm2_alone(fold, prefetch)
+        gemm2_alone(fold)
     stage_us = {name: round(graph_replay_us(fn, rep_ms), 2) for name, fn in
                 (("quantize1", quant1), ("gemm1", gemm1), ("gemm1_folded", lambda: gemm1(True)),
-                 ("gemm1_prefetch", lambda: gemm1(False, True)),
-                 ("gemm1_folded_prefetch", lambda: gemm1(True, True)),
                  ("quantize2", quant2), ("gemm2", gemm2), ("gemm2_folded", lambda: gemm2(True)),
-                 ("gemm2_prefetch", lambda: gemm2(False, True)),
-                 ("gemm2_folded_prefetch", lambda: gemm2(True, True)),
+
                  ("gemm1+gemm2", lambda: (gemm1(), gemm2_alone())))}
 
     expected = fused_experts_quantized(hidden, weights.w13, weights.w2, topk.ids, topk.weights,
@@ -169,12 +161,12 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
             "best_roofline": round(floor / best_us, 3),
             "heuristic_over_best": round(heuristic_us / best_us, 3),
             "best_unfolded_us": round(unfolded_us, 2),
-            "fold_speedup": round(unfolded_us / best_us, 3), **prefetch_us,
+            "fold_speedup": round(unfolded_us / best_us, 3),
             "best_stage_us": stage_us,
             "heuristic": str(heuristic), "best": str(best),
             "trials_us": {k: round(v, 2) for k, v in trials.items()},
             "plan_rel_err": err(plan_out), "direct_rel_err": err(heuristic_out),
-            "unfolded_rel_err": err(unfolded_out), "prefetch_rel_err": err(prefetch_out)}
+            "unfolded_rel_err": err(unfolded_out)}
 
 
 def main() -> None:

@@ -37,9 +37,14 @@ from moekit._direct_kernels import (
     _sum_parts,
     _weight_cols,
 )
-from moekit._experts_fp8_kernels import _col_scales, _quantize_row, _scaled_dot
+from moekit._experts_fp8_kernels import (
+    _col_scales,
+    _group_scales,
+    _quantize,
+    _scale_from_amax,
+    _scaled_dot,
+)
 from moekit._experts_kernels import _bias_and_activate
-from moekit._l2_prefetch import _prefetch_rows_l2
 
 
 @triton.jit
@@ -53,6 +58,41 @@ def _k_group_scales(ptr, stride_k, K, GROUP_K: tl.constexpr, GROUPS: tl.constexp
     """[GROUPS] scales along K from `ptr`, one per K group (zeros past K)."""
     groups = tl.arange(0, GROUPS)
     return tl.load(ptr + groups * stride_k, mask=groups * GROUP_K < K, other=0.0)
+
+
+@triton.jit
+def _quantize_rows_at_once(src_ptr, dst_ptr, scale_ptr, rows, row_ok, store_ok, K, stride_src,
+                           stride_dst, stride_s, MODE: tl.constexpr, GROUP: tl.constexpr,
+                           FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows `rows` [R] of src (those `row_ok`) quantised whole, in one [R, BLOCK] load
+    (BLOCK ≥ K), into dst where `store_ok`, with their scales (`_quantize_rows_kernel`'s
+    MODEs but "tensor"; "tensor_rows" takes its amax over every `row_ok` row).
+
+    A GEMM's prologue, where every memory round trip delays the weight stream: one load,
+    the amax and quantisation in registers, one store."""
+    cols = tl.arange(0, BLOCK)
+    in_row = (cols < K)[None, :]
+    x = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
+                mask=row_ok[:, None] & in_row, other=0.0).to(tl.float32)
+    if MODE == "group":
+        q, scales = _group_scales(x, GROUP, FMAX, AMAX_FLOOR)
+        groups = tl.arange(0, BLOCK // GROUP)
+        tl.store(scale_ptr + rows[:, None] * stride_s + groups[None, :], scales,
+                 mask=store_ok[:, None] & (groups * GROUP < K)[None, :])
+    else:
+        if MODE == "static":
+            scale = tl.load(scale_ptr)
+        elif MODE == "tensor_rows":
+            scale = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX,
+                                     AMAX_FLOOR)
+            tl.store(scale_ptr, scale)  # the same value from every program
+        else:  # "token"
+            row_scales = _scale_from_amax(tl.max(tl.abs(x), axis=1), FMAX, AMAX_FLOOR)
+            tl.store(scale_ptr + rows * stride_s, row_scales, mask=store_ok)
+            scale = row_scales[:, None]
+        q = _quantize(x, scale, FMAX)
+    tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :],
+             q.to(dst_ptr.dtype.element_ty), mask=store_ok[:, None] & in_row)
 
 
 @triton.jit
@@ -98,12 +138,12 @@ def _direct_gemm1_fp8_kernel(
     W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
     W_GROUPS: tl.constexpr,  # ≥ H's weight K groups (W_PER_K), a power of two
     CLEAR_ARRIVALS: tl.constexpr,
-    QUANTIZE_X: tl.constexpr,  # quantise hidden here, in X_MODE (`_quantize_row`)
+    QUANTIZE_X: tl.constexpr,  # quantise hidden here, in X_MODE (`_quantize_rows_at_once`)
     X_MODE: tl.constexpr,
+    X_ROWS: tl.constexpr,  # ≥ M, a power of two ("tensor_rows")
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
-    QUANT_BLOCK: tl.constexpr,  # `_quantize_row`'s BLOCK_K: a multiple of X_GROUP_K
-    PREFETCH_W: tl.constexpr,  # the program's weight rows into L2 first (`_l2_prefetch`)
+    QUANT_BLOCK: tl.constexpr,  # ≥ H, a power of two and a multiple of X_GROUP_K
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -119,15 +159,18 @@ def _direct_gemm1_fp8_kernel(
     token = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
-    if PREFETCH_W:
-        rows = w13_ptr + expert.to(tl.int64) * stride_we + tl.where(col_ok, offs_n, 0) * stride_wn
-        _prefetch_rows_l2(rows, H)
-        if GATED:
-            _prefetch_rows_l2(rows + I * stride_wn, H)
     if QUANTIZE_X:
-        _quantize_row(hidden_ptr, x_ptr, xs_ptr, xs_ptr, 0, token, 0, H, num_tokens, H,
-                      stride_hm, stride_xm, stride_xsm, X_MODE, X_GROUP_K, FMAX, AMAX_FLOOR,
-                      QUANT_BLOCK, 16)
+        if X_MODE == "tensor_rows":  # every token's row for the amax, this one's stored
+            rows = tl.arange(0, X_ROWS).to(tl.int64)
+            _quantize_rows_at_once(hidden_ptr, x_ptr, xs_ptr, rows, rows < num_tokens,
+                                   rows == token, H, stride_hm, stride_xm, stride_xsm, X_MODE,
+                                   X_GROUP_K, FMAX, AMAX_FLOOR, QUANT_BLOCK)
+        else:
+            rows = token + tl.zeros([1], dtype=tl.int64)
+            ok = rows >= 0
+            _quantize_rows_at_once(hidden_ptr, x_ptr, xs_ptr, rows, ok, ok, H, stride_hm,
+                                   stride_xm, stride_xsm, X_MODE, X_GROUP_K, FMAX, AMAX_FLOOR,
+                                   QUANT_BLOCK)
         tl.debug_barrier()  # this program's stores, before its threads load them back
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + token * stride_xm
@@ -271,8 +314,7 @@ def _direct_gemm2_fp8_kernel(
     QUANTIZE_A: tl.constexpr,  # quantise this part's rows of GEMM1's output here
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
-    QUANT_BLOCK: tl.constexpr,  # `_quantize_row`'s BLOCK_K: a multiple of A_GROUP_K
-    PREFETCH_W: tl.constexpr,  # as GEMM1's
+    QUANT_BLOCK: tl.constexpr,  # ≥ I, a power of two and a multiple of A_GROUP_K
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -298,18 +340,12 @@ def _direct_gemm2_fp8_kernel(
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
     slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
-    if PREFETCH_W:
-        for j in tl.static_range(PER_PART):
-            expert = tl.sum(tl.where(slots == first + j, slot_ids, 0))
-            _prefetch_rows_l2(w2_ptr + expert.to(tl.int64) * stride_we
-                              + tl.where(col_ok, offs_n, 0) * stride_wn, I)
     if QUANTIZE_A:
-        for j in tl.static_range(PER_PART):
-            if tl.sum(tl.where(slots == first + j, slot_ok, False).to(tl.int32)) > 0:
-                _quantize_row(inter_f32_ptr, inter_ptr, inter_scale_ptr, inter_scale_ptr, 0,
-                              token * TOP_K + first + j, 0, I, 1, I, stride_fm, stride_im,
-                              stride_ism, "static" if A_STATIC else "group", A_GROUP_K, FMAX,
-                              AMAX_FLOOR, QUANT_BLOCK, 16)
+        _quantize_rows_at_once(inter_f32_ptr, inter_ptr, inter_scale_ptr,
+                               (token * TOP_K + slots).to(tl.int64), slot_ok, slot_ok, I,
+                               stride_fm, stride_im, stride_ism,
+                               "static" if A_STATIC else "group", A_GROUP_K, FMAX, AMAX_FLOOR,
+                               QUANT_BLOCK)
         tl.debug_barrier()  # as in GEMM1
     router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,

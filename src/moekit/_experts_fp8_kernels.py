@@ -124,21 +124,8 @@ def _quantize_rows_kernel(
     over several programs (a serial loop over a 14336-wide row measured 21 µs on an
     H200); a per-token or per-tensor scale is computed by a program that has the whole
     row (`chunk` ≥ K)."""
+    row = tl.program_id(0).to(tl.int64)
     k_first = tl.program_id(1) * chunk
-    _quantize_row(x_ptr, q_ptr, scale_ptr, partials_ptr, num_partials, tl.program_id(0),
-                  k_first, tl.minimum(K, k_first + chunk), num_rows, K, stride_xm, stride_qm,
-                  stride_sm, MODE, GROUP, FMAX, AMAX_FLOOR, BLOCK_K, BLOCK_P)
-
-
-@triton.jit
-def _quantize_row(x_ptr, q_ptr, scale_ptr, partials_ptr, num_partials, row, k_first, k_end,
-                  num_rows, K, stride_xm, stride_qm, stride_sm, MODE: tl.constexpr,
-                  GROUP: tl.constexpr, FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Values [k_first, k_end) of row `row` of x quantised into q, their scales written
-    (as `_quantize_rows_kernel`'s arguments). A per-tensor scale is written by every
-    caller: the same value, so whichever store lands last leaves it."""
-    row = row.to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
     scale = 1.0
@@ -146,7 +133,8 @@ def _quantize_row(x_ptr, q_ptr, scale_ptr, partials_ptr, num_partials, row, k_fi
         scale = tl.load(scale_ptr)
     elif MODE == "tensor":
         scale = _tensor_scale(partials_ptr, num_partials, FMAX, AMAX_FLOOR, BLOCK_P)
-        tl.store(scale_ptr, scale)
+        if row == 0:
+            tl.store(scale_ptr, scale)
     elif MODE == "tensor_rows":  # a few rows: every program reads them all, no partials
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for r in range(0, num_rows):
@@ -155,7 +143,8 @@ def _quantize_row(x_ptr, q_ptr, scale_ptr, partials_ptr, num_partials, row, k_fi
                 x = tl.load(x_ptr + r * stride_xm + offs, mask=offs < K, other=0.0)
                 acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
         scale = _scale_from_amax(tl.max(acc, axis=0), FMAX, AMAX_FLOOR)
-        tl.store(scale_ptr, scale)
+        if row == 0:
+            tl.store(scale_ptr, scale)
     elif MODE == "token":
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -164,7 +153,7 @@ def _quantize_row(x_ptr, q_ptr, scale_ptr, partials_ptr, num_partials, row, k_fi
             acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
         scale = _scale_from_amax(tl.max(acc, axis=0), FMAX, AMAX_FLOOR)
         tl.store(scale_ptr + row * stride_sm, scale)
-    for k0 in range(k_first, k_end, BLOCK_K):
+    for k0 in range(k_first, tl.minimum(K, k_first + chunk), BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs < K
         x = tl.load(x_row + offs, mask=k_ok, other=0.0).to(tl.float32)

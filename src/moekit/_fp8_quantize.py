@@ -41,12 +41,6 @@ def empty_fp8_rows(x: torch.Tensor, mode: str, group: int,
     return Fp8Rows(q, scale, scale.stride(0), 1, group, mode)
 
 
-def quant_block(cols: int, group: int) -> int:
-    """`_quantize_row`'s BLOCK_K for rows of `cols` values inside a GEMM's prologue: one
-    pass where the row fits in _QUANT_BLOCK_K, never less than one group."""
-    return max(min(_QUANT_BLOCK_K, next_power_of_2(cols)), group)
-
-
 def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stride_sm: int,
                          mode: str, group: int, partials: torch.Tensor | None = None) -> None:
     """`_quantize_rows_kernel` over x [M, K] into q, writing (or, "static", reading) `scale`.

@@ -24,7 +24,6 @@ from moekit._fp8_quantize import (
     Fp8Rows,
     empty_fp8_rows,
     launch_quantize_rows,
-    quant_block,
 )
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
 from moekit._intmath import cdiv, next_power_of_2
@@ -35,8 +34,7 @@ from moekit.quant.scheme import FULL
 
 def launch_direct_experts_fp8(hidden, input_scale13, w13_q, w13_scale, w2_q, w2_scale,
                               input_scale2, topk_ids, topk_weights, b13, b2, activation, alpha,
-                              limit, groups, config, out, fold_quantizers=True,
-                              prefetch=False) -> None:
+                              limit, groups, config, out, fold_quantizers=True) -> None:
     """GEMM1 and GEMM2, each quantising its own input (`fold_quantizers`, the default), or
     each input quantised by a launch of its own first. `groups` is
     `experts_fp8._groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
@@ -47,12 +45,12 @@ def launch_direct_experts_fp8(hidden, input_scale13, w13_q, w13_scale, w2_q, w2_
         quantize_rows(hidden, x)
     inter = launch_direct_gemm1_fp8(hidden, x, fold_quantizers, w13_q, w13_scale, b13,
                                     topk_ids, w2_q.shape[2], activation, alpha, limit, groups,
-                                    config[1:6], arrivals, prefetch)
+                                    config[1:6], arrivals)
     inter_q = gemm2_input_rows(inter, groups, input_scale2)
     if not fold_quantizers:
         quantize_rows(inter, inter_q)
     launch_direct_gemm2_fp8(inter, inter_q, fold_quantizers, w2_q, w2_scale, b2, topk_ids,
-                            topk_weights, groups, config[6:11], out, arrivals, prefetch)
+                            topk_weights, groups, config[6:11], out, arrivals)
 
 
 def gemm1_input_rows(hidden: torch.Tensor, groups, static_scale) -> Fp8Rows:
@@ -75,8 +73,8 @@ def quantize_rows(x: torch.Tensor, rows: Fp8Rows) -> None:
 
 
 def launch_direct_gemm1_fp8(hidden, x, quantize, w13_q, w13_scale, b13, topk_ids, inter_size,
-                            activation, alpha, limit, groups, tiles, arrivals=None,
-                            prefetch=False) -> torch.Tensor:
+                            activation, alpha, limit, groups, tiles,
+                            arrivals=None) -> torch.Tensor:
     """GEMM1 + activation of every pair; returns `inter` [M*k, I] float32 in pair order,
     and zeroes `arrivals` (`experts_direct.gemm2_arrivals`) when given. `x`
     (`gemm1_input_rows`) holds hidden quantised, or is written from `hidden` by each
@@ -105,17 +103,15 @@ def launch_direct_gemm1_fp8(hidden, x, quantize, w13_q, w13_scale, b13, topk_ids
         X_GROUPS=_groups(hidden_size, a_group_k), W_PER_K=w_group_k != FULL,
         W_GROUP_N=ws[3], W_GROUP_K=ws[4], W_UNIFORM_N=uniform_along_n(ws, block_n, inter_size),
         W_GROUPS=_groups(hidden_size, w_group_k), CLEAR_ARRIVALS=arrivals is not None,
-        QUANTIZE_X=quantize, X_MODE=x.mode, FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR,
-        QUANT_BLOCK=quant_block(hidden_size, x.group_k),
-        PREFETCH_W=prefetch and hidden_size % 16 == 0,
+        QUANTIZE_X=quantize, X_MODE=x.mode, X_ROWS=next_power_of_2(num_tokens), FMAX=FMAX,
+        AMAX_FLOOR=AMAX_FLOOR, QUANT_BLOCK=max(next_power_of_2(hidden_size), x.group_k),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return inter
 
 
 def launch_direct_gemm2_fp8(inter, inter_q, quantize, w2_q, w2_scale, b2, topk_ids,
-                            topk_weights, groups, tiles, out, arrivals=None,
-                            prefetch=False) -> None:
+                            topk_weights, groups, tiles, out, arrivals=None) -> None:
     """GEMM2 (+bias, × router weight) of every token's k slots, summed into `out` [M, H].
     `inter_q` (`gemm2_input_rows`) holds GEMM1's float32 output `inter` quantised, or is
     written from it by each program first (its slots' rows) when `quantize`; `tiles` and
@@ -140,8 +136,7 @@ def launch_direct_gemm2_fp8(inter, inter_q, quantize, w2_q, w2_scale, b2, topk_i
         W_UNIFORM_N=uniform_along_n(ws, block_n, 0), W_GROUPS=_groups(inter_size, w_group_k),
         TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, PARTS=parts,
         QUANTIZE_A=quantize, FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR,
-        QUANT_BLOCK=quant_block(inter_size, inter_q.group_k),
-        PREFETCH_W=prefetch and inter_size % 16 == 0,
+        QUANT_BLOCK=max(next_power_of_2(inter_size), inter_q.group_k),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
 
