@@ -1,8 +1,5 @@
 """Experiment: the fp8 direct path (quantisation inside two GEMMs) against the fp8 plan path.
 
-Also the direct path's best tiles with each GEMM input quantised by a launch of its own
-(`fold_quantizers=False`) against the library's folded GEMMs, and each launch alone.
-
 For each preset, fp8 scheme and small token count: the plan path (`plan_fp8_config`: five
 or six launches), the direct path at its heuristic tiles (`direct_fp8_config`), then a
 coordinate search over direct tiles (GEMM1's with GEMM2 at the heuristic's, then GEMM2's
@@ -34,15 +31,13 @@ from moekit.bench.roofline import moe_cost
 from moekit.bench.timing import graph_replay_us
 from moekit.experts_direct import gemm2_arrivals
 from moekit.experts_direct_fp8 import (
-    gemm1_input_rows,
-    gemm2_input_rows,
-    launch_direct_experts_fp8,
     launch_direct_gemm1_fp8,
     launch_direct_gemm2_fp8,
-    quantize_rows,
+    quantize_inter,
 )
 from moekit.experts_fp8 import (
     _fit_k,
+    _gemm1_input,
     _groups_to_list,
     _k_groups,
     direct_fp8_config,
@@ -99,48 +94,34 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
             if us < best_us:
                 best, best_us = trial, us
 
-    # The best configuration with each GEMM input quantised by a launch of its own (as
-    # before the quantisers were folded into the GEMMs) against the library's folded
-    # path; and each launch alone: quantise hidden, GEMM1, quantise its output, GEMM2
-    # (with a memset of its arrival counters when it splits a token's slots), folded or
-    # not, and the two unfolded GEMMs chained on already quantised inputs (the bound on
-    # folding the quantisers in).
+    # Each launch of the best configuration alone: quantise hidden, GEMM1, quantise its
+    # output, GEMM2 (with a memset of its arrival counters when it splits a token's slots);
+    # and the two GEMMs chained on already quantised inputs: what the layer would cost if
+    # both quantisers were free (the bound on folding them into the GEMMs).
     groups = _groups_to_list(scheme)
     tiles = best.as_ints()
-    w13, w2 = weights.w13, weights.w2
-
-    def unfolded():
-        launch_direct_experts_fp8(hidden, None, w13.q, w13.scale, w2.q, w2.scale, None,
-                                  topk.ids, topk.weights, weights.b13, weights.b2, act.kind,
-                                  act.alpha, act.limit, groups, tiles, out,
-                                  fold_quantizers=False)
-    unfolded_us = graph_replay_us(unfolded, rep_ms)
-    unfolded_out = out.clone()
-    x = gemm1_input_rows(hidden, groups, None)
-    quant1 = lambda: quantize_rows(hidden, x)
-    quant1()
+    quant1 = lambda: _gemm1_input(hidden, groups[2], groups[3], None)
+    x = quant1()
     arrivals = gemm2_arrivals(topk.ids, preset.hidden, tiles[6:11])
-    gemm1 = lambda fold=False: launch_direct_gemm1_fp8(
-        hidden, x, fold, w13.q, w13.scale, weights.b13, topk.ids, preset.inter, act.kind,
-        act.alpha, act.limit, groups, tiles[1:6], arrivals)
+    gemm1 = lambda: launch_direct_gemm1_fp8(
+        x.x, x.scale, x.stride_sm, weights.w13.q, weights.w13.scale, weights.b13, topk.ids,
+        preset.inter, act.kind, act.alpha, act.limit, groups, tiles[1:6], arrivals)
     inter = gemm1()
-    inter_q = gemm2_input_rows(inter, groups, None)
-    quant2 = lambda: quantize_rows(inter, inter_q)
-    quant2()
+    quant2 = lambda: quantize_inter(inter, None, groups[4])
+    inter_q, inter_scale = quant2()
 
-    def gemm2_alone(fold=False):  # arrivals zeroed by the GEMM1 before it
-        launch_direct_gemm2_fp8(inter, inter_q, fold, w2.q, w2.scale, weights.b2, topk.ids,
-                                topk.weights, groups, tiles[6:11], out, arrivals)
+    def gemm2_alone():  # arrivals zeroed by the GEMM1 before it
+        launch_direct_gemm2_fp8(inter_q, inter_scale, False, weights.w2.q, weights.w2.scale,
+                                weights.b2, topk.ids, topk.weights, groups, tiles[6:11], out,
+                                arrivals)
 
-    def gemm2(fold=False):
+    def gemm2():
         if arrivals is not None:
             arrivals.zero_()
-        gemm2_alone(fold)
+        gemm2_alone()
     stage_us = {name: round(graph_replay_us(fn, rep_ms), 2) for name, fn in
-                (("quantize1", quant1), ("gemm1", gemm1), ("gemm1_folded", lambda: gemm1(True)),
-                 ("quantize2", quant2), ("gemm2", gemm2), ("gemm2_folded", lambda: gemm2(True)),
-
-                 ("gemm1+gemm2", lambda: (gemm1(), gemm2_alone())))}
+                (("quantize1", quant1), ("gemm1", gemm1), ("quantize2", quant2),
+                 ("gemm2", gemm2), ("gemm1+gemm2", lambda: (gemm1(), gemm2_alone())))}
 
     expected = fused_experts_quantized(hidden, weights.w13, weights.w2, topk.ids, topk.weights,
                                        scheme=scheme, activation=act, b13=weights.b13,
@@ -160,13 +141,10 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
             "heuristic_roofline": round(floor / heuristic_us, 3),
             "best_roofline": round(floor / best_us, 3),
             "heuristic_over_best": round(heuristic_us / best_us, 3),
-            "best_unfolded_us": round(unfolded_us, 2),
-            "fold_speedup": round(unfolded_us / best_us, 3),
             "best_stage_us": stage_us,
             "heuristic": str(heuristic), "best": str(best),
             "trials_us": {k: round(v, 2) for k, v in trials.items()},
-            "plan_rel_err": err(plan_out), "direct_rel_err": err(heuristic_out),
-            "unfolded_rel_err": err(unfolded_out)}
+            "plan_rel_err": err(plan_out), "direct_rel_err": err(heuristic_out)}
 
 
 def main() -> None:

@@ -37,13 +37,7 @@ from moekit._direct_kernels import (
     _sum_parts,
     _weight_cols,
 )
-from moekit._experts_fp8_kernels import (
-    _col_scales,
-    _group_scales,
-    _quantize,
-    _scale_from_amax,
-    _scaled_dot,
-)
+from moekit._experts_fp8_kernels import _col_scales, _scaled_dot
 from moekit._experts_kernels import _bias_and_activate
 
 
@@ -61,44 +55,8 @@ def _k_group_scales(ptr, stride_k, K, GROUP_K: tl.constexpr, GROUPS: tl.constexp
 
 
 @triton.jit
-def _quantize_rows_at_once(src_ptr, dst_ptr, scale_ptr, rows, row_ok, store_ok, K, stride_src,
-                           stride_dst, stride_s, MODE: tl.constexpr, GROUP: tl.constexpr,
-                           FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows `rows` [R] of src (those `row_ok`) quantised whole, in one [R, BLOCK] load
-    (BLOCK ≥ K), into dst where `store_ok`, with their scales (`_quantize_rows_kernel`'s
-    MODEs but "tensor"; "tensor_rows" takes its amax over every `row_ok` row).
-
-    A GEMM's prologue, where every memory round trip delays the weight stream: one load,
-    the amax and quantisation in registers, one store."""
-    cols = tl.arange(0, BLOCK)
-    in_row = (cols < K)[None, :]
-    x = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
-                mask=row_ok[:, None] & in_row, other=0.0).to(tl.float32)
-    if MODE == "group":
-        q, scales = _group_scales(x, GROUP, FMAX, AMAX_FLOOR)
-        groups = tl.arange(0, BLOCK // GROUP)
-        tl.store(scale_ptr + rows[:, None] * stride_s + groups[None, :], scales,
-                 mask=store_ok[:, None] & (groups * GROUP < K)[None, :])
-    else:
-        if MODE == "static":
-            scale = tl.load(scale_ptr)
-        elif MODE == "tensor_rows":
-            scale = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX,
-                                     AMAX_FLOOR)
-            tl.store(scale_ptr, scale)  # the same value from every program
-        else:  # "token"
-            row_scales = _scale_from_amax(tl.max(tl.abs(x), axis=1), FMAX, AMAX_FLOOR)
-            tl.store(scale_ptr + rows * stride_s, row_scales, mask=store_ok)
-            scale = row_scales[:, None]
-        q = _quantize(x, scale, FMAX)
-    tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :],
-             q.to(dst_ptr.dtype.element_ty), mask=store_ok[:, None] & in_row)
-
-
-@triton.jit
 def _direct_gemm1_fp8_kernel(
-    hidden_ptr,  # [M, H] 16-bit: hidden (read only when QUANTIZE_X)
-    x_ptr,  # [M, H] fp8: hidden, quantised (QUANTIZE_X: scratch this kernel writes)
+    x_ptr,  # [M, H] fp8: hidden, quantised
     xs_ptr,  # hidden's scales: xs[token * stride_xsm (+ k // X_GROUP_K when X_PER_K)]
     w13_ptr,  # [E, N1, H] fp8; N1 = 2I (gate rows, then up rows) or I (relu2)
     ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
@@ -107,12 +65,10 @@ def _direct_gemm1_fp8_kernel(
     inter_ptr,  # [M*k, I] fp32, out
     arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
     num_experts,
-    num_tokens,
     H,
     I,
     top_k,
     tiles_per_token,
-    stride_hm,
     stride_xm,
     stride_xsm,
     stride_we,
@@ -138,17 +94,11 @@ def _direct_gemm1_fp8_kernel(
     W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
     W_GROUPS: tl.constexpr,  # ≥ H's weight K groups (W_PER_K), a power of two
     CLEAR_ARRIVALS: tl.constexpr,
-    QUANTIZE_X: tl.constexpr,  # quantise hidden here, in X_MODE (`_quantize_rows_at_once`)
-    X_MODE: tl.constexpr,
-    X_ROWS: tl.constexpr,  # ≥ M, a power of two ("tensor_rows")
-    FMAX: tl.constexpr,
-    AMAX_FLOOR: tl.constexpr,
-    QUANT_BLOCK: tl.constexpr,  # ≥ H, a power of two and a multiple of X_GROUP_K
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
-    `_direct_gemm1_kernel`; QUANTIZE_X: see the module doc)."""
+    `_direct_gemm1_kernel`)."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
@@ -159,19 +109,6 @@ def _direct_gemm1_fp8_kernel(
     token = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
-    if QUANTIZE_X:
-        if X_MODE == "tensor_rows":  # every token's row for the amax, this one's stored
-            rows = tl.arange(0, X_ROWS).to(tl.int64)
-            _quantize_rows_at_once(hidden_ptr, x_ptr, xs_ptr, rows, rows < num_tokens,
-                                   rows == token, H, stride_hm, stride_xm, stride_xsm, X_MODE,
-                                   X_GROUP_K, FMAX, AMAX_FLOOR, QUANT_BLOCK)
-        else:
-            rows = token + tl.zeros([1], dtype=tl.int64)
-            ok = rows >= 0
-            _quantize_rows_at_once(hidden_ptr, x_ptr, xs_ptr, rows, ok, ok, H, stride_hm,
-                                   stride_xm, stride_xsm, X_MODE, X_GROUP_K, FMAX, AMAX_FLOOR,
-                                   QUANT_BLOCK)
-        tl.debug_barrier()  # this program's stores, before its threads load them back
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + token * stride_xm
     xs_row = xs_ptr + token * stride_xsm
@@ -272,8 +209,7 @@ def _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0
 
 @triton.jit
 def _direct_gemm2_fp8_kernel(
-    inter_f32_ptr,  # [M*k, I] fp32: GEMM1's output (read only when QUANTIZE_A)
-    inter_ptr,  # [M*k, I] fp8: GEMM2's input, quantised (QUANTIZE_A: scratch written here)
+    inter_ptr,  # [M*k, I] fp8: GEMM2's input, quantised
     inter_scale_ptr,  # [M*k, ceil(I / A_GROUP_K)] fp32; static: [1]
     w2_ptr,  # [E, H, I] fp8
     ws_ptr,  # w2's scales, addressed like GEMM1's
@@ -286,7 +222,6 @@ def _direct_gemm2_fp8_kernel(
     num_experts,
     H,
     I,
-    stride_fm,
     stride_im,
     stride_ism,
     stride_we,
@@ -311,10 +246,6 @@ def _direct_gemm2_fp8_kernel(
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
     PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
-    QUANTIZE_A: tl.constexpr,  # quantise this part's rows of GEMM1's output here
-    FMAX: tl.constexpr,
-    AMAX_FLOOR: tl.constexpr,
-    QUANT_BLOCK: tl.constexpr,  # ≥ I, a power of two and a multiple of A_GROUP_K
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -340,13 +271,6 @@ def _direct_gemm2_fp8_kernel(
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
     slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
-    if QUANTIZE_A:
-        _quantize_rows_at_once(inter_f32_ptr, inter_ptr, inter_scale_ptr,
-                               (token * TOP_K + slots).to(tl.int64), slot_ok, slot_ok, I,
-                               stride_fm, stride_im, stride_ism,
-                               "static" if A_STATIC else "group", A_GROUP_K, FMAX, AMAX_FLOOR,
-                               QUANT_BLOCK)
-        tl.debug_barrier()  # as in GEMM1
     router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
                                   stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,

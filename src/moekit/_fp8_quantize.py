@@ -1,8 +1,6 @@
-"""The fp8 row quantiser's buffers and launch, shared by the plan and direct fp8 paths."""
+"""The launch of the fp8 row quantiser, shared by the plan and direct fp8 paths."""
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
@@ -12,33 +10,6 @@ from moekit.quant import AMAX_FLOOR
 
 FMAX = 448.0  # e4m3fn's largest finite magnitude
 _QUANT_BLOCK_K = 1024
-
-
-class Fp8Rows(NamedTuple):
-    """Rows quantised to fp8 as a GEMM reads them: values, scales and the scales' strides."""
-
-    x: torch.Tensor  # [M, K] fp8
-    scale: torch.Tensor  # "static": the scale as given; "tensor" [1]; "token" [M]; "group"
-    # [M, ceil(K / group)]
-    stride_sm: int
-    stride_sk: int
-    group_k: int  # "group": the 1×g group; else 1
-    mode: str  # "static", "tensor", "token" or "group" (`activation_mode`)
-
-
-def empty_fp8_rows(x: torch.Tensor, mode: str, group: int,
-                   static_scale: torch.Tensor | None = None) -> Fp8Rows:
-    """Unwritten `Fp8Rows` for x [M, K] quantised in `mode` (1×`group` groups in "group")."""
-    rows, cols = x.shape
-    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=x.device)
-    if mode == "static":
-        return Fp8Rows(q, static_scale, 0, 0, 1, mode)
-    if mode == "tensor":
-        return Fp8Rows(q, torch.empty(1, dtype=torch.float32, device=x.device), 0, 0, 1, mode)
-    if mode == "token":
-        return Fp8Rows(q, torch.empty(rows, dtype=torch.float32, device=x.device), 1, 0, 1, mode)
-    scale = torch.empty((rows, cdiv(cols, group)), dtype=torch.float32, device=x.device)
-    return Fp8Rows(q, scale, scale.stride(0), 1, group, mode)
 
 
 def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stride_sm: int,

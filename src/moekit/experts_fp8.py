@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -60,7 +61,7 @@ from moekit._experts_fp8_kernels import (
     _gemm2_fp8_kernel,
 )
 from moekit._experts_kernels import _combine_kernel
-from moekit._fp8_quantize import FMAX, Fp8Rows, empty_fp8_rows, launch_quantize_rows
+from moekit._fp8_quantize import FMAX, launch_quantize_rows
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
 from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
@@ -285,6 +286,16 @@ def _groups_to_list(scheme: QuantScheme) -> list[int]:
             inter.group[1] if inter.dynamic else FULL]
 
 
+class _Gemm1Input(NamedTuple):
+    """What `_gemm1_fp8_kernel` reads of hidden (its x and xs)."""
+
+    x: torch.Tensor  # [M, H] fp8
+    scale: torch.Tensor  # xs: hidden's scales (the static scale as given)
+    stride_sm: int
+    stride_sk: int
+    group_k: int
+
+
 def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
     """Launch `_amax_partials_kernel`: [P] fp32 maxima of |hidden| over P chunks."""
     numel = hidden.numel()
@@ -298,17 +309,30 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
-                 static_scale: torch.Tensor | None) -> Fp8Rows:
+                 static_scale: torch.Tensor | None) -> _Gemm1Input:
     """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`;
     first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows)."""
     num_tokens, hidden_size = hidden.shape
-    rows = empty_fp8_rows(hidden, activation_mode(group_m, group_k, static_scale), group_k,
-                          static_scale)
-    few_rows = rows.mode == "tensor" and num_tokens * hidden_size <= _TENSOR_ROWS_MAX
-    partials = _amax_partials(hidden) if rows.mode == "tensor" and not few_rows else None
-    launch_quantize_rows(hidden, rows.x, rows.scale, rows.stride_sm,
-                         "tensor_rows" if few_rows else rows.mode, rows.group_k, partials)
-    return rows
+    mode = activation_mode(group_m, group_k, static_scale)
+    few_rows = mode == "tensor" and num_tokens * hidden_size <= _TENSOR_ROWS_MAX
+    partials = _amax_partials(hidden) if mode == "tensor" and not few_rows else None
+    group = group_k if mode == "group" else 1
+    xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
+    if mode == "static":
+        scale, strides = static_scale, (0, 0)
+    elif mode == "tensor":
+        scale = torch.empty(1, dtype=torch.float32, device=hidden.device)
+        strides = (0, 0)
+    elif mode == "token":
+        scale = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        strides = (1, 0)
+    else:
+        scale = torch.empty((num_tokens, cdiv(hidden_size, group_k)),
+                            dtype=torch.float32, device=hidden.device)
+        strides = (scale.stride(0), 1)
+    launch_quantize_rows(hidden, xq, scale, strides[0], "tensor_rows" if few_rows else mode,
+                         group, partials)
+    return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
 
 def _launch_fused_experts_fp8(
@@ -339,12 +363,13 @@ def _launch_fused_experts_fp8(
     if num_tokens == 0:
         return
     w_group_n, w_group_k, a_group_m, a_group_k, inter_group = groups
-    if config[0] == DIRECT_BLOCK_M:
-        launch_direct_experts_fp8(hidden, input_scale13, w13_q, w13_scale, w2_q, w2_scale,
-                                  input_scale2, topk_ids, topk_weights, b13, b2, activation,
-                                  alpha, limit, groups, config, out)
-        return
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
+    if config[0] == DIRECT_BLOCK_M:
+        launch_direct_experts_fp8(hidden_in.x, hidden_in.scale, hidden_in.stride_sm, w13_q,
+                                  w13_scale, w2_q, w2_scale, input_scale2, topk_ids,
+                                  topk_weights, b13, b2, activation, alpha, limit, groups,
+                                  config, out)
+        return
     num_experts, _, inter = w2_q.shape
     top_k = topk_ids.shape[1]
     block_m, tail_m = config[0], config[11]
