@@ -172,6 +172,11 @@ DIRECT_CASES = [
     (SMALL_BLOCKS, 2, 5, 2, 96, 72, "gelu", False, torch.float32, direct(16, 32, 64, 32),
      {}, "32×32 blocks: GEMM2's 64-wide column tile spans two N groups (its scales read per "
      "step); GEMM1's up rows start off the groups (I = 72)"),
+    ("fp8_channel", 2, 6, 4, 128, 128, "silu", False, torch.float32, direct(32, 64, 64, 64),
+     {}, "per-channel: a token's 4 slots in one program, each slot's scales on its own row"),
+    ("fp8_channel", 1, 24, 18, 64, 64, "silu", True, torch.float32, direct(32, 64, 32, 64, per=18),
+     {"ids_transform": drop_some}, "k = 18: GEMM2's slots capped at the tile's 16 rows per "
+     "program (parts of 16 and 2); biases; −1 and sentinel ids"),
 ]
 
 

@@ -13,16 +13,18 @@ The 16-bit direct path (`moekit._direct_kernels`) with the fp8 formats of
 from `topk_ids`, the combine fused into GEMM2 in slot order (deterministic).
 
 A K step here is only the tiles' loads and the dot: every scale a step needs — the
-token's 1×g group scales, each slot's expert's weight scales, its router weight — is read
-before the K loop into a short vector (or a [slots, groups] matrix) and picked out per
-step. Quantising inside the loop, or reading a scale there, measured 2.5–10× slower than
-the plan path on an H200 (bench/NOTES.md, fp8 direct path): a step streams only a few KB
-of weights, so any fixed cost per step — the reductions across warps and the divisions of
-quantising, the layout round trip of a dot operand made in registers, a scale's round
-trip to memory (in the compiled loop only the dot's tiles are copied asynchronously) —
-sets the pace. So both GEMM inputs arrive quantised:
-hidden by the quantiser the plan path uses, GEMM2's input by the same kernel in 1×g groups
-of GEMM1's float32 output (GEMM1's 32-column tiles never see a whole group of a row).
+token's 1×g group scales, each slot's expert's K-group weight scales — is read before
+the K loop into a short vector (or a [slots, groups] matrix) and picked out per step;
+GEMM2 applies what is constant along K (router weights, per-expert or per-channel weight
+scales) after it, each slot's product held in a row of its own. Quantising inside the
+loop, or reading a scale there, measured 2.5–10× slower than the plan path on an H200
+(bench/NOTES.md, fp8 direct path): a step streams only a few KB of weights, so any fixed
+cost per step — the reductions across warps and the divisions of quantising, the layout
+round trip of a dot operand made in registers, a scale's round trip to memory (in the
+compiled loop only the dot's tiles are copied asynchronously) — sets the pace. So both
+GEMM inputs arrive quantised: hidden by the quantiser the plan path uses, GEMM2's input
+by the same kernel in 1×g groups of GEMM1's float32 output (GEMM1's 32-column tiles
+never see a whole group of a row).
 """
 
 import triton
@@ -34,6 +36,7 @@ from moekit._direct_kernels import (
     _first_row,
     _gate_up_cols,
     _part_slots,
+    _slot_row,
     _sum_parts,
     _weight_cols,
 )
@@ -170,9 +173,9 @@ def _direct_gemm1_fp8_kernel(
 def _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I, stride_wse,
                         stride_wsk, W_PER_K: tl.constexpr, W_GROUP_K: tl.constexpr,
                         W_UNIFORM_N: tl.constexpr, W_GROUPS: tl.constexpr):
-    """Every slot's w2 scales for this column tile, read once before the K loop: [SLOTS]
-    (one scale per expert), [SLOTS, BLOCK_N] (per column) or [SLOTS, W_GROUPS] (per K
-    group, the tile inside one N group); a placeholder when both vary (read per step)."""
+    """Every slot's w2 scales for this column tile, read once: [SLOTS] (one scale per
+    expert), [SLOTS, BLOCK_N] (per column) or [SLOTS, W_GROUPS] (per K group, the tile
+    inside one N group); a placeholder when both vary (read per step)."""
     experts = slot_ids.to(tl.int64) * stride_wse
     if not W_PER_K:
         if W_UNIFORM_N:
@@ -190,16 +193,12 @@ def _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I, str
 
 @triton.jit
 def _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0, col_ok,
-                       stride_wse, stride_wsk, W_PER_K: tl.constexpr, W_GROUP_K: tl.constexpr,
+                       stride_wse, stride_wsk, W_GROUP_K: tl.constexpr,
                        W_UNIFORM_N: tl.constexpr, W_GROUPS: tl.constexpr):
-    """This step's w2 scale from `_slot_weight_scales`' values (slot `this`, K tile k0): a
-    scalar, or [1, BLOCK_N] where it varies along N."""
-    if not W_PER_K:
-        if W_UNIFORM_N:
-            return tl.sum(tl.where(this, slot_ws, 0.0))
-        else:
-            return tl.sum(tl.where(this[:, None], slot_ws, 0.0), axis=0)[None, :]
-    elif W_UNIFORM_N:
+    """This step's w2 scale where the weight's scales group K (the others are applied
+    after the loop): from `_slot_weight_scales`' [SLOTS, W_GROUPS] (slot `this`, K tile
+    k0), a scalar; or read for this step, [1, BLOCK_N], where they vary along N too."""
+    if W_UNIFORM_N:
         group = tl.arange(0, W_GROUPS)[None, :] == k0 // W_GROUP_K
         return tl.sum(tl.sum(tl.where(this[:, None] & group, slot_ws, 0.0), axis=1), axis=0)
     else:
@@ -253,11 +252,15 @@ def _direct_gemm2_fp8_kernel(
     (`_sum_parts` adds the PARTS programs' sums).
 
     As `_direct_gemm2_kernel`: one flattened slot × K loop, the token's ids read once
-    before it — and here every scale too: the slots' input scales times their router
-    weights ([SLOTS, A_GROUPS], or [SLOTS] for a static scale) and their experts' weight
-    scales. Each step's
-    product is multiplied by its scales in fp32 and added; a skipped slot's router
-    weight and loads are zero.
+    before it — and the scales that vary along K too: the slots' input scales
+    ([SLOTS, A_GROUPS], or one static scale) and block-scaled weights' ([SLOTS, W_GROUPS]),
+    multiplied into each step's product in fp32. Each slot's product goes to a row of
+    its own of the dot's 16-row tile (row j: the part's slot j; PER_PART ≤ 16), so what
+    is constant along K — the router weight, a per-expert or per-channel weight scale — is
+    applied once after the loop, row by row, before the rows are summed in slot order: a
+    per-channel scale picked per step out of [SLOTS, BLOCK_N] cost a cross-warp reduction
+    every step (1.3–1.45× the per-tensor GEMM2, H200). A skipped slot's loads and weights
+    are zero.
     """
     token = tl.program_id(0) // PARTS
     part = tl.program_id(0) - token * PARTS
@@ -271,18 +274,15 @@ def _direct_gemm2_fp8_kernel(
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
     slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
-    router = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
-    slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
-                                  stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
-                                  W_GROUPS)
-    if A_STATIC:
-        slot_as = router * tl.load(inter_scale_ptr)  # [SLOTS]
-    else:
+    if W_PER_K:
+        slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
+                                      stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
+                                      W_GROUPS)
+    if not A_STATIC:
         groups = tl.arange(0, A_GROUPS)
         pairs = (token * TOP_K + slots).to(tl.int64)
         slot_as = tl.load(inter_scale_ptr + pairs[:, None] * stride_ism + groups[None, :],
                           mask=slot_ok[:, None] & (groups * A_GROUP_K < I)[None, :], other=0.0)
-        slot_as = slot_as * router[:, None]  # [SLOTS, A_GROUPS]
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for step in range(0, PER_PART * k_steps):
@@ -291,27 +291,49 @@ def _direct_gemm2_fp8_kernel(
         this = slots == slot
         expert = tl.sum(tl.where(this, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
-        a = _first_row(inter_ptr + (token * TOP_K + slot).to(tl.int64) * stride_im + k0, k0,
-                       offs_k, I, valid, EVEN_K)
+        a = _slot_row(inter_ptr + (token * TOP_K + slot).to(tl.int64) * stride_im + k0,
+                      slot - first, k0, offs_k, I, valid, EVEN_K)
         b = _weight_cols(w2_ptr + expert.to(tl.int64) * stride_we + k0 + cols, k0, col_ok,
                          offs_k, I, valid, EVEN_K, EVEN_N, True)
-        w_scale = _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0,
-                                     col_ok, stride_wse, stride_wsk, W_PER_K, W_GROUP_K,
-                                     W_UNIFORM_N, W_GROUPS)
         if A_STATIC:
-            a_scale = tl.sum(tl.where(this, slot_as, 0.0))
+            a_scale = 1.0
         else:
             group = tl.arange(0, A_GROUPS)[None, :] == k0 // A_GROUP_K
             a_scale = tl.sum(tl.sum(tl.where(this[:, None] & group, slot_as, 0.0), axis=1),
                              axis=0)
-        acc += tl.dot(a, b) * (w_scale * a_scale)
+        if W_PER_K:
+            w_scale = _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols,
+                                         scale_col0, col_ok, stride_wse, stride_wsk,
+                                         W_GROUP_K, W_UNIFORM_N, W_GROUPS)
+            acc += tl.dot(a, b) * (w_scale * a_scale)
+        elif A_STATIC:
+            acc += tl.dot(a, b)
+        else:
+            acc += tl.dot(a, b) * a_scale
 
+    # Row j of acc is slot first + j's product: its constant scales, then the sum.
+    rows = tl.arange(0, ROWS)
+    row_slot = first + rows
+    row_ok = (rows < PER_PART) & (row_slot < TOP_K)
+    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1)
+    row_ok = row_ok & (row_ids >= 0) & (row_ids < num_experts)
+    row_ids = tl.where(row_ok, row_ids, 0)
+    row_scale = tl.load(topk_weights_ptr + token * TOP_K + row_slot, mask=row_ok, other=0.0)
+    if A_STATIC:
+        row_scale = row_scale * tl.load(inter_scale_ptr)
+    if not W_PER_K:  # [ROWS] per expert, or [ROWS, BLOCK_N] per channel
+        row_ws = _slot_weight_scales(ws_ptr, row_ids, scale_cols, scale_col0, col_ok, I,
+                                     stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
+                                     W_GROUPS)
+        if W_UNIFORM_N:
+            acc = acc * row_ws[:, None]
+        else:
+            acc = acc * row_ws
+    total = tl.sum(acc * row_scale[:, None], axis=0)  # [BLOCK_N]
     if HAS_BIAS:
-        for j in tl.static_range(PER_PART):
-            this = slots == first + j
-            expert = tl.sum(tl.where(this, slot_ids, 0))
-            b_ptrs = b2_ptr + expert.to(tl.int64) * stride_be + offs_n
-            bias = tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)
-            acc += (bias * tl.sum(tl.where(this, router, 0.0)))[None, :]
+        bias = tl.load(b2_ptr + row_ids.to(tl.int64)[:, None] * stride_be + offs_n[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(bias * row_scale[:, None], axis=0)
+    acc = tl.where((rows == 0)[:, None], total[None, :], 0.0)
     _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
                H, stride_om, PARTS)

@@ -42,6 +42,16 @@ def _first_row(ptrs, k0, offs_k, K, valid, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _slot_row(ptrs, row, k0, offs_k, K, valid, EVEN_K: tl.constexpr):
+    """`_first_row` with the values in row `row` of the tile instead of row 0."""
+    rows = tl.arange(0, ROWS)[:, None]
+    mask = (rows == row) & valid
+    if not EVEN_K:
+        mask = mask & (offs_k + k0 < K)[None, :]
+    return tl.load(ptrs + rows * 0 + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _weight_cols(ptrs, k0, col_ok, offs_k, K, valid, EVEN_K: tl.constexpr,
                  EVEN_N: tl.constexpr, CHECK: tl.constexpr):
     """A [BLOCK_K, BLOCK_N] tile of a weight stored [N, K]; with CHECK the scalar `valid`
