@@ -96,6 +96,7 @@ def _direct_gemm1_fp8_kernel(
     W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
     W_GROUPS: tl.constexpr,  # ≥ H's weight K groups (W_PER_K), a power of two
+    SHARED_GROUPS: tl.constexpr,  # hidden's and the tile's weight scales group K alike
     CLEAR_ARRIVALS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -127,13 +128,16 @@ def _direct_gemm1_fp8_kernel(
     if W_PER_K and W_UNIFORM_N:
         g_scales = _k_group_scales(ws_gate0, stride_wsk, H, W_GROUP_K, W_GROUPS)
         u_scales = _k_group_scales(ws_up0, stride_wsk, H, W_GROUP_K, W_GROUPS)
+        if SHARED_GROUPS:  # products with hidden's: two picks per step, not three
+            g_scales = g_scales * x_scales
+            u_scales = u_scales * x_scales
 
     gate = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         x = _first_row(x_row + k0, k0, offs_k, H, True, EVEN_K)
         x_scale = 1.0
-        if X_PER_K:
+        if X_PER_K and not SHARED_GROUPS:
             x_scale = _pick(x_scales, k0 // X_GROUP_K)
         g = _weight_cols(g_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False)
         g_scale = 1.0
@@ -241,6 +245,7 @@ def _direct_gemm2_fp8_kernel(
     W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,
     W_GROUPS: tl.constexpr,  # ≥ I's weight K groups (W_PER_K), a power of two
+    SHARED_GROUPS: tl.constexpr,  # the input's and the tile's weight scales group K alike
     TOP_K: tl.constexpr,
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
@@ -283,6 +288,8 @@ def _direct_gemm2_fp8_kernel(
         pairs = (token * TOP_K + slots).to(tl.int64)
         slot_as = tl.load(inter_scale_ptr + pairs[:, None] * stride_ism + groups[None, :],
                           mask=slot_ok[:, None] & (groups * A_GROUP_K < I)[None, :], other=0.0)
+        if SHARED_GROUPS:  # one [SLOTS, groups] matrix: one pick per step, not two
+            slot_as = slot_as * slot_ws
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for step in range(0, PER_PART * k_steps):
@@ -301,7 +308,9 @@ def _direct_gemm2_fp8_kernel(
             group = tl.arange(0, A_GROUPS)[None, :] == k0 // A_GROUP_K
             a_scale = tl.sum(tl.sum(tl.where(this[:, None] & group, slot_as, 0.0), axis=1),
                              axis=0)
-        if W_PER_K:
+        if SHARED_GROUPS:
+            acc += tl.dot(a, b) * a_scale
+        elif W_PER_K:
             w_scale = _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols,
                                          scale_col0, col_ok, stride_wse, stride_wsk,
                                          W_GROUP_K, W_UNIFORM_N, W_GROUPS)

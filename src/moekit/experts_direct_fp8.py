@@ -69,7 +69,9 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         X_PER_K=x_per_k, X_GROUP_K=a_group_k if x_per_k else 1,
         X_GROUPS=_groups(hidden_size, a_group_k), W_PER_K=w_group_k != FULL,
         W_GROUP_N=ws[3], W_GROUP_K=ws[4], W_UNIFORM_N=uniform_along_n(ws, block_n, inter_size),
-        W_GROUPS=_groups(hidden_size, w_group_k), CLEAR_ARRIVALS=arrivals is not None,
+        W_GROUPS=_groups(hidden_size, w_group_k),
+        SHARED_GROUPS=_shared_groups(x_per_k, a_group_k, ws, block_n, inter_size),
+        CLEAR_ARRIVALS=arrivals is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return inter
@@ -115,6 +117,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
         A_GROUPS=1 if static else _groups(inter_size, inter_group),
         W_PER_K=w_group_k != FULL, W_GROUP_N=ws[3], W_GROUP_K=ws[4],
         W_UNIFORM_N=uniform_along_n(ws, block_n, 0), W_GROUPS=_groups(inter_size, w_group_k),
+        SHARED_GROUPS=_shared_groups(not static, inter_group, ws, block_n, 0),
         TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, PARTS=parts,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
@@ -123,3 +126,11 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
 def _groups(size: int, group: int) -> int:
     """K groups of `size` held in a register vector: a power of two, 1 with no K groups."""
     return 1 if group == FULL else next_power_of_2(cdiv(size, group))
+
+
+def _shared_groups(a_per_k: bool, a_group_k: int, ws, block_n: int, first_n: int) -> bool:
+    """Whether a direct GEMM can multiply its input's and its weight tile's K-group scales
+    together before the loop: both vary along K in the same groups, and the tile's
+    columns lie in one weight group (`uniform_along_n`)."""
+    return (a_per_k and ws[4] == a_group_k and ws[2] != 0
+            and uniform_along_n(ws, block_n, first_n))
