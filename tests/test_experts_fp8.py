@@ -163,6 +163,8 @@ DIRECT_CASES = [
     (STATIC, 2, 4, 2, 128, 128, "silu", False, torch.float32, direct(32, 64, 32, 64, per=1),
      {"static_mult": 0.25}, "static scales 4× too small: both GEMMs' inputs saturate; "
      "GEMM2 a program per slot"),
+    (STATIC, 1, 4, 3, 128, 128, "silu", True, torch.float32, direct(32, 64, 32, 64), {},
+     "static scales with biases: a bias takes the router weight only, not the input scale"),
     (SMALL_BLOCKS, 2, 3, 1, 64, 64, "relu2", False, torch.float32, direct(16, 32, 16, 32),
      {}, "32×32 blocks; no gate; k = 1"),
     ("fp8_block", 1, 3, 2, 2176, 128, "silu", False, torch.float32, direct(32, 128, 32, 128),

@@ -35,9 +35,11 @@ from moekit._direct_kernels import (
     _clear_arrivals,
     _first_row,
     _gate_up_cols,
+    _part_rows,
     _part_slots,
     _slot_row,
     _sum_parts,
+    _sum_rows,
     _weight_cols,
 )
 from moekit._experts_fp8_kernels import _col_scales, _scaled_dot
@@ -321,15 +323,10 @@ def _direct_gemm2_fp8_kernel(
             acc += tl.dot(a, b) * a_scale
 
     # Row j of acc is slot first + j's product: its constant scales, then the sum.
-    rows = tl.arange(0, ROWS)
-    row_slot = first + rows
-    row_ok = (rows < PER_PART) & (row_slot < TOP_K)
-    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1)
-    row_ok = row_ok & (row_ids >= 0) & (row_ids < num_experts)
-    row_ids = tl.where(row_ok, row_ids, 0)
-    row_scale = tl.load(topk_weights_ptr + token * TOP_K + row_slot, mask=row_ok, other=0.0)
+    row_ok, row_ids, router = _part_rows(topk_ids_ptr, topk_weights_ptr, token, first,
+                                         num_experts, TOP_K, PER_PART, True)
     if A_STATIC:
-        row_scale = row_scale * tl.load(inter_scale_ptr)
+        acc = acc * tl.load(inter_scale_ptr)
     if not W_PER_K:  # [ROWS] per expert, or [ROWS, BLOCK_N] per channel
         row_ws = _slot_weight_scales(ws_ptr, row_ids, scale_cols, scale_col0, col_ok, I,
                                      stride_wse, stride_wsk, W_PER_K, W_GROUP_K, W_UNIFORM_N,
@@ -338,11 +335,6 @@ def _direct_gemm2_fp8_kernel(
             acc = acc * row_ws[:, None]
         else:
             acc = acc * row_ws
-    total = tl.sum(acc * row_scale[:, None], axis=0)  # [BLOCK_N]
-    if HAS_BIAS:
-        bias = tl.load(b2_ptr + row_ids.to(tl.int64)[:, None] * stride_be + offs_n[None, :],
-                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        total += tl.sum(bias * row_scale[:, None], axis=0)
-    acc = tl.where((rows == 0)[:, None], total[None, :], 0.0)
+    acc = _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be, HAS_BIAS)
     _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
                H, stride_om, PARTS)
