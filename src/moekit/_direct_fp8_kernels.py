@@ -35,11 +35,9 @@ from moekit._direct_kernels import (
     _clear_arrivals,
     _first_row,
     _gate_up_cols,
-    _part_rows,
     _part_slots,
     _slot_row,
     _sum_parts,
-    _sum_rows,
     _weight_cols,
 )
 from moekit._experts_fp8_kernels import _col_scales, _scaled_dot
@@ -213,6 +211,33 @@ def _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0
 
 
 @triton.jit
+def _part_rows(topk_ids_ptr, topk_weights_ptr, token, first, num_experts, TOP_K: tl.constexpr,
+               PER_PART: tl.constexpr):
+    """A part's slots as the rows of the dot's tile (row j: slot first + j): (valid [ROWS],
+    expert ids [ROWS] and router weights [ROWS], 0 where not valid)."""
+    rows = tl.arange(0, ROWS)
+    row_slot = first + rows
+    row_ok = (rows < PER_PART) & (row_slot < TOP_K)
+    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1)
+    row_ok = row_ok & (row_ids >= 0) & (row_ids < num_experts)
+    router = tl.load(topk_weights_ptr + token * TOP_K + row_slot, mask=row_ok, other=0.0)
+    return row_ok, tl.where(row_ok, row_ids, 0), router
+
+
+@triton.jit
+def _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be,
+              HAS_BIAS: tl.constexpr):
+    """Σ_j router_j · (acc_j + b2[e_j]) over the tile's rows (`_part_rows`), returned in
+    row 0 of a [ROWS, BLOCK_N] tile (the form `_sum_parts` stores)."""
+    total = tl.sum(acc * router[:, None], axis=0)
+    if HAS_BIAS:
+        bias = tl.load(b2_ptr + row_ids.to(tl.int64)[:, None] * stride_be + offs_n[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(bias * router[:, None], axis=0)
+    return tl.where((tl.arange(0, ROWS) == 0)[:, None], total[None, :], 0.0)
+
+
+@triton.jit
 def _direct_gemm2_fp8_kernel(
     inter_ptr,  # [M*k, I] fp8: GEMM2's input, quantised
     inter_scale_ptr,  # [M*k, ceil(I / A_GROUP_K)] fp32; static: [1]
@@ -324,7 +349,7 @@ def _direct_gemm2_fp8_kernel(
 
     # Row j of acc is slot first + j's product: its constant scales, then the sum.
     row_ok, row_ids, router = _part_rows(topk_ids_ptr, topk_weights_ptr, token, first,
-                                         num_experts, TOP_K, PER_PART, True)
+                                         num_experts, TOP_K, PER_PART)
     if A_STATIC:
         acc = acc * tl.load(inter_scale_ptr)
     if not W_PER_K:  # [ROWS] per expert, or [ROWS, BLOCK_N] per channel

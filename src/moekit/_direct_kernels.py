@@ -8,10 +8,9 @@
                           so the combine is fused and deterministic
 
 At decode a token reaches k experts with one row each, so the GEMMs stream weights for
-single rows. They still run as tensor-core dots on a ROWS-row tile with one real row
-(GEMM1's row 0; in GEMM2 each slot of a part has a row of its own, so its router weight
-is applied once after the K loop; the other rows are zeros), so their loads go through
-the pipeliner's shared-memory stages: CUDA-core products of register tiles measured up to
+single rows. They still run as tensor-core dots on a ROWS-row tile whose first row is the
+real one (the rest are zeros and never stored), so their loads go through the
+pipeliner's shared-memory stages: CUDA-core products of register tiles measured up to
 1.13× (GEMM1) and 1.36× (GEMM2) slower on an H100 (bench/NOTES.md, direct path).
 Ids are read straight from `topk_ids`, so no dispatch plan is built, and no `pair_out` is
 written and re-read by a combine: two launches instead of four.
@@ -28,8 +27,8 @@ import triton.language as tl
 
 from moekit._experts_kernels import _bias_and_activate
 
-ROWS = tl.constexpr(16)  # the dot's row tile: the smallest tensor-core M (GEMM1 fills row 0,
-# GEMM2 a row per slot of its part)
+ROWS = tl.constexpr(16)  # the dot's row tile: the smallest tensor-core M (row 0 real here;
+# the fp8 GEMM2 fills a row per slot of its part)
 
 
 @triton.jit
@@ -101,37 +100,6 @@ def _part_slots(topk_ids_ptr, token, part, num_experts, TOP_K: tl.constexpr,
     first = part * PER_PART
     slot_ok = slot_ok & (slots >= first) & (slots < first + PER_PART)
     return slots, slot_ok, tl.where(slot_ok, slot_ids, 0), first
-
-
-@triton.jit
-def _part_rows(topk_ids_ptr, topk_weights_ptr, token, first, num_experts, TOP_K: tl.constexpr,
-               PER_PART: tl.constexpr, WEIGHTED: tl.constexpr):
-    """A part's slots as the rows of the dot's tile (row j: slot first + j): (valid [ROWS],
-    expert ids [ROWS], 0 where not valid; router weights [ROWS], 1 unless WEIGHTED, 0
-    where not valid)."""
-    rows = tl.arange(0, ROWS)
-    row_slot = first + rows
-    row_ok = (rows < PER_PART) & (row_slot < TOP_K)
-    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1)
-    row_ok = row_ok & (row_ids >= 0) & (row_ids < num_experts)
-    if WEIGHTED:
-        router = tl.load(topk_weights_ptr + token * TOP_K + row_slot, mask=row_ok, other=0.0)
-    else:
-        router = tl.where(row_ok, 1.0, 0.0)
-    return row_ok, tl.where(row_ok, row_ids, 0), router
-
-
-@triton.jit
-def _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be,
-              HAS_BIAS: tl.constexpr):
-    """Σ_j router_j · (acc_j + b2[e_j]) over the tile's rows (`_part_rows`), returned in
-    row 0 of a [ROWS, BLOCK_N] tile (the form `_sum_parts` stores)."""
-    total = tl.sum(acc * router[:, None], axis=0)
-    if HAS_BIAS:
-        bias = tl.load(b2_ptr + row_ids.to(tl.int64)[:, None] * stride_be + offs_n[None, :],
-                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        total += tl.sum(bias * router[:, None], axis=0)
-    return tl.where((tl.arange(0, ROWS) == 0)[:, None], total[None, :], 0.0)
 
 
 @triton.jit
@@ -270,10 +238,10 @@ def _direct_gemm2_kernel(
     (`_sum_parts` adds the PARTS programs' sums).
 
     The slot and K loops are one loop (slot = step // K-steps), so the next slot's weight
-    tiles are in flight while this slot finishes. Each slot's products go to a row of their
-    own of the dot's 16-row tile (row j: the part's slot j), so the router weights are
-    applied once after the loop, row by row, before the rows are summed; a skipped slot's
-    weight and loads are zero.
+    tiles are in flight while this slot finishes. Each step's product is scaled by its
+    slot's router weight in fp32 and added; a skipped slot's weight and loads are zero.
+    (Each slot's products in a row of their own, the router weights applied after the
+    loop as in the fp8 GEMM2, measured the same on an H200: bench/NOTES.md, session 11.)
     """
     token = tl.program_id(0) // PARTS
     part = tl.program_id(0) - token * PARTS
@@ -287,6 +255,10 @@ def _direct_gemm2_kernel(
     # then depends on no load, so the pipeliner can issue tiles of later slots early.
     slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
+    if WEIGHT_ON_OUTPUT:
+        slot_scales = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+    else:
+        slot_scales = tl.where(slot_ok, 1.0, 0.0)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for step in range(0, PER_PART * k_steps):
@@ -296,14 +268,20 @@ def _direct_gemm2_kernel(
         expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
         pair = token * TOP_K + slot
-        a = _slot_row(inter_ptr + pair.to(tl.int64) * stride_im + k0, slot - first, k0, offs_k,
-                      I, valid, EVEN_K)
+        a = _first_row(inter_ptr + pair.to(tl.int64) * stride_im + k0, k0, offs_k, I, valid,
+                       EVEN_K)
         b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + k0 + cols
         b = _weight_cols(b_ptrs, k0, col_ok, offs_k, I, valid, EVEN_K, EVEN_N, True)
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        part_dot = tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc += part_dot * tl.sum(tl.where(this, slot_scales, 0.0))
 
-    row_ok, row_ids, router = _part_rows(topk_ids_ptr, topk_weights_ptr, token, first,
-                                         num_experts, TOP_K, PER_PART, WEIGHT_ON_OUTPUT)
-    acc = _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be, HAS_BIAS)
+    if HAS_BIAS:
+        for j in tl.static_range(PER_PART):
+            this = slots == first + j
+            expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
+            valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
+            b_ptrs = b2_ptr + expert.to(tl.int64) * stride_be + offs_n
+            bias = tl.load(b_ptrs, mask=col_ok & valid, other=0.0).to(tl.float32)
+            acc += (bias * tl.sum(tl.where(this, slot_scales, 0.0)))[None, :]
     _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
                H, stride_om, PARTS)
