@@ -24,7 +24,11 @@ round trip of a dot operand made in registers, a scale's round trip to memory (i
 compiled loop only the dot's tiles are copied asynchronously) — sets the pace. So both
 GEMM inputs arrive quantised: hidden by the quantiser the plan path uses, GEMM2's input
 by the same kernel in 1×g groups of GEMM1's float32 output (GEMM1's 32-column tiles
-never see a whole group of a row).
+never see a whole group of a row). Quantising before the loop instead — each program
+writing its rows to a scratch buffer, then a barrier — measured 0.83–1.03× (1.05–1.18×
+on granite at M ≤ 2 only), and 0.54–0.93× with whole rows in one load: the prologue's
+round trips delay every program's weight stream more than a launch costs (bench/NOTES.md,
+session 11).
 """
 
 import triton

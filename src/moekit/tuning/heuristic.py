@@ -80,7 +80,11 @@ def use_direct_path(num_tokens: int, num_experts: int, top_k: int, dtype_bytes: 
 def use_direct_fp8_path(num_tokens: int, num_experts: int) -> bool:
     """Whether the fp8 direct path beats the fp8 plan path: up to 4 tokens on 32 or more
     experts (H200: 1.03–1.42× on qwen3, granite, olmoe at M = 1 and 4; mixtral's 8
-    experts 0.85–0.96×, bench/NOTES.md, GEMM2 split over slots)."""
+    experts 0.85–0.96×, bench/NOTES.md, GEMM2 split over slots). Session 11, five presets
+    × three schemes × M = 1, 2, 4: 1.07–1.43× at M = 1; at M = 2–4 0.98× or better but
+    for block scales at M = 4 on olmoe, deepseek-v2-lite and deepseek-v3 (0.94–0.97×)
+    and deepseek-v3 at M = 2 (0.87–0.97×) — kept: qwen3 (128 experts) wins the same
+    block cells by 1.16×, so neither E nor M draws the line."""
     return num_tokens <= _DIRECT_MAX_TOKENS and num_experts >= _DIRECT_MIN_EXPERTS
 
 
