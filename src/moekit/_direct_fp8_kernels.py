@@ -295,7 +295,7 @@ def _direct_gemm2_fp8_kernel(
     is constant along K — the router weight, a per-expert or per-channel weight scale — is
     applied once after the loop, row by row, before the rows are summed in slot order: a
     per-channel scale picked per step out of [SLOTS, BLOCK_N] cost a cross-warp reduction
-    every step (1.3–1.45× the per-tensor GEMM2, H200). A skipped slot's loads and weights
+    every step (1.1–1.45× the per-tensor GEMM2, H200). A skipped slot's loads and weights
     are zero.
     """
     token = tl.program_id(0) // PARTS
