@@ -28,6 +28,7 @@ from moekit._intmath import cdiv, next_power_of_2
 
 _MAX_SLOTS_PER_PROGRAM = 16  # the direct kernels' ROWS
 
+
 def launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
                           limit, weight_on_input, config, out) -> None:
     """Both direct launches; `config` is `ExpertsConfig.as_ints`'s flat form."""
