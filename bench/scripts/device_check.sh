@@ -35,7 +35,7 @@
 #   directfp8 bench/scripts/direct_fp8_experiment.py (fp8 direct against plan path, decode;
 #             the first presets only, as many as fit the limit; DIRECT_FP8_ARGS to choose)
 #   gluon     bench/scripts/gluon_grouped_gemm_experiment.py (GEMM2 at prefill as a Gluon
-#             grouped GEMM, plain and warp-specialised, against the library's)
+#             grouped GEMM, plain and warp-specialised, against the library's; bf16, fp8)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -66,8 +66,10 @@ for stage in "$@"; do
       step direct-experiment 330 python3 bench/scripts/direct_path_experiment.py --out "$out" ;;
     directfp8) step direct-fp8-experiment 400 python3 bench/scripts/direct_fp8_experiment.py \
                  --out "$out" ${DIRECT_FP8_ARGS:-} ;;
-    gluon) step gluon-experiment 300 python3 bench/scripts/gluon_grouped_gemm_experiment.py \
-             --out "$out" ;;
+    gluon)
+      step gluon-experiment 240 python3 bench/scripts/gluon_grouped_gemm_experiment.py --out "$out"
+      step gluon-experiment-fp8 180 python3 bench/scripts/gluon_grouped_gemm_experiment.py \
+        --dtype fp8 --out "$out" ;;
     routing) step bench-routing 150 python3 -m moekit.cli bench routing --out "$out" ;;
     kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
     prefill) step bench-prefill 90 python3 -m moekit.cli bench --tokens 4096 16384 --no-baselines \

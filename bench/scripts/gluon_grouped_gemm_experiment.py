@@ -18,7 +18,7 @@ scatter epilogue) on the same plan, `torch._grouped_mm` on the same rows, and a 
 `torch.matmul` of the same FLOPs (the peak). Correctness: every block against a float32
 `inter[block] @ w2[e].T`.
 
-    PYTHONPATH=src python3 bench/scripts/gluon_grouped_gemm_experiment.py --out $OUT
+    PYTHONPATH=src python3 bench/scripts/gluon_grouped_gemm_experiment.py --out $OUT [--dtype fp8]
     PYTHONPATH=src python3 bench/scripts/gluon_grouped_gemm_experiment.py --compile-only
         (on a CPU: compiles the kernel for sm_90 through ptxas and prints its resources)
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -87,13 +88,14 @@ def grouped_gemm_kernel(a_desc, b_desc, c_desc, block_experts_ptr, num_blocks, n
                                        a_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
                                        b_desc.layout)
-    c_smem = gl.allocate_shared_memory(dtype, c_desc.block_type.shape, c_desc.layout)
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_BUFFERS):
         mbarrier.init(bars.index(i), count=1)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+        version=[3, 0], warps_per_cta=[num_warps, 1],
+        instr_shape=[16, BLOCK_N, 256 // dtype.primitive_bitwidth])
     n_tiles = N // BLOCK_N
     k_steps = gl.cdiv(K, BLOCK_K)
     loaded = 0
@@ -120,7 +122,7 @@ def grouped_gemm_kernel(a_desc, b_desc, c_desc, block_experts_ptr, num_blocks, n
                 used, acc = _mma_stage(used, acc, bars, a_bufs, b_bufs, NUM_BUFFERS, False)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-            c_smem.store(acc.to(dtype))
+            c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
     tma.store_wait(pendings=0)
@@ -165,15 +167,17 @@ def _ws_producer(a_desc, b_desc, block_experts_ptr, num_blocks, num_experts, N, 
 @gluon.jit
 def _ws_consumer(c_desc, block_experts_ptr, num_blocks, num_experts, N, K, a_bufs, b_bufs,
                  ready, empty, c_bufs, NUM_BUFFERS: gl.constexpr, CONSUMER: gl.constexpr,
-                 BLOCK_K: gl.constexpr):
+                 BLOCK_K: gl.constexpr, INSTR_K: gl.constexpr, PROMOTE: gl.constexpr):
     """One math warpgroup: rows [CONSUMER·64, +64) of every tile — wgmma on its slice of
     the shared A stage, the stage released after the MMA retires — then its own epilogue
-    (TMA store from its own buffer)."""
+    (TMA store from its own buffer). PROMOTE (fp8): each stage's product into a fresh
+    accumulator, added in fp32 (Hopper's fp8 MMA accumulates at reduced precision)."""
     HALF_M: gl.constexpr = c_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
     dtype: gl.constexpr = c_desc.dtype
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, INSTR_K])
+    zeros = gl.zeros((HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
     c_smem = c_bufs.index(CONSUMER)
     first, end, step, n_tiles = _ws_tiles(N, num_blocks, BLOCK_N)
     counter = 0
@@ -186,9 +190,13 @@ def _ws_consumer(c_desc, block_experts_ptr, num_blocks, num_experts, N, K, a_buf
                 index = counter % NUM_BUFFERS
                 mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
                 a = a_bufs.index(index).slice(CONSUMER * HALF_M, HALF_M, dim=0)
-                acc = warpgroup_mma(a, b_bufs.index(index).permute((1, 0)), acc,
-                                    use_acc=k > 0, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                b = b_bufs.index(index).permute((1, 0))
+                if PROMOTE:
+                    part = warpgroup_mma(a, b, zeros, use_acc=False, is_async=True)
+                    acc = acc + warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                else:
+                    acc = warpgroup_mma(a, b, acc, use_acc=k > 0, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index(index), count=1)
                 counter += 1
             tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
@@ -202,7 +210,8 @@ def _ws_consumer(c_desc, block_experts_ptr, num_blocks, num_experts, N, K, a_buf
 
 @gluon.jit
 def grouped_gemm_ws_kernel(a_desc, b_desc, c_desc, block_experts_ptr, num_blocks, num_experts,
-                           N, K, NUM_BUFFERS: gl.constexpr, num_warps: gl.constexpr):
+                           N, K, NUM_BUFFERS: gl.constexpr, PROMOTE: gl.constexpr,
+                           num_warps: gl.constexpr):
     """`grouped_gemm_kernel`'s work, warp-specialised: this program's own warpgroup
     (num_warps = 4) only issues TMA loads; two more warpgroups, with most of the
     registers, each multiply one 64-row half of every 128-row A stage by the same B stage
@@ -215,7 +224,9 @@ def grouped_gemm_ws_kernel(a_desc, b_desc, c_desc, block_experts_ptr, num_blocks
                                        a_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
                                        b_desc.layout)
-    c_bufs = gl.allocate_shared_memory(dtype, [2] + c_desc.block_type.shape, c_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape,
+                                       c_desc.layout)
+    INSTR_K: gl.constexpr = 256 // dtype.primitive_bitwidth
     ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_BUFFERS):
@@ -225,46 +236,72 @@ def grouped_gemm_ws_kernel(a_desc, b_desc, c_desc, block_experts_ptr, num_blocks
         [(_ws_producer, (a_desc, b_desc, block_experts_ptr, num_blocks, num_experts, N, K,
                          a_bufs, b_bufs, ready, empty, NUM_BUFFERS)),
          (_ws_consumer, (c_desc, block_experts_ptr, num_blocks, num_experts, N, K, a_bufs,
-                         b_bufs, ready, empty, c_bufs, NUM_BUFFERS, 0, BLOCK_K)),
+                         b_bufs, ready, empty, c_bufs, NUM_BUFFERS, 0, BLOCK_K, INSTR_K,
+                         PROMOTE)),
          (_ws_consumer, (c_desc, block_experts_ptr, num_blocks, num_experts, N, K, a_bufs,
-                         b_bufs, ready, empty, c_bufs, NUM_BUFFERS, 1, BLOCK_K))],
+                         b_bufs, ready, empty, c_bufs, NUM_BUFFERS, 1, BLOCK_K, INSTR_K,
+                         PROMOTE))],
         [4, 4], [232, 232])
 
 
-def descriptors(inter, w2, out, block_m, block_n, block_k, c_rows=None):
-    """TMA descriptors of A (inter), B (w2 as [E·H, I]) and C (out, tiles of `c_rows`
-    rows: block_m, or half of it for the warp-specialised kernel's two consumers)."""
-    c_rows = c_rows or block_m
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+              torch.float8_e4m3fn: gl.float8e4nv}
+
+
+class Tiles(NamedTuple):
+    """A kernel and its tiles; each within sm_90's 227 KB of shared memory."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+    warps: int  # the plain kernel's; the warp-specialised one's producer: 4
+    ws: bool = False  # `grouped_gemm_ws_kernel`
+    promote: bool = False  # fp8: each stage's product added in fp32 (ws only)
+
+    def name(self) -> str:
+        kind = ("_ws" if self.ws else "") + ("_promoted" if self.promote else "")
+        return f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}{kind}"
+
+
+BF16_TILES = [Tiles(128, 256, 64, 3, 8), Tiles(128, 128, 64, 4, 8), Tiles(128, 128, 64, 5, 8),
+              Tiles(128, 128, 128, 3, 8), Tiles(128, 256, 64, 3, 4, True),
+              Tiles(128, 128, 64, 5, 4, True), Tiles(128, 128, 64, 6, 4, True)]
+FP8_TILES = [Tiles(128, 128, 128, 4, 4, True, True), Tiles(128, 128, 128, 5, 4, True, True),
+             Tiles(128, 256, 128, 3, 4, True, False)]
+
+
+def descriptors(inter, w2, out, tiles: Tiles):
+    """TMA descriptors of A (inter), B (w2 as [E·H, I]) and C (out, in tiles of block_m
+    rows, or of half that for the warp-specialised kernel's two consumers)."""
     num_experts, hidden, inter_size = w2.shape
-    dt = gl.bfloat16 if inter.dtype == torch.bfloat16 else gl.float16
-    layout = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, dt)
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    c_rows = bm // 2 if tiles.ws else bm
+    layout = lambda shape, t: gl.NVMMASharedLayout.get_default_for(shape, _GL_DTYPES[t.dtype])
     w2_rows = w2.view(num_experts * hidden, inter_size)
-    return (TensorDescriptor.from_tensor(inter, [block_m, block_k], layout([block_m, block_k])),
-            TensorDescriptor.from_tensor(w2_rows, [block_n, block_k], layout([block_n, block_k])),
-            TensorDescriptor.from_tensor(out, [c_rows, block_n], layout([c_rows, block_n])))
+    return (TensorDescriptor.from_tensor(inter, [bm, bk], layout([bm, bk], inter)),
+            TensorDescriptor.from_tensor(w2_rows, [bn, bk], layout([bn, bk], w2)),
+            TensorDescriptor.from_tensor(out, [c_rows, bn], layout([c_rows, bn], out)))
 
 
-def launch(inter, w2, out, block_experts, num_blocks, tiles, programs):
-    """One kernel over `num_blocks` 128-row blocks; `tiles` is a TILES or WS_TILES entry."""
-    block_m, block_n, block_k, buffers, warps = tiles[:5]
-    warp_specialised = len(tiles) > 5
+def _kernel_and_options(tiles: Tiles):
+    if tiles.ws:
+        return grouped_gemm_ws_kernel, {"NUM_BUFFERS": tiles.stages, "PROMOTE": tiles.promote,
+                                        "num_warps": 4}
+    return grouped_gemm_kernel, {"NUM_BUFFERS": tiles.stages, "num_warps": tiles.warps}
+
+
+def launch(inter, w2, out, block_experts, num_blocks, tiles: Tiles, programs):
+    """One kernel over `num_blocks` 128-row blocks of `inter`."""
     num_experts, hidden, inter_size = w2.shape
-    assert hidden % block_n == 0, "column tiles must not cross experts in w2's [E·H, I] view"
-    a, b, c = descriptors(inter, w2, out, block_m, block_n, block_k,
-                          block_m // 2 if warp_specialised else block_m)
-    kernel = grouped_gemm_ws_kernel if warp_specialised else grouped_gemm_kernel
-    kernel[(programs,)](a, b, c, block_experts, num_blocks, num_experts, hidden, inter_size,
-                        NUM_BUFFERS=buffers, num_warps=warps)
-
-
-# (block_m, block_n, block_k, stages, warps[, "ws"]): each within sm_90's 227 KB of shared
-# memory; "ws": `grouped_gemm_ws_kernel` (warps: its producer's).
-TILES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 5, 8), (128, 128, 128, 3, 8),
-         (128, 256, 64, 3, 4, "ws"), (128, 128, 64, 5, 4, "ws"), (128, 128, 64, 6, 4, "ws")]
+    assert hidden % tiles.block_n == 0, "column tiles must not cross experts in w2's rows"
+    kernel, options = _kernel_and_options(tiles)
+    kernel[(programs,)](*descriptors(inter, w2, out, tiles), block_experts, num_blocks,
+                        num_experts, hidden, inter_size, **options)
 
 
 def compile_only() -> None:
-    """Compile for sm_90 on a machine without a GPU (Triton's bundled ptxas)."""
+    """Compile every tile for sm_90 on a machine without a GPU (Triton's bundled ptxas)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -273,30 +310,27 @@ def compile_only() -> None:
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     E, H, I, rows = 4, 1024, 768, 512
-    inter = torch.zeros(rows, I, dtype=torch.bfloat16)
-    w2 = torch.zeros(E, H, I, dtype=torch.bfloat16)
-    out = torch.zeros(rows, H, dtype=torch.bfloat16)
     block_experts = torch.zeros(rows // 128, dtype=torch.int32)
-    for tiles in TILES:
-        block_m, block_n, block_k, buffers, warps = tiles[:5]
-        ws = len(tiles) > 5
-        fn = grouped_gemm_ws_kernel if ws else grouped_gemm_kernel
-        a, b, c = descriptors(inter, w2, out, block_m, block_n, block_k,
-                              block_m // 2 if ws else block_m)
-        kwargs = {"NUM_BUFFERS": buffers, "num_warps": warps, "debug": False}
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
-        bound, specialization, options = binder(a, b, c, block_experts, rows // 128, E, H, I,
-                                                **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
-                                                              specialization, options)
-        kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs),
-                                target=target, options=options.__dict__)
-        ptx = kernel.asm["ptx"]
-        print(f"tiles {block_m}x{block_n}x{block_k} stages {buffers} warps {warps}"
-              f"{' (warp-specialised)' if ws else ''}: "
-              f"shared {kernel.metadata.shared} B, wgmma {ptx.count('wgmma.mma_async')}, "
-              f"tma copies {ptx.count('cp.async.bulk.tensor')}; ptxas: {_ptxas_usage(ptx)}",
-              flush=True)
+    for dtype, tile_list in ((torch.bfloat16, BF16_TILES), (torch.float8_e4m3fn, FP8_TILES)):
+        inter = torch.zeros(rows, I, dtype=dtype)
+        w2 = torch.zeros(E, H, I, dtype=dtype)
+        out = torch.zeros(rows, H, dtype=torch.bfloat16)
+        for tiles in tile_list:
+            fn, kwargs = _kernel_and_options(tiles)
+            kwargs["debug"] = False
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = binder(*descriptors(inter, w2, out, tiles),
+                                                    block_experts, rows // 128, E, H, I,
+                                                    **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                                  specialization, options)
+            kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs),
+                                    target=target, options=options.__dict__)
+            ptx = kernel.asm["ptx"]
+            print(f"{str(dtype)[6:]} {tiles.name()}: shared {kernel.metadata.shared} B, "
+                  f"wgmma {ptx.count('wgmma.mma_async')}, tma copies "
+                  f"{ptx.count('cp.async.bulk.tensor')}; ptxas: {_ptxas_usage(ptx)}",
+                  flush=True)
 
 
 def _ptxas_usage(ptx: str) -> str:
@@ -329,8 +363,10 @@ def check(out, inter, w2, experts, num_blocks, block_m=128) -> float:
     return err
 
 
-def time_cell(preset, m, w2, rep_ms) -> dict:
-    """One preset and token count: the library's GEMM2 and each Gluon tile on one plan."""
+def time_cell(preset, m, w2, dtype, rep_ms) -> dict:
+    """One preset and token count: the library's bf16 GEMM2 and each Gluon tile of `dtype`
+    on one plan (fp8: inter and w2 cast to e4m3, unit scales; checked against float32
+    products of the fp8 values)."""
     from moekit._tma import persistent_programs
     from moekit.bench.inputs import make_tokens
     from moekit.bench.timing import graph_replay_us
@@ -353,14 +389,17 @@ def time_cell(preset, m, w2, rep_ms) -> dict:
     library_us = graph_replay_us(
         lambda: launch_gemm2(inter, w2, None, weights, plan, True, tiles2, True), rep_ms)
     row = {"preset": preset.name, "M": m, "E": E, "H": H, "I": I, "blocks": num_blocks,
-           "library_us": round(library_us, 2), "library_tflops": round(flops / library_us / 1e6, 1)}
-    for tiles in TILES:
-        key = "x".join(map(str, tiles))
-        call = lambda t=tiles: launch(inter, w2, out, experts, num_blocks, t, programs)
+           "dtype": "fp8" if dtype == torch.float8_e4m3fn else "bf16",
+           "library_bf16_us": round(library_us, 2),
+           "library_bf16_tflops": round(flops / library_us / 1e6, 1)}
+    a, b = inter.to(dtype), w2.to(dtype)
+    for tiles in FP8_TILES if dtype == torch.float8_e4m3fn else BF16_TILES:
+        key = tiles.name()
+        call = lambda t=tiles: launch(a, b, out, experts, num_blocks, t, programs)
         try:
             call()
             torch.cuda.synchronize()
-            row[f"gluon_{key}_rel_err"] = check(out, inter, w2, experts, num_blocks)
+            row[f"gluon_{key}_rel_err"] = check(out, a, b, experts, num_blocks)
             us = graph_replay_us(call, rep_ms)
             row[f"gluon_{key}_us"] = round(us, 2)
             row[f"gluon_{key}_tflops"] = round(flops / us / 1e6, 1)
@@ -369,21 +408,32 @@ def time_cell(preset, m, w2, rep_ms) -> dict:
     return row
 
 
-def measure(args) -> None:
-    from moekit.bench.presets import PRESETS
+def dense_peak_tflops(dtype, rep_ms) -> float:
+    """A dense 8192³ product's rate: torch.matmul (bf16) or torch._scaled_mm (fp8)."""
     from moekit.bench.timing import graph_replay_us
 
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    if dtype == torch.float8_e4m3fn:
+        q, one = x.to(dtype), torch.ones((), device="cuda")
+        call = lambda: torch._scaled_mm(q, q.t(), one, one, out_dtype=torch.bfloat16)
+    else:
+        call = lambda: x @ x
+    return round(2 * 8192 ** 3 / graph_replay_us(call, rep_ms) / 1e6, 1)
+
+
+def measure(args) -> None:
+    from moekit.bench.presets import PRESETS
+
     device = torch.device("cuda")
-    square = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    dense_us = graph_replay_us(lambda: square @ square, args.rep_ms)
-    dense_tflops = round(2 * 8192 ** 3 / dense_us / 1e6, 1)
+    dtype = torch.float8_e4m3fn if args.dtype == "fp8" else torch.bfloat16
+    peak = dense_peak_tflops(dtype, args.rep_ms)
     for name in args.presets:
         preset = PRESETS[name]
         w2 = (torch.randn(preset.num_experts, preset.hidden, preset.inter, device=device,
                           dtype=torch.bfloat16) * preset.inter ** -0.5)
         for m in args.tokens:
-            row = time_cell(preset, m, w2, args.rep_ms)
-            row.update(dense_8192_tflops=dense_tflops, device=torch.cuda.get_device_name(),
+            row = time_cell(preset, m, w2, dtype, args.rep_ms)
+            row.update(dense_8192_tflops=peak, device=torch.cuda.get_device_name(),
                        git_commit=os.environ.get("MOEKIT_GIT_COMMIT"))
             print(json.dumps(row), flush=True)
             with open(os.path.join(args.out, "gluon-grouped-gemm-experiment.jsonl"), "a") as f:
@@ -398,6 +448,7 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=float, default=50)
     parser.add_argument("--presets", nargs="+", default=["qwen3-30b-a3b", "mixtral-8x7b"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
+    parser.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--compile-only", action="store_true")
     args = parser.parse_args()
     if args.compile_only:
