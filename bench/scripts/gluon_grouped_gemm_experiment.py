@@ -1,26 +1,30 @@
 """Experiment: GEMM2 of the prefill path as a Gluon grouped GEMM (Hopper TMA + wgmma).
 
 The 16-bit prefill GEMMs are Triton kernels at ~57–68% of the bf16 peak on qwen3 M = 4096
-(bench/NOTES.md, fp8 prefill: GEMM1 443 µs, GEMM2 261 on an H100); Triton 3.6 does not
-partition their loops into warp-specialised producers and consumers. Gluon
-(`triton.experimental.gluon`) writes the schedule by hand: TMA loads into a ring of
-shared-memory stages with one mbarrier each, asynchronous `warpgroup_mma` with one group
-in flight, a persistent grid. This first version is the plain software pipeline (no
-warp specialisation yet), to learn what the hand-written loop alone gives on the shape
-where moekit is furthest from the peak.
+(bench/NOTES.md, fp8 prefill: GEMM1 443 µs, GEMM2 261 on an H100), fp8's at 32–35% of
+the fp8 peak; Triton 3.6 does not partition their loops into warp-specialised producers
+and consumers. Gluon (`triton.experimental.gluon`) writes the schedule by hand. Two
+kernels, both persistent over (128-row block, column tile) tiles:
+
+    grouped_gemm_kernel      one warp group set: TMA loads into a ring of shared-memory
+                             stages (one mbarrier each), asynchronous `warpgroup_mma` with
+                             one group in flight, loads two stages ahead
+    grouped_gemm_ws_kernel   warp-specialised: a producer warpgroup only issues TMA loads;
+                             two math warpgroups each multiply one 64-row half of the same
+                             stage and store their half; fp8 promoted per stage
 
     inter [capacity, I] (plan order: each 128-row block one expert's rows) × w2[e]ᵀ
-        ─► out [capacity, H] in plan order (TMA store; the scatter to pair rows, bias and
-           router weight of `_gemm2_kernel`'s epilogue are left out here)
+        ─► out [capacity, H] bf16 in plan order (TMA store; the scatter to pair rows, bias
+           and router weight of `_gemm2_kernel`'s epilogue are left out here)
 
-Against, in the same run: the library's GEMM2 (`moekit.experts.launch_gemm2`, with its
-scatter epilogue) on the same plan, `torch._grouped_mm` on the same rows, and a dense
-`torch.matmul` of the same FLOPs (the peak). Correctness: every block against a float32
-`inter[block] @ w2[e].T`.
+Against, in the same run: the library's bf16 GEMM2 (`moekit.experts.launch_gemm2`, with
+its scatter epilogue) on the same plan, and a dense 8192³ product (torch.matmul, or
+torch._scaled_mm for fp8) as the peak. Correctness: up to 16 sampled blocks against
+float32 products of the same (cast) values.
 
     PYTHONPATH=src python3 bench/scripts/gluon_grouped_gemm_experiment.py --out $OUT [--dtype fp8]
     PYTHONPATH=src python3 bench/scripts/gluon_grouped_gemm_experiment.py --compile-only
-        (on a CPU: compiles the kernel for sm_90 through ptxas and prints its resources)
+        (on a CPU: compiles every tile for sm_90 through ptxas and prints its resources)
 """
 
 from __future__ import annotations
