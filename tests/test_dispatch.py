@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moekit import reference
-from moekit.dispatch import dispatch_plan
+from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.dispatch_plan import max_padded_pairs
 
 
@@ -225,6 +225,58 @@ def test_expert_map_bad_arguments():
         dispatch_plan(ids, 2, 16, expert_map=torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="expert_map"):
         dispatch_plan(ids, 2, 16, expert_map=torch.zeros(2, 2, dtype=torch.int32))
+
+
+def expected_local_ids(ids, table, local_experts):
+    """Each id through the map, one at a time: −1 off the map or off this rank."""
+    out = []
+    for row in ids.tolist():
+        mapped = [table[i].item() if 0 <= i < table.numel() else -1 for i in row]
+        out.append([m if 0 <= m < local_experts else -1 for m in mapped])
+    return out
+
+
+@pytest.mark.interpreter
+def test_local_expert_ids_interpreter():
+    g = torch.Generator().manual_seed(3)
+    E = 10
+    # −2, −1 and ids ≥ E_global are off the map; 1,100 ids span two programs.
+    ids = torch.randint(-2, E + 3, (275, 4), generator=g, dtype=torch.int32)
+    for rank in (0, 1):
+        table, local = half_remote_map(E, rank)
+        got = local_expert_ids(ids, table, local, backend="triton")
+        assert got.dtype == torch.int32 and got.shape == ids.shape
+        assert got.tolist() == expected_local_ids(ids, table, local)
+        assert torch.equal(got, reference.local_expert_ids(ids, table, local))
+
+
+def test_local_expert_ids_reference_small():
+    # Global 0..3: 1 → local 0, 3 → local 1; 2 maps to 5, past the 2 local experts.
+    table = torch.tensor([-1, 0, 5, 1], dtype=torch.int32)
+    ids = torch.tensor([[3, 0], [1, 2], [9, -1]], dtype=torch.int32)
+    assert local_expert_ids(ids, table, 2).tolist() == [[1, -1], [0, -1], [-1, -1]]
+
+
+def test_local_expert_ids_bad_arguments():
+    ids = torch.zeros(2, 2, dtype=torch.int32)
+    table = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="topk_ids"):
+        local_expert_ids(ids.long(), table, 2)
+    with pytest.raises(TypeError, match="expert_map"):
+        local_expert_ids(ids, table.long(), 2)
+    with pytest.raises(ValueError, match="expert_map"):
+        local_expert_ids(ids, torch.zeros(0, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="num_experts"):
+        local_expert_ids(ids, table, 0)
+
+
+@pytest.mark.gpu
+def test_local_expert_ids_gpu():
+    g = torch.Generator(device="cuda").manual_seed(5)
+    ids = torch.randint(-1, 300, (4096, 8), generator=g, dtype=torch.int32, device="cuda")
+    table, local = half_remote_map(256, 0, device="cuda")
+    got = local_expert_ids(ids, table, local)
+    assert torch.equal(got.cpu(), reference.local_expert_ids(ids.cpu(), table.cpu(), local))
 
 
 @pytest.mark.gpu

@@ -172,6 +172,57 @@ def test_direct_path_interpreter(M, E, k, H, I, activation, bias, dtype, extra, 
     assert_close(out, expected)
 
 
+def expert_parallel_case(E_global, M, k, H, I, dtype, device, seed=0):
+    """Rank 1 of two: it holds the odd global experts (local ids 0, 1, …). Returns the
+    global weights, the local ones, the map, tokens and global routing (with −1 ids)."""
+    w13, w2, _, _ = random_experts(E_global, H, I, dtype=dtype, device=device, seed=seed)
+    table = torch.full((E_global,), -1, dtype=torch.int32)
+    table[1::2] = torch.arange(E_global // 2, dtype=torch.int32)
+    g = torch.Generator(device=device).manual_seed(seed + 7)
+    hidden = torch.randn(M, H, generator=g, device=device).to(dtype)
+    ids, weights = random_routing(M, E_global, k, device=device, seed=seed)
+    ids = drop_some(ids)
+    return (w13, w2, w13[1::2].contiguous(), w2[1::2].contiguous(), table.to(device), hidden,
+            ids, weights)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("config", [None, DIRECT_TILES], ids=["plan", "direct"])
+def test_expert_map_interpreter(config):
+    # This rank's partial sum: the global layer with every even expert's pairs removed.
+    w13, w2, w13_local, w2_local, table, hidden, ids, weights = expert_parallel_case(
+        8, 5, 3, 64, 32, torch.float32, "cpu")
+    out = poison_(torch.empty_like(hidden))
+    moekit.fused_experts(hidden, w13_local, w2_local, ids, weights, expert_map=table,
+                         config=config, out=out, backend="triton")
+    odd_only = torch.where((ids >= 0) & (ids % 2 == 1), ids, -1)
+    expected = reference.fused_experts(hidden.double(), w13.double(), w2.double(), odd_only,
+                                       weights)
+    assert_close(out, expected)
+
+
+def test_expert_map_reference_backend():
+    w13, w2, w13_local, w2_local, table, hidden, ids, weights = expert_parallel_case(
+        6, 4, 2, 32, 16, torch.float32, "cpu")
+    out = moekit.fused_experts(hidden, w13_local, w2_local, ids, weights, expert_map=table,
+                               backend="reference")
+    odd_only = torch.where((ids >= 0) & (ids % 2 == 1), ids, -1)
+    assert_close(out, reference.fused_experts(hidden, w13, w2, odd_only, weights))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 300])
+def test_expert_map_gpu(M):
+    w13, w2, w13_local, w2_local, table, hidden, ids, weights = expert_parallel_case(
+        64, M, 8, 512, 256, torch.bfloat16, "cuda")
+    out = poison_(torch.empty_like(hidden))
+    poison_cuda_cache()
+    moekit.fused_experts(hidden, w13_local, w2_local, ids, weights, expert_map=table, out=out)
+    odd_only = torch.where((ids >= 0) & (ids % 2 == 1), ids, -1)
+    expected = reference.fused_experts(hidden.float(), w13, w2, odd_only, weights)
+    assert_close(out, expected.float(), REL_L2_TOL[torch.bfloat16], f"M={M}")
+
+
 def split_tiles(slots_per_program: int) -> ExpertsConfig:
     """DIRECT_TILES with GEMM2 summing this many of a token's slots per program."""
     return ExpertsConfig(1, DIRECT_TILES.gemm1, GemmConfig(16, 16, slots_per_program, 1, 1))
@@ -513,6 +564,22 @@ def test_torch_compile_gpu():
     out = layer(hidden, logits)
     expected = reference.fused_moe(hidden * 2, logits, w13, w2, k) + 1
     assert_close(out, expected)
+
+
+@pytest.mark.gpu
+def test_expert_map_torch_compile_gpu():
+    # The id mapping runs outside the custom op: torch.compile traces its Triton launch.
+    w13, w2, w13_local, w2_local, table, hidden, ids, weights = expert_parallel_case(
+        16, 8, 2, 256, 128, torch.bfloat16, "cuda")
+
+    @torch.compile(fullgraph=True)
+    def layer(x, topk_ids, topk_weights):
+        return moekit.fused_experts(x, w13_local, w2_local, topk_ids, topk_weights,
+                                    expert_map=table)
+
+    odd_only = torch.where((ids >= 0) & (ids % 2 == 1), ids, -1)
+    expected = reference.fused_experts(hidden.float(), w13, w2, odd_only, weights)
+    assert_close(layer(hidden, ids, weights), expected.float(), REL_L2_TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

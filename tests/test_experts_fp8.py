@@ -317,6 +317,30 @@ def test_default_config_fits_the_scheme(M, E, k, H, I, scheme, block_m, why):
     assert config.tail_block_m == (64 if block_m == 128 else 0), why
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,M,config", [
+    ("fp8_block", 3, direct(32, 128, 32, 128)), ("fp8_channel", 6, None)],
+    ids=["direct-block", "plan-channel"])
+def test_expert_map_interpreter(scheme, M, config):
+    # Rank 0 of two holds the even global experts 0, 2, 4, 6 (local 0–3): its partial sum
+    # is the local layer over each pair's local id, −1 for the others' pairs.
+    scheme, hidden, q13, q2, local_ids, weights, b13, b2 = make_case(
+        scheme, M, 4, 3, 256, 128, bias=True)
+    g = torch.Generator().manual_seed(11)
+    global_ids = torch.randint(-1, 9, local_ids.shape, generator=g, dtype=torch.int32)
+    table = torch.tensor([0, -1, 1, -1, 2, -1, 3, -1], dtype=torch.int32)
+    mine = [[i // 2 if 0 <= i < 8 and i % 2 == 0 else -1 for i in row]
+            for row in global_ids.tolist()]
+    out = poison_(torch.empty_like(hidden))
+    with exact_fp8_casts():
+        moekit.fused_experts_fp8(hidden, q13, q2, global_ids, weights, scheme=scheme, b13=b13,
+                                 b2=b2, config=config, out=out, expert_map=table,
+                                 backend="triton")
+    expected = fused_experts_quantized(hidden, q13, q2, torch.tensor(mine, dtype=torch.int32),
+                                       weights, scheme=scheme, b13=b13, b2=b2)
+    assert_close(out, expected, KERNEL_TOL, name=f"{scheme} expert map")
+
+
 @pytest.mark.parametrize("M,H", [(1, 2048), (4, 7168)])
 @pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_channel", "fp8_block", STATIC,
                                     SMALL_BLOCKS])

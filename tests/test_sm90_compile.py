@@ -251,6 +251,8 @@ CASES = [
     Case("dispatch", dict(block_m=32, pairs=262144, expert_map=True, experts=96),
          "largest chunk (4096-key sort), expert map, E not a power of two",
          ("_count_pairs_kernel", "_place_pairs_kernel"), slow=9),
+    Case("local_ids", dict(pairs=64), "expert parallelism: global ids to local ones",
+         ("_local_ids_kernel",)),
     # permute (bits of 1, 2 or 4 bytes) / unpermute
     Case("permute", dict(dtype="bf16", tokens=4), "decode tiling, 16-bit rows",
          ("_permute_kernel",)),
@@ -497,6 +499,11 @@ def _run_dispatch(p):
                          tile_m=p.get("tile_m"), backend="triton")
 
 
+def _run_local_ids(p):
+    ids = torch.zeros(p["pairs"] // _TOP_K, _TOP_K, dtype=torch.int32)
+    moekit.local_expert_ids(ids, torch.arange(2 * _E, dtype=torch.int32), _E, backend="triton")
+
+
 def _plan(tokens, top_k, block_m=16):
     # The plan's tensors are only passed on; launches are recorded, so they stay unset.
     ids = torch.zeros(tokens, top_k, dtype=torch.int32)
@@ -530,6 +537,7 @@ def _run_route(p):
 
 
 _BUILDERS = {"experts": _run_experts, "fp8": _run_fp8, "dispatch": _run_dispatch,
+             "local_ids": _run_local_ids,
              "permute": _run_permute, "unpermute": _run_unpermute, "route": _run_route}
 
 

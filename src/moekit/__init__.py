@@ -13,7 +13,7 @@ On CUDA tensors the ops run Triton kernels; elsewhere they run `moekit.reference
 """
 
 from moekit.activation import Activation
-from moekit.dispatch import dispatch_plan
+from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import fused_experts, fused_moe
 from moekit.experts_fp8 import fused_experts_fp8
@@ -35,6 +35,7 @@ __all__ = [
     "fused_experts",
     "fused_experts_fp8",
     "fused_moe",
+    "local_expert_ids",
     "pack_topk",
     "permute",
     "route",

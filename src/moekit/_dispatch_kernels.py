@@ -35,6 +35,17 @@ def _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP: tl.conste
 
 
 @triton.jit
+def _local_ids_kernel(ids_ptr, expert_map_ptr, out_ptr, num_ids, num_global, num_experts,
+                      BLOCK: tl.constexpr):
+    """`_local_bins` for every id, written as an id: the local expert, or −1 when dropped."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_ids
+    ids = tl.load(ids_ptr + offs, mask=ok, other=-1)
+    local = _local_bins(ids, expert_map_ptr, num_global, num_experts, True)
+    tl.store(out_ptr + offs, tl.where(local == num_experts, -1, local), mask=ok)
+
+
+@triton.jit
 def _fill_tiles(tiles_ptr, t, in_range, starts, ends, counts, tile_ends, total, is_expert,
                 bins, PLAN_M: tl.constexpr, TILE_M: tl.constexpr):
     """Work-list entries t: each expert's run (a multiple of PLAN_M = TILE_M / 2 slots) in

@@ -8,7 +8,10 @@ every output computed through it — is deterministic.
 Expert parallelism: with an `expert_map` (global id → local id, −1 = on another rank)
 the kernels map each id before binning, so pairs of remote experts are dropped by the
 plan itself, and every consumer of the plan (GEMMs, permute, unpermute) skips them
-without looking at ids again. E is then the local expert count.
+without looking at ids again. E is then the local expert count. Paths that read ids
+themselves (the direct decode GEMMs, the combine) take them mapped by
+`local_expert_ids` instead: one small launch, after which an id outside [0, E) means
+"not here" everywhere.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import torch
 
 from moekit import reference
 from moekit._checks import check_tensor
-from moekit._dispatch_kernels import _count_pairs_kernel, _place_pairs_kernel
+from moekit._dispatch_kernels import _count_pairs_kernel, _local_ids_kernel, _place_pairs_kernel
 from moekit._intmath import cdiv, next_power_of_2
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs, max_tiles
 
 _BLOCKS_PER_PROGRAM = 64
+_LOCAL_IDS_BLOCK = 1024
 _BLOCK_TILE = 16
 # Up to this many pairs one program sorts them all and the count launch is skipped (a
 # launch costs ~70 µs of host time on the lent H100 VM). Measured there: ~6 µs of GPU time
@@ -83,11 +87,7 @@ def dispatch_plan(
     if tile_m is not None and tile_m != 2 * block_m:
         raise ValueError(f"tile_m: expected None or 2·block_m = {2 * block_m}, got {tile_m}")
     if expert_map is not None:
-        check_tensor("expert_map", expert_map, ndim=1, dtypes=(torch.int32,),
-                     device=topk_ids.device)
-        if expert_map.numel() == 0:
-            raise ValueError("expert_map: expected one entry per global expert, got none")
-        expert_map = expert_map.contiguous()
+        expert_map = _checked_expert_map(expert_map, topk_ids)
     if resolve_backend(backend, topk_ids) == "reference":
         return reference.dispatch_plan(topk_ids, num_experts, block_m, expert_map=expert_map,
                                        tile_m=tile_m)
@@ -135,3 +135,42 @@ def dispatch_plan(
         TILE_M=tile_m or 0, BLOCK_TILE=_BLOCK_TILE, SINGLE_CHUNK=single, HAS_MAP=has_map,
     )
     return plan
+
+
+def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor, num_experts: int, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """Global expert ids → this rank's local ids, for expert parallelism.
+
+    Args:
+        topk_ids: [M, k] int32 global expert ids.
+        expert_map: int32 [E_global] on topk_ids' device: each global expert's local id,
+            −1 (any value outside [0, num_experts)) for experts held by other ranks.
+        num_experts: E, the local expert count.
+        backend: "auto", "triton" or "reference" (see `moekit.backend`).
+    Returns:
+        int32 [M, k]: the local id of each pair, −1 where its expert is elsewhere or its
+        global id is outside [0, E_global) — the ids every fast path then skips.
+    """
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32,))
+    if num_experts <= 0:
+        raise ValueError(f"num_experts: expected a positive count, got {num_experts}")
+    expert_map = _checked_expert_map(expert_map, topk_ids)
+    if resolve_backend(backend, topk_ids) == "reference":
+        return reference.local_expert_ids(topk_ids, expert_map, num_experts)
+    ids = topk_ids.contiguous()
+    out = torch.empty_like(ids)
+    if ids.numel():
+        _local_ids_kernel[(cdiv(ids.numel(), _LOCAL_IDS_BLOCK),)](
+            ids, expert_map, out, ids.numel(), expert_map.numel(), num_experts,
+            BLOCK=_LOCAL_IDS_BLOCK,
+        )
+    return out
+
+
+def _checked_expert_map(expert_map: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """An expert map validated against the ids it will translate; contiguous."""
+    check_tensor("expert_map", expert_map, ndim=1, dtypes=(torch.int32,),
+                 device=topk_ids.device)
+    if expert_map.numel() == 0:
+        raise ValueError("expert_map: expected one entry per global expert, got none")
+    return expert_map.contiguous()

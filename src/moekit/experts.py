@@ -29,7 +29,7 @@ from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
-from moekit.dispatch import dispatch_plan
+from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.experts_direct import launch_direct_experts
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
@@ -54,6 +54,7 @@ def fused_experts(
     config: ExpertsConfig | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[m] = Σ_j weights[m, j] · expert_{ids[m, j]}(hidden[m]).
 
@@ -66,6 +67,10 @@ def fused_experts(
         activation: name or `Activation`.
         b13: optional [E, 2I] (or [E, I]) bias of GEMM1; b2: optional [E, H] bias of GEMM2.
         apply_router_weight_on_input: scale each expert's input instead of its output.
+        expert_map: optional int32 [E_global] for expert parallelism: `topk_ids` then hold
+            global ids, each mapped to its local id first (`moekit.local_expert_ids`, one
+            small launch); pairs whose expert is held elsewhere contribute nothing, so the
+            result is this rank's partial sum.
         config: tile configuration; default from `moekit.tuning.default_config`.
         out: optional [M, H] contiguous buffer of hidden's dtype to write the result into.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
@@ -76,6 +81,8 @@ def fused_experts(
     topk_ids, topk_weights = _check_experts_args(
         hidden, w13, w2, topk_ids, topk_weights, act, b13, b2
     )
+    if expert_map is not None:
+        topk_ids = local_expert_ids(topk_ids, expert_map, w13.shape[0], backend=backend)
     out = output_like(hidden, out)
     if resolve_backend(backend, hidden) == "reference":
         return out.copy_(reference.fused_experts(

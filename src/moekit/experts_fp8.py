@@ -37,7 +37,9 @@ A configuration with `block_m` = 1 takes the direct path instead (`moekit.expert
 no plan, the combine fused into GEMM2, four launches); the heuristic chooses it for up to
 four tokens on 32 or more experts (`default_fp8_config`).
 
-Not here yet: apply_router_weight_on_input and expert maps (the bf16 path has both).
+Expert maps (expert parallelism) as in `fused_experts`: the ids are mapped to local ones
+first (`moekit.local_expert_ids`). Not here yet: apply_router_weight_on_input (the bf16
+path has it).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
-from moekit.dispatch import dispatch_plan
+from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.experts_direct_fp8 import launch_direct_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
@@ -100,6 +102,7 @@ def fused_experts_fp8(
     config: ExpertsConfig | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[m] = Σ_j weights[m, j] · expert_{ids[m, j]}(hidden[m]), fp8 weights and GEMM inputs.
 
@@ -114,6 +117,10 @@ def fused_experts_fp8(
             activations carry `input_scale`.
         activation: name or `Activation`.
         b13: optional [E, 2I] (or [E, I]); b2: optional [E, H]; added in float32.
+        expert_map: optional int32 [E_global] for expert parallelism: `topk_ids` then hold
+            global ids, each mapped to its local id first (`moekit.local_expert_ids`, one
+            small launch); pairs whose expert is held elsewhere contribute nothing, so the
+            result is this rank's partial sum.
         config: tile configuration; default `default_fp8_config`.
         out: optional [M, H] contiguous buffer of hidden's dtype to write the result into.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
@@ -124,6 +131,8 @@ def fused_experts_fp8(
     act = Activation.parse(activation)
     topk_ids, topk_weights = _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act,
                                          b13, b2)
+    if expert_map is not None:
+        topk_ids = local_expert_ids(topk_ids, expert_map, w13.shape[0], backend=backend)
     out = output_like(hidden, out)
     if resolve_backend(backend, hidden) == "reference":
         return out.copy_(reference.fused_experts_quantized(

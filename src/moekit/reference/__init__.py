@@ -5,7 +5,7 @@ given float64) and return the dtype the fast path returns.
 """
 
 from moekit.reference.activation import apply_activation
-from moekit.reference.dispatch import dispatch_plan
+from moekit.reference.dispatch import dispatch_plan, local_expert_ids
 from moekit.reference.experts import fused_experts, fused_moe
 from moekit.reference.permute import permute, unpermute
 from moekit.reference.quant import fused_experts_quantized
@@ -17,6 +17,7 @@ __all__ = [
     "fused_experts",
     "fused_experts_quantized",
     "fused_moe",
+    "local_expert_ids",
     "permute",
     "route",
     "unpermute",

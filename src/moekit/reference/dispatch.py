@@ -32,9 +32,7 @@ def dispatch_plan(
     """
     flat = topk_ids.reshape(-1).long().cpu()
     if expert_map is not None:
-        table = expert_map.long().cpu()
-        known = (flat >= 0) & (flat < table.numel())
-        flat = torch.where(known, table[flat.clamp(0, table.numel() - 1)], -1)
+        flat = local_expert_ids(flat, expert_map, num_experts).long()
     num_pairs = flat.numel()
     capacity = max_padded_pairs(num_pairs, num_experts, block_m)
     sorted_pairs = torch.full((capacity,), num_pairs, dtype=torch.int32)
@@ -79,3 +77,15 @@ def _tile_list(expert_offsets: list[int], plan_m: int, size: int) -> torch.Tenso
     listed[: len(entries)] = torch.tensor(entries, dtype=torch.int32)
     listed[size] = len(entries)
     return listed
+
+
+def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor,
+                     num_experts: int) -> torch.Tensor:
+    """Global expert ids → this rank's local ids through `expert_map` (int32, topk_ids'
+    shape and device): −1 where the global id is outside [0, E_global) or maps outside
+    [0, num_experts) (an expert held elsewhere)."""
+    ids = topk_ids.long()
+    table = expert_map.long().to(ids.device)
+    known = (ids >= 0) & (ids < table.numel())
+    local = torch.where(known, table[ids.clamp(0, table.numel() - 1)], -1)
+    return torch.where((local >= 0) & (local < num_experts), local, -1).to(torch.int32)
