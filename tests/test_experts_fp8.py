@@ -32,7 +32,7 @@ from helpers import (
 from moekit.activation import Activation
 from moekit.bench.presets import PRESETS
 from moekit.experts_fp8 import default_fp8_config, direct_fp8_config, plan_fp8_config
-from moekit.quant import QuantScheme, QuantSpec, quantize_weight
+from moekit.quant import QuantScheme, QuantSpec, dequantize, quantize_weight
 from moekit.reference import apply_activation, fused_experts_quantized
 from moekit.tuning import ExpertsConfig, GemmConfig
 
@@ -341,6 +341,51 @@ def test_expert_map_interpreter(scheme, M, config):
     assert_close(out, expected, KERNEL_TOL, name=f"{scheme} expert map")
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,M,config", [
+    ("fp8_tensor", 3, direct(32, 128, 32, 128)), ("fp8_block", 2, direct(32, 128, 32, 128)),
+    ("fp8_channel", 20, None), (STATIC, 5, None)],
+    ids=["direct-tensor", "direct-block", "plan-channel", "plan-static"])
+def test_router_weight_on_input_interpreter(scheme, M, config):
+    # Llama-4: top-1, the token scaled by its weight before quantisation, GEMM2 unweighted.
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(scheme, M, 4, 1, 256, 128,
+                                                               bias=True)
+    weights = weights * torch.linspace(0.2, 3.0, M).unsqueeze(1)  # not all 1 (top-1 renorm)
+    out = poison_(torch.empty_like(hidden))
+    with exact_fp8_casts():
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
+                                 config=config, out=out, apply_router_weight_on_input=True,
+                                 backend="triton")
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
+                                       b2=b2, apply_router_weight_on_input=True)
+    assert_close(out, expected, KERNEL_TOL, name=f"{scheme} weight on input")
+
+
+def test_router_weight_on_input_reference_means_scaled_input():
+    # The oracle against the 16-bit one on the dequantised weights: fp8's error only.
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case("fp8_channel", 6, 4, 1, 128, 64)
+    weights = torch.linspace(0.5, 2.0, 6).unsqueeze(1)
+    got = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                  apply_router_weight_on_input=True)
+    w13 = dequantize(q13.q, q13.scale, scheme.weight)
+    w2 = dequantize(q2.q, q2.scale, scheme.weight)
+    want = moekit.reference.fused_experts(hidden, w13, w2, ids, weights,
+                                          apply_router_weight_on_input=True)
+    assert_close(got, want, 5e-2, name="fp8 against 16-bit, weight on input")
+    unweighted = fused_experts_quantized(hidden * weights, q13, q2, ids,
+                                         torch.ones_like(weights), scheme=scheme)
+    assert torch.equal(got, unweighted)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_router_weight_on_input_needs_top_1(backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case("fp8_tensor", 2, 4, 2, 64, 64)
+    with pytest.raises(ValueError, match="top_k = 1"):
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                 apply_router_weight_on_input=True, backend=backend)
+
+
 @pytest.mark.parametrize("M,H", [(1, 2048), (4, 7168)])
 @pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_channel", "fp8_block", STATIC,
                                     SMALL_BLOCKS])
@@ -498,6 +543,28 @@ def test_cuda_graph_replay_with_new_inputs_gpu(scheme, M, path):
         expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                            b13=b13, b2=b2)
         assert_close(out, expected, GPU_TOL, name=f"replay {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 512])
+@pytest.mark.parametrize("scheme", GPU_SCHEMES)
+def test_router_weight_on_input_and_expert_map_gpu(scheme, M):
+    # Llama-4's routing (top-1, weight on the input) on one rank of two (even experts).
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case(
+        scheme, M, 8, 1, 1024, 512, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(M)
+    global_ids = torch.randint(-1, 16, (M, 1), generator=g, dtype=torch.int32, device="cuda")
+    table = torch.full((16,), -1, dtype=torch.int32, device="cuda")
+    table[0::2] = torch.arange(8, dtype=torch.int32, device="cuda")
+    mine = torch.where((global_ids >= 0) & (global_ids % 2 == 0), global_ids // 2, -1)
+    weights = torch.rand(M, 1, generator=g, device="cuda") + 0.5
+    out = poison_(torch.empty_like(hidden))
+    poison_cuda_cache()
+    moekit.fused_experts_fp8(hidden, q13, q2, global_ids, weights, scheme=scheme, out=out,
+                             expert_map=table, apply_router_weight_on_input=True)
+    expected = fused_experts_quantized(hidden, q13, q2, mine.to(torch.int32), weights,
+                                       scheme=scheme, apply_router_weight_on_input=True)
+    assert_close(out, expected, KERNEL_TOL, name=f"{scheme} M={M}")
 
 
 @pytest.mark.gpu

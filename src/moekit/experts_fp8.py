@@ -38,8 +38,9 @@ no plan, the combine fused into GEMM2, four launches); the heuristic chooses it 
 four tokens on 32 or more experts (`default_fp8_config`).
 
 Expert maps (expert parallelism) as in `fused_experts`: the ids are mapped to local ones
-first (`moekit.local_expert_ids`). Not here yet: apply_router_weight_on_input (the bf16
-path has it).
+first (`moekit.local_expert_ids`). The router weight on the input (Llama-4) for top-1
+routing only: hidden × weight in float32 feeds the quantiser (two small launches), and
+GEMM2 weighs by one; with k > 1 every pair would need a quantised row of its own.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import torch
 from moekit import reference
 from moekit._checks import (
     FLOAT_DTYPES,
+    check_fp8_weight_on_input,
     check_routed_experts,
     check_tensor,
     output_like,
@@ -103,6 +105,7 @@ def fused_experts_fp8(
     out: torch.Tensor | None = None,
     backend: str = "auto",
     expert_map: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
 ) -> torch.Tensor:
     """out[m] = Σ_j weights[m, j] · expert_{ids[m, j]}(hidden[m]), fp8 weights and GEMM inputs.
 
@@ -121,6 +124,8 @@ def fused_experts_fp8(
             global ids, each mapped to its local id first (`moekit.local_expert_ids`, one
             small launch); pairs whose expert is held elsewhere contribute nothing, so the
             result is this rank's partial sum.
+        apply_router_weight_on_input: out[m] = expert_{ids[m, 0]}(weights[m, 0] · hidden[m])
+            (Llama-4), the product in float32 before quantisation; top_k = 1 only.
         config: tile configuration; default `default_fp8_config`.
         out: optional [M, H] contiguous buffer of hidden's dtype to write the result into.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
@@ -131,13 +136,14 @@ def fused_experts_fp8(
     act = Activation.parse(activation)
     topk_ids, topk_weights = _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act,
                                          b13, b2)
+    check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids)
     if expert_map is not None:
         topk_ids = local_expert_ids(topk_ids, expert_map, w13.shape[0], backend=backend)
     out = output_like(hidden, out)
     if resolve_backend(backend, hidden) == "reference":
         return out.copy_(reference.fused_experts_quantized(
             hidden, w13, w2, topk_ids, topk_weights, scheme=scheme, activation=act, b13=b13,
-            b2=b2,
+            b2=b2, apply_router_weight_on_input=apply_router_weight_on_input,
         ))
     _check_kernel_scheme(scheme)
     num_experts, _, inter = w2.shape
@@ -146,6 +152,9 @@ def fused_experts_fp8(
     else:
         _check_config(config, scheme)
     static = not scheme.activation.dynamic
+    if apply_router_weight_on_input:  # top-1: the token's row × its one weight, in fp32
+        hidden = hidden.float() * topk_weights
+        topk_weights = torch.ones_like(topk_weights)
     # Eager calls skip the custom-op dispatcher (tens of µs of host time per call);
     # torch.compile sees the registered op.
     launch = (torch.ops.moekit.fused_experts_fp8 if torch.compiler.is_compiling()

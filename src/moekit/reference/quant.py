@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moekit._checks import FLOAT_DTYPES, check_fp8_weight_on_input, check_shape, check_tensor
 from moekit.activation import Activation
 from moekit.quant import QuantizedWeight, QuantScheme, QuantSpec, dequantize, quantize
 from moekit.quant.weight import check_quantized_weights
@@ -43,6 +43,7 @@ def fused_experts_quantized(
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
 ) -> torch.Tensor:
     """out[m] = Σ_j w[m, j] · expert_{ids[m, j]}(hidden[m]) with fp8 weights and GEMM inputs.
 
@@ -57,12 +58,16 @@ def fused_experts_quantized(
             the per-tensor scales of GEMM1's and GEMM2's inputs.
         activation: name or `Activation`.
         b13: optional [E, 2I] (or [E, I]); b2: optional [E, H]; added in float32.
+        apply_router_weight_on_input: out[m] = expert_{ids[m, 0]}(w[m, 0] · hidden[m]),
+            the product taken in float32 before GEMM1's input is quantised (Llama-4);
+            top_k must be 1 — each pair would otherwise need a quantised row of its own.
     Returns:
         [M, H] in hidden's dtype.
     """
     scheme = QuantScheme.parse(scheme)
     act = Activation.parse(activation)
     _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2)
+    check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids)
     a1_spec = _input_spec(scheme.activation, w13, "w13")
     a2_spec = _input_spec(scheme.gemm2_input, w2, "w2")
 
@@ -72,7 +77,10 @@ def fused_experts_quantized(
     rows, slots = torch.nonzero(valid, as_tuple=True)  # [P] each, token-major
     experts = ids[rows, slots]  # [P]
 
-    x = _fake_quantize(hidden.float(), a1_spec)  # [M, H]
+    x = hidden.float()
+    if apply_router_weight_on_input:
+        x = x * topk_weights.float()
+    x = _fake_quantize(x, a1_spec)  # [M, H]
     h = _grouped_matmul(x[rows], experts, w13)  # [P, 2I]
     if b13 is not None:
         h = h + b13.float()[experts]
@@ -80,7 +88,8 @@ def fused_experts_quantized(
     y = _grouped_matmul(inter, experts, w2)  # [P, H]
     if b2 is not None:
         y = y + b2.float()[experts]
-    y = y * topk_weights.float()[rows, slots].unsqueeze(1)
+    if not apply_router_weight_on_input:
+        y = y * topk_weights.float()[rows, slots].unsqueeze(1)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     out.index_add_(0, rows, y)  # [M, H]
     return out.to(hidden.dtype)
@@ -141,3 +150,4 @@ def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
     if b2 is not None:
         check_tensor("b2", b2, ndim=2, device=device)
         check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
+
