@@ -105,11 +105,11 @@ def grouped_gemm_kernel(a_desc, b_desc, c_desc, block_experts_ptr, num_blocks, n
     loaded = 0
     used = 0
     for tile in range(gl.program_id(0), num_blocks * n_tiles, gl.num_programs(0)):
-        block = tile // n_tiles
-        expert = gl.load(block_experts_ptr + block)
-        if (expert >= 0) & (expert < num_experts):
+        block, col_tile, expert, valid = _tile_work(tile, n_tiles, block_experts_ptr,
+                                                    num_experts)
+        if valid:
             off_m = block * BLOCK_M
-            off_n = (tile - block * n_tiles) * BLOCK_N
+            off_n = col_tile * BLOCK_N
             b_row = expert * N + off_n
             for i in gl.static_range(PREFETCH + 1):
                 if i < k_steps:
@@ -135,6 +135,14 @@ def grouped_gemm_kernel(a_desc, b_desc, c_desc, block_experts_ptr, num_blocks, n
 
 
 @gluon.jit
+def _tile_work(tile, n_tiles, block_experts_ptr, num_experts):
+    """Tile → (row block, column tile, the block's expert, whether it is one to compute)."""
+    block = tile // n_tiles
+    expert = gl.load(block_experts_ptr + block)
+    return block, tile - block * n_tiles, expert, (expert >= 0) & (expert < num_experts)
+
+
+@gluon.jit
 def _ws_tiles(N, num_blocks, BLOCK_N: gl.constexpr):
     """The persistent tile range both partitions walk: (first, end, step, column tiles)."""
     n_tiles = N // BLOCK_N
@@ -152,10 +160,10 @@ def _ws_producer(a_desc, b_desc, block_experts_ptr, num_blocks, num_experts, N, 
     first, end, step, n_tiles = _ws_tiles(N, num_blocks, BLOCK_N)
     counter = 0
     for tile in range(first, end, step):
-        block = tile // n_tiles
-        expert = gl.load(block_experts_ptr + block)
-        if (expert >= 0) & (expert < num_experts):
-            b_row = expert * N + (tile - block * n_tiles) * BLOCK_N
+        block, col_tile, expert, valid = _tile_work(tile, n_tiles, block_experts_ptr,
+                                                    num_experts)
+        if valid:
+            b_row = expert * N + col_tile * BLOCK_N
             for k in range(0, K, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
@@ -186,9 +194,8 @@ def _ws_consumer(c_desc, block_experts_ptr, num_blocks, num_experts, N, K, a_buf
     first, end, step, n_tiles = _ws_tiles(N, num_blocks, BLOCK_N)
     counter = 0
     for tile in range(first, end, step):
-        block = tile // n_tiles
-        expert = gl.load(block_experts_ptr + block)
-        if (expert >= 0) & (expert < num_experts):
+        block, col_tile, _, valid = _tile_work(tile, n_tiles, block_experts_ptr, num_experts)
+        if valid:
             acc = gl.zeros((HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             for k in range(0, K, BLOCK_K):
                 index = counter % NUM_BUFFERS
@@ -207,8 +214,7 @@ def _ws_consumer(c_desc, block_experts_ptr, num_blocks, num_experts, N, K, a_buf
             c_smem.store(acc.to(dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(
-                c_desc, [block * 2 * HALF_M + CONSUMER * HALF_M,
-                         (tile - block * n_tiles) * BLOCK_N], c_smem)
+                c_desc, [block * 2 * HALF_M + CONSUMER * HALF_M, col_tile * BLOCK_N], c_smem)
     tma.store_wait(pendings=0)
 
 
