@@ -174,6 +174,11 @@ DIRECT_CASES = [
     (SMALL_BLOCKS, 2, 5, 2, 96, 72, "gelu", False, torch.float32, direct(16, 32, 64, 32),
      {}, "32×32 blocks: GEMM2's 64-wide column tile spans two N groups (its scales read per "
      "step); GEMM1's up rows start off the groups (I = 72)"),
+    ("fp8_block", 2, 4, 3, 640, 128, "silu", True, torch.float32, direct(32, 256, 32, 128),
+     {}, "GEMM1's 256-deep K tiles over 128-wide block groups: two sub-steps, each with its "
+     "group's scales; H = 640 ends half-way through the last tile"),
+    (SMALL_BLOCKS, 1, 3, 2, 160, 64, "silu", False, torch.float32, direct(32, 128, 16, 32),
+     {}, "32×32 blocks under a 128-deep GEMM1 tile: four sub-steps; H a partial tile"),
     ("fp8_channel", 2, 6, 4, 128, 128, "silu", False, torch.float32, direct(32, 64, 64, 64),
      {}, "per-channel: a token's 4 slots in one program, each slot's scales on its own row"),
     ("fp8_channel", 1, 24, 18, 64, 64, "silu", True, torch.float32, direct(32, 64, 32, 64, per=18),
@@ -495,6 +500,13 @@ def test_kernel_limits_on_schemes():
     with pytest.raises(ValueError, match="^config: gemm2.block_k"):
         _check_config(ExpertsConfig(1, GemmConfig(32, 256), GemmConfig(32, 256)),
                       QuantScheme.fp8_tensor())
+    # The direct GEMM1 runs a K tile of whole groups as sub-steps; the plan's GEMM1 cannot.
+    # (Tiles and groups are powers of two, so a wider tile always holds whole groups.)
+    _check_config(ExpertsConfig(1, GemmConfig(32, 256), GemmConfig(32, 128)),
+                  QuantScheme.fp8_block())
+    with pytest.raises(ValueError, match="^config: gemm1.block_k 256"):
+        _check_config(ExpertsConfig(16, GemmConfig(128, 256), GemmConfig(64, 128)),
+                      QuantScheme.fp8_block())
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -155,7 +155,8 @@ def _experts(why, dtype, act, block_m, **flags):
 
 def _fp8(why, scheme, dtype, act, block_m, **flags):
     """fused_experts_fp8 with the heuristic's tiles (the direct path's at block_m 1); flags:
-    bias, odd_h, odd_i, tma (expected)."""
+    bias, odd_h, odd_i, tma (expected); direct path: whole (GEMM2 a program per token),
+    two_groups (GEMM1's K tile two scale groups deep)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
@@ -233,6 +234,8 @@ CASES = [
          "channel", "bf16", "relu2", 1),
     _fp8("direct fp8, static input scales for both GEMMs; biases", "static", "bf16", "gelu", 1,
          bias=True),
+    _fp8("direct fp8, block scales, GEMM1's 256-deep K tile in two 128-deep sub-steps",
+         "block", "bf16", "silu", 1, two_groups=True),
     _fp8("direct fp8, block scales, GEMM2 a program per token (the other direct cases: a "
          "program per slot, the parts added by a token's last program)", "block", "bf16",
          "silu", 1, whole=True),
@@ -482,6 +485,9 @@ def _run_fp8(p):
         if p.get("whole"):  # GEMM2 a program per token, not per slot (the heuristic's here)
             config = dataclasses.replace(
                 config, gemm2=dataclasses.replace(config.gemm2, group_m=_TOP_K))
+        if p.get("two_groups"):  # GEMM1's K tile two scale groups deep: two sub-steps
+            config = dataclasses.replace(
+                config, gemm1=dataclasses.replace(config.gemm1, block_k=256))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),

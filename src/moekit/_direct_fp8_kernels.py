@@ -103,10 +103,12 @@ def _direct_gemm1_fp8_kernel(
     SHARED_GROUPS: tl.constexpr,  # hidden's and the tile's weight scales group K alike
     CLEAR_ARRIVALS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of SUB_K
+    SUB_K: tl.constexpr,  # ≤ every K group of the scheme (BLOCK_K where none is finer)
 ):
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
-    `_direct_gemm1_kernel`)."""
+    `_direct_gemm1_kernel`). A K tile wider than a scale group runs as SUB_K-deep
+    sub-steps, each its own loads and dot with its group's scales."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
@@ -117,7 +119,7 @@ def _direct_gemm1_fp8_kernel(
     token = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, SUB_K)
     x_row = x_ptr + token * stride_xm
     xs_row = xs_ptr + token * stride_xsm
     g_ptrs, u_ptrs = _gate_up_cols(w13_ptr, expert, offs_n, offs_k, I, stride_we, stride_wn)
@@ -139,26 +141,32 @@ def _direct_gemm1_fp8_kernel(
     gate = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        x = _first_row(x_row + k0, k0, offs_k, H, True, EVEN_K)
-        x_scale = 1.0
-        if X_PER_K and not SHARED_GROUPS:
-            x_scale = _pick(x_scales, k0 // X_GROUP_K)
-        g = _weight_cols(g_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False)
-        g_scale = 1.0
-        u_scale = 1.0
-        if W_PER_K:
-            if W_UNIFORM_N:
-                g_scale = _pick(g_scales, k0 // W_GROUP_K)
-                u_scale = _pick(u_scales, k0 // W_GROUP_K)
-            else:
-                k_step = (k0 // W_GROUP_K) * stride_wsk
-                g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok, False)
-                u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, False)
-        gate = _scaled_dot(gate, x, g, x_scale, g_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
-        if GATED:
-            u = _weight_cols(u_ptrs, k0, col_ok, offs_k, H, True, EVEN_K, EVEN_N, False)
-            up = _scaled_dot(up, x, u, x_scale, u_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
-            u_ptrs += BLOCK_K
+        # SUB_K-deep sub-steps, each inside one scale group (one unless groups are finer
+        # than the K tile).
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            kk = k0 + sub * SUB_K
+            x = _first_row(x_row + kk, kk, offs_k, H, True, EVEN_K)
+            x_scale = 1.0
+            if X_PER_K and not SHARED_GROUPS:
+                x_scale = _pick(x_scales, kk // X_GROUP_K)
+            g = _weight_cols(g_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K, EVEN_N,
+                             False)
+            g_scale = 1.0
+            u_scale = 1.0
+            if W_PER_K:
+                if W_UNIFORM_N:
+                    g_scale = _pick(g_scales, kk // W_GROUP_K)
+                    u_scale = _pick(u_scales, kk // W_GROUP_K)
+                else:
+                    k_step = (kk // W_GROUP_K) * stride_wsk
+                    g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok, False)
+                    u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, False)
+            gate = _scaled_dot(gate, x, g, x_scale, g_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
+            if GATED:
+                u = _weight_cols(u_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K,
+                                 EVEN_N, False)
+                up = _scaled_dot(up, x, u, x_scale, u_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
+        u_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
 
     # Scales constant along K, applied once.

@@ -72,7 +72,9 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         W_GROUPS=_groups(hidden_size, w_group_k),
         SHARED_GROUPS=_shared_groups(x_per_k, a_group_k, ws, block_n, inter_size),
         CLEAR_ARRIVALS=arrivals is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        BLOCK_N=block_n, BLOCK_K=block_k,
+        SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
+        num_warps=warps, num_stages=stages,
     )
     return inter
 

@@ -264,18 +264,22 @@ def _check_kernel_scheme(scheme: QuantScheme) -> None:
 
 
 def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
-    """A K tile must lie inside one scale group; on the plan path GEMM1's column tile must
+    """A K tile must lie inside one scale group — on the direct path GEMM1's may also span
+    whole groups (it runs them as sub-steps); on the plan path GEMM1's column tile must
     hold whole groups of GEMM2's dynamically quantised input (the direct path quantises it
     in GEMM2)."""
     if not isinstance(config, ExpertsConfig):
         raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
-        if groups and gemm.block_k > min(groups):
-            raise ValueError(
-                f"config: {name}.block_k {gemm.block_k} exceeds the K group {min(groups)} of "
-                "the scheme; each K tile needs one scale per operand row"
-            )
+        if not groups or gemm.block_k <= min(groups):
+            continue
+        if name == "gemm1" and config.direct:  # powers of two: whole groups, as sub-steps
+            continue
+        raise ValueError(
+            f"config: {name}.block_k {gemm.block_k} exceeds the K group {min(groups)} of "
+            "the scheme; each K tile needs one scale per operand row"
+        )
     if inter_group is not None and not config.direct and config.gemm1.block_n % inter_group:
         raise ValueError(
             f"config: gemm1.block_n {config.gemm1.block_n} must be a multiple of {inter_group}, "
