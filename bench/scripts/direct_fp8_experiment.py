@@ -1,7 +1,8 @@
 """Experiment: the fp8 direct path (quantisation inside two GEMMs) against the fp8 plan path.
 
 For each preset, fp8 scheme and small token count: the plan path (`plan_fp8_config`: five
-or six launches), the direct path at its heuristic tiles (`direct_fp8_config`), then a
+or six launches), the direct path at its heuristic tiles (`direct_fp8_config`; and, where
+the scheme's scales group K, with GEMM1's K tiles two groups deep), then a
 coordinate search over direct tiles (GEMM1's with GEMM2 at the heuristic's, then GEMM2's
 tiles × how many of a token's slots one GEMM2 program sums, with GEMM1 at its best), each
 a whole layer in CUDA-graph replay; the relative error of
@@ -79,6 +80,12 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
     heuristic = direct_fp8_config(m, preset.top_k, preset.hidden, scheme)
     heuristic_us = timed(heuristic)
     heuristic_out = out.clone()
+    # GEMM1 with K tiles two scale groups deep (sub-steps), where the scheme groups K.
+    two_groups = None
+    if k1 and heuristic.gemm1.block_k == min(k1):
+        two_groups = dataclasses.replace(heuristic, gemm1=dataclasses.replace(
+            heuristic.gemm1, block_k=2 * min(k1)))
+    two_groups_us = timed(two_groups) if two_groups else None
     trials = {}
     best, best_us = heuristic, heuristic_us
     pers = sorted({min(p or preset.top_k, preset.top_k) for p in SLOTS_PER_PROGRAM})
@@ -141,6 +148,7 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
             "heuristic_roofline": round(floor / heuristic_us, 3),
             "best_roofline": round(floor / best_us, 3),
             "heuristic_over_best": round(heuristic_us / best_us, 3),
+            "gemm1_two_groups_us": two_groups_us and round(two_groups_us, 2),
             "best_stage_us": stage_us,
             "heuristic": str(heuristic), "best": str(best),
             "trials_us": {k: round(v, 2) for k, v in trials.items()},
