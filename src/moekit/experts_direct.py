@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from moekit._direct_kernels import _direct_gemm1_kernel, _direct_gemm2_kernel
+from moekit._direct_kernels import ROWS, _direct_gemm1_kernel, _direct_gemm2_kernel
 from moekit._dot_precision import dot_precision
 from moekit._intmath import cdiv, next_power_of_2
-
-_MAX_SLOTS_PER_PROGRAM = 16  # the direct kernels' ROWS
 
 
 def launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
@@ -43,7 +41,7 @@ def slot_parts(top_k: int, slots_per_program: int) -> tuple[int, int]:
     """GEMM2's split of a token's k slots: (slots one program sums, programs per token);
     `slots_per_program` is GEMM2's `group_m`, at most k counted, and at most 16: the fp8
     GEMM2 keeps each slot's product in a row of the dot's 16-row tile."""
-    per_part = max(1, min(slots_per_program, top_k, _MAX_SLOTS_PER_PROGRAM))
+    per_part = max(1, min(slots_per_program, top_k, ROWS.value))
     return per_part, cdiv(top_k, per_part)
 
 
