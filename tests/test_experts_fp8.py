@@ -391,16 +391,25 @@ def test_router_weight_on_input_needs_top_1(backend, monkeypatch):
                                  apply_router_weight_on_input=True, backend=backend)
 
 
-@pytest.mark.parametrize("M,H", [(1, 2048), (4, 7168)])
+@pytest.mark.parametrize("M,H,I", [(1, 2048, 768), (4, 7168, 2048)])
 @pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_channel", "fp8_block", STATIC,
                                     SMALL_BLOCKS])
-def test_direct_config_fits_the_scheme(scheme, M, H):
+def test_direct_config_fits_the_scheme(scheme, M, H, I):
     from moekit.experts_fp8 import _check_config
 
     scheme = QuantScheme.parse(scheme)
-    config = direct_fp8_config(M, 8, H, scheme)
+    config = direct_fp8_config(M, 8, H, I, scheme)
     _check_config(config, scheme)  # raises when a K tile straddles a scale group
     assert config.direct
+
+
+@pytest.mark.parametrize("M,I,two", [(4, 1024, True), (2, 2048, True), (2, 1408, False),
+                                     (4, 768, False), (1, 2048, False)])
+def test_direct_gemm1_k_tile_two_block_groups_deep_from_rows_x_inter(M, I, two):
+    # Block scales: two 128-wide groups per K tile where tokens × I ≥ 4096 (H200-measured).
+    assert direct_fp8_config(M, 8, 2048, I, "fp8_block").gemm1.block_k == (256 if two else 128)
+    assert direct_fp8_config(M, 8, 2048, I, SMALL_BLOCKS).gemm1.block_k == (64 if two else 32)
+    assert direct_fp8_config(M, 8, 2048, I, "fp8_tensor").gemm1.block_k == 256  # no groups
 
 
 @pytest.mark.parametrize("group,block_n,inter,uniform,why", [
@@ -532,7 +541,7 @@ def test_cuda_graph_replay_with_new_inputs_gpu(scheme, M, path):
     E, k, H, I = 16, 4, 512, 256
     scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
         scheme, M, E, k, H, I, dtype=torch.bfloat16, device="cuda")
-    config = direct_fp8_config(M, k, H, scheme) if path.startswith("direct") else None
+    config = direct_fp8_config(M, k, H, I, scheme) if path.startswith("direct") else None
     if path == "direct-split":
         config = dataclasses.replace(config, gemm2=dataclasses.replace(config.gemm2, group_m=1))
     call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
@@ -627,7 +636,8 @@ def test_presets_gpu(preset, name):
     q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
     # Decode (the heuristic's path at M = 1, the direct path at M = 3, 16-row tiles at
     # M = 4) and a skewed batch whose busiest experts span several blocks.
-    for M, skew, config in [(1, 0.0, None), (3, 0.0, direct_fp8_config(3, k, H, scheme)),
+    direct = direct_fp8_config(3, k, H, p.inter, scheme)
+    for M, skew, config in [(1, 0.0, None), (3, 0.0, direct),
                             (4, 0.0, plan_fp8_config(4, E, k, scheme)), (512, 4.0, None)]:
         hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
         ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)

@@ -481,7 +481,7 @@ def _run_fp8(p):
     bias = p.get("bias")
     config = moekit.experts_fp8.default_fp8_config(M, _E, _TOP_K, H, I, scheme)
     if p["block_m"] == 1:  # the direct path's tiles (the heuristic takes it from 32 experts)
-        config = moekit.experts_fp8.direct_fp8_config(M, _TOP_K, H, scheme)
+        config = moekit.experts_fp8.direct_fp8_config(M, _TOP_K, H, I, scheme)
         if p.get("whole"):  # GEMM2 a program per token, not per slot (the heuristic's here)
             config = dataclasses.replace(
                 config, gemm2=dataclasses.replace(config.gemm2, group_m=_TOP_K))

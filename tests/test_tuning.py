@@ -224,7 +224,7 @@ def test_fp8_search_starts_at_the_direct_tiles_for_block_m_1():
 
     own = ExpertsConfig(16, GemmConfig(128, 128, 8, 4, 4), GemmConfig(64, 128, 8, 4, 4))
     start_at = _fp8_tiles_at("fp8_block")
-    assert start_at(own, 1) == direct_fp8_config(1, 1, 0, "fp8_block")
+    assert start_at(own, 1) == direct_fp8_config(1, 1, 0, 0, "fp8_block")
     assert start_at(own, 32) == same_tiles_at(own, 32)
 
 

@@ -2,7 +2,7 @@
 
 For each preset, fp8 scheme and small token count: the plan path (`plan_fp8_config`: five
 or six launches), the direct path at its heuristic tiles (`direct_fp8_config`; and, where
-the scheme's scales group K, with GEMM1's K tiles two groups deep), then a
+the scheme's scales group K, with GEMM1's other K depth: one group or two), then a
 coordinate search over direct tiles (GEMM1's with GEMM2 at the heuristic's, then GEMM2's
 tiles × how many of a token's slots one GEMM2 program sums, with GEMM1 at its best), each
 a whole layer in CUDA-graph replay; the relative error of
@@ -77,15 +77,16 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
 
     plan_us = timed(plan_fp8_config(m, preset.num_experts, preset.top_k, scheme))
     plan_out = out.clone()
-    heuristic = direct_fp8_config(m, preset.top_k, preset.hidden, scheme)
+    heuristic = direct_fp8_config(m, preset.top_k, preset.hidden, preset.inter, scheme)
     heuristic_us = timed(heuristic)
     heuristic_out = out.clone()
-    # GEMM1 with K tiles two scale groups deep (sub-steps), where the scheme groups K.
-    two_groups = None
-    if k1 and heuristic.gemm1.block_k == min(k1):
-        two_groups = dataclasses.replace(heuristic, gemm1=dataclasses.replace(
-            heuristic.gemm1, block_k=2 * min(k1)))
-    two_groups_us = timed(two_groups) if two_groups else None
+    # Where the scheme groups K: GEMM1's other K depth (two groups as sub-steps, or one).
+    other_k = None
+    if k1:
+        depth = min(k1) if heuristic.gemm1.block_k > min(k1) else 2 * min(k1)
+        other_k = dataclasses.replace(heuristic, gemm1=dataclasses.replace(
+            heuristic.gemm1, block_k=depth))
+    other_k_us = timed(other_k) if other_k else None
     trials = {}
     best, best_us = heuristic, heuristic_us
     pers = sorted({min(p or preset.top_k, preset.top_k) for p in SLOTS_PER_PROGRAM})
@@ -148,7 +149,8 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
             "heuristic_roofline": round(floor / heuristic_us, 3),
             "best_roofline": round(floor / best_us, 3),
             "heuristic_over_best": round(heuristic_us / best_us, 3),
-            "gemm1_two_groups_us": two_groups_us and round(two_groups_us, 2),
+            "gemm1_other_k": other_k and other_k.gemm1.block_k,
+            "gemm1_other_k_us": other_k_us and round(other_k_us, 2),
             "best_stage_us": stage_us,
             "heuristic": str(heuristic), "best": str(best),
             "trials_us": {k: round(v, 2) for k, v in trials.items()},

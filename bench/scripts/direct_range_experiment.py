@@ -49,7 +49,8 @@ def time_pair(preset, w, dtype, m, rep_ms) -> dict:
     else:
         scheme = QuantScheme.parse(dtype)
         configs = {"plan": plan_fp8_config(m, preset.num_experts, preset.top_k, scheme),
-                   "direct": direct_fp8_config(m, preset.top_k, preset.hidden, scheme)}
+                   "direct": direct_fp8_config(m, preset.top_k, preset.hidden,
+                                               preset.inter, scheme)}
         run = lambda c: moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
                                                  scheme=scheme, activation=act, b13=w.b13,
                                                  b2=w.b2, config=c, out=out)

@@ -186,22 +186,32 @@ def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: in
     four tokens on 32 or more experts (`use_direct_fp8_path`), else the plan path's
     (`plan_fp8_config`)."""
     if use_direct_fp8_path(num_tokens, num_experts):
-        return direct_fp8_config(num_tokens, top_k, hidden, scheme)
+        return direct_fp8_config(num_tokens, top_k, hidden, inter, scheme)
     return plan_fp8_config(num_tokens, num_experts, top_k, scheme)
 
 
-def direct_fp8_config(num_tokens: int, top_k: int, hidden: int,
+def direct_fp8_config(num_tokens: int, top_k: int, hidden: int, inter: int,
                       scheme: str | QuantScheme) -> ExpertsConfig:
     """Tiles for the fp8 direct path (`ExpertsConfig.block_m` = 1): the 16-bit rule's
     (`direct_tiles`) with GEMM2's slots split until there are twice as many programs
     (a step streams half the bytes); GEMM1's K tiles 256 one-byte values deep where no
-    scale groups K, else one group; GEMM2's pipeline 6 deep, since its steps stream only
+    scale groups K, else one group — or two (run as sub-steps) from
+    `TWO_GROUPS_MIN_ROWS_X_INTER`; GEMM2's pipeline 6 deep, since its steps stream only
     block_n × 128 bytes each (H200, bench/NOTES.md)."""
     k1, k2, _ = _k_groups(QuantScheme.parse(scheme))
     tiles = direct_tiles(num_tokens, top_k, hidden, dtype_bytes=1)
-    g1 = dataclasses.replace(tiles.gemm1, block_k=256, num_stages=4)
+    g1 = _fit_k(dataclasses.replace(tiles.gemm1, block_k=256, num_stages=4), k1)
+    if k1 and num_tokens * inter >= TWO_GROUPS_MIN_ROWS_X_INTER and 2 * min(k1) <= 256:
+        g1 = dataclasses.replace(g1, block_k=2 * min(k1))
     g2 = dataclasses.replace(tiles.gemm2, block_k=128, num_stages=6)
-    return ExpertsConfig(DIRECT_BLOCK_M, _fit_k(g1, k1), _fit_k(g2, k2))
+    return ExpertsConfig(DIRECT_BLOCK_M, g1, _fit_k(g2, k2))
+
+
+# Block scales on the direct path: GEMM1's K tile two 128-wide groups deep won 1.03–1.10×
+# where tokens × I ≥ 4096 (olmoe, deepseek-v2-lite at M = 4, deepseek-v3 at M = 2, 4) and
+# tied or lost (up to 1.13×) in the eight cells below it (H200,
+# bench/results/h200-20261202-direct-fp8-two-groups.md).
+TWO_GROUPS_MIN_ROWS_X_INTER = 4096
 
 
 def plan_fp8_config(num_tokens: int, num_experts: int, top_k: int,

@@ -111,7 +111,7 @@ def _fp8_tiles_at(scheme: str):
 
     def start_at(heuristic, block_m):
         if block_m == DIRECT_BLOCK_M:
-            return direct_fp8_config(1, 1, 0, scheme)
+            return direct_fp8_config(1, 1, 0, 0, scheme)
         return same_tiles_at(heuristic, block_m)
     return start_at
 
