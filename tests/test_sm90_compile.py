@@ -54,12 +54,14 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import moekit
 import moekit._tma
 import moekit.backend
 import moekit.experts
+import moekit.experts_fp8
 from moekit.quant import QuantScheme, quantize_weight
 from moekit.tuning import ExpertsConfig, GemmConfig
 
@@ -67,7 +69,7 @@ _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use 
 _TMA_PTX = "cp.async.bulk.tensor"
 _GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
           "_direct_gemm1_kernel", "_direct_gemm2_kernel", "_direct_gemm1_fp8_kernel",
-          "_direct_gemm2_fp8_kernel")
+          "_direct_gemm2_fp8_kernel", "_gemm2_ws_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and 16-bit/fp8 rows of a length that is
 # not a multiple of 16 elements (H = 1000, I = 264 or 200: loads Triton cannot prove
@@ -144,6 +146,8 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
+_FP8_GLUON = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_ws_kernel",
+              "_combine_kernel")
 _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gemm2_fp8_kernel")
 
 
@@ -156,13 +160,15 @@ def _experts(why, dtype, act, block_m, **flags):
 def _fp8(why, scheme, dtype, act, block_m, **flags):
     """fused_experts_fp8 with the heuristic's tiles (the direct path's at block_m 1); flags:
     bias, odd_h, odd_i, tma (expected); direct path: whole (GEMM2 a program per token),
-    two_groups (GEMM1's K tile two scale groups deep)."""
+    two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
+    kernel, as on an sm_90 GPU), no_tail (tail tiles off)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
         # A per-tensor amax over more than 16 rows takes a partials launch first.
         partials = scheme == "tensor" and block_m >= 32
-        kernels = _FP8 + (("_amax_partials_kernel",) if partials else ())
+        kernels = ((_FP8_GLUON if flags.get("gluon") else _FP8)
+                   + (("_amax_partials_kernel",) if partials else ()))
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
                 kernels)
 
@@ -218,6 +224,16 @@ CASES = [
     _fp8("prefill: 128-row tiles with tail tiles, TMA weight and inter tiles, persistent "
          "GEMM2 (1×128 input groups: per-K scales in GEMM2)", "tensor", "bf16", "silu", 128,
          tma=True),
+    _fp8("prefill, Gluon GEMM2 (warp-specialised): 1×128 input groups' scales per K step, "
+         "tail tiles (the second math warpgroup idle), combine through pair_slots", "tensor",
+         "bf16", "silu", 128, tma=True, gluon=True),
+    _fp8("prefill, Gluon GEMM2: block scales (per-K scales of both operands, one per tile "
+         "along N), no tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True,
+         no_tail=True),
+    _fp8("prefill, Gluon GEMM2: per-channel scales (a vector per tile), biases", "channel",
+         "bf16", "swigluoai", 128, tma=True, gluon=True, bias=True),
+    _fp8("prefill, Gluon GEMM2: static input scale (one scalar, after the loop), fp16",
+         "static", "fp16", "gelu", 128, tma=True, gluon=True),
     _fp8("prefill, per-channel, I = 200 (rows not 16-byte multiples): pointer tiles, one-tile-"
          "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
          "bf16", "swigluoai", 128, bias=True, odd_i=True),
@@ -430,7 +446,8 @@ def _recording_launches(launches: list):
 
     saved = [(JITFunction, "run"), (moekit.backend, "interpreter_enabled"),
              (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs"),
-             (moekit.experts_fp8, "persistent_programs")]
+             (moekit.experts_fp8, "persistent_programs"),
+             (moekit.experts_fp8, "use_gluon_gemm2")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run = record
     moekit.backend.interpreter_enabled = lambda: True
@@ -488,7 +505,11 @@ def _run_fp8(p):
         if p.get("two_groups"):  # GEMM1's K tile two scale groups deep: two sub-steps
             config = dataclasses.replace(
                 config, gemm1=dataclasses.replace(config.gemm1, block_k=256))
+    if p.get("no_tail"):
+        config = dataclasses.replace(config, tail_block_m=0)
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
+    # On the CPU `use_gluon_gemm2` is always False; an sm_90 GPU's answer is forced here.
+    moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),
         torch.empty(M, _TOP_K), scheme=scheme, activation=act, config=config,
@@ -558,7 +579,8 @@ def _compile_sm90(fn, args, kwargs) -> dict:
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
                                                           specialization, options)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    kernel = triton.compile(source(fn, signature, constexprs, attrs), target=target,
                             options=options.__dict__)
     ptx = kernel.asm["ptx"]
     names = fn.arg_names

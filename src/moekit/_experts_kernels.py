@@ -412,17 +412,21 @@ def _gemm2_kernel(
 
 @triton.jit
 def _combine_kernel(
-    pair_out_ptr,  # [M*k, H]
+    pair_out_ptr,  # [M*k, H], or [capacity, H] in plan order when BY_SLOT
     topk_ids_ptr,  # [M*k] int32
+    pair_slots_ptr,  # [M*k] int32: each pair's plan slot (read only when BY_SLOT)
     out_ptr,  # [M, H], out
     H,
     num_experts,
     stride_pm,
     stride_om,
     TOP_K: tl.constexpr,
+    BY_SLOT: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Grid (M, H-tiles): one token's BLOCK_H output columns, summed over its k slots."""
+    """Grid (M, H-tiles): one token's BLOCK_H output columns, summed over its k slots.
+    A pair's row is pair_out[pair], or with BY_SLOT pair_out[pair_slots[pair]] (GEMM2
+    stored whole plan-order tiles)."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = offs < H
@@ -431,6 +435,10 @@ def _combine_kernel(
         pair = token * TOP_K + j
         e = tl.load(topk_ids_ptr + pair)
         valid = (e >= 0) & (e < num_experts)
-        row = tl.load(pair_out_ptr + pair * stride_pm + offs, mask=col_ok & valid, other=0.0)
+        row_index = pair
+        if BY_SLOT:
+            row_index = tl.load(pair_slots_ptr + pair, mask=valid, other=0).to(tl.int64)
+        row = tl.load(pair_out_ptr + row_index * stride_pm + offs, mask=col_ok & valid,
+                      other=0.0)
         acc += row.to(tl.float32)
     tl.store(out_ptr + token * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=col_ok)

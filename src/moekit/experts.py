@@ -257,12 +257,14 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
     return pair_out
 
 
-def launch_combine(pair_out, topk_ids, num_experts, out) -> None:
-    """out[m] = Σ_j pair_out[m*k + j] over the valid slots, in slot order."""
+def launch_combine(pair_out, topk_ids, num_experts, out, pair_slots=None) -> None:
+    """out[m] = Σ_j pair_out[m*k + j] over the valid slots, in slot order; with
+    `pair_slots` (the plan's) pair_out is in plan order: row pair_slots[m*k + j]."""
     num_tokens, hidden_size = out.shape
     _combine_kernel[(num_tokens, cdiv(hidden_size, _COMBINE_BLOCK_H))](
-        pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
-        TOP_K=topk_ids.shape[1], BLOCK_H=_COMBINE_BLOCK_H,
+        pair_out, topk_ids, topk_ids if pair_slots is None else pair_slots, out, hidden_size,
+        num_experts, pair_out.stride(0), out.stride(0),
+        TOP_K=topk_ids.shape[1], BY_SLOT=pair_slots is not None, BLOCK_H=_COMBINE_BLOCK_H,
     )
 
 

@@ -8,6 +8,11 @@
                                                                     ─► pair_out [M*k, H]
                  ─► _combine_kernel (the bf16 pipeline's): Σ over slots ─► out [M, H]
 
+On an sm_90 GPU at 128-row tiles GEMM2 is the warp-specialised Gluon kernel of
+`moekit._gluon_gemm2` instead (TMA producer warpgroup, two math warpgroups): it stores
+whole plan-order tiles, [capacity, H], which the combine reads through the plan's
+`pair_slots`. `MOEKIT_GLUON=0` keeps the Triton GEMM2.
+
 The formats are a `QuantScheme`; `moekit.reference.fused_experts_quantized` is the
 oracle, and the two agree on every choice below.
 
@@ -64,14 +69,15 @@ from moekit._experts_fp8_kernels import (
     _gemm1_fp8_kernel,
     _gemm2_fp8_kernel,
 )
-from moekit._experts_kernels import _combine_kernel
 from moekit._fp8_quantize import FMAX, launch_quantize_rows
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
+from moekit._gluon_gemm2 import gluon_gemm2, gluon_gemm2_tiles, use_gluon_gemm2
 from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
+from moekit.experts import launch_combine
 from moekit.experts_direct_fp8 import launch_direct_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
@@ -81,7 +87,6 @@ from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import direct_tiles, pick_block_m, use_direct_fp8_path
 from moekit.tuning.tables import tuned_for
 
-_COMBINE_BLOCK_H = 1024
 _AMAX_BLOCK = 1024
 _MAX_AMAX_PROGRAMS = 256
 # Up to this many values of hidden a per-tensor amax is read by the quantiser's every
@@ -448,9 +453,18 @@ def _launch_fused_experts_fp8(
         num_warps=c1[3], num_stages=c1[4],
     )
 
-    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
     ws2 = weight_scale_layout(w2_scale, w_group_n, w_group_k)
     programs = persistent_programs(hidden.device) if tma else 0
+    a_group_k = None if inter_static else inter_group
+    k_groups = [g for g in (a_group_k, w_group_k if w_per_k else None) if g is not None]
+    if tma and use_gluon_gemm2(w2_q, block_m, k_groups):
+        plan_rows = gluon_gemm2(
+            inter_q, inter_scale, (stride_ism, stride_isk), a_group_k, w2_q, w2_scale, ws2,
+            uniform_along_n(ws2, gluon_gemm2_tiles(w2_q.dtype)[0], 0), b2, topk_weights, plan,
+            hidden.dtype, programs)
+        launch_combine(plan_rows, topk_ids, num_experts, out, pair_slots=plan.pair_slots)
+        return
+    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
     grid2 = (programs or num_tiles * cdiv(hidden_size, c2[0]),)
     _gemm2_fp8_kernel[grid2](
         inter_q, matrix_descriptor(inter_q, block_m, c2[1]) if tma else None, inter_scale,
@@ -468,12 +482,7 @@ def _launch_fused_experts_fp8(
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
         num_warps=c2[3], num_stages=c2[4],
     )
-
-    grid3 = (num_tokens, cdiv(hidden_size, _COMBINE_BLOCK_H))
-    _combine_kernel[grid3](
-        pair_out, topk_ids, out, hidden_size, num_experts, pair_out.stride(0), out.stride(0),
-        TOP_K=top_k, BLOCK_H=_COMBINE_BLOCK_H,
-    )
+    launch_combine(pair_out, topk_ids, num_experts, out)
 
 
 _fused_experts_fp8_op = torch.library.custom_op(

@@ -1,0 +1,145 @@
+"""The Gluon GEMM2 (`moekit._gluon_gemm2`): when it is chosen, the combine through
+`pair_slots` that reads its plan-order rows, and on an sm_90 GPU the fp8 layer with it
+against the quantised reference and against the Triton GEMM2.
+
+The kernel itself only runs on Hopper (Gluon has no interpreter for wgmma/TMA); its
+sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moekit
+from helpers import assert_close, poison_, poison_cuda_cache, random_experts, random_routing
+from moekit._gluon_gemm2 import DISABLE_ENV, use_gluon_gemm2
+from moekit.experts import launch_combine
+from moekit.experts_fp8 import plan_fp8_config
+from moekit.quant import QuantScheme, quantize_weight
+from moekit.reference import fused_experts_quantized
+
+GPU_TOL = 1e-2  # DESIGN.md's bound for bf16 outputs
+TRITON_AGREEMENT = 3e-3  # the two GEMM2s on the same inputs: summation order only
+
+
+@pytest.mark.parametrize("M,E,k,H,drop", [
+    (5, 4, 2, 96, False),  # ragged H against the 1024-wide column block
+    (33, 8, 3, 64, True),  # dropped pairs (id −1) must be skipped, not read
+])
+def test_combine_reads_plan_order_rows_through_pair_slots(M, E, k, H, drop, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids, weights = random_routing(M, E, k, seed=M)
+    if drop:
+        ids[::3, 0] = -1
+    plan = moekit.dispatch_plan(ids, E, 16, backend="triton")
+    plan_rows = torch.randn(plan.capacity, H)  # [capacity, H]: padding rows hold noise too
+    out = poison_(torch.empty(M, H))
+    launch_combine(plan_rows, ids, E, out, pair_slots=plan.pair_slots)
+    valid = (ids >= 0).reshape(-1)
+    pair_rows = plan_rows[plan.pair_slots.long()] * valid[:, None]  # [M*k, H]
+    expected = pair_rows.reshape(M, k, H).sum(1)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gluon_gemm2_is_chosen_only_where_it_can_run(monkeypatch):
+    w2 = torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)
+    assert not use_gluon_gemm2(w2, 128, [128]), "a CPU tensor"
+    if not torch.cuda.is_available():
+        return
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    w2 = w2.cuda()
+    assert use_gluon_gemm2(w2, 128, [128]) == sm90
+    assert not use_gluon_gemm2(w2, 64, [128]), "64-row tiles: the Triton kernel"
+    assert not use_gluon_gemm2(w2, 128, [32]), "scale groups finer than a K step"
+    assert not use_gluon_gemm2(w2[:, :200], 128, []), "H not a multiple of the column tile"
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    assert not use_gluon_gemm2(w2, 128, [128]), "switched off"
+
+
+# ---------------------------------------------------------------------------- GPU
+
+GPU_SCHEMES = ["fp8_tensor", "fp8_channel", "fp8_block", QuantScheme.fp8_tensor(dynamic=False)]
+
+
+def prefill_case(scheme, M, E, k, H, I, *, bias, skew, seed=0):
+    scheme = QuantScheme.parse(scheme)
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, device="cuda", seed=seed)
+    hidden = torch.randn(M, H, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+    hidden = hidden.to(torch.bfloat16)
+    ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=seed)
+    static = {}
+    if not scheme.activation.dynamic:  # calibrated per-tensor input scales
+        h = torch.einsum("mh,enh->men", hidden.float(), w13.float())
+        inter = torch.nn.functional.silu(h[..., :I]) * h[..., I:]
+        static = dict(s13=hidden.abs().max().float().reshape(1) / 448,
+                      s2=inter.abs().max().reshape(1) / 448)
+    q13 = quantize_weight(w13, scheme.weight, input_scale=static.get("s13"))
+    q2 = quantize_weight(w2, scheme.weight, input_scale=static.get("s2"))
+    return scheme, hidden, q13, q2, ids, weights, b13, b2
+
+
+def require_gluon(q2):
+    if not use_gluon_gemm2(q2.q, 128, []):
+        pytest.skip("the Gluon GEMM2 needs an sm_90 GPU and Triton's Gluon")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("scheme", GPU_SCHEMES)
+@pytest.mark.parametrize("M,E,k,H,I,bias,skew", [
+    (2048, 8, 2, 1024, 512, False, 0.0),  # 512 rows per expert: whole 128-row tiles
+    (1000, 16, 4, 768, 384, True, 3.0),  # skewed: runs with odd 64-row tails; biases
+    (300, 32, 8, 512, 1408, False, 0.0),  # I not a multiple of 128 (TMA zero-fills K)
+])
+def test_fp8_prefill_with_the_gluon_gemm2_gpu(scheme, tail, M, E, k, H, I, bias, skew,
+                                             monkeypatch):
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
+        scheme, M, E, k, H, I, bias=bias, skew=skew)
+    require_gluon(q2)
+    config = plan_fp8_config(4096, E, k, scheme)  # 128-row tiles at any M
+    config = dataclasses.replace(config, tail_block_m=64 if tail else 0)
+    ids[::7, -1] = -1  # dropped pairs
+    outs = {}
+    for name, env in (("gluon", "1"), ("triton", "0")):
+        monkeypatch.setenv("MOEKIT_GLUON", env)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
+                                 config=config, out=out)
+        outs[name] = out
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
+                                       b2=b2)
+    assert_close(outs["gluon"], expected, GPU_TOL, name=f"{scheme} tail={tail}")
+    assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_the_gluon_gemm2_gpu():
+    # New routing on every replay: the work list's length and the tiles are read on the GPU.
+    E, k, H, I, M = 16, 4, 512, 256, 1024
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
+        "fp8_block", M, E, k, H, I, bias=True, skew=0.0)
+    require_gluon(q2)
+    config = plan_fp8_config(4096, E, k, scheme)
+    call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                            b13=b13, b2=b2, config=config)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for seed in (1, 2):
+        new_ids, new_weights = random_routing(M, E, k, device="cuda", seed=seed, skew=4.0 * seed)
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                           b13=b13, b2=b2)
+        assert_close(out, expected, GPU_TOL, name=f"replay {seed}")
