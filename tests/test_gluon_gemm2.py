@@ -1,6 +1,6 @@
 """The Gluon GEMM2 (`moekit._gluon_gemm2`): when it is chosen, the combine through
-`pair_slots` that reads its plan-order rows, and on an sm_90 GPU the fp8 layer with it
-against the quantised reference and against the Triton GEMM2.
+`pair_slots` that reads its plan-order rows, and on an sm_90 GPU the fp8 and 16-bit
+layers with it against their references and against the Triton GEMM2.
 
 The kernel itself only runs on Hopper (Gluon has no interpreter for wgmma/TMA); its
 sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
@@ -18,8 +18,10 @@ from helpers import assert_close, poison_, poison_cuda_cache, random_experts, ra
 from moekit._gluon_gemm2 import DISABLE_ENV, use_gluon_gemm2
 from moekit.experts import launch_combine
 from moekit.experts_fp8 import plan_fp8_config
-from moekit.quant import QuantScheme, quantize_weight
-from moekit.reference import fused_experts_quantized
+from moekit.quant import QuantScheme
+from moekit.reference import fused_experts, fused_experts_quantized
+from moekit.tuning import default_config
+from test_experts_fp8 import make_case
 
 GPU_TOL = 1e-2  # DESIGN.md's bound for bf16 outputs
 TRITON_AGREEMENT = 3e-3  # the two GEMM2s on the same inputs: summation order only
@@ -65,24 +67,14 @@ GPU_SCHEMES = ["fp8_tensor", "fp8_channel", "fp8_block", QuantScheme.fp8_tensor(
 
 
 def prefill_case(scheme, M, E, k, H, I, *, bias, skew, seed=0):
-    scheme = QuantScheme.parse(scheme)
-    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, device="cuda", seed=seed)
-    hidden = torch.randn(M, H, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-    hidden = hidden.to(torch.bfloat16)
-    ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=seed)
-    static = {}
-    if not scheme.activation.dynamic:  # calibrated per-tensor input scales
-        h = torch.einsum("mh,enh->men", hidden.float(), w13.float())
-        inter = torch.nn.functional.silu(h[..., :I]) * h[..., I:]
-        static = dict(s13=hidden.abs().max().float().reshape(1) / 448,
-                      s2=inter.abs().max().reshape(1) / 448)
-    q13 = quantize_weight(w13, scheme.weight, input_scale=static.get("s13"))
-    q2 = quantize_weight(w2, scheme.weight, input_scale=static.get("s2"))
-    return scheme, hidden, q13, q2, ids, weights, b13, b2
+    """fp8 experts, bf16 tokens and routing on the GPU (static schemes calibrated on the
+    routed pairs, as in tests/test_experts_fp8.py)."""
+    return make_case(scheme, M, E, k, H, I, bias=bias, dtype=torch.bfloat16, device="cuda",
+                     skew=skew, seed=seed)
 
 
-def require_gluon(q2):
-    if not use_gluon_gemm2(q2.q, 128, []):
+def require_gluon(w2):
+    if not use_gluon_gemm2(w2, 128, []):
         pytest.skip("the Gluon GEMM2 needs an sm_90 GPU and Triton's Gluon")
 
 
@@ -98,7 +90,7 @@ def test_fp8_prefill_with_the_gluon_gemm2_gpu(scheme, tail, M, E, k, H, I, bias,
                                              monkeypatch):
     scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
         scheme, M, E, k, H, I, bias=bias, skew=skew)
-    require_gluon(q2)
+    require_gluon(q2.q)
     config = plan_fp8_config(4096, E, k, scheme)  # 128-row tiles at any M
     config = dataclasses.replace(config, tail_block_m=64 if tail else 0)
     ids[::7, -1] = -1  # dropped pairs
@@ -117,12 +109,44 @@ def test_fp8_prefill_with_the_gluon_gemm2_gpu(scheme, tail, M, E, k, H, I, bias,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tail,weight_on_input", [(True, False), (False, True)])
+@pytest.mark.parametrize("M,E,k,H,I,bias,skew", [
+    (2048, 8, 2, 1024, 512, True, 0.0),  # whole 128-row tiles; biases
+    (1000, 16, 4, 768, 1416, False, 3.0),  # skewed (odd 64-row tails); I ragged vs K steps
+])
+def test_16_bit_prefill_with_the_gluon_gemm2_gpu(dtype, tail, weight_on_input, M, E, k, H, I,
+                                                bias, skew, monkeypatch):
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda")
+    require_gluon(w2)
+    hidden = torch.randn(M, H, device="cuda").to(dtype)
+    top_k = 1 if weight_on_input else k
+    ids, weights = random_routing(M, E, top_k, skew=skew, device="cuda")
+    ids[::7, -1] = -1  # dropped pairs
+    config = dataclasses.replace(default_config(4096, E, top_k, H, I),
+                                 tail_block_m=64 if tail else 0)
+    assert config.block_m == 128
+    outs = {}
+    for name, env in (("gluon", "1"), ("triton", "0")):
+        monkeypatch.setenv("MOEKIT_GLUON", env)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
+                             apply_router_weight_on_input=weight_on_input, out=out)
+        outs[name] = out
+    expected = fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2,
+                             apply_router_weight_on_input=weight_on_input)
+    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
+    assert_close(outs["gluon"], outs["triton"], name="against Triton's")
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_with_the_gluon_gemm2_gpu():
     # New routing on every replay: the work list's length and the tiles are read on the GPU.
     E, k, H, I, M = 16, 4, 512, 256, 1024
     scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
         "fp8_block", M, E, k, H, I, bias=True, skew=0.0)
-    require_gluon(q2)
+    require_gluon(q2.q)
     config = plan_fp8_config(4096, E, k, scheme)
     call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                             b13=b13, b2=b2, config=config)
