@@ -144,7 +144,6 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
-_EXPERTS_GLUON = ("_gemm1_kernel", "_gemm2_ws_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 _FP8_GLUON = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_ws_kernel",
@@ -154,10 +153,8 @@ _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gem
 
 def _experts(why, dtype, act, block_m, **flags):
     """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
-    tiles on; every other case has them off, whatever the heuristic's default), gluon
-    (GEMM2 as the Gluon kernel, as on an sm_90 GPU)."""
-    kernels = _EXPERTS_GLUON if flags.get("gluon") else _EXPERTS
-    return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
+    tiles on; every other case has them off, whatever the heuristic's default)."""
+    return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, _EXPERTS)
 
 
 def _fp8(why, scheme, dtype, act, block_m, **flags):
@@ -194,11 +191,6 @@ CASES = [
     _experts("tail tiles: GEMM1 at 128 and 64 rows in one program (TMA weights); the "
              "persistent GEMM2 masking a tail's rows", "bf16", "swigluoai", 128, tma=True,
              tail=True, bias=True, odd_i=True),
-    _experts("Gluon GEMM2 (bf16): one MMA in flight, tail tiles, bias, router weight",
-             "bf16", "silu", 128, tma=True, tail=True, bias=True, gluon=True),
-    _experts("Gluon GEMM2 (fp16): no tail tiles, router weight on GEMM1's input (none in "
-             "GEMM2's epilogue)", "fp16", "gelu", 128, tma=True, weight_on_input=True,
-             gluon=True),
     _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
              odd_h=True),
     _experts("fp32 at 64 rows: the largest fp32 tiles that fit (192 KB of shared memory)",
@@ -455,7 +447,7 @@ def _recording_launches(launches: list):
     saved = [(JITFunction, "run"), (moekit.backend, "interpreter_enabled"),
              (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs"),
              (moekit.experts_fp8, "persistent_programs"),
-             (moekit.experts_fp8, "use_gluon_gemm2"), (moekit.experts, "use_gluon_gemm2")]
+             (moekit.experts_fp8, "use_gluon_gemm2")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run = record
     moekit.backend.interpreter_enabled = lambda: True
@@ -481,8 +473,6 @@ def _run_experts(p):
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")
-    # On the CPU `use_gluon_gemm2` is always False; an sm_90 GPU's answer is forced here.
-    moekit.experts.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),

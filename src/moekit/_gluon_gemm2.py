@@ -1,12 +1,13 @@
-"""GEMM2 of the plan path at 128-row tiles as a warp-specialised Gluon kernel (sm_90).
+"""fp8 GEMM2 of the plan path at 128-row tiles as a warp-specialised Gluon kernel (sm_90).
 
 Triton 3.6 does not split a loop into producer and consumer warps on Hopper, and its
 fp8 GEMM2 (K = I: few K steps, every step promoted into fp32) ran at ~36% of the fp8
 peak. Gluon (`triton.experimental.gluon`) writes the schedule by hand:
 
     producer warpgroup    TMA loads of each K step's A (`inter`, 128 plan rows) and B
-                          (w2 rows) into a ring of NUM_BUFFERS shared-memory stages
-    two math warpgroups   each multiplies one 64-row half of every stage by the same B,
+                          (w2 rows) into a ring of STAGES shared-memory stages
+    two math warpgroups   each multiplies one 64-row half of every stage by the same B
+                          (promoted: a fresh accumulator per stage, added in fp32),
                           releases the stage, and runs its own epilogue: scales, bias,
                           router weight, a TMA store of its 64 rows
 
@@ -17,7 +18,9 @@ tile (its run's odd last 64 rows) leaves the second warpgroup idle for that tile
 
 Measured (H200, bench/NOTES.md session 12): fp8 GEMM2 1.29–1.32× faster than the Triton
 kernel (qwen3 M = 4096: 165 against 217 µs per-tensor, 173 against 224 block; mixtral 936
-against 1,233), the fp8 layer 1.05–1.17× at M = 4096.
+against 1,233), the fp8 layer 1.05–1.17× at M = 4096. The same kernel unpromoted for
+bf16 weights made the 16-bit layer 0.90–1.02× (bench/results/
+h200-20261202-kernels-bf16-prefill-gluon{0,1}.md): 16-bit GEMM2 stays Triton's.
 """
 
 from __future__ import annotations
@@ -43,15 +46,11 @@ try:  # Gluon ships with Triton ≥ 3.5; without it the Triton GEMM2 runs
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-BLOCK_M = 128  # two 64-row halves, one per math warpgroup
-HALF_M = BLOCK_M // 2
+# 128 × 128 × 128 one-byte K steps in 5 stages of 32 KB: the promoted shape measured
+# (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
+BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 128, 5
+HALF_M = BLOCK_M // 2  # one half per math warpgroup
 DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMM2 (a measurement's control)
-
-
-def gluon_gemm2_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, stages): 128 × 128 one-byte K steps in 5 stages for fp8 (the
-    promoted shape measured), 128 × 64 in 5 for 16-bit weights (both 32 KB a stage)."""
-    return (128, 128, 5) if dtype == torch.float8_e4m3fn else (128, 64, 5)
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,21 +59,21 @@ def _device_is_sm90(index: int) -> bool:
 
 
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
-    """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon present, an sm_90 GPU (wgmma),
-    128-row tiles, whole column tiles per expert in w2's [E·H, I] view, 16-byte rows, and
-    each K group of GEMM2's scales (`k_groups`: its input's and weight's, if any) holding
-    whole K steps."""
+    """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon present, fp8 weights on an sm_90
+    GPU (wgmma), 128-row tiles, whole column tiles per expert in w2's [E·H, I] view,
+    16-byte rows, and each K group of GEMM2's scales (`k_groups`: its input's and
+    weight's, if any) holding whole K steps."""
     if not HAVE_GLUON or os.environ.get(DISABLE_ENV) == "0" or w2.device.type != "cuda":
         return False
-    num_experts, hidden, inter = w2.shape
-    block_n, block_k, _ = gluon_gemm2_tiles(w2.dtype)
+    _, hidden, inter = w2.shape
     index = w2.device.index if w2.device.index is not None else torch.cuda.current_device()
     return (
-        block_m == BLOCK_M
+        w2.dtype == torch.float8_e4m3fn
+        and block_m == BLOCK_M
         and _device_is_sm90(index)
-        and hidden % block_n == 0
-        and (inter * w2.element_size()) % 16 == 0
-        and all(group % block_k == 0 for group in k_groups)
+        and hidden % BLOCK_N == 0
+        and inter % 16 == 0
+        and all(group % BLOCK_K == 0 for group in k_groups)
         and w2.is_contiguous()
     )
 
@@ -141,22 +140,19 @@ if HAVE_GLUON:
                   stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs,
                   CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, BLOCK_K: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, PROMOTE: gl.constexpr, HAS_SCALES: gl.constexpr,
-                  A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
-                  W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
+                  W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr):
-        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. PROMOTE (fp8):
-        each stage's product into a fresh accumulator, scaled by the step's K-group
-        scales (A_PER_K, W_PER_K) and added in fp32 — Hopper's fp8 MMA accumulates at
-        reduced precision. Else (16-bit) one MMA stays in flight and a stage is released
-        once the MMA after it has been issued and its own has retired. Scales constant
-        along K, the bias and the router weight are applied once, in the epilogue, as
-        `_gemm2_fp8_tile` does."""
+        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
+        product goes into a fresh accumulator, is scaled by the step's K-group scales
+        (A_PER_K, W_PER_K; loaded while the MMA runs) and added in fp32 — Hopper's fp8
+        MMA accumulates at reduced precision. Scales constant along K, the bias and the
+        router weight are applied once, in the epilogue, as `_gemm2_fp8_tile` does; the
+        per-row factors are loaded before the K loop."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-        INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, INSTR_K])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
         cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         zeros = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
@@ -171,9 +167,19 @@ if HAVE_GLUON:
             pid_n = tile - pid_m * n_tiles
             first_slot, expert, rows = _row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
+            mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
             slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
             cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
             ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
+            # The rows' factors, loaded now so that their latency hides under the loop.
+            row_factor = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
+            if not A_PER_K:  # a static input scale (stride 0) or one group per row
+                row_factor = gl.load(as_ptr + slots * stride_asm, mask=mine, other=0.0)
+            if APPLY_WEIGHT:
+                pairs = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
+                row_ok = pairs < num_pairs  # padding slots hold ≥ num_pairs
+                row_factor = row_factor * gl.load(
+                    topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok, other=0.0)
             acc = zeros
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
@@ -181,54 +187,36 @@ if HAVE_GLUON:
                 if busy:
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
                     b = b_bufs.index(index).permute((1, 0))
-                    if PROMOTE:
-                        part = warpgroup_mma(a, b, zeros, use_acc=False, is_async=True)
-                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                        if A_PER_K:
-                            a_scale = gl.load(as_ptr + slots * stride_asm
-                                              + (k // A_GROUP_K) * stride_ask)
-                            part = part * a_scale[:, None]
-                        if W_PER_K:
-                            ws_k = ws_base + (k // W_GROUP_K) * stride_wsk
-                            if W_UNIFORM_N:
-                                part = part * gl.load(ws_k + (pid_n * BLOCK_N // W_GROUP_N)
-                                                      * stride_wsn)
-                            else:
-                                part = part * gl.load(ws_k + (cols // W_GROUP_N)
-                                                      * stride_wsn)[None, :]
-                        acc = acc + part
-                    else:  # one MMA left in flight: the one before it has retired
-                        acc = warpgroup_mma(a, b, acc, use_acc=k > 0, is_async=True)
-                        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                if PROMOTE:
-                    mbarrier.arrive(empty.index(index), count=1)
-                elif k > 0:  # the previous step's stage, whose MMA has retired
-                    mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+                    part = warpgroup_mma(a, b, zeros, use_acc=False, is_async=True)
+                    step_scale = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
+                    if A_PER_K:
+                        step_scale = gl.load(as_ptr + slots * stride_asm
+                                             + (k // A_GROUP_K) * stride_ask)
+                    if W_PER_K and W_UNIFORM_N:
+                        step_scale = step_scale * gl.load(
+                            ws_base + (k // W_GROUP_K) * stride_wsk
+                            + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    part = part * step_scale[:, None]
+                    if W_PER_K and not W_UNIFORM_N:
+                        part = part * gl.load(ws_base + (k // W_GROUP_K) * stride_wsk
+                                              + (cols // W_GROUP_N) * stride_wsn)[None, :]
+                    acc = acc + part
+                mbarrier.arrive(empty.index(index), count=1)
                 counter += 1
-            if not PROMOTE:
-                if busy:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
             if busy:
-                if HAS_SCALES:
-                    if not A_PER_K:  # a static input scale (stride 0) or one group per row
-                        acc = acc * gl.load(as_ptr + slots * stride_asm)[:, None]
-                    if not W_PER_K:
-                        if W_UNIFORM_N:
-                            acc = acc * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N)
-                                                * stride_wsn)
-                        else:
-                            acc = acc * gl.load(ws_base + (cols // W_GROUP_N)
-                                                * stride_wsn)[None, :]
+                if not W_PER_K:
+                    if W_UNIFORM_N:
+                        acc = acc * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N)
+                                            * stride_wsn)
+                    else:
+                        acc = acc * gl.load(ws_base + (cols // W_GROUP_N)
+                                            * stride_wsn)[None, :]
                 if HAS_BIAS:
                     bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols)
-                    acc = acc + bias.to(gl.float32)[None, :]
-                if APPLY_WEIGHT:
-                    pairs = gl.load(sorted_pairs_ptr + slots)  # padding slots: ≥ num_pairs
-                    row_ok = pairs < num_pairs
-                    weight = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0),
-                                     mask=row_ok, other=0.0)
-                    acc = acc * weight[:, None]
+                    acc = (acc + bias.to(gl.float32)[None, :]) * row_factor[:, None]
+                else:
+                    acc = acc * row_factor[:, None]
                 tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
                 c_smem.store(acc.to(c_desc.dtype))
                 fence_async_shared()
@@ -251,8 +239,8 @@ if HAVE_GLUON:
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
         stride_be,
-        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, PROMOTE: gl.constexpr,
-        HAS_SCALES: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
+        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr,
+        A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
         num_warps: gl.constexpr,
@@ -263,6 +251,7 @@ if HAVE_GLUON:
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
+        gl.static_assert(dtype == gl.float8e4nv, "fp8 operands (the 16-bit GEMM2 is Triton's)")
         a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + a_desc.block_type.shape,
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
@@ -281,70 +270,63 @@ if HAVE_GLUON:
                           block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
-                          PROMOTE, HAS_SCALES, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                          W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)),
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT)),
              (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
-                          PROMOTE, HAS_SCALES, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                          W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT))],
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT))],
             [4, 4], [232, 232])
-
-
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16",
-              torch.float8_e4m3fn: "float8e4nv"}
 
 
 def _descriptor(t: torch.Tensor, block: list[int]):
     """A Gluon TMA descriptor over `t` as a row-major matrix, NVMMA-swizzled boxes."""
     matrix = t.view(-1, t.shape[-1])
-    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[t.dtype]))
+    dtype = gl.float8e4nv if t.dtype == torch.float8_e4m3fn else getattr(gl, str(t.dtype)[6:])
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor.from_tensor(matrix, block, layout)
 
 
-def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor | None, a_strides: tuple[int, int],
-                a_group_k: int | None, w2: torch.Tensor, w2_scale: torch.Tensor | None,
-                w_layout: tuple[int, int, int, int, int] | None, w_uniform_n: bool,
+def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple[int, int],
+                a_group_k: int | None, w2: torch.Tensor, w2_scale: torch.Tensor,
+                w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
                 b2: torch.Tensor | None, topk_weights: torch.Tensor | None, plan,
                 out_dtype: torch.dtype, programs: int) -> torch.Tensor:
-    """GEMM2 over the plan's row tiles into plan-order rows (`_gemm2_ws_kernel`).
+    """fp8 GEMM2 over the plan's row tiles into plan-order rows (`_gemm2_ws_kernel`).
 
     Args:
-        inter: [capacity, I] fp8 or 16-bit, plan order. inter_scale: its scales (fp8;
-            `a_strides` = (per slot, per K group), (0, 0) for a static scalar), with
-            `a_group_k` the K group of dynamic scales (None: static, or no scales).
-        w2: [E, H, I] contiguous; w2_scale and `w_layout` (`weight_scale_layout`'s
-            tuple) for fp8, else None; `w_uniform_n`: one scale covers each column tile.
+        inter: [capacity, I] fp8, plan order; inter_scale its scales, `a_strides` = (per
+            slot, per K group), (0, 0) for a static scalar; `a_group_k` the K group of
+            dynamic scales (None: static).
+        w2: [E, H, I] fp8, contiguous; w2_scale with `w_layout` (`weight_scale_layout`'s
+            tuple); `w_uniform_n`: one scale covers each column tile.
         b2: optional [E, H]. topk_weights: [M·k] fp32 to multiply each row by its pair's
             router weight, or None.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
+        programs: the persistent grid (one per SM).
     Returns:
         [capacity, H] in `out_dtype`; rows of padding slots hold unspecified values.
     """
     num_experts, hidden, inter_size = w2.shape
-    block_n, block_k, stages = gluon_gemm2_tiles(w2.dtype)
     out = torch.empty((plan.capacity, hidden), dtype=out_dtype, device=w2.device)
     _, _, tail_m = plan.row_tiles()
     if tail_m:
         work, num_work = plan.tiles, plan.tiles.numel() - 1
     else:
         work, num_work = plan.expert_offsets, num_experts
-    has_scales = w2_scale is not None
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
-    ws = w_layout or (0, 0, 0, 1, 1)
     _gemm2_ws_kernel[(programs,)](
-        _descriptor(inter, [BLOCK_M, block_k]), _descriptor(w2, [block_n, block_k]),
-        _descriptor(out, [HALF_M, block_n]),
-        inter_scale if has_scales else dummy, w2_scale if has_scales else dummy,
+        _descriptor(inter, [BLOCK_M, BLOCK_K]), _descriptor(w2, [BLOCK_N, BLOCK_K]),
+        _descriptor(out, [HALF_M, BLOCK_N]), inter_scale, w2_scale,
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
-        inter_size, a_strides[0], a_strides[1], ws[0], ws[1], ws[2],
+        inter_size, a_strides[0], a_strides[1], *w_layout[:3],
         0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, NUM_BUFFERS=stages, PROMOTE=w2.dtype == torch.float8_e4m3fn,
-        HAS_SCALES=has_scales, A_PER_K=a_group_k is not None, A_GROUP_K=a_group_k or 1,
-        W_PER_K=has_scales and ws[2] != 0, W_GROUP_N=ws[3], W_GROUP_K=ws[4],
-        W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES, A_PER_K=a_group_k is not None,
+        A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
+        W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, num_warps=4,
     )
     return out

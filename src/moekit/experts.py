@@ -12,11 +12,9 @@ launcher is a `torch.library.custom_op` with a fake implementation, so `torch.co
 traces it as one node. Each stage has its own launcher (`launch_gemm1`, `launch_gemm2`,
 `launch_combine`) so that benchmarks can time them apart. On sm_90+ the 128-row
 (compute-bound) tiles take their weights through TMA descriptors and GEMM2 runs
-persistent (`moekit._tma`); on an sm_90 GPU that GEMM2 is the warp-specialised Gluon
-kernel of `moekit._gluon_gemm2`, storing plan-order rows that the combine reads through
-the plan's `pair_slots` (`MOEKIT_GLUON=0`: the Triton kernel). With tail tiles
-(`ExpertsConfig.tail_block_m`, the heuristic's choice at 128 rows) the plan is padded to
-64 rows and carries the GEMMs' work list (`DispatchPlan.tiles`).
+persistent (`moekit._tma`). With tail tiles (`ExpertsConfig.tail_block_m`, the
+heuristic's choice at 128 rows) the plan is padded to 64 rows and carries the GEMMs'
+work list (`DispatchPlan.tiles`).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
 from moekit._dot_precision import dot_precision
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
-from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
@@ -196,13 +193,6 @@ def _launch_fused_experts(
     tma = use_tma(hidden, w13, w2, block_m)
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
                          apply_router_weight_on_input, config[1:6], tma)
-    if tma and use_gluon_gemm2(w2, block_m, []):  # sm_90: the warp-specialised GEMM2
-        plan_rows = gluon_gemm2(
-            inter, None, (0, 0), None, w2, None, None, True, b2,
-            None if apply_router_weight_on_input else topk_weights, plan, inter.dtype,
-            persistent_programs(hidden.device))
-        launch_combine(plan_rows, topk_ids, w2.shape[0], out, pair_slots=plan.pair_slots)
-        return
     pair_out = launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
                             config[6:11], tma)
     launch_combine(pair_out, topk_ids, w2.shape[0], out)

@@ -71,7 +71,8 @@ from moekit._experts_fp8_kernels import (
 )
 from moekit._fp8_quantize import FMAX, launch_quantize_rows
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
-from moekit._gluon_gemm2 import gluon_gemm2, gluon_gemm2_tiles, use_gluon_gemm2
+from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
+from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._intmath import cdiv
 from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
@@ -460,7 +461,7 @@ def _launch_fused_experts_fp8(
     if tma and use_gluon_gemm2(w2_q, block_m, k_groups):
         plan_rows = gluon_gemm2(
             inter_q, inter_scale, (stride_ism, stride_isk), a_group_k, w2_q, w2_scale, ws2,
-            uniform_along_n(ws2, gluon_gemm2_tiles(w2_q.dtype)[0], 0), b2, topk_weights, plan,
+            uniform_along_n(ws2, GLUON_BLOCK_N, 0), b2, topk_weights, plan,
             hidden.dtype, programs)
         launch_combine(plan_rows, topk_ids, num_experts, out, pair_slots=plan.pair_slots)
         return
