@@ -171,15 +171,15 @@ if HAVE_GLUON:
             slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
             cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
             ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
-            # The rows' factors, loaded now so that their latency hides under the loop.
-            row_factor = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
+            # The rows' factors, loaded now so that their latency hides under the loop; the
+            # input scale multiplies the products only, the router weight the bias too.
             if not A_PER_K:  # a static input scale (stride 0) or one group per row
-                row_factor = gl.load(as_ptr + slots * stride_asm, mask=mine, other=0.0)
+                a_rows = gl.load(as_ptr + slots * stride_asm, mask=mine, other=0.0)
             if APPLY_WEIGHT:
                 pairs = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
                 row_ok = pairs < num_pairs  # padding slots hold ≥ num_pairs
-                row_factor = row_factor * gl.load(
-                    topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok, other=0.0)
+                weights = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok,
+                                  other=0.0)
             acc = zeros
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
@@ -205,6 +205,8 @@ if HAVE_GLUON:
                 mbarrier.arrive(empty.index(index), count=1)
                 counter += 1
             if busy:
+                if not A_PER_K:
+                    acc = acc * a_rows[:, None]
                 if not W_PER_K:
                     if W_UNIFORM_N:
                         acc = acc * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N)
@@ -214,9 +216,9 @@ if HAVE_GLUON:
                                             * stride_wsn)[None, :]
                 if HAS_BIAS:
                     bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols)
-                    acc = (acc + bias.to(gl.float32)[None, :]) * row_factor[:, None]
-                else:
-                    acc = acc * row_factor[:, None]
+                    acc = acc + bias.to(gl.float32)[None, :]
+                if APPLY_WEIGHT:
+                    acc = acc * weights[:, None]
                 tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
                 c_smem.store(acc.to(c_desc.dtype))
                 fence_async_shared()
