@@ -11,7 +11,8 @@
 On an sm_90 GPU at 128-row tiles GEMM2 is the warp-specialised Gluon kernel of
 `moekit._gluon_gemm2` instead (TMA producer warpgroup, two math warpgroups): it stores
 whole plan-order tiles, [capacity, H], which the combine reads through the plan's
-`pair_slots`. `MOEKIT_GLUON=0` keeps the Triton GEMM2.
+`pair_slots`. Its tiles are fixed (`config.gemm2` shapes the Triton GEMM2 only);
+`MOEKIT_GLUON=0` keeps the Triton GEMM2.
 
 The formats are a `QuantScheme`; `moekit.reference.fused_experts_quantized` is the
 oracle, and the two agree on every choice below.
