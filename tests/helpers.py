@@ -46,6 +46,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float | None
         )
 
 
+def capture_cuda_graph(call):
+    """Run `call` once on a side stream (lazy initialisation, compiles), then capture it;
+    returns (graph, what the captured call returned), the output replays overwrite."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 def poison_cuda_cache(nbytes: int = 1 << 28) -> None:
     """Leave NaN in the CUDA caching allocator's free blocks, so buffers a kernel pipeline
     allocates start poisoned and unwritten elements that are read show up as NaN."""

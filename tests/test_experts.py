@@ -7,6 +7,7 @@ import moekit
 from helpers import (
     REL_L2_TOL,
     assert_close,
+    capture_cuda_graph,
     exact_counts,
     poison_,
     poison_cuda_cache,
@@ -531,14 +532,7 @@ def test_cuda_graph_replay_with_new_inputs():
     hidden = torch.randn(64, H, device="cuda", dtype=torch.bfloat16)
     ids, weights = random_routing(64, E, k, device="cuda")
     call = lambda: moekit.fused_experts(hidden, w13, w2, ids, weights)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_cuda_graph(call)
     for seed in (1, 2):
         new_ids, new_weights = random_routing(64, E, k, device="cuda", seed=seed, skew=4.0 * seed)
         hidden.copy_(torch.randn_like(hidden))

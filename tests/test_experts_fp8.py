@@ -23,6 +23,7 @@ import moekit
 from fp8_interpreter import exact_fp8_casts
 from helpers import (
     assert_close,
+    capture_cuda_graph,
     exact_counts,
     poison_,
     poison_cuda_cache,
@@ -546,14 +547,7 @@ def test_cuda_graph_replay_with_new_inputs_gpu(scheme, M, path):
         config = dataclasses.replace(config, gemm2=dataclasses.replace(config.gemm2, group_m=1))
     call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                             b13=b13, b2=b2, config=config)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_cuda_graph(call)
     for seed in (1, 2):
         new_ids, new_weights = random_routing(M, E, k, device="cuda", seed=seed, skew=4.0 * seed)
         hidden.copy_(torch.randn_like(hidden) * seed)  # new amax: dynamic scales must follow

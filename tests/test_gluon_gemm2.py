@@ -14,7 +14,13 @@ import pytest
 import torch
 
 import moekit
-from helpers import assert_close, poison_, poison_cuda_cache, random_routing
+from helpers import (
+    assert_close,
+    capture_cuda_graph,
+    poison_,
+    poison_cuda_cache,
+    random_routing,
+)
 from moekit._gluon_gemm2 import DISABLE_ENV, use_gluon_gemm2
 from moekit.experts import launch_combine
 from moekit.experts_fp8 import plan_fp8_config
@@ -118,14 +124,7 @@ def test_cuda_graph_replay_with_the_gluon_gemm2_gpu():
     config = plan_fp8_config(4096, E, k, scheme)
     call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                             b13=b13, b2=b2, config=config)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_cuda_graph(call)
     for seed in (1, 2):
         new_ids, new_weights = random_routing(M, E, k, device="cuda", seed=seed, skew=4.0 * seed)
         ids.copy_(new_ids)
