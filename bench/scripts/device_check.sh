@@ -36,6 +36,8 @@
 #             the first presets only, as many as fit the limit; DIRECT_FP8_ARGS to choose)
 #   gluon     bench/scripts/gluon_grouped_gemm_experiment.py (GEMM2 at prefill as a Gluon
 #             grouped GEMM, plain and warp-specialised, against the library's; bf16, fp8)
+#   gluon1    bench/scripts/gluon_gemm1_experiment.py (fp8 GEMM1 at prefill, warp-specialised
+#             Gluon over plan-order rows, against the library's GEMM1; per-tensor, block)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -70,6 +72,8 @@ for stage in "$@"; do
       step gluon-experiment 240 python3 bench/scripts/gluon_grouped_gemm_experiment.py --out "$out"
       step gluon-experiment-fp8 180 python3 bench/scripts/gluon_grouped_gemm_experiment.py \
         --dtype fp8 --out "$out" ;;
+    gluon1) step gluon-gemm1-experiment 300 python3 bench/scripts/gluon_gemm1_experiment.py \
+              --out "$out" ;;
     routing) step bench-routing 150 python3 -m moekit.cli bench routing --out "$out" ;;
     kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
     prefill) step bench-prefill 90 python3 -m moekit.cli bench --tokens 4096 16384 --no-baselines \
