@@ -67,6 +67,23 @@ def test_gluon_gemm2_is_chosen_only_where_it_can_run(monkeypatch):
     assert not use_gluon_gemm2(w2, 128, [128]), "switched off"
 
 
+def test_gluon_is_off_with_an_older_triton(monkeypatch):
+    # Gluon's Hopper API moved between releases; only the measured Triton (3.6) takes it.
+    import importlib
+
+    import triton
+
+    import moekit._gluon_gemm2 as module
+
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    try:
+        assert not importlib.reload(module).HAVE_GLUON
+    finally:
+        monkeypatch.undo()
+        importlib.reload(module)
+    assert module.HAVE_GLUON
+
+
 # ---------------------------------------------------------------------------- GPU
 
 GPU_SCHEMES = ["fp8_tensor", "fp8_channel", "fp8_block", QuantScheme.fp8_tensor(dynamic=False)]

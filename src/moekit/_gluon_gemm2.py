@@ -30,7 +30,11 @@ import os
 
 import torch
 
-try:  # Gluon ships with Triton ≥ 3.5; without it the Triton GEMM2 runs
+try:  # Gluon's Hopper API as of Triton 3.6 (the version measured); else the Triton GEMM2
+    import triton
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+        raise ImportError(f"Gluon as used here needs Triton 3.6, found {triton.__version__}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
