@@ -401,6 +401,36 @@ def test_fused_moe_checks_top_k():
         moekit.fused_moe(hidden, torch.randn(3, 5), w13, w2, 2)
 
 
+def test_fused_moe_with_expert_map_checks_the_global_router():
+    w13, w2, _, _ = random_experts(4, 32, 16)  # this rank's 4 of 8 experts
+    table = torch.tensor([0, -1, 1, -1, 2, -1, 3, -1], dtype=torch.int32)
+    hidden = torch.randn(3, 32)
+    with pytest.raises(ValueError, match="router_logits: expected 8 columns"):
+        moekit.fused_moe(hidden, torch.randn(3, 4), w13, w2, 2, expert_map=table)
+    with pytest.raises(ValueError, match="top_k: expected an int in \\[1, 8\\]"):
+        moekit.fused_moe(hidden, torch.randn(3, 8), w13, w2, 9, expert_map=table)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_moe_ranks_with_expert_maps_sum_to_the_whole_layer(backend, monkeypatch):
+    # Two ranks holding the even and the odd experts of 8; the router sees all 8.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w13, w2, _, _ = random_experts(8, 32, 16, seed=3)
+    hidden, logits = torch.randn(9, 32), torch.randn(9, 8)
+    partials = []
+    for rank in (0, 1):
+        table = torch.full((8,), -1, dtype=torch.int32)
+        table[rank::2] = torch.arange(4, dtype=torch.int32)
+        out = moekit.fused_moe(hidden, logits, w13[rank::2], w2[rank::2], 3,
+                               expert_map=table, backend=backend)
+        expected = reference.fused_moe(hidden, logits, w13[rank::2], w2[rank::2], 3,
+                                       expert_map=table)
+        assert_close(out, expected, name=f"rank {rank}")
+        partials.append(out)
+    whole = reference.fused_moe(hidden, logits, w13, w2, 3)
+    assert_close(partials[0] + partials[1], whole, name="the ranks' sum")
+
+
 def test_fused_moe_reference_on_cpu():
     w13, w2, _, _ = random_experts(6, 32, 16)
     hidden, logits = torch.randn(7, 32), torch.randn(7, 6)

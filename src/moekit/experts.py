@@ -115,31 +115,38 @@ def fused_moe(
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
     config: ExpertsConfig | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Softmax → top-k routing (renormalised if asked) followed by `fused_experts`.
 
     Args:
-        hidden: [M, H]; router_logits: [M, E]; w13, w2, b13, b2: as in `fused_experts`.
-        top_k: experts per token, 1 ≤ top_k ≤ E.
+        hidden: [M, H]; w13, w2, b13, b2: as in `fused_experts`.
+        router_logits: [M, E], or [M, E_global] with `expert_map`.
+        top_k: experts per token, 1 ≤ top_k ≤ the router's experts.
+        expert_map: optional int32 [E_global] for expert parallelism (as in
+            `fused_experts`): the router chooses among all E_global experts, this rank
+            computes the pairs of its own E and returns their partial sum.
     Returns:
         [M, H] in hidden's dtype.
     """
     check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("w13", w13, ndim=3)
-    num_experts = w13.shape[0]
-    if router_logits.shape[1] != num_experts:
+    routed = w13.shape[0] if expert_map is None else expert_map.numel()
+    if router_logits.shape[1] != routed:
+        what = "E of w13" if expert_map is None else "E_global, expert_map's length"
         raise ValueError(
-            f"router_logits: expected {num_experts} columns (E of w13), "
+            f"router_logits: expected {routed} columns ({what}), "
             f"got shape {tuple(router_logits.shape)}"
         )
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k: expected an int in [1, {num_experts}] (E), got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= routed:
+        raise ValueError(f"top_k: expected an int in [1, {routed}] (routed experts), "
+                         f"got {top_k!r}")
     topk = route(router_logits, top_k, renormalize=renormalize, backend=backend)
     return fused_experts(
         hidden, w13, w2, topk.ids, topk.weights, activation=activation, b13=b13, b2=b2,
-        config=config, backend=backend,
+        expert_map=expert_map, config=config, backend=backend,
     )
 
 

@@ -6,6 +6,7 @@ import torch
 
 from moekit.activation import Activation
 from moekit.reference.activation import apply_activation
+from moekit.reference.dispatch import local_expert_ids
 from moekit.reference.routing import route
 
 
@@ -68,9 +69,14 @@ def fused_moe(
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax routing followed by `fused_experts`; returns [M, H] in hidden's dtype."""
+    """Softmax routing followed by `fused_experts`; returns [M, H] in hidden's dtype.
+    With `expert_map` the router covers E_global experts and only the local ones'
+    pairs are summed (`local_expert_ids`)."""
     ids, weights = route(router_logits, top_k, renormalize=renormalize)
+    if expert_map is not None:
+        ids = local_expert_ids(ids, expert_map, w13.shape[0])
     return fused_experts(
         hidden, w13, w2, ids, weights, activation=activation, b13=b13, b2=b2
     )
