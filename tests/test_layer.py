@@ -55,6 +55,40 @@ def test_from_weights():
         assert torch.equal(layer(hidden), src(hidden))
 
 
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
+def test_expert_parallel_layers_sum_to_the_whole_layer(backend):
+    # Two ranks, each holding half of 8 experts (rank 1 in a shuffled order), one router.
+    torch.manual_seed(0)
+    whole = MoE(8, 3, 64, 32, bias=True, backend=backend)
+    with torch.no_grad():
+        whole.b13.normal_(std=0.1)
+        whole.b2.normal_(std=0.1)
+    hidden = torch.randn(2, 5, 64)
+    out = torch.zeros_like(hidden)
+    for held in ([0, 2, 4, 6], [7, 1, 5, 3]):
+        rank = MoE.from_weights(whole.router.weight, whole.w13[held], whole.w2[held], 3,
+                                b13=whole.b13[held], b2=whole.b2[held], local_experts=held,
+                                backend=backend)
+        assert "local_experts=4" in repr(rank)
+        with torch.no_grad():
+            out += rank(hidden)
+    with torch.no_grad():
+        assert_close(out, whole(hidden), name="the ranks' sum")
+
+
+@pytest.mark.parametrize("local_experts,why", [
+    ([], "empty"),
+    ([0, 0], "an expert twice"),
+    ([4], "outside [0, E)"),
+    ([1.0], "not an int"),
+])
+def test_bad_local_experts(local_experts, why):
+    with pytest.raises(ValueError, match="local_experts"):
+        MoE(4, 2, 32, 16, local_experts=local_experts)
+
+
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"top_k": 5}, "top_k"),
     ({"hidden_size": 0}, "hidden_size"),

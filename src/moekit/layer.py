@@ -2,6 +2,10 @@
 
     hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
 
+With `local_experts` the layer is one rank's share under expert parallelism: the router
+still scores all E experts, the module holds only the listed ones' weights, and its
+output is their partial sum (summed across ranks by the caller, e.g. an all-reduce).
+
 `prepare()` does everything that depends only on the weights (checks, contiguous
 layouts) once; `forward` then only launches kernels, so the layer can be captured in a
 CUDA graph or compiled. Parameters keep moekit's layout (DESIGN.md): `w13` [E, 2I, H]
@@ -28,6 +32,8 @@ class MoE(nn.Module):
         activation: name or `Activation` (default SwiGLU, "silu").
         bias: whether the expert GEMMs have biases (gpt-oss).
         renormalize: renormalise the k routing weights to sum to 1.
+        local_experts: the expert ids (of E) this module holds, for expert parallelism;
+            default all. w13/w2 then have len(local_experts) experts, in that order.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
     """
 
@@ -41,6 +47,7 @@ class MoE(nn.Module):
         activation: str | Activation = "silu",
         bias: bool = False,
         renormalize: bool = True,
+        local_experts: list[int] | tuple[int, ...] | None = None,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -52,6 +59,7 @@ class MoE(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
+        held = _check_local_experts(local_experts, num_experts)
         self.activation = Activation.parse(activation)
         self.top_k = top_k
         self.renormalize = renormalize
@@ -59,10 +67,16 @@ class MoE(nn.Module):
         kw = {"device": device, "dtype": dtype}
         rows = self.activation.gemm1_rows(intermediate_size)
         self.router = nn.Linear(hidden_size, num_experts, bias=False, **kw)
-        self.w13 = nn.Parameter(torch.empty(num_experts, rows, hidden_size, **kw))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
-        self.b13 = nn.Parameter(torch.empty(num_experts, rows, **kw)) if bias else None
-        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **kw)) if bias else None
+        self.w13 = nn.Parameter(torch.empty(held, rows, hidden_size, **kw))
+        self.w2 = nn.Parameter(torch.empty(held, hidden_size, intermediate_size, **kw))
+        self.b13 = nn.Parameter(torch.empty(held, rows, **kw)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(held, hidden_size, **kw)) if bias else None
+        expert_map = None
+        if local_experts is not None:  # [E] int32: each expert's local id, −1 elsewhere
+            expert_map = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
+            expert_map[list(local_experts)] = torch.arange(held, dtype=torch.int32,
+                                                           device=device)
+        self.register_buffer("expert_map", expert_map, persistent=False)
         self._prepared: dict[str, torch.Tensor | None] | None = None
         self.reset_parameters()
 
@@ -90,8 +104,10 @@ class MoE(nn.Module):
         b2: torch.Tensor | None = None,
         **kwargs,
     ) -> MoE:
-        """Build a layer around existing weights (router [E, H], w13, w2 as in DESIGN.md)."""
-        num_experts, hidden_size, inter = w2.shape
+        """Build a layer around existing weights (router [E, H], w13, w2 as in DESIGN.md;
+        with `local_experts` in kwargs, w13/w2 hold those experts only)."""
+        num_experts = router_weight.shape[0]
+        _, hidden_size, inter = w2.shape
         layer = cls(num_experts, top_k, hidden_size, inter, bias=b13 is not None,
                     device=w2.device, dtype=w2.dtype, **kwargs)
         with torch.no_grad():
@@ -123,11 +139,28 @@ class MoE(nn.Module):
         out = fused_experts(
             flat, weights["w13"], weights["w2"], topk.ids, topk.weights,
             activation=self.activation, b13=weights["b13"], b2=weights["b2"],
-            backend=self.backend,
+            expert_map=self.expert_map, backend=self.backend,
         )
         return out.reshape(hidden.shape)
 
     def extra_repr(self) -> str:
-        e, rows, h = self.w13.shape
-        return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={self.w2.shape[2]}, "
-                f"activation={self.activation.kind}, bias={self.b13 is not None}")
+        held, rows, h = self.w13.shape
+        experts = self.router.weight.shape[0]
+        local = "" if self.expert_map is None else f", local_experts={held}"
+        return (f"experts={experts}{local}, top_k={self.top_k}, hidden={h}, "
+                f"intermediate={self.w2.shape[2]}, activation={self.activation.kind}, "
+                f"bias={self.b13 is not None}")
+
+
+def _check_local_experts(local_experts, num_experts: int) -> int:
+    """How many experts the module holds; `local_experts` must list distinct ids in
+    [0, E)."""
+    if local_experts is None:
+        return num_experts
+    ids = list(local_experts)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"local_experts: expected a non-empty list of ints, got {local_experts!r}")
+    if len(set(ids)) != len(ids) or not all(0 <= i < num_experts for i in ids):
+        raise ValueError(
+            f"local_experts: expected distinct expert ids in [0, {num_experts}), got {ids}")
+    return len(ids)
