@@ -41,12 +41,10 @@ warpgroup, the two halves' row amax exchanged through shared memory).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
-import triton
-from gluon_grouped_gemm_experiment import _ptxas_usage, _tile_work, dense_peak_tflops
+from gluon_grouped_gemm_experiment import _tile_work, compile_sm90, dense_peak_tflops, record
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -223,13 +221,6 @@ def launch(programs, *args) -> None:
 
 def compile_only() -> None:
     """Compile both schemes' kernels for sm_90 on a machine without a GPU."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     E, H, I, rows = 4, 1024, 768, 512
     fp8 = torch.float8_e4m3fn
     for per_k in (False, True):
@@ -242,18 +233,8 @@ def compile_only() -> None:
         positional, options = _launch_args(x, xs, w13, ws, q_out, scale_out,
                                            torch.zeros(rows // 128, dtype=torch.int32),
                                            rows // 128, per_k)
-        options["debug"] = False
-        fn = gemm1_ws_kernel
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
-        bound, specialization, opts = binder(*positional, **options)
-        opts, signature, constexprs, attrs = fn._pack_args(backend, options, bound,
-                                                           specialization, opts)
-        kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs),
-                                target=target, options=opts.__dict__)
-        ptx = kernel.asm["ptx"]
-        print(f"{'block' if per_k else 'tensor'}: shared {kernel.metadata.shared} B, wgmma "
-              f"{ptx.count('wgmma.mma_async')}, tma copies {ptx.count('cp.async.bulk.tensor')};"
-              f" ptxas: {_ptxas_usage(ptx)}", flush=True)
+        report = compile_sm90(gemm1_ws_kernel, positional, options)
+        print(f"{'block' if per_k else 'tensor'}: {report}", flush=True)
 
 
 def library_gemm1_us(preset, hidden, topk, weights, scheme, calls=10) -> float:
@@ -367,11 +348,8 @@ def measure(args) -> None:
         for scheme in args.schemes:
             for m in args.tokens:
                 row = time_cell(preset, m, bf16, scheme, args.rep_ms)
-                row.update(fp8_dense_tflops=peak, device=torch.cuda.get_device_name(),
-                           git_commit=os.environ.get("MOEKIT_GIT_COMMIT"))
-                print(json.dumps(row), flush=True)
-                with open(os.path.join(args.out, "gluon-gemm1-experiment.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                row["fp8_dense_tflops"] = peak
+                record(row, args.out, "gluon-gemm1-experiment.jsonl")
         del bf16
         torch.cuda.empty_cache()
 

@@ -312,13 +312,6 @@ def launch(inter, w2, out, block_experts, num_blocks, tiles: Tiles, programs):
 
 def compile_only() -> None:
     """Compile every tile for sm_90 on a machine without a GPU (Triton's bundled ptxas)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     E, H, I, rows = 4, 1024, 768, 512
     block_experts = torch.zeros(rows // 128, dtype=torch.int32)
     for dtype, tile_list in ((torch.bfloat16, BF16_TILES), (torch.float8_e4m3fn, FP8_TILES)):
@@ -326,21 +319,41 @@ def compile_only() -> None:
         w2 = torch.zeros(E, H, I, dtype=dtype)
         out = torch.zeros(rows, H, dtype=torch.bfloat16)
         for tiles in tile_list:
-            fn, kwargs = _kernel_and_options(tiles)
-            kwargs["debug"] = False
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*descriptors(inter, w2, out, tiles),
-                                                    block_experts, rows // 128, E, H, I,
-                                                    **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
-                                                                  specialization, options)
-            kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs),
-                                    target=target, options=options.__dict__)
-            ptx = kernel.asm["ptx"]
-            print(f"{str(dtype)[6:]} {tiles.name()}: shared {kernel.metadata.shared} B, "
-                  f"wgmma {ptx.count('wgmma.mma_async')}, tma copies "
-                  f"{ptx.count('cp.async.bulk.tensor')}; ptxas: {_ptxas_usage(ptx)}",
-                  flush=True)
+            fn, options = _kernel_and_options(tiles)
+            report = compile_sm90(fn, (*descriptors(inter, w2, out, tiles), block_experts,
+                                       rows // 128, E, H, I), options)
+            print(f"{str(dtype)[6:]} {tiles.name()}: {report}", flush=True)
+
+
+def compile_sm90(fn, args, options) -> str:
+    """Bind and compile one Gluon launch for sm_90 as `fn[grid](*args, **options)` would on
+    an H100, without a GPU; returns its shared memory, wgmma/TMA counts and ptxas usage."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    options = {**options, "debug": False}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, opts = binder(*args, **options)
+    opts, signature, constexprs, attrs = fn._pack_args(backend, options, bound,
+                                                       specialization, opts)
+    kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
+                            options=opts.__dict__)
+    ptx = kernel.asm["ptx"]
+    return (f"shared {kernel.metadata.shared} B, wgmma {ptx.count('wgmma.mma_async')}, tma "
+            f"copies {ptx.count('cp.async.bulk.tensor')}; ptxas: {_ptxas_usage(ptx)}")
+
+
+def record(row: dict, out_dir: str, filename: str) -> None:
+    """Stamp a measured row with the device and commit, print it, append it to a file."""
+    row.update(device=torch.cuda.get_device_name(),
+               git_commit=os.environ.get("MOEKIT_GIT_COMMIT"))
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(out_dir, filename), "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _ptxas_usage(ptx: str) -> str:
@@ -443,11 +456,8 @@ def measure(args) -> None:
                           dtype=torch.bfloat16) * preset.inter ** -0.5)
         for m in args.tokens:
             row = time_cell(preset, m, w2, dtype, args.rep_ms)
-            row.update(dense_8192_tflops=peak, device=torch.cuda.get_device_name(),
-                       git_commit=os.environ.get("MOEKIT_GIT_COMMIT"))
-            print(json.dumps(row), flush=True)
-            with open(os.path.join(args.out, "gluon-grouped-gemm-experiment.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            row["dense_8192_tflops"] = peak
+            record(row, args.out, "gluon-grouped-gemm-experiment.jsonl")
         del w2
         torch.cuda.empty_cache()
 
