@@ -21,7 +21,8 @@ from helpers import (
     poison_cuda_cache,
     random_routing,
 )
-from moekit._gluon_gemm2 import DISABLE_ENV, use_gluon_gemm2
+from moekit._gluon import DISABLE_ENV
+from moekit._gluon_gemm2 import use_gluon_gemm2
 from moekit.experts import launch_combine
 from moekit.experts_fp8 import plan_fp8_config
 from moekit.quant import QuantScheme
@@ -73,11 +74,13 @@ def test_gluon_is_off_with_an_older_triton(monkeypatch):
 
     import triton
 
-    import moekit._gluon_gemm2 as module
+    import moekit._gluon as module
 
     monkeypatch.setattr(triton, "__version__", "3.5.1")
     try:
         assert not importlib.reload(module).HAVE_GLUON
+        w = torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)
+        assert not module.gluon_allowed(w)
     finally:
         monkeypatch.undo()
         importlib.reload(module)

@@ -69,7 +69,7 @@ _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use 
 _TMA_PTX = "cp.async.bulk.tensor"
 _GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
           "_direct_gemm1_kernel", "_direct_gemm2_kernel", "_direct_gemm1_fp8_kernel",
-          "_direct_gemm2_fp8_kernel", "_gemm2_ws_kernel")
+          "_direct_gemm2_fp8_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and 16-bit/fp8 rows of a length that is
 # not a multiple of 16 elements (H = 1000, I = 264 or 200: loads Triton cannot prove
@@ -148,6 +148,8 @@ _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 _FP8_GLUON = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_ws_kernel",
               "_combine_kernel")
+_FP8_GLUON_BOTH = ("_quantize_rows_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel",
+                   "_combine_kernel")
 _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gemm2_fp8_kernel")
 
 
@@ -161,13 +163,14 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     """fused_experts_fp8 with the heuristic's tiles (the direct path's at block_m 1); flags:
     bias, odd_h, odd_i, tma (expected); direct path: whole (GEMM2 a program per token),
     two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
-    kernel, as on an sm_90 GPU), no_tail (tail tiles off)."""
+    kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
         # A per-tensor amax over more than 16 rows takes a partials launch first.
         partials = scheme == "tensor" and block_m >= 32
-        kernels = ((_FP8_GLUON if flags.get("gluon") else _FP8)
+        gluon = _FP8_GLUON_BOTH if flags.get("gluon1") else _FP8_GLUON
+        kernels = ((gluon if flags.get("gluon") else _FP8)
                    + (("_amax_partials_kernel",) if partials else ()))
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
                 kernels)
@@ -234,6 +237,14 @@ CASES = [
          "bf16", "swigluoai", 128, tma=True, gluon=True, bias=True),
     _fp8("prefill, Gluon GEMM2: static input scale (one scalar, after the loop), fp16",
          "static", "fp16", "gelu", 128, tma=True, gluon=True),
+    _fp8("prefill, both GEMMs Gluon: hidden quantised into plan order (per-tensor scale), "
+         "GEMM2's input in the tile's 1×128 groups, tail tiles", "tensor", "bf16", "silu", 128,
+         tma=True, gluon=True, gluon1=True),
+    _fp8("prefill, Gluon GEMM1: per-channel weight scales (column vectors), per-token input "
+         "scales per slot, biases, gpt-oss activation, no tail tiles", "channel", "bf16",
+         "swigluoai", 128, tma=True, gluon=True, gluon1=True, bias=True, no_tail=True),
+    _fp8("prefill, Gluon GEMM1: static input scales (GEMM2's input by the static scale), "
+         "fp16", "static", "fp16", "gelu", 128, tma=True, gluon=True, gluon1=True),
     _fp8("prefill, per-channel, I = 200 (rows not 16-byte multiples): pointer tiles, one-tile-"
          "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
          "bf16", "swigluoai", 128, bias=True, odd_i=True),
@@ -447,7 +458,7 @@ def _recording_launches(launches: list):
     saved = [(JITFunction, "run"), (moekit.backend, "interpreter_enabled"),
              (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs"),
              (moekit.experts_fp8, "persistent_programs"),
-             (moekit.experts_fp8, "use_gluon_gemm2")]
+             (moekit.experts_fp8, "use_gluon_gemm2"), (moekit.experts_fp8, "use_gluon_gemm1")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run = record
     moekit.backend.interpreter_enabled = lambda: True
@@ -510,6 +521,7 @@ def _run_fp8(p):
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     # On the CPU `use_gluon_gemm2` is always False; an sm_90 GPU's answer is forced here.
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
+    moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),
         torch.empty(M, _TOP_K), scheme=scheme, activation=act, config=config,

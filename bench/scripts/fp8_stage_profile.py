@@ -1,6 +1,6 @@
 """Where an fp8 prefill call spends its GPU time, kernel by kernel (torch.profiler).
 
-For qwen3-30b-a3b (per-tensor and block scales) and mixtral-8x7b (per-tensor) at
+For qwen3-30b-a3b (per-tensor, per-channel and block scales) and mixtral-8x7b (per-tensor) at
 M = 4096, and the bf16 pipeline on the same tokens for comparison: ten eager calls after
 three warm-up calls, the CUDA time of each kernel summed over them (no L2 flush between
 calls). Divide by ten for the per-call time.
@@ -18,7 +18,7 @@ from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 
-CELLS = [("qwen3-30b-a3b", 4096, ("fp8_tensor", "fp8_block")),
+CELLS = [("qwen3-30b-a3b", 4096, ("fp8_tensor", "fp8_channel", "fp8_block")),
          ("mixtral-8x7b", 4096, ("fp8_tensor",))]
 CALLS = 10
 

@@ -111,7 +111,10 @@ def _quantize_rows_kernel(
     stride_xm,
     stride_qm,
     stride_sm,
+    slots_ptr,  # SCATTER: int32 [M·top_k] plan slot of each pair (−1: dropped)
+    top_k,
     MODE: tl.constexpr,  # "static", "tensor", "tensor_rows", "token" or "group"
+    SCATTER: tl.constexpr,  # write row m (and its scales) to its pairs' plan slots
     GROUP: tl.constexpr,  # the K group of "group"
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
@@ -123,11 +126,14 @@ def _quantize_rows_kernel(
     Static and 1×g group scales need nothing outside the chunk, so a long row is spread
     over several programs (a serial loop over a 14336-wide row measured 21 µs on an
     H200); a per-token or per-tensor scale is computed by a program that has the whole
-    row (`chunk` ≥ K)."""
+    row (`chunk` ≥ K).
+
+    With SCATTER the quantised row goes to each of its top_k pairs' plan slots instead of
+    row m (q [capacity, K], per-row scales [capacity, …]): the plan-order rows a GEMM
+    reads by TMA, which cannot gather (`moekit._gluon_gemm1`)."""
     row = tl.program_id(0).to(tl.int64)
     k_first = tl.program_id(1) * chunk
     x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
     scale = 1.0
     if MODE == "static":
         scale = tl.load(scale_ptr)
@@ -152,20 +158,38 @@ def _quantize_rows_kernel(
             x = tl.load(x_row + offs, mask=offs < K, other=0.0)
             acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
         scale = _scale_from_amax(tl.max(acc, axis=0), FMAX, AMAX_FLOOR)
-        tl.store(scale_ptr + row * stride_sm, scale)
+        for j in range(0, top_k if SCATTER else 1):
+            dest, ok = _dest_row(row, j, slots_ptr, top_k, SCATTER)
+            tl.store(scale_ptr + dest * stride_sm, scale, mask=ok)
     for k0 in range(k_first, tl.minimum(K, k_first + chunk), BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs < K
         x = tl.load(x_row + offs, mask=k_ok, other=0.0).to(tl.float32)
+        groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
         if MODE == "group":
             q, group_scale = _group_scales(x[None, :], GROUP, FMAX, AMAX_FLOOR)
-            groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
             group_scale = tl.reshape(group_scale, [BLOCK_K // GROUP])
-            tl.store(scale_ptr + row * stride_sm + groups, group_scale, mask=groups * GROUP < K)
             q = tl.reshape(q, [BLOCK_K])
         else:
             q = _quantize(x, scale, FMAX)
-        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=k_ok)
+        q = q.to(q_ptr.dtype.element_ty)
+        for j in range(0, top_k if SCATTER else 1):
+            dest, ok = _dest_row(row, j, slots_ptr, top_k, SCATTER)
+            tl.store(q_ptr + dest * stride_qm + offs, q, mask=k_ok & ok)
+            if MODE == "group":
+                tl.store(scale_ptr + dest * stride_sm + groups, group_scale,
+                         mask=(groups * GROUP < K) & ok)
+
+
+@triton.jit
+def _dest_row(row, j, slots_ptr, top_k, SCATTER: tl.constexpr):
+    """Where the quantiser writes row `row`: itself, or with SCATTER the plan slot of its
+    pair j (as int64) and whether that pair has one (dropped pairs have −1)."""
+    if SCATTER:
+        slot = tl.load(slots_ptr + row * top_k + j).to(tl.int64)
+        return slot, slot >= 0
+    else:
+        return row, row >= 0
 
 
 @triton.jit

@@ -25,56 +25,46 @@ h200-20261202-kernels-bf16-prefill-gluon{0,1}.md): 16-bit GEMM2 stays Triton's.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-try:  # Gluon's Hopper API as of Triton 3.6 (the version measured); else the Triton GEMM2
-    import triton
+from moekit._gluon import (
+    BLOCK_M,
+    HALF_M,
+    HAVE_GLUON,
+    descriptor,
+    gluon_allowed,
+    work_list,
+)
 
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
-        raise ImportError(f"Gluon as used here needs Triton 3.6, found {triton.__version__}")
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
+if HAVE_GLUON:
+    from moekit._gluon import (
         fence_async_shared,
+        gl,
+        gluon,
         mbarrier,
+        row_tile,
+        tiles_in_use,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    HAVE_GLUON = False
 
 # 128 × 128 × 128 one-byte K steps in 5 stages of 32 KB: the promoted shape measured
 # (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
-BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 128, 5
-HALF_M = BLOCK_M // 2  # one half per math warpgroup
-DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMM2 (a measurement's control)
-
-
-@functools.lru_cache(maxsize=16)
-def _device_is_sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
+BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
 
 
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
-    """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon present, fp8 weights on an sm_90
-    GPU (wgmma), 128-row tiles, whole column tiles per expert in w2's [E·H, I] view,
+    """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon allowed (`gluon_allowed`: an sm_90
+    GPU), fp8 weights, 128-row tiles, whole column tiles per expert in w2's [E·H, I] view,
     16-byte rows, and each K group of GEMM2's scales (`k_groups`: its input's and
     weight's, if any) holding whole K steps."""
-    if not HAVE_GLUON or os.environ.get(DISABLE_ENV) == "0" or w2.device.type != "cuda":
+    if not gluon_allowed(w2):
         return False
     _, hidden, inter = w2.shape
-    index = w2.device.index if w2.device.index is not None else torch.cuda.current_device()
     return (
         w2.dtype == torch.float8_e4m3fn
         and block_m == BLOCK_M
-        and _device_is_sm90(index)
         and hidden % BLOCK_N == 0
         and inter % 16 == 0
         and all(group % BLOCK_K == 0 for group in k_groups)
@@ -83,34 +73,7 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
 
 
 if HAVE_GLUON:
-    _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
-    _HALF_M = gl.constexpr(HALF_M)
-
-    @gluon.jit
-    def _row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M: gl.constexpr):
-        """Row tile → (first plan slot, expert, its rows: TAIL_M for a tail, else
-        _TILE_M): entry pid_m of the work list (block · 2 + is_tail) with tails, else plan
-        block pid_m."""
-        if TAIL_M:
-            entry = gl.load(work_ptr + pid_m)
-            block = entry >> 1
-            first_slot = block * TAIL_M
-            expert = gl.load(block_experts_ptr + block)
-            rows = _TILE_M - (entry & 1) * (_TILE_M - TAIL_M)
-        else:
-            first_slot = pid_m * _TILE_M
-            expert = gl.load(block_experts_ptr + pid_m)
-            rows = first_slot * 0 + _TILE_M
-        return first_slot, expert, rows
-
-    @gluon.jit
-    def _tiles_in_use(work_ptr, num_work, TAIL_M: gl.constexpr):
-        """Row tiles in use, counted on the GPU: the work list's length (stored after it),
-        or the plan's padded rows (`expert_offsets[E]`) over _TILE_M."""
-        total = gl.load(work_ptr + num_work)
-        if not TAIL_M:
-            total = total // _TILE_M
-        return total
+    _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
 
     @gluon.jit
     def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
@@ -120,11 +83,11 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         n_tiles = H // BLOCK_N
-        used = _tiles_in_use(work_ptr, num_work, TAIL_M)
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m = tile // n_tiles
-            first_slot, expert, _ = _row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             b_row = expert * H + (tile - pid_m * n_tiles) * BLOCK_N
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
@@ -163,12 +126,12 @@ if HAVE_GLUON:
         offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
         c_smem = c_bufs.index(CONSUMER)
         n_tiles = H // BLOCK_N
-        used = _tiles_in_use(work_ptr, num_work, TAIL_M)
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m = tile // n_tiles
             pid_n = tile - pid_m * n_tiles
-            first_slot, expert, rows = _row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
             mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
             slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
@@ -286,19 +249,6 @@ if HAVE_GLUON:
             [4, 4], [232, 232])
 
 
-@functools.lru_cache(maxsize=16)
-def _box_layout(block: tuple[int, int], dtype: torch.dtype):
-    """The NVMMA-swizzled shared layout of a box (~14 µs of host time to derive)."""
-    element = gl.float8e4nv if dtype == torch.float8_e4m3fn else getattr(gl, str(dtype)[6:])
-    return gl.NVMMASharedLayout.get_default_for(list(block), element)
-
-
-def _descriptor(t: torch.Tensor, block: list[int]):
-    """A Gluon TMA descriptor over `t` as a row-major matrix, NVMMA-swizzled boxes."""
-    matrix = t.view(-1, t.shape[-1])
-    return TensorDescriptor.from_tensor(matrix, block, _box_layout(tuple(block), t.dtype))
-
-
 def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple[int, int],
                 a_group_k: int | None, w2: torch.Tensor, w2_scale: torch.Tensor,
                 w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
@@ -319,17 +269,13 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     Returns:
         [capacity, H] in `out_dtype`; rows of padding slots hold unspecified values.
     """
-    num_experts, hidden, inter_size = w2.shape
+    _, hidden, inter_size = w2.shape
     out = torch.empty((plan.capacity, hidden), dtype=out_dtype, device=w2.device)
-    _, _, tail_m = plan.row_tiles()
-    if tail_m:
-        work, num_work = plan.tiles, plan.tiles.numel() - 1
-    else:
-        work, num_work = plan.expert_offsets, num_experts
+    work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     _gemm2_ws_kernel[(programs,)](
-        _descriptor(inter, [BLOCK_M, BLOCK_K]), _descriptor(w2, [BLOCK_N, BLOCK_K]),
-        _descriptor(out, [HALF_M, BLOCK_N]), inter_scale, w2_scale,
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [BLOCK_N, BLOCK_K]),
+        descriptor(out, [HALF_M, BLOCK_N]), inter_scale, w2_scale,
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
         inter_size, a_strides[0], a_strides[1], *w_layout[:3],

@@ -72,6 +72,7 @@ from moekit._experts_fp8_kernels import (
 )
 from moekit._fp8_quantize import FMAX, launch_quantize_rows
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
+from moekit._gluon_gemm1 import gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._intmath import cdiv
@@ -79,6 +80,7 @@ from moekit._tma import matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
+from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import launch_combine
 from moekit.experts_direct_fp8 import launch_direct_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
@@ -348,29 +350,33 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
-                 static_scale: torch.Tensor | None) -> _Gemm1Input:
+                 static_scale: torch.Tensor | None, plan: DispatchPlan | None = None,
+                 ) -> _Gemm1Input:
     """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`;
-    first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows)."""
+    first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows). With a
+    `plan`, each row (and its per-row scales) is written to its pairs' plan slots instead:
+    [capacity, H] in plan order, for the Gluon GEMM1."""
     num_tokens, hidden_size = hidden.shape
+    rows = num_tokens if plan is None else plan.capacity
     mode = activation_mode(group_m, group_k, static_scale)
     few_rows = mode == "tensor" and num_tokens * hidden_size <= _TENSOR_ROWS_MAX
     partials = _amax_partials(hidden) if mode == "tensor" and not few_rows else None
     group = group_k if mode == "group" else 1
-    xq = torch.empty((num_tokens, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
+    xq = torch.empty((rows, hidden_size), dtype=torch.float8_e4m3fn, device=hidden.device)
     if mode == "static":
         scale, strides = static_scale, (0, 0)
     elif mode == "tensor":
         scale = torch.empty(1, dtype=torch.float32, device=hidden.device)
         strides = (0, 0)
     elif mode == "token":
-        scale = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         strides = (1, 0)
     else:
-        scale = torch.empty((num_tokens, cdiv(hidden_size, group_k)),
+        scale = torch.empty((rows, cdiv(hidden_size, group_k)),
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
     launch_quantize_rows(hidden, xq, scale, strides[0], "tensor_rows" if few_rows else mode,
-                         group, partials)
+                         group, partials, None if plan is None else plan.pair_slots)
     return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
 
@@ -402,8 +408,8 @@ def _launch_fused_experts_fp8(
     if num_tokens == 0:
         return
     w_group_n, w_group_k, a_group_m, a_group_k, inter_group = groups
-    hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
     if config[0] == DIRECT_BLOCK_M:
+        hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
         launch_direct_experts_fp8(hidden_in.x, hidden_in.scale, hidden_in.stride_sm, w13_q,
                                   w13_scale, w2_q, w2_scale, input_scale2, topk_ids,
                                   topk_weights, b13, b2, activation, alpha, limit, groups,
@@ -420,8 +426,14 @@ def _launch_fused_experts_fp8(
                          tile_m=block_m if tail_m else None, backend="triton")
     num_tiles, _, tail_m = plan.row_tiles()
     tma = use_tma(hidden, w13_q, w2_q, block_m)
-
     inter_static = input_scale2 is not None
+    k1_groups = [g for g in (a_group_k, w_group_k) if g != FULL]
+    gluon1 = tma and use_gluon_gemm1(w13_q, block_m, activation, k1_groups,
+                                     None if inter_static else inter_group)
+    # The Gluon GEMM1 reads A by TMA, so the quantiser writes the rows in plan order.
+    hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
+                             plan if gluon1 else None)
+
     inter_q = torch.empty((plan.capacity, inter), dtype=torch.float8_e4m3fn, device=hidden.device)
     if inter_static:
         inter_scale, stride_ism, stride_isk, inter_group = input_scale2, 0, 0, 1
@@ -434,29 +446,34 @@ def _launch_fused_experts_fp8(
     gated = activation != "relu2"
     split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
-    _gemm1_fp8_kernel[grid1](
-        hidden_in.x, hidden_in.scale, w13_q,
-        matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma else None,
-        w13_scale, dummy if b13 is None else b13,
-        inter_q, inter_scale, plan.sorted_pairs, plan.block_experts, work_list,
-        plan.num_pairs, num_tiles, hidden_size, inter, top_k,
-        hidden_in.x.stride(0), hidden_in.stride_sm, hidden_in.stride_sk,
-        w13_q.stride(0), w13_q.stride(1), *ws1[:3],
-        0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
-        float(alpha), float(limit),
-        ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
-        EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0, W_TMA=tma,
-        X_PER_K=a_group_k != FULL, X_GROUP_K=hidden_in.group_k,
-        W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
-        W_UNIFORM_N=uniform_along_n(ws1, c1[0], inter),
-        INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split,
-        FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
-        BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
-        num_warps=c1[3], num_stages=c1[4],
-    )
+    programs = persistent_programs(hidden.device) if tma else 0
+    if gluon1:
+        gluon_gemm1(hidden_in.x, hidden_in.scale, hidden_in.stride_sm, w13_q, w13_scale, ws1,
+                    uniform_along_n(ws1, GLUON_BLOCK_N, inter), b13, inter_q, inter_scale,
+                    inter_static, plan, activation, alpha, limit, FMAX, AMAX_FLOOR, programs)
+    else:
+        _gemm1_fp8_kernel[grid1](
+            hidden_in.x, hidden_in.scale, w13_q,
+            matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma else None,
+            w13_scale, dummy if b13 is None else b13,
+            inter_q, inter_scale, plan.sorted_pairs, plan.block_experts, work_list,
+            plan.num_pairs, num_tiles, hidden_size, inter, top_k,
+            hidden_in.x.stride(0), hidden_in.stride_sm, hidden_in.stride_sk,
+            w13_q.stride(0), w13_q.stride(1), *ws1[:3],
+            0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
+            float(alpha), float(limit),
+            ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
+            EVEN_K=hidden_size % c1[1] == 0, EVEN_N=inter % c1[0] == 0, W_TMA=tma,
+            X_PER_K=a_group_k != FULL, X_GROUP_K=hidden_in.group_k,
+            W_PER_K=w_per_k, W_GROUP_N=ws1[3], W_GROUP_K=ws1[4],
+            W_UNIFORM_N=uniform_along_n(ws1, c1[0], inter),
+            INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split,
+            FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
+            BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
+            num_warps=c1[3], num_stages=c1[4],
+        )
 
     ws2 = weight_scale_layout(w2_scale, w_group_n, w_group_k)
-    programs = persistent_programs(hidden.device) if tma else 0
     a_group_k = None if inter_static else inter_group
     k_groups = [g for g in (a_group_k, w_group_k if w_per_k else None) if g is not None]
     if tma and use_gluon_gemm2(w2_q, block_m, k_groups):

@@ -1,0 +1,110 @@
+"""What the warp-specialised Gluon GEMMs (`moekit._gluon_gemm1`, `moekit._gluon_gemm2`)
+share: the guarded import of Gluon's Hopper API, when a tensor may take them, their TMA
+descriptors and the walk over the plan's row tiles.
+
+Both kernels read and write plan-order rows by TMA in 128-row tiles (or a run's odd last
+64 rows, with tail tiles); both are persistent over (row tile, column tile), row tile
+major.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Gluon's Hopper API as of Triton 3.6 (the version measured); else the Triton GEMMs
+    import triton
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+        raise ImportError(f"Gluon as used here needs Triton 3.6, found {triton.__version__}")
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "descriptor",
+           "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
+           "warpgroup_mma_wait"]
+
+BLOCK_M = 128  # a row tile; two math warpgroups take 64 rows each
+HALF_M = BLOCK_M // 2
+DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's control)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def gluon_allowed(t: torch.Tensor) -> bool:
+    """Gluon present and not switched off, `t` on an sm_90 GPU (wgmma and TMA as written
+    here; sm_100's tensor cores take other instructions)."""
+    if not HAVE_GLUON or os.environ.get(DISABLE_ENV) == "0" or t.device.type != "cuda":
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _device_is_sm90(index)
+
+
+@functools.lru_cache(maxsize=16)
+def _box_layout(block: tuple[int, int], dtype: torch.dtype):
+    """The NVMMA-swizzled shared layout of a box (~14 µs of host time to derive)."""
+    element = gl.float8e4nv if dtype == torch.float8_e4m3fn else getattr(gl, str(dtype)[6:])
+    return gl.NVMMASharedLayout.get_default_for(list(block), element)
+
+
+def descriptor(t: torch.Tensor, block: list[int]):
+    """A Gluon TMA descriptor over `t` as a row-major matrix, NVMMA-swizzled boxes."""
+    matrix = t.view(-1, t.shape[-1])
+    return TensorDescriptor.from_tensor(matrix, block, _box_layout(tuple(block), t.dtype))
+
+
+def work_list(plan) -> tuple[torch.Tensor, int, int]:
+    """(work, num_work, TAIL_M) for `row_tile` / `tiles_in_use`: the tail-tile work list
+    and its length, or the plan's expert offsets and E."""
+    _, _, tail_m = plan.row_tiles()
+    if tail_m:
+        return plan.tiles, plan.tiles.numel() - 1, tail_m
+    return plan.expert_offsets, plan.expert_offsets.numel() - 1, 0
+
+
+if HAVE_GLUON:
+    _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
+    _HALF_M = gl.constexpr(HALF_M)
+
+    @gluon.jit
+    def row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M: gl.constexpr):
+        """Row tile → (first plan slot, expert, its rows: TAIL_M for a tail, else
+        _TILE_M): entry pid_m of the work list (block · 2 + is_tail) with tails, else plan
+        block pid_m."""
+        if TAIL_M:
+            entry = gl.load(work_ptr + pid_m)
+            block = entry >> 1
+            first_slot = block * TAIL_M
+            expert = gl.load(block_experts_ptr + block)
+            rows = _TILE_M - (entry & 1) * (_TILE_M - TAIL_M)
+        else:
+            first_slot = pid_m * _TILE_M
+            expert = gl.load(block_experts_ptr + pid_m)
+            rows = first_slot * 0 + _TILE_M
+        return first_slot, expert, rows
+
+    @gluon.jit
+    def tiles_in_use(work_ptr, num_work, TAIL_M: gl.constexpr):
+        """Row tiles in use, counted on the GPU: the work list's length (stored after it),
+        or the plan's padded rows (`expert_offsets[E]`) over _TILE_M."""
+        total = gl.load(work_ptr + num_work)
+        if not TAIL_M:
+            total = total // _TILE_M
+        return total

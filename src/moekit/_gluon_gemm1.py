@@ -1,0 +1,294 @@
+"""fp8 GEMM1 of the plan path at 128-row tiles as a warp-specialised Gluon kernel (sm_90).
+
+GEMM1 is the larger half of fp8 prefill, and Triton's kernel ran it at ~37–55% of the
+fp8 peak (qwen3 M = 4096 per-tensor: 375 µs on an H200). Its A rows are gathered — each
+(token, expert) pair reads its token's row — and Hopper's TMA cannot gather, so here the
+quantiser writes each token's fp8 row to its pairs' plan slots (`launch_quantize_rows`
+with `pair_slots`: [capacity, H], padding slots unwritten) and every operand travels by
+TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
+
+    producer warpgroup    per 128-deep K step: A [128, 128] (plan rows), the expert's
+                          gate rows [128, 128] and up rows [128, 128], 48 KB a stage,
+                          into a ring of STAGES
+    two math warpgroups   64 rows each; the gate and up products promoted per stage into
+                          two fp32 accumulators; epilogue: the input scale (per slot, or
+                          one), the weight scales (per expert or per channel), biases,
+                          the activation, then GEMM2's input quantised — its own 1×128
+                          group per row (the tile's 128 columns), or the static scale —
+                          and stored by TMA, its scales by pointer
+
+Only scales constant along K: per-tensor and per-channel weights with per-tensor,
+per-token or static inputs. 128×128 block scales stay with the Triton kernel: promoting
+by per-K scales leaves a math warpgroup too few registers (960 bytes of spill) and the
+kernel measured 1.2–1.6× slower than Triton's (bench/results/
+h200-20261202-gluon-gemm1-experiment.md).
+
+Measured (H200, same file): qwen3 M = 4096 per-tensor 233 µs against Triton's 375 (plus
+~35 µs for the plan-order copy the quantiser now makes as it writes), mixtral 1,786
+against 2,280.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._gluon import (
+    BLOCK_M,
+    HALF_M,
+    HAVE_GLUON,
+    descriptor,
+    gluon_allowed,
+    work_list,
+)
+
+if HAVE_GLUON:
+    from moekit._experts_fp8_kernels import _quantize, _scale_from_amax
+    from moekit._experts_kernels import _activate
+    from moekit._gluon import (
+        fence_async_shared,
+        gl,
+        gluon,
+        mbarrier,
+        row_tile,
+        tiles_in_use,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+# 128 × 128 × 128 one-byte K steps, 4 stages of 48 KB (A, gate, up): the shape measured.
+BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
+GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
+
+
+def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, k_groups: list[int],
+                    inter_group: int | None) -> bool:
+    """Whether GEMM1 runs as `_gemm1_ws_kernel`: Gluon allowed (an sm_90 GPU), fp8
+    weights, 128-row tiles, a gated activation, no scale varying along K (`k_groups`,
+    GEMM1's operands' K groups, empty), whole column tiles (I a multiple of 128), 16-byte
+    rows, and GEMM2's input quantised statically (`inter_group` None) or in the tile's
+    own 1×128 groups."""
+    if not gluon_allowed(w13):
+        return False
+    _, rows13, hidden = w13.shape
+    return (
+        w13.dtype == torch.float8_e4m3fn
+        and block_m == BLOCK_M
+        and activation in GATED
+        and not k_groups
+        and inter_group in (None, BLOCK_N)
+        and (rows13 // 2) % BLOCK_N == 0
+        and hidden % 16 == 0
+        and w13.is_contiguous()
+    )
+
+
+if HAVE_GLUON:
+    _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
+                  g_bufs, u_bufs, ready, empty, TAIL_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr):
+        """TMA loads of every K step's A, gate and up tiles into the ring, each stage
+        reloaded once both math warpgroups have released it."""
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        n_tiles = I // BLOCK_N
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        counter = 0
+        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+            pid_m = tile // n_tiles
+            first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            gate_row = expert * 2 * I + (tile - pid_m * n_tiles) * BLOCK_N  # [E·2I, H] view
+            for k in range(0, H, BLOCK_K):
+                index = counter % NUM_BUFFERS
+                # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
+                mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
+                bar = ready.index(index)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [first_slot, k], bar,
+                                                a_bufs.index(index))
+                tma.async_copy_global_to_shared(b_desc, [gate_row, k], bar, g_bufs.index(index))
+                tma.async_copy_global_to_shared(b_desc, [gate_row + I, k], bar,
+                                                u_bufs.index(index))
+                counter += 1
+
+    @gluon.jit
+    def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
+                  work_ptr, num_work, H, I, stride_xsm, stride_wse, stride_wsn, stride_be,
+                  stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
+                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                  ACTIVATION: gl.constexpr, W_GROUP_N: gl.constexpr,
+                  W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  INTER_STATIC: gl.constexpr, FMAX: gl.constexpr,
+                  AMAX_FLOOR: gl.constexpr):
+        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
+        gate and up products go into a fresh accumulator and are added in fp32 (Hopper's
+        fp8 MMA accumulates at reduced precision); the scales, constant along K, the
+        biases and the activation follow in the epilogue, as `_gate_up` does, then the
+        quantisation of `_store_inter`."""
+        BLOCK_N: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
+        offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
+        part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+        q_smem = q_bufs.index(CONSUMER)
+        n_tiles = I // BLOCK_N
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        counter = 0
+        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+            pid_m = tile // n_tiles
+            pid_n = tile - pid_m * n_tiles
+            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
+            slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
+            # Padding slots' rows were never written: their products are noise, row-local,
+            # and GEMM2 and the combine never read them into a token's sum.
+            x_rows = gl.load(xs_ptr + slots * stride_xsm)  # loaded now: hidden by the loop
+            gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if busy:
+                for _ in range(0, H, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
+                    part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    gate = gate + part
+                    part = warpgroup_mma(a, u_bufs.index(index).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    up = up + part
+                    mbarrier.arrive(empty.index(index), count=1)
+                    counter += 1
+            else:  # idle (a tail tile's second half): release each stage as it lands
+                for _ in range(0, H, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    mbarrier.arrive(empty.index(index), count=1)
+                    counter += 1
+            if busy:
+                cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
+                ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
+                gate = gate * x_rows[:, None]
+                up = up * x_rows[:, None]
+                if W_UNIFORM_N:  # one scale per expert, or per tile-covering group
+                    gate = gate * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn)
+                    up = up * gl.load(ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N)
+                                      * stride_wsn)
+                else:
+                    gate = gate * gl.load(ws_base + (cols // W_GROUP_N) * stride_wsn)[None, :]
+                    up = up * gl.load(ws_base + ((I + cols) // W_GROUP_N) * stride_wsn)[None, :]
+                if HAS_BIAS:
+                    b_base = b13_ptr + expert.to(gl.int64) * stride_be
+                    gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
+                    up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
+                act = _activate(gate, up, ACTIVATION, alpha, limit)
+                if INTER_STATIC:
+                    q = _quantize(act, gl.load(inter_scale_ptr), FMAX)
+                else:  # the tile's 128 columns are one 1×128 group of each row
+                    scale = _scale_from_amax(gl.max(gl.abs(act), axis=1), FMAX, AMAX_FLOOR)
+                    gl.store(inter_scale_ptr + slots * stride_ism + pid_n, scale)
+                    q = _quantize(act, scale[:, None], FMAX)
+                tma.store_wait(pendings=0)  # the previous tile's store has left q_smem
+                q_smem.store(q.to(gl.float8e4nv))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(
+                    q_desc, [first_slot + CONSUMER * _HALF_M, pid_n * BLOCK_N], q_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _gemm1_ws_kernel(
+        a_desc,  # hidden quantised, [capacity, H] in plan order, [128, BLOCK_K] boxes
+        b_desc,  # w13 as [E·2I, H], [BLOCK_N, BLOCK_K] boxes
+        q_desc,  # inter [capacity, I] fp8 in plan order, [64, BLOCK_N] boxes
+        xs_ptr,  # hidden's scales: xs[slot · stride_xsm] (stride 0: one for all)
+        ws_ptr,  # w13's: ws[e · stride_wse + (n // W_GROUP_N) · stride_wsn]
+        b13_ptr,  # [E, 2I] (read only when HAS_BIAS)
+        inter_scale_ptr,  # out [capacity, I / 128] fp32, or INTER_STATIC the scale read
+        block_experts_ptr,  # [capacity / plan rows] int32
+        work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
+        num_work,  # TAIL_M: the work list's length in entries; else E
+        H, I, stride_xsm, stride_wse, stride_wsn, stride_be, stride_ism, alpha, limit,
+        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
+        W_GROUP_N: gl.constexpr, W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+        INTER_STATIC: gl.constexpr, FMAX: gl.constexpr, AMAX_FLOOR: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Persistent over (row tile, 128 intermediate columns), row tile major; this
+        program's own warpgroup is the producer, two more the math (as
+        `_gemm2_ws_kernel`)."""
+        gl.static_assert(num_warps == 4, "the producer is one warpgroup")
+        gl.static_assert(a_desc.block_type.shape[1] == q_desc.block_type.shape[1],
+                         "K steps as wide as the column tile")
+        dtype: gl.constexpr = a_desc.dtype
+        gl.static_assert(dtype == gl.float8e4nv, "fp8 operands")
+        a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + a_desc.block_type.shape,
+                                           a_desc.layout)
+        g_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        u_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_BUFFERS):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        gl.warp_specialize(
+            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
+                          g_bufs, u_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
+             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
+                          work_ptr, num_work, H, I, stride_xsm, stride_wse, stride_wsn,
+                          stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready,
+                          empty, q_bufs, 0, TAIL_M, NUM_BUFFERS, ACTIVATION, W_GROUP_N,
+                          W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR)),
+             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
+                          work_ptr, num_work, H, I, stride_xsm, stride_wse, stride_wsn,
+                          stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready,
+                          empty, q_bufs, 1, TAIL_M, NUM_BUFFERS, ACTIVATION, W_GROUP_N,
+                          W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR))],
+            [4, 4], [232, 232])
+
+
+def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, stride_xsm: int,
+                w13: torch.Tensor, w13_scale: torch.Tensor,
+                w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
+                b13: torch.Tensor | None, inter: torch.Tensor, inter_scale: torch.Tensor,
+                inter_static: bool, plan, activation: str, alpha: float, limit: float,
+                fmax: float, amax_floor: float, programs: int) -> None:
+    """fp8 GEMM1 over the plan's row tiles (`_gemm1_ws_kernel`), writing GEMM2's input.
+
+    Args:
+        x_sorted: [capacity, H] fp8, hidden's rows in plan order; x_scale their scales,
+            one per slot (`stride_xsm` 1) or one for all (0).
+        w13: [E, 2I, H] fp8, contiguous (gate rows, then up); w13_scale with `w_layout`
+            (`weight_scale_layout`'s tuple, no K stride); `w_uniform_n`: one scale covers
+            each column tile.
+        b13: optional [E, 2I].
+        inter: out [capacity, I] fp8; inter_scale: out [capacity, I / 128] fp32 (row
+            stride any), or with `inter_static` the static scale, read.
+        plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
+        programs: the persistent grid (one per SM).
+    """
+    assert w_layout[2] == 0, "scales constant along K only"
+    work, num_work, tail_m = work_list(plan)
+    hidden = w13.shape[2]
+    _gemm1_ws_kernel[(programs,)](
+        descriptor(x_sorted, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
+        descriptor(inter, [HALF_M, BLOCK_N]), x_scale, w13_scale,
+        plan.sorted_pairs if b13 is None else b13, inter_scale, plan.block_experts, work,
+        num_work, hidden, inter.shape[1], stride_xsm, w_layout[0], w_layout[1],
+        0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),
+        float(alpha), float(limit),
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES, ACTIVATION=activation, W_GROUP_N=w_layout[3],
+        W_UNIFORM_N=w_uniform_n, HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
+        FMAX=fmax, AMAX_FLOOR=amax_floor, num_warps=4,
+    )

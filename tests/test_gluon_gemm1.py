@@ -1,0 +1,177 @@
+"""The Gluon GEMM1 (`moekit._gluon_gemm1`): the quantiser writing hidden in plan order,
+when the kernel is chosen, and on an sm_90 GPU the fp8 layer with it against the
+quantised reference and against the Triton GEMM1.
+
+The kernel itself only runs on Hopper (Gluon has no interpreter for wgmma/TMA); its
+sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moekit
+import moekit.experts_fp8
+from helpers import assert_close, capture_cuda_graph, poison_, poison_cuda_cache, random_routing
+from moekit._fp8_quantize import launch_quantize_rows
+from moekit._gluon import DISABLE_ENV
+from moekit._gluon_gemm1 import use_gluon_gemm1
+from moekit.experts_fp8 import _amax_partials, plan_fp8_config
+from moekit.quant import QuantScheme
+from moekit.reference import fused_experts_quantized
+from test_experts_fp8 import make_case
+
+GPU_TOL = 1e-2  # DESIGN.md's bound for bf16 outputs
+# The two GEMM1s differ in summation order (promotion every 128 against 256 products),
+# which flips a few fp8 roundings of GEMM2's input.
+TRITON_AGREEMENT = 5e-3
+_POISON_BYTE = 0x7F  # e4m3fn NaN
+
+
+@pytest.mark.parametrize("mode,group,M,K,drop", [
+    ("static", 1, 7, 96, False),
+    ("tensor", 1, 40, 520, True),  # amax partials first (over 16,384 values)
+    ("tensor_rows", 1, 5, 64, False),
+    ("token", 1, 9, 2100, True),  # a row longer than one 1024-wide block
+    ("group", 32, 6, 160, True),  # scales per 1×32 group go to the slots too
+])
+def test_quantiser_writes_rows_to_their_pairs_plan_slots(mode, group, M, K, drop, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    E, k = 4, 3
+    x = torch.randn(M, K, dtype=torch.float16) * 3
+    ids, _ = random_routing(M, E, k, seed=M)
+    if drop:
+        ids[::2, 1] = -1  # dropped pairs have no slot: nothing is written for them
+    plan = moekit.dispatch_plan(ids, E, 16, backend="triton")
+    groups = -(-K // group) if mode == "group" else None
+    partials = _amax_partials(x) if mode == "tensor" else None
+
+    def quantise(rows, pair_slots):
+        q = torch.full((rows, K), _POISON_BYTE, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        if mode == "static":
+            scale, stride = torch.tensor([0.02]), 0
+        elif mode in ("tensor", "tensor_rows"):
+            scale, stride = poison_(torch.empty(1)), 0
+        elif mode == "token":
+            scale, stride = poison_(torch.empty(rows)), 1
+        else:
+            scale = poison_(torch.empty(rows, groups))
+            stride = groups
+        launch_quantize_rows(x, q, scale, stride, mode, group, partials, pair_slots)
+        return q.view(torch.uint8), scale
+
+    q_rows, s_rows = quantise(M, None)
+    q_slots, s_slots = quantise(plan.capacity, plan.pair_slots)
+    slots = plan.pair_slots.long()
+    valid = slots >= 0
+    tokens = torch.arange(M).repeat_interleave(k)[valid]
+    assert torch.equal(q_slots[slots[valid]], q_rows[tokens]), "a pair's slot holds its row"
+    written = torch.zeros(plan.capacity, dtype=torch.bool)
+    written[slots[valid]] = True
+    assert (q_slots[~written] == _POISON_BYTE).all(), "padding and unused slots untouched"
+    if mode in ("token", "group"):
+        assert torch.equal(s_slots[slots[valid]], s_rows[tokens]), "per-row scales travel"
+        assert s_slots[~written].isnan().all()
+    elif mode != "static":
+        assert torch.equal(s_slots, s_rows), "one scale for the tensor"
+
+
+def test_gluon_gemm1_is_chosen_only_where_it_can_run(monkeypatch):
+    w13 = torch.empty(4, 512, 256, dtype=torch.float8_e4m3fn)
+    assert not use_gluon_gemm1(w13, 128, "silu", [], 128), "a CPU tensor"
+    if not torch.cuda.is_available():
+        return
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    w13 = w13.cuda()
+    assert use_gluon_gemm1(w13, 128, "silu", [], 128) == sm90
+    assert use_gluon_gemm1(w13, 128, "swigluoai", [], None) == sm90, "static GEMM2 input"
+    assert not use_gluon_gemm1(w13, 64, "silu", [], 128), "64-row tiles: the Triton kernel"
+    assert not use_gluon_gemm1(w13, 128, "silu", [128], 128), "block scales: Triton's"
+    assert not use_gluon_gemm1(w13, 128, "silu", [], 64), "GEMM2 input groups ≠ the tile"
+    assert not use_gluon_gemm1(w13[:, :200], 128, "silu", [], 128), "I = 100: partial tiles"
+    assert not use_gluon_gemm1(w13[:, :256], 128, "relu2", [], 128), "ungated"
+    assert not use_gluon_gemm1(w13.to(torch.bfloat16), 128, "silu", [], 128), "16-bit"
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    assert not use_gluon_gemm1(w13, 128, "silu", [], 128), "switched off"
+
+
+# ---------------------------------------------------------------------------- GPU
+
+GPU_SCHEMES = ["fp8_tensor", "fp8_channel", QuantScheme.fp8_tensor(dynamic=False)]
+
+
+@pytest.fixture
+def gemm1_calls(monkeypatch):
+    """Counts the layer's calls of the Gluon GEMM1, so a test knows it ran."""
+    calls = []
+    real = moekit.experts_fp8.gluon_gemm1
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(moekit.experts_fp8, "gluon_gemm1", spy)
+    return calls
+
+
+def _require_gluon():
+    w13 = torch.empty(1, 256, 128, dtype=torch.float8_e4m3fn, device="cuda")
+    if not use_gluon_gemm1(w13, 128, "silu", [], 128):
+        pytest.skip("the Gluon GEMM1 needs an sm_90 GPU and Triton's Gluon")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("scheme", GPU_SCHEMES)
+@pytest.mark.parametrize("M,E,k,H,I,act,bias,skew", [
+    (2048, 8, 2, 1024, 512, "silu", False, 0.0),  # 512 rows per expert: whole tiles
+    (1000, 16, 4, 768, 384, "swigluoai", True, 3.0),  # skewed: odd 64-row tails; biases
+    (300, 32, 8, 520, 256, "gelu", False, 0.0),  # H a partial K step (TMA zero-fills)
+])
+def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, bias, skew,
+                                             gemm1_calls, monkeypatch):
+    _require_gluon()
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, act, bias=bias, dtype=torch.bfloat16, device="cuda", skew=skew)
+    config = plan_fp8_config(4096, E, k, scheme)  # 128-row tiles at any M
+    config = dataclasses.replace(config, tail_block_m=64 if tail else 0)
+    ids[::7, -1] = -1  # dropped pairs
+    outs = {}
+    for name, env in (("gluon", "1"), ("triton", "0")):
+        monkeypatch.setenv(DISABLE_ENV, env)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, activation=act,
+                                 b13=b13, b2=b2, config=config, out=out)
+        outs[name] = out
+    assert len(gemm1_calls) == 1, "the Gluon GEMM1 ran once, the control not"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                       activation=act, b13=b13, b2=b2)
+    assert_close(outs["gluon"], expected, GPU_TOL, name=f"{scheme} tail={tail}")
+    assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_the_gluon_gemm1_gpu(gemm1_calls):
+    # New routing on every replay: the plan-order copy follows the new pair slots.
+    _require_gluon()
+    E, k, H, I, M = 16, 4, 512, 256, 1024
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        "fp8_channel", M, E, k, H, I, bias=True, dtype=torch.bfloat16, device="cuda")
+    config = plan_fp8_config(4096, E, k, scheme)
+    call = lambda: moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                            b13=b13, b2=b2, config=config)
+    graph, out = capture_cuda_graph(call)
+    assert gemm1_calls, "the Gluon GEMM1 was captured"
+    for seed in (1, 2):
+        new_ids, new_weights = random_routing(M, E, k, device="cuda", seed=seed, skew=4.0 * seed)
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        hidden.copy_(torch.randn_like(hidden))
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                           b13=b13, b2=b2)
+        assert_close(out, expected, GPU_TOL, name=f"replay {seed}")
