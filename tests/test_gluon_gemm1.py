@@ -26,8 +26,10 @@ from test_experts_fp8 import make_case
 
 GPU_TOL = 1e-2  # DESIGN.md's bound for bf16 outputs
 # The two GEMM1s differ in summation order (promotion every 128 against 256 products),
-# which flips a few fp8 roundings of GEMM2's input.
-TRITON_AGREEMENT = 5e-3
+# which flips fp8 roundings of GEMM2's input: each path lies ~4–5e-3 from the reference
+# (bench/results/h200-20261202-kernels-fp8_*-prefill-s1{2,3}.md), independently, so up to
+# ~7e-3 from each other; a plumbing bug (row, expert, scale) costs ≥ 1e-2.
+TRITON_AGREEMENT = 8e-3
 _POISON_BYTE = 0x7F  # e4m3fn NaN
 
 
@@ -128,7 +130,7 @@ def _require_gluon():
 @pytest.mark.parametrize("M,E,k,H,I,act,bias,skew", [
     (2048, 8, 2, 1024, 512, "silu", False, 0.0),  # 512 rows per expert: whole tiles
     (1000, 16, 4, 768, 384, "swigluoai", True, 3.0),  # skewed: odd 64-row tails; biases
-    (300, 32, 8, 520, 256, "gelu", False, 0.0),  # H a partial K step (TMA zero-fills)
+    (300, 32, 8, 528, 256, "gelu", False, 0.0),  # H a partial K step (TMA zero-fills)
 ])
 def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, bias, skew,
                                              gemm1_calls, monkeypatch):

@@ -1,6 +1,7 @@
 """The Gluon GEMM2 (`moekit._gluon_gemm2`): when it is chosen, the combine through
-`pair_slots` that reads its plan-order rows, and on an sm_90 GPU the fp8 layer with it
-against the quantised reference and against the Triton GEMM2.
+`pair_slots` that reads its plan-order rows, and on an sm_90 GPU the fp8 layer with the
+Gluon GEMMs (GEMM2's, and GEMM1's where it applies) against the quantised reference and
+against the Triton GEMMs.
 
 The kernel itself only runs on Hopper (Gluon has no interpreter for wgmma/TMA); its
 sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
@@ -30,7 +31,10 @@ from moekit.reference import fused_experts_quantized
 from test_experts_fp8 import make_case
 
 GPU_TOL = 1e-2  # DESIGN.md's bound for bf16 outputs
-TRITON_AGREEMENT = 3e-3  # the two GEMM2s on the same inputs: summation order only
+# Gluon against Triton for both GEMMs: GEMM2 alone differs in summation order only, but
+# with the Gluon GEMM1 (per-tensor, per-channel, static schemes) GEMM2's fp8 input differs
+# in a few roundings too — as tests/test_gluon_gemm1.py's bound.
+TRITON_AGREEMENT = 8e-3
 
 
 @pytest.mark.parametrize("M,E,k,H,drop", [

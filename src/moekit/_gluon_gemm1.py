@@ -42,7 +42,7 @@ from moekit._gluon import (
 )
 
 if HAVE_GLUON:
-    from moekit._experts_fp8_kernels import _quantize, _scale_from_amax
+    from moekit._experts_fp8_kernels import _scale_from_amax
     from moekit._experts_kernels import _activate
     from moekit._gluon import (
         fence_async_shared,
@@ -190,12 +190,17 @@ if HAVE_GLUON:
                     gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
                     up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
                 act = _activate(gate, up, ACTIVATION, alpha, limit)
+                # × the correctly rounded reciprocal, not ÷ per value (IEEE division is a
+                # dozen instructions): an fp8 value can differ only where x / scale lies
+                # within an fp32 ulp of a rounding boundary.
                 if INTER_STATIC:
-                    q = _quantize(act, gl.load(inter_scale_ptr), FMAX)
+                    inverse = gl.div_rn(1.0, gl.load(inter_scale_ptr))
+                    q = act * inverse
                 else:  # the tile's 128 columns are one 1×128 group of each row
                     scale = _scale_from_amax(gl.max(gl.abs(act), axis=1), FMAX, AMAX_FLOOR)
                     gl.store(inter_scale_ptr + slots * stride_ism + pid_n, scale)
-                    q = _quantize(act, scale[:, None], FMAX)
+                    q = act * gl.div_rn(gl.full_like(scale, 1.0), scale)[:, None]
+                q = gl.minimum(gl.maximum(q, -FMAX), FMAX)
                 tma.store_wait(pendings=0)  # the previous tile's store has left q_smem
                 q_smem.store(q.to(gl.float8e4nv))
                 fence_async_shared()

@@ -146,6 +146,13 @@ if HAVE_GLUON:
                 row_ok = pairs < num_pairs  # padding slots hold ≥ num_pairs
                 weights = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok,
                                   other=0.0)
+            # Per-K scales are loaded one K step ahead, so a load has a whole step to land.
+            a_step = as_ptr + slots * stride_asm  # [_HALF_M]: K group 0's input scales
+            w_step = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N
+            if A_PER_K:
+                a_next = gl.load(a_step, mask=mine, other=0.0)
+            if W_PER_K and W_UNIFORM_N:
+                w_next = gl.load(w_step)
             acc = zeros
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
@@ -155,13 +162,14 @@ if HAVE_GLUON:
                     b = b_bufs.index(index).permute((1, 0))
                     part = warpgroup_mma(a, b, zeros, use_acc=False, is_async=True)
                     step_scale = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
+                    k_next = gl.minimum(k + BLOCK_K, I - 1)  # the last step reloads its own
                     if A_PER_K:
-                        step_scale = gl.load(as_ptr + slots * stride_asm
-                                             + (k // A_GROUP_K) * stride_ask)
+                        step_scale = a_next
+                        a_next = gl.load(a_step + (k_next // A_GROUP_K) * stride_ask, mask=mine,
+                                         other=0.0)
                     if W_PER_K and W_UNIFORM_N:
-                        step_scale = step_scale * gl.load(
-                            ws_base + (k // W_GROUP_K) * stride_wsk
-                            + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn)
+                        step_scale = step_scale * w_next
+                        w_next = gl.load(w_step + (k_next // W_GROUP_K) * stride_wsk)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
                     part = part * step_scale[:, None]
                     if W_PER_K and not W_UNIFORM_N:
