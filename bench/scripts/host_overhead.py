@@ -53,6 +53,40 @@ def main():
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    fp8_prefill(hidden, logits, k)
+
+
+def fp8_prefill(hidden, logits, k):
+    """fp8 at prefill tiles (128 rows, both GEMMs Gluon on an sm_90 GPU) on few tokens, so
+    the host's share shows: per scheme, Gluon on and off, and a cProfile of the first."""
+    import functools
+    import os
+
+    from moekit.experts_fp8 import plan_fp8_config
+    from moekit.quant import QuantScheme, quantize_weight
+
+    E, H = logits.shape[1], hidden.shape[1]
+    I = 768
+    ids, weights = reference.route(logits, k)
+    for name in ("fp8_tensor", "fp8_block"):
+        scheme = QuantScheme.parse(name)
+        w13 = quantize_weight(torch.randn(E, 2 * I, H, device="cuda") / H**0.5, scheme.weight)
+        w2 = quantize_weight(torch.randn(E, H, I, device="cuda") / I**0.5, scheme.weight)
+        config = plan_fp8_config(4096, E, k, scheme)
+        call = functools.partial(moekit.fused_experts_fp8, hidden, w13, w2, ids, weights,
+                                 scheme=scheme, config=config)
+        for env in ("1", "0"):
+            os.environ["MOEKIT_GLUON"] = env
+            print(f"{name} 128-row tiles, MOEKIT_GLUON={env}: {per_call_us(call):8.1f} µs host "
+                  "per call", flush=True)
+        os.environ["MOEKIT_GLUON"] = "1"
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            call()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
