@@ -54,6 +54,26 @@ def test_direct_path_for_a_handful_of_tokens(M, E, k, direct, why):
     assert not default_config(M, E, k, 2048, 768, dtype_bytes=4).direct
 
 
+FP8_DIRECT_CASES = [
+    # (M, E, k, H, I, direct, why) — H200 measurements in use_direct_fp8_path's docstring
+    (4, 128, 8, 2048, 768, True, "qwen3: 4 tokens × 2048 values"),
+    (4, 64, 8, 2048, 1024, True, "olmoe: block scales win with two-group K tiles"),
+    (1, 256, 8, 7168, 2048, True, "deepseek-v3, one token: 1.10× the plan path"),
+    (2, 256, 8, 7168, 2048, False, "deepseek-v3, 2 tokens: the plan path 1.03–1.15×"),
+    (4, 256, 8, 7168, 2048, False, "deepseek-v3, 4 tokens: plan (block 1.02×, others within 2%)"),
+    (5, 128, 8, 2048, 768, False, "5 tokens: the plan path"),
+    (1, 8, 2, 4096, 14336, False, "mixtral: 8 experts, the plan path (0.85–0.96×)"),
+]
+
+
+@pytest.mark.parametrize("M,E,k,H,I,direct,why", FP8_DIRECT_CASES)
+def test_fp8_direct_path_up_to_8192_token_values(M, E, k, H, I, direct, why):
+    from moekit.experts_fp8 import default_fp8_config
+
+    for scheme in ("fp8_tensor", "fp8_channel", "fp8_block"):
+        assert default_fp8_config(M, E, k, H, I, scheme).direct == direct, scheme
+
+
 @pytest.mark.parametrize("M,k,H,dtype_bytes,per,why", [
     (1, 8, 2048, 2, 1, "32 column tiles: a program per slot (256 programs)"),
     (2, 8, 2048, 2, 2, "64 column tiles: four parts of two slots"),

@@ -20,12 +20,14 @@ TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
 Only scales constant along K: per-tensor and per-channel weights with per-tensor,
 per-token or static inputs. 128×128 block scales stay with the Triton kernel: promoting
 by per-K scales leaves a math warpgroup too few registers (960 bytes of spill) and the
-kernel measured 1.2–1.6× slower than Triton's (bench/results/
+kernel measured 1.3–1.6× slower than Triton's (bench/results/
 h200-20261202-gluon-gemm1-experiment.md).
 
-Measured (H200, same file): qwen3 M = 4096 per-tensor 233 µs against Triton's 375 (plus
-~35 µs for the plan-order copy the quantiser now makes as it writes), mixtral 1,786
-against 2,280.
+Measured in the fp8 layer (H200, torch.profiler, bench/results/logs/
+h200-20261202-fp8-stage-profile-s13-*): qwen3 M = 4096 per-tensor 229 µs against the
+Triton GEMM1's 375 (the quantiser's plan-order writes cost 13 µs more), per-channel 235;
+mixtral 1,877 against 2,261; the layer 1.04–1.27× faster at M = 4096–16384 in graph
+replay (`*-fp8_{tensor,channel}-prefill-s13b.md` against `-s12.md`, two H200 hosts).
 """
 
 from __future__ import annotations

@@ -8,18 +8,23 @@
                                                                     ─► pair_out [M*k, H]
                  ─► _combine_kernel (the bf16 pipeline's): Σ over slots ─► out [M, H]
 
-On an sm_90 GPU at 128-row tiles GEMM2 is the warp-specialised Gluon kernel of
-`moekit._gluon_gemm2` instead (TMA producer warpgroup, two math warpgroups): it stores
-whole plan-order tiles, [capacity, H], which the combine reads through the plan's
-`pair_slots`. Its tiles are fixed (`config.gemm2` shapes the Triton GEMM2 only);
-`MOEKIT_GLUON=0` keeps the Triton GEMM2.
+On an sm_90 GPU at 128-row tiles the GEMMs are warp-specialised Gluon kernels instead
+(TMA producer warpgroup, two math warpgroups; `MOEKIT_GLUON=0` keeps the Triton ones):
+    GEMM2 (`moekit._gluon_gemm2`) for H in whole 128-column tiles: it stores plan-order
+          tiles, [capacity, H], which the combine reads through the plan's `pair_slots`;
+    GEMM1 (`moekit._gluon_gemm1`) where no scale varies along K (per-tensor, per-channel,
+          static; block scales keep the Triton GEMM1) and the activation is gated: TMA
+          cannot gather, so the quantiser writes each token's fp8 row to its pairs' plan
+          slots, [capacity, H] (k× the bytes of [M, H]; padding slots unwritten).
+Their tiles are fixed (`config.gemm1`/`gemm2` shape the Triton kernels only).
 
 The formats are a `QuantScheme`; `moekit.reference.fused_experts_quantized` is the
 oracle, and the two agree on every choice below.
 
 GEMM1's input: hidden is quantised by one small kernel before the GEMM (two when a
 dynamic per-tensor scale over more than 16,384 values first needs amax partials) — a pass
-over M×H, not M·k×H, since all k pairs of a token read its one fp8 row. Quantising inside GEMM1's
+over M×H, not M·k×H, since all k pairs of a token read its one fp8 row (with the Gluon
+GEMM1 the pass reads M×H and writes M·k×H). Quantising inside GEMM1's
 loads instead would redo it in every one of the I/BLOCK_N column programs, and a
 per-token or per-tensor scale needs the whole row, or tensor, before the first value.
 Tried for decode (one launch fewer), it measured 0.28–0.99× on an H100 at every token
@@ -41,7 +46,7 @@ valid for as long as the weights live. No fills, no host synchronisation.
 
 A configuration with `block_m` = 1 takes the direct path instead (`moekit.experts_direct_fp8`:
 no plan, the combine fused into GEMM2, four launches); the heuristic chooses it for up to
-four tokens on 32 or more experts (`default_fp8_config`).
+four tokens on 32 or more experts and up to 8192 values of hidden (`default_fp8_config`).
 
 Expert maps (expert parallelism) as in `fused_experts`: the ids are mapped to local ones
 first (`moekit.local_expert_ids`). The router weight on the input (Llama-4) for top-1
@@ -192,9 +197,9 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
                        scheme: str | QuantScheme) -> ExpertsConfig:
     """Tiles for `fused_experts_fp8`: the direct path's (`direct_fp8_config`) for up to
-    four tokens on 32 or more experts (`use_direct_fp8_path`), else the plan path's
-    (`plan_fp8_config`)."""
-    if use_direct_fp8_path(num_tokens, num_experts):
+    four tokens on 32 or more experts, and M × H ≤ 8192 (`use_direct_fp8_path`), else the
+    plan path's (`plan_fp8_config`)."""
+    if use_direct_fp8_path(num_tokens, num_experts, hidden):
         return direct_fp8_config(num_tokens, top_k, hidden, inter, scheme)
     return plan_fp8_config(num_tokens, num_experts, top_k, scheme)
 

@@ -43,6 +43,9 @@ from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 
 _DIRECT_MAX_TOKENS = 4
 _DIRECT_MIN_EXPERTS = 32
+# fp8: tokens × hidden up to which the direct path wins (M ≤ 4 at H = 2048, M = 1 at
+# deepseek-v3's 7168; bench/results/h200-20261202-direct-fp8-two-groups.md).
+_DIRECT_FP8_MAX_TOKEN_VALUES = 8192
 # 16-bit direct GEMM2: with at least this many programs at 32-wide column tiles, one
 # program per token (H100: 32 × 128 tiles within 3.7% of the best of 7 on every cell;
 # H200: 64-wide tiles with split slots up to 7% slower on deepseek-v3 at M = 1–4).
@@ -77,15 +80,17 @@ def use_direct_path(num_tokens: int, num_experts: int, top_k: int, dtype_bytes: 
                                and num_experts >= _DIRECT_MIN_EXPERTS)
 
 
-def use_direct_fp8_path(num_tokens: int, num_experts: int) -> bool:
+def use_direct_fp8_path(num_tokens: int, num_experts: int, hidden: int) -> bool:
     """Whether the fp8 direct path beats the fp8 plan path: up to 4 tokens on 32 or more
-    experts (H200: 1.03–1.42× on qwen3, granite, olmoe at M = 1 and 4; mixtral's 8
-    experts 0.85–0.96×, bench/NOTES.md, GEMM2 split over slots). Session 11, five presets
-    × three schemes × M = 1, 2, 4: 1.07–1.43× at M = 1; at M = 2–4 0.98× or better but
-    for block scales at M = 4 on olmoe, deepseek-v2-lite and deepseek-v3 (0.94–0.97×)
-    and deepseek-v3 at M = 2 (0.87–0.97×) — kept: qwen3 (128 experts) wins the same
-    block cells by 1.16×, so neither E nor M draws the line."""
-    return num_tokens <= _DIRECT_MAX_TOKENS and num_experts >= _DIRECT_MIN_EXPERTS
+    experts, and up to `_DIRECT_FP8_MAX_TOKEN_VALUES` values of hidden in all (H200:
+    1.03–1.42× on qwen3, granite, olmoe at M = 1 and 4; mixtral's 8 experts 0.85–0.96×,
+    bench/NOTES.md, GEMM2 split over slots). Session 11, five presets × three schemes ×
+    M = 1, 2, 4: 1.07–1.43× at M = 1; at M = 2–4 0.98× or better but for block scales at
+    M = 4 on olmoe, deepseek-v2-lite (since won by two-group K tiles, session 12) and
+    deepseek-v3, and deepseek-v3 (H = 7168) at M = 2 in every scheme (0.87–0.97×;
+    block, session 12: 0.91×, and 0.97× at M = 4) — where M × H passes 8192."""
+    return (num_tokens <= _DIRECT_MAX_TOKENS and num_experts >= _DIRECT_MIN_EXPERTS
+            and num_tokens * hidden <= _DIRECT_FP8_MAX_TOKEN_VALUES)
 
 
 def direct_slots_per_program(num_tokens: int, top_k: int, hidden: int,
