@@ -256,14 +256,15 @@ def plan_fp8_config(num_tokens: int, num_experts: int, top_k: int,
     return ExpertsConfig(block_m, _fit_k(g1, k1), _fit_k(g2, k2))
 
 
-def _fit_k(tile: GemmConfig, k_groups: list[int]) -> GemmConfig:
+def _fit_k(tile: GemmConfig, k_groups: tuple[int, ...]) -> GemmConfig:
     """`tile` with its K tile cut to the smallest K group, so no K tile straddles two."""
     return dataclasses.replace(tile, block_k=min([tile.block_k, *k_groups]))
 
 
-def _k_groups(scheme: QuantScheme) -> tuple[list[int], list[int], int | None]:
+@functools.lru_cache(maxsize=64)  # on every call's host path; schemes are frozen
+def _k_groups(scheme: QuantScheme) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
     """Finite K groups of GEMM1's and GEMM2's operands, and GEMM2's dynamic input group."""
-    finite = lambda *groups: [g for g in groups if g != FULL]
+    finite = lambda *groups: tuple(g for g in groups if g != FULL)
     k1 = finite(scheme.activation.group[1], scheme.weight.group[1])
     inter = scheme.gemm2_input
     inter_group = None if not inter.dynamic else inter.group[1]

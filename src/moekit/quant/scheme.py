@@ -211,7 +211,7 @@ class QuantScheme:
                 "group K, so each K tile of a kernel has one scale of each"
             )
 
-    @property
+    @functools.cached_property  # read on every fp8 call's host path; schemes are frozen
     def gemm2_input(self) -> QuantSpec:
         """The spec of GEMM2's input [pairs, I]: static as `activation`, else 1×g groups.
 
