@@ -96,6 +96,8 @@ def test_gluon_gemm1_is_chosen_only_where_it_can_run(monkeypatch):
     assert not use_gluon_gemm1(w13[:, :200], 128, "silu", [], 128), "I = 100: partial tiles"
     assert not use_gluon_gemm1(w13[:, :256], 128, "relu2", [], 128), "ungated"
     assert not use_gluon_gemm1(w13.to(torch.bfloat16), 128, "silu", [], 128), "16-bit"
+    shifted = torch.empty(w13.numel() + 8, dtype=w13.dtype, device="cuda")[8:].view(w13.shape)
+    assert not use_gluon_gemm1(shifted, 128, "silu", [], 128), "base not 16-byte aligned"
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert not use_gluon_gemm1(w13, 128, "silu", [], 128), "switched off"
 

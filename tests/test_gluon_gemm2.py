@@ -68,6 +68,8 @@ def test_gluon_gemm2_is_chosen_only_where_it_can_run(monkeypatch):
     assert not use_gluon_gemm2(w2, 128, [32]), "scale groups finer than a K step"
     assert not use_gluon_gemm2(w2[:, :200], 128, []), "H not a multiple of the column tile"
     assert not use_gluon_gemm2(w2.to(torch.bfloat16), 128, []), "16-bit: Triton's (faster)"
+    shifted = torch.empty(w2.numel() + 8, dtype=w2.dtype, device="cuda")[8:].view(w2.shape)
+    assert not use_gluon_gemm2(shifted, 128, []), "base not 16-byte aligned"
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert not use_gluon_gemm2(w2, 128, [128]), "switched off"
 

@@ -68,8 +68,8 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, k_groups: 
     """Whether GEMM1 runs as `_gemm1_ws_kernel`: Gluon allowed (an sm_90 GPU), fp8
     weights, 128-row tiles, a gated activation, no scale varying along K (`k_groups`,
     GEMM1's operands' K groups, empty), whole column tiles (I a multiple of 128), 16-byte
-    rows, and GEMM2's input quantised statically (`inter_group` None) or in the tile's
-    own 1×128 groups."""
+    rows and base, and GEMM2's input quantised statically (`inter_group` None) or in the
+    tile's own 1×128 groups."""
     if not gluon_allowed(w13):
         return False
     _, rows13, hidden = w13.shape
@@ -82,6 +82,7 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, k_groups: 
         and (rows13 // 2) % BLOCK_N == 0
         and hidden % 16 == 0
         and w13.is_contiguous()
+        and w13.data_ptr() % 16 == 0  # TMA's base alignment
     )
 
 
@@ -148,10 +149,12 @@ if HAVE_GLUON:
             pid_n = tile - pid_m * n_tiles
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
+            mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
             slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
             # Padding slots' rows were never written: their products are noise, row-local,
             # and GEMM2 and the combine never read them into a token's sum.
-            x_rows = gl.load(xs_ptr + slots * stride_xsm)  # loaded now: hidden by the loop
+            x_rows = gl.load(xs_ptr + slots * stride_xsm, mask=mine,
+                             other=0.0)  # loaded now: hidden under the K loop
             gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             if busy:

@@ -57,7 +57,7 @@ BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
     """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon allowed (`gluon_allowed`: an sm_90
     GPU), fp8 weights, 128-row tiles, whole column tiles per expert in w2's [E·H, I] view,
-    16-byte rows, and each K group of GEMM2's scales (`k_groups`: its input's and
+    16-byte rows and base, and each K group of GEMM2's scales (`k_groups`: its input's and
     weight's, if any) holding whole K steps."""
     if not gluon_allowed(w2):
         return False
@@ -69,6 +69,7 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
         and inter % 16 == 0
         and all(group % BLOCK_K == 0 for group in k_groups)
         and w2.is_contiguous()
+        and w2.data_ptr() % 16 == 0  # TMA's base alignment
     )
 
 
