@@ -1,0 +1,363 @@
+"""The Gluon GEMM2 with 256-column tiles: an experiment's kernel (session 13, compiled only).
+
+`moekit._gluon_gemm2` as of session 13, restructured so a tile can be two 128-column
+halves sharing each A stage — GEMM1's shape (gate and up share A), which the Gluon GEMM1
+runs at 64% of the fp8 peak on qwen3 M = 4096 where the Gluon GEMM2 runs at 52%:
+
+    per stage   A [128, 128] and B [256, 128] by TMA (48 KB; 4 stages, 229,640 bytes of
+                shared memory with the two output boxes)
+    per math    two [64, 128] fp32 accumulators and one product in flight (GEMM1's 192
+    warpgroup   registers); the per-K scales of both halves loaded one step ahead; the
+                two halves' epilogues store through one box in turn
+
+Also restructured, for the registers (each compiled for sm_90 without spills; first
+drafts spilled 0.6–1.2 KB): a tail tile's idle warpgroup runs a loop of its own, the
+product in flight is a per-tile value (dead in the epilogue), and column indices are
+built where they are used, not held across the K loop. Block scales keep 128-column tiles
+(two prefetched per-K weight scales spill ~180 bytes).
+
+`gluon_gemm2` has the library's signature, so `gluon_wide_gemm2_experiment.py` swaps it
+into `moekit.experts_fp8` to test and time the whole layer with it. Not used by the
+library until measured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._gluon import (
+    BLOCK_M,
+    HALF_M,
+    HAVE_GLUON,
+    descriptor,
+    gluon_allowed,
+    work_list,
+)
+
+if HAVE_GLUON:
+    from moekit._gluon import (
+        fence_async_shared,
+        gl,
+        gluon,
+        mbarrier,
+        row_tile,
+        tiles_in_use,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+# 128 × 128 × 128 one-byte K steps in 5 stages of 32 KB: the promoted shape measured
+# (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
+BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
+WIDE_STAGES = 4  # of 48 KB: A [128, 128] and B [256, 128]
+
+
+def column_halves(hidden: int, weight_per_k: bool) -> int:
+    """128-column halves per tile: two where H is a multiple of 256 and the weight scales
+    are constant along K (block scales' two prefetched per-K scales spill ~180 bytes)."""
+    return 2 if not weight_per_k and hidden % (2 * BLOCK_N) == 0 else 1
+
+
+def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
+    """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon allowed (`gluon_allowed`: an sm_90
+    GPU), fp8 weights, 128-row tiles, whole column tiles per expert in w2's [E·H, I] view,
+    16-byte rows and base, and each K group of GEMM2's scales (`k_groups`: its input's and
+    weight's, if any) holding whole K steps."""
+    if not gluon_allowed(w2):
+        return False
+    _, hidden, inter = w2.shape
+    return (
+        w2.dtype == torch.float8_e4m3fn
+        and block_m == BLOCK_M
+        and hidden % BLOCK_N == 0
+        and inter % 16 == 0
+        and all(group % BLOCK_K == 0 for group in k_groups)
+        and w2.is_contiguous()
+        and w2.data_ptr() % 16 == 0  # TMA's base alignment
+    )
+
+
+if HAVE_GLUON:
+    _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
+                  ready, empty, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+        """TMA loads of every K step of every tile into the ring, each stage reloaded once
+        both math warpgroups have released it."""
+        TILE_N: gl.constexpr = b_desc.block_type.shape[0]  # one or two 128-column halves
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        n_tiles = H // TILE_N
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        counter = 0
+        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+            pid_m = tile // n_tiles
+            first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            b_row = expert * H + (tile - pid_m * n_tiles) * TILE_N
+            for k in range(0, I, BLOCK_K):
+                index = counter % NUM_BUFFERS
+                # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
+                mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
+                bar = ready.index(index)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [first_slot, k], bar,
+                                                a_bufs.index(index))
+                tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
+                counter += 1
+
+    @gluon.jit
+    def _scaled_part(part, step_scale, ws_base, k, col, stride_wsk, stride_wsn,
+                     W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
+                     W_UNIFORM_N: gl.constexpr):
+        """One stage's promoted product × its K-group scales: the rows' (`step_scale`,
+        with a column-uniform weight scale folded in) and a per-column weight scale (of
+        the 128 columns from `col`; their indices built only here, so that they hold no
+        registers across the loop)."""
+        part = part * step_scale[:, None]
+        if W_PER_K and not W_UNIFORM_N:
+            cols = col + gl.arange(0, part.shape[1], layout=gl.SliceLayout(0, part.type.layout))
+            part = part * gl.load(ws_base + (k // W_GROUP_K) * stride_wsk
+                                  + (cols // W_GROUP_N) * stride_wsn)[None, :]
+        return part
+
+    @gluon.jit
+    def _store_columns(acc, c_desc, c_smem, row, col, a_rows, weights, ws_base, bias_base,
+                       stride_wsn, A_PER_K: gl.constexpr, W_PER_K: gl.constexpr,
+                       W_GROUP_N: gl.constexpr, W_UNIFORM_N: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
+        """The epilogue of one [64, 128] accumulator (columns from `col`): scales constant
+        along K, the bias, the router weight (which scales the bias too), a TMA store of
+        its rows."""
+        cols = col + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+        if not A_PER_K:
+            acc = acc * a_rows[:, None]
+        if not W_PER_K:
+            if W_UNIFORM_N:
+                acc = acc * gl.load(ws_base + (col // W_GROUP_N) * stride_wsn)
+            else:
+                acc = acc * gl.load(ws_base + (cols // W_GROUP_N) * stride_wsn)[None, :]
+        if HAS_BIAS:
+            acc = acc + gl.load(bias_base + cols).to(gl.float32)[None, :]
+        if APPLY_WEIGHT:
+            acc = acc * weights[:, None]
+        tma.store_wait(pendings=0)  # the previous store has left c_smem
+        c_smem.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [row, col], c_smem)
+
+    @gluon.jit
+    def _consumer(c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
+                  block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
+                  stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
+                  ready, empty, c_bufs,
+                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
+                  W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
+                  W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  APPLY_WEIGHT: gl.constexpr):
+        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile, in one or two
+        128-column halves (a tile as wide as the B box). Each stage's product goes into a
+        fresh accumulator, is scaled by the step's K-group scales (A_PER_K, W_PER_K;
+        loaded one step ahead) and added in fp32 — Hopper's fp8 MMA accumulates at
+        reduced precision. Scales constant along K, the bias and the router weight are
+        applied once, in the epilogue, as `_gemm2_fp8_tile` does; the per-row factors are
+        loaded before the K loop."""
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        TILE_N: gl.constexpr = b_bufs.shape[1]
+        HALVES: gl.constexpr = TILE_N // BLOCK_N
+        gl.static_assert(HALVES == 1 or HALVES == 2, "one or two 128-column halves")
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        ones = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
+        offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
+        c_smem = c_bufs.index(CONSUMER)
+        n_tiles = H // TILE_N
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        counter = 0
+        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+            pid_m = tile // n_tiles
+            pid_n = tile - pid_m * n_tiles
+            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
+            mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
+            slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
+            col0 = pid_n * TILE_N  # the first column of the tile (and of its first half)
+            ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
+            # The rows' factors, loaded now so that their latency hides under the loop; the
+            # input scale multiplies the products only, the router weight the bias too.
+            a_rows = ones
+            if not A_PER_K:  # a static input scale (stride 0) or one group per row
+                a_rows = gl.load(as_ptr + slots * stride_asm, mask=mine, other=0.0)
+            weights = ones
+            if APPLY_WEIGHT:
+                pairs = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
+                row_ok = pairs < num_pairs  # padding slots hold ≥ num_pairs
+                weights = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok,
+                                  other=0.0)
+            # Per-K scales are loaded one K step ahead, so a load has a whole step to land.
+            a_step = as_ptr + slots * stride_asm  # [_HALF_M]: K group 0's input scales
+            w_step0 = ws_base + (pid_n * TILE_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N
+            w_step1 = ws_base + ((pid_n * TILE_N + BLOCK_N) // W_GROUP_N) * stride_wsn
+            if A_PER_K:
+                a_next = gl.load(a_step, mask=mine, other=0.0)
+            if W_PER_K and W_UNIFORM_N:
+                w_next0 = gl.load(w_step0)
+                if HALVES == 2:
+                    w_next1 = gl.load(w_step1)
+            acc0 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if HALVES == 2:
+                acc1 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if busy:
+                # Each stage's product; per tile, so that it is dead in the epilogue.
+                part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+                for k in range(0, I, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
+                    b = b_bufs.index(index)
+                    part = warpgroup_mma(a, b.slice(0, BLOCK_N, dim=0).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    row_scale = ones
+                    k_next = gl.minimum(k + BLOCK_K, I - 1)  # the last step reloads its own
+                    if A_PER_K:
+                        row_scale = a_next
+                        a_next = gl.load(a_step + (k_next // A_GROUP_K) * stride_ask, mask=mine,
+                                         other=0.0)
+                    step_scale = row_scale
+                    if W_PER_K and W_UNIFORM_N:
+                        step_scale = row_scale * w_next0
+                        w_next0 = gl.load(w_step0 + (k_next // W_GROUP_K) * stride_wsk)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    acc0 = acc0 + _scaled_part(part, step_scale, ws_base, k, col0, stride_wsk,
+                                               stride_wsn, W_PER_K, W_GROUP_N, W_GROUP_K,
+                                               W_UNIFORM_N)
+                    if HALVES == 2:
+                        part = warpgroup_mma(a, b.slice(BLOCK_N, BLOCK_N, dim=0).permute((1, 0)),
+                                             part, use_acc=False, is_async=True)
+                        step_scale = row_scale
+                        if W_PER_K and W_UNIFORM_N:
+                            step_scale = row_scale * w_next1
+                            w_next1 = gl.load(w_step1 + (k_next // W_GROUP_K) * stride_wsk)
+                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                        acc1 = acc1 + _scaled_part(part, step_scale, ws_base, k, col0 + BLOCK_N,
+                                                   stride_wsk, stride_wsn, W_PER_K, W_GROUP_N,
+                                                   W_GROUP_K, W_UNIFORM_N)
+                    mbarrier.arrive(empty.index(index), count=1)
+                    counter += 1
+            else:  # idle (a tail tile's second half): release each stage as it lands
+                for _ in range(0, I, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    mbarrier.arrive(empty.index(index), count=1)
+                    counter += 1
+            if busy:
+                row = first_slot + CONSUMER * _HALF_M
+                bias_base = b2_ptr + expert.to(gl.int64) * stride_be
+                col = col0
+                _store_columns(acc0, c_desc, c_smem, row, col, a_rows, weights, ws_base,
+                               bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N,
+                               HAS_BIAS, APPLY_WEIGHT)
+                if HALVES == 2:
+                    _store_columns(acc1, c_desc, c_smem, row, col + BLOCK_N, a_rows, weights,
+                                   ws_base, bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N,
+                                   W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _gemm2_ws_kernel(
+        a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
+        b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes: one or two 128-column halves
+        c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
+        as_ptr,  # inter's scales: as[slot · stride_asm + (k // A_GROUP_K) · stride_ask]
+        ws_ptr,  # w2's: ws[e · s_we + (n // W_GROUP_N) · s_wn + (k // W_GROUP_K) · s_wk]
+        b2_ptr,  # [E, H] (read only when HAS_BIAS)
+        topk_weights_ptr,  # [M·k] fp32 (read only when APPLY_WEIGHT)
+        sorted_pairs_ptr,  # [capacity] int32
+        block_experts_ptr,  # [capacity / plan rows] int32
+        work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
+        num_work,  # TAIL_M: the work list's length in entries; else E
+        num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
+        stride_be,
+        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr,
+        A_GROUP_K: gl.constexpr,
+        W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
+        W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Persistent over (row tile, column tile), row tile major; this program's own
+        warpgroup is the producer, two more (most of the registers) the math. A stage's
+        `empty` barrier counts both math warpgroups' releases."""
+        gl.static_assert(num_warps == 4, "the producer is one warpgroup")
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        dtype: gl.constexpr = a_desc.dtype
+        gl.static_assert(dtype == gl.float8e4nv, "fp8 operands (the 16-bit GEMM2 is Triton's)")
+        a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + a_desc.block_type.shape,
+                                           a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape,
+                                           c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_BUFFERS):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        gl.warp_specialize(
+            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
+                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
+             (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
+                          block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
+                          stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
+                          b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT)),
+             (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
+                          block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
+                          stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
+                          b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT))],
+            [4, 4], [232, 232])
+
+
+def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple[int, int],
+                a_group_k: int | None, w2: torch.Tensor, w2_scale: torch.Tensor,
+                w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
+                b2: torch.Tensor | None, topk_weights: torch.Tensor | None, plan,
+                out_dtype: torch.dtype, programs: int) -> torch.Tensor:
+    """fp8 GEMM2 over the plan's row tiles into plan-order rows (`_gemm2_ws_kernel`).
+
+    Args:
+        inter: [capacity, I] fp8, plan order; inter_scale its scales, `a_strides` = (per
+            slot, per K group), (0, 0) for a static scalar; `a_group_k` the K group of
+            dynamic scales (None: static).
+        w2: [E, H, I] fp8, contiguous; w2_scale with `w_layout` (`weight_scale_layout`'s
+            tuple); `w_uniform_n`: one scale covers each column tile.
+        b2: optional [E, H]. topk_weights: [M·k] fp32 to multiply each row by its pair's
+            router weight, or None.
+        plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
+        programs: the persistent grid (one per SM).
+    Returns:
+        [capacity, H] in `out_dtype`; rows of padding slots hold unspecified values.
+    """
+    _, hidden, inter_size = w2.shape
+    out = torch.empty((plan.capacity, hidden), dtype=out_dtype, device=w2.device)
+    work, num_work, tail_m = work_list(plan)
+    dummy = plan.sorted_pairs  # stands in for absent tensors; never read
+    halves = column_halves(hidden, w_layout[2] != 0)
+    _gemm2_ws_kernel[(programs,)](
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
+        descriptor(out, [HALF_M, BLOCK_N]), inter_scale, w2_scale,
+        dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
+        plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
+        inter_size, a_strides[0], a_strides[1], *w_layout[:3],
+        0 if b2 is None else b2.stride(0),
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
+        A_PER_K=a_group_k is not None,
+        A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
+        W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
+        APPLY_WEIGHT=topk_weights is not None, num_warps=4,
+    )
+    return out
