@@ -44,7 +44,13 @@ import argparse
 import os
 
 import torch
-from gluon_grouped_gemm_experiment import _tile_work, compile_sm90, dense_peak_tflops, record
+from gluon_grouped_gemm_experiment import (
+    _tile_work,
+    compile_sm90,
+    dense_peak_tflops,
+    profiled_kernel_us,
+    record,
+)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -237,27 +243,17 @@ def compile_only() -> None:
         print(f"{'block' if per_k else 'tensor'}: {report}", flush=True)
 
 
-def library_gemm1_us(preset, hidden, topk, weights, scheme, calls=10) -> float:
-    """The library's `_gemm1_fp8_kernel` CUDA time per call, inside the whole fp8 layer."""
-    from torch.profiler import ProfilerActivity, profile
-
+def library_gemm1_us(preset, hidden, topk, weights, scheme) -> float:
+    """The library's `_gemm1_fp8_kernel` CUDA time per call, inside the whole fp8 layer
+    (since 230f3a8 the library runs per-tensor GEMM1 as Gluon itself: run this script with
+    MOEKIT_GLUON=0 for the Triton baseline)."""
     import moekit
 
-    def run():
-        moekit.fused_experts_fp8(hidden, weights.w13, weights.w2, topk.ids, topk.weights,
-                                 scheme=scheme, activation=preset.activation)
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            run()
-        torch.cuda.synchronize()
-    for event in prof.key_averages():
-        if event.key == "_gemm1_fp8_kernel":
-            total = getattr(event, "device_time_total", None) or event.cuda_time_total
-            return total / calls
-    raise RuntimeError("no _gemm1_fp8_kernel in the profile")
+    return profiled_kernel_us(
+        lambda: moekit.fused_experts_fp8(hidden, weights.w13, weights.w2, topk.ids,
+                                         topk.weights, scheme=scheme,
+                                         activation=preset.activation),
+        "_gemm1_fp8_kernel")
 
 
 def check(q_out, scale_out, x_sorted, xs_sorted, w13, experts, num_blocks, per_k) -> float:

@@ -347,6 +347,25 @@ def compile_sm90(fn, args, options) -> str:
             f"copies {ptx.count('cp.async.bulk.tensor')}; ptxas: {_ptxas_usage(ptx)}")
 
 
+def profiled_kernel_us(call, kernel: str, calls: int = 10) -> float:
+    """CUDA time per call of the kernel named `kernel` inside `call` (torch.profiler,
+    after three warm-up calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    for event in prof.key_averages():
+        if event.key == kernel:
+            total = getattr(event, "device_time_total", None) or event.cuda_time_total
+            return total / calls
+    raise RuntimeError(f"no {kernel} in the profile")
+
+
 def record(row: dict, out_dir: str, filename: str) -> None:
     """Stamp a measured row with the device and commit, print it, append it to a file."""
     row.update(device=torch.cuda.get_device_name(),

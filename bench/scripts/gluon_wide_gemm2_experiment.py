@@ -28,7 +28,12 @@ import os
 
 import torch
 import wide_gemm2
-from gluon_grouped_gemm_experiment import compile_sm90, dense_peak_tflops, record
+from gluon_grouped_gemm_experiment import (
+    compile_sm90,
+    dense_peak_tflops,
+    profiled_kernel_us,
+    record,
+)
 
 import moekit
 import moekit.experts_fp8
@@ -93,24 +98,6 @@ def check_case(scheme_name: str, tail: bool, M: int, E: int, k: int, H: int, I: 
     return row
 
 
-def gemm2_us(call, calls: int = 10) -> float:
-    """`_gemm2_ws_kernel`'s CUDA time per call inside `call` (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-    for event in prof.key_averages():
-        if event.key == "_gemm2_ws_kernel":
-            total = getattr(event, "device_time_total", None) or event.cuda_time_total
-            return total / calls
-    raise RuntimeError("no _gemm2_ws_kernel in the profile (not an sm_90 GPU?)")
-
-
 def time_cell(preset, m: int, weights, scheme: str, rep_ms: float) -> dict:
     from moekit.bench.inputs import make_tokens
     from moekit.bench.timing import graph_replay_us
@@ -122,10 +109,10 @@ def time_cell(preset, m: int, weights, scheme: str, rep_ms: float) -> dict:
                                             b2=weights.b2)
     row = {"what": "time", "preset": preset.name, "M": m, "scheme": scheme,
            "library_layer_us": graph_replay_us(call, rep_ms),
-           "library_gemm2_us": gemm2_us(call)}
+           "library_gemm2_us": profiled_kernel_us(call, "_gemm2_ws_kernel")}
     with wide_gemm2_in_the_layer():
         row["wide_layer_us"] = graph_replay_us(call, rep_ms)
-        row["wide_gemm2_us"] = gemm2_us(call)
+        row["wide_gemm2_us"] = profiled_kernel_us(call, "_gemm2_ws_kernel")
     flops = 2.0 * m * preset.top_k * preset.hidden * 3 * preset.inter
     row["layer_tflops_library"] = round(flops / row["library_layer_us"] / 1e6, 1)
     row["layer_tflops_wide"] = round(flops / row["wide_layer_us"] / 1e6, 1)
