@@ -75,8 +75,8 @@ for stage in "$@"; do
       step gluon-experiment 240 python3 bench/scripts/gluon_grouped_gemm_experiment.py --out "$out"
       step gluon-experiment-fp8 180 python3 bench/scripts/gluon_grouped_gemm_experiment.py \
         --dtype fp8 --out "$out" ;;
-    gluon1) step gluon-gemm1-experiment 300 python3 bench/scripts/gluon_gemm1_experiment.py \
-              --out "$out" ;;
+    gluon1) step gluon-gemm1-experiment 300 env MOEKIT_GLUON=0 python3 \
+              bench/scripts/gluon_gemm1_experiment.py --out "$out" ;;  # Triton GEMM1 baseline
     widegemm2) step gluon-wide-gemm2-experiment 400 python3 \
                  bench/scripts/gluon_wide_gemm2_experiment.py --out "$out" ;;
     routing) step bench-routing 150 python3 -m moekit.cli bench routing --out "$out" ;;
