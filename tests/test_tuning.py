@@ -1,5 +1,6 @@
 """Tile configuration: the heuristic, the search space, the tuner and tuned tables."""
 
+import dataclasses
 import json
 
 import pytest
@@ -246,6 +247,43 @@ def test_fp8_search_starts_at_the_direct_tiles_for_block_m_1():
     start_at = _fp8_tiles_at("fp8_block")
     assert start_at(own, 1) == direct_fp8_config(1, 1, 0, 0, "fp8_block")
     assert start_at(own, 32) == same_tiles_at(own, 32)
+
+
+def test_fp8_configurations_that_run_the_same_gluon_kernels_compare_equal():
+    from moekit.tuning.command import fp8_config_as_run
+
+    a = ExpertsConfig(128, GemmConfig(128, 256, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4))
+    b = ExpertsConfig(128, GemmConfig(256, 128, 8, 8, 3), GemmConfig(64, 128, 8, 4, 4))
+    assert fp8_config_as_run(a, (False, False)) == a, "Triton GEMMs: the tiles matter"
+    assert fp8_config_as_run(a, (True, True)) == fp8_config_as_run(b, (True, True))
+    only2 = fp8_config_as_run(a, (False, True))
+    assert only2.gemm1 == a.gemm1 and only2 == fp8_config_as_run(
+        dataclasses.replace(a, gemm2=b.gemm2), (False, True))
+    assert fp8_config_as_run(a, (True, False)) != fp8_config_as_run(b, (True, False))
+
+
+def test_gluon_tiles_tie_and_the_heuristic_stays():
+    # What `moekit tune --dtype fp8_*` times when both GEMMs are Gluon: every 128-row
+    # configuration runs as the heuristic's, and a tie never replaces the heuristic.
+    from moekit.tuning.command import fp8_config_as_run
+
+    heuristic = ExpertsConfig(128, GemmConfig(128, 256, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4))
+    runs = {fp8_config_as_run(heuristic, (True, True)): 100.0}
+    measure = lambda cfg: runs.get(fp8_config_as_run(cfg, (True, True)), 150.0 + cfg.block_m)
+    best, best_us, heuristic_us = search(heuristic, measure, direct=False)
+    assert best == heuristic and best_us == heuristic_us == 100.0
+
+
+def test_gluon_gemms_off_the_gpu():
+    import torch
+
+    from moekit.experts_fp8 import gluon_gemms
+    from moekit.quant import QuantScheme, quantize_weight
+
+    scheme = QuantScheme.fp8_tensor()
+    w13 = quantize_weight(torch.randn(4, 512, 256), scheme.weight)
+    w2 = quantize_weight(torch.randn(4, 256, 256), scheme.weight)
+    assert gluon_gemms(torch.randn(8, 256), w13, w2, scheme, "silu", 128) == (False, False)
 
 
 def cliff_table():

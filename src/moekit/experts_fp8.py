@@ -333,6 +333,33 @@ def _groups_to_list(scheme: QuantScheme) -> list[int]:
             inter.group[1] if inter.dynamic else FULL]
 
 
+def _gluon_gemms(tma: bool, w13_q: torch.Tensor, w2_q: torch.Tensor, block_m: int,
+                 activation: str, groups: list[int], inter_static: bool) -> tuple[bool, bool]:
+    """Whether (GEMM1, GEMM2) run as the Gluon kernels: TMA tiles (`tma`, `use_tma`'s
+    answer), and each kernel's own predicate on its K groups (`groups`:
+    `_groups_to_list`'s form of the scheme)."""
+    if not tma:
+        return False, False
+    _, w_group_k, _, a_group_k, inter_group = groups
+    inter = None if inter_static else inter_group
+    k1 = [g for g in (a_group_k, w_group_k) if g != FULL]
+    k2 = [g for g in (inter, w_group_k) if g is not None and g != FULL]
+    return (use_gluon_gemm1(w13_q, block_m, activation, k1, inter),
+            use_gluon_gemm2(w2_q, block_m, k2))
+
+
+def gluon_gemms(hidden: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
+                scheme: str | QuantScheme, activation: str | Activation,
+                block_m: int) -> tuple[bool, bool]:
+    """Whether `fused_experts_fp8` runs (GEMM1, GEMM2) as the Gluon kernels at this row
+    tile — whose tiles are fixed, so `config.gemm1` / `gemm2` then change nothing (the
+    tuner times such configurations once)."""
+    scheme = QuantScheme.parse(scheme)
+    tma = use_tma(hidden, w13.q, w2.q, block_m)
+    return _gluon_gemms(tma, w13.q, w2.q, block_m, Activation.parse(activation).kind,
+                        _groups_to_list(scheme), not scheme.activation.dynamic)
+
+
 class _Gemm1Input(NamedTuple):
     """What `_gemm1_fp8_kernel` reads of hidden (its x and xs)."""
 
@@ -433,9 +460,7 @@ def _launch_fused_experts_fp8(
     num_tiles, _, tail_m = plan.row_tiles()
     tma = use_tma(hidden, w13_q, w2_q, block_m)
     inter_static = input_scale2 is not None
-    k1_groups = [g for g in (a_group_k, w_group_k) if g != FULL]
-    gluon1 = tma and use_gluon_gemm1(w13_q, block_m, activation, k1_groups,
-                                     None if inter_static else inter_group)
+    gluon1, gluon2 = _gluon_gemms(tma, w13_q, w2_q, block_m, activation, groups, inter_static)
     # The Gluon GEMM1 reads A by TMA, so the quantiser writes the rows in plan order.
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
                              plan if gluon1 else None)
@@ -481,8 +506,7 @@ def _launch_fused_experts_fp8(
 
     ws2 = weight_scale_layout(w2_scale, w_group_n, w_group_k)
     a_group_k = None if inter_static else inter_group
-    k_groups = [g for g in (a_group_k, w_group_k if w_per_k else None) if g is not None]
-    if tma and use_gluon_gemm2(w2_q, block_m, k_groups):
+    if gluon2:
         plan_rows = gluon_gemm2(
             inter_q, inter_scale, (stride_ism, stride_isk), a_group_k, w2_q, w2_scale, ws2,
             uniform_along_n(ws2, GLUON_BLOCK_N, 0), b2, topk_weights, plan,

@@ -5,7 +5,9 @@
     moekit tune --report PATH
 
 Times CUDA-graph replays of `fused_experts` (or `fused_experts_fp8` for an fp8 scheme)
-per candidate (inputs as in `moekit bench`), prints one line per cell, saves after every
+per candidate (inputs as in `moekit bench`; fp8 configurations that differ only in the
+tiles of a GEMM run as a Gluon kernel, whose tiles are fixed, are timed once, so they
+tie rather than win on noise), prints one line per cell, saves after every
 cell and resumes an interrupted run (use `--fresh` to start over). The default output is
 the table the op reads on this device,
 `src/moekit/tuning/tables/<device-slug>-fused_experts-<dtype>.json`. At the end, and with
@@ -16,12 +18,14 @@ the table the op reads on this device,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shlex
 import sys
 
 from moekit.bench.presets import PRESETS, TOKEN_COUNTS, get_preset
 from moekit.quant.scheme import PRESET_NAMES
+from moekit.tuning.config import ExpertsConfig, GemmConfig
 
 DTYPES = ("bf16", "fp16", *PRESET_NAMES)
 
@@ -127,12 +131,14 @@ def _graph_measure(dtype: str):
     from moekit.bench.fp8 import quantize_experts
     from moekit.bench.inputs import make_tokens, make_weights
     from moekit.bench.timing import CaptureFailed, CudaTimer
+    from moekit.experts_fp8 import _check_config, gluon_gemms
     from moekit.quant import QuantScheme
 
     scheme = QuantScheme.parse(dtype) if dtype.startswith("fp8") else None
     torch_dtype = {"fp16": torch.float16}.get(dtype, torch.bfloat16)
     timer = CudaTimer(warmup_ms=5, rep_ms=40)
     cache: dict = {}
+    timed: dict = {}  # fp8: (preset, M, the configuration as it runs) → µs
 
     def weights_for(preset):
         weights = make_weights(preset, torch_dtype, "cuda")
@@ -146,6 +152,17 @@ def _graph_measure(dtype: str):
         if cache.get("m") != m:
             cache.update(m=m, tokens=make_tokens(preset, m, torch_dtype, torch.device("cuda")))
         w, (hidden, topk) = cache["weights"], cache["tokens"]
+        key = None
+        if scheme is not None:  # Gluon GEMMs ignore their tiles: time each kernel set once
+            try:
+                _check_config(config, scheme)
+            except ValueError:  # the scheme rules the configuration out
+                return math.inf
+            gluon = (False, False) if config.direct else gluon_gemms(
+                hidden, w.w13, w.w2, scheme, preset.activation, config.block_m)
+            key = (preset.name, m, fp8_config_as_run(config, gluon))
+            if key in timed:
+                return timed[key]
         op = moekit.fused_experts if scheme is None else moekit.fused_experts_fp8
         options = {} if scheme is None else {"scheme": scheme}
 
@@ -159,6 +176,21 @@ def _graph_measure(dtype: str):
         except (CaptureFailed, RuntimeError, OutOfResources) as exc:  # shared memory, registers
             print(f"  {config}: {type(exc).__name__}", file=sys.stderr)
             return math.inf
+        if key is not None:
+            timed[key] = timing.median_us
         return timing.median_us
 
     return measure
+
+
+# Stands in for the tiles of a GEMM that runs as a Gluon kernel (its tiles are fixed).
+_GLUON_TILES = GemmConfig(128, 128, 8, 8, 3)
+
+
+def fp8_config_as_run(config: ExpertsConfig, gluon: tuple[bool, bool]) -> ExpertsConfig:
+    """`config` with the tiles of each GEMM that runs as a Gluon kernel (`gluon`: GEMM1's
+    and GEMM2's answer of `moekit.experts_fp8.gluon_gemms`) replaced by one placeholder,
+    so that configurations which run the same kernels compare equal."""
+    gluon1, gluon2 = gluon
+    return dataclasses.replace(config, gemm1=_GLUON_TILES if gluon1 else config.gemm1,
+                               gemm2=_GLUON_TILES if gluon2 else config.gemm2)
