@@ -30,12 +30,17 @@ so the check is loose — it catches wrong rows, experts, columns or scales, not
     PYTHONPATH=src python3 bench/scripts/gluon_gemm1_experiment.py --compile-only
         (on a CPU: compiles each scheme's kernel for sm_90 through ptxas, prints resources)
 
-Compiled on the CPU (session 12, not yet run): 213 KB of shared memory (4 stages); per-
-tensor without spills; block scales with 960 bytes of spill stores — three [64, 128]
-fp32 accumulators (gate, up, the product in flight) leave too little of a math
-warpgroup's 232 registers (240: 752 bytes; 248 starves the producer). If the per-tensor
-kernel wins, the block form needs fewer live registers (e.g. a 64-column half per math
-warpgroup, the two halves' row amax exchanged through shared memory).
+Compiled on the CPU (session 12): 213 KB of shared memory (4 stages); per-tensor without
+spills; block scales with 960 bytes of spill stores. Measured (session 13, 7b5937e,
+bench/results/h200-20261202-gluon-gemm1-experiment.md): per-tensor 0.71–0.79× the
+library's GEMM1 time with the copy — adopted as `moekit._gluon_gemm1` —, block scales
+1.30–1.59× slower. The spill was not the three [64, 128] accumulators themselves: the
+block form added `part * scale` to gate while `part` — the next MMA's accumulator
+operand — had to stay alive, so a fourth [64, 128] temporary existed. Scaling the
+product in its own registers (`part = part * scale`, then added) leaves 16 bytes of
+spill (session 13, compiled only; to be re-measured). Since 230f3a8 the library runs the
+per-tensor GEMM1 as Gluon itself: `device_check.sh gluon1` sets MOEKIT_GLUON=0 so the
+baseline stays the Triton GEMM1.
 """
 
 from __future__ import annotations
@@ -134,14 +139,16 @@ def _consumer(q_desc, xs_ptr, ws_ptr, scale_out_ptr, block_experts_ptr, num_bloc
                     up_w = gl.load(ws_base + up_group + k_group)
                 part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
                 if PER_K:
-                    gate = gate + part * (x_scale * gate_w)[:, None]
+                    part = part * (x_scale * gate_w)[:, None]
+                    gate = gate + part
                 else:
                     gate = gate + part
                 part = warpgroup_mma(a, u_bufs.index(index).permute((1, 0)), part,
                                      use_acc=False, is_async=True)
                 part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
                 if PER_K:
-                    up = up + part * (x_scale * up_w)[:, None]
+                    part = part * (x_scale * up_w)[:, None]
+                    up = up + part
                 else:
                     up = up + part
                 mbarrier.arrive(empty.index(index), count=1)
