@@ -16,6 +16,7 @@ product in flight is a per-tile value (dead in the epilogue), and column indices
 built where they are used, not held across the K loop. Block scales keep 128-column tiles
 (two prefetched per-K weight scales spill ~180 bytes).
 
+The producer warpgroup is the library's (it takes the tile's width from the B box);
 `gluon_gemm2` has the library's signature, so `gluon_wide_gemm2_experiment.py` swaps it
 into `moekit.experts_fp8` to test and time the whole layer with it. Not used by the
 library until measured.
@@ -30,7 +31,6 @@ from moekit._gluon import (
     HALF_M,
     HAVE_GLUON,
     descriptor,
-    gluon_allowed,
     work_list,
 )
 
@@ -47,6 +47,9 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
+    # The library's producer: it reads the tile's width from the B box (128 or 256 rows).
+    from moekit._gluon_gemm2 import _producer
+
 # 128 × 128 × 128 one-byte K steps in 5 stages of 32 KB: the promoted shape measured
 # (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
@@ -59,52 +62,8 @@ def column_halves(hidden: int, weight_per_k: bool) -> int:
     return 2 if not weight_per_k and hidden % (2 * BLOCK_N) == 0 else 1
 
 
-def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
-    """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon allowed (`gluon_allowed`: an sm_90
-    GPU), fp8 weights, 128-row tiles, whole column tiles per expert in w2's [E·H, I] view,
-    16-byte rows and base, and each K group of GEMM2's scales (`k_groups`: its input's and
-    weight's, if any) holding whole K steps."""
-    if not gluon_allowed(w2):
-        return False
-    _, hidden, inter = w2.shape
-    return (
-        w2.dtype == torch.float8_e4m3fn
-        and block_m == BLOCK_M
-        and hidden % BLOCK_N == 0
-        and inter % 16 == 0
-        and all(group % BLOCK_K == 0 for group in k_groups)
-        and w2.is_contiguous()
-        and w2.data_ptr() % 16 == 0  # TMA's base alignment
-    )
-
-
 if HAVE_GLUON:
     _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
-
-    @gluon.jit
-    def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
-                  ready, empty, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
-        """TMA loads of every K step of every tile into the ring, each stage reloaded once
-        both math warpgroups have released it."""
-        TILE_N: gl.constexpr = b_desc.block_type.shape[0]  # one or two 128-column halves
-        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        n_tiles = H // TILE_N
-        used = tiles_in_use(work_ptr, num_work, TAIL_M)
-        counter = 0
-        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
-            pid_m = tile // n_tiles
-            first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
-            b_row = expert * H + (tile - pid_m * n_tiles) * TILE_N
-            for k in range(0, I, BLOCK_K):
-                index = counter % NUM_BUFFERS
-                # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
-                mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
-                bar = ready.index(index)
-                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [first_slot, k], bar,
-                                                a_bufs.index(index))
-                tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
-                counter += 1
 
     @gluon.jit
     def _scaled_part(part, step_scale, ws_base, k, col, stride_wsk, stride_wsn,
