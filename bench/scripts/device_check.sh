@@ -38,9 +38,6 @@
 #             grouped GEMM, plain and warp-specialised, against the library's; bf16, fp8)
 #   gluon1    bench/scripts/gluon_gemm1_experiment.py (fp8 GEMM1 at prefill, warp-specialised
 #             Gluon over plan-order rows, against the library's GEMM1; per-tensor, block)
-#   widegemm2 bench/scripts/gluon_wide_gemm2_experiment.py (session 13, compiled only): the
-#             fp8 layer with 256-column Gluon GEMM2 tiles (bench/scripts/wide_gemm2.py)
-#             checked against the reference and timed against the library's
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -77,8 +74,6 @@ for stage in "$@"; do
         --dtype fp8 --out "$out" ;;
     gluon1) step gluon-gemm1-experiment 300 env MOEKIT_GLUON=0 python3 \
               bench/scripts/gluon_gemm1_experiment.py --out "$out" ;;  # Triton GEMM1 baseline
-    widegemm2) step gluon-wide-gemm2-experiment 400 python3 \
-                 bench/scripts/gluon_wide_gemm2_experiment.py --out "$out" ;;
     routing) step bench-routing 150 python3 -m moekit.cli bench routing --out "$out" ;;
     kernels) step bench-kernels 300 python3 -m moekit.cli bench --graph-max-m 16384 --out "$out" ;;
     prefill) step bench-prefill 90 python3 -m moekit.cli bench --tokens 4096 16384 --no-baselines \

@@ -5,11 +5,15 @@ fp8 GEMM2 (K = I: few K steps, every step promoted into fp32) ran at ~36% of the
 peak. Gluon (`triton.experimental.gluon`) writes the schedule by hand:
 
     producer warpgroup    TMA loads of each K step's A (`inter`, 128 plan rows) and B
-                          (w2 rows) into a ring of STAGES shared-memory stages
-    two math warpgroups   each multiplies one 64-row half of every stage by the same B
-                          (promoted: a fresh accumulator per stage, added in fp32),
-                          releases the stage, and runs its own epilogue: scales, bias,
-                          router weight, a TMA store of its 64 rows
+                          (w2 rows: one or two 128-column halves) into a ring of stages
+    two math warpgroups   each multiplies one 64-row half of every stage by each half of
+                          B (promoted: a fresh product per stage, scaled and added in
+                          fp32 — one [64, 128] accumulator per half), releases the stage,
+                          and runs its own epilogue per half: scales, bias, router
+                          weight, a TMA store of its 64 rows
+
+A tile is 256 columns (two halves sharing each A stage, GEMM1's shape: 4 stages of 48 KB)
+where H allows and the weight scales are constant along K, else 128 (5 stages of 32 KB).
 
 Output rows stay in plan order ([capacity, H]): TMA stores whole boxes, and Hopper's TMA
 cannot scatter; the combine reads each pair's row through `DispatchPlan.pair_slots`.
@@ -21,6 +25,11 @@ kernel (qwen3 M = 4096: 165 against 217 µs per-tensor, 173 against 224 block; m
 against 1,233), the fp8 layer 1.05–1.17× at M = 4096. The same kernel unpromoted for
 bf16 weights made the 16-bit layer 0.90–1.02× (bench/results/
 h200-20261202-kernels-bf16-prefill-gluon{0,1}.md): 16-bit GEMM2 stays Triton's.
+Two halves per tile (bench/results/h200-20261202-gluon-wide-gemm2-experiment.md): GEMM2
+1.10–1.31× faster again (qwen3 M = 4096 136 against 156 µs; mixtral 952 against 1,251),
+bitwise the same output. The consumer's structure keeps it free of spills: a tail tile's
+idle warpgroup runs a loop of its own, the product in flight is a per-tile value (dead in
+the epilogue), column indices are built where they are used.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ if HAVE_GLUON:
 # 128 × 128 × 128 one-byte K steps in 5 stages of 32 KB: the promoted shape measured
 # (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
+WIDE_STAGES = 4  # of 48 KB: A [128, 128] and B [256, 128], for tiles of two halves
 
 
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
@@ -71,6 +81,13 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
         and w2.is_contiguous()
         and w2.data_ptr() % 16 == 0  # TMA's base alignment
     )
+
+
+def column_halves(hidden: int, weight_per_k: bool) -> int:
+    """128-column halves per tile: two where H is a multiple of 256 and the weight scales
+    are constant along K (block scales' two prefetched per-K weight scales spill ~180
+    bytes)."""
+    return 2 if not weight_per_k and hidden % (2 * BLOCK_N) == 0 else 1
 
 
 if HAVE_GLUON:
@@ -102,6 +119,46 @@ if HAVE_GLUON:
                 counter += 1
 
     @gluon.jit
+    def _scaled_part(part, step_scale, ws_base, k, col, stride_wsk, stride_wsn,
+                     W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
+                     W_UNIFORM_N: gl.constexpr):
+        """One stage's promoted product × its K-group scales: the rows' (`step_scale`,
+        with a column-uniform weight scale folded in) and a per-column weight scale (of
+        the 128 columns from `col`; their indices built only here, so that they hold no
+        registers across the loop)."""
+        part = part * step_scale[:, None]
+        if W_PER_K and not W_UNIFORM_N:
+            cols = col + gl.arange(0, part.shape[1], layout=gl.SliceLayout(0, part.type.layout))
+            part = part * gl.load(ws_base + (k // W_GROUP_K) * stride_wsk
+                                  + (cols // W_GROUP_N) * stride_wsn)[None, :]
+        return part
+
+    @gluon.jit
+    def _store_columns(acc, c_desc, c_smem, row, col, a_rows, weights, ws_base, bias_base,
+                       stride_wsn, A_PER_K: gl.constexpr, W_PER_K: gl.constexpr,
+                       W_GROUP_N: gl.constexpr, W_UNIFORM_N: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
+        """The epilogue of one [64, 128] accumulator (columns from `col`): scales constant
+        along K, the bias, the router weight (which scales the bias too), a TMA store of
+        its rows."""
+        cols = col + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+        if not A_PER_K:
+            acc = acc * a_rows[:, None]
+        if not W_PER_K:
+            if W_UNIFORM_N:
+                acc = acc * gl.load(ws_base + (col // W_GROUP_N) * stride_wsn)
+            else:
+                acc = acc * gl.load(ws_base + (cols // W_GROUP_N) * stride_wsn)[None, :]
+        if HAS_BIAS:
+            acc = acc + gl.load(bias_base + cols).to(gl.float32)[None, :]
+        if APPLY_WEIGHT:
+            acc = acc * weights[:, None]
+        tma.store_wait(pendings=0)  # the previous store has left c_smem
+        c_smem.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [row, col], c_smem)
+
+    @gluon.jit
     def _consumer(c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                   block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                   stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
@@ -111,22 +168,24 @@ if HAVE_GLUON:
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr):
-        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
-        product goes into a fresh accumulator, is scaled by the step's K-group scales
-        (A_PER_K, W_PER_K; loaded while the MMA runs) and added in fp32 — Hopper's fp8
-        MMA accumulates at reduced precision. Scales constant along K, the bias and the
-        router weight are applied once, in the epilogue, as `_gemm2_fp8_tile` does; the
-        per-row factors are loaded before the K loop."""
+        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile, in one or two
+        128-column halves (a tile as wide as the B box). Each stage's product goes into a
+        fresh accumulator, is scaled by the step's K-group scales (A_PER_K, W_PER_K;
+        loaded one step ahead) and added in fp32 — Hopper's fp8 MMA accumulates at
+        reduced precision. Scales constant along K, the bias and the router weight are
+        applied once, in the epilogue, as `_gemm2_fp8_tile` does; the per-row factors are
+        loaded before the K loop."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        TILE_N: gl.constexpr = b_bufs.shape[1]
+        HALVES: gl.constexpr = TILE_N // BLOCK_N
+        gl.static_assert(HALVES == 1 or HALVES == 2, "one or two 128-column halves")
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-        zeros = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+        ones = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
         offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
-        offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
         c_smem = c_bufs.index(CONSUMER)
-        n_tiles = H // BLOCK_N
+        n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
@@ -136,12 +195,14 @@ if HAVE_GLUON:
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
             mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
             slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
-            cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
+            col0 = pid_n * TILE_N  # the first column of the tile (and of its first half)
             ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
             # The rows' factors, loaded now so that their latency hides under the loop; the
             # input scale multiplies the products only, the router weight the bias too.
+            a_rows = ones
             if not A_PER_K:  # a static input scale (stride 0) or one group per row
                 a_rows = gl.load(as_ptr + slots * stride_asm, mask=mine, other=0.0)
+            weights = ones
             if APPLY_WEIGHT:
                 pairs = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
                 row_ok = pairs < num_pairs  # padding slots hold ≥ num_pairs
@@ -149,62 +210,77 @@ if HAVE_GLUON:
                                   other=0.0)
             # Per-K scales are loaded one K step ahead, so a load has a whole step to land.
             a_step = as_ptr + slots * stride_asm  # [_HALF_M]: K group 0's input scales
-            w_step = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N
+            w_step0 = ws_base + (pid_n * TILE_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N
+            w_step1 = ws_base + ((pid_n * TILE_N + BLOCK_N) // W_GROUP_N) * stride_wsn
             if A_PER_K:
                 a_next = gl.load(a_step, mask=mine, other=0.0)
             if W_PER_K and W_UNIFORM_N:
-                w_next = gl.load(w_step)
-            acc = zeros
-            for k in range(0, I, BLOCK_K):
-                index = counter % NUM_BUFFERS
-                mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-                if busy:
+                w_next0 = gl.load(w_step0)
+                if HALVES == 2:
+                    w_next1 = gl.load(w_step1)
+            acc0 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if HALVES == 2:
+                acc1 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if busy:
+                # Each stage's product; per tile, so that it is dead in the epilogue.
+                part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+                for k in range(0, I, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    b = b_bufs.index(index).permute((1, 0))
-                    part = warpgroup_mma(a, b, zeros, use_acc=False, is_async=True)
-                    step_scale = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
+                    b = b_bufs.index(index)
+                    part = warpgroup_mma(a, b.slice(0, BLOCK_N, dim=0).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    row_scale = ones
                     k_next = gl.minimum(k + BLOCK_K, I - 1)  # the last step reloads its own
                     if A_PER_K:
-                        step_scale = a_next
+                        row_scale = a_next
                         a_next = gl.load(a_step + (k_next // A_GROUP_K) * stride_ask, mask=mine,
                                          other=0.0)
+                    step_scale = row_scale
                     if W_PER_K and W_UNIFORM_N:
-                        step_scale = step_scale * w_next
-                        w_next = gl.load(w_step + (k_next // W_GROUP_K) * stride_wsk)
+                        step_scale = row_scale * w_next0
+                        w_next0 = gl.load(w_step0 + (k_next // W_GROUP_K) * stride_wsk)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                    part = part * step_scale[:, None]
-                    if W_PER_K and not W_UNIFORM_N:
-                        part = part * gl.load(ws_base + (k // W_GROUP_K) * stride_wsk
-                                              + (cols // W_GROUP_N) * stride_wsn)[None, :]
-                    acc = acc + part
-                mbarrier.arrive(empty.index(index), count=1)
-                counter += 1
+                    acc0 = acc0 + _scaled_part(part, step_scale, ws_base, k, col0, stride_wsk,
+                                               stride_wsn, W_PER_K, W_GROUP_N, W_GROUP_K,
+                                               W_UNIFORM_N)
+                    if HALVES == 2:
+                        part = warpgroup_mma(a, b.slice(BLOCK_N, BLOCK_N, dim=0).permute((1, 0)),
+                                             part, use_acc=False, is_async=True)
+                        step_scale = row_scale
+                        if W_PER_K and W_UNIFORM_N:
+                            step_scale = row_scale * w_next1
+                            w_next1 = gl.load(w_step1 + (k_next // W_GROUP_K) * stride_wsk)
+                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                        acc1 = acc1 + _scaled_part(part, step_scale, ws_base, k, col0 + BLOCK_N,
+                                                   stride_wsk, stride_wsn, W_PER_K, W_GROUP_N,
+                                                   W_GROUP_K, W_UNIFORM_N)
+                    mbarrier.arrive(empty.index(index), count=1)
+                    counter += 1
+            else:  # idle (a tail tile's second half): release each stage as it lands
+                for _ in range(0, I, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    mbarrier.arrive(empty.index(index), count=1)
+                    counter += 1
             if busy:
-                if not A_PER_K:
-                    acc = acc * a_rows[:, None]
-                if not W_PER_K:
-                    if W_UNIFORM_N:
-                        acc = acc * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N)
-                                            * stride_wsn)
-                    else:
-                        acc = acc * gl.load(ws_base + (cols // W_GROUP_N)
-                                            * stride_wsn)[None, :]
-                if HAS_BIAS:
-                    bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols)
-                    acc = acc + bias.to(gl.float32)[None, :]
-                if APPLY_WEIGHT:
-                    acc = acc * weights[:, None]
-                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-                c_smem.store(acc.to(c_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(
-                    c_desc, [first_slot + CONSUMER * _HALF_M, pid_n * BLOCK_N], c_smem)
+                row = first_slot + CONSUMER * _HALF_M
+                bias_base = b2_ptr + expert.to(gl.int64) * stride_be
+                col = col0
+                _store_columns(acc0, c_desc, c_smem, row, col, a_rows, weights, ws_base,
+                               bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N,
+                               HAS_BIAS, APPLY_WEIGHT)
+                if HALVES == 2:
+                    _store_columns(acc1, c_desc, c_smem, row, col + BLOCK_N, a_rows, weights,
+                                   ws_base, bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N,
+                                   W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _gemm2_ws_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
-        b_desc,  # w2 as [E·H, I], [BLOCK_N, BLOCK_K] boxes
+        b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes: one or two 128-column halves
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         as_ptr,  # inter's scales: as[slot · stride_asm + (k // A_GROUP_K) · stride_ask]
         ws_ptr,  # w2's: ws[e · s_we + (n // W_GROUP_N) · s_wn + (k // W_GROUP_K) · s_wk]
@@ -282,14 +358,16 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     out = torch.empty((plan.capacity, hidden), dtype=out_dtype, device=w2.device)
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
+    halves = column_halves(hidden, w_layout[2] != 0)
     _gemm2_ws_kernel[(programs,)](
-        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [BLOCK_N, BLOCK_K]),
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), inter_scale, w2_scale,
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
         inter_size, a_strides[0], a_strides[1], *w_layout[:3],
         0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, NUM_BUFFERS=STAGES, A_PER_K=a_group_k is not None,
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
+        A_PER_K=a_group_k is not None,
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, num_warps=4,
