@@ -20,7 +20,8 @@ from moekit._fp8_quantize import launch_quantize_rows
 from moekit._gluon import DISABLE_ENV
 from moekit._gluon_gemm1 import use_gluon_gemm1
 from moekit.experts_fp8 import _amax_partials, plan_fp8_config
-from moekit.quant import QuantScheme
+from moekit.quant import QuantScheme, QuantSpec
+from moekit.quant.scheme import FULL
 from moekit.reference import fused_experts_quantized
 from test_experts_fp8 import make_case
 
@@ -82,29 +83,48 @@ def test_quantiser_writes_rows_to_their_pairs_plan_slots(mode, group, M, K, drop
 
 
 def test_gluon_gemm1_is_chosen_only_where_it_can_run(monkeypatch):
-    w13 = torch.empty(4, 512, 256, dtype=torch.float8_e4m3fn)
-    assert not use_gluon_gemm1(w13, 128, "silu", [], 128), "a CPU tensor"
+    def chosen(w13, block_m=128, activation="silu", input_group_k=FULL, weight_group=(FULL, FULL),
+               inter_group=128, has_bias=False):
+        return use_gluon_gemm1(w13, block_m, activation, input_group_k, weight_group,
+                               inter_group, has_bias)
+
+    w13 = torch.empty(4, 512, 256, dtype=torch.float8_e4m3fn)  # I = 256
+    assert not chosen(w13), "a CPU tensor"
     if not torch.cuda.is_available():
         return
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     w13 = w13.cuda()
-    assert use_gluon_gemm1(w13, 128, "silu", [], 128) == sm90
-    assert use_gluon_gemm1(w13, 128, "swigluoai", [], None) == sm90, "static GEMM2 input"
-    assert not use_gluon_gemm1(w13, 64, "silu", [], 128), "64-row tiles: the Triton kernel"
-    assert not use_gluon_gemm1(w13, 128, "silu", [128], 128), "block scales: Triton's"
-    assert not use_gluon_gemm1(w13, 128, "silu", [], 64), "GEMM2 input groups ≠ the tile"
-    assert not use_gluon_gemm1(w13[:, :200], 128, "silu", [], 128), "I = 100: partial tiles"
-    assert not use_gluon_gemm1(w13[:, :256], 128, "relu2", [], 128), "ungated"
-    assert not use_gluon_gemm1(w13.to(torch.bfloat16), 128, "silu", [], 128), "16-bit"
+    assert chosen(w13) == sm90
+    assert chosen(w13, activation="swigluoai", inter_group=None) == sm90, "static GEMM2 input"
+    assert chosen(w13, has_bias=True) == sm90, "biases"
+    assert chosen(w13, input_group_k=128, weight_group=(128, 128)) == sm90, "block scales"
+    assert chosen(w13, input_group_k=256, weight_group=(256, 256)) == sm90, "2 K steps a group"
+    assert chosen(w13, weight_group=(FULL, 128)) == sm90, "per-K, one scale per expert"
+    assert not chosen(w13, input_group_k=128, weight_group=(128, 128), has_bias=True), (
+        "per-K scales with biases: the epilogue spills")
+    assert not chosen(w13, input_group_k=64), "an input group smaller than a K step"
+    assert not chosen(w13, weight_group=(128, 64)), "a weight group smaller than a K step"
+    assert not chosen(w13, weight_group=(64, 128)), "two weight scales per column tile"
+    assert not chosen(w13, weight_group=(512, 128)), "I not a multiple of the weight group"
+    assert not chosen(w13, block_m=64), "64-row tiles: the Triton kernel"
+    assert not chosen(w13, inter_group=64), "GEMM2 input groups ≠ the tile"
+    assert not chosen(w13[:, :200]), "I = 100: partial tiles"
+    assert not chosen(w13[:, :256], activation="relu2"), "ungated"
+    assert not chosen(w13.to(torch.bfloat16)), "16-bit"
     shifted = torch.empty(w13.numel() + 8, dtype=w13.dtype, device="cuda")[8:].view(w13.shape)
-    assert not use_gluon_gemm1(shifted, 128, "silu", [], 128), "base not 16-byte aligned"
+    assert not chosen(shifted), "base not 16-byte aligned"
     monkeypatch.setenv(DISABLE_ENV, "0")
-    assert not use_gluon_gemm1(w13, 128, "silu", [], 128), "switched off"
+    assert not chosen(w13), "switched off"
 
 
 # ---------------------------------------------------------------------------- GPU
 
-GPU_SCHEMES = ["fp8_tensor", "fp8_channel", QuantScheme.fp8_tensor(dynamic=False)]
+GPU_SCHEMES = [
+    "fp8_tensor", "fp8_channel", QuantScheme.fp8_tensor(dynamic=False),
+    "fp8_block",  # per-K scales of both operands
+    QuantScheme(QuantSpec(group="channel"), QuantSpec(group=(1, 128))),  # hidden's only
+    QuantScheme(QuantSpec(group=(128, 128)), QuantSpec(group="token")),  # w13's only
+]
 
 
 @pytest.fixture
@@ -122,7 +142,7 @@ def gemm1_calls(monkeypatch):
 
 def _require_gluon():
     w13 = torch.empty(1, 256, 128, dtype=torch.float8_e4m3fn, device="cuda")
-    if not use_gluon_gemm1(w13, 128, "silu", [], 128):
+    if not use_gluon_gemm1(w13, 128, "silu", FULL, (FULL, FULL), 128, False):
         pytest.skip("the Gluon GEMM1 needs an sm_90 GPU and Triton's Gluon")
 
 
@@ -150,7 +170,9 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, activation=act,
                                  b13=b13, b2=b2, config=config, out=out)
         outs[name] = out
-    assert len(gemm1_calls) == 1, "the Gluon GEMM1 ran once, the control not"
+    # Scales varying along K with biases keep the Triton GEMM1 (use_gluon_gemm1).
+    per_k = scheme.activation.group[1] != FULL or scheme.weight.group[1] != FULL
+    assert len(gemm1_calls) == (0 if per_k and bias else 1), "Gluon GEMM1 runs, control not"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation=act, b13=b13, b2=b2)
     assert_close(outs["gluon"], expected, GPU_TOL, name=f"{scheme} tail={tail}")

@@ -245,6 +245,12 @@ CASES = [
          "swigluoai", 128, tma=True, gluon=True, gluon1=True, bias=True, no_tail=True),
     _fp8("prefill, Gluon GEMM1: static input scales (GEMM2's input by the static scale), "
          "fp16", "static", "fp16", "gelu", 128, tma=True, gluon=True, gluon1=True),
+    _fp8("prefill, Gluon GEMM1: block scales (hidden's 1×128 groups per slot, w13's one per "
+         "tile, scaled per K step), tail tiles", "block", "bf16", "silu", 128, tma=True,
+         gluon=True, gluon1=True),
+    _fp8("prefill, Gluon GEMM1: block scales, gpt-oss activation, fp16, no tail tiles (with "
+         "biases, per-K scales keep the Triton GEMM1: that epilogue spilled ~300 bytes)",
+         "block", "fp16", "swigluoai", 128, tma=True, gluon=True, gluon1=True, no_tail=True),
     _fp8("prefill, per-channel, I = 200 (rows not 16-byte multiples): pointer tiles, one-tile-"
          "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
          "bf16", "swigluoai", 128, bias=True, odd_i=True),

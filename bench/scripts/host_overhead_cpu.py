@@ -42,8 +42,8 @@ def _mock_gpu(gluon: bool) -> None:
     moekit.experts.persistent_programs = lambda device: 132
     moekit.experts_fp8.persistent_programs = lambda device: 132
     moekit.experts_fp8.use_gluon_gemm1 = (
-        lambda w13, block_m, activation, k_groups, inter_group:
-        gluon and block_m == 128 and not k_groups)
+        lambda w13, block_m, activation, input_group_k, weight_group, inter_group, has_bias:
+        gluon and block_m == 128)
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: gluon and block_m == 128
 
 

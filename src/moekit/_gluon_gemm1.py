@@ -42,6 +42,7 @@ from moekit._gluon import (
     gluon_allowed,
     work_list,
 )
+from moekit.quant.scheme import FULL
 
 if HAVE_GLUON:
     from moekit._experts_fp8_kernels import _scale_from_amax
@@ -63,23 +64,32 @@ BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
-def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, k_groups: list[int],
-                    inter_group: int | None) -> bool:
+def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_group_k: int,
+                    weight_group: tuple[int, int], inter_group: int | None,
+                    has_bias: bool) -> bool:
     """Whether GEMM1 runs as `_gemm1_ws_kernel`: Gluon allowed (an sm_90 GPU), fp8
-    weights, 128-row tiles, a gated activation, no scale varying along K (`k_groups`,
-    GEMM1's operands' K groups, empty), whole column tiles (I a multiple of 128), 16-byte
-    rows and base, and GEMM2's input quantised statically (`inter_group` None) or in the
-    tile's own 1×128 groups."""
+    weights, 128-row tiles, a gated activation, whole column tiles (I a multiple of 128),
+    16-byte rows and base, GEMM2's input quantised statically (`inter_group` None) or in
+    the tile's own 1×128 groups, and scales varying along K only in groups of whole K
+    steps: hidden's (`input_group_k`; FULL: constant) and w13's (`weight_group`, (n, k)),
+    whose scale must then also be one per column tile (it is read as a scalar per step),
+    and then without biases (`has_bias`: that epilogue spills ~300 bytes on sm_90)."""
     if not gluon_allowed(w13):
         return False
     _, rows13, hidden = w13.shape
+    inter = rows13 // 2
+    group_n, group_k = weight_group
+    k_groups = [g for g in (input_group_k, group_k) if g != FULL]
     return (
         w13.dtype == torch.float8_e4m3fn
         and block_m == BLOCK_M
         and activation in GATED
-        and not k_groups
+        and all(g % BLOCK_K == 0 for g in k_groups)
+        and not (k_groups and has_bias)
+        and (group_k == FULL or group_n == FULL
+             or (group_n % BLOCK_N == 0 and inter % group_n == 0))
         and inter_group in (None, BLOCK_N)
-        and (rows13 // 2) % BLOCK_N == 0
+        and inter % BLOCK_N == 0
         and hidden % 16 == 0
         and w13.is_contiguous()
         and w13.data_ptr() % 16 == 0  # TMA's base alignment
@@ -119,18 +129,23 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
-                  work_ptr, num_work, H, I, stride_xsm, stride_wse, stride_wsn, stride_be,
-                  stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
-                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-                  ACTIVATION: gl.constexpr, W_GROUP_N: gl.constexpr,
+                  work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn,
+                  stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs,
+                  ready, empty, q_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
+                  X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
+                  W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, FMAX: gl.constexpr,
                   AMAX_FLOOR: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
-        gate and up products go into a fresh accumulator and are added in fp32 (Hopper's
-        fp8 MMA accumulates at reduced precision); the scales, constant along K, the
-        biases and the activation follow in the epilogue, as `_gate_up` does, then the
-        quantisation of `_store_inter`."""
+        gate and up products go into a fresh accumulator, are scaled by the step's K-group
+        scales (X_PER_K: hidden's per slot; W_PER_K: w13's, one per column tile; loaded
+        while the MMA runs) and added in fp32 (Hopper's fp8 MMA accumulates at reduced
+        precision). Each product is scaled in its own registers before the add: `part`
+        is the next MMA's accumulator operand, and a separate scaled copy of it spilled
+        960 bytes. Scales constant along K, the biases and the activation follow in the
+        epilogue, as `_gate_up` does, then the quantisation of `_store_inter`."""
         BLOCK_N: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -149,26 +164,56 @@ if HAVE_GLUON:
             pid_n = tile - pid_m * n_tiles
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
-            mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
-            slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
-            # Padding slots' rows were never written: their products are noise, row-local,
-            # and GEMM2 and the combine never read them into a token's sum.
-            x_rows = gl.load(xs_ptr + slots * stride_xsm, mask=mine,
-                             other=0.0)  # loaded now: hidden under the K loop
+            # This warpgroup's slots, 32-bit (a [capacity, H / 128] scale index fits):
+            # registers held across the K loop are what the epilogue runs short of.
+            slots = first_slot + CONSUMER * _HALF_M + offs_r  # [_HALF_M]
+            ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
+            # Padding slots' rows and scales were never written: their products are
+            # noise, row-local, and GEMM2 and the combine never read them into a token's
+            # sum.
+            if not X_PER_K:
+                x_rows = gl.load(xs_ptr + slots * stride_xsm)  # hidden under the K loop
+            if W_PER_K:  # W_UNIFORM_N: one scale per column tile and K group
+                gate_ws = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
+                up_ws = ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
             gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             if busy:
-                for _ in range(0, H, BLOCK_K):
+                for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
                     part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
+                    # The step's scales, loaded while the MMA runs.
+                    x_step = 1.0
+                    if X_PER_K:
+                        x_step = gl.load(xs_ptr + slots * stride_xsm
+                                         + (k // X_GROUP_K) * stride_xsk)
+                    gate_w = 1.0
+                    up_w = 1.0
+                    if W_PER_K:
+                        w_k = (k // W_GROUP_K) * stride_wsk
+                        gate_w = gl.load(gate_ws + w_k)
+                        up_w = gl.load(up_ws + w_k)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    # Scaled in place, one multiply per value (see the docstring).
+                    if X_PER_K and W_PER_K:
+                        part = part * (x_step * gate_w)[:, None]
+                    elif X_PER_K:
+                        part = part * x_step[:, None]
+                    elif W_PER_K:
+                        part = part * gate_w
                     gate = gate + part
                     part = warpgroup_mma(a, u_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    if X_PER_K and W_PER_K:
+                        part = part * (x_step * up_w)[:, None]
+                    elif X_PER_K:
+                        part = part * x_step[:, None]
+                    elif W_PER_K:
+                        part = part * up_w
                     up = up + part
                     mbarrier.arrive(empty.index(index), count=1)
                     counter += 1
@@ -180,16 +225,20 @@ if HAVE_GLUON:
                     counter += 1
             if busy:
                 cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
-                ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
-                gate = gate * x_rows[:, None]
-                up = up * x_rows[:, None]
-                if W_UNIFORM_N:  # one scale per expert, or per tile-covering group
-                    gate = gate * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn)
-                    up = up * gl.load(ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N)
-                                      * stride_wsn)
-                else:
-                    gate = gate * gl.load(ws_base + (cols // W_GROUP_N) * stride_wsn)[None, :]
-                    up = up * gl.load(ws_base + ((I + cols) // W_GROUP_N) * stride_wsn)[None, :]
+                if not X_PER_K:
+                    gate = gate * x_rows[:, None]
+                    up = up * x_rows[:, None]
+                if not W_PER_K:  # (per-K weight scales were applied per step)
+                    if W_UNIFORM_N:  # one scale per expert, or per tile-covering group
+                        gate = gate * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N)
+                                              * stride_wsn)
+                        up = up * gl.load(ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N)
+                                          * stride_wsn)
+                    else:
+                        gate = gate * gl.load(ws_base + (cols // W_GROUP_N)
+                                              * stride_wsn)[None, :]
+                        up = up * gl.load(ws_base + ((I + cols) // W_GROUP_N)
+                                          * stride_wsn)[None, :]
                 if HAS_BIAS:
                     b_base = b13_ptr + expert.to(gl.int64) * stride_be
                     gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
@@ -203,7 +252,7 @@ if HAVE_GLUON:
                     q = act * inverse
                 else:  # the tile's 128 columns are one 1×128 group of each row
                     scale = _scale_from_amax(gl.max(gl.abs(act), axis=1), FMAX, AMAX_FLOOR)
-                    gl.store(inter_scale_ptr + slots * stride_ism + pid_n, scale)
+                    gl.store(inter_scale_ptr + slots.to(gl.int64) * stride_ism + pid_n, scale)
                     q = act * gl.div_rn(gl.full_like(scale, 1.0), scale)[:, None]
                 q = gl.minimum(gl.maximum(q, -FMAX), FMAX)
                 tma.store_wait(pendings=0)  # the previous tile's store has left q_smem
@@ -218,16 +267,19 @@ if HAVE_GLUON:
         a_desc,  # hidden quantised, [capacity, H] in plan order, [128, BLOCK_K] boxes
         b_desc,  # w13 as [E·2I, H], [BLOCK_N, BLOCK_K] boxes
         q_desc,  # inter [capacity, I] fp8 in plan order, [64, BLOCK_N] boxes
-        xs_ptr,  # hidden's scales: xs[slot · stride_xsm] (stride 0: one for all)
-        ws_ptr,  # w13's: ws[e · stride_wse + (n // W_GROUP_N) · stride_wsn]
+        xs_ptr,  # hidden's: xs[slot · stride_xsm + (k // X_GROUP_K) · stride_xsk] (0: one)
+        ws_ptr,  # w13's: ws[e · s_we + (n // W_GROUP_N) · s_wn + (k // W_GROUP_K) · s_wk]
         b13_ptr,  # [E, 2I] (read only when HAS_BIAS)
         inter_scale_ptr,  # out [capacity, I / 128] fp32, or INTER_STATIC the scale read
         block_experts_ptr,  # [capacity / plan rows] int32
         work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
         num_work,  # TAIL_M: the work list's length in entries; else E
-        H, I, stride_xsm, stride_wse, stride_wsn, stride_be, stride_ism, alpha, limit,
+        H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
+        stride_ism, alpha, limit,
         TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
-        W_GROUP_N: gl.constexpr, W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+        X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
+        W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, FMAX: gl.constexpr, AMAX_FLOOR: gl.constexpr,
         num_warps: gl.constexpr,
     ):
@@ -256,20 +308,22 @@ if HAVE_GLUON:
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                           g_bufs, u_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
-                          work_ptr, num_work, H, I, stride_xsm, stride_wse, stride_wsn,
-                          stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready,
-                          empty, q_bufs, 0, TAIL_M, NUM_BUFFERS, ACTIVATION, W_GROUP_N,
+                          work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
+                          stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
+                          g_bufs, u_bufs, ready, empty, q_bufs, 0, TAIL_M, NUM_BUFFERS,
+                          ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
                           W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
-                          work_ptr, num_work, H, I, stride_xsm, stride_wse, stride_wsn,
-                          stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready,
-                          empty, q_bufs, 1, TAIL_M, NUM_BUFFERS, ACTIVATION, W_GROUP_N,
+                          work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
+                          stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
+                          g_bufs, u_bufs, ready, empty, q_bufs, 1, TAIL_M, NUM_BUFFERS,
+                          ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
                           W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR))],
             [4, 4], [232, 232])
 
 
-def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, stride_xsm: int,
-                w13: torch.Tensor, w13_scale: torch.Tensor,
+def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, int],
+                x_group_k: int | None, w13: torch.Tensor, w13_scale: torch.Tensor,
                 w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
                 b13: torch.Tensor | None, inter: torch.Tensor, inter_scale: torch.Tensor,
                 inter_static: bool, plan, activation: str, alpha: float, limit: float,
@@ -278,27 +332,31 @@ def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, stride_xsm: int,
 
     Args:
         x_sorted: [capacity, H] fp8, hidden's rows in plan order; x_scale their scales,
-            one per slot (`stride_xsm` 1) or one for all (0).
+            `x_strides` = (per slot, per K group): (0, 0) one for all, (1, 0) one per
+            slot; `x_group_k` the K group of per-K scales (None: constant along K).
         w13: [E, 2I, H] fp8, contiguous (gate rows, then up); w13_scale with `w_layout`
-            (`weight_scale_layout`'s tuple, no K stride); `w_uniform_n`: one scale covers
-            each column tile.
+            (`weight_scale_layout`'s tuple); `w_uniform_n`: one scale covers each column
+            tile (needed where the scale varies along K).
         b13: optional [E, 2I].
         inter: out [capacity, I] fp8; inter_scale: out [capacity, I / 128] fp32 (row
             stride any), or with `inter_static` the static scale, read.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
         programs: the persistent grid (one per SM).
     """
-    assert w_layout[2] == 0, "scales constant along K only"
+    w_per_k = w_layout[2] != 0
+    assert w_uniform_n or not w_per_k, "per-K weight scales: one per column tile"
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
     _gemm1_ws_kernel[(programs,)](
         descriptor(x_sorted, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
         descriptor(inter, [HALF_M, BLOCK_N]), x_scale, w13_scale,
         plan.sorted_pairs if b13 is None else b13, inter_scale, plan.block_experts, work,
-        num_work, hidden, inter.shape[1], stride_xsm, w_layout[0], w_layout[1],
+        num_work, hidden, inter.shape[1], *x_strides, *w_layout[:3],
         0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),
         float(alpha), float(limit),
-        TAIL_M=tail_m, NUM_BUFFERS=STAGES, ACTIVATION=activation, W_GROUP_N=w_layout[3],
-        W_UNIFORM_N=w_uniform_n, HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES, ACTIVATION=activation,
+        X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
+        W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
+        HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         FMAX=fmax, AMAX_FLOOR=amax_floor, num_warps=4,
     )

@@ -334,30 +334,32 @@ def _groups_to_list(scheme: QuantScheme) -> list[int]:
 
 
 def _gluon_gemms(tma: bool, w13_q: torch.Tensor, w2_q: torch.Tensor, block_m: int,
-                 activation: str, groups: list[int], inter_static: bool) -> tuple[bool, bool]:
+                 activation: str, groups: list[int], inter_static: bool,
+                 has_bias13: bool) -> tuple[bool, bool]:
     """Whether (GEMM1, GEMM2) run as the Gluon kernels: TMA tiles (`tma`, `use_tma`'s
     answer), and each kernel's own predicate on its K groups (`groups`:
-    `_groups_to_list`'s form of the scheme)."""
+    `_groups_to_list`'s form of the scheme) and GEMM1's on its bias."""
     if not tma:
         return False, False
-    _, w_group_k, _, a_group_k, inter_group = groups
+    w_group_n, w_group_k, _, a_group_k, inter_group = groups
     inter = None if inter_static else inter_group
-    k1 = [g for g in (a_group_k, w_group_k) if g != FULL]
     k2 = [g for g in (inter, w_group_k) if g is not None and g != FULL]
-    return (use_gluon_gemm1(w13_q, block_m, activation, k1, inter),
+    return (use_gluon_gemm1(w13_q, block_m, activation, a_group_k, (w_group_n, w_group_k),
+                            inter, has_bias13),
             use_gluon_gemm2(w2_q, block_m, k2))
 
 
 def gluon_gemms(hidden: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
-                scheme: str | QuantScheme, activation: str | Activation,
-                block_m: int) -> tuple[bool, bool]:
+                scheme: str | QuantScheme, activation: str | Activation, block_m: int,
+                b13: torch.Tensor | None = None) -> tuple[bool, bool]:
     """Whether `fused_experts_fp8` runs (GEMM1, GEMM2) as the Gluon kernels at this row
     tile — whose tiles are fixed, so `config.gemm1` / `gemm2` then change nothing (the
     tuner times such configurations once)."""
     scheme = QuantScheme.parse(scheme)
     tma = use_tma(hidden, w13.q, w2.q, block_m)
     return _gluon_gemms(tma, w13.q, w2.q, block_m, Activation.parse(activation).kind,
-                        _groups_to_list(scheme), not scheme.activation.dynamic)
+                        _groups_to_list(scheme), not scheme.activation.dynamic,
+                        b13 is not None)
 
 
 class _Gemm1Input(NamedTuple):
@@ -460,7 +462,8 @@ def _launch_fused_experts_fp8(
     num_tiles, _, tail_m = plan.row_tiles()
     tma = use_tma(hidden, w13_q, w2_q, block_m)
     inter_static = input_scale2 is not None
-    gluon1, gluon2 = _gluon_gemms(tma, w13_q, w2_q, block_m, activation, groups, inter_static)
+    gluon1, gluon2 = _gluon_gemms(tma, w13_q, w2_q, block_m, activation, groups, inter_static,
+                                  b13 is not None)
     # The Gluon GEMM1 reads A by TMA, so the quantiser writes the rows in plan order.
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
                              plan if gluon1 else None)
@@ -479,7 +482,8 @@ def _launch_fused_experts_fp8(
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
     programs = persistent_programs(hidden.device) if tma else 0
     if gluon1:
-        gluon_gemm1(hidden_in.x, hidden_in.scale, hidden_in.stride_sm, w13_q, w13_scale, ws1,
+        gluon_gemm1(hidden_in.x, hidden_in.scale, (hidden_in.stride_sm, hidden_in.stride_sk),
+                    hidden_in.group_k if a_group_k != FULL else None, w13_q, w13_scale, ws1,
                     uniform_along_n(ws1, GLUON_BLOCK_N, inter), b13, inter_q, inter_scale,
                     inter_static, plan, activation, alpha, limit, FMAX, AMAX_FLOOR, programs)
     else:

@@ -159,7 +159,7 @@ def _graph_measure(dtype: str):
             except ValueError:  # the scheme rules the configuration out
                 return math.inf
             gluon = (False, False) if config.direct else gluon_gemms(
-                hidden, w.w13, w.w2, scheme, preset.activation, config.block_m)
+                hidden, w.w13, w.w2, scheme, preset.activation, config.block_m, w.b13)
             key = (preset.name, m, fp8_config_as_run(config, gluon))
             if key in timed:
                 return timed[key]
