@@ -237,6 +237,8 @@ CASES = [
          "bf16", "swigluoai", 128, tma=True, gluon=True, bias=True),
     _fp8("prefill, Gluon GEMM2: static input scale (one scalar, after the loop), fp16",
          "static", "fp16", "gelu", 128, tma=True, gluon=True),
+    _fp8("prefill, Gluon GEMM2 without the router weight (applied to GEMM1's input)",
+         "channel", "bf16", "silu", 128, tma=True, gluon=True, weight_on_input=True),
     _fp8("prefill, both GEMMs Gluon: hidden quantised into plan order (per-tensor scale), "
          "GEMM2's input in the tile's 1×128 groups, tail tiles", "tensor", "bf16", "silu", 128,
          tma=True, gluon=True, gluon1=True),
@@ -506,14 +508,15 @@ def _run_fp8(p):
               "channel": QuantScheme.fp8_channel(), "block": QuantScheme.fp8_block()}[p["scheme"]]
     dtype = _DTYPES[p["dtype"]]
     H, I = 520 if p.get("odd_h") else 512, 200 if p.get("odd_i") else 256
-    M = _TOKENS_FOR_BLOCK_M[p["block_m"]]
+    top_k = 1 if p.get("weight_on_input") else _TOP_K  # fp8 takes it at top-1 only
+    M = _TOKENS_FOR_BLOCK_M[p["block_m"]] * _TOP_K // top_k  # as many pairs
     act = moekit.Activation.parse(p["act"])
     static = None if scheme.activation.dynamic else torch.full((1,), 0.01)
     w13 = quantize_weight(torch.randn(_E, act.gemm1_rows(I), H) * 0.05, scheme.weight,
                           input_scale=static)
     w2 = quantize_weight(torch.randn(_E, H, I) * 0.05, scheme.weight, input_scale=static)
     bias = p.get("bias")
-    config = moekit.experts_fp8.default_fp8_config(M, _E, _TOP_K, H, I, scheme)
+    config = moekit.experts_fp8.default_fp8_config(M, _E, top_k, H, I, scheme)
     if p["block_m"] == 1:  # the direct path's tiles (the heuristic takes it from 32 experts)
         config = moekit.experts_fp8.direct_fp8_config(M, _TOP_K, H, I, scheme)
         if p.get("whole"):  # GEMM2 a program per token, not per slot (the heuristic's here)
@@ -529,10 +532,11 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit.fused_experts_fp8(
-        torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, _TOP_K, dtype=torch.int32),
-        torch.empty(M, _TOP_K), scheme=scheme, activation=act, config=config,
+        torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, top_k, dtype=torch.int32),
+        torch.empty(M, top_k), scheme=scheme, activation=act, config=config,
         b13=torch.empty(_E, act.gemm1_rows(I)) if bias else None,
-        b2=torch.empty(_E, H) if bias else None, backend="triton",
+        b2=torch.empty(_E, H) if bias else None,
+        apply_router_weight_on_input=bool(p.get("weight_on_input")), backend="triton",
     )
 
 

@@ -83,11 +83,13 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
     )
 
 
-def column_halves(hidden: int, weight_per_k: bool) -> int:
-    """128-column halves per tile: two where H is a multiple of 256 and the weight scales
-    are constant along K (block scales' two prefetched per-K weight scales spill ~180
-    bytes)."""
-    return 2 if not weight_per_k and hidden % (2 * BLOCK_N) == 0 else 1
+def column_halves(hidden: int, weight_per_k: bool, out_dtype: torch.dtype) -> int:
+    """128-column halves per tile: two where H is a multiple of 256, the weight scales are
+    constant along K (block scales' two prefetched per-K weight scales spill ~180 bytes)
+    and the output 16-bit (four 48 KB stages and two float32 [64, 128] output boxes need
+    256 KB of shared memory; sm_90 has 227)."""
+    wide = not weight_per_k and hidden % (2 * BLOCK_N) == 0 and out_dtype.itemsize <= 2
+    return 2 if wide else 1
 
 
 if HAVE_GLUON:
@@ -358,7 +360,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     out = torch.empty((plan.capacity, hidden), dtype=out_dtype, device=w2.device)
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
-    halves = column_halves(hidden, w_layout[2] != 0)
+    halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
     _gemm2_ws_kernel[(programs,)](
         descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), inter_scale, w2_scale,
