@@ -109,7 +109,7 @@ INTERPRETER_CASES = [
      "dynamic per-tensor over 10 rows: every quantiser program reads them all (no partials); "
      "GEMM2 input in 1×128 groups, I a partial group"),
     ("fp8_tensor", 64, 4, 2, 320, 128, "silu", False, torch.float32, {},
-     "dynamic per-tensor over 20480 values: three amax partials reduced by the quantiser; H "
+     "dynamic per-tensor over 20480 values: ten amax partials reduced by the quantiser; H "
      "a partial K tile"),
     ("fp8_channel", 9, 5, 2, 160, 128, "swigluoai", True, torch.float16, {},
      "per-channel weights, per-token inputs; gpt-oss activation + biases; H a partial K tile"),

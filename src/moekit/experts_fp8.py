@@ -96,8 +96,11 @@ from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import direct_tiles, pick_block_m, use_direct_fp8_path
 from moekit.tuning.tables import tuned_for
 
-_AMAX_BLOCK = 1024
-_MAX_AMAX_PROGRAMS = 256
+# The per-tensor amax pass: 1024-value blocks, 8 warps, up to 512 programs of at least two
+# blocks (bench/results/h200-20261202-amax-sweep.md: 1.4–1.8× the earlier 256 programs of
+# 4 warps and ≥ 8 blocks, which read 16 MB at 1.1–1.4 TB/s).
+_AMAX_BLOCK, _AMAX_WARPS, _AMAX_MIN_BLOCKS = 1024, 8, 2
+_MAX_AMAX_PROGRAMS = 512  # every quantiser program reads all partials
 # Up to this many values of hidden a per-tensor amax is read by the quantiser's every
 # program (one launch, a serial loop over them), not reduced by a partials launch first.
 _TENSOR_ROWS_MAX = 16384
@@ -375,12 +378,12 @@ class _Gemm1Input(NamedTuple):
 def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
     """Launch `_amax_partials_kernel`: [P] fp32 maxima of |hidden| over P chunks."""
     numel = hidden.numel()
-    programs = min(_MAX_AMAX_PROGRAMS, cdiv(numel, 8 * _AMAX_BLOCK))
+    programs = min(_MAX_AMAX_PROGRAMS, cdiv(numel, _AMAX_MIN_BLOCKS * _AMAX_BLOCK))
     chunk = cdiv(cdiv(numel, programs), _AMAX_BLOCK) * _AMAX_BLOCK
     partials = torch.empty(cdiv(numel, chunk), dtype=torch.float32,
                            device=hidden.device)
     _amax_partials_kernel[(partials.numel(),)](hidden, partials, numel, chunk,
-                                               BLOCK=_AMAX_BLOCK)
+                                               BLOCK=_AMAX_BLOCK, num_warps=_AMAX_WARPS)
     return partials
 
 
