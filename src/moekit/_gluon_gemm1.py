@@ -11,23 +11,30 @@ TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
                           gate rows [128, 128] and up rows [128, 128], 48 KB a stage,
                           into a ring of STAGES
     two math warpgroups   64 rows each; the gate and up products promoted per stage into
-                          two fp32 accumulators; epilogue: the input scale (per slot, or
-                          one), the weight scales (per expert or per channel), biases,
-                          the activation, then GEMM2's input quantised — its own 1×128
-                          group per row (the tile's 128 columns), or the static scale —
-                          and stored by TMA, its scales by pointer
+                          two fp32 accumulators, each product first scaled by its K
+                          step's scales where they vary along K (hidden's 1×128 groups,
+                          w13's 128×128 blocks); epilogue: the scales constant along K
+                          (input per slot or one; weight per expert or per channel),
+                          biases, the activation, then GEMM2's input quantised — its own
+                          1×128 group per row (the tile's 128 columns), or the static
+                          scale — and stored by TMA, its scales by pointer
 
-Only scales constant along K: per-tensor and per-channel weights with per-tensor,
-per-token or static inputs. 128×128 block scales stay with the Triton kernel: promoting
-by per-K scales leaves a math warpgroup too few registers (960 bytes of spill) and the
-kernel measured 1.3–1.6× slower than Triton's (bench/results/
-h200-20261202-gluon-gemm1-experiment.md).
+Scales varying along K need whole K steps per group and one weight scale per column tile,
+and are declined with biases (that epilogue spills ~300 bytes on sm_90: the Triton GEMM1
+runs those). The per-step scaling multiplies the product in its own registers: `part` is
+the next MMA's accumulator operand, and a scaled copy of it (a fourth [64, 128] fp32
+value) spilled 960 bytes and ran 1.3–1.6× slower than Triton's kernel (bench/results/
+h200-20261202-gluon-gemm1-experiment.md); in place, block scales ran 0.65–0.76× Triton's
+time (`…-gluon-gemm1-experiment-s14.md`).
 
 Measured in the fp8 layer (H200, torch.profiler, bench/results/logs/
 h200-20261202-fp8-stage-profile-s13-*): qwen3 M = 4096 per-tensor 229 µs against the
 Triton GEMM1's 375 (the quantiser's plan-order writes cost 13 µs more), per-channel 235;
 mixtral 1,877 against 2,261; the layer 1.04–1.27× faster at M = 4096–16384 in graph
 replay (`*-fp8_{tensor,channel}-prefill-s13b.md` against `-s12.md`, two H200 hosts).
+Block scales (`logs/h200-20261202-fp8-stage-profile-s14-*`): qwen3 M = 4096 239 µs
+against the Triton GEMM1's ~430; the layer 1.27–1.34× faster at M = 4096–16384
+(`*-fp8_block-prefill-s14b.md` against `-s13b.md`).
 """
 
 from __future__ import annotations
@@ -170,9 +177,13 @@ if HAVE_GLUON:
             ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
             # Padding slots' rows and scales were never written: their products are
             # noise, row-local, and GEMM2 and the combine never read them into a token's
-            # sum.
+            # sum. Loaded before `busy` is known, the constant scales are masked to the
+            # tile's rows (an idle tail half's slots may lie past the plan); the per-K
+            # ones are read only when busy, where every slot is the tile's.
             if not X_PER_K:
-                x_rows = gl.load(xs_ptr + slots * stride_xsm)  # hidden under the K loop
+                mine = CONSUMER * _HALF_M + offs_r < rows
+                x_rows = gl.load(xs_ptr + slots * stride_xsm, mask=mine,
+                                 other=0.0)  # hidden under the K loop
             if W_PER_K:  # W_UNIFORM_N: one scale per column tile and K group
                 gate_ws = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
                 up_ws = ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
