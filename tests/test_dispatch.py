@@ -47,6 +47,7 @@ CASES = [
     (64, 8, 60, 16, "E not a power of two"),
     (40, 2, 1, 32, "all tokens on one expert"),
     (300, 4, 7, 64, "more than 1024 pairs: several chunks, two launches"),
+    (400, 8, 128, 16, "13 chunks of 256 bins: the place kernel's scan in two 8-row steps"),
     (20, 3, 1100, 16, "E > 1024"),
     (0, 4, 8, 16, "no tokens: empty plan, nothing to place"),
 ]

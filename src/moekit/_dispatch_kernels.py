@@ -109,6 +109,7 @@ def _place_pairs_kernel(
     BLOCK_TILE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     HAS_MAP: tl.constexpr,
+    SCAN_ROWS: tl.constexpr,  # chunk histograms summed per step (a power of two)
 ):
     """Grid (programs,): program p places chunk p's pairs and fills its blocks (and the
     work-list entries of the same indices: there are fewer tiles than blocks).
@@ -134,10 +135,13 @@ def _place_pairs_kernel(
         own = tl.load(counts_ptr + pid * BINS + bins, mask=pid < num_chunks, other=0)
         totals = tl.zeros([BINS], dtype=tl.int32)
         before = tl.zeros([BINS], dtype=tl.int32)
-        for c in range(0, num_chunks):
-            row = tl.load(counts_ptr + c * BINS + bins)
-            totals += row
-            before += tl.where(c < pid, row, 0)
+        # SCAN_ROWS histograms per load, so that many loads are in flight at once.
+        for c0 in range(0, num_chunks, SCAN_ROWS):
+            c = c0 + tl.arange(0, SCAN_ROWS)
+            rows = tl.load(counts_ptr + c[:, None] * BINS + bins[None, :],
+                           mask=(c < num_chunks)[:, None], other=0)
+            totals += tl.sum(rows, 0)
+            before += tl.sum(tl.where((c < pid)[:, None], rows, 0), 0)
 
     padded = tl.where(is_expert, (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
     ends = tl.cumsum(padded, 0)  # end slot of each expert's padded run

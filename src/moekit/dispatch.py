@@ -26,6 +26,9 @@ from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs, max_tiles
 
 _BLOCKS_PER_PROGRAM = 64
+# Histogram values each place program sums per step of its scan over all chunks (8 rows
+# of 256 bins): many loads in flight instead of one row's latency per chunk.
+_SCAN_VALUES = 2048
 _LOCAL_IDS_BLOCK = 1024
 _BLOCK_TILE = 16
 # Up to this many pairs one program sorts them all and the count launch is skipped (a
@@ -133,6 +136,7 @@ def dispatch_plan(
         pair_slots, tiles, num_pairs, num_experts, num_global, num_chunks, num_blocks,
         blocks_per_program, tiles_len, CHUNK=chunk, BINS=bins, BLOCK_M=block_m,
         TILE_M=tile_m or 0, BLOCK_TILE=_BLOCK_TILE, SINGLE_CHUNK=single, HAS_MAP=has_map,
+        SCAN_ROWS=max(1, _SCAN_VALUES // bins),
     )
     return plan
 
