@@ -344,7 +344,8 @@ def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[
     Args:
         x_sorted: [capacity, H] fp8, hidden's rows in plan order; x_scale their scales,
             `x_strides` = (per slot, per K group): (0, 0) one for all, (1, 0) one per
-            slot; `x_group_k` the K group of per-K scales (None: constant along K).
+            slot, (groups, 1) per 1×g group; `x_group_k` the K group of per-K scales
+            (None: constant along K).
         w13: [E, 2I, H] fp8, contiguous (gate rows, then up); w13_scale with `w_layout`
             (`weight_scale_layout`'s tuple); `w_uniform_n`: one scale covers each column
             tile (needed where the scale varies along K).

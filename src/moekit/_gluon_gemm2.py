@@ -26,7 +26,7 @@ against 1,233), the fp8 layer 1.05–1.17× at M = 4096. The same kernel unpromo
 bf16 weights made the 16-bit layer 0.90–1.02× (bench/results/
 h200-20261202-kernels-bf16-prefill-gluon{0,1}.md): 16-bit GEMM2 stays Triton's.
 Two halves per tile (bench/results/h200-20261202-gluon-wide-gemm2-experiment.md): GEMM2
-1.10–1.31× faster again (qwen3 M = 4096 136 against 156 µs; mixtral 952 against 1,251),
+1.05–1.31× faster again (qwen3 M = 4096 136 against 156 µs; mixtral 952 against 1,251),
 bitwise the same output. The consumer's structure keeps it free of spills: a tail tile's
 idle warpgroup runs a loop of its own, the product in flight is a per-tile value (dead in
 the epilogue), column indices are built where they are used.
@@ -85,9 +85,9 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
 
 def column_halves(hidden: int, weight_per_k: bool, out_dtype: torch.dtype) -> int:
     """128-column halves per tile: two where H is a multiple of 256, the weight scales are
-    constant along K (block scales' two prefetched per-K weight scales spill ~180 bytes)
-    and the output 16-bit (four 48 KB stages and two float32 [64, 128] output boxes need
-    256 KB of shared memory; sm_90 has 227)."""
+    constant along K (with a per-K weight scale per half the consumer spilled 96–136
+    bytes, prefetched or not) and the output 16-bit (four 48 KB stages and two float32
+    [64, 128] output boxes need 256 KB of shared memory; sm_90 has 227)."""
     wide = not weight_per_k and hidden % (2 * BLOCK_N) == 0 and out_dtype.itemsize <= 2
     return 2 if wide else 1
 
