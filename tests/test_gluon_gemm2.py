@@ -23,7 +23,7 @@ from helpers import (
     random_routing,
 )
 from moekit._gluon import DISABLE_ENV
-from moekit._gluon_gemm2 import use_gluon_gemm2
+from moekit._gluon_gemm2 import column_halves, use_gluon_gemm2
 from moekit.experts import launch_combine
 from moekit.experts_fp8 import plan_fp8_config
 from moekit.quant import QuantScheme
@@ -72,6 +72,16 @@ def test_gluon_gemm2_is_chosen_only_where_it_can_run(monkeypatch):
     assert not use_gluon_gemm2(shifted, 128, []), "base not 16-byte aligned"
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert not use_gluon_gemm2(w2, 128, [128]), "switched off"
+
+
+def test_gemm2_tiles_are_two_halves_wide_only_where_they_fit():
+    # Two 128-column halves per tile: H a multiple of 256, scales constant along K (per-K
+    # weight scales spill), a 16-bit output (float32 boxes overflow shared memory).
+    assert column_halves(2048, False, torch.bfloat16) == 2
+    assert column_halves(7168, False, torch.float16) == 2
+    assert column_halves(1152, False, torch.bfloat16) == 1, "H = 1152: 4.5 wide tiles"
+    assert column_halves(2048, True, torch.bfloat16) == 1, "block scales"
+    assert column_halves(2048, False, torch.float32) == 1, "float32 output"
 
 
 def test_gluon_is_off_with_an_older_triton(monkeypatch):
