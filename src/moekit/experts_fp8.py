@@ -10,12 +10,13 @@
 
 On an sm_90 GPU at 128-row tiles the GEMMs are warp-specialised Gluon kernels instead
 (TMA producer warpgroup, two math warpgroups; `MOEKIT_GLUON=0` keeps the Triton ones):
-    GEMM2 (`moekit._gluon_gemm2`) for H in whole 128-column tiles: it stores plan-order
-          tiles, [capacity, H], which the combine reads through the plan's `pair_slots`;
-    GEMM1 (`moekit._gluon_gemm1`) where no scale varies along K (per-tensor, per-channel,
-          static; block scales keep the Triton GEMM1) and the activation is gated: TMA
-          cannot gather, so the quantiser writes each token's fp8 row to its pairs' plan
-          slots, [capacity, H] (k× the bytes of [M, H]; padding slots unwritten).
+    GEMM2 (`moekit._gluon_gemm2`) for H in whole 128-column tiles (256 where H allows):
+          it stores plan-order tiles, [capacity, H], which the combine reads through the
+          plan's `pair_slots`;
+    GEMM1 (`moekit._gluon_gemm1`) for a gated activation in every scheme, except scales
+          varying along K (block scales) together with biases: TMA cannot gather, so the
+          quantiser writes each token's fp8 row to its pairs' plan slots, [capacity, H]
+          (k× the bytes of [M, H]; padding slots unwritten).
 Their tiles are fixed (`config.gemm1`/`gemm2` shape the Triton kernels only).
 
 The formats are a `QuantScheme`; `moekit.reference.fused_experts_quantized` is the
