@@ -1,0 +1,61 @@
+"""The prefill GEMMs under Nsight Compute: one layer call per cell between
+cudaProfilerStart/Stop, after warm-up calls (compiles), so that `ncu --profile-from-start
+off` collects exactly that call's GEMM kernels.
+
+    ncu --profile-from-start off --clock-control none --set full \\
+        -k regex:gemm -o $OUT/gemms python3 bench/scripts/ncu_gemms.py
+    ncu --import $OUT/gemms.ncu-rep --page details > $OUT/gemms.txt
+
+Cells: qwen3-30b-a3b at M = 4096 in bf16 and fp8 per-tensor (the cells furthest from
+their targets), mixtral-8x7b at M = 4096 fp8 per-tensor (the same kernels nearer the
+peak), for comparison of their counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import moekit
+from moekit.bench.fp8 import quantize_experts
+from moekit.bench.inputs import make_tokens, make_weights
+from moekit.bench.presets import PRESETS
+
+CELLS = [("qwen3-30b-a3b", 4096, "bf16"), ("qwen3-30b-a3b", 4096, "fp8_tensor"),
+         ("mixtral-8x7b", 4096, "fp8_tensor")]
+
+
+def layer_call(name: str, m: int, dtype: str):
+    device = torch.device("cuda")
+    preset = PRESETS[name]
+    w = make_weights(preset, torch.bfloat16, device)
+    hidden, topk = make_tokens(preset, m, torch.bfloat16, device)
+    if dtype == "bf16":
+        return lambda: moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                            activation=preset.activation, b13=w.b13, b2=w.b2)
+    q = quantize_experts(w, dtype)
+    return lambda: moekit.fused_experts_fp8(hidden, q.w13, q.w2, topk.ids, topk.weights,
+                                            scheme=dtype, activation=preset.activation,
+                                            b13=q.b13, b2=q.b2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    for name, m, dtype in CELLS:
+        call = layer_call(name, m, dtype)
+        for _ in range(2):
+            call()
+        torch.cuda.synchronize()
+        print(f"== {name} M={m} {dtype}", flush=True)
+        torch.cuda.cudart().cudaProfilerStart()
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        del call
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
