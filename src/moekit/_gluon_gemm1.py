@@ -68,9 +68,6 @@ if HAVE_GLUON:
 
 # 128 × 128 × 128 one-byte K steps, 4 stages of 48 KB (A, gate, up): the shape measured.
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
-# K steps the second math warpgroup starts behind the first, so that their epilogues
-# fall at different times and the other's MMAs fill the tensor cores (0: in step).
-STAGGER = 0
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -141,8 +138,7 @@ if HAVE_GLUON:
     def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
                   work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn,
                   stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs,
-                  ready, empty, q_bufs, start, CONSUMER: gl.constexpr, STAGGER: gl.constexpr,
-                  TAIL_M: gl.constexpr,
+                  ready, empty, q_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
                   NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
@@ -170,8 +166,6 @@ if HAVE_GLUON:
         n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
-        if STAGGER > 0 and CONSUMER == 1:  # start STAGGER K steps behind the first
-            mbarrier.wait(start.index(0), 0)
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m = tile // n_tiles
             pid_n = tile - pid_m * n_tiles
@@ -236,8 +230,6 @@ if HAVE_GLUON:
                     up = up + part
                     mbarrier.arrive(empty.index(index), count=1)
                     counter += 1
-                    if STAGGER > 0 and CONSUMER == 0:  # predicated: a branch here spilled
-                        mbarrier.arrive(start.index(0), count=1, pred=counter == STAGGER)
             else:  # idle (a tail tile's second half): release each stage as it lands
                 for _ in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
@@ -281,9 +273,6 @@ if HAVE_GLUON:
                 fence_async_shared()
                 tma.async_copy_shared_to_global(
                     q_desc, [first_slot + CONSUMER * _HALF_M, pid_n * BLOCK_N], q_smem)
-        if STAGGER > 0 and CONSUMER == 0:
-            # Fewer steps than the stagger: release the second now.
-            mbarrier.arrive(start.index(0), count=1, pred=counter < STAGGER)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -300,8 +289,7 @@ if HAVE_GLUON:
         num_work,  # TAIL_M: the work list's length in entries; else E
         H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
         stride_ism, alpha, limit,
-        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, STAGGER: gl.constexpr,
-        ACTIVATION: gl.constexpr,
+        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
@@ -326,28 +314,24 @@ if HAVE_GLUON:
                                            q_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        # The first math warpgroup's signal that it is STAGGER steps in (see STAGGER).
-        start = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_BUFFERS):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        mbarrier.init(start.index(0), count=1)
-        gl.static_assert(STAGGER < NUM_BUFFERS, "the first runs ahead within the ring")
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                           g_bufs, u_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
                           work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
                           stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
-                          g_bufs, u_bufs, ready, empty, q_bufs, start, 0, STAGGER, TAIL_M,
-                          NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
-                          W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR)),
+                          g_bufs, u_bufs, ready, empty, q_bufs, 0, TAIL_M, NUM_BUFFERS,
+                          ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
+                          W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
                           work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
                           stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
-                          g_bufs, u_bufs, ready, empty, q_bufs, start, 1, STAGGER, TAIL_M,
-                          NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
-                          W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR))],
+                          g_bufs, u_bufs, ready, empty, q_bufs, 1, TAIL_M, NUM_BUFFERS,
+                          ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
+                          W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR))],
             [4, 4], [232, 232])
 
 
@@ -384,7 +368,7 @@ def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[
         num_work, hidden, inter.shape[1], *x_strides, *w_layout[:3],
         0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),
         float(alpha), float(limit),
-        TAIL_M=tail_m, STAGGER=STAGGER, NUM_BUFFERS=STAGES, ACTIVATION=activation,
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES, ACTIVATION=activation,
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,

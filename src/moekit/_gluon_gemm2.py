@@ -62,9 +62,6 @@ if HAVE_GLUON:
 # (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
 WIDE_STAGES = 4  # of 48 KB: A [128, 128] and B [256, 128], for tiles of two halves
-# K steps the second math warpgroup starts behind the first, so that their epilogues
-# fall at different times and the other's MMAs fill the tensor cores (0: in step).
-STAGGER = 0
 
 
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
@@ -167,10 +164,9 @@ if HAVE_GLUON:
     def _consumer(c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                   block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                   stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
-                  ready, empty, c_bufs, start,
-                  CONSUMER: gl.constexpr, STAGGER: gl.constexpr, TAIL_M: gl.constexpr,
-                  BLOCK_K: gl.constexpr, NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr,
-                  A_GROUP_K: gl.constexpr,
+                  ready, empty, c_bufs,
+                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr):
@@ -194,8 +190,6 @@ if HAVE_GLUON:
         n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
-        if STAGGER > 0 and CONSUMER == 1:  # start STAGGER K steps behind the first
-            mbarrier.wait(start.index(0), 0)
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m = tile // n_tiles
             pid_n = tile - pid_m * n_tiles
@@ -266,8 +260,6 @@ if HAVE_GLUON:
                                                    W_GROUP_K, W_UNIFORM_N)
                     mbarrier.arrive(empty.index(index), count=1)
                     counter += 1
-                    if STAGGER > 0 and CONSUMER == 0:  # predicated: a branch here spilled
-                        mbarrier.arrive(start.index(0), count=1, pred=counter == STAGGER)
             else:  # idle (a tail tile's second half): release each stage as it lands
                 for _ in range(0, I, BLOCK_K):
                     index = counter % NUM_BUFFERS
@@ -285,9 +277,6 @@ if HAVE_GLUON:
                     _store_columns(acc1, c_desc, c_smem, row, col + BLOCK_N, a_rows, weights,
                                    ws_base, bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N,
                                    W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
-        if STAGGER > 0 and CONSUMER == 0:
-            # Fewer steps than the stagger: release the second now.
-            mbarrier.arrive(start.index(0), count=1, pred=counter < STAGGER)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -305,8 +294,8 @@ if HAVE_GLUON:
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
         stride_be,
-        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, STAGGER: gl.constexpr,
-        A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
+        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr,
+        A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
         num_warps: gl.constexpr,
@@ -326,28 +315,24 @@ if HAVE_GLUON:
                                            c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        # The first math warpgroup's signal that it is STAGGER steps in (see STAGGER).
-        start = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_BUFFERS):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        mbarrier.init(start.index(0), count=1)
-        gl.static_assert(STAGGER < NUM_BUFFERS, "the first runs ahead within the ring")
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                           b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
              (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
-                          b_bufs, ready, empty, c_bufs, start, 0, STAGGER, TAIL_M, BLOCK_K,
-                          NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
-                          W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)),
+                          b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT)),
              (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
-                          b_bufs, ready, empty, c_bufs, start, 1, STAGGER, TAIL_M, BLOCK_K,
-                          NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
-                          W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT))],
+                          b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT))],
             [4, 4], [232, 232])
 
 
@@ -383,7 +368,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
         inter_size, a_strides[0], a_strides[1], *w_layout[:3],
         0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, STAGGER=STAGGER, NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
         A_PER_K=a_group_k is not None,
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
