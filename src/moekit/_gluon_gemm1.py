@@ -60,6 +60,7 @@ if HAVE_GLUON:
         gluon,
         mbarrier,
         row_tile,
+        tile_coords,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -68,6 +69,11 @@ if HAVE_GLUON:
 
 # 128 × 128 × 128 one-byte K steps, 4 stages of 48 KB (A, gate, up): the shape measured.
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
+# Row tiles side by side over each column tile (`tile_coords`; 1: row tile major).
+GROUP_M = 1
+# K steps chained in the MMA per promotion into fp32 where the scales are constant along
+# K: 1, or 2 (a 256-deep chain; DeepGEMM promotes every 128) where the steps pair up.
+PROMOTE_STEPS = 1
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -109,7 +115,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                   g_bufs, u_bufs, ready, empty, TAIL_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr):
+                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
         """TMA loads of every K step's A, gate and up tiles into the ring, each stage
         reloaded once both math warpgroups have released it."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -118,9 +124,9 @@ if HAVE_GLUON:
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
-            pid_m = tile // n_tiles
+            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
-            gate_row = expert * 2 * I + (tile - pid_m * n_tiles) * BLOCK_N  # [E·2I, H] view
+            gate_row = expert * 2 * I + pid_n * BLOCK_N  # [E·2I, H] view
             for k in range(0, H, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
@@ -139,7 +145,8 @@ if HAVE_GLUON:
                   work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn,
                   stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs,
                   ready, empty, q_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
+                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, PAIRED: gl.constexpr,
+                  ACTIVATION: gl.constexpr,
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -167,8 +174,7 @@ if HAVE_GLUON:
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
-            pid_m = tile // n_tiles
-            pid_n = tile - pid_m * n_tiles
+            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
             # This warpgroup's slots, 32-bit (a [capacity, H / 128] scale index fits):
@@ -189,7 +195,31 @@ if HAVE_GLUON:
                 up_ws = ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
             gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-            if busy:
+            if busy and PAIRED:
+                # Scales constant along K: two K steps chained per promotion (see PAIRED).
+                for _ in range(0, H, 2 * BLOCK_K):
+                    first = counter % NUM_BUFFERS
+                    second = (counter + 1) % NUM_BUFFERS
+                    mbarrier.wait(ready.index(first), (counter // NUM_BUFFERS) & 1)
+                    a0 = a_bufs.index(first).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
+                    part = warpgroup_mma(a0, g_bufs.index(first).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    mbarrier.wait(ready.index(second), ((counter + 1) // NUM_BUFFERS) & 1)
+                    a1 = a_bufs.index(second).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
+                    part = warpgroup_mma(a1, g_bufs.index(second).permute((1, 0)), part,
+                                         is_async=True)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    gate = gate + part
+                    part = warpgroup_mma(a0, u_bufs.index(first).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    part = warpgroup_mma(a1, u_bufs.index(second).permute((1, 0)), part,
+                                         is_async=True)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    up = up + part
+                    mbarrier.arrive(empty.index(first), count=1)
+                    mbarrier.arrive(empty.index(second), count=1)
+                    counter += 2
+            elif busy:
                 for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
@@ -289,7 +319,8 @@ if HAVE_GLUON:
         num_work,  # TAIL_M: the work list's length in entries; else E
         H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
         stride_ism, alpha, limit,
-        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
+        TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+        PAIRED: gl.constexpr, ACTIVATION: gl.constexpr,
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
@@ -319,20 +350,28 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          g_bufs, u_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
+                          g_bufs, u_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
                           work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
                           stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
-                          g_bufs, u_bufs, ready, empty, q_bufs, 0, TAIL_M, NUM_BUFFERS,
-                          ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
-                          W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR)),
+                          g_bufs, u_bufs, ready, empty, q_bufs, 0, TAIL_M, GROUP_M,
+                          NUM_BUFFERS, PAIRED, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
+                          W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
+                          AMAX_FLOOR)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
                           work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
                           stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
-                          g_bufs, u_bufs, ready, empty, q_bufs, 1, TAIL_M, NUM_BUFFERS,
-                          ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
-                          W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX, AMAX_FLOOR))],
+                          g_bufs, u_bufs, ready, empty, q_bufs, 1, TAIL_M, GROUP_M,
+                          NUM_BUFFERS, PAIRED, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
+                          W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
+                          AMAX_FLOOR))],
             [4, 4], [232, 232])
+
+
+def paired_steps(k: int, constant_scales: bool) -> bool:
+    """Whether the K loop chains two K steps per promotion (`PROMOTE_STEPS`): scales
+    constant along K and an even number of K steps."""
+    return PROMOTE_STEPS == 2 and constant_scales and -(-k // BLOCK_K) % 2 == 0
 
 
 def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, int],
@@ -368,7 +407,8 @@ def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[
         num_work, hidden, inter.shape[1], *x_strides, *w_layout[:3],
         0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),
         float(alpha), float(limit),
-        TAIL_M=tail_m, NUM_BUFFERS=STAGES, ACTIVATION=activation,
+        TAIL_M=tail_m, GROUP_M=GROUP_M, NUM_BUFFERS=STAGES,
+        PAIRED=paired_steps(hidden, x_group_k is None and not w_per_k), ACTIVATION=activation,
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
