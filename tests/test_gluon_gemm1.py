@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import moekit
+import moekit._gluon_gemm1
 import moekit.experts_fp8
 from helpers import assert_close, capture_cuda_graph, poison_, poison_cuda_cache, random_routing
 from moekit._fp8_quantize import launch_quantize_rows
 from moekit._gluon import DISABLE_ENV
-from moekit._gluon_gemm1 import use_gluon_gemm1
+from moekit._gluon_gemm1 import GROUP_M, HOPPER_L2_BYTES, group_m, use_gluon_gemm1
 from moekit.experts_fp8 import _amax_partials, plan_fp8_config
 from moekit.quant import QuantScheme, QuantSpec
 from moekit.quant.scheme import FULL
@@ -117,6 +118,19 @@ def test_gluon_gemm1_is_chosen_only_where_it_can_run(monkeypatch):
     assert not chosen(w13), "switched off"
 
 
+def test_row_tiles_are_grouped_where_an_experts_w13_outgrows_l2():
+    def w13(experts, inter, hidden, dtype=torch.float8_e4m3fn):
+        return torch.empty(experts, 2 * inter, hidden, dtype=dtype, device="meta")
+
+    assert group_m(w13(8, 14336, 4096)) == GROUP_M > 1, "mixtral: 117 MB per expert"
+    assert group_m(w13(256, 2048, 7168)) == 1, "deepseek-v3: 29 MB"
+    assert group_m(w13(128, 768, 2048)) == 1, "qwen3-30b-a3b: 3 MB"
+    assert HOPPER_L2_BYTES == 50 * 2**20, "off the GPU: an H100's L2"
+    assert group_m(w13(1, 1024, 1024), l2=2 * 2**20 - 1) == GROUP_M, "just over"
+    assert group_m(w13(1, 1024, 1024), l2=2 * 2**20) == 1, "exactly L2: fits"
+    assert group_m(w13(1, 512, 1024, torch.bfloat16), l2=2 * 2**20) == 1, "bytes, not values"
+
+
 # ---------------------------------------------------------------------------- GPU
 
 GPU_SCHEMES = [
@@ -177,6 +191,31 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
                                        activation=act, b13=b13, b2=b2)
     assert_close(outs["gluon"], expected, GPU_TOL, name=f"{scheme} tail={tail}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+@pytest.mark.parametrize("group", [3, 8])
+def test_grouped_tile_order_changes_no_value_gpu(scheme, group, gemm1_calls, monkeypatch):
+    # 2048 pairs over 4 experts, skewed: runs of 2–8 row tiles and a tail, so groups cross
+    # experts and the last group is partial; 4 column tiles (I = 512).
+    _require_gluon()
+    M, E, k, H, I = 1024, 4, 2, 512, 512
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, dtype=torch.bfloat16, device="cuda", skew=2.0)
+    config = plan_fp8_config(4096, E, k, scheme)
+    outs = {}
+    for order, rows in (("row major", 1), ("grouped", group)):
+        monkeypatch.setattr(moekit._gluon_gemm1, "group_m", lambda w13, l2=None, rows=rows: rows)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config,
+                                 out=out)
+        outs[order] = out
+    assert len(gemm1_calls) == 2
+    assert torch.equal(outs["grouped"], outs["row major"]), "the order moved a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme)
+    assert_close(outs["grouped"], expected, GPU_TOL, name=f"{scheme} group {group}")
 
 
 @pytest.mark.gpu

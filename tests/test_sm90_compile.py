@@ -58,6 +58,7 @@ from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import moekit
+import moekit._gluon_gemm1
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -163,7 +164,8 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     """fused_experts_fp8 with the heuristic's tiles (the direct path's at block_m 1); flags:
     bias, odd_h, odd_i, tma (expected); direct path: whole (GEMM2 a program per token),
     two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
-    kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off)."""
+    kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off), grouped
+    (the Gluon GEMM1's grouped tile order)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
@@ -246,7 +248,8 @@ CASES = [
          "scales per slot, biases, gpt-oss activation, no tail tiles", "channel", "bf16",
          "swigluoai", 128, tma=True, gluon=True, gluon1=True, bias=True, no_tail=True),
     _fp8("prefill, Gluon GEMM1: static input scales (GEMM2's input by the static scale), "
-         "fp16", "static", "fp16", "gelu", 128, tma=True, gluon=True, gluon1=True),
+         "fp16, row tiles grouped over each column tile (w13 larger than L2)", "static",
+         "fp16", "gelu", 128, tma=True, gluon=True, gluon1=True, grouped=True),
     _fp8("prefill, Gluon GEMM1: block scales (hidden's 1×128 groups per slot, w13's one per "
          "tile, scaled per K step), tail tiles", "block", "bf16", "silu", 128, tma=True,
          gluon=True, gluon1=True),
@@ -503,6 +506,9 @@ def _run_experts(p):
     )
 
 
+_GROUP_M = moekit._gluon_gemm1.group_m
+
+
 def _run_fp8(p):
     scheme = {"tensor": QuantScheme.fp8_tensor(), "static": QuantScheme.fp8_tensor(dynamic=False),
               "channel": QuantScheme.fp8_channel(), "block": QuantScheme.fp8_block()}[p["scheme"]]
@@ -531,6 +537,9 @@ def _run_fp8(p):
     # On the CPU `use_gluon_gemm2` is always False; an sm_90 GPU's answer is forced here.
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
+    # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
+    moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
+                                   if p.get("grouped") else _GROUP_M)
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, top_k, dtype=torch.int32),
         torch.empty(M, top_k), scheme=scheme, activation=act, config=config,

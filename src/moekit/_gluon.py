@@ -34,7 +34,8 @@ try:  # Gluon's Hopper API as of Triton 3.6 (the version measured); else the Tri
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "descriptor",
+__all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "l2_bytes",
+           "descriptor",
            "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
            "warpgroup_mma_wait"]
 
@@ -46,6 +47,12 @@ DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's co
 @functools.lru_cache(maxsize=16)
 def _device_is_sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def l2_bytes(index: int) -> int:
+    """The L2 cache size of CUDA device `index` (50 MB on an H100 or H200)."""
+    return torch.cuda.get_device_properties(index).L2_cache_size
 
 
 def gluon_allowed(t: torch.Tensor) -> bool:

@@ -47,6 +47,7 @@ from moekit._gluon import (
     HAVE_GLUON,
     descriptor,
     gluon_allowed,
+    l2_bytes,
     work_list,
 )
 from moekit.quant.scheme import FULL
@@ -69,11 +70,9 @@ if HAVE_GLUON:
 
 # 128 × 128 × 128 one-byte K steps, 4 stages of 48 KB (A, gate, up): the shape measured.
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
-# Row tiles side by side over each column tile (`tile_coords`; 1: row tile major).
-GROUP_M = 1
-# K steps chained in the MMA per promotion into fp32 where the scales are constant along
-# K: 1, or 2 (a 256-deep chain; DeepGEMM promotes every 128) where the steps pair up.
-PROMOTE_STEPS = 1
+# Row tiles side by side over each column tile where one expert's w13 outgrows L2.
+GROUP_M = 8
+HOPPER_L2_BYTES = 50 * 2**20  # an H100's or H200's L2, for tensors off the GPU (compiles)
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -107,6 +106,20 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
         and w13.is_contiguous()
         and w13.data_ptr() % 16 == 0  # TMA's base alignment
     )
+
+
+def group_m(w13: torch.Tensor, l2: int | None = None) -> int:
+    """Row tiles per group of the tile order (`tile_coords`): GROUP_M where one expert's
+    w13 is larger than L2 (`l2`, default the device's), so that a row tile's sweep over
+    the column tiles would evict what the expert's next row tile needs; else 1 (row tile
+    major). H200 (bench/results/h200-20261202-gluon-order-promote-experiment.md): mixtral
+    (117 MB per expert) GEMM1 1.11–1.24× faster grouped; qwen3 (3 MB) and deepseek-v3
+    (29 MB) 3–4% slower."""
+    _, rows13, hidden = w13.shape
+    if l2 is None:
+        l2 = l2_bytes(w13.device.index if w13.device.index is not None
+                      else torch.cuda.current_device()) if w13.is_cuda else HOPPER_L2_BYTES
+    return GROUP_M if rows13 * hidden * w13.element_size() > l2 else 1
 
 
 if HAVE_GLUON:
@@ -145,7 +158,7 @@ if HAVE_GLUON:
                   work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn,
                   stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs,
                   ready, empty, q_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
-                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, PAIRED: gl.constexpr,
+                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
                   ACTIVATION: gl.constexpr,
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
@@ -195,31 +208,7 @@ if HAVE_GLUON:
                 up_ws = ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
             gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-            if busy and PAIRED:
-                # Scales constant along K: two K steps chained per promotion (see PAIRED).
-                for _ in range(0, H, 2 * BLOCK_K):
-                    first = counter % NUM_BUFFERS
-                    second = (counter + 1) % NUM_BUFFERS
-                    mbarrier.wait(ready.index(first), (counter // NUM_BUFFERS) & 1)
-                    a0 = a_bufs.index(first).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    part = warpgroup_mma(a0, g_bufs.index(first).permute((1, 0)), part,
-                                         use_acc=False, is_async=True)
-                    mbarrier.wait(ready.index(second), ((counter + 1) // NUM_BUFFERS) & 1)
-                    a1 = a_bufs.index(second).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    part = warpgroup_mma(a1, g_bufs.index(second).permute((1, 0)), part,
-                                         is_async=True)
-                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                    gate = gate + part
-                    part = warpgroup_mma(a0, u_bufs.index(first).permute((1, 0)), part,
-                                         use_acc=False, is_async=True)
-                    part = warpgroup_mma(a1, u_bufs.index(second).permute((1, 0)), part,
-                                         is_async=True)
-                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                    up = up + part
-                    mbarrier.arrive(empty.index(first), count=1)
-                    mbarrier.arrive(empty.index(second), count=1)
-                    counter += 2
-            elif busy:
+            if busy:
                 for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
@@ -320,7 +309,7 @@ if HAVE_GLUON:
         H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
         stride_ism, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-        PAIRED: gl.constexpr, ACTIVATION: gl.constexpr,
+        ACTIVATION: gl.constexpr,
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
@@ -355,23 +344,17 @@ if HAVE_GLUON:
                           work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
                           stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
                           g_bufs, u_bufs, ready, empty, q_bufs, 0, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, PAIRED, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
+                          NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
                           W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
                           AMAX_FLOOR)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
                           work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
                           stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
                           g_bufs, u_bufs, ready, empty, q_bufs, 1, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, PAIRED, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
+                          NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
                           W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
                           AMAX_FLOOR))],
             [4, 4], [232, 232])
-
-
-def paired_steps(k: int, constant_scales: bool) -> bool:
-    """Whether the K loop chains two K steps per promotion (`PROMOTE_STEPS`): scales
-    constant along K and an even number of K steps."""
-    return PROMOTE_STEPS == 2 and constant_scales and -(-k // BLOCK_K) % 2 == 0
 
 
 def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, int],
@@ -407,8 +390,7 @@ def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[
         num_work, hidden, inter.shape[1], *x_strides, *w_layout[:3],
         0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),
         float(alpha), float(limit),
-        TAIL_M=tail_m, GROUP_M=GROUP_M, NUM_BUFFERS=STAGES,
-        PAIRED=paired_steps(hidden, x_group_k is None and not w_per_k), ACTIVATION=activation,
+        TAIL_M=tail_m, GROUP_M=group_m(w13), NUM_BUFFERS=STAGES, ACTIVATION=activation,
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,

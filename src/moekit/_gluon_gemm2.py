@@ -52,7 +52,6 @@ if HAVE_GLUON:
         gluon,
         mbarrier,
         row_tile,
-        tile_coords,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -63,11 +62,6 @@ if HAVE_GLUON:
 # (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
 WIDE_STAGES = 4  # of 48 KB: A [128, 128] and B [256, 128], for tiles of two halves
-# Row tiles side by side over each column tile (`tile_coords`; 1: row tile major).
-GROUP_M = 1
-# K steps chained in the MMA per promotion into fp32 where the scales are constant along
-# K: 1, or 2 (a 256-deep chain; DeepGEMM promotes every 128) where the steps pair up.
-PROMOTE_STEPS = 1
 
 
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
@@ -103,8 +97,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
-                  ready, empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr):
+                  ready, empty, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
         both math warpgroups have released it."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -113,9 +106,9 @@ if HAVE_GLUON:
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
-            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
+            pid_m = tile // n_tiles
             first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
-            b_row = expert * H + pid_n * BLOCK_N
+            b_row = expert * H + (tile - pid_m * n_tiles) * BLOCK_N
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
@@ -172,9 +165,8 @@ if HAVE_GLUON:
                   block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                   stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs,
-                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  BLOCK_K: gl.constexpr, NUM_BUFFERS: gl.constexpr, PAIRED: gl.constexpr,
-                  A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
+                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr):
@@ -199,7 +191,8 @@ if HAVE_GLUON:
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
-            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
+            pid_m = tile // n_tiles
+            pid_n = tile - pid_m * n_tiles
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
             mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
@@ -230,35 +223,7 @@ if HAVE_GLUON:
             acc0 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             if HALVES == 2:
                 acc1 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-            if busy and PAIRED:
-                # Scales constant along K: two K steps chained per promotion (see PAIRED).
-                part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-                for _ in range(0, I, 2 * BLOCK_K):
-                    first = counter % NUM_BUFFERS
-                    second = (counter + 1) % NUM_BUFFERS
-                    mbarrier.wait(ready.index(first), (counter // NUM_BUFFERS) & 1)
-                    a0 = a_bufs.index(first).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    b0 = b_bufs.index(first)
-                    part = warpgroup_mma(a0, b0.slice(0, BLOCK_N, dim=0).permute((1, 0)), part,
-                                         use_acc=False, is_async=True)
-                    mbarrier.wait(ready.index(second), ((counter + 1) // NUM_BUFFERS) & 1)
-                    a1 = a_bufs.index(second).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    b1 = b_bufs.index(second)
-                    part = warpgroup_mma(a1, b1.slice(0, BLOCK_N, dim=0).permute((1, 0)), part,
-                                         is_async=True)
-                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                    acc0 = acc0 + part
-                    if HALVES == 2:
-                        part = warpgroup_mma(a0, b0.slice(BLOCK_N, BLOCK_N, dim=0).permute((1, 0)),
-                                             part, use_acc=False, is_async=True)
-                        part = warpgroup_mma(a1, b1.slice(BLOCK_N, BLOCK_N, dim=0).permute((1, 0)),
-                                             part, is_async=True)
-                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                        acc1 = acc1 + part
-                    mbarrier.arrive(empty.index(first), count=1)
-                    mbarrier.arrive(empty.index(second), count=1)
-                    counter += 2
-            elif busy:
+            if busy:
                 # Each stage's product; per tile, so that it is dead in the epilogue.
                 part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
                 for k in range(0, I, BLOCK_K):
@@ -329,8 +294,7 @@ if HAVE_GLUON:
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
         stride_be,
-        TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-        PAIRED: gl.constexpr, A_PER_K: gl.constexpr,
+        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr,
         A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
@@ -356,19 +320,19 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS)),
+                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
              (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
-                          b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, BLOCK_K,
-                          NUM_BUFFERS, PAIRED, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                          W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)),
+                          b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT)),
              (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
-                          b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M, BLOCK_K,
-                          NUM_BUFFERS, PAIRED, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                          W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT))],
+                          b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                          HAS_BIAS, APPLY_WEIGHT))],
             [4, 4], [232, 232])
 
 
@@ -404,9 +368,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
         inter_size, a_strides[0], a_strides[1], *w_layout[:3],
         0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, GROUP_M=GROUP_M, NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
-        PAIRED=(PROMOTE_STEPS == 2 and a_group_k is None and w_layout[2] == 0
-                and -(-inter_size // BLOCK_K) % 2 == 0),
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
         A_PER_K=a_group_k is not None,
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
