@@ -6,6 +6,12 @@ off` collects exactly that call's GEMM kernels.
         -k regex:gemm -o $OUT/gemms python3 bench/scripts/ncu_gemms.py
     ncu --import $OUT/gemms.ncu-rep --page details > $OUT/gemms.txt
 
+Per-instruction warp stalls of one kernel (SASS, sampled):
+
+    ncu --profile-from-start off --clock-control none --section SourceCounters \
+        -k regex:_gemm1_ws_kernel -o $OUT/g1 python3 bench/scripts/ncu_gemms.py --cells 1
+    ncu --import $OUT/g1.ncu-rep --page source --csv --print-source sass > $OUT/g1.csv
+
 Cells: qwen3-30b-a3b at M = 4096 in bf16 and fp8 per-tensor (the cells furthest from
 their targets), mixtral-8x7b at M = 4096 fp8 per-tensor (the same kernels nearer the
 peak), for comparison of their counters.
@@ -42,8 +48,10 @@ def layer_call(name: str, m: int, dtype: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args()
-    for name, m, dtype in CELLS:
+    parser.add_argument("--cells", type=int, nargs="*", help="indices into CELLS (default all)")
+    args = parser.parse_args()
+    chosen = CELLS if args.cells is None else [CELLS[i] for i in args.cells]
+    for name, m, dtype in chosen:
         call = layer_call(name, m, dtype)
         for _ in range(2):
             call()
