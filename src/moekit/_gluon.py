@@ -141,6 +141,29 @@ if HAVE_GLUON:
         return pid_m, pid_n
 
     @gluon.jit
+    def stage_ring(NUM_BUFFERS: gl.constexpr):
+        """The ring's barriers per stage: `ready` (the producer's expected TMA bytes) and
+        `empty` (one release by each of the two math warpgroups)."""
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_BUFFERS):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        return ready, empty
+
+    @gluon.jit
+    def release_steps(ready, empty, counter, K, BLOCK_K: gl.constexpr,
+                      NUM_BUFFERS: gl.constexpr):
+        """An idle math warpgroup (a tail tile's second half): release each K step's stage
+        as it lands, so the producer can refill it. Returns the step counter."""
+        for _ in range(0, K, BLOCK_K):
+            index = counter % NUM_BUFFERS
+            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+            mbarrier.arrive(empty.index(index), count=1)
+            counter += 1
+        return counter
+
+    @gluon.jit
     def tiles_in_use(work_ptr, num_work, TAIL_M: gl.constexpr):
         """Row tiles in use, counted on the GPU: the work list's length (stored after it),
         or the plan's padded rows (`expert_offsets[E]`) over _TILE_M."""

@@ -60,7 +60,9 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
+        release_steps,
         row_tile,
+        stage_ring,
         tile_coords,
         tiles_in_use,
         tma,
@@ -249,12 +251,8 @@ if HAVE_GLUON:
                     up = up + part
                     mbarrier.arrive(empty.index(index), count=1)
                     counter += 1
-            else:  # idle (a tail tile's second half): release each stage as it lands
-                for _ in range(0, H, BLOCK_K):
-                    index = counter % NUM_BUFFERS
-                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-                    mbarrier.arrive(empty.index(index), count=1)
-                    counter += 1
+            else:  # idle (a tail tile's second half)
+                counter = release_steps(ready, empty, counter, H, BLOCK_K, NUM_BUFFERS)
             if busy:
                 cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
                 if not X_PER_K:
@@ -332,11 +330,7 @@ if HAVE_GLUON:
                                            b_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_BUFFERS):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+        ready, empty = stage_ring(NUM_BUFFERS)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                           g_bufs, u_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS)),

@@ -51,7 +51,9 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
+        release_steps,
         row_tile,
+        stage_ring,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -260,12 +262,8 @@ if HAVE_GLUON:
                                                    W_GROUP_K, W_UNIFORM_N)
                     mbarrier.arrive(empty.index(index), count=1)
                     counter += 1
-            else:  # idle (a tail tile's second half): release each stage as it lands
-                for _ in range(0, I, BLOCK_K):
-                    index = counter % NUM_BUFFERS
-                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-                    mbarrier.arrive(empty.index(index), count=1)
-                    counter += 1
+            else:  # idle (a tail tile's second half)
+                counter = release_steps(ready, empty, counter, I, BLOCK_K, NUM_BUFFERS)
             if busy:
                 row = first_slot + CONSUMER * _HALF_M
                 bias_base = b2_ptr + expert.to(gl.int64) * stride_be
@@ -313,11 +311,7 @@ if HAVE_GLUON:
                                            b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape,
                                            c_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_BUFFERS):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+        ready, empty = stage_ring(NUM_BUFFERS)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                           b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
