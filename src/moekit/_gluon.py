@@ -1,10 +1,10 @@
 """What the warp-specialised Gluon GEMMs (`moekit._gluon_gemm1`, `moekit._gluon_gemm2`)
 share: the guarded import of Gluon's Hopper API, when a tensor may take them, their TMA
-descriptors and the walk over the plan's row tiles.
+descriptors, the walk over the plan's row tiles and the stage ring's barriers.
 
 Both kernels read and write plan-order rows by TMA in 128-row tiles (or a run's odd last
 64 rows, with tail tiles); both are persistent over (row tile, column tile), row tile
-major.
+major but for GEMM1 on experts whose w13 outgrows L2 (`tile_coords`).
 """
 
 from __future__ import annotations

@@ -314,9 +314,9 @@ if HAVE_GLUON:
         INTER_STATIC: gl.constexpr, FMAX: gl.constexpr, AMAX_FLOOR: gl.constexpr,
         num_warps: gl.constexpr,
     ):
-        """Persistent over (row tile, 128 intermediate columns), row tile major; this
-        program's own warpgroup is the producer, two more the math (as
-        `_gemm2_ws_kernel`)."""
+        """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
+        (GROUP_M row tiles per column tile, 1: row tile major); this program's own
+        warpgroup is the producer, two more the math (as `_gemm2_ws_kernel`)."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
         gl.static_assert(a_desc.block_type.shape[1] == q_desc.block_type.shape[1],
                          "K steps as wide as the column tile")
