@@ -197,8 +197,8 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
 @pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
 @pytest.mark.parametrize("group", [3, 8])
 def test_grouped_tile_order_changes_no_value_gpu(scheme, group, gemm1_calls, monkeypatch):
-    # 2048 pairs over 4 experts, skewed: runs of 2–8 row tiles and a tail, so groups cross
-    # experts and the last group is partial; 4 column tiles (I = 512).
+    # 2048 pairs over 4 experts, skewed: runs of several row tiles, odd 64-row tails, groups
+    # that cross experts and a partial last group; 4 column tiles (I = 512).
     _require_gluon()
     M, E, k, H, I = 1024, 4, 2, 512, 512
     scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(

@@ -8,7 +8,7 @@ off` collects exactly that call's GEMM kernels.
 
 Per-instruction warp stalls of one kernel (SASS, sampled):
 
-    ncu --profile-from-start off --clock-control none --section SourceCounters \
+    ncu --profile-from-start off --clock-control none --section SourceCounters \\
         -k regex:_gemm1_ws_kernel -o $OUT/g1 python3 bench/scripts/ncu_gemms.py --cells 1
     ncu --import $OUT/g1.ncu-rep --page source --csv --print-source sass > $OUT/g1.csv
 

@@ -35,9 +35,8 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 __all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "l2_bytes",
-           "descriptor",
-           "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
-           "warpgroup_mma_wait"]
+           "descriptor", "gluon", "gl", "fence_async_shared", "mbarrier", "tma",
+           "warpgroup_mma", "warpgroup_mma_wait"]
 
 BLOCK_M = 128  # a row tile; two math warpgroups take 64 rows each
 HALF_M = BLOCK_M // 2

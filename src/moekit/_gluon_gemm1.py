@@ -115,7 +115,7 @@ def group_m(w13: torch.Tensor, l2: int | None = None) -> int:
     w13 is larger than L2 (`l2`, default the device's), so that a row tile's sweep over
     the column tiles would evict what the expert's next row tile needs; else 1 (row tile
     major). H200 (bench/results/h200-20261202-gluon-order-promote-experiment.md): mixtral
-    (117 MB per expert) GEMM1 1.11–1.24× faster grouped; qwen3 (3 MB) and deepseek-v3
+    (117 MB per expert) GEMM1 1.02–1.24× faster grouped; qwen3 (3 MB) and deepseek-v3
     (29 MB) 3–4% slower."""
     _, rows13, hidden = w13.shape
     if l2 is None:
