@@ -36,6 +36,8 @@
 #             the first presets only, as many as fit the limit; DIRECT_FP8_ARGS to choose)
 #   gluon     bench/scripts/gluon_grouped_gemm_experiment.py (GEMM2 at prefill as a Gluon
 #             grouped GEMM, plain and warp-specialised, against the library's; bf16, fp8)
+#   ncu       bench/scripts/ncu_gemms.py under Nsight Compute (--set full; the report in
+#             /tmp/gemms.ncu-rep, its details page in ncu-gemms-details.log)
 #   gluon1    bench/scripts/gluon_gemm1_experiment.py (fp8 GEMM1 at prefill, warp-specialised
 #             Gluon over plan-order rows, against the library's GEMM1; per-tensor, block)
 set -u
@@ -113,6 +115,9 @@ for stage in "$@"; do
     tail) step tail-tiles 300 python3 bench/scripts/tail_tiles_experiment.py --out "$out" ;;
     padding) step padding-ceiling 150 python3 bench/scripts/padding_ceiling_experiment.py \
                --out "$out" ;;
+    ncu) step ncu-gemms 300 ncu --profile-from-start off --clock-control none --set full \
+           -k regex:gemm -f -o /tmp/gemms python3 bench/scripts/ncu_gemms.py
+         step ncu-gemms-details 60 ncu --import /tmp/gemms.ncu-rep --page details ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done
