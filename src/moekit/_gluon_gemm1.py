@@ -76,7 +76,7 @@ BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
 GROUP_M = 8
 HOPPER_L2_BYTES = 50 * 2**20  # an H100's or H200's L2, for tensors off the GPU (compiles)
 # The math warpgroups take each K step's A rows from shared memory into registers once, for
-# both MMAs of the step (gate and up; two halves), instead of each MMA reading them from
+# both MMAs of the step (gate and up), instead of each MMA reading them from
 # shared memory (bench/NOTES.md, session 15's shared-memory model). Off: not yet measured.
 A_IN_REGISTERS = False
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
