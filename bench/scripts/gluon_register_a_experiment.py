@@ -6,9 +6,10 @@ Session 15's model (bench/NOTES.md): at the fp8 peak the two math warpgroups' MM
 96 B/clk of shared memory and the TMA writes 47 B/clk into the ring, against the 128 B/clk
 an SM's shared memory delivers; A once per step for gate and up (GEMM1) or for both
 halves (the wide GEMM2) makes it 127. Compiled on the CPU: 0–12 bytes of spill by case.
-For fp8 prefill cells: each Gluon kernel's CUDA time (torch.profiler, ten eager calls, no
-flush) and the layer's graph replay (L2 read-flushed), off and on, two interleaved rounds;
-the output must be bitwise the same (the same MMAs on the same values).
+For fp8 prefill cells: each Gluon kernel's CUDA time (`profiled_kernel_us`: torch.profiler,
+ten eager calls after three, no flush) and the layer's graph replay (L2 read-flushed), off
+and on, two interleaved rounds; the output must be bitwise the same (the same MMAs on the
+same values).
 
     PYTHONPATH=src python3 bench/scripts/gluon_register_a_experiment.py --out $OUT
 """
@@ -20,7 +21,7 @@ import json
 import os
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from gluon_grouped_gemm_experiment import profiled_kernel_us
 
 import moekit
 import moekit._gluon_gemm1 as gemm1
@@ -34,23 +35,6 @@ CELLS = [("qwen3-30b-a3b", 4096, "fp8_tensor"), ("qwen3-30b-a3b", 4096, "fp8_blo
          ("mixtral-8x7b", 4096, "fp8_tensor"), ("qwen3-30b-a3b", 16384, "fp8_tensor"),
          ("deepseek-v3", 4096, "fp8_block"), ("qwen3-30b-a3b", 4096, "fp8_channel")]
 KERNELS = ("_gemm1_ws_kernel", "_gemm2_ws_kernel")
-CALLS = 10
-
-
-def kernel_us(run) -> dict[str, float]:
-    """Mean CUDA µs per call of each Gluon kernel over CALLS eager calls of `run`."""
-    run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            run()
-        torch.cuda.synchronize()
-    out = {}
-    for event in prof.key_averages():
-        if event.key in KERNELS:
-            total = getattr(event, "device_time_total", None) or event.cuda_time_total
-            out[event.key] = round(total / CALLS, 1)
-    return out
 
 
 def set_registers(on: bool) -> None:
@@ -85,7 +69,8 @@ def main() -> None:
                     out = call()
                     row = dict(preset=name, M=m, scheme=scheme, round=round_, a_in_registers=on,
                                bitwise_equal=bool(torch.equal(out, expected)),
-                               **kernel_us(call), layer_us=round(graph_replay_us(call), 1))
+                               **{k: round(profiled_kernel_us(call, k), 1) for k in KERNELS},
+                               layer_us=round(graph_replay_us(call), 1))
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     print(json.dumps(row), flush=True)
