@@ -75,10 +75,6 @@ BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
 # Row tiles side by side over each column tile where one expert's w13 outgrows L2.
 GROUP_M = 8
 HOPPER_L2_BYTES = 50 * 2**20  # an H100's or H200's L2, for tensors off the GPU (compiles)
-# The math warpgroups take each K step's A rows from shared memory into registers once, for
-# both MMAs of the step (gate and up), instead of each MMA reading them from
-# shared memory (bench/NOTES.md, session 15's shared-memory model). Off: not yet measured.
-A_IN_REGISTERS = False
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -170,7 +166,7 @@ if HAVE_GLUON:
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, FMAX: gl.constexpr,
-                  AMAX_FLOOR: gl.constexpr, A_REGS: gl.constexpr):
+                  AMAX_FLOOR: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
         gate and up products go into a fresh accumulator, are scaled by the step's K-group
         scales (X_PER_K: hidden's per slot; W_PER_K: w13's, one per column tile; loaded
@@ -185,8 +181,6 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
         cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
-                                                     k_width=4)  # 32 bits of fp8
         offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
         offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
         part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
@@ -221,8 +215,6 @@ if HAVE_GLUON:
                     index = counter % NUM_BUFFERS
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    if A_REGS:
-                        a = a.load(a_layout)
                     part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
                     # The step's scales, loaded while the MMA runs.
@@ -320,7 +312,7 @@ if HAVE_GLUON:
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, FMAX: gl.constexpr, AMAX_FLOOR: gl.constexpr,
-        A_REGS: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
         (GROUP_M row tiles per column tile, 1: row tile major); this program's own
@@ -348,14 +340,14 @@ if HAVE_GLUON:
                           g_bufs, u_bufs, ready, empty, q_bufs, 0, TAIL_M, GROUP_M,
                           NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
                           W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
-                          AMAX_FLOOR, A_REGS)),
+                          AMAX_FLOOR)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
                           work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
                           stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
                           g_bufs, u_bufs, ready, empty, q_bufs, 1, TAIL_M, GROUP_M,
                           NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
                           W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
-                          AMAX_FLOOR, A_REGS))],
+                          AMAX_FLOOR))],
             [4, 4], [232, 232])
 
 
@@ -396,5 +388,5 @@ def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
-        FMAX=fmax, AMAX_FLOOR=amax_floor, A_REGS=A_IN_REGISTERS, num_warps=4,
+        FMAX=fmax, AMAX_FLOOR=amax_floor, num_warps=4,
     )

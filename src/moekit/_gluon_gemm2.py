@@ -64,10 +64,6 @@ if HAVE_GLUON:
 # (bench/results/h200-20261202-gluon-grouped-gemm-experiment.md).
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 5
 WIDE_STAGES = 4  # of 48 KB: A [128, 128] and B [256, 128], for tiles of two halves
-# The math warpgroups take each K step's A rows from shared memory into registers once, for
-# both MMAs of the step (the tile's two halves), instead of each MMA reading them from
-# shared memory (bench/NOTES.md, session 15's shared-memory model). Off: not yet measured.
-A_IN_REGISTERS = False
 
 
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
@@ -175,7 +171,7 @@ if HAVE_GLUON:
                   NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  APPLY_WEIGHT: gl.constexpr, A_REGS: gl.constexpr):
+                  APPLY_WEIGHT: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile, in one or two
         128-column halves (a tile as wide as the B box). Each stage's product goes into a
         fresh accumulator, is scaled by the step's K-group scales (A_PER_K, W_PER_K;
@@ -190,8 +186,6 @@ if HAVE_GLUON:
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
-                                                     k_width=4)  # 32 bits of fp8
         ones = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
         offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
         c_smem = c_bufs.index(CONSUMER)
@@ -238,8 +232,6 @@ if HAVE_GLUON:
                     index = counter % NUM_BUFFERS
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    if A_REGS:
-                        a = a.load(a_layout)
                     b = b_bufs.index(index)
                     part = warpgroup_mma(a, b.slice(0, BLOCK_N, dim=0).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
@@ -304,7 +296,7 @@ if HAVE_GLUON:
         A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
-        A_REGS: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, column tile), row tile major; this program's own
         warpgroup is the producer, two more (most of the registers) the math. A stage's
@@ -328,13 +320,13 @@ if HAVE_GLUON:
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT, A_REGS)),
+                          HAS_BIAS, APPLY_WEIGHT)),
              (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT, A_REGS))],
+                          HAS_BIAS, APPLY_WEIGHT))],
             [4, 4], [232, 232])
 
 
@@ -374,6 +366,6 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         A_PER_K=a_group_k is not None,
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
-        APPLY_WEIGHT=topk_weights is not None, A_REGS=A_IN_REGISTERS, num_warps=4,
+        APPLY_WEIGHT=topk_weights is not None, num_warps=4,
     )
     return out
