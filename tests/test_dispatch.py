@@ -3,9 +3,25 @@
 import pytest
 import torch
 
+import moekit.dispatch
 from moekit import reference
 from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.dispatch_plan import max_padded_pairs
+
+
+@pytest.fixture(autouse=True)
+def poisoned_plan_buffers(monkeypatch):
+    """The plan's tensors and scratch start as garbage, so an element the kernels do not
+    write cannot pass for a correct zero."""
+    carve = moekit.dispatch._int32_views
+
+    def poisoned(device, sizes):
+        views = carve(device, sizes)
+        for view in views:
+            view.fill_(-0x2152411)
+        return views
+
+    monkeypatch.setattr(moekit.dispatch, "_int32_views", poisoned)
 
 
 def check_invariants(plan, topk_ids, num_experts):
@@ -46,8 +62,8 @@ CASES = [
     (3, 2, 4, 16, "more slots than pairs"),
     (64, 8, 60, 16, "E not a power of two"),
     (40, 2, 1, 32, "all tokens on one expert"),
-    (300, 4, 7, 64, "more than 1024 pairs: several chunks, two launches"),
-    (400, 8, 128, 16, "13 chunks of 256 bins: the place kernel's scan in two 8-row steps"),
+    (300, 4, 7, 64, "5 chunks in one launch: every program histograms all pairs"),
+    (600, 8, 128, 16, "over 4096 pairs: count, scan and place launches, 19 chunks"),
     (20, 3, 1100, 16, "E > 1024"),
     (0, 4, 8, 16, "no tokens: empty plan, nothing to place"),
 ]
@@ -113,6 +129,22 @@ def test_plan_matches_reference_interpreter(M, k, E, block_m, why):
     assert torch.equal(plan.block_experts, expected.block_experts)
     assert torch.equal(plan.expert_offsets, expected.expert_offsets)
     assert torch.equal(plan.pair_slots, expected.pair_slots)
+    check_invariants(plan, ids, E)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,k,E", [(300, 4, 40), (70, 8, 3)])
+def test_scanned_plan_in_several_steps_interpreter(M, k, E, monkeypatch):
+    # The count, scan and place launches on few pairs, the scan in steps of a few chunks.
+    monkeypatch.setattr(moekit.dispatch, "_FUSED_PAIRS", 0)
+    monkeypatch.setattr(moekit.dispatch, "_SCAN_VALUES", 4 * moekit.dispatch._SCAN_BINS)
+    monkeypatch.setattr(moekit.dispatch, "_CHUNK", 64)
+    g = torch.Generator().manual_seed(M + E)
+    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32)
+    plan = dispatch_plan(ids, E, 16, tile_m=32, backend="triton")
+    expected = reference.dispatch_plan(ids, E, 16, tile_m=32)
+    for field in ("sorted_pairs", "block_experts", "expert_offsets", "pair_slots", "tiles"):
+        assert torch.equal(getattr(plan, field), getattr(expected, field)), field
     check_invariants(plan, ids, E)
 
 
@@ -187,7 +219,8 @@ def check_expert_map_plan(plan, ids, table, local_experts):
 MAP_CASES = [
     # (M, k, E_global, block_m, why)
     (9, 4, 16, 16, "one launch (single chunk)"),
-    (300, 4, 10, 32, "several chunks: the count kernel maps ids too"),
+    (300, 4, 10, 32, "several chunks in one launch"),
+    (1100, 4, 10, 32, "over 4096 pairs: the count kernel maps ids too"),
     (5, 2, 7, 16, "odd global E: the two ranks hold 4 and 3 experts"),
 ]
 
@@ -291,7 +324,7 @@ def test_expert_map_gpu(M, k, E, block_m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [100, 4096], ids=["one launch", "count + place launches"])
+@pytest.mark.parametrize("M", [100, 4096], ids=["one launch", "count, scan, place launches"])
 @pytest.mark.parametrize("mapped", [False, True], ids=["plain", "expert_map"])
 def test_plan_cuda_graph_gpu(M, mapped):
     # The plan captured once and replayed on new ids equals the reference every time.

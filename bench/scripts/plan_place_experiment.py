@@ -56,7 +56,7 @@ def kernel_us(fn, calls: int = 20) -> dict[str, float]:
             fn()
         torch.cuda.synchronize()
     return {e.key: round(e.device_time_total / calls, 2) for e in prof.key_averages()
-            if "pairs_kernel" in e.key}
+            if "pairs_kernel" in e.key or "counts_kernel" in e.key}
 
 
 def main() -> None:

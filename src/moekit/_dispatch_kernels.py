@@ -1,23 +1,34 @@
 """Triton kernels that build the dispatch plan (see `moekit.dispatch_plan`).
 
-Two launches, no host synchronisation:
+Up to `dispatch._FUSED_PAIRS` pairs, one launch:
+
+    _place_pairs_kernel   grid (programs,) every program histograms all ids itself (the
+                                           per-expert totals, and the pairs before its
+                                           chunk), places its chunk's pairs and fills
+                                           its share of blocks
+
+Beyond, three, each one pass without serial loops over the whole input:
 
     _count_pairs_kernel   grid (chunks,)   per-chunk histogram of expert ids
-    _place_pairs_kernel   grid (programs,) every program derives the global per-expert
-                                           totals and padded offsets from the histograms,
-                                           scatters its own chunk's pairs to their slots
+    _scan_counts_kernel   grid (bin groups,) the histograms → exclusive prefix over
+                                           chunks (in place) and per-expert totals
+    _place_pairs_kernel   grid (programs,) reads its chunk's prefix and the totals,
+                                           scatters its chunk's pairs to their slots
                                            (stable: pair order within an expert), and
                                            fills its share of blocks with expert ids and
                                            padding sentinels.
 
+A pair's rank among its expert's pairs in its chunk is counted by comparison with the
+chunk's earlier pairs (CHUNK² compares, no sort: Triton's bitonic `tl.sort` took ~7 µs
+for 256 keys and ~40 µs for 2048, bench/results/h200-20261202-plan-place-experiment.md).
+
 With tail tiles (TILE_M = 2·BLOCK_M) the place kernel also writes the GEMMs' work list:
 each expert's run in TILE_M-row tiles, a run's odd last block marked as a tail.
 
-When the pairs fit one chunk (decode), the count is folded into the second kernel and
-only one launch runs. Ids outside [0, E) fall into an extra "dropped" bin, bin E. With
-an expert map (expert parallelism) each global id is first mapped to its local id, so
-pairs routed to other ranks' experts land in the dropped bin too. The place kernel also
-writes the inverse map pair → slot (−1 for dropped pairs) that unpermute reads.
+Ids outside [0, E) fall into an extra "dropped" bin, bin E. With an expert map (expert
+parallelism) each global id is first mapped to its local id, so pairs routed to other
+ranks' experts land in the dropped bin too. The place kernel also writes the inverse map
+pair → slot (−1 for dropped pairs) that unpermute reads.
 """
 
 import triton
@@ -46,24 +57,6 @@ def _local_ids_kernel(ids_ptr, expert_map_ptr, out_ptr, num_ids, num_global, num
 
 
 @triton.jit
-def _fill_tiles(tiles_ptr, t, in_range, starts, ends, counts, tile_ends, total, is_expert,
-                bins, PLAN_M: tl.constexpr, TILE_M: tl.constexpr):
-    """Work-list entries t: each expert's run (a multiple of PLAN_M = TILE_M / 2 slots) in
-    `counts` = ⌈run / TILE_M⌉ tiles (`tile_ends` their running sum, `total` their sum), in
-    expert order; entry = first plan block · 2 + is_tail, where is_tail marks a run's odd
-    last block; −1 past the last tile."""
-    owner = tl.sum(((tile_ends[None, :] <= t[:, None]) & is_expert[None, :]).to(tl.int32), 1)
-    mine = bins[None, :] == owner[:, None]
-    run_start = tl.sum(tl.where(mine, starts[None, :], 0), 1)
-    run_end = tl.sum(tl.where(mine, ends[None, :], 0), 1)
-    first_tile = tl.sum(tl.where(mine, (tile_ends - counts)[None, :], 0), 1)
-    first_slot = run_start + (t - first_tile) * TILE_M
-    is_tail = (first_slot + TILE_M > run_end).to(tl.int32)
-    entry = tl.where(t < total, first_slot // PLAN_M * 2 + is_tail, -1)
-    tl.store(tiles_ptr + t, entry, mask=in_range)
-
-
-@triton.jit
 def _count_pairs_kernel(
     topk_ids_ptr,  # [M*k] int32
     expert_map_ptr,  # [E_global] int32 global → local id (read only when HAS_MAP)
@@ -85,11 +78,51 @@ def _count_pairs_kernel(
 
 
 @triton.jit
+def _scan_counts_kernel(
+    counts_ptr,  # [chunks, BINS] int32: histograms in, exclusive prefix over chunks out
+    totals_ptr,  # [BINS] int32, out: pairs per bin over all chunks
+    num_chunks,
+    BINS: tl.constexpr,
+    SCAN_BINS: tl.constexpr,  # bins per program (a power of two ≤ BINS)
+    ROWS: tl.constexpr,  # chunks per step (a power of two)
+):
+    """Grid (BINS / SCAN_BINS,): one program scans its bins' column over all chunks."""
+    cols = tl.program_id(0) * SCAN_BINS + tl.arange(0, SCAN_BINS)
+    carry = tl.zeros([SCAN_BINS], dtype=tl.int32)
+    for r0 in range(0, num_chunks, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        ptrs = counts_ptr + rows[:, None] * BINS + cols[None, :]
+        ok = (rows < num_chunks)[:, None]
+        hist = tl.load(ptrs, mask=ok, other=0)
+        tl.store(ptrs, carry[None, :] + tl.cumsum(hist, 0) - hist, mask=ok)
+        carry += tl.sum(hist, 0)
+    tl.store(totals_ptr + cols, carry)
+
+
+@triton.jit
+def _rank_in_chunk(topk_ids_ptr, expert_map_ptr, bins_of, chunk_start, num_pairs, num_global,
+                   num_experts, CHUNK: tl.constexpr, HAS_MAP: tl.constexpr):
+    """For each pair of the chunk, how many earlier pairs of the chunk share its bin:
+    compared with the chunk's pairs 32 at a time ([CHUNK, 32] per step)."""
+    rank = tl.zeros([CHUNK], dtype=tl.int32)
+    lane = tl.arange(0, CHUNK)
+    for j0 in tl.static_range(0, CHUNK, 32):
+        offs_j = chunk_start + j0 + tl.arange(0, 32)
+        ids_j = tl.load(topk_ids_ptr + offs_j, mask=offs_j < num_pairs, other=-1)
+        bins_j = _local_bins(ids_j, expert_map_ptr, num_global, num_experts, HAS_MAP)
+        earlier = (j0 + tl.arange(0, 32))[None, :] < lane[:, None]
+        same = (bins_j[None, :] == bins_of[:, None]) & earlier
+        rank += tl.sum(same.to(tl.int32), 1)
+    return rank
+
+
+@triton.jit
 def _place_pairs_kernel(
     topk_ids_ptr,  # [M*k] int32
     expert_map_ptr,  # [E_global] int32 global → local id (read only when HAS_MAP)
-    counts_ptr,  # [chunks, BINS] int32 (unused when SINGLE_CHUNK)
-    bases_ptr,  # [programs, BINS] int32 scratch: slot base per expert of this program's chunk
+    prefix_ptr,  # [chunks, BINS] int32: pairs per bin before each chunk (when SCANNED)
+    totals_ptr,  # [BINS] int32: pairs per bin (when SCANNED)
+    scratch_ptr,  # [programs, 4, BINS] int32: per-bin values each program gathers from
     sorted_pairs_ptr,  # [capacity] int32, out
     block_experts_ptr,  # [capacity / BLOCK_M] int32, out
     expert_offsets_ptr,  # [E + 1] int32, out
@@ -102,100 +135,114 @@ def _place_pairs_kernel(
     num_blocks,
     blocks_per_program,
     max_tiles,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr,  # pairs per chunk, a power of two ≥ 32
+    ALL_PAIRS: tl.constexpr,  # unless SCANNED: a power of two ≥ num_pairs
     BINS: tl.constexpr,
+    EXPERTS_PER_PROGRAM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TILE_M: tl.constexpr,  # 0, or 2·BLOCK_M: write the tail-tile work list
     BLOCK_TILE: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,
+    SCANNED: tl.constexpr,  # the totals and prefixes come from `_scan_counts_kernel`
     HAS_MAP: tl.constexpr,
-    SCAN_ROWS: tl.constexpr,  # chunk histograms summed per step (a power of two)
 ):
-    """Grid (programs,): program p places chunk p's pairs and fills its blocks (and the
-    work-list entries of the same indices: there are fewer tiles than blocks).
-
-    Every program recomputes the per-expert totals (a few KB read from L2) instead of
-    waiting for a separate scan launch.
-    """
+    """Grid (programs,): program p places chunk p's pairs, writes experts
+    [p·EXPERTS_PER_PROGRAM, +EXPERTS_PER_PROGRAM)'s blocks, work-list entries and
+    padding, and fills its share of the blocks past the last run. Every per-bin value a
+    program needs for a chunk pair or an expert of its own it gathers from its scratch
+    rows: no [rows, BINS] reductions, which cost ~3 µs per 16 blocks (session 16)."""
     pid = tl.program_id(0)
     bins = tl.arange(0, BINS)
     is_expert = bins < num_experts
 
-    # This chunk's ids and histogram; the totals over all chunks and the pairs before us.
-    # With a single chunk every program reads it: all need its totals, program 0 places it.
-    chunk = 0 if SINGLE_CHUNK else pid
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1)
-    ids = _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP)
-    if SINGLE_CHUNK:
-        own = tl.histogram(ids, BINS)
-        totals = own
-        before = tl.zeros([BINS], dtype=tl.int32)
-    else:
-        own = tl.load(counts_ptr + pid * BINS + bins, mask=pid < num_chunks, other=0)
-        totals = tl.zeros([BINS], dtype=tl.int32)
-        before = tl.zeros([BINS], dtype=tl.int32)
-        # SCAN_ROWS histograms per load, so that many loads are in flight at once.
-        for c0 in range(0, num_chunks, SCAN_ROWS):
-            c = c0 + tl.arange(0, SCAN_ROWS)
-            rows = tl.load(counts_ptr + c[:, None] * BINS + bins[None, :],
-                           mask=(c < num_chunks)[:, None], other=0)
-            totals += tl.sum(rows, 0)
-            before += tl.sum(tl.where((c < pid)[:, None], rows, 0), 0)
+    # The totals over all pairs and the pairs before this chunk, per bin.
+    if SCANNED:
+        totals = tl.load(totals_ptr + bins)
+        before = tl.load(prefix_ptr + pid * BINS + bins, mask=pid < num_chunks, other=0)
+    else:  # few pairs: every program histograms them all
+        offs_all = tl.arange(0, ALL_PAIRS)
+        ids_all = tl.load(topk_ids_ptr + offs_all, mask=offs_all < num_pairs, other=-1)
+        bins_all = _local_bins(ids_all, expert_map_ptr, num_global, num_experts, HAS_MAP)
+        totals = tl.histogram(bins_all, BINS)
+        # Pairs from this chunk on counted in the dropped bin, which no one reads.
+        before = tl.histogram(tl.where(offs_all < pid * CHUNK, bins_all, num_experts), BINS)
 
-    padded = tl.where(is_expert, (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    totals = tl.where(is_expert, totals, 0)
+    padded = (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)  # end slot of each expert's padded run
     starts = ends - padded
+    used_blocks = tl.sum(padded, 0) // BLOCK_M
     if pid == 0:
         tl.store(expert_offsets_ptr + bins, starts, mask=bins <= num_experts)
-
-    # Scatter: sorting (expert, position) keys gives each pair its rank within its
-    # expert in this chunk; the slot is the expert's start + pairs in earlier chunks +
-    # that rank. The per-expert base goes through scratch memory to be gathered by key.
+    scratch = scratch_ptr + pid * 4 * BINS
+    has_experts = pid * EXPERTS_PER_PROGRAM < num_experts
     if pid < num_chunks:
-        local_starts = tl.cumsum(own, 0) - own
-        tl.store(bases_ptr + pid * BINS + bins, starts + before - local_starts)
-        tl.debug_barrier()
-        keys = tl.sort(ids * CHUNK + tl.arange(0, CHUNK))
-        expert = keys // CHUNK
-        pair = pid * CHUNK + keys % CHUNK
-        rank = tl.arange(0, CHUNK)  # position in the sorted chunk
-        keep = expert < num_experts
-        slot = tl.load(bases_ptr + pid * BINS + expert, mask=keep, other=0) + rank
-        tl.store(sorted_pairs_ptr + slot, pair, mask=keep)
-        # The inverse map, written while the slots are at hand: every pair of the chunk
-        # (padding lanes past M*k are masked out), dropped ones with −1.
-        tl.store(pair_slots_ptr + pair, tl.where(keep, slot, -1), mask=pair < num_pairs)
-
-    # Blocks: the expert owning each block is the number of runs that end at or before
-    # the block's first slot; slots past that expert's real pairs get the sentinel.
-    real_ends = tl.where(is_expert, starts + totals, 0)
-    used = tl.sum(padded, 0)
-    if TILE_M:  # per-expert tile counts of the work list, for every block tile below
+        tl.store(scratch + bins, starts + before)  # a chunk pair's slot, less its rank
+    if has_experts:
+        tl.store(scratch + BINS + bins, starts)
+        tl.store(scratch + 2 * BINS + bins, totals)
+    if TILE_M:  # each expert's run in TILE_M-row tiles, in expert order
         tile_counts = (padded + TILE_M - 1) // TILE_M
         tile_ends = tl.cumsum(tile_counts, 0)
         num_tiles = tl.sum(tile_counts, 0)
+        if has_experts:
+            tl.store(scratch + 3 * BINS + bins, tile_ends - tile_counts)
         if pid == 0:  # the work list's length, after the list
             tl.store(tiles_ptr + max_tiles, num_tiles)
+    tl.debug_barrier()
+
+    # Scatter: a pair's slot is its expert's start + its pairs in earlier chunks + its
+    # rank in this chunk.
+    if pid < num_chunks:
+        chunk_start = pid * CHUNK
+        offs = chunk_start + tl.arange(0, CHUNK)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        bins_of = _local_bins(ids, expert_map_ptr, num_global, num_experts, HAS_MAP)
+        rank = _rank_in_chunk(topk_ids_ptr, expert_map_ptr, bins_of, chunk_start, num_pairs,
+                              num_global, num_experts, CHUNK, HAS_MAP)
+        keep = bins_of < num_experts
+        slot = tl.load(scratch + bins_of, mask=keep, other=0) + rank
+        tl.store(sorted_pairs_ptr + slot, offs, mask=keep)
+        # The inverse map, written while the slots are at hand: every pair of the chunk
+        # (lanes past M*k are masked out), dropped ones with −1.
+        tl.store(pair_slots_ptr + offs, tl.where(keep, slot, -1), mask=offs < num_pairs)
+
+    # This program's experts: their blocks' expert id, their work-list entries (entry =
+    # first plan block · 2 + is_tail, is_tail marking a run's odd last block) and the
+    # sentinel in their last block's slots past their pairs.
+    experts = pid * EXPERTS_PER_PROGRAM + tl.arange(0, EXPERTS_PER_PROGRAM)
+    mine = experts < num_experts
+    run_start = tl.load(scratch + BINS + experts, mask=mine, other=0)
+    run_pairs = tl.load(scratch + 2 * BINS + experts, mask=mine, other=0)
+    run_end = run_start + (run_pairs + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    tail = run_start + run_pairs
+    pad = tail[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_pairs_ptr + pad, tl.full([EXPERTS_PER_PROGRAM, BLOCK_M], 0, tl.int32)
+             + num_pairs, mask=mine[:, None] & (pad < run_end[:, None]))
+    if TILE_M:
+        first_tile = tl.load(scratch + 3 * BINS + experts, mask=mine, other=0)
+    run_blocks = (run_end - run_start) // BLOCK_M
+    for j0 in range(0, tl.max(run_blocks, 0), BLOCK_TILE):
+        j = j0 + tl.arange(0, BLOCK_TILE)[None, :]
+        block = run_start[:, None] // BLOCK_M + j
+        tl.store(block_experts_ptr + block, experts[:, None] + 0 * j,
+                 mask=mine[:, None] & (j < run_blocks[:, None]))
+        if TILE_M:  # a run's tiles are ⌈blocks / 2⌉ of its blocks' count: same loop
+            first_slot = run_start[:, None] + j * TILE_M
+            is_tail = (first_slot + TILE_M > run_end[:, None]).to(tl.int32)
+            tl.store(tiles_ptr + first_tile[:, None] + j, first_slot // BLOCK_M * 2 + is_tail,
+                     mask=mine[:, None] & (first_slot < run_end[:, None]))
+
+    # Blocks past the last run: expert −1 and sentinel slots; work-list entries past the
+    # last tile: −1 (the list is never longer than the plan's blocks).
     first_block = pid * blocks_per_program
     for t in range(0, blocks_per_program, BLOCK_TILE):
         block = first_block + t + tl.arange(0, BLOCK_TILE)
         in_range = (block < num_blocks) & (t + tl.arange(0, BLOCK_TILE) < blocks_per_program)
-        block_start = block * BLOCK_M
-        owner = tl.sum(
-            ((ends[None, :] <= block_start[:, None]) & is_expert[None, :]).to(tl.int32), 1
-        )
-        live = block_start < used
-        tl.store(block_experts_ptr + block, tl.where(live, owner, -1), mask=in_range)
-        owner_end = tl.sum(tl.where(bins[None, :] == owner[:, None], real_ends[None, :], 0), 1)
-        owner_end = tl.where(live, owner_end, 0)
-        slots = block_start[:, None] + tl.arange(0, BLOCK_M)[None, :]
-        is_padding = slots >= owner_end[:, None]
-        tl.store(
-            sorted_pairs_ptr + slots,
-            tl.full([BLOCK_TILE, BLOCK_M], 0, tl.int32) + num_pairs,
-            mask=in_range[:, None] & is_padding,
-        )
+        rest = in_range & (block >= used_blocks)
+        tl.store(block_experts_ptr + block, tl.full([BLOCK_TILE], -1, tl.int32), mask=rest)
+        slots = block[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        tl.store(sorted_pairs_ptr + slots, tl.full([BLOCK_TILE, BLOCK_M], 0, tl.int32)
+                 + num_pairs, mask=rest[:, None])
         if TILE_M:
-            _fill_tiles(tiles_ptr, block, in_range & (block < max_tiles), starts, ends,
-                        tile_counts, tile_ends, num_tiles, is_expert, bins, BLOCK_M, TILE_M)
+            tl.store(tiles_ptr + block, tl.full([BLOCK_TILE], -1, tl.int32),
+                     mask=in_range & (block >= num_tiles) & (block < max_tiles))

@@ -20,34 +20,44 @@ import torch
 
 from moekit import reference
 from moekit._checks import check_tensor
-from moekit._dispatch_kernels import _count_pairs_kernel, _local_ids_kernel, _place_pairs_kernel
+from moekit._dispatch_kernels import (
+    _count_pairs_kernel,
+    _local_ids_kernel,
+    _place_pairs_kernel,
+    _scan_counts_kernel,
+)
 from moekit._intmath import cdiv, next_power_of_2
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs, max_tiles
 
 _BLOCKS_PER_PROGRAM = 64
-# Histogram values each place program sums per step of its scan over all chunks (8 rows
-# of 256 bins) rather than one row per step: the plan 8–11% faster on qwen3 at 128K pairs
-# and on mixtral, within noise on qwen3 at 8K–32K pairs and on deepseek-v3
-# (bench/results/h200-20261202-plan-scan-experiment.md).
-_SCAN_VALUES = 2048
+# Experts whose blocks one place program writes: 4, or more past 256 experts (at most
+# 64 programs for the experts); fewer when there are more chunks than that.
+_EXPERTS_PER_PROGRAM = 4
+_EXPERT_PROGRAMS = 64
 _LOCAL_IDS_BLOCK = 1024
 _BLOCK_TILE = 16
-# Up to this many pairs one program sorts them all and the count launch is skipped (a
-# launch costs ~70 µs of host time on the lent H100 VM). Measured there: ~6 µs of GPU time
-# at 1024 pairs, ~100 µs at 4096 (serial work in one program), so the cut is at 1024.
-_SINGLE_CHUNK_PAIRS = 1024
+# Pairs per place program: its rank count compares CHUNK × CHUNK pairs; 256 past
+# _LARGE_PAIRS, where 128 makes the count and scan launches slower than the ranks gain
+# (bench/results/h200-20261202-plan-rank-experiment.md).
+_CHUNK = 128
+_LARGE_CHUNK = 256
+_LARGE_PAIRS = 65536
+# Up to this many pairs one launch: every place program histograms all of them itself
+# (a launch costs ~70 µs of host time on the lent H100 VM); beyond, count and scan
+# launches first.
+_FUSED_PAIRS = 4096
+# The scan kernel's bins per program and values per step.
+_SCAN_BINS = 16
+_SCAN_VALUES = 4096
 
 
 def _chunk_size(num_pairs: int) -> int:
-    """Pairs per program: one chunk (one launch) up to 1024 pairs, ~64 chunks beyond.
-
-    Sort keys are expert * chunk + position: with E < 2^16 and chunk ≤ 4096 they stay
-    below 2^28, inside int32.
-    """
-    if num_pairs <= _SINGLE_CHUNK_PAIRS:
-        return max(16, next_power_of_2(num_pairs))
-    return max(256, min(next_power_of_2(cdiv(num_pairs, 64)), 4096))
+    """Pairs per place program: a power of two from 32 to _CHUNK (_LARGE_CHUNK past
+    _LARGE_PAIRS)."""
+    if num_pairs > _LARGE_PAIRS:
+        return _LARGE_CHUNK
+    return max(32, min(_CHUNK, next_power_of_2(num_pairs)))
 
 
 def _int32_views(device: torch.device, sizes: list[int]) -> list[torch.Tensor]:
@@ -105,17 +115,20 @@ def dispatch_plan(
     bins = next_power_of_2(num_experts + 1)
     chunk = _chunk_size(num_pairs)
     num_chunks = max(1, cdiv(num_pairs, chunk))
-    single = num_chunks == 1
-    programs = max(num_chunks, cdiv(num_blocks, _BLOCKS_PER_PROGRAM), 1)
+    scanned = num_pairs > _FUSED_PAIRS
+    expert_programs = cdiv(num_experts, max(_EXPERTS_PER_PROGRAM,
+                                            cdiv(num_experts, _EXPERT_PROGRAMS)))
+    programs = max(num_chunks, expert_programs, cdiv(num_blocks, _BLOCKS_PER_PROGRAM))
+    experts_per_program = next_power_of_2(cdiv(num_experts, programs))
     blocks_per_program = cdiv(num_blocks, programs) if num_blocks else 0
     tiles_len = max_tiles(num_blocks, num_experts, num_pairs) if tile_m else 0
 
     # One allocation for the plan and the kernels' scratch (each allocation costs host time).
-    sorted_pairs, block_experts, expert_offsets, pair_slots, tiles, bases, counts = (
+    sorted_pairs, block_experts, expert_offsets, pair_slots, tiles, scratch, prefix, totals = (
         _int32_views(
             topk_ids.device,
             [capacity, num_blocks, num_experts + 1, num_pairs, tiles_len + 1 if tile_m else 0,
-             num_chunks * bins, 0 if single else num_chunks * bins],
+             programs * 4 * bins, num_chunks * bins if scanned else 0, bins if scanned else 0],
         )
     )
     plan = DispatchPlan(
@@ -126,19 +139,25 @@ def dispatch_plan(
     has_map = expert_map is not None
     id_map = expert_map if has_map else flat_ids  # placeholder pointer, never read
     num_global = expert_map.numel() if has_map else num_experts
-    if single:
-        counts = bases  # not read when SINGLE_CHUNK
-    else:
+    if scanned:
         _count_pairs_kernel[(num_chunks,)](
-            flat_ids, id_map, counts, num_pairs, num_experts, num_global,
+            flat_ids, id_map, prefix, num_pairs, num_experts, num_global,
             CHUNK=chunk, BINS=bins, HAS_MAP=has_map,
         )
+        scan_bins = min(bins, _SCAN_BINS)
+        _scan_counts_kernel[(bins // scan_bins,)](
+            prefix, totals, num_chunks, BINS=bins, SCAN_BINS=scan_bins,
+            ROWS=max(1, _SCAN_VALUES // scan_bins),
+        )
+    else:
+        prefix = totals = scratch  # not read
     _place_pairs_kernel[(programs,)](
-        flat_ids, id_map, counts, bases, sorted_pairs, block_experts, expert_offsets,
+        flat_ids, id_map, prefix, totals, scratch, sorted_pairs, block_experts, expert_offsets,
         pair_slots, tiles, num_pairs, num_experts, num_global, num_chunks, num_blocks,
-        blocks_per_program, tiles_len, CHUNK=chunk, BINS=bins, BLOCK_M=block_m,
-        TILE_M=tile_m or 0, BLOCK_TILE=_BLOCK_TILE, SINGLE_CHUNK=single, HAS_MAP=has_map,
-        SCAN_ROWS=max(1, _SCAN_VALUES // bins),
+        blocks_per_program, tiles_len, CHUNK=chunk,
+        ALL_PAIRS=1 if scanned else next_power_of_2(max(num_pairs, 1)), BINS=bins,
+        EXPERTS_PER_PROGRAM=experts_per_program, BLOCK_M=block_m, TILE_M=tile_m or 0,
+        BLOCK_TILE=_BLOCK_TILE, SCANNED=scanned, HAS_MAP=has_map,
     )
     return plan
 
