@@ -219,6 +219,45 @@ def test_grouped_tile_order_changes_no_value_gpu(scheme, group, gemm1_calls, mon
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [
+    "fp8_tensor", "fp8_channel", QuantScheme.fp8_tensor(dynamic=False),
+    QuantScheme(QuantSpec(group=(128, 128)), QuantSpec(group="token")),  # w13's per K
+])
+@pytest.mark.parametrize("M,E,k,H,I,act,bias,skew", [
+    (1000, 16, 4, 768, 384, "swigluoai", True, 3.0),  # odd 64-row tails, biases
+    (300, 32, 8, 528, 256, "gelu", False, 0.0),  # H a partial K step: masked copies
+])
+def test_gathered_rows_equal_plan_order_rows_gpu(scheme, M, E, k, H, I, act, bias, skew,
+                                                 monkeypatch):
+    # Gathered: the producer copies each slot's token row itself (cp.async) instead of the
+    # quantiser writing it to every plan slot; the same values reach the same MMAs.
+    _require_gluon()
+    if isinstance(scheme, QuantScheme) and scheme.weight.group[1] != FULL and bias:
+        pytest.skip("per-K weight scales with biases keep the Triton GEMM1")
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, act, bias=bias, dtype=torch.bfloat16, device="cuda", skew=skew)
+    config = plan_fp8_config(4096, E, k, scheme)
+    ids[::7, -1] = -1  # dropped pairs
+    gathered = []
+    real = moekit.experts_fp8.gluon_gemm1
+    monkeypatch.setattr(moekit.experts_fp8, "gluon_gemm1", lambda *args, **kwargs: (
+        gathered.append(kwargs.get("gather_top_k")), real(*args, **kwargs))[1])
+    outs = {}
+    for gather in (False, True):
+        monkeypatch.setattr(moekit._gluon_gemm1, "GATHER_MIN_TOP_K", 1 if gather else 10**9)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, activation=act,
+                                 b13=b13, b2=b2, config=config, out=out)
+        outs[gather] = out
+    assert gathered == [None, k], "the second call gathers"
+    assert torch.equal(outs[True], outs[False]), "gathered rows changed a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                       activation=act, b13=b13, b2=b2)
+    assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} gathered")
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_with_the_gluon_gemm1_gpu(gemm1_calls):
     # New routing on every replay: the plan-order copy follows the new pair slots.
     _require_gluon()

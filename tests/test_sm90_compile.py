@@ -165,7 +165,7 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     bias, odd_h, odd_i, tma (expected); direct path: whole (GEMM2 a program per token),
     two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
     kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off), grouped
-    (the Gluon GEMM1's grouped tile order)."""
+    (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
@@ -256,6 +256,14 @@ CASES = [
     _fp8("prefill, Gluon GEMM1: block scales, gpt-oss activation, fp16, no tail tiles (with "
          "biases, per-K scales keep the Triton GEMM1: that epilogue spilled ~300 bytes)",
          "block", "fp16", "swigluoai", 128, tma=True, gluon=True, gluon1=True, no_tail=True),
+    _fp8("prefill, Gluon GEMM1 gathering A by cp.async (`gather_rows`): per-tensor scale, tail "
+         "tiles", "tensor", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, gather=True),
+    _fp8("prefill, Gluon GEMM1 where rows would be gathered: block scales keep the plan order, no "
+         "tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True,
+         gather=True, no_tail=True),
+    _fp8("prefill, Gluon GEMM1 gathering A: per-token input scales, per-channel weights, "
+         "biases", "channel", "bf16", "swigluoai", 128, tma=True, gluon=True, gluon1=True,
+         bias=True, gather=True),
     _fp8("prefill, per-channel, I = 200 (rows not 16-byte multiples): pointer tiles, one-tile-"
          "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
          "bf16", "swigluoai", 128, bias=True, odd_i=True),
@@ -537,6 +545,7 @@ def _run_fp8(p):
     # On the CPU `use_gluon_gemm2` is always False; an sm_90 GPU's answer is forced here.
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
+    moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)

@@ -140,13 +140,14 @@ if HAVE_GLUON:
         return pid_m, pid_n
 
     @gluon.jit
-    def stage_ring(NUM_BUFFERS: gl.constexpr):
-        """The ring's barriers per stage: `ready` (the producer's expected TMA bytes) and
-        `empty` (one release by each of the two math warpgroups)."""
+    def stage_ring(NUM_BUFFERS: gl.constexpr, READY_ARRIVALS: gl.constexpr):
+        """The ring's barriers per stage: `ready` (the producer's expected TMA bytes, and
+        READY_ARRIVALS arrivals in all) and `empty` (one release by each of the two math
+        warpgroups)."""
         ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_BUFFERS):
-            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(ready.index(i), count=READY_ARRIVALS)
             mbarrier.init(empty.index(i), count=2)
         return ready, empty
 

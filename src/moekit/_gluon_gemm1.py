@@ -2,14 +2,16 @@
 
 GEMM1 is the larger half of fp8 prefill, and Triton's kernel ran it at ~37–55% of the
 fp8 peak (qwen3 M = 4096 per-tensor: 375 µs on an H200). Its A rows are gathered — each
-(token, expert) pair reads its token's row — and Hopper's TMA cannot gather, so here the
+(token, expert) pair reads its token's row — and Hopper's TMA cannot gather. So either
+the producer gathers them itself, 16-byte cp.async copies from hidden quantised once per
+token (`gather_rows`: from 4 experts per token, input scales constant along K), or the
 quantiser writes each token's fp8 row to its pairs' plan slots (`launch_quantize_rows`
 with `pair_slots`: [capacity, H], padding slots unwritten) and every operand travels by
 TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
 
-    producer warpgroup    per 128-deep K step: A [128, 128] (plan rows), the expert's
-                          gate rows [128, 128] and up rows [128, 128], 48 KB a stage,
-                          into a ring of STAGES
+    producer warpgroup    per 128-deep K step: A [128, 128] (plan rows by TMA, or token
+                          rows by cp.async), the expert's gate rows [128, 128] and up
+                          rows [128, 128] by TMA, 48 KB a stage, into a ring of STAGES
     two math warpgroups   64 rows each; the gate and up products promoted per stage into
                           two fp32 accumulators, each product first scaled by its K
                           step's scales where they vary along K (hidden's 1×128 groups,
@@ -53,6 +55,8 @@ from moekit._gluon import (
 from moekit.quant.scheme import FULL
 
 if HAVE_GLUON:
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+
     from moekit._experts_fp8_kernels import _scale_from_amax
     from moekit._experts_kernels import _activate
     from moekit._gluon import (
@@ -75,6 +79,11 @@ BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
 # Row tiles side by side over each column tile where one expert's w13 outgrows L2.
 GROUP_M = 8
 HOPPER_L2_BYTES = 50 * 2**20  # an H100's or H200's L2, for tensors off the GPU (compiles)
+# From this many experts per token the producer gathers each tile's A rows itself
+# (`gather_rows`). H200 (bench/results/h200-20261202-gluon-gather-experiment.md): the
+# quantiser 2.5–3× faster, GEMM1 up to 10% slower (its producer's 16-byte copies), the
+# layer 1–4% faster at k = 8; at k = 2 (mixtral) the copies saved do not repay GEMM1's loss.
+GATHER_MIN_TOP_K = 4
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -110,6 +119,16 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
     )
 
 
+def gather_rows(top_k: int, hidden: torch.Tensor, input_group_k: int) -> bool:
+    """Whether GEMM1 gathers its A rows by cp.async from hidden quantised once per token
+    ([M, H]), instead of TMA over rows the quantiser wrote to each pair's plan slot (k
+    copies of hidden: 67 MB of fp8 at qwen3 M = 4096): k ≥ GATHER_MIN_TOP_K, input scales
+    constant along K (per-K ones indexed by token would hold a second row index through
+    the K loop: 12 bytes of spill), row offsets within 32 bits."""
+    return (top_k >= GATHER_MIN_TOP_K and input_group_k == FULL
+            and hidden.numel() < 2**31)
+
+
 def group_m(w13: torch.Tensor, l2: int | None = None) -> int:
     """Row tiles per group of the tile order (`tile_coords`): GROUP_M where one expert's
     w13 is larger than L2 (`l2`, default the device's), so that a row tile's sweep over
@@ -128,40 +147,63 @@ if HAVE_GLUON:
     _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
 
     @gluon.jit
-    def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                  g_bufs, u_bufs, ready, empty, TAIL_M: gl.constexpr,
-                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
-        """TMA loads of every K step's A, gate and up tiles into the ring, each stage
-        reloaded once both math warpgroups have released it."""
+    def _producer(a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
+                  block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs, ready,
+                  empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr):
+        """Loads of every K step's A, gate and up tiles into the ring, each stage reloaded
+        once both math warpgroups have released it: all by TMA, or (GATHER_A) A's rows by
+        cp.async from their tokens' rows of x, each thread's copies arriving on the
+        stage's barrier as they land (`ready` then counts 128 arrivals more)."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        # 16 bytes per thread and copy; a 128-byte row slice per 8 threads.
+        gather_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        gather_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather_layout))
+        gather_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
         n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
-            first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             gate_row = expert * 2 * I + pid_n * BLOCK_N  # [E·2I, H] view
+            if GATHER_A:  # each slot's token row, as a 32-bit offset (the producer has 40
+                # registers); padding slots' rows, −16 (16-byte copies need multiples of
+                # 16), are zero-filled
+                pair = gl.load(sorted_pairs_ptr + first_slot + gather_rows,
+                               mask=gather_rows < rows, other=num_pairs)
+                token_rows = gl.where(pair < num_pairs, pair // top_k * stride_xm, -16)
             for k in range(0, H, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
                 mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
                 bar = ready.index(index)
-                mbarrier.expect(bar, a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [first_slot, k], bar,
-                                                a_bufs.index(index))
+                if GATHER_A:
+                    cols = k + gather_cols
+                    async_copy.async_copy_global_to_shared(
+                        a_bufs.index(index), x_ptr + (token_rows[:, None] + cols[None, :]),
+                        mask=(token_rows >= 0)[:, None] & (cols < H)[None, :])
+                    async_copy.mbarrier_arrive(bar, increment_count=False)
+                    mbarrier.expect(bar, 2 * b_desc.block_type.nbytes)
+                else:
+                    mbarrier.expect(bar, a_desc.block_type.nbytes
+                                    + 2 * b_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [first_slot, k], bar,
+                                                    a_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [gate_row, k], bar, g_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [gate_row + I, k], bar,
                                                 u_bufs.index(index))
                 counter += 1
 
     @gluon.jit
-    def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
-                  work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn,
-                  stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs,
-                  ready, empty, q_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
-                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-                  ACTIVATION: gl.constexpr,
+    def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
+                  num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I, stride_xsm,
+                  stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be, stride_ism, alpha,
+                  limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs, CONSUMER: gl.constexpr,
+                  TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                  GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -203,7 +245,11 @@ if HAVE_GLUON:
             # ones are read only when busy, where every slot is the tile's.
             if not X_PER_K:
                 mine = CONSUMER * _HALF_M + offs_r < rows
-                x_rows = gl.load(xs_ptr + slots * stride_xsm, mask=mine,
+                x_index = slots
+                if GATHER_A:  # hidden's scales are its tokens' (padding slots: token 0's)
+                    pair = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
+                    x_index = gl.where(pair < num_pairs, pair // top_k, 0)
+                x_rows = gl.load(xs_ptr + x_index * stride_xsm, mask=mine,
                                  other=0.0)  # hidden under the K loop
             if W_PER_K:  # W_UNIFORM_N: one scale per column tile and K group
                 gate_ws = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
@@ -214,6 +260,8 @@ if HAVE_GLUON:
                 for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    if GATHER_A:  # cp.async wrote A through the generic proxy
+                        fence_async_shared()
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
                     part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
@@ -294,20 +342,24 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gemm1_ws_kernel(
-        a_desc,  # hidden quantised, [capacity, H] in plan order, [128, BLOCK_K] boxes
+        a_desc,  # hidden quantised, [capacity, H] in plan order, [128, BLOCK_K] boxes; with
+        # GATHER_A over x, [M, H] (its box layout only)
         b_desc,  # w13 as [E·2I, H], [BLOCK_N, BLOCK_K] boxes
         q_desc,  # inter [capacity, I] fp8 in plan order, [64, BLOCK_N] boxes
-        xs_ptr,  # hidden's: xs[slot · stride_xsm + (k // X_GROUP_K) · stride_xsk] (0: one)
+        x_ptr,  # GATHER_A: hidden quantised per token, [M, H] (row stride stride_xm)
+        xs_ptr,  # hidden's: xs[row · stride_xsm + (k // X_GROUP_K) · stride_xsk] (0: one),
+        # row the slot (or, GATHER_A, its token)
         ws_ptr,  # w13's: ws[e · s_we + (n // W_GROUP_N) · s_wn + (k // W_GROUP_K) · s_wk]
         b13_ptr,  # [E, 2I] (read only when HAS_BIAS)
         inter_scale_ptr,  # out [capacity, I / 128] fp32, or INTER_STATIC the scale read
+        sorted_pairs_ptr,  # [capacity] int32: slot → pair (read only when GATHER_A)
         block_experts_ptr,  # [capacity / plan rows] int32
         work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
         num_work,  # TAIL_M: the work list's length in entries; else E
-        H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
-        stride_ism, alpha, limit,
+        num_pairs, top_k, H, I, stride_xm, stride_xsm, stride_xsk, stride_wse, stride_wsn,
+        stride_wsk, stride_be, stride_ism, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-        ACTIVATION: gl.constexpr,
+        GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
@@ -318,6 +370,9 @@ if HAVE_GLUON:
         (GROUP_M row tiles per column tile, 1: row tile major); this program's own
         warpgroup is the producer, two more the math (as `_gemm2_ws_kernel`)."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
+        # Scales per token along K would hold a second row index through the K loop
+        # (12 bytes of spill in the math warpgroups): those keep the plan-order rows.
+        gl.static_assert(not (GATHER_A and X_PER_K), "GATHER_A: scales constant along K")
         gl.static_assert(a_desc.block_type.shape[1] == q_desc.block_type.shape[1],
                          "K steps as wide as the column tile")
         dtype: gl.constexpr = a_desc.dtype
@@ -330,40 +385,44 @@ if HAVE_GLUON:
                                            b_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
-        ready, empty = stage_ring(NUM_BUFFERS)
+        # GATHER_A: each of the producer's 128 threads arrives when its copies land.
+        ready, empty = stage_ring(NUM_BUFFERS, 129 if GATHER_A else 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          g_bufs, u_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS)),
-             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
-                          work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
-                          stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
-                          g_bufs, u_bufs, ready, empty, q_bufs, 0, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
-                          W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
-                          AMAX_FLOOR)),
-             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, block_experts_ptr,
-                          work_ptr, num_work, H, I, stride_xsm, stride_xsk, stride_wse,
-                          stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs,
-                          g_bufs, u_bufs, ready, empty, q_bufs, 1, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
-                          W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
-                          AMAX_FLOOR))],
+            [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
+                          block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A)),
+             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
+                          num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
+                          stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
+                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
+                          0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
+                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
+                          INTER_STATIC, FMAX, AMAX_FLOOR)),
+             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
+                          num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
+                          stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
+                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
+                          1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
+                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
+                          INTER_STATIC, FMAX, AMAX_FLOOR))],
             [4, 4], [232, 232])
 
 
-def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, int],
+def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, int],
                 x_group_k: int | None, w13: torch.Tensor, w13_scale: torch.Tensor,
                 w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
                 b13: torch.Tensor | None, inter: torch.Tensor, inter_scale: torch.Tensor,
                 inter_static: bool, plan, activation: str, alpha: float, limit: float,
-                fmax: float, amax_floor: float, programs: int) -> None:
+                fmax: float, amax_floor: float, programs: int,
+                gather_top_k: int | None = None) -> None:
     """fp8 GEMM1 over the plan's row tiles (`_gemm1_ws_kernel`), writing GEMM2's input.
 
     Args:
-        x_sorted: [capacity, H] fp8, hidden's rows in plan order; x_scale their scales,
-            `x_strides` = (per slot, per K group): (0, 0) one for all, (1, 0) one per
-            slot, (groups, 1) per 1×g group; `x_group_k` the K group of per-K scales
-            (None: constant along K).
+        x: [capacity, H] fp8, hidden's rows in plan order; or, with `gather_top_k` (the
+            routing's k), [M, H], one row per token, gathered per slot by the kernel.
+            x_scale: their scales, `x_strides` = (per row, per K group): (0, 0) one for
+            all, (1, 0) one per row, (groups, 1) per 1×g group; `x_group_k` the K group of
+            per-K scales (None: constant along K).
         w13: [E, 2I, H] fp8, contiguous (gate rows, then up); w13_scale with `w_layout`
             (`weight_scale_layout`'s tuple); `w_uniform_n`: one scale covers each column
             tile (needed where the scale varies along K).
@@ -378,13 +437,15 @@ def gluon_gemm1(x_sorted: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
     _gemm1_ws_kernel[(programs,)](
-        descriptor(x_sorted, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
-        descriptor(inter, [HALF_M, BLOCK_N]), x_scale, w13_scale,
-        plan.sorted_pairs if b13 is None else b13, inter_scale, plan.block_experts, work,
-        num_work, hidden, inter.shape[1], *x_strides, *w_layout[:3],
+        descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
+        descriptor(inter, [HALF_M, BLOCK_N]), x, x_scale, w13_scale,
+        plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,
+        plan.block_experts, work, num_work, plan.num_pairs, gather_top_k or 1, hidden,
+        inter.shape[1], x.stride(0), *x_strides, *w_layout[:3],
         0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),
         float(alpha), float(limit),
-        TAIL_M=tail_m, GROUP_M=group_m(w13), NUM_BUFFERS=STAGES, ACTIVATION=activation,
+        TAIL_M=tail_m, GROUP_M=group_m(w13), NUM_BUFFERS=STAGES,
+        GATHER_A=gather_top_k is not None, ACTIVATION=activation,
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,

@@ -311,7 +311,7 @@ if HAVE_GLUON:
                                            b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape,
                                            c_desc.layout)
-        ready, empty = stage_ring(NUM_BUFFERS)
+        ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                           b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),

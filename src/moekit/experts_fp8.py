@@ -14,9 +14,11 @@ On an sm_90 GPU at 128-row tiles the GEMMs are warp-specialised Gluon kernels in
           it stores plan-order tiles, [capacity, H], which the combine reads through the
           plan's `pair_slots`;
     GEMM1 (`moekit._gluon_gemm1`) for a gated activation in every scheme, except scales
-          varying along K (block scales) together with biases: TMA cannot gather, so the
-          quantiser writes each token's fp8 row to its pairs' plan slots, [capacity, H]
-          (k× the bytes of [M, H]; padding slots unwritten).
+          varying along K (block scales) together with biases: TMA cannot gather, so from
+          4 experts per token with input scales constant along K its producer gathers the
+          token rows by cp.async (`gather_rows`); otherwise the quantiser writes each
+          token's fp8 row to its pairs' plan slots, [capacity, H] (k× the bytes of [M, H];
+          padding slots unwritten).
 Their tiles are fixed (`config.gemm1`/`gemm2` shape the Triton kernels only).
 
 The formats are a `QuantScheme`; `moekit.reference.fused_experts_quantized` is the
@@ -25,7 +27,7 @@ oracle, and the two agree on every choice below.
 GEMM1's input: hidden is quantised by one small kernel before the GEMM (two when a
 dynamic per-tensor scale over more than 16,384 values first needs amax partials) — a pass
 over M×H, not M·k×H, since all k pairs of a token read its one fp8 row (with the Gluon
-GEMM1 the pass reads M×H and writes M·k×H). Quantising inside GEMM1's
+GEMM1 on plan-order rows the pass reads M×H and writes M·k×H). Quantising inside GEMM1's
 loads instead would redo it in every one of the I/BLOCK_N column programs, and a
 per-token or per-tensor scale needs the whole row, or tensor, before the first value.
 Tried for decode (one launch fewer), it measured 0.28–0.99× on an H100 at every token
@@ -78,7 +80,7 @@ from moekit._experts_fp8_kernels import (
 )
 from moekit._fp8_quantize import FMAX, launch_quantize_rows
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
-from moekit._gluon_gemm1 import gluon_gemm1, use_gluon_gemm1
+from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._intmath import cdiv
@@ -468,9 +470,11 @@ def _launch_fused_experts_fp8(
     inter_static = input_scale2 is not None
     gluon1, gluon2 = _gluon_gemms(tma, w13_q, w2_q, block_m, activation, groups, inter_static,
                                   b13 is not None)
-    # The Gluon GEMM1 reads A by TMA, so the quantiser writes the rows in plan order.
+    # The Gluon GEMM1 reads A by TMA, so the quantiser writes the rows in plan order —
+    # unless it gathers them itself.
+    gather = gluon1 and gather_rows(top_k, hidden, a_group_k)
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
-                             plan if gluon1 else None)
+                             plan if gluon1 and not gather else None)
 
     inter_q = torch.empty((plan.capacity, inter), dtype=torch.float8_e4m3fn, device=hidden.device)
     if inter_static:
@@ -489,7 +493,8 @@ def _launch_fused_experts_fp8(
         gluon_gemm1(hidden_in.x, hidden_in.scale, (hidden_in.stride_sm, hidden_in.stride_sk),
                     hidden_in.group_k if a_group_k != FULL else None, w13_q, w13_scale, ws1,
                     uniform_along_n(ws1, GLUON_BLOCK_N, inter), b13, inter_q, inter_scale,
-                    inter_static, plan, activation, alpha, limit, FMAX, AMAX_FLOOR, programs)
+                    inter_static, plan, activation, alpha, limit, FMAX, AMAX_FLOOR, programs,
+                    gather_top_k=top_k if gather else None)
     else:
         _gemm1_fp8_kernel[grid1](
             hidden_in.x, hidden_in.scale, w13_q,
