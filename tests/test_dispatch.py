@@ -176,9 +176,12 @@ def test_bad_arguments():
 GPU_CASES = [
     (1, 8, 256, 16),
     (4096, 8, 128, 128),
-    (16384, 8, 256, 128),
+    (16384, 8, 256, 128),  # past 64K pairs: 256-pair chunks
     (3000, 6, 2048, 64),  # E > 1024 with many chunks
     (512, 1, 3, 32),
+    (512, 8, 64, 64),  # 4096 pairs: the last one-launch plan
+    (4097, 1, 64, 64),  # one pair more: count, scan and place
+    (8192, 8, 16, 64),  # 65536 pairs: the last plan of 128-pair chunks (512 of them)
 ]
 
 
