@@ -61,13 +61,13 @@ def _chunk_size(num_pairs: int) -> int:
 
 
 def _int32_views(device: torch.device, sizes: list[int]) -> list[torch.Tensor]:
-    """Carve int32 tensors of these sizes out of one allocation, each 64-byte aligned."""
-    starts, total = [], 0
+    """Carve int32 tensors of these sizes out of one allocation, each 64-byte aligned
+    (one `split_with_sizes`, the pads between: half the host time of slicing each)."""
+    parts = []
     for n in sizes:
-        starts.append(total)
-        total += cdiv(n, 16) * 16
-    buffer = torch.empty(total, dtype=torch.int32, device=device)
-    return [buffer[a : a + n] for a, n in zip(starts, sizes, strict=True)]
+        parts += [n, cdiv(n, 16) * 16 - n]
+    buffer = torch.empty(sum(parts), dtype=torch.int32, device=device)
+    return list(buffer.split_with_sizes(parts)[::2])
 
 
 def dispatch_plan(
