@@ -7,6 +7,11 @@ before it places its own chunk; one row per step leaves one load in flight. Time
 before each replay, for prefill presets' routing; the plans must be identical.
 
     PYTHONPATH=src python3 bench/scripts/plan_scan_experiment.py --out $OUT
+
+Since session 16 the place kernel no longer scans the histograms: a scan launch of its
+own does (above 4096 pairs), and `_SCAN_VALUES` sets that kernel's values per step. Run at
+a later commit, this script varies that step instead; `replay_us` is shared with the plan
+experiments after it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     presets = PRESETS
+    library = moekit.dispatch._SCAN_VALUES
     with open(os.path.join(args.out, "plan-scan-experiment.jsonl"), "w") as log:
         for name, m in CELLS:
             preset = presets[name]
@@ -76,7 +82,7 @@ def main() -> None:
                           "tiles"))
             log.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    moekit.dispatch._SCAN_VALUES = SCAN_VALUES["8 rows (library)"]
+    moekit.dispatch._SCAN_VALUES = library
 
 
 if __name__ == "__main__":
