@@ -449,7 +449,7 @@ def test_presets_gpu(preset, dtype):
     E, k, H, I, activation, bias = p.num_experts, p.top_k, p.hidden, p.inter, p.activation, p.bias
     w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda")
     f32 = lambda t: None if t is None else t.float()
-    for M, skew in [(1, 0.0), (37, 0.0), (512, 0.0), (512, 8.0), (4096, 0.0)]:
+    for M, skew in [(1, 0.0), (37, 0.0), (200, 0.0), (512, 0.0), (512, 8.0), (4096, 0.0)]:
         hidden = torch.randn(M, H, device="cuda", dtype=dtype)
         ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
         out = poison_(torch.empty_like(hidden))

@@ -191,6 +191,10 @@ CASES = [
              "bf16", "relu2", 32, odd_i=True),
     _experts("64-row tile; router weight on GEMM1's input (not GEMM2's output); "
              "GEMM2 masks N only", "bf16", "gelu_tanh", 64, weight_on_input=True, odd_h=True),
+    _experts("32-row tile at aligned rows: both GEMMs 128 columns × 128-deep K",
+             "bf16", "silu", 32),
+    _experts("64-row tile at aligned rows: GEMM1 256 columns (two [64, 256] accumulators), "
+             "GEMM2 128; biases", "bf16", "swigluoai", 64, bias=True),
     _experts("TMA with ragged K and N (descriptor zero-fill); alpha/limit; biases",
              "bf16", "swigluoai", 128, tma=True, bias=True, odd_h=True, odd_i=True),
     _experts("fp16 TMA, ungated GEMM1", "fp16", "relu2", 128, tma=True, bias=True),

@@ -30,8 +30,10 @@ At one or two tokens its GEMM2 splits a token's slots over programs
 which then comes from L2 for an expert's second and later blocks.
 
 Tile shapes were picked from sweeps on an H100 (bench/NOTES.md, the results
-`bench/results/h100-sxm-20261123-sweep-tiles-*.json`); the sweeps are the evidence,
-this function the rule. `moekit tune` repeats such a sweep on any GPU.
+`bench/results/h100-sxm-20261123-sweep-tiles-*.json`), the 16-bit 32- and 64-row tiles
+from `moekit tune` on an H200 (`bench/results/h200-20261202-tune-bf16-*-s17.json`: six
+presets, M = 8–2048); the sweeps are the evidence, this function the rule. `moekit tune`
+repeats such a sweep on any GPU.
 """
 
 from __future__ import annotations
@@ -119,16 +121,30 @@ def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2)
     return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(64, 128, per, 4, 4))
 
 
-def tiles_for_block_m(block_m: int, dtype_bytes: int = 2) -> ExpertsConfig:
-    """The GEMM tiles the heuristic pairs with a row tile (the direct path's at one token)."""
+def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True) -> ExpertsConfig:
+    """The GEMM tiles the heuristic pairs with a row tile (the direct path's at one token).
+
+    `aligned`: H and I are multiples of 16 elements. Rows that are not load unvectorised,
+    and the wide 32-row tile then spills (6.5 KB in GEMM2 at I = 264), so such shapes keep
+    the narrower 32- and 64-row tiles.
+    """
     if block_m == DIRECT_BLOCK_M:
         return direct_tiles(1, 1, 0)
     if block_m <= 32:
         # Memory-bound: long reduction tiles keep many bytes in flight per program.
+        if block_m == 32 and dtype_bytes <= 2 and aligned:
+            # Twice the columns per program (H200 sweeps, 29 cells: 0.97× / 0.98× the
+            # 64-column tile's layer time, geometric mean; mixtral M = 64 0.93×).
+            tile = GemmConfig(128, 128, 8, 4, 3)
+            return ExpertsConfig(block_m, tile, tile)
         block_k = 128 if dtype_bytes <= 2 else 64
         tile = GemmConfig(64, block_k, 8, 4, 4)
         return ExpertsConfig(block_m, tile, tile)
     if block_m == 64:
+        if dtype_bytes <= 2 and aligned:
+            # Wide, shallow K tiles (H200 sweeps, 25 cells: GEMM1 0.85×, GEMM2 0.95× the
+            # layer time of the 64-column tiles below, geometric mean; faster in every cell).
+            return ExpertsConfig(64, GemmConfig(256, 64, 8, 8, 3), GemmConfig(128, 64, 8, 4, 4))
         return ExpertsConfig(64, GemmConfig(64, 128, 8, 4, 3), GemmConfig(64, 64, 8, 4, 4))
     # Compute-bound: GEMM1 computes two 128-wide accumulators (gate and up) per program.
     if dtype_bytes > 2:
@@ -147,4 +163,5 @@ def default_config(
     """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I."""
     if use_direct_path(num_tokens, num_experts, top_k, dtype_bytes):
         return direct_tiles(num_tokens, top_k, hidden)
-    return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes)
+    return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes,
+                             aligned=hidden % 16 == 0 and inter % 16 == 0)
