@@ -1,5 +1,7 @@
 """fused_experts: the Triton pipeline against the reference, its edge cases and errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from helpers import (
 from moekit import reference
 from moekit.bench.presets import PRESETS
 from moekit.tuning import ExpertsConfig, GemmConfig
+from moekit.tuning.heuristic import tiles_for_block_m
 
 
 def run_case(M, E, k, H, I, activation, *, bias=False, dtype=torch.float32, device="cpu",
@@ -472,9 +475,8 @@ def test_tail_tiles_gpu(preset):
     E, k, H, I = p.num_experts, p.top_k, p.hidden, p.inter
     w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
     f32 = lambda t: None if t is None else t.float()
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64)  # prefill tiles
     for M, skew in [(1024, 0.0), (4096, 0.0), (4096, 4.0)]:
-        base = moekit.tuning.default_config(M, E, k, H, I)
-        config = ExpertsConfig(128, base.gemm1, base.gemm2, tail_block_m=64)
         hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
         ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=M)
         out = poison_(torch.empty_like(hidden))
