@@ -219,7 +219,6 @@ def test_grouped_tile_order_changes_no_value_gpu(scheme, group, gemm1_calls, mon
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("producer_fence", [False, True], ids=["copies arrive", "producer fences"])
 @pytest.mark.parametrize("scheme", [
     "fp8_tensor", "fp8_channel", QuantScheme.fp8_tensor(dynamic=False),
     QuantScheme(QuantSpec(group=(128, 128)), QuantSpec(group="token")),  # w13's per K
@@ -229,7 +228,7 @@ def test_grouped_tile_order_changes_no_value_gpu(scheme, group, gemm1_calls, mon
     (300, 32, 8, 528, 256, "gelu", False, 0.0),  # H a partial K step: masked copies
 ])
 def test_gathered_rows_equal_plan_order_rows_gpu(scheme, M, E, k, H, I, act, bias, skew,
-                                                 producer_fence, monkeypatch):
+                                                 monkeypatch):
     # Gathered: the producer copies each slot's token row itself (cp.async) instead of the
     # quantiser writing it to every plan slot; the same values reach the same MMAs.
     _require_gluon()
@@ -239,7 +238,6 @@ def test_gathered_rows_equal_plan_order_rows_gpu(scheme, M, E, k, H, I, act, bia
         scheme, M, E, k, H, I, act, bias=bias, dtype=torch.bfloat16, device="cuda", skew=skew)
     config = plan_fp8_config(4096, E, k, scheme)
     ids[::7, -1] = -1  # dropped pairs
-    monkeypatch.setattr(moekit._gluon_gemm1, "GATHER_FENCE_IN_PRODUCER", producer_fence)
     gathered = []
     real = moekit.experts_fp8.gluon_gemm1
     monkeypatch.setattr(moekit.experts_fp8, "gluon_gemm1", lambda *args, **kwargs: (

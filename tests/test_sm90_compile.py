@@ -165,8 +165,7 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     bias, odd_h, odd_i, tma (expected); direct path: whole (GEMM2 a program per token),
     two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
     kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off), grouped
-    (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A),
-    producer_fence (its producer fencing the gathered rows)."""
+    (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
@@ -263,9 +262,6 @@ CASES = [
          "block", "fp16", "swigluoai", 128, tma=True, gluon=True, gluon1=True, no_tail=True),
     _fp8("prefill, Gluon GEMM1 gathering A by cp.async (`gather_rows`): per-tensor scale, tail "
          "tiles", "tensor", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, gather=True),
-    _fp8("prefill, Gluon GEMM1 gathering A, the producer fencing each stage one step late "
-         "(GATHER_FENCE_IN_PRODUCER)", "channel", "bf16", "silu", 128, tma=True, gluon=True,
-         gluon1=True, gather=True, producer_fence=True),
     _fp8("prefill, Gluon GEMM1 where rows would be gathered: block scales keep the plan order, no "
          "tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True,
          gather=True, no_tail=True),
@@ -554,7 +550,6 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
-    moekit._gluon_gemm1.GATHER_FENCE_IN_PRODUCER = bool(p.get("producer_fence"))
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)

@@ -6,11 +6,10 @@ Prediction: the quantiser's time falls to that of one [M, H] pass (qwen3 M = 409
 ~6 µs) and GEMM1 stays within noise if its producer keeps the ring full (its A rows now
 come from L2 by 16-byte copies of 128 threads instead of one TMA box). For each fp8 prefill
 cell: GEMM1's and the quantiser's CUDA time (`profiled_kernel_us`: torch.profiler, ten
-eager calls after three, no flush) and the layer's graph replay (L2 read-flushed), for the
-plan-order rows and for gathered rows with each copy arriving as it lands (the math
-warpgroups fencing every step) or with the producer fencing each stage one step late
-(`GATHER_FENCE_IN_PRODUCER`), two interleaved rounds; the output must be bitwise the same.
-(Session 16's run had the first two modes only.)
+eager calls after three, no flush) and the layer's graph replay (L2 read-flushed), off
+and on, two interleaved rounds; the output must be bitwise the same. (Session 17 ran a
+third mode, the producer fencing each stage one step late instead of the math warpgroups
+every step: no consistent difference, removed; `h200-20261202-gluon-gather-experiment-s17.md`.)
 
     PYTHONPATH=src python3 bench/scripts/gluon_gather_experiment.py --out $OUT
 """
@@ -37,14 +36,6 @@ CELLS = [("qwen3-30b-a3b", 1024, "fp8_tensor"), ("qwen3-30b-a3b", 4096, "fp8_ten
          ("mixtral-8x7b", 4096, "fp8_tensor"), ("deepseek-v3", 4096, "fp8_channel"),
          ("olmoe-1b-7b", 4096, "fp8_tensor")]
 KERNELS = ("_gemm1_ws_kernel", "_quantize_rows_kernel")
-# (label, GATHER_MIN_TOP_K, GATHER_FENCE_IN_PRODUCER)
-MODES = [("plan order", 10**9, False), ("gathered", 1, False),
-         ("gathered, producer fences", 1, True)]
-
-
-def set_mode(min_top_k: int, producer_fence: bool) -> None:
-    gemm1.GATHER_MIN_TOP_K = min_top_k
-    gemm1.GATHER_FENCE_IN_PRODUCER = producer_fence
 
 
 def main() -> None:
@@ -66,13 +57,13 @@ def main() -> None:
                 return moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
                                                 scheme=scheme, activation=preset.activation,
                                                 b13=w.b13, b2=w.b2)
-            set_mode(*MODES[0][1:])
+            gemm1.GATHER_MIN_TOP_K = 10**9
             expected = call()
             for round_ in range(args.rounds):
-                for label, *mode in MODES:
-                    set_mode(*mode)
+                for on in (False, True):
+                    gemm1.GATHER_MIN_TOP_K = 1 if on else 10**9
                     out = call()
-                    row = dict(preset=name, M=m, scheme=scheme, round=round_, mode=label,
+                    row = dict(preset=name, M=m, scheme=scheme, round=round_, gather_a=on,
                                bitwise_equal=bool(torch.equal(out, expected)),
                                **{k: round(profiled_kernel_us(call, k), 1) for k in KERNELS},
                                layer_us=round(graph_replay_us(call), 1))
@@ -81,7 +72,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
             del w, expected
             torch.cuda.empty_cache()
-    set_mode(GATHER_MIN_TOP_K, False)
+    gemm1.GATHER_MIN_TOP_K = GATHER_MIN_TOP_K
 
 
 if __name__ == "__main__":

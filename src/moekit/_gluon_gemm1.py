@@ -84,11 +84,6 @@ HOPPER_L2_BYTES = 50 * 2**20  # an H100's or H200's L2, for tensors off the GPU 
 # quantiser 2.5–3× faster, GEMM1 up to 10% slower (its producer's 16-byte copies), the
 # layer 1–4% faster at k = 8; at k = 2 (mixtral) the copies saved do not repay GEMM1's loss.
 GATHER_MIN_TOP_K = 4
-# Gathering, the producer rather than the math warpgroups fences the generic proxy: it
-# signals each stage one step late, once its own copies have landed (`cp.async.wait_group`),
-# instead of each copy arriving as it lands and both math warpgroups fencing every step.
-# Off: not yet measured (a candidate for the gathered GEMM1's 3–10% loss, bench/NOTES.md).
-GATHER_FENCE_IN_PRODUCER = False
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -155,14 +150,11 @@ if HAVE_GLUON:
     def _producer(a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                   block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs, ready,
                   empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr,
-                  FENCE_IN_PRODUCER: gl.constexpr):
+                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr):
         """Loads of every K step's A, gate and up tiles into the ring, each stage reloaded
         once both math warpgroups have released it: all by TMA, or (GATHER_A) A's rows by
         cp.async from their tokens' rows of x, each thread's copies arriving on the
-        stage's barrier as they land (`ready` then counts 128 arrivals more), or
-        (FENCE_IN_PRODUCER) the previous stage signalled by one arrival once this
-        warpgroup's copies for it have landed and are fenced for the async proxy."""
+        stage's barrier as they land (`ready` then counts 128 arrivals more)."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -193,10 +185,7 @@ if HAVE_GLUON:
                     async_copy.async_copy_global_to_shared(
                         a_bufs.index(index), x_ptr + (token_rows[:, None] + cols[None, :]),
                         mask=(token_rows >= 0)[:, None] & (cols < H)[None, :])
-                    if FENCE_IN_PRODUCER:
-                        async_copy.commit_group()
-                    else:
-                        async_copy.mbarrier_arrive(bar, increment_count=False)
+                    async_copy.mbarrier_arrive(bar, increment_count=False)
                     mbarrier.expect(bar, 2 * b_desc.block_type.nbytes)
                 else:
                     mbarrier.expect(bar, a_desc.block_type.nbytes
@@ -206,21 +195,7 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(b_desc, [gate_row, k], bar, g_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [gate_row + I, k], bar,
                                                 u_bufs.index(index))
-                if GATHER_A and FENCE_IN_PRODUCER and counter > 0:
-                    _signal_gathered(ready.index((counter - 1) % NUM_BUFFERS), 1)
                 counter += 1
-        if GATHER_A and FENCE_IN_PRODUCER and counter > 0:
-            _signal_gathered(ready.index((counter - 1) % NUM_BUFFERS), 0)
-
-    @gluon.jit
-    def _signal_gathered(bar, PENDING: gl.constexpr):
-        """A stage's gathered rows are in shared memory for the MMAs: this thread's copy
-        groups but the latest PENDING have landed, are fenced for the async proxy, and,
-        once every producer thread is past that, one arrival on the stage's barrier."""
-        async_copy.wait_group(PENDING)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(bar)
 
     @gluon.jit
     def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
@@ -228,8 +203,7 @@ if HAVE_GLUON:
                   stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be, stride_ism, alpha,
                   limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs, CONSUMER: gl.constexpr,
                   TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-                  GATHER_A: gl.constexpr, FENCE_IN_PRODUCER: gl.constexpr,
-                  ACTIVATION: gl.constexpr,
+                  GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -286,8 +260,8 @@ if HAVE_GLUON:
                 for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-                    if GATHER_A and not FENCE_IN_PRODUCER:  # cp.async wrote A through
-                        fence_async_shared()  # the generic proxy
+                    if GATHER_A:  # cp.async wrote A through the generic proxy
+                        fence_async_shared()
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
                     part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
@@ -385,7 +359,7 @@ if HAVE_GLUON:
         num_pairs, top_k, H, I, stride_xm, stride_xsm, stride_xsk, stride_wse, stride_wsn,
         stride_wsk, stride_be, stride_ism, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-        GATHER_A: gl.constexpr, FENCE_IN_PRODUCER: gl.constexpr, ACTIVATION: gl.constexpr,
+        GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
@@ -411,29 +385,24 @@ if HAVE_GLUON:
                                            b_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
-        # GATHER_A: each of the producer's 128 threads arrives when its copies land, or
-        # (FENCE_IN_PRODUCER) the producer once for all of them.
-        ready, empty = stage_ring(NUM_BUFFERS, (2 if FENCE_IN_PRODUCER else 129) if GATHER_A
-                                  else 1)
+        # GATHER_A: each of the producer's 128 threads arrives when its copies land.
+        ready, empty = stage_ring(NUM_BUFFERS, 129 if GATHER_A else 1)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A,
-                          FENCE_IN_PRODUCER)),
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
-                          0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, FENCE_IN_PRODUCER,
-                          ACTIVATION, X_PER_K,
+                          0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
                           INTER_STATIC, FMAX, AMAX_FLOOR)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
-                          1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, FENCE_IN_PRODUCER,
-                          ACTIVATION, X_PER_K,
+                          1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
                           INTER_STATIC, FMAX, AMAX_FLOOR))],
             [4, 4], [232, 232])
@@ -476,8 +445,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),
         float(alpha), float(limit),
         TAIL_M=tail_m, GROUP_M=group_m(w13), NUM_BUFFERS=STAGES,
-        GATHER_A=gather_top_k is not None, FENCE_IN_PRODUCER=GATHER_FENCE_IN_PRODUCER,
-        ACTIVATION=activation,
+        GATHER_A=gather_top_k is not None, ACTIVATION=activation,
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
