@@ -105,6 +105,22 @@ def test_every_row_tile_has_tiles_and_candidates():
     assert min(BLOCK_MS) == 1 and default_config(1, 128, 8, 2048, 768).block_m == 1
 
 
+def test_wide_mid_tiles_only_on_aligned_rows():
+    # qwen3 at M = 200 (32-row tiles) and 512 (64-row tiles): the wide tiles on 16-bit
+    # rows of 16-element multiples; ragged rows (I = 264) and fp32 keep the narrow ones,
+    # which do not spill or outgrow shared memory.
+    for M, block_m in ((200, 32), (512, 64)):
+        wide = default_config(M, 128, 8, 2048, 768)
+        narrow = default_config(M, 128, 8, 2048, 264)
+        assert wide.block_m == narrow.block_m == block_m
+        assert wide.gemm1.block_n > narrow.gemm1.block_n
+        assert wide.gemm2.block_n > narrow.gemm2.block_n
+        fp32 = default_config(M, 128, 8, 2048, 768, dtype_bytes=4)
+        assert (fp32.gemm1.block_n, fp32.gemm2.block_n) == (narrow.gemm1.block_n,
+                                                            narrow.gemm2.block_n)
+    assert tiles_for_block_m(64, aligned=False) == tiles_for_block_m(64, dtype_bytes=4)
+
+
 def test_direct_gemm2_candidates_split_slots():
     # The direct GEMM2's candidates try each tile whole-token and split; the plan path's
     # are the shared ones.

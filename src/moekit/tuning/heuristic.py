@@ -124,9 +124,9 @@ def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2)
 def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True) -> ExpertsConfig:
     """The GEMM tiles the heuristic pairs with a row tile (the direct path's at one token).
 
-    `aligned`: H and I are multiples of 16 elements. Rows that are not load unvectorised,
-    and the wide 32-row tile then spills (6.5 KB in GEMM2 at I = 264), so such shapes keep
-    the narrower 32- and 64-row tiles.
+    `aligned`: H and I are multiples of 16 elements. Other rows load unvectorised, and the
+    wide 32-row tile then spills (6.5 KB in GEMM2 at I = 264), so such shapes keep the
+    narrower 32- and 64-row tiles.
     """
     if block_m == DIRECT_BLOCK_M:
         return direct_tiles(1, 1, 0)
