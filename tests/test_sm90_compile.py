@@ -194,6 +194,8 @@ CASES = [
              "bf16", "silu", 32),
     _experts("64-row tile at aligned rows: GEMM1 256 columns (two [64, 256] accumulators), "
              "GEMM2 128; biases", "bf16", "swigluoai", 64, bias=True),
+    _experts("the same with the router weight on GEMM1's input, fp16", "fp16", "gelu", 64,
+             weight_on_input=True),
     _experts("TMA with ragged K and N (descriptor zero-fill); alpha/limit; biases",
              "bf16", "swigluoai", 128, tma=True, bias=True, odd_h=True, odd_i=True),
     _experts("fp16 TMA, ungated GEMM1", "fp16", "relu2", 128, tma=True, bias=True),
