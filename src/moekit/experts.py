@@ -34,6 +34,7 @@ from moekit.experts_direct import launch_direct_experts
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
+from moekit.tuning.heuristic import HOPPER_SMS
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -159,8 +160,10 @@ def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: in
     if tuned is not None:
         return tuned
     num_tokens, hidden_size = hidden.shape
+    sms = (persistent_programs(hidden.device)
+           if hidden.is_cuda and not torch.compiler.is_compiling() else HOPPER_SMS)
     return default_config(num_tokens, num_experts, top_k, hidden_size, inter,
-                          hidden.element_size())
+                          hidden.element_size(), sms)
 
 
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):

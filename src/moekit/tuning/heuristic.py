@@ -26,6 +26,14 @@ and at M = 8 on five of the seven presets (0.81–0.98×) (bench/NOTES.md, direc
 At one or two tokens its GEMM2 splits a token's slots over programs
 (`direct_slots_per_program`): 1.04–1.20× faster on the H200.
 
+Few, narrow experts (granite: 40 experts of I = 512, so a row block of every expert is
+only 160 GEMM1 programs of 128 columns on 132 SMs) leave SMs idle in the GEMMs' last
+wave at the tiles above, whose shared memory allows one program per SM. There the row
+tile is halved (down to 16) and both GEMMs take 128 × 64 tiles in 3 stages, two programs
+per SM (`narrow_layer`; H200 `moekit tune`, granite M = 16–128: the best configuration of
+39 in every cell, 1.07–1.16× the wide tiles; 1.02–1.14× slower than the rule's tiles on
+the six presets with four or more such programs per SM).
+
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
 
@@ -56,6 +64,14 @@ _DIRECT_WIDE_PROGRAMS = 192
 # programs reach this many (an fp8 step carries half the bytes: twice as many measured
 # best, and at every token count of the fp8 direct path).
 _DIRECT_GEMM2_PROGRAMS = 256
+# SMs of an H100 SXM and an H200, for `narrow_layer` when the device is not known.
+HOPPER_SMS = 132
+# A layer is narrow when one row block per expert makes fewer 128-column GEMM1 programs
+# than this many per SM.
+_NARROW_PROGRAMS_PER_SM = 2
+# The narrow layer's tiles: GEMM1 needs 3 × 35–37 KB of shared memory (two programs per
+# SM), GEMM2 3 × 18–20 KB.
+_NARROW_TILE = GemmConfig(128, 64, 8, 4, 3)
 
 
 def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
@@ -156,12 +172,24 @@ def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True) 
                          tail_block_m=64)
 
 
+def narrow_layer(num_experts: int, inter: int, num_sms: int = HOPPER_SMS) -> bool:
+    """Whether one row block per expert makes fewer than `_NARROW_PROGRAMS_PER_SM` GEMM1
+    programs of 128 columns per SM (granite's 40 × 512: 160 on 132 SMs)."""
+    return num_experts * math.ceil(inter / 128) < _NARROW_PROGRAMS_PER_SM * num_sms
+
+
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_config(
-    num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2
+    num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2,
+    num_sms: int = HOPPER_SMS,
 ) -> ExpertsConfig:
-    """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I."""
+    """Pick tiles for `fused_experts` on M tokens routed k-of-E, hidden H, intermediate I,
+    on a GPU of `num_sms` SMs."""
     if use_direct_path(num_tokens, num_experts, top_k, dtype_bytes):
         return direct_tiles(num_tokens, top_k, hidden)
-    return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes,
-                             aligned=hidden % 16 == 0 and inter % 16 == 0)
+    block_m = pick_block_m(num_tokens, num_experts, top_k)
+    aligned = hidden % 16 == 0 and inter % 16 == 0
+    if (block_m <= 64 and dtype_bytes <= 2 and aligned
+            and narrow_layer(num_experts, inter, num_sms)):
+        return ExpertsConfig(max(16, block_m // 2), _NARROW_TILE, _NARROW_TILE)
+    return tiles_for_block_m(block_m, dtype_bytes, aligned)

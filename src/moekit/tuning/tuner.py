@@ -22,9 +22,12 @@ import datetime
 import math
 from collections.abc import Callable, Iterable
 
+import torch
+
+from moekit._tma import persistent_programs
 from moekit.bench.presets import Preset
 from moekit.tuning.config import ExpertsConfig
-from moekit.tuning.heuristic import default_config, tiles_for_block_m
+from moekit.tuning.heuristic import HOPPER_SMS, default_config, tiles_for_block_m
 from moekit.tuning.space import Constraint, candidates, gemm2_candidates, neighbour_block_ms
 from moekit.tuning.tables import config_from_dict, config_to_dict, save_table
 
@@ -75,9 +78,10 @@ def new_table(device: str, dtype: str, command: str, versions: dict) -> dict:
 
 
 def bf16_heuristic(preset: Preset, num_tokens: int) -> ExpertsConfig:
-    """`fused_experts`' default configuration for a preset's shape."""
+    """`fused_experts`' default configuration for a preset's shape on this machine's GPU."""
+    sms = persistent_programs(torch.device("cuda")) if torch.cuda.is_available() else HOPPER_SMS
     return default_config(num_tokens, preset.num_experts, preset.top_k, preset.hidden,
-                          preset.inter)
+                          preset.inter, num_sms=sms)
 
 
 def bf16_tiles_at(heuristic: ExpertsConfig, block_m: int) -> ExpertsConfig:

@@ -1,0 +1,121 @@
+"""Experiment: the narrow-layer rule (`moekit.tuning.heuristic.narrow_layer`) against the
+heuristic without it, on granite's 40 experts of I = 512 at every memory-bound token count.
+
+Prediction (session 18, from `moekit tune`'s kept trials on the H200): the rule's half row
+tile and 128 × 64 tiles in 3 stages (two GEMM1 programs per SM instead of one) are
+1.07–1.16× faster at M = 16–128, within ~1.5% of the best of 39 configurations there;
+M = 8 and 256 were never tuned. Each cell times, in interleaved rounds, the old rule, the
+new one, and the neighbours (row tiles 16/32/64 with the narrow tiles or the wide ones,
+128-row prefill tiles from M = 192), by CUDA-graph replay of the whole `fused_experts`
+with L2 read-flushed; every output is checked against the old rule's (relative L2).
+Controls that must not fire: olmoe M = 256, qwen3 M = 8.
+
+    PYTHONPATH=src python3 bench/scripts/narrow_layer_experiment.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+import triton
+
+import moekit
+from moekit.bench.inputs import make_tokens, make_weights
+from moekit.bench.presets import PRESETS
+from moekit.bench.timing import graph_replay_us
+from moekit.tuning.config import ExpertsConfig, GemmConfig
+from moekit.tuning.heuristic import default_config, pick_block_m, tiles_for_block_m
+
+GRANITE = "granite-3.0-3b-a800m"
+CELLS = [(GRANITE, m) for m in (8, 16, 32, 48, 64, 96, 128, 192, 256, 320)] + [
+    ("olmoe-1b-7b", 256), ("qwen3-30b-a3b", 8)]
+NARROW = GemmConfig(128, 64, 8, 4, 3)
+
+
+def variants(preset, m: int) -> dict[str, ExpertsConfig]:
+    """name → configuration timed at this cell."""
+    shape = (preset.num_experts, preset.top_k, preset.hidden, preset.inter)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = {"old": tiles_for_block_m(pick_block_m(m, *shape[:2])),
+           "new": default_config(m, *shape, num_sms=sms)}
+    for bm in (16, 32, 64):
+        out[f"bm{bm} narrow"] = ExpertsConfig(bm, NARROW, NARROW)
+        out[f"bm{bm} wide"] = tiles_for_block_m(bm)
+        out[f"bm{bm} narrow+g2 128x128"] = ExpertsConfig(bm, NARROW, GemmConfig(128, 128, 8, 4, 3))
+    if m >= 192:
+        out["bm128"] = tiles_for_block_m(128)
+    return out
+
+
+def run_cell(name: str, m: int, rounds: int) -> list[dict]:
+    """Every variant of one cell, timed in `rounds` interleaved rounds."""
+    preset = PRESETS[name]
+    device = torch.device("cuda")
+    w = make_weights(preset, torch.bfloat16, device)
+    hidden, topk = make_tokens(preset, m, torch.bfloat16, device)
+    configs = variants(preset, m)
+
+    def call(config, out):
+        return moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                    activation=preset.activation, b13=w.b13, b2=w.b2,
+                                    config=config, out=out)
+    outs = {}
+    for label, config in configs.items():
+        outs[label] = torch.full_like(hidden, float("nan"))
+        call(config, outs[label])
+    times = {label: [] for label in configs}
+    for _ in range(rounds):
+        for label, config in configs.items():
+            times[label].append(graph_replay_us(lambda c=config, o=outs[label]: call(c, o)))
+    ref = outs["old"].float()
+    rows = []
+    for label, config in configs.items():
+        err = ((outs[label].float() - ref).norm() / ref.norm()).item()
+        row = {"preset": name, "M": m, "variant": label, "config": dataclasses.asdict(config),
+               "us": statistics.median(times[label]), "rounds_us": times[label],
+               "rel_diff_vs_old": err}
+        rows.append(row)
+        print(f"{name} M={m} {label:22s} {row['us']:8.1f} µs  diff {err:.1e}", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name, m in CELLS:
+        rows += run_cell(name, m, args.rounds)
+        torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"), "command": " ".join(sys.argv)}
+    with open(os.path.join(args.out, "narrow-layer-experiment.json"), "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "narrow-layer-experiment.md"), "w") as f:
+        f.write("# Narrow-layer rule, " + meta["device"] + ", " + meta["date"] + "\n\n")
+        f.write("".join(f"- {k}: {v}\n" for k, v in meta.items() if k not in ("device", "date")))
+        f.write("- CUDA-graph replay of `fused_experts`, L2 read-flushed, median of "
+                f"{args.rounds} interleaved rounds (each a median of samples)\n\n")
+        f.write("| cell | old µs | new µs | old ÷ new | best variant | best µs | new ÷ best |\n"
+                "|---|---|---|---|---|---|---|\n")
+        for name, m in CELLS:
+            cell = {r["variant"]: r["us"] for r in rows if r["preset"] == name and r["M"] == m}
+            best = min(cell, key=cell.get)
+            f.write(f"| {name} M={m} | {cell['old']:.1f} | {cell['new']:.1f} | "
+                    f"{cell['old'] / cell['new']:.3f} | {best} | {cell[best]:.1f} | "
+                    f"{cell['new'] / cell[best]:.3f} |\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
