@@ -1,11 +1,14 @@
 """Experiment: the narrow-layer rule (`moekit.tuning.heuristic.narrow_layer`) against the
 heuristic without it, on granite's 40 experts of I = 512 at every memory-bound token count.
 
-Prediction (session 18, from `moekit tune`'s kept trials on the H200): the rule's half row
-tile and 128 × 64 tiles in 3 stages (two GEMM1 programs per SM instead of one) are
-1.07–1.16× faster at M = 16–128, within ~1.5% of the best of 39 configurations there;
-M = 8 and 256 were never tuned. Each cell times, in interleaved rounds, the old rule, the
-new one, and the neighbours (row tiles 16/32/64 with the narrow tiles or the wide ones,
+Prediction (session 18, from `moekit tune`'s kept trials on the H200): 128 × 64 tiles in 3
+stages (two GEMM1 programs per SM instead of one) at a smaller row tile are 1.07–1.16×
+faster at M = 16–128, within ~1.5% of the best of 39 configurations there. A first rule
+(the usual row tile halved; 63231d8) measured 1.07–1.20× at M = 16–64 and 128 but 0.97×
+at M = 96 and 0.80× at M = 192–256, where 64-row wide tiles stay best; the rule now sizes
+the row tile to the average expert's rows and keeps the usual tiles past 32 rows. Each
+cell times, in interleaved rounds, the session's starting heuristic ("old"), the rule
+("new"), and the neighbours (row tiles 16/32/64 with the narrow or the usual tiles,
 128-row prefill tiles from M = 192), by CUDA-graph replay of the whole `fused_experts`
 with L2 read-flushed; every output is checked against the old rule's (relative L2).
 Controls that must not fire: olmoe M = 256, qwen3 M = 8.
@@ -34,7 +37,7 @@ from moekit.tuning.config import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import default_config, pick_block_m, tiles_for_block_m
 
 GRANITE = "granite-3.0-3b-a800m"
-CELLS = [(GRANITE, m) for m in (8, 16, 32, 48, 64, 96, 128, 192, 256, 320)] + [
+CELLS = [(GRANITE, m) for m in (8, 16, 32, 48, 64, 96, 128, 144, 160, 176, 192, 256, 320)] + [
     ("olmoe-1b-7b", 256), ("qwen3-30b-a3b", 8)]
 NARROW = GemmConfig(128, 64, 8, 4, 3)
 
@@ -47,8 +50,8 @@ def variants(preset, m: int) -> dict[str, ExpertsConfig]:
            "new": default_config(m, *shape, num_sms=sms)}
     for bm in (16, 32, 64):
         out[f"bm{bm} narrow"] = ExpertsConfig(bm, NARROW, NARROW)
-        out[f"bm{bm} wide"] = tiles_for_block_m(bm)
-        out[f"bm{bm} narrow+g2 128x128"] = ExpertsConfig(bm, NARROW, GemmConfig(128, 128, 8, 4, 3))
+        out[f"bm{bm} usual"] = tiles_for_block_m(bm)
+    out["bm32 narrow+g2 128x128"] = ExpertsConfig(32, NARROW, GemmConfig(128, 128, 8, 4, 3))
     if m >= 192:
         out["bm128"] = tiles_for_block_m(128)
     return out

@@ -69,6 +69,9 @@ HOPPER_SMS = 132
 # A layer is narrow when one row block per expert makes fewer 128-column GEMM1 programs
 # than this many per SM.
 _NARROW_PROGRAMS_PER_SM = 2
+# A narrow layer's row tile holds the average expert's rows, not the busiest's; up to 32
+# rows it takes the narrow tiles, beyond that the usual ones.
+_NARROW_MAX_BLOCK_M = 32
 # The narrow layer's tiles: GEMM1 needs 3 × 35–37 KB of shared memory (two programs per
 # SM), GEMM2 3 × 18–20 KB.
 _NARROW_TILE = GemmConfig(128, 64, 8, 4, 3)
@@ -187,9 +190,11 @@ def default_config(
     on a GPU of `num_sms` SMs."""
     if use_direct_path(num_tokens, num_experts, top_k, dtype_bytes):
         return direct_tiles(num_tokens, top_k, hidden)
-    block_m = pick_block_m(num_tokens, num_experts, top_k)
     aligned = hidden % 16 == 0 and inter % 16 == 0
-    if (block_m <= 64 and dtype_bytes <= 2 and aligned
-            and narrow_layer(num_experts, inter, num_sms)):
-        return ExpertsConfig(max(16, block_m // 2), _NARROW_TILE, _NARROW_TILE)
-    return tiles_for_block_m(block_m, dtype_bytes, aligned)
+    if dtype_bytes <= 2 and aligned and narrow_layer(num_experts, inter, num_sms):
+        rows = rows_per_expert(num_tokens, num_experts, top_k)
+        block_m = max(16, 1 << math.ceil(math.log2(max(rows, 1.0))))
+        if block_m <= _NARROW_MAX_BLOCK_M:
+            return ExpertsConfig(block_m, _NARROW_TILE, _NARROW_TILE)
+    return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes,
+                             aligned)
