@@ -25,8 +25,8 @@ known ones of `_KNOWN_SPILL_BYTES`, which may not grow.
 
 Coverage is a covering set, not the cross-product (that would be hundreds of compiles):
 every dtype each op accepts, every activation, every boolean constexpr both ways, the
-decode (block_m 16/32), mid (64) and prefill (128, TMA + persistent GEMM2) tiles, every
-fp8 scheme and quantisation mode. Each row says why it is there.
+decode (block_m 16/32), mid (64), narrow-layer and prefill (128, TMA + persistent GEMM2)
+tiles, every fp8 scheme and quantisation mode. Each row says why it is there.
 
 The workers compile in parallel (one per core, at most 4) and start when the module's
 first test does; each test waits for its own case. Cold (empty TRITON_CACHE_DIR) the
@@ -65,6 +65,7 @@ import moekit.experts
 import moekit.experts_fp8
 from moekit.quant import QuantScheme, quantize_weight
 from moekit.tuning import ExpertsConfig, GemmConfig
+from moekit.tuning.heuristic import narrow_layer, tiles_for_block_m
 
 _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use on sm_90
 _TMA_PTX = "cp.async.bulk.tensor"
@@ -202,6 +203,10 @@ CASES = [
     _experts("tail tiles: GEMM1 at 128 and 64 rows in one program (TMA weights); the "
              "persistent GEMM2 masking a tail's rows", "bf16", "swigluoai", 128, tma=True,
              tail=True, bias=True, odd_i=True),
+    _experts("narrow layer (few column tiles): both GEMMs 128 columns × 64-deep K in 3 "
+             "stages, two GEMM1 programs per SM", "bf16", "silu", 16, narrow=True),
+    _experts("narrow layer at 32 rows, fp16, biases", "fp16", "swigluoai", 32, narrow=True,
+             bias=True, tokens=128),
     _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
              odd_h=True),
     _experts("fp32 at 64 rows: the largest fp32 tiles that fit (192 KB of shared memory)",
@@ -500,12 +505,17 @@ def _recording_launches(launches: list):
 def _run_experts(p):
     dtype = _DTYPES[p["dtype"]]
     H, I = 1000 if p.get("odd_h") else 1024, 264 if p.get("odd_i") else 512
-    M = _TOKENS_FOR_BLOCK_M[p["block_m"]]
+    M = p.get("tokens", _TOKENS_FOR_BLOCK_M[p["block_m"]])
     act = moekit.Activation.parse(p["act"])
-    config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
     if p["block_m"] == 1:  # the direct path, at a tile of each GEMM
         per = 1 if p.get("split") else _TOP_K  # GEMM2's slots per program
         config = ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, per, 4, 4))
+    elif p.get("narrow"):  # 8 experts of I = 512 are a narrow layer: the heuristic's own
+        config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
+        assert narrow_layer(_E, I) and config.gemm1.block_k == 64, config
+    else:  # the usual row tile's tiles, as on a layer with more column tiles
+        config = tiles_for_block_m(p["block_m"], dtype.itemsize,
+                                   aligned=not (p.get("odd_h") or p.get("odd_i")))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")

@@ -10,6 +10,7 @@ from moekit.tuning import ExpertsConfig, GemmConfig, default_config
 from moekit.tuning.heuristic import (
     direct_slots_per_program,
     direct_tiles,
+    narrow_layer,
     pick_block_m,
     tiles_for_block_m,
     use_direct_path,
@@ -32,8 +33,9 @@ BLOCK_M_CASES = [
 @pytest.mark.parametrize("M,E,k,block_m,why", BLOCK_M_CASES)
 def test_block_m_holds_the_busiest_expert(M, E, k, block_m, why):
     assert pick_block_m(M, E, k) == block_m
-    if not use_direct_path(M, E, k):
-        assert default_config(M, E, k, 2048, 768).block_m == block_m
+    inter = 14336  # wide experts (mixtral's): few experts still make many column tiles
+    if not use_direct_path(M, E, k) and not narrow_layer(E, inter):
+        assert default_config(M, E, k, 4096, inter).block_m == block_m
 
 
 DIRECT_CASES = [
@@ -119,6 +121,44 @@ def test_wide_mid_tiles_only_on_aligned_rows():
         assert (fp32.gemm1.block_n, fp32.gemm2.block_n) == (narrow.gemm1.block_n,
                                                             narrow.gemm2.block_n)
     assert tiles_for_block_m(64, aligned=False) == tiles_for_block_m(64, dtype_bytes=4)
+
+
+NARROW_LAYER_CASES = [
+    # (M, block_m, narrow tiles, why) on granite: 40 experts, k = 8, H = 1536, I = 512
+    (8, 16, True, "1.6 rows per expert on average"),
+    (64, 16, True, "12.8 rows on average: 16 (the busiest-expert rule: 32)"),
+    (128, 32, True, "25.6 rows: 32 (the busiest-expert rule: 64)"),
+    (192, 64, False, "38.4 rows: the usual 64-row tiles measured faster"),
+    (4096, 128, False, "prefill: the usual 128-row tiles"),
+]
+
+
+@pytest.mark.parametrize("M,block_m,narrow_tiles,why", NARROW_LAYER_CASES)
+def test_narrow_layer_tiles(M, block_m, narrow_tiles, why):
+    config = default_config(M, 40, 8, 1536, 512)
+    assert config.block_m == block_m
+    usual = tiles_for_block_m(block_m)
+    if narrow_tiles:
+        assert config.gemm1 == config.gemm2 == GemmConfig(128, 64, 8, 4, 3)
+        assert config.gemm1 != usual.gemm1
+    else:
+        assert config == usual
+    # Not narrow: more experts or wider ones (olmoe), a GPU of fewer SMs, fp32, ragged rows.
+    assert default_config(M, 64, 8, 2048, 1024) == tiles_for_block_m(pick_block_m(M, 64, 8))
+    assert default_config(M, 40, 8, 1536, 512, num_sms=78).block_m == pick_block_m(M, 40, 8)
+    assert default_config(M, 40, 8, 1536, 512, dtype_bytes=4) == tiles_for_block_m(
+        pick_block_m(M, 40, 8), dtype_bytes=4)
+    ragged = default_config(M, 40, 8, 1536, 520)
+    assert ragged == tiles_for_block_m(pick_block_m(M, 40, 8), aligned=False)
+
+
+def test_narrow_layer_counts_gemm1_programs_per_sm():
+    # One row block per expert: granite 40 × 4 column tiles of 128 = 160 programs on 132
+    # SMs; qwen3 128 × 6 = 768, olmoe 64 × 8 = 512.
+    assert narrow_layer(40, 512) and not narrow_layer(40, 512, num_sms=80)
+    assert not narrow_layer(128, 768) and not narrow_layer(64, 1024)
+    narrow = [p.name for p in PRESETS.values() if narrow_layer(p.num_experts, p.inter)]
+    assert narrow == ["granite-3.0-3b-a800m"]
 
 
 def test_direct_gemm2_candidates_split_slots():

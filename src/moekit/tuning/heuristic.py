@@ -27,12 +27,15 @@ At one or two tokens its GEMM2 splits a token's slots over programs
 (`direct_slots_per_program`): 1.04–1.20× faster on the H200.
 
 Few, narrow experts (granite: 40 experts of I = 512, so a row block of every expert is
-only 160 GEMM1 programs of 128 columns on 132 SMs) leave SMs idle in the GEMMs' last
-wave at the tiles above, whose shared memory allows one program per SM. There the row
-tile is halved (down to 16) and both GEMMs take 128 × 64 tiles in 3 stages, two programs
-per SM (`narrow_layer`; H200 `moekit tune`, granite M = 16–128: the best configuration of
-39 in every cell, 1.07–1.16× the wide tiles; 1.02–1.14× slower than the rule's tiles on
-the six presets with four or more such programs per SM).
+only 160 GEMM1 programs of 128 columns on 132 SMs) leave SMs idle in the last wave at the
+tiles above, whose shared memory allows one GEMM1 program per SM. Such a layer
+(`narrow_layer`) sizes its row tile to the average expert's rows (the extra blocks of the
+busiest experts re-read weights from L2) and, up to 32 rows, takes 128 × 64 tiles in 3
+stages for both GEMMs, two GEMM1 programs per SM. H200, granite, graph replay
+(`bench/results/h200-20261202-narrow-layer-experiment-s18b.md`): 1.04–1.14× faster at
+M = 16–144 and within 1.2% of the best of 11 variants there; at M = 160 (32 rows on
+average) 0.98× and at M = 8 1.01×. The same tiles were 1.02–1.14× slower than the
+heuristic's on the six presets with more column tiles (`moekit tune`'s kept trials).
 
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
