@@ -235,6 +235,10 @@ CASES = [
          "channel", "bf16", "swigluoai", 16, odd_i=True),
     _fp8("128×128 weight blocks, 1×128 input groups: per-K scales in both GEMMs",
          "block", "bf16", "silu", 64),
+    _fp8("narrow layer: both GEMMs 128 columns × 128 bytes of K, 3 stages, 4 warps; block "
+         "scales at 32 rows", "block", "bf16", "silu", 32, narrow=True, tokens=128),
+    _fp8("narrow layer, per-channel weights and per-token inputs at 16 rows, biases",
+         "channel", "bf16", "swigluoai", 16, narrow=True, bias=True, tokens=16),
     _fp8("block scales from fp32 hidden, ungated, ragged H and I", "block", "fp32", "relu2",
          16, odd_h=True, odd_i=True),
     _fp8("prefill: 128-row tiles with tail tiles, TMA weight and inter tiles, persistent "
@@ -539,14 +543,19 @@ def _run_fp8(p):
     dtype = _DTYPES[p["dtype"]]
     H, I = 520 if p.get("odd_h") else 512, 200 if p.get("odd_i") else 256
     top_k = 1 if p.get("weight_on_input") else _TOP_K  # fp8 takes it at top-1 only
-    M = _TOKENS_FOR_BLOCK_M[p["block_m"]] * _TOP_K // top_k  # as many pairs
+    M = p.get("tokens", _TOKENS_FOR_BLOCK_M[p["block_m"]] * _TOP_K // top_k)  # as many pairs
     act = moekit.Activation.parse(p["act"])
     static = None if scheme.activation.dynamic else torch.full((1,), 0.01)
     w13 = quantize_weight(torch.randn(_E, act.gemm1_rows(I), H) * 0.05, scheme.weight,
                           input_scale=static)
     w2 = quantize_weight(torch.randn(_E, H, I) * 0.05, scheme.weight, input_scale=static)
     bias = p.get("bias")
-    config = moekit.experts_fp8.default_fp8_config(M, _E, top_k, H, I, scheme)
+    # 8 experts of I = 256 are a narrow layer: the `narrow` cases take the heuristic's own
+    # tiles, the others the plan path's usual ones.
+    config = moekit.experts_fp8.plan_fp8_config(M, _E, top_k, scheme)
+    if p.get("narrow"):
+        config = moekit.experts_fp8.default_fp8_config(M, _E, top_k, H, I, scheme)
+        assert narrow_layer(_E, I) and config.gemm1.num_warps == 4, config
     if p["block_m"] == 1:  # the direct path's tiles (the heuristic takes it from 32 experts)
         config = moekit.experts_fp8.direct_fp8_config(M, _TOP_K, H, I, scheme)
         if p.get("whole"):  # GEMM2 a program per token, not per slot (the heuristic's here)

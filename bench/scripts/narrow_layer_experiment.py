@@ -13,7 +13,11 @@ cell times, in interleaved rounds, the session's starting heuristic ("old"), the
 with L2 read-flushed; every output is checked against the old rule's (relative L2).
 Controls that must not fire: olmoe M = 256, qwen3 M = 8.
 
-    PYTHONPATH=src python3 bench/scripts/narrow_layer_experiment.py --out $OUT
+`--fp8`: the fp8 rule (`moekit.experts_fp8.narrow_fp8_config`, from `moekit tune` at granite
+M = 16 / 64 / 128: 1.07–1.30× there) against the plan path's tiles, three schemes, granite
+M = 8–192, qwen3 M = 64 as the control; old and new only.
+
+    PYTHONPATH=src python3 bench/scripts/narrow_layer_experiment.py --out $OUT [--fp8]
 """
 
 from __future__ import annotations
@@ -30,15 +34,19 @@ import torch
 import triton
 
 import moekit
+from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
+from moekit.experts_fp8 import default_fp8_config, plan_fp8_config
 from moekit.tuning.config import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import default_config, pick_block_m, tiles_for_block_m
 
 GRANITE = "granite-3.0-3b-a800m"
 CELLS = [(GRANITE, m) for m in (8, 16, 32, 48, 64, 96, 128, 144, 160, 176, 192, 256, 320)] + [
     ("olmoe-1b-7b", 256), ("qwen3-30b-a3b", 8)]
+FP8_CELLS = [(GRANITE, m, scheme) for scheme in ("fp8_tensor", "fp8_channel", "fp8_block")
+             for m in (8, 16, 32, 64, 96, 128, 160, 192)] + [("qwen3-30b-a3b", 64, "fp8_tensor")]
 NARROW = GemmConfig(128, 64, 8, 4, 3)
 
 
@@ -57,15 +65,29 @@ def variants(preset, m: int) -> dict[str, ExpertsConfig]:
     return out
 
 
-def run_cell(name: str, m: int, rounds: int) -> list[dict]:
-    """Every variant of one cell, timed in `rounds` interleaved rounds."""
+def fp8_variants(preset, m: int, scheme: str) -> dict[str, ExpertsConfig]:
+    """The fp8 plan path's tiles ("old") and the heuristic's ("new")."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return {"old": plan_fp8_config(m, preset.num_experts, preset.top_k, scheme),
+            "new": default_fp8_config(m, preset.num_experts, preset.top_k, preset.hidden,
+                                      preset.inter, scheme, sms)}
+
+
+def run_cell(name: str, m: int, rounds: int, scheme: str | None = None) -> list[dict]:
+    """Every variant of one cell, timed in `rounds` interleaved rounds (fp8 with `scheme`)."""
     preset = PRESETS[name]
     device = torch.device("cuda")
     w = make_weights(preset, torch.bfloat16, device)
+    if scheme:
+        w = quantize_experts(w, scheme)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, device)
-    configs = variants(preset, m)
+    configs = fp8_variants(preset, m, scheme) if scheme else variants(preset, m)
 
     def call(config, out):
+        if scheme:
+            return moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                            scheme=scheme, activation=preset.activation,
+                                            b13=w.b13, b2=w.b2, config=config, out=out)
         return moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
                                     activation=preset.activation, b13=w.b13, b2=w.b2,
                                     config=config, out=out)
@@ -81,11 +103,13 @@ def run_cell(name: str, m: int, rounds: int) -> list[dict]:
     rows = []
     for label, config in configs.items():
         err = ((outs[label].float() - ref).norm() / ref.norm()).item()
-        row = {"preset": name, "M": m, "variant": label, "config": dataclasses.asdict(config),
+        row = {"preset": name, "M": m, "scheme": scheme or "bf16", "variant": label,
+               "config": dataclasses.asdict(config),
                "us": statistics.median(times[label]), "rounds_us": times[label],
                "rel_diff_vs_old": err}
         rows.append(row)
-        print(f"{name} M={m} {label:22s} {row['us']:8.1f} µs  diff {err:.1e}", flush=True)
+        print(f"{name} M={m} {scheme or 'bf16'} {label:22s} {row['us']:8.1f} µs  "
+              f"diff {err:.1e}", flush=True)
     return rows
 
 
@@ -93,28 +117,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fp8", action="store_true", help="the fp8 rule (FP8_CELLS)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    cells = FP8_CELLS if args.fp8 else [(name, m, None) for name, m in CELLS]
     rows = []
-    for name, m in CELLS:
-        rows += run_cell(name, m, args.rounds)
+    for name, m, scheme in cells:
+        rows += run_cell(name, m, args.rounds, scheme)
         torch.cuda.empty_cache()
+    stem = "narrow-layer-experiment" + ("-fp8" if args.fp8 else "")
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.date.today().isoformat(),
             "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"), "command": " ".join(sys.argv)}
-    with open(os.path.join(args.out, "narrow-layer-experiment.json"), "w") as f:
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "narrow-layer-experiment.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("# Narrow-layer rule, " + meta["device"] + ", " + meta["date"] + "\n\n")
         f.write("".join(f"- {k}: {v}\n" for k, v in meta.items() if k not in ("device", "date")))
         f.write("- CUDA-graph replay of `fused_experts`, L2 read-flushed, median of "
                 f"{args.rounds} interleaved rounds (each a median of samples)\n\n")
         f.write("| cell | old µs | new µs | old ÷ new | best variant | best µs | new ÷ best |\n"
                 "|---|---|---|---|---|---|---|\n")
-        for name, m in CELLS:
-            cell = {r["variant"]: r["us"] for r in rows if r["preset"] == name and r["M"] == m}
+        for name, m, scheme in cells:
+            cell = {r["variant"]: r["us"] for r in rows
+                    if (r["preset"], r["M"], r["scheme"]) == (name, m, scheme or "bf16")}
             best = min(cell, key=cell.get)
-            f.write(f"| {name} M={m} | {cell['old']:.1f} | {cell['new']:.1f} | "
+            label = f"{name} M={m}" + (f" {scheme}" if scheme else "")
+            f.write(f"| {label} | {cell['old']:.1f} | {cell['new']:.1f} | "
                     f"{cell['old'] / cell['new']:.3f} | {best} | {cell[best]:.1f} | "
                     f"{cell['new'] / cell[best]:.3f} |\n")
     return 0

@@ -96,7 +96,13 @@ from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.config import DIRECT_BLOCK_M
-from moekit.tuning.heuristic import direct_tiles, pick_block_m, use_direct_fp8_path
+from moekit.tuning.heuristic import (
+    HOPPER_SMS,
+    direct_tiles,
+    narrow_row_tile,
+    pick_block_m,
+    use_direct_fp8_path,
+)
 from moekit.tuning.tables import tuned_for
 
 # The per-tensor amax pass: 1024-value blocks, 8 warps, up to 512 programs of at least two
@@ -196,18 +202,36 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
     if tuned is not None:
         return tuned
     num_tokens, hidden_size = hidden.shape
-    return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme)
+    sms = (persistent_programs(hidden.device)
+           if hidden.is_cuda and not torch.compiler.is_compiling() else HOPPER_SMS)
+    return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme, sms)
 
 
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
-                       scheme: str | QuantScheme) -> ExpertsConfig:
-    """Tiles for `fused_experts_fp8`: the direct path's (`direct_fp8_config`) for up to
-    four tokens on 32 or more experts, and M × H ≤ 8192 (`use_direct_fp8_path`), else the
-    plan path's (`plan_fp8_config`)."""
+                       scheme: str | QuantScheme, num_sms: int = HOPPER_SMS) -> ExpertsConfig:
+    """Tiles for `fused_experts_fp8` on a GPU of `num_sms` SMs: the direct path's
+    (`direct_fp8_config`) for up to four tokens on 32 or more experts, and M × H ≤ 8192
+    (`use_direct_fp8_path`); a narrow layer's (`narrow_fp8_config`) where the 16-bit rule
+    takes them; else the plan path's (`plan_fp8_config`)."""
     if use_direct_fp8_path(num_tokens, num_experts, hidden):
         return direct_fp8_config(num_tokens, top_k, hidden, inter, scheme)
+    narrow = narrow_row_tile(num_tokens, num_experts, top_k, hidden, inter, num_sms)
+    if narrow:
+        return narrow_fp8_config(narrow, scheme)
     return plan_fp8_config(num_tokens, num_experts, top_k, scheme)
+
+
+def narrow_fp8_config(block_m: int, scheme: str | QuantScheme) -> ExpertsConfig:
+    """A narrow layer's fp8 tiles (`moekit.tuning.heuristic.narrow_layer`): both GEMMs 128
+    columns × 128 bytes of K in 3 stages, 4 warps — the 16-bit rule's shared memory per
+    stage, two GEMM1 programs per SM (H200, granite M = 64 / 128: 1.29× / 1.07× faster
+    per-tensor, 1.30× / 1.11× with block scales, the best configuration `moekit tune`
+    found; bench/results/h200-20261202-tune-fp8_*-granite-s18.json)."""
+    k1, k2, inter_group = _k_groups(QuantScheme.parse(scheme))
+    tile = GemmConfig(128, 128, 8, 4, 3)
+    g1 = dataclasses.replace(tile, block_n=max(128, inter_group or 0))
+    return ExpertsConfig(block_m, _fit_k(g1, k1), _fit_k(tile, k2))
 
 
 def direct_fp8_config(num_tokens: int, top_k: int, hidden: int, inter: int,

@@ -101,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
 def _fp8_heuristic(scheme: str):
     """`fused_experts_fp8`'s default configuration for (preset, M)."""
     from moekit.experts_fp8 import default_fp8_config
+    from moekit.tuning.tuner import this_gpu_sms
 
+    sms = this_gpu_sms()
     return lambda preset, m: default_fp8_config(m, preset.num_experts, preset.top_k,
-                                                preset.hidden, preset.inter, scheme)
+                                                preset.hidden, preset.inter, scheme, sms)
 
 
 def _fp8_tiles_at(scheme: str):

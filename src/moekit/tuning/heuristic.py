@@ -184,6 +184,18 @@ def narrow_layer(num_experts: int, inter: int, num_sms: int = HOPPER_SMS) -> boo
     return num_experts * math.ceil(inter / 128) < _NARROW_PROGRAMS_PER_SM * num_sms
 
 
+def narrow_row_tile(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
+                    num_sms: int = HOPPER_SMS) -> int | None:
+    """The row tile of a narrow layer's own tiles (16 or 32: the average expert's rows), or
+    None where they do not apply: not narrow, more rows, or rows of H or I that are not
+    16-element multiples (whose unvectorised loads the wider tiles would spill)."""
+    if hidden % 16 or inter % 16 or not narrow_layer(num_experts, inter, num_sms):
+        return None
+    rows = rows_per_expert(num_tokens, num_experts, top_k)
+    block_m = max(16, 1 << math.ceil(math.log2(max(rows, 1.0))))
+    return block_m if block_m <= _NARROW_MAX_BLOCK_M else None
+
+
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2,
@@ -194,10 +206,8 @@ def default_config(
     if use_direct_path(num_tokens, num_experts, top_k, dtype_bytes):
         return direct_tiles(num_tokens, top_k, hidden)
     aligned = hidden % 16 == 0 and inter % 16 == 0
-    if dtype_bytes <= 2 and aligned and narrow_layer(num_experts, inter, num_sms):
-        rows = rows_per_expert(num_tokens, num_experts, top_k)
-        block_m = max(16, 1 << math.ceil(math.log2(max(rows, 1.0))))
-        if block_m <= _NARROW_MAX_BLOCK_M:
-            return ExpertsConfig(block_m, _NARROW_TILE, _NARROW_TILE)
+    narrow = narrow_row_tile(num_tokens, num_experts, top_k, hidden, inter, num_sms)
+    if dtype_bytes <= 2 and narrow:
+        return ExpertsConfig(narrow, _NARROW_TILE, _NARROW_TILE)
     return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes,
                              aligned)

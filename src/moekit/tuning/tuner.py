@@ -77,11 +77,15 @@ def new_table(device: str, dtype: str, command: str, versions: dict) -> dict:
             **versions, "entries": []}
 
 
+def this_gpu_sms() -> int:
+    """SMs of the current CUDA device (the heuristics' default without one)."""
+    return persistent_programs(torch.device("cuda")) if torch.cuda.is_available() else HOPPER_SMS
+
+
 def bf16_heuristic(preset: Preset, num_tokens: int) -> ExpertsConfig:
     """`fused_experts`' default configuration for a preset's shape on this machine's GPU."""
-    sms = persistent_programs(torch.device("cuda")) if torch.cuda.is_available() else HOPPER_SMS
     return default_config(num_tokens, preset.num_experts, preset.top_k, preset.hidden,
-                          preset.inter, num_sms=sms)
+                          preset.inter, num_sms=this_gpu_sms())
 
 
 def bf16_tiles_at(heuristic: ExpertsConfig, block_m: int) -> ExpertsConfig:
