@@ -14,6 +14,8 @@ import functools
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moekit.tuning.heuristic import HOPPER_SMS
+
 TMA_BLOCK_M = 128  # the row tile the TMA path was measured with
 _TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 _ALIGN = 16
@@ -56,6 +58,14 @@ def persistent_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return _INTERPRETER_PROGRAMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def heuristic_sms(device: torch.device) -> int:
+    """SMs the tile heuristics plan for: this GPU's; an H100's or H200's on other devices
+    and under torch.compile (which traces the heuristic as plain arithmetic)."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return persistent_programs(device)
+    return HOPPER_SMS
 
 
 def matrix_descriptor(t: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor:

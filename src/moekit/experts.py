@@ -26,7 +26,7 @@ from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, out
 from moekit._dot_precision import dot_precision
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moekit._intmath import cdiv
-from moekit._tma import matrix_descriptor, persistent_programs, use_tma
+from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
@@ -34,7 +34,6 @@ from moekit.experts_direct import launch_direct_experts
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
-from moekit.tuning.heuristic import HOPPER_SMS
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -160,8 +159,7 @@ def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: in
     if tuned is not None:
         return tuned
     num_tokens, hidden_size = hidden.shape
-    sms = (persistent_programs(hidden.device)
-           if hidden.is_cuda and not torch.compiler.is_compiling() else HOPPER_SMS)
+    sms = heuristic_sms(hidden.device)
     return default_config(num_tokens, num_experts, top_k, hidden_size, inter,
                           hidden.element_size(), sms)
 

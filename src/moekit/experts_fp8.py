@@ -84,7 +84,7 @@ from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._intmath import cdiv
-from moekit._tma import matrix_descriptor, persistent_programs, use_tma
+from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
@@ -202,8 +202,7 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
     if tuned is not None:
         return tuned
     num_tokens, hidden_size = hidden.shape
-    sms = (persistent_programs(hidden.device)
-           if hidden.is_cuda and not torch.compiler.is_compiling() else HOPPER_SMS)
+    sms = heuristic_sms(hidden.device)
     return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme, sms)
 
 
@@ -225,9 +224,10 @@ def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: in
 def narrow_fp8_config(block_m: int, scheme: str | QuantScheme) -> ExpertsConfig:
     """A narrow layer's fp8 tiles (`moekit.tuning.heuristic.narrow_layer`): both GEMMs 128
     columns × 128 bytes of K in 3 stages, 4 warps — the 16-bit rule's shared memory per
-    stage, two GEMM1 programs per SM (H200, granite M = 64 / 128: 1.29× / 1.07× faster
-    per-tensor, 1.30× / 1.11× with block scales, the best configuration `moekit tune`
-    found; bench/results/h200-20261202-tune-fp8_*-granite-s18.json)."""
+    stage, two GEMM1 programs per SM. Found by `moekit tune` at granite M = 16 / 64 / 128
+    (bench/results/h200-20261202-tune-fp8_*-granite-s18.json); against the plan path's
+    tiles on the H200 (`h200-20261202-narrow-layer-experiment-fp8-s18.md`): 1.02–1.29×
+    faster at M = 16–160 in all three schemes (M = 64: 1.23–1.29×), 1.00× at M = 8 and 192."""
     k1, k2, inter_group = _k_groups(QuantScheme.parse(scheme))
     tile = GemmConfig(128, 128, 8, 4, 3)
     g1 = dataclasses.replace(tile, block_n=max(128, inter_group or 0))

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from moekit._tma import persistent_programs
+from moekit._tma import heuristic_sms
 from moekit.bench.presets import Preset
 from moekit.tuning.config import ExpertsConfig
-from moekit.tuning.heuristic import HOPPER_SMS, default_config, tiles_for_block_m
+from moekit.tuning.heuristic import default_config, tiles_for_block_m
 from moekit.tuning.space import Constraint, candidates, gemm2_candidates, neighbour_block_ms
 from moekit.tuning.tables import config_from_dict, config_to_dict, save_table
 
@@ -79,7 +79,7 @@ def new_table(device: str, dtype: str, command: str, versions: dict) -> dict:
 
 def this_gpu_sms() -> int:
     """SMs of the current CUDA device (the heuristics' default without one)."""
-    return persistent_programs(torch.device("cuda")) if torch.cuda.is_available() else HOPPER_SMS
+    return heuristic_sms(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def bf16_heuristic(preset: Preset, num_tokens: int) -> ExpertsConfig:
