@@ -17,7 +17,12 @@ Controls that must not fire: olmoe M = 256, qwen3 M = 8.
 M = 16 / 64 / 128: 1.07–1.30× there) against the plan path's tiles, three schemes, granite
 M = 8–192, qwen3 M = 64 as the control; old and new only.
 
-    PYTHONPATH=src python3 bench/scripts/narrow_layer_experiment.py --out $OUT [--fp8]
+`--tp`: bf16 layers sharded by tensor parallelism (I split over GPUs), which the rule also
+calls narrow though none was measured: mixtral over 8 GPUs (I = 1792: 112 column tiles of
+128), qwen3 and olmoe over 4 (I = 192 and 256); old, new, and the row tiles' usual,
+narrow and 64-column narrow tiles.
+
+    PYTHONPATH=src python3 bench/scripts/narrow_layer_experiment.py --out $OUT [--fp8 | --tp]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import triton
 import moekit
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
-from moekit.bench.presets import PRESETS
+from moekit.bench.presets import PRESETS, Preset
 from moekit.bench.timing import graph_replay_us
 from moekit.experts_fp8 import default_fp8_config, plan_fp8_config
 from moekit.tuning.config import ExpertsConfig, GemmConfig
@@ -48,6 +53,10 @@ CELLS = [(GRANITE, m) for m in (8, 16, 32, 48, 64, 96, 128, 144, 160, 176, 192, 
 FP8_CELLS = [(GRANITE, m, scheme) for scheme in ("fp8_tensor", "fp8_channel", "fp8_block")
              for m in (8, 16, 32, 64, 96, 128, 160, 192)] + [("qwen3-30b-a3b", 64, "fp8_tensor")]
 NARROW = GemmConfig(128, 64, 8, 4, 3)
+# Tensor-parallel shards: (preset, token counts).
+TP_SHARDS = [(Preset("mixtral-8x7b/tp8", 8, 2, 4096, 1792), (8, 32, 64, 128, 256)),
+             (Preset("qwen3-30b-a3b/tp4", 128, 8, 2048, 192), (8, 64, 256, 512)),
+             (Preset("olmoe-1b-7b/tp4", 64, 8, 2048, 256), (8, 64, 256))]
 
 
 def variants(preset, m: int) -> dict[str, ExpertsConfig]:
@@ -62,6 +71,10 @@ def variants(preset, m: int) -> dict[str, ExpertsConfig]:
     out["bm32 narrow+g2 128x128"] = ExpertsConfig(32, NARROW, GemmConfig(128, 128, 8, 4, 3))
     if m >= 192:
         out["bm128"] = tiles_for_block_m(128)
+    if preset.name.split("/")[-1].startswith("tp"):
+        for bm in (16, 32):
+            out[f"bm{bm} narrow 64 columns"] = ExpertsConfig(bm, GemmConfig(64, 64, 8, 4, 3),
+                                                             GemmConfig(64, 64, 8, 4, 3))
     return out
 
 
@@ -75,7 +88,7 @@ def fp8_variants(preset, m: int, scheme: str) -> dict[str, ExpertsConfig]:
 
 def run_cell(name: str, m: int, rounds: int, scheme: str | None = None) -> list[dict]:
     """Every variant of one cell, timed in `rounds` interleaved rounds (fp8 with `scheme`)."""
-    preset = PRESETS[name]
+    preset = PRESETS.get(name) or next(p for p, _ in TP_SHARDS if p.name == name)
     device = torch.device("cuda")
     w = make_weights(preset, torch.bfloat16, device)
     if scheme:
@@ -118,14 +131,19 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fp8", action="store_true", help="the fp8 rule (FP8_CELLS)")
+    parser.add_argument("--tp", action="store_true", help="tensor-parallel shards (TP_SHARDS)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    cells = FP8_CELLS if args.fp8 else [(name, m, None) for name, m in CELLS]
+    cells = [(name, m, None) for name, m in CELLS]
+    if args.fp8:
+        cells = FP8_CELLS
+    elif args.tp:
+        cells = [(p.name, m, None) for p, ms in TP_SHARDS for m in ms]
     rows = []
     for name, m, scheme in cells:
         rows += run_cell(name, m, args.rounds, scheme)
         torch.cuda.empty_cache()
-    stem = "narrow-layer-experiment" + ("-fp8" if args.fp8 else "")
+    stem = "narrow-layer-experiment" + ("-fp8" if args.fp8 else "-tp" if args.tp else "")
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.date.today().isoformat(),
             "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"), "command": " ".join(sys.argv)}
