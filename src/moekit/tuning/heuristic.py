@@ -36,6 +36,10 @@ stages for both GEMMs, two GEMM1 programs per SM. H200, granite, graph replay
 M = 16–144 and within 1.2% of the best of 11 variants there; at M = 160 (32 rows on
 average) 0.98× and at M = 8 1.01×. The same tiles were 1.02–1.14× slower than the
 heuristic's on the six presets with more column tiles (`moekit tune`'s kept trials).
+Tensor-parallel shards are narrow too (`…-narrow-layer-experiment-tp-s18.md`): qwen3 and
+olmoe over 4 GPUs 1.01–1.10× faster up to 256 tokens, but 0.92× for qwen3 at M = 512 (32
+rows on average, where the 64-row tiles win) and 0.97–0.99× for mixtral over 8 GPUs at
+M = 8–64; within 1.09× of the best variant everywhere measured.
 
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
