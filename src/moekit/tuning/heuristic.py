@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import math
 
+from moekit._intmath import cdiv, next_power_of_2
 from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 
 _DIRECT_MAX_TOKENS = 4
@@ -185,7 +186,7 @@ def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True) 
 def narrow_layer(num_experts: int, inter: int, num_sms: int = HOPPER_SMS) -> bool:
     """Whether one row block per expert makes fewer than `_NARROW_PROGRAMS_PER_SM` GEMM1
     programs of 128 columns per SM (granite's 40 × 512: 160 on 132 SMs)."""
-    return num_experts * math.ceil(inter / 128) < _NARROW_PROGRAMS_PER_SM * num_sms
+    return num_experts * cdiv(inter, 128) < _NARROW_PROGRAMS_PER_SM * num_sms
 
 
 def narrow_row_tile(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
@@ -196,7 +197,7 @@ def narrow_row_tile(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
     if hidden % 16 or inter % 16 or not narrow_layer(num_experts, inter, num_sms):
         return None
     rows = rows_per_expert(num_tokens, num_experts, top_k)
-    block_m = max(16, 1 << math.ceil(math.log2(max(rows, 1.0))))
+    block_m = max(16, next_power_of_2(math.ceil(rows)))
     return block_m if block_m <= _NARROW_MAX_BLOCK_M else None
 
 
