@@ -71,7 +71,8 @@ _SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may use 
 _TMA_PTX = "cp.async.bulk.tensor"
 _GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
           "_direct_gemm1_kernel", "_direct_gemm2_kernel", "_direct_gemm1_fp8_kernel",
-          "_direct_gemm2_fp8_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel")
+          "_direct_gemm2_fp8_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel",
+          "_gemm1_ws16_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and 16-bit/fp8 rows of a length that is
 # not a multiple of 16 elements (H = 1000, I = 264 or 200: loads Triton cannot prove
@@ -146,6 +147,7 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
+_EXPERTS_GLUON = ("_gemm1_ws16_kernel", "_gemm2_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 _FP8_GLUON = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_ws_kernel",
@@ -157,8 +159,10 @@ _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gem
 
 def _experts(why, dtype, act, block_m, **flags):
     """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
-    tiles on; every other case has them off, whatever the heuristic's default)."""
-    return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, _EXPERTS)
+    tiles on; every other case has them off, whatever the heuristic's default), gluon
+    (GEMM1 as the 16-bit Gluon kernel, as on an sm_90 GPU)."""
+    kernels = _EXPERTS_GLUON if flags.get("gluon") else _EXPERTS
+    return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
 
 
 def _fp8(why, scheme, dtype, act, block_m, **flags):
@@ -203,6 +207,12 @@ CASES = [
     _experts("tail tiles: GEMM1 at 128 and 64 rows in one program (TMA weights); the "
              "persistent GEMM2 masking a tail's rows", "bf16", "swigluoai", 128, tma=True,
              tail=True, bias=True, odd_i=True),
+    _experts("prefill, Gluon GEMM1 (16-bit, warp-specialised): A rows gathered by cp.async, "
+             "tail tiles (an idle second math warpgroup)", "bf16", "silu", 128, tma=True,
+             tail=True, gluon=True),
+    _experts("Gluon GEMM1, fp16: biases and the router weight on the input in the epilogue, "
+             "gpt-oss activation, no tail tiles", "fp16", "swigluoai", 128, tma=True,
+             bias=True, weight_on_input=True, gluon=True),
     _experts("narrow layer (few column tiles): both GEMMs 128 columns × 64-deep K in 3 "
              "stages, two GEMM1 programs per SM", "bf16", "silu", 16, narrow=True),
     _experts("narrow layer at 32 rows, fp16, biases", "fp16", "swigluoai", 32, narrow=True,
@@ -492,7 +502,8 @@ def _recording_launches(launches: list):
     saved = [(JITFunction, "run"), (moekit.backend, "interpreter_enabled"),
              (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs"),
              (moekit.experts_fp8, "persistent_programs"),
-             (moekit.experts_fp8, "use_gluon_gemm2"), (moekit.experts_fp8, "use_gluon_gemm1")]
+             (moekit.experts_fp8, "use_gluon_gemm2"), (moekit.experts_fp8, "use_gluon_gemm1"),
+             (moekit.experts, "use_gluon_gemm1_16bit")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run = record
     moekit.backend.interpreter_enabled = lambda: True
@@ -523,6 +534,8 @@ def _run_experts(p):
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")
+    # On the CPU the Gluon GEMM1 is never taken; an sm_90 GPU's answer is forced here.
+    moekit.experts.use_gluon_gemm1_16bit = lambda *args: bool(p.get("gluon"))
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),

@@ -158,8 +158,10 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        # 16 bytes per thread and copy; a 128-byte row slice per 8 threads.
-        gather_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        # 16 bytes per thread and copy (16 fp8 or 8 16-bit values); a 128-byte row slice
+        # per 8 threads.
+        VEC: gl.constexpr = 128 // a_desc.dtype.primitive_bitwidth
+        gather_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [4, 1], [1, 0])
         gather_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather_layout))
         gather_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
         n_tiles = I // BLOCK_N

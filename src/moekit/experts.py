@@ -25,6 +25,7 @@ from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
 from moekit._dot_precision import dot_precision
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
+from moekit._gluon_gemm1_16bit import gluon_gemm1_16bit, use_gluon_gemm1_16bit
 from moekit._intmath import cdiv
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
@@ -215,6 +216,9 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     """
     num_tokens, hidden_size = hidden.shape
     num_blocks, block_m, tail_m = plan.row_tiles()
+    if tma and use_gluon_gemm1_16bit(hidden, w13, block_m, activation):
+        return gluon_gemm1_16bit(hidden, w13, b13, topk_weights, plan, activation, alpha,
+                                 limit, weight_on_input, persistent_programs(hidden.device))
     gated = activation != "relu2"
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles

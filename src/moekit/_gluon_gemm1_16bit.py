@@ -1,0 +1,224 @@
+"""16-bit GEMM1 of the plan path at 128-row tiles as a warp-specialised Gluon kernel (sm_90).
+
+GEMM1 is ~60% of a bf16 prefill layer, and Triton's kernel ran it at ~74% of the bf16
+peak (qwen3 M = 4096: 400 µs on an H200, bench/results/logs/
+h200-20261202-fp8-stage-profile-s14-a6732f1.txt), its warps both issuing the gathered
+A rows' copies and the MMAs. Here those jobs are split as in the fp8 kernel
+(`moekit._gluon_gemm1`), whose producer this one shares:
+
+    producer warpgroup    per 64-deep K step: the tile's A rows gathered from their
+                          tokens' rows of hidden by 16-byte cp.async, the expert's gate
+                          rows [128, 64] and up rows [128, 64] by TMA, 48 KB a stage,
+                          into a ring of STAGES
+    two math warpgroups   64 rows each; gate and up accumulate in the MMA itself (16-bit
+                          products need no promotion), one K step's two MMAs left in
+                          flight while the stage before them is released; epilogue: the
+                          router weight (on the input), biases, the activation, stored in
+                          hidden's dtype by TMA in plan order, as the Triton GEMM1 writes
+                          `inter` for GEMM2
+
+Hidden's rows are always gathered: no pass writes them in plan order for 16-bit inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
+from moekit._gluon_gemm1 import GATED, group_m
+
+if HAVE_GLUON:
+    from moekit._experts_kernels import _activate
+    from moekit._gluon import (
+        fence_async_shared,
+        gl,
+        gluon,
+        mbarrier,
+        release_steps,
+        row_tile,
+        stage_ring,
+        tile_coords,
+        tiles_in_use,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from moekit._gluon_gemm1 import _producer
+
+# 128 × 128 × 64 two-byte K steps (the fp8 kernel's 128 bytes of K), 4 stages of 48 KB.
+BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
+                          activation: str) -> bool:
+    """Whether the 16-bit GEMM1 runs as `_gemm1_ws16_kernel`: Gluon allowed (an sm_90
+    GPU), bf16/fp16, 128-row tiles, a gated activation, whole column tiles (I a multiple
+    of 128), contiguous 16-byte rows and bases (TMA and the 16-byte gathers), and hidden's
+    element offsets within 32 bits (the producer's row offsets)."""
+    if not gluon_allowed(w13):
+        return False
+    _, rows13, hidden_size = w13.shape
+    return (
+        w13.dtype in _DTYPES
+        and hidden.dtype == w13.dtype
+        and block_m == BLOCK_M
+        and activation in GATED
+        and (rows13 // 2) % BLOCK_N == 0
+        and hidden_size % 16 == 0
+        and w13.is_contiguous()
+        and hidden.is_contiguous()
+        and w13.data_ptr() % 16 == 0
+        and hidden.data_ptr() % 16 == 0
+        and hidden.numel() < 2**31
+    )
+
+
+if HAVE_GLUON:
+    _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
+
+    @gluon.jit
+    def _consumer16(o_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+                    block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha, limit,
+                    a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, CONSUMER: gl.constexpr,
+                    TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                    ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    WEIGHT_ON_INPUT: gl.constexpr):
+        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each K step's
+        gate and up MMAs accumulate in place and stay in flight while the next step's
+        are issued; a stage is released once both MMAs that read it have retired."""
+        BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
+        offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
+        o_smem = o_bufs.index(CONSUMER)
+        n_tiles = I // BLOCK_N
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        counter = 0
+        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
+            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
+            gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if busy:
+                for k in range(0, H, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    fence_async_shared()  # cp.async wrote A through the generic proxy
+                    a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
+                    gate = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), gate,
+                                         is_async=True)
+                    up = warpgroup_mma(a, u_bufs.index(index).permute((1, 0)), up,
+                                       is_async=True)
+                    # This step's two MMAs stay in flight; the previous step's retired.
+                    gate, up = warpgroup_mma_wait(num_outstanding=2, deps=(gate, up))
+                    if k > 0:
+                        mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+                    counter += 1
+                gate, up = warpgroup_mma_wait(num_outstanding=0, deps=(gate, up))
+                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+            else:  # idle (a tail tile's second half)
+                counter = release_steps(ready, empty, counter, H, BLOCK_K, NUM_BUFFERS)
+            if busy:
+                if WEIGHT_ON_INPUT:  # the router weight scales the input row, not the bias
+                    slots = first_slot + CONSUMER * _HALF_M + offs_r
+                    mine = CONSUMER * _HALF_M + offs_r < rows
+                    pair = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
+                    weight = gl.load(topk_weights_ptr + pair, mask=pair < num_pairs,
+                                     other=0.0)
+                    gate = gate * weight[:, None]
+                    up = up * weight[:, None]
+                if HAS_BIAS:
+                    cols = pid_n * BLOCK_N + offs_c
+                    b_base = b13_ptr + expert.to(gl.int64) * stride_be
+                    gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
+                    up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
+                act = _activate(gate, up, ACTIVATION, alpha, limit)
+                tma.store_wait(pendings=0)  # the previous tile's store has left o_smem
+                o_smem.store(act.to(o_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(
+                    o_desc, [first_slot + CONSUMER * _HALF_M, pid_n * BLOCK_N], o_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _gemm1_ws16_kernel(
+        a_desc,  # hidden [M, H] (its box layout only: rows are gathered by cp.async)
+        b_desc,  # w13 as [E·2I, H], [BLOCK_N, BLOCK_K] boxes
+        o_desc,  # inter [capacity, I] in plan order, [64, BLOCK_N] boxes
+        x_ptr,  # hidden [M, H] (row stride stride_xm)
+        b13_ptr,  # [E, 2I] (read only when HAS_BIAS)
+        topk_weights_ptr,  # [M·k] fp32 (read only when WEIGHT_ON_INPUT)
+        sorted_pairs_ptr,  # [capacity] int32: slot → pair
+        block_experts_ptr,  # [capacity / plan rows] int32
+        work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
+        num_work,  # TAIL_M: the work list's length in entries; else E
+        num_pairs, top_k, H, I, stride_xm, stride_be, alpha, limit,
+        TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+        ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order;
+        this program's own warpgroup is the producer (`_producer`, gathering A), two
+        more the math."""
+        gl.static_assert(num_warps == 4, "the producer is one warpgroup")
+        dtype: gl.constexpr = a_desc.dtype
+        gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
+        a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + a_desc.block_type.shape,
+                                           a_desc.layout)
+        g_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        u_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape,
+                                           o_desc.layout)
+        # Each of the producer's 128 threads arrives when its copies land.
+        ready, empty = stage_ring(NUM_BUFFERS, 129)
+        gl.warp_specialize(
+            [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
+                          block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True)),
+             (_consumer16, (o_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+                            block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
+                            limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0, TAIL_M,
+                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)),
+             (_consumer16, (o_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+                            block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
+                            limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1, TAIL_M,
+                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT))],
+            [4, 4], [232, 232])
+
+
+def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None,
+                      topk_weights: torch.Tensor, plan, activation: str, alpha: float,
+                      limit: float, weight_on_input: bool, programs: int) -> torch.Tensor:
+    """GEMM1 + activation over the plan's row tiles (`_gemm1_ws16_kernel`); returns
+    `inter` [capacity, I] in plan order, as `moekit.experts.launch_gemm1` does.
+
+    Args:
+        hidden: [M, H] bf16/fp16, contiguous; w13: [E, 2I, H] (gate rows, then up), same
+            dtype, contiguous; b13: optional [E, 2I].
+        topk_weights: [M·k] fp32, read when `weight_on_input`.
+        plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
+        programs: the persistent grid (one per SM).
+    """
+    num_tokens, hidden_size = hidden.shape
+    inter_size = w13.shape[1] // 2
+    inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
+    work, num_work, tail_m = work_list(plan)
+    _gemm1_ws16_kernel[(programs,)](
+        descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
+        descriptor(inter, [HALF_M, BLOCK_N]), hidden,
+        plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,
+        plan.block_experts, work, num_work, plan.num_pairs, plan.num_pairs // num_tokens,
+        hidden_size, inter_size, hidden.stride(0), 0 if b13 is None else b13.stride(0),
+        float(alpha), float(limit),
+        TAIL_M=tail_m, GROUP_M=group_m(w13), NUM_BUFFERS=STAGES, ACTIVATION=activation,
+        HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input, num_warps=4,
+    )
+    return inter

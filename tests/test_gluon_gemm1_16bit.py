@@ -1,0 +1,156 @@
+"""The 16-bit Gluon GEMM1 (`moekit._gluon_gemm1_16bit`): when it is chosen, and on an sm_90
+GPU the bf16/fp16 layer with it against the reference and against the Triton GEMM1.
+
+The kernel itself only runs on Hopper (Gluon has no interpreter for wgmma/TMA); its
+sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moekit
+import moekit.experts
+from helpers import (
+    assert_close,
+    capture_cuda_graph,
+    poison_,
+    poison_cuda_cache,
+    random_experts,
+    random_routing,
+)
+from moekit import reference
+from moekit._gluon import DISABLE_ENV
+from moekit._gluon_gemm1_16bit import use_gluon_gemm1_16bit
+from moekit.tuning.heuristic import tiles_for_block_m
+
+# The two GEMM1s sum the same products in the same K order through the same MMA shape,
+# but each rounds `inter` to 16 bits after its own epilogue arithmetic; a plumbing bug
+# (row, expert, column tile, stage) costs far more than this.
+TRITON_AGREEMENT = 2e-3
+
+
+def test_chosen_only_where_it_can_run(monkeypatch):
+    w13 = torch.empty(4, 512, 256, dtype=torch.bfloat16)  # I = 256
+    hidden = torch.empty(8, 256, dtype=torch.bfloat16)
+    assert not use_gluon_gemm1_16bit(hidden, w13, 128, "silu"), "CPU tensors"
+    if not torch.cuda.is_available():
+        return
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    w13, hidden = w13.cuda(), hidden.cuda()
+
+    def chosen(x=hidden, w=w13, block_m=128, activation="silu"):
+        return use_gluon_gemm1_16bit(x, w, block_m, activation)
+
+    assert chosen() == sm90
+    assert chosen(x=hidden.half(), w=w13.half()) == sm90, "fp16"
+    assert chosen(activation="swigluoai") == sm90
+    assert not chosen(block_m=64), "64-row tiles: the Triton kernel"
+    assert not chosen(activation="relu2"), "ungated"
+    assert not chosen(w=w13[:, :200]), "I = 100: partial column tiles"
+    assert not chosen(x=hidden[:, :200], w=w13[..., :200].contiguous()), "H = 200: 16 | H"
+    assert not chosen(x=hidden.half()), "mixed dtypes"
+    assert not chosen(x=hidden.float(), w=w13.float()), "fp32"
+    assert not chosen(w=w13.to(torch.float8_e4m3fn)), "fp8 has its own kernel"
+    shifted = torch.empty(hidden.numel() + 8, dtype=hidden.dtype, device="cuda")[8:]
+    assert not chosen(x=shifted.view(hidden.shape)), "base not 16-byte aligned"
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    assert not chosen(), "switched off"
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def gemm1_calls(monkeypatch):
+    """Counts the layer's calls of the Gluon GEMM1, so a test knows it ran."""
+    calls = []
+    real = moekit.experts.gluon_gemm1_16bit
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(moekit.experts, "gluon_gemm1_16bit", spy)
+    return calls
+
+
+def _require_gluon():
+    w13 = torch.empty(1, 256, 128, dtype=torch.bfloat16, device="cuda")
+    if not use_gluon_gemm1_16bit(torch.empty(1, 128, dtype=torch.bfloat16, device="cuda"),
+                                 w13, 128, "silu"):
+        pytest.skip("the Gluon GEMM1 needs an sm_90 GPU and Triton's Gluon")
+
+
+def _case(M, E, k, H, I, dtype, bias, skew, seed=0):
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda", seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 3)
+    hidden = torch.randn(M, H, generator=g, device="cuda").to(dtype)
+    ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=seed)
+    ids[::7, -1] = -1  # dropped pairs
+    return hidden, w13, w2, b13, b2, ids, weights
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
+    (2048, 8, 2, 1024, 512, torch.bfloat16, "silu", False, False, 0.0),  # whole tiles
+    (1000, 16, 4, 768, 384, torch.bfloat16, "swigluoai", True, False, 3.0),  # odd tails
+    (300, 32, 8, 528, 256, torch.float16, "gelu", False, True, 0.0),  # partial K step
+    (700, 16, 6, 1024, 1408, torch.bfloat16, "gelu_tanh", True, True, 1.0),  # 11 col tiles
+])
+def test_layer_with_the_gluon_gemm1_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input, skew,
+                                        gemm1_calls, monkeypatch):
+    _require_gluon()
+    hidden, w13, w2, b13, b2, ids, weights = _case(M, E, k, H, I, dtype, bias, skew)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+    outs = {}
+    for name, env in (("gluon", "1"), ("triton", "0")):
+        monkeypatch.setenv(DISABLE_ENV, env)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13, b2=b2,
+                             apply_router_weight_on_input=on_input, config=config, out=out)
+        outs[name] = out
+    assert len(gemm1_calls) == 1, "the Gluon GEMM1 ran once, the control not"
+    expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights,
+                                       activation=act, b13=None if b13 is None else b13.float(),
+                                       b2=None if b2 is None else b2.float(),
+                                       apply_router_weight_on_input=on_input)
+    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
+    assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+def test_gluon_gemm1_replays_in_a_cuda_graph_with_new_routing_gpu(gemm1_calls):
+    _require_gluon()
+    M, E, k, H, I = 1024, 32, 8, 1024, 512
+    hidden, w13, w2, _, _, ids, weights = _case(M, E, k, H, I, torch.bfloat16, False, 0.0)
+    config = tiles_for_block_m(128)
+    out = torch.empty_like(hidden)
+    graph, _ = capture_cuda_graph(
+        lambda: moekit.fused_experts(hidden, w13, w2, ids, weights, config=config, out=out))
+    for seed in (5, 6):
+        new_ids, new_weights = random_routing(M, E, k, skew=2.0, device="cuda", seed=seed)
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids,
+                                           weights)
+        assert_close(out, expected, name=f"replay seed {seed}")
+    assert gemm1_calls, "captured through the Gluon GEMM1"
+
+
+@pytest.mark.gpu
+def test_gluon_gemm1_is_deterministic_gpu():
+    _require_gluon()
+    hidden, w13, w2, _, _, ids, weights = _case(4096, 64, 8, 2048, 1024, torch.bfloat16,
+                                                False, 0.5)
+    config = tiles_for_block_m(128)
+    first = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
+    for _ in range(3):
+        again = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
+        assert torch.equal(again, first), "a rerun moved a value"
