@@ -29,6 +29,7 @@ import torch
 import triton
 
 import moekit
+import moekit._gluon_gemm1_16bit
 from moekit import reference
 from moekit._gluon import DISABLE_ENV
 from moekit._tma import use_tma
@@ -117,7 +118,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cells", nargs="*", metavar="PRESET:M",
                         help="only these cells (default: CELLS)")
+    parser.add_argument("--stages", type=int, help="the Gluon kernel's ring depth (default: "
+                        "the module's STAGES)")
     args = parser.parse_args()
+    if args.stages:
+        moekit._gluon_gemm1_16bit.STAGES = args.stages
     os.makedirs(args.out, exist_ok=True)
     cells = CELLS
     if args.cells:
@@ -131,8 +136,8 @@ def main() -> int:
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.date.today().isoformat(),
             "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"), "command": " ".join(sys.argv),
-            "bf16_TFLOPs": peak}
-    stem = "gluon-gemm1-16bit-experiment"
+            "bf16_TFLOPs": peak, "stages": moekit._gluon_gemm1_16bit.STAGES}
+    stem = "gluon-gemm1-16bit-experiment" + (f"-stages{args.stages}" if args.stages else "")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
