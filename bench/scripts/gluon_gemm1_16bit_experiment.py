@@ -112,6 +112,45 @@ def run_cell(name: str, m: int, rounds: int) -> dict:
     return row
 
 
+def profile_cell(name: str, m: int, calls: int = 10) -> dict:
+    """Per-kernel CUDA µs per call inside the layer (torch.profiler, eager, no flush), Gluon
+    GEMM1 on and off, alternating blocks of `calls` calls: does GEMM1's gain reach the layer,
+    or do the kernels around it slow down?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    preset = PRESETS[name]
+    w = make_weights(preset, torch.bfloat16, torch.device("cuda"))
+    hidden, topk = make_tokens(preset, m, torch.bfloat16, torch.device("cuda"))
+    config = tiles_for_block_m(128)
+    out = torch.empty_like(hidden)
+
+    def call():
+        moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                             activation=preset.activation, b13=w.b13, b2=w.b2, config=config,
+                             out=out)
+    result = {}
+    for block in range(4):
+        gluon = block % 2 == 0
+        os.environ[DISABLE_ENV] = "1" if gluon else "0"
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                call()
+            torch.cuda.synchronize()
+        os.environ.pop(DISABLE_ENV, None)
+        tag = "gluon" if gluon else "triton"
+        for event in prof.key_averages():
+            if event.device_time_total > 0:
+                key = f"{tag} {event.key}"
+                result.setdefault(key, []).append(event.device_time_total / calls)
+    print(f"{name} M={m} per call, two blocks each:", flush=True)
+    for key, values in sorted(result.items()):
+        print(f"  {key:40s} " + " ".join(f"{v:8.1f}" for v in values), flush=True)
+    return {"preset": name, "M": m, "kernels_us": result}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
@@ -120,7 +159,16 @@ def main() -> int:
                         help="only these cells (default: CELLS)")
     parser.add_argument("--stages", type=int, help="the Gluon kernel's ring depth (default: "
                         "the module's STAGES)")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-kernel times inside the layer (torch.profiler), not timings")
     args = parser.parse_args()
+    if args.profile:
+        cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells or []]
+        os.makedirs(args.out, exist_ok=True)
+        found = [profile_cell(name, m) for name, m in cells]
+        with open(os.path.join(args.out, "gluon-gemm1-16bit-profile.json"), "w") as f:
+            json.dump({"command": " ".join(sys.argv), "cells": found}, f, indent=1)
+        return 0
     if args.stages:
         moekit._gluon_gemm1_16bit.STAGES = args.stages
     os.makedirs(args.out, exist_ok=True)
