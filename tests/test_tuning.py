@@ -306,26 +306,26 @@ def test_fp8_search_starts_at_the_direct_tiles_for_block_m_1():
 
 
 def test_fp8_configurations_that_run_the_same_gluon_kernels_compare_equal():
-    from moekit.tuning.command import fp8_config_as_run
+    from moekit.tuning.command import config_as_run
 
     a = ExpertsConfig(128, GemmConfig(128, 256, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4))
     b = ExpertsConfig(128, GemmConfig(256, 128, 8, 8, 3), GemmConfig(64, 128, 8, 4, 4))
-    assert fp8_config_as_run(a, (False, False)) == a, "Triton GEMMs: the tiles matter"
-    assert fp8_config_as_run(a, (True, True)) == fp8_config_as_run(b, (True, True))
-    only2 = fp8_config_as_run(a, (False, True))
-    assert only2.gemm1 == a.gemm1 and only2 == fp8_config_as_run(
+    assert config_as_run(a, (False, False)) == a, "Triton GEMMs: the tiles matter"
+    assert config_as_run(a, (True, True)) == config_as_run(b, (True, True))
+    only2 = config_as_run(a, (False, True))
+    assert only2.gemm1 == a.gemm1 and only2 == config_as_run(
         dataclasses.replace(a, gemm2=b.gemm2), (False, True))
-    assert fp8_config_as_run(a, (True, False)) != fp8_config_as_run(b, (True, False))
+    assert config_as_run(a, (True, False)) != config_as_run(b, (True, False))
 
 
 def test_gluon_tiles_tie_and_the_heuristic_stays():
     # What `moekit tune --dtype fp8_*` times when both GEMMs are Gluon: every 128-row
     # configuration runs as the heuristic's, and a tie never replaces the heuristic.
-    from moekit.tuning.command import fp8_config_as_run
+    from moekit.tuning.command import config_as_run
 
     heuristic = ExpertsConfig(128, GemmConfig(128, 256, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4))
-    runs = {fp8_config_as_run(heuristic, (True, True)): 100.0}
-    measure = lambda cfg: runs.get(fp8_config_as_run(cfg, (True, True)), 150.0 + cfg.block_m)
+    runs = {config_as_run(heuristic, (True, True)): 100.0}
+    measure = lambda cfg: runs.get(config_as_run(cfg, (True, True)), 150.0 + cfg.block_m)
     best, best_us, heuristic_us = search(heuristic, measure, direct=False)
     assert best == heuristic and best_us == heuristic_us == 100.0
 

@@ -130,6 +130,9 @@ def _graph_measure(dtype: str):
     from triton.runtime.errors import OutOfResources  # not a RuntimeError
 
     import moekit
+    from moekit._gluon_gemm1_16bit import use_gluon_gemm1_16bit
+    from moekit._tma import use_tma
+    from moekit.activation import Activation
     from moekit.bench.fp8 import quantize_experts
     from moekit.bench.inputs import make_tokens, make_weights
     from moekit.bench.timing import CaptureFailed, CudaTimer
@@ -140,7 +143,7 @@ def _graph_measure(dtype: str):
     torch_dtype = {"fp16": torch.float16}.get(dtype, torch.bfloat16)
     timer = CudaTimer(warmup_ms=5, rep_ms=40)
     cache: dict = {}
-    timed: dict = {}  # fp8: (preset, M, the configuration as it runs) → µs
+    timed: dict = {}  # (preset, M, the configuration as it runs) → µs
 
     def weights_for(preset):
         weights = make_weights(preset, torch_dtype, "cuda")
@@ -154,17 +157,22 @@ def _graph_measure(dtype: str):
         if cache.get("m") != m:
             cache.update(m=m, tokens=make_tokens(preset, m, torch_dtype, torch.device("cuda")))
         w, (hidden, topk) = cache["weights"], cache["tokens"]
-        key = None
-        if scheme is not None:  # Gluon GEMMs ignore their tiles: time each kernel set once
+        # Gluon GEMMs ignore their tiles: time each set of kernels as it runs once.
+        gluon = (False, False)
+        if scheme is not None:
             try:
                 _check_config(config, scheme)
             except ValueError:  # the scheme rules the configuration out
                 return math.inf
-            gluon = (False, False) if config.direct else gluon_gemms(
-                hidden, w.w13, w.w2, scheme, preset.activation, config.block_m, w.b13)
-            key = (preset.name, m, fp8_config_as_run(config, gluon))
-            if key in timed:
-                return timed[key]
+            if not config.direct:
+                gluon = gluon_gemms(hidden, w.w13, w.w2, scheme, preset.activation,
+                                    config.block_m, w.b13)
+        elif use_tma(hidden, w.w13, w.w2, config.block_m):
+            gluon = (use_gluon_gemm1_16bit(hidden, w.w13, config.block_m,
+                                           Activation.parse(preset.activation).kind), False)
+        key = (preset.name, m, config_as_run(config, gluon))
+        if key in timed:
+            return timed[key]
         op = moekit.fused_experts if scheme is None else moekit.fused_experts_fp8
         options = {} if scheme is None else {"scheme": scheme}
 
@@ -178,8 +186,7 @@ def _graph_measure(dtype: str):
         except (CaptureFailed, RuntimeError, OutOfResources) as exc:  # shared memory, registers
             print(f"  {config}: {type(exc).__name__}", file=sys.stderr)
             return math.inf
-        if key is not None:
-            timed[key] = timing.median_us
+        timed[key] = timing.median_us
         return timing.median_us
 
     return measure
@@ -189,10 +196,11 @@ def _graph_measure(dtype: str):
 _GLUON_TILES = GemmConfig(128, 128, 8, 8, 3)
 
 
-def fp8_config_as_run(config: ExpertsConfig, gluon: tuple[bool, bool]) -> ExpertsConfig:
+def config_as_run(config: ExpertsConfig, gluon: tuple[bool, bool]) -> ExpertsConfig:
     """`config` with the tiles of each GEMM that runs as a Gluon kernel (`gluon`: GEMM1's
-    and GEMM2's answer of `moekit.experts_fp8.gluon_gemms`) replaced by one placeholder,
-    so that configurations which run the same kernels compare equal."""
+    and GEMM2's answer of `moekit.experts_fp8.gluon_gemms`, or for 16-bit weights
+    `use_gluon_gemm1_16bit`'s and False) replaced by one placeholder, so that
+    configurations which run the same kernels compare equal."""
     gluon1, gluon2 = gluon
     return dataclasses.replace(config, gemm1=_GLUON_TILES if gluon1 else config.gemm1,
                                gemm2=_GLUON_TILES if gluon2 else config.gemm2)
