@@ -52,6 +52,9 @@ def test_chosen_only_where_it_can_run(monkeypatch):
     assert not chosen(activation="relu2"), "ungated"
     assert not chosen(w=w13[:, :200]), "I = 100: partial column tiles"
     assert not chosen(x=hidden[:, :200], w=w13[..., :200].contiguous()), "H = 200: 16 | H"
+    wide = torch.empty(4, 512, 4096, dtype=torch.bfloat16, device="cuda")
+    assert not chosen(x=torch.empty(8, 4096, dtype=torch.bfloat16, device="cuda"), w=wide), (
+        "H = 4096: over MAX_HIDDEN, Triton's")
     assert not chosen(x=hidden.half()), "mixed dtypes"
     assert not chosen(x=hidden.float(), w=w13.float()), "fp32"
     assert not chosen(w=w13.to(torch.float8_e4m3fn)), "fp8 has its own kernel"
