@@ -208,9 +208,9 @@ CASES = [
              "persistent GEMM2 masking a tail's rows", "bf16", "swigluoai", 128, tma=True,
              tail=True, bias=True, odd_i=True),
     _experts("prefill, Gluon GEMM1 (16-bit, warp-specialised): A rows gathered by cp.async, "
-             "tail tiles (the second math warpgroup idle)", "bf16", "silu", 128, tma=True,
-             tail=True, gluon=True),
-    _experts("Gluon GEMM1 tail tiles with biases", "bf16", "gelu", 128,
+             "tail tiles (both math warpgroups on a tail's 64 rows, 64 columns each)", "bf16",
+             "silu", 128, tma=True, tail=True, gluon=True),
+    _experts("Gluon GEMM1 tail tiles with biases (both epilogues' loads)", "bf16", "gelu", 128,
              tma=True, tail=True, bias=True, gluon=True),
     _experts("Gluon GEMM1, fp16: biases and the router weight on the input in the epilogue, "
              "gpt-oss activation, no tail tiles", "fp16", "swigluoai", 128, tma=True,

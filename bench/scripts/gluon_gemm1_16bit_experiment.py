@@ -159,9 +159,13 @@ def main() -> int:
                         help="only these cells (default: CELLS)")
     parser.add_argument("--stages", type=int, help="the Gluon kernel's ring depth (default: "
                         "the module's STAGES)")
+    parser.add_argument("--max-hidden", type=int, help="the largest H the Gluon kernel "
+                        "takes (default: the module's MAX_HIDDEN)")
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel times inside the layer (torch.profiler), not timings")
     args = parser.parse_args()
+    if args.max_hidden:
+        moekit._gluon_gemm1_16bit.MAX_HIDDEN = args.max_hidden
     if args.profile:
         cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells or []]
         os.makedirs(args.out, exist_ok=True)

@@ -10,12 +10,12 @@ A rows' copies and the MMAs. Here those jobs are split as in the fp8 kernel
                           tokens' rows of hidden by 16-byte cp.async, the expert's gate
                           rows [128, 64] and up rows [128, 64] by TMA, 48 KB a stage,
                           into a ring of STAGES
-    two math warpgroups   64 rows each; gate and up accumulate in the MMA itself (16-bit
-                          products need no promotion), one K step's two MMAs left in
-                          flight while the stage before them is released; epilogue: the
-                          router weight (on the input), biases, the activation, stored in
-                          hidden's dtype by TMA in plan order, as the Triton GEMM1 writes
-                          `inter` for GEMM2
+    two math warpgroups   64 rows each (a tail tile's 64 rows: 64 columns each); gate
+                          and up accumulate in the MMA itself (16-bit products need no
+                          promotion), one K step's two MMAs left in flight while the stage
+                          before them is released; epilogue: the router weight (on the
+                          input), biases, the activation, stored in hidden's dtype by TMA in
+                          plan order, as the Triton GEMM1 writes `inter` for GEMM2
 
 Hidden's rows are always gathered: no pass writes them in plan order for 16-bit inputs.
 """
@@ -34,7 +34,6 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
-        release_steps,
         row_tile,
         stage_ring,
         tile_coords,
@@ -50,7 +49,7 @@ BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
 # Measured faster up to this hidden size (K of GEMM1): H200, per-kernel CUDA time inside
 # the layer (bench/results/h200-20261202-gluon-gemm1-16bit-profile-s19a.json): 1.04–1.12×
 # at H = 1536–2048 (granite, qwen3, olmoe), but 0.89× at deepseek-v3's 7168, where about
-# half the experts end in a 64-row tail tile that one math warpgroup computes alone (a
+# half the experts end in a 64-row tail tile that one math warpgroup computed alone (a
 # whole tile's time); mixtral's 4096 at parity (bench/NOTES.md, session 19).
 MAX_HIDDEN = 2048
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -82,26 +81,80 @@ def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
 
 
 if HAVE_GLUON:
-    _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
+    _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
+    _HALF_M = gl.constexpr(HALF_M)
 
     @gluon.jit
-    def _consumer16(o_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+    def _mainloop(a_bufs, g_bufs, u_bufs, ready, empty, counter, H,
+                  A_START: gl.constexpr, B_START: gl.constexpr, WIDTH: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr):
+        """This warpgroup's gate and up products over K: A rows [A_START, +64) of each
+        stage against gate/up rows [B_START, +WIDTH). Both MMAs of a K step accumulate in
+        place and stay in flight while the next step's are issued; a stage is released
+        once both MMAs that read it have retired. Returns (gate, up, step counter)."""
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
+        gate = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=layout)
+        up = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=layout)
+        for k in range(0, H, BLOCK_K):
+            index = counter % NUM_BUFFERS
+            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+            fence_async_shared()  # cp.async wrote A through the generic proxy
+            a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
+            g = g_bufs.index(index).slice(B_START, WIDTH, dim=0).permute((1, 0))
+            u = u_bufs.index(index).slice(B_START, WIDTH, dim=0).permute((1, 0))
+            gate = warpgroup_mma(a, g, gate, is_async=True)
+            up = warpgroup_mma(a, u, up, is_async=True)
+            # This step's two MMAs stay in flight; the previous step's have retired.
+            gate, up = warpgroup_mma_wait(num_outstanding=2, deps=(gate, up))
+            if k > 0:
+                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+            counter += 1
+        gate, up = warpgroup_mma_wait(num_outstanding=0, deps=(gate, up))
+        mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+        return gate, up, counter
+
+    @gluon.jit
+    def _epilogue(gate, up, desc, smem, first_row, first_col, expert, b13_ptr,
+                  topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
+                  ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  WEIGHT_ON_INPUT: gl.constexpr):
+        """Router weight (on the input: it scales the products, not the biases), biases,
+        the activation; stored in `desc`'s dtype by TMA at (first_row, first_col) of
+        `inter` from `smem` once the previous tile's store has left it."""
+        WIDTH: gl.constexpr = gate.shape[1]
+        rows_layout: gl.constexpr = gl.SliceLayout(1, gate.type.layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, gate.type.layout)
+        if WEIGHT_ON_INPUT:  # every row of a warpgroup's 64 is the tile's (a busy half)
+            slots = first_row + gl.arange(0, _HALF_M, layout=rows_layout)
+            pair = gl.load(sorted_pairs_ptr + slots)
+            weight = gl.load(topk_weights_ptr + pair, mask=pair < num_pairs, other=0.0)
+            gate = gate * weight[:, None]
+            up = up * weight[:, None]
+        if HAS_BIAS:
+            cols = first_col + gl.arange(0, WIDTH, layout=cols_layout)
+            b_base = b13_ptr + expert.to(gl.int64) * stride_be
+            gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
+            up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
+        act = _activate(gate, up, ACTIVATION, alpha, limit)
+        tma.store_wait(pendings=0)
+        smem.store(act.to(desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc, [first_row, first_col], smem)
+
+    @gluon.jit
+    def _consumer16(o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                     block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha, limit,
                     a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, CONSUMER: gl.constexpr,
                     TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
                     ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
                     WEIGHT_ON_INPUT: gl.constexpr):
-        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each K step's
-        gate and up MMAs accumulate in place and stay in flight while the next step's
-        are issued; a stage is released once both MMAs that read it have retired."""
+        """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × the tile's 128
+        columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64, +64), so
+        that a tail takes both warpgroups for half as long instead of one for as long as
+        a whole tile (the fp8 kernel idles one: there a tail costs a whole tile's time)."""
         BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
-        BLOCK_K: gl.constexpr = a_bufs.shape[2]
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-        offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
-        offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
         o_smem = o_bufs.index(CONSUMER)
         n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
@@ -109,48 +162,30 @@ if HAVE_GLUON:
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
-            busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
-            gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-            up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-            if busy:
-                for k in range(0, H, BLOCK_K):
-                    index = counter % NUM_BUFFERS
-                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-                    fence_async_shared()  # cp.async wrote A through the generic proxy
-                    a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    gate = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), gate,
-                                         is_async=True)
-                    up = warpgroup_mma(a, u_bufs.index(index).permute((1, 0)), up,
-                                       is_async=True)
-                    # This step's two MMAs stay in flight; the previous step's retired.
-                    gate, up = warpgroup_mma_wait(num_outstanding=2, deps=(gate, up))
-                    if k > 0:
-                        mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
-                    counter += 1
-                gate, up = warpgroup_mma_wait(num_outstanding=0, deps=(gate, up))
-                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
-            else:  # idle (a tail tile's second half)
-                counter = release_steps(ready, empty, counter, H, BLOCK_K, NUM_BUFFERS)
-            if busy:
-                if WEIGHT_ON_INPUT:  # the router weight scales the input row, not the bias
-                    slots = first_slot + CONSUMER * _HALF_M + offs_r
-                    mine = CONSUMER * _HALF_M + offs_r < rows
-                    pair = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
-                    weight = gl.load(topk_weights_ptr + pair, mask=pair < num_pairs,
-                                     other=0.0)
-                    gate = gate * weight[:, None]
-                    up = up * weight[:, None]
-                if HAS_BIAS:
-                    cols = pid_n * BLOCK_N + offs_c
-                    b_base = b13_ptr + expert.to(gl.int64) * stride_be
-                    gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
-                    up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
-                act = _activate(gate, up, ACTIVATION, alpha, limit)
-                tma.store_wait(pendings=0)  # the previous tile's store has left o_smem
-                o_smem.store(act.to(o_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(
-                    o_desc, [first_slot + CONSUMER * _HALF_M, pid_n * BLOCK_N], o_smem)
+            # Without tail tiles the tail branch is not compiled at all (constexpr TAIL_M):
+            # left in as dead code, its epilogue's loads crashed Triton 3.6's lowering.
+            whole = True
+            if TAIL_M:
+                whole = rows == _TILE_M
+            if whole:
+                gate, up, counter = _mainloop(a_bufs, g_bufs, u_bufs, ready, empty, counter, H,
+                                              CONSUMER * _HALF_M, 0, BLOCK_N, NUM_BUFFERS)
+                _epilogue(gate, up, o_desc, o_smem, first_slot + CONSUMER * _HALF_M,
+                          pid_n * BLOCK_N, expert, b13_ptr, topk_weights_ptr,
+                          sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
+                          ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
+            elif TAIL_M:
+                # A tail's [64, 64] store box, in the same bytes as the whole tile's; names
+                # of their own (a branch's values may not change type).
+                h_smem = o_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
+                                             h_desc.layout)
+                half_gate, half_up, counter = _mainloop(
+                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * _HALF_M,
+                    _HALF_M, NUM_BUFFERS)
+                _epilogue(half_gate, half_up, h_desc, h_smem, first_slot,
+                          pid_n * BLOCK_N + CONSUMER * _HALF_M, expert, b13_ptr,
+                          topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha,
+                          limit, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -158,6 +193,7 @@ if HAVE_GLUON:
         a_desc,  # hidden [M, H] (its box layout only: rows are gathered by cp.async)
         b_desc,  # w13 as [E·2I, H], [BLOCK_N, BLOCK_K] boxes
         o_desc,  # inter [capacity, I] in plan order, [64, BLOCK_N] boxes
+        h_desc,  # the same, [64, 64] boxes (a tail tile's stores)
         x_ptr,  # hidden [M, H] (row stride stride_xm)
         b13_ptr,  # [E, 2I] (read only when HAS_BIAS)
         topk_weights_ptr,  # [M·k] fp32 (read only when WEIGHT_ON_INPUT)
@@ -190,11 +226,11 @@ if HAVE_GLUON:
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
                           ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True)),
-             (_consumer16, (o_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+             (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0, TAIL_M,
                             GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)),
-             (_consumer16, (o_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+             (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1, TAIL_M,
                             GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT))],
@@ -220,7 +256,7 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
     work, num_work, tail_m = work_list(plan)
     _gemm1_ws16_kernel[(programs,)](
         descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
-        descriptor(inter, [HALF_M, BLOCK_N]), hidden,
+        descriptor(inter, [HALF_M, BLOCK_N]), descriptor(inter, [HALF_M, HALF_M]), hidden,
         plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,
         plan.block_experts, work, num_work, plan.num_pairs, plan.num_pairs // num_tokens,
         hidden_size, inter_size, hidden.stride(0), 0 if b13 is None else b13.stride(0),
