@@ -24,7 +24,7 @@ from helpers import (
 )
 from moekit import reference
 from moekit._gluon import DISABLE_ENV
-from moekit._gluon_gemm1_16bit import use_gluon_gemm1_16bit
+from moekit._gluon_gemm1_16bit import MAX_HIDDEN, use_gluon_gemm1_16bit
 from moekit.tuning.heuristic import tiles_for_block_m
 
 # The two GEMM1s sum the same products in the same K order through the same MMA shape,
@@ -52,9 +52,10 @@ def test_chosen_only_where_it_can_run(monkeypatch):
     assert not chosen(activation="relu2"), "ungated"
     assert not chosen(w=w13[:, :200]), "I = 100: partial column tiles"
     assert not chosen(x=hidden[:, :200], w=w13[..., :200].contiguous()), "H = 200: 16 | H"
-    wide = torch.empty(4, 512, 4096, dtype=torch.bfloat16, device="cuda")
-    assert not chosen(x=torch.empty(8, 4096, dtype=torch.bfloat16, device="cuda"), w=wide), (
-        "H = 4096: over MAX_HIDDEN, Triton's")
+    for h in (MAX_HIDDEN, MAX_HIDDEN + 16):
+        wide = torch.empty(4, 512, h, dtype=torch.bfloat16, device="cuda")
+        x = torch.empty(8, h, dtype=torch.bfloat16, device="cuda")
+        assert chosen(x=x, w=wide) == (sm90 and h <= MAX_HIDDEN), f"H = {h}: MAX_HIDDEN"
     assert not chosen(x=hidden.half()), "mixed dtypes"
     assert not chosen(x=hidden.float(), w=w13.float()), "fp32"
     assert not chosen(w=w13.to(torch.float8_e4m3fn)), "fp8 has its own kernel"

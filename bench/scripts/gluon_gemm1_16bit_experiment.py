@@ -171,7 +171,10 @@ def main() -> int:
         os.makedirs(args.out, exist_ok=True)
         found = [profile_cell(name, m) for name, m in cells]
         with open(os.path.join(args.out, "gluon-gemm1-16bit-profile.json"), "w") as f:
-            json.dump({"command": " ".join(sys.argv), "cells": found}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                       "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+                       "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
+                       "command": " ".join(sys.argv), "cells": found}, f, indent=1)
         return 0
     if args.stages:
         moekit._gluon_gemm1_16bit.STAGES = args.stages

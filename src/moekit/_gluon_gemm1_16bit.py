@@ -47,11 +47,10 @@ if HAVE_GLUON:
 # 128 × 128 × 64 two-byte K steps (the fp8 kernel's 128 bytes of K), 4 stages of 48 KB.
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
 # Measured faster up to this hidden size (K of GEMM1): H200, per-kernel CUDA time inside
-# the layer (bench/results/h200-20261202-gluon-gemm1-16bit-profile-s19a.json): 1.04–1.12×
-# at H = 1536–2048 (granite, qwen3, olmoe), but 0.89× at deepseek-v3's 7168, where about
-# half the experts end in a 64-row tail tile that one math warpgroup computed alone (a
-# whole tile's time); mixtral's 4096 at parity (bench/NOTES.md, session 19).
-MAX_HIDDEN = 2048
+# the layer at M = 4096, tails on both warpgroups (bench/results/
+# h200-20261203-gluon-gemm1-16bit-profile-tailsplit-s20a.json): 1.07–1.10× at H = 2048
+# (olmoe, qwen3, deepseek-v2-lite), 1.05× at mixtral's 4096, 0.98× at deepseek-v3's 7168.
+MAX_HIDDEN = 4096
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
