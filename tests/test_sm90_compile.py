@@ -72,7 +72,7 @@ _TMA_PTX = "cp.async.bulk.tensor"
 _GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
           "_direct_gemm1_kernel", "_direct_gemm2_kernel", "_direct_gemm1_fp8_kernel",
           "_direct_gemm2_fp8_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel",
-          "_gemm1_ws16_kernel")
+          "_gemm1_ws16_kernel", "_gemm2_ws16_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and 16-bit/fp8 rows of a length that is
 # not a multiple of 16 elements (H = 1000, I = 264 or 200: loads Triton cannot prove
@@ -83,6 +83,7 @@ _KNOWN_SPILL_BYTES = {
     ("experts-bf16-swigluoai-bm128-tma-bias-odd_h-odd_i", "_gemm1_kernel"): 428,
     ("experts-bf16-swigluoai-bm128-tma-bias-odd_h-odd_i", "_gemm2_kernel"): 420,
     ("experts-bf16-swigluoai-bm128-tma-tail-bias-odd_i", "_gemm1_kernel"): 272,
+    ("experts-bf16-gelu-bm128-tma-tail-bias-odd_i-gluon2", "_gemm1_kernel"): 284,
     ("experts-fp32-silu-bm16-odd_h", "_gemm1_kernel"): 8,
     ("experts-fp32-swigluoai-bm64-weight_on_input", "_gemm1_kernel"): 24616,
     ("experts-fp32-gelu-bm128-bias", "_gemm1_kernel"): 320,
@@ -147,7 +148,8 @@ _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
 _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
-_EXPERTS_GLUON = ("_gemm1_ws16_kernel", "_gemm2_kernel", "_combine_kernel")
+_EXPERTS_GLUON = ("_gemm1_ws16_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
+_EXPERTS_GLUON2 = ("_gemm1_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
 _FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 _FP8_GLUON = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_ws_kernel",
@@ -160,8 +162,9 @@ _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gem
 def _experts(why, dtype, act, block_m, **flags):
     """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
     tiles on; every other case has them off, whatever the heuristic's default), gluon
-    (GEMM1 as the 16-bit Gluon kernel, as on an sm_90 GPU)."""
-    kernels = _EXPERTS_GLUON if flags.get("gluon") else _EXPERTS
+    (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only)."""
+    kernels = (_EXPERTS_GLUON if flags.get("gluon") else
+               _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
 
 
@@ -207,14 +210,18 @@ CASES = [
     _experts("tail tiles: GEMM1 at 128 and 64 rows in one program (TMA weights); the "
              "persistent GEMM2 masking a tail's rows", "bf16", "swigluoai", 128, tma=True,
              tail=True, bias=True, odd_i=True),
-    _experts("prefill, Gluon GEMM1 (16-bit, warp-specialised): A rows gathered by cp.async, "
-             "tail tiles (both math warpgroups on a tail's 64 rows, 64 columns each)", "bf16",
-             "silu", 128, tma=True, tail=True, gluon=True),
-    _experts("Gluon GEMM1 tail tiles with biases (both epilogues' loads)", "bf16", "gelu", 128,
-             tma=True, tail=True, bias=True, gluon=True),
-    _experts("Gluon GEMM1, fp16: biases and the router weight on the input in the epilogue, "
-             "gpt-oss activation, no tail tiles", "fp16", "swigluoai", 128, tma=True,
-             bias=True, weight_on_input=True, gluon=True),
+    _experts("prefill, Gluon GEMMs (16-bit, warp-specialised): GEMM1's A rows gathered by "
+             "cp.async; tail tiles (both math warpgroups on a tail's 64 rows, half the "
+             "columns each); GEMM2 in plan order, the combine by slot", "bf16", "silu", 128,
+             tma=True, tail=True, gluon=True),
+    _experts("Gluon GEMMs' tail tiles with biases (both epilogues' loads)", "bf16", "gelu",
+             128, tma=True, tail=True, bias=True, gluon=True),
+    _experts("Gluon GEMMs, fp16: biases and the router weight on GEMM1's input (GEMM2 "
+             "without it), gpt-oss activation, no tail tiles", "fp16", "swigluoai", 128,
+             tma=True, bias=True, weight_on_input=True, gluon=True),
+    _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
+             "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
+             tail=True, bias=True, odd_i=True, gluon2=True),
     _experts("narrow layer (few column tiles): both GEMMs 128 columns × 64-deep K in 3 "
              "stages, two GEMM1 programs per SM", "bf16", "silu", 16, narrow=True),
     _experts("narrow layer at 32 rows, fp16, biases", "fp16", "swigluoai", 32, narrow=True,
@@ -505,7 +512,8 @@ def _recording_launches(launches: list):
              (moekit._tma, "device_has_tma"), (moekit.experts, "persistent_programs"),
              (moekit.experts_fp8, "persistent_programs"),
              (moekit.experts_fp8, "use_gluon_gemm2"), (moekit.experts_fp8, "use_gluon_gemm1"),
-             (moekit.experts, "use_gluon_gemm1_16bit")]
+             (moekit.experts, "use_gluon_gemm1_16bit"),
+             (moekit.experts, "use_gluon_gemm2_16bit")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run = record
     moekit.backend.interpreter_enabled = lambda: True
@@ -536,8 +544,9 @@ def _run_experts(p):
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")
-    # On the CPU the Gluon GEMM1 is never taken; an sm_90 GPU's answer is forced here.
+    # On the CPU the Gluon GEMMs are never taken; an sm_90 GPU's answers are forced here.
     moekit.experts.use_gluon_gemm1_16bit = lambda *args: bool(p.get("gluon"))
+    moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),

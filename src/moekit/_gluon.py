@@ -171,3 +171,37 @@ if HAVE_GLUON:
         if not TAIL_M:
             total = total // _TILE_M
         return total
+
+    @gluon.jit
+    def paired_mainloop(a_bufs, x_bufs, y_bufs, ready, empty, counter, K,
+                        A_START: gl.constexpr, X_START: gl.constexpr, Y_START: gl.constexpr,
+                        WIDTH: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                        A_BY_CP_ASYNC: gl.constexpr):
+        """A 16-bit math warpgroup's two products over K: A rows [A_START, +64) of each
+        stage against B rows [X_START, +WIDTH) of `x_bufs` and [Y_START, +WIDTH) of
+        `y_bufs` (GEMM1: gate and up; GEMM2: two column halves). Both MMAs of a K step
+        accumulate in place and stay in flight while the next step's are issued; a stage
+        is released once both MMAs that read it have retired. Returns (x, y, counter)."""
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
+        acc_x = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=layout)
+        acc_y = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=layout)
+        for k in range(0, K, BLOCK_K):
+            index = counter % NUM_BUFFERS
+            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+            if A_BY_CP_ASYNC:
+                fence_async_shared()  # cp.async wrote A through the generic proxy
+            a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
+            x = x_bufs.index(index).slice(X_START, WIDTH, dim=0).permute((1, 0))
+            y = y_bufs.index(index).slice(Y_START, WIDTH, dim=0).permute((1, 0))
+            acc_x = warpgroup_mma(a, x, acc_x, is_async=True)
+            acc_y = warpgroup_mma(a, y, acc_y, is_async=True)
+            # This step's two MMAs stay in flight; the previous step's have retired.
+            acc_x, acc_y = warpgroup_mma_wait(num_outstanding=2, deps=(acc_x, acc_y))
+            if k > 0:
+                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+            counter += 1
+        acc_x, acc_y = warpgroup_mma_wait(num_outstanding=0, deps=(acc_x, acc_y))
+        mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+        return acc_x, acc_y, counter

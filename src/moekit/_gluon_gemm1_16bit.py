@@ -34,6 +34,7 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
+        paired_mainloop,
         row_tile,
         stage_ring,
         tile_coords,
@@ -82,37 +83,6 @@ def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
 if HAVE_GLUON:
     _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
     _HALF_M = gl.constexpr(HALF_M)
-
-    @gluon.jit
-    def _mainloop(a_bufs, g_bufs, u_bufs, ready, empty, counter, H,
-                  A_START: gl.constexpr, B_START: gl.constexpr, WIDTH: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr):
-        """This warpgroup's gate and up products over K: A rows [A_START, +64) of each
-        stage against gate/up rows [B_START, +WIDTH). Both MMAs of a K step accumulate in
-        place and stay in flight while the next step's are issued; a stage is released
-        once both MMAs that read it have retired. Returns (gate, up, step counter)."""
-        BLOCK_K: gl.constexpr = a_bufs.shape[2]
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
-        gate = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=layout)
-        up = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=layout)
-        for k in range(0, H, BLOCK_K):
-            index = counter % NUM_BUFFERS
-            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-            fence_async_shared()  # cp.async wrote A through the generic proxy
-            a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
-            g = g_bufs.index(index).slice(B_START, WIDTH, dim=0).permute((1, 0))
-            u = u_bufs.index(index).slice(B_START, WIDTH, dim=0).permute((1, 0))
-            gate = warpgroup_mma(a, g, gate, is_async=True)
-            up = warpgroup_mma(a, u, up, is_async=True)
-            # This step's two MMAs stay in flight; the previous step's have retired.
-            gate, up = warpgroup_mma_wait(num_outstanding=2, deps=(gate, up))
-            if k > 0:
-                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
-            counter += 1
-        gate, up = warpgroup_mma_wait(num_outstanding=0, deps=(gate, up))
-        mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
-        return gate, up, counter
 
     @gluon.jit
     def _epilogue(gate, up, desc, smem, first_row, first_col, expert, b13_ptr,
@@ -167,8 +137,9 @@ if HAVE_GLUON:
             if TAIL_M:
                 whole = rows == _TILE_M
             if whole:
-                gate, up, counter = _mainloop(a_bufs, g_bufs, u_bufs, ready, empty, counter, H,
-                                              CONSUMER * _HALF_M, 0, BLOCK_N, NUM_BUFFERS)
+                gate, up, counter = paired_mainloop(
+                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, CONSUMER * _HALF_M, 0, 0,
+                    BLOCK_N, NUM_BUFFERS, True)
                 _epilogue(gate, up, o_desc, o_smem, first_slot + CONSUMER * _HALF_M,
                           pid_n * BLOCK_N, expert, b13_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
@@ -178,9 +149,9 @@ if HAVE_GLUON:
                 # of their own (a branch's values may not change type).
                 h_smem = o_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
                                              h_desc.layout)
-                half_gate, half_up, counter = _mainloop(
+                half_gate, half_up, counter = paired_mainloop(
                     a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * _HALF_M,
-                    _HALF_M, NUM_BUFFERS)
+                    CONSUMER * _HALF_M, _HALF_M, NUM_BUFFERS, True)
                 _epilogue(half_gate, half_up, h_desc, h_smem, first_slot,
                           pid_n * BLOCK_N + CONSUMER * _HALF_M, expert, b13_ptr,
                           topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha,

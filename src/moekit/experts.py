@@ -14,7 +14,10 @@ traces it as one node. Each stage has its own launcher (`launch_gemm1`, `launch_
 (compute-bound) tiles take their weights through TMA descriptors and GEMM2 runs
 persistent (`moekit._tma`). With tail tiles (`ExpertsConfig.tail_block_m`, the
 heuristic's choice at 128 rows) the plan is padded to 64 rows and carries the GEMMs'
-work list (`DispatchPlan.tiles`).
+work list (`DispatchPlan.tiles`). There, for 16-bit gated layers, both GEMMs may run as
+warp-specialised Gluon kernels (`moekit._gluon_gemm1_16bit`, `moekit._gluon_gemm2_16bit`);
+the Gluon GEMM2 writes rows in plan order, which the combine reads through the plan's
+`pair_slots`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, out
 from moekit._dot_precision import dot_precision
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moekit._gluon_gemm1_16bit import gluon_gemm1_16bit, use_gluon_gemm1_16bit
+from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
 from moekit._intmath import cdiv
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
@@ -202,6 +206,11 @@ def _launch_fused_experts(
     tma = use_tma(hidden, w13, w2, block_m)
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
                          apply_router_weight_on_input, config[1:6], tma)
+    if tma and use_gluon_gemm2_16bit(inter, w2, block_m):
+        plan_rows = gluon_gemm2_16bit(inter, w2, b2, None if apply_router_weight_on_input
+                                      else topk_weights, plan, persistent_programs(out.device))
+        launch_combine(plan_rows, topk_ids, w2.shape[0], out, pair_slots=plan.pair_slots)
+        return
     pair_out = launch_gemm2(inter, w2, b2, topk_weights, plan, not apply_router_weight_on_input,
                             config[6:11], tma)
     launch_combine(pair_out, topk_ids, w2.shape[0], out)

@@ -1,0 +1,216 @@
+"""16-bit (bf16/fp16) GEMM2 of the plan path at 128-row tiles as a warp-specialised Gluon
+kernel (sm_90).
+
+GEMM2's K is the intermediate size: few K steps per tile (qwen3's 768: 12), so a tile's
+prologue and epilogue weigh on it more than on GEMM1, and Triton's GEMM2 ran at ~56% of
+the bf16 peak (qwen3 M = 4096, 232 µs). Split as the 16-bit Gluon GEMM1
+(`moekit._gluon_gemm1_16bit`), whose tile is the same shape:
+
+    producer warpgroup    the fp8 GEMM2's (`moekit._gluon_gemm2._producer`): TMA loads of
+                          each K step's A (`inter`, 128 plan rows × 64) and B (w2 rows: two
+                          128-column halves × 64), 48 KB a stage, into a ring of STAGES;
+                          it runs ahead into the next tile while the math does an epilogue
+    two math warpgroups   64 rows × both halves each (a tail tile's 64 rows: one half
+                          each); products accumulate in the MMA itself, one K step's two
+                          MMAs left in flight (`paired_mainloop`); epilogue: the bias, the
+                          router weight (which scales the bias too), TMA stores in plan
+                          order
+
+Output rows stay in plan order ([capacity, H]; TMA cannot scatter): the combine reads each
+pair's row through `DispatchPlan.pair_slots`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
+
+if HAVE_GLUON:
+    from moekit._gluon import (
+        fence_async_shared,
+        gl,
+        gluon,
+        paired_mainloop,
+        row_tile,
+        stage_ring,
+        tiles_in_use,
+        tma,
+    )
+    from moekit._gluon_gemm2 import _producer
+
+# A tile: 128 rows × two 128-column halves, 64 two-byte K steps; 4 stages of 48 KB.
+BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
+TILE_N = 2 * BLOCK_N
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def use_gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, block_m: int) -> bool:
+    """Whether the 16-bit GEMM2 runs as `_gemm2_ws16_kernel`: Gluon allowed (an sm_90
+    GPU), bf16/fp16, 128-row tiles, whole 256-column tiles (H a multiple of 256), 16-byte
+    rows (I a multiple of 8) and bases for TMA, both contiguous."""
+    if not gluon_allowed(w2):
+        return False
+    _, hidden_size, inter_size = w2.shape
+    return (
+        w2.dtype in _DTYPES
+        and inter.dtype == w2.dtype
+        and block_m == BLOCK_M
+        and hidden_size % TILE_N == 0
+        and inter_size % 8 == 0
+        and w2.is_contiguous()
+        and inter.is_contiguous()
+        and w2.data_ptr() % 16 == 0
+        and inter.data_ptr() % 16 == 0
+    )
+
+
+if HAVE_GLUON:
+    _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
+    _HALF_M = gl.constexpr(HALF_M)
+
+    @gluon.jit
+    def _store_half(acc, desc, smem, first_row, first_col, expert, b2_ptr, topk_weights_ptr,
+                    sorted_pairs_ptr, num_pairs, stride_be, HAS_BIAS: gl.constexpr,
+                    APPLY_WEIGHT: gl.constexpr):
+        """One accumulator's epilogue (64 rows × its width from `first_col`): the bias, the
+        router weight (on the output: it scales the bias too), stored in `desc`'s dtype
+        by TMA from `smem` once the previous store has left it."""
+        WIDTH: gl.constexpr = acc.shape[1]
+        if HAS_BIAS:
+            cols = first_col + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, acc.type.layout))
+            bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols)
+            acc = acc + bias.to(gl.float32)[None, :]
+        if APPLY_WEIGHT:  # all 64 slots are the tile's; padding slots hold ≥ num_pairs
+            slots = first_row + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, acc.type.layout))
+            pair = gl.load(sorted_pairs_ptr + slots)
+            weight = gl.load(topk_weights_ptr + pair, mask=pair < num_pairs, other=0.0)
+            acc = acc * weight[:, None]
+        tma.store_wait(pendings=0)
+        smem.store(acc.to(desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc, [first_row, first_col], smem)
+
+    @gluon.jit
+    def _consumer(c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+                  block_experts_ptr, work_ptr, num_work, H, I, stride_be, a_bufs, b_bufs,
+                  ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  APPLY_WEIGHT: gl.constexpr):
+        """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
+        halves, or, in a tail tile (64 rows), its rows × half CONSUMER (as two 64-column
+        products, `q_desc`'s [64, 64] boxes), so that a tail takes both warpgroups."""
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        TILE_N: gl.constexpr = b_bufs.shape[1]
+        c_smem = c_bufs.index(CONSUMER)
+        n_tiles = H // TILE_N
+        used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        counter = 0
+        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+            pid_m = tile // n_tiles  # row tile major, as `_producer` loads them
+            col0 = (tile - pid_m * n_tiles) * TILE_N
+            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            # Without tail tiles the tail branch is not compiled (dead code there crashed
+            # Triton 3.6's lowering, as in the 16-bit GEMM1).
+            whole = True
+            if TAIL_M:
+                whole = rows == _TILE_M
+            if whole:
+                lo, hi, counter = paired_mainloop(
+                    a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M, 0,
+                    BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
+                row = first_slot + CONSUMER * _HALF_M
+                _store_half(lo, c_desc, c_smem, row, col0, expert, b2_ptr, topk_weights_ptr,
+                            sorted_pairs_ptr, num_pairs, stride_be, HAS_BIAS, APPLY_WEIGHT)
+                _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, expert, b2_ptr,
+                            topk_weights_ptr, sorted_pairs_ptr, num_pairs, stride_be,
+                            HAS_BIAS, APPLY_WEIGHT)
+            elif TAIL_M:
+                # A [64, 64] box in the same bytes; names of their own (a branch's values
+                # may not change type).
+                q_smem = c_smem._reinterpret(q_desc.dtype, q_desc.block_type.shape,
+                                             q_desc.layout)
+                # (The slices' starts written out: a constexpr named inside a branch
+                # becomes a tensor.)
+                left, right, counter = paired_mainloop(
+                    a_bufs, b_bufs, b_bufs, ready, empty, counter, I, 0, CONSUMER * BLOCK_N,
+                    CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
+                col = col0 + CONSUMER * BLOCK_N
+                _store_half(left, q_desc, q_smem, first_slot, col, expert, b2_ptr,
+                            topk_weights_ptr, sorted_pairs_ptr, num_pairs, stride_be,
+                            HAS_BIAS, APPLY_WEIGHT)
+                _store_half(right, q_desc, q_smem, first_slot, col + _HALF_M, expert, b2_ptr,
+                            topk_weights_ptr, sorted_pairs_ptr, num_pairs, stride_be,
+                            HAS_BIAS, APPLY_WEIGHT)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _gemm2_ws16_kernel(
+        a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
+        b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes
+        c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
+        q_desc,  # the same, [64, 64] boxes (a tail tile's stores)
+        b2_ptr,  # [E, H] (read only when HAS_BIAS)
+        topk_weights_ptr,  # [M·k] fp32 (read only when APPLY_WEIGHT)
+        sorted_pairs_ptr,  # [capacity] int32: slot → pair
+        block_experts_ptr,  # [capacity / plan rows] int32
+        work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
+        num_work,  # TAIL_M: the work list's length in entries; else E
+        num_pairs, H, I, stride_be,
+        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        APPLY_WEIGHT: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Persistent over (row tile, 256 hidden columns), row tile major; this program's
+        own warpgroup is the producer, two more the math."""
+        gl.static_assert(num_warps == 4, "the producer is one warpgroup")
+        dtype: gl.constexpr = a_desc.dtype
+        gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
+        a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + a_desc.block_type.shape,
+                                           a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape,
+                                           c_desc.layout)
+        ready, empty = stage_ring(NUM_BUFFERS, 1)
+        gl.warp_specialize(
+            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
+                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
+             (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
+                          num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
+                          a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, NUM_BUFFERS,
+                          HAS_BIAS, APPLY_WEIGHT)),
+             (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
+                          num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
+                          a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, NUM_BUFFERS,
+                          HAS_BIAS, APPLY_WEIGHT))],
+            [4, 4], [232, 232])
+
+
+def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None,
+                      topk_weights: torch.Tensor | None, plan, programs: int) -> torch.Tensor:
+    """16-bit GEMM2 over the plan's row tiles into plan-order rows (`_gemm2_ws16_kernel`).
+
+    Args:
+        inter: [capacity, I] bf16/fp16 in plan order (GEMM1's output), contiguous.
+        w2: [E, H, I], same dtype, contiguous; b2: optional [E, H].
+        topk_weights: [M·k] fp32 to multiply each row (bias included) by its pair's router
+            weight, or None (the weight was applied on the input).
+        plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
+        programs: the persistent grid (one per SM).
+    Returns:
+        [capacity, H] in inter's dtype; rows of padding slots hold unspecified values.
+    """
+    _, hidden_size, inter_size = w2.shape
+    out = torch.empty((plan.capacity, hidden_size), dtype=inter.dtype, device=inter.device)
+    work, num_work, tail_m = work_list(plan)
+    dummy = plan.sorted_pairs  # stands in for absent tensors; never read
+    _gemm2_ws16_kernel[(programs,)](
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [TILE_N, BLOCK_K]),
+        descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
+        dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
+        plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden_size,
+        inter_size, 0 if b2 is None else b2.stride(0),
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES, HAS_BIAS=b2 is not None,
+        APPLY_WEIGHT=topk_weights is not None, num_warps=4,
+    )
+    return out

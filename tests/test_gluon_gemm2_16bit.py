@@ -1,0 +1,160 @@
+"""The 16-bit Gluon GEMM2 (`moekit._gluon_gemm2_16bit`): when it is chosen, and on an sm_90
+GPU the bf16/fp16 layer with it against the reference and against the Triton GEMM2 (the
+same GEMM1 before both).
+
+The kernel itself only runs on Hopper (Gluon has no interpreter for wgmma/TMA); its
+sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moekit
+import moekit.experts
+from helpers import (
+    assert_close,
+    capture_cuda_graph,
+    poison_,
+    poison_cuda_cache,
+    random_experts,
+    random_routing,
+)
+from moekit import reference
+from moekit._gluon import DISABLE_ENV
+from moekit._gluon_gemm2_16bit import use_gluon_gemm2_16bit
+from moekit.tuning.heuristic import tiles_for_block_m
+
+# Both GEMM2s sum the same products in K order in fp32 and round each row to 16 bits once;
+# a plumbing bug (row, expert, column tile, slot) costs far more than this.
+TRITON_AGREEMENT = 2e-3
+
+
+def test_chosen_only_where_it_can_run(monkeypatch):
+    w2 = torch.empty(4, 512, 256, dtype=torch.bfloat16)  # H = 512, I = 256
+    inter = torch.empty(640, 256, dtype=torch.bfloat16)
+    assert not use_gluon_gemm2_16bit(inter, w2, 128), "CPU tensors"
+    if not torch.cuda.is_available():
+        return
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    w2, inter = w2.cuda(), inter.cuda()
+
+    def chosen(x=inter, w=w2, block_m=128):
+        return use_gluon_gemm2_16bit(x, w, block_m)
+
+    assert chosen() == sm90
+    assert chosen(x=inter.half(), w=w2.half()) == sm90, "fp16"
+    assert chosen(x=inter[:, :200].contiguous(), w=w2[..., :200].contiguous()) == sm90, (
+        "I = 200: a partial last K step")
+    assert not chosen(block_m=64), "64-row tiles: the Triton kernel"
+    assert not chosen(w=w2[:, :384].contiguous()), "H = 384: whole 256-column tiles only"
+    assert not chosen(x=inter[:, :100].contiguous(), w=w2[..., :100].contiguous()), (
+        "I = 100: rows not 16-byte multiples")
+    assert not chosen(x=inter.half()), "mixed dtypes"
+    assert not chosen(x=inter.float(), w=w2.float()), "fp32"
+    assert not chosen(w=w2.to(torch.float8_e4m3fn)), "fp8 has its own kernel"
+    assert not chosen(w=w2.transpose(1, 2)), "not contiguous"
+    shifted = torch.empty(inter.numel() + 1, dtype=inter.dtype, device="cuda")[1:]
+    assert not chosen(x=shifted.view(inter.shape)), "base not 16-byte aligned"
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    assert not chosen(), "switched off"
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def gemm2_calls(monkeypatch):
+    """Counts the layer's calls of the Gluon GEMM2, so a test knows it ran."""
+    calls = []
+    real = moekit.experts.gluon_gemm2_16bit
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(moekit.experts, "gluon_gemm2_16bit", spy)
+    return calls
+
+
+def _require_gluon():
+    w2 = torch.empty(1, 256, 128, dtype=torch.bfloat16, device="cuda")
+    if not use_gluon_gemm2_16bit(torch.empty(128, 128, dtype=torch.bfloat16, device="cuda"),
+                                 w2, 128):
+        pytest.skip("the Gluon GEMM2 needs an sm_90 GPU and Triton's Gluon")
+
+
+def _case(M, E, k, H, I, dtype, bias, skew, seed=0):
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda", seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 3)
+    hidden = torch.randn(M, H, generator=g, device="cuda").to(dtype)
+    ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=seed)
+    ids[::7, -1] = -1  # dropped pairs
+    return hidden, w13, w2, b13, b2, ids, weights
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
+    (2048, 8, 2, 1024, 512, torch.bfloat16, "silu", False, False, 0.0),  # whole tiles
+    (1000, 16, 4, 768, 384, torch.bfloat16, "swigluoai", True, False, 3.0),  # odd tails
+    (300, 32, 8, 512, 200, torch.float16, "gelu", False, True, 0.0),  # partial K step
+    (700, 16, 6, 1280, 1408, torch.bfloat16, "gelu_tanh", True, True, 1.0),  # 5 col tiles
+])
+def test_layer_with_the_gluon_gemm2_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input, skew,
+                                        gemm2_calls, monkeypatch):
+    _require_gluon()
+    hidden, w13, w2, b13, b2, ids, weights = _case(M, E, k, H, I, dtype, bias, skew)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+    real_choice = moekit.experts.use_gluon_gemm2_16bit
+    outs = {}
+    for name, choose in (("gluon", real_choice), ("triton", lambda *args: False)):
+        monkeypatch.setattr(moekit.experts, "use_gluon_gemm2_16bit", choose)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13, b2=b2,
+                             apply_router_weight_on_input=on_input, config=config, out=out)
+        outs[name] = out
+    assert len(gemm2_calls) == 1, "the Gluon GEMM2 ran once, the control not"
+    expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights,
+                                       activation=act, b13=None if b13 is None else b13.float(),
+                                       b2=None if b2 is None else b2.float(),
+                                       apply_router_weight_on_input=on_input)
+    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
+    assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+def test_gluon_gemm2_replays_in_a_cuda_graph_with_new_routing_gpu(gemm2_calls):
+    _require_gluon()
+    M, E, k, H, I = 1024, 32, 8, 1024, 512
+    hidden, w13, w2, _, _, ids, weights = _case(M, E, k, H, I, torch.bfloat16, False, 0.0)
+    config = tiles_for_block_m(128)
+    out = torch.empty_like(hidden)
+    graph, _ = capture_cuda_graph(
+        lambda: moekit.fused_experts(hidden, w13, w2, ids, weights, config=config, out=out))
+    for seed in (5, 6):
+        new_ids, new_weights = random_routing(M, E, k, skew=2.0, device="cuda", seed=seed)
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids,
+                                           weights)
+        assert_close(out, expected, name=f"replay seed {seed}")
+    assert gemm2_calls, "captured through the Gluon GEMM2"
+
+
+@pytest.mark.gpu
+def test_gluon_gemm2_is_deterministic_gpu(gemm2_calls):
+    _require_gluon()
+    hidden, w13, w2, _, _, ids, weights = _case(4096, 64, 8, 2048, 768, torch.bfloat16,
+                                                False, 0.5)
+    config = tiles_for_block_m(128)
+    first = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
+    for _ in range(3):
+        again = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
+        assert torch.equal(again, first), "a rerun moved a value"
+    assert gemm2_calls, "through the Gluon GEMM2"
