@@ -33,15 +33,12 @@ if HAVE_GLUON:
         fence_async_shared,
         gl,
         gluon,
-        mbarrier,
         paired_mainloop,
         row_tile,
         stage_ring,
         tile_coords,
         tiles_in_use,
         tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
     )
     from moekit._gluon_gemm1 import _producer
 
