@@ -70,22 +70,28 @@ if HAVE_GLUON:
     _HALF_M = gl.constexpr(HALF_M)
 
     @gluon.jit
-    def _store_half(acc, desc, smem, first_row, first_col, expert, b2_ptr, topk_weights_ptr,
-                    sorted_pairs_ptr, num_pairs, stride_be, HAS_BIAS: gl.constexpr,
-                    APPLY_WEIGHT: gl.constexpr):
+    def _row_weights(first_row, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+                     layout: gl.constexpr):
+        """The router weights of plan slots [first_row, +64) (all the tile's; padding slots
+        hold ≥ num_pairs and weigh 0), loaded before the K loop so that the two dependent
+        gathers land under it rather than in the epilogue."""
+        slots = first_row + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, layout))
+        pair = gl.load(sorted_pairs_ptr + slots)
+        return gl.load(topk_weights_ptr + pair, mask=pair < num_pairs, other=0.0)
+
+    @gluon.jit
+    def _store_half(acc, desc, smem, first_row, first_col, expert, b2_ptr, weights, stride_be,
+                    HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
         """One accumulator's epilogue (64 rows × its width from `first_col`): the bias, the
-        router weight (on the output: it scales the bias too), stored in `desc`'s dtype
+        router weights (on the output: they scale the bias too), stored in `desc`'s dtype
         by TMA from `smem` once the previous store has left it."""
         WIDTH: gl.constexpr = acc.shape[1]
         if HAS_BIAS:
             cols = first_col + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, acc.type.layout))
             bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols)
             acc = acc + bias.to(gl.float32)[None, :]
-        if APPLY_WEIGHT:  # all 64 slots are the tile's; padding slots hold ≥ num_pairs
-            slots = first_row + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, acc.type.layout))
-            pair = gl.load(sorted_pairs_ptr + slots)
-            weight = gl.load(topk_weights_ptr + pair, mask=pair < num_pairs, other=0.0)
-            acc = acc * weight[:, None]
+        if APPLY_WEIGHT:
+            acc = acc * gl.convert_layout(weights, gl.SliceLayout(1, acc.type.layout))[:, None]
         tma.store_wait(pendings=0)
         smem.store(acc.to(desc.dtype))
         fence_async_shared()
@@ -102,6 +108,9 @@ if HAVE_GLUON:
         products, `q_desc`'s [64, 64] boxes), so that a tail takes both warpgroups."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         TILE_N: gl.constexpr = b_bufs.shape[1]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         c_smem = c_bufs.index(CONSUMER)
         n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
@@ -115,16 +124,22 @@ if HAVE_GLUON:
             whole = True
             if TAIL_M:
                 whole = rows == _TILE_M
+            # A tail's 64 rows are all this warpgroup's; a whole tile's, its half.
+            row = first_slot
+            if whole:
+                row = first_slot + CONSUMER * _HALF_M
+            weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
+            if APPLY_WEIGHT:
+                weights = _row_weights(row, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+                                       acc_layout)
             if whole:
                 lo, hi, counter = paired_mainloop(
                     a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M, 0,
                     BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
-                row = first_slot + CONSUMER * _HALF_M
-                _store_half(lo, c_desc, c_smem, row, col0, expert, b2_ptr, topk_weights_ptr,
-                            sorted_pairs_ptr, num_pairs, stride_be, HAS_BIAS, APPLY_WEIGHT)
-                _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, expert, b2_ptr,
-                            topk_weights_ptr, sorted_pairs_ptr, num_pairs, stride_be,
+                _store_half(lo, c_desc, c_smem, row, col0, expert, b2_ptr, weights, stride_be,
                             HAS_BIAS, APPLY_WEIGHT)
+                _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, expert, b2_ptr, weights,
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
             elif TAIL_M:
                 # A [64, 64] box in the same bytes; names of their own (a branch's values
                 # may not change type).
@@ -136,12 +151,10 @@ if HAVE_GLUON:
                     a_bufs, b_bufs, b_bufs, ready, empty, counter, I, 0, CONSUMER * BLOCK_N,
                     CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
                 col = col0 + CONSUMER * BLOCK_N
-                _store_half(left, q_desc, q_smem, first_slot, col, expert, b2_ptr,
-                            topk_weights_ptr, sorted_pairs_ptr, num_pairs, stride_be,
-                            HAS_BIAS, APPLY_WEIGHT)
-                _store_half(right, q_desc, q_smem, first_slot, col + _HALF_M, expert, b2_ptr,
-                            topk_weights_ptr, sorted_pairs_ptr, num_pairs, stride_be,
-                            HAS_BIAS, APPLY_WEIGHT)
+                _store_half(left, q_desc, q_smem, row, col, expert, b2_ptr, weights,
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
+                _store_half(right, q_desc, q_smem, row, col + _HALF_M, expert, b2_ptr,
+                            weights, stride_be, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
