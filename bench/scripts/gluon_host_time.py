@@ -1,0 +1,88 @@
+"""Host (CPU) time of an eager bf16 prefill call with the Gluon GEMMs on and off.
+
+Session 20's kernel table had eager calls at ~760–820 µs on every small preset with the
+16-bit Gluon GEMMs (granite M = 1024: 759 against 278 µs with them off), though graph
+replay was faster: the Gluon launches cost host time. This times `fused_experts` at
+128-row tiles on a few tokens (so the GPU never holds the CPU back), Gluon on/off, and
+prints cProfile's top entries by own time for the Gluon call.
+
+    PYTHONPATH=src python3 bench/scripts/gluon_host_time.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+
+import torch
+
+import moekit
+from moekit._gluon import DISABLE_ENV
+from moekit.bench.inputs import make_tokens, make_weights
+from moekit.bench.presets import PRESETS
+from moekit.tuning.heuristic import tiles_for_block_m
+
+
+def host_us(fn, n=200) -> float:
+    """Median over 5 blocks of the host µs per call of n back-to-back calls."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    blocks = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        blocks.append((time.perf_counter() - start) / n * 1e6)
+        torch.cuda.synchronize()
+    return sorted(blocks)[2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--preset", default="qwen3-30b-a3b")
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    device = torch.device("cuda")
+    w = make_weights(preset, torch.bfloat16, device)
+    hidden, topk = make_tokens(preset, args.tokens, torch.bfloat16, device)
+    config = tiles_for_block_m(128)
+    out = torch.empty_like(hidden)
+
+    def call():
+        moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                             activation=preset.activation, b13=w.b13, b2=w.b2, config=config,
+                             out=out)
+    lines = [f"{args.preset}, M = {args.tokens}, 128-row tiles, host µs per eager call"]
+    for gluon in ("1", "0", "1", "0"):
+        os.environ[DISABLE_ENV] = gluon
+        lines.append(f"  Gluon {gluon}: {host_us(call):8.1f}")
+    os.environ[DISABLE_ENV] = "1"
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    lines.append(text.getvalue())
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+    lines.append(text.getvalue())
+    report = "\n".join(lines)
+    print(report)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gluon-host-time.txt"), "w") as f:
+        f.write(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
