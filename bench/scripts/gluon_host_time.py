@@ -24,6 +24,7 @@ import moekit
 from moekit._gluon import DISABLE_ENV
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
+from moekit.bench.timing import CudaTimer
 from moekit.tuning.heuristic import tiles_for_block_m
 
 
@@ -59,10 +60,22 @@ def main() -> int:
         moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
                              activation=preset.activation, b13=w.b13, b2=w.b2, config=config,
                              out=out)
-    lines = [f"{args.preset}, M = {args.tokens}, 128-row tiles, host µs per eager call"]
+    lines = [f"{args.preset}, M = {args.tokens}, 128-row tiles, host µs per eager call "
+             "(back to back, no sync); one call after a sync (host µs); the bench's eager "
+             "timing (L2 flushed, events: µs median, back-to-back µs)"]
+    timer = CudaTimer(rep_ms=50)
     for gluon in ("1", "0", "1", "0"):
         os.environ[DISABLE_ENV] = gluon
-        lines.append(f"  Gluon {gluon}: {host_us(call):8.1f}")
+        after_sync = []
+        for _ in range(20):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            after_sync.append((time.perf_counter() - start) * 1e6)
+        eager = timer.eager(call)
+        lines.append(f"  Gluon {gluon}: {host_us(call):8.1f} back to back, "
+                     f"{sorted(after_sync)[10]:8.1f} after a sync; bench eager "
+                     f"{eager.median_us:8.1f}, back-to-back {eager.back_to_back_us}")
     os.environ[DISABLE_ENV] = "1"
     profiler = cProfile.Profile()
     profiler.enable()
