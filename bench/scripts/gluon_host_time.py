@@ -22,9 +22,13 @@ import torch
 
 import moekit
 from moekit._gluon import DISABLE_ENV
+from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
+from moekit._tma import use_tma
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import CudaTimer
+from moekit.dispatch import dispatch_plan
+from moekit.experts import launch_gemm1, launch_gemm2
 from moekit.tuning.heuristic import tiles_for_block_m
 
 
@@ -41,6 +45,46 @@ def host_us(fn, n=200) -> float:
         blocks.append((time.perf_counter() - start) / n * 1e6)
         torch.cuda.synchronize()
     return sorted(blocks)[2]
+
+
+def stage_host_us(hidden, w, topk, preset, config) -> str:
+    """Host µs of each launch of one call issued to an idle GPU (synchronised before the
+    call), and of the same launch issued again right after (the GPU now busy): median of
+    20, Gluon on and off."""
+    act = moekit.Activation.parse(preset.activation)
+    tma = use_tma(hidden, w.w13, w.w2, 128)
+    rows = []
+    for gluon in ("1", "0"):
+        os.environ[DISABLE_ENV] = gluon
+        times: dict[str, list[float]] = {}
+        for _ in range(25):
+            torch.cuda.synchronize()
+            marks = [("start", time.perf_counter())]
+            plan = dispatch_plan(topk.ids, preset.num_experts, config.tail_block_m,
+                                 tile_m=config.block_m, backend="triton")
+            marks.append(("plan", time.perf_counter()))
+            inter = launch_gemm1(hidden, w.w13, w.b13, topk.weights.view(-1), plan, act.kind,
+                                 act.alpha, act.limit, False, config.as_ints()[1:6], tma)
+            marks.append(("gemm1", time.perf_counter()))
+            inter2 = launch_gemm1(hidden, w.w13, w.b13, topk.weights.view(-1), plan, act.kind,
+                                  act.alpha, act.limit, False, config.as_ints()[1:6], tma)
+            marks.append(("gemm1 again", time.perf_counter()))
+            if gluon == "1" and use_gluon_gemm2_16bit(inter, w.w2, 128):
+                gluon_gemm2_16bit(inter, w.w2, w.b2, topk.weights.view(-1), plan, 132)
+                marks.append(("gemm2", time.perf_counter()))
+                gluon_gemm2_16bit(inter2, w.w2, w.b2, topk.weights.view(-1), plan, 132)
+            else:
+                launch_gemm2(inter, w.w2, w.b2, topk.weights.view(-1), plan, True,
+                             config.as_ints()[6:11], tma)
+                marks.append(("gemm2", time.perf_counter()))
+                launch_gemm2(inter2, w.w2, w.b2, topk.weights.view(-1), plan, True,
+                             config.as_ints()[6:11], tma)
+            marks.append(("gemm2 again", time.perf_counter()))
+            for (_, before), (name, after) in zip(marks, marks[1:], strict=False):
+                times.setdefault(name, []).append((after - before) * 1e6)
+        rows.append(f"  Gluon {gluon}: " + ", ".join(
+            f"{name} {sorted(v)[len(v) // 2]:.1f}" for name, v in times.items()))
+    return "per launch, host µs after a sync (median of 25):\n" + "\n".join(rows)
 
 
 def main() -> int:
@@ -76,6 +120,7 @@ def main() -> int:
         lines.append(f"  Gluon {gluon}: {host_us(call):8.1f} back to back, "
                      f"{sorted(after_sync)[10]:8.1f} after a sync; bench eager "
                      f"{eager.median_us:8.1f}, back-to-back {eager.back_to_back_us}")
+    lines.append(stage_host_us(hidden, w, topk, preset, config))
     os.environ[DISABLE_ENV] = "1"
     profiler = cProfile.Profile()
     profiler.enable()
