@@ -50,8 +50,7 @@ def test_chosen_only_where_it_can_run(monkeypatch):
     assert chosen(activation="swigluoai") == sm90
     assert not chosen(block_m=64), "64-row tiles: the Triton kernel"
     assert not chosen(activation="relu2"), "ungated"
-    assert not chosen(w=w13[:, :200].contiguous()), "I = 100: rows not 16-byte multiples"
-    assert chosen(w=w13[:, :400].contiguous()) == sm90, "I = 200: a partial column tile"
+    assert not chosen(w=w13[:, :200]), "I = 100: partial column tiles"
     assert not chosen(x=hidden[:, :200], w=w13[..., :200].contiguous()), "H = 200: 16 | H"
     for h in (MAX_HIDDEN, MAX_HIDDEN + 16):
         wide = torch.empty(4, 512, h, dtype=torch.bfloat16, device="cuda")
@@ -105,7 +104,6 @@ def _case(M, E, k, H, I, dtype, bias, skew, seed=0):
     (1000, 16, 4, 768, 384, torch.bfloat16, "swigluoai", True, False, 3.0),  # odd tails
     (300, 32, 8, 528, 256, torch.float16, "gelu", False, True, 0.0),  # partial K step
     (700, 16, 6, 1024, 1408, torch.bfloat16, "gelu_tanh", True, True, 1.0),  # 11 col tiles
-    (600, 16, 4, 640, 320, torch.bfloat16, "swigluoai", True, False, 2.0),  # partial tiles
 ])
 def test_layer_with_the_gluon_gemm1_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input, skew,
                                         gemm1_calls, monkeypatch):

@@ -164,7 +164,7 @@ if HAVE_GLUON:
         gather_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [4, 1], [1, 0])
         gather_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather_layout))
         gather_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
-        n_tiles = gl.cdiv(I, BLOCK_N)  # a partial last tile (16-bit): clipped on store
+        n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):

@@ -55,11 +55,9 @@ _DTYPES = (torch.bfloat16, torch.float16)
 def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
                           activation: str) -> bool:
     """Whether the 16-bit GEMM1 runs as `_gemm1_ws16_kernel`: Gluon allowed (an sm_90
-    GPU), bf16/fp16, 128-row tiles, a gated activation, H at most MAX_HIDDEN, contiguous
-    rows and bases (TMA and the 16-byte gathers: H a multiple of 16, I of 8),
-    and hidden's element offsets within 32 bits (the producer's row offsets). A partial
-    last column tile (gpt-oss's I = 2880) computes its missing columns from the rows after
-    them (up rows, the next expert's gate rows, TMA's zeros) and its stores clip them."""
+    GPU), bf16/fp16, 128-row tiles, a gated activation, whole column tiles (I a multiple
+    of 128), H at most MAX_HIDDEN, contiguous 16-byte rows and bases (TMA and the 16-byte
+    gathers), and hidden's element offsets within 32 bits (the producer's row offsets)."""
     if not gluon_allowed(w13):
         return False
     _, rows13, hidden_size = w13.shape
@@ -68,7 +66,7 @@ def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
         and hidden.dtype == w13.dtype
         and block_m == BLOCK_M
         and activation in GATED
-        and (rows13 // 2) % 8 == 0
+        and (rows13 // 2) % BLOCK_N == 0
         and hidden_size % 16 == 0
         and hidden_size <= MAX_HIDDEN
         and w13.is_contiguous()
@@ -103,9 +101,8 @@ if HAVE_GLUON:
         if HAS_BIAS:
             cols = first_col + gl.arange(0, WIDTH, layout=cols_layout)
             b_base = b13_ptr + expert.to(gl.int64) * stride_be
-            inside = cols < I  # a partial last tile's other columns are clipped on store
-            gate = gate + gl.load(b_base + cols, mask=inside, other=0.0).to(gl.float32)[None, :]
-            up = up + gl.load(b_base + I + cols, mask=inside, other=0.0).to(gl.float32)[None, :]
+            gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
+            up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
         act = _activate(gate, up, ACTIVATION, alpha, limit)
         tma.store_wait(pendings=0)
         smem.store(act.to(desc.dtype))
@@ -125,7 +122,7 @@ if HAVE_GLUON:
         a whole tile (the fp8 kernel idles one: there a tail costs a whole tile's time)."""
         BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
         o_smem = o_bufs.index(CONSUMER)
-        n_tiles = gl.cdiv(I, BLOCK_N)
+        n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):

@@ -104,7 +104,7 @@ if HAVE_GLUON:
         both math warpgroups have released it."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        n_tiles = gl.cdiv(H, BLOCK_N)  # a partial last tile (16-bit): clipped on store
+        n_tiles = H // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):

@@ -47,10 +47,8 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 def use_gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, block_m: int) -> bool:
     """Whether the 16-bit GEMM2 runs as `_gemm2_ws16_kernel`: Gluon allowed (an sm_90
-    GPU), bf16/fp16, 128-row tiles, 16-byte rows (H and I multiples of 8) and bases for
-    TMA, both contiguous. A partial last column tile (gpt-oss's H = 2880) loads the next
-    expert's w2 rows or TMA's zeros past the end for its missing columns and computes
-    them; its stores clip them (TMA writes no element past H)."""
+    GPU), bf16/fp16, 128-row tiles, whole 256-column tiles (H a multiple of 256), 16-byte
+    rows (I a multiple of 8) and bases for TMA, both contiguous."""
     if not gluon_allowed(w2):
         return False
     _, hidden_size, inter_size = w2.shape
@@ -58,7 +56,7 @@ def use_gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, block_m: int) -
         w2.dtype in _DTYPES
         and inter.dtype == w2.dtype
         and block_m == BLOCK_M
-        and hidden_size % 8 == 0
+        and hidden_size % TILE_N == 0
         and inter_size % 8 == 0
         and w2.is_contiguous()
         and inter.is_contiguous()
@@ -83,16 +81,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _store_half(acc, desc, smem, first_row, first_col, expert, b2_ptr, weights, stride_be,
-                    H, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
+                    HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
         """One accumulator's epilogue (64 rows × its width from `first_col`): the bias, the
         router weights (on the output: they scale the bias too), stored in `desc`'s dtype
         by TMA from `smem` once the previous store has left it."""
         WIDTH: gl.constexpr = acc.shape[1]
         if HAS_BIAS:
             cols = first_col + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, acc.type.layout))
-            # A partial last tile's columns from H on are clipped on store.
-            bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols, mask=cols < H,
-                           other=0.0)
+            bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols)
             acc = acc + bias.to(gl.float32)[None, :]
         if APPLY_WEIGHT:
             acc = acc * gl.convert_layout(weights, gl.SliceLayout(1, acc.type.layout))[:, None]
@@ -116,7 +112,7 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         c_smem = c_bufs.index(CONSUMER)
-        n_tiles = gl.cdiv(H, TILE_N)
+        n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
@@ -141,9 +137,9 @@ if HAVE_GLUON:
                     a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M, 0,
                     BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
                 _store_half(lo, c_desc, c_smem, row, col0, expert, b2_ptr, weights, stride_be,
-                            H, HAS_BIAS, APPLY_WEIGHT)
+                            HAS_BIAS, APPLY_WEIGHT)
                 _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, expert, b2_ptr, weights,
-                            stride_be, H, HAS_BIAS, APPLY_WEIGHT)
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
             elif TAIL_M:
                 # A [64, 64] box in the same bytes; names of their own (a branch's values
                 # may not change type).
@@ -156,9 +152,9 @@ if HAVE_GLUON:
                     CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
                 col = col0 + CONSUMER * BLOCK_N
                 _store_half(left, q_desc, q_smem, row, col, expert, b2_ptr, weights,
-                            stride_be, H, HAS_BIAS, APPLY_WEIGHT)
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
                 _store_half(right, q_desc, q_smem, row, col + _HALF_M, expert, b2_ptr,
-                            weights, stride_be, H, HAS_BIAS, APPLY_WEIGHT)
+                            weights, stride_be, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
