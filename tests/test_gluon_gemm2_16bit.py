@@ -35,30 +35,26 @@ TRITON_AGREEMENT = 2e-3
 
 def test_chosen_only_where_it_can_run(monkeypatch):
     w2 = torch.empty(4, 512, 256, dtype=torch.bfloat16)  # H = 512, I = 256
-    inter = torch.empty(640, 256, dtype=torch.bfloat16)
-    assert not use_gluon_gemm2_16bit(inter, w2, 128), "CPU tensors"
+    assert not use_gluon_gemm2_16bit(w2, 128), "CPU tensors"
     if not torch.cuda.is_available():
         return
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    w2, inter = w2.cuda(), inter.cuda()
+    w2 = w2.cuda()
 
-    def chosen(x=inter, w=w2, block_m=128):
-        return use_gluon_gemm2_16bit(x, w, block_m)
+    def chosen(w=w2, block_m=128):
+        return use_gluon_gemm2_16bit(w, block_m)
 
     assert chosen() == sm90
-    assert chosen(x=inter.half(), w=w2.half()) == sm90, "fp16"
-    assert chosen(x=inter[:, :200].contiguous(), w=w2[..., :200].contiguous()) == sm90, (
-        "I = 200: a partial last K step")
+    assert chosen(w=w2.half()) == sm90, "fp16"
+    assert chosen(w=w2[..., :200].contiguous()) == sm90, "I = 200: a partial last K step"
     assert not chosen(block_m=64), "64-row tiles: the Triton kernel"
     assert not chosen(w=w2[:, :384].contiguous()), "H = 384: whole 256-column tiles only"
-    assert not chosen(x=inter[:, :100].contiguous(), w=w2[..., :100].contiguous()), (
-        "I = 100: rows not 16-byte multiples")
-    assert not chosen(x=inter.half()), "mixed dtypes"
-    assert not chosen(x=inter.float(), w=w2.float()), "fp32"
+    assert not chosen(w=w2[..., :100].contiguous()), "I = 100: rows not 16-byte multiples"
+    assert not chosen(w=w2.float()), "fp32"
     assert not chosen(w=w2.to(torch.float8_e4m3fn)), "fp8 has its own kernel"
     assert not chosen(w=w2.transpose(1, 2)), "not contiguous"
-    shifted = torch.empty(inter.numel() + 1, dtype=inter.dtype, device="cuda")[1:]
-    assert not chosen(x=shifted.view(inter.shape)), "base not 16-byte aligned"
+    shifted = torch.empty(w2.numel() + 1, dtype=w2.dtype, device="cuda")[1:]
+    assert not chosen(w=shifted.view(w2.shape)), "base not 16-byte aligned"
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert not chosen(), "switched off"
 
@@ -80,9 +76,8 @@ def gemm2_calls(monkeypatch):
 
 
 def _require_gluon():
-    w2 = torch.empty(1, 256, 128, dtype=torch.bfloat16, device="cuda")
-    if not use_gluon_gemm2_16bit(torch.empty(128, 128, dtype=torch.bfloat16, device="cuda"),
-                                 w2, 128):
+    if not use_gluon_gemm2_16bit(torch.empty(1, 256, 128, dtype=torch.bfloat16,
+                                             device="cuda"), 128):
         pytest.skip("the Gluon GEMM2 needs an sm_90 GPU and Triton's Gluon")
 
 

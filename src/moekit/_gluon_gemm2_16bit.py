@@ -45,23 +45,21 @@ TILE_N = 2 * BLOCK_N
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-def use_gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, block_m: int) -> bool:
+def use_gluon_gemm2_16bit(w2: torch.Tensor, block_m: int) -> bool:
     """Whether the 16-bit GEMM2 runs as `_gemm2_ws16_kernel`: Gluon allowed (an sm_90
     GPU), bf16/fp16, 128-row tiles, whole 256-column tiles (H a multiple of 256), 16-byte
-    rows (I a multiple of 8) and bases for TMA, both contiguous."""
+    rows (I a multiple of 8) and base for TMA, contiguous. Its input is GEMM1's `inter`,
+    fresh, contiguous and in w2's dtype (the layer's checks: one dtype throughout)."""
     if not gluon_allowed(w2):
         return False
     _, hidden_size, inter_size = w2.shape
     return (
         w2.dtype in _DTYPES
-        and inter.dtype == w2.dtype
         and block_m == BLOCK_M
         and hidden_size % TILE_N == 0
         and inter_size % 8 == 0
         and w2.is_contiguous()
-        and inter.is_contiguous()
         and w2.data_ptr() % 16 == 0
-        and inter.data_ptr() % 16 == 0
     )
 
 

@@ -131,6 +131,7 @@ def _graph_measure(dtype: str):
 
     import moekit
     from moekit._gluon_gemm1_16bit import use_gluon_gemm1_16bit
+    from moekit._gluon_gemm2_16bit import use_gluon_gemm2_16bit
     from moekit._tma import use_tma
     from moekit.activation import Activation
     from moekit.bench.fp8 import quantize_experts
@@ -169,7 +170,8 @@ def _graph_measure(dtype: str):
                                     config.block_m, w.b13)
         elif use_tma(hidden, w.w13, w.w2, config.block_m):
             gluon = (use_gluon_gemm1_16bit(hidden, w.w13, config.block_m,
-                                           Activation.parse(preset.activation).kind), False)
+                                           Activation.parse(preset.activation).kind),
+                     use_gluon_gemm2_16bit(w.w2, config.block_m))
         key = (preset.name, m, config_as_run(config, gluon))
         if key in timed:
             return timed[key]
@@ -199,7 +201,7 @@ _GLUON_TILES = GemmConfig(128, 128, 8, 8, 3)
 def config_as_run(config: ExpertsConfig, gluon: tuple[bool, bool]) -> ExpertsConfig:
     """`config` with the tiles of each GEMM that runs as a Gluon kernel (`gluon`: GEMM1's
     and GEMM2's answer of `moekit.experts_fp8.gluon_gemms`, or for 16-bit weights
-    `use_gluon_gemm1_16bit`'s and False) replaced by one placeholder, so that
+    `use_gluon_gemm1_16bit`'s and `use_gluon_gemm2_16bit`'s) replaced by one placeholder, so that
     configurations which run the same kernels compare equal."""
     gluon1, gluon2 = gluon
     return dataclasses.replace(config, gemm1=_GLUON_TILES if gluon1 else config.gemm1,
