@@ -1,6 +1,7 @@
-"""What the warp-specialised Gluon GEMMs (`moekit._gluon_gemm1`, `moekit._gluon_gemm2`)
-share: the guarded import of Gluon's Hopper API, when a tensor may take them, their TMA
-descriptors, the walk over the plan's row tiles and the stage ring's barriers.
+"""What the warp-specialised Gluon GEMMs (`moekit._gluon_gemm1`, `moekit._gluon_gemm2` and
+their 16-bit siblings) share: the guarded import of Gluon's Hopper API, when a tensor may
+take them, their TMA descriptors, the walk over the plan's row tiles, the stage ring's
+barriers, and the 16-bit kernels' K loop (`paired_mainloop`).
 
 Both kernels read and write plan-order rows by TMA in 128-row tiles (or a run's odd last
 64 rows, with tail tiles); both are persistent over (row tile, column tile), row tile
