@@ -11,7 +11,9 @@ presets whose I is a multiple of 128 (all but gpt-oss).
 Each cell times, in interleaved rounds, GEMM1 alone (over one dispatch plan) and the whole
 `fused_experts`, Gluon GEMM1 on and off (`MOEKIT_GLUON`), by CUDA-graph replay with L2
 read-flushed, and checks the Gluon layer against the Triton one and both against the
-float32 reference (on 256 tokens' rows).
+float32 reference (on 256 tokens' rows). Since session 20 `MOEKIT_GLUON` switches the
+16-bit Gluon GEMM2 (`moekit._gluon_gemm2_16bit`) too, so the layer rows and `--profile`
+compare both GEMMs; "GEMM1 alone" is GEMM1's.
 
     PYTHONPATH=src python3 bench/scripts/gluon_gemm1_16bit_experiment.py --out $OUT
 """
