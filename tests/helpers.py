@@ -92,6 +92,17 @@ def random_routing(num_tokens, num_experts, top_k, *, skew=0.0, device="cpu", se
     return reference.route(logits, top_k, renormalize=True)
 
 
+def cuda_layer_case(M, E, k, H, I, dtype, bias, skew, seed=0):
+    """A random bf16/fp16 layer on the GPU: (hidden, w13, w2, b13, b2, ids, weights), every
+    7th token's last pair dropped (id −1)."""
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda", seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 3)
+    hidden = torch.randn(M, H, generator=g, device="cuda").to(dtype)
+    ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=seed)
+    ids[::7, -1] = -1  # dropped pairs
+    return hidden, w13, w2, b13, b2, ids, weights
+
+
 def exact_counts(counts):
     """ids_transform for k = 1: expert e receives exactly counts[e] tokens, shuffled."""
     def transform(ids):

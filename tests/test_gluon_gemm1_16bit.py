@@ -17,9 +17,9 @@ import moekit.experts
 from helpers import (
     assert_close,
     capture_cuda_graph,
+    cuda_layer_case,
     poison_,
     poison_cuda_cache,
-    random_experts,
     random_routing,
 )
 from moekit import reference
@@ -88,15 +88,6 @@ def _require_gluon():
         pytest.skip("the Gluon GEMM1 needs an sm_90 GPU and Triton's Gluon")
 
 
-def _case(M, E, k, H, I, dtype, bias, skew, seed=0):
-    w13, w2, b13, b2 = random_experts(E, H, I, bias=bias, dtype=dtype, device="cuda", seed=seed)
-    g = torch.Generator(device="cuda").manual_seed(seed + 3)
-    hidden = torch.randn(M, H, generator=g, device="cuda").to(dtype)
-    ids, weights = random_routing(M, E, k, skew=skew, device="cuda", seed=seed)
-    ids[::7, -1] = -1  # dropped pairs
-    return hidden, w13, w2, b13, b2, ids, weights
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("tail", [True, False])
 @pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
@@ -108,7 +99,7 @@ def _case(M, E, k, H, I, dtype, bias, skew, seed=0):
 def test_layer_with_the_gluon_gemm1_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input, skew,
                                         gemm1_calls, monkeypatch):
     _require_gluon()
-    hidden, w13, w2, b13, b2, ids, weights = _case(M, E, k, H, I, dtype, bias, skew)
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
     outs = {}
     for name, env in (("gluon", "1"), ("triton", "0")):
@@ -131,7 +122,7 @@ def test_layer_with_the_gluon_gemm1_gpu(tail, M, E, k, H, I, dtype, act, bias, o
 def test_gluon_gemm1_replays_in_a_cuda_graph_with_new_routing_gpu(gemm1_calls):
     _require_gluon()
     M, E, k, H, I = 1024, 32, 8, 1024, 512
-    hidden, w13, w2, _, _, ids, weights = _case(M, E, k, H, I, torch.bfloat16, False, 0.0)
+    hidden, w13, w2, _, _, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16, False, 0.0)
     config = tiles_for_block_m(128)
     out = torch.empty_like(hidden)
     graph, _ = capture_cuda_graph(
@@ -151,8 +142,8 @@ def test_gluon_gemm1_replays_in_a_cuda_graph_with_new_routing_gpu(gemm1_calls):
 @pytest.mark.gpu
 def test_gluon_gemm1_is_deterministic_gpu():
     _require_gluon()
-    hidden, w13, w2, _, _, ids, weights = _case(4096, 64, 8, 2048, 1024, torch.bfloat16,
-                                                False, 0.5)
+    hidden, w13, w2, _, _, ids, weights = cuda_layer_case(
+        4096, 64, 8, 2048, 1024, torch.bfloat16, False, 0.5)
     config = tiles_for_block_m(128)
     first = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
     for _ in range(3):
