@@ -103,6 +103,53 @@ def cuda_layer_case(M, E, k, H, I, dtype, bias, skew, seed=0):
     return hidden, w13, w2, b13, b2, ids, weights
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Replace `owner.name` by a spy that records each call (a list, one entry per call)
+    and calls through, so a test knows which kernel ran."""
+    calls = []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def check_graph_replay_with_new_routing(M, E, k, H, I, config) -> None:
+    """A bf16 `fused_experts` captured once in a CUDA graph, replayed after new routing is
+    copied into its inputs, matches the float32 reference each time."""
+    import moekit
+    from moekit import reference
+
+    hidden, w13, w2, _, _, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                          False, 0.0)
+    out = torch.empty_like(hidden)
+    graph, _ = capture_cuda_graph(
+        lambda: moekit.fused_experts(hidden, w13, w2, ids, weights, config=config, out=out))
+    for seed in (5, 6):
+        new_ids, new_weights = random_routing(M, E, k, skew=2.0, device="cuda", seed=seed)
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids,
+                                           weights)
+        assert_close(out, expected, name=f"replay seed {seed}")
+
+
+def check_reruns_bitwise(M, E, k, H, I, config) -> None:
+    """Three reruns of a bf16 `fused_experts` on skewed routing equal the first bitwise."""
+    import moekit
+
+    hidden, w13, w2, _, _, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                          False, 0.5)
+    first = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
+    for _ in range(3):
+        again = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
+        assert torch.equal(again, first), "a rerun moved a value"
+
+
 def exact_counts(counts):
     """ids_transform for k = 1: expert e receives exactly counts[e] tokens, shuffled."""
     def transform(ids):

@@ -17,11 +17,12 @@ import moekit
 import moekit.experts
 from helpers import (
     assert_close,
-    capture_cuda_graph,
+    check_graph_replay_with_new_routing,
+    check_reruns_bitwise,
+    count_calls,
     cuda_layer_case,
     poison_,
     poison_cuda_cache,
-    random_routing,
 )
 from moekit import reference
 from moekit._gluon import DISABLE_ENV
@@ -65,14 +66,7 @@ def test_chosen_only_where_it_can_run(monkeypatch):
 @pytest.fixture
 def gemm2_calls(monkeypatch):
     """Counts the layer's calls of the Gluon GEMM2, so a test knows it ran."""
-    calls = []
-    real = moekit.experts.gluon_gemm2_16bit
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(moekit.experts, "gluon_gemm2_16bit", spy)
-    return calls
+    return count_calls(monkeypatch, moekit.experts, "gluon_gemm2_16bit")
 
 
 def _require_gluon():
@@ -115,32 +109,12 @@ def test_layer_with_the_gluon_gemm2_gpu(tail, M, E, k, H, I, dtype, act, bias, o
 @pytest.mark.gpu
 def test_gluon_gemm2_replays_in_a_cuda_graph_with_new_routing_gpu(gemm2_calls):
     _require_gluon()
-    M, E, k, H, I = 1024, 32, 8, 1024, 512
-    hidden, w13, w2, _, _, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16, False, 0.0)
-    config = tiles_for_block_m(128)
-    out = torch.empty_like(hidden)
-    graph, _ = capture_cuda_graph(
-        lambda: moekit.fused_experts(hidden, w13, w2, ids, weights, config=config, out=out))
-    for seed in (5, 6):
-        new_ids, new_weights = random_routing(M, E, k, skew=2.0, device="cuda", seed=seed)
-        ids.copy_(new_ids)
-        weights.copy_(new_weights)
-        out.fill_(float("nan"))
-        graph.replay()
-        expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids,
-                                           weights)
-        assert_close(out, expected, name=f"replay seed {seed}")
+    check_graph_replay_with_new_routing(1024, 32, 8, 1024, 512, tiles_for_block_m(128))
     assert gemm2_calls, "captured through the Gluon GEMM2"
 
 
 @pytest.mark.gpu
 def test_gluon_gemm2_is_deterministic_gpu(gemm2_calls):
     _require_gluon()
-    hidden, w13, w2, _, _, ids, weights = cuda_layer_case(
-        4096, 64, 8, 2048, 768, torch.bfloat16, False, 0.5)
-    config = tiles_for_block_m(128)
-    first = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
-    for _ in range(3):
-        again = moekit.fused_experts(hidden, w13, w2, ids, weights, config=config)
-        assert torch.equal(again, first), "a rerun moved a value"
+    check_reruns_bitwise(4096, 64, 8, 2048, 768, tiles_for_block_m(128))
     assert gemm2_calls, "through the Gluon GEMM2"
