@@ -194,6 +194,43 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme,dtype,H", [
+    ("fp8_tensor", torch.bfloat16, 1024),  # GEMM1's tails share row amaxes; GEMM2 256 wide
+    ("fp8_block", torch.bfloat16, 1024),  # per-K scales; GEMM2's tails 64 columns each
+    ("fp8_channel", torch.float32, 640),  # fp32 out, H = 5 × 128: GEMM2 128 columns wide
+    (QuantScheme.fp8_tensor(dynamic=False), torch.bfloat16, 768),  # static: no amax shared
+])
+def test_tails_on_both_warpgroups_with_many_tiles_per_program_gpu(scheme, dtype, H, gemm1_calls,
+                                                                  monkeypatch):
+    # Three programs run every tile, tails back to back among them: the shared amax buffers
+    # take turns and their barriers' phases wrap many times. Which program runs a tile
+    # changes no value, and both GEMMs split each tail across their two warpgroups.
+    _require_gluon()
+    M, E, k, I = 1000, 32, 4, 384
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, dtype=dtype, device="cuda", skew=3.0)
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+    gemm2_calls = []
+    real_gemm2 = moekit.experts_fp8.gluon_gemm2
+    monkeypatch.setattr(moekit.experts_fp8, "gluon_gemm2", lambda *args, **kwargs: (
+        gemm2_calls.append(1), real_gemm2(*args, **kwargs))[1])
+    outs = {}
+    for programs in (None, 3):
+        if programs:
+            monkeypatch.setattr(moekit.experts_fp8, "persistent_programs",
+                                lambda device, programs=programs: programs)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config,
+                                 out=out)
+        outs[programs] = out
+    assert len(gemm1_calls) == 2 and len(gemm2_calls) == 2, "both Gluon GEMMs ran"
+    assert torch.equal(outs[3], outs[None]), "the program running a tile moved a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme)
+    assert_close(outs[3], expected, GPU_TOL, name=f"{scheme} {dtype} three programs")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
 @pytest.mark.parametrize("group", [3, 8])
 def test_grouped_tile_order_changes_no_value_gpu(scheme, group, gemm1_calls, monkeypatch):

@@ -153,18 +153,6 @@ if HAVE_GLUON:
         return ready, empty
 
     @gluon.jit
-    def release_steps(ready, empty, counter, K, BLOCK_K: gl.constexpr,
-                      NUM_BUFFERS: gl.constexpr):
-        """An idle math warpgroup (a tail tile's second half): release each K step's stage
-        as it lands, so the producer can refill it. Returns the step counter."""
-        for _ in range(0, K, BLOCK_K):
-            index = counter % NUM_BUFFERS
-            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-            mbarrier.arrive(empty.index(index), count=1)
-            counter += 1
-        return counter
-
-    @gluon.jit
     def tiles_in_use(work_ptr, num_work, TAIL_M: gl.constexpr):
         """Row tiles in use, counted on the GPU: the work list's length (stored after it),
         or the plan's padded rows (`expert_offsets[E]`) over _TILE_M."""

@@ -51,7 +51,6 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
-        release_steps,
         row_tile,
         stage_ring,
         tiles_in_use,
@@ -95,7 +94,8 @@ def column_halves(hidden: int, weight_per_k: bool, out_dtype: torch.dtype) -> in
 
 
 if HAVE_GLUON:
-    _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
+    _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
+    _HALF_M = gl.constexpr(HALF_M)
 
     @gluon.jit
     def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
@@ -163,7 +163,98 @@ if HAVE_GLUON:
         tma.async_copy_shared_to_global(c_desc, [row, col], c_smem)
 
     @gluon.jit
-    def _consumer(c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
+    def _piece(row, col, expert, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
+               num_pairs, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
+               stride_be, a_bufs, b_bufs, ready, empty, counter, c_desc, c_smem,
+               A_START: gl.constexpr, B_START: gl.constexpr, WIDTH: gl.constexpr,
+               PARTS: gl.constexpr, BLOCK_K: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+               A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
+               W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
+               HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
+        """One math warpgroup's share of a tile: plan rows [row, +64) (A rows [A_START,
+        +64) of each stage) × PARTS column parts of WIDTH from `col` (B rows from B_START).
+        Each stage's product goes into a fresh accumulator, is scaled by the step's K-group
+        scales (A_PER_K, W_PER_K; loaded one step ahead) and added in fp32 — Hopper's fp8
+        MMA accumulates at reduced precision. Scales constant along K, the bias and the
+        router weight are applied once, in the epilogue, as `_gemm2_fp8_tile` does; the
+        per-row factors are loaded before the K loop. Returns the K-step counter."""
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        ones = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
+        # Every one of the rows is the tile's (padding slots hold ≥ num_pairs).
+        slots = (row + gl.arange(0, _HALF_M, layout=rows_layout)).to(gl.int64)
+        ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
+        # The rows' factors, loaded now so that their latency hides under the loop; the
+        # input scale multiplies the products only, the router weight the bias too.
+        a_rows = ones
+        if not A_PER_K:  # a static input scale (stride 0) or one group per row
+            a_rows = gl.load(as_ptr + slots * stride_asm)
+        weights = ones
+        if APPLY_WEIGHT:
+            pairs = gl.load(sorted_pairs_ptr + slots)
+            row_ok = pairs < num_pairs
+            weights = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok,
+                              other=0.0)
+        # Per-K scales are loaded one K step ahead, so a load has a whole step to land.
+        a_step = as_ptr + slots * stride_asm  # [_HALF_M]: K group 0's input scales
+        w_step0 = ws_base + (col // W_GROUP_N) * stride_wsn  # W_UNIFORM_N
+        w_step1 = ws_base + ((col + WIDTH) // W_GROUP_N) * stride_wsn
+        if A_PER_K:
+            a_next = gl.load(a_step)
+        if W_PER_K and W_UNIFORM_N:
+            w_next0 = gl.load(w_step0)
+            if PARTS == 2:
+                w_next1 = gl.load(w_step1)
+        acc0 = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=mma_layout)
+        if PARTS == 2:
+            acc1 = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=mma_layout)
+        # Each stage's product; per tile, so that it is dead in the epilogue.
+        part = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=mma_layout)
+        for k in range(0, I, BLOCK_K):
+            index = counter % NUM_BUFFERS
+            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+            a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
+            b = b_bufs.index(index)
+            part = warpgroup_mma(a, b.slice(B_START, WIDTH, dim=0).permute((1, 0)), part,
+                                 use_acc=False, is_async=True)
+            row_scale = ones
+            k_next = gl.minimum(k + BLOCK_K, I - 1)  # the last step reloads its own
+            if A_PER_K:
+                row_scale = a_next
+                a_next = gl.load(a_step + (k_next // A_GROUP_K) * stride_ask)
+            step_scale = row_scale
+            if W_PER_K and W_UNIFORM_N:
+                step_scale = row_scale * w_next0
+                w_next0 = gl.load(w_step0 + (k_next // W_GROUP_K) * stride_wsk)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+            acc0 = acc0 + _scaled_part(part, step_scale, ws_base, k, col, stride_wsk,
+                                       stride_wsn, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N)
+            if PARTS == 2:
+                part = warpgroup_mma(a, b.slice(B_START + WIDTH, WIDTH, dim=0).permute((1, 0)),
+                                     part, use_acc=False, is_async=True)
+                step_scale = row_scale
+                if W_PER_K and W_UNIFORM_N:
+                    step_scale = row_scale * w_next1
+                    w_next1 = gl.load(w_step1 + (k_next // W_GROUP_K) * stride_wsk)
+                part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                acc1 = acc1 + _scaled_part(part, step_scale, ws_base, k, col + WIDTH,
+                                           stride_wsk, stride_wsn, W_PER_K, W_GROUP_N,
+                                           W_GROUP_K, W_UNIFORM_N)
+            mbarrier.arrive(empty.index(index), count=1)
+            counter += 1
+        bias_base = b2_ptr + expert.to(gl.int64) * stride_be
+        _store_columns(acc0, c_desc, c_smem, row, col, a_rows, weights, ws_base, bias_base,
+                       stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N, HAS_BIAS,
+                       APPLY_WEIGHT)
+        if PARTS == 2:
+            _store_columns(acc1, c_desc, c_smem, row, col + WIDTH, a_rows, weights, ws_base,
+                           bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N,
+                           HAS_BIAS, APPLY_WEIGHT)
+        return counter
+
+    @gluon.jit
+    def _consumer(c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                   block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                   stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs,
@@ -172,109 +263,55 @@ if HAVE_GLUON:
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr):
-        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile, in one or two
-        128-column halves (a tile as wide as the B box). Each stage's product goes into a
-        fresh accumulator, is scaled by the step's K-group scales (A_PER_K, W_PER_K;
-        loaded one step ahead) and added in fp32 — Hopper's fp8 MMA accumulates at
-        reduced precision. Scales constant along K, the bias and the router weight are
-        applied once, in the epilogue, as `_gemm2_fp8_tile` does; the per-row factors are
-        loaded before the K loop."""
+        """Math warpgroup CONSUMER of every tile (`_piece`): rows [CONSUMER·64, +64) in one
+        or two 128-column halves (a tile as wide as the B box), or, in a tail tile (64
+        rows), its rows × half CONSUMER of the tile's columns (one 128-column half, or 64
+        columns through `h_desc`'s [64, 64] boxes), so that a tail takes both warpgroups
+        for half as long instead of one for as long as a whole tile."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         TILE_N: gl.constexpr = b_bufs.shape[1]
         HALVES: gl.constexpr = TILE_N // BLOCK_N
         gl.static_assert(HALVES == 1 or HALVES == 2, "one or two 128-column halves")
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
-        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-        ones = gl.full([_HALF_M], 1.0, gl.float32, layout=rows_layout)
-        offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
         c_smem = c_bufs.index(CONSUMER)
         n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m = tile // n_tiles
-            pid_n = tile - pid_m * n_tiles
+            col0 = (tile - pid_m * n_tiles) * TILE_N  # the tile's first column
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
-            busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
-            mine = CONSUMER * _HALF_M + offs_r < rows  # [_HALF_M]: slots of this tile
-            slots = (first_slot + CONSUMER * _HALF_M + offs_r).to(gl.int64)  # [_HALF_M]
-            col0 = pid_n * TILE_N  # the first column of the tile (and of its first half)
-            ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
-            # The rows' factors, loaded now so that their latency hides under the loop; the
-            # input scale multiplies the products only, the router weight the bias too.
-            a_rows = ones
-            if not A_PER_K:  # a static input scale (stride 0) or one group per row
-                a_rows = gl.load(as_ptr + slots * stride_asm, mask=mine, other=0.0)
-            weights = ones
-            if APPLY_WEIGHT:
-                pairs = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
-                row_ok = pairs < num_pairs  # padding slots hold ≥ num_pairs
-                weights = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok,
-                                  other=0.0)
-            # Per-K scales are loaded one K step ahead, so a load has a whole step to land.
-            a_step = as_ptr + slots * stride_asm  # [_HALF_M]: K group 0's input scales
-            w_step0 = ws_base + (pid_n * TILE_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N
-            w_step1 = ws_base + ((pid_n * TILE_N + BLOCK_N) // W_GROUP_N) * stride_wsn
-            if A_PER_K:
-                a_next = gl.load(a_step, mask=mine, other=0.0)
-            if W_PER_K and W_UNIFORM_N:
-                w_next0 = gl.load(w_step0)
-                if HALVES == 2:
-                    w_next1 = gl.load(w_step1)
-            acc0 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-            if HALVES == 2:
-                acc1 = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-            if busy:
-                # Each stage's product; per tile, so that it is dead in the epilogue.
-                part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-                for k in range(0, I, BLOCK_K):
-                    index = counter % NUM_BUFFERS
-                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-                    a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
-                    b = b_bufs.index(index)
-                    part = warpgroup_mma(a, b.slice(0, BLOCK_N, dim=0).permute((1, 0)), part,
-                                         use_acc=False, is_async=True)
-                    row_scale = ones
-                    k_next = gl.minimum(k + BLOCK_K, I - 1)  # the last step reloads its own
-                    if A_PER_K:
-                        row_scale = a_next
-                        a_next = gl.load(a_step + (k_next // A_GROUP_K) * stride_ask, mask=mine,
-                                         other=0.0)
-                    step_scale = row_scale
-                    if W_PER_K and W_UNIFORM_N:
-                        step_scale = row_scale * w_next0
-                        w_next0 = gl.load(w_step0 + (k_next // W_GROUP_K) * stride_wsk)
-                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                    acc0 = acc0 + _scaled_part(part, step_scale, ws_base, k, col0, stride_wsk,
-                                               stride_wsn, W_PER_K, W_GROUP_N, W_GROUP_K,
-                                               W_UNIFORM_N)
-                    if HALVES == 2:
-                        part = warpgroup_mma(a, b.slice(BLOCK_N, BLOCK_N, dim=0).permute((1, 0)),
-                                             part, use_acc=False, is_async=True)
-                        step_scale = row_scale
-                        if W_PER_K and W_UNIFORM_N:
-                            step_scale = row_scale * w_next1
-                            w_next1 = gl.load(w_step1 + (k_next // W_GROUP_K) * stride_wsk)
-                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                        acc1 = acc1 + _scaled_part(part, step_scale, ws_base, k, col0 + BLOCK_N,
-                                                   stride_wsk, stride_wsn, W_PER_K, W_GROUP_N,
-                                                   W_GROUP_K, W_UNIFORM_N)
-                    mbarrier.arrive(empty.index(index), count=1)
-                    counter += 1
-            else:  # idle (a tail tile's second half)
-                counter = release_steps(ready, empty, counter, I, BLOCK_K, NUM_BUFFERS)
-            if busy:
-                row = first_slot + CONSUMER * _HALF_M
-                bias_base = b2_ptr + expert.to(gl.int64) * stride_be
-                col = col0
-                _store_columns(acc0, c_desc, c_smem, row, col, a_rows, weights, ws_base,
-                               bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N,
-                               HAS_BIAS, APPLY_WEIGHT)
-                if HALVES == 2:
-                    _store_columns(acc1, c_desc, c_smem, row, col + BLOCK_N, a_rows, weights,
-                                   ws_base, bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N,
-                                   W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
+            # Without tail tiles the tail branch is not compiled (dead code there crashed
+            # Triton 3.6's lowering, as in the 16-bit GEMM1).
+            whole = True
+            if TAIL_M:
+                whole = rows == _TILE_M
+            if whole:
+                counter = _piece(
+                    first_slot + CONSUMER * _HALF_M, col0, expert, as_ptr, ws_ptr, b2_ptr,
+                    topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_asm, stride_ask,
+                    stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs, ready, empty,
+                    counter, c_desc, c_smem, CONSUMER * _HALF_M, 0, BLOCK_N, HALVES, BLOCK_K,
+                    NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
+                    W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
+            elif TAIL_M:
+                if HALVES == 2:  # one whole 128-column half each
+                    counter = _piece(
+                        first_slot, col0 + CONSUMER * BLOCK_N, expert, as_ptr, ws_ptr, b2_ptr,
+                        topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_asm,
+                        stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
+                        b_bufs, ready, empty, counter, c_desc, c_smem, 0, CONSUMER * BLOCK_N,
+                        BLOCK_N, 1, BLOCK_K, NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K,
+                        W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
+                else:  # 64 columns each, a [64, 64] box in the same bytes as the tile's
+                    h_smem = c_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
+                                                 h_desc.layout)
+                    counter = _piece(
+                        first_slot, col0 + CONSUMER * _HALF_M, expert, as_ptr, ws_ptr, b2_ptr,
+                        topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_asm,
+                        stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
+                        b_bufs, ready, empty, counter, h_desc, h_smem, 0, CONSUMER * _HALF_M,
+                        _HALF_M, 1, BLOCK_K, NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K,
+                        W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -282,6 +319,7 @@ if HAVE_GLUON:
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
         b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes: one or two 128-column halves
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
+        h_desc,  # the same, [64, 64] boxes (a tail tile's stores, 128-column tiles)
         as_ptr,  # inter's scales: as[slot · stride_asm + (k // A_GROUP_K) · stride_ask]
         ws_ptr,  # w2's: ws[e · s_we + (n // W_GROUP_N) · s_wn + (k // W_GROUP_K) · s_wk]
         b2_ptr,  # [E, H] (read only when HAS_BIAS)
@@ -315,14 +353,16 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
                           b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
-             (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
-                          block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
+             (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
+                          sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
+                          I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
                           HAS_BIAS, APPLY_WEIGHT)),
-             (_consumer, (c_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
-                          block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
+             (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
+                          sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
+                          I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
@@ -357,7 +397,8 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
     _gemm2_ws_kernel[(programs,)](
         descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
-        descriptor(out, [HALF_M, BLOCK_N]), inter_scale, w2_scale,
+        descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,
+        w2_scale,
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
         inter_size, a_strides[0], a_strides[1], *w_layout[:3],
