@@ -74,13 +74,16 @@ def _box_layout(block: tuple[int, int], dtype: torch.dtype):
 def descriptor(t: torch.Tensor, block: list[int]):
     """A Gluon TMA descriptor over `t` as a row-major matrix, NVMMA-swizzled boxes.
 
-    Built without `TensorDescriptor`'s own checks (~8 µs of host time per descriptor, six
+    Built without `TensorDescriptor`'s own checks (~8 µs of host time per descriptor, eight
     per fp8 call): the `use_gluon_*` predicates have checked the rows' 16-byte strides and
-    contiguity; the base's alignment is checked here."""
+    the weights' contiguity; the base's alignment is checked here. Nor is `t` viewed as a
+    matrix (a `view` is 2 µs of the 5 left): the launcher reads only the base's address and
+    the descriptor's own shape and strides."""
     if t.data_ptr() % 16:
         raise ValueError("a TMA descriptor's base must be 16-byte aligned")
-    matrix = t.view(-1, t.shape[-1])
-    return _TrustedDescriptor(matrix, matrix.shape, matrix.stride(), block,
+    cols = t.shape[-1]
+    row_stride = t.stride(0) if t.dim() == 2 else cols  # [E, N, K] weights: contiguous
+    return _TrustedDescriptor(t, [t.numel() // cols, cols], [row_stride, 1], block,
                               _box_layout(tuple(block), t.dtype))
 
 

@@ -12,14 +12,16 @@ TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
     producer warpgroup    per 128-deep K step: A [128, 128] (plan rows by TMA, or token
                           rows by cp.async), the expert's gate rows [128, 128] and up
                           rows [128, 128] by TMA, 48 KB a stage, into a ring of STAGES
-    two math warpgroups   64 rows each; the gate and up products promoted per stage into
-                          two fp32 accumulators, each product first scaled by its K
-                          step's scales where they vary along K (hidden's 1×128 groups,
-                          w13's 128×128 blocks); epilogue: the scales constant along K
-                          (input per slot or one; weight per expert or per channel),
-                          biases, the activation, then GEMM2's input quantised — its own
-                          1×128 group per row (the tile's 128 columns), or the static
-                          scale — and stored by TMA, its scales by pointer
+    two math warpgroups   64 rows each (a tail tile's 64 rows: 64 columns each, their
+                          row amaxes met in shared memory); the gate and up products
+                          promoted per stage into two fp32 accumulators, each product
+                          first scaled by its K step's scales where they vary along K
+                          (hidden's 1×128 groups, w13's 128×128 blocks); epilogue: the
+                          scales constant along K (input per slot or one; weight per
+                          expert or per channel), biases, the activation, then GEMM2's
+                          input quantised — its own 1×128 group per row (the tile's 128
+                          columns), or the static scale — and stored by TMA, its scales
+                          by pointer
 
 Scales varying along K need whole K steps per group and one weight scale per column tile,
 and are declined with biases (that epilogue spills ~300 bytes on sm_90: the Triton GEMM1

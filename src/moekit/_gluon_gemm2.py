@@ -18,7 +18,8 @@ where H allows and the weight scales are constant along K, else 128 (5 stages of
 Output rows stay in plan order ([capacity, H]): TMA stores whole boxes, and Hopper's TMA
 cannot scatter; the combine reads each pair's row through `DispatchPlan.pair_slots`.
 The persistent tile loop walks the plan's work list as the Triton GEMM2 does; a tail
-tile (its run's odd last 64 rows) leaves the second warpgroup idle for that tile.
+tile (its run's odd last 64 rows) is split by columns across the two warpgroups (one
+128-column half each, or 64 columns of a 128-column tile), not left to one of them.
 
 Measured (H200, bench/NOTES.md session 12): fp8 GEMM2 1.29–1.32× faster than the Triton
 kernel (qwen3 M = 4096: 165 against 217 µs per-tensor, 173 against 224 block; mixtral 936
@@ -27,9 +28,9 @@ bf16 weights made the 16-bit layer 0.90–1.02× (bench/results/
 h200-20261202-kernels-bf16-prefill-gluon{0,1}.md): 16-bit GEMM2 stays Triton's.
 Two halves per tile (bench/results/h200-20261202-gluon-wide-gemm2-experiment.md): GEMM2
 1.05–1.31× faster again (qwen3 M = 4096 136 against 156 µs; mixtral 952 against 1,251),
-bitwise the same output. The consumer's structure keeps it free of spills: a tail tile's
-idle warpgroup runs a loop of its own, the product in flight is a per-tile value (dead in
-the epilogue), column indices are built where they are used.
+bitwise the same output. The consumer's structure keeps it free of spills: the product in
+flight is a per-tile value (dead in the epilogue), column indices are built where they
+are used.
 """
 
 from __future__ import annotations
