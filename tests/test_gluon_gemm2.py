@@ -84,6 +84,27 @@ def test_gemm2_tiles_are_two_halves_wide_only_where_they_fit():
     assert column_halves(2048, False, torch.float32) == 1, "float32 output"
 
 
+def test_descriptors_see_weights_and_rows_as_row_major_matrices():
+    # The launcher reads the base's address and the descriptor's own shape and strides:
+    # [E, N, K] weights as [E·N, K], a 2-D tensor's row stride kept, the box layout chosen
+    # by dtype and box.
+    import moekit._gluon as module
+
+    if not module.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon")
+    w = torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)
+    d = module.descriptor(w, [128, 128])
+    assert (d.base.data_ptr(), list(d.shape), list(d.strides)) == (w.data_ptr(), [1024, 512],
+                                                                    [512, 1])
+    assert list(d.block_shape) == [128, 128] and d.layout.swizzle_byte_width == 128
+    rows = torch.empty(64, 1024, dtype=torch.bfloat16)[:, :768]  # a row stride of 1024
+    d = module.descriptor(rows, [64, 64])
+    assert (list(d.shape), list(d.strides)) == ([64, 768], [1024, 1])
+    assert d.layout.element_bitwidth == 16
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        module.descriptor(torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)[:, :, 1:], [128, 128])
+
+
 def test_gluon_is_off_with_an_older_triton(monkeypatch):
     # Gluon's Hopper API moved between releases; only the measured Triton (3.6) takes it.
     import importlib
