@@ -147,6 +147,7 @@ def group_m(w13: torch.Tensor, l2: int | None = None) -> int:
 if HAVE_GLUON:
     _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
     _HALF_M = gl.constexpr(HALF_M)
+    _INTER_GROUP = gl.constexpr(BLOCK_N)  # GEMM2's input: a 1×128 scale group per column tile
 
     @gluon.jit
     def _producer(a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
@@ -312,7 +313,8 @@ if HAVE_GLUON:
                 amax = _shared_amax(amax, amax_bufs, amax_bars, tails, CONSUMER)
             scale = _scale_from_amax(amax, FMAX, AMAX_FLOOR)
             if not SHARE_AMAX or CONSUMER == 0:  # (the other warpgroup's is the same)
-                gl.store(inter_scale_ptr + slots.to(gl.int64) * stride_ism + col // 128, scale)
+                gl.store(inter_scale_ptr + slots.to(gl.int64) * stride_ism
+                         + col // _INTER_GROUP, scale)
             q = act * gl.div_rn(gl.full_like(scale, 1.0), scale)[:, None]
         q = gl.minimum(gl.maximum(q, -FMAX), FMAX)
         tma.store_wait(pendings=0)  # the previous tile's store has left q_smem
