@@ -195,16 +195,15 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme,dtype,H", [
-    ("fp8_tensor", torch.bfloat16, 1024),  # GEMM1's tails share row amaxes; GEMM2 256 wide
+    ("fp8_tensor", torch.bfloat16, 1024),  # GEMM2 256 columns wide: a half per warpgroup
     ("fp8_block", torch.bfloat16, 1024),  # per-K scales; GEMM2's tails 64 columns each
     ("fp8_channel", torch.float32, 640),  # fp32 out, H = 5 × 128: GEMM2 128 columns wide
-    (QuantScheme.fp8_tensor(dynamic=False), torch.bfloat16, 768),  # static: no amax shared
+    (QuantScheme.fp8_tensor(dynamic=False), torch.bfloat16, 768),  # static input scales
 ])
-def test_tails_on_both_warpgroups_with_many_tiles_per_program_gpu(scheme, dtype, H, gemm1_calls,
-                                                                  monkeypatch):
-    # Three programs run every tile, tails back to back among them: the shared amax buffers
-    # take turns and their barriers' phases wrap many times. Which program runs a tile
-    # changes no value, and both GEMMs split each tail across their two warpgroups.
+def test_many_tiles_per_program_with_tails_gpu(scheme, dtype, H, gemm1_calls, monkeypatch):
+    # Three programs run every tile, tails back to back among them (GEMM1's idle in one
+    # math warpgroup, GEMM2's split by columns across both): the stage ring's phases wrap
+    # many times, and which program runs a tile changes no value.
     _require_gluon()
     M, E, k, I = 1000, 32, 4, 384
     scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(

@@ -74,7 +74,7 @@ def _box_layout(block: tuple[int, int], dtype: torch.dtype):
 def descriptor(t: torch.Tensor, block: list[int]):
     """A Gluon TMA descriptor over `t` as a row-major matrix, NVMMA-swizzled boxes.
 
-    Built without `TensorDescriptor`'s own checks (~8 µs of host time per descriptor, eight
+    Built without `TensorDescriptor`'s own checks (~8 µs of host time per descriptor, seven
     per fp8 call): the `use_gluon_*` predicates have checked the rows' 16-byte strides and
     the weights' contiguity; the base's alignment is checked here. Nor is `t` viewed as a
     matrix (a `view` is 2 µs of the 5 left): the launcher reads only the base's address and
@@ -154,6 +154,18 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=READY_ARRIVALS)
             mbarrier.init(empty.index(i), count=2)
         return ready, empty
+
+    @gluon.jit
+    def release_steps(ready, empty, counter, K, BLOCK_K: gl.constexpr,
+                      NUM_BUFFERS: gl.constexpr):
+        """An idle math warpgroup (a tail tile's second half): release each K step's stage
+        as it lands, so the producer can refill it. Returns the step counter."""
+        for _ in range(0, K, BLOCK_K):
+            index = counter % NUM_BUFFERS
+            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+            mbarrier.arrive(empty.index(index), count=1)
+            counter += 1
+        return counter
 
     @gluon.jit
     def tiles_in_use(work_ptr, num_work, TAIL_M: gl.constexpr):

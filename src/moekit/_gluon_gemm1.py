@@ -12,16 +12,14 @@ TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
     producer warpgroup    per 128-deep K step: A [128, 128] (plan rows by TMA, or token
                           rows by cp.async), the expert's gate rows [128, 128] and up
                           rows [128, 128] by TMA, 48 KB a stage, into a ring of STAGES
-    two math warpgroups   64 rows each (a tail tile's 64 rows: 64 columns each, their
-                          row amaxes met in shared memory); the gate and up products
-                          promoted per stage into two fp32 accumulators, each product
-                          first scaled by its K step's scales where they vary along K
-                          (hidden's 1×128 groups, w13's 128×128 blocks); epilogue: the
-                          scales constant along K (input per slot or one; weight per
-                          expert or per channel), biases, the activation, then GEMM2's
-                          input quantised — its own 1×128 group per row (the tile's 128
-                          columns), or the static scale — and stored by TMA, its scales
-                          by pointer
+    two math warpgroups   64 rows each; the gate and up products promoted per stage into
+                          two fp32 accumulators, each product first scaled by its K
+                          step's scales where they vary along K (hidden's 1×128 groups,
+                          w13's 128×128 blocks); epilogue: the scales constant along K
+                          (input per slot or one; weight per expert or per channel),
+                          biases, the activation, then GEMM2's input quantised — its own
+                          1×128 group per row (the tile's 128 columns), or the static
+                          scale — and stored by TMA, its scales by pointer
 
 Scales varying along K need whole K steps per group and one weight scale per column tile,
 and are declined with biases (that epilogue spills ~300 bytes on sm_90: the Triton GEMM1
@@ -66,6 +64,7 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
+        release_steps,
         row_tile,
         stage_ring,
         tile_coords,
@@ -145,9 +144,7 @@ def group_m(w13: torch.Tensor, l2: int | None = None) -> int:
 
 
 if HAVE_GLUON:
-    _TILE_M = gl.constexpr(BLOCK_M)  # globals a kernel reads must be constexpr objects
-    _HALF_M = gl.constexpr(HALF_M)
-    _INTER_GROUP = gl.constexpr(BLOCK_N)  # GEMM2's input: a 1×128 scale group per column tile
+    _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
 
     @gluon.jit
     def _producer(a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
@@ -203,195 +200,146 @@ if HAVE_GLUON:
                 counter += 1
 
     @gluon.jit
-    def _piece(row, col, expert, tails, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr,
-               sorted_pairs_ptr, num_pairs, top_k, H, I, stride_xsm, stride_xsk, stride_wse,
-               stride_wsn, stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs,
-               u_bufs, ready, empty, counter, q_desc, q_smem, amax_bufs, amax_bars,
-               CONSUMER: gl.constexpr, A_START: gl.constexpr, B_START: gl.constexpr,
-               WIDTH: gl.constexpr, SHARE_AMAX: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-               GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr, X_PER_K: gl.constexpr,
-               X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr,
-               W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
-               INTER_STATIC: gl.constexpr, FMAX: gl.constexpr, AMAX_FLOOR: gl.constexpr):
-        """One math warpgroup's share of a tile: plan rows [row, +64) (A rows [A_START, +64)
-        of each stage) × intermediate columns [col, +WIDTH) (gate and up rows [B_START,
-        +WIDTH) of each stage's B tiles), stored as GEMM2's fp8 input. Each stage's gate and
-        up products go into a fresh accumulator, are scaled by the step's K-group scales
-        (X_PER_K: hidden's per slot; W_PER_K: w13's, one per column tile; loaded while the
-        MMA runs) and added in fp32 (Hopper's fp8 MMA accumulates at reduced precision).
-        Each product is scaled in its own registers before the add: `part` is the next
-        MMA's accumulator operand, and a separate scaled copy of it spilled 960 bytes.
-        Scales constant along K, the biases and the activation follow, as `_gate_up` does,
-        then the quantisation of `_store_inter`: with SHARE_AMAX the row's 1×128 group
-        spans both warpgroups (a tail tile's 64 columns each), whose amaxes meet in shared
-        memory (`_shared_amax`). Returns the K-step counter."""
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 32])
-        BLOCK_K: gl.constexpr = a_bufs.shape[2]
-        # This warpgroup's slots, 32-bit (a [capacity, H / 128] scale index fits):
-        # registers held across the K loop are what the epilogue runs short of. Every one is
-        # the tile's; padding slots' rows and scales were never written: their products are
-        # noise, row-local, and GEMM2 and the combine never read them into a token's sum.
-        slots = row + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, mma_layout))
-        ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
-        if not X_PER_K:
-            x_index = slots
-            if GATHER_A:  # hidden's scales are its tokens' (padding slots: token 0's)
-                pair = gl.load(sorted_pairs_ptr + slots)
-                x_index = gl.where(pair < num_pairs, pair // top_k, 0)
-            x_rows = gl.load(xs_ptr + x_index * stride_xsm)  # hidden under the K loop
-        if W_PER_K:  # W_UNIFORM_N: one scale per column tile and K group
-            gate_ws = ws_base + (col // W_GROUP_N) * stride_wsn
-            up_ws = ws_base + ((I + col) // W_GROUP_N) * stride_wsn
-        part = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=mma_layout)
-        gate = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=mma_layout)
-        up = gl.zeros((_HALF_M, WIDTH), dtype=gl.float32, layout=mma_layout)
-        for k in range(0, H, BLOCK_K):
-            index = counter % NUM_BUFFERS
-            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-            if GATHER_A:  # cp.async wrote A through the generic proxy
-                fence_async_shared()
-            a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
-            part = warpgroup_mma(a, g_bufs.index(index).slice(B_START, WIDTH, dim=0)
-                                 .permute((1, 0)), part, use_acc=False, is_async=True)
-            # The step's scales, loaded while the MMA runs.
-            x_step = 1.0
-            if X_PER_K:
-                x_step = gl.load(xs_ptr + slots * stride_xsm + (k // X_GROUP_K) * stride_xsk)
-            gate_w = 1.0
-            up_w = 1.0
-            if W_PER_K:
-                w_k = (k // W_GROUP_K) * stride_wsk
-                gate_w = gl.load(gate_ws + w_k)
-                up_w = gl.load(up_ws + w_k)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-            # Scaled in place, one multiply per value (see the docstring); written out for
-            # gate and up: a helper returning the scaled product spilled 952 bytes.
-            if X_PER_K and W_PER_K:
-                part = part * (x_step * gate_w)[:, None]
-            elif X_PER_K:
-                part = part * x_step[:, None]
-            elif W_PER_K:
-                part = part * gate_w
-            gate = gate + part
-            part = warpgroup_mma(a, u_bufs.index(index).slice(B_START, WIDTH, dim=0)
-                                 .permute((1, 0)), part, use_acc=False, is_async=True)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-            if X_PER_K and W_PER_K:
-                part = part * (x_step * up_w)[:, None]
-            elif X_PER_K:
-                part = part * x_step[:, None]
-            elif W_PER_K:
-                part = part * up_w
-            up = up + part
-            mbarrier.arrive(empty.index(index), count=1)
-            counter += 1
-        cols = col + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, mma_layout))
-        if not X_PER_K:
-            gate = gate * x_rows[:, None]
-            up = up * x_rows[:, None]
-        if not W_PER_K:  # (per-K weight scales were applied per step)
-            if W_UNIFORM_N:  # one scale per expert, or per tile-covering group
-                gate = gate * gl.load(ws_base + (col // W_GROUP_N) * stride_wsn)
-                up = up * gl.load(ws_base + ((I + col) // W_GROUP_N) * stride_wsn)
-            else:
-                gate = gate * gl.load(ws_base + (cols // W_GROUP_N) * stride_wsn)[None, :]
-                up = up * gl.load(ws_base + ((I + cols) // W_GROUP_N) * stride_wsn)[None, :]
-        if HAS_BIAS:
-            b_base = b13_ptr + expert.to(gl.int64) * stride_be
-            gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
-            up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
-        act = _activate(gate, up, ACTIVATION, alpha, limit)
-        # × the correctly rounded reciprocal, not ÷ per value (IEEE division is a dozen
-        # instructions): an fp8 value can differ only where x / scale lies within an fp32
-        # ulp of a rounding boundary.
-        if INTER_STATIC:
-            q = act * gl.div_rn(1.0, gl.load(inter_scale_ptr))
-        else:  # the row's 1×128 group: this tile's 128 columns
-            amax = gl.max(gl.abs(act), axis=1)
-            if SHARE_AMAX:
-                amax = _shared_amax(amax, amax_bufs, amax_bars, tails, CONSUMER)
-            scale = _scale_from_amax(amax, FMAX, AMAX_FLOOR)
-            if not SHARE_AMAX or CONSUMER == 0:  # (the other warpgroup's is the same)
-                gl.store(inter_scale_ptr + slots.to(gl.int64) * stride_ism
-                         + col // _INTER_GROUP, scale)
-            q = act * gl.div_rn(gl.full_like(scale, 1.0), scale)[:, None]
-        q = gl.minimum(gl.maximum(q, -FMAX), FMAX)
-        tma.store_wait(pendings=0)  # the previous tile's store has left q_smem
-        q_smem.store(q.to(gl.float8e4nv))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(q_desc, [row, col], q_smem)
-        return counter
-
-    @gluon.jit
-    def _shared_amax(amax, amax_bufs, amax_bars, tails, CONSUMER: gl.constexpr):
-        """The rows' amax over both math warpgroups' columns: each writes its own to shared
-        memory, then waits at a two-arrival barrier for the other's. Double-buffered by
-        tail tile: a warpgroup can write a buffer again only after passing the next tail's
-        barrier, which the other reaches only after reading it."""
-        turn = tails % 2
-        bar = amax_bars.index(turn)
-        amax_bufs.index(turn * 2 + CONSUMER).store(amax)
-        gl.thread_barrier()  # this warpgroup's stores are done (a partition's own barrier)
-        mbarrier.arrive(bar, count=1)
-        mbarrier.wait(bar, (tails // 2) & 1)
-        return gl.maximum(amax, amax_bufs.index(turn * 2 + 1 - CONSUMER).load(amax.type.layout))
-
-    @gluon.jit
-    def _consumer(q_desc, h_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
+    def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                   num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I, stride_xsm,
                   stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be, stride_ism, alpha,
-                  limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs, amax_bufs, amax_bars,
-                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
+                  limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs, CONSUMER: gl.constexpr,
+                  TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                  GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, FMAX: gl.constexpr,
                   AMAX_FLOOR: gl.constexpr):
-        """Math warpgroup CONSUMER of every tile (`_piece`): rows [CONSUMER·64, +64) × the
-        tile's 128 columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64,
-        +64), so that a tail takes both warpgroups for half as long instead of one for as
-        long as a whole tile."""
+        """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
+        gate and up products go into a fresh accumulator, are scaled by the step's K-group
+        scales (X_PER_K: hidden's per slot; W_PER_K: w13's, one per column tile; loaded
+        while the MMA runs) and added in fp32 (Hopper's fp8 MMA accumulates at reduced
+        precision). Each product is scaled in its own registers before the add: `part`
+        is the next MMA's accumulator operand, and a separate scaled copy of it spilled
+        960 bytes. Scales constant along K, the biases and the activation follow in the
+        epilogue, as `_gate_up` does, then the quantisation of `_store_inter`."""
         BLOCK_N: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        offs_r = gl.arange(0, _HALF_M, layout=rows_layout)
+        offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
+        part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
         q_smem = q_bufs.index(CONSUMER)
         n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
-        tails = 0  # tail tiles done: the shared amax buffers' turn
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
-            # Without tail tiles the tail branch is not compiled at all (constexpr TAIL_M):
-            # dead code there crashed Triton 3.6's lowering (the 16-bit GEMM1).
-            whole = True
-            if TAIL_M:
-                whole = rows == _TILE_M
-            if whole:
-                counter = _piece(
-                    first_slot + CONSUMER * _HALF_M, pid_n * BLOCK_N, expert, tails, xs_ptr,
-                    ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr, num_pairs, top_k, H, I,
-                    stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
-                    stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, counter,
-                    q_desc, q_smem, amax_bufs, amax_bars, CONSUMER, CONSUMER * _HALF_M, 0,
-                    BLOCK_N, False, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K, X_GROUP_K,
-                    W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
-                    AMAX_FLOOR)
-            elif TAIL_M:
-                # A tail's [64, 64] store box, in the same bytes as the whole tile's; a name
-                # of its own (a branch's values may not change type).
-                h_smem = q_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
-                                             h_desc.layout)
-                counter = _piece(
-                    first_slot, pid_n * BLOCK_N + CONSUMER * _HALF_M, expert, tails, xs_ptr,
-                    ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr, num_pairs, top_k, H, I,
-                    stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
-                    stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, counter,
-                    h_desc, h_smem, amax_bufs, amax_bars, CONSUMER, 0, CONSUMER * _HALF_M,
-                    _HALF_M, not INTER_STATIC, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
-                    X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
-                    INTER_STATIC, FMAX, AMAX_FLOOR)
-                tails += 1
+            busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
+            # This warpgroup's slots, 32-bit (a [capacity, H / 128] scale index fits):
+            # registers held across the K loop are what the epilogue runs short of.
+            slots = first_slot + CONSUMER * _HALF_M + offs_r  # [_HALF_M]
+            ws_base = ws_ptr + expert.to(gl.int64) * stride_wse
+            # Padding slots' rows and scales were never written: their products are
+            # noise, row-local, and GEMM2 and the combine never read them into a token's
+            # sum. Loaded before `busy` is known, the constant scales are masked to the
+            # tile's rows (an idle tail half's slots may lie past the plan); the per-K
+            # ones are read only when busy, where every slot is the tile's.
+            if not X_PER_K:
+                mine = CONSUMER * _HALF_M + offs_r < rows
+                x_index = slots
+                if GATHER_A:  # hidden's scales are its tokens' (padding slots: token 0's)
+                    pair = gl.load(sorted_pairs_ptr + slots, mask=mine, other=num_pairs)
+                    x_index = gl.where(pair < num_pairs, pair // top_k, 0)
+                x_rows = gl.load(xs_ptr + x_index * stride_xsm, mask=mine,
+                                 other=0.0)  # hidden under the K loop
+            if W_PER_K:  # W_UNIFORM_N: one scale per column tile and K group
+                gate_ws = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
+                up_ws = ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
+            gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if busy:
+                for k in range(0, H, BLOCK_K):
+                    index = counter % NUM_BUFFERS
+                    mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+                    if GATHER_A:  # cp.async wrote A through the generic proxy
+                        fence_async_shared()
+                    a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
+                    part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    # The step's scales, loaded while the MMA runs.
+                    x_step = 1.0
+                    if X_PER_K:
+                        x_step = gl.load(xs_ptr + slots * stride_xsm
+                                         + (k // X_GROUP_K) * stride_xsk)
+                    gate_w = 1.0
+                    up_w = 1.0
+                    if W_PER_K:
+                        w_k = (k // W_GROUP_K) * stride_wsk
+                        gate_w = gl.load(gate_ws + w_k)
+                        up_w = gl.load(up_ws + w_k)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    # Scaled in place, one multiply per value (see the docstring); written
+                    # out for gate and up: a helper returning the scaled product spilled
+                    # 952 bytes.
+                    if X_PER_K and W_PER_K:
+                        part = part * (x_step * gate_w)[:, None]
+                    elif X_PER_K:
+                        part = part * x_step[:, None]
+                    elif W_PER_K:
+                        part = part * gate_w
+                    gate = gate + part
+                    part = warpgroup_mma(a, u_bufs.index(index).permute((1, 0)), part,
+                                         use_acc=False, is_async=True)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    if X_PER_K and W_PER_K:
+                        part = part * (x_step * up_w)[:, None]
+                    elif X_PER_K:
+                        part = part * x_step[:, None]
+                    elif W_PER_K:
+                        part = part * up_w
+                    up = up + part
+                    mbarrier.arrive(empty.index(index), count=1)
+                    counter += 1
+            else:  # idle (a tail tile's second half)
+                counter = release_steps(ready, empty, counter, H, BLOCK_K, NUM_BUFFERS)
+            if busy:
+                cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
+                if not X_PER_K:
+                    gate = gate * x_rows[:, None]
+                    up = up * x_rows[:, None]
+                if not W_PER_K:  # (per-K weight scales were applied per step)
+                    if W_UNIFORM_N:  # one scale per expert, or per tile-covering group
+                        gate = gate * gl.load(ws_base + (pid_n * BLOCK_N // W_GROUP_N)
+                                              * stride_wsn)
+                        up = up * gl.load(ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N)
+                                          * stride_wsn)
+                    else:
+                        gate = gate * gl.load(ws_base + (cols // W_GROUP_N)
+                                              * stride_wsn)[None, :]
+                        up = up * gl.load(ws_base + ((I + cols) // W_GROUP_N)
+                                          * stride_wsn)[None, :]
+                if HAS_BIAS:
+                    b_base = b13_ptr + expert.to(gl.int64) * stride_be
+                    gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
+                    up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
+                act = _activate(gate, up, ACTIVATION, alpha, limit)
+                # × the correctly rounded reciprocal, not ÷ per value (IEEE division is a
+                # dozen instructions): an fp8 value can differ only where x / scale lies
+                # within an fp32 ulp of a rounding boundary.
+                if INTER_STATIC:
+                    inverse = gl.div_rn(1.0, gl.load(inter_scale_ptr))
+                    q = act * inverse
+                else:  # the tile's 128 columns are one 1×128 group of each row
+                    scale = _scale_from_amax(gl.max(gl.abs(act), axis=1), FMAX, AMAX_FLOOR)
+                    gl.store(inter_scale_ptr + slots.to(gl.int64) * stride_ism + pid_n, scale)
+                    q = act * gl.div_rn(gl.full_like(scale, 1.0), scale)[:, None]
+                q = gl.minimum(gl.maximum(q, -FMAX), FMAX)
+                tma.store_wait(pendings=0)  # the previous tile's store has left q_smem
+                q_smem.store(q.to(gl.float8e4nv))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(
+                    q_desc, [first_slot + CONSUMER * _HALF_M, pid_n * BLOCK_N], q_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -400,7 +348,6 @@ if HAVE_GLUON:
         # GATHER_A over x, [M, H] (its box layout only)
         b_desc,  # w13 as [E·2I, H], [BLOCK_N, BLOCK_K] boxes
         q_desc,  # inter [capacity, I] fp8 in plan order, [64, BLOCK_N] boxes
-        h_desc,  # the same, [64, 64] boxes (a tail tile's stores)
         x_ptr,  # GATHER_A: hidden quantised per token, [M, H] (row stride stride_xm)
         xs_ptr,  # hidden's: xs[row · stride_xsm + (k // X_GROUP_K) · stride_xsk] (0: one),
         # row the slot (or, GATHER_A, its token)
@@ -440,35 +387,26 @@ if HAVE_GLUON:
                                            b_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
-        # A tail tile's row amaxes, [turn · 2 + warpgroup, row], and their barriers
-        # (`_shared_amax`).
-        amax_bufs = gl.allocate_shared_memory(
-            gl.float32, [4, _HALF_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        amax_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(amax_bars.index(i), count=2)
         # GATHER_A: each of the producer's 128 threads arrives when its copies land.
         ready, empty = stage_ring(NUM_BUFFERS, 129 if GATHER_A else 1)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
                           ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A)),
-             (_consumer, (q_desc, h_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr,
-                          sorted_pairs_ptr, num_pairs, top_k, block_experts_ptr, work_ptr,
-                          num_work, H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn,
-                          stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs,
-                          ready, empty, q_bufs, amax_bufs, amax_bars, 0, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
-                          W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
-                          AMAX_FLOOR)),
-             (_consumer, (q_desc, h_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr,
-                          sorted_pairs_ptr, num_pairs, top_k, block_experts_ptr, work_ptr,
-                          num_work, H, I, stride_xsm, stride_xsk, stride_wse, stride_wsn,
-                          stride_wsk, stride_be, stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs,
-                          ready, empty, q_bufs, amax_bufs, amax_bars, 1, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K, X_GROUP_K, W_PER_K,
-                          W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, INTER_STATIC, FMAX,
-                          AMAX_FLOOR))],
+             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
+                          num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
+                          stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
+                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
+                          0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
+                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
+                          INTER_STATIC, FMAX, AMAX_FLOOR)),
+             (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
+                          num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
+                          stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
+                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
+                          1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
+                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
+                          INTER_STATIC, FMAX, AMAX_FLOOR))],
             [4, 4], [232, 232])
 
 
@@ -502,8 +440,8 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
     hidden = w13.shape[2]
     _gemm1_ws_kernel[(programs,)](
         descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
-        descriptor(inter, [HALF_M, BLOCK_N]), descriptor(inter, [HALF_M, HALF_M]), x, x_scale,
-        w13_scale, plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,
+        descriptor(inter, [HALF_M, BLOCK_N]), x, x_scale, w13_scale,
+        plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,
         plan.block_experts, work, num_work, plan.num_pairs, gather_top_k or 1, hidden,
         inter.shape[1], x.stride(0), *x_strides, *w_layout[:3],
         0 if b13 is None else b13.stride(0), 0 if inter_static else inter_scale.stride(0),

@@ -119,7 +119,8 @@ if HAVE_GLUON:
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × the tile's 128
         columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64, +64), so
         that a tail takes both warpgroups for half as long instead of one for as long as
-        a whole tile."""
+        a whole tile (the fp8 GEMM1 idles one: its split measured slower, bench/NOTES.md
+        session 21)."""
         BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
         o_smem = o_bufs.index(CONSUMER)
         n_tiles = I // BLOCK_N
