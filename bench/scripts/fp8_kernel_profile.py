@@ -62,7 +62,8 @@ def profile_cell(name: str, m: int, scheme: str, blocks: int) -> dict:
 def compare(paths: list[str]) -> str:
     """A Markdown table: each GEMM's and the whole call's median µs per version."""
     runs = [json.load(open(path)) for path in paths]
-    head = "| cell | kernel | " + " | ".join(run["tag"] for run in runs) + " | ratio |"
+    head = ("| cell | kernel | " + " | ".join(run["tag"] for run in runs)
+            + " | first ÷ last (> 1: last faster) |")
     lines = [head, "|" + "---|" * (len(runs) + 3)]
     for index, cell in enumerate(runs[0]["cells"]):
         label = f"{cell['preset']} M={cell['M']} {cell['scheme']}"
