@@ -19,7 +19,8 @@ Output rows stay in plan order ([capacity, H]): TMA stores whole boxes, and Hopp
 cannot scatter; the combine reads each pair's row through `DispatchPlan.pair_slots`.
 The persistent tile loop walks the plan's work list as the Triton GEMM2 does; a tail
 tile (its run's odd last 64 rows) is split by columns across the two warpgroups (one
-128-column half each, or 64 columns of a 128-column tile), not left to one of them.
+128-column half each, or 64 columns of a 128-column tile), not left to one of them: a
+tie with the idle-warpgroup version on the H200 (0.99–1.02×, bench/NOTES.md session 21).
 
 Measured (H200, bench/NOTES.md session 12): fp8 GEMM2 1.29–1.32× faster than the Triton
 kernel (qwen3 M = 4096: 165 against 217 µs per-tensor, 173 against 224 block; mixtral 936
