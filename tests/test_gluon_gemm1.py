@@ -16,7 +16,14 @@ import torch
 import moekit
 import moekit._gluon_gemm1
 import moekit.experts_fp8
-from helpers import assert_close, capture_cuda_graph, poison_, poison_cuda_cache, random_routing
+from helpers import (
+    assert_close,
+    capture_cuda_graph,
+    count_calls,
+    poison_,
+    poison_cuda_cache,
+    random_routing,
+)
 from moekit._fp8_quantize import launch_quantize_rows
 from moekit._gluon import DISABLE_ENV
 from moekit._gluon_gemm1 import GROUP_M, HOPPER_L2_BYTES, group_m, use_gluon_gemm1
@@ -144,14 +151,7 @@ GPU_SCHEMES = [
 @pytest.fixture
 def gemm1_calls(monkeypatch):
     """Counts the layer's calls of the Gluon GEMM1, so a test knows it ran."""
-    calls = []
-    real = moekit.experts_fp8.gluon_gemm1
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(moekit.experts_fp8, "gluon_gemm1", spy)
-    return calls
+    return count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm1")
 
 
 def _require_gluon():
@@ -209,10 +209,7 @@ def test_many_tiles_per_program_with_tails_gpu(scheme, dtype, H, gemm1_calls, mo
     scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
         scheme, M, E, k, H, I, dtype=dtype, device="cuda", skew=3.0)
     config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
-    gemm2_calls = []
-    real_gemm2 = moekit.experts_fp8.gluon_gemm2
-    monkeypatch.setattr(moekit.experts_fp8, "gluon_gemm2", lambda *args, **kwargs: (
-        gemm2_calls.append(1), real_gemm2(*args, **kwargs))[1])
+    gemm2_calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
     outs = {}
     for programs in (None, 3):
         if programs:
