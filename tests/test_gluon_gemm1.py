@@ -116,7 +116,8 @@ def test_gluon_gemm1_is_chosen_only_where_it_can_run(monkeypatch):
     assert not chosen(w13, weight_group=(512, 128)), "I not a multiple of the weight group"
     assert not chosen(w13, block_m=64), "64-row tiles: the Triton kernel"
     assert not chosen(w13, inter_group=64), "GEMM2 input groups ≠ the tile"
-    assert not chosen(w13[:, :200]), "I = 100: partial tiles"
+    assert chosen(w13[:, :416].contiguous()) == sm90, "I = 208: a partial last column tile"
+    assert not chosen(w13[:, :200].contiguous()), "I = 100: not a 16-byte multiple"
     assert not chosen(w13[:, :256], activation="relu2"), "ungated"
     assert not chosen(w13.to(torch.bfloat16)), "16-bit"
     shifted = torch.empty(w13.numel() + 8, dtype=w13.dtype, device="cuda")[8:].view(w13.shape)
@@ -167,6 +168,9 @@ def _require_gluon():
     (2048, 8, 2, 1024, 512, "silu", False, 0.0),  # 512 rows per expert: whole tiles
     (1000, 16, 4, 768, 384, "swigluoai", True, 3.0),  # skewed: odd 64-row tails; biases
     (300, 32, 8, 528, 256, "gelu", False, 0.0),  # H a partial K step (TMA zero-fills)
+    # I and H not multiples of 128 (gpt-oss's 2880): partial last column tiles, K steps
+    (1000, 16, 4, 336, 208, "swigluoai", True, 3.0),
+    (600, 8, 2, 336, 208, "silu", False, 0.0),
 ])
 def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, bias, skew,
                                              gemm1_calls, monkeypatch):
@@ -184,9 +188,13 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, activation=act,
                                  b13=b13, b2=b2, config=config, out=out)
         outs[name] = out
-    # Scales varying along K with biases keep the Triton GEMM1 (use_gluon_gemm1).
+    # Scales varying along K with biases keep the Triton GEMM1 (use_gluon_gemm1), as do
+    # weight blocks spanning gate and up rows (I not a multiple of theirs).
     per_k = scheme.activation.group[1] != FULL or scheme.weight.group[1] != FULL
-    assert len(gemm1_calls) == (0 if per_k and bias else 1), "Gluon GEMM1 runs, control not"
+    group_n = scheme.weight.group[0]
+    straddles = group_n not in (1, FULL) and I % group_n != 0
+    declined = (per_k and bias) or straddles
+    assert len(gemm1_calls) == (0 if declined else 1), "Gluon GEMM1 runs, control not"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation=act, b13=b13, b2=b2)
     assert_close(outs["gluon"], expected, GPU_TOL, name=f"{scheme} tail={tail}")

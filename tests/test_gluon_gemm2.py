@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import moekit
+import moekit.experts_fp8
 from helpers import (
     assert_close,
     capture_cuda_graph,
+    count_calls,
     poison_,
     poison_cuda_cache,
     random_routing,
@@ -66,7 +68,8 @@ def test_gluon_gemm2_is_chosen_only_where_it_can_run(monkeypatch):
     assert use_gluon_gemm2(w2, 128, [128]) == sm90
     assert not use_gluon_gemm2(w2, 64, [128]), "64-row tiles: the Triton kernel"
     assert not use_gluon_gemm2(w2, 128, [32]), "scale groups finer than a K step"
-    assert not use_gluon_gemm2(w2[:, :200], 128, []), "H not a multiple of the column tile"
+    assert use_gluon_gemm2(w2[:, :208].contiguous(), 128, []) == sm90, "a partial column tile"
+    assert not use_gluon_gemm2(w2[:, :200].contiguous(), 128, []), "rows not 16-byte multiples"
     assert not use_gluon_gemm2(w2.to(torch.bfloat16), 128, []), "16-bit: Triton's (faster)"
     shifted = torch.empty(w2.numel() + 8, dtype=w2.dtype, device="cuda")[8:].view(w2.shape)
     assert not use_gluon_gemm2(shifted, 128, []), "base not 16-byte aligned"
@@ -147,7 +150,9 @@ def require_gluon(w2):
 @pytest.mark.parametrize("M,E,k,H,I,bias,skew", [
     (2048, 8, 2, 1024, 512, False, 0.0),  # 512 rows per expert: whole 128-row tiles
     (1000, 16, 4, 768, 384, True, 3.0),  # skewed: runs with odd 64-row tails; biases
-    (300, 32, 8, 512, 1408, False, 0.0),  # I not a multiple of 128 (TMA zero-fills K)
+    (300, 32, 8, 512, 1360, False, 0.0),  # I not a multiple of 128 (TMA zero-fills K)
+    # H and I not multiples of 128 (gpt-oss's 2880): a partial last column tile, biases
+    (1000, 16, 4, 336, 208, True, 3.0),
 ])
 def test_fp8_prefill_with_the_gluon_gemm2_gpu(scheme, tail, M, E, k, H, I, bias, skew,
                                              monkeypatch):
@@ -157,6 +162,7 @@ def test_fp8_prefill_with_the_gluon_gemm2_gpu(scheme, tail, M, E, k, H, I, bias,
     config = plan_fp8_config(4096, E, k, scheme)  # 128-row tiles at any M
     config = dataclasses.replace(config, tail_block_m=64 if tail else 0)
     ids[::7, -1] = -1  # dropped pairs
+    calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
     outs = {}
     for name, env in (("gluon", "1"), ("triton", "0")):
         monkeypatch.setenv("MOEKIT_GLUON", env)
@@ -165,6 +171,7 @@ def test_fp8_prefill_with_the_gluon_gemm2_gpu(scheme, tail, M, E, k, H, I, bias,
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
                                  config=config, out=out)
         outs[name] = out
+    assert len(calls) == 1, "the Gluon GEMM2 runs, the control not"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
                                        b2=b2)
     assert_close(outs["gluon"], expected, GPU_TOL, name=f"{scheme} tail={tail}")

@@ -173,7 +173,8 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     bias, odd_h, odd_i, tma (expected); direct path: whole (GEMM2 a program per token),
     two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
     kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off), grouped
-    (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A)."""
+    (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A),
+    partial_n (H = 336, I = 208: both GEMMs' last column tile partial)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
@@ -298,6 +299,14 @@ CASES = [
     _fp8("prefill, Gluon GEMM1 gathering A: per-token input scales, per-channel weights, "
          "biases", "channel", "bf16", "swigluoai", 128, tma=True, gluon=True, gluon1=True,
          bias=True, gather=True),
+    _fp8("prefill, both Gluon GEMMs with partial last column tiles (H = 336, I = 208): "
+         "per-tensor, GEMM1 gathering A, biases (masked loads), gpt-oss activation, the "
+         "amax over I's columns only", "tensor", "bf16", "swigluoai", 128, tma=True,
+         gluon=True, gluon1=True, bias=True, gather=True, partial_n=True),
+    _fp8("prefill, both Gluon GEMMs with partial last column tiles: per-channel weight "
+         "scales (masked column vectors), per-token input in plan order, fp16, no tail tiles",
+         "channel", "fp16", "silu", 128, tma=True, gluon=True, gluon1=True, partial_n=True,
+         no_tail=True),
     _fp8("prefill, per-channel, I = 200 (rows not 16-byte multiples): pointer tiles, one-tile-"
          "per-program GEMM2 with pointer tails; biases, gpt-oss activation", "channel",
          "bf16", "swigluoai", 128, bias=True, odd_i=True),
@@ -566,6 +575,8 @@ def _run_fp8(p):
               "channel": QuantScheme.fp8_channel(), "block": QuantScheme.fp8_block()}[p["scheme"]]
     dtype = _DTYPES[p["dtype"]]
     H, I = 520 if p.get("odd_h") else 512, 200 if p.get("odd_i") else 256
+    if p.get("partial_n"):  # 16-byte rows, neither a multiple of 128 (gpt-oss's 2880)
+        H, I = 336, 208
     top_k = 1 if p.get("weight_on_input") else _TOP_K  # fp8 takes it at top-1 only
     M = p.get("tokens", _TOKENS_FOR_BLOCK_M[p["block_m"]] * _TOP_K // top_k)  # as many pairs
     act = moekit.Activation.parse(p["act"])

@@ -91,12 +91,13 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
                     weight_group: tuple[int, int], inter_group: int | None,
                     has_bias: bool) -> bool:
     """Whether GEMM1 runs as `_gemm1_ws_kernel`: Gluon allowed (an sm_90 GPU), fp8
-    weights, 128-row tiles, a gated activation, whole column tiles (I a multiple of 128),
-    16-byte rows and base, GEMM2's input quantised statically (`inter_group` None) or in
-    the tile's own 1×128 groups, and scales varying along K only in groups of whole K
-    steps: hidden's (`input_group_k`; FULL: constant) and w13's (`weight_group`, (n, k)),
-    whose scale must then also be one per column tile (it is read as a scalar per step),
-    and then without biases (`has_bias`: that epilogue spills ~300 bytes on sm_90)."""
+    weights, 128-row tiles, a gated activation, 16-byte rows and base (I's too: the last
+    column tile may be partial, as gpt-oss's I = 2880), GEMM2's input quantised
+    statically (`inter_group` None) or in the tile's own 1×128 groups, and scales varying
+    along K only in groups of whole K steps: hidden's (`input_group_k`; FULL: constant)
+    and w13's (`weight_group`, (n, k)), whose scale must then also be one per column tile
+    (it is read as a scalar per step), and then without biases (`has_bias`: that
+    epilogue spills ~300 bytes on sm_90)."""
     if not gluon_allowed(w13):
         return False
     _, rows13, hidden = w13.shape
@@ -112,7 +113,7 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
         and (group_k == FULL or group_n == FULL
              or (group_n % BLOCK_N == 0 and inter % group_n == 0))
         and inter_group in (None, BLOCK_N)
-        and inter % BLOCK_N == 0
+        and inter % 16 == 0
         and hidden % 16 == 0
         and w13.is_contiguous()
         and w13.data_ptr() % 16 == 0  # TMA's base alignment
@@ -164,12 +165,14 @@ if HAVE_GLUON:
         gather_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [4, 1], [1, 0])
         gather_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather_layout))
         gather_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
-        n_tiles = I // BLOCK_N
+        n_tiles = gl.cdiv(I, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            # A partial last column tile reads on into the up rows (and those into the
+            # next expert's, or TMA's zeros): columns the epilogue drops.
             gate_row = expert * 2 * I + pid_n * BLOCK_N  # [E·2I, H] view
             if GATHER_A:  # each slot's token row, as a 32-bit offset (the producer has 40
                 # registers); padding slots' rows, −16 (16-byte copies need multiples of
@@ -209,7 +212,7 @@ if HAVE_GLUON:
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  INTER_STATIC: gl.constexpr, FMAX: gl.constexpr,
+                  INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
                   AMAX_FLOOR: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
         gate and up products go into a fresh accumulator, are scaled by the step's K-group
@@ -229,7 +232,7 @@ if HAVE_GLUON:
         offs_c = gl.arange(0, BLOCK_N, layout=cols_layout)
         part = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
         q_smem = q_bufs.index(CONSUMER)
-        n_tiles = I // BLOCK_N
+        n_tiles = gl.cdiv(I, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
@@ -305,6 +308,11 @@ if HAVE_GLUON:
                 counter = release_steps(ready, empty, counter, H, BLOCK_K, NUM_BUFFERS)
             if busy:
                 cols = pid_n * BLOCK_N + offs_c  # [BLOCK_N]
+                # PARTIAL_N: the last column tile's columns from I on are not the layer's;
+                # per-column loads read column I − 1 there (past the last expert's they
+                # would leave its tensors; a mask spilled 4 bytes) and the values are
+                # zeroed before the group's amax.
+                col_in = gl.minimum(cols, I - 1) if PARTIAL_N else cols
                 if not X_PER_K:
                     gate = gate * x_rows[:, None]
                     up = up * x_rows[:, None]
@@ -315,15 +323,17 @@ if HAVE_GLUON:
                         up = up * gl.load(ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N)
                                           * stride_wsn)
                     else:
-                        gate = gate * gl.load(ws_base + (cols // W_GROUP_N)
+                        gate = gate * gl.load(ws_base + (col_in // W_GROUP_N)
                                               * stride_wsn)[None, :]
-                        up = up * gl.load(ws_base + ((I + cols) // W_GROUP_N)
+                        up = up * gl.load(ws_base + ((I + col_in) // W_GROUP_N)
                                           * stride_wsn)[None, :]
                 if HAS_BIAS:
                     b_base = b13_ptr + expert.to(gl.int64) * stride_be
-                    gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
-                    up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
+                    gate = gate + gl.load(b_base + col_in).to(gl.float32)[None, :]
+                    up = up + gl.load(b_base + I + col_in).to(gl.float32)[None, :]
                 act = _activate(gate, up, ACTIVATION, alpha, limit)
+                if PARTIAL_N:
+                    act = gl.where((cols < I)[None, :], act, 0.0)
                 # × the correctly rounded reciprocal, not ÷ per value (IEEE division is a
                 # dozen instructions): an fp8 value can differ only where x / scale lies
                 # within an fp32 ulp of a rounding boundary.
@@ -365,8 +375,8 @@ if HAVE_GLUON:
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
-        INTER_STATIC: gl.constexpr, FMAX: gl.constexpr, AMAX_FLOOR: gl.constexpr,
-        num_warps: gl.constexpr,
+        INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
+        AMAX_FLOOR: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
         (GROUP_M row tiles per column tile, 1: row tile major); this program's own
@@ -399,14 +409,14 @@ if HAVE_GLUON:
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
-                          INTER_STATIC, FMAX, AMAX_FLOOR)),
+                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
-                          INTER_STATIC, FMAX, AMAX_FLOOR))],
+                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR))],
             [4, 4], [232, 232])
 
 
@@ -451,5 +461,5 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
-        FMAX=fmax, AMAX_FLOOR=amax_floor, num_warps=4,
+        PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor, num_warps=4,
     )

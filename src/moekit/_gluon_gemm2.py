@@ -69,16 +69,16 @@ WIDE_STAGES = 4  # of 48 KB: A [128, 128] and B [256, 128], for tiles of two hal
 
 def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool:
     """Whether GEMM2 runs as `_gemm2_ws_kernel`: Gluon allowed (`gluon_allowed`: an sm_90
-    GPU), fp8 weights, 128-row tiles, whole column tiles per expert in w2's [E·H, I] view,
-    16-byte rows and base, and each K group of GEMM2's scales (`k_groups`: its input's and
-    weight's, if any) holding whole K steps."""
+    GPU), fp8 weights, 128-row tiles, 16-byte rows and base (H's too: the last column
+    tile may be partial, as gpt-oss's H = 2880), and each K group of GEMM2's scales
+    (`k_groups`: its input's and weight's, if any) holding whole K steps."""
     if not gluon_allowed(w2):
         return False
     _, hidden, inter = w2.shape
     return (
         w2.dtype == torch.float8_e4m3fn
         and block_m == BLOCK_M
-        and hidden % BLOCK_N == 0
+        and hidden % 16 == 0
         and inter % 16 == 0
         and all(group % BLOCK_K == 0 for group in k_groups)
         and w2.is_contiguous()
@@ -106,12 +106,14 @@ if HAVE_GLUON:
         both math warpgroups have released it."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        n_tiles = H // BLOCK_N
+        n_tiles = gl.cdiv(H, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
             pid_m = tile // n_tiles
             first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            # A partial last column tile reads on into the next expert's rows (or TMA's
+            # zeros): columns the stores clip.
             b_row = expert * H + (tile - pid_m * n_tiles) * BLOCK_N
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
@@ -125,9 +127,9 @@ if HAVE_GLUON:
                 counter += 1
 
     @gluon.jit
-    def _scaled_part(part, step_scale, ws_base, k, col, stride_wsk, stride_wsn,
+    def _scaled_part(part, step_scale, ws_base, k, col, H, stride_wsk, stride_wsn,
                      W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
-                     W_UNIFORM_N: gl.constexpr):
+                     W_UNIFORM_N: gl.constexpr, PARTIAL_N: gl.constexpr):
         """One stage's promoted product × its K-group scales: the rows' (`step_scale`,
         with a column-uniform weight scale folded in) and a per-column weight scale (of
         the 128 columns from `col`; their indices built only here, so that they hold no
@@ -136,27 +138,32 @@ if HAVE_GLUON:
         if W_PER_K and not W_UNIFORM_N:
             cols = col + gl.arange(0, part.shape[1], layout=gl.SliceLayout(0, part.type.layout))
             part = part * gl.load(ws_base + (k // W_GROUP_K) * stride_wsk
-                                  + (cols // W_GROUP_N) * stride_wsn)[None, :]
+                                  + (cols // W_GROUP_N) * stride_wsn,
+                                  mask=cols < H if PARTIAL_N else None)[None, :]
         return part
 
     @gluon.jit
-    def _store_columns(acc, c_desc, c_smem, row, col, a_rows, weights, ws_base, bias_base,
+    def _store_columns(acc, c_desc, c_smem, row, col, H, a_rows, weights, ws_base, bias_base,
                        stride_wsn, A_PER_K: gl.constexpr, W_PER_K: gl.constexpr,
                        W_GROUP_N: gl.constexpr, W_UNIFORM_N: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
+                       HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
+                       PARTIAL_N: gl.constexpr):
         """The epilogue of one [64, 128] accumulator (columns from `col`): scales constant
         along K, the bias, the router weight (which scales the bias too), a TMA store of
-        its rows."""
+        its rows (which clips columns from H on; PARTIAL_N: per-column loads stop there,
+        where the last expert's tensors end)."""
         cols = col + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+        in_h = cols < H if PARTIAL_N else None
         if not A_PER_K:
             acc = acc * a_rows[:, None]
         if not W_PER_K:
             if W_UNIFORM_N:
                 acc = acc * gl.load(ws_base + (col // W_GROUP_N) * stride_wsn)
             else:
-                acc = acc * gl.load(ws_base + (cols // W_GROUP_N) * stride_wsn)[None, :]
+                acc = acc * gl.load(ws_base + (cols // W_GROUP_N) * stride_wsn,
+                                    mask=in_h)[None, :]
         if HAS_BIAS:
-            acc = acc + gl.load(bias_base + cols).to(gl.float32)[None, :]
+            acc = acc + gl.load(bias_base + cols, mask=in_h).to(gl.float32)[None, :]
         if APPLY_WEIGHT:
             acc = acc * weights[:, None]
         tma.store_wait(pendings=0)  # the previous store has left c_smem
@@ -166,13 +173,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _piece(row, col, expert, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
-               num_pairs, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
+               num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
                stride_be, a_bufs, b_bufs, ready, empty, counter, c_desc, c_smem,
                A_START: gl.constexpr, B_START: gl.constexpr, WIDTH: gl.constexpr,
                PARTS: gl.constexpr, BLOCK_K: gl.constexpr, NUM_BUFFERS: gl.constexpr,
                A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
-               HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
+               HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PARTIAL_N: gl.constexpr):
         """One math warpgroup's share of a tile: plan rows [row, +64) (A rows [A_START,
         +64) of each stage) × PARTS column parts of WIDTH from `col` (B rows from B_START).
         Each stage's product goes into a fresh accumulator, is scaled by the step's K-group
@@ -230,8 +237,9 @@ if HAVE_GLUON:
                 step_scale = row_scale * w_next0
                 w_next0 = gl.load(w_step0 + (k_next // W_GROUP_K) * stride_wsk)
             part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-            acc0 = acc0 + _scaled_part(part, step_scale, ws_base, k, col, stride_wsk,
-                                       stride_wsn, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N)
+            acc0 = acc0 + _scaled_part(part, step_scale, ws_base, k, col, H, stride_wsk,
+                                       stride_wsn, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+                                       PARTIAL_N)
             if PARTS == 2:
                 part = warpgroup_mma(a, b.slice(B_START + WIDTH, WIDTH, dim=0).permute((1, 0)),
                                      part, use_acc=False, is_async=True)
@@ -240,19 +248,19 @@ if HAVE_GLUON:
                     step_scale = row_scale * w_next1
                     w_next1 = gl.load(w_step1 + (k_next // W_GROUP_K) * stride_wsk)
                 part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                acc1 = acc1 + _scaled_part(part, step_scale, ws_base, k, col + WIDTH,
+                acc1 = acc1 + _scaled_part(part, step_scale, ws_base, k, col + WIDTH, H,
                                            stride_wsk, stride_wsn, W_PER_K, W_GROUP_N,
-                                           W_GROUP_K, W_UNIFORM_N)
+                                           W_GROUP_K, W_UNIFORM_N, PARTIAL_N)
             mbarrier.arrive(empty.index(index), count=1)
             counter += 1
         bias_base = b2_ptr + expert.to(gl.int64) * stride_be
-        _store_columns(acc0, c_desc, c_smem, row, col, a_rows, weights, ws_base, bias_base,
+        _store_columns(acc0, c_desc, c_smem, row, col, H, a_rows, weights, ws_base, bias_base,
                        stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N, HAS_BIAS,
-                       APPLY_WEIGHT)
+                       APPLY_WEIGHT, PARTIAL_N)
         if PARTS == 2:
-            _store_columns(acc1, c_desc, c_smem, row, col + WIDTH, a_rows, weights, ws_base,
+            _store_columns(acc1, c_desc, c_smem, row, col + WIDTH, H, a_rows, weights, ws_base,
                            bias_base, stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N,
-                           HAS_BIAS, APPLY_WEIGHT)
+                           HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)
         return counter
 
     @gluon.jit
@@ -264,7 +272,7 @@ if HAVE_GLUON:
                   NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  APPLY_WEIGHT: gl.constexpr):
+                  APPLY_WEIGHT: gl.constexpr, PARTIAL_N: gl.constexpr):
         """Math warpgroup CONSUMER of every tile (`_piece`): rows [CONSUMER·64, +64) in one
         or two 128-column halves (a tile as wide as the B box), or, in a tail tile (64
         rows), its rows × half CONSUMER of the tile's columns (one 128-column half, or 64
@@ -275,7 +283,7 @@ if HAVE_GLUON:
         HALVES: gl.constexpr = TILE_N // BLOCK_N
         gl.static_assert(HALVES == 1 or HALVES == 2, "one or two 128-column halves")
         c_smem = c_bufs.index(CONSUMER)
-        n_tiles = H // TILE_N
+        n_tiles = gl.cdiv(H, TILE_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
@@ -290,30 +298,30 @@ if HAVE_GLUON:
             if whole:
                 counter = _piece(
                     first_slot + CONSUMER * _HALF_M, col0, expert, as_ptr, ws_ptr, b2_ptr,
-                    topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_asm, stride_ask,
+                    topk_weights_ptr, sorted_pairs_ptr, num_pairs, H, I, stride_asm, stride_ask,
                     stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs, ready, empty,
                     counter, c_desc, c_smem, CONSUMER * _HALF_M, 0, BLOCK_N, HALVES, BLOCK_K,
                     NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
-                    W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
+                    W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)
             elif TAIL_M:
                 if HALVES == 2:  # one whole 128-column half each
                     counter = _piece(
                         first_slot, col0 + CONSUMER * BLOCK_N, expert, as_ptr, ws_ptr, b2_ptr,
-                        topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_asm,
+                        topk_weights_ptr, sorted_pairs_ptr, num_pairs, H, I, stride_asm,
                         stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                         b_bufs, ready, empty, counter, c_desc, c_smem, 0, CONSUMER * BLOCK_N,
                         BLOCK_N, 1, BLOCK_K, NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K,
-                        W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
+                        W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)
                 else:  # 64 columns each, a [64, 64] box in the same bytes as the tile's
                     h_smem = c_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
                                                  h_desc.layout)
                     counter = _piece(
                         first_slot, col0 + CONSUMER * _HALF_M, expert, as_ptr, ws_ptr, b2_ptr,
-                        topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_asm,
+                        topk_weights_ptr, sorted_pairs_ptr, num_pairs, H, I, stride_asm,
                         stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                         b_bufs, ready, empty, counter, h_desc, h_smem, 0, CONSUMER * _HALF_M,
                         _HALF_M, 1, BLOCK_K, NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K,
-                        W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT)
+                        W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -336,7 +344,7 @@ if HAVE_GLUON:
         A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
-        num_warps: gl.constexpr,
+        PARTIAL_N: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, column tile), row tile major; this program's own
         warpgroup is the producer, two more (most of the registers) the math. A stage's
@@ -361,14 +369,14 @@ if HAVE_GLUON:
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT)),
+                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
                           I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT))],
+                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N))],
             [4, 4], [232, 232])
 
 
@@ -409,6 +417,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         A_PER_K=a_group_k is not None,
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
-        APPLY_WEIGHT=topk_weights is not None, num_warps=4,
+        APPLY_WEIGHT=topk_weights is not None,
+        PARTIAL_N=hidden % (halves * BLOCK_N) != 0, num_warps=4,
     )
     return out
