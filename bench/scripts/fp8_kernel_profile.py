@@ -60,7 +60,9 @@ def profile_cell(name: str, m: int, scheme: str, blocks: int) -> dict:
 
 
 def compare(paths: list[str]) -> str:
-    """A Markdown table: each GEMM's and the whole call's median µs per version."""
+    """A Markdown table: each GEMM's and the whole call's median µs per version. GEMMs are
+    matched by role (a name holding "gemm1" or "gemm2"), so a version that runs another
+    kernel for a GEMM (Triton's against Gluon's) still compares; the row names them."""
     runs = [json.load(open(path)) for path in paths]
     head = ("| cell | kernel | " + " | ".join(run["tag"] for run in runs)
             + " | first ÷ last (> 1: last faster) |")
@@ -68,14 +70,16 @@ def compare(paths: list[str]) -> str:
     for index, cell in enumerate(runs[0]["cells"]):
         label = f"{cell['preset']} M={cell['M']} {cell['scheme']}"
         per_run = [run["cells"][index]["kernels_us"] for run in runs]
-        names = [k for k in cell["kernels_us"] if "gemm" in k.lower()] + ["(all kernels)"]
-        for kernel in names:
-            values = [sum(statistics.median(v) for v in kernels.values())
-                      if kernel == "(all kernels)" else
-                      statistics.median(kernels.get(kernel, [float("nan")]))
-                      for kernels in per_run]
+        for role in ("gemm1", "gemm2", None):
+            values, names = [], []
+            for kernels in per_run:
+                mine = {k: v for k, v in kernels.items() if role is None or role in k.lower()}
+                values.append(sum(statistics.median(v) for v in mine.values()) if mine
+                              else float("nan"))
+                names.extend(k for k in mine if k not in names)
+            kernel = "(all kernels)" if role is None else " → ".join(n[:40] for n in names)
             ratio = values[0] / values[-1] if values[-1] else float("nan")
-            lines.append(f"| {label} | {kernel[:40]} | " + " | ".join(f"{v:.1f}" for v in values)
+            lines.append(f"| {label} | {kernel} | " + " | ".join(f"{v:.1f}" for v in values)
                          + f" | {ratio:.3f}× |")
     return "\n".join(lines)
 
