@@ -363,7 +363,7 @@ if HAVE_GLUON:
         # row the slot (or, GATHER_A, its token)
         ws_ptr,  # w13's: ws[e · s_we + (n // W_GROUP_N) · s_wn + (k // W_GROUP_K) · s_wk]
         b13_ptr,  # [E, 2I] (read only when HAS_BIAS)
-        inter_scale_ptr,  # out [capacity, I / 128] fp32, or INTER_STATIC the scale read
+        inter_scale_ptr,  # out [capacity, ⌈I / 128⌉] fp32, or INTER_STATIC the scale read
         sorted_pairs_ptr,  # [capacity] int32: slot → pair (read only when GATHER_A)
         block_experts_ptr,  # [capacity / plan rows] int32
         work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
@@ -439,7 +439,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
             (`weight_scale_layout`'s tuple); `w_uniform_n`: one scale covers each column
             tile (needed where the scale varies along K).
         b13: optional [E, 2I].
-        inter: out [capacity, I] fp8; inter_scale: out [capacity, I / 128] fp32 (row
+        inter: out [capacity, I] fp8; inter_scale: out [capacity, ⌈I / 128⌉] fp32 (row
             stride any), or with `inter_static` the static scale, read.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
         programs: the persistent grid (one per SM).
