@@ -22,6 +22,8 @@
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
 #   fp8tests  only the fp8 GPU tests
+#   fp8tables the full fp8 kernel tables, three schemes, every preset and token count, graph
+#             replay to M = 16384 (issue 5's table; 80–130 s a scheme on an H200)
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
@@ -93,6 +95,11 @@ for stage in "$@"; do
       for scheme in fp8_tensor fp8_channel fp8_block; do
         step "bench-$scheme" 85 python3 -m moekit.cli bench --dtype "$scheme" --rep-ms 50 \
           --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 1 64 4096 --out "$out"
+      done ;;
+    fp8tables)
+      for scheme in fp8_tensor fp8_channel fp8_block; do
+        step "bench-$scheme-all" 240 python3 -m moekit.cli bench --dtype "$scheme" \
+          --no-baselines --graph-max-m 16384 --rep-ms 50 --what "kernels-$scheme" --out "$out"
       done ;;
     tune|tune-bf16|tune-fp8)  # the bf16 cells furthest from their roofline at mid M, and fp8's
            # weakest decode/prefill cells; the tuner saves after every cell and resumes
