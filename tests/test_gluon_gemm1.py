@@ -90,40 +90,54 @@ def test_quantiser_writes_rows_to_their_pairs_plan_slots(mode, group, M, K, drop
         assert torch.equal(s_slots, s_rows), "one scale for the tensor"
 
 
-def test_gluon_gemm1_is_chosen_only_where_it_can_run(monkeypatch):
-    def chosen(w13, block_m=128, activation="silu", input_group_k=FULL, weight_group=(FULL, FULL),
-               inter_group=128, has_bias=False):
-        return use_gluon_gemm1(w13, block_m, activation, input_group_k, weight_group,
-                               inter_group, has_bias)
+def _chosen(w13, block_m=128, activation="silu", input_group_k=FULL, weight_group=(FULL, FULL),
+            inter_group=128, has_bias=False):
+    return use_gluon_gemm1(w13, block_m, activation, input_group_k, weight_group, inter_group,
+                           has_bias)
 
+
+def test_gluon_gemm1_shape_rules(monkeypatch):
+    # The predicate's own rules, on the CPU: the device check (`gluon_allowed`: an sm_90
+    # GPU, Gluon present, not switched off) answers yes here.
+    monkeypatch.setattr(moekit._gluon_gemm1, "gluon_allowed", lambda t: True)
     w13 = torch.empty(4, 512, 256, dtype=torch.float8_e4m3fn)  # I = 256
-    assert not chosen(w13), "a CPU tensor"
+    assert _chosen(w13)
+    assert _chosen(w13, activation="swigluoai", inter_group=None), "static GEMM2 input"
+    assert _chosen(w13, has_bias=True), "biases"
+    assert _chosen(w13, input_group_k=128, weight_group=(128, 128)), "block scales"
+    assert _chosen(w13, input_group_k=256, weight_group=(256, 256)), "2 K steps a group"
+    assert _chosen(w13, weight_group=(FULL, 128)), "per-K, one scale per expert"
+    assert not _chosen(w13, input_group_k=128, weight_group=(128, 128), has_bias=True), (
+        "per-K scales with biases: the epilogue spills")
+    assert not _chosen(w13, input_group_k=64), "an input group smaller than a K step"
+    assert not _chosen(w13, weight_group=(128, 64)), "a weight group smaller than a K step"
+    assert not _chosen(w13, weight_group=(64, 128)), "two weight scales per column tile"
+    assert not _chosen(w13, weight_group=(512, 128)), "I not a multiple of the weight group"
+    assert not _chosen(w13, block_m=64), "64-row tiles: the Triton kernel"
+    assert not _chosen(w13, inter_group=64), "GEMM2 input groups ≠ the tile"
+    partial = w13[:, :416].contiguous()  # I = 208, gpt-oss's 2880 in small
+    assert _chosen(partial), "a partial last column tile"
+    assert _chosen(partial, has_bias=True, activation="swigluoai"), "… with biases"
+    assert not _chosen(partial, input_group_k=128, weight_group=(128, 128)), (
+        "block scales spanning gate and up rows")
+    assert not _chosen(w13[:, :200].contiguous()), "I = 100: rows not 16-byte multiples"
+    assert not _chosen(w13[:, :, :200].contiguous()), "H = 200: rows not 16-byte multiples"
+    assert not _chosen(w13[:, :256]), "not contiguous (every other expert row block)"
+    assert not _chosen(w13[:, :256].contiguous(), activation="relu2"), "ungated"
+    assert not _chosen(w13.to(torch.bfloat16)), "16-bit"
+    shifted = torch.empty(w13.numel() + 8, dtype=w13.dtype)[8:].view(w13.shape)
+    assert not _chosen(shifted), "base not 16-byte aligned"
+
+
+def test_gluon_gemm1_needs_an_sm90_gpu(monkeypatch):
+    w13 = torch.empty(4, 512, 256, dtype=torch.float8_e4m3fn)
+    assert not _chosen(w13), "a CPU tensor"
     if not torch.cuda.is_available():
         return
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
     w13 = w13.cuda()
-    assert chosen(w13) == sm90
-    assert chosen(w13, activation="swigluoai", inter_group=None) == sm90, "static GEMM2 input"
-    assert chosen(w13, has_bias=True) == sm90, "biases"
-    assert chosen(w13, input_group_k=128, weight_group=(128, 128)) == sm90, "block scales"
-    assert chosen(w13, input_group_k=256, weight_group=(256, 256)) == sm90, "2 K steps a group"
-    assert chosen(w13, weight_group=(FULL, 128)) == sm90, "per-K, one scale per expert"
-    assert not chosen(w13, input_group_k=128, weight_group=(128, 128), has_bias=True), (
-        "per-K scales with biases: the epilogue spills")
-    assert not chosen(w13, input_group_k=64), "an input group smaller than a K step"
-    assert not chosen(w13, weight_group=(128, 64)), "a weight group smaller than a K step"
-    assert not chosen(w13, weight_group=(64, 128)), "two weight scales per column tile"
-    assert not chosen(w13, weight_group=(512, 128)), "I not a multiple of the weight group"
-    assert not chosen(w13, block_m=64), "64-row tiles: the Triton kernel"
-    assert not chosen(w13, inter_group=64), "GEMM2 input groups ≠ the tile"
-    assert chosen(w13[:, :416].contiguous()) == sm90, "I = 208: a partial last column tile"
-    assert not chosen(w13[:, :200].contiguous()), "I = 100: not a 16-byte multiple"
-    assert not chosen(w13[:, :256], activation="relu2"), "ungated"
-    assert not chosen(w13.to(torch.bfloat16)), "16-bit"
-    shifted = torch.empty(w13.numel() + 8, dtype=w13.dtype, device="cuda")[8:].view(w13.shape)
-    assert not chosen(shifted), "base not 16-byte aligned"
+    assert _chosen(w13) == (torch.cuda.get_device_capability() == (9, 0))
     monkeypatch.setenv(DISABLE_ENV, "0")
-    assert not chosen(w13), "switched off"
+    assert not _chosen(w13), "switched off"
 
 
 def test_row_tiles_are_grouped_where_an_experts_w13_outgrows_l2():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import moekit
+import moekit._gluon_gemm2
 import moekit.experts_fp8
 from helpers import (
     assert_close,
@@ -58,21 +59,30 @@ def test_combine_reads_plan_order_rows_through_pair_slots(M, E, k, H, drop, monk
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_gluon_gemm2_is_chosen_only_where_it_can_run(monkeypatch):
+def test_gluon_gemm2_shape_rules(monkeypatch):
+    # The predicate's own rules, on the CPU: the device check (`gluon_allowed`: an sm_90
+    # GPU, Gluon present, not switched off) answers yes here.
+    monkeypatch.setattr(moekit._gluon_gemm2, "gluon_allowed", lambda t: True)
+    w2 = torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)
+    assert use_gluon_gemm2(w2, 128, [128])
+    assert not use_gluon_gemm2(w2, 64, [128]), "64-row tiles: the Triton kernel"
+    assert not use_gluon_gemm2(w2, 128, [32]), "scale groups finer than a K step"
+    assert use_gluon_gemm2(w2[:, :208].contiguous(), 128, []), "a partial column tile"
+    assert not use_gluon_gemm2(w2[:, :200].contiguous(), 128, []), "H: not 16-byte rows"
+    assert not use_gluon_gemm2(w2[:, :, :200].contiguous(), 128, []), "I: not 16-byte rows"
+    assert not use_gluon_gemm2(w2[:, :128], 128, []), "not contiguous"
+    assert not use_gluon_gemm2(w2.to(torch.bfloat16), 128, []), "16-bit: its own kernel"
+    shifted = torch.empty(w2.numel() + 8, dtype=w2.dtype)[8:].view(w2.shape)
+    assert not use_gluon_gemm2(shifted, 128, []), "base not 16-byte aligned"
+
+
+def test_gluon_gemm2_needs_an_sm90_gpu(monkeypatch):
     w2 = torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)
     assert not use_gluon_gemm2(w2, 128, [128]), "a CPU tensor"
     if not torch.cuda.is_available():
         return
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
     w2 = w2.cuda()
-    assert use_gluon_gemm2(w2, 128, [128]) == sm90
-    assert not use_gluon_gemm2(w2, 64, [128]), "64-row tiles: the Triton kernel"
-    assert not use_gluon_gemm2(w2, 128, [32]), "scale groups finer than a K step"
-    assert use_gluon_gemm2(w2[:, :208].contiguous(), 128, []) == sm90, "a partial column tile"
-    assert not use_gluon_gemm2(w2[:, :200].contiguous(), 128, []), "rows not 16-byte multiples"
-    assert not use_gluon_gemm2(w2.to(torch.bfloat16), 128, []), "16-bit: Triton's (faster)"
-    shifted = torch.empty(w2.numel() + 8, dtype=w2.dtype, device="cuda")[8:].view(w2.shape)
-    assert not use_gluon_gemm2(shifted, 128, []), "base not 16-byte aligned"
+    assert use_gluon_gemm2(w2, 128, [128]) == (torch.cuda.get_device_capability() == (9, 0))
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert not use_gluon_gemm2(w2, 128, [128]), "switched off"
 
