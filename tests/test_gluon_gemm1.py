@@ -122,7 +122,7 @@ def test_gluon_gemm1_shape_rules(monkeypatch):
         "block scales spanning gate and up rows")
     assert not _chosen(w13[:, :200].contiguous()), "I = 100: rows not 16-byte multiples"
     assert not _chosen(w13[:, :, :200].contiguous()), "H = 200: rows not 16-byte multiples"
-    assert not _chosen(w13[:, :256]), "not contiguous (every other expert row block)"
+    assert not _chosen(w13[:, :256]), "not contiguous (half of each expert's rows)"
     assert not _chosen(w13[:, :256].contiguous(), activation="relu2"), "ungated"
     assert not _chosen(w13.to(torch.bfloat16)), "16-bit"
     shifted = torch.empty(w13.numel() + 8, dtype=w13.dtype)[8:].view(w13.shape)
