@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import moekit
+import moekit._gluon_gemm1_16bit
 import moekit.experts
 from helpers import (
     assert_close,
@@ -34,36 +35,48 @@ from moekit.tuning.heuristic import tiles_for_block_m
 TRITON_AGREEMENT = 2e-3
 
 
-def test_chosen_only_where_it_can_run(monkeypatch):
+def _chosen(x, w, block_m=128, activation="silu"):
+    return use_gluon_gemm1_16bit(x, w, block_m, activation)
+
+
+def test_shape_rules(monkeypatch):
+    # The predicate's own rules, on the CPU: the device check (`gluon_allowed`: an sm_90
+    # GPU, Gluon present, not switched off) answers yes here.
+    monkeypatch.setattr(moekit._gluon_gemm1_16bit, "gluon_allowed", lambda t: True)
     w13 = torch.empty(4, 512, 256, dtype=torch.bfloat16)  # I = 256
     hidden = torch.empty(8, 256, dtype=torch.bfloat16)
-    assert not use_gluon_gemm1_16bit(hidden, w13, 128, "silu"), "CPU tensors"
+    assert _chosen(hidden, w13)
+    assert _chosen(hidden.half(), w13.half()), "fp16"
+    assert _chosen(hidden, w13, activation="swigluoai")
+    assert not _chosen(hidden, w13, block_m=64), "64-row tiles: the Triton kernel"
+    assert not _chosen(hidden, w13, activation="relu2"), "ungated"
+    assert not _chosen(hidden, w13[:, :416].contiguous()), "I = 208: partial column tiles"
+    assert not _chosen(torch.empty(8, 200, dtype=torch.bfloat16),
+                       w13[..., :200].contiguous()), "H = 200: 16 | H"
+    for h in (MAX_HIDDEN, MAX_HIDDEN + 16):
+        wide = torch.empty(4, 512, h, dtype=torch.bfloat16)
+        x = torch.empty(8, h, dtype=torch.bfloat16)
+        assert _chosen(x, wide) == (h <= MAX_HIDDEN), f"H = {h}: MAX_HIDDEN"
+    assert not _chosen(hidden.half(), w13), "mixed dtypes"
+    assert not _chosen(hidden.float(), w13.float()), "fp32"
+    assert not _chosen(hidden, w13.to(torch.float8_e4m3fn)), "fp8 has its own kernel"
+    assert not _chosen(hidden, w13[:, :256]), "w13 not contiguous"
+    assert not _chosen(torch.empty(256, 16, dtype=torch.bfloat16).t(), w13), (
+        "hidden not contiguous")
+    shifted = torch.empty(hidden.numel() + 1, dtype=hidden.dtype)[1:]
+    assert not _chosen(shifted.view(hidden.shape), w13), "base not 16-byte aligned"
+
+
+def test_chosen_only_on_an_sm90_gpu(monkeypatch):
+    w13 = torch.empty(4, 512, 256, dtype=torch.bfloat16)
+    hidden = torch.empty(8, 256, dtype=torch.bfloat16)
+    assert not _chosen(hidden, w13), "CPU tensors"
     if not torch.cuda.is_available():
         return
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
     w13, hidden = w13.cuda(), hidden.cuda()
-
-    def chosen(x=hidden, w=w13, block_m=128, activation="silu"):
-        return use_gluon_gemm1_16bit(x, w, block_m, activation)
-
-    assert chosen() == sm90
-    assert chosen(x=hidden.half(), w=w13.half()) == sm90, "fp16"
-    assert chosen(activation="swigluoai") == sm90
-    assert not chosen(block_m=64), "64-row tiles: the Triton kernel"
-    assert not chosen(activation="relu2"), "ungated"
-    assert not chosen(w=w13[:, :200]), "I = 100: partial column tiles"
-    assert not chosen(x=hidden[:, :200], w=w13[..., :200].contiguous()), "H = 200: 16 | H"
-    for h in (MAX_HIDDEN, MAX_HIDDEN + 16):
-        wide = torch.empty(4, 512, h, dtype=torch.bfloat16, device="cuda")
-        x = torch.empty(8, h, dtype=torch.bfloat16, device="cuda")
-        assert chosen(x=x, w=wide) == (sm90 and h <= MAX_HIDDEN), f"H = {h}: MAX_HIDDEN"
-    assert not chosen(x=hidden.half()), "mixed dtypes"
-    assert not chosen(x=hidden.float(), w=w13.float()), "fp32"
-    assert not chosen(w=w13.to(torch.float8_e4m3fn)), "fp8 has its own kernel"
-    shifted = torch.empty(hidden.numel() + 1, dtype=hidden.dtype, device="cuda")[1:]
-    assert not chosen(x=shifted.view(hidden.shape)), "base not 16-byte aligned"
+    assert _chosen(hidden, w13) == (torch.cuda.get_device_capability() == (9, 0))
     monkeypatch.setenv(DISABLE_ENV, "0")
-    assert not chosen(), "switched off"
+    assert not _chosen(hidden, w13), "switched off"
 
 
 # ---------------------------------------------------------------------------- GPU

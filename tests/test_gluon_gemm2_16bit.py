@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import moekit
+import moekit._gluon_gemm2_16bit
 import moekit.experts
 from helpers import (
     assert_close,
@@ -34,30 +35,37 @@ from moekit.tuning.heuristic import tiles_for_block_m
 TRITON_AGREEMENT = 2e-3
 
 
-def test_chosen_only_where_it_can_run(monkeypatch):
+def test_shape_rules(monkeypatch):
+    # The predicate's own rules, on the CPU: the device check (`gluon_allowed`: an sm_90
+    # GPU, Gluon present, not switched off) answers yes here.
+    monkeypatch.setattr(moekit._gluon_gemm2_16bit, "gluon_allowed", lambda t: True)
     w2 = torch.empty(4, 512, 256, dtype=torch.bfloat16)  # H = 512, I = 256
-    assert not use_gluon_gemm2_16bit(w2, 128), "CPU tensors"
-    if not torch.cuda.is_available():
-        return
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
-    w2 = w2.cuda()
 
     def chosen(w=w2, block_m=128):
         return use_gluon_gemm2_16bit(w, block_m)
 
-    assert chosen() == sm90
-    assert chosen(w=w2.half()) == sm90, "fp16"
-    assert chosen(w=w2[..., :200].contiguous()) == sm90, "I = 200: a partial last K step"
+    assert chosen()
+    assert chosen(w=w2.half()), "fp16"
+    assert chosen(w=w2[..., :200].contiguous()), "I = 200: a partial last K step"
     assert not chosen(block_m=64), "64-row tiles: the Triton kernel"
     assert not chosen(w=w2[:, :384].contiguous()), "H = 384: whole 256-column tiles only"
     assert not chosen(w=w2[..., :100].contiguous()), "I = 100: rows not 16-byte multiples"
     assert not chosen(w=w2.float()), "fp32"
     assert not chosen(w=w2.to(torch.float8_e4m3fn)), "fp8 has its own kernel"
     assert not chosen(w=w2.transpose(1, 2)), "not contiguous"
-    shifted = torch.empty(w2.numel() + 1, dtype=w2.dtype, device="cuda")[1:]
+    shifted = torch.empty(w2.numel() + 1, dtype=w2.dtype)[1:]
     assert not chosen(w=shifted.view(w2.shape)), "base not 16-byte aligned"
+
+
+def test_chosen_only_on_an_sm90_gpu(monkeypatch):
+    w2 = torch.empty(4, 512, 256, dtype=torch.bfloat16)
+    assert not use_gluon_gemm2_16bit(w2, 128), "CPU tensors"
+    if not torch.cuda.is_available():
+        return
+    w2 = w2.cuda()
+    assert use_gluon_gemm2_16bit(w2, 128) == (torch.cuda.get_device_capability() == (9, 0))
     monkeypatch.setenv(DISABLE_ENV, "0")
-    assert not chosen(), "switched off"
+    assert not use_gluon_gemm2_16bit(w2, 128), "switched off"
 
 
 # ---------------------------------------------------------------------------- GPU
