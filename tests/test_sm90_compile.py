@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -59,6 +60,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import moekit
 import moekit._gluon_gemm1
+import moekit._gluon_gemm1_16bit
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -217,6 +219,9 @@ CASES = [
              tma=True, tail=True, gluon=True),
     _experts("Gluon GEMMs' tail tiles with biases (both epilogues' loads)", "bf16", "gelu",
              128, tma=True, tail=True, bias=True, gluon=True),
+    _experts("Gluon GEMM1 at narrow column tiles (64 gate + 64 up, 6 stages), tail tiles "
+             "(32 columns per warpgroup), biases", "bf16", "swigluoai", 128, tma=True,
+             tail=True, bias=True, gluon=True, narrow_n=True),
     _experts("Gluon GEMMs, fp16: biases and the router weight on GEMM1's input (GEMM2 "
              "without it), gpt-oss activation, no tail tiles", "fp16", "swigluoai", 128,
              tma=True, bias=True, weight_on_input=True, gluon=True),
@@ -556,6 +561,9 @@ def _run_experts(p):
     # On the CPU the Gluon GEMMs are never taken; an sm_90 GPU's answers are forced here.
     moekit.experts.use_gluon_gemm1_16bit = lambda *args: bool(p.get("gluon"))
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
+    if p.get("narrow_n"):
+        moekit.experts.gluon_gemm1_16bit = functools.partial(
+            moekit._gluon_gemm1_16bit.gluon_gemm1_16bit, block_n=moekit._gluon_gemm1_16bit.NARROW_N)
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),

@@ -1,5 +1,6 @@
-"""Per-kernel CUDA time of fp8 prefill calls, as JSON: for comparing two versions of the
+"""Per-kernel CUDA time of prefill calls, as JSON: for comparing two versions of the
 library on one machine (run this script under each version's PYTHONPATH, alternately).
+A cell's scheme is an fp8 scheme (`fp8_tensor`, ...) or `bf16` for the 16-bit layer.
 
 Each cell (preset, M, scheme) times `CALLS` eager calls after three warm-up calls under
 torch.profiler, in `--blocks` blocks (no L2 flush between calls), and records each
@@ -34,12 +35,19 @@ def profile_cell(name: str, m: int, scheme: str, blocks: int) -> dict:
 
     device = torch.device("cuda")
     preset = PRESETS[name]
-    w = quantize_experts(make_weights(preset, torch.bfloat16, device), scheme)
+    w = make_weights(preset, torch.bfloat16, device)
+    if scheme != "bf16":
+        w = quantize_experts(w, scheme)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, device)
 
     def call():
-        moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights, scheme=scheme,
+        if scheme == "bf16":
+            moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
                                  activation=preset.activation, b13=w.b13, b2=w.b2)
+        else:
+            moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                     scheme=scheme, activation=preset.activation,
+                                     b13=w.b13, b2=w.b2)
     kernels: dict[str, list[float]] = {}
     for _ in range(blocks):
         for _ in range(3):

@@ -44,6 +44,8 @@ if HAVE_GLUON:
 
 # 128 × 128 × 64 two-byte K steps (the fp8 kernel's 128 bytes of K), 4 stages of 48 KB.
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
+# Narrow column tiles (64 gate and 64 up columns): 32 KB a stage, so 6 stages.
+NARROW_N, NARROW_STAGES = 64, 6
 # Measured faster up to this hidden size (K of GEMM1): H200, per-kernel CUDA time inside
 # the layer at M = 4096, tails on both warpgroups (bench/results/
 # h200-20261203-gluon-gemm1-16bit-profile-tailsplit-s20a.json): 1.07–1.10× at H = 2048
@@ -122,6 +124,7 @@ if HAVE_GLUON:
         a whole tile (the fp8 GEMM1 idles one: its split measured slower, bench/NOTES.md
         session 21)."""
         BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
+        TAIL_N: gl.constexpr = BLOCK_N // 2  # a tail tile's columns per warpgroup
         o_smem = o_bufs.index(CONSUMER)
         n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
@@ -143,15 +146,15 @@ if HAVE_GLUON:
                           sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
                           ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
             elif TAIL_M:
-                # A tail's [64, 64] store box, in the same bytes as the whole tile's; names
-                # of their own (a branch's values may not change type).
+                # A tail's [64, TAIL_N] store box, in the same bytes as the whole tile's;
+                # names of their own (a branch's values may not change type).
                 h_smem = o_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
                                              h_desc.layout)
                 half_gate, half_up, counter = paired_mainloop(
-                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * _HALF_M,
-                    CONSUMER * _HALF_M, _HALF_M, NUM_BUFFERS, True)
+                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * TAIL_N,
+                    CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS, True)
                 _epilogue(half_gate, half_up, h_desc, h_smem, first_slot,
-                          pid_n * BLOCK_N + CONSUMER * _HALF_M, expert, b13_ptr,
+                          pid_n * BLOCK_N + CONSUMER * TAIL_N, expert, b13_ptr,
                           topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha,
                           limit, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
         tma.store_wait(pendings=0)
@@ -207,7 +210,8 @@ if HAVE_GLUON:
 
 def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None,
                       topk_weights: torch.Tensor, plan, activation: str, alpha: float,
-                      limit: float, weight_on_input: bool, programs: int) -> torch.Tensor:
+                      limit: float, weight_on_input: bool, programs: int,
+                      block_n: int = BLOCK_N) -> torch.Tensor:
     """GEMM1 + activation over the plan's row tiles (`_gemm1_ws16_kernel`); returns
     `inter` [capacity, I] in plan order, as `moekit.experts.launch_gemm1` does.
 
@@ -217,19 +221,22 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         topk_weights: [M·k] fp32, read when `weight_on_input`.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
         programs: the persistent grid (one per SM).
+        block_n: the column tile (gate and up columns each): BLOCK_N, or NARROW_N for twice
+            the tiles, each streaming half the weight rows.
     """
     num_tokens, hidden_size = hidden.shape
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
     _gemm1_ws16_kernel[(programs,)](
-        descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
-        descriptor(inter, [HALF_M, BLOCK_N]), descriptor(inter, [HALF_M, HALF_M]), hidden,
+        descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
+        descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
         plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,
         plan.block_experts, work, num_work, plan.num_pairs, plan.num_pairs // num_tokens,
         hidden_size, inter_size, hidden.stride(0), 0 if b13 is None else b13.stride(0),
         float(alpha), float(limit),
-        TAIL_M=tail_m, GROUP_M=group_m(w13), NUM_BUFFERS=STAGES, ACTIVATION=activation,
+        TAIL_M=tail_m, GROUP_M=group_m(w13),
+        NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
         HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input, num_warps=4,
     )
     return inter
