@@ -136,3 +136,36 @@ def test_gluon_gemm1_replays_in_a_cuda_graph_with_new_routing_gpu(gemm1_calls):
 def test_gluon_gemm1_is_deterministic_gpu():
     _require_gluon()
     check_reruns_bitwise(4096, 64, 8, 2048, 1024, tiles_for_block_m(128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
+    (1000, 16, 4, 768, 384, torch.bfloat16, "swigluoai", True, False, 3.0),  # odd tails
+    (300, 32, 8, 528, 256, torch.float16, "gelu", False, True, 0.0),  # partial K step
+])
+def test_layer_with_narrow_column_tiles_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input,
+                                            skew, gemm1_calls, monkeypatch):
+    # The Gluon GEMM1 at 64 gate + 64 up columns per tile (a tail's 32 per warpgroup),
+    # against the reference and bitwise against its 128-column tiles (same K order).
+    _require_gluon()
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+    real = moekit.experts.gluon_gemm1_16bit
+    outs = {}
+    for block_n in (moekit._gluon_gemm1_16bit.NARROW_N, moekit._gluon_gemm1_16bit.BLOCK_N):
+        monkeypatch.setattr(moekit.experts, "gluon_gemm1_16bit",
+                            lambda *args, block_n=block_n: real(*args, block_n=block_n))
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13, b2=b2,
+                             apply_router_weight_on_input=on_input, config=config, out=out)
+        outs[block_n] = out
+    assert len(gemm1_calls) == 2, "the Gluon GEMM1 ran at both column tiles"
+    expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights,
+                                       activation=act, b13=None if b13 is None else b13.float(),
+                                       b2=None if b2 is None else b2.float(),
+                                       apply_router_weight_on_input=on_input)
+    narrow, wide = outs.values()
+    assert_close(narrow, expected, name=f"{dtype} tail={tail} narrow columns")
+    assert torch.equal(narrow, wide), "narrow against wide column tiles"
