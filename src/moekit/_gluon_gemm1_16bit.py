@@ -224,6 +224,8 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         block_n: the column tile (gate and up columns each): BLOCK_N, or NARROW_N for twice
             the tiles, each streaming half the weight rows.
     """
+    if block_n not in (BLOCK_N, NARROW_N):
+        raise ValueError(f"block_n: expected {BLOCK_N} or {NARROW_N}, got {block_n}")
     num_tokens, hidden_size = hidden.shape
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
