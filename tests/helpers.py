@@ -103,6 +103,16 @@ def cuda_layer_case(M, E, k, H, I, dtype, bias, skew, seed=0):
     return hidden, w13, w2, b13, b2, ids, weights
 
 
+def float32_reference(hidden, w13, w2, b13, b2, ids, weights, activation, on_input):
+    """`reference.fused_experts` of a 16-bit layer case computed in float32."""
+    from moekit import reference
+
+    return reference.fused_experts(
+        hidden.float(), w13.float(), w2.float(), ids, weights, activation=activation,
+        b13=None if b13 is None else b13.float(), b2=None if b2 is None else b2.float(),
+        apply_router_weight_on_input=on_input)
+
+
 def count_calls(monkeypatch, owner, name: str) -> list:
     """Replace `owner.name` by a spy that records each call (a list, one entry per call)
     and calls through, so a test knows which kernel ran."""

@@ -21,10 +21,10 @@ from helpers import (
     check_reruns_bitwise,
     count_calls,
     cuda_layer_case,
+    float32_reference,
     poison_,
     poison_cuda_cache,
 )
-from moekit import reference
 from moekit._gluon import DISABLE_ENV
 from moekit._gluon_gemm1_16bit import MAX_HIDDEN, use_gluon_gemm1_16bit
 from moekit.tuning.heuristic import tiles_for_block_m
@@ -117,10 +117,7 @@ def test_layer_with_the_gluon_gemm1_gpu(tail, M, E, k, H, I, dtype, act, bias, o
                              apply_router_weight_on_input=on_input, config=config, out=out)
         outs[name] = out
     assert len(gemm1_calls) == 1, "the Gluon GEMM1 ran once, the control not"
-    expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights,
-                                       activation=act, b13=None if b13 is None else b13.float(),
-                                       b2=None if b2 is None else b2.float(),
-                                       apply_router_weight_on_input=on_input)
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
     assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
 
@@ -162,10 +159,7 @@ def test_layer_with_narrow_column_tiles_gpu(tail, M, E, k, H, I, dtype, act, bia
                              apply_router_weight_on_input=on_input, config=config, out=out)
         outs[block_n] = out
     assert len(gemm1_calls) == 2, "the Gluon GEMM1 ran at both column tiles"
-    expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights,
-                                       activation=act, b13=None if b13 is None else b13.float(),
-                                       b2=None if b2 is None else b2.float(),
-                                       apply_router_weight_on_input=on_input)
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
     narrow, wide = outs.values()
     assert_close(narrow, expected, name=f"{dtype} tail={tail} narrow columns")
     assert torch.equal(narrow, wide), "narrow against wide column tiles"

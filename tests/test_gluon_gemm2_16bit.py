@@ -22,10 +22,10 @@ from helpers import (
     check_reruns_bitwise,
     count_calls,
     cuda_layer_case,
+    float32_reference,
     poison_,
     poison_cuda_cache,
 )
-from moekit import reference
 from moekit._gluon import DISABLE_ENV
 from moekit._gluon_gemm2_16bit import use_gluon_gemm2_16bit
 from moekit.tuning.heuristic import tiles_for_block_m
@@ -106,10 +106,7 @@ def test_layer_with_the_gluon_gemm2_gpu(tail, M, E, k, H, I, dtype, act, bias, o
                              apply_router_weight_on_input=on_input, config=config, out=out)
         outs[name] = out
     assert len(gemm2_calls) == 1, "the Gluon GEMM2 ran once, the control not"
-    expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights,
-                                       activation=act, b13=None if b13 is None else b13.float(),
-                                       b2=None if b2 is None else b2.float(),
-                                       apply_router_weight_on_input=on_input)
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
     assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
 

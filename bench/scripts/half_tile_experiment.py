@@ -110,16 +110,19 @@ def run_cell(name: str, m: int, log) -> dict:
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_cells(stem: str, default_cells, run_cell) -> int:
+    """The command line of a cell-by-cell GEMM experiment: `--cells PRESET:M ...` (else
+    `default_cells`) through `run_cell(name, m, log)`, its lines logged to `<stem>.log`
+    and its rows rewritten to `<stem>.json` under `--out` after each cell."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--cells", nargs="*", metavar="PRESET:M")
     args = parser.parse_args()
     cells = ([(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells]
-             if args.cells else CELLS)
+             if args.cells else default_cells)
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    with open(os.path.join(args.out, "half-tile-experiment.log"), "w") as logf:
+    with open(os.path.join(args.out, f"{stem}.log"), "w") as logf:
         def log(line):
             print(line, flush=True)
             logf.write(line + "\n")
@@ -128,7 +131,7 @@ def main() -> int:
             row = run_cell(name, m, log)
             if row:
                 rows.append(row)
-            with open(os.path.join(args.out, "half-tile-experiment.json"), "w") as f:
+            with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                            "triton": triton.__version__,
                            "date": datetime.date.today().isoformat(),
@@ -138,4 +141,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cells("half-tile-experiment", CELLS, run_cell))

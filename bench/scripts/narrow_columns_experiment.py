@@ -14,26 +14,19 @@ checks the valid rows of `inter` bitwise equal.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import sys
 
 import torch
-import triton
+from half_tile_experiment import SHARDS, run_cells  # this directory: the shards, the loop
 
 from moekit._gluon_gemm1_16bit import BLOCK_N, NARROW_N, gluon_gemm1_16bit, use_gluon_gemm1_16bit
 from moekit._tma import persistent_programs
 from moekit.activation import Activation
 from moekit.bench.inputs import make_tokens, make_weights
-from moekit.bench.presets import PRESETS, Preset
+from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
 
-SHARDS = {p.name: p for p in (Preset("mixtral-8x7b/tp8", 8, 2, 4096, 1792),
-                              Preset("olmoe-1b-7b/tp4", 64, 8, 2048, 256),
-                              Preset("qwen3-30b-a3b/tp2", 128, 8, 2048, 384))}
 CELLS = (
     [("granite-3.0-3b-a800m", m) for m in (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)]
     + [("olmoe-1b-7b/tp4", m) for m in (256, 512, 1024, 2048)]
@@ -75,32 +68,5 @@ def run_cell(name: str, m: int, log) -> dict:
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--cells", nargs="*", metavar="PRESET:M")
-    args = parser.parse_args()
-    cells = ([(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells]
-             if args.cells else CELLS)
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
-    with open(os.path.join(args.out, "narrow-columns-experiment.log"), "w") as logf:
-        def log(line):
-            print(line, flush=True)
-            logf.write(line + "\n")
-            logf.flush()
-        for name, m in cells:
-            row = run_cell(name, m, log)
-            if row:
-                rows.append(row)
-            with open(os.path.join(args.out, "narrow-columns-experiment.json"), "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "triton": triton.__version__,
-                           "date": datetime.date.today().isoformat(),
-                           "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
-                           "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cells("narrow-columns-experiment", CELLS, run_cell))
