@@ -148,18 +148,23 @@ def test_layer_with_narrow_column_tiles_gpu(tail, M, E, k, H, I, dtype, act, bia
     _require_gluon()
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
-    real = moekit.experts.gluon_gemm1_16bit
+    real, column_tiles = moekit.experts.gluon_gemm1_16bit, []
+
+    def spy(*args):
+        column_tiles.append(args[-1])
+        return real(*args)
+    monkeypatch.setattr(moekit.experts, "gluon_gemm1_16bit", spy)
     outs = {}
-    for block_n in (moekit._gluon_gemm1_16bit.NARROW_N, moekit._gluon_gemm1_16bit.BLOCK_N):
-        monkeypatch.setattr(moekit.experts, "gluon_gemm1_16bit",
-                            lambda *args, block_n=block_n: real(*args, block_n=block_n))
+    for narrow in (True, False):  # the rule's answer forced
+        monkeypatch.setattr(moekit.experts, "gluon_gemm1_narrow_columns",
+                            lambda *args, narrow=narrow: narrow)
         out = poison_(torch.empty_like(hidden))
         poison_cuda_cache()
         moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13, b2=b2,
                              apply_router_weight_on_input=on_input, config=config, out=out)
-        outs[block_n] = out
-    assert len(gemm1_calls) == 2, "the Gluon GEMM1 ran at both column tiles"
+        outs[narrow] = out
+    assert len(gemm1_calls) == 2 and column_tiles == [moekit._gluon_gemm1_16bit.NARROW_N,
+                                                      moekit._gluon_gemm1_16bit.BLOCK_N]
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
-    narrow, wide = outs.values()
-    assert_close(narrow, expected, name=f"{dtype} tail={tail} narrow columns")
-    assert torch.equal(narrow, wide), "narrow against wide column tiles"
+    assert_close(outs[True], expected, name=f"{dtype} tail={tail} narrow columns")
+    assert torch.equal(outs[True], outs[False]), "narrow against wide column tiles"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -60,7 +59,6 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import moekit
 import moekit._gluon_gemm1
-import moekit._gluon_gemm1_16bit
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -561,9 +559,7 @@ def _run_experts(p):
     # On the CPU the Gluon GEMMs are never taken; an sm_90 GPU's answers are forced here.
     moekit.experts.use_gluon_gemm1_16bit = lambda *args: bool(p.get("gluon"))
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
-    if p.get("narrow_n"):
-        moekit.experts.gluon_gemm1_16bit = functools.partial(
-            moekit._gluon_gemm1_16bit.gluon_gemm1_16bit, block_n=moekit._gluon_gemm1_16bit.NARROW_N)
+    moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),

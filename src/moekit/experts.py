@@ -28,7 +28,12 @@ from moekit import reference
 from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
 from moekit._dot_precision import dot_precision
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
-from moekit._gluon_gemm1_16bit import gluon_gemm1_16bit, use_gluon_gemm1_16bit
+from moekit._gluon_gemm1_16bit import (
+    BLOCK_N,
+    NARROW_N,
+    gluon_gemm1_16bit,
+    use_gluon_gemm1_16bit,
+)
 from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
 from moekit._intmath import cdiv
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
@@ -39,6 +44,7 @@ from moekit.experts_direct import launch_direct_experts
 from moekit.routing import route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
+from moekit.tuning.heuristic import gluon_gemm1_narrow_columns
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -226,8 +232,11 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     num_tokens, hidden_size = hidden.shape
     num_blocks, block_m, tail_m = plan.row_tiles()
     if tma and use_gluon_gemm1_16bit(hidden, w13, block_m, activation):
+        narrow = gluon_gemm1_narrow_columns(num_tokens, w13.shape[0], plan.num_pairs // num_tokens,
+                                            w13.shape[1] // 2, heuristic_sms(hidden.device))
         return gluon_gemm1_16bit(hidden, w13, b13, topk_weights, plan, activation, alpha,
-                                 limit, weight_on_input, persistent_programs(hidden.device))
+                                 limit, weight_on_input, persistent_programs(hidden.device),
+                                 NARROW_N if narrow else BLOCK_N)
     gated = activation != "relu2"
     inter_size = w13.shape[1] // 2 if gated else w13.shape[1]
     block_n, block_k, group_m, warps, stages = tiles

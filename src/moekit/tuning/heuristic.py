@@ -201,6 +201,25 @@ def narrow_row_tile(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
     return block_m if block_m <= _NARROW_MAX_BLOCK_M else None
 
 
+# The 16-bit Gluon GEMM1 takes narrow column tiles below this many whole tiles per SM.
+NARROW_COLUMNS_BELOW = 2
+
+
+@functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
+def gluon_gemm1_narrow_columns(num_tokens: int, num_experts: int, top_k: int, inter: int,
+                               num_sms: int = HOPPER_SMS) -> bool:
+    """Whether the 16-bit Gluon GEMM1 (128-row tiles) takes 64 gate + 64 up columns per
+    tile instead of 128 + 128: where its tiles of 128 make fewer than
+    `NARROW_COLUMNS_BELOW` rounds of the persistent grid, GEMM1 is bound by streaming
+    w13 and the last round's SMs stream alone (granite's 40 experts at M = 512: 160 tiles
+    of 786 KB of weights for 132 SMs; bench/NOTES.md, session 23). Counted for balanced
+    routing, each expert's rows in 64-row blocks, two to a tile."""
+    rows = rows_per_expert(num_tokens, num_experts, top_k)
+    experts = min(num_experts, num_tokens * top_k)
+    tiles = experts * cdiv(math.ceil(rows / 64), 2) * cdiv(inter, 128)
+    return tiles < NARROW_COLUMNS_BELOW * num_sms
+
+
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2,
