@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -390,10 +391,12 @@ def test_gluon_gemm1_narrow_columns_where_few_tiles():
     from moekit.tuning.heuristic import NARROW_COLUMNS_BELOW, gluon_gemm1_narrow_columns
     granite = dict(num_experts=40, top_k=8, inter=512, num_sms=132)
     assert gluon_gemm1_narrow_columns(512, **granite), "40 row tiles × 4 column tiles = 160"
-    assert not gluon_gemm1_narrow_columns(1024, **granite), "80 × 4 = 320 ≥ 264"
+    assert gluon_gemm1_narrow_columns(1024, **granite), "80 × 4 = 320 < 330"
+    assert not gluon_gemm1_narrow_columns(1536, **granite), "120 × 4 = 480"
     assert not gluon_gemm1_narrow_columns(512, 128, 8, 768, 132), "qwen3: 128 × 6"
     assert not gluon_gemm1_narrow_columns(4096, 8, 2, 14336, 132), "mixtral: 8 × 8 × 112"
-    assert gluon_gemm1_narrow_columns(512, 40, 8, 512, 2 * 132), "more SMs, more rounds"
-    # At the boundary: 66 tiles per round short of NARROW_COLUMNS_BELOW rounds on 66 SMs.
-    assert gluon_gemm1_narrow_columns(16, 1, 8, 128 * (NARROW_COLUMNS_BELOW * 66 - 1), 66)
-    assert not gluon_gemm1_narrow_columns(16, 1, 8, 128 * NARROW_COLUMNS_BELOW * 66, 66)
+    assert gluon_gemm1_narrow_columns(1536, 40, 8, 512, 2 * 132), "more SMs, more rounds"
+    # At the boundary: one tile short of NARROW_COLUMNS_BELOW rounds of 66 SMs, and none.
+    boundary = math.ceil(NARROW_COLUMNS_BELOW * 66)
+    assert gluon_gemm1_narrow_columns(16, 1, 8, 128 * (boundary - 1), 66)
+    assert not gluon_gemm1_narrow_columns(16, 1, 8, 128 * boundary, 66)

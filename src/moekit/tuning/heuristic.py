@@ -201,8 +201,10 @@ def narrow_row_tile(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
     return block_m if block_m <= _NARROW_MAX_BLOCK_M else None
 
 
-# The 16-bit Gluon GEMM1 takes narrow column tiles below this many whole tiles per SM.
-NARROW_COLUMNS_BELOW = 2
+# The 16-bit Gluon GEMM1 takes narrow column tiles below this many whole tiles per SM:
+# measured, bench/results/h200-20261203-narrow-columns-experiment-s24.md (granite at
+# 2.4 rounds 1.04× faster narrow; mixtral/tp8 at 2.1 rounds of its uneven routing 0.96×).
+NARROW_COLUMNS_BELOW = 2.5
 
 
 @functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
@@ -212,7 +214,7 @@ def gluon_gemm1_narrow_columns(num_tokens: int, num_experts: int, top_k: int, in
     tile instead of 128 + 128: where its tiles of 128 make fewer than
     `NARROW_COLUMNS_BELOW` rounds of the persistent grid, GEMM1 is bound by streaming
     w13 and the last round's SMs stream alone (granite's 40 experts at M = 512: 160 tiles
-    of 786 KB of weights for 132 SMs; bench/NOTES.md, session 23). Counted for balanced
+    of 786 KB of weights for 132 SMs; bench/NOTES.md, sessions 23–24). Counted for balanced
     routing, each expert's rows in 64-row blocks, two to a tile."""
     rows = rows_per_expert(num_tokens, num_experts, top_k)
     experts = min(num_experts, num_tokens * top_k)
