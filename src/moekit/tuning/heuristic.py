@@ -203,7 +203,8 @@ def narrow_row_tile(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
 
 # The 16-bit Gluon GEMM1 takes narrow column tiles below this many whole tiles per SM:
 # measured, bench/results/h200-20261203-narrow-columns-experiment-s24.md (granite at
-# 2.4 rounds 1.04× faster narrow; mixtral/tp8 at 2.1 rounds of its uneven routing 0.96×).
+# 2.4 rounds 1.04× faster narrow, at 3.6 0.90×; the one loss taken: mixtral/tp8 at
+# M = 1024, 1.7 rounds counted, 0.955×).
 NARROW_COLUMNS_BELOW = 2.5
 
 
