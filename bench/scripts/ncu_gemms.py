@@ -14,7 +14,9 @@ Per-instruction warp stalls of one kernel (SASS, sampled):
 
 Cells: qwen3-30b-a3b at M = 4096 in bf16 and fp8 per-tensor (the cells furthest from
 their targets), mixtral-8x7b at M = 4096 fp8 per-tensor (the same kernels nearer the
-peak), for comparison of their counters.
+peak), for comparison of their counters; granite-3.0-3b-a800m bf16 at M = 512 (its 16-bit
+GEMM1 streams w13 at ~2.8 TB/s whatever the tile spread: bench/NOTES.md, session 24) and
+at M = 4096 (the same kernels at 89% of the bf16 peak).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 
 CELLS = [("qwen3-30b-a3b", 4096, "bf16"), ("qwen3-30b-a3b", 4096, "fp8_tensor"),
-         ("mixtral-8x7b", 4096, "fp8_tensor")]
+         ("mixtral-8x7b", 4096, "fp8_tensor"), ("granite-3.0-3b-a800m", 512, "bf16"),
+         ("granite-3.0-3b-a800m", 4096, "bf16")]
 
 
 def layer_call(name: str, m: int, dtype: str):
