@@ -15,7 +15,7 @@ Per-instruction warp stalls of one kernel (SASS, sampled):
 Cells: qwen3-30b-a3b at M = 4096 in bf16 and fp8 per-tensor (the cells furthest from
 their targets), mixtral-8x7b at M = 4096 fp8 per-tensor (the same kernels nearer the
 peak), for comparison of their counters; granite-3.0-3b-a800m bf16 at M = 512 (its 16-bit
-GEMM1 streams w13 at ~2.8 TB/s whatever the tile spread: bench/NOTES.md, session 24) and
+GEMM1 streams w13 at 2.5–3.1 TB/s whatever the tile spread: bench/NOTES.md, session 24) and
 at M = 4096 (the same kernels at 89% of the bf16 peak).
 """
 

@@ -214,9 +214,10 @@ def gluon_gemm1_narrow_columns(num_tokens: int, num_experts: int, top_k: int, in
     """Whether the 16-bit Gluon GEMM1 (128-row tiles) takes 64 gate + 64 up columns per
     tile instead of 128 + 128: where its tiles of 128 make fewer than
     `NARROW_COLUMNS_BELOW` rounds of the persistent grid, GEMM1 is bound by streaming
-    w13 and the last round's SMs stream alone (granite's 40 experts at M = 512: 160 tiles
-    of 786 KB of weights for 132 SMs; bench/NOTES.md, sessions 23–24). Counted for balanced
-    routing, each expert's rows in 64-row blocks, two to a tile."""
+    w13 (granite's 40 experts at M = 512: 160 tiles of 786 KB of weights for 132 SMs),
+    and tiles of half the weight rows spread that stream over more programs
+    (bench/NOTES.md, sessions 23–24). Counted for balanced routing, each expert's rows in
+    64-row blocks, two to a tile."""
     rows = rows_per_expert(num_tokens, num_experts, top_k)
     experts = min(num_experts, num_tokens * top_k)
     tiles = experts * cdiv(math.ceil(rows / 64), 2) * cdiv(inter, 128)
