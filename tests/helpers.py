@@ -114,13 +114,14 @@ def float32_reference(hidden, w13, w2, b13, b2, ids, weights, activation, on_inp
 
 
 def count_calls(monkeypatch, owner, name: str) -> list:
-    """Replace `owner.name` by a spy that records each call (a list, one entry per call)
-    and calls through, so a test knows which kernel ran."""
+    """Replace `owner.name` by a spy that records each call (a list, one entry per call:
+    its positional arguments) and calls through, so a test knows which kernel ran and
+    with what."""
     calls = []
     real = getattr(owner, name)
 
     def spy(*args, **kwargs):
-        calls.append(1)
+        calls.append(args)
         return real(*args, **kwargs)
     monkeypatch.setattr(owner, name, spy)
     return calls
