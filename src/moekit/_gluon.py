@@ -42,6 +42,9 @@ __all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "l
 BLOCK_M = 128  # a row tile; two math warpgroups take 64 rows each
 HALF_M = BLOCK_M // 2
 DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's control)
+# The producers load each tile's indices a tile ahead (their `PREFETCH`); read at every
+# launch, so an experiment can set it False to time them without.
+PREFETCH_TILES = True
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,16 +115,29 @@ if HAVE_GLUON:
         """Row tile → (first plan slot, expert, its rows: TAIL_M for a tail, else
         _TILE_M): entry pid_m of the work list (block · 2 + is_tail) with tails, else plan
         block pid_m."""
+        return entry_tile(tile_entry(work_ptr, pid_m, TAIL_M), block_experts_ptr, TAIL_M)
+
+    @gluon.jit
+    def tile_entry(work_ptr, pid_m, TAIL_M: gl.constexpr):
+        """Row tile pid_m's work-list entry (a load) with tails, else pid_m itself: the
+        first half of `row_tile`, so that a producer can load it a tile ahead of the rest."""
+        entry = pid_m
         if TAIL_M:
             entry = gl.load(work_ptr + pid_m)
+        return entry
+
+    @gluon.jit
+    def entry_tile(entry, block_experts_ptr, TAIL_M: gl.constexpr):
+        """A `tile_entry` → (first plan slot, expert, rows), as `row_tile` returns them."""
+        if TAIL_M:
             block = entry >> 1
             first_slot = block * TAIL_M
-            expert = gl.load(block_experts_ptr + block)
             rows = _TILE_M - (entry & 1) * (_TILE_M - TAIL_M)
         else:
-            first_slot = pid_m * _TILE_M
-            expert = gl.load(block_experts_ptr + pid_m)
+            block = entry
+            first_slot = entry * _TILE_M
             rows = first_slot * 0 + _TILE_M
+        expert = gl.load(block_experts_ptr + block)
         return first_slot, expert, rows
 
     @gluon.jit

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit import _gluon
 from moekit._gluon import (
     BLOCK_M,
     HALF_M,
@@ -60,6 +61,7 @@ if HAVE_GLUON:
     from moekit._experts_fp8_kernels import _scale_from_amax
     from moekit._experts_kernels import _activate
     from moekit._gluon import (
+        entry_tile,
         fence_async_shared,
         gl,
         gluon,
@@ -68,6 +70,7 @@ if HAVE_GLUON:
         row_tile,
         stage_ring,
         tile_coords,
+        tile_entry,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -151,11 +154,17 @@ if HAVE_GLUON:
     def _producer(a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                   block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs, ready,
                   empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr):
+                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr, PREFETCH: gl.constexpr):
         """Loads of every K step's A, gate and up tiles into the ring, each stage reloaded
         once both math warpgroups have released it: all by TMA, or (GATHER_A) A's rows by
         cp.async from their tokens' rows of x, each thread's copies arriving on the
-        stage's barrier as they land (`ready` then counts 128 arrivals more)."""
+        stage's barrier as they land (`ready` then counts 128 arrivals more).
+
+        PREFETCH: a tile's expert and slots' pairs are loaded during the tile before's K
+        loop, its work entry during the one before that, so no load at a tile's start
+        waits; else each tile start waits on its work entry, then on its expert and pairs
+        (~20% of the producer's stall samples at granite M = 512, bench/NOTES.md session
+        25), while the ring drains."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -167,19 +176,41 @@ if HAVE_GLUON:
         gather_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
         n_tiles = gl.cdiv(I, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        total = used * n_tiles
+        step = gl.num_programs(0)
+        if PREFETCH:  # the first tile's loads, and the second's work entry
+            first_slot, expert, pair = _tile_loads(
+                _entry_of(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
+                sorted_pairs_ptr, block_experts_ptr, gather_rows, num_pairs, TAIL_M, GATHER_A)
+            entry = _entry_of(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
+                              TAIL_M)
         counter = 0
-        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+        for tile in range(gl.program_id(0), total, step):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
-            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            if PREFETCH:
+                tile_slot = first_slot
+                tile_expert = expert
+                if GATHER_A:
+                    tile_pair = pair
+                first_slot, expert, pair = _tile_loads(entry, sorted_pairs_ptr,
+                                                       block_experts_ptr, gather_rows,
+                                                       num_pairs, TAIL_M, GATHER_A)
+                entry = _entry_of(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                                  TAIL_M)
+            else:
+                tile_slot, tile_expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m,
+                                                        TAIL_M)
+                if GATHER_A:
+                    tile_pair = gl.load(sorted_pairs_ptr + tile_slot + gather_rows,
+                                        mask=gather_rows < rows, other=num_pairs)
             # A partial last column tile reads on into the up rows (and those into the
             # next expert's, or TMA's zeros): columns the epilogue drops.
-            gate_row = expert * 2 * I + pid_n * BLOCK_N  # [E·2I, H] view
+            gate_row = tile_expert * 2 * I + pid_n * BLOCK_N  # [E·2I, H] view
             if GATHER_A:  # each slot's token row, as a 32-bit offset (the producer has 40
                 # registers); padding slots' rows, −16 (16-byte copies need multiples of
                 # 16), are zero-filled
-                pair = gl.load(sorted_pairs_ptr + first_slot + gather_rows,
-                               mask=gather_rows < rows, other=num_pairs)
-                token_rows = gl.where(pair < num_pairs, pair // top_k * stride_xm, -16)
+                token_rows = gl.where(tile_pair < num_pairs, tile_pair // top_k * stride_xm,
+                                      -16)
             for k in range(0, H, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
@@ -195,12 +226,33 @@ if HAVE_GLUON:
                 else:
                     mbarrier.expect(bar, a_desc.block_type.nbytes
                                     + 2 * b_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [first_slot, k], bar,
+                    tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
                                                     a_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [gate_row, k], bar, g_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [gate_row + I, k], bar,
                                                 u_bufs.index(index))
                 counter += 1
+
+    @gluon.jit
+    def _entry_of(tile, total, used, n_tiles, work_ptr, GROUP_M: gl.constexpr,
+                  TAIL_M: gl.constexpr):
+        """The work entry of tile `tile` (`tile_entry`), clamped to the last tile: a
+        prefetch past this program's last tile loads a valid entry it never uses."""
+        pid_m, _ = tile_coords(gl.maximum(gl.minimum(tile, total - 1), 0), used, n_tiles,
+                               GROUP_M)
+        return tile_entry(work_ptr, pid_m, TAIL_M)
+
+    @gluon.jit
+    def _tile_loads(entry, sorted_pairs_ptr, block_experts_ptr, gather_rows, num_pairs,
+                    TAIL_M: gl.constexpr, GATHER_A: gl.constexpr):
+        """A work entry's first slot, expert and (GATHER_A) its slots' pairs, padding
+        slots' as num_pairs; loads only, so nothing here waits on them."""
+        first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
+        pair = rows
+        if GATHER_A:
+            pair = gl.load(sorted_pairs_ptr + first_slot + gather_rows,
+                           mask=gather_rows < rows, other=num_pairs)
+        return first_slot, expert, pair
 
     @gluon.jit
     def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
@@ -376,7 +428,7 @@ if HAVE_GLUON:
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
-        AMAX_FLOOR: gl.constexpr, num_warps: gl.constexpr,
+        AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
         (GROUP_M row tiles per column tile, 1: row tile major); this program's own
@@ -402,7 +454,7 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A)),
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, PREFETCH)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
@@ -461,5 +513,6 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
-        PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor, num_warps=4,
+        PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
+        PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit import _gluon
 from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
 from moekit._gluon_gemm1 import GATED, group_m
 
@@ -175,7 +176,7 @@ if HAVE_GLUON:
         num_pairs, top_k, H, I, stride_xm, stride_be, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
-        num_warps: gl.constexpr,
+        PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order;
         this program's own warpgroup is the producer (`_producer`, gathering A), two
@@ -196,7 +197,7 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True)),
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0, TAIL_M,
@@ -239,6 +240,7 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         float(alpha), float(limit),
         TAIL_M=tail_m, GROUP_M=group_m(w13),
         NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
-        HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input, num_warps=4,
+        HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
+        PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )
     return inter

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit import _gluon
 from moekit._gluon import (
     BLOCK_M,
     HALF_M,
@@ -49,12 +50,14 @@ from moekit._gluon import (
 
 if HAVE_GLUON:
     from moekit._gluon import (
+        entry_tile,
         fence_async_shared,
         gl,
         gluon,
         mbarrier,
         row_tile,
         stage_ring,
+        tile_entry,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -101,30 +104,54 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
-                  ready, empty, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+                  ready, empty, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                  PREFETCH: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
-        both math warpgroups have released it."""
+        both math warpgroups have released it. PREFETCH: a tile's expert is loaded during
+        the tile before's K loop, its work entry during the one before that (as the
+        GEMM1 producer's), so a tile's first loads wait on neither."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         n_tiles = gl.cdiv(H, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        total = used * n_tiles
+        step = gl.num_programs(0)
+        if PREFETCH:
+            first_slot, expert, _ = entry_tile(
+                _entry_of(gl.program_id(0), total, n_tiles, work_ptr, TAIL_M),
+                block_experts_ptr, TAIL_M)
+            entry = _entry_of(gl.program_id(0) + step, total, n_tiles, work_ptr, TAIL_M)
         counter = 0
-        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+        for tile in range(gl.program_id(0), total, step):
             pid_m = tile // n_tiles
-            first_slot, expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            if PREFETCH:
+                tile_slot = first_slot
+                tile_expert = expert
+                first_slot, expert, _ = entry_tile(entry, block_experts_ptr, TAIL_M)
+                entry = _entry_of(tile + 2 * step, total, n_tiles, work_ptr, TAIL_M)
+            else:
+                tile_slot, tile_expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m,
+                                                     TAIL_M)
             # A partial last column tile reads on into the next expert's rows (or TMA's
             # zeros): columns the stores clip.
-            b_row = expert * H + (tile - pid_m * n_tiles) * BLOCK_N
+            b_row = tile_expert * H + (tile - pid_m * n_tiles) * BLOCK_N
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
                 mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
                 bar = ready.index(index)
                 mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [first_slot, k], bar,
+                tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
                                                 a_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
                 counter += 1
+
+    @gluon.jit
+    def _entry_of(tile, total, n_tiles, work_ptr, TAIL_M: gl.constexpr):
+        """The work entry of tile `tile`, clamped to the last tile: a prefetch past this
+        program's last tile loads a valid entry it never uses."""
+        return tile_entry(work_ptr, gl.maximum(gl.minimum(tile, total - 1), 0) // n_tiles,
+                          TAIL_M)
 
     @gluon.jit
     def _scaled_part(part, step_scale, ws_base, k, col, H, stride_wsk, stride_wsn,
@@ -344,7 +371,7 @@ if HAVE_GLUON:
         A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
-        PARTIAL_N: gl.constexpr, num_warps: gl.constexpr,
+        PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, column tile), row tile major; this program's own
         warpgroup is the producer, two more (most of the registers) the math. A stage's
@@ -362,7 +389,7 @@ if HAVE_GLUON:
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
+                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS, PREFETCH)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
                           I, stride_asm,
@@ -418,6 +445,6 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None,
-        PARTIAL_N=hidden % (halves * BLOCK_N) != 0, num_warps=4,
+        PARTIAL_N=hidden % (halves * BLOCK_N) != 0, PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit import _gluon
 from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
 
 if HAVE_GLUON:
@@ -169,7 +170,7 @@ if HAVE_GLUON:
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_be,
         TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
-        APPLY_WEIGHT: gl.constexpr, num_warps: gl.constexpr,
+        APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 256 hidden columns), row tile major; this program's
         own warpgroup is the producer, two more the math."""
@@ -185,7 +186,7 @@ if HAVE_GLUON:
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS)),
+                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS, PREFETCH)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
                           a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, NUM_BUFFERS,
@@ -222,6 +223,6 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden_size,
         inter_size, 0 if b2 is None else b2.stride(0),
         TAIL_M=tail_m, NUM_BUFFERS=STAGES, HAS_BIAS=b2 is not None,
-        APPLY_WEIGHT=topk_weights is not None, num_warps=4,
+        APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )
     return out

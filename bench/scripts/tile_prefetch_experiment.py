@@ -1,0 +1,134 @@
+"""Experiment: the Gluon GEMMs' producers loading each tile's indices a tile ahead
+(`moekit._gluon.PREFETCH_TILES`) against loading them at the tile's start.
+
+Prediction (session 25): Nsight Compute's stall sampling of granite M = 512's 16-bit
+GEMM1 (bench/results/logs/h200-20261203-ncu-granite-gemm1-stalls-s25-37fe013.md) put
+~20% of the producer warpgroup's samples on two dependent loads at every tile start
+(the work entry, then the expert and the 128 slots' pairs) while the math warpgroups
+waited on data ~38% of theirs. Loaded a tile ahead, the producer issues the tile's first
+copies at once: GEMM1 there ~45 → ~40 µs; GEMM2 (8 K steps a tile at granite, against
+GEMM1's 24) gains more in proportion; prefill (32+ K steps) little.
+
+Each cell times, in interleaved rounds, GEMM1 alone, GEMM2 alone (16-bit Gluon kernels,
+over one dispatch plan; GEMM1 at the column tile the library picks) and the whole layer,
+prefetch on and off, by CUDA-graph replay with L2 read-flushed; outputs must be bitwise
+equal on and off. `--fp8` cells time the fp8 layer (its Gluon GEMMs share the producers).
+
+    PYTHONPATH=src python3 bench/scripts/tile_prefetch_experiment.py --out $OUT [--cells P:M ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from half_tile_experiment import run_cells  # this directory: the command line and the loop
+
+import moekit
+from moekit import _gluon
+from moekit._gluon_gemm1_16bit import (
+    BLOCK_N,
+    NARROW_N,
+    gluon_gemm1_16bit,
+    use_gluon_gemm1_16bit,
+)
+from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
+from moekit._tma import heuristic_sms, persistent_programs
+from moekit.activation import Activation
+from moekit.bench.fp8 import quantize_experts
+from moekit.bench.inputs import make_tokens, make_weights
+from moekit.bench.presets import PRESETS
+from moekit.bench.timing import graph_replay_us
+from moekit.dispatch import dispatch_plan
+from moekit.tuning.heuristic import gluon_gemm1_narrow_columns
+
+CELLS = (
+    [("granite-3.0-3b-a800m", m) for m in (128, 256, 384, 512, 768, 1024, 2048, 4096)]
+    + [("qwen3-30b-a3b", m) for m in (512, 1024, 4096, 16384)]
+    + [("olmoe-1b-7b", m) for m in (1024, 4096)]
+    + [("mixtral-8x7b", m) for m in (1024, 4096)]
+    + [("deepseek-v2-lite", 4096), ("gpt-oss-120b", 4096), ("deepseek-v3", 4096)]
+    + [(f"fp8_{s}/{name}", m) for s in ("tensor", "block")
+       for name, m in (("granite-3.0-3b-a800m", 512), ("qwen3-30b-a3b", 4096),
+                       ("mixtral-8x7b", 4096), ("deepseek-v3", 4096))]
+)
+ROUNDS = 2
+
+
+def timed(prefetch: bool, fn) -> float:
+    """Graph replay µs of `fn`, captured with the producers' prefetch on or off."""
+    _gluon.PREFETCH_TILES = prefetch
+    try:
+        return graph_replay_us(fn, rep_ms=30)
+    finally:
+        _gluon.PREFETCH_TILES = True
+
+
+def same(fn) -> bool:
+    """Whether `fn`'s output is bitwise the same with prefetch on and off."""
+    _gluon.PREFETCH_TILES = False
+    try:
+        off = fn().clone()
+    finally:
+        _gluon.PREFETCH_TILES = True
+    return bool(torch.equal(fn(), off))
+
+
+def run_cell(name: str, m: int, log) -> dict:
+    scheme = None
+    if name.startswith("fp8_"):
+        scheme, name = name.split("/", 1)
+    preset = PRESETS[name]
+    dev = torch.device("cuda")
+    w = make_weights(preset, torch.bfloat16, dev)
+    if scheme:
+        w = quantize_experts(w, scheme)
+    hidden, topk = make_tokens(preset, m, torch.bfloat16, dev)
+    act = Activation.parse(preset.activation)
+
+    def layer():
+        if scheme:
+            return moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                            scheme=scheme, activation=preset.activation,
+                                            b13=w.b13, b2=w.b2)
+        return moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,
+                                    activation=preset.activation, b13=w.b13, b2=w.b2)
+
+    stages = {"layer": layer}
+    if not scheme:
+        ids = topk.ids.to(torch.int32)
+        weights = topk.weights.float().reshape(-1)
+        plan = dispatch_plan(ids, preset.num_experts, 64, tile_m=128, backend="triton")
+        programs = persistent_programs(dev)
+        keep = plan.sorted_pairs < plan.num_pairs
+        inter_size = w.w13.shape[1] // 2
+        if use_gluon_gemm1_16bit(hidden, w.w13, 128, act.kind):
+            narrow = gluon_gemm1_narrow_columns(m, preset.num_experts, preset.top_k,
+                                                inter_size, heuristic_sms(dev))
+            block_n = NARROW_N if narrow else BLOCK_N
+            stages["gemm1"] = lambda: gluon_gemm1_16bit(
+                hidden, w.w13, w.b13, weights, plan, act.kind, act.alpha, act.limit, False,
+                programs, block_n)[keep]
+        if use_gluon_gemm2_16bit(w.w2, 128):
+            inter = torch.randn((plan.capacity, inter_size), device=dev).to(torch.bfloat16)
+            stages["gemm2"] = lambda: gluon_gemm2_16bit(inter, w.w2, w.b2, weights, plan,
+                                                        programs)[keep]
+    row = {"preset": name, "M": m, "scheme": scheme or "bf16"}
+    for stage, fn in stages.items():
+        row[f"{stage}_equal"] = same(fn)
+    for _ in range(ROUNDS):
+        for stage, fn in stages.items():
+            for prefetch in (False, True):
+                key = f"{stage}_{'on' if prefetch else 'off'}_us"
+                row.setdefault(key, []).append(timed(prefetch, fn))
+    parts = []
+    for stage in stages:
+        off, on = min(row[f"{stage}_off_us"]), min(row[f"{stage}_on_us"])
+        parts.append(f"{stage} {off:.1f} → {on:.1f} µs ({off / on:.3f}×"
+                     f"{'' if row[f'{stage}_equal'] else ', NOT EQUAL'})")
+    log(f"{row['scheme']} {name} M={m}: " + "; ".join(parts))
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(run_cells("tile-prefetch-experiment", CELLS, run_cell))

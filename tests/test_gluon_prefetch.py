@@ -1,0 +1,121 @@
+"""The Gluon GEMMs' producers loading a tile's indices a tile ahead
+(`moekit._gluon.PREFETCH_TILES`): the same values as loading them at the tile's start.
+
+A prefetch carries the next tile's expert, first slot and pairs (GEMM1 gathering A) and
+the one after's work entry through the tile loop, clamped past a program's last tile; a
+stale or off-by-one carry would put a tile's rows or weights under another tile's
+coordinates. So: three programs running every tile (many carries each, tails back to
+back), and the full grid, each bitwise equal with the prefetch off and close to the
+reference. sm_90 only; the compile (no spills) is in tests/test_sm90_compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moekit
+import moekit._gluon_gemm1
+import moekit.experts
+import moekit.experts_fp8
+from helpers import (
+    assert_close,
+    count_calls,
+    cuda_layer_case,
+    float32_reference,
+    poison_,
+    poison_cuda_cache,
+)
+from moekit import _gluon
+from moekit._gluon_gemm1 import use_gluon_gemm1
+from moekit._gluon_gemm1_16bit import use_gluon_gemm1_16bit
+from moekit.experts_fp8 import plan_fp8_config
+from moekit.quant.scheme import FULL
+from moekit.reference import fused_experts_quantized
+from moekit.tuning.heuristic import tiles_for_block_m
+from test_experts_fp8 import make_case
+
+GPU_TOL = 1e-2  # fp8 against the quantised reference, as tests/test_gluon_gemm1.py
+
+
+def _require_gluon():
+    x = torch.empty(1, 128, dtype=torch.bfloat16, device="cuda")
+    w16 = torch.empty(1, 256, 128, dtype=torch.bfloat16, device="cuda")
+    w8 = torch.empty(1, 256, 128, dtype=torch.float8_e4m3fn, device="cuda")
+    if not (use_gluon_gemm1_16bit(x, w16, 128, "silu")
+            and use_gluon_gemm1(w8, 128, "silu", FULL, (FULL, FULL), 128, False)):
+        pytest.skip("the Gluon GEMMs need an sm_90 GPU and Triton's Gluon")
+
+
+def _runs(monkeypatch, module, call):
+    """`call(out)` with the prefetch on and off, on the full grid and on 3 programs:
+    {(prefetch, programs): out}."""
+    outs = {}
+    for programs in (None, 3):
+        if programs:
+            monkeypatch.setattr(module, "persistent_programs", lambda device: 3)
+        for prefetch in (True, False):
+            monkeypatch.setattr(_gluon, "PREFETCH_TILES", prefetch)
+            out = call()
+            outs[(prefetch, programs)] = out
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("M,E,k,H,I,act,bias,on_input,skew", [
+    (1000, 16, 4, 768, 384, "swigluoai", True, False, 3.0),  # odd tails, biases
+    (700, 32, 6, 512, 256, "silu", False, True, 1.0),  # weight on the input
+])
+def test_16bit_prefetch_changes_no_value_gpu(tail, M, E, k, H, I, act, bias, on_input, skew,
+                                            monkeypatch):
+    _require_gluon()
+    gemm1 = count_calls(monkeypatch, moekit.experts, "gluon_gemm1_16bit")
+    gemm2 = count_calls(monkeypatch, moekit.experts, "gluon_gemm2_16bit")
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                             bias, skew)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+
+    def call():
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        return moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13,
+                                    b2=b2, apply_router_weight_on_input=on_input,
+                                    config=config, out=out)
+    outs = _runs(monkeypatch, moekit.experts, call)
+    assert len(gemm1) == len(gemm2) == 4, "both Gluon GEMMs ran in every call"
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
+    assert_close(outs[(True, 3)], expected, name=f"tail={tail} prefetch, 3 programs")
+    for key, out in outs.items():
+        assert torch.equal(out, outs[(False, None)]), f"prefetch, programs = {key}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,gather", [("fp8_tensor", True), ("fp8_block", False)])
+def test_fp8_prefetch_changes_no_value_gpu(scheme, gather, monkeypatch):
+    # Gathering A, GEMM1's producer prefetches the slots' pairs; in plan order (block
+    # scales along K never gather) only the first slot.
+    _require_gluon()
+    monkeypatch.setattr(moekit._gluon_gemm1, "GATHER_MIN_TOP_K", 1 if gather else 10**9)
+    gemm1 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm1")
+    gemm2 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
+    M, E, k, H, I = 1000, 32, 4, 768, 384
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, "silu", bias=False, dtype=torch.bfloat16, device="cuda",
+        skew=3.0)
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+
+    def call():
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        return moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                        activation="silu", config=config, out=out)
+    outs = _runs(monkeypatch, moekit.experts_fp8, call)
+    assert len(gemm1) == len(gemm2) == 4, "both Gluon GEMMs ran in every call"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                       activation="silu")
+    assert_close(outs[(True, 3)], expected, GPU_TOL, name=f"{scheme} prefetch, 3 programs")
+    for key, out in outs.items():
+        assert torch.equal(out, outs[(False, None)]), f"prefetch, programs = {key}"
