@@ -42,8 +42,9 @@ __all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "l
 BLOCK_M = 128  # a row tile; two math warpgroups take 64 rows each
 HALF_M = BLOCK_M // 2
 DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's control)
-# The producers load each tile's indices a tile ahead (their `PREFETCH`); read at every
-# launch, so an experiment can set it False to time them without.
+# The Gluon GEMMs load each tile's indices (work entry, expert, slots' pairs) a tile ahead:
+# their producers, and the 16-bit kernels' math warpgroups (the kernels' `PREFETCH`). Read
+# at every launch, so an experiment can set it False to time them without.
 PREFETCH_TILES = True
 
 

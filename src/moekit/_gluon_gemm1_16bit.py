@@ -31,6 +31,7 @@ from moekit._gluon_gemm1 import GATED, group_m
 if HAVE_GLUON:
     from moekit._experts_kernels import _activate
     from moekit._gluon import (
+        entry_tile,
         fence_async_shared,
         gl,
         gluon,
@@ -41,7 +42,7 @@ if HAVE_GLUON:
         tiles_in_use,
         tma,
     )
-    from moekit._gluon_gemm1 import _producer
+    from moekit._gluon_gemm1 import _entry_of, _producer
 
 # 128 × 128 × 64 two-byte K steps (the fp8 kernel's 128 bytes of K), 4 stages of 48 KB.
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
@@ -118,7 +119,7 @@ if HAVE_GLUON:
                     a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, CONSUMER: gl.constexpr,
                     TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
                     ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    WEIGHT_ON_INPUT: gl.constexpr):
+                    WEIGHT_ON_INPUT: gl.constexpr, PREFETCH: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × the tile's 128
         columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64, +64), so
         that a tail takes both warpgroups for half as long instead of one for as long as
@@ -129,21 +130,38 @@ if HAVE_GLUON:
         o_smem = o_bufs.index(CONSUMER)
         n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        total = used * n_tiles
+        step = gl.num_programs(0)
+        if PREFETCH:  # as the producer: the next tile's rows and expert during this one
+            first_slot, expert, rows = entry_tile(
+                _entry_of(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
+                block_experts_ptr, TAIL_M)
+            entry = _entry_of(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
+                              TAIL_M)
         counter = 0
-        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+        for tile in range(gl.program_id(0), total, step):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
-            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            if PREFETCH:
+                tile_slot = first_slot
+                tile_expert = expert
+                tile_rows = rows
+                first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
+                entry = _entry_of(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                                  TAIL_M)
+            else:
+                tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
+                                                             pid_m, TAIL_M)
             # Without tail tiles the tail branch is not compiled at all (constexpr TAIL_M):
             # left in as dead code, its epilogue's loads crashed Triton 3.6's lowering.
             whole = True
             if TAIL_M:
-                whole = rows == _TILE_M
+                whole = tile_rows == _TILE_M
             if whole:
                 gate, up, counter = paired_mainloop(
                     a_bufs, g_bufs, u_bufs, ready, empty, counter, H, CONSUMER * _HALF_M, 0, 0,
                     BLOCK_N, NUM_BUFFERS, True)
-                _epilogue(gate, up, o_desc, o_smem, first_slot + CONSUMER * _HALF_M,
-                          pid_n * BLOCK_N, expert, b13_ptr, topk_weights_ptr,
+                _epilogue(gate, up, o_desc, o_smem, tile_slot + CONSUMER * _HALF_M,
+                          pid_n * BLOCK_N, tile_expert, b13_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
                           ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
             elif TAIL_M:
@@ -154,8 +172,8 @@ if HAVE_GLUON:
                 half_gate, half_up, counter = paired_mainloop(
                     a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * TAIL_N,
                     CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS, True)
-                _epilogue(half_gate, half_up, h_desc, h_smem, first_slot,
-                          pid_n * BLOCK_N + CONSUMER * TAIL_N, expert, b13_ptr,
+                _epilogue(half_gate, half_up, h_desc, h_smem, tile_slot,
+                          pid_n * BLOCK_N + CONSUMER * TAIL_N, tile_expert, b13_ptr,
                           topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha,
                           limit, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
         tma.store_wait(pendings=0)
@@ -201,11 +219,13 @@ if HAVE_GLUON:
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0, TAIL_M,
-                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)),
+                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT,
+                            PREFETCH)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1, TAIL_M,
-                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT))],
+                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT,
+                            PREFETCH))],
             [4, 4], [232, 232])
 
 

@@ -29,6 +29,7 @@ from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed
 
 if HAVE_GLUON:
     from moekit._gluon import (
+        entry_tile,
         fence_async_shared,
         gl,
         gluon,
@@ -38,7 +39,7 @@ if HAVE_GLUON:
         tiles_in_use,
         tma,
     )
-    from moekit._gluon_gemm2 import _producer
+    from moekit._gluon_gemm2 import _entry_of, _producer
 
 # A tile: 128 rows × two 128-column halves, 64 two-byte K steps; 4 stages of 48 KB.
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
@@ -74,9 +75,24 @@ if HAVE_GLUON:
         """The router weights of plan slots [first_row, +64) (all the tile's; padding slots
         hold ≥ num_pairs and weigh 0), loaded before the K loop so that the two dependent
         gathers land under it rather than in the epilogue."""
-        slots = first_row + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, layout))
-        pair = gl.load(sorted_pairs_ptr + slots)
+        return _pair_weights(_row_pairs(first_row, sorted_pairs_ptr, layout), topk_weights_ptr,
+                             num_pairs)
+
+    @gluon.jit
+    def _row_pairs(first_row, sorted_pairs_ptr, layout: gl.constexpr):
+        """The pairs of plan slots [first_row, +64): `_row_weights`' first load."""
+        return gl.load(sorted_pairs_ptr + first_row
+                       + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, layout)))
+
+    @gluon.jit
+    def _pair_weights(pair, topk_weights_ptr, num_pairs):
+        """The router weights of `_row_pairs`' pairs (padding slots' weigh 0)."""
         return gl.load(topk_weights_ptr + pair, mask=pair < num_pairs, other=0.0)
+
+    @gluon.jit
+    def _warpgroup_row(first_slot, rows, CONSUMER: gl.constexpr):
+        """A math warpgroup's first row of a tile: a whole tile's half, a tail's all."""
+        return first_slot + gl.where(rows == _TILE_M, CONSUMER * _HALF_M, 0)
 
     @gluon.jit
     def _store_half(acc, desc, smem, first_row, first_col, expert, b2_ptr, weights, stride_be,
@@ -101,7 +117,7 @@ if HAVE_GLUON:
                   block_experts_ptr, work_ptr, num_work, H, I, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
                   NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  APPLY_WEIGHT: gl.constexpr):
+                  APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
         halves, or, in a tail tile (64 rows), its rows × half CONSUMER (as two 64-column
         products, `q_desc`'s [64, 64] boxes), so that a tail takes both warpgroups."""
@@ -113,31 +129,54 @@ if HAVE_GLUON:
         c_smem = c_bufs.index(CONSUMER)
         n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
+        total = used * n_tiles
+        step = gl.num_programs(0)
+        if PREFETCH:  # as the producer: the next tile's expert, rows and pairs, loaded
+            # during this tile's K loop (its work entry during the one before)
+            first_slot, expert, rows = entry_tile(
+                _entry_of(gl.program_id(0), total, n_tiles, work_ptr, TAIL_M),
+                block_experts_ptr, TAIL_M)
+            entry = _entry_of(gl.program_id(0) + step, total, n_tiles, work_ptr, TAIL_M)
+            if APPLY_WEIGHT:
+                pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
+                                  sorted_pairs_ptr, acc_layout)
         counter = 0
-        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+        for tile in range(gl.program_id(0), total, step):
             pid_m = tile // n_tiles  # row tile major, as `_producer` loads them
             col0 = (tile - pid_m * n_tiles) * TILE_N
-            first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
+            weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
+            if PREFETCH:
+                tile_slot = first_slot
+                tile_expert = expert
+                tile_rows = rows
+                if APPLY_WEIGHT:  # waited on in the epilogue, not here
+                    weights = _pair_weights(pair, topk_weights_ptr, num_pairs)
+                first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
+                if APPLY_WEIGHT:
+                    pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
+                                      sorted_pairs_ptr, acc_layout)
+                entry = _entry_of(tile + 2 * step, total, n_tiles, work_ptr, TAIL_M)
+            else:
+                tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
+                                                             pid_m, TAIL_M)
+                if APPLY_WEIGHT:
+                    weights = _row_weights(_warpgroup_row(tile_slot, tile_rows, CONSUMER),
+                                           topk_weights_ptr, sorted_pairs_ptr, num_pairs,
+                                           acc_layout)
             # Without tail tiles the tail branch is not compiled (dead code there crashed
             # Triton 3.6's lowering, as in the 16-bit GEMM1).
             whole = True
             if TAIL_M:
-                whole = rows == _TILE_M
+                whole = tile_rows == _TILE_M
             # A tail's 64 rows are all this warpgroup's; a whole tile's, its half.
-            row = first_slot
-            if whole:
-                row = first_slot + CONSUMER * _HALF_M
-            weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
-            if APPLY_WEIGHT:
-                weights = _row_weights(row, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
-                                       acc_layout)
+            row = _warpgroup_row(tile_slot, tile_rows, CONSUMER)
             if whole:
                 lo, hi, counter = paired_mainloop(
                     a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M, 0,
                     BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
-                _store_half(lo, c_desc, c_smem, row, col0, expert, b2_ptr, weights, stride_be,
+                _store_half(lo, c_desc, c_smem, row, col0, tile_expert, b2_ptr, weights, stride_be,
                             HAS_BIAS, APPLY_WEIGHT)
-                _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, expert, b2_ptr, weights,
+                _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, tile_expert, b2_ptr, weights,
                             stride_be, HAS_BIAS, APPLY_WEIGHT)
             elif TAIL_M:
                 # A [64, 64] box in the same bytes; names of their own (a branch's values
@@ -150,9 +189,9 @@ if HAVE_GLUON:
                     a_bufs, b_bufs, b_bufs, ready, empty, counter, I, 0, CONSUMER * BLOCK_N,
                     CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
                 col = col0 + CONSUMER * BLOCK_N
-                _store_half(left, q_desc, q_smem, row, col, expert, b2_ptr, weights,
+                _store_half(left, q_desc, q_smem, row, col, tile_expert, b2_ptr, weights,
                             stride_be, HAS_BIAS, APPLY_WEIGHT)
-                _store_half(right, q_desc, q_smem, row, col + _HALF_M, expert, b2_ptr,
+                _store_half(right, q_desc, q_smem, row, col + _HALF_M, tile_expert, b2_ptr,
                             weights, stride_be, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
 
@@ -190,11 +229,11 @@ if HAVE_GLUON:
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
                           a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, NUM_BUFFERS,
-                          HAS_BIAS, APPLY_WEIGHT)),
+                          HAS_BIAS, APPLY_WEIGHT, PREFETCH)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
                           a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, NUM_BUFFERS,
-                          HAS_BIAS, APPLY_WEIGHT))],
+                          HAS_BIAS, APPLY_WEIGHT, PREFETCH))],
             [4, 4], [232, 232])
 
 
