@@ -11,8 +11,9 @@ GEMM1's 24) gains more in proportion; prefill (32+ K steps) little.
 
 Each cell times, in interleaved rounds, GEMM1 alone, GEMM2 alone (16-bit Gluon kernels,
 over one dispatch plan; GEMM1 at the column tile the library picks) and the whole layer,
-prefetch on and off, by CUDA-graph replay with L2 read-flushed; outputs must be bitwise
-equal on and off. `--fp8` cells time the fp8 layer (its Gluon GEMMs share the producers).
+prefetch on and off (ABBA over four rounds), by CUDA-graph replay with L2 read-flushed;
+outputs must be bitwise equal on and off. Cells named `fp8_<scheme>/<preset>` time the
+fp8 layer (its Gluon GEMMs share the producers).
 
     PYTHONPATH=src python3 bench/scripts/tile_prefetch_experiment.py --out $OUT [--cells P:M ...]
 """
@@ -54,7 +55,7 @@ CELLS = (
     + [("qwen3-30b-a3b", m) for m in (512, 1024, 16384)]
     + [("olmoe-1b-7b", 1024), ("mixtral-8x7b", 1024)]
 )
-ROUNDS = 2
+ROUNDS = 4
 
 
 def timed(prefetch: bool, fn) -> float:
@@ -123,9 +124,11 @@ def run_cell(name: str, m: int, log) -> dict:
     row = {"preset": name, "M": m, "scheme": scheme or "bf16"}
     for stage, fn in stages.items():
         row[f"{stage}_equal"] = same(fn, None if stage == "layer" else keep)
-    for _ in range(ROUNDS):
+    for round_ in range(ROUNDS):
         for stage, fn in stages.items():
-            for prefetch in (False, True):
+            # ABBA: prefill cells slow down as the GPU warms, which alone would favour
+            # whichever variant runs first.
+            for prefetch in ((False, True) if round_ % 2 == 0 else (True, False)):
                 key = f"{stage}_{'on' if prefetch else 'off'}_us"
                 row.setdefault(key, []).append(timed(prefetch, fn))
     parts = []
