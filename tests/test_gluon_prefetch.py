@@ -1,5 +1,6 @@
-"""The Gluon GEMMs' producers loading a tile's indices a tile ahead
-(`moekit._gluon.PREFETCH_TILES`): the same values as loading them at the tile's start.
+"""The Gluon GEMMs loading a tile's indices a tile ahead (`moekit._gluon.PREFETCH_TILES`,
+on for the 16-bit kernels; `PREFETCH_TILES_FP8`, off by default for the fp8 ones' producers,
+tested on here): the same values as loading them at the tile's start.
 
 A prefetch carries the next tile's expert, first slot and pairs (GEMM1 gathering A) and
 the one after's work entry through the tile loop, clamped past a program's last tile; a
@@ -49,15 +50,15 @@ def _require_gluon():
         pytest.skip("the Gluon GEMMs need an sm_90 GPU and Triton's Gluon")
 
 
-def _runs(monkeypatch, module, call):
-    """`call(out)` with the prefetch on and off, on the full grid and on 3 programs:
-    {(prefetch, programs): out}."""
+def _runs(monkeypatch, module, flag, call):
+    """`call()` with the prefetch (`_gluon.<flag>`) on and off, on the full grid and on 3
+    programs: {(prefetch, programs): out}."""
     outs = {}
     for programs in (None, 3):
         if programs:
             monkeypatch.setattr(module, "persistent_programs", lambda device: 3)
         for prefetch in (True, False):
-            monkeypatch.setattr(_gluon, "PREFETCH_TILES", prefetch)
+            monkeypatch.setattr(_gluon, flag, prefetch)
             out = call()
             outs[(prefetch, programs)] = out
     return outs
@@ -84,7 +85,7 @@ def test_16bit_prefetch_changes_no_value_gpu(tail, M, E, k, H, I, act, bias, on_
         return moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13,
                                     b2=b2, apply_router_weight_on_input=on_input,
                                     config=config, out=out)
-    outs = _runs(monkeypatch, moekit.experts, call)
+    outs = _runs(monkeypatch, moekit.experts, "PREFETCH_TILES", call)
     assert len(gemm1) == len(gemm2) == 4, "both Gluon GEMMs ran in every call"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
     assert_close(outs[(True, 3)], expected, name=f"tail={tail} prefetch, 3 programs")
@@ -112,7 +113,7 @@ def test_fp8_prefetch_changes_no_value_gpu(scheme, gather, monkeypatch):
         poison_cuda_cache()
         return moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                         activation="silu", config=config, out=out)
-    outs = _runs(monkeypatch, moekit.experts_fp8, call)
+    outs = _runs(monkeypatch, moekit.experts_fp8, "PREFETCH_TILES_FP8", call)
     assert len(gemm1) == len(gemm2) == 4, "both Gluon GEMMs ran in every call"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation="silu")

@@ -61,7 +61,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its t
 
 for stage in "$@"; do
   case $stage in
-    tests) step pytest-gpu 300 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE \
+    tests) step pytest-gpu 480 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE \
              $PARALLEL --ignore=tests/test_experts_fp8.py tests ;;
     slow) step pytest-gpu-slow 120 python3 -m pytest -m "gpu and slow" -q -p no:cacheprovider tests ;;
     decode) step bench-decode 200 python3 -m moekit.cli bench --tokens 1 2 4 8 16 32 64 \

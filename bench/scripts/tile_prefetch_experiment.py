@@ -1,5 +1,6 @@
-"""Experiment: the Gluon GEMMs' producers loading each tile's indices a tile ahead
-(`moekit._gluon.PREFETCH_TILES`) against loading them at the tile's start.
+"""Experiment: the Gluon GEMMs loading each tile's indices a tile ahead
+(`moekit._gluon.PREFETCH_TILES`, `PREFETCH_TILES_FP8`) against loading them at the tile's
+start.
 
 Prediction (session 25): Nsight Compute's stall sampling of granite M = 512's 16-bit
 GEMM1 (bench/results/logs/h200-20261203-ncu-granite-gemm1-stalls-s25-37fe013.md) put
@@ -58,24 +59,31 @@ CELLS = (
 ROUNDS = 4
 
 
+def _set(prefetch: bool | None) -> None:
+    """Both kinds' prefetch on or off; None: the library's defaults."""
+    _gluon.PREFETCH_TILES = True if prefetch is None else prefetch
+    _gluon.PREFETCH_TILES_FP8 = False if prefetch is None else prefetch
+
+
 def timed(prefetch: bool, fn) -> float:
-    """Graph replay µs of `fn`, captured with the producers' prefetch on or off."""
-    _gluon.PREFETCH_TILES = prefetch
+    """Graph replay µs of `fn`, captured with the prefetch on or off."""
+    _set(prefetch)
     try:
         return graph_replay_us(fn, rep_ms=30)
     finally:
-        _gluon.PREFETCH_TILES = True
+        _set(None)
 
 
 def same(fn, keep) -> bool:
     """Whether `fn`'s output (its rows `keep`, when given) is bitwise the same with
     prefetch on and off."""
-    _gluon.PREFETCH_TILES = False
+    _set(False)
     try:
         off = fn().clone()
+        _set(True)
+        on = fn()
     finally:
-        _gluon.PREFETCH_TILES = True
-    on = fn()
+        _set(None)
     if keep is not None:
         on, off = on[keep], off[keep]
     return bool(torch.equal(on, off))

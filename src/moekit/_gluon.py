@@ -42,10 +42,13 @@ __all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "l
 BLOCK_M = 128  # a row tile; two math warpgroups take 64 rows each
 HALF_M = BLOCK_M // 2
 DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's control)
-# The Gluon GEMMs load each tile's indices (work entry, expert, slots' pairs) a tile ahead:
-# their producers, and the 16-bit kernels' math warpgroups (the kernels' `PREFETCH`). Read
-# at every launch, so an experiment can set it False to time them without.
+# The 16-bit Gluon GEMMs load each tile's indices (work entry, expert, slots' pairs) a tile
+# ahead, in the producer and the math warpgroups (the kernels' `PREFETCH`): 1.01–1.03× on
+# granite's layer at M = 384–1024, GEMM2 up to 1.06×, prefill within noise. The fp8 ones
+# do not: their producers with it measured 0.98× at granite M = 512 (bench/NOTES.md,
+# session 25). Read at every launch, so that an experiment can flip them.
 PREFETCH_TILES = True
+PREFETCH_TILES_FP8 = False
 
 
 @functools.lru_cache(maxsize=16)

@@ -514,5 +514,5 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
-        PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES_FP8, num_warps=4,
     )

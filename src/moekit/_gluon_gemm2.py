@@ -445,6 +445,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None,
-        PARTIAL_N=hidden % (halves * BLOCK_N) != 0, PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
+        PARTIAL_N=hidden % (halves * BLOCK_N) != 0, PREFETCH=_gluon.PREFETCH_TILES_FP8,
+        num_warps=4,
     )
     return out
