@@ -120,3 +120,41 @@ def test_fp8_prefetch_changes_no_value_gpu(scheme, gather, monkeypatch):
     assert_close(outs[(True, 3)], expected, GPU_TOL, name=f"{scheme} prefetch, 3 programs")
     for key, out in outs.items():
         assert torch.equal(out, outs[(False, None)]), f"prefetch, programs = {key}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prefetch_with_every_pair_dropped_gpu(tail, fp8, monkeypatch):
+    # No row tile at all (an expert-parallel rank that got no tokens): the prefetch before
+    # the first tile must load only valid indices, and every output row is zero.
+    _require_gluon()
+    M, E, k, H, I = 300, 16, 4, 512, 256
+    monkeypatch.setattr(_gluon, "PREFETCH_TILES_FP8", True)
+    if fp8:
+        gemm1 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm1")
+        scheme, hidden, q13, q2, ids, weights, _, _ = make_case(
+            "fp8_tensor", M, E, k, H, I, "silu", bias=False, dtype=torch.bfloat16,
+            device="cuda")
+        config = plan_fp8_config(4096, E, k, scheme)
+    else:
+        gemm1 = count_calls(monkeypatch, moekit.experts, "gluon_gemm1_16bit")
+        hidden, q13, q2, _, _, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                              False, 0.0)
+        config = tiles_for_block_m(128)
+    config = dataclasses.replace(config, tail_block_m=64 if tail else 0)
+    ids.fill_(-1)
+    for programs in (None, 3):
+        if programs:
+            monkeypatch.setattr(moekit.experts_fp8 if fp8 else moekit.experts,
+                                "persistent_programs", lambda device: 3)
+        out = poison_(torch.empty_like(hidden))
+        if fp8:
+            moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                     activation="silu", config=config, out=out)
+        else:
+            moekit.fused_experts(hidden, q13, q2, ids, weights, activation="silu",
+                                 config=config, out=out)
+        torch.cuda.synchronize()
+        assert torch.equal(out, torch.zeros_like(out)), f"programs = {programs}"
+    assert len(gemm1) == 2, "the Gluon GEMM1 ran, over no tile"

@@ -58,6 +58,7 @@ from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import moekit
+import moekit._gluon
 import moekit._gluon_gemm1
 import moekit._tma
 import moekit.backend
@@ -162,7 +163,8 @@ _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gem
 def _experts(why, dtype, act, block_m, **flags):
     """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
     tiles on; every other case has them off, whatever the heuristic's default), gluon
-    (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only)."""
+    (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
+    no_prefetch (the Gluon kernels loading each tile's indices at its start)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
@@ -174,7 +176,8 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
     kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off), grouped
     (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A),
-    partial_n (H = 336, I = 208: both GEMMs' last column tile partial)."""
+    partial_n (H = 336, I = 208: both GEMMs' last column tile partial), prefetch (the
+    Gluon GEMMs' producers loading each tile's indices a tile ahead, off by default)."""
     if block_m == 1:
         kernels = _DIRECT_FP8
     else:
@@ -223,6 +226,9 @@ CASES = [
     _experts("Gluon GEMMs, fp16: biases and the router weight on GEMM1's input (GEMM2 "
              "without it), gpt-oss activation, no tail tiles", "fp16", "swigluoai", 128,
              tma=True, bias=True, weight_on_input=True, gluon=True),
+    _experts("Gluon GEMMs loading each tile's indices at its start (`PREFETCH_TILES` off, "
+             "an experiment's control), tail tiles, biases", "bf16", "silu", 128, tma=True,
+             tail=True, bias=True, gluon=True, no_prefetch=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -296,6 +302,13 @@ CASES = [
          "block", "fp16", "swigluoai", 128, tma=True, gluon=True, gluon1=True, no_tail=True),
     _fp8("prefill, Gluon GEMM1 gathering A by cp.async (`gather_rows`): per-tensor scale, tail "
          "tiles", "tensor", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, gather=True),
+    _fp8("prefill, Gluon GEMMs' producers loading each tile's indices a tile ahead "
+         "(`PREFETCH_TILES_FP8`): GEMM1 gathering A (the slots' pairs carried), grouped "
+         "tile order, tail tiles", "tensor", "bf16", "silu", 128, tma=True, gluon=True,
+         gluon1=True, gather=True, grouped=True, prefetch=True),
+    _fp8("the same producers' prefetch with A in plan order (block scales), no tail tiles",
+         "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, no_tail=True,
+         prefetch=True),
     _fp8("prefill, Gluon GEMM1 where rows would be gathered: block scales keep the plan order, no "
          "tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True,
          gather=True, no_tail=True),
@@ -560,6 +573,7 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm1_16bit = lambda *args: bool(p.get("gluon"))
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
+    moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
@@ -610,6 +624,7 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
+    moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)

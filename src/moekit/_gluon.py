@@ -131,6 +131,21 @@ if HAVE_GLUON:
         return entry
 
     @gluon.jit
+    def prefetch_entry(tile, total, used, n_tiles, work_ptr, GROUP_M: gl.constexpr,
+                       TAIL_M: gl.constexpr):
+        """The `tile_entry` of tile `tile` (in `tile_coords` order) for a load ahead of
+        it: past this program's last tile, the last tile's (valid indices, values never
+        used); with no tile at all (every pair dropped, as on an expert-parallel rank that
+        got no tokens), plan block 0 read as a 64-row tail, whose slots every plan has."""
+        last = total - 1
+        pid_m, _ = tile_coords(gl.maximum(gl.minimum(tile, last), 0), gl.maximum(used, 1),
+                               n_tiles, GROUP_M)
+        entry = pid_m
+        if TAIL_M:
+            entry = gl.load(work_ptr + pid_m, mask=last >= 0, other=1)
+        return entry
+
+    @gluon.jit
     def entry_tile(entry, block_experts_ptr, TAIL_M: gl.constexpr):
         """A `tile_entry` → (first plan slot, expert, rows), as `row_tile` returns them."""
         if TAIL_M:

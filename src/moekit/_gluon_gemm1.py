@@ -66,11 +66,11 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
+        prefetch_entry,
         release_steps,
         row_tile,
         stage_ring,
         tile_coords,
-        tile_entry,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -180,9 +180,9 @@ if HAVE_GLUON:
         step = gl.num_programs(0)
         if PREFETCH:  # the first tile's loads, and the second's work entry
             first_slot, expert, pair = _tile_loads(
-                _entry_of(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
+                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
                 sorted_pairs_ptr, block_experts_ptr, gather_rows, num_pairs, TAIL_M, GATHER_A)
-            entry = _entry_of(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
+            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
                               TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
@@ -195,7 +195,7 @@ if HAVE_GLUON:
                 first_slot, expert, pair = _tile_loads(entry, sorted_pairs_ptr,
                                                        block_experts_ptr, gather_rows,
                                                        num_pairs, TAIL_M, GATHER_A)
-                entry = _entry_of(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
                                   TAIL_M)
             else:
                 tile_slot, tile_expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m,
@@ -232,15 +232,6 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(b_desc, [gate_row + I, k], bar,
                                                 u_bufs.index(index))
                 counter += 1
-
-    @gluon.jit
-    def _entry_of(tile, total, used, n_tiles, work_ptr, GROUP_M: gl.constexpr,
-                  TAIL_M: gl.constexpr):
-        """The work entry of tile `tile` (`tile_entry`), clamped to the last tile: a
-        prefetch past this program's last tile loads a valid entry it never uses."""
-        pid_m, _ = tile_coords(gl.maximum(gl.minimum(tile, total - 1), 0), used, n_tiles,
-                               GROUP_M)
-        return tile_entry(work_ptr, pid_m, TAIL_M)
 
     @gluon.jit
     def _tile_loads(entry, sorted_pairs_ptr, block_experts_ptr, gather_rows, num_pairs,

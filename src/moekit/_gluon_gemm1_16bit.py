@@ -36,13 +36,14 @@ if HAVE_GLUON:
         gl,
         gluon,
         paired_mainloop,
+        prefetch_entry,
         row_tile,
         stage_ring,
         tile_coords,
         tiles_in_use,
         tma,
     )
-    from moekit._gluon_gemm1 import _entry_of, _producer
+    from moekit._gluon_gemm1 import _producer
 
 # 128 × 128 × 64 two-byte K steps (the fp8 kernel's 128 bytes of K), 4 stages of 48 KB.
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
@@ -134,9 +135,9 @@ if HAVE_GLUON:
         step = gl.num_programs(0)
         if PREFETCH:  # as the producer: the next tile's rows and expert during this one
             first_slot, expert, rows = entry_tile(
-                _entry_of(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
+                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
                 block_experts_ptr, TAIL_M)
-            entry = _entry_of(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
+            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
                               TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
@@ -146,7 +147,7 @@ if HAVE_GLUON:
                 tile_expert = expert
                 tile_rows = rows
                 first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
-                entry = _entry_of(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
                                   TAIL_M)
             else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,

@@ -55,9 +55,9 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
+        prefetch_entry,
         row_tile,
         stage_ring,
-        tile_entry,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -118,9 +118,10 @@ if HAVE_GLUON:
         step = gl.num_programs(0)
         if PREFETCH:
             first_slot, expert, _ = entry_tile(
-                _entry_of(gl.program_id(0), total, n_tiles, work_ptr, TAIL_M),
+                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, 1, TAIL_M),
                 block_experts_ptr, TAIL_M)
-            entry = _entry_of(gl.program_id(0) + step, total, n_tiles, work_ptr, TAIL_M)
+            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, 1,
+                                   TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
             pid_m = tile // n_tiles
@@ -128,7 +129,7 @@ if HAVE_GLUON:
                 tile_slot = first_slot
                 tile_expert = expert
                 first_slot, expert, _ = entry_tile(entry, block_experts_ptr, TAIL_M)
-                entry = _entry_of(tile + 2 * step, total, n_tiles, work_ptr, TAIL_M)
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, 1, TAIL_M)
             else:
                 tile_slot, tile_expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m,
                                                      TAIL_M)
@@ -145,13 +146,6 @@ if HAVE_GLUON:
                                                 a_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
                 counter += 1
-
-    @gluon.jit
-    def _entry_of(tile, total, n_tiles, work_ptr, TAIL_M: gl.constexpr):
-        """The work entry of tile `tile`, clamped to the last tile: a prefetch past this
-        program's last tile loads a valid entry it never uses."""
-        return tile_entry(work_ptr, gl.maximum(gl.minimum(tile, total - 1), 0) // n_tiles,
-                          TAIL_M)
 
     @gluon.jit
     def _scaled_part(part, step_scale, ws_base, k, col, H, stride_wsk, stride_wsn,

@@ -34,12 +34,13 @@ if HAVE_GLUON:
         gl,
         gluon,
         paired_mainloop,
+        prefetch_entry,
         row_tile,
         stage_ring,
         tiles_in_use,
         tma,
     )
-    from moekit._gluon_gemm2 import _entry_of, _producer
+    from moekit._gluon_gemm2 import _producer
 
 # A tile: 128 rows × two 128-column halves, 64 two-byte K steps; 4 stages of 48 KB.
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
@@ -134,9 +135,10 @@ if HAVE_GLUON:
         if PREFETCH:  # as the producer: the next tile's expert, rows and pairs, loaded
             # during this tile's K loop (its work entry during the one before)
             first_slot, expert, rows = entry_tile(
-                _entry_of(gl.program_id(0), total, n_tiles, work_ptr, TAIL_M),
+                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, 1, TAIL_M),
                 block_experts_ptr, TAIL_M)
-            entry = _entry_of(gl.program_id(0) + step, total, n_tiles, work_ptr, TAIL_M)
+            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, 1,
+                                   TAIL_M)
             if APPLY_WEIGHT:
                 pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                   sorted_pairs_ptr, acc_layout)
@@ -155,7 +157,7 @@ if HAVE_GLUON:
                 if APPLY_WEIGHT:
                     pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                       sorted_pairs_ptr, acc_layout)
-                entry = _entry_of(tile + 2 * step, total, n_tiles, work_ptr, TAIL_M)
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, 1, TAIL_M)
             else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
                                                              pid_m, TAIL_M)
