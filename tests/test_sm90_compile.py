@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -60,6 +61,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 import moekit
 import moekit._gluon
 import moekit._gluon_gemm1
+import moekit._gluon_gemm1_16bit
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -164,7 +166,8 @@ def _experts(why, dtype, act, block_m, **flags):
     """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
     tiles on; every other case has them off, whatever the heuristic's default), gluon
     (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
-    no_prefetch (the Gluon kernels loading each tile's indices at its start)."""
+    no_prefetch (the Gluon kernels loading each tile's indices at its start), k32 (the Gluon
+    GEMM1's 32-deep K steps in twice the stages, an experiment's option)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
@@ -229,6 +232,11 @@ CASES = [
     _experts("Gluon GEMMs loading each tile's indices at its start (`PREFETCH_TILES` off, "
              "an experiment's control), tail tiles, biases", "bf16", "silu", 128, tma=True,
              tail=True, bias=True, gluon=True, no_prefetch=True),
+    _experts("Gluon GEMM1 at 32-deep K steps, 8 stages (all of sm_90's shared memory but 3 "
+             "KB), A gathered by 4 threads a row; tail tiles, biases", "bf16", "gelu", 128,
+             tma=True, tail=True, bias=True, gluon=True, k32=True),
+    _experts("Gluon GEMM1 at 32-deep K steps and narrow column tiles, 12 stages; fp16",
+             "fp16", "silu", 128, tma=True, tail=True, gluon=True, narrow_n=True, k32=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -574,6 +582,9 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
+    moekit.experts.gluon_gemm1_16bit = (
+        functools.partial(_GLUON_GEMM1_16BIT, block_k=moekit._gluon_gemm1_16bit.SHALLOW_K)
+        if p.get("k32") else _GLUON_GEMM1_16BIT)
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
@@ -586,6 +597,7 @@ def _run_experts(p):
 
 
 _GROUP_M = moekit._gluon_gemm1.group_m
+_GLUON_GEMM1_16BIT = moekit.experts.gluon_gemm1_16bit
 
 
 def _run_fp8(p):

@@ -168,10 +168,12 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        # 16 bytes per thread and copy (16 fp8 or 8 16-bit values); a 128-byte row slice
-        # per 8 threads.
+        # 16 bytes per thread and copy (16 fp8 or 8 16-bit values); a K step's row slice
+        # (128 bytes, or 64 in the 16-bit kernel's 32-deep steps) per 8 (4) threads.
         VEC: gl.constexpr = 128 // a_desc.dtype.primitive_bitwidth
-        gather_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [4, 1], [1, 0])
+        ROW_THREADS: gl.constexpr = BLOCK_K // VEC
+        gather_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // ROW_THREADS, ROW_THREADS],
+                                                       [4, 1], [1, 0])
         gather_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather_layout))
         gather_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
         n_tiles = gl.cdiv(I, BLOCK_N)

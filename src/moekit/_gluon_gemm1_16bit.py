@@ -49,6 +49,10 @@ if HAVE_GLUON:
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
 # Narrow column tiles (64 gate and 64 up columns): 32 KB a stage, so 6 stages.
 NARROW_N, NARROW_STAGES = 64, 6
+# 32-deep K steps in twice the stages (an experiment's option, not the default: the math
+# warpgroups then hold a smaller share of the ring while more of it is in flight;
+# bench/NOTES.md, session 25).
+SHALLOW_K, SHALLOW_STAGES, SHALLOW_NARROW_STAGES = 32, 8, 12
 # Measured faster up to this hidden size (K of GEMM1): H200, per-kernel CUDA time inside
 # the layer at M = 4096, tails on both warpgroups (bench/results/
 # h200-20261203-gluon-gemm1-16bit-profile-tailsplit-s20a.json): 1.07–1.10× at H = 2048
@@ -233,7 +237,7 @@ if HAVE_GLUON:
 def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None,
                       topk_weights: torch.Tensor, plan, activation: str, alpha: float,
                       limit: float, weight_on_input: bool, programs: int,
-                      block_n: int = BLOCK_N) -> torch.Tensor:
+                      block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> torch.Tensor:
     """GEMM1 + activation over the plan's row tiles (`_gemm1_ws16_kernel`); returns
     `inter` [capacity, I] in plan order, as `moekit.experts.launch_gemm1` does.
 
@@ -245,22 +249,29 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         programs: the persistent grid (one per SM).
         block_n: the column tile (gate and up columns each): BLOCK_N, or NARROW_N for twice
             the tiles, each streaming half the weight rows.
+        block_k: the K step: BLOCK_K, or SHALLOW_K in twice the stages (same products in
+            the same order: bitwise the same `inter`).
     """
     if block_n not in (BLOCK_N, NARROW_N):
         raise ValueError(f"block_n: expected {BLOCK_N} or {NARROW_N}, got {block_n}")
+    if block_k not in (BLOCK_K, SHALLOW_K):
+        raise ValueError(f"block_k: expected {BLOCK_K} or {SHALLOW_K}, got {block_k}")
+    stages = {(BLOCK_N, BLOCK_K): STAGES, (NARROW_N, BLOCK_K): NARROW_STAGES,
+              (BLOCK_N, SHALLOW_K): SHALLOW_STAGES,
+              (NARROW_N, SHALLOW_K): SHALLOW_NARROW_STAGES}[block_n, block_k]
     num_tokens, hidden_size = hidden.shape
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
     _gemm1_ws16_kernel[(programs,)](
-        descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
+        descriptor(hidden, [BLOCK_M, block_k]), descriptor(w13, [block_n, block_k]),
         descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
         plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,
         plan.block_experts, work, num_work, plan.num_pairs, plan.num_pairs // num_tokens,
         hidden_size, inter_size, hidden.stride(0), 0 if b13 is None else b13.stride(0),
         float(alpha), float(limit),
         TAIL_M=tail_m, GROUP_M=group_m(w13),
-        NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
+        NUM_BUFFERS=stages, ACTIVATION=activation,
         HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
         PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )
