@@ -325,6 +325,21 @@ def test_unrouted_token_gives_zero_row():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("config,tma", [(None, False), (TAIL_TILES, False),
+                                        (TAIL_TMA_TILES, True)],
+                         ids=["heuristic", "tail-tiles", "tma-tail-tiles"])
+def test_every_pair_dropped_gives_zeros_interpreter(monkeypatch, config, tma):
+    # An expert-parallel rank that got no tokens: every id −1, so the plan holds no row
+    # tile; every kernel still runs, over nothing, and the output is all zeros.
+    if tma:
+        monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
+    out, expected = run_case(40, 4, 2, 64, 32, "silu", bias=True, config=config,
+                             ids_transform=lambda ids: torch.full_like(ids, -1))
+    assert torch.equal(expected, torch.zeros_like(expected))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.interpreter
 def test_opcheck_interpreter():
     # Schema, fake implementation and mutation annotations are consistent for torch.compile.
     w13, w2, _, _ = random_experts(4, 32, 16)

@@ -254,6 +254,22 @@ def test_saturation_is_exercised_interpreter():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,config,tma", [
+    ("fp8_tensor", None, False), ("fp8_block", TAIL_TILES, False),
+    ("fp8_channel", TMA_TAIL_TILES, True)], ids=["tensor", "block-tail", "channel-tma-tail"])
+def test_every_pair_dropped_gives_zeros_interpreter(monkeypatch, scheme, config, tma):
+    # An expert-parallel rank that got no tokens: no row tile in the plan, every kernel
+    # (the amax and quantisers included) over nothing, the output all zeros.
+    if tma:
+        monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
+    case = make_case(scheme, 40, 3, 2, 64, 128, bias=True,
+                     ids_transform=lambda ids: torch.full_like(ids, -1))
+    out, expected = run_triton(*case, config=config)
+    assert torch.equal(expected, torch.zeros_like(expected))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.interpreter
 def test_unrouted_token_gives_zero_row_interpreter():
     # A token whose slots are all dropped receives nothing, not garbage.
     case = make_case("fp8_block", 6, 4, 2, 128, 128,
