@@ -36,9 +36,7 @@ from moekit.experts_fp8 import plan_fp8_config
 from moekit.quant.scheme import FULL
 from moekit.reference import fused_experts_quantized
 from moekit.tuning.heuristic import tiles_for_block_m
-from test_experts_fp8 import make_case
-
-GPU_TOL = 1e-2  # fp8 against the quantised reference, as tests/test_gluon_gemm1.py
+from test_experts_fp8 import GPU_TOL, make_case
 
 
 def _require_gluon():

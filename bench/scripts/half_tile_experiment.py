@@ -62,17 +62,23 @@ def valid_rows(plan):
     return plan.sorted_pairs < plan.num_pairs
 
 
+def prefill_plan(topk, num_experts: int, device: torch.device):
+    """What the Gluon GEMMs alone take for one routing: (router weights [M·k] fp32, the
+    plan at 128-row tiles with 64-row tails, the persistent grid, the plan's valid slots)."""
+    plan = dispatch_plan(topk.ids.to(torch.int32), num_experts, 64, tile_m=128,
+                         backend="triton")
+    return (topk.weights.float().reshape(-1), plan, persistent_programs(device),
+            valid_rows(plan))
+
+
 def run_cell(name: str, m: int, log) -> dict:
     preset = SHARDS.get(name) or PRESETS[name]
     dev = torch.device("cuda")
     w = make_weights(preset, torch.bfloat16, dev)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, dev)
-    ids = topk.ids.to(torch.int32)
-    weights = topk.weights.float().reshape(-1)
     act = Activation.parse(preset.activation)
-    plan = dispatch_plan(ids, preset.num_experts, 64, tile_m=128, backend="triton")
+    weights, plan, programs, keep = prefill_plan(topk, preset.num_experts, dev)
     halved = with_half_tiles(plan)
-    programs = persistent_programs(dev)
     if not (use_gluon_gemm1_16bit(hidden, w.w13, 128, act.kind)
             and use_gluon_gemm2_16bit(w.w2, 128)):
         log(f"{name} M={m}: not a Gluon shape, skipped")
@@ -86,7 +92,6 @@ def run_cell(name: str, m: int, log) -> dict:
 
     inter = g1(False)
     inter_h = g1(True)
-    keep = valid_rows(plan)
     row["gemm1_equal"] = bool(torch.equal(inter[keep], inter_h[keep]))
 
     def g2(halves):

@@ -24,7 +24,10 @@ import statistics
 import sys
 
 import torch
-from half_tile_experiment import run_cells  # this directory: the command line and the loop
+from half_tile_experiment import (  # this directory: the plan, the command line, the loop
+    prefill_plan,
+    run_cells,
+)
 
 from moekit._gluon_gemm1_16bit import (
     BLOCK_K,
@@ -34,12 +37,11 @@ from moekit._gluon_gemm1_16bit import (
     gluon_gemm1_16bit,
     use_gluon_gemm1_16bit,
 )
-from moekit._tma import heuristic_sms, persistent_programs
+from moekit._tma import heuristic_sms
 from moekit.activation import Activation
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
-from moekit.dispatch import dispatch_plan
 from moekit.tuning.heuristic import gluon_gemm1_narrow_columns
 
 CELLS = (
@@ -61,11 +63,7 @@ def run_cell(name: str, m: int, log) -> dict:
     if not use_gluon_gemm1_16bit(hidden, w.w13, 128, act.kind):
         log(f"{name} M={m}: not a Gluon shape, skipped")
         return {}
-    ids = topk.ids.to(torch.int32)
-    weights = topk.weights.float().reshape(-1)
-    plan = dispatch_plan(ids, preset.num_experts, 64, tile_m=128, backend="triton")
-    programs = persistent_programs(dev)
-    keep = plan.sorted_pairs < plan.num_pairs
+    weights, plan, programs, keep = prefill_plan(topk, preset.num_experts, dev)
     inter_size = w.w13.shape[1] // 2
     narrow = gluon_gemm1_narrow_columns(m, preset.num_experts, preset.top_k, inter_size,
                                         heuristic_sms(dev))

@@ -24,7 +24,10 @@ from __future__ import annotations
 import sys
 
 import torch
-from half_tile_experiment import run_cells  # this directory: the command line and the loop
+from half_tile_experiment import (  # this directory: the plan, the command line, the loop
+    prefill_plan,
+    run_cells,
+)
 
 import moekit
 from moekit import _gluon
@@ -35,13 +38,12 @@ from moekit._gluon_gemm1_16bit import (
     use_gluon_gemm1_16bit,
 )
 from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
-from moekit._tma import heuristic_sms, persistent_programs
+from moekit._tma import heuristic_sms
 from moekit.activation import Activation
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
-from moekit.dispatch import dispatch_plan
 from moekit.tuning.heuristic import gluon_gemm1_narrow_columns
 
 # The most informative first (results are saved after every cell).
@@ -112,11 +114,7 @@ def run_cell(name: str, m: int, log) -> dict:
     stages = {"layer": layer}
     keep = None  # the plan's valid slots, where a GEMM alone writes plan-order rows
     if not scheme:
-        ids = topk.ids.to(torch.int32)
-        weights = topk.weights.float().reshape(-1)
-        plan = dispatch_plan(ids, preset.num_experts, 64, tile_m=128, backend="triton")
-        programs = persistent_programs(dev)
-        keep = plan.sorted_pairs < plan.num_pairs
+        weights, plan, programs, keep = prefill_plan(topk, preset.num_experts, dev)
         inter_size = w.w13.shape[1] // 2
         if use_gluon_gemm1_16bit(hidden, w.w13, 128, act.kind):
             narrow = gluon_gemm1_narrow_columns(m, preset.num_experts, preset.top_k,
