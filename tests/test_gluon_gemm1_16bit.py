@@ -166,15 +166,17 @@ def test_layer_with_narrow_column_tiles_gpu(tail, M, E, k, H, I, dtype, act, bia
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k_step", [32, 128])
 @pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,skew", [
     (1000, 16, 4, 768, 384, torch.bfloat16, "swigluoai", True, 3.0),  # odd tails, biases
-    (300, 32, 8, 528, 256, torch.float16, "gelu", False, 0.0),  # a partial 32-deep step
+    (300, 32, 8, 528, 256, torch.float16, "gelu", False, 0.0),  # a partial last K step
 ])
-def test_layer_with_32_deep_k_steps_gpu(narrow, M, E, k, H, I, dtype, act, bias, skew,
-                                        gemm1_calls, monkeypatch):
-    # The experiment's 32-deep K steps in twice the stages: the same MMAs in the same K
-    # order, so bitwise the 64-deep steps' output, and the reference's.
+def test_layer_with_other_k_steps_gpu(k_step, narrow, M, E, k, H, I, dtype, act, bias, skew,
+                                      gemm1_calls, monkeypatch):
+    # The experiment's 32-deep K steps in twice the stages and 128-deep ones in half: the
+    # same MMAs in the same K order, so bitwise the 64-deep steps' output, and the
+    # reference's.
     _require_gluon()
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64)
@@ -182,7 +184,7 @@ def test_layer_with_32_deep_k_steps_gpu(narrow, M, E, k, H, I, dtype, act, bias,
                         lambda *args: narrow)
     real = moekit.experts.gluon_gemm1_16bit
     outs = {}
-    for block_k in (moekit._gluon_gemm1_16bit.SHALLOW_K, moekit._gluon_gemm1_16bit.BLOCK_K):
+    for block_k in (k_step, moekit._gluon_gemm1_16bit.BLOCK_K):
         monkeypatch.setattr(moekit.experts, "gluon_gemm1_16bit",
                             lambda *args, block_k=block_k: real(*args, block_k=block_k))
         out = poison_(torch.empty_like(hidden))
@@ -192,5 +194,5 @@ def test_layer_with_32_deep_k_steps_gpu(narrow, M, E, k, H, I, dtype, act, bias,
         outs[block_k] = out
     assert len(gemm1_calls) == 2, "the Gluon GEMM1 ran at both K steps"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, False)
-    assert_close(outs[32], expected, name=f"{dtype} 32-deep K steps, narrow={narrow}")
-    assert torch.equal(outs[32], outs[64]), "32- against 64-deep K steps"
+    assert_close(outs[k_step], expected, name=f"{dtype} {k_step}-deep K steps, narrow={narrow}")
+    assert torch.equal(outs[k_step], outs[64]), f"{k_step}- against 64-deep K steps"

@@ -1,5 +1,6 @@
 """Experiment: the 16-bit Gluon GEMM1 at 32-deep K steps in twice the stages
-(`gluon_gemm1_16bit(..., block_k=SHALLOW_K)`) against its 64-deep steps.
+(`gluon_gemm1_16bit(..., block_k=SHALLOW_K)`), or 128-deep ones in half (`--k-step 128`),
+against its 64-deep steps.
 
 Prediction (session 25): at granite's mid M the math warpgroups wait on data ~37% of
 their time with the producer waiting on free stages too (every stage in flight; stall
@@ -9,13 +10,17 @@ at 32 KB stages (narrow columns), 32 of 192 KB at 16 KB ones, so ~25% more bytes
 flight per SM at the same shared memory. If the stream is latency-bound, GEMM1 at
 granite M = 512 ~43.5 → ~38 µs; against it, twice the barrier waits, fences and
 releases per byte on the math side, which prefill (MMA-bound) would feel.
+Measured (session 26): 32-deep steps slower in every cell. Then 128-deep steps (session
+26's hypothesis: a copy's short row pieces, 128 bytes of each of BLOCK_N weight rows 2·H
+bytes apart, cap the DRAM stream; `tile_read_experiment.py`).
 
 Each cell times GEMM1 alone over one dispatch plan at both column tiles (128, and 64 of
 `NARROW_N`) × both K steps, by CUDA-graph replay with L2 read-flushed, four rounds with
 the variants' order rotated each round; the 32-deep steps' `inter` must equal the
 64-deep steps' bitwise (the same MMAs in the same K order).
 
-    PYTHONPATH=src python3 bench/scripts/k_step_experiment.py --out $OUT [--cells P:M ...]
+    PYTHONPATH=src python3 bench/scripts/k_step_experiment.py --out $OUT [--k-step 128]
+        [--cells P:M ...]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from half_tile_experiment import (  # this directory: the plan, the command line
 from moekit._gluon_gemm1_16bit import (
     BLOCK_K,
     BLOCK_N,
+    DEEP_K,
     NARROW_N,
     SHALLOW_K,
     gluon_gemm1_16bit,
@@ -51,7 +57,9 @@ CELLS = (
     + [("mixtral-8x7b", 1024), ("deepseek-v2-lite", 4096)]
 )
 ROUNDS = 4
-VARIANTS = [(n, k) for n in (BLOCK_N, NARROW_N) for k in (BLOCK_K, SHALLOW_K)]
+OTHER_K = DEEP_K if "--k-step" in sys.argv and sys.argv[sys.argv.index("--k-step") + 1] == "128" \
+    else SHALLOW_K
+VARIANTS = [(n, k) for n in (BLOCK_N, NARROW_N) for k in (BLOCK_K, OTHER_K)]
 
 
 def run_cell(name: str, m: int, log) -> dict:
@@ -74,7 +82,7 @@ def run_cell(name: str, m: int, log) -> dict:
 
     row = {"preset": name, "M": m, "library_block_n": NARROW_N if narrow else BLOCK_N}
     for n in (BLOCK_N, NARROW_N):
-        row[f"equal_{n}"] = bool(torch.equal(g1(n, SHALLOW_K)[keep], g1(n, BLOCK_K)[keep]))
+        row[f"equal_{n}"] = bool(torch.equal(g1(n, OTHER_K)[keep], g1(n, BLOCK_K)[keep]))
     for r in range(ROUNDS):
         for n, k in VARIANTS[r % 4:] + VARIANTS[:r % 4]:
             row.setdefault(f"gemm1_{n}x{k}_us", []).append(
@@ -82,11 +90,14 @@ def run_cell(name: str, m: int, log) -> dict:
     med = {v: statistics.median(row[f"gemm1_{v[0]}x{v[1]}_us"]) for v in VARIANTS}
     parts = [f"{n}×{k} {med[n, k]:.1f}" for n, k in VARIANTS]
     log(f"{name} M={m} (library: {row['library_block_n']} columns): GEMM1 µs " + ", ".join(parts)
-        + f"; 64 ÷ 32 deep: {med[BLOCK_N, BLOCK_K] / med[BLOCK_N, SHALLOW_K]:.3f}× (128 cols), "
-        f"{med[NARROW_N, BLOCK_K] / med[NARROW_N, SHALLOW_K]:.3f}× (64 cols); equal "
+        + f"; 64 ÷ {OTHER_K} deep: {med[BLOCK_N, BLOCK_K] / med[BLOCK_N, OTHER_K]:.3f}× "
+        f"(128 cols), {med[NARROW_N, BLOCK_K] / med[NARROW_N, OTHER_K]:.3f}× (64 cols); equal "
         f"{row[f'equal_{BLOCK_N}']}/{row[f'equal_{NARROW_N}']}")
     return row
 
 
 if __name__ == "__main__":
-    sys.exit(run_cells("k-step-experiment", CELLS, run_cell))
+    if "--k-step" in sys.argv:  # read above; run_cells parses the rest
+        at = sys.argv.index("--k-step")
+        del sys.argv[at:at + 2]
+    sys.exit(run_cells(f"k-step-experiment-{OTHER_K}", CELLS, run_cell))

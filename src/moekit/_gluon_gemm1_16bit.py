@@ -53,6 +53,12 @@ NARROW_N, NARROW_STAGES = 64, 6
 # warpgroups then hold a smaller share of the ring while more of it is in flight;
 # bench/NOTES.md, session 25).
 SHALLOW_K, SHALLOW_STAGES, SHALLOW_NARROW_STAGES = 32, 8, 12
+# 128-deep K steps in half the stages (an experiment's option: 256 bytes of each weight row
+# per copy instead of 128, in case short row pieces cap the DRAM stream; session 26).
+DEEP_K, DEEP_STAGES, DEEP_NARROW_STAGES = 128, 2, 3
+_STAGES = {(BLOCK_N, BLOCK_K): STAGES, (NARROW_N, BLOCK_K): NARROW_STAGES,
+           (BLOCK_N, SHALLOW_K): SHALLOW_STAGES, (NARROW_N, SHALLOW_K): SHALLOW_NARROW_STAGES,
+           (BLOCK_N, DEEP_K): DEEP_STAGES, (NARROW_N, DEEP_K): DEEP_NARROW_STAGES}
 # Measured faster up to this hidden size (K of GEMM1): H200, per-kernel CUDA time inside
 # the layer at M = 4096, tails on both warpgroups (bench/results/
 # h200-20261203-gluon-gemm1-16bit-profile-tailsplit-s20a.json): 1.07–1.10× at H = 2048
@@ -249,16 +255,14 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         programs: the persistent grid (one per SM).
         block_n: the column tile (gate and up columns each): BLOCK_N, or NARROW_N for twice
             the tiles, each streaming half the weight rows.
-        block_k: the K step: BLOCK_K, or SHALLOW_K in twice the stages (same products in
-            the same order: bitwise the same `inter`).
+        block_k: the K step: BLOCK_K, SHALLOW_K in twice the stages or DEEP_K in half
+            (same products in the same order: bitwise the same `inter`).
     """
     if block_n not in (BLOCK_N, NARROW_N):
         raise ValueError(f"block_n: expected {BLOCK_N} or {NARROW_N}, got {block_n}")
-    if block_k not in (BLOCK_K, SHALLOW_K):
-        raise ValueError(f"block_k: expected {BLOCK_K} or {SHALLOW_K}, got {block_k}")
-    stages = {(BLOCK_N, BLOCK_K): STAGES, (NARROW_N, BLOCK_K): NARROW_STAGES,
-              (BLOCK_N, SHALLOW_K): SHALLOW_STAGES,
-              (NARROW_N, SHALLOW_K): SHALLOW_NARROW_STAGES}[block_n, block_k]
+    if block_k not in (BLOCK_K, SHALLOW_K, DEEP_K):
+        raise ValueError(f"block_k: expected {BLOCK_K}, {SHALLOW_K} or {DEEP_K}, got {block_k}")
+    stages = _STAGES[block_n, block_k]
     num_tokens, hidden_size = hidden.shape
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)

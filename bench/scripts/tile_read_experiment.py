@@ -1,0 +1,121 @@
+"""Experiment: does the width of a weight tile's rows limit how fast a GEMM streams them?
+
+Granite's Gluon GEMM1 streams w13 at 2.5–2.8 TB/s even where each weight byte is read
+once (M = 128: 126 MB in 45.6 µs; bench/NOTES.md, session 23), and 32-deep K steps (64
+bytes of each weight row per copy) measured 3–20% slower than 64-deep ones (128 bytes;
+session 26) with more bytes in flight. Hypothesis: a K step's box reads BLOCK_N short
+row pieces 2·H bytes apart, and DRAM serves such short pieces below its streaming rate,
+so the bytes each copy takes from a row, not the bytes in flight, set the ceiling.
+
+This reads a [R, K] bf16 matrix (R·K·2 bytes, the size of granite's w13) as a GEMM does:
+a program per block of BLOCK_R rows walks K in BLOCK_K steps through TMA boxes of
+[BLOCK_R, BLOCK_K] into pipelined shared memory (a 16-row dot consumes each, so Triton's
+pipeliner keeps `stages` in flight), at several (BLOCK_R, BLOCK_K, stages), against a
+plain contiguous stream of the same bytes (`stream_read`). CUDA-graph replay, L2
+read-flushed, median µs over four rounds in rotated order. If the hypothesis holds,
+GB/s rises with BLOCK_K at equal bytes in flight per program (BLOCK_R·BLOCK_K·stages).
+
+    PYTHONPATH=src python3 bench/scripts/tile_read_experiment.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from moekit.bench.stream_read import BLOCK, UNROLL, stream_read
+from moekit.bench.timing import graph_replay_us
+
+# (BLOCK_R, BLOCK_K, stages): 32 KB in flight per program for every K step at 64 rows,
+# then the same steps with twice the rows, and the widest step at fewer stages.
+VARIANTS = [(64, 32, 8), (64, 64, 4), (64, 128, 2), (64, 256, 1),
+            (128, 32, 8), (128, 64, 4), (128, 128, 2),
+            (64, 64, 8), (64, 128, 4), (64, 256, 2)]
+SHAPES = [(1024 * 40, 1536), (256 * 128, 2048), (5760 * 8, 2880)]  # granite, qwen3, gpt-oss w13
+ROUNDS = 4
+
+
+@triton.jit
+def _tile_read_kernel(w_desc, out_ptr, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      STAGES: tl.constexpr):
+    """Program p: a 16-row dot of ones against rows [p·BLOCK_R, +BLOCK_R) of w, K-step by
+    K-step; row sums of its first output row to out (so nothing is optimised away)."""
+    r0 = tl.program_id(0) * BLOCK_R
+    ones = tl.full([16, BLOCK_K], 1.0, dtype=tl.float32).to(w_desc.dtype)
+    acc = tl.zeros([16, BLOCK_R], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        acc = tl.dot(ones, w_desc.load([r0, k0]).T, acc)
+    rows = tl.arange(0, 16)[:, None]
+    cols = r0 + tl.arange(0, BLOCK_R)[None, :]
+    tl.store(out_ptr + cols + rows * 0, acc, mask=rows == 0)
+
+
+def run_shape(rows: int, k: int, log) -> dict:
+    dev = torch.device("cuda")
+    w = torch.randn(rows, k, dtype=torch.bfloat16, device=dev)
+    out = torch.empty(rows, dtype=torch.float32, device=dev)
+    nbytes = w.numel() * 2
+    flat = w.view(-1)[: w.numel() // (BLOCK * UNROLL) * (BLOCK * UNROLL)]
+    partials = stream_read(flat)
+    fns = {"stream": lambda: stream_read(flat, partials)}
+    for br, bk, stages in VARIANTS:
+        desc = TensorDescriptor.from_tensor(w, [br, bk])
+
+        def fn(desc=desc, br=br, bk=bk, stages=stages):
+            _tile_read_kernel[(rows // br,)](desc, out, k, BLOCK_R=br, BLOCK_K=bk,
+                                             STAGES=stages, num_warps=4)
+        fn()
+        ref = w[: 64 * 4].float().sum(1)
+        torch.cuda.synchronize()
+        if not torch.allclose(out[: 64 * 4], ref, rtol=1e-2, atol=1e-1):
+            raise RuntimeError(f"tile read {br}x{bk}x{stages}: wrong row sums")
+        fns[f"{br}x{bk}x{stages}"] = fn
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(graph_replay_us(fns[name], rep_ms=30))
+    row = {"rows": rows, "K": k, "MB": nbytes / 1e6}
+    parts = []
+    for name in names:
+        us = statistics.median(samples[name])
+        row[f"{name}_us"] = us
+        row[f"{name}_GBps"] = nbytes / us / 1e3
+        parts.append(f"{name} {us:.1f} µs ({nbytes / us / 1e3:.0f} GB/s)")
+    log(f"[{rows}, {k}] bf16, {nbytes / 1e6:.0f} MB: " + "; ".join(parts))
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    with open(os.path.join(args.out, "tile-read-experiment.log"), "w") as logf:
+        def log(line):
+            print(line, flush=True)
+            logf.write(line + "\n")
+        for r, k in SHAPES:
+            rows.append(run_shape(r, k, log))
+            with open(os.path.join(args.out, "tile-read-experiment.json"), "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "triton": triton.__version__,
+                           "date": datetime.date.today().isoformat(),
+                           "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
+                           "command": " ".join(sys.argv), "variants": VARIANTS,
+                           "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
