@@ -52,8 +52,14 @@ def layer_call(name: str, m: int, dtype: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, nargs="*", help="indices into CELLS (default all)")
+    parser.add_argument("--cell", nargs="*", default=[], metavar="PRESET:M:DTYPE",
+                        help="other cells, e.g. gpt-oss-120b:4096:bf16")
     args = parser.parse_args()
-    chosen = CELLS if args.cells is None else [CELLS[i] for i in args.cells]
+    chosen = [] if args.cell and args.cells is None else (
+        CELLS if args.cells is None else [CELLS[i] for i in args.cells])
+    for cell in args.cell:
+        name, m, dtype = cell.split(":")
+        chosen.append((name, int(m), dtype))
     for name, m, dtype in chosen:
         call = layer_call(name, m, dtype)
         for _ in range(2):
