@@ -62,6 +62,7 @@ import moekit
 import moekit._gluon
 import moekit._gluon_gemm1
 import moekit._gluon_gemm1_16bit
+import moekit._gluon_gemm2_16bit
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -247,6 +248,9 @@ CASES = [
              gluon=True, k_step=128),
     _experts("Gluon GEMM1 at 128-deep K steps and narrow column tiles, 3 stages", "bf16",
              "silu", 128, tma=True, tail=True, gluon=True, narrow_n=True, k_step=128),
+    _experts("Gluon GEMM2 at narrow column tiles (two 64-column halves, 6 stages; a tail's "
+             "32-column products), tail tiles, biases, router weight", "bf16", "gelu", 128,
+             tma=True, tail=True, bias=True, gluon=True, narrow2=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -595,6 +599,9 @@ def _run_experts(p):
     moekit.experts.gluon_gemm1_16bit = (
         functools.partial(_GLUON_GEMM1_16BIT, block_k=p["k_step"])
         if p.get("k_step") else _GLUON_GEMM1_16BIT)
+    moekit.experts.gluon_gemm2_16bit = (
+        functools.partial(_GLUON_GEMM2_16BIT, block_n=moekit._gluon_gemm2_16bit.NARROW_N)
+        if p.get("narrow2") else _GLUON_GEMM2_16BIT)
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
@@ -608,6 +615,7 @@ def _run_experts(p):
 
 _GROUP_M = moekit._gluon_gemm1.group_m
 _GLUON_GEMM1_16BIT = moekit.experts.gluon_gemm1_16bit
+_GLUON_GEMM2_16BIT = moekit.experts.gluon_gemm2_16bit
 
 
 def _run_fp8(p):
