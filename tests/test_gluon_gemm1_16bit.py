@@ -163,36 +163,3 @@ def test_layer_with_narrow_column_tiles_gpu(tail, M, E, k, H, I, dtype, act, bia
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
     assert_close(outs[True], expected, name=f"{dtype} tail={tail} narrow columns")
     assert torch.equal(outs[True], outs[False]), "narrow against wide column tiles"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("k_step", [32, 128])
-@pytest.mark.parametrize("narrow", [False, True])
-@pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,skew", [
-    (1000, 16, 4, 768, 384, torch.bfloat16, "swigluoai", True, 3.0),  # odd tails, biases
-    (300, 32, 8, 528, 256, torch.float16, "gelu", False, 0.0),  # a partial last K step
-])
-def test_layer_with_other_k_steps_gpu(k_step, narrow, M, E, k, H, I, dtype, act, bias, skew,
-                                      gemm1_calls, monkeypatch):
-    # The experiment's 32-deep K steps in twice the stages and 128-deep ones in half: the
-    # same MMAs in the same K order, so bitwise the 64-deep steps' output, and the
-    # reference's.
-    _require_gluon()
-    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
-    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64)
-    monkeypatch.setattr(moekit.experts, "gluon_gemm1_narrow_columns",
-                        lambda *args: narrow)
-    real = moekit.experts.gluon_gemm1_16bit
-    outs = {}
-    for block_k in (k_step, moekit._gluon_gemm1_16bit.BLOCK_K):
-        monkeypatch.setattr(moekit.experts, "gluon_gemm1_16bit",
-                            lambda *args, block_k=block_k: real(*args, block_k=block_k))
-        out = poison_(torch.empty_like(hidden))
-        poison_cuda_cache()
-        moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13, b2=b2,
-                             config=config, out=out)
-        outs[block_k] = out
-    assert len(gemm1_calls) == 2, "the Gluon GEMM1 ran at both K steps"
-    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, False)
-    assert_close(outs[k_step], expected, name=f"{dtype} {k_step}-deep K steps, narrow={narrow}")
-    assert torch.equal(outs[k_step], outs[64]), f"{k_step}- against 64-deep K steps"

@@ -123,33 +123,3 @@ def test_gluon_gemm2_is_deterministic_gpu(gemm2_calls):
     _require_gluon()
     check_reruns_bitwise(4096, 64, 8, 2048, 768, tiles_for_block_m(128))
     assert gemm2_calls, "through the Gluon GEMM2"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tail", [True, False])
-@pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
-    (1000, 16, 4, 768, 384, torch.bfloat16, "swigluoai", True, False, 3.0),  # odd tails
-    (300, 32, 8, 512, 200, torch.float16, "gelu", False, True, 0.0),  # partial K step
-])
-def test_layer_with_narrow_column_tiles_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input,
-                                            skew, gemm2_calls, monkeypatch):
-    # The experiment's narrow tiles (two 64-column halves, 6 stages; a tail's products 32
-    # columns wide): the same products in the same K order, so bitwise the wide tiles'
-    # output, and the reference's.
-    _require_gluon()
-    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
-    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
-    real = moekit.experts.gluon_gemm2_16bit
-    outs = {}
-    for block_n in (moekit._gluon_gemm2_16bit.NARROW_N, moekit._gluon_gemm2_16bit.BLOCK_N):
-        monkeypatch.setattr(moekit.experts, "gluon_gemm2_16bit",
-                            lambda *args, block_n=block_n: real(*args, block_n=block_n))
-        out = poison_(torch.empty_like(hidden))
-        poison_cuda_cache()
-        moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13, b2=b2,
-                             apply_router_weight_on_input=on_input, config=config, out=out)
-        outs[block_n] = out
-    assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran at both widths"
-    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
-    assert_close(outs[64], expected, name=f"{dtype} tail={tail} narrow")
-    assert torch.equal(outs[64], outs[128]), "narrow against wide column tiles"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -61,8 +60,6 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 import moekit
 import moekit._gluon
 import moekit._gluon_gemm1
-import moekit._gluon_gemm1_16bit
-import moekit._gluon_gemm2_16bit
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -97,10 +94,6 @@ _KNOWN_SPILL_BYTES = {
     ("fp8-channel-bf16-swigluoai-bm128-bias-odd_i", "_gemm2_fp8_kernel"): 952,
     # session 8, the same cause: the direct fp8 GEMM1 reading 520-element rows
     ("fp8-block-bf16-silu-bm1-odd_h", "_direct_gemm1_fp8_kernel"): 84,
-    # session 26: the 16-bit Gluon GEMM1's 128-deep K steps (an experiment's option, not
-    # the default): 24 bytes
-    ("experts-bf16-gelu-bm128-tma-tail-bias-gluon-k128", "_gemm1_ws16_kernel"): 24,
-    ("experts-bf16-silu-bm128-tma-tail-gluon-narrow_n-k128", "_gemm1_ws16_kernel"): 24,
 }
 _WAIT_S = 600  # per case, while the workers are busy with the ones before it
 
@@ -151,8 +144,7 @@ class Case:
         return self.slow or _OP_COST.get(self.op, 0.5)
 
 
-_ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k",
-              "k_step": "k"}
+_ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k"}
 _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
@@ -172,8 +164,7 @@ def _experts(why, dtype, act, block_m, **flags):
     """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
     tiles on; every other case has them off, whatever the heuristic's default), gluon
     (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
-    no_prefetch (the Gluon kernels loading each tile's indices at its start), k_step (the
-    Gluon GEMM1's K step, 32 or 128 deep: an experiment's option; else 64)."""
+    no_prefetch (the Gluon kernels loading each tile's indices at its start)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
@@ -238,19 +229,6 @@ CASES = [
     _experts("Gluon GEMMs loading each tile's indices at its start (`PREFETCH_TILES` off, "
              "an experiment's control), tail tiles, biases", "bf16", "silu", 128, tma=True,
              tail=True, bias=True, gluon=True, no_prefetch=True),
-    _experts("Gluon GEMM1 at 32-deep K steps, 8 stages (all of sm_90's shared memory but 3 "
-             "KB), A gathered by 4 threads a row; tail tiles, biases", "bf16", "gelu", 128,
-             tma=True, tail=True, bias=True, gluon=True, k_step=32),
-    _experts("Gluon GEMM1 at 32-deep K steps and narrow column tiles, 12 stages; fp16",
-             "fp16", "silu", 128, tma=True, tail=True, gluon=True, narrow_n=True, k_step=32),
-    _experts("Gluon GEMM1 at 128-deep K steps, 2 stages, A gathered by 16 threads a row; "
-             "tail tiles, biases", "bf16", "gelu", 128, tma=True, tail=True, bias=True,
-             gluon=True, k_step=128),
-    _experts("Gluon GEMM1 at 128-deep K steps and narrow column tiles, 3 stages", "bf16",
-             "silu", 128, tma=True, tail=True, gluon=True, narrow_n=True, k_step=128),
-    _experts("Gluon GEMM2 at narrow column tiles (two 64-column halves, 6 stages; a tail's "
-             "32-column products), tail tiles, biases, router weight", "bf16", "gelu", 128,
-             tma=True, tail=True, bias=True, gluon=True, narrow2=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -596,12 +574,6 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
-    moekit.experts.gluon_gemm1_16bit = (
-        functools.partial(_GLUON_GEMM1_16BIT, block_k=p["k_step"])
-        if p.get("k_step") else _GLUON_GEMM1_16BIT)
-    moekit.experts.gluon_gemm2_16bit = (
-        functools.partial(_GLUON_GEMM2_16BIT, block_n=moekit._gluon_gemm2_16bit.NARROW_N)
-        if p.get("narrow2") else _GLUON_GEMM2_16BIT)
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
@@ -614,8 +586,6 @@ def _run_experts(p):
 
 
 _GROUP_M = moekit._gluon_gemm1.group_m
-_GLUON_GEMM1_16BIT = moekit.experts.gluon_gemm1_16bit
-_GLUON_GEMM2_16BIT = moekit.experts.gluon_gemm2_16bit
 
 
 def _run_fp8(p):

@@ -169,7 +169,7 @@ if HAVE_GLUON:
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         # 16 bytes per thread and copy (16 fp8 or 8 16-bit values); a K step's row slice
-        # (128 bytes, or 64 in the 16-bit kernel's 32-deep steps) per 8 (4) threads.
+        # (128 bytes in both kernels) per BLOCK_K / VEC = 8 threads.
         VEC: gl.constexpr = 128 // a_desc.dtype.primitive_bitwidth
         ROW_THREADS: gl.constexpr = BLOCK_K // VEC
         gather_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // ROW_THREADS, ROW_THREADS],

@@ -49,16 +49,6 @@ if HAVE_GLUON:
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
 # Narrow column tiles (64 gate and 64 up columns): 32 KB a stage, so 6 stages.
 NARROW_N, NARROW_STAGES = 64, 6
-# 32-deep K steps in twice the stages (an experiment's option, not the default: the math
-# warpgroups then hold a smaller share of the ring while more of it is in flight;
-# bench/NOTES.md, session 25).
-SHALLOW_K, SHALLOW_STAGES, SHALLOW_NARROW_STAGES = 32, 8, 12
-# 128-deep K steps in half the stages (an experiment's option: 256 bytes of each weight row
-# per copy instead of 128, in case short row pieces cap the DRAM stream; session 26).
-DEEP_K, DEEP_STAGES, DEEP_NARROW_STAGES = 128, 2, 3
-_STAGES = {(BLOCK_N, BLOCK_K): STAGES, (NARROW_N, BLOCK_K): NARROW_STAGES,
-           (BLOCK_N, SHALLOW_K): SHALLOW_STAGES, (NARROW_N, SHALLOW_K): SHALLOW_NARROW_STAGES,
-           (BLOCK_N, DEEP_K): DEEP_STAGES, (NARROW_N, DEEP_K): DEEP_NARROW_STAGES}
 # Measured faster up to this hidden size (K of GEMM1): H200, per-kernel CUDA time inside
 # the layer at M = 4096, tails on both warpgroups (bench/results/
 # h200-20261203-gluon-gemm1-16bit-profile-tailsplit-s20a.json): 1.07–1.10× at H = 2048
@@ -243,7 +233,7 @@ if HAVE_GLUON:
 def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None,
                       topk_weights: torch.Tensor, plan, activation: str, alpha: float,
                       limit: float, weight_on_input: bool, programs: int,
-                      block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> torch.Tensor:
+                      block_n: int = BLOCK_N) -> torch.Tensor:
     """GEMM1 + activation over the plan's row tiles (`_gemm1_ws16_kernel`); returns
     `inter` [capacity, I] in plan order, as `moekit.experts.launch_gemm1` does.
 
@@ -255,27 +245,22 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         programs: the persistent grid (one per SM).
         block_n: the column tile (gate and up columns each): BLOCK_N, or NARROW_N for twice
             the tiles, each streaming half the weight rows.
-        block_k: the K step: BLOCK_K, SHALLOW_K in twice the stages or DEEP_K in half
-            (same products in the same order: bitwise the same `inter`).
     """
     if block_n not in (BLOCK_N, NARROW_N):
         raise ValueError(f"block_n: expected {BLOCK_N} or {NARROW_N}, got {block_n}")
-    if block_k not in (BLOCK_K, SHALLOW_K, DEEP_K):
-        raise ValueError(f"block_k: expected {BLOCK_K}, {SHALLOW_K} or {DEEP_K}, got {block_k}")
-    stages = _STAGES[block_n, block_k]
     num_tokens, hidden_size = hidden.shape
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
     _gemm1_ws16_kernel[(programs,)](
-        descriptor(hidden, [BLOCK_M, block_k]), descriptor(w13, [block_n, block_k]),
+        descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
         descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
         plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,
         plan.block_experts, work, num_work, plan.num_pairs, plan.num_pairs // num_tokens,
         hidden_size, inter_size, hidden.stride(0), 0 if b13 is None else b13.stride(0),
         float(alpha), float(limit),
         TAIL_M=tail_m, GROUP_M=group_m(w13),
-        NUM_BUFFERS=stages, ACTIVATION=activation,
+        NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
         HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
         PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )

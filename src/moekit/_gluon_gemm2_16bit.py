@@ -45,11 +45,6 @@ if HAVE_GLUON:
 # A tile: 128 rows × two 128-column halves, 64 two-byte K steps; 4 stages of 48 KB.
 BLOCK_N, BLOCK_K, STAGES = 128, 64, 4
 TILE_N = 2 * BLOCK_N
-# Narrow tiles (two 64-column halves: an experiment's option, not the default): 32 KB a
-# stage, so 6 stages hold three quarters of a short-K tile (granite's I = 512: 8 K steps)
-# where 4 wide ones hold half; the producer waits on free stages through an epilogue
-# (stall sampling, bench/NOTES.md, session 26).
-NARROW_N, NARROW_STAGES = 64, 6
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -125,11 +120,10 @@ if HAVE_GLUON:
                   NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
-        halves, or, in a tail tile (64 rows), its rows × half CONSUMER (as two products of
-        half its width, `q_desc`'s boxes), so that a tail takes both warpgroups."""
+        halves, or, in a tail tile (64 rows), its rows × half CONSUMER (as two 64-column
+        products, `q_desc`'s [64, 64] boxes), so that a tail takes both warpgroups."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         TILE_N: gl.constexpr = b_bufs.shape[1]
-        SUB_N: gl.constexpr = q_desc.block_type.shape[1]  # a tail's products: half a half
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
@@ -187,28 +181,28 @@ if HAVE_GLUON:
                 _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, tile_expert, b2_ptr, weights,
                             stride_be, HAS_BIAS, APPLY_WEIGHT)
             elif TAIL_M:
-                # A [64, SUB_N] box in the same bytes; names of their own (a branch's
-                # values may not change type).
+                # A [64, 64] box in the same bytes; names of their own (a branch's values
+                # may not change type).
                 q_smem = c_smem._reinterpret(q_desc.dtype, q_desc.block_type.shape,
                                              q_desc.layout)
                 # (The slices' starts written out: a constexpr named inside a branch
                 # becomes a tensor.)
                 left, right, counter = paired_mainloop(
                     a_bufs, b_bufs, b_bufs, ready, empty, counter, I, 0, CONSUMER * BLOCK_N,
-                    CONSUMER * BLOCK_N + SUB_N, SUB_N, NUM_BUFFERS, False)
+                    CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
                 col = col0 + CONSUMER * BLOCK_N
                 _store_half(left, q_desc, q_smem, row, col, tile_expert, b2_ptr, weights,
                             stride_be, HAS_BIAS, APPLY_WEIGHT)
-                _store_half(right, q_desc, q_smem, row, col + SUB_N, tile_expert, b2_ptr,
+                _store_half(right, q_desc, q_smem, row, col + _HALF_M, tile_expert, b2_ptr,
                             weights, stride_be, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _gemm2_ws16_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
-        b_desc,  # w2 as [E·H, I], [2·BLOCK_N, BLOCK_K] boxes (a tile's two halves)
+        b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
-        q_desc,  # the same, [64, BLOCK_N / 2] boxes (a tail tile's stores)
+        q_desc,  # the same, [64, 64] boxes (a tail tile's stores)
         b2_ptr,  # [E, H] (read only when HAS_BIAS)
         topk_weights_ptr,  # [M·k] fp32 (read only when APPLY_WEIGHT)
         sorted_pairs_ptr,  # [capacity] int32: slot → pair
@@ -219,8 +213,8 @@ if HAVE_GLUON:
         TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
         APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Persistent over (row tile, 2·BLOCK_N hidden columns), row tile major; this
-        program's own warpgroup is the producer, two more the math."""
+        """Persistent over (row tile, 256 hidden columns), row tile major; this program's
+        own warpgroup is the producer, two more the math."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
         dtype: gl.constexpr = a_desc.dtype
         gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
@@ -246,8 +240,7 @@ if HAVE_GLUON:
 
 
 def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None,
-                      topk_weights: torch.Tensor | None, plan, programs: int,
-                      block_n: int = BLOCK_N) -> torch.Tensor:
+                      topk_weights: torch.Tensor | None, plan, programs: int) -> torch.Tensor:
     """16-bit GEMM2 over the plan's row tiles into plan-order rows (`_gemm2_ws16_kernel`).
 
     Args:
@@ -257,26 +250,20 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
             weight, or None (the weight was applied on the input).
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
         programs: the persistent grid (one per SM).
-        block_n: each of a tile's two column halves: BLOCK_N, or NARROW_N for twice the
-            tiles at half the width in 6 stages (the same products in the same order:
-            bitwise the same output).
     Returns:
         [capacity, H] in inter's dtype; rows of padding slots hold unspecified values.
     """
-    if block_n not in (BLOCK_N, NARROW_N):
-        raise ValueError(f"block_n: expected {BLOCK_N} or {NARROW_N}, got {block_n}")
     _, hidden_size, inter_size = w2.shape
     out = torch.empty((plan.capacity, hidden_size), dtype=inter.dtype, device=inter.device)
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     _gemm2_ws16_kernel[(programs,)](
-        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [2 * block_n, BLOCK_K]),
-        descriptor(out, [HALF_M, block_n]), descriptor(out, [HALF_M, block_n // 2]),
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [TILE_N, BLOCK_K]),
+        descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden_size,
         inter_size, 0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES,
-        HAS_BIAS=b2 is not None,
+        TAIL_M=tail_m, NUM_BUFFERS=STAGES, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )
     return out
