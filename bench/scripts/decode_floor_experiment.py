@@ -25,15 +25,12 @@ worth building; the layer's distance to `read_two` is what its kernels lose on t
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import sys
 
 import torch
 import triton
 import triton.language as tl
+from half_tile_experiment import run_cells  # this directory: the command line and the loop
 
 import moekit
 from moekit.activation import Activation
@@ -181,30 +178,5 @@ def run_cell(name: str, m: int, log) -> dict:
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--cells", nargs="*", metavar="PRESET:M")
-    args = parser.parse_args()
-    cells = ([(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells]
-             if args.cells else CELLS)
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
-    with open(os.path.join(args.out, "decode-floor-experiment.log"), "w") as logf:
-        def log(line):
-            print(line, flush=True)
-            logf.write(line + "\n")
-        for name, m in cells:
-            rows.append(run_cell(name, m, log))
-            with open(os.path.join(args.out, "decode-floor-experiment.json"), "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "triton": triton.__version__,
-                           "date": datetime.date.today().isoformat(),
-                           "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
-                           "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-            torch.cuda.empty_cache()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cells("decode-floor-experiment", CELLS, run_cell))

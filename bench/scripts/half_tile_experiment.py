@@ -136,13 +136,18 @@ def run_cells(stem: str, default_cells, run_cell) -> int:
             row = run_cell(name, m, log)
             if row:
                 rows.append(row)
-            with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "triton": triton.__version__,
-                           "date": datetime.date.today().isoformat(),
-                           "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
-                           "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+            write_rows(args.out, stem, rows)
     return 0
+
+
+def write_rows(out_dir: str, stem: str, rows: list, **extra) -> None:
+    """`<stem>.json` under `out_dir`: the rows with the run's device, versions, date, code
+    (MOEKIT_GIT_COMMIT) and command line, and any `extra` keys."""
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                   "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+                   "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
+                   "command": " ".join(sys.argv), **extra, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,12 @@ block's per-call figures are printed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
 
 import torch
-import triton
+from half_tile_experiment import write_rows  # this directory
 from triton.backends.nvidia.driver import CudaLauncher
 from triton.runtime.jit import JITFunction
 
@@ -130,11 +128,7 @@ def main() -> int:
               f"everything else {per['rest']:.1f} (block totals {per['total_spread']})",
               flush=True)
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "host-breakdown.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                   "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-                   "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
-                   "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+    write_rows(args.out, "host-breakdown", rows)
     return 0
 
 

@@ -21,8 +21,6 @@ GB/s rises with BLOCK_K at equal bytes in flight per program (BLOCK_R·BLOCK_K·
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -30,6 +28,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from half_tile_experiment import write_rows  # this directory
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moekit.bench.stream_read import BLOCK, UNROLL, stream_read
@@ -107,13 +106,7 @@ def main() -> int:
             logf.write(line + "\n")
         for r, k in SHAPES:
             rows.append(run_shape(r, k, log))
-            with open(os.path.join(args.out, "tile-read-experiment.json"), "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "triton": triton.__version__,
-                           "date": datetime.date.today().isoformat(),
-                           "git": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
-                           "command": " ".join(sys.argv), "variants": VARIANTS,
-                           "rows": rows}, f, indent=1)
+            write_rows(args.out, "tile-read-experiment", rows, variants=VARIANTS)
     return 0
 
 
