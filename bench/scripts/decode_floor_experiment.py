@@ -36,7 +36,7 @@ import moekit
 from moekit.activation import Activation
 from moekit.bench.inputs import experts_hit, make_tokens, make_weights
 from moekit.bench.presets import PRESETS
-from moekit.bench.stream_read import _stream_read_kernel
+from moekit.bench.stream_read import stream_read
 from moekit.bench.timing import graph_replay_us
 from moekit.experts_direct import gemm2_arrivals, launch_direct_gemm1, launch_direct_gemm2
 from moekit.tuning.heuristic import default_config
@@ -89,8 +89,7 @@ def _chain_read_kernel(w13_ptr, w2_ptr, partial_ptr, counters_ptr, n1, n2,
 
 def _stream(x: torch.Tensor, partials: torch.Tensor, shape) -> None:
     block, unroll, warps = shape
-    _stream_read_kernel[(x.numel() // (block * unroll),)](x, partials, BLOCK=block,
-                                                           UNROLL=unroll, num_warps=warps)
+    stream_read(x, partials, block=block, unroll=unroll, num_warps=warps)
 
 
 def _buffer(nbytes: int, chunk: int, dev) -> torch.Tensor:

@@ -27,15 +27,18 @@ def _stream_read_kernel(x_ptr, partial_ptr, BLOCK: tl.constexpr, UNROLL: tl.cons
     tl.store(partial_ptr + tl.program_id(0), tl.sum(acc))
 
 
-def stream_read(x: torch.Tensor, partials: torch.Tensor | None = None) -> torch.Tensor:
+def stream_read(x: torch.Tensor, partials: torch.Tensor | None = None, *, block: int = BLOCK,
+                unroll: int = UNROLL, num_warps: int = 8) -> torch.Tensor:
     """Per-program float32 sums of the contiguous 1-D `x` (numel a multiple of
-    BLOCK × UNROLL): every byte of `x` read once. `partials` may be passed to reuse it."""
-    chunk = BLOCK * UNROLL
+    block × unroll): every byte of `x` read once. `partials` may be passed to reuse it;
+    `block`, `unroll` and `num_warps` shape the programs (a study's variants)."""
+    chunk = block * unroll
     if x.dim() != 1 or not x.is_contiguous() or x.numel() % chunk:
         raise ValueError(f"stream_read: expected a contiguous 1-D tensor of a multiple of "
                          f"{chunk} elements, got shape {tuple(x.shape)}")
     programs = x.numel() // chunk
     if partials is None:
         partials = torch.empty(programs, dtype=torch.float32, device=x.device)
-    _stream_read_kernel[(programs,)](x, partials, BLOCK=BLOCK, UNROLL=UNROLL, num_warps=8)
+    _stream_read_kernel[(programs,)](x, partials, BLOCK=block, UNROLL=unroll,
+                                     num_warps=num_warps)
     return partials
