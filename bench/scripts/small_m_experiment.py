@@ -26,16 +26,22 @@ import torch
 from half_tile_experiment import run_cells  # this directory: the command line and rows
 
 import moekit
+from moekit._tma import use_tma
 from moekit.bench.inputs import make_tokens, make_weights
-from moekit.bench.presets import PRESETS
+from moekit.bench.presets import PRESETS, Preset
 from moekit.bench.timing import graph_replay_us
-from moekit.experts import _select_config
+from moekit.dispatch import dispatch_plan
+from moekit.experts import _select_config, launch_gemm1, launch_gemm2
 from moekit.tuning.config import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import direct_tiles
 
 PRESET_NAMES = ("mixtral-8x7b", "deepseek-v2-lite", "olmoe-1b-7b", "qwen3-30b-a3b",
                 "gpt-oss-120b", "granite-3.0-3b-a800m", "deepseek-v3")
 CELLS = [(name, m) for name in PRESET_NAMES for m in (6, 8, 12, 16, 32, 64)]
+# Mixtral's tensor-parallel shards (--cells NAME:M): few experts, shorter GEMM2 rows.
+SHARDS = {p.name: p for p in (Preset("mixtral-8x7b/tp2", 8, 2, 4096, 7168),
+                              Preset("mixtral-8x7b/tp4", 8, 2, 4096, 3584),
+                              Preset("mixtral-8x7b/tp8", 8, 2, 4096, 1792))}
 WIDE_16 = GemmConfig(128, 128, 8, 4, 3)
 # The direct path reads an expert's weights once per pair: timed up to 16 tokens, and up to
 # 8 on mixtral (8 experts of 352 MB, each hit by several tokens).
@@ -43,7 +49,7 @@ DIRECT_MAX_M = (8, 16)
 
 
 def run_cell(name: str, m: int, log) -> dict:
-    preset = PRESETS[name]
+    preset = SHARDS.get(name) or PRESETS[name]
     dev = torch.device("cuda")
     w = make_weights(preset, torch.bfloat16, dev)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, dev)
@@ -71,12 +77,36 @@ def run_cell(name: str, m: int, log) -> dict:
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             row.setdefault(f"{label}_us", []).append(
                 graph_replay_us(lambda c=configs[label]: layer(c)))
+    if "wide16" in configs:
+        row.update(gemms_alone(preset, w, hidden, topk, configs["shipped"], configs["wide16"]))
     best = {label: min(row[f"{label}_us"]) for label in labels}
     log(f"{name} M={m}: " + ", ".join(
         f"{label} {best[label]:.1f} µs ({best['shipped'] / best[label]:.3f}×, diff "
         f"{row[f'{label}_rel_diff']:.1e})" for label in labels)
-        + f"; shipped {configs['shipped'].as_ints()}")
+        + f"; shipped {configs['shipped'].as_ints()}"
+        + "".join(f"; {g} {min(row[f'{g}_shipped_us']):.1f} → {min(row[f'{g}_wide16_us']):.1f}"
+                  for g in ("gemm1", "gemm2") if f"{g}_shipped_us" in row))
     return row
+
+
+def gemms_alone(preset, w, hidden, topk, shipped: ExpertsConfig, wide: ExpertsConfig) -> dict:
+    """GEMM1 and GEMM2 alone (one plan at the shared row tile) at both configurations' tiles,
+    two rounds each, graph replay: which GEMM the wide tiles change."""
+    ids, weights = topk.ids.to(torch.int32), topk.weights.float().reshape(-1)
+    plan = dispatch_plan(ids, preset.num_experts, shipped.block_m, backend="triton")
+    tma = use_tma(hidden, w.w13, w.w2, shipped.block_m)
+    ints = {"shipped": shipped.as_ints(), "wide16": wide.as_ints()}
+    inter = launch_gemm1(hidden, w.w13, w.b13, weights, plan, preset.activation, 1.702, 7.0,
+                         False, ints["shipped"][1:6], tma)
+    out = {}
+    for _ in range(2):
+        for label, c in ints.items():
+            out.setdefault(f"gemm1_{label}_us", []).append(graph_replay_us(
+                lambda c=c: launch_gemm1(hidden, w.w13, w.b13, weights, plan, preset.activation,
+                                         1.702, 7.0, False, c[1:6], tma)))
+            out.setdefault(f"gemm2_{label}_us", []).append(graph_replay_us(
+                lambda c=c: launch_gemm2(inter, w.w2, w.b2, weights, plan, True, c[6:11], tma)))
+    return out
 
 
 if __name__ == "__main__":
