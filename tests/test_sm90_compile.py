@@ -144,7 +144,8 @@ class Case:
         return self.slow or _OP_COST.get(self.op, 0.5)
 
 
-_ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k"}
+_ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k",
+              "narrow": "narrowE"}
 _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
@@ -162,7 +163,8 @@ _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gem
 
 def _experts(why, dtype, act, block_m, **flags):
     """fused_experts; flags: bias, weight_on_input, odd_h, odd_i, tma (expected), tail (tail
-    tiles on; every other case has them off, whatever the heuristic's default), gluon
+    tiles on; every other case has them off, whatever the heuristic's default), wide16
+    (16-row blocks at the wide tiles of `wide_16_row_tiles`), gluon
     (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
     no_prefetch (the Gluon kernels loading each tile's indices at its start)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
@@ -204,6 +206,8 @@ CASES = [
              "GEMM2 masks N only", "bf16", "gelu_tanh", 64, weight_on_input=True, odd_h=True),
     _experts("32-row tile at aligned rows: both GEMMs 128 columns × 128-deep K",
              "bf16", "silu", 32),
+    _experts("16-row tile with the 32-row tile's tiles (rows of 128-element multiples), "
+             "biases", "bf16", "swigluoai", 16, wide16=True, bias=True),
     _experts("64-row tile at aligned rows: GEMM1 256 columns (two [64, 256] accumulators), "
              "GEMM2 128; biases", "bf16", "swigluoai", 64, bias=True),
     _experts("the same with the router weight on GEMM1's input, fp16", "fp16", "gelu", 64,
@@ -233,8 +237,9 @@ CASES = [
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
     _experts("narrow layer (few column tiles): both GEMMs 128 columns × 64-deep K in 3 "
-             "stages, two GEMM1 programs per SM", "bf16", "silu", 16, narrow=True),
-    _experts("narrow layer at 32 rows, fp16, biases", "fp16", "swigluoai", 32, narrow=True,
+             "stages, two GEMM1 programs per SM (40 experts' tiles)", "bf16", "silu", 16,
+             narrow=40, tokens=8),
+    _experts("narrow layer at 32 rows, fp16, biases", "fp16", "swigluoai", 32, narrow=8,
              bias=True, tokens=128),
     _experts("fp32: exact (ieee) dots, 64-wide K tiles at decode", "fp32", "silu", 16,
              odd_h=True),
@@ -560,12 +565,17 @@ def _run_experts(p):
     if p["block_m"] == 1:  # the direct path, at a tile of each GEMM
         per = 1 if p.get("split") else _TOP_K  # GEMM2's slots per program
         config = ExpertsConfig(1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, per, 4, 4))
-    elif p.get("narrow"):  # 8 experts of I = 512 are a narrow layer: the heuristic's own
-        config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), _E, _TOP_K, I)
-        assert narrow_layer(_E, I) and config.gemm1.block_k == 64, config
+    elif p.get("narrow"):  # experts of I = 512 are a narrow layer: the heuristic's own
+        # tiles for `narrow` experts (more than 16 at 16-row blocks: granite's 40; with
+        # fewer, 16-row blocks take the wide tiles, `wide_16_row_tiles`)
+        experts = p["narrow"]
+        config = moekit.experts._select_config(torch.empty(M, H, dtype=dtype), experts,
+                                               _TOP_K, I)
+        assert narrow_layer(experts, I) and config.gemm1.block_k == 64, config
     else:  # the usual row tile's tiles, as on a layer with more column tiles
         config = tiles_for_block_m(p["block_m"], dtype.itemsize,
-                                   aligned=not (p.get("odd_h") or p.get("odd_i")))
+                                   aligned=not (p.get("odd_h") or p.get("odd_i")),
+                                   wide_16=bool(p.get("wide16")))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")

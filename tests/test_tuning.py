@@ -145,12 +145,33 @@ def test_narrow_layer_tiles(M, block_m, narrow_tiles, why):
     else:
         assert config == usual
     # Not narrow: more experts or wider ones (olmoe), a GPU of fewer SMs, fp32, ragged rows.
-    assert default_config(M, 64, 8, 2048, 1024) == tiles_for_block_m(pick_block_m(M, 64, 8))
+    assert default_config(M, 64, 8, 2048, 1024) == tiles_for_block_m(pick_block_m(M, 64, 8),
+                                                                     wide_16=True)
     assert default_config(M, 40, 8, 1536, 512, num_sms=78).block_m == pick_block_m(M, 40, 8)
     assert default_config(M, 40, 8, 1536, 512, dtype_bytes=4) == tiles_for_block_m(
         pick_block_m(M, 40, 8), dtype_bytes=4)
     ragged = default_config(M, 40, 8, 1536, 520)
     assert ragged == tiles_for_block_m(pick_block_m(M, 40, 8), aligned=False)
+
+
+WIDE_16_CASES = [
+    # (M, E, k, H, I, wide, why) — H200 measurements in wide_16_row_tiles' docstring
+    (8, 8, 2, 4096, 14336, True, "mixtral: GEMM2's 64-column programs made 1.7 rounds"),
+    (16, 128, 8, 2048, 768, True, "qwen3: H and I 128-element multiples"),
+    (8, 128, 4, 2880, 2880, False, "gpt-oss: a partial last column tile (0.95×)"),
+    (8, 8, 2, 4096, 1792, True, "mixtral over 8 GPUs: narrow, but only 8 experts"),
+    (16, 40, 8, 1536, 512, False, "granite: 40 narrow experts keep the narrow tiles"),
+    (8, 64, 8, 2048, 1000, False, "ragged I: whole 128-column tiles only"),
+]
+
+
+@pytest.mark.parametrize("M,E,k,H,I,wide,why", WIDE_16_CASES)
+def test_wide_tiles_at_16_row_blocks(M, E, k, H, I, wide, why):
+    config = default_config(M, E, k, H, I)
+    assert config.block_m == 16, why
+    assert (config.gemm1 == config.gemm2 == GemmConfig(128, 128, 8, 4, 3)) == wide, why
+    # 16-bit only: fp32 keeps its 64-deep K tiles whatever the shape.
+    assert default_config(M, E, k, H, I, dtype_bytes=4).gemm1.block_k == 64
 
 
 def test_narrow_layer_counts_gemm1_programs_per_sm():

@@ -41,6 +41,12 @@ olmoe over 4 GPUs 1.01–1.10× faster up to 256 tokens, but 0.92× for qwen3 at
 rows on average, where the 64-row tiles win) and 0.97–0.99× for mixtral over 8 GPUs at
 M = 8–64; within 1.09× of the best variant everywhere measured.
 
+At 16-row blocks, layers whose H and I are 128-element multiples take the 32-row blocks'
+128 × 128 tiles in 3 stages (`wide_16_row_tiles`): mixtral's GEMM2 at 64 columns made 1.7
+rounds of long programs (the layer 1.044–1.049× faster at M = 8–32 on the H200), the other
+presets within −1%…+4%; gpt-oss (a partial last column tile) and narrow layers of more
+than 16 experts keep their tiles.
+
 `group_m` = 8 orders programs so that consecutive ones share a weight column tile,
 which then comes from L2 for an expert's second and later blocks.
 
@@ -83,6 +89,10 @@ _NARROW_MAX_BLOCK_M = 32
 # The narrow layer's tiles: GEMM1 needs 3 × 35–37 KB of shared memory (two programs per
 # SM), GEMM2 3 × 18–20 KB.
 _NARROW_TILE = GemmConfig(128, 64, 8, 4, 3)
+# The 32-row blocks' tiles, memory-bound: 128 columns × 128-deep K in 3 stages.
+_WIDE_TILE = GemmConfig(128, 128, 8, 4, 3)
+# Narrow layers of at most this many experts take the wide tiles at 16-row blocks too.
+_WIDE_16_NARROW_MAX_EXPERTS = 16
 
 
 def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
@@ -148,22 +158,23 @@ def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2)
     return ExpertsConfig(DIRECT_BLOCK_M, gemm1, GemmConfig(64, 128, per, 4, 4))
 
 
-def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True) -> ExpertsConfig:
+def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True,
+                      wide_16: bool = False) -> ExpertsConfig:
     """The GEMM tiles the heuristic pairs with a row tile (the direct path's at one token).
 
     `aligned`: H and I are multiples of 16 elements. Other rows load unvectorised, and the
     wide 32-row tile then spills (6.5 KB in GEMM2 at I = 264), so such shapes keep the
-    narrower 32- and 64-row tiles.
+    narrower 32- and 64-row tiles. `wide_16`: 16-row blocks take the 32-row blocks' tiles
+    too (`wide_16_row_tiles`).
     """
     if block_m == DIRECT_BLOCK_M:
         return direct_tiles(1, 1, 0)
     if block_m <= 32:
         # Memory-bound: long reduction tiles keep many bytes in flight per program.
-        if block_m == 32 and dtype_bytes <= 2 and aligned:
+        if (block_m == 32 or wide_16) and dtype_bytes <= 2 and aligned:
             # Twice the columns per program (H200 sweeps, 29 cells: 0.97× / 0.98× the
             # 64-column tile's layer time, geometric mean; mixtral M = 64 0.93×).
-            tile = GemmConfig(128, 128, 8, 4, 3)
-            return ExpertsConfig(block_m, tile, tile)
+            return ExpertsConfig(block_m, _WIDE_TILE, _WIDE_TILE)
         block_k = 128 if dtype_bytes <= 2 else 64
         tile = GemmConfig(64, block_k, 8, 4, 4)
         return ExpertsConfig(block_m, tile, tile)
@@ -181,6 +192,24 @@ def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True) 
     # Tail tiles: runs padded to 64 rows, not 128 (bench/NOTES.md, v5).
     return ExpertsConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
                          tail_block_m=64)
+
+
+def wide_16_row_tiles(num_experts: int, hidden: int, inter: int, narrow: bool) -> bool:
+    """Whether 16-row blocks take the 32-row blocks' 128 × 128 tiles in 3 stages instead of
+    64 × 128 in 4 (16-bit): where H and I are 128-element multiples (whole column tiles),
+    and on a narrow layer (`narrow`) only with ≤ 16 experts.
+
+    H200, whole layer, graph replay (bench/results/h200-20261203-small-m-experiment-s27*.md):
+    mixtral 1.044–1.049× at M = 8–32 (GEMM2 1.13×: 448 programs of 64 columns, each
+    streaming 1.8 MB, make 1.7 rounds; 224 of 128 fit one) and 0.987–1.012× at M = 4–6; its
+    tensor-parallel shards 1.005–1.05× (I = 7168) and, narrow, 1.02–1.18× (I = 3584, 1792;
+    0.96× at tp4 M = 4); olmoe, qwen3, deepseek-v2-lite, deepseek-v3 0.990–1.037×. Not
+    taken: gpt-oss (H = I = 2880, a partial last column tile: 0.95–1.006×) and granite's 40
+    narrow experts, whose narrow tiles (64-deep K, two GEMM1 programs per SM) were 1.04–1.10×
+    faster at M ≥ 12."""
+    if hidden % 128 or inter % 128:
+        return False
+    return not narrow or num_experts <= _WIDE_16_NARROW_MAX_EXPERTS
 
 
 def narrow_layer(num_experts: int, inter: int, num_sms: int = HOPPER_SMS) -> bool:
@@ -235,7 +264,10 @@ def default_config(
         return direct_tiles(num_tokens, top_k, hidden)
     aligned = hidden % 16 == 0 and inter % 16 == 0
     narrow = narrow_row_tile(num_tokens, num_experts, top_k, hidden, inter, num_sms)
+    wide_16 = wide_16_row_tiles(num_experts, hidden, inter, narrow is not None)
     if dtype_bytes <= 2 and narrow:
+        if narrow == 16 and wide_16:  # a narrow layer of few experts (see wide_16_row_tiles)
+            return tiles_for_block_m(16, dtype_bytes, aligned, wide_16)
         return ExpertsConfig(narrow, _NARROW_TILE, _NARROW_TILE)
     return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes,
-                             aligned)
+                             aligned, wide_16)
