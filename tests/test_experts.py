@@ -552,51 +552,6 @@ def test_direct_path_gpu(preset, per):
         assert torch.equal(out, run(hidden, ids, weights, poison_(torch.empty_like(hidden))))
 
 
-def test_pdl_only_on_an_sm90_gpu(monkeypatch):
-    # Programmatic dependent launch needs griddepcontrol (sm_90); CPU tensors (the
-    # interpreter) never take it, and the switch turns it off everywhere.
-    import moekit._pdl
-
-    assert not moekit._pdl.use_pdl(torch.device("cpu"))
-    monkeypatch.setattr(moekit._pdl, "ENABLED", False)
-    assert not moekit._pdl.use_pdl(torch.device("cuda", 0))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("per", [8, 1], ids=["token-per-program", "slot-per-program"])
-@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "gpt-oss-120b", "mixtral-8x7b"])
-def test_direct_path_pdl_changes_nothing_gpu(monkeypatch, preset, per):
-    # GEMM2 launched dependent on GEMM1 (`moekit._pdl`, on by default on sm_90) reads
-    # GEMM1's output only after griddepcontrol.wait: bitwise the output of two plain
-    # launches, eager and in graph replay, call after call (a GEMM2 reading `inter` or the
-    # arrival counters early would read the poison or a previous call's values).
-    import moekit._pdl
-
-    p = PRESETS[preset]
-    E, k, H, I = p.num_experts, p.top_k, p.hidden, p.inter
-    w13, w2, b13, b2 = random_experts(E, H, I, bias=p.bias, dtype=torch.bfloat16, device="cuda")
-    run = lambda h, i, w, out: moekit.fused_experts(
-        h, w13, w2, i, w, activation=p.activation, b13=b13, b2=b2,
-        config=gpu_direct_tiles(per), out=out)
-    hidden = torch.randn(2, H, device="cuda", dtype=torch.bfloat16)
-    ids, weights = random_routing(2, E, k, device="cuda", seed=7)
-    monkeypatch.setattr(moekit._pdl, "ENABLED", False)
-    plain = run(hidden, ids, weights, poison_(torch.empty_like(hidden)))
-    monkeypatch.setattr(moekit._pdl, "ENABLED", True)
-    assert moekit._pdl.use_pdl(hidden.device)
-    for _ in range(5):
-        poison_cuda_cache()
-        assert torch.equal(plain, run(hidden, ids, weights, poison_(torch.empty_like(hidden))))
-    out = poison_(torch.empty_like(hidden))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(hidden, ids, weights, out)
-    for _ in range(5):
-        out.copy_(poison_(torch.empty_like(hidden)))
-        graph.replay()
-        assert torch.equal(plain, out)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "gpt-oss-120b", "mixtral-8x7b"])
 def test_tma_path_equals_pointer_path_gpu(monkeypatch, preset):

@@ -24,7 +24,6 @@ matter. Row offsets are 64-bit, offsets within a weight tile 32-bit.
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moekit._experts_kernels import _bias_and_activate
 
@@ -162,16 +161,12 @@ def _direct_gemm1_kernel(
     EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CLEAR_ARRIVALS: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program: one pair × BLOCK_N intermediate columns. With CLEAR_ARRIVALS a
     token's first program also zeroes GEMM2's arrival counters of that token (a launch
-    fewer than a separate memset). LAUNCH_DEPENDENTS: GEMM2, launched dependent
-    (`moekit._pdl`), may start as soon as every program of this one has."""
-    if LAUNCH_DEPENDENTS:
-        gdc_launch_dependents()
+    fewer than a separate memset)."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
@@ -236,7 +231,6 @@ def _direct_gemm2_kernel(
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
     PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
-    WAIT_PRIMARY: tl.constexpr,  # launched dependent on GEMM1 (`moekit._pdl`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -248,8 +242,6 @@ def _direct_gemm2_kernel(
     slot's router weight in fp32 and added; a skipped slot's weight and loads are zero.
     (Each slot's products in a row of their own, the router weights applied after the
     loop as in the fp8 GEMM2, measured the same on an H200: bench/NOTES.md, session 11.)
-    With WAIT_PRIMARY the ids and router weights (written before GEMM1 ran) are read while
-    GEMM1 may still run; `inter` and the arrival counters only after `gdc_wait`.
     """
     token = tl.program_id(0) // PARTS
     part = tl.program_id(0) - token * PARTS
@@ -269,8 +261,6 @@ def _direct_gemm2_kernel(
         slot_scales = tl.where(slot_ok, 1.0, 0.0)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    if WAIT_PRIMARY:
-        gdc_wait()
     for step in range(0, PER_PART * k_steps):
         slot = first + step // k_steps
         k0 = (step - (slot - first) * k_steps) * BLOCK_K

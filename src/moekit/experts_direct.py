@@ -25,18 +25,16 @@ import torch
 from moekit._direct_kernels import ROWS, _direct_gemm1_kernel, _direct_gemm2_kernel
 from moekit._dot_precision import dot_precision
 from moekit._intmath import cdiv, next_power_of_2
-from moekit._pdl import use_pdl
 
 
 def launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
                           limit, weight_on_input, config, out) -> None:
     """Both direct launches; `config` is `ExpertsConfig.as_ints`'s flat form."""
     arrivals = gemm2_arrivals(topk_ids, w2.shape[1], config[6:11])
-    pdl = use_pdl(hidden.device)
     inter = launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha,
-                                limit, weight_on_input, config[1:6], arrivals, pdl)
+                                limit, weight_on_input, config[1:6], arrivals)
     launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, not weight_on_input,
-                        config[6:11], out, arrivals, pdl)
+                        config[6:11], out, arrivals)
 
 
 def slot_parts(top_k: int, slots_per_program: int) -> tuple[int, int]:
@@ -71,10 +69,9 @@ def gemm2_arrivals(topk_ids, hidden_size, tiles) -> torch.Tensor | None:
 
 
 def launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha, limit,
-                        weight_on_input, tiles, arrivals=None, pdl=False) -> torch.Tensor:
+                        weight_on_input, tiles, arrivals=None) -> torch.Tensor:
     """GEMM1 + activation of every pair; returns `inter` [M*k, I] in pair order, and
-    zeroes `arrivals` (`gemm2_arrivals`) when given. `pdl`: let a dependent GEMM2 start
-    early (`moekit._pdl`).
+    zeroes `arrivals` (`gemm2_arrivals`) when given.
 
     `tiles` is (block_n, block_k, group_m, num_warps, num_stages); group_m is unused.
     """
@@ -95,20 +92,19 @@ def launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, al
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
         EVEN_N=inter_size % block_n == 0, DOT_PRECISION=dot_precision(hidden),
-        CLEAR_ARRIVALS=arrivals is not None, LAUNCH_DEPENDENTS=pdl, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        CLEAR_ARRIVALS=arrivals is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
     )
     return inter
 
 
 def launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_output, tiles,
-                        out, arrivals=None, pdl=False) -> None:
+                        out, arrivals=None) -> None:
     """GEMM2 (+bias, × router weight) of every token's k slots, summed into `out` [M, H].
 
     `tiles` is (block_n, block_k, slots per program, num_warps, num_stages); when that
     splits a token's slots over several programs, `arrivals` is `gemm2_arrivals`' buffer
-    after GEMM1 zeroed it. `pdl`: launched dependent on the GEMM1 just before it, which was
-    launched with `pdl` too (`moekit._pdl`).
+    after GEMM1 zeroed it.
     """
     num_experts, hidden_size, inter_size = w2.shape
     num_tokens, top_k = topk_ids.shape
@@ -123,6 +119,6 @@ def launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_output,
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0,
         DOT_PRECISION=dot_precision(inter), TOP_K=top_k, SLOTS=next_power_of_2(top_k),
-        PER_PART=per_part, PARTS=parts, WAIT_PRIMARY=pdl, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}),
+        PER_PART=per_part, PARTS=parts, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages,
     )
