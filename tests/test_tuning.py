@@ -161,7 +161,7 @@ WIDE_16_CASES = [
     (8, 128, 4, 2880, 2880, False, "gpt-oss: a partial last column tile (0.95×)"),
     (8, 8, 2, 4096, 1792, True, "mixtral over 8 GPUs: narrow, but only 8 experts"),
     (16, 40, 8, 1536, 512, False, "granite: 40 narrow experts keep the narrow tiles"),
-    (8, 64, 8, 2048, 1000, False, "ragged I: whole 128-column tiles only"),
+    (8, 64, 8, 2048, 1040, False, "I of 16- but not 128-element multiples: partial tiles"),
 ]
 
 
