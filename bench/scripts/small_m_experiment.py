@@ -1,4 +1,4 @@
-"""Memory-bound small M (5–64 tokens): the direct path past 4 tokens, and wider 16-row tiles.
+"""Memory-bound small M (4–64 tokens): the direct path past 4 tokens, and wider 16-row tiles.
 
 PERF.md's vLLM protocol on the H200 (session 27, `h200-20261203-kernels-bf16-vllm-protocol-s27.md`)
 left moekit behind vLLM at M = 8 on mixtral, deepseek-v2-lite and olmoe. Two candidates,
@@ -13,7 +13,10 @@ both from `moekit tune`'s kept trials (`h200-fused_experts-bf16.json`):
 Times the whole `fused_experts` call with the configuration it takes today (tuned table
 or heuristic), the direct path at its heuristic tiles, and (where the row tile is 16) the
 same row tile with 128 × 128 × 3 tiles; graph replay, L2 read-flushed, four rounds in
-rotated order; relative difference of each output to the shipped one's.
+rotated order; relative difference of each output to the shipped one's. The wide tiles
+were adopted (`moekit.tuning.heuristic.wide_16_row_tiles`, bench/NOTES.md session 27):
+from then on "shipped" is already wide where that rule applies, and only the direct path
+is compared there.
 
     PYTHONPATH=src python3 bench/scripts/small_m_experiment.py --out $OUT
 """
