@@ -35,8 +35,8 @@ from moekit.bench.presets import PRESETS, Preset
 from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
 from moekit.experts import _select_config, launch_gemm1, launch_gemm2
-from moekit.tuning.config import ExpertsConfig, GemmConfig
-from moekit.tuning.heuristic import direct_tiles
+from moekit.tuning.config import ExpertsConfig
+from moekit.tuning.heuristic import direct_tiles, tiles_for_block_m
 
 PRESET_NAMES = ("mixtral-8x7b", "deepseek-v2-lite", "olmoe-1b-7b", "qwen3-30b-a3b",
                 "gpt-oss-120b", "granite-3.0-3b-a800m", "deepseek-v3")
@@ -45,7 +45,7 @@ CELLS = [(name, m) for name in PRESET_NAMES for m in (6, 8, 12, 16, 32, 64)]
 SHARDS = {p.name: p for p in (Preset("mixtral-8x7b/tp2", 8, 2, 4096, 7168),
                               Preset("mixtral-8x7b/tp4", 8, 2, 4096, 3584),
                               Preset("mixtral-8x7b/tp8", 8, 2, 4096, 1792))}
-WIDE_16 = GemmConfig(128, 128, 8, 4, 3)
+WIDE_16 = tiles_for_block_m(16, wide_16=True).gemm1  # 128 × 128 in 3 stages
 # The direct path reads an expert's weights once per pair: timed up to 16 tokens, and up to
 # 8 on mixtral (8 experts of 352 MB, each hit by several tokens).
 DIRECT_MAX_M = (8, 16)

@@ -124,7 +124,7 @@ if HAVE_GLUON:
     @gluon.jit
     def tile_entry(work_ptr, pid_m, TAIL_M: gl.constexpr):
         """Row tile pid_m's work-list entry (a load) with tails, else pid_m itself: the
-        first half of `row_tile`, so that a producer can load it a tile ahead of the rest."""
+        first half of `row_tile` (`prefetch_entry` is its clamped form for loads ahead)."""
         entry = pid_m
         if TAIL_M:
             entry = gl.load(work_ptr + pid_m)

@@ -138,7 +138,7 @@ if HAVE_GLUON:
                 prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
                 block_experts_ptr, TAIL_M)
             entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
-                              TAIL_M)
+                                   TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
@@ -148,7 +148,7 @@ if HAVE_GLUON:
                 tile_rows = rows
                 first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
                 entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
-                                  TAIL_M)
+                                       TAIL_M)
             else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
                                                              pid_m, TAIL_M)
