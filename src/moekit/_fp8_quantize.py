@@ -6,6 +6,7 @@ import torch
 
 from moekit._experts_fp8_kernels import _quantize_rows_kernel
 from moekit._intmath import cdiv, next_power_of_2
+from moekit._launch import launcher
 from moekit.quant import AMAX_FLOOR
 
 FMAX = 448.0  # e4m3fn's largest finite magnitude
@@ -27,7 +28,7 @@ def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
     block_k = max(_QUANT_BLOCK_K, group)
     chunk = block_k if mode in ("static", "group") else cdiv(cols, block_k) * block_k
     num_partials = 0 if partials is None else partials.numel()
-    _quantize_rows_kernel[(rows, cdiv(cols, chunk))](
+    launcher(_quantize_rows_kernel)[(rows, cdiv(cols, chunk))](
         x, q, scale, scale if partials is None else partials, num_partials, rows, cols, chunk,
         x.stride(0), q.stride(0), stride_sm,
         q if pair_slots is None else pair_slots,

@@ -53,6 +53,7 @@ from moekit._gluon import (
     l2_bytes,
     work_list,
 )
+from moekit._launch import launcher
 from moekit.quant.scheme import FULL
 
 if HAVE_GLUON:
@@ -493,7 +494,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
     assert w_uniform_n or not w_per_k, "per-K weight scales: one per column tile"
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
-    _gemm1_ws_kernel[(programs,)](
+    launcher(_gemm1_ws_kernel)[(programs,)](
         descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
         descriptor(inter, [HALF_M, BLOCK_N]), x, x_scale, w13_scale,
         plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,

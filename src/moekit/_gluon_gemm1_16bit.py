@@ -27,6 +27,7 @@ import torch
 from moekit import _gluon
 from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
 from moekit._gluon_gemm1 import GATED, group_m
+from moekit._launch import launcher
 
 if HAVE_GLUON:
     from moekit._experts_kernels import _activate
@@ -252,7 +253,7 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
-    _gemm1_ws16_kernel[(programs,)](
+    launcher(_gemm1_ws16_kernel)[(programs,)](
         descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
         descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
         plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,

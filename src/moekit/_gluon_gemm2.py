@@ -47,6 +47,7 @@ from moekit._gluon import (
     gluon_allowed,
     work_list,
 )
+from moekit._launch import launcher
 
 if HAVE_GLUON:
     from moekit._gluon import (
@@ -426,7 +427,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
-    _gemm2_ws_kernel[(programs,)](
+    launcher(_gemm2_ws_kernel)[(programs,)](
         descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,
         w2_scale,

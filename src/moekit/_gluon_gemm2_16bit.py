@@ -26,6 +26,7 @@ import torch
 
 from moekit import _gluon
 from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
+from moekit._launch import launcher
 
 if HAVE_GLUON:
     from moekit._gluon import (
@@ -257,7 +258,7 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     out = torch.empty((plan.capacity, hidden_size), dtype=inter.dtype, device=inter.device)
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
-    _gemm2_ws16_kernel[(programs,)](
+    launcher(_gemm2_ws16_kernel)[(programs,)](
         descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,

@@ -27,6 +27,7 @@ from moekit._dispatch_kernels import (
     _scan_counts_kernel,
 )
 from moekit._intmath import cdiv, next_power_of_2
+from moekit._launch import launcher
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan, max_padded_pairs, max_tiles
 
@@ -140,18 +141,18 @@ def dispatch_plan(
     id_map = expert_map if has_map else flat_ids  # placeholder pointer, never read
     num_global = expert_map.numel() if has_map else num_experts
     if scanned:
-        _count_pairs_kernel[(num_chunks,)](
+        launcher(_count_pairs_kernel)[(num_chunks,)](
             flat_ids, id_map, prefix, num_pairs, num_experts, num_global,
             CHUNK=chunk, BINS=bins, HAS_MAP=has_map,
         )
         scan_bins = min(bins, _SCAN_BINS)
-        _scan_counts_kernel[(bins // scan_bins,)](
+        launcher(_scan_counts_kernel)[(bins // scan_bins,)](
             prefix, totals, num_chunks, BINS=bins, SCAN_BINS=scan_bins,
             ROWS=max(1, _SCAN_VALUES // scan_bins),
         )
     else:
         prefix = totals = scratch  # not read
-    _place_pairs_kernel[(programs,)](
+    launcher(_place_pairs_kernel)[(programs,)](
         flat_ids, id_map, prefix, totals, scratch, sorted_pairs, block_experts, expert_offsets,
         pair_slots, tiles, num_pairs, num_experts, num_global, num_chunks, num_blocks,
         blocks_per_program, tiles_len, CHUNK=chunk,
@@ -185,7 +186,7 @@ def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor, num_exper
     ids = topk_ids.contiguous()
     out = torch.empty_like(ids)
     if ids.numel():
-        _local_ids_kernel[(cdiv(ids.numel(), _LOCAL_IDS_BLOCK),)](
+        launcher(_local_ids_kernel)[(cdiv(ids.numel(), _LOCAL_IDS_BLOCK),)](
             ids, expert_map, out, ids.numel(), expert_map.numel(), num_experts,
             BLOCK=_LOCAL_IDS_BLOCK,
         )

@@ -36,6 +36,7 @@ from moekit._gluon_gemm1_16bit import (
 )
 from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
 from moekit._intmath import cdiv
+from moekit._launch import launcher
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -242,7 +243,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
-    _gemm1_kernel[(num_blocks * cdiv(inter_size, block_n),)](
+    launcher(_gemm1_kernel)[(num_blocks * cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
         bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
         plan.block_experts if plan.tiles is None else plan.tiles,
@@ -270,7 +271,7 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
     programs = persistent_programs(inter.device) if tma else 0
-    _gemm2_kernel[(programs or num_blocks * cdiv(hidden_size, block_n),)](
+    launcher(_gemm2_kernel)[(programs or num_blocks * cdiv(hidden_size, block_n),)](
         inter, matrix_descriptor(inter, block_m, block_k) if tma else None,
         w2, matrix_descriptor(w2, block_n, block_k) if tma else None,
         bias, topk_weights, pair_out, plan.sorted_pairs, plan.block_experts,
@@ -291,7 +292,7 @@ def launch_combine(pair_out, topk_ids, num_experts, out, pair_slots=None) -> Non
     """out[m] = Σ_j pair_out[m*k + j] over the valid slots, in slot order; with
     `pair_slots` (the plan's) pair_out is in plan order: row pair_slots[m*k + j]."""
     num_tokens, hidden_size = out.shape
-    _combine_kernel[(num_tokens, cdiv(hidden_size, _COMBINE_BLOCK_H))](
+    launcher(_combine_kernel)[(num_tokens, cdiv(hidden_size, _COMBINE_BLOCK_H))](
         pair_out, topk_ids, topk_ids if pair_slots is None else pair_slots, out, hidden_size,
         num_experts, pair_out.stride(0), out.stride(0),
         TOP_K=topk_ids.shape[1], BY_SLOT=pair_slots is not None, BLOCK_H=_COMBINE_BLOCK_H,

@@ -25,6 +25,7 @@ import torch
 from moekit._direct_kernels import ROWS, _direct_gemm1_kernel, _direct_gemm2_kernel
 from moekit._dot_precision import dot_precision
 from moekit._intmath import cdiv, next_power_of_2
+from moekit._launch import launcher
 
 
 def launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
@@ -83,7 +84,7 @@ def launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, al
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
     inter = torch.empty((num_tokens * top_k, inter_size), dtype=hidden.dtype,
                         device=hidden.device)
-    _direct_gemm1_kernel[(num_tokens * top_k, cdiv(inter_size, block_n))](
+    launcher(_direct_gemm1_kernel)[(num_tokens * top_k, cdiv(inter_size, block_n))](
         hidden, w13, bias, topk_ids, topk_weights, inter,
         topk_ids if arrivals is None else arrivals, w13.shape[0], hidden_size, inter_size,
         top_k, 0 if arrivals is None else arrivals.shape[1], hidden.stride(0), w13.stride(0),
@@ -111,7 +112,7 @@ def launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_output,
     block_n, block_k, slots_per_program, warps, stages = tiles
     per_part, parts, partials = gemm2_parts(top_k, slots_per_program, out)
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
-    _direct_gemm2_kernel[(num_tokens * parts, cdiv(hidden_size, block_n))](
+    launcher(_direct_gemm2_kernel)[(num_tokens * parts, cdiv(hidden_size, block_n))](
         inter, w2, bias, topk_ids, topk_weights, out, partials,
         topk_ids if arrivals is None else arrivals, num_experts, hidden_size, inter_size,
         inter.stride(0), w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0),

@@ -22,6 +22,7 @@ from moekit._direct_fp8_kernels import _direct_gemm1_fp8_kernel, _direct_gemm2_f
 from moekit._fp8_quantize import launch_quantize_rows
 from moekit._fp8_scales import uniform_along_n, weight_scale_layout
 from moekit._intmath import cdiv, next_power_of_2
+from moekit._launch import launcher
 from moekit.experts_direct import gemm2_arrivals, gemm2_parts
 from moekit.quant.scheme import FULL
 
@@ -58,7 +59,7 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
     x_per_k = a_group_k != FULL
     inter = torch.empty((num_tokens * top_k, inter_size), dtype=torch.float32,
                         device=x_q.device)
-    _direct_gemm1_fp8_kernel[(num_tokens * top_k, cdiv(inter_size, block_n))](
+    launcher(_direct_gemm1_fp8_kernel)[(num_tokens * top_k, cdiv(inter_size, block_n))](
         x_q, x_scale, w13_q, w13_scale, w13_scale if b13 is None else b13, topk_ids, inter,
         topk_ids if arrivals is None else arrivals, w13_q.shape[0], hidden_size, inter_size,
         top_k, 0 if arrivals is None else arrivals.shape[1], x_q.stride(0), stride_xsm,
@@ -107,7 +108,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
     block_n, block_k, slots_per_program, warps, stages = tiles
     per_part, parts, partials = gemm2_parts(top_k, slots_per_program, out)
     ws = weight_scale_layout(w2_scale, w_group_n, w_group_k)
-    _direct_gemm2_fp8_kernel[(num_tokens * parts, cdiv(hidden_size, block_n))](
+    launcher(_direct_gemm2_fp8_kernel)[(num_tokens * parts, cdiv(hidden_size, block_n))](
         inter_q, inter_scale, w2_q, w2_scale, w2_scale if b2 is None else b2, topk_ids,
         topk_weights, out, partials, topk_ids if arrivals is None else arrivals, num_experts,
         hidden_size, inter_size, inter_q.stride(0),

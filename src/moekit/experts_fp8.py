@@ -84,6 +84,7 @@ from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._intmath import cdiv
+from moekit._launch import launcher
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -409,8 +410,8 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
     chunk = cdiv(cdiv(numel, programs), _AMAX_BLOCK) * _AMAX_BLOCK
     partials = torch.empty(cdiv(numel, chunk), dtype=torch.float32,
                            device=hidden.device)
-    _amax_partials_kernel[(partials.numel(),)](hidden, partials, numel, chunk,
-                                               BLOCK=_AMAX_BLOCK, num_warps=_AMAX_WARPS)
+    launcher(_amax_partials_kernel)[(partials.numel(),)](
+        hidden, partials, numel, chunk, BLOCK=_AMAX_BLOCK, num_warps=_AMAX_WARPS)
     return partials
 
 
@@ -520,7 +521,7 @@ def _launch_fused_experts_fp8(
                     inter_static, plan, activation, alpha, limit, FMAX, AMAX_FLOOR, programs,
                     gather_top_k=top_k if gather else None)
     else:
-        _gemm1_fp8_kernel[grid1](
+        launcher(_gemm1_fp8_kernel)[grid1](
             hidden_in.x, hidden_in.scale, w13_q,
             matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma else None,
             w13_scale, dummy if b13 is None else b13,
@@ -552,7 +553,7 @@ def _launch_fused_experts_fp8(
         return
     pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
     grid2 = (programs or num_tiles * cdiv(hidden_size, c2[0]),)
-    _gemm2_fp8_kernel[grid2](
+    launcher(_gemm2_fp8_kernel)[grid2](
         inter_q, matrix_descriptor(inter_q, block_m, c2[1]) if tma else None, inter_scale,
         w2_q, matrix_descriptor(w2_q, c2[0], c2[1]) if tma else None, w2_scale,
         dummy if b2 is None else b2, topk_weights, pair_out, plan.sorted_pairs,

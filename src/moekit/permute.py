@@ -39,6 +39,7 @@ import torch
 from moekit import reference
 from moekit._checks import check_shape, check_tensor
 from moekit._intmath import cdiv, next_power_of_2
+from moekit._launch import launcher
 from moekit._permute_kernels import _permute_kernel, _unpermute_kernel
 from moekit.backend import resolve_backend
 from moekit.dispatch_plan import DispatchPlan
@@ -242,7 +243,7 @@ def run_permute(hidden, sorted_pairs, expert_offsets, pair_slots, row_scales, to
     has_scales = row_scales is not None
     groups = 1 if not has_scales or row_scales.dim() == 1 else row_scales.shape[1]
     grid = (cdiv(num_tokens, rows) + capacity // block_m, cdiv(hidden_size, block_h))
-    _permute_kernel[grid](
+    launcher(_permute_kernel)[grid](
         hidden.view(bits), row_scales if has_scales else sorted_pairs,  # placeholder, never read
         pair_slots, sorted_pairs, expert_offsets, grouped.view(bits),
         grouped_scales if has_scales else sorted_pairs,  # placeholder, never written
@@ -346,7 +347,7 @@ def run_unpermute(grouped, pair_slots, topk_weights, out, config: dict[str, int]
         return
     block_h, rows = config["BLOCK_H"], config["ROWS"]
     grid = (cdiv(num_tokens, rows), cdiv(hidden_size, block_h))
-    _unpermute_kernel[grid](
+    launcher(_unpermute_kernel)[grid](
         grouped, topk_weights, pair_slots, out,
         num_tokens, hidden_size, grouped.stride(0), topk_weights.stride(0), out.stride(0),
         TOP_K=top_k, ROWS=rows, BLOCK_H=block_h, EVEN_H=hidden_size % block_h == 0,

@@ -9,6 +9,7 @@ be captured in a CUDA graph.
 import torch
 
 from moekit._intmath import cdiv, next_power_of_2
+from moekit._launch import launcher
 from moekit.backend import resolve_backend
 from moekit.reference import routing as reference_routing
 from moekit.routing._kernels import _route_kernel
@@ -63,7 +64,7 @@ def launch_route(
     num_warps = cfg.pop("num_warps")
     out = packed if packed is not None else ids
     grid = (cdiv(num_tokens, block_m),)
-    _route_kernel[grid](
+    launcher(_route_kernel)[grid](
         router_logits,
         bias if bias is not None else router_logits,  # placeholder pointer, never read
         out,

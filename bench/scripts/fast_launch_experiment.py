@@ -1,0 +1,150 @@
+"""Eager calls with and without moekit's fast launch path (`moekit._launch`), on the GPU's host.
+
+Per cell, calls run back to back in blocks of 20 (synchronised between blocks, so the
+GPU never holds the host back for long), the two modes interleaved over several rounds
+so that a noisy stretch of the host hits both: host µs per call (until the last call
+returns) and wall µs per call (until the block's work is done: what eager use costs when
+the host is the bottleneck), medians over blocks; graph-replay µs of the same call (the
+GPU's own time) beside them. Outputs must be bitwise equal across the modes.
+
+    PYTHONPATH=src python3 bench/scripts/fast_launch_experiment.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from half_tile_experiment import write_rows  # this directory
+
+import moekit
+import moekit._launch as fast_launch
+from moekit.bench.fp8 import quantize_experts
+from moekit.bench.inputs import make_tokens, make_weights
+from moekit.bench.presets import PRESETS
+from moekit.bench.timing import graph_replay_us
+
+CELLS = [("qwen3-30b-a3b", 1, "bf16"), ("qwen3-30b-a3b", 8, "bf16"),
+         ("qwen3-30b-a3b", 64, "bf16"), ("qwen3-30b-a3b", 512, "bf16"),
+         ("qwen3-30b-a3b", 1024, "bf16"), ("qwen3-30b-a3b", 4096, "bf16"),
+         ("granite-3.0-3b-a800m", 1, "bf16"), ("granite-3.0-3b-a800m", 1024, "bf16"),
+         ("mixtral-8x7b", 8, "bf16"), ("qwen3-30b-a3b", 1, "fp8_tensor"),
+         ("qwen3-30b-a3b", 64, "fp8_tensor"), ("qwen3-30b-a3b", 1024, "fp8_tensor"),
+         ("deepseek-v2-lite", 256, "fp8_block")]
+BLOCK, BLOCKS, ROUNDS = 20, 5, 3
+MODES = ("triton", "fast")
+
+
+def layer_call(name: str, m: int, dtype: str):
+    """(an eager call of the layer at this cell, its output buffer)."""
+    device = torch.device("cuda")
+    preset = PRESETS[name]
+    w = make_weights(preset, torch.bfloat16, device)
+    hidden, topk = make_tokens(preset, m, torch.bfloat16, device)
+    out = torch.empty_like(hidden)
+    if dtype == "bf16":
+        call = lambda: moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,  # noqa: E731
+                                            activation=preset.activation, b13=w.b13, b2=w.b2,
+                                            out=out)
+        return call, out
+    q = quantize_experts(w, dtype)
+    call = lambda: moekit.fused_experts_fp8(hidden, q.w13, q.w2, topk.ids, topk.weights,  # noqa: E731
+                                            scheme=dtype, activation=preset.activation,
+                                            b13=q.b13, b2=q.b2, out=out)
+    return call, out
+
+
+def blocks(call) -> list[tuple[float, float]]:
+    """(host, wall) µs per call of BLOCKS blocks of BLOCK calls."""
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(BLOCKS):
+        start = time.perf_counter()
+        for _ in range(BLOCK):
+            call()
+        issued = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+        out.append(((issued - start) / BLOCK * 1e6, (done - start) / BLOCK * 1e6))
+    return out
+
+
+def run_cell(name: str, m: int, dtype: str) -> dict:
+    call, out = layer_call(name, m, dtype)
+    results, outputs = {mode: [] for mode in MODES}, {}
+    for mode in MODES:  # warm-up: compiles, and the fast path's first (recording) calls
+        fast_launch.enabled = mode == "fast"
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        outputs[mode] = out.clone()
+    for _ in range(ROUNDS):
+        for mode in MODES:
+            fast_launch.enabled = mode == "fast"
+            results[mode] += blocks(call)
+    fast_launch.enabled = True
+    row = {"preset": name, "M": m, "dtype": dtype,
+           "bitwise_equal": torch.equal(outputs["triton"].view(torch.int16),
+                                        outputs["fast"].view(torch.int16)),
+           "graph_us": round(graph_replay_us(call, rep_ms=20), 1)}
+    for mode in MODES:
+        row[f"{mode}_host_us"] = round(statistics.median(h for h, _ in results[mode]), 1)
+        row[f"{mode}_wall_us"] = round(statistics.median(w for _, w in results[mode]), 1)
+    row["host_saved"] = round(row["triton_host_us"] / row["fast_host_us"], 3)
+    row["wall_ratio"] = round(row["triton_wall_us"] / row["fast_wall_us"], 3)
+    row["hits"] = {f.fn.__name__: (f.hits, f.misses, f.fallbacks)
+                   for f in fast_launch._LAUNCHERS.values() if f.hits or f.fallbacks}
+    for f in fast_launch._LAUNCHERS.values():
+        f.hits = f.misses = f.fallbacks = 0
+    return row
+
+
+def write_markdown(out_dir: str, stem: str, rows: list) -> None:
+    import datetime
+
+    import triton
+    lines = [f"# Eager calls: Triton's launch path against moekit's fast path — "
+             f"{torch.cuda.get_device_name(0)}, {datetime.date.today().isoformat()}", "",
+             f"- command: `{' '.join(sys.argv)}` (code {os.environ.get('MOEKIT_GIT_COMMIT', '?')})",
+             f"- torch {torch.__version__}, triton {triton.__version__}",
+             f"- µs per call, medians of {BLOCKS * ROUNDS} blocks of {BLOCK} back-to-back "
+             f"eager calls, modes interleaved; host = until the last call returns, wall = "
+             f"until the GPU is done; graph = CUDA-graph replay (the GPU's own time, L2 "
+             f"flushed); host ratio = Triton's host ÷ fast host", "",
+             "| preset | M | dtype | graph | host Triton | host fast | host ratio | "
+             "wall Triton | wall fast | wall ratio | bitwise |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['M']} | {r['dtype']} | {r['graph_us']} | "
+                     f"{r['triton_host_us']} | {r['fast_host_us']} | {r['host_saved']} | "
+                     f"{r['triton_wall_us']} | {r['fast_wall_us']} | {r['wall_ratio']} | "
+                     f"{r['bitwise_equal']} |")
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--stem", default="fast-launch-experiment")
+    args = parser.parse_args()
+    if fast_launch.unavailable() is not None:
+        sys.exit(f"fast path unavailable: {fast_launch.unavailable()}")
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name, m, dtype in CELLS:
+        row = run_cell(name, m, dtype)
+        rows.append(row)
+        print(row, flush=True)
+        torch.cuda.empty_cache()
+    write_rows(args.out, args.stem, rows)
+    write_markdown(args.out, args.stem, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
