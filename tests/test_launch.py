@@ -163,6 +163,19 @@ def test_launcher_is_the_kernel_itself_where_the_fast_path_does_not_apply(monkey
     assert fast_launch.launcher(fn) is fn
 
 
+def test_available_on_a_cuda_device_with_this_triton(monkeypatch):
+    # What `unavailable` reads of Triton's internals exists here; only the device is faked.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = types.SimpleNamespace(active=type("CudaDriver", (), {})())
+    monkeypatch.setattr(fast_launch, "driver", cuda)
+    assert fast_launch.unavailable.__wrapped__() is None
+    monkeypatch.setattr(fast_launch, "driver", types.SimpleNamespace(active=object()))
+    assert "driver" in fast_launch.unavailable.__wrapped__()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "interpreter" in fast_launch.unavailable.__wrapped__()
+
+
 def test_unavailable_without_a_gpu_or_under_the_interpreter():
     if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
         assert fast_launch.unavailable() is None

@@ -71,8 +71,8 @@ def unavailable() -> str | None:
         return "Triton has no knobs module"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    for owner, name in ((CompiledKernel, "run"), (CompiledKernel, "packed_metadata"),
-                        (JITFunction, "used_global_vals"), (JITFunction, "pre_run_hooks"),
+    for owner, name in ((CompiledKernel, "run"), (CompiledKernel, "launch_metadata"),
+                        (JITFunction, "run"), (JITFunction, "add_pre_run_hook"),
                         (knobs.runtime, "launch_enter_hook"), (knobs.runtime, "override_arch"),
                         (knobs.compilation, "instrumentation_mode"),
                         (knobs.language, "default_fp_fusion")):
