@@ -161,6 +161,9 @@ def test_launcher_is_the_kernel_itself_where_the_fast_path_does_not_apply(monkey
     monkeypatch.setattr(fast_launch, "enabled", True)
     monkeypatch.setattr(fast_launch, "unavailable", lambda: "no CUDA device")
     assert fast_launch.launcher(fn) is fn
+    monkeypatch.setattr(fast_launch, "unavailable", lambda: None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fast_launch.launcher(fn) is fn  # torch.compile traces the kernel launch itself
 
 
 def test_available_on_a_cuda_device_with_this_triton(monkeypatch):

@@ -86,6 +86,8 @@ def unavailable() -> str | None:
 def launcher(kernel):
     """`kernel`'s fast launcher (indexed by the grid like the kernel), or `kernel` itself
     where the fast path does not apply."""
+    if torch.compiler.is_compiling():
+        return kernel  # Dynamo traces `kernel[grid](...)` itself, and not this launcher
     if not enabled or not isinstance(kernel, JITFunction) or unavailable() is not None:
         return kernel  # the interpreter's kernels are no JITFunction
     fast = _LAUNCHERS.get(kernel)
