@@ -20,12 +20,9 @@ import time
 
 import torch
 from half_tile_experiment import write_rows  # this directory
+from host_breakdown import layer_call
 
-import moekit
 import moekit._launch as fast_launch
-from moekit.bench.fp8 import quantize_experts
-from moekit.bench.inputs import make_tokens, make_weights
-from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 
 CELLS = [("qwen3-30b-a3b", 1, "bf16"), ("qwen3-30b-a3b", 8, "bf16"),
@@ -37,25 +34,6 @@ CELLS = [("qwen3-30b-a3b", 1, "bf16"), ("qwen3-30b-a3b", 8, "bf16"),
          ("deepseek-v2-lite", 256, "fp8_block")]
 BLOCK, BLOCKS, ROUNDS = 20, 5, 3
 MODES = ("triton", "fast")
-
-
-def layer_call(name: str, m: int, dtype: str):
-    """(an eager call of the layer at this cell, its output buffer)."""
-    device = torch.device("cuda")
-    preset = PRESETS[name]
-    w = make_weights(preset, torch.bfloat16, device)
-    hidden, topk = make_tokens(preset, m, torch.bfloat16, device)
-    out = torch.empty_like(hidden)
-    if dtype == "bf16":
-        call = lambda: moekit.fused_experts(hidden, w.w13, w.w2, topk.ids, topk.weights,  # noqa: E731
-                                            activation=preset.activation, b13=w.b13, b2=w.b2,
-                                            out=out)
-        return call, out
-    q = quantize_experts(w, dtype)
-    call = lambda: moekit.fused_experts_fp8(hidden, q.w13, q.w2, topk.ids, topk.weights,  # noqa: E731
-                                            scheme=dtype, activation=preset.activation,
-                                            b13=q.b13, b2=q.b2, out=out)
-    return call, out
 
 
 def blocks(call) -> list[tuple[float, float]]:
