@@ -21,6 +21,7 @@ import types
 import pytest
 import torch
 import triton.language as tl
+from triton import knobs
 from triton.runtime.jit import JITFunction
 
 import moekit
@@ -37,6 +38,7 @@ def _square(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr = 4):
 
 @pytest.fixture
 def fake_device(monkeypatch):
+    """Device 0, stream 77: what the fast path asks Triton's driver on a hit."""
     monkeypatch.setattr(fast_launch, "_current_device", lambda: 0)
     monkeypatch.setattr(fast_launch, "_current_stream", lambda device: 77)
 
@@ -103,7 +105,7 @@ def test_values_that_specialise_alike_share_a_key(fake_device):
     assert (fast.misses, fast.hits, len(runs)) == (1, 1, 1)
 
 
-def test_unkeyed_arguments_and_hooks_fall_back_to_triton(fake_device, monkeypatch):
+def test_unkeyed_arguments_and_hooks_fall_back_to_triton(fake_device):
     fn, runs, _ = _recording_kernel()
     fast = fast_launch.FastLauncher(fn)
     x, out = torch.empty(8), torch.empty(8)
@@ -113,7 +115,6 @@ def test_unkeyed_arguments_and_hooks_fall_back_to_triton(fake_device, monkeypatc
     fast[(1,)](x, out, 8, 0.5, BLOCK=4)
     fast[(1,)](x, out, 8, 0.5, BLOCK=4)
     assert fast.hits == 1
-    from triton import knobs
     hook = lambda *a: None  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)
     try:
@@ -305,7 +306,6 @@ def _worker() -> None:
     """Record every case's launches (test_sm90_compile's table), key each launch's variants
     both ways, and print one JSON line: per kernel counts, and any fast key that maps to
     two Triton keys."""
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import compute_cache_key, create_function_from_signature

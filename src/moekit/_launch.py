@@ -7,7 +7,8 @@ the cache key is a string of the whole specialisation and options, and a launch-
 object is built for hooks that are empty. `launcher(kernel)[grid](*args, **kwargs)` does
 what `kernel[grid](*args, **kwargs)` does, and remembers, per device, the `CompiledKernel`
 Triton's own `run` launched for each *fast key*; a later call with that key calls the
-kernel's launcher directly (H200 host, session 19: 21.7 → 15.0 µs per launch).
+kernel's launcher directly: 1.05–1.39× less host time per eager call on H200 hosts
+(bench/NOTES.md, session 28).
 
 Why a fast key is enough (Triton 3.6, `triton/runtime/jit.py`). Triton launches
 `kernel_cache[compute_cache_key(specialization, options)]`, and an entry, once written,
@@ -57,6 +58,7 @@ _TRITON = (3, 6)  # the version whose internals the fast path reads
 
 # Whether launches may take the fast path; the module's `unavailable()` must also be None.
 enabled = os.environ.get("MOEKIT_FAST_LAUNCH", "1") != "0"
+_LAUNCHERS: dict[JITFunction, FastLauncher] = {}  # one per kernel, made on its first launch
 
 
 @functools.cache
@@ -262,5 +264,3 @@ class FastLauncher:
                _current_stream(device), function, packed, None, None, None, *params)
         return kernel
 
-
-_LAUNCHERS: dict[JITFunction, FastLauncher] = {}
