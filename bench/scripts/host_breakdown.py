@@ -6,8 +6,11 @@ another; bench/NOTES.md, session 20), and cProfile's own overhead hid where. Thi
 a few functions with wall-clock timers (each wrapper adds ~0.3 µs) and splits a call's
 host µs into: Triton's launcher (`CudaLauncher.__call__`: argument packing, TMA
 descriptor encoding, the driver's launch), the rest of `JITFunction.run` (binder, cache
-key, globals check, launch metadata), moekit's `descriptor()`, and everything else
-(moekit's Python, torch allocations and views). Calls run back to back in blocks of 20,
+key, globals check, launch metadata) — or, for launches moekit's fast path
+(`moekit._launch`, session 28) makes, the rest of `FastLauncher.run` (its key and
+checks) —, moekit's `descriptor()`, and everything else (moekit's Python, torch
+allocations and views). `MOEKIT_FAST_LAUNCH=0` times Triton's path alone, as before
+session 28. Calls run back to back in blocks of 20,
 synchronised between blocks, so the GPU never holds the host back for long; the median
 block's per-call figures are printed.
 
@@ -32,6 +35,7 @@ import moekit._gluon_gemm1
 import moekit._gluon_gemm1_16bit
 import moekit._gluon_gemm2
 import moekit._gluon_gemm2_16bit
+from moekit._launch import FastLauncher
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
@@ -56,12 +60,24 @@ def _timed(key, fn):
 
 
 def _install() -> None:
-    run = JITFunction.run
+    run, fast_run = JITFunction.run, FastLauncher.run
+    _inside_fast = [False]  # a fast path's miss calls JITFunction.run: count it once
 
     def jit_run(self, *args, **kwargs):
+        if _inside_fast[0]:
+            return run(self, *args, **kwargs)
         _count["launches"] += 1
-        return run(self, *args, **kwargs)
-    JITFunction.run = _timed("jit_run", jit_run)
+        return _timed("jit_run", run)(self, *args, **kwargs)
+
+    def fast(self, *args, **kwargs):
+        _count["launches"] += 1
+        _inside_fast[0] = True
+        try:
+            return _timed("jit_run", fast_run)(self, *args, **kwargs)
+        finally:
+            _inside_fast[0] = False
+    JITFunction.run = jit_run
+    FastLauncher.run = fast
     CudaLauncher.__call__ = _timed("launcher", CudaLauncher.__call__)
     moekit._gluon.descriptor = _timed("descriptor", moekit._gluon.descriptor)
     for module in list(sys.modules.values()):  # modules that imported `descriptor` by name
