@@ -1,7 +1,10 @@
 """Test setup: without CUDA, Triton kernels run through the CPU interpreter.
 
 TRITON_INTERPRET must be set before any `@triton.jit` is evaluated, so it is set here,
-before moekit is imported by any test module.
+before moekit is imported by any test module. With CUDA the kernels compile for the GPU
+instead, so the tests that run them on CPU tensors through the interpreter (marked
+`interpreter`) are skipped there, and the `gpu` tests run in their place; without CUDA
+the `gpu` tests are skipped.
 """
 
 import os
@@ -12,11 +15,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_interpreter = pytest.mark.skip(
+        reason="runs Triton kernels on CPU tensors through the interpreter, which this "
+               "process does not use (TRITON_INTERPRET is set only without CUDA)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not _INTERPRETING:
+            item.add_marker(skip_interpreter)

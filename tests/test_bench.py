@@ -306,6 +306,7 @@ def test_l2_flush_touches_its_whole_buffer(kind):
     assert flush._buffer.numel() * flush._buffer.element_size() == 256 * 2**20
 
 
+@pytest.mark.interpreter
 def test_stream_read_reads_every_element_once():
     from moekit.bench.stream_read import BLOCK, UNROLL, stream_read
 

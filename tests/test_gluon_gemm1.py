@@ -49,6 +49,7 @@ _POISON_BYTE = 0x7F  # e4m3fn NaN
     ("token", 1, 9, 2100, True),  # a row longer than one 1024-wide block
     ("group", 32, 6, 160, True),  # scales per 1×32 group go to the slots too
 ])
+@pytest.mark.interpreter
 def test_quantiser_writes_rows_to_their_pairs_plan_slots(mode, group, M, K, drop, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     E, k = 4, 3

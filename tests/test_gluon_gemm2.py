@@ -40,6 +40,7 @@ GPU_TOL = 1e-2  # DESIGN.md's bound for bf16 outputs
 TRITON_AGREEMENT = 8e-3
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("M,E,k,H,drop", [
     (5, 4, 2, 96, False),  # ragged H against the 1024-wide column block
     (33, 8, 3, 64, True),  # dropped pairs (id −1) must be skipped, not read
