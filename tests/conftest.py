@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
         reason="runs Triton kernels on CPU tensors through the interpreter, which this "
                "process does not use (TRITON_INTERPRET is set only without CUDA)")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords and not _CUDA:
             item.add_marker(skip_gpu)
         if "interpreter" in item.keywords and not _INTERPRETING:
             item.add_marker(skip_interpreter)

@@ -60,20 +60,21 @@ def _timed(key, fn):
 
 
 def _install() -> None:
-    run, fast_run = JITFunction.run, FastLauncher.run
+    run = JITFunction.run
+    timed_run, timed_fast = _timed("jit_run", run), _timed("jit_run", FastLauncher.run)
     _inside_fast = [False]  # a fast path's miss calls JITFunction.run: count it once
 
     def jit_run(self, *args, **kwargs):
         if _inside_fast[0]:
             return run(self, *args, **kwargs)
         _count["launches"] += 1
-        return _timed("jit_run", run)(self, *args, **kwargs)
+        return timed_run(self, *args, **kwargs)
 
     def fast(self, *args, **kwargs):
         _count["launches"] += 1
         _inside_fast[0] = True
         try:
-            return _timed("jit_run", fast_run)(self, *args, **kwargs)
+            return timed_fast(self, *args, **kwargs)
         finally:
             _inside_fast[0] = False
     JITFunction.run = jit_run
