@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,6 +96,9 @@ _KNOWN_SPILL_BYTES = {
     # session 8, the same cause: the direct fp8 GEMM1 reading 520-element rows
     ("fp8-block-bf16-silu-bm1-odd_h", "_direct_gemm1_fp8_kernel"): 84,
 }
+# Known spills as another ptxas counts them: the H200 lease's (CUDA 13) stored 24,640 bytes
+# where Triton 3.6's own stores 24,616 (bench/NOTES.md, session 29).
+_PTXAS_SLACK = 1.02
 _WAIT_S = 600  # per case, while the workers are busy with the ones before it
 
 
@@ -431,7 +435,8 @@ def test_compiles_for_sm90(case, sm90_compiler):
         )
         if kernel["name"] in _GEMMS:
             assert kernel["tma"] == bool(case.params.get("tma")), f"{where}: TMA use"
-            allowed = _KNOWN_SPILL_BYTES.get((case.id, kernel["name"]), 0)
+            known = _KNOWN_SPILL_BYTES.get((case.id, kernel["name"]), 0)
+            allowed = math.ceil(known * _PTXAS_SLACK)  # no spill stays no spill
             assert kernel["spill_bytes"] <= allowed, (
                 f"{where}: {kernel['spill_bytes']} bytes of register spill stores (ptxas -v), "
                 f"{allowed} allowed"

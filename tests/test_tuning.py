@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from moekit.bench.presets import PRESETS
 from moekit.tuning import ExpertsConfig, GemmConfig, default_config
@@ -292,6 +293,7 @@ def test_lookup_takes_the_nearest_token_count_and_respects_use():
     json.dumps(table)  # entries are plain JSON
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tunes for real where CUDA is")
 def test_tune_command_needs_cuda(capsys):
     from moekit.cli import main
 
@@ -353,8 +355,6 @@ def test_gluon_tiles_tie_and_the_heuristic_stays():
 
 
 def test_gluon_gemms_off_the_gpu():
-    import torch
-
     from moekit.experts_fp8 import gluon_gemms
     from moekit.quant import QuantScheme, quantize_weight
 

@@ -35,8 +35,9 @@ def _broken_forward(bug: str):
             ids = (ids + 1) % ops.num_experts
         elif bug == "dropped_slot":
             weights = torch.cat([weights[:, :-1], torch.zeros_like(weights[:, -1:])], 1)
-        elif bug == "negated_expert":
-            w2 = torch.cat([-w2[:1], w2[1:]])  # [E, H, I]
+        elif bug == "negated_expert":  # the most-routed one: a margin on every platform
+            e = int(torch.bincount(ids.flatten(), minlength=ops.num_experts).argmax())
+            w2 = torch.cat([w2[:e], -w2[e:e + 1], w2[e + 1:]])  # [E, H, I]
         elif bug == "gate_up_swapped":
             half = w13.shape[1] // 2
             w13 = torch.cat([w13[:, half:], w13[:, :half]], 1)  # [E, 2I, H]
