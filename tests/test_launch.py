@@ -26,6 +26,7 @@ from triton.runtime.jit import JITFunction
 
 import moekit
 import moekit._launch as fast_launch
+import moekit._replay as replay
 from helpers import poison_, poison_cuda_cache, random_experts, random_routing
 from moekit.quant import QuantScheme, quantize_weight
 
@@ -197,6 +198,7 @@ _GPU_CALLS = [("bf16", 1), ("bf16", 3), ("bf16", 64), ("bf16", 2048), ("fp8_tens
 @pytest.mark.parametrize("what, M", _GPU_CALLS, ids=[f"{w}-M{m}" for w, m in _GPU_CALLS])
 def test_fast_path_outputs_are_bitwise_tritons_gpu(what, M, monkeypatch):
     assert fast_launch.unavailable() is None
+    monkeypatch.setattr(replay, "enabled", False)  # launches, not replays (test_replay.py)
     E, k, H, I = 64, 8, 1024, 512
     w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
     hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)

@@ -36,8 +36,10 @@ itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -59,6 +61,7 @@ _TRITON = (3, 6)  # the version whose internals the fast path reads
 # Whether launches may take the fast path; the module's `unavailable()` must also be None.
 enabled = os.environ.get("MOEKIT_FAST_LAUNCH", "1") != "0"
 _LAUNCHERS: dict[JITFunction, FastLauncher] = {}  # one per kernel, made on its first launch
+_local = threading.local()  # .recorder: where this thread's launches are reported, if set
 
 
 @functools.cache
@@ -175,6 +178,28 @@ class _CallShape:
         return namespace["key"]
 
 
+@contextlib.contextmanager
+def recording_into(recorder):
+    """Report this thread's launches to `recorder` (`moekit._replay`): `recorder.launch(fn,
+    entry, grid, params, device)` for each fast-path launch, `recorder.fell_back(why)` for
+    each that took Triton's own path."""
+    _local.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        _local.recorder = None
+
+
+def check_globals(fn: JITFunction) -> None:
+    """Triton's check that no global the kernel read has changed since it was compiled; an
+    unchanged global is usually the very object, and `!=` on constexprs costs ~0.3 µs each."""
+    missing = object()
+    for (name, _), (val, globals_dict) in fn.used_global_vals.items():
+        if (now := globals_dict.get(name, missing)) is not val and now != val:
+            raise RuntimeError(f"Global variable {name} has changed since we compiled "
+                               f"this kernel, from {val} to {now}")
+
+
 def _knobs_key() -> tuple:
     """The knobs Triton builds a launch's options from, beside the call's keywords."""
     return (knobs.runtime.debug, knobs.compilation.instrumentation_mode,
@@ -230,9 +255,9 @@ class FastLauncher:
     def run(self, grid, *args, **kwargs):
         fn = self.fn
         shape, params, key = self.key(args, kwargs)
+        recorder = getattr(_local, "recorder", None)
         if key is None or fn.pre_run_hooks or not _hooks_idle():
-            self.fallbacks += 1
-            return fn.run(*args, grid=grid, warmup=False, **kwargs)
+            return self._fall_back(recorder, "an unkeyed argument or a hook", grid, args, kwargs)
         device = _current_device()
         cache = self._caches.get(device)
         if cache is None:
@@ -240,27 +265,35 @@ class FastLauncher:
         try:
             entry = cache.get(key)
         except TypeError:  # an unhashable constexpr: Triton's own key would fail too
-            self.fallbacks += 1
-            return fn.run(*args, grid=grid, warmup=False, **kwargs)
+            return self._fall_back(recorder, "an unhashable constexpr", grid, args, kwargs)
+        if callable(grid):
+            grid = grid(dict(zip(shape.names, params, strict=True)))
         if entry is None:
             self.misses += 1
             kernel = fn.run(*args, grid=grid, warmup=False, **kwargs)
             if kernel is not None and not hasattr(kernel, "result"):  # not an async compile
-                cache[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+                entry = cache[key] = (kernel.run, kernel.function, kernel.packed_metadata,
+                                      kernel)
+            if recorder is not None:
+                if entry is None:
+                    recorder.fell_back("an asynchronous compile")
+                else:
+                    recorder.launch(fn, entry, grid, params, device)
             return kernel
         self.hits += 1
-        # Triton's check that no global the kernel read has changed; an unchanged global
-        # is usually the very object, and `!=` on constexprs costs ~0.3 µs each.
-        missing = object()
-        for (name, _), (val, globals_dict) in fn.used_global_vals.items():
-            if (now := globals_dict.get(name, missing)) is not val and now != val:
-                raise RuntimeError(f"Global variable {name} has changed since we compiled "
-                                   f"this kernel, from {val} to {now}")
-        if callable(grid):
-            grid = grid(dict(zip(shape.names, params, strict=True)))
+        check_globals(fn)
         n = len(grid)
         launch, function, packed, kernel = entry
         launch(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
                _current_stream(device), function, packed, None, None, None, *params)
+        if recorder is not None:
+            recorder.launch(fn, entry, grid, params, device)
         return kernel
+
+    def _fall_back(self, recorder, why: str, grid, args, kwargs):
+        """Triton's own path, nothing remembered."""
+        self.fallbacks += 1
+        if recorder is not None:
+            recorder.fell_back(why)
+        return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
 

@@ -37,6 +37,7 @@ from moekit._gluon_gemm1_16bit import (
 from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
 from moekit._intmath import cdiv
 from moekit._launch import launcher
+from moekit._replay import replayed
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -52,6 +53,7 @@ _COMBINE_BLOCK_H = 1024
 _TABLE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+@replayed
 def fused_experts(
     hidden: torch.Tensor,
     w13: torch.Tensor,

@@ -85,6 +85,7 @@ from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._intmath import cdiv
 from moekit._launch import launcher
+from moekit._replay import replayed
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -117,6 +118,7 @@ _TENSOR_ROWS_MAX = 16384
 _SPLIT_BLOCK_M = 128  # GEMM1's gated tiles from this height on run as two column halves
 
 
+@replayed
 def fused_experts_fp8(
     hidden: torch.Tensor,
     w13: QuantizedWeight,

@@ -1,0 +1,425 @@
+"""Replayed eager calls (`moekit._replay`): a replay launches what the full op would.
+
+What could go wrong silently is a replay that launches other kernels, grids or scalars
+than the op would for the new arguments, or a pointer that is not the new argument's.
+So a worker subprocess (kernels as JITFunctions, not interpreted; launches recorded, not
+run) takes every experts and fp8 case of `test_sm90_compile.py`, calls the op twice with
+fresh tensors (recording, then replaying) and once more in full on the second call's
+tensors, and compares the two launch lists with each pointer written as "argument i +
+offset" or "buffer j (in order of first use, its size) + offset". The CPU unit tests
+below cover the keys and the refusals; the GPU test compares outputs bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.jit import JITFunction
+
+import moekit
+import moekit._launch as fast_launch
+import moekit._replay as replay
+from helpers import poison_, poison_cuda_cache, random_experts, random_routing
+from moekit.quant import QuantScheme, quantize_weight
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------ a fake kernel on the CPU
+
+
+def _add(x_ptr, out_ptr, n, scale, BLOCK=4):
+    pass  # never compiled: the fake `run` below stands in for Triton's
+
+
+class _Kernels:
+    """Two JITFunctions whose Triton `run` returns a fake compiled kernel; every launch,
+    by Triton's path or the fast path's `kernel.run`, lands in `launches`."""
+
+    def __init__(self):
+        self.launches: list[tuple] = []
+        self.first, self.second = JITFunction(_add), JITFunction(_add)
+        for fn in (self.first, self.second):
+            fn.run = self._run(fn)
+
+    def _run(self, fn):
+        def run(*args, grid, warmup, **kwargs):
+            name = "first" if fn is self.first else "second"
+            kernel = types.SimpleNamespace(function=name, packed_metadata="meta")
+            kernel.run = lambda gx, gy, gz, stream, function, packed, a, b, c, *params: \
+                self.launches.append((function, (gx, gy, gz), *map(_ptr, params)))
+            kernel.run(*grid, *([1] * (3 - len(grid))), 77, name, "meta", None, None, None,
+                       *args, *kwargs.values())
+            return kernel
+        return run
+
+
+def _ptr(p):
+    return p.data_ptr() if isinstance(p, torch.Tensor) else int(p) if type(p) is replay._Pointer \
+        else p
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The fast path and replays as on a GPU (device 0, stream 77, nothing captured)."""
+    monkeypatch.setattr(fast_launch, "unavailable", lambda: None)
+    monkeypatch.setattr(fast_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(fast_launch, "_current_stream", lambda device: 77)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(replay, "enabled", True)
+    monkeypatch.setattr(fast_launch, "enabled", True)
+    return _Kernels()
+
+
+def _op(kernels, *, extra=None):
+    """An op in the library's style: a buffer, two launches, one reading the other's
+    output and a view of its input; `extra(x)` runs in the middle if given."""
+    calls = []
+
+    @replay.replayed
+    def op(x, scale=0.5, out=None):
+        calls.append(1)
+        n = x.shape[0]
+        mid = torch.empty(n, dtype=x.dtype, device=x.device)
+        if out is None:
+            out = torch.empty_like(x)
+        fast_launch.launcher(kernels.first)[(n // 4,)](x[1:], mid, n - 1, scale, BLOCK=4)
+        if extra is not None:
+            extra(x)
+        fast_launch.launcher(kernels.second)[(2,)](mid, out, n, scale, BLOCK=8)
+        return out
+
+    return op, calls
+
+
+def test_a_second_call_replays_the_first_ones_launches_on_its_own_tensors(kernels):
+    op, calls = _op(kernels)
+    x1, x2 = torch.randn(16), torch.randn(16)
+    op(x1)
+    recorded = kernels.launches[:]
+    kernels.launches.clear()
+    out = op(x2)
+    assert len(calls) == 1, "the second call did not run the op"
+    assert isinstance(out, torch.Tensor) and out.shape == x2.shape and out.dtype == x2.dtype
+    (f1, g1, xa, mid, n, s, b), (f2, g2, mid2, o, n2, s2, b2) = kernels.launches
+    assert (f1, g1, n, s, b, f2, g2, n2, s2, b2) == \
+        ("first", (4, 1, 1), 15, 0.5, 4, "second", (2, 1, 1), 16, 0.5, 8)
+    assert xa == x2.data_ptr() + 4  # x2[1:]
+    assert mid == mid2 and o == out.data_ptr() and mid not in (recorded[0][3], 0)
+    given = torch.empty(16)
+    assert op(x2, out=given) is given and kernels.launches[-1][3] == given.data_ptr()
+
+
+_NEW_KEYS = [
+    ("shape", lambda x: ((torch.randn(32),), {})),
+    ("dtype", lambda x: ((x.double(),), {})),
+    ("stride", lambda x: ((torch.randn(16, 2)[:, 0],), {})),
+    ("alignment", lambda x: ((torch.randn(17)[1:],), {})),
+    ("a float's value", lambda x: ((x,), {"scale": 0.25})),
+    ("a keyword given", lambda x: ((x,), {"out": torch.empty(16)})),
+]
+
+
+@pytest.mark.parametrize("why, call", _NEW_KEYS, ids=[w for w, _ in _NEW_KEYS])
+def test_a_new_call_key_records_again(kernels, why, call):
+    op, calls = _op(kernels)
+    x = torch.randn(16)
+    op(x)
+    op(torch.randn(16))
+    assert len(calls) == 1
+    args, kwargs = call(x)
+    op(*args, **kwargs)
+    assert len(calls) == 2, why
+    op(*args, **kwargs)
+    assert len(calls) == 2, why
+
+
+def test_the_gluon_switch_is_part_of_the_key(kernels, monkeypatch):
+    op, calls = _op(kernels)
+    x = torch.randn(16)
+    op(x)
+    monkeypatch.setenv("MOEKIT_GLUON", "0")
+    op(x)
+    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", not moekit._gluon.PREFETCH_TILES)
+    op(x)
+    assert len(calls) == 3
+
+
+def _fill(x):
+    torch.zeros(4).fill_(1.0)
+
+
+@pytest.mark.parametrize("why, extra, refuses", [
+    ("an aten op besides allocations and views", _fill, True),
+    ("views only", lambda x: x[2:].view(2, 7), False),
+])
+def test_ops_other_than_allocations_and_views_are_never_replayed(kernels, why, extra, refuses):
+    op, calls = _op(kernels, extra=extra)
+    for _ in range(3):
+        op(torch.randn(16))
+    assert len(calls) == (3 if refuses else 1), why
+
+
+def test_a_launch_on_tritons_own_path_is_never_replayed(kernels):
+    op, calls = _op(kernels)
+    op(torch.randn(16), scale=(1, 2))  # a tuple argument: not keyed by the fast path
+    op(torch.randn(16), scale=(1, 2))
+    assert len(calls) == 2  # the call key holds the tuple, the fast path falls back
+
+
+def test_arguments_sharing_a_storage_are_never_replayed(kernels):
+    op, calls = _op(kernels)
+    buf = torch.randn(32)
+    op(buf[:16], out=buf[16:])  # out and x on one storage: a view's source is ambiguous
+    op(buf[:16], out=buf[16:])
+    assert len(calls) == 2
+
+
+def test_a_returned_view_or_foreign_tensor_is_never_replayed(kernels):
+    calls = []
+
+    @replay.replayed
+    def op(x):
+        calls.append(1)
+        out = torch.empty(8, 2)
+        fast_launch.launcher(kernels.first)[(1,)](x, out, 16, 0.5, BLOCK=4)
+        return out.view(16)
+
+    op(torch.randn(16))
+    op(torch.randn(16))
+    assert len(calls) == 2
+
+
+def test_unkeyable_arguments_capture_compile_and_switches_run_in_full(kernels, monkeypatch):
+    op, calls = _op(kernels)
+    x = torch.randn(16)
+    op(x)
+    op(x, scale=[1.0])  # unhashable
+    assert len(calls) == 2
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    op(x)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(replay, "enabled", False)
+    op(x)
+    monkeypatch.setattr(replay, "enabled", True)
+    monkeypatch.setattr(fast_launch, "enabled", False)
+    op(x)
+    monkeypatch.setattr(fast_launch, "enabled", True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    op(x)
+    assert len(calls) == 6
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    op(x)
+    assert len(calls) == 6
+    replay.clear()
+    op(x)
+    assert len(calls) == 7
+
+
+def test_a_replayed_op_inside_a_recording_runs_in_full(kernels):
+    inner, inner_calls = _op(kernels)
+    outer_calls = []
+
+    @replay.replayed
+    def outer(x):
+        outer_calls.append(1)
+        return inner(x)
+
+    for _ in range(3):
+        outer(torch.randn(16))
+    assert (len(outer_calls), len(inner_calls)) == (1, 1)
+    assert not inner.replays, "the inner op recorded inside the outer recording"
+
+
+def test_a_hook_installed_after_recording_stops_replays(kernels):
+    op, _ = _op(kernels)
+    op(torch.randn(16))
+    kernels.first.pre_run_hooks.append(lambda *a, **k: None)
+    try:
+        with pytest.raises(RuntimeError, match="hook"):
+            op(torch.randn(16))
+    finally:
+        kernels.first.pre_run_hooks.clear()
+
+
+# ----------------------------------------------- every experts case: replay ≡ the full op
+
+
+def test_replays_launch_what_the_full_op_would_for_every_case():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["mismatches"], "\n".join(report["mismatches"][:3])
+    cases = report["cases"]
+    assert len(cases) > 50
+    # Every 16-bit case replays; fp8 ones with static input scales run in full.
+    refused = sorted(case for case, state in cases.items() if state != "replayed")
+    assert all(case.startswith("fp8-") for case in refused), refused
+    assert len(refused) <= 6, refused
+
+
+class _Allocations(TorchDispatchMode):
+    """Every buffer allocated while active: (address, bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in replay._ALLOCATIONS:
+            self.spans.append((out.data_ptr(), out.untyped_storage().nbytes()))
+        return out
+
+
+def _normalised(launches: list, inputs: list[torch.Tensor], spans: list) -> list:
+    """Launches with each address as ("arg", i, offset) or ("buffer", j, bytes, offset),
+    buffers numbered in order of first use."""
+    order: dict[int, int] = {}
+
+    def where(ptr: int):
+        for i, t in enumerate(inputs):
+            base, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if size and base <= ptr < base + size:
+                return ("arg", i, ptr - t.data_ptr())
+        for start, size in spans:
+            if start <= ptr < start + max(size, 1):
+                return ("buffer", order.setdefault(start, len(order)), size, ptr - start)
+        return ("unknown", ptr)
+
+    out = []
+    for function, grid, params in launches:
+        items = []
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.data_ptr() == 0:
+                items.append(0)  # an empty view: a null pointer either way
+            elif isinstance(p, (torch.Tensor, replay._Pointer)) or type(p) is int and p > 2**32:
+                items.append(where(_ptr(p)))
+            elif hasattr(p, "base") and hasattr(p, "strides"):
+                items.append(("desc", where(p.base.data_ptr()), list(p.shape), list(p.strides),
+                              p.padding))
+            else:
+                items.append(p)
+        out.append((function, grid, items))
+    return out
+
+
+def _worker() -> None:
+    """Each experts and fp8 case: record, replay on new tensors, run those in full; print
+    one JSON line with each case's state and any replay that launched differently."""
+    import moekit.experts
+    import moekit.experts_fp8
+    import test_sm90_compile as sm90
+
+    fast_launch.unavailable = lambda: None
+    fast_launch._current_device = lambda: 0
+    fast_launch._current_stream = lambda device: 77
+    torch.cuda.is_current_stream_capturing = lambda: False
+    launches: list = []
+
+    def stub_run(self, *args, grid, warmup, **kwargs):
+        def run(gx, gy, gz, stream, function, packed, a, b, c, *params):
+            launches.append((function, (gx, gy, gz), list(params)))
+        return types.SimpleNamespace(run=run, function=self.__name__, packed_metadata="meta")
+
+    ops = {"experts": moekit.fused_experts, "fp8": moekit.fused_experts_fp8}
+    calls: list = []
+
+    def capturing(op):
+        def call(*args, **kwargs):
+            calls.append((args, kwargs))
+            return ops[op](*args, **kwargs)
+        return call
+
+    cases, mismatches = {}, []
+    with sm90._recording_launches([]):
+        JITFunction.run = stub_run
+        moekit.fused_experts, moekit.fused_experts_fp8 = capturing("experts"), capturing("fp8")
+        for case in sm90.CASES:
+            if case.op not in ops:
+                continue
+            replay.clear()
+            sm90._BUILDERS[case.op](case.params)  # records
+            states = list(ops[case.op].replays.values())
+            cases[case.id] = ("refused" if states == [replay._NOT_REPLAYABLE] else
+                              "replayed" if len(states) == 1 else f"{len(states)} keys")
+            if cases[case.id] == "refused":
+                continue  # runs in full every time: nothing to compare
+            runs = []
+            for replaying in (True, False):  # the second call's tensors, replayed then in full
+                launches.clear()
+                replay.enabled = replaying
+                with _Allocations() as allocations:
+                    if replaying:
+                        sm90._BUILDERS[case.op](case.params)
+                    else:
+                        ops[case.op](*calls[-1][0], **calls[-1][1])
+                inputs = replay._call_key(*calls[-1])[1]
+                runs.append(_normalised(launches, inputs, allocations.spans))
+            replay.enabled = True
+            if runs[0] != runs[1]:
+                pairs = enumerate(zip(*runs, strict=False))
+                first = next((i for i, (a, b) in pairs if a != b), min(map(len, runs)))
+                mismatches.append(f"{case.id}: launch {first}: replayed "
+                                  f"{runs[0][first:first + 1]}, in full {runs[1][first:first + 1]}")
+    print(json.dumps({"cases": cases, "mismatches": mismatches}))
+
+
+# ------------------------------------------------------------ outputs on the GPU, bitwise
+
+
+_GPU_CALLS = [("bf16", 1), ("bf16", 3), ("bf16", 64), ("bf16", 2048), ("fp8_tensor", 1),
+              ("fp8_tensor", 64), ("fp8_block", 512), ("fp8_tensor", 2048), ("bf16-ep", 5)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what, M", _GPU_CALLS, ids=[f"{w}-M{m}" for w, m in _GPU_CALLS])
+@pytest.mark.parametrize("given_out", [True, False], ids=["out", "no_out"])
+def test_replayed_outputs_are_bitwise_the_full_ops_gpu(what, M, given_out, monkeypatch):
+    assert fast_launch.unavailable() is None
+    E, k, H, I = 64, 8, 1024, 512
+    w13, w2, _, _ = random_experts(E, H, I, dtype=torch.bfloat16, device="cuda")
+    kwargs = {}
+    if what.startswith("fp8"):
+        scheme = QuantScheme.parse(what)
+        q13, q2 = (quantize_weight(w.float(), scheme.weight) for w in (w13, w2))
+        op = lambda h, i, w, **kw: moekit.fused_experts_fp8(h, q13, q2, i, w,  # noqa: E731
+                                                             scheme=scheme, **kw)
+    else:
+        if what.endswith("ep"):  # global ids over 2E experts, this rank holding the odd ones
+            kwargs["expert_map"] = torch.full((2 * E,), -1, dtype=torch.int32, device="cuda")
+            kwargs["expert_map"][1::2] = torch.arange(E, dtype=torch.int32, device="cuda")
+        op = lambda h, i, w, **kw: moekit.fused_experts(h, w13, w2, i, w, **kw)  # noqa: E731
+    replay.clear()
+    for step in range(3):  # recorded, then replayed twice, each on new tokens
+        hidden = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+        ids, weights = random_routing(M, E, k, device="cuda", seed=100 * M + step)
+        if what.endswith("ep"):
+            ids = ids * 2 + 1
+        outs = []
+        for replaying in (True, False):
+            monkeypatch.setattr(replay, "enabled", replaying)
+            poison_cuda_cache()
+            out = poison_(torch.empty_like(hidden)) if given_out else None
+            result = op(hidden, ids, weights, out=out, **kwargs)
+            assert result is out or not given_out
+            torch.cuda.synchronize()
+            outs.append(result)
+        assert not outs[1].isnan().any()
+        assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), step
+    cache = (moekit.fused_experts_fp8 if what.startswith("fp8") else moekit.fused_experts).replays
+    assert any(v is not replay._NOT_REPLAYABLE for v in cache.values()), "nothing replayed"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, _HERE)
+    _worker()
