@@ -5,6 +5,11 @@ before moekit is imported by any test module. With CUDA the kernels compile for 
 instead, so the tests that run them on CPU tensors through the interpreter (marked
 `interpreter`) are skipped there, and the `gpu` tests run in their place; without CUDA
 the `gpu` tests are skipped.
+
+Eager calls of the experts ops replay a recording of their first call per argument shape
+(`moekit._replay`), which cannot see functions a test monkeypatches between two calls;
+so ops run in full in tests, except in test_replay.py (the replays' own tests) and in
+tests/integrations (models calling the ops as a user's would, patching nothing inside).
 """
 
 import os
@@ -29,3 +34,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "interpreter" in item.keywords and not _INTERPRETING:
             item.add_marker(skip_interpreter)
+
+
+@pytest.fixture(autouse=True)
+def _ops_in_full(request, monkeypatch):
+    path = str(request.node.path)
+    if not path.endswith("test_replay.py") and f"{os.sep}integrations{os.sep}" not in path:
+        import moekit._replay
+
+        monkeypatch.setattr(moekit._replay, "enabled", False)
