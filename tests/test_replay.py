@@ -281,12 +281,15 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def _normalised(launches: list, inputs: list[torch.Tensor], spans: list) -> list:
+def _normalised(launches: list, pointers: list, inputs: list[torch.Tensor], spans: list) -> list:
     """Launches with each address as ("arg", i, offset) or ("buffer", j, bytes, offset),
-    buffers numbered in order of first use."""
+    buffers numbered in order of first use; `pointers[n][i]` says whether parameter i of
+    launch n is a pointer (a tensor where the op ran in full: a replay passes an int)."""
     order: dict[int, int] = {}
 
     def where(ptr: int):
+        if ptr == 0:
+            return 0  # an empty view: a null pointer either way
         for i, t in enumerate(inputs):
             base, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
             if size and base <= ptr < base + size:
@@ -297,14 +300,13 @@ def _normalised(launches: list, inputs: list[torch.Tensor], spans: list) -> list
         return ("unknown", ptr)
 
     out = []
-    for function, grid, params in launches:
+    for n, (function, grid, params) in enumerate(launches):
+        mask = pointers[n] if n < len(pointers) else []
         items = []
-        for p in params:
-            if isinstance(p, torch.Tensor) and p.data_ptr() == 0:
-                items.append(0)  # an empty view: a null pointer either way
-            elif isinstance(p, (torch.Tensor, replay._Pointer)) or type(p) is int and p > 2**32:
+        for i, p in enumerate(params):
+            if i < len(mask) and mask[i]:
                 items.append(where(_ptr(p)))
-            elif hasattr(p, "base") and hasattr(p, "strides"):
+            elif hasattr(p, "base") and hasattr(p, "strides"):  # a TMA descriptor
                 items.append(("desc", where(p.base.data_ptr()), list(p.shape), list(p.strides),
                               p.padding))
             else:
@@ -354,7 +356,7 @@ def _worker() -> None:
                               "replayed" if len(states) == 1 else f"{len(states)} keys")
             if cases[case.id] == "refused":
                 continue  # runs in full every time: nothing to compare
-            runs = []
+            raw = []
             for replaying in (True, False):  # the second call's tensors, replayed then in full
                 launches.clear()
                 replay.enabled = replaying
@@ -363,9 +365,11 @@ def _worker() -> None:
                         sm90._BUILDERS[case.op](case.params)
                     else:
                         ops[case.op](*calls[-1][0], **calls[-1][1])
-                inputs = replay._call_key(*calls[-1])[1]
-                runs.append(_normalised(launches, inputs, allocations.spans))
+                raw.append((list(launches), allocations.spans))
             replay.enabled = True
+            inputs = replay._call_key(*calls[-1])[1]
+            pointers = [[isinstance(p, torch.Tensor) for p in params] for _, _, params in raw[1][0]]
+            runs = [_normalised(ls, pointers, inputs, spans) for ls, spans in raw]
             if runs[0] != runs[1]:
                 pairs = enumerate(zip(*runs, strict=False))
                 first = next((i for i, (a, b) in pairs if a != b), min(map(len, runs)))
