@@ -1,4 +1,4 @@
-"""Eager calls replayed from a recording of the first call with the same arguments' shapes.
+"""Eager calls replayed from a recording of an earlier call with the same arguments' shapes.
 
 After session 28's fast launch path, an eager decode call is still mostly host time:
 on an H200 host a qwen3 M = 1 `fused_experts` took 89 µs of CPU for 28 µs of GPU work,
@@ -7,7 +7,8 @@ launch's ~30 arguments) and 26 the fast path's per-launch keys (bench/NOTES.md, 
 29). None of that depends on the values in the tensors: the same shapes, strides,
 dtypes, devices, alignments and non-tensor arguments always lead to the same kernels,
 grids and scalar arguments, and to pointers that are an input's or a new buffer's plus a
-fixed offset. So `replayed(op)` runs the op once per such *call key* while recording:
+fixed offset. So `replayed(op)` runs the second call with such a *call key* (the first
+runs plainly: one-off shapes are not worth it) while recording:
 
   - every kernel launch (through `moekit._launch`'s fast path: the compiled kernel, the
     resolved grid, the bound arguments);
@@ -21,13 +22,18 @@ each pointer argument recomputed from the new tensors. A recording is kept only 
 tensor a kernel reads is an input's view or a buffer the call allocated, each found in one
 place only, and the op returned an input or one of its buffers.
 
+A recording costs 2–4 plain calls of host time and a replay 0.1–0.5 (qwen3 shapes at
+M = 1–1024 on this repository's CPU, launches stubbed); the first recording in a process
+also imports torch._dynamo (~1.3 s there), which the dispatch mode needs.
+
 The op runs in full (nothing recorded or replayed) under `torch.compile`, during CUDA
 graph capture (capture pays host time once, and graph replay never sees this path), while
-another recording is in progress (a replayed op calling another), where the fast launch
-path is off or unavailable, and with `MOEKIT_REPLAY=0`. The call key holds the switches
-the ops read at run time (`MOEKIT_GLUON`, the Gluon prefetch flags, the current device);
-functions monkeypatched at run time (experiments) are not seen: set `enabled = False` or
-call `clear()` around them.
+another recording is in progress (a replayed op calling another), while a Triton launch
+hook is installed, where the fast launch path is off or unavailable, and with
+`MOEKIT_REPLAY=0`. The call key holds the switches the ops read at run time
+(`MOEKIT_GLUON`, the Gluon prefetch flags, the current device); functions monkeypatched
+at run time (experiments, tests) are not seen: set `enabled = False` or call `clear()`
+around them.
 """
 
 from __future__ import annotations
@@ -41,7 +47,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moekit import _gluon, _launch
 
 enabled = os.environ.get("MOEKIT_REPLAY", "1") != "0"
+_SEEN = object()  # a key called once: the next call records
 _NOT_REPLAYABLE = object()  # a key whose calls always run in full
+# Keys kept per op, oldest dropped first: serving sees a new token count in most prefill
+# batches, and each recording is a few KB.
+MAX_KEYS = 4096
 _ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
                 torch.ops.aten.empty_strided.default, torch.ops.aten.new_empty.default,
                 torch.ops.aten.new_empty_strided.default}
@@ -155,14 +165,16 @@ class _Replay:
         self.launches = launches  # [(fn, run, function, packed, grid, device, params, moves)]
         self.result = result  # ("input" or "buffer", index) or None
 
+    def hooked(self) -> bool:
+        """Whether a Triton launch hook is installed now (Triton's path would run it)."""
+        return not _launch._hooks_idle() or any(launch[0].pre_run_hooks
+                                                 for launch in self.launches)
+
     def __call__(self, tensors: list[torch.Tensor]):
         buffers = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                    for shape, stride, dtype, device in self.buffers]
         bases = [t.data_ptr() for t in tensors] + [b.data_ptr() for b in buffers]
         for fn, run, function, packed, grid, device, params, moves in self.launches:
-            if fn.pre_run_hooks or not _launch._hooks_idle():
-                raise RuntimeError("a Triton launch hook was installed after this call was "
-                                   "recorded; call moekit._replay.clear()")
             _launch.check_globals(fn)
             params = list(params)
             for i, source, offset, desc in moves:
@@ -271,10 +283,15 @@ def replayed(op):
             return op(*args, **kwargs)
         key, tensors = keyed
         replay = cache.get(key)
+        if replay is None:  # a first call: one-off shapes are not worth a recording
+            if len(cache) >= MAX_KEYS:
+                del cache[next(iter(cache))]
+            cache[key] = _SEEN
+            return op(*args, **kwargs)
         if replay is _NOT_REPLAYABLE:
             return op(*args, **kwargs)
-        if replay is not None:
-            return replay(tensors)
+        if replay is not _SEEN:
+            return op(*args, **kwargs) if replay.hooked() else replay(tensors)
         rec = _Recording()
         with _launch.recording_into(rec), rec:
             result = op(*args, **kwargs)
