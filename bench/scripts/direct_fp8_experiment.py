@@ -24,6 +24,7 @@ import os
 import torch
 
 import moekit
+import moekit._replay
 from moekit.bench.ceilings import _bandwidths
 from moekit.bench.fp8 import quantize_experts, weight_bytes_per_element
 from moekit.bench.inputs import make_tokens, make_weights
@@ -47,6 +48,8 @@ from moekit.experts_fp8 import (
 from moekit.quant import QuantScheme
 from moekit.reference import fused_experts_quantized
 from moekit.tuning import GemmConfig
+
+moekit._replay.enabled = False  # this script patches what the ops read: no replays
 
 PRESET_NAMES = ["qwen3-30b-a3b", "granite-3.0-3b-a800m", "olmoe-1b-7b", "deepseek-v2-lite",
                 "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"]

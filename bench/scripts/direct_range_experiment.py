@@ -21,6 +21,7 @@ import torch
 import triton
 
 import moekit
+import moekit._replay
 from moekit import reference
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
@@ -30,6 +31,8 @@ from moekit.experts_fp8 import direct_fp8_config, plan_fp8_config
 from moekit.quant import QuantScheme
 from moekit.reference import fused_experts_quantized
 from moekit.tuning.heuristic import direct_tiles, pick_block_m, tiles_for_block_m
+
+moekit._replay.enabled = False  # this script patches what the ops read: no replays
 
 
 def time_pair(preset, w, dtype, m, rep_ms) -> dict:

@@ -10,7 +10,9 @@ key, globals check, launch metadata) — or, for launches moekit's fast path
 (`moekit._launch`, session 28) makes, the rest of `FastLauncher.run` (its key and
 checks) —, moekit's `descriptor()`, and everything else (moekit's Python, torch
 allocations and views). `MOEKIT_FAST_LAUNCH=0` times Triton's path alone, as before
-session 28. Calls run back to back in blocks of 20,
+session 28. Replayed calls (`moekit._replay`, session 29) skip most of what this splits,
+so replays are off here (`fast_launch_experiment.py` times them). Calls run back to back
+in blocks of 20,
 synchronised between blocks, so the GPU never holds the host back for long; the median
 block's per-call figures are printed.
 
@@ -35,6 +37,7 @@ import moekit._gluon_gemm1
 import moekit._gluon_gemm1_16bit
 import moekit._gluon_gemm2
 import moekit._gluon_gemm2_16bit
+import moekit._replay
 from moekit._launch import FastLauncher
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
@@ -133,6 +136,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    moekit._replay.enabled = False
     _install()
     os.makedirs(args.out, exist_ok=True)
     rows = []

@@ -28,9 +28,12 @@ import torch
 from plan_place_experiment import kernel_us
 from plan_scan_experiment import replay_us
 
+import moekit._replay
 import moekit.dispatch as dispatch
 from moekit.bench.inputs import make_tokens
 from moekit.bench.presets import PRESETS
+
+moekit._replay.enabled = False  # this script patches what the ops read: no replays
 
 CELLS = [("qwen3-30b-a3b", m) for m in (16, 64, 128, 256, 512, 1024, 4096, 16384)] + [
     ("deepseek-v3", 512), ("deepseek-v3", 4096), ("deepseek-v3", 16384),

@@ -21,12 +21,15 @@ from pathlib import Path
 import torch
 import triton
 
+import moekit._replay
 from moekit.bench.inputs import experts_hit, make_tokens, make_weights
 from moekit.bench.presets import get_preset
 from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
 from moekit.experts import fused_experts, launch_combine, launch_gemm1, launch_gemm2, use_tma
 from moekit.tuning.heuristic import default_config
+
+moekit._replay.enabled = False  # this script patches what the ops read: no replays
 
 CELLS = ["qwen3-30b-a3b:1", "qwen3-30b-a3b:8", "qwen3-30b-a3b:64", "qwen3-30b-a3b:1024",
          "granite-3.0-3b-a800m:1", "granite-3.0-3b-a800m:8", "granite-3.0-3b-a800m:64",

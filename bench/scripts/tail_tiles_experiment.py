@@ -21,6 +21,7 @@ import os
 import torch
 
 import moekit
+import moekit._replay
 from moekit import reference
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
@@ -28,6 +29,8 @@ from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
 from moekit.experts import launch_gemm1, launch_gemm2, use_tma
 from moekit.tuning import default_config
+
+moekit._replay.enabled = False  # this script patches what the ops read: no replays
 
 CELLS = [("qwen3-30b-a3b", (2048, 4096, 8192, 16384)), ("olmoe-1b-7b", (2048, 4096)),
          ("mixtral-8x7b", (1024, 2048, 4096)), ("gpt-oss-120b", (4096, 8192)),
