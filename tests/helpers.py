@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 # Relative L2 error bounds by output dtype (DESIGN.md, "Accuracy").
@@ -169,3 +174,13 @@ def exact_counts(counts):
         perm = torch.randperm(chosen.numel(), generator=torch.Generator().manual_seed(5))
         return chosen[perm].to(ids.dtype).reshape(ids.shape).to(ids.device)
     return transform
+
+
+def worker_report(path: str) -> dict:
+    """Run test file `path` as a script, kernels compiled rather than interpreted (its
+    `__main__` worker records launches, runs none), and return its last line's JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.abspath(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
 
@@ -26,7 +25,13 @@ from triton.runtime.jit import JITFunction
 import moekit
 import moekit._launch as fast_launch
 import moekit._replay as replay
-from helpers import poison_, poison_cuda_cache, random_experts, random_routing
+from helpers import (
+    poison_,
+    poison_cuda_cache,
+    random_experts,
+    random_routing,
+    worker_report,
+)
 from moekit.quant import QuantScheme, quantize_weight
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -269,11 +274,7 @@ def test_a_hook_installed_after_recording_runs_the_op_in_full(kernels):
 
 
 def test_replays_launch_what_the_full_op_would_for_every_case():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = worker_report(__file__)
     assert not report["mismatches"], "\n".join(report["mismatches"][:3])
     cases = report["cases"]
     assert len(cases) > 50
