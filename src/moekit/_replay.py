@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -133,6 +134,8 @@ def _call_key(args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor]] | N
             tensors.append(a)
         elif type(a) in _PLAIN_TYPES:
             parts.append((type(a), a))
+        elif isinstance(a, torch.Tensor):  # a subclass: not keyed (nor held by the cache)
+            return False
         elif hasattr(a, "__dataclass_fields__"):  # e.g. QuantizedWeight: its fields
             parts.append(type(a))
             for name in a.__dataclass_fields__:
@@ -232,7 +235,9 @@ def _compile(recording: _Recording, tensors: list[torch.Tensor], result) -> _Rep
                 if p.data_ptr() == 0:
                     continue  # an empty view: a null pointer, passed as 0 (below)
                 where, desc = move(p), None
-            elif hasattr(p, "block_shape") and isinstance(getattr(p, "base", None), torch.Tensor):
+            elif hasattr(p, "block_shape"):  # a TMA descriptor: its base moves
+                if not isinstance(getattr(p, "base", None), torch.Tensor):
+                    return None
                 where = move(p.base)
                 desc = (list(p.shape), list(p.strides), p.padding)
             else:
@@ -295,7 +300,12 @@ def replayed(op):
         rec = _Recording()
         with _launch.recording_into(rec), rec:
             result = op(*args, **kwargs)
-        replay = _compile(rec, tensors, result)
+        try:
+            replay = _compile(rec, tensors, result)
+        except Exception as error:  # noqa: BLE001 - a bug here must not fail a call that ran
+            warnings.warn(f"moekit: {op.__name__} calls are not replayed ({error!r})",
+                          stacklevel=2)
+            replay = None
         cache[key] = _NOT_REPLAYABLE if replay is None else replay
         return result
 
