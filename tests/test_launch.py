@@ -154,6 +154,14 @@ def test_a_changed_global_is_an_error_as_in_triton(fake_device):
     scope["LIMIT"] = 4
     with pytest.raises(RuntimeError, match="LIMIT has changed"):
         fast[(1,)](x, out, 8, 0.5)
+    # Recorded as a constexpr of the module's int: equal, never the same object.
+    scope["LIMIT"] = 3
+    fn.used_global_vals = {("LIMIT", id(scope)): (tl.constexpr(3), scope)}
+    fast[(1,)](x, out, 8, 0.5)
+    fast[(1,)](x, out, 8, 0.5)  # the object found equal is remembered
+    scope["LIMIT"] = 5
+    with pytest.raises(RuntimeError, match="LIMIT has changed"):
+        fast[(1,)](x, out, 8, 0.5)
 
 
 def test_launcher_is_the_kernel_itself_where_the_fast_path_does_not_apply(monkeypatch):

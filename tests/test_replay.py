@@ -309,10 +309,12 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def _normalised(launches: list, pointers: list, inputs: list[torch.Tensor], spans: list) -> list:
-    """Launches with each address as ("arg", i, offset) or ("buffer", j, bytes, offset),
-    buffers numbered in order of first use; `pointers[n][i]` says whether parameter i of
-    launch n is a pointer (a tensor where the op ran in full: a replay passes an int)."""
+def _normalised(launches: list, pointers: list, inputs: list[torch.Tensor], spans: list,
+                result) -> list:
+    """Launches, then the op's result, with each address as ("arg", i, offset) or ("buffer",
+    j, bytes, offset), buffers numbered in order of first use; `pointers[n][i]` says whether
+    parameter i of launch n is a pointer (a tensor where the op ran in full: a replay passes
+    an int)."""
     order: dict[int, int] = {}
 
     def where(ptr: int):
@@ -340,7 +342,13 @@ def _normalised(launches: list, pointers: list, inputs: list[torch.Tensor], span
             else:
                 items.append(p)
         out.append((function, grid, items))
-    return out
+
+    def returned(r):
+        if isinstance(r, tuple):
+            return type(r).__name__, [returned(item) for item in r]
+        return None if r is None else (where(r.data_ptr()), tuple(r.shape), r.dtype)
+
+    return out + [("returned", returned(result))]
 
 
 def _worker() -> None:
@@ -361,19 +369,22 @@ def _worker() -> None:
             launches.append((function, (gx, gy, gz), list(params)))
         return types.SimpleNamespace(run=run, function=self.__name__, packed_metadata="meta")
 
-    ops = {"experts": moekit.fused_experts, "fp8": moekit.fused_experts_fp8}
-    calls: list = []
+    ops = {"experts": moekit.fused_experts, "fp8": moekit.fused_experts_fp8,
+           "route": moekit.route}
+    calls, results = [], []
 
     def capturing(op):
         def call(*args, **kwargs):
             calls.append((args, kwargs))
-            return ops[op](*args, **kwargs)
+            results.append(ops[op](*args, **kwargs))
+            return results[-1]
         return call
 
     cases, mismatches = {}, []
     with sm90._recording_launches([]):
         JITFunction.run = stub_run
         moekit.fused_experts, moekit.fused_experts_fp8 = capturing("experts"), capturing("fp8")
+        moekit.route = capturing("route")
         for case in sm90.CASES:
             if case.op not in ops:
                 continue
@@ -393,12 +404,12 @@ def _worker() -> None:
                     if replaying:
                         sm90._BUILDERS[case.op](case.params)
                     else:
-                        ops[case.op](*calls[-1][0], **calls[-1][1])
-                raw.append((list(launches), allocations.spans))
+                        results.append(ops[case.op](*calls[-1][0], **calls[-1][1]))
+                raw.append((list(launches), allocations.spans, results[-1]))
             replay.enabled = True
             inputs = replay._call_key(*calls[-1])[1]
             pointers = [[isinstance(p, torch.Tensor) for p in params] for _, _, params in raw[1][0]]
-            runs = [_normalised(ls, pointers, inputs, spans) for ls, spans in raw]
+            runs = [_normalised(ls, pointers, inputs, spans, r) for ls, spans, r in raw]
             if runs[0] != runs[1]:
                 pairs = enumerate(zip(*runs, strict=False))
                 first = next((i for i, (a, b) in pairs if a != b), min(map(len, runs)))
@@ -450,7 +461,35 @@ def test_replayed_outputs_are_bitwise_the_full_ops_gpu(what, M, given_out, monke
         assert not outs[1].isnan().any()
         assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), step
     cache = (moekit.fused_experts_fp8 if what.startswith("fp8") else moekit.fused_experts).replays
-    assert any(v is not replay._NOT_REPLAYABLE for v in cache.values()), "nothing replayed"
+    assert any(isinstance(v, replay._Replay) for v in cache.values()), "nothing replayed"
+
+
+_ROUTES = [("softmax", {}), ("sigmoid", dict(n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                                             bias=True)), ("packed", {})]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, extra", _ROUTES, ids=[m for m, _ in _ROUTES])
+def test_replayed_routes_are_bitwise_the_full_ops_gpu(method, extra, monkeypatch):
+    E, k = 256 if method == "sigmoid" else 128, 8
+    extra = dict(extra)
+    bias = torch.randn(E, device="cuda") if extra.pop("bias", False) else None
+    kwargs = dict(method="softmax" if method == "packed" else method,
+                  packed=method == "packed", e_score_correction_bias=bias, **extra)
+    replay.clear()
+    for step in range(4):  # plainly, recorded, then replayed twice, each on new logits
+        logits = torch.randn(3, E, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        for replaying in (True, False):
+            monkeypatch.setattr(replay, "enabled", replaying)
+            poison_cuda_cache()
+            result = moekit.route(logits, k, **kwargs)
+            torch.cuda.synchronize()
+            outs.append(result if method == "packed" else torch.cat(
+                [result.ids.view(torch.float32), result.weights], 1))
+        assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32)), step
+    assert any(isinstance(v, replay._Replay) for v in moekit.route.replays.values()), \
+        "nothing replayed"
 
 
 if __name__ == "__main__":

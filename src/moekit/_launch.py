@@ -190,14 +190,25 @@ def recording_into(recorder):
         _local.recorder = None
 
 
+# (kernel, global's name) → the object last found equal to the value compiled in: a global
+# Triton recorded as a `constexpr` of a module's plain int is never the same object, and
+# `!=` on constexprs costs ~1 µs per launch (the route kernel's).
+_EQUAL_GLOBALS: dict[tuple, object] = {}
+
+
 def check_globals(fn: JITFunction) -> None:
-    """Triton's check that no global the kernel read has changed since it was compiled; an
-    unchanged global is usually the very object, and `!=` on constexprs costs ~0.3 µs each."""
+    """Triton's check that no global the kernel read has changed since it was compiled;
+    an unchanged global is usually the very object, or the one found equal last time
+    (globals a kernel reads are immutable: ints, floats, constexprs, dtypes)."""
     missing = object()
     for (name, _), (val, globals_dict) in fn.used_global_vals.items():
-        if (now := globals_dict.get(name, missing)) is not val and now != val:
+        now = globals_dict.get(name, missing)
+        if now is val or now is _EQUAL_GLOBALS.get((fn, name), missing):
+            continue
+        if now != val:
             raise RuntimeError(f"Global variable {name} has changed since we compiled "
                                f"this kernel, from {val} to {now}")
+        _EQUAL_GLOBALS[(fn, name)] = now
 
 
 def _knobs_key() -> tuple:

@@ -20,7 +20,8 @@ runs plainly: one-off shapes are not worth it) while recording:
 and later calls with that key allocate the buffers and launch the recorded kernels with
 each pointer argument recomputed from the new tensors. A recording is kept only if every
 tensor a kernel reads is an input's view or a buffer the call allocated, each found in one
-place only, and the op returned an input or one of its buffers.
+place only, and the op returned None, an input or one of its buffers, or a tuple (named
+or not) of those.
 
 A recording costs 2–4 plain calls of host time and a replay 0.1–0.5 (qwen3 shapes at
 M = 1–1024 on this repository's CPU, launches stubbed); the first recording in a process
@@ -166,7 +167,7 @@ class _Replay:
     def __init__(self, buffers, launches, result):
         self.buffers = buffers  # [(shape, stride, dtype, device)]
         self.launches = launches  # [(fn, run, function, packed, grid, device, params, moves)]
-        self.result = result  # ("input" or "buffer", index) or None
+        self.result = result  # `_result_spec`'s
 
     def hooked(self) -> bool:
         """Whether a Triton launch hook is installed now (Triton's path would run it)."""
@@ -185,10 +186,20 @@ class _Replay:
                 params[i] = ptr if desc is None else _Descriptor(_Pointer(ptr), *desc)
             run(*grid, _launch._current_stream(device), function, packed, None, None, None,
                 *params)
-        if self.result is None:
-            return None
-        kind, index = self.result
-        return tensors[index] if kind == "input" else buffers[index]
+        return _rebuild(self.result, tensors, buffers)
+
+
+def _rebuild(spec, tensors, buffers):
+    """The op's result from its `_result_spec` and this call's tensors and buffers."""
+    if spec is None:
+        return None
+    kind, what = spec
+    if kind == "input":
+        return tensors[what]
+    if kind == "buffer":
+        return buffers[what]
+    items = [_rebuild(item, tensors, buffers) for item in what]
+    return tuple(items) if kind is tuple else kind(*items)
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -250,21 +261,32 @@ def _compile(recording: _Recording, tensors: list[torch.Tensor], result) -> _Rep
     for launch in launches:
         launch[7] = tuple((i, source(s), off, d) for i, s, off, d in launch[7])
         launch[6] = tuple(0 if isinstance(p, torch.Tensor) else p for p in launch[6])
-    out = None
-    if result is not None:
-        if not isinstance(result, torch.Tensor):
+
+    def result_spec(r):
+        """None; ("input", i); ("buffer", j); (tuple or a named tuple's type, [specs]); or
+        False where `r` cannot be rebuilt."""
+        if r is None:
             return None
-        index = next((i for i, t in enumerate(tensors) if t is result), None)
+        if isinstance(r, tuple):
+            items = [result_spec(item) for item in r]
+            return False if False in items else (tuple if type(r) is tuple else type(r), items)
+        if not isinstance(r, torch.Tensor):
+            return False
+        index = next((i for i, t in enumerate(tensors) if t is r), None)
         if index is not None:
-            out = ("input", index)
-        else:  # one of the call's buffers, whole (the mode hands out other objects for them)
-            where = move(result)
-            if where is None or where[0] < len(tensors) or where[1] != 0:
-                return None  # a view, or a tensor from elsewhere
-            buffer = recording.buffers[where[0] - len(tensors)]
-            if result.shape != buffer.shape or result.stride() != buffer.stride():
-                return None
-            out = ("buffer", source(where[0]) - len(tensors))
+            return "input", index
+        # One of the call's buffers, whole (the mode hands out other objects for them).
+        where = move(r)
+        if where is None or where[0] < len(tensors) or where[1] != 0:
+            return False  # a view, or a tensor from elsewhere
+        buffer = recording.buffers[where[0] - len(tensors)]
+        if r.shape != buffer.shape or r.stride() != buffer.stride():
+            return False
+        return "buffer", source(where[0]) - len(tensors)
+
+    out = result_spec(result)
+    if out is False:
+        return None
     # Descriptors' params are replaced on every launch; keep none of the recorded tensors.
     for launch in launches:
         launch[6] = tuple(None if hasattr(p, "block_shape") else p for p in launch[6])

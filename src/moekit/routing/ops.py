@@ -10,6 +10,7 @@ import torch
 
 from moekit._intmath import cdiv, next_power_of_2
 from moekit._launch import launcher
+from moekit._replay import replayed
 from moekit.backend import resolve_backend
 from moekit.reference import routing as reference_routing
 from moekit.routing._kernels import _route_kernel
@@ -156,6 +157,7 @@ def _route_packed_fake(router_logits, e_score_correction_bias, top_k, *routing_f
     return router_logits.new_empty((router_logits.shape[0], top_k), dtype=torch.int32)
 
 
+@replayed
 def route(
     router_logits: torch.Tensor,
     top_k: int,
