@@ -8,7 +8,11 @@ what is timed is the Python and the allocations of the op itself. Large CPU allo
 cost more than the GPU's caching allocator, so prefill shapes read high; compare runs of
 this script, not against GPU numbers.
 
-    PYTHONPATH=src python bench/scripts/host_overhead_cpu.py [--profile NAME]
+`--replay` takes the fast launch path instead (its compiled kernels stand-ins whose
+launch does nothing) and times each case plainly, recording and replayed
+(`moekit._replay`), plus `route`.
+
+    PYTHONPATH=src python bench/scripts/host_overhead_cpu.py [--profile NAME] [--replay]
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import cProfile
 import functools
 import pstats
 import time
+import types
 
 import torch
 from triton.runtime.jit import JITFunction
 
 import moekit
+import moekit._launch
+import moekit._replay
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -45,6 +52,29 @@ def _mock_gpu(gluon: bool) -> None:
         lambda w13, block_m, activation, input_group_k, weight_group, inter_group, has_bias:
         gluon and block_m == 128)
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: gluon and block_m == 128
+
+
+def _mock_fast_path() -> None:
+    """Launches take the fast path (and so may be replayed): Triton's `run` returns a
+    compiled kernel whose launch does nothing; device 0, nothing captured."""
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: types.SimpleNamespace(
+        run=lambda *launch: None, function=None, packed_metadata=None)
+    moekit._launch.unavailable = lambda: None
+    moekit._launch._current_device = lambda: 0
+    moekit._launch._current_stream = lambda device: 0
+    torch.cuda.is_current_stream_capturing = lambda: False
+
+
+def recording_us(fn, n: int = 200) -> float:
+    """Median µs of a recording call (each after `clear()` and one plain call)."""
+    times = []
+    for _ in range(n):
+        moekit._replay.clear()
+        fn()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[n // 2] * 1e6
 
 
 def per_call_us(fn, n: int = 300) -> float:
@@ -90,11 +120,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-gluon", action="store_true", help="the Triton GEMMs at prefill")
     parser.add_argument("--profile", metavar="NAME", help="cProfile one case (by name)")
+    parser.add_argument("--replay", action="store_true",
+                        help="the fast path: plain, recording and replayed calls")
     args = parser.parse_args()
     _mock_gpu(gluon=not args.no_gluon)
+    if args.replay:
+        _mock_fast_path()
     calls = cases()
+    if args.replay:
+        logits = torch.randn(1, E)
+        calls["route M=1"] = functools.partial(moekit.route, logits, K, backend="triton")
     for name, fn in calls.items():
-        print(f"{name:48s} {per_call_us(fn):8.1f} µs", flush=True)
+        if not args.replay:
+            print(f"{name:48s} {per_call_us(fn):8.1f} µs", flush=True)
+            continue
+        moekit._replay.enabled = False
+        plain = per_call_us(fn)
+        moekit._replay.enabled = True
+        print(f"{name:48s} plain {plain:8.1f} µs, recording {recording_us(fn):8.1f}, "
+              f"replayed {per_call_us(fn):8.1f}", flush=True)
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -23,9 +23,10 @@ tensor a kernel reads is an input's view or a buffer the call allocated, each fo
 place only, and the op returned None, an input or one of its buffers, or a tuple (named
 or not) of those.
 
-A recording costs 2–4 plain calls of host time and a replay 0.1–0.5 (qwen3 shapes at
-M = 1–1024 on this repository's CPU, launches stubbed); the first recording in a process
-also imports torch._dynamo (~1.3 s there), which the dispatch mode needs.
+A recording costs 3–6 plain calls of host time and a replay 0.2–0.7 (qwen3 shapes, bf16
+and fp8, on this repository's CPU with launches stubbed: `bench/scripts/host_overhead_cpu.py
+--replay`); the first recording in a process also imports torch._dynamo (~1.3 s there),
+which the dispatch mode needs.
 
 The op runs in full (nothing recorded or replayed) under `torch.compile`, during CUDA
 graph capture (capture pays host time once, and graph replay never sees this path), while
