@@ -3,11 +3,11 @@
 What could go wrong silently is a replay that launches other kernels, grids or scalars
 than the op would for the new arguments, or a pointer that is not the new argument's.
 So a worker subprocess (kernels as JITFunctions, not interpreted; launches recorded, not
-run) takes every experts and fp8 case of `test_sm90_compile.py`, calls the op three times
-with fresh tensors (plainly, recording, replaying) and once more in full on the last call's
-tensors, and compares the two launch lists with each pointer written as "argument i +
-offset" or "buffer j (in order of first use, its size) + offset". The CPU unit tests
-below cover the keys and the refusals; the GPU test compares outputs bitwise.
+run) takes every experts, fp8 and route case of `test_sm90_compile.py`, calls the op three
+times with fresh tensors (plainly, recording, replaying) and once more in full on the last
+call's tensors, and compares the two launch lists and results with each pointer written as
+"argument i + offset" or "buffer j (in order of first use, its size) + offset". The CPU
+unit tests below cover the keys and the refusals; the GPU tests compare outputs bitwise.
 """
 
 from __future__ import annotations
@@ -281,15 +281,16 @@ def test_a_hook_installed_after_recording_runs_the_op_in_full(kernels):
     assert len(calls) == 3
 
 
-# ----------------------------------------------- every experts case: replay ≡ the full op
+# ------------------------------------ every experts and route case: replay ≡ the full op
 
 
 def test_replays_launch_what_the_full_op_would_for_every_case():
     report = worker_report(__file__)
     assert not report["mismatches"], "\n".join(report["mismatches"][:3])
     cases = report["cases"]
-    assert len(cases) > 50
-    # Every 16-bit case replays; fp8 ones with static input scales run in full.
+    assert len(cases) > 50 and sum(case.startswith("route-") for case in cases) >= 7
+    # Every 16-bit and route case replays; fp8 ones with static input scales (one tensor
+    # for both GEMMs here) or the router weight on the input (a multiply) run in full.
     refused = sorted(case for case, state in cases.items() if state != "replayed")
     assert all(case.startswith("fp8-") for case in refused), refused
     assert len(refused) <= 6, refused
