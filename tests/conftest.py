@@ -6,10 +6,11 @@ instead, so the tests that run them on CPU tensors through the interpreter (mark
 `interpreter`) are skipped there, and the `gpu` tests run in their place; without CUDA
 the `gpu` tests are skipped.
 
-Eager calls of the experts ops replay a recording of their first call per argument shape
-(`moekit._replay`), which cannot see functions a test monkeypatches between two calls;
-so ops run in full in tests, except in test_replay.py (the replays' own tests) and in
-tests/integrations (models calling the ops as a user's would, patching nothing inside).
+Eager calls of the experts ops and `route` replay a recording of an earlier call with the
+same argument shapes (`moekit._replay`), which cannot see functions a test monkeypatches
+between two calls; so ops run in full in tests, except in test_replay.py (the replays' own
+tests) and in tests/integrations (models calling the ops as a user's would, patching
+nothing inside).
 """
 
 import os

@@ -2,7 +2,7 @@
 replayed (`moekit._replay`, on top of the fast path), on the GPU's host.
 
 Per cell, calls run back to back in blocks of 20 (synchronised between blocks, so the
-GPU never holds the host back for long), the two modes interleaved over several rounds
+GPU never holds the host back for long), the three modes interleaved over several rounds
 so that a noisy stretch of the host hits all: host µs per call (until the last call
 returns) and wall µs per call (until the block's work is done: what eager use costs when
 the host is the bottleneck), medians over blocks; graph-replay µs of the same call (the
