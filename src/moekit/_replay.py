@@ -163,12 +163,13 @@ def _call_key(args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor]] | N
 class _Replay:
     """A recorded call: the buffers to allocate and the launches to repeat."""
 
-    __slots__ = ("buffers", "launches", "result")
+    __slots__ = ("buffers", "launches", "result", "device")
 
-    def __init__(self, buffers, launches, result):
+    def __init__(self, buffers, launches, result, device):
         self.buffers = buffers  # [(shape, stride, dtype, device)]
-        self.launches = launches  # [(fn, run, function, packed, grid, device, params, moves)]
-        self.result = result  # `_result_spec`'s
+        self.launches = launches  # [(fn, run, function, packed, grid, params, moves)]
+        self.result = result  # `result_spec`'s (in `_compile`)
+        self.device = device  # the CUDA device the launches go to (None: no launches)
 
     def hooked(self) -> bool:
         """Whether a Triton launch hook is installed now (Triton's path would run it)."""
@@ -179,19 +180,20 @@ class _Replay:
         buffers = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                    for shape, stride, dtype, device in self.buffers]
         bases = [t.data_ptr() for t in tensors] + [b.data_ptr() for b in buffers]
-        for fn, run, function, packed, grid, device, params, moves in self.launches:
+        if self.launches:
+            stream = _launch._current_stream(self.device)
+        for fn, run, function, packed, grid, params, moves in self.launches:
             _launch.check_globals(fn)
             params = list(params)
             for i, source, offset, desc in moves:
                 ptr = bases[source] + offset
                 params[i] = ptr if desc is None else _Descriptor(_Pointer(ptr), *desc)
-            run(*grid, _launch._current_stream(device), function, packed, None, None, None,
-                *params)
+            run(*grid, stream, function, packed, None, None, None, *params)
         return _rebuild(self.result, tensors, buffers)
 
 
 def _rebuild(spec, tensors, buffers):
-    """The op's result from its `_result_spec` and this call's tensors and buffers."""
+    """The op's result from `_compile`'s `result_spec` and this call's tensors and buffers."""
     if spec is None:
         return None
     kind, what = spec
@@ -238,16 +240,20 @@ def _compile(recording: _Recording, tensors: list[torch.Tensor], result) -> _Rep
             kept.append(recording.buffers[j])
         return len(tensors) + used[j]
 
-    launches = []
-    for fn, entry, grid, params, device in recording.launches:
+    launches, devices = [], {device for *_, device in recording.launches}
+    if len(devices) > 1:
+        return None  # the ops launch on the key's current device only
+    for fn, entry, grid, params, _ in recording.launches:
         run, function, packed, _ = entry
-        moves = []
+        template, moves = list(params), []
         for i, p in enumerate(params):
             if isinstance(p, torch.Tensor):
+                template[i] = 0  # an empty view's null pointer, or moved below
                 if p.data_ptr() == 0:
-                    continue  # an empty view: a null pointer, passed as 0 (below)
+                    continue
                 where, desc = move(p), None
             elif hasattr(p, "block_shape"):  # a TMA descriptor: its base moves
+                template[i] = None
                 if not isinstance(getattr(p, "base", None), torch.Tensor):
                     return None
                 where = move(p.base)
@@ -256,12 +262,9 @@ def _compile(recording: _Recording, tensors: list[torch.Tensor], result) -> _Rep
                 continue
             if where is None:
                 return None  # a tensor neither an argument's nor the call's own
-            moves.append((i, where[0], where[1], desc))
-        launches.append([fn, run, function, packed, grid, device, params, moves])
-    # Indices of buffers are known only once every launch has been seen.
-    for launch in launches:
-        launch[7] = tuple((i, source(s), off, d) for i, s, off, d in launch[7])
-        launch[6] = tuple(0 if isinstance(p, torch.Tensor) else p for p in launch[6])
+            moves.append((i, source(where[0]), where[1], desc))
+        # The template keeps none of the recorded tensors.
+        launches.append((fn, run, function, packed, grid, tuple(template), tuple(moves)))
 
     def result_spec(r):
         """None; ("input", i); ("buffer", j); (tuple or a named tuple's type, [specs]); or
@@ -288,11 +291,8 @@ def _compile(recording: _Recording, tensors: list[torch.Tensor], result) -> _Rep
     out = result_spec(result)
     if out is False:
         return None
-    # Descriptors' params are replaced on every launch; keep none of the recorded tensors.
-    for launch in launches:
-        launch[6] = tuple(None if hasattr(p, "block_shape") else p for p in launch[6])
     buffers = [(tuple(b.shape), b.stride(), b.dtype, b.device) for b in kept]
-    return _Replay(buffers, [tuple(launch) for launch in launches], out)
+    return _Replay(buffers, launches, out, devices.pop() if devices else None)
 
 
 def replayed(op):
