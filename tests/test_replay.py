@@ -12,6 +12,8 @@ unit tests below cover the keys and the refusals; the GPU tests compare outputs 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import sys
@@ -289,7 +291,8 @@ def test_replays_launch_what_the_full_op_would_for_every_case():
     assert not report["mismatches"], "\n".join(report["mismatches"][:3])
     cases = report["cases"]
     assert len(cases) > 50 and sum(case.startswith("route-") for case in cases) >= 7
-    # Every 16-bit and route case replays; fp8 ones with static input scales (one tensor
+    assert sum(case.startswith("moe-") for case in cases) == len(_MOE_CASES)
+    # Every 16-bit, route and fused_moe case replays; fp8 ones with static input scales (one tensor
     # for both GEMMs here) or the router weight on the input (a multiply) run in full.
     refused = sorted(case for case, state in cases.items() if state != "replayed")
     assert all(case.startswith("fp8-") for case in refused), refused
@@ -352,9 +355,46 @@ def _normalised(launches: list, pointers: list, inputs: list[torch.Tensor], span
     return out + [("returned", returned(result))]
 
 
+def _scratch_apart(spans: list, recorded) -> list:
+    """A replay's allocations (its returned buffers, then one workspace: the last ones) as
+    the buffers the op allocates: the workspace split at the replay's recorded places."""
+    if recorded.workspace is None:
+        return spans
+    n = len(spans) - len(recorded.owned) - 1  # before them: the case's inputs, built
+    others, owned, (start, nbytes) = spans[:n], spans[n:-1], spans[-1]
+    assert nbytes == recorded.workspace[0], spans
+    scratch = [(start + offset, size) for i, offset, size in recorded.places if i < 0]
+    ends = sorted((s, s + n) for s, n in scratch)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ends)), "scratch buffers overlap"
+    assert all(s % 16 == 0 for s, _ in scratch) and ends[-1][1] <= start + nbytes
+    return others + owned + scratch
+
+
+# fused_moe (route + experts, replayed as one): the direct path, the grouped GEMMs with
+# biases, expert parallelism.
+_MOE_CASES = {"direct-M1": dict(M=1, E=32, k=4), "grouped-M64-bias": dict(M=64, E=8, k=2,
+              bias=True), "ep-M5": dict(M=5, E=8, k=2, expert_map=True)}
+
+
+def _run_moe(M: int, E: int, k: int, bias: bool = False, expert_map: bool = False):
+    H, I, dtype = 256, 128, torch.bfloat16
+    table = None
+    if expert_map:  # this rank holds the even global experts of 2E
+        table = torch.full((2 * E,), -1, dtype=torch.int32)
+        table[::2] = torch.arange(E, dtype=torch.int32)
+    moekit.fused_moe(
+        torch.empty(M, H, dtype=dtype), torch.empty(M, E if table is None else 2 * E),
+        torch.empty(E, 2 * I, H, dtype=dtype), torch.empty(E, H, I, dtype=dtype), k,
+        b13=torch.empty(E, 2 * I, dtype=dtype) if bias else None,
+        b2=torch.empty(E, H, dtype=dtype) if bias else None, expert_map=table,
+        backend="triton",
+    )
+
+
 def _worker() -> None:
-    """Each experts and fp8 case: record, replay on new tensors, run those in full; print
-    one JSON line with each case's state and any replay that launched differently."""
+    """Each experts, fp8, route and fused_moe case: record, replay on new tensors, run
+    those in full; print one JSON line with each case's state and any replay that
+    launched differently."""
     import moekit.experts
     import moekit.experts_fp8
     import test_sm90_compile as sm90
@@ -371,7 +411,11 @@ def _worker() -> None:
         return types.SimpleNamespace(run=run, function=self.__name__, packed_metadata="meta")
 
     ops = {"experts": moekit.fused_experts, "fp8": moekit.fused_experts_fp8,
-           "route": moekit.route}
+           "route": moekit.route, "moe": moekit.fused_moe}
+    builds = [(case.id, case.op, functools.partial(sm90._BUILDERS[case.op], case.params))
+              for case in sm90.CASES if case.op in ops]
+    builds += [(f"moe-{name}", "moe", functools.partial(_run_moe, **p))
+               for name, p in _MOE_CASES.items()]
     calls, results = [], []
 
     def capturing(op):
@@ -385,36 +429,37 @@ def _worker() -> None:
     with sm90._recording_launches([]):
         JITFunction.run = stub_run
         moekit.fused_experts, moekit.fused_experts_fp8 = capturing("experts"), capturing("fp8")
-        moekit.route = capturing("route")
-        for case in sm90.CASES:
-            if case.op not in ops:
-                continue
+        moekit.route, moekit.fused_moe = capturing("route"), capturing("moe")
+        for case_id, op, build in builds:
             replay.clear()
-            sm90._BUILDERS[case.op](case.params)  # plainly
-            sm90._BUILDERS[case.op](case.params)  # records
-            states = list(ops[case.op].replays.values())
-            cases[case.id] = ("refused" if states == [replay._NOT_REPLAYABLE] else
+            build()  # plainly
+            build()  # records
+            states = list(ops[op].replays.values())
+            cases[case_id] = ("refused" if states == [replay._NOT_REPLAYABLE] else
                               "replayed" if len(states) == 1 else f"{len(states)} keys")
-            if cases[case.id] == "refused":
+            if cases[case_id] == "refused":
                 continue  # runs in full every time: nothing to compare
-            raw = []
+            raw, recorded = [], states[0]
             for replaying in (True, False):  # the second call's tensors, replayed then in full
                 launches.clear()
                 replay.enabled = replaying
                 with _Allocations() as allocations:
                     if replaying:
-                        sm90._BUILDERS[case.op](case.params)
+                        build()
                     else:
-                        results.append(ops[case.op](*calls[-1][0], **calls[-1][1]))
-                raw.append((list(launches), allocations.spans, results[-1]))
+                        results.append(ops[op](*calls[-1][0], **calls[-1][1]))
+                spans = allocations.spans
+                if replaying:
+                    spans = _scratch_apart(spans, recorded)
+                raw.append((list(launches), spans, results[-1]))
             replay.enabled = True
-            inputs = replay._call_key(*calls[-1])[1]
+            inputs = ops[op].call_keys(*calls[-1])[1]
             pointers = [[isinstance(p, torch.Tensor) for p in params] for _, _, params in raw[1][0]]
             runs = [_normalised(ls, pointers, inputs, spans, r) for ls, spans, r in raw]
             if runs[0] != runs[1]:
                 pairs = enumerate(zip(*runs, strict=False))
                 first = next((i for i, (a, b) in pairs if a != b), min(map(len, runs)))
-                mismatches.append(f"{case.id}: launch {first}: replayed "
+                mismatches.append(f"{case_id}: launch {first}: replayed "
                                   f"{runs[0][first:first + 1]}, in full {runs[1][first:first + 1]}")
     print(json.dumps({"cases": cases, "mismatches": mismatches}))
 
@@ -490,6 +535,30 @@ def test_replayed_routes_are_bitwise_the_full_ops_gpu(method, extra, monkeypatch
                 [result.ids.view(torch.float32), result.weights], 1))
         assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32)), step
     assert any(isinstance(v, replay._Replay) for v in moekit.route.replays.values()), \
+        "nothing replayed"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 5, 64, 1024])
+def test_replayed_layers_are_bitwise_the_full_ones_gpu(M, monkeypatch):
+    """`MoE` runs route and experts as one replayed `fused_moe`: its ids and weights live
+    in the replay's workspace, never in a tensor the test could compare, so the layer's
+    output is the check."""
+    torch.manual_seed(M)
+    layer = moekit.MoE(64, 8, 1024, 512, device="cuda", dtype=torch.bfloat16).prepare()
+    replay.clear()
+    for step in range(4):  # plainly, recorded, then replayed twice, each on new tokens
+        hidden = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        for replaying in (True, False):
+            monkeypatch.setattr(replay, "enabled", replaying)
+            poison_cuda_cache()
+            with torch.no_grad():
+                outs.append(layer(hidden))
+            torch.cuda.synchronize()
+        assert not outs[1].isnan().any()
+        assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), step
+    assert any(isinstance(v, replay._Replay) for v in moekit.fused_moe.replays.values()), \
         "nothing replayed"
 
 

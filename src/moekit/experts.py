@@ -118,6 +118,7 @@ def fused_experts(
     return out
 
 
+@replayed
 def fused_moe(
     hidden: torch.Tensor,
     router_logits: torch.Tensor,
@@ -134,6 +135,9 @@ def fused_moe(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Softmax → top-k routing (renormalised if asked) followed by `fused_experts`.
+
+    Eager calls replay as one (`moekit._replay`): one call key for both ops, and the
+    routing's ids and weights in the replay's workspace.
 
     Args:
         hidden: [M, H]; w13, w2, b13, b2: as in `fused_experts`.

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from moekit.activation import Activation
-from moekit.experts import fused_experts
-from moekit.routing import route
+from moekit.experts import fused_moe
 
 
 class MoE(nn.Module):
@@ -135,11 +134,10 @@ class MoE(nn.Module):
         weights = self._prepared
         flat = hidden.reshape(-1, hidden.shape[-1])  # [M, H]
         logits = self.router(flat)  # [M, E]
-        topk = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
-        out = fused_experts(
-            flat, weights["w13"], weights["w2"], topk.ids, topk.weights,
-            activation=self.activation, b13=weights["b13"], b2=weights["b2"],
-            expert_map=self.expert_map, backend=self.backend,
+        out = fused_moe(  # route + experts: eager calls replay as one
+            flat, logits, weights["w13"], weights["w2"], self.top_k,
+            renormalize=self.renormalize, activation=self.activation, b13=weights["b13"],
+            b2=weights["b2"], expert_map=self.expert_map, backend=self.backend,
         )
         return out.reshape(hidden.shape)
 

@@ -1,0 +1,190 @@
+"""Eager calls of two code versions side by side on the GPU's host: the `moekit.MoE`
+layer (router linear + `fused_moe`) and `fused_experts` / `fused_experts_fp8` alone.
+
+For changes to the eager path (`moekit._replay`, `moekit._launch`) that leave the kernels
+alone. Each version runs in its own worker process (`PYTHONPATH` = that version's src),
+the versions alternating over rounds so that the host's drift (session 28: 2× between
+hosts, ±15% within a run) hits both. Per cell: host µs per call (until the last call
+returns) and wall µs per call (until the GPU is done), medians over blocks of
+back-to-back calls as in `fast_launch_experiment.py`; the graph-replay µs of the same
+call (the GPU's own time, current version); and whether both versions' outputs are
+bitwise equal (a digest of each worker's last output).
+
+    PYTHONPATH=src python3 bench/scripts/eager_layer_experiment.py --out $OUT \
+        --baseline-src DIR [--baseline-label TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# (kind, preset, M, dtype): "layer" is `MoE.forward`, "experts" a fused_experts(_fp8)
+# call on fixed routing with `out` given (as fast_launch_experiment.py's cells).
+CELLS = [("layer", "qwen3-30b-a3b", 1, "bf16"), ("experts", "qwen3-30b-a3b", 1, "bf16"),
+         ("layer", "granite-3.0-3b-a800m", 1, "bf16"), ("layer", "olmoe-1b-7b", 1, "bf16"),
+         ("layer", "qwen3-30b-a3b", 4, "bf16"), ("layer", "mixtral-8x7b", 8, "bf16"),
+         ("layer", "qwen3-30b-a3b", 64, "bf16"), ("experts", "qwen3-30b-a3b", 64, "bf16"),
+         ("experts", "qwen3-30b-a3b", 1, "fp8_tensor"), ("layer", "qwen3-30b-a3b", 1024, "bf16"),
+         ("layer", "qwen3-30b-a3b", 1, "bf16")]
+BLOCK, BLOCKS, ROUNDS = 20, 5, 3
+
+
+def build(kind: str, name: str, m: int, dtype: str, seed: int):
+    """(an eager call of the cell, the tensor its result lands in or is)."""
+    import moekit
+    from moekit.bench.presets import PRESETS
+
+    preset = PRESETS[name]
+    torch.manual_seed(seed)
+    hidden = torch.randn(m, preset.hidden, device="cuda", dtype=torch.bfloat16)
+    if kind == "layer":
+        layer = moekit.MoE(preset.num_experts, preset.top_k, preset.hidden, preset.inter,
+                           activation=preset.activation, bias=preset.bias, device="cuda",
+                           dtype=torch.bfloat16).prepare()
+        held = {}
+
+        def call():
+            with torch.no_grad():
+                held["out"] = layer(hidden)
+            return held["out"]
+        return call
+    from host_breakdown import layer_call  # this directory
+
+    call, out = layer_call(name, m, dtype)
+    return lambda: (call(), out)[1]
+
+
+def blocks(call) -> list[tuple[float, float]]:
+    """(host, wall) µs per call of BLOCKS blocks of BLOCK calls."""
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(BLOCKS):
+        start = time.perf_counter()
+        for _ in range(BLOCK):
+            call()
+        issued = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+        out.append(((issued - start) / BLOCK * 1e6, (done - start) / BLOCK * 1e6))
+    return out
+
+
+def worker(graph: bool) -> None:
+    """Every cell on this process's code: one JSON line per cell."""
+    from moekit.bench.timing import graph_replay_us
+
+    for seed, (kind, name, m, dtype) in enumerate(CELLS):
+        call = build(kind, name, m, dtype, seed)
+        for _ in range(5):  # compiles; then plain, recorded and replayed calls
+            call()
+        samples = blocks(call)
+        out = call()
+        torch.cuda.synchronize()
+        row = {"cell": seed, "samples": samples,
+               "digest": hashlib.sha256(out.view(torch.int16).cpu().numpy().tobytes())
+               .hexdigest()[:16]}
+        if graph:
+            row["graph_us"] = round(graph_replay_us(call, rep_ms=20), 1)
+        print(json.dumps(row), flush=True)
+        del call, out
+        torch.cuda.empty_cache()
+
+
+def run_worker(src: str, graph: bool, log) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.abspath(src), os.path.dirname(os.path.abspath(__file__))]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker"] + (["--graph"] if graph else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    log.write(done.stderr[-4000:])
+    if done.returncode != 0:
+        sys.exit(f"worker on {src} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--stem", default="eager-layer-experiment")
+    parser.add_argument("--baseline-src", help="the other version's src directory")
+    parser.add_argument("--baseline-label", default="baseline")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.graph)
+        return 0
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src")
+    versions = {"baseline": args.baseline_src, "current": here}
+    os.makedirs(args.out, exist_ok=True)
+    got = {v: {i: [] for i in range(len(CELLS))} for v in versions}
+    digests, graphs = {v: {} for v in versions}, {}
+    with open(os.path.join(args.out, f"{args.stem}.log"), "w") as log:
+        for r in range(ROUNDS):
+            for version, src in versions.items():
+                start = time.perf_counter()
+                for row in run_worker(src, graph=r == 0 and version == "current", log=log):
+                    got[version][row["cell"]] += row["samples"]
+                    digests[version].setdefault(row["cell"], set()).add(row["digest"])
+                    if "graph_us" in row:
+                        graphs[row["cell"]] = row["graph_us"]
+                print(f"round {r} {version}: {time.perf_counter() - start:.0f} s", flush=True)
+    rows = []
+    for i, (kind, name, m, dtype) in enumerate(CELLS):
+        row = {"kind": kind, "preset": name, "M": m, "dtype": dtype,
+               "graph_us": graphs.get(i),
+               "bitwise_equal": len(digests["baseline"][i] | digests["current"][i]) == 1}
+        for v in versions:
+            row[f"{v}_host_us"] = round(statistics.median(h for h, _ in got[v][i]), 1)
+            row[f"{v}_wall_us"] = round(statistics.median(w for _, w in got[v][i]), 1)
+        row["host_ratio"] = round(row["baseline_host_us"] / row["current_host_us"], 3)
+        row["wall_ratio"] = round(row["baseline_wall_us"] / row["current_wall_us"], 3)
+        rows.append(row)
+        print(row, flush=True)
+    write(args, rows)
+    return 0
+
+
+def write(args, rows: list[dict]) -> None:
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv),
+            "code": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
+            "baseline": args.baseline_label, "blocks": BLOCKS * ROUNDS, "block": BLOCK}
+    with open(os.path.join(args.out, f"{args.stem}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# Eager calls, {args.baseline_label} against the current code — "
+             f"{meta['device']}, {meta['date']}", "",
+             f"- command: `{meta['command']}` (code {meta['code']})",
+             f"- torch {meta['torch']}, triton {meta['triton']}",
+             f"- µs per call, medians of {BLOCKS * ROUNDS} blocks of {BLOCK} back-to-back eager "
+             f"calls, each version in its own process, versions alternating over {ROUNDS} "
+             f"rounds; host = until the last call returns, wall = until the GPU is done; "
+             f"graph = CUDA-graph replay of the same call (the GPU's own time, L2 flushed); "
+             f"ratios = baseline ÷ current; layer = `MoE.forward` (router linear + "
+             f"`fused_moe`), experts = `fused_experts(_fp8)` on fixed routing with `out`", "",
+             "| call | preset | M | dtype | graph | host baseline | host current | host ratio | "
+             "wall baseline | wall current | wall ratio | bitwise |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['preset']} | {r['M']} | {r['dtype']} | "
+                     f"{r['graph_us']} | {r['baseline_host_us']} | {r['current_host_us']} | "
+                     f"{r['host_ratio']} | {r['baseline_wall_us']} | {r['current_wall_us']} | "
+                     f"{r['wall_ratio']} | {r['bitwise_equal']} |")
+    with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
