@@ -17,16 +17,18 @@ runs plainly: one-off shapes are not worth it) while recording:
     anything else (a copy, a fill, a conversion, a host read) makes the key
     not replayable and the op always runs in full for it;
 
-and later calls with that key allocate the buffers and launch the recorded kernels with
-each pointer argument recomputed from the new tensors. A recording is kept only if every
+and later calls with that key allocate the buffers (those the op returns, and one
+workspace for the rest) and launch the recorded kernels with each pointer argument
+recomputed from the new tensors. A recording is kept only if every
 tensor a kernel reads is an input's view or a buffer the call allocated, each found in one
 place only, and the op returned None, an input or one of its buffers, or a tuple (named
 or not) of those.
 
-A recording costs 3–6 plain calls of host time and a replay 0.2–0.7 (qwen3 shapes, bf16
+A recording costs 3–6 plain calls of host time and a replay 0.1–0.4 (qwen3 shapes, bf16
 and fp8, on this repository's CPU with launches stubbed: `bench/scripts/host_overhead_cpu.py
 --replay`); the first recording in a process also imports torch._dynamo (~1.3 s there),
-which the dispatch mode needs.
+which the dispatch mode needs. On an H200's host a replayed qwen3 M = 1 `fused_experts`
+takes about its GPU time (28 µs; bench/NOTES.md, session 30), mostly Triton's launches.
 
 The op runs in full (nothing recorded or replayed) under `torch.compile`, during CUDA
 graph capture (capture pays host time once, and graph replay never sees this path), while
