@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from fast_launch_experiment import BLOCK, BLOCKS, blocks  # this directory
 
 # (kind, preset, M, dtype): "layer" is `MoE.forward`, "experts" a fused_experts(_fp8)
 # call on fixed routing with `out` given (as fast_launch_experiment.py's cells).
@@ -36,7 +37,7 @@ CELLS = [("layer", "qwen3-30b-a3b", 1, "bf16"), ("experts", "qwen3-30b-a3b", 1, 
          ("layer", "qwen3-30b-a3b", 64, "bf16"), ("experts", "qwen3-30b-a3b", 64, "bf16"),
          ("experts", "qwen3-30b-a3b", 1, "fp8_tensor"), ("layer", "qwen3-30b-a3b", 1024, "bf16"),
          ("layer", "qwen3-30b-a3b", 1, "bf16")]
-BLOCK, BLOCKS, ROUNDS = 20, 5, 3
+ROUNDS = 3
 
 
 def build(kind: str, name: str, m: int, dtype: str, seed: int):
@@ -62,21 +63,6 @@ def build(kind: str, name: str, m: int, dtype: str, seed: int):
 
     call, out = layer_call(name, m, dtype)
     return lambda: (call(), out)[1]
-
-
-def blocks(call) -> list[tuple[float, float]]:
-    """(host, wall) µs per call of BLOCKS blocks of BLOCK calls."""
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(BLOCKS):
-        start = time.perf_counter()
-        for _ in range(BLOCK):
-            call()
-        issued = time.perf_counter()
-        torch.cuda.synchronize()
-        done = time.perf_counter()
-        out.append(((issued - start) / BLOCK * 1e6, (done - start) / BLOCK * 1e6))
-    return out
 
 
 def worker(graph: bool) -> None:
