@@ -65,11 +65,13 @@ def build(kind: str, name: str, m: int, dtype: str, seed: int):
     return lambda: (call(), out)[1]
 
 
-def worker(graph: bool) -> None:
-    """Every cell on this process's code: one JSON line per cell."""
+def worker(graph: bool, kinds: list[str]) -> None:
+    """Every cell of these kinds on this process's code: one JSON line per cell."""
     from moekit.bench.timing import graph_replay_us
 
     for seed, (kind, name, m, dtype) in enumerate(CELLS):
+        if kind not in kinds:
+            continue
         call = build(kind, name, m, dtype, seed)
         for _ in range(5):  # compiles; then plain, recorded and replayed calls
             call()
@@ -86,10 +88,11 @@ def worker(graph: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def run_worker(src: str, graph: bool, log) -> list[dict]:
+def run_worker(src: str, graph: bool, kinds: str, log) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.abspath(src), os.path.dirname(os.path.abspath(__file__))]))
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker"] + (["--graph"] if graph else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--kinds", kinds]
+    cmd += ["--graph"] if graph else []
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     log.write(done.stderr[-4000:])
     if done.returncode != 0:
@@ -103,29 +106,33 @@ def main() -> int:
     parser.add_argument("--stem", default="eager-layer-experiment")
     parser.add_argument("--baseline-src", help="the other version's src directory")
     parser.add_argument("--baseline-label", default="baseline")
+    parser.add_argument("--kinds", default="layer,experts", help="which cells: layer, experts")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.graph)
+        worker(args.graph, args.kinds.split(","))
         return 0
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src")
     versions = {"baseline": args.baseline_src, "current": here}
     os.makedirs(args.out, exist_ok=True)
-    got = {v: {i: [] for i in range(len(CELLS))} for v in versions}
+    cells = [i for i, cell in enumerate(CELLS) if cell[0] in args.kinds.split(",")]
+    got = {v: {i: [] for i in cells} for v in versions}
     digests, graphs = {v: {} for v in versions}, {}
     with open(os.path.join(args.out, f"{args.stem}.log"), "w") as log:
         for r in range(ROUNDS):
             for version, src in versions.items():
                 start = time.perf_counter()
-                for row in run_worker(src, graph=r == 0 and version == "current", log=log):
+                for row in run_worker(src, graph=r == 0 and version == "current",
+                                      kinds=args.kinds, log=log):
                     got[version][row["cell"]] += row["samples"]
                     digests[version].setdefault(row["cell"], set()).add(row["digest"])
                     if "graph_us" in row:
                         graphs[row["cell"]] = row["graph_us"]
                 print(f"round {r} {version}: {time.perf_counter() - start:.0f} s", flush=True)
     rows = []
-    for i, (kind, name, m, dtype) in enumerate(CELLS):
+    for i in cells:
+        kind, name, m, dtype = CELLS[i]
         row = {"kind": kind, "preset": name, "M": m, "dtype": dtype,
                "graph_us": graphs.get(i),
                "bitwise_equal": len(digests["baseline"][i] | digests["current"][i]) == 1}
