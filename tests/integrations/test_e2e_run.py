@@ -82,3 +82,29 @@ def test_run_cpu_tiny_writes_results(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_real_scale_needs_cuda():
     assert run_command(_parse(["--model", "mixtral", "--scale", "real"])) == 2
+
+
+def test_greedy_decode_with_cache_is_the_cache_free_argmax():
+    """The cached decode loop continues exactly as full forwards over the growing sequence
+    would (fp32, so no near-ties), and passes the cache under the name the installed
+    transformers takes, with no deprecation warning."""
+    import warnings
+
+    from moekit.e2e.decode import cache_keyword, greedy_decode
+    from moekit.e2e.model import build_model
+
+    config = FAMILIES["qwen3-moe"].build_config("tiny", 2)
+    model = build_model(config, dtype=torch.float32, device="cpu", seed=0)
+    prompt = torch.randint(0, config.vocab_size, (2, 9),
+                           generator=torch.Generator().manual_seed(3))  # [B, P]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning)
+        tokens = greedy_decode(model, prompt, 5).tokens  # [B, T]
+    sequence = prompt
+    with torch.no_grad():
+        for step in range(tokens.shape[1]):
+            logits = model(input_ids=sequence, use_cache=False).logits[:, -1]  # [B, V]
+            expected = logits.argmax(-1, keepdim=True)
+            assert torch.equal(tokens[:, step : step + 1], expected), step
+            sequence = torch.cat([sequence, expected], dim=1)
+    assert cache_keyword(model) in ("cache", "past_key_values")

@@ -19,6 +19,7 @@ question, asked against a float32 run.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which `model`'s forward takes and returns the KV cache: `cache` from
+    transformers 5.25 (where `past_key_values` is deprecated), `past_key_values` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def greedy_decode(
     model,
     prompt: torch.Tensor,
@@ -84,11 +92,12 @@ def greedy_decode(
     prefill_logits = logits.float().cpu()
     if progress is not None:
         progress(1, new_tokens)
-    cache = out.past_key_values
+    cache_name = cache_keyword(model)
+    cache = getattr(out, cache_name)
     start = time.perf_counter()
     for step in range(1, new_tokens):
-        out = model(input_ids=next_token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=next_token, use_cache=True, **{cache_name: cache})
+        cache = getattr(out, cache_name)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
         out_tokens[:, step : step + 1] = next_token
         if progress is not None:
