@@ -264,9 +264,9 @@ def test_register_is_idempotent_and_visible():
     moekit_tf.register()
     assert "moekit" in moe.ExpertsInterface()
     assert moe.ExpertsInterface().get_interface("moekit", None) is moekit_tf.experts_forward
-    # fp8 experts are out of scope: the name resolves there too, to the eager fallback.
+    # fp8 experts resolve the name to moekit's fp8 forward.
     fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
-    assert fp8.FP8ExpertsInterface()["moekit"] is moekit_tf.fp8_fallback_forward
+    assert fp8.FP8ExpertsInterface()["moekit"] is moekit_tf.fp8_experts_forward
 
 
 @pytest.mark.parametrize("family,prepared", [

@@ -106,6 +106,12 @@ class SourceId:
         return self.ref() is t and self.data_ptr == t.data_ptr() and self.version == _version(t)
 
 
+def sources_match(ids: tuple[SourceId, ...], tensors: list[torch.Tensor]) -> bool:
+    """Whether a cache made from the tensors `ids` identify is still theirs."""
+    return len(ids) == len(tensors) and all(
+        sid.matches(t) for sid, t in zip(ids, tensors, strict=True))
+
+
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
@@ -202,7 +208,11 @@ def identify_activation(
     probe = (torch.randn(32, 16, generator=gen) * 6).to(device)  # [n, 2*8] in module layout
     if gated:
         candidates = [Activation(kind) for kind in _GATED_CANDIDATES]
-        alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+        # gpt-oss names the constant `alpha`; transformers' fp8 experts `swiglu_alpha`.
+        alpha = getattr(module, "alpha", None)
+        if alpha is None:
+            alpha = getattr(module, "swiglu_alpha", None)
+        limit = getattr(module, "limit", None)
         if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
             candidates.insert(0, Activation("swigluoai", alpha=float(alpha), limit=float(limit)))
         # moekit reads [gate | up]; an interleaved module reads [g0, u0, g1, u1, ...].
@@ -247,9 +257,7 @@ def _refresh(module: torch.nn.Module, plan: ExpertsPlan) -> ExpertsOperands:
     """The cached copies, converted again first if any source parameter changed."""
     cached = getattr(module, CACHE_ATTR, None)
     sources = [getattr(module, name) for name in _source_names(plan)]
-    if cached is None or len(cached.sources) != len(sources) or not all(
-        sid.matches(t) for sid, t in zip(cached.sources, sources, strict=True)
-    ):
+    if cached is None or not sources_match(cached.sources, sources):
         ops = convert(module, plan)
         ids = tuple(SourceId.of(t) for t in sources)
         cached = ExpertsOperands(ops.w13, ops.w2, ops.b13, ops.b2, ids)

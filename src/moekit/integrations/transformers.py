@@ -23,13 +23,16 @@ weights arrive fp32 or bf16 and go as fp32. Under expert parallelism
 (`_is_expert_parallel`), ids ≥ E are the sentinels of experts on other ranks; they are
 turned into −1 ("no expert") explicitly rather than relying on the op's range check.
 
-A module moekit cannot serve (a post-expert norm, an activation it does not have,
-quantised weights) runs transformers' own eager forward, with one warning per class.
+A module moekit cannot serve (a post-expert norm, an activation it does not have)
+runs transformers' own eager forward, with one warning per class.
 
-fp8: transformers routes fp8 checkpoints through the sibling `FP8ExpertsInterface`.
-moekit does not serve fp8 experts yet (out of scope for now); `register()` also
-registers the name there, as an eager fallback with one warning, so that choosing
-"moekit" for an fp8 model runs correctly instead of failing at its first forward.
+fp8: transformers routes fine-grained fp8 checkpoints (e4m3 weights, `*_scale_inv` per
+128×128 block: DeepSeek-V3, Qwen3-FP8) through the sibling `FP8ExpertsInterface`;
+`register()` registers "moekit" there too, and `fp8_experts_forward` runs them by
+`moekit.fused_experts_fp8` with the `fp8_block` scheme, the checkpoint's tensors
+aliased (`moekit.integrations.fp8_experts_layout`, which also lists the formats that
+fall back to transformers' forward). transformers' own fp8 experts need the
+`kernels-community/finegrained-fp8` kernel from the Hugging Face Hub; moekit's do not.
 
 This path is for inference: converted copies are detached from autograd.
 """
@@ -48,6 +51,13 @@ from moekit.integrations.experts_layout import (
     experts_operands,
     experts_plan,
     prepare_experts,
+)
+from moekit.integrations.fp8_experts_layout import (
+    FP8_CACHE_ATTR,
+    Fp8ExpertsPlan,
+    fp8_experts_operands,
+    fp8_experts_plan,
+    is_fp8_experts_module,
 )
 
 NAME = "moekit"
@@ -73,7 +83,7 @@ def register(name: str = NAME) -> None:
         from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
     except ImportError:
         return
-    FP8ExpertsInterface.register(name, fp8_fallback_forward)
+    FP8ExpertsInterface.register(name, fp8_experts_forward)
 
 
 def experts_forward(
@@ -115,38 +125,62 @@ def experts_forward(
     return out.to(hidden_states.dtype)
 
 
-def fp8_fallback_forward(
+def fp8_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """fp8 experts are not served by moekit yet: run transformers' eager fp8 forward."""
-    _warn_once(self, "fp8 experts (FP8ExpertsInterface) are not supported by moekit yet")
-    return eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    """The experts computation of a transformers fp8 experts module (`FP8Experts`), run by
+    `moekit.fused_experts_fp8`; arguments and result as `experts_forward`'s."""
+    plan = fp8_experts_plan(self)
+    if not plan.supported:
+        _warn_once(self, plan.reason)
+        return eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    ops = fp8_experts_operands(self, plan)
+    ids = top_k_index.to(torch.int32)  # [T, k]
+    if getattr(self, "_is_expert_parallel", False):
+        ids = ids.masked_fill(ids >= ops.num_experts, -1)
+    out = moekit.fused_experts_fp8(
+        hidden_states,
+        ops.w13,
+        ops.w2,
+        ids,
+        top_k_weights.to(torch.float32),  # [T, k]
+        scheme=plan.scheme,
+        activation=plan.activation,
+    )  # [T, H]
+    return out
 
 
-def prepare_model(model: torch.nn.Module) -> dict[str, ExpertsPlan]:
+def prepare_model(model: torch.nn.Module) -> dict[str, ExpertsPlan | Fp8ExpertsPlan]:
     """Plan and convert every experts module of `model` now, before the first forward.
 
     Useful before `torch.compile` (compiled graphs then read the cached copies) and to
     learn up front which modules fall back to transformers.
 
     Returns:
-        {module name: its ExpertsPlan} for each experts module found.
+        {module name: its ExpertsPlan (Fp8ExpertsPlan for fp8 modules)} for each experts
+        module found.
     """
     plans = {}
     for name, module in model.named_modules():
-        if is_experts_module(module):
+        if is_fp8_experts_module(module):
+            plans[name] = fp8_experts_plan(module)
+            if plans[name].supported:
+                fp8_experts_operands(module, plans[name])
+        elif is_experts_module(module):
             plans[name] = prepare_experts(module)
     return plans
 
 
 def release_converted(model: torch.nn.Module) -> None:
-    """Free the converted weight copies (gpt-oss) of `model`; they are made again on next use."""
+    """Free the converted weight copies (gpt-oss; fp8 scales widened from e8m0) of `model`;
+    they are made again on next use."""
     for module in model.modules():
-        if is_experts_module(module) and hasattr(module, CACHE_ATTR):
-            delattr(module, CACHE_ATTR)
+        for attr in (CACHE_ATTR, FP8_CACHE_ATTR):
+            if is_experts_module(module) and hasattr(module, attr):
+                delattr(module, attr)
 
 
 def is_experts_module(module: torch.nn.Module) -> bool:
