@@ -45,6 +45,7 @@ before compiling so that compiled graphs read the cached copies without a break.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,17 +142,22 @@ class ExpertsOperands:
 
 def experts_plan(module: torch.nn.Module) -> ExpertsPlan:
     """The module's cached plan, made on first use (see the module docstring)."""
-    plan = getattr(module, PLAN_ATTR, None)
+    return cached_plan(module, PLAN_ATTR, make_plan)
+
+
+def cached_plan(module: torch.nn.Module, attr: str, make: Callable[[torch.nn.Module], object]):
+    """`module.<attr>`, stored there by `make(module)` on first use, outside any graph."""
+    plan = getattr(module, attr, None)
     if plan is not None:
         return plan
     if torch.compiler.is_compiling():
-        return _store_plan_eagerly(module)
-    return _store_plan(module)
+        return _store_plan_eagerly(module, attr, make)
+    return _store_plan(module, attr, make)
 
 
-def _store_plan(module: torch.nn.Module) -> ExpertsPlan:
-    plan = make_plan(module)
-    setattr(module, PLAN_ATTR, plan)
+def _store_plan(module: torch.nn.Module, attr: str, make: Callable[[torch.nn.Module], object]):
+    plan = make(module)
+    setattr(module, attr, plan)
     return plan
 
 

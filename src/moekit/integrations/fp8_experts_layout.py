@@ -31,7 +31,12 @@ from dataclasses import dataclass
 import torch
 
 from moekit.activation import Activation
-from moekit.integrations.experts_layout import SourceId, identify_activation, sources_match
+from moekit.integrations.experts_layout import (
+    SourceId,
+    cached_plan,
+    identify_activation,
+    sources_match,
+)
 from moekit.quant import QuantizedWeight, QuantScheme
 
 # Attributes moekit keeps on the transformers module (plain attributes, as in experts_layout).
@@ -77,21 +82,7 @@ def is_fp8_experts_module(module: torch.nn.Module) -> bool:
 
 def fp8_experts_plan(module: torch.nn.Module) -> Fp8ExpertsPlan:
     """The module's cached plan, made on first use (outside any compiled graph)."""
-    plan = getattr(module, FP8_PLAN_ATTR, None)
-    if plan is not None:
-        return plan
-    if torch.compiler.is_compiling():
-        return _store_plan_eagerly(module)
-    return _store_plan(module)
-
-
-def _store_plan(module: torch.nn.Module) -> Fp8ExpertsPlan:
-    plan = make_fp8_plan(module)
-    setattr(module, FP8_PLAN_ATTR, plan)
-    return plan
-
-
-_store_plan_eagerly = torch.compiler.disable(_store_plan)
+    return cached_plan(module, FP8_PLAN_ATTR, make_fp8_plan)
 
 
 def make_fp8_plan(module: torch.nn.Module) -> Fp8ExpertsPlan:
