@@ -1,12 +1,11 @@
 """moekit as transformers' fp8 experts implementation (`FP8Experts`, block-scaled e4m3).
 
 transformers' own fp8 experts need a kernel from the Hugging Face Hub, so the oracle here
-is built from transformers' pieces that run anywhere: its checkpoint quantiser
-(`Fp8Quantize`, the weights and `*_scale_inv` a checkpoint holds) and its dequantiser
-(`_dequantize_fp8_weight`, how transformers reads them), with the activations put
-through fp8 in 1×128-style groups by the test itself. The block scales span 10^-2 to
-10^1, so a scale read from the wrong block or a swapped gate/up half moves the output by
-far more than fp8 rounding of the activations does.
+is transformers' checkpoint quantiser (`Fp8Quantize`: the weights and `*_scale_inv` a
+checkpoint holds), read back by the checkpoint convention and run in fp32 by the test
+itself, each GEMM's input put through fp8 in 1×bk groups as the format prescribes. The
+block scales span 10^-1 to 10^1, so a scale read from the wrong block or a swapped
+gate/up half moves the output by far more than fp8 rounding of the activations does.
 """
 
 from __future__ import annotations
@@ -84,10 +83,13 @@ def routed(module, tokens, top_k, *, device="cpu", seed=1, dtype=torch.bfloat16)
 
 
 def dequantized(module, name):
-    """transformers' reading of a projection: fp32 [E, N, K]."""
-    return fp8_tf._dequantize_fp8_weight(
-        getattr(module, name).detach(), getattr(module, name + "_scale_inv").detach().float(),
-        module.block_size, torch.float32)
+    """A checkpoint projection read by its convention (DeepSeek-V3's `weight_dequant`, which
+    transformers follows): each bn × bk block of q times its `scale_inv`; fp32 [E, N, K]."""
+    q = getattr(module, name).detach().float()
+    scale = getattr(module, name + "_scale_inv").detach().float()  # [E, ceil(N/bn), ceil(K/bk)]
+    bn, bk = module.block_size
+    rows, cols = q.shape[1:]
+    return q * scale.repeat_interleave(bn, 1)[:, :rows].repeat_interleave(bk, 2)[:, :, :cols]
 
 
 def fake_fp8(a, group):
@@ -218,7 +220,8 @@ def test_clamped_silu_without_alpha_is_declined():
 
 def test_swiglu_alpha_is_served_as_swigluoai():
     module = fp8_module()
-    module.swiglu_alpha, module.limit = 1.702, 7.0
+    # transformers 5.25 clamps by `limit`, 5.17 by `swiglu_limit`.
+    module.swiglu_alpha, module.limit, module.swiglu_limit = 1.702, 7.0, 7.0
     plan = layout.make_fp8_plan(module)
     assert plan.supported, plan.reason
     assert (plan.activation.kind, plan.activation.alpha, plan.activation.limit) == (
