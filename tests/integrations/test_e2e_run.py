@@ -79,6 +79,66 @@ def test_run_cpu_tiny_writes_results(tmp_path):
     assert "tiny widths" in md and "TPOT" in md and "**passed**" in md
 
 
+def test_run_cpu_tiny_fp8_experts(tmp_path):
+    args = _parse(["--model", "mixtral", "--scale", "tiny", "--device", "cpu", "--batch", "2",
+                   "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--fp8-experts",
+                   "--out-dir", str(tmp_path)])
+    assert run_command(args) == 0
+    (json_path,) = tmp_path.glob("cpu-*-e2e-mixtral.json")
+    record = json.loads(json_path.read_text())
+    assert record["experts"]["moekit_format"] == "fp8 e4m3, 32x32 block scales"
+    assert record["experts"]["served"] == 2, record["experts"]
+    assert record["check"]["gated"] is False
+    # fp8 weights and activations cost ~3e-2 here, several times bf16's rounding (so moekit
+    # did run the fp8 modules); a misrouted or mis-scaled expert would cost ~1.
+    cand, base = record["check"]["candidate"], record["check"]["baseline"]
+    assert 2 * base["median_rel_l2"] < cand["median_rel_l2"] < 0.1, record["check"]
+    md = json_path.with_suffix(".md").read_text()
+    assert "moekit's in fp8 e4m3" in md and "not gated" in md
+
+
+def test_fp8_experts_refuse_biased_experts():
+    args = _parse(["--model", "gpt-oss", "--scale", "tiny", "--device", "cpu", "--fp8-experts",
+                   "--out-dir", ""])
+    assert run_command(args) == 2
+
+
+@pytest.mark.parametrize("hidden,inter,block", [
+    (64, 96, 32), (2048, 768, 128), (7168, 2048, 128), (4096, 14336, 128), (48, 80, 16)])
+def test_fp8_block_is_the_largest_shared_power_of_two(hidden, inter, block):
+    from moekit.e2e.fp8 import fp8_block
+
+    assert fp8_block(hidden, inter) == block
+
+
+def test_fp8_block_refuses_widths_without_one():
+    from moekit.e2e.fp8 import fp8_block
+
+    with pytest.raises(ValueError, match="no power-of-two block"):
+        fp8_block(40, 24)
+
+
+def test_fp8_swap_holds_the_experts_quantised():
+    from moekit.e2e.fp8 import Fp8ExpertsSwap
+    from moekit.e2e.model import build_model
+    from moekit.integrations.fp8_experts_layout import fp8_experts_operands, fp8_experts_plan
+
+    config = FAMILIES["qwen3-moe"].build_config("tiny", 1)
+    model = build_model(config, dtype=torch.bfloat16, device="cpu", seed=0)
+    bf16 = model.model.layers[0].mlp.experts
+    swap = Fp8ExpertsSwap(model, 32)
+    swap.use(fp8=True)
+    fp8 = model.model.layers[0].mlp.experts
+    assert fp8 is not bf16 and fp8.gate_up_proj.dtype == torch.float8_e4m3fn
+    ops = fp8_experts_operands(fp8, fp8_experts_plan(fp8))
+    for name, weight in (("w13", bf16.gate_up_proj), ("w2", bf16.down_proj)):
+        restored = getattr(ops, name).dequantize()
+        err = (restored - weight.float()).norm() / weight.float().norm()
+        assert err < 0.05, (name, err)  # e4m3's 3 mantissa bits: ~2-3%
+    swap.use(fp8=False)
+    assert model.model.layers[0].mlp.experts is bf16
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_real_scale_needs_cuda():
     assert run_command(_parse(["--model", "mixtral", "--scale", "real"])) == 2
