@@ -84,7 +84,7 @@ def test_run_cpu_tiny_fp8_experts(tmp_path):
                    "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--fp8-experts",
                    "--out-dir", str(tmp_path)])
     assert run_command(args) == 0
-    (json_path,) = tmp_path.glob("cpu-*-e2e-mixtral.json")
+    (json_path,) = tmp_path.glob("cpu-*-e2e-mixtral-fp8.json")
     record = json.loads(json_path.read_text())
     assert record["experts"]["moekit_format"] == "fp8 e4m3, 32x32 block scales"
     assert record["experts"]["served"] == 2, record["experts"]

@@ -218,7 +218,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     _print_summary(record)
     if args.out_dir:
-        json_path, md_path = write_results(record, args.out_dir, family.name)
+        stem = family.name + ("-fp8" if swap is not None else "")
+        json_path, md_path = write_results(record, args.out_dir, stem)
         _log(f"wrote {json_path} and {md_path}")
     if not finite or (check.get("passed") is False and check.get("gated", True)):
         _log(f"FAILED: {_check_line(check)}; finite logits: {finite}")

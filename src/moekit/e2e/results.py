@@ -1,7 +1,7 @@
 """Result files of `moekit run`: one JSON record and one Markdown page per run.
 
 They follow PERF.md's "Result files" convention and reuse `moekit.bench.results` for
-it: `bench/results/<device-slug>-<yyyymmdd>-e2e-<family>.{json,md}`, a "-2", "-3"
+it: `bench/results/<device-slug>-<yyyymmdd>-e2e-<family>[-fp8].{json,md}`, a "-2", "-3"
 suffix instead of overwriting, and device, torch, triton, date and command as
 top-level keys (plus transformers' version), so a number can be traced to what
 produced it. The kernel table's `ceilings`/`rows` do not apply to a model run.
@@ -52,15 +52,16 @@ def environment(device: torch.device, command: str | None = None) -> dict[str, A
     }
 
 
-def write_results(record: dict[str, Any], out_dir: str | Path, family: str) -> tuple[Path, Path]:
-    """Write `record` as JSON and its Markdown page; never overwrites an earlier run.
+def write_results(record: dict[str, Any], out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """Write `record` as JSON and its Markdown page under `e2e-<name>` (the family, "-fp8"
+    with fp8 experts); never overwrites an earlier run.
 
     Returns:
         (json path, markdown path).
     """
     day = datetime.date.today().strftime("%Y%m%d")
     json_path, md_path = result_paths(out_dir, device_slug(record["device"]), day,
-                                      f"e2e-{family}")
+                                      f"e2e-{name}")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     md_path.write_text(markdown(record))
