@@ -6,6 +6,7 @@ import torch
 from helpers import assert_close
 from moekit import reference
 from moekit.layer import MoE
+from moekit.quant import QuantScheme, quantize_weight
 
 
 def expected_output(layer, hidden):
@@ -100,10 +101,63 @@ def test_bad_construction(kwargs, fragment):
         MoE(**args)
 
 
-@pytest.mark.gpu
-def test_layer_cuda_graph_gpu():
+def expected_fp8_output(layer, hidden):
+    """The layer's routing, then the fp8 reference on its weights quantised afresh."""
+    flat = hidden.reshape(-1, hidden.shape[-1]).detach()
+    topk = reference.route(flat @ layer.router.weight.detach().T, layer.top_k,
+                           renormalize=layer.renormalize)
+    w13, w2 = (quantize_weight(w.detach(), layer.scheme.weight) for w in (layer.w13, layer.w2))
+    f = lambda t: None if t is None else t.detach()
+    out = reference.fused_experts_quantized(
+        flat, w13, w2, topk.ids, topk.weights, scheme=layer.scheme, activation=layer.activation,
+        b13=f(layer.b13), b2=f(layer.b2))
+    return out.reshape(hidden.shape)
+
+
+@pytest.mark.parametrize("quant", [
+    "fp8_tensor", "fp8_channel", QuantScheme.fp8_block((32, 32))], ids=str)
+def test_fp8_layer_matches_quantised_reference(quant):
     torch.manual_seed(0)
-    layer = MoE(32, 4, 512, 256, device="cuda", dtype=torch.bfloat16).prepare()
+    layer = MoE(6, 2, 64, 32, bias=True, quant=quant, backend="reference")
+    with torch.no_grad():
+        layer.b13.normal_(std=0.1)
+        layer.b2.normal_(std=0.1)
+    hidden = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        out = layer(hidden)
+        assert_close(out, expected_fp8_output(layer, hidden))
+        # fp8 is not the 16-bit layer (the quantised path ran), but close to it.
+        dense = expected_output(layer, hidden)
+        assert not torch.equal(out, dense)
+        assert_close(out, dense, 0.1)
+    assert "quant=" in repr(layer)
+
+
+def test_fp8_layer_requantises_weights_changed_in_place():
+    torch.manual_seed(0)
+    layer = MoE(4, 2, 64, 32, quant="fp8_channel", backend="reference").prepare()
+    other = MoE(4, 2, 64, 32, quant="fp8_channel", backend="reference")
+    hidden = torch.randn(3, 64)
+    with torch.no_grad():
+        before = layer(hidden)
+        layer.load_state_dict(other.state_dict())  # copies in place: the versions move
+        after = layer(hidden)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, other(hidden))
+
+
+def test_fp8_layer_refuses_static_activation_scales():
+    with pytest.raises(ValueError, match="static activation scales"):
+        MoE(4, 2, 32, 16, quant=QuantScheme.fp8_tensor(dynamic=False))
+    with pytest.raises(ValueError, match="scheme"):
+        MoE(4, 2, 32, 16, quant="fp4")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [None, "fp8_block"], ids=["bf16", "fp8_block"])
+def test_layer_cuda_graph_gpu(quant):
+    torch.manual_seed(0)
+    layer = MoE(32, 4, 512, 256, quant=quant, device="cuda", dtype=torch.bfloat16).prepare()
     hidden = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         stream = torch.cuda.Stream()
@@ -116,4 +170,5 @@ def test_layer_cuda_graph_gpu():
             out = layer(hidden)
         hidden.copy_(torch.randn_like(hidden))
         graph.replay()
-        assert_close(out, expected_output(layer, hidden).to(out.dtype))
+        expected = expected_output if quant is None else expected_fp8_output
+        assert_close(out, expected(layer, hidden).to(out.dtype))

@@ -12,6 +12,12 @@ CUDA graph or compiled. Parameters keep moekit's layout (DESIGN.md): `w13` [E, 2
 with gate rows first, `w2` [E, H, I]. Loading a state dict writes into the same
 (contiguous) parameters, so a prepared layer sees new weights; call `prepare()` again
 only after replacing a parameter object.
+
+With `quant` (an fp8 scheme) `prepare()` also quantises w13 and w2 once
+(`moekit.quant.quantize_weight`) and the experts run by `fused_experts_fp8`, activations
+quantised dynamically. The 16-bit parameters stay the layer's state (its state dict, its
+master copy); the fp8 copies are made again when a forward finds that a weight changed
+in place since (`load_state_dict`, an optimiser step), as their version counters tell.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from torch import nn
 
 from moekit.activation import Activation
 from moekit.experts import fused_moe
+from moekit.experts_fp8 import fused_experts_fp8
+from moekit.quant import QuantScheme, quantize_weight
+from moekit.routing import route
 
 
 class MoE(nn.Module):
@@ -33,6 +42,9 @@ class MoE(nn.Module):
         renormalize: renormalise the k routing weights to sum to 1.
         local_experts: the expert ids (of E) this module holds, for expert parallelism;
             default all. w13/w2 then have len(local_experts) experts, in that order.
+        quant: None (16-bit experts), or an fp8 `QuantScheme` or preset name ("fp8_tensor",
+            "fp8_channel", "fp8_block") with dynamic activation scales (static ones need
+            calibrated input scales: `fused_experts_fp8` with `QuantizedWeight.input_scale`).
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
     """
 
@@ -47,6 +59,7 @@ class MoE(nn.Module):
         bias: bool = False,
         renormalize: bool = True,
         local_experts: list[int] | tuple[int, ...] | None = None,
+        quant: str | QuantScheme | None = None,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -59,6 +72,7 @@ class MoE(nn.Module):
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
         held = _check_local_experts(local_experts, num_experts)
+        self.scheme = _check_quant(quant)
         self.activation = Activation.parse(activation)
         self.top_k = top_k
         self.renormalize = renormalize
@@ -76,7 +90,8 @@ class MoE(nn.Module):
             expert_map[list(local_experts)] = torch.arange(held, dtype=torch.int32,
                                                            device=device)
         self.register_buffer("expert_map", expert_map, persistent=False)
-        self._prepared: dict[str, torch.Tensor | None] | None = None
+        self._prepared: dict[str, object] | None = None
+        self._quantized_from: tuple[int, ...] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -119,21 +134,42 @@ class MoE(nn.Module):
         return layer
 
     def prepare(self) -> MoE:
-        """Check the weights once and hold them in the layout the kernels read."""
+        """Check the weights once and hold them in the layout the kernels read (quantised,
+        with `quant`)."""
         contiguous = lambda t: None if t is None else t.detach().contiguous()
         self._prepared = {
             "w13": contiguous(self.w13), "w2": contiguous(self.w2),
             "b13": contiguous(self.b13), "b2": contiguous(self.b2),
         }
+        if self.scheme is not None:
+            with torch.no_grad():
+                for name in ("w13", "w2"):
+                    self._prepared[name] = quantize_weight(self._prepared[name],
+                                                           self.scheme.weight)
+            self._quantized_from = self._weights_state()
         return self
+
+    def _weights_state(self) -> tuple[int, ...]:
+        """What the fp8 copies were made from: the weights' storage and version counters."""
+        return (self.w13.data_ptr(), self.w13._version, self.w2.data_ptr(), self.w2._version)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] → [..., H] in hidden's dtype."""
-        if self._prepared is None:
+        if self._prepared is None or (
+                self.scheme is not None and not torch.compiler.is_compiling()
+                and self._quantized_from != self._weights_state()):
             self.prepare()
         weights = self._prepared
         flat = hidden.reshape(-1, hidden.shape[-1])  # [M, H]
         logits = self.router(flat)  # [M, E]
+        if self.scheme is not None:
+            topk = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
+            out = fused_experts_fp8(
+                flat, weights["w13"], weights["w2"], topk.ids, topk.weights, scheme=self.scheme,
+                activation=self.activation, b13=weights["b13"], b2=weights["b2"],
+                expert_map=self.expert_map, backend=self.backend,
+            )
+            return out.reshape(hidden.shape)
         out = fused_moe(  # route + experts: eager calls replay as one
             flat, logits, weights["w13"], weights["w2"], self.top_k,
             renormalize=self.renormalize, activation=self.activation, b13=weights["b13"],
@@ -147,7 +183,20 @@ class MoE(nn.Module):
         local = "" if self.expert_map is None else f", local_experts={held}"
         return (f"experts={experts}{local}, top_k={self.top_k}, hidden={h}, "
                 f"intermediate={self.w2.shape[2]}, activation={self.activation.kind}, "
-                f"bias={self.b13 is not None}")
+                f"bias={self.b13 is not None}"
+                + ("" if self.scheme is None else f", quant={self.scheme.preset_name or 'fp8'}"))
+
+
+def _check_quant(quant) -> QuantScheme | None:
+    """The layer's fp8 scheme (None for 16-bit experts); activations must be dynamic."""
+    if quant is None:
+        return None
+    scheme = QuantScheme.parse(quant)
+    if not scheme.activation.dynamic:
+        raise ValueError(
+            "quant: static activation scales need calibrated input scales, which the layer "
+            "does not hold; use fused_experts_fp8 with QuantizedWeight.input_scale")
+    return scheme
 
 
 def _check_local_experts(local_experts, num_experts: int) -> int:
