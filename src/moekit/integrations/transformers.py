@@ -31,8 +31,9 @@ fp8: transformers routes fine-grained fp8 checkpoints (e4m3 weights, `*_scale_in
 `register()` registers "moekit" there too, and `fp8_experts_forward` runs them by
 `moekit.fused_experts_fp8` with the `fp8_block` scheme, the checkpoint's tensors
 aliased (`moekit.integrations.fp8_experts_layout`, which also lists the formats that
-fall back to transformers' forward). transformers' own fp8 experts need the
-`kernels-community/finegrained-fp8` kernel from the Hugging Face Hub; moekit's do not.
+fall back to transformers' forward). transformers' own fp8 experts load the
+`kernels-community/finegrained-fp8` kernel from the Hugging Face Hub; moekit's experts do
+not (the model's `FP8Linear` layers still do).
 
 This path is for inference: converted copies are detached from autograd.
 """
