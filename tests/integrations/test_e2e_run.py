@@ -146,8 +146,8 @@ def test_real_scale_needs_cuda():
 
 def test_greedy_decode_with_cache_is_the_cache_free_argmax():
     """The cached decode loop continues exactly as full forwards over the growing sequence
-    would (fp32, so no near-ties), and passes the cache under the name the installed
-    transformers takes, with no deprecation warning."""
+    would (fp32, so no near-ties), in inference mode, and passes the cache under the name
+    the installed transformers takes, with no deprecation warning."""
     import warnings
 
     from moekit.e2e.decode import cache_keyword, greedy_decode
@@ -157,9 +157,12 @@ def test_greedy_decode_with_cache_is_the_cache_free_argmax():
     model = build_model(config, dtype=torch.float32, device="cpu", seed=0)
     prompt = torch.randint(0, config.vocab_size, (2, 9),
                            generator=torch.Generator().manual_seed(3))  # [B, P]
+    modes = []  # the timed forwards run without autograd's bookkeeping
+    model.register_forward_pre_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", category=FutureWarning)
         tokens = greedy_decode(model, prompt, 5).tokens  # [B, T]
+    assert modes == [True] * 5
     sequence = prompt
     with torch.no_grad():
         for step in range(tokens.shape[1]):

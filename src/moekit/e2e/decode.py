@@ -54,7 +54,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def cache_keyword(model: torch.nn.Module) -> str:
     """The name under which `model`'s forward takes and returns the KV cache: `cache` from
     transformers 5.25 (where `past_key_values` is deprecated), `past_key_values` before."""
@@ -62,6 +61,7 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+@torch.inference_mode()
 def greedy_decode(
     model,
     prompt: torch.Tensor,
