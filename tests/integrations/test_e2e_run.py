@@ -79,22 +79,43 @@ def test_run_cpu_tiny_writes_results(tmp_path):
     assert "tiny widths" in md and "TPOT" in md and "**passed**" in md
 
 
-def test_run_cpu_tiny_fp8_experts(tmp_path):
-    args = _parse(["--model", "mixtral", "--scale", "tiny", "--device", "cpu", "--batch", "2",
+def _fp8_run_args(tmp_path, family="mixtral"):
+    return _parse(["--model", family, "--scale", "tiny", "--device", "cpu", "--batch", "2",
                    "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--fp8-experts",
                    "--out-dir", str(tmp_path)])
-    assert run_command(args) == 0
+
+
+def test_run_cpu_tiny_fp8_experts(tmp_path):
+    assert run_command(_fp8_run_args(tmp_path)) == 0
     (json_path,) = tmp_path.glob("cpu-*-e2e-mixtral-fp8.json")
     record = json.loads(json_path.read_text())
     assert record["experts"]["moekit_format"] == "fp8 e4m3, 32x32 block scales"
     assert record["experts"]["served"] == 2, record["experts"]
-    assert record["check"]["gated"] is False
-    # fp8 weights and activations cost ~3e-2 here, several times bf16's rounding (so moekit
-    # did run the fp8 modules); a misrouted or mis-scaled expert would cost ~1.
-    cand, base = record["check"]["candidate"], record["check"]["baseline"]
-    assert 2 * base["median_rel_l2"] < cand["median_rel_l2"] < 0.1, record["check"]
+    check = record["check"]
+    assert check["passed"] and check["noise"] == "moekit-fp8-reference (bf16)", check
+    # moekit ran the fp8 modules: fp8 costs ~3e-2 against the bf16 model here, several
+    # times bf16's own rounding (6e-3).
+    assert 0.01 < check["fp8_vs_bf16"]["median_rel_l2"] < 0.1, check
     md = json_path.with_suffix(".md").read_text()
-    assert "moekit's in fp8 e4m3" in md and "not gated" in md
+    assert "moekit's in fp8 e4m3" in md and "**passed**" in md and "what fp8 costs" in md
+
+
+def test_run_fp8_check_fails_a_broken_fp8_forward(tmp_path, monkeypatch):
+    # moekit's fp8 forward with each token's router weights handed to the wrong experts:
+    # the check (against the fp8 model's own reference) must fail the run.
+    from moekit.integrations import transformers as moekit_tf
+
+    served = moekit_tf.fp8_experts_forward
+    monkeypatch.setattr(moekit_tf, "fp8_experts_forward",
+                        lambda self, x, ids, w: served(self, x, ids, w.flip(-1)))
+    try:
+        assert run_command(_fp8_run_args(tmp_path)) == 1
+    finally:
+        monkeypatch.undo()
+        moekit_tf.register()  # the registry holds the function registered last
+    (json_path,) = tmp_path.glob("cpu-*-e2e-mixtral-fp8.json")
+    check = json.loads(json_path.read_text())["check"]
+    assert not check["passed"] and check["candidate"]["median_rel_l2"] > 3 * check["bound"]
 
 
 def test_fp8_experts_refuse_biased_experts():

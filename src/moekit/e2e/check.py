@@ -35,6 +35,10 @@ near-ties of a random model are what made the old token gate fail.
 The oracle needs the model in float32 (twice its bf16 size) for one forward;
 `oracle_fits` says whether the device has the room, and `moekit run` reports the check
 as skipped, not passed, when it does not.
+
+An fp8 model (`moekit run --fp8-experts`) is judged the same way against its own plainest
+implementation: its experts run by moekit's fp8 reference (`moekit.e2e.fp8.REFERENCE`),
+in bf16 for the noise and upcast to float32 for the oracle, its fp8 values unchanged.
 """
 
 from __future__ import annotations
@@ -121,8 +125,10 @@ def teacher_forced_logits(model, prompt: torch.Tensor, tokens: torch.Tensor) -> 
 
 
 def _floating_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    tensors = [p for p in model.parameters() if p.is_floating_point()]
-    return tensors + [b for b in model.buffers() if b.is_floating_point()]
+    """The tensors the oracle upcasts: floating parameters and buffers, but fp8 values
+    (exact in their format, beside float32 scales: an fp8 model's oracle keeps them)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return [t for t in tensors if t.is_floating_point() and t.element_size() > 1]
 
 
 def fp32_bytes(model: torch.nn.Module) -> int:

@@ -11,8 +11,15 @@ power-of-two block of at least 16 that divides H and I).
 The bf16 modules stay beside the fp8 ones (`Fp8ExpertsSwap.use`): the baseline runs
 transformers' bf16 experts and moekit the fp8 ones, so the speedup is that of serving
 the fp8 checkpoint with moekit over the bf16 model with transformers (transformers' own
-fp8 experts need a kernel from the Hugging Face Hub, so they cannot be the baseline
+fp8 experts load a kernel from the Hugging Face Hub, so they cannot be the baseline
 offline). gpt-oss is refused: its experts have biases, which `FP8Experts` does not hold.
+
+The check of an fp8 run needs the plainest implementation of the same fp8 model, which
+transformers cannot give offline either: `REFERENCE` is an experts implementation that
+runs `moekit.reference.fused_experts_quantized` on the module's fp8 weights (activations
+quantised in the same 1×block groups), registered in transformers' fp8 registry by
+`register_reference`. In the bf16 model it gives the check its noise; in the model upcast
+to float32 (the fp8 values stay, their scales are float32 already), its oracle.
 """
 
 from __future__ import annotations
@@ -100,6 +107,41 @@ def fp8_experts_like(module: torch.nn.Module, block: int) -> torch.nn.Module:
             target[expert].copy_(made[proj])
             scales[expert].copy_(made[proj + "_scale_inv"])
     return fp8.eval()
+
+
+REFERENCE = "moekit-fp8-reference"
+
+
+def register_reference() -> None:
+    """Register `REFERENCE` in transformers' fp8 experts registry (idempotent)."""
+    from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+
+    FP8ExpertsInterface.register(REFERENCE, reference_forward)
+
+
+def reference_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """An fp8 experts module's forward by `moekit.reference.fused_experts_quantized`, in
+    hidden's dtype (float32 inside); arguments as `fp8_experts_forward`'s.
+
+    Raises:
+        ValueError: for a module moekit does not serve (no reference for it either).
+    """
+    from moekit import reference
+    from moekit.integrations.fp8_experts_layout import fp8_experts_operands, fp8_experts_plan
+
+    plan = fp8_experts_plan(self)
+    if not plan.supported:
+        raise ValueError(f"{REFERENCE}: {type(self).__name__}: {plan.reason}")
+    ops = fp8_experts_operands(self, plan)
+    ids = top_k_index.to(torch.int32)  # ids outside [0, E) (EP sentinels) contribute nothing
+    return reference.fused_experts_quantized(
+        hidden_states, ops.w13, ops.w2, ids, top_k_weights.to(torch.float32),
+        scheme=plan.scheme, activation=plan.activation)
 
 
 class Fp8ExpertsSwap:

@@ -125,14 +125,18 @@ def _check_markdown(check: dict[str, Any]) -> str:
     if "passed" not in check:
         return "Check against float32: not run."
     base, cand = check["baseline"], check["candidate"]
-    verdict = f"**{'passed' if check['passed'] else 'FAILED'}**"
-    if not check.get("gated", True):
-        verdict = ("reported, not gated (moekit's experts are fp8, the oracle the bf16 "
-                   "weights in float32)")
-    return (
+    text = (
         f"Check against the same weights in float32 (teacher-forced logits): "
-        f"{verdict}. Median per-position relative L2: "
-        f"moekit {cand['median_rel_l2']:.2e}, baseline {base['median_rel_l2']:.2e} "
-        f"(bound {check['bound']:.2e}); overall {cand['rel_l2']:.2e} vs {base['rel_l2']:.2e}; "
-        f"argmax agreement with float32 {cand['agreement']:.1%} vs {base['agreement']:.1%}."
+        f"**{'passed' if check['passed'] else 'FAILED'}**. Median per-position relative L2: "
+        f"moekit {cand['median_rel_l2']:.2e}, {check.get('noise', 'baseline')} "
+        f"{base['median_rel_l2']:.2e} (bound {check['bound']:.2e}); overall "
+        f"{cand['rel_l2']:.2e} vs {base['rel_l2']:.2e}; argmax agreement with float32 "
+        f"{cand['agreement']:.1%} vs {base['agreement']:.1%}."
     )
+    if "fp8_vs_bf16" in check:
+        cost = check["fp8_vs_bf16"]
+        text += (f" The fp8 model is judged against itself (moekit's fp8 reference, in bf16 "
+                 f"and float32); what fp8 costs against the bf16 model, as moekit's logits "
+                 f"against the baseline's: median relative L2 {cost['median_rel_l2']:.2e}, "
+                 f"argmax agreement {cost['agreement']:.1%}.")
+    return text
