@@ -1,4 +1,4 @@
-"""One Markdown table from the per-family `moekit run` results (`*-e2e-<family>.json`).
+"""One Markdown table from the per-family `moekit run` results (`*-e2e-<family>[-fp8].json`).
 
 Usage: python bench/scripts/e2e_summary.py bench/results/h100-sxm-20261123-e2e-*.json \
            --out bench/results/h100-sxm-20261123-e2e-summary.md
@@ -14,9 +14,12 @@ from pathlib import Path
 def row(result: dict) -> str:
     base, ours = result["runs"][result["experts"]["baseline"]], result["runs"]["moekit"]
     shape, check = result["shape"], result["check"]
-    verdict = "passed" if check["passed"] else "**failed**"
+    verdict = "passed" if check.get("passed") else "**failed**"
+    family = result["family"]
+    if "fp8" in result["experts"].get("moekit_format", ""):  # `moekit run --fp8-experts`
+        family += " (moekit fp8)"
     return (
-        f"| {result['family']} | {shape['layers']} | {result['weights_gb']:.1f} | "
+        f"| {family} | {shape['layers']} | {result['weights_gb']:.1f} | "
         f"{base['prefill_ms']:.2f} | {ours['prefill_ms']:.2f} | "
         f"{result['speedup']['prefill']:.2f}× | {base['tpot_ms']:.2f} | {ours['tpot_ms']:.2f} | "
         f"{result['speedup']['decode']:.2f}× | {check['candidate']['median_rel_l2']:.2e} / "
