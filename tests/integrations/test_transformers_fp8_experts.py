@@ -84,9 +84,10 @@ def routed(module, tokens, top_k, *, device="cpu", seed=1, dtype=torch.bfloat16)
 
 def dequantized(module, name):
     """A checkpoint projection read by its convention (DeepSeek-V3's `weight_dequant`, which
-    transformers follows): each bn × bk block of q times its `scale_inv`; fp32 [E, N, K]."""
-    q = getattr(module, name).detach().float()
-    scale = getattr(module, name + "_scale_inv").detach().float()  # [E, ceil(N/bn), ceil(K/bk)]
+    transformers follows): each bn × bk block of q times its `scale_inv`; fp32 [E, N, K]
+    on the CPU."""
+    q = getattr(module, name).detach().float().cpu()
+    scale = getattr(module, name + "_scale_inv").detach().float().cpu()  # [E, N/bn, K/bk]
     bn, bk = module.block_size
     rows, cols = q.shape[1:]
     return q * scale.repeat_interleave(bn, 1)[:, :rows].repeat_interleave(bk, 2)[:, :, :cols]
@@ -102,7 +103,7 @@ def fake_fp8(a, group):
 
 
 def oracle(module, x, ids, weights, *, w13=None):
-    """The experts in fp32 on transformers' dequantised weights, each GEMM's input through
+    """The experts in fp32 on the checkpoint convention's weights, each GEMM's input through
     fp8 in 1×bk groups, one (token, slot) at a time; silu."""
     w13 = dequantized(module, "gate_up_proj") if w13 is None else w13
     w2 = dequantized(module, "down_proj")
