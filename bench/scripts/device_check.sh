@@ -21,7 +21,8 @@
 #   decode    `moekit bench` at M = 1 … 64 only, with the baselines
 #   e2e       the transformers integration GPU tests and `moekit run` for the five families
 #   e2efp8    fp8 checkpoints through transformers: the fp8 integration's GPU tests and
-#             `moekit run --fp8-experts` for the four families without expert biases
+#             `moekit run --fp8-experts` for qwen3-moe, olmoe and mixtral (≤ 7 min);
+#             e2efp8-dsv3 runs deepseek-v3 alone (its quantisation and oracle take longer)
 #   fp8       fp8 GPU tests and `moekit bench --dtype fp8_*` at a few token counts
 #   fp8tests  only the fp8 GPU tests
 #   fp8tables the full fp8 kernel tables, three schemes, every preset and token count, graph
@@ -93,10 +94,12 @@ for stage in "$@"; do
     e2efp8)
       step pytest-gpu-fp8-integration 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         tests/integrations/test_transformers_fp8_experts.py
-      for family in deepseek-v3 mixtral olmoe qwen3-moe; do
+      for family in qwen3-moe olmoe mixtral; do
         step "run-fp8-$family" 90 python3 -m moekit.cli run --model "$family" --fp8-experts \
           --repeats 1 --new-tokens 8 --out-dir "$out"
       done ;;
+    e2efp8-dsv3) step run-fp8-deepseek-v3 300 python3 -m moekit.cli run --model deepseek-v3 \
+                   --fp8-experts --repeats 1 --new-tokens 8 --out-dir "$out" ;;
     fp8|fp8tests)
       step pytest-gpu-fp8 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
         tests/test_experts_fp8.py tests/quant
