@@ -146,6 +146,23 @@ def test_fp8_layer_requantises_weights_changed_in_place():
         assert torch.equal(after, other(hidden))
 
 
+@pytest.mark.parametrize("quant", ["fp8_tensor", "fp8_channel"])
+def test_fp8_expert_parallel_layers_sum_to_the_whole_layer(quant):
+    # Weights are quantised per expert and activations from the same hidden on every rank,
+    # so the ranks' fp8 partial sums add up to the whole fp8 layer.
+    torch.manual_seed(0)
+    whole = MoE(8, 3, 64, 32, quant=quant, backend="reference")
+    hidden = torch.randn(7, 64)
+    out = torch.zeros_like(hidden)
+    for held in ([0, 2, 4, 6], [7, 1, 5, 3]):
+        rank = MoE.from_weights(whole.router.weight, whole.w13[held], whole.w2[held], 3,
+                                local_experts=held, quant=quant, backend="reference")
+        with torch.no_grad():
+            out += rank(hidden)
+    with torch.no_grad():
+        assert_close(out, whole(hidden), 1e-5, name="the ranks' sum")
+
+
 def test_fp8_layer_refuses_static_activation_scales():
     with pytest.raises(ValueError, match="static activation scales"):
         MoE(4, 2, 32, 16, quant=QuantScheme.fp8_tensor(dynamic=False))
