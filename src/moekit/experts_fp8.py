@@ -60,7 +60,6 @@ GEMM2 weighs by one; with k > 1 every pair would need a quantised row of its own
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import torch
@@ -83,6 +82,7 @@ from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_la
 from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
+from moekit._host_cache import host_cache
 from moekit._intmath import cdiv
 from moekit._launch import launcher
 from moekit._replay import replayed
@@ -209,7 +209,7 @@ def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter
     return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme, sms)
 
 
-@functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
+@host_cache(maxsize=4096)  # pure, and on every call's host path
 def default_fp8_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
                        scheme: str | QuantScheme, num_sms: int = HOPPER_SMS) -> ExpertsConfig:
     """Tiles for `fused_experts_fp8` on a GPU of `num_sms` SMs: the direct path's
@@ -294,7 +294,7 @@ def _fit_k(tile: GemmConfig, k_groups: tuple[int, ...]) -> GemmConfig:
     return dataclasses.replace(tile, block_k=min([tile.block_k, *k_groups]))
 
 
-@functools.lru_cache(maxsize=64)  # on every call's host path; schemes are frozen
+@host_cache(maxsize=64)  # on every call's host path; schemes are frozen
 def _k_groups(scheme: QuantScheme) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
     """Finite K groups of GEMM1's and GEMM2's operands, and GEMM2's dynamic input group."""
     finite = lambda *groups: tuple(g for g in groups if g != FULL)

@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moekit._host_cache import host_cache
+
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
 #: Smallest amax a dynamic scale is computed from, so all-zero groups get a positive scale.
@@ -292,7 +294,7 @@ def _check_static_scale(name: str, scale: object) -> None:
         )
 
 
-@functools.cache
+@host_cache(maxsize=None)
 def _preset_schemes() -> dict[QuantScheme, str]:
     """Each named scheme → its name, built once (`preset_name` runs on every fp8 call)."""
     return {QuantScheme.parse(name): name for name in PRESET_NAMES}

@@ -59,9 +59,9 @@ repeats such a sweep on any GPU.
 
 from __future__ import annotations
 
-import functools
 import math
 
+from moekit._host_cache import host_cache
 from moekit._intmath import cdiv, next_power_of_2
 from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 
@@ -237,7 +237,7 @@ def narrow_row_tile(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
 NARROW_COLUMNS_BELOW = 2.5
 
 
-@functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
+@host_cache(maxsize=4096)  # pure, and on every call's host path
 def gluon_gemm1_narrow_columns(num_tokens: int, num_experts: int, top_k: int, inter: int,
                                num_sms: int = HOPPER_SMS) -> bool:
     """Whether the 16-bit Gluon GEMM1 (128-row tiles) takes 64 gate + 64 up columns per
@@ -253,7 +253,7 @@ def gluon_gemm1_narrow_columns(num_tokens: int, num_experts: int, top_k: int, in
     return tiles < NARROW_COLUMNS_BELOW * num_sms
 
 
-@functools.lru_cache(maxsize=4096)  # pure, and on every call's host path
+@host_cache(maxsize=4096)  # pure, and on every call's host path
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2,
     num_sms: int = HOPPER_SMS,
