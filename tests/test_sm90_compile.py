@@ -185,7 +185,7 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     partial_n (H = 336, I = 208: both GEMMs' last column tile partial), prefetch (the
     Gluon GEMMs' producers loading each tile's indices a tile ahead, off by default)."""
     if block_m == 1:
-        kernels = _DIRECT_FP8
+        kernels = _DIRECT_FP8 + (("_cast_topk_kernel",) if flags.get("topk64") else ())
     else:
         # A per-tensor amax over more than 16 rows takes a partials launch first.
         partials = scheme == "tensor" and block_m >= 32
@@ -263,6 +263,9 @@ CASES = [
     Case("experts", dict(dtype="bf16", act="silu", block_m=1, bias=True, split=True),
          "direct path, GEMM2 a program per slot: GEMM1 zeroes the arrival counters, the "
          "last program of a token adds the parts' float32 sums", _DIRECT),
+    Case("experts", dict(dtype="bf16", act="silu", block_m=1, topk64=True),
+         "int64 ids and bf16 router weights (torch.topk's, transformers'): cast to int32 "
+         "and float32 in one launch first", ("_cast_topk_kernel", *_DIRECT)),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
     _fp8("dynamic per-tensor over 4 rows: MODE tensor_rows (no partials); GEMM2 input in "
          "1×128 groups",
@@ -353,6 +356,8 @@ CASES = [
     _fp8("direct fp8, block scales, GEMM2 a program per token (the other direct cases: a "
          "program per slot, the parts added by a token's last program)", "block", "bf16",
          "silu", 1, whole=True),
+    _fp8("direct fp8, int64 ids and bf16 router weights: cast in one launch first", "block",
+         "bf16", "silu", 1, topk64=True),
     # dispatch_plan
     Case("dispatch", dict(block_m=16, pairs=8),
          "decode: one chunk, count folded into the place kernel (SINGLE_CHUNK)",
@@ -562,6 +567,16 @@ def _recording_launches(launches: list):
             setattr(owner, name, value)
 
 
+def _topk_ids(p, M, k):
+    """[M, k] expert ids: int32, or int64 with `topk64` (then cast by a launch of its own)."""
+    return torch.zeros(M, k, dtype=torch.int64 if p.get("topk64") else torch.int32)
+
+
+def _topk_weights(p, M, k):
+    """[M, k] router weights: float32, or bf16 with `topk64`."""
+    return torch.empty(M, k, dtype=torch.bfloat16 if p.get("topk64") else torch.float32)
+
+
 def _run_experts(p):
     dtype = _DTYPES[p["dtype"]]
     H, I = 1000 if p.get("odd_h") else 1024, 264 if p.get("odd_i") else 512
@@ -591,8 +606,8 @@ def _run_experts(p):
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
-        torch.empty(_E, H, I, dtype=dtype), torch.zeros(M, _TOP_K, dtype=torch.int32),
-        torch.empty(M, _TOP_K), activation=act,
+        torch.empty(_E, H, I, dtype=dtype), _topk_ids(p, M, _TOP_K), _topk_weights(p, M, _TOP_K),
+        activation=act,
         b13=torch.empty(_E, act.gemm1_rows(I), dtype=dtype) if bias else None,
         b2=torch.empty(_E, H, dtype=dtype) if bias else None,
         apply_router_weight_on_input=bool(p.get("weight_on_input")), config=config,
@@ -644,8 +659,8 @@ def _run_fp8(p):
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)
     moekit.fused_experts_fp8(
-        torch.empty(M, H, dtype=dtype), w13, w2, torch.zeros(M, top_k, dtype=torch.int32),
-        torch.empty(M, top_k), scheme=scheme, activation=act, config=config,
+        torch.empty(M, H, dtype=dtype), w13, w2, _topk_ids(p, M, top_k),
+        _topk_weights(p, M, top_k), scheme=scheme, activation=act, config=config,
         b13=torch.empty(_E, act.gemm1_rows(I)) if bias else None,
         b2=torch.empty(_E, H) if bias else None,
         apply_router_weight_on_input=bool(p.get("weight_on_input")), backend="triton",

@@ -39,6 +39,7 @@ from moekit._intmath import cdiv
 from moekit._launch import launcher
 from moekit._replay import replayed
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
+from moekit._topk_cast import kernel_topk
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
@@ -76,7 +77,8 @@ def fused_experts(
         hidden: [M, H] bf16/fp16 (fp32 also runs, slowly, through exact fp32 dots).
         w13: [E, 2I, H] (gate rows, then up rows), or [E, I, H] for `relu2`; hidden's dtype.
         w2: [E, H, I], hidden's dtype.
-        topk_ids: [M, k] int32 (int64 is converted); ids outside [0, E) contribute nothing.
+        topk_ids: [M, k] int32 (int64 is converted, in one launch with the weights);
+            ids outside [0, E) contribute nothing.
         topk_weights: [M, k] float32 (other float dtypes are converted).
         activation: name or `Activation`.
         b13: optional [E, 2I] (or [E, I]) bias of GEMM1; b2: optional [E, H] bias of GEMM2.
@@ -95,10 +97,12 @@ def fused_experts(
     topk_ids, topk_weights = _check_experts_args(
         hidden, w13, w2, topk_ids, topk_weights, act, b13, b2
     )
+    path = resolve_backend(backend, hidden)
+    topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=path != "reference")
     if expert_map is not None:
         topk_ids = local_expert_ids(topk_ids, expert_map, w13.shape[0], backend=backend)
     out = output_like(hidden, out)
-    if resolve_backend(backend, hidden) == "reference":
+    if path == "reference":
         return out.copy_(reference.fused_experts(
             hidden, w13, w2, topk_ids, topk_weights, activation=act, b13=b13, b2=b2,
             apply_router_weight_on_input=apply_router_weight_on_input,
@@ -183,7 +187,7 @@ def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: in
 
 
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
-    """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
+    """Validate shapes, dtypes and devices; return ids and weights (unconverted)."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("w13", w13, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
     check_tensor("w2", w2, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)

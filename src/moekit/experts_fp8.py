@@ -87,6 +87,7 @@ from moekit._intmath import cdiv
 from moekit._launch import launcher
 from moekit._replay import replayed
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
+from moekit._topk_cast import kernel_topk
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
@@ -142,7 +143,8 @@ def fused_experts_fp8(
         hidden: [M, H] bf16/fp16 (fp32 also runs); quantised per `scheme.activation`.
         w13: quantised [E, 2I, H] (gate rows, then up), or [E, I, H] for `relu2`.
         w2: quantised [E, H, I].
-        topk_ids: [M, k] int32 (int64 is converted); ids outside [0, E) contribute nothing.
+        topk_ids: [M, k] int32 (int64 is converted, in one launch with the weights);
+            ids outside [0, E) contribute nothing.
         topk_weights: [M, k] float32 (other float dtypes are converted).
         scheme: a `QuantScheme` or a preset's name ("fp8_tensor", "fp8_channel",
             "fp8_block"); w13 and w2 must be in its weight format, and with static
@@ -166,10 +168,12 @@ def fused_experts_fp8(
     topk_ids, topk_weights = _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act,
                                          b13, b2)
     check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids)
+    path = resolve_backend(backend, hidden)
+    topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=path != "reference")
     if expert_map is not None:
         topk_ids = local_expert_ids(topk_ids, expert_map, w13.shape[0], backend=backend)
     out = output_like(hidden, out)
-    if resolve_backend(backend, hidden) == "reference":
+    if path == "reference":
         return out.copy_(reference.fused_experts_quantized(
             hidden, w13, w2, topk_ids, topk_weights, scheme=scheme, activation=act, b13=b13,
             b2=b2, apply_router_weight_on_input=apply_router_weight_on_input,
@@ -346,7 +350,7 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
 
 
 def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
-    """Validate shapes, dtypes and devices; return ids as int32 and weights as float32."""
+    """Validate shapes, dtypes and devices; return ids and weights (unconverted)."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     device = hidden.device
     check_quantized_weights(w13, w2, scheme.weight, device)

@@ -18,8 +18,9 @@ implementation is set, so `register()` must run first. It is idempotent.
 Each module's weights are read into moekit's layout once (`moekit.integrations.
 experts_layout`): aliased when already in it (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3),
 converted and cached when not (gpt-oss: [E, H, 2I] interleaved gate/up, biases, clamped
-SwiGLU with the module's alpha/limit). Top-k ids arrive int64 and go to moekit as int32;
-weights arrive fp32 or bf16 and go as fp32. Under expert parallelism
+SwiGLU with the module's alpha/limit). Top-k ids arrive int64 and weights fp32 or bf16;
+they go to moekit as they are, which casts both in one launch of its own (so an eager
+call still replays: `moekit._topk_cast`). Under expert parallelism
 (`_is_expert_parallel`), ids ≥ E are the sentinels of experts on other ranks; they are
 turned into −1 ("no expert") explicitly rather than relying on the op's range check.
 
@@ -108,9 +109,7 @@ def experts_forward(
         _warn_once(self, plan.reason)
         return eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     ops = experts_operands(self, plan)
-    ids = top_k_index.to(torch.int32)  # [T, k]
-    if getattr(self, "_is_expert_parallel", False):
-        ids = ids.masked_fill(ids >= ops.num_experts, -1)
+    ids = _local_ids(self, top_k_index, ops.num_experts)  # [T, k]
     # moekit computes in the weights' dtype; autocast can hand us fp32 activations.
     x = hidden_states if hidden_states.dtype == ops.w13.dtype else hidden_states.to(ops.w13.dtype)
     out = moekit.fused_experts(
@@ -118,7 +117,7 @@ def experts_forward(
         ops.w13,
         ops.w2,
         ids,
-        top_k_weights.to(torch.float32),  # [T, k]
+        top_k_weights,  # [T, k]; ids and weights cast by the op (one launch, replayable)
         activation=plan.activation,
         b13=ops.b13,
         b2=ops.b2,
@@ -139,19 +138,24 @@ def fp8_experts_forward(
         _warn_once(self, plan.reason)
         return eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     ops = fp8_experts_operands(self, plan)
-    ids = top_k_index.to(torch.int32)  # [T, k]
-    if getattr(self, "_is_expert_parallel", False):
-        ids = ids.masked_fill(ids >= ops.num_experts, -1)
     out = moekit.fused_experts_fp8(
         hidden_states,
         ops.w13,
         ops.w2,
-        ids,
-        top_k_weights.to(torch.float32),  # [T, k]
+        _local_ids(self, top_k_index, ops.num_experts),  # [T, k]
+        top_k_weights,  # [T, k]; cast by the op
         scheme=plan.scheme,
         activation=plan.activation,
     )  # [T, H]
     return out
+
+
+def _local_ids(module: torch.nn.Module, top_k_index: torch.Tensor, num_experts: int):
+    """transformers' ids as moekit reads them: under expert parallelism the sentinels of
+    other ranks' experts (ids ≥ E) become −1; the dtype stays (the op casts it)."""
+    if getattr(module, "_is_expert_parallel", False):
+        return top_k_index.masked_fill(top_k_index >= num_experts, -1)
+    return top_k_index
 
 
 def prepare_model(model: torch.nn.Module) -> dict[str, ExpertsPlan | Fp8ExpertsPlan]:
