@@ -52,18 +52,20 @@ def blocky(shape, block, gen):
 
 
 def fp8_module(*, experts=8, hidden=256, inter=128, block=BLOCK, scale_fmt="float",
-               hidden_act="silu", device="cpu", seed=0, fill=True, **config):
+               hidden_act="silu", gated=True, device="cpu", seed=0, fill=True, **config):
     """An fp8 experts module holding what transformers' quantiser makes of random weights
-    (with `fill` False, what its constructor allocates)."""
+    (with `fill` False, what its constructor allocates); `gated` False: `up_proj` only."""
     cfg = types.SimpleNamespace(hidden_size=hidden, num_experts=experts,
                                 moe_intermediate_size=inter, hidden_act=hidden_act,
                                 _experts_implementation="moekit", **config)
-    module = fp8_experts_class()(cfg, block_size=(block, block), scale_fmt=scale_fmt)
+    module = fp8_experts_class(has_gate=gated)(cfg, block_size=(block, block),
+                                               scale_fmt=scale_fmt, has_gate=gated)
     quantizer = fp8_tf.Fp8Quantize(types.SimpleNamespace(quantization_config=types.SimpleNamespace(
         weight_block_size=(block, block), scale_fmt=scale_fmt)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        projections = (("gate_up_proj", (experts, 2 * inter, hidden)),
+        projections = ((("gate_up_proj", (experts, 2 * inter, hidden)) if gated
+                        else ("up_proj", (experts, inter, hidden))),
                        ("down_proj", (experts, hidden, inter)))
         for name, shape in projections if fill else ():
             made = quantizer._quantize_one(name, blocky(shape, block, gen))
@@ -104,8 +106,9 @@ def fake_fp8(a, group):
 
 def oracle(module, x, ids, weights, *, w13=None):
     """The experts in fp32 on the checkpoint convention's weights, each GEMM's input through
-    fp8 in 1×bk groups, one (token, slot) at a time; silu."""
-    w13 = dequantized(module, "gate_up_proj") if w13 is None else w13
+    fp8 in 1×bk groups, one (token, slot) at a time; SwiGLU, or relu² without a gate."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    w13 = dequantized(module, first) if w13 is None else w13
     w2 = dequantized(module, "down_proj")
     group = module.block_size[1]
     xq = fake_fp8(x.float().cpu(), group)  # [T, H]
@@ -113,8 +116,13 @@ def oracle(module, x, ids, weights, *, w13=None):
     for token, slot in zip(*torch.nonzero(ids.cpu() < module.num_experts, as_tuple=True),
                            strict=True):
         expert = int(ids[token, slot])
-        gate, up = (xq[token : token + 1] @ w13[expert].T).chunk(2, dim=-1)  # [1, I] each
-        inter = fake_fp8(torch.nn.functional.silu(gate) * up, group)
+        h = xq[token : token + 1] @ w13[expert].T  # [1, 2I] or [1, I]
+        if module.has_gate:
+            gate, up = h.chunk(2, dim=-1)
+            h = torch.nn.functional.silu(gate) * up
+        else:
+            h = torch.relu(h) ** 2
+        inter = fake_fp8(h, group)
         out[token] += float(weights[token, slot]) * (inter @ w2[expert].T)[0]
     return out
 
@@ -145,6 +153,16 @@ def test_forward_matches_transformers_dequantised_experts(tokens, top_k):
     for wrong in (torch.cat(w13.chunk(2, dim=1)[::-1], dim=1), w13.roll(1, dims=0)):
         misread = oracle(module, x, ids, weights, w13=wrong)
         assert (misread - expected).norm() > 5 * FP8_TOL * expected.norm()
+
+
+def test_ungated_experts_are_served_as_relu2():
+    module = fp8_module(gated=False, hidden_act="relu2")
+    plan = layout.fp8_experts_plan(module)
+    assert plan.supported and plan.activation.kind == "relu2", plan
+    x, ids, weights = routed(module, 6, 2)
+    with torch.no_grad():
+        out = module(x, ids, weights)
+    assert_close(out.float(), oracle(module, x, ids, weights), FP8_TOL)
 
 
 def test_power_of_two_scales_are_widened_once():
