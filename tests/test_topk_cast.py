@@ -93,3 +93,23 @@ def test_int64_ids_and_bf16_weights_are_bitwise_int32_float32_gpu(M, what, monke
         assert torch.equal(run(ids.long(), weights), expected)
     op = moekit.fused_experts if what == "bf16" else moekit.fused_experts_fp8
     assert any(isinstance(r, moekit._replay._Replay) for r in op.replays.values())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,E", [(2, 32), (24, 4)], ids=["direct", "plan"])
+def test_fp8_experts_with_int64_ids_and_half_weights_match_int32_float32(M, E):
+    from fp8_interpreter import exact_fp8_casts
+    from moekit.quant import QuantScheme, quantize_weight
+
+    torch.manual_seed(0)
+    scheme = QuantScheme.fp8_block()
+    w13, w2, _, _ = random_experts(E, 256, 128)
+    q13, q2 = (quantize_weight(w, scheme.weight) for w in (w13, w2))
+    hidden = torch.randn(M, 256, dtype=torch.float16)
+    ids, weights = random_routing(M, E, 2)
+    weights = weights.half().float()  # values a half-precision router gives
+    run = lambda i, w: moekit.fused_experts_fp8(hidden, q13, q2, i, w, scheme=scheme,
+                                                backend="triton")
+    with exact_fp8_casts():
+        expected = run(ids, weights)
+        assert torch.equal(run(ids.long(), weights.half()), expected)
