@@ -124,21 +124,6 @@ def test_fp8_experts_refuse_biased_experts():
     assert run_command(args) == 2
 
 
-@pytest.mark.parametrize("hidden,inter,block", [
-    (64, 96, 32), (2048, 768, 128), (7168, 2048, 128), (4096, 14336, 128), (48, 80, 16)])
-def test_fp8_block_is_the_largest_shared_power_of_two(hidden, inter, block):
-    from moekit.e2e.fp8 import fp8_block
-
-    assert fp8_block(hidden, inter) == block
-
-
-def test_fp8_block_refuses_widths_without_one():
-    from moekit.e2e.fp8 import fp8_block
-
-    with pytest.raises(ValueError, match="no power-of-two block"):
-        fp8_block(40, 24)
-
-
 def test_fp8_swap_holds_the_experts_quantised():
     from moekit.e2e.fp8 import Fp8ExpertsSwap
     from moekit.e2e.model import build_model

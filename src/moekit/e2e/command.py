@@ -228,10 +228,11 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _fp8_swap(model, config):
     """`--fp8-experts`: every experts module's fp8 twin (`moekit.e2e.fp8`)."""
-    from moekit.e2e.fp8 import Fp8ExpertsSwap, fp8_block
+    from moekit.e2e.fp8 import Fp8ExpertsSwap
+    from moekit.integrations.fp8_quantize import fp8_block
 
     inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    block = fp8_block(config.hidden_size, inter)
+    block = fp8_block(config.hidden_size, inter)  # one for every layer: the run's label
     _log(f"quantising the experts to fp8 ({block}x{block} blocks, transformers' quantiser)")
     swap = Fp8ExpertsSwap(model, block)
     _log(f"{len(swap)} experts modules in fp8: {swap.fp8_bytes() / 1e9:.2f} GB")

@@ -34,7 +34,9 @@ fp8: transformers routes fine-grained fp8 checkpoints (e4m3 weights, `*_scale_in
 aliased (`moekit.integrations.fp8_experts_layout`, which also lists the formats that
 fall back to transformers' forward). transformers' own fp8 experts load the
 `kernels-community/finegrained-fp8` kernel from the Hugging Face Hub; moekit's experts do
-not (the model's `FP8Linear` layers still do).
+not (the model's `FP8Linear` layers still do). A model loaded in bf16 can have its experts
+made fp8 as such a checkpoint holds them: `quantize_experts(model)`
+(`moekit.integrations.fp8_quantize`).
 
 This path is for inference: converted copies are detached from autograd.
 """
@@ -61,6 +63,7 @@ from moekit.integrations.fp8_experts_layout import (
     fp8_experts_plan,
     is_fp8_experts_module,
 )
+from moekit.integrations.fp8_quantize import quantize_experts as quantize_experts  # re-export
 
 NAME = "moekit"
 
