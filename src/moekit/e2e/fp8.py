@@ -6,9 +6,10 @@ transformers loads DeepSeek-V3-style fp8 checkpoints (e4m3 weights, `*_scale_inv
 checkpoint — its weights are random — so it makes those modules from the model's bf16
 experts as `moekit.integrations.fp8_quantize` does (transformers' own checkpoint
 quantiser, 128×128 blocks; at tiny widths the largest power-of-two block of at least 16
-that divides H and I), but keeps the bf16 ones beside them.
+that divides H and I).
 
-The bf16 modules stay beside the fp8 ones (`Fp8ExpertsSwap.use`): the baseline runs
+Unlike `quantize_experts`, the bf16 modules stay beside the fp8 ones
+(`Fp8ExpertsSwap.use`): the baseline runs
 transformers' bf16 experts and moekit the fp8 ones, so the speedup is that of serving
 the fp8 checkpoint with moekit over the bf16 model with transformers (transformers' own
 fp8 experts load a kernel from the Hugging Face Hub, so they cannot be the baseline
