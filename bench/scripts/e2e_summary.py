@@ -14,7 +14,7 @@ from pathlib import Path
 def row(result: dict) -> str:
     base, ours = result["runs"][result["experts"]["baseline"]], result["runs"]["moekit"]
     shape, check = result["shape"], result["check"]
-    verdict = "passed" if check.get("passed") else "**failed**"
+    verdict = "passed" if check["passed"] else "**failed**"
     family = result["family"]
     if "fp8" in result["experts"].get("moekit_format", ""):  # `moekit run --fp8-experts`
         family += " (moekit fp8)"

@@ -33,6 +33,7 @@ import argparse
 import math
 import statistics
 import sys
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -262,8 +263,6 @@ def _check(model, prompt, tokens, baseline: str, device: torch.device, activate,
     }
     noise, oracle_experts = logits[baseline], oracle_check.ORACLE_EXPERTS
     if fp8_swap is not None:
-        from dataclasses import asdict
-
         from moekit.e2e.fp8 import REFERENCE, register_reference
 
         # What fp8 costs: moekit's fp8 logits against transformers' bf16 model.

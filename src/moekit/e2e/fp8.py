@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.integrations.fp8_quantize import fp8_experts_like
+from moekit.integrations.fp8_quantize import experts_slots, fp8_experts_like
 
 REFERENCE = "moekit-fp8-reference"
 
@@ -58,26 +58,19 @@ def reference_forward(
     if not plan.supported:
         raise ValueError(f"{REFERENCE}: {type(self).__name__}: {plan.reason}")
     ops = fp8_experts_operands(self, plan)
-    ids = top_k_index.to(torch.int32)  # ids outside [0, E) (EP sentinels) contribute nothing
+    # int64 ids and any float weights as they come; ids outside [0, E) contribute nothing.
     return reference.fused_experts_quantized(
-        hidden_states, ops.w13, ops.w2, ids, top_k_weights.to(torch.float32),
-        scheme=plan.scheme, activation=plan.activation)
+        hidden_states, ops.w13, ops.w2, top_k_index, top_k_weights, scheme=plan.scheme,
+        activation=plan.activation)
 
 
 class Fp8ExpertsSwap:
     """Every experts module of a model and its fp8 twin; `use` puts one set in place."""
 
     def __init__(self, model: torch.nn.Module, block: int) -> None:
-        from moekit.integrations.transformers import is_experts_module
-
         self.block = block
-        self._slots = []  # (parent, attribute, bf16 module, fp8 module)
-        for name, module in list(model.named_modules()):
-            if not is_experts_module(module) or not name:
-                continue
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            self._slots.append((parent, attr, module, fp8_experts_like(module, block)))
+        self._slots = [(parent, attr, module, fp8_experts_like(module, block))  # bf16, fp8
+                       for _, parent, attr, module in experts_slots(model)]
 
     def __len__(self) -> int:
         return len(self._slots)

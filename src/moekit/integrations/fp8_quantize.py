@@ -51,21 +51,31 @@ def quantize_experts(model: torch.nn.Module, *, block: int | None = None) -> dic
     Returns:
         {module name: "fp8 e4m3, BxB block scales", or why it stays as it was}.
     """
-    from moekit.integrations.transformers import is_experts_module
-
     done = {}
-    for name, module in list(model.named_modules()):
-        if not name or not is_experts_module(module):
-            continue
+    for name, parent, attr, module in experts_slots(model):
         try:
             twin = fp8_experts_like(module, block)
         except ValueError as exc:
             done[name] = f"kept: {exc}"
             continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, twin)
+        setattr(parent, attr, twin)
         done[name] = f"fp8 e4m3, {twin.block_size[0]}x{twin.block_size[1]} block scales"
     return done
+
+
+def experts_slots(
+    model: torch.nn.Module,
+) -> list[tuple[str, torch.nn.Module, str, torch.nn.Module]]:
+    """(name, parent module, attribute, module) of each transformers experts module below
+    `model`: where a replacement goes."""
+    from moekit.integrations.transformers import is_experts_module
+
+    slots = []
+    for name, module in model.named_modules():
+        if name and is_experts_module(module):
+            parent_name, _, attr = name.rpartition(".")
+            slots.append((name, model.get_submodule(parent_name), attr, module))
+    return slots
 
 
 @torch.no_grad()
