@@ -292,8 +292,8 @@ def test_replays_launch_what_the_full_op_would_for_every_case():
     cases = report["cases"]
     assert len(cases) > 50 and sum(case.startswith("route-") for case in cases) >= 7
     assert sum(case.startswith("moe-") for case in cases) == len(_MOE_CASES)
-    # Every 16-bit, route and fused_moe case replays; fp8 ones with static input scales (one tensor
-    # for both GEMMs here) or the router weight on the input (a multiply) run in full.
+    # Every 16-bit, route and fused_moe(_fp8) case replays; fp8 ones with static input scales (one
+    # tensor for both GEMMs here) or the router weight on the input (a multiply) run in full.
     refused = sorted(case for case, state in cases.items() if state != "replayed")
     assert all(case.startswith("fp8-") for case in refused), refused
     assert len(refused) <= 6, refused
@@ -370,25 +370,31 @@ def _scratch_apart(spans: list, recorded) -> list:
     return others + owned + scratch
 
 
-# fused_moe (route + experts, replayed as one): the direct path, the grouped GEMMs with
-# biases, expert parallelism.
+# fused_moe and fused_moe_fp8 (route + experts, replayed as one): the direct path, the
+# grouped GEMMs with biases, expert parallelism.
 _MOE_CASES = {"direct-M1": dict(M=1, E=32, k=4), "grouped-M64-bias": dict(M=64, E=8, k=2,
-              bias=True), "ep-M5": dict(M=5, E=8, k=2, expert_map=True)}
+              bias=True), "ep-M5": dict(M=5, E=8, k=2, expert_map=True),
+              "fp8-block-direct-M1": dict(M=1, E=32, k=4, scheme="fp8_block"),
+              "fp8-tensor-ep-M64": dict(M=64, E=8, k=2, expert_map=True, scheme="fp8_tensor")}
 
 
-def _run_moe(M: int, E: int, k: int, bias: bool = False, expert_map: bool = False):
+def _run_moe(M: int, E: int, k: int, bias: bool = False, expert_map: bool = False,
+             scheme: str | None = None):
     H, I, dtype = 256, 128, torch.bfloat16
     table = None
     if expert_map:  # this rank holds the even global experts of 2E
         table = torch.full((2 * E,), -1, dtype=torch.int32)
         table[::2] = torch.arange(E, dtype=torch.int32)
-    moekit.fused_moe(
-        torch.empty(M, H, dtype=dtype), torch.empty(M, E if table is None else 2 * E),
-        torch.empty(E, 2 * I, H, dtype=dtype), torch.empty(E, H, I, dtype=dtype), k,
-        b13=torch.empty(E, 2 * I, dtype=dtype) if bias else None,
-        b2=torch.empty(E, H, dtype=dtype) if bias else None, expert_map=table,
-        backend="triton",
-    )
+    w13, w2 = torch.randn(E, 2 * I, H, dtype=dtype), torch.randn(E, H, I, dtype=dtype)
+    args = (torch.empty(M, H, dtype=dtype), torch.empty(M, E if table is None else 2 * E))
+    biases = dict(b13=torch.empty(E, 2 * I, dtype=dtype) if bias else None,
+                  b2=torch.empty(E, H, dtype=dtype) if bias else None)
+    if scheme is None:
+        moekit.fused_moe(*args, w13, w2, k, **biases, expert_map=table, backend="triton")
+        return
+    spec = QuantScheme.parse(scheme).weight
+    moekit.fused_moe_fp8(*args, quantize_weight(w13, spec), quantize_weight(w2, spec), k,
+                         scheme=scheme, **biases, expert_map=table, backend="triton")
 
 
 def _worker() -> None:
@@ -411,11 +417,11 @@ def _worker() -> None:
         return types.SimpleNamespace(run=run, function=self.__name__, packed_metadata="meta")
 
     ops = {"experts": moekit.fused_experts, "fp8": moekit.fused_experts_fp8,
-           "route": moekit.route, "moe": moekit.fused_moe}
+           "route": moekit.route, "moe": moekit.fused_moe, "moe_fp8": moekit.fused_moe_fp8}
     builds = [(case.id, case.op, functools.partial(sm90._BUILDERS[case.op], case.params))
               for case in sm90.CASES if case.op in ops]
-    builds += [(f"moe-{name}", "moe", functools.partial(_run_moe, **p))
-               for name, p in _MOE_CASES.items()]
+    builds += [(f"moe-{name}", "moe_fp8" if "scheme" in p else "moe",
+                functools.partial(_run_moe, **p)) for name, p in _MOE_CASES.items()]
     calls, results = [], []
 
     def capturing(op):
@@ -430,6 +436,7 @@ def _worker() -> None:
         JITFunction.run = stub_run
         moekit.fused_experts, moekit.fused_experts_fp8 = capturing("experts"), capturing("fp8")
         moekit.route, moekit.fused_moe = capturing("route"), capturing("moe")
+        moekit.fused_moe_fp8 = capturing("moe_fp8")
         for case_id, op, build in builds:
             replay.clear()
             build()  # plainly
@@ -540,12 +547,15 @@ def test_replayed_routes_are_bitwise_the_full_ops_gpu(method, extra, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 5, 64, 1024])
-def test_replayed_layers_are_bitwise_the_full_ones_gpu(M, monkeypatch):
-    """`MoE` runs route and experts as one replayed `fused_moe`: its ids and weights live
-    in the replay's workspace, never in a tensor the test could compare, so the layer's
-    output is the check."""
+@pytest.mark.parametrize("quant", [None, "fp8_block"])
+def test_replayed_layers_are_bitwise_the_full_ones_gpu(M, quant, monkeypatch):
+    """`MoE` runs route and experts as one replayed `fused_moe` (`fused_moe_fp8`): its ids
+    and weights live in the replay's workspace, never in a tensor the test could compare,
+    so the layer's output is the check."""
     torch.manual_seed(M)
-    layer = moekit.MoE(64, 8, 1024, 512, device="cuda", dtype=torch.bfloat16).prepare()
+    layer = moekit.MoE(64, 8, 1024, 512, quant=quant, device="cuda",
+                       dtype=torch.bfloat16).prepare()
+    op = moekit.fused_moe if quant is None else moekit.fused_moe_fp8
     replay.clear()
     for step in range(4):  # plainly, recorded, then replayed twice, each on new tokens
         hidden = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
@@ -558,8 +568,7 @@ def test_replayed_layers_are_bitwise_the_full_ones_gpu(M, monkeypatch):
             torch.cuda.synchronize()
         assert not outs[1].isnan().any()
         assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), step
-    assert any(isinstance(v, replay._Replay) for v in moekit.fused_moe.replays.values()), \
-        "nothing replayed"
+    assert any(isinstance(v, replay._Replay) for v in op.replays.values()), "nothing replayed"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ The data path of one MoE layer:
     hidden ─► fused_experts(): dispatch plan ─► GEMM1 + activation ─► GEMM2 × weight ─► combine
 
 `fused_experts_fp8` runs the same pipeline on fp8 weights (`moekit.quant`) with fp8 GEMM
-inputs quantised on the fly.
+inputs quantised on the fly; `fused_moe` and `fused_moe_fp8` run route() and the experts
+as one call.
 
 On CUDA tensors the ops run Triton kernels; elsewhere they run `moekit.reference`.
 `MoE` wraps it all as an `nn.Module` that prepares its weights once.
@@ -16,7 +17,7 @@ from moekit.activation import Activation
 from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import fused_experts, fused_moe
-from moekit.experts_fp8 import fused_experts_fp8
+from moekit.experts_fp8 import fused_experts_fp8, fused_moe_fp8
 from moekit.layer import MoE
 from moekit.permute import permute, unpermute
 from moekit.routing import Routing, route
@@ -35,6 +36,7 @@ __all__ = [
     "fused_experts",
     "fused_experts_fp8",
     "fused_moe",
+    "fused_moe_fp8",
     "local_expert_ids",
     "pack_topk",
     "permute",

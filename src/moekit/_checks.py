@@ -43,6 +43,23 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], what: s
 INT_IDS = (torch.int32, torch.int64)
 
 
+def check_router(router_logits, num_experts: int, top_k, expert_map) -> None:
+    """The router's side of `fused_moe` and `fused_moe_fp8`: logits [M, E] over the
+    experts the router chooses among (E_global, `expert_map`'s length, with a map), and
+    1 ≤ top_k ≤ that many."""
+    check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
+    routed = num_experts if expert_map is None else expert_map.numel()
+    if router_logits.shape[1] != routed:
+        what = "E of w13" if expert_map is None else "E_global, expert_map's length"
+        raise ValueError(
+            f"router_logits: expected {routed} columns ({what}), "
+            f"got shape {tuple(router_logits.shape)}"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= routed:
+        raise ValueError(f"top_k: expected an int in [1, {routed}] (routed experts), "
+                         f"got {top_k!r}")
+
+
 def output_like(hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """`out` checked to be a contiguous tensor like `hidden`, or a new one."""
     if out is None:

@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 
 from moekit import reference
-from moekit._checks import FLOAT_DTYPES, check_routed_experts, check_tensor, output_like
+from moekit._checks import (
+    FLOAT_DTYPES,
+    check_routed_experts,
+    check_router,
+    check_tensor,
+    output_like,
+)
 from moekit._dot_precision import dot_precision
 from moekit._experts_kernels import _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moekit._gluon_gemm1_16bit import (
@@ -153,18 +159,8 @@ def fused_moe(
     Returns:
         [M, H] in hidden's dtype.
     """
-    check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("w13", w13, ndim=3)
-    routed = w13.shape[0] if expert_map is None else expert_map.numel()
-    if router_logits.shape[1] != routed:
-        what = "E of w13" if expert_map is None else "E_global, expert_map's length"
-        raise ValueError(
-            f"router_logits: expected {routed} columns ({what}), "
-            f"got shape {tuple(router_logits.shape)}"
-        )
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= routed:
-        raise ValueError(f"top_k: expected an int in [1, {routed}] (routed experts), "
-                         f"got {top_k!r}")
+    check_router(router_logits, w13.shape[0], top_k, expert_map)
     topk = route(router_logits, top_k, renormalize=renormalize, backend=backend)
     return fused_experts(
         hidden, w13, w2, topk.ids, topk.weights, activation=activation, b13=b13, b2=b2,

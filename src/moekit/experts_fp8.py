@@ -69,6 +69,7 @@ from moekit._checks import (
     FLOAT_DTYPES,
     check_fp8_weight_on_input,
     check_routed_experts,
+    check_router,
     check_tensor,
     output_like,
 )
@@ -97,6 +98,7 @@ from moekit.experts_direct_fp8 import launch_direct_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
+from moekit.routing import route
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import (
@@ -199,6 +201,48 @@ def fused_experts_fp8(
         act.kind, act.alpha, act.limit, _groups_to_list(scheme), config.as_ints(), out,
     )
     return out
+
+
+@replayed
+def fused_moe_fp8(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: QuantizedWeight,
+    w2: QuantizedWeight,
+    top_k: int,
+    *,
+    scheme: str | QuantScheme,
+    renormalize: bool = True,
+    activation: str | Activation = "silu",
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+    config: ExpertsConfig | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax → top-k routing (renormalised if asked) followed by `fused_experts_fp8`:
+    `fused_moe` on fp8 weights.
+
+    Eager calls replay as one (`moekit._replay`): one call key for both ops, and the
+    routing's ids and weights in the replay's workspace.
+
+    Args:
+        hidden: [M, H]; w13, w2, scheme, b13, b2, config: as in `fused_experts_fp8`.
+        router_logits: [M, E], or [M, E_global] with `expert_map`.
+        top_k: experts per token, 1 ≤ top_k ≤ the router's experts.
+        expert_map: optional int32 [E_global] for expert parallelism (as in
+            `fused_experts_fp8`): this rank's partial sum.
+    Returns:
+        [M, H] in hidden's dtype.
+    """
+    if not isinstance(w13, QuantizedWeight):
+        raise TypeError(f"w13: expected a QuantizedWeight, got {type(w13).__name__}")
+    check_router(router_logits, w13.shape[0], top_k, expert_map)
+    topk = route(router_logits, top_k, renormalize=renormalize, backend=backend)
+    return fused_experts_fp8(
+        hidden, w13, w2, topk.ids, topk.weights, scheme=scheme, activation=activation,
+        b13=b13, b2=b2, config=config, backend=backend, expert_map=expert_map,
+    )
 
 
 def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int,

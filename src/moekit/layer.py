@@ -2,6 +2,9 @@
 
     hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
 
+Route and experts are one `fused_moe` call (`fused_moe_fp8` with `quant`), so eager calls
+replay both as one (`moekit._replay`).
+
 With `local_experts` the layer is one rank's share under expert parallelism: the router
 still scores all E experts, the module holds only the listed ones' weights, and its
 output is their partial sum (summed across ranks by the caller, e.g. an all-reduce).
@@ -14,7 +17,7 @@ with gate rows first, `w2` [E, H, I]. Loading a state dict writes into the same
 only after replacing a parameter object.
 
 With `quant` (an fp8 scheme) `prepare()` also quantises w13 and w2 once
-(`moekit.quant.quantize_weight`) and the experts run by `fused_experts_fp8`, activations
+(`moekit.quant.quantize_weight`) and the experts run by `fused_moe_fp8`, activations
 quantised dynamically. The 16-bit parameters stay the layer's state (its state dict, its
 master copy); the fp8 copies are made again when a forward finds that a weight changed
 in place since (`load_state_dict`, an optimiser step), as their version counters tell.
@@ -27,9 +30,8 @@ from torch import nn
 
 from moekit.activation import Activation
 from moekit.experts import fused_moe
-from moekit.experts_fp8 import fused_experts_fp8
+from moekit.experts_fp8 import fused_moe_fp8
 from moekit.quant import QuantScheme, quantize_weight
-from moekit.routing import route
 
 
 class MoE(nn.Module):
@@ -162,19 +164,15 @@ class MoE(nn.Module):
         weights = self._prepared
         flat = hidden.reshape(-1, hidden.shape[-1])  # [M, H]
         logits = self.router(flat)  # [M, E]
-        if self.scheme is not None:
-            topk = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
-            out = fused_experts_fp8(
-                flat, weights["w13"], weights["w2"], topk.ids, topk.weights, scheme=self.scheme,
-                activation=self.activation, b13=weights["b13"], b2=weights["b2"],
-                expert_map=self.expert_map, backend=self.backend,
-            )
-            return out.reshape(hidden.shape)
-        out = fused_moe(  # route + experts: eager calls replay as one
-            flat, logits, weights["w13"], weights["w2"], self.top_k,
-            renormalize=self.renormalize, activation=self.activation, b13=weights["b13"],
-            b2=weights["b2"], expert_map=self.expert_map, backend=self.backend,
-        )
+        experts = (weights["w13"], weights["w2"], self.top_k)
+        options = dict(renormalize=self.renormalize, activation=self.activation,
+                       b13=weights["b13"], b2=weights["b2"], expert_map=self.expert_map,
+                       backend=self.backend)
+        # route + experts: eager calls replay as one
+        if self.scheme is None:
+            out = fused_moe(flat, logits, *experts, **options)
+        else:
+            out = fused_moe_fp8(flat, logits, *experts, scheme=self.scheme, **options)
         return out.reshape(hidden.shape)
 
     def extra_repr(self) -> str:
