@@ -1,5 +1,5 @@
 """Eager calls of two code versions side by side on the GPU's host: the `moekit.MoE`
-layer (router linear + `fused_moe`) and `fused_experts` / `fused_experts_fp8` alone.
+layer (router + `fused_moe` or `fused_moe_fp8`) and `fused_experts` / `fused_experts_fp8` alone.
 
 For changes to the eager path (`moekit._replay`, `moekit._launch`) that leave the kernels
 alone. Each version runs in its own worker process (`PYTHONPATH` = that version's src),
@@ -7,8 +7,10 @@ the versions alternating over rounds so that the host's drift (session 28: 2× b
 hosts, ±15% within a run) hits both. Per cell: host µs per call (until the last call
 returns) and wall µs per call (until the GPU is done), medians over blocks of
 back-to-back calls as in `fast_launch_experiment.py`; the graph-replay µs of the same
-call (the GPU's own time, current version); and whether both versions' outputs are
-bitwise equal (a digest of each worker's last output).
+call per version (the GPU's own time: a change that moves work into or out of the
+replayed call can change it); and whether both versions' outputs are bitwise equal (a
+digest of each worker's last output). Which version runs first alternates by round, so
+a host that slows or speeds up over the run favours neither.
 
     PYTHONPATH=src python3 bench/scripts/eager_layer_experiment.py --out $OUT \
         --baseline-src DIR [--baseline-label TEXT]
@@ -36,8 +38,8 @@ CELLS = [("layer", "qwen3-30b-a3b", 1, "bf16"), ("experts", "qwen3-30b-a3b", 1, 
          ("layer", "qwen3-30b-a3b", 4, "bf16"), ("layer", "mixtral-8x7b", 8, "bf16"),
          ("layer", "qwen3-30b-a3b", 64, "bf16"), ("experts", "qwen3-30b-a3b", 64, "bf16"),
          ("experts", "qwen3-30b-a3b", 1, "fp8_tensor"), ("layer", "qwen3-30b-a3b", 1024, "bf16"),
-         ("layer", "qwen3-30b-a3b", 1, "bf16")]
-ROUNDS = 3
+         ("layer", "qwen3-30b-a3b", 1, "bf16"), ("layer", "qwen3-30b-a3b", 1, "fp8_block")]
+ROUNDS = 4
 
 
 def build(kind: str, name: str, m: int, dtype: str, seed: int):
@@ -50,7 +52,8 @@ def build(kind: str, name: str, m: int, dtype: str, seed: int):
     hidden = torch.randn(m, preset.hidden, device="cuda", dtype=torch.bfloat16)
     if kind == "layer":
         layer = moekit.MoE(preset.num_experts, preset.top_k, preset.hidden, preset.inter,
-                           activation=preset.activation, bias=preset.bias, device="cuda",
+                           activation=preset.activation, bias=preset.bias,
+                           quant=None if dtype == "bf16" else dtype, device="cuda",
                            dtype=torch.bfloat16).prepare()
         held = {}
 
@@ -118,23 +121,23 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     cells = [i for i, cell in enumerate(CELLS) if cell[0] in args.kinds.split(",")]
     got = {v: {i: [] for i in cells} for v in versions}
-    digests, graphs = {v: {} for v in versions}, {}
+    digests, graphs = {v: {} for v in versions}, {v: {} for v in versions}
     with open(os.path.join(args.out, f"{args.stem}.log"), "w") as log:
         for r in range(ROUNDS):
-            for version, src in versions.items():
+            for version, src in list(versions.items())[::1 if r % 2 == 0 else -1]:
                 start = time.perf_counter()
-                for row in run_worker(src, graph=r == 0 and version == "current",
-                                      kinds=args.kinds, log=log):
+                for row in run_worker(src, graph=r == 0, kinds=args.kinds, log=log):
                     got[version][row["cell"]] += row["samples"]
                     digests[version].setdefault(row["cell"], set()).add(row["digest"])
                     if "graph_us" in row:
-                        graphs[row["cell"]] = row["graph_us"]
+                        graphs[version][row["cell"]] = row["graph_us"]
                 print(f"round {r} {version}: {time.perf_counter() - start:.0f} s", flush=True)
     rows = []
     for i in cells:
         kind, name, m, dtype = CELLS[i]
         row = {"kind": kind, "preset": name, "M": m, "dtype": dtype,
-               "graph_us": graphs.get(i),
+               "baseline_graph_us": graphs["baseline"].get(i),
+               "current_graph_us": graphs["current"].get(i),
                "bitwise_equal": len(digests["baseline"][i] | digests["current"][i]) == 1}
         for v in versions:
             row[f"{v}_host_us"] = round(statistics.median(h for h, _ in got[v][i]), 1)
@@ -163,16 +166,19 @@ def write(args, rows: list[dict]) -> None:
              f"- torch {meta['torch']}, triton {meta['triton']}",
              f"- µs per call, medians of {BLOCKS * ROUNDS} blocks of {BLOCK} back-to-back eager "
              f"calls, each version in its own process, versions alternating over {ROUNDS} "
-             f"rounds; host = until the last call returns, wall = until the GPU is done; "
-             f"graph = CUDA-graph replay of the same call (the GPU's own time, L2 flushed); "
-             f"ratios = baseline ÷ current; layer = `MoE.forward` (router linear + "
-             f"`fused_moe`), experts = `fused_experts(_fp8)` on fixed routing with `out`", "",
-             "| call | preset | M | dtype | graph | host baseline | host current | host ratio | "
-             "wall baseline | wall current | wall ratio | bitwise |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"rounds, which one first alternating; host = until the last call returns, "
+             f"wall = until the GPU is done; graph = CUDA-graph replay of the same call (the "
+             f"GPU's own time, L2 flushed), in the first round; ratios = baseline "
+             f"÷ current; layer = `MoE.forward` (router + `fused_moe`, `fused_moe_fp8` for "
+             f"fp8), experts = `fused_experts(_fp8)` on fixed routing with `out`", "",
+             "| call | preset | M | dtype | graph baseline | graph current | host baseline | "
+             "host current | host ratio | wall baseline | wall current | wall ratio | "
+             "bitwise |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['preset']} | {r['M']} | {r['dtype']} | "
-                     f"{r['graph_us']} | {r['baseline_host_us']} | {r['current_host_us']} | "
+                     f"{r['baseline_graph_us']} | {r['current_graph_us']} | "
+                     f"{r['baseline_host_us']} | {r['current_host_us']} | "
                      f"{r['host_ratio']} | {r['baseline_wall_us']} | {r['current_wall_us']} | "
                      f"{r['wall_ratio']} | {r['bitwise_equal']} |")
     with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
