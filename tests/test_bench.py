@@ -436,3 +436,21 @@ def test_results_name_the_commit_given_in_the_environment(monkeypatch):
 
     monkeypatch.setenv("MOEKIT_GIT_COMMIT", "f04c259")
     assert _git_commit() == "f04c259"
+
+
+def test_a_slow_first_call_does_not_make_a_fast_cell_slow(monkeypatch):
+    """CudaTimer's cell cap looks twice: a replay's recording (one-off seconds) is followed
+    by fast calls, which get do_bench's full schedule; a cell slow twice gets three calls."""
+    import moekit.bench.timing as timing
+
+    timer = timing.CudaTimer.__new__(timing.CudaTimer)
+    timer.flush, timer.warmup_ms, timer.rep_ms = None, 10, 100
+    timer.cell_cap_ms, timer.back_to_back_ms = 4000, 0
+    calls = iter([3700.0, 0.18])
+    monkeypatch.setattr(timing.CudaTimer, "_one_call_ms", staticmethod(lambda fn: next(calls)))
+    monkeypatch.setattr(timing, "flushed_samples_ms", lambda *args: [0.17, 0.18, 0.19])
+    fast = timer.eager(lambda: None)
+    assert fast.note is None and fast.median_us == pytest.approx(180)
+    calls = iter([3700.0, 3600.0, 3650.0, 3500.0])
+    slow = timer.eager(lambda: None)
+    assert slow.note.startswith("slow cell") and slow.median_us == pytest.approx(3.6e6)
