@@ -46,7 +46,9 @@ def main() -> None:
         f"`{first['experts']['baseline']}` experts",
         "- commands: " + "; ".join(f"`{r['command']}`" for r in results),
         "- check: median per-position logits rel L2 to the same weights in float32, moekit / "
-        "baseline; passes within 2 × baseline + 5e-3 (`moekit.e2e.check`)",
+        "the noise level (the baseline's; for a moekit fp8 run, moekit's fp8 reference in "
+        "bf16, and the fp8 model in float32 is the oracle); passes within 2 × noise + 5e-3 "
+        "(`moekit.e2e.check`)",
         "- sources: " + ", ".join(f"`{p.name}`" for p in sorted(args.results)),
         "",
         "| family | layers | weights GB | prefill ms (baseline) | prefill ms (moekit) | "
