@@ -122,3 +122,30 @@ def test_matches_route_then_experts_and_replays_gpu(scheme, M):
                                     expert_map=table)
     torch.cuda.synchronize()
     assert torch.equal(captured.view(torch.int16), want.view(torch.int16))
+
+
+def _compiled_layer(q13, q2, scheme, **options):
+    @torch.compile(**options)
+    def layer(x, router_logits):
+        return moekit.fused_moe_fp8(x * 2, router_logits, q13, q2, 2, scheme=scheme) + 1
+    return layer
+
+
+def test_torch_compile_on_the_reference_path():
+    # The reference's loop over the experts present breaks the graph here; on the GPU the
+    # ops trace whole (below).
+    scheme, hidden, logits, q13, q2, *_ = make_case("fp8_block", 5, 8, 256, 128, seed=9)
+    torch._dynamo.reset()
+    out = _compiled_layer(q13, q2, scheme, backend="aot_eager")(hidden, logits)
+    expected = moekit.fused_moe_fp8(hidden * 2, logits, q13, q2, 2, scheme=scheme) + 1
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64])
+def test_torch_compile_gpu(M):
+    scheme, hidden, logits, q13, q2, *_ = make_case("fp8_tensor", M, 32, 1024, 512,
+                                                    dtype=torch.bfloat16, device="cuda")
+    out = _compiled_layer(q13, q2, scheme, fullgraph=True)(hidden, logits)
+    expected = moekit.fused_moe_fp8(hidden * 2, logits, q13, q2, 2, scheme=scheme) + 1
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))

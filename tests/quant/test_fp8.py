@@ -244,6 +244,17 @@ def test_gemm2_input_spec(scheme, group, why):
     assert spec.dynamic == scheme.activation.dynamic
 
 
+def test_gemm2_input_spec_traces_under_torch_compile():
+    # Read first while tracing (a fresh scheme): no lock for dynamo to stop at (Python
+    # 3.11's functools.cached_property has one).
+    scheme = QuantScheme.fp8_block((64, 64))
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: x * scheme.gemm2_input.group[1], backend="eager",
+                           fullgraph=True)
+    assert traced(torch.ones(2)).tolist() == [64.0, 64.0]
+    assert scheme == QuantScheme.fp8_block((64, 64)) and "_gemm2_input" not in repr(scheme)
+
+
 fp8 = torch.float8_e4m3fn
 W = quantize_weight(spread(2, 16, 8), QuantSpec(group="channel"))
 

@@ -56,7 +56,6 @@ groups cost nothing extra and are finer (more accurate) than either.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -212,14 +211,20 @@ class QuantScheme:
                 f"activation: K group {ka} must equal the weight's K group {kw} when both "
                 "group K, so each K tile of a kernel has one scale of each"
             )
+        # Read on every fp8 call's host path, so made once; an attribute, not a
+        # `functools.cached_property`, whose lock (Python 3.11) torch.compile cannot trace.
+        object.__setattr__(self, "_gemm2_input", self._make_gemm2_input())
 
-    @functools.cached_property  # read on every fp8 call's host path; schemes are frozen
+    @property
     def gemm2_input(self) -> QuantSpec:
         """The spec of GEMM2's input [pairs, I]: static as `activation`, else 1×g groups.
 
         g is the K group of `activation` if it has one, else the weights' K group if they
         have one, else `GEMM2_INPUT_GROUP`; GEMM1's epilogue computes these scales.
         """
+        return self._gemm2_input
+
+    def _make_gemm2_input(self) -> QuantSpec:
         if not self.activation.dynamic:
             return self.activation
         ka, kw = self.activation.group[1], self.weight.group[1]
