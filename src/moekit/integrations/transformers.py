@@ -186,9 +186,10 @@ def release_converted(model: torch.nn.Module) -> None:
     """Free the converted weight copies (gpt-oss; fp8 scales widened from e8m0) of `model`;
     they are made again on next use."""
     for module in model.modules():
-        for attr in (CACHE_ATTR, FP8_CACHE_ATTR):
-            if is_experts_module(module) and hasattr(module, attr):
-                delattr(module, attr)
+        if is_experts_module(module):
+            for attr in (CACHE_ATTR, FP8_CACHE_ATTR):
+                if hasattr(module, attr):
+                    delattr(module, attr)
 
 
 def is_experts_module(module: torch.nn.Module) -> bool:
