@@ -184,14 +184,15 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A),
     partial_n (H = 336, I = 208: both GEMMs' last column tile partial), prefetch (the
     Gluon GEMMs' producers loading each tile's indices a tile ahead, off by default)."""
-    if block_m == 1:
-        kernels = _DIRECT_FP8 + (("_cast_topk_kernel",) if flags.get("topk64") else ())
+    if block_m == 1:  # int64 ids and bf16 weights (topk64) read by the kernels themselves
+        kernels = _DIRECT_FP8
     else:
         # A per-tensor amax over more than 16 rows takes a partials launch first.
         partials = scheme == "tensor" and block_m >= 32
         gluon = _FP8_GLUON_BOTH if flags.get("gluon1") else _FP8_GLUON
         kernels = ((gluon if flags.get("gluon") else _FP8)
-                   + (("_amax_partials_kernel",) if partials else ()))
+                   + (("_amax_partials_kernel",) if partials else ())
+                   + (("_cast_topk_kernel",) if flags.get("topk64") else ()))
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,
                 kernels)
 
@@ -264,8 +265,11 @@ CASES = [
          "direct path, GEMM2 a program per slot: GEMM1 zeroes the arrival counters, the "
          "last program of a token adds the parts' float32 sums", _DIRECT),
     Case("experts", dict(dtype="bf16", act="silu", block_m=1, topk64=True),
-         "int64 ids and bf16 router weights (torch.topk's, transformers'): cast to int32 "
-         "and float32 in one launch first", ("_cast_topk_kernel", *_DIRECT)),
+         "direct path reading int64 ids and bf16 router weights (torch.topk's, "
+         "transformers') itself: no cast launch", _DIRECT),
+    Case("experts", dict(dtype="bf16", act="silu", block_m=16, topk64=True),
+         "plan path, int64 ids and bf16 router weights: cast to int32 and float32 in one "
+         "launch first", ("_cast_topk_kernel", *_EXPERTS)),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
     _fp8("dynamic per-tensor over 4 rows: MODE tensor_rows (no partials); GEMM2 input in "
          "1×128 groups",
@@ -356,8 +360,10 @@ CASES = [
     _fp8("direct fp8, block scales, GEMM2 a program per token (the other direct cases: a "
          "program per slot, the parts added by a token's last program)", "block", "bf16",
          "silu", 1, whole=True),
-    _fp8("direct fp8, int64 ids and bf16 router weights: cast in one launch first", "block",
-         "bf16", "silu", 1, topk64=True),
+    _fp8("direct fp8 reading int64 ids and bf16 router weights itself", "block", "bf16",
+         "silu", 1, topk64=True),
+    _fp8("plan fp8, int64 ids and bf16 router weights: cast in one launch first", "tensor",
+         "bf16", "silu", 16, topk64=True),
     # dispatch_plan
     Case("dispatch", dict(block_m=16, pairs=8),
          "decode: one chunk, count folded into the place kernel (SINGLE_CHUNK)",

@@ -2,16 +2,19 @@
 
 The cast must be bitwise torch's `.to` (interpreter here, GPU below), leave int32/float32
 operands untouched, and let an eager call with int64 ids replay (tests/test_replay.py's
-worker checks the `topk64` cases of tests/test_sm90_compile.py launch for launch).
+worker checks the `topk64` cases of tests/test_sm90_compile.py launch for launch). The
+direct path's kernels read int64 ids and 16-bit weights themselves, with the same
+meaning (ids truncated to 32 bits as torch's cast does), so it launches no cast.
 """
 
 import pytest
 import torch
 
 import moekit
-from helpers import POISON, random_experts, random_routing
+from helpers import POISON, count_calls, random_experts, random_routing
 from moekit import _topk_cast
 from moekit._topk_cast import kernel_topk
+from moekit.tuning import ExpertsConfig, GemmConfig
 
 
 def _poisoned_empty(monkeypatch):
@@ -113,3 +116,64 @@ def test_fp8_experts_with_int64_ids_and_half_weights_match_int32_float32(M, E):
     with exact_fp8_casts():
         expected = run(ids, weights)
         assert torch.equal(run(ids.long(), weights.half()), expected)
+
+
+def _direct_or_plan(direct: bool) -> ExpertsConfig:
+    if direct:  # block_m 1: the direct path, GEMM2 summing 2 of a token's slots per program
+        return ExpertsConfig(1, GemmConfig(32, 64, 1, 4, 2), GemmConfig(32, 32, 2, 4, 2))
+    return ExpertsConfig(16, GemmConfig(32, 32, 1, 4, 2), GemmConfig(32, 32, 1, 4, 2))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "plan"])
+@pytest.mark.parametrize("weights_dtype", [torch.float16, torch.bfloat16])
+def test_direct_path_reads_int64_ids_and_16_bit_weights_itself(direct, weights_dtype,
+                                                                monkeypatch):
+    """Bitwise the int32/float32 call, ids past 32 bits truncated as torch's cast does
+    (2^32 + e is expert e; 2^31 is negative: no expert); a cast launch on the plan path
+    only."""
+    torch.manual_seed(1)
+    M, E, k = 3, 8, 4
+    w13, w2, b13, b2 = random_experts(E, 64, 32, bias=True, dtype=torch.float16)
+    hidden = torch.randn(M, 64, dtype=torch.float16)
+    ids, weights = random_routing(M, E, k)
+    weights = weights.to(weights_dtype)
+    wide = ids.long()
+    wide[0, 0] += 1 << 32  # the same expert after truncation
+    wide[1, 1] = 1 << 31  # −2^31 after truncation: dropped
+    casts = count_calls(monkeypatch, _topk_cast, "launcher")
+    config = _direct_or_plan(direct)
+    run = lambda i, w: moekit.fused_experts(hidden, w13, w2, i, w, b13=b13, b2=b2,
+                                            config=config, backend="triton")
+    got = run(wide, weights)
+    assert len(casts) == (0 if direct else 1)
+    expected = run(wide.to(torch.int32), weights.float())
+    assert torch.equal(got, expected)
+    assert not torch.equal(expected, run(ids, weights.float())), "the dropped slot counts"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("weight_on_input", [False, True])
+def test_fp8_direct_path_reads_int64_ids_and_16_bit_weights_itself(weight_on_input,
+                                                                   monkeypatch):
+    from fp8_interpreter import exact_fp8_casts
+    from moekit.quant import QuantScheme, quantize_weight
+
+    torch.manual_seed(2)
+    M, E, k = 2, 32, 1 if weight_on_input else 4
+    scheme = QuantScheme.fp8_tensor()
+    w13, w2, _, _ = random_experts(E, 256, 128)
+    q13, q2 = (quantize_weight(w, scheme.weight) for w in (w13, w2))
+    hidden = torch.randn(M, 256, dtype=torch.float16)
+    ids, weights = random_routing(M, E, k)
+    wide = ids.long()
+    wide[0, 0] += 1 << 32
+    casts = count_calls(monkeypatch, _topk_cast, "launcher")
+    config = moekit.experts_fp8.direct_fp8_config(M, k, 256, 128, scheme)
+    run = lambda i, w: moekit.fused_experts_fp8(
+        hidden, q13, q2, i, w, scheme=scheme, config=config, backend="triton",
+        apply_router_weight_on_input=weight_on_input)
+    with exact_fp8_casts():
+        got = run(wide, weights.bfloat16())
+        assert not casts
+        assert torch.equal(got, run(wide.to(torch.int32), weights.bfloat16().float()))

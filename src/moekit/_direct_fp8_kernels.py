@@ -68,7 +68,7 @@ def _direct_gemm1_fp8_kernel(
     w13_ptr,  # [E, N1, H] fp8; N1 = 2I (gate rows, then up rows) or I (relu2)
     ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32
+    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
     inter_ptr,  # [M*k, I] fp32, out
     arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
     num_experts,
@@ -113,7 +113,7 @@ def _direct_gemm1_fp8_kernel(
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
         _clear_arrivals(arrivals_ptr, pair, pid_n, top_k, tiles_per_token)
-    expert = tl.load(topk_ids_ptr + pair)
+    expert = tl.load(topk_ids_ptr + pair).to(tl.int32)
     if (expert < 0) | (expert >= num_experts):
         return
     token = (pair // top_k).to(tl.int64)
@@ -230,9 +230,10 @@ def _part_rows(topk_ids_ptr, topk_weights_ptr, token, first, num_experts, TOP_K:
     rows = tl.arange(0, ROWS)
     row_slot = first + rows
     row_ok = (rows < PER_PART) & (row_slot < TOP_K)
-    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1)
+    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1).to(tl.int32)
     row_ok = row_ok & (row_ids >= 0) & (row_ids < num_experts)
-    router = tl.load(topk_weights_ptr + token * TOP_K + row_slot, mask=row_ok, other=0.0)
+    router = tl.load(topk_weights_ptr + token * TOP_K + row_slot, mask=row_ok,
+                     other=0.0).to(tl.float32)
     return row_ok, tl.where(row_ok, row_ids, 0), router
 
 
@@ -256,8 +257,8 @@ def _direct_gemm2_fp8_kernel(
     w2_ptr,  # [E, H, I] fp8
     ws_ptr,  # w2's scales, addressed like GEMM1's
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32
-    topk_weights_ptr,  # [M*k] fp32
+    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
+    topk_weights_ptr,  # [M*k] fp32, or 16-bit read as fp32
     out_ptr,  # [M, H], out
     partials_ptr,  # [M*PARTS, H] fp32 (PARTS > 1)
     arrivals_ptr,  # [M, H-tiles] int32, zeroed by GEMM1 (PARTS > 1)

@@ -76,7 +76,7 @@ def _token_slots(topk_ids_ptr, token, num_experts, TOP_K: tl.constexpr, SLOTS: t
     past k or with an id outside [0, E) is not valid and reads id 0."""
     slots = tl.arange(0, SLOTS)
     slot_ok = slots < TOP_K
-    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1)
+    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1).to(tl.int32)
     slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)
     return slots, slot_ok, tl.where(slot_ok, slot_ids, 0)
 
@@ -137,8 +137,8 @@ def _direct_gemm1_kernel(
     hidden_ptr,  # [M, H]
     w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32
-    topk_weights_ptr,  # [M*k] fp32 (read only when WEIGHT_ON_INPUT)
+    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
+    topk_weights_ptr,  # [M*k] fp32 or 16-bit (read only when WEIGHT_ON_INPUT)
     inter_ptr,  # [M*k, I], out
     arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
     num_experts,
@@ -171,7 +171,7 @@ def _direct_gemm1_kernel(
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
         _clear_arrivals(arrivals_ptr, pair, pid_n, top_k, tiles_per_token)
-    expert = tl.load(topk_ids_ptr + pair)
+    expert = tl.load(topk_ids_ptr + pair).to(tl.int32)
     if (expert < 0) | (expert >= num_experts):
         return
     token = (pair // top_k).to(tl.int64)
@@ -194,7 +194,7 @@ def _direct_gemm1_kernel(
         g_ptrs += BLOCK_K
 
     if WEIGHT_ON_INPUT:
-        w = tl.load(topk_weights_ptr + pair)
+        w = tl.load(topk_weights_ptr + pair).to(tl.float32)
         gate = gate * w
         up = up * w
     result = _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, alpha,
@@ -209,8 +209,8 @@ def _direct_gemm2_kernel(
     inter_ptr,  # [M*k, I]
     w2_ptr,  # [E, H, I]
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32
-    topk_weights_ptr,  # [M*k] fp32
+    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
+    topk_weights_ptr,  # [M*k] fp32, or 16-bit read as fp32
     out_ptr,  # [M, H], out
     partials_ptr,  # [M*PARTS, H] fp32 (PARTS > 1)
     arrivals_ptr,  # [M, H-tiles] int32, zeroed by GEMM1 (PARTS > 1)
@@ -256,7 +256,8 @@ def _direct_gemm2_kernel(
     slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
     if WEIGHT_ON_OUTPUT:
-        slot_scales = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+        slot_scales = tl.load(topk_weights_ptr + token * TOP_K + slots, mask=slot_ok,
+                              other=0.0).to(tl.float32)
     else:
         slot_scales = tl.where(slot_ok, 1.0, 0.0)
 

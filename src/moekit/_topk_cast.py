@@ -6,8 +6,9 @@ is two aten copies per call, and an eager call that runs aten ops other than all
 cannot be replayed (`moekit._replay`), so such calls ran in full every time. On the
 Triton path the conversion is instead one small launch of moekit's own
 (`_cast_topk_kernel`) into fresh buffers, which a replay records like any other launch.
-Under torch.compile, on the reference path and for non-contiguous operands, torch's
-casts remain (traceable; rare).
+The direct path (decode) needs not even that: its kernels read int64 ids and 16-bit
+weights themselves, ids truncated to 32 bits as here. Under torch.compile, on the
+reference path and for non-contiguous operands, torch's casts remain (traceable; rare).
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ def fused_experts(
         hidden: [M, H] bf16/fp16 (fp32 also runs, slowly, through exact fp32 dots).
         w13: [E, 2I, H] (gate rows, then up rows), or [E, I, H] for `relu2`; hidden's dtype.
         w2: [E, H, I], hidden's dtype.
-        topk_ids: [M, k] int32 (int64 is converted, in one launch with the weights);
+        topk_ids: [M, k] int32, or int64 (`torch.topk`'s: the direct path's kernels read
+            it as it is, the plan path converts it in one launch with the weights);
             ids outside [0, E) contribute nothing.
         topk_weights: [M, k] float32 (other float dtypes are converted).
         activation: name or `Activation`.
@@ -104,7 +105,9 @@ def fused_experts(
         hidden, w13, w2, topk_ids, topk_weights, act, b13, b2
     )
     path = resolve_backend(backend, hidden)
-    topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=path != "reference")
+    if path == "reference" or expert_map is not None:  # else converted where launched
+        topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights,
+                                             launch=path != "reference")
     if expert_map is not None:
         topk_ids = local_expert_ids(topk_ids, expert_map, w13.shape[0], backend=backend)
     out = output_like(hidden, out)
@@ -211,9 +214,11 @@ def _launch_fused_experts(
         return
     block_m, tail_m = config[0], config[11]
     if block_m == DIRECT_BLOCK_M:
+        # The direct kernels read int64 ids and 16-bit weights themselves: no cast launch.
         launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation,
                               alpha, limit, apply_router_weight_on_input, config, out)
         return
+    topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=True)
     plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m,
                          tile_m=block_m if tail_m else None, backend="triton")
     tma = use_tma(hidden, w13, w2, block_m)

@@ -145,7 +145,8 @@ def fused_experts_fp8(
         hidden: [M, H] bf16/fp16 (fp32 also runs); quantised per `scheme.activation`.
         w13: quantised [E, 2I, H] (gate rows, then up), or [E, I, H] for `relu2`.
         w2: quantised [E, H, I].
-        topk_ids: [M, k] int32 (int64 is converted, in one launch with the weights);
+        topk_ids: [M, k] int32, or int64 (`torch.topk`'s: the direct path's kernels read
+            it as it is, the plan path converts it in one launch with the weights);
             ids outside [0, E) contribute nothing.
         topk_weights: [M, k] float32 (other float dtypes are converted).
         scheme: a `QuantScheme` or a preset's name ("fp8_tensor", "fp8_channel",
@@ -171,7 +172,9 @@ def fused_experts_fp8(
                                          b13, b2)
     check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids)
     path = resolve_backend(backend, hidden)
-    topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=path != "reference")
+    if path == "reference" or expert_map is not None:  # else converted where launched
+        topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights,
+                                             launch=path != "reference")
     if expert_map is not None:
         topk_ids = local_expert_ids(topk_ids, expert_map, w13.shape[0], backend=backend)
     out = output_like(hidden, out)
@@ -529,8 +532,9 @@ def _launch_fused_experts_fp8(
         launch_direct_experts_fp8(hidden_in.x, hidden_in.scale, hidden_in.stride_sm, w13_q,
                                   w13_scale, w2_q, w2_scale, input_scale2, topk_ids,
                                   topk_weights, b13, b2, activation, alpha, limit, groups,
-                                  config, out)
+                                  config, out)  # reads int64 ids, 16-bit weights itself
         return
+    topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=True)
     num_experts, _, inter = w2_q.shape
     top_k = topk_ids.shape[1]
     block_m, tail_m = config[0], config[11]
