@@ -2,11 +2,11 @@
 
     hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
 
-Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe`
-call (`fused_moe_fp8` with `quant`), and at decode sizes the router GEMM runs as a moekit
-kernel inside that replayed call too (`moekit.routing.logits`: ~15 µs of host time less
-than `nn.Linear` on an H200's host); above them the router module runs first. The module
-path is also taken whenever it could behave differently: hooks on the router, a router
+Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe` call
+(`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 64) the router GEMM runs as a
+moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
+`nn.Linear`'s separate eager call); at larger M the router module runs first. The module
+runs at any M where the kernel could behave differently: hooks on the router, a router
 that is no plain bias-free `nn.Linear`, autograd recording, or the reference backend.
 
 With `local_experts` the layer is one rank's share under expert parallelism: the router
