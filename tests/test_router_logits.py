@@ -102,7 +102,7 @@ def test_the_layer_takes_the_router_kernel_at_decode_only(monkeypatch):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("why", ["grad", "hook", "pre-hook", "bias", "reference", "capture"])
+@pytest.mark.parametrize("why", ["grad", "hook", "pre-hook", "bias", "reference"])
 def test_the_layer_runs_its_router_module_where_it_could_differ(why, monkeypatch):
     layer = _layer("reference" if why == "reference" else "triton")
     hidden = torch.randn(4, 64)
@@ -113,9 +113,6 @@ def test_the_layer_runs_its_router_module_where_it_could_differ(why, monkeypatch
         layer.router.register_forward_pre_hook(lambda m, i: seen.append(1))
     if why == "bias":
         layer.router = torch.nn.Linear(64, 8, bias=True)
-    if why == "capture":  # a CUDA graph: cuBLAS's GPU time is the lower
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     with torch.set_grad_enabled(why == "grad"):
         assert not _uses_kernel(layer, hidden, monkeypatch), why
     assert seen or why not in ("hook", "pre-hook")

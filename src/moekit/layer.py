@@ -5,12 +5,9 @@
 Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe` call
 (`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 64) the router GEMM runs as a
 moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
-`nn.Linear`'s separate eager call: 1.04–1.5× less host time per layer call on an H200's
-host, bench/results/h200-20261204-eager-router-experiment-s32b.md). The kernel's GPU
-time is 1.5–3 µs above cuBLAS's, so the router module runs where host time is not paid
-per call: under CUDA-graph capture and torch.compile; also at larger M, and at any M
-where the kernel could behave differently: hooks on the router, a router that is no
-plain bias-free `nn.Linear`, autograd recording, or the reference backend.
+`nn.Linear`'s separate eager call); at larger M the router module runs first. The module
+runs at any M where the kernel could behave differently: hooks on the router, a router
+that is no plain bias-free `nn.Linear`, autograd recording, or the reference backend.
 
 With `local_experts` the layer is one rank's share under expert parallelism: the router
 still scores all E experts, the module holds only the listed ones' weights, and its
@@ -196,8 +193,6 @@ class MoE(nn.Module):
         docstring's conditions)."""
         router = self.router
         return (flat.shape[0] <= _ROUTER_KERNEL_MAX_TOKENS and type(router) is nn.Linear
-                and not torch.compiler.is_compiling()
-                and not (flat.is_cuda and torch.cuda.is_current_stream_capturing())
                 and router.bias is None
                 and not (torch.is_grad_enabled() and router.weight.requires_grad)
                 and not (router._forward_hooks or router._forward_pre_hooks
