@@ -17,22 +17,36 @@ from moekit._intmath import cdiv
 from moekit._launch import launcher
 from moekit.backend import resolve_backend
 from moekit.reference import routing as reference_routing
-from moekit.routing._logits_kernel import _router_logits_kernel
+from moekit.routing._logits_kernel import _router_gemv_kernel, _router_logits_kernel
 
 
 def _tiles(num_tokens: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_E, BLOCK_H, num_warps): narrow expert slices at decode, so the
-    router weight streams through many programs; square tiles once rows fill them."""
+    """(BLOCK_M, BLOCK_E, BLOCK_H, num_warps) of the dot kernel: narrow expert slices up
+    to 16 tokens, so the router weight streams through many programs; square tiles once
+    rows fill them."""
     if num_tokens <= 16:
         return 16, 16, 128, 4
     return 64, 64, 64, 4
 
 
+# Up to this many tokens `_router_gemv_kernel` runs (products on the CUDA cores, many
+# programs of GEMV_EXPERTS experts each, GEMV_H columns a step); above, the dot tiles.
+GEMV_ROWS, GEMV_EXPERTS, GEMV_H = 4, 2, 1024
+
+
 def launch_router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """Run `_router_logits_kernel` into a caller-owned [M, E] contiguous `out`."""
+    """Run `_router_gemv_kernel` (M ≤ GEMV_ROWS) or `_router_logits_kernel` into a
+    caller-owned [M, E] contiguous `out`."""
     num_tokens, hidden_size = hidden.shape
     experts = weight.shape[0]
     if num_tokens == 0:
+        return
+    if num_tokens <= GEMV_ROWS:
+        launcher(_router_gemv_kernel)[(cdiv(experts, GEMV_EXPERTS),)](
+            hidden, weight, out, num_tokens, experts, hidden_size, hidden.stride(0),
+            weight.stride(0), ROWS=GEMV_ROWS, BLOCK_E=GEMV_EXPERTS, BLOCK_H=GEMV_H,
+            num_warps=4,
+        )
         return
     block_m, block_e, block_h, num_warps = _tiles(num_tokens)
     grid = (cdiv(num_tokens, block_m), cdiv(experts, block_e))
