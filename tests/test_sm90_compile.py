@@ -418,16 +418,15 @@ CASES = [
          "E = 2048: one row per program (BLOCK_M 1), 8 warps", ("_route_kernel",)),
     # router_logits (the router GEMM MoE.forward runs at decode)
     Case("router_logits", dict(dtype="bf16", tokens=1, experts=128, hidden=2048),
-         "decode: the GEMV kernel, 2 experts a program, 1024-wide steps",
+         "qwen3's router: one expert a program, H in one 2048-column step, 4 warps",
          ("_router_gemv_kernel",)),
     Case("router_logits", dict(dtype="bf16", tokens=4, experts=257, hidden=7000),
-         "GEMV at its 4 rows, a partial expert pair and step", ("_router_gemv_kernel",)),
-    Case("router_logits", dict(dtype="bf16", tokens=16, experts=128, hidden=2048),
-         "16 rows × 16 experts dot tiles, 128-wide K steps", ("_router_logits_kernel",)),
-    Case("router_logits", dict(dtype="fp32", tokens=64, experts=60, hidden=1000),
-         "square tiles, fp32 without TF32, ragged E and H", ("_router_logits_kernel",)),
-    Case("router_logits", dict(dtype="fp16", tokens=5, experts=256, hidden=7168),
-         "fp16, deepseek-v3's router", ("_router_logits_kernel",)),
+         "two experts a program (a partial last pair), one 8192-column step, 8 warps",
+         ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="fp16", tokens=2, experts=7, hidden=9000),
+         "fp16, two 8192-column steps, the second partial", ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="fp32", tokens=3, experts=40, hidden=4096),
+         "fp32, mixtral's H in one step", ("_router_gemv_kernel",)),
 ]
 _BY_ID = {case.id: case for case in CASES}
 assert len(_BY_ID) == len(CASES), "two cases share an id"

@@ -3,9 +3,9 @@
     hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
 
 Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe` call
-(`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 64) the router GEMM runs as a
-moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
-`nn.Linear`'s separate eager call); at larger M the router module runs first. The module
+(`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 4, `GEMV_ROWS`) the router GEMM
+runs as a moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
+`nn.Linear`'s separate eager call); at larger M the router module (cuBLAS) runs first. The module
 runs at any M where the kernel could behave differently: hooks on the router, a router
 that is no plain bias-free `nn.Linear`, autograd recording, or the reference backend.
 
@@ -38,11 +38,7 @@ from moekit.backend import resolve_backend
 from moekit.experts import fused_moe
 from moekit.experts_fp8 import fused_moe_fp8
 from moekit.quant import QuantScheme, quantize_weight
-from moekit.routing.logits import router_logits
-
-# Token counts whose router logits come from `router_logits` inside the replayed call:
-# decode, where host time is the cost (prefill keeps cuBLAS).
-_ROUTER_KERNEL_MAX_TOKENS = 64
+from moekit.routing.logits import GEMV_ROWS, router_logits
 
 
 class MoE(nn.Module):
@@ -160,6 +156,8 @@ class MoE(nn.Module):
                     self._prepared[name] = quantize_weight(self._prepared[name],
                                                            self.scheme.weight)
             self._quantized_from = self._weights_state()
+        if self.w13.is_cuda and not torch.compiler.is_compiling():
+            _initialise_cublas(self.w13.device)
         return self
 
     def _weights_state(self) -> tuple[int, ...]:
@@ -192,7 +190,7 @@ class MoE(nn.Module):
         """Whether `router_logits` computes what `self.router(flat)` would (the module
         docstring's conditions)."""
         router = self.router
-        return (flat.shape[0] <= _ROUTER_KERNEL_MAX_TOKENS and type(router) is nn.Linear
+        return (flat.shape[0] <= GEMV_ROWS and type(router) is nn.Linear
                 and router.bias is None
                 and not (torch.is_grad_enabled() and router.weight.requires_grad)
                 and not (router._forward_hooks or router._forward_pre_hooks
@@ -235,6 +233,16 @@ def _check_local_experts(local_experts, num_experts: int) -> int:
         raise ValueError(
             f"local_experts: expected distinct expert ids in [0, {num_experts}), got {ids}")
     return len(ids)
+
+
+def _initialise_cublas(device: torch.device) -> None:
+    """Create this device's cuBLAS handle now: up to `GEMV_ROWS` tokens the layer runs no
+    cuBLAS call, so a warm-up at decode alone would leave the router module's first one to
+    a CUDA-graph capture at a larger M, where creating the handle fails
+    (CUBLAS_STATUS_NOT_INITIALIZED, bench/NOTES.md session 32)."""
+    if not torch.cuda.is_current_stream_capturing():
+        with torch.cuda.device(device):
+            torch.cuda.current_blas_handle()
 
 
 @replayed
