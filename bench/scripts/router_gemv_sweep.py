@@ -4,9 +4,11 @@ replay (L2 flushed), at M = 1 and 4.
 
 Session 33: at two experts a program and 1024-column steps the kernel beat cuBLAS up to
 H = 4096 and lost at deepseek-v3's H = 7168 (7 steps, ~1.2 µs each: a chain of dependent
-loads). This sweep asks which launch shape (if any) removes the loss.
+loads). This sweep asks which launch shape (if any) removes the loss; its answer (H in
+one step where it fits) is `moekit.routing.logits.gemv_shape`.
 
-    PYTHONPATH=src python3 bench/scripts/router_gemv_sweep.py --out $OUT
+    PYTHONPATH=src python3 bench/scripts/router_gemv_sweep.py --out $OUT \
+        [--experts 1 2 --steps 2048 4096 8192 --warps 4 8 16 --stages 1 3]
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from moekit.bench.timing import graph_replay_us
 from moekit.routing._logits_kernel import _router_gemv_kernel
 
 PRESET_NAMES = ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "granite-3.0-3b-a800m"]
-SHAPES = list(itertools.product([1, 2, 4], [512, 1024, 2048], [4, 8], [1, 3]))
 
 
 def launch(hidden, weight, out, block_e, block_h, warps, stages):
@@ -42,7 +43,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--stem", default="router-gemv-sweep")
+    parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4],
+                        help="experts a program")
+    parser.add_argument("--steps", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192],
+                        help="columns a step")
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 3])
     args = parser.parse_args()
+    shapes = list(itertools.product(args.experts, args.steps, args.warps, args.stages))
     rows = []
     for name, m in itertools.product(PRESET_NAMES, [1, 4]):
         preset = PRESETS[name]
@@ -51,7 +59,7 @@ def main() -> int:
         hidden = torch.randn(m, preset.hidden, device="cuda", dtype=torch.bfloat16)
         expected = F.linear(hidden.float(), weight.float()).bfloat16()
         cublas = graph_replay_us(lambda h=hidden, w=weight: F.linear(h, w), rep_ms=20)
-        for shape in SHAPES:
+        for shape in shapes:
             out = torch.full((m, preset.num_experts), float("nan"), device="cuda",
                              dtype=torch.bfloat16)
             try:
