@@ -66,6 +66,7 @@ import moekit.backend
 import moekit.experts
 import moekit.experts_fp8
 from moekit.quant import QuantScheme, quantize_weight
+from moekit.routing import router_logits
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import narrow_layer, tiles_for_block_m
 
@@ -415,6 +416,17 @@ CASES = [
          "packed (id << 16 | bf16 weight) output", ("_route_kernel",)),
     Case("route", dict(method="softmax", dtype="bf16", experts=2048, top_k=4),
          "E = 2048: one row per program (BLOCK_M 1), 8 warps", ("_route_kernel",)),
+    # router_logits (the router GEMM MoE.forward runs at decode)
+    Case("router_logits", dict(dtype="bf16", tokens=1, experts=128, hidden=2048),
+         "qwen3's router: one expert a program, H in one 2048-column step, 4 warps",
+         ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="bf16", tokens=4, experts=257, hidden=7000),
+         "two experts a program (a partial last pair), one 8192-column step, 8 warps",
+         ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="fp16", tokens=2, experts=7, hidden=9000),
+         "fp16, two 8192-column steps, the second partial", ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="fp32", tokens=3, experts=40, hidden=4096),
+         "fp32, mixtral's H in one step", ("_router_gemv_kernel",)),
 ]
 _BY_ID = {case.id: case for case in CASES}
 assert len(_BY_ID) == len(CASES), "two cases share an id"
@@ -718,9 +730,16 @@ def _run_route(p):
     )
 
 
+def _run_router_logits(p):
+    dtype = _DTYPES[p["dtype"]]
+    router_logits(torch.empty(p["tokens"], p["hidden"], dtype=dtype),
+                  torch.empty(p["experts"], p["hidden"], dtype=dtype), backend="triton")
+
+
 _BUILDERS = {"experts": _run_experts, "fp8": _run_fp8, "dispatch": _run_dispatch,
-             "local_ids": _run_local_ids,
-             "permute": _run_permute, "unpermute": _run_unpermute, "route": _run_route}
+             "local_ids": _run_local_ids, "permute": _run_permute,
+             "unpermute": _run_unpermute, "route": _run_route,
+             "router_logits": _run_router_logits}
 
 
 def _compile_sm90(fn, args, kwargs) -> dict:

@@ -2,8 +2,12 @@
 
     hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
 
-Route and experts are one `fused_moe` call (`fused_moe_fp8` with `quant`), so eager calls
-replay both as one (`moekit._replay`).
+Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe` call
+(`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 4, `GEMV_ROWS`) the router GEMM
+runs as a moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
+`nn.Linear`'s separate eager call); at larger M the router module (cuBLAS) runs first. The module
+runs at any M where the kernel could behave differently: hooks on the router, a router
+that is no plain bias-free `nn.Linear`, autograd recording, or the reference backend.
 
 With `local_experts` the layer is one rank's share under expert parallelism: the router
 still scores all E experts, the module holds only the listed ones' weights, and its
@@ -28,10 +32,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit._replay import replayed
 from moekit.activation import Activation
+from moekit.backend import resolve_backend
 from moekit.experts import fused_moe
 from moekit.experts_fp8 import fused_moe_fp8
 from moekit.quant import QuantScheme, quantize_weight
+from moekit.routing.logits import GEMV_ROWS, router_logits
 
 
 class MoE(nn.Module):
@@ -149,6 +156,8 @@ class MoE(nn.Module):
                     self._prepared[name] = quantize_weight(self._prepared[name],
                                                            self.scheme.weight)
             self._quantized_from = self._weights_state()
+        if self.w13.is_cuda and not torch.compiler.is_compiling():
+            _initialise_cublas(self.w13.device)
         return self
 
     def _weights_state(self) -> tuple[int, ...]:
@@ -163,17 +172,32 @@ class MoE(nn.Module):
             self.prepare()
         weights = self._prepared
         flat = hidden.reshape(-1, hidden.shape[-1])  # [M, H]
-        logits = self.router(flat)  # [M, E]
         experts = (weights["w13"], weights["w2"], self.top_k)
         options = dict(renormalize=self.renormalize, activation=self.activation,
                        b13=weights["b13"], b2=weights["b2"], expert_map=self.expert_map,
                        backend=self.backend)
-        # route + experts: eager calls replay as one
-        if self.scheme is None:
-            out = fused_moe(flat, logits, *experts, **options)
+        if self._router_kernel_serves(flat):
+            out = _routed_experts(flat, self.router.weight, *experts, scheme=self.scheme,
+                                  **options)
+        elif self.scheme is None:
+            out = fused_moe(flat, self.router(flat), *experts, **options)
         else:
-            out = fused_moe_fp8(flat, logits, *experts, scheme=self.scheme, **options)
+            out = fused_moe_fp8(flat, self.router(flat), *experts, scheme=self.scheme,
+                                **options)
         return out.reshape(hidden.shape)
+
+    def _router_kernel_serves(self, flat: torch.Tensor) -> bool:
+        """Whether `router_logits` computes what `self.router(flat)` would (the module
+        docstring's conditions)."""
+        router = self.router
+        return (flat.shape[0] <= GEMV_ROWS and type(router) is nn.Linear
+                and router.bias is None
+                and not (torch.is_grad_enabled() and router.weight.requires_grad)
+                and not (router._forward_hooks or router._forward_pre_hooks
+                         or nn.modules.module._global_forward_hooks
+                         or nn.modules.module._global_forward_pre_hooks)
+                and router.weight.dtype == flat.dtype
+                and resolve_backend(self.backend, flat) == "triton")
 
     def extra_repr(self) -> str:
         held, rows, h = self.w13.shape
@@ -209,3 +233,23 @@ def _check_local_experts(local_experts, num_experts: int) -> int:
         raise ValueError(
             f"local_experts: expected distinct expert ids in [0, {num_experts}), got {ids}")
     return len(ids)
+
+
+def _initialise_cublas(device: torch.device) -> None:
+    """Create this device's cuBLAS handle now: up to `GEMV_ROWS` tokens the layer runs no
+    cuBLAS call, so a warm-up at decode alone would leave the router module's first one to
+    a CUDA-graph capture at a larger M, where creating the handle fails
+    (CUBLAS_STATUS_NOT_INITIALIZED, bench/NOTES.md session 32)."""
+    if not torch.cuda.is_current_stream_capturing():
+        with torch.cuda.device(device):
+            torch.cuda.current_blas_handle()
+
+
+@replayed
+def _routed_experts(flat, router_weight, w13, w2, top_k, *, scheme, **options):
+    """Router logits (`router_logits`), then `fused_moe` (`fused_moe_fp8` with a scheme):
+    one replayed eager call."""
+    logits = router_logits(flat, router_weight, backend=options["backend"])
+    if scheme is None:
+        return fused_moe(flat, logits, w13, w2, top_k, **options)
+    return fused_moe_fp8(flat, logits, w13, w2, top_k, scheme=scheme, **options)

@@ -9,7 +9,7 @@ from moekit.reference.dispatch import dispatch_plan, local_expert_ids
 from moekit.reference.experts import fused_experts, fused_moe
 from moekit.reference.permute import permute, unpermute
 from moekit.reference.quant import fused_experts_quantized
-from moekit.reference.routing import route
+from moekit.reference.routing import route, router_logits
 
 __all__ = [
     "apply_activation",
@@ -20,5 +20,6 @@ __all__ = [
     "local_expert_ids",
     "permute",
     "route",
+    "router_logits",
     "unpermute",
 ]

@@ -114,3 +114,10 @@ def route(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * routing.routed_scaling_factor
     return TopK(ids.to(torch.int32), weights.to(torch.float32))
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A router's logits [M, E]: hidden [M, H] · weight [E, H]ᵀ in fp32, rounded once to
+    hidden's dtype (as `nn.Linear` on a GPU accumulates)."""
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    return (hidden.to(wide) @ weight.to(wide).T).to(hidden.dtype)

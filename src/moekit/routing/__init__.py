@@ -33,13 +33,17 @@ Semantics, identical on every backend:
   packed format's id limit), k up to E. No host sync, no data-dependent allocation:
   CUDA-graph safe; the launchers are `torch.library` custom ops (`moekit::route`,
   `moekit::route_packed`) with fake implementations for `torch.compile`.
+- `router_logits(hidden, weight)`: the router GEMM (fp32 accumulation, one rounding, as
+  `nn.Linear`): one GEMV kernel up to 4 tokens, which `MoE.forward` runs inside its
+  replayed call at decode, and cuBLAS above (`moekit.routing.logits`).
 - Packed (TensorRT-LLM routed-MoE input): `(id << 16) | b` with b the bf16 bit pattern
   of the weight (round to nearest even, NaN → 0x7FC0), never sign-extended into the id.
   Returned by `route(..., packed=True)` straight from the kernel; `moekit.topk.pack_topk`
   / `unpack_topk` convert a TopK.
 """
 
+from moekit.routing.logits import router_logits
 from moekit.routing.method import PRESETS, Routing
 from moekit.routing.ops import route
 
-__all__ = ["PRESETS", "Routing", "route"]
+__all__ = ["PRESETS", "Routing", "route", "router_logits"]

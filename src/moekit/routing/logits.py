@@ -1,0 +1,100 @@
+"""Host side of `router_logits`: the router GEMM, as a moekit kernel at decode sizes and
+cuBLAS (`F.linear`) above.
+
+`MoE.forward` computes its router logits here at up to GEMV_ROWS tokens, inside the
+replayed `fused_moe` call (`moekit._replay`), rather than through `nn.Linear`: on an
+H200's host the linear cost ~15 µs per eager call against ~5 for one more replayed launch
+(bench/NOTES.md, session 30), and the GEMV kernel's GPU time is below cuBLAS's there
+(session 33). From 8 tokens a dot-tile kernel lost to cuBLAS (0.2–0.8×), so cuBLAS serves
+above GEMV_ROWS. The launcher is a `torch.library` custom op (`moekit::router_logits`) with
+a fake implementation for `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moekit._checks import FLOAT_DTYPES, check_tensor
+from moekit._intmath import cdiv, next_power_of_2
+from moekit._launch import launcher
+from moekit.backend import resolve_backend
+from moekit.reference import routing as reference_routing
+from moekit.routing._logits_kernel import _router_gemv_kernel
+
+# Up to this many tokens the GEMV kernel runs; above, cuBLAS.
+GEMV_ROWS = 4
+# The widest column step: one step covers H up to this (deepseek-v3's 7168).
+_MAX_STEP = 8192
+
+
+def gemv_shape(hidden_size: int) -> tuple[int, int, int]:
+    """(experts a program, columns a step, warps) of `_router_gemv_kernel`: H in one step
+    where it fits (every step is a dependent memory round trip), one expert a program up
+    to 4096 columns and 4 warps up to 2048 — the best of bench/scripts/router_gemv_sweep.py
+    on an H200 at qwen3, granite, mixtral and deepseek-v3's routers (session 33)."""
+    step = min(next_power_of_2(hidden_size), _MAX_STEP)
+    return (1 if step <= 4096 else 2), step, (4 if step <= 2048 else 8)
+
+
+def launch_router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """Run `_router_gemv_kernel` for M ≤ GEMV_ROWS tokens into a caller-owned [M, E]
+    contiguous `out`."""
+    num_tokens, hidden_size = hidden.shape
+    if num_tokens > GEMV_ROWS:
+        raise ValueError(f"hidden: the GEMV kernel takes at most {GEMV_ROWS} tokens, "
+                         f"got {num_tokens}")
+    if num_tokens == 0:
+        return
+    experts = weight.shape[0]
+    block_e, block_h, num_warps = gemv_shape(hidden_size)
+    launcher(_router_gemv_kernel)[(cdiv(experts, block_e),)](
+        hidden, weight, out, num_tokens, experts, hidden_size, hidden.stride(0),
+        weight.stride(0), ROWS=GEMV_ROWS, BLOCK_E=block_e, BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
+
+
+def _router_logits_impl(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = torch.empty((hidden.shape[0], weight.shape[0]), dtype=hidden.dtype,
+                      device=hidden.device)
+    launch_router_logits(hidden, weight, out)
+    return out
+
+
+_router_logits_op = torch.library.custom_op("moekit::router_logits", _router_logits_impl,
+                                            mutates_args=())
+
+
+@_router_logits_op.register_fake
+def _router_logits_fake(hidden, weight):
+    return hidden.new_empty((hidden.shape[0], weight.shape[0]))
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """`hidden @ weight.T` with fp32 accumulation, rounded once to hidden's dtype: the GEMV
+    kernel up to GEMV_ROWS tokens, `F.linear` above.
+
+    Args:
+        hidden: [M, H] bf16/fp16/fp32.
+        weight: [E, H], hidden's dtype and device (a router's `nn.Linear.weight`).
+        backend: "auto", "triton" or "reference" (see `moekit.backend`).
+    Returns:
+        [M, E] in hidden's dtype.
+    """
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight: expected [E, {hidden.shape[1]}] (hidden's H), "
+                         f"got shape {tuple(weight.shape)}")
+    if resolve_backend(backend, hidden) == "reference":
+        return reference_routing.router_logits(hidden, weight)
+    if hidden.shape[0] > GEMV_ROWS:
+        return F.linear(hidden, weight)
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    op = _router_logits_op if torch.compiler.is_compiling() else _router_logits_impl
+    return op(hidden, weight)
