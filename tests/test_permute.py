@@ -252,9 +252,11 @@ GPU_CASES = [
     (1, 8, 256, 16, 7168, "decode: 8 of 256 experts, mostly padding"),
     (333, 6, 60, 64, 2880, "E not a power of two, H = 2880 (not a multiple of the tile)"),
     (4096, 8, 128, 128, 7168, "prefill"),
-    (16384, 8, 256, 128, 7168, "DeepSeek-V3 prefill: 2.3 GB of grouped rows"),
-    # Large: tens of GB with the reference; in the slow stage, which runs alone, so a
-    # parallel worker's big test cannot starve it (it once ran out of memory beside one).
+    # Large: GBs with the reference; in the slow stage, which runs alone, so a parallel
+    # worker's big test cannot starve them (each once ran out of memory beside one; the
+    # first in session 33, beside a worker holding 80 GB).
+    pytest.param(16384, 8, 256, 128, 7168, "DeepSeek-V3 prefill: 2.3 GB of grouped rows",
+                 marks=pytest.mark.slow),
     pytest.param(16384, 8, 256, 128, 16384, "capacity·H > 2^31 elements: 64-bit row offsets",
                  marks=pytest.mark.slow),
 ]
