@@ -88,7 +88,7 @@ for stage in "$@"; do
     e2e)
       step pytest-gpu-integrations 100 python3 -m pytest tests/integrations -m gpu -q -p no:cacheprovider
       for family in gpt-oss deepseek-v3 mixtral olmoe qwen3-moe; do
-        step "run-$family" 75 python3 -m moekit.cli run --model "$family" --repeats 1 \
+        step "run-$family" 75 python3 -m moekit.cli run --model "$family" --repeats 3 \
           --new-tokens 8 --out-dir "$out"
       done ;;
     e2efp8)
@@ -96,10 +96,10 @@ for stage in "$@"; do
         tests/integrations/test_transformers_fp8_experts.py
       for family in qwen3-moe olmoe mixtral; do
         step "run-fp8-$family" 90 python3 -m moekit.cli run --model "$family" --fp8-experts \
-          --repeats 1 --new-tokens 8 --out-dir "$out"
+          --repeats 3 --new-tokens 8 --out-dir "$out"
       done ;;
     e2efp8-dsv3) step run-fp8-deepseek-v3 300 python3 -m moekit.cli run --model deepseek-v3 \
-                   --fp8-experts --repeats 1 --new-tokens 8 --out-dir "$out" ;;
+                   --fp8-experts --repeats 3 --new-tokens 8 --out-dir "$out" ;;
     fp8|fp8tests)
       step pytest-gpu-fp8 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
         tests/test_experts_fp8.py tests/quant

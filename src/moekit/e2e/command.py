@@ -45,7 +45,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Default shapes per scale: (batch, prompt length, new tokens).
 DEFAULT_SHAPE = {"real": (4, 512, 64), "tiny": (2, 32, 16)}
 TINY_LAYERS = 2
-WARMUP_TOKENS = 3
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,10 +164,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # The warm-up decodes as many tokens as a timed run: session 33 found transformers'
+    # grouped_mm decode 5–9× slower in the first run past a 3-token warm-up, so a
+    # one-repeat run's speedup was mostly that warm-up.
     for impl in implementations:
         _log(f"warmup {impl} (first calls compile kernels)")
         activate(impl)
-        greedy_decode(model, prompt, min(WARMUP_TOKENS, new_tokens))
+        greedy_decode(model, prompt, new_tokens)
 
     runs: dict[str, list] = {impl: [] for impl in implementations}
     for repeat in range(args.repeats):
