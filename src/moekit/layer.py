@@ -5,9 +5,10 @@
 Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe` call
 (`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 4, `GEMV_ROWS`) the router GEMM
 runs as a moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
-`nn.Linear`'s separate eager call); at larger M the router module (cuBLAS) runs first. The module
-runs at any M where the kernel could behave differently: hooks on the router, a router
-that is no plain bias-free `nn.Linear`, autograd recording, or the reference backend.
+`nn.Linear`'s separate eager call); at larger M the router module (cuBLAS) runs first.
+The module runs at any M where the kernel could behave differently: hooks on the router,
+a router that is no plain bias-free `nn.Linear`, autograd recording, or the reference
+backend.
 
 With `local_experts` the layer is one rank's share under expert parallelism: the router
 still scores all E experts, the module holds only the listed ones' weights, and its
@@ -238,8 +239,8 @@ def _check_local_experts(local_experts, num_experts: int) -> int:
 def _initialise_cublas(device: torch.device) -> None:
     """Create this device's cuBLAS handle now: up to `GEMV_ROWS` tokens the layer runs no
     cuBLAS call, so a warm-up at decode alone would leave the router module's first one to
-    a CUDA-graph capture at a larger M, where creating the handle fails
-    (CUBLAS_STATUS_NOT_INITIALIZED, bench/NOTES.md session 32)."""
+    a CUDA-graph capture at a larger M, where creating the handle invalidates the capture
+    (bench/NOTES.md, sessions 32 and 33)."""
     if not torch.cuda.is_current_stream_capturing():
         with torch.cuda.device(device):
             torch.cuda.current_blas_handle()
