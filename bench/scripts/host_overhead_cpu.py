@@ -116,6 +116,21 @@ def cases() -> dict:
     return out
 
 
+def layer_cases() -> dict:
+    """name → a `moekit.MoE` forward at decode (router GEMV, route and experts in one
+    replayed call), bf16 and fp8 per-tensor, gradients off as at inference."""
+    out = {}
+    hidden = torch.randn(1, H, dtype=torch.bfloat16)
+    for quant in (None, "fp8_tensor"):
+        torch.manual_seed(0)
+        layer = moekit.MoE(E, K, H, I, dtype=torch.bfloat16, backend="triton", quant=quant)
+        layer.w13.data.mul_(0.02)
+        layer.w2.data.mul_(0.02)
+        layer.requires_grad_(False)
+        out[f"MoE {quant or 'bf16'} M=1"] = functools.partial(layer, hidden)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-gluon", action="store_true", help="the Triton GEMMs at prefill")
@@ -130,6 +145,7 @@ def main() -> None:
     if args.replay:
         logits = torch.randn(1, E)
         calls["route M=1"] = functools.partial(moekit.route, logits, K, backend="triton")
+        calls.update(layer_cases())
     for name, fn in calls.items():
         if not args.replay:
             print(f"{name:48s} {per_call_us(fn):8.1f} µs", flush=True)
