@@ -1,4 +1,4 @@
-"""`router_logits` (the router GEMM: a GEMV kernel up to 4 tokens, cuBLAS above) against
+"""`router_logits` (the router GEMM: a GEMV kernel up to 16 tokens, cuBLAS above) against
 the reference, and `MoE`'s choice between it and its router module.
 
 The kernel accumulates in fp32 and rounds once, as the reference does; only the order of
@@ -39,11 +39,11 @@ def _check(M, E, H, dtype, device, row_stride=None):
     torch.testing.assert_close(out, expected, **_TOLERANCE[dtype])
 
 
-# M ≤ 4: the GEMV kernel — H in one step (64 → 64 columns, 1500 → 2048), one expert a
-# program; H past 4096 columns: two experts a program (an odd E: a partial last pair), and
-# past 8192 two steps, the second partial. Above 4 tokens: F.linear.
+# M ≤ 16: the GEMV kernel, 4, 8 or 16 rows — H in one step (64 → 64 columns, 1500 →
+# 2048), one expert a program; H past 4096 columns: two experts a program (an odd E: a
+# partial last pair), and past 8192 two steps, the second partial. Above 16: F.linear.
 _SHAPES = [(1, 8, 64), (3, 131, 1500), (4, 6, 2048), (4, 5, 5000), (2, 3, 9000),
-           (5, 40, 100), (70, 60, 72)]
+           (5, 40, 100), (16, 7, 3000), (17, 40, 100), (70, 60, 72)]
 
 
 @pytest.mark.interpreter
@@ -54,7 +54,7 @@ def test_router_logits_match_the_reference(M, E, H, dtype):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("M", [2, 5], ids=["gemv", "linear"])
+@pytest.mark.parametrize("M", [2, 11, 17], ids=["gemv4", "gemv16", "linear"])
 def test_router_logits_read_strided_rows(M):
     _check(M, 40, 100, torch.float32, "cpu", row_stride=136)
 
@@ -67,16 +67,17 @@ def test_router_logits_check_their_arguments():
         router_logits(hidden, torch.randn(4, 16, dtype=torch.float16))
     assert torch.equal(router_logits(hidden, torch.ones(4, 16)),
                        hidden.sum(1, keepdim=True).expand(3, 4))
-    with pytest.raises(ValueError, match="at most 4 tokens"):
-        launch_router_logits(torch.randn(5, 16), torch.randn(4, 16), torch.empty(5, 4))
+    with pytest.raises(ValueError, match=f"at most {GEMV_ROWS} tokens"):
+        launch_router_logits(torch.randn(GEMV_ROWS + 1, 16), torch.randn(4, 16),
+                             torch.empty(GEMV_ROWS + 1, 4))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
                          ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("M, E, H", [(1, 128, 2048), (3, 256, 7168), (4, 8, 4096),
-                                     (2, 40, 1536), (1, 7, 9000), (16, 64, 1024),
-                                     (64, 40, 1536)])
+                                     (2, 40, 1536), (1, 7, 9000), (8, 128, 2048),
+                                     (13, 256, 7168), (16, 64, 1024), (64, 40, 1536)])
 def test_router_logits_match_the_reference_gpu(M, E, H, dtype):
     _check(M, E, H, dtype, "cuda")
 
@@ -101,16 +102,16 @@ def _uses_kernel(layer, hidden, monkeypatch) -> bool:
 
 
 @pytest.mark.interpreter
-def test_the_layer_takes_the_router_kernel_up_to_4_tokens(monkeypatch):
+def test_the_layer_takes_the_router_kernel_up_to_gemv_rows(monkeypatch):
     layer = _layer()
-    hidden = torch.randn(4, 64)
+    hidden = torch.randn(GEMV_ROWS, 64)
     with torch.no_grad():
         out = layer(hidden)
         assert _uses_kernel(layer, hidden, monkeypatch)
         expected = moekit.fused_moe(hidden, layer.router(hidden), layer.w13, layer.w2, 2,
                                     backend="triton")
         torch.testing.assert_close(out, expected)
-        assert not _uses_kernel(layer, torch.randn(5, 64), monkeypatch), "cuBLAS's M"
+        assert not _uses_kernel(layer, torch.randn(GEMV_ROWS + 1, 64), monkeypatch), "cuBLAS"
 
 
 @pytest.mark.interpreter
@@ -132,18 +133,18 @@ def test_the_layer_runs_its_router_module_where_it_could_differ(why, monkeypatch
 
 @pytest.mark.gpu
 def test_a_layer_warmed_at_decode_captures_cublas_sizes_gpu():
-    """Warm-up at M = 1 runs only the GEMV kernel; capturing M = 8 then runs the router
-    module's first cuBLAS call inside the capture, with no warm-up of its own (session 32:
-    such a capture failed with CUBLAS_STATUS_NOT_INITIALIZED)."""
+    """Warm-up at M = 1 runs only the GEMV kernel; capturing M = GEMV_ROWS + 4 then runs
+    the router module's first cuBLAS call inside the capture, with no warm-up of its own
+    (sessions 32 and 33: such a capture failed without `_initialise_cublas`)."""
     layer = _layer()
     with torch.no_grad():
         layer(torch.randn(1, 64, device="cuda"))
         torch.cuda.synchronize()
-        hidden = torch.randn(8, 64, device="cuda")
+        hidden = torch.randn(GEMV_ROWS + 4, 64, device="cuda")
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = layer(hidden)
-        hidden.copy_(torch.randn(8, 64, device="cuda"))
+        hidden.copy_(torch.randn(GEMV_ROWS + 4, 64, device="cuda"))
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, layer(hidden))

@@ -427,6 +427,11 @@ CASES = [
          "fp16, two 8192-column steps, the second partial", ("_router_gemv_kernel",)),
     Case("router_logits", dict(dtype="fp32", tokens=3, experts=40, hidden=4096),
          "fp32, mixtral's H in one step", ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="bf16", tokens=8, experts=128, hidden=2048),
+         "8 rows: qwen3's router, 8 warps", ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="bf16", tokens=16, experts=256, hidden=7168),
+         "16 rows: deepseek-v3's router, two experts a program, 16 warps",
+         ("_router_gemv_kernel",)),
 ]
 _BY_ID = {case.id: case for case in CASES}
 assert len(_BY_ID) == len(CASES), "two cases share an id"

@@ -3,7 +3,7 @@
     hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
 
 Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe` call
-(`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 4, `GEMV_ROWS`) the router GEMM
+(`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 16, `GEMV_ROWS`) the router GEMM
 runs as a moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
 `nn.Linear`'s separate eager call); at larger M the router module (cuBLAS) runs first.
 The module runs at any M where the kernel could behave differently: hooks on the router,

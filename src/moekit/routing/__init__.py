@@ -34,7 +34,7 @@ Semantics, identical on every backend:
   CUDA-graph safe; the launchers are `torch.library` custom ops (`moekit::route`,
   `moekit::route_packed`) with fake implementations for `torch.compile`.
 - `router_logits(hidden, weight)`: the router GEMM (fp32 accumulation, one rounding, as
-  `nn.Linear`): one GEMV kernel up to 4 tokens, which `MoE.forward` runs inside its
+  `nn.Linear`): one GEMV kernel up to 16 tokens, which `MoE.forward` runs inside its
   replayed call at decode, and cuBLAS above (`moekit.routing.logits`).
 - Packed (TensorRT-LLM routed-MoE input): `(id << 16) | b` with b the bf16 bit pattern
   of the weight (round to nearest even, NaN → 0x7FC0), never sign-extended into the id.

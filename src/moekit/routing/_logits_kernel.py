@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 
-# M is not specialised: one binary serves 1 to ROWS tokens.
+# M is not specialised: one binary serves every M up to ROWS (4, 8 or 16).
 @triton.jit(do_not_specialize=["M"])
 def _router_gemv_kernel(
     hidden_ptr,  # [M, H], rows at stride_hm, unit column stride

@@ -5,9 +5,9 @@ cuBLAS (`F.linear`) above.
 replayed `fused_moe` call (`moekit._replay`), rather than through `nn.Linear`: on an
 H200's host the linear cost ~15 µs per eager call against ~5 for one more replayed launch
 (bench/NOTES.md, session 30), and the GEMV kernel's GPU time is below cuBLAS's there
-(session 33). From 8 tokens a dot-tile kernel lost to cuBLAS (0.2–0.8×), so cuBLAS serves
-above GEMV_ROWS. The launcher is a `torch.library` custom op (`moekit::router_logits`) with
-a fake implementation for `torch.compile`.
+(session 33). A dot-tile kernel lost to cuBLAS from 8 tokens (0.2–0.8×); the GEMV kernel
+serves up to GEMV_ROWS, cuBLAS above. The launcher is a `torch.library` custom op
+(`moekit::router_logits`) with a fake implementation for `torch.compile`.
 """
 
 from __future__ import annotations
@@ -23,18 +23,28 @@ from moekit.reference import routing as reference_routing
 from moekit.routing._logits_kernel import _router_gemv_kernel
 
 # Up to this many tokens the GEMV kernel runs; above, cuBLAS.
-GEMV_ROWS = 4
+GEMV_ROWS = 16
+# The kernel's rows come in powers of two from this (one binary for 1 to 4 tokens).
+_MIN_ROWS = 4
 # The widest column step: one step covers H up to this (deepseek-v3's 7168).
 _MAX_STEP = 8192
 
 
-def gemv_shape(hidden_size: int) -> tuple[int, int, int]:
+def gemv_rows(num_tokens: int) -> int:
+    """The kernel's ROWS for `num_tokens` (≤ GEMV_ROWS): 4, 8 or 16."""
+    return max(_MIN_ROWS, next_power_of_2(num_tokens))
+
+
+def gemv_shape(hidden_size: int, rows: int = _MIN_ROWS) -> tuple[int, int, int]:
     """(experts a program, columns a step, warps) of `_router_gemv_kernel`: H in one step
     where it fits (every step is a dependent memory round trip), one expert a program up
     to 4096 columns and 4 warps up to 2048 — the best of bench/scripts/router_gemv_sweep.py
-    on an H200 at qwen3, granite, mixtral and deepseek-v3's routers (session 33)."""
+    on an H200 at 4 rows on qwen3, granite, mixtral and deepseek-v3's routers (session
+    33). More rows keep each thread's share of the products: twice the warps per doubling
+    (not yet measured at 8 and 16 rows)."""
     step = min(next_power_of_2(hidden_size), _MAX_STEP)
-    return (1 if step <= 4096 else 2), step, (4 if step <= 2048 else 8)
+    warps = (4 if step <= 2048 else 8) * rows // _MIN_ROWS
+    return (1 if step <= 4096 else 2), step, min(warps, 16)
 
 
 def launch_router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -47,11 +57,11 @@ def launch_router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.
     if num_tokens == 0:
         return
     experts = weight.shape[0]
-    block_e, block_h, num_warps = gemv_shape(hidden_size)
+    rows = gemv_rows(num_tokens)
+    block_e, block_h, num_warps = gemv_shape(hidden_size, rows)
     launcher(_router_gemv_kernel)[(cdiv(experts, block_e),)](
         hidden, weight, out, num_tokens, experts, hidden_size, hidden.stride(0),
-        weight.stride(0), ROWS=GEMV_ROWS, BLOCK_E=block_e, BLOCK_H=block_h,
-        num_warps=num_warps,
+        weight.stride(0), ROWS=rows, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=num_warps,
     )
 
 
