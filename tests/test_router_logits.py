@@ -92,10 +92,10 @@ def _layer(backend="triton"):
 
 
 def _uses_kernel(layer, hidden, monkeypatch) -> bool:
-    """Whether `layer(hidden)` computed its logits with `router_logits`."""
+    """Whether `layer(hidden)` routed with `router_topk` (the GEMV and routing kernel)."""
     calls = []
-    real = moekit.layer.router_logits
-    monkeypatch.setattr(moekit.layer, "router_logits",
+    real = moekit.layer.router_topk
+    monkeypatch.setattr(moekit.layer, "router_topk",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     layer(hidden)
     return bool(calls)
