@@ -120,3 +120,20 @@ def test_router_topk_replays_in_a_cuda_graph_gpu():
         assert torch.equal(out.ids, expected.ids)
         torch.testing.assert_close(out.weights, expected.weights, rtol=1e-6, atol=1e-7)
     assert counter.item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, GEMV_ROWS], ids=["M1", "gemv-rows"])
+def test_the_layer_at_decode_compiles_whole_gpu(M):
+    """`MoE.forward` through `router_topk` (a custom op mutating the counter) under
+    torch.compile(fullgraph=True): the same output as eager, the counter left at zero."""
+    from moekit.layer import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(64, 8, 512, 256, device="cuda", dtype=torch.bfloat16).prepare()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for seed in range(2):
+            hidden = _case(M, 64, 512, torch.bfloat16, "cuda", seed=seed)[0]
+            torch.testing.assert_close(compiled(hidden), layer(hidden), rtol=0, atol=0)
+    assert layer.router_arrivals.item() == 0
