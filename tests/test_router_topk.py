@@ -122,6 +122,20 @@ def test_router_topk_replays_in_a_cuda_graph_gpu():
     assert counter.item() == 0
 
 
+@pytest.mark.interpreter
+def test_the_layer_at_decode_traces_whole():
+    """Dynamo traces `MoE.forward` through the `moekit::router_topk` op with fullgraph."""
+    from moekit.layer import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(8, 2, 64, 32, backend="triton").prepare()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        hidden = torch.randn(2, 64)
+        assert torch.equal(compiled(hidden), layer(hidden))
+    assert layer.router_arrivals.item() == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, GEMV_ROWS], ids=["M1", "gemv-rows"])
 def test_the_layer_at_decode_compiles_whole_gpu(M):
