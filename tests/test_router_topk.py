@@ -70,6 +70,10 @@ def test_router_topk_in_fp16_and_its_entry_point():
     assert counter.item() == 0
     ref = router_topk(hidden, weight, 8, counter, backend="reference")
     assert torch.equal(ref.ids, got.ids)
+    more = torch.cat([hidden, hidden.flip(0)])  # past GEMV_ROWS: router_logits, then route
+    got = router_topk(more, weight, 8, counter, backend="triton")
+    expected = route(router_logits(more, weight, backend="triton"), 8, backend="triton")
+    assert torch.equal(got.ids, expected.ids) and torch.equal(got.weights, expected.weights)
 
 
 def test_router_topk_checks_its_arguments():

@@ -20,8 +20,9 @@ from moekit._launch import launcher
 from moekit.backend import resolve_backend
 from moekit.reference import routing as reference_routing
 from moekit.routing._router_topk_kernel import _router_topk_kernel
-from moekit.routing.logits import GEMV_ROWS, gemv_rows, gemv_shape
+from moekit.routing.logits import GEMV_ROWS, gemv_rows, gemv_shape, router_logits
 from moekit.routing.method import MAX_EXPERTS, Routing
+from moekit.routing.ops import route
 from moekit.topk import TopK
 
 
@@ -80,14 +81,15 @@ def _router_topk_fake(hidden, weight, counter, top_k, *routing_fields):
 def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, counter: torch.Tensor,
                 *, method: str | Routing = "softmax", renormalize: bool | None = None,
                 backend: str = "auto") -> TopK:
-    """`route(router_logits(hidden, weight), top_k, method=..., renormalize=...)` in one
-    launch, for up to `GEMV_ROWS` tokens (no score-correction bias).
+    """`route(router_logits(hidden, weight), top_k, method=..., renormalize=...)`: one
+    launch up to `GEMV_ROWS` tokens, those two calls above (no score-correction bias).
 
     Args:
-        hidden: [M, H] bf16/fp16/fp32, M ≤ GEMV_ROWS.
+        hidden: [M, H] bf16/fp16/fp32.
         weight: [E, H], hidden's dtype and device (a router's `nn.Linear.weight`).
         top_k: experts per token, 1 ≤ top_k ≤ E.
-        counter: int32 [1] on hidden's device, zero; zero again after the call.
+        counter: int32 [1] on hidden's device, zero; zero again after the call (a
+            counter per caller whose launches may overlap on different streams).
         method, renormalize: as `route`'s.
         backend: "auto", "triton" or "reference" (see `moekit.backend`).
     Returns:
@@ -106,6 +108,9 @@ def router_topk(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, counter:
     if resolve_backend(backend, hidden) == "reference":
         logits = reference_routing.router_logits(hidden, weight)
         return reference_routing.route(logits, top_k, method=routing)
+    if hidden.shape[0] > GEMV_ROWS:
+        return route(router_logits(hidden, weight, backend=backend), top_k, method=routing,
+                     backend=backend)
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     if weight.stride(1) != 1:
