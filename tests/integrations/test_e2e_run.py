@@ -79,6 +79,23 @@ def test_run_cpu_tiny_writes_results(tmp_path):
     assert "tiny widths" in md and "TPOT" in md and "**passed**" in md
 
 
+def test_run_warms_up_as_many_tokens_as_it_times(tmp_path, monkeypatch):
+    """Session 33: a 3-token warm-up left transformers' first timed run 5–9× slower at
+    decode, which one-repeat runs reported as moekit's speedup."""
+    import moekit.e2e.decode as decode
+
+    lengths = []
+    real = decode.greedy_decode
+    monkeypatch.setattr(decode, "greedy_decode",
+                        lambda model, prompt, n, **kw: lengths.append(n) or real(model, prompt,
+                                                                                 n, **kw))
+    args = _parse(["--model", "olmoe", "--scale", "tiny", "--device", "cpu", "--batch", "2",
+                   "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1",
+                   "--out-dir", str(tmp_path)])
+    assert run_command(args) == 0
+    assert lengths[:4] == [6, 6, 6, 6], "warm-ups, then one timed run per implementation"
+
+
 def _fp8_run_args(tmp_path, family="mixtral"):
     return _parse(["--model", family, "--scale", "tiny", "--device", "cpu", "--batch", "2",
                    "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--fp8-experts",
