@@ -72,8 +72,8 @@ def output_like(hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
-    """Shapes shared by the experts ops, routing dtypes, biases; returns ids and weights
-    unconverted (the op converts them once its path is known: `moekit._topk_cast`).
+    """Shapes shared by the experts ops, routing dtypes, biases (ids and weights are
+    converted by the op once its path is known: `moekit._topk_cast`).
 
     `w13` [E, 2I or I, H] and `w2` [E, H, I] are the weight tensors themselves (their
     dtypes are the caller's to check: 16-bit for `fused_experts`, fp8 for the fp8 path);
@@ -100,7 +100,6 @@ def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
     if b2 is not None:
         check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
         check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
-    return topk_ids, topk_weights
 
 
 def check_fp8_weight_on_input(apply_router_weight_on_input: bool, topk_ids: torch.Tensor) -> None:

@@ -101,9 +101,7 @@ def fused_experts(
         [M, H] in hidden's dtype (`out` when given).
     """
     act = Activation.parse(activation)
-    topk_ids, topk_weights = _check_experts_args(
-        hidden, w13, w2, topk_ids, topk_weights, act, b13, b2
-    )
+    _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2)
     path = resolve_backend(backend, hidden)
     if path == "reference" or expert_map is not None:  # else converted where launched
         topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights,
@@ -186,11 +184,11 @@ def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: in
 
 
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
-    """Validate shapes, dtypes and devices; return ids and weights (unconverted)."""
+    """Validate shapes, dtypes and devices."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("w13", w13, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
     check_tensor("w2", w2, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
-    return check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2)
+    check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2)
 
 
 def _launch_fused_experts(

@@ -168,8 +168,7 @@ def fused_experts_fp8(
     """
     scheme = QuantScheme.parse(scheme)
     act = Activation.parse(activation)
-    topk_ids, topk_weights = _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act,
-                                         b13, b2)
+    _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2)
     check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids)
     path = resolve_backend(backend, hidden)
     if path == "reference" or expert_map is not None:  # else converted where launched
@@ -397,7 +396,7 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
 
 
 def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
-    """Validate shapes, dtypes and devices; return ids and weights (unconverted)."""
+    """Validate shapes, dtypes and devices."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     device = hidden.device
     check_quantized_weights(w13, w2, scheme.weight, device)
@@ -406,7 +405,7 @@ def _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2):
             raise ValueError(
                 f"{name}: the scheme's activations are static, so {name}.input_scale is needed"
             )
-    return check_routed_experts(hidden, w13.q, w2.q, topk_ids, topk_weights, act, b13, b2)
+    check_routed_experts(hidden, w13.q, w2.q, topk_ids, topk_weights, act, b13, b2)
 
 
 def _groups_to_list(scheme: QuantScheme) -> list[int]:

@@ -196,13 +196,14 @@ class MoE(nn.Module):
         """Whether `router_topk`'s GEMV computes what `self.router(flat)` would (the module
         docstring's conditions)."""
         router = self.router
-        return (flat.shape[0] <= GEMV_ROWS and type(router) is nn.Linear
-                and router.bias is None
-                and not (torch.is_grad_enabled() and router.weight.requires_grad)
+        if flat.shape[0] > GEMV_ROWS or type(router) is not nn.Linear or router.bias is not None:
+            return False
+        weight = router.weight
+        return (not (torch.is_grad_enabled() and weight.requires_grad)
                 and not (router._forward_hooks or router._forward_pre_hooks
                          or nn.modules.module._global_forward_hooks
                          or nn.modules.module._global_forward_pre_hooks)
-                and router.weight.dtype == flat.dtype
+                and weight.dtype == flat.dtype
                 and resolve_backend(self.backend, flat) == "triton")
 
     def extra_repr(self) -> str:
