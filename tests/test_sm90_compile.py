@@ -66,7 +66,8 @@ import moekit.backend
 import moekit.experts
 import moekit.experts_fp8
 from moekit.quant import QuantScheme, quantize_weight
-from moekit.routing import router_logits
+from moekit.routing import Routing, router_logits
+from moekit.routing.router_topk import router_topk
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import narrow_layer, tiles_for_block_m
 
@@ -427,6 +428,21 @@ CASES = [
          "fp16, two 8192-column steps, the second partial", ("_router_gemv_kernel",)),
     Case("router_logits", dict(dtype="fp32", tokens=3, experts=40, hidden=4096),
          "fp32, mixtral's H in one step", ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="bf16", tokens=8, experts=128, hidden=2048),
+         "8 rows: qwen3's router, 8 warps", ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="bf16", tokens=16, experts=256, hidden=7168),
+         "16 rows: deepseek-v3's router, two experts a program, 16 warps",
+         ("_router_gemv_kernel",)),
+    # router_topk (the GEMV and route in one launch: the layer's decode)
+    Case("router_topk", dict(dtype="bf16", tokens=1, experts=128, hidden=2048, top_k=8,
+                             method="softmax"),
+         "qwen3: 128 programs, the last routes", ("_router_topk_kernel",)),
+    Case("router_topk", dict(dtype="bf16", tokens=16, experts=8, hidden=4096, top_k=2,
+                             method="topk_softmax"),
+         "mixtral at 16 rows", ("_router_topk_kernel",)),
+    Case("router_topk", dict(dtype="fp16", tokens=3, experts=256, hidden=7168, top_k=8,
+                             method="sigmoid", n_group=8, topk_group=4),
+         "groups without the bias, two experts a program", ("_router_topk_kernel",)),
 ]
 _BY_ID = {case.id: case for case in CASES}
 assert len(_BY_ID) == len(CASES), "two cases share an id"
@@ -730,6 +746,15 @@ def _run_route(p):
     )
 
 
+def _run_router_topk(p):
+    dtype = _DTYPES[p["dtype"]]
+    method = Routing.parse(p["method"], n_group=p.get("n_group"),
+                           topk_group=p.get("topk_group"))
+    router_topk(torch.empty(p["tokens"], p["hidden"], dtype=dtype),
+                torch.empty(p["experts"], p["hidden"], dtype=dtype), p["top_k"],
+                torch.zeros(1, dtype=torch.int32), method=method, backend="triton")
+
+
 def _run_router_logits(p):
     dtype = _DTYPES[p["dtype"]]
     router_logits(torch.empty(p["tokens"], p["hidden"], dtype=dtype),
@@ -739,7 +764,7 @@ def _run_router_logits(p):
 _BUILDERS = {"experts": _run_experts, "fp8": _run_fp8, "dispatch": _run_dispatch,
              "local_ids": _run_local_ids, "permute": _run_permute,
              "unpermute": _run_unpermute, "route": _run_route,
-             "router_logits": _run_router_logits}
+             "router_logits": _run_router_logits, "router_topk": _run_router_topk}
 
 
 def _compile_sm90(fn, args, kwargs) -> dict:

@@ -1,6 +1,6 @@
 """`_router_gemv_kernel`'s launch shape per router: experts a program, columns a step,
 warps and pipeline stages, against cuBLAS (`F.linear`), the GPU's time in CUDA-graph
-replay (L2 flushed), at M = 1 and 4.
+replay (L2 flushed), per token count (the kernel's ROWS: 4 up to 4 tokens, then 8 and 16).
 
 Session 33: at two experts a program and 1024-column steps the kernel beat cuBLAS up to
 H = 4096 and lost at deepseek-v3's H = 7168 (7 steps, ~1.2 µs each: a chain of dependent
@@ -27,6 +27,7 @@ from moekit._intmath import cdiv
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 from moekit.routing._logits_kernel import _router_gemv_kernel
+from moekit.routing.logits import gemv_rows
 
 PRESET_NAMES = ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "granite-3.0-3b-a800m"]
 
@@ -35,7 +36,7 @@ def launch(hidden, weight, out, block_e, block_h, warps, stages):
     m, h = hidden.shape
     e = weight.shape[0]
     _router_gemv_kernel[(cdiv(e, block_e),)](
-        hidden, weight, out, m, e, h, hidden.stride(0), weight.stride(0), ROWS=4,
+        hidden, weight, out, m, e, h, hidden.stride(0), weight.stride(0), ROWS=gemv_rows(m),
         BLOCK_E=block_e, BLOCK_H=block_h, num_warps=warps, num_stages=stages)
 
 
@@ -49,10 +50,11 @@ def main() -> int:
                         help="columns a step")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     shapes = list(itertools.product(args.experts, args.steps, args.warps, args.stages))
     rows = []
-    for name, m in itertools.product(PRESET_NAMES, [1, 4]):
+    for name, m in itertools.product(PRESET_NAMES, args.tokens):
         preset = PRESETS[name]
         weight = torch.randn(preset.num_experts, preset.hidden, device="cuda",
                              dtype=torch.bfloat16) / preset.hidden**0.5

@@ -2,13 +2,15 @@
 
     hidden [..., H] ─► router (Linear H→E) ─► route() ─► fused_experts() ─► [..., H]
 
-Eager calls replay (`moekit._replay`) as one: route and experts are one `fused_moe` call
-(`fused_moe_fp8` with `quant`), and at decode sizes (M ≤ 4, `GEMV_ROWS`) the router GEMM
-runs as a moekit kernel inside that replayed call too (`moekit.routing.logits`, instead of
-`nn.Linear`'s separate eager call); at larger M the router module (cuBLAS) runs first.
-The module runs at any M where the kernel could behave differently: hooks on the router,
-a router that is no plain bias-free `nn.Linear`, autograd recording, or the reference
-backend.
+Eager calls replay (`moekit._replay`) as one. At decode sizes (M ≤ 16, `GEMV_ROWS`) the
+router GEMM and the routing run inside that call (`moekit.routing.router_topk`: one moekit
+kernel where it measured faster, else the GEMV or cuBLAS and a routing launch) instead of
+`nn.Linear`'s separate eager call, before `fused_experts` (`fused_experts_fp8` with
+`quant`); its arrival counter is the buffer `router_arrivals`, so one layer must not run
+on two streams at once. At larger M
+the router module (cuBLAS) runs, then `fused_moe` (`fused_moe_fp8`). The module runs at
+any M where the kernel could behave differently: hooks on the router, a router that is
+no plain bias-free `nn.Linear`, autograd recording, or the reference backend.
 
 With `local_experts` the layer is one rank's share under expert parallelism: the router
 still scores all E experts, the module holds only the listed ones' weights, and its
@@ -36,10 +38,11 @@ from torch import nn
 from moekit._replay import replayed
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
-from moekit.experts import fused_moe
-from moekit.experts_fp8 import fused_moe_fp8
+from moekit.experts import fused_experts, fused_moe
+from moekit.experts_fp8 import fused_experts_fp8, fused_moe_fp8
 from moekit.quant import QuantScheme, quantize_weight
-from moekit.routing.logits import GEMV_ROWS, router_logits
+from moekit.routing.logits import GEMV_ROWS
+from moekit.routing.router_topk import router_topk
 
 
 class MoE(nn.Module):
@@ -100,6 +103,9 @@ class MoE(nn.Module):
             expert_map[list(local_experts)] = torch.arange(held, dtype=torch.int32,
                                                            device=device)
         self.register_buffer("expert_map", expert_map, persistent=False)
+        # `router_topk`'s arrival counter: zero between calls, one per layer (module doc)
+        self.register_buffer("router_arrivals", torch.zeros(1, dtype=torch.int32,
+                                                             device=device), persistent=False)
         self._prepared: dict[str, object] | None = None
         self._quantized_from: tuple[int, ...] | None = None
         self.reset_parameters()
@@ -178,8 +184,8 @@ class MoE(nn.Module):
                        b13=weights["b13"], b2=weights["b2"], expert_map=self.expert_map,
                        backend=self.backend)
         if self._router_kernel_serves(flat):
-            out = _routed_experts(flat, self.router.weight, *experts, scheme=self.scheme,
-                                  **options)
+            out = _routed_experts(flat, self.router.weight, self.router_arrivals, *experts,
+                                  scheme=self.scheme, **options)
         elif self.scheme is None:
             out = fused_moe(flat, self.router(flat), *experts, **options)
         else:
@@ -188,7 +194,7 @@ class MoE(nn.Module):
         return out.reshape(hidden.shape)
 
     def _router_kernel_serves(self, flat: torch.Tensor) -> bool:
-        """Whether `router_logits` computes what `self.router(flat)` would (the module
+        """Whether `router_topk`'s GEMV computes what `self.router(flat)` would (the module
         docstring's conditions)."""
         router = self.router
         if flat.shape[0] > GEMV_ROWS or type(router) is not nn.Linear or router.bias is not None:
@@ -238,8 +244,8 @@ def _check_local_experts(local_experts, num_experts: int) -> int:
 
 
 def _initialise_cublas(device: torch.device) -> None:
-    """Create this device's cuBLAS handle now: up to `GEMV_ROWS` tokens the layer runs no
-    cuBLAS call, so a warm-up at decode alone would leave the router module's first one to
+    """Create this device's cuBLAS handle now: up to `GEMV_ROWS` tokens the layer may run
+    no cuBLAS call, so a warm-up at decode alone would leave the router module's first one to
     a CUDA-graph capture at a larger M, where creating the handle invalidates the capture
     (bench/NOTES.md, sessions 32 and 33)."""
     if not torch.cuda.is_current_stream_capturing():
@@ -248,10 +254,12 @@ def _initialise_cublas(device: torch.device) -> None:
 
 
 @replayed
-def _routed_experts(flat, router_weight, w13, w2, top_k, *, scheme, **options):
-    """Router logits (`router_logits`), then `fused_moe` (`fused_moe_fp8` with a scheme):
-    one replayed eager call."""
-    logits = router_logits(flat, router_weight, backend=options["backend"])
+def _routed_experts(flat, router_weight, arrivals, w13, w2, top_k, *, scheme, renormalize,
+                    **options):
+    """The router GEMV and routing as one launch (`router_topk`), then `fused_experts`
+    (`fused_experts_fp8` with a scheme): one replayed eager call."""
+    topk = router_topk(flat, router_weight, top_k, arrivals, renormalize=renormalize,
+                       backend=options["backend"])
     if scheme is None:
-        return fused_moe(flat, logits, w13, w2, top_k, **options)
-    return fused_moe_fp8(flat, logits, w13, w2, top_k, scheme=scheme, **options)
+        return fused_experts(flat, w13, w2, topk.ids, topk.weights, **options)
+    return fused_experts_fp8(flat, w13, w2, topk.ids, topk.weights, scheme=scheme, **options)

@@ -34,8 +34,10 @@ Semantics, identical on every backend:
   CUDA-graph safe; the launchers are `torch.library` custom ops (`moekit::route`,
   `moekit::route_packed`) with fake implementations for `torch.compile`.
 - `router_logits(hidden, weight)`: the router GEMM (fp32 accumulation, one rounding, as
-  `nn.Linear`): one GEMV kernel up to 4 tokens, which `MoE.forward` runs inside its
-  replayed call at decode, and cuBLAS above (`moekit.routing.logits`).
+  `nn.Linear`): one GEMV kernel up to 16 tokens, cuBLAS above (`moekit.routing.logits`).
+- `router_topk(hidden, weight, top_k, counter)`: `route(router_logits(...))` in one launch
+  up to 16 tokens (no score-correction bias), which `MoE.forward` runs at decode; `counter`
+  is a zeroed int32 [1] that each call leaves zero (`moekit.routing.router_topk`).
 - Packed (TensorRT-LLM routed-MoE input): `(id << 16) | b` with b the bf16 bit pattern
   of the weight (round to nearest even, NaN → 0x7FC0), never sign-extended into the id.
   Returned by `route(..., packed=True)` straight from the kernel; `moekit.topk.pack_topk`
@@ -45,5 +47,6 @@ Semantics, identical on every backend:
 from moekit.routing.logits import router_logits
 from moekit.routing.method import PRESETS, Routing
 from moekit.routing.ops import route
+from moekit.routing.router_topk import router_topk
 
-__all__ = ["PRESETS", "Routing", "route", "router_logits"]
+__all__ = ["PRESETS", "Routing", "route", "router_logits", "router_topk"]

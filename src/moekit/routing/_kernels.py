@@ -60,8 +60,29 @@ def _route_kernel(
     BLOCK_K: tl.constexpr,  # next_power_of_2(TOP_K)
 ):
     """Grid: (cdiv(M, BLOCK_M),). One program routes rows [pid*BLOCK_M, (pid+1)*BLOCK_M)."""
-    NEG_INF: tl.constexpr = float("-inf")
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    _route_rows(logits_ptr, bias_ptr, ids_ptr, weights_ptr, packed_ptr, rows, M, stride_lm,
+                stride_le, stride_b, routed_scaling_factor, SOFTMAX, SOFTMAX_OVER_TOPK,
+                SELECT_ON_LOGITS, HAS_BIAS, RENORMALIZE, PACKED, TOP_K, N_GROUP, TOPK_GROUP,
+                GROUP_SIZE, BLOCK_G, BLOCK_S, BLOCK_K, "")
+
+
+@triton.jit
+def _route_rows(
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr, packed_ptr,  # as `_route_kernel`'s
+    rows,  # [BM] the token rows this program routes (those ≥ M are masked)
+    M, stride_lm, stride_le, stride_b, routed_scaling_factor,
+    SOFTMAX: tl.constexpr, SOFTMAX_OVER_TOPK: tl.constexpr, SELECT_ON_LOGITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, PACKED: tl.constexpr,
+    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LOGITS_CACHE: tl.constexpr,  # the logits' load cache modifier: ".cg" when other
+    # programs of the same launch wrote them (`moekit.routing._router_topk_kernel`)
+):
+    """Route `rows`: the module docstring's steps, in registers."""
+    NEG_INF: tl.constexpr = float("-inf")
+    BLOCK_M: tl.constexpr = rows.shape[0]
     row_ok = rows < M
     rows64 = rows.to(tl.int64)  # M * E may exceed 2**31
     g = tl.arange(0, BLOCK_G)
@@ -70,7 +91,8 @@ def _route_kernel(
     expert = g[:, None] * GROUP_SIZE + s[None, :]  # [BG, BS]
 
     ptrs = logits_ptr + rows64[:, None, None] * stride_lm + expert[None, :, :] * stride_le
-    x = tl.load(ptrs, mask=row_ok[:, None, None] & lane_ok[None, :, :], other=NEG_INF)
+    x = tl.load(ptrs, mask=row_ok[:, None, None] & lane_ok[None, :, :], other=NEG_INF,
+                cache_modifier=LOGITS_CACHE)
     x = x.to(tl.float32)  # [BM, BG, BS]
     x = tl.where(x != x, NEG_INF, x)  # NaN ranks last, never out of range
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 
-# M is not specialised: one binary serves 1 to ROWS tokens.
+# M is not specialised: one binary serves every M up to ROWS (4, 8 or 16).
 @triton.jit(do_not_specialize=["M"])
 def _router_gemv_kernel(
     hidden_ptr,  # [M, H], rows at stride_hm, unit column stride
@@ -28,6 +28,14 @@ def _router_gemv_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """Grid: (cdiv(E, BLOCK_E),)."""
+    _gemv_experts(hidden_ptr, weight_ptr, out_ptr, M, E, H, stride_hm, stride_we, ROWS,
+                  BLOCK_E, BLOCK_H)
+
+
+@triton.jit
+def _gemv_experts(hidden_ptr, weight_ptr, out_ptr, M, E, H, stride_hm, stride_we,
+                  ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's BLOCK_E experts' logits for all M ≤ ROWS tokens, stored into `out`."""
     experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     expert_ok = experts < E
     rows = tl.arange(0, ROWS)
