@@ -429,10 +429,12 @@ CASES = [
     Case("router_logits", dict(dtype="fp32", tokens=3, experts=40, hidden=4096),
          "fp32, mixtral's H in one step", ("_router_gemv_kernel",)),
     Case("router_logits", dict(dtype="bf16", tokens=8, experts=128, hidden=2048),
-         "8 rows: qwen3's router, 8 warps", ("_router_gemv_kernel",)),
-    Case("router_logits", dict(dtype="bf16", tokens=16, experts=256, hidden=7168),
-         "16 rows: deepseek-v3's router, two experts a program, 16 warps",
+         "8 rows: qwen3's router, 4 warps", ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="bf16", tokens=8, experts=256, hidden=7168),
+         "8 rows: deepseek-v3's router, two experts a program, 8 warps",
          ("_router_gemv_kernel",)),
+    Case("router_logits", dict(dtype="bf16", tokens=16, experts=8, hidden=4096),
+         "16 rows: mixtral's router, 8 warps", ("_router_gemv_kernel",)),
     # router_topk (the GEMV and route in one launch: the layer's decode)
     Case("router_topk", dict(dtype="bf16", tokens=1, experts=128, hidden=2048, top_k=8,
                              method="softmax"),
@@ -440,9 +442,9 @@ CASES = [
     Case("router_topk", dict(dtype="bf16", tokens=16, experts=8, hidden=4096, top_k=2,
                              method="topk_softmax"),
          "mixtral at 16 rows", ("_router_topk_kernel",)),
-    Case("router_topk", dict(dtype="fp16", tokens=3, experts=256, hidden=7168, top_k=8,
+    Case("router_topk", dict(dtype="fp16", tokens=3, experts=256, hidden=4096, top_k=8,
                              method="sigmoid", n_group=8, topk_group=4),
-         "groups without the bias, two experts a program", ("_router_topk_kernel",)),
+         "groups without the bias, 256 programs", ("_router_topk_kernel",)),
 ]
 _BY_ID = {case.id: case for case in CASES}
 assert len(_BY_ID) == len(CASES), "two cases share an id"
