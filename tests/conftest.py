@@ -53,8 +53,18 @@ def _gpu_memory_returned(request):
     The GPU stage runs several workers on one GPU (`-n 6`); session 33 saw one worker hold
     80 GB while another's test ran out of memory (bench/NOTES.md). Tests of full-size
     presets (deepseek-v3's bf16 experts alone are 22.5 GB) would otherwise keep their
-    blocks reserved for the rest of the worker's run.
+    blocks reserved for the rest of the worker's run. With MOEKIT_GPU_PEAK_LOG set to a
+    path, each GPU test appends its peak allocated GB and node id there (which test needs
+    how much, to size the stage's workers).
     """
+    gpu = _CUDA and "gpu" in request.keywords
+    log = os.environ.get("MOEKIT_GPU_PEAK_LOG")
+    if gpu and log:
+        torch.cuda.reset_peak_memory_stats()
     yield
-    if _CUDA and "gpu" in request.keywords:
+    if gpu:
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{torch.cuda.max_memory_allocated() / 2**30:.2f} "
+                        f"{request.node.nodeid}\n")
         torch.cuda.empty_cache()
