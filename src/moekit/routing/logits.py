@@ -61,18 +61,25 @@ def gemv_serves(num_tokens: int, hidden_size: int) -> bool:
     return gemv_rows(num_tokens) * step <= _MAX_ROW_TILE
 
 
-def launch_router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """Run `_router_gemv_kernel` for M ≤ GEMV_ROWS tokens into a caller-owned [M, E]
-    contiguous `out`."""
+def gemv_launch_shape(hidden: torch.Tensor) -> tuple[int, int, int, int]:
+    """(ROWS, experts a program, columns a step, warps) of a GEMV launch over `hidden`
+    [M, H]; ValueError where `gemv_serves` says cuBLAS."""
     num_tokens, hidden_size = hidden.shape
     if not gemv_serves(num_tokens, hidden_size):
         raise ValueError(f"hidden: the GEMV kernel does not serve {num_tokens} tokens of "
                          f"width {hidden_size} (gemv_serves)")
+    rows = gemv_rows(num_tokens)
+    return (rows, *gemv_shape(hidden_size, rows))
+
+
+def launch_router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """Run `_router_gemv_kernel` where `gemv_serves` into a caller-owned [M, E] contiguous
+    `out`."""
+    num_tokens, hidden_size = hidden.shape
+    rows, block_e, block_h, num_warps = gemv_launch_shape(hidden)
     if num_tokens == 0:
         return
     experts = weight.shape[0]
-    rows = gemv_rows(num_tokens)
-    block_e, block_h, num_warps = gemv_shape(hidden_size, rows)
     launcher(_router_gemv_kernel)[(cdiv(experts, block_e),)](
         hidden, weight, out, num_tokens, experts, hidden_size, hidden.stride(0),
         weight.stride(0), ROWS=rows, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=num_warps,

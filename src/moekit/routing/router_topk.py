@@ -23,7 +23,13 @@ from moekit._launch import launcher
 from moekit.backend import resolve_backend
 from moekit.reference import routing as reference_routing
 from moekit.routing._router_topk_kernel import _router_topk_kernel
-from moekit.routing.logits import gemv_rows, gemv_serves, gemv_shape, router_logits
+from moekit.routing.logits import (
+    gemv_launch_shape,
+    gemv_rows,
+    gemv_serves,
+    gemv_shape,
+    router_logits,
+)
 from moekit.routing.method import MAX_EXPERTS, Routing
 from moekit.routing.ops import route
 from moekit.topk import TopK
@@ -43,15 +49,11 @@ def launch_router_topk(hidden: torch.Tensor, weight: torch.Tensor, routing: Rout
     [M, k] contiguous, where the GEMV serves (`gemv_serves`; `router_topk` launches it
     only where `one_launch_serves`), with unit column strides."""
     num_tokens, hidden_size = hidden.shape
-    if not gemv_serves(num_tokens, hidden_size):
-        raise ValueError(f"hidden: the GEMV kernel does not serve {num_tokens} tokens of "
-                         f"width {hidden_size} (gemv_serves)")
+    rows, block_e, block_h, num_warps = gemv_launch_shape(hidden)
     if num_tokens == 0:
         return
     experts = weight.shape[0]
     top_k = ids.shape[1]
-    rows = gemv_rows(num_tokens)
-    block_e, block_h, num_warps = gemv_shape(hidden_size, rows)
     logits = torch.empty((num_tokens, experts), dtype=hidden.dtype, device=hidden.device)
     launcher(_router_topk_kernel)[(cdiv(experts, block_e),)](
         hidden, weight, logits, counter, ids, weights, num_tokens, experts, hidden_size,
