@@ -81,7 +81,7 @@ def test_router_topk_in_fp16_and_its_entry_point():
 @pytest.mark.interpreter
 def test_router_topk_launches_once_only_where_it_measured_faster(monkeypatch):
     """One launch where the GEMV gives each program one expert (H ≤ 4096); on a wider
-    router, whose programs take two experts (deepseek-v3's: 0.8–1.2 µs slower as one launch
+    router, whose programs take two experts (deepseek-v3's: 0.5–1.2 µs slower as one launch
     on an H200, session 34), `router_logits` then `route`, with the same result."""
     module = importlib.import_module("moekit.routing.router_topk")  # the package's
     # attribute of that name is the function

@@ -7,10 +7,10 @@ router GEMM and the routing run inside that call (`moekit.routing.router_topk`: 
 kernel where it measured faster, else the GEMV or cuBLAS and a routing launch) instead of
 `nn.Linear`'s separate eager call, before `fused_experts` (`fused_experts_fp8` with
 `quant`); its arrival counter is the buffer `router_arrivals`, so one layer must not run
-on two streams at once. At larger M
-the router module (cuBLAS) runs, then `fused_moe` (`fused_moe_fp8`). The module runs at
-any M where the kernel could behave differently: hooks on the router, a router that is
-no plain bias-free `nn.Linear`, autograd recording, or the reference backend.
+on two streams at once. At larger M the router module (cuBLAS) runs, then `fused_moe`
+(`fused_moe_fp8`). The module runs at any M where the kernel could behave differently:
+hooks on the router, a router that is no plain bias-free `nn.Linear`, autograd
+recording, or the reference backend.
 
 With `local_experts` the layer is one rank's share under expert parallelism: the router
 still scores all E experts, the module holds only the listed ones' weights, and its
@@ -245,9 +245,9 @@ def _check_local_experts(local_experts, num_experts: int) -> int:
 
 def _initialise_cublas(device: torch.device) -> None:
     """Create this device's cuBLAS handle now: up to `GEMV_ROWS` tokens the layer may run
-    no cuBLAS call, so a warm-up at decode alone would leave the router module's first one to
-    a CUDA-graph capture at a larger M, where creating the handle invalidates the capture
-    (bench/NOTES.md, sessions 32 and 33)."""
+    no cuBLAS call, so a warm-up at decode alone would leave the router module's first one
+    to a CUDA-graph capture at a larger M, where creating the handle invalidates the
+    capture (bench/NOTES.md, sessions 32 and 33)."""
     if not torch.cuda.is_current_stream_capturing():
         with torch.cuda.device(device):
             torch.cuda.current_blas_handle()

@@ -7,8 +7,8 @@ H200's host the linear cost ~15 µs per eager call against ~5 for one more repla
 (bench/NOTES.md, session 30), and the GEMV kernel's GPU time is below cuBLAS's there
 (sessions 33 and 34). A dot-tile kernel lost to cuBLAS from 8 tokens (0.2–0.8×); the GEMV
 kernel serves up to GEMV_ROWS tokens where `gemv_serves` says it beats cuBLAS, cuBLAS
-elsewhere. The launcher is a `torch.library` custom op
-(`moekit::router_logits`) with a fake implementation for `torch.compile`.
+elsewhere. The launcher is a `torch.library` custom op (`moekit::router_logits`) with a
+fake implementation for `torch.compile`.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 `MoE.forward` takes it up to `GEMV_ROWS` tokens (`moekit.routing.logits`): one launch
 fewer per layer than `router_logits` then `route`, with the same logits (the same GEMV,
 rounded to hidden's dtype) and the same routing code (`_kernels._route_rows`), where
-`one_launch_serves`: the GEMV serves and gives each program one expert. On an H200 the
-one launch saved 0.3–3.6 µs at up to 16 tokens on qwen3, granite and olmoe's routers and
-lost 0.8–1.2 µs on deepseek-v3's (two experts a program, H = 7168; session 34). The
+`one_launch_serves`: the GEMV serves and gives each program one expert. On an H200, up
+to 16 tokens, the one launch saved 0.7–3.7 µs on granite's router and 0.1–1.5 on qwen3's,
+was within ±0.4 µs on olmoe's and mixtral's, and lost 0.5–1.2 µs on deepseek-v3's (two
+experts a program, H = 7168; session 34). The
 launch needs a persistent int32 counter, zero between calls (the kernel's last program
 resets it): `MoE` holds one per layer, so two launches that could overlap on different
 streams must not share one. The launcher is a `torch.library` custom op
