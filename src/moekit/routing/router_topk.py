@@ -6,12 +6,11 @@ rounded to hidden's dtype) and the same routing code (`_kernels._route_rows`), w
 `one_launch_serves`: the GEMV serves and gives each program one expert. On an H200, up
 to 16 tokens, the one launch saved 0.7–3.7 µs on granite's router and 0.1–1.5 on qwen3's,
 was within ±0.4 µs on olmoe's and mixtral's, and lost 0.5–1.2 µs on deepseek-v3's (two
-experts a program, H = 7168; session 34). The
-launch needs a persistent int32 counter, zero between calls (the kernel's last program
-resets it): `MoE` holds one per layer, so two launches that could overlap on different
-streams must not share one. The launcher is a `torch.library` custom op
-(`moekit::router_topk`, the counter mutated) with a fake implementation for
-`torch.compile`.
+experts a program, H = 7168; session 34). The launch needs a persistent int32 counter,
+zero between calls (the kernel's last program resets it): `MoE` holds one per layer, so
+two launches that could overlap on different streams must not share one. The launcher is
+a `torch.library` custom op (`moekit::router_topk`, the counter mutated) with a fake
+implementation for `torch.compile`.
 """
 
 from __future__ import annotations
