@@ -49,6 +49,8 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
 mkdir -p "$out"
+# Each GPU test's peak allocation, appended by tests/conftest.py (which test needs how much).
+export MOEKIT_GPU_PEAK_LOG="$out/gpu-test-peaks.txt"
 # Compiles dominate the GPU tests: 4 pytest-xdist workers (installed on the device), one
 # test file each at a time so two memory-hungry files rarely meet; a hung test fails alone.
 PARALLEL="-n 4 --dist loadfile --timeout 200"
