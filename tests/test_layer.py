@@ -47,6 +47,21 @@ def test_loaded_weights_are_seen_after_prepare():
         assert torch.equal(layer(hidden), other(hidden))
 
 
+@pytest.mark.parametrize("quant", [None, "fp8_tensor"], ids=["bf16", "fp8"])
+def test_a_prepared_layer_moved_or_cast_prepares_again(quant):
+    # `.to()` gives the parameters new tensors; the prepared copies held the old ones
+    # (a forward after `.to(torch.float16)` failed on float32 copies before session 34).
+    torch.manual_seed(0)
+    layer = MoE(4, 2, 32, 16, quant=quant, backend="reference")
+    hidden = torch.randn(3, 32)
+    with torch.no_grad():
+        layer(hidden)
+        layer.to(torch.float16)
+        fresh = MoE(4, 2, 32, 16, quant=quant, backend="reference", dtype=torch.float16)
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(layer(hidden.half()), fresh(hidden.half()))
+
+
 def test_from_weights():
     torch.manual_seed(0)
     src = MoE(4, 2, 32, 16)

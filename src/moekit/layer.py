@@ -20,8 +20,9 @@ output is their partial sum (summed across ranks by the caller, e.g. an all-redu
 layouts) once; `forward` then only launches kernels, so the layer can be captured in a
 CUDA graph or compiled. Parameters keep moekit's layout (DESIGN.md): `w13` [E, 2I, H]
 with gate rows first, `w2` [E, H, I]. Loading a state dict writes into the same
-(contiguous) parameters, so a prepared layer sees new weights; call `prepare()` again
-only after replacing a parameter object.
+(contiguous) parameters, so a prepared layer sees new weights, and moving or casting
+the module (`.to()`, `.cuda()`) makes the next forward prepare again; call `prepare()`
+again only after replacing a parameter object yourself.
 
 With `quant` (an fp8 scheme) `prepare()` also quantises w13 and w2 once
 (`moekit.quant.quantize_weight`) and the experts run by `fused_moe_fp8`, activations
@@ -166,6 +167,15 @@ class MoE(nn.Module):
         if self.w13.is_cuda and not torch.compiler.is_compiling():
             _initialise_cublas(self.w13.device)
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.cuda()`, `.half()` and the like give the parameters new tensors; the
+        prepared copies still alias (or were quantised from) the old ones, so the next
+        forward prepares again."""
+        module = super()._apply(fn, *args, **kwargs)
+        self._prepared = None
+        self._quantized_from = None
+        return module
 
     def _weights_state(self) -> tuple[int, ...]:
         """What the fp8 copies were made from: the weights' storage and version counters."""
