@@ -363,6 +363,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moekit.routing._kernels import _route_kernel
+from moekit._intmath import next_power_of_2
 from moekit.routing.ops import _launch_config
 sig = {"logits_ptr": "*bf16", "bias_ptr": "*fp32", "ids_ptr": "*i32", "weights_ptr": "*fp32",
        "packed_ptr": "*i32", "M": "i32", "stride_lm": "i32", "stride_le": "i32",
@@ -372,7 +373,8 @@ for e, g, k, grouped in [(256, 8, 8, True), (1000, 1, 16, False)]:
     warps = cfg.pop("num_warps")
     flags = dict(SOFTMAX=not grouped, SOFTMAX_OVER_TOPK=False, SELECT_ON_LOGITS=not grouped,
                  HAS_BIAS=grouped, RENORMALIZE=True, PACKED=grouped, TOP_K=k, N_GROUP=g,
-                 TOPK_GROUP=min(4, g), GROUP_SIZE=e // g, **cfg)
+                 TOPK_GROUP=min(4, g), GROUP_SIZE=e // g, BLOCK_G=next_power_of_2(g),
+                 BLOCK_S=next_power_of_2(e // g), BLOCK_K=next_power_of_2(k), **cfg)
     src = ASTSource(_route_kernel, dict(sig, **dict.fromkeys(flags, "constexpr")), flags)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 """

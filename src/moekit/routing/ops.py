@@ -33,10 +33,26 @@ def _launch_config(num_experts: int, n_group: int, top_k: int) -> dict[str, int]
     block_m = max(1, min(16, _TILE_ELEMENTS // row))
     return {
         "BLOCK_M": block_m,
-        "BLOCK_G": block_g,
-        "BLOCK_S": block_s,
-        "BLOCK_K": next_power_of_2(top_k),
         "num_warps": min(16, max(4, block_m * row // 256)),
+    }
+
+
+def route_constexprs(routing: Routing, num_experts: int, top_k: int,
+                     has_bias: bool) -> dict[str, object]:
+    """`_route_rows`' routing constants for E experts and k of them (`_route_kernel` and
+    `moekit.routing._router_topk_kernel` both take them)."""
+    return {
+        "SOFTMAX": routing.scoring == "softmax",
+        "SOFTMAX_OVER_TOPK": routing.softmax_over_topk,
+        "SELECT_ON_LOGITS": routing.selects_on_logits(has_bias),
+        "RENORMALIZE": routing.renormalize,
+        "TOP_K": top_k,
+        "N_GROUP": routing.n_group,
+        "TOPK_GROUP": routing.topk_group,
+        "GROUP_SIZE": num_experts // routing.n_group,
+        "BLOCK_G": next_power_of_2(routing.n_group),
+        "BLOCK_S": next_power_of_2(num_experts // routing.n_group),
+        "BLOCK_K": next_power_of_2(top_k),
     }
 
 
@@ -61,8 +77,7 @@ def launch_route(
     if num_tokens == 0:
         return
     cfg = _launch_config(num_experts, routing.n_group, top_k)
-    block_m = cfg.pop("BLOCK_M")
-    num_warps = cfg.pop("num_warps")
+    block_m, num_warps = cfg["BLOCK_M"], cfg["num_warps"]
     out = packed if packed is not None else ids
     grid = (cdiv(num_tokens, block_m),)
     launcher(_route_kernel)[grid](
@@ -76,19 +91,11 @@ def launch_route(
         router_logits.stride(1),
         bias.stride(0) if bias is not None else 0,
         float(routing.routed_scaling_factor),
-        SOFTMAX=routing.scoring == "softmax",
-        SOFTMAX_OVER_TOPK=routing.softmax_over_topk,
-        SELECT_ON_LOGITS=routing.selects_on_logits(bias is not None),
         HAS_BIAS=bias is not None,
-        RENORMALIZE=routing.renormalize,
         PACKED=packed is not None,
-        TOP_K=top_k,
-        N_GROUP=routing.n_group,
-        TOPK_GROUP=routing.topk_group,
-        GROUP_SIZE=num_experts // routing.n_group,
         BLOCK_M=block_m,
         num_warps=num_warps,
-        **cfg,
+        **route_constexprs(routing, num_experts, top_k, bias is not None),
     )
 
 

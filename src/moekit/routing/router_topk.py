@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from moekit._checks import FLOAT_DTYPES, check_tensor
-from moekit._intmath import cdiv, next_power_of_2
+from moekit._intmath import cdiv
 from moekit._launch import launcher
 from moekit.backend import resolve_backend
 from moekit.reference import routing as reference_routing
@@ -31,7 +31,7 @@ from moekit.routing.logits import (
     router_logits,
 )
 from moekit.routing.method import MAX_EXPERTS, Routing
-from moekit.routing.ops import route
+from moekit.routing.ops import route, route_constexprs
 from moekit.topk import TopK
 
 
@@ -58,13 +58,8 @@ def launch_router_topk(hidden: torch.Tensor, weight: torch.Tensor, routing: Rout
     launcher(_router_topk_kernel)[(cdiv(experts, block_e),)](
         hidden, weight, logits, counter, ids, weights, num_tokens, experts, hidden_size,
         hidden.stride(0), weight.stride(0), float(routing.routed_scaling_factor),
-        ROWS=rows, BLOCK_E=block_e, BLOCK_H=block_h,
-        SOFTMAX=routing.scoring == "softmax", SOFTMAX_OVER_TOPK=routing.softmax_over_topk,
-        SELECT_ON_LOGITS=routing.selects_on_logits(False), RENORMALIZE=routing.renormalize,
-        TOP_K=top_k, N_GROUP=routing.n_group, TOPK_GROUP=routing.topk_group,
-        GROUP_SIZE=experts // routing.n_group, BLOCK_G=next_power_of_2(routing.n_group),
-        BLOCK_S=next_power_of_2(experts // routing.n_group),
-        BLOCK_K=next_power_of_2(top_k), num_warps=num_warps,
+        ROWS=rows, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=num_warps,
+        **route_constexprs(routing, experts, top_k, False),
     )
 
 
