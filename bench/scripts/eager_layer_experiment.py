@@ -19,7 +19,6 @@ a host that slows or speeds up over the run favours neither.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -151,38 +150,30 @@ def main() -> int:
 
 
 def write(args, rows: list[dict]) -> None:
-    import triton
+    # Here, not at the top: the workers run this file against the baseline's src too.
+    from moekit.bench.experiment_files import experiment_meta, write_experiment
 
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv),
-            "code": os.environ.get("MOEKIT_GIT_COMMIT", "?"),
-            "baseline": args.baseline_label, "blocks": BLOCKS * ROUNDS, "block": BLOCK}
-    with open(os.path.join(args.out, f"{args.stem}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# Eager calls, {args.baseline_label} against the current code — "
-             f"{meta['device']}, {meta['date']}", "",
-             f"- command: `{meta['command']}` (code {meta['code']})",
-             f"- torch {meta['torch']}, triton {meta['triton']}",
-             f"- µs per call, medians of {BLOCKS * ROUNDS} blocks of {BLOCK} back-to-back eager "
+    meta = experiment_meta(baseline=args.baseline_label, blocks=BLOCKS * ROUNDS, block=BLOCK)
+    notes = [f"- µs per call, medians of {BLOCKS * ROUNDS} blocks of {BLOCK} back-to-back eager "
              f"calls, each version in its own process, versions alternating over {ROUNDS} "
              f"rounds, which one first alternating; host = until the last call returns, "
              f"wall = until the GPU is done; graph = CUDA-graph replay of the same call (the "
              f"GPU's own time, L2 flushed), in the first round; ratios = baseline "
              f"÷ current; layer = `MoE.forward` (router + `fused_moe`, `fused_moe_fp8` for "
-             f"fp8), experts = `fused_experts(_fp8)` on fixed routing with `out`", "",
-             "| call | preset | M | dtype | graph baseline | graph current | host baseline | "
+             f"fp8), experts = `fused_experts(_fp8)` on fixed routing with `out`"]
+    table = ["| call | preset | M | dtype | graph baseline | graph current | host baseline | "
              "host current | host ratio | wall baseline | wall current | wall ratio | "
              "bitwise |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['preset']} | {r['M']} | {r['dtype']} | "
+        table.append(f"| {r['kind']} | {r['preset']} | {r['M']} | {r['dtype']} | "
                      f"{r['baseline_graph_us']} | {r['current_graph_us']} | "
                      f"{r['baseline_host_us']} | {r['current_host_us']} | "
                      f"{r['host_ratio']} | {r['baseline_wall_us']} | {r['current_wall_us']} | "
                      f"{r['wall_ratio']} | {r['bitwise_equal']} |")
-    with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_experiment(args.out, args.stem, meta, rows,
+                     f"Eager calls, {args.baseline_label} against the current code", notes,
+                     table)
 
 
 if __name__ == "__main__":

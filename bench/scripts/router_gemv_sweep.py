@@ -14,16 +14,14 @@ one step where it fits) is `moekit.routing.logits.gemv_shape`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from moekit._intmath import cdiv
+from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 from moekit.routing._logits_kernel import _router_gemv_kernel
@@ -79,30 +77,19 @@ def main() -> int:
                    key=lambda r: r["ratio"])
         print(name, m, "cuBLAS", round(cublas, 2), "best", best["shape"], best["kernel_us"],
               flush=True)
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv), "code": os.environ.get("MOEKIT_GIT_COMMIT", "?")}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.stem}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# `_router_gemv_kernel` launch shapes against cuBLAS — {meta['device']}, "
-             f"{meta['date']}", "", f"- command: `{meta['command']}` (code {meta['code']})",
-             f"- torch {meta['torch']}, triton {meta['triton']}",
-             "- CUDA-graph replay µs, median, L2 flushed; bf16; shape = (experts a program, "
-             "columns a step, warps, stages); ratio = cuBLAS ÷ kernel", "",
-             "| preset | M | shape | kernel | cuBLAS | ratio | max abs err |",
+    notes = ["- CUDA-graph replay µs, median, L2 flushed; bf16; shape = (experts a program, "
+             "columns a step, warps, stages); ratio = cuBLAS ÷ kernel"]
+    table = ["| preset | M | shape | kernel | cuBLAS | ratio | max abs err |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['M']} | {r['shape']} | error: {r['error']} "
+            table.append(f"| {r['preset']} | {r['M']} | {r['shape']} | error: {r['error']} "
                          "| | | |")
         else:
-            lines.append(f"| {r['preset']} | {r['M']} | {r['shape']} | {r['kernel_us']} | "
+            table.append(f"| {r['preset']} | {r['M']} | {r['shape']} | {r['kernel_us']} | "
                          f"{r['cublas_us']} | {r['ratio']} | {r['max_abs_err']:.2e} |")
-    with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_experiment(args.out, args.stem, experiment_meta(), rows,
+                     "`_router_gemv_kernel` launch shapes against cuBLAS", notes, table)
     return 0
 
 

@@ -10,14 +10,12 @@ The layer can take the kernel in every mode only where its GPU time is cuBLAS's 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 from moekit.routing import router_logits
@@ -47,25 +45,14 @@ def main() -> int:
                          "ratio": round(cublas / ours, 3),
                          "max_abs_diff": float(diff.abs().max())})
             print(rows[-1], flush=True)
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv), "code": os.environ.get("MOEKIT_GIT_COMMIT", "?")}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.stem}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# The router GEMM: moekit's kernel against cuBLAS — {meta['device']}, "
-             f"{meta['date']}", "", f"- command: `{meta['command']}` (code {meta['code']})",
-             f"- torch {meta['torch']}, triton {meta['triton']}",
-             "- CUDA-graph replay µs, median, L2 flushed; bf16; ratio = cuBLAS ÷ kernel; "
-             "max |diff| of the logits (fp32 sums in another order, rounded to bf16)", "",
-             "| preset | E | H | M | kernel | cuBLAS | ratio | max abs diff |",
+    notes = ["- CUDA-graph replay µs, median, L2 flushed; bf16; ratio = cuBLAS ÷ kernel; "
+             "max |diff| of the logits (fp32 sums in another order, rounded to bf16)"]
+    table = ["| preset | E | H | M | kernel | cuBLAS | ratio | max abs diff |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['E']} | {r['H']} | {r['M']} | {r['kernel_us']} | "
+    table += [f"| {r['preset']} | {r['E']} | {r['H']} | {r['M']} | {r['kernel_us']} | "
               f"{r['cublas_us']} | {r['ratio']} | {r['max_abs_diff']:.2e} |" for r in rows]
-    with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_experiment(args.out, args.stem, experiment_meta(), rows,
+                     "The router GEMM: moekit's kernel against cuBLAS", notes, table)
     return 0
 
 

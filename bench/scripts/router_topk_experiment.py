@@ -9,14 +9,12 @@ must match across all three.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 from moekit.routing import route, router_logits
@@ -62,27 +60,15 @@ def main() -> int:
         for m in TOKENS:
             rows.append(run_cell(name, m, weight, counter))
             print(rows[-1], flush=True)
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv), "code": os.environ.get("MOEKIT_GIT_COMMIT", "?")}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.stem}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# The layer's decode routing: one launch against two — {meta['device']}, "
-             f"{meta['date']}", "", f"- command: `{meta['command']}` (code {meta['code']})",
-             f"- torch {meta['torch']}, triton {meta['triton']}",
-             "- CUDA-graph replay µs, median, L2 flushed; bf16; softmax top-k renormalised; "
+    notes = ["- CUDA-graph replay µs, median, L2 flushed; bf16; softmax top-k renormalised; "
              "fused = `router_topk`, two kernels = `router_logits` + `route`, cuBLAS = "
-             "`F.linear` + `route`", "",
-             "| preset | M | fused | two kernels | cuBLAS + route | ids equal | counter 0 |",
+             "`F.linear` + `route`"]
+    table = ["| preset | M | fused | two kernels | cuBLAS + route | ids equal | counter 0 |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['preset']} | {r['M']} | {r['fused_us']} | {r['two_kernels_us']} | "
-                     f"{r['cublas_route_us']} | {r['ids_equal']} | {r['counter_zero']} |")
-    with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    table += [f"| {r['preset']} | {r['M']} | {r['fused_us']} | {r['two_kernels_us']} | "
+              f"{r['cublas_route_us']} | {r['ids_equal']} | {r['counter_zero']} |" for r in rows]
+    write_experiment(args.out, args.stem, experiment_meta(), rows,
+                     "The layer's decode routing: one launch against two", notes, table)
     return 0
 
 

@@ -12,9 +12,6 @@ Outputs must be bitwise equal between the two operand kinds.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
 import sys
 import time
@@ -22,6 +19,7 @@ import time
 import torch
 
 import moekit
+from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
@@ -95,29 +93,17 @@ def main() -> int:
     for cell in CELLS:
         rows.append(run_cell(*cell))
         print(rows[-1], flush=True)
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv), "code": os.environ.get("MOEKIT_GIT_COMMIT", "?")}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.stem}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# int64 ids and bf16 router weights against int32 and float32 — "
-             f"{meta['device']}, {meta['date']}", "",
-             f"- command: `{meta['command']}` (code {meta['code']})",
-             f"- torch {meta['torch']}, triton {meta['triton']}",
-             "- graph = CUDA-graph replay µs (L2 flushed, median); host = eager host µs per "
+    notes = ["- graph = CUDA-graph replay µs (L2 flushed, median); host = eager host µs per "
              f"call (median of {BLOCKS} blocks of {BLOCK}); the router weights are bf16 "
-             "values in both calls, so outputs must be bitwise equal", "",
-             "| preset | M | dtype | graph int32 | graph int64 | ratio | host int32 | "
+             "values in both calls, so outputs must be bitwise equal"]
+    table = ["| preset | M | dtype | graph int32 | graph int64 | ratio | host int32 | "
              "host int64 | bitwise |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['preset']} | {r['M']} | {r['dtype']} | {r['int32_graph_us']} | "
-                     f"{r['int64_graph_us']} | {r['graph_ratio']} | {r['int32_host_us']} | "
-                     f"{r['int64_host_us']} | {r['bitwise_equal']} |")
-    with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    table += [f"| {r['preset']} | {r['M']} | {r['dtype']} | {r['int32_graph_us']} | "
+              f"{r['int64_graph_us']} | {r['graph_ratio']} | {r['int32_host_us']} | "
+              f"{r['int64_host_us']} | {r['bitwise_equal']} |" for r in rows]
+    write_experiment(args.out, args.stem, experiment_meta(), rows,
+                     "int64 ids and bf16 router weights against int32 and float32", notes,
+                     table)
     return 0
 
 
