@@ -7,8 +7,12 @@
 #   bench/scripts/device_check.sh fp8                           (≈ 7 min: compiles dominate)
 #
 # The device returns at most 8 files from $OUT, and a stage writes several: run as
-#   rm -rf /tmp/o; O=$OUT; OUT=/tmp/o bash bench/scripts/device_check.sh STAGE...; tar czf $O/r.tgz -C /tmp/o .
-# (a machine may keep an earlier session's /tmp: clear it first)
+#   rm -rf /tmp/o; PACK=$OUT/r.tgz DEADLINE=570 OUT=/tmp/o bash bench/scripts/device_check.sh STAGE...
+# (a machine may keep an earlier session's /tmp: clear it first). PACK: a tarball of
+# everything written so far, rebuilt after every step, so a call the device stops at its
+# time limit still returns the steps that finished. DEADLINE: seconds this script may run
+# in all; each step's limit is cut to what is left (less 10 s for the packing), and a
+# step with under 20 s left is skipped and says so.
 # The copied tree's .git there can be stale: prefix MOEKIT_GIT_COMMIT=<this commit> so the
 # result files name the commit that ran.
 #
@@ -56,12 +60,26 @@ export MOEKIT_GPU_PEAK_LOG="$out/gpu-test-peaks.txt"
 PARALLEL="-n 4 --dist loadfile --timeout 200"
 python3 -c "import xdist, pytest_timeout" 2>/dev/null || PARALLEL=""
 
+started=$SECONDS
+pack() {  # PACK, when set: everything under $out so far
+  [ -z "${PACK:-}" ] || { tar czf "$PACK.part" -C "$out" . && mv "$PACK.part" "$PACK"; }
+}
 step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its tail
   local name=$1 limit=$2
   shift 2
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - (SECONDS - started) - 10))
+    if [ "$left" -lt 20 ]; then
+      echo "== $name: skipped (${left}s left of DEADLINE=${DEADLINE}s)" | tee "$out/$name.log"
+      pack
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "== $name: rc=$? (limit ${limit}s)"
   grep -v -i warn "$out/$name.log" | tail -4
+  pack
 }
 
 for stage in "$@"; do
