@@ -66,9 +66,12 @@ PRESETS = _registry(
 )
 
 # Not in the default table. gpt-oss-120b-silu is the shape PERF.md's vLLM numbers to
-# beat were measured with (silu, no biases), for a like-for-like comparison.
+# beat were measured with (silu, no biases), for a like-for-like comparison;
+# gpt-oss-120b-tp8 one GPU's shard of 8-way tensor parallelism (I = 2880 / 8 = 360, rows
+# that are a multiple of 8 elements but not of 16).
 EXTRA_PRESETS = _registry(
     Preset("gpt-oss-120b-silu", 128, 4, 2880, 2880),
+    Preset("gpt-oss-120b-tp8", 128, 4, 2880, 360, activation="swigluoai", bias=True),
 )
 
 ALL_PRESETS = {**PRESETS, **EXTRA_PRESETS}
