@@ -369,7 +369,7 @@ sig = {"logits_ptr": "*bf16", "bias_ptr": "*fp32", "ids_ptr": "*i32", "weights_p
        "packed_ptr": "*i32", "M": "i32", "stride_lm": "i32", "stride_le": "i32",
        "stride_b": "i32", "routed_scaling_factor": "fp32"}
 for e, g, k, grouped in [(256, 8, 8, True), (1000, 1, 16, False)]:
-    cfg = _launch_config(e, g, k)
+    cfg = _launch_config(e, g)
     warps = cfg.pop("num_warps")
     flags = dict(SOFTMAX=not grouped, SOFTMAX_OVER_TOPK=False, SELECT_ON_LOGITS=not grouped,
                  HAS_BIAS=grouped, RENORMALIZE=True, PACKED=grouped, TOP_K=k, N_GROUP=g,

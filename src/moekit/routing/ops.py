@@ -22,8 +22,9 @@ from moekit.topk import TopK, pack_topk
 _TILE_ELEMENTS = 2048
 
 
-def _launch_config(num_experts: int, n_group: int, top_k: int) -> dict[str, int]:
-    """Block sizes and warps from (E, n_group, k) only.
+def _launch_config(num_experts: int, n_group: int) -> dict[str, int]:
+    """Rows per program and warps from (E, n_group) only (the routing constants:
+    `route_constexprs`).
 
     BLOCK_M does not depend on M, so decode and prefill batches share one compiled kernel.
     """
@@ -76,7 +77,7 @@ def launch_route(
     num_tokens, num_experts = router_logits.shape
     if num_tokens == 0:
         return
-    cfg = _launch_config(num_experts, routing.n_group, top_k)
+    cfg = _launch_config(num_experts, routing.n_group)
     block_m, num_warps = cfg["BLOCK_M"], cfg["num_warps"]
     out = packed if packed is not None else ids
     grid = (cdiv(num_tokens, block_m),)
