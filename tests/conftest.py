@@ -20,6 +20,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Every `torch.empty` on the CPU starts as NaN (integers: their maximum), so an element
+    # a kernel reads before anything wrote it — a scratch row, a scale past the last group
+    # — reaches the output as NaN instead of as whatever the allocator left. Deterministic
+    # algorithms are what turn the fill on; warn_only keeps ops without a deterministic
+    # form running.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CUDA = torch.cuda.is_available()

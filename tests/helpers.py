@@ -67,9 +67,12 @@ def capture_cuda_graph(call):
 
 def poison_cuda_cache(nbytes: int = 1 << 28) -> None:
     """Leave NaN in the CUDA caching allocator's free blocks, so buffers a kernel pipeline
-    allocates start poisoned and unwritten elements that are read show up as NaN."""
+    allocates start poisoned and unwritten elements that are read show up as NaN.
+
+    Every byte 0xFF: NaN read as float32, fp16, bf16 or e4m3 alike (fp16 NaN halves read
+    as a float32 scale made a finite 4.2e37, which a masked-to-zero product hid)."""
     if torch.cuda.is_available():
-        torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").fill_(POISON)
+        torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(0xFF)
         torch.cuda.synchronize()
 
 

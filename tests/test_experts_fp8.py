@@ -33,7 +33,7 @@ from helpers import (
 from moekit.activation import Activation
 from moekit.bench.presets import PRESETS
 from moekit.experts_fp8 import default_fp8_config, direct_fp8_config, plan_fp8_config
-from moekit.quant import QuantScheme, QuantSpec, dequantize, quantize_weight
+from moekit.quant import QuantizedWeight, QuantScheme, QuantSpec, dequantize, quantize_weight
 from moekit.reference import apply_activation, fused_experts_quantized
 from moekit.tuning import ExpertsConfig, GemmConfig
 
@@ -78,6 +78,15 @@ def make_case(scheme, M, E, k, H, I, act="silu", *, bias=False, dtype=torch.floa
     q13 = quantize_weight(w13, scheme.weight, input_scale=s1)
     q2 = quantize_weight(w2, scheme.weight, input_scale=s2)
     return scheme, hidden, q13, q2, ids, weights, b13, b2
+
+
+def nan_after_scales(q: QuantizedWeight) -> QuantizedWeight:
+    """`q` with its scales moved to the front of a buffer whose rest is NaN, so a kernel
+    that reads a scale past the last group (a K step past the end, a row past the last)
+    gets NaN, not the next tensor's finite values."""
+    padded = torch.full((q.scale.numel() + 64,), float("nan"), device=q.scale.device)
+    padded[: q.scale.numel()] = q.scale.reshape(-1)
+    return dataclasses.replace(q, scale=padded[: q.scale.numel()].view(q.scale.shape))
 
 
 def run_triton(scheme, hidden, q13, q2, ids, weights, b13, b2, act="silu", config=None):
@@ -186,6 +195,22 @@ DIRECT_CASES = [
      {"ids_transform": drop_some}, "k = 18: GEMM2's slots capped at the tile's 16 rows per "
      "program (parts of 16 and 2); biases; −1 and sentinel ids"),
 ]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("config,H,I,why", [
+    (direct(64, 64, 64, 32), 96, 160,
+     "direct path: both GEMMs' column tiles span two 32-row groups (scales read per column) "
+     "and GEMM1's 64-deep K tiles two sub-steps, the last past H = 96 (three groups)"),
+    (ExpertsConfig(16, GemmConfig(64, 32, 1, 4, 2), GemmConfig(64, 32, 1, 4, 2)), 96, 160,
+     "plan path: 64-wide column tiles over 32-row groups (scales read per column), "
+     "the last expert's last rows against the end of the scales"),
+])
+def test_no_scale_read_past_the_last_group_interpreter(config, H, I, why):
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(SMALL_BLOCKS, 3, 3, 2, H, I)
+    out, expected = run_triton(scheme, hidden, nan_after_scales(q13), nan_after_scales(q2),
+                               ids, weights, b13, b2, config=config)
+    assert_close(out, expected, KERNEL_TOL, name=why)
 
 
 @pytest.mark.interpreter

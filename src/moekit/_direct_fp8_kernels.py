@@ -157,8 +157,8 @@ def _direct_gemm1_fp8_kernel(
                 if W_UNIFORM_N:
                     g_scale = _pick(g_scales, kk // W_GROUP_K)
                     u_scale = _pick(u_scales, kk // W_GROUP_K)
-                else:
-                    k_step = (kk // W_GROUP_K) * stride_wsk
+                else:  # a sub-step past H (masked tiles) keeps the last group's scales
+                    k_step = (tl.minimum(kk, H - 1) // W_GROUP_K) * stride_wsk
                     g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok, False)
                     u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, False)
             gate = _scaled_dot(gate, x, g, x_scale, g_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
