@@ -30,6 +30,7 @@ from helpers import (
     random_experts,
     random_routing,
 )
+from moekit._fp8_quantize import launch_quantize_rows
 from moekit.activation import Activation
 from moekit.bench.presets import PRESETS
 from moekit.experts_fp8 import default_fp8_config, direct_fp8_config, plan_fp8_config
@@ -185,7 +186,24 @@ DIRECT_CASES = [
     ("fp8_channel", 1, 24, 18, 64, 64, "silu", True, torch.float32, direct(32, 64, 32, 64, per=18),
      {"ids_transform": drop_some}, "k = 18: GEMM2's slots capped at the tile's 16 rows per "
      "program (parts of 16 and 2); biases; −1 and sentinel ids"),
+    ("fp8_tensor", 2, 4, 2, 128, 200, "silu", True, torch.float32, direct(256, 128, 32, 128),
+     {"ids_transform": drop_some}, "GEMM1's 256-column tile holds GEMM2's input's groups "
+     "whole (the second partial: I = 200) and quantises them itself; dropped ids"),
 ]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["static", "token", "group"])
+def test_quantiser_zeroes_the_direct_gemm1_group_counters_interpreter(mode):
+    # The direct GEMM1's groups are quantised by their last program to arrive, counted
+    # in a buffer that the hidden quantiser, launched just before it, zeroes.
+    x = torch.randn(3, 160, dtype=torch.float16)
+    q = torch.empty(3, 160, dtype=torch.float8_e4m3fn)
+    scale, stride = {"static": (torch.tensor([0.02]), 0), "token": (torch.empty(3), 1),
+                     "group": (torch.empty(3, 5), 5)}[mode]
+    counts = torch.full((2500,), 7, dtype=torch.int32)  # three of the zeroing's blocks
+    launch_quantize_rows(x, q, scale, stride, mode, 32 if mode == "group" else 1, clear=counts)
+    assert (counts == 0).all()
 
 
 @pytest.mark.interpreter
@@ -525,8 +543,8 @@ def test_kernel_limits_on_schemes():
         from moekit.experts_fp8 import _check_config
         _check_config(ExpertsConfig(16, GemmConfig(128, 128), GemmConfig(64, 256)),
                       QuantScheme.fp8_block())
-    # The direct path quantises GEMM2's input in GEMM2: GEMM1's columns need not hold a group,
-    # but GEMM2's K tile must lie in one.
+    # The direct GEMM1's columns need not hold a group of GEMM2's input (a group's last
+    # program quantises it), but GEMM2's K tile must lie in one.
     _check_config(ExpertsConfig(1, GemmConfig(32, 256), GemmConfig(32, 128)),
                   QuantScheme.fp8_tensor())
     with pytest.raises(ValueError, match="^config: gemm2.block_k"):
