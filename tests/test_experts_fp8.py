@@ -623,6 +623,29 @@ def test_router_weight_on_input_and_expert_map_gpu(scheme, M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+def test_direct_gemm1_quantises_groups_whatever_the_arrival_order_gpu(scheme, M):
+    # The direct GEMM1's 32-column programs store float32 columns and the last of a 1×128
+    # group's four to arrive quantises it: a group read before all its columns landed
+    # would change the output from run to run. Twenty runs bitwise equal, and at the
+    # reference's tolerance.
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case(
+        scheme, M, 64, 8, 2048, 768, dtype=torch.bfloat16, device="cuda")
+    config = direct_fp8_config(M, 8, 2048, 768, scheme)
+    assert config.direct and config.gemm1.block_n < 128
+    first = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                     config=config)
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme)
+    assert_close(first, expected, GPU_TOL, name=f"{scheme} M={M}")
+    for _ in range(20):
+        out = poison_(torch.empty_like(hidden))
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config,
+                                 out=out)
+        assert torch.equal(out, first)
+
+
+@pytest.mark.gpu
 def test_accuracy_against_bf16_weights_gpu():
     # The format's own error, not the kernels': activations and weights quantised
     # (≈ √6·ε ≈ 0.064 for random data; tests/quant/test_reference_quant.py derives it).
