@@ -30,6 +30,7 @@ from helpers import (
     random_experts,
     random_routing,
 )
+from moekit._fp8_quantize import launch_quantize_rows
 from moekit.activation import Activation
 from moekit.bench.presets import PRESETS
 from moekit.experts_fp8 import default_fp8_config, direct_fp8_config, plan_fp8_config
@@ -194,6 +195,9 @@ DIRECT_CASES = [
     ("fp8_channel", 1, 24, 18, 64, 64, "silu", True, torch.float32, direct(32, 64, 32, 64, per=18),
      {"ids_transform": drop_some}, "k = 18: GEMM2's slots capped at the tile's 16 rows per "
      "program (parts of 16 and 2); biases; −1 and sentinel ids"),
+    ("fp8_tensor", 2, 4, 2, 128, 200, "silu", True, torch.float32, direct(256, 128, 32, 128),
+     {"ids_transform": drop_some}, "GEMM1's 256-column tile holds GEMM2's input's groups "
+     "whole (the second partial: I = 200) and quantises them itself; dropped ids"),
 ]
 
 
@@ -211,6 +215,20 @@ def test_no_scale_read_past_the_last_group_interpreter(config, H, I, why):
     out, expected = run_triton(scheme, hidden, nan_after_scales(q13), nan_after_scales(q2),
                                ids, weights, b13, b2, config=config)
     assert_close(out, expected, KERNEL_TOL, name=why)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["static", "token", "group"])
+def test_quantiser_zeroes_the_direct_gemm1_group_counters_interpreter(mode):
+    # The direct GEMM1's groups are quantised by their last program to arrive, counted
+    # in a buffer that the hidden quantiser, launched just before it, zeroes.
+    x = torch.randn(3, 160, dtype=torch.float16)
+    q = torch.empty(3, 160, dtype=torch.float8_e4m3fn)
+    scale, stride = {"static": (torch.tensor([0.02]), 0), "token": (torch.empty(3), 1),
+                     "group": (torch.empty(3, 5), 5)}[mode]
+    counts = torch.full((2500,), 7, dtype=torch.int32)  # three of the zeroing's blocks
+    launch_quantize_rows(x, q, scale, stride, mode, 32 if mode == "group" else 1, clear=counts)
+    assert (counts == 0).all()
 
 
 @pytest.mark.interpreter
@@ -550,8 +568,8 @@ def test_kernel_limits_on_schemes():
         from moekit.experts_fp8 import _check_config
         _check_config(ExpertsConfig(16, GemmConfig(128, 128), GemmConfig(64, 256)),
                       QuantScheme.fp8_block())
-    # The direct path quantises GEMM2's input in GEMM2: GEMM1's columns need not hold a group,
-    # but GEMM2's K tile must lie in one.
+    # The direct GEMM1's columns need not hold a group of GEMM2's input (a group's last
+    # program quantises it), but GEMM2's K tile must lie in one.
     _check_config(ExpertsConfig(1, GemmConfig(32, 256), GemmConfig(32, 128)),
                   QuantScheme.fp8_tensor())
     with pytest.raises(ValueError, match="^config: gemm2.block_k"):
@@ -627,6 +645,29 @@ def test_router_weight_on_input_and_expert_map_gpu(scheme, M):
     expected = fused_experts_quantized(hidden, q13, q2, mine.to(torch.int32), weights,
                                        scheme=scheme, apply_router_weight_on_input=True)
     assert_close(out, expected, GPU_TOL, name=f"{scheme} M={M}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+def test_direct_gemm1_quantises_groups_whatever_the_arrival_order_gpu(scheme, M):
+    # The direct GEMM1's 32-column programs store float32 columns and the last of a 1×128
+    # group's four to arrive quantises it: a group read before all its columns landed
+    # would change the output from run to run. Twenty runs bitwise equal, and at the
+    # reference's tolerance.
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case(
+        scheme, M, 64, 8, 2048, 768, dtype=torch.bfloat16, device="cuda")
+    config = direct_fp8_config(M, 8, 2048, 768, scheme)
+    assert config.direct and config.gemm1.block_n < 128
+    first = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                     config=config)
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme)
+    assert_close(first, expected, GPU_TOL, name=f"{scheme} M={M}")
+    for _ in range(20):
+        out = poison_(torch.empty_like(hidden))
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config,
+                                 out=out)
+        assert torch.equal(out, first)
 
 
 @pytest.mark.gpu

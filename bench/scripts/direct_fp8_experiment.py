@@ -33,9 +33,9 @@ from moekit.bench.roofline import moe_cost
 from moekit.bench.timing import graph_replay_us
 from moekit.experts_direct import gemm2_arrivals
 from moekit.experts_direct_fp8 import (
+    gemm1_group_counts,
     launch_direct_gemm1_fp8,
     launch_direct_gemm2_fp8,
-    quantize_inter,
 )
 from moekit.experts_fp8 import (
     _fit_k,
@@ -105,21 +105,25 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
             if us < best_us:
                 best, best_us = trial, us
 
-    # Each launch of the best configuration alone: quantise hidden, GEMM1, quantise its
-    # output, GEMM2 (with a memset of its arrival counters when it splits a token's slots);
-    # and the two GEMMs chained on already quantised inputs: what the layer would cost if
-    # both quantisers were free (the bound on folding them into the GEMMs).
+    # Each launch of the best configuration alone: quantise hidden, GEMM1 (GEMM2's input
+    # quantised in its epilogue; with a memset of its group counters when a group spans
+    # its column tiles), GEMM2 (with a memset of its arrival counters when it splits a
+    # token's slots); and the two GEMMs chained on quantised hidden.
     groups = _groups_to_list(scheme)
     tiles = best.as_ints()
-    quant1 = lambda: _gemm1_input(hidden, groups[2], groups[3], None)
+    counts = gemm1_group_counts(topk.ids, preset.inter, groups[4], False, tiles[1])
+    quant1 = lambda: _gemm1_input(hidden, groups[2], groups[3], None, clear=counts)
     x = quant1()
     arrivals = gemm2_arrivals(topk.ids, preset.hidden, tiles[6:11])
-    gemm1 = lambda: launch_direct_gemm1_fp8(
-        x.x, x.scale, x.stride_sm, weights.w13.q, weights.w13.scale, weights.b13, topk.ids,
-        preset.inter, act.kind, act.alpha, act.limit, groups, tiles[1:6], arrivals)
-    inter = gemm1()
-    quant2 = lambda: quantize_inter(inter, None, groups[4])
-    inter_q, inter_scale = quant2()
+
+    def gemm1():
+        if counts is not None:
+            counts.zero_()
+        return launch_direct_gemm1_fp8(
+            x.x, x.scale, x.stride_sm, weights.w13.q, weights.w13.scale, weights.b13, topk.ids,
+            preset.inter, act.kind, act.alpha, act.limit, groups, None, tiles[1:6], counts,
+            arrivals)
+    inter_q, inter_scale = gemm1()
 
     def gemm2_alone():  # arrivals zeroed by the GEMM1 before it
         launch_direct_gemm2_fp8(inter_q, inter_scale, False, weights.w2.q, weights.w2.scale,
@@ -131,8 +135,8 @@ def time_cell(preset, weights, scheme_name, m, rep_ms, read_GBps, search=True) -
             arrivals.zero_()
         gemm2_alone()
     stage_us = {name: round(graph_replay_us(fn, rep_ms), 2) for name, fn in
-                (("quantize1", quant1), ("gemm1", gemm1), ("quantize2", quant2),
-                 ("gemm2", gemm2), ("gemm1+gemm2", lambda: (gemm1(), gemm2_alone())))}
+                (("quantize1", quant1), ("gemm1", gemm1), ("gemm2", gemm2),
+                 ("gemm1+gemm2", lambda: (gemm1(), gemm2_alone())))}
 
     expected = fused_experts_quantized(hidden, weights.w13, weights.w2, topk.ids, topk.weights,
                                        scheme=scheme, activation=act, b13=weights.b13,

@@ -2,7 +2,8 @@
 
     _direct_gemm1_fp8_kernel  grid (M*k pairs, I-tiles): the pair's fp8 token row × w13[e]ᵀ
                               (fp8), scales, bias, activation; writes `inter` [M*k, I] in
-                              float32 (GEMM2's input is quantised from it by a row kernel)
+                              fp8 with its scales: GEMM2's input, quantised in the epilogue
+                              (`_quantize_inter`)
     _direct_gemm2_fp8_kernel  grid (M × parts, H-tiles): each slot's fp8 `inter` row ×
                               w2[e]ᵀ (fp8), weight and router scales, bias, Σ over a part
                               of the token's slots in order; the parts added in order into
@@ -23,8 +24,12 @@ cost per step — the reductions across warps and the divisions of quantising, t
 round trip of a dot operand made in registers, a scale's round trip to memory (in the
 compiled loop only the dot's tiles are copied asynchronously) — sets the pace. So both
 GEMM inputs arrive quantised: hidden by the quantiser the plan path uses, GEMM2's input
-by the same kernel in 1×g groups of GEMM1's float32 output (GEMM1's 32-column tiles
-never see a whole group of a row). Quantising before the loop instead — each program
+by GEMM1's epilogue, after the loop. A 1×g group of it spans g / BLOCK_N of GEMM1's
+column tiles (32 columns against g = 128 at the heuristic's tiles), so each program
+stores its float32 columns, and the group's last program to arrive (a counter per
+group, zeroed by the hidden quantiser that runs before GEMM1) quantises the whole group
+from them: the same values whatever the order, one launch fewer than a row kernel
+over GEMM1's float32 output. Quantising before the loop instead — each program
 writing its rows to a scratch buffer, then a barrier — measured 0.83–1.03× (1.05–1.18×
 on granite at M ≤ 2 only), and 0.54–0.93× with whole rows in one load: the prologue's
 round trips delay every program's weight stream more than a launch costs (bench/NOTES.md,
@@ -44,7 +49,7 @@ from moekit._direct_kernels import (
     _sum_parts,
     _weight_cols,
 )
-from moekit._experts_fp8_kernels import _col_scales, _scaled_dot
+from moekit._experts_fp8_kernels import _col_scales, _scaled_dot, _store_inter
 from moekit._experts_kernels import _bias_and_activate
 
 
@@ -69,7 +74,10 @@ def _direct_gemm1_fp8_kernel(
     ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
     topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
-    inter_ptr,  # [M*k, I] fp32, out
+    inter_ptr,  # [M*k, I] fp8, out: GEMM2's input
+    inter_scale_ptr,  # "static": [1], read; else [M*k, nG] fp32 out, one per 1×INTER_GROUP
+    scratch_ptr,  # "last": [M*k, I] fp32, GEMM1's output before quantisation
+    counts_ptr,  # "last": [M*k, nG] int32, zero on entry: arrivals per group
     arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
     num_experts,
     H,
@@ -84,7 +92,8 @@ def _direct_gemm1_fp8_kernel(
     stride_wsn,
     stride_wsk,
     stride_be,
-    stride_im,
+    stride_im,  # of inter (and of the scratch: the same shape)
+    stride_ism,  # of inter's scales (and of the counts)
     alpha,
     limit,
     ACTIVATION: tl.constexpr,
@@ -102,6 +111,10 @@ def _direct_gemm1_fp8_kernel(
     W_GROUPS: tl.constexpr,  # ≥ H's weight K groups (W_PER_K), a power of two
     SHARED_GROUPS: tl.constexpr,  # hidden's and the tile's weight scales group K alike
     CLEAR_ARRIVALS: tl.constexpr,
+    INTER_MODE: tl.constexpr,  # "static", "groups" (BLOCK_N holds whole groups) or "last"
+    INTER_GROUP: tl.constexpr,  # g of GEMM2's input's 1×g groups (1 when static)
+    FMAX: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of SUB_K
     SUB_K: tl.constexpr,  # ≤ every K group of the scheme (BLOCK_K where none is finer)
@@ -180,9 +193,46 @@ def _direct_gemm1_fp8_kernel(
             up = up * _col_scales(ws_up, ws_up0, col_ok, W_UNIFORM_N)
     result = _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, alpha,
                                 limit, ACTIVATION, GATED, HAS_BIAS)
-    rows = tl.arange(0, ROWS)[:, None]
-    out_ptrs = inter_ptr + pair.to(tl.int64) * stride_im + rows * 0 + offs_n[None, :]
-    tl.store(out_ptrs, result, mask=(rows == 0) & col_ok[None, :])
+    # Columns past I must not raise a group's amax.
+    result = tl.where(col_ok[None, :], result, 0.0)
+    _quantize_inter(result, pair.to(tl.int64), pid_n, I, inter_ptr, inter_scale_ptr,
+                    scratch_ptr, counts_ptr, stride_im, stride_ism, INTER_MODE, INTER_GROUP,
+                    FMAX, AMAX_FLOOR)
+
+
+@triton.jit
+def _quantize_inter(result, pair, pid_n, I, inter_ptr, inter_scale_ptr, scratch_ptr, counts_ptr,
+                    stride_im, stride_ism, INTER_MODE: tl.constexpr,
+                    INTER_GROUP: tl.constexpr, FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    """GEMM2's input from this program's `result` [ROWS, BLOCK_N] (row 0 the pair's; the
+    columns from pid_n · BLOCK_N): by the static scale or this tile's whole groups right
+    away; else ("last", a group wider than the tile) stored in float32, and quantised
+    whole by the group's last program to arrive."""
+    BLOCK_N: tl.constexpr = result.shape[1]
+    first_n = pid_n * BLOCK_N
+    rows = tl.arange(0, ROWS)
+    slots = pair + rows * 0
+    if INTER_MODE != "last":
+        _store_inter(result, 1.0, first_n, slots, rows == 0, inter_ptr, inter_scale_ptr, I,
+                     stride_im, stride_ism, INTER_MODE == "static", INTER_GROUP, False, FMAX,
+                     AMAX_FLOOR)
+    else:
+        offs_n = first_n + tl.arange(0, BLOCK_N)
+        s_ptrs = scratch_ptr + pair * stride_im + rows[:, None] * 0 + offs_n[None, :]
+        tl.store(s_ptrs, result, mask=(rows == 0)[:, None] & (offs_n < I)[None, :])
+        tl.debug_barrier()  # every thread's stores issued before the arrival
+        group = first_n // INTER_GROUP
+        group_n = group * INTER_GROUP
+        programs = tl.cdiv(tl.minimum(I - group_n, INTER_GROUP), BLOCK_N)
+        arrived = tl.atomic_add(counts_ptr + pair * stride_ism + group, 1)  # acq_rel, GPU
+        if arrived == programs - 1:
+            offs = group_n + tl.arange(0, INTER_GROUP)
+            values = tl.load(scratch_ptr + pair * stride_im + offs, mask=offs < I, other=0.0,
+                             cache_modifier=".cg")  # past L1: the other programs' stores
+            one = tl.zeros([1], dtype=tl.int64)
+            _store_inter(values[None, :], 1.0, group_n, pair + one, one == 0, inter_ptr,
+                         inter_scale_ptr, I, stride_im, stride_ism, False, INTER_GROUP, False,
+                         FMAX, AMAX_FLOOR)
 
 
 @triton.jit

@@ -113,8 +113,11 @@ def _quantize_rows_kernel(
     stride_sm,
     slots_ptr,  # SCATTER: int32 [M·top_k] plan slot of each pair (−1: dropped)
     top_k,
+    clear_ptr,  # CLEAR: int32 [clear_n], zeroed by program (0, 0) for a later kernel
+    clear_n,
     MODE: tl.constexpr,  # "static", "tensor", "tensor_rows", "token" or "group"
     SCATTER: tl.constexpr,  # write row m (and its scales) to its pairs' plan slots
+    CLEAR: tl.constexpr,
     GROUP: tl.constexpr,  # the K group of "group"
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
@@ -130,9 +133,18 @@ def _quantize_rows_kernel(
 
     With SCATTER the quantised row goes to each of its top_k pairs' plan slots instead of
     row m (q [capacity, K], per-row scales [capacity, …]): the plan-order rows a GEMM
-    reads by TMA, which cannot gather (`moekit._gluon_gemm1`)."""
+    reads by TMA, which cannot gather (`moekit._gluon_gemm1`).
+
+    With CLEAR, program (0, 0) also zeroes `clear_ptr`: the fp8 direct GEMM1's group
+    counters (`moekit._direct_fp8_kernels._quantize_inter`), no launch of their own."""
     row = tl.program_id(0).to(tl.int64)
     k_first = tl.program_id(1) * chunk
+    if CLEAR:
+        if (row == 0) & (k_first == 0):
+            for c0 in range(0, clear_n, BLOCK_K):
+                offs = c0 + tl.arange(0, BLOCK_K)
+                tl.store(clear_ptr + offs, tl.zeros([BLOCK_K], dtype=tl.int32),
+                         mask=offs < clear_n)
     x_row = x_ptr + row * stride_xm
     scale = 1.0
     if MODE == "static":

@@ -15,14 +15,16 @@ _QUANT_BLOCK_K = 1024
 
 def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stride_sm: int,
                          mode: str, group: int, partials: torch.Tensor | None = None,
-                         pair_slots: torch.Tensor | None = None) -> None:
+                         pair_slots: torch.Tensor | None = None,
+                         clear: torch.Tensor | None = None) -> None:
     """`_quantize_rows_kernel` over x [M, K] into q, writing (or, "static", reading) `scale`.
 
     Static and 1×g group rows are spread over programs 1024 values (or one group) at a
     time; the other modes need the whole row (or tensor) per program. `partials` are
     `_amax_partials_kernel`'s, for "tensor". With `pair_slots` (a plan's, [M·k]) row m
     and its per-row scales go to the plan slots of pairs m·k … m·k + k − 1 instead: q
-    [capacity, K] in plan order (padding slots left unwritten).
+    [capacity, K] in plan order (padding slots left unwritten). `clear` (int32) is zeroed
+    on the way, for a kernel launched later.
     """
     rows, cols = x.shape
     block_k = max(_QUANT_BLOCK_K, group)
@@ -33,7 +35,9 @@ def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
         x.stride(0), q.stride(0), stride_sm,
         q if pair_slots is None else pair_slots,
         1 if pair_slots is None else pair_slots.numel() // max(rows, 1),
-        MODE=mode, SCATTER=pair_slots is not None, GROUP=group, FMAX=FMAX,
+        scale if clear is None else clear, 0 if clear is None else clear.numel(),
+        MODE=mode, SCATTER=pair_slots is not None, CLEAR=clear is not None, GROUP=group,
+        FMAX=FMAX,
         AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k,
         BLOCK_P=max(16, next_power_of_2(max(num_partials, 1))),
     )

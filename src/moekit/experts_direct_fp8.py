@@ -1,17 +1,19 @@
 """The fp8 direct experts path: decode without a dispatch plan or a separate combine.
 
-    hidden [M, H] ─► _quantize_rows_kernel (the plan path's): fp8 rows + scales
+    hidden [M, H] ─► _quantize_rows_kernel (the plan path's): fp8 rows + scales; zeroes
+                     GEMM1's group counters on the way
                   ─► _direct_gemm1_fp8_kernel: per pair, fp8 row × w13[e]ᵀ, scales, bias,
-                     activation                                   ─► inter fp32 [M*k, I]
-                  ─► _quantize_rows_kernel: 1×g groups (or the static scale) ─► fp8 inter
+                     activation, quantised for GEMM2 in the epilogue — 1×g groups (a
+                     group's last program to arrive quantises it whole) or the static
+                     scale                                       ─► fp8 inter [M*k, I]
                   ─► _direct_gemm2_fp8_kernel: per token (or part of its slots),
                      Σ_j w_j·(fp8 inter row × w2[e_j]ᵀ, scales, + b2) ─► out [M, H]
 
 The plan path's fp8 decode is five or six launches (amax, quantise, plan, GEMM1, GEMM2,
-combine); this is four, the GEMMs as lean as the 16-bit direct path's
-(`moekit.experts_direct`), and the combine fused and deterministic. Why both GEMM inputs
-are quantised by a kernel of their own rather than inside the GEMMs:
-`moekit._direct_fp8_kernels`. Chosen by `ExpertsConfig.block_m` = `DIRECT_BLOCK_M`.
+combine); this is three, the GEMMs as lean as the 16-bit direct path's
+(`moekit.experts_direct`), and the combine fused and deterministic. Why hidden is
+quantised by a kernel of its own rather than inside GEMM1: `moekit._direct_fp8_kernels`.
+Chosen by `ExpertsConfig.block_m` = `DIRECT_BLOCK_M`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from moekit._direct_fp8_kernels import _direct_gemm1_fp8_kernel, _direct_gemm2_fp8_kernel
-from moekit._fp8_quantize import launch_quantize_rows
+from moekit._fp8_quantize import AMAX_FLOOR, FMAX
 from moekit._fp8_scales import uniform_along_n, weight_scale_layout
 from moekit._intmath import cdiv, next_power_of_2
 from moekit._launch import launcher
@@ -27,44 +29,72 @@ from moekit.experts_direct import gemm2_arrivals, gemm2_parts
 from moekit.quant.scheme import FULL
 
 
+def gemm1_group_counts(topk_ids: torch.Tensor, inter_size: int, inter_group: int,
+                       static: bool, block_n: int) -> torch.Tensor | None:
+    """GEMM1's arrival counters [M*k, groups of I] when a 1×g group of GEMM2's input spans
+    several of its column tiles, else None. The hidden quantiser zeroes them
+    (`launch_quantize_rows`' `clear`): it runs before GEMM1 in every call."""
+    if static or block_n % inter_group == 0:
+        return None
+    return torch.empty((topk_ids.numel(), cdiv(inter_size, inter_group)), dtype=torch.int32,
+                       device=topk_ids.device)
+
+
 def launch_direct_experts_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, w2_q, w2_scale,
                               input_scale2, topk_ids, topk_weights, b13, b2, activation, alpha,
-                              limit, groups, config, out) -> None:
-    """GEMM1, GEMM2's input quantised, GEMM2. `x_q`, `x_scale`, `stride_xsm`: hidden as
-    `experts_fp8._gemm1_input` quantised it; `groups` is `experts_fp8._groups_to_list`'s
+                              limit, groups, config, out, group_counts) -> None:
+    """GEMM1 (GEMM2's input quantised in its epilogue), GEMM2. `x_q`, `x_scale`,
+    `stride_xsm`: hidden as `experts_fp8._gemm1_input` quantised it, zeroing
+    `group_counts` (`gemm1_group_counts`'); `groups` is `experts_fp8._groups_to_list`'s
     form of the scheme, `config` `ExpertsConfig.as_ints`'s; `input_scale2` is GEMM2's
     static input scale, or None when it is quantised dynamically."""
     arrivals = gemm2_arrivals(topk_ids, w2_q.shape[1], config[6:11])
-    inter = launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids,
-                                    w2_q.shape[2], activation, alpha, limit, groups,
-                                    config[1:6], arrivals)
-    inter_q, inter_scale = quantize_inter(inter, input_scale2, groups[4])
+    inter_q, inter_scale = launch_direct_gemm1_fp8(
+        x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids, w2_q.shape[2], activation,
+        alpha, limit, groups, input_scale2, config[1:6], group_counts, arrivals)
     launch_direct_gemm2_fp8(inter_q, inter_scale, input_scale2 is not None, w2_q, w2_scale, b2,
                             topk_ids, topk_weights, groups, config[6:11], out, arrivals)
 
 
 def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids,
-                            inter_size, activation, alpha, limit, groups, tiles,
-                            arrivals=None) -> torch.Tensor:
-    """GEMM1 + activation of every pair; returns `inter` [M*k, I] float32 in pair order,
-    and zeroes `arrivals` (`experts_direct.gemm2_arrivals`) when given.
+                            inter_size, activation, alpha, limit, groups, input_scale2, tiles,
+                            group_counts=None, arrivals=None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM1 + activation of every pair, quantised as GEMM2's input: returns (fp8 `inter`
+    [M*k, I] in pair order, its scales [M*k, groups of I] — or `input_scale2`, the static
+    scale, as given); zeroes `arrivals` (`experts_direct.gemm2_arrivals`) when given.
 
     `tiles` is (block_n, block_k, group_m, num_warps, num_stages); group_m is unused.
+    `group_counts` are `gemm1_group_counts`', zero on entry.
     """
     num_tokens, hidden_size = x_q.shape
     top_k = topk_ids.shape[1]
-    w_group_n, w_group_k, _, a_group_k, _ = groups
+    w_group_n, w_group_k, _, a_group_k, inter_group = groups
     block_n, block_k, _, warps, stages = tiles
     ws = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     x_per_k = a_group_k != FULL
-    inter = torch.empty((num_tokens * top_k, inter_size), dtype=torch.float32,
-                        device=x_q.device)
-    launcher(_direct_gemm1_fp8_kernel)[(num_tokens * top_k, cdiv(inter_size, block_n))](
+    static = input_scale2 is not None
+    rows = num_tokens * top_k
+    inter = torch.empty((rows, inter_size), dtype=torch.float8_e4m3fn, device=x_q.device)
+    if static:
+        mode, inter_group, inter_scale = "static", 1, input_scale2
+    else:
+        mode = "groups" if block_n % inter_group == 0 else "last"
+        inter_scale = torch.empty((rows, cdiv(inter_size, inter_group)), dtype=torch.float32,
+                                  device=x_q.device)
+    if mode == "last":
+        if group_counts is None:
+            raise ValueError("GEMM1's groups span column tiles: group_counts are needed")
+        scratch = torch.empty((rows, inter_size), dtype=torch.float32, device=x_q.device)
+    else:
+        scratch = group_counts = inter_scale  # stand-ins; never read
+    launcher(_direct_gemm1_fp8_kernel)[(rows, cdiv(inter_size, block_n))](
         x_q, x_scale, w13_q, w13_scale, w13_scale if b13 is None else b13, topk_ids, inter,
-        topk_ids if arrivals is None else arrivals, w13_q.shape[0], hidden_size, inter_size,
-        top_k, 0 if arrivals is None else arrivals.shape[1], x_q.stride(0), stride_xsm,
+        inter_scale, scratch, group_counts, topk_ids if arrivals is None else arrivals,
+        w13_q.shape[0], hidden_size, inter_size, top_k,
+        0 if arrivals is None else arrivals.shape[1], x_q.stride(0), stride_xsm,
         w13_q.stride(0), w13_q.stride(1), *ws[:3], 0 if b13 is None else b13.stride(0),
-        inter.stride(0), float(alpha), float(limit),
+        inter.stride(0), 0 if static else inter_scale.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
         EVEN_K=hidden_size % block_k == 0, EVEN_N=inter_size % block_n == 0,
         X_PER_K=x_per_k, X_GROUP_K=a_group_k if x_per_k else 1,
@@ -72,36 +102,19 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         W_GROUP_N=ws[3], W_GROUP_K=ws[4], W_UNIFORM_N=uniform_along_n(ws, block_n, inter_size),
         W_GROUPS=_groups(hidden_size, w_group_k),
         SHARED_GROUPS=_shared_groups(x_per_k, a_group_k, ws, block_n, inter_size),
-        CLEAR_ARRIVALS=arrivals is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        CLEAR_ARRIVALS=arrivals is not None, INTER_MODE=mode, INTER_GROUP=inter_group,
+        FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_N=block_n, BLOCK_K=block_k,
         SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
         num_warps=warps, num_stages=stages,
     )
-    return inter
-
-
-def quantize_inter(inter: torch.Tensor, static_scale: torch.Tensor | None,
-                   group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GEMM2's input: float32 `inter` → fp8 and its scales, in 1×`group` groups of each row
-    ([rows, ceil(I / group)]), or by the static scale (returned as given)."""
-    rows, inter_size = inter.shape
-    q = torch.empty((rows, inter_size), dtype=torch.float8_e4m3fn, device=inter.device)
-    if static_scale is not None:
-        scale, mode, group = static_scale, "static", 1
-    else:
-        scale = torch.empty((rows, cdiv(inter_size, group)), dtype=torch.float32,
-                            device=inter.device)
-        mode = "group"
-    launch_quantize_rows(inter, q, scale, scale.stride(0) if mode == "group" else 0, mode,
-                         group)
-    return q, scale
+    return inter, inter_scale
 
 
 def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, topk_ids,
                             topk_weights, groups, tiles, out, arrivals=None) -> None:
     """GEMM2 (+bias, × router weight) of every token's k slots, summed into `out` [M, H];
-    `inter_q`, `inter_scale` are `quantize_inter`'s (`static`: one scale); `tiles` and
-    `arrivals` as `experts_direct.launch_direct_gemm2`'s."""
+    `inter_q`, `inter_scale` are `launch_direct_gemm1_fp8`'s (`static`: one scale); `tiles`
+    and `arrivals` as `experts_direct.launch_direct_gemm2`'s."""
     num_experts, hidden_size, inter_size = w2_q.shape
     num_tokens, top_k = topk_ids.shape
     w_group_n, w_group_k, _, _, inter_group = groups

@@ -48,7 +48,7 @@ pointers and strides and allocates only activations, so a captured CUDA graph st
 valid for as long as the weights live. No fills, no host synchronisation.
 
 A configuration with `block_m` = 1 takes the direct path instead (`moekit.experts_direct_fp8`:
-no plan, the combine fused into GEMM2, four launches); the heuristic chooses it for up to
+no plan, the combine fused into GEMM2, three launches); the heuristic chooses it for up to
 four tokens on 32 or more experts and up to 8192 values of hidden (`default_fp8_config`).
 
 Expert maps (expert parallelism) as in `fused_experts`: the ids are mapped to local ones
@@ -94,7 +94,7 @@ from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import launch_combine
-from moekit.experts_direct_fp8 import launch_direct_experts_fp8
+from moekit.experts_direct_fp8 import gemm1_group_counts, launch_direct_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
@@ -469,11 +469,12 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
 
 def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
                  static_scale: torch.Tensor | None, plan: DispatchPlan | None = None,
-                 ) -> _Gemm1Input:
+                 clear: torch.Tensor | None = None) -> _Gemm1Input:
     """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`;
     first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows). With a
     `plan`, each row (and its per-row scales) is written to its pairs' plan slots instead:
-    [capacity, H] in plan order, for the Gluon GEMM1."""
+    [capacity, H] in plan order, for the Gluon GEMM1. `clear` (int32) is zeroed on the way
+    (the direct GEMM1's group counters)."""
     num_tokens, hidden_size = hidden.shape
     rows = num_tokens if plan is None else plan.capacity
     mode = activation_mode(group_m, group_k, static_scale)
@@ -494,7 +495,7 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
     launch_quantize_rows(hidden, xq, scale, strides[0], "tensor_rows" if few_rows else mode,
-                         group, partials, None if plan is None else plan.pair_slots)
+                         group, partials, None if plan is None else plan.pair_slots, clear)
     return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
 
@@ -527,11 +528,13 @@ def _launch_fused_experts_fp8(
         return
     w_group_n, w_group_k, a_group_m, a_group_k, inter_group = groups
     if config[0] == DIRECT_BLOCK_M:
-        hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
+        counts = gemm1_group_counts(topk_ids, w2_q.shape[2], inter_group,
+                                    input_scale2 is not None, config[1])
+        hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13, clear=counts)
         launch_direct_experts_fp8(hidden_in.x, hidden_in.scale, hidden_in.stride_sm, w13_q,
                                   w13_scale, w2_q, w2_scale, input_scale2, topk_ids,
                                   topk_weights, b13, b2, activation, alpha, limit, groups,
-                                  config, out)  # reads int64 ids, 16-bit weights itself
+                                  config, out, counts)  # reads int64 ids, 16-bit weights
         return
     topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=True)
     num_experts, _, inter = w2_q.shape
