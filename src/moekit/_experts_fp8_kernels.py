@@ -147,7 +147,6 @@ def _quantize_rows_kernel(
 def _quantize_rows(
     row_id,
     chunk_id,
-
     x_ptr,  # [M, K] bf16/fp16/fp32
     q_ptr,  # [M, K] fp8, out
     scale_ptr,  # static: [1] read; tensor(_rows): [1] out; token: [M] out; group: [M, nG] out
