@@ -159,11 +159,9 @@ _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
 _EXPERTS_GLUON = ("_gemm1_ws16_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
 _EXPERTS_GLUON2 = ("_gemm1_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
-_FP8 = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
-_FP8_GLUON = ("_quantize_rows_kernel", "_gemm1_fp8_kernel", "_gemm2_ws_kernel",
-              "_combine_kernel")
-_FP8_GLUON_BOTH = ("_quantize_rows_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel",
-                   "_combine_kernel")
+_FP8 = ("_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
+_FP8_GLUON = ("_gemm1_fp8_kernel", "_gemm2_ws_kernel", "_combine_kernel")
+_FP8_GLUON_BOTH = ("_gemm1_ws_kernel", "_gemm2_ws_kernel", "_combine_kernel")
 _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gemm2_fp8_kernel")
 
 
@@ -192,7 +190,11 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
         # A per-tensor amax over more than 16 rows takes a partials launch first.
         partials = scheme == "tensor" and block_m >= 32
         gluon = _FP8_GLUON_BOTH if flags.get("gluon1") else _FP8_GLUON
+        # The quantiser runs in the plan's launch, unless it writes plan-order rows (the
+        # Gluon GEMM1 not gathering: block scales never do, `gather_rows`).
+        scatter = flags.get("gluon1") and not (flags.get("gather") and scheme != "block")
         kernels = ((gluon if flags.get("gluon") else _FP8)
+                   + ("_quantize_rows_kernel" if scatter else "_plan_quantize_kernel",)
                    + (("_amax_partials_kernel",) if partials else ())
                    + (("_cast_topk_kernel",) if flags.get("topk64") else ()))
     return Case("fp8", dict(scheme=scheme, dtype=dtype, act=act, block_m=block_m, **flags), why,

@@ -22,6 +22,9 @@ A pair's rank among its expert's pairs in its chunk is counted by comparison wit
 chunk's earlier pairs (CHUNK² compares, no sort: Triton's bitonic `tl.sort` took ~7 µs
 for 256 keys and ~40 µs for 2048, bench/results/h200-20261202-plan-place-experiment.md).
 
+The fp8 path runs the place kernel and its row quantiser as one launch
+(`moekit._plan_quantize_kernels`), which calls `_place_pairs_kernel` as a function.
+
 With tail tiles (TILE_M = 2·BLOCK_M) the place kernel also writes the GEMMs' work list:
 each expert's run in TILE_M-row tiles, a run's odd last block marked as a tail.
 

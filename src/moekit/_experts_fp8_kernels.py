@@ -135,10 +135,46 @@ def _quantize_rows_kernel(
     row m (q [capacity, K], per-row scales [capacity, …]): the plan-order rows a GEMM
     reads by TMA, which cannot gather (`moekit._gluon_gemm1`).
 
-    With CLEAR, program (0, 0) also zeroes `clear_ptr`: the fp8 direct GEMM1's group
-    counters (`moekit._direct_fp8_kernels._quantize_inter`), no launch of their own."""
-    row = tl.program_id(0).to(tl.int64)
-    k_first = tl.program_id(1) * chunk
+    With CLEAR, program (0, 0) also zeroes `clear_ptr`: GEMM1's group counters
+    (`_store_inter_when_last`), no launch of their own."""
+    _quantize_rows(tl.program_id(0), tl.program_id(1), x_ptr, q_ptr, scale_ptr,
+                   partials_ptr, num_partials, num_rows, K, chunk, stride_xm, stride_qm,
+                   stride_sm, slots_ptr, top_k, clear_ptr, clear_n, MODE, SCATTER,
+                   CLEAR, GROUP, FMAX, AMAX_FLOOR, BLOCK_K, BLOCK_P)
+
+
+@triton.jit
+def _quantize_rows(
+    row_id,
+    chunk_id,
+    x_ptr,  # [M, K] bf16/fp16/fp32
+    q_ptr,  # [M, K] fp8, out
+    scale_ptr,  # static: [1] read; tensor(_rows): [1] out; token: [M] out; group: [M, nG] out
+    partials_ptr,  # [num_partials] fp32 ("tensor" only)
+    num_partials,
+    num_rows,  # M ("tensor_rows" only)
+    K,
+    chunk,  # values of a row per program along grid axis 1: a multiple of BLOCK_K, or ≥ K
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    slots_ptr,  # SCATTER: int32 [M·top_k] plan slot of each pair (−1: dropped)
+    top_k,
+    clear_ptr,  # CLEAR: int32 [clear_n], zeroed by program (0, 0) for a later kernel
+    clear_n,
+    MODE: tl.constexpr,  # "static", "tensor", "tensor_rows", "token" or "group"
+    SCATTER: tl.constexpr,  # write row m (and its scales) to its pairs' plan slots
+    CLEAR: tl.constexpr,
+    GROUP: tl.constexpr,  # the K group of "group"
+    FMAX: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of GROUP
+    BLOCK_P: tl.constexpr,  # ≥ num_partials
+):
+    """`_quantize_rows_kernel`'s work as program (row_id, chunk_id) (also a part of
+    `moekit._plan_quantize_kernels._plan_quantize_kernel`)."""
+    row = row_id.to(tl.int64)
+    k_first = chunk_id * chunk
     if CLEAR:
         if (row == 0) & (k_first == 0):
             for c0 in range(0, clear_n, BLOCK_K):

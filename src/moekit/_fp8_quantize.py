@@ -1,23 +1,38 @@
-"""The launch of the fp8 row quantiser, shared by the plan and direct fp8 paths."""
+"""The launch of the fp8 row quantiser, shared by the plan and direct fp8 paths — alone, or
+beside the dispatch plan's place kernel in one launch."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from moekit._experts_fp8_kernels import _quantize_rows_kernel
 from moekit._intmath import cdiv, next_power_of_2
 from moekit._launch import launcher
+from moekit._plan_quantize_kernels import _plan_quantize_kernel
+from moekit.dispatch import PlaceLaunch
 from moekit.quant import AMAX_FLOOR
 
 FMAX = 448.0  # e4m3fn's largest finite magnitude
 _QUANT_BLOCK_K = 1024
 
 
-def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stride_sm: int,
-                         mode: str, group: int, partials: torch.Tensor | None = None,
+class QuantizeLaunch(NamedTuple):
+    """`_quantize_rows_kernel`'s launch: grid (rows, chunks), arguments and constexprs."""
+
+    grid: tuple[int, int]
+    args: tuple
+    constexprs: dict
+
+
+def quantize_rows_launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                         stride_sm: int, mode: str, group: int,
+                         partials: torch.Tensor | None = None,
                          pair_slots: torch.Tensor | None = None,
-                         clear: torch.Tensor | None = None) -> None:
-    """`_quantize_rows_kernel` over x [M, K] into q, writing (or, "static", reading) `scale`.
+                         clear: torch.Tensor | None = None) -> QuantizeLaunch:
+    """`_quantize_rows_kernel` over x [M, K] into q, writing (or, "static", reading) `scale`,
+    as a launch to make (`launch_quantize_rows`, `launch_plan_and_quantize`).
 
     Static and 1×g group rows are spread over programs 1024 values (or one group) at a
     time; the other modes need the whole row (or tensor) per program. `partials` are
@@ -30,14 +45,35 @@ def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
     block_k = max(_QUANT_BLOCK_K, group)
     chunk = block_k if mode in ("static", "group") else cdiv(cols, block_k) * block_k
     num_partials = 0 if partials is None else partials.numel()
-    launcher(_quantize_rows_kernel)[(rows, cdiv(cols, chunk))](
-        x, q, scale, scale if partials is None else partials, num_partials, rows, cols, chunk,
-        x.stride(0), q.stride(0), stride_sm,
-        q if pair_slots is None else pair_slots,
-        1 if pair_slots is None else pair_slots.numel() // max(rows, 1),
-        scale if clear is None else clear, 0 if clear is None else clear.numel(),
-        MODE=mode, SCATTER=pair_slots is not None, CLEAR=clear is not None, GROUP=group,
-        FMAX=FMAX,
-        AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k,
-        BLOCK_P=max(16, next_power_of_2(max(num_partials, 1))),
+    return QuantizeLaunch(
+        (rows, cdiv(cols, chunk)),
+        (x, q, scale, scale if partials is None else partials, num_partials, rows, cols, chunk,
+         x.stride(0), q.stride(0), stride_sm,
+         q if pair_slots is None else pair_slots,
+         1 if pair_slots is None else pair_slots.numel() // max(rows, 1),
+         scale if clear is None else clear, 0 if clear is None else clear.numel()),
+        dict(MODE=mode, SCATTER=pair_slots is not None, CLEAR=clear is not None, GROUP=group,
+             FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k,
+             BLOCK_P=max(16, next_power_of_2(max(num_partials, 1)))),
     )
+
+
+def launch_quantize_rows(*args, **kwargs) -> None:
+    """Launch `quantize_rows_launch(*args, **kwargs)`."""
+    launch_plan_and_quantize(None, quantize_rows_launch(*args, **kwargs))
+
+
+def launch_plan_and_quantize(place: PlaceLaunch | None, quantize: QuantizeLaunch) -> None:
+    """The row quantiser, and with `place` the dispatch plan's place kernel in the same
+    launch (`_plan_quantize_kernel`): neither reads what the other writes, and GEMM1 needs
+    both, so the two small launches before it become one. A quantiser that scatters to
+    plan slots reads the plan, so it cannot share the plan's launch."""
+    if place is None:
+        launcher(_quantize_rows_kernel)[quantize.grid](*quantize.args, **quantize.constexprs)
+        return
+    if quantize.constexprs["SCATTER"]:
+        raise ValueError("quantize: a scattering quantiser reads the plan; launch it after")
+    rows, chunks = quantize.grid
+    launcher(_plan_quantize_kernel)[(place.programs + rows * chunks,)](
+        *place.args, *quantize.args, place.programs, chunks, **place.constexprs,
+        **quantize.constexprs)

@@ -16,6 +16,8 @@ themselves (the direct decode GEMMs, the combine) take them mapped by
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from moekit import reference
@@ -108,6 +110,27 @@ def dispatch_plan(
         return reference.dispatch_plan(topk_ids, num_experts, block_m, expert_map=expert_map,
                                        tile_m=tile_m)
 
+    plan, place = prepared_plan(topk_ids, num_experts, block_m, expert_map=expert_map,
+                                tile_m=tile_m)
+    launcher(_place_pairs_kernel)[(place.programs,)](*place.args, **place.constexprs)
+    return plan
+
+
+class PlaceLaunch(NamedTuple):
+    """`_place_pairs_kernel`'s launch: its grid, arguments and constexprs."""
+
+    programs: int
+    args: tuple
+    constexprs: dict
+
+
+def prepared_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int, *,
+                  expert_map: torch.Tensor | None = None,
+                  tile_m: int | None = None) -> tuple[DispatchPlan, PlaceLaunch]:
+    """`dispatch_plan`'s buffers (unchecked arguments, Triton backend) and the launch that
+    fills them, not yet made — the count and scan launches before it are, where there are
+    many pairs. For a caller that runs the place kernel beside other work in one launch
+    (`moekit._fp8_quantize.launch_plan_and_quantize`)."""
     if num_experts + 1 > 2**16:
         raise ValueError(f"num_experts: at most {2**16 - 1} experts, got {num_experts}")
     num_pairs = topk_ids.numel()
@@ -152,15 +175,15 @@ def dispatch_plan(
         )
     else:
         prefix = totals = scratch  # not read
-    launcher(_place_pairs_kernel)[(programs,)](
-        flat_ids, id_map, prefix, totals, scratch, sorted_pairs, block_experts, expert_offsets,
-        pair_slots, tiles, num_pairs, num_experts, num_global, num_chunks, num_blocks,
-        blocks_per_program, tiles_len, CHUNK=chunk,
-        ALL_PAIRS=1 if scanned else next_power_of_2(max(num_pairs, 1)), BINS=bins,
-        EXPERTS_PER_PROGRAM=experts_per_program, BLOCK_M=block_m, TILE_M=tile_m or 0,
-        BLOCK_TILE=_BLOCK_TILE, SCANNED=scanned, HAS_MAP=has_map,
+    return plan, PlaceLaunch(
+        programs,
+        (flat_ids, id_map, prefix, totals, scratch, sorted_pairs, block_experts,
+         expert_offsets, pair_slots, tiles, num_pairs, num_experts, num_global, num_chunks,
+         num_blocks, blocks_per_program, tiles_len),
+        dict(CHUNK=chunk, ALL_PAIRS=1 if scanned else next_power_of_2(max(num_pairs, 1)),
+             BINS=bins, EXPERTS_PER_PROGRAM=experts_per_program, BLOCK_M=block_m,
+             TILE_M=tile_m or 0, BLOCK_TILE=_BLOCK_TILE, SCANNED=scanned, HAS_MAP=has_map),
     )
-    return plan
 
 
 def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor, num_experts: int, *,

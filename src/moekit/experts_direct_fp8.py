@@ -9,8 +9,8 @@
                   ─► _direct_gemm2_fp8_kernel: per token (or part of its slots),
                      Σ_j w_j·(fp8 inter row × w2[e_j]ᵀ, scales, + b2) ─► out [M, H]
 
-The plan path's fp8 decode is five or six launches (amax, quantise, plan, GEMM1, GEMM2,
-combine); this is three, the GEMMs as lean as the 16-bit direct path's
+The plan path's fp8 decode is four or five launches (amax, plan with quantise, GEMM1,
+GEMM2, combine); this is three, the GEMMs as lean as the 16-bit direct path's
 (`moekit.experts_direct`), and the combine fused and deterministic. Why hidden is
 quantised by a kernel of its own rather than inside GEMM1: `moekit._direct_fp8_kernels`.
 Chosen by `ExpertsConfig.block_m` = `DIRECT_BLOCK_M`.

@@ -2,6 +2,8 @@
 
     hidden [M, H] ─► _quantize_rows_kernel: xq fp8 [M, H] + scales      (once per token)
                  ─► plan (pairs grouped by expert, padded to block_m)
+                    — the two in one launch (`_plan_quantize_kernel`) but where the
+                    quantiser writes plan-order rows for the Gluon GEMM1
                  ─► _gemm1_fp8_kernel: gathered xq rows × w13[e]ᵀ, scales, bias, activation,
                     quantised again ─► inter fp8 [capacity, I] + scales [capacity, I/g]
                  ─► _gemm2_fp8_kernel: inter × w2[e]ᵀ, scales, bias, × router weight
@@ -73,12 +75,17 @@ from moekit._checks import (
     check_tensor,
     output_like,
 )
+from moekit._dispatch_kernels import _place_pairs_kernel
 from moekit._experts_fp8_kernels import (
     _amax_partials_kernel,
     _gemm1_fp8_kernel,
     _gemm2_fp8_kernel,
 )
-from moekit._fp8_quantize import FMAX, launch_quantize_rows
+from moekit._fp8_quantize import (
+    FMAX,
+    launch_plan_and_quantize,
+    quantize_rows_launch,
+)
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
 from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
@@ -91,7 +98,7 @@ from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, u
 from moekit._topk_cast import kernel_topk
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
-from moekit.dispatch import dispatch_plan, local_expert_ids
+from moekit.dispatch import PlaceLaunch, local_expert_ids, prepared_plan
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import launch_combine
 from moekit.experts_direct_fp8 import gemm1_group_counts, launch_direct_experts_fp8
@@ -469,12 +476,14 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
 
 def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
                  static_scale: torch.Tensor | None, plan: DispatchPlan | None = None,
-                 clear: torch.Tensor | None = None) -> _Gemm1Input:
+                 clear: torch.Tensor | None = None, place: PlaceLaunch | None = None,
+                 ) -> _Gemm1Input:
     """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`;
     first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows). With a
     `plan`, each row (and its per-row scales) is written to its pairs' plan slots instead:
     [capacity, H] in plan order, for the Gluon GEMM1. `clear` (int32) is zeroed on the way
-    (the direct GEMM1's group counters)."""
+    (GEMM1's group counters). With `place` (`moekit.dispatch.prepared_plan`'s) the
+    quantiser runs in the plan's launch (`launch_plan_and_quantize`)."""
     num_tokens, hidden_size = hidden.shape
     rows = num_tokens if plan is None else plan.capacity
     mode = activation_mode(group_m, group_k, static_scale)
@@ -494,8 +503,10 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
         scale = torch.empty((rows, cdiv(hidden_size, group_k)),
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
-    launch_quantize_rows(hidden, xq, scale, strides[0], "tensor_rows" if few_rows else mode,
-                         group, partials, None if plan is None else plan.pair_slots, clear)
+    quantize = quantize_rows_launch(hidden, xq, scale, strides[0],
+                                    "tensor_rows" if few_rows else mode, group, partials,
+                                    None if plan is None else plan.pair_slots, clear)
+    launch_plan_and_quantize(place, quantize)
     return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
 
@@ -518,7 +529,8 @@ def _launch_fused_experts_fp8(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch quantise, plan, GEMM1, GEMM2 and combine (or the direct path's two GEMMs).
+    """Launch plan and quantise (one launch), GEMM1, GEMM2 and combine (or the direct path's
+    quantise and two GEMMs).
 
     `groups` is `_groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
     the input scales are given exactly when the scheme's activations are static.
@@ -544,18 +556,21 @@ def _launch_fused_experts_fp8(
     w_per_k = w_group_k != FULL
     dummy = topk_weights  # stands in for absent biases; never read
 
-    plan = dispatch_plan(topk_ids, num_experts, tail_m or block_m,
-                         tile_m=block_m if tail_m else None, backend="triton")
-    num_tiles, _, tail_m = plan.row_tiles()
     tma = use_tma(hidden, w13_q, w2_q, block_m)
     inter_static = input_scale2 is not None
     gluon1, gluon2 = _gluon_gemms(tma, w13_q, w2_q, block_m, activation, groups, inter_static,
                                   b13 is not None)
     # The Gluon GEMM1 reads A by TMA, so the quantiser writes the rows in plan order —
-    # unless it gathers them itself.
+    # unless it gathers them itself; otherwise it runs in the plan's launch.
     gather = gluon1 and gather_rows(top_k, hidden, a_group_k)
+    scatter = gluon1 and not gather
+    plan, place = prepared_plan(topk_ids, num_experts, tail_m or block_m,
+                                tile_m=block_m if tail_m else None)
+    if scatter:
+        launcher(_place_pairs_kernel)[(place.programs,)](*place.args, **place.constexprs)
+    num_tiles, _, tail_m = plan.row_tiles()
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
-                             plan if gluon1 and not gather else None)
+                             plan if scatter else None, place=None if scatter else place)
 
     inter_q = torch.empty((plan.capacity, inter), dtype=torch.float8_e4m3fn, device=hidden.device)
     if inter_static:

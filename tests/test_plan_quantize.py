@@ -1,0 +1,69 @@
+"""The dispatch plan's place kernel and the fp8 row quantiser in one launch: every output
+bitwise what the two launches write apart (interpreter)."""
+
+import pytest
+import torch
+
+from helpers import poison_, random_routing
+from moekit import reference
+from moekit._fp8_quantize import launch_plan_and_quantize, quantize_rows_launch
+from moekit.dispatch import prepared_plan
+
+PLAN_FIELDS = ("sorted_pairs", "block_experts", "expert_offsets", "pair_slots", "tiles")
+
+
+def quantiser(hidden, mode, group=1, partials=None, clear=None):
+    """Poisoned outputs for `mode` and the launch that fills them."""
+    rows, cols = hidden.shape
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    q.view(torch.uint8).fill_(0x7F)  # NaN: any value left unwritten shows
+    scale = poison_(torch.empty({"group": (rows, -(-cols // group)), "token": (rows,)}
+                                .get(mode, (1,))))
+    stride = scale.stride(0) if scale.dim() == 2 else int(mode == "token")
+    return q, scale, quantize_rows_launch(hidden, q, scale, stride, mode, group, partials,
+                                          clear=clear)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,E,k,block_m,tile_m,mode", [
+    (12, 8, 2, 16, None, "group"),
+    (6, 40, 8, 16, None, "tensor_rows"),
+    (40, 16, 4, 32, 64, "token"),
+    (700, 64, 8, 64, None, "group"),  # 5,600 pairs: the count and scan launches first
+])
+def test_one_launch_writes_what_two_do_interpreter(M, E, k, block_m, tile_m, mode):
+    hidden = torch.randn(M, 320, dtype=torch.float16)
+    ids, _ = random_routing(M, E, k)
+    ids.view(-1)[::5] = -1  # dropped pairs
+    group = 64 if mode == "group" else 1
+
+    plan, place = prepared_plan(ids, E, block_m, tile_m=tile_m)
+    for field in PLAN_FIELDS:
+        if getattr(plan, field) is not None:
+            getattr(plan, field).fill_(-0x2152411)
+    clear = torch.full((300,), 7, dtype=torch.int32)
+    q, scale, quantize = quantiser(hidden, mode, group, clear=clear)
+    launch_plan_and_quantize(place, quantize)
+
+    expected = reference.dispatch_plan(ids, E, block_m, tile_m=tile_m)
+    for field in PLAN_FIELDS:
+        if getattr(expected, field) is not None:
+            assert torch.equal(getattr(plan, field), getattr(expected, field)), field
+    q_apart, scale_apart, apart = quantiser(hidden, mode, group)
+    launch_plan_and_quantize(None, apart)
+    assert torch.equal(q.view(torch.uint8), q_apart.view(torch.uint8))
+    assert torch.equal(scale, scale_apart)
+    assert (clear == 0).all()
+
+
+@pytest.mark.interpreter
+def test_a_scattering_quantiser_keeps_its_own_launch_interpreter():
+    # Writing rows to their plan slots reads the plan: it cannot share the plan's launch.
+    ids, _ = random_routing(4, 8, 2)
+    plan, place = prepared_plan(ids, 8, 16)
+    hidden = torch.randn(4, 64)
+    q = torch.empty(plan.capacity, 64, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(plan.capacity)
+    quantize = quantize_rows_launch(hidden, q, scale, 1, "token", 1, None, plan.pair_slots)
+    with pytest.raises(ValueError, match="^quantize: a scattering quantiser"):
+        launch_plan_and_quantize(place, quantize)
