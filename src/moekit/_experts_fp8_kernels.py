@@ -135,8 +135,8 @@ def _quantize_rows_kernel(
     row m (q [capacity, K], per-row scales [capacity, …]): the plan-order rows a GEMM
     reads by TMA, which cannot gather (`moekit._gluon_gemm1`).
 
-    With CLEAR, program (0, 0) also zeroes `clear_ptr`: GEMM1's group counters
-    (`_store_inter_when_last`), no launch of their own."""
+    With CLEAR, program (0, 0) also zeroes `clear_ptr`: the direct GEMM1's group counters
+    (`moekit._direct_fp8_kernels._quantize_inter`), no launch of their own."""
     _quantize_rows(tl.program_id(0), tl.program_id(1), x_ptr, q_ptr, scale_ptr,
                    partials_ptr, num_partials, num_rows, K, chunk, stride_xm, stride_qm,
                    stride_sm, slots_ptr, top_k, clear_ptr, clear_n, MODE, SCATTER,
