@@ -50,7 +50,7 @@ from moekit._direct_kernels import (
     _weight_cols,
 )
 from moekit._experts_fp8_kernels import _col_scales, _scaled_dot, _store_inter
-from moekit._experts_kernels import _bias_and_activate
+from moekit._experts_kernels import _aligned, _bias_and_activate
 
 
 @triton.jit
@@ -113,6 +113,7 @@ def _direct_gemm1_fp8_kernel(
     CLEAR_ARRIVALS: tl.constexpr,
     INTER_MODE: tl.constexpr,  # "static", "groups" (BLOCK_N holds whole groups) or "last"
     INTER_GROUP: tl.constexpr,  # g of GEMM2's input's 1×g groups (1 when static)
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -122,6 +123,12 @@ def _direct_gemm1_fp8_kernel(
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
     `_direct_gemm1_kernel`). A K tile wider than a scale group runs as SUB_K-deep
     sub-steps, each its own loads and dot with its group's scales."""
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_xm = _aligned(stride_xm, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
@@ -340,6 +347,7 @@ def _direct_gemm2_fp8_kernel(
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
     PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -357,6 +365,12 @@ def _direct_gemm2_fp8_kernel(
     every step (1.1–1.45× the per-tensor GEMM2, H200). A skipped slot's loads and weights
     are zero.
     """
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_om = _aligned(stride_om, ROW_ALIGN)
     token = tl.program_id(0) // PARTS
     part = tl.program_id(0) - token * PARTS
     pid_n = tl.program_id(1)

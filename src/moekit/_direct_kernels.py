@@ -25,7 +25,7 @@ matter. Row offsets are 64-bit, offsets within a weight tile 32-bit.
 import triton
 import triton.language as tl
 
-from moekit._experts_kernels import _bias_and_activate
+from moekit._experts_kernels import _aligned, _bias_and_activate
 
 ROWS = tl.constexpr(16)  # the dot's row tile: the smallest tensor-core M (row 0 real here;
 # the fp8 GEMM2 fills a row per slot of its part)
@@ -161,12 +161,19 @@ def _direct_gemm1_kernel(
     EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CLEAR_ARRIVALS: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program: one pair × BLOCK_N intermediate columns. With CLEAR_ARRIVALS a
     token's first program also zeroes GEMM2's arrival counters of that token (a launch
     fewer than a separate memset)."""
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_hm = _aligned(stride_hm, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
@@ -231,6 +238,7 @@ def _direct_gemm2_kernel(
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
     PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -243,6 +251,12 @@ def _direct_gemm2_kernel(
     (Each slot's products in a row of their own, the router weights applied after the
     loop as in the fp8 GEMM2, measured the same on an H200: bench/NOTES.md, session 11.)
     """
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_om = _aligned(stride_om, ROW_ALIGN)
     token = tl.program_id(0) // PARTS
     part = tl.program_id(0) - token * PARTS
     pid_n = tl.program_id(1)

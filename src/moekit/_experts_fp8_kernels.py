@@ -36,6 +36,7 @@ import triton.language as tl
 
 from moekit._experts_kernels import (
     _activate,
+    _aligned,
     _row_tile,
     _tile_coords,
     _tile_of,
@@ -491,6 +492,7 @@ def _gemm1_fp8_kernel(
     FMAX: tl.constexpr,
     AMAX_FLOOR: tl.constexpr,
     TAIL_M: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -506,6 +508,12 @@ def _gemm1_fp8_kernel(
     from L2), so GEMM2's input is still quantised in whole 1×128 groups of a row. A tail
     tile splits too: the TMA descriptor's boxes are half a column tile wide.
     """
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_xm = _aligned(stride_xm, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
     pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
                                              TAIL_M)
@@ -711,6 +719,7 @@ def _gemm2_fp8_kernel(
     W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,  # the column tile lies inside one scale group of N
     TAIL_M: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -719,6 +728,12 @@ def _gemm2_fp8_kernel(
     """Row tiles (one expert each) × BLOCK_N hidden columns: one tile per program, or
     (PERSISTENT) NUM_PROGRAMS programs striding over the row tiles in use, counted on the
     GPU, as in the 16-bit pipeline's `_gemm2_kernel`."""
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_om = _aligned(stride_om, ROW_ALIGN)
     num_n = tl.cdiv(H, BLOCK_N)
     if PERSISTENT:
         if TAIL_M:

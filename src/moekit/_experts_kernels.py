@@ -50,6 +50,21 @@ def _activate(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def _aligned(x, ALIGN: tl.constexpr):
+    """x, known to the compiler as a multiple of ALIGN (which the host checked,
+    `moekit._intmath.row_align`). Triton proves a row stride or length aligned only when
+    it is a multiple of 16 elements (its own specialisation of integer arguments); rows
+    of 1000 or 360 elements (an 8-way tensor-parallel shard of gpt-oss) then load an
+    element at a time, and the 16-bit GEMMs spilled 0.3–4.6 KB of registers (sm_90
+    `ptxas -v`). (x // ALIGN) · ALIGN is x, and makes such rows load as 16-byte vectors
+    when ALIGN is 8; at 16 Triton knows already."""
+    if 1 < ALIGN and ALIGN < 16:
+        return (x // ALIGN) * ALIGN
+    else:
+        return x
+
+
+@triton.jit
 def _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, alpha, limit,
                        ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """GEMM1's epilogue on fp32 [rows, BLOCK_N] tiles: + b13[expert] (gate, then up), then
@@ -208,6 +223,7 @@ def _gemm1_kernel(
     W_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TAIL_M: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -215,6 +231,12 @@ def _gemm1_kernel(
 ):
     """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
     (TAIL_M) computes only its TAIL_M rows."""
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_hm = _aligned(stride_hm, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
     pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
                                              TAIL_M)
@@ -372,6 +394,7 @@ def _gemm2_kernel(
     NUM_PROGRAMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TAIL_M: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -384,6 +407,12 @@ def _gemm2_kernel(
     next tile's loads; the count comes from the plan (or the work list) on the GPU, so no
     host sync.
     """
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_om = _aligned(stride_om, ROW_ALIGN)
     num_n = tl.cdiv(H, BLOCK_N)
     if PERSISTENT:
         if TAIL_M:

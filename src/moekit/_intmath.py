@@ -17,3 +17,14 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ≥ n for n ≥ 1, and 0 for 0, as `triton.next_power_of_2`."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def row_align(*values: int, limit: int = 16) -> int:
+    """The largest power of two, at most `limit`, that divides every value (0 divides by
+    anything): what a kernel may assume of its row strides and row lengths
+    (`moekit._experts_kernels._aligned`)."""
+    align = limit
+    for v in values:
+        while v % align:
+            align //= 2
+    return align

@@ -41,7 +41,7 @@ from moekit._gluon_gemm1_16bit import (
     use_gluon_gemm1_16bit,
 )
 from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
-from moekit._intmath import cdiv
+from moekit._intmath import cdiv, row_align
 from moekit._launch import launcher
 from moekit._replay import replayed
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
@@ -262,7 +262,10 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
         EVEN_N=inter_size % block_n == 0, W_TMA=tma, DOT_PRECISION=dot_precision(hidden),
-        TAIL_M=tail_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        TAIL_M=tail_m,
+        ROW_ALIGN=row_align(hidden_size, inter_size, hidden.stride(0), w13.stride(0),
+                            w13.stride(1), inter.stride(0)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
     return inter
@@ -291,7 +294,10 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0, TMA=tma,
         PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1), DOT_PRECISION=dot_precision(inter),
-        TAIL_M=tail_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        TAIL_M=tail_m,
+        ROW_ALIGN=row_align(hidden_size, inter_size, inter.stride(0), w2.stride(0),
+                            w2.stride(1), pair_out.stride(0)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )
     return pair_out

@@ -24,7 +24,7 @@ import torch
 
 from moekit._direct_kernels import ROWS, _direct_gemm1_kernel, _direct_gemm2_kernel
 from moekit._dot_precision import dot_precision
-from moekit._intmath import cdiv, next_power_of_2
+from moekit._intmath import cdiv, next_power_of_2, row_align
 from moekit._launch import launcher
 
 
@@ -93,8 +93,10 @@ def launch_direct_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, al
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
         EVEN_N=inter_size % block_n == 0, DOT_PRECISION=dot_precision(hidden),
-        CLEAR_ARRIVALS=arrivals is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
+        CLEAR_ARRIVALS=arrivals is not None,
+        ROW_ALIGN=row_align(hidden_size, inter_size, hidden.stride(0), w13.stride(0),
+                            w13.stride(1), inter.stride(0)),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return inter
 
@@ -120,6 +122,8 @@ def launch_direct_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_output,
         WEIGHT_ON_OUTPUT=weight_on_output, HAS_BIAS=b2 is not None,
         EVEN_K=inter_size % block_k == 0, EVEN_N=hidden_size % block_n == 0,
         DOT_PRECISION=dot_precision(inter), TOP_K=top_k, SLOTS=next_power_of_2(top_k),
-        PER_PART=per_part, PARTS=parts, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages,
+        PER_PART=per_part, PARTS=parts,
+        ROW_ALIGN=row_align(hidden_size, inter_size, inter.stride(0), w2.stride(0),
+                            w2.stride(1), out.stride(0)),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )

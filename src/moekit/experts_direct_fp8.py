@@ -23,7 +23,7 @@ import torch
 from moekit._direct_fp8_kernels import _direct_gemm1_fp8_kernel, _direct_gemm2_fp8_kernel
 from moekit._fp8_quantize import AMAX_FLOOR, FMAX
 from moekit._fp8_scales import uniform_along_n, weight_scale_layout
-from moekit._intmath import cdiv, next_power_of_2
+from moekit._intmath import cdiv, next_power_of_2, row_align
 from moekit._launch import launcher
 from moekit.experts_direct import gemm2_arrivals, gemm2_parts
 from moekit.quant.scheme import FULL
@@ -103,6 +103,8 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         W_GROUPS=_groups(hidden_size, w_group_k),
         SHARED_GROUPS=_shared_groups(x_per_k, a_group_k, ws, block_n, inter_size),
         CLEAR_ARRIVALS=arrivals is not None, INTER_MODE=mode, INTER_GROUP=inter_group,
+        ROW_ALIGN=row_align(hidden_size, inter_size, x_q.stride(0), w13_q.stride(0),
+                            w13_q.stride(1), inter.stride(0)),
         FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_N=block_n, BLOCK_K=block_k,
         SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
         num_warps=warps, num_stages=stages,
@@ -135,6 +137,8 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
         W_UNIFORM_N=uniform_along_n(ws, block_n, 0), W_GROUPS=_groups(inter_size, w_group_k),
         SHARED_GROUPS=_shared_groups(not static, inter_group, ws, block_n, 0),
         TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, PARTS=parts,
+        ROW_ALIGN=row_align(hidden_size, inter_size, inter_q.stride(0), w2_q.stride(0),
+                            w2_q.stride(1), out.stride(0)),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
 

@@ -91,7 +91,7 @@ from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._host_cache import host_cache
-from moekit._intmath import cdiv
+from moekit._intmath import cdiv, row_align
 from moekit._launch import launcher
 from moekit._replay import replayed
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
@@ -609,6 +609,8 @@ def _launch_fused_experts_fp8(
             W_UNIFORM_N=uniform_along_n(ws1, c1[0], inter),
             INTER_STATIC=inter_static, INTER_GROUP=inter_group, SPLIT_N=split,
             FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
+            ROW_ALIGN=row_align(hidden_size, inter, hidden_in.x.stride(0), w13_q.stride(0),
+                                w13_q.stride(1), inter_q.stride(0)),
             BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
             num_warps=c1[3], num_stages=c1[4],
         )
@@ -637,6 +639,8 @@ def _launch_fused_experts_fp8(
         A_PER_K=not inter_static, A_GROUP_K=inter_group,
         W_PER_K=w_per_k, W_GROUP_N=ws2[3], W_GROUP_K=ws2[4],
         W_UNIFORM_N=uniform_along_n(ws2, c2[0], 0), TAIL_M=tail_m,
+        ROW_ALIGN=row_align(hidden_size, inter, inter_q.stride(0), w2_q.stride(0),
+                            w2_q.stride(1), pair_out.stride(0)),
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
         num_warps=c2[3], num_stages=c2[4],
     )

@@ -162,10 +162,11 @@ def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True,
                       wide_16: bool = False) -> ExpertsConfig:
     """The GEMM tiles the heuristic pairs with a row tile (the direct path's at one token).
 
-    `aligned`: H and I are multiples of 16 elements. Other rows load unvectorised, and the
-    wide 32-row tile then spills (6.5 KB in GEMM2 at I = 264), so such shapes keep the
-    narrower 32- and 64-row tiles. `wide_16`: 16-row blocks take the 32-row blocks' tiles
-    too (`wide_16_row_tiles`).
+    `aligned`: H and I are multiples of 8 elements (16 bytes of a 16-bit row). Other rows
+    load unvectorised, and the wide 32-row tile then spills (6.5 KB in GEMM2 at I = 264
+    before the kernels were told rows of 8k elements are aligned, `ROW_ALIGN`; none since,
+    sm_90 `ptxas -v`), so such shapes keep the narrower 32- and 64-row tiles. `wide_16`:
+    16-row blocks take the 32-row blocks' tiles too (`wide_16_row_tiles`).
     """
     if block_m == DIRECT_BLOCK_M:
         return direct_tiles(1, 1, 0)
@@ -262,7 +263,7 @@ def default_config(
     on a GPU of `num_sms` SMs."""
     if use_direct_path(num_tokens, num_experts, top_k, dtype_bytes):
         return direct_tiles(num_tokens, top_k, hidden)
-    aligned = hidden % 16 == 0 and inter % 16 == 0
+    aligned = hidden % 8 == 0 and inter % 8 == 0  # 16-byte rows (`tiles_for_block_m`)
     narrow = narrow_row_tile(num_tokens, num_experts, top_k, hidden, inter, num_sms)
     wide_16 = wide_16_row_tiles(num_experts, hidden, inter, narrow is not None)
     if dtype_bytes <= 2 and narrow:
