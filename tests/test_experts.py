@@ -18,6 +18,7 @@ from helpers import (
 )
 from moekit import reference
 from moekit.bench.presets import PRESETS
+from moekit.routing import Routing
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import tiles_for_block_m
 
@@ -448,6 +449,40 @@ def test_fused_moe_ranks_with_expert_maps_sum_to_the_whole_layer(backend, monkey
         partials.append(out)
     whole = reference.fused_moe(hidden, logits, w13, w2, 3)
     assert_close(partials[0] + partials[1], whole, name="the ranks' sum")
+
+
+DEEPSEEK_LIKE = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("method,bias", [
+    (DEEPSEEK_LIKE, True), ("sigmoid", False), (Routing("sigmoid", renormalize=False), False)],
+    ids=["deepseek-groups-bias", "sigmoid", "sigmoid-no-renorm"])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fused_moe_routes_by_the_method_given(method, bias, backend, monkeypatch):
+    # The routing reaches `route`: the result is the reference's under that method, and
+    # not the default softmax's.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w13, w2, _, _ = random_experts(8, 32, 16, seed=4)
+    hidden, logits = torch.randn(9, 32), torch.randn(9, 8)
+    correction = torch.randn(8) if bias else None
+    out = moekit.fused_moe(hidden, logits, w13, w2, 3, method=method,
+                           e_score_correction_bias=correction, backend=backend)
+    expected = reference.fused_moe(hidden, logits, w13, w2, 3, method=method,
+                                   e_score_correction_bias=correction)
+    assert_close(out, expected, name=str(method))
+    default = reference.fused_moe(hidden, logits, w13, w2, 3)
+    assert (expected - default).abs().max() > 1e-3, "the method changed the result"
+
+
+def test_fused_moe_checks_the_routing():
+    w13, w2, _, _ = random_experts(8, 32, 16)
+    hidden, logits = torch.randn(3, 32), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="n_group: 3 does not divide E = 8"):
+        moekit.fused_moe(hidden, logits, w13, w2, 2, method=Routing("sigmoid", n_group=3))
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        moekit.fused_moe(hidden, logits, w13, w2, 2, method="sigmoid",
+                         e_score_correction_bias=torch.zeros(7))
 
 
 def test_fused_moe_reference_on_cpu():

@@ -17,6 +17,7 @@ from fp8_interpreter import exact_fp8_casts
 from helpers import assert_close, capture_cuda_graph, poison_cuda_cache, random_experts
 from moekit import reference
 from moekit.quant import QuantScheme, quantize_weight
+from moekit.routing import Routing
 
 KERNEL_TOL = 3e-3  # tests/test_experts_fp8.py: fp32 hidden, summation order only
 GPU_TOL = 1e-2
@@ -63,6 +64,24 @@ def test_reference_backend_is_route_then_the_quantised_experts(scheme, renormali
     # The renormalisation reached the experts: the other choice is another result.
     other = expected(*case, 3, not renormalize)
     assert (out - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_deepseek_routing_reaches_the_experts(backend):
+    # Sigmoid over 4 groups of 2, 2 kept, a score-correction bias and a scaling factor:
+    # the reference's routing under the same method, whichever backend.
+    case = make_case("fp8_block", 5, 8, 256, 128, seed=11)
+    scheme, hidden, logits, q13, q2, *_ = case
+    method = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    correction = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    with exact_fp8_casts():
+        out = moekit.fused_moe_fp8(hidden, logits, q13, q2, 3, scheme=scheme, method=method,
+                                   e_score_correction_bias=correction, backend=backend)
+    ids, weights = reference.route(logits, 3, method=method, e_score_correction_bias=correction)
+    want = reference.fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme)
+    assert_close(out, want, KERNEL_TOL, name=backend)
+    assert (want - expected(*case, 3)).abs().max() > 1e-3, "the method changed the result"
 
 
 @pytest.mark.interpreter

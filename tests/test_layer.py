@@ -7,6 +7,7 @@ from helpers import assert_close
 from moekit import reference
 from moekit.layer import MoE
 from moekit.quant import QuantScheme, quantize_weight
+from moekit.routing import Routing
 
 
 def expected_output(layer, hidden):
@@ -14,8 +15,8 @@ def expected_output(layer, hidden):
     f = lambda t: None if t is None else t.detach()
     out = reference.fused_moe(
         hidden.reshape(-1, hidden.shape[-1]).detach(), logits.detach(), f(layer.w13), f(layer.w2),
-        layer.top_k, renormalize=layer.renormalize, activation=layer.activation,
-        b13=f(layer.b13), b2=f(layer.b2),
+        layer.top_k, method=layer.routing, e_score_correction_bias=layer.e_score_correction_bias,
+        activation=layer.activation, b13=f(layer.b13), b2=f(layer.b2),
     )
     return out.reshape(hidden.shape)
 
@@ -94,6 +95,79 @@ def test_expert_parallel_layers_sum_to_the_whole_layer(backend):
         assert_close(out, whole(hidden), name="the ranks' sum")
 
 
+DEEPSEEK_LIKE = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("M", [4, 20], ids=["decode", "router-module"])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
+def test_layer_routes_like_deepseek(backend, M):
+    # Sigmoid over expert groups with a score-correction bias (a buffer, in the state
+    # dict): the router module runs at every M, the one-launch kernel takes no bias.
+    torch.manual_seed(0)
+    layer = MoE(8, 3, 64, 32, method=DEEPSEEK_LIKE, e_score_correction_bias=True,
+                backend=backend)
+    with torch.no_grad():
+        layer.e_score_correction_bias.normal_()
+    assert "e_score_correction_bias" in layer.state_dict()
+    assert "n_group=4" in repr(layer) and "e_score_correction_bias" in repr(layer)
+    hidden = torch.randn(M, 64)
+    assert not layer._router_kernel_serves(hidden)
+    with torch.no_grad():
+        out = layer(hidden)
+        assert_close(out, expected_output(layer, hidden))
+        layer.e_score_correction_bias.zero_()
+        assert (layer(hidden) - out).abs().max() > 1e-3, "the bias moved the selection"
+
+
+@pytest.mark.interpreter
+def test_decode_router_kernel_takes_expert_groups(monkeypatch):
+    # Groups without a bias at M ≤ 16: the one-launch router top-k routes them.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    layer = MoE(8, 3, 64, 32, method=Routing("sigmoid", n_group=4, topk_group=2),
+                backend="triton")
+    hidden = torch.randn(4, 64)
+    with torch.no_grad():
+        assert layer._router_kernel_serves(hidden)
+        assert_close(layer(hidden), expected_output(layer, hidden))
+
+
+def test_layer_from_weights_takes_the_score_correction_bias():
+    torch.manual_seed(0)
+    src = MoE(8, 3, 32, 16, method=DEEPSEEK_LIKE, e_score_correction_bias=True)
+    with torch.no_grad():
+        src.e_score_correction_bias.normal_()
+    layer = MoE.from_weights(src.router.weight, src.w13, src.w2, 3, method=DEEPSEEK_LIKE,
+                             e_score_correction_bias=src.e_score_correction_bias)
+    assert torch.equal(layer.e_score_correction_bias, src.e_score_correction_bias)
+    hidden = torch.randn(20, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(hidden), src(hidden))
+
+
+def test_a_cast_keeps_the_score_correction_bias_in_float32():
+    layer = MoE(8, 3, 32, 16, method=DEEPSEEK_LIKE, e_score_correction_bias=True)
+    with torch.no_grad():
+        layer.e_score_correction_bias.normal_()
+    before = layer.e_score_correction_bias.clone()
+    layer.to(torch.bfloat16)
+    assert layer.w13.dtype == torch.bfloat16
+    assert torch.equal(layer.e_score_correction_bias, before), "float32, unrounded"
+    assert "e_score_correction_bias" in dict(layer.named_buffers())
+
+
+def test_fp8_layer_routes_like_deepseek():
+    torch.manual_seed(0)
+    layer = MoE(8, 3, 64, 32, method=DEEPSEEK_LIKE, e_score_correction_bias=True,
+                quant="fp8_block", backend="reference")
+    with torch.no_grad():
+        layer.e_score_correction_bias.normal_()
+        hidden = torch.randn(20, 64)
+        assert_close(layer(hidden), expected_fp8_output(layer, hidden))
+
+
 @pytest.mark.parametrize("local_experts,why", [
     ([], "empty"),
     ([0, 0], "an expert twice"),
@@ -108,6 +182,9 @@ def test_bad_local_experts(local_experts, why):
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"top_k": 5}, "top_k"),
     ({"hidden_size": 0}, "hidden_size"),
+    ({"method": Routing("sigmoid", n_group=3)}, "n_group: 3 does not divide E = 4"),
+    ({"method": Routing("sigmoid", n_group=4, topk_group=1)}, "top_k: 2 exceeds"),
+    ({"method": "sigmod"}, "method"),
     ({"activation": "tanh"}, "activation"),
 ])
 def test_bad_construction(kwargs, fragment):
@@ -120,7 +197,8 @@ def expected_fp8_output(layer, hidden):
     """The layer's routing, then the fp8 reference on its weights quantised afresh."""
     flat = hidden.reshape(-1, hidden.shape[-1]).detach()
     topk = reference.route(flat @ layer.router.weight.detach().T, layer.top_k,
-                           renormalize=layer.renormalize)
+                           method=layer.routing,
+                           e_score_correction_bias=layer.e_score_correction_bias)
     w13, w2 = (quantize_weight(w.detach(), layer.scheme.weight) for w in (layer.w13, layer.w2))
     f = lambda t: None if t is None else t.detach()
     out = reference.fused_experts_quantized(
@@ -186,10 +264,17 @@ def test_fp8_layer_refuses_static_activation_scales():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("deepseek", [False, True], ids=["softmax", "deepseek"])
 @pytest.mark.parametrize("quant", [None, "fp8_block"], ids=["bf16", "fp8_block"])
-def test_layer_cuda_graph_gpu(quant):
+def test_layer_cuda_graph_gpu(quant, deepseek):
     torch.manual_seed(0)
-    layer = MoE(32, 4, 512, 256, quant=quant, device="cuda", dtype=torch.bfloat16).prepare()
+    routing = (dict(method=Routing("sigmoid", n_group=8, topk_group=4, routed_scaling_factor=2.5),
+                    e_score_correction_bias=True) if deepseek else {})
+    layer = MoE(32, 4, 512, 256, quant=quant, device="cuda", dtype=torch.bfloat16,
+                **routing).prepare()
+    if deepseek:
+        with torch.no_grad():
+            layer.e_score_correction_bias.normal_()
     hidden = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         stream = torch.cuda.Stream()

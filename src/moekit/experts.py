@@ -50,7 +50,7 @@ from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.experts_direct import launch_direct_experts
-from moekit.routing import route
+from moekit.routing import Routing, route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import gluon_gemm1_narrow_columns
@@ -137,7 +137,9 @@ def fused_moe(
     w2: torch.Tensor,
     top_k: int,
     *,
-    renormalize: bool = True,
+    method: str | Routing = "softmax",
+    renormalize: bool | None = None,
+    e_score_correction_bias: torch.Tensor | None = None,
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
@@ -145,7 +147,7 @@ def fused_moe(
     config: ExpertsConfig | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Softmax → top-k routing (renormalised if asked) followed by `fused_experts`.
+    """`route` (by default softmax → top-k, renormalised) followed by `fused_experts`.
 
     Eager calls replay as one (`moekit._replay`): one call key for both ops, and the
     routing's ids and weights in the replay's workspace.
@@ -154,6 +156,8 @@ def fused_moe(
         hidden: [M, H]; w13, w2, b13, b2: as in `fused_experts`.
         router_logits: [M, E], or [M, E_global] with `expert_map`.
         top_k: experts per token, 1 ≤ top_k ≤ the router's experts.
+        method, renormalize, e_score_correction_bias: as `route`'s (a preset name or a
+            `Routing`, e.g. DeepSeek-V3's sigmoid over expert groups; the bias [E_global]).
         expert_map: optional int32 [E_global] for expert parallelism (as in
             `fused_experts`): the router chooses among all E_global experts, this rank
             computes the pairs of its own E and returns their partial sum.
@@ -162,7 +166,8 @@ def fused_moe(
     """
     check_tensor("w13", w13, ndim=3)
     check_router(router_logits, w13.shape[0], top_k, expert_map)
-    topk = route(router_logits, top_k, renormalize=renormalize, backend=backend)
+    topk = route(router_logits, top_k, method=method, renormalize=renormalize,
+                 e_score_correction_bias=e_score_correction_bias, backend=backend)
     return fused_experts(
         hidden, w13, w2, topk.ids, topk.weights, activation=activation, b13=b13, b2=b2,
         expert_map=expert_map, config=config, backend=backend,

@@ -105,7 +105,7 @@ from moekit.experts_direct_fp8 import gemm1_group_counts, launch_direct_experts_
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
-from moekit.routing import route
+from moekit.routing import Routing, route
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import (
@@ -221,7 +221,9 @@ def fused_moe_fp8(
     top_k: int,
     *,
     scheme: str | QuantScheme,
-    renormalize: bool = True,
+    method: str | Routing = "softmax",
+    renormalize: bool | None = None,
+    e_score_correction_bias: torch.Tensor | None = None,
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
@@ -229,8 +231,8 @@ def fused_moe_fp8(
     config: ExpertsConfig | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Softmax → top-k routing (renormalised if asked) followed by `fused_experts_fp8`:
-    `fused_moe` on fp8 weights.
+    """`route` (by default softmax → top-k, renormalised) followed by
+    `fused_experts_fp8`: `fused_moe` on fp8 weights.
 
     Eager calls replay as one (`moekit._replay`): one call key for both ops, and the
     routing's ids and weights in the replay's workspace.
@@ -239,6 +241,7 @@ def fused_moe_fp8(
         hidden: [M, H]; w13, w2, scheme, b13, b2, config: as in `fused_experts_fp8`.
         router_logits: [M, E], or [M, E_global] with `expert_map`.
         top_k: experts per token, 1 ≤ top_k ≤ the router's experts.
+        method, renormalize, e_score_correction_bias: as `route`'s.
         expert_map: optional int32 [E_global] for expert parallelism (as in
             `fused_experts_fp8`): this rank's partial sum.
     Returns:
@@ -247,7 +250,8 @@ def fused_moe_fp8(
     if not isinstance(w13, QuantizedWeight):
         raise TypeError(f"w13: expected a QuantizedWeight, got {type(w13).__name__}")
     check_router(router_logits, w13.shape[0], top_k, expert_map)
-    topk = route(router_logits, top_k, renormalize=renormalize, backend=backend)
+    topk = route(router_logits, top_k, method=method, renormalize=renormalize,
+                 e_score_correction_bias=e_score_correction_bias, backend=backend)
     return fused_experts_fp8(
         hidden, w13, w2, topk.ids, topk.weights, scheme=scheme, activation=activation,
         b13=b13, b2=b2, config=config, backend=backend, expert_map=expert_map,

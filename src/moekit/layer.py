@@ -10,7 +10,12 @@ kernel where it measured faster, else the GEMV or cuBLAS and a routing launch) i
 on two streams at once. At larger M the router module (cuBLAS) runs, then `fused_moe`
 (`fused_moe_fp8`). The module runs at any M where the kernel could behave differently:
 hooks on the router, a router that is no plain bias-free `nn.Linear`, autograd
-recording, or the reference backend.
+recording, or the reference backend; and with a score-correction bias, which the
+one-launch kernel does not take.
+
+The routing is any `moekit.routing.route` computes (`method`: softmax by default;
+sigmoid, expert groups and a routed scaling factor for DeepSeek-V3 and Kimi-K2, with
+the `e_score_correction_bias` buffer).
 
 With `local_experts` the layer is one rank's share under expert parallelism: the router
 still scores all E experts, the module holds only the listed ones' weights, and its
@@ -42,7 +47,10 @@ from moekit.backend import resolve_backend
 from moekit.experts import fused_experts, fused_moe
 from moekit.experts_fp8 import fused_experts_fp8, fused_moe_fp8
 from moekit.quant import QuantScheme, quantize_weight
+from moekit.routing import PRESETS as ROUTING_PRESETS
+from moekit.routing import Routing
 from moekit.routing.logits import GEMV_ROWS
+from moekit.routing.method import check_route_args
 from moekit.routing.router_topk import router_topk
 
 
@@ -53,7 +61,14 @@ class MoE(nn.Module):
         num_experts: E. top_k: experts per token. hidden_size: H. intermediate_size: I.
         activation: name or `Activation` (default SwiGLU, "silu").
         bias: whether the expert GEMMs have biases (gpt-oss).
-        renormalize: renormalise the k routing weights to sum to 1.
+        method: the routing, a `moekit.routing` preset name ("softmax", "sigmoid",
+            "topk_softmax") or a `Routing` (DeepSeek-V3: `Routing("sigmoid", n_group=8,
+            topk_group=4, routed_scaling_factor=2.5)`).
+        renormalize: renormalise the k routing weights to sum to 1 (None: the method's
+            default; the softmax preset's is True).
+        e_score_correction_bias: hold a float32 [E] buffer `e_score_correction_bias`
+            (zeros; a checkpoint loads it) added to the scores to select experts
+            (DeepSeek-V3's, as transformers' gate holds it).
         local_experts: the expert ids (of E) this module holds, for expert parallelism;
             default all. w13/w2 then have len(local_experts) experts, in that order.
         quant: None (16-bit experts), or an fp8 `QuantScheme` or preset name ("fp8_tensor",
@@ -71,7 +86,9 @@ class MoE(nn.Module):
         *,
         activation: str | Activation = "silu",
         bias: bool = False,
-        renormalize: bool = True,
+        method: str | Routing = "softmax",
+        renormalize: bool | None = None,
+        e_score_correction_bias: bool = False,
         local_experts: list[int] | tuple[int, ...] | None = None,
         quant: str | QuantScheme | None = None,
         backend: str = "auto",
@@ -88,8 +105,9 @@ class MoE(nn.Module):
         held = _check_local_experts(local_experts, num_experts)
         self.scheme = _check_quant(quant)
         self.activation = Activation.parse(activation)
+        self.routing = Routing.parse(method, renormalize=renormalize)
+        check_route_args(torch.empty(0, num_experts, device="meta"), top_k, self.routing, None)
         self.top_k = top_k
-        self.renormalize = renormalize
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
         rows = self.activation.gemm1_rows(intermediate_size)
@@ -104,6 +122,9 @@ class MoE(nn.Module):
             expert_map[list(local_experts)] = torch.arange(held, dtype=torch.int32,
                                                            device=device)
         self.register_buffer("expert_map", expert_map, persistent=False)
+        correction = (torch.zeros(num_experts, dtype=torch.float32, device=device)
+                      if e_score_correction_bias else None)
+        self.register_buffer("e_score_correction_bias", correction)
         # `router_topk`'s arrival counter: zero between calls, one per layer (module doc)
         self.register_buffer("router_arrivals", torch.zeros(1, dtype=torch.int32,
                                                              device=device), persistent=False)
@@ -133,15 +154,20 @@ class MoE(nn.Module):
         *,
         b13: torch.Tensor | None = None,
         b2: torch.Tensor | None = None,
+        e_score_correction_bias: torch.Tensor | None = None,
         **kwargs,
     ) -> MoE:
-        """Build a layer around existing weights (router [E, H], w13, w2 as in DESIGN.md;
-        with `local_experts` in kwargs, w13/w2 hold those experts only)."""
+        """Build a layer around existing weights (router [E, H], w13, w2 as in DESIGN.md,
+        the routing's score-correction bias [E]; with `local_experts` in kwargs, w13/w2
+        hold those experts only)."""
         num_experts = router_weight.shape[0]
         _, hidden_size, inter = w2.shape
         layer = cls(num_experts, top_k, hidden_size, inter, bias=b13 is not None,
+                    e_score_correction_bias=e_score_correction_bias is not None,
                     device=w2.device, dtype=w2.dtype, **kwargs)
         with torch.no_grad():
+            if e_score_correction_bias is not None:
+                layer.e_score_correction_bias.copy_(e_score_correction_bias)
             layer.router.weight.copy_(router_weight)
             layer.w13.copy_(w13)
             layer.w2.copy_(w2)
@@ -171,11 +197,21 @@ class MoE(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """`.to()`, `.cuda()`, `.half()` and the like give the parameters new tensors; the
         prepared copies still alias (or were quantised from) the old ones, so the next
-        forward prepares again."""
+        forward prepares again. A cast leaves the score-correction bias in float32 (moved
+        only), as transformers keeps it: rounded to 16 bits it would select other experts."""
+        correction = self.e_score_correction_bias
         module = super()._apply(fn, *args, **kwargs)
+        moved = self.e_score_correction_bias
+        if correction is not None and moved.dtype != correction.dtype:
+            self.e_score_correction_bias = correction.to(moved.device)
         self._prepared = None
         self._quantized_from = None
         return module
+
+    @property
+    def renormalize(self) -> bool:
+        """Whether the k routing weights are renormalised (`self.routing`'s field)."""
+        return self.routing.renormalize
 
     def _weights_state(self) -> tuple[int, ...]:
         """What the fp8 copies were made from: the weights' storage and version counters."""
@@ -191,24 +227,27 @@ class MoE(nn.Module):
         # [M, H]; a 2-D input as it is (a view op costs ~1.5 µs of host time per call)
         flat = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
         experts = (weights["w13"], weights["w2"], self.top_k)
-        options = dict(renormalize=self.renormalize, activation=self.activation,
+        options = dict(method=self.routing, activation=self.activation,
                        b13=weights["b13"], b2=weights["b2"], expert_map=self.expert_map,
                        backend=self.backend)
         if self._router_kernel_serves(flat):
             out = _routed_experts(flat, self.router.weight, self.router_arrivals, *experts,
                                   scheme=self.scheme, **options)
-        elif self.scheme is None:
-            out = fused_moe(flat, self.router(flat), *experts, **options)
         else:
-            out = fused_moe_fp8(flat, self.router(flat), *experts, scheme=self.scheme,
-                                **options)
+            options["e_score_correction_bias"] = self.e_score_correction_bias
+            if self.scheme is None:
+                out = fused_moe(flat, self.router(flat), *experts, **options)
+            else:
+                out = fused_moe_fp8(flat, self.router(flat), *experts, scheme=self.scheme,
+                                    **options)
         return out if flat is hidden else out.reshape(hidden.shape)
 
     def _router_kernel_serves(self, flat: torch.Tensor) -> bool:
         """Whether `router_topk`'s GEMV computes what `self.router(flat)` would (the module
-        docstring's conditions)."""
+        docstring's conditions; it takes no score-correction bias)."""
         router = self.router
-        if flat.shape[0] > GEMV_ROWS or type(router) is not nn.Linear or router.bias is not None:
+        if (flat.shape[0] > GEMV_ROWS or type(router) is not nn.Linear
+                or router.bias is not None or self.e_score_correction_bias is not None):
             return False
         weight = router.weight
         return (not (torch.is_grad_enabled() and weight.requires_grad)
@@ -222,9 +261,12 @@ class MoE(nn.Module):
         held, rows, h = self.w13.shape
         experts = self.router.weight.shape[0]
         local = "" if self.expert_map is None else f", local_experts={held}"
+        routing = ("" if self.routing == ROUTING_PRESETS["softmax"] else f", {self.routing}"
+                   + (", e_score_correction_bias" if self.e_score_correction_bias is not None
+                      else ""))
         return (f"experts={experts}{local}, top_k={self.top_k}, hidden={h}, "
                 f"intermediate={self.w2.shape[2]}, activation={self.activation.kind}, "
-                f"bias={self.b13 is not None}"
+                f"bias={self.b13 is not None}{routing}"
                 + ("" if self.scheme is None else f", quant={self.scheme.preset_name or 'fp8'}"))
 
 
@@ -265,11 +307,11 @@ def _initialise_cublas(device: torch.device) -> None:
 
 
 @replayed
-def _routed_experts(flat, router_weight, arrivals, w13, w2, top_k, *, scheme, renormalize,
+def _routed_experts(flat, router_weight, arrivals, w13, w2, top_k, *, scheme, method,
                     **options):
     """The router GEMV and routing as one launch (`router_topk`), then `fused_experts`
     (`fused_experts_fp8` with a scheme): one replayed eager call."""
-    topk = router_topk(flat, router_weight, top_k, arrivals, renormalize=renormalize,
+    topk = router_topk(flat, router_weight, top_k, arrivals, method=method,
                        backend=options["backend"])
     if scheme is None:
         return fused_experts(flat, w13, w2, topk.ids, topk.weights, **options)

@@ -8,6 +8,7 @@ from moekit.activation import Activation
 from moekit.reference.activation import apply_activation
 from moekit.reference.dispatch import local_expert_ids
 from moekit.reference.routing import route
+from moekit.routing.method import Routing
 
 
 def fused_experts(
@@ -65,16 +66,20 @@ def fused_moe(
     w2: torch.Tensor,
     top_k: int,
     *,
-    renormalize: bool = True,
+    method: str | Routing = "softmax",
+    renormalize: bool | None = None,
+    e_score_correction_bias: torch.Tensor | None = None,
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax routing followed by `fused_experts`; returns [M, H] in hidden's dtype.
-    With `expert_map` the router covers E_global experts and only the local ones'
-    pairs are summed (`local_expert_ids`)."""
-    ids, weights = route(router_logits, top_k, renormalize=renormalize)
+    """`route` (softmax, top-k, renormalised by default; `method`, `renormalize` and
+    `e_score_correction_bias` as its) followed by `fused_experts`; returns [M, H] in
+    hidden's dtype. With `expert_map` the router covers E_global experts and only the
+    local ones' pairs are summed (`local_expert_ids`)."""
+    ids, weights = route(router_logits, top_k, method=method, renormalize=renormalize,
+                         e_score_correction_bias=e_score_correction_bias)
     if expert_map is not None:
         ids = local_expert_ids(ids, expert_map, w13.shape[0])
     return fused_experts(
