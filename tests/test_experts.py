@@ -475,6 +475,23 @@ def test_fused_moe_routes_by_the_method_given(method, bias, backend, monkeypatch
     assert (expected - default).abs().max() > 1e-3, "the method changed the result"
 
 
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fused_moe_takes_the_router_weight_on_the_input(backend, monkeypatch):
+    # Llama-4: sigmoid top-1 without renormalisation, the weight scaling the expert's input.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w13, w2, _, _ = random_experts(8, 32, 16, seed=6)
+    hidden, logits = torch.randn(9, 32), torch.randn(9, 8)
+    args = dict(method="sigmoid", renormalize=False)
+    out = moekit.fused_moe(hidden, logits, w13, w2, 1, apply_router_weight_on_input=True,
+                           backend=backend, **args)
+    expected = reference.fused_moe(hidden, logits, w13, w2, 1,
+                                   apply_router_weight_on_input=True, **args)
+    assert_close(out, expected)
+    on_output = reference.fused_moe(hidden, logits, w13, w2, 1, **args)
+    assert (expected - on_output).abs().max() > 1e-3, "the option reached the experts"
+
+
 def test_fused_moe_checks_the_routing():
     w13, w2, _, _ = random_experts(8, 32, 16)
     hidden, logits = torch.randn(3, 32), torch.randn(3, 8)

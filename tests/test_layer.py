@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fp8_interpreter import exact_fp8_casts
 from helpers import assert_close
 from moekit import reference
 from moekit.layer import MoE
@@ -17,6 +18,7 @@ def expected_output(layer, hidden):
         hidden.reshape(-1, hidden.shape[-1]).detach(), logits.detach(), f(layer.w13), f(layer.w2),
         layer.top_k, method=layer.routing, e_score_correction_bias=layer.e_score_correction_bias,
         activation=layer.activation, b13=f(layer.b13), b2=f(layer.b2),
+        apply_router_weight_on_input=layer.apply_router_weight_on_input,
     )
     return out.reshape(hidden.shape)
 
@@ -134,6 +136,27 @@ def test_decode_router_kernel_takes_expert_groups(monkeypatch):
         assert_close(layer(hidden), expected_output(layer, hidden))
 
 
+@pytest.mark.parametrize("M", [4, 20], ids=["decode", "router-module"])
+@pytest.mark.parametrize("quant", [None, "fp8_tensor"], ids=["bf16", "fp8"])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
+def test_layer_routes_like_llama4(backend, quant, M):
+    # Sigmoid top-1, not renormalised, the weight on the expert's input: the layer's
+    # result is the reference's with those options, and not the weight-on-output one's.
+    torch.manual_seed(0)
+    layer = MoE(8, 1, 64, 32, method="sigmoid", renormalize=False,
+                apply_router_weight_on_input=True, quant=quant, backend=backend)
+    assert "apply_router_weight_on_input" in repr(layer)
+    hidden = torch.randn(M, 64)
+    expected = expected_output if quant is None else expected_fp8_output
+    with torch.no_grad(), exact_fp8_casts():  # (the interpreter's own fp8 casts are not)
+        out = layer(hidden)
+        assert_close(out, expected(layer, hidden), 1e-2 if quant else None)
+        layer.apply_router_weight_on_input = False
+        assert (expected(layer, hidden) - out).abs().max() > 1e-3, "the option was used"
+
+
 def test_layer_from_weights_takes_the_score_correction_bias():
     torch.manual_seed(0)
     src = MoE(8, 3, 32, 16, method=DEEPSEEK_LIKE, e_score_correction_bias=True)
@@ -185,6 +208,8 @@ def test_bad_local_experts(local_experts, why):
     ({"method": Routing("sigmoid", n_group=3)}, "n_group: 3 does not divide E = 4"),
     ({"method": Routing("sigmoid", n_group=4, topk_group=1)}, "top_k: 2 exceeds"),
     ({"method": "sigmod"}, "method"),
+    ({"quant": "fp8_tensor", "apply_router_weight_on_input": True},
+     "apply_router_weight_on_input: fp8 experts support it for top_k = 1 only"),
     ({"activation": "tanh"}, "activation"),
 ])
 def test_bad_construction(kwargs, fragment):
@@ -203,7 +228,8 @@ def expected_fp8_output(layer, hidden):
     f = lambda t: None if t is None else t.detach()
     out = reference.fused_experts_quantized(
         flat, w13, w2, topk.ids, topk.weights, scheme=layer.scheme, activation=layer.activation,
-        b13=f(layer.b13), b2=f(layer.b2))
+        b13=f(layer.b13), b2=f(layer.b2),
+        apply_router_weight_on_input=layer.apply_router_weight_on_input)
     return out.reshape(hidden.shape)
 
 

@@ -143,6 +143,7 @@ def fused_moe(
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
     expert_map: torch.Tensor | None = None,
     config: ExpertsConfig | None = None,
     backend: str = "auto",
@@ -158,6 +159,8 @@ def fused_moe(
         top_k: experts per token, 1 ≤ top_k ≤ the router's experts.
         method, renormalize, e_score_correction_bias: as `route`'s (a preset name or a
             `Routing`, e.g. DeepSeek-V3's sigmoid over expert groups; the bias [E_global]).
+        apply_router_weight_on_input: as `fused_experts`' (Llama-4: sigmoid top-1,
+            `renormalize=False`).
         expert_map: optional int32 [E_global] for expert parallelism (as in
             `fused_experts`): the router chooses among all E_global experts, this rank
             computes the pairs of its own E and returns their partial sum.
@@ -170,7 +173,8 @@ def fused_moe(
                  e_score_correction_bias=e_score_correction_bias, backend=backend)
     return fused_experts(
         hidden, w13, w2, topk.ids, topk.weights, activation=activation, b13=b13, b2=b2,
-        expert_map=expert_map, config=config, backend=backend,
+        apply_router_weight_on_input=apply_router_weight_on_input, expert_map=expert_map,
+        config=config, backend=backend,
     )
 
 

@@ -227,6 +227,7 @@ def fused_moe_fp8(
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
     expert_map: torch.Tensor | None = None,
     config: ExpertsConfig | None = None,
     backend: str = "auto",
@@ -242,6 +243,7 @@ def fused_moe_fp8(
         router_logits: [M, E], or [M, E_global] with `expert_map`.
         top_k: experts per token, 1 ≤ top_k ≤ the router's experts.
         method, renormalize, e_score_correction_bias: as `route`'s.
+        apply_router_weight_on_input: as `fused_experts_fp8`'s (top-1 only).
         expert_map: optional int32 [E_global] for expert parallelism (as in
             `fused_experts_fp8`): this rank's partial sum.
     Returns:
@@ -255,6 +257,7 @@ def fused_moe_fp8(
     return fused_experts_fp8(
         hidden, w13, w2, topk.ids, topk.weights, scheme=scheme, activation=activation,
         b13=b13, b2=b2, config=config, backend=backend, expert_map=expert_map,
+        apply_router_weight_on_input=apply_router_weight_on_input,
     )
 
 

@@ -69,6 +69,9 @@ class MoE(nn.Module):
         e_score_correction_bias: hold a float32 [E] buffer `e_score_correction_bias`
             (zeros; a checkpoint loads it) added to the scores to select experts
             (DeepSeek-V3's, as transformers' gate holds it).
+        apply_router_weight_on_input: scale each expert's input by its routing weight
+            instead of its output (Llama-4: `method="sigmoid"`, `renormalize=False`,
+            top-1; fp8 experts take it at top-1 only).
         local_experts: the expert ids (of E) this module holds, for expert parallelism;
             default all. w13/w2 then have len(local_experts) experts, in that order.
         quant: None (16-bit experts), or an fp8 `QuantScheme` or preset name ("fp8_tensor",
@@ -89,6 +92,7 @@ class MoE(nn.Module):
         method: str | Routing = "softmax",
         renormalize: bool | None = None,
         e_score_correction_bias: bool = False,
+        apply_router_weight_on_input: bool = False,
         local_experts: list[int] | tuple[int, ...] | None = None,
         quant: str | QuantScheme | None = None,
         backend: str = "auto",
@@ -107,6 +111,10 @@ class MoE(nn.Module):
         self.activation = Activation.parse(activation)
         self.routing = Routing.parse(method, renormalize=renormalize)
         check_route_args(torch.empty(0, num_experts, device="meta"), top_k, self.routing, None)
+        if apply_router_weight_on_input and self.scheme is not None and top_k != 1:
+            raise ValueError("apply_router_weight_on_input: fp8 experts support it for "
+                             f"top_k = 1 only, got top_k = {top_k}")
+        self.apply_router_weight_on_input = apply_router_weight_on_input
         self.top_k = top_k
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
@@ -229,6 +237,7 @@ class MoE(nn.Module):
         experts = (weights["w13"], weights["w2"], self.top_k)
         options = dict(method=self.routing, activation=self.activation,
                        b13=weights["b13"], b2=weights["b2"], expert_map=self.expert_map,
+                       apply_router_weight_on_input=self.apply_router_weight_on_input,
                        backend=self.backend)
         if self._router_kernel_serves(flat):
             out = _routed_experts(flat, self.router.weight, self.router_arrivals, *experts,
@@ -260,14 +269,20 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         held, rows, h = self.w13.shape
         experts = self.router.weight.shape[0]
-        local = "" if self.expert_map is None else f", local_experts={held}"
-        routing = ("" if self.routing == ROUTING_PRESETS["softmax"] else f", {self.routing}"
-                   + (", e_score_correction_bias" if self.e_score_correction_bias is not None
-                      else ""))
-        return (f"experts={experts}{local}, top_k={self.top_k}, hidden={h}, "
-                f"intermediate={self.w2.shape[2]}, activation={self.activation.kind}, "
-                f"bias={self.b13 is not None}{routing}"
-                + ("" if self.scheme is None else f", quant={self.scheme.preset_name or 'fp8'}"))
+        parts = [f"experts={experts}"]
+        if self.expert_map is not None:
+            parts.append(f"local_experts={held}")
+        parts += [f"top_k={self.top_k}", f"hidden={h}", f"intermediate={self.w2.shape[2]}",
+                  f"activation={self.activation.kind}", f"bias={self.b13 is not None}"]
+        if self.routing != ROUTING_PRESETS["softmax"]:
+            parts.append(str(self.routing))
+        if self.e_score_correction_bias is not None:
+            parts.append("e_score_correction_bias")
+        if self.apply_router_weight_on_input:
+            parts.append("apply_router_weight_on_input")
+        if self.scheme is not None:
+            parts.append(f"quant={self.scheme.preset_name or 'fp8'}")
+        return ", ".join(parts)
 
 
 def _check_quant(quant) -> QuantScheme | None:

@@ -72,6 +72,7 @@ def fused_moe(
     activation: str | Activation = "silu",
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
     expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`route` (softmax, top-k, renormalised by default; `method`, `renormalize` and
@@ -83,5 +84,6 @@ def fused_moe(
     if expert_map is not None:
         ids = local_expert_ids(ids, expert_map, w13.shape[0])
     return fused_experts(
-        hidden, w13, w2, ids, weights, activation=activation, b13=b13, b2=b2
+        hidden, w13, w2, ids, weights, activation=activation, b13=b13, b2=b2,
+        apply_router_weight_on_input=apply_router_weight_on_input,
     )
