@@ -454,42 +454,31 @@ def test_fused_moe_ranks_with_expert_maps_sum_to_the_whole_layer(backend, monkey
 DEEPSEEK_LIKE = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
 
-@pytest.mark.parametrize("method,bias", [
-    (DEEPSEEK_LIKE, True), ("sigmoid", False), (Routing("sigmoid", renormalize=False), False)],
-    ids=["deepseek-groups-bias", "sigmoid", "sigmoid-no-renorm"])
+LLAMA4_LIKE = dict(method="sigmoid", renormalize=False)
+
+
+@pytest.mark.parametrize("k,bias,options,control", [
+    (3, True, dict(method=DEEPSEEK_LIKE), {}),
+    (3, False, dict(method="sigmoid"), {}),
+    (3, False, dict(method=Routing("sigmoid", renormalize=False)), {}),
+    # Llama-4: sigmoid top-1 without renormalisation, the weight on the expert's input
+    (1, False, dict(LLAMA4_LIKE, apply_router_weight_on_input=True), LLAMA4_LIKE),
+], ids=["deepseek-groups-bias", "sigmoid", "sigmoid-no-renorm", "llama4-weight-on-input"])
 @pytest.mark.parametrize(
     "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_fused_moe_routes_by_the_method_given(method, bias, backend, monkeypatch):
-    # The routing reaches `route`: the result is the reference's under that method, and
-    # not the default softmax's.
+def test_fused_moe_passes_its_routing_options(k, bias, options, control, backend, monkeypatch):
+    # The options reach `route` and the experts: the result is the reference's under
+    # them, and not the control's (the default softmax, or the weight on the output).
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     w13, w2, _, _ = random_experts(8, 32, 16, seed=4)
     hidden, logits = torch.randn(9, 32), torch.randn(9, 8)
-    correction = torch.randn(8) if bias else None
-    out = moekit.fused_moe(hidden, logits, w13, w2, 3, method=method,
-                           e_score_correction_bias=correction, backend=backend)
-    expected = reference.fused_moe(hidden, logits, w13, w2, 3, method=method,
-                                   e_score_correction_bias=correction)
-    assert_close(out, expected, name=str(method))
-    default = reference.fused_moe(hidden, logits, w13, w2, 3)
-    assert (expected - default).abs().max() > 1e-3, "the method changed the result"
-
-
-@pytest.mark.parametrize(
-    "backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_fused_moe_takes_the_router_weight_on_the_input(backend, monkeypatch):
-    # Llama-4: sigmoid top-1 without renormalisation, the weight scaling the expert's input.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    w13, w2, _, _ = random_experts(8, 32, 16, seed=6)
-    hidden, logits = torch.randn(9, 32), torch.randn(9, 8)
-    args = dict(method="sigmoid", renormalize=False)
-    out = moekit.fused_moe(hidden, logits, w13, w2, 1, apply_router_weight_on_input=True,
-                           backend=backend, **args)
-    expected = reference.fused_moe(hidden, logits, w13, w2, 1,
-                                   apply_router_weight_on_input=True, **args)
-    assert_close(out, expected)
-    on_output = reference.fused_moe(hidden, logits, w13, w2, 1, **args)
-    assert (expected - on_output).abs().max() > 1e-3, "the option reached the experts"
+    if bias:
+        options = dict(options, e_score_correction_bias=torch.randn(8))
+    out = moekit.fused_moe(hidden, logits, w13, w2, k, backend=backend, **options)
+    expected = reference.fused_moe(hidden, logits, w13, w2, k, **options)
+    assert_close(out, expected, name=str(options))
+    other = reference.fused_moe(hidden, logits, w13, w2, k, **control)
+    assert (expected - other).abs().max() > 1e-3, "the options changed the result"
 
 
 def test_fused_moe_checks_the_routing():
