@@ -157,6 +157,18 @@ def test_layer_routes_like_llama4(backend, quant, M):
         assert (expected(layer, hidden) - out).abs().max() > 1e-3, "the option was used"
 
 
+def test_routing_is_settable_and_checked():
+    torch.manual_seed(0)
+    layer = MoE(8, 3, 32, 16, backend="reference")
+    hidden = torch.randn(20, 32)
+    layer.routing = DEEPSEEK_LIKE
+    with torch.no_grad():
+        assert_close(layer(hidden), expected_output(layer, hidden))
+    with pytest.raises(ValueError, match="top_k: 3 exceeds"):
+        layer.routing = Routing("sigmoid", n_group=8, topk_group=2)
+    assert layer.routing == DEEPSEEK_LIKE, "a refused routing leaves the layer's"
+
+
 def test_layer_from_weights_takes_the_score_correction_bias():
     torch.manual_seed(0)
     src = MoE(8, 3, 32, 16, method=DEEPSEEK_LIKE, e_score_correction_bias=True)
