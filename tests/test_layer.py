@@ -1,5 +1,7 @@
 """The MoE module: same result as the functional reference, prepared once, graph-safe."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -167,6 +169,22 @@ def test_routing_is_settable_and_checked():
     with pytest.raises(ValueError, match="top_k: 3 exceeds"):
         layer.routing = Routing("sigmoid", n_group=8, topk_group=2)
     assert layer.routing == DEEPSEEK_LIKE, "a refused routing leaves the layer's"
+    layer.renormalize = False  # a field of the routing, settable on its own
+    assert layer.routing == dataclasses.replace(DEEPSEEK_LIKE, renormalize=False)
+    with torch.no_grad():
+        assert_close(layer(hidden), expected_output(layer, hidden))
+
+
+def test_a_routing_the_bias_cannot_take_is_refused_at_once():
+    # The score-correction bias needs the scores of all E experts: top-k-then-softmax
+    # (gpt-oss, Mixtral) is refused when the layer is built or the routing set, not at
+    # the first forward.
+    with pytest.raises(ValueError, match="score_then_topk"):
+        MoE(8, 2, 32, 16, method="topk_softmax", e_score_correction_bias=True)
+    layer = MoE(8, 2, 32, 16, method="sigmoid", e_score_correction_bias=True)
+    with pytest.raises(ValueError, match="score_then_topk"):
+        layer.routing = "topk_softmax"
+    assert layer.routing == Routing.parse("sigmoid")
 
 
 def test_layer_from_weights_takes_the_score_correction_bias():
@@ -191,6 +209,23 @@ def test_a_cast_keeps_the_score_correction_bias_in_float32():
     assert layer.w13.dtype == torch.bfloat16
     assert torch.equal(layer.e_score_correction_bias, before), "float32, unrounded"
     assert "e_score_correction_bias" in dict(layer.named_buffers())
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_16_bit_checkpoint_bias_loads_as_float32(assign):
+    # A checkpoint's bias in bf16 is widened on load; with assign=True the buffer would
+    # otherwise become the checkpoint's tensor, and later casts would keep its dtype.
+    layer = MoE(8, 3, 32, 16, method=DEEPSEEK_LIKE, e_score_correction_bias=True)
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+             for k, v in layer.state_dict().items()}
+    state["e_score_correction_bias"] = torch.randn(8).to(torch.bfloat16)
+    layer.load_state_dict(state, assign=assign)
+    bias = layer.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    assert torch.equal(bias, state["e_score_correction_bias"].float())
+    for cast in (torch.float16, torch.float32):
+        layer.to(cast)
+        assert layer.e_score_correction_bias.dtype == torch.float32, cast
 
 
 def test_fp8_layer_routes_like_deepseek():
@@ -301,18 +336,26 @@ def test_fp8_layer_refuses_static_activation_scales():
         MoE(4, 2, 32, 16, quant="fp4")
 
 
+_GRAPH_ROUTINGS = {  # (top_k, MoE's routing options)
+    "softmax": (4, {}),
+    "deepseek": (4, dict(method=Routing("sigmoid", n_group=8, topk_group=4,
+                                        routed_scaling_factor=2.5),
+                         e_score_correction_bias=True)),
+    "llama4": (1, dict(method="sigmoid", renormalize=False, apply_router_weight_on_input=True)),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("deepseek", [False, True], ids=["softmax", "deepseek"])
+@pytest.mark.parametrize("routing", list(_GRAPH_ROUTINGS))
 @pytest.mark.parametrize("quant", [None, "fp8_block"], ids=["bf16", "fp8_block"])
-def test_layer_cuda_graph_gpu(quant, deepseek):
+def test_layer_cuda_graph_gpu(quant, routing):
     torch.manual_seed(0)
-    routing = (dict(method=Routing("sigmoid", n_group=8, topk_group=4, routed_scaling_factor=2.5),
-                    e_score_correction_bias=True) if deepseek else {})
-    layer = MoE(32, 4, 512, 256, quant=quant, device="cuda", dtype=torch.bfloat16,
-                **routing).prepare()
-    if deepseek:
+    top_k, options = _GRAPH_ROUTINGS[routing]
+    layer = MoE(32, top_k, 512, 256, quant=quant, device="cuda", dtype=torch.bfloat16,
+                **options).prepare()
+    if layer.e_score_correction_bias is not None:  # small: the tokens' scores still choose
         with torch.no_grad():
-            layer.e_score_correction_bias.normal_()
+            layer.e_score_correction_bias.normal_(std=0.05)
     hidden = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         stream = torch.cuda.Stream()

@@ -38,6 +38,8 @@ in place since (`load_state_dict`, an optimiser step), as their version counters
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -117,7 +119,6 @@ class MoE(nn.Module):
         self.apply_router_weight_on_input = apply_router_weight_on_input
         self.top_k = top_k
         self._num_experts = num_experts
-        self.routing = Routing.parse(method, renormalize=renormalize)
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
         rows = self.activation.gemm1_rows(intermediate_size)
@@ -135,6 +136,7 @@ class MoE(nn.Module):
         correction = (torch.zeros(num_experts, dtype=torch.float32, device=device)
                       if e_score_correction_bias else None)
         self.register_buffer("e_score_correction_bias", correction)
+        self.routing = Routing.parse(method, renormalize=renormalize)  # checked with the bias
         # `router_topk`'s arrival counter: zero between calls, one per layer (module doc)
         self.register_buffer("router_arrivals", torch.zeros(1, dtype=torch.int32,
                                                              device=device), persistent=False)
@@ -212,11 +214,21 @@ class MoE(nn.Module):
         correction = self.e_score_correction_bias
         module = super()._apply(fn, *args, **kwargs)
         moved = self.e_score_correction_bias
-        if correction is not None and moved.dtype != correction.dtype:
-            self.e_score_correction_bias = correction.to(moved.device)
+        if correction is not None and moved.dtype != torch.float32:
+            self.e_score_correction_bias = correction.to(moved.device, torch.float32)
         self._prepared = None
         self._quantized_from = None
         return module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint's score-correction bias is loaded as float32 whatever its dtype (with
+        `assign=True` the buffer would otherwise become the checkpoint's 16-bit tensor)."""
+        key = prefix + "e_score_correction_bias"
+        bias = state_dict.get(key)
+        if (self.e_score_correction_bias is not None and isinstance(bias, torch.Tensor)
+                and bias.dtype != torch.float32):
+            state_dict[key] = bias.float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def routing(self) -> Routing:
@@ -227,8 +239,10 @@ class MoE(nn.Module):
     @routing.setter
     def routing(self, method: str | Routing) -> None:
         routing = Routing.parse(method)
+        held = getattr(self, "e_score_correction_bias", None)  # (none yet in __init__)
+        bias = None if held is None else torch.empty(self._num_experts, device="meta")
         check_route_args(torch.empty(0, self._num_experts, device="meta"), self.top_k,
-                         routing, None)
+                         routing, bias)
         self._routing = routing
         # What forward passes on: a preset's name where it is one — the replay's call key
         # reads a string in one check, a `Routing` field by field (2.2 → 2.8 µs a call).
@@ -236,8 +250,13 @@ class MoE(nn.Module):
 
     @property
     def renormalize(self) -> bool:
-        """Whether the k routing weights are renormalised (`self.routing`'s field)."""
+        """Whether the k routing weights are renormalised (`self.routing`'s field;
+        settable)."""
         return self.routing.renormalize
+
+    @renormalize.setter
+    def renormalize(self, value: bool) -> None:
+        self.routing = dataclasses.replace(self.routing, renormalize=bool(value))
 
     def _weights_state(self) -> tuple[int, ...]:
         """What the fp8 copies were made from: the weights' storage and version counters."""
