@@ -9,9 +9,13 @@ import sys
 
 import torch
 
+from moekit.routing import Routing
+
 # Relative L2 error bounds by output dtype (DESIGN.md, "Accuracy").
 REL_L2_TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5, torch.float64: 1e-12}
 
+# DeepSeek-V3's routing in small: sigmoid over 4 groups of E / 4, 2 kept, scaled by 2.5
+DEEPSEEK_LIKE = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
 POISON = float("nan")
 
 

@@ -7,6 +7,7 @@ import torch
 
 import moekit
 from helpers import (
+    DEEPSEEK_LIKE,
     REL_L2_TOL,
     assert_close,
     capture_cuda_graph,
@@ -449,9 +450,6 @@ def test_fused_moe_ranks_with_expert_maps_sum_to_the_whole_layer(backend, monkey
         partials.append(out)
     whole = reference.fused_moe(hidden, logits, w13, w2, 3)
     assert_close(partials[0] + partials[1], whole, name="the ranks' sum")
-
-
-DEEPSEEK_LIKE = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
 
 LLAMA4_LIKE = dict(method="sigmoid", renormalize=False)

@@ -14,10 +14,15 @@ import torch
 
 import moekit
 from fp8_interpreter import exact_fp8_casts
-from helpers import assert_close, capture_cuda_graph, poison_cuda_cache, random_experts
+from helpers import (
+    DEEPSEEK_LIKE,
+    assert_close,
+    capture_cuda_graph,
+    poison_cuda_cache,
+    random_experts,
+)
 from moekit import reference
 from moekit.quant import QuantScheme, quantize_weight
-from moekit.routing import Routing
 
 KERNEL_TOL = 3e-3  # tests/test_experts_fp8.py: fp32 hidden, summation order only
 GPU_TOL = 1e-2
@@ -73,7 +78,7 @@ def test_deepseek_routing_reaches_the_experts(backend):
     # the reference's routing under the same method, whichever backend.
     case = make_case("fp8_block", 5, 8, 256, 128, seed=11)
     scheme, hidden, logits, q13, q2, *_ = case
-    method = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    method = DEEPSEEK_LIKE
     correction = torch.randn(8, generator=torch.Generator().manual_seed(2))
     with exact_fp8_casts():
         out = moekit.fused_moe_fp8(hidden, logits, q13, q2, 3, scheme=scheme, method=method,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp8_interpreter import exact_fp8_casts
-from helpers import assert_close
+from helpers import DEEPSEEK_LIKE, assert_close
 from moekit import reference
 from moekit.layer import MoE
 from moekit.quant import QuantScheme, quantize_weight
@@ -97,9 +97,6 @@ def test_expert_parallel_layers_sum_to_the_whole_layer(backend):
             out += rank(hidden)
     with torch.no_grad():
         assert_close(out, whole(hidden), name="the ranks' sum")
-
-
-DEEPSEEK_LIKE = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
 
 @pytest.mark.parametrize("M", [4, 20], ids=["decode", "router-module"])

@@ -102,10 +102,9 @@ def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
         check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
 
 
-def check_fp8_weight_on_input(apply_router_weight_on_input: bool, topk_ids: torch.Tensor) -> None:
+def check_fp8_weight_on_input(apply_router_weight_on_input: bool, top_k: int) -> None:
     """fp8 experts take the router weight on their input only for top-1 routing."""
-    if apply_router_weight_on_input and topk_ids.shape[1] != 1:
+    if apply_router_weight_on_input and top_k != 1:
         raise ValueError(
             "apply_router_weight_on_input: fp8 experts support it for top_k = 1 only "
-            f"(each pair would need a quantised row of its own), got top_k = "
-            f"{topk_ids.shape[1]}")
+            f"(each pair would need a quantised row of its own), got top_k = {top_k}")

@@ -176,7 +176,7 @@ def fused_experts_fp8(
     scheme = QuantScheme.parse(scheme)
     act = Activation.parse(activation)
     _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2)
-    check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids)
+    check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids.shape[1])
     path = resolve_backend(backend, hidden)
     if path == "reference" or expert_map is not None:  # else converted where launched
         topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights,

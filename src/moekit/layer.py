@@ -43,6 +43,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from moekit._checks import check_fp8_weight_on_input
 from moekit._replay import replayed
 from moekit.activation import Activation
 from moekit.backend import resolve_backend
@@ -113,9 +114,8 @@ class MoE(nn.Module):
         held = _check_local_experts(local_experts, num_experts)
         self.scheme = _check_quant(quant)
         self.activation = Activation.parse(activation)
-        if apply_router_weight_on_input and self.scheme is not None and top_k != 1:
-            raise ValueError("apply_router_weight_on_input: fp8 experts support it for "
-                             f"top_k = 1 only, got top_k = {top_k}")
+        if self.scheme is not None:  # refused at construction, not at the first forward
+            check_fp8_weight_on_input(apply_router_weight_on_input, top_k)
         self.apply_router_weight_on_input = apply_router_weight_on_input
         self.top_k = top_k
         self._num_experts = num_experts

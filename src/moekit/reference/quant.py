@@ -67,7 +67,7 @@ def fused_experts_quantized(
     scheme = QuantScheme.parse(scheme)
     act = Activation.parse(activation)
     _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2)
-    check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids)
+    check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids.shape[1])
     a1_spec = _input_spec(scheme.activation, w13, "w13")
     a2_spec = _input_spec(scheme.gemm2_input, w2, "w2")
 
