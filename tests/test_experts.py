@@ -317,6 +317,31 @@ def test_tail_block_m_is_half_the_row_tile():
             ExpertsConfig(block_m, tiles, tiles, tail)
 
 
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values as `t` in a strided view (its last two dims stored transposed)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [4, 40], ids=["direct", "plan"])
+def test_strided_biases_and_weights_interpreter(M):
+    # A bias sliced or transposed out of a wider tensor was read as if its columns were
+    # adjacent (the kernels take its expert stride only): rel L2 ~1. A strided weight is
+    # right but copied on every call, so it warns.
+    E, k, H, I = 4, 2, 64, 32
+    w13, w2, b13, b2 = random_experts(E, H, I, bias=True, dtype=torch.float16)
+    hidden = torch.randn(M, H).half()
+    ids, weights = random_routing(M, E, k)
+    out = poison_(torch.empty_like(hidden))
+    with pytest.warns(UserWarning, match=r"w2: not contiguous .* every call copies"):
+        moekit.fused_experts(hidden, w13, column_major(w2), ids, weights, activation="swigluoai",
+                             b13=column_major(b13), b2=column_major(b2), out=out,
+                             backend="triton")
+    expected = reference.fused_experts(hidden.double(), w13.double(), w2.double(), ids, weights,
+                                       activation="swigluoai", b13=b13.double(), b2=b2.double())
+    assert_close(out, expected)
+
+
 @pytest.mark.interpreter
 def test_unrouted_token_gives_zero_row():
     # A token whose slots are all dropped receives nothing, not garbage.

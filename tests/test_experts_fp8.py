@@ -323,6 +323,19 @@ def test_unrouted_token_gives_zero_row_interpreter():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("M", [4, 40], ids=["direct", "plan"])
+def test_strided_biases_interpreter(M):
+    # Biases transposed out of [N, E] storage: the kernels take their expert stride only,
+    # so such views were read as if their columns were adjacent (rel L2 ~1).
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        "fp8_channel", M, 4, 2, 128, 128, "swigluoai", bias=True)
+    strided = lambda t: t.t().contiguous().t()
+    out, expected = run_triton(scheme, hidden, q13, q2, ids, weights, strided(b13), strided(b2),
+                               act="swigluoai")
+    assert_close(out, expected, KERNEL_TOL)
+
+
+@pytest.mark.interpreter
 def test_opcheck_interpreter():
     # The fake implementation agrees with the kernels for torch.compile, and only `out` is
     # mutated. (opcheck's test_schema compares fp8 tensors with arithmetic that torch's CPU

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -100,6 +101,31 @@ def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
     if b2 is not None:
         check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
         check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
+
+
+def dense_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias whose rows the kernels can read as [E, N] with unit column stride.
+
+    The kernels take a bias's expert stride only; a strided view (a slice of a wider
+    tensor, a transpose) is copied, which costs E·N elements, not a weight's E·N·K.
+    """
+    return None if bias is None else bias.contiguous()
+
+
+def dense_weight(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """`weight`, or its contiguous copy with a warning: the copy is made on every call.
+
+    A strided view of a checkpoint (`w2.transpose(1, 2)`) reads correctly but costs a
+    whole copy of the experts' weights per call; `.contiguous()` once, where weights
+    load, removes it (the `MoE` layer and the transformers integration do so).
+    """
+    if weight.is_contiguous():
+        return weight
+    warnings.warn(
+        f"{name}: not contiguous (strides {tuple(weight.stride())}), so every call copies "
+        f"its {weight.numel() * weight.element_size() / 2**20:.1f} MiB; pass "
+        f"{name}.contiguous() once instead", stacklevel=2)
+    return weight.contiguous()
 
 
 def check_fp8_weight_on_input(apply_router_weight_on_input: bool, top_k: int) -> None:

@@ -30,6 +30,8 @@ from moekit._checks import (
     check_routed_experts,
     check_router,
     check_tensor,
+    dense_bias,
+    dense_weight,
     output_like,
 )
 from moekit._dot_precision import dot_precision
@@ -82,7 +84,8 @@ def fused_experts(
     Args:
         hidden: [M, H] bf16/fp16 (fp32 also runs, slowly, through exact fp32 dots).
         w13: [E, 2I, H] (gate rows, then up rows), or [E, I, H] for `relu2`; hidden's dtype.
-        w2: [E, H, I], hidden's dtype.
+        w2: [E, H, I], hidden's dtype. Weights should be contiguous: a strided view is
+            copied on every call (with a warning).
         topk_ids: [M, k] int32, or int64 (`torch.topk`'s: the direct path's kernels read
             it as it is, the plan path converts it in one launch with the weights);
             ids outside [0, E) contribute nothing.
@@ -122,8 +125,9 @@ def fused_experts(
         torch.ops.moekit.fused_experts if torch.compiler.is_compiling() else _launch_fused_experts
     )
     launch(
-        hidden.contiguous(), w13.contiguous(), w2.contiguous(), topk_ids.contiguous(),
-        topk_weights.contiguous(), b13, b2, act.kind, act.alpha, act.limit,
+        hidden.contiguous(), dense_weight("w13", w13), dense_weight("w2", w2),
+        topk_ids.contiguous(), topk_weights.contiguous(), dense_bias(b13), dense_bias(b2),
+        act.kind, act.alpha, act.limit,
         apply_router_weight_on_input, config.as_ints(), out,
     )
     return out

@@ -73,6 +73,7 @@ from moekit._checks import (
     check_routed_experts,
     check_router,
     check_tensor,
+    dense_bias,
     output_like,
 )
 from moekit._dispatch_kernels import _place_pairs_kernel
@@ -190,6 +191,7 @@ def fused_experts_fp8(
             b2=b2, apply_router_weight_on_input=apply_router_weight_on_input,
         ))
     _check_kernel_scheme(scheme)
+    b13, b2 = dense_bias(b13), dense_bias(b2)
     num_experts, _, inter = w2.shape
     if config is None:
         config = _select_fp8_config(hidden, num_experts, topk_ids.shape[1], inter, scheme)
