@@ -1,0 +1,41 @@
+"""bench/scripts/target_check.py: the cells of a table under the issues' targets."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "target_check.py"
+spec = importlib.util.spec_from_file_location("target_check", SCRIPT)
+target_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(target_check)
+
+
+def _row(M, pct, tflops, dtype="bf16", I=768, graph=True, bound="compute"):
+    return {"preset": "p", "M": M, "I": I, "dtype": dtype, "impl": "moekit", "graph": graph,
+            "roofline_pct": pct, "TFLOPs": tflops, "bound": bound}
+
+
+def test_each_target_takes_its_cells():
+    doc = {"ceilings": {"bf16_TFLOPs": 700.0, "fp8_TFLOPs": 1400.0}, "rows": [
+        _row(1, 84.0, 1.0),            # decode under 85%, and fine for no-cliff
+        _row(64, 85.0, 50.0),          # decode at the line: not a miss
+        _row(1024, 59.0, 400.0),       # no cliff only (mid M has no decode/prefill line)
+        _row(4096, 72.0, 480.0),       # roofline 72% but 480 / 700 = 69% of the peak
+        _row(4096, 50.0, 100.0, I=512),  # I < 768: no prefill line for 16-bit, but a cliff
+        _row(4096, 10.0, 1.0, graph=False),  # eager rows are not judged
+    ]}
+    misses = target_check.misses(doc)
+    assert misses["decode"] == ["p M=1 84%"]
+    assert misses["prefill (of peak)"] == ["p M=4096 69% (compute-bound)"]
+    assert misses["prefill (roofline)"] == []
+    assert misses["no cliff"] == ["p M=1024 59%", "p M=4096 50%"]
+
+
+def test_fp8_prefill_line_is_55_percent_of_the_fp8_peak():
+    doc = {"ceilings": {"bf16_TFLOPs": 700.0, "fp8_TFLOPs": 1000.0}, "rows": [
+        _row(4096, 56.0, 560.0, dtype="fp8_block", I=512),
+        _row(8192, 54.0, 540.0, dtype="fp8_block", I=512),
+    ]}
+    misses = target_check.misses(doc)
+    assert misses["prefill (of peak)"] == ["p M=8192 54% (compute-bound)"]
+    assert misses["prefill (roofline)"] == ["p M=8192 54%"]
+    assert misses["no cliff"] == []  # a 16-bit line
