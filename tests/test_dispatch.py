@@ -148,6 +148,34 @@ def test_scanned_plan_in_several_steps_interpreter(M, k, E, monkeypatch):
     check_invariants(plan, ids, E)
 
 
+STRIDED_IDS = [
+    # (a strided view of a contiguous [M, 4] int32 tensor, why)
+    (lambda t: t[:, :1], "k = 1, a column of a wider tensor: reshape returns a row-strided view"),
+    (lambda t: t.reshape(1, -1)[:, ::2], "M = 1, every other id of a row: a stride-2 view"),
+    (lambda t: t[:, ::2], "every other column: strides (4, 2) flatten to one stride-2 view"),
+    (lambda t: t.t().contiguous().t(), "column-major: no flat view, so reshape copies"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("view,why", STRIDED_IDS)
+@pytest.mark.parametrize("launches", ["one", "count, scan, place"])
+@pytest.mark.parametrize("mapped", [False, True], ids=["plain", "expert_map"])
+def test_strided_ids_interpreter(view, why, launches, mapped, monkeypatch):
+    # The kernels read the ids as one dense run; a view whose flat form is strided was
+    # read as if contiguous, and the plan silently built from other ids.
+    if launches != "one":
+        monkeypatch.setattr(moekit.dispatch, "_FUSED_PAIRS", 0)
+    g = torch.Generator().manual_seed(5)
+    ids = view(torch.randint(-1, 6, (24, 4), generator=g, dtype=torch.int32))
+    assert not ids.is_contiguous()
+    table, E = half_remote_map(6, 1) if mapped else (None, 6)
+    plan = dispatch_plan(ids, E, 16, expert_map=table, tile_m=32, backend="triton")
+    expected = reference.dispatch_plan(ids.contiguous(), E, 16, expert_map=table, tile_m=32)
+    for field in ("sorted_pairs", "block_experts", "expert_offsets", "pair_slots", "tiles"):
+        assert torch.equal(getattr(plan, field), getattr(expected, field)), field
+
+
 def test_capacity_depends_only_on_sizes():
     # Shapes must not depend on the routing, or CUDA graphs could not capture the plan.
     assert max_padded_pairs(8, 128, 16) == 8 * 16

@@ -425,6 +425,15 @@ BAD_INPUTS = [
     ({"topk_weights": torch.ones(5, 3)}, ValueError, "topk_weights", "shape differs from ids"),
     ({"b2": torch.zeros(4, 31)}, ValueError, "b2", "bias of the wrong width"),
     ({"activation": "swish"}, ValueError, "activation", "unknown activation"),
+    ({"w13": torch.randn(0, 32, 32), "w2": torch.randn(0, 32, 16)}, ValueError,
+     "w13, w2: expected at least one expert",
+     "no experts: refused on every path, not zeros on some and a plan error on others"),
+    ({"config": SMALL_TILES.as_ints()}, TypeError, "config: expected an ExpertsConfig",
+     "the flat list of as_ints: refused on the reference path too"),
+    pytest.param({"config": SMALL_TILES.as_ints(), "backend": "triton"}, TypeError,
+                 "config: expected an ExpertsConfig",
+                 "a list on the kernel path: no AttributeError from deep inside",
+                 marks=pytest.mark.interpreter),
 ]
 
 

@@ -523,6 +523,8 @@ _O13 = quantize_weight(torch.randn(4, 128, 128), _ODD.weight)
 _O2 = quantize_weight(torch.randn(4, 128, 64), _ODD.weight)
 _T13 = quantize_weight(torch.randn(4, 128, 128), STATIC.weight)
 _T2 = quantize_weight(torch.randn(4, 128, 64), STATIC.weight)
+_E0_13 = quantize_weight(torch.randn(0, 128, 128), QuantSpec(group="channel"))
+_E0_2 = quantize_weight(torch.randn(0, 128, 64), QuantSpec(group="channel"))
 
 
 def _call(**change):
@@ -539,6 +541,8 @@ BAD_INPUTS = [
     (_call(scheme="fp8_block"), ValueError, "w13", "weights in another format than the scheme's"),
     (_call(w13=_T13, w2=_T2, scheme=STATIC), ValueError, "w13", "static scheme, no input_scale"),
     (_call(w2=_C2_OTHER_H), ValueError, "w2", "w2 [E, H, I] of another H"),
+    (_call(w13=_E0_13, w2=_E0_2), ValueError, "w13, w2",
+     "no experts: refused on every path, not zeros on some and a plan error on others"),
     (_call(activation="relu2"), ValueError, "w13", "2I rows where relu2 needs I"),
     (_call(topk_ids=_IDS.float()), TypeError, "topk_ids", "float ids"),
     (_call(topk_ids=_IDS[:3]), ValueError, "topk_ids", "ids for another token count"),
@@ -549,6 +553,8 @@ BAD_INPUTS = [
     (_call(scheme="int8"), ValueError, "scheme", "unknown scheme"),
     (_call(activation="swish"), ValueError, "activation", "unknown activation"),
     (_call(backend="cuda"), ValueError, "backend", "unknown backend"),
+    (_call(config=plan_fp8_config(5, 4, 2, "fp8_channel").as_ints()), TypeError, "config",
+     "the flat list of as_ints, not an ExpertsConfig: refused on the reference path too"),
     # The kernels' own limits: checked once the Triton path is taken (CPU tensors: the
     # interpreter's).
     pytest.param(_call(config=ExpertsConfig(16, GemmConfig(64, 128), GemmConfig(64, 128)),

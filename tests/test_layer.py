@@ -172,6 +172,17 @@ def test_routing_is_settable_and_checked():
         assert_close(layer(hidden), expected_output(layer, hidden))
 
 
+def test_backend_is_settable_and_checked_at_once():
+    # An unknown backend fails when set, with the ops' message, not at the next forward.
+    layer = MoE(4, 2, 32, 16, backend="reference")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        layer.backend = "cuda"
+    assert layer.backend == "reference", "a refused backend leaves the layer's"
+    layer.backend = "auto"
+    with torch.no_grad():
+        assert layer(torch.randn(3, 32)).shape == (3, 32)
+
+
 def test_a_routing_the_bias_cannot_take_is_refused_at_once():
     # The score-correction bias needs the scores of all E experts: top-k-then-softmax
     # (gpt-oss, Mixtral) is refused when the layer is built or the routing set, not at
@@ -255,6 +266,7 @@ def test_bad_local_experts(local_experts, why):
     ({"quant": "fp8_tensor", "apply_router_weight_on_input": True},
      "apply_router_weight_on_input: fp8 experts support it for top_k = 1 only"),
     ({"activation": "tanh"}, "activation"),
+    ({"backend": "cuda"}, r"backend: expected one of \('auto', 'triton', 'reference'\)"),
 ])
 def test_bad_construction(kwargs, fragment):
     args = {"num_experts": 4, "top_k": 2, "hidden_size": 32, "intermediate_size": 16} | kwargs

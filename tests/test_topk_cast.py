@@ -1,17 +1,19 @@
 """`moekit._topk_cast`: the experts ops' ids to int32 and weights to float32 in one launch.
 
-The cast must be bitwise torch's `.to` (interpreter here, GPU below), leave int32/float32
-operands untouched, and let an eager call with int64 ids replay (tests/test_replay.py's
-worker checks the `topk64` cases of tests/test_sm90_compile.py launch for launch). The
-direct path's kernels read int64 ids and 16-bit weights themselves, with the same
-meaning (ids truncated to 32 bits as torch's cast does), so it launches no cast.
+The cast must be bitwise torch's `.to` for ids in int32's range (interpreter here, GPU
+below), map int64 ids outside it to −1 (truncated, 2**32 + 1 would be expert 1), leave
+int32/float32 operands untouched, and let an eager call with int64 ids replay
+(tests/test_replay.py's worker checks the `topk64` cases of tests/test_sm90_compile.py
+launch for launch). The direct path's kernels read int64 ids and 16-bit weights
+themselves, with the same meaning (ids compared with E before they narrow), so it
+launches no cast. float64 weights are narrowed by the ops before any of this.
 """
 
 import pytest
 import torch
 
 import moekit
-from helpers import POISON, count_calls, random_experts, random_routing
+from helpers import POISON, count_calls, poison_, random_experts, random_routing
 from moekit import _topk_cast
 from moekit._topk_cast import kernel_topk
 from moekit.tuning import ExpertsConfig, GemmConfig
@@ -43,6 +45,32 @@ def test_cast_is_torchs_bitwise(ids_dtype, weights_dtype, shape, monkeypatch):
     assert got_ids.dtype == torch.int32 and got_weights.dtype == torch.float32
     assert torch.equal(got_ids, ids.to(torch.int32))
     assert torch.equal(got_weights, weights.to(torch.float32))
+
+
+# int64 ids past int32's range, each with what 32-bit truncation made of it.
+WIDE_IDS = [
+    (2**32 + 1, "truncated: expert 1"),
+    (-(2**32) + 2, "truncated: expert 2"),
+    (2**31, "truncated: −2**31, no expert either way"),
+    (-(2**31) - 1, "truncated: 2**31 − 1, past any E"),
+    (2**63 - 1, "truncated: −1"),
+    (-(2**63), "truncated: 0, expert 0"),
+]
+
+
+@pytest.mark.parametrize("how", [
+    pytest.param("launch", marks=pytest.mark.interpreter), "torch", "strided"])
+def test_ids_outside_int32_become_no_expert(how, monkeypatch):
+    # −1 ("no expert"), as the ops' docstrings promise; in-range ids narrow exactly.
+    wide = torch.tensor([[i for i, _ in WIDE_IDS], [-1, 0, 3, 2**31 - 1, -(2**31), 7]])
+    expected = torch.tensor([[-1] * len(WIDE_IDS), [-1, 0, 3, 2**31 - 1, -(2**31), 7]],
+                            dtype=torch.int32)
+    weights = torch.rand(wide.shape, dtype=torch.float64).half()
+    if how == "strided":  # not contiguous: torch's conversion even when launching
+        wide = wide.T.contiguous().T
+    _poisoned_empty(monkeypatch)
+    got_ids, _ = kernel_topk(wide, weights, launch=how != "torch")
+    assert torch.equal(got_ids, expected)
 
 
 def test_kernel_operands_pass_through_and_others_fall_back_to_torch():
@@ -129,9 +157,8 @@ def _direct_or_plan(direct: bool) -> ExpertsConfig:
 @pytest.mark.parametrize("weights_dtype", [torch.float16, torch.bfloat16])
 def test_direct_path_reads_int64_ids_and_16_bit_weights_itself(direct, weights_dtype,
                                                                 monkeypatch):
-    """Bitwise the int32/float32 call, ids past 32 bits truncated as torch's cast does
-    (2^32 + e is expert e; 2^31 is negative: no expert); a cast launch on the plan path
-    only."""
+    """Bitwise the int32/float32 call with ids past int32's range as −1 (truncated,
+    2^32 + e would be expert e); a cast launch on the plan path only."""
     torch.manual_seed(1)
     M, E, k = 3, 8, 4
     w13, w2, b13, b2 = random_experts(E, 64, 32, bias=True, dtype=torch.float16)
@@ -139,17 +166,96 @@ def test_direct_path_reads_int64_ids_and_16_bit_weights_itself(direct, weights_d
     ids, weights = random_routing(M, E, k)
     weights = weights.to(weights_dtype)
     wide = ids.long()
-    wide[0, 0] += 1 << 32  # the same expert after truncation
-    wide[1, 1] = 1 << 31  # −2^31 after truncation: dropped
+    wide[0, 0] += 1 << 32  # no expert (truncated: the same expert)
+    wide[1, 1] = 1 << 31  # no expert (truncated: −2^31, also none)
+    dropped = ids.clone()
+    dropped[0, 0] = dropped[1, 1] = -1
     casts = count_calls(monkeypatch, _topk_cast, "launcher")
     config = _direct_or_plan(direct)
     run = lambda i, w: moekit.fused_experts(hidden, w13, w2, i, w, b13=b13, b2=b2,
                                             config=config, backend="triton")
     got = run(wide, weights)
     assert len(casts) == (0 if direct else 1)
-    expected = run(wide.to(torch.int32), weights.float())
+    expected = run(dropped, weights.float())
     assert torch.equal(got, expected)
-    assert not torch.equal(expected, run(ids, weights.float())), "the dropped slot counts"
+    assert not torch.equal(expected, run(ids, weights.float())), "the dropped slots count"
+
+
+_interpreted = pytest.mark.interpreter
+
+WIDE_ID_PATHS = [
+    # (backend, direct path (else plan) on the kernels, ids strided, expert_map, why)
+    ("reference", None, False, False, "torch's conversion before the reference"),
+    ("reference", None, False, True, "torch's conversion before the map"),
+    pytest.param("triton", False, True, False, "plan path, strided ids: torch's conversion",
+                 marks=_interpreted),
+    pytest.param("triton", False, False, True, "the cast launch before the map's launch",
+                 marks=_interpreted),
+]
+
+
+@pytest.mark.parametrize("backend,direct,strided,mapped,why", WIDE_ID_PATHS)
+def test_ids_outside_int32_contribute_nothing_on_every_path(backend, direct, strided, mapped,
+                                                            why):
+    # The kernel paths without a map: test_direct_path_reads_int64_ids_… above.
+    torch.manual_seed(3)
+    w13, w2, _, _ = random_experts(4, 64, 32, dtype=torch.float16)
+    hidden = torch.randn(3, 64, dtype=torch.float16)
+    ids, weights = random_routing(3, 4, 2)
+    wide = ids.long()
+    wide[0, 0] += 1 << 32  # truncated: the same expert
+    wide[2, 1] -= 1 << 32
+    dropped = ids.clone()
+    dropped[0, 0] = dropped[2, 1] = -1
+    if strided:
+        wide = wide.T.contiguous().T
+    table = torch.arange(4, dtype=torch.int32) if mapped else None
+    run = lambda i: moekit.fused_experts(
+        hidden, w13, w2, i, weights, config=_direct_or_plan(direct) if backend == "triton"
+        else None, expert_map=table, out=poison_(torch.empty_like(hidden)), backend=backend)
+    expected = run(dropped)
+    assert torch.equal(run(wide), expected)
+    assert not torch.equal(expected, run(ids)), "the dropped slots count"
+
+
+FLOAT64_WEIGHT_PATHS = [
+    # (fp8, backend, direct, why)
+    (False, "reference", False, "the reference path"),
+    pytest.param(False, "triton", False, "the plan path: its cast launch takes float32",
+                 marks=_interpreted),
+    pytest.param(False, "triton", True, "the direct path: its kernels read the weights",
+                 marks=_interpreted),
+    (True, "reference", False, "fp8, the reference path"),
+    pytest.param(True, "triton", True, "fp8, the direct path", marks=_interpreted),
+]
+
+
+@pytest.mark.parametrize("fp8,backend,direct,why", FLOAT64_WEIGHT_PATHS)
+def test_float64_weights_are_the_float32_call(fp8, backend, direct, why):
+    # The docstrings promise other float dtypes are converted; float64 was refused.
+    from fp8_interpreter import exact_fp8_casts
+    from moekit.quant import QuantScheme, quantize_weight
+
+    torch.manual_seed(4)
+    M, E, k = 3, 8, 2
+    w13, w2, _, _ = random_experts(E, 128, 128, dtype=torch.float16)
+    hidden = torch.randn(M, 128, dtype=torch.float16)
+    ids, weights = random_routing(M, E, k)
+    config = None
+    if fp8:
+        scheme = QuantScheme.fp8_tensor()
+        w13, w2 = (quantize_weight(w.float(), scheme.weight) for w in (w13, w2))
+        if backend == "triton":
+            config = moekit.experts_fp8.direct_fp8_config(M, k, 128, 128, scheme)
+        op = lambda w: moekit.fused_experts_fp8(hidden, w13, w2, ids, w, scheme=scheme,
+                                                config=config, backend=backend)
+    else:
+        if backend == "triton":
+            config = _direct_or_plan(direct)
+        op = lambda w: moekit.fused_experts(hidden, w13, w2, ids, w, config=config,
+                                            backend=backend)
+    with exact_fp8_casts():
+        assert torch.equal(op(weights.double()), op(weights))
 
 
 @pytest.mark.interpreter
@@ -167,7 +273,9 @@ def test_fp8_direct_path_reads_int64_ids_and_16_bit_weights_itself(weight_on_inp
     hidden = torch.randn(M, 256, dtype=torch.float16)
     ids, weights = random_routing(M, E, k)
     wide = ids.long()
-    wide[0, 0] += 1 << 32
+    wide[0, 0] += 1 << 32  # no expert (truncated: the same expert)
+    dropped = ids.clone()
+    dropped[0, 0] = -1
     casts = count_calls(monkeypatch, _topk_cast, "launcher")
     config = moekit.experts_fp8.direct_fp8_config(M, k, 256, 128, scheme)
     run = lambda i, w: moekit.fused_experts_fp8(
@@ -176,4 +284,6 @@ def test_fp8_direct_path_reads_int64_ids_and_16_bit_weights_itself(weight_on_inp
     with exact_fp8_casts():
         got = run(wide, weights.bfloat16())
         assert not casts
-        assert torch.equal(got, run(wide.to(torch.int32), weights.bfloat16().float()))
+        expected = run(dropped, weights.bfloat16().float())
+        assert torch.equal(got, expected)
+        assert not torch.equal(expected, run(ids, weights.bfloat16().float()))

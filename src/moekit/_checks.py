@@ -42,6 +42,9 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], what: s
 
 
 INT_IDS = (torch.int32, torch.int64)
+# Router weights: float64 too (a float64 router's, a test's), narrowed by the experts ops
+# before their kernels (`narrow_weights`).
+WEIGHT_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 def check_router(router_logits, num_experts: int, top_k, expert_map) -> None:
@@ -82,7 +85,7 @@ def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
     """
     device = hidden.device
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INT_IDS, device=device)
-    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=WEIGHT_DTYPES, device=device)
     num_tokens, hidden_size = hidden.shape
     num_experts, _, inter = w2.shape
     check_shape("w2", w2, (num_experts, hidden_size, inter), "[E, H, I] with H of hidden")
@@ -90,6 +93,10 @@ def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
         "w13", w13, (num_experts, act.gemm1_rows(inter), hidden_size),
         f"[E, {'2I' if act.gated else 'I'}, H] with E and I of w2 and H of hidden",
     )
+    if num_experts == 0:  # the kernels' plan needs an expert; E = 0 has nothing to compute
+        raise ValueError(
+            f"w13, w2: expected at least one expert, got E = 0 (w2 of shape {tuple(w2.shape)})"
+        )
     if topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
         raise ValueError(
             f"topk_ids: expected shape ({num_tokens}, k) with k ≥ 1, got {tuple(topk_ids.shape)}"
@@ -101,6 +108,15 @@ def check_routed_experts(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
     if b2 is not None:
         check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES, device=device)
         check_shape("b2", b2, (num_experts, hidden_size), "[E, H]")
+
+
+def narrow_weights(topk_weights: torch.Tensor) -> torch.Tensor:
+    """float64 router weights as float32, which the kernels read (they take 16- and 32-bit
+    weights as they are); others unchanged. A float64 call then runs in full each time
+    (a conversion is not replayed: `moekit._replay`), which a rare dtype can afford."""
+    if topk_weights.dtype == torch.float64:
+        return topk_weights.float()
+    return topk_weights
 
 
 def dense_bias(bias: torch.Tensor | None) -> torch.Tensor | None:

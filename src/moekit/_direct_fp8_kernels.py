@@ -73,7 +73,7 @@ def _direct_gemm1_fp8_kernel(
     w13_ptr,  # [E, N1, H] fp8; N1 = 2I (gate rows, then up rows) or I (relu2)
     ws_ptr,  # w13's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
+    topk_ids_ptr,  # [M*k] int32, or int64 (checked against E before narrowing)
     inter_ptr,  # [M*k, I] fp8, out: GEMM2's input
     inter_scale_ptr,  # "static": [1], read; else [M*k, nG] fp32 out, one per 1×INTER_GROUP
     scratch_ptr,  # "last": [M*k, I] fp32, GEMM1's output before quantisation
@@ -133,9 +133,10 @@ def _direct_gemm1_fp8_kernel(
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
         _clear_arrivals(arrivals_ptr, pair, pid_n, top_k, tiles_per_token)
-    expert = tl.load(topk_ids_ptr + pair).to(tl.int32)
-    if (expert < 0) | (expert >= num_experts):
+    expert = tl.load(topk_ids_ptr + pair)
+    if (expert < 0) | (expert >= num_experts):  # before narrowing int64 ids
         return
+    expert = expert.to(tl.int32)
     token = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
@@ -287,11 +288,11 @@ def _part_rows(topk_ids_ptr, topk_weights_ptr, token, first, num_experts, TOP_K:
     rows = tl.arange(0, ROWS)
     row_slot = first + rows
     row_ok = (rows < PER_PART) & (row_slot < TOP_K)
-    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1).to(tl.int32)
-    row_ok = row_ok & (row_ids >= 0) & (row_ids < num_experts)
+    row_ids = tl.load(topk_ids_ptr + token * TOP_K + row_slot, mask=row_ok, other=-1)
+    row_ok = row_ok & (row_ids >= 0) & (row_ids < num_experts)  # before narrowing int64
     router = tl.load(topk_weights_ptr + token * TOP_K + row_slot, mask=row_ok,
                      other=0.0).to(tl.float32)
-    return row_ok, tl.where(row_ok, row_ids, 0), router
+    return row_ok, tl.where(row_ok, row_ids, 0).to(tl.int32), router
 
 
 @triton.jit
@@ -314,7 +315,7 @@ def _direct_gemm2_fp8_kernel(
     w2_ptr,  # [E, H, I] fp8
     ws_ptr,  # w2's scales, addressed like GEMM1's
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
+    topk_ids_ptr,  # [M*k] int32, or int64 (checked against E before narrowing)
     topk_weights_ptr,  # [M*k] fp32, or 16-bit read as fp32
     out_ptr,  # [M, H], out
     partials_ptr,  # [M*PARTS, H] fp32 (PARTS > 1)

@@ -19,7 +19,9 @@ Pairs that share an expert read its weights once per pair; consecutive programs 
 grid are the pairs (or tokens) of one column tile, so such re-reads mostly come from
 L2. A pair whose id is outside [0, E) is skipped by both kernels: GEMM1 leaves its
 `inter` row unwritten and GEMM2 masks every load of it, so the row's contents never
-matter. Row offsets are 64-bit, offsets within a weight tile 32-bit.
+matter. int64 ids are compared with E before they narrow to int32, so none (2**32 + 1,
+say) aliases onto a real expert. Row offsets are 64-bit, offsets within a weight tile
+32-bit.
 """
 
 import triton
@@ -76,9 +78,9 @@ def _token_slots(topk_ids_ptr, token, num_experts, TOP_K: tl.constexpr, SLOTS: t
     past k or with an id outside [0, E) is not valid and reads id 0."""
     slots = tl.arange(0, SLOTS)
     slot_ok = slots < TOP_K
-    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1).to(tl.int32)
-    slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)
-    return slots, slot_ok, tl.where(slot_ok, slot_ids, 0)
+    slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slot_ok, other=-1)
+    slot_ok = slot_ok & (slot_ids >= 0) & (slot_ids < num_experts)  # before narrowing int64
+    return slots, slot_ok, tl.where(slot_ok, slot_ids, 0).to(tl.int32)
 
 
 @triton.jit
@@ -137,7 +139,7 @@ def _direct_gemm1_kernel(
     hidden_ptr,  # [M, H]
     w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
     b13_ptr,  # [E, N1] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
+    topk_ids_ptr,  # [M*k] int32, or int64 (checked against E before narrowing)
     topk_weights_ptr,  # [M*k] fp32 or 16-bit (read only when WEIGHT_ON_INPUT)
     inter_ptr,  # [M*k, I], out
     arrivals_ptr,  # [M, tiles_per_token] int32: GEMM2's counters, zeroed (CLEAR_ARRIVALS)
@@ -178,9 +180,10 @@ def _direct_gemm1_kernel(
     pid_n = tl.program_id(1)
     if CLEAR_ARRIVALS:
         _clear_arrivals(arrivals_ptr, pair, pid_n, top_k, tiles_per_token)
-    expert = tl.load(topk_ids_ptr + pair).to(tl.int32)
-    if (expert < 0) | (expert >= num_experts):
+    expert = tl.load(topk_ids_ptr + pair)
+    if (expert < 0) | (expert >= num_experts):  # before narrowing int64 ids
         return
+    expert = expert.to(tl.int32)
     token = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
@@ -216,7 +219,7 @@ def _direct_gemm2_kernel(
     inter_ptr,  # [M*k, I]
     w2_ptr,  # [E, H, I]
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
-    topk_ids_ptr,  # [M*k] int32, or int64 read as int32 (truncated, as torch casts)
+    topk_ids_ptr,  # [M*k] int32, or int64 (checked against E before narrowing)
     topk_weights_ptr,  # [M*k] fp32, or 16-bit read as fp32
     out_ptr,  # [M, H], out
     partials_ptr,  # [M*PARTS, H] fp32 (PARTS > 1)

@@ -2,9 +2,10 @@
 
     _cast_topk_kernel  grid (cdiv(M·k, BLOCK),): BLOCK (token, slot) pairs per program
 
-Elementwise over the flattened [M, k] pairs. `.to` truncates integers and rounds floats to
-nearest, as torch's casts do, so the result is bitwise torch's `ids.to(torch.int32)` and
-`weights.float()`.
+Elementwise over the flattened [M, k] pairs. Ids outside int32's range become −1 ("no
+expert": truncated they would alias onto real experts), the others narrow exactly; floats
+round to nearest, as torch's casts do. The result is bitwise `_topk_cast.int32_ids(ids)`
+and `weights.float()`.
 """
 
 import triton
@@ -23,6 +24,8 @@ def _cast_topk_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < pairs
     ids = tl.load(ids_ptr + offs, mask=ok)
+    if ids.dtype.primitive_bitwidth > 32:
+        ids = tl.where((ids >= -2**31) & (ids < 2**31), ids, -1)
     tl.store(ids_out_ptr + offs, ids.to(tl.int32), mask=ok)
     weights = tl.load(weights_ptr + offs, mask=ok)
     tl.store(weights_out_ptr + offs, weights.to(tl.float32), mask=ok)

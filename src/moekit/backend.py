@@ -19,10 +19,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_backend(backend: object) -> str:
+    """`backend` when it names one of BACKENDS, else the ValueError every op raises (for
+    holders of a backend, like `moekit.MoE`, that check it before any op runs)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """Return "triton" or "reference" for an op whose main input is `tensor`."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)  # raises (one message for every holder of a backend)
     if backend == "reference":
         return "reference"
     if tensor.is_cuda:

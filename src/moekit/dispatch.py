@@ -85,7 +85,8 @@ def dispatch_plan(
     """Group the M*k token–expert pairs by expert, each run padded to `block_m` slots.
 
     Args:
-        topk_ids: [M, k] int32 expert ids; ids outside [0, E) are dropped.
+        topk_ids: [M, k] int32 expert ids (any strides; a strided view is copied); ids
+            outside [0, E) are dropped.
         num_experts: E (the local count when `expert_map` is given).
         block_m: the row tile of the GEMMs that consume the plan (a power of two ≥ 16).
         expert_map: optional int32 [E_global] on topk_ids' device: local id of each
@@ -159,7 +160,9 @@ def prepared_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int, *,
         sorted_pairs, block_experts, expert_offsets, num_pairs, block_m, pair_slots,
         tiles if tile_m else None,
     )
-    flat_ids = topk_ids.reshape(-1)
+    # The kernels read the ids as one dense run: `reshape` would return a strided view
+    # where it can (a column slice `ids[:, :1]`, a row `ids[:1]` of a wider tensor).
+    flat_ids = topk_ids.contiguous().view(-1)
     has_map = expert_map is not None
     id_map = expert_map if has_map else flat_ids  # placeholder pointer, never read
     num_global = expert_map.numel() if has_map else num_experts

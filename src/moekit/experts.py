@@ -32,6 +32,7 @@ from moekit._checks import (
     check_tensor,
     dense_bias,
     dense_weight,
+    narrow_weights,
     output_like,
 )
 from moekit._dot_precision import dot_precision
@@ -83,13 +84,14 @@ def fused_experts(
 
     Args:
         hidden: [M, H] bf16/fp16 (fp32 also runs, slowly, through exact fp32 dots).
-        w13: [E, 2I, H] (gate rows, then up rows), or [E, I, H] for `relu2`; hidden's dtype.
+        w13: [E, 2I, H] (gate rows, then up rows), or [E, I, H] for `relu2`; hidden's dtype;
+            E ≥ 1.
         w2: [E, H, I], hidden's dtype. Weights should be contiguous: a strided view is
             copied on every call (with a warning).
         topk_ids: [M, k] int32, or int64 (`torch.topk`'s: the direct path's kernels read
             it as it is, the plan path converts it in one launch with the weights);
-            ids outside [0, E) contribute nothing.
-        topk_weights: [M, k] float32 (other float dtypes are converted).
+            ids outside [0, E) contribute nothing, int64 ones past int32's range included.
+        topk_weights: [M, k] float32 (bf16, fp16 and float64 are converted).
         activation: name or `Activation`.
         b13: optional [E, 2I] (or [E, I]) bias of GEMM1; b2: optional [E, H] bias of GEMM2.
         apply_router_weight_on_input: scale each expert's input instead of its output.
@@ -105,6 +107,8 @@ def fused_experts(
     """
     act = Activation.parse(activation)
     _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2)
+    check_config(config)
+    topk_weights = narrow_weights(topk_weights)
     path = resolve_backend(backend, hidden)
     if path == "reference" or expert_map is not None:  # else converted where launched
         topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights,
@@ -180,6 +184,13 @@ def fused_moe(
         apply_router_weight_on_input=apply_router_weight_on_input, expert_map=expert_map,
         config=config, backend=backend,
     )
+
+
+def check_config(config: object) -> None:
+    """`config` must be None or an `ExpertsConfig`: the kernels read it through its
+    methods, so anything else would fail later with an error that does not name it."""
+    if config is not None and not isinstance(config, ExpertsConfig):
+        raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
 
 
 def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int):

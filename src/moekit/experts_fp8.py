@@ -74,6 +74,7 @@ from moekit._checks import (
     check_router,
     check_tensor,
     dense_bias,
+    narrow_weights,
     output_like,
 )
 from moekit._dispatch_kernels import _place_pairs_kernel
@@ -101,7 +102,7 @@ from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import PlaceLaunch, local_expert_ids, prepared_plan
 from moekit.dispatch_plan import DispatchPlan
-from moekit.experts import launch_combine
+from moekit.experts import check_config, launch_combine
 from moekit.experts_direct_fp8 import gemm1_group_counts, launch_direct_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
@@ -151,12 +152,12 @@ def fused_experts_fp8(
 
     Args:
         hidden: [M, H] bf16/fp16 (fp32 also runs); quantised per `scheme.activation`.
-        w13: quantised [E, 2I, H] (gate rows, then up), or [E, I, H] for `relu2`.
+        w13: quantised [E, 2I, H] (gate rows, then up), or [E, I, H] for `relu2`; E ≥ 1.
         w2: quantised [E, H, I].
         topk_ids: [M, k] int32, or int64 (`torch.topk`'s: the direct path's kernels read
             it as it is, the plan path converts it in one launch with the weights);
-            ids outside [0, E) contribute nothing.
-        topk_weights: [M, k] float32 (other float dtypes are converted).
+            ids outside [0, E) contribute nothing, int64 ones past int32's range included.
+        topk_weights: [M, k] float32 (bf16, fp16 and float64 are converted).
         scheme: a `QuantScheme` or a preset's name ("fp8_tensor", "fp8_channel",
             "fp8_block"); w13 and w2 must be in its weight format, and with static
             activations carry `input_scale`.
@@ -178,6 +179,8 @@ def fused_experts_fp8(
     act = Activation.parse(activation)
     _check_args(hidden, w13, w2, topk_ids, topk_weights, scheme, act, b13, b2)
     check_fp8_weight_on_input(apply_router_weight_on_input, topk_ids.shape[1])
+    check_config(config)
+    topk_weights = narrow_weights(topk_weights)
     path = resolve_backend(backend, hidden)
     if path == "reference" or expert_map is not None:  # else converted where launched
         topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights,
@@ -392,8 +395,6 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
     whole groups (it runs them as sub-steps); on the plan path GEMM1's column tile must
     hold whole groups of GEMM2's dynamically quantised input (the direct path quantises it
     in GEMM2)."""
-    if not isinstance(config, ExpertsConfig):
-        raise TypeError(f"config: expected an ExpertsConfig, got {type(config).__name__}")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if not groups or gemm.block_k <= min(groups):

@@ -46,7 +46,7 @@ from torch import nn
 from moekit._checks import check_fp8_weight_on_input
 from moekit._replay import replayed
 from moekit.activation import Activation
-from moekit.backend import resolve_backend
+from moekit.backend import check_backend, resolve_backend
 from moekit.experts import fused_experts, fused_moe
 from moekit.experts_fp8 import fused_experts_fp8, fused_moe_fp8
 from moekit.quant import QuantScheme, quantize_weight
@@ -249,6 +249,16 @@ class MoE(nn.Module):
         self._method = _PRESET_NAMES.get(routing, routing)
 
     @property
+    def backend(self) -> str:
+        """"auto", "triton" or "reference" (see `moekit.backend`; settable, checked at
+        once rather than at the next forward)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        self._backend = check_backend(backend)
+
+    @property
     def renormalize(self) -> bool:
         """Whether the k routing weights are renormalised (`self.routing`'s field;
         settable)."""
@@ -275,7 +285,7 @@ class MoE(nn.Module):
         options = dict(method=self._method, activation=self.activation,
                        b13=weights["b13"], b2=weights["b2"], expert_map=self.expert_map,
                        apply_router_weight_on_input=self.apply_router_weight_on_input,
-                       backend=self.backend)
+                       backend=self._backend)
         if self._router_kernel_serves(flat):
             out = _routed_experts(flat, self.router.weight, self.router_arrivals, *experts,
                                   scheme=self.scheme, **options)
@@ -301,7 +311,7 @@ class MoE(nn.Module):
                          or nn.modules.module._global_forward_hooks
                          or nn.modules.module._global_forward_pre_hooks)
                 and weight.dtype == flat.dtype
-                and resolve_backend(self.backend, flat) == "triton")
+                and resolve_backend(self._backend, flat) == "triton")
 
     def extra_repr(self) -> str:
         held, rows, h = self.w13.shape
