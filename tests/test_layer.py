@@ -274,6 +274,18 @@ def test_bad_construction(kwargs, fragment):
         MoE(**args)
 
 
+@pytest.mark.parametrize("hidden,error,fragment", [
+    (torch.randn(3, 32, dtype=torch.float16), TypeError, r"hidden: expected dtype torch.float32"),
+    (torch.randn(3, 31), ValueError, r"hidden: expected \[\.\.\., 32\]"),
+    (torch.randn(2, 3, 16), ValueError, r"hidden: expected \[\.\.\., 32\]"),
+], ids=["dtype", "hidden-size", "3-d"])
+def test_bad_input_names_hidden(hidden, error, fragment):
+    # The router's matmul used to fail first, naming neither the argument nor the layer.
+    layer = MoE(4, 2, 32, 16, backend="reference")
+    with pytest.raises(error, match=fragment):
+        layer(hidden)
+
+
 def expected_fp8_output(layer, hidden):
     """The layer's routing, then the fp8 reference on its weights quantised afresh."""
     flat = hidden.reshape(-1, hidden.shape[-1]).detach()

@@ -279,6 +279,7 @@ class MoE(nn.Module):
                 and self._quantized_from != self._weights_state()):
             self.prepare()
         weights = self._prepared
+        self._check_input(hidden)
         # [M, H]; a 2-D input as it is (a view op costs ~1.5 µs of host time per call)
         flat = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
         experts = (weights["w13"], weights["w2"], self.top_k)
@@ -297,6 +298,17 @@ class MoE(nn.Module):
                 out = fused_moe_fp8(flat, self.router(flat), *experts, scheme=self.scheme,
                                     **options)
         return out if flat is hidden else out.reshape(hidden.shape)
+
+    def _check_input(self, hidden: torch.Tensor) -> None:
+        """hidden [..., H] in the layer's dtype (the router's; the experts take no other,
+        autocast or not): else the router's matmul fails first, naming neither."""
+        weight = self.router.weight
+        if hidden.shape[-1:] != weight.shape[1:]:
+            raise ValueError(f"hidden: expected [..., {weight.shape[1]}] (hidden_size), "
+                             f"got shape {tuple(hidden.shape)}")
+        if hidden.dtype != weight.dtype:
+            raise TypeError(f"hidden: expected dtype {weight.dtype} (the layer's; cast the "
+                            f"layer with .to(dtype) to run another), got {hidden.dtype}")
 
     def _router_kernel_serves(self, flat: torch.Tensor) -> bool:
         """Whether `router_topk`'s GEMV computes what `self.router(flat)` would (the module
