@@ -23,6 +23,18 @@ import re
 _NAMES = {"gpt-oss-120b": "gpt-oss-120b-silu"}
 
 
+def _flush_words(table: dict) -> str:
+    """How the table emptied L2 (`moekit bench --l2-flush`). PERF.md's vLLM run used
+    do_bench's memset, whose dirty lines the timed call writes back: 6.5–8.5 µs a layer on
+    an H200 (bench/NOTES.md, session 10). A read flush leaves clean lines, so against it
+    cells closer than that are not decided; `--l2-flush zero` is the like-for-like run."""
+    kind = table.get("timing", {}).get("l2_flush", "read")
+    return {"zero": "do_bench's 256 MB memset (PERF.md's protocol, as vLLM's)",
+            "read": "a 256 MB read (clean lines: no write-back, which vLLM's memset flush "
+                    "cost it, ~7 µs a call; cells closer than that are not decided)"}.get(
+                kind, f"the {kind!r} flush")
+
+
 def vllm_cells(perf_text: str, section: str, dtype_label: str) -> tuple[dict, float]:
     """{(preset, M): (µs, floor ÷ time)} of PERF.md's table for `section` ("H100" or
     "H200") and weight format (`bf16`, `fp8 per-tensor`), and that run's copy GB/s."""
@@ -64,8 +76,9 @@ def main() -> None:
     lines = [f"# moekit beside PERF.md's vLLM numbers ({args.section}, {label}) — "
              f"{table['device']}, {table['date']}", "",
              f"- moekit: `{table['command']}` (git {table['git_commit']}), torch "
-             f"{table['torch']}, triton {table['triton']}; both sides CUDA-graph replay after "
-             "do_bench's 256 MB memset flush",
+             f"{table['torch']}, triton {table['triton']}; CUDA-graph replay, L2 emptied "
+             f"before each call by {_flush_words(table)}; vLLM's after do_bench's 256 MB "
+             "memset (PERF.md's protocol)",
              f"- vLLM: PERF.md's {args.section} table (vLLM 0.33's Triton fused MoE, copy "
              f"{copy:,.0f} GB/s in its run)",
              "- time ratio = vLLM µs ÷ moekit µs (> 1: moekit faster); bandwidth ratio (M ≤ 256, "
