@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from moekit.bench.clocks import window
 from moekit.bench.l2_flush import flushed_samples_ms, shared_flush
 from moekit.bench.stream_read import stream_read
 from moekit.bench.timing import short_error
@@ -114,21 +115,31 @@ def _fp8_TFLOPs(n: int) -> float:
     return 2 * n**3 / _median_ms(fn) / 1e9
 
 
-def measure_cuda(dtype: str = "bf16", buffer_bytes: int = 4 * GiB, n: int = 8192) -> Ceilings:
+def measure_cuda(dtype: str = "bf16", buffer_bytes: int = 4 * GiB, n: int = 8192,
+                 windows: dict | None = None) -> Ceilings:
     """Measure the ceilings on the current CUDA device (about two seconds).
 
     Args:
         dtype: weight dtype of the table; "fp16" adds the fp16 matmul peak.
         buffer_bytes: size of the bandwidth buffers (PERF.md: ≥ 4 GB).
         n: matmul size (PERF.md: 8192).
+        windows: if given, receives the wall-clock [start, end] of each measurement
+            ("bandwidth", "bf16", "fp16", "fp8"; `moekit.bench.clocks`).
     """
-    copy, read = _bandwidths(buffer_bytes // 4, "cuda", None)
+    windows = {} if windows is None else windows
+    with window(windows, "bandwidth"):
+        copy, read = _bandwidths(buffer_bytes // 4, "cuda", None)
     torch.cuda.empty_cache()
-    bf16 = _matmul_TFLOPs(n, torch.bfloat16, "cuda", None)
-    fp16 = _matmul_TFLOPs(n, torch.float16, "cuda", None) if dtype == "fp16" else None
+    with window(windows, "bf16"):
+        bf16 = _matmul_TFLOPs(n, torch.bfloat16, "cuda", None)
+    fp16 = None
+    if dtype == "fp16":
+        with window(windows, "fp16"):
+            fp16 = _matmul_TFLOPs(n, torch.float16, "cuda", None)
     ceilings = Ceilings(copy, read, bf16, fp16)
     try:
-        ceilings.fp8_TFLOPs = _fp8_TFLOPs(n)
+        with window(windows, "fp8"):
+            ceilings.fp8_TFLOPs = _fp8_TFLOPs(n)
     except Exception as exc:  # fp8 needs sm89+ and a recent torch; record why not
         ceilings.notes.append(f"fp8 peak unavailable: {short_error(exc)}")
     ceilings.notes.append(

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     import moekit
     from moekit.bench import ceilings as measure
+    from moekit.bench.clocks import ClockLog, annotate
     from moekit.bench.results import (
         render_markdown,
         result_paths,
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.cpu
     impls, screen_notes = implementations(args.baselines, args.dtype), []
+    clock_log, ceiling_windows = None, {}
     if cuda:
         # Before this process creates its CUDA context: a probe runs in a child process,
         # which an exclusive-process GPU would refuse while we hold one.
@@ -151,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"device: {device_name} (sm_{props.major}{props.minor}, "
               f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)",
               file=sys.stderr)
+        clock_log = ClockLog(_smi_id(props, device))  # the clock and power each row ran at
         print("measuring ceilings …", file=sys.stderr, flush=True)
-        ceilings = measure.measure_cuda(args.dtype)
+        ceilings = measure.measure_cuda(args.dtype, windows=ceiling_windows)
         timer = CudaTimer(args.warmup_ms, args.rep_ms, args.cell_cap_s, l2_flush=args.l2_flush)
     else:
         print(FORCED_CPU_LINE if args.cpu else NO_CUDA_LINE, file=sys.stderr)
@@ -231,8 +234,17 @@ def run(args: argparse.Namespace) -> int:
         abort = "interrupted"
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if clock_log is not None:
+            clock_log.close()
     if abort:
         print(abort, file=sys.stderr)
+    if clock_log is not None:
+        header["clocks"] = {
+            "sampler": "nvidia-smi clocks.sm and power.draw every 100 ms; each row's "
+                       "sm_clock_mhz / power_w are the medians inside its window_s",
+            "ceilings": annotate(rows, ceiling_windows, clock_log.samples),
+            "note": clock_log.error,
+        }
 
     doc = document(rows, abort)
     for problem in validate(doc):  # a bug here, not in the kernels: say so loudly
@@ -244,6 +256,14 @@ def run(args: argparse.Namespace) -> int:
     if abort == "interrupted":
         return 130
     return 1 if abort else 0
+
+
+def _smi_id(props, device) -> str:
+    """nvidia-smi's name for the device: its UUID, which CUDA_VISIBLE_DEVICES leaves
+    alone (the CUDA index and nvidia-smi's differ when it is set); the index if the
+    properties have no UUID."""
+    uuid = str(getattr(props, "uuid", "") or "").removeprefix("GPU-")
+    return f"GPU-{uuid}" if uuid else str(device.index)
 
 
 def _interrupt(signum, frame):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 REQUIRED_TOP_KEYS = ("device", "torch", "triton", "date", "command", "ceilings", "rows")
@@ -135,6 +136,7 @@ def render_markdown(doc: dict) -> str:
         + (f", fp16 {_fmt_rate(c['fp16_TFLOPs'], 'TFLOP/s')}" if c.get("fp16_TFLOPs") else "")
         + f", fp8 {_fmt_rate(c['fp8_TFLOPs'], 'TFLOP/s')}",
     ]
+    lines += _clock_lines(doc)
     lines += [f"- {note}" for note in doc.get("notes", [])]
     lines.append("")
     lines.append("Cells: median µs (roofline % = floor ÷ time). ⚠ = rel_err over tolerance.")
@@ -153,6 +155,30 @@ def render_markdown(doc: dict) -> str:
         lines.append("")
     lines += _notes_section(rows)
     return "\n".join(lines) + "\n"
+
+
+def _clock_lines(doc: dict) -> list[str]:
+    """The SM clock the matmul peaks and moekit's graph cells ran at (`clocks` in the
+    JSON, per row `sm_clock_mhz`): a lower clock in the cells than in the peak is
+    throttling, not the kernels."""
+    clocks = doc.get("clocks")
+    if not clocks:
+        return []
+    if clocks.get("note") and not clocks.get("ceilings"):
+        return [f"- clocks: {clocks['note']}"]
+    parts = []
+    for name, c in (clocks.get("ceilings") or {}).items():
+        if c and name != "bandwidth":
+            watts = f" / {c['power_w']} W" if c.get("power_w") is not None else ""
+            parts.append(f"{name} peak {c['sm_clock_mhz']:,} MHz{watts}")
+    cells = [r["sm_clock_mhz"] for r in doc["rows"]
+             if r["impl"] == "moekit" and r["graph"] and r.get("sm_clock_mhz")]
+    if cells:
+        parts.append(f"moekit's graph cells {min(cells):,}–{max(cells):,} MHz "
+                     f"(median {statistics.median(cells):,.0f})")
+    if not parts:
+        return [f"- clocks: not sampled ({clocks.get('note') or 'no samples'})"]
+    return [f"- SM clock (nvidia-smi, median within each measurement): {'; '.join(parts)}"]
 
 
 def _notes_section(rows: list[dict]) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 import moekit
 from moekit.bench.baselines import BASELINES
 from moekit.bench.ceilings import Ceilings
+from moekit.bench.clocks import window
 from moekit.bench.fp8 import (
     FP8_DTYPES,
     is_fp8,
@@ -317,12 +318,14 @@ def _measure(impl: Impl, call, check, timer, graph: bool, cuda: bool, sync,
         uncaptured: a graph row was wanted for this M; when `graph` is False the eager
             row says why there is none.
     """
+    spans: dict = {}  # wall-clock [start, end] of each timing, for the clocks sampled then
     try:
         out = call()
         sync()
         err = check(out)
         del out
-        eager = timer.eager(call)
+        with window(spans, "eager"):
+            eager = timer.eager(call)
     except CudaContextLost:
         raise
     except Exception as exc:  # any failure of the implementation becomes a note
@@ -334,8 +337,10 @@ def _measure(impl: Impl, call, check, timer, graph: bool, cuda: bool, sync,
     rows = []
     if graph:
         try:
-            timing, graph_err = timer.graph(call, check)
-            rows.append(row(impl=impl.name, graph=True, timing=timing, err=graph_err, note=None))
+            with window(spans, "graph"):
+                timing, graph_err = timer.graph(call, check)
+            rows.append(_in_window(row(impl=impl.name, graph=True, timing=timing,
+                                       err=graph_err, note=None), spans["graph"]))
         except CaptureFailed as exc:
             note = f"graph capture failed: {exc}"
         except CudaContextLost:
@@ -346,4 +351,12 @@ def _measure(impl: Impl, call, check, timer, graph: bool, cuda: bool, sync,
             note = f"graph timing failed: {short_error(exc)}"
     elif uncaptured:
         note = impl.why_not or None
-    return [row(impl=impl.name, graph=False, timing=eager, err=err, note=note), *rows]
+    return [_in_window(row(impl=impl.name, graph=False, timing=eager, err=err, note=note),
+                       spans["eager"]), *rows]
+
+
+def _in_window(row: dict, span: list[float]) -> dict:
+    """`row` with the wall-clock seconds its timing ran in (`window_s`), which
+    `moekit.bench.clocks.annotate` matches with the clocks sampled meanwhile."""
+    row["window_s"] = [round(t, 3) for t in span]
+    return row
