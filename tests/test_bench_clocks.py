@@ -110,3 +110,15 @@ def test_markdown_states_the_peaks_and_cells_clocks():
             "690 W; moekit's graph cells 1,500–1,980 MHz (median 1,700)") in text
     doc["clocks"] = {"ceilings": None, "note": "no nvidia-smi on PATH: clocks not sampled"}
     assert "- clocks: no nvidia-smi on PATH: clocks not sampled" in render_markdown(doc)
+
+
+def test_a_failing_annotation_keeps_the_table(monkeypatch):
+    from moekit.bench import command
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(clocks, "annotate", broken)
+    log = type("Log", (), {"samples": [(1.0, 1500.0, 400.0)], "error": None})()
+    assert command._clocks([{"window_s": [0.0, 2.0]}], {}, log) == {
+        "note": "clock annotation failed: RuntimeError('boom')"}

@@ -114,7 +114,6 @@ class ClockLog:
                           else "nvidia-smi gave no samples")
 
 
-
 @contextmanager
 def window(into: dict, name: str) -> Iterator[None]:
     """Record the wall-clock [start, end] of the block as `into[name]`."""

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     import moekit
     from moekit.bench import ceilings as measure
-    from moekit.bench.clocks import ClockLog, annotate
+    from moekit.bench.clocks import ClockLog
     from moekit.bench.results import (
         render_markdown,
         result_paths,
@@ -239,12 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if abort:
         print(abort, file=sys.stderr)
     if clock_log is not None:
-        header["clocks"] = {
-            "sampler": "nvidia-smi clocks.sm and power.draw every 100 ms; each row's "
-                       "sm_clock_mhz / power_w are the medians inside its window_s",
-            "ceilings": annotate(rows, ceiling_windows, clock_log.samples),
-            "note": clock_log.error,
-        }
+        header["clocks"] = _clocks(rows, ceiling_windows, clock_log)
 
     doc = document(rows, abort)
     for problem in validate(doc):  # a bug here, not in the kernels: say so loudly
@@ -256,6 +251,20 @@ def run(args: argparse.Namespace) -> int:
     if abort == "interrupted":
         return 130
     return 1 if abort else 0
+
+
+def _clocks(rows: list[dict], ceiling_windows: dict, clock_log) -> dict:
+    """The header's `clocks` (and each row's, in place); a failure here is a note, never
+    a lost table."""
+    from moekit.bench.clocks import annotate
+
+    try:
+        peaks = annotate(rows, ceiling_windows, clock_log.samples)
+    except Exception as exc:  # the rows are the run's result: keep them whatever this does
+        return {"note": f"clock annotation failed: {exc!r}"}
+    return {"sampler": "nvidia-smi clocks.sm and power.draw every 100 ms; each row's "
+                       "sm_clock_mhz / power_w are the medians inside its window_s",
+            "ceilings": peaks, "note": clock_log.error}
 
 
 def _smi_id(props, device) -> str:
