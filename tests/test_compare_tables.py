@@ -50,3 +50,17 @@ def test_eager_rows_on_request(tmp_path):
     compare_tables.main(["--out", str(tmp_path), "--stem", "e", "--eager", f"a={a}", f"b={b}"])
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert rows[0]["b_ratio"] == 1.5 and rows[0]["graph"] is False
+
+
+def test_clocks_where_the_tables_recorded_them(tmp_path):
+    clocked = _doc({("q", 1): 10.0}, extra_rows=())
+    for row in clocked["rows"]:
+        row["sm_clock_mhz"] = 1755
+    a = _write(tmp_path, "a.json", clocked)
+    b = _write(tmp_path, "b.json", _doc({("q", 1): 12.0}))  # an older table: no clocks
+    compare_tables.main(["--out", str(tmp_path / "o"), "--stem", "ab", f"main={a}", f"old={b}"])
+    doc = json.loads((tmp_path / "o" / "ab.json").read_text())
+    assert doc["rows"][0]["main_sm_clock_mhz"] == 1755
+    assert "old_sm_clock_mhz" not in doc["rows"][0]
+    text = (tmp_path / "o" / "ab.md").read_text()
+    assert "- median SM clock of the cells, MHz: main 1,755" in text

@@ -48,8 +48,10 @@ def cells(docs: list[dict], graph: bool) -> dict[tuple, dict]:
             if row.get("time_us") is None:
                 continue
             cell = out.setdefault((row["dtype"], row["preset"], row["M"]),
-                                  {"us": [], "err": 0.0, "roofline": []})
+                                  {"us": [], "err": 0.0, "roofline": [], "mhz": []})
             cell["us"].append(row["time_us"])
+            if row.get("sm_clock_mhz"):  # tables since 2026-12-05 (`moekit.bench.clocks`)
+                cell["mhz"].append(row["sm_clock_mhz"])
             cell["roofline"].append(row.get("roofline_pct") or 0.0)
             cell["err"] = max(cell["err"], row.get("rel_err") or 0.0)
     return out
@@ -72,8 +74,19 @@ def compare(versions: list[tuple[str, list[dict]]], graph: bool) -> list[dict]:
             row[f"{label}_rel_err"] = cell["err"]
             row[f"{label}_roofline_pct"] = round(statistics.median(cell["roofline"]), 1)
             row[f"{label}_ratio"] = round(base / median, 3)
+            if cell["mhz"]:
+                row[f"{label}_sm_clock_mhz"] = round(statistics.median(cell["mhz"]))
         rows.append(row)
     return rows
+
+
+def _clock_notes(rows: list[dict], labels: list[str]) -> list[str]:
+    """Each version's median SM clock over the compared cells, where its tables recorded
+    clocks: a ratio between versions that ran at different clocks is partly the clock."""
+    clocks = {lab: [r[f"{lab}_sm_clock_mhz"] for r in rows if f"{lab}_sm_clock_mhz" in r]
+              for lab in labels}
+    shown = [f"{lab} {statistics.median(v):,.0f}" for lab, v in clocks.items() if v]
+    return [f"- median SM clock of the cells, MHz: {', '.join(shown)}"] if shown else []
 
 
 def markdown(rows: list[dict], labels: list[str]) -> list[str]:
@@ -115,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
              f"version's rounds ({', '.join(f'{lab}: {len(d)}' for lab, d in versions)}); "
              f"ratio = {labels[0]} ÷ version, > 1 faster; roofline % as the table reports it",
              *(f"- {lab}: ratio {min(v):.3f}–{max(v):.3f}, median {statistics.median(v):.3f} "
-               f"over {len(v)} cells" for lab, v in ratios.items())]
+               f"over {len(v)} cells" for lab, v in ratios.items()),
+             *_clock_notes(rows, labels)]
     write_experiment(args.out, args.stem, meta, rows, f"A/B of moekit bench tables: "
                      f"{' against '.join(labels)}", notes, markdown(rows, labels))
     print("\n".join(notes + [""] + markdown(rows, labels)))
