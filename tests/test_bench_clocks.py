@@ -62,12 +62,17 @@ def test_without_nvidia_smi_nothing_is_sampled(monkeypatch):
     assert log.samples == [] and "no nvidia-smi" in log.error
 
 
-def test_a_failing_nvidia_smi_says_so(tmp_path, monkeypatch):
+def _fake_nvidia_smi(tmp_path, monkeypatch, body: str) -> None:
+    """An nvidia-smi that runs the shell `body`, first on PATH for `clocks`."""
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n")
+    fake.write_text("#!/bin/sh\n" + body + "\n")
     fake.chmod(0o755)
     monkeypatch.setattr(clocks.shutil, "which",
                         lambda name: str(fake) if name == "nvidia-smi" else None)
+
+
+def test_a_failing_nvidia_smi_says_so(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, monkeypatch, "echo 'No devices were found' >&2; exit 6")
     log = clocks.ClockLog("GPU-x")
     time.sleep(0.2)
     log.close()
@@ -75,12 +80,8 @@ def test_a_failing_nvidia_smi_says_so(tmp_path, monkeypatch):
 
 
 def test_a_sampling_nvidia_smi_is_read_and_stopped(tmp_path, monkeypatch):
-    fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\nwhile true; do date '+%Y/%m/%d %H:%M:%S.000, 1500, 400'; "
-                    "sleep 0.05; done\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(clocks.shutil, "which",
-                        lambda name: str(fake) if name == "nvidia-smi" else None)
+    _fake_nvidia_smi(tmp_path, monkeypatch, "while true; do "
+                     "date '+%Y/%m/%d %H:%M:%S.000, 1500, 400'; sleep 0.05; done")
     log = clocks.ClockLog("0")
     time.sleep(0.5)
     log.close()
