@@ -29,8 +29,7 @@ def check_backend(backend: object) -> str:
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """Return "triton" or "reference" for an op whose main input is `tensor`."""
-    if backend not in BACKENDS:
-        check_backend(backend)  # raises (one message for every holder of a backend)
+    check_backend(backend)
     if backend == "reference":
         return "reference"
     if tensor.is_cuda:

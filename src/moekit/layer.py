@@ -322,8 +322,7 @@ class MoE(nn.Module):
                 and not (router._forward_hooks or router._forward_pre_hooks
                          or nn.modules.module._global_forward_hooks
                          or nn.modules.module._global_forward_pre_hooks)
-                and weight.dtype == flat.dtype
-                and resolve_backend(self._backend, flat) == "triton")
+                and resolve_backend(self._backend, flat) == "triton")  # dtype: `_check_input`
 
     def extra_repr(self) -> str:
         held, rows, h = self.w13.shape
