@@ -39,3 +39,20 @@ def test_fp8_prefill_line_is_55_percent_of_the_fp8_peak():
     assert misses["prefill (of peak)"] == ["p M=8192 54% (compute-bound)"]
     assert misses["prefill (roofline)"] == ["p M=8192 54%"]
     assert misses["no cliff"] == []  # a 16-bit line
+
+
+def test_clock_line_names_the_peaks_and_the_cells_clocks():
+    rows = [_row(1, 80.0, 1.0), _row(4096, 60.0, 400.0), _row(8192, 60.0, 400.0),
+            _row(16384, 60.0, 400.0), _row(4096, 60.0, 400.0, graph=False)]
+    for row, mhz in zip(rows, (1980, 1700, 1650, 1600, 900), strict=True):
+        row["sm_clock_mhz"] = mhz
+    doc = {"rows": rows, "clocks": {"ceilings": {
+        "bandwidth": {"sm_clock_mhz": 1980}, "bf16": {"sm_clock_mhz": 1980, "power_w": 384},
+        "fp8": {"sm_clock_mhz": 1410, "power_w": 429}}}}
+    assert target_check.clock_line(doc) == (
+        "- SM clocks: bf16 peak 1,980 MHz (384 W); fp8 peak 1,410 MHz (429 W); "
+        "prefill cells median 1,650 MHz; decode cells median 1,980 MHz")
+
+
+def test_clock_line_is_absent_from_tables_without_samples():
+    assert target_check.clock_line({"rows": [_row(1, 80.0, 1.0)]}) is None

@@ -53,6 +53,27 @@ def misses(doc: dict) -> dict[str, list[str]]:
     return out
 
 
+def clock_line(doc: dict) -> str | None:
+    """The SM clocks the table's peaks and its prefill / decode graph cells ran at, where
+    `moekit bench` sampled them: a peak measured at a lower clock than the cells (the fp8
+    8192³ product ran at 1,410–1,530 MHz under the power limit on an H200, session 43,
+    where the layer's cells ran at 1,980) makes "of the peak" read high."""
+    parts = []
+    peaks = (doc.get("clocks") or {}).get("ceilings") or {}
+    for name, c in peaks.items():
+        if name != "bandwidth" and c.get("sm_clock_mhz"):
+            watts = f" ({c['power_w']} W)" if c.get("power_w") else ""
+            parts.append(f"{name} peak {c['sm_clock_mhz']:,} MHz{watts}")
+    rows = [r for r in doc["rows"] if r["impl"] == "moekit" and r["graph"]
+            and r.get("sm_clock_mhz")]
+    for label, cells in (("prefill", [r for r in rows if r["M"] >= PREFILL_M]),
+                         ("decode", [r for r in rows if r["M"] <= DECODE_M])):
+        if cells:
+            mhz = sorted(r["sm_clock_mhz"] for r in cells)[len(cells) // 2]
+            parts.append(f"{label} cells median {mhz:,} MHz")
+    return "- SM clocks: " + "; ".join(parts) if parts else None
+
+
 def report(paths: list[str]) -> str:
     lines = ["# Cells under the issues' targets", "",
              f"- decode: M ≤ {DECODE_M}, roofline ≥ {DECODE_PCT:.0f}%; prefill: M ≥ {PREFILL_M}, "
@@ -64,6 +85,9 @@ def report(paths: list[str]) -> str:
         dtypes = sorted({r["dtype"] for r in doc["rows"] if r["impl"] == "moekit"})
         lines += [f"## {Path(path).name} ({', '.join(dtypes)}; {doc['device']}, "
                   f"git {doc.get('git_commit')}, {doc['date']})", ""]
+        clocks = clock_line(doc)
+        if clocks:
+            lines.append(clocks)
         for target, cells in misses(doc).items():
             if target == "no cliff" and not any(_family(d) == "16bit" for d in dtypes):
                 continue
