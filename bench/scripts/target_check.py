@@ -55,9 +55,9 @@ def misses(doc: dict) -> dict[str, list[str]]:
 
 def clock_line(doc: dict) -> str | None:
     """The SM clocks the table's peaks and its prefill / decode graph cells ran at, where
-    `moekit bench` sampled them: a peak measured at a lower clock than the cells (the fp8
-    8192³ product ran at 1,410–1,530 MHz under the power limit on an H200, session 43,
-    where the layer's cells ran at 1,980) makes "of the peak" read high."""
+    `moekit bench` sampled them: a peak measured at a lower clock than the cells (on an
+    H200 in session 43 the fp8 8192³ product ran at 1,410–1,530 MHz, the layer's cells at
+    1,980) makes "of the peak" read high."""
     parts = []
     peaks = (doc.get("clocks") or {}).get("ceilings") or {}
     for name, c in peaks.items():
