@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from moekit.bench.results import peak_clocks
+
 DECODE_M, PREFILL_M = 64, 4096
 DECODE_PCT, NO_CLIFF_PCT = 85.0, 60.0
 PREFILL_PCT = {"16bit": 70.0, "fp8": 55.0}
@@ -58,12 +60,8 @@ def clock_line(doc: dict) -> str | None:
     `moekit bench` sampled them: a peak measured at a lower clock than the cells (on an
     H200 in session 43 the fp8 8192³ product ran at 1,410–1,530 MHz, the layer's cells at
     1,980) makes "of the peak" read high."""
-    parts = []
-    peaks = (doc.get("clocks") or {}).get("ceilings") or {}
-    for name, c in peaks.items():
-        if name != "bandwidth" and c.get("sm_clock_mhz"):
-            watts = f" ({c['power_w']} W)" if c.get("power_w") else ""
-            parts.append(f"{name} peak {c['sm_clock_mhz']:,} MHz{watts}")
+    parts = [f"{name} peak {mhz:,} MHz" + (f" ({watts} W)" if watts is not None else "")
+             for name, mhz, watts in peak_clocks(doc)]
     rows = [r for r in doc["rows"] if r["impl"] == "moekit" and r["graph"]
             and r.get("sm_clock_mhz")]
     for label, cells in (("prefill", [r for r in rows if r["M"] >= PREFILL_M]),

@@ -157,6 +157,14 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peak_clocks(doc: dict) -> list[tuple[str, int, int | None]]:
+    """(name, SM clock in MHz, power in W or None) of each matmul peak the table's run
+    sampled clocks for (`clocks.ceilings` in the JSON; the bandwidth pass is not a peak)."""
+    peaks = (doc.get("clocks") or {}).get("ceilings") or {}
+    return [(name, c["sm_clock_mhz"], c.get("power_w")) for name, c in peaks.items()
+            if c and name != "bandwidth" and c.get("sm_clock_mhz")]
+
+
 def _clock_lines(doc: dict) -> list[str]:
     """The SM clock the matmul peaks and moekit's graph cells ran at (`clocks` in the
     JSON, per row `sm_clock_mhz`): a lower clock in the cells than in the peak is
@@ -166,11 +174,8 @@ def _clock_lines(doc: dict) -> list[str]:
         return []
     if clocks.get("note") and not clocks.get("ceilings"):
         return [f"- clocks: {clocks['note']}"]
-    parts = []
-    for name, c in (clocks.get("ceilings") or {}).items():
-        if c and name != "bandwidth":
-            watts = f" / {c['power_w']} W" if c.get("power_w") is not None else ""
-            parts.append(f"{name} peak {c['sm_clock_mhz']:,} MHz{watts}")
+    parts = [f"{name} peak {mhz:,} MHz" + (f" / {watts} W" if watts is not None else "")
+             for name, mhz, watts in peak_clocks(doc)]
     cells = [r["sm_clock_mhz"] for r in doc["rows"]
              if r["impl"] == "moekit" and r["graph"] and r.get("sm_clock_mhz")]
     if cells:
