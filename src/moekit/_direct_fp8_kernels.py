@@ -49,7 +49,7 @@ from moekit._direct_kernels import (
     _sum_parts,
     _weight_cols,
 )
-from moekit._experts_fp8_kernels import _col_scales, _scaled_dot, _store_inter
+from moekit._experts_fp8_kernels import _col_scales, _fp8_dot, _scaled_dot, _store_inter
 from moekit._experts_kernels import _aligned, _bias_and_activate
 
 
@@ -119,6 +119,7 @@ def _direct_gemm1_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of SUB_K
     SUB_K: tl.constexpr,  # ≤ every K group of the scheme (BLOCK_K where none is finer)
+    SWAP_AB: tl.constexpr,  # gate and up rows as one swapped operand (`_stacked_gate_up`)
 ):
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
     `_direct_gemm1_kernel`). A K tile wider than a scale group runs as SUB_K-deep
@@ -159,36 +160,51 @@ def _direct_gemm1_fp8_kernel(
             g_scales = g_scales * x_scales
             u_scales = u_scales * x_scales
 
-    gate = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        # SUB_K-deep sub-steps, each inside one scale group (one unless groups are finer
-        # than the K tile).
-        for sub in tl.static_range(BLOCK_K // SUB_K):
-            kk = k0 + sub * SUB_K
-            x = _first_row(x_row + kk, kk, offs_k, H, True, EVEN_K)
-            x_scale = 1.0
-            if X_PER_K and not SHARED_GROUPS:
-                x_scale = _pick(x_scales, kk // X_GROUP_K)
-            g = _weight_cols(g_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K, EVEN_N,
-                             False)
-            g_scale = 1.0
-            u_scale = 1.0
-            if W_PER_K:
-                if W_UNIFORM_N:
-                    g_scale = _pick(g_scales, kk // W_GROUP_K)
-                    u_scale = _pick(u_scales, kk // W_GROUP_K)
-                else:  # a sub-step past H (masked tiles) keeps the last group's scales
-                    k_step = (tl.minimum(kk, H - 1) // W_GROUP_K) * stride_wsk
-                    g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok, False)
-                    u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, False)
-            gate = _scaled_dot(gate, x, g, x_scale, g_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
-            if GATED:
-                u = _weight_cols(u_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K,
+    if SWAP_AB:
+        if not (W_PER_K and W_UNIFORM_N):
+            g_scales = 0.0  # stand-ins; not read
+            u_scales = 0.0
+        if not X_PER_K:
+            x_scales = 0.0
+        gate, up = _stacked_gate_up(
+            x_row, x_scales, w13_ptr, ws_base, g_scales, u_scales, expert, pid_n, H, I,
+            stride_we, stride_wn, stride_wsn, stride_wsk, GATED, EVEN_K, EVEN_N, X_PER_K,
+            X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, SHARED_GROUPS, BLOCK_N,
+            BLOCK_K, SUB_K)
+    else:
+        gate = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            # SUB_K-deep sub-steps, each inside one scale group (one unless groups are finer
+            # than the K tile).
+            for sub in tl.static_range(BLOCK_K // SUB_K):
+                kk = k0 + sub * SUB_K
+                x = _first_row(x_row + kk, kk, offs_k, H, True, EVEN_K)
+                x_scale = 1.0
+                if X_PER_K and not SHARED_GROUPS:
+                    x_scale = _pick(x_scales, kk // X_GROUP_K)
+                g = _weight_cols(g_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K,
                                  EVEN_N, False)
-                up = _scaled_dot(up, x, u, x_scale, u_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
-        u_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
+                g_scale = 1.0
+                u_scale = 1.0
+                if W_PER_K:
+                    if W_UNIFORM_N:
+                        g_scale = _pick(g_scales, kk // W_GROUP_K)
+                        u_scale = _pick(u_scales, kk // W_GROUP_K)
+                    else:  # a sub-step past H (masked tiles) keeps the last group's scales
+                        k_step = (tl.minimum(kk, H - 1) // W_GROUP_K) * stride_wsk
+                        g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok,
+                                              False)
+                        u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, False)
+                gate = _scaled_dot(gate, x, g, x_scale, g_scale, X_PER_K, W_PER_K,
+                                   W_UNIFORM_N)
+                if GATED:
+                    u = _weight_cols(u_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K,
+                                     EVEN_N, False)
+                    up = _scaled_dot(up, x, u, x_scale, u_scale, X_PER_K, W_PER_K,
+                                     W_UNIFORM_N)
+            u_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
 
     # Scales constant along K, applied once.
     if not X_PER_K:
@@ -206,6 +222,58 @@ def _direct_gemm1_fp8_kernel(
     _quantize_inter(result, pair.to(tl.int64), pid_n, I, inter_ptr, inter_scale_ptr,
                     scratch_ptr, counts_ptr, stride_im, stride_ism, INTER_MODE, INTER_GROUP,
                     FMAX, AMAX_FLOOR)
+
+
+@triton.jit
+def _stacked_gate_up(x_row, x_scales, w13_ptr, ws_base, g_scales, u_scales, expert, pid_n, H, I,
+                     stride_we, stride_wn, stride_wsn, stride_wsk, GATED: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PER_K: tl.constexpr,
+                     X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr,
+                     W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
+                     SHARED_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SUB_K: tl.constexpr):
+    """The direct GEMM1's K loop swapped (`moekit._fp8_swap`): the tile's BLOCK_N gate rows
+    and (GATED) its BLOCK_N up rows of w13[e] stacked into one operand, so a 32-column
+    tile fills the fp8 MMA's 64 rows, `[gate; up] · xᵀ` — one dot a step, not two. Returns
+    (gate, up) [ROWS, BLOCK_N] each, K-varying scales applied per step as the unswapped
+    loop does (`x_scales`, `g_scales`, `u_scales` as read there)."""
+    W_ROWS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+    stacked = tl.arange(0, W_ROWS)
+    is_up = stacked >= BLOCK_N
+    cols = pid_n * BLOCK_N + stacked - tl.where(is_up, BLOCK_N, 0)  # columns of I
+    col_ok = cols < I
+    w_rows = cols + tl.where(is_up, I, 0)  # rows of w13[e]
+    offs_k = tl.arange(0, SUB_K)
+    w_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn
+              + offs_k[:, None])  # [SUB_K, W_ROWS]
+    ws_rows = ws_base + (w_rows // W_GROUP_N) * stride_wsn  # [W_ROWS]
+    acc = tl.zeros([W_ROWS, ROWS], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            kk = k0 + sub * SUB_K
+            x = _first_row(x_row + kk, kk, offs_k, H, True, EVEN_K)
+            x_scale = 1.0
+            if X_PER_K and not SHARED_GROUPS:
+                x_scale = _pick(x_scales, kk // X_GROUP_K)
+            w = _weight_cols(w_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K, EVEN_N,
+                             False)
+            w_scale = 1.0
+            if W_PER_K:
+                if W_UNIFORM_N:
+                    group = kk // W_GROUP_K
+                    w_scale = tl.where(is_up, _pick(u_scales, group),
+                                       _pick(g_scales, group))[:, None]
+                else:  # a sub-step past H (masked tiles) keeps the last group's scales
+                    k_step = (tl.minimum(kk, H - 1) // W_GROUP_K) * stride_wsk
+                    w_scale = _col_scales(ws_rows + k_step, ws_rows, col_ok, False, True)
+            acc = _scaled_dot(acc, x, w, x_scale, w_scale, X_PER_K, W_PER_K, False, True)
+        w_ptrs += BLOCK_K
+    rows_first = tl.trans(acc)  # [ROWS, W_ROWS]
+    if GATED:
+        gate, up = tl.split(tl.permute(tl.reshape(rows_first, [ROWS, 2, BLOCK_N]), (0, 2, 1)))
+        return gate, up
+    else:
+        return rows_first, tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
 
 
 @triton.jit
@@ -268,16 +336,18 @@ def _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I, str
 @triton.jit
 def _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols, scale_col0, col_ok,
                        stride_wse, stride_wsk, W_GROUP_K: tl.constexpr,
-                       W_UNIFORM_N: tl.constexpr, W_GROUPS: tl.constexpr):
+                       W_UNIFORM_N: tl.constexpr, W_GROUPS: tl.constexpr,
+                       SWAP_AB: tl.constexpr):
     """This step's w2 scale where the weight's scales group K (the others are applied
     after the loop): from `_slot_weight_scales`' [SLOTS, W_GROUPS] (slot `this`, K tile
-    k0), a scalar; or read for this step, [1, BLOCK_N], where they vary along N too."""
+    k0), a scalar; or read for this step, [1, BLOCK_N] ([BLOCK_N, 1] swapped), where they
+    vary along N too."""
     if W_UNIFORM_N:
         group = tl.arange(0, W_GROUPS)[None, :] == k0 // W_GROUP_K
         return tl.sum(tl.sum(tl.where(this[:, None] & group, slot_ws, 0.0), axis=1), axis=0)
     else:
         ws = ws_ptr + expert.to(tl.int64) * stride_wse + (k0 // W_GROUP_K) * stride_wsk
-        return _col_scales(ws + scale_cols, ws + scale_col0, col_ok, False)
+        return _col_scales(ws + scale_cols, ws + scale_col0, col_ok, False, SWAP_AB)
 
 
 @triton.jit
@@ -351,6 +421,7 @@ def _direct_gemm2_fp8_kernel(
     ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
     """One program: one token × BLOCK_N hidden columns, summed over PER_PART of its slots
     (`_sum_parts` adds the PARTS programs' sums).
@@ -396,7 +467,10 @@ def _direct_gemm2_fp8_kernel(
         if SHARED_GROUPS:  # one [SLOTS, groups] matrix: one pick per step, not two
             slot_as = slot_as * slot_ws
 
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for step in range(0, PER_PART * k_steps):
         slot = first + step // k_steps
         k0 = (step - (slot - first) * k_steps) * BLOCK_K
@@ -414,16 +488,18 @@ def _direct_gemm2_fp8_kernel(
             a_scale = tl.sum(tl.sum(tl.where(this[:, None] & group, slot_as, 0.0), axis=1),
                              axis=0)
         if SHARED_GROUPS:
-            acc += tl.dot(a, b) * a_scale
+            acc += _fp8_dot(a, b, SWAP_AB) * a_scale
         elif W_PER_K:
             w_scale = _step_weight_scale(slot_ws, this, k0, ws_ptr, expert, scale_cols,
                                          scale_col0, col_ok, stride_wse, stride_wsk,
-                                         W_GROUP_K, W_UNIFORM_N, W_GROUPS)
-            acc += tl.dot(a, b) * (w_scale * a_scale)
+                                         W_GROUP_K, W_UNIFORM_N, W_GROUPS, SWAP_AB)
+            acc += _fp8_dot(a, b, SWAP_AB) * (w_scale * a_scale)
         elif A_STATIC:
-            acc += tl.dot(a, b)
+            acc += _fp8_dot(a, b, SWAP_AB)
         else:
-            acc += tl.dot(a, b) * a_scale
+            acc += _fp8_dot(a, b, SWAP_AB) * a_scale
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     # Row j of acc is slot first + j's product: its constant scales, then the sum.
     row_ok, row_ids, router = _part_rows(topk_ids_ptr, topk_weights_ptr, token, first,

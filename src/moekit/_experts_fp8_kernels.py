@@ -34,6 +34,7 @@ only the arithmetic of a K step and the epilogues differ.
 import triton
 import triton.language as tl
 
+from moekit import _fp8_swap
 from moekit._experts_kernels import (
     _activate,
     _aligned,
@@ -43,6 +44,9 @@ from moekit._experts_kernels import (
     _weight_tile,
     _work_tile,
 )
+
+# A swapped dot's promotion into fp32, every this many products (`moekit._fp8_swap`).
+_PROMOTE_K = tl.constexpr(_fp8_swap.PROMOTE_K)
 
 
 @triton.jit
@@ -242,8 +246,22 @@ def _dest_row(row, j, slots_ptr, top_k, SCATTER: tl.constexpr):
 
 
 @triton.jit
+def _fp8_dot(a, b, SWAP_AB: tl.constexpr):
+    """a·b [M, N] of a [M, K] and b [K, N]; with SWAP_AB the same product transposed,
+    bᵀ·aᵀ [N, M]: the weight tile as the MMA's row side (`moekit._fp8_swap`), its sum
+    promoted into fp32 every _PROMOTE_K products."""
+    if SWAP_AB:
+        if _PROMOTE_K > 0:
+            return tl.dot(tl.trans(b), tl.trans(a), max_num_imprecise_acc=_PROMOTE_K)
+        else:
+            return tl.dot(tl.trans(b), tl.trans(a))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.constexpr,
-                B_UNIFORM: tl.constexpr):
+                B_UNIFORM: tl.constexpr, SWAP_AB: tl.constexpr = False):
     """acc + a·b, each K tile's product added to `acc` in full fp32 precision.
 
     Hopper's fp8 MMA adds into its accumulator at reduced precision (≈ 14 bits kept,
@@ -257,29 +275,42 @@ def _scaled_dot(acc, a, b, a_scale, b_scale, A_PER_K: tl.constexpr, B_PER_K: tl.
     a_scale is [BLOCK_M, 1]; b_scale [1, BLOCK_N], or a scalar when one scale covers the
     tile's columns (B_UNIFORM). The scales are never multiplied into a [BLOCK_M, BLOCK_N]
     matrix of their own: in the MMA's layout that would cost another accumulator's
-    registers.
+    registers. With SWAP_AB (`_fp8_dot`) acc is [BLOCK_N, BLOCK_M], and so are the scales'
+    shapes: a_scale [1, BLOCK_M], b_scale [BLOCK_N, 1].
     """
     if A_PER_K and B_PER_K:
         if B_UNIFORM:
-            return acc + tl.dot(a, b) * (a_scale * b_scale)
+            return acc + _fp8_dot(a, b, SWAP_AB) * (a_scale * b_scale)
         else:
-            return acc + tl.dot(a, b) * a_scale * b_scale
+            return acc + _fp8_dot(a, b, SWAP_AB) * a_scale * b_scale
     elif A_PER_K:
-        return acc + tl.dot(a, b) * a_scale
+        return acc + _fp8_dot(a, b, SWAP_AB) * a_scale
     elif B_PER_K:
-        return acc + tl.dot(a, b) * b_scale
+        return acc + _fp8_dot(a, b, SWAP_AB) * b_scale
     else:
-        return acc + tl.dot(a, b)
+        return acc + _fp8_dot(a, b, SWAP_AB)
 
 
 @triton.jit
-def _col_scales(ptrs, first_ptr, col_ok, UNIFORM: tl.constexpr):
-    """A weight tile's scales along N: [1, BLOCK_N] from `ptrs`, or with UNIFORM (the tile
-    inside one N group) the one scalar at `first_ptr`."""
+def _col_scales(ptrs, first_ptr, col_ok, UNIFORM: tl.constexpr, SWAP_AB: tl.constexpr = False):
+    """A weight tile's scales along N: [1, BLOCK_N] from `ptrs` ([BLOCK_N, 1] for a swapped
+    product), or with UNIFORM (the tile inside one N group) the one scalar at `first_ptr`."""
     if UNIFORM:
         return tl.load(first_ptr)
+    elif SWAP_AB:
+        return tl.load(ptrs, mask=col_ok, other=0.0)[:, None]
     else:
         return tl.load(ptrs, mask=col_ok, other=0.0)[None, :]
+
+
+@triton.jit
+def _row_scale_vector(scales, SWAP_AB: tl.constexpr):
+    """Per-row scales [BLOCK_M] as a product's factor: [BLOCK_M, 1], or [1, BLOCK_M] for a
+    swapped product."""
+    if SWAP_AB:
+        return scales[None, :]
+    else:
+        return scales[:, None]
 
 
 @triton.jit
@@ -290,11 +321,12 @@ def _gate_up(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
     W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
     """activation(x·gateᵀ, x·upᵀ) in fp32 for BLOCK_N columns from `first_n`, all scales
     and biases applied; columns past I are 0. `a_base` points at the gathered fp8 rows'
-    first K tile [BLOCK_M, BLOCK_K]."""
+    first K tile [BLOCK_M, BLOCK_K]. With SWAP_AB the K loop's products are the
+    transposed ones (`_fp8_dot`), turned back after it."""
     BLOCK_M: tl.constexpr = a_base.shape[0]
     offs_n = first_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < I
@@ -311,8 +343,12 @@ def _gate_up(
     ws_up0 = ws_base + ((first_n + I) // W_GROUP_N) * stride_wsn
     a_ptrs = a_base
 
-    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Padding rows read token 0 (a valid row) unmasked: a dot's output row depends only on
     # its own input row (and scale), and padding rows are never stored.
     for k0 in range(0, H, BLOCK_K):
@@ -320,22 +356,30 @@ def _gate_up(
         g = _weight_tile(g_ptrs, w13_desc, g_row, k0, col_ok, offs_k, H, EVEN_K, EVEN_N, W_TMA)
         x_scale = 1.0
         if X_PER_K:
-            x_scale = tl.load(xs_rows + (k0 // X_GROUP_K) * stride_xsk)[:, None]
+            x_scale = _row_scale_vector(tl.load(xs_rows + (k0 // X_GROUP_K) * stride_xsk),
+                                        SWAP_AB)
         k_step = (k0 // W_GROUP_K) * stride_wsk
         g_scale = 1.0
         if W_PER_K:
-            g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok, W_UNIFORM_N)
-        gate = _scaled_dot(gate, a, g, x_scale, g_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
+            g_scale = _col_scales(ws_gate + k_step, ws_gate0 + k_step, col_ok, W_UNIFORM_N,
+                                  SWAP_AB)
+        gate = _scaled_dot(gate, a, g, x_scale, g_scale, X_PER_K, W_PER_K, W_UNIFORM_N,
+                           SWAP_AB)
         if GATED:
             u = _weight_tile(u_ptrs, w13_desc, u_row, k0, col_ok, offs_k, H, EVEN_K, EVEN_N,
                              W_TMA)
             u_scale = 1.0
             if W_PER_K:
-                u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, W_UNIFORM_N)
-            up = _scaled_dot(up, a, u, x_scale, u_scale, X_PER_K, W_PER_K, W_UNIFORM_N)
+                u_scale = _col_scales(ws_up + k_step, ws_up0 + k_step, col_ok, W_UNIFORM_N,
+                                      SWAP_AB)
+            up = _scaled_dot(up, a, u, x_scale, u_scale, X_PER_K, W_PER_K, W_UNIFORM_N,
+                             SWAP_AB)
             u_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
+    if SWAP_AB:
+        gate = tl.trans(gate)
+        up = tl.trans(up)
 
     # Scales constant along K, applied once.
     if not X_PER_K:
@@ -392,9 +436,11 @@ def _gemm1_fp8_tile(
     INTER_STATIC: tl.constexpr, INTER_GROUP: tl.constexpr, SPLIT_N: tl.constexpr,
     FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns;
-    with SPLIT_N as two column halves, one K loop each (see `_gemm1_fp8_kernel`)."""
+    with SPLIT_N as two column halves, one K loop each (see `_gemm1_fp8_kernel`); with
+    SWAP_AB the products transposed (`_fp8_dot`)."""
     slots = first_slot + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + slots)
     row_ok = pairs < num_pairs
@@ -410,13 +456,13 @@ def _gemm1_fp8_tile(
             a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, n0, H, I,
             stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
-            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K, SWAP_AB,
         )
         second = _gate_up(
             a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, n0 + HALF, H, I,
             stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
-            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HALF, BLOCK_K, SWAP_AB,
         )
         shared: tl.constexpr = not INTER_STATIC and INTER_GROUP == BLOCK_N
         scale = 1.0
@@ -436,7 +482,7 @@ def _gemm1_fp8_tile(
             a_base, xs_rows, w13_ptr, w13_desc, ws_base, b13_ptr, expert, pid_n * BLOCK_N, H, I,
             stride_xsk, stride_we, stride_wn, stride_wsn, stride_wsk, stride_be, alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K,
-            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, BLOCK_N, BLOCK_K,
+            W_GROUP_N, W_GROUP_K, W_UNIFORM_N, BLOCK_N, BLOCK_K, SWAP_AB,
         )
         _store_inter(result, 1.0, pid_n * BLOCK_N, slots64, row_ok, inter_ptr, inter_scale_ptr, I,
                      stride_im, stride_ism, INTER_STATIC, INTER_GROUP, False, FMAX,
@@ -497,6 +543,7 @@ def _gemm1_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
     """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
     (TAIL_M) computes only its TAIL_M rows.
@@ -528,7 +575,7 @@ def _gemm1_fp8_kernel(
             stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
             HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
             W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, FMAX, AMAX_FLOOR, TAIL_M,
-            BLOCK_N, BLOCK_K,
+            BLOCK_N, BLOCK_K, SWAP_AB,
         )
     else:
         _gemm1_fp8_tile(
@@ -538,7 +585,7 @@ def _gemm1_fp8_kernel(
             stride_wsk, stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED,
             HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N,
             W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP, SPLIT_N, FMAX, AMAX_FLOOR, BLOCK_M,
-            BLOCK_N, BLOCK_K,
+            BLOCK_N, BLOCK_K, SWAP_AB,
         )
 
 
@@ -564,11 +611,12 @@ def _gemm2_fp8_tile(
     W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,
     MASK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     """BLOCK_M plan slots of `expert` from `first_slot` × BLOCK_N hidden columns, written to
     their pairs' rows; `inter_desc` (TMA) has BLOCK_M-row boxes. With MASK_ROWS only the
-    first `rows` slots are the tile's (TMA only: the descriptor bounds the other loads)."""
+    first `rows` slots are the tile's (TMA only: the descriptor bounds the other loads).
+    With SWAP_AB the K loop's products are transposed (`_fp8_dot`)."""
     expert64 = expert.to(tl.int64)
     slots = first_slot + tl.arange(0, BLOCK_M)
     slots64 = slots.to(tl.int64)
@@ -584,7 +632,10 @@ def _gemm2_fp8_tile(
     ws_cols = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     ws_cols0 = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Padding slots of `inter` (and of its scales) hold whatever was there; they only
     # reach their own, unstored output rows, so the loads stay unmasked along M.
     for k0 in range(0, I, BLOCK_K):
@@ -595,15 +646,19 @@ def _gemm2_fp8_tile(
         b = _weight_tile(b_ptrs, w2_desc, w_row, k0, col_ok, offs_k, I, EVEN_K, EVEN_N, TMA)
         a_scale = 1.0
         if A_PER_K:
-            a_scale = _row_scales(as_rows + (k0 // A_GROUP_K) * stride_ask, rows,
-                                  MASK_ROWS)[:, None]
+            a_scale = _row_scale_vector(
+                _row_scales(as_rows + (k0 // A_GROUP_K) * stride_ask, rows, MASK_ROWS),
+                SWAP_AB)
         w_scale = 1.0
         if W_PER_K:
             k_step = (k0 // W_GROUP_K) * stride_wsk
-            w_scale = _col_scales(ws_cols + k_step, ws_cols0 + k_step, col_ok, W_UNIFORM_N)
-        acc = _scaled_dot(acc, a, b, a_scale, w_scale, A_PER_K, W_PER_K, W_UNIFORM_N)
+            w_scale = _col_scales(ws_cols + k_step, ws_cols0 + k_step, col_ok, W_UNIFORM_N,
+                                  SWAP_AB)
+        acc = _scaled_dot(acc, a, b, a_scale, w_scale, A_PER_K, W_PER_K, W_UNIFORM_N, SWAP_AB)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     if MASK_ROWS:
         pairs = tl.load(sorted_pairs_ptr + slots, mask=tl.arange(0, BLOCK_M) < rows,
@@ -637,7 +692,7 @@ def _gemm2_fp8_work_tile(
     W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,
     TAIL_M: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     """Row tile `pid_m` (`_work_tile`) × column tile `pid_n`, with the tail handling of
     the 16-bit pipeline's `_gemm2_work_tile`: full height with masked rows in the
@@ -654,7 +709,7 @@ def _gemm2_fp8_work_tile(
                 pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
                 stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
                 EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, True, BLOCK_M, BLOCK_N, BLOCK_K,
+                W_GROUP_K, W_UNIFORM_N, True, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             )
         elif TAIL_M and is_tail:
             _gemm2_fp8_tile(
@@ -663,7 +718,7 @@ def _gemm2_fp8_work_tile(
                 pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
                 stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
                 EVEN_K, EVEN_N, False, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, False, TAIL_M, BLOCK_N, BLOCK_K,
+                W_GROUP_K, W_UNIFORM_N, False, TAIL_M, BLOCK_N, BLOCK_K, SWAP_AB,
             )
         else:
             _gemm2_fp8_tile(
@@ -672,7 +727,7 @@ def _gemm2_fp8_work_tile(
                 pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
                 stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
                 EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, False, BLOCK_M, BLOCK_N, BLOCK_K,
+                W_GROUP_K, W_UNIFORM_N, False, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             )
 
 
@@ -724,6 +779,7 @@ def _gemm2_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
     """Row tiles (one expert each) × BLOCK_N hidden columns: one tile per program, or
     (PERSISTENT) NUM_PROGRAMS programs striding over the row tiles in use, counted on the
@@ -748,7 +804,7 @@ def _gemm2_fp8_kernel(
                 pid_m, pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
                 stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
                 EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K,
+                W_GROUP_K, W_UNIFORM_N, TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             )
     else:
         pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
@@ -758,5 +814,5 @@ def _gemm2_fp8_kernel(
             num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we, stride_wn,
             stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS, EVEN_K, EVEN_N,
             TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, TAIL_M,
-            False, BLOCK_M, BLOCK_N, BLOCK_K,
+            False, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
         )

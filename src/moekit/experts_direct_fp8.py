@@ -21,8 +21,10 @@ from __future__ import annotations
 import torch
 
 from moekit._direct_fp8_kernels import _direct_gemm1_fp8_kernel, _direct_gemm2_fp8_kernel
+from moekit._direct_kernels import ROWS
 from moekit._fp8_quantize import AMAX_FLOOR, FMAX
 from moekit._fp8_scales import uniform_along_n, weight_scale_layout
+from moekit._fp8_swap import swap_ab, swapped_stages
 from moekit._intmath import cdiv, next_power_of_2, row_align
 from moekit._launch import launcher
 from moekit.experts_direct import gemm2_arrivals, gemm2_parts
@@ -88,6 +90,8 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         scratch = torch.empty((rows, inter_size), dtype=torch.float32, device=x_q.device)
     else:
         scratch = group_counts = inter_scale  # stand-ins; never read
+    gated = activation != "relu2"
+    swap = swap_ab("direct1", ROWS.value, 2 * block_n if gated else block_n)
     launcher(_direct_gemm1_fp8_kernel)[(rows, cdiv(inter_size, block_n))](
         x_q, x_scale, w13_q, w13_scale, w13_scale if b13 is None else b13, topk_ids, inter,
         inter_scale, scratch, group_counts, topk_ids if arrivals is None else arrivals,
@@ -95,7 +99,7 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         0 if arrivals is None else arrivals.shape[1], x_q.stride(0), stride_xsm,
         w13_q.stride(0), w13_q.stride(1), *ws[:3], 0 if b13 is None else b13.stride(0),
         inter.stride(0), 0 if static else inter_scale.stride(0), float(alpha), float(limit),
-        ACTIVATION=activation, GATED=activation != "relu2", HAS_BIAS=b13 is not None,
+        ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         EVEN_K=hidden_size % block_k == 0, EVEN_N=inter_size % block_n == 0,
         X_PER_K=x_per_k, X_GROUP_K=a_group_k if x_per_k else 1,
         X_GROUPS=_groups(hidden_size, a_group_k), W_PER_K=w_group_k != FULL,
@@ -107,7 +111,7 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
                             w13_q.stride(1), inter.stride(0)),
         FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_N=block_n, BLOCK_K=block_k,
         SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
-        num_warps=warps, num_stages=stages,
+        SWAP_AB=swap, num_warps=warps, num_stages=swapped_stages(stages) if swap else stages,
     )
     return inter, inter_scale
 
@@ -123,6 +127,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
     block_n, block_k, slots_per_program, warps, stages = tiles
     per_part, parts, partials = gemm2_parts(top_k, slots_per_program, out)
     ws = weight_scale_layout(w2_scale, w_group_n, w_group_k)
+    swap = swap_ab("direct2", ROWS.value, block_n)
     launcher(_direct_gemm2_fp8_kernel)[(num_tokens * parts, cdiv(hidden_size, block_n))](
         inter_q, inter_scale, w2_q, w2_scale, w2_scale if b2 is None else b2, topk_ids,
         topk_weights, out, partials, topk_ids if arrivals is None else arrivals, num_experts,
@@ -139,7 +144,8 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
         TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, PARTS=parts,
         ROW_ALIGN=row_align(hidden_size, inter_size, inter_q.stride(0), w2_q.stride(0),
                             w2_q.stride(1), out.stride(0)),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap, num_warps=warps,
+        num_stages=swapped_stages(stages) if swap else stages,
     )
 
 

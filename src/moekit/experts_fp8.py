@@ -89,6 +89,7 @@ from moekit._fp8_quantize import (
     quantize_rows_launch,
 )
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
+from moekit._fp8_swap import swap_ab, swapped_stages
 from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
@@ -593,6 +594,8 @@ def _launch_fused_experts_fp8(
     ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     gated = activation != "relu2"
     split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
+    swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0])
+    swap2 = swap_ab("plan2", block_m, c2[0])
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
     programs = persistent_programs(hidden.device) if tma else 0
     if gluon1:
@@ -621,8 +624,8 @@ def _launch_fused_experts_fp8(
             FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
             ROW_ALIGN=row_align(hidden_size, inter, hidden_in.x.stride(0), w13_q.stride(0),
                                 w13_q.stride(1), inter_q.stride(0)),
-            BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
-            num_warps=c1[3], num_stages=c1[4],
+            BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2], SWAP_AB=swap1,
+            num_warps=c1[3], num_stages=swapped_stages(c1[4]) if swap1 else c1[4],
         )
 
     ws2 = weight_scale_layout(w2_scale, w_group_n, w_group_k)
@@ -651,8 +654,8 @@ def _launch_fused_experts_fp8(
         W_UNIFORM_N=uniform_along_n(ws2, c2[0], 0), TAIL_M=tail_m,
         ROW_ALIGN=row_align(hidden_size, inter, inter_q.stride(0), w2_q.stride(0),
                             w2_q.stride(1), pair_out.stride(0)),
-        BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
-        num_warps=c2[3], num_stages=c2[4],
+        BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2], SWAP_AB=swap2,
+        num_warps=c2[3], num_stages=swapped_stages(c2[4]) if swap2 else c2[4],
     )
     launch_combine(pair_out, topk_ids, num_experts, out)
 
