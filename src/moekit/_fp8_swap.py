@@ -54,7 +54,12 @@ def _parse(value: str) -> frozenset[str]:
 
 
 SWAPPED = _parse(os.environ.get("MOEKIT_FP8_SWAP_AB", "1"))
-_FEWER_STAGES = os.environ.get("MOEKIT_FP8_SWAP_STAGES", "fewer") != "same"
+# "rule" (`swapped_stages`), "fewer" (always one fewer) or "same"; for measurement.
+_STAGES = os.environ.get("MOEKIT_FP8_SWAP_STAGES", "rule")
+# K loops at least this long keep their stages (`swapped_stages`).
+LONG_K_STEPS = 32
+# Swapped pipelines shallower than this keep their stages.
+MIN_FEWER_STAGES = 3
 PROMOTE_K = int(os.environ.get("MOEKIT_FP8_SWAP_PROMOTE_K", "32"))
 
 
@@ -65,6 +70,14 @@ def swap_ab(gemm: str, rows: int, weight_rows: int) -> bool:
     return gemm in SWAPPED and rows < WGMMA_ROWS <= weight_rows
 
 
-def swapped_stages(stages: int) -> int:
-    """A swapped GEMM's pipeline depth: one stage fewer (see the module doc), at least 2."""
-    return max(2, stages - 1) if _FEWER_STAGES else stages
+def swapped_stages(stages: int, k_steps: int) -> int:
+    """A swapped GEMM's pipeline depth for a K loop of `k_steps` tiles: one stage fewer
+    (see the module doc), except for long K loops and where that would leave fewer than
+    MIN_FEWER_STAGES."""
+    if _STAGES == "same":
+        return stages
+    if _STAGES == "fewer":
+        return max(2, stages - 1)
+    if k_steps >= LONG_K_STEPS or stages - 1 < MIN_FEWER_STAGES:
+        return stages
+    return stages - 1

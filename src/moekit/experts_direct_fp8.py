@@ -111,7 +111,8 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
                             w13_q.stride(1), inter.stride(0)),
         FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_N=block_n, BLOCK_K=block_k,
         SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
-        SWAP_AB=swap, num_warps=warps, num_stages=swapped_stages(stages) if swap else stages,
+        SWAP_AB=swap, num_warps=warps,
+        num_stages=swapped_stages(stages, cdiv(hidden_size, block_k)) if swap else stages,
     )
     return inter, inter_scale
 
@@ -145,7 +146,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
         ROW_ALIGN=row_align(hidden_size, inter_size, inter_q.stride(0), w2_q.stride(0),
                             w2_q.stride(1), out.stride(0)),
         BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap, num_warps=warps,
-        num_stages=swapped_stages(stages) if swap else stages,
+        num_stages=swapped_stages(stages, cdiv(inter_size, block_k)) if swap else stages,
     )
 
 

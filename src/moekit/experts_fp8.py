@@ -625,7 +625,8 @@ def _launch_fused_experts_fp8(
             ROW_ALIGN=row_align(hidden_size, inter, hidden_in.x.stride(0), w13_q.stride(0),
                                 w13_q.stride(1), inter_q.stride(0)),
             BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2], SWAP_AB=swap1,
-            num_warps=c1[3], num_stages=swapped_stages(c1[4]) if swap1 else c1[4],
+            num_warps=c1[3],
+            num_stages=swapped_stages(c1[4], cdiv(hidden_size, c1[1])) if swap1 else c1[4],
         )
 
     ws2 = weight_scale_layout(w2_scale, w_group_n, w_group_k)
@@ -655,7 +656,8 @@ def _launch_fused_experts_fp8(
         ROW_ALIGN=row_align(hidden_size, inter, inter_q.stride(0), w2_q.stride(0),
                             w2_q.stride(1), pair_out.stride(0)),
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2], SWAP_AB=swap2,
-        num_warps=c2[3], num_stages=swapped_stages(c2[4]) if swap2 else c2[4],
+        num_warps=c2[3],
+        num_stages=swapped_stages(c2[4], cdiv(inter, c2[1])) if swap2 else c2[4],
     )
     launch_combine(pair_out, topk_ids, num_experts, out)
 
