@@ -1,11 +1,20 @@
 """The fp8 GEMMs' swapped dots (`moekit._fp8_swap`) against the quantised reference.
 
-Each case runs the layer twice, every GEMM swapped and none, and checks both against
-`fused_experts_quantized`, and that the launches took the orientation asked for: a
-swapped GEMM computes its products transposed, with its scales transposed alongside
-(and the direct GEMM1 its gate and up rows stacked into one operand), so every scale
-form is covered — per tensor, per channel and token, K groups with uniform and varying
-column groups, static input scales — on both paths.
+Each case runs the layer twice, every GEMM swapped (block scales included, which are
+opt-in) and none, and checks both against `fused_experts_quantized`, and that the
+launches took the orientation asked for: a swapped GEMM computes its products
+transposed, with its scales transposed alongside (and the direct GEMM1 its gate and up
+rows stacked into one operand), so every scale form is covered — per tensor, per channel
+and token, K groups with uniform and varying column groups, static input scales — on
+both paths.
+
+On the GPU the interpreter-sized cases check what only a GPU compiles (the MMA layouts
+of the transposed operands and products: a wrong one costs O(1)) at TINY_CASE_TOL, not
+DESIGN.md's 1e-2: a swapped GEMM1 sums at wgmma's precision (`moekit._fp8_swap`), which
+can move one of GEMM2's fp8 inputs to its neighbouring value, up to 7% of it, and in a
+10-token layer one such value is visible (the static relu² case: 2.7e-3 unswapped,
+1.7e-2 swapped, in one seed of six; 2.8–5.7e-3 in the others; H100, session 44). The
+layer-sized cases (`GPU_CASES`) keep 1e-2.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from test_experts_fp8 import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+TINY_CASE_TOL = 3e-2
+EVERYTHING = frozenset((*_fp8_swap.GEMMS, _fp8_swap.BLOCK))
 
 
 def plan(block_m, n1, k1, n2, k2):
@@ -73,8 +85,8 @@ def swap_decisions(monkeypatch):
     seen = []
     real = _fp8_swap.swap_ab
 
-    def recording(gemm, rows, weight_rows):
-        swapped = real(gemm, rows, weight_rows)
+    def recording(gemm, rows, weight_rows, weight_per_k):
+        swapped = real(gemm, rows, weight_rows, weight_per_k)
         seen.append((gemm, swapped))
         return swapped
 
@@ -89,7 +101,7 @@ def swap_decisions(monkeypatch):
 def test_swapped_gemms_match_quantised_reference_interpreter(
         monkeypatch, swap_decisions, on, scheme, M, E, k, H, I, act, bias, dtype, config,
         swapped, why):
-    monkeypatch.setattr(_fp8_swap, "SWAPPED", frozenset(_fp8_swap.GEMMS if on else ()))
+    monkeypatch.setattr(_fp8_swap, "SWAPPED", EVERYTHING if on else frozenset())
     case = make_case(scheme, M, E, k, H, I, act, bias=bias, dtype=dtype)
     out, expected = run_triton(*case, act=act, config=config)
     assert_close(out, expected, KERNEL_TOL, name=why)
@@ -97,19 +109,43 @@ def test_swapped_gemms_match_quantised_reference_interpreter(
 
 
 def test_swap_switch_parses_names():
-    assert _fp8_swap._parse("1") == frozenset(_fp8_swap.GEMMS)
+    assert _fp8_swap._parse("1") == frozenset(_fp8_swap.GEMMS)  # block scales opt in
     assert _fp8_swap._parse("0") == frozenset()
-    assert _fp8_swap._parse(" direct1, plan2 ") == {"direct1", "plan2"}
-    with pytest.raises(ValueError, match="unknown GEMM"):
+    assert _fp8_swap._parse(" direct1, plan2,block ") == {"direct1", "plan2", "block"}
+    with pytest.raises(ValueError, match="unknown name"):
         _fp8_swap._parse("direct3")
 
 
 def test_swap_needs_few_token_rows_and_a_full_weight_side(monkeypatch):
     monkeypatch.setattr(_fp8_swap, "SWAPPED", frozenset({"plan1"}))
-    assert _fp8_swap.swap_ab("plan1", 32, 64)
-    assert not _fp8_swap.swap_ab("plan1", 64, 128)  # a native wgmma already
-    assert not _fp8_swap.swap_ab("plan1", 16, 32)  # too few weight rows for its 64
-    assert not _fp8_swap.swap_ab("plan2", 16, 64)  # switched off
+    assert _fp8_swap.swap_ab("plan1", 32, 64, False)
+    assert not _fp8_swap.swap_ab("plan1", 64, 128, False)  # a native wgmma already
+    assert not _fp8_swap.swap_ab("plan1", 16, 32, False)  # too few weight rows for its 64
+    assert not _fp8_swap.swap_ab("plan2", 16, 64, False)  # switched off
+    assert not _fp8_swap.swap_ab("plan1", 16, 64, True)  # block scales: opt-in
+    monkeypatch.setattr(_fp8_swap, "SWAPPED", frozenset({"plan1", "block"}))
+    assert _fp8_swap.swap_ab("plan1", 16, 64, True)
+
+
+def test_stage_rule(monkeypatch):
+    monkeypatch.setattr(_fp8_swap, "_STAGES", "rule")
+    assert _fp8_swap.swapped_stages(4, 16) == 3  # the unswapped GEMM's shared memory
+    assert _fp8_swap.swapped_stages(4, 32) == 4  # a long K loop keeps its depth
+    assert _fp8_swap.swapped_stages(3, 8) == 3  # not under 3
+    monkeypatch.setattr(_fp8_swap, "_STAGES", "fewer")
+    assert _fp8_swap.swapped_stages(3, 64) == 2
+
+
+@pytest.mark.interpreter
+def test_block_scales_stay_unswapped_by_default_interpreter(monkeypatch, swap_decisions):
+    # The shipped switch ("1"): the four GEMMs, block-scaled weights excluded.
+    monkeypatch.setattr(_fp8_swap, "SWAPPED", _fp8_swap._parse("1"))
+    for scheme, expect in (("fp8_block", False), ("fp8_channel", True)):
+        swap_decisions.clear()
+        case = make_case(scheme, 2, 4, 2, 256, 128, dtype=torch.float32)
+        out, expected = run_triton(*case, config=direct(32, 128, 64, 128))
+        assert_close(out, expected, KERNEL_TOL, name=scheme)
+        assert swap_decisions == [("direct1", expect), ("direct2", expect)]
 
 
 # Shapes of the presets' decode cells (fewer experts): K as long as the layers' own, where
@@ -130,7 +166,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("E,k,H,I,act,bias,M", GPU_CASES)
 def test_swapped_gemms_at_preset_depths_gpu(monkeypatch, swap_decisions, on, scheme, E, k, H,
                                             I, act, bias, M):
-    monkeypatch.setattr(_fp8_swap, "SWAPPED", frozenset(_fp8_swap.GEMMS if on else ()))
+    monkeypatch.setattr(_fp8_swap, "SWAPPED", EVERYTHING if on else frozenset())
     case = make_case(scheme, M, E, k, H, I, act, bias=bias, dtype=torch.bfloat16,
                      device="cuda", seed=M)
     out, expected = run_triton(*case, act=act)
@@ -144,9 +180,9 @@ def test_swapped_gemms_at_preset_depths_gpu(monkeypatch, swap_decisions, on, sch
 def test_swapped_gemms_match_quantised_reference_gpu(monkeypatch, swap_decisions, on, scheme,
                                                      M, E, k, H, I, act, bias, dtype, config,
                                                      swapped, why):
-    monkeypatch.setattr(_fp8_swap, "SWAPPED", frozenset(_fp8_swap.GEMMS if on else ()))
+    monkeypatch.setattr(_fp8_swap, "SWAPPED", EVERYTHING if on else frozenset())
     case = make_case(scheme, M, E, k, H, I, act, bias=bias, dtype=torch.bfloat16,
                      device="cuda")
     out, expected = run_triton(*case, act=act, config=config)
-    assert_close(out, expected, GPU_TOL, name=why)
+    assert_close(out, expected, TINY_CASE_TOL, name=why)
     assert sorted(swap_decisions) == sorted((gemm, on) for gemm in swapped)

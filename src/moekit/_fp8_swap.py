@@ -7,27 +7,40 @@ whole activation tile again: about two conversions per weight byte, which bounds
 weight stream at 74–78% of a plain read for the direct GEMM1's 32-column tile (H200,
 `bench/scripts/swap_ab_experiment.py`, bench/NOTES.md session 43). Swapped — the weight
 tile's rows as the MMA's 64-row side, the token rows as its N — the same tile is one
-native fp8 wgmma with no conversion, and streams at 98–100% of the read.
+native fp8 wgmma with no conversion, and streams at 98–100% of the read. On the layer
+(H100, session 44, `bench/results/h100-sxm-20261205-ab-fp8_*-swap-*-s44.md`): per-tensor
+0.990–1.065× (median 1.018, M = 1–64 on five presets), per-channel 1.001–1.049×.
 
 The GEMMs (names as in `MOEKIT_FP8_SWAP_AB`):
     direct1  the direct GEMM1: a tile's gate and up rows stacked into one 64-row operand
     direct2  the direct GEMM2 (the slots of a part as the 16 token rows)
     plan1    the plan path's GEMM1 at row tiles under 64 rows
     plan2    the plan path's GEMM2 at row tiles under 64 rows
+and `block`: block-scaled weights (scales that vary along K) swap too. Not by default:
+measured 0.969–1.045× (median 1.012; 0.975–0.983× at M = 1 on qwen3, olmoe and mixtral,
+0.969× on mixtral M = 64; H100, session 44).
 
-`MOEKIT_FP8_SWAP_AB` (for measurement): "1" every one, "0" none, or a comma-separated
-list of names; read once, at import.
+`MOEKIT_FP8_SWAP_AB` (for measurement): "1" the four GEMMs, "0" none, or a
+comma-separated list of names; read once, at import.
 
 A swapped K step runs on wgmma's own pipeline, which holds all `num_stages` tiles in
 shared memory where the converted path keeps one of them in registers: at the same
-stages the direct GEMM1 fits 2 programs an SM instead of 3 (sm_90 compile). So a swapped
-GEMM runs one stage fewer (`swapped_stages`), the shared memory of the unswapped one
-(`MOEKIT_FP8_SWAP_STAGES=same` keeps them, for measurement).
+stages the direct GEMM1 fits 2 programs an SM instead of 3 (sm_90 compile), and qwen3,
+olmoe and gpt-oss at M = 4 ran 0.98× main instead of 1.02–1.06×. So a swapped GEMM runs
+one stage fewer (`swapped_stages`) — but for long K loops (mixtral: 0.97× at M = 1 with
+one fewer, 1.01× with the same) and pipelines that would drop under 3 stages (granite's
+narrow tiles at M = 16: 0.99× against 1.02×). `MOEKIT_FP8_SWAP_STAGES` = "fewer" or
+"same" overrides the rule, for measurement.
 
 wgmma adds an fp8 tile's products into its accumulator at reduced precision (about 14
 bits kept, DeepSeek-V3 §3.3.2); the converted path's fp16 MMAs add in fp32. So a swapped
-dot promotes its sum into fp32 every `PROMOTE_K` products (`max_num_imprecise_acc`;
-`MOEKIT_FP8_SWAP_PROMOTE_K`, for measurement; 0 = never).
+dot promotes its sum into fp32 every `PROMOTE_K` products (`max_num_imprecise_acc`):
+the layer's relative error 1.8–3.4e-3 against 1.6–2.4e-3 unswapped, where without the
+promotion it was 3.7–6.1e-3 for 1–2% more speed (H100, session 44;
+`MOEKIT_FP8_SWAP_PROMOTE_K`, for measurement, 0 = never). What is left can still move
+one of GEMM2's fp8 inputs to its neighbouring value (up to 7% of it) where the
+unswapped GEMM1 would not: in a small case that is visible (one seed of six of a
+10-token static-scale relu² layer, 2.7e-3 → 1.7e-2; tests/test_fp8_swap.py).
 """
 
 from __future__ import annotations
@@ -35,8 +48,13 @@ from __future__ import annotations
 import os
 
 GEMMS = ("direct1", "direct2", "plan1", "plan2")
+BLOCK = "block"
 # The MMA's row side: a tile with at least this many rows is a native wgmma already.
 WGMMA_ROWS = 64
+# K loops at least this long keep their stages (`swapped_stages`).
+LONG_K_STEPS = 32
+# Swapped pipelines are not made shallower than this (`swapped_stages`).
+MIN_FEWER_STAGES = 3
 
 
 def _parse(value: str) -> frozenset[str]:
@@ -46,28 +64,24 @@ def _parse(value: str) -> frozenset[str]:
     if value == "0":
         return frozenset()
     names = frozenset(name.strip() for name in value.split(",") if name.strip())
-    unknown = names - set(GEMMS)
+    unknown = names - {*GEMMS, BLOCK}
     if unknown:
-        raise ValueError(f"MOEKIT_FP8_SWAP_AB: unknown GEMM(s) {sorted(unknown)}; "
-                         f"expected '0', '1' or names from {GEMMS}")
+        raise ValueError(f"MOEKIT_FP8_SWAP_AB: unknown name(s) {sorted(unknown)}; expected "
+                         f"'0', '1' or names from {(*GEMMS, BLOCK)}")
     return names
 
 
 SWAPPED = _parse(os.environ.get("MOEKIT_FP8_SWAP_AB", "1"))
-# "rule" (`swapped_stages`), "fewer" (always one fewer) or "same"; for measurement.
 _STAGES = os.environ.get("MOEKIT_FP8_SWAP_STAGES", "rule")
-# K loops at least this long keep their stages (`swapped_stages`).
-LONG_K_STEPS = 32
-# Swapped pipelines shallower than this keep their stages.
-MIN_FEWER_STAGES = 3
 PROMOTE_K = int(os.environ.get("MOEKIT_FP8_SWAP_PROMOTE_K", "32"))
 
 
-def swap_ab(gemm: str, rows: int, weight_rows: int) -> bool:
+def swap_ab(gemm: str, rows: int, weight_rows: int, weight_per_k: bool) -> bool:
     """Whether `gemm` computes a tile of `rows` token rows × `weight_rows` weight rows
-    swapped: it is switched on, the token rows are fewer than the MMA's row side, and the
-    weight rows fill it."""
-    return gemm in SWAPPED and rows < WGMMA_ROWS <= weight_rows
+    swapped: it is switched on (with `block` too where the weight's scales vary along
+    K), the token rows are fewer than the MMA's row side, and the weight rows fill it."""
+    return (gemm in SWAPPED and (not weight_per_k or BLOCK in SWAPPED)
+            and rows < WGMMA_ROWS <= weight_rows)
 
 
 def swapped_stages(stages: int, k_steps: int) -> int:

@@ -91,7 +91,8 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
     else:
         scratch = group_counts = inter_scale  # stand-ins; never read
     gated = activation != "relu2"
-    swap = swap_ab("direct1", ROWS.value, 2 * block_n if gated else block_n)
+    swap = swap_ab("direct1", ROWS.value, 2 * block_n if gated else block_n,
+                   w_group_k != FULL)
     launcher(_direct_gemm1_fp8_kernel)[(rows, cdiv(inter_size, block_n))](
         x_q, x_scale, w13_q, w13_scale, w13_scale if b13 is None else b13, topk_ids, inter,
         inter_scale, scratch, group_counts, topk_ids if arrivals is None else arrivals,
@@ -128,7 +129,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
     block_n, block_k, slots_per_program, warps, stages = tiles
     per_part, parts, partials = gemm2_parts(top_k, slots_per_program, out)
     ws = weight_scale_layout(w2_scale, w_group_n, w_group_k)
-    swap = swap_ab("direct2", ROWS.value, block_n)
+    swap = swap_ab("direct2", ROWS.value, block_n, w_group_k != FULL)
     launcher(_direct_gemm2_fp8_kernel)[(num_tokens * parts, cdiv(hidden_size, block_n))](
         inter_q, inter_scale, w2_q, w2_scale, w2_scale if b2 is None else b2, topk_ids,
         topk_weights, out, partials, topk_ids if arrivals is None else arrivals, num_experts,

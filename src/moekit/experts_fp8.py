@@ -594,8 +594,8 @@ def _launch_fused_experts_fp8(
     ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     gated = activation != "relu2"
     split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
-    swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0])
-    swap2 = swap_ab("plan2", block_m, c2[0])
+    swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0], w_per_k)
+    swap2 = swap_ab("plan2", block_m, c2[0], w_per_k)
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
     programs = persistent_programs(hidden.device) if tma else 0
     if gluon1:
