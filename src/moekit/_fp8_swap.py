@@ -16,9 +16,12 @@ The GEMMs (names as in `MOEKIT_FP8_SWAP_AB`):
     direct2  the direct GEMM2 (the slots of a part as the 16 token rows)
     plan1    the plan path's GEMM1 at row tiles under 64 rows
     plan2    the plan path's GEMM2 at row tiles under 64 rows
-and `block`: block-scaled weights (scales that vary along K) swap too. Not by default:
-measured 0.969–1.045× (median 1.012; 0.975–0.983× at M = 1 on qwen3, olmoe and mixtral,
-0.969× on mixtral M = 64; H100, session 44).
+Block-scaled weights (scales that vary along K) swap only in the plan GEMMs at 16-row
+tiles (`BLOCK_SCALED_ROWS`): there 0.993–1.039× (qwen3, olmoe, mixtral, deepseek-v3),
+where the direct GEMMs swapped ran 0.957–0.981× at M = 1 on qwen3 and olmoe (1.03–1.05×
+at M = 4) and the 32-row plan tiles 0.968× on mixtral M = 64 (H100, session 44,
+`h100-sxm-20261205-ab-fp8_block-swap-paths-s44.md`). The name `block` in the switch
+swaps them wherever the others swap, for measurement.
 
 `MOEKIT_FP8_SWAP_AB` (for measurement): "1" the four GEMMs, "0" none, or a
 comma-separated list of names; read once, at import.
@@ -51,6 +54,9 @@ GEMMS = ("direct1", "direct2", "plan1", "plan2")
 BLOCK = "block"
 # The MMA's row side: a tile with at least this many rows is a native wgmma already.
 WGMMA_ROWS = 64
+# Block-scaled weights swap in these GEMMs at row tiles up to this many rows (see above).
+BLOCK_SCALED_GEMMS = ("plan1", "plan2")
+BLOCK_SCALED_ROWS = 16
 # K loops at least this long keep their stages (`swapped_stages`).
 LONG_K_STEPS = 32
 # Swapped pipelines are not made shallower than this (`swapped_stages`).
@@ -78,10 +84,13 @@ PROMOTE_K = int(os.environ.get("MOEKIT_FP8_SWAP_PROMOTE_K", "32"))
 
 def swap_ab(gemm: str, rows: int, weight_rows: int, weight_per_k: bool) -> bool:
     """Whether `gemm` computes a tile of `rows` token rows × `weight_rows` weight rows
-    swapped: it is switched on (with `block` too where the weight's scales vary along
-    K), the token rows are fewer than the MMA's row side, and the weight rows fill it."""
-    return (gemm in SWAPPED and (not weight_per_k or BLOCK in SWAPPED)
-            and rows < WGMMA_ROWS <= weight_rows)
+    swapped: it is switched on, the token rows are fewer than the MMA's row side, the
+    weight rows fill it, and — where the weight's scales vary along K — the tile is one
+    block-scaled weights gain in (or `block` is switched on)."""
+    if weight_per_k and BLOCK not in SWAPPED and (
+            gemm not in BLOCK_SCALED_GEMMS or rows > BLOCK_SCALED_ROWS):
+        return False
+    return gemm in SWAPPED and rows < WGMMA_ROWS <= weight_rows
 
 
 def swapped_stages(stages: int, k_steps: int) -> int:
