@@ -153,6 +153,8 @@ def _direct_gemm1_fp8_kernel(
     # Scales that vary along K, read once (see the module doc).
     if X_PER_K:
         x_scales = _k_group_scales(xs_row, 1, H, X_GROUP_K, X_GROUPS)
+    else:
+        x_scales = 0.0  # a stand-in; not read
     if W_PER_K and W_UNIFORM_N:
         g_scales = _k_group_scales(ws_gate0, stride_wsk, H, W_GROUP_K, W_GROUPS)
         u_scales = _k_group_scales(ws_up0, stride_wsk, H, W_GROUP_K, W_GROUPS)
@@ -164,8 +166,6 @@ def _direct_gemm1_fp8_kernel(
         if not (W_PER_K and W_UNIFORM_N):
             g_scales = 0.0  # stand-ins; not read
             u_scales = 0.0
-        if not X_PER_K:
-            x_scales = 0.0
         gate, up = _stacked_gate_up(
             x_row, x_scales, w13_ptr, ws_base, g_scales, u_scales, expert, pid_n, H, I,
             stride_we, stride_wn, stride_wsn, stride_wsk, GATED, EVEN_K, EVEN_N, X_PER_K,
@@ -179,10 +179,8 @@ def _direct_gemm1_fp8_kernel(
             # than the K tile).
             for sub in tl.static_range(BLOCK_K // SUB_K):
                 kk = k0 + sub * SUB_K
-                x = _first_row(x_row + kk, kk, offs_k, H, True, EVEN_K)
-                x_scale = 1.0
-                if X_PER_K and not SHARED_GROUPS:
-                    x_scale = _pick(x_scales, kk // X_GROUP_K)
+                x, x_scale = _hidden_step(x_row, x_scales, kk, offs_k, H, EVEN_K, X_PER_K,
+                                          X_GROUP_K, SHARED_GROUPS)
                 g = _weight_cols(g_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K,
                                  EVEN_N, False)
                 g_scale = 1.0
@@ -225,6 +223,19 @@ def _direct_gemm1_fp8_kernel(
 
 
 @triton.jit
+def _hidden_step(x_row, x_scales, kk, offs_k, H, EVEN_K: tl.constexpr, X_PER_K: tl.constexpr,
+                 X_GROUP_K: tl.constexpr, SHARED_GROUPS: tl.constexpr):
+    """The GEMM1 sub-step at K = kk's hidden tile (the pair's row in row 0 of ROWS) and its
+    scale where hidden's scales vary along K on their own (else 1: applied after the loop,
+    or folded into the weight scales)."""
+    x = _first_row(x_row + kk, kk, offs_k, H, True, EVEN_K)
+    x_scale = 1.0
+    if X_PER_K and not SHARED_GROUPS:
+        x_scale = _pick(x_scales, kk // X_GROUP_K)
+    return x, x_scale
+
+
+@triton.jit
 def _stacked_gate_up(x_row, x_scales, w13_ptr, ws_base, g_scales, u_scales, expert, pid_n, H, I,
                      stride_we, stride_wn, stride_wsn, stride_wsk, GATED: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PER_K: tl.constexpr,
@@ -251,10 +262,8 @@ def _stacked_gate_up(x_row, x_scales, w13_ptr, ws_base, g_scales, u_scales, expe
     for k0 in range(0, H, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // SUB_K):
             kk = k0 + sub * SUB_K
-            x = _first_row(x_row + kk, kk, offs_k, H, True, EVEN_K)
-            x_scale = 1.0
-            if X_PER_K and not SHARED_GROUPS:
-                x_scale = _pick(x_scales, kk // X_GROUP_K)
+            x, x_scale = _hidden_step(x_row, x_scales, kk, offs_k, H, EVEN_K, X_PER_K,
+                                      X_GROUP_K, SHARED_GROUPS)
             w = _weight_cols(w_ptrs + sub * SUB_K, kk, col_ok, offs_k, H, True, EVEN_K, EVEN_N,
                              False)
             w_scale = 1.0
