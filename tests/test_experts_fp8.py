@@ -776,3 +776,13 @@ def test_tuned_table_entry_is_used_where_it_won(monkeypatch):
     static = QuantScheme.fp8_tensor(dynamic=False)
     assert experts_fp8._select_fp8_config(hidden, 16, 4, 128, static) == \
         default_fp8_config(8, 16, 4, 256, 128, static), "no table for static scales"
+
+
+def test_gpu_config_needs_k_tiles_of_32():
+    # Triton's fp8 dots need K ≥ 32 on sm_90: a shorter tile is refused up front, not by
+    # the compiler; the interpreter (CPU) takes it.
+    from moekit.experts_fp8 import _check_config
+    config = ExpertsConfig(16, GemmConfig(128, 16), GemmConfig(64, 32))
+    _check_config(config, QuantScheme.fp8_tensor(), on_gpu=False)
+    with pytest.raises(ValueError, match="^config: gemm1.block_k 16 is under 32"):
+        _check_config(config, QuantScheme.fp8_tensor(), on_gpu=True)

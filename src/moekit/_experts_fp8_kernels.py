@@ -249,9 +249,12 @@ def _dest_row(row, j, slots_ptr, top_k, SCATTER: tl.constexpr):
 def _fp8_dot(a, b, SWAP_AB: tl.constexpr):
     """a·b [M, N] of a [M, K] and b [K, N]; with SWAP_AB the same product transposed,
     bᵀ·aᵀ [N, M]: the weight tile as the MMA's row side (`moekit._fp8_swap`), its sum
-    promoted into fp32 every _PROMOTE_K products."""
+    promoted into fp32 every _PROMOTE_K products (every K tile, where that is shorter)."""
+    K: tl.constexpr = a.shape[1]
     if SWAP_AB:
-        if _PROMOTE_K > 0:
+        if _PROMOTE_K > K:
+            return tl.dot(tl.trans(b), tl.trans(a), max_num_imprecise_acc=K)
+        elif _PROMOTE_K > 0:
             return tl.dot(tl.trans(b), tl.trans(a), max_num_imprecise_acc=_PROMOTE_K)
         else:
             return tl.dot(tl.trans(b), tl.trans(a))

@@ -200,7 +200,7 @@ def fused_experts_fp8(
     if config is None:
         config = _select_fp8_config(hidden, num_experts, topk_ids.shape[1], inter, scheme)
     else:
-        _check_config(config, scheme)
+        _check_config(config, scheme, hidden.is_cuda)
     static = not scheme.activation.dynamic
     if apply_router_weight_on_input:  # top-1: the token's row × its one weight, in fp32
         hidden = hidden.float() * topk_weights
@@ -391,13 +391,21 @@ def _check_kernel_scheme(scheme: QuantScheme) -> None:
             )
 
 
-def _check_config(config: ExpertsConfig, scheme: QuantScheme) -> None:
+# Triton's fp8 dots need K ≥ 32 (on sm_90, `tl.dot`'s shape check).
+FP8_MIN_BLOCK_K = 32
+
+
+def _check_config(config: ExpertsConfig, scheme: QuantScheme, on_gpu: bool = False) -> None:
     """A K tile must lie inside one scale group — on the direct path GEMM1's may also span
     whole groups (it runs them as sub-steps); on the plan path GEMM1's column tile must
     hold whole groups of GEMM2's dynamically quantised input (the direct path quantises it
-    in GEMM2)."""
+    in GEMM2). On a GPU, K tiles of at least FP8_MIN_BLOCK_K (a shorter one would fail in
+    Triton's compiler, with a message about the dot's shapes)."""
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
+        if on_gpu and gemm.block_k < FP8_MIN_BLOCK_K:
+            raise ValueError(f"config: {name}.block_k {gemm.block_k} is under "
+                             f"{FP8_MIN_BLOCK_K}, the shortest K tile of an fp8 dot on a GPU")
         if not groups or gemm.block_k <= min(groups):
             continue
         if name == "gemm1" and config.direct:  # powers of two: whole groups, as sub-steps
