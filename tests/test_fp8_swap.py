@@ -66,7 +66,7 @@ CASES = [
     (SMALL_BLOCKS, 2, 3, 1, 64, 128, "relu2", False, torch.float32, direct(64, 32, 64, 32),
      {"direct1", "direct2"}, "no gate: GEMM1's 64 rows alone; k = 1"),
     (STATIC, 2, 4, 2, 128, 128, "silu", False, torch.float32, direct(32, 64, 64, 64, per=1),
-     {"direct1", "direct2"}, "static scales 4× too small: both inputs saturate"),
+     {"direct1", "direct2"}, "static (calibrated) input scales for both GEMMs"),
     ("fp8_tensor", 9, 4, 2, 192, 256, "silu", True, torch.float32,
      plan(16, 128, 64, 64, 64), {"plan1", "plan2"},
      "plan path, 16-row tiles, per tensor; biases; H a partial K tile"),
