@@ -25,7 +25,7 @@ from helpers import (
     poison_cuda_cache,
     random_routing,
 )
-from moekit._gluon import DISABLE_ENV
+from moekit._gluon import DISABLE_ENV, GEMM2_GROUP_M_ENV
 from moekit._gluon_gemm2 import column_halves, use_gluon_gemm2
 from moekit.experts import launch_combine
 from moekit.experts_fp8 import plan_fp8_config
@@ -209,3 +209,31 @@ def test_cuda_graph_replay_with_the_gluon_gemm2_gpu():
         expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                            b13=b13, b2=b2)
         assert_close(out, expected, GPU_TOL, name=f"replay {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+@pytest.mark.parametrize("group,tail", [(3, True), (8, False)])
+def test_grouped_tile_order_changes_no_value_gpu(scheme, group, tail, monkeypatch):
+    # Skewed routing over 4 experts: runs of several row tiles, odd 64-row tails, groups
+    # that cross experts and a partial last group; 5 column tiles of 256 (H = 1280).
+    M, E, k, H, I = 1024, 4, 2, 1280, 512
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
+        scheme, M, E, k, H, I, bias=True, skew=2.0)
+    require_gluon(q2.q)
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme),
+                                 tail_block_m=64 if tail else 0)
+    calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
+    outs = {}
+    for order, rows in (("row major", 1), ("grouped", group)):
+        monkeypatch.setenv(GEMM2_GROUP_M_ENV, str(rows))
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
+                                 config=config, out=out)
+        outs[order] = out
+    assert len(calls) == 2, "the Gluon GEMM2 ran in both orders"
+    assert torch.equal(outs["grouped"], outs["row major"]), "the order moved a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
+                                       b2=b2)
+    assert_close(outs["grouped"], expected, GPU_TOL, name=f"{scheme} group {group}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import moekit
+import moekit._gluon
 import moekit._gluon_gemm2_16bit
 import moekit.experts
 from helpers import (
@@ -26,7 +27,7 @@ from helpers import (
     poison_,
     poison_cuda_cache,
 )
-from moekit._gluon import DISABLE_ENV
+from moekit._gluon import DISABLE_ENV, GEMM2_ENV, GEMM2_GROUP_M_ENV
 from moekit._gluon_gemm2_16bit import use_gluon_gemm2_16bit
 from moekit.tuning.heuristic import tiles_for_block_m
 
@@ -123,3 +124,39 @@ def test_gluon_gemm2_is_deterministic_gpu(gemm2_calls):
     _require_gluon()
     check_reruns_bitwise(4096, 64, 8, 2048, 768, tiles_for_block_m(128))
     assert gemm2_calls, "through the Gluon GEMM2"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group,tail", [(3, True), (8, False), (8, True)])
+def test_grouped_tile_order_changes_no_value_gpu(group, tail, gemm2_calls, monkeypatch):
+    # Skewed routing over 4 experts: runs of several row tiles, odd 64-row tails, groups
+    # that cross experts and a partial last group; 5 column tiles of 256 (H = 1280).
+    _require_gluon()
+    M, E, k, H, I = 1024, 4, 2, 1280, 512
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                             True, 2.0)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+    outs = {}
+    for order, rows in (("row major", 1), ("grouped", group)):
+        monkeypatch.setenv(GEMM2_GROUP_M_ENV, str(rows))
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
+                             out=out)
+        outs[order] = out
+    assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran in both orders"
+    assert torch.equal(outs["grouped"], outs["row major"]), "the order moved a value"
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
+    assert_close(outs["grouped"], expected, name=f"group {group} tail={tail}")
+
+
+def test_gemm2_controls_read_at_each_launch(monkeypatch):
+    w2 = torch.empty(2, 256, 128, dtype=torch.bfloat16)
+    monkeypatch.delenv(GEMM2_GROUP_M_ENV, raising=False)
+    assert moekit._gluon.gemm2_group_m(w2) == 1, "row tile major unless told"
+    monkeypatch.setenv(GEMM2_GROUP_M_ENV, "8")
+    assert moekit._gluon.gemm2_group_m(w2) == 8
+    monkeypatch.setattr(moekit._gluon_gemm2_16bit, "gluon_allowed", lambda t: True)
+    assert use_gluon_gemm2_16bit(w2, 128)
+    monkeypatch.setenv(GEMM2_ENV, "0")
+    assert not use_gluon_gemm2_16bit(w2, 128), "Triton's GEMM2 when told"

@@ -235,6 +235,8 @@ CASES = [
     _experts("Gluon GEMMs loading each tile's indices at its start (`PREFETCH_TILES` off, "
              "an experiment's control), tail tiles, biases", "bf16", "silu", 128, tma=True,
              tail=True, bias=True, gluon=True, no_prefetch=True),
+    _experts("Gluon GEMMs, GEMM2's row tiles grouped over each column tile, tail tiles",
+             "bf16", "silu", 128, tma=True, tail=True, gluon=True, grouped2=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -319,6 +321,8 @@ CASES = [
          "(`PREFETCH_TILES_FP8`): GEMM1 gathering A (the slots' pairs carried), grouped "
          "tile order, tail tiles", "tensor", "bf16", "silu", 128, tma=True, gluon=True,
          gluon1=True, gather=True, grouped=True, prefetch=True),
+    _fp8("prefill, Gluon GEMM2's row tiles grouped over each column tile: block scales, "
+         "tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True, grouped2=True),
     _fp8("the same producers' prefetch with A in plan order (block scales), no tail tiles",
          "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, no_tail=True,
          prefetch=True),
@@ -639,6 +643,7 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
+    moekit._gluon.gemm2_group_m = (lambda w2: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), _topk_ids(p, M, _TOP_K), _topk_weights(p, M, _TOP_K),
@@ -651,6 +656,7 @@ def _run_experts(p):
 
 
 _GROUP_M = moekit._gluon_gemm1.group_m
+_GEMM2_GROUP_M = moekit._gluon.gemm2_group_m
 
 
 def _run_fp8(p):
@@ -690,6 +696,7 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
+    moekit._gluon.gemm2_group_m = (lambda w2: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)

@@ -49,6 +49,21 @@ DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's co
 # session 25). Read at every launch, so that an experiment can flip them.
 PREFETCH_TILES = True
 PREFETCH_TILES_FP8 = False
+# Measurement controls of the GEMM2s (read at every launch): "0" runs Triton's GEMM2 beside
+# the Gluon GEMM1; a number sets the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile major).
+GEMM2_ENV = "MOEKIT_GLUON_GEMM2"
+GEMM2_GROUP_M_ENV = "MOEKIT_GLUON_GEMM2_GROUP_M"
+
+
+def gemm2_allowed() -> bool:
+    """Whether the Gluon GEMM2s may run (`GEMM2_ENV` not "0")."""
+    return os.environ.get(GEMM2_ENV) != "0"
+
+
+def gemm2_group_m(w2: torch.Tensor) -> int:
+    """The Gluon GEMM2s' GROUP_M for weights `w2`: `GEMM2_GROUP_M_ENV`, else 1 (row tile
+    major)."""
+    return int(os.environ.get(GEMM2_GROUP_M_ENV, "1"))
 
 
 @functools.lru_cache(maxsize=16)

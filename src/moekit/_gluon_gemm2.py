@@ -59,6 +59,7 @@ if HAVE_GLUON:
         prefetch_entry,
         row_tile,
         stage_ring,
+        tile_coords,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -76,7 +77,7 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
     GPU), fp8 weights, 128-row tiles, 16-byte rows and base (H's too: the last column
     tile may be partial, as gpt-oss's H = 2880), and each K group of GEMM2's scales
     (`k_groups`: its input's and weight's, if any) holding whole K steps."""
-    if not gluon_allowed(w2):
+    if not gluon_allowed(w2) or not _gluon.gemm2_allowed():
         return False
     _, hidden, inter = w2.shape
     return (
@@ -105,8 +106,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
-                  ready, empty, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-                  PREFETCH: gl.constexpr):
+                  ready, empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
         both math warpgroups have released it. PREFETCH: a tile's expert is loaded during
         the tile before's K loop, its work entry during the one before that (as the
@@ -119,24 +120,25 @@ if HAVE_GLUON:
         step = gl.num_programs(0)
         if PREFETCH:
             first_slot, expert, _ = entry_tile(
-                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, 1, TAIL_M),
-                block_experts_ptr, TAIL_M)
-            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, 1,
-                                   TAIL_M)
+                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M,
+                               TAIL_M), block_experts_ptr, TAIL_M)
+            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr,
+                                   GROUP_M, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
-            pid_m = tile // n_tiles
+            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             if PREFETCH:
                 tile_slot = first_slot
                 tile_expert = expert
                 first_slot, expert, _ = entry_tile(entry, block_experts_ptr, TAIL_M)
-                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, 1, TAIL_M)
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                                       TAIL_M)
             else:
                 tile_slot, tile_expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m,
                                                      TAIL_M)
             # A partial last column tile reads on into the next expert's rows (or TMA's
             # zeros): columns the stores clip.
-            b_row = tile_expert * H + (tile - pid_m * n_tiles) * BLOCK_N
+            b_row = tile_expert * H + pid_n * BLOCK_N
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
@@ -290,7 +292,8 @@ if HAVE_GLUON:
                   block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
                   stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs,
-                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                  CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
+                  BLOCK_K: gl.constexpr,
                   NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -309,8 +312,8 @@ if HAVE_GLUON:
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
-            pid_m = tile // n_tiles
-            col0 = (tile - pid_m * n_tiles) * TILE_N  # the tile's first column
+            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
+            col0 = pid_n * TILE_N  # the tile's first column
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             # Without tail tiles the tail branch is not compiled (dead code there crashed
             # Triton 3.6's lowering, as in the 16-bit GEMM1).
@@ -362,13 +365,14 @@ if HAVE_GLUON:
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
         stride_be,
-        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr,
-        A_GROUP_K: gl.constexpr,
+        TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+        A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
         PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Persistent over (row tile, column tile), row tile major; this program's own
+        """Persistent over (row tile, column tile) in `tile_coords` order (GROUP_M row
+        tiles per column tile; 1: row tile major); this program's own
         warpgroup is the producer, two more (most of the registers) the math. A stage's
         `empty` barrier counts both math warpgroups' releases."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
@@ -384,19 +388,21 @@ if HAVE_GLUON:
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS, PREFETCH)),
+                          b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
                           I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
-                          b_bufs, ready, empty, c_bufs, 0, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, BLOCK_K,
+                          NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
                           HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
                           I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
-                          b_bufs, ready, empty, c_bufs, 1, TAIL_M, BLOCK_K, NUM_BUFFERS,
+                          b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M, BLOCK_K,
+                          NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
                           HAS_BIAS, APPLY_WEIGHT, PARTIAL_N))],
             [4, 4], [232, 232])
@@ -435,7 +441,8 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
         inter_size, a_strides[0], a_strides[1], *w_layout[:3],
         0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
+        TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2),
+        NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
         A_PER_K=a_group_k is not None,
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,

@@ -38,6 +38,7 @@ if HAVE_GLUON:
         prefetch_entry,
         row_tile,
         stage_ring,
+        tile_coords,
         tiles_in_use,
         tma,
     )
@@ -54,7 +55,7 @@ def use_gluon_gemm2_16bit(w2: torch.Tensor, block_m: int) -> bool:
     GPU), bf16/fp16, 128-row tiles, whole 256-column tiles (H a multiple of 256), 16-byte
     rows (I a multiple of 8) and base for TMA, contiguous. Its input is GEMM1's `inter`,
     fresh, contiguous and in w2's dtype (the layer's checks: one dtype throughout)."""
-    if not gluon_allowed(w2):
+    if not gluon_allowed(w2) or not _gluon.gemm2_allowed():
         return False
     _, hidden_size, inter_size = w2.shape
     return (
@@ -118,7 +119,7 @@ if HAVE_GLUON:
     def _consumer(c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                   block_experts_ptr, work_ptr, num_work, H, I, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
         halves, or, in a tail tile (64 rows), its rows × half CONSUMER (as two 64-column
@@ -136,17 +137,17 @@ if HAVE_GLUON:
         if PREFETCH:  # as the producer: the next tile's expert, rows and pairs, loaded
             # during this tile's K loop (its work entry during the one before)
             first_slot, expert, rows = entry_tile(
-                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, 1, TAIL_M),
-                block_experts_ptr, TAIL_M)
-            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, 1,
-                                   TAIL_M)
+                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M,
+                               TAIL_M), block_experts_ptr, TAIL_M)
+            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr,
+                                   GROUP_M, TAIL_M)
             if APPLY_WEIGHT:
                 pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                   sorted_pairs_ptr, acc_layout)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
-            pid_m = tile // n_tiles  # row tile major, as `_producer` loads them
-            col0 = (tile - pid_m * n_tiles) * TILE_N
+            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)  # as `_producer`'s
+            col0 = pid_n * TILE_N
             weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
             if PREFETCH:
                 tile_slot = first_slot
@@ -158,7 +159,8 @@ if HAVE_GLUON:
                 if APPLY_WEIGHT:
                     pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                       sorted_pairs_ptr, acc_layout)
-                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, 1, TAIL_M)
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                                       TAIL_M)
             else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
                                                              pid_m, TAIL_M)
@@ -211,11 +213,13 @@ if HAVE_GLUON:
         work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_be,
-        TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
-        APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
+        TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+        HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
-        """Persistent over (row tile, 256 hidden columns), row tile major; this program's
-        own warpgroup is the producer, two more the math."""
+        """Persistent over (row tile, 256 hidden columns) in `tile_coords` order (GROUP_M
+        row tiles per column tile; 1: row tile major); this program's own warpgroup is the
+        producer, two more the math."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
         dtype: gl.constexpr = a_desc.dtype
         gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
@@ -228,14 +232,14 @@ if HAVE_GLUON:
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          b_bufs, ready, empty, TAIL_M, NUM_BUFFERS, PREFETCH)),
+                          b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
-                          a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, NUM_BUFFERS,
+                          a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, NUM_BUFFERS,
                           HAS_BIAS, APPLY_WEIGHT, PREFETCH)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
-                          a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, NUM_BUFFERS,
+                          a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M, NUM_BUFFERS,
                           HAS_BIAS, APPLY_WEIGHT, PREFETCH))],
             [4, 4], [232, 232])
 
@@ -264,7 +268,7 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden_size,
         inter_size, 0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, NUM_BUFFERS=STAGES, HAS_BIAS=b2 is not None,
+        TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )
     return out
