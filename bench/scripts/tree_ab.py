@@ -73,6 +73,7 @@ def main() -> None:
                                 "--format=csv,noheader", "--loop-ms=100"],
                                stdout=open(clock_log, "w"), stderr=subprocess.DEVNULL)
     runs = []  # (label, round, cells)
+    stack = "?"
     try:
         for rnd in range(args.rounds):
             for j in range(len(versions)):
@@ -88,7 +89,9 @@ def main() -> None:
                 if proc.returncode:
                     print(proc.stderr[-2000:])
                     continue
-                runs.append((label, rnd + 1, json.load(open(path))["cells"]))
+                doc = json.load(open(path))
+                runs.append((label, rnd + 1, doc["cells"]))
+                stack = f"{doc['device']}; torch {doc['torch']}, triton {doc.get('triton', '?')}"
     finally:
         sampler.terminate()
     samples = _samples(clock_log)
@@ -102,6 +105,7 @@ def main() -> None:
                  "rel_err_first64": cell.get("rel_err_first64")})
     base = versions[0][0]
     lines = [f"# tree A/B `{args.tag}` — {datetime.date.today()}", "",
+             f"- device: {stack}",
              f"- command: `python3 bench/scripts/tree_ab.py {' '.join(sys.argv[1:])}`",
              f"- versions: {', '.join(args.versions)}; rounds {args.rounds}, order rotating",
              "- cell: median ms of the rounds' medians; ratio = base time ÷ this time (above 1:"

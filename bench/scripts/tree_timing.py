@@ -19,6 +19,7 @@ import json
 import time
 
 import torch
+import triton
 
 PRESETS = {  # name: (experts, top-k, hidden, intermediate), as moekit.bench.presets
     "mixtral-8x7b": (8, 2, 4096, 14336),
@@ -109,7 +110,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "moekit_file": moekit.__file__, "cells": cells}, f, indent=1)
+                   "triton": triton.__version__, "moekit_file": moekit.__file__,
+                   "cells": cells}, f, indent=1)
 
 
 if __name__ == "__main__":
