@@ -27,7 +27,7 @@ from helpers import (
     poison_,
     poison_cuda_cache,
 )
-from moekit._gluon import DISABLE_ENV, GEMM2_ENV, GEMM2_GROUP_M_ENV
+from moekit._gluon import DISABLE_ENV, GEMM2_ENV, GEMM2_GROUP_M, GEMM2_GROUP_M_ENV
 from moekit._gluon_gemm2_16bit import use_gluon_gemm2_16bit
 from moekit.tuning.heuristic import tiles_for_block_m
 
@@ -150,12 +150,23 @@ def test_grouped_tile_order_changes_no_value_gpu(group, tail, gemm2_calls, monke
     assert_close(outs["grouped"], expected, name=f"group {group} tail={tail}")
 
 
+def test_row_tiles_are_grouped_where_an_experts_w2_outgrows_half_of_l2(monkeypatch):
+    monkeypatch.delenv(GEMM2_GROUP_M_ENV, raising=False)
+    group_m = moekit._gluon.gemm2_group_m
+    w2 = lambda hidden, inter, dtype=torch.bfloat16: torch.empty(  # noqa: E731
+        (1, hidden, inter), dtype=dtype, device="meta")
+    assert group_m(w2(7168, 2048)) == GEMM2_GROUP_M > 1, "deepseek-v3: 29 MB an expert"
+    assert group_m(w2(4096, 14336)) == GEMM2_GROUP_M, "mixtral: 117 MB"
+    assert group_m(w2(2048, 768)) == 1, "qwen3: 3 MB, row tile major"
+    assert group_m(w2(2048, 1024), l2=8 * 2**20 - 2) == GEMM2_GROUP_M, "4 MB: just over half"
+    assert group_m(w2(2048, 1024), l2=8 * 2**20) == 1, "exactly half stays row major"
+    assert group_m(w2(7168, 2048), by_size=False) == 1, "the fp8 GEMM2: row tile major"
+    monkeypatch.setenv(GEMM2_GROUP_M_ENV, "3")
+    assert group_m(w2(2048, 768)) == 3 and group_m(w2(7168, 2048), by_size=False) == 3
+
+
 def test_gemm2_controls_read_at_each_launch(monkeypatch):
     w2 = torch.empty(2, 256, 128, dtype=torch.bfloat16)
-    monkeypatch.delenv(GEMM2_GROUP_M_ENV, raising=False)
-    assert moekit._gluon.gemm2_group_m(w2) == 1, "row tile major unless told"
-    monkeypatch.setenv(GEMM2_GROUP_M_ENV, "8")
-    assert moekit._gluon.gemm2_group_m(w2) == 8
     monkeypatch.setattr(moekit._gluon_gemm2_16bit, "gluon_allowed", lambda t: True)
     assert use_gluon_gemm2_16bit(w2, 128)
     monkeypatch.setenv(GEMM2_ENV, "0")

@@ -643,7 +643,7 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
-    moekit._gluon.gemm2_group_m = (lambda w2: 8) if p.get("grouped2") else _GEMM2_GROUP_M
+    moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), _topk_ids(p, M, _TOP_K), _topk_weights(p, M, _TOP_K),
@@ -696,7 +696,7 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
-    moekit._gluon.gemm2_group_m = (lambda w2: 8) if p.get("grouped2") else _GEMM2_GROUP_M
+    moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)

@@ -40,6 +40,7 @@ __all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "l
            "warpgroup_mma", "warpgroup_mma_wait"]
 
 BLOCK_M = 128  # a row tile; two math warpgroups take 64 rows each
+HOPPER_L2_BYTES = 50 * 2**20  # an H100's or H200's L2, for tensors off the GPU (compiles)
 HALF_M = BLOCK_M // 2
 DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's control)
 # The 16-bit Gluon GEMMs load each tile's indices (work entry, expert, slots' pairs) a tile
@@ -50,7 +51,8 @@ DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's co
 PREFETCH_TILES = True
 PREFETCH_TILES_FP8 = False
 # Measurement controls of the GEMM2s (read at every launch): "0" runs Triton's GEMM2 beside
-# the Gluon GEMM1; a number sets the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile major).
+# the Gluon GEMM1; a number sets the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile
+# major), overriding `gemm2_group_m`'s rule.
 GEMM2_ENV = "MOEKIT_GLUON_GEMM2"
 GEMM2_GROUP_M_ENV = "MOEKIT_GLUON_GEMM2_GROUP_M"
 
@@ -60,10 +62,30 @@ def gemm2_allowed() -> bool:
     return os.environ.get(GEMM2_ENV) != "0"
 
 
-def gemm2_group_m(w2: torch.Tensor) -> int:
-    """The Gluon GEMM2s' GROUP_M for weights `w2`: `GEMM2_GROUP_M_ENV`, else 1 (row tile
-    major)."""
-    return int(os.environ.get(GEMM2_GROUP_M_ENV, "1"))
+GEMM2_GROUP_M = 8
+
+
+def gemm2_group_m(w2: torch.Tensor, by_size: bool = True, l2: int | None = None) -> int:
+    """The Gluon GEMM2s' GROUP_M for weights `w2` [E, H, I]: `GEMM2_GROUP_M_ENV` if set;
+    else (`by_size`) GEMM2_GROUP_M where one expert's w2 is larger than half of L2 (`l2`,
+    default the device's), else 1 (row tile major).
+
+    Row tile major, an expert's next row tile reuses a w2 column tile only after the
+    whole expert's w2 has streamed by. H100, bf16 (bench/NOTES.md, session 45): deepseek-v3
+    (29 MB an expert) read 34 GB from DRAM in GEMM2 at M = 16384 against 12 for Triton's
+    grouped order, the layer 26.2 → 22.0 ms grouped; mixtral (117 MB) 18.2 → 17.6 ms; both
+    within 0.5% at M = 1024–4096 (one row tile an expert). The fp8 GEMM2 passes
+    `by_size=False`: grouping measured mixed there on an H200 (session 15)."""
+    override = os.environ.get(GEMM2_GROUP_M_ENV)
+    if override is not None:
+        return int(override)
+    if not by_size:
+        return 1
+    _, hidden, inter = w2.shape
+    if l2 is None:
+        l2 = (l2_bytes(w2.device.index if w2.device.index is not None
+                       else torch.cuda.current_device()) if w2.is_cuda else HOPPER_L2_BYTES)
+    return GEMM2_GROUP_M if hidden * inter * w2.element_size() > l2 // 2 else 1
 
 
 @functools.lru_cache(maxsize=16)

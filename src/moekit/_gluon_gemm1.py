@@ -48,6 +48,7 @@ from moekit._gluon import (
     BLOCK_M,
     HALF_M,
     HAVE_GLUON,
+    HOPPER_L2_BYTES,
     descriptor,
     gluon_allowed,
     l2_bytes,
@@ -82,7 +83,6 @@ if HAVE_GLUON:
 BLOCK_N, BLOCK_K, STAGES = 128, 128, 4
 # Row tiles side by side over each column tile where one expert's w13 outgrows L2.
 GROUP_M = 8
-HOPPER_L2_BYTES = 50 * 2**20  # an H100's or H200's L2, for tensors off the GPU (compiles)
 # From this many experts per token the producer gathers each tile's A rows itself
 # (`gather_rows`). H200 (bench/results/h200-20261202-gluon-gather-experiment.md): the
 # quantiser 2.5–3× faster, GEMM1 up to 10% slower (its producer's 16-byte copies), the

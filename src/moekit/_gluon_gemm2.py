@@ -441,7 +441,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
         inter_size, a_strides[0], a_strides[1], *w_layout[:3],
         0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2),
+        TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2, by_size=False),
         NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
         A_PER_K=a_group_k is not None,
         A_GROUP_K=a_group_k or 1, W_PER_K=w_layout[2] != 0, W_GROUP_N=w_layout[3],

@@ -268,7 +268,8 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden_size,
         inter_size, 0 if b2 is None else b2.stride(0),
-        TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES, HAS_BIAS=b2 is not None,
+        TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES,
+        HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
     )
     return out
