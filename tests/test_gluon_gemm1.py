@@ -25,8 +25,8 @@ from helpers import (
     random_routing,
 )
 from moekit._fp8_quantize import launch_quantize_rows
-from moekit._gluon import DISABLE_ENV
-from moekit._gluon_gemm1 import GROUP_M, HOPPER_L2_BYTES, group_m, use_gluon_gemm1
+from moekit._gluon import DISABLE_ENV, HOPPER_L2_BYTES
+from moekit._gluon_gemm1 import GROUP_M, group_m, use_gluon_gemm1
 from moekit.experts_fp8 import _amax_partials, plan_fp8_config
 from moekit.quant import QuantScheme, QuantSpec
 from moekit.quant.scheme import FULL

@@ -5,7 +5,8 @@ barriers, and the 16-bit kernels' K loop (`paired_mainloop`).
 
 Both kernels read and write plan-order rows by TMA in 128-row tiles (or a run's odd last
 64 rows, with tail tiles); both are persistent over (row tile, column tile), row tile
-major but for GEMM1 on experts whose w13 outgrows L2 (`tile_coords`).
+major but for GEMM1 on experts whose w13 outgrows L2 and the 16-bit GEMM2 on experts whose
+w2 outgrows half of it (`tile_coords`, `gemm2_group_m`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ try:  # Gluon's Hopper API as of Triton 3.6 (the version measured); else the Tri
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "DISABLE_ENV", "gluon_allowed", "l2_bytes",
+__all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "HOPPER_L2_BYTES", "DISABLE_ENV", "GEMM2_ENV",
+           "GEMM2_GROUP_M", "GEMM2_GROUP_M_ENV", "gemm2_allowed", "gemm2_group_m",
+           "gluon_allowed", "l2_bytes", "l2_bytes_of",
            "descriptor", "gluon", "gl", "fence_async_shared", "mbarrier", "tma",
            "warpgroup_mma", "warpgroup_mma_wait"]
 
@@ -55,14 +58,12 @@ PREFETCH_TILES_FP8 = False
 # major), overriding `gemm2_group_m`'s rule.
 GEMM2_ENV = "MOEKIT_GLUON_GEMM2"
 GEMM2_GROUP_M_ENV = "MOEKIT_GLUON_GEMM2_GROUP_M"
+GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_m`)
 
 
 def gemm2_allowed() -> bool:
     """Whether the Gluon GEMM2s may run (`GEMM2_ENV` not "0")."""
     return os.environ.get(GEMM2_ENV) != "0"
-
-
-GEMM2_GROUP_M = 8
 
 
 def gemm2_group_m(w2: torch.Tensor, by_size: bool = True, l2: int | None = None) -> int:
@@ -82,9 +83,7 @@ def gemm2_group_m(w2: torch.Tensor, by_size: bool = True, l2: int | None = None)
     if not by_size:
         return 1
     _, hidden, inter = w2.shape
-    if l2 is None:
-        l2 = (l2_bytes(w2.device.index if w2.device.index is not None
-                       else torch.cuda.current_device()) if w2.is_cuda else HOPPER_L2_BYTES)
+    l2 = l2_bytes_of(w2) if l2 is None else l2
     return GEMM2_GROUP_M if hidden * inter * w2.element_size() > l2 // 2 else 1
 
 
@@ -97,6 +96,13 @@ def _device_is_sm90(index: int) -> bool:
 def l2_bytes(index: int) -> int:
     """The L2 cache size of CUDA device `index` (50 MB on an H100 or H200)."""
     return torch.cuda.get_device_properties(index).L2_cache_size
+
+
+def l2_bytes_of(t: torch.Tensor) -> int:
+    """The L2 size of `t`'s GPU, or an H100's / H200's for tensors off the GPU (compiles)."""
+    if not t.is_cuda:
+        return HOPPER_L2_BYTES
+    return l2_bytes(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def gluon_allowed(t: torch.Tensor) -> bool:

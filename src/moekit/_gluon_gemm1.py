@@ -48,10 +48,9 @@ from moekit._gluon import (
     BLOCK_M,
     HALF_M,
     HAVE_GLUON,
-    HOPPER_L2_BYTES,
     descriptor,
     gluon_allowed,
-    l2_bytes,
+    l2_bytes_of,
     work_list,
 )
 from moekit._launch import launcher
@@ -142,9 +141,7 @@ def group_m(w13: torch.Tensor, l2: int | None = None) -> int:
     (117 MB per expert) GEMM1 1.02–1.24× faster grouped; qwen3 (3 MB) and deepseek-v3
     (29 MB) 3–4% slower."""
     _, rows13, hidden = w13.shape
-    if l2 is None:
-        l2 = l2_bytes(w13.device.index if w13.device.index is not None
-                      else torch.cuda.current_device()) if w13.is_cuda else HOPPER_L2_BYTES
+    l2 = l2_bytes_of(w13) if l2 is None else l2
     return GROUP_M if rows13 * hidden * w13.element_size() > l2 else 1
 
 
