@@ -104,3 +104,9 @@ def swapped_stages(stages: int, k_steps: int) -> int:
     if k_steps >= LONG_K_STEPS or stages - 1 < MIN_FEWER_STAGES:
         return stages
     return stages - 1
+
+
+def launch_stages(swap: bool, stages: int, k_steps: int) -> int:
+    """The pipeline depth a GEMM launches with: `swapped_stages` if it is swapped, else
+    its config's `stages`."""
+    return swapped_stages(stages, k_steps) if swap else stages

@@ -24,7 +24,7 @@ from moekit._direct_fp8_kernels import _direct_gemm1_fp8_kernel, _direct_gemm2_f
 from moekit._direct_kernels import ROWS
 from moekit._fp8_quantize import AMAX_FLOOR, FMAX
 from moekit._fp8_scales import uniform_along_n, weight_scale_layout
-from moekit._fp8_swap import swap_ab, swapped_stages
+from moekit._fp8_swap import launch_stages, swap_ab
 from moekit._intmath import cdiv, next_power_of_2, row_align
 from moekit._launch import launcher
 from moekit.experts_direct import gemm2_arrivals, gemm2_parts
@@ -113,7 +113,7 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_N=block_n, BLOCK_K=block_k,
         SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
         SWAP_AB=swap, num_warps=warps,
-        num_stages=swapped_stages(stages, cdiv(hidden_size, block_k)) if swap else stages,
+        num_stages=launch_stages(swap, stages, cdiv(hidden_size, block_k)),
     )
     return inter, inter_scale
 
@@ -147,7 +147,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
         ROW_ALIGN=row_align(hidden_size, inter_size, inter_q.stride(0), w2_q.stride(0),
                             w2_q.stride(1), out.stride(0)),
         BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap, num_warps=warps,
-        num_stages=swapped_stages(stages, cdiv(inter_size, block_k)) if swap else stages,
+        num_stages=launch_stages(swap, stages, cdiv(inter_size, block_k)),
     )
 
 

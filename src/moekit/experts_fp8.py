@@ -89,7 +89,7 @@ from moekit._fp8_quantize import (
     quantize_rows_launch,
 )
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
-from moekit._fp8_swap import swap_ab, swapped_stages
+from moekit._fp8_swap import launch_stages, swap_ab
 from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
@@ -634,7 +634,7 @@ def _launch_fused_experts_fp8(
                                 w13_q.stride(1), inter_q.stride(0)),
             BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2], SWAP_AB=swap1,
             num_warps=c1[3],
-            num_stages=swapped_stages(c1[4], cdiv(hidden_size, c1[1])) if swap1 else c1[4],
+            num_stages=launch_stages(swap1, c1[4], cdiv(hidden_size, c1[1])),
         )
 
     ws2 = weight_scale_layout(w2_scale, w_group_n, w_group_k)
@@ -665,7 +665,7 @@ def _launch_fused_experts_fp8(
                             w2_q.stride(1), pair_out.stride(0)),
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2], SWAP_AB=swap2,
         num_warps=c2[3],
-        num_stages=swapped_stages(c2[4], cdiv(inter, c2[1])) if swap2 else c2[4],
+        num_stages=launch_stages(swap2, c2[4], cdiv(inter, c2[1])),
     )
     launch_combine(pair_out, topk_ids, num_experts, out)
 
