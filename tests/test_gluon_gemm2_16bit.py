@@ -85,6 +85,7 @@ def _require_gluon():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("tail", [True, False])
 @pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
     (2048, 8, 2, 1024, 512, torch.bfloat16, "silu", False, False, 0.0),  # whole tiles
@@ -92,9 +93,10 @@ def _require_gluon():
     (300, 32, 8, 512, 200, torch.float16, "gelu", False, True, 0.0),  # partial K step
     (700, 16, 6, 1280, 1408, torch.bfloat16, "gelu_tanh", True, True, 1.0),  # 5 col tiles
 ])
-def test_layer_with_the_gluon_gemm2_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input, skew,
-                                        gemm2_calls, monkeypatch):
+def test_layer_with_the_gluon_gemm2_gpu(wide, tail, M, E, k, H, I, dtype, act, bias, on_input,
+                                        skew, gemm2_calls, monkeypatch):
     _require_gluon()
+    monkeypatch.setattr(moekit._gluon, "WIDE_MMA_16BIT", wide)
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
     real_choice = moekit.experts.use_gluon_gemm2_16bit
@@ -108,7 +110,7 @@ def test_layer_with_the_gluon_gemm2_gpu(tail, M, E, k, H, I, dtype, act, bias, o
         outs[name] = out
     assert len(gemm2_calls) == 1, "the Gluon GEMM2 ran once, the control not"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
-    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
+    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail} wide={wide}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
 
 
@@ -171,3 +173,28 @@ def test_gemm2_controls_read_at_each_launch(monkeypatch):
     assert use_gluon_gemm2_16bit(w2, 128)
     monkeypatch.setenv(GEMM2_ENV, "0")
     assert not use_gluon_gemm2_16bit(w2, 128), "Triton's GEMM2 when told"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+def test_wide_mma_changes_no_value_gpu(tail, gemm2_calls, monkeypatch):
+    # One [64, 256] MMA per K step sums each output element's products in the same K order
+    # as the two [64, 128] ones: the same bits, on skewed routing with odd tails (whose
+    # 64-column MMAs both forms share) and 5 column tiles.
+    _require_gluon()
+    M, E, k, H, I = 1000, 4, 2, 1280, 704
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                             True, 2.0)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+    outs = {}
+    for wide in (False, True):
+        monkeypatch.setattr(moekit._gluon, "WIDE_MMA_16BIT", wide)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
+                             out=out)
+        outs[wide] = out
+    assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran both ways"
+    assert torch.equal(outs[True], outs[False]), "one wide MMA moved a value"
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
+    assert_close(outs[True], expected, name=f"wide tail={tail}")

@@ -237,6 +237,11 @@ CASES = [
              tail=True, bias=True, gluon=True, no_prefetch=True),
     _experts("Gluon GEMMs, GEMM2's row tiles grouped over each column tile, tail tiles",
              "bf16", "silu", 128, tma=True, tail=True, gluon=True, grouped2=True),
+    _experts("Gluon GEMM2 as one [64, 256] MMA per K step (`WIDE_MMA_16BIT`, staged off), "
+             "tail tiles, biases", "bf16", "gelu", 128, tma=True, tail=True, bias=True,
+             gluon=True, wide=True),
+    _experts("the wide GEMM2, fp16, grouped row tiles, no tail tiles", "fp16", "silu", 128,
+             tma=True, gluon=True, grouped2=True, wide=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -485,6 +490,11 @@ def test_compiles_for_sm90(case, sm90_compiler):
             constexprs = kernel["constexprs"]
             if constexprs.get("ROW_ALIGN") == "8" and constexprs.get("TMA") != "True":
                 assert kernel["vector_loads"], f"{where}: no vector loads"
+        if kernel["name"] == "_gemm2_ws16_kernel":
+            # The whole tiles' MMAs: one [64, 256] per K step wide, else two [64, 128]
+            # (a tail's [64, 64] ones either way).
+            whole = {256} if case.params.get("wide") else {128}
+            assert set(kernel["mma_n"]) - {64} == whole, f"{where}: MMA widths {kernel['mma_n']}"
 
 
 # ------------------------------------------------------------- parent side: the workers
@@ -643,6 +653,7 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
+    moekit._gluon.WIDE_MMA_16BIT = bool(p.get("wide"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
@@ -803,6 +814,8 @@ def _compile_sm90(fn, args, kwargs) -> dict:
         "spill_bytes": spills,
         # Global loads of 8 or 16 bytes (ld.global.v2/v4) or their asynchronous copies
         # (cp.async, 4 bytes or more); rows Triton cannot prove aligned load 2 at a time.
+        # The N of each warpgroup MMA shape (wgmma …m64nNk16) the kernel issues.
+        "mma_n": sorted({int(n) for n in re.findall(r"wgmma\.mma_async[.\w]*\.m64n(\d+)k", ptx)}),
         "vector_loads": len(re.findall(r"cp\.async\.c[ag]\.shared\.global|"
                                        r"ld\.global[.\w]*\.v[24]\.", ptx)),
     }

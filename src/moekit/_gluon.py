@@ -53,6 +53,12 @@ DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's co
 # session 25). Read at every launch, so that an experiment can flip them.
 PREFETCH_TILES = True
 PREFETCH_TILES_FP8 = False
+# The 16-bit GEMM2 issues one [64, 256] MMA per K step and warpgroup instead of two
+# [64, 128] (`wide_mainloop`: the A rows read from shared memory once, half the MMA
+# instructions). Off until measured (bench/NOTES.md, session 46: session 15's shared-memory
+# model put the two-MMA form at 143 bytes a clock needed against 128). Read at every
+# launch; `MOEKIT_GLUON_WIDE_MMA=1` at import turns it on.
+WIDE_MMA_16BIT = os.environ.get("MOEKIT_GLUON_WIDE_MMA") == "1"
 # Measurement controls of the GEMM2s (read at every launch): "0" runs Triton's GEMM2 beside
 # the Gluon GEMM1; a number sets the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile
 # major), overriding `gemm2_group_m`'s rule.
@@ -253,6 +259,42 @@ if HAVE_GLUON:
         if not TAIL_M:
             total = total // _TILE_M
         return total
+
+    @gluon.jit
+    def wide_mainloop(a_bufs, b_bufs, ready, empty, counter, K, A_START: gl.constexpr,
+                      NUM_BUFFERS: gl.constexpr):
+        """`paired_mainloop` for B halves that lie adjacent in one stage buffer (GEMM2's
+        two column halves): one MMA over both per K step, A rows [A_START, +64) against
+        all of a stage's B rows, so that A is read from shared memory once a step, not
+        twice. One step's MMA stays in flight; a stage is released once the MMA that read
+        it has retired. The [64, 2·WIDTH] accumulator is split into its column halves in
+        registers (each thread's first and second half of its fragments: no data moves).
+        Returns (left, right, counter), laid out as `paired_mainloop`'s."""
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        TILE_N: gl.constexpr = b_bufs.shape[1]
+        WIDTH: gl.constexpr = TILE_N // 2
+        wide_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TILE_N, 16])
+        half_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
+        acc = gl.zeros((_HALF_M, TILE_N), dtype=gl.float32, layout=wide_layout)
+        for k in range(0, K, BLOCK_K):
+            index = counter % NUM_BUFFERS
+            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+            a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
+            b = b_bufs.index(index).permute((1, 0))
+            acc = warpgroup_mma(a, b, acc, is_async=True)
+            # This step's MMA stays in flight; the previous step's has retired.
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if k > 0:
+                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+            counter += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
+        left, right = gl.split(gl.permute(gl.reshape(acc, [_HALF_M, 2, WIDTH]), (0, 2, 1)))
+        left = gl.convert_layout(left, half_layout, assert_trivial=True)
+        right = gl.convert_layout(right, half_layout, assert_trivial=True)
+        return left, right, counter
 
     @gluon.jit
     def paired_mainloop(a_bufs, x_bufs, y_bufs, ready, empty, counter, K,

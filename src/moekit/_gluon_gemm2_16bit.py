@@ -41,6 +41,7 @@ if HAVE_GLUON:
         tile_coords,
         tiles_in_use,
         tma,
+        wide_mainloop,
     )
     from moekit._gluon_gemm2 import _producer
 
@@ -120,10 +121,11 @@ if HAVE_GLUON:
                   block_experts_ptr, work_ptr, num_work, H, I, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr):
+                  APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, WIDE: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
-        halves, or, in a tail tile (64 rows), its rows × half CONSUMER (as two 64-column
-        products, `q_desc`'s [64, 64] boxes), so that a tail takes both warpgroups."""
+        halves (WIDE: as one MMA per K step), or, in a tail tile (64 rows), its rows × half
+        CONSUMER (as two 64-column products, `q_desc`'s [64, 64] boxes), so that a tail
+        takes both warpgroups."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         TILE_N: gl.constexpr = b_bufs.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -176,9 +178,13 @@ if HAVE_GLUON:
             # A tail's 64 rows are all this warpgroup's; a whole tile's, its half.
             row = _warpgroup_row(tile_slot, tile_rows, CONSUMER)
             if whole:
-                lo, hi, counter = paired_mainloop(
-                    a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M, 0,
-                    BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
+                if WIDE:
+                    lo, hi, counter = wide_mainloop(a_bufs, b_bufs, ready, empty, counter, I,
+                                                    CONSUMER * _HALF_M, NUM_BUFFERS)
+                else:
+                    lo, hi, counter = paired_mainloop(
+                        a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M,
+                        0, BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
                 _store_half(lo, c_desc, c_smem, row, col0, tile_expert, b2_ptr, weights, stride_be,
                             HAS_BIAS, APPLY_WEIGHT)
                 _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, tile_expert, b2_ptr, weights,
@@ -215,7 +221,7 @@ if HAVE_GLUON:
         num_pairs, H, I, stride_be,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
-        num_warps: gl.constexpr,
+        WIDE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 256 hidden columns) in `tile_coords` order (GROUP_M
         row tiles per column tile; 1: row tile major); this program's own warpgroup is the
@@ -236,11 +242,11 @@ if HAVE_GLUON:
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
                           a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, NUM_BUFFERS,
-                          HAS_BIAS, APPLY_WEIGHT, PREFETCH)),
+                          HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
                           a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M, NUM_BUFFERS,
-                          HAS_BIAS, APPLY_WEIGHT, PREFETCH))],
+                          HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE))],
             [4, 4], [232, 232])
 
 
@@ -270,6 +276,7 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         inter_size, 0 if b2 is None else b2.stride(0),
         TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES,
         HAS_BIAS=b2 is not None,
-        APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
+        APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES,
+        WIDE=_gluon.WIDE_MMA_16BIT, num_warps=4,
     )
     return out
