@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import moekit
+import moekit._gluon
 import moekit._gluon_gemm1_16bit
 import moekit.experts
 from helpers import (
@@ -96,6 +97,7 @@ def _require_gluon():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("tail", [True, False])
 @pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
     (2048, 8, 2, 1024, 512, torch.bfloat16, "silu", False, False, 0.0),  # whole tiles
@@ -103,9 +105,10 @@ def _require_gluon():
     (300, 32, 8, 528, 256, torch.float16, "gelu", False, True, 0.0),  # partial K step
     (700, 16, 6, 1024, 1408, torch.bfloat16, "gelu_tanh", True, True, 1.0),  # 11 col tiles
 ])
-def test_layer_with_the_gluon_gemm1_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input, skew,
-                                        gemm1_calls, monkeypatch):
+def test_layer_with_the_gluon_gemm1_gpu(wide, tail, M, E, k, H, I, dtype, act, bias, on_input,
+                                        skew, gemm1_calls, monkeypatch):
     _require_gluon()
+    monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM1_16BIT", wide)
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
     outs = {}
@@ -118,8 +121,36 @@ def test_layer_with_the_gluon_gemm1_gpu(tail, M, E, k, H, I, dtype, act, bias, o
         outs[name] = out
     assert len(gemm1_calls) == 1, "the Gluon GEMM1 ran once, the control not"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
-    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
+    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail} wide={wide}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("tail", [True, False])
+def test_wide_mma_changes_no_value_gpu(narrow, tail, gemm1_calls, monkeypatch):
+    # Gate and up as one MMA per K step (their rows adjacent in each stage) sum each
+    # element's products in the same K order as one MMA each: the same bits, with odd
+    # tails (two products per warpgroup either way, read from the adjacent rows when wide)
+    # and at both column tiles.
+    _require_gluon()
+    M, E, k, H, I = 1000, 16, 4, 768, 384
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                             True, 3.0)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+    monkeypatch.setattr(moekit.experts, "gluon_gemm1_narrow_columns", lambda *args: narrow)
+    outs = {}
+    for wide in (False, True):
+        monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM1_16BIT", wide)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, activation="swigluoai", b13=b13,
+                             b2=b2, config=config, out=out)
+        outs[wide] = out
+    assert len(gemm1_calls) == 2, "the Gluon GEMM1 ran both ways"
+    assert torch.equal(outs[True], outs[False]), "one MMA for gate and up moved a value"
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "swigluoai", False)
+    assert_close(outs[True], expected, name=f"wide tail={tail} narrow={narrow}")
 
 
 @pytest.mark.gpu

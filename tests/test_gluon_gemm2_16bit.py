@@ -96,7 +96,7 @@ def _require_gluon():
 def test_layer_with_the_gluon_gemm2_gpu(wide, tail, M, E, k, H, I, dtype, act, bias, on_input,
                                         skew, gemm2_calls, monkeypatch):
     _require_gluon()
-    monkeypatch.setattr(moekit._gluon, "WIDE_MMA_16BIT", wide)
+    monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM2_16BIT", wide)
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
     real_choice = moekit.experts.use_gluon_gemm2_16bit
@@ -188,7 +188,7 @@ def test_wide_mma_changes_no_value_gpu(tail, gemm2_calls, monkeypatch):
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
     outs = {}
     for wide in (False, True):
-        monkeypatch.setattr(moekit._gluon, "WIDE_MMA_16BIT", wide)
+        monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM2_16BIT", wide)
         out = poison_(torch.empty_like(hidden))
         poison_cuda_cache()
         moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,

@@ -237,11 +237,14 @@ CASES = [
              tail=True, bias=True, gluon=True, no_prefetch=True),
     _experts("Gluon GEMMs, GEMM2's row tiles grouped over each column tile, tail tiles",
              "bf16", "silu", 128, tma=True, tail=True, gluon=True, grouped2=True),
-    _experts("Gluon GEMM2 as one [64, 256] MMA per K step (`WIDE_MMA_16BIT`, staged off), "
-             "tail tiles, biases", "bf16", "gelu", 128, tma=True, tail=True, bias=True,
-             gluon=True, wide=True),
-    _experts("the wide GEMM2, fp16, grouped row tiles, no tail tiles", "fp16", "silu", 128,
-             tma=True, gluon=True, grouped2=True, wide=True),
+    _experts("both 16-bit Gluon GEMMs as one [64, 256] MMA per K step, tail tiles, biases",
+             "bf16", "gelu", 128, tma=True, tail=True, bias=True, gluon=True, wide=True),
+    _experts("both 16-bit Gluon GEMMs as one MMA over both halves per K step "
+             "(`WIDE_MMA_GEMM{1,2}_16BIT`, staged off), fp16, grouped GEMM2 row tiles, no "
+             "tail tiles", "fp16", "silu", 128, tma=True, gluon=True, grouped2=True, wide=True),
+    _experts("the wide GEMM1 at narrow column tiles (one [64, 128] MMA: 64 gate + 64 up), "
+             "tail tiles, biases, gpt-oss activation", "bf16", "swigluoai", 128, tma=True,
+             tail=True, bias=True, gluon=True, narrow_n=True, wide=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -490,11 +493,15 @@ def test_compiles_for_sm90(case, sm90_compiler):
             constexprs = kernel["constexprs"]
             if constexprs.get("ROW_ALIGN") == "8" and constexprs.get("TMA") != "True":
                 assert kernel["vector_loads"], f"{where}: no vector loads"
-        if kernel["name"] == "_gemm2_ws16_kernel":
-            # The whole tiles' MMAs: one [64, 256] per K step wide, else two [64, 128]
-            # (a tail's [64, 64] ones either way).
-            whole = {256} if case.params.get("wide") else {128}
-            assert set(kernel["mma_n"]) - {64} == whole, f"{where}: MMA widths {kernel['mma_n']}"
+        if kernel["name"] in ("_gemm1_ws16_kernel", "_gemm2_ws16_kernel"):
+            # A whole tile's MMAs: one over both halves per K step wide, else one per half
+            # (tails' narrower ones either way): [64, 256] or [64, 128] ([64, 128] or
+            # [64, 64] at GEMM1's narrow columns).
+            gemm1 = kernel["name"] == "_gemm1_ws16_kernel"
+            half = 64 if gemm1 and case.params.get("narrow_n") else 128
+            whole = 2 * half if case.params.get("wide") else half
+            assert whole in kernel["mma_n"] and max(kernel["mma_n"]) == whole, (
+                f"{where}: MMA widths {kernel['mma_n']}")
 
 
 # ------------------------------------------------------------- parent side: the workers
@@ -653,7 +660,8 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
-    moekit._gluon.WIDE_MMA_16BIT = bool(p.get("wide"))
+    moekit._gluon.WIDE_MMA_GEMM2_16BIT = bool(p.get("wide"))
+    moekit._gluon.WIDE_MMA_GEMM1_16BIT = bool(p.get("wide"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),

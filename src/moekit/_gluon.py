@@ -53,12 +53,15 @@ DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's co
 # session 25). Read at every launch, so that an experiment can flip them.
 PREFETCH_TILES = True
 PREFETCH_TILES_FP8 = False
-# The 16-bit GEMM2 issues one [64, 256] MMA per K step and warpgroup instead of two
-# [64, 128] (`wide_mainloop`: the A rows read from shared memory once, half the MMA
-# instructions). Off until measured (bench/NOTES.md, session 46: session 15's shared-memory
-# model put the two-MMA form at 143 bytes a clock needed against 128). Read at every
-# launch; `MOEKIT_GLUON_WIDE_MMA=1` at import turns it on.
-WIDE_MMA_16BIT = os.environ.get("MOEKIT_GLUON_WIDE_MMA") == "1"
+# The 16-bit GEMMs issue one MMA per K step and warpgroup over both of a tile's halves
+# (GEMM1's gate and up, GEMM2's two column halves) instead of one per half
+# (`wide_mainloop`: the A rows read from shared memory once, half the MMA instructions).
+# Off until measured (bench/NOTES.md, session 46: session 15's shared-memory model put the
+# two-MMA form at 143 bytes a clock needed against 128). Read at every launch;
+# `MOEKIT_GLUON_WIDE_MMA` at import turns them on: "gemm1", "gemm2" or "gemm1,gemm2".
+_WIDE_MMA = set(os.environ.get("MOEKIT_GLUON_WIDE_MMA", "").split(","))
+WIDE_MMA_GEMM1_16BIT = "gemm1" in _WIDE_MMA
+WIDE_MMA_GEMM2_16BIT = "gemm2" in _WIDE_MMA
 # Measurement controls of the GEMM2s (read at every launch): "0" runs Triton's GEMM2 beside
 # the Gluon GEMM1; a number sets the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile
 # major), overriding `gemm2_group_m`'s rule.
@@ -262,14 +265,15 @@ if HAVE_GLUON:
 
     @gluon.jit
     def wide_mainloop(a_bufs, b_bufs, ready, empty, counter, K, A_START: gl.constexpr,
-                      NUM_BUFFERS: gl.constexpr):
-        """`paired_mainloop` for B halves that lie adjacent in one stage buffer (GEMM2's
-        two column halves): one MMA over both per K step, A rows [A_START, +64) against
-        all of a stage's B rows, so that A is read from shared memory once a step, not
-        twice. One step's MMA stays in flight; a stage is released once the MMA that read
-        it has retired. The [64, 2·WIDTH] accumulator is split into its column halves in
-        registers (each thread's first and second half of its fragments: no data moves).
-        Returns (left, right, counter), laid out as `paired_mainloop`'s."""
+                      NUM_BUFFERS: gl.constexpr, A_BY_CP_ASYNC: gl.constexpr):
+        """`paired_mainloop` for B halves that lie adjacent in one stage buffer (GEMM1's
+        gate and up rows, GEMM2's two column halves): one MMA over both per K step, A rows
+        [A_START, +64) against all of a stage's B rows, so that A is read from shared
+        memory once a step, not twice. One step's MMA stays in flight; a stage is released
+        once the MMA that read it has retired. The [64, 2·WIDTH] accumulator is split into
+        its column halves in registers (each thread's first and second half of its
+        fragments: no data moves). Returns (left, right, counter), laid out as
+        `paired_mainloop`'s."""
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         TILE_N: gl.constexpr = b_bufs.shape[1]
         WIDTH: gl.constexpr = TILE_N // 2
@@ -281,6 +285,8 @@ if HAVE_GLUON:
         for k in range(0, K, BLOCK_K):
             index = counter % NUM_BUFFERS
             mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
+            if A_BY_CP_ASYNC:
+                fence_async_shared()  # cp.async wrote A through the generic proxy
             a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
             b = b_bufs.index(index).permute((1, 0))
             acc = warpgroup_mma(a, b, acc, is_async=True)

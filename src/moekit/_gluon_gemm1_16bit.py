@@ -43,6 +43,7 @@ if HAVE_GLUON:
         tile_coords,
         tiles_in_use,
         tma,
+        wide_mainloop,
     )
     from moekit._gluon_gemm1 import _producer
 
@@ -118,15 +119,17 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer16(o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                     block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha, limit,
-                    a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, CONSUMER: gl.constexpr,
-                    TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-                    ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    WEIGHT_ON_INPUT: gl.constexpr, PREFETCH: gl.constexpr):
+                    a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs,
+                    CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
+                    NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
+                    PREFETCH: gl.constexpr, WIDE: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × the tile's 128
         columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64, +64), so
         that a tail takes both warpgroups for half as long instead of one for as long as
         a whole tile (the fp8 GEMM1 idles one: its split measured slower, bench/NOTES.md
-        session 21)."""
+        session 21). WIDE: a whole tile's gate and up as one MMA per K step, over `gu_bufs`
+        (each stage's gate rows, then its up rows; `g_bufs` / `u_bufs` otherwise)."""
         BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
         TAIL_N: gl.constexpr = BLOCK_N // 2  # a tail tile's columns per warpgroup
         o_smem = o_bufs.index(CONSUMER)
@@ -159,9 +162,13 @@ if HAVE_GLUON:
             if TAIL_M:
                 whole = tile_rows == _TILE_M
             if whole:
-                gate, up, counter = paired_mainloop(
-                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, CONSUMER * _HALF_M, 0, 0,
-                    BLOCK_N, NUM_BUFFERS, True)
+                if WIDE:
+                    gate, up, counter = wide_mainloop(a_bufs, gu_bufs, ready, empty, counter, H,
+                                                      CONSUMER * _HALF_M, NUM_BUFFERS, True)
+                else:
+                    gate, up, counter = paired_mainloop(
+                        a_bufs, g_bufs, u_bufs, ready, empty, counter, H, CONSUMER * _HALF_M,
+                        0, 0, BLOCK_N, NUM_BUFFERS, True)
                 _epilogue(gate, up, o_desc, o_smem, tile_slot + CONSUMER * _HALF_M,
                           pid_n * BLOCK_N, tile_expert, b13_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
@@ -171,9 +178,15 @@ if HAVE_GLUON:
                 # names of their own (a branch's values may not change type).
                 h_smem = o_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
                                              h_desc.layout)
-                half_gate, half_up, counter = paired_mainloop(
-                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * TAIL_N,
-                    CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS, True)
+                if WIDE:  # gate rows [0, BLOCK_N) of a stage's buffer, up rows after them
+                    half_gate, half_up, counter = paired_mainloop(
+                        a_bufs, gu_bufs, gu_bufs, ready, empty, counter, H, 0,
+                        CONSUMER * TAIL_N, BLOCK_N + CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS,
+                        True)
+                else:
+                    half_gate, half_up, counter = paired_mainloop(
+                        a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * TAIL_N,
+                        CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS, True)
                 _epilogue(half_gate, half_up, h_desc, h_smem, tile_slot,
                           pid_n * BLOCK_N + CONSUMER * TAIL_N, tile_expert, b13_ptr,
                           topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha,
@@ -196,7 +209,7 @@ if HAVE_GLUON:
         num_pairs, top_k, H, I, stride_xm, stride_be, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
-        PREFETCH: gl.constexpr, num_warps: gl.constexpr,
+        PREFETCH: gl.constexpr, WIDE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order;
         this program's own warpgroup is the producer (`_producer`, gathering A), two
@@ -206,10 +219,21 @@ if HAVE_GLUON:
         gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
         a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + a_desc.block_type.shape,
                                            a_desc.layout)
-        g_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
-                                           b_desc.layout)
-        u_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
-                                           b_desc.layout)
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = b_desc.block_type.shape[1]
+        if WIDE:  # a stage's gate rows, then its up rows, adjacent: one MMA reads both (the
+            # producer fills them as boxes 2i and 2i + 1 of the same bytes)
+            gu_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, 2 * BLOCK_N, BLOCK_K],
+                                                b_desc.layout)
+            g_bufs = gu_bufs._reinterpret(dtype, [2 * NUM_BUFFERS, BLOCK_N, BLOCK_K],
+                                          b_desc.layout)
+            u_bufs = g_bufs
+        else:
+            g_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K],
+                                               b_desc.layout)
+            u_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K],
+                                               b_desc.layout)
+            gu_bufs = g_bufs  # not read
         o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape,
                                            o_desc.layout)
         # Each of the producer's 128 threads arrives when its copies land.
@@ -217,17 +241,17 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH)),
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH, WIDE)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
-                            limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0, TAIL_M,
-                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT,
-                            PREFETCH)),
+                            limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0,
+                            TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
+                            WEIGHT_ON_INPUT, PREFETCH, WIDE)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
-                            limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1, TAIL_M,
-                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT,
-                            PREFETCH))],
+                            limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1,
+                            TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
+                            WEIGHT_ON_INPUT, PREFETCH, WIDE))],
             [4, 4], [232, 232])
 
 
@@ -263,6 +287,6 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         TAIL_M=tail_m, GROUP_M=group_m(w13),
         NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
         HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
-        PREFETCH=_gluon.PREFETCH_TILES, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES, WIDE=_gluon.WIDE_MMA_GEMM1_16BIT, num_warps=4,
     )
     return inter

@@ -180,7 +180,7 @@ if HAVE_GLUON:
             if whole:
                 if WIDE:
                     lo, hi, counter = wide_mainloop(a_bufs, b_bufs, ready, empty, counter, I,
-                                                    CONSUMER * _HALF_M, NUM_BUFFERS)
+                                                    CONSUMER * _HALF_M, NUM_BUFFERS, False)
                 else:
                     lo, hi, counter = paired_mainloop(
                         a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M,
@@ -277,6 +277,6 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES,
         HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES,
-        WIDE=_gluon.WIDE_MMA_16BIT, num_warps=4,
+        WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, num_warps=4,
     )
     return out
