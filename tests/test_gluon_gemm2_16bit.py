@@ -9,6 +9,9 @@ sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,3 +201,19 @@ def test_wide_mma_changes_no_value_gpu(tail, gemm2_calls, monkeypatch):
     assert torch.equal(outs[True], outs[False]), "one wide MMA moved a value"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
     assert_close(outs[True], expected, name=f"wide tail={tail}")
+
+
+@pytest.mark.parametrize("value,gemm1,gemm2", [
+    ("", False, False), ("gemm2", False, True), ("gemm1, gemm2", True, True), ("gemm3", None, None),
+])
+def test_wide_mma_switch_is_read_at_import(value, gemm1, gemm2):
+    # The staged one-MMA-per-step form: off unless named; an unknown name fails loudly.
+    code = ("import moekit._gluon as g; "
+            "print(g.WIDE_MMA_GEMM1_16BIT, g.WIDE_MMA_GEMM2_16BIT)")
+    env = dict(os.environ, MOEKIT_GLUON_WIDE_MMA=value)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if gemm1 is None:
+        assert run.returncode != 0 and "expected names among gemm1, gemm2" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == [str(gemm1), str(gemm2)]

@@ -1,7 +1,7 @@
 """What the warp-specialised Gluon GEMMs (`moekit._gluon_gemm1`, `moekit._gluon_gemm2` and
 their 16-bit siblings) share: the guarded import of Gluon's Hopper API, when a tensor may
 take them, their TMA descriptors, the walk over the plan's row tiles, the stage ring's
-barriers, and the 16-bit kernels' K loop (`paired_mainloop`).
+barriers, and the 16-bit kernels' K loops (`paired_mainloop`; `wide_mainloop`, staged off).
 
 Both kernels read and write plan-order rows by TMA in 128-row tiles (or a run's odd last
 64 rows, with tail tiles); both are persistent over (row tile, column tile), row tile
@@ -59,7 +59,20 @@ PREFETCH_TILES_FP8 = False
 # Off until measured (bench/NOTES.md, session 46: session 15's shared-memory model put the
 # two-MMA form at 143 bytes a clock needed against 128). Read at every launch;
 # `MOEKIT_GLUON_WIDE_MMA` at import turns them on: "gemm1", "gemm2" or "gemm1,gemm2".
-_WIDE_MMA = set(os.environ.get("MOEKIT_GLUON_WIDE_MMA", "").split(","))
+WIDE_MMA_ENV = "MOEKIT_GLUON_WIDE_MMA"
+
+
+def _wide_mma_names(value: str) -> set[str]:
+    """`WIDE_MMA_ENV`'s comma-separated GEMM names; anything else is refused."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = names - {"gemm1", "gemm2"}
+    if unknown:
+        raise ValueError(f"{WIDE_MMA_ENV}={value!r}: expected names among gemm1, gemm2, "
+                         f"comma-separated; got {sorted(unknown)}")
+    return names
+
+
+_WIDE_MMA = _wide_mma_names(os.environ.get(WIDE_MMA_ENV, ""))
 WIDE_MMA_GEMM1_16BIT = "gemm1" in _WIDE_MMA
 WIDE_MMA_GEMM2_16BIT = "gemm2" in _WIDE_MMA
 # Measurement controls of the GEMM2s (read at every launch): "0" runs Triton's GEMM2 beside
