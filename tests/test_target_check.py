@@ -56,3 +56,10 @@ def test_clock_line_names_the_peaks_and_the_cells_clocks():
 
 def test_clock_line_is_absent_from_tables_without_samples():
     assert target_check.clock_line({"rows": [_row(1, 80.0, 1.0)]}) is None
+
+
+def test_prefill_misses_name_their_clock_where_sampled():
+    doc = {"ceilings": {"bf16_TFLOPs": 700.0}, "rows": [
+        dict(_row(4096, 64.0, 448.0), sm_clock_mhz=1575), _row(8192, 60.0, 420.0)]}
+    assert target_check.misses(doc)["prefill (of peak)"] == [
+        "p M=4096 64% (compute-bound, 1,575 MHz)", "p M=8192 60% (compute-bound)"]

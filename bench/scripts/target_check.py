@@ -31,7 +31,9 @@ def _family(dtype: str) -> str:
 
 
 def misses(doc: dict) -> dict[str, list[str]]:
-    """Target name → the cells that miss it, as 'preset M=… value'."""
+    """Target name → the cells that miss it, as 'preset M=… value'; a prefill miss also
+    names its SM clock where the table sampled it (a long prefill cell can run well
+    under the clock its peak was measured at: `clock_line`)."""
     ceilings = doc["ceilings"]
     out: dict[str, list[str]] = {"decode": [], "prefill (of peak)": [],
                                  "prefill (roofline)": [], "no cliff": []}
@@ -47,7 +49,9 @@ def misses(doc: dict) -> dict[str, list[str]]:
         if row["M"] >= PREFILL_M and row["I"] >= PREFILL_MIN_I[family]:
             of_peak = 100.0 * row["TFLOPs"] / peak
             if of_peak < PREFILL_PCT[family]:
-                out["prefill (of peak)"].append(f"{cell} {of_peak:.0f}% ({row['bound']}-bound)")
+                clock = f", {row['sm_clock_mhz']:,} MHz" if row.get("sm_clock_mhz") else ""
+                out["prefill (of peak)"].append(
+                    f"{cell} {of_peak:.0f}% ({row['bound']}-bound{clock})")
             if pct < PREFILL_PCT[family]:
                 out["prefill (roofline)"].append(f"{cell} {pct:.0f}%")
         if family == "16bit" and pct < NO_CLIFF_PCT:
