@@ -49,6 +49,13 @@
 #             /tmp/gemms.ncu-rep, its details page in ncu-gemms-details.log)
 #   gluon1    bench/scripts/gluon_gemm1_experiment.py (fp8 GEMM1 at prefill, warp-specialised
 #             Gluon over plan-order rows, against the library's GEMM1; per-tensor, block)
+#   gemm2bytes Nsight Compute counters (time, clock, DRAM bytes read/written, L2 hit rate) of
+#             the 16-bit GEMM2 at deepseek-v3 M = 4096 and mixtral M = 16384, one call each:
+#             the Gluon GEMM2 at GROUP_M 1, 2 and 8, and Triton's (NOTES session 46: the
+#             Gluon GEMM2 read ~2 GB more than Triton's at deepseek-v3 M = 4096)
+#   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
+#             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
+#             are read at every launch), then compare_tables.py (eager and graph rows)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -157,6 +164,32 @@ for stage in "$@"; do
     ncu) step ncu-gemms 300 ncu --profile-from-start off --clock-control none --set full \
            -k regex:gemm -f -o /tmp/gemms python3 bench/scripts/ncu_gemms.py
          step ncu-gemms-details 60 ncu --import /tmp/gemms.ncu-rep --page details ;;
+    gemm2bytes)
+      for cell in deepseek-v3:4096:bf16 mixtral-8x7b:16384:bf16; do
+        for order in g1 g2 g8 triton; do
+          if [ $order = triton ]; then set -- MOEKIT_GLUON_GEMM2=0
+          else set -- MOEKIT_GLUON_GEMM2_GROUP_M=${order#g}; fi
+          step "ncu-gemm2-${cell//:/-}-$order" 120 env "$@" ncu --profile-from-start off \
+            --clock-control none -k regex:gemm2 --csv --metrics \
+            gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+            python3 bench/scripts/ncu_gemms.py --cell "$cell"
+        done
+      done ;;
+    fp8order)
+      presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"
+      for order in g1 g8 triton; do
+        if [ $order = triton ]; then set -- MOEKIT_GLUON_GEMM2=0
+        else set -- MOEKIT_GLUON_GEMM2_GROUP_M=${order#g}; fi
+        step "bench-fp8order-$order" 150 env "$@" python3 -m moekit.cli bench --dtype fp8_tensor \
+          --no-baselines --graph-max-m 16384 --rep-ms 50 --presets $presets \
+          --tokens 1024 4096 16384 --what "fp8order-$order" --out "$out"
+      done
+      for mode in "" --eager; do
+        step "compare-fp8order${mode}" 30 python3 bench/scripts/compare_tables.py --out "$out" \
+          --stem "ab-fp8_tensor-gemm2-order${mode:+-eager}" $mode \
+          "row=$(ls "$out"/*fp8order-g1.json)" "g8=$(ls "$out"/*fp8order-g8.json)" \
+          "triton=$(ls "$out"/*fp8order-triton.json)"
+      done ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done
