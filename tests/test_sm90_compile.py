@@ -822,10 +822,10 @@ def _compile_sm90(fn, args, kwargs) -> dict:
         "spill_bytes": spills,
         # Global loads of 8 or 16 bytes (ld.global.v2/v4) or their asynchronous copies
         # (cp.async, 4 bytes or more); rows Triton cannot prove aligned load 2 at a time.
-        # The N of each warpgroup MMA shape (wgmma …m64nNk16) the kernel issues.
-        "mma_n": sorted({int(n) for n in re.findall(r"wgmma\.mma_async[.\w]*\.m64n(\d+)k", ptx)}),
         "vector_loads": len(re.findall(r"cp\.async\.c[ag]\.shared\.global|"
                                        r"ld\.global[.\w]*\.v[24]\.", ptx)),
+        # The N of each warpgroup MMA shape (wgmma …m64nNk16) the kernel issues.
+        "mma_n": sorted({int(n) for n in re.findall(r"wgmma\.mma_async[.\w]*\.m64n(\d+)k", ptx)}),
     }
 
 
