@@ -53,6 +53,9 @@
 #             the 16-bit GEMM2 at deepseek-v3 M = 4096 and mixtral M = 16384, one call each:
 #             the Gluon GEMM2 at GROUP_M 1, 2 and 8, and Triton's (NOTES session 46: the
 #             Gluon GEMM2 read ~2 GB more than Triton's at deepseek-v3 M = 4096)
+#   fp8blockswap  block-scaled fp8 decode, swapped everywhere at the rule's stages and at the
+#             same stages as the converted GEMMs, against the shipped choice (qwen3, olmoe,
+#             mixtral, M = 1 / 4 / 64; env controls, one bench per setting; NOTES session 46)
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
@@ -175,6 +178,22 @@ for stage in "$@"; do
             python3 bench/scripts/ncu_gemms.py --cell "$cell"
         done
       done ;;
+    fp8blockswap)
+      all=direct1,direct2,plan1,plan2,block
+      for setting in shipped swap-rule swap-same; do
+        case $setting in
+          shipped) set -- MOEKIT_FP8_SWAP_AB=1 ;;
+          swap-rule) set -- MOEKIT_FP8_SWAP_AB=$all MOEKIT_FP8_SWAP_STAGES=rule ;;
+          swap-same) set -- MOEKIT_FP8_SWAP_AB=$all MOEKIT_FP8_SWAP_STAGES=same ;;
+        esac
+        step "bench-fp8blockswap-$setting" 120 env "$@" python3 -m moekit.cli bench \
+          --dtype fp8_block --no-baselines --rep-ms 50 --presets qwen3-30b-a3b olmoe-1b-7b \
+          mixtral-8x7b --tokens 1 4 64 --what "fp8blockswap-$setting" --out "$out"
+      done
+      step compare-fp8blockswap 30 python3 bench/scripts/compare_tables.py --out "$out" \
+        --stem ab-fp8_block-swap-stages "shipped=$(ls "$out"/*fp8blockswap-shipped.json)" \
+        "rule=$(ls "$out"/*fp8blockswap-swap-rule.json)" \
+        "same=$(ls "$out"/*fp8blockswap-swap-same.json)" ;;
     fp8order)
       presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"
       for order in g1 g8 triton; do
