@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import moekit
+import moekit._gluon
 import moekit._gluon_gemm2
 import moekit.experts_fp8
 from helpers import (
@@ -237,3 +238,32 @@ def test_grouped_tile_order_changes_no_value_gpu(scheme, group, tail, monkeypatc
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
                                        b2=b2)
     assert_close(outs["grouped"], expected, GPU_TOL, name=f"{scheme} group {group}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_tail_a_box_changes_no_value_gpu(scheme, prefetch, monkeypatch):
+    # A tail tile's A loaded as a [64, 128] box (`TAIL_A_BOX`) into the rows its math reads:
+    # the same bits as the whole tile's box, on skewed routing with odd 64-row tails, with
+    # and without the producer's prefetch (which carries the tile's rows ahead).
+    M, E, k, H, I = 1000, 4, 2, 1280, 512
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
+        scheme, M, E, k, H, I, bias=True, skew=2.0)
+    require_gluon(q2.q)
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES_FP8", prefetch)
+    calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
+    outs = {}
+    for tail_box in (False, True):
+        monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", tail_box)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
+                                 config=config, out=out)
+        outs[tail_box] = out
+    assert len(calls) == 2, "the Gluon GEMM2 ran both ways"
+    assert torch.equal(outs[True], outs[False]), "the tail box moved a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
+                                       b2=b2)
+    assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} tail box")

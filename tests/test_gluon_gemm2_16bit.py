@@ -203,6 +203,32 @@ def test_wide_mma_changes_no_value_gpu(tail, gemm2_calls, monkeypatch):
     assert_close(outs[True], expected, name=f"wide tail={tail}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_tail_a_box_changes_no_value_gpu(prefetch, gemm2_calls, monkeypatch):
+    # A tail tile's A loaded as a [64, 64] box (`TAIL_A_BOX`) into the rows its math reads:
+    # the same bits as the whole tile's box, with odd 64-row tails, with and without the
+    # producer's prefetch (which carries the tile's rows ahead).
+    _require_gluon()
+    M, E, k, H, I = 1000, 4, 2, 1280, 704
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                             True, 2.0)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64)
+    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
+    outs = {}
+    for tail_box in (False, True):
+        monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", tail_box)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
+                             out=out)
+        outs[tail_box] = out
+    assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran both ways"
+    assert torch.equal(outs[True], outs[False]), "the tail box moved a value"
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
+    assert_close(outs[True], expected, name=f"tail box prefetch={prefetch}")
+
+
 @pytest.mark.parametrize("value,gemm1,gemm2", [
     ("", False, False), ("gemm2", False, True), ("gemm1, gemm2", True, True), ("gemm3", None, None),
 ])

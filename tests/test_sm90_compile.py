@@ -245,6 +245,9 @@ CASES = [
     _experts("the wide GEMM1 at narrow column tiles (one [64, 128] MMA: 64 gate + 64 up), "
              "tail tiles, biases, gpt-oss activation", "bf16", "swigluoai", 128, tma=True,
              tail=True, bias=True, gluon=True, narrow_n=True, wide=True),
+    _experts("Gluon GEMM2 loading a tail tile's A as a [64, 64] box (`TAIL_A_BOX`, staged "
+             "off), tail tiles, biases", "bf16", "gelu", 128, tma=True, tail=True, bias=True,
+             gluon=True, tail_a=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -331,6 +334,11 @@ CASES = [
          gluon1=True, gather=True, grouped=True, prefetch=True),
     _fp8("prefill, Gluon GEMM2's row tiles grouped over each column tile: block scales, "
          "tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True, grouped2=True),
+    _fp8("prefill, Gluon GEMM2 loading a tail tile's A as a [64, 128] box (`TAIL_A_BOX`), "
+         "per-tensor, the producer's prefetch", "tensor", "bf16", "silu", 128, tma=True,
+         gluon=True, tail_a=True, prefetch=True),
+    _fp8("the same, block scales without the prefetch", "block", "bf16", "silu", 128,
+         tma=True, gluon=True, tail_a=True),
     _fp8("the same producers' prefetch with A in plan order (block scales), no tail tiles",
          "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, no_tail=True,
          prefetch=True),
@@ -662,6 +670,7 @@ def _run_experts(p):
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
     moekit._gluon.WIDE_MMA_GEMM2_16BIT = bool(p.get("wide"))
     moekit._gluon.WIDE_MMA_GEMM1_16BIT = bool(p.get("wide"))
+    moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
@@ -715,6 +724,7 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
+    moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)

@@ -56,6 +56,10 @@
 #   fp8blockswap  block-scaled fp8 decode, swapped everywhere at the rule's stages and at the
 #             same stages as the converted GEMMs, against the shipped choice (qwen3, olmoe,
 #             mixtral, M = 1 / 4 / 64; env controls, one bench per setting; NOTES session 46)
+#   tailbox   the staged Gluon GEMM2 switches' GPU tests (`TAIL_A_BOX`, the wide MMAs), then
+#             prefill with a tail tile's A as a 64-row box against the 128-row one, bf16
+#             and fp8 per-tensor, two rounds alternating (NOTES session 46; ≈ 4 min a
+#             dtype: TAILBOX_DTYPES="bf16" or "fp8_tensor" to split it over two calls)
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
@@ -194,6 +198,24 @@ for stage in "$@"; do
         --stem ab-fp8_block-swap-stages "shipped=$(ls "$out"/*fp8blockswap-shipped.json)" \
         "rule=$(ls "$out"/*fp8blockswap-swap-rule.json)" \
         "same=$(ls "$out"/*fp8blockswap-swap-same.json)" ;;
+    tailbox)
+      step pytest-gpu-staged 240 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
+        -k "tail_a_box or wide_mma" tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py \
+        tests/test_gluon_gemm1_16bit.py
+      for dtype in ${TAILBOX_DTYPES:-bf16 fp8_tensor}; do
+        for round in 1 2; do
+          for box in 0 1; do
+            step "bench-tailbox-$dtype-$box-r$round" 90 env MOEKIT_GLUON_TAIL_A_BOX=$box \
+              python3 -m moekit.cli bench --dtype $dtype --no-baselines --graph-max-m 16384 \
+              --rep-ms 40 --presets deepseek-v3 qwen3-30b-a3b mixtral-8x7b olmoe-1b-7b \
+              --tokens 4096 16384 --what "tailbox-$dtype-$box-r$round" --out "$out"
+          done
+        done
+        step "compare-tailbox-$dtype" 30 python3 bench/scripts/compare_tables.py --out "$out" \
+          --stem "ab-$dtype-tail-a-box" \
+          "box128=$(ls "$out"/*tailbox-$dtype-0-r1.json),$(ls "$out"/*tailbox-$dtype-0-r2.json)" \
+          "box64=$(ls "$out"/*tailbox-$dtype-1-r1.json),$(ls "$out"/*tailbox-$dtype-1-r2.json)"
+      done ;;
     fp8order)
       presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"
       for order in g1 g8 triton; do

@@ -75,6 +75,12 @@ def _wide_mma_names(value: str) -> set[str]:
 _WIDE_MMA = _wide_mma_names(os.environ.get(WIDE_MMA_ENV, ""))
 WIDE_MMA_GEMM1_16BIT = "gemm1" in _WIDE_MMA
 WIDE_MMA_GEMM2_16BIT = "gemm2" in _WIDE_MMA
+# The Gluon GEMM2s load a tail tile's A (64 rows) as a [64, BLOCK_K] box instead of the
+# whole tile's 128 rows, half of them the next tile's (`_gluon_gemm2._producer`): at
+# deepseek-v3 bf16 M = 4096 about half the experts end in a tail, ~0.9 GB of L2 reads
+# (bench/NOTES.md, session 46). Off until measured; read at every launch;
+# `MOEKIT_GLUON_TAIL_A_BOX=1` at import turns it on.
+TAIL_A_BOX = os.environ.get("MOEKIT_GLUON_TAIL_A_BOX") == "1"
 # Measurement controls of the GEMM2s (read at every launch): "0" runs Triton's GEMM2 beside
 # the Gluon GEMM1; a number sets the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile
 # major), overriding `gemm2_group_m`'s rule.

@@ -105,13 +105,16 @@ if HAVE_GLUON:
     _HALF_M = gl.constexpr(HALF_M)
 
     @gluon.jit
-    def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, b_bufs,
-                  ready, empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr):
+    def _producer(a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
+                  b_bufs, ready, empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr,
+                  TAIL_A_BOX: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
         both math warpgroups have released it. PREFETCH: a tile's expert is loaded during
         the tile before's K loop, its work entry during the one before that (as the
-        GEMM1 producer's), so a tile's first loads wait on neither."""
+        GEMM1 producer's), so a tile's first loads wait on neither. TAIL_A_BOX: a tail
+        tile's A rows by `t_desc`'s [64, BLOCK_K] box into the stage's first 64 rows (the
+        ones its math reads), not `a_desc`'s 128 rows, half of them the next tile's."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         n_tiles = gl.cdiv(H, BLOCK_N)
@@ -119,7 +122,7 @@ if HAVE_GLUON:
         total = used * n_tiles
         step = gl.num_programs(0)
         if PREFETCH:
-            first_slot, expert, _ = entry_tile(
+            first_slot, expert, rows = entry_tile(
                 prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M,
                                TAIL_M), block_experts_ptr, TAIL_M)
             entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr,
@@ -130,23 +133,33 @@ if HAVE_GLUON:
             if PREFETCH:
                 tile_slot = first_slot
                 tile_expert = expert
-                first_slot, expert, _ = entry_tile(entry, block_experts_ptr, TAIL_M)
+                tile_rows = rows
+                first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
                 entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
                                        TAIL_M)
             else:
-                tile_slot, tile_expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m,
-                                                     TAIL_M)
+                tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr, pid_m,
+                                                             TAIL_M)
             # A partial last column tile reads on into the next expert's rows (or TMA's
             # zeros): columns the stores clip.
             b_row = tile_expert * H + pid_n * BLOCK_N
+            whole = True
+            if TAIL_A_BOX and TAIL_M:
+                whole = tile_rows == _TILE_M
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
                 mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
                 bar = ready.index(index)
-                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
-                                                a_bufs.index(index))
+                if whole:
+                    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
+                                                    a_bufs.index(index))
+                else:
+                    mbarrier.expect(bar, t_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(
+                        t_desc, [tile_slot, k], bar,
+                        a_bufs.index(index).slice(0, t_desc.block_type.shape[0], dim=0))
                 tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
                 counter += 1
 
@@ -352,6 +365,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _gemm2_ws_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
+        t_desc,  # the same, [64, BLOCK_K] boxes (a tail tile's A, TAIL_A_BOX)
         b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes: one or two 128-column halves
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         h_desc,  # the same, [64, 64] boxes (a tail tile's stores, 128-column tiles)
@@ -369,7 +383,8 @@ if HAVE_GLUON:
         A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
-        PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
+        PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, TAIL_A_BOX: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, column tile) in `tile_coords` order (GROUP_M row
         tiles per column tile; 1: row tile major); this program's own
@@ -387,8 +402,9 @@ if HAVE_GLUON:
                                            c_desc.layout)
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH)),
+            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I,
+                          a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH,
+                          TAIL_A_BOX)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
                           I, stride_asm,
@@ -434,7 +450,8 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
     launcher(_gemm2_ws_kernel)[(programs,)](
-        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(inter, [HALF_M, BLOCK_K]),
+        descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,
         w2_scale,
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
@@ -448,6 +465,6 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None,
         PARTIAL_N=hidden % (halves * BLOCK_N) != 0, PREFETCH=_gluon.PREFETCH_TILES_FP8,
-        num_warps=4,
+        TAIL_A_BOX=_gluon.TAIL_A_BOX, num_warps=4,
     )
     return out

@@ -209,6 +209,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _gemm2_ws16_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
+        t_desc,  # the same, [64, BLOCK_K] boxes (a tail tile's A, TAIL_A_BOX)
         b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         q_desc,  # the same, [64, 64] boxes (a tail tile's stores)
@@ -221,7 +222,7 @@ if HAVE_GLUON:
         num_pairs, H, I, stride_be,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
-        WIDE: gl.constexpr, num_warps: gl.constexpr,
+        WIDE: gl.constexpr, TAIL_A_BOX: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 256 hidden columns) in `tile_coords` order (GROUP_M
         row tiles per column tile; 1: row tile major); this program's own warpgroup is the
@@ -237,8 +238,9 @@ if HAVE_GLUON:
                                            c_desc.layout)
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                          b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH)),
+            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I,
+                          a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH,
+                          TAIL_A_BOX)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
                           a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, NUM_BUFFERS,
@@ -269,7 +271,8 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     launcher(_gemm2_ws16_kernel)[(programs,)](
-        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [TILE_N, BLOCK_K]),
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(inter, [HALF_M, BLOCK_K]),
+        descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden_size,
@@ -277,6 +280,6 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES,
         HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES,
-        WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, num_warps=4,
+        WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, TAIL_A_BOX=_gluon.TAIL_A_BOX, num_warps=4,
     )
     return out
