@@ -142,6 +142,17 @@ def count_calls(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+def outputs_both_ways(monkeypatch, owner, flag: str, call) -> dict:
+    """`call()` (a fresh, poisoned output each time) with `owner.<flag>` False, then True:
+    {False: out, True: out} — for switches that must not move a value."""
+    outs = {}
+    for value in (False, True):
+        monkeypatch.setattr(owner, flag, value)
+        poison_cuda_cache()
+        outs[value] = call()
+    return outs
+
+
 def check_graph_replay_with_new_routing(M, E, k, H, I, config) -> None:
     """A bf16 `fused_experts` captured once in a CUDA graph, replayed after new routing is
     copied into its inputs, matches the float32 reference each time."""

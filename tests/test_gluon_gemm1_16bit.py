@@ -23,6 +23,7 @@ from helpers import (
     count_calls,
     cuda_layer_case,
     float32_reference,
+    outputs_both_ways,
     poison_,
     poison_cuda_cache,
 )
@@ -139,14 +140,9 @@ def test_wide_mma_changes_no_value_gpu(narrow, tail, gemm1_calls, monkeypatch):
                                                              True, 3.0)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
     monkeypatch.setattr(moekit.experts, "gluon_gemm1_narrow_columns", lambda *args: narrow)
-    outs = {}
-    for wide in (False, True):
-        monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM1_16BIT", wide)
-        out = poison_(torch.empty_like(hidden))
-        poison_cuda_cache()
+    outs = outputs_both_ways(monkeypatch, moekit._gluon, "WIDE_MMA_GEMM1_16BIT", lambda: (
         moekit.fused_experts(hidden, w13, w2, ids, weights, activation="swigluoai", b13=b13,
-                             b2=b2, config=config, out=out)
-        outs[wide] = out
+                             b2=b2, config=config, out=poison_(torch.empty_like(hidden)))))
     assert len(gemm1_calls) == 2, "the Gluon GEMM1 ran both ways"
     assert torch.equal(outs[True], outs[False]), "one MMA for gate and up moved a value"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "swigluoai", False)

@@ -22,6 +22,7 @@ from helpers import (
     assert_close,
     capture_cuda_graph,
     count_calls,
+    outputs_both_ways,
     poison_,
     poison_cuda_cache,
     random_routing,
@@ -254,14 +255,9 @@ def test_tail_a_box_changes_no_value_gpu(scheme, prefetch, monkeypatch):
     config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
     monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES_FP8", prefetch)
     calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
-    outs = {}
-    for tail_box in (False, True):
-        monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", tail_box)
-        out = poison_(torch.empty_like(hidden))
-        poison_cuda_cache()
+    outs = outputs_both_ways(monkeypatch, moekit._gluon, "TAIL_A_BOX", lambda: (
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
-                                 config=config, out=out)
-        outs[tail_box] = out
+                                 config=config, out=poison_(torch.empty_like(hidden)))))
     assert len(calls) == 2, "the Gluon GEMM2 ran both ways"
     assert torch.equal(outs[True], outs[False]), "the tail box moved a value"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,

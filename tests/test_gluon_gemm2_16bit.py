@@ -27,6 +27,7 @@ from helpers import (
     count_calls,
     cuda_layer_case,
     float32_reference,
+    outputs_both_ways,
     poison_,
     poison_cuda_cache,
 )
@@ -189,14 +190,9 @@ def test_wide_mma_changes_no_value_gpu(tail, gemm2_calls, monkeypatch):
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
                                                              True, 2.0)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
-    outs = {}
-    for wide in (False, True):
-        monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM2_16BIT", wide)
-        out = poison_(torch.empty_like(hidden))
-        poison_cuda_cache()
+    outs = outputs_both_ways(monkeypatch, moekit._gluon, "WIDE_MMA_GEMM2_16BIT", lambda: (
         moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
-                             out=out)
-        outs[wide] = out
+                             out=poison_(torch.empty_like(hidden)))))
     assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran both ways"
     assert torch.equal(outs[True], outs[False]), "one wide MMA moved a value"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
@@ -215,14 +211,9 @@ def test_tail_a_box_changes_no_value_gpu(prefetch, gemm2_calls, monkeypatch):
                                                              True, 2.0)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64)
     monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
-    outs = {}
-    for tail_box in (False, True):
-        monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", tail_box)
-        out = poison_(torch.empty_like(hidden))
-        poison_cuda_cache()
+    outs = outputs_both_ways(monkeypatch, moekit._gluon, "TAIL_A_BOX", lambda: (
         moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
-                             out=out)
-        outs[tail_box] = out
+                             out=poison_(torch.empty_like(hidden)))))
     assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran both ways"
     assert torch.equal(outs[True], outs[False]), "the tail box moved a value"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
