@@ -56,9 +56,10 @@ PREFETCH_TILES_FP8 = False
 # The 16-bit GEMMs issue one MMA per K step and warpgroup over both of a tile's halves
 # (GEMM1's gate and up, GEMM2's two column halves) instead of one per half
 # (`wide_mainloop`: the A rows read from shared memory once, half the MMA instructions).
-# Off until measured (bench/NOTES.md, session 46: session 15's shared-memory model put the
-# two-MMA form at 143 bytes a clock needed against 128). Read at every launch;
-# `MOEKIT_GLUON_WIDE_MMA` at import turns them on: "gemm1", "gemm2" or "gemm1,gemm2".
+# Session 15's shared-memory model put the two-MMA form at 143 bytes a clock needed against
+# 128; measured, both wide ran 0.99–1.01× on an H200 (bench/NOTES.md, session 46), so off.
+# Read at every launch; `MOEKIT_GLUON_WIDE_MMA` at import turns them on: "gemm1", "gemm2"
+# or "gemm1,gemm2".
 WIDE_MMA_ENV = "MOEKIT_GLUON_WIDE_MMA"
 
 
