@@ -220,6 +220,17 @@ def test_tail_a_box_changes_no_value_gpu(prefetch, gemm2_calls, monkeypatch):
     assert_close(outs[True], expected, name=f"tail box prefetch={prefetch}")
 
 
+def test_tail_a_descriptor_is_built_only_where_it_is_read(monkeypatch):
+    inter = torch.empty(256, 128, dtype=torch.bfloat16)
+    a_desc = moekit._gluon.descriptor(inter, [128, 64])
+    tail_a = moekit._gluon.tail_a_descriptor
+    monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", False)
+    assert tail_a(inter, a_desc, 64, 64) is a_desc, "switch off: the A box stands in"
+    monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", True)
+    assert tail_a(inter, a_desc, 64, 0) is a_desc, "no tail tiles: nothing reads it"
+    assert list(tail_a(inter, a_desc, 64, 64).block_shape) == [64, 64]
+
+
 @pytest.mark.parametrize("value,gemm1,gemm2", [
     ("", False, False), ("gemm2", False, True), ("gemm1, gemm2", True, True), ("gemm3", None, None),
 ])

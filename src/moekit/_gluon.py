@@ -166,6 +166,15 @@ def descriptor(t: torch.Tensor, block: list[int]):
                               _box_layout(tuple(block), t.dtype))
 
 
+def tail_a_descriptor(inter: torch.Tensor, a_desc, block_k: int, tail_m: int):
+    """The Gluon GEMM2s' `t_desc`: a [64, block_k] box over `inter` where `TAIL_A_BOX` reads
+    it (on, and the plan has tail tiles), else `a_desc` itself, never read — so a launch
+    builds no descriptor it does not use (~5 µs of host time each)."""
+    if TAIL_A_BOX and tail_m:
+        return descriptor(inter, [HALF_M, block_k])
+    return a_desc
+
+
 def work_list(plan) -> tuple[torch.Tensor, int, int]:
     """(work, num_work, TAIL_M) for `row_tile` / `tiles_in_use`: the tail-tile work list
     and its length, or the plan's expert offsets and E."""

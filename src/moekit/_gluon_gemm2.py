@@ -365,7 +365,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _gemm2_ws_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
-        t_desc,  # the same, [64, BLOCK_K] boxes (a tail tile's A, TAIL_A_BOX)
+        t_desc,  # TAIL_A_BOX: the same, [64, BLOCK_K] boxes (a tail tile's A); else a_desc
         b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes: one or two 128-column halves
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         h_desc,  # the same, [64, 64] boxes (a tail tile's stores, 128-column tiles)
@@ -449,8 +449,9 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
+    a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
     launcher(_gemm2_ws_kernel)[(programs,)](
-        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(inter, [HALF_M, BLOCK_K]),
+        a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,
         w2_scale,

@@ -209,7 +209,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _gemm2_ws16_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
-        t_desc,  # the same, [64, BLOCK_K] boxes (a tail tile's A, TAIL_A_BOX)
+        t_desc,  # TAIL_A_BOX: the same, [64, BLOCK_K] boxes (a tail tile's A); else a_desc
         b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         q_desc,  # the same, [64, 64] boxes (a tail tile's stores)
@@ -270,8 +270,9 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     out = torch.empty((plan.capacity, hidden_size), dtype=inter.dtype, device=inter.device)
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
+    a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
     launcher(_gemm2_ws16_kernel)[(programs,)](
-        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(inter, [HALF_M, BLOCK_K]),
+        a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
