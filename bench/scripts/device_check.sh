@@ -60,6 +60,11 @@
 #             prefill with a tail tile's A as a 64-row box against the 128-row one, bf16
 #             and fp8 per-tensor, two rounds alternating (NOTES session 46; ≈ 4 min a
 #             dtype: TAILBOX_DTYPES="bf16" or "fp8_tensor" to split it over two calls)
+#   gemm2rule which GEMM2 where rows an expert are few (session 47: the prefill cells under
+#             target are those with 1–2 row tiles an expert): bf16 at M = 2048–16384 on five
+#             presets, shipped / GROUP_M 8 / Triton's GEMM2 / both Triton GEMMs, then the fp8
+#             GEMM2's order again (row / GROUP_M 8, M = 4096–16384); one bench per setting,
+#             compared on this machine with compare_tables.py
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
@@ -215,6 +220,25 @@ for stage in "$@"; do
           --stem "ab-$dtype-tail-a-box" \
           "box128=$(ls "$out"/*tailbox-$dtype-0-r1.json),$(ls "$out"/*tailbox-$dtype-0-r2.json)" \
           "box64=$(ls "$out"/*tailbox-$dtype-1-r1.json),$(ls "$out"/*tailbox-$dtype-1-r2.json)"
+      done ;;
+    gemm2rule)
+      for setting in shipped g8 t2 t12; do
+        case $setting in
+          shipped) set -- ;;
+          g8) set -- MOEKIT_GLUON_GEMM2_GROUP_M=8 ;;
+          t2) set -- MOEKIT_GLUON_GEMM2=0 ;;
+          t12) set -- MOEKIT_GLUON=0 ;;
+        esac
+        step "bench-gemm2rule-bf16-$setting" 110 env "$@" python3 -m moekit.cli bench \
+          --no-baselines --graph-max-m 16384 --rep-ms 40 --presets deepseek-v3 gpt-oss-120b \
+          qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b --tokens 2048 4096 8192 16384 \
+          --what "gemm2rule-bf16-$setting" --out "$out"
+      done
+      for order in g1 g8; do
+        step "bench-gemm2rule-fp8-$order" 90 env MOEKIT_GLUON_GEMM2_GROUP_M=${order#g} python3 \
+          -m moekit.cli bench --dtype fp8_tensor --no-baselines --graph-max-m 16384 --rep-ms 40 \
+          --presets deepseek-v3 gpt-oss-120b qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b \
+          --tokens 4096 8192 16384 --what "gemm2rule-fp8-$order" --out "$out"
       done ;;
     fp8order)
       presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"
