@@ -222,7 +222,7 @@ for stage in "$@"; do
           "box64=$(ls "$out"/*tailbox-$dtype-1-r1.json),$(ls "$out"/*tailbox-$dtype-1-r2.json)"
       done ;;
     gemm2rule)
-      for setting in shipped g8 t2 t12; do
+      for setting in shipped t2 g8 t12; do
         case $setting in
           shipped) set -- ;;
           g8) set -- MOEKIT_GLUON_GEMM2_GROUP_M=8 ;;
