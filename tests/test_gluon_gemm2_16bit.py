@@ -47,7 +47,7 @@ def test_shape_rules(monkeypatch):
     w2 = torch.empty(4, 512, 256, dtype=torch.bfloat16)  # H = 512, I = 256
 
     def chosen(w=w2, block_m=128):
-        return use_gluon_gemm2_16bit(w, block_m)
+        return use_gluon_gemm2_16bit(w, block_m, num_pairs=1000)
 
     assert chosen()
     assert chosen(w=w2.half()), "fp16"
@@ -64,13 +64,13 @@ def test_shape_rules(monkeypatch):
 
 def test_chosen_only_on_an_sm90_gpu(monkeypatch):
     w2 = torch.empty(4, 512, 256, dtype=torch.bfloat16)
-    assert not use_gluon_gemm2_16bit(w2, 128), "CPU tensors"
+    assert not use_gluon_gemm2_16bit(w2, 128, 1000), "CPU tensors"
     if not torch.cuda.is_available():
         return
     w2 = w2.cuda()
-    assert use_gluon_gemm2_16bit(w2, 128) == (torch.cuda.get_device_capability() == (9, 0))
+    assert use_gluon_gemm2_16bit(w2, 128, 1000) == (torch.cuda.get_device_capability() == (9, 0))
     monkeypatch.setenv(DISABLE_ENV, "0")
-    assert not use_gluon_gemm2_16bit(w2, 128), "switched off"
+    assert not use_gluon_gemm2_16bit(w2, 128, 1000), "switched off"
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -84,7 +84,7 @@ def gemm2_calls(monkeypatch):
 
 def _require_gluon():
     if not use_gluon_gemm2_16bit(torch.empty(1, 256, 128, dtype=torch.bfloat16,
-                                             device="cuda"), 128):
+                                             device="cuda"), 128, num_pairs=1000):
         pytest.skip("the Gluon GEMM2 needs an sm_90 GPU and Triton's Gluon")
 
 
@@ -116,6 +116,26 @@ def test_layer_with_the_gluon_gemm2_gpu(wide, tail, M, E, k, H, I, dtype, act, b
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
     assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail} wide={wide}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,gluon_runs", [(512, False), (2048, True)])
+def test_layer_takes_tritons_gemm2_at_few_row_tiles_of_large_experts_gpu(
+        M, gluon_runs, gemm2_calls, monkeypatch):
+    # With L2 taken as 1 MB, each expert's w2 (1024 × 512 bf16: 1 MB) outgrows half of it;
+    # 8 experts, top 2: M = 512 averages 128 rows an expert (Triton's GEMM2), 2048 averages
+    # 512 (the Gluon one). Either way the layer matches the reference.
+    _require_gluon()
+    monkeypatch.delenv(GEMM2_ENV, raising=False)
+    monkeypatch.setattr(moekit._gluon, "l2_bytes_of", lambda t: 2**20)
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, 8, 2, 1024, 512,
+                                                             torch.bfloat16, False, 0.0)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64)
+    out = poison_(torch.empty_like(hidden))
+    moekit.fused_experts(hidden, w13, w2, ids, weights, config=config, out=out)
+    assert len(gemm2_calls) == int(gluon_runs)
+    expected = float32_reference(hidden, w13, w2, None, None, ids, weights, "silu", False)
+    assert_close(out, expected, name=f"M={M}")
 
 
 @pytest.mark.gpu
@@ -172,11 +192,39 @@ def test_row_tiles_are_grouped_where_an_experts_w2_outgrows_half_of_l2(monkeypat
 
 
 def test_gemm2_controls_read_at_each_launch(monkeypatch):
+    monkeypatch.delenv(GEMM2_ENV, raising=False)
     w2 = torch.empty(2, 256, 128, dtype=torch.bfloat16)
     monkeypatch.setattr(moekit._gluon_gemm2_16bit, "gluon_allowed", lambda t: True)
-    assert use_gluon_gemm2_16bit(w2, 128)
+    assert use_gluon_gemm2_16bit(w2, 128, 1000)
     monkeypatch.setenv(GEMM2_ENV, "0")
-    assert not use_gluon_gemm2_16bit(w2, 128), "Triton's GEMM2 when told"
+    assert not use_gluon_gemm2_16bit(w2, 128, 1000), "Triton's GEMM2 when told"
+    monkeypatch.setenv(GEMM2_ENV, "1")
+    assert use_gluon_gemm2_16bit(w2, 128, 1000)
+    monkeypatch.setenv(GEMM2_ENV, "yes")
+    with pytest.raises(ValueError, match="MOEKIT_GLUON_GEMM2='yes'"):
+        use_gluon_gemm2_16bit(w2, 128, 1000)
+
+
+def test_triton_gemm2_at_few_row_tiles_of_experts_outgrowing_half_of_l2(monkeypatch):
+    # Shapes only (meta tensors, an H100's L2 of 50 MB): deepseek-v3 (256 experts, top 8,
+    # w2 29 MB an expert) and mixtral (8, top 2, 117 MB) average ≤ 2 row tiles an expert up
+    # to M = 8192 and 1024; qwen3's w2 (3 MB) fits, so its GEMM2 stays Gluon at any M.
+    monkeypatch.delenv(GEMM2_ENV, raising=False)
+    monkeypatch.setattr(moekit._gluon_gemm2_16bit, "gluon_allowed", lambda t: True)
+    w2 = lambda experts, hidden, inter: torch.empty(  # noqa: E731
+        (experts, hidden, inter), dtype=torch.bfloat16, device="meta")
+    deepseek, mixtral, qwen3 = w2(256, 7168, 2048), w2(8, 4096, 14336), w2(128, 2048, 768)
+
+    def gluon(w, tokens, top_k):
+        return use_gluon_gemm2_16bit(w, 128, tokens * top_k)
+
+    assert not gluon(deepseek, 4096, 8), "128 rows an expert"
+    assert not gluon(deepseek, 8192, 8), "256 rows an expert: two row tiles"
+    assert gluon(deepseek, 8193, 8) and gluon(deepseek, 16384, 8)
+    assert not gluon(mixtral, 1024, 2) and gluon(mixtral, 1025, 2)
+    assert gluon(qwen3, 1024, 8) and gluon(qwen3, 4096, 8)
+    monkeypatch.setenv(GEMM2_ENV, "1")
+    assert gluon(deepseek, 4096, 8), "MOEKIT_GLUON_GEMM2=1: the Gluon GEMM2 past the rule"
 
 
 @pytest.mark.gpu

@@ -69,7 +69,7 @@ def stage_host_us(hidden, w, topk, preset, config) -> str:
             inter2 = launch_gemm1(hidden, w.w13, w.b13, topk.weights.view(-1), plan, act.kind,
                                   act.alpha, act.limit, False, config.as_ints()[1:6], tma)
             marks.append(("gemm1 again", time.perf_counter()))
-            if gluon == "1" and use_gluon_gemm2_16bit(inter, w.w2, 128):
+            if gluon == "1" and use_gluon_gemm2_16bit(w.w2, 128, plan.num_pairs):
                 gluon_gemm2_16bit(inter, w.w2, w.b2, topk.weights.view(-1), plan, 132)
                 marks.append(("gemm2", time.perf_counter()))
                 gluon_gemm2_16bit(inter2, w.w2, w.b2, topk.weights.view(-1), plan, 132)

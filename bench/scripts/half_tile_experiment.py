@@ -80,7 +80,7 @@ def run_cell(name: str, m: int, log) -> dict:
     weights, plan, programs, keep = prefill_plan(topk, preset.num_experts, dev)
     halved = with_half_tiles(plan)
     if not (use_gluon_gemm1_16bit(hidden, w.w13, 128, act.kind)
-            and use_gluon_gemm2_16bit(w.w2, 128)):
+            and use_gluon_gemm2_16bit(w.w2, 128, plan.num_pairs)):
         log(f"{name} M={m}: not a Gluon shape, skipped")
         return {}
     row = {"preset": name, "M": m, "tiles": int(plan.tiles[-1]),

@@ -126,7 +126,7 @@ def run_cell(name: str, m: int, log) -> dict:
             stages["gemm1"] = lambda: gluon_gemm1_16bit(
                 hidden, w.w13, w.b13, weights, plan, act.kind, act.alpha, act.limit, False,
                 programs, block_n)
-        if use_gluon_gemm2_16bit(w.w2, 128):
+        if use_gluon_gemm2_16bit(w.w2, 128, plan.num_pairs):
             inter = torch.randn((plan.capacity, inter_size), device=dev).to(torch.bfloat16)
             stages["gemm2"] = lambda: gluon_gemm2_16bit(inter, w.w2, w.b2, weights, plan,
                                                         programs)

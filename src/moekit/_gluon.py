@@ -37,8 +37,8 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 __all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "HOPPER_L2_BYTES", "DISABLE_ENV", "GEMM2_ENV",
-           "GEMM2_GROUP_M", "GEMM2_GROUP_M_ENV", "gemm2_allowed", "gemm2_group_m",
-           "gluon_allowed", "l2_bytes", "l2_bytes_of",
+           "GEMM2_GROUP_M", "GEMM2_GROUP_M_ENV", "gemm2_allowed", "gemm2_forced", "gemm2_group_m",
+           "gluon_allowed", "l2_bytes", "l2_bytes_of", "w2_outgrows_half_l2",
            "descriptor", "gluon", "gl", "fence_async_shared", "mbarrier", "tma",
            "warpgroup_mma", "warpgroup_mma_wait"]
 
@@ -79,20 +79,43 @@ WIDE_MMA_GEMM2_16BIT = "gemm2" in _WIDE_MMA
 # The Gluon GEMM2s load a tail tile's A (64 rows) as a [64, BLOCK_K] box instead of the
 # whole tile's 128 rows, half of them the next tile's (`_gluon_gemm2._producer`): at
 # deepseek-v3 bf16 M = 4096 about half the experts end in a tail, ~0.9 GB of L2 reads
-# (bench/NOTES.md, session 46). Off until measured; read at every launch;
+# (bench/NOTES.md, session 46). Measured on an H100: 0.89–1.04× bf16 (median 1.004; that
+# cell 0.999×), 0.96–1.02× fp8 (session 47), so off; read at every launch;
 # `MOEKIT_GLUON_TAIL_A_BOX=1` at import turns it on.
 TAIL_A_BOX = os.environ.get("MOEKIT_GLUON_TAIL_A_BOX") == "1"
-# Measurement controls of the GEMM2s (read at every launch): "0" runs Triton's GEMM2 beside
-# the Gluon GEMM1; a number sets the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile
-# major), overriding `gemm2_group_m`'s rule.
+# Measurement controls of the GEMM2s (read at every launch): `GEMM2_ENV` "0" runs Triton's
+# GEMM2 beside the Gluon GEMM1, "1" the Gluon GEMM2 wherever its shape rules allow (past
+# `_gluon_gemm2_16bit.few_row_tiles_of_large_experts`); a number in `GEMM2_GROUP_M_ENV` sets
+# the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile major), overriding `gemm2_group_m`.
 GEMM2_ENV = "MOEKIT_GLUON_GEMM2"
 GEMM2_GROUP_M_ENV = "MOEKIT_GLUON_GEMM2_GROUP_M"
 GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_m`)
 
 
+def _gemm2_setting() -> str | None:
+    value = os.environ.get(GEMM2_ENV)
+    if value not in (None, "", "0", "1"):
+        raise ValueError(f"{GEMM2_ENV}={value!r}: expected 0 (Triton's GEMM2) or 1 (the Gluon "
+                         "GEMM2 wherever it can run), or unset")
+    return value or None
+
+
 def gemm2_allowed() -> bool:
     """Whether the Gluon GEMM2s may run (`GEMM2_ENV` not "0")."""
-    return os.environ.get(GEMM2_ENV) != "0"
+    return _gemm2_setting() != "0"
+
+
+def gemm2_forced() -> bool:
+    """Whether `GEMM2_ENV` is "1": the Gluon GEMM2 past the rules that pick Triton's."""
+    return _gemm2_setting() == "1"
+
+
+def w2_outgrows_half_l2(w2: torch.Tensor, l2: int | None = None) -> bool:
+    """Whether one expert's w2 [E, H, I] is larger than half of L2 (`l2`, default the
+    device's): then a column tile's reuse across an expert's row tiles can miss L2."""
+    _, hidden, inter = w2.shape
+    l2 = l2_bytes_of(w2) if l2 is None else l2
+    return hidden * inter * w2.element_size() > l2 // 2
 
 
 def gemm2_group_m(w2: torch.Tensor, by_size: bool = True, l2: int | None = None) -> int:
@@ -111,9 +134,7 @@ def gemm2_group_m(w2: torch.Tensor, by_size: bool = True, l2: int | None = None)
         return int(override)
     if not by_size:
         return 1
-    _, hidden, inter = w2.shape
-    l2 = l2_bytes_of(w2) if l2 is None else l2
-    return GEMM2_GROUP_M if hidden * inter * w2.element_size() > l2 // 2 else 1
+    return GEMM2_GROUP_M if w2_outgrows_half_l2(w2, l2) else 1
 
 
 @functools.lru_cache(maxsize=16)

@@ -51,11 +51,30 @@ TILE_N = 2 * BLOCK_N
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-def use_gluon_gemm2_16bit(w2: torch.Tensor, block_m: int) -> bool:
-    """Whether the 16-bit GEMM2 runs as `_gemm2_ws16_kernel`: Gluon allowed (an sm_90
-    GPU), bf16/fp16, 128-row tiles, whole 256-column tiles (H a multiple of 256), 16-byte
-    rows (I a multiple of 8) and base for TMA, contiguous. Its input is GEMM1's `inter`,
-    fresh, contiguous and in w2's dtype (the layer's checks: one dtype throughout)."""
+# Where one expert's w2 outgrows half of L2 and the experts average at most this many row
+# tiles, Triton's GEMM2 runs instead. There this kernel reads w2 ~1.3× from DRAM and
+# Triton's ~once, in any tile order (Nsight Compute, H100, deepseek-v3 M = 4096: 10.6–11.2 GB
+# at GROUP_M 1 / 2 / 8 against 8.5; w2 is 7.5 GB; the 64-row tail box changed nothing).
+# H100, three rounds: deepseek-v3's layer 1.089× at M = 4096 (128 rows an expert) and
+# 1.028× at 8192 (256); at 16384 (512) this kernel wins, 1.024×; qwen3 and olmoe, whose w2
+# fits, lose 2–7% with Triton's at every M (bench/NOTES.md, session 47).
+FEW_ROW_TILES = 2
+
+
+def few_row_tiles_of_large_experts(w2: torch.Tensor, num_pairs: int) -> bool:
+    """Whether experts whose w2 outgrows half of L2 average at most FEW_ROW_TILES row tiles
+    over `num_pairs` (token, expert) pairs: where Triton's GEMM2 streams w2 better."""
+    return (num_pairs <= FEW_ROW_TILES * BLOCK_M * w2.shape[0]
+            and _gluon.w2_outgrows_half_l2(w2))
+
+
+def use_gluon_gemm2_16bit(w2: torch.Tensor, block_m: int, num_pairs: int) -> bool:
+    """Whether the 16-bit GEMM2 over `num_pairs` (token, expert) pairs runs as
+    `_gemm2_ws16_kernel`: Gluon allowed (an sm_90 GPU), bf16/fp16, 128-row tiles, whole
+    256-column tiles (H a multiple of 256), 16-byte rows (I a multiple of 8) and base for
+    TMA, contiguous; and not few row tiles of large experts (`few_row_tiles_of_large_experts`,
+    unless `MOEKIT_GLUON_GEMM2=1`). Its input is GEMM1's `inter`, fresh, contiguous and in
+    w2's dtype (the layer's checks: one dtype throughout)."""
     if not gluon_allowed(w2) or not _gluon.gemm2_allowed():
         return False
     _, hidden_size, inter_size = w2.shape
@@ -66,6 +85,7 @@ def use_gluon_gemm2_16bit(w2: torch.Tensor, block_m: int) -> bool:
         and inter_size % 8 == 0
         and w2.is_contiguous()
         and w2.data_ptr() % 16 == 0
+        and (_gluon.gemm2_forced() or not few_row_tiles_of_large_experts(w2, num_pairs))
     )
 
 

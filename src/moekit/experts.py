@@ -246,7 +246,7 @@ def _launch_fused_experts(
     tma = use_tma(hidden, w13, w2, block_m)
     inter = launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
                          apply_router_weight_on_input, config[1:6], tma)
-    if tma and use_gluon_gemm2_16bit(w2, block_m):
+    if tma and use_gluon_gemm2_16bit(w2, block_m, plan.num_pairs):
         plan_rows = gluon_gemm2_16bit(inter, w2, b2, None if apply_router_weight_on_input
                                       else topk_weights, plan, persistent_programs(out.device))
         launch_combine(plan_rows, topk_ids, w2.shape[0], out, pair_slots=plan.pair_slots)

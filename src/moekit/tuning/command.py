@@ -171,7 +171,7 @@ def _graph_measure(dtype: str):
         elif use_tma(hidden, w.w13, w.w2, config.block_m):
             gluon = (use_gluon_gemm1_16bit(hidden, w.w13, config.block_m,
                                            Activation.parse(preset.activation).kind),
-                     use_gluon_gemm2_16bit(w.w2, config.block_m))
+                     use_gluon_gemm2_16bit(w.w2, config.block_m, topk.ids.numel()))
         key = (preset.name, m, config_as_run(config, gluon))
         if key in timed:
             return timed[key]
