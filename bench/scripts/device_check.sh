@@ -51,8 +51,9 @@
 #             Gluon over plan-order rows, against the library's GEMM1; per-tensor, block)
 #   gemm2bytes Nsight Compute counters (time, clock, DRAM bytes read/written, L2 hit rate) of
 #             the 16-bit GEMM2 at deepseek-v3 M = 4096 and mixtral M = 16384, one call each:
-#             the Gluon GEMM2 at GROUP_M 1, 2 and 8, and Triton's (NOTES session 46: the
-#             Gluon GEMM2 read ~2 GB more than Triton's at deepseek-v3 M = 4096)
+#             the Gluon GEMM2 (MOEKIT_GLUON_GEMM2=1, past the few-row-tiles rule) at GROUP_M
+#             1, 2 and 8, at 2 and 3 stages (GROUP_M 8), and Triton's (NOTES sessions 46–47:
+#             the Gluon GEMM2 read ~2.1–2.7 GB more than Triton's at deepseek-v3 M = 4096)
 #   fp8blockswap  block-scaled fp8 decode, swapped everywhere at the rule's stages and at the
 #             same stages as the converted GEMMs, against the shipped choice (qwen3, olmoe,
 #             mixtral, M = 1 / 4 / 64; env controls, one bench per setting; NOTES session 46)
@@ -62,7 +63,9 @@
 #             dtype: TAILBOX_DTYPES="bf16" or "fp8_tensor" to split it over two calls)
 #   gemm2rule which GEMM2 where rows an expert are few (session 47: the prefill cells under
 #             target are those with 1–2 row tiles an expert): bf16 at M = 2048–16384 on five
-#             presets, shipped / GROUP_M 8 / Triton's GEMM2 / both Triton GEMMs, then the fp8
+#             presets, shipped (since session 47: Triton's GEMM2 at few row tiles of large
+#             experts) / the Gluon GEMM2 everywhere (MOEKIT_GLUON_GEMM2=1) / Triton's GEMM2
+#             everywhere / both Triton GEMMs, then the fp8
 #             GEMM2's order again (row / GROUP_M 8, M = 4096–16384); one bench per setting,
 #             compared on this machine with compare_tables.py
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
@@ -178,13 +181,17 @@ for stage in "$@"; do
          step ncu-gemms-details 60 ncu --import /tmp/gemms.ncu-rep --page details ;;
     gemm2bytes)
       for cell in deepseek-v3:4096:bf16 mixtral-8x7b:16384:bf16; do
-        for order in g1 g2 g8 triton; do
-          if [ $order = triton ]; then set -- MOEKIT_GLUON_GEMM2=0
-          else set -- MOEKIT_GLUON_GEMM2_GROUP_M=${order#g}; fi
+        for order in g1 g2 g8 g8s3 g8s2 triton; do
+          stages=4
+          case $order in
+            triton) set -- MOEKIT_GLUON_GEMM2=0 ;;
+            g8s*) stages=${order#g8s}; set -- MOEKIT_GLUON_GEMM2=1 MOEKIT_GLUON_GEMM2_GROUP_M=8 ;;
+            *) set -- MOEKIT_GLUON_GEMM2=1 MOEKIT_GLUON_GEMM2_GROUP_M=${order#g} ;;
+          esac
           step "ncu-gemm2-${cell//:/-}-$order" 120 env "$@" ncu --profile-from-start off \
             --clock-control none -k regex:gemm2 --csv --metrics \
             gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
-            python3 bench/scripts/ncu_gemms.py --cell "$cell"
+            python3 bench/scripts/ncu_gemms.py --cell "$cell" --gemm2-stages $stages
         done
       done ;;
     fp8blockswap)
@@ -222,10 +229,10 @@ for stage in "$@"; do
           "box64=$(ls "$out"/*tailbox-$dtype-1-r1.json),$(ls "$out"/*tailbox-$dtype-1-r2.json)"
       done ;;
     gemm2rule)
-      for setting in shipped t2 g8 t12; do
+      for setting in shipped gluon t2 t12; do
         case $setting in
           shipped) set -- ;;
-          g8) set -- MOEKIT_GLUON_GEMM2_GROUP_M=8 ;;
+          gluon) set -- MOEKIT_GLUON_GEMM2=1 ;;
           t2) set -- MOEKIT_GLUON_GEMM2=0 ;;
           t12) set -- MOEKIT_GLUON=0 ;;
         esac

@@ -26,6 +26,7 @@ import argparse
 import torch
 
 import moekit
+import moekit._gluon_gemm2_16bit
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
@@ -54,7 +55,12 @@ def main() -> None:
     parser.add_argument("--cells", type=int, nargs="*", help="indices into CELLS (default all)")
     parser.add_argument("--cell", nargs="*", default=[], metavar="PRESET:M:DTYPE",
                         help="other cells, e.g. gpt-oss-120b:4096:bf16")
+    parser.add_argument("--gemm2-stages", type=int, choices=(2, 3, 4),
+                        help="the 16-bit Gluon GEMM2's ring depth (default the library's, 4): "
+                             "how far its producer runs ahead, for the DRAM bytes it costs")
     args = parser.parse_args()
+    if args.gemm2_stages:
+        moekit._gluon_gemm2_16bit.STAGES = args.gemm2_stages  # read at every launch
     chosen = [] if args.cell and args.cells is None else (
         CELLS if args.cells is None else [CELLS[i] for i in args.cells])
     for cell in args.cell:
