@@ -49,7 +49,8 @@
 #             /tmp/gemms.ncu-rep, its details page in ncu-gemms-details.log)
 #   gluon1    bench/scripts/gluon_gemm1_experiment.py (fp8 GEMM1 at prefill, warp-specialised
 #             Gluon over plan-order rows, against the library's GEMM1; per-tensor, block)
-#   gemm2bytes Nsight Compute counters (time, clock, DRAM bytes read/written, L2 hit rate) of
+#   gemm2bytes Nsight Compute counters (time, clock, DRAM bytes read/written, L2 hit rate and
+#             read sectors requested: over-fetch against misses) of
 #             the 16-bit GEMM2 at deepseek-v3 M = 4096 and mixtral M = 16384, one call each:
 #             the Gluon GEMM2 (MOEKIT_GLUON_GEMM2=1, past the few-row-tiles rule) at GROUP_M
 #             1, 2 and 8, at 2 and 3 stages (GROUP_M 8), and Triton's (NOTES sessions 46–47:
@@ -190,7 +191,7 @@ for stage in "$@"; do
           esac
           step "ncu-gemm2-${cell//:/-}-$order" 120 env "$@" ncu --profile-from-start off \
             --clock-control none -k regex:gemm2 --csv --metrics \
-            gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+            gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,lts__t_sectors_op_read.sum \
             python3 bench/scripts/ncu_gemms.py --cell "$cell" --gemm2-stages $stages
         done
       done ;;
