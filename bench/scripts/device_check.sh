@@ -69,6 +69,9 @@
 #             everywhere / both Triton GEMMs, then the fp8
 #             GEMM2's order again (row / GROUP_M 8, M = 4096–16384); one bench per setting,
 #             compared on this machine with compare_tables.py
+#   stagetimes bench/scripts/stage_breakdown.py (plan, GEMM1, GEMM2, combine and the gaps, each
+#             graph-replayed alone, and other column tiles) on the cells under target
+#             (STAGE_CELLS="preset:M ..." to choose)
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
@@ -248,6 +251,11 @@ for stage in "$@"; do
           --presets deepseek-v3 gpt-oss-120b qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b \
           --tokens 4096 8192 16384 --what "gemm2rule-fp8-$order" --out "$out"
       done ;;
+    stagetimes)
+      step "stage-breakdown" 300 python3 bench/scripts/stage_breakdown.py --out "$out" --tiles \
+        --cells ${STAGE_CELLS:-granite-3.0-3b-a800m:1 granite-3.0-3b-a800m:8 \
+        granite-3.0-3b-a800m:64 gpt-oss-120b:1 qwen3-30b-a3b:1 qwen3-30b-a3b:2 \
+        qwen3-30b-a3b:4096 gpt-oss-120b:8192} ;;
     fp8order)
       presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"
       for order in g1 g8 triton; do
