@@ -1,10 +1,13 @@
 """Where the time of one `fused_experts` call goes: plan, GEMM1, GEMM2, combine, and the gaps.
 
 Each stage is captured alone in a CUDA graph and timed by replay (L2 flushed between
-replays), next to the whole call captured the same way; the difference between the
-whole and the sum of the stages is what launching four kernels costs on the GPU (gaps
-and tails). For the GEMMs the weight bytes actually read (experts hit) give an achieved
-bandwidth, the figure decode cares about. `--tiles` also times GEMM1 and GEMM2 with other
+replays), next to the whole call captured the same way. The stages are the call's own
+(`call_stages`: its config, tuned tables included, its plan with tail tiles, the Gluon or
+Triton GEMMs, or the direct path's two launches). Each stage alone carries the replay's
+fixed floor (~5 µs), so the sum over-counts and the gaps line (whole − stages) can be
+negative; a stage's own time is roughly its figure less that floor. For the GEMMs the
+weight bytes actually read (experts hit) give an achieved bandwidth, the figure decode
+cares about. `--tiles` also times GEMM1 and GEMM2 with other
 column tiles, to see whether a cell is short of programs.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/stage_breakdown.py --out $OUT
@@ -22,12 +25,22 @@ import torch
 import triton
 
 import moekit._replay
+from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
+from moekit._tma import persistent_programs
 from moekit.bench.inputs import experts_hit, make_tokens, make_weights
 from moekit.bench.presets import get_preset
 from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
-from moekit.experts import fused_experts, launch_combine, launch_gemm1, launch_gemm2, use_tma
-from moekit.tuning.heuristic import default_config
+from moekit.experts import (
+    _select_config,
+    fused_experts,
+    launch_combine,
+    launch_gemm1,
+    launch_gemm2,
+    use_tma,
+)
+from moekit.experts_direct import gemm2_arrivals, launch_direct_gemm1, launch_direct_gemm2
+from moekit.tuning.config import DIRECT_BLOCK_M
 
 moekit._replay.enabled = False  # this script patches what the ops read: no replays
 
@@ -37,67 +50,103 @@ CELLS = ["qwen3-30b-a3b:1", "qwen3-30b-a3b:8", "qwen3-30b-a3b:64", "qwen3-30b-a3
          "deepseek-v2-lite:1", "deepseek-v2-lite:8", "gpt-oss-120b:1", "mixtral-8x7b:1024"]
 
 
+def call_stages(hidden, w, ids, weights, act, cfg, out) -> dict:
+    """The call's launches as `moekit.experts._launch_fused_experts` makes them (the same
+    config, plan with tail tiles, Gluon or Triton GEMMs, direct path), by stage name: each a
+    thunk that reruns its stage alone on the previous stage's output, computed once here.
+    The direct GEMM2 replayed alone finds its arrival counters already counted (GEMM1 zeroes
+    them), so no program sums a token's parts: a little less work than in the call."""
+    ints = cfg.as_ints()
+    block_m, tail_m = ints[0], ints[11]
+    g1, g2 = ints[1:6], ints[6:11]
+    w13, w2, b13, b2 = w.w13, w.w2, w.b13, w.b2
+    if block_m == DIRECT_BLOCK_M:
+        arrivals = gemm2_arrivals(ids, w2.shape[1], g2)
+        gemm1 = lambda: launch_direct_gemm1(hidden, w13, b13, ids, weights, act, 1.702,  # noqa: E731
+                                            7.0, False, g1, arrivals)
+        inter = gemm1()
+        return {"gemm1 (direct)": gemm1,
+                "gemm2 (direct, sums the slots)": lambda: launch_direct_gemm2(
+                    inter, w2, b2, ids, weights, True, g2, out, arrivals)}
+    num_experts = w2.shape[0]
+    make_plan = lambda: dispatch_plan(ids, num_experts, tail_m or block_m,  # noqa: E731
+                                      tile_m=block_m if tail_m else None, backend="triton")
+    plan = make_plan()
+    tma = use_tma(hidden, w13, w2, block_m)
+    gemm1 = lambda: launch_gemm1(hidden, w13, b13, weights, plan, act, 1.702, 7.0,  # noqa: E731
+                                 False, g1, tma)
+    inter = gemm1()
+    stages = {"plan": make_plan, "gemm1": gemm1}
+    if tma and use_gluon_gemm2_16bit(w2, block_m, plan.num_pairs):
+        programs = persistent_programs(hidden.device)
+        gemm2 = lambda: gluon_gemm2_16bit(inter, w2, b2, weights, plan, programs)  # noqa: E731
+        slots = plan.pair_slots
+        stages["gemm2 (Gluon)"] = gemm2
+    else:
+        gemm2 = lambda: launch_gemm2(inter, w2, b2, weights, plan, True, g2, tma)  # noqa: E731
+        slots = None
+        stages["gemm2"] = gemm2
+    rows = gemm2()
+    stages["combine"] = lambda: launch_combine(rows, ids, num_experts, out, pair_slots=slots)
+    return stages
+
+
 def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
     preset = get_preset(name)
     dev = torch.device("cuda")
     w = make_weights(preset, torch.bfloat16, dev)
     hidden, topk = make_tokens(preset, num_tokens, torch.bfloat16, dev)
-    ids, weights = topk.ids.to(torch.int32), topk.weights.float()
+    ids, weights = topk.ids, topk.weights  # int32 and float32: no cast launch
     E, n1, H = w.w13.shape
     I = w.w2.shape[2]
-    cfg = default_config(num_tokens, E, ids.shape[1], H, I)
+    cfg = _select_config(hidden, E, ids.shape[1], I)
     hit = experts_hit(ids, E)
     elem = 2
     bytes1, bytes2 = hit * n1 * H * elem, hit * H * I * elem
-    plan = dispatch_plan(ids, E, cfg.block_m, backend="triton")
-    tma = use_tma(hidden, w.w13, w.w2, cfg.block_m)
-    g1 = (cfg.gemm1.block_n, cfg.gemm1.block_k, cfg.gemm1.group_m, cfg.gemm1.num_warps,
-          cfg.gemm1.num_stages)
-    g2 = (cfg.gemm2.block_n, cfg.gemm2.block_k, cfg.gemm2.group_m, cfg.gemm2.num_warps,
-          cfg.gemm2.num_stages)
     act = preset.activation
-    inter = launch_gemm1(hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False, g1, tma)
-    pair_out = launch_gemm2(inter, w.w2, w.b2, weights, plan, True, g2, tma)
     out = torch.empty_like(hidden)
     rows = []
 
     def record(stage, us, nbytes=None):
         gbps = nbytes / us / 1e3 if nbytes else None
-        rows.append({"preset": name, "M": num_tokens, "block_m": cfg.block_m, "stage": stage,
-                     "us": round(us, 2), "GBps": None if gbps is None else round(gbps)})
-        log(f"{name} M={num_tokens} bm={cfg.block_m} {stage}: {us:.1f} µs"
+        rows.append({"preset": name, "M": num_tokens, "block_m": cfg.block_m,
+                     "tail_m": cfg.tail_block_m, "stage": stage, "us": round(us, 2),
+                     "GBps": None if gbps is None else round(gbps)})
+        log(f"{name} M={num_tokens} bm={cfg.block_m}/{cfg.tail_block_m} {stage}: {us:.1f} µs"
             + ("" if gbps is None else f", {gbps:.0f} GB/s of weights"))
 
     total = graph_replay_us(lambda: fused_experts(hidden, w.w13, w.w2, ids, weights,
                                                   activation=act, b13=w.b13, b2=w.b2, out=out))
     record("total", total)
-    gemm1 = lambda: launch_gemm1(hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0,  # noqa: E731
-                                 False, g1, tma)
-    gemm2 = lambda: launch_gemm2(inter, w.w2, w.b2, weights, plan, True, g2, tma)  # noqa: E731
-    parts = {
-        "plan": graph_replay_us(lambda: dispatch_plan(ids, E, cfg.block_m, backend="triton")),
-        "gemm1": graph_replay_us(gemm1),
-        "gemm2": graph_replay_us(gemm2),
-        "combine": graph_replay_us(lambda: launch_combine(pair_out, ids, E, out)),
-    }
+    staged = torch.empty_like(hidden)
+    stages = call_stages(hidden, w, ids, weights, act, cfg, staged)
+    list(stages.values())[-1]()  # the last stage writes `staged`: the call's output?
+    fused_experts(hidden, w.w13, w.w2, ids, weights, activation=act, b13=w.b13, b2=w.b2,
+                  out=out)
+    log(f"{name} M={num_tokens}: the stages reproduce the call bitwise: "
+        f"{bool(torch.equal(staged, out))}")
+    parts = {stage: graph_replay_us(launch) for stage, launch in stages.items()}
     for stage, us in parts.items():
-        record(stage, us, {"gemm1": bytes1, "gemm2": bytes2}.get(stage))
+        record(stage, us, bytes1 if stage.startswith("gemm1") else
+               bytes2 if stage.startswith("gemm2") else None)
     record("gaps (total - stages)", total - sum(parts.values()))
-    if tiles and cfg.block_m < 128:
+    if tiles and 1 < cfg.block_m < 128:
+        plan = dispatch_plan(ids, E, cfg.block_m, backend="triton")
+        inter = launch_gemm1(hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False,
+                             cfg.as_ints()[1:6], False)
         for bn in (32, 64, 128):
             for bk in (128, 256):
-                for warps in (4,):
-                    t1 = (bn, bk, 1, warps, 3 if bk == 256 else 4)
-                    try:
-                        record(f"gemm1[{bn}x{bk} w{warps}]",
-                               graph_replay_us(lambda t1=t1: launch_gemm1(
-                                   hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False,
-                                   t1, False)), bytes1)
-                        record(f"gemm2[{bn}x{bk} w{warps}]",
-                               graph_replay_us(lambda t1=t1: launch_gemm2(
-                                   inter, w.w2, w.b2, weights, plan, True, t1, False)), bytes2)
-                    except Exception as exc:  # out of resources etc.: report and go on
-                        log(f"{name} M={num_tokens} tiles {t1}: {str(exc)[:200]}")
+                t1 = (bn, bk, 1, 4, 3 if bk == 256 else 4)
+                try:
+                    record(f"gemm1[{bn}x{bk} w4]",
+                           graph_replay_us(lambda t1=t1: launch_gemm1(
+                               hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False,
+                               t1, False)), bytes1)
+                    record(f"gemm2[{bn}x{bk} w4]",
+                           graph_replay_us(lambda t1=t1: launch_gemm2(
+                               inter, w.w2, w.b2, weights, plan, True, t1, False)), bytes2)
+                except Exception as exc:  # out of resources etc.: report and go on
+                    log(f"{name} M={num_tokens} tiles {t1}: {str(exc)[:200]}")
     return rows
 
 
