@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -165,7 +167,9 @@ def main() -> int:
             print(f"{cell}: failed: {str(exc)[:300]}", flush=True)
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "command": " ".join(sys.argv)}
+            "triton": triton.__version__, "git": os.environ.get("MOEKIT_GIT_COMMIT", ""),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)}
     Path(args.out, "stage-breakdown.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return 0
 
