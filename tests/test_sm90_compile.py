@@ -163,7 +163,6 @@ def _experts(why, dtype, act, block_m, **flags):
     tiles on; every other case has them off, whatever the heuristic's default), wide16
     (16-row blocks at the wide tiles of `wide_16_row_tiles`), gluon
     (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
-    partial_h (H = 1088: the Gluon GEMM2's last 256-column tile partial),
     no_prefetch (the Gluon kernels loading each tile's indices at its start)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
@@ -249,9 +248,6 @@ CASES = [
     _experts("Gluon GEMM2 loading a tail tile's A as a [64, 64] box (`TAIL_A_BOX`, staged "
              "off), tail tiles, biases", "bf16", "gelu", 128, tma=True, tail=True, bias=True,
              gluon=True, tail_a=True),
-    _experts("Gluon GEMMs with a partial last GEMM2 column tile (H = 1088: 64 of 256 "
-             "columns, the bias loads masked), tail tiles, biases", "bf16", "swigluoai", 128,
-             tma=True, tail=True, bias=True, gluon=True, partial_h=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -648,8 +644,6 @@ def _topk_weights(p, M, k):
 def _run_experts(p):
     dtype = _DTYPES[p["dtype"]]
     H, I = 1000 if p.get("odd_h") else 1024, 264 if p.get("odd_i") else 512
-    if p.get("partial_h"):  # 16-byte rows, not a multiple of 256 (gpt-oss's 2880)
-        H = 1088
     M = p.get("tokens", _TOKENS_FOR_BLOCK_M[p["block_m"]])
     act = moekit.Activation.parse(p["act"])
     if p["block_m"] == 1:  # the direct path, at a tile of each GEMM

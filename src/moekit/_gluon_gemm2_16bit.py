@@ -70,20 +70,18 @@ def few_row_tiles_of_large_experts(w2: torch.Tensor, num_pairs: int) -> bool:
 
 def use_gluon_gemm2_16bit(w2: torch.Tensor, block_m: int, num_pairs: int) -> bool:
     """Whether the 16-bit GEMM2 over `num_pairs` (token, expert) pairs runs as
-    `_gemm2_ws16_kernel`: Gluon allowed (an sm_90 GPU), bf16/fp16, 128-row tiles, at least
-    one 256-column tile (the last may be partial: gpt-oss's H = 2880), 16-byte rows (H and I
-    multiples of 8) and base for TMA, contiguous; and not few row tiles of large experts
-    (`few_row_tiles_of_large_experts`, unless `MOEKIT_GLUON_GEMM2=1`). Its input is
-    GEMM1's `inter`, fresh, contiguous and in w2's dtype (the layer's checks: one dtype
-    throughout)."""
+    `_gemm2_ws16_kernel`: Gluon allowed (an sm_90 GPU), bf16/fp16, 128-row tiles, whole
+    256-column tiles (H a multiple of 256), 16-byte rows (I a multiple of 8) and base for
+    TMA, contiguous; and not few row tiles of large experts (`few_row_tiles_of_large_experts`,
+    unless `MOEKIT_GLUON_GEMM2=1`). Its input is GEMM1's `inter`, fresh, contiguous and in
+    w2's dtype (the layer's checks: one dtype throughout)."""
     if not gluon_allowed(w2) or not _gluon.gemm2_allowed():
         return False
     _, hidden_size, inter_size = w2.shape
     return (
         w2.dtype in _DTYPES
         and block_m == BLOCK_M
-        and hidden_size >= TILE_N
-        and hidden_size % 8 == 0
+        and hidden_size % TILE_N == 0
         and inter_size % 8 == 0
         and w2.is_contiguous()
         and w2.data_ptr() % 16 == 0
@@ -122,16 +120,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _store_half(acc, desc, smem, first_row, first_col, expert, b2_ptr, weights, stride_be,
-                    H, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
-        """One accumulator's epilogue (64 rows × its width from `first_col`): the bias (none
-        from column H on), the router weights (on the output: they scale the bias too),
-        stored in `desc`'s dtype by TMA from `smem` once the previous store has left it
-        (the store clips columns from H on: a partial last column tile)."""
+                    HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr):
+        """One accumulator's epilogue (64 rows × its width from `first_col`): the bias, the
+        router weights (on the output: they scale the bias too), stored in `desc`'s dtype
+        by TMA from `smem` once the previous store has left it."""
         WIDTH: gl.constexpr = acc.shape[1]
         if HAS_BIAS:
             cols = first_col + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, acc.type.layout))
-            bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols, mask=cols < H,
-                           other=0.0)
+            bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_be + cols)
             acc = acc + bias.to(gl.float32)[None, :]
         if APPLY_WEIGHT:
             acc = acc * gl.convert_layout(weights, gl.SliceLayout(1, acc.type.layout))[:, None]
@@ -156,7 +152,7 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         c_smem = c_bufs.index(CONSUMER)
-        n_tiles = gl.cdiv(H, TILE_N)  # the last may be partial: its stores clip at H
+        n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
         step = gl.num_programs(0)
@@ -210,9 +206,9 @@ if HAVE_GLUON:
                         a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M,
                         0, BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
                 _store_half(lo, c_desc, c_smem, row, col0, tile_expert, b2_ptr, weights, stride_be,
-                            H, HAS_BIAS, APPLY_WEIGHT)
+                            HAS_BIAS, APPLY_WEIGHT)
                 _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, tile_expert, b2_ptr, weights,
-                            stride_be, H, HAS_BIAS, APPLY_WEIGHT)
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
             elif TAIL_M:
                 # A [64, 64] box in the same bytes; names of their own (a branch's values
                 # may not change type).
@@ -225,17 +221,16 @@ if HAVE_GLUON:
                     CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
                 col = col0 + CONSUMER * BLOCK_N
                 _store_half(left, q_desc, q_smem, row, col, tile_expert, b2_ptr, weights,
-                            stride_be, H, HAS_BIAS, APPLY_WEIGHT)
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
                 _store_half(right, q_desc, q_smem, row, col + _HALF_M, tile_expert, b2_ptr,
-                            weights, stride_be, H, HAS_BIAS, APPLY_WEIGHT)
+                            weights, stride_be, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _gemm2_ws16_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
         t_desc,  # TAIL_A_BOX: the same, [64, BLOCK_K] boxes (a tail tile's A); else a_desc
-        b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes (a partial last column tile
-        #          reads on into the next expert's rows, or TMA's zeros: columns the stores clip)
+        b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         q_desc,  # the same, [64, 64] boxes (a tail tile's stores)
         b2_ptr,  # [E, H] (read only when HAS_BIAS)
