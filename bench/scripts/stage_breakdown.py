@@ -11,7 +11,8 @@ cares about. `--tiles` also times GEMM1 and GEMM2 with other
 column tiles, to see whether a cell is short of programs.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/stage_breakdown.py --out $OUT
-Writes stage-breakdown.json under --out and prints one line per measurement.
+Writes stage-breakdown.json under --out (each row with the median SM clock and power
+nvidia-smi sampled during its replays) and prints one line per measurement.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import triton
 import moekit._replay
 from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
 from moekit._tma import persistent_programs
+from moekit.bench.clocks import ClockLog, summarize
 from moekit.bench.inputs import experts_hit, make_tokens, make_weights
 from moekit.bench.presets import get_preset
 from moekit.bench.timing import graph_replay_us
@@ -93,6 +96,13 @@ def call_stages(hidden, w, ids, weights, act, cfg, out) -> dict:
     return stages
 
 
+def timed_replay(fn) -> tuple[float, list[float]]:
+    """`graph_replay_us(fn)` and the wall-clock [start, end] it ran in (for the SM clock)."""
+    start = time.time()
+    us = graph_replay_us(fn)
+    return us, [start, time.time()]
+
+
 def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
     preset = get_preset(name)
     dev = torch.device("cuda")
@@ -109,16 +119,17 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
     out = torch.empty_like(hidden)
     rows = []
 
-    def record(stage, us, nbytes=None):
+    def record(stage, timed, nbytes=None):
+        us, window_s = timed if isinstance(timed, tuple) else (timed, None)
         gbps = nbytes / us / 1e3 if nbytes else None
         rows.append({"preset": name, "M": num_tokens, "block_m": cfg.block_m,
                      "tail_m": cfg.tail_block_m, "stage": stage, "us": round(us, 2),
-                     "GBps": None if gbps is None else round(gbps)})
+                     "GBps": None if gbps is None else round(gbps), "window_s": window_s})
         log(f"{name} M={num_tokens} bm={cfg.block_m}/{cfg.tail_block_m} {stage}: {us:.1f} µs"
             + ("" if gbps is None else f", {gbps:.0f} GB/s of weights"))
 
-    total = graph_replay_us(lambda: fused_experts(hidden, w.w13, w.w2, ids, weights,
-                                                  activation=act, b13=w.b13, b2=w.b2, out=out))
+    total = timed_replay(lambda: fused_experts(hidden, w.w13, w.w2, ids, weights,
+                                               activation=act, b13=w.b13, b2=w.b2, out=out))
     record("total", total)
     staged = torch.empty_like(hidden)
     stages = call_stages(hidden, w, ids, weights, act, cfg, staged)
@@ -127,11 +138,11 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
                   out=out)
     log(f"{name} M={num_tokens}: the stages reproduce the call bitwise: "
         f"{bool(torch.equal(staged, out))}")
-    parts = {stage: graph_replay_us(launch) for stage, launch in stages.items()}
-    for stage, us in parts.items():
-        record(stage, us, bytes1 if stage.startswith("gemm1") else
+    parts = {stage: timed_replay(launch) for stage, launch in stages.items()}
+    for stage, timed in parts.items():
+        record(stage, timed, bytes1 if stage.startswith("gemm1") else
                bytes2 if stage.startswith("gemm2") else None)
-    record("gaps (total - stages)", total - sum(parts.values()))
+    record("gaps (total - stages)", total[0] - sum(us for us, _ in parts.values()))
     if tiles and 1 < cfg.block_m < 128:
         plan = dispatch_plan(ids, E, cfg.block_m, backend="triton")
         inter = launch_gemm1(hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False,
@@ -141,11 +152,11 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
                 t1 = (bn, bk, 1, 4, 3 if bk == 256 else 4)
                 try:
                     record(f"gemm1[{bn}x{bk} w4]",
-                           graph_replay_us(lambda t1=t1: launch_gemm1(
+                           timed_replay(lambda t1=t1: launch_gemm1(
                                hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False,
                                t1, False)), bytes1)
                     record(f"gemm2[{bn}x{bk} w4]",
-                           graph_replay_us(lambda t1=t1: launch_gemm2(
+                           timed_replay(lambda t1=t1: launch_gemm2(
                                inter, w.w2, w.b2, weights, plan, True, t1, False)), bytes2)
                 except Exception as exc:  # out of resources etc.: report and go on
                     log(f"{name} M={num_tokens} tiles {t1}: {str(exc)[:200]}")
@@ -158,6 +169,9 @@ def main() -> int:
     parser.add_argument("--cells", nargs="*", default=CELLS, help="preset:M pairs")
     parser.add_argument("--tiles", action="store_true", help="also time other GEMM tiles")
     args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    uuid = str(getattr(props, "uuid", "") or "").removeprefix("GPU-")
+    clocks = ClockLog(f"GPU-{uuid}" if uuid else "0")  # the SM clock each replay ran at
     rows = []
     for cell in args.cells:
         name, num_tokens = cell.rsplit(":", 1)
@@ -166,10 +180,17 @@ def main() -> int:
         except Exception as exc:  # a study: report the cell and go on
             print(f"{cell}: failed: {str(exc)[:300]}", flush=True)
         torch.cuda.empty_cache()
+    clocks.close()
+    for row in rows:  # the median SM clock and power inside each replay's window
+        seen = summarize(clocks.samples, *row["window_s"]) if row["window_s"] else None
+        row.update(seen or {})
+        if seen:
+            print(f"{row['preset']} M={row['M']} {row['stage']}: {seen['sm_clock_mhz']} MHz, "
+                  f"{seen['power_w']} W", flush=True)
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "triton": triton.__version__, "git": os.environ.get("MOEKIT_GIT_COMMIT", ""),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
+            "command": " ".join(sys.argv), "clock_note": clocks.error}
     Path(args.out, "stage-breakdown.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return 0
 
