@@ -7,8 +7,8 @@ Triton GEMMs, or the direct path's two launches). Each stage alone carries the r
 fixed floor (~5 µs), so the sum over-counts and the gaps line (whole − stages) can be
 negative; a stage's own time is roughly its figure less that floor. For the GEMMs the
 weight bytes actually read (experts hit) give an achieved bandwidth, the figure decode
-cares about. `--tiles` also times GEMM1 and GEMM2 with other
-column tiles, to see whether a cell is short of programs.
+cares about. `--tiles` also times GEMM1 and GEMM2 with other column tiles, to see whether
+a cell is short of programs.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/stage_breakdown.py --out $OUT
 Writes stage-breakdown.json under --out (each row with the median SM clock and power
@@ -47,7 +47,7 @@ from moekit.experts import (
 from moekit.experts_direct import gemm2_arrivals, launch_direct_gemm1, launch_direct_gemm2
 from moekit.tuning.config import DIRECT_BLOCK_M
 
-moekit._replay.enabled = False  # this script patches what the ops read: no replays
+moekit._replay.enabled = False  # the call's own launches, not an eager call's replay
 
 CELLS = ["qwen3-30b-a3b:1", "qwen3-30b-a3b:8", "qwen3-30b-a3b:64", "qwen3-30b-a3b:1024",
          "granite-3.0-3b-a800m:1", "granite-3.0-3b-a800m:8", "granite-3.0-3b-a800m:64",
