@@ -55,6 +55,11 @@
 #             the Gluon GEMM2 (MOEKIT_GLUON_GEMM2=1, past the few-row-tiles rule) at GROUP_M
 #             1, 2 and 8, at 2 and 3 stages (GROUP_M 8), and Triton's (NOTES sessions 46–47:
 #             the Gluon GEMM2 read ~2.1–2.7 GB more than Triton's at deepseek-v3 M = 4096)
+#   ridgebytes Nsight Compute counters of both GEMMs (time, SM clock, DRAM bytes, L2 hit
+#             rate, SM and memory throughput % of peak) at the bf16 prefill cells under target
+#             with 128–256 rows an expert (qwen3 M = 4096, gpt-oss and deepseek-v3 M = 8192),
+#             mixtral M = 4096 (90%) beside them: weights read more than once, or a throttled
+#             clock? (NOTES, session 48)
 #   fp8blockswap  block-scaled fp8 decode, swapped everywhere at the rule's stages and at the
 #             same stages as the converted GEMMs, against the shipped choice (qwen3, olmoe,
 #             mixtral, M = 1 / 4 / 64; env controls, one bench per setting; NOTES session 46)
@@ -197,6 +202,14 @@ for stage in "$@"; do
             gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,lts__t_sectors_op_read.sum \
             python3 bench/scripts/ncu_gemms.py --cell "$cell" --gemm2-stages $stages
         done
+      done ;;
+    ridgebytes)
+      for cell in qwen3-30b-a3b:4096:bf16 gpt-oss-120b:8192:bf16 deepseek-v3:8192:bf16 \
+          mixtral-8x7b:4096:bf16; do
+        step "ncu-ridge-${cell//:/-}" 150 ncu --profile-from-start off --clock-control none \
+          -k regex:gemm --csv --metrics \
+          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
+          python3 bench/scripts/ncu_gemms.py --cell "$cell"
       done ;;
     fp8blockswap)
       all=direct1,direct2,plan1,plan2,block
