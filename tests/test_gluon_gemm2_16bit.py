@@ -234,17 +234,8 @@ def test_wide_mma_changes_no_value_gpu(tail, gemm2_calls, monkeypatch):
     # as the two [64, 128] ones: the same bits, on skewed routing with odd tails (whose
     # 64-column MMAs both forms share) and 5 column tiles.
     _require_gluon()
-    M, E, k, H, I = 1000, 4, 2, 1280, 704
-    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
-                                                             True, 2.0)
-    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
-    outs = outputs_both_ways(monkeypatch, moekit._gluon, "WIDE_MMA_GEMM2_16BIT", lambda: (
-        moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
-                             out=poison_(torch.empty_like(hidden)))))
-    assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran both ways"
-    assert torch.equal(outs[True], outs[False]), "one wide MMA moved a value"
-    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
-    assert_close(outs[True], expected, name=f"wide tail={tail}")
+    _check_switch_changes_no_value("WIDE_MMA_GEMM2_16BIT", 64 if tail else 0, gemm2_calls,
+                                   monkeypatch, "one wide MMA", f"wide tail={tail}")
 
 
 @pytest.mark.gpu
@@ -254,18 +245,26 @@ def test_tail_a_box_changes_no_value_gpu(prefetch, gemm2_calls, monkeypatch):
     # the same bits as the whole tile's box, with odd 64-row tails, with and without the
     # producer's prefetch (which carries the tile's rows ahead).
     _require_gluon()
+    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
+    _check_switch_changes_no_value("TAIL_A_BOX", 64, gemm2_calls, monkeypatch, "the tail box",
+                                   f"tail box prefetch={prefetch}")
+
+
+def _check_switch_changes_no_value(switch, tail_m, gemm2_calls, monkeypatch, what, name):
+    """The layer with `moekit._gluon.<switch>` on and off, on skewed routing over 4 experts
+    with odd 64-row tails and 5 column tiles: the Gluon GEMM2 ran both ways, the outputs
+    are the same bits, and they match the reference."""
     M, E, k, H, I = 1000, 4, 2, 1280, 704
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
                                                              True, 2.0)
-    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64)
-    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
-    outs = outputs_both_ways(monkeypatch, moekit._gluon, "TAIL_A_BOX", lambda: (
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=tail_m)
+    outs = outputs_both_ways(monkeypatch, moekit._gluon, switch, lambda: (
         moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
                              out=poison_(torch.empty_like(hidden)))))
     assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran both ways"
-    assert torch.equal(outs[True], outs[False]), "the tail box moved a value"
+    assert torch.equal(outs[True], outs[False]), f"{what} moved a value"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
-    assert_close(outs[True], expected, name=f"tail box prefetch={prefetch}")
+    assert_close(outs[True], expected, name=name)
 
 
 def test_tail_a_descriptor_is_built_only_where_it_is_read(monkeypatch):

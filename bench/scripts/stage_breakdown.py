@@ -119,8 +119,7 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
     out = torch.empty_like(hidden)
     rows = []
 
-    def record(stage, timed, nbytes=None):
-        us, window_s = timed if isinstance(timed, tuple) else (timed, None)
+    def record(stage, us, window_s=None, nbytes=None):
         gbps = nbytes / us / 1e3 if nbytes else None
         rows.append({"preset": name, "M": num_tokens, "block_m": cfg.block_m,
                      "tail_m": cfg.tail_block_m, "stage": stage, "us": round(us, 2),
@@ -130,7 +129,7 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
 
     total = timed_replay(lambda: fused_experts(hidden, w.w13, w.w2, ids, weights,
                                                activation=act, b13=w.b13, b2=w.b2, out=out))
-    record("total", total)
+    record("total", *total)
     staged = torch.empty_like(hidden)
     stages = call_stages(hidden, w, ids, weights, act, cfg, staged)
     list(stages.values())[-1]()  # the last stage writes `staged`: the call's output?
@@ -140,7 +139,7 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
         f"{bool(torch.equal(staged, out))}")
     parts = {stage: timed_replay(launch) for stage, launch in stages.items()}
     for stage, timed in parts.items():
-        record(stage, timed, bytes1 if stage.startswith("gemm1") else
+        record(stage, *timed, nbytes=bytes1 if stage.startswith("gemm1") else
                bytes2 if stage.startswith("gemm2") else None)
     record("gaps (total - stages)", total[0] - sum(us for us, _ in parts.values()))
     if tiles and 1 < cfg.block_m < 128:
@@ -152,12 +151,13 @@ def run_cell(name: str, num_tokens: int, tiles: bool, log) -> list[dict]:
                 t1 = (bn, bk, 1, 4, 3 if bk == 256 else 4)
                 try:
                     record(f"gemm1[{bn}x{bk} w4]",
-                           timed_replay(lambda t1=t1: launch_gemm1(
+                           *timed_replay(lambda t1=t1: launch_gemm1(
                                hidden, w.w13, w.b13, weights, plan, act, 1.702, 7.0, False,
-                               t1, False)), bytes1)
+                               t1, False)), nbytes=bytes1)
                     record(f"gemm2[{bn}x{bk} w4]",
-                           timed_replay(lambda t1=t1: launch_gemm2(
-                               inter, w.w2, w.b2, weights, plan, True, t1, False)), bytes2)
+                           *timed_replay(lambda t1=t1: launch_gemm2(
+                               inter, w.w2, w.b2, weights, plan, True, t1, False)),
+                           nbytes=bytes2)
                 except Exception as exc:  # out of resources etc.: report and go on
                     log(f"{name} M={num_tokens} tiles {t1}: {str(exc)[:200]}")
     return rows
