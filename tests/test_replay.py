@@ -27,6 +27,7 @@ from triton.runtime.jit import JITFunction
 import moekit
 import moekit._launch as fast_launch
 import moekit._replay as replay
+import moekit._tile_order
 import moekit.layer as layer_module
 from helpers import (
     poison_,
@@ -167,10 +168,16 @@ def test_the_gluon_switch_is_part_of_the_key(kernels, monkeypatch):
     for _ in range(3):
         op(x)
     assert len(calls) == 6
+    order = moekit._tile_order.EXPERT_GROUPS
+    monkeypatch.setattr(moekit._tile_order, "EXPERT_GROUPS", not order)
+    for _ in range(3):
+        op(x)
+    assert len(calls) == 8  # the tile order too: a plain call and a recording
     monkeypatch.delenv("MOEKIT_GLUON")
     monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
+    monkeypatch.setattr(moekit._tile_order, "EXPERT_GROUPS", order)
     op(x)  # the first settings' recording again
-    assert len(calls) == 6
+    assert len(calls) == 8
 
 
 def _fill(x):

@@ -35,9 +35,9 @@ graph capture (capture pays host time once, and graph replay never sees this pat
 another recording is in progress (a replayed op calling another), while a Triton launch
 hook is installed, where the fast launch path is off or unavailable, and with
 `MOEKIT_REPLAY=0`. The call key holds the switches the ops read at run time
-(`MOEKIT_GLUON`, the Gluon prefetch flags, the current device); functions monkeypatched
-at run time (experiments, tests) are not seen: set `enabled = False` or call `clear()`
-around them.
+(`MOEKIT_GLUON`, the Gluon prefetch flags, the tile order, the current device); functions
+monkeypatched at run time (experiments, tests) are not seen: set `enabled = False` or call
+`clear()` around them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moekit import _gluon, _launch
+from moekit import _gluon, _launch, _tile_order
 
 enabled = os.environ.get("MOEKIT_REPLAY", "1") != "0"
 _SEEN = object()  # a key called once: the next call records
@@ -140,7 +140,8 @@ def _settings() -> tuple:
     """What the ops read at run time besides their arguments."""
     return (_gluon_switch(), _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8,
             _gluon.WIDE_MMA_GEMM1_16BIT,
-            _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _launch._current_device())
+            _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _tile_order.EXPERT_GROUPS,
+            _launch._current_device())
 
 
 _MISMATCH = object()  # a key function given arguments of another signature

@@ -47,6 +47,7 @@ from moekit._gluon_gemm2_16bit import gluon_gemm2_16bit, use_gluon_gemm2_16bit
 from moekit._intmath import cdiv, row_align
 from moekit._launch import launcher
 from moekit._replay import replayed
+from moekit._tile_order import expert_groups
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit._topk_cast import kernel_topk
 from moekit.activation import Activation
@@ -279,7 +280,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     launcher(_gemm1_kernel)[(num_blocks * cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
         bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
-        plan.block_experts if plan.tiles is None else plan.tiles,
+        plan.block_experts if plan.tiles is None else plan.tiles, plan.expert_offsets,
         plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
         hidden.stride(0), w13.stride(0), w13.stride(1),
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
@@ -290,7 +291,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
         ROW_ALIGN=row_align(hidden_size, inter_size, hidden.stride(0), w13.stride(0),
                             w13.stride(1), inter.stride(0)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=warps, num_stages=stages,
+        EXPERT_GROUPS=expert_groups(), num_warps=warps, num_stages=stages,
     )
     return inter
 
@@ -322,7 +323,7 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
         ROW_ALIGN=row_align(hidden_size, inter_size, inter.stride(0), w2.stride(0),
                             w2.stride(1), pair_out.stride(0)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=warps, num_stages=stages,
+        EXPERT_GROUPS=expert_groups(), num_warps=warps, num_stages=stages,
     )
     return pair_out
 
