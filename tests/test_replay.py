@@ -168,14 +168,14 @@ def test_the_gluon_switch_is_part_of_the_key(kernels, monkeypatch):
     for _ in range(3):
         op(x)
     assert len(calls) == 6
-    order = moekit._tile_order.EXPERT_GROUPS
-    monkeypatch.setattr(moekit._tile_order, "EXPERT_GROUPS", not order)
+    order = moekit._tile_order.FORCED
+    monkeypatch.setattr(moekit._tile_order, "FORCED", not order)
     for _ in range(3):
         op(x)
     assert len(calls) == 8  # the tile order too: a plain call and a recording
     monkeypatch.delenv("MOEKIT_GLUON")
     monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
-    monkeypatch.setattr(moekit._tile_order, "EXPERT_GROUPS", order)
+    monkeypatch.setattr(moekit._tile_order, "FORCED", order)
     op(x)  # the first settings' recording again
     assert len(calls) == 8
 

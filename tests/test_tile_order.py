@@ -145,7 +145,7 @@ def test_expert_groups_change_no_value_interpreter(monkeypatch, config, tma, cou
         ids.view(-1)[::7] = -1
     outs = []
     for on in (False, True):
-        monkeypatch.setattr(moekit._tile_order, "EXPERT_GROUPS", on)
+        monkeypatch.setattr(moekit._tile_order, "FORCED", on)
         out = poison_(torch.empty_like(hidden))
         moekit.fused_experts(hidden, w13, w2, ids, weights, activation="silu", b13=b13,
                              b2=b2, config=config, out=out, backend="triton")
@@ -175,7 +175,7 @@ def test_expert_groups_change_no_value_gpu(monkeypatch, counts):
                            tail_block_m=64)
     outs = []
     for on in (False, True):
-        monkeypatch.setattr(moekit._tile_order, "EXPERT_GROUPS", on)
+        monkeypatch.setattr(moekit._tile_order, "FORCED", on)
         out = poison_(torch.empty_like(hidden))
         poison_cuda_cache()
         moekit.fused_experts(hidden, w13, w2, ids, weights, activation="silu", b13=b13,
@@ -185,3 +185,19 @@ def test_expert_groups_change_no_value_gpu(monkeypatch, counts):
     expected = reference.fused_experts(hidden.float(), w13.float(), w2.float(), ids, weights,
                                        activation="silu", b13=b13.float(), b2=b2.float())
     assert_close(outs[1], expected.float(), REL_L2_TOL[torch.bfloat16])
+
+
+def test_expert_groups_below_four_row_tiles_an_expert(monkeypatch):
+    # The shipped rule (H100, session 49): on while the experts average under 4 row
+    # tiles (deepseek-v3 and gpt-oss at M = 2048–8192), off at 4 and more (deepseek-v3 at
+    # M = 16384 lost 6%); MOEKIT_EXPERT_GROUPS forces either.
+    monkeypatch.setattr(moekit._tile_order, "FORCED", None)
+    rule = moekit._tile_order.expert_groups
+    assert rule(8192 * 8, 256, 128)  # deepseek-v3 M = 8192: 2 row tiles an expert
+    assert not rule(16384 * 8, 256, 128)  # M = 16384: 4
+    assert rule(16384 * 8 - 1, 256, 128)
+    assert rule(64 * 8, 64, 16)  # decode: few rows, any tile
+    monkeypatch.setattr(moekit._tile_order, "FORCED", True)
+    assert rule(16384 * 8, 256, 128)
+    monkeypatch.setattr(moekit._tile_order, "FORCED", False)
+    assert not rule(8192 * 8, 256, 128)

@@ -8,7 +8,8 @@ never split an expert (`_expert_tile_of`, `moekit._tile_order`) read them once. 
 times each GEMM alone (CUDA-graph replay, L2 emptied before each) under orders:
   gN  `_tile_of` with GROUP_M = N (g8: the shipped heuristic's)
   eN  `_expert_tile_of` with groups of at most N of an expert's row tiles
-then the whole layer, shipped order against e8; rounds alternate the order of variants.
+then the whole layer, g8 against e8 (whichever the shipped rule, `moekit._tile_order`,
+would pick); rounds alternate the order of variants.
 Every variant's outputs are checked bitwise against g8's.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/tile_order_experiment.py --out $OUT
@@ -41,11 +42,12 @@ ORDERS = ["g8", "g1", "g2", "g4", "g16", "e4", "e8", "e16"]
 
 def with_order(order: str, tiles: list[int], run):
     """run(tiles) under `order`: GROUP_M from its number, expert groups if it starts with e."""
-    moekit._tile_order.EXPERT_GROUPS = order.startswith("e")
+    forced = moekit._tile_order.FORCED
+    moekit._tile_order.FORCED = order.startswith("e")
     try:
         return run([tiles[0], tiles[1], int(order[1:]), tiles[3], tiles[4]])
     finally:
-        moekit._tile_order.EXPERT_GROUPS = False
+        moekit._tile_order.FORCED = forced
 
 
 def run_cell(name: str, num_tokens: int, rounds: int, log) -> list[dict]:

@@ -291,7 +291,8 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
         ROW_ALIGN=row_align(hidden_size, inter_size, hidden.stride(0), w13.stride(0),
                             w13.stride(1), inter.stride(0)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        EXPERT_GROUPS=expert_groups(), num_warps=warps, num_stages=stages,
+        EXPERT_GROUPS=expert_groups(plan.num_pairs, w13.shape[0], block_m),
+        num_warps=warps, num_stages=stages,
     )
     return inter
 
@@ -323,7 +324,8 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
         ROW_ALIGN=row_align(hidden_size, inter_size, inter.stride(0), w2.stride(0),
                             w2.stride(1), pair_out.stride(0)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        EXPERT_GROUPS=expert_groups(), num_warps=warps, num_stages=stages,
+        EXPERT_GROUPS=expert_groups(plan.num_pairs, num_experts, block_m),
+        num_warps=warps, num_stages=stages,
     )
     return pair_out
 
