@@ -290,6 +290,24 @@ def test_tma_path_with_tail_tiles_interpreter(monkeypatch, scheme, counts):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+def test_expert_groups_change_no_value_interpreter(monkeypatch, scheme):
+    # Both fp8 Triton GEMMs in `_expert_tile_of`'s order (runs of 3, 0, 2 and 2 row tiles
+    # in groups of 2) and in `_tile_of`'s: bitwise the same layer, and the oracle's.
+    monkeypatch.setattr("moekit._tma.device_has_tma", lambda device: True)
+    counts = [330, 0, 130, 200]
+    case = make_case(scheme, sum(counts), 4, 1, 64, 128, "silu", bias=True,
+                     ids_transform=exact_counts(counts))
+    outs = []
+    for grouped in (False, True):
+        monkeypatch.setattr("moekit._tile_order.FORCED", grouped)
+        out, expected = run_triton(*case, config=TMA_TAIL_TILES)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert_close(outs[1], expected, KERNEL_TOL, name=scheme)
+
+
+@pytest.mark.interpreter
 def test_saturation_is_exercised_interpreter():
     # The too-small static scale of the saturation case really clips GEMM1's input.
     scheme, hidden, q13, *_ = make_case(STATIC, 11, 4, 2, 128, 128, static_mult=0.25)

@@ -62,6 +62,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 import moekit
 import moekit._gluon
 import moekit._gluon_gemm1
+import moekit._tile_order
 import moekit._tma
 import moekit.backend
 import moekit.experts
@@ -163,7 +164,8 @@ def _experts(why, dtype, act, block_m, **flags):
     tiles on; every other case has them off, whatever the heuristic's default), wide16
     (16-row blocks at the wide tiles of `wide_16_row_tiles`), gluon
     (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
-    no_prefetch (the Gluon kernels loading each tile's indices at its start)."""
+    no_prefetch (the Gluon kernels loading each tile's indices at its start),
+    group_m_order (the Triton GEMMs in `_tile_of`'s order, not the rule's)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
@@ -220,6 +222,10 @@ CASES = [
     _experts("tail tiles: GEMM1 at 128 and 64 rows in one program (TMA weights); the "
              "persistent GEMM2 masking a tail's rows", "bf16", "swigluoai", 128, tma=True,
              tail=True, bias=True, odd_i=True),
+    _experts("the same in `_tile_of`'s GROUP_M order (the rule's at four row tiles an "
+             "expert and more); 128-row cases otherwise take the expert groups",
+             "bf16", "swigluoai", 128, tma=True, tail=True, bias=True, odd_i=True,
+             group_m_order=True),
     _experts("prefill, Gluon GEMMs (16-bit, warp-specialised): GEMM1's A rows gathered by "
              "cp.async; tail tiles (both math warpgroups on a tail's 64 rows, half the "
              "columns each); GEMM2 in plan order, the combine by slot", "bf16", "silu", 128,
@@ -672,6 +678,8 @@ def _run_experts(p):
     moekit._gluon.WIDE_MMA_GEMM1_16BIT = bool(p.get("wide"))
     moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
+    # The Triton GEMMs' order: the rule's (expert groups at 128-row tiles here) or GROUP_M's.
+    moekit._tile_order.FORCED = False if p.get("group_m_order") else None
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), _topk_ids(p, M, _TOP_K), _topk_weights(p, M, _TOP_K),

@@ -188,15 +188,16 @@ def test_expert_groups_change_no_value_gpu(monkeypatch, counts):
 
 
 def test_expert_groups_below_four_row_tiles_an_expert(monkeypatch):
-    # The shipped rule (H100, session 49): on while the experts average under 4 row
-    # tiles (deepseek-v3 and gpt-oss at M = 2048–8192), off at 4 and more (deepseek-v3 at
-    # M = 16384 lost 6%); MOEKIT_EXPERT_GROUPS forces either.
+    # The shipped rule (H100, session 49): on for 128-row tiles while the experts average
+    # under 4 of them (deepseek-v3 and gpt-oss at M = 2048–8192), off at 4 and more
+    # (deepseek-v3 at M = 16384 lost 6%) and for smaller tiles; MOEKIT_EXPERT_GROUPS
+    # forces either.
     monkeypatch.setattr(moekit._tile_order, "FORCED", None)
     rule = moekit._tile_order.expert_groups
     assert rule(8192 * 8, 256, 128)  # deepseek-v3 M = 8192: 2 row tiles an expert
     assert not rule(16384 * 8, 256, 128)  # M = 16384: 4
     assert rule(16384 * 8 - 1, 256, 128)
-    assert rule(64 * 8, 64, 16)  # decode: few rows, any tile
+    assert not rule(64 * 8, 64, 16)  # decode and mid M: tiles under 128 rows
     monkeypatch.setattr(moekit._tile_order, "FORCED", True)
     assert rule(16384 * 8, 256, 128)
     monkeypatch.setattr(moekit._tile_order, "FORCED", False)

@@ -38,6 +38,7 @@ from moekit import _fp8_swap
 from moekit._experts_kernels import (
     _activate,
     _aligned,
+    _expert_tile_of,
     _row_tile,
     _tile_coords,
     _tile_of,
@@ -505,6 +506,7 @@ def _gemm1_fp8_kernel(
     sorted_pairs_ptr,  # [capacity] int32
     block_experts_ptr,  # [capacity / plan rows] int32
     tiles_ptr,  # [num_blocks + 1] int32 work list (read only when TAIL_M)
+    expert_offsets_ptr,  # [E + 1] int32 (read only when EXPERT_GROUPS)
     num_pairs,
     num_blocks,  # row tiles of the grid: plan blocks, or the work list's length
     H,
@@ -546,6 +548,7 @@ def _gemm1_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,  # `_expert_tile_of`'s order, not `_tile_of`'s
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
     """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
@@ -564,7 +567,12 @@ def _gemm1_fp8_kernel(
     stride_we = _aligned(stride_we, ROW_ALIGN)
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
-    pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    if EXPERT_GROUPS:
+        pid_m, pid_n = _expert_tile_of(tl.program_id(0), tl.cdiv(I, BLOCK_N), tiles_ptr,
+                                       block_experts_ptr, expert_offsets_ptr, GROUP_M, TAIL_M,
+                                       BLOCK_M)
+    else:
+        pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
                                              TAIL_M)
     if expert < 0:
@@ -782,6 +790,7 @@ def _gemm2_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,  # `_expert_tile_of`'s order, not `_tile_of`'s
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
     """Row tiles (one expert each) × BLOCK_N hidden columns: one tile per program, or
@@ -800,7 +809,11 @@ def _gemm2_fp8_kernel(
         else:
             used = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
         for tile in tl.range(tl.program_id(0), used * num_n, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _tile_of(tile, used, num_n, GROUP_M)
+            if EXPERT_GROUPS:
+                pid_m, pid_n = _expert_tile_of(tile, num_n, tiles_ptr, block_experts_ptr,
+                                               expert_offsets_ptr, GROUP_M, TAIL_M, BLOCK_M)
+            else:
+                pid_m, pid_n = _tile_of(tile, used, num_n, GROUP_M)
             _gemm2_fp8_work_tile(
                 inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
                 topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr,
@@ -810,7 +823,12 @@ def _gemm2_fp8_kernel(
                 W_GROUP_K, W_UNIFORM_N, TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             )
     else:
-        pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
+        if EXPERT_GROUPS:
+            pid_m, pid_n = _expert_tile_of(tl.program_id(0), num_n, tiles_ptr,
+                                           block_experts_ptr, expert_offsets_ptr, GROUP_M,
+                                           TAIL_M, BLOCK_M)
+        else:
+            pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
         _gemm2_fp8_work_tile(
             inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
             pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n,

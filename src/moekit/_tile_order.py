@@ -12,8 +12,11 @@ The layer (`moekit bench`, H100, four rounds each, graph replay) ran 1.06–1.16
 with it on deepseek-v3 at M = 2048–8192 and 1.02–1.05× on gpt-oss-120b at 2048–8192,
 within noise on the cells whose GEMMs are Gluon's or whose experts have one row tile,
 and 0.94× on deepseek-v3 at M = 16384 (four row tiles an expert), where it stays off:
-`expert_groups` takes it below MAX_ROW_TILES row tiles an expert on average.
-`MOEKIT_EXPERT_GROUPS=1` / `=0` at import forces it on / off (`FORCED`).
+`expert_groups` takes it below MAX_ROW_TILES row tiles an expert on average, for the
+128-row tiles of prefill (MIN_TILE_ROWS) only. Smaller tiles measured within noise
+(M ≤ 1024), and the order's three dependent loads before the K loop cost the 16-row
+swigluoai GEMM1 4 bytes of register spill on sm_90. `MOEKIT_EXPERT_GROUPS=1` / `=0` at
+import forces it on / off (`FORCED`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 
 FORCED = {"1": True, "0": False}.get(os.environ.get("MOEKIT_EXPERT_GROUPS", ""))
 MAX_ROW_TILES = 4
+MIN_TILE_ROWS = 128
 
 
 def expert_groups(num_pairs: int, num_experts: int, tile_rows: int) -> bool:
@@ -29,4 +33,4 @@ def expert_groups(num_pairs: int, num_experts: int, tile_rows: int) -> bool:
     `num_pairs` rows over `num_experts` experts in row tiles of `tile_rows`."""
     if FORCED is not None:
         return FORCED
-    return num_pairs < MAX_ROW_TILES * tile_rows * num_experts
+    return tile_rows >= MIN_TILE_ROWS and num_pairs < MAX_ROW_TILES * tile_rows * num_experts

@@ -97,6 +97,7 @@ from moekit._host_cache import host_cache
 from moekit._intmath import cdiv, row_align
 from moekit._launch import launcher
 from moekit._replay import replayed
+from moekit._tile_order import expert_groups
 from moekit._tma import heuristic_sms, matrix_descriptor, persistent_programs, use_tma
 from moekit._topk_cast import kernel_topk
 from moekit.activation import Activation
@@ -605,6 +606,7 @@ def _launch_fused_experts_fp8(
     swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0], w_per_k)
     swap2 = swap_ab("plan2", block_m, c2[0], w_per_k)
     grid1 = (num_tiles * cdiv(inter, c1[0]),)
+    grouped = expert_groups(plan.num_pairs, num_experts, block_m)  # the Triton GEMMs' order
     programs = persistent_programs(hidden.device) if tma else 0
     if gluon1:
         gluon_gemm1(hidden_in.x, hidden_in.scale, (hidden_in.stride_sm, hidden_in.stride_sk),
@@ -618,7 +620,7 @@ def _launch_fused_experts_fp8(
             matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma else None,
             w13_scale, dummy if b13 is None else b13,
             inter_q, inter_scale, plan.sorted_pairs, plan.block_experts, work_list,
-            plan.num_pairs, num_tiles, hidden_size, inter, top_k,
+            plan.expert_offsets, plan.num_pairs, num_tiles, hidden_size, inter, top_k,
             hidden_in.x.stride(0), hidden_in.stride_sm, hidden_in.stride_sk,
             w13_q.stride(0), w13_q.stride(1), *ws1[:3],
             0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
@@ -632,7 +634,8 @@ def _launch_fused_experts_fp8(
             FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, TAIL_M=tail_m,
             ROW_ALIGN=row_align(hidden_size, inter, hidden_in.x.stride(0), w13_q.stride(0),
                                 w13_q.stride(1), inter_q.stride(0)),
-            BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2], SWAP_AB=swap1,
+            BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
+            EXPERT_GROUPS=grouped, SWAP_AB=swap1,
             num_warps=c1[3],
             num_stages=launch_stages(swap1, c1[4], cdiv(hidden_size, c1[1])),
         )
@@ -663,7 +666,8 @@ def _launch_fused_experts_fp8(
         W_UNIFORM_N=uniform_along_n(ws2, c2[0], 0), TAIL_M=tail_m,
         ROW_ALIGN=row_align(hidden_size, inter, inter_q.stride(0), w2_q.stride(0),
                             w2_q.stride(1), pair_out.stride(0)),
-        BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2], SWAP_AB=swap2,
+        BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
+        EXPERT_GROUPS=grouped, SWAP_AB=swap2,
         num_warps=c2[3],
         num_stages=launch_stages(swap2, c2[4], cdiv(inter, c2[1])),
     )
