@@ -77,6 +77,11 @@
 #   stagetimes bench/scripts/stage_breakdown.py (plan, GEMM1, GEMM2, combine and the gaps, each
 #             graph-replayed alone, and other column tiles) on the cells under target
 #             (STAGE_CELLS="preset:M ..." to choose)
+#   tileorder bench/scripts/tile_order_experiment.py (the Triton GEMMs' order: GROUP_M 1–16
+#             against groups that never split an expert, each GEMM alone and the layer,
+#             deepseek-v3 and gpt-oss at M = 4096–16384), then Nsight Compute DRAM bytes of
+#             both orders at deepseek-v3 M = 16384, where the expert order lost 6% in the
+#             table (NOTES, session 49)
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
@@ -269,6 +274,14 @@ for stage in "$@"; do
         --cells ${STAGE_CELLS:-granite-3.0-3b-a800m:1 granite-3.0-3b-a800m:8 \
         granite-3.0-3b-a800m:64 gpt-oss-120b:1 qwen3-30b-a3b:1 qwen3-30b-a3b:2 \
         qwen3-30b-a3b:4096 gpt-oss-120b:8192} ;;
+    tileorder)
+      step tile-order-experiment 300 python3 bench/scripts/tile_order_experiment.py --out "$out"
+      for groups in 0 1; do
+        step "ncu-order-deepseek-v3-16384-e$groups" 90 env MOEKIT_EXPERT_GROUPS=$groups ncu \
+          --profile-from-start off --clock-control none -k regex:gemm --csv --metrics \
+          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
+          python3 bench/scripts/ncu_gemms.py --cell deepseek-v3:16384:bf16
+      done ;;
     fp8order)
       presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"
       for order in g1 g8 triton; do
