@@ -10,13 +10,14 @@ bench/NOTES.md) GEMM1 read 17.4 GB from DRAM instead of 23.7 and took 7.4 ms ins
 
 The layer (`moekit bench`, H100, four rounds each, graph replay) ran 1.06–1.16× faster
 with it on deepseek-v3 at M = 2048–8192 and 1.02–1.05× on gpt-oss-120b at 2048–8192,
-within noise on the cells whose GEMMs are Gluon's or whose experts have one row tile,
-and 0.94× on deepseek-v3 at M = 16384 (four row tiles an expert), where it stays off:
-`expert_groups` takes it below MAX_ROW_TILES row tiles an expert on average, for the
-128-row tiles of prefill (MIN_TILE_ROWS) only. Smaller tiles measured within noise
-(M ≤ 1024), and the order's three dependent loads before the K loop cost the 16-row
-swigluoai GEMM1 4 bytes of register spill on sm_90. `MOEKIT_EXPERT_GROUPS=1` / `=0` at
-import forces it on / off (`FORCED`).
+within noise on the cells whose GEMMs are Gluon's or whose tiles are under 128 rows.
+At deepseek-v3 M = 16384 (four row tiles an expert) it read a third fewer GEMM1 bytes
+but measured 0.94× in one A/B and 1.03× in another (power-bound: the clock moves with
+the bytes), so it stays off there: `expert_groups` takes it below MAX_ROW_TILES row tiles
+an expert on average, for the 128-row tiles of prefill (MIN_TILE_ROWS) only. Smaller
+tiles gained nothing, and the order's three dependent loads before the K loop cost the
+16-row swigluoai GEMM1 4 bytes of register spill on sm_90. `MOEKIT_EXPERT_GROUPS=1` /
+`=0` at import forces it on / off (`FORCED`).
 """
 
 from __future__ import annotations
