@@ -263,3 +263,30 @@ def test_tail_a_box_changes_no_value_gpu(scheme, prefetch, monkeypatch):
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
                                        b2=b2)
     assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} tail box")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+@pytest.mark.parametrize("prefetch,tail", [(True, True), (False, True), (True, False)])
+def test_expert_groups_change_no_value_gpu(scheme, prefetch, tail, monkeypatch):
+    # The grouped order in groups that never span two experts (`EXPERT_GROUPS`, groups of
+    # 3 here, so an expert's run splits into several): the same bits as GROUP_M's order,
+    # the tile's indices loaded at its start or a tile ahead (the three index loads of the
+    # order then in `prefetch_entry` too), with and without tail tiles.
+    M, E, k, H, I = 1000, 4, 2, 1280, 512
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
+        scheme, M, E, k, H, I, bias=True, skew=2.0)
+    require_gluon(q2.q)
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme),
+                                 tail_block_m=64 if tail else 0)
+    monkeypatch.setenv(GEMM2_GROUP_M_ENV, "3")
+    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES_FP8", prefetch)
+    calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
+    outs = outputs_both_ways(monkeypatch, moekit._gluon, "EXPERT_GROUPS", lambda: (
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
+                                 config=config, out=poison_(torch.empty_like(hidden)))))
+    assert len(calls) == 2, "the Gluon GEMM2 ran both ways"
+    assert torch.equal(outs[True], outs[False]), "the expert groups moved a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
+                                       b2=b2)
+    assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} expert groups")

@@ -250,6 +250,21 @@ def test_tail_a_box_changes_no_value_gpu(prefetch, gemm2_calls, monkeypatch):
                                    f"tail box prefetch={prefetch}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch,tail", [(True, True), (False, True), (True, False)])
+def test_expert_groups_change_no_value_gpu(prefetch, tail, gemm2_calls, monkeypatch):
+    # GROUP_M's order in groups that never span two experts (`EXPERT_GROUPS`; groups of 3,
+    # so runs of several row tiles split): the same bits, the tile's indices loaded at its
+    # start or a tile ahead (`prefetch_entry` then computes the order too), with and
+    # without tail tiles (without them `expert_offsets` is also the work pointer).
+    _require_gluon()
+    monkeypatch.setenv(moekit._gluon.GEMM2_GROUP_M_ENV, "3")
+    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
+    _check_switch_changes_no_value("EXPERT_GROUPS", 64 if tail else 0, gemm2_calls,
+                                   monkeypatch, "the expert groups",
+                                   f"expert groups prefetch={prefetch} tail={tail}")
+
+
 def _check_switch_changes_no_value(switch, tail_m, gemm2_calls, monkeypatch, what, name):
     """The layer with `moekit._gluon.<switch>` on and off, on skewed routing over 4 experts
     with odd 64-row tails and 5 column tiles: the Gluon GEMM2 ran both ways, the outputs

@@ -165,7 +165,8 @@ def _experts(why, dtype, act, block_m, **flags):
     (16-row blocks at the wide tiles of `wide_16_row_tiles`), gluon
     (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
     no_prefetch (the Gluon kernels loading each tile's indices at its start),
-    group_m_order (the Triton GEMMs in `_tile_of`'s order, not the rule's)."""
+    group_m_order (the Triton GEMMs in `_tile_of`'s order, not the rule's),
+    expert_groups2 (the Gluon GEMM2's groups never two experts', `_gluon.EXPERT_GROUPS`)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
@@ -243,6 +244,13 @@ CASES = [
              tail=True, bias=True, gluon=True, no_prefetch=True),
     _experts("Gluon GEMMs, GEMM2's row tiles grouped over each column tile, tail tiles",
              "bf16", "silu", 128, tma=True, tail=True, gluon=True, grouped2=True),
+    _experts("Gluon GEMM2's grouped row tiles never spanning two experts (`EXPERT_GROUPS`, "
+             "staged off): the producer's and consumers' three index loads a tile, and "
+             "`prefetch_entry`'s; tail tiles, biases", "bf16", "gelu", 128, tma=True, tail=True,
+             bias=True, gluon=True, grouped2=True, expert_groups2=True),
+    _experts("the same without tail tiles or the prefetch (`expert_offsets` is the work "
+             "pointer)", "fp16", "silu", 128, tma=True, gluon=True, grouped2=True,
+             expert_groups2=True, no_prefetch=True),
     _experts("both 16-bit Gluon GEMMs as one [64, 256] MMA per K step, tail tiles, biases",
              "bf16", "gelu", 128, tma=True, tail=True, bias=True, gluon=True, wide=True),
     _experts("both 16-bit Gluon GEMMs as one MMA over both halves per K step "
@@ -340,6 +348,10 @@ CASES = [
          gluon1=True, gather=True, grouped=True, prefetch=True),
     _fp8("prefill, Gluon GEMM2's row tiles grouped over each column tile: block scales, "
          "tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True, grouped2=True),
+    _fp8("prefill, Gluon GEMM2's grouped row tiles never spanning two experts "
+         "(`EXPERT_GROUPS`, staged off): per-tensor, the producer's prefetch, tail tiles",
+         "tensor", "bf16", "silu", 128, tma=True, gluon=True, grouped2=True,
+         expert_groups2=True, prefetch=True),
     _fp8("prefill, Gluon GEMM2 loading a tail tile's A as a [64, 128] box (`TAIL_A_BOX`), "
          "per-tensor, the producer's prefetch", "tensor", "bf16", "silu", 128, tma=True,
          gluon=True, tail_a=True, prefetch=True),
@@ -677,6 +689,7 @@ def _run_experts(p):
     moekit._gluon.WIDE_MMA_GEMM2_16BIT = bool(p.get("wide"))
     moekit._gluon.WIDE_MMA_GEMM1_16BIT = bool(p.get("wide"))
     moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
+    moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     # The Triton GEMMs' order: the rule's (expert groups at 128-row tiles here) or GROUP_M's.
     moekit._tile_order.FORCED = False if p.get("group_m_order") else None
@@ -733,6 +746,7 @@ def _run_fp8(p):
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
     moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
+    moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)

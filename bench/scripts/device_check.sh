@@ -82,6 +82,12 @@
 #             deepseek-v3 and gpt-oss at M = 4096–16384), then Nsight Compute DRAM bytes of
 #             both orders at deepseek-v3 M = 16384, where the expert order lost 6% in the
 #             table (NOTES, session 49)
+#   gluongroups the Gluon GEMM2s' expert groups (`MOEKIT_GLUON_EXPERT_GROUPS`, staged off,
+#             never run on a GPU before): their GPU tests, Nsight Compute DRAM bytes of the
+#             16-bit GEMM2 both ways at deepseek-v3 M = 16384, then `moekit bench` both
+#             ways, two rounds alternating, bf16 (deepseek-v3, mixtral M = 4096–16384, the
+#             Gluon GEMM2 forced everywhere) and fp8 per-tensor (deepseek-v3, mixtral),
+#             compared with compare_tables.py (NOTES, session 49)
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
@@ -281,6 +287,34 @@ for stage in "$@"; do
           --profile-from-start off --clock-control none -k regex:gemm --csv --metrics \
           gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
           python3 bench/scripts/ncu_gemms.py --cell deepseek-v3:16384:bf16
+      done ;;
+    gluongroups)
+      step pytest-gpu-gluon-groups 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        -k expert_groups tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py
+      for groups in 0 1; do
+        step "ncu-gluon-groups-deepseek-v3-16384-e$groups" 90 env \
+          MOEKIT_GLUON_EXPERT_GROUPS=$groups ncu --profile-from-start off --clock-control none \
+          -k regex:gemm2 --csv --metrics \
+          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
+          python3 bench/scripts/ncu_gemms.py --cell deepseek-v3:16384:bf16
+      done
+      for round in 1 2; do
+        for groups in 0 1; do
+          step "bench-gluongroups-bf16-e$groups-r$round" 90 env MOEKIT_GLUON_GEMM2=1 \
+            MOEKIT_GLUON_EXPERT_GROUPS=$groups python3 -m moekit.cli bench --no-baselines \
+            --graph-max-m 16384 --rep-ms 40 --presets deepseek-v3 mixtral-8x7b \
+            --tokens 4096 8192 16384 --what "gluongroups-bf16-e$groups-r$round" --out "$out"
+          step "bench-gluongroups-fp8-e$groups-r$round" 90 env \
+            MOEKIT_GLUON_EXPERT_GROUPS=$groups python3 -m moekit.cli bench --dtype fp8_tensor \
+            --no-baselines --graph-max-m 16384 --rep-ms 40 --presets deepseek-v3 mixtral-8x7b \
+            --tokens 4096 8192 16384 --what "gluongroups-fp8-e$groups-r$round" --out "$out"
+        done
+      done
+      for dtype in bf16 fp8; do
+        step "compare-gluongroups-$dtype" 30 python3 bench/scripts/compare_tables.py \
+          --out "$out" --stem "ab-$dtype-gluon-expert-groups" \
+          "g8=$(ls "$out"/*gluongroups-$dtype-e0-r1.json),$(ls "$out"/*gluongroups-$dtype-e0-r2.json)" \
+          "e8=$(ls "$out"/*gluongroups-$dtype-e1-r1.json),$(ls "$out"/*gluongroups-$dtype-e1-r2.json)"
       done ;;
     fp8order)
       presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"

@@ -83,6 +83,12 @@ WIDE_MMA_GEMM2_16BIT = "gemm2" in _WIDE_MMA
 # cell 0.999×), 0.96–1.02× fp8 (session 47), so off; read at every launch;
 # `MOEKIT_GLUON_TAIL_A_BOX=1` at import turns it on.
 TAIL_A_BOX = os.environ.get("MOEKIT_GLUON_TAIL_A_BOX") == "1"
+# The Gluon GEMM2s' grouped order (GROUP_M > 1, `gemm2_group_m`) in groups that never split
+# an expert's row tiles (`expert_tile_coords`), as the Triton GEMMs' (`moekit._tile_order`):
+# at deepseek-v3 bf16 M = 16384 the Gluon GEMM2 read 14.3 GB of DRAM for ~8 GB of w2 and
+# rows (bench/NOTES.md, session 49). Staged, not yet run on a GPU: read at every launch;
+# `MOEKIT_GLUON_EXPERT_GROUPS=1` at import turns it on.
+EXPERT_GROUPS = os.environ.get("MOEKIT_GLUON_EXPERT_GROUPS") == "1"
 # Measurement controls of the GEMM2s (read at every launch): `GEMM2_ENV` "0" runs Triton's
 # GEMM2 beside the Gluon GEMM1, "1" the Gluon GEMM2 wherever its shape rules allow (past
 # `_gluon_gemm2_16bit.few_row_tiles_of_large_experts`); a number in `GEMM2_GROUP_M_ENV` sets
@@ -234,14 +240,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def prefetch_entry(tile, total, used, n_tiles, work_ptr, GROUP_M: gl.constexpr,
-                       TAIL_M: gl.constexpr):
-        """The `tile_entry` of tile `tile` (in `tile_coords` order) for a load ahead of
-        it: past this program's last tile, the last tile's (valid indices, values never
+                       TAIL_M: gl.constexpr, block_experts_ptr=None, offsets_ptr=None,
+                       EXPERT_GROUPS: gl.constexpr = False):
+        """The `tile_entry` of tile `tile` (in `ordered_tile_coords` order) for a load ahead
+        of it: past this program's last tile, the last tile's (valid indices, values never
         used); with no tile at all (every pair dropped, as on an expert-parallel rank that
         got no tokens), plan block 0 read as a 64-row tail, whose slots every plan has."""
         last = total - 1
-        pid_m, _ = tile_coords(gl.maximum(gl.minimum(tile, last), 0), gl.maximum(used, 1),
-                               n_tiles, GROUP_M)
+        pid_m, _ = ordered_tile_coords(gl.maximum(gl.minimum(tile, last), 0),
+                                       gl.maximum(used, 1), n_tiles, work_ptr,
+                                       block_experts_ptr, offsets_ptr, last >= 0, GROUP_M,
+                                       EXPERT_GROUPS, TAIL_M)
         entry = pid_m
         if TAIL_M:
             entry = gl.load(work_ptr + pid_m, mask=last >= 0, other=1)
@@ -278,6 +287,48 @@ if HAVE_GLUON:
             within = tile - group * per_group
             pid_m = first + within % rows
             pid_n = within // rows
+        return pid_m, pid_n
+
+    @gluon.jit
+    def expert_tile_coords(tile, n_tiles, work_ptr, block_experts_ptr, offsets_ptr, valid,
+                           GROUP_M: gl.constexpr, TAIL_M: gl.constexpr):
+        """Tile index (< row tiles in use × n_tiles) → (row tile, column tile) in groups of
+        at most GROUP_M of one expert's row tiles, each taking every column tile in turn:
+        `moekit._experts_kernels._expert_tile_of` for the persistent Gluon kernels. A
+        group's tiles are [first · n_tiles, (first + size) · n_tiles), so row tile
+        tile // n_tiles names the group, and its expert's run (`offsets_ptr`: the plan's
+        expert_offsets) its first row tile and size. `valid` False (no tile at all): the
+        loads are skipped and the answer is row tile 0."""
+        m0 = tile // n_tiles
+        if TAIL_M:  # work-list entries of two TAIL_M-row plan blocks
+            block = gl.load(work_ptr + m0, mask=valid, other=0) >> 1
+            plan_rows: gl.constexpr = TAIL_M
+            per_tile: gl.constexpr = 2
+        else:
+            block = m0
+            plan_rows: gl.constexpr = _TILE_M
+            per_tile: gl.constexpr = 1
+        expert = gl.load(block_experts_ptr + block, mask=valid, other=0)
+        first_block = gl.load(offsets_ptr + expert, mask=valid, other=0) // plan_rows
+        end_block = gl.load(offsets_ptr + expert + 1, mask=valid, other=plan_rows) // plan_rows
+        place = (block - first_block) // per_tile
+        count = (end_block - first_block + per_tile - 1) // per_tile
+        start = place // GROUP_M * GROUP_M
+        size = gl.minimum(count - start, GROUP_M)
+        first = m0 - place + start
+        local = tile - first * n_tiles
+        return first + local % size, local // size
+
+    @gluon.jit
+    def ordered_tile_coords(tile, used, n_tiles, work_ptr, block_experts_ptr, offsets_ptr,
+                            valid, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
+                            TAIL_M: gl.constexpr):
+        """`expert_tile_coords` with EXPERT_GROUPS (and GROUP_M > 1), else `tile_coords`."""
+        if EXPERT_GROUPS and GROUP_M > 1:
+            pid_m, pid_n = expert_tile_coords(tile, n_tiles, work_ptr, block_experts_ptr,
+                                              offsets_ptr, valid, GROUP_M, TAIL_M)
+        else:
+            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
         return pid_m, pid_n
 
     @gluon.jit

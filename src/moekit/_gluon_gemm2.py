@@ -56,10 +56,10 @@ if HAVE_GLUON:
         gl,
         gluon,
         mbarrier,
+        ordered_tile_coords,
         prefetch_entry,
         row_tile,
         stage_ring,
-        tile_coords,
         tiles_in_use,
         tma,
         warpgroup_mma,
@@ -105,16 +105,17 @@ if HAVE_GLUON:
     _HALF_M = gl.constexpr(HALF_M)
 
     @gluon.jit
-    def _producer(a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I, a_bufs,
-                  b_bufs, ready, empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr,
-                  TAIL_A_BOX: gl.constexpr):
+    def _producer(a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr, num_work,
+                  H, I, a_bufs, b_bufs, ready, empty, TAIL_M: gl.constexpr,
+                  GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr,
+                  TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
         both math warpgroups have released it. PREFETCH: a tile's expert is loaded during
         the tile before's K loop, its work entry during the one before that (as the
         GEMM1 producer's), so a tile's first loads wait on neither. TAIL_A_BOX: a tail
         tile's A rows by `t_desc`'s [64, BLOCK_K] box into the stage's first 64 rows (the
-        ones its math reads), not `a_desc`'s 128 rows, half of them the next tile's."""
+        ones its math reads), not `a_desc`'s 128 rows, half of them the next tile's.
+        Tiles in `ordered_tile_coords` order (EXPERT_GROUPS: `expert_tile_coords`)."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         n_tiles = gl.cdiv(H, BLOCK_N)
@@ -124,19 +125,23 @@ if HAVE_GLUON:
         if PREFETCH:
             first_slot, expert, rows = entry_tile(
                 prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M,
-                               TAIL_M), block_experts_ptr, TAIL_M)
+                               TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS),
+                block_experts_ptr, TAIL_M)
             entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr,
-                                   GROUP_M, TAIL_M)
+                                   GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
+                                   EXPERT_GROUPS)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
-            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
+            pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr, block_experts_ptr,
+                                               offsets_ptr, True, GROUP_M, EXPERT_GROUPS,
+                                               TAIL_M)
             if PREFETCH:
                 tile_slot = first_slot
                 tile_expert = expert
                 tile_rows = rows
                 first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
                 entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
-                                       TAIL_M)
+                                       TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS)
             else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr, pid_m,
                                                              TAIL_M)
@@ -302,7 +307,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
-                  block_experts_ptr, work_ptr, num_work, num_pairs, H, I, stride_asm,
+                  block_experts_ptr, work_ptr, offsets_ptr, num_work, num_pairs, H, I, stride_asm,
                   stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs, b_bufs,
                   ready, empty, c_bufs,
                   CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
@@ -310,7 +315,8 @@ if HAVE_GLUON:
                   NUM_BUFFERS: gl.constexpr, A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  APPLY_WEIGHT: gl.constexpr, PARTIAL_N: gl.constexpr):
+                  APPLY_WEIGHT: gl.constexpr, PARTIAL_N: gl.constexpr,
+                  EXPERT_GROUPS: gl.constexpr):
         """Math warpgroup CONSUMER of every tile (`_piece`): rows [CONSUMER·64, +64) in one
         or two 128-column halves (a tile as wide as the B box), or, in a tail tile (64
         rows), its rows × half CONSUMER of the tile's columns (one 128-column half, or 64
@@ -325,7 +331,9 @@ if HAVE_GLUON:
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
         for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
-            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
+            pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr, block_experts_ptr,
+                                               offsets_ptr, True, GROUP_M, EXPERT_GROUPS,
+                                               TAIL_M)
             col0 = pid_n * TILE_N  # the tile's first column
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             # Without tail tiles the tail branch is not compiled (dead code there crashed
@@ -376,6 +384,7 @@ if HAVE_GLUON:
         sorted_pairs_ptr,  # [capacity] int32
         block_experts_ptr,  # [capacity / plan rows] int32
         work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
+        offsets_ptr,  # expert_offsets [E + 1] (read only when EXPERT_GROUPS)
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
         stride_be,
@@ -384,10 +393,11 @@ if HAVE_GLUON:
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
         PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, TAIL_A_BOX: gl.constexpr,
-        num_warps: gl.constexpr,
+        EXPERT_GROUPS: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Persistent over (row tile, column tile) in `tile_coords` order (GROUP_M row
-        tiles per column tile; 1: row tile major); this program's own
+        """Persistent over (row tile, column tile) in `ordered_tile_coords` order (GROUP_M
+        row tiles per column tile, with EXPERT_GROUPS never two experts' in a group; 1: row
+        tile major); this program's own
         warpgroup is the producer, two more (most of the registers) the math. A stage's
         `empty` barrier counts both math warpgroups' releases."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
@@ -402,25 +412,25 @@ if HAVE_GLUON:
                                            c_desc.layout)
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I,
-                          a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH,
-                          TAIL_A_BOX)),
+            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
+                          num_work, H, I, a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M,
+                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
-                          sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
-                          I, stride_asm,
+                          sorted_pairs_ptr, block_experts_ptr, work_ptr, offsets_ptr, num_work,
+                          num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, BLOCK_K,
                           NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)),
+                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N, EXPERT_GROUPS)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
-                          sorted_pairs_ptr, block_experts_ptr, work_ptr, num_work, num_pairs, H,
-                          I, stride_asm,
+                          sorted_pairs_ptr, block_experts_ptr, work_ptr, offsets_ptr, num_work,
+                          num_pairs, H, I, stride_asm,
                           stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
                           b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M, BLOCK_K,
                           NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N))],
+                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N, EXPERT_GROUPS))],
             [4, 4], [232, 232])
 
 
@@ -456,8 +466,8 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,
         w2_scale,
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
-        plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden,
-        inter_size, a_strides[0], a_strides[1], *w_layout[:3],
+        plan.sorted_pairs, plan.block_experts, work, plan.expert_offsets, num_work,
+        plan.num_pairs, hidden, inter_size, a_strides[0], a_strides[1], *w_layout[:3],
         0 if b2 is None else b2.stride(0),
         TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2, by_size=False),
         NUM_BUFFERS=STAGES if halves == 1 else WIDE_STAGES,
@@ -466,6 +476,6 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None,
         PARTIAL_N=hidden % (halves * BLOCK_N) != 0, PREFETCH=_gluon.PREFETCH_TILES_FP8,
-        TAIL_A_BOX=_gluon.TAIL_A_BOX, num_warps=4,
+        TAIL_A_BOX=_gluon.TAIL_A_BOX, EXPERT_GROUPS=_gluon.EXPERT_GROUPS, num_warps=4,
     )
     return out

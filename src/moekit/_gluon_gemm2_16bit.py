@@ -34,11 +34,11 @@ if HAVE_GLUON:
         fence_async_shared,
         gl,
         gluon,
+        ordered_tile_coords,
         paired_mainloop,
         prefetch_entry,
         row_tile,
         stage_ring,
-        tile_coords,
         tiles_in_use,
         tma,
         wide_mainloop,
@@ -138,10 +138,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
-                  block_experts_ptr, work_ptr, num_work, H, I, stride_be, a_bufs, b_bufs,
-                  ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
+                  block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I, stride_be, a_bufs,
+                  b_bufs, ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, WIDE: gl.constexpr):
+                  APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, WIDE: gl.constexpr,
+                  EXPERT_GROUPS: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
         halves (WIDE: as one MMA per K step), or, in a tail tile (64 rows), its rows × half
         CONSUMER (as two 64-column products, `q_desc`'s [64, 64] boxes), so that a tail
@@ -160,15 +161,19 @@ if HAVE_GLUON:
             # during this tile's K loop (its work entry during the one before)
             first_slot, expert, rows = entry_tile(
                 prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M,
-                               TAIL_M), block_experts_ptr, TAIL_M)
+                               TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS),
+                block_experts_ptr, TAIL_M)
             entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr,
-                                   GROUP_M, TAIL_M)
+                                   GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
+                                   EXPERT_GROUPS)
             if APPLY_WEIGHT:
                 pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                   sorted_pairs_ptr, acc_layout)
         counter = 0
         for tile in range(gl.program_id(0), total, step):
-            pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)  # as `_producer`'s
+            pid_m, pid_n = ordered_tile_coords(  # as `_producer`'s
+                tile, used, n_tiles, work_ptr, block_experts_ptr, offsets_ptr, True, GROUP_M,
+                EXPERT_GROUPS, TAIL_M)
             col0 = pid_n * TILE_N
             weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
             if PREFETCH:
@@ -182,7 +187,7 @@ if HAVE_GLUON:
                     pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                       sorted_pairs_ptr, acc_layout)
                 entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
-                                       TAIL_M)
+                                       TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS)
             else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
                                                              pid_m, TAIL_M)
@@ -238,15 +243,18 @@ if HAVE_GLUON:
         sorted_pairs_ptr,  # [capacity] int32: slot → pair
         block_experts_ptr,  # [capacity / plan rows] int32
         work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
+        offsets_ptr,  # expert_offsets [E + 1] (read only when EXPERT_GROUPS)
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_be,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
-        WIDE: gl.constexpr, TAIL_A_BOX: gl.constexpr, num_warps: gl.constexpr,
+        WIDE: gl.constexpr, TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
-        """Persistent over (row tile, 256 hidden columns) in `tile_coords` order (GROUP_M
-        row tiles per column tile; 1: row tile major); this program's own warpgroup is the
-        producer, two more the math."""
+        """Persistent over (row tile, 256 hidden columns) in `ordered_tile_coords` order
+        (GROUP_M row tiles per column tile, with EXPERT_GROUPS never two experts' in a
+        group; 1: row tile major); this program's own warpgroup is the producer, two more
+        the math."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
         dtype: gl.constexpr = a_desc.dtype
         gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
@@ -258,17 +266,17 @@ if HAVE_GLUON:
                                            c_desc.layout)
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, num_work, H, I,
-                          a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, PREFETCH,
-                          TAIL_A_BOX)),
+            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
+                          num_work, H, I, a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M,
+                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
-                          num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
-                          a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, NUM_BUFFERS,
-                          HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE)),
+                          num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
+                          stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M,
+                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
-                          num_pairs, block_experts_ptr, work_ptr, num_work, H, I, stride_be,
-                          a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M, NUM_BUFFERS,
-                          HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE))],
+                          num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
+                          stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M,
+                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS))],
             [4, 4], [232, 232])
 
 
@@ -296,11 +304,12 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
-        plan.sorted_pairs, plan.block_experts, work, num_work, plan.num_pairs, hidden_size,
-        inter_size, 0 if b2 is None else b2.stride(0),
+        plan.sorted_pairs, plan.block_experts, work, plan.expert_offsets, num_work,
+        plan.num_pairs, hidden_size, inter_size, 0 if b2 is None else b2.stride(0),
         TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES,
         HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES,
-        WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, TAIL_A_BOX=_gluon.TAIL_A_BOX, num_warps=4,
+        WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, TAIL_A_BOX=_gluon.TAIL_A_BOX,
+        EXPERT_GROUPS=_gluon.EXPERT_GROUPS, num_warps=4,
     )
     return out

@@ -140,8 +140,8 @@ def _settings() -> tuple:
     """What the ops read at run time besides their arguments."""
     return (_gluon_switch(), _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8,
             _gluon.WIDE_MMA_GEMM1_16BIT,
-            _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _tile_order.FORCED,
-            _launch._current_device())
+            _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _gluon.EXPERT_GROUPS,
+            _tile_order.FORCED, _launch._current_device())
 
 
 _MISMATCH = object()  # a key function given arguments of another signature
