@@ -248,21 +248,8 @@ def test_tail_a_box_changes_no_value_gpu(scheme, prefetch, monkeypatch):
     # A tail tile's A loaded as a [64, 128] box (`TAIL_A_BOX`) into the rows its math reads:
     # the same bits as the whole tile's box, on skewed routing with odd 64-row tails, with
     # and without the producer's prefetch (which carries the tile's rows ahead).
-    M, E, k, H, I = 1000, 4, 2, 1280, 512
-    scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
-        scheme, M, E, k, H, I, bias=True, skew=2.0)
-    require_gluon(q2.q)
-    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
-    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES_FP8", prefetch)
-    calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
-    outs = outputs_both_ways(monkeypatch, moekit._gluon, "TAIL_A_BOX", lambda: (
-        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
-                                 config=config, out=poison_(torch.empty_like(hidden)))))
-    assert len(calls) == 2, "the Gluon GEMM2 ran both ways"
-    assert torch.equal(outs[True], outs[False]), "the tail box moved a value"
-    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
-                                       b2=b2)
-    assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} tail box")
+    _check_switch_changes_no_value("TAIL_A_BOX", scheme, prefetch, True, monkeypatch,
+                                   "the tail box")
 
 
 @pytest.mark.gpu
@@ -273,20 +260,28 @@ def test_expert_groups_change_no_value_gpu(scheme, prefetch, tail, monkeypatch):
     # 3 here, so an expert's run splits into several): the same bits as GROUP_M's order,
     # the tile's indices loaded at its start or a tile ahead (the three index loads of the
     # order then in `prefetch_entry` too), with and without tail tiles.
+    monkeypatch.setenv(GEMM2_GROUP_M_ENV, "3")
+    _check_switch_changes_no_value("EXPERT_GROUPS", scheme, prefetch, tail, monkeypatch,
+                                   "the expert groups")
+
+
+def _check_switch_changes_no_value(switch, scheme, prefetch, tail, monkeypatch, what):
+    """The fp8 layer with `moekit._gluon.<switch>` on and off, on skewed routing over 4
+    experts (odd 64-row tails with `tail`), the producers' prefetch as given: the Gluon
+    GEMM2 ran both ways, the outputs are the same bits, and they match the oracle."""
     M, E, k, H, I = 1000, 4, 2, 1280, 512
     scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
         scheme, M, E, k, H, I, bias=True, skew=2.0)
     require_gluon(q2.q)
     config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme),
                                  tail_block_m=64 if tail else 0)
-    monkeypatch.setenv(GEMM2_GROUP_M_ENV, "3")
     monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES_FP8", prefetch)
     calls = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
-    outs = outputs_both_ways(monkeypatch, moekit._gluon, "EXPERT_GROUPS", lambda: (
+    outs = outputs_both_ways(monkeypatch, moekit._gluon, switch, lambda: (
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13, b2=b2,
                                  config=config, out=poison_(torch.empty_like(hidden)))))
     assert len(calls) == 2, "the Gluon GEMM2 ran both ways"
-    assert torch.equal(outs[True], outs[False]), "the expert groups moved a value"
+    assert torch.equal(outs[True], outs[False]), f"{what} moved a value"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
                                        b2=b2)
-    assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} expert groups")
+    assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} {what}")

@@ -83,7 +83,8 @@
 #             both orders at deepseek-v3 M = 16384, where the expert order lost 6% in the
 #             table (NOTES, session 49)
 #   gluongroups the Gluon GEMM2s' expert groups (`MOEKIT_GLUON_EXPERT_GROUPS`, staged off,
-#             never run on a GPU before): their GPU tests, Nsight Compute DRAM bytes of the
+#             never run on a GPU before): their GPU tests (and the fp8 tail-box test, whose
+#             body they now share), Nsight Compute DRAM bytes of the
 #             16-bit GEMM2 both ways at deepseek-v3 M = 16384, then `moekit bench` both
 #             ways, two rounds alternating, bf16 (deepseek-v3, mixtral M = 4096–16384, the
 #             Gluon GEMM2 forced everywhere) and fp8 per-tensor (deepseek-v3, mixtral),
@@ -290,7 +291,7 @@ for stage in "$@"; do
       done ;;
     gluongroups)
       step pytest-gpu-gluon-groups 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        -k expert_groups tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py
+        -k "expert_groups or tail_a_box" tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py
       for groups in 0 1; do
         step "ncu-gluon-groups-deepseek-v3-16384-e$groups" 90 env \
           MOEKIT_GLUON_EXPERT_GROUPS=$groups ncu --profile-from-start off --clock-control none \

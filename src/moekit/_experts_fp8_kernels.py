@@ -38,10 +38,8 @@ from moekit import _fp8_swap
 from moekit._experts_kernels import (
     _activate,
     _aligned,
-    _expert_tile_of,
+    _ordered_tile_of,
     _row_tile,
-    _tile_coords,
-    _tile_of,
     _weight_tile,
     _work_tile,
 )
@@ -567,12 +565,9 @@ def _gemm1_fp8_kernel(
     stride_we = _aligned(stride_we, ROW_ALIGN)
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
-    if EXPERT_GROUPS:
-        pid_m, pid_n = _expert_tile_of(tl.program_id(0), tl.cdiv(I, BLOCK_N), tiles_ptr,
-                                       block_experts_ptr, expert_offsets_ptr, GROUP_M, TAIL_M,
-                                       BLOCK_M)
-    else:
-        pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _ordered_tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), tiles_ptr,
+                                    block_experts_ptr, expert_offsets_ptr, GROUP_M,
+                                    EXPERT_GROUPS, TAIL_M, BLOCK_M)
     first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
                                              TAIL_M)
     if expert < 0:
@@ -809,11 +804,9 @@ def _gemm2_fp8_kernel(
         else:
             used = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
         for tile in tl.range(tl.program_id(0), used * num_n, NUM_PROGRAMS, flatten=True):
-            if EXPERT_GROUPS:
-                pid_m, pid_n = _expert_tile_of(tile, num_n, tiles_ptr, block_experts_ptr,
-                                               expert_offsets_ptr, GROUP_M, TAIL_M, BLOCK_M)
-            else:
-                pid_m, pid_n = _tile_of(tile, used, num_n, GROUP_M)
+            pid_m, pid_n = _ordered_tile_of(tile, used, num_n, tiles_ptr, block_experts_ptr,
+                                            expert_offsets_ptr, GROUP_M, EXPERT_GROUPS, TAIL_M,
+                                            BLOCK_M)
             _gemm2_fp8_work_tile(
                 inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
                 topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr,
@@ -823,12 +816,9 @@ def _gemm2_fp8_kernel(
                 W_GROUP_K, W_UNIFORM_N, TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             )
     else:
-        if EXPERT_GROUPS:
-            pid_m, pid_n = _expert_tile_of(tl.program_id(0), num_n, tiles_ptr,
-                                           block_experts_ptr, expert_offsets_ptr, GROUP_M,
-                                           TAIL_M, BLOCK_M)
-        else:
-            pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
+        pid_m, pid_n = _ordered_tile_of(tl.program_id(0), num_blocks, num_n, tiles_ptr,
+                                        block_experts_ptr, expert_offsets_ptr, GROUP_M,
+                                        EXPERT_GROUPS, TAIL_M, BLOCK_M)
         _gemm2_fp8_work_tile(
             inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
             pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n,

@@ -78,12 +78,6 @@ def _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, 
 
 
 @triton.jit
-def _tile_coords(num_m, num_n, GROUP_M: tl.constexpr):
-    """This program's (row block, column tile): `_tile_of` of the program id."""
-    return _tile_of(tl.program_id(0), num_m, num_n, GROUP_M)
-
-
-@triton.jit
 def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile id → (row block, column tile), GROUP_M row blocks sharing columns in L2."""
     per_group = GROUP_M * num_n
@@ -133,6 +127,19 @@ def _expert_tile_of(pid, num_n, tiles_ptr, block_experts_ptr, expert_offsets_ptr
         local = pid - first * num_n
         pid_m = first + local % size
         pid_n = local // size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _ordered_tile_of(pid, num_m, num_n, tiles_ptr, block_experts_ptr, expert_offsets_ptr,
+                     GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, TAIL_M: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """`_expert_tile_of` with EXPERT_GROUPS (`moekit._tile_order`), else `_tile_of`."""
+    if EXPERT_GROUPS:
+        pid_m, pid_n = _expert_tile_of(pid, num_n, tiles_ptr, block_experts_ptr,
+                                       expert_offsets_ptr, GROUP_M, TAIL_M, BLOCK_M)
+    else:
+        pid_m, pid_n = _tile_of(pid, num_m, num_n, GROUP_M)
     return pid_m, pid_n
 
 
@@ -281,12 +288,9 @@ def _gemm1_kernel(
     stride_we = _aligned(stride_we, ROW_ALIGN)
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
-    if EXPERT_GROUPS:
-        pid_m, pid_n = _expert_tile_of(tl.program_id(0), tl.cdiv(I, BLOCK_N), tiles_ptr,
-                                       block_experts_ptr, expert_offsets_ptr, GROUP_M, TAIL_M,
-                                       BLOCK_M)
-    else:
-        pid_m, pid_n = _tile_coords(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _ordered_tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), tiles_ptr,
+                                    block_experts_ptr, expert_offsets_ptr, GROUP_M,
+                                    EXPERT_GROUPS, TAIL_M, BLOCK_M)
     first_slot, expert, is_tail = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M,
                                              TAIL_M)
     if expert < 0:
@@ -471,11 +475,9 @@ def _gemm2_kernel(
         else:
             used = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
         for tile in tl.range(tl.program_id(0), used * num_n, NUM_PROGRAMS, flatten=True):
-            if EXPERT_GROUPS:
-                pid_m, pid_n = _expert_tile_of(tile, num_n, tiles_ptr, block_experts_ptr,
-                                               expert_offsets_ptr, GROUP_M, TAIL_M, BLOCK_M)
-            else:
-                pid_m, pid_n = _tile_of(tile, used, num_n, GROUP_M)
+            pid_m, pid_n = _ordered_tile_of(tile, used, num_n, tiles_ptr, block_experts_ptr,
+                                            expert_offsets_ptr, GROUP_M, EXPERT_GROUPS, TAIL_M,
+                                            BLOCK_M)
             _gemm2_work_tile(
                 inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr,
                 topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr,
@@ -484,12 +486,9 @@ def _gemm2_kernel(
                 TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K,
             )
     else:
-        if EXPERT_GROUPS:
-            pid_m, pid_n = _expert_tile_of(tl.program_id(0), num_n, tiles_ptr,
-                                           block_experts_ptr, expert_offsets_ptr, GROUP_M,
-                                           TAIL_M, BLOCK_M)
-        else:
-            pid_m, pid_n = _tile_coords(num_blocks, num_n, GROUP_M)
+        pid_m, pid_n = _ordered_tile_of(tl.program_id(0), num_blocks, num_n, tiles_ptr,
+                                        block_experts_ptr, expert_offsets_ptr, GROUP_M,
+                                        EXPERT_GROUPS, TAIL_M, BLOCK_M)
         _gemm2_work_tile(
             inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, topk_weights_ptr,
             pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n,
