@@ -87,8 +87,9 @@
 #             body they now share), Nsight Compute DRAM bytes of the
 #             16-bit GEMM2 both ways at deepseek-v3 M = 16384, then `moekit bench` both
 #             ways, two rounds alternating, bf16 (deepseek-v3, mixtral M = 4096–16384, the
-#             Gluon GEMM2 forced everywhere) and fp8 per-tensor (deepseek-v3, mixtral),
-#             compared with compare_tables.py (NOTES, session 49)
+#             Gluon GEMM2 forced everywhere) and fp8 per-tensor (deepseek-v3, mixtral,
+#             gpt-oss, qwen3: its Gluon GEMM2 groups by 8 on every preset), compared with
+#             compare_tables.py (NOTES, session 49)
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
@@ -308,7 +309,7 @@ for stage in "$@"; do
           step "bench-gluongroups-fp8-e$groups-r$round" 90 env \
             MOEKIT_GLUON_EXPERT_GROUPS=$groups python3 -m moekit.cli bench --dtype fp8_tensor \
             --no-baselines --graph-max-m 16384 --rep-ms 40 --presets deepseek-v3 mixtral-8x7b \
-            --tokens 4096 8192 16384 --what "gluongroups-fp8-e$groups-r$round" --out "$out"
+            gpt-oss-120b qwen3-30b-a3b --tokens 4096 8192 16384 --what "gluongroups-fp8-e$groups-r$round" --out "$out"
         done
       done
       for dtype in bf16 fp8; do
