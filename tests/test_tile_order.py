@@ -1,4 +1,5 @@
-"""The Triton GEMMs' tile order in groups that never split an expert (`_expert_tile_of`)."""
+"""The Triton GEMMs' tile order in groups that never split an expert (`_expert_tile_of`),
+and the rule that picks it (`moekit._tile_order`)."""
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from helpers import (
     random_routing,
 )
 from moekit import reference
-from moekit._experts_kernels import _expert_tile_of, _tile_of
+from moekit._experts_kernels import _ordered_tile_of
 from moekit.dispatch import dispatch_plan
 from moekit.tuning import ExpertsConfig, GemmConfig
 
@@ -28,11 +29,8 @@ def _order_probe(tiles_ptr, block_experts_ptr, expert_offsets_ptr, out_ptr, num_
                  EXPERT_GROUPS: tl.constexpr):
     """Writes each tile id's (row tile, column tile) as the GEMMs compute it."""
     pid = tl.program_id(0)
-    if EXPERT_GROUPS:
-        pid_m, pid_n = _expert_tile_of(pid, num_n, tiles_ptr, block_experts_ptr,
-                                       expert_offsets_ptr, GROUP_M, TAIL_M, BLOCK_M)
-    else:
-        pid_m, pid_n = _tile_of(pid, num_m, num_n, GROUP_M)
+    pid_m, pid_n = _ordered_tile_of(pid, num_m, num_n, tiles_ptr, block_experts_ptr,
+                                    expert_offsets_ptr, GROUP_M, EXPERT_GROUPS, TAIL_M, BLOCK_M)
     tl.store(out_ptr + 2 * pid, pid_m)
     tl.store(out_ptr + 2 * pid + 1, pid_n)
 
