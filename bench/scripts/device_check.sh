@@ -93,6 +93,15 @@
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
 #             are read at every launch), then compare_tables.py (eager and graph rows)
+#   groupsab  the expert groups at four row tiles an expert and the few-row-tiles rule, three
+#             rounds alternating (NOTES, session 50): shipped; the Gluon GEMM2s' expert groups
+#             (`MOEKIT_GLUON_EXPERT_GROUPS=1`); those and the Triton GEMMs' forced on
+#             (`MOEKIT_EXPERT_GROUPS=1`, past MAX_ROW_TILES); the Gluon GEMM2 everywhere with
+#             expert groups (`MOEKIT_GLUON_GEMM2=1`, past the few-row-tiles rule); bf16,
+#             deepseek-v3, gpt-oss and mixtral at M = 2048–16384, compare_tables.py
+#   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
+#             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
+#             qwen3 4096 (NOTES, session 50)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -332,6 +341,36 @@ for stage in "$@"; do
           --stem "ab-fp8_tensor-gemm2-order${mode:+-eager}" $mode \
           "row=$(ls "$out"/*fp8order-g1.json)" "g8=$(ls "$out"/*fp8order-g8.json)" \
           "triton=$(ls "$out"/*fp8order-triton.json)"
+      done ;;
+    groupsab)
+      settings="ship gl all glg2"
+      for round in 1 2 3; do
+        for setting in $settings; do
+          case $setting in
+            ship) set -- ;;
+            gl) set -- MOEKIT_GLUON_EXPERT_GROUPS=1 ;;
+            all) set -- MOEKIT_GLUON_EXPERT_GROUPS=1 MOEKIT_EXPERT_GROUPS=1 ;;
+            glg2) set -- MOEKIT_GLUON_EXPERT_GROUPS=1 MOEKIT_GLUON_GEMM2=1 ;;
+          esac
+          step "bench-groupsab-$setting-r$round" 90 env "$@" python3 -m moekit.cli bench \
+            --no-baselines --graph-max-m 16384 --rep-ms 40 --presets deepseek-v3 \
+            gpt-oss-120b mixtral-8x7b --tokens 2048 4096 8192 16384 \
+            --what "groupsab-$setting-r$round" --out "$out"
+        done
+      done
+      versions=()
+      for setting in $settings; do
+        versions+=("$setting=$(ls "$out"/*groupsab-$setting-r*.json | paste -sd,)")
+      done
+      step compare-groupsab 30 python3 bench/scripts/compare_tables.py --out "$out" \
+        --stem ab-bf16-groups-rule "${versions[@]}" ;;
+    fp8ridgebytes)
+      for cell in deepseek-v3:8192:fp8_tensor deepseek-v3:16384:fp8_tensor \
+          gpt-oss-120b:8192:fp8_tensor qwen3-30b-a3b:4096:fp8_tensor; do
+        step "ncu-fp8ridge-${cell//:/-}" 150 ncu --profile-from-start off --clock-control none \
+          -k regex:gemm --csv --metrics \
+          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
+          python3 bench/scripts/ncu_gemms.py --cell "$cell"
       done ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
