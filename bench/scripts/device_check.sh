@@ -99,6 +99,13 @@
 #             (`MOEKIT_EXPERT_GROUPS=1`, past MAX_ROW_TILES); the Gluon GEMM2 everywhere with
 #             expert groups (`MOEKIT_GLUON_GEMM2=1`, past the few-row-tiles rule); bf16,
 #             deepseek-v3, gpt-oss and mixtral at M = 2048–16384, compare_tables.py
+#   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
+#             the hardware hands tiles out in order) against one per SM, with the GEMM1's
+#             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
+#             Gluon GPU tests under both controls, Nsight Compute DRAM bytes of both fp8
+#             GEMMs at deepseek-v3 M = 8192 each way, then fp8 per-tensor `moekit bench`
+#             each way, two rounds (NOTES, session 50: the persistent fp8 GEMM1 read its
+#             expert's weights from DRAM once per row tile)
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
 #             qwen3 4096 (NOTES, session 50)
@@ -372,6 +379,41 @@ for stage in "$@"; do
           gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
           python3 bench/scripts/ncu_gemms.py --cell "$cell"
       done ;;
+    tilegrid)
+      step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
+        MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \
+        -rfE -p no:cacheprovider -x tests/test_gluon_gemm1.py tests/test_gluon_gemm1_16bit.py \
+        tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py
+      settings="ship g8 tiles tiles8"
+      tile_setting() {
+        case $1 in
+          ship) echo ;;
+          g8) echo MOEKIT_GLUON_GEMM1_GROUP_M=8 MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 ;;
+          tiles) echo MOEKIT_GLUON_TILE_PROGRAMS=1 ;;
+          tiles8) echo MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
+                    MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 ;;
+        esac
+      }
+      for setting in $settings; do
+        step "ncu-tilegrid-$setting" 60 env $(tile_setting $setting) ncu --profile-from-start off \
+          --clock-control none -k regex:gemm --csv --metrics \
+          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
+          python3 bench/scripts/ncu_gemms.py --cell deepseek-v3:8192:fp8_tensor
+      done
+      for round in 1 2; do
+        for setting in $settings; do
+          step "bench-tilegrid-$setting-r$round" 60 env $(tile_setting $setting) python3 -m moekit.cli \
+            bench --dtype fp8_tensor --no-baselines --graph-max-m 16384 --rep-ms 40 --presets \
+            deepseek-v3 gpt-oss-120b qwen3-30b-a3b mixtral-8x7b --tokens 4096 8192 16384 \
+            --what "tilegrid-$setting-r$round" --out "$out"
+        done
+      done
+      versions=()
+      for setting in $settings; do
+        versions+=("$setting=$(ls "$out"/*tilegrid-$setting-r*.json | paste -sd,)")
+      done
+      step compare-tilegrid 30 python3 bench/scripts/compare_tables.py --out "$out" \
+        --stem ab-fp8_tensor-tile-grid "${versions[@]}" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

@@ -96,6 +96,25 @@ EXPERT_GROUPS = os.environ.get("MOEKIT_GLUON_EXPERT_GROUPS") == "1"
 GEMM2_ENV = "MOEKIT_GLUON_GEMM2"
 GEMM2_GROUP_M_ENV = "MOEKIT_GLUON_GEMM2_GROUP_M"
 GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_m`)
+# Measurement controls of the Gluon GEMMs' grid and the GEMM1s' order (read at every
+# launch). `TILE_PROGRAMS_ENV` "1": one program per tile the plan could hold rather than one
+# per SM, so that the hardware hands tiles out in index order as SMs free up (Triton's
+# GEMMs' way) instead of each program striding by the grid; neighbouring tiles, which
+# share weight tiles through L2, then run together however far the programs drift apart.
+# At deepseek-v3 fp8 M = 8192 the persistent GEMM1 read 18.9 GB of DRAM for ~8 GB of w13
+# and rows: every row tile its expert's weights again (bench/NOTES.md, session 50).
+# A number in `GEMM1_GROUP_M_ENV` sets the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`).
+TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
+GEMM1_GROUP_M_ENV = "MOEKIT_GLUON_GEMM1_GROUP_M"
+
+
+def grid(programs: int, plan, n_tiles: int) -> tuple[int]:
+    """The launch grid of a persistent Gluon GEMM over `plan`'s row tiles by `n_tiles`
+    column tiles: `programs` (one per SM), or with `TILE_PROGRAMS_ENV` one program per
+    tile the plan could hold (those past the tiles in use find none and end)."""
+    if os.environ.get(TILE_PROGRAMS_ENV) == "1":
+        return (plan.row_tiles()[0] * n_tiles,)
+    return (programs,)
 
 
 def _gemm2_setting() -> str | None:

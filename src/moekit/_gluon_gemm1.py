@@ -41,6 +41,8 @@ against the Triton GEMM1's ~430; the layer 1.27–1.34× faster at M = 4096–16
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from moekit import _gluon
@@ -53,6 +55,7 @@ from moekit._gluon import (
     l2_bytes_of,
     work_list,
 )
+from moekit._intmath import cdiv
 from moekit._launch import launcher
 from moekit.quant.scheme import FULL
 
@@ -139,7 +142,11 @@ def group_m(w13: torch.Tensor, l2: int | None = None) -> int:
     the column tiles would evict what the expert's next row tile needs; else 1 (row tile
     major). H200 (bench/results/h200-20261202-gluon-order-promote-experiment.md): mixtral
     (117 MB per expert) GEMM1 1.02–1.24× faster grouped; qwen3 (3 MB) and deepseek-v3
-    (29 MB) 3–4% slower."""
+    (29 MB) 3–4% slower. `_gluon.GEMM1_GROUP_M_ENV` overrides it (a measurement
+    control)."""
+    override = os.environ.get(_gluon.GEMM1_GROUP_M_ENV)
+    if override is not None:
+        return int(override)
     _, rows13, hidden = w13.shape
     l2 = l2_bytes_of(w13) if l2 is None else l2
     return GROUP_M if rows13 * hidden * w13.element_size() > l2 else 1
@@ -499,7 +506,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
     assert w_uniform_n or not w_per_k, "per-K weight scales: one per column tile"
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
-    launcher(_gemm1_ws_kernel)[(programs,)](
+    launcher(_gemm1_ws_kernel)[_gluon.grid(programs, plan, cdiv(inter.shape[1], BLOCK_N))](
         descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
         descriptor(inter, [HALF_M, BLOCK_N]), x, x_scale, w13_scale,
         plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,

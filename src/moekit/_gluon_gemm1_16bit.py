@@ -277,7 +277,7 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
-    launcher(_gemm1_ws16_kernel)[(programs,)](
+    launcher(_gemm1_ws16_kernel)[_gluon.grid(programs, plan, inter_size // block_n)](
         descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
         descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
         plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,

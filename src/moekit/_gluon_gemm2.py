@@ -47,6 +47,7 @@ from moekit._gluon import (
     gluon_allowed,
     work_list,
 )
+from moekit._intmath import cdiv
 from moekit._launch import launcher
 
 if HAVE_GLUON:
@@ -460,7 +461,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
-    launcher(_gemm2_ws_kernel)[(programs,)](
+    launcher(_gemm2_ws_kernel)[_gluon.grid(programs, plan, cdiv(hidden, halves * BLOCK_N))](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,

@@ -299,7 +299,7 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
-    launcher(_gemm2_ws16_kernel)[(programs,)](
+    launcher(_gemm2_ws16_kernel)[_gluon.grid(programs, plan, hidden_size // TILE_N)](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
