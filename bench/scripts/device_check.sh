@@ -106,6 +106,10 @@
 #             GEMMs at deepseek-v3 M = 8192 each way, then fp8 per-tensor `moekit bench`
 #             each way, two rounds (NOTES, session 50: the persistent fp8 GEMM1 read its
 #             expert's weights from DRAM once per row tile)
+#   gridrule  the Gluon GEMMs' grid rule (`_gluon.programs_drift_apart`, fp8 only): its GPU
+#             tests, then fp8 per-tensor `moekit bench` persistent (MOEKIT_GLUON_TILE_PROGRAMS=0)
+#             against the rule, two rounds, on the presets and token counts where the rule
+#             launches one program per tile and beside them (NOTES, session 50)
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
 #             qwen3 4096 (NOTES, session 50)
@@ -414,6 +418,22 @@ for stage in "$@"; do
       done
       step compare-tilegrid 30 python3 bench/scripts/compare_tables.py --out "$out" \
         --stem ab-fp8_tensor-tile-grid "${versions[@]}" ;;
+    gridrule)
+      step pytest-gpu-gridrule 90 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_gluon_grid.py
+      for round in 1 2; do
+        for setting in ship rule; do
+          if [ $setting = ship ]; then set -- MOEKIT_GLUON_TILE_PROGRAMS=0; else set --; fi
+          step "bench-gridrule-$setting-r$round" 60 env "$@" python3 -m moekit.cli bench \
+            --dtype fp8_tensor --no-baselines --graph-max-m 16384 --rep-ms 30 --presets \
+            deepseek-v3 gpt-oss-120b qwen3-30b-a3b mixtral-8x7b olmoe-1b-7b \
+            --tokens 512 1024 2048 4096 8192 16384 --what "gridrule-$setting-r$round" --out "$out"
+        done
+      done
+      step compare-gridrule 30 python3 bench/scripts/compare_tables.py --out "$out" \
+        --stem ab-fp8_tensor-grid-rule \
+        "ship=$(ls "$out"/*gridrule-ship-r*.json | paste -sd,)" \
+        "rule=$(ls "$out"/*gridrule-rule-r*.json | paste -sd,)" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

@@ -96,23 +96,58 @@ EXPERT_GROUPS = os.environ.get("MOEKIT_GLUON_EXPERT_GROUPS") == "1"
 GEMM2_ENV = "MOEKIT_GLUON_GEMM2"
 GEMM2_GROUP_M_ENV = "MOEKIT_GLUON_GEMM2_GROUP_M"
 GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_m`)
-# Measurement controls of the Gluon GEMMs' grid and the GEMM1s' order (read at every
-# launch). `TILE_PROGRAMS_ENV` "1": one program per tile the plan could hold rather than one
-# per SM, so that the hardware hands tiles out in index order as SMs free up (Triton's
-# GEMMs' way) instead of each program striding by the grid; neighbouring tiles, which
-# share weight tiles through L2, then run together however far the programs drift apart.
-# At deepseek-v3 fp8 M = 8192 the persistent GEMM1 read 18.9 GB of DRAM for ~8 GB of w13
-# and rows: every row tile its expert's weights again (bench/NOTES.md, session 50).
-# A number in `GEMM1_GROUP_M_ENV` sets the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`).
+# The Gluon GEMMs' grid. Persistent, one program per SM, each striding by the grid, the
+# programs drift apart over a launch, so the neighbouring tiles that share a weight tile
+# through L2 (an expert's row tiles) stop running together; where the weight tiles in
+# flight at once outgrow L2 (`programs_drift_apart`), each row tile then reads its
+# weights from DRAM again. One program per tile instead lets the hardware hand tiles out
+# in index order as SMs free up (Triton's GEMMs' way), at the cost of each tile's
+# pipeline fill and epilogue no longer overlapping the next tile's. H100, deepseek-v3 fp8
+# per-tensor M = 8192 (bench/NOTES.md, session 50): GEMM1 19.1 → 9.7 GB of DRAM and
+# 6.61 → 3.87 ms, GEMM2 8.4 → 3.9 GB and 3.26 → 2.17 ms, the layer 1.31–1.46× at
+# M = 4096–16384; but qwen3 (whose experts in flight fit L2) 0.89–0.92×.
+# `TILE_PROGRAMS_ENV` (read at every launch) "1" launches every Gluon GEMM one program per
+# tile, "0" every one persistent; unset, the fp8 GEMMs follow `programs_drift_apart` and
+# the 16-bit ones stay persistent (not yet measured). A number in `GEMM1_GROUP_M_ENV` sets
+# the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`; a measurement control).
 TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
 GEMM1_GROUP_M_ENV = "MOEKIT_GLUON_GEMM1_GROUP_M"
 
 
-def grid(programs: int, plan, n_tiles: int) -> tuple[int]:
-    """The launch grid of a persistent Gluon GEMM over `plan`'s row tiles by `n_tiles`
-    column tiles: `programs` (one per SM), or with `TILE_PROGRAMS_ENV` one program per
-    tile the plan could hold (those past the tiles in use find none and end)."""
-    if os.environ.get(TILE_PROGRAMS_ENV) == "1":
+def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
+                         num_experts: int, l2: int) -> bool:
+    """Whether `programs` persistent programs, each on one column tile of `weight_tile_bytes`
+    of an expert's weights, share weight tiles and hold more of them at once than L2 (`l2`
+    bytes) keeps. Experts averaging a whole row tile or more (`num_pairs` over
+    `num_experts`) share each weight tile among their row tiles' programs, so ~programs ×
+    weight_tile_bytes ÷ row tiles an expert are in flight; past L2, a program that drifts
+    behind its partner reads the tile from DRAM again. With fewer rows an expert each
+    weight tile is read once whatever the order."""
+    row_tiles_per_expert = num_pairs / (num_experts * BLOCK_M)
+    return (row_tiles_per_expert >= 1
+            and programs * weight_tile_bytes / row_tiles_per_expert > l2)
+
+
+def _tile_programs_setting() -> str | None:
+    value = os.environ.get(TILE_PROGRAMS_ENV)
+    if value not in (None, "", "0", "1"):
+        raise ValueError(f"{TILE_PROGRAMS_ENV}={value!r}: expected 0 (persistent grids), "
+                         "1 (one program per tile) or unset (the rule)")
+    return value or None
+
+
+def grid(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = None,
+         weight_tile_bytes: int = 0) -> tuple[int]:
+    """The launch grid of a Gluon GEMM over `plan`'s row tiles by `n_tiles` column tiles:
+    `programs` (persistent, one per SM), or one program per tile the plan could hold
+    (those past the tiles in use find none and end) where `TILE_PROGRAMS_ENV` says "1"
+    or, unset, where `programs_drift_apart` over `weights` [E, ...] holds (`weights` None:
+    persistent unless forced)."""
+    setting = _tile_programs_setting()
+    if setting is None and weights is not None:
+        setting = "1" if programs_drift_apart(programs, weight_tile_bytes, plan.num_pairs,
+                                              weights.shape[0], l2_bytes_of(weights)) else "0"
+    if setting == "1":
         return (plan.row_tiles()[0] * n_tiles,)
     return (programs,)
 

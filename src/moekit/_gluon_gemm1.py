@@ -500,13 +500,16 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         inter: out [capacity, I] fp8; inter_scale: out [capacity, ⌈I / 128⌉] fp32 (row
             stride any), or with `inter_static` the static scale, read.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
-        programs: the persistent grid (one per SM).
+        programs: the persistent grid (one per SM; `_gluon.grid` may launch one program
+            per tile instead).
     """
     w_per_k = w_layout[2] != 0
     assert w_uniform_n or not w_per_k, "per-K weight scales: one per column tile"
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
-    launcher(_gemm1_ws_kernel)[_gluon.grid(programs, plan, cdiv(inter.shape[1], BLOCK_N))](
+    # a column tile's weights: its gate and up rows over all of H, one byte each
+    grid = _gluon.grid(programs, plan, cdiv(inter.shape[1], BLOCK_N), w13, 2 * BLOCK_N * hidden)
+    launcher(_gemm1_ws_kernel)[grid](
         descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
         descriptor(inter, [HALF_M, BLOCK_N]), x, x_scale, w13_scale,
         plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,

@@ -267,7 +267,8 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
             dtype, contiguous; b13: optional [E, 2I].
         topk_weights: [M·k] fp32, read when `weight_on_input`.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
-        programs: the persistent grid (one per SM).
+        programs: the persistent grid (one per SM; `_gluon.grid` may launch one program
+            per tile instead).
         block_n: the column tile (gate and up columns each): BLOCK_N, or NARROW_N for twice
             the tiles, each streaming half the weight rows.
     """

@@ -451,7 +451,8 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         b2: optional [E, H]. topk_weights: [M·k] fp32 to multiply each row by its pair's
             router weight, or None.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
-        programs: the persistent grid (one per SM).
+        programs: the persistent grid (one per SM; `_gluon.grid` may launch one program
+            per tile instead).
     Returns:
         [capacity, H] in `out_dtype`; rows of padding slots hold unspecified values.
     """
@@ -461,7 +462,9 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
-    launcher(_gemm2_ws_kernel)[_gluon.grid(programs, plan, cdiv(hidden, halves * BLOCK_N))](
+    grid = _gluon.grid(programs, plan, cdiv(hidden, halves * BLOCK_N), w2,
+                       halves * BLOCK_N * inter_size)  # a column tile's weights, one byte each
+    launcher(_gemm2_ws_kernel)[grid](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,

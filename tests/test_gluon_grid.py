@@ -1,0 +1,136 @@
+"""The Gluon GEMMs' grid (`moekit._gluon.grid`): persistent, one program per SM, or one
+program per tile the plan could hold, where persistent programs drifting apart would read
+shared weight tiles from DRAM again (`programs_drift_apart`; bench/NOTES.md, session 50).
+
+The rule on the presets' shapes and the control's three settings run on the CPU; on an
+sm_90 GPU both grids must give bitwise the same layer (each tile is computed the same way
+whichever program takes it), close to the reference, with programs past the tiles in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import moekit
+import moekit.experts
+import moekit.experts_fp8
+from helpers import assert_close, count_calls, cuda_layer_case, float32_reference, poison_
+from moekit import _gluon
+from moekit._gluon import TILE_PROGRAMS_ENV, grid, programs_drift_apart
+from moekit.experts_fp8 import plan_fp8_config
+from moekit.reference import fused_experts_quantized
+from moekit.tuning.heuristic import tiles_for_block_m
+from test_experts_fp8 import GPU_TOL, make_case
+from test_gluon_prefetch import _require_gluon
+
+H100_SMS, H100_L2 = 132, 50 * 2**20
+
+
+def _gemm1_fp8_drifts(tokens, experts, top_k, hidden, l2=H100_L2):
+    """The rule for the fp8 GEMM1: a column tile is 2 × 128 rows (gate, up) of H bytes."""
+    return programs_drift_apart(H100_SMS, 2 * 128 * hidden, tokens * top_k, experts, l2)
+
+
+def test_one_program_per_tile_where_shared_weight_tiles_outgrow_l2():
+    # deepseek-v3 (256 experts, top 8, H = 7168): from one row tile an expert (M = 4096)
+    # 132 programs hold 242 MB of w13 tiles over the row tiles an expert averages.
+    assert _gemm1_fp8_drifts(4096, 256, 8, 7168), "one row tile an expert: 242 MB"
+    assert _gemm1_fp8_drifts(16384, 256, 8, 7168), "four row tiles: 60 MB"
+    assert not _gemm1_fp8_drifts(4095, 256, 8, 7168), "under a row tile an expert"
+    assert not _gemm1_fp8_drifts(4096, 128, 8, 2048), "qwen3: two row tiles, 35 MB fit L2"
+    assert not _gemm1_fp8_drifts(4096, 128, 8, 2048, l2=33 * 2**20), "exactly 33 MiB"
+    assert _gemm1_fp8_drifts(4096, 128, 8, 2048, l2=33 * 2**20 - 1), "a smaller L2"
+    # the fp8 GEMM2 of deepseek-v3: 256-column tiles of I = 2048 bytes, 69 MB at one row tile
+    assert programs_drift_apart(H100_SMS, 256 * 2048, 4096 * 8, 256, H100_L2)
+    assert not programs_drift_apart(H100_SMS, 256 * 2048, 8192 * 8, 256, H100_L2)
+
+
+def _plan(row_tiles, num_pairs):
+    return SimpleNamespace(num_pairs=num_pairs, row_tiles=lambda: (row_tiles, 128, 0))
+
+
+def test_grid_follows_the_control_then_the_rule(monkeypatch):
+    monkeypatch.delenv(TILE_PROGRAMS_ENV, raising=False)
+    large = torch.empty(256, 4096, 7168, dtype=torch.float8_e4m3fn, device="meta")
+    small = torch.empty(128, 1536, 2048, dtype=torch.float8_e4m3fn, device="meta")
+    deepseek, qwen3 = _plan(512, 8192 * 8), _plan(300, 4096 * 8)
+    assert grid(132, deepseek, 16, large, 2 * 128 * 7168) == (512 * 16,)
+    assert grid(132, qwen3, 12, small, 2 * 128 * 2048) == (132,)
+    assert grid(132, deepseek, 16) == (132,), "no weights given (16-bit): persistent"
+    monkeypatch.setenv(TILE_PROGRAMS_ENV, "0")
+    assert grid(132, deepseek, 16, large, 2 * 128 * 7168) == (132,)
+    monkeypatch.setenv(TILE_PROGRAMS_ENV, "1")
+    assert grid(132, qwen3, 12, small, 2 * 128 * 2048) == (300 * 12,)
+    assert grid(132, deepseek, 16) == (512 * 16,)
+    monkeypatch.setenv(TILE_PROGRAMS_ENV, "yes")
+    with pytest.raises(ValueError, match="MOEKIT_GLUON_TILE_PROGRAMS='yes'"):
+        grid(132, deepseek, 16)
+
+
+def _both_grids(monkeypatch, call):
+    """`call()` persistent and one program per tile: {setting: out}."""
+    outs = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv(TILE_PROGRAMS_ENV, setting)
+        outs[setting] = call()
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [True, False])
+def test_16bit_grids_give_the_same_layer_gpu(tail, monkeypatch):
+    _require_gluon()
+    gemm1 = count_calls(monkeypatch, moekit.experts, "gluon_gemm1_16bit")
+    gemm2 = count_calls(monkeypatch, moekit.experts, "gluon_gemm2_16bit")
+    M, E, k, H, I = 1000, 16, 4, 768, 384
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                             True, 3.0)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+
+    def call():
+        out = poison_(torch.empty_like(hidden))
+        return moekit.fused_experts(hidden, w13, w2, ids, weights, activation="silu",
+                                    b13=b13, b2=b2, config=config, out=out)
+    outs = _both_grids(monkeypatch, call)
+    assert len(gemm1) == len(gemm2) == 2, "both Gluon GEMMs ran in every call"
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
+    assert_close(outs["1"], expected, name=f"tail={tail}, one program per tile")
+    assert torch.equal(outs["1"], outs["0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+def test_fp8_grids_give_the_same_layer_gpu(scheme, monkeypatch):
+    _require_gluon()
+    gemm1 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm1")
+    gemm2 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
+    M, E, k, H, I = 1000, 32, 4, 768, 384
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case(
+        scheme, M, E, k, H, I, "silu", bias=False, dtype=torch.bfloat16, device="cuda",
+        skew=3.0)
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+
+    def call():
+        out = poison_(torch.empty_like(hidden))
+        return moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                        activation="silu", config=config, out=out)
+    outs = _both_grids(monkeypatch, call)
+    assert len(gemm1) == len(gemm2) == 2, "both Gluon GEMMs ran in every call"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                       activation="silu")
+    assert_close(outs["1"], expected, GPU_TOL, name=f"{scheme}, one program per tile")
+    assert torch.equal(outs["1"], outs["0"])
+
+
+def test_the_rule_reads_this_gpus_l2(monkeypatch):
+    # The grid asks the weights' device for its L2 (an H100's off the GPU), at each launch.
+    monkeypatch.delenv(TILE_PROGRAMS_ENV, raising=False)
+    seen = []
+    monkeypatch.setattr(_gluon, "l2_bytes_of", lambda t: seen.append(t.shape) or 2**40)
+    large = torch.empty(256, 4096, 7168, dtype=torch.float8_e4m3fn, device="meta")
+    assert grid(132, _plan(512, 8192 * 8), 16, large, 2 * 128 * 7168) == (132,)
+    assert seen == [large.shape]
