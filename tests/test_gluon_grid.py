@@ -30,23 +30,35 @@ from test_gluon_prefetch import _require_gluon
 H100_SMS, H100_L2 = 132, 50 * 2**20
 
 
-def _gemm1_fp8_drifts(tokens, experts, top_k, hidden, l2=H100_L2):
+def _gemm1_fp8_drifts(tokens, experts, top_k, hidden, inter, l2=H100_L2):
     """The rule for the fp8 GEMM1: a column tile is 2 × 128 rows (gate, up) of H bytes."""
-    return programs_drift_apart(H100_SMS, 2 * 128 * hidden, tokens * top_k, experts, l2)
+    return programs_drift_apart(H100_SMS, 2 * 128 * hidden, tokens * top_k, experts, l2,
+                                2 * inter * hidden)
 
 
 def test_one_program_per_tile_where_shared_weight_tiles_outgrow_l2():
-    # deepseek-v3 (256 experts, top 8, H = 7168): from one row tile an expert (M = 4096)
-    # 132 programs hold 242 MB of w13 tiles over the row tiles an expert averages.
-    assert _gemm1_fp8_drifts(4096, 256, 8, 7168), "one row tile an expert: 242 MB"
-    assert _gemm1_fp8_drifts(16384, 256, 8, 7168), "four row tiles: 60 MB"
-    assert not _gemm1_fp8_drifts(4095, 256, 8, 7168), "under a row tile an expert"
-    assert not _gemm1_fp8_drifts(4096, 128, 8, 2048), "qwen3: two row tiles, 35 MB fit L2"
-    assert not _gemm1_fp8_drifts(4096, 128, 8, 2048, l2=33 * 2**20), "exactly 33 MiB"
-    assert _gemm1_fp8_drifts(4096, 128, 8, 2048, l2=33 * 2**20 - 1), "a smaller L2"
+    # deepseek-v3 (256 experts, top 8, H = 7168, I = 2048): from one row tile an expert
+    # (M = 4096) 132 programs hold 242 MB of w13 tiles over the row tiles an expert averages.
+    assert _gemm1_fp8_drifts(4096, 256, 8, 7168, 2048), "one row tile an expert: 242 MB"
+    assert _gemm1_fp8_drifts(16384, 256, 8, 7168, 2048), "four row tiles: 60 MB"
+    assert not _gemm1_fp8_drifts(4095, 256, 8, 7168, 2048), "under a row tile an expert"
+    # gpt-oss (128 experts, top 4, H = I = 2880): 97 MB at one row tile, 49 MB at two
+    assert _gemm1_fp8_drifts(4096, 128, 4, 2880, 2880)
+    assert not _gemm1_fp8_drifts(8192, 128, 4, 2880, 2880), "49 MB fit L2"
     # the fp8 GEMM2 of deepseek-v3: 256-column tiles of I = 2048 bytes, 69 MB at one row tile
-    assert programs_drift_apart(H100_SMS, 256 * 2048, 4096 * 8, 256, H100_L2)
-    assert not programs_drift_apart(H100_SMS, 256 * 2048, 8192 * 8, 256, H100_L2)
+    assert programs_drift_apart(H100_SMS, 256 * 2048, 4096 * 8, 256, H100_L2, 7168 * 2048)
+    assert not programs_drift_apart(H100_SMS, 256 * 2048, 8192 * 8, 256, H100_L2, 7168 * 2048)
+
+
+def test_small_experts_stay_persistent():
+    # qwen3 (128 experts, top 8, H = 2048, I = 768): at M = 2048 its 132 programs hold 69 MB
+    # of w13 tiles, past L2, but one expert's w13 is 3 MB (measured 0.98× one per tile).
+    assert not _gemm1_fp8_drifts(2048, 128, 8, 2048, 768)
+    share = H100_L2 // _gluon.SMALL_EXPERT_L2_SHARE  # 6.25 MiB
+    assert not programs_drift_apart(H100_SMS, 2 * 128 * 2048, 2048 * 8, 128, H100_L2, share)
+    assert programs_drift_apart(H100_SMS, 2 * 128 * 2048, 2048 * 8, 128, H100_L2, share + 1)
+    assert not _gemm1_fp8_drifts(4096, 128, 8, 2048, 768, l2=33 * 2**20), "3 MB ≤ 33 MiB / 8"
+    assert _gemm1_fp8_drifts(4096, 128, 8, 2048, 768, l2=24 * 2**20 - 8), "a smaller L2"
 
 
 def _plan(row_tiles, num_pairs):
@@ -57,7 +69,7 @@ def test_grid_follows_the_control_then_the_rule(monkeypatch):
     monkeypatch.delenv(TILE_PROGRAMS_ENV, raising=False)
     large = torch.empty(256, 4096, 7168, dtype=torch.float8_e4m3fn, device="meta")
     small = torch.empty(128, 1536, 2048, dtype=torch.float8_e4m3fn, device="meta")
-    deepseek, qwen3 = _plan(512, 8192 * 8), _plan(300, 4096 * 8)
+    deepseek, qwen3 = _plan(512, 8192 * 8), _plan(300, 2048 * 8)
     assert grid(132, deepseek, 16, large, 2 * 128 * 7168) == (512 * 16,)
     assert grid(132, qwen3, 12, small, 2 * 128 * 2048) == (132,)
     assert grid(132, deepseek, 16) == (132,), "no weights given (16-bit): persistent"

@@ -105,26 +105,33 @@ GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_
 # pipeline fill and epilogue no longer overlapping the next tile's. H100, deepseek-v3 fp8
 # per-tensor M = 8192 (bench/NOTES.md, session 50): GEMM1 19.1 → 9.7 GB of DRAM and
 # 6.61 → 3.87 ms, GEMM2 8.4 → 3.9 GB and 3.26 → 2.17 ms, the layer 1.31–1.46× at
-# M = 4096–16384; but qwen3 (whose experts in flight fit L2) 0.89–0.92×.
+# M = 4096–16384; but qwen3 (whose experts in flight fit L2) 0.89–0.92× at M ≥ 4096.
+# The rule, against persistent grids (two rounds): deepseek-v3 M = 4096–16384 1.33×,
+# gpt-oss M = 4096 1.16×, mixtral M = 512–2048 1.03–1.09× (session 50).
 # `TILE_PROGRAMS_ENV` (read at every launch) "1" launches every Gluon GEMM one program per
 # tile, "0" every one persistent; unset, the fp8 GEMMs follow `programs_drift_apart` and
 # the 16-bit ones stay persistent (not yet measured). A number in `GEMM1_GROUP_M_ENV` sets
 # the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`; a measurement control).
 TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
+SMALL_EXPERT_L2_SHARE = 8  # experts of at most L2 / 8 stay persistent (`programs_drift_apart`)
 GEMM1_GROUP_M_ENV = "MOEKIT_GLUON_GEMM1_GROUP_M"
 
 
 def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
-                         num_experts: int, l2: int) -> bool:
+                         num_experts: int, l2: int, expert_bytes: int) -> bool:
     """Whether `programs` persistent programs, each on one column tile of `weight_tile_bytes`
     of an expert's weights, share weight tiles and hold more of them at once than L2 (`l2`
     bytes) keeps. Experts averaging a whole row tile or more (`num_pairs` over
     `num_experts`) share each weight tile among their row tiles' programs, so ~programs ×
     weight_tile_bytes ÷ row tiles an expert are in flight; past L2, a program that drifts
     behind its partner reads the tile from DRAM again. With fewer rows an expert each
-    weight tile is read once whatever the order."""
+    weight tile is read once whatever the order. Measured, not derived: experts of at most
+    L2 ÷ SMALL_EXPERT_L2_SHARE (`expert_bytes`: this GEMM's weights of one expert) stay
+    persistent (H100 fp8: qwen3's 3 MB w13 0.98×, olmoe's 4 MB 0.96× at one row tile an
+    expert; 15–117 MB 1.03–1.34×)."""
     row_tiles_per_expert = num_pairs / (num_experts * BLOCK_M)
     return (row_tiles_per_expert >= 1
+            and expert_bytes > l2 // SMALL_EXPERT_L2_SHARE
             and programs * weight_tile_bytes / row_tiles_per_expert > l2)
 
 
@@ -145,8 +152,10 @@ def grid(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = None,
     persistent unless forced)."""
     setting = _tile_programs_setting()
     if setting is None and weights is not None:
+        expert_bytes = weights[0].numel() * weights.element_size()
         setting = "1" if programs_drift_apart(programs, weight_tile_bytes, plan.num_pairs,
-                                              weights.shape[0], l2_bytes_of(weights)) else "0"
+                                              weights.shape[0], l2_bytes_of(weights),
+                                              expert_bytes) else "0"
     if setting == "1":
         return (plan.row_tiles()[0] * n_tiles,)
     return (programs,)
