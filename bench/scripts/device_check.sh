@@ -88,7 +88,8 @@
 #             16-bit GEMM2 both ways at deepseek-v3 M = 16384, then `moekit bench` both
 #             ways, two rounds alternating, bf16 (deepseek-v3, mixtral M = 4096–16384, the
 #             Gluon GEMM2 forced everywhere) and fp8 per-tensor (deepseek-v3, mixtral,
-#             gpt-oss, qwen3: its Gluon GEMM2 groups by 8 on every preset), compared with
+#             gpt-oss, qwen3: a noise band only, as its Gluon GEMM2 runs row tile major,
+#             where expert groups are the same order: NOTES, session 50), compared with
 #             compare_tables.py (NOTES, session 49)
 #   fp8order  the fp8 Gluon GEMM2's tile order, prefill: row tile major (shipped), GROUP_M 8
 #             and Triton's GEMM2, per-tensor, one `moekit bench` per setting (the controls
@@ -144,6 +145,19 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its t
   echo "== $name: rc=$? (limit ${limit}s)"
   grep -v -i warn "$out/$name.log" | tail -4
   pack
+}
+
+# compare_settings STEM WHAT SETTING...: compare_tables.py over each setting's rounds
+# ($out/*WHAT-SETTING-r*.json, from `--what WHAT-SETTING-rN`), the first the baseline.
+compare_settings() {
+  local stem=$1 what=$2 setting
+  shift 2
+  local versions=()
+  for setting in "$@"; do
+    versions+=("$setting=$(ls "$out"/*"$what-$setting"-r*.json | paste -sd,)")
+  done
+  step "compare-$what" 30 python3 bench/scripts/compare_tables.py --out "$out" \
+    --stem "$stem" "${versions[@]}"
 }
 
 for stage in "$@"; do
@@ -369,12 +383,7 @@ for stage in "$@"; do
             --what "groupsab-$setting-r$round" --out "$out"
         done
       done
-      versions=()
-      for setting in $settings; do
-        versions+=("$setting=$(ls "$out"/*groupsab-$setting-r*.json | paste -sd,)")
-      done
-      step compare-groupsab 30 python3 bench/scripts/compare_tables.py --out "$out" \
-        --stem ab-bf16-groups-rule "${versions[@]}" ;;
+      compare_settings ab-bf16-groups-rule groupsab $settings ;;
     fp8ridgebytes)
       for cell in deepseek-v3:8192:fp8_tensor deepseek-v3:16384:fp8_tensor \
           gpt-oss-120b:8192:fp8_tensor qwen3-30b-a3b:4096:fp8_tensor; do
@@ -412,12 +421,7 @@ for stage in "$@"; do
             --what "tilegrid-$setting-r$round" --out "$out"
         done
       done
-      versions=()
-      for setting in $settings; do
-        versions+=("$setting=$(ls "$out"/*tilegrid-$setting-r*.json | paste -sd,)")
-      done
-      step compare-tilegrid 30 python3 bench/scripts/compare_tables.py --out "$out" \
-        --stem ab-fp8_tensor-tile-grid "${versions[@]}" ;;
+      compare_settings ab-fp8_tensor-tile-grid tilegrid $settings ;;
     gridrule)
       step pytest-gpu-gridrule 90 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         tests/test_gluon_grid.py
@@ -430,10 +434,7 @@ for stage in "$@"; do
             --tokens 512 1024 2048 4096 8192 16384 --what "gridrule-$setting-r$round" --out "$out"
         done
       done
-      step compare-gridrule 30 python3 bench/scripts/compare_tables.py --out "$out" \
-        --stem ab-fp8_tensor-grid-rule \
-        "ship=$(ls "$out"/*gridrule-ship-r*.json | paste -sd,)" \
-        "rule=$(ls "$out"/*gridrule-rule-r*.json | paste -sd,)" ;;
+      compare_settings ab-fp8_tensor-grid-rule gridrule ship rule ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

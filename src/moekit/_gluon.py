@@ -86,8 +86,9 @@ TAIL_A_BOX = os.environ.get("MOEKIT_GLUON_TAIL_A_BOX") == "1"
 # The Gluon GEMM2s' grouped order (GROUP_M > 1, `gemm2_group_m`) in groups that never split
 # an expert's row tiles (`expert_tile_coords`), as the Triton GEMMs' (`moekit._tile_order`):
 # at deepseek-v3 bf16 M = 16384 the Gluon GEMM2 read 14.3 GB of DRAM for ~8 GB of w2 and
-# rows (bench/NOTES.md, session 49). Staged, not yet run on a GPU: read at every launch;
-# `MOEKIT_GLUON_EXPERT_GROUPS=1` at import turns it on.
+# rows (bench/NOTES.md, session 49); with them 10.8 GB against 12.9, but the layer moved
+# 0.93–1.04× (median 1.000, three rounds on an H100, session 50), so off; read at import:
+# `MOEKIT_GLUON_EXPERT_GROUPS=1` turns it on.
 EXPERT_GROUPS = os.environ.get("MOEKIT_GLUON_EXPERT_GROUPS") == "1"
 # Measurement controls of the GEMM2s (read at every launch): `GEMM2_ENV` "0" runs Triton's
 # GEMM2 beside the Gluon GEMM1, "1" the Gluon GEMM2 wherever its shape rules allow (past
