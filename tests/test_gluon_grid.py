@@ -84,11 +84,19 @@ def test_grid_follows_the_control_then_the_rule(monkeypatch):
 
 
 def _both_grids(monkeypatch, call):
-    """`call()` persistent and one program per tile: {setting: out}."""
-    outs = {}
+    """`call()` persistent and one program per tile: {setting: out}, after checking that
+    the launches took those grids (one per SM; then other, larger ones)."""
+    grids, chosen = [], _gluon.grid
+    monkeypatch.setattr(_gluon, "grid", lambda *args: grids.append(chosen(*args)) or grids[-1])
+    outs, launched = {}, {}
     for setting in ("0", "1"):
         monkeypatch.setenv(TILE_PROGRAMS_ENV, setting)
+        grids.clear()
         outs[setting] = call()
+        launched[setting] = list(grids)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert launched["0"] == [(sms,)] * 2, "both GEMMs persistent"
+    assert len(launched["1"]) == 2 and all(g[0] > sms for g in launched["1"]), launched
     return outs
 
 

@@ -173,11 +173,16 @@ def test_the_gluon_switch_is_part_of_the_key(kernels, monkeypatch):
     for _ in range(3):
         op(x)
     assert len(calls) == 8  # the tile order too: a plain call and a recording
+    monkeypatch.setenv("MOEKIT_GLUON_TILE_PROGRAMS", "1")  # read at each launch: the grid
+    for _ in range(3):
+        op(x)
+    assert len(calls) == 10
+    monkeypatch.delenv("MOEKIT_GLUON_TILE_PROGRAMS")
     monkeypatch.delenv("MOEKIT_GLUON")
     monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
     monkeypatch.setattr(moekit._tile_order, "FORCED", order)
     op(x)  # the first settings' recording again
-    assert len(calls) == 8
+    assert len(calls) == 10
 
 
 def _fill(x):

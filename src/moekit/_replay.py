@@ -35,7 +35,8 @@ graph capture (capture pays host time once, and graph replay never sees this pat
 another recording is in progress (a replayed op calling another), while a Triton launch
 hook is installed, where the fast launch path is off or unavailable, and with
 `MOEKIT_REPLAY=0`. The call key holds the switches the ops read at run time
-(`MOEKIT_GLUON`, the Gluon prefetch flags, the tile order, the current device); functions
+(`MOEKIT_GLUON` and the Gluon GEMMs' grid and order controls, the Gluon prefetch flags,
+the tile order, the current device); functions
 monkeypatched at run time (experiments, tests) are not seen: set `enabled = False` or call
 `clear()` around them.
 """
@@ -134,11 +135,16 @@ def _environment_reader(name: str):
 
 
 _gluon_switch = _environment_reader(_gluon.DISABLE_ENV)
+# The Gluon GEMMs' controls read at each launch: the grid, GEMM2's kernel and both orders.
+_gluon_controls = tuple(_environment_reader(name) for name in (
+    _gluon.TILE_PROGRAMS_ENV, _gluon.GEMM2_ENV, _gluon.GEMM2_GROUP_M_ENV,
+    _gluon.GEMM1_GROUP_M_ENV))
 
 
 def _settings() -> tuple:
     """What the ops read at run time besides their arguments."""
-    return (_gluon_switch(), _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8,
+    return (_gluon_switch(), *(read() for read in _gluon_controls),
+            _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8,
             _gluon.WIDE_MMA_GEMM1_16BIT,
             _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _gluon.EXPERT_GROUPS,
             _tile_order.FORCED, _launch._current_device())
