@@ -1,9 +1,10 @@
-"""The Gluon GEMMs' grid (`moekit._gluon.grid`): persistent, one program per SM, or one
-program per tile the plan could hold, where persistent programs drifting apart would read
-shared weight tiles from DRAM again (`programs_drift_apart`; bench/NOTES.md, session 50).
+"""The Gluon GEMMs' grid (`moekit._gluon.schedule`): persistent, one program per SM, or
+one program per tile the plan could hold (or a few consecutive tiles each), where
+persistent programs drifting apart would read shared weight tiles from DRAM again
+(`programs_drift_apart`; bench/NOTES.md, session 50).
 
-The rule on the presets' shapes and the control's three settings run on the CPU; on an
-sm_90 GPU both grids must give bitwise the same layer (each tile is computed the same way
+The rule on the presets' shapes and the control's settings run on the CPU; on an sm_90
+GPU every grid must give bitwise the same layer (each tile is computed the same way
 whichever program takes it), close to the reference, with programs past the tiles in use.
 """
 
@@ -20,7 +21,7 @@ import moekit.experts
 import moekit.experts_fp8
 from helpers import assert_close, count_calls, cuda_layer_case, float32_reference, poison_
 from moekit import _gluon
-from moekit._gluon import TILE_PROGRAMS_ENV, grid, programs_drift_apart
+from moekit._gluon import TILE_PROGRAMS_ENV, programs_drift_apart, schedule
 from moekit.experts_fp8 import plan_fp8_config
 from moekit.reference import fused_experts_quantized
 from moekit.tuning.heuristic import tiles_for_block_m
@@ -70,33 +71,40 @@ def test_grid_follows_the_control_then_the_rule(monkeypatch):
     large = torch.empty(256, 4096, 7168, dtype=torch.float8_e4m3fn, device="meta")
     small = torch.empty(128, 1536, 2048, dtype=torch.float8_e4m3fn, device="meta")
     deepseek, qwen3 = _plan(512, 8192 * 8), _plan(300, 2048 * 8)
-    assert grid(132, deepseek, 16, large, 2 * 128 * 7168) == (512 * 16,)
-    assert grid(132, qwen3, 12, small, 2 * 128 * 2048) == (132,)
-    assert grid(132, deepseek, 16) == (132,), "no weights given (16-bit): persistent"
+    # one tile a program: the persistent loop (CHUNK 0) over a grid of every tile
+    assert schedule(132, deepseek, 16, large, 2 * 128 * 7168) == ((512 * 16,), 0)
+    assert schedule(132, qwen3, 12, small, 2 * 128 * 2048) == ((132,), 0)
+    assert schedule(132, deepseek, 16) == ((132,), 0), "no weights given (16-bit): persistent"
     monkeypatch.setenv(TILE_PROGRAMS_ENV, "0")
-    assert grid(132, deepseek, 16, large, 2 * 128 * 7168) == (132,)
+    assert schedule(132, deepseek, 16, large, 2 * 128 * 7168) == ((132,), 0)
     monkeypatch.setenv(TILE_PROGRAMS_ENV, "1")
-    assert grid(132, qwen3, 12, small, 2 * 128 * 2048) == (300 * 12,)
-    assert grid(132, deepseek, 16) == (512 * 16,)
-    monkeypatch.setenv(TILE_PROGRAMS_ENV, "yes")
-    with pytest.raises(ValueError, match="MOEKIT_GLUON_TILE_PROGRAMS='yes'"):
-        grid(132, deepseek, 16)
+    assert schedule(132, qwen3, 12, small, 2 * 128 * 2048) == ((300 * 12,), 0)
+    assert schedule(132, deepseek, 16) == ((512 * 16,), 0)
+    monkeypatch.setenv(TILE_PROGRAMS_ENV, "7")  # 3,600 tiles, 7 a program: the last has 2
+    assert schedule(132, qwen3, 12) == ((515,), 7)
+    for value in ("yes", "-1", "2.5"):
+        monkeypatch.setenv(TILE_PROGRAMS_ENV, value)
+        with pytest.raises(ValueError, match=f"MOEKIT_GLUON_TILE_PROGRAMS='{value}'"):
+            schedule(132, deepseek, 16)
 
 
-def _both_grids(monkeypatch, call):
-    """`call()` persistent and one program per tile: {setting: out}, after checking that
-    the launches took those grids (one per SM; then other, larger ones)."""
-    grids, chosen = [], _gluon.grid
-    monkeypatch.setattr(_gluon, "grid", lambda *args: grids.append(chosen(*args)) or grids[-1])
+def _every_grid(monkeypatch, call):
+    """`call()` persistent, one program per tile and 3 consecutive tiles a program:
+    {setting: out}, after checking that the launches took those grids (one per SM; then
+    other, larger ones)."""
+    grids, chosen = [], _gluon.schedule
+    monkeypatch.setattr(_gluon, "schedule",
+                        lambda *args: grids.append(chosen(*args)) or grids[-1])
     outs, launched = {}, {}
-    for setting in ("0", "1"):
+    for setting in ("0", "1", "3"):
         monkeypatch.setenv(TILE_PROGRAMS_ENV, setting)
         grids.clear()
         outs[setting] = call()
         launched[setting] = list(grids)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert launched["0"] == [(sms,)] * 2, "both GEMMs persistent"
-    assert len(launched["1"]) == 2 and all(g[0] > sms for g in launched["1"]), launched
+    assert launched["0"] == [((sms,), 0)] * 2, "both GEMMs persistent"
+    assert [chunk for _, chunk in launched["3"]] == [3, 3], launched
+    assert all(grid[0] > sms and chunk == 0 for grid, chunk in launched["1"]), launched
     return outs
 
 
@@ -115,11 +123,11 @@ def test_16bit_grids_give_the_same_layer_gpu(tail, monkeypatch):
         out = poison_(torch.empty_like(hidden))
         return moekit.fused_experts(hidden, w13, w2, ids, weights, activation="silu",
                                     b13=b13, b2=b2, config=config, out=out)
-    outs = _both_grids(monkeypatch, call)
+    outs = _every_grid(monkeypatch, call)
     assert len(gemm1) == len(gemm2) == 2, "both Gluon GEMMs ran in every call"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
-    assert_close(outs["1"], expected, name=f"tail={tail}, one program per tile")
-    assert torch.equal(outs["1"], outs["0"])
+    assert_close(outs["3"], expected, name=f"tail={tail}, 3 tiles a program")
+    assert torch.equal(outs["1"], outs["0"]) and torch.equal(outs["3"], outs["0"])
 
 
 @pytest.mark.gpu
@@ -138,12 +146,12 @@ def test_fp8_grids_give_the_same_layer_gpu(scheme, monkeypatch):
         out = poison_(torch.empty_like(hidden))
         return moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                         activation="silu", config=config, out=out)
-    outs = _both_grids(monkeypatch, call)
+    outs = _every_grid(monkeypatch, call)
     assert len(gemm1) == len(gemm2) == 2, "both Gluon GEMMs ran in every call"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation="silu")
-    assert_close(outs["1"], expected, GPU_TOL, name=f"{scheme}, one program per tile")
-    assert torch.equal(outs["1"], outs["0"])
+    assert_close(outs["3"], expected, GPU_TOL, name=f"{scheme}, 3 tiles a program")
+    assert torch.equal(outs["1"], outs["0"]) and torch.equal(outs["3"], outs["0"])
 
 
 def test_the_rule_reads_this_gpus_l2(monkeypatch):
@@ -152,5 +160,5 @@ def test_the_rule_reads_this_gpus_l2(monkeypatch):
     seen = []
     monkeypatch.setattr(_gluon, "l2_bytes_of", lambda t: seen.append(t.shape) or 2**40)
     large = torch.empty(256, 4096, 7168, dtype=torch.float8_e4m3fn, device="meta")
-    assert grid(132, _plan(512, 8192 * 8), 16, large, 2 * 128 * 7168) == (132,)
+    assert schedule(132, _plan(512, 8192 * 8), 16, large, 2 * 128 * 7168) == ((132,), 0)
     assert seen == [large.shape]

@@ -166,7 +166,8 @@ def _experts(why, dtype, act, block_m, **flags):
     (both GEMMs as the 16-bit Gluon kernels, as on an sm_90 GPU), gluon2 (GEMM2 only),
     no_prefetch (the Gluon kernels loading each tile's indices at its start),
     group_m_order (the Triton GEMMs in `_tile_of`'s order, not the rule's),
-    expert_groups2 (the Gluon GEMM2's groups never two experts', `_gluon.EXPERT_GROUPS`)."""
+    expert_groups2 (the Gluon GEMM2's groups never two experts', `_gluon.EXPERT_GROUPS`),
+    chunk (the Gluon GEMMs taking that many consecutive tiles a program, `program_tiles`)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
@@ -251,6 +252,9 @@ CASES = [
     _experts("the same without tail tiles or the prefetch (`expert_offsets` is the work "
              "pointer)", "fp16", "silu", 128, tma=True, gluon=True, grouped2=True,
              expert_groups2=True, no_prefetch=True),
+    _experts("both 16-bit Gluon GEMMs taking 3 consecutive tiles a program (`program_tiles`, "
+             "staged): the prefetch's first and second tiles, tail tiles, biases", "bf16",
+             "silu", 128, tma=True, tail=True, bias=True, gluon=True, chunk=3),
     _experts("both 16-bit Gluon GEMMs as one [64, 256] MMA per K step, tail tiles, biases",
              "bf16", "gelu", 128, tma=True, tail=True, bias=True, gluon=True, wide=True),
     _experts("both 16-bit Gluon GEMMs as one MMA over both halves per K step "
@@ -352,6 +356,11 @@ CASES = [
          "(`EXPERT_GROUPS`, staged off): per-tensor, the producer's prefetch, tail tiles",
          "tensor", "bf16", "silu", 128, tma=True, gluon=True, grouped2=True,
          expert_groups2=True, prefetch=True),
+    _fp8("prefill, both Gluon GEMMs taking 2 consecutive tiles a program (`program_tiles`, "
+         "staged): GEMM1 gathering A, the producers' prefetch, tail tiles", "tensor", "bf16",
+         "silu", 128, tma=True, gluon=True, gluon1=True, gather=True, prefetch=True, chunk=2),
+    _fp8("the same without the prefetch, block scales", "block", "bf16", "silu", 128,
+         tma=True, gluon=True, gluon1=True, chunk=2),
     _fp8("prefill, Gluon GEMM2 loading a tail tile's A as a [64, 128] box (`TAIL_A_BOX`), "
          "per-tensor, the producer's prefetch", "tensor", "bf16", "silu", 128, tma=True,
          gluon=True, tail_a=True, prefetch=True),
@@ -691,6 +700,7 @@ def _run_experts(p):
     moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
+    moekit._gluon.schedule = _chunked(p)
     # The Triton GEMMs' order: the rule's (expert groups at 128-row tiles here) or GROUP_M's.
     moekit._tile_order.FORCED = False if p.get("group_m_order") else None
     moekit.fused_experts(
@@ -706,6 +716,15 @@ def _run_experts(p):
 
 _GROUP_M = moekit._gluon_gemm1.group_m
 _GEMM2_GROUP_M = moekit._gluon.gemm2_group_m
+_SCHEDULE = moekit._gluon.schedule
+
+
+def _chunked(p):
+    """The Gluon GEMMs' `schedule`: the library's, or with flag chunk that many consecutive
+    tiles a program (the kernel's CHUNK; the grid does not change the compile)."""
+    if not p.get("chunk"):
+        return _SCHEDULE
+    return lambda programs, *args: ((programs,), p["chunk"])
 
 
 def _run_fp8(p):
@@ -748,6 +767,7 @@ def _run_fp8(p):
     moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
+    moekit._gluon.schedule = _chunked(p)
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)

@@ -111,6 +111,16 @@
 #             tests, then fp8 per-tensor `moekit bench` persistent (MOEKIT_GLUON_TILE_PROGRAMS=0)
 #             against the rule, two rounds, on the presets and token counts where the rule
 #             launches one program per tile and beside them (NOTES, session 50)
+#   chunks-bf16 the 16-bit Gluon GEMMs' grids (`MOEKIT_GLUON_TILE_PROGRAMS`): persistent
+#             (0, their default), one program per tile (1), 2 and 4 consecutive tiles a
+#             program (`program_tiles`, never run before: the grid GPU tests first); Nsight
+#             Compute DRAM bytes and time of both GEMMs at deepseek-v3 and mixtral M = 16384
+#             persistent and one per tile, then bf16 `moekit bench` each way, two rounds,
+#             deepseek-v3 / mixtral / qwen3 / olmoe at M = 2048–16384 (NOTES, session 50)
+#   chunks-fp8 the same grids for the fp8 Gluon GEMMs (per-tensor): the rule (unset), 0, 2
+#             and 4, deepseek-v3 / gpt-oss / qwen3 / mixtral at M = 2048–16384
+#   gridruleblock the fp8 grid rule with block and per-channel scales: persistent against
+#             the rule, two rounds, deepseek-v3 / gpt-oss / mixtral at M = 512–16384
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
 #             qwen3 4096 (NOTES, session 50)
@@ -435,6 +445,45 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-fp8_tensor-grid-rule gridrule ship rule ;;
+    chunks-bf16|chunks-fp8)
+      step pytest-gpu-chunks 120 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_gluon_grid.py
+      if [ $stage = chunks-bf16 ]; then
+        for cell in deepseek-v3:16384:bf16 mixtral-8x7b:16384:bf16; do
+          for setting in 0 1; do
+            step "ncu-chunks-${cell//:/-}-t$setting" 90 env MOEKIT_GLUON_TILE_PROGRAMS=$setting \
+              ncu --profile-from-start off --clock-control none -k regex:gemm --csv --metrics \
+              gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
+              python3 bench/scripts/ncu_gemms.py --cell "$cell"
+          done
+        done
+        settings="t0 t1 t2 t4" dtype=bf16 presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"
+      else
+        settings="rule t0 t2 t4" dtype=fp8_tensor
+        presets="deepseek-v3 gpt-oss-120b qwen3-30b-a3b mixtral-8x7b"
+      fi
+      for round in 1 2; do
+        for setting in $settings; do
+          if [ $setting = rule ]; then set --; else set -- MOEKIT_GLUON_TILE_PROGRAMS=${setting#t}; fi
+          step "bench-$stage-$setting-r$round" 60 env "$@" python3 -m moekit.cli bench \
+            --dtype $dtype --no-baselines --graph-max-m 16384 --rep-ms 30 --presets $presets \
+            --tokens 2048 4096 8192 16384 --what "$stage-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings "ab-$dtype-chunks" "$stage" $settings ;;
+    gridruleblock)
+      for dtype in fp8_block fp8_channel; do
+        for round in 1 2; do
+          for setting in ship rule; do
+            if [ $setting = ship ]; then set -- MOEKIT_GLUON_TILE_PROGRAMS=0; else set --; fi
+            step "bench-gridrule-$dtype-$setting-r$round" 90 env "$@" python3 -m moekit.cli \
+              bench --dtype $dtype --no-baselines --graph-max-m 16384 --rep-ms 30 --presets \
+              deepseek-v3 gpt-oss-120b mixtral-8x7b --tokens 512 1024 2048 4096 8192 16384 \
+              --what "gridrule-$dtype-$setting-r$round" --out "$out"
+          done
+        done
+        compare_settings "ab-$dtype-grid-rule" "gridrule-$dtype" ship rule
+      done ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

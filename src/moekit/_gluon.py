@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from moekit._intmath import cdiv
+
 try:  # Gluon's Hopper API as of Triton 3.6 (the version measured); else the Triton GEMMs
     import triton
 
@@ -110,8 +112,10 @@ GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_
 # The rule, against persistent grids (two rounds): deepseek-v3 M = 4096–16384 1.33×,
 # gpt-oss M = 4096 1.16×, mixtral M = 512–2048 1.03–1.09× (session 50).
 # `TILE_PROGRAMS_ENV` (read at every launch) "1" launches every Gluon GEMM one program per
-# tile, "0" every one persistent; unset, the fp8 GEMMs follow `programs_drift_apart` and
-# the 16-bit ones stay persistent (not yet measured). A number in `GEMM1_GROUP_M_ENV` sets
+# tile, a larger number N that many consecutive tiles a program (staged: each program's
+# tiles then overlap as in the persistent loop, drift bounded by N; not yet run on a GPU),
+# "0" every one persistent; unset, the fp8 GEMMs follow `programs_drift_apart` and the
+# 16-bit ones stay persistent (not yet measured). A number in `GEMM1_GROUP_M_ENV` sets
 # the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`; a measurement control).
 TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
 SMALL_EXPERT_L2_SHARE = 8  # experts of at most L2 / 8 stay persistent (`programs_drift_apart`)
@@ -136,30 +140,33 @@ def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
             and programs * weight_tile_bytes / row_tiles_per_expert > l2)
 
 
-def _tile_programs_setting() -> str | None:
+def _tile_programs_setting() -> int | None:
     value = os.environ.get(TILE_PROGRAMS_ENV)
-    if value not in (None, "", "0", "1"):
-        raise ValueError(f"{TILE_PROGRAMS_ENV}={value!r}: expected 0 (persistent grids), "
-                         "1 (one program per tile) or unset (the rule)")
-    return value or None
+    if value in (None, ""):
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{TILE_PROGRAMS_ENV}={value!r}: expected 0 (persistent grids), a "
+                         "number of consecutive tiles a program (1: one) or unset (the rule)")
+    return int(value)
 
 
-def grid(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = None,
-         weight_tile_bytes: int = 0) -> tuple[int]:
-    """The launch grid of a Gluon GEMM over `plan`'s row tiles by `n_tiles` column tiles:
-    `programs` (persistent, one per SM), or one program per tile the plan could hold
-    (those past the tiles in use find none and end) where `TILE_PROGRAMS_ENV` says "1"
-    or, unset, where `programs_drift_apart` over `weights` [E, ...] holds (`weights` None:
-    persistent unless forced)."""
-    setting = _tile_programs_setting()
-    if setting is None and weights is not None:
-        expert_bytes = weights[0].numel() * weights.element_size()
-        setting = "1" if programs_drift_apart(programs, weight_tile_bytes, plan.num_pairs,
-                                              weights.shape[0], l2_bytes_of(weights),
-                                              expert_bytes) else "0"
-    if setting == "1":
-        return (plan.row_tiles()[0] * n_tiles,)
-    return (programs,)
+def schedule(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = None,
+             weight_tile_bytes: int = 0) -> tuple[tuple[int], int]:
+    """(grid, the kernel's CHUNK) of a Gluon GEMM over `plan`'s row tiles by `n_tiles`
+    column tiles: persistent, `programs` (one per SM); or `chunk` consecutive tiles a
+    program over every tile the plan could hold (programs past the tiles in use find none
+    and end), `chunk` as `TILE_PROGRAMS_ENV` says or, unset, 1 where `programs_drift_apart`
+    over `weights` [E, ...] holds (`weights` None: persistent unless told). One tile a
+    program runs the persistent loop (CHUNK 0) over that grid, as measured; CHUNK ≥ 2 is
+    `program_tiles`' chunked form."""
+    chunk = _tile_programs_setting()
+    if chunk is None:
+        chunk = int(weights is not None and programs_drift_apart(
+            programs, weight_tile_bytes, plan.num_pairs, weights.shape[0],
+            l2_bytes_of(weights), weights[0].numel() * weights.element_size()))
+    if chunk:
+        return (cdiv(plan.row_tiles()[0] * n_tiles, chunk),), chunk if chunk > 1 else 0
+    return (programs,), 0
 
 
 def _gemm2_setting() -> str | None:
@@ -418,6 +425,23 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index(index), count=1)
             counter += 1
         return counter
+
+    @gluon.jit
+    def program_tiles(total, CHUNK: gl.constexpr):
+        """This program's tiles of `total` as `range` arguments (first, end, step): CHUNK 0,
+        persistent, every num_programs-th from its id; else CHUNK consecutive tiles from
+        id · CHUNK (`schedule`), so that programs the hardware starts in order keep
+        neighbouring tiles together while a program's own tiles still overlap each other's
+        loads and epilogues."""
+        if CHUNK:
+            first = gl.program_id(0) * CHUNK
+            end = gl.minimum(first + CHUNK, total)
+            step = 1
+        else:
+            first = gl.program_id(0)
+            end = total
+            step = gl.num_programs(0)
+        return first, end, step
 
     @gluon.jit
     def tiles_in_use(work_ptr, num_work, TAIL_M: gl.constexpr):

@@ -71,6 +71,7 @@ if HAVE_GLUON:
         gluon,
         mbarrier,
         prefetch_entry,
+        program_tiles,
         release_steps,
         row_tile,
         stage_ring,
@@ -160,7 +161,7 @@ if HAVE_GLUON:
                   block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs, ready,
                   empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
                   NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr, PREFETCH: gl.constexpr,
-                  GATE_UP_ADJACENT: gl.constexpr = False):
+                  GATE_UP_ADJACENT: gl.constexpr = False, CHUNK: gl.constexpr = 0):
         """Loads of every K step's A, gate and up tiles into the ring, each stage reloaded
         once both math warpgroups have released it: all by TMA, or (GATHER_A) A's rows by
         cp.async from their tokens' rows of x, each thread's copies arriving on the
@@ -187,15 +188,15 @@ if HAVE_GLUON:
         n_tiles = gl.cdiv(I, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
-        step = gl.num_programs(0)
+        first, end, step = program_tiles(total, CHUNK)
         if PREFETCH:  # the first tile's loads, and the second's work entry
             first_slot, expert, pair = _tile_loads(
-                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
+                prefetch_entry(first, total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
                 sorted_pairs_ptr, block_experts_ptr, gather_rows, num_pairs, TAIL_M, GATHER_A)
-            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
+            entry = prefetch_entry(first + step, total, used, n_tiles, work_ptr, GROUP_M,
                                    TAIL_M)
         counter = 0
-        for tile in range(gl.program_id(0), total, step):
+        for tile in range(first, end, step):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             if PREFETCH:
                 tile_slot = first_slot
@@ -271,7 +272,7 @@ if HAVE_GLUON:
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
-                  AMAX_FLOOR: gl.constexpr):
+                  AMAX_FLOOR: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
         gate and up products go into a fresh accumulator, are scaled by the step's K-group
         scales (X_PER_K: hidden's per slot; W_PER_K: w13's, one per column tile; loaded
@@ -293,7 +294,8 @@ if HAVE_GLUON:
         n_tiles = gl.cdiv(I, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
-        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+        first, end, step = program_tiles(used * n_tiles, CHUNK)
+        for tile in range(first, end, step):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             first_slot, expert, rows = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             busy = rows > CONSUMER * _HALF_M  # a tail's rows are all in the first half
@@ -434,7 +436,8 @@ if HAVE_GLUON:
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
-        AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
+        AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, CHUNK: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
         (GROUP_M row tiles per column tile, 1: row tile major); this program's own
@@ -460,21 +463,22 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, PREFETCH)),
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, PREFETCH,
+                          False, CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
-                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR)),
+                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
-                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR))],
+                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -508,7 +512,8 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
     # a column tile's weights: its gate and up rows over all of H, one byte each
-    grid = _gluon.grid(programs, plan, cdiv(inter.shape[1], BLOCK_N), w13, 2 * BLOCK_N * hidden)
+    grid, chunk = _gluon.schedule(programs, plan, cdiv(inter.shape[1], BLOCK_N), w13,
+                                  2 * BLOCK_N * hidden)
     launcher(_gemm1_ws_kernel)[grid](
         descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
         descriptor(inter, [HALF_M, BLOCK_N]), x, x_scale, w13_scale,
@@ -523,5 +528,5 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
-        PREFETCH=_gluon.PREFETCH_TILES_FP8, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES_FP8, CHUNK=chunk, num_warps=4,
     )

@@ -38,6 +38,7 @@ if HAVE_GLUON:
         gluon,
         paired_mainloop,
         prefetch_entry,
+        program_tiles,
         row_tile,
         stage_ring,
         tile_coords,
@@ -123,7 +124,7 @@ if HAVE_GLUON:
                     CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
                     NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
                     HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
-                    PREFETCH: gl.constexpr, WIDE: gl.constexpr):
+                    PREFETCH: gl.constexpr, WIDE: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × the tile's 128
         columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64, +64), so
         that a tail takes both warpgroups for half as long instead of one for as long as
@@ -136,15 +137,15 @@ if HAVE_GLUON:
         n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
-        step = gl.num_programs(0)
+        first, end, step = program_tiles(total, CHUNK)
         if PREFETCH:  # as the producer: the next tile's rows and expert during this one
             first_slot, expert, rows = entry_tile(
-                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
+                prefetch_entry(first, total, used, n_tiles, work_ptr, GROUP_M, TAIL_M),
                 block_experts_ptr, TAIL_M)
-            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr, GROUP_M,
+            entry = prefetch_entry(first + step, total, used, n_tiles, work_ptr, GROUP_M,
                                    TAIL_M)
         counter = 0
-        for tile in range(gl.program_id(0), total, step):
+        for tile in range(first, end, step):
             pid_m, pid_n = tile_coords(tile, used, n_tiles, GROUP_M)
             if PREFETCH:
                 tile_slot = first_slot
@@ -209,7 +210,8 @@ if HAVE_GLUON:
         num_pairs, top_k, H, I, stride_xm, stride_be, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
-        PREFETCH: gl.constexpr, WIDE: gl.constexpr, num_warps: gl.constexpr,
+        PREFETCH: gl.constexpr, WIDE: gl.constexpr, CHUNK: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order;
         this program's own warpgroup is the producer (`_producer`, gathering A), two
@@ -241,17 +243,18 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH, WIDE)),
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH, WIDE,
+                          CHUNK)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0,
                             TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
-                            WEIGHT_ON_INPUT, PREFETCH, WIDE)),
+                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1,
                             TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
-                            WEIGHT_ON_INPUT, PREFETCH, WIDE))],
+                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -278,7 +281,8 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
-    launcher(_gemm1_ws16_kernel)[_gluon.grid(programs, plan, inter_size // block_n)](
+    grid, chunk = _gluon.schedule(programs, plan, inter_size // block_n)
+    launcher(_gemm1_ws16_kernel)[grid](
         descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
         descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
         plan.sorted_pairs if b13 is None else b13, topk_weights, plan.sorted_pairs,
@@ -288,6 +292,7 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         TAIL_M=tail_m, GROUP_M=group_m(w13),
         NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
         HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
-        PREFETCH=_gluon.PREFETCH_TILES, WIDE=_gluon.WIDE_MMA_GEMM1_16BIT, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES, WIDE=_gluon.WIDE_MMA_GEMM1_16BIT, CHUNK=chunk,
+        num_warps=4,
     )
     return inter

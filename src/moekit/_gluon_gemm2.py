@@ -59,6 +59,7 @@ if HAVE_GLUON:
         mbarrier,
         ordered_tile_coords,
         prefetch_entry,
+        program_tiles,
         row_tile,
         stage_ring,
         tiles_in_use,
@@ -109,7 +110,8 @@ if HAVE_GLUON:
     def _producer(a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr, num_work,
                   H, I, a_bufs, b_bufs, ready, empty, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr,
-                  TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr):
+                  TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
+                  CHUNK: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
         both math warpgroups have released it. PREFETCH: a tile's expert is loaded during
         the tile before's K loop, its work entry during the one before that (as the
@@ -122,17 +124,17 @@ if HAVE_GLUON:
         n_tiles = gl.cdiv(H, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
-        step = gl.num_programs(0)
+        first, end, step = program_tiles(total, CHUNK)
         if PREFETCH:
             first_slot, expert, rows = entry_tile(
-                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M,
+                prefetch_entry(first, total, used, n_tiles, work_ptr, GROUP_M,
                                TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS),
                 block_experts_ptr, TAIL_M)
-            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr,
+            entry = prefetch_entry(first + step, total, used, n_tiles, work_ptr,
                                    GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
                                    EXPERT_GROUPS)
         counter = 0
-        for tile in range(gl.program_id(0), total, step):
+        for tile in range(first, end, step):
             pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr, block_experts_ptr,
                                                offsets_ptr, True, GROUP_M, EXPERT_GROUPS,
                                                TAIL_M)
@@ -317,7 +319,7 @@ if HAVE_GLUON:
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr, PARTIAL_N: gl.constexpr,
-                  EXPERT_GROUPS: gl.constexpr):
+                  EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER of every tile (`_piece`): rows [CONSUMER·64, +64) in one
         or two 128-column halves (a tile as wide as the B box), or, in a tail tile (64
         rows), its rows × half CONSUMER of the tile's columns (one 128-column half, or 64
@@ -331,7 +333,8 @@ if HAVE_GLUON:
         n_tiles = gl.cdiv(H, TILE_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         counter = 0
-        for tile in range(gl.program_id(0), used * n_tiles, gl.num_programs(0)):
+        first, end, step = program_tiles(used * n_tiles, CHUNK)
+        for tile in range(first, end, step):
             pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr, block_experts_ptr,
                                                offsets_ptr, True, GROUP_M, EXPERT_GROUPS,
                                                TAIL_M)
@@ -394,7 +397,7 @@ if HAVE_GLUON:
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
         PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, TAIL_A_BOX: gl.constexpr,
-        EXPERT_GROUPS: gl.constexpr, num_warps: gl.constexpr,
+        EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, column tile) in `ordered_tile_coords` order (GROUP_M
         row tiles per column tile, with EXPERT_GROUPS never two experts' in a group; 1: row
@@ -415,7 +418,7 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
                           num_work, H, I, a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS)),
+                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS, CHUNK)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, offsets_ptr, num_work,
                           num_pairs, H, I, stride_asm,
@@ -423,7 +426,7 @@ if HAVE_GLUON:
                           b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M, BLOCK_K,
                           NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N, EXPERT_GROUPS)),
+                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N, EXPERT_GROUPS, CHUNK)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, offsets_ptr, num_work,
                           num_pairs, H, I, stride_asm,
@@ -431,7 +434,7 @@ if HAVE_GLUON:
                           b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M, BLOCK_K,
                           NUM_BUFFERS,
                           A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
-                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N, EXPERT_GROUPS))],
+                          HAS_BIAS, APPLY_WEIGHT, PARTIAL_N, EXPERT_GROUPS, CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -462,8 +465,8 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
-    grid = _gluon.grid(programs, plan, cdiv(hidden, halves * BLOCK_N), w2,
-                       halves * BLOCK_N * inter_size)  # a column tile's weights, one byte each
+    grid, chunk = _gluon.schedule(programs, plan, cdiv(hidden, halves * BLOCK_N), w2,
+                                  halves * BLOCK_N * inter_size)  # a column tile's weights
     launcher(_gemm2_ws_kernel)[grid](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
@@ -480,6 +483,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None,
         PARTIAL_N=hidden % (halves * BLOCK_N) != 0, PREFETCH=_gluon.PREFETCH_TILES_FP8,
-        TAIL_A_BOX=_gluon.TAIL_A_BOX, EXPERT_GROUPS=_gluon.EXPERT_GROUPS, num_warps=4,
+        TAIL_A_BOX=_gluon.TAIL_A_BOX, EXPERT_GROUPS=_gluon.EXPERT_GROUPS, CHUNK=chunk,
+        num_warps=4,
     )
     return out

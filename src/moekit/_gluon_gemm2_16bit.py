@@ -37,6 +37,7 @@ if HAVE_GLUON:
         ordered_tile_coords,
         paired_mainloop,
         prefetch_entry,
+        program_tiles,
         row_tile,
         stage_ring,
         tiles_in_use,
@@ -142,7 +143,7 @@ if HAVE_GLUON:
                   b_bufs, ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, WIDE: gl.constexpr,
-                  EXPERT_GROUPS: gl.constexpr):
+                  EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
         halves (WIDE: as one MMA per K step), or, in a tail tile (64 rows), its rows × half
         CONSUMER (as two 64-column products, `q_desc`'s [64, 64] boxes), so that a tail
@@ -156,21 +157,21 @@ if HAVE_GLUON:
         n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
-        step = gl.num_programs(0)
+        first, end, step = program_tiles(total, CHUNK)
         if PREFETCH:  # as the producer: the next tile's expert, rows and pairs, loaded
             # during this tile's K loop (its work entry during the one before)
             first_slot, expert, rows = entry_tile(
-                prefetch_entry(gl.program_id(0), total, used, n_tiles, work_ptr, GROUP_M,
+                prefetch_entry(first, total, used, n_tiles, work_ptr, GROUP_M,
                                TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS),
                 block_experts_ptr, TAIL_M)
-            entry = prefetch_entry(gl.program_id(0) + step, total, used, n_tiles, work_ptr,
+            entry = prefetch_entry(first + step, total, used, n_tiles, work_ptr,
                                    GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
                                    EXPERT_GROUPS)
             if APPLY_WEIGHT:
                 pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                   sorted_pairs_ptr, acc_layout)
         counter = 0
-        for tile in range(gl.program_id(0), total, step):
+        for tile in range(first, end, step):
             pid_m, pid_n = ordered_tile_coords(  # as `_producer`'s
                 tile, used, n_tiles, work_ptr, block_experts_ptr, offsets_ptr, True, GROUP_M,
                 EXPERT_GROUPS, TAIL_M)
@@ -249,7 +250,7 @@ if HAVE_GLUON:
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
         WIDE: gl.constexpr, TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-        num_warps: gl.constexpr,
+        CHUNK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 256 hidden columns) in `ordered_tile_coords` order
         (GROUP_M row tiles per column tile, with EXPERT_GROUPS never two experts' in a
@@ -268,15 +269,17 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
                           num_work, H, I, a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS)),
+                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS, CHUNK)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
                           stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS)),
+                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS,
+                          CHUNK)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
                           stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS))],
+                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS,
+                          CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -300,7 +303,8 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
-    launcher(_gemm2_ws16_kernel)[_gluon.grid(programs, plan, hidden_size // TILE_N)](
+    grid, chunk = _gluon.schedule(programs, plan, hidden_size // TILE_N)
+    launcher(_gemm2_ws16_kernel)[grid](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
@@ -311,6 +315,6 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES,
         WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, TAIL_A_BOX=_gluon.TAIL_A_BOX,
-        EXPERT_GROUPS=_gluon.EXPERT_GROUPS, num_warps=4,
+        EXPERT_GROUPS=_gluon.EXPERT_GROUPS, CHUNK=chunk, num_warps=4,
     )
     return out
