@@ -157,6 +157,16 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $out/NAME.log, print its t
   pack
 }
 
+# ncu_counters NAME LIMIT CELL [VAR=VALUE...]: the GEMMs of one layer call
+# (`ncu_gemms.py --cell CELL`) under Nsight Compute in that environment: time, SM clock,
+# DRAM bytes read and written, L2 hit rate, SM and memory throughput (% of peak).
+NCU_COUNTERS=gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed
+ncu_counters() {
+  local name=$1 limit=$2 cell=$3
+  shift 3
+  step "$name" "$limit" env "$@" ncu --profile-from-start off --clock-control none \
+    -k regex:gemm --csv --metrics "$NCU_COUNTERS" python3 bench/scripts/ncu_gemms.py --cell "$cell"
+}
 # compare_settings STEM WHAT SETTING...: compare_tables.py over each setting's rounds
 # ($out/*WHAT-SETTING-r*.json, from `--what WHAT-SETTING-rN`), the first the baseline.
 compare_settings() {
@@ -263,10 +273,7 @@ for stage in "$@"; do
     ridgebytes)
       for cell in qwen3-30b-a3b:4096:bf16 gpt-oss-120b:8192:bf16 deepseek-v3:8192:bf16 \
           mixtral-8x7b:4096:bf16; do
-        step "ncu-ridge-${cell//:/-}" 150 ncu --profile-from-start off --clock-control none \
-          -k regex:gemm --csv --metrics \
-          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
-          python3 bench/scripts/ncu_gemms.py --cell "$cell"
+        ncu_counters "ncu-ridge-${cell//:/-}" 150 "$cell"
       done ;;
     fp8blockswap)
       all=direct1,direct2,plan1,plan2,block
@@ -329,10 +336,8 @@ for stage in "$@"; do
     tileorder)
       step tile-order-experiment 300 python3 bench/scripts/tile_order_experiment.py --out "$out"
       for groups in 0 1; do
-        step "ncu-order-deepseek-v3-16384-e$groups" 90 env MOEKIT_EXPERT_GROUPS=$groups ncu \
-          --profile-from-start off --clock-control none -k regex:gemm --csv --metrics \
-          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
-          python3 bench/scripts/ncu_gemms.py --cell deepseek-v3:16384:bf16
+        ncu_counters "ncu-order-deepseek-v3-16384-e$groups" 90 deepseek-v3:16384:bf16 \
+          MOEKIT_EXPERT_GROUPS=$groups
       done ;;
     gluongroups)
       step pytest-gpu-gluon-groups 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
@@ -397,10 +402,7 @@ for stage in "$@"; do
     fp8ridgebytes)
       for cell in deepseek-v3:8192:fp8_tensor deepseek-v3:16384:fp8_tensor \
           gpt-oss-120b:8192:fp8_tensor qwen3-30b-a3b:4096:fp8_tensor; do
-        step "ncu-fp8ridge-${cell//:/-}" 150 ncu --profile-from-start off --clock-control none \
-          -k regex:gemm --csv --metrics \
-          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
-          python3 bench/scripts/ncu_gemms.py --cell "$cell"
+        ncu_counters "ncu-fp8ridge-${cell//:/-}" 150 "$cell"
       done ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
@@ -418,10 +420,7 @@ for stage in "$@"; do
         esac
       }
       for setting in $settings; do
-        step "ncu-tilegrid-$setting" 60 env $(tile_setting $setting) ncu --profile-from-start off \
-          --clock-control none -k regex:gemm --csv --metrics \
-          gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
-          python3 bench/scripts/ncu_gemms.py --cell deepseek-v3:8192:fp8_tensor
+        ncu_counters "ncu-tilegrid-$setting" 60 deepseek-v3:8192:fp8_tensor $(tile_setting $setting)
       done
       for round in 1 2; do
         for setting in $settings; do
@@ -451,10 +450,8 @@ for stage in "$@"; do
       if [ $stage = chunks-bf16 ]; then
         for cell in deepseek-v3:16384:bf16 mixtral-8x7b:16384:bf16; do
           for setting in 0 1; do
-            step "ncu-chunks-${cell//:/-}-t$setting" 90 env MOEKIT_GLUON_TILE_PROGRAMS=$setting \
-              ncu --profile-from-start off --clock-control none -k regex:gemm --csv --metrics \
-              gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
-              python3 bench/scripts/ncu_gemms.py --cell "$cell"
+            ncu_counters "ncu-chunks-${cell//:/-}-t$setting" 90 "$cell" \
+              MOEKIT_GLUON_TILE_PROGRAMS=$setting
           done
         done
         settings="t0 t1 t2 t4" dtype=bf16 presets="deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b"

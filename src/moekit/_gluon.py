@@ -12,6 +12,7 @@ w2 outgrows half of it (`tile_coords`, `gemm2_group_m`).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -163,7 +164,7 @@ def schedule(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = N
     if chunk is None:
         chunk = int(weights is not None and programs_drift_apart(
             programs, weight_tile_bytes, plan.num_pairs, weights.shape[0],
-            l2_bytes_of(weights), weights[0].numel() * weights.element_size()))
+            l2_bytes_of(weights), math.prod(weights.shape[1:]) * weights.element_size()))
     if chunk:
         return (cdiv(plan.row_tiles()[0] * n_tiles, chunk),), chunk if chunk > 1 else 0
     return (programs,), 0
