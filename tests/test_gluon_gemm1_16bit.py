@@ -69,6 +69,17 @@ def test_shape_rules(monkeypatch):
     assert not _chosen(shifted.view(hidden.shape), w13), "base not 16-byte aligned"
 
 
+def test_partial_column_tiles_only_when_switched_on(monkeypatch):
+    # `_gluon.PARTIAL_N_16BIT` (staged off): I any multiple of 16, as gpt-oss's 2880.
+    monkeypatch.setattr(moekit._gluon_gemm1_16bit, "gluon_allowed", lambda t: True)
+    hidden = torch.empty(8, 256, dtype=torch.bfloat16)
+    w13 = {i: torch.empty(4, 2 * i, 256, dtype=torch.bfloat16) for i in (208, 200, 2880)}
+    assert not _chosen(hidden, w13[208]) and not _chosen(hidden, w13[2880])
+    monkeypatch.setattr(moekit._gluon, "PARTIAL_N_16BIT", True)
+    assert _chosen(hidden, w13[208]) and _chosen(hidden, w13[2880])
+    assert not _chosen(hidden, w13[200]), "I = 200: 16 ∤ I"
+
+
 def test_chosen_only_on_an_sm90_gpu(monkeypatch):
     w13 = torch.empty(4, 512, 256, dtype=torch.bfloat16)
     hidden = torch.empty(8, 256, dtype=torch.bfloat16)
@@ -124,6 +135,33 @@ def test_layer_with_the_gluon_gemm1_gpu(wide, tail, M, E, k, H, I, dtype, act, b
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
     assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail} wide={wide}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("M,E,k,H,I,act,bias,on_input,narrow", [
+    (1000, 16, 4, 768, 208, "swigluoai", True, False, False),  # gpt-oss-like: 80 of 128
+    (700, 8, 2, 512, 336, "silu", True, True, True),  # 64-column tiles: 16 of 64
+])
+def test_partial_column_tiles_gpu(wide, tail, M, E, k, H, I, act, bias, on_input, narrow,
+                                  gemm1_calls, monkeypatch):
+    # `_gluon.PARTIAL_N_16BIT`: the last tile's columns past I come from the rows after it
+    # (or TMA's zeros) and must neither reach `inter` nor read biases past I.
+    _require_gluon()
+    monkeypatch.setattr(moekit._gluon, "PARTIAL_N_16BIT", True)
+    monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM1_16BIT", wide)
+    monkeypatch.setattr(moekit.experts, "gluon_gemm1_narrow_columns", lambda *args: narrow)
+    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
+                                                             bias, 2.0)
+    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
+    out = poison_(torch.empty_like(hidden))
+    poison_cuda_cache()
+    moekit.fused_experts(hidden, w13, w2, ids, weights, activation=act, b13=b13, b2=b2,
+                         apply_router_weight_on_input=on_input, config=config, out=out)
+    assert len(gemm1_calls) == 1, "the Gluon GEMM1 ran"
+    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
+    assert_close(out, expected, name=f"I = {I} tail={tail} wide={wide} narrow={narrow}")
 
 
 @pytest.mark.gpu

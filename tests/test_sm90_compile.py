@@ -255,6 +255,12 @@ CASES = [
     _experts("both 16-bit Gluon GEMMs taking 3 consecutive tiles a program (`program_tiles`, "
              "staged): the prefetch's first and second tiles, tail tiles, biases", "bf16",
              "silu", 128, tma=True, tail=True, bias=True, gluon=True, chunk=3),
+    _experts("16-bit Gluon GEMM1 on partial column tiles (`PARTIAL_N_16BIT`, staged): I = "
+             "264, biases masked past I (gelu: where a clamp once spilled), tail tiles", "bf16",
+             "gelu", 128, tma=True, tail=True, bias=True, gluon=True, odd_i=True),
+    _experts("the same with gpt-oss's activation, one MMA per K step, 64-column tiles", "fp16",
+             "swigluoai", 128, tma=True, tail=True, bias=True, gluon=True, odd_i=True,
+             wide=True, narrow_n=True),
     _experts("both 16-bit Gluon GEMMs as one [64, 256] MMA per K step, tail tiles, biases",
              "bf16", "gelu", 128, tma=True, tail=True, bias=True, gluon=True, wide=True),
     _experts("both 16-bit Gluon GEMMs as one MMA over both halves per K step "

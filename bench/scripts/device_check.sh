@@ -119,6 +119,10 @@
 #             deepseek-v3 / mixtral / qwen3 / olmoe at M = 2048–16384 (NOTES, session 50)
 #   chunks-fp8 the same grids for the fp8 Gluon GEMMs (per-tensor): the rule (unset), 0, 2
 #             and 4, deepseek-v3 / gpt-oss / qwen3 / mixtral at M = 2048–16384
+#   partial16 the 16-bit Gluon GEMM1 on partial column tiles (`MOEKIT_GLUON_PARTIAL_N16=1`,
+#             staged, never run on a GPU): its GPU tests, then gpt-oss-120b bf16 (I = 2880)
+#             at M = 1024–16384, Triton's GEMM1 (shipped) against the Gluon one persistent,
+#             one program per tile and 2 tiles a program, two rounds (NOTES, session 50)
 #   gridruleblock the fp8 grid rule with block and per-channel scales: persistent against
 #             the rule, two rounds, deepseek-v3 / gpt-oss / mixtral at M = 512–16384
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
@@ -481,6 +485,19 @@ for stage in "$@"; do
         done
         compare_settings "ab-$dtype-grid-rule" "gridrule-$dtype" ship rule
       done ;;
+    partial16)
+      step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        -k partial tests/test_gluon_gemm1_16bit.py
+      for round in 1 2; do
+        for setting in ship p0 p1 p2; do
+          if [ $setting = ship ]; then set --
+          else set -- MOEKIT_GLUON_PARTIAL_N16=1 MOEKIT_GLUON_TILE_PROGRAMS=${setting#p}; fi
+          step "bench-partial16-$setting-r$round" 60 env "$@" python3 -m moekit.cli bench \
+            --no-baselines --graph-max-m 16384 --rep-ms 30 --presets gpt-oss-120b \
+            --tokens 1024 2048 4096 8192 16384 --what "partial16-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-bf16-gptoss-partial-gemm1 partial16 ship p0 p1 p2 ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

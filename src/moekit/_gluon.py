@@ -86,6 +86,13 @@ WIDE_MMA_GEMM2_16BIT = "gemm2" in _WIDE_MMA
 # cell 0.999×), 0.96–1.02× fp8 (session 47), so off; read at every launch;
 # `MOEKIT_GLUON_TAIL_A_BOX=1` at import turns it on.
 TAIL_A_BOX = os.environ.get("MOEKIT_GLUON_TAIL_A_BOX") == "1"
+# The 16-bit Gluon GEMM1 on I not a multiple of its column tile (gpt-oss's 2880): the last
+# tile's missing columns computed from the rows after it and clipped by the TMA store, its
+# biases' loads masked (PARTIAL_N). Session 20 measured the same (H200, persistent grid):
+# gpt-oss's layer 0.96–0.98×, the GEMM1 losing at ~128 rows an expert, where persistent
+# programs re-read weights (bench/NOTES.md, session 50); staged again for one program per
+# tile. Off, never run on a GPU in this form: `MOEKIT_GLUON_PARTIAL_N16=1` at import.
+PARTIAL_N_16BIT = os.environ.get("MOEKIT_GLUON_PARTIAL_N16") == "1"
 # The Gluon GEMM2s' grouped order (GROUP_M > 1, `gemm2_group_m`) in groups that never split
 # an expert's row tiles (`expert_tile_coords`), as the Triton GEMMs' (`moekit._tile_order`):
 # at deepseek-v3 bf16 M = 16384 the Gluon GEMM2 read 14.3 GB of DRAM for ~8 GB of w2 and

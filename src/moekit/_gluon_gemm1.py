@@ -504,7 +504,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         inter: out [capacity, I] fp8; inter_scale: out [capacity, ⌈I / 128⌉] fp32 (row
             stride any), or with `inter_static` the static scale, read.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
-        programs: the persistent grid (one per SM; `_gluon.grid` may launch one program
+        programs: the persistent grid (one per SM; `_gluon.schedule` may launch one program
             per tile instead).
     """
     w_per_k = w_layout[2] != 0

@@ -27,6 +27,7 @@ import torch
 from moekit import _gluon
 from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
 from moekit._gluon_gemm1 import GATED, group_m
+from moekit._intmath import cdiv
 from moekit._launch import launcher
 
 if HAVE_GLUON:
@@ -64,8 +65,9 @@ def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
                           activation: str) -> bool:
     """Whether the 16-bit GEMM1 runs as `_gemm1_ws16_kernel`: Gluon allowed (an sm_90
     GPU), bf16/fp16, 128-row tiles, a gated activation, whole column tiles (I a multiple
-    of 128), H at most MAX_HIDDEN, contiguous 16-byte rows and bases (TMA and the 16-byte
-    gathers), and hidden's element offsets within 32 bits (the producer's row offsets)."""
+    of 128; with `_gluon.PARTIAL_N_16BIT` any multiple of 16), H at most MAX_HIDDEN,
+    contiguous 16-byte rows and bases (TMA and the 16-byte gathers), and hidden's element
+    offsets within 32 bits (the producer's row offsets)."""
     if not gluon_allowed(w13):
         return False
     _, rows13, hidden_size = w13.shape
@@ -74,7 +76,7 @@ def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
         and hidden.dtype == w13.dtype
         and block_m == BLOCK_M
         and activation in GATED
-        and (rows13 // 2) % BLOCK_N == 0
+        and (rows13 // 2) % (16 if _gluon.PARTIAL_N_16BIT else BLOCK_N) == 0
         and hidden_size % 16 == 0
         and hidden_size <= MAX_HIDDEN
         and w13.is_contiguous()
@@ -93,10 +95,11 @@ if HAVE_GLUON:
     def _epilogue(gate, up, desc, smem, first_row, first_col, expert, b13_ptr,
                   topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
                   ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  WEIGHT_ON_INPUT: gl.constexpr):
+                  WEIGHT_ON_INPUT: gl.constexpr, PARTIAL_N: gl.constexpr):
         """Router weight (on the input: it scales the products, not the biases), biases,
         the activation; stored in `desc`'s dtype by TMA at (first_row, first_col) of
-        `inter` from `smem` once the previous tile's store has left it."""
+        `inter` from `smem` once the previous tile's store has left it (TMA drops columns
+        past I: PARTIAL_N, whose bias loads are masked there)."""
         WIDTH: gl.constexpr = gate.shape[1]
         rows_layout: gl.constexpr = gl.SliceLayout(1, gate.type.layout)
         cols_layout: gl.constexpr = gl.SliceLayout(0, gate.type.layout)
@@ -109,8 +112,14 @@ if HAVE_GLUON:
         if HAS_BIAS:
             cols = first_col + gl.arange(0, WIDTH, layout=cols_layout)
             b_base = b13_ptr + expert.to(gl.int64) * stride_be
-            gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
-            up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
+            if PARTIAL_N:  # the last tile's columns past I read no bias
+                gate = gate + gl.load(b_base + cols, mask=cols < I,
+                                      other=0.0).to(gl.float32)[None, :]
+                up = up + gl.load(b_base + I + cols, mask=cols < I,
+                                  other=0.0).to(gl.float32)[None, :]
+            else:
+                gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
+                up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
         act = _activate(gate, up, ACTIVATION, alpha, limit)
         tma.store_wait(pendings=0)
         smem.store(act.to(desc.dtype))
@@ -124,7 +133,8 @@ if HAVE_GLUON:
                     CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
                     NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
                     HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
-                    PREFETCH: gl.constexpr, WIDE: gl.constexpr, CHUNK: gl.constexpr):
+                    PREFETCH: gl.constexpr, WIDE: gl.constexpr, CHUNK: gl.constexpr,
+                    PARTIAL_N: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × the tile's 128
         columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64, +64), so
         that a tail takes both warpgroups for half as long instead of one for as long as
@@ -134,7 +144,10 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
         TAIL_N: gl.constexpr = BLOCK_N // 2  # a tail tile's columns per warpgroup
         o_smem = o_bufs.index(CONSUMER)
-        n_tiles = I // BLOCK_N
+        if PARTIAL_N:
+            n_tiles = gl.cdiv(I, BLOCK_N)
+        else:
+            n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
         first, end, step = program_tiles(total, CHUNK)
@@ -173,7 +186,7 @@ if HAVE_GLUON:
                 _epilogue(gate, up, o_desc, o_smem, tile_slot + CONSUMER * _HALF_M,
                           pid_n * BLOCK_N, tile_expert, b13_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
-                          ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
+                          ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT, PARTIAL_N)
             elif TAIL_M:
                 # A tail's [64, TAIL_N] store box, in the same bytes as the whole tile's;
                 # names of their own (a branch's values may not change type).
@@ -191,7 +204,7 @@ if HAVE_GLUON:
                 _epilogue(half_gate, half_up, h_desc, h_smem, tile_slot,
                           pid_n * BLOCK_N + CONSUMER * TAIL_N, tile_expert, b13_ptr,
                           topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha,
-                          limit, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
+                          limit, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT, PARTIAL_N)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -211,7 +224,7 @@ if HAVE_GLUON:
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
         PREFETCH: gl.constexpr, WIDE: gl.constexpr, CHUNK: gl.constexpr,
-        num_warps: gl.constexpr,
+        PARTIAL_N: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order;
         this program's own warpgroup is the producer (`_producer`, gathering A), two
@@ -249,12 +262,12 @@ if HAVE_GLUON:
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0,
                             TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
-                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK)),
+                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK, PARTIAL_N)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1,
                             TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
-                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK))],
+                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK, PARTIAL_N))],
             [4, 4], [232, 232])
 
 
@@ -270,7 +283,7 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
             dtype, contiguous; b13: optional [E, 2I].
         topk_weights: [M·k] fp32, read when `weight_on_input`.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
-        programs: the persistent grid (one per SM; `_gluon.grid` may launch one program
+        programs: the persistent grid (one per SM; `_gluon.schedule` may launch one program
             per tile instead).
         block_n: the column tile (gate and up columns each): BLOCK_N, or NARROW_N for twice
             the tiles, each streaming half the weight rows.
@@ -281,7 +294,7 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
     inter_size = w13.shape[1] // 2
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
-    grid, chunk = _gluon.schedule(programs, plan, inter_size // block_n)
+    grid, chunk = _gluon.schedule(programs, plan, cdiv(inter_size, block_n))
     launcher(_gemm1_ws16_kernel)[grid](
         descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
         descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
@@ -293,6 +306,6 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
         HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
         PREFETCH=_gluon.PREFETCH_TILES, WIDE=_gluon.WIDE_MMA_GEMM1_16BIT, CHUNK=chunk,
-        num_warps=4,
+        PARTIAL_N=inter_size % block_n != 0, num_warps=4,
     )
     return inter

@@ -454,7 +454,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         b2: optional [E, H]. topk_weights: [M·k] fp32 to multiply each row by its pair's
             router weight, or None.
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
-        programs: the persistent grid (one per SM; `_gluon.grid` may launch one program
+        programs: the persistent grid (one per SM; `_gluon.schedule` may launch one program
             per tile instead).
     Returns:
         [capacity, H] in `out_dtype`; rows of padding slots hold unspecified values.

@@ -293,7 +293,7 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         topk_weights: [M·k] fp32 to multiply each row (bias included) by its pair's router
             weight, or None (the weight was applied on the input).
         plan: the `DispatchPlan` (128-row blocks, or 64 with the tail work list).
-        programs: the persistent grid (one per SM; `_gluon.grid` may launch one program
+        programs: the persistent grid (one per SM; `_gluon.schedule` may launch one program
             per tile instead).
     Returns:
         [capacity, H] in inter's dtype; rows of padding slots hold unspecified values.

@@ -147,6 +147,7 @@ def _settings() -> tuple:
             _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8,
             _gluon.WIDE_MMA_GEMM1_16BIT,
             _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _gluon.EXPERT_GROUPS,
+            _gluon.PARTIAL_N_16BIT,
             _tile_order.FORCED, _launch._current_device())
 
 
