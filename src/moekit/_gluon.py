@@ -336,6 +336,21 @@ if HAVE_GLUON:
         return entry
 
     @gluon.jit
+    def first_entries(first, step, total, used, n_tiles, work_ptr, block_experts_ptr,
+                      GROUP_M: gl.constexpr, TAIL_M: gl.constexpr, offsets_ptr=None,
+                      EXPERT_GROUPS: gl.constexpr = False):
+        """The tile prefetch's start (`program_tiles`' first and step): this program's
+        first tile as `entry_tile` gives it (first slot, expert, rows) and its second
+        tile's work entry, all loads issued here, none waited on."""
+        first_slot, expert, rows = entry_tile(
+            prefetch_entry(first, total, used, n_tiles, work_ptr, GROUP_M, TAIL_M,
+                           block_experts_ptr, offsets_ptr, EXPERT_GROUPS),
+            block_experts_ptr, TAIL_M)
+        entry = prefetch_entry(first + step, total, used, n_tiles, work_ptr, GROUP_M, TAIL_M,
+                               block_experts_ptr, offsets_ptr, EXPERT_GROUPS)
+        return first_slot, expert, rows, entry
+
+    @gluon.jit
     def entry_tile(entry, block_experts_ptr, TAIL_M: gl.constexpr):
         """A `tile_entry` → (first plan slot, expert, rows), as `row_tile` returns them."""
         if TAIL_M:

@@ -54,6 +54,7 @@ if HAVE_GLUON:
     from moekit._gluon import (
         entry_tile,
         fence_async_shared,
+        first_entries,
         gl,
         gluon,
         mbarrier,
@@ -126,13 +127,9 @@ if HAVE_GLUON:
         total = used * n_tiles
         first, end, step = program_tiles(total, CHUNK)
         if PREFETCH:
-            first_slot, expert, rows = entry_tile(
-                prefetch_entry(first, total, used, n_tiles, work_ptr, GROUP_M,
-                               TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS),
-                block_experts_ptr, TAIL_M)
-            entry = prefetch_entry(first + step, total, used, n_tiles, work_ptr,
-                                   GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
-                                   EXPERT_GROUPS)
+            first_slot, expert, rows, entry = first_entries(
+                first, step, total, used, n_tiles, work_ptr, block_experts_ptr, GROUP_M,
+                TAIL_M, offsets_ptr, EXPERT_GROUPS)
         counter = 0
         for tile in range(first, end, step):
             pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr, block_experts_ptr,

@@ -32,6 +32,7 @@ if HAVE_GLUON:
     from moekit._gluon import (
         entry_tile,
         fence_async_shared,
+        first_entries,
         gl,
         gluon,
         ordered_tile_coords,
@@ -160,13 +161,9 @@ if HAVE_GLUON:
         first, end, step = program_tiles(total, CHUNK)
         if PREFETCH:  # as the producer: the next tile's expert, rows and pairs, loaded
             # during this tile's K loop (its work entry during the one before)
-            first_slot, expert, rows = entry_tile(
-                prefetch_entry(first, total, used, n_tiles, work_ptr, GROUP_M,
-                               TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS),
-                block_experts_ptr, TAIL_M)
-            entry = prefetch_entry(first + step, total, used, n_tiles, work_ptr,
-                                   GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
-                                   EXPERT_GROUPS)
+            first_slot, expert, rows, entry = first_entries(
+                first, step, total, used, n_tiles, work_ptr, block_experts_ptr, GROUP_M,
+                TAIL_M, offsets_ptr, EXPERT_GROUPS)
             if APPLY_WEIGHT:
                 pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
                                   sorted_pairs_ptr, acc_layout)

@@ -135,15 +135,18 @@ def _environment_reader(name: str):
 
 
 _gluon_switch = _environment_reader(_gluon.DISABLE_ENV)
-# The Gluon GEMMs' controls read at each launch: the grid, GEMM2's kernel and both orders.
-_gluon_controls = tuple(_environment_reader(name) for name in (
-    _gluon.TILE_PROGRAMS_ENV, _gluon.GEMM2_ENV, _gluon.GEMM2_GROUP_M_ENV,
-    _gluon.GEMM1_GROUP_M_ENV))
+# The Gluon GEMMs' controls read at each launch: the grid, GEMM2's kernel and both orders
+# (called one by one below: a generator would cost an eager call more than the reads).
+_tile_programs = _environment_reader(_gluon.TILE_PROGRAMS_ENV)
+_gemm2_switch = _environment_reader(_gluon.GEMM2_ENV)
+_gemm2_group_m = _environment_reader(_gluon.GEMM2_GROUP_M_ENV)
+_gemm1_group_m = _environment_reader(_gluon.GEMM1_GROUP_M_ENV)
 
 
 def _settings() -> tuple:
     """What the ops read at run time besides their arguments."""
-    return (_gluon_switch(), *(read() for read in _gluon_controls),
+    return (_gluon_switch(), _tile_programs(), _gemm2_switch(), _gemm2_group_m(),
+            _gemm1_group_m(),
             _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8,
             _gluon.WIDE_MMA_GEMM1_16BIT,
             _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _gluon.EXPERT_GROUPS,
