@@ -82,7 +82,14 @@ def test_grid_follows_the_control_then_the_rule(monkeypatch):
     assert schedule(132, deepseek, 16) == ((512 * 16,), 0)
     monkeypatch.setenv(TILE_PROGRAMS_ENV, "7")  # 3,600 tiles, 7 a program: the last has 2
     assert schedule(132, qwen3, 12) == ((515,), 7)
-    for value in ("yes", "-1", "2.5"):
+    monkeypatch.setenv(TILE_PROGRAMS_ENV, "r,2")  # GEMM1 the rule, GEMM2 2 tiles a program
+    assert schedule(132, deepseek, 16, large, 2 * 128 * 7168) == ((512 * 16,), 0)
+    assert schedule(132, qwen3, 12, small, 2 * 128 * 2048) == ((132,), 0)
+    assert schedule(132, qwen3, 12, small, 2 * 128 * 2048, gemm=2) == ((1800,), 2)
+    monkeypatch.setenv(TILE_PROGRAMS_ENV, "0,r")
+    assert schedule(132, deepseek, 16, large, 2 * 128 * 7168) == ((132,), 0)
+    assert schedule(132, deepseek, 16, large, 2 * 128 * 7168, gemm=2) == ((512 * 16,), 0)
+    for value in ("yes", "-1", "2.5", "r", "1,2,3", "1,"):
         monkeypatch.setenv(TILE_PROGRAMS_ENV, value)
         with pytest.raises(ValueError, match=f"MOEKIT_GLUON_TILE_PROGRAMS='{value}'"):
             schedule(132, deepseek, 16)
@@ -94,7 +101,8 @@ def _every_grid(monkeypatch, call):
     other, larger ones)."""
     grids, chosen = [], _gluon.schedule
     monkeypatch.setattr(_gluon, "schedule",
-                        lambda *args: grids.append(chosen(*args)) or grids[-1])
+                        lambda *args, **kwargs: grids.append(chosen(*args, **kwargs))
+                        or grids[-1])
     outs, launched = {}, {}
     for setting in ("0", "1", "3"):
         monkeypatch.setenv(TILE_PROGRAMS_ENV, setting)
@@ -124,7 +132,7 @@ def test_16bit_grids_give_the_same_layer_gpu(tail, monkeypatch):
         return moekit.fused_experts(hidden, w13, w2, ids, weights, activation="silu",
                                     b13=b13, b2=b2, config=config, out=out)
     outs = _every_grid(monkeypatch, call)
-    assert len(gemm1) == len(gemm2) == 2, "both Gluon GEMMs ran in every call"
+    assert len(gemm1) == len(gemm2) == len(outs), "both Gluon GEMMs ran in every call"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
     assert_close(outs["3"], expected, name=f"tail={tail}, 3 tiles a program")
     assert torch.equal(outs["1"], outs["0"]) and torch.equal(outs["3"], outs["0"])
@@ -147,7 +155,7 @@ def test_fp8_grids_give_the_same_layer_gpu(scheme, monkeypatch):
         return moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
                                         activation="silu", config=config, out=out)
     outs = _every_grid(monkeypatch, call)
-    assert len(gemm1) == len(gemm2) == 2, "both Gluon GEMMs ran in every call"
+    assert len(gemm1) == len(gemm2) == len(outs), "both Gluon GEMMs ran in every call"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation="silu")
     assert_close(outs["3"], expected, GPU_TOL, name=f"{scheme}, 3 tiles a program")

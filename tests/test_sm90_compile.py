@@ -730,7 +730,7 @@ def _chunked(p):
     tiles a program (the kernel's CHUNK; the grid does not change the compile)."""
     if not p.get("chunk"):
         return _SCHEDULE
-    return lambda programs, *args: ((programs,), p["chunk"])
+    return lambda programs, *args, **kwargs: ((programs,), p["chunk"])
 
 
 def _run_fp8(p):

@@ -119,6 +119,12 @@
 #             deepseek-v3 / mixtral / qwen3 / olmoe at M = 2048–16384 (NOTES, session 50)
 #   chunks-fp8 the same grids for the fp8 Gluon GEMMs (per-tensor): the rule (unset), 0, 2
 #             and 4, deepseek-v3 / gpt-oss / qwen3 / mixtral at M = 2048–16384
+#   chunksplit each fp8 Gluon GEMM's grid apart (`MOEKIT_GLUON_TILE_PROGRAMS=G1,G2`, "r" the
+#             rule): after chunks-fp8 (2 tiles a program for both won 1.12-1.14x at
+#             deepseek-v3 M >= 8192 but lost 0.77-0.88x at gpt-oss 4096 and mixtral 2048),
+#             the grid GPU tests, then fp8 per-tensor the rule against GEMM1 or GEMM2 alone
+#             at 2 and 4 tiles a program, and the bf16 half of chunks-bf16 without Nsight
+#             Compute (persistent, one per tile, 2 a program), two rounds (NOTES, session 51)
 #   partial16 the 16-bit Gluon GEMM1 on partial column tiles (`MOEKIT_GLUON_PARTIAL_N16=1`,
 #             staged, never run on a GPU): its GPU tests, then gpt-oss-120b bf16 (I = 2880)
 #             at M = 1024–16384, Triton's GEMM1 (shipped) against the Gluon one persistent,
@@ -485,6 +491,30 @@ for stage in "$@"; do
         done
         compare_settings "ab-$dtype-grid-rule" "gridrule-$dtype" ship rule
       done ;;
+    chunksplit)
+      step pytest-gpu-chunks 120 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_gluon_grid.py
+      for round in 1 2; do
+        for setting in rule a2 a4 b2 b4; do
+          case $setting in
+            rule) set -- ;;
+            a*) set -- MOEKIT_GLUON_TILE_PROGRAMS=${setting#a},r ;;
+            b*) set -- MOEKIT_GLUON_TILE_PROGRAMS=r,${setting#b} ;;
+          esac
+          step "bench-split-$setting-r$round" 60 env "$@" python3 -m moekit.cli bench \
+            --dtype fp8_tensor --no-baselines --graph-max-m 16384 --rep-ms 30 --presets \
+            deepseek-v3 gpt-oss-120b qwen3-30b-a3b mixtral-8x7b --tokens 2048 4096 8192 16384 \
+            --what "split-$setting-r$round" --out "$out"
+        done
+        for setting in t0 t1 t2; do
+          step "bench-chunks16-$setting-r$round" 60 env MOEKIT_GLUON_TILE_PROGRAMS=${setting#t} \
+            python3 -m moekit.cli bench --no-baselines --graph-max-m 16384 --rep-ms 30 \
+            --presets deepseek-v3 mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b \
+            --tokens 2048 4096 8192 16384 --what "chunks16-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-fp8_tensor-chunk-split split rule a2 a4 b2 b4
+      compare_settings ab-bf16-chunks chunks16 t0 t1 t2 ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         -k partial tests/test_gluon_gemm1_16bit.py

@@ -122,8 +122,9 @@ GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_
 # `TILE_PROGRAMS_ENV` (read at every launch) "1" launches every Gluon GEMM one program per
 # tile, a larger number N that many consecutive tiles a program (staged: each program's
 # tiles then overlap as in the persistent loop, drift bounded by N; not yet run on a GPU),
-# "0" every one persistent; unset, the fp8 GEMMs follow `programs_drift_apart` and the
-# 16-bit ones stay persistent (not yet measured). A number in `GEMM1_GROUP_M_ENV` sets
+# "0" every one persistent, "G1,G2" each GEMM its own ("r": the rule); unset, the fp8
+# GEMMs follow `programs_drift_apart` and the 16-bit ones stay persistent (not yet
+# measured). A number in `GEMM1_GROUP_M_ENV` sets
 # the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`; a measurement control).
 TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
 SMALL_EXPERT_L2_SHARE = 8  # experts of at most L2 / 8 stay persistent (`programs_drift_apart`)
@@ -148,26 +149,32 @@ def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
             and programs * weight_tile_bytes / row_tiles_per_expert > l2)
 
 
-def _tile_programs_setting() -> int | None:
+def _tile_programs_setting(gemm: int) -> int | None:
+    """`TILE_PROGRAMS_ENV` for GEMM `gemm` (1 or 2): one number for both GEMMs, or two
+    ("G1,G2", each a number or "r": the rule) for each its own; None: the rule."""
     value = os.environ.get(TILE_PROGRAMS_ENV)
     if value in (None, ""):
         return None
-    if not value.isdigit():
+    parts = value.split(",")
+    if len(parts) not in (1, 2) or not all(p.isdigit() or p == "r" for p in parts) or (
+            parts == ["r"]):
         raise ValueError(f"{TILE_PROGRAMS_ENV}={value!r}: expected 0 (persistent grids), a "
-                         "number of consecutive tiles a program (1: one) or unset (the rule)")
-    return int(value)
+                         "number of consecutive tiles a program (1: one), two of them "
+                         "('G1,G2'; 'r': the rule) or unset (the rule)")
+    part = parts[min(gemm, len(parts)) - 1]
+    return None if part == "r" else int(part)
 
 
 def schedule(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = None,
-             weight_tile_bytes: int = 0) -> tuple[tuple[int], int]:
+             weight_tile_bytes: int = 0, gemm: int = 1) -> tuple[tuple[int], int]:
     """(grid, the kernel's CHUNK) of a Gluon GEMM over `plan`'s row tiles by `n_tiles`
     column tiles: persistent, `programs` (one per SM); or `chunk` consecutive tiles a
     program over every tile the plan could hold (programs past the tiles in use find none
-    and end), `chunk` as `TILE_PROGRAMS_ENV` says or, unset, 1 where `programs_drift_apart`
-    over `weights` [E, ...] holds (`weights` None: persistent unless told). One tile a
-    program runs the persistent loop (CHUNK 0) over that grid, as measured; CHUNK ≥ 2 is
-    `program_tiles`' chunked form."""
-    chunk = _tile_programs_setting()
+    and end), `chunk` as `TILE_PROGRAMS_ENV` says for GEMM `gemm` (1 or 2) or, unset, 1
+    where `programs_drift_apart` over `weights` [E, ...] holds (`weights` None: persistent
+    unless told). One tile a program runs the persistent loop (CHUNK 0) over that grid, as
+    measured; CHUNK ≥ 2 is `program_tiles`' chunked form."""
+    chunk = _tile_programs_setting(gemm)
     if chunk is None:
         chunk = int(weights is not None and programs_drift_apart(
             programs, weight_tile_bytes, plan.num_pairs, weights.shape[0],

@@ -463,7 +463,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
     grid, chunk = _gluon.schedule(programs, plan, cdiv(hidden, halves * BLOCK_N), w2,
-                                  halves * BLOCK_N * inter_size)  # a column tile's weights
+                                  halves * BLOCK_N * inter_size, gemm=2)  # a column tile's weights
     launcher(_gemm2_ws_kernel)[grid](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [halves * BLOCK_N, BLOCK_K]),

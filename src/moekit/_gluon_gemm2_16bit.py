@@ -300,7 +300,7 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
-    grid, chunk = _gluon.schedule(programs, plan, hidden_size // TILE_N)
+    grid, chunk = _gluon.schedule(programs, plan, hidden_size // TILE_N, gemm=2)
     launcher(_gemm2_ws16_kernel)[grid](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [TILE_N, BLOCK_K]),
