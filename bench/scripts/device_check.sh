@@ -125,6 +125,12 @@
 #             the grid GPU tests, then fp8 per-tensor the rule against GEMM1 or GEMM2 alone
 #             at 2 and 4 tiles a program, and the bf16 half of chunks-bf16 without Nsight
 #             Compute (persistent, one per tile, 2 a program), two rounds (NOTES, session 51)
+#   gemm2grid the fp8 GEMM2's grid alone (`MOEKIT_GLUON_TILE_PROGRAMS=r,N`), after
+#             chunksplit (2 tiles a program won 1.10-1.18x at deepseek-v3 M >= 8192, where the
+#             rule keeps it persistent): Nsight Compute DRAM bytes and time of both GEMMs at
+#             deepseek-v3 M = 8192 with GEMM2 persistent, one per tile and 2 a program, then
+#             fp8 per-tensor the rule against GEMM2 one per tile and 2 a program, three
+#             rounds, deepseek-v3 / gpt-oss / qwen3 / mixtral at M = 2048-16384 (session 51)
 #   partial16 the 16-bit Gluon GEMM1 on partial column tiles (`MOEKIT_GLUON_PARTIAL_N16=1`,
 #             staged, never run on a GPU): its GPU tests, then gpt-oss-120b bf16 (I = 2880)
 #             at M = 1024–16384, Triton's GEMM1 (shipped) against the Gluon one persistent,
@@ -515,6 +521,21 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_tensor-chunk-split split rule a2 a4 b2 b4
       compare_settings ab-bf16-chunks chunks16 t0 t1 t2 ;;
+    gemm2grid)
+      for setting in 0 1 2; do
+        ncu_counters "ncu-gemm2grid-deepseek-v3-8192-g2-$setting" 90 \
+          deepseek-v3:8192:fp8_tensor MOEKIT_GLUON_TILE_PROGRAMS=r,$setting
+      done
+      for round in 1 2 3; do
+        for setting in rule b1 b2; do
+          if [ $setting = rule ]; then set --; else set -- MOEKIT_GLUON_TILE_PROGRAMS=r,${setting#b}; fi
+          step "bench-gemm2grid-$setting-r$round" 60 env "$@" python3 -m moekit.cli bench \
+            --dtype fp8_tensor --no-baselines --graph-max-m 16384 --rep-ms 30 --presets \
+            deepseek-v3 gpt-oss-120b qwen3-30b-a3b mixtral-8x7b --tokens 2048 4096 8192 16384 \
+            --what "gemm2grid-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-fp8_tensor-gemm2-grid gemm2grid rule b1 b2 ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         -k partial tests/test_gluon_gemm1_16bit.py
