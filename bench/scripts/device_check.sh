@@ -131,6 +131,11 @@
 #             deepseek-v3 M = 8192 with GEMM2 persistent, one per tile and 2 a program, then
 #             fp8 per-tensor the rule against GEMM2 one per tile and 2 a program, three
 #             rounds, deepseek-v3 / gpt-oss / qwen3 / mixtral at M = 2048-16384 (session 51)
+#   gridrule2 the grid rule with the GEMM2s' tiles-a-program term (MANY_TILES_A_PROGRAM, 2
+#             tiles a program): the grid GPU tests, then fp8 per-tensor the rule against GEMM2
+#             persistent and one per tile, three rounds, deepseek-v3 / gpt-oss / mixtral at
+#             M = 512-16384; and the GEMM1 one per tile where only that term would add it
+#             (deepseek-v3 M = 32768, mixtral 16384), two rounds (session 51)
 #   partial16 the 16-bit Gluon GEMM1 on partial column tiles (`MOEKIT_GLUON_PARTIAL_N16=1`,
 #             staged, never run on a GPU): its GPU tests, then gpt-oss-120b bf16 (I = 2880)
 #             at M = 1024–16384, Triton's GEMM1 (shipped) against the Gluon one persistent,
@@ -536,6 +541,32 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-fp8_tensor-gemm2-grid gemm2grid rule b1 b2 ;;
+    gridrule2)
+      step pytest-gpu-grid 120 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_gluon_grid.py
+      for round in 1 2 3; do
+        for setting in rule b0 b1; do
+          if [ $setting = rule ]; then set --; else set -- MOEKIT_GLUON_TILE_PROGRAMS=r,${setting#b}; fi
+          step "bench-gridrule2-$setting-r$round" 60 env "$@" python3 -m moekit.cli bench \
+            --dtype fp8_tensor --no-baselines --graph-max-m 16384 --rep-ms 30 --presets \
+            deepseek-v3 gpt-oss-120b mixtral-8x7b --tokens 512 1024 2048 4096 8192 16384 \
+            --what "gridrule2-$setting-r$round" --out "$out"
+        done
+        [ $round = 3 ] && continue
+        for setting in rule a1; do
+          if [ $setting = rule ]; then set --; else set -- MOEKIT_GLUON_TILE_PROGRAMS=1,r; fi
+          for cell in deepseek-v3:32768 mixtral-8x7b:16384; do
+            step "bench-gemm1many-${cell%:*}-$setting-r$round" 60 env "$@" python3 -m moekit.cli \
+              bench --dtype fp8_tensor --no-baselines --graph-max-m 32768 --rep-ms 30 \
+              --presets ${cell%:*} --tokens ${cell#*:} \
+              --what "gemm1many-${cell%:*}-$setting-r$round" --out "$out"
+          done
+        done
+      done
+      compare_settings ab-fp8_tensor-grid-rule2 gridrule2 rule b0 b1
+      for preset in deepseek-v3 mixtral-8x7b; do
+        compare_settings "ab-fp8_tensor-gemm1-many-$preset" "gemm1many-$preset" rule a1
+      done ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         -k partial tests/test_gluon_gemm1_16bit.py
