@@ -88,30 +88,26 @@ def test_grid_follows_the_control_then_the_rule(monkeypatch):
     assert schedule(132, qwen3, 12, small, 2 * 128 * 2048, gemm=2) == ((1800,), 2)
     monkeypatch.setenv(TILE_PROGRAMS_ENV, "0,r")
     assert schedule(132, deepseek, 16, large, 2 * 128 * 7168) == ((132,), 0)
-    # the rule's GEMM2: 2 consecutive tiles a program where it leaves the persistent grid
-    assert schedule(132, deepseek, 16, large, 2 * 128 * 7168, gemm=2) == ((512 * 8,), 2)
+    assert schedule(132, deepseek, 16, large, 2 * 128 * 7168, gemm=2) == ((512 * 16,), 0)
     for value in ("yes", "-1", "2.5", "r", "1,2,3", "1,"):
         monkeypatch.setenv(TILE_PROGRAMS_ENV, value)
         with pytest.raises(ValueError, match=f"MOEKIT_GLUON_TILE_PROGRAMS='{value}'"):
             schedule(132, deepseek, 16)
 
 
-def test_gemm2_leaves_persistent_grids_where_programs_take_many_tiles(monkeypatch):
+def test_programs_taking_many_tiles_leave_persistent_grids(monkeypatch):
     monkeypatch.delenv(TILE_PROGRAMS_ENV, raising=False)
     w2 = torch.empty(256, 7168, 2048, dtype=torch.float8_e4m3fn, device="meta")
     tile = 256 * 2048  # deepseek-v3's fp8 GEMM2: 256 columns of I bytes, 28 column tiles
     # M = 8192: 35 MB of weight tiles in flight (under L2), but 764 row tiles × 28 column
-    # tiles over 132 programs is 162 tiles a program: 2 consecutive tiles a program
-    assert schedule(132, _plan(764, 8192 * 8), 28, w2, tile, gemm=2) == ((764 * 14,), 2)
+    # tiles over 132 programs is 162 tiles a program: one tile a program
     assert not programs_drift_apart(132, tile, 8192 * 8, 256, H100_L2, 7168 * 2048)
     assert programs_drift_apart(132, tile, 8192 * 8, 256, H100_L2, 7168 * 2048,
                                 tiles_a_program=_gluon.MANY_TILES_A_PROGRAM)
+    for gemm in (1, 2):
+        assert schedule(132, _plan(764, 8192 * 8), 28, w2, tile, gemm=gemm) == ((764 * 28,), 0)
     few = _gluon.MANY_TILES_A_PROGRAM * 132 // 28 - 1  # row tiles just under the bound
     assert schedule(132, _plan(few, 8192 * 8), 28, w2, tile, gemm=2) == ((132,), 0)
-    # the GEMM1 keeps the L2 term alone, and one tile a program where it fires
-    assert schedule(132, _plan(764, 8192 * 8), 28, w2, tile) == ((132,), 0)
-    assert schedule(132, _plan(300, 4096 * 8), 28, w2, tile) == ((300 * 28,), 0)
-    assert schedule(132, _plan(300, 4096 * 8), 28, w2, tile, gemm=2) == ((300 * 14,), 2)
     # small experts (qwen3's 1.5 MB w2) and under a row tile an expert stay persistent
     small = torch.empty(128, 2048, 768, dtype=torch.float8_e4m3fn, device="meta")
     assert schedule(132, _plan(4000, 16384 * 8), 8, small, 256 * 768, gemm=2) == ((132,), 0)

@@ -136,6 +136,7 @@
 #             persistent and one per tile, three rounds, deepseek-v3 / gpt-oss / mixtral at
 #             M = 512-16384; and the GEMM1 one per tile where only that term would add it
 #             (deepseek-v3 M = 32768, mixtral 16384), two rounds (session 51)
+#   gridtests the Gluon grids' GPU tests alone (tests/test_gluon_grid.py)
 #   partial16 the 16-bit Gluon GEMM1 on partial column tiles (`MOEKIT_GLUON_PARTIAL_N16=1`,
 #             staged, never run on a GPU): its GPU tests, then gpt-oss-120b bf16 (I = 2880)
 #             at M = 1024–16384, Triton's GEMM1 (shipped) against the Gluon one persistent,
@@ -567,6 +568,8 @@ for stage in "$@"; do
       for preset in deepseek-v3 mixtral-8x7b; do
         compare_settings "ab-fp8_tensor-gemm1-many-$preset" "gemm1many-$preset" rule a1
       done ;;
+    gridtests) step pytest-gpu-grid 120 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_gluon_grid.py ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         -k partial tests/test_gluon_gemm1_16bit.py

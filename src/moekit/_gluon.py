@@ -128,24 +128,23 @@ GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_
 # the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`; a measurement control).
 TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
 SMALL_EXPERT_L2_SHARE = 8  # experts of at most L2 / 8 stay persistent (`programs_drift_apart`)
-# The GEMM2s' rule also leaves the persistent grid where each program would take this many
-# tiles or more, and then takes 2 consecutive tiles a program (two column tiles of one row
-# tile: its loads overlap the other's epilogue). H100 fp8 per-tensor deepseek-v3 M = 8192
-# (the rule's L2 term: 35 MB in flight, persistent): GEMM2 8.8 → 4.2 GB of DRAM and
-# 3.39 → 2.13 ms (one a program: 4.0 GB, 2.21 ms); the layer, GEMM2 alone, three rounds
-# (session 51): deepseek-v3 M = 8192 (~160 tiles a program) 1.14×, 16384 1.11×; one a
-# program 1.07× and 1.09×. Below it, gpt-oss M = 16384 (~58 tiles a program) 0.98×,
-# mixtral 16384 (~32) 0.99×. Where the L2 term already fired (deepseek-v3 M = 4096,
-# mixtral 2048–4096) 2 tiles a program gave 1.00×, 0.98–1.01×. Measured on the GEMM2s only:
-# the GEMM1s keep the L2 term and one tile a program (the one GEMM1 this would add,
-# mixtral M = 16384 at ~220 tiles a program, not measured alone).
+# The rule also leaves the persistent grid where each program would take this many tiles
+# or more (`programs_drift_apart`): the drift grows with a program's tiles. H100 fp8
+# per-tensor deepseek-v3 M = 8192 (the L2 term: 35 MB of GEMM2 tiles in flight, so
+# persistent): GEMM2 8.8 → 4.0 GB of DRAM and 3.39 → 2.21 ms one tile a program (2 a
+# program: 4.2 GB, 2.13 ms). The layer, three rounds (session 51), GEMM2 against
+# persistent: deepseek-v3 M = 4096–16384 (108–271 tiles a program) 1.09–1.13×, gpt-oss
+# M = 16384 (~58) one a program 0.94×, mixtral 16384 (~32) 0.96–1.04×; GEMM1, two rounds:
+# deepseek-v3 M = 32768 (~280 tiles a program, the L2 term 30 MB) 1.28× (61.0 → 76.8% of
+# roofline), mixtral M = 16384 (~220) 0.99×. 2 consecutive tiles a program against 1 for
+# the GEMM2: deepseek-v3 M = 8192–16384 0.99–1.06×, mixtral M = 512–1024 0.94×; so 1.
 MANY_TILES_A_PROGRAM = 128
 GEMM1_GROUP_M_ENV = "MOEKIT_GLUON_GEMM1_GROUP_M"
 
 
 def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
                          num_experts: int, l2: int, expert_bytes: int,
-                         tiles_a_program: float | None = None) -> bool:
+                         tiles_a_program: float = 0) -> bool:
     """Whether `programs` persistent programs, each on one column tile of `weight_tile_bytes`
     of an expert's weights, share weight tiles and hold more of them at once than L2 (`l2`
     bytes) keeps. Experts averaging a whole row tile or more (`num_pairs` over
@@ -155,15 +154,15 @@ def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
     weight tile is read once whatever the order. Measured, not derived: experts of at most
     L2 ÷ SMALL_EXPERT_L2_SHARE (`expert_bytes`: this GEMM's weights of one expert) stay
     persistent (H100 fp8: qwen3's 3 MB w13 0.98×, olmoe's 4 MB 0.96× at one row tile an
-    expert; 15–117 MB 1.03–1.34×). Given `tiles_a_program` (the tiles each persistent
-    program would take), also where that is MANY_TILES_A_PROGRAM or more: the drift grows
-    with each program's tiles, so the programs sharing a weight tile end up further apart
-    than the tiles in flight suggest."""
+    expert; 15–117 MB 1.03–1.34×). Also where each persistent program would take
+    MANY_TILES_A_PROGRAM tiles or more (`tiles_a_program`): the drift grows with each
+    program's tiles, so the programs sharing a weight tile end up further apart than the
+    tiles in flight suggest."""
     row_tiles_per_expert = num_pairs / (num_experts * BLOCK_M)
     return (row_tiles_per_expert >= 1
             and expert_bytes > l2 // SMALL_EXPERT_L2_SHARE
             and (programs * weight_tile_bytes / row_tiles_per_expert > l2
-                 or (tiles_a_program or 0) >= MANY_TILES_A_PROGRAM))
+                 or tiles_a_program >= MANY_TILES_A_PROGRAM))
 
 
 def _tile_programs_setting(gemm: int) -> int | None:
@@ -187,20 +186,17 @@ def schedule(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = N
     """(grid, the kernel's CHUNK) of a Gluon GEMM over `plan`'s row tiles by `n_tiles`
     column tiles: persistent, `programs` (one per SM); or `chunk` consecutive tiles a
     program over every tile the plan could hold (programs past the tiles in use find none
-    and end), `chunk` as `TILE_PROGRAMS_ENV` says for GEMM `gemm` (1 or 2) or, unset,
+    and end), `chunk` as `TILE_PROGRAMS_ENV` says for GEMM `gemm` (1 or 2) or, unset, 1
     where `programs_drift_apart` over `weights` [E, ...] holds (`weights` None: persistent
-    unless told), 1 for a GEMM1 and 2 for a GEMM2 (`MANY_TILES_A_PROGRAM`). One tile a
-    program runs the persistent loop (CHUNK 0) over that grid, as measured; CHUNK ≥ 2 is
-    `program_tiles`' chunked form."""
+    unless told). One tile a program runs the persistent loop (CHUNK 0) over that grid, as
+    measured; CHUNK ≥ 2 is `program_tiles`' chunked form."""
     chunk = _tile_programs_setting(gemm)
     tiles = plan.row_tiles()[0] * n_tiles
     if chunk is None:
-        chunk = 0
-        if weights is not None and programs_drift_apart(
-                programs, weight_tile_bytes, plan.num_pairs, weights.shape[0],
-                l2_bytes_of(weights), math.prod(weights.shape[1:]) * weights.element_size(),
-                tiles / programs if gemm == 2 else None):
-            chunk = 2 if gemm == 2 else 1
+        chunk = int(weights is not None and programs_drift_apart(
+            programs, weight_tile_bytes, plan.num_pairs, weights.shape[0],
+            l2_bytes_of(weights), math.prod(weights.shape[1:]) * weights.element_size(),
+            tiles / programs))
     if chunk:
         return (cdiv(tiles, chunk),), chunk if chunk > 1 else 0
     return (programs,), 0
