@@ -120,24 +120,28 @@ GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_
 # The rule, against persistent grids (two rounds): deepseek-v3 M = 4096–16384 1.33×,
 # gpt-oss M = 4096 1.16×, mixtral M = 512–2048 1.03–1.09× (session 50).
 # `TILE_PROGRAMS_ENV` (read at every launch) "1" launches every Gluon GEMM one program per
-# tile, a larger number N that many consecutive tiles a program (staged: each program's
-# tiles then overlap as in the persistent loop, drift bounded by N; not yet run on a GPU),
-# "0" every one persistent, "G1,G2" each GEMM its own ("r": the rule); unset, the fp8
-# GEMMs follow `programs_drift_apart` and the 16-bit ones stay persistent (not yet
-# measured). A number in `GEMM1_GROUP_M_ENV` sets
-# the GEMM1s' GROUP_M (`_gluon_gemm1.group_m`; a measurement control).
+# tile, a larger number N that many consecutive tiles a program (each program's tiles
+# then overlap as in the persistent loop, drift bounded by N), "0" every one persistent,
+# "G1,G2" each GEMM its own ("r": the rule); unset, the fp8 GEMMs follow
+# `programs_drift_apart` and the 16-bit ones stay persistent (H100 bf16, deepseek-v3,
+# mixtral, qwen3, olmoe at M = 2048–16384, two rounds, session 51: one program per tile
+# 0.91–1.08×, median 0.975; 2 tiles a program median 0.966; fp8, both GEMMs at 2 a
+# program: deepseek-v3 M ≥ 8192 1.12–1.14× but gpt-oss M = 4096 0.77×, the GEMM1 alone
+# never better). A number in `GEMM1_GROUP_M_ENV` sets the GEMM1s' GROUP_M
+# (`_gluon_gemm1.group_m`; a measurement control).
 TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
 SMALL_EXPERT_L2_SHARE = 8  # experts of at most L2 / 8 stay persistent (`programs_drift_apart`)
 # The rule also leaves the persistent grid where each program would take this many tiles
-# or more (`programs_drift_apart`): the drift grows with a program's tiles. H100 fp8
-# per-tensor deepseek-v3 M = 8192 (the L2 term: 35 MB of GEMM2 tiles in flight, so
-# persistent): GEMM2 8.8 → 4.0 GB of DRAM and 3.39 → 2.21 ms one tile a program (2 a
-# program: 4.2 GB, 2.13 ms). The layer, three rounds (session 51), GEMM2 against
-# persistent: deepseek-v3 M = 4096–16384 (108–271 tiles a program) 1.09–1.13×, gpt-oss
-# M = 16384 (~58) one a program 0.94×, mixtral 16384 (~32) 0.96–1.04×; GEMM1, two rounds:
-# deepseek-v3 M = 32768 (~280 tiles a program, the L2 term 30 MB) 1.28× (61.0 → 76.8% of
-# roofline), mixtral M = 16384 (~220) 0.99×. 2 consecutive tiles a program against 1 for
-# the GEMM2: deepseek-v3 M = 8192–16384 0.99–1.06×, mixtral M = 512–1024 0.94×; so 1.
+# or more over the tiles the plan could hold (`programs_drift_apart`): the drift grows
+# with a program's tiles. H100 fp8 per-tensor deepseek-v3 M = 8192 (the L2 term: 35 MB of
+# GEMM2 tiles in flight, so persistent): GEMM2 8.8 → 4.0 GB of DRAM and 3.39 → 2.21 ms
+# one tile a program (2 a program: 4.2 GB, 2.13 ms). The layer, three rounds (session 51),
+# GEMM2 against persistent: deepseek-v3 M = 4096–16384 (108–271 tiles a program)
+# 1.09–1.13×, gpt-oss M = 16384 (~58) one a program 0.94×, mixtral 16384 (~32)
+# 0.96–1.04×; GEMM1, two rounds: deepseek-v3 M = 32768 (~280 tiles a program, the L2 term
+# 30 MB) 1.28× (61.0 → 76.8% of roofline), mixtral M = 16384 (~220) 0.99×. 2 consecutive
+# tiles a program against 1 for the GEMM2: deepseek-v3 M = 8192–16384 0.99–1.06×, mixtral
+# M = 512–1024 0.94×; so 1.
 MANY_TILES_A_PROGRAM = 128
 GEMM1_GROUP_M_ENV = "MOEKIT_GLUON_GEMM1_GROUP_M"
 
