@@ -137,6 +137,10 @@
 #             M = 512-16384; and the GEMM1 one per tile where only that term would add it
 #             (deepseek-v3 M = 32768, mixtral 16384), two rounds (session 51)
 #   gridtests the Gluon grids' GPU tests alone (tests/test_gluon_grid.py)
+#   gridlosses the grid rule's small losses (two rounds each in session 51), three rounds:
+#             mixtral M = 4096 and 16384 and gpt-oss 32768, fp8 per-tensor, per-channel and
+#             block, the rule against its GEMM1 persistent (`MOEKIT_GLUON_TILE_PROGRAMS=0,r`:
+#             the tiles term's cells) and its GEMM2 persistent (`r,0`: block mixtral 4096)
 #   partial16 the 16-bit Gluon GEMM1 on partial column tiles (`MOEKIT_GLUON_PARTIAL_N16=1`,
 #             staged, never run on a GPU): its GPU tests, then gpt-oss-120b bf16 (I = 2880)
 #             at M = 1024–16384, Triton's GEMM1 (shipped) against the Gluon one persistent,
@@ -570,6 +574,31 @@ for stage in "$@"; do
       done ;;
     gridtests) step pytest-gpu-grid 120 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         tests/test_gluon_grid.py ;;
+    gridlosses)
+      for round in 1 2 3; do
+        for dtype in fp8_tensor fp8_channel fp8_block; do
+          for setting in rule g1p g2p; do
+            case $setting in
+              rule) set -- ;;
+              g1p) set -- MOEKIT_GLUON_TILE_PROGRAMS=0,r ;;
+              g2p) set -- MOEKIT_GLUON_TILE_PROGRAMS=r,0 ;;
+            esac
+            step "bench-gridlosses-$dtype-$setting-r$round" 60 env "$@" python3 -m moekit.cli \
+              bench --dtype $dtype --no-baselines --graph-max-m 32768 --rep-ms 30 \
+              --presets mixtral-8x7b --tokens 4096 16384 \
+              --what "gridlosses-$dtype-$setting-r$round" --out "$out"
+            [ $dtype = fp8_tensor ] || continue
+            step "bench-gridlosses-gptoss-$setting-r$round" 60 env "$@" python3 -m moekit.cli \
+              bench --dtype $dtype --no-baselines --graph-max-m 32768 --rep-ms 30 \
+              --presets gpt-oss-120b --tokens 32768 \
+              --what "gridlosses-gptoss-$setting-r$round" --out "$out"
+          done
+        done
+      done
+      for what in gridlosses-fp8_tensor gridlosses-fp8_channel gridlosses-fp8_block \
+          gridlosses-gptoss; do
+        compare_settings "ab-$what" "$what" rule g1p g2p
+      done ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         -k partial tests/test_gluon_gemm1_16bit.py
