@@ -22,11 +22,10 @@ import moekit.experts_fp8
 from helpers import assert_close, count_calls, cuda_layer_case, float32_reference, poison_
 from moekit import _gluon
 from moekit._gluon import TILE_PROGRAMS_ENV, programs_drift_apart, schedule
-from moekit.experts_fp8 import plan_fp8_config
 from moekit.reference import fused_experts_quantized
 from moekit.tuning.heuristic import tiles_for_block_m
-from test_experts_fp8 import GPU_TOL, make_case
-from test_gluon_prefetch import _require_gluon
+from test_experts_fp8 import GPU_TOL
+from test_gluon_prefetch import _require_gluon, fp8_tail_tile_case
 
 H100_SMS, H100_L2 = 132, 50 * 2**20
 
@@ -163,11 +162,7 @@ def test_fp8_grids_give_the_same_layer_gpu(scheme, monkeypatch):
     _require_gluon()
     gemm1 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm1")
     gemm2 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
-    M, E, k, H, I = 1000, 32, 4, 768, 384
-    scheme, hidden, q13, q2, ids, weights, _, _ = make_case(
-        scheme, M, E, k, H, I, "silu", bias=False, dtype=torch.bfloat16, device="cuda",
-        skew=3.0)
-    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+    scheme, hidden, q13, q2, ids, weights, config = fp8_tail_tile_case(scheme)
 
     def call():
         out = poison_(torch.empty_like(hidden))

@@ -91,6 +91,18 @@ def test_16bit_prefetch_changes_no_value_gpu(tail, M, E, k, H, I, act, bias, on_
         assert torch.equal(out, outs[(False, None)]), f"prefetch, programs = {key}"
 
 
+def fp8_tail_tile_case(scheme: str, device: str = "cuda"):
+    """A skewed bf16 fp8 layer (M = 1000, 32 experts, top 4, H = 768, I = 384) and a
+    prefill config with 64-row tail tiles, where both Gluon GEMMs run: (scheme, hidden,
+    q13, q2, ids, weights, config)."""
+    M, E, k, H, I = 1000, 32, 4, 768, 384
+    scheme, hidden, q13, q2, ids, weights, _, _ = make_case(
+        scheme, M, E, k, H, I, "silu", bias=False, dtype=torch.bfloat16, device=device,
+        skew=3.0)
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+    return scheme, hidden, q13, q2, ids, weights, config
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme,gather", [("fp8_tensor", True), ("fp8_block", False)])
 def test_fp8_prefetch_changes_no_value_gpu(scheme, gather, monkeypatch):
@@ -100,11 +112,7 @@ def test_fp8_prefetch_changes_no_value_gpu(scheme, gather, monkeypatch):
     monkeypatch.setattr(moekit._gluon_gemm1, "GATHER_MIN_TOP_K", 1 if gather else 10**9)
     gemm1 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm1")
     gemm2 = count_calls(monkeypatch, moekit.experts_fp8, "gluon_gemm2")
-    M, E, k, H, I = 1000, 32, 4, 768, 384
-    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
-        scheme, M, E, k, H, I, "silu", bias=False, dtype=torch.bfloat16, device="cuda",
-        skew=3.0)
-    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+    scheme, hidden, q13, q2, ids, weights, config = fp8_tail_tile_case(scheme)
 
     def call():
         out = poison_(torch.empty_like(hidden))
