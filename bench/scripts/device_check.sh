@@ -147,6 +147,9 @@
 #             one program per tile and 2 tiles a program, two rounds (NOTES, session 50)
 #   gridruleblock the fp8 grid rule with block and per-channel scales: persistent against
 #             the rule, two rounds, deepseek-v3 / gpt-oss / mixtral at M = 512–16384
+#   combineatomics bench/scripts/combine_atomics_experiment.py: GEMM2's per-pair rows stored
+#             and combined against float32 atomics into token rows (then a cast), the
+#             epilogue's traffic alone at prefill cells (session 52)
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
 #             qwen3 4096 (NOTES, session 50)
@@ -599,6 +602,8 @@ for stage in "$@"; do
           gridlosses-gptoss; do
         compare_settings "ab-$what" "$what" rule g1p g2p
       done ;;
+    combineatomics) step combine-atomics 240 python3 bench/scripts/combine_atomics_experiment.py \
+                      --out "$out" ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         -k partial tests/test_gluon_gemm1_16bit.py

@@ -1,0 +1,157 @@
+"""Experiment: GEMM2's per-pair rows and the combine pass, against adding each row into
+its token's float32 row with atomics.
+
+At prefill the plan path writes one bf16 row per pair from GEMM2 ([capacity, H], plan
+order) and `_combine_kernel` reads them back, k per token: at qwen3 M = 4096 that is
+134 MB written and read again, the combine 54 µs of the bf16 layer's 693 (session 48's
+stage breakdown) and ~10% of the fp8 layer's 478; at granite M = 16384 403 MB. The
+alternative (issue 3's "combine fused into GEMM2"): GEMM2's epilogue adds its weighted
+rows into a zeroed float32 [M, H] (`red.add.f32`: L2 resolves them; 33.5 MB at qwen3
+M = 4096 fits in L2), and one pass casts it to the output dtype. Not deterministic (the
+adds' order varies), so the combine would stay as the deterministic mode.
+
+This times the epilogue's memory traffic alone, without GEMM2's math: a kernel writes
+synthetic weighted [64, 128] tiles (the Gluon GEMM2's per-warpgroup tile) in plan order,
+either stored as bf16 rows (today) or added with float32 atomics into token rows
+(`tl.atomic_add`, scalar `atom.add.f32` in Triton 3.6's sm_90 PTX), or with bf16
+atomics into the output (precision lost per add: reported only). Each stage and each
+whole variant is captured in a CUDA graph and replayed with L2 emptied before each
+replay (`graph_replay_us`); the outputs are compared (max abs difference against the
+combine's), and the atomic variant is run twice to count the bf16 elements whose value
+changes with the adds' order.
+
+    PYTHONPATH=src python3 bench/scripts/combine_atomics_experiment.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+import moekit
+from moekit.bench.experiment_files import experiment_meta, write_experiment
+from moekit.bench.inputs import make_tokens
+from moekit.bench.presets import PRESETS
+from moekit.bench.timing import graph_replay_us
+from moekit.experts import launch_combine
+
+CELLS = [("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 16384), ("olmoe-1b-7b", 4096),
+         ("granite-3.0-3b-a800m", 16384), ("gpt-oss-120b", 8192), ("deepseek-v3", 8192)]
+BLOCK_M, BLOCK_N = 64, 128
+STORE, ATOMIC_F32, ATOMIC_BF16 = 0, 1, 2
+
+
+@triton.jit
+def _epilogue_kernel(sorted_pairs_ptr, topk_weights_ptr, pair_out_ptr, out_ptr, num_pairs, H,
+                     TOP_K: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of plan slots × columns: a synthetic value times the
+    pair's router weight, stored to pair_out (STORE) or added into the token's row of out
+    (ATOMIC_F32 / ATOMIC_BF16)."""
+    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    pairs = tl.load(sorted_pairs_ptr + slots)
+    row_ok = pairs < num_pairs
+    weights = tl.load(topk_weights_ptr + tl.where(row_ok, pairs, 0), mask=row_ok, other=0.0)
+    value = ((slots[:, None] * 7 + cols[None, :]) % 61).to(tl.float32) * 0.01 - 0.3
+    value = value * weights[:, None]
+    if MODE == 0:
+        tl.store(pair_out_ptr + slots.to(tl.int64)[:, None] * H + cols[None, :],
+                 value.to(pair_out_ptr.dtype.element_ty), mask=col_ok[None, :])
+    else:
+        tokens = (tl.where(row_ok, pairs, 0) // TOP_K).to(tl.int64)
+        tl.atomic_add(out_ptr + tokens[:, None] * H + cols[None, :],
+                      value.to(out_ptr.dtype.element_ty),
+                      mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
+
+
+def epilogue(mode: int, plan, weights, pair_out, out, top_k: int) -> None:
+    capacity = plan.sorted_pairs.numel()
+    hidden = pair_out.shape[1] if mode == STORE else out.shape[1]
+    _epilogue_kernel[(capacity // BLOCK_M, triton.cdiv(hidden, BLOCK_N))](
+        plan.sorted_pairs, weights, pair_out, out, plan.num_pairs, hidden, TOP_K=top_k,
+        MODE=mode, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+
+
+def cell(name: str, m: int) -> dict:
+    preset = PRESETS[name]
+    k, hidden, experts = preset.top_k, preset.hidden, preset.num_experts
+    _, topk = make_tokens(preset, m, torch.bfloat16, torch.device("cuda"))
+    plan = moekit.dispatch_plan(topk.ids, experts, 128, tile_m=None)
+    weights = topk.weights.reshape(-1).contiguous()
+    pair_out = torch.empty((plan.sorted_pairs.numel(), hidden), dtype=torch.bfloat16,
+                           device="cuda")
+    out = torch.empty((m, hidden), dtype=torch.bfloat16, device="cuda")
+    out32 = torch.empty((m, hidden), dtype=torch.float32, device="cuda")
+    out16 = torch.empty_like(out)
+
+    def store() -> None:
+        epilogue(STORE, plan, weights, pair_out, None, k)
+
+    def combine() -> None:
+        launch_combine(pair_out, topk.ids, experts, out, plan.pair_slots)
+
+    def atomics() -> None:
+        epilogue(ATOMIC_F32, plan, weights, None, out32, k)
+
+    def cast() -> None:
+        out16.copy_(out32)
+
+    def atomics_bf16() -> None:
+        out16.zero_()
+        epilogue(ATOMIC_BF16, plan, weights, None, out16, k)
+
+    stages = {
+        "store": store, "combine": combine,
+        "store+combine": lambda: (store(), combine()),
+        "zero": out32.zero_, "atomic": atomics, "cast": cast,
+        "zero+atomic+cast": lambda: (out32.zero_(), atomics(), cast()),
+        "atomic_bf16 (zeroed)": atomics_bf16,
+    }
+    row = dict(preset=name, M=m, top_k=k, H=hidden,
+               pair_rows_MB=round(plan.num_pairs * hidden * 2 / 1e6, 1),
+               token_rows_f32_MB=round(m * hidden * 4 / 1e6, 1))
+    for label, fn in stages.items():
+        row[f"{label} µs"] = round(graph_replay_us(fn), 2)
+    # Outputs: the combine's against the atomics' (one more run each, outside the graphs).
+    store(), combine()
+    out32.zero_(), atomics(), cast()
+    first = out16.clone()
+    row["max |combine − atomic|"] = float((out.float() - first.float()).abs().max())
+    out32.zero_(), atomics(), cast()
+    row["bf16 elements changed between atomic runs"] = int((out16 != first).sum())
+    atomics_bf16()
+    row["max |combine − atomic_bf16|"] = float((out.float() - out16.float()).abs().max())
+    row["speedup (store+combine ÷ zero+atomic+cast)"] = round(
+        row["store+combine µs"] / row["zero+atomic+cast µs"], 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--cells", nargs="*", help="preset:M (default: CELLS)")
+    args = parser.parse_args()
+    cells = ([(c.split(":")[0], int(c.split(":")[1])) for c in args.cells] if args.cells
+             else CELLS)
+    rows = []
+    for name, m in cells:
+        rows.append(cell(name, m))
+        print(rows[-1], flush=True)
+    keys = list(rows[0])
+    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    table += ["| " + " | ".join(str(r[key]) for key in keys) + " |" for r in rows]
+    write_experiment(
+        args.out, "combine-atomics-experiment", experiment_meta(), rows,
+        "GEMM2's per-pair rows + combine against float32 atomics into token rows",
+        ["- the epilogue's traffic alone (synthetic [64, 128] tiles, no GEMM math); each "
+         "stage graph-replayed alone, L2 emptied before each replay (~5 µs floor each)"],
+        table)
+
+
+if __name__ == "__main__":
+    main()
