@@ -13,7 +13,9 @@ adds' order varies), so the combine would stay as the deterministic mode.
 This times the epilogue's memory traffic alone, without GEMM2's math: a kernel writes
 synthetic weighted [64, 128] tiles (the Gluon GEMM2's per-warpgroup tile) in plan order,
 either stored as bf16 rows (today) or added with float32 atomics into token rows
-(`tl.atomic_add`, scalar `atom.add.f32` in Triton 3.6's sm_90 PTX), or with bf16
+(`tl.atomic_add`, scalar `atom.add.f32` in Triton 3.6's sm_90 PTX; or 2 and 4 columns an
+instruction, `red.global.add.v2/v4.f32`, sm_90's vector reductions, through inline PTX in
+a Gluon kernel whose layout gives each thread 4 consecutive columns), or with bf16
 atomics into the output (precision lost per add: reported only). Each stage and each
 whole variant is captured in a CUDA graph and replayed with L2 emptied before each
 replay (`graph_replay_us`); the outputs are compared (max abs difference against the
@@ -30,6 +32,8 @@ import argparse
 import torch
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 
 import moekit
 from moekit.bench.experiment_files import experiment_meta, write_experiment
@@ -69,6 +73,42 @@ def _epilogue_kernel(sorted_pairs_ptr, topk_weights_ptr, pair_out_ptr, out_ptr, 
                       mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
+@gluon.jit
+def _vector_red_kernel(sorted_pairs_ptr, topk_weights_ptr, out_ptr, num_pairs, H, stride_om,
+                       scratch_row, TOP_K: gl.constexpr, VEC: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """ATOMIC_F32's tile with VEC (2 or 4) consecutive columns a `red.global.add.vN.f32`
+    (no mask operand: padding slots and columns past H add 0 into `scratch_row`, and out's
+    rows are padded to whole column tiles)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [1, 32], [4, 1], [1, 0])
+    slots = gl.program_id(0) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = gl.program_id(1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    pairs = gl.load(sorted_pairs_ptr + slots)
+    row_ok = pairs < num_pairs
+    weights = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok, other=0.0)
+    value = ((slots[:, None] * 7 + cols[None, :]) % 61).to(gl.float32) * 0.01 - 0.3
+    value = gl.where(row_ok[:, None] & (cols < H)[None, :], value * weights[:, None], 0.0)
+    rows = gl.where(row_ok, pairs // TOP_K, scratch_row).to(gl.int64)
+    addresses = (out_ptr + rows[:, None] * stride_om + cols[None, :]).to(gl.int64)
+    if VEC == 4:
+        gl.inline_asm_elementwise(
+            "red.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n"
+            "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;",
+            "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [addresses, value], dtype=gl.int32,
+            is_pure=False, pack=4)
+    else:
+        gl.inline_asm_elementwise(
+            "red.global.add.v2.f32 [$2], {$4, $5};\nmov.b32 $0, 0;\nmov.b32 $1, 0;",
+            "=r,=r,l,l,r,r", [addresses, value], dtype=gl.int32, is_pure=False, pack=2)
+
+
+def vector_red(vec: int, plan, weights, out_padded, top_k: int, hidden: int) -> None:
+    scratch_row = out_padded.shape[0] - 1
+    _vector_red_kernel[(plan.sorted_pairs.numel() // BLOCK_M, triton.cdiv(hidden, BLOCK_N))](
+        plan.sorted_pairs, weights, out_padded, plan.num_pairs, hidden, out_padded.stride(0),
+        scratch_row, TOP_K=top_k, VEC=vec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+
+
 def epilogue(mode: int, plan, weights, pair_out, out, top_k: int) -> None:
     capacity = plan.sorted_pairs.numel()
     hidden = pair_out.shape[1] if mode == STORE else out.shape[1]
@@ -88,6 +128,9 @@ def cell(name: str, m: int) -> dict:
     out = torch.empty((m, hidden), dtype=torch.bfloat16, device="cuda")
     out32 = torch.empty((m, hidden), dtype=torch.float32, device="cuda")
     out16 = torch.empty_like(out)
+    # The vector reductions' float32 rows: padded to whole column tiles, one scratch row.
+    out32p = torch.empty((m + 1, triton.cdiv(hidden, BLOCK_N) * BLOCK_N), dtype=torch.float32,
+                         device="cuda")
 
     def store() -> None:
         epilogue(STORE, plan, weights, pair_out, None, k)
@@ -101,6 +144,9 @@ def cell(name: str, m: int) -> dict:
     def cast() -> None:
         out16.copy_(out32)
 
+    def cast_padded() -> None:
+        out16.copy_(out32p[:m, :hidden])
+
     def atomics_bf16() -> None:
         out16.zero_()
         epilogue(ATOMIC_BF16, plan, weights, None, out16, k)
@@ -110,6 +156,11 @@ def cell(name: str, m: int) -> dict:
         "store+combine": lambda: (store(), combine()),
         "zero": out32.zero_, "atomic": atomics, "cast": cast,
         "zero+atomic+cast": lambda: (out32.zero_(), atomics(), cast()),
+        "atomic v2": lambda: vector_red(2, plan, weights, out32p, k, hidden),
+        "atomic v4": lambda: vector_red(4, plan, weights, out32p, k, hidden),
+        "zero+atomic v4+cast": lambda: (out32p.zero_(),
+                                        vector_red(4, plan, weights, out32p, k, hidden),
+                                        cast_padded()),
         "atomic_bf16 (zeroed)": atomics_bf16,
     }
     row = dict(preset=name, M=m, top_k=k, H=hidden,
@@ -124,10 +175,14 @@ def cell(name: str, m: int) -> dict:
     row["max |combine − atomic|"] = float((out.float() - first.float()).abs().max())
     out32.zero_(), atomics(), cast()
     row["bf16 elements changed between atomic runs"] = int((out16 != first).sum())
+    out32p.zero_(), vector_red(4, plan, weights, out32p, k, hidden), cast_padded()
+    row["max |combine − atomic v4|"] = float((out.float() - out16.float()).abs().max())
     atomics_bf16()
     row["max |combine − atomic_bf16|"] = float((out.float() - out16.float()).abs().max())
     row["speedup (store+combine ÷ zero+atomic+cast)"] = round(
         row["store+combine µs"] / row["zero+atomic+cast µs"], 3)
+    row["speedup (store+combine ÷ zero+atomic v4+cast)"] = round(
+        row["store+combine µs"] / row["zero+atomic v4+cast µs"], 3)
     return row
 
 

@@ -90,8 +90,10 @@ TAIL_A_BOX = os.environ.get("MOEKIT_GLUON_TAIL_A_BOX") == "1"
 # tile's missing columns computed from the rows after it and clipped by the TMA store, its
 # biases' loads masked (PARTIAL_N). Session 20 measured the same (H200, persistent grid):
 # gpt-oss's layer 0.96–0.98×, the GEMM1 losing at ~128 rows an expert, where persistent
-# programs re-read weights (bench/NOTES.md, session 50); staged again for one program per
-# tile. Off, never run on a GPU in this form: `MOEKIT_GLUON_PARTIAL_N16=1` at import.
+# programs re-read weights (bench/NOTES.md, session 50). Staged again for one program per
+# tile and measured on an H100 (session 52, its GPU tests passing): gpt-oss's layer
+# 0.82–1.00× persistent, 0.96–1.00× one program per tile, 0.77–1.00× two tiles a program
+# against Triton's GEMM1, so off; `MOEKIT_GLUON_PARTIAL_N16=1` at import turns it on.
 PARTIAL_N_16BIT = os.environ.get("MOEKIT_GLUON_PARTIAL_N16") == "1"
 # The Gluon GEMM2s' grouped order (GROUP_M > 1, `gemm2_group_m`) in groups that never split
 # an expert's row tiles (`expert_tile_coords`), as the Triton GEMMs' (`moekit._tile_order`):
