@@ -10,6 +10,10 @@ rows into a zeroed float32 [M, H] (`red.add.f32`: L2 resolves them; 33.5 MB at q
 M = 4096 fits in L2), and one pass casts it to the output dtype. Not deterministic (the
 adds' order varies), so the combine would stay as the deterministic mode.
 
+A deterministic variant: store and combine by column slabs (each slab's combine right
+after its rows, while they are in L2), as a GEMM2 in column-slab order could fold the
+combine in behind each slab.
+
 This times the epilogue's memory traffic alone, without GEMM2's math: a kernel writes
 synthetic weighted [64, 128] tiles (the Gluon GEMM2's per-warpgroup tile) in plan order,
 either stored as bf16 rows (today) or added with float32 atomics into token rows
@@ -50,25 +54,25 @@ STORE, ATOMIC_F32, ATOMIC_BF16 = 0, 1, 2
 
 @triton.jit
 def _epilogue_kernel(sorted_pairs_ptr, topk_weights_ptr, pair_out_ptr, out_ptr, num_pairs, H,
-                     TOP_K: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of plan slots × columns: a synthetic value times the
-    pair's router weight, stored to pair_out (STORE) or added into the token's row of out
-    (ATOMIC_F32 / ATOMIC_BF16)."""
+                     stride_row, col0, TOP_K: tl.constexpr, MODE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of plan slots × columns (of H columns from col0, rows
+    stride_row apart): a synthetic value times the pair's router weight, stored to
+    pair_out (STORE) or added into the token's row of out (ATOMIC_F32 / ATOMIC_BF16)."""
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     pairs = tl.load(sorted_pairs_ptr + slots)
     row_ok = pairs < num_pairs
     weights = tl.load(topk_weights_ptr + tl.where(row_ok, pairs, 0), mask=row_ok, other=0.0)
-    value = ((slots[:, None] * 7 + cols[None, :]) % 61).to(tl.float32) * 0.01 - 0.3
+    value = ((slots[:, None] * 7 + col0 + cols[None, :]) % 61).to(tl.float32) * 0.01 - 0.3
     value = value * weights[:, None]
     if MODE == 0:
-        tl.store(pair_out_ptr + slots.to(tl.int64)[:, None] * H + cols[None, :],
+        tl.store(pair_out_ptr + slots.to(tl.int64)[:, None] * stride_row + cols[None, :],
                  value.to(pair_out_ptr.dtype.element_ty), mask=col_ok[None, :])
     else:
         tokens = (tl.where(row_ok, pairs, 0) // TOP_K).to(tl.int64)
-        tl.atomic_add(out_ptr + tokens[:, None] * H + cols[None, :],
+        tl.atomic_add(out_ptr + tokens[:, None] * stride_row + cols[None, :],
                       value.to(out_ptr.dtype.element_ty),
                       mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
 
@@ -109,12 +113,15 @@ def vector_red(vec: int, plan, weights, out_padded, top_k: int, hidden: int) -> 
         scratch_row, TOP_K=top_k, VEC=vec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
 
 
-def epilogue(mode: int, plan, weights, pair_out, out, top_k: int) -> None:
+def epilogue(mode: int, plan, weights, pair_out, out, top_k: int, col0: int = 0) -> None:
+    """`_epilogue_kernel` over pair_out's (STORE) or out's columns — a column slab's view
+    starting at column col0 of the whole rows."""
     capacity = plan.sorted_pairs.numel()
-    hidden = pair_out.shape[1] if mode == STORE else out.shape[1]
-    _epilogue_kernel[(capacity // BLOCK_M, triton.cdiv(hidden, BLOCK_N))](
-        plan.sorted_pairs, weights, pair_out, out, plan.num_pairs, hidden, TOP_K=top_k,
-        MODE=mode, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+    rows = pair_out if mode == STORE else out
+    _epilogue_kernel[(capacity // BLOCK_M, triton.cdiv(rows.shape[1], BLOCK_N))](
+        plan.sorted_pairs, weights, pair_out, out, plan.num_pairs, rows.shape[1],
+        rows.stride(0), col0, TOP_K=top_k, MODE=mode, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        num_warps=4)
 
 
 def cell(name: str, m: int) -> dict:
@@ -144,6 +151,14 @@ def cell(name: str, m: int) -> dict:
     def cast() -> None:
         out16.copy_(out32)
 
+    def by_slabs(width: int) -> None:
+        """Each column slab stored, then combined while its pair rows are in L2: what a
+        GEMM2 in column-slab order with the combine folded in behind each slab would read."""
+        for col0 in range(0, hidden, width):
+            epilogue(STORE, plan, weights, pair_out[:, col0:col0 + width], None, k, col0)
+            launch_combine(pair_out[:, col0:col0 + width], topk.ids, experts,
+                           out[:, col0:col0 + width], plan.pair_slots)
+
     def cast_padded() -> None:
         out16.copy_(out32p[:m, :hidden])
 
@@ -154,6 +169,8 @@ def cell(name: str, m: int) -> dict:
     stages = {
         "store": store, "combine": combine,
         "store+combine": lambda: (store(), combine()),
+        "store+combine by 256-column slabs": lambda: by_slabs(256),
+        "store+combine by 512-column slabs": lambda: by_slabs(512),
         "zero": out32.zero_, "atomic": atomics, "cast": cast,
         "zero+atomic+cast": lambda: (out32.zero_(), atomics(), cast()),
         "atomic v2": lambda: vector_red(2, plan, weights, out32p, k, hidden),
@@ -169,7 +186,10 @@ def cell(name: str, m: int) -> dict:
     for label, fn in stages.items():
         row[f"{label} µs"] = round(graph_replay_us(fn), 2)
     # Outputs: the combine's against the atomics' (one more run each, outside the graphs).
+    by_slabs(256)
+    slabs = out.clone()
     store(), combine()
+    row["slabs bitwise the combine's"] = bool(torch.equal(slabs, out))
     out32.zero_(), atomics(), cast()
     first = out16.clone()
     row["max |combine − atomic|"] = float((out.float() - first.float()).abs().max())
