@@ -150,6 +150,11 @@
 #   combineatomics bench/scripts/combine_atomics_experiment.py: GEMM2's per-pair rows stored
 #             and combined against float32 atomics into token rows (then a cast), the
 #             epilogue's traffic alone at prefill cells (session 52)
+#   slaborder the Gluon GEMM2s in column-slab order (`MOEKIT_GLUON_GEMM2_GROUP_M=65536`:
+#             every row tile takes a column tile before the next column tile, so A row
+#             tiles are re-read once per column tile) against the shipped order, two rounds,
+#             fp8 per-tensor and bf16, qwen3 / olmoe / granite at M = 4096 and 16384: what
+#             a GEMM2 folding the combine in behind each slab would pay (session 52)
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
 #             qwen3 4096 (NOTES, session 50)
@@ -604,6 +609,21 @@ for stage in "$@"; do
       done ;;
     combineatomics) step combine-atomics 240 python3 bench/scripts/combine_atomics_experiment.py \
                       --out "$out" ;;
+    slaborder)
+      for round in 1 2; do
+        for dtype in fp8_tensor bf16; do
+          for setting in ship slab; do
+            if [ $setting = ship ]; then set --; else set -- MOEKIT_GLUON_GEMM2_GROUP_M=65536; fi
+            step "bench-slaborder-$dtype-$setting-r$round" 60 env "$@" python3 -m moekit.cli \
+              bench --dtype $dtype --no-baselines --graph-max-m 16384 --rep-ms 30 \
+              --presets qwen3-30b-a3b olmoe-1b-7b granite-3.0-3b-a800m --tokens 4096 16384 \
+              --what "slaborder-$dtype-$setting-r$round" --out "$out"
+          done
+        done
+      done
+      for dtype in fp8_tensor bf16; do
+        compare_settings "ab-slaborder-$dtype" "slaborder-$dtype" ship slab
+      done ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         -k partial tests/test_gluon_gemm1_16bit.py
