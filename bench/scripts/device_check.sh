@@ -155,6 +155,10 @@
 #             tiles are re-read once per column tile) against the shipped order, two rounds,
 #             fp8 per-tensor and bf16, qwen3 / olmoe / granite at M = 4096 and 16384: what
 #             a GEMM2 folding the combine in behind each slab would pay (session 52)
+#   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
+#             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
+#             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
+#             most rows an expert (its GEMM2 at ~53% of the fp8 peak, session 50)
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
 #             qwen3 4096 (NOTES, session 50)
@@ -623,6 +627,16 @@ for stage in "$@"; do
       done
       for dtype in fp8_tensor bf16; do
         compare_settings "ab-slaborder-$dtype" "slaborder-$dtype" ship slab
+      done ;;
+    ncustall)
+      for gemm in gemm1 gemm2; do
+        step "ncu-stall-$gemm" 150 ncu --profile-from-start off --clock-control none \
+          --section WarpStateStats --section SourceCounters --section SpeedOfLight \
+          -k regex:$gemm -f -o /tmp/stall-$gemm python3 bench/scripts/ncu_gemms.py \
+          --cell qwen3-30b-a3b:4096:fp8_tensor
+        step "ncu-stall-$gemm-details" 60 ncu --import /tmp/stall-$gemm.ncu-rep --page details
+        step "ncu-stall-$gemm-sass" 60 ncu --import /tmp/stall-$gemm.ncu-rep --page source \
+          --csv --print-source sass
       done ;;
     partial16)
       step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
