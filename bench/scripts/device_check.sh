@@ -155,6 +155,10 @@
 #             tiles are re-read once per column tile) against the shipped order, two rounds,
 #             fp8 per-tensor and bf16, qwen3 / olmoe / granite at M = 4096 and 16384: what
 #             a GEMM2 folding the combine in behind each slab would pay (session 52)
+#   notail    mixtral-8x7b bf16 at M = 1024-8192 with the heuristic's 128-row tiles against
+#             the same tiles without tail tiles (a table placed for the runs:
+#             bench/scripts/notail-mixtral-table.json), three alternating rounds (session 53's
+#             tuner read 2,298 against 2,644 µs at M = 2048)
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
@@ -628,6 +632,19 @@ for stage in "$@"; do
       for dtype in fp8_tensor bf16; do
         compare_settings "ab-slaborder-$dtype" "slaborder-$dtype" ship slab
       done ;;
+    notail)
+      table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
+      [ -e $table ] && { echo "notail: $table exists; the stage would replace it" >&2; exit 2; }
+      for round in 1 2 3; do
+        for setting in ship notail; do
+          [ $setting = notail ] && cp bench/scripts/notail-mixtral-table.json $table
+          step "bench-notail-$setting-r$round" 90 python3 -m moekit.cli bench --no-baselines \
+            --graph-max-m 16384 --rep-ms 30 --presets mixtral-8x7b \
+            --tokens 1024 1536 2048 3072 4096 8192 --what "notail-$setting-r$round" --out "$out"
+          rm -f $table
+        done
+      done
+      compare_settings ab-bf16-mixtral-notail notail ship notail ;;
     ncustall)
       for gemm in gemm1 gemm2; do
         step "ncu-stall-$gemm" 150 ncu --profile-from-start off --clock-control none \
