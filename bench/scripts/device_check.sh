@@ -158,7 +158,8 @@
 #   notail    mixtral-8x7b bf16 at M = 1024-8192 with the heuristic's 128-row tiles against
 #             the same tiles without tail tiles (a table placed for the runs:
 #             bench/scripts/notail-mixtral-table.json), three alternating rounds (session 53's
-#             tuner read 2,298 against 2,644 µs at M = 2048)
+#             tuner read 2,298 against 2,644 µs at M = 2048); notailstages: the stage
+#             breakdown of both at M = 2048 and 3072, two rounds
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
@@ -645,6 +646,18 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-bf16-mixtral-notail notail ship notail ;;
+    notailstages)
+      table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
+      [ -e $table ] && { echo "notailstages: $table exists" >&2; exit 2; }
+      for round in 1 2; do
+        for setting in ship notail; do
+          [ $setting = notail ] && cp bench/scripts/notail-mixtral-table.json $table
+          mkdir -p "$out/stages-$setting-r$round"
+          step "stages-notail-$setting-r$round" 90 python3 bench/scripts/stage_breakdown.py \
+            --out "$out/stages-$setting-r$round" --cells mixtral-8x7b:2048 mixtral-8x7b:3072
+          rm -f $table
+        done
+      done ;;
     ncustall)
       for gemm in gemm1 gemm2; do
         step "ncu-stall-$gemm" 150 ncu --profile-from-start off --clock-control none \
