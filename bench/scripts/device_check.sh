@@ -160,6 +160,8 @@
 #             bench/scripts/notail-mixtral-table.json), three alternating rounds (session 53's
 #             tuner read 2,298 against 2,644 µs at M = 2048); notailstages: the stage
 #             breakdown of both at M = 2048 and 3072, two rounds
+#   tailtiles the bf16 table's prefill cells (M = 2048, 4096, 8192, every preset) with the
+#             heuristic's tail tiles against none (`MOEKIT_TAIL_TILES=0`), two rounds
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
@@ -646,6 +648,16 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-bf16-mixtral-notail notail ship notail ;;
+    tailtiles)
+      for round in 1 2; do
+        for setting in ship notail; do
+          if [ $setting = ship ]; then set --; else set -- MOEKIT_TAIL_TILES=0; fi
+          step "bench-tailtiles-$setting-r$round" 110 env "$@" python3 -m moekit.cli bench \
+            --no-baselines --graph-max-m 16384 --rep-ms 20 --tokens 2048 4096 8192 \
+            --what "tailtiles-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-bf16-tailtiles tailtiles ship notail ;;
     notailstages)
       table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
       [ -e $table ] && { echo "notailstages: $table exists" >&2; exit 2; }

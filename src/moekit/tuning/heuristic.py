@@ -60,10 +60,16 @@ repeats such a sweep on any GPU.
 from __future__ import annotations
 
 import math
+import os
 
 from moekit._host_cache import host_cache
 from moekit._intmath import cdiv, next_power_of_2
 from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
+
+#: A measurement control: `MOEKIT_TAIL_TILES=0` gives the 128-row tiles no tail tiles
+#: (runs padded to 128 rows), for A/Bs against the default (session 53: with both GEMMs
+#: Gluon kernels, mixtral bf16 M = 2048-3072 measured 1.09-1.14x faster without).
+TAIL_TILES = os.environ.get("MOEKIT_TAIL_TILES", "1") != "0"
 
 _DIRECT_MAX_TOKENS = 4
 _DIRECT_MIN_EXPERTS = 32
@@ -192,7 +198,7 @@ def tiles_for_block_m(block_m: int, dtype_bytes: int = 2, aligned: bool = True,
         return ExpertsConfig(128, GemmConfig(128, 32, 8, 8, 3), GemmConfig(256, 64, 8, 8, 3))
     # Tail tiles: runs padded to 64 rows, not 128 (bench/NOTES.md, v5).
     return ExpertsConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
-                         tail_block_m=64)
+                         tail_block_m=64 if TAIL_TILES else 0)
 
 
 def wide_16_row_tiles(num_experts: int, hidden: int, inter: int, narrow: bool) -> bool:
