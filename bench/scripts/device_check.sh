@@ -162,6 +162,9 @@
 #             breakdown of both at M = 2048 and 3072, two rounds
 #   tailtiles the bf16 table's prefill cells (M = 2048, 4096, 8192, every preset) with the
 #             heuristic's tail tiles against none (`MOEKIT_TAIL_TILES=0`), two rounds
+#   mixtraltable `moekit tune` of mixtral-8x7b bf16 at M = 2048, 3072, 4096, then that
+#             table (as the H100's shipped bf16 table) against none, M = 1024-8192, three
+#             alternating rounds; the table lands in $out/tune-bf16-mixtral.json
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
@@ -658,6 +661,22 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-bf16-tailtiles tailtiles ship notail ;;
+    mixtraltable)
+      table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
+      [ -e $table ] && { echo "mixtraltable: $table exists" >&2; exit 2; }
+      step tune-bf16-mixtral 200 python3 -m moekit.cli tune --fresh \
+        --out "$out/tune-bf16-mixtral.json" --presets mixtral-8x7b --tokens 2048 3072 4096
+      for round in 1 2 3; do
+        for setting in ship table; do
+          [ $setting = table ] && cp "$out/tune-bf16-mixtral.json" $table
+          step "bench-mixtraltable-$setting-r$round" 60 python3 -m moekit.cli bench \
+            --no-baselines --graph-max-m 16384 --rep-ms 30 --presets mixtral-8x7b \
+            --tokens 1024 2048 3072 4096 8192 --what "mixtraltable-$setting-r$round" \
+            --out "$out"
+          rm -f $table
+        done
+      done
+      compare_settings ab-bf16-mixtral-table mixtraltable ship table ;;
     notailstages)
       table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
       [ -e $table ] && { echo "notailstages: $table exists" >&2; exit 2; }
