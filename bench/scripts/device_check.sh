@@ -165,6 +165,8 @@
 #   mixtraltable `moekit tune` of mixtral-8x7b bf16 at M = 2048, 3072, 4096, then that
 #             table (as the H100's shipped bf16 table) against none, M = 1024-8192, three
 #             alternating rounds; the table lands in $out/tune-bf16-mixtral.json
+#   bf16table the H100's shipped bf16 table (mixtral entries, session 53) against none, mixtral
+#             M = 1536-4096 (the entries' windows and edges), three alternating rounds
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
@@ -677,6 +679,20 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-bf16-mixtral-table mixtraltable ship table ;;
+    bf16table)
+      table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
+      cp $table /tmp/bf16table.json
+      for round in 1 2 3; do
+        for setting in table none; do
+          if [ $setting = none ]; then rm -f $table; else cp /tmp/bf16table.json $table; fi
+          step "bench-bf16table-$setting-r$round" 60 python3 -m moekit.cli bench \
+            --no-baselines --graph-max-m 16384 --rep-ms 30 --presets mixtral-8x7b \
+            --tokens 1536 2048 2560 3072 3584 4096 --what "bf16table-$setting-r$round" \
+            --out "$out"
+        done
+      done
+      cp /tmp/bf16table.json $table
+      compare_settings ab-bf16-table-mixtral bf16table none table ;;
     notailstages)
       table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
       [ -e $table ] && { echo "notailstages: $table exists" >&2; exit 2; }
