@@ -422,3 +422,22 @@ def test_gluon_gemm1_narrow_columns_where_few_tiles():
     boundary = math.ceil(NARROW_COLUMNS_BELOW * 66)
     assert gluon_gemm1_narrow_columns(16, 1, 8, 128 * (boundary - 1), 66)
     assert not gluon_gemm1_narrow_columns(16, 1, 8, 128 * boundary, 66)
+
+
+def test_tail_tiles_control_drops_the_128_row_tails(monkeypatch):
+    # MOEKIT_TAIL_TILES=0 (read at import into TAIL_TILES): the same 128-row tiles, no tails.
+    import dataclasses
+
+    from moekit.tuning import heuristic
+
+    mixtral = (2048, 8, 2, 4096, 14336, 2, 132)
+    heuristic.default_config.cache_clear()
+    with_tails = heuristic.default_config(*mixtral)
+    assert with_tails.block_m == 128 and with_tails.tail_block_m == 64
+    monkeypatch.setattr(heuristic, "TAIL_TILES", False)
+    heuristic.default_config.cache_clear()
+    try:
+        without = heuristic.default_config(*mixtral)
+    finally:
+        heuristic.default_config.cache_clear()  # no tail-less entry outlives the patch
+    assert without == dataclasses.replace(with_tails, tail_block_m=0)

@@ -170,7 +170,8 @@
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
-#             most rows an expert (its GEMM2 at ~53% of the fp8 peak, session 50)
+#             most rows an expert (its GEMM2 at ~53% of the fp8 peak, session 50);
+#             bench/scripts/ncu_stall_summary.py reads the CSVs
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
 #             qwen3 4096 (NOTES, session 50)

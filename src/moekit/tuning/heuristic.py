@@ -15,7 +15,10 @@ At 128 rows the 16-bit tiles take tail tiles (`ExpertsConfig.tail_block_m` = 64)
 expert's run is padded to 64 rows, and its odd last 64-row block computed 64 rows high.
 Padding to 128 cost 14–38% on the cells with ~256 rows per expert (random against
 exactly even routing); tail tiles measured 0.99–1.10× on every 128-row cell swept
-(faster on 15 of 17; GEMM1 gains, GEMM2 keeps its time).
+(faster on 15 of 17; GEMM1 gains, GEMM2 keeps its time). With both GEMMs Gluon kernels
+they still win on the H100 over every bf16 preset at M = 2048–8192 (none: 0.89–1.11×,
+median 0.985×), but for mixtral at M = 2048–3072, 1.07–1.12× faster without: the H100
+bf16 table's entries (bench/NOTES.md, session 53).
 
 For a handful of tokens the direct path (`ExpertsConfig.block_m` = 1,
 `moekit.experts_direct`) skips the plan and the separate combine. On the H100 it
