@@ -167,6 +167,9 @@
 #             alternating rounds; the table lands in $out/tune-bf16-mixtral.json
 #   bf16table the H100's shipped bf16 table (mixtral entries, session 53) against none, mixtral
 #             M = 1536-4096 (the entries' windows and edges), three alternating rounds
+#             (notail, notailstages and mixtraltable place a table of their own and refuse
+#             to run now that this one ships; under it tailtiles' mixtral M = 2048-3072
+#             runs without tail tiles both ways)
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
