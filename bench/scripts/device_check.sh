@@ -170,6 +170,9 @@
 #             (notail, notailstages and mixtraltable place a table of their own and refuse
 #             to run now that this one ships; under it tailtiles' mixtral M = 2048-3072
 #             runs without tail tiles both ways)
+#   tailcost  bench/scripts/tail_cost_experiment.py: mixtral bf16 with and without tail tiles
+#             on even routings (512, 544, 576, 640 rows an expert) and the bench's random
+#             one at M = 2048 and 3072, explicit configs, three interleaved rounds (~2 min)
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
@@ -709,6 +712,7 @@ for stage in "$@"; do
           rm -f $table
         done
       done ;;
+    tailcost) step tail-cost 240 python3 bench/scripts/tail_cost_experiment.py --out "$out" ;;
     ncustall)
       for gemm in gemm1 gemm2; do
         step "ncu-stall-$gemm" 150 ncu --profile-from-start off --clock-control none \

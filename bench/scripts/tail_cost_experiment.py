@@ -1,0 +1,123 @@
+"""Experiment: what a tail tile costs the Gluon GEMMs — mixtral bf16 with and without tail
+tiles on routings that give every expert the same rows.
+
+Session 53 measured mixtral-8x7b bf16 at M = 2048–3072 1.07–1.14× faster without tail
+tiles, both Gluon GEMMs 8–15% faster, though the tail plan has the same tiles per expert
+(4–5) and only 4 of 36 are tails (bench/NOTES.md). Exactly even routing separates the
+candidate causes: at 512 rows an expert neither plan has a tail or padding, so any gap
+there is the TAIL_M kernels themselves; at 544 and 576 every expert ends in a 32- or
+64-row tail (one tail tile against one mostly-padding 128-row tile), so the gap over
+512's is what a tail tile costs. The bench's random routing at M = 2048 and 3072 is the
+cell as the table sees it. `fused_experts` with the heuristic's tiles and
+`tail_block_m` 64 or 0 (explicit configs: no tuned table consulted), CUDA-graph replay,
+rounds interleaved.
+
+Usage (on the device): PYTHONPATH=src python3 bench/scripts/tail_cost_experiment.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+
+import torch
+
+import moekit
+from moekit._tma import heuristic_sms
+from moekit.bench.experiment_files import experiment_meta, write_experiment
+from moekit.bench.inputs import make_tokens, make_weights
+from moekit.bench.presets import PRESETS
+from moekit.bench.timing import graph_replay_us
+from moekit.dispatch import dispatch_plan
+from moekit.tuning.heuristic import default_config
+
+PRESET = "mixtral-8x7b"
+EVEN_ROWS = (512, 544, 576, 640)  # rows per expert under the even routing
+RANDOM_TOKENS = (2048, 3072)
+
+
+def even_ids(rows_per_expert: int, top_k: int, num_experts: int, device) -> torch.Tensor:
+    """Pair (m, j) → (m·k + j) mod E over rows·E/k tokens: distinct experts within a
+    token, exactly `rows_per_expert` pairs an expert."""
+    pairs = rows_per_expert * num_experts
+    if pairs % top_k:
+        raise ValueError(f"{rows_per_expert} rows × {num_experts} experts is not a whole "
+                         f"number of tokens of {top_k} pairs")
+    ids = torch.arange(pairs, device=device, dtype=torch.int32) % num_experts
+    return ids.reshape(pairs // top_k, top_k)
+
+
+def tile_counts(ids: torch.Tensor, num_experts: int) -> tuple[int, int]:
+    """(row tiles, of which tails) of the tail plan: 64-row blocks, 128-row tiles."""
+    plan = dispatch_plan(ids, num_experts, 64, tile_m=128)
+    used = int(plan.tiles[-1].item())
+    return used, int((plan.tiles[:used] & 1).sum().item())
+
+
+def cells(device) -> list[tuple[str, torch.Tensor]]:
+    preset = PRESETS[PRESET]
+    out = [(f"even, {rows} rows an expert",
+            even_ids(rows, preset.top_k, preset.num_experts, device)) for rows in EVEN_ROWS]
+    for m in RANDOM_TOKENS:
+        out.append((f"random (bench), M = {m}",
+                    make_tokens(preset, m, torch.bfloat16, device)[1].ids))
+    return out
+
+
+def measure(label: str, ids: torch.Tensor, w, rounds: int, rep_ms: float) -> dict:
+    """One routing's row: the layer with tail tiles and without, rounds interleaved."""
+    preset = PRESETS[PRESET]
+    m = ids.shape[0]
+    hidden, topk = make_tokens(preset, m, torch.bfloat16, ids.device)
+    base = default_config(m, preset.num_experts, preset.top_k, preset.hidden, preset.inter,
+                          2, heuristic_sms(ids.device))
+    configs = {"tail": dataclasses.replace(base, tail_block_m=64),
+               "none": dataclasses.replace(base, tail_block_m=0)}
+
+    def layer(config):
+        return lambda: moekit.fused_experts(hidden, w.w13, w.w2, ids, topk.weights,
+                                            activation=preset.activation, config=config)
+    times = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, config in configs.items():
+            times[name].append(graph_replay_us(layer(config), rep_ms))
+    outputs = {name: layer(config)() for name, config in configs.items()}
+    tiles, tails = tile_counts(ids, preset.num_experts)
+    tail_us, none_us = (statistics.median(times[n]) for n in ("tail", "none"))
+    return {"routing": label, "M": m, "row tiles": tiles, "tails": tails,
+            "tail µs": round(tail_us, 1), "none µs": round(none_us, 1),
+            "tail ÷ none": round(tail_us / none_us, 3),
+            "rounds tail": [round(t, 1) for t in times["tail"]],
+            "rounds none": [round(t, 1) for t in times["none"]],
+            "outputs equal": bool(torch.equal(outputs["tail"], outputs["none"]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rep-ms", type=float, default=30)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    w = make_weights(PRESETS[PRESET], torch.bfloat16, device)
+    rows = []
+    for label, ids in cells(device):
+        rows.append(measure(label, ids, w, args.rounds, args.rep_ms))
+        print(rows[-1], flush=True)
+    keys = [k for k in rows[0] if not k.startswith("rounds")]
+    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    table += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    write_experiment(
+        args.out, "tail-cost-experiment", experiment_meta(), rows,
+        f"Tail tiles against none, {PRESET} bf16, even and random routings",
+        [f"- the heuristic's tiles with tail_block_m 64 or 0, CUDA-graph replay, L2 emptied "
+         f"before each replay; median of {args.rounds} interleaved rounds (each round's "
+         "times in the JSON)",
+         "- 'tails': the tail plan's 64-row tail tiles; the plan without tails has as many "
+         "row tiles, its last per expert 128 rows high"],
+        table)
+
+
+if __name__ == "__main__":
+    main()
