@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,15 @@ REL_L2_TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5, to
 # DeepSeek-V3's routing in small: sigmoid over 4 groups of E / 4, 2 kept, scaled by 2.5
 DEEPSEEK_LIKE = Routing("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
 POISON = float("nan")
+BENCH_SCRIPTS = Path(__file__).parents[1] / "bench" / "scripts"
+
+
+def bench_script(name: str):
+    """bench/scripts/<name>.py imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH_SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

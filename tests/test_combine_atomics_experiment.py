@@ -7,26 +7,19 @@ on a few tokens: the slab variant is bitwise the whole combine's, the atomics' s
 it within the pair rows' 16-bit rounding, and every output element is written.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import moekit
+from helpers import bench_script
 from moekit.bench.inputs import make_tokens
 from moekit.bench.presets import PRESETS
 from moekit.experts import launch_combine
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "combine_atomics_experiment.py"
-
 
 @pytest.fixture(scope="module")
 def experiment():
-    spec = importlib.util.spec_from_file_location("combine_atomics_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("combine_atomics_experiment")
 
 
 # granite: H = 1536 (three 512-column slabs), k = 8 of 40 experts; 24 tokens keep the

@@ -1,14 +1,11 @@
 """bench/scripts/compare_tables.py: A/B of `moekit bench` tables, the cells every version
 timed, medians over rounds, ratios to the baseline."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "compare_tables.py"
-spec = importlib.util.spec_from_file_location("compare_tables", SCRIPT)
-compare_tables = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_tables)
+from helpers import bench_script
+
+compare_tables = bench_script("compare_tables")
 
 
 def _doc(times: dict, err=1e-3, graph=True, extra_rows=()):

@@ -1,9 +1,6 @@
 """bench/scripts/ncu_stall_summary.py on a small CSV in Nsight Compute's source-page form."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "ncu_stall_summary.py"
+from helpers import bench_script
 
 COLUMNS = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
            "L2 Theoretical Sectors Global Excessive", "L2 Theoretical Sectors Global",
@@ -14,9 +11,7 @@ ROWS = [["0x7f0000a0", "  @!P0 BRA 0x7f000080", "30", "10", "0", "0", "29", "1",
 
 
 def test_summary_counts_reasons_instructions_and_excess_sectors(tmp_path):
-    spec = importlib.util.spec_from_file_location("ncu_stall_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_script("ncu_stall_summary")
     path = tmp_path / "sass.csv"
     quoted = lambda row: ",".join(f'"{cell}"' for cell in row)
     path.write_text("==PROF== preamble\n" + "\n".join(quoted(r) for r in [COLUMNS, *ROWS]) + "\n")

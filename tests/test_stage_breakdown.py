@@ -8,20 +8,16 @@ interpreter, the stages chained reproduce the call's output bitwise, on the plan
 """
 
 import dataclasses
-import importlib.util
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import moekit
 import moekit._replay
-from helpers import poison_, random_experts, random_routing
+from helpers import bench_script, poison_, random_experts, random_routing
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.heuristic import tiles_for_block_m
-
-SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "stage_breakdown.py"
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +25,7 @@ def stage_breakdown():
     # The script switches replayed eager calls off at import; other tests in this process
     # must not inherit that.
     enabled = moekit._replay.enabled
-    spec = importlib.util.spec_from_file_location("stage_breakdown", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_script("stage_breakdown")
     moekit._replay.enabled = enabled
     return module
 

@@ -1,20 +1,14 @@
 """bench/scripts/tail_cost_experiment.py: its even routings give the plans they claim."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "tail_cost_experiment.py"
+from helpers import bench_script
 
 
 @pytest.fixture(scope="module")
 def experiment():
-    spec = importlib.util.spec_from_file_location("tail_cost_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("tail_cost_experiment")
 
 
 @pytest.mark.parametrize("rows, tiles, tails", [(512, 32, 0), (544, 40, 8), (576, 40, 8),

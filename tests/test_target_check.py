@@ -1,12 +1,8 @@
 """bench/scripts/target_check.py: the cells of a table under the issues' targets."""
 
-import importlib.util
-from pathlib import Path
+from helpers import bench_script
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "target_check.py"
-spec = importlib.util.spec_from_file_location("target_check", SCRIPT)
-target_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(target_check)
+target_check = bench_script("target_check")
 
 
 def _row(M, pct, tflops, dtype="bf16", I=768, graph=True, bound="compute"):

@@ -1,13 +1,9 @@
 """bench/scripts/tree_ab.py: version specs with their environment, nvidia-smi's samples
 matched to each cell's timing window."""
 
-import importlib.util
-from pathlib import Path
+from helpers import bench_script
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "scripts" / "tree_ab.py"
-spec = importlib.util.spec_from_file_location("tree_ab", SCRIPT)
-tree_ab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tree_ab)
+tree_ab = bench_script("tree_ab")
 
 
 def test_version_spec_carries_its_environment():
