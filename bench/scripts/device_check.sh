@@ -173,6 +173,9 @@
 #   tailcost  bench/scripts/tail_cost_experiment.py: mixtral bf16 with and without tail tiles
 #             on even routings (512, 544, 576, 640 rows an expert) and the bench's random
 #             one at M = 2048 and 3072, explicit configs, three interleaved rounds (~2 min)
+#   tailncu   Nsight Compute counters (as ridgebytes) of both GEMMs of mixtral bf16 with and
+#             without tail tiles: even 576 rows an expert, the bench's M = 2048 and 4096
+#             (tail_cost_experiment.py --profile; does the tail plan read more DRAM?)
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
@@ -713,6 +716,9 @@ for stage in "$@"; do
         done
       done ;;
     tailcost) step tail-cost 240 python3 bench/scripts/tail_cost_experiment.py --out "$out" ;;
+    tailncu) step ncu-tail-cost 240 ncu --profile-from-start off --clock-control none \
+               -k regex:gemm --csv --metrics "$NCU_COUNTERS" \
+               python3 bench/scripts/tail_cost_experiment.py --profile ;;
     ncustall)
       for gemm in gemm1 gemm2; do
         step "ncu-stall-$gemm" 150 ncu --profile-from-start off --clock-control none \

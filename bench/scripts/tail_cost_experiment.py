@@ -13,6 +13,11 @@ cell as the table sees it. `fused_experts` with the heuristic's tiles and
 rounds interleaved.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/tail_cost_experiment.py --out $OUT
+
+`--profile` instead calls each plan once per profiled routing between
+cudaProfilerStart/Stop, after warm-up calls, for Nsight Compute's counters of the GEMMs
+(`ncu --profile-from-start off`): per routing, the tail plan's kernels, then the plain
+plan's, in the order `PROFILED` lists the routings.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from moekit.tuning.heuristic import default_config
 PRESET = "mixtral-8x7b"
 EVEN_ROWS = (512, 544, 576, 640)  # rows per expert under the even routing
 RANDOM_TOKENS = (2048, 3072)
+# Profiled: tails of full 64 rows, the bench's M = 2048 (12% slower with tails) and 4096
+# (a tie, session 53), as (even rows an expert, or None and the bench's M).
+PROFILED = ((576, None), (None, 2048), (None, 4096))
 
 
 def even_ids(rows_per_expert: int, top_k: int, num_experts: int, device) -> torch.Tensor:
@@ -65,24 +73,32 @@ def cells(device) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def measure(label: str, ids: torch.Tensor, w, rounds: int, rep_ms: float) -> dict:
-    """One routing's row: the layer with tail tiles and without, rounds interleaved."""
+def layers(ids: torch.Tensor, w) -> dict:
+    """{"tail", "none"}: one layer call each over routing `ids`, the heuristic's tiles with
+    tail_block_m 64 or 0."""
     preset = PRESETS[PRESET]
     m = ids.shape[0]
     hidden, topk = make_tokens(preset, m, torch.bfloat16, ids.device)
     base = default_config(m, preset.num_experts, preset.top_k, preset.hidden, preset.inter,
                           2, heuristic_sms(ids.device))
-    configs = {"tail": dataclasses.replace(base, tail_block_m=64),
-               "none": dataclasses.replace(base, tail_block_m=0)}
 
-    def layer(config):
+    def layer(tail_block_m):
+        config = dataclasses.replace(base, tail_block_m=tail_block_m)
         return lambda: moekit.fused_experts(hidden, w.w13, w.w2, ids, topk.weights,
                                             activation=preset.activation, config=config)
-    times = {name: [] for name in configs}
+    return {"tail": layer(64), "none": layer(0)}
+
+
+def measure(label: str, ids: torch.Tensor, w, rounds: int, rep_ms: float) -> dict:
+    """One routing's row: the layer with tail tiles and without, rounds interleaved."""
+    preset = PRESETS[PRESET]
+    m = ids.shape[0]
+    calls = layers(ids, w)
+    times = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, config in configs.items():
-            times[name].append(graph_replay_us(layer(config), rep_ms))
-    outputs = {name: layer(config)() for name, config in configs.items()}
+        for name, call in calls.items():
+            times[name].append(graph_replay_us(call, rep_ms))
+    outputs = {name: call() for name, call in calls.items()}
     tiles, tails = tile_counts(ids, preset.num_experts)
     tail_us, none_us = (statistics.median(times[n]) for n in ("tail", "none"))
     return {"routing": label, "M": m, "row tiles": tiles, "tails": tails,
@@ -93,14 +109,40 @@ def measure(label: str, ids: torch.Tensor, w, rounds: int, rep_ms: float) -> dic
             "outputs equal": bool(torch.equal(outputs["tail"], outputs["none"]))}
 
 
+def profile(w, device) -> None:
+    """One call of each plan per `PROFILED` routing between cudaProfilerStart/Stop."""
+    preset = PRESETS[PRESET]
+    for rows, m in PROFILED:
+        if rows is None:
+            ids = make_tokens(preset, m, torch.bfloat16, device)[1].ids
+        else:
+            ids = even_ids(rows, preset.top_k, preset.num_experts, device)
+        tiles, tails = tile_counts(ids, preset.num_experts)
+        for name, call in layers(ids, w).items():
+            for _ in range(2):  # compiles
+                call()
+            torch.cuda.synchronize()
+            print(f"== {name}: M = {ids.shape[0]}, {rows or 'random'} rows an expert, "
+                  f"{tiles} row tiles, {tails} tails", flush=True)
+            torch.cuda.cudart().cudaProfilerStart()
+            call()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rep-ms", type=float, default=30)
+    parser.add_argument("--profile", action="store_true",
+                        help="one call per plan and PROFILED routing, for Nsight Compute")
     args = parser.parse_args()
     device = torch.device("cuda")
     w = make_weights(PRESETS[PRESET], torch.bfloat16, device)
+    if args.profile:
+        profile(w, device)
+        return
     rows = []
     for label, ids in cells(device):
         rows.append(measure(label, ids, w, args.rounds, args.rep_ms))
