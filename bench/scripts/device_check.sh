@@ -173,6 +173,8 @@
 #   tailcost  bench/scripts/tail_cost_experiment.py: mixtral bf16 with and without tail tiles
 #             on even routings (512, 544, 576, 640 rows an expert) and the bench's random
 #             one at M = 2048 and 3072, explicit configs, three interleaved rounds (~2 min)
+#   tailsweep tail_cost_experiment.py over the bench's random routings of mixtral, bf16 at
+#             M = 256–8192 and fp8 per-tensor at 512–8192: where do tail tiles win (~5 min)
 #   tailncu   Nsight Compute counters (as ridgebytes) of both GEMMs of mixtral bf16 with and
 #             without tail tiles: even 576 rows an expert, the bench's M = 2048 and 4096
 #             (tail_cost_experiment.py --profile; does the tail plan read more DRAM?)
@@ -716,6 +718,11 @@ for stage in "$@"; do
         done
       done ;;
     tailcost) step tail-cost 240 python3 bench/scripts/tail_cost_experiment.py --out "$out" ;;
+    tailsweep)
+      step tail-sweep-bf16 300 python3 bench/scripts/tail_cost_experiment.py --out "$out" \
+        --even --tokens 256 512 1024 1536 2048 3072 4096 6144 8192
+      step tail-sweep-fp8 240 python3 bench/scripts/tail_cost_experiment.py --out "$out" \
+        --dtype fp8_tensor --even --tokens 512 1024 2048 3072 4096 8192 ;;
     tailncu) step ncu-tail-cost 240 ncu --profile-from-start off --clock-control none \
                -k regex:gemm --csv --metrics "$NCU_COUNTERS" \
                python3 bench/scripts/tail_cost_experiment.py --profile ;;

@@ -31,10 +31,12 @@ import torch
 import moekit
 from moekit._tma import heuristic_sms
 from moekit.bench.experiment_files import experiment_meta, write_experiment
+from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
 from moekit.dispatch import dispatch_plan
+from moekit.experts_fp8 import default_fp8_config
 from moekit.tuning.heuristic import default_config
 
 PRESET = "mixtral-8x7b"
@@ -63,37 +65,49 @@ def tile_counts(ids: torch.Tensor, num_experts: int) -> tuple[int, int]:
     return used, int((plan.tiles[:used] & 1).sum().item())
 
 
-def cells(device) -> list[tuple[str, torch.Tensor]]:
+def cells(device, even_rows=EVEN_ROWS, tokens=RANDOM_TOKENS) -> list[tuple[str, torch.Tensor]]:
+    """(label, routing ids): the even routings, then the bench's random ones."""
     preset = PRESETS[PRESET]
     out = [(f"even, {rows} rows an expert",
-            even_ids(rows, preset.top_k, preset.num_experts, device)) for rows in EVEN_ROWS]
-    for m in RANDOM_TOKENS:
+            even_ids(rows, preset.top_k, preset.num_experts, device)) for rows in even_rows]
+    for m in tokens:
         out.append((f"random (bench), M = {m}",
                     make_tokens(preset, m, torch.bfloat16, device)[1].ids))
     return out
 
 
-def layers(ids: torch.Tensor, w) -> dict:
-    """{"tail", "none"}: one layer call each over routing `ids`, the heuristic's tiles with
-    tail_block_m 64 or 0."""
+def layers(ids: torch.Tensor, w, dtype: str) -> dict:
+    """{"tail", "none"}: one layer call each over routing `ids`, the default tiles of
+    `dtype` ("bf16", or an fp8 scheme with `w` quantised to it) with tail_block_m 64 or 0."""
     preset = PRESETS[PRESET]
     m = ids.shape[0]
     hidden, topk = make_tokens(preset, m, torch.bfloat16, ids.device)
-    base = default_config(m, preset.num_experts, preset.top_k, preset.hidden, preset.inter,
-                          2, heuristic_sms(ids.device))
+    shape = (m, preset.num_experts, preset.top_k, preset.hidden, preset.inter)
+    sms = heuristic_sms(ids.device)
+    if dtype == "bf16":
+        base = default_config(*shape, 2, sms)
+    else:
+        base = default_fp8_config(*shape, dtype, sms)
+    if base.block_m != 128:
+        raise ValueError(f"M = {m}: {base.block_m}-row tiles, which take no tail tiles")
 
     def layer(tail_block_m):
         config = dataclasses.replace(base, tail_block_m=tail_block_m)
-        return lambda: moekit.fused_experts(hidden, w.w13, w.w2, ids, topk.weights,
-                                            activation=preset.activation, config=config)
+        if dtype == "bf16":
+            return lambda: moekit.fused_experts(hidden, w.w13, w.w2, ids, topk.weights,
+                                                activation=preset.activation, config=config)
+        return lambda: moekit.fused_experts_fp8(hidden, w.w13, w.w2, ids, topk.weights,
+                                                scheme=dtype, activation=preset.activation,
+                                                config=config)
     return {"tail": layer(64), "none": layer(0)}
 
 
-def measure(label: str, ids: torch.Tensor, w, rounds: int, rep_ms: float) -> dict:
+def measure(label: str, ids: torch.Tensor, w, dtype: str, rounds: int,
+            rep_ms: float) -> dict:
     """One routing's row: the layer with tail tiles and without, rounds interleaved."""
     preset = PRESETS[PRESET]
     m = ids.shape[0]
-    calls = layers(ids, w)
+    calls = layers(ids, w, dtype)
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
@@ -109,7 +123,7 @@ def measure(label: str, ids: torch.Tensor, w, rounds: int, rep_ms: float) -> dic
             "outputs equal": bool(torch.equal(outputs["tail"], outputs["none"]))}
 
 
-def profile(w, device) -> None:
+def profile(w, device, dtype: str) -> None:
     """One call of each plan per `PROFILED` routing between cudaProfilerStart/Stop."""
     preset = PRESETS[PRESET]
     for rows, m in PROFILED:
@@ -118,7 +132,7 @@ def profile(w, device) -> None:
         else:
             ids = even_ids(rows, preset.top_k, preset.num_experts, device)
         tiles, tails = tile_counts(ids, preset.num_experts)
-        for name, call in layers(ids, w).items():
+        for name, call in layers(ids, w, dtype).items():
             for _ in range(2):  # compiles
                 call()
             torch.cuda.synchronize()
@@ -135,25 +149,33 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rep-ms", type=float, default=30)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp8_tensor"),
+                        help="the layer's weights (fp8: fused_experts_fp8 and its tiles)")
+    parser.add_argument("--even", type=int, nargs="*", default=list(EVEN_ROWS),
+                        metavar="ROWS", help="even routings, rows an expert")
+    parser.add_argument("--tokens", type=int, nargs="*", default=list(RANDOM_TOKENS),
+                        metavar="M", help="the bench's random routings, tokens")
     parser.add_argument("--profile", action="store_true",
                         help="one call per plan and PROFILED routing, for Nsight Compute")
     args = parser.parse_args()
     device = torch.device("cuda")
     w = make_weights(PRESETS[PRESET], torch.bfloat16, device)
+    if args.dtype != "bf16":
+        w = quantize_experts(w, args.dtype)
     if args.profile:
-        profile(w, device)
+        profile(w, device, args.dtype)
         return
     rows = []
-    for label, ids in cells(device):
-        rows.append(measure(label, ids, w, args.rounds, args.rep_ms))
+    for label, ids in cells(device, args.even, args.tokens):
+        rows.append(measure(label, ids, w, args.dtype, args.rounds, args.rep_ms))
         print(rows[-1], flush=True)
     keys = [k for k in rows[0] if not k.startswith("rounds")]
     table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     table += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     write_experiment(
-        args.out, "tail-cost-experiment", experiment_meta(), rows,
-        f"Tail tiles against none, {PRESET} bf16, even and random routings",
-        [f"- the heuristic's tiles with tail_block_m 64 or 0, CUDA-graph replay, L2 emptied "
+        args.out, f"tail-cost-experiment-{args.dtype}", experiment_meta(), rows,
+        f"Tail tiles against none, {PRESET} {args.dtype}, even and random routings",
+        [f"- the default tiles with tail_block_m 64 or 0, CUDA-graph replay, L2 emptied "
          f"before each replay; median of {args.rounds} interleaved rounds (each round's "
          "times in the JSON)",
          "- 'tails': the tail plan's 64-row tail tiles; the plan without tails has as many "
