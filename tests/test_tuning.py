@@ -14,6 +14,7 @@ from moekit.tuning.heuristic import (
     direct_tiles,
     narrow_layer,
     pick_block_m,
+    tail_tiles_desync,
     tiles_for_block_m,
     use_direct_path,
 )
@@ -430,14 +431,34 @@ def test_tail_tiles_control_drops_the_128_row_tails(monkeypatch):
 
     from moekit.tuning import heuristic
 
-    mixtral = (2048, 8, 2, 4096, 14336, 2, 132)
+    qwen3 = (4096, 128, 8, 2048, 768, 2, 132)
     heuristic.default_config.cache_clear()
-    with_tails = heuristic.default_config(*mixtral)
+    with_tails = heuristic.default_config(*qwen3)
     assert with_tails.block_m == 128 and with_tails.tail_block_m == 64
     monkeypatch.setattr(heuristic, "TAIL_TILES", False)
     heuristic.default_config.cache_clear()
     try:
-        without = heuristic.default_config(*mixtral)
+        without = heuristic.default_config(*qwen3)
     finally:
         heuristic.default_config.cache_clear()  # no tail-less entry outlives the patch
     assert without == dataclasses.replace(with_tails, tail_block_m=0)
+
+
+@pytest.mark.parametrize("m, tails", [(1024, True), (1536, True), (2048, False),
+                                      (8192, False)])
+def test_mixtral_drops_tail_tiles_from_four_row_tiles_an_expert(m, tails):
+    # Its w2 (117 MB an expert) outgrows L2: from 512 rows an expert tails cost more DRAM
+    # than they save; the same tiles either way.
+    config = default_config(m, 8, 2, 4096, 14336)
+    assert config.block_m == 128
+    assert (config.tail_block_m == 64) is tails
+    assert tail_tiles_desync(m, 8, 2, 4096, 14336) is not tails
+
+
+def test_tail_tiles_stay_where_an_experts_w2_fits_l2():
+    # deepseek-v3 (w2 29 MB an expert) at 512 rows an expert, and qwen3 at 2048.
+    assert not tail_tiles_desync(16384, 256, 8, 7168, 2048)
+    assert default_config(16384, 256, 8, 7168, 2048).tail_block_m == 64
+    assert not tail_tiles_desync(32768, 128, 8, 2048, 768)
+    # Mixtral in fp32 takes no tails at all; fp8 has its own tiles (`experts_fp8`).
+    assert default_config(4096, 8, 2, 4096, 14336, dtype_bytes=4).tail_block_m == 0

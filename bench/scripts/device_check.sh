@@ -175,6 +175,9 @@
 #             one at M = 2048 and 3072, explicit configs, three interleaved rounds (~2 min)
 #   tailsweep tail_cost_experiment.py over the bench's random routings of mixtral, bf16 at
 #             M = 256–8192 and fp8 per-tensor at 512–8192: where do tail tiles win (~5 min)
+#   tailgrids tail_cost_experiment.py --tile-grids: mixtral bf16 with and without tails, each
+#             persistent and one program per tile, even 576 rows and random M = 2048–8192
+#             (is the tail plan's loss the persistent programs drifting apart? ~4 min)
 #   tailncu   Nsight Compute counters (as ridgebytes) of both GEMMs of mixtral bf16 with and
 #             without tail tiles: even 576 rows an expert, the bench's M = 2048 and 4096
 #             (tail_cost_experiment.py --profile; does the tail plan read more DRAM?)
@@ -723,6 +726,8 @@ for stage in "$@"; do
         --even --tokens 256 512 1024 1536 2048 3072 4096 6144 8192
       step tail-sweep-fp8 240 python3 bench/scripts/tail_cost_experiment.py --out "$out" \
         --dtype fp8_tensor --even --tokens 512 1024 2048 3072 4096 8192 ;;
+    tailgrids) step tail-grids 400 python3 bench/scripts/tail_cost_experiment.py --out "$out" \
+                 --stem tail-grids-experiment --tile-grids --even 576 --tokens 2048 3072 4096 8192 ;;
     tailncu) step ncu-tail-cost 240 ncu --profile-from-start off --clock-control none \
                -k regex:gemm --csv --metrics "$NCU_COUNTERS" \
                python3 bench/scripts/tail_cost_experiment.py --profile ;;

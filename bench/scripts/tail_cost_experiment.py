@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 
 import torch
 
 import moekit
+from moekit._gluon import TILE_PROGRAMS_ENV
 from moekit._tma import heuristic_sms
 from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.fp8 import quantize_experts
@@ -102,25 +104,48 @@ def layers(ids: torch.Tensor, w, dtype: str) -> dict:
     return {"tail": layer(64), "none": layer(0)}
 
 
-def measure(label: str, ids: torch.Tensor, w, dtype: str, rounds: int,
-            rep_ms: float) -> dict:
-    """One routing's row: the layer with tail tiles and without, rounds interleaved."""
+def one_program_per_tile(call):
+    """`call` with the Gluon GEMMs launched one program per tile (`TILE_PROGRAMS_ENV` = 1,
+    read at launch: a graph captures that grid), not persistent."""
+    def run():
+        before = os.environ.get(TILE_PROGRAMS_ENV)
+        os.environ[TILE_PROGRAMS_ENV] = "1"
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ[TILE_PROGRAMS_ENV]
+            else:
+                os.environ[TILE_PROGRAMS_ENV] = before
+    return run
+
+
+def measure(label: str, ids: torch.Tensor, w, dtype: str, rounds: int, rep_ms: float,
+            tile_grids: bool = False) -> dict:
+    """One routing's row: the layer with tail tiles and without (`tile_grids`: also both
+    with one program per tile), rounds interleaved; times as ÷ "none"'s."""
     preset = PRESETS[PRESET]
     m = ids.shape[0]
     calls = layers(ids, w, dtype)
+    if tile_grids:
+        calls.update({f"{name}, tile grid": one_program_per_tile(call)
+                      for name, call in list(calls.items())})
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
             times[name].append(graph_replay_us(call, rep_ms))
     outputs = {name: call() for name, call in calls.items()}
     tiles, tails = tile_counts(ids, preset.num_experts)
-    tail_us, none_us = (statistics.median(times[n]) for n in ("tail", "none"))
-    return {"routing": label, "M": m, "row tiles": tiles, "tails": tails,
-            "tail µs": round(tail_us, 1), "none µs": round(none_us, 1),
-            "tail ÷ none": round(tail_us / none_us, 3),
-            "rounds tail": [round(t, 1) for t in times["tail"]],
-            "rounds none": [round(t, 1) for t in times["none"]],
-            "outputs equal": bool(torch.equal(outputs["tail"], outputs["none"]))}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    row = {"routing": label, "M": m, "row tiles": tiles, "tails": tails}
+    for name in calls:
+        row[f"{name} µs"] = round(median[name], 1)
+    for name in calls:
+        if name != "none":
+            row[f"{name} ÷ none"] = round(median[name] / median["none"], 3)
+    row["outputs equal"] = all(torch.equal(out, outputs["none"]) for out in outputs.values())
+    row.update({f"rounds {name}": [round(t, 1) for t in times[name]] for name in calls})
+    return row
 
 
 def profile(w, device, dtype: str) -> None:
@@ -147,6 +172,8 @@ def profile(w, device, dtype: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
+    parser.add_argument("--stem", default="tail-cost-experiment",
+                        help="result files' name, before the dtype")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rep-ms", type=float, default=30)
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp8_tensor"),
@@ -155,6 +182,8 @@ def main() -> None:
                         metavar="ROWS", help="even routings, rows an expert")
     parser.add_argument("--tokens", type=int, nargs="*", default=list(RANDOM_TOKENS),
                         metavar="M", help="the bench's random routings, tokens")
+    parser.add_argument("--tile-grids", action="store_true",
+                        help="also both plans with the Gluon GEMMs one program per tile")
     parser.add_argument("--profile", action="store_true",
                         help="one call per plan and PROFILED routing, for Nsight Compute")
     args = parser.parse_args()
@@ -167,19 +196,22 @@ def main() -> None:
         return
     rows = []
     for label, ids in cells(device, args.even, args.tokens):
-        rows.append(measure(label, ids, w, args.dtype, args.rounds, args.rep_ms))
+        rows.append(measure(label, ids, w, args.dtype, args.rounds, args.rep_ms,
+                            args.tile_grids))
         print(rows[-1], flush=True)
     keys = [k for k in rows[0] if not k.startswith("rounds")]
     table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     table += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     write_experiment(
-        args.out, f"tail-cost-experiment-{args.dtype}", experiment_meta(), rows,
+        args.out, f"{args.stem}-{args.dtype}", experiment_meta(), rows,
         f"Tail tiles against none, {PRESET} {args.dtype}, even and random routings",
         [f"- the default tiles with tail_block_m 64 or 0, CUDA-graph replay, L2 emptied "
          f"before each replay; median of {args.rounds} interleaved rounds (each round's "
          "times in the JSON)",
          "- 'tails': the tail plan's 64-row tail tiles; the plan without tails has as many "
-         "row tiles, its last per expert 128 rows high"],
+         "row tiles, its last per expert 128 rows high",
+         "- ', tile grid': the Gluon GEMMs launched one program per tile "
+         f"({TILE_PROGRAMS_ENV}=1), not persistent"],
         table)
 
 

@@ -17,8 +17,13 @@ Padding to 128 cost 14–38% on the cells with ~256 rows per expert (random agai
 exactly even routing); tail tiles measured 0.99–1.10× on every 128-row cell swept
 (faster on 15 of 17; GEMM1 gains, GEMM2 keeps its time). With both GEMMs Gluon kernels
 they still win on the H100 over every bf16 preset at M = 2048–8192 (none: 0.89–1.11×,
-median 0.985×), but for mixtral at M = 2048–3072, 1.07–1.12× faster without: the H100
-bf16 table's entries (bench/NOTES.md, session 53).
+median 0.985×) but mixtral, whose experts' weights are far larger than L2: there
+(`tail_tiles_desync`) the persistent Gluon GEMMs' programs, which take every
+num_programs-th tile and share each weight column through L2 only while they run in
+step, fall out of step at the shorter tail tiles and read 28–41% more DRAM (Nsight
+Compute); from 4 row tiles an expert (M ≥ 2048) the layer is 1.02–1.12× faster without
+tails, below that 1.00–1.03× slower (H100; bench/NOTES.md, session 54). fp8 keeps its
+tails there (0.95–1.00×: a 1-byte weight column is half the L2).
 
 For a handful of tokens the direct path (`ExpertsConfig.block_m` = 1,
 `moekit.experts_direct`) skips the plan and the separate combine. On the H100 it
@@ -62,9 +67,11 @@ repeats such a sweep on any GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
+from moekit._gluon import HOPPER_L2_BYTES
 from moekit._host_cache import host_cache
 from moekit._intmath import cdiv, next_power_of_2
 from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
@@ -73,6 +80,9 @@ from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 #: (runs padded to 128 rows), for A/Bs against the default (session 53: with both GEMMs
 #: Gluon kernels, mixtral bf16 M = 2048-3072 measured 1.09-1.14x faster without).
 TAIL_TILES = os.environ.get("MOEKIT_TAIL_TILES", "1") != "0"
+
+# `tail_tiles_desync`: at least this many rows an expert on average (4 row tiles).
+_DESYNC_MIN_ROWS = 512
 
 _DIRECT_MAX_TOKENS = 4
 _DIRECT_MIN_EXPERTS = 32
@@ -263,6 +273,17 @@ def gluon_gemm1_narrow_columns(num_tokens: int, num_experts: int, top_k: int, in
     return tiles < NARROW_COLUMNS_BELOW * num_sms
 
 
+def tail_tiles_desync(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
+                      dtype_bytes: int = 2) -> bool:
+    """Whether tail tiles cost the persistent Gluon GEMMs more than they save: one expert's
+    w2 outgrows L2 (so programs share its columns only while in step) and the experts
+    average `_DESYNC_MIN_ROWS` rows or more (tails a small share of the work). Mixtral
+    bf16 from M = 2048 (H100, bench/results/h100-sxm-20261206-tail-cost-*-s54.md)."""
+    w2_bytes = hidden * inter * dtype_bytes
+    return (w2_bytes > HOPPER_L2_BYTES
+            and rows_per_expert(num_tokens, num_experts, top_k) >= _DESYNC_MIN_ROWS)
+
+
 @host_cache(maxsize=4096)  # pure, and on every call's host path
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype_bytes: int = 2,
@@ -279,5 +300,9 @@ def default_config(
         if narrow == 16 and wide_16:  # a narrow layer of few experts (see wide_16_row_tiles)
             return tiles_for_block_m(16, dtype_bytes, aligned, wide_16)
         return ExpertsConfig(narrow, _NARROW_TILE, _NARROW_TILE)
-    return tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes,
-                             aligned, wide_16)
+    config = tiles_for_block_m(pick_block_m(num_tokens, num_experts, top_k), dtype_bytes,
+                               aligned, wide_16)
+    if config.tail_block_m and tail_tiles_desync(num_tokens, num_experts, top_k, hidden,
+                                                 inter, dtype_bytes):
+        return dataclasses.replace(config, tail_block_m=0)
+    return config
