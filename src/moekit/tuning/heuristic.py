@@ -21,9 +21,12 @@ median 0.985×) but mixtral, whose experts' weights are far larger than L2: ther
 (`tail_tiles_desync`) the persistent Gluon GEMMs' programs, which take every
 num_programs-th tile and share each weight column through L2 only while they run in
 step, fall out of step at the shorter tail tiles and read 28–41% more DRAM (Nsight
-Compute); from 4 row tiles an expert (M ≥ 2048) the layer is 1.02–1.12× faster without
-tails, below that 1.00–1.03× slower (H100; bench/NOTES.md, session 54). fp8 keeps its
-tails there (0.95–1.00×: a 1-byte weight column is half the L2).
+Compute). From 4 row tiles an expert (M ≥ 2048) the layer is 1.02–1.13× faster without
+tails; below, tails tie or win by up to 3% (H100, three interleaved rounds; bench/NOTES.md,
+session 54). One program per tile keeps the programs in step, but runs 1.03–1.10× slower
+than persistent programs without tails. fp8 mixtral keeps its tails (0.95–1.00×): its
+GEMM1's tail tile idles one warpgroup, as long as a whole tile, and its GEMM2 runs one
+program per tile up to M = 4096 (`moekit._gluon.programs_drift_apart`).
 
 For a handful of tokens the direct path (`ExpertsConfig.block_m` = 1,
 `moekit.experts_direct`) skips the plan and the separate combine. On the H100 it
