@@ -182,6 +182,10 @@
 #             staged): the Gluon GEMM2 GPU tests (16-bit and fp8: the shared producer), then
 #             claimed_tiles_experiment.py (~3 min), then Nsight Compute counters of GEMM2
 #             static / claimed at mixtral M = 2048 with tails and deepseek-v3 M = 16384
+#   tailbytes Nsight Compute counters of mixtral bf16's GEMMs at M = 2048, tails and none,
+#             persistent, one program per tile, the 64-row tail A box, GEMM2 groups within
+#             one expert: which
+#             setting removes the tail plan's extra DRAM reads? (~3 min)
 #   tailncu   Nsight Compute counters (as ridgebytes) of both GEMMs of mixtral bf16 with and
 #             without tail tiles: even 576 rows an expert, the bench's M = 2048 and 4096
 #             (tail_cost_experiment.py --profile; does the tail plan read more DRAM?)
@@ -739,6 +743,14 @@ for stage in "$@"; do
       step ncu-claimed-tiles 200 ncu --profile-from-start off --clock-control none \
         -k regex:gemm2 --csv --metrics "$NCU_COUNTERS" \
         python3 bench/scripts/claimed_tiles_experiment.py --profile --cells 0 4 ;;
+    tailbytes)
+      for setting in persistent MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_TAIL_A_BOX=1 \
+          MOEKIT_GLUON_EXPERT_GROUPS=1; do
+        step "ncu-tailbytes-${setting%%=*}" 150 env ${setting/persistent/MOEKIT_NONE=0} \
+          ncu --profile-from-start off --clock-control none -k regex:gemm --csv \
+          --metrics "$NCU_COUNTERS" python3 bench/scripts/tail_cost_experiment.py --profile \
+          --profile-tokens 2048
+      done ;;
     tailncu) step ncu-tail-cost 240 ncu --profile-from-start off --clock-control none \
                -k regex:gemm --csv --metrics "$NCU_COUNTERS" \
                python3 bench/scripts/tail_cost_experiment.py --profile ;;

@@ -148,10 +148,11 @@ def measure(label: str, ids: torch.Tensor, w, dtype: str, rounds: int, rep_ms: f
     return row
 
 
-def profile(w, device, dtype: str) -> None:
-    """One call of each plan per `PROFILED` routing between cudaProfilerStart/Stop."""
+def profile(w, device, dtype: str, routings=PROFILED) -> None:
+    """One call of each plan per routing (`PROFILED`'s form) between
+    cudaProfilerStart/Stop."""
     preset = PRESETS[PRESET]
-    for rows, m in PROFILED:
+    for rows, m in routings:
         if rows is None:
             ids = make_tokens(preset, m, torch.bfloat16, device)[1].ids
         else:
@@ -186,13 +187,16 @@ def main() -> None:
                         help="also both plans with the Gluon GEMMs one program per tile")
     parser.add_argument("--profile", action="store_true",
                         help="one call per plan and PROFILED routing, for Nsight Compute")
+    parser.add_argument("--profile-tokens", type=int, nargs="*", metavar="M",
+                        help="with --profile: the bench's random routings at these M instead")
     args = parser.parse_args()
     device = torch.device("cuda")
     w = make_weights(PRESETS[PRESET], torch.bfloat16, device)
     if args.dtype != "bf16":
         w = quantize_experts(w, args.dtype)
     if args.profile:
-        profile(w, device, args.dtype)
+        chosen = [(None, m) for m in args.profile_tokens] if args.profile_tokens else PROFILED
+        profile(w, device, args.dtype, chosen)
         return
     rows = []
     for label, ids in cells(device, args.even, args.tokens):
