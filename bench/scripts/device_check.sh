@@ -184,8 +184,7 @@
 #             static / claimed at mixtral M = 2048 with tails and deepseek-v3 M = 16384
 #   tailbytes Nsight Compute counters of mixtral bf16's GEMMs at M = 2048, tails and none,
 #             persistent, one program per tile, the 64-row tail A box, GEMM2 groups within
-#             one expert: which
-#             setting removes the tail plan's extra DRAM reads? (~3 min)
+#             one expert: which setting removes the tail plan's extra DRAM reads? (~3 min)
 #   tailncu   Nsight Compute counters (as ridgebytes) of both GEMMs of mixtral bf16 with and
 #             without tail tiles: even 576 rows an expert, the bench's M = 2048 and 4096
 #             (tail_cost_experiment.py --profile; does the tail plan read more DRAM?)
