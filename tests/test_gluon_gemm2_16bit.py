@@ -31,7 +31,6 @@ from helpers import (
     poison_,
     poison_cuda_cache,
 )
-from moekit._dynamic_tiles import DYNAMIC_TILES_ENV, dynamic_tiles, tile_claims
 from moekit._gluon import DISABLE_ENV, GEMM2_ENV, GEMM2_GROUP_M, GEMM2_GROUP_M_ENV
 from moekit._gluon_gemm2_16bit import use_gluon_gemm2_16bit
 from moekit.tuning.heuristic import tiles_for_block_m
@@ -175,46 +174,6 @@ def test_grouped_tile_order_changes_no_value_gpu(group, tail, gemm2_calls, monke
     assert torch.equal(outs["grouped"], outs["row major"]), "the order moved a value"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
     assert_close(outs["grouped"], expected, name=f"group {group} tail={tail}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("group,tail", [(1, True), (8, True), (8, False)])
-def test_claimed_tiles_change_no_value_gpu(group, tail, gemm2_calls, monkeypatch):
-    # The programs claiming their tiles from a counter (`moekit._dynamic_tiles`) against
-    # every num_programs-th: the same products per tile, so the same bits; more tiles than
-    # programs (skewed routing, tails, 5 column tiles), and in a CUDA graph with new routing
-    # (the counter zeroed at each replay).
-    _require_gluon()
-    M, E, k, H, I = 4096, 8, 2, 1280, 512
-    hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, torch.bfloat16,
-                                                             True, 2.0)
-    config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
-    monkeypatch.setenv(GEMM2_GROUP_M_ENV, str(group))
-    outs = {}
-    for schedule, claimed in (("static", "0"), ("claimed", "1")):
-        monkeypatch.setenv(DYNAMIC_TILES_ENV, claimed)
-        out = poison_(torch.empty_like(hidden))
-        poison_cuda_cache()
-        moekit.fused_experts(hidden, w13, w2, ids, weights, b13=b13, b2=b2, config=config,
-                             out=out)
-        outs[schedule] = out
-    assert len(gemm2_calls) == 2, "the Gluon GEMM2 ran both ways"
-    assert torch.equal(outs["claimed"], outs["static"]), "claiming moved a value"
-    expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
-    assert_close(outs["claimed"], expected, name=f"group {group} tail={tail}")
-    check_graph_replay_with_new_routing(1024, 32, 8, 1024, 512, config)
-
-
-def test_claimed_tiles_control(monkeypatch):
-    monkeypatch.delenv(DYNAMIC_TILES_ENV, raising=False)
-    assert not dynamic_tiles(), "off by default"
-    monkeypatch.setenv(DYNAMIC_TILES_ENV, "1")
-    assert dynamic_tiles()
-    monkeypatch.setenv(DYNAMIC_TILES_ENV, "yes")
-    with pytest.raises(ValueError, match="expected 0, 1 or unset"):
-        dynamic_tiles()
-    claims = tile_claims(3, "cpu")
-    assert claims.dtype == torch.int32 and claims.tolist() == [0] * 7, "counter + 3 rings"
 
 
 def test_row_tiles_are_grouped_where_an_experts_w2_outgrows_half_of_l2(monkeypatch):

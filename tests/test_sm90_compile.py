@@ -67,7 +67,6 @@ import moekit._tma
 import moekit.backend
 import moekit.experts
 import moekit.experts_fp8
-from moekit._dynamic_tiles import DYNAMIC_TILES_ENV
 from moekit.quant import QuantScheme, quantize_weight
 from moekit.routing import Routing, router_logits
 from moekit.routing.router_topk import router_topk
@@ -168,8 +167,7 @@ def _experts(why, dtype, act, block_m, **flags):
     no_prefetch (the Gluon kernels loading each tile's indices at its start),
     group_m_order (the Triton GEMMs in `_tile_of`'s order, not the rule's),
     expert_groups2 (the Gluon GEMM2's groups never two experts', `_gluon.EXPERT_GROUPS`),
-    chunk (the Gluon GEMMs taking that many consecutive tiles a program, `program_tiles`),
-    dynamic (the 16-bit Gluon GEMM2's programs claiming their tiles, `moekit._dynamic_tiles`)."""
+    chunk (the Gluon GEMMs taking that many consecutive tiles a program, `program_tiles`)."""
     kernels = (_EXPERTS_GLUON if flags.get("gluon") else
                _EXPERTS_GLUON2 if flags.get("gluon2") else _EXPERTS)
     return Case("experts", dict(dtype=dtype, act=act, block_m=block_m, **flags), why, kernels)
@@ -257,10 +255,6 @@ CASES = [
     _experts("both 16-bit Gluon GEMMs taking 3 consecutive tiles a program (`program_tiles`, "
              "staged): the prefetch's first and second tiles, tail tiles, biases", "bf16",
              "silu", 128, tma=True, tail=True, bias=True, gluon=True, chunk=3),
-    _experts("the 16-bit Gluon GEMM2's programs claiming their tiles from a counter "
-             "(`moekit._dynamic_tiles`, staged): its while loops and the index ring, tail "
-             "tiles, biases, grouped row tiles", "bf16", "silu", 128, tma=True, tail=True,
-             bias=True, gluon=True, grouped2=True, dynamic=True),
     _experts("16-bit Gluon GEMM1 on partial column tiles (`PARTIAL_N_16BIT`, staged): I = "
              "264, biases masked past I (gelu: where a clamp once spilled), tail tiles", "bf16",
              "gelu", 128, tma=True, tail=True, bias=True, gluon=True, odd_i=True),
@@ -713,7 +707,6 @@ def _run_experts(p):
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit._gluon.schedule = _chunked(p)
-    os.environ[DYNAMIC_TILES_ENV] = "1" if p.get("dynamic") else "0"
     # The Triton GEMMs' order: the rule's (expert groups at 128-row tiles here) or GROUP_M's.
     moekit._tile_order.FORCED = False if p.get("group_m_order") else None
     moekit.fused_experts(

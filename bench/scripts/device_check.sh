@@ -178,10 +178,6 @@
 #   tailgrids tail_cost_experiment.py --tile-grids: mixtral bf16 with and without tails, each
 #             persistent and one program per tile, even 576 rows and random M = 2048–8192
 #             (is the tail plan's loss the persistent programs drifting apart? ~4 min)
-#   claimedtiles the 16-bit Gluon GEMM2's programs claiming their tiles (`moekit._dynamic_tiles`,
-#             staged): the Gluon GEMM2 GPU tests (16-bit and fp8: the shared producer), then
-#             claimed_tiles_experiment.py (~3 min), then Nsight Compute counters of GEMM2
-#             static / claimed at mixtral M = 2048 with tails and deepseek-v3 M = 16384
 #   tailbytes Nsight Compute counters of mixtral bf16's GEMMs at M = 2048, tails and none,
 #             persistent, one program per tile, the 64-row tail A box, GEMM2 groups within
 #             one expert: which setting removes the tail plan's extra DRAM reads? (~3 min)
@@ -735,13 +731,6 @@ for stage in "$@"; do
         --dtype fp8_tensor --even --tokens 512 1024 2048 3072 4096 8192 ;;
     tailgrids) step tail-grids 400 python3 bench/scripts/tail_cost_experiment.py --out "$out" \
                  --stem tail-grids-experiment --tile-grids --even 576 --tokens 2048 3072 4096 8192 ;;
-    claimedtiles)
-      step pytest-gpu-claimed 240 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
-        tests/test_gluon_gemm2_16bit.py tests/test_gluon_gemm2.py tests/test_gluon_prefetch.py
-      step claimed-tiles 300 python3 bench/scripts/claimed_tiles_experiment.py --out "$out"
-      step ncu-claimed-tiles 200 ncu --profile-from-start off --clock-control none \
-        -k regex:gemm2 --csv --metrics "$NCU_COUNTERS" \
-        python3 bench/scripts/claimed_tiles_experiment.py --profile --cells 0 4 ;;
     tailbytes)
       for setting in persistent MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_TAIL_A_BOX=1 \
           MOEKIT_GLUON_EXPERT_GROUPS=1; do

@@ -51,7 +51,6 @@ from moekit._intmath import cdiv
 from moekit._launch import launcher
 
 if HAVE_GLUON:
-    from moekit._dynamic_tiles import claim_tile, program_ring, publish_tile
     from moekit._gluon import (
         entry_tile,
         fence_async_shared,
@@ -113,96 +112,61 @@ if HAVE_GLUON:
                   H, I, a_bufs, b_bufs, ready, empty, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr,
                   TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-                  CHUNK: gl.constexpr, claims_ptr=None, id_full=None, id_free=None,
-                  DYNAMIC: gl.constexpr = False):
+                  CHUNK: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
         both math warpgroups have released it. PREFETCH: a tile's expert is loaded during
         the tile before's K loop, its work entry during the one before that (as the
         GEMM1 producer's), so a tile's first loads wait on neither. TAIL_A_BOX: a tail
         tile's A rows by `t_desc`'s [64, BLOCK_K] box into the stage's first 64 rows (the
         ones its math reads), not `a_desc`'s 128 rows, half of them the next tile's.
-        Tiles in `ordered_tile_coords` order (EXPERT_GROUPS: `expert_tile_coords`);
-        DYNAMIC (no PREFETCH): claimed in that order from `claims_ptr`'s counter and
-        handed to the math warpgroups (`moekit._dynamic_tiles`)."""
+        Tiles in `ordered_tile_coords` order (EXPERT_GROUPS: `expert_tile_coords`)."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         n_tiles = gl.cdiv(H, BLOCK_N)
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
+        first, end, step = program_tiles(total, CHUNK)
+        if PREFETCH:
+            first_slot, expert, rows, entry = first_entries(
+                first, step, total, used, n_tiles, work_ptr, block_experts_ptr, GROUP_M,
+                TAIL_M, offsets_ptr, EXPERT_GROUPS)
         counter = 0
-        if DYNAMIC:
-            gl.static_assert(not PREFETCH, "claimed tiles are not prefetched")
-            ring = program_ring(claims_ptr)
-            n = 0
-            tile = claim_tile(claims_ptr)
-            while tile < total:
-                publish_tile(ring, id_full, id_free, n, tile)
-                n += 1
-                pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr,
-                                                   block_experts_ptr, offsets_ptr, True, GROUP_M,
-                                                   EXPERT_GROUPS, TAIL_M)
+        for tile in range(first, end, step):
+            pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr, block_experts_ptr,
+                                               offsets_ptr, True, GROUP_M, EXPERT_GROUPS,
+                                               TAIL_M)
+            if PREFETCH:
+                tile_slot = first_slot
+                tile_expert = expert
+                tile_rows = rows
+                first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                                       TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS)
+            else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr, pid_m,
                                                              TAIL_M)
-                counter = _load_tile(a_desc, t_desc, b_desc, a_bufs, b_bufs, ready, empty,
-                                     counter, tile_slot, tile_expert, tile_rows, pid_n, H, I,
-                                     TAIL_M, NUM_BUFFERS, TAIL_A_BOX)
-                tile = claim_tile(claims_ptr)
-            publish_tile(ring, id_full, id_free, n, total)  # the end, for the math
-        else:
-            first, end, step = program_tiles(total, CHUNK)
-            if PREFETCH:
-                first_slot, expert, rows, entry = first_entries(
-                    first, step, total, used, n_tiles, work_ptr, block_experts_ptr, GROUP_M,
-                    TAIL_M, offsets_ptr, EXPERT_GROUPS)
-            for tile in range(first, end, step):
-                pid_m, pid_n = ordered_tile_coords(tile, used, n_tiles, work_ptr,
-                                                   block_experts_ptr, offsets_ptr, True, GROUP_M,
-                                                   EXPERT_GROUPS, TAIL_M)
-                if PREFETCH:
-                    tile_slot = first_slot
-                    tile_expert = expert
-                    tile_rows = rows
-                    first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
-                    entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr,
-                                           GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
-                                           EXPERT_GROUPS)
+            # A partial last column tile reads on into the next expert's rows (or TMA's
+            # zeros): columns the stores clip.
+            b_row = tile_expert * H + pid_n * BLOCK_N
+            whole = True
+            if TAIL_A_BOX and TAIL_M:
+                whole = tile_rows == _TILE_M
+            for k in range(0, I, BLOCK_K):
+                index = counter % NUM_BUFFERS
+                # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
+                mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
+                bar = ready.index(index)
+                if whole:
+                    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
+                                                    a_bufs.index(index))
                 else:
-                    tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
-                                                                 pid_m, TAIL_M)
-                counter = _load_tile(a_desc, t_desc, b_desc, a_bufs, b_bufs, ready, empty,
-                                     counter, tile_slot, tile_expert, tile_rows, pid_n, H, I,
-                                     TAIL_M, NUM_BUFFERS, TAIL_A_BOX)
-
-    @gluon.jit
-    def _load_tile(a_desc, t_desc, b_desc, a_bufs, b_bufs, ready, empty, counter, tile_slot,
-                   tile_expert, tile_rows, pid_n, H, I, TAIL_M: gl.constexpr,
-                   NUM_BUFFERS: gl.constexpr, TAIL_A_BOX: gl.constexpr):
-        """One tile's K steps into the ring (`_producer`'s loop body). Returns the step
-        counter."""
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        # A partial last column tile reads on into the next expert's rows (or TMA's
-        # zeros): columns the stores clip.
-        b_row = tile_expert * H + pid_n * BLOCK_N
-        whole = True
-        if TAIL_A_BOX and TAIL_M:
-            whole = tile_rows == _TILE_M
-        for k in range(0, I, BLOCK_K):
-            index = counter % NUM_BUFFERS
-            # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
-            mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
-            bar = ready.index(index)
-            if whole:
-                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
-                                                a_bufs.index(index))
-            else:
-                mbarrier.expect(bar, t_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(
-                    t_desc, [tile_slot, k], bar,
-                    a_bufs.index(index).slice(0, t_desc.block_type.shape[0], dim=0))
-            tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
-            counter += 1
-        return counter
+                    mbarrier.expect(bar, t_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(
+                        t_desc, [tile_slot, k], bar,
+                        a_bufs.index(index).slice(0, t_desc.block_type.shape[0], dim=0))
+                tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
+                counter += 1
 
     @gluon.jit
     def _scaled_part(part, step_scale, ws_base, k, col, H, stride_wsk, stride_wsn,

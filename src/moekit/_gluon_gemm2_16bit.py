@@ -25,12 +25,10 @@ from __future__ import annotations
 import torch
 
 from moekit import _gluon
-from moekit._dynamic_tiles import dynamic_tiles, tile_claims
 from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
 from moekit._launch import launcher
 
 if HAVE_GLUON:
-    from moekit._dynamic_tiles import claim_ring, program_ring, receive_tile
     from moekit._gluon import (
         entry_tile,
         fence_async_shared,
@@ -146,127 +144,90 @@ if HAVE_GLUON:
                   b_bufs, ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
                   APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, WIDE: gl.constexpr,
-                  EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr, claims_ptr, id_full,
-                  id_free, DYNAMIC: gl.constexpr):
+                  EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
         halves (WIDE: as one MMA per K step), or, in a tail tile (64 rows), its rows × half
         CONSUMER (as two 64-column products, `q_desc`'s [64, 64] boxes), so that a tail
-        takes both warpgroups. DYNAMIC: the tiles the producer claimed, in its order."""
+        takes both warpgroups."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         TILE_N: gl.constexpr = b_bufs.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        c_smem = c_bufs.index(CONSUMER)
         n_tiles = H // TILE_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
+        first, end, step = program_tiles(total, CHUNK)
+        if PREFETCH:  # as the producer: the next tile's expert, rows and pairs, loaded
+            # during this tile's K loop (its work entry during the one before)
+            first_slot, expert, rows, entry = first_entries(
+                first, step, total, used, n_tiles, work_ptr, block_experts_ptr, GROUP_M,
+                TAIL_M, offsets_ptr, EXPERT_GROUPS)
+            if APPLY_WEIGHT:
+                pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
+                                  sorted_pairs_ptr, acc_layout)
         counter = 0
-        if DYNAMIC:
-            ring = program_ring(claims_ptr)
-            n = 0
-            tile = receive_tile(ring, id_full, id_free, n)
-            while tile < total:
-                n += 1
-                pid_m, pid_n = ordered_tile_coords(  # as `_producer`'s
-                    tile, used, n_tiles, work_ptr, block_experts_ptr, offsets_ptr, True,
-                    GROUP_M, EXPERT_GROUPS, TAIL_M)
+        for tile in range(first, end, step):
+            pid_m, pid_n = ordered_tile_coords(  # as `_producer`'s
+                tile, used, n_tiles, work_ptr, block_experts_ptr, offsets_ptr, True, GROUP_M,
+                EXPERT_GROUPS, TAIL_M)
+            col0 = pid_n * TILE_N
+            weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
+            if PREFETCH:
+                tile_slot = first_slot
+                tile_expert = expert
+                tile_rows = rows
+                if APPLY_WEIGHT:  # waited on in the epilogue, not here
+                    weights = _pair_weights(pair, topk_weights_ptr, num_pairs)
+                first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
+                if APPLY_WEIGHT:
+                    pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
+                                      sorted_pairs_ptr, acc_layout)
+                entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
+                                       TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS)
+            else:
                 tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
                                                              pid_m, TAIL_M)
-                weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
                 if APPLY_WEIGHT:
                     weights = _row_weights(_warpgroup_row(tile_slot, tile_rows, CONSUMER),
                                            topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                                            acc_layout)
-                counter = _compute_tile(c_desc, q_desc, b2_ptr, stride_be, a_bufs, b_bufs,
-                                        ready, empty, c_bufs, counter, tile_slot, tile_expert,
-                                        tile_rows, pid_n * TILE_N, weights, I, CONSUMER,
-                                        TAIL_M, NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, WIDE)
-                tile = receive_tile(ring, id_full, id_free, n)
-        else:
-            first, end, step = program_tiles(total, CHUNK)
-            if PREFETCH:  # as the producer: the next tile's expert, rows and pairs, loaded
-                # during this tile's K loop (its work entry during the one before)
-                first_slot, expert, rows, entry = first_entries(
-                    first, step, total, used, n_tiles, work_ptr, block_experts_ptr, GROUP_M,
-                    TAIL_M, offsets_ptr, EXPERT_GROUPS)
-                if APPLY_WEIGHT:
-                    pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
-                                      sorted_pairs_ptr, acc_layout)
-            for tile in range(first, end, step):
-                pid_m, pid_n = ordered_tile_coords(  # as `_producer`'s
-                    tile, used, n_tiles, work_ptr, block_experts_ptr, offsets_ptr, True,
-                    GROUP_M, EXPERT_GROUPS, TAIL_M)
-                weights = gl.zeros([_HALF_M], gl.float32, layout=rows_layout)
-                if PREFETCH:
-                    tile_slot = first_slot
-                    tile_expert = expert
-                    tile_rows = rows
-                    if APPLY_WEIGHT:  # waited on in the epilogue, not here
-                        weights = _pair_weights(pair, topk_weights_ptr, num_pairs)
-                    first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
-                    if APPLY_WEIGHT:
-                        pair = _row_pairs(_warpgroup_row(first_slot, rows, CONSUMER),
-                                          sorted_pairs_ptr, acc_layout)
-                    entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr,
-                                           GROUP_M, TAIL_M, block_experts_ptr, offsets_ptr,
-                                           EXPERT_GROUPS)
+            # Without tail tiles the tail branch is not compiled (dead code there crashed
+            # Triton 3.6's lowering, as in the 16-bit GEMM1).
+            whole = True
+            if TAIL_M:
+                whole = tile_rows == _TILE_M
+            # A tail's 64 rows are all this warpgroup's; a whole tile's, its half.
+            row = _warpgroup_row(tile_slot, tile_rows, CONSUMER)
+            if whole:
+                if WIDE:
+                    lo, hi, counter = wide_mainloop(a_bufs, b_bufs, ready, empty, counter, I,
+                                                    CONSUMER * _HALF_M, NUM_BUFFERS, False)
                 else:
-                    tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr,
-                                                                 pid_m, TAIL_M)
-                    if APPLY_WEIGHT:
-                        weights = _row_weights(_warpgroup_row(tile_slot, tile_rows, CONSUMER),
-                                               topk_weights_ptr, sorted_pairs_ptr, num_pairs,
-                                               acc_layout)
-                counter = _compute_tile(c_desc, q_desc, b2_ptr, stride_be, a_bufs, b_bufs,
-                                        ready, empty, c_bufs, counter, tile_slot, tile_expert,
-                                        tile_rows, pid_n * TILE_N, weights, I, CONSUMER,
-                                        TAIL_M, NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, WIDE)
+                    lo, hi, counter = paired_mainloop(
+                        a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M,
+                        0, BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
+                _store_half(lo, c_desc, c_smem, row, col0, tile_expert, b2_ptr, weights, stride_be,
+                            HAS_BIAS, APPLY_WEIGHT)
+                _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, tile_expert, b2_ptr, weights,
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
+            elif TAIL_M:
+                # A [64, 64] box in the same bytes; names of their own (a branch's values
+                # may not change type).
+                q_smem = c_smem._reinterpret(q_desc.dtype, q_desc.block_type.shape,
+                                             q_desc.layout)
+                # (The slices' starts written out: a constexpr named inside a branch
+                # becomes a tensor.)
+                left, right, counter = paired_mainloop(
+                    a_bufs, b_bufs, b_bufs, ready, empty, counter, I, 0, CONSUMER * BLOCK_N,
+                    CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
+                col = col0 + CONSUMER * BLOCK_N
+                _store_half(left, q_desc, q_smem, row, col, tile_expert, b2_ptr, weights,
+                            stride_be, HAS_BIAS, APPLY_WEIGHT)
+                _store_half(right, q_desc, q_smem, row, col + _HALF_M, tile_expert, b2_ptr,
+                            weights, stride_be, HAS_BIAS, APPLY_WEIGHT)
         tma.store_wait(pendings=0)
-
-    @gluon.jit
-    def _compute_tile(c_desc, q_desc, b2_ptr, stride_be, a_bufs, b_bufs, ready, empty, c_bufs,
-                      counter, tile_slot, tile_expert, tile_rows, col0, weights, I,
-                      CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, WIDE: gl.constexpr):
-        """`_consumer`'s work on one tile from its first column `col0`: the K loop and the
-        stores. Returns the step counter."""
-        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-        c_smem = c_bufs.index(CONSUMER)
-        # Without tail tiles the tail branch is not compiled (dead code there crashed
-        # Triton 3.6's lowering, as in the 16-bit GEMM1).
-        whole = True
-        if TAIL_M:
-            whole = tile_rows == _TILE_M
-        # A tail's 64 rows are all this warpgroup's; a whole tile's, its half.
-        row = _warpgroup_row(tile_slot, tile_rows, CONSUMER)
-        if whole:
-            if WIDE:
-                lo, hi, counter = wide_mainloop(a_bufs, b_bufs, ready, empty, counter, I,
-                                                CONSUMER * _HALF_M, NUM_BUFFERS, False)
-            else:
-                lo, hi, counter = paired_mainloop(
-                    a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M,
-                    0, BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
-            _store_half(lo, c_desc, c_smem, row, col0, tile_expert, b2_ptr, weights, stride_be,
-                        HAS_BIAS, APPLY_WEIGHT)
-            _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, tile_expert, b2_ptr, weights,
-                        stride_be, HAS_BIAS, APPLY_WEIGHT)
-        elif TAIL_M:
-            # A [64, 64] box in the same bytes; names of their own (a branch's values
-            # may not change type).
-            q_smem = c_smem._reinterpret(q_desc.dtype, q_desc.block_type.shape,
-                                         q_desc.layout)
-            # (The slices' starts written out: a constexpr named inside a branch
-            # becomes a tensor.)
-            left, right, counter = paired_mainloop(
-                a_bufs, b_bufs, b_bufs, ready, empty, counter, I, 0, CONSUMER * BLOCK_N,
-                CONSUMER * BLOCK_N + _HALF_M, _HALF_M, NUM_BUFFERS, False)
-            col = col0 + CONSUMER * BLOCK_N
-            _store_half(left, q_desc, q_smem, row, col, tile_expert, b2_ptr, weights,
-                        stride_be, HAS_BIAS, APPLY_WEIGHT)
-            _store_half(right, q_desc, q_smem, row, col + _HALF_M, tile_expert, b2_ptr,
-                        weights, stride_be, HAS_BIAS, APPLY_WEIGHT)
-        return counter
 
     @gluon.jit
     def _gemm2_ws16_kernel(
@@ -281,18 +242,17 @@ if HAVE_GLUON:
         block_experts_ptr,  # [capacity / plan rows] int32
         work_ptr,  # TAIL_M: the work list, its length after it; else expert_offsets [E + 1]
         offsets_ptr,  # expert_offsets [E + 1] (read only when EXPERT_GROUPS)
-        claims_ptr,  # DYNAMIC: `moekit._dynamic_tiles.tile_claims` (else never read)
         num_work,  # TAIL_M: the work list's length in entries; else E
         num_pairs, H, I, stride_be,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
         WIDE: gl.constexpr, TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-        CHUNK: gl.constexpr, DYNAMIC: gl.constexpr, num_warps: gl.constexpr,
+        CHUNK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 256 hidden columns) in `ordered_tile_coords` order
         (GROUP_M row tiles per column tile, with EXPERT_GROUPS never two experts' in a
-        group; 1: row tile major; DYNAMIC: claimed in that order); this program's own
-        warpgroup is the producer, two more the math."""
+        group; 1: row tile major); this program's own warpgroup is the producer, two more
+        the math."""
         gl.static_assert(num_warps == 4, "the producer is one warpgroup")
         dtype: gl.constexpr = a_desc.dtype
         gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
@@ -303,26 +263,20 @@ if HAVE_GLUON:
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape,
                                            c_desc.layout)
         ready, empty = stage_ring(NUM_BUFFERS, 1)
-        if DYNAMIC:
-            id_full, id_free = claim_ring()
-        else:  # never read
-            id_full = ready
-            id_free = empty
         gl.warp_specialize(
             [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
                           num_work, H, I, a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS, CHUNK, claims_ptr,
-                          id_full, id_free, DYNAMIC)),
+                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS, CHUNK)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
                           stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M,
                           NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS,
-                          CHUNK, claims_ptr, id_full, id_free, DYNAMIC)),
+                          CHUNK)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
                           stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M,
                           NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS,
-                          CHUNK, claims_ptr, id_full, id_free, DYNAMIC))],
+                          CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -347,20 +301,17 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
     grid, chunk = _gluon.schedule(programs, plan, hidden_size // TILE_N, gemm=2)
-    dynamic = chunk == 0 and grid[0] == programs and dynamic_tiles()
     launcher(_gemm2_ws16_kernel)[grid](
         a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
         descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
-        plan.sorted_pairs, plan.block_experts, work, plan.expert_offsets,
-        tile_claims(programs, inter.device) if dynamic else dummy, num_work,
+        plan.sorted_pairs, plan.block_experts, work, plan.expert_offsets, num_work,
         plan.num_pairs, hidden_size, inter_size, 0 if b2 is None else b2.stride(0),
         TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES,
         HAS_BIAS=b2 is not None,
-        APPLY_WEIGHT=topk_weights is not None,
-        PREFETCH=_gluon.PREFETCH_TILES and not dynamic,
+        APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES,
         WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, TAIL_A_BOX=_gluon.TAIL_A_BOX,
-        EXPERT_GROUPS=_gluon.EXPERT_GROUPS, CHUNK=chunk, DYNAMIC=dynamic, num_warps=4,
+        EXPERT_GROUPS=_gluon.EXPERT_GROUPS, CHUNK=chunk, num_warps=4,
     )
     return out
