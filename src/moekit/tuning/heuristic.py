@@ -18,15 +18,17 @@ exactly even routing); tail tiles measured 0.99–1.10× on every 128-row cell s
 (faster on 15 of 17; GEMM1 gains, GEMM2 keeps its time). With both GEMMs Gluon kernels
 they still win on the H100 over every bf16 preset at M = 2048–8192 (none: 0.89–1.11×,
 median 0.985×) but mixtral, whose experts' weights are far larger than L2: there
-(`tail_tiles_desync`) the persistent Gluon GEMMs' programs, which take every
-num_programs-th tile and share each weight column through L2 only while they run in
-step, fall out of step at the shorter tail tiles and read 28–41% more DRAM (Nsight
-Compute). From 4 row tiles an expert (M ≥ 2048) the layer is 1.02–1.13× faster without
-tails; below, tails tie or win by up to 3% (H100, three interleaved rounds; bench/NOTES.md,
-session 54). One program per tile keeps the programs in step, but runs 1.03–1.10× slower
-than persistent programs without tails. fp8 mixtral keeps its tails (0.95–1.00×): its
-GEMM1's tail tile idles one warpgroup, as long as a whole tile, and its GEMM2 runs one
-program per tile up to M = 4096 (`moekit._gluon.programs_drift_apart`).
+(`tail_tiles_desync`) the Gluon GEMMs' programs share each weight column through L2 only
+while they run its tiles in step, and a tail tile, ending early, puts its program out of
+step — the GEMMs read 24–41% more DRAM (Nsight Compute). GEMM1's excess is the persistent
+schedule's (one program per tile reads no more with tails); GEMM2's (K = 14,336, ~190 µs
+a tile) stays under every schedule tried, tiles claimed in order from a counter included.
+From 4 row tiles an expert (M ≥ 2048) the layer is 1.02–1.13× faster without tails;
+below, tails tie or win by up to 3% (H100, three interleaved rounds; bench/NOTES.md,
+session 54). One program per tile runs 1.03–1.10× slower than persistent programs without
+tails. fp8 mixtral keeps its tails (0.95–1.00×): its GEMM1's tail tile idles one
+warpgroup, as long as a whole tile, and its GEMM2 runs one program per tile up to
+M = 4096 (`moekit._gluon.programs_drift_apart`).
 
 For a handful of tokens the direct path (`ExpertsConfig.block_m` = 1,
 `moekit.experts_direct`) skips the plan and the separate combine. On the H100 it
