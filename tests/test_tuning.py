@@ -447,8 +447,8 @@ def test_tail_tiles_control_drops_the_128_row_tails(monkeypatch):
 @pytest.mark.parametrize("m, tails", [(1024, True), (1536, True), (2048, False),
                                       (8192, False)])
 def test_mixtral_drops_tail_tiles_from_four_row_tiles_an_expert(m, tails):
-    # Its w2 (117 MB an expert) outgrows L2: from 512 rows an expert tails cost more DRAM
-    # than they save; the same tiles either way.
+    # Its w2 (117 MB an expert) outgrows L2: from 512 rows an expert tails cost more (in
+    # DRAM reads) than they save; the same tiles either way.
     config = default_config(m, 8, 2, 4096, 14336)
     assert config.block_m == 128
     assert (config.tail_block_m == 64) is tails

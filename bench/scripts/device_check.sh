@@ -734,7 +734,8 @@ for stage in "$@"; do
     tailbytes)
       for setting in persistent MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_TAIL_A_BOX=1 \
           MOEKIT_GLUON_EXPERT_GROUPS=1; do
-        step "ncu-tailbytes-${setting%%=*}" 150 env ${setting/persistent/MOEKIT_NONE=0} \
+        # (persistent: no variable set; the unquoted empty word vanishes)
+        step "ncu-tailbytes-${setting%%=*}" 150 env ${setting/persistent/} \
           ncu --profile-from-start off --clock-control none -k regex:gemm --csv \
           --metrics "$NCU_COUNTERS" python3 bench/scripts/tail_cost_experiment.py --profile \
           --profile-tokens 2048

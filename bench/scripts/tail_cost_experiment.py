@@ -14,6 +14,10 @@ rounds interleaved.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/tail_cost_experiment.py --out $OUT
 
+`--even` / `--tokens` choose the routings, `--dtype fp8_tensor` times `fused_experts_fp8`
+at its own tiles, and `--tile-grids` adds both plans with the Gluon GEMMs launched one
+program per tile (`device_check.sh` stages tailcost, tailsweep, tailgrids; session 54).
+
 `--profile` instead calls each plan once per profiled routing between
 cudaProfilerStart/Stop, after warm-up calls, for Nsight Compute's counters of the GEMMs
 (`ncu --profile-from-start off`): per routing, the tail plan's kernels, then the plain
