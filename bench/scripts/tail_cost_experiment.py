@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import os
 import statistics
+from unittest import mock
 
 import torch
 
@@ -112,15 +113,8 @@ def one_program_per_tile(call):
     """`call` with the Gluon GEMMs launched one program per tile (`TILE_PROGRAMS_ENV` = 1,
     read at launch: a graph captures that grid), not persistent."""
     def run():
-        before = os.environ.get(TILE_PROGRAMS_ENV)
-        os.environ[TILE_PROGRAMS_ENV] = "1"
-        try:
+        with mock.patch.dict(os.environ, {TILE_PROGRAMS_ENV: "1"}):
             return call()
-        finally:
-            if before is None:
-                del os.environ[TILE_PROGRAMS_ENV]
-            else:
-                os.environ[TILE_PROGRAMS_ENV] = before
     return run
 
 
