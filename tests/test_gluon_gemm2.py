@@ -243,17 +243,6 @@ def test_grouped_tile_order_changes_no_value_gpu(scheme, group, tail, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_tail_a_box_changes_no_value_gpu(scheme, prefetch, monkeypatch):
-    # A tail tile's A loaded as a [64, 128] box (`TAIL_A_BOX`) into the rows its math reads:
-    # the same bits as the whole tile's box, on skewed routing with odd 64-row tails, with
-    # and without the producer's prefetch (which carries the tile's rows ahead).
-    _check_switch_changes_no_value("TAIL_A_BOX", scheme, prefetch, True, monkeypatch,
-                                   "the tail box")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
 @pytest.mark.parametrize("prefetch,tail", [(True, True), (False, True), (True, False)])
 def test_expert_groups_change_no_value_gpu(scheme, prefetch, tail, monkeypatch):
     # The grouped order in groups that never span two experts (`EXPERT_GROUPS`, groups of

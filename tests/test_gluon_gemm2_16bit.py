@@ -9,9 +9,6 @@ sm_90 compile (no spills, shared memory) is in tests/test_sm90_compile.py.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -89,7 +86,6 @@ def _require_gluon():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("tail", [True, False])
 @pytest.mark.parametrize("M,E,k,H,I,dtype,act,bias,on_input,skew", [
     (2048, 8, 2, 1024, 512, torch.bfloat16, "silu", False, False, 0.0),  # whole tiles
@@ -97,10 +93,9 @@ def _require_gluon():
     (300, 32, 8, 512, 200, torch.float16, "gelu", False, True, 0.0),  # partial K step
     (700, 16, 6, 1280, 1408, torch.bfloat16, "gelu_tanh", True, True, 1.0),  # 5 col tiles
 ])
-def test_layer_with_the_gluon_gemm2_gpu(wide, tail, M, E, k, H, I, dtype, act, bias, on_input,
-                                        skew, gemm2_calls, monkeypatch):
+def test_layer_with_the_gluon_gemm2_gpu(tail, M, E, k, H, I, dtype, act, bias, on_input, skew,
+                                        gemm2_calls, monkeypatch):
     _require_gluon()
-    monkeypatch.setattr(moekit._gluon, "WIDE_MMA_GEMM2_16BIT", wide)
     hidden, w13, w2, b13, b2, ids, weights = cuda_layer_case(M, E, k, H, I, dtype, bias, skew)
     config = dataclasses.replace(tiles_for_block_m(128), tail_block_m=64 if tail else 0)
     real_choice = moekit.experts.use_gluon_gemm2_16bit
@@ -114,7 +109,7 @@ def test_layer_with_the_gluon_gemm2_gpu(wide, tail, M, E, k, H, I, dtype, act, b
         outs[name] = out
     assert len(gemm2_calls) == 1, "the Gluon GEMM2 ran once, the control not"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, act, on_input)
-    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail} wide={wide}")
+    assert_close(outs["gluon"], expected, name=f"{dtype} tail={tail}")
     assert_close(outs["gluon"], outs["triton"], TRITON_AGREEMENT, name="against Triton's")
 
 
@@ -228,29 +223,6 @@ def test_triton_gemm2_at_few_row_tiles_of_experts_outgrowing_half_of_l2(monkeypa
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tail", [True, False])
-def test_wide_mma_changes_no_value_gpu(tail, gemm2_calls, monkeypatch):
-    # One [64, 256] MMA per K step sums each output element's products in the same K order
-    # as the two [64, 128] ones: the same bits, on skewed routing with odd tails (whose
-    # 64-column MMAs both forms share) and 5 column tiles.
-    _require_gluon()
-    _check_switch_changes_no_value("WIDE_MMA_GEMM2_16BIT", 64 if tail else 0, gemm2_calls,
-                                   monkeypatch, "one wide MMA", f"wide tail={tail}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_tail_a_box_changes_no_value_gpu(prefetch, gemm2_calls, monkeypatch):
-    # A tail tile's A loaded as a [64, 64] box (`TAIL_A_BOX`) into the rows its math reads:
-    # the same bits as the whole tile's box, with odd 64-row tails, with and without the
-    # producer's prefetch (which carries the tile's rows ahead).
-    _require_gluon()
-    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)
-    _check_switch_changes_no_value("TAIL_A_BOX", 64, gemm2_calls, monkeypatch, "the tail box",
-                                   f"tail box prefetch={prefetch}")
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("prefetch,tail", [(True, True), (False, True), (True, False)])
 def test_expert_groups_change_no_value_gpu(prefetch, tail, gemm2_calls, monkeypatch):
     # GROUP_M's order in groups that never span two experts (`EXPERT_GROUPS`; groups of 3,
@@ -280,30 +252,3 @@ def _check_switch_changes_no_value(switch, tail_m, gemm2_calls, monkeypatch, wha
     assert torch.equal(outs[True], outs[False]), f"{what} moved a value"
     expected = float32_reference(hidden, w13, w2, b13, b2, ids, weights, "silu", False)
     assert_close(outs[True], expected, name=name)
-
-
-def test_tail_a_descriptor_is_built_only_where_it_is_read(monkeypatch):
-    inter = torch.empty(256, 128, dtype=torch.bfloat16)
-    a_desc = moekit._gluon.descriptor(inter, [128, 64])
-    tail_a = moekit._gluon.tail_a_descriptor
-    monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", False)
-    assert tail_a(inter, a_desc, 64, 64) is a_desc, "switch off: the A box stands in"
-    monkeypatch.setattr(moekit._gluon, "TAIL_A_BOX", True)
-    assert tail_a(inter, a_desc, 64, 0) is a_desc, "no tail tiles: nothing reads it"
-    assert list(tail_a(inter, a_desc, 64, 64).block_shape) == [64, 64]
-
-
-@pytest.mark.parametrize("value,gemm1,gemm2", [
-    ("", False, False), ("gemm2", False, True), ("gemm1, gemm2", True, True), ("gemm3", None, None),
-])
-def test_wide_mma_switch_is_read_at_import(value, gemm1, gemm2):
-    # The staged one-MMA-per-step form: off unless named; an unknown name fails loudly.
-    code = ("import moekit._gluon as g; "
-            "print(g.WIDE_MMA_GEMM1_16BIT, g.WIDE_MMA_GEMM2_16BIT)")
-    env = dict(os.environ, MOEKIT_GLUON_WIDE_MMA=value)
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if gemm1 is None:
-        assert run.returncode != 0 and "expected names among gemm1, gemm2" in run.stderr
-    else:
-        assert run.returncode == 0, run.stderr
-        assert run.stdout.split() == [str(gemm1), str(gemm2)]

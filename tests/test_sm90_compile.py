@@ -255,23 +255,8 @@ CASES = [
     _experts("both 16-bit Gluon GEMMs taking 3 consecutive tiles a program (`program_tiles`, "
              "staged): the prefetch's first and second tiles, tail tiles, biases", "bf16",
              "silu", 128, tma=True, tail=True, bias=True, gluon=True, chunk=3),
-    _experts("16-bit Gluon GEMM1 on partial column tiles (`PARTIAL_N_16BIT`, staged): I = "
-             "264, biases masked past I (gelu: where a clamp once spilled), tail tiles", "bf16",
-             "gelu", 128, tma=True, tail=True, bias=True, gluon=True, odd_i=True),
-    _experts("the same with gpt-oss's activation, one MMA per K step, 64-column tiles", "fp16",
-             "swigluoai", 128, tma=True, tail=True, bias=True, gluon=True, odd_i=True,
-             wide=True, narrow_n=True),
-    _experts("both 16-bit Gluon GEMMs as one [64, 256] MMA per K step, tail tiles, biases",
-             "bf16", "gelu", 128, tma=True, tail=True, bias=True, gluon=True, wide=True),
-    _experts("both 16-bit Gluon GEMMs as one MMA over both halves per K step "
-             "(`WIDE_MMA_GEMM{1,2}_16BIT`, staged off), fp16, grouped GEMM2 row tiles, no "
-             "tail tiles", "fp16", "silu", 128, tma=True, gluon=True, grouped2=True, wide=True),
-    _experts("the wide GEMM1 at narrow column tiles (one [64, 128] MMA: 64 gate + 64 up), "
-             "tail tiles, biases, gpt-oss activation", "bf16", "swigluoai", 128, tma=True,
-             tail=True, bias=True, gluon=True, narrow_n=True, wide=True),
-    _experts("Gluon GEMM2 loading a tail tile's A as a [64, 64] box (`TAIL_A_BOX`, staged "
-             "off), tail tiles, biases", "bf16", "gelu", 128, tma=True, tail=True, bias=True,
-             gluon=True, tail_a=True),
+    _experts("both 16-bit Gluon GEMMs, fp16, grouped GEMM2 row tiles, no tail tiles", "fp16",
+             "silu", 128, tma=True, gluon=True, grouped2=True),
     _experts("Gluon GEMM2 after Triton's GEMM1 (I = 264: a partial last K step, zero-filled "
              "by TMA); tail tiles, biases, router weight", "bf16", "gelu", 128, tma=True,
              tail=True, bias=True, odd_i=True, gluon2=True),
@@ -367,11 +352,6 @@ CASES = [
          "silu", 128, tma=True, gluon=True, gluon1=True, gather=True, prefetch=True, chunk=2),
     _fp8("the same without the prefetch, block scales", "block", "bf16", "silu", 128,
          tma=True, gluon=True, gluon1=True, chunk=2),
-    _fp8("prefill, Gluon GEMM2 loading a tail tile's A as a [64, 128] box (`TAIL_A_BOX`), "
-         "per-tensor, the producer's prefetch", "tensor", "bf16", "silu", 128, tma=True,
-         gluon=True, tail_a=True, prefetch=True),
-    _fp8("the same, block scales without the prefetch", "block", "bf16", "silu", 128,
-         tma=True, gluon=True, tail_a=True),
     _fp8("the same producers' prefetch with A in plan order (block scales), no tail tiles",
          "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, no_tail=True,
          prefetch=True),
@@ -535,13 +515,11 @@ def test_compiles_for_sm90(case, sm90_compiler):
             if constexprs.get("ROW_ALIGN") == "8" and constexprs.get("TMA") != "True":
                 assert kernel["vector_loads"], f"{where}: no vector loads"
         if kernel["name"] in ("_gemm1_ws16_kernel", "_gemm2_ws16_kernel"):
-            # A whole tile's MMAs: one over both halves per K step wide, else one per half
-            # (tails' narrower ones either way): [64, 256] or [64, 128] ([64, 128] or
-            # [64, 64] at GEMM1's narrow columns).
+            # A whole tile's MMAs: one per half (tails' narrower ones): [64, 128] ([64, 64]
+            # at GEMM1's narrow columns).
             gemm1 = kernel["name"] == "_gemm1_ws16_kernel"
             half = 64 if gemm1 and case.params.get("narrow_n") else 128
-            whole = 2 * half if case.params.get("wide") else half
-            assert whole in kernel["mma_n"] and max(kernel["mma_n"]) == whole, (
+            assert half in kernel["mma_n"] and max(kernel["mma_n"]) == half, (
                 f"{where}: MMA widths {kernel['mma_n']}")
 
 
@@ -701,9 +679,6 @@ def _run_experts(p):
     moekit.experts.use_gluon_gemm2_16bit = lambda *args: bool(p.get("gluon") or p.get("gluon2"))
     moekit.experts.gluon_gemm1_narrow_columns = lambda *args: bool(p.get("narrow_n"))
     moekit._gluon.PREFETCH_TILES = not p.get("no_prefetch")
-    moekit._gluon.WIDE_MMA_GEMM2_16BIT = bool(p.get("wide"))
-    moekit._gluon.WIDE_MMA_GEMM1_16BIT = bool(p.get("wide"))
-    moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit._gluon.schedule = _chunked(p)
@@ -770,7 +745,6 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
-    moekit._gluon.TAIL_A_BOX = bool(p.get("tail_a"))
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit._gluon.schedule = _chunked(p)

@@ -63,10 +63,6 @@
 #   fp8blockswap  block-scaled fp8 decode, swapped everywhere at the rule's stages and at the
 #             same stages as the converted GEMMs, against the shipped choice (qwen3, olmoe,
 #             mixtral, M = 1 / 4 / 64; env controls, one bench per setting; NOTES session 46)
-#   tailbox   the staged Gluon GEMM2 switches' GPU tests (`TAIL_A_BOX`, the wide MMAs), then
-#             prefill with a tail tile's A as a 64-row box against the 128-row one, bf16
-#             and fp8 per-tensor, two rounds alternating (NOTES session 46; ≈ 4 min a
-#             dtype: TAILBOX_DTYPES="bf16" or "fp8_tensor" to split it over two calls)
 #   gemm2rule which GEMM2 where rows an expert are few (session 47: the prefill cells under
 #             target are those with 1–2 row tiles an expert): bf16 at M = 2048–16384 on five
 #             presets, shipped (since session 47: Triton's GEMM2 at few row tiles of large
@@ -141,10 +137,6 @@
 #             mixtral M = 4096 and 16384 and gpt-oss 32768, fp8 per-tensor, per-channel and
 #             block, the rule against its GEMM1 persistent (`MOEKIT_GLUON_TILE_PROGRAMS=0,r`:
 #             the tiles term's cells) and its GEMM2 persistent (`r,0`: block mixtral 4096)
-#   partial16 the 16-bit Gluon GEMM1 on partial column tiles (`MOEKIT_GLUON_PARTIAL_N16=1`,
-#             staged, never run on a GPU): its GPU tests, then gpt-oss-120b bf16 (I = 2880)
-#             at M = 1024–16384, Triton's GEMM1 (shipped) against the Gluon one persistent,
-#             one program per tile and 2 tiles a program, two rounds (NOTES, session 50)
 #   gridruleblock the fp8 grid rule with block and per-channel scales: persistent against
 #             the rule, two rounds, deepseek-v3 / gpt-oss / mixtral at M = 512–16384
 #   combineatomics bench/scripts/combine_atomics_experiment.py: GEMM2's per-pair rows stored
@@ -179,8 +171,7 @@
 #             persistent and one program per tile, even 576 rows and random M = 2048–8192
 #             (is the tail plan's loss the persistent programs drifting apart? ~4 min)
 #   tailbytes Nsight Compute counters of mixtral bf16's GEMMs at M = 2048, tails and none,
-#             persistent, one program per tile, the 64-row tail A box, GEMM2 groups within
-#             one expert: which setting removes the tail plan's extra DRAM reads? (~3 min)
+#             persistent, one program per tile, GEMM2 groups within one expert: which setting removes the tail plan's extra DRAM reads? (~3 min)
 #   tailncu   Nsight Compute counters (as ridgebytes) of both GEMMs of mixtral bf16 with and
 #             without tail tiles: even 576 rows an expert, the bench's M = 2048 and 4096
 #             (tail_cost_experiment.py --profile; does the tail plan read more DRAM?)
@@ -359,24 +350,6 @@ for stage in "$@"; do
         --stem ab-fp8_block-swap-stages "shipped=$(ls "$out"/*fp8blockswap-shipped.json)" \
         "rule=$(ls "$out"/*fp8blockswap-swap-rule.json)" \
         "same=$(ls "$out"/*fp8blockswap-swap-same.json)" ;;
-    tailbox)
-      step pytest-gpu-staged 240 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $PARALLEL \
-        -k "tail_a_box or wide_mma" tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py \
-        tests/test_gluon_gemm1_16bit.py
-      for dtype in ${TAILBOX_DTYPES:-bf16 fp8_tensor}; do
-        for round in 1 2; do
-          for box in 0 1; do
-            step "bench-tailbox-$dtype-$box-r$round" 90 env MOEKIT_GLUON_TAIL_A_BOX=$box \
-              python3 -m moekit.cli bench --dtype $dtype --no-baselines --graph-max-m 16384 \
-              --rep-ms 40 --presets deepseek-v3 qwen3-30b-a3b mixtral-8x7b olmoe-1b-7b \
-              --tokens 4096 16384 --what "tailbox-$dtype-$box-r$round" --out "$out"
-          done
-        done
-        step "compare-tailbox-$dtype" 30 python3 bench/scripts/compare_tables.py --out "$out" \
-          --stem "ab-$dtype-tail-a-box" \
-          "box128=$(ls "$out"/*tailbox-$dtype-0-r1.json),$(ls "$out"/*tailbox-$dtype-0-r2.json)" \
-          "box64=$(ls "$out"/*tailbox-$dtype-1-r1.json),$(ls "$out"/*tailbox-$dtype-1-r2.json)"
-      done ;;
     gemm2rule)
       for setting in shipped gluon t2 t12; do
         case $setting in
@@ -409,7 +382,7 @@ for stage in "$@"; do
       done ;;
     gluongroups)
       step pytest-gpu-gluon-groups 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        -k "expert_groups or tail_a_box" tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py
+        -k expert_groups tests/test_gluon_gemm2.py tests/test_gluon_gemm2_16bit.py
       for groups in 0 1; do
         step "ncu-gluon-groups-deepseek-v3-16384-e$groups" 90 env \
           MOEKIT_GLUON_EXPERT_GROUPS=$groups ncu --profile-from-start off --clock-control none \
@@ -732,8 +705,7 @@ for stage in "$@"; do
     tailgrids) step tail-grids 400 python3 bench/scripts/tail_cost_experiment.py --out "$out" \
                  --stem tail-grids-experiment --tile-grids --even 576 --tokens 2048 3072 4096 8192 ;;
     tailbytes)
-      for setting in persistent MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_TAIL_A_BOX=1 \
-          MOEKIT_GLUON_EXPERT_GROUPS=1; do
+      for setting in persistent MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_EXPERT_GROUPS=1; do
         # (persistent: no variable set; the unquoted empty word vanishes)
         step "ncu-tailbytes-${setting%%=*}" 150 env ${setting/persistent/} \
           ncu --profile-from-start off --clock-control none -k regex:gemm --csv \
@@ -753,19 +725,6 @@ for stage in "$@"; do
         step "ncu-stall-$gemm-sass" 60 ncu --import /tmp/stall-$gemm.ncu-rep --page source \
           --csv --print-source sass
       done ;;
-    partial16)
-      step pytest-gpu-partial16 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        -k partial tests/test_gluon_gemm1_16bit.py
-      for round in 1 2; do
-        for setting in ship p0 p1 p2; do
-          if [ $setting = ship ]; then set --
-          else set -- MOEKIT_GLUON_PARTIAL_N16=1 MOEKIT_GLUON_TILE_PROGRAMS=${setting#p}; fi
-          step "bench-partial16-$setting-r$round" 60 env "$@" python3 -m moekit.cli bench \
-            --no-baselines --graph-max-m 16384 --rep-ms 30 --presets gpt-oss-120b \
-            --tokens 1024 2048 4096 8192 16384 --what "partial16-$setting-r$round" --out "$out"
-        done
-      done
-      compare_settings ab-bf16-gptoss-partial-gemm1 partial16 ship p0 p1 p2 ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

@@ -1,7 +1,7 @@
 """What the warp-specialised Gluon GEMMs (`moekit._gluon_gemm1`, `moekit._gluon_gemm2` and
 their 16-bit siblings) share: the guarded import of Gluon's Hopper API, when a tensor may
 take them, their TMA descriptors, the walk over the plan's row tiles, the stage ring's
-barriers, and the 16-bit kernels' K loops (`paired_mainloop`; `wide_mainloop`, staged off).
+barriers, and the 16-bit kernels' K loop (`paired_mainloop`).
 
 Both kernels read and write plan-order rows by TMA in 128-row tiles (or a run's odd last
 64 rows, with tail tiles); both are persistent over (row tile, column tile), row tile
@@ -56,45 +56,10 @@ DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's co
 # session 25). Read at every launch, so that an experiment can flip them.
 PREFETCH_TILES = True
 PREFETCH_TILES_FP8 = False
-# The 16-bit GEMMs issue one MMA per K step and warpgroup over both of a tile's halves
-# (GEMM1's gate and up, GEMM2's two column halves) instead of one per half
-# (`wide_mainloop`: the A rows read from shared memory once, half the MMA instructions).
-# Session 15's shared-memory model put the two-MMA form at 143 bytes a clock needed against
-# 128; measured, both wide ran 0.99–1.01× on an H200 (bench/NOTES.md, session 46), so off.
-# Read at every launch; `MOEKIT_GLUON_WIDE_MMA` at import turns them on: "gemm1", "gemm2"
-# or "gemm1,gemm2".
-WIDE_MMA_ENV = "MOEKIT_GLUON_WIDE_MMA"
-
-
-def _wide_mma_names(value: str) -> set[str]:
-    """`WIDE_MMA_ENV`'s comma-separated GEMM names; anything else is refused."""
-    names = {name.strip() for name in value.split(",") if name.strip()}
-    unknown = names - {"gemm1", "gemm2"}
-    if unknown:
-        raise ValueError(f"{WIDE_MMA_ENV}={value!r}: expected names among gemm1, gemm2, "
-                         f"comma-separated; got {sorted(unknown)}")
-    return names
-
-
-_WIDE_MMA = _wide_mma_names(os.environ.get(WIDE_MMA_ENV, ""))
-WIDE_MMA_GEMM1_16BIT = "gemm1" in _WIDE_MMA
-WIDE_MMA_GEMM2_16BIT = "gemm2" in _WIDE_MMA
-# The Gluon GEMM2s load a tail tile's A (64 rows) as a [64, BLOCK_K] box instead of the
-# whole tile's 128 rows, half of them the next tile's (`_gluon_gemm2._producer`): at
-# deepseek-v3 bf16 M = 4096 about half the experts end in a tail, ~0.9 GB of L2 reads
-# (bench/NOTES.md, session 46). Measured on an H100: 0.89–1.04× bf16 (median 1.004; that
-# cell 0.999×), 0.96–1.02× fp8 (session 47), so off; read at every launch;
-# `MOEKIT_GLUON_TAIL_A_BOX=1` at import turns it on.
-TAIL_A_BOX = os.environ.get("MOEKIT_GLUON_TAIL_A_BOX") == "1"
-# The 16-bit Gluon GEMM1 on I not a multiple of its column tile (gpt-oss's 2880): the last
-# tile's missing columns computed from the rows after it and clipped by the TMA store, its
-# biases' loads masked (PARTIAL_N). Session 20 measured the same (H200, persistent grid):
-# gpt-oss's layer 0.96–0.98×, the GEMM1 losing at ~128 rows an expert, where persistent
-# programs re-read weights (bench/NOTES.md, session 50). Staged again for one program per
-# tile and measured on an H100 (session 52, its GPU tests passing): gpt-oss's layer
-# 0.82–1.00× persistent, 0.96–1.00× one program per tile, 0.77–1.00× two tiles a program
-# against Triton's GEMM1, so off; `MOEKIT_GLUON_PARTIAL_N16=1` at import turns it on.
-PARTIAL_N_16BIT = os.environ.get("MOEKIT_GLUON_PARTIAL_N16") == "1"
+# Measured and removed (their code last at a254e54; bench/NOTES.md, sessions 46–52): the
+# 16-bit GEMMs as one MMA over both halves of a tile per K step (0.99–1.01× on an H200),
+# the GEMM2s loading a tail tile's A as a 64-row box (0.89–1.04× bf16, 0.96–1.02× fp8 on an
+# H100), and the 16-bit GEMM1 on partial column tiles (gpt-oss 0.77–1.00× against Triton's).
 # The Gluon GEMM2s' grouped order (GROUP_M > 1, `gemm2_group_m`) in groups that never split
 # an expert's row tiles (`expert_tile_coords`), as the Triton GEMMs' (`moekit._tile_order`):
 # at deepseek-v3 bf16 M = 16384 the Gluon GEMM2 read 14.3 GB of DRAM for ~8 GB of w2 and
@@ -303,15 +268,6 @@ def descriptor(t: torch.Tensor, block: list[int]):
                               _box_layout(tuple(block), t.dtype))
 
 
-def tail_a_descriptor(inter: torch.Tensor, a_desc, block_k: int, tail_m: int):
-    """The Gluon GEMM2s' `t_desc`: a [64, block_k] box over `inter` where `TAIL_A_BOX` reads
-    it (on, and the plan has tail tiles), else `a_desc` itself, never read — so a launch
-    builds no descriptor it does not use (~5 µs of host time each)."""
-    if TAIL_A_BOX and tail_m:
-        return descriptor(inter, [HALF_M, block_k])
-    return a_desc
-
-
 def work_list(plan) -> tuple[torch.Tensor, int, int]:
     """(work, num_work, TAIL_M) for `row_tile` / `tiles_in_use`: the tail-tile work list
     and its length, or the plan's expert offsets and E."""
@@ -505,45 +461,6 @@ if HAVE_GLUON:
         if not TAIL_M:
             total = total // _TILE_M
         return total
-
-    @gluon.jit
-    def wide_mainloop(a_bufs, b_bufs, ready, empty, counter, K, A_START: gl.constexpr,
-                      NUM_BUFFERS: gl.constexpr, A_BY_CP_ASYNC: gl.constexpr):
-        """`paired_mainloop` for B halves that lie adjacent in one stage buffer (GEMM1's
-        gate and up rows, GEMM2's two column halves): one MMA over both per K step, A rows
-        [A_START, +64) against all of a stage's B rows, so that A is read from shared
-        memory once a step, not twice. One step's MMA stays in flight; a stage is released
-        once the MMA that read it has retired. The [64, 2·WIDTH] accumulator is split into
-        its column halves in registers (each thread's first and second half of its
-        fragments: no data moves). Returns (left, right, counter), laid out as
-        `paired_mainloop`'s."""
-        BLOCK_K: gl.constexpr = a_bufs.shape[2]
-        TILE_N: gl.constexpr = b_bufs.shape[1]
-        WIDTH: gl.constexpr = TILE_N // 2
-        wide_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TILE_N, 16])
-        half_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
-        acc = gl.zeros((_HALF_M, TILE_N), dtype=gl.float32, layout=wide_layout)
-        for k in range(0, K, BLOCK_K):
-            index = counter % NUM_BUFFERS
-            mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
-            if A_BY_CP_ASYNC:
-                fence_async_shared()  # cp.async wrote A through the generic proxy
-            a = a_bufs.index(index).slice(A_START, _HALF_M, dim=0)
-            b = b_bufs.index(index).permute((1, 0))
-            acc = warpgroup_mma(a, b, acc, is_async=True)
-            # This step's MMA stays in flight; the previous step's has retired.
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            if k > 0:
-                mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
-            counter += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((counter - 1) % NUM_BUFFERS), count=1)
-        left, right = gl.split(gl.permute(gl.reshape(acc, [_HALF_M, 2, WIDTH]), (0, 2, 1)))
-        left = gl.convert_layout(left, half_layout, assert_trivial=True)
-        right = gl.convert_layout(right, half_layout, assert_trivial=True)
-        return left, right, counter
 
     @gluon.jit
     def paired_mainloop(a_bufs, x_bufs, y_bufs, ready, empty, counter, K,

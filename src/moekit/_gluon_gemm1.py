@@ -161,13 +161,11 @@ if HAVE_GLUON:
                   block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs, ready,
                   empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
                   NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr, PREFETCH: gl.constexpr,
-                  GATE_UP_ADJACENT: gl.constexpr = False, CHUNK: gl.constexpr = 0):
+                  CHUNK: gl.constexpr):
         """Loads of every K step's A, gate and up tiles into the ring, each stage reloaded
         once both math warpgroups have released it: all by TMA, or (GATHER_A) A's rows by
         cp.async from their tokens' rows of x, each thread's copies arriving on the
         stage's barrier as they land (`ready` then counts 128 arrivals more).
-        GATE_UP_ADJACENT: `g_bufs` holds 2·NUM_BUFFERS boxes, a stage's gate then its up
-        rows (so that one MMA may read both), and `u_bufs` is not read.
 
         PREFETCH: a tile's expert and slots' pairs are loaded during the tile before's K
         loop, its work entry during the one before that, so no load at a tile's start
@@ -239,14 +237,9 @@ if HAVE_GLUON:
                                     + 2 * b_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
                                                     a_bufs.index(index))
-                if GATE_UP_ADJACENT:
-                    g_smem = g_bufs.index(2 * index)
-                    u_smem = g_bufs.index(2 * index + 1)
-                else:
-                    g_smem = g_bufs.index(index)
-                    u_smem = u_bufs.index(index)
-                tma.async_copy_global_to_shared(b_desc, [gate_row, k], bar, g_smem)
-                tma.async_copy_global_to_shared(b_desc, [gate_row + I, k], bar, u_smem)
+                tma.async_copy_global_to_shared(b_desc, [gate_row, k], bar, g_bufs.index(index))
+                tma.async_copy_global_to_shared(b_desc, [gate_row + I, k], bar,
+                                                u_bufs.index(index))
                 counter += 1
 
     @gluon.jit
@@ -464,7 +457,7 @@ if HAVE_GLUON:
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
                           ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, PREFETCH,
-                          False, CHUNK)),
+                          CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,

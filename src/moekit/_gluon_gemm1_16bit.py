@@ -27,7 +27,6 @@ import torch
 from moekit import _gluon
 from moekit._gluon import BLOCK_M, HALF_M, HAVE_GLUON, descriptor, gluon_allowed, work_list
 from moekit._gluon_gemm1 import GATED, group_m
-from moekit._intmath import cdiv
 from moekit._launch import launcher
 
 if HAVE_GLUON:
@@ -46,7 +45,6 @@ if HAVE_GLUON:
         tile_coords,
         tiles_in_use,
         tma,
-        wide_mainloop,
     )
     from moekit._gluon_gemm1 import _producer
 
@@ -66,9 +64,8 @@ def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
                           activation: str) -> bool:
     """Whether the 16-bit GEMM1 runs as `_gemm1_ws16_kernel`: Gluon allowed (an sm_90
     GPU), bf16/fp16, 128-row tiles, a gated activation, whole column tiles (I a multiple
-    of 128; with `_gluon.PARTIAL_N_16BIT` any multiple of 16), H at most MAX_HIDDEN,
-    contiguous 16-byte rows and bases (TMA and the 16-byte gathers), and hidden's element
-    offsets within 32 bits (the producer's row offsets)."""
+    of 128), H at most MAX_HIDDEN, contiguous 16-byte rows and bases (TMA and the 16-byte
+    gathers), and hidden's element offsets within 32 bits (the producer's row offsets)."""
     if not gluon_allowed(w13):
         return False
     _, rows13, hidden_size = w13.shape
@@ -77,7 +74,7 @@ def use_gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, block_m: int,
         and hidden.dtype == w13.dtype
         and block_m == BLOCK_M
         and activation in GATED
-        and (rows13 // 2) % (16 if _gluon.PARTIAL_N_16BIT else BLOCK_N) == 0
+        and (rows13 // 2) % BLOCK_N == 0
         and hidden_size % 16 == 0
         and hidden_size <= MAX_HIDDEN
         and w13.is_contiguous()
@@ -96,11 +93,10 @@ if HAVE_GLUON:
     def _epilogue(gate, up, desc, smem, first_row, first_col, expert, b13_ptr,
                   topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
                   ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  WEIGHT_ON_INPUT: gl.constexpr, PARTIAL_N: gl.constexpr):
+                  WEIGHT_ON_INPUT: gl.constexpr):
         """Router weight (on the input: it scales the products, not the biases), biases,
         the activation; stored in `desc`'s dtype by TMA at (first_row, first_col) of
-        `inter` from `smem` once the previous tile's store has left it (TMA drops columns
-        past I: PARTIAL_N, whose bias loads are masked there)."""
+        `inter` from `smem` once the previous tile's store has left it."""
         WIDTH: gl.constexpr = gate.shape[1]
         rows_layout: gl.constexpr = gl.SliceLayout(1, gate.type.layout)
         cols_layout: gl.constexpr = gl.SliceLayout(0, gate.type.layout)
@@ -113,14 +109,8 @@ if HAVE_GLUON:
         if HAS_BIAS:
             cols = first_col + gl.arange(0, WIDTH, layout=cols_layout)
             b_base = b13_ptr + expert.to(gl.int64) * stride_be
-            if PARTIAL_N:  # the last tile's columns past I read no bias
-                gate = gate + gl.load(b_base + cols, mask=cols < I,
-                                      other=0.0).to(gl.float32)[None, :]
-                up = up + gl.load(b_base + I + cols, mask=cols < I,
-                                  other=0.0).to(gl.float32)[None, :]
-            else:
-                gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
-                up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
+            gate = gate + gl.load(b_base + cols).to(gl.float32)[None, :]
+            up = up + gl.load(b_base + I + cols).to(gl.float32)[None, :]
         act = _activate(gate, up, ACTIVATION, alpha, limit)
         tma.store_wait(pendings=0)
         smem.store(act.to(desc.dtype))
@@ -130,25 +120,20 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer16(o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                     block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha, limit,
-                    a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs,
-                    CONSUMER: gl.constexpr, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                    NUM_BUFFERS: gl.constexpr, ACTIVATION: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
-                    PREFETCH: gl.constexpr, WIDE: gl.constexpr, CHUNK: gl.constexpr,
-                    PARTIAL_N: gl.constexpr):
+                    a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, CONSUMER: gl.constexpr,
+                    TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                    ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    WEIGHT_ON_INPUT: gl.constexpr, PREFETCH: gl.constexpr,
+                    CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × the tile's 128
         columns, or, in a tail tile (64 rows), its rows × columns [CONSUMER·64, +64), so
         that a tail takes both warpgroups for half as long instead of one for as long as
         a whole tile (the fp8 GEMM1 idles one: its split measured slower, bench/NOTES.md
-        session 21). WIDE: a whole tile's gate and up as one MMA per K step, over `gu_bufs`
-        (each stage's gate rows, then its up rows; `g_bufs` / `u_bufs` otherwise)."""
+        session 21)."""
         BLOCK_N: gl.constexpr = o_desc.block_type.shape[1]
         TAIL_N: gl.constexpr = BLOCK_N // 2  # a tail tile's columns per warpgroup
         o_smem = o_bufs.index(CONSUMER)
-        if PARTIAL_N:
-            n_tiles = gl.cdiv(I, BLOCK_N)
-        else:
-            n_tiles = I // BLOCK_N
+        n_tiles = I // BLOCK_N
         used = tiles_in_use(work_ptr, num_work, TAIL_M)
         total = used * n_tiles
         first, end, step = program_tiles(total, CHUNK)
@@ -175,35 +160,25 @@ if HAVE_GLUON:
             if TAIL_M:
                 whole = tile_rows == _TILE_M
             if whole:
-                if WIDE:
-                    gate, up, counter = wide_mainloop(a_bufs, gu_bufs, ready, empty, counter, H,
-                                                      CONSUMER * _HALF_M, NUM_BUFFERS, True)
-                else:
-                    gate, up, counter = paired_mainloop(
-                        a_bufs, g_bufs, u_bufs, ready, empty, counter, H, CONSUMER * _HALF_M,
-                        0, 0, BLOCK_N, NUM_BUFFERS, True)
+                gate, up, counter = paired_mainloop(
+                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, CONSUMER * _HALF_M, 0, 0,
+                    BLOCK_N, NUM_BUFFERS, True)
                 _epilogue(gate, up, o_desc, o_smem, tile_slot + CONSUMER * _HALF_M,
                           pid_n * BLOCK_N, tile_expert, b13_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, num_pairs, I, stride_be, alpha, limit,
-                          ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT, PARTIAL_N)
+                          ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
             elif TAIL_M:
                 # A tail's [64, TAIL_N] store box, in the same bytes as the whole tile's;
                 # names of their own (a branch's values may not change type).
                 h_smem = o_smem._reinterpret(h_desc.dtype, h_desc.block_type.shape,
                                              h_desc.layout)
-                if WIDE:  # gate rows [0, BLOCK_N) of a stage's buffer, up rows after them
-                    half_gate, half_up, counter = paired_mainloop(
-                        a_bufs, gu_bufs, gu_bufs, ready, empty, counter, H, 0,
-                        CONSUMER * TAIL_N, BLOCK_N + CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS,
-                        True)
-                else:
-                    half_gate, half_up, counter = paired_mainloop(
-                        a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * TAIL_N,
-                        CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS, True)
+                half_gate, half_up, counter = paired_mainloop(
+                    a_bufs, g_bufs, u_bufs, ready, empty, counter, H, 0, CONSUMER * TAIL_N,
+                    CONSUMER * TAIL_N, TAIL_N, NUM_BUFFERS, True)
                 _epilogue(half_gate, half_up, h_desc, h_smem, tile_slot,
                           pid_n * BLOCK_N + CONSUMER * TAIL_N, tile_expert, b13_ptr,
                           topk_weights_ptr, sorted_pairs_ptr, num_pairs, I, stride_be, alpha,
-                          limit, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT, PARTIAL_N)
+                          limit, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -222,8 +197,7 @@ if HAVE_GLUON:
         num_pairs, top_k, H, I, stride_xm, stride_be, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_ON_INPUT: gl.constexpr,
-        PREFETCH: gl.constexpr, WIDE: gl.constexpr, CHUNK: gl.constexpr,
-        PARTIAL_N: gl.constexpr, num_warps: gl.constexpr,
+        PREFETCH: gl.constexpr, CHUNK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order;
         this program's own warpgroup is the producer (`_producer`, gathering A), two
@@ -233,21 +207,10 @@ if HAVE_GLUON:
         gl.static_assert(dtype.primitive_bitwidth == 16, "16-bit operands")
         a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + a_desc.block_type.shape,
                                            a_desc.layout)
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = b_desc.block_type.shape[1]
-        if WIDE:  # a stage's gate rows, then its up rows, adjacent: one MMA reads both (the
-            # producer fills them as boxes 2i and 2i + 1 of the same bytes)
-            gu_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, 2 * BLOCK_N, BLOCK_K],
-                                                b_desc.layout)
-            g_bufs = gu_bufs._reinterpret(dtype, [2 * NUM_BUFFERS, BLOCK_N, BLOCK_K],
-                                          b_desc.layout)
-            u_bufs = g_bufs
-        else:
-            g_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K],
-                                               b_desc.layout)
-            u_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K],
-                                               b_desc.layout)
-            gu_bufs = g_bufs  # not read
+        g_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        u_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS] + b_desc.block_type.shape,
+                                           b_desc.layout)
         o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape,
                                            o_desc.layout)
         # Each of the producer's 128 threads arrives when its copies land.
@@ -255,18 +218,17 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
                           block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH, WIDE,
-                          CHUNK)),
+                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH, CHUNK)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
-                            limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0,
-                            TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
-                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK, PARTIAL_N)),
+                            limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0, TAIL_M,
+                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT,
+                            PREFETCH, CHUNK)),
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
-                            limit, a_bufs, gu_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1,
-                            TAIL_M, GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS,
-                            WEIGHT_ON_INPUT, PREFETCH, WIDE, CHUNK, PARTIAL_N))],
+                            limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 1, TAIL_M,
+                            GROUP_M, NUM_BUFFERS, ACTIVATION, HAS_BIAS, WEIGHT_ON_INPUT,
+                            PREFETCH, CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -291,9 +253,11 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         raise ValueError(f"block_n: expected {BLOCK_N} or {NARROW_N}, got {block_n}")
     num_tokens, hidden_size = hidden.shape
     inter_size = w13.shape[1] // 2
+    if inter_size % block_n:
+        raise ValueError(f"I = {inter_size}: expected whole column tiles of {block_n}")
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
     work, num_work, tail_m = work_list(plan)
-    grid, chunk = _gluon.schedule(programs, plan, cdiv(inter_size, block_n))
+    grid, chunk = _gluon.schedule(programs, plan, inter_size // block_n)
     launcher(_gemm1_ws16_kernel)[grid](
         descriptor(hidden, [BLOCK_M, BLOCK_K]), descriptor(w13, [block_n, BLOCK_K]),
         descriptor(inter, [HALF_M, block_n]), descriptor(inter, [HALF_M, block_n // 2]), hidden,
@@ -304,7 +268,6 @@ def gluon_gemm1_16bit(hidden: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor
         TAIL_M=tail_m, GROUP_M=group_m(w13),
         NUM_BUFFERS=STAGES if block_n == BLOCK_N else NARROW_STAGES, ACTIVATION=activation,
         HAS_BIAS=b13 is not None, WEIGHT_ON_INPUT=weight_on_input,
-        PREFETCH=_gluon.PREFETCH_TILES, WIDE=_gluon.WIDE_MMA_GEMM1_16BIT, CHUNK=chunk,
-        PARTIAL_N=inter_size % block_n != 0, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES, CHUNK=chunk, num_warps=4,
     )
     return inter

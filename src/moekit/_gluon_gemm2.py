@@ -108,18 +108,16 @@ if HAVE_GLUON:
     _HALF_M = gl.constexpr(HALF_M)
 
     @gluon.jit
-    def _producer(a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr, num_work,
+    def _producer(a_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr, num_work,
                   H, I, a_bufs, b_bufs, ready, empty, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, PREFETCH: gl.constexpr,
-                  TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-                  CHUNK: gl.constexpr):
+                  EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr):
         """TMA loads of every K step of every tile into the ring, each stage reloaded once
         both math warpgroups have released it. PREFETCH: a tile's expert is loaded during
         the tile before's K loop, its work entry during the one before that (as the
-        GEMM1 producer's), so a tile's first loads wait on neither. TAIL_A_BOX: a tail
-        tile's A rows by `t_desc`'s [64, BLOCK_K] box into the stage's first 64 rows (the
-        ones its math reads), not `a_desc`'s 128 rows, half of them the next tile's.
-        Tiles in `ordered_tile_coords` order (EXPERT_GROUPS: `expert_tile_coords`)."""
+        GEMM1 producer's), so a tile's first loads wait on neither. A tail tile's A is
+        the whole 128-row box, its second half the next tile's rows, never read. Tiles in
+        `ordered_tile_coords` order (EXPERT_GROUPS: `expert_tile_coords`)."""
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         n_tiles = gl.cdiv(H, BLOCK_N)
@@ -138,33 +136,21 @@ if HAVE_GLUON:
             if PREFETCH:
                 tile_slot = first_slot
                 tile_expert = expert
-                tile_rows = rows
                 first_slot, expert, rows = entry_tile(entry, block_experts_ptr, TAIL_M)
                 entry = prefetch_entry(tile + 2 * step, total, used, n_tiles, work_ptr, GROUP_M,
                                        TAIL_M, block_experts_ptr, offsets_ptr, EXPERT_GROUPS)
             else:
-                tile_slot, tile_expert, tile_rows = row_tile(work_ptr, block_experts_ptr, pid_m,
-                                                             TAIL_M)
+                tile_slot, tile_expert, _ = row_tile(work_ptr, block_experts_ptr, pid_m, TAIL_M)
             # A partial last column tile reads on into the next expert's rows (or TMA's
             # zeros): columns the stores clip.
             b_row = tile_expert * H + pid_n * BLOCK_N
-            whole = True
-            if TAIL_A_BOX and TAIL_M:
-                whole = tile_rows == _TILE_M
             for k in range(0, I, BLOCK_K):
                 index = counter % NUM_BUFFERS
                 # A fresh barrier is in phase 0: waiting for parity 1 passes at once.
                 mbarrier.wait(empty.index(index), ((counter // NUM_BUFFERS) & 1) ^ 1)
                 bar = ready.index(index)
-                if whole:
-                    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
-                                                    a_bufs.index(index))
-                else:
-                    mbarrier.expect(bar, t_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(
-                        t_desc, [tile_slot, k], bar,
-                        a_bufs.index(index).slice(0, t_desc.block_type.shape[0], dim=0))
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar, a_bufs.index(index))
                 tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_bufs.index(index))
                 counter += 1
 
@@ -374,7 +360,6 @@ if HAVE_GLUON:
     @gluon.jit
     def _gemm2_ws_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
-        t_desc,  # TAIL_A_BOX: the same, [64, BLOCK_K] boxes (a tail tile's A); else a_desc
         b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes: one or two 128-column halves
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         h_desc,  # the same, [64, 64] boxes (a tail tile's stores, 128-column tiles)
@@ -393,8 +378,8 @@ if HAVE_GLUON:
         A_PER_K: gl.constexpr, A_GROUP_K: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
         W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr,
-        PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, TAIL_A_BOX: gl.constexpr,
-        EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr, num_warps: gl.constexpr,
+        PARTIAL_N: gl.constexpr, PREFETCH: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
+        CHUNK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, column tile) in `ordered_tile_coords` order (GROUP_M
         row tiles per column tile, with EXPERT_GROUPS never two experts' in a group; 1: row
@@ -413,9 +398,9 @@ if HAVE_GLUON:
                                            c_desc.layout)
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
+            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
                           num_work, H, I, a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS, CHUNK)),
+                          NUM_BUFFERS, PREFETCH, EXPERT_GROUPS, CHUNK)),
              (_consumer, (c_desc, h_desc, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr,
                           sorted_pairs_ptr, block_experts_ptr, work_ptr, offsets_ptr, num_work,
                           num_pairs, H, I, stride_asm,
@@ -461,12 +446,10 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
     halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
-    a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
     grid, chunk = _gluon.schedule(programs, plan, cdiv(hidden, halves * BLOCK_N), w2,
                                   halves * BLOCK_N * inter_size, gemm=2)  # a column tile's weights
     launcher(_gemm2_ws_kernel)[grid](
-        a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
-        descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [halves * BLOCK_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]), inter_scale,
         w2_scale,
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
@@ -480,7 +463,6 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
         W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n, HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None,
         PARTIAL_N=hidden % (halves * BLOCK_N) != 0, PREFETCH=_gluon.PREFETCH_TILES_FP8,
-        TAIL_A_BOX=_gluon.TAIL_A_BOX, EXPERT_GROUPS=_gluon.EXPERT_GROUPS, CHUNK=chunk,
-        num_warps=4,
+        EXPERT_GROUPS=_gluon.EXPERT_GROUPS, CHUNK=chunk, num_warps=4,
     )
     return out

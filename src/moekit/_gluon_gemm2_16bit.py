@@ -43,7 +43,6 @@ if HAVE_GLUON:
         stage_ring,
         tiles_in_use,
         tma,
-        wide_mainloop,
     )
     from moekit._gluon_gemm2 import _producer
 
@@ -143,10 +142,10 @@ if HAVE_GLUON:
                   block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I, stride_be, a_bufs,
                   b_bufs, ready, empty, c_bufs, CONSUMER: gl.constexpr, TAIL_M: gl.constexpr,
                   GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr, WIDE: gl.constexpr,
+                  APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
                   EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER of every tile: rows [CONSUMER·64, +64) × both column
-        halves (WIDE: as one MMA per K step), or, in a tail tile (64 rows), its rows × half
+        halves, or, in a tail tile (64 rows), its rows × half
         CONSUMER (as two 64-column products, `q_desc`'s [64, 64] boxes), so that a tail
         takes both warpgroups."""
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
@@ -201,13 +200,9 @@ if HAVE_GLUON:
             # A tail's 64 rows are all this warpgroup's; a whole tile's, its half.
             row = _warpgroup_row(tile_slot, tile_rows, CONSUMER)
             if whole:
-                if WIDE:
-                    lo, hi, counter = wide_mainloop(a_bufs, b_bufs, ready, empty, counter, I,
-                                                    CONSUMER * _HALF_M, NUM_BUFFERS, False)
-                else:
-                    lo, hi, counter = paired_mainloop(
-                        a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M,
-                        0, BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
+                lo, hi, counter = paired_mainloop(
+                    a_bufs, b_bufs, b_bufs, ready, empty, counter, I, CONSUMER * _HALF_M,
+                    0, BLOCK_N, BLOCK_N, NUM_BUFFERS, False)
                 _store_half(lo, c_desc, c_smem, row, col0, tile_expert, b2_ptr, weights, stride_be,
                             HAS_BIAS, APPLY_WEIGHT)
                 _store_half(hi, c_desc, c_smem, row, col0 + BLOCK_N, tile_expert, b2_ptr, weights,
@@ -232,7 +227,6 @@ if HAVE_GLUON:
     @gluon.jit
     def _gemm2_ws16_kernel(
         a_desc,  # inter [capacity, I] in plan order, [128, BLOCK_K] boxes
-        t_desc,  # TAIL_A_BOX: the same, [64, BLOCK_K] boxes (a tail tile's A); else a_desc
         b_desc,  # w2 as [E·H, I], [TILE_N, BLOCK_K] boxes
         c_desc,  # out [capacity, H] in plan order, [64, BLOCK_N] boxes
         q_desc,  # the same, [64, 64] boxes (a tail tile's stores)
@@ -246,8 +240,7 @@ if HAVE_GLUON:
         num_pairs, H, I, stride_be,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         HAS_BIAS: gl.constexpr, APPLY_WEIGHT: gl.constexpr, PREFETCH: gl.constexpr,
-        WIDE: gl.constexpr, TAIL_A_BOX: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-        CHUNK: gl.constexpr, num_warps: gl.constexpr,
+        EXPERT_GROUPS: gl.constexpr, CHUNK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 256 hidden columns) in `ordered_tile_coords` order
         (GROUP_M row tiles per column tile, with EXPERT_GROUPS never two experts' in a
@@ -264,18 +257,18 @@ if HAVE_GLUON:
                                            c_desc.layout)
         ready, empty = stage_ring(NUM_BUFFERS, 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, t_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
+            [(_producer, (a_desc, b_desc, block_experts_ptr, work_ptr, offsets_ptr,
                           num_work, H, I, a_bufs, b_bufs, ready, empty, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, PREFETCH, TAIL_A_BOX, EXPERT_GROUPS, CHUNK)),
+                          NUM_BUFFERS, PREFETCH, EXPERT_GROUPS, CHUNK)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
                           stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 0, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS,
+                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, EXPERT_GROUPS,
                           CHUNK)),
              (_consumer, (c_desc, q_desc, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                           num_pairs, block_experts_ptr, work_ptr, offsets_ptr, num_work, H, I,
                           stride_be, a_bufs, b_bufs, ready, empty, c_bufs, 1, TAIL_M, GROUP_M,
-                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, WIDE, EXPERT_GROUPS,
+                          NUM_BUFFERS, HAS_BIAS, APPLY_WEIGHT, PREFETCH, EXPERT_GROUPS,
                           CHUNK))],
             [4, 4], [232, 232])
 
@@ -299,11 +292,9 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
     out = torch.empty((plan.capacity, hidden_size), dtype=inter.dtype, device=inter.device)
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
-    a_desc = descriptor(inter, [BLOCK_M, BLOCK_K])
     grid, chunk = _gluon.schedule(programs, plan, hidden_size // TILE_N, gemm=2)
     launcher(_gemm2_ws16_kernel)[grid](
-        a_desc, _gluon.tail_a_descriptor(inter, a_desc, BLOCK_K, tail_m),
-        descriptor(w2, [TILE_N, BLOCK_K]),
+        descriptor(inter, [BLOCK_M, BLOCK_K]), descriptor(w2, [TILE_N, BLOCK_K]),
         descriptor(out, [HALF_M, BLOCK_N]), descriptor(out, [HALF_M, HALF_M]),
         dummy if b2 is None else b2, dummy if topk_weights is None else topk_weights,
         plan.sorted_pairs, plan.block_experts, work, plan.expert_offsets, num_work,
@@ -311,7 +302,6 @@ def gluon_gemm2_16bit(inter: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         TAIL_M=tail_m, GROUP_M=_gluon.gemm2_group_m(w2), NUM_BUFFERS=STAGES,
         HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=topk_weights is not None, PREFETCH=_gluon.PREFETCH_TILES,
-        WIDE=_gluon.WIDE_MMA_GEMM2_16BIT, TAIL_A_BOX=_gluon.TAIL_A_BOX,
         EXPERT_GROUPS=_gluon.EXPERT_GROUPS, CHUNK=chunk, num_warps=4,
     )
     return out

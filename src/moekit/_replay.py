@@ -147,10 +147,7 @@ def _settings() -> tuple:
     """What the ops read at run time besides their arguments."""
     return (_gluon_switch(), _tile_programs(), _gemm2_switch(), _gemm2_group_m(),
             _gemm1_group_m(),
-            _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8,
-            _gluon.WIDE_MMA_GEMM1_16BIT,
-            _gluon.WIDE_MMA_GEMM2_16BIT, _gluon.TAIL_A_BOX, _gluon.EXPERT_GROUPS,
-            _gluon.PARTIAL_N_16BIT,
+            _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8, _gluon.EXPERT_GROUPS,
             _tile_order.FORCED, _launch._current_device())
 
 
