@@ -133,6 +133,8 @@
 #             M = 512-16384; and the GEMM1 one per tile where only that term would add it
 #             (deepseek-v3 M = 32768, mixtral 16384), two rounds (session 51)
 #   gridtests the Gluon grids' GPU tests alone (tests/test_gluon_grid.py)
+#   gluontests every Gluon GEMM's GPU tests and the replay's (tests/test_gluon_*.py,
+#             tests/test_replay.py; a few minutes): first after a change to those kernels
 #   gridlosses the grid rule's small losses (two rounds each in session 51), three rounds:
 #             mixtral M = 4096 and 16384 and gpt-oss 32768, fp8 per-tensor, per-channel and
 #             block, the rule against its GEMM1 persistent (`MOEKIT_GLUON_TILE_PROGRAMS=0,r`:
@@ -589,6 +591,8 @@ for stage in "$@"; do
       done ;;
     gridtests) step pytest-gpu-grid 120 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         tests/test_gluon_grid.py ;;
+    gluontests) step pytest-gpu-gluon 300 python3 -m pytest -m "gpu and not slow" -q -rfE \
+        -p no:cacheprovider $PARALLEL tests/test_gluon_*.py tests/test_replay.py ;;
     gridlosses)
       for round in 1 2 3; do
         for dtype in fp8_tensor fp8_channel fp8_block; do
