@@ -68,7 +68,7 @@ def test_shape_rules(monkeypatch):
     assert not _chosen(shifted.view(hidden.shape), w13), "base not 16-byte aligned"
 
 
-def test_partial_column_tiles_are_triton_s(monkeypatch):
+def test_partial_column_tiles_are_left_to_triton_and_refused(monkeypatch):
     # I not a multiple of 128 (gpt-oss's 2880) runs Triton's GEMM1 (the Gluon one on
     # partial column tiles measured 0.77–1.00×, bench/NOTES.md session 52), and the
     # launcher refuses such an I outright rather than launch tiles it cannot fill.
