@@ -3,7 +3,7 @@ bench/scripts experiment."""
 
 import json
 
-from moekit.bench.experiment_files import experiment_meta, write_experiment
+from moekit.bench.experiment_files import experiment_meta, rows_table, write_experiment
 
 
 def test_meta_names_the_run(monkeypatch):
@@ -25,3 +25,10 @@ def test_files_hold_the_rows_and_the_page(tmp_path):
         "# An experiment — GPU X, 2026-12-04", "",
         "- command: `bench/scripts/e.py --out o` (code abc1234)", "- torch 2.x, triton 3.y",
         "- note one", "- note two", "", "| preset | us |", "|---|---|", "| p | 1.5 |", ""]
+
+
+def test_rows_table_lays_out_the_chosen_keys():
+    rows = [{"M": 2048, "tail µs": 12.5, "rounds": [1]}, {"M": 4096, "tail µs": 30.0,
+                                                          "rounds": [2]}]
+    assert rows_table(rows, ["M", "tail µs"]) == [
+        "| M | tail µs |", "|---|---|", "| 2048 | 12.5 |", "| 4096 | 30.0 |"]

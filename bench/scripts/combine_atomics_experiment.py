@@ -40,7 +40,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 import moekit
-from moekit.bench.experiment_files import experiment_meta, write_experiment
+from moekit.bench.experiment_files import experiment_meta, rows_table, write_experiment
 from moekit.bench.inputs import make_tokens
 from moekit.bench.presets import PRESETS
 from moekit.bench.timing import graph_replay_us
@@ -226,9 +226,7 @@ def main() -> None:
     for name, m in cells:
         rows.append(cell(name, m))
         print(rows[-1], flush=True)
-    keys = list(rows[0])
-    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    table += ["| " + " | ".join(str(r[key]) for key in keys) + " |" for r in rows]
+    table = rows_table(rows, list(rows[0]))
     write_experiment(
         args.out, "combine-atomics-experiment", experiment_meta(), rows,
         "GEMM2's per-pair rows + combine against float32 atomics into token rows",

@@ -37,7 +37,7 @@ import torch
 import moekit
 from moekit._gluon import TILE_PROGRAMS_ENV
 from moekit._tma import heuristic_sms
-from moekit.bench.experiment_files import experiment_meta, write_experiment
+from moekit.bench.experiment_files import experiment_meta, rows_table, write_experiment
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
@@ -201,9 +201,7 @@ def main() -> None:
         rows.append(measure(label, ids, w, args.dtype, args.rounds, args.rep_ms,
                             args.tile_grids))
         print(rows[-1], flush=True)
-    keys = [k for k in rows[0] if not k.startswith("rounds")]
-    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    table += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    table = rows_table(rows, [k for k in rows[0] if not k.startswith("rounds")])
     write_experiment(
         args.out, f"{args.stem}-{args.dtype}", experiment_meta(), rows,
         f"Tail tiles against none, {PRESET} {args.dtype}, even and random routings",

@@ -4,7 +4,8 @@ Every experiment records the same environment (device, torch, triton, date, the 
 the commit from $MOEKIT_GIT_COMMIT, since a working tree copied to a lent GPU machine may
 carry a stale .git) and writes a JSON record beside a Markdown page that opens with it.
 The kernel table's own files are `moekit.bench.results`'; these are the scripts' lighter
-form, one dict per row and a table the script lays out itself.
+form, one dict per row and a table the script lays out itself (`rows_table` where the
+rows' own keys are its columns).
 """
 
 from __future__ import annotations
@@ -39,3 +40,9 @@ def write_experiment(out_dir: str, stem: str, meta: dict, rows: list[dict], titl
              f"- torch {meta['torch']}, triton {meta['triton']}", *notes, "", *table]
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def rows_table(rows: list[dict], keys: list[str]) -> list[str]:
+    """A Markdown table of `rows`, one column per key of `keys` (values as `str` gives them)."""
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(str(row[key]) for key in keys) + " |" for row in rows]
