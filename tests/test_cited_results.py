@@ -1,4 +1,4 @@
-"""Every result file that README.md and bench/NOTES.md cite exists under bench/results/.
+"""Every result file that README.md, docs/ and bench/{NOTES,HISTORY}.md cite is in bench/results/.
 
 A number quoted from a file nobody can open is a claim nobody can check. Citations are
 backquoted names with a device prefix (`h100-sxm-…`, `h200-…`): full names, braces
@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
 TABLES = ROOT / "src" / "moekit" / "tuning" / "tables"
-CITING = ["README.md", "bench/NOTES.md"]
+CITING = ["README.md", "bench/NOTES.md", "bench/HISTORY.md", "docs/kernel-paths.md",
+          "docs/tuned-tables.md"]
 _CITATION = re.compile(r"`([^`\s]*(?:h100|h200)[^`\s]*\.(?:json|md|txt|csv)|…-[^`\s]+)`")
 
 
