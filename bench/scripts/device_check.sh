@@ -141,6 +141,8 @@
 #             the tiles term's cells) and its GEMM2 persistent (`r,0`: block mixtral 4096)
 #   gridruleblock the fp8 grid rule with block and per-channel scales: persistent against
 #             the rule, two rounds, deepseek-v3 / gpt-oss / mixtral at M = 512–16384
+#   planlaunch bench/scripts/plan_launches_experiment.py: the dispatch plan in one launch
+#             against count + scan + place at 8K–32K pairs (~1 min; session 56)
 #   combineatomics bench/scripts/combine_atomics_experiment.py: GEMM2's per-pair rows stored
 #             and combined against float32 atomics into token rows (then a cast), the
 #             epilogue's traffic alone at prefill cells (session 52)
@@ -620,6 +622,8 @@ for stage in "$@"; do
       done ;;
     combineatomics) step combine-atomics 240 python3 bench/scripts/combine_atomics_experiment.py \
                       --out "$out" ;;
+    planlaunch) step plan-launches 150 python3 bench/scripts/plan_launches_experiment.py \
+                  --out "$out" ;;
     slaborder)
       for round in 1 2; do
         for dtype in fp8_tensor bf16; do
