@@ -7,7 +7,10 @@ pairs (M = 512) and 12.1 / 12.8 µs for 8,192 / 16,384 (M = 1024 / 2048), each w
 replay's ~5 µs floor: ~2–3 µs more for the two launches. This times the plan as the layer
 builds it (the heuristic's row tile, tail tiles where it takes them) as shipped and with the
 one-launch limit raised to the cell's pairs (8K–32K), rounds interleaved; the plans must be
-identical.
+identical. Compiled for sm_90 on the CPU (session 56, `ptxas -v`), the one-launch place
+kernel spills nothing at 8K pairs (40 or 128 experts) and 16K on 40 experts, but 19.7 KB
+at 16K on 128 experts and 17.6–47.3 KB at 32K: its [ALL_PAIRS] ids block outgrows the
+registers there, so any limit raised would stop at 8K–16K.
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/plan_launches_experiment.py --out $OUT
 (`device_check.sh planlaunch`).
