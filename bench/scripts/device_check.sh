@@ -46,7 +46,8 @@
 #   gluon     bench/scripts/gluon_grouped_gemm_experiment.py (GEMM2 at prefill as a Gluon
 #             grouped GEMM, plain and warp-specialised, against the library's; bf16, fp8)
 #   ncu       bench/scripts/ncu_gemms.py under Nsight Compute (--set full; the report in
-#             /tmp/gemms.ncu-rep, its details page in ncu-gemms-details.log)
+#             /tmp/gemms.ncu-rep, its details page in ncu-gemms-details.log); NCU_CELLS=
+#             "preset:M:dtype ..." profiles those cells instead of the script's own
 #   gluon1    bench/scripts/gluon_gemm1_experiment.py (fp8 GEMM1 at prefill, warp-specialised
 #             Gluon over plan-order rows, against the library's GEMM1; per-tensor, block)
 #   gemm2bytes Nsight Compute counters (time, clock, DRAM bytes read/written, L2 hit rate and
@@ -316,7 +317,7 @@ for stage in "$@"; do
     padding) step padding-ceiling 150 python3 bench/scripts/padding_ceiling_experiment.py \
                --out "$out" ;;
     ncu) step ncu-gemms 300 ncu --profile-from-start off --clock-control none --set full \
-           -k regex:gemm -f -o /tmp/gemms python3 bench/scripts/ncu_gemms.py
+           -k regex:gemm -f -o /tmp/gemms python3 bench/scripts/ncu_gemms.py ${NCU_CELLS:+--cell $NCU_CELLS}
          step ncu-gemms-details 60 ncu --import /tmp/gemms.ncu-rep --page details ;;
     gemm2bytes)
       for cell in deepseek-v3:4096:bf16 mixtral-8x7b:16384:bf16; do
