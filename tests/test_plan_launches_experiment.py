@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from helpers import bench_script
-from moekit import reference
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +21,8 @@ def test_one_launch_past_the_limit_makes_the_same_plan_interpreter(experiment, b
     assert experiment.launches(ids.numel(), 8192) == 1
     scanned = experiment.layer_plan(ids, 40, block_m, tail_m, experiment.SHIPPED, "triton")
     fused = experiment.layer_plan(ids, 40, block_m, tail_m, 8192, "triton")
-    expected = reference.dispatch_plan(ids, 40, tail_m or block_m,
-                                       tile_m=block_m if tail_m else None)
+    expected = experiment.layer_plan(ids, 40, block_m, tail_m, 8192, "reference")
     assert experiment.same_plans(fused, scanned)
     assert experiment.same_plans(fused, expected)
-    other = reference.dispatch_plan(ids.roll(1, 0), 40, tail_m or block_m,
-                                    tile_m=block_m if tail_m else None)
+    other = experiment.layer_plan(ids.roll(1, 0), 40, block_m, tail_m, 8192, "reference")
     assert not experiment.same_plans(fused, other)

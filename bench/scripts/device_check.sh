@@ -152,21 +152,13 @@
 #             tiles are re-read once per column tile) against the shipped order, two rounds,
 #             fp8 per-tensor and bf16, qwen3 / olmoe / granite at M = 4096 and 16384: what
 #             a GEMM2 folding the combine in behind each slab would pay (session 52)
-#   notail    mixtral-8x7b bf16 at M = 1024-8192 with the heuristic's 128-row tiles against
-#             the same tiles without tail tiles (a table placed for the runs:
-#             bench/scripts/notail-mixtral-table.json), three alternating rounds (session 53's
-#             tuner read 2,298 against 2,644 µs at M = 2048); notailstages: the stage
-#             breakdown of both at M = 2048 and 3072, two rounds
 #   tailtiles the bf16 table's prefill cells (M = 2048, 4096, 8192, every preset) with the
 #             heuristic's tail tiles against none (`MOEKIT_TAIL_TILES=0`), two rounds
-#   mixtraltable `moekit tune` of mixtral-8x7b bf16 at M = 2048, 3072, 4096, then that
-#             table (as the H100's shipped bf16 table) against none, M = 1024-8192, three
-#             alternating rounds; the table lands in $out/tune-bf16-mixtral.json
 #   bf16table the H100's shipped bf16 table (mixtral entries, session 53) against none, mixtral
 #             M = 1536-4096 (the entries' windows and edges), three alternating rounds
-#             (notail, notailstages and mixtraltable place a table of their own and refuse
-#             to run now that this one ships; under it tailtiles' mixtral M = 2048-3072
-#             runs without tail tiles both ways)
+#             (under it tailtiles' mixtral M = 2048-3072 runs without tail tiles both ways;
+#             session 53's notail, notailstages and mixtraltable, which placed a table of
+#             their own, went once this one shipped: last at 90c0bc0)
 #   tailcost  bench/scripts/tail_cost_experiment.py: mixtral bf16 with and without tail tiles
 #             on even routings (512, 544, 576, 640 rows an expert) and the bench's random
 #             one at M = 2048 and 3072, explicit configs, three interleaved rounds (~2 min)
@@ -640,19 +632,6 @@ for stage in "$@"; do
       for dtype in fp8_tensor bf16; do
         compare_settings "ab-slaborder-$dtype" "slaborder-$dtype" ship slab
       done ;;
-    notail)
-      table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
-      [ -e $table ] && { echo "notail: $table exists; the stage would replace it" >&2; exit 2; }
-      for round in 1 2 3; do
-        for setting in ship notail; do
-          [ $setting = notail ] && cp bench/scripts/notail-mixtral-table.json $table
-          step "bench-notail-$setting-r$round" 90 python3 -m moekit.cli bench --no-baselines \
-            --graph-max-m 16384 --rep-ms 30 --presets mixtral-8x7b \
-            --tokens 1024 1536 2048 3072 4096 8192 --what "notail-$setting-r$round" --out "$out"
-          rm -f $table
-        done
-      done
-      compare_settings ab-bf16-mixtral-notail notail ship notail ;;
     tailtiles)
       for round in 1 2; do
         for setting in ship notail; do
@@ -663,22 +642,6 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-bf16-tailtiles tailtiles ship notail ;;
-    mixtraltable)
-      table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
-      [ -e $table ] && { echo "mixtraltable: $table exists" >&2; exit 2; }
-      step tune-bf16-mixtral 200 python3 -m moekit.cli tune --fresh \
-        --out "$out/tune-bf16-mixtral.json" --presets mixtral-8x7b --tokens 2048 3072 4096
-      for round in 1 2 3; do
-        for setting in ship table; do
-          [ $setting = table ] && cp "$out/tune-bf16-mixtral.json" $table
-          step "bench-mixtraltable-$setting-r$round" 60 python3 -m moekit.cli bench \
-            --no-baselines --graph-max-m 16384 --rep-ms 30 --presets mixtral-8x7b \
-            --tokens 1024 2048 3072 4096 8192 --what "mixtraltable-$setting-r$round" \
-            --out "$out"
-          rm -f $table
-        done
-      done
-      compare_settings ab-bf16-mixtral-table mixtraltable ship table ;;
     bf16table)
       table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
       cp $table /tmp/bf16table.json
@@ -693,18 +656,6 @@ for stage in "$@"; do
       done
       cp /tmp/bf16table.json $table
       compare_settings ab-bf16-table-mixtral bf16table none table ;;
-    notailstages)
-      table=src/moekit/tuning/tables/h100-sxm-fused_experts-bf16.json
-      [ -e $table ] && { echo "notailstages: $table exists" >&2; exit 2; }
-      for round in 1 2; do
-        for setting in ship notail; do
-          [ $setting = notail ] && cp bench/scripts/notail-mixtral-table.json $table
-          mkdir -p "$out/stages-$setting-r$round"
-          step "stages-notail-$setting-r$round" 90 python3 bench/scripts/stage_breakdown.py \
-            --out "$out/stages-$setting-r$round" --cells mixtral-8x7b:2048 mixtral-8x7b:3072
-          rm -f $table
-        done
-      done ;;
     tailcost) step tail-cost 240 python3 bench/scripts/tail_cost_experiment.py --out "$out" ;;
     tailsweep)
       step tail-sweep-bf16 300 python3 bench/scripts/tail_cost_experiment.py --out "$out" \
