@@ -57,7 +57,8 @@ DISABLE_ENV = "MOEKIT_GLUON"  # "0": always the Triton GEMMs (a measurement's co
 PREFETCH_TILES = True
 PREFETCH_TILES_FP8 = False
 # Measured and removed (their code last at a254e54; bench/NOTES.md, sessions 46–52): the
-# 16-bit GEMMs as one MMA over both halves of a tile per K step (0.99–1.01× on an H200),
+# 16-bit GEMMs as one MMA over both halves of a tile per K step (0.99–1.01× on an H200;
+# at granite's narrow GEMM1 tiles 1.00–1.01× on an H100, session 57),
 # the GEMM2s loading a tail tile's A as a 64-row box (0.89–1.04× bf16, 0.96–1.02× fp8 on an
 # H100), and the 16-bit GEMM1 on partial column tiles (gpt-oss 0.77–1.00× against Triton's).
 # The Gluon GEMM2s' grouped order (GROUP_M > 1, `gemm2_group_m`) in groups that never split

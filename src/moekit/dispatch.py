@@ -48,7 +48,10 @@ _LARGE_CHUNK = 256
 _LARGE_PAIRS = 65536
 # Up to this many pairs one launch: every place program histograms all of them itself
 # (a launch costs ~70 µs of host time on the lent H100 VM); beyond, count and scan
-# launches first.
+# launches first. Raised to the cell's pairs it measured slower everywhere on an H100:
+# 8K pairs 14.9 against 11.7 µs, 16K 29–378 against 12–13 (bench/results/
+# h100-sxm-20261206-plan-launches-s57.md): each program's histogram of every pair costs more
+# than the two launches it saves.
 _FUSED_PAIRS = 4096
 # The scan kernel's bins per program and values per step.
 _SCAN_BINS = 16
