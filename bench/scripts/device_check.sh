@@ -142,6 +142,8 @@
 #             the tiles term's cells) and its GEMM2 persistent (`r,0`: block mixtral 4096)
 #   gridruleblock the fp8 grid rule with block and per-channel scales: persistent against
 #             the rule, two rounds, deepseek-v3 / gpt-oss / mixtral at M = 512–16384
+#   talltiles bench/scripts/tall_tiles_experiment.py: the 16-bit Gluon GEMM1 alone on 192-row
+#             tiles (three math warpgroups) against 128, even routings (~3 min; session 57)
 #   planlaunch bench/scripts/plan_launches_experiment.py: the dispatch plan in one launch
 #             against count + scan + place at 8K–32K pairs (~1 min; session 56)
 #   combineatomics bench/scripts/combine_atomics_experiment.py: GEMM2's per-pair rows stored
@@ -615,6 +617,7 @@ for stage in "$@"; do
       done ;;
     combineatomics) step combine-atomics 240 python3 bench/scripts/combine_atomics_experiment.py \
                       --out "$out" ;;
+    talltiles) step tall-tiles 420 python3 bench/scripts/tall_tiles_experiment.py --out "$out" ;;
     planlaunch) step plan-launches 150 python3 bench/scripts/plan_launches_experiment.py \
                   --out "$out" ;;
     slaborder)
