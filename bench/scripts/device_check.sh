@@ -617,7 +617,8 @@ for stage in "$@"; do
       done ;;
     combineatomics) step combine-atomics 240 python3 bench/scripts/combine_atomics_experiment.py \
                       --out "$out" ;;
-    talltiles) step tall-tiles 420 python3 bench/scripts/tall_tiles_experiment.py --out "$out" ;;
+    talltiles) step tall-tiles 360 python3 bench/scripts/tall_tiles_experiment.py --rounds 2 \
+                 --out "$out" ;;
     planlaunch) step plan-launches 150 python3 bench/scripts/plan_launches_experiment.py \
                   --out "$out" ;;
     slaborder)

@@ -294,7 +294,7 @@ def run(rounds: int, programs: int) -> list[dict]:
             times = {variant: [] for variant in variants}
             for _ in range(rounds):
                 for variant, fn in variants.items():
-                    times[variant].append(graph_replay_us(fn, rep_ms=40))
+                    times[variant].append(graph_replay_us(fn, rep_ms=30))
             flops = 2 * tokens * top_k * hidden_size * 2 * inter_size
             base = statistics.median(times["tall2"])
             for variant in variants:
