@@ -255,10 +255,10 @@ def even_ids(num_tokens: int, num_experts: int, top_k: int, device) -> torch.Ten
     return ((m * top_k + j) % num_experts).to(torch.int32)
 
 
-def run(rounds: int, programs: int) -> list[dict]:
+def run(rounds: int, programs: int, shapes: list[int], widths: list[str]) -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    for name, experts, top_k, hidden_size, inter_size, tokens in SHAPES:
+    for name, experts, top_k, hidden_size, inter_size, tokens in (SHAPES[i] for i in shapes):
         per_expert = tokens * top_k // experts
         assert per_expert % 384 == 0, (name, per_expert)
         hidden = torch.randn(tokens, hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -268,7 +268,7 @@ def run(rounds: int, programs: int) -> list[dict]:
         plan = dispatch_plan(even_ids(tokens, experts, top_k, "cuda"), experts, PLAN_BLOCK)
         used = tokens * top_k  # every run a whole number of tiles: no padding slots
         assert int(plan.expert_offsets[-1]) == used
-        for block_n in (BLOCK_N, NARROW_N):
+        for block_n in [{"wide": BLOCK_N, "narrow": NARROW_N}[width] for width in widths]:
             variants = {
                 "shipped": functools.partial(gluon_gemm1_16bit, hidden, w13, None, weights,
                                              plan, "silu", 1.0, 0.0, False, programs, block_n),
@@ -315,9 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--programs", type=int, default=132)
+    parser.add_argument("--shapes", type=int, nargs="+", default=list(range(len(SHAPES))),
+                        help="indices into SHAPES (default: all)")
+    parser.add_argument("--widths", nargs="+", choices=("wide", "narrow"),
+                        default=["wide", "narrow"], help="GEMM1 column tiles")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    rows = run(args.rounds, args.programs)
+    rows = run(args.rounds, args.programs, args.shapes, args.widths)
     notes = ["- every expert exactly rows_per_expert pairs (token m's experts (m·k + j) mod "
              "E), one plan of 128-row blocks; bf16, silu; CUDA-graph replay of GEMM1 alone, "
              "L2 emptied by a read before each replay, rounds interleaved, median",
