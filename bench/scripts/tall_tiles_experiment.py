@@ -130,7 +130,9 @@ if HAVE_GLUON:
                        PLAN_ROWS: gl.constexpr, ACTIVATION: gl.constexpr,
                        CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile, gate and up
-        accumulated in the MMA (two in flight), then the shipped kernel's epilogue."""
+        accumulated in the MMA (two in flight), then the shipped kernel's epilogue. The K
+        loop is `moekit._gluon.paired_mainloop`'s but for A, a [64, 64] box of its own per
+        warpgroup and stage (Gluon's shared memory shapes are powers of two, 192 rows not)."""
         BN: gl.constexpr = o_desc.block_type.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
         layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -185,6 +187,8 @@ if HAVE_GLUON:
         for i in gl.static_range(NUM_BUFFERS):
             mbarrier.init(ready.index(i), count=129)  # the producer's 128 threads + expect
             mbarrier.init(empty.index(i), count=CONSUMERS)
+        # Written out twice: a Gluon kernel cannot hold a partition's (function, args) tuple
+        # in a variable, so the lists cannot share their entries.
         if CONSUMERS == 3:
             gl.warp_specialize(
                 [(_tall_producer, (b_desc, x_ptr, stride_xm, sorted_pairs_ptr, block_experts_ptr,
