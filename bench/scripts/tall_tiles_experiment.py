@@ -272,6 +272,14 @@ def run(rounds: int, programs: int, shapes: list[int], widths: list[str]) -> lis
         plan = dispatch_plan(even_ids(tokens, experts, top_k, "cuda"), experts, PLAN_BLOCK)
         used = tokens * top_k  # every run a whole number of tiles: no padding slots
         assert int(plan.expert_offsets[-1]) == used
+        # A float32 reference on a sample of rows, once per shape (both widths compute it).
+        slots = torch.arange(0, used, 997, device="cuda")
+        pairs = plan.sorted_pairs[slots].long()
+        experts_of = plan.block_experts[slots // PLAN_BLOCK].long()
+        x = hidden.float()[pairs // top_k]
+        w = w13[experts_of].float()
+        ref = (torch.nn.functional.silu(torch.einsum("sh,sih->si", x, w[:, :inter_size]))
+               * torch.einsum("sh,sih->si", x, w[:, inter_size:]))
         for block_n in [{"wide": BLOCK_N, "narrow": NARROW_N}[width] for width in widths]:
             variants = {
                 "shipped": functools.partial(gluon_gemm1_16bit, hidden, w13, None, weights,
@@ -282,13 +290,6 @@ def run(rounds: int, programs: int, shapes: list[int], widths: list[str]) -> lis
                                            programs),
             }
             expected = variants["shipped"]()[:used]
-            gate, up = (w13.float()[:, :inter_size], w13.float()[:, inter_size:])
-            slots = torch.arange(0, used, 997, device="cuda")  # a sample of rows
-            pairs = plan.sorted_pairs[slots].long()
-            experts_of = plan.block_experts[slots // PLAN_BLOCK].long()
-            x = hidden.float()[pairs // top_k]
-            ref = (torch.nn.functional.silu(torch.einsum("sh,sih->si", x, gate[experts_of]))
-                   * torch.einsum("sh,sih->si", x, up[experts_of]))
             ref_err = float((expected[slots].float() - ref).norm() / ref.norm())
             checks = {}
             for variant, fn in variants.items():
