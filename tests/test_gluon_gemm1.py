@@ -25,8 +25,8 @@ from helpers import (
     random_routing,
 )
 from moekit._fp8_quantize import launch_quantize_rows
-from moekit._gluon import DISABLE_ENV, HOPPER_L2_BYTES
-from moekit._gluon_gemm1 import GROUP_M, group_m, use_gluon_gemm1
+from moekit._gluon import DISABLE_ENV, GEMM1_ENV, HOPPER_L2_BYTES
+from moekit._gluon_gemm1 import GROUP_M, group_m, split_up_scales, use_gluon_gemm1
 from moekit.experts_fp8 import _amax_partials, plan_fp8_config
 from moekit.quant import QuantScheme, QuantSpec
 from moekit.quant.scheme import FULL
@@ -108,8 +108,12 @@ def test_gluon_gemm1_shape_rules(monkeypatch):
     assert _chosen(w13, input_group_k=128, weight_group=(128, 128)), "block scales"
     assert _chosen(w13, input_group_k=256, weight_group=(256, 256)), "2 K steps a group"
     assert _chosen(w13, weight_group=(FULL, 128)), "per-K, one scale per expert"
-    assert not _chosen(w13, input_group_k=128, weight_group=(128, 128), has_bias=True), (
-        "per-K scales with biases: the epilogue spills")
+    assert _chosen(w13, input_group_k=128, weight_group=(128, 128), has_bias=True), (
+        "block scales with biases: the biases start the sums")
+    assert not _chosen(w13, weight_group=(128, 128), has_bias=True), (
+        "only w13's scales along K, with biases: the epilogue spills")
+    assert not _chosen(w13, input_group_k=128, weight_group=(128, FULL), has_bias=True), (
+        "only hidden's scales along K, with biases")
     assert not _chosen(w13, input_group_k=64), "an input group smaller than a K step"
     assert not _chosen(w13, weight_group=(128, 64)), "a weight group smaller than a K step"
     assert not _chosen(w13, weight_group=(64, 128)), "two weight scales per column tile"
@@ -119,8 +123,12 @@ def test_gluon_gemm1_shape_rules(monkeypatch):
     partial = w13[:, :416].contiguous()  # I = 208, gpt-oss's 2880 in small
     assert _chosen(partial), "a partial last column tile"
     assert _chosen(partial, has_bias=True, activation="swigluoai"), "… with biases"
-    assert not _chosen(partial, input_group_k=128, weight_group=(128, 128)), (
-        "block scales spanning gate and up rows")
+    assert _chosen(partial, input_group_k=128, weight_group=(128, 128)), (
+        "128-row blocks spanning gate and up rows: two scales per up tile")
+    assert _chosen(partial, input_group_k=128, weight_group=(128, 128), has_bias=True,
+                   activation="swigluoai"), "… with biases (gpt-oss's form)"
+    assert not _chosen(partial, weight_group=(256, 128)), (
+        "256-row blocks not a multiple of I: the straddle moves from tile to tile")
     assert not _chosen(w13[:, :200].contiguous()), "I = 100: rows not 16-byte multiples"
     assert not _chosen(w13[:, :, :200].contiguous()), "H = 200: rows not 16-byte multiples"
     assert not _chosen(w13[:, :256]), "not contiguous (half of each expert's rows)"
@@ -128,6 +136,26 @@ def test_gluon_gemm1_shape_rules(monkeypatch):
     assert not _chosen(w13.to(torch.bfloat16)), "16-bit"
     shifted = torch.empty(w13.numel() + 8, dtype=w13.dtype)[8:].view(w13.shape)
     assert not _chosen(shifted), "base not 16-byte aligned"
+
+
+def test_up_tiles_straddling_two_weight_blocks():
+    # (stride_e, stride_n, stride_k, GROUP_N, GROUP_K) of a [E, 2I / 128, H / 128] scale
+    blocks = (64, 8, 1, 128, 128)
+    assert split_up_scales(blocks, False, 2880) == 64, "gpt-oss: 22.5 blocks"
+    assert split_up_scales(blocks, False, 208) == 48
+    assert split_up_scales(blocks, True, 256) == 0, "I a multiple of the blocks"
+    assert split_up_scales((64, 8, 0, 128, 1), False, 208) == 0, "constant along K"
+    assert split_up_scales((64, 0, 1, 1, 128), False, 208) == 0, "one scale per expert"
+
+
+def test_the_gemm1_control_switches_the_gluon_gemm1_off(monkeypatch):
+    monkeypatch.setattr(moekit._gluon_gemm1, "gluon_allowed", lambda t: True)
+    w13 = torch.empty(4, 512, 256, dtype=torch.float8_e4m3fn)
+    monkeypatch.setenv(GEMM1_ENV, "0")
+    assert not _chosen(w13), "MOEKIT_GLUON_GEMM1=0: Triton's GEMM1"
+    monkeypatch.setenv(GEMM1_ENV, "yes")
+    with pytest.raises(ValueError, match="MOEKIT_GLUON_GEMM1"):
+        _chosen(w13)
 
 
 def test_gluon_gemm1_needs_an_sm90_gpu(monkeypatch):
@@ -186,6 +214,9 @@ def _require_gluon():
     # I and H not multiples of 128 (gpt-oss's 2880): partial last column tiles, K steps
     (1000, 16, 4, 336, 208, "swigluoai", True, 3.0),
     (600, 8, 2, 336, 208, "silu", False, 0.0),
+    # I = 64 mod 128 (gpt-oss's form): every up tile straddles two 128-row blocks, and the
+    # last tile's second half is all past I (its block clamped to the expert's last)
+    (1000, 16, 4, 320, 192, "swigluoai", True, 3.0),
 ])
 def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, bias, skew,
                                              gemm1_calls, monkeypatch):
@@ -203,12 +234,10 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, activation=act,
                                  b13=b13, b2=b2, config=config, out=out)
         outs[name] = out
-    # Scales varying along K with biases keep the Triton GEMM1 (use_gluon_gemm1), as do
-    # weight blocks spanning gate and up rows (I not a multiple of theirs).
-    per_k = scheme.activation.group[1] != FULL or scheme.weight.group[1] != FULL
-    group_n = scheme.weight.group[0]
-    straddles = group_n not in (1, FULL) and I % group_n != 0
-    declined = (per_k and bias) or straddles
+    # Biases with scales along K in one operand only keep the Triton GEMM1
+    # (use_gluon_gemm1); 128-row weight blocks straddling the up tiles run in Gluon.
+    per_k = [scheme.activation.group[1] != FULL, scheme.weight.group[1] != FULL]
+    declined = bias and sum(per_k) == 1
     assert len(gemm1_calls) == (0 if declined else 1), "Gluon GEMM1 runs, control not"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation=act, b13=b13, b2=b2)

@@ -91,6 +91,14 @@ _KNOWN_SPILL_BYTES = {
     ("experts-fp32-gelu-bm128-bias", "_gemm2_kernel"): 2980,
     # session 8, the same cause: the direct fp8 GEMM1 reading 520-element rows
     ("fp8-block-bf16-silu-bm1-odd_h", "_direct_gemm1_fp8_kernel"): 84,
+    # session 58: the Gluon fp8 GEMM1's math warpgroups use all 232 registers with block
+    # scales; a second up scale, or biases loaded at a tile's start, push a few values out
+    # (gpt-oss's form: 2 stores and 4 loads a K step in one warpgroup; whole blocks with
+    # biases 20 and 22; bench/NOTES.md, session 58)
+    ("fp8-block-bf16-swigluoai-bm128-tma-gluon-gluon1-bias-straddle-bf16",
+     "_gemm1_ws_kernel"): 52,
+    ("fp8-block-bf16-swigluoai-bm128-tma-gluon-gluon1-bias-bf16", "_gemm1_ws_kernel"): 260,
+    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-straddle", "_gemm1_ws_kernel"): 168,
 }
 # Known spills as another ptxas counts them: the H200 lease's (CUDA 13) stored 24,640 bytes
 # where Triton 3.6's own stores 24,616 (bench/NOTES.md, session 29).
@@ -179,8 +187,10 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     two_groups (GEMM1's K tile two scale groups deep); prefill: gluon (GEMM2 as the Gluon
     kernel, as on an sm_90 GPU; with gluon1 GEMM1 too), no_tail (tail tiles off), grouped
     (the Gluon GEMM1's grouped tile order), gather (the Gluon GEMM1 gathering A),
-    partial_n (H = 336, I = 208: both GEMMs' last column tile partial), prefetch (the
-    Gluon GEMMs' producers loading each tile's indices a tile ahead, off by default)."""
+    partial_n (H = 336, I = 208: both GEMMs' last column tile partial), straddle (H = 256,
+    I = 192: 128-row weight blocks straddle every up tile), bias_dtype (the biases' dtype,
+    default fp32), prefetch (the Gluon GEMMs' producers loading each tile's indices a tile
+    ahead, off by default)."""
     if block_m == 1:  # int64 ids and bf16 weights (topk64) read by the kernels themselves
         kernels = _DIRECT_FP8
     else:
@@ -332,9 +342,18 @@ CASES = [
     _fp8("prefill, Gluon GEMM1: block scales (hidden's 1×128 groups per slot, w13's one per "
          "tile, scaled per K step), tail tiles", "block", "bf16", "silu", 128, tma=True,
          gluon=True, gluon1=True),
-    _fp8("prefill, Gluon GEMM1: block scales, gpt-oss activation, fp16, no tail tiles (with "
-         "biases, per-K scales keep the Triton GEMM1: that epilogue spilled ~300 bytes)",
+    _fp8("prefill, Gluon GEMM1: block scales, gpt-oss activation, fp16, no tail tiles",
          "block", "fp16", "swigluoai", 128, tma=True, gluon=True, gluon1=True, no_tail=True),
+    _fp8("prefill, Gluon GEMM1: gpt-oss's form — block scales with bf16 biases (the biases "
+         "start the sums), its activation, I = 192: every up tile straddles two 128-row "
+         "blocks (two scales a step; the last tile's second clamped to the expert's rows)",
+         "block", "bf16", "swigluoai", 128, tma=True, gluon=True, gluon1=True, bias=True,
+         straddle=True, bias_dtype="bf16"),
+    _fp8("prefill, Gluon GEMM1: block scales with biases on whole blocks (no preset)", "block",
+         "bf16", "swigluoai", 128, tma=True, gluon=True, gluon1=True, bias=True,
+         bias_dtype="bf16"),
+    _fp8("prefill, Gluon GEMM1: straddling up tiles without biases (no preset), tail tiles",
+         "block", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, straddle=True),
     _fp8("prefill, Gluon GEMM1 gathering A by cp.async (`gather_rows`): per-tensor scale, tail "
          "tiles", "tensor", "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, gather=True),
     _fp8("prefill, Gluon GEMMs' producers loading each tile's indices a tile ahead "
@@ -715,6 +734,8 @@ def _run_fp8(p):
     H, I = 520 if p.get("odd_h") else 512, 200 if p.get("odd_i") else 256
     if p.get("partial_n"):  # 16-byte rows, neither a multiple of 128 (gpt-oss's 2880)
         H, I = 336, 208
+    if p.get("straddle"):  # I = 64 mod 128, as gpt-oss's 2880: up tiles straddle two blocks
+        H, I = 256, 192
     top_k = 1 if p.get("weight_on_input") else _TOP_K  # fp8 takes it at top-1 only
     M = p.get("tokens", _TOKENS_FOR_BLOCK_M[p["block_m"]] * _TOP_K // top_k)  # as many pairs
     act = moekit.Activation.parse(p["act"])
@@ -754,7 +775,8 @@ def _run_fp8(p):
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, _topk_ids(p, M, top_k),
         _topk_weights(p, M, top_k), scheme=scheme, activation=act, config=config,
-        b13=torch.empty(_E, act.gemm1_rows(I)) if bias else None,
+        b13=torch.empty(_E, act.gemm1_rows(I), dtype=_DTYPES[p.get("bias_dtype", "fp32")])
+        if bias else None,
         b2=torch.empty(_E, H) if bias else None,
         apply_router_weight_on_input=bool(p.get("weight_on_input")), backend="triton",
     )

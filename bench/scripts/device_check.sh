@@ -144,6 +144,9 @@
 #             the rule, two rounds, deepseek-v3 / gpt-oss / mixtral at M = 512–16384
 #   talltiles bench/scripts/tall_tiles_experiment.py: the 16-bit Gluon GEMM1 alone on 192-row
 #             tiles (three math warpgroups) against 128, even routings (~3 min; session 57)
+#   blockbias bench/scripts/fp8_block_bias_experiment.py: block-scaled fp8 with biases
+#             (gpt-oss, and I = 2816) through the Gluon GEMM1 against Triton's (~4 min), then
+#             the Gluon fp8 GEMM1's GPU tests (tests/test_gluon_gemm1.py; session 58)
 #   planlaunch bench/scripts/plan_launches_experiment.py: the dispatch plan in one launch
 #             against count + scan + place at 8K–32K pairs (~1 min; session 56)
 #   combineatomics bench/scripts/combine_atomics_experiment.py: GEMM2's per-pair rows stored
@@ -617,6 +620,10 @@ for stage in "$@"; do
       done ;;
     combineatomics) step combine-atomics 240 python3 bench/scripts/combine_atomics_experiment.py \
                       --out "$out" ;;
+    blockbias)
+      step fp8-block-bias 300 python3 bench/scripts/fp8_block_bias_experiment.py --out "$out"
+      step pytest-gpu-gluon-gemm1 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        $PARALLEL tests/test_gluon_gemm1.py ;;
     talltiles) step tall-tiles 360 python3 bench/scripts/tall_tiles_experiment.py --rounds 2 \
                  --out "$out" ;;
     planlaunch) step plan-launches 150 python3 bench/scripts/plan_launches_experiment.py \

@@ -39,7 +39,8 @@ try:  # Gluon's Hopper API as of Triton 3.6 (the version measured); else the Tri
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "HOPPER_L2_BYTES", "DISABLE_ENV", "GEMM2_ENV",
+__all__ = ["HAVE_GLUON", "BLOCK_M", "HALF_M", "HOPPER_L2_BYTES", "DISABLE_ENV", "GEMM1_ENV",
+           "GEMM2_ENV", "fp8_gemm1_allowed",
            "GEMM2_GROUP_M", "GEMM2_GROUP_M_ENV", "gemm2_allowed", "gemm2_forced", "gemm2_group_m",
            "gluon_allowed", "l2_bytes", "l2_bytes_of", "w2_outgrows_half_l2",
            "descriptor", "gluon", "gl", "fence_async_shared", "mbarrier", "tma",
@@ -73,6 +74,8 @@ EXPERT_GROUPS = os.environ.get("MOEKIT_GLUON_EXPERT_GROUPS") == "1"
 # `_gluon_gemm2_16bit.few_row_tiles_of_large_experts`); a number in `GEMM2_GROUP_M_ENV` sets
 # the Gluon GEMM2s' GROUP_M (`tile_coords`; 1: row tile major), overriding `gemm2_group_m`.
 GEMM2_ENV = "MOEKIT_GLUON_GEMM2"
+# `GEMM1_ENV` "0" runs Triton's fp8 GEMM1 beside the Gluon GEMM2 (read at every launch).
+GEMM1_ENV = "MOEKIT_GLUON_GEMM1"
 GEMM2_GROUP_M_ENV = "MOEKIT_GLUON_GEMM2_GROUP_M"
 GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_m`)
 # The Gluon GEMMs' grid. Persistent, one program per SM, each striding by the grid, the
@@ -180,6 +183,14 @@ def _gemm2_setting() -> str | None:
         raise ValueError(f"{GEMM2_ENV}={value!r}: expected 0 (Triton's GEMM2) or 1 (the Gluon "
                          "GEMM2 wherever it can run), or unset")
     return value or None
+
+
+def fp8_gemm1_allowed() -> bool:
+    """Whether the Gluon fp8 GEMM1 may run (`GEMM1_ENV` not "0")."""
+    value = os.environ.get(GEMM1_ENV)
+    if value not in (None, "", "0"):
+        raise ValueError(f"{GEMM1_ENV}={value!r}: expected 0 (Triton's fp8 GEMM1) or unset")
+    return value != "0"
 
 
 def gemm2_allowed() -> bool:

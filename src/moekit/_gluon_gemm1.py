@@ -21,10 +21,13 @@ TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
                           1×128 group per row (the tile's 128 columns), or the static
                           scale — and stored by TMA, its scales by pointer
 
-Scales varying along K need whole K steps per group and one weight scale per column tile,
-and are declined with biases (that epilogue spills ~300 bytes on sm_90: the Triton GEMM1
-runs those). The per-step scaling multiplies the product in its own registers: `part` is
-the next MMA's accumulator operand, and a scaled copy of it (a fourth [64, 128] fp32
+Scales varying along K need whole K steps per group and one weight scale per column tile
+— or two per up tile, where I is not a multiple of 128-row weight blocks (gpt-oss's 2880:
+each up tile straddles two blocks; `split_up_scales`) — and biases need both operands'
+scales along K (the biases then start the sums; one operand's scales in the epilogue
+spilled ~300 bytes there on sm_90, and the Triton GEMM1 runs those). The per-step
+scaling multiplies the product in its own registers: `part` is the next MMA's
+accumulator operand, and a scaled copy of it (a fourth [64, 128] fp32
 value) spilled 960 bytes and ran 1.3–1.6× slower than Triton's kernel (bench/results/
 h200-20261202-gluon-gemm1-experiment.md); in place, block scales ran 0.65–0.76× Triton's
 time (`…-gluon-gemm1-experiment-s14.md`).
@@ -102,10 +105,11 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
     column tile may be partial, as gpt-oss's I = 2880), GEMM2's input quantised
     statically (`inter_group` None) or in the tile's own 1×128 groups, and scales varying
     along K only in groups of whole K steps: hidden's (`input_group_k`; FULL: constant)
-    and w13's (`weight_group`, (n, k)), whose scale must then also be one per column tile
-    (it is read as a scalar per step), and then without biases (`has_bias`: that
-    epilogue spills ~300 bytes on sm_90)."""
-    if not gluon_allowed(w13):
+    and w13's (`weight_group`, (n, k)), whose scale must then be one per column tile (a
+    scalar per step), or two per up tile at groups of BLOCK_N rows (`split_up_scales`).
+    With biases, scales along K must be both operands' (the biases then start the sums;
+    after one operand's scales in the epilogue they spilled ~300 bytes on sm_90)."""
+    if not gluon_allowed(w13) or not _gluon.fp8_gemm1_allowed():
         return False
     _, rows13, hidden = w13.shape
     inter = rows13 // 2
@@ -116,8 +120,8 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
         and block_m == BLOCK_M
         and activation in GATED
         and all(g % BLOCK_K == 0 for g in k_groups)
-        and not (k_groups and has_bias)
-        and (group_k == FULL or group_n == FULL
+        and not (has_bias and len(k_groups) == 1)
+        and (group_k == FULL or group_n == FULL or group_n == BLOCK_N
              or (group_n % BLOCK_N == 0 and inter % group_n == 0))
         and inter_group in (None, BLOCK_N)
         and inter % 16 == 0
@@ -125,6 +129,18 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
         and w13.is_contiguous()
         and w13.data_ptr() % 16 == 0  # TMA's base alignment
     )
+
+
+def split_up_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
+                    inter: int) -> int:
+    """Where w13's per-K scales change inside each up column tile (0: nowhere). In groups
+    of BLOCK_N rows (128×128 blocks) with I not a multiple of them (gpt-oss's 2880 = 22.5
+    blocks), every up tile straddles two groups at column (−I) mod BLOCK_N; the gate
+    tiles never do. The kernel picks one of two scalars per register there."""
+    stride_n, stride_k, group_n = w_layout[1], w_layout[2], w_layout[3]
+    if w_uniform_n or stride_k == 0 or stride_n == 0 or group_n != BLOCK_N:
+        return 0
+    return -inter % BLOCK_N
 
 
 def gather_rows(top_k: int, hidden: torch.Tensor, input_group_k: int) -> bool:
@@ -263,7 +279,7 @@ if HAVE_GLUON:
                   GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
                   X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
-                  W_UNIFORM_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  W_UNIFORM_N: gl.constexpr, W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
                   AMAX_FLOOR: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
@@ -309,11 +325,26 @@ if HAVE_GLUON:
                     x_index = gl.where(pair < num_pairs, pair // top_k, 0)
                 x_rows = gl.load(xs_ptr + x_index * stride_xsm, mask=mine,
                                  other=0.0)  # hidden under the K loop
-            if W_PER_K:  # W_UNIFORM_N: one scale per column tile and K group
+            if W_PER_K:  # one scale per column tile and K group, or W_SPLIT_N two for up
                 gate_ws = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
-                up_ws = ws_base + ((I + pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
+                up_group = (I + pid_n * BLOCK_N) // W_GROUP_N
+                up_ws = ws_base + up_group * stride_wsn
+                if W_SPLIT_N:  # columns from W_SPLIT_N on: the next group's (none past the
+                    # expert's last row: then they are the partial tile's dropped columns)
+                    up_ws_hi = ws_base + gl.minimum(up_group + 1, (2 * I - 1) // W_GROUP_N) \
+                        * stride_wsn
             gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+            if HAS_BIAS and X_PER_K and W_PER_K:  # every scale applied per K step: the
+                # biases start the sums (in the epilogue they spilled ~300 bytes), addressed
+                # from the tile's first column: an expression shared with the epilogue's
+                # `cols` would stay live through the K loop
+                b_tile = b13_ptr + expert.to(gl.int64) * stride_be + pid_n * BLOCK_N
+                real = offs_c < I - pid_n * BLOCK_N
+                gate = gate + gl.load(b_tile + offs_c, mask=real,
+                                      other=0.0).to(gl.float32)[None, :]
+                up = up + gl.load(b_tile + I + offs_c, mask=real,
+                                  other=0.0).to(gl.float32)[None, :]
             if busy:
                 for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
@@ -334,6 +365,8 @@ if HAVE_GLUON:
                         w_k = (k // W_GROUP_K) * stride_wsk
                         gate_w = gl.load(gate_ws + w_k)
                         up_w = gl.load(up_ws + w_k)
+                        if W_SPLIT_N:
+                            up_w_hi = gl.load(up_ws_hi + w_k)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
                     # Scaled in place, one multiply per value (see the docstring); written
                     # out for gate and up: a helper returning the scaled product spilled
@@ -348,7 +381,14 @@ if HAVE_GLUON:
                     part = warpgroup_mma(a, u_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                    if X_PER_K and W_PER_K:
+                    if W_SPLIT_N:  # a column's choice of two is fixed per register
+                        hi = (offs_c >= W_SPLIT_N)[None, :]
+                        if X_PER_K:
+                            part = part * gl.where(hi, (x_step * up_w_hi)[:, None],
+                                                   (x_step * up_w)[:, None])
+                        else:
+                            part = part * gl.where(hi, up_w_hi, up_w)
+                    elif X_PER_K and W_PER_K:
                         part = part * (x_step * up_w)[:, None]
                     elif X_PER_K:
                         part = part * x_step[:, None]
@@ -380,7 +420,7 @@ if HAVE_GLUON:
                                               * stride_wsn)[None, :]
                         up = up * gl.load(ws_base + ((I + col_in) // W_GROUP_N)
                                           * stride_wsn)[None, :]
-                if HAS_BIAS:
+                if HAS_BIAS and not (X_PER_K and W_PER_K):
                     b_base = b13_ptr + expert.to(gl.int64) * stride_be
                     gate = gate + gl.load(b_base + col_in).to(gl.float32)[None, :]
                     up = up + gl.load(b_base + I + col_in).to(gl.float32)[None, :]
@@ -427,7 +467,7 @@ if HAVE_GLUON:
         GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
-        HAS_BIAS: gl.constexpr,
+        W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
         AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, CHUNK: gl.constexpr,
         num_warps: gl.constexpr,
@@ -463,15 +503,15 @@ if HAVE_GLUON:
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
-                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
-                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK)),
+                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, W_SPLIT_N,
+                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
-                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS,
-                          INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK))],
+                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, W_SPLIT_N,
+                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -501,7 +541,8 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
             per tile instead).
     """
     w_per_k = w_layout[2] != 0
-    assert w_uniform_n or not w_per_k, "per-K weight scales: one per column tile"
+    split_n = split_up_scales(w_layout, w_uniform_n, inter.shape[1])
+    assert w_uniform_n or not w_per_k or split_n, "per-K weight scales: ≤ 2 per column tile"
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
     # a column tile's weights: its gate and up rows over all of H, one byte each
@@ -519,6 +560,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         GATHER_A=gather_top_k is not None, ACTIVATION=activation,
         X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
+        W_SPLIT_N=split_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
         PREFETCH=_gluon.PREFETCH_TILES_FP8, CHUNK=chunk, num_warps=4,
