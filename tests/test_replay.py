@@ -177,6 +177,11 @@ def test_the_gluon_switch_is_part_of_the_key(kernels, monkeypatch):
     for _ in range(3):
         op(x)
     assert len(calls) == 10
+    monkeypatch.setenv("MOEKIT_GLUON_GEMM1", "0")  # the fp8 GEMM1's kernel
+    for _ in range(3):
+        op(x)
+    assert len(calls) == 12
+    monkeypatch.delenv("MOEKIT_GLUON_GEMM1")
     monkeypatch.delenv("MOEKIT_GLUON_TILE_PROGRAMS")
     monkeypatch.delenv("MOEKIT_GLUON")
     monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES", prefetch)

@@ -135,9 +135,10 @@ def _environment_reader(name: str):
 
 
 _gluon_switch = _environment_reader(_gluon.DISABLE_ENV)
-# The Gluon GEMMs' controls read at each launch: the grid, GEMM2's kernel and both orders
-# (called one by one below: a generator would cost an eager call more than the reads).
+# The Gluon GEMMs' controls read at each launch: the grid, each GEMM's kernel and both
+# orders (called one by one below: a generator would cost an eager call more than the reads).
 _tile_programs = _environment_reader(_gluon.TILE_PROGRAMS_ENV)
+_gemm1_switch = _environment_reader(_gluon.GEMM1_ENV)
 _gemm2_switch = _environment_reader(_gluon.GEMM2_ENV)
 _gemm2_group_m = _environment_reader(_gluon.GEMM2_GROUP_M_ENV)
 _gemm1_group_m = _environment_reader(_gluon.GEMM1_GROUP_M_ENV)
@@ -145,8 +146,8 @@ _gemm1_group_m = _environment_reader(_gluon.GEMM1_GROUP_M_ENV)
 
 def _settings() -> tuple:
     """What the ops read at run time besides their arguments."""
-    return (_gluon_switch(), _tile_programs(), _gemm2_switch(), _gemm2_group_m(),
-            _gemm1_group_m(),
+    return (_gluon_switch(), _tile_programs(), _gemm1_switch(), _gemm2_switch(),
+            _gemm2_group_m(), _gemm1_group_m(),
             _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8, _gluon.EXPERT_GROUPS,
             _tile_order.FORCED, _launch._current_device())
 
