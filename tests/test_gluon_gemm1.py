@@ -26,7 +26,13 @@ from helpers import (
 )
 from moekit._fp8_quantize import launch_quantize_rows
 from moekit._gluon import DISABLE_ENV, GEMM1_ENV, HOPPER_L2_BYTES
-from moekit._gluon_gemm1 import GROUP_M, group_m, split_up_scales, use_gluon_gemm1
+from moekit._gluon_gemm1 import (
+    GROUP_M,
+    group_m,
+    split_up_scales,
+    takes_biases,
+    use_gluon_gemm1,
+)
 from moekit.experts_fp8 import _amax_partials, plan_fp8_config
 from moekit.quant import QuantScheme, QuantSpec
 from moekit.quant.scheme import FULL
@@ -108,8 +114,8 @@ def test_gluon_gemm1_shape_rules(monkeypatch):
     assert _chosen(w13, input_group_k=128, weight_group=(128, 128)), "block scales"
     assert _chosen(w13, input_group_k=256, weight_group=(256, 256)), "2 K steps a group"
     assert _chosen(w13, weight_group=(FULL, 128)), "per-K, one scale per expert"
-    assert _chosen(w13, input_group_k=128, weight_group=(128, 128), has_bias=True), (
-        "block scales with biases: the biases start the sums")
+    assert not _chosen(w13, input_group_k=128, weight_group=(128, 128), has_bias=True), (
+        "block scales with biases on whole blocks: measured slower at M = 16384")
     assert not _chosen(w13, weight_group=(128, 128), has_bias=True), (
         "only w13's scales along K, with biases: the epilogue spills")
     assert not _chosen(w13, input_group_k=128, weight_group=(128, FULL), has_bias=True), (
@@ -126,7 +132,9 @@ def test_gluon_gemm1_shape_rules(monkeypatch):
     assert _chosen(partial, input_group_k=128, weight_group=(128, 128)), (
         "128-row blocks spanning gate and up rows: two scales per up tile")
     assert _chosen(partial, input_group_k=128, weight_group=(128, 128), has_bias=True,
-                   activation="swigluoai"), "… with biases (gpt-oss's form)"
+                   activation="swigluoai"), "… with biases (gpt-oss's form: they start the sums)"
+    assert not _chosen(partial, weight_group=(128, 128), has_bias=True), (
+        "… but only w13's scales along K")
     assert not _chosen(partial, weight_group=(256, 128)), (
         "256-row blocks not a multiple of I: the straddle moves from tile to tile")
     assert not _chosen(w13[:, :200].contiguous()), "I = 100: rows not 16-byte multiples"
@@ -234,10 +242,10 @@ def test_fp8_prefill_with_the_gluon_gemm1_gpu(scheme, tail, M, E, k, H, I, act, 
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, activation=act,
                                  b13=b13, b2=b2, config=config, out=out)
         outs[name] = out
-    # Biases with scales along K in one operand only keep the Triton GEMM1
-    # (use_gluon_gemm1); 128-row weight blocks straddling the up tiles run in Gluon.
-    per_k = [scheme.activation.group[1] != FULL, scheme.weight.group[1] != FULL]
-    declined = bias and sum(per_k) == 1
+    # 128-row weight blocks straddling the up tiles run in Gluon; biases with scales along
+    # K only in gpt-oss's form (`takes_biases`), else Triton's GEMM1.
+    k_groups = [g for g in (scheme.activation.group[1], scheme.weight.group[1]) if g != FULL]
+    declined = bias and not takes_biases(k_groups, scheme.weight.group[0], I)
     assert len(gemm1_calls) == (0 if declined else 1), "Gluon GEMM1 runs, control not"
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation=act, b13=b13, b2=b2)

@@ -13,10 +13,14 @@ For each cell this times, in CUDA-graph replay (L2 emptied by a read before each
 rounds interleaved, median), the whole fp8 layer at its heuristic configuration with the
 Gluon GEMM1 and with Triton's (`MOEKIT_GLUON_GEMM1=0`; GEMM2 the same in both), checks
 each output against the quantised float32 reference on 256 sampled rows, and reports the
-fp8 peak measured in the same run (torch._scaled_mm 8192³). Cells: gpt-oss-120b, and the
-same layer with I = 2816 (whole blocks) for the second form. Prediction: the Gluon GEMM1
-1.3–1.6× faster at M ≥ 4096 on gpt-oss (the layer from 28–39% toward the per-tensor
-scheme's 43–54%); on whole blocks with its spills, less or none.
+fp8 peak measured in the same run (torch._scaled_mm 8192³). Cells: gpt-oss-120b, the
+same layer with I = 2816 (whole blocks) for the second form, and without biases
+(straddling up tiles alone: 168 bytes of spill, 11 stores a K step). Prediction: the
+Gluon GEMM1 1.3–1.6× faster at M ≥ 4096 on gpt-oss (the layer from 28–39% toward the
+per-tensor scheme's 43–54%); on whole blocks with its spills, less or none. (Session 58's
+first run, at 16d9543, took whole blocks with biases into the Gluon GEMM1: 1.22× at
+M = 4096, 0.93× at 16384, since declined by `takes_biases`; from then on both of that
+cell's rows run Triton's GEMM1.)
 
 Usage (on the device): PYTHONPATH=src python3 bench/scripts/fp8_block_bias_experiment.py --out $OUT
 """
@@ -47,6 +51,9 @@ GPT_OSS = PRESETS["gpt-oss-120b"]
 CELLS = [
     ("gpt-oss-120b", GPT_OSS, (1024, 4096, 8192, 16384)),
     ("gpt-oss I=2816", dataclasses.replace(GPT_OSS, name="gpt-oss-120b-i2816", inter=2816),
+     (4096, 16384)),
+    # straddling up tiles without biases (two up scales a step; 168 bytes of spill)
+    ("gpt-oss no biases", dataclasses.replace(GPT_OSS, name="gpt-oss-120b-nobias", bias=False),
      (4096, 16384)),
 ]
 

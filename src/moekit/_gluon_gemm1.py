@@ -23,12 +23,11 @@ TMA, as in the Gluon GEMM2 (`moekit._gluon_gemm2`):
 
 Scales varying along K need whole K steps per group and one weight scale per column tile
 — or two per up tile, where I is not a multiple of 128-row weight blocks (gpt-oss's 2880:
-each up tile straddles two blocks; `split_up_scales`) — and biases need both operands'
-scales along K (the biases then start the sums; one operand's scales in the epilogue
-spilled ~300 bytes there on sm_90, and the Triton GEMM1 runs those). The per-step
-scaling multiplies the product in its own registers: `part` is the next MMA's
-accumulator operand, and a scaled copy of it (a fourth [64, 128] fp32
-value) spilled 960 bytes and ran 1.3–1.6× slower than Triton's kernel (bench/results/
+each up tile straddles two blocks; `split_up_scales`) — and biases with them only in
+gpt-oss's form (`takes_biases`: the biases start the sums; elsewhere Triton's GEMM1 runs
+them). The per-step scaling multiplies the product in its own registers: `part` is the
+next MMA's accumulator operand, and a scaled copy of it (a fourth [64, 128] fp32 value)
+spilled 960 bytes and ran 1.3–1.6× slower than Triton's kernel (bench/results/
 h200-20261202-gluon-gemm1-experiment.md); in place, block scales ran 0.65–0.76× Triton's
 time (`…-gluon-gemm1-experiment-s14.md`).
 
@@ -107,8 +106,7 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
     along K only in groups of whole K steps: hidden's (`input_group_k`; FULL: constant)
     and w13's (`weight_group`, (n, k)), whose scale must then be one per column tile (a
     scalar per step), or two per up tile at groups of BLOCK_N rows (`split_up_scales`).
-    With biases, scales along K must be both operands' (the biases then start the sums;
-    after one operand's scales in the epilogue they spilled ~300 bytes on sm_90)."""
+    Biases with scales along K run only in gpt-oss's form (`takes_biases`)."""
     if not gluon_allowed(w13) or not _gluon.fp8_gemm1_allowed():
         return False
     _, rows13, hidden = w13.shape
@@ -120,7 +118,7 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
         and block_m == BLOCK_M
         and activation in GATED
         and all(g % BLOCK_K == 0 for g in k_groups)
-        and not (has_bias and len(k_groups) == 1)
+        and (not has_bias or takes_biases(k_groups, group_n, inter))
         and (group_k == FULL or group_n == FULL or group_n == BLOCK_N
              or (group_n % BLOCK_N == 0 and inter % group_n == 0))
         and inter_group in (None, BLOCK_N)
@@ -129,6 +127,21 @@ def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_grou
         and w13.is_contiguous()
         and w13.data_ptr() % 16 == 0  # TMA's base alignment
     )
+
+
+def takes_biases(k_groups: list[int], group_n: int, inter: int) -> bool:
+    """Whether biases run here with these scales (`k_groups`: the finite K groups of
+    hidden and w13). Constant along K: yes, added in the epilogue. Along K, only in
+    gpt-oss's form: both operands' scales along K and 128-row weight blocks straddling
+    the up tiles (I = 2880). The biases then start the sums and the sm_90 compile spills
+    52 bytes (2 stores, 4 loads a K step in one warpgroup); the layer ran 1.50–1.58×
+    faster than with Triton's GEMM1 at M = 4096–16384 on an H100 (bench/results/
+    h100-sxm-20261206-fp8-block-bias-s58.md). On whole blocks (I = 2816) it spills 260
+    (20 stores a K step) and ran 1.22× at M = 4096 but 0.93× at 16384; after one
+    operand's scales, in the epilogue, the biases spilled ~300 bytes."""
+    if not k_groups:
+        return True
+    return len(k_groups) == 2 and group_n == BLOCK_N and inter % BLOCK_N != 0
 
 
 def split_up_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
@@ -336,7 +349,7 @@ if HAVE_GLUON:
             gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             if HAS_BIAS and X_PER_K and W_PER_K:  # every scale applied per K step: the
-                # biases start the sums (in the epilogue they spilled ~300 bytes), addressed
+                # biases start the sums (`takes_biases`), addressed
                 # from the tile's first column: an expression shared with the epilogue's
                 # `cols` would stay live through the K loop
                 b_tile = b13_ptr + expert.to(gl.int64) * stride_be + pid_n * BLOCK_N
