@@ -134,9 +134,9 @@ def takes_biases(k_groups: list[int], group_n: int, inter: int) -> bool:
     hidden and w13). Constant along K: yes, added in the epilogue. Along K, only in
     gpt-oss's form: both operands' scales along K and 128-row weight blocks straddling
     the up tiles (I = 2880). The biases then start the sums and the sm_90 compile spills
-    52 bytes (2 stores, 4 loads a K step in one warpgroup); the layer ran 1.50–1.58×
+    52 bytes (2 stores, 4 loads a K step in one warpgroup); the layer ran 1.50–1.64×
     faster than with Triton's GEMM1 at M = 4096–16384 on an H100 (bench/results/
-    h100-sxm-20261206-fp8-block-bias-s58.md). On whole blocks (I = 2816) it spills 260
+    h100-sxm-20261206-fp8-block-bias-s58.md, -s58b.md). On whole blocks (I = 2816) it spills 260
     (20 stores a K step) and ran 1.22× at M = 4096 but 0.93× at 16384; after one
     operand's scales, in the epilogue, the biases spilled ~300 bytes."""
     if not k_groups:
