@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     rows = run(args.rounds, args.cells)
-    notes = ["- fp8_block (128×128 weight blocks, 1×128 input groups), biases, swigluoai; "
+    notes = ["- fp8_block (128×128 weight blocks, 1×128 input groups), swigluoai, biases "
+             "(but in the cell named without them); "
              "the heuristic's configuration; CUDA-graph replay of the whole layer, L2 emptied "
              "by a read before each replay, rounds interleaved, median",
              "- gemm1: the Gluon GEMM1 (the library's choice) or Triton's "

@@ -136,9 +136,9 @@ def takes_biases(k_groups: list[int], group_n: int, inter: int) -> bool:
     the up tiles (I = 2880). The biases then start the sums and the sm_90 compile spills
     52 bytes (2 stores, 4 loads a K step in one warpgroup); the layer ran 1.50–1.64×
     faster than with Triton's GEMM1 at M = 4096–16384 on an H100 (bench/results/
-    h100-sxm-20261206-fp8-block-bias-s58.md, -s58b.md). On whole blocks (I = 2816) it spills 260
-    (20 stores a K step) and ran 1.22× at M = 4096 but 0.93× at 16384; after one
-    operand's scales, in the epilogue, the biases spilled ~300 bytes."""
+    h100-sxm-20261206-fp8-block-bias-s58.md, -s58b.md). On whole blocks (I = 2816) it
+    spills 260 (20 stores a K step) and ran 1.22× at M = 4096 but 0.93× at 16384; after
+    one operand's scales, in the epilogue, the biases spilled ~300 bytes."""
     if not k_groups:
         return True
     return len(k_groups) == 2 and group_n == BLOCK_N and inter % BLOCK_N != 0
@@ -349,9 +349,9 @@ if HAVE_GLUON:
             gate = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             up = gl.zeros((_HALF_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
             if HAS_BIAS and X_PER_K and W_PER_K:  # every scale applied per K step: the
-                # biases start the sums (`takes_biases`), addressed
-                # from the tile's first column: an expression shared with the epilogue's
-                # `cols` would stay live through the K loop
+                # biases start the sums (`takes_biases`), addressed from the tile's first
+                # column (an expression shared with the epilogue's `cols` would stay live
+                # through the K loop)
                 b_tile = b13_ptr + expert.to(gl.int64) * stride_be + pid_n * BLOCK_N
                 real = offs_c < I - pid_n * BLOCK_N
                 gate = gate + gl.load(b_tile + offs_c, mask=real,
