@@ -141,7 +141,13 @@ def takes_biases(k_groups: list[int], group_n: int, inter: int) -> bool:
     one operand's scales, in the epilogue, the biases spilled ~300 bytes."""
     if not k_groups:
         return True
-    return len(k_groups) == 2 and group_n == BLOCK_N and inter % BLOCK_N != 0
+    return len(k_groups) == 2 and _up_tiles_straddle(group_n, inter)
+
+
+def _up_tiles_straddle(group_n: int, inter: int) -> bool:
+    """Whether weight groups of `group_n` rows cut every up column tile in two: groups of
+    BLOCK_N rows with I not a multiple of them (the gate tiles start at row 0 and never do)."""
+    return group_n == BLOCK_N and inter % BLOCK_N != 0
 
 
 def split_up_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
@@ -151,7 +157,7 @@ def split_up_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
     blocks), every up tile straddles two groups at column (−I) mod BLOCK_N; the gate
     tiles never do. The kernel picks one of two scalars per register there."""
     stride_n, stride_k, group_n = w_layout[1], w_layout[2], w_layout[3]
-    if w_uniform_n or stride_k == 0 or stride_n == 0 or group_n != BLOCK_N:
+    if w_uniform_n or stride_k == 0 or stride_n == 0 or not _up_tiles_straddle(group_n, inter):
         return 0
     return -inter % BLOCK_N
 
