@@ -97,6 +97,11 @@
 #             (`MOEKIT_EXPERT_GROUPS=1`, past MAX_ROW_TILES); the Gluon GEMM2 everywhere with
 #             expert groups (`MOEKIT_GLUON_GEMM2=1`, past the few-row-tiles rule); bf16,
 #             deepseek-v3, gpt-oss and mixtral at M = 2048–16384, compare_tables.py
+#   blockgrid gpt-oss fp8_block (the Gluon GEMM1 with block scales, session 58) under the
+#             grid and order controls: GEMM1 one program per tile (t1), persistent (t0), two
+#             consecutive tiles a program (t2), GROUP_M 4 (g4), against the shipped rule;
+#             Nsight Compute DRAM bytes of ship and t1 at M = 8192, then two rounds of
+#             `moekit bench` at M = 4096–16384 (~6 min)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -447,6 +452,29 @@ for stage in "$@"; do
           gpt-oss-120b:8192:fp8_tensor qwen3-30b-a3b:4096:fp8_tensor; do
         ncu_counters "ncu-fp8ridge-${cell//:/-}" 150 "$cell"
       done ;;
+    blockgrid)
+      settings="ship t1 t0 t2 g4"
+      block_setting() {
+        case $1 in
+          ship) echo ;;
+          t1) echo MOEKIT_GLUON_TILE_PROGRAMS=1,r ;;
+          t0) echo MOEKIT_GLUON_TILE_PROGRAMS=0,r ;;
+          t2) echo MOEKIT_GLUON_TILE_PROGRAMS=2,r ;;
+          g4) echo MOEKIT_GLUON_GEMM1_GROUP_M=4 ;;
+        esac
+      }
+      for setting in ship t1; do
+        ncu_counters "ncu-blockgrid-$setting" 60 gpt-oss-120b:8192:fp8_block $(block_setting $setting)
+      done
+      for round in 1 2; do
+        for setting in $settings; do
+          step "bench-blockgrid-$setting-r$round" 60 env $(block_setting $setting) python3 -m \
+            moekit.cli bench --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets gpt-oss-120b --tokens 4096 8192 16384 \
+            --what "blockgrid-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-fp8_block-gptoss-grid blockgrid $settings ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
         MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \
