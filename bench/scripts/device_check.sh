@@ -98,10 +98,10 @@
 #             expert groups (`MOEKIT_GLUON_GEMM2=1`, past the few-row-tiles rule); bf16,
 #             deepseek-v3, gpt-oss and mixtral at M = 2048–16384, compare_tables.py
 #   blockgrid gpt-oss fp8_block (the Gluon GEMM1 with block scales, session 58) under the
-#             grid and order controls: GEMM1 one program per tile (t1), persistent (t0), two
-#             consecutive tiles a program (t2), GROUP_M 4 (g4), against the shipped rule;
-#             Nsight Compute DRAM bytes of ship and t1 at M = 8192, then two rounds of
-#             `moekit bench` at M = 4096–16384 (~6 min)
+#             grid, order and scale-load controls (BLOCKGRID_SETTINGS, default "ship t1 g4
+#             s2"): GEMM1 one program per tile (t1), persistent (t0), two consecutive tiles
+#             a program (t2), GROUP_M 4 (g4), per-K scales loaded a step ahead (s2), against
+#             the shipped code; two rounds of `moekit bench` at M = 4096–16384 (~6 min)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -185,7 +185,8 @@
 #   ncustall  warp stall reasons (Nsight Compute WarpStateStats and SourceCounters: the
 #             details page, and per-SASS-instruction samples as CSV) of both GEMMs of
 #             qwen3 M = 4096 fp8 per-tensor, the fp8 prefill cell under target with the
-#             most rows an expert (its GEMM2 at ~53% of the fp8 peak, session 50);
+#             most rows an expert (its GEMM2 at ~53% of the fp8 peak, session 50), or of
+#             STALL_GEMMS (e.g. "gemm1") of STALL_CELL (PRESET:M:DTYPE);
 #             bench/scripts/ncu_stall_summary.py reads the CSVs
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
@@ -453,7 +454,7 @@ for stage in "$@"; do
         ncu_counters "ncu-fp8ridge-${cell//:/-}" 150 "$cell"
       done ;;
     blockgrid)
-      settings="ship t1 t0 t2 g4"
+      settings=${BLOCKGRID_SETTINGS:-ship t1 g4 s2}
       block_setting() {
         case $1 in
           ship) echo ;;
@@ -461,11 +462,9 @@ for stage in "$@"; do
           t0) echo MOEKIT_GLUON_TILE_PROGRAMS=0,r ;;
           t2) echo MOEKIT_GLUON_TILE_PROGRAMS=2,r ;;
           g4) echo MOEKIT_GLUON_GEMM1_GROUP_M=4 ;;
+          s2) echo MOEKIT_GLUON_SCALE_LEAD=2 ;;
         esac
       }
-      for setting in ship t1; do
-        ncu_counters "ncu-blockgrid-$setting" 60 gpt-oss-120b:8192:fp8_block $(block_setting $setting)
-      done
       for round in 1 2; do
         for setting in $settings; do
           step "bench-blockgrid-$setting-r$round" 60 env $(block_setting $setting) python3 -m \
@@ -715,11 +714,11 @@ for stage in "$@"; do
                -k regex:gemm --csv --metrics "$NCU_COUNTERS" \
                python3 bench/scripts/tail_cost_experiment.py --profile ;;
     ncustall)
-      for gemm in gemm1 gemm2; do
+      for gemm in ${STALL_GEMMS:-gemm1 gemm2}; do
         step "ncu-stall-$gemm" 150 ncu --profile-from-start off --clock-control none \
           --section WarpStateStats --section SourceCounters --section SpeedOfLight \
           -k regex:$gemm -f -o /tmp/stall-$gemm python3 bench/scripts/ncu_gemms.py \
-          --cell qwen3-30b-a3b:4096:fp8_tensor
+          --cell "${STALL_CELL:-qwen3-30b-a3b:4096:fp8_tensor}"
         step "ncu-stall-$gemm-details" 60 ncu --import /tmp/stall-$gemm.ncu-rep --page details
         step "ncu-stall-$gemm-sass" 60 ncu --import /tmp/stall-$gemm.ncu-rep --page source \
           --csv --print-source sass
