@@ -98,10 +98,10 @@
 #             expert groups (`MOEKIT_GLUON_GEMM2=1`, past the few-row-tiles rule); bf16,
 #             deepseek-v3, gpt-oss and mixtral at M = 2048–16384, compare_tables.py
 #   blockgrid gpt-oss fp8_block (the Gluon GEMM1 with block scales, session 58) under the
-#             grid, order and scale-load controls (BLOCKGRID_SETTINGS, default "ship t1 g4
-#             s2"): GEMM1 one program per tile (t1), persistent (t0), two consecutive tiles
-#             a program (t2), GROUP_M 4 (g4), per-K scales loaded a step ahead (s2), against
-#             the shipped code; two rounds of `moekit bench` at M = 4096–16384 (~6 min)
+#             grid and order controls (BLOCKGRID_SETTINGS, default "ship t1 g4"): GEMM1
+#             one program per tile (t1), persistent (t0), two consecutive tiles a program
+#             (t2), GROUP_M 4 (g4), against the shipped rule; two rounds of `moekit bench`
+#             at M = 4096–16384 (~3 min on a warm machine)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -454,7 +454,7 @@ for stage in "$@"; do
         ncu_counters "ncu-fp8ridge-${cell//:/-}" 150 "$cell"
       done ;;
     blockgrid)
-      settings=${BLOCKGRID_SETTINGS:-ship t1 g4 s2}
+      settings=${BLOCKGRID_SETTINGS:-ship t1 g4}
       block_setting() {
         case $1 in
           ship) echo ;;
@@ -462,7 +462,6 @@ for stage in "$@"; do
           t0) echo MOEKIT_GLUON_TILE_PROGRAMS=0,r ;;
           t2) echo MOEKIT_GLUON_TILE_PROGRAMS=2,r ;;
           g4) echo MOEKIT_GLUON_GEMM1_GROUP_M=4 ;;
-          s2) echo MOEKIT_GLUON_SCALE_LEAD=2 ;;
         esac
       }
       for round in 1 2; do
