@@ -102,6 +102,11 @@
 #             one program per tile (t1), persistent (t0), two consecutive tiles a program
 #             (t2), GROUP_M 4 (g4), against the shipped rule; two rounds of `moekit bench`
 #             at M = 4096–16384 (~3 min on a warm machine)
+#   gridmargin whether the grid rule's L2 term wants a margin (session 59: gpt-oss fp8_block
+#             M = 8192, in flight 0.93 of L2, ran 1.03–1.04× with its GEMM1 one program per
+#             tile): gpt-oss fp8_block M = 4096 and 8192 with both GEMMs persistent (t00), the
+#             GEMM1 one program per tile (t10), both (t11); fp8_tensor M = 8192 t00 and t10
+#             (its GEMM1 also 0.93 of L2); two rounds (~4 min with compiles)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -473,6 +478,25 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-fp8_block-gptoss-grid blockgrid $settings ;;
+    gridmargin)
+      for round in 1 2; do
+        for setting in t00 t10 t11; do
+          step "bench-gridmargin-block-$setting-r$round" 60 env \
+            MOEKIT_GLUON_TILE_PROGRAMS=${setting:1:1},${setting:2:1} python3 -m moekit.cli bench \
+            --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets gpt-oss-120b --tokens 4096 8192 --what "gridmargin-block-$setting-r$round" \
+            --out "$out"
+        done
+        for setting in t00 t10; do
+          step "bench-gridmargin-tensor-$setting-r$round" 50 env \
+            MOEKIT_GLUON_TILE_PROGRAMS=${setting:1:1},${setting:2:1} python3 -m moekit.cli bench \
+            --dtype fp8_tensor --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets gpt-oss-120b --tokens 8192 --what "gridmargin-tensor-$setting-r$round" \
+            --out "$out"
+        done
+      done
+      compare_settings ab-fp8_block-gptoss-grid-margin gridmargin-block t00 t10 t11
+      compare_settings ab-fp8_tensor-gptoss-grid-margin gridmargin-tensor t00 t10 ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
         MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \
