@@ -93,6 +93,14 @@ GROUP_M = 8
 # quantiser 2.5–3× faster, GEMM1 up to 10% slower (its producer's 16-byte copies), the
 # layer 1–4% faster at k = 8; at k = 2 (mixtral) the copies saved do not repay GEMM1's loss.
 GATHER_MIN_TOP_K = 4
+# When the math warpgroups load each K step's per-K scales (measurement control, read at
+# import: `MOEKIT_GLUON_SCALE_LEAD`): 0 after issuing the step's gate MMA, 1 before waiting
+# for the step's stage, 2 one step ahead (carried in registers). Staged (bench/NOTES.md,
+# session 59): the scale loads' latency holds ~12.7 K of the math warpgroups' stall samples
+# at gpt-oss fp8_block M = 8192, but there lead 2 spills 52 → 104 bytes (lead 1: 240) and
+# ran 0.91–0.98×; whole blocks without biases spill nothing either way (sm_90 compile),
+# measured by `device_check.sh scalelead`.
+SCALE_LEAD = int(os.environ.get("MOEKIT_GLUON_SCALE_LEAD", "0"))
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -290,6 +298,26 @@ if HAVE_GLUON:
         return first_slot, expert, pair
 
     @gluon.jit
+    def _step_scales(xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
+                     stride_wsk, k, X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr,
+                     W_PER_K: gl.constexpr, W_GROUP_K: gl.constexpr, W_SPLIT_N: gl.constexpr):
+        """K step k's scales: (hidden's per slot, gate's, up's, up's second), 1.0 where
+        constant along K."""
+        x_step = 1.0
+        if X_PER_K:
+            x_step = gl.load(xs_ptr + slots * stride_xsm + (k // X_GROUP_K) * stride_xsk)
+        gate_w = 1.0
+        up_w = 1.0
+        up_w_hi = 1.0
+        if W_PER_K:
+            w_k = (k // W_GROUP_K) * stride_wsk
+            gate_w = gl.load(gate_ws + w_k)
+            up_w = gl.load(up_ws + w_k)
+            if W_SPLIT_N:
+                up_w_hi = gl.load(up_ws_hi + w_k)
+        return x_step, gate_w, up_w, up_w_hi
+
+    @gluon.jit
     def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                   num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I, stride_xsm,
                   stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be, stride_ism, alpha,
@@ -300,7 +328,7 @@ if HAVE_GLUON:
                   W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
-                  AMAX_FLOOR: gl.constexpr, CHUNK: gl.constexpr):
+                  AMAX_FLOOR: gl.constexpr, SCALE_LEAD: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
         gate and up products go into a fresh accumulator, are scaled by the step's K-group
         scales (X_PER_K: hidden's per slot; W_PER_K: w13's, one per column tile; loaded
@@ -344,6 +372,9 @@ if HAVE_GLUON:
                     x_index = gl.where(pair < num_pairs, pair // top_k, 0)
                 x_rows = gl.load(xs_ptr + x_index * stride_xsm, mask=mine,
                                  other=0.0)  # hidden under the K loop
+            gate_ws = ws_base  # (per-K weight scales only: `_step_scales`)
+            up_ws = ws_base
+            up_ws_hi = ws_base
             if W_PER_K:  # one scale per column tile and K group, or W_SPLIT_N two for up
                 gate_ws = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
                 up_group = (I + pid_n * BLOCK_N) // W_GROUP_N
@@ -365,27 +396,36 @@ if HAVE_GLUON:
                 up = up + gl.load(b_tile + I + offs_c, mask=real,
                                   other=0.0).to(gl.float32)[None, :]
             if busy:
+                if SCALE_LEAD == 2:
+                    x_next, gate_next, up_next, up_hi_next = _step_scales(
+                        xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
+                        stride_wsk, 0, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_K, W_SPLIT_N)
                 for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
+                    if SCALE_LEAD == 1:
+                        x_step, gate_w, up_w, up_w_hi = _step_scales(
+                            xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
+                            stride_wsk, k, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_K, W_SPLIT_N)
+                    elif SCALE_LEAD == 2:
+                        x_step = x_next
+                        gate_w = gate_next
+                        up_w = up_next
+                        up_w_hi = up_hi_next
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
                     if GATHER_A:  # cp.async wrote A through the generic proxy
                         fence_async_shared()
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
                     part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
-                    # The step's scales, loaded while the MMA runs.
-                    x_step = 1.0
-                    if X_PER_K:
-                        x_step = gl.load(xs_ptr + slots * stride_xsm
-                                         + (k // X_GROUP_K) * stride_xsk)
-                    gate_w = 1.0
-                    up_w = 1.0
-                    if W_PER_K:
-                        w_k = (k // W_GROUP_K) * stride_wsk
-                        gate_w = gl.load(gate_ws + w_k)
-                        up_w = gl.load(up_ws + w_k)
-                        if W_SPLIT_N:
-                            up_w_hi = gl.load(up_ws_hi + w_k)
+                    if SCALE_LEAD == 0:  # the step's scales, loaded while the MMA runs
+                        x_step, gate_w, up_w, up_w_hi = _step_scales(
+                            xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
+                            stride_wsk, k, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_K, W_SPLIT_N)
+                    elif SCALE_LEAD == 2:  # the next step's (the last step reads its own)
+                        x_next, gate_next, up_next, up_hi_next = _step_scales(
+                            xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
+                            stride_wsk, gl.minimum(k + BLOCK_K, H - 1), X_PER_K, X_GROUP_K,
+                            W_PER_K, W_GROUP_K, W_SPLIT_N)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
                     # Scaled in place, one multiply per value (see the docstring); written
                     # out for gate and up: a helper returning the scaled product spilled
@@ -488,8 +528,8 @@ if HAVE_GLUON:
         W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
         W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
-        AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, CHUNK: gl.constexpr,
-        num_warps: gl.constexpr,
+        AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, SCALE_LEAD: gl.constexpr,
+        CHUNK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
         (GROUP_M row tiles per column tile, 1: row tile major); this program's own
@@ -523,14 +563,16 @@ if HAVE_GLUON:
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, W_SPLIT_N,
-                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK)),
+                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, SCALE_LEAD,
+                          CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
                           stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
                           1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
                           X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, W_SPLIT_N,
-                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK))],
+                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, SCALE_LEAD,
+                          CHUNK))],
             [4, 4], [232, 232])
 
 
@@ -582,5 +624,5 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         W_SPLIT_N=split_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
-        PREFETCH=_gluon.PREFETCH_TILES_FP8, CHUNK=chunk, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES_FP8, SCALE_LEAD=SCALE_LEAD, CHUNK=chunk, num_warps=4,
     )
