@@ -29,6 +29,7 @@ from moekit._gluon import DISABLE_ENV, GEMM1_ENV, HOPPER_L2_BYTES
 from moekit._gluon_gemm1 import (
     GROUP_M,
     group_m,
+    scale_lead,
     split_up_scales,
     takes_biases,
     use_gluon_gemm1,
@@ -154,6 +155,14 @@ def test_up_tiles_straddling_two_weight_blocks():
     assert split_up_scales(blocks, True, 256) == 0, "I a multiple of the blocks"
     assert split_up_scales((64, 8, 0, 128, 1), False, 208) == 0, "constant along K"
     assert split_up_scales((64, 0, 1, 1, 128), False, 208) == 0, "one scale per expert"
+
+
+def test_per_k_scales_load_a_step_ahead_unless_up_tiles_straddle(monkeypatch):
+    monkeypatch.setattr(moekit._gluon_gemm1, "SCALE_LEAD_ENV", None)
+    assert scale_lead(0) == 2, "whole blocks: a step ahead"
+    assert scale_lead(64) == 0, "straddling up tiles (gpt-oss): after the gate MMA"
+    monkeypatch.setattr(moekit._gluon_gemm1, "SCALE_LEAD_ENV", "1")
+    assert scale_lead(0) == scale_lead(64) == 1, "the control sets every form"
 
 
 def test_the_gemm1_control_switches_the_gluon_gemm1_off(monkeypatch):

@@ -107,11 +107,12 @@
 #             tile): gpt-oss fp8_block M = 4096 and 8192 with both GEMMs persistent (t00), the
 #             GEMM1 one program per tile (t10), both (t11); fp8_tensor M = 8192 t00 and t10
 #             (its GEMM1 also 0.93 of L2); two rounds (~4 min with compiles)
-#   scalelead the fp8 GEMM1's per-K scales loaded one step ahead (`MOEKIT_GLUON_SCALE_LEAD=2`,
-#             branch s59-scale-lead) against the shipped loads, on whole-block fp8_block
-#             cells (no spill either way on sm_90; gpt-oss's form spills 52 → 104 bytes
-#             and ran 0.91–0.98×, session 59): the Gluon GEMM1 GPU tests under it, then
-#             two rounds of qwen3, granite, olmoe, deepseek-v3 at M = 4096–16384 (~6 min)
+#   scalelead the fp8 GEMM1's per-K scales loaded one step ahead (`scale_lead`: 2 on whole
+#             blocks, branch s59-scale-lead) against after the gate MMA (0, main's), on
+#             whole-block fp8_block cells (no spill either way on sm_90; gpt-oss's form
+#             spills 52 → 104 bytes at 2 and ran 0.91–0.98×, session 59): the Gluon GEMM1
+#             GPU tests under the branch's rule, then two rounds of qwen3, granite, olmoe,
+#             deepseek-v3 at M = 4096–16384 with MOEKIT_GLUON_SCALE_LEAD 0 and 2 (~6 min)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -503,9 +504,8 @@ for stage in "$@"; do
       compare_settings ab-fp8_block-gptoss-grid-margin gridmargin-block t00 t10 t11
       compare_settings ab-fp8_tensor-gptoss-grid-margin gridmargin-tensor t00 t10 ;;
     scalelead)
-      step pytest-gpu-gluon-gemm1-lead2 200 env MOEKIT_GLUON_SCALE_LEAD=2 python3 -m pytest \
-        -m gpu -q -rfE -p no:cacheprovider ${PARALLEL:+-n 8 --dist load --timeout 280} \
-        tests/test_gluon_gemm1.py
+      step pytest-gpu-gluon-gemm1-lead 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py
       for round in 1 2; do
         for setting in l0 l2; do
           step "bench-scalelead-$setting-r$round" 120 env MOEKIT_GLUON_SCALE_LEAD=${setting#l} \

@@ -93,14 +93,13 @@ GROUP_M = 8
 # quantiser 2.5–3× faster, GEMM1 up to 10% slower (its producer's 16-byte copies), the
 # layer 1–4% faster at k = 8; at k = 2 (mixtral) the copies saved do not repay GEMM1's loss.
 GATHER_MIN_TOP_K = 4
-# When the math warpgroups load each K step's per-K scales (measurement control, read at
-# import: `MOEKIT_GLUON_SCALE_LEAD`): 0 after issuing the step's gate MMA, 1 before waiting
-# for the step's stage, 2 one step ahead (carried in registers). Staged (bench/NOTES.md,
-# session 59): the scale loads' latency holds ~12.7 K of the math warpgroups' stall samples
-# at gpt-oss fp8_block M = 8192, but there lead 2 spills 52 → 104 bytes (lead 1: 240) and
-# ran 0.91–0.98×; whole blocks without biases spill nothing either way (sm_90 compile),
-# measured by `device_check.sh scalelead`.
-SCALE_LEAD = int(os.environ.get("MOEKIT_GLUON_SCALE_LEAD", "0"))
+# When the math warpgroups load each K step's per-K scales (`scale_lead`): 0 after issuing
+# the step's gate MMA, 1 before waiting for the step's stage, 2 one step ahead (carried in
+# registers, as the fp8 GEMM2 does). `MOEKIT_GLUON_SCALE_LEAD` (read at import) sets it for
+# every form (a measurement control).
+SCALE_LEAD_ENV = os.environ.get("MOEKIT_GLUON_SCALE_LEAD")
+
+
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 
 
@@ -168,6 +167,17 @@ def split_up_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
     if w_uniform_n or stride_k == 0 or stride_n == 0 or not _up_tiles_straddle(group_n, inter):
         return 0
     return -inter % BLOCK_N
+
+
+def scale_lead(split_n: int) -> int:
+    """2 (one step ahead) unless the up tiles read two weight scales a step (`split_n`):
+    bench/NOTES.md, session 59 — the scale loads' latency held ~12.7 K of the math
+    warpgroups' stall samples at gpt-oss fp8_block M = 8192, but in that straddling form
+    lead 2 spills 52 → 104 bytes (sm_90) and ran 0.91–0.98×. Whole blocks spill nothing
+    either way; their timing is `device_check.sh scalelead`'s (staged, not yet run)."""
+    if SCALE_LEAD_ENV is not None:
+        return int(SCALE_LEAD_ENV)
+    return 0 if split_n else 2
 
 
 def gather_rows(top_k: int, hidden: torch.Tensor, input_group_k: int) -> bool:
@@ -624,5 +634,6 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         W_SPLIT_N=split_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
-        PREFETCH=_gluon.PREFETCH_TILES_FP8, SCALE_LEAD=SCALE_LEAD, CHUNK=chunk, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES_FP8, SCALE_LEAD=scale_lead(split_n), CHUNK=chunk,
+        num_warps=4,
     )
