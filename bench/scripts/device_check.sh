@@ -107,12 +107,13 @@
 #             tile): gpt-oss fp8_block M = 4096 and 8192 with both GEMMs persistent (t00), the
 #             GEMM1 one program per tile (t10), both (t11); fp8_tensor M = 8192 t00 and t10
 #             (its GEMM1 also 0.93 of L2); two rounds (~4 min with compiles)
-#   scalelead the fp8 GEMM1's per-K scales loaded one step ahead (`scale_lead`: 2 on whole
-#             blocks, branch s59-scale-lead) against after the gate MMA (0, main's), on
-#             whole-block fp8_block cells (no spill either way on sm_90; gpt-oss's form
-#             spills 52 → 104 bytes at 2 and ran 0.91–0.98×, session 59): the Gluon GEMM1
-#             GPU tests under the branch's rule, then two rounds of qwen3, granite, olmoe,
-#             deepseek-v3 at M = 4096–16384 with MOEKIT_GLUON_SCALE_LEAD 0 and 2 (~6 min)
+#   scales    hidden's per-K scales in the fp8 GEMM1 (branch s60-scales): through the stage
+#             (transposed by the quantiser, a TMA box a step; `stage_input_scales`) or by
+#             pointer, and the per-K scales loaded a step ahead (`scale_lead` 2) or after the
+#             gate MMA (0): the Gluon GEMM1 and quantiser GPU tests, then two rounds of
+#             qwen3, granite, olmoe, deepseek-v3 fp8_block at M = 4096–16384 under p0 (by
+#             pointer, lead 0: main's), p2 (by pointer, lead 2: s59-scale-lead) and the
+#             branch's rule (staged, lead 2) (~7 min)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -503,18 +504,26 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-gptoss-grid-margin gridmargin-block t00 t10 t11
       compare_settings ab-fp8_tensor-gptoss-grid-margin gridmargin-tensor t00 t10 ;;
-    scalelead)
-      step pytest-gpu-gluon-gemm1-lead 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py
+    scales)
+      step pytest-gpu-gluon-gemm1-scales 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py \
+        tests/test_plan_quantize.py
+      scales_setting() {
+        case $1 in
+          p0) echo MOEKIT_GLUON_STAGED_SCALES=0 MOEKIT_GLUON_SCALE_LEAD=0 ;;
+          p2) echo MOEKIT_GLUON_STAGED_SCALES=0 MOEKIT_GLUON_SCALE_LEAD=2 ;;
+          rule) echo ;;
+        esac
+      }
       for round in 1 2; do
-        for setting in l0 l2; do
-          step "bench-scalelead-$setting-r$round" 120 env MOEKIT_GLUON_SCALE_LEAD=${setting#l} \
+        for setting in p0 p2 rule; do
+          step "bench-scales-$setting-r$round" 120 env $(scales_setting $setting) \
             python3 -m moekit.cli bench --dtype fp8_block --no-baselines --graph-max-m 16384 \
             --rep-ms 40 --presets qwen3-30b-a3b granite-3.0-3b-a800m olmoe-1b-7b deepseek-v3 \
-            --tokens 4096 8192 16384 --what "scalelead-$setting-r$round" --out "$out"
+            --tokens 4096 8192 16384 --what "scales-$setting-r$round" --out "$out"
         done
       done
-      compare_settings ab-fp8_block-scale-lead scalelead l0 l2 ;;
+      compare_settings ab-fp8_block-input-scales scales p0 p2 rule ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
         MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \
