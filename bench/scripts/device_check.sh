@@ -114,6 +114,9 @@
 #             qwen3, granite, olmoe, deepseek-v3 fp8_block at M = 4096–16384 under p0 (by
 #             pointer, lead 0: main's), p2 (by pointer, lead 2: s59-scale-lead) and the
 #             branch's rule (staged, lead 2) (~7 min)
+#   gptossstaged gpt-oss fp8_block with hidden's per-K scales through the stage (forced:
+#             `MOEKIT_GLUON_STAGED_SCALES=1`; sm_90 spill 52 → 172 bytes) against by pointer
+#             (the rule's), two rounds at M = 4096–16384 (~2 min)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -524,6 +527,17 @@ for stage in "$@"; do
         done
       done
       compare_settings ab-fp8_block-input-scales scales p0 p2 rule ;;
+    gptossstaged)
+      for round in 1 2; do
+        for setting in s0 s1; do
+          step "bench-gptossstaged-$setting-r$round" 60 env \
+            MOEKIT_GLUON_STAGED_SCALES=${setting#s} python3 -m moekit.cli bench \
+            --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets gpt-oss-120b --tokens 4096 8192 16384 \
+            --what "gptossstaged-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-fp8_block-gptoss-staged gptossstaged s0 s1 ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
         MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \
