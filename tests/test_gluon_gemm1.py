@@ -34,6 +34,7 @@ from moekit._gluon_gemm1 import (
     stage_input_scales,
     takes_biases,
     use_gluon_gemm1,
+    worker_registers,
 )
 from moekit.experts_fp8 import _amax_partials, plan_fp8_config
 from moekit.quant import QuantScheme, QuantSpec
@@ -167,18 +168,20 @@ def test_up_tiles_straddling_two_weight_blocks():
     assert split_up_scales((64, 0, 1, 1, 128), False, 208) == 0, "one scale per expert"
 
 
-def test_input_scales_travel_in_the_stage_except_in_gpt_oss_form(monkeypatch):
+def test_input_scales_travel_in_the_stage_unless_switched_off(monkeypatch):
     monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", None)
-    blocks = (64, 8, 1, 128, 128)
-    assert stage_input_scales(blocks, True, 256, False), "whole blocks"
-    assert stage_input_scales(blocks, True, 256, True), "whole blocks with biases"
-    assert stage_input_scales(blocks, False, 2880, False), "straddling, no biases"
-    assert not stage_input_scales(blocks, False, 2880, True), (
-        "gpt-oss's form: straddling with biases spills more through the stage")
-    monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", "1")
-    assert stage_input_scales(blocks, False, 2880, True), "the control sets every form"
+    assert stage_input_scales()
     monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", "0")
-    assert not stage_input_scales(blocks, True, 256, False)
+    assert not stage_input_scales()
+
+
+def test_gpt_oss_form_gives_the_first_math_warpgroup_more_registers(monkeypatch):
+    monkeypatch.setattr(moekit._gluon_gemm1, "REGISTERS_ENV", None)
+    assert worker_registers(64, True) == (248, 216), "straddling up tiles with biases"
+    assert worker_registers(64, False) == (232, 232), "straddling, no biases"
+    assert worker_registers(0, True) == (232, 232), "whole blocks"
+    monkeypatch.setattr(moekit._gluon_gemm1, "REGISTERS_ENV", "240,224")
+    assert worker_registers(0, False) == (240, 224), "the control sets every form"
 
 
 def test_per_k_scales_load_a_step_ahead_unless_up_tiles_straddle(monkeypatch):

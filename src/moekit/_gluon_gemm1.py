@@ -101,9 +101,11 @@ SCALE_LEAD_ENV = os.environ.get("MOEKIT_GLUON_SCALE_LEAD")
 
 
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
-# `MOEKIT_GLUON_STAGED_SCALES` (read at import): 1 or 0, hidden's per-K scales through the
-# stage or by pointer in every form (a measurement control; `stage_input_scales`).
+# Measurement controls, read at import: `MOEKIT_GLUON_STAGED_SCALES=0` (hidden's per-K
+# scales by pointer, `stage_input_scales`), `MOEKIT_GLUON_GEMM1_REGISTERS`
+# (`worker_registers`).
 STAGED_SCALES_ENV = os.environ.get("MOEKIT_GLUON_STAGED_SCALES")
+REGISTERS_ENV = os.environ.get("MOEKIT_GLUON_GEMM1_REGISTERS")
 
 
 def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_group_k: int,
@@ -183,21 +185,32 @@ def scale_lead(split_n: int) -> int:
     return 0 if split_n else 2
 
 
-def stage_input_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
-                       inter: int, has_bias: bool) -> bool:
+def stage_input_scales() -> bool:
     """Whether hidden's per-K scales reach the math warpgroups through the stage: written
     transposed by the quantiser ([K groups, capacity]), a step's 128 slot scales are one
     512-byte TMA box the producer loads beside A, read from shared memory after the stage's
     barrier. By pointer they were the GEMM1's largest stall in block-scaled cells (bench/
     NOTES.md, session 59: ~12.7 K of the math warpgroups' samples at gpt-oss M = 8192 on
-    each step's FMUL waiting for its row scales' LDG). Everywhere but gpt-oss's form (up
-    tiles straddling weight blocks, with biases): there, at 232 registers, ptxas spills 52 →
-    172 bytes with them staged (19 stores a K step in one warpgroup; sm_90, session 60),
-    while straddling without biases goes 168 → 0 and whole blocks stay at 0.
-    `MOEKIT_GLUON_STAGED_SCALES` 0 or 1 (read at import) overrides the rule."""
-    if STAGED_SCALES_ENV is not None:
-        return STAGED_SCALES_ENV == "1"
-    return not (has_bias and split_up_scales(w_layout, w_uniform_n, inter))
+    each step's FMUL waiting for its row scales' LDG). sm_90 compiles spill nothing with
+    them staged, in gpt-oss's form with `worker_registers`' split (session 60).
+    `MOEKIT_GLUON_STAGED_SCALES=0` (read at import) reads them by pointer instead."""
+    return STAGED_SCALES_ENV != "0"
+
+
+def worker_registers(split_n: int, has_bias: bool) -> tuple[int, int]:
+    """Registers per thread of the two math warpgroups, as listed to `warp_specialize`
+    (the producer's 40 make up the 504 of three warpgroups at 168). Triton runs the
+    partitions from one dispatch loop and ptxas allocates both in one function: in
+    gpt-oss's form (up tiles straddling weight blocks, with biases) only the first-listed
+    warpgroup's K loop spilled at 232 each — 2 stores a step by pointer, 19 with the
+    scales staged — and none at 248 and 216 (sm_90, bench/NOTES.md session 60); whole
+    blocks spill 208–236 bytes at that split and none at 232 each.
+    `MOEKIT_GLUON_GEMM1_REGISTERS` ("first,second", read at import) sets them for every
+    form (a measurement control)."""
+    if REGISTERS_ENV is not None:
+        first, second = (int(v) for v in REGISTERS_ENV.split(","))
+        return first, second
+    return (248, 216) if split_n and has_bias else (232, 232)
 
 
 def gather_rows(top_k: int, hidden: torch.Tensor, input_group_k: int) -> bool:
@@ -582,7 +595,8 @@ if HAVE_GLUON:
         W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
         AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, SCALE_LEAD: gl.constexpr,
-        CHUNK: gl.constexpr, num_warps: gl.constexpr,
+        CHUNK: gl.constexpr, REGS_FIRST: gl.constexpr, REGS_SECOND: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
         (GROUP_M row tiles per column tile, 1: row tile major); this program's own
@@ -633,7 +647,7 @@ if HAVE_GLUON:
                           X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_N, W_GROUP_K,
                           W_UNIFORM_N, W_SPLIT_N, HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX,
                           AMAX_FLOOR, SCALE_LEAD, CHUNK))],
-            [4, 4], [232, 232])
+            [4, 4], [REGS_FIRST, REGS_SECOND])
 
 
 def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, int],
@@ -665,6 +679,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
     """
     w_per_k = w_layout[2] != 0
     split_n = split_up_scales(w_layout, w_uniform_n, inter.shape[1])
+    regs = worker_registers(split_n, b13 is not None)
     assert w_uniform_n or not w_per_k or split_n, "per-K weight scales: ≤ 2 per column tile"
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
@@ -690,5 +705,6 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
         PREFETCH=_gluon.PREFETCH_TILES_FP8, SCALE_LEAD=scale_lead(split_n), CHUNK=chunk,
+        REGS_FIRST=regs[0], REGS_SECOND=regs[1],
         num_warps=4,
     )

@@ -598,8 +598,7 @@ def _launch_fused_experts_fp8(
     num_tiles, _, tail_m = plan.row_tiles()
     ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     w_uniform_n1 = uniform_along_n(ws1, GLUON_BLOCK_N, inter)
-    staged = scatter and a_group_k != FULL and stage_input_scales(ws1, w_uniform_n1, inter,
-                                                                  b13 is not None)
+    staged = scatter and a_group_k != FULL and stage_input_scales()
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
                              plan if scatter else None, place=None if scatter else place,
                              scales_by_column=staged)
