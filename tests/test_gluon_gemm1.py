@@ -29,7 +29,6 @@ from moekit._gluon import DISABLE_ENV, GEMM1_ENV, HOPPER_L2_BYTES
 from moekit._gluon_gemm1 import (
     GROUP_M,
     group_m,
-    scale_lead,
     split_up_scales,
     stage_input_scales,
     takes_biases,
@@ -182,14 +181,6 @@ def test_gpt_oss_form_gives_the_first_math_warpgroup_more_registers(monkeypatch)
     assert worker_registers(0, True) == (232, 232), "whole blocks"
     monkeypatch.setattr(moekit._gluon_gemm1, "REGISTERS_ENV", "240,224")
     assert worker_registers(0, False) == (240, 224), "the control sets every form"
-
-
-def test_per_k_scales_load_a_step_ahead_unless_up_tiles_straddle(monkeypatch):
-    monkeypatch.setattr(moekit._gluon_gemm1, "SCALE_LEAD_ENV", None)
-    assert scale_lead(0) == 2, "whole blocks: a step ahead"
-    assert scale_lead(64) == 0, "straddling up tiles (gpt-oss): after the gate MMA"
-    monkeypatch.setattr(moekit._gluon_gemm1, "SCALE_LEAD_ENV", "1")
-    assert scale_lead(0) == scale_lead(64) == 1, "the control sets every form"
 
 
 def test_the_gemm1_control_switches_the_gluon_gemm1_off(monkeypatch):

@@ -107,16 +107,6 @@
 #             tile): gpt-oss fp8_block M = 4096 and 8192 with both GEMMs persistent (t00), the
 #             GEMM1 one program per tile (t10), both (t11); fp8_tensor M = 8192 t00 and t10
 #             (its GEMM1 also 0.93 of L2); two rounds (~4 min with compiles)
-#   scales    hidden's per-K scales in the fp8 GEMM1 (branch s60-scales): through the stage
-#             (transposed by the quantiser, a TMA box a step; `stage_input_scales`) or by
-#             pointer, and the per-K scales loaded a step ahead (`scale_lead` 2) or after the
-#             gate MMA (0): the Gluon GEMM1 and quantiser GPU tests, then two rounds of
-#             qwen3, granite, olmoe, deepseek-v3 fp8_block at M = 4096–16384 under p0 (by
-#             pointer, lead 0: main's), p2 (by pointer, lead 2: s59-scale-lead) and the
-#             branch's rule (staged, lead 2) (~7 min)
-#   gptossstaged gpt-oss fp8_block with hidden's per-K scales through the stage (forced:
-#             `MOEKIT_GLUON_STAGED_SCALES=1`; sm_90 spill 52 → 172 bytes) against by pointer
-#             (the rule's), two rounds at M = 4096–16384 (~2 min)
 #   gptossregs the fp8 GEMM1 of branch s60-gptoss-regs, spill-free in every form (sm_90):
 #             its GPU tests, then two rounds of gpt-oss fp8_block M = 4096–16384 under m
 #             (main's: scales by pointer, 232 registers each, 52 bytes of spill), r (by
@@ -513,34 +503,13 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-gptoss-grid-margin gridmargin-block t00 t10 t11
       compare_settings ab-fp8_tensor-gptoss-grid-margin gridmargin-tensor t00 t10 ;;
-    scales)
-      step pytest-gpu-gluon-gemm1-scales 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py \
-        tests/test_plan_quantize.py
-      scales_setting() {
-        case $1 in
-          p0) echo MOEKIT_GLUON_STAGED_SCALES=0 MOEKIT_GLUON_SCALE_LEAD=0 ;;
-          p2) echo MOEKIT_GLUON_STAGED_SCALES=0 MOEKIT_GLUON_SCALE_LEAD=2 ;;
-          rule) echo ;;
-        esac
-      }
-      for round in 1 2; do
-        for setting in p0 p2 rule; do
-          step "bench-scales-$setting-r$round" 120 env $(scales_setting $setting) \
-            python3 -m moekit.cli bench --dtype fp8_block --no-baselines --graph-max-m 16384 \
-            --rep-ms 40 --presets qwen3-30b-a3b granite-3.0-3b-a800m olmoe-1b-7b deepseek-v3 \
-            --tokens 4096 8192 16384 --what "scales-$setting-r$round" --out "$out"
-        done
-      done
-      compare_settings ab-fp8_block-input-scales scales p0 p2 rule ;;
     gptossregs)
       step pytest-gpu-gluon-gemm1-regs 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
         ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py
       regs_setting() {
         case $1 in
           m) echo MOEKIT_GLUON_STAGED_SCALES=0 MOEKIT_GLUON_GEMM1_REGISTERS=232,232 ;;
-          r) echo MOEKIT_GLUON_STAGED_SCALES=0 ;;
-          p) echo MOEKIT_GLUON_STAGED_SCALES=0 ;;
+          r | p) echo MOEKIT_GLUON_STAGED_SCALES=0 ;;
           rule) echo ;;
         esac
       }
@@ -560,17 +529,6 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-gptoss-regs gptossregs m r rule
       compare_settings ab-fp8_block-staged blockstaged p rule ;;
-    gptossstaged)
-      for round in 1 2; do
-        for setting in s0 s1; do
-          step "bench-gptossstaged-$setting-r$round" 60 env \
-            MOEKIT_GLUON_STAGED_SCALES=${setting#s} python3 -m moekit.cli bench \
-            --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
-            --presets gpt-oss-120b --tokens 4096 8192 16384 \
-            --what "gptossstaged-$setting-r$round" --out "$out"
-        done
-      done
-      compare_settings ab-fp8_block-gptoss-staged gptossstaged s0 s1 ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
         MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \

@@ -93,13 +93,6 @@ GROUP_M = 8
 # quantiser 2.5–3× faster, GEMM1 up to 10% slower (its producer's 16-byte copies), the
 # layer 1–4% faster at k = 8; at k = 2 (mixtral) the copies saved do not repay GEMM1's loss.
 GATHER_MIN_TOP_K = 4
-# When the math warpgroups load each K step's per-K scales (`scale_lead`): 0 after issuing
-# the step's gate MMA, 1 before waiting for the step's stage, 2 one step ahead (carried in
-# registers, as the fp8 GEMM2 does). `MOEKIT_GLUON_SCALE_LEAD` (read at import) sets it for
-# every form (a measurement control).
-SCALE_LEAD_ENV = os.environ.get("MOEKIT_GLUON_SCALE_LEAD")
-
-
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
 # Measurement controls, read at import: `MOEKIT_GLUON_STAGED_SCALES=0` (hidden's per-K
 # scales by pointer, `stage_input_scales`), `MOEKIT_GLUON_GEMM1_REGISTERS`
@@ -172,17 +165,6 @@ def split_up_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
     if w_uniform_n or stride_k == 0 or stride_n == 0 or not _up_tiles_straddle(group_n, inter):
         return 0
     return -inter % BLOCK_N
-
-
-def scale_lead(split_n: int) -> int:
-    """2 (one step ahead) unless the up tiles read two weight scales a step (`split_n`):
-    bench/NOTES.md, session 59 — the scale loads' latency held ~12.7 K of the math
-    warpgroups' stall samples at gpt-oss fp8_block M = 8192, but in that straddling form
-    lead 2 spills 52 → 104 bytes (sm_90) and ran 0.91–0.98×. Whole blocks spill nothing
-    either way; their timing is `device_check.sh scalelead`'s (staged, not yet run)."""
-    if SCALE_LEAD_ENV is not None:
-        return int(SCALE_LEAD_ENV)
-    return 0 if split_n else 2
 
 
 def stage_input_scales() -> bool:
@@ -350,27 +332,6 @@ if HAVE_GLUON:
         return first_slot, expert, pair
 
     @gluon.jit
-    def _step_scales(xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
-                     stride_wsk, k, X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr,
-                     X_STAGED: gl.constexpr, W_PER_K: gl.constexpr, W_GROUP_K: gl.constexpr,
-                     W_SPLIT_N: gl.constexpr):
-        """K step k's scales: (hidden's per slot, gate's, up's, up's second), 1.0 where
-        constant along K (or, X_STAGED, read from the stage instead)."""
-        x_step = 1.0
-        if X_PER_K and not X_STAGED:
-            x_step = gl.load(xs_ptr + slots * stride_xsm + (k // X_GROUP_K) * stride_xsk)
-        gate_w = 1.0
-        up_w = 1.0
-        up_w_hi = 1.0
-        if W_PER_K:
-            w_k = (k // W_GROUP_K) * stride_wsk
-            gate_w = gl.load(gate_ws + w_k)
-            up_w = gl.load(up_ws + w_k)
-            if W_SPLIT_N:
-                up_w_hi = gl.load(up_ws_hi + w_k)
-        return x_step, gate_w, up_w, up_w_hi
-
-    @gluon.jit
     def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                   num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I, stride_xsm,
                   stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be, stride_ism, alpha,
@@ -382,7 +343,7 @@ if HAVE_GLUON:
                   W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
-                  AMAX_FLOOR: gl.constexpr, SCALE_LEAD: gl.constexpr, CHUNK: gl.constexpr):
+                  AMAX_FLOOR: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
         gate and up products go into a fresh accumulator, are scaled by the step's K-group
         scales (X_PER_K: hidden's per slot, X_STAGED from the stage; W_PER_K: w13's, one
@@ -428,9 +389,6 @@ if HAVE_GLUON:
                     x_index = gl.where(pair < num_pairs, pair // top_k, 0)
                 x_rows = gl.load(xs_ptr + x_index * stride_xsm, mask=mine,
                                  other=0.0)  # hidden under the K loop
-            gate_ws = ws_base  # (per-K weight scales only: `_step_scales`)
-            up_ws = ws_base
-            up_ws_hi = ws_base
             if W_PER_K:  # one scale per column tile and K group, or W_SPLIT_N two for up
                 gate_ws = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
                 up_group = (I + pid_n * BLOCK_N) // W_GROUP_N
@@ -452,43 +410,31 @@ if HAVE_GLUON:
                 up = up + gl.load(b_tile + I + offs_c, mask=real,
                                   other=0.0).to(gl.float32)[None, :]
             if busy:
-                if SCALE_LEAD == 2:
-                    x_next, gate_next, up_next, up_hi_next = _step_scales(
-                        xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
-                        stride_wsk, 0, X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_K,
-                        W_SPLIT_N)
                 for k in range(0, H, BLOCK_K):
                     index = counter % NUM_BUFFERS
-                    if SCALE_LEAD == 1:
-                        x_step, gate_w, up_w, up_w_hi = _step_scales(
-                            xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
-                            stride_wsk, k, X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_K,
-                            W_SPLIT_N)
-                    elif SCALE_LEAD == 2:
-                        x_step = x_next
-                        gate_w = gate_next
-                        up_w = up_next
-                        up_w_hi = up_hi_next
                     mbarrier.wait(ready.index(index), (counter // NUM_BUFFERS) & 1)
                     if GATHER_A:  # cp.async wrote A through the generic proxy
                         fence_async_shared()
                     a = a_bufs.index(index).slice(CONSUMER * _HALF_M, _HALF_M, dim=0)
                     part = warpgroup_mma(a, g_bufs.index(index).permute((1, 0)), part,
                                          use_acc=False, is_async=True)
-                    if SCALE_LEAD == 0:  # the step's scales, loaded while the MMA runs
-                        x_step, gate_w, up_w, up_w_hi = _step_scales(
-                            xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
-                            stride_wsk, k, X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_K,
-                            W_SPLIT_N)
-                    elif SCALE_LEAD == 2:  # the next step's (the last step reads its own)
-                        x_next, gate_next, up_next, up_hi_next = _step_scales(
-                            xs_ptr, slots, stride_xsm, stride_xsk, gate_ws, up_ws, up_ws_hi,
-                            stride_wsk, gl.minimum(k + BLOCK_K, H - 1), X_PER_K, X_GROUP_K,
-                            X_STAGED, W_PER_K, W_GROUP_K, W_SPLIT_N)
-                    if X_STAGED:  # hidden's from the stage (a 1-D view of its unswizzled box)
+                    # The step's scales, loaded while the MMA runs.
+                    x_step = 1.0
+                    if X_STAGED:  # from the stage (a 1-D view of its unswizzled box)
                         x_step = xs_bufs.index(index)._reinterpret(
                             gl.float32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0])
                         ).slice(CONSUMER * _HALF_M, _HALF_M).load(rows_layout)
+                    elif X_PER_K:
+                        x_step = gl.load(xs_ptr + slots * stride_xsm
+                                         + (k // X_GROUP_K) * stride_xsk)
+                    gate_w = 1.0
+                    up_w = 1.0
+                    if W_PER_K:
+                        w_k = (k // W_GROUP_K) * stride_wsk
+                        gate_w = gl.load(gate_ws + w_k)
+                        up_w = gl.load(up_ws + w_k)
+                        if W_SPLIT_N:
+                            up_w_hi = gl.load(up_ws_hi + w_k)
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
                     # Scaled in place, one multiply per value (see the docstring); written
                     # out for gate and up: a helper returning the scaled product spilled
@@ -591,11 +537,10 @@ if HAVE_GLUON:
         GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
         X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, X_STAGED: gl.constexpr,
         W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
-        W_UNIFORM_N: gl.constexpr,
-        W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+        W_UNIFORM_N: gl.constexpr, W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
-        AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, SCALE_LEAD: gl.constexpr,
-        CHUNK: gl.constexpr, REGS_FIRST: gl.constexpr, REGS_SECOND: gl.constexpr,
+        AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, CHUNK: gl.constexpr,
+        REGS_FIRST: gl.constexpr, REGS_SECOND: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
@@ -638,7 +583,7 @@ if HAVE_GLUON:
                           empty, q_bufs, 0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION,
                           X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_N, W_GROUP_K,
                           W_UNIFORM_N, W_SPLIT_N, HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX,
-                          AMAX_FLOOR, SCALE_LEAD, CHUNK)),
+                          AMAX_FLOOR, CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
@@ -646,7 +591,7 @@ if HAVE_GLUON:
                           empty, q_bufs, 1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION,
                           X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_N, W_GROUP_K,
                           W_UNIFORM_N, W_SPLIT_N, HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX,
-                          AMAX_FLOOR, SCALE_LEAD, CHUNK))],
+                          AMAX_FLOOR, CHUNK))],
             [4, 4], [REGS_FIRST, REGS_SECOND])
 
 
@@ -704,7 +649,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         W_SPLIT_N=split_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
-        PREFETCH=_gluon.PREFETCH_TILES_FP8, SCALE_LEAD=scale_lead(split_n), CHUNK=chunk,
+        PREFETCH=_gluon.PREFETCH_TILES_FP8, CHUNK=chunk,
         REGS_FIRST=regs[0], REGS_SECOND=regs[1],
         num_warps=4,
     )
