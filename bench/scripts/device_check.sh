@@ -108,9 +108,10 @@
 #             GEMM1 one program per tile (t10), both (t11); fp8_tensor M = 8192 t00 and t10
 #             (its GEMM1 also 0.93 of L2); two rounds (~4 min with compiles)
 #   gptossregs the fp8 GEMM1 of branch s60-gptoss-regs, spill-free in every form (sm_90):
-#             its GPU tests, then two rounds of gpt-oss fp8_block M = 4096–16384 under m
-#             (main's: scales by pointer, 232 registers each, 52 bytes of spill), r (by
-#             pointer, 248 / 216: no spill) and the branch's rule (staged, 248 / 216), and
+#             its GPU tests and the 16-bit GEMM1's (they share the producer), then two
+#             rounds of gpt-oss fp8_block M = 4096–16384 under m (main's: scales by
+#             pointer, 232 registers each, 52 bytes of spill), r (by pointer, 248 / 216:
+#             no spill) and the branch's rule (staged, 248 / 216), and
 #             qwen3 / deepseek-v3 fp8_block M = 4096–8192 by pointer (main's) against the
 #             rule (staged; session 60 on the H200: 0.985–1.031) (~6 min)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
@@ -504,8 +505,9 @@ for stage in "$@"; do
       compare_settings ab-fp8_block-gptoss-grid-margin gridmargin-block t00 t10 t11
       compare_settings ab-fp8_tensor-gptoss-grid-margin gridmargin-tensor t00 t10 ;;
     gptossregs)
-      step pytest-gpu-gluon-gemm1-regs 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py
+      step pytest-gpu-gluon-gemm1-regs 240 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py \
+        tests/test_gluon_gemm1_16bit.py
       regs_setting() {
         case $1 in
           m) echo MOEKIT_GLUON_STAGED_SCALES=0 MOEKIT_GLUON_GEMM1_REGISTERS=232,232 ;;
