@@ -202,7 +202,7 @@
 #             bench/scripts/ncu_stall_summary.py reads the CSVs
 #   fp8ridgebytes Nsight Compute counters of both fp8 per-tensor GEMMs (as ridgebytes) at the
 #             fp8 prefill cells under target: deepseek-v3 M = 8192 and 16384, gpt-oss 8192,
-#             qwen3 4096 (NOTES, session 50)
+#             qwen3 4096 (NOTES, session 50), or of RIDGE_CELLS ("PRESET:M:DTYPE ...")
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-.out}
@@ -461,8 +461,8 @@ for stage in "$@"; do
       done
       compare_settings ab-bf16-groups-rule groupsab $settings ;;
     fp8ridgebytes)
-      for cell in deepseek-v3:8192:fp8_tensor deepseek-v3:16384:fp8_tensor \
-          gpt-oss-120b:8192:fp8_tensor qwen3-30b-a3b:4096:fp8_tensor; do
+      for cell in ${RIDGE_CELLS:-deepseek-v3:8192:fp8_tensor deepseek-v3:16384:fp8_tensor \
+          gpt-oss-120b:8192:fp8_tensor qwen3-30b-a3b:4096:fp8_tensor}; do
         ncu_counters "ncu-fp8ridge-${cell//:/-}" 150 "$cell"
       done ;;
     blockgrid)
