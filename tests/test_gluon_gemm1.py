@@ -30,8 +30,10 @@ from moekit._gluon_gemm1 import (
     GROUP_M,
     group_m,
     split_up_scales,
+    stage_input_scales,
     takes_biases,
     use_gluon_gemm1,
+    worker_registers,
 )
 from moekit.experts_fp8 import _amax_partials, plan_fp8_config
 from moekit.quant import QuantScheme, QuantSpec
@@ -54,6 +56,7 @@ _POISON_BYTE = 0x7F  # e4m3fn NaN
     ("tensor_rows", 1, 5, 64, False),
     ("token", 1, 9, 2100, True),  # a row longer than one 1024-wide block
     ("group", 32, 6, 160, True),  # scales per 1×32 group go to the slots too
+    ("group_t", 32, 6, 160, True),  # … written transposed, [groups, capacity rounded to 4]
 ])
 @pytest.mark.interpreter
 def test_quantiser_writes_rows_to_their_pairs_plan_slots(mode, group, M, K, drop, monkeypatch):
@@ -64,6 +67,8 @@ def test_quantiser_writes_rows_to_their_pairs_plan_slots(mode, group, M, K, drop
     if drop:
         ids[::2, 1] = -1  # dropped pairs have no slot: nothing is written for them
     plan = moekit.dispatch_plan(ids, E, 16, backend="triton")
+    transposed = mode == "group_t"
+    mode = "group" if transposed else mode
     groups = -(-K // group) if mode == "group" else None
     partials = _amax_partials(x) if mode == "tensor" else None
 
@@ -75,6 +80,12 @@ def test_quantiser_writes_rows_to_their_pairs_plan_slots(mode, group, M, K, drop
             scale, stride = poison_(torch.empty(1)), 0
         elif mode == "token":
             scale, stride = poison_(torch.empty(rows)), 1
+        elif transposed and pair_slots is not None:
+            padded = poison_(torch.empty(groups, -(-rows // 4) * 4))
+            launch_quantize_rows(x, q, padded, 1, mode, group, partials, pair_slots,
+                                 stride_sk=padded.stride(0))
+            assert padded[:, rows:].isnan().all(), "the rounding columns stay unwritten"
+            return q.view(torch.uint8), padded[:, :rows].t()
         else:
             scale = poison_(torch.empty(rows, groups))
             stride = groups
@@ -154,6 +165,22 @@ def test_up_tiles_straddling_two_weight_blocks():
     assert split_up_scales(blocks, True, 256) == 0, "I a multiple of the blocks"
     assert split_up_scales((64, 8, 0, 128, 1), False, 208) == 0, "constant along K"
     assert split_up_scales((64, 0, 1, 1, 128), False, 208) == 0, "one scale per expert"
+
+
+def test_input_scales_travel_in_the_stage_unless_switched_off(monkeypatch):
+    monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", None)
+    assert stage_input_scales()
+    monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", "0")
+    assert not stage_input_scales()
+
+
+def test_gpt_oss_form_gives_the_first_math_warpgroup_more_registers(monkeypatch):
+    monkeypatch.setattr(moekit._gluon_gemm1, "REGISTERS_ENV", None)
+    assert worker_registers(64, True) == (248, 216), "straddling up tiles with biases"
+    assert worker_registers(64, False) == (232, 232), "straddling, no biases"
+    assert worker_registers(0, True) == (232, 232), "whole blocks"
+    monkeypatch.setattr(moekit._gluon_gemm1, "REGISTERS_ENV", "240,224")
+    assert worker_registers(0, False) == (240, 224), "the control sets every form"
 
 
 def test_the_gemm1_control_switches_the_gluon_gemm1_off(monkeypatch):
@@ -348,6 +375,48 @@ def test_gathered_rows_equal_plan_order_rows_gpu(scheme, M, E, k, H, I, act, bia
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
                                        activation=act, b13=b13, b2=b2)
     assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} gathered")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [
+    "fp8_block",  # both operands' scales along K
+    QuantScheme(QuantSpec(group="channel"), QuantSpec(group=(1, 128))),  # hidden's only
+])
+@pytest.mark.parametrize("M,E,k,H,I,act,bias,skew", [
+    (1000, 16, 4, 768, 384, "silu", False, 3.0),  # whole blocks, odd 64-row tails
+    (300, 32, 8, 528, 256, "gelu", False, 0.0),  # H a partial K step: a partial group
+    (1000, 16, 4, 320, 192, "swigluoai", True, 3.0),  # gpt-oss's form (forced here)
+    (600, 8, 2, 336, 208, "silu", False, 0.0),  # straddling without biases
+])
+def test_staged_input_scales_equal_scales_by_pointer_gpu(scheme, M, E, k, H, I, act, bias,
+                                                         skew, monkeypatch):
+    # Through the stage: the quantiser writes hidden's per-K scales transposed and the
+    # producer loads each step's by TMA; the same scales meet the same products.
+    _require_gluon()
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, act, bias=bias, dtype=torch.bfloat16, device="cuda", skew=skew)
+    k_groups = [g for g in (scheme.activation.group[1], scheme.weight.group[1]) if g != FULL]
+    if bias and not takes_biases(k_groups, scheme.weight.group[0], I):
+        pytest.skip("biases with these scales keep the Triton GEMM1")
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme), tail_block_m=64)
+    ids[::7, -1] = -1  # dropped pairs
+    staged = []
+    real = moekit.experts_fp8.gluon_gemm1
+    monkeypatch.setattr(moekit.experts_fp8, "gluon_gemm1", lambda *args, **kwargs: (
+        staged.append(kwargs.get("x_staged")), real(*args, **kwargs))[1])
+    outs = {}
+    for control in ("0", "1"):
+        monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", control)
+        out = poison_(torch.empty_like(hidden))
+        poison_cuda_cache()
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, activation=act,
+                                 b13=b13, b2=b2, config=config, out=out)
+        outs[control] = out
+    assert staged == [False, True], "the second call stages the scales"
+    assert torch.equal(outs["1"], outs["0"]), "staged scales changed a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,
+                                       activation=act, b13=b13, b2=b2)
+    assert_close(outs["1"], expected, GPU_TOL, name=f"{scheme} staged")
 
 
 @pytest.mark.gpu

@@ -107,6 +107,13 @@
 #             tile): gpt-oss fp8_block M = 4096 and 8192 with both GEMMs persistent (t00), the
 #             GEMM1 one program per tile (t10), both (t11); fp8_tensor M = 8192 t00 and t10
 #             (its GEMM1 also 0.93 of L2); two rounds (~4 min with compiles)
+#   gptossregs the fp8 GEMM1 of branch s60-gptoss-regs, spill-free in every form (sm_90):
+#             its GPU tests and the 16-bit GEMM1's (they share the producer), then two
+#             rounds of gpt-oss fp8_block M = 4096–16384 under m (main's: scales by
+#             pointer, 232 registers each, 52 bytes of spill), r (by pointer, 248 / 216:
+#             no spill) and the branch's rule (staged, 248 / 216), and
+#             qwen3 / deepseek-v3 fp8_block M = 4096–8192 by pointer (main's) against the
+#             rule (staged; session 60 on the H200: 0.985–1.031) (~6 min)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -497,6 +504,33 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-gptoss-grid-margin gridmargin-block t00 t10 t11
       compare_settings ab-fp8_tensor-gptoss-grid-margin gridmargin-tensor t00 t10 ;;
+    gptossregs)
+      step pytest-gpu-gluon-gemm1-regs 240 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        ${PARALLEL:+-n 8 --dist load --timeout 280} tests/test_gluon_gemm1.py \
+        tests/test_gluon_gemm1_16bit.py
+      regs_setting() {
+        case $1 in
+          m) echo MOEKIT_GLUON_STAGED_SCALES=0 MOEKIT_GLUON_GEMM1_REGISTERS=232,232 ;;
+          r | p) echo MOEKIT_GLUON_STAGED_SCALES=0 ;;
+          rule) echo ;;
+        esac
+      }
+      for round in 1 2; do
+        for setting in m r rule; do
+          step "bench-gptossregs-$setting-r$round" 60 env $(regs_setting $setting) python3 -m \
+            moekit.cli bench --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets gpt-oss-120b --tokens 4096 8192 16384 \
+            --what "gptossregs-$setting-r$round" --out "$out"
+        done
+        for setting in p rule; do
+          step "bench-blockstaged-$setting-r$round" 60 env $(regs_setting $setting) python3 -m \
+            moekit.cli bench --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets qwen3-30b-a3b deepseek-v3 --tokens 4096 8192 \
+            --what "blockstaged-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-fp8_block-gptoss-regs gptossregs m r rule
+      compare_settings ab-fp8_block-staged blockstaged p rule ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
         MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \

@@ -115,6 +115,7 @@ def _quantize_rows_kernel(
     stride_xm,
     stride_qm,
     stride_sm,
+    stride_sk,  # "group": between a row's group scales (1, or the rows' count: transposed)
     slots_ptr,  # SCATTER: int32 [M·top_k] plan slot of each pair (−1: dropped)
     top_k,
     clear_ptr,  # CLEAR: int32 [clear_n], zeroed by program (0, 0) for a later kernel
@@ -143,7 +144,7 @@ def _quantize_rows_kernel(
     (`moekit._direct_fp8_kernels._quantize_inter`), no launch of their own."""
     _quantize_rows(tl.program_id(0), tl.program_id(1), x_ptr, q_ptr, scale_ptr,
                    partials_ptr, num_partials, num_rows, K, chunk, stride_xm, stride_qm,
-                   stride_sm, slots_ptr, top_k, clear_ptr, clear_n, MODE, SCATTER,
+                   stride_sm, stride_sk, slots_ptr, top_k, clear_ptr, clear_n, MODE, SCATTER,
                    CLEAR, GROUP, FMAX, AMAX_FLOOR, BLOCK_K, BLOCK_P)
 
 
@@ -162,6 +163,7 @@ def _quantize_rows(
     stride_xm,
     stride_qm,
     stride_sm,
+    stride_sk,  # "group": between a row's group scales (1, or the rows' count: transposed)
     slots_ptr,  # SCATTER: int32 [M·top_k] plan slot of each pair (−1: dropped)
     top_k,
     clear_ptr,  # CLEAR: int32 [clear_n], zeroed by program (0, 0) for a later kernel
@@ -229,7 +231,7 @@ def _quantize_rows(
             dest, ok = _dest_row(row, j, slots_ptr, top_k, SCATTER)
             tl.store(q_ptr + dest * stride_qm + offs, q, mask=k_ok & ok)
             if MODE == "group":
-                tl.store(scale_ptr + dest * stride_sm + groups, group_scale,
+                tl.store(scale_ptr + dest * stride_sm + groups * stride_sk, group_scale,
                          mask=(groups * GROUP < K) & ok)
 
 

@@ -30,7 +30,8 @@ def quantize_rows_launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                          stride_sm: int, mode: str, group: int,
                          partials: torch.Tensor | None = None,
                          pair_slots: torch.Tensor | None = None,
-                         clear: torch.Tensor | None = None) -> QuantizeLaunch:
+                         clear: torch.Tensor | None = None,
+                         stride_sk: int = 1) -> QuantizeLaunch:
     """`_quantize_rows_kernel` over x [M, K] into q, writing (or, "static", reading) `scale`,
     as a launch to make (`launch_quantize_rows`, `launch_plan_and_quantize`).
 
@@ -39,7 +40,9 @@ def quantize_rows_launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     `_amax_partials_kernel`'s, for "tensor". With `pair_slots` (a plan's, [M·k]) row m
     and its per-row scales go to the plan slots of pairs m·k … m·k + k − 1 instead: q
     [capacity, K] in plan order (padding slots left unwritten). `clear` (int32) is zeroed
-    on the way, for a kernel launched later.
+    on the way, for a kernel launched later. `stride_sk` steps between a row's 1×g group
+    scales: 1, or the rows' count where they are written transposed ([groups, rows]: each K
+    step's scales of consecutive slots side by side, one TMA box for the Gluon GEMM1).
     """
     rows, cols = x.shape
     block_k = max(_QUANT_BLOCK_K, group)
@@ -48,7 +51,7 @@ def quantize_rows_launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return QuantizeLaunch(
         (rows, cdiv(cols, chunk)),
         (x, q, scale, scale if partials is None else partials, num_partials, rows, cols, chunk,
-         x.stride(0), q.stride(0), stride_sm,
+         x.stride(0), q.stride(0), stride_sm, stride_sk,
          q if pair_slots is None else pair_slots,
          1 if pair_slots is None else pair_slots.numel() // max(rows, 1),
          scale if clear is None else clear, 0 if clear is None else clear.numel()),

@@ -94,6 +94,11 @@ GROUP_M = 8
 # layer 1–4% faster at k = 8; at k = 2 (mixtral) the copies saved do not repay GEMM1's loss.
 GATHER_MIN_TOP_K = 4
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
+# Measurement controls, read at import: `MOEKIT_GLUON_STAGED_SCALES=0` (hidden's per-K
+# scales by pointer, `stage_input_scales`), `MOEKIT_GLUON_GEMM1_REGISTERS`
+# (`worker_registers`).
+STAGED_SCALES_ENV = os.environ.get("MOEKIT_GLUON_STAGED_SCALES")
+REGISTERS_ENV = os.environ.get("MOEKIT_GLUON_GEMM1_REGISTERS")
 
 
 def use_gluon_gemm1(w13: torch.Tensor, block_m: int, activation: str, input_group_k: int,
@@ -162,6 +167,34 @@ def split_up_scales(w_layout: tuple[int, int, int, int, int], w_uniform_n: bool,
     return -inter % BLOCK_N
 
 
+def stage_input_scales() -> bool:
+    """Whether hidden's per-K scales reach the math warpgroups through the stage: written
+    transposed by the quantiser ([K groups, capacity]), a step's 128 slot scales are one
+    512-byte TMA box the producer loads beside A, read from shared memory after the stage's
+    barrier. By pointer they were the GEMM1's largest stall in block-scaled cells (bench/
+    NOTES.md, session 59: ~12.7 K of the math warpgroups' samples at gpt-oss M = 8192 on
+    each step's FMUL waiting for its row scales' LDG). sm_90 compiles spill nothing with
+    them staged, in gpt-oss's form with `worker_registers`' split (session 60).
+    `MOEKIT_GLUON_STAGED_SCALES=0` (read at import) reads them by pointer instead."""
+    return STAGED_SCALES_ENV != "0"
+
+
+def worker_registers(split_n: int, has_bias: bool) -> tuple[int, int]:
+    """Registers per thread of the two math warpgroups, as listed to `warp_specialize`
+    (the producer's 40 make up the 504 of three warpgroups at 168). Triton runs the
+    partitions from one dispatch loop and ptxas allocates both in one function: in
+    gpt-oss's form (up tiles straddling weight blocks, with biases) only the first-listed
+    warpgroup's K loop spilled at 232 each — 2 stores a step by pointer, 19 with the
+    scales staged — and none at 248 and 216 (sm_90, bench/NOTES.md session 60); whole
+    blocks spill 208–236 bytes at that split and none at 232 each.
+    `MOEKIT_GLUON_GEMM1_REGISTERS` ("first,second", read at import) sets them for every
+    form (a measurement control)."""
+    if REGISTERS_ENV is not None:
+        first, second = (int(v) for v in REGISTERS_ENV.split(","))
+        return first, second
+    return (248, 216) if split_n and has_bias else (232, 232)
+
+
 def gather_rows(top_k: int, hidden: torch.Tensor, input_group_k: int) -> bool:
     """Whether GEMM1 gathers its A rows by cp.async from hidden quantised once per token
     ([M, H]), instead of TMA over rows the quantiser wrote to each pair's plan slot (k
@@ -192,15 +225,17 @@ if HAVE_GLUON:
     _HALF_M = gl.constexpr(HALF_M)  # globals a kernel reads must be constexpr objects
 
     @gluon.jit
-    def _producer(a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
-                  block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs, ready,
-                  empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr, PREFETCH: gl.constexpr,
-                  CHUNK: gl.constexpr):
+    def _producer(a_desc, b_desc, xs_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs,
+                  top_k, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
+                  xs_bufs, ready, empty, TAIL_M: gl.constexpr, GROUP_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr, GATHER_A: gl.constexpr, X_STAGED: gl.constexpr,
+                  X_GROUP_K: gl.constexpr, PREFETCH: gl.constexpr, CHUNK: gl.constexpr):
         """Loads of every K step's A, gate and up tiles into the ring, each stage reloaded
         once both math warpgroups have released it: all by TMA, or (GATHER_A) A's rows by
         cp.async from their tokens' rows of x, each thread's copies arriving on the
-        stage's barrier as they land (`ready` then counts 128 arrivals more).
+        stage's barrier as they land (`ready` then counts 128 arrivals more). X_STAGED:
+        also the step's hidden scales of the tile's slots, one [1, BLOCK_M] box of the
+        transposed scales (`stage_input_scales`).
 
         PREFETCH: a tile's expert and slots' pairs are loaded during the tile before's K
         loop, its work entry during the one before that, so no load at a tile's start
@@ -267,6 +302,13 @@ if HAVE_GLUON:
                         mask=(token_rows >= 0)[:, None] & (cols < H)[None, :])
                     async_copy.mbarrier_arrive(bar, increment_count=False)
                     mbarrier.expect(bar, 2 * b_desc.block_type.nbytes)
+                elif X_STAGED:
+                    mbarrier.expect(bar, a_desc.block_type.nbytes
+                                    + 2 * b_desc.block_type.nbytes + xs_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [tile_slot, k], bar,
+                                                    a_bufs.index(index))
+                    tma.async_copy_global_to_shared(xs_desc, [k // X_GROUP_K, tile_slot], bar,
+                                                    xs_bufs.index(index))
                 else:
                     mbarrier.expect(bar, a_desc.block_type.nbytes
                                     + 2 * b_desc.block_type.nbytes)
@@ -293,23 +335,26 @@ if HAVE_GLUON:
     def _consumer(q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                   num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I, stride_xsm,
                   stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be, stride_ism, alpha,
-                  limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs, CONSUMER: gl.constexpr,
+                  limit, a_bufs, g_bufs, u_bufs, xs_bufs, ready, empty, q_bufs,
+                  CONSUMER: gl.constexpr,
                   TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
                   GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
-                  X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
-                  W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
+                  X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, X_STAGED: gl.constexpr,
+                  W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
                   W_UNIFORM_N: gl.constexpr, W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
                   INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
                   AMAX_FLOOR: gl.constexpr, CHUNK: gl.constexpr):
         """Math warpgroup CONSUMER: rows [CONSUMER·64, +64) of every tile. Each stage's
         gate and up products go into a fresh accumulator, are scaled by the step's K-group
-        scales (X_PER_K: hidden's per slot; W_PER_K: w13's, one per column tile; loaded
-        while the MMA runs) and added in fp32 (Hopper's fp8 MMA accumulates at reduced
-        precision). Each product is scaled in its own registers before the add: `part`
-        is the next MMA's accumulator operand, and a separate scaled copy of it spilled
-        960 bytes. Scales constant along K, the biases and the activation follow in the
-        epilogue, as `_gate_up` does, then the quantisation of `_store_inter`."""
+        scales (X_PER_K: hidden's per slot, X_STAGED from the stage; W_PER_K: w13's, one
+        per column tile; loaded while the MMA runs) and added in fp32 (Hopper's fp8 MMA
+        accumulates at reduced precision). Each product is scaled in its own registers
+        before the add: `part` is the next MMA's accumulator operand, and a separate scaled
+        copy of it spilled 960 bytes. Scales constant along K, the biases and the
+        activation follow in the epilogue, as `_gate_up` does, then the quantisation of
+        `_store_inter`."""
         BLOCK_N: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_M: gl.constexpr = a_bufs.shape[1]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
@@ -375,7 +420,11 @@ if HAVE_GLUON:
                                          use_acc=False, is_async=True)
                     # The step's scales, loaded while the MMA runs.
                     x_step = 1.0
-                    if X_PER_K:
+                    if X_STAGED:  # from the stage (a 1-D view of its unswizzled box)
+                        x_step = xs_bufs.index(index)._reinterpret(
+                            gl.float32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0])
+                        ).slice(CONSUMER * _HALF_M, _HALF_M).load(rows_layout)
+                    elif X_PER_K:
                         x_step = gl.load(xs_ptr + slots * stride_xsm
                                          + (k // X_GROUP_K) * stride_xsk)
                     gate_w = 1.0
@@ -470,6 +519,8 @@ if HAVE_GLUON:
         # GATHER_A over x, [M, H] (its box layout only)
         b_desc,  # w13 as [E·2I, H], [BLOCK_N, BLOCK_K] boxes
         q_desc,  # inter [capacity, I] fp8 in plan order, [64, BLOCK_N] boxes
+        xs_desc,  # X_STAGED: hidden's scales transposed, [K groups, capacity], [1, BLOCK_M]
+        # boxes (else any descriptor, unread)
         x_ptr,  # GATHER_A: hidden quantised per token, [M, H] (row stride stride_xm)
         xs_ptr,  # hidden's: xs[row · stride_xsm + (k // X_GROUP_K) · stride_xsk] (0: one),
         # row the slot (or, GATHER_A, its token)
@@ -484,11 +535,12 @@ if HAVE_GLUON:
         stride_wsk, stride_be, stride_ism, alpha, limit,
         TAIL_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         GATHER_A: gl.constexpr, ACTIVATION: gl.constexpr,
-        X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, W_PER_K: gl.constexpr,
-        W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr, W_UNIFORM_N: gl.constexpr,
-        W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+        X_PER_K: gl.constexpr, X_GROUP_K: gl.constexpr, X_STAGED: gl.constexpr,
+        W_PER_K: gl.constexpr, W_GROUP_N: gl.constexpr, W_GROUP_K: gl.constexpr,
+        W_UNIFORM_N: gl.constexpr, W_SPLIT_N: gl.constexpr, HAS_BIAS: gl.constexpr,
         INTER_STATIC: gl.constexpr, PARTIAL_N: gl.constexpr, FMAX: gl.constexpr,
         AMAX_FLOOR: gl.constexpr, PREFETCH: gl.constexpr, CHUNK: gl.constexpr,
+        REGS_FIRST: gl.constexpr, REGS_SECOND: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """Persistent over (row tile, 128 intermediate columns) in `tile_coords` order
@@ -510,28 +562,37 @@ if HAVE_GLUON:
                                            b_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
+        xs_bufs = a_bufs  # (unread)
+        if X_STAGED:
+            gl.static_assert(X_PER_K and not GATHER_A, "staged scales: per K, plan rows")
+            gl.static_assert(X_GROUP_K % a_desc.block_type.shape[1] == 0, "whole K steps a group")
+            xs_bufs = gl.allocate_shared_memory(xs_desc.dtype,
+                                                [NUM_BUFFERS] + xs_desc.block_type.shape,
+                                                xs_desc.layout)
         # GATHER_A: each of the producer's 128 threads arrives when its copies land.
         ready, empty = stage_ring(NUM_BUFFERS, 129 if GATHER_A else 1)
         gl.warp_specialize(
-            [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
-                          block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, PREFETCH,
-                          CHUNK)),
+            [(_producer, (a_desc, b_desc, xs_desc, x_ptr, stride_xm, sorted_pairs_ptr,
+                          num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
+                          a_bufs, g_bufs, u_bufs, xs_bufs, ready, empty, TAIL_M, GROUP_M,
+                          NUM_BUFFERS, GATHER_A, X_STAGED, X_GROUP_K, PREFETCH, CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
-                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
-                          0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
-                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, W_SPLIT_N,
-                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK)),
+                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, xs_bufs, ready,
+                          empty, q_bufs, 0, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION,
+                          X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_N, W_GROUP_K,
+                          W_UNIFORM_N, W_SPLIT_N, HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX,
+                          AMAX_FLOOR, CHUNK)),
              (_consumer, (q_desc, xs_ptr, ws_ptr, b13_ptr, inter_scale_ptr, sorted_pairs_ptr,
                           num_pairs, top_k, block_experts_ptr, work_ptr, num_work, H, I,
                           stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_be,
-                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, ready, empty, q_bufs,
-                          1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION, X_PER_K,
-                          X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, W_SPLIT_N,
-                          HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX, AMAX_FLOOR, CHUNK))],
-            [4, 4], [232, 232])
+                          stride_ism, alpha, limit, a_bufs, g_bufs, u_bufs, xs_bufs, ready,
+                          empty, q_bufs, 1, TAIL_M, GROUP_M, NUM_BUFFERS, GATHER_A, ACTIVATION,
+                          X_PER_K, X_GROUP_K, X_STAGED, W_PER_K, W_GROUP_N, W_GROUP_K,
+                          W_UNIFORM_N, W_SPLIT_N, HAS_BIAS, INTER_STATIC, PARTIAL_N, FMAX,
+                          AMAX_FLOOR, CHUNK))],
+            [4, 4], [REGS_FIRST, REGS_SECOND])
 
 
 def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, int],
@@ -540,7 +601,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
                 b13: torch.Tensor | None, inter: torch.Tensor, inter_scale: torch.Tensor,
                 inter_static: bool, plan, activation: str, alpha: float, limit: float,
                 fmax: float, amax_floor: float, programs: int,
-                gather_top_k: int | None = None) -> None:
+                gather_top_k: int | None = None, x_staged: bool = False) -> None:
     """fp8 GEMM1 over the plan's row tiles (`_gemm1_ws_kernel`), writing GEMM2's input.
 
     Args:
@@ -548,7 +609,9 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
             routing's k), [M, H], one row per token, gathered per slot by the kernel.
             x_scale: their scales, `x_strides` = (per row, per K group): (0, 0) one for
             all, (1, 0) one per row, (groups, 1) per 1×g group; `x_group_k` the K group of
-            per-K scales (None: constant along K).
+            per-K scales (None: constant along K). `x_staged`: those per-K scales are
+            [groups, capacity rounded up to 4], strides (1, capacity rounded), and travel
+            through the stage (`stage_input_scales`).
         w13: [E, 2I, H] fp8, contiguous (gate rows, then up); w13_scale with `w_layout`
             (`weight_scale_layout`'s tuple); `w_uniform_n`: one scale covers each column
             tile (needed where the scale varies along K).
@@ -561,6 +624,7 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
     """
     w_per_k = w_layout[2] != 0
     split_n = split_up_scales(w_layout, w_uniform_n, inter.shape[1])
+    regs = worker_registers(split_n, b13 is not None)
     assert w_uniform_n or not w_per_k or split_n, "per-K weight scales: ≤ 2 per column tile"
     work, num_work, tail_m = work_list(plan)
     hidden = w13.shape[2]
@@ -569,7 +633,9 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
                                   2 * BLOCK_N * hidden)
     launcher(_gemm1_ws_kernel)[grid](
         descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
-        descriptor(inter, [HALF_M, BLOCK_N]), x, x_scale, w13_scale,
+        descriptor(inter, [HALF_M, BLOCK_N]),
+        descriptor(x_scale, [1, BLOCK_M]) if x_staged else descriptor(x, [BLOCK_M, BLOCK_K]),
+        x, x_scale, w13_scale,
         plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,
         plan.block_experts, work, num_work, plan.num_pairs, gather_top_k or 1, hidden,
         inter.shape[1], x.stride(0), *x_strides, *w_layout[:3],
@@ -577,10 +643,13 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
         float(alpha), float(limit),
         TAIL_M=tail_m, GROUP_M=group_m(w13), NUM_BUFFERS=STAGES,
         GATHER_A=gather_top_k is not None, ACTIVATION=activation,
-        X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, W_PER_K=w_per_k,
+        X_PER_K=x_group_k is not None, X_GROUP_K=x_group_k or 1, X_STAGED=x_staged,
+        W_PER_K=w_per_k,
         W_GROUP_N=w_layout[3], W_GROUP_K=w_layout[4], W_UNIFORM_N=w_uniform_n,
         W_SPLIT_N=split_n,
         HAS_BIAS=b13 is not None, INTER_STATIC=inter_static,
         PARTIAL_N=inter.shape[1] % BLOCK_N != 0, FMAX=fmax, AMAX_FLOOR=amax_floor,
-        PREFETCH=_gluon.PREFETCH_TILES_FP8, CHUNK=chunk, num_warps=4,
+        PREFETCH=_gluon.PREFETCH_TILES_FP8, CHUNK=chunk,
+        REGS_FIRST=regs[0], REGS_SECOND=regs[1],
+        num_warps=4,
     )

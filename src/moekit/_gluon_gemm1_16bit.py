@@ -216,9 +216,10 @@ if HAVE_GLUON:
         # Each of the producer's 128 threads arrives when its copies land.
         ready, empty = stage_ring(NUM_BUFFERS, 129)
         gl.warp_specialize(
-            [(_producer, (a_desc, b_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs, top_k,
-                          block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs, u_bufs,
-                          ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True, PREFETCH, CHUNK)),
+            [(_producer, (a_desc, b_desc, a_desc, x_ptr, stride_xm, sorted_pairs_ptr, num_pairs,
+                          top_k, block_experts_ptr, work_ptr, num_work, H, I, a_bufs, g_bufs,
+                          u_bufs, a_bufs, ready, empty, TAIL_M, GROUP_M, NUM_BUFFERS, True,
+                          False, 1, PREFETCH, CHUNK)),  # (no staged scales: a_* unread)
              (_consumer16, (o_desc, h_desc, b13_ptr, topk_weights_ptr, sorted_pairs_ptr, num_pairs,
                             block_experts_ptr, work_ptr, num_work, H, I, stride_be, alpha,
                             limit, a_bufs, g_bufs, u_bufs, ready, empty, o_bufs, 0, TAIL_M,

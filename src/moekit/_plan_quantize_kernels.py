@@ -46,6 +46,7 @@ def _plan_quantize_kernel(
     stride_xm,
     stride_qm,
     stride_sm,
+    stride_sk,  # "group": between a row's group scales
     slots_ptr,  # SCATTER: int32 [M·top_k] plan slot of each pair (−1: dropped)
     top_k,
     clear_ptr,  # CLEAR: int32 [clear_n], zeroed by program (0, 0) for a later kernel
@@ -83,6 +84,6 @@ def _plan_quantize_kernel(
         quant = pid - plan_programs
         _quantize_rows(quant // quant_chunks, quant % quant_chunks, x_ptr, q_ptr,
                        scale_ptr, partials_ptr, num_partials, num_rows, K, chunk,
-                       stride_xm, stride_qm, stride_sm, slots_ptr, top_k, clear_ptr,
-                       clear_n, MODE, SCATTER, CLEAR, GROUP, FMAX, AMAX_FLOOR, BLOCK_K,
+                       stride_xm, stride_qm, stride_sm, stride_sk, slots_ptr, top_k,
+                       clear_ptr, clear_n, MODE, SCATTER, CLEAR, GROUP, FMAX, AMAX_FLOOR, BLOCK_K,
                        BLOCK_P)

@@ -90,7 +90,7 @@ from moekit._fp8_quantize import (
 )
 from moekit._fp8_scales import activation_mode, uniform_along_n, weight_scale_layout
 from moekit._fp8_swap import launch_stages, swap_ab
-from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, use_gluon_gemm1
+from moekit._gluon_gemm1 import gather_rows, gluon_gemm1, stage_input_scales, use_gluon_gemm1
 from moekit._gluon_gemm2 import BLOCK_N as GLUON_BLOCK_N
 from moekit._gluon_gemm2 import gluon_gemm2, use_gluon_gemm2
 from moekit._host_cache import host_cache
@@ -497,13 +497,15 @@ def _amax_partials(hidden: torch.Tensor) -> torch.Tensor:
 def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
                  static_scale: torch.Tensor | None, plan: DispatchPlan | None = None,
                  clear: torch.Tensor | None = None, place: PlaceLaunch | None = None,
-                 ) -> _Gemm1Input:
+                 scales_by_column: bool = False) -> _Gemm1Input:
     """hidden [M, H] as GEMM1 reads it: quantised to fp8 here (`_quantize_rows_kernel`;
     first `_amax_partials_kernel` for a dynamic per-tensor scale over many rows). With a
     `plan`, each row (and its per-row scales) is written to its pairs' plan slots instead:
     [capacity, H] in plan order, for the Gluon GEMM1. `clear` (int32) is zeroed on the way
     (GEMM1's group counters). With `place` (`moekit.dispatch.prepared_plan`'s) the
-    quantiser runs in the plan's launch (`launch_plan_and_quantize`)."""
+    quantiser runs in the plan's launch (`launch_plan_and_quantize`). `scales_by_column`:
+    1×g group scales written transposed, [groups, rows rounded up to 4] (16-byte rows for
+    the Gluon GEMM1's TMA boxes of them, `moekit._gluon_gemm1.stage_input_scales`)."""
     num_tokens, hidden_size = hidden.shape
     rows = num_tokens if plan is None else plan.capacity
     mode = activation_mode(group_m, group_k, static_scale)
@@ -519,13 +521,18 @@ def _gemm1_input(hidden: torch.Tensor, group_m: int, group_k: int,
     elif mode == "token":
         scale = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         strides = (1, 0)
+    elif scales_by_column:
+        scale = torch.empty((cdiv(hidden_size, group_k), cdiv(rows, 4) * 4),
+                            dtype=torch.float32, device=hidden.device)
+        strides = (1, scale.stride(0))
     else:
         scale = torch.empty((rows, cdiv(hidden_size, group_k)),
                             dtype=torch.float32, device=hidden.device)
         strides = (scale.stride(0), 1)
     quantize = quantize_rows_launch(hidden, xq, scale, strides[0],
                                     "tensor_rows" if few_rows else mode, group, partials,
-                                    None if plan is None else plan.pair_slots, clear)
+                                    None if plan is None else plan.pair_slots, clear,
+                                    stride_sk=strides[1])
     launch_plan_and_quantize(place, quantize)
     return _Gemm1Input(xq, scale, strides[0], strides[1], group)
 
@@ -589,8 +596,12 @@ def _launch_fused_experts_fp8(
     if scatter:
         launcher(_place_pairs_kernel)[(place.programs,)](*place.args, **place.constexprs)
     num_tiles, _, tail_m = plan.row_tiles()
+    ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
+    w_uniform_n1 = uniform_along_n(ws1, GLUON_BLOCK_N, inter)
+    staged = scatter and a_group_k != FULL and stage_input_scales()
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
-                             plan if scatter else None, place=None if scatter else place)
+                             plan if scatter else None, place=None if scatter else place,
+                             scales_by_column=staged)
 
     inter_q = torch.empty((plan.capacity, inter), dtype=torch.float8_e4m3fn, device=hidden.device)
     if inter_static:
@@ -600,7 +611,6 @@ def _launch_fused_experts_fp8(
                                   dtype=torch.float32, device=hidden.device)
         stride_ism, stride_isk = inter_scale.stride(0), 1
     work_list = plan.block_experts if plan.tiles is None else plan.tiles
-    ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     gated = activation != "relu2"
     split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
     swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0], w_per_k)
@@ -611,9 +621,9 @@ def _launch_fused_experts_fp8(
     if gluon1:
         gluon_gemm1(hidden_in.x, hidden_in.scale, (hidden_in.stride_sm, hidden_in.stride_sk),
                     hidden_in.group_k if a_group_k != FULL else None, w13_q, w13_scale, ws1,
-                    uniform_along_n(ws1, GLUON_BLOCK_N, inter), b13, inter_q, inter_scale,
+                    w_uniform_n1, b13, inter_q, inter_scale,
                     inter_static, plan, activation, alpha, limit, FMAX, AMAX_FLOOR, programs,
-                    gather_top_k=top_k if gather else None)
+                    gather_top_k=top_k if gather else None, x_staged=staged)
     else:
         launcher(_gemm1_fp8_kernel)[grid1](
             hidden_in.x, hidden_in.scale, w13_q,
