@@ -114,6 +114,10 @@
 #             no spill) and the branch's rule (staged, 248 / 216), and
 #             qwen3 / deepseek-v3 fp8_block M = 4096–8192 by pointer (main's) against the
 #             rule (staged; session 60 on the H200: 0.985–1.031) (~6 min)
+#   stagedmargin the GEMM1's grid margin (GEMM1_WEIGHT_SHARE_OF_L2: gpt-oss M = 8192 one
+#             program per tile) under hidden's per-K scales by pointer (s0) and staged (s1):
+#             the grid GPU tests, then two rounds of gpt-oss fp8_block M = 4096–16384 and
+#             qwen3 / deepseek-v3 fp8_block M = 4096–8192 each way (~5 min; session 61)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -531,6 +535,25 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-gptoss-regs gptossregs m r rule
       compare_settings ab-fp8_block-staged blockstaged p rule ;;
+    stagedmargin)
+      step pytest-gpu-grid 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_gluon_grid.py
+      for round in 1 2; do
+        for setting in s0 s1; do
+          step "bench-stagedmargin-$setting-r$round" 60 env \
+            MOEKIT_GLUON_STAGED_SCALES=${setting:1:1} python3 -m moekit.cli bench \
+            --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets gpt-oss-120b --tokens 4096 8192 16384 \
+            --what "stagedmargin-$setting-r$round" --out "$out"
+          step "bench-stagedblocks-$setting-r$round" 60 env \
+            MOEKIT_GLUON_STAGED_SCALES=${setting:1:1} python3 -m moekit.cli bench \
+            --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
+            --presets qwen3-30b-a3b deepseek-v3 --tokens 4096 8192 \
+            --what "stagedblocks-$setting-r$round" --out "$out"
+        done
+      done
+      compare_settings ab-fp8_block-staged-margin stagedmargin s0 s1
+      compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
     tilegrid)
       step pytest-gpu-tilegrid 150 env MOEKIT_GLUON_TILE_PROGRAMS=1 MOEKIT_GLUON_GEMM1_GROUP_M=8 \
         MOEKIT_GLUON_GEMM2_GROUP_M=8 MOEKIT_GLUON_EXPERT_GROUPS=1 python3 -m pytest -m gpu -q \

@@ -102,6 +102,13 @@ GEMM2_GROUP_M = 8  # row tiles side by side over each column tile (`gemm2_group_
 # (`_gluon_gemm1.group_m`; a measurement control).
 TILE_PROGRAMS_ENV = "MOEKIT_GLUON_TILE_PROGRAMS"
 SMALL_EXPERT_L2_SHARE = 8  # experts of at most L2 / 8 stay persistent (`programs_drift_apart`)
+# The share of L2 the GEMM1's weight tiles in flight may fill before its programs drifting
+# apart read them again (`programs_drift_apart`): the rows in flight, the outputs and the
+# scales pass through L2 too. gpt-oss M = 8192 (in flight 0.93 of L2), GEMM1 one program
+# per tile against persistent, H100: fp8_block 1.031–1.058× (sessions 59 and 61),
+# fp8_tensor 1.043×; H200 0.990 and 1.011×. The GEMM2 keeps all of L2: at gpt-oss
+# fp8_block M = 4096 (0.93 too) its one program per tile lost 0.966× (H100, session 61).
+GEMM1_WEIGHT_SHARE_OF_L2 = 0.9
 # The rule also leaves the persistent grid where each program would take this many tiles
 # or more over the tiles the plan could hold (`programs_drift_apart`): the drift grows
 # with a program's tiles. H100 fp8 per-tensor deepseek-v3 M = 8192 (the L2 term: 35 MB of
@@ -119,13 +126,14 @@ GEMM1_GROUP_M_ENV = "MOEKIT_GLUON_GEMM1_GROUP_M"
 
 def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
                          num_experts: int, l2: int, expert_bytes: int,
-                         tiles_a_program: float = 0) -> bool:
+                         tiles_a_program: float = 0, weight_share: float = 1.0) -> bool:
     """Whether `programs` persistent programs, each on one column tile of `weight_tile_bytes`
-    of an expert's weights, share weight tiles and hold more of them at once than L2 (`l2`
-    bytes) keeps. Experts averaging a whole row tile or more (`num_pairs` over
-    `num_experts`) share each weight tile among their row tiles' programs, so ~programs ×
-    weight_tile_bytes ÷ row tiles an expert are in flight; past L2, a program that drifts
-    behind its partner reads the tile from DRAM again. With fewer rows an expert each
+    of an expert's weights, share weight tiles and hold more of them at once than
+    `weight_share` of L2 (`l2` bytes) keeps. Experts averaging a whole row tile or more
+    (`num_pairs` over `num_experts`) share each weight tile among their row tiles'
+    programs, so ~programs × weight_tile_bytes ÷ row tiles an expert are in flight; past
+    that share of L2, a program that drifts behind its partner reads the tile from DRAM
+    again. With fewer rows an expert each
     weight tile is read once whatever the order. Measured, not derived: experts of at most
     L2 ÷ SMALL_EXPERT_L2_SHARE (`expert_bytes`: this GEMM's weights of one expert) stay
     persistent (H100 fp8: qwen3's 3 MB w13 0.98×, olmoe's 4 MB 0.96× at one row tile an
@@ -136,7 +144,7 @@ def programs_drift_apart(programs: int, weight_tile_bytes: int, num_pairs: int,
     row_tiles_per_expert = num_pairs / (num_experts * BLOCK_M)
     return (row_tiles_per_expert >= 1
             and expert_bytes > l2 // SMALL_EXPERT_L2_SHARE
-            and (programs * weight_tile_bytes / row_tiles_per_expert > l2
+            and (programs * weight_tile_bytes / row_tiles_per_expert > l2 * weight_share
                  or tiles_a_program >= MANY_TILES_A_PROGRAM))
 
 
@@ -171,7 +179,7 @@ def schedule(programs: int, plan, n_tiles: int, weights: torch.Tensor | None = N
         chunk = int(weights is not None and programs_drift_apart(
             programs, weight_tile_bytes, plan.num_pairs, weights.shape[0],
             l2_bytes_of(weights), math.prod(weights.shape[1:]) * weights.element_size(),
-            tiles / programs))
+            tiles / programs, GEMM1_WEIGHT_SHARE_OF_L2 if gemm == 1 else 1.0))
     if chunk:
         return (cdiv(tiles, chunk),), chunk if chunk > 1 else 0
     return (programs,), 0
