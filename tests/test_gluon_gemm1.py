@@ -167,11 +167,13 @@ def test_up_tiles_straddling_two_weight_blocks():
     assert split_up_scales((64, 0, 1, 1, 128), False, 208) == 0, "one scale per expert"
 
 
-def test_input_scales_travel_in_the_stage_unless_switched_off(monkeypatch):
+def test_input_scales_travel_in_the_stage_only_when_asked(monkeypatch):
     monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", None)
-    assert stage_input_scales()
+    assert not stage_input_scales()
     monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", "0")
     assert not stage_input_scales()
+    monkeypatch.setattr(moekit._gluon_gemm1, "STAGED_SCALES_ENV", "1")
+    assert stage_input_scales()
 
 
 def test_gpt_oss_form_gives_the_first_math_warpgroup_more_registers(monkeypatch):

@@ -94,8 +94,8 @@ GROUP_M = 8
 # layer 1–4% faster at k = 8; at k = 2 (mixtral) the copies saved do not repay GEMM1's loss.
 GATHER_MIN_TOP_K = 4
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai")  # relu2 (one projection): Triton's
-# Measurement controls, read at import: `MOEKIT_GLUON_STAGED_SCALES=0` (hidden's per-K
-# scales by pointer, `stage_input_scales`), `MOEKIT_GLUON_GEMM1_REGISTERS`
+# Measurement controls, read at import: `MOEKIT_GLUON_STAGED_SCALES=1` (hidden's per-K
+# scales through the stage, `stage_input_scales`), `MOEKIT_GLUON_GEMM1_REGISTERS`
 # (`worker_registers`).
 STAGED_SCALES_ENV = os.environ.get("MOEKIT_GLUON_STAGED_SCALES")
 REGISTERS_ENV = os.environ.get("MOEKIT_GLUON_GEMM1_REGISTERS")
@@ -174,9 +174,12 @@ def stage_input_scales() -> bool:
     barrier. By pointer they were the GEMM1's largest stall in block-scaled cells (bench/
     NOTES.md, session 59: ~12.7 K of the math warpgroups' samples at gpt-oss M = 8192 on
     each step's FMUL waiting for its row scales' LDG). sm_90 compiles spill nothing with
-    them staged, in gpt-oss's form with `worker_registers`' split (session 60).
-    `MOEKIT_GLUON_STAGED_SCALES=0` (read at import) reads them by pointer instead."""
-    return STAGED_SCALES_ENV != "0"
+    them staged, in gpt-oss's form with `worker_registers`' split (session 60). Measured
+    (H100, two rounds, session 61) against by pointer: whole blocks 1.001–1.020× (qwen3,
+    deepseek-v3 M = 4096–8192; H200, session 60: 0.985–1.031), gpt-oss M = 4096 1.05×
+    but 8192–16384 0.95–0.98× — not a gain, so off: `MOEKIT_GLUON_STAGED_SCALES=1` (read
+    at import) turns it on."""
+    return STAGED_SCALES_ENV == "1"
 
 
 def worker_registers(split_n: int, has_bias: bool) -> tuple[int, int]:
