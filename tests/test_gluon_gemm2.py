@@ -90,14 +90,21 @@ def test_gluon_gemm2_needs_an_sm90_gpu(monkeypatch):
     assert not use_gluon_gemm2(w2, 128, [128]), "switched off"
 
 
-def test_gemm2_tiles_are_two_halves_wide_only_where_they_fit():
-    # Two 128-column halves per tile: H a multiple of 256, scales constant along K (per-K
-    # weight scales spill), a 16-bit output (float32 boxes overflow shared memory).
-    assert column_halves(2048, False, torch.bfloat16) == 2
-    assert column_halves(7168, False, torch.float16) == 2
-    assert column_halves(1152, False, torch.bfloat16) == 1, "H = 1152: 4.5 wide tiles"
-    assert column_halves(2048, True, torch.bfloat16) == 1, "block scales"
-    assert column_halves(2048, False, torch.float32) == 1, "float32 output"
+def test_gemm2_tiles_are_two_halves_wide_only_where_they_fit(monkeypatch):
+    # Two 128-column halves per tile: H a multiple of 256, a 16-bit output (float32 boxes
+    # overflow shared memory), per-K weight scales only one per half and without biases
+    # (else they spill into the K loop).
+    assert column_halves(2048, False, False, True, torch.bfloat16) == 2
+    assert column_halves(7168, False, False, False, torch.float16) == 2
+    assert column_halves(1152, False, False, False, torch.bfloat16) == 1, "4.5 wide tiles"
+    assert column_halves(2048, False, False, False, torch.float32) == 1, "float32 output"
+    assert column_halves(2048, True, True, False, torch.bfloat16) == 2, "block scales"
+    assert column_halves(2048, True, True, True, torch.bfloat16) == 1, "block, biases"
+    assert column_halves(2048, True, False, False, torch.bfloat16) == 1, "per-K vectors"
+    assert column_halves(1152, True, True, False, torch.bfloat16) == 1
+    monkeypatch.setattr(moekit._gluon_gemm2, "WIDE_PER_K_WEIGHTS", False)
+    assert column_halves(2048, True, True, False, torch.bfloat16) == 1, "the control"
+    assert column_halves(2048, False, False, False, torch.bfloat16) == 2
 
 
 def test_descriptors_see_weights_and_rows_as_row_major_matrices():
@@ -274,3 +281,31 @@ def _check_switch_changes_no_value(switch, scheme, prefetch, tail, monkeypatch, 
     expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme, b13=b13,
                                        b2=b2)
     assert_close(outs[True], expected, GPU_TOL, name=f"{scheme} {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch,tail", [(True, True), (False, True), (True, False)])
+def test_block_scales_on_two_half_tiles_change_no_value_gpu(prefetch, tail, monkeypatch):
+    # Block scales on 256-column tiles (`column_halves`; router weights after the K loop, a
+    # tail the first warpgroup's alone) against one-half tiles: each half's products,
+    # scales and sums are the same, so the same bits; skewed routing over 4 experts (odd
+    # 64-row tails with `tail`), dropped pairs, no biases (those keep one half).
+    M, E, k, H, I = 1000, 4, 2, 1280, 640
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = prefill_case(
+        "fp8_block", M, E, k, H, I, bias=False, skew=2.0)
+    require_gluon(q2.q)
+    ids[::7, -1] = -1
+    config = dataclasses.replace(plan_fp8_config(4096, E, k, scheme),
+                                 tail_block_m=64 if tail else 0)
+    monkeypatch.setattr(moekit._gluon, "PREFETCH_TILES_FP8", prefetch)
+    halves = []
+    real = moekit._gluon_gemm2.column_halves
+    monkeypatch.setattr(moekit._gluon_gemm2, "column_halves",
+                        lambda *args: halves.append(real(*args)) or halves[-1])
+    outs = outputs_both_ways(monkeypatch, moekit._gluon_gemm2, "WIDE_PER_K_WEIGHTS", lambda: (
+        moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config,
+                                 out=poison_(torch.empty_like(hidden)))))
+    assert halves == [1, 2], "one half, then two"
+    assert torch.equal(outs[True], outs[False]), "two halves moved a value"
+    expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme)
+    assert_close(outs[True], expected, GPU_TOL, name="block scales, two halves")

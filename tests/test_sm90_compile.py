@@ -96,6 +96,16 @@ _KNOWN_SPILL_BYTES = {
     # up tiles without biases (no preset) spill none only with hidden's scales through the
     # stage (`stage_input_scales`, off since session 61).
     ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-straddle", "_gemm1_ws_kernel"): 168,
+    # The fp8 GEMM2 with block scales on 256-column tiles (session 61, `moekit._gluon_gemm2.
+    # column_halves`): 12–24 bytes a tile outside the K loops, none in them
+    # (bench/scripts/sm90_loop_spills.py).
+    **{(f"fp8-block-{case}", "_gemm2_ws_kernel"): spill for case, spill in (
+        ("bf16-silu-bm128-tma-gluon-no_tail", 20), ("bf16-silu-bm128-tma-gluon-gluon1", 12),
+        ("fp16-swigluoai-bm128-tma-gluon-gluon1-no_tail", 20),
+        ("bf16-silu-bm128-tma-gluon-gluon1-straddle", 12),
+        ("bf16-silu-bm128-tma-gluon-grouped2", 12), ("bf16-silu-bm128-tma-gluon-gluon1-2", 24),
+        ("bf16-silu-bm128-tma-gluon-gluon1-no_tail-prefetch", 20),
+        ("bf16-silu-bm128-tma-gluon-gluon1-gather-no_tail", 20))},
 }
 # Known spills as another ptxas counts them: the H200 lease's (CUDA 13) stored 24,640 bytes
 # where Triton 3.6's own stores 24,616 (bench/NOTES.md, session 29).

@@ -13,7 +13,8 @@ peak. Gluon (`triton.experimental.gluon`) writes the schedule by hand:
                           weight, a TMA store of its 64 rows
 
 A tile is 256 columns (two halves sharing each A stage, GEMM1's shape: 4 stages of 48 KB)
-where H allows and the weight scales are constant along K, else 128 (5 stages of 32 KB).
+where H allows and the weight scales are constant along K or one per half (block scales,
+without biases: `column_halves`), else 128 (5 stages of 32 KB).
 
 Output rows stay in plan order ([capacity, H]): TMA stores whole boxes, and Hopper's TMA
 cannot scatter; the combine reads each pair's row through `DispatchPlan.pair_slots`.
@@ -35,6 +36,8 @@ are used.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -61,6 +64,7 @@ if HAVE_GLUON:
         ordered_tile_coords,
         prefetch_entry,
         program_tiles,
+        release_steps,
         row_tile,
         stage_ring,
         tiles_in_use,
@@ -94,13 +98,24 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
     )
 
 
-def column_halves(hidden: int, weight_per_k: bool, out_dtype: torch.dtype) -> int:
-    """128-column halves per tile: two where H is a multiple of 256, the weight scales are
-    constant along K (with a per-K weight scale per half the consumer spilled 96–136
-    bytes, prefetched or not) and the output 16-bit (four 48 KB stages and two float32
-    [64, 128] output boxes need 256 KB of shared memory; sm_90 has 227)."""
-    wide = not weight_per_k and hidden % (2 * BLOCK_N) == 0 and out_dtype.itemsize <= 2
-    return 2 if wide else 1
+# `MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0` (read at import; a measurement control) keeps per-K
+# weight scales (block scales) on one-half tiles (`column_halves`).
+WIDE_PER_K_WEIGHTS = os.environ.get("MOEKIT_GLUON_WIDE_BLOCK_GEMM2") != "0"
+
+
+def column_halves(hidden: int, weight_per_k: bool, weight_uniform_n: bool, has_bias: bool,
+                  out_dtype: torch.dtype) -> int:
+    """128-column halves per tile: two where H is a multiple of 256 and the output 16-bit
+    (four 48 KB stages and two float32 [64, 128] output boxes need 256 KB of shared memory;
+    sm_90 has 227); with per-K weight scales, only as one scalar per half
+    (`weight_uniform_n`: block scales) and without biases. There the router weights are
+    loaded after the K loop and a tail is the first warpgroup's alone (`_consumer`): so
+    sm_90 compiles spill nothing in the K loops (12–24 bytes a tile outside them); held
+    across the loop, or with a second loop for tails, or with biases, they spilled into
+    it (bench/NOTES.md, sessions 41 and 61)."""
+    if weight_per_k and not (weight_uniform_n and not has_bias and WIDE_PER_K_WEIGHTS):
+        return 1
+    return 2 if hidden % (2 * BLOCK_N) == 0 and out_dtype.itemsize <= 2 else 1
 
 
 if HAVE_GLUON:
@@ -200,6 +215,14 @@ if HAVE_GLUON:
         tma.async_copy_shared_to_global(c_desc, [row, col], c_smem)
 
     @gluon.jit
+    def _router_weights(slots, sorted_pairs_ptr, topk_weights_ptr, num_pairs):
+        """The router weight of each slot's pair (0 for padding slots, which hold pair
+        indices ≥ num_pairs)."""
+        pairs = gl.load(sorted_pairs_ptr + slots)
+        row_ok = pairs < num_pairs
+        return gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok, other=0.0)
+
+    @gluon.jit
     def _piece(row, col, expert, as_ptr, ws_ptr, b2_ptr, topk_weights_ptr, sorted_pairs_ptr,
                num_pairs, H, I, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk,
                stride_be, a_bufs, b_bufs, ready, empty, counter, c_desc, c_smem,
@@ -227,12 +250,12 @@ if HAVE_GLUON:
         a_rows = ones
         if not A_PER_K:  # a static input scale (stride 0) or one group per row
             a_rows = gl.load(as_ptr + slots * stride_asm)
+        # With per-K weight scales over two halves the router weights are loaded after the
+        # loop: held across it, their registers spilled 96 bytes into it (session 41).
+        LATE_WEIGHTS: gl.constexpr = W_PER_K and PARTS == 2
         weights = ones
-        if APPLY_WEIGHT:
-            pairs = gl.load(sorted_pairs_ptr + slots)
-            row_ok = pairs < num_pairs
-            weights = gl.load(topk_weights_ptr + gl.where(row_ok, pairs, 0), mask=row_ok,
-                              other=0.0)
+        if APPLY_WEIGHT and not LATE_WEIGHTS:
+            weights = _router_weights(slots, sorted_pairs_ptr, topk_weights_ptr, num_pairs)
         # Per-K scales are loaded one K step ahead, so a load has a whole step to land.
         a_step = as_ptr + slots * stride_asm  # [_HALF_M]: K group 0's input scales
         w_step0 = ws_base + (col // W_GROUP_N) * stride_wsn  # W_UNIFORM_N
@@ -281,6 +304,8 @@ if HAVE_GLUON:
                                            W_GROUP_K, W_UNIFORM_N, PARTIAL_N)
             mbarrier.arrive(empty.index(index), count=1)
             counter += 1
+        if APPLY_WEIGHT and LATE_WEIGHTS:
+            weights = _router_weights(slots, sorted_pairs_ptr, topk_weights_ptr, num_pairs)
         bias_base = b2_ptr + expert.to(gl.int64) * stride_be
         _store_columns(acc0, c_desc, c_smem, row, col, H, a_rows, weights, ws_base, bias_base,
                        stride_wsn, A_PER_K, W_PER_K, W_GROUP_N, W_UNIFORM_N, HAS_BIAS,
@@ -328,7 +353,22 @@ if HAVE_GLUON:
             whole = True
             if TAIL_M:
                 whole = rows == _TILE_M
-            if whole:
+            if HALVES == 2 and W_PER_K:
+                # Per-K weight scales over two halves: one `_piece` loop per warpgroup (a
+                # second, the tail's column split, spilled 168 bytes into both, sm_90): a
+                # tail's 64 rows are the first warpgroup's rows of a whole tile; the second
+                # releases the stages meanwhile (a tie with the column split, session 21).
+                if whole or CONSUMER == 0:
+                    counter = _piece(
+                        first_slot + CONSUMER * _HALF_M, col0, expert, as_ptr, ws_ptr, b2_ptr,
+                        topk_weights_ptr, sorted_pairs_ptr, num_pairs, H, I, stride_asm,
+                        stride_ask, stride_wse, stride_wsn, stride_wsk, stride_be, a_bufs,
+                        b_bufs, ready, empty, counter, c_desc, c_smem, CONSUMER * _HALF_M, 0,
+                        BLOCK_N, HALVES, BLOCK_K, NUM_BUFFERS, A_PER_K, A_GROUP_K, W_PER_K,
+                        W_GROUP_N, W_GROUP_K, W_UNIFORM_N, HAS_BIAS, APPLY_WEIGHT, PARTIAL_N)
+                else:
+                    counter = release_steps(ready, empty, counter, I, BLOCK_K, NUM_BUFFERS)
+            elif whole:
                 counter = _piece(
                     first_slot + CONSUMER * _HALF_M, col0, expert, as_ptr, ws_ptr, b2_ptr,
                     topk_weights_ptr, sorted_pairs_ptr, num_pairs, H, I, stride_asm, stride_ask,
@@ -445,7 +485,7 @@ def gluon_gemm2(inter: torch.Tensor, inter_scale: torch.Tensor, a_strides: tuple
     out = torch.empty((plan.capacity, hidden), dtype=out_dtype, device=w2.device)
     work, num_work, tail_m = work_list(plan)
     dummy = plan.sorted_pairs  # stands in for absent tensors; never read
-    halves = column_halves(hidden, w_layout[2] != 0, out_dtype)
+    halves = column_halves(hidden, w_layout[2] != 0, w_uniform_n, b2 is not None, out_dtype)
     grid, chunk = _gluon.schedule(programs, plan, cdiv(hidden, halves * BLOCK_N), w2,
                                   halves * BLOCK_N * inter_size, gemm=2)  # a column tile's weights
     launcher(_gemm2_ws_kernel)[grid](
