@@ -121,7 +121,7 @@
 #   wideblock the fp8 GEMM2 with block scales on 256-column tiles (`column_halves`): its GPU
 #             tests (tests/test_gluon_gemm2.py), then two rounds of fp8_block one half
 #             (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0, w0) against two (w1), qwen3 / mixtral /
-#             deepseek-v3 M = 2048–8192 (~6 min; session 61)
+#             deepseek-v3 M = 4096–8192 (~5 min; session 61)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -566,7 +566,7 @@ for stage in "$@"; do
           step "bench-wideblock-$setting-r$round" 100 env \
             MOEKIT_GLUON_WIDE_BLOCK_GEMM2=${setting:1:1} python3 -m moekit.cli bench \
             --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
-            --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 2048 4096 8192 \
+            --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 4096 8192 \
             --what "wideblock-$setting-r$round" --out "$out"
         done
       done
