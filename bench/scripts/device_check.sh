@@ -119,7 +119,7 @@
 #             the grid GPU tests, then two rounds of gpt-oss fp8_block M = 4096–16384 and
 #             qwen3 / deepseek-v3 fp8_block M = 4096–8192 each way (~5 min; session 61)
 #   wideblock the fp8 GEMM2 with block scales on 256-column tiles (`column_halves`): its GPU
-#             tests (tests/test_gluon_gemm2.py), then two rounds of fp8_block one half
+#             tests (tests/test_gluon_gemm2.py, -k "block or replay"), then two rounds of fp8_block one half
 #             (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0, w0) against two (w1), qwen3 / mixtral /
 #             deepseek-v3 M = 4096–8192 (~5 min; session 61)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
@@ -560,7 +560,7 @@ for stage in "$@"; do
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
     wideblock)
       step pytest-gpu-gemm2 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        ${PARALLEL:+-n 8 --dist load --timeout 190} tests/test_gluon_gemm2.py
+        ${PARALLEL:+-n 8 --dist load --timeout 190} -k "block or replay" tests/test_gluon_gemm2.py
       for round in 1 2; do
         for setting in w0 w1; do
           step "bench-wideblock-$setting-r$round" 100 env \
