@@ -118,10 +118,11 @@
 #             program per tile) under hidden's per-K scales by pointer (s0) and staged (s1):
 #             the grid GPU tests, then two rounds of gpt-oss fp8_block M = 4096–16384 and
 #             qwen3 / deepseek-v3 fp8_block M = 4096–8192 each way (~5 min; session 61)
-#   wideblock the fp8 GEMM2 with block scales on 256-column tiles (`column_halves`): its GPU
-#             tests (tests/test_gluon_gemm2.py, -k "block or replay"), then two rounds of fp8_block one half
-#             (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0, w0) against two (w1), qwen3 / mixtral /
-#             deepseek-v3 M = 4096–8192 (~5 min; session 61)
+#   wideblock the fp8 GEMM2 with block scales on 256-column tiles (`column_halves`): fp8_block
+#             one half (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0, w0) against two (w1), qwen3 /
+#             mixtral / deepseek-v3 M = 4096–8192, two rounds, its GPU tests
+#             (tests/test_gluon_gemm2.py -k "block or replay") after the first (~5 min;
+#             session 61)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
@@ -559,16 +560,16 @@ for stage in "$@"; do
       compare_settings ab-fp8_block-staged-margin stagedmargin s0 s1
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
     wideblock)
-      step pytest-gpu-gemm2 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        ${PARALLEL:+-n 8 --dist load --timeout 190} -k "block or replay" tests/test_gluon_gemm2.py
       for round in 1 2; do
         for setting in w0 w1; do
-          step "bench-wideblock-$setting-r$round" 100 env \
+          step "bench-wideblock-$setting-r$round" 80 env \
             MOEKIT_GLUON_WIDE_BLOCK_GEMM2=${setting:1:1} python3 -m moekit.cli bench \
             --dtype fp8_block --no-baselines --graph-max-m 16384 --rep-ms 40 \
             --presets qwen3-30b-a3b mixtral-8x7b deepseek-v3 --tokens 4096 8192 \
             --what "wideblock-$setting-r$round" --out "$out"
         done
+        [ $round = 1 ] && step pytest-gpu-gemm2 150 python3 -m pytest -m gpu -q -rfE \
+          -p no:cacheprovider -k "block or replay" tests/test_gluon_gemm2.py
       done
       compare_settings ab-fp8_block-wide-gemm2 wideblock w0 w1 ;;
     tilegrid)
