@@ -94,6 +94,7 @@ def test_gemm2_tiles_are_two_halves_wide_only_where_they_fit(monkeypatch):
     # Two 128-column halves per tile: H a multiple of 256, a 16-bit output (float32 boxes
     # overflow shared memory), per-K weight scales only one per half and without biases
     # (else they spill into the K loop).
+    monkeypatch.setattr(moekit._gluon_gemm2, "WIDE_PER_K_WEIGHTS", True)
     assert column_halves(2048, False, False, True, torch.bfloat16) == 2
     assert column_halves(7168, False, False, False, torch.float16) == 2
     assert column_halves(1152, False, False, False, torch.bfloat16) == 1, "4.5 wide tiles"
@@ -103,7 +104,7 @@ def test_gemm2_tiles_are_two_halves_wide_only_where_they_fit(monkeypatch):
     assert column_halves(2048, True, False, False, torch.bfloat16) == 1, "per-K vectors"
     assert column_halves(1152, True, True, False, torch.bfloat16) == 1
     monkeypatch.setattr(moekit._gluon_gemm2, "WIDE_PER_K_WEIGHTS", False)
-    assert column_halves(2048, True, True, False, torch.bfloat16) == 1, "the control"
+    assert column_halves(2048, True, True, False, torch.bfloat16) == 1, "off by default"
     assert column_halves(2048, False, False, False, torch.bfloat16) == 2
 
 

@@ -119,7 +119,7 @@
 #             the grid GPU tests, then two rounds of gpt-oss fp8_block M = 4096–16384 and
 #             qwen3 / deepseek-v3 fp8_block M = 4096–8192 each way (~5 min; session 61)
 #   wideblock the fp8 GEMM2 with block scales on 256-column tiles (`column_halves`): fp8_block
-#             one half (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0, w0) against two (w1), qwen3 /
+#             one half (the default, w0) against two (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=1, w1), qwen3 /
 #             mixtral / deepseek-v3 M = 4096–8192, two rounds, its GPU tests
 #             (tests/test_gluon_gemm2.py -k "block or replay") after the first (~5 min;
 #             session 61)

@@ -13,8 +13,8 @@ peak. Gluon (`triton.experimental.gluon`) writes the schedule by hand:
                           weight, a TMA store of its 64 rows
 
 A tile is 256 columns (two halves sharing each A stage, GEMM1's shape: 4 stages of 48 KB)
-where H allows and the weight scales are constant along K or one per half (block scales,
-without biases: `column_halves`), else 128 (5 stages of 32 KB).
+where H allows and the weight scales are constant along K (or, when asked, one per half:
+block scales without biases, `column_halves`), else 128 (5 stages of 32 KB).
 
 Output rows stay in plan order ([capacity, H]): TMA stores whole boxes, and Hopper's TMA
 cannot scatter; the combine reads each pair's row through `DispatchPlan.pair_slots`.
@@ -98,9 +98,10 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
     )
 
 
-# `MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0` (read at import; a measurement control) keeps per-K
-# weight scales (block scales) on one-half tiles (`column_halves`).
-WIDE_PER_K_WEIGHTS = os.environ.get("MOEKIT_GLUON_WIDE_BLOCK_GEMM2") != "0"
+# `MOEKIT_GLUON_WIDE_BLOCK_GEMM2=1` (read at import) puts block scales on two-half tiles
+# (`column_halves`): built and compile-checked, not yet timed on a GPU (bench/NOTES.md,
+# session 61), so off.
+WIDE_PER_K_WEIGHTS = os.environ.get("MOEKIT_GLUON_WIDE_BLOCK_GEMM2") == "1"
 
 
 def column_halves(hidden: int, weight_per_k: bool, weight_uniform_n: bool, has_bias: bool,
@@ -108,11 +109,12 @@ def column_halves(hidden: int, weight_per_k: bool, weight_uniform_n: bool, has_b
     """128-column halves per tile: two where H is a multiple of 256 and the output 16-bit
     (four 48 KB stages and two float32 [64, 128] output boxes need 256 KB of shared memory;
     sm_90 has 227); with per-K weight scales, only as one scalar per half
-    (`weight_uniform_n`: block scales) and without biases. There the router weights are
-    loaded after the K loop and a tail is the first warpgroup's alone (`_consumer`): so
-    sm_90 compiles spill nothing in the K loops (12–24 bytes a tile outside them); held
-    across the loop, or with a second loop for tails, or with biases, they spilled into
-    it (bench/NOTES.md, sessions 41 and 61)."""
+    (`weight_uniform_n`: block scales), without biases and when asked
+    (`WIDE_PER_K_WEIGHTS`). There the router weights are loaded after the K loop and a
+    tail is the first warpgroup's alone (`_consumer`): so sm_90 compiles spill nothing in
+    the K loops (12–24 bytes a tile outside them); held across the loop, or with a second
+    loop for tails, or with biases, they spilled into it (bench/NOTES.md, sessions 41 and
+    61)."""
     if weight_per_k and not (weight_uniform_n and not has_bias and WIDE_PER_K_WEIGHTS):
         return 1
     return 2 if hidden % (2 * BLOCK_N) == 0 and out_dtype.itemsize <= 2 else 1
