@@ -118,11 +118,11 @@
 #             program per tile) under hidden's per-K scales by pointer (s0) and staged (s1):
 #             the grid GPU tests, then two rounds of gpt-oss fp8_block M = 4096–16384 and
 #             qwen3 / deepseek-v3 fp8_block M = 4096–8192 each way (~5 min; session 61)
-#   wideblock the fp8 GEMM2 with block scales on 256-column tiles (`column_halves`): fp8_block
-#             one half (the default, w0) against two (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=1, w1), qwen3 /
-#             mixtral / deepseek-v3 M = 4096–8192, two rounds, its GPU tests
-#             (tests/test_gluon_gemm2.py -k "block or replay") after the first (~5 min;
-#             session 61)
+#   wideblock the fp8 GEMM2 with block scales on 256-column tiles (`column_halves`):
+#             fp8_block one half (the default, w0) against two
+#             (MOEKIT_GLUON_WIDE_BLOCK_GEMM2=1, w1), qwen3 / mixtral / deepseek-v3
+#             M = 4096–8192, two rounds, its GPU tests (tests/test_gluon_gemm2.py -k
+#             "block or replay") after the first (~5 min; session 61)
 #   tilegrid  the Gluon GEMMs launched one program per tile (`MOEKIT_GLUON_TILE_PROGRAMS=1`:
 #             the hardware hands tiles out in order) against one per SM, with the GEMM1's
 #             and GEMM2's GROUP_M at 1 (fp8's shipped) or 8 (GEMM2 in expert groups): the
