@@ -50,7 +50,7 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moekit import _gluon, _launch, _tile_order
+from moekit import _gluon, _gluon_gemm1, _gluon_gemm2, _launch, _tile_order
 
 enabled = os.environ.get("MOEKIT_REPLAY", "1") != "0"
 _SEEN = object()  # a key called once: the next call records
@@ -149,6 +149,7 @@ def _settings() -> tuple:
     return (_gluon_switch(), _tile_programs(), _gemm1_switch(), _gemm2_switch(),
             _gemm2_group_m(), _gemm1_group_m(),
             _gluon.PREFETCH_TILES, _gluon.PREFETCH_TILES_FP8, _gluon.EXPERT_GROUPS,
+            _gluon_gemm1.STAGED_SCALES_ENV, _gluon_gemm2.WIDE_PER_K_WEIGHTS,
             _tile_order.FORCED, _launch._current_device())
 
 
