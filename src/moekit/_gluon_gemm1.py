@@ -634,10 +634,10 @@ def gluon_gemm1(x: torch.Tensor, x_scale: torch.Tensor, x_strides: tuple[int, in
     # a column tile's weights: its gate and up rows over all of H, one byte each
     grid, chunk = _gluon.schedule(programs, plan, cdiv(inter.shape[1], BLOCK_N), w13,
                                   2 * BLOCK_N * hidden)
+    a_desc = descriptor(x, [BLOCK_M, BLOCK_K])
     launcher(_gemm1_ws_kernel)[grid](
-        descriptor(x, [BLOCK_M, BLOCK_K]), descriptor(w13, [BLOCK_N, BLOCK_K]),
-        descriptor(inter, [HALF_M, BLOCK_N]),
-        descriptor(x_scale, [1, BLOCK_M]) if x_staged else descriptor(x, [BLOCK_M, BLOCK_K]),
+        a_desc, descriptor(w13, [BLOCK_N, BLOCK_K]), descriptor(inter, [HALF_M, BLOCK_N]),
+        descriptor(x_scale, [1, BLOCK_M]) if x_staged else a_desc,  # (unread unless staged)
         x, x_scale, w13_scale,
         plan.sorted_pairs if b13 is None else b13, inter_scale, plan.sorted_pairs,
         plan.block_experts, work, num_work, plan.num_pairs, gather_top_k or 1, hidden,

@@ -596,8 +596,6 @@ def _launch_fused_experts_fp8(
     if scatter:
         launcher(_place_pairs_kernel)[(place.programs,)](*place.args, **place.constexprs)
     num_tiles, _, tail_m = plan.row_tiles()
-    ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
-    w_uniform_n1 = uniform_along_n(ws1, GLUON_BLOCK_N, inter)
     staged = scatter and a_group_k != FULL and stage_input_scales()
     hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13,
                              plan if scatter else None, place=None if scatter else place,
@@ -611,6 +609,7 @@ def _launch_fused_experts_fp8(
                                   dtype=torch.float32, device=hidden.device)
         stride_ism, stride_isk = inter_scale.stride(0), 1
     work_list = plan.block_experts if plan.tiles is None else plan.tiles
+    ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     gated = activation != "relu2"
     split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
     swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0], w_per_k)
@@ -621,7 +620,7 @@ def _launch_fused_experts_fp8(
     if gluon1:
         gluon_gemm1(hidden_in.x, hidden_in.scale, (hidden_in.stride_sm, hidden_in.stride_sk),
                     hidden_in.group_k if a_group_k != FULL else None, w13_q, w13_scale, ws1,
-                    w_uniform_n1, b13, inter_q, inter_scale,
+                    uniform_along_n(ws1, GLUON_BLOCK_N, inter), b13, inter_q, inter_scale,
                     inter_static, plan, activation, alpha, limit, FMAX, AMAX_FLOOR, programs,
                     gather_top_k=top_k if gather else None, x_staged=staged)
     else:
