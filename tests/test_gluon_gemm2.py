@@ -104,7 +104,7 @@ def test_gemm2_tiles_are_two_halves_wide_only_where_they_fit(monkeypatch):
     assert column_halves(2048, True, False, False, torch.bfloat16) == 1, "per-K vectors"
     assert column_halves(1152, True, True, False, torch.bfloat16) == 1
     monkeypatch.setattr(moekit._gluon_gemm2, "WIDE_PER_K_WEIGHTS", False)
-    assert column_halves(2048, True, True, False, torch.bfloat16) == 1, "off by default"
+    assert column_halves(2048, True, True, False, torch.bfloat16) == 1, "switched off"
     assert column_halves(2048, False, False, False, torch.bfloat16) == 2
 
 

@@ -97,11 +97,16 @@ _KNOWN_SPILL_BYTES = {
     # stage (`stage_input_scales`, off since session 61).
     ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-straddle", "_gemm1_ws_kernel"): 168,
     # The fp8 GEMM2 with block scales on 256-column tiles (`moekit._gluon_gemm2.
-    # column_halves`, off by default; session 61): 12–20 bytes a tile outside the K loops,
-    # none in them (bench/scripts/sm90_loop_spills.py).
-    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-wide2", "_gemm2_ws_kernel"): 12,
-    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-no_tail-prefetch-wide2", "_gemm2_ws_kernel"): 20,
-    ("fp8-block-bf16-silu-bm128-tma-gluon-grouped2-wide2", "_gemm2_ws_kernel"): 12,
+    # column_halves`, session 62's default): 12–24 bytes a tile outside the K loops, none
+    # in them (bench/scripts/sm90_loop_spills.py); on 128-column tiles (narrow2) none.
+    ("fp8-block-bf16-silu-bm128-tma-gluon-no_tail", "_gemm2_ws_kernel"): 20,
+    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1", "_gemm2_ws_kernel"): 12,
+    ("fp8-block-fp16-swigluoai-bm128-tma-gluon-gluon1-no_tail", "_gemm2_ws_kernel"): 20,
+    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-straddle", "_gemm2_ws_kernel"): 12,
+    ("fp8-block-bf16-silu-bm128-tma-gluon-grouped2", "_gemm2_ws_kernel"): 12,
+    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-2", "_gemm2_ws_kernel"): 24,
+    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-no_tail-prefetch", "_gemm2_ws_kernel"): 20,
+    ("fp8-block-bf16-silu-bm128-tma-gluon-gluon1-gather-no_tail", "_gemm2_ws_kernel"): 20,
 }
 # Known spills as another ptxas counts them: the H200 lease's (CUDA 13) stored 24,640 bytes
 # where Triton 3.6's own stores 24,616 (bench/NOTES.md, session 29).
@@ -193,8 +198,8 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     partial_n (H = 336, I = 208: both GEMMs' last column tile partial), straddle (H = 256,
     I = 192: 128-row weight blocks straddle every up tile), bias_dtype (the biases' dtype,
     default fp32), prefetch (the Gluon GEMMs' producers loading each tile's indices a tile
-    ahead, off by default), wide2 (the Gluon GEMM2 with block scales on 256-column tiles,
-    `moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS`, off by default)."""
+    ahead, off by default), narrow2 (the Gluon GEMM2 with block scales on 128-column tiles,
+    `moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS` off; 256 by default)."""
     if block_m == 1:  # int64 ids and bf16 weights (topk64) read by the kernels themselves
         kernels = _DIRECT_FP8
     else:
@@ -363,13 +368,9 @@ CASES = [
          gluon1=True, gather=True, grouped=True, prefetch=True),
     _fp8("prefill, Gluon GEMM2's row tiles grouped over each column tile: block scales, "
          "tail tiles", "block", "bf16", "silu", 128, tma=True, gluon=True, grouped2=True),
-    _fp8("prefill, Gluon GEMM2 with block scales on 256-column tiles (router weights after "
-         "the K loop, a tail the first warpgroup's): tail tiles, both GEMMs Gluon", "block",
-         "bf16", "silu", 128, tma=True, gluon=True, gluon1=True, wide2=True),
-    _fp8("the same without tail tiles, the producers' prefetch", "block", "bf16", "silu", 128,
-         tma=True, gluon=True, gluon1=True, no_tail=True, prefetch=True, wide2=True),
-    _fp8("the same with grouped row tiles, tail tiles", "block", "bf16", "silu", 128,
-         tma=True, gluon=True, grouped2=True, wide2=True),
+    _fp8("prefill, Gluon GEMM2 with block scales on 128-column tiles (the switch off: router "
+         "weights before the K loop): tail tiles, both GEMMs Gluon", "block", "bf16", "silu",
+         128, tma=True, gluon=True, gluon1=True, narrow2=True),
     _fp8("prefill, Gluon GEMM2's grouped row tiles never spanning two experts "
          "(`EXPERT_GROUPS`, staged off): per-tensor, the producer's prefetch, tail tiles",
          "tensor", "bf16", "silu", 128, tma=True, gluon=True, grouped2=True,
@@ -775,7 +776,7 @@ def _run_fp8(p):
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
-    moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS = bool(p.get("wide2"))
+    moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS = not p.get("narrow2")
     moekit._gluon.gemm2_group_m = (lambda w2, **_: 8) if p.get("grouped2") else _GEMM2_GROUP_M
     moekit._gluon.schedule = _chunked(p)
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).

@@ -98,10 +98,9 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
     )
 
 
-# `MOEKIT_GLUON_WIDE_BLOCK_GEMM2=1` (read at import) puts block scales on two-half tiles
-# (`column_halves`): built and compile-checked, not yet timed on a GPU (bench/NOTES.md,
-# session 61), so off.
-WIDE_PER_K_WEIGHTS = os.environ.get("MOEKIT_GLUON_WIDE_BLOCK_GEMM2") == "1"
+# Block scales on two-half tiles (`column_halves`), on since session 62 (bench/NOTES.md
+# has the measurement); `MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0` (read at import) turns it off.
+WIDE_PER_K_WEIGHTS = os.environ.get("MOEKIT_GLUON_WIDE_BLOCK_GEMM2") != "0"
 
 
 def column_halves(hidden: int, weight_per_k: bool, weight_uniform_n: bool, has_bias: bool,
@@ -109,7 +108,7 @@ def column_halves(hidden: int, weight_per_k: bool, weight_uniform_n: bool, has_b
     """128-column halves per tile: two where H is a multiple of 256 and the output 16-bit
     (four 48 KB stages and two float32 [64, 128] output boxes need 256 KB of shared memory;
     sm_90 has 227); with per-K weight scales, only as one scalar per half
-    (`weight_uniform_n`: block scales), without biases and when asked
+    (`weight_uniform_n`: block scales), without biases and unless switched off
     (`WIDE_PER_K_WEIGHTS`). There the router weights are loaded after the K loop and a
     tail is the first warpgroup's alone (`_consumer`): so sm_90 compiles spill nothing in
     the K loops (12–24 bytes a tile outside them); held across the loop, or with a second
