@@ -98,8 +98,10 @@ def use_gluon_gemm2(w2: torch.Tensor, block_m: int, k_groups: list[int]) -> bool
     )
 
 
-# Block scales on two-half tiles (`column_halves`), on since session 62 (bench/NOTES.md
-# has the measurement); `MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0` (read at import) turns it off.
+# Block scales on two-half tiles (`column_halves`): on an H100 the layer 1.014–1.079×
+# (median 1.038) at qwen3, mixtral and deepseek-v3 M = 4096–8192, two rounds
+# (bench/results/h100-sxm-20261207-ab-fp8_block-wide-gemm2-s62.md), so on;
+# `MOEKIT_GLUON_WIDE_BLOCK_GEMM2=0` (read at import) turns it off.
 WIDE_PER_K_WEIGHTS = os.environ.get("MOEKIT_GLUON_WIDE_BLOCK_GEMM2") != "0"
 
 
