@@ -13,8 +13,8 @@ peak. Gluon (`triton.experimental.gluon`) writes the schedule by hand:
                           weight, a TMA store of its 64 rows
 
 A tile is 256 columns (two halves sharing each A stage, GEMM1's shape: 4 stages of 48 KB)
-where H allows and the weight scales are constant along K (or, when asked, one per half:
-block scales without biases, `column_halves`), else 128 (5 stages of 32 KB).
+where H allows and the weight scales are constant along K or one per half (block scales
+without biases, `column_halves`), else 128 (5 stages of 32 KB).
 
 Output rows stay in plan order ([capacity, H]): TMA stores whole boxes, and Hopper's TMA
 cannot scatter; the combine reads each pair's row through `DispatchPlan.pair_slots`.
