@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 import torch
-from half_tile_experiment import write_rows  # this directory: the result file's header
 
 import moekit
+from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
@@ -36,6 +35,7 @@ from moekit.experts_fp8 import _check_config, _select_fp8_config
 from moekit.quant import QuantScheme
 
 STEM = "fp8-decode-depth-experiment"
+LABELS = ["shipped", "g2_s6", "g2_s8", "g2_n32", "g2_n128", "g1_s5", "both_s"]
 CELLS = ["mixtral-8x7b:1", "mixtral-8x7b:4", "mixtral-8x7b:16", "deepseek-v3:2",
          "deepseek-v3:8", "gpt-oss-120b:4", "gpt-oss-120b:16", "gpt-oss-120b:64",
          "qwen3-30b-a3b:16", "qwen3-30b-a3b:64", "olmoe-1b-7b:64"]
@@ -56,12 +56,14 @@ def variants(shipped):
     }
 
 
-def run_cell(name: str, m: int, schemes: list[str], rounds: int, log) -> dict:
+def run_cell(name: str, m: int, schemes: list[str], rounds: int, log) -> list[dict]:
+    """One row per scheme: each variant's config, bitwise equality, relative difference
+    and µs per round."""
     preset = PRESETS[name]
     dev = torch.device("cuda")
     bf16 = make_weights(preset, torch.bfloat16, dev)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, dev)
-    row = {"preset": name, "M": m}
+    rows = []
     for dtype in schemes:
         scheme = QuantScheme.parse(dtype)
         w = quantize_experts(bf16, dtype)
@@ -86,25 +88,41 @@ def run_cell(name: str, m: int, schemes: list[str], rounds: int, log) -> dict:
                                             activation=preset.activation, config=config)
 
         ref = layer(shipped).clone()
-        cell = {"configs": {k: c.as_ints() for k, c in configs.items()}, "equal": {},
-                "max_rel_diff": {}}
+        cell = {"preset": name, "M": m, "scheme": dtype,
+                "configs": {k: c.as_ints() for k, c in configs.items()}, "equal": {},
+                "rel_diff": {}}
         for label, config in configs.items():
             got = layer(config)
             cell["equal"][label] = bool(torch.equal(ref, got))
-            cell["max_rel_diff"][label] = float(
+            cell["rel_diff"][label] = float(
                 ((got.float() - ref.float()).norm() / ref.float().norm()).item())
         labels = list(configs)
         for r in range(rounds):
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 cell.setdefault(f"{label}_us", []).append(
                     graph_replay_us(lambda c=configs[label]: layer(c), rep_ms=30))
-        row[dtype] = cell
+        rows.append(cell)
         best = {label: min(cell[f"{label}_us"]) for label in labels}
         log(f"{name} M={m} {dtype}: " + ", ".join(
             f"{label} {best[label]:.1f} ({best['shipped'] / best[label]:.3f}×"
             f"{'' if cell['equal'][label] else ' ≠'})" for label in labels)
             + f"; shipped {shipped.as_ints()}")
-    return row if len(row) > 2 else {}
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Shipped µs, then shipped ÷ variant per variant (best of the rounds; > 1: the variant
+    is faster; ≠: its output differs from the shipped one's)."""
+    lines = ["| preset | M | scheme | shipped µs | " + " | ".join(LABELS[1:]) + " |",
+             "|" + "---|" * (3 + len(LABELS))]
+    for row in rows:
+        best = {label: min(row[f"{label}_us"]) for label in LABELS if f"{label}_us" in row}
+        cells = [f"{best['shipped'] / best[label]:.3f}"
+                 + ("" if row["equal"][label] else " ≠") if label in best else "—"
+                 for label in LABELS[1:]]
+        lines.append(f"| {row['preset']} | {row['M']} | {row['scheme']} | "
+                     f"{best['shipped']:.1f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:
@@ -114,19 +132,18 @@ def main() -> int:
     parser.add_argument("--schemes", nargs="+", default=["fp8_tensor"])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    meta = experiment_meta(rounds=args.rounds)
+    notes = ["- variants: GEMM2 at 6 or 8 stages (`g2_s6`, `g2_s8`), 32- or 128-column tiles "
+             "(`g2_n32`, `g2_n128`); GEMM1 at 5 stages (`g1_s5`); both deeper (`both_s`)",
+             f"- graph replay, L2 read-flushed, {args.rounds} rounds in rotated order; best "
+             "of the rounds; columns after the first: shipped ÷ variant (> 1: faster)"]
     rows = []
-    with open(os.path.join(args.out, f"{STEM}.log"), "a") as logf:
-        def log(line):
-            print(line, flush=True)
-            logf.write(line + "\n")
-            logf.flush()
-        for text in args.cells:
-            name, m = text.rsplit(":", 1)
-            row = run_cell(name, int(m), args.schemes, args.rounds, log)
-            if row:
-                rows.append(row)
-            write_rows(args.out, STEM + "-" + "-".join(args.schemes), rows)
+    for text in args.cells:
+        name, m = text.rsplit(":", 1)
+        rows += run_cell(name, int(m), args.schemes, args.rounds, print)
+        write_experiment(args.out, STEM, meta, rows,
+                         "fp8 decode: deeper weight pipelines on the plan path", notes,
+                         table(rows))
     return 0
 
 
