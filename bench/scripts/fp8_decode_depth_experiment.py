@@ -11,7 +11,8 @@ deepseek-v3 and gpt-oss sit at 55–84% of the roofline on the H100 where bf16 r
 shipped configuration and with deeper weight pipelines in either GEMM, or GEMM2's column
 tile halved (twice the programs) or doubled; outputs are compared bitwise with the shipped
 one's (none of these changes the arithmetic). GEMM2's K tile stays 128: its input's 1×128
-scale groups bound it.
+scale groups bound it. The direct path's cells (gpt-oss and deepseek-v3 at M = 1) take the
+same variants of its own tiles.
 
     PYTHONPATH=src python3 bench/scripts/fp8_decode_depth_experiment.py --out $OUT \
         [--cells mixtral-8x7b:1 ...] [--schemes fp8_tensor fp8_block] [--rounds 3]
@@ -36,8 +37,9 @@ from moekit.quant import QuantScheme
 
 STEM = "fp8-decode-depth-experiment"
 LABELS = ["shipped", "g2_s6", "g2_s8", "g2_n32", "g2_n128", "g1_s5", "both_s"]
-CELLS = ["mixtral-8x7b:1", "mixtral-8x7b:4", "mixtral-8x7b:16", "deepseek-v3:2",
-         "deepseek-v3:8", "gpt-oss-120b:4", "gpt-oss-120b:16", "gpt-oss-120b:64",
+CELLS = ["gpt-oss-120b:1", "deepseek-v3:1", "mixtral-8x7b:1", "mixtral-8x7b:4",
+         "mixtral-8x7b:16", "deepseek-v3:2", "deepseek-v3:8", "gpt-oss-120b:4",
+         "gpt-oss-120b:16", "gpt-oss-120b:64",
          "qwen3-30b-a3b:16", "qwen3-30b-a3b:64", "olmoe-1b-7b:64"]
 
 
@@ -69,8 +71,8 @@ def run_cell(name: str, m: int, schemes: list[str], rounds: int, log) -> list[di
         w = quantize_experts(bf16, dtype)
         shipped = _select_fp8_config(hidden, preset.num_experts, preset.top_k, preset.inter,
                                      scheme)
-        if shipped.direct or shipped.block_m == 128:
-            log(f"{name} M={m} {dtype}: {shipped.as_ints()} (direct or 128 rows), skipped")
+        if shipped.block_m == 128:
+            log(f"{name} M={m} {dtype}: {shipped.as_ints()} (128 rows), skipped")
             continue
         configs = {}
         for label, config in variants(shipped).items():
