@@ -35,7 +35,7 @@
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
-#             every 32 products (shipped), 128, never, or unswapped; Nsight counters of
+#             every 32 products (shipped), 64, 128, never, or unswapped; Nsight counters of
 #             mixtral M = 1 at 32 and never
 #   fp8tiles  bench/scripts/fp8_tile_experiment.py (fp8 tiles at M = 1024, 4096)
 #   fp8prefill bench/scripts/fp8_prefill_experiment.py (128- against 64-row fp8 tiles, promotion)
@@ -566,7 +566,7 @@ for stage in "$@"; do
       cells=${PROMOTE_CELLS:-mixtral-8x7b:1:fp8_tensor mixtral-8x7b:4:fp8_tensor \
         gpt-oss-120b:1:fp8_tensor deepseek-v3:1:fp8_tensor deepseek-v3:2:fp8_tensor \
         qwen3-30b-a3b:64:fp8_tensor}
-      for setting in promote-32 promote-128 promote-0 swap-off; do
+      for setting in promote-32 promote-64 promote-128 promote-0 swap-off; do
         case $setting in
           swap-off) set -- MOEKIT_FP8_SWAP_AB=0 ;;
           *) set -- MOEKIT_FP8_SWAP_PROMOTE_K=${setting#promote-} ;;
@@ -575,7 +575,7 @@ for stage in "$@"; do
           --tag "$setting" --cells $cells --out "$out"
       done
       step compare-promote 20 python3 bench/scripts/fp8_kernel_profile.py --compare \
-        "$out"/promote-32.json "$out"/promote-128.json "$out"/promote-0.json "$out"/swap-off.json
+        "$out"/promote-{32,64,128,0}.json "$out"/swap-off.json
       for setting in 32 0; do
         ncu_counters "ncu-mixtral-1-fp8_tensor-promote-$setting" 90 mixtral-8x7b:1:fp8_tensor \
           MOEKIT_FP8_SWAP_PROMOTE_K=$setting
