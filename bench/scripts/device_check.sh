@@ -566,7 +566,7 @@ for stage in "$@"; do
       cells=${PROMOTE_CELLS:-mixtral-8x7b:1:fp8_tensor mixtral-8x7b:4:fp8_tensor \
         gpt-oss-120b:1:fp8_tensor deepseek-v3:1:fp8_tensor deepseek-v3:2:fp8_tensor \
         qwen3-30b-a3b:64:fp8_tensor}
-      for setting in promote-32 promote-64 promote-128 promote-0 swap-off; do
+      for setting in promote-32 promote-0 promote-128 promote-64 swap-off; do
         case $setting in
           swap-off) set -- MOEKIT_FP8_SWAP_AB=0 ;;
           *) set -- MOEKIT_FP8_SWAP_PROMOTE_K=${setting#promote-} ;;
