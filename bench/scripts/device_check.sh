@@ -34,6 +34,9 @@
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
+#   decodelead A/B of branch s63-scale-lead (the Triton fp8 GEMMs' K-varying scales read a
+#             step ahead) against main's src in .baseline/main/src, fp8_tensor and
+#             fp8_block at M = 1–1024, after the fp8 GPU tests (≈ 10 min: one call each part)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
 #             every 32 products (shipped), 64, 128, never, or unswapped; Nsight counters of
 #             mixtral M = 1 at 32 and never
@@ -562,6 +565,18 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-staged-margin stagedmargin s0 s1
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
+    decodelead)  # session 63's scales read a step ahead in the Triton fp8 GEMMs (branch
+             # s63-scale-lead) against main's tree copied to .baseline/main/src (NOTES)
+      [ -d .baseline/main/src ] || { echo "== decodelead: no .baseline/main/src"; continue; }
+      step pytest-gpu-fp8-lead 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/test_experts_fp8.py tests/test_fp8_swap.py
+      for scheme in ${DECODELEAD_SCHEMES:-fp8_tensor fp8_block}; do
+        step "ab-decodelead-$scheme" 280 env VERSIONS="main=.baseline/main/src lead=src" \
+          ROUNDS=2 OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-decode-lead" \
+          --dtype "$scheme" --no-baselines --rep-ms 30 --graph-max-m 16384 \
+          --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b \
+          --tokens 1 4 16 64 256 1024
+      done ;;
     promotek)  # the swapped fp8 dots' promotion interval at decode, kernel by kernel (s63)
       cells=${PROMOTE_CELLS:-mixtral-8x7b:1:fp8_tensor mixtral-8x7b:4:fp8_tensor \
         gpt-oss-120b:1:fp8_tensor deepseek-v3:1:fp8_tensor deepseek-v3:2:fp8_tensor \
