@@ -36,7 +36,7 @@
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
 #   decodelead A/B of branch s63-scale-lead (the Triton fp8 GEMMs' K-varying scales read a
 #             step ahead) against main's src in .baseline/main/src, fp8_tensor and
-#             fp8_block at M = 1–1024, after the fp8 GPU tests (≈ 10 min: one call each part)
+#             fp8_block at M = 1–1024, after the fp8 GPU tests (≈ 10 min; carry .baseline)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
 #             every 32 products (shipped), 64, 128, never, or unswapped; Nsight counters of
 #             mixtral M = 1 at 32 and never
