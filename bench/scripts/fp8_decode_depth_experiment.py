@@ -10,9 +10,14 @@ deepseek-v3 and gpt-oss sit at 55–84% of the roofline on the H100 where bf16 r
 `fused_experts_fp8` call (graph replay, L2 read-flushed, rounds in rotated order) at its
 shipped configuration and with deeper weight pipelines in either GEMM, or GEMM2's column
 tile halved (twice the programs) or doubled; outputs are compared bitwise with the shipped
-one's (none of these changes the arithmetic). GEMM2's K tile stays 128: its input's 1×128
+one's (only the 32-column GEMM2 differs: too narrow for the swapped fp8 MMA's 64 rows, it
+converts its operands and rounds otherwise). GEMM2's K tile stays 128: its input's 1×128
 scale groups bound it. The direct path's cells (gpt-oss and deepseek-v3 at M = 1) take the
 same variants of its own tiles.
+
+Answer on an H100 (session 63, `bench/results/h100-sxm-20261207-fp8-decode-depth-
+experiment-s63.md`): no variant helps (0.92–1.02×); each K step waits on a scale load
+instead (bench/NOTES.md, session 63).
 
     PYTHONPATH=src python3 bench/scripts/fp8_decode_depth_experiment.py --out $OUT \
         [--cells mixtral-8x7b:1 ...] [--schemes fp8_tensor fp8_block] [--rounds 3]
