@@ -34,9 +34,12 @@
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
-#   decodelead A/B of branch s63-scale-lead (the Triton fp8 GEMMs' K-varying scales read a
-#             step ahead) against main's src in .baseline/main/src, fp8_tensor and
-#             fp8_block at M = 1–1024, after the fp8 GPU tests (≈ 10 min; carry .baseline)
+#   promote128 on branch s64-p128 (session 63's scale lead, the direct GEMM2s' carried
+#             steps, swapped fp8 dots promoted once per K tile): its fp8 GPU tests, then an
+#             A/B of main (.baseline/main/src), main promoting per K tile (.baseline/p128/src)
+#             and the branch, M = 1–64, fp8_block, fp8_channel, fp8_tensor (PROMOTE128_SCHEMES
+#             to choose, PROMOTE128_TESTS=0 to skip the tests; ≈ 3.5 min a scheme; carry
+#             .baseline; NOTES, after session 64)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
 #             every 32 products (shipped), 64, 128, never, or unswapped; Nsight counters of
 #             mixtral M = 1 at 32 and never
@@ -565,17 +568,21 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-staged-margin stagedmargin s0 s1
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
-    decodelead)  # session 63's scales read a step ahead in the Triton fp8 GEMMs (branch
-             # s63-scale-lead) against main's tree copied to .baseline/main/src (NOTES)
-      [ -d .baseline/main/src ] || { echo "== decodelead: no .baseline/main/src"; continue; }
-      step pytest-gpu-fp8-lead 200 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+    promote128)  # session 64's staged branch s64-p128 against main and main + per-tile promotion
+      for tree in main p128; do
+        [ -d .baseline/$tree/src ] || { echo "== promote128: no .baseline/$tree/src"; continue 2; }
+      done
+      # Every fp8 GPU test under the branch, spread over workers (a cold cache: compiles);
+      # PROMOTE128_TESTS=0 skips them (a second call)
+      [ "${PROMOTE128_TESTS:-1}" = 0 ] || step pytest-gpu-fp8-p128 240 python3 -m pytest \
+        -m gpu -q -rfE -p no:cacheprovider ${PARALLEL:+-n 4 --timeout 200} \
         tests/test_experts_fp8.py tests/test_fp8_swap.py
-      for scheme in ${DECODELEAD_SCHEMES:-fp8_tensor fp8_block}; do
-        step "ab-decodelead-$scheme" 280 env VERSIONS="main=.baseline/main/src lead=src" \
-          ROUNDS=2 OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-decode-lead" \
-          --dtype "$scheme" --no-baselines --rep-ms 30 --graph-max-m 16384 \
-          --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b \
-          --tokens 1 4 16 64 256 1024
+      for scheme in ${PROMOTE128_SCHEMES:-fp8_block fp8_channel fp8_tensor}; do
+        step "ab-promote128-$scheme" 240 env \
+          VERSIONS="main=.baseline/main/src p128=.baseline/p128/src branch=src" ROUNDS=2 \
+          OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-promote128" --dtype "$scheme" \
+          --no-baselines --rep-ms 30 --graph-max-m 16384 \
+          --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b --tokens 1 4 16 64
       done ;;
     promotek)  # the swapped fp8 dots' promotion interval at decode, kernel by kernel (s63)
       cells=${PROMOTE_CELLS:-mixtral-8x7b:1:fp8_tensor mixtral-8x7b:4:fp8_tensor \
