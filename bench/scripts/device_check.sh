@@ -34,12 +34,15 @@
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
-#   promote128 on branch s64-p128 (session 63's scale lead, the direct GEMM2s' carried
-#             steps, swapped fp8 dots promoted once per K tile): its fp8 GPU tests, then an
-#             A/B of main (.baseline/main/src), main promoting per K tile (.baseline/p128/src)
-#             and the branch, M = 1–64, fp8_block, fp8_channel, fp8_tensor (PROMOTE128_SCHEMES
-#             to choose, PROMOTE128_TESTS=0 to skip the tests; ≈ 3.5 min a scheme; carry
-#             .baseline; NOTES, after session 64)
+#   promote   run on main: which promotion interval the swapped fp8 dots should use.
+#             Copies src to /tmp/promote{64,128}/src with `_fp8_swap`'s default changed,
+#             runs the fp8 GPU tests under each (PROMOTE_TESTS=0 skips them), then an A/B
+#             of main (every 32 products) against 64 and 128, M = 1–64 on four presets
+#             (PROMOTE_SCHEMES, default fp8_tensor; ≈ 4.5 min a scheme; NOTES, session 64)
+#   leadsteps run on branch s64-p128: its scale lead and carried direct steps against
+#             main's src in .baseline/main/src (carry .baseline; give both trees the same
+#             promotion interval first), fp8_block and fp8_tensor (LEADSTEPS_SCHEMES) at
+#             M = 1–64, after the fp8 GPU tests (LEADSTEPS_TESTS=0 skips them)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
 #             every 32 products (shipped), 64, 128, never, or unswapped; Nsight counters of
 #             mixtral M = 1 at 32 and never
@@ -568,20 +571,34 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-staged-margin stagedmargin s0 s1
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
-    promote128)  # session 64's staged branch s64-p128 against main and main + per-tile promotion
-      for tree in main p128; do
-        [ -d .baseline/$tree/src ] || { echo "== promote128: no .baseline/$tree/src"; continue 2; }
+    promote)  # the swapped fp8 dots' promotion interval (session 64): 32 (main), 64, 128
+      swap=src/moekit/_fp8_swap.py
+      for k in 64 128; do
+        rm -rf /tmp/promote$k && mkdir -p /tmp/promote$k && cp -r src /tmp/promote$k/
+        sed -i "s/\"MOEKIT_FP8_SWAP_PROMOTE_K\", \"32\"/\"MOEKIT_FP8_SWAP_PROMOTE_K\", \"$k\"/" \
+          /tmp/promote$k/$swap
+        grep -q "\"MOEKIT_FP8_SWAP_PROMOTE_K\", \"$k\"" /tmp/promote$k/$swap \
+          || { echo "== promote: main's default is not 32 any more"; continue 2; }
+        [ "${PROMOTE_TESTS:-1}" = 0 ] || step "pytest-gpu-fp8-promote-$k" 200 env \
+          PYTHONPATH=/tmp/promote$k/src python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+          ${PARALLEL:+-n 4 --timeout 200} tests/test_experts_fp8.py tests/test_fp8_swap.py
       done
-      # Every fp8 GPU test under the branch, spread over workers (a cold cache: compiles);
-      # PROMOTE128_TESTS=0 skips them (a second call)
-      [ "${PROMOTE128_TESTS:-1}" = 0 ] || step pytest-gpu-fp8-p128 240 python3 -m pytest \
+      for scheme in ${PROMOTE_SCHEMES:-fp8_tensor}; do
+        step "ab-promote-$scheme" 330 env \
+          VERSIONS="k32=src k64=/tmp/promote64/src k128=/tmp/promote128/src" ROUNDS=2 \
+          OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-promote" --dtype "$scheme" \
+          --no-baselines --rep-ms 30 --graph-max-m 16384 \
+          --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b --tokens 1 4 16 64
+      done ;;
+    leadsteps)  # branch s64-p128's scale lead and carried direct steps against main (s64)
+      [ -d .baseline/main/src ] || { echo "== leadsteps: no .baseline/main/src"; continue; }
+      [ "${LEADSTEPS_TESTS:-1}" = 0 ] || step pytest-gpu-fp8-leadsteps 200 python3 -m pytest \
         -m gpu -q -rfE -p no:cacheprovider ${PARALLEL:+-n 4 --timeout 200} \
         tests/test_experts_fp8.py tests/test_fp8_swap.py
-      for scheme in ${PROMOTE128_SCHEMES:-fp8_block fp8_channel fp8_tensor}; do
-        step "ab-promote128-$scheme" 240 env \
-          VERSIONS="main=.baseline/main/src p128=.baseline/p128/src branch=src" ROUNDS=2 \
-          OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-promote128" --dtype "$scheme" \
-          --no-baselines --rep-ms 30 --graph-max-m 16384 \
+      for scheme in ${LEADSTEPS_SCHEMES:-fp8_block fp8_tensor}; do
+        step "ab-leadsteps-$scheme" 200 env VERSIONS="main=.baseline/main/src branch=src" \
+          ROUNDS=2 OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-leadsteps" \
+          --dtype "$scheme" --no-baselines --rep-ms 30 --graph-max-m 16384 \
           --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b --tokens 1 4 16 64
       done ;;
     promotek)  # the swapped fp8 dots' promotion interval at decode, kernel by kernel (s63)
