@@ -280,6 +280,22 @@ compare_settings() {
     --stem "$stem" "${versions[@]}"
 }
 
+# fp8_swap_tests NAME [VAR=VALUE...]: the fp8 GPU tests (experts and swapped GEMMs) in
+# that environment, spread over workers where xdist is there (a cold cache: compiles).
+fp8_swap_tests() {
+  local name=$1
+  shift
+  step "$name" 200 env "$@" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+    ${PARALLEL:+-n 4 --timeout 200} tests/test_experts_fp8.py tests/test_fp8_swap.py
+}
+# fp8_decode_ab TAG LIMIT SCHEME VERSIONS: ab_bench.sh of VERSIONS ("label=src ...") at
+# decode, M = 1–64 on the four presets whose fp8 decode cells session 64 measured.
+fp8_decode_ab() {
+  step "$1" "$2" env VERSIONS="$4" ROUNDS=2 OUT="$out" bash bench/scripts/ab_bench.sh "$1" \
+    --dtype "$3" --no-baselines --rep-ms 30 --graph-max-m 16384 \
+    --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b --tokens 1 4 16 64
+}
+
 for stage in "$@"; do
   case $stage in
     tests) step pytest-gpu 480 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rfE \
@@ -579,27 +595,18 @@ for stage in "$@"; do
           /tmp/promote$k/$swap
         grep -q "\"MOEKIT_FP8_SWAP_PROMOTE_K\", \"$k\"" /tmp/promote$k/$swap \
           || { echo "== promote: main's default is not 32 any more"; continue 2; }
-        [ "${PROMOTE_TESTS:-1}" = 0 ] || step "pytest-gpu-fp8-promote-$k" 200 env \
-          PYTHONPATH=/tmp/promote$k/src python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-          ${PARALLEL:+-n 4 --timeout 200} tests/test_experts_fp8.py tests/test_fp8_swap.py
+        [ "${PROMOTE_TESTS:-1}" = 0 ] || fp8_swap_tests "pytest-gpu-fp8-promote-$k" \
+          PYTHONPATH=/tmp/promote$k/src
       done
       for scheme in ${PROMOTE_SCHEMES:-fp8_tensor}; do
-        step "ab-promote-$scheme" 330 env \
-          VERSIONS="k32=src k64=/tmp/promote64/src k128=/tmp/promote128/src" ROUNDS=2 \
-          OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-promote" --dtype "$scheme" \
-          --no-baselines --rep-ms 30 --graph-max-m 16384 \
-          --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b --tokens 1 4 16 64
+        fp8_decode_ab "ab-$scheme-promote" 330 "$scheme" \
+          "k32=src k64=/tmp/promote64/src k128=/tmp/promote128/src"
       done ;;
     leadsteps)  # branch s64-p128's scale lead and carried direct steps against main (s64)
       [ -d .baseline/main/src ] || { echo "== leadsteps: no .baseline/main/src"; continue; }
-      [ "${LEADSTEPS_TESTS:-1}" = 0 ] || step pytest-gpu-fp8-leadsteps 200 python3 -m pytest \
-        -m gpu -q -rfE -p no:cacheprovider ${PARALLEL:+-n 4 --timeout 200} \
-        tests/test_experts_fp8.py tests/test_fp8_swap.py
+      [ "${LEADSTEPS_TESTS:-1}" = 0 ] || fp8_swap_tests pytest-gpu-fp8-leadsteps
       for scheme in ${LEADSTEPS_SCHEMES:-fp8_block fp8_tensor}; do
-        step "ab-leadsteps-$scheme" 200 env VERSIONS="main=.baseline/main/src branch=src" \
-          ROUNDS=2 OUT="$out" bash bench/scripts/ab_bench.sh "ab-$scheme-leadsteps" \
-          --dtype "$scheme" --no-baselines --rep-ms 30 --graph-max-m 16384 \
-          --presets mixtral-8x7b deepseek-v3 gpt-oss-120b qwen3-30b-a3b --tokens 1 4 16 64
+        fp8_decode_ab "ab-$scheme-leadsteps" 200 "$scheme" "main=.baseline/main/src branch=src"
       done ;;
     promotek)  # the swapped fp8 dots' promotion interval at decode, kernel by kernel (s63)
       cells=${PROMOTE_CELLS:-mixtral-8x7b:1:fp8_tensor mixtral-8x7b:4:fp8_tensor \
