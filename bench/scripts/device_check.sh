@@ -34,18 +34,14 @@
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
-#   promote   run on main: which promotion interval the swapped fp8 dots should use.
-#             Copies src to /tmp/promote{64,128}/src with `_fp8_swap`'s default changed,
-#             runs the fp8 GPU tests under each (PROMOTE_TESTS=0 skips them), then an A/B
-#             of main (every 32 products) against 64 and 128, M = 1–64 on four presets
-#             (PROMOTE_SCHEMES, default fp8_tensor; ≈ 4.5 min a scheme; NOTES, session 64)
-#   leadsteps run on branch s64-p128: its scale lead and carried direct steps against
-#             main's src in .baseline/main/src (carry .baseline; give both trees the same
-#             promotion interval first), fp8_block and fp8_tensor (LEADSTEPS_SCHEMES) at
-#             M = 1–64, after the fp8 GPU tests (LEADSTEPS_TESTS=0 skips them)
+#   steps     on main with the carried direct steps' src in .baseline/steps/src (branch
+#             s65-steps; carry .baseline): the direct path's 16-bit and fp8 GPU tests under
+#             it, then an A/B against main at decode, M = 1–64 on four presets, in
+#             STEPS_DTYPES (default "fp8_tensor bf16"); STEPS_TESTS=0 skips the tests.
+#             (`promote`, which chose every 128 products in session 65: last at 32fe004.)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
-#             every 32 products (shipped), 64, 128, never, or unswapped; Nsight counters of
-#             mixtral M = 1 at 32 and never
+#             every 32 products, 64, 128 (shipped since session 65), never, or unswapped;
+#             Nsight counters of mixtral M = 1 at 32 and never
 #   fp8tiles  bench/scripts/fp8_tile_experiment.py (fp8 tiles at M = 1024, 4096)
 #   fp8prefill bench/scripts/fp8_prefill_experiment.py (128- against 64-row fp8 tiles, promotion)
 #   host      bench/scripts/host_overhead.py (host µs per eager call, by piece)
@@ -288,7 +284,7 @@ fp8_swap_tests() {
   step "$name" 200 env "$@" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
     ${PARALLEL:+-n 4 --timeout 200} tests/test_experts_fp8.py tests/test_fp8_swap.py
 }
-# fp8_decode_ab TAG LIMIT SCHEME VERSIONS: ab_bench.sh of VERSIONS ("label=src ...") at
+# fp8_decode_ab TAG LIMIT DTYPE VERSIONS: ab_bench.sh of VERSIONS ("label=src ...") at
 # decode, M = 1–64 on the four presets whose fp8 decode cells session 64 measured.
 fp8_decode_ab() {
   step "$1" "$2" env VERSIONS="$4" ROUNDS=2 OUT="$out" bash bench/scripts/ab_bench.sh "$1" \
@@ -587,26 +583,15 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-staged-margin stagedmargin s0 s1
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
-    promote)  # the swapped fp8 dots' promotion interval (session 64): 32 (main), 64, 128
-      swap=src/moekit/_fp8_swap.py
-      for k in 64 128; do
-        rm -rf /tmp/promote$k && mkdir -p /tmp/promote$k && cp -r src /tmp/promote$k/
-        sed -i "s/\"MOEKIT_FP8_SWAP_PROMOTE_K\", \"32\"/\"MOEKIT_FP8_SWAP_PROMOTE_K\", \"$k\"/" \
-          /tmp/promote$k/$swap
-        grep -q "\"MOEKIT_FP8_SWAP_PROMOTE_K\", \"$k\"" /tmp/promote$k/$swap \
-          || { echo "== promote: main's default is not 32 any more"; continue 2; }
-        [ "${PROMOTE_TESTS:-1}" = 0 ] || fp8_swap_tests "pytest-gpu-fp8-promote-$k" \
-          PYTHONPATH=/tmp/promote$k/src
-      done
-      for scheme in ${PROMOTE_SCHEMES:-fp8_tensor}; do
-        fp8_decode_ab "ab-$scheme-promote" 330 "$scheme" \
-          "k32=src k64=/tmp/promote64/src k128=/tmp/promote128/src"
-      done ;;
-    leadsteps)  # branch s64-p128's scale lead and carried direct steps against main (s64)
-      [ -d .baseline/main/src ] || { echo "== leadsteps: no .baseline/main/src"; continue; }
-      [ "${LEADSTEPS_TESTS:-1}" = 0 ] || fp8_swap_tests pytest-gpu-fp8-leadsteps
-      for scheme in ${LEADSTEPS_SCHEMES:-fp8_block fp8_tensor}; do
-        fp8_decode_ab "ab-$scheme-leadsteps" 200 "$scheme" "main=.baseline/main/src branch=src"
+    steps)  # the direct GEMM2s' carried slot and K offset (session 65) against main
+      [ -d .baseline/steps/src ] || { echo "== steps: no .baseline/steps/src"; continue; }
+      if [ "${STEPS_TESTS:-1}" != 0 ]; then
+        step pytest-gpu-direct-steps 150 env PYTHONPATH=.baseline/steps/src python3 -m pytest \
+          -m gpu -q -rfE -p no:cacheprovider tests/test_experts.py -k direct
+        fp8_swap_tests pytest-gpu-fp8-steps PYTHONPATH=.baseline/steps/src
+      fi
+      for dtype in ${STEPS_DTYPES:-fp8_tensor bf16}; do
+        fp8_decode_ab "ab-$dtype-steps" 200 "$dtype" "main=src steps=.baseline/steps/src"
       done ;;
     promotek)  # the swapped fp8 dots' promotion interval at decode, kernel by kernel (s63)
       cells=${PROMOTE_CELLS:-mixtral-8x7b:1:fp8_tensor mixtral-8x7b:4:fp8_tensor \
