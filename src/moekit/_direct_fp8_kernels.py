@@ -44,6 +44,7 @@ from moekit._direct_kernels import (
     _clear_arrivals,
     _first_row,
     _gate_up_cols,
+    _next_step,
     _part_slots,
     _slot_row,
     _sum_parts,
@@ -480,9 +481,9 @@ def _direct_gemm2_fp8_kernel(
         acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for step in range(0, PER_PART * k_steps):
-        slot = first + step // k_steps
-        k0 = (step - (slot - first) * k_steps) * BLOCK_K
+    slot = first
+    k0 = first * 0
+    for _ in range(0, PER_PART * k_steps):
         this = slots == slot
         expert = tl.sum(tl.where(this, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
@@ -507,6 +508,7 @@ def _direct_gemm2_fp8_kernel(
             acc += _fp8_dot(a, b, SWAP_AB)
         else:
             acc += _fp8_dot(a, b, SWAP_AB) * a_scale
+        slot, k0 = _next_step(slot, k0, I, BLOCK_K)
     if SWAP_AB:
         acc = tl.trans(acc)
 

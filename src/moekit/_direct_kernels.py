@@ -45,6 +45,16 @@ def _slot_row(ptrs, row, k0, offs_k, K, valid, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _next_step(slot, k0, K, BLOCK_K: tl.constexpr):
+    """The step after (slot, k0) in a loop over a part's slots and each slot's K tiles: the
+    slot's next tile, or the next slot's first. Carried from step to step, so no step
+    divides by the K-steps (an integer division in every step of the GEMM2 loops)."""
+    k0 += BLOCK_K
+    wrap = k0 >= K
+    return tl.where(wrap, slot + 1, slot), tl.where(wrap, 0, k0)
+
+
+@triton.jit
 def _first_row(ptrs, k0, offs_k, K, valid, EVEN_K: tl.constexpr):
     """`_slot_row` into row 0."""
     return _slot_row(ptrs, 0, k0, offs_k, K, valid, EVEN_K)
@@ -248,8 +258,8 @@ def _direct_gemm2_kernel(
     """One program: one token × BLOCK_N hidden columns, summed over PER_PART of its slots
     (`_sum_parts` adds the PARTS programs' sums).
 
-    The slot and K loops are one loop (slot = step // K-steps), so the next slot's weight
-    tiles are in flight while this slot finishes. Each step's product is scaled by its
+    The slot and K loops are one loop (`_next_step`), so the next slot's weight tiles are
+    in flight while this slot finishes. Each step's product is scaled by its
     slot's router weight in fp32 and added; a skipped slot's weight and loads are zero.
     (Each slot's products in a row of their own, the router weights applied after the
     loop as in the fp8 GEMM2, measured the same on an H200: bench/NOTES.md, session 11.)
@@ -279,9 +289,9 @@ def _direct_gemm2_kernel(
         slot_scales = tl.where(slot_ok, 1.0, 0.0)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for step in range(0, PER_PART * k_steps):
-        slot = first + step // k_steps
-        k0 = (step - (slot - first) * k_steps) * BLOCK_K
+    slot = first
+    k0 = first * 0
+    for _ in range(0, PER_PART * k_steps):
         this = slots == slot
         expert = tl.sum(tl.where(this & slot_ok, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
@@ -292,6 +302,7 @@ def _direct_gemm2_kernel(
         b = _weight_cols(b_ptrs, k0, col_ok, offs_k, I, valid, EVEN_K, EVEN_N, True)
         part_dot = tl.dot(a, b, input_precision=DOT_PRECISION)
         acc += part_dot * tl.sum(tl.where(this, slot_scales, 0.0))
+        slot, k0 = _next_step(slot, k0, I, BLOCK_K)
 
     if HAS_BIAS:
         for j in tl.static_range(PER_PART):
