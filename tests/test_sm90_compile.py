@@ -858,8 +858,9 @@ _BUILDERS = {"experts": _run_experts, "fp8": _run_fp8, "dispatch": _run_dispatch
              "router_logits": _run_router_logits, "router_topk": _run_router_topk}
 
 
-def _compile_sm90(fn, args, kwargs) -> dict:
-    """Bind and specialise one recorded launch as `JITFunction.run` does, for sm_90; compile."""
+def compile_launch(fn, args, kwargs):
+    """Bind and specialise one recorded launch as `JITFunction.run` does, for sm_90; compile.
+    Returns Triton's compiled kernel (`asm` holds its PTX and cubin) and its constexprs."""
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     kwargs = dict(kwargs)
@@ -870,8 +871,13 @@ def _compile_sm90(fn, args, kwargs) -> dict:
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
                                                           specialization, options)
     source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
-    kernel = triton.compile(source(fn, signature, constexprs, attrs), target=target,
-                            options=options.__dict__)
+    return triton.compile(source(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__), constexprs
+
+
+def _compile_sm90(fn, args, kwargs) -> dict:
+    """`compile_launch`, and what the tests check of the result."""
+    kernel, constexprs = compile_launch(fn, args, kwargs)
     ptx = kernel.asm["ptx"]
     names = fn.arg_names
     spills = _spill_store_bytes(ptx) if fn.__name__ in _GEMMS else None
