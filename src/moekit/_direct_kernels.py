@@ -259,8 +259,8 @@ def _direct_gemm2_kernel(
     (`_sum_parts` adds the PARTS programs' sums).
 
     The slot and K loops are one loop (`_next_step`), so the next slot's weight tiles are
-    in flight while this slot finishes. Each step's product is scaled by its
-    slot's router weight in fp32 and added; a skipped slot's weight and loads are zero.
+    in flight while this slot finishes. Each step's product is scaled by its slot's
+    router weight in fp32 and added; a skipped slot's weight and loads are zero.
     (Each slot's products in a row of their own, the router weights applied after the
     loop as in the fp8 GEMM2, measured the same on an H200: bench/NOTES.md, session 11.)
     """
