@@ -39,11 +39,11 @@ wgmma adds an fp8 tile's products into its accumulator at reduced precision (abo
 bits kept, DeepSeek-V3 §3.3.2); the converted path's fp16 MMAs add in fp32. So a swapped
 dot promotes its sum into fp32 every `PROMOTE_K` products (`max_num_imprecise_acc`):
 every 128, once per 128-deep K tile, as DeepSeek-V3 does and as the prefill tiles'
-wgmmas already add. Every 32 (shipped until session 65) serialised the dot: ptxas waited on each
-of a K tile's four wgmmas and added it in fp32 before issuing the next (C7514), and 128
-ran 1.000–1.044× of 32 at decode (median 1.012–1.014 per scheme, M = 1–64 on four
-presets; every 64: medians 1.002–1.004, its 16-row plan GEMM1 still serialised) for a
-layer error of 1.6–5.2e-3 against 32's 1.6–4.0e-3 (H100, session 65,
+wgmmas already add. Every 32 (shipped until session 65) serialised the dot: ptxas waited
+on each of a K tile's four wgmmas and added it in fp32 before issuing the next (C7514),
+and 128 ran 1.000–1.044× of 32 at decode (median 1.012–1.014 per scheme, M = 1–64 on
+four presets; every 64: medians 1.002–1.004, its 16-row plan GEMM1 still serialised) for
+a layer error of 1.6–5.2e-3 against 32's 1.6–4.0e-3 (H100, session 65,
 `bench/results/h100-sxm-20261207-ab-fp8_*-promote-s65.md`); never promoting measured
 3.7–6.1e-3 for 1–2% more speed in session 44 (`MOEKIT_FP8_SWAP_PROMOTE_K`, for
 measurement, 0 = never). What is left can still move one of GEMM2's fp8 inputs to its
