@@ -34,11 +34,14 @@
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
-#   steps     on main with the carried direct steps' src in .baseline/steps/src (branch
-#             s65-steps; carry .baseline): the direct path's 16-bit and fp8 GPU tests under
-#             it, then an A/B against main at decode, M = 1–64 on four presets, in
-#             STEPS_DTYPES (default "fp8_tensor bf16"); STEPS_TESTS=0 skips the tests.
-#             (`promote`, which chose every 128 products in session 65: last at 32fe004.)
+#   cand      a candidate tree against the checkout's src at decode: copy the candidate's
+#             src to .baseline/cand/src (`git archive BRANCH src | tar -x -C .baseline/cand`;
+#             carry .baseline), name its commit in CAND_COMMIT; the direct path's 16-bit
+#             and the fp8 GPU tests under it (CAND_TESTS=0 skips them), then an A/B
+#             against the checkout, M = 1–64 on four presets, in CAND_DTYPES (default
+#             "fp8_tensor fp8_block"). (Session 65's `steps` stage, which merged the
+#             carried direct steps, and `promote`, which chose every 128 products: last
+#             at e7a59ae and 32fe004.)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
 #             every 32 products, 64, 128 (shipped since session 65), never, or unswapped;
 #             Nsight counters of mixtral M = 1 at 32 and never
@@ -583,15 +586,16 @@ for stage in "$@"; do
       done
       compare_settings ab-fp8_block-staged-margin stagedmargin s0 s1
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
-    steps)  # the direct GEMM2s' carried slot and K offset (session 65) against main
-      [ -d .baseline/steps/src ] || { echo "== steps: no .baseline/steps/src"; continue; }
-      if [ "${STEPS_TESTS:-1}" != 0 ]; then
-        step pytest-gpu-direct-steps 150 env PYTHONPATH=.baseline/steps/src python3 -m pytest \
+    cand)  # a candidate src (.baseline/cand/src) against the checkout's, at decode
+      [ -d .baseline/cand/src ] || { echo "== cand: no .baseline/cand/src"; continue; }
+      if [ "${CAND_TESTS:-1}" != 0 ]; then
+        step pytest-gpu-direct-cand 150 env PYTHONPATH=.baseline/cand/src python3 -m pytest \
           -m gpu -q -rfE -p no:cacheprovider tests/test_experts.py -k direct
-        fp8_swap_tests pytest-gpu-fp8-steps PYTHONPATH=.baseline/steps/src
+        fp8_swap_tests pytest-gpu-fp8-cand PYTHONPATH=.baseline/cand/src
       fi
-      for dtype in ${STEPS_DTYPES:-fp8_tensor bf16}; do
-        fp8_decode_ab "ab-$dtype-steps" 200 "$dtype" "main=src steps=.baseline/steps/src"
+      for dtype in ${CAND_DTYPES:-fp8_tensor fp8_block}; do
+        fp8_decode_ab "ab-$dtype-cand" 200 "$dtype" \
+          "main=src cand=.baseline/cand/src${CAND_COMMIT:+@$CAND_COMMIT}"
       done ;;
     promotek)  # the swapped fp8 dots' promotion interval at decode, kernel by kernel (s63)
       cells=${PROMOTE_CELLS:-mixtral-8x7b:1:fp8_tensor mixtral-8x7b:4:fp8_tensor \
