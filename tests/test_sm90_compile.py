@@ -899,16 +899,21 @@ def _compile_sm90(fn, args, kwargs) -> dict:
     }
 
 
-def _spill_store_bytes(ptx: str) -> int:
-    """Bytes of register spill stores ptxas reports for this PTX on sm_90a."""
+def ptxas_report(ptx: str) -> str:
+    """What `ptxas -v` says of this PTX on sm_90a (registers, spills, warnings)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        report = subprocess.run(
+        return subprocess.run(
             [knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", src, "-o",
              os.path.join(tmp, "kernel.o")], capture_output=True, text=True, check=True,
         ).stderr
+
+
+def _spill_store_bytes(ptx: str) -> int:
+    """Bytes of register spill stores ptxas reports for this PTX on sm_90a."""
+    report = ptxas_report(ptx)
     return sum(int(line.split(" bytes spill stores")[0].split(",")[-1])
                for line in report.splitlines() if " bytes spill stores" in line)
 

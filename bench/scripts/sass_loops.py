@@ -6,7 +6,7 @@ load) shows in the SASS before any device call; sessions 63–64 read it this wa
 the library's own launcher picks the constexprs, tiles and launch options — with ptxas
 from Triton's wheel, disassembles the cubin (nvdisasm) and prints every loop (a backward
 branch to a label): its instruction count, its MMAs, MMA waits, barriers and global
-loads, and ptxas's warnings (C7514: wgmma serialised).
+loads, and ptxas's advisories (C7514: wgmma serialised) and register count.
 
     PYTHONPATH=src python bench/scripts/sass_loops.py fp8-tensor-bf16-silu-bm1 \\
         _direct_gemm2_fp8_kernel [--params '{"straddle": true}'] [--set gemm2.block_k=64]
@@ -75,22 +75,17 @@ def disassemble(cubin: bytes) -> str:
                               check=True).stdout
 
 
-def ptxas_warnings(ptx: str) -> list[str]:
-    """ptxas's warnings for this PTX on sm_90a (C7514 and the like)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        Path(src).write_text(ptx)
-        report = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", src, "-o",
-                                 os.path.join(tmp, "kernel.o")], capture_output=True,
-                                text=True).stderr
-    return sorted({line.strip() for line in report.splitlines() if "warning" in line})
+def ptxas_notes(ptx: str) -> list[str]:
+    """ptxas's advisories (coded: C7514, wgmma serialised) and warnings for this PTX on
+    sm_90a, and its register count."""
+    return [line.strip() for line in sm90.ptxas_report(ptx).splitlines()
+            if re.search(r"\(C\d+\)|warning|Used \d+ registers", line)]
 
 
 def loops(listing: str) -> list[list[str]]:
     """Each loop's instructions: from a label to the last branch back to it."""
-    lines = listing.splitlines()
     labels, body = {}, []
-    for line in lines:
+    for line in listing.splitlines():
         label = re.match(r"^\s*(\.L_x_\d+):", line)
         if label:
             labels[label.group(1)] = len(body)
@@ -146,8 +141,8 @@ def main() -> None:
                       if value is not None}))
     print(f"num_warps {kernel.metadata.num_warps}, num_stages {kernel.metadata.num_stages}, "
           f"shared {kernel.metadata.shared} B")
-    for warning in ptxas_warnings(kernel.asm["ptx"]):
-        print("ptxas:", warning)
+    for note in ptxas_notes(kernel.asm["ptx"]):
+        print(note)
     listing = disassemble(kernel.asm["cubin"])
     if args.sass:
         Path(args.sass).write_text(listing)
