@@ -37,9 +37,9 @@
 #   cand      a candidate tree against the checkout's src at decode: copy the candidate's
 #             src to .baseline/cand/src (`git archive BRANCH src | tar -x -C .baseline/cand`;
 #             carry .baseline), name its commit in CAND_COMMIT; the direct path's 16-bit
-#             and the fp8 GPU tests under it (CAND_TESTS=0 skips them), then an A/B
-#             against the checkout, M = 1–64 on four presets, in CAND_DTYPES (default
-#             "fp8_tensor fp8_block"). (Session 65's `steps` stage, which merged the
+#             and the fp8 GPU tests under it (CAND_TESTS=0 skips them, CAND_TESTS=fp8
+#             runs only the fp8 ones), then an A/B against the checkout, M = 1–64 on four
+#             presets, in CAND_DTYPES (default "fp8_tensor fp8_block"). (Session 65's `steps` stage, which merged the
 #             carried direct steps, and `promote`, which chose every 128 products: last
 #             at e7a59ae and 32fe004.)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
@@ -588,11 +588,13 @@ for stage in "$@"; do
       compare_settings ab-fp8_block-staged-blocks stagedblocks s0 s1 ;;
     cand)  # a candidate src (.baseline/cand/src) against the checkout's, at decode
       [ -d .baseline/cand/src ] || { echo "== cand: no .baseline/cand/src"; continue; }
-      if [ "${CAND_TESTS:-1}" != 0 ]; then
-        step pytest-gpu-direct-cand 150 env PYTHONPATH=.baseline/cand/src python3 -m pytest \
-          -m gpu -q -rfE -p no:cacheprovider tests/test_experts.py -k direct
-        fp8_swap_tests pytest-gpu-fp8-cand PYTHONPATH=.baseline/cand/src
-      fi
+      case ${CAND_TESTS:-1} in  # 0: none; fp8: only the fp8 ones (a plan-path change)
+        0) ;;
+        fp8) fp8_swap_tests pytest-gpu-fp8-cand PYTHONPATH=.baseline/cand/src ;;
+        *) step pytest-gpu-direct-cand 150 env PYTHONPATH=.baseline/cand/src python3 -m pytest \
+             -m gpu -q -rfE -p no:cacheprovider tests/test_experts.py -k direct
+           fp8_swap_tests pytest-gpu-fp8-cand PYTHONPATH=.baseline/cand/src ;;
+      esac
       for dtype in ${CAND_DTYPES:-fp8_tensor fp8_block}; do
         fp8_decode_ab "ab-$dtype-cand" 200 "$dtype" \
           "main=src cand=.baseline/cand/src${CAND_COMMIT:+@$CAND_COMMIT}"
