@@ -34,6 +34,9 @@
 #   tune      `moekit tune` on the bf16 cells furthest from their roofline at mid M and on
 #             fp8 decode/prefill cells; tables (every trial kept) and their cliff reports
 #             under $OUT (never the shipped tables); tune-bf16 and tune-fp8 run one half
+#   depth     fp8_decode_depth_experiment.py (deeper weight pipelines, wider or narrower
+#             GEMM2 column tiles at fp8 decode; DEPTH_ARGS e.g. "--cells mixtral-8x7b:1
+#             --schemes fp8_tensor"): session 63's question again at every 128 products
 #   cand      a candidate tree against the checkout's src at decode: copy the candidate's
 #             src to .baseline/cand/src (`git archive BRANCH src | tar -x -C .baseline/cand`;
 #             carry .baseline), name its commit in CAND_COMMIT; the direct path's 16-bit
@@ -358,6 +361,8 @@ for stage in "$@"; do
       step tune-fp8 280 python3 -m moekit.cli tune --fresh --dtype fp8_tensor \
         --out "$out/tune-fp8_tensor.json" --presets qwen3-30b-a3b --tokens 1 4096
       step tune-fp8-report 20 python3 -m moekit.cli tune --report "$out/tune-fp8_tensor.json" ;;
+    depth) step fp8-decode-depth 400 python3 bench/scripts/fp8_decode_depth_experiment.py \
+             --out "$out" ${DEPTH_ARGS:-} ;;
     fp8tiles) step fp8-tile-experiment 170 python3 bench/scripts/fp8_tile_experiment.py \
                 --out "$out" ;;
     fp8prefill) step fp8-prefill-experiment 560 python3 bench/scripts/fp8_prefill_experiment.py \

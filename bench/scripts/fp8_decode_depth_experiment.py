@@ -17,7 +17,10 @@ same variants of its own tiles.
 
 Answer on an H100 (session 63, `bench/results/h100-sxm-20261207-fp8-decode-depth-
 experiment-s63.md`): no variant helps (0.92–1.02×); each K step waits on a scale load
-instead (bench/NOTES.md, session 63).
+instead (bench/NOTES.md, session 63). That was with the swapped dots promoting every 32
+products (four serial MMA waits a step); at every 128 (session 65) the mixtral M = 1
+GEMM2's stall samples sit first on the weight tile's cp.async wait (session 66), so
+`device_check.sh depth` asks again.
 
     PYTHONPATH=src python3 bench/scripts/fp8_decode_depth_experiment.py --out $OUT \
         [--cells mixtral-8x7b:1 ...] [--schemes fp8_tensor fp8_block] [--rounds 3]
