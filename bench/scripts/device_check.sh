@@ -42,9 +42,9 @@
 #             carry .baseline), name its commit in CAND_COMMIT; the direct path's 16-bit
 #             and the fp8 GPU tests under it (CAND_TESTS=0 skips them, CAND_TESTS=fp8
 #             runs only the fp8 ones), then an A/B against the checkout, M = 1–64 on four
-#             presets, in CAND_DTYPES (default "fp8_tensor fp8_block"). (Session 65's `steps` stage, which merged the
-#             carried direct steps, and `promote`, which chose every 128 products: last
-#             at e7a59ae and 32fe004.)
+#             presets, in CAND_DTYPES (default "fp8_tensor fp8_block"). (Session 65's
+#             `steps` stage, which merged the carried direct steps, and `promote`, which
+#             chose every 128 products: last at e7a59ae and 32fe004.)
 #   promotek  the fp8 decode kernels (fp8_kernel_profile.py) with the swapped dots promoting
 #             every 32 products, 64, 128 (shipped since session 65), never, or unswapped;
 #             Nsight counters of mixtral M = 1 at 32 and never
