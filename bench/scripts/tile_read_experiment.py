@@ -15,7 +15,16 @@ plain contiguous stream of the same bytes (`stream_read`). CUDA-graph replay, L2
 read-flushed, median µs over four rounds in rotated order. If the hypothesis holds,
 GB/s rises with BLOCK_K at equal bytes in flight per program (BLOCK_R·BLOCK_K·stages).
 
-    PYTHONPATH=src python3 bench/scripts/tile_read_experiment.py --out $OUT
+Session 67 asks it again for the fp8 decode GEMM2 (mixtral M = 1: 128 programs, one an
+SM, stream 64 weight rows × 128 one-byte values a step at ~65% of the DRAM bandwidth, and
+neither deeper pipelines nor twice the programs help): can 128 programs of one warpgroup
+read two experts' w2 ([8192, 14336] bytes, viewed as [8192, 7168] bf16) near the stream's
+rate at all, through TMA or through pointer loads (cp.async, what the fp8 GEMM2 issues),
+and does splitting K over more programs change it? `--shapes 8192x7168 --loads tma ptr
+--splits 1 2 --variants 64x64x4 64x64x6 64x128x4`.
+
+    PYTHONPATH=src python3 bench/scripts/tile_read_experiment.py --out $OUT \
+        [--shapes 8192x7168 ...] [--variants 64x64x4 ...] [--loads tma ptr] [--splits 1 2]
 """
 
 from __future__ import annotations
@@ -58,6 +67,74 @@ def _tile_read_kernel(w_desc, out_ptr, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.con
     tl.store(out_ptr + cols + rows * 0, acc, mask=rows == 0)
 
 
+@triton.jit
+def _tile_read_split_kernel(w_desc, w_ptr, out_ptr, K, stride_w, K_PART,
+                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                            STAGES: tl.constexpr, TMA: tl.constexpr):
+    """Program (p, s): `_tile_read_kernel`'s walk over K part s ([s·K_PART, +K_PART)),
+    its tiles through TMA (`w_desc`) or pointer loads (`w_ptr`, cp.async when pipelined);
+    each part's row sums added atomically into out."""
+    r0 = tl.program_id(0) * BLOCK_R
+    k_lo = tl.program_id(1) * K_PART
+    ones = tl.full([16, BLOCK_K], 1.0, dtype=tl.float32).to(w_ptr.dtype.element_ty)
+    acc = tl.zeros([16, BLOCK_R], dtype=tl.float32)
+    r = r0 + tl.arange(0, BLOCK_R)
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in tl.range(k_lo, k_lo + K_PART, BLOCK_K, num_stages=STAGES):
+        if TMA:
+            tile = w_desc.load([r0, k0])
+        else:
+            tile = tl.load(w_ptr + r[:, None] * stride_w + (k0 + kk)[None, :])
+        acc = tl.dot(ones, tile.T, acc)
+    rows = tl.arange(0, 16)[:, None]
+    tl.atomic_add(out_ptr + r[None, :] + rows * 0, acc, mask=rows == 0)
+
+
+def run_split_shape(rows: int, k: int, variants, loads: list[str], splits: list[int],
+                    log) -> dict:
+    """`run_shape` for `variants` read through each of `loads` ("tma", "ptr") with K cut
+    into each of `splits` parts (a program per row block and part)."""
+    dev = torch.device("cuda")
+    w = torch.randn(rows, k, dtype=torch.bfloat16, device=dev)
+    out = torch.zeros(rows, dtype=torch.float32, device=dev)
+    nbytes = w.numel() * 2
+    flat = w.view(-1)[: w.numel() // (BLOCK * UNROLL) * (BLOCK * UNROLL)]
+    partials = stream_read(flat)
+    fns = {"stream": lambda: stream_read(flat, partials)}
+    ref = w[: 64 * 4].float().sum(1)
+    for (br, bk, stages), how, split in [(v, how, s) for v in variants for how in loads
+                                         for s in splits]:
+        if k % (split * bk):
+            log(f"skip {br}x{bk}x{stages} {how} split {split}: K {k} not a multiple")
+            continue
+        desc = TensorDescriptor.from_tensor(w, [br, bk])
+
+        def fn(desc=desc, br=br, bk=bk, stages=stages, how=how, split=split):
+            _tile_read_split_kernel[(rows // br, split)](
+                desc, w, out, k, w.stride(0), k // split, BLOCK_R=br, BLOCK_K=bk,
+                STAGES=stages, TMA=how == "tma", num_warps=4)
+        out.zero_()
+        fn()
+        torch.cuda.synchronize()
+        if not torch.allclose(out[: 64 * 4], ref, rtol=1e-2, atol=1e-1):
+            raise RuntimeError(f"tile read {br}x{bk}x{stages} {how} /{split}: wrong row sums")
+        fns[f"{br}x{bk}x{stages}-{how}/{split}"] = fn
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(graph_replay_us(fns[name], rep_ms=30))
+    row = {"rows": rows, "K": k, "MB": nbytes / 1e6}
+    parts = []
+    for name in names:
+        us = statistics.median(samples[name])
+        row[f"{name}_us"] = us
+        row[f"{name}_GBps"] = nbytes / us / 1e3
+        parts.append(f"{name} {us:.1f} µs ({nbytes / us / 1e3:.0f} GB/s)")
+    log(f"[{rows}, {k}] bf16, {nbytes / 1e6:.0f} MB: " + "; ".join(parts))
+    return row
+
+
 def run_shape(rows: int, k: int, log) -> dict:
     dev = torch.device("cuda")
     w = torch.randn(rows, k, dtype=torch.bfloat16, device=dev)
@@ -97,16 +174,29 @@ def run_shape(rows: int, k: int, log) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
+    parser.add_argument("--shapes", nargs="+", help="ROWSxK bf16 matrices (default: "
+                        "session 26's three w13 sizes, TMA only, one part)")
+    parser.add_argument("--variants", nargs="+", help="BLOCK_RxBLOCK_KxSTAGES (bf16)")
+    parser.add_argument("--loads", nargs="+", choices=["tma", "ptr"])
+    parser.add_argument("--splits", nargs="+", type=int)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    split_form = any([args.shapes, args.variants, args.loads, args.splits])
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    variants = ([tuple(map(int, v.split("x"))) for v in args.variants] if args.variants
+                else VARIANTS)
     rows = []
     with open(os.path.join(args.out, "tile-read-experiment.log"), "w") as logf:
         def log(line):
             print(line, flush=True)
             logf.write(line + "\n")
-        for r, k in SHAPES:
-            rows.append(run_shape(r, k, log))
-            write_rows(args.out, "tile-read-experiment", rows, variants=VARIANTS)
+        for r, k in shapes:
+            if split_form:
+                rows.append(run_split_shape(r, k, variants, args.loads or ["tma"],
+                                            args.splits or [1], log))
+            else:
+                rows.append(run_shape(r, k, log))
+            write_rows(args.out, "tile-read-experiment", rows, variants=variants)
     return 0
 
 
