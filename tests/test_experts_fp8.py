@@ -267,6 +267,51 @@ def test_tail_tiles_interpreter(scheme, M, E, k, H, I, act, bias, config, extra,
     assert_close(out, expected, KERNEL_TOL, name=why)
 
 
+K_PARTS_CASES = [
+    # (scheme, M, E, k, H, I, act, bias, parts, extra, why)
+    ("fp8_tensor", 6, 4, 2, 192, 512, "silu", False, 2, {},
+     "two parts of two 128-deep steps; 1×128 input groups (scales per step)"),
+    ("fp8_block", 5, 4, 2, 128, 384, "swigluoai", True, 4, {},
+     "three steps over four parts: the last part has none and stores zeros; block scales; "
+     "the bias added by part 0 only"),
+    ("fp8_channel", 7, 5, 2, 160, 200, "silu", True, 2, {"ids_transform": drop_some},
+     "I ragged: part 1's one step masked; per-channel scales after each part's loop; "
+     "dropped and sentinel ids"),
+    (STATIC, 4, 4, 2, 128, 256, "gelu", False, 2, {},
+     "static input scales: GEMM2's input scale constant along K, after each part's loop"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scheme,M,E,k,H,I,act,bias,parts,extra,why", K_PARTS_CASES)
+def test_gemm2_k_parts_interpreter(monkeypatch, scheme, M, E, k, H, I, act, bias, parts, extra,
+                                   why):
+    # The plan path's GEMM2 with its K loop split over `parts` programs a tile, each
+    # storing float32 partial sums that the combine adds (`gemm2_k_parts`).
+    chosen = []
+    monkeypatch.setattr("moekit.experts_fp8.gemm2_k_parts",
+                        lambda programs, k_steps, sms: chosen.append(k_steps) or parts)
+    case = make_case(scheme, M, E, k, H, I, act, bias=bias, **extra)
+    config = plan_fp8_config(M, E, k, QuantScheme.parse(scheme))
+    out, expected = run_triton(*case, act=act, config=config)
+    assert chosen == [-(-I // config.gemm2.block_k)], "the plan path's GEMM2 did not run"
+    assert_close(out, expected, KERNEL_TOL, name=why)
+
+
+@pytest.mark.parametrize("programs,k_steps,parts,why", [
+    (128, 112, 4, "mixtral M = 1: 2 experts × 64 column tiles, 112 steps of I = 14336"),
+    (256, 112, 2, "mixtral M = 2: four row tiles"),
+    (512, 112, 1, "two programs an SM already"),
+    (128, 40, 2, "a second split would leave parts of 10 steps"),
+    (128, 31, 1, "parts of 15 steps: too short"),
+    (32, 256, 4, "at most four parts"),
+])
+def test_gemm2_k_parts_rule(programs, k_steps, parts, why):
+    from moekit.tuning.heuristic import gemm2_k_parts
+
+    assert gemm2_k_parts(programs, k_steps, num_sms=132) == parts, why
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("scheme,counts", [
     ("fp8_channel", [200, 130, 0]),
@@ -705,6 +750,31 @@ def test_direct_gemm1_quantises_groups_whatever_the_arrival_order_gpu(scheme, M)
         moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config,
                                  out=out)
         assert torch.equal(out, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", GPU_SCHEMES)
+def test_gemm2_k_parts_by_the_heuristic_gpu(monkeypatch, scheme):
+    # One token on two experts of I = 8192, H = 1024: 32 GEMM2 programs of 64 steps, so
+    # the heuristic splits K in four; bitwise the same on every run (the combine adds the
+    # parts in order), at the reference's tolerance, and close to the unsplit loop.
+    from moekit.tuning.heuristic import gemm2_k_parts
+
+    chosen = []
+    monkeypatch.setattr("moekit.experts_fp8.gemm2_k_parts",
+                        lambda *args: chosen.append(gemm2_k_parts(*args)) or chosen[-1])
+    M, E, k, H, I = 1, 2, 2, 1024, 8192
+    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
+        scheme, M, E, k, H, I, dtype=torch.bfloat16, device="cuda")
+    config = plan_fp8_config(M, E, k, scheme)
+    out, expected = run_triton(scheme, hidden, q13, q2, ids, weights, b13, b2, config=config)
+    assert chosen == [4]
+    assert_close(out, expected, GPU_TOL, name="four K parts")
+    again = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config)
+    assert torch.equal(out, again)
+    monkeypatch.setattr("moekit.experts_fp8.gemm2_k_parts", lambda *args: 1)
+    whole = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config)
+    assert_close(out, whole, 1e-2, name="four K parts against one")
 
 
 @pytest.mark.gpu

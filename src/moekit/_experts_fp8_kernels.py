@@ -10,9 +10,11 @@
                             dispatch plan × w13[e]ᵀ (fp8), fp32 accumulation, scales, bias,
                             activation; the tile is then quantised again — GEMM2's input —
                             with one scale per (row, g columns), or the static scale
-    _gemm2_fp8_kernel       grid (row tiles × H-tiles), or persistent: fp8 `inter` × w2[e]ᵀ
-                            (fp8), scales, bias, × router weight; writes one row per pair
-    combine                 `_combine_kernel` of the bf16 pipeline, unchanged
+    _gemm2_fp8_kernel       grid (row tiles × H-tiles [× K parts]), or persistent: fp8
+                            `inter` × w2[e]ᵀ (fp8), scales, bias, × router weight; writes one
+                            row per pair (per pair and K part where few programs would
+                            otherwise stream long K loops: mixtral at decode)
+    combine                 `_combine_kernel` of the bf16 pipeline (summing the K parts too)
 
 Scales are addressed as scale[e * s_e + (n // GROUP_N) * s_n + (k // GROUP_K) * s_k]
 (the expert term for weights only, the row term for activations), a stride of 0
@@ -611,20 +613,23 @@ def _row_scales(ptrs, rows, MASK_ROWS: tl.constexpr):
 @triton.jit
 def _gemm2_fp8_tile(
     inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
-    pair_out_ptr, sorted_pairs_ptr, expert, first_slot, rows, pid_n, num_pairs, H, I,
+    pair_out_ptr, sorted_pairs_ptr, expert, first_slot, rows, pid_n, part, num_pairs, H, I,
     stride_im, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn,
-    stride_wsk, stride_be, stride_om,
+    stride_wsk, stride_be, stride_om, stride_op,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA: tl.constexpr,
     A_PER_K: tl.constexpr, A_GROUP_K: tl.constexpr,
     W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,
     MASK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, K_PARTS: tl.constexpr,
 ):
     """BLOCK_M plan slots of `expert` from `first_slot` × BLOCK_N hidden columns, written to
     their pairs' rows; `inter_desc` (TMA) has BLOCK_M-row boxes. With MASK_ROWS only the
     first `rows` slots are the tile's (TMA only: the descriptor bounds the other loads).
-    With SWAP_AB the K loop's products are transposed (`_fp8_dot`)."""
+    With SWAP_AB the K loop's products are transposed (`_fp8_dot`). With K_PARTS > 1 the
+    tile sums only part `part` of I's K steps (an equal share; the last parts may have
+    none, and store zeros) into its pairs' rows of partial sums `part` (`stride_op`
+    apart); the bias goes to part 0's."""
     expert64 = expert.to(tl.int64)
     slots = first_slot + tl.arange(0, BLOCK_M)
     slots64 = slots.to(tl.int64)
@@ -644,9 +649,17 @@ def _gemm2_fp8_tile(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_lo = 0
+    k_hi = I
+    if K_PARTS > 1:
+        per_part = tl.cdiv(tl.cdiv(I, BLOCK_K), K_PARTS) * BLOCK_K
+        k_lo = part * per_part
+        k_hi = tl.minimum(I, k_lo + per_part)
+        a_ptrs += k_lo
+        b_ptrs += k_lo
     # Padding slots of `inter` (and of its scales) hold whatever was there; they only
     # reach their own, unstored output rows, so the loads stay unmasked along M.
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if TMA:
             a = inter_desc.load([first_slot, k0])
         else:
@@ -680,11 +693,16 @@ def _gemm2_fp8_tile(
         acc = acc * _col_scales(ws_cols, ws_cols0, col_ok, W_UNIFORM_N)
     if HAS_BIAS:
         b_base = b2_ptr + expert64 * stride_be
-        acc += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        bias_ok = col_ok
+        if K_PARTS > 1:
+            bias_ok = col_ok & (part == 0)
+        acc += tl.load(b_base + offs_n, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
     w = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0)
     acc = acc * w[:, None]
     safe_pairs = tl.where(row_ok, pairs, 0).to(tl.int64)
     out_ptrs = pair_out_ptr + safe_pairs[:, None] * stride_om + offs_n[None, :]
+    if K_PARTS > 1:
+        out_ptrs += part.to(tl.int64) * stride_op
     tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -692,15 +710,16 @@ def _gemm2_fp8_tile(
 @triton.jit
 def _gemm2_fp8_work_tile(
     inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
-    pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n, num_pairs, H,
-    I, stride_im, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn,
-    stride_wsk, stride_be, stride_om,
+    pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n, part,
+    num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we, stride_wn, stride_wse,
+    stride_wsn, stride_wsk, stride_be, stride_om, stride_op,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA: tl.constexpr,
     A_PER_K: tl.constexpr, A_GROUP_K: tl.constexpr,
     W_PER_K: tl.constexpr, W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr,
     W_UNIFORM_N: tl.constexpr,
     TAIL_M: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    K_PARTS: tl.constexpr,
 ):
     """Row tile `pid_m` (`_work_tile`) × column tile `pid_n`, with the tail handling of
     the 16-bit pipeline's `_gemm2_work_tile`: full height with masked rows in the
@@ -714,28 +733,31 @@ def _gemm2_fp8_work_tile(
             _gemm2_fp8_tile(
                 inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
                 topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, expert, first_slot, rows,
-                pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
-                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
+                pid_n, part, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
+                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, stride_op,
+                HAS_BIAS,
                 EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, True, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+                W_GROUP_K, W_UNIFORM_N, True, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_PARTS,
             )
         elif TAIL_M and is_tail:
             _gemm2_fp8_tile(
                 inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
                 topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, expert, first_slot, TAIL_M,
-                pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
-                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
+                pid_n, part, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
+                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, stride_op,
+                HAS_BIAS,
                 EVEN_K, EVEN_N, False, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, False, TAIL_M, BLOCK_N, BLOCK_K, SWAP_AB,
+                W_GROUP_K, W_UNIFORM_N, False, TAIL_M, BLOCK_N, BLOCK_K, SWAP_AB, K_PARTS,
             )
         else:
             _gemm2_fp8_tile(
                 inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
                 topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, expert, first_slot, BLOCK_M,
-                pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
-                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
+                pid_n, part, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
+                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, stride_op,
+                HAS_BIAS,
                 EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, False, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+                W_GROUP_K, W_UNIFORM_N, False, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_PARTS,
             )
 
 
@@ -749,7 +771,7 @@ def _gemm2_fp8_kernel(
     ws_ptr,  # w2's scales: ws[e * s_we + (n // W_GROUP_N) * s_wn + (k // W_GROUP_K) * s_wk]
     b2_ptr,  # [E, H] (read only when HAS_BIAS)
     topk_weights_ptr,  # [M*k] fp32
-    pair_out_ptr,  # [M*k, H], out
+    pair_out_ptr,  # [M*k, H], out; with K_PARTS > 1 [K_PARTS, M*k, H] float32 partial sums
     sorted_pairs_ptr,  # [capacity] int32
     block_experts_ptr,  # [capacity / plan rows] int32
     expert_offsets_ptr,  # [E + 1] int32 (read only when PERSISTENT)
@@ -769,6 +791,7 @@ def _gemm2_fp8_kernel(
     stride_wsk,
     stride_be,
     stride_om,
+    stride_op,  # between pair_out's parts (read only when K_PARTS > 1)
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -789,10 +812,12 @@ def _gemm2_fp8_kernel(
     GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,  # `_expert_tile_of`'s order, not `_tile_of`'s
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
+    K_PARTS: tl.constexpr,  # grid axis 1: K's parts (`moekit.tuning.heuristic.gemm2_k_parts`)
 ):
     """Row tiles (one expert each) × BLOCK_N hidden columns: one tile per program, or
     (PERSISTENT) NUM_PROGRAMS programs striding over the row tiles in use, counted on the
-    GPU, as in the 16-bit pipeline's `_gemm2_kernel`."""
+    GPU, as in the 16-bit pipeline's `_gemm2_kernel`. Without PERSISTENT a tile's K loop
+    may be split over K_PARTS programs (grid axis 1), each storing its own partial sums."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
@@ -801,6 +826,7 @@ def _gemm2_fp8_kernel(
     stride_om = _aligned(stride_om, ROW_ALIGN)
     num_n = tl.cdiv(H, BLOCK_N)
     if PERSISTENT:
+        tl.static_assert(K_PARTS == 1, "the persistent loop runs whole K loops")
         if TAIL_M:
             used = tl.load(tiles_ptr + num_blocks)
         else:
@@ -812,20 +838,24 @@ def _gemm2_fp8_kernel(
             _gemm2_fp8_work_tile(
                 inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr,
                 topk_weights_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr,
-                pid_m, pid_n, num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we,
-                stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS,
-                EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N,
-                W_GROUP_K, W_UNIFORM_N, TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+                pid_m, pid_n, 0, num_pairs, H, I, stride_im, stride_asm, stride_ask,
+                stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_be, stride_om,
+                stride_op, HAS_BIAS, EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K,
+                W_GROUP_N, W_GROUP_K, W_UNIFORM_N, TAIL_M, True, BLOCK_M, BLOCK_N, BLOCK_K,
+                SWAP_AB, 1,
             )
     else:
         pid_m, pid_n = _ordered_tile_of(tl.program_id(0), num_blocks, num_n, tiles_ptr,
                                         block_experts_ptr, expert_offsets_ptr, GROUP_M,
                                         EXPERT_GROUPS, TAIL_M, BLOCK_M)
+        part = 0
+        if K_PARTS > 1:
+            part = tl.program_id(1)
         _gemm2_fp8_work_tile(
             inter_ptr, inter_desc, as_ptr, w2_ptr, w2_desc, ws_ptr, b2_ptr, topk_weights_ptr,
-            pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n,
+            pair_out_ptr, sorted_pairs_ptr, block_experts_ptr, tiles_ptr, pid_m, pid_n, part,
             num_pairs, H, I, stride_im, stride_asm, stride_ask, stride_we, stride_wn,
-            stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, HAS_BIAS, EVEN_K, EVEN_N,
-            TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, TAIL_M,
-            False, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+            stride_wse, stride_wsn, stride_wsk, stride_be, stride_om, stride_op, HAS_BIAS,
+            EVEN_K, EVEN_N, TMA, A_PER_K, A_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K,
+            W_UNIFORM_N, TAIL_M, False, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_PARTS,
         )

@@ -500,21 +500,24 @@ def _gemm2_kernel(
 
 @triton.jit
 def _combine_kernel(
-    pair_out_ptr,  # [M*k, H], or [capacity, H] in plan order when BY_SLOT
+    pair_out_ptr,  # [M*k, H], or [capacity, H] in plan order when BY_SLOT; [PARTS, M*k, H]
     topk_ids_ptr,  # [M*k] int32
     pair_slots_ptr,  # [M*k] int32: each pair's plan slot (read only when BY_SLOT)
     out_ptr,  # [M, H], out
     H,
     num_experts,
     stride_pm,
+    stride_pp,  # between pair_out's parts (read only when PARTS > 1)
     stride_om,
     TOP_K: tl.constexpr,
     BY_SLOT: tl.constexpr,
+    PARTS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """Grid (M, H-tiles): one token's BLOCK_H output columns, summed over its k slots.
     A pair's row is pair_out[pair], or with BY_SLOT pair_out[pair_slots[pair]] (GEMM2
-    stored whole plan-order tiles)."""
+    stored whole plan-order tiles); with PARTS > 1 the sum of its PARTS partial rows
+    (the fp8 GEMM2's K parts), in part order."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = offs < H
@@ -526,7 +529,8 @@ def _combine_kernel(
         row_index = pair
         if BY_SLOT:
             row_index = tl.load(pair_slots_ptr + pair, mask=valid, other=0).to(tl.int64)
-        row = tl.load(pair_out_ptr + row_index * stride_pm + offs, mask=col_ok & valid,
-                      other=0.0)
-        acc += row.to(tl.float32)
+        for p in tl.static_range(PARTS):
+            row = tl.load(pair_out_ptr + p * stride_pp + row_index * stride_pm + offs,
+                          mask=col_ok & valid, other=0.0)
+            acc += row.to(tl.float32)
     tl.store(out_ptr + token * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=col_ok)

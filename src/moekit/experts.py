@@ -332,12 +332,16 @@ def launch_gemm2(inter, w2, b2, topk_weights, plan, weight_on_output, tiles, tma
 
 def launch_combine(pair_out, topk_ids, num_experts, out, pair_slots=None) -> None:
     """out[m] = Σ_j pair_out[m*k + j] over the valid slots, in slot order; with
-    `pair_slots` (the plan's) pair_out is in plan order: row pair_slots[m*k + j]."""
+    `pair_slots` (the plan's) pair_out is in plan order: row pair_slots[m*k + j]. A 3-D
+    pair_out [parts, M*k, H] holds partial sums (the fp8 GEMM2's K parts): each slot's
+    parts are added in order."""
     num_tokens, hidden_size = out.shape
+    parts = pair_out.shape[0] if pair_out.dim() == 3 else 1
     launcher(_combine_kernel)[(num_tokens, cdiv(hidden_size, _COMBINE_BLOCK_H))](
         pair_out, topk_ids, topk_ids if pair_slots is None else pair_slots, out, hidden_size,
-        num_experts, pair_out.stride(0), out.stride(0),
-        TOP_K=topk_ids.shape[1], BY_SLOT=pair_slots is not None, BLOCK_H=_COMBINE_BLOCK_H,
+        num_experts, pair_out.stride(-2), pair_out.stride(0) if parts > 1 else 0,
+        out.stride(0), TOP_K=topk_ids.shape[1], BY_SLOT=pair_slots is not None, PARTS=parts,
+        BLOCK_H=_COMBINE_BLOCK_H,
     )
 
 

@@ -8,7 +8,10 @@
                     quantised again ─► inter fp8 [capacity, I] + scales [capacity, I/g]
                  ─► _gemm2_fp8_kernel: inter × w2[e]ᵀ, scales, bias, × router weight
                                                                     ─► pair_out [M*k, H]
-                 ─► _combine_kernel (the bf16 pipeline's): Σ over slots ─► out [M, H]
+                    (few programs of long K loops, as mixtral's at decode: K split into
+                    parts, float32 partial sums [parts, M*k, H]; `gemm2_k_parts`)
+                 ─► _combine_kernel (the bf16 pipeline's): Σ over slots (and parts)
+                                                                    ─► out [M, H]
 
 On an sm_90 GPU at 128-row tiles the GEMMs are warp-specialised Gluon kernels instead
 (TMA producer warpgroup, two math warpgroups; `MOEKIT_GLUON=0` keeps the Triton ones):
@@ -115,6 +118,7 @@ from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import (
     HOPPER_SMS,
     direct_tiles,
+    gemm2_k_parts,
     narrow_row_tile,
     pick_block_m,
     use_direct_fp8_path,
@@ -658,8 +662,14 @@ def _launch_fused_experts_fp8(
             hidden.dtype, programs)
         launch_combine(plan_rows, topk_ids, num_experts, out, pair_slots=plan.pair_slots)
         return
-    pair_out = torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
-    grid2 = (programs or num_tiles * cdiv(hidden_size, c2[0]),)
+    # Few programs of long K loops split K (`gemm2_k_parts`): float32 partial rows.
+    k_parts = 1 if tma else gemm2_k_parts(num_tiles * cdiv(hidden_size, c2[0]),
+                                          cdiv(inter, c2[1]), heuristic_sms(hidden.device))
+    pair_out = (torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype,
+                            device=hidden.device) if k_parts == 1 else
+                torch.empty((k_parts, plan.num_pairs, hidden_size), dtype=torch.float32,
+                            device=hidden.device))
+    grid2 = (programs or num_tiles * cdiv(hidden_size, c2[0]), k_parts)
     launcher(_gemm2_fp8_kernel)[grid2](
         inter_q, matrix_descriptor(inter_q, block_m, c2[1]) if tma else None, inter_scale,
         w2_q, matrix_descriptor(w2_q, c2[0], c2[1]) if tma else None, w2_scale,
@@ -667,16 +677,16 @@ def _launch_fused_experts_fp8(
         plan.block_experts, plan.expert_offsets, work_list,
         num_experts, plan.num_pairs, num_tiles, hidden_size, inter,
         inter_q.stride(0), stride_ism, stride_isk, w2_q.stride(0), w2_q.stride(1), *ws2[:3],
-        0 if b2 is None else b2.stride(0), pair_out.stride(0),
+        0 if b2 is None else b2.stride(0), pair_out.stride(-2), pair_out.stride(0),
         HAS_BIAS=b2 is not None, EVEN_K=inter % c2[1] == 0, EVEN_N=hidden_size % c2[0] == 0,
         TMA=tma, PERSISTENT=tma, NUM_PROGRAMS=max(programs, 1),
         A_PER_K=not inter_static, A_GROUP_K=inter_group,
         W_PER_K=w_per_k, W_GROUP_N=ws2[3], W_GROUP_K=ws2[4],
         W_UNIFORM_N=uniform_along_n(ws2, c2[0], 0), TAIL_M=tail_m,
         ROW_ALIGN=row_align(hidden_size, inter, inter_q.stride(0), w2_q.stride(0),
-                            w2_q.stride(1), pair_out.stride(0)),
+                            w2_q.stride(1), pair_out.stride(-2)),
         BLOCK_M=block_m, BLOCK_N=c2[0], BLOCK_K=c2[1], GROUP_M=c2[2],
-        EXPERT_GROUPS=grouped, SWAP_AB=swap2,
+        EXPERT_GROUPS=grouped, SWAP_AB=swap2, K_PARTS=k_parts,
         num_warps=c2[3],
         num_stages=launch_stages(swap2, c2[4], cdiv(inter, c2[1])),
     )

@@ -168,6 +168,28 @@ def direct_slots_per_program(num_tokens: int, top_k: int, hidden: int,
     return math.ceil(top_k / parts)
 
 
+# `gemm2_k_parts`: split K until the grid has this many programs an SM, into at most
+# `_K_PARTS_MAX` parts of at least `_K_PART_MIN_STEPS` K steps each.
+_K_PARTS_PROGRAMS_PER_SM = 2
+_K_PARTS_MAX = 4
+_K_PART_MIN_STEPS = 16
+
+
+def gemm2_k_parts(programs: int, k_steps: int, num_sms: int = HOPPER_SMS) -> int:
+    """How many parts the plan path's fp8 GEMM2 splits its K loop into: a power of two
+    that brings its `programs` (row tiles × column tiles) to two an SM, where each part
+    keeps at least `_K_PART_MIN_STEPS` of the `k_steps`; 1 elsewhere. At mixtral M = 1
+    the 128 programs of 112 steps, one an SM, stream w2 at ~65% of the DRAM bandwidth, and
+    a proxy of the same bytes over 2 and 4 times the programs ran the layer 1.07× and
+    1.07–1.09× faster (H100, bench/NOTES.md, session 67); the parts' float32 sums are
+    added by the combine."""
+    parts = 1
+    while (programs * parts < _K_PARTS_PROGRAMS_PER_SM * num_sms and parts < _K_PARTS_MAX
+           and k_steps >= 2 * parts * _K_PART_MIN_STEPS):
+        parts *= 2
+    return parts
+
+
 def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2) -> ExpertsConfig:
     """The direct path's tiles: GEMM1 32 × 128 (within 3% of the best of 7 tiles on every
     cell measured on the H100). GEMM2 32 × 128, a program per token, where that makes
