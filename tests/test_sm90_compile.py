@@ -161,7 +161,7 @@ class Case:
 
 
 _ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k",
-              "narrow": "narrowE"}
+              "narrow": "narrowE", "k_parts": "kparts"}
 _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
@@ -199,7 +199,8 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     I = 192: 128-row weight blocks straddle every up tile), bias_dtype (the biases' dtype,
     default fp32), prefetch (the Gluon GEMMs' producers loading each tile's indices a tile
     ahead, off by default), narrow2 (the Gluon GEMM2 with block scales on 128-column tiles,
-    `moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS` off; 256 by default)."""
+    `moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS` off; 256 by default), k_parts (the plan
+    GEMM2's K loop in that many parts, `gemm2_k_parts`)."""
     if block_m == 1:  # int64 ids and bf16 weights (topk64) read by the kernels themselves
         kernels = _DIRECT_FP8
     else:
@@ -318,6 +319,10 @@ CASES = [
          "channel", "bf16", "swigluoai", 16, odd_i=True),
     _fp8("128×128 weight blocks, 1×128 input groups: per-K scales in both GEMMs",
          "block", "bf16", "silu", 64),
+    _fp8("decode GEMM2 with its K loop in four parts (`gemm2_k_parts`, mixtral's M = 1): "
+         "float32 partial rows, the bias in part 0's, the combine adding the parts; block "
+         "scales", "block", "bf16", "swigluoai", 16, bias=True, k_parts=4),
+    _fp8("the same per tensor, without biases", "tensor", "bf16", "silu", 16, k_parts=2),
     _fp8("narrow layer: both GEMMs 128 columns × 128 bytes of K, 3 stages, 4 warps; block "
          "scales at 32 rows", "block", "bf16", "silu", 32, narrow=True, tokens=128),
     _fp8("narrow layer, per-channel weights and per-token inputs at 16 rows, biases",
@@ -724,6 +729,7 @@ def _run_experts(p):
 
 
 _GROUP_M = moekit._gluon_gemm1.group_m
+_GEMM2_K_PARTS = moekit.experts_fp8.gemm2_k_parts
 _GEMM2_GROUP_M = moekit._gluon.gemm2_group_m
 _SCHEDULE = moekit._gluon.schedule
 
@@ -773,6 +779,8 @@ def _run_fp8(p):
     # On the CPU `use_gluon_gemm2` is always False; an sm_90 GPU's answer is forced here.
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
+    moekit.experts_fp8.gemm2_k_parts = ((lambda *args: p["k_parts"]) if p.get("k_parts")
+                                        else _GEMM2_K_PARTS)
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))
