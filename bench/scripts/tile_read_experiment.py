@@ -90,17 +90,41 @@ def _tile_read_split_kernel(w_desc, w_ptr, out_ptr, K, stride_w, K_PART,
     tl.atomic_add(out_ptr + r[None, :] + rows * 0, acc, mask=rows == 0)
 
 
+def _matrix_and_stream(rows: int, k: int):
+    """A random [rows, k] bf16 matrix on the GPU and {"stream": a contiguous read of it}."""
+    w = torch.randn(rows, k, dtype=torch.bfloat16, device=torch.device("cuda"))
+    flat = w.view(-1)[: w.numel() // (BLOCK * UNROLL) * (BLOCK * UNROLL)]
+    partials = stream_read(flat)
+    return w, {"stream": lambda: stream_read(flat, partials)}
+
+
+def _timed_row(w: torch.Tensor, fns: dict, log) -> dict:
+    """Each read of `w` in `fns` timed (graph replay, ROUNDS rounds in rotated order): the
+    row of medians (µs and GB/s by name), logged."""
+    rows, k = w.shape
+    nbytes = w.numel() * 2
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(graph_replay_us(fns[name], rep_ms=30))
+    row = {"rows": rows, "K": k, "MB": nbytes / 1e6}
+    parts = []
+    for name in names:
+        us = statistics.median(samples[name])
+        row[f"{name}_us"] = us
+        row[f"{name}_GBps"] = nbytes / us / 1e3
+        parts.append(f"{name} {us:.1f} µs ({nbytes / us / 1e3:.0f} GB/s)")
+    log(f"[{rows}, {k}] bf16, {nbytes / 1e6:.0f} MB: " + "; ".join(parts))
+    return row
+
+
 def run_split_shape(rows: int, k: int, variants, loads: list[str], splits: list[int],
                     log) -> dict:
     """`run_shape` for `variants` read through each of `loads` ("tma", "ptr") with K cut
     into each of `splits` parts (a program per row block and part)."""
-    dev = torch.device("cuda")
-    w = torch.randn(rows, k, dtype=torch.bfloat16, device=dev)
-    out = torch.zeros(rows, dtype=torch.float32, device=dev)
-    nbytes = w.numel() * 2
-    flat = w.view(-1)[: w.numel() // (BLOCK * UNROLL) * (BLOCK * UNROLL)]
-    partials = stream_read(flat)
-    fns = {"stream": lambda: stream_read(flat, partials)}
+    w, fns = _matrix_and_stream(rows, k)
+    out = torch.zeros(rows, dtype=torch.float32, device=w.device)
     ref = w[: 64 * 4].float().sum(1)
     for (br, bk, stages), how, split in [(v, how, s) for v in variants for how in loads
                                          for s in splits]:
@@ -119,30 +143,12 @@ def run_split_shape(rows: int, k: int, variants, loads: list[str], splits: list[
         if not torch.allclose(out[: 64 * 4], ref, rtol=1e-2, atol=1e-1):
             raise RuntimeError(f"tile read {br}x{bk}x{stages} {how} /{split}: wrong row sums")
         fns[f"{br}x{bk}x{stages}-{how}/{split}"] = fn
-    samples = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(graph_replay_us(fns[name], rep_ms=30))
-    row = {"rows": rows, "K": k, "MB": nbytes / 1e6}
-    parts = []
-    for name in names:
-        us = statistics.median(samples[name])
-        row[f"{name}_us"] = us
-        row[f"{name}_GBps"] = nbytes / us / 1e3
-        parts.append(f"{name} {us:.1f} µs ({nbytes / us / 1e3:.0f} GB/s)")
-    log(f"[{rows}, {k}] bf16, {nbytes / 1e6:.0f} MB: " + "; ".join(parts))
-    return row
+    return _timed_row(w, fns, log)
 
 
 def run_shape(rows: int, k: int, log) -> dict:
-    dev = torch.device("cuda")
-    w = torch.randn(rows, k, dtype=torch.bfloat16, device=dev)
-    out = torch.empty(rows, dtype=torch.float32, device=dev)
-    nbytes = w.numel() * 2
-    flat = w.view(-1)[: w.numel() // (BLOCK * UNROLL) * (BLOCK * UNROLL)]
-    partials = stream_read(flat)
-    fns = {"stream": lambda: stream_read(flat, partials)}
+    w, fns = _matrix_and_stream(rows, k)
+    out = torch.empty(rows, dtype=torch.float32, device=w.device)
     for br, bk, stages in VARIANTS:
         desc = TensorDescriptor.from_tensor(w, [br, bk])
 
@@ -155,20 +161,7 @@ def run_shape(rows: int, k: int, log) -> dict:
         if not torch.allclose(out[: 64 * 4], ref, rtol=1e-2, atol=1e-1):
             raise RuntimeError(f"tile read {br}x{bk}x{stages}: wrong row sums")
         fns[f"{br}x{bk}x{stages}"] = fn
-    samples = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(graph_replay_us(fns[name], rep_ms=30))
-    row = {"rows": rows, "K": k, "MB": nbytes / 1e6}
-    parts = []
-    for name in names:
-        us = statistics.median(samples[name])
-        row[f"{name}_us"] = us
-        row[f"{name}_GBps"] = nbytes / us / 1e3
-        parts.append(f"{name} {us:.1f} µs ({nbytes / us / 1e3:.0f} GB/s)")
-    log(f"[{rows}, {k}] bf16, {nbytes / 1e6:.0f} MB: " + "; ".join(parts))
-    return row
+    return _timed_row(w, fns, log)
 
 
 def main() -> int:
