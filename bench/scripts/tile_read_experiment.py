@@ -25,6 +25,9 @@ and does splitting K over more programs change it? `--shapes 8192x7168 --loads t
 
     PYTHONPATH=src python3 bench/scripts/tile_read_experiment.py --out $OUT \
         [--shapes 8192x7168 ...] [--variants 64x64x4 ...] [--loads tma ptr] [--splits 1 2]
+
+Without options it runs session 26's form (its three shapes and variants, TMA, K whole);
+one kernel serves both, so that form's labels now read e.g. `64x64x4-tma/1`.
 """
 
 from __future__ import annotations
@@ -53,27 +56,13 @@ ROUNDS = 4
 
 
 @triton.jit
-def _tile_read_kernel(w_desc, out_ptr, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                      STAGES: tl.constexpr):
-    """Program p: a 16-row dot of ones against rows [p·BLOCK_R, +BLOCK_R) of w, K-step by
-    K-step; row sums of its first output row to out (so nothing is optimised away)."""
-    r0 = tl.program_id(0) * BLOCK_R
-    ones = tl.full([16, BLOCK_K], 1.0, dtype=tl.float32).to(w_desc.dtype)
-    acc = tl.zeros([16, BLOCK_R], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        acc = tl.dot(ones, w_desc.load([r0, k0]).T, acc)
-    rows = tl.arange(0, 16)[:, None]
-    cols = r0 + tl.arange(0, BLOCK_R)[None, :]
-    tl.store(out_ptr + cols + rows * 0, acc, mask=rows == 0)
-
-
-@triton.jit
-def _tile_read_split_kernel(w_desc, w_ptr, out_ptr, K, stride_w, K_PART,
+def _tile_read_kernel(w_desc, w_ptr, out_ptr, K, stride_w, K_PART,
                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                             STAGES: tl.constexpr, TMA: tl.constexpr):
-    """Program (p, s): `_tile_read_kernel`'s walk over K part s ([s·K_PART, +K_PART)),
-    its tiles through TMA (`w_desc`) or pointer loads (`w_ptr`, cp.async when pipelined);
-    each part's row sums added atomically into out."""
+    """Program (p, s): a 16-row dot of ones against rows [p·BLOCK_R, +BLOCK_R) of w over
+    K part s ([s·K_PART, +K_PART)), K-step by K-step, its tiles through TMA (`w_desc`) or
+    pointer loads (`w_ptr`, cp.async when pipelined); the row sums of its first output
+    row added atomically into out (so nothing is optimised away)."""
     r0 = tl.program_id(0) * BLOCK_R
     k_lo = tl.program_id(1) * K_PART
     ones = tl.full([16, BLOCK_K], 1.0, dtype=tl.float32).to(w_ptr.dtype.element_ty)
@@ -119,10 +108,9 @@ def _timed_row(w: torch.Tensor, fns: dict, log) -> dict:
     return row
 
 
-def run_split_shape(rows: int, k: int, variants, loads: list[str], splits: list[int],
-                    log) -> dict:
-    """`run_shape` for `variants` read through each of `loads` ("tma", "ptr") with K cut
-    into each of `splits` parts (a program per row block and part)."""
+def run_shape(rows: int, k: int, variants, loads: list[str], splits: list[int], log) -> dict:
+    """`variants` of a [rows, k] read through each of `loads` ("tma", "ptr") with K cut
+    into each of `splits` parts (a program per row block and part), and the stream."""
     w, fns = _matrix_and_stream(rows, k)
     out = torch.zeros(rows, dtype=torch.float32, device=w.device)
     ref = w[: 64 * 4].float().sum(1)
@@ -134,7 +122,7 @@ def run_split_shape(rows: int, k: int, variants, loads: list[str], splits: list[
         desc = TensorDescriptor.from_tensor(w, [br, bk])
 
         def fn(desc=desc, br=br, bk=bk, stages=stages, how=how, split=split):
-            _tile_read_split_kernel[(rows // br, split)](
+            _tile_read_kernel[(rows // br, split)](
                 desc, w, out, k, w.stride(0), k // split, BLOCK_R=br, BLOCK_K=bk,
                 STAGES=stages, TMA=how == "tma", num_warps=4)
         out.zero_()
@@ -143,24 +131,6 @@ def run_split_shape(rows: int, k: int, variants, loads: list[str], splits: list[
         if not torch.allclose(out[: 64 * 4], ref, rtol=1e-2, atol=1e-1):
             raise RuntimeError(f"tile read {br}x{bk}x{stages} {how} /{split}: wrong row sums")
         fns[f"{br}x{bk}x{stages}-{how}/{split}"] = fn
-    return _timed_row(w, fns, log)
-
-
-def run_shape(rows: int, k: int, log) -> dict:
-    w, fns = _matrix_and_stream(rows, k)
-    out = torch.empty(rows, dtype=torch.float32, device=w.device)
-    for br, bk, stages in VARIANTS:
-        desc = TensorDescriptor.from_tensor(w, [br, bk])
-
-        def fn(desc=desc, br=br, bk=bk, stages=stages):
-            _tile_read_kernel[(rows // br,)](desc, out, k, BLOCK_R=br, BLOCK_K=bk,
-                                             STAGES=stages, num_warps=4)
-        fn()
-        ref = w[: 64 * 4].float().sum(1)
-        torch.cuda.synchronize()
-        if not torch.allclose(out[: 64 * 4], ref, rtol=1e-2, atol=1e-1):
-            raise RuntimeError(f"tile read {br}x{bk}x{stages}: wrong row sums")
-        fns[f"{br}x{bk}x{stages}"] = fn
     return _timed_row(w, fns, log)
 
 
@@ -174,7 +144,6 @@ def main() -> int:
     parser.add_argument("--splits", nargs="+", type=int)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    split_form = any([args.shapes, args.variants, args.loads, args.splits])
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     variants = ([tuple(map(int, v.split("x"))) for v in args.variants] if args.variants
                 else VARIANTS)
@@ -184,11 +153,8 @@ def main() -> int:
             print(line, flush=True)
             logf.write(line + "\n")
         for r, k in shapes:
-            if split_form:
-                rows.append(run_split_shape(r, k, variants, args.loads or ["tma"],
-                                            args.splits or [1], log))
-            else:
-                rows.append(run_shape(r, k, log))
+            rows.append(run_shape(r, k, variants, args.loads or ["tma"], args.splits or [1],
+                                  log))
             write_rows(args.out, "tile-read-experiment", rows, variants=variants)
     return 0
 

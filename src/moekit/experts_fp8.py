@@ -665,10 +665,9 @@ def _launch_fused_experts_fp8(
     # Few programs of long K loops split K (`gemm2_k_parts`): float32 partial rows.
     k_parts = 1 if tma else gemm2_k_parts(num_tiles * cdiv(hidden_size, c2[0]),
                                           cdiv(inter, c2[1]), heuristic_sms(hidden.device))
-    pair_out = (torch.empty((plan.num_pairs, hidden_size), dtype=hidden.dtype,
-                            device=hidden.device) if k_parts == 1 else
-                torch.empty((k_parts, plan.num_pairs, hidden_size), dtype=torch.float32,
-                            device=hidden.device))
+    pair_rows = (plan.num_pairs, hidden_size)
+    pair_out = (torch.empty(pair_rows, dtype=hidden.dtype, device=hidden.device) if k_parts == 1
+                else torch.empty((k_parts, *pair_rows), dtype=torch.float32, device=hidden.device))
     grid2 = (programs or num_tiles * cdiv(hidden_size, c2[0]), k_parts)
     launcher(_gemm2_fp8_kernel)[grid2](
         inter_q, matrix_descriptor(inter_q, block_m, c2[1]) if tma else None, inter_scale,
