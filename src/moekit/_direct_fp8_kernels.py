@@ -6,8 +6,9 @@
                               (`_quantize_inter`)
     _direct_gemm2_fp8_kernel  grid (M × parts, H-tiles): each slot's fp8 `inter` row ×
                               w2[e]ᵀ (fp8), weight and router scales, bias, Σ over a part
-                              of the token's slots in order; the parts added in order into
-                              `out` [M, H] by the token's last program (`_sum_parts`)
+                              of the token's slots in order (or over a share of one slot's
+                              K tiles); the parts added in order into `out` [M, H] by the
+                              token's last program (`_sum_parts`)
 
 The 16-bit direct path (`moekit._direct_kernels`) with the fp8 formats of
 `moekit._experts_fp8_kernels`: the same one-real-row tensor-core tiles, ids read straight
@@ -376,14 +377,15 @@ def _part_rows(topk_ids_ptr, topk_weights_ptr, token, first, num_experts, TOP_K:
 
 
 @triton.jit
-def _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be,
+def _sum_rows(acc, router, bias_rows, row_ids, b2_ptr, offs_n, col_ok, stride_be,
               HAS_BIAS: tl.constexpr):
     """Σ_j router_j · (acc_j + b2[e_j]) over the tile's rows (`_part_rows`), returned in
-    row 0 of a [ROWS, BLOCK_N] tile (the form `_sum_parts` stores)."""
+    row 0 of a [ROWS, BLOCK_N] tile (the form `_sum_parts` stores); the bias only in the
+    `bias_rows` (a slot's K split over programs adds it once)."""
     total = tl.sum(acc * router[:, None], axis=0)
     if HAS_BIAS:
         bias = tl.load(b2_ptr + row_ids.to(tl.int64)[:, None] * stride_be + offs_n[None, :],
-                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                       mask=bias_rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         total += tl.sum(bias * router[:, None], axis=0)
     return tl.where((tl.arange(0, ROWS) == 0)[:, None], total[None, :], 0.0)
 
@@ -427,14 +429,17 @@ def _direct_gemm2_fp8_kernel(
     TOP_K: tl.constexpr,
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
-    PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
+    K_SPLIT: tl.constexpr,  # programs per slot, each a share of its K tiles (PER_PART 1)
+    PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART) · K_SPLIT
     ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
     """One program: one token × BLOCK_N hidden columns, summed over PER_PART of its slots
-    (`_sum_parts` adds the PARTS programs' sums).
+    — or, with K_SPLIT > 1, over one K_SPLIT-th of one slot's K tiles, the bias in the
+    first share only (`_sum_parts` adds the PARTS programs' sums, slot by slot, share by
+    share).
 
     As `_direct_gemm2_kernel`: one flattened slot × K loop, the token's ids read once
     before it — and the scales that vary along K too: the slots' input scales
@@ -463,7 +468,9 @@ def _direct_gemm2_fp8_kernel(
     cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     scale_cols = (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
-    slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
+    slot_part = part // K_SPLIT
+    k_share = part - slot_part * K_SPLIT
+    slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, slot_part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
     if W_PER_K:
         slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
@@ -482,8 +489,15 @@ def _direct_gemm2_fp8_kernel(
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     slot = first
-    k0 = first * 0
-    for _ in range(0, PER_PART * k_steps):
+    if K_SPLIT == 1:
+        k0 = first * 0
+        steps = PER_PART * k_steps
+    else:
+        tl.static_assert(PER_PART == 1, "a program sums one slot's share of K")
+        share_steps = tl.cdiv(k_steps, K_SPLIT)
+        k0 = k_share * share_steps * BLOCK_K
+        steps = tl.minimum(share_steps, k_steps - k_share * share_steps)  # ≤ 0: no steps
+    for _ in range(0, steps):
         this = slots == slot
         expert = tl.sum(tl.where(this, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
@@ -525,6 +539,7 @@ def _direct_gemm2_fp8_kernel(
             acc = acc * row_ws[:, None]
         else:
             acc = acc * row_ws
-    acc = _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be, HAS_BIAS)
+    acc = _sum_rows(acc, router, row_ok & (k_share == 0), row_ids, b2_ptr, offs_n, col_ok,
+                    stride_be, HAS_BIAS)
     _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
                H, stride_om, PARTS)
