@@ -346,11 +346,12 @@ def test_direct_gemm2_k_split_interpreter(monkeypatch, scheme, M, E, k, H, I, ac
 
 
 @pytest.mark.parametrize("programs,per,k_steps,split,why", [
+    (192, 1, 4, 2, "granite M = 1: 24 column tiles × 8 slots, 4 steps of I = 512"),
     (180, 1, 23, 2, "gpt-oss M = 1: 45 column tiles × 4 slots, 23 steps of I = 2880"),
-    (360, 1, 23, 1, "gpt-oss M = 2: two programs an SM already"),
-    (32, 1, 6, 1, "qwen3's I = 768: shares of 3 steps are too short"),
+    (256, 1, 6, 1, "qwen3 M = 1: 256 programs, past 1.5 an SM"),
+    (384, 1, 4, 1, "granite M = 2"),
     (64, 2, 64, 1, "a program of two slots keeps its slots whole"),
-    (16, 1, 64, 4, "at most four shares"),
+    (64, 1, 3, 1, "shares of one step"),
 ])
 def test_direct_gemm2_k_split_rule(programs, per, k_steps, split, why):
     from moekit.tuning.heuristic import direct_gemm2_k_split

@@ -175,34 +175,33 @@ _K_PARTS_MAX = 4
 _K_PART_MIN_STEPS = 16
 
 
-def gemm2_k_parts(programs: int, k_steps: int, num_sms: int = HOPPER_SMS,
-                  min_steps: int = _K_PART_MIN_STEPS) -> int:
+def gemm2_k_parts(programs: int, k_steps: int, num_sms: int = HOPPER_SMS) -> int:
     """How many parts the plan path's fp8 GEMM2 splits its K loop into: a power of two
     that brings its `programs` (row tiles × column tiles) to two an SM, where each part
-    keeps at least `min_steps` of the `k_steps`; 1 elsewhere. At mixtral M = 1 the 128
-    programs of 112 steps, one an SM, stream w2 at ~65% of the DRAM bandwidth, and a proxy
-    of the same bytes over 2 and 4 times the programs ran the layer 1.07× and 1.07–1.09×
-    faster (H100, bench/NOTES.md, session 67); the parts' float32 sums are added by the
-    combine."""
+    keeps at least `_K_PART_MIN_STEPS` of the `k_steps`; 1 elsewhere. At mixtral M = 1
+    the 128 programs of 112 steps, one an SM, stream w2 at ~65% of the DRAM bandwidth, and
+    a proxy of the same bytes over 2 and 4 times the programs ran the layer 1.07× and
+    1.07–1.09× faster (H100, bench/NOTES.md, session 67); the parts' float32 sums are
+    added by the combine."""
     parts = 1
     while (programs * parts < _K_PARTS_PROGRAMS_PER_SM * num_sms and parts < _K_PARTS_MAX
-           and k_steps >= 2 * parts * min_steps):
+           and k_steps >= 2 * parts * _K_PART_MIN_STEPS):
         parts *= 2
     return parts
 
 
-# `direct_gemm2_k_split`: a share of a slot's K keeps at least this many steps.
-_DIRECT_K_SHARE_MIN_STEPS = 8
-
-
 def direct_gemm2_k_split(programs: int, slots_per_program: int, k_steps: int,
                          num_sms: int = HOPPER_SMS) -> int:
-    """How many programs share each slot's K loop in the fp8 direct GEMM2: `gemm2_k_parts`'
-    rule over its `programs` (tokens × slot parts × column tiles) with shares of at least
-    `_DIRECT_K_SHARE_MIN_STEPS` steps, where a program sums one slot; 1 elsewhere."""
-    if slots_per_program != 1:
-        return 1
-    return gemm2_k_parts(programs, k_steps, num_sms, _DIRECT_K_SHARE_MIN_STEPS)
+    """How many programs share each slot's K loop in the fp8 direct GEMM2: two where a
+    program sums one slot and the `programs` (tokens × slot parts × column tiles) are fewer
+    than 1.5 an SM, each share keeping two or more of the `k_steps`; else one. Forced
+    splits on the H100 (bench/NOTES.md, session 68), the layer at M = 1: granite (192
+    programs of 4 steps) 1.03–1.04× with two shares; gpt-oss (180 of 23) 1.00–1.01×;
+    deepseek-v2-lite (192 of 11) 1.00×; at 256 programs (olmoe, qwen3) 0.97–1.00×, at 384
+    (granite M = 2) 0.95–0.96×; three or four shares 0.91–0.98× in every cell."""
+    if slots_per_program == 1 and 2 * programs < 3 * num_sms and k_steps >= 4:
+        return 2
+    return 1
 
 
 def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2) -> ExpertsConfig:
