@@ -98,9 +98,6 @@ def _direct_gemm1_fp8_kernel(
     stride_ism,  # of inter's scales (and of the counts)
     alpha,
     limit,
-    w2_ptr,  # [E, H, I] fp8: GEMM2's weights (read only when PREFETCH_W2)
-    stride_w2e,
-    stride_w2n,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -125,13 +122,10 @@ def _direct_gemm1_fp8_kernel(
     BLOCK_K: tl.constexpr,  # a multiple of SUB_K
     SUB_K: tl.constexpr,  # ≤ every K group of the scheme (BLOCK_K where none is finer)
     SWAP_AB: tl.constexpr,  # gate and up rows as one swapped operand (`_stacked_gate_up`)
-    PREFETCH_W2: tl.constexpr,  # after the K loop, ask L2 for w2's columns of this tile
 ):
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
     `_direct_gemm1_kernel`). A K tile wider than a scale group runs as SUB_K-deep
-    sub-steps, each its own loads and dot with its group's scales. With PREFETCH_W2 the
-    program then prefetches into L2 the w2[e] columns GEMM2 will multiply its output by
-    (`_prefetch_w2_cols`), so GEMM2's first weight reads can start before its launch."""
+    sub-steps, each its own loads and dot with its group's scales."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_xm = _aligned(stride_xm, ROW_ALIGN)
@@ -212,8 +206,6 @@ def _direct_gemm1_fp8_kernel(
             u_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
 
-    if PREFETCH_W2:
-        _prefetch_w2_cols(w2_ptr, expert, pid_n, H, I, stride_w2e, stride_w2n, BLOCK_N)
     # Scales constant along K, applied once.
     if not X_PER_K:
         row_scale = tl.load(xs_row)
@@ -230,24 +222,6 @@ def _direct_gemm1_fp8_kernel(
     _quantize_inter(result, pair.to(tl.int64), pid_n, I, inter_ptr, inter_scale_ptr,
                     scratch_ptr, counts_ptr, stride_im, stride_ism, INTER_MODE, INTER_GROUP,
                     FMAX, AMAX_FLOOR)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines under `ptrs` (no value comes back)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0 unused", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_w2_cols(w2_ptr, expert, pid_n, H, I, stride_w2e, stride_w2n,
-                      BLOCK_N: tl.constexpr, ROWS_AT_ONCE: tl.constexpr = 512):
-    """L2 prefetch of w2[expert][:, pid_n·BLOCK_N : +BLOCK_N] (fp8 [E, H, I]): every one of
-    the H rows' BLOCK_N-byte segment, one address each (a 32-byte sector at BLOCK_N 32)."""
-    col = w2_ptr + expert.to(tl.int64) * stride_w2e + pid_n * BLOCK_N
-    for h0 in range(0, H, ROWS_AT_ONCE):
-        rows = h0 + tl.arange(0, ROWS_AT_ONCE)
-        _prefetch_l2(col + tl.minimum(rows, H - 1).to(tl.int64) * stride_w2n)
 
 
 @triton.jit
