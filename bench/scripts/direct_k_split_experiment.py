@@ -24,7 +24,7 @@ import moekit.experts_direct_fp8
 from moekit.bench.experiment_files import experiment_meta, rows_table, write_experiment
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
-from moekit.bench.presets import PRESETS
+from moekit.bench.presets import get_preset
 from moekit.bench.timing import graph_replay_us
 from moekit.experts_direct import slot_parts
 from moekit.experts_fp8 import _select_fp8_config
@@ -44,7 +44,7 @@ def forced_split(split: int | None) -> None:
 
 def run_cell(name: str, m: int, scheme: str, splits: list[int], rounds: int, log) -> dict:
     """The layer at each forced split and at the rule's: µs, best of `rounds`."""
-    preset = PRESETS[name]
+    preset = get_preset(name)
     dev = torch.device("cuda")
     w = quantize_experts(make_weights(preset, torch.bfloat16, dev), scheme)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, dev)
