@@ -98,6 +98,8 @@ def _direct_gemm1_fp8_kernel(
     stride_ism,  # of inter's scales (and of the counts)
     alpha,
     limit,
+    w2_ptr,  # [E, H, I] fp8, each expert's matrix contiguous: GEMM2's weights (PREFETCH_W2)
+    stride_w2e,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -122,10 +124,13 @@ def _direct_gemm1_fp8_kernel(
     BLOCK_K: tl.constexpr,  # a multiple of SUB_K
     SUB_K: tl.constexpr,  # ≤ every K group of the scheme (BLOCK_K where none is finer)
     SWAP_AB: tl.constexpr,  # gate and up rows as one swapped operand (`_stacked_gate_up`)
+    PREFETCH_W2: tl.constexpr,  # after the K loop, ask L2 for w2's columns of this tile
 ):
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
     `_direct_gemm1_kernel`). A K tile wider than a scale group runs as SUB_K-deep
-    sub-steps, each its own loads and dot with its group's scales."""
+    sub-steps, each its own loads and dot with its group's scales. With PREFETCH_W2 the
+    program then prefetches its share of w2[e] into L2 (`_prefetch_w2_share`), so GEMM2's
+    weight reads can start before its launch."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_xm = _aligned(stride_xm, ROW_ALIGN)
@@ -206,6 +211,8 @@ def _direct_gemm1_fp8_kernel(
             u_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
 
+    if PREFETCH_W2:
+        _prefetch_w2_share(w2_ptr, expert, pid_n, H, I, stride_w2e)
     # Scales constant along K, applied once.
     if not X_PER_K:
         row_scale = tl.load(xs_row)
@@ -222,6 +229,24 @@ def _direct_gemm1_fp8_kernel(
     _quantize_inter(result, pair.to(tl.int64), pid_n, I, inter_ptr, inter_scale_ptr,
                     scratch_ptr, counts_ptr, stride_im, stride_ism, INTER_MODE, INTER_GROUP,
                     FMAX, AMAX_FLOOR)
+
+
+@triton.jit
+def _prefetch_w2_share(w2_ptr, expert, pid_n, H, I, stride_w2e):
+    """Bulk L2 prefetch (sm_90 `cp.async.bulk.prefetch`, issued by one thread) of this
+    column tile's share of w2[expert] — a contiguous [H, I] fp8 matrix split into as
+    many 16-byte-aligned byte ranges as GEMM1 has column tiles — so every byte of the
+    expert's w2 is asked for once by the pair's programs."""
+    total = H * I
+    share = tl.cdiv(tl.cdiv(total, tl.num_programs(1)), 16) * 16
+    first = pid_n * share
+    size = tl.minimum(share, total - first)
+    if size > 0:
+        base = w2_ptr + expert.to(tl.int64) * stride_w2e + first
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [base, size.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -44,6 +44,11 @@ def gemm1_group_counts(topk_ids: torch.Tensor, inter_size: int, inter_group: int
                        device=topk_ids.device)
 
 
+# An experiment (bench/scripts/direct_prefetch_experiment.py): GEMM1's programs
+# prefetch their shares of GEMM2's weights into L2 after their K loops.
+PREFETCH_W2 = False
+
+
 def launch_direct_experts_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, w2_q, w2_scale,
                               input_scale2, topk_ids, topk_weights, b13, b2, activation, alpha,
                               limit, groups, config, out, group_counts) -> None:
@@ -56,7 +61,8 @@ def launch_direct_experts_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, w2_q, 
     arrivals = gemm2_arrivals(topk_ids, w2_q.shape[1], config[6:11], k_split)
     inter_q, inter_scale = launch_direct_gemm1_fp8(
         x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids, w2_q.shape[2], activation,
-        alpha, limit, groups, input_scale2, config[1:6], group_counts, arrivals)
+        alpha, limit, groups, input_scale2, config[1:6], group_counts, arrivals,
+        w2_q if PREFETCH_W2 and w2_q[0].is_contiguous() else None)
     launch_direct_gemm2_fp8(inter_q, inter_scale, input_scale2 is not None, w2_q, w2_scale, b2,
                             topk_ids, topk_weights, groups, config[6:11], out, arrivals,
                             k_split)
@@ -74,7 +80,7 @@ def gemm2_k_split(topk_ids: torch.Tensor, w2_q: torch.Tensor, tiles) -> int:
 
 def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids,
                             inter_size, activation, alpha, limit, groups, input_scale2, tiles,
-                            group_counts=None, arrivals=None
+                            group_counts=None, arrivals=None, prefetch_w2=None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM1 + activation of every pair, quantised as GEMM2's input: returns (fp8 `inter`
     [M*k, I] in pair order, its scales [M*k, groups of I] — or `input_scale2`, the static
@@ -114,6 +120,8 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         0 if arrivals is None else arrivals.shape[1], x_q.stride(0), stride_xsm,
         w13_q.stride(0), w13_q.stride(1), *ws[:3], 0 if b13 is None else b13.stride(0),
         inter.stride(0), 0 if static else inter_scale.stride(0), float(alpha), float(limit),
+        w13_q if prefetch_w2 is None else prefetch_w2,
+        0 if prefetch_w2 is None else prefetch_w2.stride(0),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         EVEN_K=hidden_size % block_k == 0, EVEN_N=inter_size % block_n == 0,
         X_PER_K=x_per_k, X_GROUP_K=a_group_k if x_per_k else 1,
@@ -126,7 +134,7 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
                             w13_q.stride(1), inter.stride(0)),
         FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_N=block_n, BLOCK_K=block_k,
         SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
-        SWAP_AB=swap, num_warps=warps,
+        SWAP_AB=swap, PREFETCH_W2=prefetch_w2 is not None, num_warps=warps,
         num_stages=launch_stages(swap, stages, cdiv(hidden_size, block_k)),
     )
     return inter, inter_scale
