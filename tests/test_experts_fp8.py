@@ -312,53 +312,6 @@ def test_gemm2_k_parts_rule(programs, k_steps, parts, why):
     assert gemm2_k_parts(programs, k_steps, num_sms=132) == parts, why
 
 
-DIRECT_K_SPLIT_CASES = [
-    # (scheme, M, E, k, H, I, act, bias, config, split, extra, why)
-    ("fp8_tensor", 2, 4, 2, 192, 512, "silu", False, direct(32, 128, 64, 128, per=1), 2, {},
-     "two shares of two 128-deep steps; 1×128 input groups picked per step"),
-    ("fp8_block", 1, 4, 3, 128, 384, "swigluoai", True, direct(32, 128, 32, 128, per=1), 4,
-     {}, "three steps over four shares: the last has none and stores zeros; block scales; "
-     "the bias added by the first share only"),
-    ("fp8_channel", 3, 5, 2, 160, 200, "silu", True, direct(32, 64, 32, 64, per=1), 3,
-     {"ids_transform": drop_some},
-     "I ragged: the second share's last step masked, the third share empty; per-channel "
-     "scales after each share's loop; dropped and sentinel ids"),
-    (STATIC, 2, 4, 2, 128, 192, "gelu", False, direct(32, 64, 32, 64, per=1), 2, {},
-     "static input scales: GEMM2's input scale constant along K, after each share's loop; "
-     "the second share one step shorter"),
-]
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("scheme,M,E,k,H,I,act,bias,config,split,extra,why",
-                         DIRECT_K_SPLIT_CASES)
-def test_direct_gemm2_k_split_interpreter(monkeypatch, scheme, M, E, k, H, I, act, bias, config,
-                                          split, extra, why):
-    # The direct GEMM2 with each slot's K loop shared by `split` programs, whose float32
-    # sums the token's last program adds (`direct_gemm2_k_split`).
-    chosen = []
-    monkeypatch.setattr("moekit.experts_direct_fp8.direct_gemm2_k_split",
-                        lambda programs, per, k_steps, sms: chosen.append(k_steps) or split)
-    case = make_case(scheme, M, E, k, H, I, act, bias=bias, **extra)
-    out, expected = run_triton(*case, act=act, config=config)
-    assert chosen == [-(-I // config.gemm2.block_k)], "the direct path's GEMM2 did not run"
-    assert_close(out, expected, KERNEL_TOL, name=why)
-
-
-@pytest.mark.parametrize("programs,per,k_steps,split,why", [
-    (192, 1, 4, 2, "granite M = 1: 24 column tiles × 8 slots, 4 steps of I = 512"),
-    (180, 1, 23, 2, "gpt-oss M = 1: 45 column tiles × 4 slots, 23 steps of I = 2880"),
-    (256, 1, 6, 1, "qwen3 M = 1: 256 programs, past 1.5 an SM"),
-    (384, 1, 4, 1, "granite M = 2"),
-    (64, 2, 64, 1, "a program of two slots keeps its slots whole"),
-    (64, 1, 3, 1, "shares of one step"),
-])
-def test_direct_gemm2_k_split_rule(programs, per, k_steps, split, why):
-    from moekit.tuning.heuristic import direct_gemm2_k_split
-
-    assert direct_gemm2_k_split(programs, per, k_steps, num_sms=132) == split, why
-
-
 @pytest.mark.interpreter
 @pytest.mark.parametrize("scheme,counts", [
     ("fp8_channel", [200, 130, 0]),
@@ -822,35 +775,6 @@ def test_gemm2_k_parts_by_the_heuristic_gpu(monkeypatch, scheme):
     monkeypatch.setattr("moekit.experts_fp8.gemm2_k_parts", lambda *args: 1)
     whole = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme, config=config)
     assert_close(out, whole, 1e-2, name="four K parts against one")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("scheme", GPU_SCHEMES)
-def test_direct_gemm2_k_split_by_the_heuristic_gpu(monkeypatch, scheme):
-    # gpt-oss's shape at one token: 4 slots × 45 column tiles, 23 steps each, so the
-    # heuristic shares each slot's K between two programs; bitwise the same on every run
-    # (the parts added in order), at the reference's tolerance, close to the unsplit loop.
-    from moekit.tuning.heuristic import direct_gemm2_k_split
-
-    chosen = []
-    monkeypatch.setattr("moekit.experts_direct_fp8.direct_gemm2_k_split",
-                        lambda *args: chosen.append(direct_gemm2_k_split(*args)) or chosen[-1])
-    monkeypatch.setattr("moekit.experts_direct_fp8.heuristic_sms", lambda device: 132)
-    M, E, k, H, I = 1, 8, 4, 2880, 2880
-    scheme, hidden, q13, q2, ids, weights, b13, b2 = make_case(
-        scheme, M, E, k, H, I, act="swigluoai", bias=True, dtype=torch.bfloat16,
-        device="cuda")
-    config = direct(32, 128, 64, 128, per=1)
-    out, expected = run_triton(scheme, hidden, q13, q2, ids, weights, b13, b2, act="swigluoai",
-                               config=config)
-    assert chosen == [2]
-    assert_close(out, expected, GPU_TOL, name="two K shares")
-    kwargs = dict(scheme=scheme, config=config, activation="swigluoai", b13=b13, b2=b2,
-                  backend="triton")
-    assert torch.equal(out, moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, **kwargs))
-    monkeypatch.setattr("moekit.experts_direct_fp8.direct_gemm2_k_split", lambda *args: 1)
-    whole = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, **kwargs)
-    assert_close(out, whole, 1e-2, name="two K shares against one")
 
 
 @pytest.mark.gpu

@@ -66,7 +66,6 @@ import moekit._tile_order
 import moekit._tma
 import moekit.backend
 import moekit.experts
-import moekit.experts_direct_fp8
 import moekit.experts_fp8
 from moekit.quant import QuantScheme, quantize_weight
 from moekit.routing import Routing, router_logits
@@ -162,7 +161,7 @@ class Case:
 
 
 _ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k",
-              "narrow": "narrowE", "k_parts": "kparts", "k_split": "ksplit"}
+              "narrow": "narrowE", "k_parts": "kparts"}
 _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
@@ -201,8 +200,7 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     default fp32), prefetch (the Gluon GEMMs' producers loading each tile's indices a tile
     ahead, off by default), narrow2 (the Gluon GEMM2 with block scales on 128-column tiles,
     `moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS` off; 256 by default), k_parts (the plan
-    GEMM2's K loop in that many parts, `gemm2_k_parts`), k_split (the direct GEMM2's
-    programs per slot, `direct_gemm2_k_split`)."""
+    GEMM2's K loop in that many parts, `gemm2_k_parts`)."""
     if block_m == 1:  # int64 ids and bf16 weights (topk64) read by the kernels themselves
         kernels = _DIRECT_FP8
     else:
@@ -427,10 +425,6 @@ CASES = [
          "silu", 1, whole=True),
     _fp8("direct fp8 reading int64 ids and bf16 router weights itself", "block", "bf16",
          "silu", 1, topk64=True),
-    _fp8("direct fp8, each slot's K shared by two GEMM2 programs (`direct_gemm2_k_split`, "
-         "gpt-oss's M = 1): the share's first step and count, the bias in the first share; "
-         "block scales", "block", "bf16", "swigluoai", 1, bias=True, k_split=2),
-    _fp8("the same per tensor, without biases", "tensor", "bf16", "silu", 1, k_split=2),
     _fp8("plan fp8, int64 ids and bf16 router weights: cast in one launch first", "tensor",
          "bf16", "silu", 16, topk64=True),
     # dispatch_plan
@@ -736,7 +730,6 @@ def _run_experts(p):
 
 _GROUP_M = moekit._gluon_gemm1.group_m
 _GEMM2_K_PARTS = moekit.experts_fp8.gemm2_k_parts
-_DIRECT_K_SPLIT = moekit.experts_direct_fp8.direct_gemm2_k_split
 _GEMM2_GROUP_M = moekit._gluon.gemm2_group_m
 _SCHEDULE = moekit._gluon.schedule
 
@@ -788,8 +781,6 @@ def _run_fp8(p):
     moekit.experts_fp8.use_gluon_gemm1 = lambda *args: bool(p.get("gluon1"))
     moekit.experts_fp8.gemm2_k_parts = ((lambda *args: p["k_parts"]) if p.get("k_parts")
                                         else _GEMM2_K_PARTS)
-    moekit.experts_direct_fp8.direct_gemm2_k_split = (
-        (lambda *args: p["k_split"]) if p.get("k_split") else _DIRECT_K_SPLIT)
     moekit._gluon_gemm1.GATHER_MIN_TOP_K = 1 if p.get("gather") else 10**9
     moekit._gluon.PREFETCH_TILES_FP8 = bool(p.get("prefetch"))
     moekit._gluon.EXPERT_GROUPS = bool(p.get("expert_groups2"))

@@ -6,9 +6,8 @@
                               (`_quantize_inter`)
     _direct_gemm2_fp8_kernel  grid (M × parts, H-tiles): each slot's fp8 `inter` row ×
                               w2[e]ᵀ (fp8), weight and router scales, bias, Σ over a part
-                              of the token's slots in order (or over a share of one slot's
-                              K tiles); the parts added in order into `out` [M, H] by the
-                              token's last program (`_sum_parts`)
+                              of the token's slots in order; the parts added in order into
+                              `out` [M, H] by the token's last program (`_sum_parts`)
 
 The 16-bit direct path (`moekit._direct_kernels`) with the fp8 formats of
 `moekit._experts_fp8_kernels`: the same one-real-row tensor-core tiles, ids read straight
@@ -98,8 +97,6 @@ def _direct_gemm1_fp8_kernel(
     stride_ism,  # of inter's scales (and of the counts)
     alpha,
     limit,
-    w2_ptr,  # [E, H, I] fp8, each expert's matrix contiguous: GEMM2's weights (PREFETCH_W2)
-    stride_w2e,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -124,13 +121,10 @@ def _direct_gemm1_fp8_kernel(
     BLOCK_K: tl.constexpr,  # a multiple of SUB_K
     SUB_K: tl.constexpr,  # ≤ every K group of the scheme (BLOCK_K where none is finer)
     SWAP_AB: tl.constexpr,  # gate and up rows as one swapped operand (`_stacked_gate_up`)
-    PREFETCH_W2: tl.constexpr,  # after the K loop, ask L2 for w2's columns of this tile
 ):
     """One program: one pair × BLOCK_N intermediate columns (CLEAR_ARRIVALS: as
     `_direct_gemm1_kernel`). A K tile wider than a scale group runs as SUB_K-deep
-    sub-steps, each its own loads and dot with its group's scales. With PREFETCH_W2 the
-    program then prefetches its share of w2[e] into L2 (`_prefetch_w2_share`), so GEMM2's
-    weight reads can start before its launch."""
+    sub-steps, each its own loads and dot with its group's scales."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_xm = _aligned(stride_xm, ROW_ALIGN)
@@ -211,8 +205,6 @@ def _direct_gemm1_fp8_kernel(
             u_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
 
-    if PREFETCH_W2:
-        _prefetch_w2_share(w2_ptr, expert, pid_n, H, I, stride_w2e)
     # Scales constant along K, applied once.
     if not X_PER_K:
         row_scale = tl.load(xs_row)
@@ -229,24 +221,6 @@ def _direct_gemm1_fp8_kernel(
     _quantize_inter(result, pair.to(tl.int64), pid_n, I, inter_ptr, inter_scale_ptr,
                     scratch_ptr, counts_ptr, stride_im, stride_ism, INTER_MODE, INTER_GROUP,
                     FMAX, AMAX_FLOOR)
-
-
-@triton.jit
-def _prefetch_w2_share(w2_ptr, expert, pid_n, H, I, stride_w2e):
-    """Bulk L2 prefetch (sm_90 `cp.async.bulk.prefetch`, issued by one thread) of this
-    column tile's share of w2[expert] — a contiguous [H, I] fp8 matrix split into as
-    many 16-byte-aligned byte ranges as GEMM1 has column tiles — so every byte of the
-    expert's w2 is asked for once by the pair's programs."""
-    total = H * I
-    share = tl.cdiv(tl.cdiv(total, tl.num_programs(1)), 16) * 16
-    first = pid_n * share
-    size = tl.minimum(share, total - first)
-    if size > 0:
-        base = w2_ptr + expert.to(tl.int64) * stride_w2e + first
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [base, size.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -402,15 +376,14 @@ def _part_rows(topk_ids_ptr, topk_weights_ptr, token, first, num_experts, TOP_K:
 
 
 @triton.jit
-def _sum_rows(acc, router, bias_rows, row_ids, b2_ptr, offs_n, col_ok, stride_be,
+def _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be,
               HAS_BIAS: tl.constexpr):
     """Σ_j router_j · (acc_j + b2[e_j]) over the tile's rows (`_part_rows`), returned in
-    row 0 of a [ROWS, BLOCK_N] tile (the form `_sum_parts` stores); the bias only in the
-    `bias_rows` (a slot's K split over programs adds it once)."""
+    row 0 of a [ROWS, BLOCK_N] tile (the form `_sum_parts` stores)."""
     total = tl.sum(acc * router[:, None], axis=0)
     if HAS_BIAS:
         bias = tl.load(b2_ptr + row_ids.to(tl.int64)[:, None] * stride_be + offs_n[None, :],
-                       mask=bias_rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         total += tl.sum(bias * router[:, None], axis=0)
     return tl.where((tl.arange(0, ROWS) == 0)[:, None], total[None, :], 0.0)
 
@@ -454,17 +427,14 @@ def _direct_gemm2_fp8_kernel(
     TOP_K: tl.constexpr,
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PER_PART: tl.constexpr,  # slots one program sums
-    K_SPLIT: tl.constexpr,  # programs per slot, each a share of its K tiles (PER_PART 1)
-    PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART) · K_SPLIT
+    PARTS: tl.constexpr,  # programs per token and column tile: ceil(TOP_K / PER_PART)
     ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
     """One program: one token × BLOCK_N hidden columns, summed over PER_PART of its slots
-    — or, with K_SPLIT > 1, over one K_SPLIT-th of one slot's K tiles, the bias in the
-    first share only (`_sum_parts` adds the PARTS programs' sums, slot by slot, share by
-    share).
+    (`_sum_parts` adds the PARTS programs' sums).
 
     As `_direct_gemm2_kernel`: one flattened slot × K loop, the token's ids read once
     before it — and the scales that vary along K too: the slots' input scales
@@ -493,9 +463,7 @@ def _direct_gemm2_fp8_kernel(
     cols = offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     scale_cols = (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
     scale_col0 = ((pid_n * BLOCK_N) // W_GROUP_N) * stride_wsn
-    slot_part = part // K_SPLIT
-    k_share = part - slot_part * K_SPLIT
-    slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, slot_part, num_experts,
+    slots, slot_ok, slot_ids, first = _part_slots(topk_ids_ptr, token, part, num_experts,
                                                   TOP_K, SLOTS, PER_PART)
     if W_PER_K:
         slot_ws = _slot_weight_scales(ws_ptr, slot_ids, scale_cols, scale_col0, col_ok, I,
@@ -514,15 +482,8 @@ def _direct_gemm2_fp8_kernel(
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     slot = first
-    if K_SPLIT == 1:
-        k0 = first * 0
-        steps = PER_PART * k_steps
-    else:
-        tl.static_assert(PER_PART == 1, "a program sums one slot's share of K")
-        share_steps = tl.cdiv(k_steps, K_SPLIT)
-        k0 = k_share * share_steps * BLOCK_K
-        steps = tl.minimum(share_steps, k_steps - k_share * share_steps)  # ≤ 0: no steps
-    for _ in range(0, steps):
+    k0 = first * 0
+    for _ in range(0, PER_PART * k_steps):
         this = slots == slot
         expert = tl.sum(tl.where(this, slot_ids, 0))
         valid = tl.sum(tl.where(this & slot_ok, 1, 0)) > 0
@@ -564,7 +525,6 @@ def _direct_gemm2_fp8_kernel(
             acc = acc * row_ws[:, None]
         else:
             acc = acc * row_ws
-    acc = _sum_rows(acc, router, row_ok & (k_share == 0), row_ids, b2_ptr, offs_n, col_ok,
-                    stride_be, HAS_BIAS)
+    acc = _sum_rows(acc, router, row_ok, row_ids, b2_ptr, offs_n, col_ok, stride_be, HAS_BIAS)
     _sum_parts(acc, out_ptr, partials_ptr, arrivals_ptr, token, part, pid_n, offs_n, col_ok,
                H, stride_om, PARTS)

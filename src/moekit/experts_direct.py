@@ -46,13 +46,11 @@ def slot_parts(top_k: int, slots_per_program: int) -> tuple[int, int]:
     return per_part, cdiv(top_k, per_part)
 
 
-def gemm2_parts(top_k: int, slots_per_program: int, out: torch.Tensor,
-                k_split: int = 1) -> tuple[int, int, torch.Tensor]:
-    """`slot_parts` (the programs per token times `k_split`, the programs per slot of the
-    fp8 GEMM2), and the float32 buffer [M*parts, H] of the parts' sums (`out`, never read,
-    with one part)."""
+def gemm2_parts(top_k: int, slots_per_program: int,
+                out: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """`slot_parts`, and the float32 buffer [M*parts, H] of the parts' sums (`out`, never
+    read, with one part)."""
     per_part, parts = slot_parts(top_k, slots_per_program)
-    parts *= k_split
     if parts == 1:
         return per_part, parts, out
     num_tokens, hidden_size = out.shape
@@ -61,12 +59,11 @@ def gemm2_parts(top_k: int, slots_per_program: int, out: torch.Tensor,
     return per_part, parts, partials
 
 
-def gemm2_arrivals(topk_ids, hidden_size, tiles, k_split: int = 1) -> torch.Tensor | None:
-    """GEMM2's arrival counters [M, H-tiles] when its tiles split a token's slots (or, by
-    `k_split`, a slot's K) over several programs (`_sum_parts`), else None; GEMM1 zeroes
-    them."""
+def gemm2_arrivals(topk_ids, hidden_size, tiles) -> torch.Tensor | None:
+    """GEMM2's arrival counters [M, H-tiles] when its tiles split a token's slots over
+    several programs (`_sum_parts`), else None; GEMM1 zeroes them."""
     num_tokens, top_k = topk_ids.shape
-    if slot_parts(top_k, tiles[2])[1] * k_split == 1:
+    if slot_parts(top_k, tiles[2])[1] == 1:
         return None
     return torch.empty((num_tokens, cdiv(hidden_size, tiles[0])), dtype=torch.int32,
                        device=topk_ids.device)

@@ -27,10 +27,8 @@ from moekit._fp8_scales import uniform_along_n, weight_scale_layout
 from moekit._fp8_swap import launch_stages, swap_ab
 from moekit._intmath import cdiv, next_power_of_2, row_align
 from moekit._launch import launcher
-from moekit._tma import heuristic_sms
-from moekit.experts_direct import gemm2_arrivals, gemm2_parts, slot_parts
+from moekit.experts_direct import gemm2_arrivals, gemm2_parts
 from moekit.quant.scheme import FULL
-from moekit.tuning.heuristic import direct_gemm2_k_split
 
 
 def gemm1_group_counts(topk_ids: torch.Tensor, inter_size: int, inter_group: int,
@@ -44,11 +42,6 @@ def gemm1_group_counts(topk_ids: torch.Tensor, inter_size: int, inter_group: int
                        device=topk_ids.device)
 
 
-# An experiment (bench/scripts/direct_prefetch_experiment.py): GEMM1's programs
-# prefetch their shares of GEMM2's weights into L2 after their K loops.
-PREFETCH_W2 = False
-
-
 def launch_direct_experts_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, w2_q, w2_scale,
                               input_scale2, topk_ids, topk_weights, b13, b2, activation, alpha,
                               limit, groups, config, out, group_counts) -> None:
@@ -57,30 +50,17 @@ def launch_direct_experts_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, w2_q, 
     `group_counts` (`gemm1_group_counts`'); `groups` is `experts_fp8._groups_to_list`'s
     form of the scheme, `config` `ExpertsConfig.as_ints`'s; `input_scale2` is GEMM2's
     static input scale, or None when it is quantised dynamically."""
-    k_split = gemm2_k_split(topk_ids, w2_q, config[6:11])
-    arrivals = gemm2_arrivals(topk_ids, w2_q.shape[1], config[6:11], k_split)
+    arrivals = gemm2_arrivals(topk_ids, w2_q.shape[1], config[6:11])
     inter_q, inter_scale = launch_direct_gemm1_fp8(
         x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids, w2_q.shape[2], activation,
-        alpha, limit, groups, input_scale2, config[1:6], group_counts, arrivals,
-        w2_q if PREFETCH_W2 and w2_q[0].is_contiguous() else None)
+        alpha, limit, groups, input_scale2, config[1:6], group_counts, arrivals)
     launch_direct_gemm2_fp8(inter_q, inter_scale, input_scale2 is not None, w2_q, w2_scale, b2,
-                            topk_ids, topk_weights, groups, config[6:11], out, arrivals,
-                            k_split)
-
-
-def gemm2_k_split(topk_ids: torch.Tensor, w2_q: torch.Tensor, tiles) -> int:
-    """Programs per slot of the direct GEMM2 (`direct_gemm2_k_split`) for these ids, w2
-    and GEMM2 `tiles` (block_n, block_k, slots per program, ...)."""
-    num_tokens, top_k = topk_ids.shape
-    _, hidden_size, inter_size = w2_q.shape
-    per_part, parts = slot_parts(top_k, tiles[2])
-    return direct_gemm2_k_split(num_tokens * parts * cdiv(hidden_size, tiles[0]), per_part,
-                                cdiv(inter_size, tiles[1]), heuristic_sms(w2_q.device))
+                            topk_ids, topk_weights, groups, config[6:11], out, arrivals)
 
 
 def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, topk_ids,
                             inter_size, activation, alpha, limit, groups, input_scale2, tiles,
-                            group_counts=None, arrivals=None, prefetch_w2=None
+                            group_counts=None, arrivals=None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM1 + activation of every pair, quantised as GEMM2's input: returns (fp8 `inter`
     [M*k, I] in pair order, its scales [M*k, groups of I] — or `input_scale2`, the static
@@ -120,8 +100,6 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
         0 if arrivals is None else arrivals.shape[1], x_q.stride(0), stride_xsm,
         w13_q.stride(0), w13_q.stride(1), *ws[:3], 0 if b13 is None else b13.stride(0),
         inter.stride(0), 0 if static else inter_scale.stride(0), float(alpha), float(limit),
-        w13_q if prefetch_w2 is None else prefetch_w2,
-        0 if prefetch_w2 is None else prefetch_w2.stride(0),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         EVEN_K=hidden_size % block_k == 0, EVEN_N=inter_size % block_n == 0,
         X_PER_K=x_per_k, X_GROUP_K=a_group_k if x_per_k else 1,
@@ -134,27 +112,22 @@ def launch_direct_gemm1_fp8(x_q, x_scale, stride_xsm, w13_q, w13_scale, b13, top
                             w13_q.stride(1), inter.stride(0)),
         FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_N=block_n, BLOCK_K=block_k,
         SUB_K=min([block_k, *(g for g in (a_group_k, w_group_k) if g != FULL)]),
-        SWAP_AB=swap, PREFETCH_W2=prefetch_w2 is not None, num_warps=warps,
+        SWAP_AB=swap, num_warps=warps,
         num_stages=launch_stages(swap, stages, cdiv(hidden_size, block_k)),
     )
     return inter, inter_scale
 
 
 def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, topk_ids,
-                            topk_weights, groups, tiles, out, arrivals=None,
-                            k_split=1) -> None:
+                            topk_weights, groups, tiles, out, arrivals=None) -> None:
     """GEMM2 (+bias, × router weight) of every token's k slots, summed into `out` [M, H];
     `inter_q`, `inter_scale` are `launch_direct_gemm1_fp8`'s (`static`: one scale); `tiles`
-    and `arrivals` as `experts_direct.launch_direct_gemm2`'s, the arrivals counted with
-    `k_split` (`gemm2_k_split`), the programs each slot's K loop is shared by."""
+    and `arrivals` as `experts_direct.launch_direct_gemm2`'s."""
     num_experts, hidden_size, inter_size = w2_q.shape
     num_tokens, top_k = topk_ids.shape
     w_group_n, w_group_k, _, _, inter_group = groups
     block_n, block_k, slots_per_program, warps, stages = tiles
-    per_part, parts, partials = gemm2_parts(top_k, slots_per_program, out, k_split)
-    if k_split > 1 and per_part != 1:
-        raise ValueError(f"a slot's K is split only where a program sums one slot "
-                         f"({per_part} here)")
+    per_part, parts, partials = gemm2_parts(top_k, slots_per_program, out)
     ws = weight_scale_layout(w2_scale, w_group_n, w_group_k)
     swap = swap_ab("direct2", ROWS.value, block_n, w_group_k != FULL)
     launcher(_direct_gemm2_fp8_kernel)[(num_tokens * parts, cdiv(hidden_size, block_n))](
@@ -170,8 +143,7 @@ def launch_direct_gemm2_fp8(inter_q, inter_scale, static, w2_q, w2_scale, b2, to
         W_PER_K=w_group_k != FULL, W_GROUP_N=ws[3], W_GROUP_K=ws[4],
         W_UNIFORM_N=uniform_along_n(ws, block_n, 0), W_GROUPS=_groups(inter_size, w_group_k),
         SHARED_GROUPS=_shared_groups(not static, inter_group, ws, block_n, 0),
-        TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, K_SPLIT=k_split,
-        PARTS=parts,
+        TOP_K=top_k, SLOTS=next_power_of_2(top_k), PER_PART=per_part, PARTS=parts,
         ROW_ALIGN=row_align(hidden_size, inter_size, inter_q.stride(0), w2_q.stride(0),
                             w2_q.stride(1), out.stride(0)),
         BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap, num_warps=warps,

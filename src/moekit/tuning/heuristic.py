@@ -190,20 +190,6 @@ def gemm2_k_parts(programs: int, k_steps: int, num_sms: int = HOPPER_SMS) -> int
     return parts
 
 
-def direct_gemm2_k_split(programs: int, slots_per_program: int, k_steps: int,
-                         num_sms: int = HOPPER_SMS) -> int:
-    """How many programs share each slot's K loop in the fp8 direct GEMM2: two where a
-    program sums one slot and the `programs` (tokens × slot parts × column tiles) are fewer
-    than 1.5 an SM, each share keeping two or more of the `k_steps`; else one. Forced
-    splits on the H100 (bench/NOTES.md, session 68), the layer at M = 1: granite (192
-    programs of 4 steps) 1.03–1.04× with two shares; gpt-oss (180 of 23) 1.00–1.01×;
-    deepseek-v2-lite (192 of 11) 1.00×; at 256 programs (olmoe, qwen3) 0.97–1.00×, at 384
-    (granite M = 2) 0.95–0.96×; three or four shares 0.91–0.98× in every cell."""
-    if slots_per_program == 1 and 2 * programs < 3 * num_sms and k_steps >= 4:
-        return 2
-    return 1
-
-
 def direct_tiles(num_tokens: int, top_k: int, hidden: int, dtype_bytes: int = 2) -> ExpertsConfig:
     """The direct path's tiles: GEMM1 32 × 128 (within 3% of the best of 7 tiles on every
     cell measured on the H100). GEMM2 32 × 128, a program per token, where that makes
