@@ -10,8 +10,12 @@ graph (with the counter memset it needs), L2 read-flushed unless warm:
     full          the GEMM at the shipped direct config
     one_step      the same with K cut to one K tile (views of the operands): the chain of
                   first loads and the epilogue, with one step between
-    warm          full with no flush: its weights (and everything else) in L2
-    one_step_warm one_step with no flush
+    small_warm    full, with the small inputs (ids, router weights, the GEMM's input rows
+                  and their scales) read back into L2 after the flush: only the weights
+                  cold, as in a serving engine where the router and attention have just
+                  written them
+    one_step_small_warm
+    warm          full with L2 not flushed (a sleep kernel instead, so replays stay queued)
     whole_token   GEMM2 only: one program a token (no partial sums, fewer programs)
 
 so per step ≈ (full − one_step) / (steps − 1), the chain ≈ one_step − memset, and DRAM's
@@ -50,15 +54,14 @@ STEM = "fp8-direct-chain-experiment"
 CELLS = ["qwen3-30b-a3b:1", "gpt-oss-120b:1", "granite-3.0-3b-a800m:1", "qwen3-30b-a3b:4"]
 
 
-def replay_us(fn, warm: bool, rep_ms: float) -> float:
-    """Median µs of a CUDA-graph replay of `fn`, L2 read-flushed before each unless `warm`."""
+def replay_us(fn, before, rep_ms: float) -> float:
+    """Median µs of a CUDA-graph replay of `fn`, `before` run (untimed) before each."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    flush = (lambda: None) if warm else shared_flush("read")
-    samples = flushed_samples_ms(graph.replay, flush, 10, rep_ms)
+    samples = flushed_samples_ms(graph.replay, before, 10, rep_ms)
     return sorted(samples)[len(samples) // 2] * 1e3
 
 
@@ -127,13 +130,28 @@ def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
                                     topk.ids, topk.weights, groups, g2, out, arr)
         return run
 
-    launches = {("both", "memset"): (memset, False)}
+    flush = shared_flush("read") if dev.type == "cuda" else (lambda: None)
+    small = {"gemm1": [topk.ids, topk.weights, x.x, x.scale],
+             "gemm2": [topk.ids, topk.weights, inter_q, inter_scale]}
+
+    def small_warm(gemm):
+        def before():
+            flush()
+            for t in small[gemm]:
+                t.view(torch.uint8).max()  # read back into L2
+        return before
+
+    def sleep():
+        torch.cuda._sleep(100_000)  # ~50 µs: the next replay is queued before it starts
+
+    launches = {("both", "memset"): (memset, flush)}
     for name, make, k in (("gemm1", gemm1, tiles[2]), ("gemm2", gemm2, tiles[7])):
-        launches[(name, "full")] = (make(), False)
-        launches[(name, "one_step")] = (make(k), False)
-        launches[(name, "warm")] = (make(), True)
-        launches[(name, "one_step_warm")] = (make(k), True)
-    launches[("gemm2", "whole_token")] = (gemm2(per=preset.top_k), False)
+        launches[(name, "full")] = (make(), flush)
+        launches[(name, "one_step")] = (make(k), flush)
+        launches[(name, "small_warm")] = (make(), small_warm(name))
+        launches[(name, "one_step_small_warm")] = (make(k), small_warm(name))
+        launches[(name, "warm")] = (make(), sleep)
+    launches[("gemm2", "whole_token")] = (gemm2(per=preset.top_k), flush)
     return launches, config
 
 
@@ -141,8 +159,8 @@ def run_cell(name: str, m: int, scheme: str, rep_ms: float, log) -> list[dict]:
     preset = get_preset(name)
     launches, config = gemm_launches(preset, m, scheme)
     rows = []
-    for (gemm, variant), (fn, warm) in launches.items():
-        us = replay_us(fn, warm, rep_ms)
+    for (gemm, variant), (fn, before) in launches.items():
+        us = replay_us(fn, before, rep_ms)
         rows.append({"preset": name, "M": m, "scheme": scheme, "gemm": gemm,
                      "variant": variant, "us": round(us, 2)})
         log(" ".join(f"{k}={v}" for k, v in rows[-1].items()))
@@ -166,9 +184,11 @@ def main() -> int:
     args = parser.parse_args()
     meta = experiment_meta(rep_ms=args.rep_ms)
     notes = ["- each launch alone in a CUDA graph (the GEMM with the counter memset it "
-             "needs), median µs, L2 read-flushed before each replay unless the variant is "
-             "warm; one_step: K cut to one K tile by views; whole_token: GEMM2 one program "
-             "a token; per step = (full − one_step) / (steps − 1)"]
+             "needs), median µs, L2 read-flushed before each replay; small_warm: the small "
+             "inputs read back into L2 after the flush; warm: no flush, a sleep kernel "
+             "before each replay instead; one_step: K cut to one K tile by views; "
+             "whole_token: GEMM2 one program a token; per step = (full − one_step) / "
+             "(steps − 1)"]
     rows = []
     for text in args.cells:
         name, m = text.rsplit(":", 1)
