@@ -17,6 +17,8 @@ graph (with the counter memset it needs), L2 read-flushed unless warm:
     one_step_small_warm
     warm          full with L2 not flushed (a sleep kernel instead, so replays stay queued)
     whole_token   GEMM2 only: one program a token (no partial sums, fewer programs)
+    cols128…      GEMM1 only: 128 columns a program, a group of GEMM2's input whole in one
+                  program (no float32 scratch, arrival or last-program read)
 
 so per step ≈ (full − one_step) / (steps − 1), the chain ≈ one_step − memset, and DRAM's
 share ≈ full − warm.
@@ -94,8 +96,11 @@ def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
             if t is not None:
                 t.zero_()
 
-    def gemm1(k=None):
+    def gemm1(k=None, block_n=None):
         k1 = k or preset.hidden
+        g1 = list(tiles[1:6])
+        if block_n is not None:
+            g1[0] = block_n
         w13 = first_k(w.w13, k1, w_group_k)
         x_scale = x.scale
         if k and groups[3] > 0 and x.scale.dim() == 2:  # 1×g groups of hidden
@@ -105,8 +110,8 @@ def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
             memset()
             return launch_direct_gemm1_fp8(
                 x.x[:, :k1], x_scale, x.stride_sm, w13.q, w13.scale, w.b13, topk.ids,
-                preset.inter, act.kind, act.alpha, act.limit, groups, None, tiles[1:6],
-                counts, arrivals)
+                preset.inter, act.kind, act.alpha, act.limit, groups, None, g1, counts,
+                arrivals)
         return run
 
     inter_q, inter_scale = gemm1()()
@@ -152,6 +157,11 @@ def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
         launches[(name, "one_step_small_warm")] = (make(k), small_warm(name))
         launches[(name, "warm")] = (make(), sleep)
     launches[("gemm2", "whole_token")] = (gemm2(per=preset.top_k), flush)
+    # GEMM1 with 128 columns a program: a 1×128 group of GEMM2's input whole in one
+    # program, so no float32 scratch, arrival or last-program read (a quarter the programs).
+    launches[("gemm1", "cols128")] = (gemm1(block_n=128), flush)
+    launches[("gemm1", "cols128_one_step")] = (gemm1(tiles[2], 128), flush)
+    launches[("gemm1", "cols128_warm")] = (gemm1(block_n=128), sleep)
     return launches, config
 
 
