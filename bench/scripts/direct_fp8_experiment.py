@@ -60,7 +60,9 @@ GEMM1_TILES = [(32, 256, 4, 4), (32, 128, 4, 8), (64, 128, 4, 6), (16, 256, 4, 6
 GEMM2_TILES = [(16, 128, 4, 8), (16, 128, 4, 12), (32, 128, 4, 8), (32, 128, 4, 12),
                (64, 128, 4, 6),
                # K tiles of 64: whole tiles where I is an odd multiple of 64 (gpt-oss 2880)
-               (64, 64, 4, 8), (32, 64, 4, 12)]
+               (64, 64, 4, 8), (32, 64, 4, 12),
+               # 16 KB a step: half the steps (and their waits) for the same bytes
+               (128, 128, 4, 4), (128, 128, 4, 6), (128, 128, 8, 6)]
 SLOTS_PER_PROGRAM = [0, 2, 1]  # GEMM2's group_m; 0: all k (one program per token)
 
 

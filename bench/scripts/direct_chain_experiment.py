@@ -1,0 +1,214 @@
+"""Where the fp8 direct GEMMs' time goes at a few tokens: first loads, steps or epilogue?
+
+Session 68 found the direct path's launches cost little (qwen3 M = 1: the second GEMM's
+launch adds nothing beyond its kernel, the quantiser's ~1.3 µs) while GEMM2 takes ~8.9 µs
+for a 3.9 µs floor; neither more programs, nor w2 prefetched into L2, nor wider tiles
+closed it (bench/NOTES.md). This splits each GEMM's time, each launch alone in a CUDA
+graph (with the counter memset it needs), L2 read-flushed unless warm:
+
+    memset        the counter memset alone: a replay's fixed cost
+    full          the GEMM at the shipped direct config
+    one_step      the same with K cut to one K tile (views of the operands): the chain of
+                  first loads and the epilogue, with one step between
+    small_warm    full, with the small inputs (ids, router weights, the GEMM's input rows
+                  and their scales) read back into L2 after the flush: only the weights
+                  cold, as in a serving engine where the router and attention have just
+                  written them
+    one_step_small_warm
+    warm          full with L2 not flushed (a sleep kernel instead, so replays stay queued)
+    whole_token   GEMM2 only: one program a token (no partial sums, fewer programs)
+    cols128…      GEMM1 only: 128 columns a program, a group of GEMM2's input whole in one
+                  program (no float32 scratch, arrival or last-program read)
+
+so per step ≈ (full − one_step) / (steps − 1), the chain ≈ one_step − memset, and DRAM's
+share ≈ full − warm.
+
+    PYTHONPATH=src python3 bench/scripts/direct_chain_experiment.py --out $OUT \\
+        [--cells qwen3-30b-a3b:1 gpt-oss-120b:1 granite-3.0-3b-a800m:1] [--schemes fp8_tensor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+import moekit._replay
+from moekit._intmath import cdiv
+from moekit.bench.experiment_files import experiment_meta, rows_table, write_experiment
+from moekit.bench.fp8 import quantize_experts
+from moekit.bench.inputs import make_tokens, make_weights
+from moekit.bench.l2_flush import flushed_samples_ms, shared_flush
+from moekit.bench.presets import get_preset
+from moekit.experts_direct import gemm2_arrivals
+from moekit.experts_direct_fp8 import (
+    gemm1_group_counts,
+    launch_direct_gemm1_fp8,
+    launch_direct_gemm2_fp8,
+)
+from moekit.experts_fp8 import _gemm1_input, _groups_to_list, direct_fp8_config
+from moekit.quant import QuantizedWeight, QuantScheme
+
+moekit._replay.enabled = False  # launches are called directly here
+STEM = "fp8-direct-chain-experiment"
+CELLS = ["qwen3-30b-a3b:1", "gpt-oss-120b:1", "granite-3.0-3b-a800m:1", "qwen3-30b-a3b:4"]
+
+
+def replay_us(fn, before, rep_ms: float) -> float:
+    """Median µs of a CUDA-graph replay of `fn`, `before` run (untimed) before each."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    samples = flushed_samples_ms(graph.replay, before, 10, rep_ms)
+    return sorted(samples)[len(samples) // 2] * 1e3
+
+
+def first_k(w: QuantizedWeight, k: int, group_k: int | None) -> QuantizedWeight:
+    """A view of `w` [E, N, K] cut to its first k columns (its K-group scales likewise)."""
+    scale = w.scale
+    if group_k and scale.dim() == 3 and scale.shape[2] > 1:
+        scale = scale[:, :, : cdiv(k, group_k)]
+    return dataclasses.replace(w, q=w.q[:, :, :k], scale=scale)
+
+
+def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
+                  dtype: torch.dtype = torch.bfloat16):
+    """{(gemm, variant): (launch, warm)} for one cell, and the shipped config."""
+    dev = torch.device(dev)
+    scheme = QuantScheme.parse(scheme_name)
+    w = quantize_experts(make_weights(preset, dtype, dev), scheme_name)
+    hidden, topk = make_tokens(preset, m, dtype, dev)
+    config = direct_fp8_config(m, preset.top_k, preset.hidden, preset.inter, scheme)
+    tiles = config.as_ints()
+    groups = _groups_to_list(scheme)
+    act = moekit.Activation.parse(preset.activation)
+    counts = gemm1_group_counts(topk.ids, preset.inter, groups[4], False, tiles[1])
+    x = _gemm1_input(hidden, groups[2], groups[3], None, clear=counts)
+    arrivals = gemm2_arrivals(topk.ids, preset.hidden, tiles[6:11])
+    w_group_k = None if groups[1] <= 0 else groups[1]
+
+    def memset():
+        for t in (counts, arrivals):
+            if t is not None:
+                t.zero_()
+
+    def gemm1(k=None, block_n=None):
+        k1 = k or preset.hidden
+        g1 = list(tiles[1:6])
+        if block_n is not None:
+            g1[0] = block_n
+        w13 = first_k(w.w13, k1, w_group_k)
+        x_scale = x.scale
+        if k and groups[3] > 0 and x.scale.dim() == 2:  # 1×g groups of hidden
+            x_scale = x.scale[:, : cdiv(k1, groups[3])]
+
+        def run():
+            memset()
+            return launch_direct_gemm1_fp8(
+                x.x[:, :k1], x_scale, x.stride_sm, w13.q, w13.scale, w.b13, topk.ids,
+                preset.inter, act.kind, act.alpha, act.limit, groups, None, g1, counts,
+                arrivals)
+        return run
+
+    inter_q, inter_scale = gemm1()()
+    out = torch.empty_like(hidden)
+
+    def gemm2(k=None, per=None):
+        k2 = k or preset.inter
+        w2 = first_k(w.w2, k2, w_group_k)
+        i_scale = inter_scale
+        if k and groups[4] > 0 and inter_scale.dim() == 2:  # 1×g groups of GEMM2's input
+            i_scale = inter_scale[:, : cdiv(k2, groups[4])]
+        g2 = list(tiles[6:11])
+        if per is not None:
+            g2[2] = per
+        arr = gemm2_arrivals(topk.ids, preset.hidden, g2)
+
+        def run():
+            if arr is not None:
+                arr.zero_()
+            launch_direct_gemm2_fp8(inter_q[:, :k2], i_scale, False, w2.q, w2.scale, w.b2,
+                                    topk.ids, topk.weights, groups, g2, out, arr)
+        return run
+
+    flush = shared_flush("read") if dev.type == "cuda" else (lambda: None)
+    small = {"gemm1": [topk.ids, topk.weights, x.x, x.scale],
+             "gemm2": [topk.ids, topk.weights, inter_q, inter_scale]}
+
+    def small_warm(gemm):
+        def before():
+            flush()
+            for t in small[gemm]:
+                t.view(torch.uint8).max()  # read back into L2
+        return before
+
+    def sleep():
+        torch.cuda._sleep(100_000)  # ~50 µs: the next replay is queued before it starts
+
+    launches = {("both", "memset"): (memset, flush)}
+    for name, make, k in (("gemm1", gemm1, tiles[2]), ("gemm2", gemm2, tiles[7])):
+        launches[(name, "full")] = (make(), flush)
+        launches[(name, "one_step")] = (make(k), flush)
+        launches[(name, "small_warm")] = (make(), small_warm(name))
+        launches[(name, "one_step_small_warm")] = (make(k), small_warm(name))
+        launches[(name, "warm")] = (make(), sleep)
+    launches[("gemm2", "whole_token")] = (gemm2(per=preset.top_k), flush)
+    # GEMM1 with 128 columns a program: a 1×128 group of GEMM2's input whole in one
+    # program, so no float32 scratch, arrival or last-program read (a quarter the programs).
+    launches[("gemm1", "cols128")] = (gemm1(block_n=128), flush)
+    launches[("gemm1", "cols128_one_step")] = (gemm1(tiles[2], 128), flush)
+    launches[("gemm1", "cols128_warm")] = (gemm1(block_n=128), sleep)
+    return launches, config
+
+
+def run_cell(name: str, m: int, scheme: str, rep_ms: float, log) -> list[dict]:
+    preset = get_preset(name)
+    launches, config = gemm_launches(preset, m, scheme)
+    rows = []
+    for (gemm, variant), (fn, before) in launches.items():
+        us = replay_us(fn, before, rep_ms)
+        rows.append({"preset": name, "M": m, "scheme": scheme, "gemm": gemm,
+                     "variant": variant, "us": round(us, 2)})
+        log(" ".join(f"{k}={v}" for k, v in rows[-1].items()))
+    steps = {"gemm1": cdiv(preset.hidden, config.gemm1.block_k),
+             "gemm2": cdiv(preset.inter, config.gemm2.block_k)}
+    us = {(r["gemm"], r["variant"]): r["us"] for r in rows}
+    for gemm, n in steps.items():
+        if n > 1:
+            per_step = (us[(gemm, "full")] - us[(gemm, "one_step")]) / (n - 1)
+            rows.append({"preset": name, "M": m, "scheme": scheme, "gemm": gemm,
+                         "variant": f"per step of {n}", "us": round(per_step, 3)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--cells", nargs="+", default=CELLS, metavar="PRESET:M")
+    parser.add_argument("--schemes", nargs="+", default=["fp8_tensor"])
+    parser.add_argument("--rep-ms", type=float, default=30)
+    args = parser.parse_args()
+    meta = experiment_meta(rep_ms=args.rep_ms)
+    notes = ["- each launch alone in a CUDA graph (the GEMM with the counter memset it "
+             "needs), median µs, L2 read-flushed before each replay; small_warm: the small "
+             "inputs read back into L2 after the flush; warm: no flush, a sleep kernel "
+             "before each replay instead; one_step: K cut to one K tile by views; "
+             "whole_token: GEMM2 one program a token; per step = (full − one_step) / "
+             "(steps − 1)"]
+    rows = []
+    for text in args.cells:
+        name, m = text.rsplit(":", 1)
+        for scheme in args.schemes:
+            rows += run_cell(name, int(m), scheme, args.rep_ms, print)
+            write_experiment(args.out, STEM, meta, rows,
+                             "fp8 direct GEMMs: first loads, steps, epilogue", notes,
+                             rows_table(rows, list(rows[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
