@@ -40,8 +40,9 @@ from moekit._intmath import cdiv
 from moekit.bench.experiment_files import experiment_meta, rows_table, write_experiment
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
-from moekit.bench.l2_flush import flushed_samples_ms, shared_flush
+from moekit.bench.l2_flush import shared_flush
 from moekit.bench.presets import get_preset
+from moekit.bench.timing import graph_replay_us
 from moekit.experts_direct import gemm2_arrivals
 from moekit.experts_direct_fp8 import (
     gemm1_group_counts,
@@ -54,17 +55,6 @@ from moekit.quant import QuantizedWeight, QuantScheme
 moekit._replay.enabled = False  # launches are called directly here
 STEM = "fp8-direct-chain-experiment"
 CELLS = ["qwen3-30b-a3b:1", "gpt-oss-120b:1", "granite-3.0-3b-a800m:1", "qwen3-30b-a3b:4"]
-
-
-def replay_us(fn, before, rep_ms: float) -> float:
-    """Median µs of a CUDA-graph replay of `fn`, `before` run (untimed) before each."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    samples = flushed_samples_ms(graph.replay, before, 10, rep_ms)
-    return sorted(samples)[len(samples) // 2] * 1e3
 
 
 def first_k(w: QuantizedWeight, k: int, group_k: int | None) -> QuantizedWeight:
@@ -170,7 +160,7 @@ def run_cell(name: str, m: int, scheme: str, rep_ms: float, log) -> list[dict]:
     launches, config = gemm_launches(preset, m, scheme)
     rows = []
     for (gemm, variant), (fn, before) in launches.items():
-        us = replay_us(fn, before, rep_ms)
+        us = graph_replay_us(fn, rep_ms, before)
         rows.append({"preset": name, "M": m, "scheme": scheme, "gemm": gemm,
                      "variant": variant, "us": round(us, 2)})
         log(" ".join(f"{k}={v}" for k, v in rows[-1].items()))

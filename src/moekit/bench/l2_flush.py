@@ -57,9 +57,10 @@ def _flush_on(kind: str, device_index: int) -> L2Flush:
     return L2Flush(kind, torch.device("cuda", device_index))
 
 
-def flushed_samples_ms(fn: Callable[[], object], flush: L2Flush, warmup_ms: float,
-                       rep_ms: float) -> list[float]:
-    """Per-call times (ms) of `fn`, each after `flush`, CUDA events around the call alone:
+def flushed_samples_ms(fn: Callable[[], object], flush: Callable[[], object],
+                       warmup_ms: float, rep_ms: float) -> list[float]:
+    """Per-call times (ms) of `fn`, each after `flush` (an `L2Flush`, or any work to run
+    untimed before each call), CUDA events around the call alone:
     `triton.testing.do_bench`'s schedule (5 calls to estimate, then warm-up and
     measurement budgets) with the flush chosen."""
     fn()

@@ -231,9 +231,11 @@ class CpuTimer:
         raise CaptureFailed("no CUDA graphs on the CPU")
 
 
-def graph_replay_us(fn: Callable[[], object], rep_ms: float = 50, l2_flush: str = "read") -> float:
-    """Median µs of CUDA-graph replay of `fn` alone, L2 emptied (`l2_flush`) before each
-    replay.
+def graph_replay_us(fn: Callable[[], object], rep_ms: float = 50,
+                    l2_flush: str | Callable[[], object] = "read") -> float:
+    """Median µs of CUDA-graph replay of `fn` alone, L2 emptied (`l2_flush`, a kind of
+    `moekit.bench.l2_flush.FLUSHES`) before each replay — or, given a callable, that run
+    (untimed) before each instead.
 
     For the studies under bench/scripts, which time single stages or variants of them;
     the kernel table uses `CudaTimer.graph` (side-stream warm-up, capture checks).
@@ -243,5 +245,6 @@ def graph_replay_us(fn: Callable[[], object], rep_ms: float = 50, l2_flush: str 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    samples = flushed_samples_ms(graph.replay, shared_flush(l2_flush), 10, rep_ms)
+    before = shared_flush(l2_flush) if isinstance(l2_flush, str) else l2_flush
+    samples = flushed_samples_ms(graph.replay, before, 10, rep_ms)
     return statistics.median(samples) * 1e3
