@@ -19,6 +19,18 @@ graph (with the counter memset it needs), L2 read-flushed unless warm:
     whole_token   GEMM2 only: one program a token (no partial sums, fewer programs)
     cols128…      GEMM1 only: 128 columns a program, a group of GEMM2's input whole in one
                   program (no float32 scratch, arrival or last-program read)
+    static…       GEMM1 only, same tiles: GEMM2's input quantised by a static scale, so
+                  each program stores its own fp8 columns (no float32 scratch, arrival or
+                  last-program group read): the 1×g groups' hand-off is static − full
+    free_parts…   GEMM2 only, same tiles and programs: each part of a token's slots made a
+                  token of its own (ids, router weights and input rows re-laid on the
+                  host), so each program stores its sum (no float32 partial, arrival or
+                  last-program ordered sum): the parts' hand-off is free_parts − full
+    probe_ids     the GEMM's grid, each program reading its expert id, then its first
+                  weight tile (gate and up for GEMM1), and storing one float per row: a
+                  launch's bare chain of id → weight → store
+    probe_no_ids  the same with the expert taken from the program id: the id's round trip
+                  is probe_ids − probe_no_ids
 
 so per step ≈ (full − one_step) / (steps − 1), the chain ≈ one_step − memset, and DRAM's
 share ≈ full − warm.
@@ -34,6 +46,8 @@ import dataclasses
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 import moekit._replay
 from moekit._intmath import cdiv
@@ -43,7 +57,7 @@ from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.l2_flush import shared_flush
 from moekit.bench.presets import get_preset
 from moekit.bench.timing import graph_replay_us
-from moekit.experts_direct import gemm2_arrivals
+from moekit.experts_direct import gemm2_arrivals, slot_parts
 from moekit.experts_direct_fp8 import (
     gemm1_group_counts,
     launch_direct_gemm1_fp8,
@@ -63,6 +77,55 @@ def first_k(w: QuantizedWeight, k: int, group_k: int | None) -> QuantizedWeight:
     if group_k and scale.dim() == 3 and scale.shape[2] > 1:
         scale = scale[:, :, : cdiv(k, group_k)]
     return dataclasses.replace(w, q=w.q[:, :, :k], scale=scale)
+
+
+@triton.jit
+def _first_tile_probe(ids_ptr, w_ptr, out_ptr, num_experts, N, second_rows, stride_we,
+                      stride_wn, ids_step, num_ids, READ_ID: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: its expert's first [BLOCK_N, BLOCK_K] weight tile (and the tile
+    `second_rows` further down: GEMM1's up rows), summed per row and stored — a launch's
+    chain of id load → weight load → store, with nothing else in it."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if READ_ID:
+        expert = tl.load(ids_ptr + tl.minimum(p * ids_step, num_ids - 1)).to(tl.int64)
+    else:
+        expert = (p % num_experts).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ptrs = w_ptr + expert * stride_we + rows[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    ok = (rows < N)[:, None]
+    tile = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    tile += tl.load(ptrs + second_rows * stride_wn, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + p * N + rows, tl.sum(tile, axis=1), mask=rows < N)
+
+
+def probe_launch(ids, w, programs, n, second_rows, ids_step, block_n, block_k, read_id):
+    """`_first_tile_probe` over (programs, n / block_n)."""
+    out = torch.empty((programs, n), dtype=torch.float32, device=w.device)
+
+    def run():
+        _first_tile_probe[(programs, cdiv(n, block_n))](
+            ids, w, out, w.shape[0], n, second_rows, w.stride(0), w.stride(1), ids_step,
+            ids.numel(), READ_ID=read_id, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return run
+
+
+def parts_as_tokens(ids, weights, inter_q, inter_scale, per_part):
+    """Each part of a token's slots as a token of its own: (ids, router weights) [M·parts,
+    per_part] and GEMM2's input rows and scales in that order (a short last part padded
+    with id −1, its rows never read)."""
+    m, k = ids.shape
+    parts = cdiv(k, per_part)
+    pad = parts * per_part - k
+    slot = torch.arange(parts * per_part, device=ids.device).clamp(max=k - 1)
+    rows = (torch.arange(m, device=ids.device)[:, None] * k + slot[None, :]).reshape(-1)
+    fake_ids = ids[:, slot].clone()
+    if pad:
+        fake_ids[:, k:] = -1
+    scale = inter_scale if inter_scale.dim() < 2 else inter_scale[rows].contiguous()
+    return (fake_ids.reshape(m * parts, per_part), weights[:, slot].reshape(m * parts, per_part),
+            inter_q[rows].contiguous(), scale)
 
 
 def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
@@ -86,7 +149,7 @@ def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
             if t is not None:
                 t.zero_()
 
-    def gemm1(k=None, block_n=None):
+    def gemm1(k=None, block_n=None, static=None):
         k1 = k or preset.hidden
         g1 = list(tiles[1:6])
         if block_n is not None:
@@ -100,29 +163,36 @@ def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
             memset()
             return launch_direct_gemm1_fp8(
                 x.x[:, :k1], x_scale, x.stride_sm, w13.q, w13.scale, w.b13, topk.ids,
-                preset.inter, act.kind, act.alpha, act.limit, groups, None, g1, counts,
+                preset.inter, act.kind, act.alpha, act.limit, groups, static, g1, counts,
                 arrivals)
         return run
 
     inter_q, inter_scale = gemm1()()
     out = torch.empty_like(hidden)
 
-    def gemm2(k=None, per=None):
+    def gemm2(k=None, per=None, free_parts=False):
         k2 = k or preset.inter
         w2 = first_k(w.w2, k2, w_group_k)
-        i_scale = inter_scale
-        if k and groups[4] > 0 and inter_scale.dim() == 2:  # 1×g groups of GEMM2's input
-            i_scale = inter_scale[:, : cdiv(k2, groups[4])]
+        ids, weights, rows, i_scale, dest = topk.ids, topk.weights, inter_q, inter_scale, out
         g2 = list(tiles[6:11])
+        if free_parts:  # every part a token: one part a program, as many programs
+            per_part = slot_parts(preset.top_k, g2[2])[0]
+            ids, weights, rows, i_scale = parts_as_tokens(ids, weights, rows, i_scale,
+                                                          per_part)
+            dest = torch.empty((ids.shape[0], preset.hidden), dtype=out.dtype,
+                               device=out.device)
+        if k and groups[4] > 0 and i_scale.dim() == 2:  # 1×g groups of GEMM2's input
+            i_scale = i_scale[:, : cdiv(k2, groups[4])]
         if per is not None:
             g2[2] = per
-        arr = gemm2_arrivals(topk.ids, preset.hidden, g2)
+        # The counters all variants zero (`memset`): GEMM2's are [M, H-tiles] whenever a
+        # token's slots are split, whatever the split.
+        arr = arrivals if slot_parts(ids.shape[1], g2[2])[1] > 1 else None
 
         def run():
-            if arr is not None:
-                arr.zero_()
-            launch_direct_gemm2_fp8(inter_q[:, :k2], i_scale, False, w2.q, w2.scale, w.b2,
-                                    topk.ids, topk.weights, groups, g2, out, arr)
+            memset()
+            launch_direct_gemm2_fp8(rows[:, :k2], i_scale, False, w2.q, w2.scale, w.b2,
+                                    ids, weights, groups, g2, dest, arr)
         return run
 
     flush = shared_flush("read") if dev.type == "cuda" else (lambda: None)
@@ -152,6 +222,30 @@ def gemm_launches(preset, m: int, scheme_name: str, dev: str = "cuda",
     launches[("gemm1", "cols128")] = (gemm1(block_n=128), flush)
     launches[("gemm1", "cols128_one_step")] = (gemm1(tiles[2], 128), flush)
     launches[("gemm1", "cols128_warm")] = (gemm1(block_n=128), sleep)
+    # Each hand-off dropped at the same tiles: GEMM1's groups (a static scale), GEMM2's
+    # ordered sum of parts (each part a token).
+    static = torch.ones(1, dtype=torch.float32, device=dev)
+    launches[("gemm1", "static")] = (gemm1(static=static), flush)
+    launches[("gemm1", "static_one_step")] = (gemm1(tiles[2], static=static), flush)
+    launches[("gemm1", "static_warm")] = (gemm1(static=static), sleep)
+    launches[("gemm2", "free_parts")] = (gemm2(free_parts=True), flush)
+    launches[("gemm2", "free_parts_one_step")] = (gemm2(tiles[7], free_parts=True), flush)
+    launches[("gemm2", "free_parts_warm")] = (gemm2(free_parts=True), sleep)
+    # The bare chain of a launch at each GEMM's grid and first tile.
+    pairs = topk.ids.numel()
+    per_part, parts = slot_parts(preset.top_k, tiles[8])
+    gated = act.kind != "relu2"
+    probes = {"gemm1": (w.w13.q, pairs, preset.inter, preset.inter if gated else 0, 1,
+                        tiles[1], tiles[2]),
+              "gemm2": (w.w2.q, m * parts, preset.hidden, 0, per_part, tiles[6], tiles[7])}
+    for gemm, (weight, programs, n, second, step, bn, bk) in probes.items():
+        for read_id in (True, False):
+            probe = probe_launch(topk.ids, weight, programs, n, second, step, bn, bk, read_id)
+
+            def run(probe=probe):
+                memset()
+                probe()
+            launches[(gemm, "probe_ids" if read_id else "probe_no_ids")] = (run, flush)
     return launches, config
 
 
