@@ -4,9 +4,10 @@ Session 68 found the direct path's launches cost little (qwen3 M = 1: the second
 launch adds nothing beyond its kernel, the quantiser's ~1.3 µs) while GEMM2 takes ~8.9 µs
 for a 3.9 µs floor; neither more programs, nor w2 prefetched into L2, nor wider tiles
 closed it (bench/NOTES.md). This splits each GEMM's time, each launch alone in a CUDA
-graph (with the counter memset it needs), L2 read-flushed unless warm:
+graph behind the same two counter memsets (GEMM1's groups, GEMM2's arrivals), L2
+read-flushed unless warm:
 
-    memset        the counter memset alone: a replay's fixed cost
+    memset        the two memsets alone: a replay's fixed cost
     full          the GEMM at the shipped direct config
     one_step      the same with K cut to one K tile (views of the operands): the chain of
                   first loads and the epilogue, with one step between
@@ -33,7 +34,8 @@ graph (with the counter memset it needs), L2 read-flushed unless warm:
                   is probe_ids − probe_no_ids
 
 so per step ≈ (full − one_step) / (steps − 1), the chain ≈ one_step − memset, and DRAM's
-share ≈ full − warm.
+share ≈ full − warm; each hand-off and the id's round trip are the differences named
+above (rows of their own in the output).
 
     PYTHONPATH=src python3 bench/scripts/direct_chain_experiment.py --out $OUT \\
         [--cells qwen3-30b-a3b:1 gpt-oss-120b:1 granite-3.0-3b-a800m:1] [--schemes fp8_tensor]
@@ -266,6 +268,18 @@ def run_cell(name: str, m: int, scheme: str, rep_ms: float, log) -> list[dict]:
             per_step = (us[(gemm, "full")] - us[(gemm, "one_step")]) / (n - 1)
             rows.append({"preset": name, "M": m, "scheme": scheme, "gemm": gemm,
                          "variant": f"per step of {n}", "us": round(per_step, 3)})
+    derived = [("gemm1", "groups' hand-off (full − static)", "full", "static"),
+               ("gemm1", "groups' hand-off, one step", "one_step", "static_one_step"),
+               ("gemm2", "parts' hand-off (full − free_parts)", "full", "free_parts"),
+               ("gemm2", "parts' hand-off, one step", "one_step", "free_parts_one_step")]
+    derived += [(g, f"{what} ({a} − {b})", a, b) for g in steps
+                for what, a, b in (("id's round trip", "probe_ids", "probe_no_ids"),
+                                   ("bare chain", "probe_ids", "memset"))]
+    for gemm, what, a, b in derived:
+        a_us = us.get((gemm, a), us.get(("both", a)))
+        b_us = us.get((gemm, b), us.get(("both", b)))
+        rows.append({"preset": name, "M": m, "scheme": scheme, "gemm": gemm, "variant": what,
+                     "us": round(a_us - b_us, 2)})
     return rows
 
 
