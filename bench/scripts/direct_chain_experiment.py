@@ -291,12 +291,16 @@ def main() -> int:
     parser.add_argument("--rep-ms", type=float, default=30)
     args = parser.parse_args()
     meta = experiment_meta(rep_ms=args.rep_ms)
-    notes = ["- each launch alone in a CUDA graph (the GEMM with the counter memset it "
-             "needs), median µs, L2 read-flushed before each replay; small_warm: the small "
+    notes = ["- each launch alone in a CUDA graph behind the same two counter memsets, "
+             "median µs, L2 read-flushed before each replay; small_warm: the small "
              "inputs read back into L2 after the flush; warm: no flush, a sleep kernel "
              "before each replay instead; one_step: K cut to one K tile by views; "
-             "whole_token: GEMM2 one program a token; per step = (full − one_step) / "
-             "(steps − 1)"]
+             "whole_token: GEMM2 one program a token; static: GEMM1 with a static scale "
+             "for GEMM2's input (no groups' hand-off); free_parts: GEMM2 with each part of "
+             "a token's slots a token of its own (no ordered sum; not a valid output); "
+             "probe_ids / probe_no_ids: a bare kernel at the GEMM's grid reading its expert "
+             "id (or not), one weight tile and storing a row; per step = (full − one_step) "
+             "/ (steps − 1)"]
     rows = []
     for text in args.cells:
         name, m = text.rsplit(":", 1)
