@@ -110,6 +110,14 @@ def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float
     return row
 
 
+def _git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or "?"
+    except OSError:  # no git on the machine
+        return "?"
+
+
 def markdown(result: dict) -> str:
     labels = ["heuristic", *VARIANTS]
     lines = [f"# The plan path's decode tiles around the heuristic — {result['device']}, "
@@ -158,8 +166,7 @@ def main() -> None:
             del weights
         del bf16
         torch.cuda.empty_cache()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip() or os.environ.get("MOEKIT_GIT_COMMIT", "?")
+    git = os.environ.get("MOEKIT_GIT_COMMIT") or _git_head()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "date": datetime.date.today().isoformat(),
               "git": git, "rounds": args.rounds,
