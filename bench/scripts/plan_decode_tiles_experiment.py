@@ -156,28 +156,29 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells]
-    rows = []
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+              "git": os.environ.get("MOEKIT_GIT_COMMIT") or _git_head(),
+              "rounds": args.rounds,
+              "command": "bench/scripts/plan_decode_tiles_experiment.py "
+                         + " ".join(sys.argv[1:]),
+              "rows": []}
+    stem = os.path.join(args.out, "plan-decode-tiles-experiment")
     for name in dict.fromkeys(n for n, _ in cells):
         bf16 = make_weights(PRESETS[name], torch.bfloat16, torch.device("cuda"))
         for dtype in args.dtypes:
             weights = bf16 if dtype == "bf16" else quantize_experts(bf16, dtype)
-            rows += [time_cell(name, m, dtype, weights, args.rounds, args.rep_ms)
-                     for n, m in cells if n == name]
+            for m in (m for n, m in cells if n == name):
+                result["rows"].append(time_cell(name, m, dtype, weights, args.rounds,
+                                                args.rep_ms))
+                # written after every cell, so a run cut short keeps what it timed
+                with open(stem + ".json", "w") as f:
+                    json.dump(result, f, indent=1)
+                with open(stem + ".md", "w") as f:
+                    f.write(markdown(result))
             del weights
         del bf16
         torch.cuda.empty_cache()
-    git = os.environ.get("MOEKIT_GIT_COMMIT") or _git_head()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-              "git": git, "rounds": args.rounds,
-              "command": "bench/scripts/plan_decode_tiles_experiment.py "
-                         + " ".join(sys.argv[1:]),
-              "rows": rows}
-    stem = os.path.join(args.out, "plan-decode-tiles-experiment")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
     print(f"wrote {stem}.json and .md")
 
 
