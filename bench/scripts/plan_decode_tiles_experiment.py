@@ -11,24 +11,21 @@ heuristic's (the same operands: only the accumulation order may differ).
 Usage (on the device):
     PYTHONPATH=src python3 bench/scripts/plan_decode_tiles_experiment.py --out $OUT \\
         --cells qwen3-30b-a3b:8 olmoe-1b-7b:16 --dtypes fp8_tensor bf16
-Writes plan-decode-tiles-experiment.{json,md} under --out and prints one line per cell.
+Writes plan-decode-tiles-experiment.{json,md} under --out (after every cell, so a run cut
+short keeps what it timed) and prints one line per cell.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import statistics
-import subprocess
-import sys
 
 import torch
-import triton
 
 import moekit
+from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
 from moekit.bench.presets import PRESETS
@@ -37,9 +34,12 @@ from moekit.experts import default_config
 from moekit.experts_fp8 import default_fp8_config
 from moekit.tuning import GemmConfig
 
-CELLS = ("qwen3-30b-a3b:8", "qwen3-30b-a3b:16", "qwen3-30b-a3b:32", "qwen3-30b-a3b:64",
-         "olmoe-1b-7b:8", "olmoe-1b-7b:16", "olmoe-1b-7b:32", "deepseek-v2-lite:8",
-         "deepseek-v2-lite:16", "deepseek-v2-lite:32", "granite-3.0-3b-a800m:16")
+STEM = "plan-decode-tiles-experiment"
+TITLE = "The plan path's decode tiles around the heuristic"
+CELLS = (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 16), ("qwen3-30b-a3b", 32),
+         ("qwen3-30b-a3b", 64), ("olmoe-1b-7b", 8), ("olmoe-1b-7b", 16), ("olmoe-1b-7b", 32),
+         ("deepseek-v2-lite", 8), ("deepseek-v2-lite", 16), ("deepseek-v2-lite", 32),
+         ("granite-3.0-3b-a800m", 16))
 # label → (which GEMM, the GemmConfig fields it changes)
 VARIANTS = {
     "g1 stages 3": ("gemm1", {"num_stages": 3}),
@@ -51,7 +51,16 @@ VARIANTS = {
 }
 
 
+def parse_cell(text: str) -> tuple[str, int]:
+    """"PRESET:M" → (preset name, M), rejecting unknown presets and non-positive M."""
+    name, _, m = text.partition(":")
+    if name not in PRESETS or not m.isdigit() or int(m) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want PRESET:M with a known preset, M ≥ 1")
+    return name, int(m)
+
+
 def heuristic(preset, m: int, dtype: str):
+    """The configuration the library picks by default for this cell (no tuned table)."""
     if dtype == "bf16":
         return default_config(m, preset.num_experts, preset.top_k, preset.hidden, preset.inter)
     return default_fp8_config(m, preset.num_experts, preset.top_k, preset.hidden,
@@ -59,6 +68,7 @@ def heuristic(preset, m: int, dtype: str):
 
 
 def variant(config, gemm: str, change: dict):
+    """`config` with one GEMM's tile fields changed."""
     tile: GemmConfig = getattr(config, gemm)
     return dataclasses.replace(config, **{gemm: dataclasses.replace(tile, **change)})
 
@@ -110,26 +120,12 @@ def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float
     return row
 
 
-def _git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip() or "?"
-    except OSError:  # no git on the machine
-        return "?"
-
-
-def markdown(result: dict) -> str:
+def table(rows: list[dict]) -> list[str]:
+    """The heuristic's µs and each variant's ratio to it, one row per cell."""
     labels = ["heuristic", *VARIANTS]
-    lines = [f"# The plan path's decode tiles around the heuristic — {result['device']}, "
-             f"{result['date']}", "",
-             f"- command: `{result['command']}` (code {result['git']})",
-             f"- torch {result['torch']}, triton {result['triton']}; graph replay, L2 "
-             f"read-flushed, median of {result['rounds']} rotated rounds",
-             "- cells: heuristic µs; the others heuristic ÷ variant (> 1 faster); "
-             "— where a variant equals the heuristic", "",
-             "| preset | M | dtype | " + " | ".join(labels) + " |",
+    lines = ["| preset | M | dtype | " + " | ".join(labels) + " |",
              "|---|---|---|" + "---|" * len(labels)]
-    for row in result["rows"]:
+    for row in rows:
         cells = []
         for label in labels:
             v = row["variants"].get(label)
@@ -141,45 +137,37 @@ def markdown(result: dict) -> str:
                 cells.append(f"{v['us']:.1f}" if label == "heuristic" else f"{v['ratio']:.3f}")
         lines.append(f"| {row['preset']} | {row['M']} | {row['dtype']} | "
                      + " | ".join(cells) + " |")
-    worst = max((v["rel_diff"] for row in result["rows"] for v in row["variants"].values()
+    worst = max((v["rel_diff"] for row in rows for v in row["variants"].values()
                  if "rel_diff" in v), default=0.0)
-    lines += ["", f"Largest output difference from the heuristic's: {worst:.2e}."]
-    return "\n".join(lines) + "\n"
+    return lines + ["", f"Largest output difference from the heuristic's: {worst:.2e}."]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", nargs="+", default=list(CELLS), metavar="PRESET:M")
+    parser.add_argument("--cells", nargs="+", type=parse_cell, default=list(CELLS),
+                        metavar="PRESET:M")
     parser.add_argument("--dtypes", nargs="+", default=["fp8_tensor"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rep-ms", type=float, default=25)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells]
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-              "git": os.environ.get("MOEKIT_GIT_COMMIT") or _git_head(),
-              "rounds": args.rounds,
-              "command": "bench/scripts/plan_decode_tiles_experiment.py "
-                         + " ".join(sys.argv[1:]),
-              "rows": []}
-    stem = os.path.join(args.out, "plan-decode-tiles-experiment")
+    cells = args.cells
+    meta = experiment_meta(rounds=args.rounds, rep_ms=args.rep_ms)
+    notes = [f"- graph replay, L2 read-flushed, median of {args.rounds} rotated rounds",
+             "- cells: the heuristic's µs; the others heuristic ÷ variant (> 1 faster); — "
+             "where a variant equals the heuristic"]
+    rows = []
     for name in dict.fromkeys(n for n, _ in cells):
         bf16 = make_weights(PRESETS[name], torch.bfloat16, torch.device("cuda"))
         for dtype in args.dtypes:
             weights = bf16 if dtype == "bf16" else quantize_experts(bf16, dtype)
             for m in (m for n, m in cells if n == name):
-                result["rows"].append(time_cell(name, m, dtype, weights, args.rounds,
-                                                args.rep_ms))
-                # written after every cell, so a run cut short keeps what it timed
-                with open(stem + ".json", "w") as f:
-                    json.dump(result, f, indent=1)
-                with open(stem + ".md", "w") as f:
-                    f.write(markdown(result))
+                rows.append(time_cell(name, m, dtype, weights, args.rounds, args.rep_ms))
+                write_experiment(args.out, STEM, meta, rows, TITLE, notes, table(rows))
             del weights
         del bf16
         torch.cuda.empty_cache()
-    print(f"wrote {stem}.json and .md")
+    print(f"wrote {os.path.join(args.out, STEM)}.json and .md")
 
 
 if __name__ == "__main__":
