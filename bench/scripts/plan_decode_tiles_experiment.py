@@ -25,6 +25,7 @@ import statistics
 import torch
 
 import moekit
+from moekit._tma import heuristic_sms
 from moekit.bench.experiment_files import experiment_meta, write_experiment
 from moekit.bench.fp8 import quantize_experts
 from moekit.bench.inputs import make_tokens, make_weights
@@ -33,6 +34,7 @@ from moekit.bench.timing import graph_replay_us
 from moekit.experts import default_config
 from moekit.experts_fp8 import default_fp8_config
 from moekit.tuning import GemmConfig
+from moekit.tuning.heuristic import HOPPER_SMS
 
 STEM = "plan-decode-tiles-experiment"
 TITLE = "The plan path's decode tiles around the heuristic"
@@ -59,12 +61,14 @@ def parse_cell(text: str) -> tuple[str, int]:
     return name, int(m)
 
 
-def heuristic(preset, m: int, dtype: str):
-    """The configuration the library picks by default for this cell (no tuned table)."""
+def heuristic(preset, m: int, dtype: str, sms: int = HOPPER_SMS):
+    """The configuration the library picks by default for this cell on a GPU of `sms` SMs
+    (no tuned table)."""
     if dtype == "bf16":
-        return default_config(m, preset.num_experts, preset.top_k, preset.hidden, preset.inter)
+        return default_config(m, preset.num_experts, preset.top_k, preset.hidden, preset.inter,
+                              2, sms)
     return default_fp8_config(m, preset.num_experts, preset.top_k, preset.hidden,
-                              preset.inter, dtype)
+                              preset.inter, dtype, sms)
 
 
 def variant(config, gemm: str, change: dict):
@@ -78,7 +82,7 @@ def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float
     heuristic's (> 1 faster) and its output's relative difference from the heuristic's."""
     preset = PRESETS[name]
     hidden, topk = make_tokens(preset, m, torch.bfloat16, torch.device("cuda"))
-    base = heuristic(preset, m, dtype)
+    base = heuristic(preset, m, dtype, heuristic_sms(hidden.device))
     configs = {"heuristic": base}
     for label, (gemm, change) in VARIANTS.items():
         configs[label] = variant(base, gemm, change)
