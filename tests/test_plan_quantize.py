@@ -72,16 +72,18 @@ def test_a_scattering_quantiser_keeps_its_own_launch_interpreter():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("row,col,why", [
-    (4, 1199, "the last value: the second step of rows, the second of columns"),
-    (2, 1100, "the first step of rows, the second (part-masked) of columns"),
-    (0, 0, "the first value"),
+@pytest.mark.parametrize("rows,row,col,why", [
+    (11, 10, 1199, "the last value: the second step of rows, the second of columns"),
+    (11, 7, 1100, "the first step of rows' last row, the second (part-masked) of columns"),
+    (11, 8, 0, "the second step of rows' first row (3 of its 8 rows masked)"),
+    (11, 0, 0, "the first value"),
+    (1, 0, 1199, "one row: a step of one row"),
 ])
-def test_few_rows_tensor_amax_reads_every_value_once_interpreter(row, col, why):
-    # "tensor_rows": every program reads all rows for the per-tensor amax, in tiles of
-    # 4 rows × 1024 columns; rows 1,200 wide inside a buffer 1,300 wide (a row stride that
-    # is not the width), so a tile that ignored the stride would read the gaps' values.
-    buffer = torch.randn(5, 1300, dtype=torch.float16)
+def test_few_rows_tensor_amax_reads_every_value_once_interpreter(rows, row, col, why):
+    # "tensor_rows": every program reads all rows for the per-tensor amax, in tiles of up
+    # to 8 rows × 1024 columns; rows 1,200 wide inside a buffer 1,300 wide (a row stride
+    # that is not the width), so a tile that ignored the stride would read the gaps' values.
+    buffer = torch.randn(rows, 1300, dtype=torch.float16)
     buffer[:, 1200:] = 1000.0  # the gaps: read by mistake, they would set the amax
     x = buffer[:, :1200]
     x[row, col] = -37.0  # the largest magnitude, at the place under test
