@@ -238,7 +238,7 @@ def _quantize_rows(
 def _rows_amax(x_ptr, num_rows, K, stride_xm, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """max |x| over all rows [num_rows, K] (row stride stride_xm), read as [ROWS, BLOCK_K]
     tiles: a few wide steps, not one serial BLOCK_K step per row and column block (16 at
-    qwen3 M = 8; `moekit._fp8_quantize._AMAX_ROWS_MAX` has the measurements)."""
+    qwen3 M = 8; `moekit._fp8_quantize._AMAX_ROWS` has the measurements)."""
     acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     for r0 in range(0, num_rows, ROWS):
         rows = r0 + tl.arange(0, ROWS)
