@@ -16,6 +16,14 @@ from moekit.quant import AMAX_FLOOR
 
 FMAX = 448.0  # e4m3fn's largest finite magnitude
 _QUANT_BLOCK_K = 1024
+# Rows per step of the few-rows per-tensor amax ("tensor_rows": every quantiser program
+# reads all rows): 8 from 3 rows on, one below. On an H100 (kernel µs, eager, back to back;
+# `h100-sxm-20261207-quantiser-rows-amax-s71.json`) two [8, 1024] steps for sixteen
+# [1, 1024] ones took qwen3 M = 8's plan + quantise launch from 6.0 to 5.0 µs, granite's
+# from 6.6 to 5.6, gpt-oss M = 4's from 7.0 to 5.7 (4-row steps gained a third of that,
+# and at M = 4 nothing); at M = 1 any tile wider than the row cost 0.2–0.3 µs, and M = 2
+# lost 0–2% of the layer at 4 or 8 rows.
+_AMAX_ROWS, _AMAX_ONE_ROW_MAX = 8, 2
 
 
 class QuantizeLaunch(NamedTuple):
@@ -57,7 +65,8 @@ def quantize_rows_launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
          scale if clear is None else clear, 0 if clear is None else clear.numel()),
         dict(MODE=mode, SCATTER=pair_slots is not None, CLEAR=clear is not None, GROUP=group,
              FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k,
-             BLOCK_P=max(16, next_power_of_2(max(num_partials, 1)))),
+             BLOCK_P=max(16, next_power_of_2(max(num_partials, 1))),
+             AMAX_ROWS=_AMAX_ROWS if mode == "tensor_rows" and rows > _AMAX_ONE_ROW_MAX else 1),
     )
 
 
