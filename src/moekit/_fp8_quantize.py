@@ -20,9 +20,11 @@ _QUANT_BLOCK_K = 1024
 # reads all rows): 8 from 3 rows on, one below. On an H100 (kernel µs, eager, back to back;
 # `h100-sxm-20261207-quantiser-rows-amax-s71.json`) two [8, 1024] steps for sixteen
 # [1, 1024] ones took qwen3 M = 8's plan + quantise launch from 6.0 to 5.0 µs, granite's
-# from 6.6 to 5.6, gpt-oss M = 4's from 7.0 to 5.7 (4-row steps gained a third of that,
-# and at M = 4 nothing); at M = 1 any tile wider than the row cost 0.2–0.3 µs, and M = 2
-# lost 0–2% of the layer at 4 or 8 rows.
+# from 6.6 to 5.6, gpt-oss M = 4's from 7.0 to 5.7 (4-row steps: 5.7, 6.3 and 6.2, and
+# nothing at M = 4); at M = 1 any tile wider than the row cost 0.2–0.3 µs, and M = 2 lost
+# 0–2% of the layer at 4 or 8 rows. This rule against one row everywhere: the layer
+# 1.005–1.024× at M = 4–8, 0.998–1.006× at M = 1–2
+# (`h100-sxm-20261207-ab-fp8_tensor-rows-amax2-s71.md`).
 _AMAX_ROWS, _AMAX_ONE_ROW_MAX = 8, 2
 
 
