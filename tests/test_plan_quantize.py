@@ -79,7 +79,7 @@ def test_a_scattering_quantiser_keeps_its_own_launch_interpreter():
     (11, 0, 0, "the first value"),
     (1, 0, 1199, "one row: a step of one row"),
 ])
-def test_few_rows_tensor_amax_reads_every_value_once_interpreter(rows, row, col, why):
+def test_few_rows_tensor_amax_reads_every_value_interpreter(rows, row, col, why):
     # "tensor_rows": every program reads all rows for the per-tensor amax, in tiles of up
     # to 8 rows × 1024 columns; rows 1,200 wide inside a buffer 1,300 wide (a row stride
     # that is not the width), so a tile that ignored the stride would read the gaps' values.
