@@ -78,16 +78,22 @@ def test_a_scattering_quantiser_keeps_its_own_launch_interpreter():
     (11, 8, 0, "the second step of rows' first row (3 of its 8 rows masked)"),
     (11, 0, 0, "the first value"),
     (1, 0, 1199, "one row: a step of one row"),
+    (5, 4, 1199, "one [8, 2048] load of all rows: its last row and column"),
+    (5, 4, 0, "one load: the last row's first value"),
+    (3, 0, 1199, "one [4, 2048] load: the first row's last value"),
+    (3, 2, 600, "one load: the last row (the one masked row after it)"),
 ])
 def test_few_rows_tensor_amax_reads_every_value_interpreter(rows, row, col, why):
-    # "tensor_rows": every program reads all rows for the per-tensor amax, in tiles of up
-    # to 8 rows × 1024 columns; rows 1,200 wide inside a buffer 1,300 wide (a row stride
+    # "tensor_rows": every program reads all rows for the per-tensor amax, in one load where
+    # [next_pow2(M), next_pow2(K)] holds at most 16,384 values (M = 3, 5), else in tiles of
+    # up to 8 rows × 1024 columns; rows 1,200 wide inside a buffer 1,300 wide (a row stride
     # that is not the width), so a tile that ignored the stride would read the gaps' values.
     buffer = torch.randn(rows, 1300, dtype=torch.float16)
     buffer[:, 1200:] = 1000.0  # the gaps: read by mistake, they would set the amax
     x = buffer[:, :1200]
     x[row, col] = -37.0  # the largest magnitude, at the place under test
     q, scale, quantize = quantiser(x, "tensor_rows")
+    assert quantize.constexprs["AMAX_WHOLE"] == (rows in (3, 5)), why  # the path under test
     launch_plan_and_quantize(None, quantize)
     _, scale_ref = quantize_activation(x, QuantScheme.fp8_tensor().activation)
     assert torch.equal(scale, scale_ref), why

@@ -131,6 +131,7 @@ def _quantize_rows_kernel(
     BLOCK_K: tl.constexpr,  # a multiple of GROUP
     BLOCK_P: tl.constexpr,  # ≥ num_partials
     AMAX_ROWS: tl.constexpr,  # "tensor_rows": rows per step of the amax (a power of two)
+    AMAX_WHOLE: tl.constexpr,  # "tensor_rows": [AMAX_ROWS, BLOCK_K] covers every row: one load
 ):
     """One program: `chunk` values of one row of x quantised, and their scales written.
 
@@ -148,7 +149,7 @@ def _quantize_rows_kernel(
     _quantize_rows(tl.program_id(0), tl.program_id(1), x_ptr, q_ptr, scale_ptr,
                    partials_ptr, num_partials, num_rows, K, chunk, stride_xm, stride_qm,
                    stride_sm, stride_sk, slots_ptr, top_k, clear_ptr, clear_n, MODE, SCATTER,
-                   CLEAR, GROUP, FMAX, AMAX_FLOOR, BLOCK_K, BLOCK_P, AMAX_ROWS)
+                   CLEAR, GROUP, FMAX, AMAX_FLOOR, BLOCK_K, BLOCK_P, AMAX_ROWS, AMAX_WHOLE)
 
 
 @triton.jit
@@ -180,6 +181,7 @@ def _quantize_rows(
     BLOCK_K: tl.constexpr,  # a multiple of GROUP
     BLOCK_P: tl.constexpr,  # ≥ num_partials
     AMAX_ROWS: tl.constexpr,  # "tensor_rows": rows per step of the amax (a power of two)
+    AMAX_WHOLE: tl.constexpr,  # "tensor_rows": [AMAX_ROWS, BLOCK_K] covers every row: one load
 ):
     """`_quantize_rows_kernel`'s work as program (row_id, chunk_id) (also a part of
     `moekit._plan_quantize_kernels._plan_quantize_kernel`)."""
@@ -200,8 +202,11 @@ def _quantize_rows(
         if row == 0:
             tl.store(scale_ptr, scale)
     elif MODE == "tensor_rows":  # a few rows: every program reads them all, no partials
-        scale = _scale_from_amax(_rows_amax(x_ptr, num_rows, K, stride_xm, AMAX_ROWS, BLOCK_K),
-                                  FMAX, AMAX_FLOOR)
+        if AMAX_WHOLE:
+            amax = _whole_amax(x_ptr, num_rows, K, stride_xm, AMAX_ROWS, BLOCK_K)
+        else:
+            amax = _rows_amax(x_ptr, num_rows, K, stride_xm, AMAX_ROWS, BLOCK_K)
+        scale = _scale_from_amax(amax, FMAX, AMAX_FLOOR)
         if row == 0:
             tl.store(scale_ptr, scale)
     elif MODE == "token":
@@ -248,6 +253,18 @@ def _rows_amax(x_ptr, num_rows, K, stride_xm, ROWS: tl.constexpr, BLOCK_K: tl.co
                         mask=(rows[:, None] < num_rows) & (cols[None, :] < K), other=0.0)
             acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
     return tl.max(tl.max(acc, axis=1), axis=0)
+
+
+@triton.jit
+def _whole_amax(x_ptr, num_rows, K, stride_xm, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """max |x| over x [num_rows ≤ ROWS, K ≤ COLS] in one load: one DRAM round trip where
+    `_rows_amax` makes one per step (`moekit._fp8_quantize._WHOLE_AMAX_MAX`), reduced
+    straight from the loaded values, with no accumulator tile of its own in registers."""
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                mask=(rows[:, None] < num_rows) & (cols[None, :] < K), other=0.0)
+    return tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0)
 
 
 @triton.jit

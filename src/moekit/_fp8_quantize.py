@@ -26,6 +26,10 @@ _QUANT_BLOCK_K = 1024
 # 1.005–1.024× at M = 4–8, 0.998–1.006× at M = 1–2
 # (`h100-sxm-20261207-ab-fp8_tensor-rows-amax2-s71.md`).
 _AMAX_ROWS, _AMAX_ONE_ROW_MAX = 8, 2
+# Past _AMAX_ONE_ROW_MAX rows, when every row fits one [next_pow2(M), next_pow2(K)] tile of
+# at most this many values, the amax takes that one load (`_whole_amax`) instead of the
+# steps: one DRAM round trip before the quantise, not one per step.
+_WHOLE_AMAX_MAX = 16384
 
 
 class QuantizeLaunch(NamedTuple):
@@ -56,6 +60,13 @@ def quantize_rows_launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     """
     rows, cols = x.shape
     block_k = max(_QUANT_BLOCK_K, group)
+    amax_rows = 1
+    whole = False
+    if mode == "tensor_rows" and rows > _AMAX_ONE_ROW_MAX:
+        amax_rows = _AMAX_ROWS
+        whole = next_power_of_2(rows) * next_power_of_2(cols) <= _WHOLE_AMAX_MAX
+        if whole:
+            amax_rows, block_k = next_power_of_2(rows), next_power_of_2(cols)
     chunk = block_k if mode in ("static", "group") else cdiv(cols, block_k) * block_k
     num_partials = 0 if partials is None else partials.numel()
     return QuantizeLaunch(
@@ -68,7 +79,7 @@ def quantize_rows_launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         dict(MODE=mode, SCATTER=pair_slots is not None, CLEAR=clear is not None, GROUP=group,
              FMAX=FMAX, AMAX_FLOOR=AMAX_FLOOR, BLOCK_K=block_k,
              BLOCK_P=max(16, next_power_of_2(max(num_partials, 1))),
-             AMAX_ROWS=_AMAX_ROWS if mode == "tensor_rows" and rows > _AMAX_ONE_ROW_MAX else 1),
+             AMAX_ROWS=amax_rows, AMAX_WHOLE=whole),
     )
 
 

@@ -71,6 +71,7 @@ def _plan_quantize_kernel(
     BLOCK_K: tl.constexpr,  # a multiple of GROUP
     BLOCK_P: tl.constexpr,  # ≥ num_partials
     AMAX_ROWS: tl.constexpr,  # "tensor_rows": rows per step of the amax
+    AMAX_WHOLE: tl.constexpr,  # "tensor_rows": one [AMAX_ROWS, BLOCK_K] load covers every row
 ):
     """Grid (plan_programs + rows × quant_chunks,)."""
     pid = tl.program_id(0)
@@ -87,4 +88,4 @@ def _plan_quantize_kernel(
                        scale_ptr, partials_ptr, num_partials, num_rows, K, chunk,
                        stride_xm, stride_qm, stride_sm, stride_sk, slots_ptr, top_k,
                        clear_ptr, clear_n, MODE, SCATTER, CLEAR, GROUP, FMAX, AMAX_FLOOR, BLOCK_K,
-                       BLOCK_P, AMAX_ROWS)
+                       BLOCK_P, AMAX_ROWS, AMAX_WHOLE)
