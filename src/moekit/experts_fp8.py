@@ -131,7 +131,7 @@ from moekit.tuning.tables import tuned_for
 _AMAX_BLOCK, _AMAX_WARPS, _AMAX_MIN_BLOCKS = 1024, 8, 2
 _MAX_AMAX_PROGRAMS = 512  # every quantiser program reads all partials
 # Up to this many values of hidden a per-tensor amax is read by the quantiser's every
-# program (one launch, in steps of up to 8 rows: `moekit._fp8_quantize._AMAX_ROWS`), not
+# program (one launch: one load, or steps of up to 8 rows; `moekit._fp8_quantize`), not
 # reduced by a partials launch first. 65,536 (M = 16–32 at H = 2048 too) was slower: the
 # launch 6.5–11 µs against 1.7 + 3.1 apart (`h100-sxm-20261207-quantiser-rows-amax-s71.json`).
 _TENSOR_ROWS_MAX = 16384
