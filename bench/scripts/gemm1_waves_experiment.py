@@ -16,7 +16,9 @@ four stages' two); and at half the hidden size (the same programs, half the K st
 a split-K GEMM1's shape, with 2n experts the same bytes in twice the programs).
 
     PYTHONPATH=src python3 bench/scripts/gemm1_waves_experiment.py --out $OUT
-Writes gemm1-waves-experiment.{json,md} under --out after every preset.
+Writes gemm1-waves-experiment.{json,md} under --out after every preset. The files record
+$MOEKIT_GEMM1_K_PARTS, which only branch `s72-gemm1-ksplit`'s GEMM1 reads (its K loop in
+parts; measured slower, not merged).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def gemm_us(kernels: dict[str, float], which: str) -> float:
     return sum(us for name, us in kernels.items() if which in name)
 
 
-def run_preset(preset, dtypes: list[str], experts_hit, log) -> list[dict]:
+def run_preset(preset, dtypes: list[str], experts_hit, depths, log) -> list[dict]:
     device = torch.device("cuda")
     bf16 = make_weights(preset, torch.bfloat16, device)
     hidden = torch.randn(M, preset.hidden, device=device, dtype=torch.bfloat16)
@@ -100,7 +102,7 @@ def run_preset(preset, dtypes: list[str], experts_hit, log) -> list[dict]:
                                       preset.inter, dtype)
             configs = {label: dataclasses.replace(
                 base, gemm1=dataclasses.replace(base.gemm1, **change))
-                for label, change in DEPTHS.items()}
+                for label, change in DEPTHS.items() if label in depths}
         bytes_per_expert = preset.gemm1_rows * preset.hidden * (2 if dtype == "bf16" else 1)
         for n in experts_hit:
             ids, topk_weights = routing(n, device, preset.top_k)
@@ -127,22 +129,27 @@ def main() -> None:
                         help="hidden sizes to run the preset at (the first its own)")
     parser.add_argument("--dtypes", nargs="+", default=["fp8_tensor", "bf16"])
     parser.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS_HIT))
+    parser.add_argument("--depths", nargs="+", default=list(DEPTHS), choices=list(DEPTHS),
+                        help="the fp8 GEMM1 variants to run (default all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     top_k = PRESETS[args.preset].top_k
     if any(n < top_k or n > min(M * top_k, PRESETS[args.preset].num_experts)
            for n in args.experts):
         parser.error(f"--experts: each n must lie in [{top_k}, min(M·k, E)]")
-    meta = experiment_meta(M=M, calls=CALLS, blocks=BLOCKS)
+    k_parts = os.environ.get("MOEKIT_GEMM1_K_PARTS", "1")  # the fp8 GEMM1's K parts
+    meta = experiment_meta(M=M, calls=CALLS, blocks=BLOCKS, gemm1_k_parts=k_parts)
     notes = [f"- M = {M}, pair p → expert p mod n; per-kernel CUDA µs under torch.profiler, "
              f"median of {BLOCKS} blocks of {CALLS} eager calls (weights ≫ L2)",
-             "- gemm1_TBps: the hit experts' w13 bytes over GEMM1's µs"]
+             "- gemm1_TBps: the hit experts' w13 bytes over GEMM1's µs",
+             f"- the fp8 GEMM1's K loop in {k_parts} part(s) a tile (MOEKIT_GEMM1_K_PARTS)"]
     keys = ["H", "dtype", "tiles", "experts", "gemm1_us", "gemm2_us", "gemm1_TBps",
             "gemm1_us_per_expert"]
     rows: list[dict] = []
     for h in args.hidden:
         preset = dataclasses.replace(PRESETS[args.preset], hidden=h)
-        rows += run_preset(preset, args.dtypes, args.experts, lambda r: print(r, flush=True))
+        rows += run_preset(preset, args.dtypes, args.experts, args.depths,
+                           lambda r: print(r, flush=True))
         write_experiment(args.out, STEM, meta, rows, TITLE, notes, rows_table(rows, keys))
     print(f"wrote {os.path.join(args.out, STEM)}.json and .md")
 
