@@ -23,10 +23,30 @@ import sys
 CALLS = 10
 
 
+def kernel_blocks_us(call, blocks: int, calls: int = CALLS) -> dict[str, list[float]]:
+    """{kernel name: [its CUDA µs per call, one per block]}: `calls` calls of `call` under
+    torch.profiler per block, after three warm-up calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    kernels: dict[str, list[float]] = {}
+    for _ in range(blocks):
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                call()
+            torch.cuda.synchronize()
+        for event in prof.key_averages():
+            if event.device_time_total > 0:
+                kernels.setdefault(event.key, []).append(event.device_time_total / calls)
+    return kernels
+
+
 def profile_cell(name: str, m: int, scheme: str, blocks: int) -> dict:
     """{kernel name: [µs per call, one per block]} of one cell."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     import moekit
     from moekit.bench.fp8 import quantize_experts
@@ -48,18 +68,7 @@ def profile_cell(name: str, m: int, scheme: str, blocks: int) -> dict:
             moekit.fused_experts_fp8(hidden, w.w13, w.w2, topk.ids, topk.weights,
                                      scheme=scheme, activation=preset.activation,
                                      b13=w.b13, b2=w.b2)
-    kernels: dict[str, list[float]] = {}
-    for _ in range(blocks):
-        for _ in range(3):
-            call()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(CALLS):
-                call()
-            torch.cuda.synchronize()
-        for event in prof.key_averages():
-            if event.device_time_total > 0:
-                kernels.setdefault(event.key, []).append(event.device_time_total / CALLS)
+    kernels = kernel_blocks_us(call, blocks)
     total = sum(statistics.median(v) for v in kernels.values())
     print(f"{name} M={m} {scheme}: {total:.1f} µs of kernels per call", flush=True)
     for key, values in sorted(kernels.items(), key=lambda kv: -max(kv[1])):

@@ -29,7 +29,7 @@ import os
 import statistics
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from fp8_kernel_profile import kernel_blocks_us  # this directory: per-kernel µs by block
 
 import moekit
 from moekit.bench.experiment_files import experiment_meta, rows_table, write_experiment
@@ -57,19 +57,7 @@ def routing(n: int, device: torch.device, top_k: int) -> tuple[torch.Tensor, tor
 
 def kernel_us(call) -> dict[str, float]:
     """{kernel name: median over BLOCKS blocks of its CUDA µs per call}."""
-    per_block: dict[str, list[float]] = {}
-    for _ in range(BLOCKS):
-        for _ in range(3):
-            call()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(CALLS):
-                call()
-            torch.cuda.synchronize()
-        for event in prof.key_averages():
-            if event.device_time_total > 0:
-                per_block.setdefault(event.key, []).append(event.device_time_total / CALLS)
-    return {k: statistics.median(v) for k, v in per_block.items()}
+    return {k: statistics.median(v) for k, v in kernel_blocks_us(call, BLOCKS, CALLS).items()}
 
 
 def layer_call(preset, dtype: str, weights, hidden, ids, topk_weights, config):
