@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from fp8_kernel_profile import kernel_blocks_us  # this directory: per-kernel µs by block
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -354,20 +355,10 @@ def compile_sm90(fn, args, options) -> str:
 def profiled_kernel_us(call, kernel: str, calls: int = 10) -> float:
     """CUDA time per call of the kernel named `kernel` inside `call` (torch.profiler,
     after three warm-up calls)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-    for event in prof.key_averages():
-        if event.key == kernel:
-            total = getattr(event, "device_time_total", None) or event.cuda_time_total
-            return total / calls
-    raise RuntimeError(f"no {kernel} in the profile")
+    times = kernel_blocks_us(call, 1, calls).get(kernel)
+    if not times:
+        raise RuntimeError(f"no {kernel} in the profile")
+    return times[0]
 
 
 def record(row: dict, out_dir: str, filename: str) -> None:
