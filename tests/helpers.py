@@ -107,6 +107,13 @@ def random_experts(num_experts, hidden, inter, *, gated=True, bias=False, dtype=
     return w13, w2, b13, b2
 
 
+def seeded_randn_like(tensor, seed):
+    """Standard normal values shaped like `tensor`, from a generator of its own: a test's
+    inputs must not depend on what the tests its xdist worker ran before it drew."""
+    g = torch.Generator(device=tensor.device).manual_seed(seed)
+    return torch.randn(tensor.shape, generator=g, device=tensor.device).to(tensor.dtype)
+
+
 def random_routing(num_tokens, num_experts, top_k, *, skew=0.0, device="cpu", seed=0):
     """Softmax-top-k routing of random logits; `skew` > 0 sends most tokens to few experts."""
     from moekit import reference

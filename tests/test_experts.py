@@ -16,6 +16,7 @@ from helpers import (
     poison_cuda_cache,
     random_experts,
     random_routing,
+    seeded_randn_like,
 )
 from moekit import reference
 from moekit.bench.presets import PRESETS
@@ -656,7 +657,7 @@ def test_cuda_graph_replay_with_new_inputs():
     graph, out = capture_cuda_graph(call)
     for seed in (1, 2):
         new_ids, new_weights = random_routing(64, E, k, device="cuda", seed=seed, skew=4.0 * seed)
-        hidden.copy_(torch.randn_like(hidden))
+        hidden.copy_(seeded_randn_like(hidden, seed))
         ids.copy_(new_ids)
         weights.copy_(new_weights)
         out.fill_(float("nan"))

@@ -20,6 +20,7 @@ from helpers import (
     capture_cuda_graph,
     poison_cuda_cache,
     random_experts,
+    seeded_randn_like,
 )
 from moekit import reference
 from moekit.quant import QuantScheme, quantize_weight
@@ -139,7 +140,7 @@ def test_matches_route_then_experts_and_replays_gpu(scheme, M):
     assert_close(out, expected(*case, 4), GPU_TOL, name=f"{scheme} M={M}")
     graph, captured = capture_cuda_graph(lambda: moekit.fused_moe_fp8(
         hidden, logits, q13, q2, 4, scheme=scheme, expert_map=table))
-    logits.copy_(torch.randn_like(logits))  # new routing, replayed by the graph
+    logits.copy_(seeded_randn_like(logits, M + 1))  # new routing, replayed by the graph
     graph.replay()
     topk = moekit.route(logits, 4)
     want = moekit.fused_experts_fp8(hidden, q13, q2, topk.ids, topk.weights, scheme=scheme,

@@ -23,6 +23,7 @@ from helpers import (
     poison_,
     poison_cuda_cache,
     random_routing,
+    seeded_randn_like,
 )
 from moekit._fp8_quantize import launch_quantize_rows
 from moekit._gluon import DISABLE_ENV, GEMM1_ENV, HOPPER_L2_BYTES
@@ -437,7 +438,7 @@ def test_cuda_graph_replay_with_the_gluon_gemm1_gpu(gemm1_calls):
         new_ids, new_weights = random_routing(M, E, k, device="cuda", seed=seed, skew=4.0 * seed)
         ids.copy_(new_ids)
         weights.copy_(new_weights)
-        hidden.copy_(torch.randn_like(hidden))
+        hidden.copy_(seeded_randn_like(hidden, seed))
         out.fill_(float("nan"))
         graph.replay()
         expected = fused_experts_quantized(hidden, q13, q2, ids, weights, scheme=scheme,

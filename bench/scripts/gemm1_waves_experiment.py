@@ -11,9 +11,11 @@ experts hit, not a slope.
 This times GEMM1 (and GEMM2) by themselves, per kernel under torch.profiler, on routings
 that hit exactly n experts (pair p → expert p mod n: every token's k experts distinct,
 ≤ 16 rows an expert, so one row tile each), for n from 16 to 128 at M = 16; at the
-library's tiles and at GEMM1 depths 3 and 5 (three and one programs an SM, against
-four stages' two); and at half the hidden size (the same programs, half the K steps —
-a split-K GEMM1's shape, with 2n experts the same bytes in twice the programs).
+library's tiles, at GEMM1 depths 3 and 5 (three and one programs an SM, against four
+stages' two), and at 8 warps a GEMM1 or GEMM2 program (session 72: one program reads ~4
+GB/s a warp, so a kernel's last few programs drain faster with more warps); and at half
+the hidden size (the same programs, half the K steps — a split-K GEMM1's shape, with 2n
+experts the same bytes in twice the programs).
 
     PYTHONPATH=src python3 bench/scripts/gemm1_waves_experiment.py --out $OUT
 Writes gemm1-waves-experiment.{json,md} under --out after every preset. The files record
@@ -44,8 +46,11 @@ TITLE = "The plan GEMM1's decode time against the experts hit"
 M = 16
 EXPERTS_HIT = (16, 24, 32, 40, 44, 45, 48, 56, 64, 66, 67, 80, 88, 89, 96, 112, 128)
 CALLS, BLOCKS = 10, 2
-# label → GEMM1 fields changed from the library's tiles (fp8 only)
-DEPTHS = {"tiles": {}, "g1 stages 3": {"num_stages": 3}, "g1 stages 5": {"num_stages": 5}}
+# label → (GEMM1 fields, GEMM2 fields) changed from the library's tiles (fp8 only)
+VARIANTS = {"tiles": ({}, {}), "g1 stages 3": ({"num_stages": 3}, {}),
+            "g1 stages 5": ({"num_stages": 5}, {}), "g1 warps 8": ({"num_warps": 8}, {}),
+            "g1 warps 8 stages 3": ({"num_warps": 8, "num_stages": 3}, {}),
+            "g2 warps 8": ({}, {"num_warps": 8})}
 
 
 def routing(n: int, device: torch.device, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +79,7 @@ def gemm_us(kernels: dict[str, float], which: str) -> float:
     return sum(us for name, us in kernels.items() if which in name)
 
 
-def run_preset(preset, dtypes: list[str], experts_hit, depths, log) -> list[dict]:
+def run_preset(preset, dtypes: list[str], experts_hit, variants, log) -> list[dict]:
     device = torch.device("cuda")
     bf16 = make_weights(preset, torch.bfloat16, device)
     hidden = torch.randn(M, preset.hidden, device=device, dtype=torch.bfloat16)
@@ -89,8 +94,9 @@ def run_preset(preset, dtypes: list[str], experts_hit, depths, log) -> list[dict
             base = default_fp8_config(M, preset.num_experts, preset.top_k, preset.hidden,
                                       preset.inter, dtype)
             configs = {label: dataclasses.replace(
-                base, gemm1=dataclasses.replace(base.gemm1, **change))
-                for label, change in DEPTHS.items() if label in depths}
+                base, gemm1=dataclasses.replace(base.gemm1, **change1),
+                gemm2=dataclasses.replace(base.gemm2, **change2))
+                for label, (change1, change2) in VARIANTS.items() if label in variants}
         bytes_per_expert = preset.gemm1_rows * preset.hidden * (2 if dtype == "bf16" else 1)
         for n in experts_hit:
             ids, topk_weights = routing(n, device, preset.top_k)
@@ -117,8 +123,8 @@ def main() -> None:
                         help="hidden sizes to run the preset at (the first its own)")
     parser.add_argument("--dtypes", nargs="+", default=["fp8_tensor", "bf16"])
     parser.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS_HIT))
-    parser.add_argument("--depths", nargs="+", default=list(DEPTHS), choices=list(DEPTHS),
-                        help="the fp8 GEMM1 variants to run (default all)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the fp8 tile variants to run (default all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     top_k = PRESETS[args.preset].top_k
@@ -136,7 +142,7 @@ def main() -> None:
     rows: list[dict] = []
     for h in args.hidden:
         preset = dataclasses.replace(PRESETS[args.preset], hidden=h)
-        rows += run_preset(preset, args.dtypes, args.experts, args.depths,
+        rows += run_preset(preset, args.dtypes, args.experts, args.variants,
                            lambda r: print(r, flush=True))
         write_experiment(args.out, STEM, meta, rows, TITLE, notes, rows_table(rows, keys))
     print(f"wrote {os.path.join(args.out, STEM)}.json and .md")
