@@ -7,15 +7,15 @@ programs pass 264, two an SM (session 72, `gemm1_waves_experiment.py`). Neither 
 pipelines, 8 warps nor a K split (0.91–0.93×) took it away. Untried: persistent programs
 that share the tiles out evenly, each walking its share as one pipelined loop.
 
-This reads the same bytes as GEMM1 would (the gate and up rows of n experts' tiles, fp8,
-[BLOCK_K]-deep steps, two swapped 16-column dots a step, as the kernel issues them) in
+This reads the same bytes as GEMM1 would (the gate and up rows of n experts' tiles, fp8
+or bf16, 128-byte steps, two swapped 16-column dots a step, as the kernel issues them) in
 four ways, each timed by CUDA-graph replay with L2 read-flushed:
 
 - `tiles`: one program a tile, the library's grid;
 - `units U / P`: P programs, each a contiguous run of U-column units (U = 128 is a
-  tile, 64 half of one) as one loop over its units' K steps — what a persistent GEMM1
-  could do without partial sums (for fp8 the 1×128 groups of GEMM2's input would need
-  whole 128-column tiles, so U = 64 is the 16-bit form);
+  tile, 64 and 32 parts of one) as one loop over its units' K steps — what a persistent
+  GEMM1 could do without partial sums (for fp8 the 1×128 groups of GEMM2's input would
+  need whole 128-column tiles, so U < 128 is the 16-bit form);
 - `steps / P`: P programs, each a contiguous run of K steps, cut anywhere — the ideal
   balance (a split-K GEMM1 would pay partial sums for it);
 - `stream`: a plain contiguous read of the same number of bytes.
@@ -43,7 +43,9 @@ from moekit.bench.timing import graph_replay_us
 STEM = "balanced-read-experiment"
 TITLE = "GEMM1's weight reads, one program a tile against balanced persistent programs"
 H, INTER = 2048, 768  # qwen3-30b-a3b
-BLOCK_K, STAGES, WARPS = 128, 4, 4  # the plan GEMM1's decode tile (fp8)
+STAGES, WARPS = 4, 4  # the plan GEMM1's decode tile
+BLOCK_K = {"fp8": 128, "bf16": 64}  # 128 bytes of a weight row a step
+DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 EXPERTS_HIT = (32, 44, 45, 50, 56, 64, 96, 128)
 
 
@@ -88,14 +90,14 @@ def _gemm1_read_kernel(w_ptr, out_ptr, total_steps, programs, INTER: tl.constexp
 
 
 def read_fn(w: torch.Tensor, out: torch.Tensor, n: int, unit: int, programs: int | None,
-            whole_units: bool):
+            whole_units: bool, block_k: int):
     """A launch of the read over n experts' w13 rows; `programs` None: one a unit."""
-    total = n * (INTER // unit) * (H // BLOCK_K)
+    total = n * (INTER // unit) * (H // block_k)
     grid = programs or n * (INTER // unit)
 
     def fn():
         _gemm1_read_kernel[(grid,)](w, out, total, grid, INTER=INTER, K=H, UNIT=unit,
-                                    BLOCK_K=BLOCK_K, STAGES=STAGES, WHOLE_UNITS=whole_units,
+                                    BLOCK_K=block_k, STAGES=STAGES, WHOLE_UNITS=whole_units,
                                     num_warps=WARPS)
     return fn
 
@@ -104,23 +106,24 @@ def variants(programs: int) -> dict[str, tuple[int, int | None, bool]]:
     """label → (unit, programs or None for one a unit, whole units)."""
     return {"tiles": (128, None, True), f"units 128 / {programs}": (128, programs, True),
             f"units 64 / {programs}": (64, programs, True),
+            f"units 32 / {programs}": (32, programs, True),
             f"steps / {programs}": (128, programs, False)}
 
 
-def run(experts_hit, programs: int, rep_ms: float, log) -> list[dict]:
+def run(dtype: str, experts_hit, programs: int, rep_ms: float, log) -> list[dict]:
     device = torch.device("cuda")
-    w = torch.randn(max(experts_hit) * 2 * INTER, H, device=device).to(torch.float8_e4m3fn)
+    w = torch.randn(max(experts_hit) * 2 * INTER, H, device=device).to(DTYPES[dtype])
     want = w.float().sum(1)
     out = torch.empty(w.shape[0], device=device)
     rows = []
     for n in experts_hit:
-        nbytes = n * 2 * INTER * H
+        nbytes = n * 2 * INTER * H * w.element_size()
         # the same bytes as 16-bit words (n·1536·2048 / 2: a multiple of stream_read's chunk)
         flat = w.view(torch.uint8).view(-1)[:nbytes].view(torch.bfloat16)
         partials = stream_read(flat)
-        row = {"experts": n, "MB": round(nbytes / 1e6, 1)}
+        row = {"dtype": dtype, "experts": n, "MB": round(nbytes / 1e6, 1)}
         for label, (unit, grid, whole) in variants(programs).items():
-            fn = read_fn(w, out, n, unit, grid, whole)
+            fn = read_fn(w, out, n, unit, grid, whole, BLOCK_K[dtype])
             out.zero_()
             fn()
             torch.cuda.synchronize()
@@ -140,6 +143,7 @@ def run(experts_hit, programs: int, rep_ms: float, log) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["fp8", "bf16"], choices=list(DTYPES))
     parser.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS_HIT))
     parser.add_argument("--programs", type=int, default=0,
                         help="persistent programs (default: two an SM)")
@@ -147,11 +151,13 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     programs = args.programs or 2 * torch.cuda.get_device_properties(0).multi_processor_count
-    rows = run(args.experts, programs, args.rep_ms, lambda r: print(r, flush=True))
+    rows = [row for dtype in args.dtypes
+            for row in run(dtype, args.experts, programs, args.rep_ms,
+                           lambda r: print(r, flush=True))]
     meta = experiment_meta(H=H, inter=INTER, block_k=BLOCK_K, stages=STAGES, warps=WARPS,
                            programs=programs)
-    notes = [f"- qwen3-30b-a3b's w13 (H = {H}, I = {INTER}), fp8; n experts' gate and up "
-             f"rows read in {BLOCK_K}-deep steps, {STAGES} stages, {WARPS} warps",
+    notes = [f"- qwen3-30b-a3b's w13 (H = {H}, I = {INTER}); n experts' gate and up rows "
+             f"read in 128-byte steps (fp8 128 deep, bf16 64), {STAGES} stages, {WARPS} warps",
              "- CUDA-graph replay, L2 read-flushed, median µs; stream: a contiguous read of "
              "the same bytes; tiles TB/s: the bytes over tiles' µs"]
     write_experiment(args.out, STEM, meta, rows, TITLE, notes,
