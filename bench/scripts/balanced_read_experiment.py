@@ -11,11 +11,13 @@ This reads the same bytes as GEMM1 would (the gate and up rows of n experts' til
 or bf16, 128-byte steps, two swapped 16-column dots a step, as the kernel issues them) in
 four ways, each timed by CUDA-graph replay with L2 read-flushed:
 
-- `tiles`: one program a tile, the library's grid;
+- `tiles`: one program a tile, the library's grid (`flat tiles`: its K loop written as the
+  persistent runs' one loop, with the epilogue under a condition);
 - `units U / P`: P programs, each a contiguous run of U-column units (U = 128 is a
   tile, 64 and 32 parts of one) as one loop over its units' K steps — what a persistent
   GEMM1 could do without partial sums (for fp8 the 1×128 groups of GEMM2's input would
-  need whole 128-column tiles, so U < 128 is the 16-bit form);
+  need whole 128-column tiles, so U < 128 is the 16-bit form); `nested units`: the same
+  runs as a loop over units around each unit's pipelined K loop (a pipeline fill a unit);
 - `steps / P`: P programs, each a contiguous run of K steps, cut anywhere — the ideal
   balance (a split-K GEMM1 would pay partial sums for it);
 - `stream`: a plain contiguous read of the same number of bytes.
@@ -52,12 +54,15 @@ EXPERTS_HIT = (32, 44, 45, 50, 56, 64, 96, 128)
 @triton.jit
 def _gemm1_read_kernel(w_ptr, out_ptr, total_steps, programs, INTER: tl.constexpr,
                        K: tl.constexpr, UNIT: tl.constexpr, BLOCK_K: tl.constexpr,
-                       STAGES: tl.constexpr, WHOLE_UNITS: tl.constexpr):
+                       STAGES: tl.constexpr, WHOLE_UNITS: tl.constexpr,
+                       NESTED: tl.constexpr):
     """Program p takes K steps [p·T/P, (p + 1)·T/P) of the T = units × K/BLOCK_K steps
     (cut at unit boundaries when WHOLE_UNITS), step s reading unit s // steps-a-unit's
     UNIT gate rows and UNIT up rows over that step's BLOCK_K bytes into two swapped dots
     against ones; at a unit's last step (or the run's end) the row sums are added
-    atomically into out[row], so every row of w13 read ends summed once."""
+    atomically into out[row], so every row of w13 read ends summed once. NESTED (whole
+    units only): a loop over the units around a pipelined K loop, as GEMM1 is written,
+    instead of one pipelined loop over all the steps."""
     STEPS: tl.constexpr = K // BLOCK_K
     UNITS_AN_EXPERT: tl.constexpr = INTER // UNIT
     p = tl.program_id(0)
@@ -71,6 +76,19 @@ def _gemm1_read_kernel(w_ptr, out_ptr, total_steps, programs, INTER: tl.constexp
     ones = tl.full([16, BLOCK_K], 1.0, dtype=tl.float32).to(w_ptr.dtype.element_ty)
     rows = tl.arange(0, UNIT)
     kk = tl.arange(0, BLOCK_K)
+    if NESTED:
+        for unit in range(first // STEPS, last // STEPS):
+            r = (unit // UNITS_AN_EXPERT) * (2 * INTER) + (unit % UNITS_AN_EXPERT) * UNIT + rows
+            gate = tl.zeros([UNIT, 16], dtype=tl.float32)
+            up = tl.zeros([UNIT, 16], dtype=tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                g = tl.load(w_ptr + r[:, None].to(tl.int64) * K + (k0 + kk)[None, :])
+                u = tl.load(w_ptr + (r + INTER)[:, None].to(tl.int64) * K + (k0 + kk)[None, :])
+                gate = tl.dot(g, ones.T, gate)
+                up = tl.dot(u, ones.T, up)
+            tl.atomic_add(out_ptr + r, tl.sum(gate, 1) / 16)
+            tl.atomic_add(out_ptr + r + INTER, tl.sum(up, 1) / 16)
+        return
     gate = tl.zeros([UNIT, 16], dtype=tl.float32)
     up = tl.zeros([UNIT, 16], dtype=tl.float32)
     for s in tl.range(first, last, num_stages=STAGES):
@@ -90,7 +108,7 @@ def _gemm1_read_kernel(w_ptr, out_ptr, total_steps, programs, INTER: tl.constexp
 
 
 def read_fn(w: torch.Tensor, out: torch.Tensor, n: int, unit: int, programs: int | None,
-            whole_units: bool, block_k: int):
+            whole_units: bool, nested: bool, block_k: int):
     """A launch of the read over n experts' w13 rows; `programs` None: one a unit."""
     total = n * (INTER // unit) * (H // block_k)
     grid = programs or n * (INTER // unit)
@@ -98,16 +116,19 @@ def read_fn(w: torch.Tensor, out: torch.Tensor, n: int, unit: int, programs: int
     def fn():
         _gemm1_read_kernel[(grid,)](w, out, total, grid, INTER=INTER, K=H, UNIT=unit,
                                     BLOCK_K=block_k, STAGES=STAGES, WHOLE_UNITS=whole_units,
-                                    num_warps=WARPS)
+                                    NESTED=nested, num_warps=WARPS)
     return fn
 
 
-def variants(programs: int) -> dict[str, tuple[int, int | None, bool]]:
-    """label → (unit, programs or None for one a unit, whole units)."""
-    return {"tiles": (128, None, True), f"units 128 / {programs}": (128, programs, True),
-            f"units 64 / {programs}": (64, programs, True),
-            f"units 32 / {programs}": (32, programs, True),
-            f"steps / {programs}": (128, programs, False)}
+def variants(programs: int) -> dict[str, tuple[int, int | None, bool, bool]]:
+    """label → (unit, programs or None for one a unit, whole units, nested loops)."""
+    p = programs
+    return {"tiles": (128, None, True, True), "flat tiles": (128, None, True, False),
+            f"units 128 / {p}": (128, p, True, False), f"units 64 / {p}": (64, p, True, False),
+            f"units 32 / {p}": (32, p, True, False),
+            f"nested units 64 / {p}": (64, p, True, True),
+            f"nested units 32 / {p}": (32, p, True, True),
+            f"steps / {p}": (128, p, False, False)}
 
 
 def run(dtype: str, experts_hit, programs: int, rep_ms: float, log) -> list[dict]:
@@ -122,8 +143,8 @@ def run(dtype: str, experts_hit, programs: int, rep_ms: float, log) -> list[dict
         flat = w.view(torch.uint8).view(-1)[:nbytes].view(torch.bfloat16)
         partials = stream_read(flat)
         row = {"dtype": dtype, "experts": n, "MB": round(nbytes / 1e6, 1)}
-        for label, (unit, grid, whole) in variants(programs).items():
-            fn = read_fn(w, out, n, unit, grid, whole, BLOCK_K[dtype])
+        for label, (unit, grid, whole, nested) in variants(programs).items():
+            fn = read_fn(w, out, n, unit, grid, whole, nested, BLOCK_K[dtype])
             out.zero_()
             fn()
             torch.cuda.synchronize()
