@@ -29,6 +29,7 @@ import sys
 
 import torch
 import triton
+from fp8_kernel_profile import kernel_blocks_us  # this directory: per-kernel µs by block
 
 import moekit
 import moekit._gluon_gemm1_16bit
@@ -118,8 +119,6 @@ def profile_cell(name: str, m: int, calls: int = 10) -> dict:
     """Per-kernel CUDA µs per call inside the layer (torch.profiler, eager, no flush), Gluon
     GEMM1 on and off, alternating blocks of `calls` calls: does GEMM1's gain reach the layer,
     or do the kernels around it slow down?"""
-    from torch.profiler import ProfilerActivity, profile
-
     preset = PRESETS[name]
     w = make_weights(preset, torch.bfloat16, torch.device("cuda"))
     hidden, topk = make_tokens(preset, m, torch.bfloat16, torch.device("cuda"))
@@ -134,19 +133,11 @@ def profile_cell(name: str, m: int, calls: int = 10) -> dict:
     for block in range(4):
         gluon = block % 2 == 0
         os.environ[DISABLE_ENV] = "1" if gluon else "0"
-        for _ in range(3):
-            call()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                call()
-            torch.cuda.synchronize()
+        kernels = kernel_blocks_us(call, 1, calls)
         os.environ.pop(DISABLE_ENV, None)
         tag = "gluon" if gluon else "triton"
-        for event in prof.key_averages():
-            if event.device_time_total > 0:
-                key = f"{tag} {event.key}"
-                result.setdefault(key, []).append(event.device_time_total / calls)
+        for kernel, (us,) in kernels.items():
+            result.setdefault(f"{tag} {kernel}", []).append(us)
     print(f"{name} M={m} per call, two blocks each:", flush=True)
     for key, values in sorted(result.items()):
         print(f"  {key:40s} " + " ".join(f"{v:8.1f}" for v in values), flush=True)
