@@ -78,7 +78,8 @@ _TMA_PTX = "cp.async.bulk.tensor"
 _GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
           "_direct_gemm1_kernel", "_direct_gemm2_kernel", "_direct_gemm1_fp8_kernel",
           "_direct_gemm2_fp8_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel",
-          "_gemm1_ws16_kernel", "_gemm2_ws16_kernel")
+          "_gemm1_ws16_kernel", "_gemm2_ws16_kernel", "_gathered_gemm1_kernel",
+          "_gathered_gemm2_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and one direct fp8 GEMM1 at H = 520. Rows
 # of a length that is not a multiple of 16 elements (H = 1000, I = 264 or 200), whose
@@ -169,6 +170,7 @@ _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
 _EXPERTS_GLUON = ("_gemm1_ws16_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
 _EXPERTS_GLUON2 = ("_gemm1_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
+_GATHERED = ("_gathered_gemm1_kernel", "_gathered_gemm2_kernel")
 _FP8 = ("_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 _FP8_GLUON = ("_gemm1_fp8_kernel", "_gemm2_ws_kernel", "_combine_kernel")
 _FP8_GLUON_BOTH = ("_gemm1_ws_kernel", "_gemm2_ws_kernel", "_combine_kernel")
@@ -309,6 +311,17 @@ CASES = [
     Case("experts", dict(dtype="bf16", act="silu", block_m=16, topk64=True),
          "plan path, int64 ids and bf16 router weights: cast to int32 and float32 in one "
          "launch first", ("_cast_topk_kernel", *_EXPERTS)),
+    # the gathered path (ExpertsConfig.gathered): the plan path's tiles, no plan or combine
+    Case("experts", dict(dtype="bf16", act="silu", block_m=16, gathered=True, tokens=8),
+         "gathered path at decode: ids ranked in each program (histogram, prefix sums), "
+         "GEMM2's slot-order sums after its stores", _GATHERED),
+    Case("experts", dict(dtype="fp16", act="swigluoai", block_m=32, gathered=True, bias=True,
+                         odd_h=True, odd_i=True, topk64=True),
+         "gathered path: masked K and N tiles, biases, int64 ids and 16-bit router weights "
+         "read as they are", _GATHERED),
+    Case("experts", dict(dtype="bf16", act="relu2", block_m=16, gathered=True,
+                         weight_on_input=True, tokens=64),
+         "gathered path: ungated, router weight on GEMM1's input, 128 pairs", _GATHERED),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
     _fp8("dynamic per-tensor over 4 rows: MODE tensor_rows (no partials); GEMM2 input in "
          "1×128 groups",
@@ -705,7 +718,8 @@ def _run_experts(p):
                                    aligned=not (p.get("odd_h") or p.get("odd_i")),
                                    wide_16=bool(p.get("wide16")))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
-    config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
+    config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0,
+                                 gathered=bool(p.get("gathered")))
     bias = p.get("bias")
     # On the CPU the Gluon GEMMs are never taken; an sm_90 GPU's answers are forced here.
     moekit.experts.use_gluon_gemm1_16bit = lambda *args: bool(p.get("gluon"))

@@ -6,11 +6,14 @@ were on an H200 (session 39: qwen3 M = 8 found GEMM1 at 3 stages 1.067× the heu
 4; M = 16 and 64 found nothing). This times the heuristic against one change at a time —
 GEMM1's stages and width, GEMM2's width and stages — on the H100, CUDA-graph replay, L2
 read-flushed, the variants' order rotated by round, and checks each output against the
-heuristic's (the same operands: only the accumulation order may differ).
+heuristic's (the same operands: only the accumulation order may differ). `gathered` (16-bit
+only) runs the heuristic's tiles on the gathered path (`ExpertsConfig.gathered`: no plan, no
+combine launch; its output must equal the heuristic's bitwise).
 
 Usage (on the device):
     PYTHONPATH=src python3 bench/scripts/plan_decode_tiles_experiment.py --out $OUT \\
-        --cells qwen3-30b-a3b:8 olmoe-1b-7b:16 --dtypes fp8_tensor bf16
+        --cells qwen3-30b-a3b:8 olmoe-1b-7b:16 --dtypes fp8_tensor bf16 \
+        [--variants gathered "g1 stages 3"]
 Writes plan-decode-tiles-experiment.{json,md} under --out (after every cell, so a run cut
 short keeps what it timed) and prints one line per cell.
 """
@@ -42,8 +45,9 @@ CELLS = (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 16), ("qwen3-30b-a3b", 32),
          ("qwen3-30b-a3b", 64), ("olmoe-1b-7b", 8), ("olmoe-1b-7b", 16), ("olmoe-1b-7b", 32),
          ("deepseek-v2-lite", 8), ("deepseek-v2-lite", 16), ("deepseek-v2-lite", 32),
          ("granite-3.0-3b-a800m", 16))
-# label → (which GEMM, the GemmConfig fields it changes)
+# label → (which GEMM, the GemmConfig fields it changes; "config": ExpertsConfig's)
 VARIANTS = {
+    "gathered": ("config", {"gathered": True}),
     "g1 stages 3": ("gemm1", {"num_stages": 3}),
     "g1 stages 5": ("gemm1", {"num_stages": 5}),
     "g1 n64": ("gemm1", {"block_n": 64}),
@@ -72,12 +76,15 @@ def heuristic(preset, m: int, dtype: str, sms: int = HOPPER_SMS):
 
 
 def variant(config, gemm: str, change: dict):
-    """`config` with one GEMM's tile fields changed."""
+    """`config` with one GEMM's tile fields changed (or, for "config", its own)."""
+    if gemm == "config":
+        return dataclasses.replace(config, **change)
     tile: GemmConfig = getattr(config, gemm)
     return dataclasses.replace(config, **{gemm: dataclasses.replace(tile, **change)})
 
 
-def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float) -> dict:
+def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float,
+              chosen: list[str]) -> dict:
     """Each configuration's median graph-replay µs over the rounds, its ratio to the
     heuristic's (> 1 faster) and its output's relative difference from the heuristic's."""
     preset = PRESETS[name]
@@ -85,7 +92,8 @@ def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float
     base = heuristic(preset, m, dtype, heuristic_sms(hidden.device))
     configs = {"heuristic": base}
     for label, (gemm, change) in VARIANTS.items():
-        configs[label] = variant(base, gemm, change)
+        if label in chosen and not (gemm == "config" and dtype != "bf16"):
+            configs[label] = variant(base, gemm, change)
     configs = {k: c for k, c in configs.items() if k == "heuristic" or c != base}
 
     def run(config):
@@ -126,9 +134,9 @@ def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float
     return row
 
 
-def table(rows: list[dict]) -> list[str]:
-    """The heuristic's µs and each variant's ratio to it, one row per cell."""
-    labels = ["heuristic", *VARIANTS]
+def table(rows: list[dict], chosen: list[str]) -> list[str]:
+    """The heuristic's µs and each chosen variant's ratio to it, one row per cell."""
+    labels = ["heuristic", *chosen]
     lines = ["| preset | M | dtype | " + " | ".join(labels) + " |",
              "|---|---|---|" + "---|" * len(labels)]
     for row in rows:
@@ -153,6 +161,8 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", type=parse_cell, default=list(CELLS),
                         metavar="PRESET:M")
     parser.add_argument("--dtypes", nargs="+", default=["fp8_tensor"])
+    parser.add_argument("--variants", nargs="+", default=[k for k in VARIANTS if k != "gathered"],
+                        choices=list(VARIANTS), help="default: every tile variant")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rep-ms", type=float, default=25)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -167,8 +177,10 @@ def main() -> None:
         for dtype in args.dtypes:
             weights = bf16 if dtype == "bf16" else quantize_experts(bf16, dtype)
             for m in (m for n, m in args.cells if n == name):
-                rows.append(time_cell(name, m, dtype, weights, args.rounds, args.rep_ms))
-                write_experiment(args.out, STEM, meta, rows, TITLE, notes, table(rows))
+                rows.append(time_cell(name, m, dtype, weights, args.rounds, args.rep_ms,
+                                      args.variants))
+                write_experiment(args.out, STEM, meta, rows, TITLE, notes,
+                                 table(rows, args.variants))
             del weights
         del bf16
         torch.cuda.empty_cache()

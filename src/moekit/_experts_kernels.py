@@ -195,10 +195,32 @@ def _gemm1_tile(
     W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns."""
+    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns,
+    written to `inter` in plan-slot order."""
     slots = first_slot + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + slots)
-    row_ok = pairs < num_pairs
+    _gemm1_rows(
+        hidden_ptr, w13_ptr, w13_desc, b13_ptr, topk_weights_ptr, inter_ptr, pairs,
+        pairs < num_pairs, slots.to(tl.int64), expert, pid_n, H, I, top_k, stride_hm,
+        stride_we, stride_wn, stride_be, stride_im, alpha, limit, ACTIVATION, GATED,
+        HAS_BIAS, WEIGHT_ON_INPUT, EVEN_K, EVEN_N, W_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N,
+        BLOCK_K,
+    )
+
+
+@triton.jit
+def _gemm1_rows(
+    hidden_ptr, w13_ptr, w13_desc, b13_ptr, topk_weights_ptr, inter_ptr, pairs, row_ok,
+    out_rows, expert, pid_n, H, I, top_k, stride_hm, stride_we, stride_wn, stride_be,
+    stride_im, alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The BLOCK_M pairs `pairs` of one expert (those not `row_ok` are padding: never
+    stored) × BLOCK_N intermediate columns, each written to its row `out_rows` (int64) of
+    `inter`: a plan slot (`_gemm1_tile`) or the pair itself (the gathered path)."""
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,7 +256,7 @@ def _gemm1_tile(
     result = _bias_and_activate(gate, up, b13_ptr, expert, offs_n, col_ok, I, stride_be, alpha,
                                 limit, ACTIVATION, GATED, HAS_BIAS)
 
-    out_ptrs = inter_ptr + slots.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
+    out_ptrs = inter_ptr + out_rows[:, None] * stride_im + offs_n[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
     tl.store(out_ptrs, result.to(inter_ptr.dtype.element_ty), mask=out_mask)
 
@@ -330,15 +352,36 @@ def _gemm2_tile(
     slots = first_slot + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < H
+    # Padding slots of `inter` hold whatever was there; as in GEMM1 they only reach their
+    # own (unstored) output rows, so the loads stay unmasked along M.
+    acc = _gemm2_sums(inter_ptr, inter_desc, w2_ptr, w2_desc, slots.to(tl.int64), first_slot,
+                      expert, pid_n, H, I, stride_im, stride_we, stride_wn, EVEN_K, EVEN_N, TMA,
+                      DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if MASK_ROWS:
+        pairs = tl.load(sorted_pairs_ptr + slots, mask=tl.arange(0, BLOCK_M) < rows,
+                        other=num_pairs)
+    else:
+        pairs = tl.load(sorted_pairs_ptr + slots)
+    _gemm2_store(acc, b2_ptr, topk_weights_ptr, pair_out_ptr, pairs, pairs < num_pairs,
+                 expert, offs_n, col_ok, stride_be, stride_om, WEIGHT_ON_OUTPUT, HAS_BIAS)
+
+
+@triton.jit
+def _gemm2_sums(inter_ptr, inter_desc, w2_ptr, w2_desc, in_rows, first_slot, expert, pid_n, H,
+                I, stride_im, stride_we, stride_wn, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GEMM2's float32 [BLOCK_M, BLOCK_N] sums: `inter` rows `in_rows` (int64; with TMA the
+    BLOCK_M rows from `first_slot`) × column tile `pid_n` of w2[expert]ᵀ."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = inter_ptr + slots.to(tl.int64)[:, None] * stride_im + offs_k[None, :]
+    a_ptrs = inter_ptr + in_rows[:, None] * stride_im + offs_k[None, :]
     w_base = w2_ptr + expert.to(tl.int64) * stride_we
     b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     w_row = expert * H + pid_n * BLOCK_N  # rows of the [E*H, I] view
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Padding slots of `inter` hold whatever was there; as in GEMM1 they only reach their
-    # own (unstored) output rows, so the loads stay unmasked along M.
     for k0 in range(0, I, BLOCK_K):
         if TMA:
             a = inter_desc.load([first_slot, k0])
@@ -348,13 +391,15 @@ def _gemm2_tile(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    return acc
 
-    if MASK_ROWS:
-        pairs = tl.load(sorted_pairs_ptr + slots, mask=tl.arange(0, BLOCK_M) < rows,
-                        other=num_pairs)
-    else:
-        pairs = tl.load(sorted_pairs_ptr + slots)
-    row_ok = pairs < num_pairs
+
+@triton.jit
+def _gemm2_store(acc, b2_ptr, topk_weights_ptr, pair_out_ptr, pairs, row_ok, expert, offs_n,
+                 col_ok, stride_be, stride_om, WEIGHT_ON_OUTPUT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    """GEMM2's epilogue: + b2[expert], × each pair's router weight, each row stored to its
+    pair's row of `pair_out` (rows not `row_ok` are padding)."""
     if HAS_BIAS:
         b_base = b2_ptr + expert.to(tl.int64) * stride_be
         acc += tl.load(b_base + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]

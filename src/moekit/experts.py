@@ -54,6 +54,7 @@ from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.experts_direct import launch_direct_experts
+from moekit.experts_gathered import launch_gathered_experts
 from moekit.routing import Routing, route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
@@ -231,15 +232,16 @@ def _launch_fused_experts(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch plan, GEMM1, GEMM2 and combine (or the direct path's two GEMMs); `config` is
-    `ExpertsConfig.as_ints`'s flat form."""
+    """Launch plan, GEMM1, GEMM2 and combine (or the direct or gathered path's two GEMMs);
+    `config` is `ExpertsConfig.as_ints`'s flat form."""
     if hidden.shape[0] == 0:
         return
-    block_m, tail_m = config[0], config[11]
-    if block_m == DIRECT_BLOCK_M:
-        # The direct kernels read int64 ids and 16-bit weights themselves: no cast launch.
-        launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation,
-                              alpha, limit, apply_router_weight_on_input, config, out)
+    block_m, tail_m, gathered = config[0], config[11], config[12]
+    if block_m == DIRECT_BLOCK_M or gathered:
+        # These kernels read int64 ids and 16-bit weights themselves: no cast launch.
+        launch = launch_gathered_experts if gathered else launch_direct_experts
+        launch(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha, limit,
+               apply_router_weight_on_input, config, out)
         return
     topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=True)
     plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m,

@@ -408,6 +408,9 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme, on_gpu: bool = Fal
     hold whole groups of GEMM2's dynamically quantised input (the direct path quantises it
     in GEMM2). On a GPU, K tiles of at least FP8_MIN_BLOCK_K (a shorter one would fail in
     Triton's compiler, with a message about the dot's shapes)."""
+    if config.gathered:
+        raise ValueError("config: the gathered path (ExpertsConfig.gathered) runs 16-bit "
+                         "layers only; fp8 takes the direct or the plan path")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if on_gpu and gemm.block_k < FP8_MIN_BLOCK_K:

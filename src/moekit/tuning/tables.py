@@ -39,13 +39,15 @@ def config_to_dict(config: ExpertsConfig) -> dict:
     data = {"block_m": config.block_m, "gemm1": g(config.gemm1), "gemm2": g(config.gemm2)}
     if config.tail_block_m:
         data["tail_block_m"] = config.tail_block_m
+    if config.gathered:
+        data["gathered"] = True
     return data
 
 
 def config_from_dict(data: dict) -> ExpertsConfig:
     """Inverse of `config_to_dict`."""
     return ExpertsConfig(data["block_m"], GemmConfig(*data["gemm1"]), GemmConfig(*data["gemm2"]),
-                         data.get("tail_block_m", 0))
+                         data.get("tail_block_m", 0), data.get("gathered", False))
 
 
 def load_table(path: Path) -> dict | None:

@@ -1,0 +1,240 @@
+"""Triton kernels of the gathered experts path: the plan path's GEMMs, without the plan.
+
+    _gathered_gemm1_kernel  grid (experts hit × I-tiles): program (j, n) takes the j-th
+                            expert hit and the pairs routed to it, read straight from
+                            topk_ids, BLOCK_M at a time × w13[e]ᵀ (+b13), activation;
+                            writes `inter` [M*k, I] in pair order
+    _gathered_gemm2_kernel  grid (experts hit × H-tiles): the same pairs' `inter` rows ×
+                            w2[e]ᵀ (+b2), × router weight → `pair_out` [M*k, H]; a token's
+                            rows of the column tile are then added, in slot order, by the
+                            program that stores the last of them (`_sum_finished_tokens`)
+
+The plan path spends two of its four launches at decode on the plan and the combine, each
+a few µs of a layer that streams its weights in tens. Here every program finds its expert
+and rows itself from the ≤ M·k ids (a histogram of the ids ranks the experts hit; a
+prefix sum over the pairs ranks an expert's rows), and GEMM2 does the combine's sums, so
+the layer is two launches. The tiles' K loops and epilogues are the plan path's
+(`_gemm1_rows`, `_gemm2_sums`, `_gemm2_store`), and the sums are the combine's (float32,
+slot order), so the output equals the plan path's bitwise at the same tiles.
+
+Ids outside [0, E) (dropped pairs, other ranks' experts) are in no expert's rows and in no
+token's count; int64 ids are compared as they are, so none aliases onto a real expert. A
+token with no valid id gets zeros from GEMM2's programs before they look for work.
+"""
+
+import triton
+import triton.language as tl
+
+from moekit._experts_kernels import _aligned, _gemm1_rows, _gemm2_store, _gemm2_sums
+
+
+@triton.jit
+def _valid_ids(topk_ids_ptr, num_experts, num_pairs, PAIRS: tl.constexpr):
+    """The ids of the M·k pairs as int32 [PAIRS] (PAIRS ≥ M·k, a power of two) and which
+    are valid: real pairs with an id in [0, E), checked before narrowing int64 ids."""
+    offs = tl.arange(0, PAIRS)
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    valid = (ids >= 0) & (ids < num_experts)
+    return tl.where(valid, ids, 0).to(tl.int32), valid
+
+
+@triton.jit
+def _hit_expert(ids, valid, rank, EXPERTS: tl.constexpr):
+    """The expert of rank `rank` among those hit (ascending ids), and its pair count; the
+    count is 0 past the last expert hit. EXPERTS ≥ E, a power of two."""
+    counts = tl.histogram(ids, EXPERTS, mask=valid)
+    hit = counts > 0
+    ranks = tl.cumsum(hit.to(tl.int32), 0) - 1
+    this = hit & (ranks == rank)
+    expert = tl.sum(tl.where(this, tl.arange(0, EXPERTS), 0), 0)
+    return expert, tl.sum(tl.where(this, counts, 0), 0)
+
+
+@triton.jit
+def _rows_of(ids, valid, expert, first, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The pairs routed to `expert` of ranks [first, first + BLOCK_M) among them, in pair
+    order: (pairs [BLOCK_M], row_ok [BLOCK_M]); a row past the expert's last pair reads
+    pair 0 and is not ok."""
+    mine = valid & (ids == expert)
+    places = tl.cumsum(mine.to(tl.int32), 0) - 1
+    wanted = first + tl.arange(0, BLOCK_M)
+    chosen = mine[None, :] & (places[None, :] == wanted[:, None])  # [BLOCK_M, PAIRS]
+    pairs = tl.sum(tl.where(chosen, tl.arange(0, PAIRS)[None, :], 0), 1)
+    return pairs, tl.sum(chosen.to(tl.int32), 1) > 0
+
+
+@triton.jit
+def _gathered_gemm1_kernel(
+    hidden_ptr,  # [M, H]
+    w13_ptr,  # [E, N1, H]; N1 = 2I (gate rows, then up rows) or I (relu2)
+    b13_ptr,  # [E, N1] (read only when HAS_BIAS)
+    topk_ids_ptr,  # [M*k] int32 or int64
+    topk_weights_ptr,  # [M*k] fp32 or 16-bit (read only when WEIGHT_ON_INPUT)
+    inter_ptr,  # [M*k, I], out
+    arrivals_ptr,  # [M, H-tiles] int32: GEMM2's counters, zeroed here
+    num_experts,
+    num_pairs,
+    H,
+    I,
+    top_k,
+    arrival_count,  # M × GEMM2's column tiles
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_im,
+    alpha,
+    limit,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
+    PAIRS: tl.constexpr,  # M*k rounded up to a power of two
+    EXPERTS: tl.constexpr,  # E rounded up to a power of two
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program: the j-th expert hit × BLOCK_N intermediate columns, its rows BLOCK_M at
+    a time (one step at decode; more re-read the weight tile, mostly from L2). Programs
+    also zero GEMM2's arrival counters, each a strided share (a launch fewer than a
+    memset)."""
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_hm = _aligned(stride_hm, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
+    pid = tl.program_id(0)
+    for c0 in range(pid * 128, arrival_count, tl.num_programs(0) * 128):
+        offs = c0 + tl.arange(0, 128)
+        tl.store(arrivals_ptr + offs, tl.zeros([128], dtype=tl.int32), mask=offs < arrival_count)
+    num_n = tl.cdiv(I, BLOCK_N)
+    rank = pid // num_n
+    pid_n = pid - rank * num_n
+    ids, valid = _valid_ids(topk_ids_ptr, num_experts, num_pairs, PAIRS)
+    expert, count = _hit_expert(ids, valid, rank, EXPERTS)
+    for first in range(0, count, BLOCK_M):
+        pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
+        _gemm1_rows(
+            hidden_ptr, w13_ptr, None, b13_ptr, topk_weights_ptr, inter_ptr, pairs, row_ok,
+            pairs.to(tl.int64), expert, pid_n, H, I, top_k, stride_hm, stride_we, stride_wn,
+            stride_be, stride_im, alpha, limit, ACTIVATION, GATED, HAS_BIAS, WEIGHT_ON_INPUT,
+            EVEN_K, EVEN_N, False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+
+
+@triton.jit
+def _zero_idle_tokens(topk_ids_ptr, out_ptr, num_experts, num_tokens, first_token, stride,
+                      pid_n, H, stride_om, TOP_K: tl.constexpr, SLOTS: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Zero column tile `pid_n` of out's rows first_token, first_token + stride, … whose
+    token has no valid id: no GEMM2 program sums them."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, SLOTS)
+    for token in range(first_token, num_tokens, stride):
+        slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=-1)
+        valid = (slot_ids >= 0) & (slot_ids < num_experts)
+        if tl.sum(valid.to(tl.int32), 0) == 0:
+            row = tl.zeros([BLOCK_N], dtype=tl.int64) + token  # 64-bit row offsets
+            tl.store(out_ptr + row * stride_om + offs_n,
+                     tl.zeros([BLOCK_N], dtype=out_ptr.dtype.element_ty), mask=offs_n < H)
+
+
+@triton.jit
+def _sum_finished_tokens(pair_out_ptr, out_ptr, arrivals_ptr, topk_ids_ptr, pairs, row_ok,
+                         pid_n, num_n, num_experts, H, stride_pm, stride_om,
+                         TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """After this program stored its rows of `pair_out`: count each row's token arrived
+    for this column tile; where that was the token's last valid slot, add the token's
+    rows in slot order (float32, as `_combine_kernel`) into out. The sum is the same
+    whichever program arrives last, so the result is bitwise deterministic."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < H
+    tokens = tl.where(row_ok, pairs // TOP_K, 0)
+    # Every thread's stores are issued before the (acquire-release, GPU-scope) arrivals.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + tokens * num_n + pid_n, 1, mask=row_ok)
+    slots = tl.arange(0, SLOTS)
+    slot_ids = tl.load(topk_ids_ptr + tokens[:, None] * TOP_K + slots[None, :],
+                       mask=row_ok[:, None] & (slots < TOP_K)[None, :], other=-1)
+    slot_ok = (slot_ids >= 0) & (slot_ids < num_experts)
+    last = row_ok & (arrived == tl.sum(slot_ok.to(tl.int32), 1) - 1)
+    if tl.sum(last.to(tl.int32), 0) > 0:
+        rows = tokens.to(tl.int64) * TOP_K
+        total = tl.zeros([pairs.shape[0], BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            ok = last & (tl.sum(tl.where(slots[None, :] == j, slot_ok, False).to(tl.int32), 1)
+                         > 0)
+            row = tl.load(pair_out_ptr + (rows + j)[:, None] * stride_pm + offs_n[None, :],
+                          mask=ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
+            total += row.to(tl.float32)
+        tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+                 total.to(out_ptr.dtype.element_ty), mask=last[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gathered_gemm2_kernel(
+    inter_ptr,  # [M*k, I]
+    w2_ptr,  # [E, H, I]
+    b2_ptr,  # [E, H] (read only when HAS_BIAS)
+    topk_ids_ptr,  # [M*k] int32 or int64
+    topk_weights_ptr,  # [M*k] fp32 or 16-bit (read only when WEIGHT_ON_OUTPUT)
+    pair_out_ptr,  # [M*k, H], out: each pair's weighted row
+    out_ptr,  # [M, H], out
+    arrivals_ptr,  # [M, H-tiles] int32, zeroed by GEMM1
+    num_experts,
+    num_tokens,
+    H,
+    I,
+    stride_im,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_pm,
+    stride_om,
+    WEIGHT_ON_OUTPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
+    TOP_K: tl.constexpr,
+    SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
+    PAIRS: tl.constexpr,  # M*k rounded up to a power of two
+    EXPERTS: tl.constexpr,  # E rounded up to a power of two
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program: the j-th expert hit × BLOCK_N hidden columns (rows as in GEMM1), then
+    the sums of the tokens whose last row it stored."""
+    H = _aligned(H, ROW_ALIGN)
+    I = _aligned(I, ROW_ALIGN)
+    stride_im = _aligned(stride_im, ROW_ALIGN)
+    stride_we = _aligned(stride_we, ROW_ALIGN)
+    stride_wn = _aligned(stride_wn, ROW_ALIGN)
+    stride_pm = _aligned(stride_pm, ROW_ALIGN)
+    stride_om = _aligned(stride_om, ROW_ALIGN)
+    num_n = tl.cdiv(H, BLOCK_N)
+    rank = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) - rank * num_n
+    _zero_idle_tokens(topk_ids_ptr, out_ptr, num_experts, num_tokens, rank,
+                      tl.num_programs(0) // num_n, pid_n, H, stride_om, TOP_K, SLOTS, BLOCK_N)
+    ids, valid = _valid_ids(topk_ids_ptr, num_experts, num_tokens * TOP_K, PAIRS)
+    expert, count = _hit_expert(ids, valid, rank, EXPERTS)
+    for first in range(0, count, BLOCK_M):
+        pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
+        acc = _gemm2_sums(inter_ptr, None, w2_ptr, None, pairs.to(tl.int64), 0, expert, pid_n,
+                          H, I, stride_im, stride_we, stride_wn, EVEN_K, EVEN_N, False,
+                          DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _gemm2_store(acc, b2_ptr, topk_weights_ptr, pair_out_ptr, pairs, row_ok, expert, offs_n,
+                     offs_n < H, stride_be, stride_pm, WEIGHT_ON_OUTPUT, HAS_BIAS)
+        _sum_finished_tokens(pair_out_ptr, out_ptr, arrivals_ptr, topk_ids_ptr, pairs, row_ok,
+                             pid_n, num_n, num_experts, H, stride_pm, stride_om, TOP_K, SLOTS,
+                             BLOCK_N)
