@@ -24,7 +24,6 @@ from moekit.experts_gathered import (
     launch_gathered_gemm1,
     launch_gathered_gemm2,
 )
-from moekit.quant import QuantSpec, quantize_weight
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.tables import config_from_dict, config_to_dict
 from test_experts import drop_some, run_case
@@ -129,18 +128,6 @@ def test_gathered_config_checks_and_round_trip():
     assert config.as_ints()[-1] == 1 and PLAN_TILES.as_ints()[-1] == 0
     assert config_from_dict(config_to_dict(config)) == config
     assert "gathered" not in config_to_dict(PLAN_TILES)
-
-
-@pytest.mark.interpreter
-def test_gathered_config_is_refused_for_fp8():
-    w13, w2, _, _ = random_experts(4, 32, 16)
-    hidden = torch.randn(3, 32)
-    ids, weights = random_routing(3, 4, 2)
-    config = ExpertsConfig(16, GemmConfig(16, 16), GemmConfig(16, 16), gathered=True)
-    with pytest.raises(ValueError, match="gathered"):
-        moekit.fused_experts_fp8(hidden, quantize_weight(w13, QuantSpec()),
-                                 quantize_weight(w2, QuantSpec()), ids, weights,
-                                 scheme="fp8_tensor", config=config, backend="triton")
 
 
 def gpu_gathered_tiles(block_m: int) -> ExpertsConfig:

@@ -46,6 +46,8 @@ from moekit._experts_kernels import (
     _work_tile,
 )
 
+# GEMM1's gated tiles from this height on run as two column halves (`_gemm1_fp8_kernel`).
+SPLIT_BLOCK_M = 128
 # A swapped dot's promotion into fp32, every this many products (`moekit._fp8_swap`).
 _PROMOTE_K = tl.constexpr(_fp8_swap.PROMOTE_K)
 
@@ -474,14 +476,42 @@ def _gemm1_fp8_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):
-    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns;
-    with SPLIT_N as two column halves, one K loop each (see `_gemm1_fp8_kernel`); with
-    SWAP_AB the products transposed (`_fp8_dot`)."""
+    """BLOCK_M plan slots from `first_slot` (one expert) × BLOCK_N intermediate columns,
+    written to `inter` in plan-slot order (`_gemm1_fp8_rows`)."""
     slots = first_slot + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + slots)
-    row_ok = pairs < num_pairs
+    _gemm1_fp8_rows(
+        x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr, pairs,
+        pairs < num_pairs, slots.to(tl.int64), expert, pid_n, H, I, top_k, stride_xm,
+        stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk,
+        stride_be, stride_im, stride_ism, alpha, limit, ACTIVATION, GATED, HAS_BIAS, EVEN_K,
+        EVEN_N, W_TMA, X_PER_K, X_GROUP_K, W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N,
+        INTER_STATIC, INTER_GROUP, SPLIT_N, FMAX, AMAX_FLOOR, BLOCK_M, BLOCK_N, BLOCK_K,
+        SWAP_AB,
+    )
+
+
+@triton.jit
+def _gemm1_fp8_rows(
+    x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr, pairs,
+    row_ok, slots64, expert, pid_n, H, I, top_k,
+    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn,
+    stride_wsk, stride_be, stride_im, stride_ism, alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
+    X_PER_K: tl.constexpr, X_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
+    W_GROUP_N: tl.constexpr, W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
+    INTER_STATIC: tl.constexpr, INTER_GROUP: tl.constexpr, SPLIT_N: tl.constexpr,
+    FMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+):
+    """The BLOCK_M pairs `pairs` of one expert (those not `row_ok` are padding: never
+    stored) × BLOCK_N intermediate columns, each row stored with its scales to row
+    `slots64` (int64) of `inter`: a plan slot, or the pair itself (the gathered path).
+    With SPLIT_N as two column halves, one K loop each (see `_gemm1_fp8_kernel`); with
+    SWAP_AB the products transposed (`_fp8_dot`)."""
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
-    slots64 = slots.to(tl.int64)
     a_base = x_ptr + tokens[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     xs_rows = xs_ptr + tokens * stride_xsm  # [BLOCK_M]
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
@@ -662,19 +692,64 @@ def _gemm2_fp8_tile(
     apart); the bias goes to part 0's."""
     expert64 = expert.to(tl.int64)
     slots = first_slot + tl.arange(0, BLOCK_M)
-    slots64 = slots.to(tl.int64)
+    offs_n, col_ok, a_ptrs, b_ptrs, w_row, as_rows, ws_cols, ws_cols0 = _gemm2_fp8_operands(
+        inter_ptr, as_ptr, w2_ptr, ws_ptr, expert, expert64, slots.to(tl.int64), pid_n, H,
+        stride_im,
+        stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, W_GROUP_N, BLOCK_N, BLOCK_K)
+    acc = _gemm2_fp8_sums(
+        a_ptrs, inter_desc, b_ptrs, w2_desc, w_row, as_rows, ws_cols, ws_cols0, col_ok,
+        first_slot, rows, part, I, stride_ask, stride_wsk, EVEN_K, EVEN_N, TMA, A_PER_K,
+        A_GROUP_K, W_PER_K, W_GROUP_K, W_UNIFORM_N, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K,
+        SWAP_AB, K_PARTS,
+    )
+    if MASK_ROWS:
+        pairs = tl.load(sorted_pairs_ptr + slots, mask=tl.arange(0, BLOCK_M) < rows,
+                        other=num_pairs)
+    else:
+        pairs = tl.load(sorted_pairs_ptr + slots)
+    _gemm2_fp8_store(
+        acc, as_rows, ws_cols, ws_cols0, b2_ptr, topk_weights_ptr, pair_out_ptr, expert64,
+        pairs, pairs < num_pairs, offs_n, col_ok, rows, part, stride_be, stride_om, stride_op,
+        HAS_BIAS, A_PER_K, W_PER_K, W_UNIFORM_N, MASK_ROWS, K_PARTS,
+    )
+
+
+@triton.jit
+def _gemm2_fp8_operands(inter_ptr, as_ptr, w2_ptr, ws_ptr, expert, expert64, slots64, pid_n,
+                        H, stride_im, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn,
+                        W_GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Where GEMM2's tile reads: `inter` rows `slots64` (int64) and their scales, column
+    tile `pid_n` of w2[expert] and its scales. Returns (offs_n, col_ok, a_ptrs, b_ptrs
+    [BLOCK_K, BLOCK_N], w_row of the [E*H, I] view, as_rows, ws_cols, ws_cols0 — the
+    first column's scales, all of them where W_UNIFORM_N); `expert64` is `expert` as int64."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = inter_ptr + slots64[:, None] * stride_im + offs_k[None, :]
     w_base = w2_ptr + expert64 * stride_we
-    b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-    w_row = expert * H + pid_n * BLOCK_N  # rows of the [E*H, I] view
-    as_rows = as_ptr + slots64 * stride_asm  # [BLOCK_M]
+    b_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]
+    w_row = expert * H + pid_n * BLOCK_N
+    as_rows = as_ptr + slots64 * stride_asm
     ws_base = ws_ptr + expert64 * stride_wse
-    ws_cols = ws_base + (offs_n // W_GROUP_N) * stride_wsn  # [BLOCK_N]
-    ws_cols0 = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn  # W_UNIFORM_N: all of it
+    ws_cols = ws_base + (offs_n // W_GROUP_N) * stride_wsn
+    ws_cols0 = ws_base + (pid_n * BLOCK_N // W_GROUP_N) * stride_wsn
+    return offs_n, col_ok, a_ptrs, b_ptrs, w_row, as_rows, ws_cols, ws_cols0
 
+
+@triton.jit
+def _gemm2_fp8_sums(
+    a_ptrs, inter_desc, b_ptrs, w2_desc, w_row, as_rows, ws_cols, ws_cols0, col_ok, first_slot,
+    rows, part, I, stride_ask, stride_wsk,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA: tl.constexpr,
+    A_PER_K: tl.constexpr, A_GROUP_K: tl.constexpr, W_PER_K: tl.constexpr,
+    W_GROUP_K: tl.constexpr, W_UNIFORM_N: tl.constexpr,
+    MASK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, K_PARTS: tl.constexpr,
+):
+    """GEMM2's K loop over `_gemm2_fp8_operands`' tiles (with TMA `inter`'s BLOCK_M rows
+    from `first_slot`): float32 [BLOCK_M, BLOCK_N] sums, the scales that vary along K
+    applied (the others by `_gemm2_fp8_store`)."""
+    offs_k = tl.arange(0, BLOCK_K)
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -710,13 +785,19 @@ def _gemm2_fp8_tile(
         b_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)
+    return acc
 
-    if MASK_ROWS:
-        pairs = tl.load(sorted_pairs_ptr + slots, mask=tl.arange(0, BLOCK_M) < rows,
-                        other=num_pairs)
-    else:
-        pairs = tl.load(sorted_pairs_ptr + slots)
-    row_ok = pairs < num_pairs
+
+@triton.jit
+def _gemm2_fp8_store(
+    acc, as_rows, ws_cols, ws_cols0, b2_ptr, topk_weights_ptr, pair_out_ptr, expert64, pairs,
+    row_ok, offs_n, col_ok, rows, part, stride_be, stride_om, stride_op,
+    HAS_BIAS: tl.constexpr, A_PER_K: tl.constexpr, W_PER_K: tl.constexpr,
+    W_UNIFORM_N: tl.constexpr, MASK_ROWS: tl.constexpr, K_PARTS: tl.constexpr,
+):
+    """GEMM2's epilogue on `_gemm2_fp8_sums`' sums: the scales constant along K, +
+    b2[expert] (`expert64`, int64), × each pair's router weight, each row stored to its
+    pair's row of `pair_out` (rows not `row_ok` are padding)."""
     if not A_PER_K:
         acc = acc * _row_scales(as_rows, rows, MASK_ROWS)[:, None]
     if not W_PER_K:

@@ -51,16 +51,40 @@ def _hit_expert(ids, valid, rank, EXPERTS: tl.constexpr):
 
 
 @triton.jit
+def _program_expert(topk_ids_ptr, num_experts, num_pairs, num_n, PAIRS: tl.constexpr,
+                    EXPERTS: tl.constexpr):
+    """This program's work in a grid of (experts hit × num_n column tiles): (rank j, column
+    tile, the ids and their validity as `_valid_ids` gives them, the j-th expert hit and
+    its pair count — 0 past the last expert hit)."""
+    rank = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) - rank * num_n
+    ids, valid = _valid_ids(topk_ids_ptr, num_experts, num_pairs, PAIRS)
+    expert, count = _hit_expert(ids, valid, rank, EXPERTS)
+    return rank, pid_n, ids, valid, expert, count
+
+
+@triton.jit
 def _rows_of(ids, valid, expert, first, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The pairs routed to `expert` of ranks [first, first + BLOCK_M) among them, in pair
-    order: (pairs [BLOCK_M], row_ok [BLOCK_M]); a row past the expert's last pair reads
-    pair 0 and is not ok."""
-    mine = valid & (ids == expert)
-    places = tl.cumsum(mine.to(tl.int32), 0) - 1
-    wanted = first + tl.arange(0, BLOCK_M)
-    chosen = mine[None, :] & (places[None, :] == wanted[:, None])  # [BLOCK_M, PAIRS]
-    pairs = tl.sum(tl.where(chosen, tl.arange(0, PAIRS)[None, :], 0), 1)
-    return pairs, tl.sum(chosen.to(tl.int32), 1) > 0
+    """The pairs routed to `expert` of ranks [first, first + BLOCK_M) among them (`first` a
+    multiple of BLOCK_M ≤ PAIRS), in pair order: (pairs [BLOCK_M], row_ok [BLOCK_M]); a
+    row past the expert's last pair reads pair 0 and is not ok. A sort puts the expert's
+    pairs first (a [BLOCK_M, PAIRS] match would hold 16K values at 64 rows and spill)."""
+    offs = tl.arange(0, PAIRS)
+    order = tl.sort(tl.where(valid & (ids == expert), offs, PAIRS + offs), 0)
+    steps = tl.reshape(order, [PAIRS // BLOCK_M, BLOCK_M])
+    step = tl.arange(0, PAIRS // BLOCK_M)[:, None] == first // BLOCK_M
+    chosen = tl.sum(tl.where(step, steps, 0), 0)
+    row_ok = chosen < PAIRS
+    return tl.where(row_ok, chosen, 0), row_ok
+
+
+@triton.jit
+def _zero_counters(counters_ptr, count):
+    """This program's strided share of `count` int32 counters set to zero (GEMM1 zeroes
+    GEMM2's arrival counters: a launch fewer than a memset)."""
+    for c0 in range(tl.program_id(0) * 128, count, tl.num_programs(0) * 128):
+        offs = c0 + tl.arange(0, 128)
+        tl.store(counters_ptr + offs, tl.zeros([128], dtype=tl.int32), mask=offs < count)
 
 
 @triton.jit
@@ -93,7 +117,7 @@ def _gathered_gemm1_kernel(
     EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
-    PAIRS: tl.constexpr,  # M*k rounded up to a power of two
+    PAIRS: tl.constexpr,  # M*k rounded up to a power of two, at least BLOCK_M
     EXPERTS: tl.constexpr,  # E rounded up to a power of two
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -101,23 +125,16 @@ def _gathered_gemm1_kernel(
 ):
     """One program: the j-th expert hit × BLOCK_N intermediate columns, its rows BLOCK_M at
     a time (one step at decode; more re-read the weight tile, mostly from L2). Programs
-    also zero GEMM2's arrival counters, each a strided share (a launch fewer than a
-    memset)."""
+    also zero GEMM2's arrival counters (`_zero_counters`)."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_hm = _aligned(stride_hm, ROW_ALIGN)
     stride_we = _aligned(stride_we, ROW_ALIGN)
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
-    pid = tl.program_id(0)
-    for c0 in range(pid * 128, arrival_count, tl.num_programs(0) * 128):
-        offs = c0 + tl.arange(0, 128)
-        tl.store(arrivals_ptr + offs, tl.zeros([128], dtype=tl.int32), mask=offs < arrival_count)
-    num_n = tl.cdiv(I, BLOCK_N)
-    rank = pid // num_n
-    pid_n = pid - rank * num_n
-    ids, valid = _valid_ids(topk_ids_ptr, num_experts, num_pairs, PAIRS)
-    expert, count = _hit_expert(ids, valid, rank, EXPERTS)
+    _zero_counters(arrivals_ptr, arrival_count)
+    _, pid_n, ids, valid, expert, count = _program_expert(
+        topk_ids_ptr, num_experts, num_pairs, tl.cdiv(I, BLOCK_N), PAIRS, EXPERTS)
     for first in range(0, count, BLOCK_M):
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
         _gemm1_rows(
@@ -205,7 +222,7 @@ def _gathered_gemm2_kernel(
     ROW_ALIGN: tl.constexpr,  # divides H, I and the row strides (`_aligned`)
     TOP_K: tl.constexpr,
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
-    PAIRS: tl.constexpr,  # M*k rounded up to a power of two
+    PAIRS: tl.constexpr,  # M*k rounded up to a power of two, at least BLOCK_M
     EXPERTS: tl.constexpr,  # E rounded up to a power of two
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -221,12 +238,10 @@ def _gathered_gemm2_kernel(
     stride_pm = _aligned(stride_pm, ROW_ALIGN)
     stride_om = _aligned(stride_om, ROW_ALIGN)
     num_n = tl.cdiv(H, BLOCK_N)
-    rank = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) - rank * num_n
+    rank, pid_n, ids, valid, expert, count = _program_expert(
+        topk_ids_ptr, num_experts, num_tokens * TOP_K, num_n, PAIRS, EXPERTS)
     _zero_idle_tokens(topk_ids_ptr, out_ptr, num_experts, num_tokens, rank,
                       tl.num_programs(0) // num_n, pid_n, H, stride_om, TOP_K, SLOTS, BLOCK_N)
-    ids, valid = _valid_ids(topk_ids_ptr, num_experts, num_tokens * TOP_K, PAIRS)
-    expert, count = _hit_expert(ids, valid, rank, EXPERTS)
     for first in range(0, count, BLOCK_M):
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
         acc = _gemm2_sums(inter_ptr, None, w2_ptr, None, pairs.to(tl.int64), 0, expert, pid_n,

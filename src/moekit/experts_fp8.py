@@ -82,6 +82,7 @@ from moekit._checks import (
 )
 from moekit._dispatch_kernels import _place_pairs_kernel
 from moekit._experts_fp8_kernels import (
+    SPLIT_BLOCK_M,
     _amax_partials_kernel,
     _gemm1_fp8_kernel,
     _gemm2_fp8_kernel,
@@ -109,6 +110,7 @@ from moekit.dispatch import PlaceLaunch, local_expert_ids, prepared_plan
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import check_config, launch_combine
 from moekit.experts_direct_fp8 import gemm1_group_counts, launch_direct_experts_fp8
+from moekit.experts_gathered_fp8 import launch_gathered_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
@@ -135,7 +137,6 @@ _MAX_AMAX_PROGRAMS = 512  # every quantiser program reads all partials
 # reduced by a partials launch first. 65,536 (M = 16–32 at H = 2048 too) was slower: the
 # launch 6.5–11 µs against 1.7 + 3.1 apart (`h100-sxm-20261207-quantiser-rows-amax-s71.json`).
 _TENSOR_ROWS_MAX = 16384
-_SPLIT_BLOCK_M = 128  # GEMM1's gated tiles from this height on run as two column halves
 
 
 @replayed
@@ -408,9 +409,6 @@ def _check_config(config: ExpertsConfig, scheme: QuantScheme, on_gpu: bool = Fal
     hold whole groups of GEMM2's dynamically quantised input (the direct path quantises it
     in GEMM2). On a GPU, K tiles of at least FP8_MIN_BLOCK_K (a shorter one would fail in
     Triton's compiler, with a message about the dot's shapes)."""
-    if config.gathered:
-        raise ValueError("config: the gathered path (ExpertsConfig.gathered) runs 16-bit "
-                         "layers only; fp8 takes the direct or the plan path")
     k1, k2, inter_group = _k_groups(scheme)
     for name, gemm, groups in (("gemm1", config.gemm1, k1), ("gemm2", config.gemm2, k2)):
         if on_gpu and gemm.block_k < FP8_MIN_BLOCK_K:
@@ -565,8 +563,8 @@ def _launch_fused_experts_fp8(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch plan and quantise (one launch), GEMM1, GEMM2 and combine (or the direct path's
-    quantise and two GEMMs).
+    """Launch plan and quantise (one launch), GEMM1, GEMM2 and combine (or the direct or
+    gathered path's quantise and two GEMMs).
 
     `groups` is `_groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
     the input scales are given exactly when the scheme's activations are static.
@@ -583,6 +581,12 @@ def _launch_fused_experts_fp8(
                                   w13_scale, w2_q, w2_scale, input_scale2, topk_ids,
                                   topk_weights, b13, b2, activation, alpha, limit, groups,
                                   config, out, counts)  # reads int64 ids, 16-bit weights
+        return
+    if config[12]:  # the gathered path (also reading int64 ids and 16-bit weights itself)
+        hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
+        launch_gathered_experts_fp8(hidden_in, w13_q, w13_scale, w2_q, w2_scale, input_scale2,
+                                    topk_ids, topk_weights, b13, b2, activation, alpha, limit,
+                                    groups, config, out)
         return
     topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=True)
     num_experts, _, inter = w2_q.shape
@@ -620,7 +624,7 @@ def _launch_fused_experts_fp8(
     work_list = plan.block_experts if plan.tiles is None else plan.tiles
     ws1 = weight_scale_layout(w13_scale, w_group_n, w_group_k)
     gated = activation != "relu2"
-    split = gated and block_m >= _SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
+    split = gated and block_m >= SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
     swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0], w_per_k)
     swap2 = swap_ab("plan2", block_m, c2[0], w_per_k)
     grid1 = (num_tiles * cdiv(inter, c1[0]),)

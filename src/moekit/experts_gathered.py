@@ -44,6 +44,12 @@ def experts_hit_bound(num_tokens: int, top_k: int, num_experts: int) -> int:
     return min(num_experts, num_tokens * top_k)
 
 
+def pairs_bound(num_pairs: int, block_m: int) -> int:
+    """The kernels' PAIRS: M·k rounded up to a power of two, and to at least one row step
+    (`_rows_of` cuts the sorted pairs into steps of block_m)."""
+    return max(next_power_of_2(num_pairs), block_m)
+
+
 def launch_gathered_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha, limit,
                           weight_on_input, block_m, tiles, arrivals) -> torch.Tensor:
     """GEMM1 + activation of every pair; returns `inter` [M*k, I] in pair order and zeroes
@@ -69,7 +75,7 @@ def launch_gathered_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, 
         EVEN_N=inter_size % block_n == 0, DOT_PRECISION=dot_precision(hidden),
         ROW_ALIGN=row_align(hidden_size, inter_size, hidden.stride(0), w13.stride(0),
                             w13.stride(1), inter.stride(0)),
-        PAIRS=next_power_of_2(num_tokens * top_k), EXPERTS=next_power_of_2(num_experts),
+        PAIRS=pairs_bound(num_tokens * top_k, block_m), EXPERTS=next_power_of_2(num_experts),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return inter
@@ -95,7 +101,7 @@ def launch_gathered_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_outpu
         DOT_PRECISION=dot_precision(inter),
         ROW_ALIGN=row_align(hidden_size, inter_size, inter.stride(0), w2.stride(0),
                             w2.stride(1), pair_out.stride(0), out.stride(0)),
-        TOP_K=top_k, SLOTS=next_power_of_2(top_k), PAIRS=next_power_of_2(num_tokens * top_k),
+        TOP_K=top_k, SLOTS=next_power_of_2(top_k), PAIRS=pairs_bound(num_tokens * top_k, block_m),
         EXPERTS=next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )

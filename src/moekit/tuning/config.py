@@ -42,9 +42,10 @@ class ExpertsConfig:
     is how many of a token's k slots one program sums (k or more: one program per token;
     fewer: the parts' float32 sums are added by the token's last program).
 
-    `gathered` (16-bit layers; block_m ≥ 16, no tail tiles) runs the plan path's tiles
-    without the plan: each GEMM program finds its expert's rows in topk_ids itself, and
-    GEMM2 sums each token's slots (`moekit.experts_gathered`): two launches, not four.
+    `gathered` (block_m ≥ 16, no tail tiles) runs the plan path's tiles without the plan:
+    each GEMM program finds its expert's rows in topk_ids itself, and GEMM2 sums each
+    token's slots (`moekit.experts_gathered`, `moekit.experts_gathered_fp8`): two GEMM
+    launches and no plan or combine.
     """
 
     block_m: int
