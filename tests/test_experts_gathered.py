@@ -188,3 +188,34 @@ def test_gathered_path_cuda_graph_replay_gpu():
         assert torch.equal(out, eager), f"replay {seed}"
         assert_close(out, reference.fused_experts(hidden.float(), w13, w2, ids, weights).float(),
                      REL_L2_TOL[torch.bfloat16], f"replay {seed}")
+
+
+def test_gathered_where_asked(monkeypatch):
+    # MOEKIT_GATHERED=1 (a measurement control) moves plan-path tiles without tail tiles,
+    # at decode batch sizes, to the gathered path; everything else stays as chosen.
+    from moekit.tuning import heuristic
+
+    tiles = GemmConfig(32, 32)
+    plan = ExpertsConfig(16, tiles, tiles)
+    direct = ExpertsConfig(1, tiles, tiles)
+    tails = ExpertsConfig(128, tiles, tiles, tail_block_m=64)
+    assert heuristic.gathered_where_asked(plan, 8, 8) == plan, "off by default"
+    monkeypatch.setattr(heuristic, "GATHERED", True)
+    assert heuristic.gathered_where_asked(plan, 64, 8) == dataclasses.replace(plan,
+                                                                               gathered=True)
+    for config, m, k in ((plan, 65, 8), (direct, 2, 8), (tails, 8, 8)):
+        assert heuristic.gathered_where_asked(config, m, k) == config
+
+
+@pytest.mark.interpreter
+def test_gathered_control_reaches_the_launch(monkeypatch):
+    import moekit.experts
+
+    monkeypatch.setattr("moekit.tuning.heuristic.GATHERED", True)
+    taken = []
+    launch = moekit.experts.launch_gathered_experts
+    monkeypatch.setattr(moekit.experts, "launch_gathered_experts",
+                        lambda *args: taken.append(args[-2]) or launch(*args))
+    out, expected = run_case(6, 8, 2, 64, 32, "silu")
+    assert len(taken) == 1 and taken[0][12] == 1
+    assert_close(out, expected)

@@ -58,7 +58,7 @@ from moekit.experts_gathered import launch_gathered_experts
 from moekit.routing import Routing, route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
-from moekit.tuning.heuristic import gluon_gemm1_narrow_columns
+from moekit.tuning.heuristic import gathered_where_asked, gluon_gemm1_narrow_columns
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -196,17 +196,17 @@ def check_config(config: object) -> None:
 
 
 def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int):
-    """A tuned table's entry for this device and shape where one won, else the heuristic.
+    """A tuned table's entry for this device and shape where one won, else the heuristic;
+    on the gathered path under `MOEKIT_GATHERED=1` (`gathered_where_asked`).
 
     Under torch.compile only the heuristic is consulted (pure arithmetic, traceable).
     """
-    tuned = tuned_for(hidden, _TABLE_DTYPES.get(hidden.dtype), num_experts, top_k, inter)
-    if tuned is not None:
-        return tuned
     num_tokens, hidden_size = hidden.shape
-    sms = heuristic_sms(hidden.device)
-    return default_config(num_tokens, num_experts, top_k, hidden_size, inter,
-                          hidden.element_size(), sms)
+    tuned = tuned_for(hidden, _TABLE_DTYPES.get(hidden.dtype), num_experts, top_k, inter)
+    if tuned is None:
+        tuned = default_config(num_tokens, num_experts, top_k, hidden_size, inter,
+                               hidden.element_size(), heuristic_sms(hidden.device))
+    return gathered_where_asked(tuned, num_tokens, top_k)
 
 
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):

@@ -120,6 +120,7 @@ from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import (
     HOPPER_SMS,
     direct_tiles,
+    gathered_where_asked,
     gemm2_k_parts,
     narrow_row_tile,
     pick_block_m,
@@ -278,13 +279,14 @@ def fused_moe_fp8(
 def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int,
                        scheme: QuantScheme) -> ExpertsConfig:
     """This device's tuned table entry (`moekit tune --dtype fp8_…`) where one beat the
-    heuristic, else `default_fp8_config`. Under torch.compile only the heuristic."""
-    tuned = tuned_for(hidden, scheme.preset_name, num_experts, top_k, inter)
-    if tuned is not None:
-        return tuned
+    heuristic, else `default_fp8_config`; on the gathered path under `MOEKIT_GATHERED=1`
+    (`gathered_where_asked`). Under torch.compile only the heuristic."""
     num_tokens, hidden_size = hidden.shape
-    sms = heuristic_sms(hidden.device)
-    return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme, sms)
+    tuned = tuned_for(hidden, scheme.preset_name, num_experts, top_k, inter)
+    if tuned is None:
+        tuned = default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme,
+                                   heuristic_sms(hidden.device))
+    return gathered_where_asked(tuned, num_tokens, top_k)
 
 
 @host_cache(maxsize=4096)  # pure, and on every call's host path
