@@ -162,7 +162,7 @@ class Case:
 
 
 _ID_PREFIX = {"block_m": "bm", "tokens": "M", "pairs": "pairs", "experts": "E", "top_k": "k",
-              "narrow": "narrowE", "k_parts": "kparts"}
+              "narrow": "narrowE", "k_parts": "kparts", "persistent": "persistent_"}
 _OP_COST = {"experts": 2.5, "fp8": 2.0, "dispatch": 1.0}
 
 
@@ -316,6 +316,12 @@ CASES = [
     Case("experts", dict(dtype="bf16", act="silu", block_m=16, topk64=True),
          "plan path, int64 ids and bf16 router weights: cast to int32 and float32 in one "
          "launch first", ("_cast_topk_kernel", *_EXPERTS)),
+    # the plan GEMM1 in persistent runs of tiles (MOEKIT_GEMM1_PERSISTENT, measurement)
+    Case("experts", dict(dtype="bf16", act="silu", block_m=16, persistent="nested"),
+         "persistent GEMM1 runs: a loop over tiles around each tile's pipelined K loop",
+         _EXPERTS),
+    Case("experts", dict(dtype="bf16", act="silu", block_m=16, persistent="flat"),
+         "persistent GEMM1 runs as one flattened pipelined loop", _EXPERTS),
     # the gathered path (ExpertsConfig.gathered): the plan path's tiles, no plan or combine
     Case("experts", dict(dtype="bf16", act="silu", block_m=16, gathered=True, tokens=8),
          "gathered path at decode: ids ranked in each program (histogram, prefix sums), "
@@ -337,6 +343,10 @@ CASES = [
          "channel", "bf16", "swigluoai", 16, odd_i=True),
     _fp8("128×128 weight blocks, 1×128 input groups: per-K scales in both GEMMs",
          "block", "bf16", "silu", 64),
+    _fp8("persistent GEMM1 runs (nested), per-tensor at decode tiles", "tensor", "bf16",
+         "silu", 16, persistent="nested"),
+    _fp8("persistent GEMM1 runs as one flattened loop, 128×128 blocks", "block", "bf16",
+         "silu", 16, persistent="flat"),
     _fp8("gathered path, per-tensor: the plan path's decode tiles, ids ranked in each "
          "program, GEMM2's slot-order sums after its stores", "tensor", "bf16", "silu", 16,
          gathered=True),
@@ -713,6 +723,13 @@ def _topk_weights(p, M, k):
     return torch.empty(M, k, dtype=torch.bfloat16 if p.get("topk64") else torch.float32)
 
 
+def _persistent_gemm1(p):
+    """The plan GEMM1 in persistent runs of tiles (`MOEKIT_GEMM1_PERSISTENT`) where the
+    case's `persistent` flag says ("nested" or "flat"), else one program a tile."""
+    moekit._persistent_gemm1.PROGRAMS_PER_SM = 2 if p.get("persistent") else 0
+    moekit._persistent_gemm1.FLATTEN = p.get("persistent") == "flat"
+
+
 def _run_experts(p):
     dtype = _DTYPES[p["dtype"]]
     H, I = 1000 if p.get("odd_h") else 1024, 264 if p.get("odd_i") else 512
@@ -746,6 +763,7 @@ def _run_experts(p):
     moekit._gluon.schedule = _chunked(p)
     # The Triton GEMMs' order: the rule's (expert groups at 128-row tiles here) or GROUP_M's.
     moekit._tile_order.FORCED = False if p.get("group_m_order") else None
+    _persistent_gemm1(p)
     moekit.fused_experts(
         torch.empty(M, H, dtype=dtype), torch.empty(_E, act.gemm1_rows(I), H, dtype=dtype),
         torch.empty(_E, H, I, dtype=dtype), _topk_ids(p, M, _TOP_K), _topk_weights(p, M, _TOP_K),
@@ -821,6 +839,7 @@ def _run_fp8(p):
     # The grouped tile order is taken for experts whose w13 outgrows L2 (mixtral's 117 MB).
     moekit._gluon_gemm1.group_m = ((lambda w13, l2=None: moekit._gluon_gemm1.GROUP_M)
                                    if p.get("grouped") else _GROUP_M)
+    _persistent_gemm1(p)
     moekit.fused_experts_fp8(
         torch.empty(M, H, dtype=dtype), w13, w2, _topk_ids(p, M, top_k),
         _topk_weights(p, M, top_k), scheme=scheme, activation=act, config=config,

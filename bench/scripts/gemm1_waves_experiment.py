@@ -19,8 +19,10 @@ experts the same bytes in twice the programs).
 
     PYTHONPATH=src python3 bench/scripts/gemm1_waves_experiment.py --out $OUT
 Writes gemm1-waves-experiment.{json,md} under --out after every preset. The files record
-$MOEKIT_GEMM1_K_PARTS, which only branch `s72-gemm1-ksplit`'s GEMM1 reads (its K loop in
-parts; measured slower, not merged).
+$MOEKIT_GEMM1_PERSISTENT (the plan GEMM1 in persistent runs of tiles,
+`moekit._persistent_gemm1`: run once without and once with it) and $MOEKIT_GEMM1_K_PARTS,
+which only branch `s72-gemm1-ksplit`'s GEMM1 reads (its K loop in parts; measured slower,
+not merged).
 """
 
 from __future__ import annotations
@@ -132,11 +134,14 @@ def main() -> None:
            for n in args.experts):
         parser.error(f"--experts: each n must lie in [{top_k}, min(M·k, E)]")
     k_parts = os.environ.get("MOEKIT_GEMM1_K_PARTS", "1")  # the fp8 GEMM1's K parts
-    meta = experiment_meta(M=M, calls=CALLS, blocks=BLOCKS, gemm1_k_parts=k_parts)
+    persistent = os.environ.get("MOEKIT_GEMM1_PERSISTENT", "") or "off"
+    meta = experiment_meta(M=M, calls=CALLS, blocks=BLOCKS, gemm1_k_parts=k_parts,
+                           gemm1_persistent=persistent)
     notes = [f"- M = {M}, pair p → expert p mod n; per-kernel CUDA µs under torch.profiler, "
              f"median of {BLOCKS} blocks of {CALLS} eager calls (weights ≫ L2)",
              "- gemm1_TBps: the hit experts' w13 bytes over GEMM1's µs",
-             f"- the fp8 GEMM1's K loop in {k_parts} part(s) a tile (MOEKIT_GEMM1_K_PARTS)"]
+             f"- the fp8 GEMM1's K loop in {k_parts} part(s) a tile (MOEKIT_GEMM1_K_PARTS)",
+             f"- GEMM1 persistent runs: {persistent} (MOEKIT_GEMM1_PERSISTENT)"]
     keys = ["H", "dtype", "tiles", "experts", "gemm1_us", "gemm2_us", "gemm1_TBps",
             "gemm1_us_per_expert"]
     rows: list[dict] = []

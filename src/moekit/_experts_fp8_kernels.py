@@ -42,6 +42,7 @@ from moekit._experts_kernels import (
     _aligned,
     _ordered_tile_of,
     _row_tile,
+    _run_of,
     _weight_tile,
     _work_tile,
 )
@@ -568,7 +569,8 @@ def _gemm1_fp8_kernel(
     sorted_pairs_ptr,  # [capacity] int32
     block_experts_ptr,  # [capacity / plan rows] int32
     tiles_ptr,  # [num_blocks + 1] int32 work list (read only when TAIL_M)
-    expert_offsets_ptr,  # [E + 1] int32 (read only when EXPERT_GROUPS)
+    expert_offsets_ptr,  # [E + 1] int32 (read only when EXPERT_GROUPS or PERSISTENT)
+    num_experts,
     num_pairs,
     num_blocks,  # row tiles of the grid: plan blocks, or the work list's length
     H,
@@ -612,9 +614,12 @@ def _gemm1_fp8_kernel(
     GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,  # `_expert_tile_of`'s order, not `_tile_of`'s
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
+    PERSISTENT: tl.constexpr = False,  # `moekit._persistent_gemm1` (no tail tiles)
+    FLATTEN: tl.constexpr = False,
 ):
     """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
-    (TAIL_M) computes only its TAIL_M rows.
+    (TAIL_M) computes only its TAIL_M rows. PERSISTENT: each program a contiguous run of
+    the tiles (`_run_of`).
 
     Every K step keeps two fp32 accumulators per product (the promoted sum and the MMA's
     partial, or the partial a per-K scale multiplies), and GEMM1 has two products (gate
@@ -629,6 +634,25 @@ def _gemm1_fp8_kernel(
     stride_we = _aligned(stride_we, ROW_ALIGN)
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
+    if PERSISTENT:
+        tl.static_assert(TAIL_M == 0, "persistent GEMM1 programs take no tail tiles")
+        num_n = tl.cdiv(I, BLOCK_N)
+        used, first, last = _run_of(expert_offsets_ptr, num_experts, num_n, BLOCK_M)
+        for tile in tl.range(first, last, flatten=FLATTEN):
+            pid_m, pid_n = _ordered_tile_of(tile, used, num_n, tiles_ptr, block_experts_ptr,
+                                            expert_offsets_ptr, GROUP_M, EXPERT_GROUPS, 0,
+                                            BLOCK_M)
+            first_slot, expert, _ = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M, 0)
+            _gemm1_fp8_tile(
+                x_ptr, xs_ptr, w13_ptr, w13_desc, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr,
+                sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k,
+                stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse,
+                stride_wsn, stride_wsk, stride_be, stride_im, stride_ism, alpha, limit,
+                ACTIVATION, GATED, HAS_BIAS, EVEN_K, EVEN_N, W_TMA, X_PER_K, X_GROUP_K,
+                W_PER_K, W_GROUP_N, W_GROUP_K, W_UNIFORM_N, INTER_STATIC, INTER_GROUP,
+                SPLIT_N, FMAX, AMAX_FLOOR, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+            )
+        return
     pid_m, pid_n = _ordered_tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), tiles_ptr,
                                     block_experts_ptr, expert_offsets_ptr, GROUP_M,
                                     EXPERT_GROUPS, TAIL_M, BLOCK_M)

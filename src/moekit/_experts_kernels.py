@@ -144,6 +144,18 @@ def _ordered_tile_of(pid, num_m, num_n, tiles_ptr, block_experts_ptr, expert_off
 
 
 @triton.jit
+def _run_of(expert_offsets_ptr, num_experts, num_n, BLOCK_M: tl.constexpr):
+    """A persistent program's share of the tiles in use: (row tiles in use — the plan's
+    blocks up to the last run's end —, its first tile, one past its last), the tiles
+    (row tiles × num_n) cut into `num_programs` contiguous runs of equal length ± 1."""
+    used = tl.load(expert_offsets_ptr + num_experts) // BLOCK_M
+    total = used * num_n
+    p = tl.program_id(0)
+    programs = tl.num_programs(0)
+    return used, p * total // programs, (p + 1) * total // programs
+
+
+@triton.jit
 def _row_tile(ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
     """A [BLOCK_M, BLOCK_K] tile of row-major rows (activations), masked only where K is
     ragged; rows are never masked (padding rows only reach unstored outputs)."""
@@ -273,6 +285,7 @@ def _gemm1_kernel(
     block_experts_ptr,  # [capacity / plan rows] int32
     tiles_ptr,  # [num_blocks + 1] int32 work list (read only when TAIL_M)
     expert_offsets_ptr,  # [E + 1] int32 (read only when EXPERT_GROUPS)
+    num_experts,
     num_pairs,
     num_blocks,  # row tiles of the grid: plan blocks, or the work list's length
     H,
@@ -300,16 +313,36 @@ def _gemm1_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,  # `moekit._persistent_gemm1` (no tail tiles)
+    FLATTEN: tl.constexpr = False,
 ):
     """One program: one row tile (one expert) × BLOCK_N intermediate columns; a tail tile
     (TAIL_M) computes only its TAIL_M rows. Tiles in `_tile_of`'s order, or with
-    EXPERT_GROUPS in `_expert_tile_of`'s."""
+    EXPERT_GROUPS in `_expert_tile_of`'s. PERSISTENT: each program a contiguous run of
+    those tiles (`_run_of`)."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_hm = _aligned(stride_hm, ROW_ALIGN)
     stride_we = _aligned(stride_we, ROW_ALIGN)
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
+    if PERSISTENT:
+        tl.static_assert(TAIL_M == 0, "persistent GEMM1 programs take no tail tiles")
+        num_n = tl.cdiv(I, BLOCK_N)
+        used, first, last = _run_of(expert_offsets_ptr, num_experts, num_n, BLOCK_M)
+        for tile in tl.range(first, last, flatten=FLATTEN):
+            pid_m, pid_n = _ordered_tile_of(tile, used, num_n, tiles_ptr, block_experts_ptr,
+                                            expert_offsets_ptr, GROUP_M, EXPERT_GROUPS, 0,
+                                            BLOCK_M)
+            first_slot, expert, _ = _work_tile(tiles_ptr, block_experts_ptr, pid_m, BLOCK_M, 0)
+            _gemm1_tile(
+                hidden_ptr, w13_ptr, w13_desc, b13_ptr, topk_weights_ptr, inter_ptr,
+                sorted_pairs_ptr, first_slot, expert, pid_n, num_pairs, H, I, top_k,
+                stride_hm, stride_we, stride_wn, stride_be, stride_im, alpha, limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHT_ON_INPUT, EVEN_K, EVEN_N, W_TMA,
+                DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+        return
     pid_m, pid_n = _ordered_tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), tiles_ptr,
                                     block_experts_ptr, expert_offsets_ptr, GROUP_M,
                                     EXPERT_GROUPS, TAIL_M, BLOCK_M)

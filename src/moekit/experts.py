@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit import reference
+from moekit import _persistent_gemm1, reference
 from moekit._checks import (
     FLOAT_DTYPES,
     check_routed_experts,
@@ -279,12 +279,13 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
     block_n, block_k, group_m, warps, stages = tiles
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
     inter = torch.empty((plan.capacity, inter_size), dtype=hidden.dtype, device=hidden.device)
-    launcher(_gemm1_kernel)[(num_blocks * cdiv(inter_size, block_n),)](
+    programs = _persistent_gemm1.gemm1_programs(hidden.device, tail_m)  # 0: one a tile
+    launcher(_gemm1_kernel)[(programs or num_blocks * cdiv(inter_size, block_n),)](
         hidden, w13, matrix_descriptor(w13, block_n, block_k) if tma else None,
         bias, topk_weights, inter, plan.sorted_pairs, plan.block_experts,
         plan.block_experts if plan.tiles is None else plan.tiles, plan.expert_offsets,
-        plan.num_pairs, num_blocks, hidden_size, inter_size, plan.num_pairs // num_tokens,
-        hidden.stride(0), w13.stride(0), w13.stride(1),
+        w13.shape[0], plan.num_pairs, num_blocks, hidden_size, inter_size,
+        plan.num_pairs // num_tokens, hidden.stride(0), w13.stride(0), w13.stride(1),
         0 if b13 is None else b13.stride(0), inter.stride(0), float(alpha), float(limit),
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b13 is not None,
         WEIGHT_ON_INPUT=weight_on_input, EVEN_K=hidden_size % block_k == 0,
@@ -294,6 +295,7 @@ def launch_gemm1(hidden, w13, b13, topk_weights, plan, activation, alpha, limit,
                             w13.stride(1), inter.stride(0)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         EXPERT_GROUPS=expert_groups(plan.num_pairs, w13.shape[0], block_m),
+        PERSISTENT=programs > 0, FLATTEN=_persistent_gemm1.FLATTEN,
         num_warps=warps, num_stages=stages,
     )
     return inter

@@ -69,7 +69,7 @@ from typing import NamedTuple
 
 import torch
 
-from moekit import reference
+from moekit import _persistent_gemm1, reference
 from moekit._checks import (
     FLOAT_DTYPES,
     check_fp8_weight_on_input,
@@ -629,7 +629,8 @@ def _launch_fused_experts_fp8(
     split = gated and block_m >= SPLIT_BLOCK_M  # see _gemm1_fp8_kernel
     swap1 = swap_ab("plan1", block_m, c1[0] // 2 if split else c1[0], w_per_k)
     swap2 = swap_ab("plan2", block_m, c2[0], w_per_k)
-    grid1 = (num_tiles * cdiv(inter, c1[0]),)
+    gemm1_programs = _persistent_gemm1.gemm1_programs(hidden.device, tail_m)  # 0: one a tile
+    grid1 = (gemm1_programs or num_tiles * cdiv(inter, c1[0]),)
     grouped = expert_groups(plan.num_pairs, num_experts, block_m)  # the Triton GEMMs' order
     programs = persistent_programs(hidden.device) if tma else 0
     if gluon1:
@@ -644,7 +645,8 @@ def _launch_fused_experts_fp8(
             matrix_descriptor(w13_q, c1[0] // 2 if split else c1[0], c1[1]) if tma else None,
             w13_scale, dummy if b13 is None else b13,
             inter_q, inter_scale, plan.sorted_pairs, plan.block_experts, work_list,
-            plan.expert_offsets, plan.num_pairs, num_tiles, hidden_size, inter, top_k,
+            plan.expert_offsets, num_experts, plan.num_pairs, num_tiles, hidden_size, inter,
+            top_k,
             hidden_in.x.stride(0), hidden_in.stride_sm, hidden_in.stride_sk,
             w13_q.stride(0), w13_q.stride(1), *ws1[:3],
             0 if b13 is None else b13.stride(0), inter_q.stride(0), stride_ism,
@@ -659,8 +661,8 @@ def _launch_fused_experts_fp8(
             ROW_ALIGN=row_align(hidden_size, inter, hidden_in.x.stride(0), w13_q.stride(0),
                                 w13_q.stride(1), inter_q.stride(0)),
             BLOCK_M=block_m, BLOCK_N=c1[0], BLOCK_K=c1[1], GROUP_M=c1[2],
-            EXPERT_GROUPS=grouped, SWAP_AB=swap1,
-            num_warps=c1[3],
+            EXPERT_GROUPS=grouped, SWAP_AB=swap1, PERSISTENT=gemm1_programs > 0,
+            FLATTEN=_persistent_gemm1.FLATTEN, num_warps=c1[3],
             num_stages=launch_stages(swap1, c1[4], cdiv(hidden_size, c1[1])),
         )
 
