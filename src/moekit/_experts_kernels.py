@@ -284,7 +284,7 @@ def _gemm1_kernel(
     sorted_pairs_ptr,  # [capacity] int32
     block_experts_ptr,  # [capacity / plan rows] int32
     tiles_ptr,  # [num_blocks + 1] int32 work list (read only when TAIL_M)
-    expert_offsets_ptr,  # [E + 1] int32 (read only when EXPERT_GROUPS)
+    expert_offsets_ptr,  # [E + 1] int32 (read only when EXPERT_GROUPS or PERSISTENT)
     num_experts,
     num_pairs,
     num_blocks,  # row tiles of the grid: plan blocks, or the work list's length

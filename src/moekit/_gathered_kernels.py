@@ -11,9 +11,9 @@
 
 The plan path spends two of its four launches at decode on the plan and the combine, each
 a few µs of a layer that streams its weights in tens. Here every program finds its expert
-and rows itself from the ≤ M·k ids (a histogram of the ids ranks the experts hit; a
-prefix sum over the pairs ranks an expert's rows), and GEMM2 does the combine's sums, so
-the layer is two launches. The tiles' K loops and epilogues are the plan path's
+and rows itself from the ≤ M·k ids (a histogram of the ids ranks the experts hit; a sort
+of the ids puts an expert's pairs first, in pair order), and GEMM2 does the combine's
+sums, so the layer is two launches. The tiles' K loops and epilogues are the plan path's
 (`_gemm1_rows`, `_gemm2_sums`, `_gemm2_store`), and the sums are the combine's (float32,
 slot order), so the output equals the plan path's bitwise at the same tiles.
 

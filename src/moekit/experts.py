@@ -5,7 +5,8 @@
                  ─► _gemm2_kernel: inter × w2[e]ᵀ (+b2), × router weight      ─► pair_out [M*k, H]
                  ─► _combine_kernel: Σ over the k slots of each token          ─► out [M, H]
 
-Four launches (two on the direct path for a handful of tokens, `moekit.experts_direct`),
+Four launches (two on the direct path for a handful of tokens, `moekit.experts_direct`,
+and on the opt-in gathered path, `moekit.experts_gathered`),
 no host synchronisation and no fills, so a CUDA graph captures it; the
 combine sums slots in a fixed order, so the result is bitwise deterministic. The
 launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile`

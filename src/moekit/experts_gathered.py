@@ -27,9 +27,7 @@ from moekit._launch import launcher
 def launch_gathered_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
                             limit, weight_on_input, config, out) -> None:
     """Both gathered launches; `config` is `ExpertsConfig.as_ints`'s flat form."""
-    num_tokens, top_k = topk_ids.shape
-    num_experts, hidden_size, inter_size = w2.shape
-    block_m = config[0]
+    num_tokens, hidden_size, block_m = topk_ids.shape[0], w2.shape[1], config[0]
     arrivals = torch.empty((num_tokens, cdiv(hidden_size, config[6])), dtype=torch.int32,
                            device=hidden.device)
     inter = launch_gathered_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha,
