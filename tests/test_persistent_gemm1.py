@@ -5,11 +5,14 @@ computes it."""
 import pytest
 import torch
 
-from helpers import assert_close
+import moekit
+from helpers import assert_close, poison_, random_experts, random_routing, seeded_randn_like
 from moekit import _persistent_gemm1
+from moekit.bench.presets import PRESETS
+from moekit.quant import QuantScheme
 from moekit.tuning import ExpertsConfig, GemmConfig
 from test_experts import SMALL_TILES, drop_some, run_case
-from test_experts_fp8 import KERNEL_TOL, SMALL_BLOCKS, make_case, run_triton
+from test_experts_fp8 import KERNEL_TOL, SMALL_BLOCKS, make_case, quantize_by_chunks, run_triton
 
 
 def test_parse():
@@ -74,3 +77,38 @@ def test_persistent_fp8_gemm1_interpreter(persistent, monkeypatch, scheme):
     monkeypatch.setattr(_persistent_gemm1, "PROGRAMS_PER_SM", 0)
     tiles, _ = run_triton(*case, config=config)
     assert torch.equal(out, tiles), "not what one program a tile computes"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", [(2, False), (2, True), (1, False)], ids=["2", "2-flat", "1"])
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "gpt-oss-120b", "granite-3.0-3b-a800m"])
+def test_persistent_gemm1_gpu(monkeypatch, preset, form):
+    # The heuristic's decode tiles, bf16 and fp8, under the control: bitwise what one
+    # program a tile gives (eager calls not replayed: the control changes between them).
+    monkeypatch.setattr(moekit._replay, "enabled", False)
+    p = PRESETS[preset]
+    E = min(p.num_experts, 64)
+    w13, w2, b13, b2 = random_experts(E, p.hidden, p.inter, bias=p.bias, dtype=torch.bfloat16,
+                                      device="cuda")
+    scheme = QuantScheme.parse("fp8_tensor")
+    q13, q2 = quantize_by_chunks(w13, scheme.weight), quantize_by_chunks(w2, scheme.weight)
+    for m in (8, 64):
+        hidden = seeded_randn_like(torch.empty(m, p.hidden, device="cuda",
+                                               dtype=torch.bfloat16), m)
+        ids, weights = random_routing(m, E, p.top_k, device="cuda", seed=m)
+
+        def both(hidden=hidden, ids=ids, weights=weights):
+            bf16 = moekit.fused_experts(hidden, w13, w2, ids, weights, activation=p.activation,
+                                        b13=b13, b2=b2, out=poison_(torch.empty_like(hidden)))
+            fp8 = moekit.fused_experts_fp8(hidden, q13, q2, ids, weights, scheme=scheme,
+                                           activation=p.activation, b13=b13, b2=b2,
+                                           out=poison_(torch.empty_like(hidden)))
+            return bf16, fp8
+
+        monkeypatch.setattr(_persistent_gemm1, "PROGRAMS_PER_SM", 0)
+        tiles = both()
+        monkeypatch.setattr(_persistent_gemm1, "PROGRAMS_PER_SM", form[0])
+        monkeypatch.setattr(_persistent_gemm1, "FLATTEN", form[1])
+        runs = both()
+        for name, a, b in zip(("bf16", "fp8"), tiles, runs, strict=True):
+            assert torch.equal(a, b), f"{preset} M={m} {name}"
