@@ -154,6 +154,7 @@ def _gathered_gemm2_fp8_kernel(
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PAIRS: tl.constexpr,  # M*k rounded up to a power of two, at least BLOCK_M
     EXPERTS: tl.constexpr,  # E rounded up to a power of two
+    TOKENS: tl.constexpr,  # M rounded up to a power of two
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -171,8 +172,8 @@ def _gathered_gemm2_fp8_kernel(
     num_n = tl.cdiv(H, BLOCK_N)
     rank, pid_n, ids, valid, expert, count = _program_expert(
         topk_ids_ptr, num_experts, num_tokens * TOP_K, num_n, PAIRS, EXPERTS)
-    _zero_idle_tokens(topk_ids_ptr, out_ptr, num_experts, num_tokens, rank,
-                      tl.num_programs(0) // num_n, pid_n, H, stride_om, TOP_K, SLOTS, BLOCK_N)
+    _zero_idle_tokens(valid, out_ptr, num_tokens, rank, tl.num_programs(0) // num_n, pid_n, H,
+                      stride_om, TOP_K, PAIRS, TOKENS, BLOCK_N)
     expert64 = expert.to(tl.int64)
     for first in range(0, count, BLOCK_M):
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)

@@ -146,17 +146,17 @@ def _gathered_gemm1_kernel(
 
 
 @triton.jit
-def _zero_idle_tokens(topk_ids_ptr, out_ptr, num_experts, num_tokens, first_token, stride,
-                      pid_n, H, stride_om, TOP_K: tl.constexpr, SLOTS: tl.constexpr,
+def _zero_idle_tokens(valid, out_ptr, num_tokens, rank, ranks, pid_n, H, stride_om,
+                      TOP_K: tl.constexpr, PAIRS: tl.constexpr, TOKENS: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-    """Zero column tile `pid_n` of out's rows first_token, first_token + stride, … whose
-    token has no valid id: no GEMM2 program sums them."""
+    """Zero column tile `pid_n` of out's rows whose token has no valid id (no GEMM2
+    program sums them), the tokens ≡ `rank` mod `ranks` of them; `valid` is
+    `_valid_ids`' [PAIRS], TOKENS ≥ M a power of two."""
+    per_token = tl.histogram(tl.arange(0, PAIRS) // TOP_K, TOKENS, mask=valid)
+    tokens = tl.arange(0, TOKENS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    slots = tl.arange(0, SLOTS)
-    for token in range(first_token, num_tokens, stride):
-        slot_ids = tl.load(topk_ids_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=-1)
-        valid = (slot_ids >= 0) & (slot_ids < num_experts)
-        if tl.sum(valid.to(tl.int32), 0) == 0:
+    for token in range(rank, num_tokens, ranks):  # one step or none at decode
+        if tl.sum(tl.where(tokens == token, per_token, 0), 0) == 0:
             row = tl.zeros([BLOCK_N], dtype=tl.int64) + token  # 64-bit row offsets
             tl.store(out_ptr + row * stride_om + offs_n,
                      tl.zeros([BLOCK_N], dtype=out_ptr.dtype.element_ty), mask=offs_n < H)
@@ -224,6 +224,7 @@ def _gathered_gemm2_kernel(
     SLOTS: tl.constexpr,  # TOP_K rounded up to a power of two
     PAIRS: tl.constexpr,  # M*k rounded up to a power of two, at least BLOCK_M
     EXPERTS: tl.constexpr,  # E rounded up to a power of two
+    TOKENS: tl.constexpr,  # M rounded up to a power of two
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -240,8 +241,8 @@ def _gathered_gemm2_kernel(
     num_n = tl.cdiv(H, BLOCK_N)
     rank, pid_n, ids, valid, expert, count = _program_expert(
         topk_ids_ptr, num_experts, num_tokens * TOP_K, num_n, PAIRS, EXPERTS)
-    _zero_idle_tokens(topk_ids_ptr, out_ptr, num_experts, num_tokens, rank,
-                      tl.num_programs(0) // num_n, pid_n, H, stride_om, TOP_K, SLOTS, BLOCK_N)
+    _zero_idle_tokens(valid, out_ptr, num_tokens, rank, tl.num_programs(0) // num_n, pid_n, H,
+                      stride_om, TOP_K, PAIRS, TOKENS, BLOCK_N)
     for first in range(0, count, BLOCK_M):
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
         acc = _gemm2_sums(inter_ptr, None, w2_ptr, None, pairs.to(tl.int64), 0, expert, pid_n,

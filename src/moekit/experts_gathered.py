@@ -100,6 +100,6 @@ def launch_gathered_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_outpu
         ROW_ALIGN=row_align(hidden_size, inter_size, inter.stride(0), w2.stride(0),
                             w2.stride(1), pair_out.stride(0), out.stride(0)),
         TOP_K=top_k, SLOTS=next_power_of_2(top_k), PAIRS=pairs_bound(num_tokens * top_k, block_m),
-        EXPERTS=next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        EXPERTS=next_power_of_2(num_experts), TOKENS=next_power_of_2(num_tokens),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
