@@ -462,3 +462,15 @@ def test_tail_tiles_stay_where_an_experts_w2_fits_l2():
     assert not tail_tiles_desync(32768, 128, 8, 2048, 768)
     # Mixtral in fp32 takes no tails at all; fp8 has its own tiles (`experts_fp8`).
     assert default_config(4096, 8, 2, 4096, 14336, dtype_bytes=4).tail_block_m == 0
+
+
+def test_search_tries_the_gathered_path_last_where_asked():
+    heuristic = default_config(16, 128, 8, 2048, 768)  # the plan path's 16-row tiles
+    assert heuristic.block_m == 16 and not heuristic.tail_block_m
+    cost = lambda c: 50.0 - (3.0 if c.gathered else 0.0) + (0.0 if c.block_m == 16 else 9.0)
+    best, best_us, _ = search(heuristic, cost, gathered=True)
+    assert best.gathered and best_us == 47.0, "taken where it wins"
+    best, _, _ = search(heuristic, cost)
+    assert not best.gathered, "not tried unless asked (prefill cells)"
+    best, _, _ = search(heuristic, lambda c: 50.0 + (3.0 if c.gathered else 0.0), gathered=True)
+    assert not best.gathered, "kept off where it loses"

@@ -90,8 +90,8 @@ TAIL_TILES = os.environ.get("MOEKIT_TAIL_TILES", "1") != "0"
 #: gathered path (`ExpertsConfig.gathered`) where it applies (`gathered_where_asked`); off
 #: by default until measured on a GPU.
 GATHERED = os.environ.get("MOEKIT_GATHERED") == "1"
-# The gathered path's programs each sort the M·k ids: decode batches only.
-_GATHERED_MAX_PAIRS = 512
+#: The gathered path's programs each sort the M·k ids: decode batches only.
+GATHERED_MAX_PAIRS = 512
 
 # `tail_tiles_desync`: at least this many rows an expert on average (4 row tiles).
 _DESYNC_MIN_ROWS = 512
@@ -320,10 +320,10 @@ def tail_tiles_desync(num_tokens: int, num_experts: int, top_k: int, hidden: int
 
 def gathered_where_asked(config: ExpertsConfig, num_tokens: int, top_k: int) -> ExpertsConfig:
     """`config` on the gathered path under `MOEKIT_GATHERED=1`, where it is the plan path's
-    without tail tiles and the batch has at most `_GATHERED_MAX_PAIRS` pairs; else as it
+    without tail tiles and the batch has at most `GATHERED_MAX_PAIRS` pairs; else as it
     is."""
     if (GATHERED and not config.direct and not config.tail_block_m
-            and num_tokens * top_k <= _GATHERED_MAX_PAIRS):
+            and num_tokens * top_k <= GATHERED_MAX_PAIRS):
         return dataclasses.replace(config, gathered=True)
     return config
 
