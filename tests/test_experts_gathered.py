@@ -49,8 +49,9 @@ GATHERED_CASES = [
      "router weight on the input (Llama-4)"),
     (6, 40, 2, 64, 32, "silu", False, torch.float32, {},
      "more experts than pairs: the grid has M·k rows of programs"),
-    (7, 4, 3, 64, 32, "gelu", False, torch.float16, {"ids_transform": lambda ids: ids.long()},
-     "int64 ids read as they are"),
+    (7, 4, 3, 64, 32, "gelu", False, torch.float16,
+     {"ids_transform": lambda ids: ids.long().index_fill(0, torch.tensor([2]), 2**32 + 1)},
+     "int64 ids read as they are; 2**32 + 1 is no expert (checked before narrowing)"),
 ]
 
 
