@@ -19,11 +19,7 @@ from helpers import (
 )
 from moekit import reference
 from moekit.bench.presets import PRESETS
-from moekit.experts_gathered import (
-    experts_hit_bound,
-    launch_gathered_gemm1,
-    launch_gathered_gemm2,
-)
+from moekit.experts_gathered import launch_gathered_gemm1, launch_gathered_gemm2, row_steps_bound
 from moekit.tuning import ExpertsConfig, GemmConfig
 from moekit.tuning.tables import config_from_dict, config_to_dict
 from test_experts import drop_some, run_case
@@ -31,6 +27,11 @@ from test_experts import drop_some, run_case
 GATHERED_TILES = ExpertsConfig(16, GemmConfig(16, 16, 1, 1, 1), GemmConfig(32, 16, 1, 1, 1),
                                gathered=True)
 PLAN_TILES = dataclasses.replace(GATHERED_TILES, gathered=False)
+
+def mostly_one_expert(ids):
+    """Every tenth pair on expert 0, the rest on expert 1 (a token's slots may repeat it)."""
+    return torch.where(torch.arange(ids.numel()).view(ids.shape) % 10 == 0, 0, 1).to(ids)
+
 
 GATHERED_CASES = [
     # (M, E, k, H, I, activation, bias, dtype, extra, why)
@@ -43,12 +44,17 @@ GATHERED_CASES = [
      "−1 and sentinel ids contribute nothing, biases included"),
     (40, 8, 2, 64, 32, "silu", False, torch.float32,
      {"ids_transform": lambda ids: torch.full_like(ids, 3)},
-     "all 80 pairs on one expert: five 16-row steps of one program (and a token's two "
-     "slots in one step)"),
+     "all 80 pairs on one expert: five 16-row steps, five programs a column tile (and a "
+     "token's two slots in one step)"),
     (12, 4, 1, 64, 32, "silu", False, torch.float32, {"weight_on_input": True},
      "router weight on the input (Llama-4)"),
+    (40, 8, 2, 64, 32, "gelu", True, torch.float32,
+     {"ids_transform": mostly_one_expert, "config": dataclasses.replace(
+         GATHERED_TILES, block_m=64)},
+     "64-row steps over 128 pairs, an expert's pairs ranked by a sort (`MATCH_MAX`); 72 "
+     "pairs on one expert: two steps"),
     (6, 40, 2, 64, 32, "silu", False, torch.float32, {},
-     "more experts than pairs: the grid has M·k rows of programs"),
+     "more experts than pairs: the grid has M·k + M·k // 16 rows of programs"),
     (7, 4, 3, 64, 32, "gelu", False, torch.float16,
      {"ids_transform": lambda ids: ids.long().index_fill(0, torch.tensor([2]), 2**32 + 1)},
      "int64 ids read as they are; 2**32 + 1 is no expert (checked before narrowing)"),
@@ -58,8 +64,8 @@ GATHERED_CASES = [
 @pytest.mark.interpreter
 @pytest.mark.parametrize("M,E,k,H,I,activation,bias,dtype,extra,why", GATHERED_CASES)
 def test_gathered_path_interpreter(M, E, k, H, I, activation, bias, dtype, extra, why):
-    out, expected = run_case(M, E, k, H, I, activation, bias=bias, dtype=dtype,
-                             config=GATHERED_TILES, **extra)
+    extra = {"config": GATHERED_TILES, **extra}
+    out, expected = run_case(M, E, k, H, I, activation, bias=bias, dtype=dtype, **extra)
     assert_close(out, expected)
 
 
@@ -81,14 +87,14 @@ def test_gathered_gemm1_zeroes_the_counters_and_gemm2_counts_every_slot():
     # The counters come from torch.empty: GEMM1 must zero them all (with fewer programs
     # than counters each zeroes a strided share), or no token's last slot is recognised
     # and its row stays unwritten; GEMM2 then leaves each at the token's valid slots.
-    M, E, k, H, I = 20, 2, 1, 1024, 32
+    M, E, k, H, I = 20, 2, 1, 1536, 32
     w13, w2, _, _ = random_experts(E, H, I, gated=True, bias=False, dtype=torch.float32)
     hidden = torch.randn(M, H, generator=torch.Generator().manual_seed(3))
     ids, weights = random_routing(M, E, k, seed=3)
     ids[2, 0] = -1
     tiles = GATHERED_TILES.as_ints()
     arrivals = torch.full((M, H // 32), 7, dtype=torch.int32)
-    assert experts_hit_bound(M, k, E) * (I // 16) * 128 < arrivals.numel()
+    assert row_steps_bound(M, k, E, 16) * (I // 16) * 128 < arrivals.numel()
     inter = launch_gathered_gemm1(hidden, w13, None, ids, weights, "silu", 1.0, 0.0, False, 16,
                                   tiles[1:6], arrivals)
     assert torch.equal(arrivals, torch.zeros_like(arrivals))
@@ -117,6 +123,20 @@ def test_gathered_path_every_pair_dropped_gives_zeros():
                              ids_transform=lambda ids: torch.full_like(ids, -1))
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(expected, torch.zeros_like(expected))
+
+
+def test_row_steps_bound_covers_every_routing():
+    # Σ_e ceil(count_e / block_m) over the experts hit never passes the grid's rows.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        m, k, e = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (65, 9, 129))
+        block_m = 2 ** int(torch.randint(4, 7, (1,), generator=g))
+        ids = torch.randint(0, e, (m * k,), generator=g)
+        if torch.rand(1, generator=g) < 0.3:  # skewed: most pairs on a few experts
+            ids = ids % max(1, e // 16)
+        counts = torch.bincount(ids, minlength=e)
+        steps = int(((counts + block_m - 1) // block_m).sum())
+        assert steps <= row_steps_bound(m, k, e, block_m), (m, k, e, block_m)
 
 
 def test_gathered_config_checks_and_round_trip():

@@ -25,6 +25,7 @@ from test_experts_fp8 import (
     quantize_by_chunks,
     run_triton,
 )
+from test_experts_gathered import mostly_one_expert
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
@@ -54,7 +55,11 @@ GATHERED_CASES = [
      {}, "no gate; k = 1"),
     ("fp8_tensor", 24, 4, 2, 128, 128, "silu", False, torch.float32,
      gathered(128, 64, 32, 64), {"ids_transform": lambda ids: torch.full_like(ids, 2)},
-     "all 48 pairs on one expert: three 16-row steps of one program"),
+     "all 48 pairs on one expert: three 16-row steps, three programs a column tile"),
+    ("fp8_block", 40, 6, 2, 128, 128, "silu", True, torch.float32,
+     gathered(128, 64, 32, 64, block_m=64), {"ids_transform": mostly_one_expert},
+     "64-row steps over 128 pairs, an expert's pairs ranked by a sort (`MATCH_MAX`); 72 "
+     "pairs on one expert: two steps"),
     ("fp8_channel", 6, 3, 2, 128, 128, "silu", False, torch.float32,
      gathered(128, 64, 32, 64, block_m=32),
      {"ids_transform": lambda ids: ids.long().index_fill(0, torch.tensor([4]), -1)},

@@ -1,11 +1,11 @@
 """Triton kernels of the fp8 gathered experts path: the fp8 plan path's GEMMs, no plan.
 
-    _gathered_gemm1_fp8_kernel  grid (experts hit × I-tiles): the j-th expert hit's pairs,
-                                found in topk_ids, BLOCK_M at a time: fp8 rows of hidden
+    _gathered_gemm1_fp8_kernel  grid (row steps × I-tiles): a step of BLOCK_M pairs of one
+                                expert, found in topk_ids: fp8 rows of hidden
                                 (quantised once, M rows) × w13[e]ᵀ, scales, bias,
                                 activation, quantised again as GEMM2's input (1×g groups
                                 or the static scale) → fp8 `inter` [M*k, I] in pair order
-    _gathered_gemm2_fp8_kernel  grid (experts hit × H-tiles): those rows of `inter` ×
+    _gathered_gemm2_fp8_kernel  grid (row steps × H-tiles): those rows of `inter` ×
                                 w2[e]ᵀ, scales, bias, × router weight → `pair_out`
                                 [M*k, H]; then each token's rows of the column tile summed
                                 in slot order by the program that stores the last of them
@@ -27,7 +27,7 @@ from moekit._experts_fp8_kernels import (
 )
 from moekit._experts_kernels import _aligned
 from moekit._gathered_kernels import (
-    _program_expert,
+    _program_step,
     _rows_of,
     _sum_finished_tokens,
     _zero_counters,
@@ -89,8 +89,8 @@ def _gathered_gemm1_fp8_kernel(
     BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
-    """One program: the j-th expert hit × BLOCK_N intermediate columns, its rows BLOCK_M at
-    a time; programs also zero GEMM2's arrival counters (`_zero_counters`)."""
+    """One program: one row step (`_program_step`) × BLOCK_N intermediate columns;
+    programs also zero GEMM2's arrival counters (`_zero_counters`)."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_xm = _aligned(stride_xm, ROW_ALIGN)
@@ -98,9 +98,9 @@ def _gathered_gemm1_fp8_kernel(
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
     _zero_counters(arrivals_ptr, arrival_count)
-    _, pid_n, ids, valid, expert, count = _program_expert(
-        topk_ids_ptr, num_experts, num_pairs, tl.cdiv(I, BLOCK_N), PAIRS, EXPERTS)
-    for first in range(0, count, BLOCK_M):
+    _, pid_n, ids, valid, expert, first, active = _program_step(
+        topk_ids_ptr, num_experts, num_pairs, tl.cdiv(I, BLOCK_N), PAIRS, EXPERTS, BLOCK_M)
+    if active:
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
         _gemm1_fp8_rows(
             x_ptr, xs_ptr, w13_ptr, None, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr, pairs,
@@ -160,8 +160,8 @@ def _gathered_gemm2_fp8_kernel(
     BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,  # the K loop's products transposed (`moekit._fp8_swap`)
 ):
-    """One program: the j-th expert hit × BLOCK_N hidden columns (rows as in GEMM1), then
-    the sums of the tokens whose last row it stored."""
+    """One program: one row step × BLOCK_N hidden columns (as in GEMM1), then the sums of
+    the tokens whose last row it stored."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
@@ -170,12 +170,12 @@ def _gathered_gemm2_fp8_kernel(
     stride_pm = _aligned(stride_pm, ROW_ALIGN)
     stride_om = _aligned(stride_om, ROW_ALIGN)
     num_n = tl.cdiv(H, BLOCK_N)
-    rank, pid_n, ids, valid, expert, count = _program_expert(
-        topk_ids_ptr, num_experts, num_tokens * TOP_K, num_n, PAIRS, EXPERTS)
-    _zero_idle_tokens(valid, out_ptr, num_tokens, rank, tl.num_programs(0) // num_n, pid_n, H,
+    step, pid_n, ids, valid, expert, first, active = _program_step(
+        topk_ids_ptr, num_experts, num_tokens * TOP_K, num_n, PAIRS, EXPERTS, BLOCK_M)
+    _zero_idle_tokens(valid, out_ptr, num_tokens, step, tl.num_programs(0) // num_n, pid_n, H,
                       stride_om, TOP_K, PAIRS, TOKENS, BLOCK_N)
     expert64 = expert.to(tl.int64)
-    for first in range(0, count, BLOCK_M):
+    if active:
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
         offs_n, col_ok, a_ptrs, b_ptrs, w_row, as_rows, ws_cols, ws_cols0 = (
             _gemm2_fp8_operands(inter_ptr, as_ptr, w2_ptr, ws_ptr, expert, expert64,

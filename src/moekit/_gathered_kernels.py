@@ -1,21 +1,24 @@
 """Triton kernels of the gathered experts path: the plan path's GEMMs, without the plan.
 
-    _gathered_gemm1_kernel  grid (experts hit × I-tiles): program (j, n) takes the j-th
-                            expert hit and the pairs routed to it, read straight from
-                            topk_ids, BLOCK_M at a time × w13[e]ᵀ (+b13), activation;
-                            writes `inter` [M*k, I] in pair order
-    _gathered_gemm2_kernel  grid (experts hit × H-tiles): the same pairs' `inter` rows ×
+    _gathered_gemm1_kernel  grid (row steps × I-tiles): program (j, n) takes the j-th step
+                            of BLOCK_M pairs routed to one expert (the experts hit in
+                            turn), read straight from topk_ids, × w13[e]ᵀ (+b13),
+                            activation; writes `inter` [M*k, I] in pair order
+    _gathered_gemm2_kernel  grid (row steps × H-tiles): the same pairs' `inter` rows ×
                             w2[e]ᵀ (+b2), × router weight → `pair_out` [M*k, H]; a token's
                             rows of the column tile are then added, in slot order, by the
                             program that stores the last of them (`_sum_finished_tokens`)
 
 The plan path spends two of its four launches at decode on the plan and the combine, each
 a few µs of a layer that streams its weights in tens. Here every program finds its expert
-and rows itself from the ≤ M·k ids (a histogram of the ids ranks the experts hit; a sort
-of the ids puts an expert's pairs first, in pair order), and GEMM2 does the combine's
-sums, so the layer is two launches. The tiles' K loops and epilogues are the plan path's
-(`_gemm1_rows`, `_gemm2_sums`, `_gemm2_store`), and the sums are the combine's (float32,
-slot order), so the output equals the plan path's bitwise at the same tiles.
+and rows itself from the ≤ M·k ids (a histogram of the ids numbers the experts' steps,
+`_program_step`; a prefix sum, or for many pairs a sort, ranks an expert's pairs,
+`_rows_of`), and GEMM2 does the combine's sums, so the layer is two launches. One step a
+program, not a loop over an expert's steps: a loop around the pipelined K loop took the
+16-bit GEMM1 from 96 registers to 255 (sm_90 `ptxas -v`). The tiles' K loops and
+epilogues are the plan path's (`_gemm1_rows`, `_gemm2_sums`, `_gemm2_store`), and the sums
+are the combine's (float32, slot order), so the output equals the plan path's bitwise at
+the same tiles.
 
 Ids outside [0, E) (dropped pairs, other ranks' experts) are in no expert's rows and in no
 token's count; int64 ids are compared as they are, so none aliases onto a real expert. A
@@ -39,43 +42,53 @@ def _valid_ids(topk_ids_ptr, num_experts, num_pairs, PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _hit_expert(ids, valid, rank, EXPERTS: tl.constexpr):
-    """The expert of rank `rank` among those hit (ascending ids), and its pair count; the
-    count is 0 past the last expert hit. EXPERTS ≥ E, a power of two."""
-    counts = tl.histogram(ids, EXPERTS, mask=valid)
-    hit = counts > 0
-    ranks = tl.cumsum(hit.to(tl.int32), 0) - 1
-    this = hit & (ranks == rank)
-    expert = tl.sum(tl.where(this, tl.arange(0, EXPERTS), 0), 0)
-    return expert, tl.sum(tl.where(this, counts, 0), 0)
-
-
-@triton.jit
-def _program_expert(topk_ids_ptr, num_experts, num_pairs, num_n, PAIRS: tl.constexpr,
-                    EXPERTS: tl.constexpr):
-    """This program's work in a grid of (experts hit × num_n column tiles): (rank j, column
-    tile, the ids and their validity as `_valid_ids` gives them, the j-th expert hit and
-    its pair count — 0 past the last expert hit)."""
-    rank = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) - rank * num_n
+def _program_step(topk_ids_ptr, num_experts, num_pairs, num_n, PAIRS: tl.constexpr,
+                  EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's work in a grid of (row steps × num_n column tiles): the experts hit,
+    in ascending order, each cut into steps of BLOCK_M of its pairs, are numbered in
+    turn (a histogram of the ids counts each expert's pairs). Returns (its step's number,
+    its column tile, the ids and their validity as `_valid_ids` gives them, the step's
+    expert, the rank of its first pair among the expert's, whether there is such a step —
+    not past the last)."""
+    step = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) - step * num_n
     ids, valid = _valid_ids(topk_ids_ptr, num_experts, num_pairs, PAIRS)
-    expert, count = _hit_expert(ids, valid, rank, EXPERTS)
-    return rank, pid_n, ids, valid, expert, count
+    counts = tl.histogram(ids, EXPERTS, mask=valid)
+    steps = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(steps, 0)
+    this = (ends - steps <= step) & (step < ends)  # one expert at most
+    expert = tl.sum(tl.where(this, tl.arange(0, EXPERTS), 0), 0)
+    first = (step - tl.sum(tl.where(this, ends - steps, 0), 0)) * BLOCK_M
+    return step, pid_n, ids, valid, expert, first, tl.sum(this.to(tl.int32), 0) > 0
+
+
+# `_rows_of` matches ranks to pairs in one [BLOCK_M, PAIRS] comparison up to this many
+# values (16 rows over M·k ≤ 256 pairs); past it, where that would spill (552 bytes at 64
+# rows over 256 pairs, sm_90), a sort puts the expert's pairs first: a bitonic network of
+# log²(PAIRS) / 2 compare-and-swap steps, some across warps, longer before the first load.
+MATCH_MAX = tl.constexpr(4096)
 
 
 @triton.jit
 def _rows_of(ids, valid, expert, first, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
     """The pairs routed to `expert` of ranks [first, first + BLOCK_M) among them (`first` a
     multiple of BLOCK_M ≤ PAIRS), in pair order: (pairs [BLOCK_M], row_ok [BLOCK_M]); a
-    row past the expert's last pair reads pair 0 and is not ok. A sort puts the expert's
-    pairs first (a [BLOCK_M, PAIRS] match would hold 16K values at 64 rows and spill)."""
+    row past the expert's last pair reads pair 0 and is not ok."""
     offs = tl.arange(0, PAIRS)
-    order = tl.sort(tl.where(valid & (ids == expert), offs, PAIRS + offs), 0)
-    steps = tl.reshape(order, [PAIRS // BLOCK_M, BLOCK_M])
-    step = tl.arange(0, PAIRS // BLOCK_M)[:, None] == first // BLOCK_M
-    chosen = tl.sum(tl.where(step, steps, 0), 0)
-    row_ok = chosen < PAIRS
-    return tl.where(row_ok, chosen, 0), row_ok
+    mine = valid & (ids == expert)
+    if BLOCK_M * PAIRS <= MATCH_MAX:
+        places = tl.cumsum(mine.to(tl.int32), 0) - 1
+        wanted = first + tl.arange(0, BLOCK_M)
+        chosen = mine[None, :] & (places[None, :] == wanted[:, None])  # [BLOCK_M, PAIRS]
+        pairs = tl.sum(tl.where(chosen, offs[None, :], 0), 1)
+        return pairs, tl.sum(chosen.to(tl.int32), 1) > 0
+    else:
+        order = tl.sort(tl.where(mine, offs, PAIRS + offs), 0)
+        steps = tl.reshape(order, [PAIRS // BLOCK_M, BLOCK_M])
+        step = tl.arange(0, PAIRS // BLOCK_M)[:, None] == first // BLOCK_M
+        chosen = tl.sum(tl.where(step, steps, 0), 0)
+        row_ok = chosen < PAIRS
+        return tl.where(row_ok, chosen, 0), row_ok
 
 
 @triton.jit
@@ -123,8 +136,7 @@ def _gathered_gemm1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: the j-th expert hit × BLOCK_N intermediate columns, its rows BLOCK_M at
-    a time (one step at decode; more re-read the weight tile, mostly from L2). Programs
+    """One program: one row step (`_program_step`) × BLOCK_N intermediate columns; programs
     also zero GEMM2's arrival counters (`_zero_counters`)."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
@@ -133,9 +145,9 @@ def _gathered_gemm1_kernel(
     stride_wn = _aligned(stride_wn, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
     _zero_counters(arrivals_ptr, arrival_count)
-    _, pid_n, ids, valid, expert, count = _program_expert(
-        topk_ids_ptr, num_experts, num_pairs, tl.cdiv(I, BLOCK_N), PAIRS, EXPERTS)
-    for first in range(0, count, BLOCK_M):
+    _, pid_n, ids, valid, expert, first, active = _program_step(
+        topk_ids_ptr, num_experts, num_pairs, tl.cdiv(I, BLOCK_N), PAIRS, EXPERTS, BLOCK_M)
+    if active:
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
         _gemm1_rows(
             hidden_ptr, w13_ptr, None, b13_ptr, topk_weights_ptr, inter_ptr, pairs, row_ok,
@@ -229,8 +241,8 @@ def _gathered_gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: the j-th expert hit × BLOCK_N hidden columns (rows as in GEMM1), then
-    the sums of the tokens whose last row it stored."""
+    """One program: one row step × BLOCK_N hidden columns (as in GEMM1), then the sums of
+    the tokens whose last row it stored."""
     H = _aligned(H, ROW_ALIGN)
     I = _aligned(I, ROW_ALIGN)
     stride_im = _aligned(stride_im, ROW_ALIGN)
@@ -239,11 +251,11 @@ def _gathered_gemm2_kernel(
     stride_pm = _aligned(stride_pm, ROW_ALIGN)
     stride_om = _aligned(stride_om, ROW_ALIGN)
     num_n = tl.cdiv(H, BLOCK_N)
-    rank, pid_n, ids, valid, expert, count = _program_expert(
-        topk_ids_ptr, num_experts, num_tokens * TOP_K, num_n, PAIRS, EXPERTS)
-    _zero_idle_tokens(valid, out_ptr, num_tokens, rank, tl.num_programs(0) // num_n, pid_n, H,
+    step, pid_n, ids, valid, expert, first, active = _program_step(
+        topk_ids_ptr, num_experts, num_tokens * TOP_K, num_n, PAIRS, EXPERTS, BLOCK_M)
+    _zero_idle_tokens(valid, out_ptr, num_tokens, step, tl.num_programs(0) // num_n, pid_n, H,
                       stride_om, TOP_K, PAIRS, TOKENS, BLOCK_N)
-    for first in range(0, count, BLOCK_M):
+    if active:
         pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
         acc = _gemm2_sums(inter_ptr, None, w2_ptr, None, pairs.to(tl.int64), 0, expert, pid_n,
                           H, I, stride_im, stride_we, stride_wn, EVEN_K, EVEN_N, False,

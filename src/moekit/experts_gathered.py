@@ -7,10 +7,10 @@
                      order by the program that stores its last one          ─► out [M, H]
 
 Between the direct path (one row a program, for up to a few tokens) and the plan path
-(experts' rows in plan order), for 8–64 tokens: each program takes one expert's rows
-(up to `block_m` at a time) as the plan path's tiles do, but finds them in `topk_ids`
-itself, and GEMM2 does the combine's sums; two launches instead of four, and no cast of
-the ids or weights. The output equals the plan path's at the same tiles, bitwise.
+(experts' rows in plan order), for 8–64 tokens: each program takes up to `block_m` rows of
+one expert as the plan path's tiles do, but finds them in `topk_ids` itself, and GEMM2
+does the combine's sums; two launches instead of four, and no cast of the ids or weights.
+The output equals the plan path's at the same tiles, bitwise.
 Chosen by `ExpertsConfig.gathered`.
 """
 
@@ -36,10 +36,13 @@ def launch_gathered_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, ac
                           config[6:11], out, arrivals)
 
 
-def experts_hit_bound(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """The most experts M·k pairs can hit: each GEMM's grid has this many rows of programs
-    (those past the experts actually hit exit at once)."""
-    return min(num_experts, num_tokens * top_k)
+def row_steps_bound(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> int:
+    """The most row steps (`_program_step`: an expert's pairs block_m at a time) M·k pairs
+    can make: each expert hit takes one plus one per block_m pairs past its first, so at
+    most min(E, M·k) + M·k // block_m. Each GEMM's grid has this many rows of programs
+    (those past the last step exit at once)."""
+    pairs = num_tokens * top_k
+    return min(num_experts, pairs) + pairs // block_m
 
 
 def pairs_bound(num_pairs: int, block_m: int) -> int:
@@ -62,7 +65,7 @@ def launch_gathered_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, 
     bias = topk_weights if b13 is None else b13  # a stand-in when absent; never read
     inter = torch.empty((num_tokens * top_k, inter_size), dtype=hidden.dtype,
                         device=hidden.device)
-    grid = experts_hit_bound(num_tokens, top_k, num_experts) * cdiv(inter_size, block_n)
+    grid = row_steps_bound(num_tokens, top_k, num_experts, block_m) * cdiv(inter_size, block_n)
     launcher(_gathered_gemm1_kernel)[(grid,)](
         hidden, w13, bias, topk_ids, topk_weights, inter, arrivals, num_experts,
         num_tokens * top_k, hidden_size, inter_size, top_k, arrivals.numel(), hidden.stride(0),
@@ -89,7 +92,7 @@ def launch_gathered_gemm2(inter, w2, b2, topk_ids, topk_weights, weight_on_outpu
     bias = topk_weights if b2 is None else b2  # a stand-in when absent; never read
     pair_out = torch.empty((num_tokens * top_k, hidden_size), dtype=inter.dtype,
                            device=inter.device)
-    grid = experts_hit_bound(num_tokens, top_k, num_experts) * cdiv(hidden_size, block_n)
+    grid = row_steps_bound(num_tokens, top_k, num_experts, block_m) * cdiv(hidden_size, block_n)
     launcher(_gathered_gemm2_kernel)[(grid,)](
         inter, w2, bias, topk_ids, topk_weights, pair_out, out, arrivals, num_experts,
         num_tokens, hidden_size, inter_size, inter.stride(0), w2.stride(0), w2.stride(1),

@@ -25,7 +25,7 @@ from moekit._fp8_swap import launch_stages, swap_ab
 from moekit._gathered_fp8_kernels import _gathered_gemm1_fp8_kernel, _gathered_gemm2_fp8_kernel
 from moekit._intmath import cdiv, next_power_of_2, row_align
 from moekit._launch import launcher
-from moekit.experts_gathered import experts_hit_bound, pairs_bound
+from moekit.experts_gathered import pairs_bound, row_steps_bound
 from moekit.quant.scheme import FULL
 
 
@@ -74,7 +74,7 @@ def launch_gathered_gemm1_fp8(hidden_in, w13_q, w13_scale, b13, topk_ids, inter_
     gated = activation != "relu2"
     split = gated and block_m >= SPLIT_BLOCK_M  # as the plan path's GEMM1
     swap = swap_ab("plan1", block_m, block_n // 2 if split else block_n, w_per_k)
-    grid = experts_hit_bound(num_tokens, top_k, num_experts) * cdiv(inter_size, block_n)
+    grid = row_steps_bound(num_tokens, top_k, num_experts, block_m) * cdiv(inter_size, block_n)
     launcher(_gathered_gemm1_fp8_kernel)[(grid,)](
         x_q, hidden_in.scale, w13_q, w13_scale, w13_scale if b13 is None else b13, topk_ids,
         inter_q, inter_scale, arrivals, num_experts, rows, hidden_size, inter_size, top_k,
@@ -110,7 +110,7 @@ def launch_gathered_gemm2_fp8(inter_q, inter_scale, inter_strides, static, w2_q,
     swap = swap_ab("plan2", block_m, block_n, w_per_k)
     pair_out = torch.empty((num_tokens * top_k, hidden_size), dtype=out.dtype,
                            device=out.device)
-    grid = experts_hit_bound(num_tokens, top_k, num_experts) * cdiv(hidden_size, block_n)
+    grid = row_steps_bound(num_tokens, top_k, num_experts, block_m) * cdiv(hidden_size, block_n)
     launcher(_gathered_gemm2_fp8_kernel)[(grid,)](
         inter_q, inter_scale, w2_q, w2_scale, w2_scale if b2 is None else b2, topk_ids,
         topk_weights, pair_out, out, arrivals, num_experts, num_tokens, hidden_size,
