@@ -1,8 +1,8 @@
 """The gathered experts path: the plan path's tiles at decode, without the plan or combine.
 
-    hidden [M, H] ─► _gathered_gemm1_kernel: per (expert hit, I-tile), its pairs' rows
-                     gathered from topk_ids × w13[e]ᵀ (+b13), activation ─► inter [M*k, I]
-                  ─► _gathered_gemm2_kernel: per (expert hit, H-tile), inter rows × w2[e]ᵀ
+    hidden [M, H] ─► _gathered_gemm1_kernel: per (row step, I-tile), ≤ block_m rows of one
+                     expert found in topk_ids × w13[e]ᵀ (+b13), activation ─► inter [M*k, I]
+                  ─► _gathered_gemm2_kernel: per (row step, H-tile), inter rows × w2[e]ᵀ
                      (+b2) × weight ─► pair_out [M*k, H]; each token's rows summed in slot
                      order by the program that stores its last one          ─► out [M, H]
 
@@ -27,13 +27,19 @@ from moekit._launch import launcher
 def launch_gathered_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha,
                             limit, weight_on_input, config, out) -> None:
     """Both gathered launches; `config` is `ExpertsConfig.as_ints`'s flat form."""
-    num_tokens, hidden_size, block_m = topk_ids.shape[0], w2.shape[1], config[0]
-    arrivals = torch.empty((num_tokens, cdiv(hidden_size, config[6])), dtype=torch.int32,
-                           device=hidden.device)
+    block_m = config[0]
+    arrivals = gemm2_arrivals(topk_ids.shape[0], w2.shape[1], config[6], hidden.device)
     inter = launch_gathered_gemm1(hidden, w13, b13, topk_ids, topk_weights, activation, alpha,
                                   limit, weight_on_input, block_m, config[1:6], arrivals)
     launch_gathered_gemm2(inter, w2, b2, topk_ids, topk_weights, not weight_on_input, block_m,
                           config[6:11], out, arrivals)
+
+
+def gemm2_arrivals(num_tokens: int, hidden_size: int, block_n: int,
+                   device: torch.device) -> torch.Tensor:
+    """GEMM2's arrival counters [M, H-tiles] (`_sum_finished_tokens`); GEMM1 zeroes them."""
+    return torch.empty((num_tokens, cdiv(hidden_size, block_n)), dtype=torch.int32,
+                       device=device)
 
 
 def row_steps_bound(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> int:

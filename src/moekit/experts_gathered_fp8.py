@@ -1,10 +1,10 @@
 """The fp8 gathered experts path: the fp8 plan path's tiles, without the plan or combine.
 
     hidden [M, H] ─► _quantize_rows_kernel (the direct path's quantiser): fp8 rows, scales
-                  ─► _gathered_gemm1_fp8_kernel: per (expert hit, I-tile), its pairs' rows
-                     × w13[e]ᵀ, scales, bias, activation, quantised for GEMM2
+                  ─► _gathered_gemm1_fp8_kernel: per (row step, I-tile), ≤ block_m rows of one
+                     expert × w13[e]ᵀ, scales, bias, activation, quantised for GEMM2
                                                               ─► fp8 inter [M*k, I]
-                  ─► _gathered_gemm2_fp8_kernel: per (expert hit, H-tile), inter rows ×
+                  ─► _gathered_gemm2_fp8_kernel: per (row step, H-tile), inter rows ×
                      w2[e]ᵀ, scales, bias, × weight; each token's rows summed in slot order
                      by the program that stores its last one            ─► out [M, H]
 
@@ -25,7 +25,7 @@ from moekit._fp8_swap import launch_stages, swap_ab
 from moekit._gathered_fp8_kernels import _gathered_gemm1_fp8_kernel, _gathered_gemm2_fp8_kernel
 from moekit._intmath import cdiv, next_power_of_2, row_align
 from moekit._launch import launcher
-from moekit.experts_gathered import pairs_bound, row_steps_bound
+from moekit.experts_gathered import gemm2_arrivals, pairs_bound, row_steps_bound
 from moekit.quant.scheme import FULL
 
 
@@ -36,10 +36,7 @@ def launch_gathered_experts_fp8(hidden_in, w13_q, w13_scale, w2_q, w2_scale, inp
     `hidden_in`: hidden as `experts_fp8._gemm1_input` quantised it (M rows); `groups` is
     `experts_fp8._groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
     `input_scale2` is GEMM2's static input scale, or None (quantised dynamically)."""
-    num_tokens, top_k = topk_ids.shape
-    hidden_size = hidden_in.x.shape[1]
-    arrivals = torch.empty((num_tokens, cdiv(hidden_size, config[6])), dtype=torch.int32,
-                           device=out.device)
+    arrivals = gemm2_arrivals(topk_ids.shape[0], out.shape[1], config[6], out.device)
     inter_q, inter_scale, inter_strides = launch_gathered_gemm1_fp8(
         hidden_in, w13_q, w13_scale, b13, topk_ids, w2_q.shape[2], activation, alpha, limit,
         groups, input_scale2, config[0], config[1:6], arrivals)
