@@ -33,6 +33,18 @@ def mostly_one_expert(ids):
     return torch.where(torch.arange(ids.numel()).view(ids.shape) % 10 == 0, 0, 1).to(ids)
 
 
+def strays_in_both_chunks(ids):
+    """int64 ids of 80 pairs: exactly 64 valid pairs on expert 1 (pairs 0–64 less pair 5),
+    one 64-row step, the rest on expert 0; pairs 5 and 66 (one in each chunk of 64 ids)
+    hold 2**32 + 1, no expert but 1 if narrowed — which would push pair 64 out of the
+    step — and pairs 70 and 71 hold −1."""
+    flat = torch.zeros(ids.numel(), dtype=torch.int64)
+    flat[:65] = 1
+    flat[[5, 66]] = 2**32 + 1
+    flat[[70, 71]] = -1
+    return flat.view(ids.shape)
+
+
 GATHERED_CASES = [
     # (M, E, k, H, I, activation, bias, dtype, extra, why)
     (8, 8, 2, 64, 32, "silu", False, torch.float32, {}, "decode: a few rows an expert"),
@@ -51,8 +63,13 @@ GATHERED_CASES = [
     (40, 8, 2, 64, 32, "gelu", True, torch.float32,
      {"ids_transform": mostly_one_expert, "config": dataclasses.replace(
          GATHERED_TILES, block_m=64)},
-     "64-row steps over 128 pairs, an expert's pairs ranked by a sort (`MATCH_MAX`); 72 "
-     "pairs on one expert: two steps"),
+     "64-row steps over 128 pairs, an expert's pairs ranked 64 ids at a time (`MATCH_MAX`); "
+     "72 pairs on one expert: two steps, the first's ranks in both chunks"),
+    (40, 8, 2, 64, 32, "silu", False, torch.float16,
+     {"ids_transform": strays_in_both_chunks,
+      "config": dataclasses.replace(GATHERED_TILES, block_m=64)},
+     "int64 ids in the chunked ranking: -1 and 2**32 + 1 (no expert) in both chunks, and "
+     "an expert's pairs filling its one step exactly"),
     (6, 40, 2, 64, 32, "silu", False, torch.float32, {},
      "more experts than pairs: the grid has M·k + M·k // 16 rows of programs"),
     (7, 4, 3, 64, 32, "gelu", False, torch.float16,

@@ -58,8 +58,8 @@ GATHERED_CASES = [
      "all 48 pairs on one expert: three 16-row steps, three programs a column tile"),
     ("fp8_block", 40, 6, 2, 128, 128, "silu", True, torch.float32,
      gathered(128, 64, 32, 64, block_m=64), {"ids_transform": mostly_one_expert},
-     "64-row steps over 128 pairs, an expert's pairs ranked by a sort (`MATCH_MAX`); 72 "
-     "pairs on one expert: two steps"),
+     "64-row steps over 128 pairs, an expert's pairs ranked 64 ids at a time (`MATCH_MAX`); "
+     "72 pairs on one expert: two steps, the first's ranks in both chunks"),
     ("fp8_channel", 6, 3, 2, 128, 128, "silu", False, torch.float32,
      gathered(128, 64, 32, 64, block_m=32),
      {"ids_transform": lambda ids: ids.long().index_fill(0, torch.tensor([4]), -1)},

@@ -101,7 +101,8 @@ def _gathered_gemm1_fp8_kernel(
     _, pid_n, ids, valid, expert, first, active = _program_step(
         topk_ids_ptr, num_experts, num_pairs, tl.cdiv(I, BLOCK_N), PAIRS, EXPERTS, BLOCK_M)
     if active:
-        pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
+        pairs, row_ok = _rows_of(topk_ids_ptr, num_pairs, ids, valid, expert, first, PAIRS,
+                                 BLOCK_M)
         _gemm1_fp8_rows(
             x_ptr, xs_ptr, w13_ptr, None, ws_ptr, b13_ptr, inter_ptr, inter_scale_ptr, pairs,
             row_ok, pairs.to(tl.int64), expert, pid_n, H, I, top_k, stride_xm, stride_xsm,
@@ -176,7 +177,8 @@ def _gathered_gemm2_fp8_kernel(
                       stride_om, TOP_K, PAIRS, TOKENS, BLOCK_N)
     expert64 = expert.to(tl.int64)
     if active:
-        pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
+        pairs, row_ok = _rows_of(topk_ids_ptr, num_tokens * TOP_K, ids, valid, expert, first,
+                                 PAIRS, BLOCK_M)
         offs_n, col_ok, a_ptrs, b_ptrs, w_row, as_rows, ws_cols, ws_cols0 = (
             _gemm2_fp8_operands(inter_ptr, as_ptr, w2_ptr, ws_ptr, expert, expert64,
                                 pairs.to(tl.int64), pid_n, H, stride_im, stride_asm, stride_we,

@@ -12,9 +12,9 @@
 The plan path spends two of its four launches at decode on the plan and the combine, each
 a few µs of a layer that streams its weights in tens. Here every program finds its expert
 and rows itself from the ≤ M·k ids (a histogram of the ids numbers the experts' steps,
-`_program_step`; a prefix sum, or for many pairs a sort, ranks an expert's pairs,
-`_rows_of`), and GEMM2 does the combine's sums, so the layer is two launches. One step a
-program, not a loop over an expert's steps: a loop around the pipelined K loop took the
+`_program_step`; prefix sums, a chunk of ids at a time for many pairs, rank an expert's
+pairs, `_rows_of`), and GEMM2 does the combine's sums, so the layer is two launches. One
+step a program, not a loop over an expert's steps: a loop around the pipelined K loop took the
 16-bit GEMM1 from 96 registers to 255 (sm_90 `ptxas -v`). The tiles' K loops and
 epilogues are the plan path's (`_gemm1_rows`, `_gemm2_sums`, `_gemm2_store`), and the sums
 are the combine's (float32, slot order), so the output equals the plan path's bitwise at
@@ -62,33 +62,44 @@ def _program_step(topk_ids_ptr, num_experts, num_pairs, num_n, PAIRS: tl.constex
     return step, pid_n, ids, valid, expert, first, tl.sum(this.to(tl.int32), 0) > 0
 
 
-# `_rows_of` matches ranks to pairs in one [BLOCK_M, PAIRS] comparison up to this many
-# values (16 rows over M·k ≤ 256 pairs); past it, where that would spill (552 bytes at 64
-# rows over 256 pairs, sm_90), a sort puts the expert's pairs first: a bitonic network of
-# log²(PAIRS) / 2 compare-and-swap steps, some across warps, longer before the first load.
+# `_rows_of` matches ranks to pairs in [BLOCK_M, CHUNK] comparisons of at most this many
+# values (one for 16 rows over M·k ≤ 256 pairs); past it, where one comparison would spill
+# (552 bytes at 64 rows over 256 pairs, sm_90), it takes the ids CHUNK at a time, carrying
+# the count of the expert's pairs before each chunk. (A bitonic sort of the ids instead is
+# log²(PAIRS) / 2 compare-and-swap steps, several across warps, all before the first load.)
 MATCH_MAX = tl.constexpr(4096)
 
 
 @triton.jit
-def _rows_of(ids, valid, expert, first, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _rows_of(topk_ids_ptr, num_pairs, ids, valid, expert, first, PAIRS: tl.constexpr,
+             BLOCK_M: tl.constexpr):
     """The pairs routed to `expert` of ranks [first, first + BLOCK_M) among them (`first` a
     multiple of BLOCK_M ≤ PAIRS), in pair order: (pairs [BLOCK_M], row_ok [BLOCK_M]); a
-    row past the expert's last pair reads pair 0 and is not ok."""
-    offs = tl.arange(0, PAIRS)
-    mine = valid & (ids == expert)
+    row past the expert's last pair reads pair 0 and is not ok. `ids` and `valid` are
+    `_valid_ids`' (all PAIRS of them, used where one comparison holds them)."""
+    wanted = first + tl.arange(0, BLOCK_M)
     if BLOCK_M * PAIRS <= MATCH_MAX:
+        offs = tl.arange(0, PAIRS)
+        mine = valid & (ids == expert)
         places = tl.cumsum(mine.to(tl.int32), 0) - 1
-        wanted = first + tl.arange(0, BLOCK_M)
         chosen = mine[None, :] & (places[None, :] == wanted[:, None])  # [BLOCK_M, PAIRS]
         pairs = tl.sum(tl.where(chosen, offs[None, :], 0), 1)
         return pairs, tl.sum(chosen.to(tl.int32), 1) > 0
     else:
-        order = tl.sort(tl.where(mine, offs, PAIRS + offs), 0)
-        steps = tl.reshape(order, [PAIRS // BLOCK_M, BLOCK_M])
-        step = tl.arange(0, PAIRS // BLOCK_M)[:, None] == first // BLOCK_M
-        chosen = tl.sum(tl.where(step, steps, 0), 0)
-        row_ok = chosen < PAIRS
-        return tl.where(row_ok, chosen, 0), row_ok
+        CHUNK: tl.constexpr = MATCH_MAX // BLOCK_M
+        pairs = tl.zeros([BLOCK_M], dtype=tl.int32)
+        found = tl.zeros([BLOCK_M], dtype=tl.int32)
+        before = 0  # the expert's pairs in earlier chunks
+        for c0 in range(0, PAIRS, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            # `expert` is in [0, E), so an id equal to it is valid (int64 ids compared whole)
+            mine = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1) == expert
+            places = before + tl.cumsum(mine.to(tl.int32), 0) - 1
+            chosen = mine[None, :] & (places[None, :] == wanted[:, None])  # [BLOCK_M, CHUNK]
+            pairs += tl.sum(tl.where(chosen, offs[None, :], 0), 1)
+            found += tl.sum(chosen.to(tl.int32), 1)
+            before += tl.sum(mine.to(tl.int32), 0)
+        return pairs, found > 0
 
 
 @triton.jit
@@ -148,7 +159,8 @@ def _gathered_gemm1_kernel(
     _, pid_n, ids, valid, expert, first, active = _program_step(
         topk_ids_ptr, num_experts, num_pairs, tl.cdiv(I, BLOCK_N), PAIRS, EXPERTS, BLOCK_M)
     if active:
-        pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
+        pairs, row_ok = _rows_of(topk_ids_ptr, num_pairs, ids, valid, expert, first, PAIRS,
+                                 BLOCK_M)
         _gemm1_rows(
             hidden_ptr, w13_ptr, None, b13_ptr, topk_weights_ptr, inter_ptr, pairs, row_ok,
             pairs.to(tl.int64), expert, pid_n, H, I, top_k, stride_hm, stride_we, stride_wn,
@@ -256,7 +268,8 @@ def _gathered_gemm2_kernel(
     _zero_idle_tokens(valid, out_ptr, num_tokens, step, tl.num_programs(0) // num_n, pid_n, H,
                       stride_om, TOP_K, PAIRS, TOKENS, BLOCK_N)
     if active:
-        pairs, row_ok = _rows_of(ids, valid, expert, first, PAIRS, BLOCK_M)
+        pairs, row_ok = _rows_of(topk_ids_ptr, num_tokens * TOP_K, ids, valid, expert, first,
+                                 PAIRS, BLOCK_M)
         acc = _gemm2_sums(inter_ptr, None, w2_ptr, None, pairs.to(tl.int64), 0, expert, pid_n,
                           H, I, stride_im, stride_we, stride_wn, EVEN_K, EVEN_N, False,
                           DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)

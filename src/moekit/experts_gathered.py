@@ -53,7 +53,7 @@ def row_steps_bound(num_tokens: int, top_k: int, num_experts: int, block_m: int)
 
 def pairs_bound(num_pairs: int, block_m: int) -> int:
     """The kernels' PAIRS: M·k rounded up to a power of two, and to at least one row step
-    (`_rows_of` cuts the sorted pairs into steps of block_m)."""
+    (so `_rows_of`'s chunks of ids, powers of two, divide it)."""
     return max(next_power_of_2(num_pairs), block_m)
 
 
