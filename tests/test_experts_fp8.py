@@ -406,7 +406,7 @@ def test_opcheck_interpreter():
     # mutated. (opcheck's test_schema compares fp8 tensors with arithmetic that torch's CPU
     # backend lacks for Float8_e4m3fn, so the schema's mutation is checked directly.)
     scheme, hidden, q13, q2, ids, weights, _, _ = make_case("fp8_channel", 3, 4, 2, 128, 128)
-    config = [16, 128, 128, 1, 1, 1, 32, 128, 1, 1, 1, 0, 0]
+    config = [16, 128, 128, 1, 1, 1, 32, 128, 1, 1, 1, 0]
     groups = [1, -1, 1, -1, 128]
     args = (hidden, q13.q, q13.scale, q2.q, q2.scale, None, None, ids, weights, None, None,
             "silu", 1.702, 7.0, groups, config, torch.empty_like(hidden))

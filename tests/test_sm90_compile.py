@@ -78,8 +78,7 @@ _TMA_PTX = "cp.async.bulk.tensor"
 _GEMMS = ("_gemm1_kernel", "_gemm2_kernel", "_gemm1_fp8_kernel", "_gemm2_fp8_kernel",
           "_direct_gemm1_kernel", "_direct_gemm2_kernel", "_direct_gemm1_fp8_kernel",
           "_direct_gemm2_fp8_kernel", "_gemm1_ws_kernel", "_gemm2_ws_kernel",
-          "_gemm1_ws16_kernel", "_gemm2_ws16_kernel", "_gathered_gemm1_kernel",
-          "_gathered_gemm2_kernel", "_gathered_gemm1_fp8_kernel", "_gathered_gemm2_fp8_kernel")
+          "_gemm1_ws16_kernel", "_gemm2_ws16_kernel")
 # Spills found when this check was added (session 6), allowed at most as they are until
 # fixed (bench/NOTES.md, "Next"): fp32 tiles, and one direct fp8 GEMM1 at H = 520. Rows
 # of a length that is not a multiple of 16 elements (H = 1000, I = 264 or 200), whose
@@ -170,13 +169,10 @@ _EXPERTS = ("_gemm1_kernel", "_gemm2_kernel", "_combine_kernel")
 _EXPERTS_GLUON = ("_gemm1_ws16_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
 _EXPERTS_GLUON2 = ("_gemm1_kernel", "_gemm2_ws16_kernel", "_combine_kernel")
 _DIRECT = ("_direct_gemm1_kernel", "_direct_gemm2_kernel")
-_GATHERED = ("_gathered_gemm1_kernel", "_gathered_gemm2_kernel")
 _FP8 = ("_gemm1_fp8_kernel", "_gemm2_fp8_kernel")
 _FP8_GLUON = ("_gemm1_fp8_kernel", "_gemm2_ws_kernel", "_combine_kernel")
 _FP8_GLUON_BOTH = ("_gemm1_ws_kernel", "_gemm2_ws_kernel", "_combine_kernel")
 _DIRECT_FP8 = ("_quantize_rows_kernel", "_direct_gemm1_fp8_kernel", "_direct_gemm2_fp8_kernel")
-_GATHERED_FP8 = ("_quantize_rows_kernel", "_gathered_gemm1_fp8_kernel",
-                 "_gathered_gemm2_fp8_kernel")
 
 
 def _experts(why, dtype, act, block_m, **flags):
@@ -204,12 +200,9 @@ def _fp8(why, scheme, dtype, act, block_m, **flags):
     default fp32), prefetch (the Gluon GEMMs' producers loading each tile's indices a tile
     ahead, off by default), narrow2 (the Gluon GEMM2 with block scales on 128-column tiles,
     `moekit._gluon_gemm2.WIDE_PER_K_WEIGHTS` off; 256 by default), k_parts (the plan
-    GEMM2's K loop in that many parts, `gemm2_k_parts`), gathered (the plan path's tiles on
-    the gathered path)."""
+    GEMM2's K loop in that many parts, `gemm2_k_parts`)."""
     if block_m == 1:  # int64 ids and bf16 weights (topk64) read by the kernels themselves
         kernels = _DIRECT_FP8
-    elif flags.get("gathered"):
-        kernels = _GATHERED_FP8
     else:
         # A per-tensor amax over more than 16 rows takes a partials launch first.
         partials = scheme == "tensor" and block_m >= 32
@@ -322,17 +315,6 @@ CASES = [
          _EXPERTS),
     Case("experts", dict(dtype="bf16", act="silu", block_m=16, persistent="flat"),
          "persistent GEMM1 runs as one flattened pipelined loop", _EXPERTS),
-    # the gathered path (ExpertsConfig.gathered): the plan path's tiles, no plan or combine
-    Case("experts", dict(dtype="bf16", act="silu", block_m=16, gathered=True, tokens=8),
-         "gathered path at decode: ids ranked in each program (histogram, prefix sums), "
-         "GEMM2's slot-order sums after its stores", _GATHERED),
-    Case("experts", dict(dtype="fp16", act="swigluoai", block_m=32, gathered=True, bias=True,
-                         odd_h=True, odd_i=True, topk64=True),
-         "gathered path: masked K and N tiles, biases, int64 ids and 16-bit router weights "
-         "read as they are", _GATHERED),
-    Case("experts", dict(dtype="bf16", act="relu2", block_m=64, gathered=True,
-                         weight_on_input=True, tokens=64),
-         "gathered path: 64-row steps, ungated, router weight on GEMM1's input", _GATHERED),
     # fused_experts_fp8: quantiser + fp8 GEMMs (the combine is the bf16 pipeline's).
     _fp8("dynamic per-tensor over 4 rows: MODE tensor_rows (no partials); GEMM2 input in "
          "1×128 groups",
@@ -347,16 +329,6 @@ CASES = [
          "silu", 16, persistent="nested"),
     _fp8("persistent GEMM1 runs as one flattened loop, 128×128 blocks", "block", "bf16",
          "silu", 16, persistent="flat"),
-    _fp8("gathered path, per-tensor: the plan path's decode tiles, ids ranked in each "
-         "program, GEMM2's slot-order sums after its stores", "tensor", "bf16", "silu", 16,
-         gathered=True),
-    _fp8("gathered path, 128×128 blocks: per-K scales in both GEMMs; biases, int64 ids "
-         "and bf16 router weights read as they are", "block", "fp16", "swigluoai", 16,
-         gathered=True, bias=True, odd_i=True, topk64=True),
-    _fp8("gathered path, static scales at 32 rows; per-channel at 64 in the next case",
-         "static", "bf16", "gelu", 32, gathered=True),
-    _fp8("gathered path, per-channel weights and per-token rows at 64-row tiles", "channel",
-         "bf16", "relu2", 64, gathered=True),
     _fp8("decode GEMM2 with its K loop in four parts (`gemm2_k_parts`, mixtral's M = 1): "
          "float32 partial rows, the bias in part 0's, the combine adding the parts; block "
          "scales", "block", "bf16", "swigluoai", 16, bias=True, k_parts=4),
@@ -750,8 +722,7 @@ def _run_experts(p):
                                    aligned=not (p.get("odd_h") or p.get("odd_i")),
                                    wide_16=bool(p.get("wide16")))
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
-    config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0,
-                                 gathered=bool(p.get("gathered")))
+    config = dataclasses.replace(config, tail_block_m=config.block_m // 2 if p.get("tail") else 0)
     bias = p.get("bias")
     # On the CPU the Gluon GEMMs are never taken; an sm_90 GPU's answers are forced here.
     moekit.experts.use_gluon_gemm1_16bit = lambda *args: bool(p.get("gluon"))
@@ -822,8 +793,6 @@ def _run_fp8(p):
                 config, gemm1=dataclasses.replace(config.gemm1, block_k=256))
     if p.get("no_tail"):
         config = dataclasses.replace(config, tail_block_m=0)
-    if p.get("gathered"):
-        config = dataclasses.replace(config, gathered=True)
     assert config.block_m == p["block_m"], f"heuristic picked block_m {config.block_m}"
     # On the CPU `use_gluon_gemm2` is always False; an sm_90 GPU's answer is forced here.
     moekit.experts_fp8.use_gluon_gemm2 = lambda w2, block_m, k_groups: bool(p.get("gluon"))

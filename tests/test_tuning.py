@@ -464,13 +464,17 @@ def test_tail_tiles_stay_where_an_experts_w2_fits_l2():
     assert default_config(4096, 8, 2, 4096, 14336, dtype_bytes=4).tail_block_m == 0
 
 
-def test_search_tries_the_gathered_path_last_where_asked():
-    heuristic = default_config(16, 128, 8, 2048, 768)  # the plan path's 16-row tiles
-    assert heuristic.block_m == 16 and not heuristic.tail_block_m
-    cost = lambda c: 50.0 - (3.0 if c.gathered else 0.0) + (0.0 if c.block_m == 16 else 9.0)
-    best, best_us, _ = search(heuristic, cost, gathered=True)
-    assert best.gathered and best_us == 47.0, "taken where it wins"
-    best, _, _ = search(heuristic, cost)
-    assert not best.gathered, "not tried unless asked (prefill cells)"
-    best, _, _ = search(heuristic, lambda c: 50.0 + (3.0 if c.gathered else 0.0), gathered=True)
-    assert not best.gathered, "kept off where it loses"
+def test_a_table_entry_on_the_removed_gathered_path_is_refused():
+    # The gathered path was removed in session 76; a table written before names it. Read
+    # without it, the entry would run kernels other than the ones it timed: refused, with
+    # the path named. A missing key is every other entry's form.
+    tuned = ExpertsConfig(16, GemmConfig(64, 128), GemmConfig(64, 128))
+    data = config_to_dict(tuned)
+    assert "gathered" not in data
+    assert config_from_dict(data) == tuned
+    table = {"entries": [{"E": 128, "topk": 8, "H": 2048, "I": 768, "M": 16, "use": True,
+                          "config": {**data, "gathered": True}}]}
+    with pytest.raises(ValueError, match="gathered path, removed in session 76"):
+        lookup(table, 128, 8, 2048, 768, 16)
+    with pytest.raises(ValueError, match="gathered"):
+        config_from_dict({**data, "gathered": True})

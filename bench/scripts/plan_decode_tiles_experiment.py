@@ -6,14 +6,12 @@ were on an H200 (session 39: qwen3 M = 8 found GEMM1 at 3 stages 1.067× the heu
 4; M = 16 and 64 found nothing). This times the heuristic against one change at a time —
 GEMM1's stages and width, GEMM2's width and stages — on the H100, CUDA-graph replay, L2
 read-flushed, the variants' order rotated by round, and checks each output against the
-heuristic's (the same operands: only the accumulation order may differ). `gathered` runs
-the heuristic's tiles on the gathered path (`ExpertsConfig.gathered`: no plan, no combine
-launch; its output equals the heuristic's bitwise where the plan GEMM2 runs in one K part).
+heuristic's (the same operands: only the accumulation order may differ).
 
 Usage (on the device):
     PYTHONPATH=src python3 bench/scripts/plan_decode_tiles_experiment.py --out $OUT \\
-        --cells qwen3-30b-a3b:8 olmoe-1b-7b:16 --dtypes fp8_tensor bf16 \
-        [--variants gathered "g1 stages 3"]
+        --cells qwen3-30b-a3b:8 olmoe-1b-7b:16 --dtypes fp8_tensor bf16 \\
+        [--variants "g1 stages 3" "g2 n32"]
 Writes plan-decode-tiles-experiment.{json,md} under --out (after every cell, so a run cut
 short keeps what it timed) and prints one line per cell.
 """
@@ -45,9 +43,8 @@ CELLS = (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 16), ("qwen3-30b-a3b", 32),
          ("qwen3-30b-a3b", 64), ("olmoe-1b-7b", 8), ("olmoe-1b-7b", 16), ("olmoe-1b-7b", 32),
          ("deepseek-v2-lite", 8), ("deepseek-v2-lite", 16), ("deepseek-v2-lite", 32),
          ("granite-3.0-3b-a800m", 16))
-# label → (which GEMM, the GemmConfig fields it changes; "config": ExpertsConfig's)
+# label → (which GEMM, the GemmConfig fields it changes)
 VARIANTS = {
-    "gathered": ("config", {"gathered": True}),
     "g1 stages 3": ("gemm1", {"num_stages": 3}),
     "g1 stages 5": ("gemm1", {"num_stages": 5}),
     "g1 n64": ("gemm1", {"block_n": 64}),
@@ -76,9 +73,7 @@ def heuristic(preset, m: int, dtype: str, sms: int = HOPPER_SMS):
 
 
 def variant(config, gemm: str, change: dict):
-    """`config` with one GEMM's tile fields changed (or, for "config", its own)."""
-    if gemm == "config":
-        return dataclasses.replace(config, **change)
+    """`config` with one GEMM's tile fields changed."""
     tile: GemmConfig = getattr(config, gemm)
     return dataclasses.replace(config, **{gemm: dataclasses.replace(tile, **change)})
 
@@ -92,7 +87,7 @@ def time_cell(name: str, m: int, dtype: str, weights, rounds: int, rep_ms: float
     base = heuristic(preset, m, dtype, heuristic_sms(hidden.device))
     configs = {"heuristic": base}
     for label, (gemm, change) in VARIANTS.items():
-        if label in chosen and not (gemm == "config" and (base.direct or base.tail_block_m)):
+        if label in chosen:
             configs[label] = variant(base, gemm, change)
     configs = {k: c for k, c in configs.items() if k == "heuristic" or c != base}
 
@@ -161,7 +156,7 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", type=parse_cell, default=list(CELLS),
                         metavar="PRESET:M")
     parser.add_argument("--dtypes", nargs="+", default=["fp8_tensor"])
-    parser.add_argument("--variants", nargs="+", default=[k for k in VARIANTS if k != "gathered"],
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=list(VARIANTS), help="default: every tile variant")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rep-ms", type=float, default=25)

@@ -509,7 +509,7 @@ def _gemm1_fp8_rows(
 ):
     """The BLOCK_M pairs `pairs` of one expert (those not `row_ok` are padding: never
     stored) × BLOCK_N intermediate columns, each row stored with its scales to row
-    `slots64` (int64) of `inter`: a plan slot, or the pair itself (the gathered path).
+    `slots64` (int64) of `inter`: its plan slot (`_gemm1_fp8_tile`).
     With SPLIT_N as two column halves, one K loop each (see `_gemm1_fp8_kernel`); with
     SWAP_AB the products transposed (`_fp8_dot`)."""
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)

@@ -232,7 +232,7 @@ def _gemm1_rows(
 ):
     """The BLOCK_M pairs `pairs` of one expert (those not `row_ok` are padding: never
     stored) × BLOCK_N intermediate columns, each written to its row `out_rows` (int64) of
-    `inter`: a plan slot (`_gemm1_tile`) or the pair itself (the gathered path)."""
+    `inter`: its plan slot (`_gemm1_tile`)."""
     tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

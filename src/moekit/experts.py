@@ -5,8 +5,7 @@
                  ─► _gemm2_kernel: inter × w2[e]ᵀ (+b2), × router weight      ─► pair_out [M*k, H]
                  ─► _combine_kernel: Σ over the k slots of each token          ─► out [M, H]
 
-Four launches (two on the direct path for a handful of tokens, `moekit.experts_direct`,
-and on the opt-in gathered path, `moekit.experts_gathered`),
+Four launches (two on the direct path for a handful of tokens, `moekit.experts_direct`),
 no host synchronisation and no fills, so a CUDA graph captures it; the
 combine sums slots in a fixed order, so the result is bitwise deterministic. The
 launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile`
@@ -55,11 +54,10 @@ from moekit.activation import Activation
 from moekit.backend import resolve_backend
 from moekit.dispatch import dispatch_plan, local_expert_ids
 from moekit.experts_direct import launch_direct_experts
-from moekit.experts_gathered import launch_gathered_experts
 from moekit.routing import Routing, route
 from moekit.tuning import ExpertsConfig, default_config
 from moekit.tuning.config import DIRECT_BLOCK_M
-from moekit.tuning.heuristic import gathered_where_asked, gluon_gemm1_narrow_columns
+from moekit.tuning.heuristic import gluon_gemm1_narrow_columns
 from moekit.tuning.tables import tuned_for
 
 _COMBINE_BLOCK_H = 1024
@@ -197,17 +195,17 @@ def check_config(config: object) -> None:
 
 
 def _select_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int):
-    """A tuned table's entry for this device and shape where one won, else the heuristic;
-    on the gathered path under `MOEKIT_GATHERED=1` (`gathered_where_asked`).
+    """A tuned table's entry for this device and shape where one won, else the heuristic.
 
     Under torch.compile only the heuristic is consulted (pure arithmetic, traceable).
     """
-    num_tokens, hidden_size = hidden.shape
     tuned = tuned_for(hidden, _TABLE_DTYPES.get(hidden.dtype), num_experts, top_k, inter)
-    if tuned is None:
-        tuned = default_config(num_tokens, num_experts, top_k, hidden_size, inter,
-                               hidden.element_size(), heuristic_sms(hidden.device))
-    return gathered_where_asked(tuned, num_tokens, top_k)
+    if tuned is not None:
+        return tuned
+    num_tokens, hidden_size = hidden.shape
+    sms = heuristic_sms(hidden.device)
+    return default_config(num_tokens, num_experts, top_k, hidden_size, inter,
+                          hidden.element_size(), sms)
 
 
 def _check_experts_args(hidden, w13, w2, topk_ids, topk_weights, act, b13, b2):
@@ -233,16 +231,15 @@ def _launch_fused_experts(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch plan, GEMM1, GEMM2 and combine (or the direct or gathered path's two GEMMs);
-    `config` is `ExpertsConfig.as_ints`'s flat form."""
+    """Launch plan, GEMM1, GEMM2 and combine (or the direct path's two GEMMs); `config` is
+    `ExpertsConfig.as_ints`'s flat form."""
     if hidden.shape[0] == 0:
         return
-    block_m, tail_m, gathered = config[0], config[11], config[12]
-    if block_m == DIRECT_BLOCK_M or gathered:
-        # These kernels read int64 ids and 16-bit weights themselves: no cast launch.
-        launch = launch_gathered_experts if gathered else launch_direct_experts
-        launch(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation, alpha, limit,
-               apply_router_weight_on_input, config, out)
+    block_m, tail_m = config[0], config[11]
+    if block_m == DIRECT_BLOCK_M:
+        # The direct kernels read int64 ids and 16-bit weights themselves: no cast launch.
+        launch_direct_experts(hidden, w13, w2, b13, b2, topk_ids, topk_weights, activation,
+                              alpha, limit, apply_router_weight_on_input, config, out)
         return
     topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=True)
     plan = dispatch_plan(topk_ids, w2.shape[0], tail_m or block_m,

@@ -110,7 +110,6 @@ from moekit.dispatch import PlaceLaunch, local_expert_ids, prepared_plan
 from moekit.dispatch_plan import DispatchPlan
 from moekit.experts import check_config, launch_combine
 from moekit.experts_direct_fp8 import gemm1_group_counts, launch_direct_experts_fp8
-from moekit.experts_gathered_fp8 import launch_gathered_experts_fp8
 from moekit.quant import AMAX_FLOOR, QuantizedWeight, QuantScheme
 from moekit.quant.scheme import FULL
 from moekit.quant.weight import check_quantized_weights
@@ -120,7 +119,6 @@ from moekit.tuning.config import DIRECT_BLOCK_M
 from moekit.tuning.heuristic import (
     HOPPER_SMS,
     direct_tiles,
-    gathered_where_asked,
     gemm2_k_parts,
     narrow_row_tile,
     pick_block_m,
@@ -279,14 +277,13 @@ def fused_moe_fp8(
 def _select_fp8_config(hidden: torch.Tensor, num_experts: int, top_k: int, inter: int,
                        scheme: QuantScheme) -> ExpertsConfig:
     """This device's tuned table entry (`moekit tune --dtype fp8_…`) where one beat the
-    heuristic, else `default_fp8_config`; on the gathered path under `MOEKIT_GATHERED=1`
-    (`gathered_where_asked`). Under torch.compile only the heuristic."""
-    num_tokens, hidden_size = hidden.shape
+    heuristic, else `default_fp8_config`. Under torch.compile only the heuristic."""
     tuned = tuned_for(hidden, scheme.preset_name, num_experts, top_k, inter)
-    if tuned is None:
-        tuned = default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme,
-                                   heuristic_sms(hidden.device))
-    return gathered_where_asked(tuned, num_tokens, top_k)
+    if tuned is not None:
+        return tuned
+    num_tokens, hidden_size = hidden.shape
+    sms = heuristic_sms(hidden.device)
+    return default_fp8_config(num_tokens, num_experts, top_k, hidden_size, inter, scheme, sms)
 
 
 @host_cache(maxsize=4096)  # pure, and on every call's host path
@@ -565,8 +562,8 @@ def _launch_fused_experts_fp8(
     config: list[int],
     out: torch.Tensor,
 ) -> None:
-    """Launch plan and quantise (one launch), GEMM1, GEMM2 and combine (or the direct or
-    gathered path's quantise and two GEMMs).
+    """Launch plan and quantise (one launch), GEMM1, GEMM2 and combine (or the direct path's
+    quantise and two GEMMs).
 
     `groups` is `_groups_to_list`'s form of the scheme, `config` `ExpertsConfig.as_ints`'s;
     the input scales are given exactly when the scheme's activations are static.
@@ -583,12 +580,6 @@ def _launch_fused_experts_fp8(
                                   w13_scale, w2_q, w2_scale, input_scale2, topk_ids,
                                   topk_weights, b13, b2, activation, alpha, limit, groups,
                                   config, out, counts)  # reads int64 ids, 16-bit weights
-        return
-    if config[12]:  # the gathered path (also reading int64 ids and 16-bit weights itself)
-        hidden_in = _gemm1_input(hidden, a_group_m, a_group_k, input_scale13)
-        launch_gathered_experts_fp8(hidden_in, w13_q, w13_scale, w2_q, w2_scale, input_scale2,
-                                    topk_ids, topk_weights, b13, b2, activation, alpha, limit,
-                                    groups, config, out)
         return
     topk_ids, topk_weights = kernel_topk(topk_ids, topk_weights, launch=True)
     num_experts, _, inter = w2_q.shape

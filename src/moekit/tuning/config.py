@@ -41,18 +41,12 @@ class ExpertsConfig:
     no plan, GEMM tiles of one activation row. GEMM1's `group_m` is then unused; GEMM2's
     is how many of a token's k slots one program sums (k or more: one program per token;
     fewer: the parts' float32 sums are added by the token's last program).
-
-    `gathered` (block_m ≥ 16, no tail tiles) runs the plan path's tiles without the plan:
-    each GEMM program finds its expert's rows in topk_ids itself, and GEMM2 sums each
-    token's slots (`moekit.experts_gathered`, `moekit.experts_gathered_fp8`): two GEMM
-    launches and no plan or combine.
     """
 
     block_m: int
     gemm1: GemmConfig
     gemm2: GemmConfig
     tail_block_m: int = 0
-    gathered: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m != DIRECT_BLOCK_M and (self.block_m < 16
@@ -66,8 +60,6 @@ class ExpertsConfig:
                 f"tail_block_m: expected 0 or block_m / 2 = {self.block_m // 2} (≥ 16), "
                 f"got {self.tail_block_m}"
             )
-        if self.gathered and (self.block_m == DIRECT_BLOCK_M or self.tail_block_m):
-            raise ValueError("gathered: takes a plan row tile block_m ≥ 16 and no tail tiles")
 
     @property
     def direct(self) -> bool:
@@ -76,12 +68,11 @@ class ExpertsConfig:
 
     def as_ints(self) -> list[int]:
         """The flat form the experts custom ops take (a list of ints is a schema type;
-        a dataclass is not): block_m, GEMM1's five fields, GEMM2's five, tail_block_m,
-        gathered (0 or 1)."""
+        a dataclass is not): block_m, GEMM1's five fields, GEMM2's five, tail_block_m."""
         g1, g2 = self.gemm1, self.gemm2
         return [
             self.block_m,
             g1.block_n, g1.block_k, g1.group_m, g1.num_warps, g1.num_stages,
             g2.block_n, g2.block_k, g2.group_m, g2.num_warps, g2.num_stages,
-            self.tail_block_m, int(self.gathered),
+            self.tail_block_m,
         ]

@@ -86,13 +86,6 @@ from moekit.tuning.config import DIRECT_BLOCK_M, ExpertsConfig, GemmConfig
 #: Gluon kernels, mixtral bf16 M = 2048-3072 measured 1.09-1.14x faster without).
 TAIL_TILES = os.environ.get("MOEKIT_TAIL_TILES", "1") != "0"
 
-#: A measurement control: `MOEKIT_GATHERED=1` runs the chosen plan-path tiles on the
-#: gathered path (`ExpertsConfig.gathered`) where it applies (`gathered_where_asked`); off
-#: by default until measured on a GPU.
-GATHERED = os.environ.get("MOEKIT_GATHERED") == "1"
-#: The gathered path's programs each sort the M·k ids: decode batches only.
-GATHERED_MAX_PAIRS = 512
-
 # `tail_tiles_desync`: at least this many rows an expert on average (4 row tiles).
 _DESYNC_MIN_ROWS = 512
 
@@ -316,16 +309,6 @@ def tail_tiles_desync(num_tokens: int, num_experts: int, top_k: int, hidden: int
     w2_bytes = hidden * inter * dtype_bytes
     return (w2_bytes > HOPPER_L2_BYTES
             and rows_per_expert(num_tokens, num_experts, top_k) >= _DESYNC_MIN_ROWS)
-
-
-def gathered_where_asked(config: ExpertsConfig, num_tokens: int, top_k: int) -> ExpertsConfig:
-    """`config` on the gathered path under `MOEKIT_GATHERED=1`, where it is the plan path's
-    without tail tiles and the batch has at most `GATHERED_MAX_PAIRS` pairs; else as it
-    is."""
-    if (GATHERED and not config.direct and not config.tail_block_m
-            and num_tokens * top_k <= GATHERED_MAX_PAIRS):
-        return dataclasses.replace(config, gathered=True)
-    return config
 
 
 @host_cache(maxsize=4096)  # pure, and on every call's host path

@@ -39,15 +39,21 @@ def config_to_dict(config: ExpertsConfig) -> dict:
     data = {"block_m": config.block_m, "gemm1": g(config.gemm1), "gemm2": g(config.gemm2)}
     if config.tail_block_m:
         data["tail_block_m"] = config.tail_block_m
-    if config.gathered:
-        data["gathered"] = True
     return data
 
 
 def config_from_dict(data: dict) -> ExpertsConfig:
-    """Inverse of `config_to_dict`."""
+    """Inverse of `config_to_dict`. An entry naming the gathered path (`"gathered": true`,
+    written by tuners before session 76) is refused: that path is removed, and reading
+    the entry without it would run other kernels than the ones it timed."""
+    if data.get("gathered"):
+        raise ValueError(
+            "tuned table entry: \"gathered\": true names the gathered path, removed in "
+            "session 76 (measured slower than the plan path in every decode cell, "
+            "h100-sxm-20261208-gathered-decode-s75.md); retune the table or drop the entry"
+        )
     return ExpertsConfig(data["block_m"], GemmConfig(*data["gemm1"]), GemmConfig(*data["gemm2"]),
-                         data.get("tail_block_m", 0), data.get("gathered", False))
+                         data.get("tail_block_m", 0))
 
 
 def load_table(path: Path) -> dict | None:

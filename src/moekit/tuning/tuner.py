@@ -4,8 +4,7 @@ For each (preset, M) cell it times the heuristic's configuration, then searches 
 row tile (the heuristic's, half and double), GEMM1's tiles with GEMM2 at the default
 for that row tile, then GEMM2's tiles with GEMM1 at its best — a coordinate search of
 a few dozen timings instead of the full product, and last the best with tail tiles
-toggled (`ExpertsConfig.tail_block_m`) and, in decode cells, on the gathered path
-(`ExpertsConfig.gathered`). For a fixed row tile the two GEMMs are
+toggled (`ExpertsConfig.tail_block_m`). For a fixed row tile the two GEMMs are
 separate launches whose times add, so GEMM1's best tile does not depend on GEMM2's:
 the coordinate search then finds the best of the whole product of candidates (up to
 timing noise and L2 effects between the launches), which is what the "heuristic within
@@ -28,7 +27,7 @@ import torch
 from moekit._tma import heuristic_sms
 from moekit.bench.presets import Preset
 from moekit.tuning.config import ExpertsConfig
-from moekit.tuning.heuristic import GATHERED_MAX_PAIRS, default_config, tiles_for_block_m
+from moekit.tuning.heuristic import default_config, tiles_for_block_m
 from moekit.tuning.space import Constraint, candidates, gemm2_candidates, neighbour_block_ms
 from moekit.tuning.tables import config_from_dict, config_to_dict, save_table
 
@@ -38,14 +37,12 @@ Measure = Callable[[Preset, int, ExpertsConfig], float]  # → µs (inf when it 
 def search(heuristic: ExpertsConfig, time_us: Callable[[ExpertsConfig], float],
            constraint: Constraint | None = None,
            tiles_for: Callable[[int], ExpertsConfig] = tiles_for_block_m,
-           direct: bool = True, gathered: bool = False) -> tuple[ExpertsConfig, float, float]:
+           direct: bool = True) -> tuple[ExpertsConfig, float, float]:
     """Coordinate search around the heuristic.
 
     Args:
         tiles_for: the starting tiles at another row tile (the bf16 heuristic's by default).
         direct: whether the kernel family has the direct path (block_m 1) to try.
-        gathered: whether to try the best plan-path tiles on the gathered path last
-            (`tune` asks it in decode cells, M·k ≤ `GATHERED_MAX_PAIRS`).
     Returns:
         (best configuration, its µs, the heuristic's µs).
     """
@@ -68,10 +65,6 @@ def search(heuristic: ExpertsConfig, time_us: Callable[[ExpertsConfig], float],
     if best.block_m >= 32:  # last, the best with tail tiles toggled (ExpertsConfig)
         toggled = 0 if best.tail_block_m else best.block_m // 2
         trial = dataclasses.replace(best, tail_block_m=toggled)
-        if (t := time_us(trial)) < best_us:
-            best, best_us = trial, t
-    if gathered and not best.direct and not best.tail_block_m:
-        trial = dataclasses.replace(best, gathered=not best.gathered)
         if (t := time_us(trial)) < best_us:
             best, best_us = trial, t
     return best, best_us, heuristic_us
@@ -143,7 +136,7 @@ def tune(table: dict, path, presets: Iterable[Preset], tokens: Iterable[int], me
                 return us
             best, best_us, heuristic_us = search(
                 heuristic, timed, constraint, lambda block_m, h=heuristic: start_at(h, block_m),
-                direct, gathered=m * preset.top_k <= GATHERED_MAX_PAIRS)
+                direct)
             use = math.isfinite(best_us) and best_us < (1 - margin) * heuristic_us
             table["entries"].append({
                 "preset": preset.name, "E": key[0], "topk": key[1], "H": key[2], "I": key[3],
