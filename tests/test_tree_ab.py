@@ -1,6 +1,8 @@
 """bench/scripts/tree_ab.py: version specs with their environment, nvidia-smi's samples
 matched to each cell's timing window."""
 
+import pytest
+
 from helpers import bench_script
 
 tree_ab = bench_script("tree_ab")
@@ -10,6 +12,13 @@ def test_version_spec_carries_its_environment():
     assert tree_ab._parse_version("v5=/tmp/v5/src") == ("v5", "/tmp/v5/src", {})
     assert tree_ab._parse_version("g0=src,MOEKIT_GLUON=0,X=a=b") == (
         "g0", "src", {"MOEKIT_GLUON": "0", "X": "a=b"})
+
+
+def test_a_value_may_hold_commas():
+    assert tree_ab._parse_version("p2f=src,MOEKIT_GEMM1_PERSISTENT=2,flat,Y=1") == (
+        "p2f", "src", {"MOEKIT_GEMM1_PERSISTENT": "2,flat", "Y": "1"})
+    with pytest.raises(ValueError, match="names no VAR=value"):
+        tree_ab._parse_version("bad=src,flat")
 
 
 def test_samples_inside_a_window_give_median_clock_power_and_reasons(tmp_path):

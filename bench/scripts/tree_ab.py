@@ -27,9 +27,21 @@ CLOCK_QUERY = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
 
 
 def _parse_version(spec: str) -> tuple[str, str, dict]:
+    """label=src[,VAR=value...]; a comma-separated part without '=' continues the value
+    before it, so a value may hold commas (`MOEKIT_GEMM1_PERSISTENT=2,flat`)."""
     label, rest = spec.split("=", 1)
-    src, *env = rest.split(",")
-    return label, src, dict(item.split("=", 1) for item in env)
+    src, *parts = rest.split(",")
+    env: dict[str, str] = {}
+    name = None
+    for part in parts:
+        if "=" in part:
+            name, value = part.split("=", 1)
+            env[name] = value
+        elif name is None:
+            raise ValueError(f"version {spec!r}: {part!r} names no VAR=value")
+        else:
+            env[name] += "," + part
+    return label, src, env
 
 
 def _samples(path: str) -> list[tuple[float, float, float, str]]:
@@ -61,7 +73,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--versions", nargs="+", required=True,
-                        help="label=src[,VAR=value...]; the first is the ratios' base")
+                        help="label=src[,VAR=value...] (a value may hold commas: VAR=2,flat); "
+                             "the first is the ratios' base")
     parser.add_argument("timing_args", nargs=argparse.REMAINDER,
                         help="after --: arguments for tree_timing.py")
     args = parser.parse_args()
