@@ -19,6 +19,9 @@ hit experts' bytes (w13 then w2):
 - `layer`, `gemm1`, `gemm2`: the library's layer and its two direct GEMMs alone.
 If `chain_prefetch` is well under `read_two` and near `read_all`, a persistent layer is
 worth building; the layer's distance to `read_two` is what its kernels lose on their own.
+Each row also carries the run's memory bandwidth (`mem_GBps`, as `moekit bench` measures
+it), so `target_check.py --launch-floor` can take the µs a perfect read pays over its
+bytes' floor and say which decode cells no layer of one or two launches can bring to 85%.
 
     PYTHONPATH=src python3 bench/scripts/decode_floor_experiment.py --out $OUT
 """
@@ -34,6 +37,7 @@ from half_tile_experiment import run_cells  # this directory: the command line a
 
 import moekit
 from moekit.activation import Activation
+from moekit.bench.ceilings import measure_cuda
 from moekit.bench.inputs import experts_hit, make_tokens, make_weights
 from moekit.bench.presets import PRESETS
 from moekit.bench.stream_read import stream_read
@@ -125,9 +129,14 @@ def _time_streamer(bytes13: int, bytes2: int, shape, dev) -> dict:
     return times
 
 
+_MEM_GBPS: list[float] = []  # the run's memory bandwidth, measured once
+
+
 def run_cell(name: str, m: int, log) -> dict:
     preset = PRESETS[name]
     dev = torch.device("cuda")
+    if not _MEM_GBPS:
+        _MEM_GBPS.append(measure_cuda().mem_GBps)
     w = make_weights(preset, torch.bfloat16, dev)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, dev)
     ids, weights = topk.ids.to(torch.int32), topk.weights.float()
@@ -136,7 +145,7 @@ def run_cell(name: str, m: int, log) -> dict:
     hit = experts_hit(ids, E)
     bytes13, bytes2 = hit * n1_rows * H * 2, hit * H * inter_size * 2
     row = {"preset": name, "M": m, "experts_hit": hit, "w13_MB": bytes13 / 1e6,
-           "w2_MB": bytes2 / 1e6}
+           "w2_MB": bytes2 / 1e6, "mem_GBps": _MEM_GBPS[0]}
     tiny = torch.zeros(4, device=dev)
     row["empty1_us"] = graph_replay_us(lambda: _tiny_kernel[(1,)](tiny))
     row["empty2_us"] = graph_replay_us(lambda: (_tiny_kernel[(1,)](tiny),
@@ -166,10 +175,12 @@ def run_cell(name: str, m: int, log) -> dict:
             flat[1:6], arrivals))
         row["gemm2_us"] = graph_replay_us(lambda: launch_direct_gemm2(
             inter, w.w2, w.b2, ids, weights, True, flat[6:11], out, arrivals))
-    floor = (bytes13 + bytes2) / row["read_all_us"]
+    rate = (bytes13 + bytes2) / row["read_all_us"]
+    floor_us = (bytes13 + bytes2) / row["mem_GBps"] / 1e3
     log(f"{name} M={m}: {hit} experts, {(bytes13 + bytes2) / 1e6:.0f} MB; empty 1/2 "
-        f"{row['empty1_us']:.1f}/{row['empty2_us']:.1f}; read all {row['read_all_us']:.1f} "
-        f"({floor / 1e3:.0f} GB/s) w13 {row['read_w13_us']:.1f} w2 {row['read_w2_us']:.1f} "
+        f"{row['empty1_us']:.1f}/{row['empty2_us']:.1f}; floor {floor_us:.1f} at "
+        f"{row['mem_GBps']:.0f} GB/s; read all {row['read_all_us']:.1f} "
+        f"({rate / 1e3:.0f} GB/s) w13 {row['read_w13_us']:.1f} w2 {row['read_w2_us']:.1f} "
         f"two {row['read_two_us']:.1f}; chain wait {row['chain_wait_us']:.1f} prefetch "
         f"{row['chain_prefetch_us']:.1f}; layer {row['layer_us']:.1f}"
         + (f" (GEMM1 {row['gemm1_us']:.1f}, GEMM2 {row['gemm2_us']:.1f})"

@@ -8,6 +8,11 @@ a prefill cell whose floor is its bytes cannot reach that share of the peak at a
 flops ÷ time ÷ peak (as written) and the roofline % (floor ÷ time; both equal where
 compute bounds the cell). Graph-replay cells only, as the tables' headline.
 
+With `--launch-floor` (a `decode_floor_experiment.py` file), the decode misses are split by
+what a perfect layer could reach: a read of exactly the cell's bytes still pays a graph
+replay's fixed cost and each launch's ramp and drain, so a cell whose floor is a few µs
+cannot reach 85% in one launch, or in the two a GEMM2 waiting on its GEMM1 needs.
+
     python bench/scripts/target_check.py bench/results/h100-sxm-20261205-kernels-*-s42.json \
         --out bench/results/h100-sxm-20261205-targets-s42.md
 """
@@ -15,7 +20,11 @@ compute bounds the cell). Graph-replay cells only, as the tables' headline.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
+import statistics
+import sys
 from pathlib import Path
 
 from moekit.bench.results import peak_clocks
@@ -59,6 +68,59 @@ def misses(doc: dict) -> dict[str, list[str]]:
     return out
 
 
+def launch_costs(doc: dict, mem_gbps: float | None = None) -> tuple[float, float]:
+    """(one, two): the median µs over its bytes' floor that a perfect read of a decode
+    layer's weights paid in one launch and in two (`decode_floor_experiment.py`'s
+    `read_all` and `read_two`, graph replay). The floor is the bytes over the row's own
+    `mem_GBps` (the run's bandwidth), else over `mem_gbps` (a table's run beside it)."""
+    one, two = [], []
+    for row in doc["rows"]:
+        mem = row.get("mem_GBps") or mem_gbps
+        if not mem:
+            raise ValueError(f"{row['preset']} M={row['M']}: the row has no mem_GBps; give "
+                             "the bandwidth of a table run beside it (--mem-gbps)")
+        floor_us = (row["w13_MB"] + row["w2_MB"]) * 1e3 / mem
+        one.append(row["read_all_us"] - floor_us)
+        two.append(row["read_two_us"] - floor_us)
+    return statistics.median(one), statistics.median(two)
+
+
+def out_of_reach(doc: dict, costs: tuple[float, float]) -> dict[str, list[str]]:
+    """The decode misses no layer can bring to the line, by `launch_costs`: at a floor of f
+    µs a perfect layer of one launch takes f + one, of two f + two. Two is the least for
+    a GEMM2 that needs its tokens' whole GEMM1 rows (one launch waiting inside on its own
+    programs measured slower still: session 26). Cells are keyed by the fewest launches
+    that still miss: "one launch" misses in any form, "two launches" only in two."""
+    one, two = costs
+    out: dict[str, list[str]] = {"one launch": [], "two launches": []}
+    for row in doc["rows"]:
+        if (row["impl"] != "moekit" or not row["graph"] or row["M"] > DECODE_M
+                or row["roofline_pct"] >= DECODE_PCT):
+            continue
+        floor = row["floor_us"]
+        best_one, best_two = (100.0 * floor / (floor + c) for c in (one, two))
+        cell = (f"{row['preset']} M={row['M']} {row['roofline_pct']:.0f}% "
+                f"(at most {math.floor(best_one)}% / {math.floor(best_two)}%)")
+        if best_one < DECODE_PCT:
+            out["one launch"].append(cell)
+        elif best_two < DECODE_PCT:
+            out["two launches"].append(cell)
+    return out
+
+
+def reach_lines(doc: dict, costs: tuple[float, float], source: str) -> list[str]:
+    """The report's lines for `out_of_reach`."""
+    reach = out_of_reach(doc, costs)
+    head = (f"a perfect read of a cell's bytes pays {costs[0]:.1f} µs over its floor in one "
+            f"launch, {costs[1]:.1f} in two ({source}); at most one / two launches' %")
+    return [f"- **decode out of reach** — {head}:",
+            f"  - in one launch or two: {len(reach['one launch'])} cells — "
+            + ("; ".join(reach["one launch"]) or "none"),
+            f"  - in two launches (one would need no wait between the GEMMs): "
+            f"{len(reach['two launches'])} cells — "
+            + ("; ".join(reach["two launches"]) or "none")]
+
+
 def clock_line(doc: dict) -> str | None:
     """The SM clocks the table's peaks and its prefill / decode graph cells ran at, where
     `moekit bench` sampled them: a peak measured at a lower clock than the cells (on an
@@ -76,7 +138,8 @@ def clock_line(doc: dict) -> str | None:
     return "- SM clocks: " + "; ".join(parts) if parts else None
 
 
-def report(paths: list[str]) -> str:
+def report(paths: list[str], costs: tuple[float, float] | None = None,
+           source: str = "") -> str:
     lines = ["# Cells under the issues' targets", "",
              f"- decode: M ≤ {DECODE_M}, roofline ≥ {DECODE_PCT:.0f}%; prefill: M ≥ {PREFILL_M}, "
              "≥ 70% (16-bit, I ≥ 768) / 55% (fp8) of the same run's matmul peak, and the "
@@ -95,6 +158,8 @@ def report(paths: list[str]) -> str:
                 continue
             lines.append(f"- **{target}**: {len(cells)} cells under — "
                          + ("; ".join(cells) if cells else "none"))
+            if target == "decode" and costs is not None:
+                lines += reach_lines(doc, costs, source)
         lines.append("")
     return "\n".join(lines)
 
@@ -103,8 +168,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tables", nargs="+", help="`moekit bench` JSON files")
     parser.add_argument("--out", help="write the Markdown here too")
+    parser.add_argument("--launch-floor", metavar="JSON",
+                        help="a decode_floor_experiment.py file: split the decode misses by "
+                             "what one or two perfect launches could reach")
+    parser.add_argument("--mem-gbps", type=float,
+                        help="with --launch-floor, for rows without their run's bandwidth")
     args = parser.parse_args(argv)
-    text = report(args.tables)
+    costs, source = None, ""
+    if args.launch_floor:
+        floor_doc = json.loads(Path(args.launch_floor).read_text())
+        costs = launch_costs(floor_doc, args.mem_gbps)
+        source = f"{floor_doc['device']}, `{Path(args.launch_floor).name}`"
+    text = report(args.tables, costs, source)
+    command = " ".join(["bench/scripts/target_check.py", *(argv or sys.argv[1:])])
+    text = text.replace("\n\n", f"\n\n- command: `{command}` (arithmetic on the files "
+                        f"named, {datetime.date.today().isoformat()})\n", 1)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
