@@ -28,6 +28,7 @@ bytes' floor and say which decode cells no layer of one or two launches can brin
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -129,14 +130,15 @@ def _time_streamer(bytes13: int, bytes2: int, shape, dev) -> dict:
     return times
 
 
-_MEM_GBPS: list[float] = []  # the run's memory bandwidth, measured once
+@functools.cache
+def _mem_gbps() -> float:
+    """The run's memory bandwidth as `moekit bench` measures it, once a run."""
+    return measure_cuda().mem_GBps
 
 
 def run_cell(name: str, m: int, log) -> dict:
     preset = PRESETS[name]
     dev = torch.device("cuda")
-    if not _MEM_GBPS:
-        _MEM_GBPS.append(measure_cuda().mem_GBps)
     w = make_weights(preset, torch.bfloat16, dev)
     hidden, topk = make_tokens(preset, m, torch.bfloat16, dev)
     ids, weights = topk.ids.to(torch.int32), topk.weights.float()
@@ -145,7 +147,7 @@ def run_cell(name: str, m: int, log) -> dict:
     hit = experts_hit(ids, E)
     bytes13, bytes2 = hit * n1_rows * H * 2, hit * H * inter_size * 2
     row = {"preset": name, "M": m, "experts_hit": hit, "w13_MB": bytes13 / 1e6,
-           "w2_MB": bytes2 / 1e6, "mem_GBps": _MEM_GBPS[0]}
+           "w2_MB": bytes2 / 1e6, "mem_GBps": _mem_gbps()}
     tiny = torch.zeros(4, device=dev)
     row["empty1_us"] = graph_replay_us(lambda: _tiny_kernel[(1,)](tiny))
     row["empty2_us"] = graph_replay_us(lambda: (_tiny_kernel[(1,)](tiny),

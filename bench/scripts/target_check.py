@@ -139,12 +139,15 @@ def clock_line(doc: dict) -> str | None:
 
 
 def report(paths: list[str], costs: tuple[float, float] | None = None,
-           source: str = "") -> str:
-    lines = ["# Cells under the issues' targets", "",
-             f"- decode: M ≤ {DECODE_M}, roofline ≥ {DECODE_PCT:.0f}%; prefill: M ≥ {PREFILL_M}, "
-             "≥ 70% (16-bit, I ≥ 768) / 55% (fp8) of the same run's matmul peak, and the "
-             f"roofline % beside it; no cliff (16-bit): every M ≥ {NO_CLIFF_PCT:.0f}% of the "
-             "roofline; graph replay", ""]
+           source: str = "", command: str | None = None) -> str:
+    lines = ["# Cells under the issues' targets", ""]
+    if command:
+        lines.append(f"- command: `{command}` (arithmetic on the files named, "
+                     f"{datetime.date.today().isoformat()})")
+    lines += [f"- decode: M ≤ {DECODE_M}, roofline ≥ {DECODE_PCT:.0f}%; prefill: M ≥ {PREFILL_M}, "
+              "≥ 70% (16-bit, I ≥ 768) / 55% (fp8) of the same run's matmul peak, and the "
+              f"roofline % beside it; no cliff (16-bit): every M ≥ {NO_CLIFF_PCT:.0f}% of the "
+              "roofline; graph replay", ""]
     for path in paths:
         doc = json.loads(Path(path).read_text())
         dtypes = sorted({r["dtype"] for r in doc["rows"] if r["impl"] == "moekit"})
@@ -179,10 +182,8 @@ def main(argv=None) -> None:
         floor_doc = json.loads(Path(args.launch_floor).read_text())
         costs = launch_costs(floor_doc, args.mem_gbps)
         source = f"{floor_doc['device']}, `{Path(args.launch_floor).name}`"
-    text = report(args.tables, costs, source)
     command = " ".join(["bench/scripts/target_check.py", *(argv or sys.argv[1:])])
-    text = text.replace("\n\n", f"\n\n- command: `{command}` (arithmetic on the files "
-                        f"named, {datetime.date.today().isoformat()})\n", 1)
+    text = report(args.tables, costs, source, command)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
